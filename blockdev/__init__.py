@@ -1,0 +1,23 @@
+"""blockdev: the simulated block device (the lowest layer; imports no other sluice package).
+
+Fixed-size blocks on a sparse backing file or a real block device, an xxh3 checksum
+per block verified on every read, a timing model per profile and a per-principal
+request scheduler in front of it.
+"""
+
+from .device import BlockDevice as BlockDevice
+from .device import DeviceGeometry as DeviceGeometry
+from .device import DeviceStatistics as DeviceStatistics
+from .errors import ChecksumError as ChecksumError
+from .errors import DeviceError as DeviceError
+from .errors import FormatError as FormatError
+from .errors import OutOfRange as OutOfRange
+from .errors import SluiceError as SluiceError
+from .profiles import PROFILES as PROFILES
+from .profiles import TimingProfile as TimingProfile
+from .profiles import parse_profile as parse_profile
+from .scheduler import FifoScheduler as FifoScheduler
+from .scheduler import PrincipalIOStats as PrincipalIOStats
+from .types import ROOT_PRINCIPAL as ROOT_PRINCIPAL
+from .types import BlockNo as BlockNo
+from .types import PrincipalId as PrincipalId

@@ -1,0 +1,47 @@
+"""The project's root exception and the block device's error family.
+
+`SluiceError` lives here because blockdev is the lowest layer: every other package
+may import it, and it may import none of them.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class SluiceError(Exception):
+    """Root of every error sluice raises on purpose.
+
+    `errno` is the one errno this error becomes at the FUSE boundary.
+    """
+
+    errno: int = _errno.EIO
+
+
+class DeviceError(SluiceError):
+    """The block device could not serve a request."""
+
+    errno = _errno.EIO
+
+
+class ChecksumError(DeviceError):
+    """A block's contents do not match the checksum stored beside it."""
+
+    errno = _errno.EIO
+
+    def __init__(self, block: int, count: int = 1) -> None:
+        super().__init__(f"checksum mismatch in device block {block}"
+                         + (f" (of {count} read)" if count > 1 else ""))
+        self.block = block
+
+
+class OutOfRange(DeviceError):
+    """A request names blocks past the end of the device."""
+
+    errno = _errno.EINVAL
+
+
+class FormatError(DeviceError):
+    """A device header is missing, unreadable or of an unknown version."""
+
+    errno = _errno.EINVAL

@@ -1,0 +1,307 @@
+"""The `sluice` command: mkfs, mount, umount, fsck (and the mount.fuse.sluice helper).
+
+User mistakes print one line on stderr and exit with a documented code, no traceback:
+    0  success
+    1  error (bad arguments, missing volume, busy mount point, ...)
+    2  usage error (argparse)
+    4  fsck found errors it did not repair
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kernelshim import SluiceError
+
+from . import volume as vol
+from .errors import VolumeError
+
+log = logging.getLogger("sluice")
+
+EXIT_ERROR = 1
+EXIT_FSCK_UNCORRECTED = 4
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if logfile is not None:
+        logging.basicConfig(filename=str(logfile), level=level, format=fmt)
+    else:
+        logging.basicConfig(stream=sys.stderr, level=level if debug else logging.WARNING,
+                            format=fmt)
+
+
+# -- mkfs ---------------------------------------------------------------------------------
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    size = vol.parse_size(args.size)
+    bs = vol.parse_size(args.block_size)
+    info = vol.mkfs(Path(args.volume), size=size, block_size=bs, profile=args.profile,
+                    inodes=args.inodes, device=args.device, force=args.force)
+    if not args.quiet:
+        print(f"made sluice volume {info.path} (uuid {info.uuid}): {size // bs} blocks of "
+              f"{bs} bytes, profile {args.profile}")
+    return 0
+
+
+# -- mount --------------------------------------------------------------------------------
+
+def _check_mountpoint(mp: str) -> None:
+    from .mount import lazy_unmount, mount_is_dead, mounted_fs
+    if mount_is_dead(mp):
+        m = mounted_fs(mp)
+        if m and m[1] == "fuse.sluice":
+            lazy_unmount(mp)  # left behind by a daemon that died
+        else:
+            raise CliError(f"mount point {mp} is a dead mount of another filesystem")
+    if not os.path.isdir(mp):
+        raise CliError(f"mount point {mp} does not exist or is not a directory")
+    if os.path.ismount(mp):
+        raise CliError(f"mount point {mp} is busy (something is already mounted there)")
+    if os.listdir(mp):
+        raise CliError(f"mount point {mp} is not empty")
+
+
+def _mount_options(args: argparse.Namespace):
+    from .mount import MountOptions
+    return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
+                        cache_mode=args.cache_mode, debug_fuse=args.debug_fuse)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    volume = Path(args.volume).resolve()
+    vol.read_header(volume)
+    mp = os.path.abspath(args.mountpoint)
+    opts = _mount_options(args)  # validate before forking
+    state = vol.read_mount_state(volume)
+    if state:
+        from .mount import clean_dead_mount
+        with vol.VolumeLock(volume):  # raises "in use" if a daemon is alive
+            clean_dead_mount(volume)
+    _check_mountpoint(mp)
+    if args.foreground:
+        return _run_foreground(volume, mp, opts, args)
+    return _run_background(volume, mp, args)
+
+
+def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> int:
+    import trio
+
+    from .mount import serve
+    if args.ready_fd is not None:
+        _setup_logging(args.debug, volume / vol.LOG)
+    else:
+        _setup_logging(args.debug)
+    ready_fd = args.ready_fd
+
+    def ready(err: str | None) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, (err or "ok").encode() + b"\n")
+            os.close(ready_fd)
+
+    started = False
+
+    def ready_once(err: str | None) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            ready(err)
+
+    try:
+        trio.run(serve, volume, mp, opts, ready_once)
+    except SluiceError as exc:
+        ready_once(str(exc))
+        raise
+    except RuntimeError as exc:  # pyfuse3.init failures
+        ready_once(f"cannot mount {volume} at {mp}: {exc}")
+        raise CliError(f"cannot mount {volume} at {mp}: {exc}") from None
+    except BaseException as exc:
+        log.exception("daemon failed")
+        ready_once(f"daemon failed: {type(exc).__name__}: {exc}; see {volume / vol.LOG}")
+        raise
+    return 0
+
+
+def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
+           "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    if args.debug:
+        cmd.append("--debug")
+    logf = open(volume / vol.LOG, "ab")
+    proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
+                            stderr=logf, start_new_session=True, cwd="/")
+    os.close(w)
+    logf.close()
+    with os.fdopen(r, "rb") as f:
+        line = f.readline().decode().strip()
+    if line == "ok":
+        return 0
+    rc = proc.wait()
+    msg = line or f"daemon exited with status {rc}; see {volume / vol.LOG}"
+    raise CliError(msg)
+
+
+# -- umount -------------------------------------------------------------------------------
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import mounted_fs
+    mp = os.path.abspath(args.mountpoint)
+    m = mounted_fs(mp)
+    if m is None or m[1] != "fuse.sluice":
+        raise CliError(f"{mp} is not a mounted sluice volume")
+    volume = Path(m[0])
+    state = vol.read_mount_state(volume) or {}
+    pid = state.get("pid")
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+        raise CliError(f"cannot unmount {mp}: {msg}")
+    if pid:
+        deadline = time.monotonic() + args.timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise CliError(f"daemon pid {pid} did not exit within {args.timeout:g} s")
+            time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0): look at its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# -- fsck ---------------------------------------------------------------------------------
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from .fsck import fsck
+    report = fsck(Path(args.volume), repair=args.repair, verify_data=args.verify_data,
+                  progress=not args.quiet)
+    for line in report.lines:
+        print(line)
+    if report.errors and not args.repair:
+        return EXIT_FSCK_UNCORRECTED
+    return 1 if report.errors and args.repair else 0
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sluice", description="sluice: a user-space storage laboratory. Make a volume, "
+        "mount it with FUSE, run programs on it as principals, measure what happens.")
+    p.add_argument("--debug", action="store_true", help="verbose logging")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("mkfs", help="make a new volume")
+    s.add_argument("volume", help="volume directory (created if missing)")
+    s.add_argument("--size", default="8G", help="device size, e.g. 512M, 8G (default 8G, sparse)")
+    s.add_argument("--block-size", default="4096", help="block size in bytes (default 4096)")
+    s.add_argument("--profile", default="none",
+                   help="timing profile: none, nvme, ssd, hdd, or latency_us,MBps,seek_ms,depth")
+    s.add_argument("--inodes", type=int, default=None, help="maximum number of inodes")
+    s.add_argument("--device", default=None, help="use this block device instead of a sparse file")
+    s.add_argument("--force", action="store_true", help="overwrite an existing volume")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_mkfs)
+
+    s = sub.add_parser("mount", help="mount a volume (returns once the mount is live)")
+    s.add_argument("volume")
+    s.add_argument("mountpoint")
+    s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
+    s.add_argument("--cache-size", default="64M", help="pager cache size (default 64M)")
+    s.add_argument("--profile", default=None, help="override the volume's timing profile")
+    s.add_argument("--cache-mode", default="direct", choices=["direct", "kernel"],
+                   help="default cache mode for files (direct: every I/O reaches the pager)")
+    s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="flush and unmount, wait for the daemon to exit")
+    s.add_argument("mountpoint")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("fsck", help="check (and repair) an unmounted volume")
+    s.add_argument("volume")
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    s.add_argument("--verify-data", action="store_true",
+                   help="also read every owned block and verify its checksum")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_fsck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd != "mount" or not args.foreground:
+        _setup_logging(args.debug)
+    try:
+        return args.func(args)
+    except (CliError, VolumeError, SluiceError) as exc:
+        print(f"sluice {args.cmd}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def mount_helper_main(argv: list[str] | None = None) -> int:
+    """`mount -t fuse.sluice VOLUME MOUNTPOINT -o opts` (and fstab) call this as
+    mount.fuse.sluice VOLUME MOUNTPOINT [-o opt,opt=val] [-n] [-s] [-v]."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    positional: list[str] = []
+    options: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-o" and i + 1 < len(argv):
+            options += argv[i + 1].split(",")
+            i += 2
+            continue
+        if a.startswith("-o") and len(a) > 2:
+            options += a[2:].split(",")
+        elif a.startswith("-"):
+            pass  # -n (no mtab), -s (sloppy), -v (verbose), -f (fake)
+        else:
+            positional.append(a)
+        i += 1
+    if len(positional) != 2:
+        print("usage: mount.fuse.sluice VOLUME MOUNTPOINT [-o options]", file=sys.stderr)
+        return EXIT_ERROR
+    cli = ["mount", positional[0], positional[1]]
+    for opt in options:
+        key, _, val = opt.partition("=")
+        key = key.replace("_", "-")
+        if key in ("cache-size", "profile", "cache-mode") and val:
+            cli += [f"--{key}", val]
+        elif key == "foreground":
+            cli.append("--foreground")
+        # rw, defaults, noauto, nofail, _netdev, user, ... are mount(8)'s business
+    return main(cli)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

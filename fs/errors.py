@@ -1,0 +1,102 @@
+"""The filesystem's error family, and the one place domain errors become errnos.
+
+Every error sluice raises on purpose derives from SluiceError and names its errno;
+`errno_of` turns any exception into the errno the FUSE boundary answers with.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from kernelshim import SluiceError
+
+
+class FsError(SluiceError):
+    errno = _errno.EIO
+
+
+class NotFound(FsError):
+    errno = _errno.ENOENT
+
+
+class Exists(FsError):
+    errno = _errno.EEXIST
+
+
+class NotEmpty(FsError):
+    errno = _errno.ENOTEMPTY
+
+
+class NotADirectory(FsError):
+    errno = _errno.ENOTDIR
+
+
+class IsADirectory(FsError):
+    errno = _errno.EISDIR
+
+
+class NameTooLong(FsError):
+    errno = _errno.ENAMETOOLONG
+
+
+class NoSpace(FsError):
+    errno = _errno.ENOSPC
+
+
+class QuotaExceeded(FsError):
+    errno = _errno.EDQUOT
+
+
+class InvalidArgument(FsError):
+    errno = _errno.EINVAL
+
+
+class PermissionDenied(FsError):
+    errno = _errno.EACCES
+
+
+class NotPermitted(FsError):
+    errno = _errno.EPERM
+
+
+class NoData(FsError):
+    errno = _errno.ENODATA
+
+
+class OutOfRange(FsError):
+    errno = _errno.ERANGE
+
+
+class TooBig(FsError):
+    errno = _errno.E2BIG
+
+
+class FileTooLarge(FsError):
+    errno = _errno.EFBIG
+
+
+class NotSupported(FsError):
+    errno = _errno.EOPNOTSUPP
+
+
+class TooManyLinks(FsError):
+    errno = _errno.EMLINK
+
+
+class BadHandle(FsError):
+    errno = _errno.EBADF
+
+
+class VolumeError(FsError):
+    """A volume cannot be made, opened or mounted (a user mistake or a damaged volume)."""
+
+    errno = _errno.EINVAL
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a FUSE reply carries for `exc`."""
+    if isinstance(exc, SluiceError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return _errno.EIO

@@ -1,0 +1,881 @@
+"""The metadata server's domain logic: names, inodes, permissions, extents.
+
+`FileSystem` knows nothing of FUSE (operations.py translates) and nothing of SQL
+(metadata.py holds every statement). It never moves file data itself: reads and
+writes go through kernelshim grants, one per open handle, exactly as a direct client's
+would. What it does on the data path is metadata: allocating extents for a write
+layout, committing them, updating size and times.
+
+Concurrency (one trio loop; code between two awaits runs atomically):
+- Every metadata operation without an await is atomic by construction.
+- `Inode.lock` serialises the operations that change a file's extents and size
+  (write, truncate, destroy); reads take no lock.
+- Truncate changes the extent map and replaces the grants of open handles in one
+  atomic step, then waits for requests still in flight through the old grants, and
+  only then releases the freed blocks: a freed block is never read or written through
+  a stale grant.
+- Freed blocks become reusable, and are discarded on the device, only after the
+  transaction that freed them has committed (see allocator.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat
+import time
+from typing import Callable
+
+import trio
+
+from kernelshim import (WRITTEN, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
+                        ROOT_PRINCIPAL)
+
+from .allocator import Allocator
+from .errors import (BadHandle, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
+                     NoData, NoSpace, NotADirectory, NotEmpty, NotFound, NotPermitted,
+                     NotSupported, OutOfRange, PermissionDenied, TooBig, TooManyLinks)
+from .metadata import INODE_COLUMNS, Metadata
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+LINK_MAX = 65000
+MAX_FILE_SIZE = 1 << 50
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+HINT_PREFIX = b"user.sluice."
+CACHE_XATTR = b"user.sluice.cache"
+#: relatime: atime is also refreshed when it is older than this
+ATIME_REFRESH_NS = 24 * 3600 * 10**9
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the requesting process's credentials."""
+
+    uid: int
+    gid: int
+    pid: int = 0
+    umask: int = 0o022
+    principal: PrincipalId = ROOT_PRINCIPAL
+
+
+class Inode:
+    """A cached inode: the row's columns plus runtime state."""
+
+    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock")
+
+    id: int
+    generation: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    blocks: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    parent: int
+    target: bytes | None
+    principal: int
+
+    def __init__(self, row: tuple) -> None:
+        for k, v in zip(INODE_COLUMNS, row):
+            setattr(self, k, v)
+        self.lookups = 0
+        self.opens = 0
+        self.extents: ExtentMap | None = None
+        self.lock: trio.Lock | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Handle:
+    fh: int
+    inode: Inode
+    grant: Grant
+    readable: bool
+    writable: bool
+    append: bool
+    #: the opener lacks CAP_FSETID: writes clear setuid/setgid (as the kernel would)
+    kill_priv: bool
+    direct_io: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FsStatistics:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    inodes: int
+    max_inodes: int
+    open_handles: int
+    cached_inodes: int
+    live_grants: int
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name of {len(name)} bytes (limit {NAME_MAX})")
+    if not name or b"/" in name or b"\0" in name:
+        raise InvalidArgument(f"invalid name {name!r}")
+
+
+def _in_group(pid: int, gid: int) -> bool:
+    """Whether process `pid` has `gid` among its groups (for setgid inheritance)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return str(gid).encode() in line.split()[1:]
+                if line.startswith(b"Gid:") and str(gid).encode() in line.split()[1:]:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+class FileSystem:
+    """The metadata server. Create with `FileSystem.load(md, kernel, ...)`."""
+
+    def __init__(self, md: Metadata, kernel: Kernel, *, max_inodes: int,
+                 default_cache_mode: str = "direct") -> None:
+        self.md = md
+        self.kernel = kernel
+        self.block_size = kernel.block_size
+        self.max_inodes = max_inodes
+        self.default_cache_mode = default_cache_mode
+        self.alloc = Allocator(kernel.nblocks)
+        self._inodes: dict[int, Inode] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._inode_count = 0
+        #: called with an inode number when its attributes changed behind the kernel's
+        #: back (atime on read, setuid cleared on write); operations.py invalidates
+        self.on_attr_changed: Callable[[int], None] = lambda ino: None
+        self._commit_lock = trio.Lock()
+
+    @classmethod
+    async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct"
+                   ) -> FileSystem:
+        max_inodes = int(md.meta("max_inodes") or kernel.nblocks)
+        fs = cls(md, kernel, max_inodes=max_inodes, default_cache_mode=default_cache_mode)
+        for _ino, _fb, dev, count, _st in md.all_extents():
+            fs.alloc.mark_used(dev, count)
+        fs._inode_count = md.inode_count()
+        # Inodes unlinked while open when the daemon last stopped: free them now.
+        for ino in md.orphans():
+            log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
+            await fs._destroy(fs.inode(ino))
+        await fs.commit()
+        return fs
+
+    # -- transactions -----------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """End the metadata transaction; then release and discard the blocks it freed."""
+        async with self._commit_lock:
+            self.md.commit()
+            pending, self.alloc._pending = self.alloc._pending, []
+            if pending:
+                await self.kernel.discard(pending, principal=ROOT_PRINCIPAL)
+                self.alloc.release_now(pending)
+
+    async def sync(self) -> None:
+        """Make all data and metadata durable (fsync, unmount)."""
+        await self.kernel.sync()
+        await self.commit()
+        await trio.to_thread.run_sync(self.md.make_durable)
+
+    async def run_committer(self, *, interval: float = 1.0,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit the open transaction every `interval` seconds (batched commits)."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if self.md.pending or self.alloc._pending:
+                await self.commit()
+
+    async def scrub_stale_blocks(self) -> int:
+        """Discard device blocks that hold data but belong to no committed extent (written
+        by a daemon killed before it committed the extents). Returns how many."""
+        written = self.kernel.written_blocks()
+        stale = written[~self.alloc.used[written]]
+        if not len(stale):
+            return 0
+        runs: list[tuple[int, int]] = []
+        for b in stale.tolist():
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((b, 1))
+        await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+        return len(stale)
+
+    # -- inode cache ----------------------------------------------------------------------
+
+    def inode(self, ino: int) -> Inode:
+        node = self._inodes.get(ino)
+        if node is None:
+            row = self.md.get_inode(ino)
+            if row is None:
+                raise NotFound(f"inode {ino} does not exist")
+            node = self._inodes[ino] = Inode(row)
+        return node
+
+    def _cache_row(self, row: tuple) -> Inode:
+        node = self._inodes.get(row[0])
+        if node is None:
+            node = self._inodes[row[0]] = Inode(row)
+        return node
+
+    def _extents(self, node: Inode) -> ExtentMap:
+        if node.extents is None:
+            node.extents = ExtentMap(self.md.load_extents(node.id))
+        return node.extents
+
+    def _lock(self, node: Inode) -> trio.Lock:
+        if node.lock is None:
+            node.lock = trio.Lock()
+        return node.lock
+
+    def _maybe_evict(self, node: Inode) -> None:
+        if node.lookups <= 0 and node.opens <= 0 and node.id != ROOT_INODE and node.nlink > 0:
+            if node.lock is None or not node.lock.locked():
+                self._inodes.pop(node.id, None)
+
+    def _save(self, node: Inode, *fields: str) -> None:
+        self.md.update_inode(node.id, **{f: getattr(node, f) for f in fields})
+
+    def _save_extents(self, node: Inode) -> None:
+        assert node.extents is not None
+        deleted, upserts = node.extents.take_changes()
+        if deleted or upserts:
+            self.md.save_extent_changes(node.id, deleted, upserts)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        """The inode `name` names in directory `parent` (counts a kernel lookup)."""
+        node = self._child(parent, name)
+        node.lookups += 1
+        return node
+
+    def _child(self, parent: int, name: bytes) -> Inode:
+        d = self.inode(parent)
+        if not d.is_dir:
+            raise NotADirectory(f"inode {parent} is not a directory")
+        if name == b".":
+            return d
+        if name == b"..":
+            return self.inode(d.parent)
+        if len(name) > NAME_MAX:
+            raise NameTooLong(f"name of {len(name)} bytes (limit {NAME_MAX})")
+        ino = self.md.lookup(parent, name)
+        if ino is None:
+            raise NotFound(f"no entry {name!r} in directory {parent}")
+        return self.inode(ino)
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self._inodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= n
+        self._maybe_evict(node)
+
+    def count_lookup(self, node: Inode) -> None:
+        node.lookups += 1
+
+    # -- creating names ---------------------------------------------------------------------
+
+    def _new_inode(self, parent: Inode, name: bytes, mode: int, caller: Caller, *,
+                   rdev: int = 0, target: bytes | None = None) -> Inode:
+        _check_name(name)
+        if not parent.is_dir:
+            raise NotADirectory(f"inode {parent.id} is not a directory")
+        if parent.nlink == 0:
+            raise NotFound("directory was removed")
+        if self.md.lookup(parent.id, name) is not None:
+            raise Exists(f"{name!r} exists")
+        if self._inode_count >= self.max_inodes:
+            raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        is_dir = stat.S_ISDIR(mode)
+        gid = caller.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+            elif (mode & (stat.S_ISGID | stat.S_IXGRP)) == (stat.S_ISGID | stat.S_IXGRP) \
+                    and caller.uid != 0 and not _in_group(caller.pid, gid):
+                mode &= ~stat.S_ISGID
+        now = _now()
+        ino = self.md.insert_inode(mode=mode, uid=caller.uid, gid=gid, nlink=2 if is_dir else 1,
+                                   rdev=rdev, now_ns=now,
+                                   parent=parent.id if is_dir else 0, target=target,
+                                   principal=caller.principal)
+        self.md.add_dentry(parent.id, name, ino)
+        self._inode_count += 1
+        # Hints (user.sluice.*) are inherited from the directory at create time.
+        for hname, hval in self.md.xattr_items(parent.id):
+            if hname.startswith(HINT_PREFIX):
+                self.md.set_xattr(ino, hname, hval)
+        if is_dir:
+            parent.nlink += 1
+        parent.mtime_ns = parent.ctime_ns = now
+        self._save(parent, "nlink", "mtime_ns", "ctime_ns")
+        node = self.inode(ino)
+        node.lookups += 1
+        return node
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
+        fmt = stat.S_IFMT(mode)
+        if fmt == 0:
+            mode |= stat.S_IFREG
+        elif fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise InvalidArgument(f"mknod of file type {oct(fmt)}")
+        return self._new_inode(self.inode(parent), name, mode, caller, rdev=rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        return self._new_inode(self.inode(parent), name,
+                               stat.S_IFDIR | (mode & 0o7777), caller)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
+        if len(target) > 4095:
+            raise NameTooLong("symlink target longer than 4095 bytes")
+        return self._new_inode(self.inode(parent), name, stat.S_IFLNK | 0o777, caller,
+                               target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.inode(ino)
+        if not stat.S_ISLNK(node.mode) or node.target is None:
+            raise InvalidArgument(f"inode {ino} is not a symlink")
+        return bytes(node.target)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        node = self.inode(ino)
+        if node.is_dir:
+            raise NotPermitted("hard links to directories are not allowed")
+        if node.nlink == 0:
+            raise NotFound("cannot link a file that has been unlinked")
+        if node.nlink >= LINK_MAX:
+            raise TooManyLinks(f"inode {ino} has {node.nlink} links")
+        _check_name(new_name)
+        d = self.inode(new_parent)
+        if not d.is_dir:
+            raise NotADirectory(f"inode {new_parent} is not a directory")
+        if self.md.lookup(new_parent, new_name) is not None:
+            raise Exists(f"{new_name!r} exists")
+        now = _now()
+        self.md.add_dentry(new_parent, new_name, ino)
+        node.nlink += 1
+        node.ctime_ns = now
+        self._save(node, "nlink", "ctime_ns")
+        d.mtime_ns = d.ctime_ns = now
+        self._save(d, "mtime_ns", "ctime_ns")
+        node.lookups += 1
+        return node
+
+    # -- removing names ---------------------------------------------------------------------
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        node = self._child(parent, name)
+        if node.is_dir:
+            raise IsADirectory(f"{name!r} is a directory")
+        d = self.inode(parent)
+        self.md.remove_dentry(parent, name)
+        now = _now()
+        d.mtime_ns = d.ctime_ns = now
+        self._save(d, "mtime_ns", "ctime_ns")
+        await self._drop_link(node, now)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise InvalidArgument("cannot remove '.'")
+        if name == b"..":
+            raise NotEmpty("cannot remove '..'")
+        node = self._child(parent, name)
+        if not node.is_dir:
+            raise NotADirectory(f"{name!r} is not a directory")
+        if self.md.has_entries(node.id):
+            raise NotEmpty(f"directory {name!r} is not empty")
+        d = self.inode(parent)
+        self.md.remove_dentry(parent, name)
+        now = _now()
+        d.nlink -= 1
+        d.mtime_ns = d.ctime_ns = now
+        self._save(d, "nlink", "mtime_ns", "ctime_ns")
+        await self._drop_link(node, now)
+
+    async def _drop_link(self, node: Inode, now: int) -> None:
+        """One name of `node` is gone."""
+        node.nlink = 0 if node.is_dir else node.nlink - 1
+        node.ctime_ns = now
+        self._save(node, "nlink", "ctime_ns")
+        if node.nlink == 0:
+            self._inode_count -= 1
+            if node.opens == 0:
+                await self._destroy(node)
+
+    async def _destroy(self, node: Inode) -> None:
+        """Free an inode no name and no open handle refers to."""
+        async with self._lock(node):
+            revoked = [g for g in self.kernel.grants_for(node.id)]
+            for g in revoked:
+                self.kernel.revoke_nowait(g)
+            await self.kernel.wait_drained(revoked)
+            if node.is_reg and node.blocks:
+                freed = self._extents(node).remove(0)
+                self.alloc.free_later(freed)
+            self.md.delete_inode(node.id)
+            node.blocks = 0
+        if node.lookups <= 0:
+            self._inodes.pop(node.id, None)
+
+    # -- rename -------------------------------------------------------------------------------
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """Whether directory `anc` is `ino` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == ROOT_INODE or seen > 10_000:
+                return False
+            ino = self.inode(ino).parent
+            seen += 1
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise InvalidArgument(f"unsupported rename flags {flags:#x}")
+        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
+            raise InvalidArgument("RENAME_NOREPLACE and RENAME_EXCHANGE together")
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise InvalidArgument("cannot rename '.' or '..'")
+        _check_name(new_name)
+        src = self._child(old_parent, old_name)
+        op = self.inode(old_parent)
+        np_ = self.inode(new_parent)
+        if not np_.is_dir:
+            raise NotADirectory(f"inode {new_parent} is not a directory")
+        dst_ino = self.md.lookup(new_parent, new_name)
+        dst = self.inode(dst_ino) if dst_ino is not None else None
+        now = _now()
+
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise NotFound(f"{new_name!r} does not exist")
+            if src.is_dir and self._is_ancestor(src.id, new_parent):
+                raise InvalidArgument("cannot move a directory into itself")
+            if dst.is_dir and self._is_ancestor(dst.id, old_parent):
+                raise InvalidArgument("cannot move a directory into itself")
+            self.md.retarget_dentry(old_parent, old_name, dst.id)
+            self.md.retarget_dentry(new_parent, new_name, src.id)
+            if old_parent != new_parent:
+                if src.is_dir:
+                    src.parent = new_parent
+                    self._save(src, "parent")
+                if dst.is_dir:
+                    dst.parent = old_parent
+                    self._save(dst, "parent")
+                if src.is_dir != dst.is_dir:
+                    delta = 1 if dst.is_dir else -1  # old_parent gains dst, loses src
+                    op.nlink += delta
+                    np_.nlink -= delta
+            for n in (src, dst):
+                n.ctime_ns = now
+                self._save(n, "ctime_ns")
+            for d in {op.id: op, np_.id: np_}.values():
+                d.mtime_ns = d.ctime_ns = now
+                self._save(d, "nlink", "mtime_ns", "ctime_ns")
+            return
+
+        if dst is not None and dst.id == src.id:
+            return  # both names are links to the same file: POSIX says do nothing
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise Exists(f"{new_name!r} exists")
+        if src.is_dir and self._is_ancestor(src.id, new_parent):
+            raise InvalidArgument("cannot move a directory into its own subtree")
+        if dst is not None:
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(f"{new_name!r} is a directory")
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(f"{new_name!r} is not a directory")
+            if dst.is_dir and self.md.has_entries(dst.id):
+                raise NotEmpty(f"directory {new_name!r} is not empty")
+            self.md.remove_dentry(new_parent, new_name)
+            if dst.is_dir:
+                np_.nlink -= 1
+        self.md.move_dentry(old_parent, old_name, new_parent, new_name)
+        if src.is_dir and old_parent != new_parent:
+            src.parent = new_parent
+            op.nlink -= 1
+            np_.nlink += 1
+            self._save(src, "parent")
+        src.ctime_ns = now
+        self._save(src, "ctime_ns")
+        for d in {op.id: op, np_.id: np_}.values():
+            d.mtime_ns = d.ctime_ns = now
+            self._save(d, "nlink", "mtime_ns", "ctime_ns")
+        if dst is not None:
+            await self._drop_link(dst, now)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      ctime_ns: int | None = None, caller: Caller | None = None) -> Inode:
+        node = self.inode(ino)
+        now = _now()
+        changed: list[str] = []
+        if size is not None:
+            if node.is_dir:
+                raise IsADirectory("cannot truncate a directory")
+            if not node.is_reg:
+                raise InvalidArgument("cannot truncate a special file")
+            await self.truncate(node, size, principal=caller.principal if caller else
+                                ROOT_PRINCIPAL)
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            changed.append("mode")
+        if uid is not None and uid != 0xFFFFFFFF:
+            node.uid = uid
+            changed.append("uid")
+        if gid is not None and gid != 0xFFFFFFFF:
+            node.gid = gid
+            changed.append("gid")
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+            changed.append("atime_ns")
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+            changed.append("mtime_ns")
+        node.ctime_ns = ctime_ns if ctime_ns is not None else now
+        changed.append("ctime_ns")
+        self._save(node, *changed)
+        return node
+
+    async def truncate(self, node: Inode, size: int, *, principal: PrincipalId) -> None:
+        if size < 0:
+            raise InvalidArgument("negative size")
+        if size > MAX_FILE_SIZE:
+            raise FileTooLarge(f"size {size} beyond the maximum file size")
+        async with self._lock(node):
+            old = node.size
+            now = _now()
+            if size == old:
+                return
+            if size < old:
+                bs = self.block_size
+                emap = self._extents(node)
+                keep = -(-size // bs)
+                freed = emap.remove(keep)
+                old_grants = self._regrant(node)
+                if size % bs:
+                    # Bytes past the new end in the last block must read as zeros if the
+                    # file grows again.
+                    g = self.kernel.grant(inode=node.id, generation=node.generation,
+                                          extents=emap, rights=Rights.WRITE,
+                                          principal=principal)
+                    try:
+                        await self.kernel.zero(g, size, keep * bs - size)
+                    finally:
+                        self.kernel.release(g)
+                await self.kernel.wait_drained(old_grants)
+                if freed:
+                    node.blocks = emap.blocks
+                    self.alloc.free_later(freed)
+                    self._save_extents(node)
+            node.size = size
+            node.mtime_ns = node.ctime_ns = now
+            self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
+
+    def _regrant(self, node: Inode) -> list[Grant]:
+        """Revoke every grant on `node` and give the open handles fresh ones (no
+        checkpoint: atomic with the extent change before it). Returns the old grants."""
+        old: list[Grant] = []
+        for g in self.kernel.grants_for(node.id):
+            old.extend(self.kernel.revoke_nowait(g))
+        for h in self._handles.values():
+            if h.inode is node:
+                h.grant = self._grant_for(node, h.readable, h.writable, h.grant.principal)
+        return old
+
+    def _grant_for(self, node: Inode, readable: bool, writable: bool,
+                   principal: PrincipalId) -> Grant:
+        rights = (Rights.READ if readable else Rights.NONE) | \
+                 (Rights.WRITE if writable else Rights.NONE)
+        return self.kernel.grant(inode=node.id, generation=node.generation,
+                                 extents=self._extents(node), rights=rights,
+                                 principal=principal)
+
+    # -- open files --------------------------------------------------------------------------
+
+    def open(self, ino: int, flags: int, caller: Caller) -> Handle:
+        node = self.inode(ino)
+        if node.is_dir:
+            raise IsADirectory("cannot open a directory for I/O")
+        acc = flags & os.O_ACCMODE
+        readable = acc in (os.O_RDONLY, os.O_RDWR)
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        fh = self._next_fh
+        self._next_fh += 1
+        h = Handle(fh, node, self._grant_for(node, readable, writable, caller.principal),
+                   readable, writable, bool(flags & os.O_APPEND), caller.uid != 0,
+                   self._cache_mode(node) != "kernel")
+        self._handles[fh] = h
+        node.opens += 1
+        return h
+
+    async def open_truncate(self, h: Handle, caller: Caller) -> None:
+        """O_TRUNC at open (the kernel sends it with the open when it can)."""
+        if h.inode.size:
+            await self.truncate(h.inode, 0, principal=caller.principal)
+            self._kill_priv(h)
+
+    def _cache_mode(self, node: Inode) -> str:
+        v = self.md.get_xattr(node.id, CACHE_XATTR)
+        if v is not None:
+            return v.decode(errors="replace").strip()
+        return self.default_cache_mode
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               caller: Caller) -> tuple[Handle, Inode]:
+        node = self._new_inode(self.inode(parent), name, stat.S_IFREG | (mode & 0o7777), caller)
+        return self.open(node.id, flags, caller), node
+
+    def handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise BadHandle(f"no open file handle {fh}")
+        return h
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        self.kernel.release(h.grant)
+        node = h.inode
+        node.opens -= 1
+        if node.opens == 0 and node.nlink == 0:
+            await self._destroy(node)
+        else:
+            self._maybe_evict(node)
+
+    async def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
+        h = self.handle(fh)
+        if not h.readable:
+            raise BadHandle("file not open for reading")
+        node = h.inode
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if offset >= node.size or size <= 0:
+            data: memoryview | bytes = b""
+        else:
+            data = await self.kernel.read(h.grant, offset, min(size, node.size - offset))
+        self._touch_atime(node)
+        return data
+
+    def _touch_atime(self, node: Inode) -> None:
+        # relatime: update when atime is not newer than mtime/ctime, or a day old.
+        a = node.atime_ns
+        now = _now()
+        if a > node.mtime_ns and a > node.ctime_ns and now - a < ATIME_REFRESH_NS:
+            return
+        node.atime_ns = now
+        self._save(node, "atime_ns")
+        self.on_attr_changed(node.id)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self.handle(fh)
+        if not h.writable:
+            raise BadHandle("file not open for writing")
+        n = len(data)
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        node = h.inode
+        async with self._lock(node):
+            if h.append:
+                offset = node.size
+            if not n:
+                return 0
+            end = offset + n
+            if end > MAX_FILE_SIZE:
+                raise FileTooLarge(f"write past the maximum file size")
+            bs = self.block_size
+            b0 = offset // bs
+            b1 = -(-end // bs)
+            emap = self._extents(node)
+            await self._allocate(node, emap, b0, b1 - b0)
+            try:
+                await self.kernel.write(h.grant, offset, data)
+                emap.mark_written(b0, b1 - b0)
+            finally:
+                self._save_extents(node)
+            now = _now()
+            if end > node.size:
+                node.size = end
+            node.mtime_ns = node.ctime_ns = now
+            fields = ["size", "blocks", "mtime_ns", "ctime_ns"]
+            if h.kill_priv and self._kill_priv(h, save=False):
+                fields.append("mode")
+            self._save(node, *fields)
+        return n
+
+    def _kill_priv(self, h: Handle, *, save: bool = True) -> bool:
+        node = h.inode
+        if not h.kill_priv:
+            return False
+        mode = node.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        if mode == node.mode:
+            return False
+        node.mode = mode
+        if save:
+            self._save(node, "mode")
+        self.on_attr_changed(node.id)
+        return True
+
+    async def _allocate(self, node: Inode, emap: ExtentMap, b0: int, count: int) -> None:
+        """Map the holes in [b0, b0+count) to newly allocated unwritten extents."""
+        holes = emap.holes(b0, count)
+        if not holes:
+            return
+        need = sum(c for _, c in holes)
+        if need > self.alloc.free and self.alloc.pending_blocks:
+            await self.commit()  # blocks freed by the open transaction become usable
+        if need > self.alloc.free:
+            raise NoSpace(f"no space left on device ({self.alloc.free} blocks free, "
+                          f"{need} needed)")
+        for fb, cnt in holes:
+            goal = emap.goal(fb)
+            for start, length in self.alloc.allocate(cnt, goal):
+                emap.add(fb, start, length, UNWRITTEN)
+                fb += length
+        node.blocks = emap.blocks
+
+    async def fsync(self, fh: int | None, datasync: bool) -> None:
+        await self.sync()
+
+    # -- directories ---------------------------------------------------------------------------
+
+    def opendir(self, ino: int) -> Inode:
+        node = self.inode(ino)
+        if not node.is_dir:
+            raise NotADirectory(f"inode {ino} is not a directory")
+        return node
+
+    def readdir(self, ino: int, after: int, limit: int) -> list[tuple[int, bytes, Inode]]:
+        """Entries past cookie `after` (0 = from the start): (cookie, name, inode).
+        Cookies 1 and 2 are '.' and '..'; entry cookies are dentry ids + 2 (stable)."""
+        node = self.inode(ino)
+        out: list[tuple[int, bytes, Inode]] = []
+        if after < 1:
+            out.append((1, b".", node))
+        if after < 2:
+            out.append((2, b"..", self.inode(node.parent)))
+        for row in self.md.readdir(ino, max(0, after - 2), limit):
+            out.append((row[0] + 2, bytes(row[1]), self._cache_row(row[2:])))
+        if after == 0:
+            self._touch_atime(node)
+        return out
+
+    # -- extended attributes -------------------------------------------------------------------
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if len(name) > XATTR_NAME_MAX:
+            raise OutOfRange(f"xattr name of {len(name)} bytes (limit {XATTR_NAME_MAX})")
+        if not name.startswith(_XATTR_NAMESPACES) or name in _XATTR_NAMESPACES:
+            raise NotSupported(f"xattr namespace of {name!r} is not supported")
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._check_xattr_name(name)
+        self.inode(ino)
+        v = self.md.get_xattr(ino, name)
+        if v is None:
+            raise NoData(f"no xattr {name!r}")
+        return v
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        self._check_xattr_name(name)
+        if len(value) > XATTR_SIZE_MAX:
+            raise TooBig(f"xattr value of {len(value)} bytes (limit {XATTR_SIZE_MAX})")
+        node = self.inode(ino)
+        exists = self.md.get_xattr(ino, name) is not None
+        if flags & XATTR_CREATE and exists:
+            raise Exists(f"xattr {name!r} exists")
+        if flags & XATTR_REPLACE and not exists:
+            raise NoData(f"no xattr {name!r}")
+        if name == CACHE_XATTR and value.strip() not in (b"direct", b"kernel"):
+            raise InvalidArgument("user.sluice.cache must be 'direct' or 'kernel'")
+        if not exists and sum(len(n) + 1 for n in self.md.list_xattrs(ino)) + len(name) + 1 \
+                > XATTR_LIST_MAX:
+            raise NoSpace("too many xattrs on this inode")
+        self.md.set_xattr(ino, name, value)
+        node.ctime_ns = _now()
+        self._save(node, "ctime_ns")
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self.inode(ino)
+        return self.md.list_xattrs(ino)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._check_xattr_name(name)
+        node = self.inode(ino)
+        if not self.md.remove_xattr(ino, name):
+            raise NoData(f"no xattr {name!r}")
+        node.ctime_ns = _now()
+        self._save(node, "ctime_ns")
+
+    # -- volume ------------------------------------------------------------------------------
+
+    def statistics(self) -> FsStatistics:
+        return FsStatistics(self.block_size, self.alloc.nblocks, self.alloc.free,
+                            self._inode_count, self.max_inodes, len(self._handles),
+                            len(self._inodes), self.kernel.live_grants)
+
+    def access(self, ino: int, mask: int, caller: Caller) -> None:
+        """Permission check as the kernel does it (used when default_permissions is off
+        and by direct clients)."""
+        node = self.inode(ino)
+        if mask == os.F_OK:
+            return
+        if caller.uid == 0:
+            if mask & os.X_OK and not node.is_dir and not node.mode & 0o111:
+                raise PermissionDenied(f"access {mask:#o} to inode {ino} denied")
+            return
+        if caller.uid == node.uid:
+            bits = (node.mode >> 6) & 7
+        elif caller.gid == node.gid or _in_group(caller.pid, node.gid):
+            bits = (node.mode >> 3) & 7
+        else:
+            bits = node.mode & 7
+        if mask & ~bits & 7:
+            raise PermissionDenied(f"access {mask:#o} to inode {ino} denied")
+

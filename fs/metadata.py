@@ -1,0 +1,276 @@
+"""The metadata database: every SQL statement sluice runs lives in this module.
+
+SQLite in WAL mode, one connection on the event-loop thread. Changes accumulate in
+one open transaction that `commit()` ends: the filesystem commits on a timer (about
+once a second), on fsync and at unmount, so that a burst of creates costs one commit,
+not thousands. A daemon killed at any moment leaves the database as of the last
+commit. `make_durable()` additionally fsyncs the WAL so a commit survives power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,   -- 'schema', 'uuid', 'created_ns', 'max_inodes'
+    value                     -- its value
+);
+CREATE TABLE IF NOT EXISTS inodes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT, -- st_ino; never reused, so generation stays 1
+    generation INTEGER NOT NULL DEFAULT 1,        -- NFS-style generation, carried in grants
+    mode       INTEGER NOT NULL,                  -- st_mode: type and permission bits
+    uid        INTEGER NOT NULL,                  -- owner
+    gid        INTEGER NOT NULL,                  -- group
+    nlink      INTEGER NOT NULL,                  -- names pointing here (+1 and subdirs for dirs)
+    size       INTEGER NOT NULL DEFAULT 0,        -- st_size in bytes
+    blocks     INTEGER NOT NULL DEFAULT 0,        -- device blocks allocated (st_blocks basis)
+    rdev       INTEGER NOT NULL DEFAULT 0,        -- device number of a device node
+    atime_ns   INTEGER NOT NULL,                  -- last access, ns since the epoch
+    mtime_ns   INTEGER NOT NULL,                  -- last data change
+    ctime_ns   INTEGER NOT NULL,                  -- last status change
+    parent     INTEGER NOT NULL DEFAULT 0,        -- for directories: the directory holding it
+    target     BLOB,                              -- for symlinks: the target
+    principal  INTEGER NOT NULL DEFAULT 0         -- principal charged for this inode
+);
+CREATE TABLE IF NOT EXISTS dentries (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT, -- also the readdir cookie: stable, never reused
+    parent INTEGER NOT NULL,                  -- directory inode
+    name   BLOB NOT NULL,                     -- entry name (bytes, no '/' or NUL)
+    inode  INTEGER NOT NULL,                  -- the inode it names
+    UNIQUE (parent, name)
+);
+CREATE INDEX IF NOT EXISTS dentries_readdir ON dentries (parent, id);
+CREATE TABLE IF NOT EXISTS extents (
+    inode      INTEGER NOT NULL,  -- file
+    file_block INTEGER NOT NULL,  -- first file block of the extent
+    dev_block  INTEGER NOT NULL,  -- first device block
+    count      INTEGER NOT NULL,  -- length in blocks
+    state      INTEGER NOT NULL,  -- 1 written, 0 unwritten (reads as zeros)
+    PRIMARY KEY (inode, file_block)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS xattrs (
+    inode INTEGER NOT NULL,  -- owner
+    name  BLOB NOT NULL,     -- full name with namespace, e.g. b'user.foo'
+    value BLOB NOT NULL,     -- value bytes
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+"""
+
+INODE_COLUMNS = ("id", "generation", "mode", "uid", "gid", "nlink", "size", "blocks", "rdev",
+                 "atime_ns", "mtime_ns", "ctime_ns", "parent", "target", "principal")
+_INODE_SELECT = "SELECT " + ", ".join(INODE_COLUMNS) + " FROM inodes"
+
+Row = tuple
+
+
+class Metadata:
+    """SQL access for the filesystem. See the module docstring."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
+        self.db.execute("PRAGMA temp_store=MEMORY")
+        self._in_tx = False
+        self.pending = 0  # statements since the last commit
+
+    @classmethod
+    def create(cls, path: Path, *, uuid: str, root_uid: int, root_gid: int, now_ns: int,
+               max_inodes: int) -> None:
+        md = cls(path)
+        try:
+            md.db.executescript(SCHEMA)
+            md.db.execute("BEGIN")
+            md.db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                              [("schema", SCHEMA_VERSION), ("uuid", uuid),
+                               ("created_ns", now_ns), ("max_inodes", max_inodes)])
+            md.db.execute(
+                "INSERT INTO inodes (id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns,"
+                " parent) VALUES (1, ?, ?, ?, 2, ?, ?, ?, 1)",
+                (0o40755, root_uid, root_gid, now_ns, now_ns, now_ns))
+            md.db.execute("COMMIT")
+        finally:
+            md.close()
+
+    def meta(self, key: str) -> object:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    # -- transactions -----------------------------------------------------------------
+
+    def _w(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+        self.pending += 1
+        return self.db.execute(sql, args)
+
+    def _wmany(self, sql: str, rows: Iterable[tuple]) -> None:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+        self.pending += 1
+        self.db.executemany(sql, rows)
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+            self.pending = 0
+
+    def make_durable(self) -> None:
+        """fsync the WAL (and the database file): committed changes survive power loss.
+        Blocking: call from a worker thread."""
+        for suffix in ("-wal", ""):
+            p = str(self.path) + suffix
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+    # -- inodes -----------------------------------------------------------------------------
+
+    def get_inode(self, ino: int) -> Row | None:
+        return self.db.execute(_INODE_SELECT + " WHERE id=?", (ino,)).fetchone()
+
+    def insert_inode(self, *, mode: int, uid: int, gid: int, nlink: int, rdev: int,
+                     now_ns: int, parent: int, target: bytes | None, principal: int) -> int:
+        cur = self._w(
+            "INSERT INTO inodes (mode, uid, gid, nlink, rdev, atime_ns, mtime_ns, ctime_ns,"
+            " parent, target, principal, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, parent, target, principal,
+             len(target) if target is not None else 0))
+        return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def update_inode(self, ino: int, **fields: object) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self._w(f"UPDATE inodes SET {cols} WHERE id=?", (*fields.values(), ino))
+
+    def delete_inode(self, ino: int) -> None:
+        self._w("DELETE FROM inodes WHERE id=?", (ino,))
+        self._w("DELETE FROM extents WHERE inode=?", (ino,))
+        self._w("DELETE FROM xattrs WHERE inode=?", (ino,))
+
+    def orphans(self) -> list[int]:
+        """Inodes no name points to (unlinked while open when the daemon stopped)."""
+        return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
+
+    def inode_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
+
+    # -- directory entries ----------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute("SELECT inode FROM dentries WHERE parent=? AND name=?",
+                              (parent, name)).fetchone()
+        return None if row is None else row[0]
+
+    def lookup_entry(self, parent: int, name: bytes) -> tuple[int, int] | None:
+        """(dentry id, inode) of a name."""
+        return self.db.execute("SELECT id, inode FROM dentries WHERE parent=? AND name=?",
+                               (parent, name)).fetchone()
+
+    def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        self._w("INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+
+    def remove_dentry(self, parent: int, name: bytes) -> None:
+        self._w("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+
+    def retarget_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        self._w("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name))
+
+    def move_dentry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
+        """Rename an entry in place (keeps its readdir cookie when the directory is the same)."""
+        self._w("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+                (new_parent, new_name, parent, name))
+
+    def has_entries(self, parent: int) -> bool:
+        return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1",
+                               (parent,)).fetchone() is not None
+
+    def readdir(self, parent: int, after: int, limit: int) -> list[Row]:
+        """Entries with cookie > after, in cookie order: (cookie, name, *inode columns)."""
+        return self.db.execute(
+            "SELECT d.id, d.name, i." + ", i.".join(INODE_COLUMNS) +
+            " FROM dentries d JOIN inodes i ON i.id = d.inode"
+            " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
+            (parent, after, limit)).fetchall()
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """(parent, name) of every entry naming `ino` (full scan: fsck only)."""
+        return self.db.execute("SELECT parent, name FROM dentries WHERE inode=?",
+                               (ino,)).fetchall()
+
+    # -- extents ----------------------------------------------------------------------------
+
+    def load_extents(self, ino: int) -> list[tuple[int, int, int, int]]:
+        return self.db.execute(
+            "SELECT file_block, dev_block, count, state FROM extents WHERE inode=?"
+            " ORDER BY file_block", (ino,)).fetchall()
+
+    def save_extent_changes(self, ino: int, deleted: list[int],
+                            upserts: list[tuple[int, int, int, int]]) -> None:
+        if deleted:
+            self._wmany("DELETE FROM extents WHERE inode=? AND file_block=?",
+                        [(ino, fb) for fb in deleted])
+        if upserts:
+            self._wmany("INSERT OR REPLACE INTO extents (inode, file_block, dev_block, count,"
+                        " state) VALUES (?,?,?,?,?)", [(ino, *e) for e in upserts])
+
+    def all_extents(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """(inode, file_block, dev_block, count, state) of every extent (mount and fsck)."""
+        return self.db.execute(
+            "SELECT inode, file_block, dev_block, count, state FROM extents ORDER BY dev_block")
+
+    # -- xattrs -----------------------------------------------------------------------------
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?",
+                              (ino, name)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._w("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)",
+                (ino, name, value))
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        return self._w("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [bytes(r[0]) for r in
+                self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
+
+    def xattr_items(self, ino: int) -> list[tuple[bytes, bytes]]:
+        return [(bytes(n), bytes(v)) for n, v in
+                self.db.execute("SELECT name, value FROM xattrs WHERE inode=?", (ino,))]
+
+    # -- whole-volume queries (fsck) ----------------------------------------------------
+
+    def all_inodes(self) -> list[Row]:
+        return self.db.execute(_INODE_SELECT).fetchall()
+
+    def all_dentries(self) -> list[tuple[int, int, bytes, int]]:
+        return self.db.execute("SELECT id, parent, name, inode FROM dentries").fetchall()
+
+    def delete_dentry_id(self, dentry_id: int) -> None:
+        self._w("DELETE FROM dentries WHERE id=?", (dentry_id,))
+
+    def delete_extent(self, ino: int, file_block: int) -> None:
+        self._w("DELETE FROM extents WHERE inode=? AND file_block=?", (ino, file_block))

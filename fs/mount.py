@@ -1,0 +1,146 @@
+"""Wiring of a mounted volume: every service of the daemon is created here, in one
+AsyncExitStack and one nursery, with its cleanup pushed right after it.
+(After s3ql's mount.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from kernelshim import Kernel
+
+from .filesystem import FileSystem
+from .metadata import Metadata
+from .operations import Operations
+from .volume import (DB, VolumeLock, clear_mount_state, read_header, read_mount_state,
+                     write_mount_state)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MountOptions:
+    cache_bytes: int = 64 << 20
+    profile: str | None = None
+    cache_mode: str = "direct"
+    allow_other: bool = True
+    max_tasks: int = 64
+    commit_interval: float = 1.0
+    debug_fuse: bool = False
+
+
+def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
+    o = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    o |= {f"fsname={volume}", "subtype=sluice"}
+    if opts.allow_other:
+        o.add("allow_other")
+    if opts.debug_fuse:
+        o.add("debug")
+    return o
+
+
+def mount_is_dead(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def mounted_fs(mountpoint: str) -> tuple[str, str] | None:
+    """(source, fstype) of the mount at `mountpoint`, or None."""
+    real = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            src, mnt, fstype = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if mnt == real:
+                found = (src, fstype)
+    return found
+
+
+def lazy_unmount(mountpoint: str) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def clean_dead_mount(volume: Path) -> str | None:
+    """If the daemon that last mounted `volume` died, unmount its dead mount point."""
+    state = read_mount_state(volume)
+    if not state:
+        return None
+    mp = state.get("mountpoint", "")
+    m = mounted_fs(mp) if mp else None
+    if m and m[1] == "fuse.sluice" and mount_is_dead(mp):
+        log.warning("cleaning up the dead mount at %s (daemon pid %s died)", mp, state.get("pid"))
+        lazy_unmount(mp)
+        clear_mount_state(volume)
+        return mp
+    clear_mount_state(volume)
+    return None
+
+
+async def serve(volume: Path, mountpoint: str, opts: MountOptions,
+                ready: Callable[[str | None], None]) -> None:
+    """Mount `volume` at `mountpoint` and serve it until unmounted or signalled.
+    `ready(None)` is called once the mount is live, `ready(message)` on failure."""
+    read_header(volume)
+    # Resolve before mounting: touching the mount point once it is mounted, before the
+    # main loop runs, would wait for this very process.
+    mountpoint = os.path.realpath(mountpoint)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(VolumeLock(volume))
+        clean_dead_mount(volume)
+        kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile)
+        stack.callback(kernel.close)
+        md = Metadata(volume / DB)
+        stack.callback(md.close)
+        fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode)
+        scrubbed = await fs.scrub_stale_blocks()
+        if scrubbed:
+            log.info("discarded %d blocks written but never committed before the last crash",
+                     scrubbed)
+        ops = Operations(fs)
+        pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
+        mounted = True
+
+        def _close() -> None:
+            pyfuse3.close(unmount=mounted)
+        stack.callback(_close)
+        write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())
+        stack.callback(clear_mount_state, volume)
+        log.info("mounted %s at %s (pid %d)", volume, mountpoint, os.getpid())
+        ready(None)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(fs.run_committer,
+                                                      interval=opts.commit_interval))
+                nursery.start_soon(_watch_signals, name="signal-watcher")
+                await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await fs.sync()
+        log.info("unmounted %s", mountpoint)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return

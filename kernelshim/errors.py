@@ -1,0 +1,38 @@
+"""The shim kernel's error family. Each names the one errno it becomes at the FUSE
+boundary and the typed error a socket client receives."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from blockdev import SluiceError
+
+
+class ShimError(SluiceError):
+    errno = _errno.EIO
+
+
+class GrantRevoked(ShimError):
+    """The grant was revoked (its file was truncated, unlinked, re-permissioned or
+    renamed over); the holder must ask the filesystem for a new one."""
+
+    errno = _errno.ESTALE
+
+
+class RightsError(ShimError):
+    """The capability lacks a right the operation requires, or a mint asked for rights
+    its parent does not hold."""
+
+    errno = _errno.EACCES
+
+
+class NotAllocated(ShimError):
+    """A write touches file blocks the grant has no extents for (ask for a write layout)."""
+
+    errno = _errno.EINVAL
+
+
+class BadRequest(ShimError):
+    """A request with impossible arguments (negative offset, and the like)."""
+
+    errno = _errno.EINVAL

@@ -1,0 +1,199 @@
+"""Extent maps: the map from a file's blocks to device blocks, as grants carry it.
+
+An extent is (file_block, dev_block, count, state). `state` is WRITTEN (the device
+blocks hold the file's data) or UNWRITTEN (allocated, reads as zeros: the pNFS
+"invalid" state a write layout hands out before commit). File blocks not covered by
+any extent are holes and read as zeros.
+
+The map keeps extents sorted and non-overlapping, merges neighbours that continue
+each other, and remembers which extents changed since the last `take_changes()` so
+that the metadata server can persist only those.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterable, NamedTuple
+
+UNWRITTEN = 0
+WRITTEN = 1
+HOLE = -1  # dev_block of a hole segment
+
+
+class Segment(NamedTuple):
+    file_block: int
+    count: int
+    dev_block: int  # HOLE for a hole
+    state: int      # WRITTEN, UNWRITTEN; UNWRITTEN for holes too (reads as zeros)
+
+
+class ExtentMap:
+    """Sorted, non-overlapping extents of one file. See the module docstring."""
+
+    __slots__ = ("_starts", "_ext", "_changed", "blocks")
+
+    def __init__(self, extents: Iterable[tuple[int, int, int, int]] = ()) -> None:
+        self._starts: list[int] = []
+        self._ext: list[list[int]] = []  # [file_block, dev_block, count, state]
+        self._changed: set[int] = set()   # file_block keys added, changed or removed
+        #: blocks allocated to the file (written + unwritten)
+        self.blocks = 0
+        for fb, dev, cnt, st in sorted(extents):
+            if self._starts and fb < self._starts[-1] + self._ext[-1][2]:
+                raise ValueError(f"overlapping extents at file block {fb}")
+            self._starts.append(fb)
+            self._ext.append([fb, dev, cnt, st])
+            self.blocks += cnt
+
+    def __len__(self) -> int:
+        return len(self._ext)
+
+    def extents(self) -> list[tuple[int, int, int, int]]:
+        return [tuple(e) for e in self._ext]  # type: ignore[misc]
+
+    def copy(self) -> ExtentMap:
+        return ExtentMap(self.extents())
+
+    # -- queries -----------------------------------------------------------------
+
+    def segments(self, file_block: int, count: int) -> list[Segment]:
+        """Cover [file_block, file_block+count) with extent pieces and holes, in order."""
+        out: list[Segment] = []
+        end = file_block + count
+        pos = file_block
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i < 0:
+            i = 0
+        ext = self._ext
+        n = len(ext)
+        while pos < end:
+            while i < n and ext[i][0] + ext[i][2] <= pos:
+                i += 1
+            if i >= n or ext[i][0] >= end:
+                out.append(Segment(pos, end - pos, HOLE, UNWRITTEN))
+                break
+            fb, dev, cnt, st = ext[i]
+            if fb > pos:
+                out.append(Segment(pos, fb - pos, HOLE, UNWRITTEN))
+                pos = fb
+            take = min(end, fb + cnt) - pos
+            out.append(Segment(pos, take, dev + (pos - fb), st))
+            pos += take
+            i += 1
+        return out
+
+    def holes(self, file_block: int, count: int) -> list[tuple[int, int]]:
+        return [(s.file_block, s.count) for s in self.segments(file_block, count)
+                if s.dev_block == HOLE]
+
+    def goal(self, file_block: int) -> int | None:
+        """The device block that would continue the extent before `file_block`."""
+        i = bisect.bisect_right(self._starts, file_block) - 1
+        if i < 0:
+            return None
+        fb, dev, _cnt, _st = self._ext[i]
+        return dev + (file_block - fb)
+
+    def end_block(self) -> int:
+        """One past the last allocated file block (0 when empty)."""
+        if not self._ext:
+            return 0
+        last = self._ext[-1]
+        return last[0] + last[2]
+
+    # -- changes -----------------------------------------------------------------
+
+    def _split_at(self, fb: int) -> None:
+        """Make `fb` an extent boundary if it falls inside an extent."""
+        i = bisect.bisect_right(self._starts, fb) - 1
+        if i < 0:
+            return
+        e = self._ext[i]
+        if e[0] < fb < e[0] + e[2]:
+            head = fb - e[0]
+            new = [fb, e[1] + head, e[2] - head, e[3]]
+            e[2] = head
+            self._ext.insert(i + 1, new)
+            self._starts.insert(i + 1, fb)
+            self._changed.add(e[0])
+            self._changed.add(fb)
+
+    def _merge_around(self, lo: int, hi: int) -> None:
+        """Merge extents that continue each other among indexes lo-1 .. hi+1."""
+        ext = self._ext
+        i = max(lo - 1, 0)
+        hi = min(hi + 1, len(ext) - 1)
+        while i < hi and i + 1 < len(ext):
+            a, b = ext[i], ext[i + 1]
+            if a[0] + a[2] == b[0] and a[1] + a[2] == b[1] and a[3] == b[3]:
+                a[2] += b[2]
+                self._changed.add(a[0])
+                self._changed.add(b[0])
+                del ext[i + 1]
+                del self._starts[i + 1]
+                hi -= 1
+            else:
+                i += 1
+
+    def add(self, file_block: int, dev_block: int, count: int, state: int) -> None:
+        """Map a hole [file_block, +count) to device blocks."""
+        if count <= 0:
+            return
+        i = bisect.bisect_right(self._starts, file_block)
+        ext = self._ext
+        if i > 0 and ext[i - 1][0] + ext[i - 1][2] > file_block:
+            raise ValueError(f"file block {file_block} is already mapped")
+        if i < len(ext) and ext[i][0] < file_block + count:
+            raise ValueError(f"file blocks {file_block}+{count} overlap a mapped extent")
+        ext.insert(i, [file_block, dev_block, count, state])
+        self._starts.insert(i, file_block)
+        self._changed.add(file_block)
+        self.blocks += count
+        self._merge_around(i, i)
+
+    def mark_written(self, file_block: int, count: int) -> None:
+        """Commit: unwritten extents in the range become written."""
+        end = file_block + count
+        self._split_at(file_block)
+        self._split_at(end)
+        lo = bisect.bisect_left(self._starts, file_block)
+        hi = bisect.bisect_left(self._starts, end)
+        touched = False
+        for e in self._ext[lo:hi]:
+            if e[3] != WRITTEN:
+                e[3] = WRITTEN
+                self._changed.add(e[0])
+                touched = True
+        if touched or hi > lo:
+            self._merge_around(lo, hi - 1)
+
+    def remove(self, file_block: int, count: int | None = None) -> list[tuple[int, int]]:
+        """Unmap [file_block, +count) (to the end when count is None); returns the freed
+        device runs (dev_block, count)."""
+        end = self.end_block() if count is None else file_block + count
+        if end <= file_block:
+            return []
+        self._split_at(file_block)
+        self._split_at(end)
+        lo = bisect.bisect_left(self._starts, file_block)
+        hi = bisect.bisect_left(self._starts, end)
+        freed = [(e[1], e[2]) for e in self._ext[lo:hi]]
+        for e in self._ext[lo:hi]:
+            self._changed.add(e[0])
+            self.blocks -= e[2]
+        del self._ext[lo:hi]
+        del self._starts[lo:hi]
+        return freed
+
+    def take_changes(self) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+        """(file_block keys to delete, extents to insert or replace) since the last call."""
+        deleted: list[int] = []
+        upserts: list[tuple[int, int, int, int]] = []
+        for key in self._changed:
+            i = bisect.bisect_left(self._starts, key)
+            if i < len(self._starts) and self._starts[i] == key:
+                upserts.append(tuple(self._ext[i]))  # type: ignore[arg-type]
+            else:
+                deleted.append(key)
+        self._changed.clear()
+        return deleted, upserts

@@ -1,0 +1,52 @@
+"""Grants: capabilities to do I/O on a file's blocks (pNFS layouts).
+
+A grant names an inode and its generation, carries the extent map the holder may use,
+the rights it confers and the principal its I/O is charged to. Grants are minted
+(copied with fewer rights) and revoked (with everything minted from them). A revoked
+grant stays revoked; in-flight requests that passed the check before the revoke are
+counted in `inflight`, and `Kernel.revoke` waits for them to finish (fencing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+
+import trio
+
+from blockdev import PrincipalId
+
+from .extents import ExtentMap
+
+
+class Rights(enum.IntFlag):
+    NONE = 0
+    READ = 1
+    WRITE = 2
+    RW = READ | WRITE
+
+
+_ids = itertools.count(1)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Grant:
+    inode: int
+    generation: int
+    #: the extents the holder may address; for the metadata server's own grants this is
+    #: the inode's live map, for remote clients a snapshot
+    extents: ExtentMap
+    rights: Rights
+    principal: PrincipalId
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    parent: Grant | None = None
+    children: list[Grant] = dataclasses.field(default_factory=list)
+    revoked: bool = False
+    #: requests past the rights check and not yet finished
+    inflight: int = 0
+    _drained: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Grant {self.id} ino={self.inode}.{self.generation} {self.rights!r} "
+                f"principal={self.principal}{' revoked' if self.revoked else ''}>")

@@ -1,0 +1,257 @@
+"""The shim kernel: grants, and the data path through them to the pager and device.
+
+One table of operations (the "traps"). Each names the rights it requires and the
+errors it returns; policy (who may have which grant, who is charged how much) is the
+caller's business (the metadata server, later the principal banks), not the kernel's.
+
+| operation                     | requires            | errors                                  |
+|-------------------------------|---------------------|-----------------------------------------|
+| grant(inode, gen, map, r, p)  | (trusted caller)    | —                                       |
+| mint(grant, rights)           | rights ⊆ grant's    | GrantRevoked, RightsError               |
+| revoke(grant)                 | —                   | — (waits for in-flight requests)         |
+| read(grant, offset, length)   | READ                | GrantRevoked, RightsError, BadRequest,  |
+|                               |                     | ChecksumError, DeviceError              |
+| write(grant, offset, data)    | WRITE               | as read, plus NotAllocated              |
+| zero(grant, offset, length)   | WRITE               | as write                                |
+| discard(runs, principal)      | (trusted caller)    | DeviceError                             |
+| sync()                        | —                   | DeviceError                             |
+
+Fencing: `revoke` marks the grant and everything minted from it revoked before its
+first checkpoint, so no request that starts afterwards passes the check; it then
+waits until the requests already past the check have finished. After it returns no
+request through the old grant reaches the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import trio
+
+from blockdev import BlockDevice, BlockNo, PrincipalId
+from pager import Pager
+
+from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError
+from .extents import HOLE, WRITTEN, ExtentMap
+from .grants import Grant, Rights
+
+log = logging.getLogger(__name__)
+
+
+class Kernel:
+    """Grants over one device. Create with `Kernel.open(volume_dir, ...)`."""
+
+    def __init__(self, device: BlockDevice, pager: Pager) -> None:
+        self.device = device
+        self.pager = pager
+        self.block_size = device.block_size
+        self.nblocks = device.nblocks
+        self._grants: dict[int, Grant] = {}
+        self._by_inode: dict[int, set[Grant]] = {}
+
+    @classmethod
+    def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None) -> Kernel:
+        device = BlockDevice.open(directory, profile=profile)
+        pager = Pager(device, nframes=max(16, cache_bytes // device.block_size))
+        return cls(device, pager)
+
+    def close(self) -> None:
+        self.device.close()
+
+    # -- capabilities --------------------------------------------------------------
+
+    def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
+              principal: PrincipalId) -> Grant:
+        g = Grant(inode, generation, extents, rights, principal)
+        self._grants[g.id] = g
+        self._by_inode.setdefault(inode, set()).add(g)
+        return g
+
+    def mint(self, grant: Grant, rights: Rights) -> Grant:
+        """A copy of `grant` with `rights` (which must be a subset of the grant's)."""
+        self._check_live(grant)
+        if rights & ~grant.rights:
+            raise RightsError(f"cannot mint {rights!r} from a grant holding {grant.rights!r}")
+        g = self.grant(inode=grant.inode, generation=grant.generation, extents=grant.extents,
+                       rights=rights, principal=grant.principal)
+        g.parent = grant
+        grant.children.append(g)
+        return g
+
+    def grants_for(self, inode: int) -> list[Grant]:
+        return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
+
+    def revoke_nowait(self, grant: Grant) -> list[Grant]:
+        """Revoke `grant` and everything minted from it; returns the grants revoked."""
+        out: list[Grant] = []
+        stack = [grant]
+        while stack:
+            g = stack.pop()
+            stack.extend(g.children)
+            if g.revoked:
+                continue
+            g.revoked = True
+            out.append(g)
+            self._grants.pop(g.id, None)
+            s = self._by_inode.get(g.inode)
+            if s is not None:
+                s.discard(g)
+                if not s:
+                    del self._by_inode[g.inode]
+        return out
+
+    async def wait_drained(self, grants: Iterable[Grant]) -> None:
+        """Wait until no request through any of `grants` is still in flight."""
+        for g in grants:
+            while g.inflight:
+                if g._drained is None:
+                    g._drained = trio.Event()
+                await g._drained.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def revoke(self, grant: Grant) -> None:
+        await self.wait_drained(self.revoke_nowait(grant))
+
+    def release(self, grant: Grant) -> None:
+        """The holder is done with the grant (close); same as revoke without waiting."""
+        self.revoke_nowait(grant)
+
+    @property
+    def live_grants(self) -> int:
+        return len(self._grants)
+
+    def _check_live(self, grant: Grant) -> None:
+        if grant.revoked:
+            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
+
+    def _enter(self, grant: Grant, need: Rights) -> None:
+        if grant.revoked:
+            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
+        if need & ~grant.rights:
+            raise RightsError(f"grant {grant.id} does not hold {need!r}")
+        grant.inflight += 1
+
+    @staticmethod
+    def _leave(grant: Grant) -> None:
+        grant.inflight -= 1
+        if not grant.inflight and grant._drained is not None:
+            grant._drained.set()
+            grant._drained = None
+
+    # -- data path -------------------------------------------------------------------
+
+    async def read(self, grant: Grant, offset: int, length: int) -> memoryview | bytes:
+        """`length` bytes of the file at `offset` (holes and unwritten extents are zeros).
+        The caller clips to the file size."""
+        if offset < 0 or length < 0:
+            raise BadRequest(f"read of {length} bytes at offset {offset}")
+        self._enter(grant, Rights.READ)
+        try:
+            if not length:
+                return b""
+            bs = self.block_size
+            b0 = offset // bs
+            b1 = (offset + length + bs - 1) // bs
+            head = offset - b0 * bs
+            segs = grant.extents.segments(b0, b1 - b0)
+            principal = grant.principal
+            if len(segs) == 1:
+                s = segs[0]
+                if s.state == WRITTEN:
+                    data = await self.pager.read(BlockNo(s.dev_block), s.count,
+                                                 principal=principal)
+                    return memoryview(data)[head:head + length]
+                return bytes(length)
+            out = bytearray((b1 - b0) * bs)
+            pos = 0
+            for s in segs:
+                n = s.count * bs
+                if s.state == WRITTEN:
+                    out[pos:pos + n] = await self.pager.read(BlockNo(s.dev_block), s.count,
+                                                             principal=principal)
+                pos += n
+            return memoryview(out)[head:head + length]
+        finally:
+            self._leave(grant)
+
+    async def write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write `data` at `offset`. Every block it touches must be allocated in the
+        grant (written or unwritten extents); partial blocks are merged with their
+        current contents (zeros when unwritten). Does not commit: the caller marks the
+        range written in the map (the metadata server's commit)."""
+        length = len(data)
+        if offset < 0:
+            raise BadRequest(f"write at negative offset {offset}")
+        self._enter(grant, Rights.WRITE)
+        try:
+            if not length:
+                return 0
+            bs = self.block_size
+            b0 = offset // bs
+            b1 = (offset + length + bs - 1) // bs
+            segs = grant.extents.segments(b0, b1 - b0)
+            for s in segs:
+                if s.dev_block == HOLE:
+                    raise NotAllocated(f"file blocks {s.file_block}+{s.count} of inode "
+                                       f"{grant.inode} are not allocated in grant {grant.id}")
+            head = offset - b0 * bs
+            tail = b1 * bs - (offset + length)
+            principal = grant.principal
+            if not head and not tail:
+                buf: memoryview | bytearray = memoryview(data).cast("B")
+            else:
+                buf = bytearray((b1 - b0) * bs)
+                if head:
+                    await self._fill_block(buf, 0, segs[0], principal)
+                if tail and (b1 - 1 > b0 or not head):
+                    await self._fill_block(buf, (b1 - b0 - 1) * bs, segs[-1], principal,
+                                           last=True)
+                buf[head:head + length] = data
+            pos = 0
+            for s in segs:
+                n = s.count * bs
+                await self.pager.write(BlockNo(s.dev_block), buf[pos:pos + n],
+                                       principal=principal)
+                pos += n
+            return length
+        finally:
+            self._leave(grant)
+
+    async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
+                          last: bool = False) -> None:
+        """Put the current contents of the first (or last) block of `seg` at buf[at:]."""
+        if seg.state != WRITTEN:
+            return  # unwritten: zeros, already in buf
+        dev = seg.dev_block + (seg.count - 1 if last else 0)
+        bs = self.block_size
+        buf[at:at + bs] = await self.pager.read(BlockNo(dev), 1, principal=principal)
+
+    async def zero(self, grant: Grant, offset: int, length: int) -> None:
+        """Zero bytes inside allocated, written blocks (the tail of the last block when a
+        file shrinks or grows from a partial block); holes and unwritten stay as they are."""
+        if length <= 0:
+            return
+        bs = self.block_size
+        b0 = offset // bs
+        b1 = (offset + length + bs - 1) // bs
+        for s in grant.extents.segments(b0, b1 - b0):
+            if s.state != WRITTEN:
+                continue
+            start = max(offset, s.file_block * bs)
+            end = min(offset + length, (s.file_block + s.count) * bs)
+            await self.write(grant, start, bytes(end - start))
+
+    async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
+        """Forget the contents of freed device blocks. The caller (the metadata server)
+        has revoked every grant that mapped them."""
+        for dev, count in runs:
+            await self.pager.discard(BlockNo(dev), count, principal=principal)
+
+    async def sync(self) -> None:
+        await self.pager.flush()
+
+    def written_blocks(self):  # -> numpy array of block numbers
+        """Device blocks that hold data (for scrubbing and fsck)."""
+        return self.device.written_blocks()

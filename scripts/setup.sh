@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything sluice needs on a fresh Debian 12 machine, idempotently:
+# the apt packages (FUSE 3 and the programs the tests run), a virtualenv in .venv,
+# and the package itself (editable, with its test extra). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_pkgs=(fuse3 libfuse3-dev pkg-config attr sqlite3 git gcc make tar python3-venv python3-dev)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing apt packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating virtualenv .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.sluice-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing sluice and its test dependencies into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    touch "$stamp"
+fi
+
+# `mount -t fuse.sluice` and fstab look for /sbin/mount.fuse.sluice.
+if [ "$(id -u)" -eq 0 ] && [ ! -e /usr/sbin/mount.fuse.sluice ]; then
+    ln -sf "$PWD/.venv/bin/mount.fuse.sluice" /usr/sbin/mount.fuse.sluice
+fi
+# Let non-root users mount with allow_other (needed when the daemon is not root).
+if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf && [ "$(id -u)" -eq 0 ]; then
+    echo user_allow_other >> /etc/fuse.conf
+fi
