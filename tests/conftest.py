@@ -1,0 +1,137 @@
+"""Shared fixtures: fresh volumes, and real mounts served by a real sluice daemon.
+
+`mounted` starts `sluice mount --foreground` as a child process, waits for the mount
+while checking that the daemon is alive, and always unmounts in teardown: politely
+first, then lazily and by killing the daemon's PID if a test left it hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SLUICE = [sys.executable, "-m", "fs.cli"]
+
+
+def sluice(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the sluice CLI; returns the CompletedProcess (text mode)."""
+    r = subprocess.run([*SLUICE, *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=REPO, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"sluice {' '.join(args)} failed ({r.returncode}):\n"
+                             f"{r.stdout}\n{r.stderr}")
+    return r
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == real for line in f)
+
+
+@dataclasses.dataclass
+class Mount:
+    volume: Path
+    path: Path
+    proc: subprocess.Popen | None
+    log: Path
+
+    def start(self, *extra: str, timeout: float = 30) -> None:
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([*SLUICE, "mount", str(self.volume), str(self.path),
+                                      "--foreground", *extra],
+                                     stdout=logf, stderr=logf, cwd=REPO,
+                                     start_new_session=True)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.path):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode} before "
+                                     f"mounting:\n{self.log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("mount did not appear in time")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, leaving a dead mount behind (crash tests)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Unmount politely and wait for the daemon; escalate if it does not go."""
+        if is_mounted(self.path):
+            r = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+            if r.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+
+    @property
+    def daemon_alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def make_volume(path: Path, size: str = "8G", *extra: str) -> Path:
+    sluice("mkfs", str(path), "--size", size, "-q", *extra)
+    return path
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Path:
+    return make_volume(tmp_path / "vol")
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator:
+    """Call with (volume, *mount options) to get a started Mount; all are torn down."""
+    mounts: list[Mount] = []
+
+    def factory(volume: Path, *extra: str, name: str = "mnt") -> Mount:
+        mp = tmp_path / name
+        mp.mkdir(exist_ok=True)
+        os.chmod(mp, 0o755)
+        m = Mount(volume, mp, None, tmp_path / f"{name}-daemon.log")
+        mounts.append(m)
+        m.start(*extra)
+        return m
+
+    yield factory
+    errors = []
+    for m in mounts:
+        m.stop()
+        if m.log.exists():
+            text = m.log.read_text()
+            if "Traceback" in text and "unexpected" not in text:
+                errors.append(text[-3000:])
+    # Every handler's unexpected failure is a bug: the daemon logs it with a traceback.
+    assert not errors, "daemon logged tracebacks:\n" + "\n".join(errors)
+
+
+@pytest.fixture
+def mnt(volume: Path, mount_factory) -> Iterator[Path]:
+    """A fresh volume mounted; yields the mount point."""
+    m = mount_factory(volume)
+    yield m.path
+    assert m.daemon_alive, "the daemon died during the test"
+
+
+def run_as(uid: int, gid: int, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run `cmd` with the given uid/gid and no supplementary groups."""
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                           "--", *cmd], capture_output=True, text=True, **kw)
