@@ -199,19 +199,27 @@ class BlockDevice:
 
     async def read(self, block: BlockNo, count: int, *, principal: PrincipalId) -> bytearray:
         """Read `count` blocks, verifying each block's checksum."""
-        self._check_range(block, count)
-        bs = self.block_size
-        start = await self._timed(principal, block, count * bs, write=False)
-        buf = bytearray(count * bs)
-        got = os.preadv(self._fd, [buf], block * bs)
-        if got < len(buf):  # short read on a block device past its end: zeros
-            buf[got:] = bytes(len(buf) - got)
-        self._verify(block, count, buf)
-        self.scheduler.record(principal, count * bs, write=False,
-                              latency_s=0.0 if self._instant else trio.current_time() - start)
+        buf = bytearray(count * self.block_size)
+        await self.read_into(block, count, memoryview(buf), principal=principal)
         return buf
 
-    def _verify(self, block: int, count: int, buf: bytearray) -> None:
+    async def read_into(self, block: BlockNo, count: int, out: memoryview, *,
+                        principal: PrincipalId) -> None:
+        """Read `count` blocks into `out` (exactly count * block_size bytes), verifying
+        each block's checksum. On ChecksumError `out` holds unverified data: discard it."""
+        self._check_range(block, count)
+        bs = self.block_size
+        if len(out) != count * bs:
+            raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
+        start = await self._timed(principal, block, count * bs, write=False)
+        got = os.preadv(self._fd, [out], block * bs)
+        if got < len(out):  # short read on a block device past its end: zeros
+            out[got:] = bytes(len(out) - got)
+        self._verify(block, count, out)
+        self.scheduler.record(principal, count * bs, write=False,
+                              latency_s=0.0 if self._instant else trio.current_time() - start)
+
+    def _verify(self, block: int, count: int, buf: bytearray | memoryview) -> None:
         bs = self.block_size
         mv = memoryview(buf)
         expected = self._csum[block:block + count].tolist()

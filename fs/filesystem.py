@@ -32,6 +32,7 @@ import trio
 
 from kernelshim import (WRITTEN, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
                         ROOT_PRINCIPAL)
+from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable
 
 from .allocator import Allocator
 from .errors import (BadHandle, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
@@ -162,9 +163,15 @@ class FileSystem:
     """The metadata server. Create with `FileSystem.load(md, kernel, ...)`."""
 
     def __init__(self, md: Metadata, kernel: Kernel, *, max_inodes: int,
-                 default_cache_mode: str = "direct") -> None:
+                 default_cache_mode: str = "direct",
+                 principals: PrincipalTable | None = None) -> None:
         self.md = md
         self.kernel = kernel
+        #: who is charged for what (kernelshim's table; storage usage recounted at load)
+        self.principals = principals if principals is not None else PrincipalTable(None)
+        kernel.principals = self.principals
+        #: grants held by direct clients: grant -> the caller it was issued to
+        self._direct: dict[Grant, Caller] = {}
         self.block_size = kernel.block_size
         self.max_inodes = max_inodes
         self.default_cache_mode = default_cache_mode
@@ -179,19 +186,41 @@ class FileSystem:
         self._commit_lock = trio.Lock()
 
     @classmethod
-    async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct"
-                   ) -> FileSystem:
+    async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
+                   principals: PrincipalTable | None = None) -> FileSystem:
         max_inodes = int(md.meta("max_inodes") or kernel.nblocks)
-        fs = cls(md, kernel, max_inodes=max_inodes, default_cache_mode=default_cache_mode)
+        fs = cls(md, kernel, max_inodes=max_inodes, default_cache_mode=default_cache_mode,
+                 principals=principals)
         for _ino, _fb, dev, count, _st in md.all_extents():
             fs.alloc.mark_used(dev, count)
         fs._inode_count = md.inode_count()
+        fs._recount_usage()
         # Inodes unlinked while open when the daemon last stopped: free them now.
         for ino in md.orphans():
             log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
             await fs._destroy(fs.inode(ino))
         await fs.commit()
         return fs
+
+    def _recount_usage(self) -> None:
+        """Storage usage of every principal, from what the volume holds (exact after a
+        crash: usage is never stored on its own)."""
+        t = self.principals
+        t.reset_storage_usage()
+        for pid, (blocks, inodes, entries, name_bytes) in self.md.usage_by_principal().items():
+            p = t.by_id(pid)
+            space = blocks * self.block_size + entries * ENTRY_COST + (name_bytes or 0)
+            for q in p.chain():
+                q.usage.space += space
+                q.usage.inodes += inodes
+
+    def principal(self, pid: PrincipalId | int) -> Principal:
+        return self.principals.by_id(pid)
+
+    def _refund_runs(self, runs: list[tuple[int, int, int]]) -> None:
+        bs = self.block_size
+        for _dev, count, owner in runs:
+            self.principals.refund(self.principal(owner), space=count * bs)
 
     # -- transactions -----------------------------------------------------------------
 
@@ -272,7 +301,7 @@ class FileSystem:
 
     def _save_extents(self, node: Inode) -> None:
         assert node.extents is not None
-        deleted, upserts = node.extents.take_changes()
+        deleted, upserts = node.extents.take_changes(with_owner=True)
         if deleted or upserts:
             self.md.save_extent_changes(node.id, deleted, upserts)
 
@@ -322,6 +351,9 @@ class FileSystem:
             raise Exists(f"{name!r} exists")
         if self._inode_count >= self.max_inodes:
             raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        # Charge first: over quota changes nothing.
+        self.principals.charge(self.principal(caller.principal), inodes=1,
+                               space=ENTRY_COST + len(name))
         is_dir = stat.S_ISDIR(mode)
         gid = caller.gid
         if parent.mode & stat.S_ISGID:
@@ -336,7 +368,7 @@ class FileSystem:
                                    rdev=rdev, now_ns=now,
                                    parent=parent.id if is_dir else 0, target=target,
                                    principal=caller.principal)
-        self.md.add_dentry(parent.id, name, ino)
+        self.md.add_dentry(parent.id, name, ino, caller.principal)
         self._inode_count += 1
         # Hints (user.sluice.*) are inherited from the directory at create time.
         for hname, hval in self.md.xattr_items(parent.id):
@@ -374,7 +406,8 @@ class FileSystem:
             raise InvalidArgument(f"inode {ino} is not a symlink")
         return bytes(node.target)
 
-    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+    def link(self, ino: int, new_parent: int, new_name: bytes,
+             caller: Caller | None = None) -> Inode:
         node = self.inode(ino)
         if node.is_dir:
             raise NotPermitted("hard links to directories are not allowed")
@@ -388,8 +421,10 @@ class FileSystem:
             raise NotADirectory(f"inode {new_parent} is not a directory")
         if self.md.lookup(new_parent, new_name) is not None:
             raise Exists(f"{new_name!r} exists")
+        who = caller.principal if caller else ROOT_PRINCIPAL
+        self.principals.charge(self.principal(who), space=ENTRY_COST + len(new_name))
         now = _now()
-        self.md.add_dentry(new_parent, new_name, ino)
+        self.md.add_dentry(new_parent, new_name, ino, who)
         node.nlink += 1
         node.ctime_ns = now
         self._save(node, "nlink", "ctime_ns")
@@ -405,11 +440,15 @@ class FileSystem:
         if node.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
         d = self.inode(parent)
-        self.md.remove_dentry(parent, name)
+        self._remove_name(parent, name)
         now = _now()
         d.mtime_ns = d.ctime_ns = now
         self._save(d, "mtime_ns", "ctime_ns")
         await self._drop_link(node, now)
+
+    def _remove_name(self, parent: int, name: bytes) -> None:
+        owner = self.md.remove_dentry(parent, name)
+        self.principals.refund(self.principal(owner), space=ENTRY_COST + len(name))
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         if name == b".":
@@ -422,7 +461,7 @@ class FileSystem:
         if self.md.has_entries(node.id):
             raise NotEmpty(f"directory {name!r} is not empty")
         d = self.inode(parent)
-        self.md.remove_dentry(parent, name)
+        self._remove_name(parent, name)
         now = _now()
         d.nlink -= 1
         d.mtime_ns = d.ctime_ns = now
@@ -436,6 +475,10 @@ class FileSystem:
         self._save(node, "nlink", "ctime_ns")
         if node.nlink == 0:
             self._inode_count -= 1
+            self.principals.refund(self.principal(node.principal), inodes=1)
+            # Direct clients lose access with the last name (DESIGN: fencing); the
+            # kernel's open files keep the inode until they close.
+            await self._revoke_direct(node)
             if node.opens == 0:
                 await self._destroy(node)
 
@@ -447,8 +490,9 @@ class FileSystem:
                 self.kernel.revoke_nowait(g)
             await self.kernel.wait_drained(revoked)
             if node.is_reg and node.blocks:
-                freed = self._extents(node).remove(0)
-                self.alloc.free_later(freed)
+                freed = self._extents(node).remove_owned(0)
+                self._refund_runs(freed)
+                self.alloc.free_later([(d, c) for d, c, _o in freed])
             self.md.delete_inode(node.id)
             node.blocks = 0
         if node.lookups <= 0:
@@ -526,7 +570,7 @@ class FileSystem:
                 raise NotADirectory(f"{new_name!r} is not a directory")
             if dst.is_dir and self.md.has_entries(dst.id):
                 raise NotEmpty(f"directory {new_name!r} is not empty")
-            self.md.remove_dentry(new_parent, new_name)
+            self._remove_name(new_parent, new_name)
             if dst.is_dir:
                 np_.nlink -= 1
         self.md.move_dentry(old_parent, old_name, new_parent, new_name)
@@ -577,7 +621,19 @@ class FileSystem:
         node.ctime_ns = ctime_ns if ctime_ns is not None else now
         changed.append("ctime_ns")
         self._save(node, *changed)
+        if {"mode", "uid", "gid"} & set(changed):
+            # chmod/chown: direct clients that lost access lose their grants.
+            await self._revoke_direct(node, keep=self._still_allowed)
         return node
+
+    def _still_allowed(self, grant: Grant, who: Caller) -> bool:
+        mask = (os.R_OK if grant.rights & Rights.READ else 0) | \
+               (os.W_OK if grant.rights & Rights.WRITE else 0)
+        try:
+            self.access(grant.inode, mask, who)
+        except PermissionDenied:
+            return False
+        return True
 
     async def truncate(self, node: Inode, size: int, *, principal: PrincipalId) -> None:
         if size < 0:
@@ -593,14 +649,14 @@ class FileSystem:
                 bs = self.block_size
                 emap = self._extents(node)
                 keep = -(-size // bs)
-                freed = emap.remove(keep)
+                freed = emap.remove_owned(keep)
                 old_grants = self._regrant(node)
                 if size % bs:
                     # Bytes past the new end in the last block must read as zeros if the
                     # file grows again.
                     g = self.kernel.grant(inode=node.id, generation=node.generation,
                                           extents=emap, rights=Rights.WRITE,
-                                          principal=principal)
+                                          principal=principal, charge=False)
                     try:
                         await self.kernel.zero(g, size, keep * bs - size)
                     finally:
@@ -608,7 +664,8 @@ class FileSystem:
                 await self.kernel.wait_drained(old_grants)
                 if freed:
                     node.blocks = emap.blocks
-                    self.alloc.free_later(freed)
+                    self._refund_runs(freed)
+                    self.alloc.free_later([(d, c) for d, c, _o in freed])
                     self._save_extents(node)
             node.size = size
             node.mtime_ns = node.ctime_ns = now
@@ -652,10 +709,14 @@ class FileSystem:
         return h
 
     async def open_truncate(self, h: Handle, caller: Caller) -> None:
-        """O_TRUNC at open (the kernel sends it with the open when it can)."""
+        """O_TRUNC at open (the kernel sends it with the open when it can). POSIX (and
+        Linux) update mtime/ctime and drop setuid/setgid even when the file was empty."""
         if h.inode.size:
             await self.truncate(h.inode, 0, principal=caller.principal)
-            self._kill_priv(h)
+        else:
+            h.inode.mtime_ns = h.inode.ctime_ns = _now()
+            self._save(h.inode, "mtime_ns", "ctime_ns")
+        self._kill_priv(h)
 
     def _cache_mode(self, node: Inode) -> str:
         v = self.md.get_xattr(node.id, CACHE_XATTR)
@@ -730,7 +791,7 @@ class FileSystem:
             b0 = offset // bs
             b1 = -(-end // bs)
             emap = self._extents(node)
-            await self._allocate(node, emap, b0, b1 - b0)
+            await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
             try:
                 await self.kernel.write(h.grant, offset, data)
                 emap.mark_written(b0, b1 - b0)
@@ -761,12 +822,26 @@ class FileSystem:
         self.on_attr_changed(node.id)
         return True
 
-    async def _allocate(self, node: Inode, emap: ExtentMap, b0: int, count: int) -> None:
-        """Map the holes in [b0, b0+count) to newly allocated unwritten extents."""
+    async def _allocate(self, node: Inode, emap: ExtentMap, b0: int, count: int,
+                        principal: PrincipalId) -> int:
+        """Map the holes in [b0, b0+count) to newly allocated unwritten extents charged
+        to `principal`; returns the number of blocks allocated."""
         holes = emap.holes(b0, count)
         if not holes:
-            return
+            return 0
         need = sum(c for _, c in holes)
+        who = self.principal(principal)
+        self.principals.charge(who, space=need * self.block_size)
+        try:
+            await self._allocate_blocks(node, emap, holes, need, principal)
+        except BaseException:
+            self.principals.refund(who, space=need * self.block_size)
+            raise
+        return need
+
+    async def _allocate_blocks(self, node: Inode, emap: ExtentMap,
+                               holes: list[tuple[int, int]], need: int,
+                               principal: PrincipalId) -> None:
         if need > self.alloc.free and self.alloc.pending_blocks:
             await self.commit()  # blocks freed by the open transaction become usable
         if need > self.alloc.free:
@@ -775,12 +850,133 @@ class FileSystem:
         for fb, cnt in holes:
             goal = emap.goal(fb)
             for start, length in self.alloc.allocate(cnt, goal):
-                emap.add(fb, start, length, UNWRITTEN)
+                emap.add(fb, start, length, UNWRITTEN, principal)
                 fb += length
         node.blocks = emap.blocks
 
     async def fsync(self, fh: int | None, datasync: bool) -> None:
         await self.sync()
+
+    # -- direct clients (the shim's socket server calls these through fs/service.py) -----
+
+    def grant_direct(self, node: Inode, readable: bool, writable: bool, caller: Caller) -> Grant:
+        g = self._grant_for(node, readable, writable, caller.principal)
+        self._direct[g] = caller
+        return g
+
+    def _direct_node(self, grant: Grant) -> Inode:
+        if grant.revoked or grant not in self._direct and grant.parent is None:
+            from kernelshim import GrantRevoked
+            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
+        return self.inode(grant.inode)
+
+    async def _revoke_direct(self, node: Inode,
+                             keep: Callable[[Grant, Caller], bool] | None = None) -> None:
+        """Revoke direct clients' grants on `node` (those `keep` rejects, or all) and wait
+        until no request through them is in flight."""
+        gone: list[Grant] = []
+        for g, who in list(self._direct.items()):
+            if g.inode == node.id and (keep is None or not keep(g, who)):
+                gone.extend(self.kernel.revoke_nowait(g))
+                del self._direct[g]
+        if gone:
+            await self.kernel.wait_drained(gone)
+
+    async def layout_get(self, grant: Grant, offset: int, length: int) -> int:
+        """Write layout: allocate unwritten extents for the holes in the range."""
+        node = self._direct_node(grant)
+        if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
+            raise InvalidArgument(f"layout range {offset}+{length}")
+        if not length:
+            return 0
+        bs = self.block_size
+        b0, b1 = offset // bs, -(-(offset + length) // bs)
+        async with self._lock(node):
+            self._direct_node(grant)
+            emap = self._extents(node)
+            n = await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+            if n:
+                self._save_extents(node)
+                self._save(node, "blocks")
+        return n
+
+    async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
+        """The range was written: extents become written, size and mtime update."""
+        node = self._direct_node(grant)
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"commit range {offset}+{length}")
+        bs = self.block_size
+        async with self._lock(node):
+            self._direct_node(grant)
+            if length:
+                emap = self._extents(node)
+                b0, b1 = offset // bs, -(-(offset + length) // bs)
+                end = offset + length
+                # Only what is allocated can have been written.
+                alloc_end = max((s.file_block + s.count for s in emap.segments(b0, b1 - b0)
+                                 if s.dev_block >= 0), default=b0) * bs
+                end = min(end, max(alloc_end, offset))
+                emap.mark_written(b0, b1 - b0)
+                self._save_extents(node)
+                now = _now()
+                if end > node.size:
+                    node.size = end
+                node.mtime_ns = node.ctime_ns = now
+                self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
+                self.on_attr_changed(node.id)
+            return node.size
+
+    async def close_direct(self, grant: Grant) -> None:
+        """A direct client closed its file: drop unused preallocation past the end."""
+        self._direct.pop(grant, None)
+        node = self._inodes.get(grant.inode)
+        if node is None or not node.is_reg or node.nlink == 0 and node.opens == 0:
+            return
+        bs = self.block_size
+        async with self._lock(node):
+            emap = self._extents(node)
+            keep = -(-node.size // bs)
+            if emap.end_block() > keep:
+                tail = [s for s in emap.segments(keep, emap.end_block() - keep)
+                        if s.dev_block >= 0 and s.state == WRITTEN]
+                if not tail:  # only unwritten preallocation past EOF
+                    old = self._regrant(node)
+                    freed = emap.remove_owned(keep)
+                    await self.kernel.wait_drained(old)
+                    node.blocks = emap.blocks
+                    self._refund_runs(freed)
+                    self.alloc.free_later([(d, c) for d, c, _o in freed])
+                    self._save_extents(node)
+                    self._save(node, "blocks")
+
+    def retag_cached(self, src: int, dst: int) -> None:
+        for node in self._inodes.values():
+            if node.principal == src:
+                node.principal = dst
+            if node.extents is not None:
+                for e in node.extents._ext:
+                    if e[4] == src:
+                        e[4] = dst
+
+    def statistics_dict(self) -> dict:
+        """Everything `sluice stats` shows, as plain data."""
+        fs = self.statistics()
+        dev = self.kernel.device.statistics()
+        pg = self.kernel.pager.statistics()
+        names = {p.id: p.name for p in self.principals.walk()}
+        return {
+            "fs": dataclasses.asdict(fs),
+            "device": {"block_size": dev.block_size, "nblocks": dev.nblocks,
+                       "profile": dev.profile, "scheduler": dev.scheduler,
+                       "checksum_errors": dev.checksum_errors,
+                       "per_principal": {names.get(s.principal, str(s.principal)):
+                                         dataclasses.asdict(s) for s in dev.per_principal}},
+            "pager": {"frames": pg.frames, "frames_used": pg.frames_used, "hits": pg.hits,
+                      "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
+                      "evictions": pg.evictions,
+                      "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
+            "principals": [dataclasses.asdict(i) for i in self.principals.info()],
+        }
 
     # -- directories ---------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS dentries (
     parent INTEGER NOT NULL,                  -- directory inode
     name   BLOB NOT NULL,                     -- entry name (bytes, no '/' or NUL)
     inode  INTEGER NOT NULL,                  -- the inode it names
+    principal INTEGER NOT NULL DEFAULT 0,     -- principal charged for the entry
     UNIQUE (parent, name)
 );
 CREATE INDEX IF NOT EXISTS dentries_readdir ON dentries (parent, id);
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS extents (
     dev_block  INTEGER NOT NULL,  -- first device block
     count      INTEGER NOT NULL,  -- length in blocks
     state      INTEGER NOT NULL,  -- 1 written, 0 unwritten (reads as zeros)
+    principal  INTEGER NOT NULL DEFAULT 0,  -- principal charged for these blocks
     PRIMARY KEY (inode, file_block)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS xattrs (
@@ -187,11 +189,16 @@ class Metadata:
         return self.db.execute("SELECT id, inode FROM dentries WHERE parent=? AND name=?",
                                (parent, name)).fetchone()
 
-    def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
-        self._w("INSERT INTO dentries (parent, name, inode) VALUES (?,?,?)", (parent, name, ino))
+    def add_dentry(self, parent: int, name: bytes, ino: int, principal: int = 0) -> None:
+        self._w("INSERT INTO dentries (parent, name, inode, principal) VALUES (?,?,?,?)",
+                (parent, name, ino, principal))
 
-    def remove_dentry(self, parent: int, name: bytes) -> None:
+    def remove_dentry(self, parent: int, name: bytes) -> int:
+        """Remove an entry; returns the principal that was charged for it."""
+        row = self.db.execute("SELECT principal FROM dentries WHERE parent=? AND name=?",
+                              (parent, name)).fetchone()
         self._w("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        return 0 if row is None else row[0]
 
     def retarget_dentry(self, parent: int, name: bytes, ino: int) -> None:
         self._w("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name))
@@ -220,9 +227,10 @@ class Metadata:
 
     # -- extents ----------------------------------------------------------------------------
 
-    def load_extents(self, ino: int) -> list[tuple[int, int, int, int]]:
+    def load_extents(self, ino: int) -> list[tuple[int, int, int, int, int]]:
+        """(file_block, dev_block, count, state, principal) of a file's extents."""
         return self.db.execute(
-            "SELECT file_block, dev_block, count, state FROM extents WHERE inode=?"
+            "SELECT file_block, dev_block, count, state, principal FROM extents WHERE inode=?"
             " ORDER BY file_block", (ino,)).fetchall()
 
     def save_extent_changes(self, ino: int, deleted: list[int],
@@ -232,12 +240,34 @@ class Metadata:
                         [(ino, fb) for fb in deleted])
         if upserts:
             self._wmany("INSERT OR REPLACE INTO extents (inode, file_block, dev_block, count,"
-                        " state) VALUES (?,?,?,?,?)", [(ino, *e) for e in upserts])
+                        " state, principal) VALUES (?,?,?,?,?,?)",
+                        [(ino, *e) for e in upserts])
 
     def all_extents(self) -> Iterator[tuple[int, int, int, int, int]]:
         """(inode, file_block, dev_block, count, state) of every extent (mount and fsck)."""
         return self.db.execute(
             "SELECT inode, file_block, dev_block, count, state FROM extents ORDER BY dev_block")
+
+    def usage_by_principal(self) -> dict[int, tuple[int, int, int]]:
+        """principal -> (blocks, inodes, entry name bytes and entries) charged to it, as
+        (blocks, inodes, (entries, name bytes)) flattened: (blocks, inodes, entries,
+        name_bytes)."""
+        out: dict[int, list[int]] = {}
+        for p, n in self.db.execute("SELECT principal, SUM(count) FROM extents GROUP BY principal"):
+            out.setdefault(p, [0, 0, 0, 0])[0] = n
+        for p, n in self.db.execute("SELECT principal, COUNT(*) FROM inodes WHERE nlink>0 OR id=1"
+                                    " GROUP BY principal"):
+            out.setdefault(p, [0, 0, 0, 0])[1] = n
+        for p, n, b in self.db.execute("SELECT principal, COUNT(*), SUM(LENGTH(name))"
+                                       " FROM dentries GROUP BY principal"):
+            o = out.setdefault(p, [0, 0, 0, 0])
+            o[2], o[3] = n, b
+        return {p: tuple(v) for p, v in out.items()}  # type: ignore[misc]
+
+    def move_principal(self, src: int, dst: int) -> None:
+        """Charge everything charged to `src` to `dst` instead."""
+        for table in ("inodes", "dentries", "extents"):
+            self._w(f"UPDATE {table} SET principal=? WHERE principal=?", (dst, src))
 
     # -- xattrs -----------------------------------------------------------------------------
 

@@ -20,10 +20,13 @@ import pyfuse3
 import trio
 
 from kernelshim import Kernel
+from kernelshim.principals import PrincipalTable
+from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
 from .metadata import Metadata
 from .operations import Operations
+from .service import DirectService
 from .volume import (DB, VolumeLock, clear_mount_state, read_header, read_mount_state,
                      write_mount_state)
 
@@ -52,9 +55,11 @@ def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
 
 
 def mount_is_dead(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    """A FUSE mount whose daemon is gone answers ENOTCONN. Asks with statfs, which
+    always reaches the daemon: stat may be answered from the kernel's attribute cache
+    (long attr timeouts) and then succeeds on a dead mount."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -109,12 +114,16 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         stack.callback(kernel.close)
         md = Metadata(volume / DB)
         stack.callback(md.close)
-        fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode)
+        principals = PrincipalTable.load(volume)
+        fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
+                                   principals=principals)
         scrubbed = await fs.scrub_stale_blocks()
         if scrubbed:
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)
-        ops = Operations(fs)
+        sock_path = control_socket_path(read_header(volume).uuid)
+        ops = Operations(fs, control_socket=str(sock_path))
+        server = ShimServer(kernel, principals, DirectService(fs), sock_path)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         mounted = True
 
@@ -123,19 +132,41 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         stack.callback(_close)
         write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())
         stack.callback(clear_mount_state, volume)
-        log.info("mounted %s at %s (pid %d)", volume, mountpoint, os.getpid())
-        ready(None)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(functools.partial(fs.run_committer,
                                                       interval=opts.commit_interval))
+                await nursery.start(server.run)
+                nursery.start_soon(_prune_registrations, principals, name="pid-pruner")
                 nursery.start_soon(_watch_signals, name="signal-watcher")
+                log.info("mounted %s at %s (pid %d, control socket %s)", volume, mountpoint,
+                         os.getpid(), sock_path)
+                ready(None)
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await fs.sync()
         log.info("unmounted %s", mountpoint)
+
+
+def control_socket_path(uuid: str) -> Path:
+    """Where a volume's shim socket lives: short (sun_path is 108 bytes), per volume."""
+    for base in ("/run/sluice", os.path.join(os.environ.get("XDG_RUNTIME_DIR") or
+                                             f"/tmp/sluice-{os.getuid()}", "sluice")):
+        try:
+            os.makedirs(base, mode=0o755, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(base, os.W_OK):
+            return Path(base) / f"{uuid}.sock"
+    raise OSError("no writable directory for the control socket")
+
+
+async def _prune_registrations(principals: PrincipalTable) -> None:
+    while True:
+        await trio.sleep(5)
+        principals.prune_registrations()
 
 
 async def _watch_signals() -> None:

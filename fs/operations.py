@@ -21,9 +21,10 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 
-from kernelshim import PrincipalId, ROOT_PRINCIPAL
 
 from .errors import errno_of
+
+CONTROL_XATTR = b"user.sluice.control"
 from .filesystem import Caller, FileSystem, Inode
 
 log = logging.getLogger(__name__)
@@ -74,18 +75,19 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, principal_of: Callable[[int, int], PrincipalId] | None = None
-                 ) -> None:
+    def __init__(self, fs: FileSystem, *, control_socket: str | None = None) -> None:
         super().__init__()
         self.fs = fs
-        self._principal_of = principal_of or (lambda pid, uid: ROOT_PRINCIPAL)
+        #: answered for the root's `user.sluice.control` xattr: how direct clients find
+        #: the shim's socket from the mount point
+        self.control_socket = control_socket.encode() if control_socket else None
         fs.on_attr_changed = self._invalidate_attr
 
     # -- helpers ----------------------------------------------------------------------
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return Caller(ctx.uid, ctx.gid, ctx.pid, ctx.umask,
-                      self._principal_of(ctx.pid, ctx.uid))
+                      self.fs.principals.resolve(ctx.pid, ctx.uid).id)
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -196,7 +198,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attr(self.fs.link(inode, new_parent_inode, new_name))
+        return self._attr(self.fs.link(inode, new_parent_inode, new_name, self._caller(ctx)))
 
     # -- files ------------------------------------------------------------------------------
 
@@ -292,6 +294,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == CONTROL_XATTR and self.control_socket:
+            return self.control_socket
         return self.fs.getxattr(inode, name)
 
     @_guard

@@ -1,6 +1,7 @@
 """Extent maps: the map from a file's blocks to device blocks, as grants carry it.
 
-An extent is (file_block, dev_block, count, state). `state` is WRITTEN (the device
+An extent is (file_block, dev_block, count, state, owner). `owner` is the principal
+charged for its blocks (so a truncate refunds whoever paid). `state` is WRITTEN (the device
 blocks hold the file's data) or UNWRITTEN (allocated, reads as zeros: the pNFS
 "invalid" state a write layout hands out before commit). File blocks not covered by
 any extent are holes and read as zeros.
@@ -32,27 +33,34 @@ class ExtentMap:
 
     __slots__ = ("_starts", "_ext", "_changed", "blocks")
 
-    def __init__(self, extents: Iterable[tuple[int, int, int, int]] = ()) -> None:
+    def __init__(self, extents: Iterable[tuple[int, ...]] = ()) -> None:
         self._starts: list[int] = []
-        self._ext: list[list[int]] = []  # [file_block, dev_block, count, state]
+        self._ext: list[list[int]] = []  # [file_block, dev_block, count, state, owner]
         self._changed: set[int] = set()   # file_block keys added, changed or removed
         #: blocks allocated to the file (written + unwritten)
         self.blocks = 0
-        for fb, dev, cnt, st in sorted(extents):
+        for e in sorted(extents):
+            fb, dev, cnt, st = e[:4]
+            owner = e[4] if len(e) > 4 else 0
             if self._starts and fb < self._starts[-1] + self._ext[-1][2]:
                 raise ValueError(f"overlapping extents at file block {fb}")
             self._starts.append(fb)
-            self._ext.append([fb, dev, cnt, st])
+            self._ext.append([fb, dev, cnt, st, owner])
             self.blocks += cnt
 
     def __len__(self) -> int:
         return len(self._ext)
 
     def extents(self) -> list[tuple[int, int, int, int]]:
+        """(file_block, dev_block, count, state) of every extent, in order."""
+        return [tuple(e[:4]) for e in self._ext]  # type: ignore[misc]
+
+    def owned_extents(self) -> list[tuple[int, int, int, int, int]]:
+        """As extents(), with the owner (charged principal) as a fifth element."""
         return [tuple(e) for e in self._ext]  # type: ignore[misc]
 
     def copy(self) -> ExtentMap:
-        return ExtentMap(self.extents())
+        return ExtentMap(self.owned_extents())
 
     # -- queries -----------------------------------------------------------------
 
@@ -72,7 +80,7 @@ class ExtentMap:
             if i >= n or ext[i][0] >= end:
                 out.append(Segment(pos, end - pos, HOLE, UNWRITTEN))
                 break
-            fb, dev, cnt, st = ext[i]
+            fb, dev, cnt, st = ext[i][:4]
             if fb > pos:
                 out.append(Segment(pos, fb - pos, HOLE, UNWRITTEN))
                 pos = fb
@@ -91,7 +99,7 @@ class ExtentMap:
         i = bisect.bisect_right(self._starts, file_block) - 1
         if i < 0:
             return None
-        fb, dev, _cnt, _st = self._ext[i]
+        fb, dev = self._ext[i][:2]
         return dev + (file_block - fb)
 
     def end_block(self) -> int:
@@ -111,7 +119,7 @@ class ExtentMap:
         e = self._ext[i]
         if e[0] < fb < e[0] + e[2]:
             head = fb - e[0]
-            new = [fb, e[1] + head, e[2] - head, e[3]]
+            new = [fb, e[1] + head, e[2] - head, e[3], e[4]]
             e[2] = head
             self._ext.insert(i + 1, new)
             self._starts.insert(i + 1, fb)
@@ -125,7 +133,7 @@ class ExtentMap:
         hi = min(hi + 1, len(ext) - 1)
         while i < hi and i + 1 < len(ext):
             a, b = ext[i], ext[i + 1]
-            if a[0] + a[2] == b[0] and a[1] + a[2] == b[1] and a[3] == b[3]:
+            if a[0] + a[2] == b[0] and a[1] + a[2] == b[1] and a[3] == b[3] and a[4] == b[4]:
                 a[2] += b[2]
                 self._changed.add(a[0])
                 self._changed.add(b[0])
@@ -135,8 +143,9 @@ class ExtentMap:
             else:
                 i += 1
 
-    def add(self, file_block: int, dev_block: int, count: int, state: int) -> None:
-        """Map a hole [file_block, +count) to device blocks."""
+    def add(self, file_block: int, dev_block: int, count: int, state: int,
+            owner: int = 0) -> None:
+        """Map a hole [file_block, +count) to device blocks charged to `owner`."""
         if count <= 0:
             return
         i = bisect.bisect_right(self._starts, file_block)
@@ -145,7 +154,7 @@ class ExtentMap:
             raise ValueError(f"file block {file_block} is already mapped")
         if i < len(ext) and ext[i][0] < file_block + count:
             raise ValueError(f"file blocks {file_block}+{count} overlap a mapped extent")
-        ext.insert(i, [file_block, dev_block, count, state])
+        ext.insert(i, [file_block, dev_block, count, state, owner])
         self._starts.insert(i, file_block)
         self._changed.add(file_block)
         self.blocks += count
@@ -153,6 +162,8 @@ class ExtentMap:
 
     def mark_written(self, file_block: int, count: int) -> None:
         """Commit: unwritten extents in the range become written."""
+        if count <= 0:
+            return  # an empty range: splitting at its point would leave mergeable halves
         end = file_block + count
         self._split_at(file_block)
         self._split_at(end)
@@ -170,6 +181,11 @@ class ExtentMap:
     def remove(self, file_block: int, count: int | None = None) -> list[tuple[int, int]]:
         """Unmap [file_block, +count) (to the end when count is None); returns the freed
         device runs (dev_block, count)."""
+        return [(d, c) for d, c, _o in self.remove_owned(file_block, count)]
+
+    def remove_owned(self, file_block: int, count: int | None = None
+                     ) -> list[tuple[int, int, int]]:
+        """As remove(), returning (dev_block, count, owner) runs."""
         end = self.end_block() if count is None else file_block + count
         if end <= file_block:
             return []
@@ -177,7 +193,7 @@ class ExtentMap:
         self._split_at(end)
         lo = bisect.bisect_left(self._starts, file_block)
         hi = bisect.bisect_left(self._starts, end)
-        freed = [(e[1], e[2]) for e in self._ext[lo:hi]]
+        freed = [(e[1], e[2], e[4]) for e in self._ext[lo:hi]]
         for e in self._ext[lo:hi]:
             self._changed.add(e[0])
             self.blocks -= e[2]
@@ -185,14 +201,17 @@ class ExtentMap:
         del self._starts[lo:hi]
         return freed
 
-    def take_changes(self) -> tuple[list[int], list[tuple[int, int, int, int]]]:
-        """(file_block keys to delete, extents to insert or replace) since the last call."""
+    def take_changes(self, *, with_owner: bool = False
+                     ) -> tuple[list[int], list[tuple[int, ...]]]:
+        """(file_block keys to delete, extents to insert or replace) since the last call
+        (extents as 4-tuples, or 5-tuples with the owner when `with_owner`)."""
         deleted: list[int] = []
         upserts: list[tuple[int, int, int, int]] = []
         for key in self._changed:
             i = bisect.bisect_left(self._starts, key)
             if i < len(self._starts) and self._starts[i] == key:
-                upserts.append(tuple(self._ext[i]))  # type: ignore[arg-type]
+                e = self._ext[i]
+                upserts.append(tuple(e) if with_owner else tuple(e[:4]))
             else:
                 deleted.append(key)
         self._changed.clear()

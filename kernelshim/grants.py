@@ -43,6 +43,10 @@ class Grant:
     parent: Grant | None = None
     children: list[Grant] = dataclasses.field(default_factory=list)
     revoked: bool = False
+    #: whether the grant is charged to its principal's kernel-object bank
+    charged: bool = False
+    #: opaque reference for the issuer (unused by the kernel)
+    file: object = None
     #: requests past the rights check and not yet finished
     inflight: int = 0
     _drained: trio.Event | None = None

@@ -36,6 +36,7 @@ from pager import Pager
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError
 from .extents import HOLE, WRITTEN, ExtentMap
 from .grants import Grant, Rights
+from .principals import PrincipalTable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Kernel:
         self.nblocks = device.nblocks
         self._grants: dict[int, Grant] = {}
         self._by_inode: dict[int, set[Grant]] = {}
+        #: the principal table charged for grants (kernel objects); set by the owner
+        self.principals: PrincipalTable | None = None
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None) -> Kernel:
@@ -63,8 +66,13 @@ class Kernel:
     # -- capabilities --------------------------------------------------------------
 
     def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
-              principal: PrincipalId) -> Grant:
+              principal: PrincipalId, charge: bool = True) -> Grant:
+        """A new grant, charged to `principal`'s kernel-object bank (TooManyObjects when
+        it holds its limit) unless `charge` is false (short-lived internal grants)."""
+        if charge and self.principals is not None:
+            self.principals.charge_object(self.principals.by_id(principal), "grants")
         g = Grant(inode, generation, extents, rights, principal)
+        g.charged = charge and self.principals is not None
         self._grants[g.id] = g
         self._by_inode.setdefault(inode, set()).add(g)
         return g
@@ -76,6 +84,7 @@ class Kernel:
             raise RightsError(f"cannot mint {rights!r} from a grant holding {grant.rights!r}")
         g = self.grant(inode=grant.inode, generation=grant.generation, extents=grant.extents,
                        rights=rights, principal=grant.principal)
+        g.file = grant.file
         g.parent = grant
         grant.children.append(g)
         return g
@@ -93,6 +102,9 @@ class Kernel:
             if g.revoked:
                 continue
             g.revoked = True
+            if g.charged and self.principals is not None:
+                self.principals.refund_object(self.principals.by_id(g.principal), "grants")
+                g.charged = False
             out.append(g)
             self._grants.pop(g.id, None)
             s = self._by_inode.get(g.inode)
@@ -175,6 +187,35 @@ class Kernel:
             return memoryview(out)[head:head + length]
         finally:
             self._leave(grant)
+
+    async def read_into(self, grant: Grant, offset: int, out: memoryview) -> int:
+        """Read len(out) bytes of the file at `offset` straight into `out` (a shared buffer:
+        no intermediate copy when `offset` is block-aligned). Returns len(out)."""
+        length = len(out)
+        bs = self.block_size
+        if offset % bs or offset < 0:
+            data = await self.read(grant, offset, length)
+            out[:length] = data
+            return length
+        self._enter(grant, Rights.READ)
+        try:
+            b0 = offset // bs
+            whole = length // bs
+            pos = 0
+            principal = grant.principal
+            for s in grant.extents.segments(b0, whole) if whole else ():
+                n = s.count * bs
+                if s.state == WRITTEN:
+                    await self.pager.read_into(BlockNo(s.dev_block), s.count, out[pos:pos + n],
+                                               principal=principal)
+                else:
+                    out[pos:pos + n] = bytes(n)
+                pos += n
+        finally:
+            self._leave(grant)
+        if pos < length:  # a partial last block
+            out[pos:length] = await self.read(grant, offset + pos, length - pos)
+        return length
 
     async def write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write `data` at `offset`. Every block it touches must be allocated in the

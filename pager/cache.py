@@ -99,12 +99,18 @@ class Pager:
 
     async def read(self, block: BlockNo, count: int, *, principal: PrincipalId) -> bytearray:
         """Contents of `count` blocks from `block`, from frames where resident."""
+        out = bytearray(count * self.block_size)
+        await self.read_into(block, count, memoryview(out), principal=principal)
+        return out
+
+    async def read_into(self, block: BlockNo, count: int, view: memoryview, *,
+                        principal: PrincipalId) -> None:
+        """Put the contents of `count` blocks from `block` into `view`."""
         if count > BYPASS_BLOCKS:
             self.bypassed += count
-            return await self.device.read(block, count, principal=principal)
+            await self.device.read_into(block, count, view, principal=principal)
+            return
         bs = self.block_size
-        out = bytearray(count * bs)
-        view = memoryview(out)
         where = self._where
         missing: list[int] = []
         for i in range(count):
@@ -116,7 +122,7 @@ class Pager:
                 self._ref[f] = True
         self.hits += count - len(missing)
         if not missing:
-            return out
+            return
         self.misses += len(missing)
         # Coalesce the misses into runs, one device request each.
         j = 0
@@ -125,15 +131,13 @@ class Pager:
             while k + 1 < len(missing) and missing[k + 1] == missing[k] + 1:
                 k += 1
             first, n = missing[j], k - j + 1
-            data = await self.device.read(BlockNo(block + first), n, principal=principal)
-            view[first * bs:(first + n) * bs] = data
-            dv = memoryview(data)
+            dv = view[first * bs:(first + n) * bs]
+            await self.device.read_into(BlockNo(block + first), n, dv, principal=principal)
             for i in range(n):
                 # The read awaited: another request may have installed the block meanwhile;
                 # _install then just refreshes it with the same (device-current) data.
                 self._install(block + first + i, dv[i * bs:(i + 1) * bs], principal)
             j = k + 1
-        return out
 
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
                     principal: PrincipalId) -> None:

@@ -1,0 +1,142 @@
+"""The metadata server's side of the direct path: what the shim's socket server asks
+of it (kernelshim.service.MetadataService) for direct clients.
+
+Opening resolves a path and checks permissions for the peer's credentials as the
+kernel would for a local process; layouts allocate and commit extents. Data requests
+never come here: the shim serves them from the grant.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Any
+
+from kernelshim import Grant, Rights
+from kernelshim.principals import Principal
+from kernelshim.service import Credentials
+
+from .errors import (Exists, InvalidArgument, IsADirectory, NotADirectory, NotFound,
+                     PermissionDenied)
+from .filesystem import ROOT_INODE, Caller, FileSystem, Inode
+
+#: symlinks followed while resolving one path
+MAX_SYMLINKS = 40
+
+
+class TooManyLinksFollowed(InvalidArgument):
+    import errno as _e
+    errno = _e.ELOOP
+
+
+class DirectService:
+    """Implements kernelshim.service.MetadataService over a FileSystem."""
+
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+
+    # -- opening -----------------------------------------------------------------------
+
+    def _resolve(self, path: str, caller: Caller, *, parent_only: bool = False
+                 ) -> tuple[Inode, bytes | None, Inode | None]:
+        """Walk `path` from the root as the kernel would (x on every directory searched,
+        symlinks followed). Returns (directory, last name, the inode it names or None)."""
+        fs = self.fs
+        links = 0
+        parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+        cur = fs.inode(ROOT_INODE)
+        if not parts:
+            return cur, None, cur
+        i = 0
+        while i < len(parts):
+            name = parts[i]
+            if not cur.is_dir:
+                raise NotADirectory(f"{os.fsdecode(name)!r}: a path component is not a directory")
+            fs.access(cur.id, os.X_OK, caller)
+            last = i == len(parts) - 1
+            try:
+                node = fs._child(cur.id, name)
+            except NotFound:
+                if last:
+                    return cur, name, None
+                raise
+            if stat.S_ISLNK(node.mode) and not (last and parent_only):
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise TooManyLinksFollowed("too many levels of symbolic links")
+                target = fs.readlink(node.id)
+                rest = [p for p in target.split(b"/") if p not in (b"", b".")]
+                if target.startswith(b"/"):
+                    raise InvalidArgument("absolute symlinks cannot be followed from a "
+                                          "direct client (they point outside the volume)")
+                parts = rest + parts[i + 1:]
+                i = 0
+                continue
+            if last:
+                return cur, name, node
+            cur = node
+            i += 1
+        return cur, None, cur
+
+    def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
+                  principal: Principal) -> Grant:
+        fs = self.fs
+        caller = Caller(creds.uid, creds.gid, creds.pid, 0o022, principal.id)
+        parent, name, node = self._resolve(path, caller)
+        acc = flags & os.O_ACCMODE
+        readable = acc in (os.O_RDONLY, os.O_RDWR)
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        if node is None:
+            if not flags & os.O_CREAT:
+                raise NotFound(f"{path}: no such file")
+            assert name is not None
+            fs.access(parent.id, os.W_OK | os.X_OK, caller)
+            node = fs._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777 & ~0o022), caller)
+            node.lookups -= 1  # the kernel did not look this up
+        else:
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                raise Exists(f"{path}: file exists")
+            if node.is_dir:
+                raise IsADirectory(f"{path}: is a directory")
+            if not node.is_reg:
+                raise InvalidArgument(f"{path}: not a regular file")
+            mask = (os.R_OK if readable else 0) | (os.W_OK if writable or flags & os.O_TRUNC
+                                                    else 0)
+            fs.access(node.id, mask, caller)
+        grant = fs.grant_direct(node, readable, writable, caller)
+        return grant
+
+    # -- layouts -----------------------------------------------------------------------
+
+    async def layout_get(self, grant: Grant, offset: int, length: int) -> int:
+        return await self.fs.layout_get(grant, offset, length)
+
+    async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
+        return await self.fs.layout_commit(grant, offset, length)
+
+    async def truncate(self, grant: Grant, size: int) -> None:
+        node = self.fs.inode(grant.inode)
+        await self.fs.truncate(node, size, principal=grant.principal)
+        self.fs.on_attr_changed(node.id)
+
+    def size_of(self, grant: Grant) -> int:
+        return self.fs.inode(grant.inode).size
+
+    def stat_of(self, grant: Grant) -> dict[str, Any]:
+        n = self.fs.inode(grant.inode)
+        return {"inode": n.id, "size": n.size, "mode": n.mode, "uid": n.uid, "gid": n.gid,
+                "nlink": n.nlink, "blocks": n.blocks, "mtime_ns": n.mtime_ns,
+                "ctime_ns": n.ctime_ns, "atime_ns": n.atime_ns, "rights": int(grant.rights)}
+
+    async def fsync(self, grant: Grant) -> None:
+        await self.fs.sync()
+
+    async def close(self, grant: Grant) -> None:
+        await self.fs.close_direct(grant)
+
+    def statistics(self) -> dict[str, Any]:
+        return self.fs.statistics_dict()
+
+    async def move_storage(self, src: Principal, dst: Principal) -> None:
+        self.fs.md.move_principal(src.id, dst.id)
+        self.fs.retag_cached(src.id, dst.id)

@@ -1,0 +1,395 @@
+"""The direct-access client library: open files on a mounted sluice volume and do the
+data I/O through grants, without the FUSE metadata server touching the data.
+
+    from kernelshim.client import Client
+
+    with Client.connect("/mnt/sluice") as c:
+        with c.open("data/log.bin", "w") as f:
+            f.write(b"hello")          # write layout, write, (commit at close)
+        with c.open("data/log.bin") as f:
+            assert f.read() == b"hello"
+
+`AsyncClient` is the same API for trio (`await AsyncClient.connect(...)`, `await f.read()`).
+
+A file object holds a capability slot; reads and writes go to the shim's data path
+through a shared memory buffer (the socket carries only small requests). Writing past
+the allocated blocks asks for a write layout first (pNFS style); `commit()` (also done
+by `close()` and `fsync()`) makes the written range part of the file: extents become
+written, size and mtime update. Errors arrive typed: GrantRevoked, RightsError,
+QuotaExceeded, ... (kernelshim's classes) or OSError subclasses by errno.
+"""
+
+from __future__ import annotations
+
+import array
+import errno as _errno
+import itertools
+import mmap
+import os
+import socket
+import struct
+from typing import Any
+
+from blockdev import SluiceError
+
+from . import errors as _errors
+from . import principals as _principals
+from .protocol import ERROR, MAX_FRAME, OK, REQUEST, Decoder, Message, ProtocolError, encode
+
+CONTROL_XATTR = "user.sluice.control"
+DEFAULT_SHM = 8 << 20
+#: bytes asked for per read request (two are kept in flight)
+READ_CHUNK = 1 << 20
+#: write layouts are asked for in chunks of at least this many bytes
+LAYOUT_CHUNK = 4 << 20
+
+_REMOTE_TYPES: dict[str, type[BaseException]] = {
+    c.__name__: c for c in (
+        _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.BadRequest,
+        ProtocolError, _principals.QuotaExceeded, _principals.TooManyObjects,
+        _principals.PrincipalError, _principals.NoSuchPrincipal, _principals.PrincipalExists,
+        _principals.NotAllowed)}
+
+
+class RemoteError(SluiceError):
+    """An error the server reported that has no class of its own here."""
+
+
+def _raise_remote(p: dict[str, Any]) -> None:
+    name = str(p.get("error", "RemoteError"))
+    msg = str(p.get("message", ""))
+    code = p.get("errno") if isinstance(p.get("errno"), int) else _errno.EIO
+    cls = _REMOTE_TYPES.get(name)
+    if cls is not None:
+        raise cls(msg)
+    if name in ("BadSlot",):
+        raise OSError(_errno.EBADF, msg)
+    raise OSError(code, msg)
+
+
+def control_socket(mountpoint: str | os.PathLike[str]) -> str:
+    """The control socket of the volume mounted at `mountpoint`."""
+    try:
+        return os.getxattr(mountpoint, CONTROL_XATTR).decode()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{mountpoint} is not a mounted sluice volume "
+                                 f"({os.strerror(exc.errno or 0)})") from None
+
+
+def _flags_for(mode: str) -> int:
+    m = mode.replace("b", "")
+    table = {"r": os.O_RDONLY, "r+": os.O_RDWR, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "w+": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+             "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND, "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+             "x+": os.O_RDWR | os.O_CREAT | os.O_EXCL}
+    if m not in table:
+        raise ValueError(f"invalid mode {mode!r}")
+    return table[m]
+
+
+class _Base:
+    """State shared by the sync and trio clients."""
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = os.path.abspath(mountpoint)
+        self._rids = itertools.count(1)
+        self._decoder = Decoder()
+        self._pending: list[Message] = []
+        self.shm: mmap.mmap | None = None
+        self.info: dict[str, Any] = {}
+
+    def _relpath(self, path: str | os.PathLike[str]) -> str:
+        p = os.fspath(path)
+        if os.path.isabs(p):
+            ap = os.path.abspath(p)
+            if ap != self.mountpoint and not ap.startswith(self.mountpoint + os.sep):
+                raise ValueError(f"{p} is not inside {self.mountpoint}")
+            p = os.path.relpath(ap, self.mountpoint)
+        return p
+
+    def _take_reply(self, rid: int) -> dict[str, Any] | None:
+        for m in self._pending:
+            if m.request_id == rid or (m.kind == ERROR and m.request_id == 0):
+                self._pending.remove(m)
+                if m.kind == ERROR:
+                    _raise_remote(m.payload)
+                if m.kind != OK:
+                    raise ProtocolError(f"unexpected message kind {m.kind}")
+                return m.payload
+        return None
+
+    def _feed(self, data: bytes) -> None:
+        for m in self._decoder.feed(data):
+            if isinstance(m, ProtocolError):
+                raise m
+            self._pending.append(m)
+
+
+class Client(_Base):
+    """A synchronous direct-access client. See the module docstring."""
+
+    def __init__(self, mountpoint: str, sock_path: str, *, shm_size: int = DEFAULT_SHM) -> None:
+        super().__init__(mountpoint)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(sock_path)
+            self.info = self.call("hello")
+            res, fds = self._call_fds("attach", size=shm_size)
+            try:
+                self.shm = mmap.mmap(fds[0], res["size"])
+                self.shmview = memoryview(self.shm)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    @classmethod
+    def connect(cls, mountpoint: str | os.PathLike[str], *, shm_size: int = DEFAULT_SHM) -> Client:
+        return cls(os.fspath(mountpoint), control_socket(mountpoint), shm_size=shm_size)
+
+    def _send(self, op: str, **args: Any) -> int:
+        rid = next(self._rids)
+        self.sock.sendall(encode(REQUEST, rid, {"op": op, **args}))
+        return rid
+
+    def _wait(self, rid: int) -> dict[str, Any]:
+        reply, fds = self._wait_fds(rid)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    def _call_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        return self._wait_fds(self._send(op, **args))
+
+    def _wait_fds(self, rid: int) -> tuple[dict[str, Any], list[int]]:
+        fds: list[int] = []
+        while True:
+            reply = self._take_reply(rid)
+            if reply is not None:
+                return reply, fds
+            fdarr = array.array("i")
+            data, anc, _flags, _addr = self.sock.recvmsg(MAX_FRAME + 8,
+                                                         socket.CMSG_SPACE(4 * fdarr.itemsize))
+            for level, typ, cdata in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fdarr.frombytes(cdata[:len(cdata) - len(cdata) % fdarr.itemsize])
+            fds.extend(fdarr)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise ConnectionError("the sluice daemon closed the connection")
+            self._feed(data)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply (raises the typed error it carries)."""
+        reply, fds = self._call_fds(op, **args)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    def open(self, path: str | os.PathLike[str], mode: str = "r", *, perms: int = 0o644) -> File:
+        res = self.call("open", path=self._relpath(path), flags=_flags_for(mode), mode=perms)
+        return File(self, res["slot"], res["size"], res["rights"], append="a" in mode)
+
+    def register(self, principal: str) -> dict[str, Any]:
+        """Attach this process (and the programs it execs and starts) to `principal`."""
+        return self.call("register", principal=principal)
+
+    def whoami(self) -> dict[str, Any]:
+        return self.call("whoami")
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shmview.release()
+            self.shm.close()
+            self.shm = None
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class File:
+    """A file opened through the direct path (from `Client.open`)."""
+
+    def __init__(self, client: Client, slot: int, size: int, rights: int, *, append: bool) -> None:
+        self.client = client
+        self.slot = slot
+        self.rights = rights
+        self.pos = size if append else 0
+        self.append = append
+        self._size_hint = size
+        self._dirty: tuple[int, int] | None = None
+        self._layout: list[tuple[int, int]] = []  # ranges known to be allocated
+        self.closed = False
+
+    # -- reading ---------------------------------------------------------------------
+
+    def pread(self, n: int, offset: int) -> bytes:
+        buf = bytearray(n)
+        got = self.readinto(buf, offset)
+        del buf[got:]
+        return bytes(buf) if got < 1 << 16 else buf  # large reads: no extra copy
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = max(0, self.size() - self.pos)
+        data = self.pread(n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buf: bytearray | memoryview, offset: int | None = None) -> int:
+        """Read into `buf` (at `offset`, or the position); returns the bytes read."""
+        c = self.client
+        assert c.shm is not None
+        mv = memoryview(buf).cast("B")
+        pos = self.pos if offset is None else offset
+        total = len(mv)
+        # Two requests in flight, each into its own half of the shared buffer: the
+        # server fills one half while this process copies the other out.
+        half = len(c.shm) // 2
+        chunk = min(half, max(READ_CHUNK, -(-total // 2)))
+        inflight: list[tuple[int, int, int, int]] = []  # (rid, dst, want, shm offset)
+        issued = done = 0
+        k = 0
+        eof = False
+        while True:
+            while not eof and issued < total and len(inflight) < 2:
+                want = min(chunk, total - issued)
+                shm_off = (k % 2) * half
+                rid = c._send("read", slot=self.slot, offset=pos + issued, length=want,
+                              buf=shm_off)
+                inflight.append((rid, issued, want, shm_off))
+                issued += want
+                k += 1
+            if not inflight:
+                break
+            rid, dst, want, shm_off = inflight.pop(0)
+            got = c._wait(rid)["n"]
+            if not eof:
+                mv[dst:dst + got] = c.shmview[shm_off:shm_off + got]
+                done += got
+                if got < want:
+                    eof = True  # later replies (already asked for) are past the end
+        if offset is None:
+            self.pos += done
+        return done
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _allocated(self, lo: int, hi: int) -> bool:
+        return any(a <= lo and hi <= b for a, b in self._layout)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        c = self.client
+        assert c.shm is not None
+        mv = memoryview(data).cast("B")
+        chunk = len(c.shm)
+        done = 0
+        while done < len(mv):
+            n = min(len(mv) - done, chunk)
+            off = offset + done
+            if not self._allocated(off, off + n):
+                # Ask for a write layout covering this write and what follows it.
+                lo = off
+                hi = off + max(n, LAYOUT_CHUNK)
+                c.call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
+                self._layout.append((lo, hi))
+            c.shmview[:n] = mv[done:done + n]
+            c.call("write", slot=self.slot, offset=off, length=n, buf=0)
+            done += n
+        if len(mv):
+            lo, hi = offset, offset + len(mv)
+            if self._dirty:
+                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+            self._dirty = (lo, hi)
+        return len(mv)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.append:
+            self.commit()
+            self.pos = self.size()
+        n = self.pwrite(data, self.pos)
+        self.pos += n
+        return n
+
+    def commit(self) -> int:
+        """Make the written range part of the file (size, mtime); returns the size."""
+        if self._dirty is None:
+            return self._size_hint
+        lo, hi = self._dirty
+        self._size_hint = self.client.call("commit", slot=self.slot, offset=lo,
+                                           length=hi - lo)["size"]
+        self._dirty = None
+        return self._size_hint
+
+    def truncate(self, size: int | None = None) -> int:
+        self.commit()
+        size = self.pos if size is None else size
+        self._size_hint = self.client.call("truncate", slot=self.slot, size=size)["size"]
+        self._layout = [(a, min(b, size)) for a, b in self._layout if a < size]
+        return self._size_hint
+
+    def fsync(self) -> None:
+        self.commit()
+        self.client.call("fsync", slot=self.slot)
+
+    # -- the rest --------------------------------------------------------------------
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        elif whence == os.SEEK_END:
+            self.pos = self.size() + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if self.pos < 0:
+            self.pos = 0
+            raise OSError(_errno.EINVAL, "negative seek position")
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def size(self) -> int:
+        if self._dirty is not None:
+            self.commit()
+        return int(self.stat()["size"])
+
+    def stat(self) -> dict[str, Any]:
+        return self.client.call("stat", slot=self.slot)
+
+    def mint(self, rights: int) -> File:
+        """A second handle on the same grant with fewer rights (kernelshim.Rights)."""
+        res = self.client.call("mint", slot=self.slot, rights=int(rights))
+        return File(self.client, res["slot"], self._size_hint, res["rights"], append=False)
+
+    def revoke(self) -> None:
+        """Revoke this grant and every grant minted from it."""
+        self.client.call("revoke", slot=self.slot)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._dirty is not None:
+                self.commit()
+        finally:
+            self.closed = True
+            try:
+                self.client.call("close", slot=self.slot)
+            except (ConnectionError, OSError):
+                pass
+
+    def __enter__(self) -> File:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,532 @@
+"""Principals and their banks: who is charged for what, and how much each may hold.
+
+A tree of principals rooted at `root`. Each has banks carved from its parent's:
+
+- storage: `space` (bytes: data blocks, plus a fixed cost per directory entry) and
+  `inodes`;
+- memory: cache frames, `cache_min` (guaranteed) and `cache_max` (ceiling), in bytes;
+- I/O: `io_reserve`, `io_weight`, `io_limit` (for the QoS scheduler);
+- kernel objects: `grants` (open grants) and `caps` (capability slots).
+
+Limits (space, inodes, cache_max, io_limit, grants, caps) are ceilings: a child's may
+not exceed its parent's. Guarantees (cache_min, io_reserve) are carved: the children's
+together may not exceed their parent's. Asking for more is an error, never a silent
+downgrade.
+
+Usage is charged hierarchically: charging a principal charges each ancestor too, and
+the charge fails (QuotaExceeded, nothing changed) if any of them would go over a
+limit. Usage is not stored: the metadata server recomputes it from the volume at
+mount, so it is exact after a crash.
+
+The tree is stored in the volume as `principals.json` (written atomically on change).
+
+Identity: a process belongs to the principal registered for it or for its nearest
+registered ancestor (`sluice run` registers itself, then execs the program);
+otherwise to its uid's default principal (`uid-N`, made on first use under root;
+uid 0 falls to root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as _errno
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from blockdev import PrincipalId, ROOT_PRINCIPAL, SluiceError
+
+log = logging.getLogger(__name__)
+
+FILE = "principals.json"
+#: bytes a directory entry costs in the space bank, besides its name
+ENTRY_COST = 64
+#: default kernel-object limits of a new principal (per principal, across connections)
+DEFAULT_GRANTS = 4096
+DEFAULT_CAPS = 4096
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class PrincipalError(SluiceError):
+    """A bad request about principals (unknown name, bad bank, not allowed)."""
+
+    errno = _errno.EINVAL
+
+
+class NoSuchPrincipal(PrincipalError):
+    errno = _errno.ENOENT
+
+
+class PrincipalExists(PrincipalError):
+    errno = _errno.EEXIST
+
+
+class NotAllowed(PrincipalError):
+    errno = _errno.EPERM
+
+
+class QuotaExceeded(SluiceError):
+    """The principal (or an ancestor) would go over a storage bank limit."""
+
+    errno = _errno.EDQUOT
+
+
+class TooManyObjects(SluiceError):
+    """The principal holds as many grants or capability slots as its bank allows."""
+
+    errno = _errno.EMFILE
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rate:
+    """An I/O rate: operations per second (`iops`) or bytes per second."""
+
+    value: float
+    unit: str  # "iops" or "B/s"
+
+    _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b/s|iops)\s*$", re.IGNORECASE)
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        m = cls._RE.match(text)
+        if not m:
+            raise PrincipalError(f"bad rate {text!r}: use e.g. 20MB/s, 1.5GiB/s or 500iops")
+        num, prefix, unit = m.groups()
+        mult = 1000 ** "_kmgt".index(prefix.lower() or "_") if prefix else 1
+        if unit.lower() == "iops":
+            return cls(float(num) * mult, "iops")
+        if unit.lower().startswith("i"):
+            mult = 1024 ** "_kmgt".index(prefix.lower() or "_") if prefix else 1
+        return cls(float(num) * mult, "B/s")
+
+    def __str__(self) -> str:
+        if self.unit == "iops":
+            return f"{self.value:g}iops"
+        v = self.value
+        for p in ("", "K", "M", "G"):
+            if v < 1000 or p == "G":
+                return f"{v:g}{p}B/s"
+            v /= 1000
+        return f"{v:g}B/s"
+
+
+@dataclasses.dataclass(slots=True)
+class Banks:
+    """What a principal may hold (None: no limit of its own, only its ancestors')."""
+
+    space: int | None = None
+    inodes: int | None = None
+    cache_min: int = 0
+    cache_max: int | None = None
+    io_reserve: Rate | None = None
+    io_weight: int = 100
+    io_limit: Rate | None = None
+    grants: int | None = DEFAULT_GRANTS
+    caps: int | None = DEFAULT_CAPS
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("io_reserve", "io_limit"):
+            r = getattr(self, k)
+            d[k] = None if r is None else str(r)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Banks:
+        d = dict(d)
+        for k in ("io_reserve", "io_limit"):
+            if d.get(k) is not None:
+                d[k] = Rate.parse(d[k])
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclasses.dataclass(slots=True)
+class Usage:
+    """What a principal and its descendants hold now."""
+
+    space: int = 0
+    inodes: int = 0
+    grants: int = 0
+    caps: int = 0
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Principal:
+    id: PrincipalId
+    name: str
+    parent: Principal | None
+    owner_uid: int
+    banks: Banks
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    children: list[Principal] = dataclasses.field(default_factory=list)
+
+    def chain(self) -> Iterator[Principal]:
+        p: Principal | None = self
+        while p is not None:
+            yield p
+            p = p.parent
+
+    def __repr__(self) -> str:
+        return f"<Principal {self.id} {self.name!r}>"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrincipalInfo:
+    """A row of `sluice principal ls`."""
+
+    id: int
+    name: str
+    parent: str | None
+    owner_uid: int
+    banks: dict[str, Any]
+    usage: dict[str, int]
+
+
+_LIMIT_BANKS = ("space", "inodes", "cache_max", "grants", "caps")
+
+
+class PrincipalTable:
+    """The tree of principals of one volume, and the pid registry of a mount."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._by_id: dict[int, Principal] = {}
+        self._by_name: dict[str, Principal] = {}
+        self._ids = itertools.count(1)
+        self.root = self._insert(ROOT_PRINCIPAL, "root", None, 0,
+                                 Banks(grants=None, caps=None))
+        #: pid -> (process start time, principal) registered by `sluice run`
+        self._registered: dict[int, tuple[int, Principal]] = {}
+        #: pid -> (expiry, principal) resolved through the parent chain
+        self._resolved: dict[int, tuple[float, Principal]] = {}
+
+    # -- persistence ---------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: Path) -> PrincipalTable:
+        t = cls(directory / FILE)
+        try:
+            data = json.loads((directory / FILE).read_text())
+        except FileNotFoundError:
+            return t
+        except (OSError, ValueError) as exc:
+            raise PrincipalError(f"cannot read {directory / FILE}: {exc}") from None
+        t.root.banks = Banks.from_json(data["root"]["banks"])
+        pending = [p for p in data["principals"]]
+        # Parents before children (the file lists them so, but be forgiving).
+        while pending:
+            progressed = False
+            for rec in list(pending):
+                parent = t._by_name.get(rec["parent"])
+                if parent is None:
+                    continue
+                t._insert(PrincipalId(rec["id"]), rec["name"], parent, rec["owner_uid"],
+                          Banks.from_json(rec["banks"]))
+                pending.remove(rec)
+                progressed = True
+            if not progressed:
+                raise PrincipalError(f"{directory / FILE}: principals with unknown parents: "
+                                     + ", ".join(r["name"] for r in pending))
+        t._ids = itertools.count(max(t._by_id) + 1)
+        return t
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        recs = []
+        for p in self.walk():
+            if p is self.root:
+                continue
+            assert p.parent is not None
+            recs.append({"id": p.id, "name": p.name, "parent": p.parent.name,
+                         "owner_uid": p.owner_uid, "banks": p.banks.to_json()})
+        data = {"root": {"banks": self.root.banks.to_json()}, "principals": recs}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+    # -- the tree ------------------------------------------------------------------------
+
+    def _insert(self, pid: PrincipalId, name: str, parent: Principal | None, owner: int,
+                banks: Banks) -> Principal:
+        p = Principal(pid, name, parent, owner, banks)
+        self._by_id[pid] = p
+        self._by_name[name] = p
+        if parent is not None:
+            parent.children.append(p)
+        return p
+
+    def walk(self, top: Principal | None = None) -> Iterator[Principal]:
+        stack = [top or self.root]
+        while stack:
+            p = stack.pop()
+            yield p
+            stack.extend(reversed(p.children))
+
+    def get(self, name: str) -> Principal:
+        p = self._by_name.get(name)
+        if p is None:
+            raise NoSuchPrincipal(f"no principal named {name!r}")
+        return p
+
+    def by_id(self, pid: int) -> Principal:
+        p = self._by_id.get(pid)
+        if p is None:
+            # Charges recorded for a principal that was removed go to root.
+            return self.root
+        return p
+
+    def _check_banks(self, p_parent: Principal, banks: Banks, *, exclude: Principal | None) -> None:
+        pb = p_parent.banks
+        for k in _LIMIT_BANKS:
+            mine, theirs = getattr(banks, k), self._effective(p_parent, k)
+            if theirs is not None and mine is not None and mine > theirs:
+                raise PrincipalError(f"{k} {mine} exceeds what parent {p_parent.name!r} "
+                                     f"holds ({theirs})")
+        if banks.cache_min:
+            carved = sum(c.banks.cache_min for c in p_parent.children if c is not exclude)
+            avail = (pb.cache_min if p_parent is not self.root or pb.cache_min else None)
+            if avail is not None and carved + banks.cache_min > avail:
+                raise PrincipalError(
+                    f"cache_min {banks.cache_min} exceeds what parent {p_parent.name!r} has "
+                    f"left to guarantee ({avail - carved})")
+            mx = self._effective(p_parent, "cache_max")
+            if banks.cache_max is not None and banks.cache_min > banks.cache_max:
+                raise PrincipalError("cache_min exceeds cache_max")
+            if mx is not None and banks.cache_min > mx:
+                raise PrincipalError(f"cache_min exceeds parent's cache_max ({mx})")
+        if banks.io_reserve is not None:
+            carved_r = [c.banks.io_reserve for c in p_parent.children
+                        if c is not exclude and c.banks.io_reserve is not None]
+            if pb.io_reserve is not None:
+                if pb.io_reserve.unit != banks.io_reserve.unit or \
+                        any(r.unit != pb.io_reserve.unit for r in carved_r):
+                    raise PrincipalError("io_reserve units differ from the parent's")
+                left = pb.io_reserve.value - sum(r.value for r in carved_r)
+                if banks.io_reserve.value > left:
+                    raise PrincipalError(f"io_reserve {banks.io_reserve} exceeds what parent "
+                                         f"{p_parent.name!r} has left to reserve")
+            elif p_parent is not self.root:
+                raise PrincipalError(f"parent {p_parent.name!r} has no io_reserve to carve from")
+        lim = self._effective_rate(p_parent)
+        if banks.io_limit is not None and lim is not None and lim.unit == banks.io_limit.unit \
+                and banks.io_limit.value > lim.value:
+            raise PrincipalError(f"io_limit {banks.io_limit} exceeds parent's {lim}")
+        if banks.io_weight <= 0:
+            raise PrincipalError("io_weight must be positive")
+        for k in ("space", "inodes", "grants", "caps", "cache_max"):
+            v = getattr(banks, k)
+            if v is not None and v < 0:
+                raise PrincipalError(f"{k} must not be negative")
+
+    def _effective(self, p: Principal, bank: str) -> int | None:
+        """The tightest limit on `bank` along p's chain."""
+        vals = [getattr(q.banks, bank) for q in p.chain() if getattr(q.banks, bank) is not None]
+        return min(vals) if vals else None
+
+    def _effective_rate(self, p: Principal) -> Rate | None:
+        for q in p.chain():
+            if q.banks.io_limit is not None:
+                return q.banks.io_limit
+        return None
+
+    def _may_administer(self, p: Principal, uid: int) -> bool:
+        return uid == 0 or any(q.owner_uid == uid and q is not self.root for q in p.chain())
+
+    def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
+            caller_uid: int) -> Principal:
+        if not _NAME_RE.match(name):
+            raise PrincipalError(f"bad principal name {name!r} (letters, digits, _ . -; "
+                                 "at most 64)")
+        if name in self._by_name:
+            raise PrincipalExists(f"principal {name!r} exists")
+        par = self.get(parent)
+        if not self._may_administer(par, caller_uid):
+            raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
+        self._check_banks(par, banks, exclude=None)
+        p = self._insert(PrincipalId(next(self._ids)), name, par, owner_uid, banks)
+        self.save()
+        return p
+
+    def set(self, name: str, caller_uid: int, **changes: Any) -> Principal:
+        p = self.get(name)
+        if p.parent is None:
+            if caller_uid != 0:
+                raise NotAllowed("only root may change the root principal")
+            par = None
+        else:
+            par = p.parent
+            if not self._may_administer(par, caller_uid):
+                raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
+        banks = dataclasses.replace(p.banks, **changes)
+        if par is not None:
+            self._check_banks(par, banks, exclude=p)
+        # Children must still fit.
+        for c in p.children:
+            for k in _LIMIT_BANKS:
+                mine, theirs = getattr(c.banks, k), getattr(banks, k)
+                if mine is not None and theirs is not None and mine > theirs:
+                    raise PrincipalError(f"child {c.name!r} has {k} {mine}, more than {theirs}")
+        p.banks = banks
+        self.save()
+        return p
+
+    def remove(self, name: str, caller_uid: int, *, move_to: str | None = None) -> Principal | None:
+        """Remove a principal with no children. If it still owns storage, `move_to` must
+        name the principal that takes it (the caller then re-tags the storage).
+        Returns the principal that takes its storage, if any."""
+        p = self.get(name)
+        if p is self.root:
+            raise NotAllowed("the root principal cannot be removed")
+        assert p.parent is not None
+        if not self._may_administer(p.parent, caller_uid):
+            raise NotAllowed(f"uid {caller_uid} may not remove principal {name!r}")
+        if p.children:
+            raise PrincipalError(f"principal {name!r} has children: "
+                                 + ", ".join(c.name for c in p.children))
+        heir: Principal | None = None
+        if p.usage.space or p.usage.inodes:
+            if move_to is None:
+                raise PrincipalError(
+                    f"principal {name!r} owns {p.usage.space} bytes and {p.usage.inodes} "
+                    "inodes: say where they go (--move-to PRINCIPAL)")
+            heir = self.get(move_to)
+            if heir is p:
+                raise PrincipalError("cannot move storage to the principal being removed")
+            # Move the charge: out of p's chain, into heir's (which must have room).
+            self.refund(p, space=p.usage.space, inodes=p.usage.inodes)
+            self.charge(heir, space=p.usage.space, inodes=p.usage.inodes)
+        p.parent.children.remove(p)
+        del self._by_id[p.id]
+        del self._by_name[p.name]
+        for pid, (_st, q) in list(self._registered.items()):
+            if q is p:
+                del self._registered[pid]
+        self._resolved.clear()
+        self.save()
+        return heir
+
+    # -- charging ------------------------------------------------------------------------
+
+    def charge(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
+        """Charge storage to p and its ancestors, or raise QuotaExceeded and change nothing."""
+        if space > 0 or inodes > 0:
+            for q in p.chain():
+                b, u = q.banks, q.usage
+                if space > 0 and b.space is not None and u.space + space > b.space:
+                    raise QuotaExceeded(f"principal {q.name!r} is over its space bank "
+                                        f"({u.space} + {space} > {b.space} bytes)")
+                if inodes > 0 and b.inodes is not None and u.inodes + inodes > b.inodes:
+                    raise QuotaExceeded(f"principal {q.name!r} is over its inode bank "
+                                        f"({u.inodes} + {inodes} > {b.inodes})")
+        for q in p.chain():
+            q.usage.space += space
+            q.usage.inodes += inodes
+
+    def refund(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
+        self.charge(p, space=-space, inodes=-inodes)
+
+    def charge_object(self, p: Principal, kind: str) -> None:
+        """One more kernel object (`grants` or `caps`) held by p, or TooManyObjects."""
+        for q in p.chain():
+            lim = getattr(q.banks, kind)
+            if lim is not None and getattr(q.usage, kind) + 1 > lim:
+                raise TooManyObjects(f"principal {q.name!r} holds {lim} {kind}, its limit")
+        for q in p.chain():
+            setattr(q.usage, kind, getattr(q.usage, kind) + 1)
+
+    def refund_object(self, p: Principal, kind: str) -> None:
+        for q in p.chain():
+            setattr(q.usage, kind, getattr(q.usage, kind) - 1)
+
+    def reset_storage_usage(self) -> None:
+        for p in self.walk():
+            p.usage.space = 0
+            p.usage.inodes = 0
+
+    # -- identity ------------------------------------------------------------------------
+
+    def default_for_uid(self, uid: int) -> Principal:
+        if uid == 0:
+            return self.root
+        name = f"uid-{uid}"
+        p = self._by_name.get(name)
+        if p is None:
+            p = self._insert(PrincipalId(next(self._ids)), name, self.root, uid, Banks())
+            self.save()
+        return p
+
+    def register(self, pid: int, principal: Principal, *, uid: int) -> None:
+        """Attach process `pid` (authenticated by the caller) to `principal`."""
+        if not (uid == 0 or any(q.owner_uid == uid and q is not self.root
+                                for q in principal.chain())):
+            raise NotAllowed(f"uid {uid} may not run as principal {principal.name!r} "
+                             "(only its owner or root may)")
+        self._registered[pid] = (_start_time(pid), principal)
+        self._resolved.clear()
+
+    def resolve(self, pid: int, uid: int, *, now: float | None = None) -> Principal:
+        """The principal process `pid` (of `uid`) acts for."""
+        if self._registered:
+            now = time.monotonic() if now is None else now
+            hit = self._resolved.get(pid)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+            p = self._walk_ancestry(pid)
+            if p is not None:
+                self._resolved[pid] = (now + 2.0, p)
+                if len(self._resolved) > 65536:
+                    self._resolved.clear()
+                return p
+        return self.default_for_uid(uid)
+
+    def _walk_ancestry(self, pid: int) -> Principal | None:
+        seen = 0
+        while pid > 1 and seen < 64:
+            reg = self._registered.get(pid)
+            if reg is not None:
+                if reg[0] == _start_time(pid):
+                    return reg[1]
+                del self._registered[pid]  # that process is gone; the pid was reused
+            pid = _parent_pid(pid)
+            seen += 1
+        return None
+
+    def prune_registrations(self) -> None:
+        """Forget registrations of processes that exited."""
+        for pid, (st, _p) in list(self._registered.items()):
+            if _start_time(pid) != st:
+                del self._registered[pid]
+        self._resolved.clear()
+
+    def registered(self) -> dict[int, str]:
+        return {pid: p.name for pid, (_st, p) in self._registered.items()}
+
+    def info(self) -> list[PrincipalInfo]:
+        return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
+                              p.banks.to_json(), dataclasses.asdict(p.usage))
+                for p in self.walk()]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _start_time(pid: int) -> int:
+    f = _stat_fields(pid)
+    return int(f[19]) if f else -1
+
+
+def _parent_pid(pid: int) -> int:
+    f = _stat_fields(pid)
+    return int(f[1]) if f else 0

@@ -1,0 +1,407 @@
+"""The shim's socket server: a capability space per connection, and the direct data path.
+
+Each connection is authenticated by SO_PEERCRED (pid, uid, gid as the kernel reports
+them) and acts for the principal its process is registered to (or its uid's default).
+Clients name capabilities by slot in their own connection's capability space, so
+they cannot forge one; a slot holds a grant, and every request through it is checked
+by the kernel. File data moves through a shared memory buffer (op "attach"); the
+socket carries only small requests.
+
+Operations (each: rights required on the slot's grant; errors besides ProtocolError):
+
+| op               | rights | errors                                                |
+|------------------|--------|-------------------------------------------------------|
+| hello            | -      | -                                                     |
+| attach {size}    | -      | ProtocolError (size)                                  |
+| open {path, flags, mode} | checked by the metadata server as the kernel would | NotFound, PermissionDenied, TooManyObjects, ... |
+| read {slot, offset, length, buf}   | READ  | GrantRevoked, RightsError, ChecksumError |
+| write {slot, offset, length, buf}  | WRITE | GrantRevoked, RightsError, NotAllocated  |
+| layout_get {slot, offset, length}  | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
+| commit {slot, offset, length}      | WRITE | GrantRevoked                             |
+| truncate {slot, size}              | WRITE | GrantRevoked, QuotaExceeded              |
+| fsync {slot} / stat {slot}         | any   | GrantRevoked                             |
+| mint {slot, rights}                | ⊇ rights | RightsError, GrantRevoked, TooManyObjects |
+| revoke {slot} / close {slot}       | -     | BadSlot                                   |
+| register {principal}               | owner of the principal, or root | NotAllowed |
+| principal_add/set/rm/ls, stats     | see principals.py | PrincipalError               |
+
+A connection that sends an undelimitable frame (bad length) or disconnects mid-frame
+is closed; everything it held (slots, grants, shared memory) is released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as _errno
+import logging
+import mmap
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from blockdev import SluiceError
+
+from .errors import BadRequest, RightsError
+from .grants import Grant, Rights
+from .kernel import Kernel
+from .principals import Banks, Principal, PrincipalError, PrincipalTable, Rate, TooManyObjects
+from .protocol import (ERROR, MAX_FRAME, OK, REQUEST, VERSION, Decoder, FramingError, Message,
+                       ProtocolError, arg_int, arg_str, encode, error_payload)
+from .service import Credentials, MetadataService
+
+log = logging.getLogger(__name__)
+
+#: largest shared buffer a connection may attach
+MAX_SHM = 64 << 20
+#: connections served at once (each holds a capability space and maybe a buffer)
+MAX_CONNECTIONS = 512
+
+
+class BadSlot(SluiceError):
+    errno = _errno.EBADF
+
+
+@dataclasses.dataclass(eq=False)
+class Connection:
+    creds: Credentials
+    principal: Principal
+    slots: dict[int, Grant] = dataclasses.field(default_factory=dict)
+    #: slots whose grant the metadata server issued (closing them closes the file)
+    opened: set[int] = dataclasses.field(default_factory=set)
+    next_slot: int = 1
+    shm: mmap.mmap | None = None
+    shm_view: memoryview | None = None
+
+
+class ShimServer:
+    def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
+                 path: Path) -> None:
+        self.kernel = kernel
+        self.principals = principals
+        self.service = service
+        self.path = path
+        self.connections = 0
+        self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        await sock.bind(str(self.path))
+        os.chmod(self.path, 0o666)  # everyone may connect; identity comes from SO_PEERCRED
+        sock.listen(64)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    conn, _ = await sock.accept()
+                    if self.connections >= MAX_CONNECTIONS:
+                        conn.close()
+                        continue
+                    nursery.start_soon(self._serve_connection, conn, name="shim-connection")
+        finally:
+            sock.close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    # -- per connection ----------------------------------------------------------------
+
+    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
+        self.connections += 1
+        conn: Connection | None = None
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, gid = struct.unpack("3i", raw)
+            creds = Credentials(pid, uid, gid)
+            conn = Connection(creds, self.principals.resolve(pid, uid))
+            decoder = Decoder()
+            while True:
+                data = await sock.recv(MAX_FRAME + 8)
+                if not data:
+                    return
+                try:
+                    msgs = decoder.feed(data)
+                except FramingError as exc:
+                    log.info("closing shim connection of pid %d: %s", pid, exc)
+                    await self._send(sock, ERROR, 0, error_payload(exc))
+                    return
+                for m in msgs:
+                    await self._handle(sock, conn, m)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            self.connections -= 1
+            if conn is not None:
+                with trio.CancelScope(shield=True):
+                    await self._release_all(conn)
+            sock.close()
+
+    async def _send(self, sock: trio.socket.SocketType, kind: int, rid: int,
+                    payload: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = encode(kind, rid, payload)
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            sent = await sock.sendmsg([data], anc)
+        else:
+            sent = await sock.send(data)
+        while sent < len(data):
+            sent += await sock.send(data[sent:])
+
+    async def _handle(self, sock: trio.socket.SocketType, conn: Connection,
+                      m: Message | ProtocolError) -> None:
+        if isinstance(m, ProtocolError):
+            await self._send(sock, ERROR, 0, error_payload(m))
+            return
+        rid = m.request_id
+        try:
+            if m.kind != REQUEST:
+                raise ProtocolError(f"expected a request, got message kind {m.kind}")
+            op = m.payload.get("op")
+            fn = self._ops.get(op) if isinstance(op, str) else None
+            if fn is None:
+                raise ProtocolError(f"unknown operation {op!r}")
+            result = await fn(conn, m.payload)
+        except SluiceError as exc:
+            await self._send(sock, ERROR, rid, error_payload(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a client must never take the daemon down
+            log.exception("shim op %r from pid %d failed unexpectedly", m.payload.get("op"),
+                          conn.creds.pid)
+            await self._send(sock, ERROR, rid, {"error": "InternalError", "errno": _errno.EIO,
+                                                "message": f"{type(exc).__name__}: {exc}"})
+            return
+        fds = result.pop("_fds", None)
+        try:
+            await self._send(sock, OK, rid, result, fds)
+        finally:
+            for fd in fds or ():
+                os.close(fd)
+
+    async def _release_all(self, conn: Connection) -> None:
+        for slot in list(conn.slots):
+            try:
+                await self._close_slot(conn, slot)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing slot %d failed", slot)
+        if conn.shm_view is not None:
+            conn.shm_view.release()
+        if conn.shm is not None:
+            conn.shm.close()
+
+    # -- slots -------------------------------------------------------------------------
+
+    def _new_slot(self, conn: Connection, grant: Grant) -> int:
+        self.principals.charge_object(conn.principal, "caps")
+        slot = conn.next_slot
+        conn.next_slot += 1
+        conn.slots[slot] = grant
+        return slot
+
+    def _slot(self, conn: Connection, p: dict[str, Any]) -> Grant:
+        slot = arg_int(p, "slot", hi=1 << 31)
+        g = conn.slots.get(slot)
+        if g is None:
+            raise BadSlot(f"no capability in slot {slot}")
+        return g
+
+    async def _close_slot(self, conn: Connection, slot: int) -> None:
+        g = conn.slots.pop(slot)
+        self.principals.refund_object(conn.principal, "caps")
+        if slot in conn.opened:
+            conn.opened.discard(slot)
+            self.kernel.release(g)
+            await self.service.close(g)
+        else:
+            self.kernel.release(g)
+
+    def _buf(self, conn: Connection, p: dict[str, Any], length: int) -> memoryview:
+        if conn.shm_view is None:
+            raise ProtocolError("no shared buffer attached (send 'attach' first)")
+        off = arg_int(p, "buf", hi=len(conn.shm_view))
+        if off + length > len(conn.shm_view):
+            raise ProtocolError(f"buffer range {off}+{length} exceeds the shared buffer "
+                                f"({len(conn.shm_view)} bytes)")
+        return conn.shm_view[off:off + length]
+
+    # -- operations --------------------------------------------------------------------
+
+    async def _op_hello(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        return {"version": VERSION, "principal": conn.principal.name, "pid": conn.creds.pid,
+                "uid": conn.creds.uid, "max_frame": MAX_FRAME, "max_shm": MAX_SHM,
+                "block_size": self.kernel.block_size}
+
+    async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        size = arg_int(p, "size", lo=4096, hi=MAX_SHM)
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        fd = os.memfd_create("sluice-shm", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        if conn.shm_view is not None:
+            conn.shm_view.release()
+        if conn.shm is not None:
+            conn.shm.close()
+        conn.shm, conn.shm_view = m, memoryview(m)
+        # The fd travels with the reply and is closed here once sent: the client has its
+        # own copy, and the mapping keeps the memory alive on this side.
+        return {"size": size, "_fds": [fd]}
+
+    async def _op_open(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        path = arg_str(p, "path")
+        flags = arg_int(p, "flags", hi=0o77777777)
+        mode = arg_int(p, "mode", hi=0o7777) if "mode" in p else 0o644
+        grant = self.service.open_path(path, flags, mode, conn.creds, conn.principal)
+        try:
+            slot = self._new_slot(conn, grant)
+        except BaseException:
+            self.kernel.release(grant)
+            await self.service.close(grant)
+            raise
+        conn.opened.add(slot)
+        return {"slot": slot, "inode": grant.inode, "rights": int(grant.rights),
+                "size": self.service.size_of(grant)}
+
+    async def _op_read(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=MAX_SHM)
+        buf = self._buf(conn, p, length)
+        if g.revoked or not g.rights & Rights.READ:
+            await self.kernel.read(g, 0, 0)  # raises the kernel's typed error
+        n = max(0, min(length, self.service.size_of(g) - offset))
+        if n:
+            await self.kernel.read_into(g, offset, buf[:n])
+        return {"n": n}
+
+    async def _op_write(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=MAX_SHM)
+        buf = self._buf(conn, p, length)
+        n = await self.kernel.write(g, offset, buf)
+        return {"n": n}
+
+    def _need(self, g: Grant, rights: Rights) -> None:
+        if g.revoked:
+            from .errors import GrantRevoked
+            raise GrantRevoked(f"grant {g.id} on inode {g.inode} was revoked")
+        if rights & ~g.rights:
+            raise RightsError(f"grant {g.id} does not hold {rights!r}")
+
+    async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self._need(g, Rights.WRITE)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=1 << 40)
+        return {"allocated": await self.service.layout_get(g, offset, length)}
+
+    async def _op_commit(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self._need(g, Rights.WRITE)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=1 << 40)
+        return {"size": await self.service.layout_commit(g, offset, length)}
+
+    async def _op_truncate(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self._need(g, Rights.WRITE)
+        await self.service.truncate(g, arg_int(p, "size"))
+        return {"size": self.service.size_of(g)}
+
+    async def _op_fsync(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self._need(g, Rights.NONE)
+        await self.service.fsync(g)
+        return {}
+
+    async def _op_stat(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self._need(g, Rights.NONE)
+        return self.service.stat_of(g)
+
+    async def _op_mint(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        rights = Rights(arg_int(p, "rights", hi=int(Rights.RW)))
+        child = self.kernel.mint(g, rights)
+        try:
+            slot = self._new_slot(conn, child)
+        except BaseException:
+            self.kernel.release(child)
+            raise
+        return {"slot": slot, "rights": int(child.rights)}
+
+    async def _op_revoke(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        await self.kernel.revoke(g)
+        return {}
+
+    async def _op_close(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        slot = arg_int(p, "slot", hi=1 << 31)
+        if slot not in conn.slots:
+            raise BadSlot(f"no capability in slot {slot}")
+        await self._close_slot(conn, slot)
+        return {}
+
+    async def _op_register(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        principal = self.principals.get(arg_str(p, "principal", maxlen=64))
+        self.principals.register(conn.creds.pid, principal, uid=conn.creds.uid)
+        return {"pid": conn.creds.pid, "principal": principal.name}
+
+    async def _op_whoami(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        who = self.principals.resolve(conn.creds.pid, conn.creds.uid)
+        return {"pid": conn.creds.pid, "uid": conn.creds.uid, "principal": who.name}
+
+    # -- administration ------------------------------------------------------------------
+
+    @staticmethod
+    def _banks_args(p: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in ("space", "inodes", "cache_min", "cache_max", "grants", "caps", "io_weight"):
+            if k in p and p[k] is not None:
+                out[k] = arg_int(p, k, hi=1 << 62)
+        for k in ("io_reserve", "io_limit"):
+            if k in p and p[k] is not None:
+                out[k] = Rate.parse(arg_str(p, k, maxlen=64))
+        return out
+
+    async def _op_principal_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        banks = Banks(**self._banks_args(p))
+        owner = arg_int(p, "owner_uid", hi=1 << 32) if p.get("owner_uid") is not None \
+            else conn.creds.uid
+        pr = self.principals.add(arg_str(p, "name", maxlen=64),
+                                 parent=arg_str(p, "parent", optional=True, maxlen=64) or "root",
+                                 owner_uid=owner, banks=banks, caller_uid=conn.creds.uid)
+        return {"id": pr.id, "name": pr.name}
+
+    async def _op_principal_set(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        pr = self.principals.set(arg_str(p, "name", maxlen=64), conn.creds.uid,
+                                 **self._banks_args(p))
+        return {"id": pr.id, "name": pr.name}
+
+    async def _op_principal_rm(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        name = arg_str(p, "name", maxlen=64)
+        move_to = arg_str(p, "move_to", optional=True, maxlen=64) or None
+        victim = self.principals.get(name)
+        heir = self.principals.remove(name, conn.creds.uid, move_to=move_to)
+        if heir is not None:
+            await self.service.move_storage(victim, heir)
+        return {"removed": name, "storage_to": heir.name if heir else None}
+
+    async def _op_principal_ls(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        return {"principals": [dataclasses.asdict(i) for i in self.principals.info()]}
+
+    async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        return self.service.statistics()
+

@@ -1,0 +1,54 @@
+"""What the shim needs from the metadata server, as an interface passed in.
+
+kernelshim sits below fs and may not import it; the metadata server hands the shim's
+socket server an object with these methods (layout get / commit / revoke are the
+control path of DESIGN.md). Data requests never reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+from .grants import Grant
+from .principals import Principal
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Credentials:
+    """A peer's identity as the kernel reported it (SO_PEERCRED), never as claimed."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class MetadataService(Protocol):
+    def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
+                  principal: Principal) -> Grant:
+        """Resolve `path` (relative to the volume root), check permissions for `creds`
+        as the kernel would, create it for O_CREAT, and grant access."""
+
+    async def layout_get(self, grant: Grant, offset: int, length: int) -> int:
+        """Allocate unwritten extents for the holes in the range, charged to the grant's
+        principal; returns the number of blocks allocated."""
+
+    async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
+        """The range was written: its extents become written, size and mtime update.
+        Returns the new size."""
+
+    async def truncate(self, grant: Grant, size: int) -> None: ...
+
+    def size_of(self, grant: Grant) -> int: ...
+
+    def stat_of(self, grant: Grant) -> dict[str, Any]: ...
+
+    async def fsync(self, grant: Grant) -> None: ...
+
+    async def close(self, grant: Grant) -> None:
+        """The client is done with the grant (trims unused preallocation)."""
+
+    def statistics(self) -> dict[str, Any]: ...
+
+    async def move_storage(self, src: Principal, dst: Principal) -> None:
+        """Re-tag everything charged to `src` as charged to `dst`."""

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""The main job: make a volume, mount it, run real programs on it, show what happened.
+
+Run through scripts/demo.sh (which installs everything first). Everything happens in
+a temporary directory that is removed afterwards (pass --keep to keep it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SLUICE = [sys.executable, "-m", "fs.cli"]
+
+
+def sh(cmd: str, cwd: Path, **kw) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True, **kw)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"demo: '{cmd}' failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return dt, r.stdout.strip()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--keep", action="store_true", help="keep the volume and mount point")
+    ap.add_argument("--size", default="4G")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sluice-demo-"))
+    vol, mnt = work / "volume", work / "mnt"
+    mnt.mkdir()
+    rows: list[tuple[str, float, str]] = []
+    print(f"sluice demo in {work}")
+    subprocess.run([*SLUICE, "mkfs", str(vol), "--size", args.size], check=True, cwd=REPO)
+    subprocess.run([*SLUICE, "mount", str(vol), str(mnt)], check=True, cwd=REPO)
+    try:
+        steps = [
+            ("cp -a /usr/include/linux", "cp -a /usr/include/linux src && diff -r /usr/include/linux src && echo identical"),
+            ("tar round trip", "tar -cf t.tar src && mkdir x && tar -xf t.tar -C x && diff -r src x/src && echo identical"),
+            ("git init/add/commit/gc/fsck/clone", "git init -q repo && cp -a src repo/ && cd repo && git add -A && "
+             "git -c user.name=demo -c user.email=demo@sluice commit -qm import && git gc -q && "
+             "git fsck --full 2>&1 | tail -1; cd .. && git clone -q repo clone && git -C clone log --oneline | wc -l"),
+            ("sqlite3 10,000 rows", "sqlite3 db.sqlite 'create table t(a integer primary key, b text);' && "
+             "python3 -c \"import sqlite3;c=sqlite3.connect('db.sqlite');c.executemany('insert into t(b) values(?)',"
+             "[('row %d'%i,) for i in range(10000)]);c.commit()\" && "
+             "sqlite3 db.sqlite 'select count(*) from t; pragma integrity_check;' | tr '\\n' ' '"),
+            ("python compileall + import", "mkdir -p pkg/demo && printf 'def f():\\n    return 42\\n' > pkg/demo/__init__.py && "
+             "python3 -m compileall -q pkg && PYTHONPATH=pkg python3 -c 'import demo; print(demo.f())'"),
+            ("gcc + make, run binary", "mkdir -p c && cd c && printf '#include <stdio.h>\\nint main(){puts(\"hello from sluice\");return 0;}\\n' > h.c && "
+             "printf 'h: h.c\\n\\tgcc -O2 -o h h.c\\n' > Makefile && make -s && ./h"),
+            ("rm -rf", "rm -rf src x clone && ls | wc -l"),
+        ]
+        for name, cmd in steps:
+            dt, out = sh(cmd, mnt)
+            rows.append((name, dt, out.splitlines()[-1] if out else ""))
+            print(f"  {name:38s} {dt:7.2f} s   {rows[-1][2]}")
+        st = os.statvfs(mnt)
+        print(f"\nvolume: {st.f_blocks * st.f_frsize / 2**30:.1f} GiB, "
+              f"{(st.f_blocks - st.f_bfree) * st.f_frsize / 2**20:.1f} MiB used, "
+              f"{st.f_files - st.f_ffree} inodes")
+        stats = subprocess.run([*SLUICE, "stats", str(mnt)], capture_output=True, text=True,
+                               cwd=REPO)
+        if stats.returncode == 0:
+            print(stats.stdout)
+    finally:
+        subprocess.run([*SLUICE, "umount", str(mnt)], cwd=REPO)
+    r = subprocess.run([*SLUICE, "fsck", str(vol), "-q"], capture_output=True, text=True,
+                       cwd=REPO)
+    print("fsck:", r.stdout.strip().splitlines()[-1])
+    if not args.keep:
+        shutil.rmtree(work)
+    return 0 if r.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
