@@ -199,6 +199,7 @@ class BlockDevice:
 
     async def read(self, block: BlockNo, count: int, *, principal: PrincipalId) -> bytearray:
         """Read `count` blocks, verifying each block's checksum."""
+        self._check_range(block, count)
         buf = bytearray(count * self.block_size)
         await self.read_into(block, count, memoryview(buf), principal=principal)
         return buf

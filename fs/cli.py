@@ -207,6 +207,138 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 1 if report.errors and args.repair else 0
 
 
+# -- principals, run, stats (through the mounted volume's control socket) ----------------
+
+def _control(mountpoint: str):
+    from kernelshim.client import Client
+    try:
+        return Client.connect(mountpoint, shm_size=0)
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _bank_args(args: argparse.Namespace) -> dict:
+    from kernelshim.principals import Rate
+    out: dict = {}
+    for k in ("space", "cache_min", "cache_max"):
+        v = getattr(args, k, None)
+        if v is not None:
+            out[k] = vol.parse_size(v)
+    for k in ("inodes", "io_weight", "grants", "caps"):
+        v = getattr(args, k, None)
+        if v is not None:
+            out[k] = v
+    for k in ("io_reserve", "io_limit"):
+        v = getattr(args, k, None)
+        if v is not None:
+            out[k] = str(Rate.parse(v))
+    return out
+
+
+def cmd_principal(args: argparse.Namespace) -> int:
+    import json
+    with _control(args.mountpoint) as c:
+        if args.action == "add":
+            c.call("principal_add", name=args.name, parent=args.parent, owner_uid=args.owner,
+                   **_bank_args(args))
+        elif args.action == "set":
+            c.call("principal_set", name=args.name, **_bank_args(args))
+        elif args.action == "rm":
+            r = c.call("principal_rm", name=args.name, move_to=args.move_to)
+            if r.get("storage_to"):
+                print(f"storage of {args.name} now charged to {r['storage_to']}")
+        else:
+            rows = c.call("principal_ls")["principals"]
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                print(_principal_table(rows))
+    return 0
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _principal_table(rows: list[dict]) -> str:
+    depth: dict[str, int] = {}
+    lines = [f"{'PRINCIPAL':20} {'OWNER':>6} {'SPACE used/limit':>20} {'INODES used/limit':>18}"
+             f" {'GRANTS':>12} {'CACHE min/max':>16} {'IO res/wt/lim':>24}"]
+    for r in rows:
+        d = depth[r["name"]] = depth.get(r["parent"], -1) + 1 if r["parent"] else 0
+        b, u = r["banks"], r["usage"]
+        name = "  " * d + r["name"]
+        space = f"{_fmt_bytes(u['space'])}/{_fmt_bytes(b['space'])}"
+        inodes = f"{u['inodes']}/{b['inodes'] if b['inodes'] is not None else '-'}"
+        grants = f"{u['grants']}/{b['grants'] if b['grants'] is not None else '-'}"
+        cache = f"{_fmt_bytes(b['cache_min'])}/{_fmt_bytes(b['cache_max'])}"
+        io = f"{b['io_reserve'] or '-'}/{b['io_weight']}/{b['io_limit'] or '-'}"
+        lines.append(f"{name:20} {r['owner_uid']:>6} {space:>20} {inodes:>18} {grants:>12}"
+                     f" {cache:>16} {io:>24}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = list(args.command)
+    if not cmd:
+        raise CliError("no command given (sluice run MOUNTPOINT --principal NAME -- CMD ...)")
+    with _control(args.mountpoint) as c:
+        c.register(args.principal)
+    # Same pid after exec: the program, and every process it starts, act for NAME.
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as exc:
+        raise CliError(f"cannot run {cmd[0]}: {exc.strerror}") from None
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+    while True:
+        with _control(args.mountpoint) as c:
+            st = c.call("stats")
+        if args.json:
+            print(json.dumps(st, indent=1), flush=True)
+        else:
+            print(_stats_text(st), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def _stats_text(st: dict) -> str:
+    f, d, p = st["fs"], st["device"], st["pager"]
+    out = [f"volume: {f['blocks'] - f['blocks_free']}/{f['blocks']} blocks used "
+           f"({f['block_size']} B), {f['inodes']}/{f['max_inodes']} inodes, "
+           f"{f['open_handles']} open files, {f['live_grants']} live grants",
+           f"device: profile {d['profile']}, scheduler {d['scheduler']}, "
+           f"{d['checksum_errors']} checksum errors",
+           f"pager:  {p['frames_used']}/{p['frames']} frames, {p['hits']} hits, "
+           f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
+           f"{p['evictions']} evictions",
+           "",
+           f"{'PRINCIPAL':16} {'READS':>8} {'WRITES':>8} {'MB READ':>9} {'MB WRITTEN':>10}"
+           f" {'p50 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE':>9} {'INODES':>7}"]
+    usage = {r["name"]: r["usage"] for r in st["principals"]}
+    names = [r["name"] for r in st["principals"]]
+    io = d["per_principal"]
+    for n in names:
+        s = io.get(n, {})
+        u = usage.get(n, {})
+        out.append(f"{n:16} {s.get('reads', 0):>8} {s.get('writes', 0):>8} "
+                   f"{s.get('bytes_read', 0) / 1e6:>9.1f} {s.get('bytes_written', 0) / 1e6:>10.1f} "
+                   f"{s.get('p50_s', 0) * 1e3:>8.3f} {s.get('p99_s', 0) * 1e3:>8.3f} "
+                   f"{p['resident'].get(n, 0):>7} {_fmt_bytes(u.get('space', 0)):>9} "
+                   f"{u.get('inodes', 0):>7}")
+    return "\n".join(out)
+
+
 # -- argument parsing ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +377,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0)
     s.set_defaults(func=cmd_umount)
 
+    s = sub.add_parser("principal", help="manage principals and their banks (mounted volume)")
+    psub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for act, hlp in (("add", "add a principal"), ("set", "change a principal's banks")):
+        a = psub.add_parser(act, help=hlp)
+        a.add_argument("mountpoint")
+        a.add_argument("name")
+        if act == "add":
+            a.add_argument("--parent", default="root", help="parent principal (default root)")
+            a.add_argument("--owner", type=int, default=None,
+                           help="uid that owns it (may run as it and manage it; default: you)")
+        a.add_argument("--space", help="storage bank: bytes of data and entries, e.g. 10G")
+        a.add_argument("--inodes", type=int, help="storage bank: inodes")
+        a.add_argument("--cache-min", help="guaranteed cache, e.g. 64M")
+        a.add_argument("--cache-max", help="cache ceiling, e.g. 256M")
+        a.add_argument("--io-reserve", help="reserved I/O rate, e.g. 20MB/s or 500iops")
+        a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
+        a.add_argument("--io-limit", help="I/O ceiling, e.g. 100MB/s or 2000iops")
+        a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
+        a.add_argument("--caps", type=int, help="capability slots it may hold")
+    a = psub.add_parser("ls", help="list principals with use against each bank")
+    a.add_argument("mountpoint")
+    a.add_argument("--json", action="store_true")
+    a = psub.add_parser("rm", help="remove a principal")
+    a.add_argument("mountpoint")
+    a.add_argument("name")
+    a.add_argument("--move-to", default=None,
+                   help="principal that takes over its storage (required if it owns any)")
+    s.set_defaults(func=cmd_principal)
+
+    s = sub.add_parser("run", help="run a program whose file operations are charged to a principal")
+    s.add_argument("mountpoint")
+    s.add_argument("--principal", required=True)
+    s.add_argument("command", nargs="*", help="-- CMD ARGS...")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("stats", help="per-principal I/O, cache and quota use")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                   help="print again every SECONDS")
+    s.set_defaults(func=cmd_stats)
+
     s = sub.add_parser("fsck", help="check (and repair) an unmounted volume")
     s.add_argument("volume")
     s.add_argument("--repair", action="store_true", help="fix what can be fixed")
@@ -256,7 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
+        # Everything after `--` is the program and its arguments, options included.
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if command is not None:
+        args.command = command
     if args.cmd != "mount" or not args.foreground:
         _setup_logging(args.debug)
     try:

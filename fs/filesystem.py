@@ -292,7 +292,10 @@ class FileSystem:
         return node.lock
 
     def _maybe_evict(self, node: Inode) -> None:
-        if node.lookups <= 0 and node.opens <= 0 and node.id != ROOT_INODE and node.nlink > 0:
+        # An unlinked inode stays pinned until _destroy has deleted its row; after that
+        # the kernel's last forget must drop it (else every unlinked inode leaks here).
+        if node.lookups <= 0 and node.opens <= 0 and node.id != ROOT_INODE and (
+                node.nlink > 0 or self.md.get_inode(node.id) is None):
             if node.lock is None or not node.lock.locked():
                 self._inodes.pop(node.id, None)
 

@@ -134,13 +134,14 @@ class Client(_Base):
         try:
             self.sock.connect(sock_path)
             self.info = self.call("hello")
-            res, fds = self._call_fds("attach", size=shm_size)
-            try:
-                self.shm = mmap.mmap(fds[0], res["size"])
-                self.shmview = memoryview(self.shm)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            if shm_size:  # 0: a control-only client (administration, `sluice run`)
+                res, fds = self._call_fds("attach", size=shm_size)
+                try:
+                    self.shm = mmap.mmap(fds[0], res["size"])
+                    self.shmview = memoryview(self.shm)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
         except BaseException:
             self.sock.close()
             raise
@@ -393,3 +394,221 @@ class File:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncClient(_Base):
+    """The trio flavour of `Client`: the same operations, awaited.
+
+        async with await AsyncClient.connect(mountpoint) as c:
+            f = await c.open("x", "w")
+            await f.write(b"data")
+            await f.close()
+    """
+
+    def __init__(self, mountpoint: str) -> None:
+        super().__init__(mountpoint)
+        import trio
+        self._trio = trio
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lock = trio.Lock()
+
+    @classmethod
+    async def connect(cls, mountpoint: str | os.PathLike[str], *,
+                      shm_size: int = DEFAULT_SHM) -> AsyncClient:
+        import trio
+        path = await trio.to_thread.run_sync(control_socket, mountpoint)
+        self = cls(os.fspath(mountpoint))
+        try:
+            await self.sock.connect(path)
+            self.info = await self.call("hello")
+            if shm_size:
+                res, fds = await self._call_fds("attach", size=shm_size)
+                try:
+                    self.shm = mmap.mmap(fds[0], res["size"])
+                    self.shmview = memoryview(self.shm)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        except BaseException:
+            self.sock.close()
+            raise
+        return self
+
+    async def _call_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+        # One request at a time per connection: replies are matched in order.
+        async with self._lock:
+            rid = next(self._rids)
+            data = encode(REQUEST, rid, {"op": op, **args})
+            sent = 0
+            while sent < len(data):
+                sent += await self.sock.send(data[sent:])
+            fds: list[int] = []
+            while True:
+                reply = self._take_reply(rid)
+                if reply is not None:
+                    return reply, fds
+                fdarr = array.array("i")
+                chunk, anc, _f, _a = await self.sock.recvmsg(
+                    MAX_FRAME + 8, socket.CMSG_SPACE(4 * fdarr.itemsize))
+                for level, typ, cdata in anc:
+                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                        fdarr.frombytes(cdata[:len(cdata) - len(cdata) % fdarr.itemsize])
+                fds.extend(fdarr)
+                if not chunk:
+                    for fd in fds:
+                        os.close(fd)
+                    raise ConnectionError("the sluice daemon closed the connection")
+                self._feed(chunk)
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        reply, fds = await self._call_fds(op, **args)
+        for fd in fds:
+            os.close(fd)
+        return reply
+
+    async def open(self, path: str | os.PathLike[str], mode: str = "r", *,
+                   perms: int = 0o644) -> AsyncFile:
+        res = await self.call("open", path=self._relpath(path), flags=_flags_for(mode),
+                              mode=perms)
+        return AsyncFile(self, res["slot"], res["size"], res["rights"], append="a" in mode)
+
+    async def register(self, principal: str) -> dict[str, Any]:
+        return await self.call("register", principal=principal)
+
+    async def aclose(self) -> None:
+        if self.shm is not None:
+            self.shmview.release()
+            self.shm.close()
+            self.shm = None
+        self.sock.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncFile:
+    """A file opened through the direct path by an AsyncClient."""
+
+    def __init__(self, client: AsyncClient, slot: int, size: int, rights: int, *,
+                 append: bool) -> None:
+        self.client = client
+        self.slot = slot
+        self.rights = rights
+        self.pos = size if append else 0
+        self.append = append
+        self._size_hint = size
+        self._dirty: tuple[int, int] | None = None
+        self._layout: list[tuple[int, int]] = []
+        self.closed = False
+
+    async def pread(self, n: int, offset: int) -> bytes:
+        c = self.client
+        assert c.shm is not None
+        out = bytearray()
+        while n > 0:
+            want = min(n, len(c.shm))
+            got = (await c.call("read", slot=self.slot, offset=offset, length=want,
+                                buf=0))["n"]
+            out += c.shmview[:got]
+            if got < want:
+                break
+            n -= got
+            offset += got
+        return bytes(out)
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = max(0, await self.size() - self.pos)
+        data = await self.pread(n, self.pos)
+        self.pos += len(data)
+        return data
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        c = self.client
+        assert c.shm is not None
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            n = min(len(mv) - done, len(c.shm))
+            off = offset + done
+            if not any(a <= off and off + n <= b for a, b in self._layout):
+                hi = off + max(n, LAYOUT_CHUNK)
+                await c.call("layout_get", slot=self.slot, offset=off, length=hi - off)
+                self._layout.append((off, hi))
+            c.shmview[:n] = mv[done:done + n]
+            await c.call("write", slot=self.slot, offset=off, length=n, buf=0)
+            done += n
+        if len(mv):
+            lo, hi = offset, offset + len(mv)
+            if self._dirty:
+                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+            self._dirty = (lo, hi)
+        return len(mv)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.append:
+            await self.commit()
+            self.pos = await self.size()
+        n = await self.pwrite(data, self.pos)
+        self.pos += n
+        return n
+
+    async def commit(self) -> int:
+        if self._dirty is None:
+            return self._size_hint
+        lo, hi = self._dirty
+        self._size_hint = (await self.client.call("commit", slot=self.slot, offset=lo,
+                                                  length=hi - lo))["size"]
+        self._dirty = None
+        return self._size_hint
+
+    async def truncate(self, size: int | None = None) -> int:
+        await self.commit()
+        size = self.pos if size is None else size
+        self._size_hint = (await self.client.call("truncate", slot=self.slot,
+                                                  size=size))["size"]
+        self._layout = [(a, min(b, size)) for a, b in self._layout if a < size]
+        return self._size_hint
+
+    async def fsync(self) -> None:
+        await self.commit()
+        await self.client.call("fsync", slot=self.slot)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        else:
+            raise ValueError("AsyncFile.seek supports SEEK_SET and SEEK_CUR; use size()")
+        return self.pos
+
+    async def size(self) -> int:
+        if self._dirty is not None:
+            await self.commit()
+        return int((await self.stat())["size"])
+
+    async def stat(self) -> dict[str, Any]:
+        return await self.client.call("stat", slot=self.slot)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._dirty is not None:
+                await self.commit()
+        finally:
+            self.closed = True
+            try:
+                await self.client.call("close", slot=self.slot)
+            except (ConnectionError, OSError):
+                pass
+
+    async def __aenter__(self) -> AsyncFile:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
