@@ -44,6 +44,12 @@ def main() -> int:
     subprocess.run([*SLUICE, "mkfs", str(vol), "--size", args.size], check=True, cwd=REPO)
     subprocess.run([*SLUICE, "mount", str(vol), str(mnt)], check=True, cwd=REPO)
     try:
+        sl = " ".join(SLUICE)
+        for name, opts in (("build", "--space 1G --inodes 50000"),
+                           ("db", "--space 256M"),
+                           ("tiny", "--space 2M")):
+            sh(f"cd {REPO} && {sl} principal add {mnt} {name} {opts}", mnt)
+        print("principals: build (1 GiB), db (256 MiB), tiny (2 MiB)\n")
         steps = [
             ("cp -a /usr/include/linux", "cp -a /usr/include/linux src && diff -r /usr/include/linux src && echo identical"),
             ("tar round trip", "tar -cf t.tar src && mkdir x && tar -xf t.tar -C x && diff -r src x/src && echo identical"),
@@ -60,18 +66,24 @@ def main() -> int:
              "printf 'h: h.c\\n\\tgcc -O2 -o h h.c\\n' > Makefile && make -s && ./h"),
             ("rm -rf", "rm -rf src x clone && ls | wc -l"),
         ]
+        steps.insert(-1, ("tiny writes 4 MiB (over its bank)",
+                          "head -c 4M /dev/urandom > tiny.bin 2>&1 || echo refused: EDQUOT; "
+                          "ls -l tiny.bin | awk '{print \"kept\", $5, \"bytes\"}'"))
+        who = {"sqlite3 10,000 rows": "db", "tiny writes 4 MiB (over its bank)": "tiny"}
         for name, cmd in steps:
-            dt, out = sh(cmd, mnt)
+            principal = who.get(name, "build")
+            runner = f"cd {REPO} && {sl} run {mnt} --principal {principal} -- sh -c "
+            quoted = "'" + f"cd {mnt} && " + cmd.replace("'", "'\\''") + "'"
+            dt, out = sh(runner + quoted, mnt)
             rows.append((name, dt, out.splitlines()[-1] if out else ""))
-            print(f"  {name:38s} {dt:7.2f} s   {rows[-1][2]}")
+            print(f"  [{principal:5}] {name:36s} {dt:7.2f} s   {rows[-1][2]}")
         st = os.statvfs(mnt)
         print(f"\nvolume: {st.f_blocks * st.f_frsize / 2**30:.1f} GiB, "
               f"{(st.f_blocks - st.f_bfree) * st.f_frsize / 2**20:.1f} MiB used, "
               f"{st.f_files - st.f_ffree} inodes")
-        stats = subprocess.run([*SLUICE, "stats", str(mnt)], capture_output=True, text=True,
-                               cwd=REPO)
-        if stats.returncode == 0:
-            print(stats.stdout)
+        for cmd in (["principal", "ls", str(mnt)], ["stats", str(mnt)]):
+            out = subprocess.run([*SLUICE, *cmd], capture_output=True, text=True, cwd=REPO)
+            print(f"\n$ sluice {' '.join(cmd)}\n{out.stdout}{out.stderr}")
     finally:
         subprocess.run([*SLUICE, "umount", str(mnt)], cwd=REPO)
     r = subprocess.run([*SLUICE, "fsck", str(vol), "-q"], capture_output=True, text=True,
