@@ -296,7 +296,10 @@ class FileSystem:
         # the kernel's last forget must drop it (else every unlinked inode leaks here).
         if node.lookups <= 0 and node.opens <= 0 and node.id != ROOT_INODE and (
                 node.nlink > 0 or self.md.get_inode(node.id) is None):
-            if node.lock is None or not node.lock.locked():
+            # Direct clients' grants share node.extents: a reloaded inode would get a
+            # new map they never see (their writes: NotAllocated; reads: stale holes).
+            if (node.lock is None or not node.lock.locked()) and \
+                    not self.kernel.grants_for(node.id):
                 self._inodes.pop(node.id, None)
 
     def _save(self, node: Inode, *fields: str) -> None:
@@ -604,8 +607,11 @@ class FileSystem:
                 raise IsADirectory("cannot truncate a directory")
             if not node.is_reg:
                 raise InvalidArgument("cannot truncate a special file")
+            before_ctime = node.ctime_ns
             await self.truncate(node, size, principal=caller.principal if caller else
                                 ROOT_PRINCIPAL)
+            if node.ctime_ns != before_ctime:
+                now = node.ctime_ns  # one time for the change: ctime == the new mtime
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             changed.append("mode")
@@ -638,7 +644,8 @@ class FileSystem:
             return False
         return True
 
-    async def truncate(self, node: Inode, size: int, *, principal: PrincipalId) -> None:
+    async def truncate(self, node: Inode, size: int, *, principal: PrincipalId,
+                       keep_grant: Grant | None = None) -> None:
         if size < 0:
             raise InvalidArgument("negative size")
         if size > MAX_FILE_SIZE:
@@ -653,7 +660,9 @@ class FileSystem:
                 emap = self._extents(node)
                 keep = -(-size // bs)
                 freed = emap.remove_owned(keep)
-                old_grants = self._regrant(node)
+                # The direct client truncating through `keep_grant` keeps it (its
+                # connection has no other request in flight); every other is revoked.
+                old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
                 if size % bs:
                     # Bytes past the new end in the last block must read as zeros if the
                     # file grows again.
@@ -674,14 +683,18 @@ class FileSystem:
             node.mtime_ns = node.ctime_ns = now
             self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
 
-    def _regrant(self, node: Inode) -> list[Grant]:
-        """Revoke every grant on `node` and give the open handles fresh ones (no
-        checkpoint: atomic with the extent change before it). Returns the old grants."""
+    def _regrant(self, node: Inode, keep: Callable[[Grant], bool] | None = None) -> list[Grant]:
+        """Revoke every grant on `node` (but those `keep` accepts) and give the open
+        handles fresh ones (no checkpoint: atomic with the extent change before it).
+        Returns the grants to wait for: the revoked ones and the kept ones."""
         old: list[Grant] = []
         for g in self.kernel.grants_for(node.id):
+            if keep is not None and keep(g):
+                old.append(g)
+                continue
             old.extend(self.kernel.revoke_nowait(g))
         for h in self._handles.values():
-            if h.inode is node:
+            if h.inode is node and h.grant.revoked:
                 h.grant = self._grant_for(node, h.readable, h.writable, h.grant.principal)
         return old
 
@@ -906,7 +919,7 @@ class FileSystem:
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         """The range was written: extents become written, size and mtime update."""
         node = self._direct_node(grant)
-        if offset < 0 or length < 0:
+        if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
             raise InvalidArgument(f"commit range {offset}+{length}")
         bs = self.block_size
         async with self._lock(node):
@@ -943,7 +956,9 @@ class FileSystem:
                 tail = [s for s in emap.segments(keep, emap.end_block() - keep)
                         if s.dev_block >= 0 and s.state == WRITTEN]
                 if not tail:  # only unwritten preallocation past EOF
-                    old = self._regrant(node)
+                    # Readers never touch unwritten blocks past EOF: they keep their
+                    # grants. Writers may have written (uncommitted) into the range.
+                    old = self._regrant(node, keep=lambda g: not g.rights & Rights.WRITE)
                     freed = emap.remove_owned(keep)
                     await self.kernel.wait_drained(old)
                     node.blocks = emap.blocks
@@ -1010,7 +1025,9 @@ class FileSystem:
     def _check_xattr_name(name: bytes) -> None:
         if len(name) > XATTR_NAME_MAX:
             raise OutOfRange(f"xattr name of {len(name)} bytes (limit {XATTR_NAME_MAX})")
-        if not name.startswith(_XATTR_NAMESPACES) or name in _XATTR_NAMESPACES:
+        if name in _XATTR_NAMESPACES:
+            raise InvalidArgument(f"xattr name {name!r} is only a namespace")  # as ext4
+        if not name.startswith(_XATTR_NAMESPACES):
             raise NotSupported(f"xattr namespace of {name!r} is not supported")
 
     def getxattr(self, ino: int, name: bytes) -> bytes:

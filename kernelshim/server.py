@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 MAX_SHM = 64 << 20
 #: connections served at once (each holds a capability space and maybe a buffer)
 MAX_CONNECTIONS = 512
+#: shared buffers of all connections together (bounds the daemon's memory)
+MAX_SHM_TOTAL = 1 << 30
 
 
 class BadSlot(SluiceError):
@@ -85,6 +87,7 @@ class ShimServer:
         self.service = service
         self.path = path
         self.connections = 0
+        self.shm_bytes = 0
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -192,10 +195,16 @@ class ShimServer:
                 await self._close_slot(conn, slot)
             except Exception:  # noqa: BLE001
                 log.exception("releasing slot %d failed", slot)
+        self._drop_shm(conn)
+
+    def _drop_shm(self, conn: Connection) -> None:
         if conn.shm_view is not None:
             conn.shm_view.release()
+            conn.shm_view = None
         if conn.shm is not None:
+            self.shm_bytes -= len(conn.shm)
             conn.shm.close()
+            conn.shm = None
 
     # -- slots -------------------------------------------------------------------------
 
@@ -242,6 +251,10 @@ class ShimServer:
     async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         size = arg_int(p, "size", lo=4096, hi=MAX_SHM)
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        held = len(conn.shm) if conn.shm is not None else 0
+        if self.shm_bytes - held + size > MAX_SHM_TOTAL:
+            raise TooManyObjects(f"shared memory budget exhausted ({self.shm_bytes} of "
+                                 f"{MAX_SHM_TOTAL} bytes attached); ask for less")
         fd = os.memfd_create("sluice-shm", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -249,11 +262,9 @@ class ShimServer:
         except BaseException:
             os.close(fd)
             raise
-        if conn.shm_view is not None:
-            conn.shm_view.release()
-        if conn.shm is not None:
-            conn.shm.close()
+        self._drop_shm(conn)
         conn.shm, conn.shm_view = m, memoryview(m)
+        self.shm_bytes += size
         # The fd travels with the reply and is closed here once sent: the client has its
         # own copy, and the mapping keeps the memory alive on this side.
         return {"size": size, "_fds": [fd]}

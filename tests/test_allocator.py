@@ -1,0 +1,188 @@
+"""The free-space bitmap: all-or-nothing allocation, goal locality, deferred frees,
+and a property test against a model set of used blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fs.allocator import _WINDOW, Allocator
+from fs.errors import NoSpace
+
+
+def blocks_of(runs: list[tuple[int, int]]) -> list[int]:
+    return [s + i for s, c in runs for i in range(c)]
+
+
+def test_fresh_allocator() -> None:
+    a = Allocator(100)
+    assert a.free == 100 and a.pending_blocks == 0 and not a.used.any()
+    assert a.allocate(0) == [] and a.allocate(-3) == []
+    assert a.free == 100
+
+
+def test_allocate_is_all_or_nothing() -> None:
+    a = Allocator(64)
+    a.allocate(60)
+    used = a.used.copy()
+    with pytest.raises(NoSpace, match="4 blocks free, 5 needed"):
+        a.allocate(5)
+    assert a.free == 4 and (a.used == used).all()
+    runs = a.allocate(4)
+    assert sorted(blocks_of(runs)) == [60, 61, 62, 63]
+    assert a.free == 0
+    with pytest.raises(NoSpace):
+        a.allocate(1)
+    assert a.free == 0 and a.used.all()
+
+
+def test_goal_locality() -> None:
+    a = Allocator(1000)
+    assert a.allocate(4, goal=500) == [(500, 4)]
+    # continuing a file: the goal is the block after its last extent
+    assert a.allocate(3, goal=504) == [(504, 3)]
+    # goal taken: the first free block after it
+    assert a.allocate(2, goal=502) == [(507, 2)]
+    # a goal past the device (or negative) falls back to the cursor
+    a2 = Allocator(100)
+    assert a2.allocate(2, goal=100) == [(0, 2)]
+    assert a2.allocate(2, goal=-1) == [(2, 2)]
+    assert a2.allocate(2) == [(4, 2)]
+
+
+def test_allocation_splits_around_used_blocks_and_wraps() -> None:
+    a = Allocator(100)
+    a.mark_used(10, 2)
+    a.mark_used(14, 1)
+    assert a.free == 97
+    runs = a.allocate(6, goal=8)
+    assert runs == [(8, 2), (12, 2), (15, 2)]
+    # near the end: the rest comes from the start of the device
+    runs = a.allocate(5, goal=97)
+    assert runs == [(97, 3), (0, 2)]
+    assert a.free == 97 - 11
+
+
+def test_allocation_across_scan_windows() -> None:
+    n = _WINDOW * 2 + 100
+    a = Allocator(n)
+    a.mark_used(0, _WINDOW + 50)
+    runs = a.allocate(10)
+    assert runs == [(_WINDOW + 50, 10)]
+    a.mark_used(_WINDOW + 60, n - (_WINDOW + 60) - 3)
+    runs = a.allocate(3, goal=0)
+    assert runs == [(n - 3, 3)]
+    assert a.free == 0
+    with pytest.raises(NoSpace):
+        a.allocate(1)
+
+
+def test_mark_used_twice_is_an_error() -> None:
+    a = Allocator(50)
+    a.mark_used(5, 5)
+    with pytest.raises(ValueError, match="owned twice"):
+        a.mark_used(9, 2)
+    assert a.free == 45
+
+
+def test_free_later_holds_blocks_until_commit() -> None:
+    a = Allocator(16)
+    runs = a.allocate(16)
+    a.free_later([(4, 4)])
+    assert a.free == 0 and a.pending_blocks == 4
+    assert a.used[4:8].all()
+    with pytest.raises(NoSpace):
+        a.allocate(1)  # the freed blocks are not reusable yet
+    a.committed()
+    assert a.free == 4 and a.pending_blocks == 0 and not a.used[4:8].any()
+    assert sorted(blocks_of(a.allocate(4))) == [4, 5, 6, 7]
+    a.committed()  # nothing pending: nothing happens
+    assert a.free == 0
+    assert blocks_of(runs) == list(range(16))
+
+
+def test_release_now() -> None:
+    a = Allocator(32)
+    runs = a.allocate(10, goal=3)
+    a.release_now(runs)
+    assert a.free == 32 and not a.used.any()
+
+
+# -- property test --------------------------------------------------------------------
+
+NB = 96
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("alloc"), st.integers(0, 40), st.one_of(st.none(), st.integers(-2, NB + 2))),
+    st.tuples(st.just("free_later"), st.integers(0, 1000), st.integers(1, 8)),
+    st.tuples(st.just("release"), st.integers(0, 1000), st.integers(1, 8)),
+    st.tuples(st.just("commit"), st.just(0), st.just(0)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops, premarked=st.lists(st.tuples(st.integers(0, NB - 1), st.integers(1, 6)),
+                                   max_size=5))
+def test_allocator_matches_model(ops: list[tuple], premarked: list[tuple[int, int]]) -> None:
+    a = Allocator(NB)
+    used: set[int] = set()  # owned by someone (allocated or pending release)
+    owned: list[int] = []   # allocated and not yet freed, in allocation order
+    pending: set[int] = set()
+    for s, c in premarked:
+        c = min(c, NB - s)
+        if used & set(range(s, s + c)):
+            with pytest.raises(ValueError):
+                a.mark_used(s, c)
+            continue
+        a.mark_used(s, c)
+        used |= set(range(s, s + c))
+        owned += range(s, s + c)
+
+    for kind, x, y in ops:
+        if kind == "alloc":
+            count, goal = x, y
+            free = NB - len(used)
+            if count > free:
+                with pytest.raises(NoSpace):
+                    a.allocate(count, goal)
+                continue
+            runs = a.allocate(count, goal)
+            got = blocks_of(runs)
+            assert len(got) == count == len(set(got))
+            assert all(0 <= b < NB for b in got)
+            assert not used & set(got), "allocated a used block"
+            assert all(c > 0 for _, c in runs)
+            for (s1, c1), (s2, _) in zip(runs, runs[1:]):
+                assert s1 + c1 != s2, "adjacent runs not merged"
+            if count and goal is not None and 0 <= goal < NB:
+                # locality: the first run starts at the first free block at or after
+                # the goal (cyclically)
+                first_free = next((goal + i) % NB for i in range(NB)
+                                  if (goal + i) % NB not in used)
+                assert runs[0][0] == first_free
+                if all(goal + i < NB and goal + i not in used for i in range(count)):
+                    assert runs == [(goal, count)]
+            used |= set(got)
+            owned += got
+        elif kind in ("free_later", "release"):
+            if not owned:
+                continue
+            i = x % len(owned)
+            run = owned[i:i + y]
+            del owned[i:i + y]
+            runs = [(b, 1) for b in run]
+            if kind == "free_later":
+                a.free_later(runs)
+                pending |= set(run)
+            else:
+                a.release_now(runs)
+                used -= set(run)
+        else:
+            a.committed()
+            used -= pending
+            pending.clear()
+        assert set(np.flatnonzero(a.used).tolist()) == used
+        assert a.free == NB - len(used)
+        assert a.pending_blocks == len(pending)

@@ -1,0 +1,438 @@
+"""The simulated block device: format/open, the data path, checksums, discard, flush,
+the timing model (on trio's MockClock) and per-principal accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockdev import (PROFILES, BlockDevice, ChecksumError, FormatError, OutOfRange,
+                      PrincipalId, parse_profile)
+from blockdev.device import BACKING, CHECKSUMS, HEADER
+
+BS = 4096
+P0 = PrincipalId(0)
+P1 = PrincipalId(1)
+P2 = PrincipalId(2)
+
+
+def make(tmp_path: Path, *, nblocks: int = 64, profile: str = "none",
+         block_size: int = BS) -> BlockDevice:
+    d = tmp_path / "dev"
+    d.mkdir(exist_ok=True)
+    BlockDevice.format(d, size=nblocks * block_size, block_size=block_size, profile=profile)
+    return BlockDevice.open(d)
+
+
+def pattern(count: int, seed: int, bs: int = BS) -> bytes:
+    return b"".join(bytes([(seed + i) % 251 + 1]) * bs for i in range(count))
+
+
+@pytest.fixture
+def dev(tmp_path: Path):
+    d = make(tmp_path)
+    yield d
+    d.close()
+
+
+# -- format and open ------------------------------------------------------------------
+
+
+def test_format_open_round_trip(tmp_path: Path) -> None:
+    d = tmp_path / "dev"
+    d.mkdir()
+    geo = BlockDevice.format(d, size=100 * BS + 123, block_size=BS, profile="ssd")
+    assert geo.nblocks == 100 and geo.block_size == BS and geo.size == 100 * BS
+    assert (d / BACKING).stat().st_size == 100 * BS
+    assert BlockDevice.read_geometry(d) == geo
+    dev = BlockDevice.open(d)
+    try:
+        assert dev.geometry == geo
+        assert dev.nblocks == 100 and dev.block_size == BS
+        assert dev.profile is PROFILES["ssd"]
+    finally:
+        dev.close()
+    dev = BlockDevice.open(d, profile="hdd")  # override the formatted profile
+    try:
+        assert dev.profile is PROFILES["hdd"]
+    finally:
+        dev.close()
+
+
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    dev = make(tmp_path)
+    await dev.write(5, pattern(3, 7), principal=P0)
+    csum = dev.stored_checksum(6)
+    await dev.flush()
+    dev.close()
+    dev.close()  # idempotent
+    dev = BlockDevice.open(tmp_path / "dev")
+    try:
+        assert await dev.read(5, 3, principal=P0) == pattern(3, 7)
+        assert dev.stored_checksum(6) == csum != 0
+        assert dev.written_blocks().tolist() == [5, 6, 7]
+    finally:
+        dev.close()
+
+
+def test_format_rejects_bad_geometry(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="power of two"):
+        BlockDevice.format(tmp_path, size=1 << 20, block_size=3000)
+    with pytest.raises(FormatError, match="power of two"):
+        BlockDevice.format(tmp_path, size=1 << 20, block_size=256)
+    with pytest.raises(FormatError, match="too small"):
+        BlockDevice.format(tmp_path, size=15 * BS, block_size=BS)
+    with pytest.raises(ValueError, match="unknown timing profile"):
+        BlockDevice.format(tmp_path, size=1 << 20, block_size=BS, profile="floppy")
+
+
+def test_open_rejects_missing_or_foreign_header(tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match="missing"):
+        BlockDevice.open(tmp_path)
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=16 * BS)
+    h = json.loads((d / HEADER).read_text())
+    h["format"] = 99
+    (d / HEADER).write_text(json.dumps(h))
+    with pytest.raises(FormatError, match="unsupported"):
+        BlockDevice.open(d)
+    (d / HEADER).write_text("{not json")
+    with pytest.raises(FormatError, match="cannot read"):
+        BlockDevice.open(d)
+
+
+# -- data path ----------------------------------------------------------------------------
+
+
+async def test_read_write_block_ranges(dev: BlockDevice) -> None:
+    await dev.write(0, pattern(1, 1), principal=P0)
+    await dev.write(10, pattern(4, 2), principal=P0)
+    await dev.write(63, pattern(1, 3), principal=P0)  # the last block
+    assert await dev.read(0, 1, principal=P0) == pattern(1, 1)
+    assert await dev.read(10, 4, principal=P0) == pattern(4, 2)
+    assert await dev.read(12, 1, principal=P0) == pattern(4, 2)[2 * BS:3 * BS]
+    assert await dev.read(63, 1, principal=P0) == pattern(1, 3)
+    # a range spanning written and never-written blocks
+    got = await dev.read(8, 8, principal=P0)
+    assert got == bytes(2 * BS) + pattern(4, 2) + bytes(2 * BS)
+    # overwrite in the middle of a written range
+    await dev.write(11, pattern(2, 9), principal=P0)
+    assert await dev.read(10, 4, principal=P0) == (pattern(4, 2)[:BS] + pattern(2, 9)
+                                                    + pattern(4, 2)[3 * BS:])
+    # memoryview and bytearray inputs are accepted
+    await dev.write(20, memoryview(bytearray(pattern(2, 4))), principal=P0)
+    assert await dev.read(20, 2, principal=P0) == pattern(2, 4)
+    assert await dev.read(20, 0, principal=P0) == b""
+
+
+async def test_never_written_blocks_read_as_zeros(dev: BlockDevice) -> None:
+    assert await dev.read(0, 64, principal=P0) == bytes(64 * BS)
+    assert dev.written_blocks().tolist() == []
+    assert dev.stored_checksum(0) == 0
+
+
+async def test_zero_filled_write_is_checksummed(dev: BlockDevice) -> None:
+    await dev.write(3, bytes(BS), principal=P0)
+    assert dev.stored_checksum(3) != 0
+    assert dev.written_blocks().tolist() == [3]
+    assert await dev.read(3, 1, principal=P0) == bytes(BS)
+
+
+@pytest.mark.parametrize("block,count", [(64, 1), (63, 2), (-1, 1), (0, 65), (0, -1)])
+async def test_out_of_range_read(dev: BlockDevice, block: int, count: int) -> None:
+    with pytest.raises(OutOfRange):
+        await dev.read(block, count, principal=P0)
+
+
+@pytest.mark.parametrize("block,count", [(64, 1), (62, 3), (-1, 1)])
+async def test_out_of_range_write_and_discard(dev: BlockDevice, block: int, count: int) -> None:
+    with pytest.raises(OutOfRange):
+        await dev.write(block, pattern(count, 1), principal=P0)
+    with pytest.raises(OutOfRange):
+        await dev.discard(block, count, principal=P0)
+    assert dev.written_blocks().tolist() == []
+
+
+@pytest.mark.parametrize("nbytes", [1, BS - 1, BS + 1, 3 * BS - 512])
+async def test_partial_block_write_is_rejected(dev: BlockDevice, nbytes: int) -> None:
+    with pytest.raises(ValueError, match="whole number of blocks"):
+        await dev.write(0, b"x" * nbytes, principal=P0)
+    assert dev.written_blocks().tolist() == []
+    assert await dev.read(0, 4, principal=P0) == bytes(4 * BS)
+
+
+def _flip(dev: BlockDevice, offset: int) -> None:
+    path = dev.directory / BACKING
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+async def test_flipped_byte_raises_checksum_error_naming_the_block(dev: BlockDevice) -> None:
+    await dev.write(10, pattern(4, 5), principal=P0)
+    _flip(dev, 12 * BS + 100)
+    with pytest.raises(ChecksumError, match=r"block 12\b") as ei:
+        await dev.read(10, 4, principal=P0)
+    assert ei.value.block == 12
+    assert "of 4 read" in str(ei.value)
+    with pytest.raises(ChecksumError, match=r"block 12\b") as ei:
+        await dev.read(12, 1, principal=P0)
+    assert ei.value.block == 12
+    assert dev.checksum_errors == 2
+    assert dev.statistics().checksum_errors == 2
+    # the neighbours are still fine
+    assert await dev.read(10, 2, principal=P0) == pattern(4, 5)[:2 * BS]
+    assert await dev.read(13, 1, principal=P0) == pattern(4, 5)[3 * BS:]
+    # rewriting the block heals it
+    await dev.write(12, pattern(1, 77), principal=P0)
+    assert await dev.read(12, 1, principal=P0) == pattern(1, 77)
+
+
+async def test_garbage_in_never_written_block_is_detected(dev: BlockDevice) -> None:
+    _flip(dev, 7 * BS)
+    with pytest.raises(ChecksumError) as ei:
+        await dev.read(5, 4, principal=P0)
+    assert ei.value.block == 7
+    assert "block 7" in str(ei.value)
+
+
+async def test_discard_reads_zeros_and_resets_checksum(dev: BlockDevice) -> None:
+    await dev.write(4, pattern(6, 3), principal=P0)
+    await dev.discard(5, 3, principal=P0)
+    assert [dev.stored_checksum(b) for b in range(5, 8)] == [0, 0, 0]
+    assert dev.stored_checksum(4) != 0 and dev.stored_checksum(8) != 0
+    assert dev.written_blocks().tolist() == [4, 8, 9]
+    got = await dev.read(4, 6, principal=P0)
+    assert got == pattern(6, 3)[:BS] + bytes(3 * BS) + pattern(6, 3)[4 * BS:]
+    await dev.discard(0, 0, principal=P0)  # nothing
+    # a discarded block can be written again
+    await dev.write(6, pattern(1, 11), principal=P0)
+    assert await dev.read(6, 1, principal=P0) == pattern(1, 11)
+
+
+async def test_flush(dev: BlockDevice) -> None:
+    await dev.write(1, pattern(2, 1), principal=P0)
+    await dev.flush()
+    # after a flush the checksum file on disk holds the new checksums
+    import numpy as np
+    on_disk = np.load(dev.directory / CHECKSUMS)
+    assert int(on_disk[1]) == dev.stored_checksum(1) != 0
+    assert int(on_disk[2]) == dev.stored_checksum(2) != 0
+    with open(dev.directory / BACKING, "rb") as f:
+        f.seek(BS)
+        assert f.read(2 * BS) == pattern(2, 1)
+
+
+# -- timing model -------------------------------------------------------------------------
+
+
+def ssd_read(n: int) -> float:
+    return 150e-6 + n / 500e6
+
+
+async def test_instant_profile_takes_no_virtual_time(dev: BlockDevice, autojump_clock) -> None:
+    t0 = trio.current_time()
+    await dev.write(0, pattern(8, 1), principal=P0)
+    await dev.read(0, 8, principal=P0)
+    assert trio.current_time() == t0
+
+
+async def test_ssd_service_times(tmp_path: Path, autojump_clock) -> None:
+    dev = make(tmp_path, profile="ssd")
+    try:
+        t0 = trio.current_time()
+        await dev.read(3, 1, principal=P0)
+        t1 = trio.current_time()
+        assert t1 - t0 == pytest.approx(150e-6 + BS / 500e6, rel=1e-9)
+        await dev.write(3, pattern(4, 1), principal=P0)
+        t2 = trio.current_time()
+        assert t2 - t1 == pytest.approx(150e-6 + 50e-6 + 4 * BS / 500e6, rel=1e-9)
+        await dev.read(40, 16, principal=P0)  # no seek cost on flash
+        assert trio.current_time() - t2 == pytest.approx(ssd_read(16 * BS), rel=1e-9)
+    finally:
+        dev.close()
+
+
+async def test_hdd_service_times_include_seek(tmp_path: Path, autojump_clock) -> None:
+    n = 64
+    dev = make(tmp_path, nblocks=n, profile="hdd")
+    base = 4.2e-3 + BS / 180e6
+    try:
+        t0 = trio.current_time()
+        await dev.read(0, 1, principal=P0)  # head at 0: no seek
+        t1 = trio.current_time()
+        assert t1 - t0 == pytest.approx(base, rel=1e-9)
+        await dev.read(1, 1, principal=P0)  # sequential: the head is already there
+        t2 = trio.current_time()
+        assert t2 - t1 == pytest.approx(base, rel=1e-9)
+        await dev.read(n - 1, 1, principal=P0)  # long seek from 2 to n-1
+        t3 = trio.current_time()
+        assert t3 - t2 == pytest.approx(base + 15e-3 * ((n - 3) / n) ** 0.5, rel=1e-9)
+        await dev.write(0, pattern(1, 1), principal=P0)  # hdd writes cost the same as reads
+        t4 = trio.current_time()
+        assert t4 - t3 == pytest.approx(base + 15e-3 * 1.0, rel=1e-9)
+    finally:
+        dev.close()
+
+
+async def _concurrently(dev: BlockDevice, jobs: list[tuple[int, int, PrincipalId]]) -> float:
+    t0 = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for block, count, p in jobs:
+            nursery.start_soon(lambda b=block, c=count, p=p: dev.read(b, c, principal=p))
+    return trio.current_time() - t0
+
+
+async def test_hdd_queue_depth_one_serialises(tmp_path: Path, autojump_clock) -> None:
+    n = 64
+    dev = make(tmp_path, nblocks=n, profile="hdd")
+    try:
+        # Four reads of block 0: the first finds the head at 0, each later one seeks back
+        # one block (the head rests after the block it read), whatever the order.
+        elapsed = await _concurrently(dev, [(0, 1, P0)] * 4)
+        base = 4.2e-3 + BS / 180e6
+        assert elapsed == pytest.approx(4 * base + 3 * 15e-3 * (1 / n) ** 0.5, rel=1e-9)
+    finally:
+        dev.close()
+
+
+async def test_ssd_deep_queue_overlaps(tmp_path: Path, autojump_clock) -> None:
+    dev = make(tmp_path, profile="ssd")
+    try:
+        elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(4)])
+        assert elapsed == pytest.approx(ssd_read(BS), rel=1e-9)
+        elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(32)])
+        assert elapsed == pytest.approx(ssd_read(BS), rel=1e-9)
+        # one more than the queue depth needs a second round
+        elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(33)])
+        assert elapsed == pytest.approx(2 * ssd_read(BS), rel=1e-9)
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("depth,rounds", [(1, 4), (2, 2), (3, 2), (4, 1), (8, 1)])
+async def test_queue_depth_limits_concurrency(tmp_path: Path, autojump_clock, depth: int,
+                                              rounds: int) -> None:
+    # custom: 100 us per request, unlimited bandwidth, no seek
+    dev = make(tmp_path, profile=f"100,0,0,{depth}")
+    try:
+        elapsed = await _concurrently(dev, [(i * 3, 2, P0) for i in range(4)])
+        assert elapsed == pytest.approx(rounds * 100e-6, rel=1e-9)
+    finally:
+        dev.close()
+
+
+async def test_queue_depth_is_never_exceeded(tmp_path: Path, autojump_clock) -> None:
+    dev = make(tmp_path, profile="100,0,0,3")
+    active = peak = 0
+    sched = dev.scheduler
+    orig = sched.slot
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def counting_slot(*a, **kw):
+        nonlocal active, peak
+        async with orig(*a, **kw):
+            active += 1
+            peak = max(peak, active)
+            try:
+                yield
+            finally:
+                active -= 1
+
+    sched.slot = counting_slot  # type: ignore[method-assign]
+    try:
+        await _concurrently(dev, [(i, 1, P0) for i in range(10)])
+        assert peak == 3
+    finally:
+        dev.close()
+
+
+async def test_per_principal_statistics(tmp_path: Path, autojump_clock) -> None:
+    dev = make(tmp_path, profile="ssd")
+    try:
+        await dev.write(0, pattern(2, 1), principal=P1)
+        await dev.write(8, pattern(1, 1), principal=P1)
+        await dev.read(0, 2, principal=P1)
+        await dev.read(0, 1, principal=P2)
+        await dev.read(0, 3, principal=P2)
+        await dev.read(4, 1, principal=P2)
+        await dev.discard(0, 2, principal=P2)  # discards are not I/O requests
+        st = dev.statistics()
+        assert st.profile == "ssd" and st.scheduler == "fifo"
+        assert st.block_size == BS and st.nblocks == 64
+        by = {s.principal: s for s in st.per_principal}
+        assert set(by) == {P1, P2}
+        assert (by[P1].reads, by[P1].writes) == (1, 2)
+        assert (by[P1].bytes_read, by[P1].bytes_written) == (2 * BS, 3 * BS)
+        assert (by[P2].reads, by[P2].writes) == (3, 0)
+        assert (by[P2].bytes_read, by[P2].bytes_written) == (5 * BS, 0)
+        # latencies: every P2 read took at least one ssd service time
+        assert by[P2].max_s == pytest.approx(ssd_read(3 * BS), rel=1e-9)
+        assert ssd_read(BS) <= by[P2].p50_s <= 2 * ssd_read(3 * BS)
+        assert by[P2].p50_s <= by[P2].p99_s
+    finally:
+        dev.close()
+
+
+async def test_queueing_counts_in_latency(tmp_path: Path, autojump_clock) -> None:
+    dev = make(tmp_path, profile="1000,0,0,1")
+    try:
+        await _concurrently(dev, [(0, 1, P1), (1, 1, P1), (2, 1, P1)])
+        (st,) = dev.statistics().per_principal
+        assert st.reads == 3
+        # the last request waited for two others: 3 ms from arrival to completion
+        assert st.max_s == pytest.approx(3e-3, rel=1e-9)
+    finally:
+        dev.close()
+
+
+# -- profiles ------------------------------------------------------------------------------
+
+
+def test_parse_profile_named_and_custom() -> None:
+    for name, prof in PROFILES.items():
+        assert parse_profile(name) is prof
+    p = parse_profile("250,400,12,8")
+    assert p.latency_s == pytest.approx(250e-6)
+    assert p.bandwidth_bps == pytest.approx(400e6)
+    assert p.full_seek_s == pytest.approx(12e-3)
+    assert p.queue_depth == 8
+    assert p.write_latency_s == 0.0
+    assert p.name == "custom:250,400,12,8"
+    assert not p.is_instant
+    assert p.service_time(4_000_000, write=False) == pytest.approx(250e-6 + 0.01)
+    assert p.service_time(0, write=True, seek_fraction=0.25) == pytest.approx(250e-6 + 6e-3)
+    assert p.service_time(0, write=True, seek_fraction=4.0) == pytest.approx(250e-6 + 12e-3)
+    assert parse_profile("0,0,0,4").is_instant
+    assert PROFILES["none"].is_instant
+
+
+@pytest.mark.parametrize("spec", ["", "fast", "1,2,3", "1,2,3,4,5", "a,b,c,d", "1,2,3,4.5",
+                                  "SSD"])
+def test_parse_profile_rejects_bad_spec(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown timing profile"):
+        parse_profile(spec)
+
+
+def test_block_size_512(tmp_path: Path) -> None:
+    dev = make(tmp_path, nblocks=32, block_size=512)
+
+    async def main() -> None:
+        await dev.write(31, b"z" * 512, principal=P0)
+        assert await dev.read(31, 1, principal=P0) == b"z" * 512
+        with pytest.raises(ValueError):
+            await dev.write(0, b"z" * 4096 + b"1", principal=P0)
+    try:
+        trio.run(main)
+    finally:
+        dev.close()
+    assert os.path.getsize(tmp_path / "dev" / BACKING) == 32 * 512

@@ -1,0 +1,308 @@
+"""ExtentMap: adding into holes, segments and holes, mark_written, remove, goal,
+change tracking; and a stateful property test against a per-block reference model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kernelshim import HOLE, UNWRITTEN, WRITTEN, ExtentMap, Segment
+
+W, U = WRITTEN, UNWRITTEN
+
+
+def apply_changes(snapshot: dict[int, tuple], changes: tuple[list[int], list[tuple]]) -> None:
+    deleted, upserts = changes
+    for key in deleted:
+        snapshot.pop(key, None)
+    for e in upserts:
+        snapshot[e[0]] = tuple(e)
+
+
+# -- unit tests ------------------------------------------------------------------------
+
+
+def test_empty_map() -> None:
+    m = ExtentMap()
+    assert len(m) == 0 and m.blocks == 0 and m.end_block() == 0
+    assert m.segments(0, 5) == [Segment(0, 5, HOLE, U)]
+    assert m.holes(3, 4) == [(3, 4)]
+    assert m.goal(10) is None
+    assert m.remove(0) == []
+    assert m.take_changes() == ([], [])
+
+
+def test_constructor_sorts_and_rejects_overlap() -> None:
+    m = ExtentMap([(10, 200, 5, W), (0, 100, 4, U)])
+    assert m.extents() == [(0, 100, 4, U), (10, 200, 5, W)]
+    assert m.blocks == 9 and m.end_block() == 15
+    assert m.take_changes() == ([], [])  # loaded extents are not changes
+    with pytest.raises(ValueError, match="overlapping"):
+        ExtentMap([(0, 100, 4, U), (3, 200, 2, U)])
+    c = m.copy()
+    assert c.extents() == m.extents() and c is not m
+    c.remove(0)
+    assert m.blocks == 9
+
+
+def test_add_segments_and_holes() -> None:
+    m = ExtentMap()
+    m.add(4, 100, 4, W)
+    m.add(12, 300, 2, U)
+    assert m.segments(0, 16) == [
+        Segment(0, 4, HOLE, U), Segment(4, 4, 100, W), Segment(8, 4, HOLE, U),
+        Segment(12, 2, 300, U), Segment(14, 2, HOLE, U)]
+    # a window starting and ending inside extents
+    assert m.segments(5, 8) == [Segment(5, 3, 101, W), Segment(8, 4, HOLE, U),
+                                Segment(12, 1, 300, U)]
+    assert m.segments(6, 1) == [Segment(6, 1, 102, W)]
+    assert m.holes(0, 16) == [(0, 4), (8, 4), (14, 2)]
+    assert m.holes(4, 4) == []
+    assert m.segments(3, 0) == []
+    assert m.blocks == 6 and m.end_block() == 14
+
+
+def test_add_rejects_mapped_blocks() -> None:
+    m = ExtentMap([(4, 100, 4, W)])
+    for fb, n in [(4, 1), (7, 3), (2, 3), (0, 10), (5, 1)]:
+        with pytest.raises(ValueError):
+            m.add(fb, 500, n, U)
+    m.add(0, 500, 4, U)  # right up to the extent
+    m.add(8, 600, 1, U)  # right after it
+    m.add(20, 700, 0, U)  # empty: nothing
+    assert m.extents() == [(0, 500, 4, U), (4, 100, 4, W), (8, 600, 1, U)]
+
+
+def test_add_merges_neighbours_that_continue_each_other() -> None:
+    m = ExtentMap()
+    m.add(0, 100, 2, U)
+    m.add(4, 104, 2, U)
+    m.add(2, 102, 2, U)  # fills the gap: all three become one
+    assert m.extents() == [(0, 100, 6, U)]
+    m.add(6, 106, 1, W)  # different state: no merge
+    m.add(7, 200, 1, W)  # not device-contiguous: no merge
+    assert m.extents() == [(0, 100, 6, U), (6, 106, 1, W), (7, 200, 1, W)]
+    assert m.blocks == 8
+
+
+def test_mark_written_splits_and_merges() -> None:
+    m = ExtentMap([(0, 100, 10, U)])
+    m.mark_written(3, 4)
+    assert m.extents() == [(0, 100, 3, U), (3, 103, 4, W), (7, 107, 3, U)]
+    m.mark_written(0, 3)
+    assert m.extents() == [(0, 100, 7, W), (7, 107, 3, U)]
+    m.mark_written(5, 10)  # runs past the end, over a hole
+    assert m.extents() == [(0, 100, 10, W)]
+    assert m.blocks == 10
+    # marking written blocks written again leaves a single extent
+    m.mark_written(2, 3)
+    assert m.extents() == [(0, 100, 10, W)]
+    m.mark_written(20, 5)  # only holes: nothing
+    assert m.extents() == [(0, 100, 10, W)]
+
+
+def test_mark_written_of_an_empty_range_changes_nothing() -> None:
+    m = ExtentMap([(0, 100, 10, U)])
+    m.mark_written(5, 0)
+    m.mark_written(3, -2)
+    assert m.extents() == [(0, 100, 10, U)]
+    assert m.take_changes() == ([], [])
+
+
+def test_remove_returns_freed_runs() -> None:
+    m = ExtentMap([(0, 100, 4, W), (4, 300, 4, U), (10, 500, 2, W)])
+    assert m.remove(2, 4) == [(102, 2), (300, 2)]
+    assert m.extents() == [(0, 100, 2, W), (6, 302, 2, U), (10, 500, 2, W)]
+    assert m.blocks == 6
+    assert m.remove(8, 2) == []  # a hole
+    assert m.remove(7) == [(303, 1), (500, 2)]  # to the end
+    assert m.extents() == [(0, 100, 2, W), (6, 302, 1, U)]
+    assert m.remove(5, 0) == [] and m.remove(9) == []
+    assert m.blocks == 3 and m.end_block() == 7
+
+
+def test_goal() -> None:
+    m = ExtentMap([(4, 100, 4, W), (10, 200, 2, U)])
+    assert m.goal(0) is None and m.goal(3) is None
+    assert m.goal(4) == 100
+    assert m.goal(8) == 104  # continues the extent before it
+    assert m.goal(9) == 105
+    assert m.goal(12) == 202
+    assert m.goal(11) == 201
+
+
+def test_owners_are_kept_and_do_not_merge() -> None:
+    m = ExtentMap([(0, 100, 2, W, 3)])
+    m.add(2, 102, 2, W, 4)  # continues extent 0 on the device, but another owner
+    assert m.owned_extents() == [(0, 100, 2, W, 3), (2, 102, 2, W, 4)]
+    m.add(4, 104, 1, W, 4)
+    assert m.owned_extents() == [(0, 100, 2, W, 3), (2, 102, 3, W, 4)]
+    assert m.remove_owned(1, 2) == [(101, 1, 3), (102, 1, 4)]
+    assert m.copy().owned_extents() == m.owned_extents()
+
+
+def test_take_changes() -> None:
+    m = ExtentMap([(0, 100, 4, W), (8, 200, 4, U)])
+    snap = {e[0]: e for e in m.extents()}
+    m.add(4, 104, 4, W)  # merges into the first extent: key 4 is gone, 0 is longer
+    ch = m.take_changes()
+    assert sorted(ch[0]) == [4] and ch[1] == [(0, 100, 8, W)]
+    apply_changes(snap, ch)
+    assert sorted(snap.values()) == m.extents()
+    assert m.take_changes() == ([], [])
+    m.mark_written(9, 1)
+    ch = m.take_changes()
+    apply_changes(snap, ch)
+    assert sorted(snap.values()) == m.extents() == [
+        (0, 100, 8, W), (8, 200, 1, U), (9, 201, 1, W), (10, 202, 2, U)]
+    m.remove(1)
+    apply_changes(snap, m.take_changes())
+    assert sorted(snap.values()) == m.extents() == [(0, 100, 1, W)]
+
+
+# -- property test ------------------------------------------------------------------------
+
+N = 64  # file blocks the machine plays in
+
+
+class ExtentMachine(RuleBasedStateMachine):
+    """ExtentMap against a dict file_block -> (dev_block, state, owner)."""
+
+    @initialize()
+    def setup(self) -> None:
+        self.m = ExtentMap()
+        self.model: dict[int, tuple[int, int, int]] = {}
+        self.snapshot: dict[int, tuple] = {}
+        self.next_dev = 1000
+
+    def _holes(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for b in range(N):
+            if b not in self.model:
+                if out and out[-1][0] + out[-1][1] == b:
+                    out[-1] = (out[-1][0], out[-1][1] + 1)
+                else:
+                    out.append((b, 1))
+        return out
+
+    @precondition(lambda self: len(self.model) < N)
+    @rule(data=st.data(), state=st.sampled_from([W, U]),
+          dev_kind=st.sampled_from(["goal", "fresh", "fresh", "any"]),
+          owner=st.sampled_from([0, 0, 0, 5]))
+    def add_into_hole(self, data, state: int, dev_kind: str, owner: int) -> None:
+        hfb, hcnt = data.draw(st.sampled_from(self._holes()))
+        fb = data.draw(st.integers(hfb, hfb + hcnt - 1))
+        count = data.draw(st.integers(1, hfb + hcnt - fb))
+        goal = self.m.goal(fb)
+        if dev_kind == "goal" and goal is not None:
+            dev = goal  # continues the extent before: should merge when states agree
+        elif dev_kind == "any":
+            dev = data.draw(st.integers(0, 4000))
+        else:
+            dev = self.next_dev
+            self.next_dev += count + data.draw(st.integers(0, 1))
+        self.m.add(fb, dev, count, state, owner)
+        for i in range(count):
+            self.model[fb + i] = (dev + i, state, owner)
+
+    @rule(fb=st.integers(0, N - 1), count=st.integers(-1, N))
+    def add_over_mapped_is_rejected(self, fb: int, count: int) -> None:
+        if count <= 0 or not any(b in self.model for b in range(fb, fb + count)):
+            return
+        before = self.m.extents()
+        with pytest.raises(ValueError):
+            self.m.add(fb, 9999, count, W)
+        assert self.m.extents() == before
+
+    @rule(fb=st.integers(0, N - 1), count=st.integers(-1, N))
+    def mark_written(self, fb: int, count: int) -> None:
+        self.m.mark_written(fb, count)
+        for b in range(fb, fb + count):
+            if b in self.model:
+                self.model[b] = (self.model[b][0], W, self.model[b][2])
+
+    @rule(fb=st.integers(0, N + 4), count=st.one_of(st.none(), st.integers(-1, N)))
+    def remove(self, fb: int, count: int | None) -> None:
+        freed = self.m.remove_owned(fb, count)
+        end = (max(self.model, default=-1) + 1) if count is None else fb + count
+        gone = [b for b in sorted(self.model) if fb <= b < end]
+        expected = [(self.model[b][0], self.model[b][2]) for b in gone]
+        assert [(d + i, o) for d, c, o in freed for i in range(c)] == expected
+        for d, c, _o in freed:
+            assert c > 0
+        for b in gone:
+            del self.model[b]
+
+    @rule()
+    def take_changes(self) -> None:
+        apply_changes(self.snapshot, self.m.take_changes(with_owner=True))
+        assert sorted(self.snapshot.values()) == self.m.owned_extents()
+
+    @rule(fb=st.integers(0, N + 4), count=st.integers(0, N))
+    def segments_window(self, fb: int, count: int) -> None:
+        self._check_segments(fb, count)
+
+    @rule(fb=st.integers(0, N + 4))
+    def goal(self, fb: int) -> None:
+        before = [b for b in self.model if b <= fb]
+        g = self.m.goal(fb)
+        if not before:
+            assert g is None
+            return
+        # the extent with the greatest start at or before fb: its start is the last
+        # mapped block at or before fb whose predecessor does not continue it
+        b = max(before)
+        while (b - 1 in self.model and self.model[b - 1][0] + 1 == self.model[b][0]
+               and self.model[b - 1][1:] == self.model[b][1:]):
+            b -= 1
+        assert g == self.model[b][0] + (fb - b)
+
+    def _check_segments(self, fb: int, count: int) -> None:
+        segs = self.m.segments(fb, count)
+        pos = fb
+        for s in segs:
+            assert s.file_block == pos and s.count > 0
+            for i in range(s.count):
+                b = pos + i
+                if s.dev_block == HOLE:
+                    assert b not in self.model
+                    assert s.state == U
+                else:
+                    assert self.model[b][:2] == (s.dev_block + i, s.state)
+            pos += s.count
+        assert pos == fb + max(count, 0)
+        # holes in a row are one segment, and so are pieces of one extent
+        for a, b in zip(segs, segs[1:]):
+            assert not (a.dev_block == HOLE and b.dev_block == HOLE)
+        assert self.m.holes(fb, count) == [(s.file_block, s.count) for s in segs
+                                          if s.dev_block == HOLE]
+
+    @invariant()
+    def structure(self) -> None:
+        ext = self.m.owned_extents()
+        assert self.m.extents() == [e[:4] for e in ext]
+        assert self.m._starts == [e[0] for e in ext]
+        for e in ext:
+            assert e[2] > 0 and e[3] in (W, U)
+        for a, b in zip(ext, ext[1:]):
+            assert a[0] + a[2] <= b[0], "sorted and non-overlapping"
+            assert not (a[0] + a[2] == b[0] and a[1] + a[2] == b[1] and a[3:] == b[3:]), \
+                f"mergeable neighbours {a} {b}"
+        # the map is exactly the model, extent by extent
+        assert {e[0] + i: (e[1] + i, e[3], e[4]) for e in ext for i in range(e[2])} == self.model
+        assert self.m.blocks == len(self.model) == sum(e[2] for e in ext)
+        assert self.m.end_block() == max(self.model, default=-1) + 1
+        self._check_segments(0, N + 2)
+
+    def teardown(self) -> None:
+        if hasattr(self, "m"):
+            apply_changes(self.snapshot, self.m.take_changes(with_owner=True))
+            assert sorted(self.snapshot.values()) == self.m.owned_extents()
+            assert self.m.copy().owned_extents() == self.m.owned_extents()
+
+
+ExtentMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40,
+                                           deadline=None)
+TestExtentMap = ExtentMachine.TestCase

@@ -1,0 +1,772 @@
+"""Component tests of the metadata server without FUSE: a real volume (block device,
+pager, kernel, SQLite) and `FileSystem` called directly, plus the `Operations`
+handler wrapper's guarantee that only FUSEError leaves a handler."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import types
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fs import volume
+from fs.errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NameTooLong, NoData,
+                       NoSpace, NotADirectory, NotEmpty, NotFound, NotSupported)
+from fs.filesystem import (RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, XATTR_CREATE,
+                           XATTR_REPLACE, Caller, FileSystem)
+from fs.fsck import fsck
+from fs.metadata import Metadata
+from fs.operations import Operations
+from kernelshim import GrantRevoked, Kernel, Rights
+
+BS = 4096
+ROOT = ROOT_INODE
+CALLER = Caller(os.getuid(), os.getgid(), os.getpid())
+
+
+def fill(seed: int, n: int) -> bytes:
+    return bytes((seed * 31 + i * 7) % 256 for i in range(n))
+
+
+class Volume:
+    """A volume directory and the FileSystem served from it."""
+
+    def __init__(self, path: Path, *, size: int, profile: str | None = None) -> None:
+        self.path = path
+        self.profile = profile
+        volume.mkfs(path, size=size)
+        self.fs: FileSystem | None = None
+
+    async def open(self) -> FileSystem:
+        self.kernel = Kernel.open(self.path, cache_bytes=64 * BS, profile=self.profile)
+        self.md = Metadata(self.path / volume.DB)
+        self.fs = await FileSystem.load(self.md, self.kernel)
+        return self.fs
+
+    async def close(self) -> None:
+        if self.fs is not None:
+            with trio.CancelScope(shield=True):
+                await self.fs.sync()
+            self.md.close()
+            self.kernel.close()
+            self.fs = None
+
+    async def fsck(self, **kw):
+        return await trio.to_thread.run_sync(lambda: fsck(self.path, verify_data=True, **kw))
+
+
+@pytest.fixture
+async def vol(tmp_path: Path):
+    v = Volume(tmp_path / "vol", size=256 * BS)
+    await v.open()
+    yield v
+    await v.close()
+
+
+@pytest.fixture
+def fs(vol: Volume) -> FileSystem:
+    assert vol.fs is not None
+    return vol.fs
+
+
+def dev_blocks(fs: FileSystem, ino: int) -> list[int]:
+    emap = fs._extents(fs.inode(ino))
+    return [d + i for _fb, d, c, _st in emap.extents() for i in range(c)]
+
+
+async def write_file(fs: FileSystem, name: bytes, data: bytes, parent: int = ROOT) -> int:
+    h, node = fs.create(parent, name, 0o644, os.O_RDWR, CALLER)
+    try:
+        if data:
+            assert await fs.write(h.fh, 0, data) == len(data)
+    finally:
+        await fs.release(h.fh)
+    return node.id
+
+
+async def read_file(fs: FileSystem, ino: int) -> bytes:
+    h = fs.open(ino, os.O_RDONLY, CALLER)
+    try:
+        return bytes(await fs.read(h.fh, 0, fs.inode(ino).size + 10))
+    finally:
+        await fs.release(h.fh)
+
+
+def names(fs: FileSystem, ino: int = ROOT) -> list[bytes]:
+    return [n for _c, n, _node in fs.readdir(ino, 0, 1000)][2:]
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+async def test_create_write_read(fs: FileSystem) -> None:
+    h, node = fs.create(ROOT, b"f", 0o640, os.O_RDWR, CALLER)
+    assert stat.S_ISREG(node.mode) and stat.S_IMODE(node.mode) == 0o640
+    assert node.nlink == 1 and node.size == 0 and node.uid == CALLER.uid
+    data = fill(1, 3 * BS + 100)
+    assert await fs.write(h.fh, 0, data) == len(data)
+    assert node.size == len(data) and node.blocks == 4
+    assert bytes(await fs.read(h.fh, 0, 10 * BS)) == data  # clipped at the size
+    assert bytes(await fs.read(h.fh, BS - 3, 6)) == data[BS - 3:BS + 3]
+    assert await fs.read(h.fh, len(data), 10) == b""
+    assert await fs.read(h.fh, len(data) + 5000, 10) == b""
+    # overwrite in the middle, unaligned
+    await fs.write(h.fh, 5000, b"M" * 3000)
+    expect = bytearray(data)
+    expect[5000:8000] = b"M" * 3000
+    assert bytes(await fs.read(h.fh, 0, len(data))) == bytes(expect)
+    assert node.blocks == 4
+    with pytest.raises(InvalidArgument):
+        await fs.read(h.fh, -1, 10)
+    with pytest.raises(InvalidArgument):
+        await fs.write(h.fh, -1, b"x")
+    await fs.release(h.fh)
+    assert fs.lookup(ROOT, b"f") is node
+    with pytest.raises(Exists):
+        fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+
+
+async def test_sparse_write_leaves_a_hole(fs: FileSystem) -> None:
+    h, node = fs.create(ROOT, b"sparse", 0o644, os.O_RDWR, CALLER)
+    await fs.write(h.fh, 10 * BS + 7, b"tail")
+    assert node.size == 10 * BS + 11
+    assert node.blocks == 1  # only the block written
+    got = bytes(await fs.read(h.fh, 0, node.size))
+    assert got == bytes(10 * BS + 7) + b"tail"
+    await fs.release(h.fh)
+
+
+async def test_data_and_metadata_survive_remount(vol: Volume) -> None:
+    fs = vol.fs
+    assert fs is not None
+    ino = await write_file(fs, b"keep", fill(2, 5 * BS + 1))
+    d = fs.mkdir(ROOT, b"dir", 0o755, CALLER)
+    await write_file(fs, b"inner", b"hello", parent=d.id)
+    fs.setxattr(ino, b"user.color", b"blue", 0)
+    await vol.close()
+    fs = await vol.open()
+    assert await read_file(fs, fs.lookup(ROOT, b"keep").id) == fill(2, 5 * BS + 1)
+    assert fs.getxattr(ino, b"user.color") == b"blue"
+    inner = fs.lookup(fs.lookup(ROOT, b"dir").id, b"inner")
+    assert await read_file(fs, inner.id) == b"hello"
+    assert fs.alloc.free == fs.alloc.nblocks - 7
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_open_modes_are_enforced(fs: FileSystem) -> None:
+    ino = await write_file(fs, b"f", b"data")
+    ro = fs.open(ino, os.O_RDONLY, CALLER)
+    wo = fs.open(ino, os.O_WRONLY, CALLER)
+    with pytest.raises(BadHandle):
+        await fs.write(ro.fh, 0, b"x")
+    with pytest.raises(BadHandle):
+        await fs.read(wo.fh, 0, 4)
+    assert ro.grant.rights == Rights.READ and wo.grant.rights == Rights.WRITE
+    with pytest.raises(BadHandle):
+        fs.handle(999)
+    with pytest.raises(IsADirectory):
+        fs.open(ROOT, os.O_RDONLY, CALLER)
+    await fs.release(ro.fh)
+    await fs.release(wo.fh)
+    await fs.release(wo.fh)  # twice: ignored
+    assert fs.statistics().open_handles == 0
+
+
+async def test_append(fs: FileSystem) -> None:
+    ino = await write_file(fs, b"log", b"one\n")
+    h = fs.open(ino, os.O_WRONLY | os.O_APPEND, CALLER)
+    await fs.write(h.fh, 0, b"two\n")
+    await fs.write(h.fh, 0, b"three\n")
+    await fs.release(h.fh)
+    assert await read_file(fs, ino) == b"one\ntwo\nthree\n"
+
+
+# -- truncate ------------------------------------------------------------------------------
+
+
+async def test_truncate_shrink_and_grow(fs: FileSystem) -> None:
+    h, node = fs.create(ROOT, b"t", 0o644, os.O_RDWR, CALLER)
+    data = fill(3, 4 * BS)
+    await fs.write(h.fh, 0, data)
+    await fs.setattr(node.id, size=BS + 10, caller=CALLER)
+    assert node.size == BS + 10 and node.blocks == 2
+    assert bytes(await fs.read(h.fh, 0, 4 * BS)) == data[:BS + 10]
+    # growing again: the bytes past the old end read as zeros, not the old data
+    await fs.setattr(node.id, size=3 * BS, caller=CALLER)
+    assert node.size == 3 * BS and node.blocks == 2
+    assert bytes(await fs.read(h.fh, 0, 3 * BS)) == data[:BS + 10] + bytes(2 * BS - 10)
+    await fs.setattr(node.id, size=0, caller=CALLER)
+    assert node.size == 0 and node.blocks == 0
+    assert fs._extents(node).extents() == []
+    with pytest.raises(InvalidArgument):
+        await fs.setattr(node.id, size=-1, caller=CALLER)
+    with pytest.raises(IsADirectory):
+        await fs.setattr(ROOT, size=0, caller=CALLER)
+    await fs.release(h.fh)
+
+
+async def test_truncate_revokes_old_grants_and_regrants_handles(fs: FileSystem,
+                                                              vol: Volume) -> None:
+    h, node = fs.create(ROOT, b"fenced", 0o644, os.O_RDWR, CALLER)
+    await fs.write(h.fh, 0, fill(4, 4 * BS))
+    old = h.grant
+    minted = fs.kernel.mint(old, Rights.READ)  # e.g. handed to a direct client
+    await fs.truncate(node, BS, principal=CALLER.principal)
+    assert old.revoked and minted.revoked
+    with pytest.raises(GrantRevoked):
+        await fs.kernel.read(old, 0, 10)
+    with pytest.raises(GrantRevoked):
+        await fs.kernel.read(minted, 0, 10)
+    # the handle got a fresh grant and keeps working
+    assert h.grant is not old and not h.grant.revoked
+    assert h.grant.rights == Rights.RW
+    assert bytes(await fs.read(h.fh, 0, 2 * BS)) == fill(4, BS)
+    await fs.write(h.fh, BS, b"more")
+    assert bytes(await fs.read(h.fh, BS, 10)) == b"more"
+    await fs.release(h.fh)
+    assert fs.kernel.live_grants == 0
+
+
+async def test_truncate_waits_for_in_flight_reads_before_freeing(tmp_path: Path,
+                                                                autojump_clock) -> None:
+    v = Volume(tmp_path / "vol", size=256 * BS, profile="hdd")
+    fs = await v.open()
+    try:
+        h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+        data = fill(5, 40 * BS)  # > BYPASS_BLOCKS: not left in the cache
+        await fs.write(h.fh, 0, data)
+        blocks = dev_blocks(fs, node.id)
+        events: list[str] = []
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.append(bytes(await fs.read(h.fh, 0, 40 * BS)))
+            events.append("read")
+
+        async def truncater() -> None:
+            await fs.truncate(node, 0, principal=CALLER.principal)
+            events.append("truncate")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            old = h.grant
+            assert old.inflight == 1
+            nursery.start_soon(truncater)
+            await trio.testing.wait_all_tasks_blocked()
+            assert old.revoked and events == []
+            assert fs.alloc.pending_blocks == 0  # nothing freed while the read runs
+        assert events == ["read", "truncate"]
+        assert got == [data]  # the read saw the file as it was
+        assert fs.alloc.pending_blocks == len(blocks)
+        await fs.commit()
+        assert all(fs.kernel.device.stored_checksum(b) == 0 for b in blocks)
+        await fs.release(h.fh)
+    finally:
+        await v.close()
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+async def test_unlink(fs: FileSystem) -> None:
+    fs.inode(ROOT)
+    cached = fs.statistics().cached_inodes
+    ino = await write_file(fs, b"gone", fill(6, 2 * BS))
+    inodes = fs.statistics().inodes
+    await fs.unlink(ROOT, b"gone")
+    with pytest.raises(NotFound):
+        fs.lookup(ROOT, b"gone")
+    # the kernel still holds the lookup create gave it: the inode stays known (nlink 0)
+    assert fs.inode(ino).nlink == 0
+    # once the kernel forgets it, it leaves the cache and is gone
+    fs.forget(ino, 1)
+    assert fs.statistics().cached_inodes == cached
+    with pytest.raises(NotFound):
+        fs.inode(ino)
+    assert fs.statistics().inodes == inodes - 1
+    with pytest.raises(NotFound):
+        await fs.unlink(ROOT, b"gone")
+    fs.mkdir(ROOT, b"d", 0o755, CALLER)
+    with pytest.raises(IsADirectory):
+        await fs.unlink(ROOT, b"d")
+
+
+async def test_unlinked_open_file_lives_until_release(fs: FileSystem) -> None:
+    h, node = fs.create(ROOT, b"tmp", 0o644, os.O_RDWR, CALLER)
+    await fs.write(h.fh, 0, fill(7, 3 * BS))
+    blocks = dev_blocks(fs, node.id)
+    await fs.unlink(ROOT, b"tmp")
+    assert node.nlink == 0
+    assert bytes(await fs.read(h.fh, 0, 3 * BS)) == fill(7, 3 * BS)
+    await fs.write(h.fh, 3 * BS, b"x")
+    assert fs.alloc.pending_blocks == 0
+    await fs.release(h.fh)
+    assert fs.alloc.pending_blocks == len(blocks) + 1
+    fs.forget(node.id, 1)  # the kernel drops the lookup create gave it
+    with pytest.raises(NotFound):
+        fs.inode(node.id)
+
+
+async def test_unlinked_open_file_is_freed_at_next_load(vol: Volume) -> None:
+    fs = vol.fs
+    assert fs is not None
+    h, node = fs.create(ROOT, b"orphan", 0o644, os.O_RDWR, CALLER)
+    await fs.write(h.fh, 0, fill(8, 2 * BS))
+    await fs.unlink(ROOT, b"orphan")
+    free = fs.alloc.free
+    await vol.close()  # the daemon stops with the file still open
+    fs = await vol.open()
+    with pytest.raises(NotFound):
+        fs.inode(node.id)
+    assert fs.alloc.free == free + 2
+
+
+async def test_blocks_freed_by_unlink_are_reused_only_after_commit(tmp_path: Path) -> None:
+    v = Volume(tmp_path / "vol", size=64 * BS)
+    fs = await v.open()
+    try:
+        a = await write_file(fs, b"a", fill(1, 20 * BS))
+        b = await write_file(fs, b"b", fill(2, 20 * BS))
+        a_blocks = dev_blocks(fs, a)
+        free = fs.alloc.free
+        assert free == 24
+        await fs.unlink(ROOT, b"a")
+        # freed in the open transaction: not free yet, and the data is still there
+        assert fs.alloc.free == free and fs.alloc.pending_blocks == 20
+        assert fs.alloc.used[a_blocks].all()
+        assert all(fs.kernel.device.stored_checksum(x) != 0 for x in a_blocks)
+        # a new file that fits the really free space does not get a's blocks
+        c = await write_file(fs, b"c", fill(3, 24 * BS))
+        assert not set(dev_blocks(fs, c)) & set(a_blocks)
+        assert fs.alloc.free == 0 and fs.alloc.pending_blocks == 20
+        await fs.commit()
+        assert fs.alloc.free == 20 and fs.alloc.pending_blocks == 0
+        assert not fs.alloc.used[a_blocks].any()
+        # discarded on the device at commit
+        assert all(fs.kernel.device.stored_checksum(x) == 0 for x in a_blocks)
+        d = await write_file(fs, b"d", fill(4, 20 * BS))
+        assert sorted(dev_blocks(fs, d)) == sorted(a_blocks)
+        for ino, seed, n in [(b, 2, 20), (c, 3, 24), (d, 4, 20)]:
+            assert await read_file(fs, ino) == fill(seed, n * BS)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_full_device_commits_to_reuse_freed_blocks(tmp_path: Path) -> None:
+    v = Volume(tmp_path / "vol", size=64 * BS)
+    fs = await v.open()
+    try:
+        await write_file(fs, b"a", fill(1, 40 * BS))
+        await fs.unlink(ROOT, b"a")
+        # 24 free, 40 pending: a 30-block write commits first, then fits
+        c = await write_file(fs, b"c", fill(3, 30 * BS))
+        assert fs.alloc.pending_blocks == 0
+        assert await read_file(fs, c) == fill(3, 30 * BS)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_enospc_corrupts_nothing(tmp_path: Path) -> None:
+    v = Volume(tmp_path / "vol", size=64 * BS)
+    fs = await v.open()
+    try:
+        a = await write_file(fs, b"a", fill(1, 60 * BS - 5))
+        assert fs.alloc.free == 4
+        h, node = fs.create(ROOT, b"b", 0o644, os.O_RDWR, CALLER)
+        with pytest.raises(NoSpace):
+            await fs.write(h.fh, 0, fill(2, 10 * BS))
+        assert node.size == 0 and node.blocks == 0
+        assert fs._extents(node).extents() == []
+        assert fs.alloc.free == 4
+        # a write that is partly over allocated blocks and partly needs new ones
+        ha = fs.open(a, os.O_RDWR, CALLER)
+        with pytest.raises(NoSpace):
+            await fs.write(ha.fh, 58 * BS, fill(9, 8 * BS))
+        assert fs.inode(a).size == 60 * BS - 5 and fs.inode(a).blocks == 60
+        assert fs.alloc.free == 4
+        assert bytes(await fs.read(ha.fh, 0, 60 * BS)) == fill(1, 60 * BS - 5)
+        # what fits still works
+        await fs.write(h.fh, 0, fill(2, 4 * BS))
+        assert fs.alloc.free == 0
+        with pytest.raises(NoSpace):
+            await fs.write(h.fh, 4 * BS, b"x")
+        assert node.size == 4 * BS
+        await fs.release(h.fh)
+        await fs.release(ha.fh)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
+    fs = await v.open()
+    try:
+        assert await read_file(fs, a) == fill(1, 60 * BS - 5)
+        assert await read_file(fs, fs.lookup(ROOT, b"b").id) == fill(2, 4 * BS)
+    finally:
+        await v.close()
+
+
+async def test_rename(fs: FileSystem) -> None:
+    a = await write_file(fs, b"a", b"AAA")
+    b = await write_file(fs, b"b", b"BBB")
+    d1 = fs.mkdir(ROOT, b"d1", 0o755, CALLER)
+    d2 = fs.mkdir(ROOT, b"d2", 0o755, CALLER)
+    # plain rename within a directory
+    await fs.rename(ROOT, b"a", ROOT, b"a2", 0)
+    assert fs.lookup(ROOT, b"a2").id == a
+    with pytest.raises(NotFound):
+        fs.lookup(ROOT, b"a")
+    # over an existing file: the target is replaced and freed
+    await fs.rename(ROOT, b"a2", ROOT, b"b", 0)
+    assert fs.lookup(ROOT, b"b").id == a
+    assert await read_file(fs, a) == b"AAA"
+    fs.forget(b, 1)
+    with pytest.raises(NotFound):
+        fs.inode(b)
+    # RENAME_NOREPLACE
+    await write_file(fs, b"c", b"CCC")
+    with pytest.raises(Exists):
+        await fs.rename(ROOT, b"b", ROOT, b"c", RENAME_NOREPLACE)
+    # RENAME_EXCHANGE of a file and a directory across directories
+    await fs.rename(ROOT, b"b", d1.id, b"x", 0)
+    await fs.rename(d1.id, b"x", ROOT, b"d2", RENAME_EXCHANGE)
+    assert fs.lookup(ROOT, b"d2").id == a
+    assert fs.lookup(d1.id, b"x").id == d2.id
+    assert fs.inode(d2.id).parent == d1.id
+    assert fs.inode(d1.id).nlink == 3 and fs.inode(ROOT).nlink == 3
+    with pytest.raises(NotFound):
+        await fs.rename(ROOT, b"c", ROOT, b"nope", RENAME_EXCHANGE)
+    # a directory into its own subtree
+    with pytest.raises(InvalidArgument):
+        await fs.rename(ROOT, b"d1", d2.id, b"loop", 0)
+    # directory over a non-empty directory, file over directory
+    fs.mkdir(ROOT, b"e", 0o755, CALLER)
+    with pytest.raises(NotEmpty):
+        await fs.rename(ROOT, b"e", ROOT, b"d1", 0)
+    with pytest.raises(IsADirectory):
+        await fs.rename(ROOT, b"c", ROOT, b"e", 0)
+    with pytest.raises(NotADirectory):
+        await fs.rename(ROOT, b"e", ROOT, b"c", 0)
+    with pytest.raises(InvalidArgument):
+        await fs.rename(ROOT, b"c", ROOT, b"d", 0x100)
+    # cross-directory move of a directory updates link counts
+    await fs.rename(ROOT, b"e", d1.id, b"e", 0)
+    assert fs.inode(d1.id).nlink == 4 and fs.inode(ROOT).nlink == 3
+
+
+async def test_link(fs: FileSystem) -> None:
+    ino = await write_file(fs, b"orig", fill(5, BS + 1))
+    d = fs.mkdir(ROOT, b"d", 0o755, CALLER)
+    node = fs.link(ino, d.id, b"alias")
+    assert node.id == ino and node.nlink == 2
+    assert fs.lookup(d.id, b"alias").id == ino
+    with pytest.raises(Exists):
+        fs.link(ino, d.id, b"alias")
+    with pytest.raises(Exception) as ei:
+        fs.link(d.id, ROOT, b"dirlink")
+    assert ei.value.errno == errno.EPERM
+    await fs.unlink(ROOT, b"orig")
+    assert fs.inode(ino).nlink == 1
+    assert await read_file(fs, ino) == fill(5, BS + 1)
+    await fs.unlink(d.id, b"alias")
+    fs.forget(ino, 3)  # from create, link and lookup
+    with pytest.raises(NotFound):
+        fs.inode(ino)
+
+
+async def test_mkdir_rmdir_and_names(fs: FileSystem) -> None:
+    d = fs.mkdir(ROOT, b"d", 0o755, CALLER)
+    assert stat.S_ISDIR(d.mode) and d.nlink == 2 and d.parent == ROOT
+    assert fs.inode(ROOT).nlink == 3
+    await write_file(fs, b"f", b"", parent=d.id)
+    with pytest.raises(NotEmpty):
+        await fs.rmdir(ROOT, b"d")
+    await fs.unlink(d.id, b"f")
+    await fs.rmdir(ROOT, b"d")
+    assert fs.inode(ROOT).nlink == 2
+    with pytest.raises(NameTooLong):
+        fs.mkdir(ROOT, b"n" * 256, 0o755, CALLER)
+    with pytest.raises(InvalidArgument):
+        fs.mkdir(ROOT, b"a/b", 0o755, CALLER)
+    f = await write_file(fs, b"file", b"")
+    with pytest.raises(NotADirectory):
+        fs.mkdir(f, b"x", 0o755, CALLER)
+    s = fs.symlink(ROOT, b"sl", b"/target/path", CALLER)
+    assert fs.readlink(s.id) == b"/target/path" and s.size == len(b"/target/path")
+
+
+async def test_xattrs(fs: FileSystem) -> None:
+    ino = await write_file(fs, b"f", b"")
+    fs.setxattr(ino, b"user.a", b"1", 0)
+    fs.setxattr(ino, b"user.b", b"", 0)
+    assert fs.getxattr(ino, b"user.a") == b"1"
+    assert fs.getxattr(ino, b"user.b") == b""
+    assert fs.listxattr(ino) == [b"user.a", b"user.b"]
+    with pytest.raises(Exists):
+        fs.setxattr(ino, b"user.a", b"2", XATTR_CREATE)
+    with pytest.raises(NoData):
+        fs.setxattr(ino, b"user.c", b"2", XATTR_REPLACE)
+    fs.setxattr(ino, b"user.a", b"2", XATTR_REPLACE)
+    assert fs.getxattr(ino, b"user.a") == b"2"
+    fs.removexattr(ino, b"user.a")
+    with pytest.raises(NoData):
+        fs.getxattr(ino, b"user.a")
+    with pytest.raises(NoData):
+        fs.removexattr(ino, b"user.a")
+    with pytest.raises(NotSupported):
+        fs.setxattr(ino, b"bogus.x", b"1", 0)
+    with pytest.raises(InvalidArgument):  # only a namespace, as ext4 answers
+        fs.getxattr(ino, b"user.")
+    with pytest.raises(InvalidArgument):
+        fs.setxattr(ino, b"user.sluice.cache", b"sometimes", 0)
+    assert fs.listxattr(ino) == [b"user.b"]
+    # sluice hints on a directory are inherited at create time
+    d = fs.mkdir(ROOT, b"d", 0o755, CALLER)
+    fs.setxattr(d.id, b"user.sluice.cache", b"kernel", 0)
+    fs.setxattr(d.id, b"user.other", b"x", 0)
+    child = await write_file(fs, b"child", b"", parent=d.id)
+    assert fs.listxattr(child) == [b"user.sluice.cache"]
+    h = fs.open(child, os.O_RDONLY, CALLER)
+    assert h.direct_io is False
+    await fs.release(h.fh)
+
+
+async def test_readdir_cookies_are_stable_under_deletion(fs: FileSystem) -> None:
+    for i in range(12):
+        await write_file(fs, b"f%02d" % i, b"")
+    full = fs.readdir(ROOT, 0, 100)
+    assert [n for _c, n, _ in full[:2]] == [b".", b".."]
+    cookie_of = {n: c for c, n, _ in full}
+    assert len(cookie_of) == 14
+    cookies = [c for c, _, _ in full]
+    assert cookies == sorted(cookies) and len(set(cookies)) == len(cookies)
+    # read the first batch
+    first = fs.readdir(ROOT, 0, 4)  # '.', '..' and four entries
+    assert [n for _, n, _ in first] == [b".", b"..", b"f00", b"f01", b"f02", b"f03"]
+    last = first[-1][0]
+    # delete entries on both sides of the position, including the last one returned
+    for n in (b"f01", b"f03", b"f05", b"f08"):
+        await fs.unlink(ROOT, n)
+    # a new entry made meanwhile comes after everything that existed
+    await write_file(fs, b"new", b"")
+    rest: list[tuple[int, bytes]] = []
+    after = last
+    while True:
+        batch = fs.readdir(ROOT, after, 3)
+        if not batch:
+            break
+        rest += [(c, n) for c, n, _ in batch]
+        after = batch[-1][0]
+    assert [n for _, n in rest] == [b"f04", b"f06", b"f07", b"f09", b"f10", b"f11", b"new"]
+    for c, n in rest[:-1]:
+        assert cookie_of[n] == c  # unchanged cookies
+    # renaming within the directory keeps the cookie
+    await fs.rename(ROOT, b"f06", ROOT, b"renamed", 0)
+    again = {n: c for c, n, _ in fs.readdir(ROOT, 0, 100)}
+    assert again[b"renamed"] == cookie_of[b"f06"]
+    # resuming after '.' and after '..'
+    assert [n for _, n, _ in fs.readdir(ROOT, 1, 1)][:2] == [b"..", b"f00"]
+    assert fs.readdir(ROOT, 2, 1)[0][1] == b"f00"
+
+
+# -- the FUSE handler wrapper ----------------------------------------------------------------
+
+
+def ctx() -> types.SimpleNamespace:
+    return types.SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
+
+
+async def fuse_errno(coro) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as ei:
+        await coro
+    return ei.value.errno
+
+
+async def test_operations_bad_handle_is_ebadf(fs: FileSystem) -> None:
+    ops = Operations(fs)
+    assert await fuse_errno(ops.read(12345, 0, 10)) == errno.EBADF
+    assert await fuse_errno(ops.write(12345, 0, b"x")) == errno.EBADF
+    assert await fuse_errno(ops.flush(12345)) == errno.EBADF
+    await ops.release(12345)  # releasing an unknown handle is not an error
+    # a read through a write-only handle
+    fi, _attr = await ops.create(ROOT, b"f", 0o644, os.O_WRONLY, ctx())
+    assert await ops.write(fi.fh, 0, b"abc") == 3
+    assert await fuse_errno(ops.read(fi.fh, 0, 3)) == errno.EBADF
+    await ops.release(fi.fh)
+
+
+async def test_operations_domain_errors_become_their_errno(fs: FileSystem) -> None:
+    ops = Operations(fs)
+    assert await fuse_errno(ops.getattr(999, ctx())) == errno.ENOENT
+    assert await fuse_errno(ops.mkdir(ROOT, b"n" * 300, 0o755, ctx())) == errno.ENAMETOOLONG
+    assert await fuse_errno(ops.unlink(ROOT, b"missing", ctx())) == errno.ENOENT
+    assert await fuse_errno(ops.getxattr(ROOT, b"user.none", ctx())) == errno.ENODATA
+    assert await fuse_errno(ops.readlink(ROOT, ctx())) == errno.EINVAL
+    # a negative lookup is an answer, not an error
+    e = await ops.lookup(ROOT, b"missing", ctx())
+    assert e.st_ino == 0
+    attr = await ops.mkdir(ROOT, b"d", 0o755, ctx())
+    assert (await ops.lookup(ROOT, b"d", ctx())).st_ino == attr.st_ino
+    await ops.rmdir(ROOT, b"d", ctx())
+    assert await fuse_errno(ops.rmdir(ROOT, b"d", ctx())) == errno.ENOENT
+
+
+async def test_operations_read_write_round_trip(fs: FileSystem) -> None:
+    ops = Operations(fs)
+    fi, attr = await ops.create(ROOT, b"f", 0o644, os.O_RDWR, ctx())
+    assert stat.S_ISREG(attr.st_mode)
+    assert await ops.write(fi.fh, 0, fill(1, 5000)) == 5000
+    assert bytes(await ops.read(fi.fh, 0, 10000)) == fill(1, 5000)
+    a = await ops.getattr(attr.st_ino, ctx())
+    assert a.st_size == 5000 and a.st_blocks == 2 * BS // 512
+    await ops.release(fi.fh)
+    st = await ops.statfs(ctx())
+    assert st.f_blocks == fs.alloc.nblocks and st.f_bfree == fs.alloc.free
+
+
+async def test_operations_unexpected_exception_is_eio(fs: FileSystem,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    ops = Operations(fs)
+    fi, _ = await ops.create(ROOT, b"f", 0o644, os.O_RDWR, ctx())
+    await ops.write(fi.fh, 0, b"data")
+
+    async def broken_read(fh: int, offset: int, size: int):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(fs, "read", broken_read)
+    with caplog.at_level("ERROR", logger="fs.operations"):
+        assert await fuse_errno(ops.read(fi.fh, 0, 4)) == errno.EIO
+    assert any("RuntimeError" in r.getMessage() and "injected fault" in r.getMessage()
+               and r.exc_info for r in caplog.records)
+
+    def broken_inode(ino: int):
+        raise KeyError(ino)
+
+    monkeypatch.setattr(fs, "inode", broken_inode)
+    assert await fuse_errno(ops.getattr(ROOT, ctx())) == errno.EIO
+    monkeypatch.undo()
+    # an OSError keeps its own errno
+    def enospc(*a, **kw):
+        raise OSError(errno.ENOSPC, "disk full")
+
+    monkeypatch.setattr(fs, "mkdir", enospc)
+    assert await fuse_errno(ops.mkdir(ROOT, b"d", 0o755, ctx())) == errno.ENOSPC
+    monkeypatch.undo()
+    # and the filesystem keeps serving afterwards
+    assert bytes(await ops.read(fi.fh, 0, 4)) == b"data"
+    await ops.release(fi.fh)
+
+
+async def test_operations_checksum_error_is_eio_and_not_fatal(vol: Volume) -> None:
+    fs = vol.fs
+    assert fs is not None
+    ops = Operations(fs)
+    fi, attr = await ops.create(ROOT, b"f", 0o644, os.O_RDWR, ctx())
+    data = fill(2, 40 * BS)  # more than BYPASS_BLOCKS: the write leaves no frames behind
+    await ops.write(fi.fh, 0, data)
+    victim = dev_blocks(fs, attr.st_ino)[5]
+    with open(vol.path / "device.img", "r+b") as f:
+        f.seek(victim * BS + 17)
+        f.write(b"\xff")
+    assert await fuse_errno(ops.read(fi.fh, 5 * BS, BS)) == errno.EIO
+    assert bytes(await ops.read(fi.fh, 6 * BS, BS)) == data[6 * BS:7 * BS]
+    await ops.release(fi.fh)
+
+
+# -- property test: file contents against a bytearray model ---------------------------------
+
+
+_OFF = st.integers(0, 12 * BS)
+_fs_ops = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 1), _OFF, st.integers(1, 3 * BS),
+              st.integers(0, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 1), _OFF, st.just(0), st.just(0)),
+    st.tuples(st.just("read"), st.integers(0, 1), _OFF, st.integers(0, 4 * BS), st.just(0)),
+    st.tuples(st.just("recreate"), st.integers(0, 1), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("commit"), st.just(0), st.just(0), st.just(0), st.just(0)),
+    st.tuples(st.just("remount"), st.just(0), st.just(0), st.just(0), st.just(0)),
+), max_size=25)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=_fs_ops)
+def test_file_contents_match_model(tmp_path_factory: pytest.TempPathFactory,
+                                   ops: list[tuple]) -> None:
+    path = tmp_path_factory.mktemp("prop") / "vol"
+    trio.run(_run_fs_model, path, ops)
+
+
+async def _run_fs_model(path: Path, ops: list[tuple]) -> None:
+    v = Volume(path, size=40 * BS)  # small: the two files compete for blocks
+    fs = await v.open()
+    models = [bytearray(), bytearray()]
+    names_ = [b"f0", b"f1"]
+    try:
+        for n in names_:
+            await write_file(fs, n, b"")
+        for kind, which, a, b, seed in ops:
+            ino = fs.lookup(ROOT, names_[which]).id
+            model = models[which]
+            if kind == "write":
+                data = fill(seed, b)
+                h = fs.open(ino, os.O_RDWR, CALLER)
+                try:
+                    await fs.write(h.fh, a, data)
+                except NoSpace:
+                    pass  # nothing changes
+                else:
+                    if a > len(model):
+                        model.extend(bytes(a - len(model)))
+                    model[a:a + b] = data
+                finally:
+                    await fs.release(h.fh)
+            elif kind == "truncate":
+                await fs.setattr(ino, size=a, caller=CALLER)
+                if a < len(model):
+                    del model[a:]
+                else:
+                    model.extend(bytes(a - len(model)))
+            elif kind == "read":
+                h = fs.open(ino, os.O_RDONLY, CALLER)
+                try:
+                    assert bytes(await fs.read(h.fh, a, b)) == bytes(model[a:a + b])
+                finally:
+                    await fs.release(h.fh)
+            elif kind == "recreate":
+                await fs.unlink(ROOT, names_[which])
+                await write_file(fs, names_[which], b"")
+                models[which] = bytearray()
+            elif kind == "commit":
+                await fs.commit()
+            else:
+                await v.close()
+                fs = await v.open()
+            for i, n in enumerate(names_):
+                node = fs.lookup(ROOT, n)
+                assert node.size == len(models[i])
+                assert node.blocks == fs._extents(node).blocks
+            used = fs.alloc.nblocks - fs.alloc.free
+            owned = sum(fs._extents(fs.lookup(ROOT, n)).blocks for n in names_)
+            assert used == owned + fs.alloc.pending_blocks
+        for i, n in enumerate(names_):
+            assert await read_file(fs, fs.lookup(ROOT, n).id) == bytes(models[i])
+    finally:
+        await v.close()
+    report = await trio.to_thread.run_sync(lambda: fsck(path, verify_data=True))
+    assert report.errors == 0, report.lines

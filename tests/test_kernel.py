@@ -1,0 +1,342 @@
+"""The shim kernel over a real block device and pager: the data path through extent
+maps, rights, mint and revoke, and revoke's fencing of in-flight requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from kernelshim import (UNWRITTEN, WRITTEN, BadRequest, BlockDevice, ExtentMap, GrantRevoked,
+                        Kernel, NotAllocated, PrincipalId, Rights, RightsError)
+
+BS = 4096
+P1 = PrincipalId(1)
+P2 = PrincipalId(2)
+W, U = WRITTEN, UNWRITTEN
+
+
+def fill(seed: int, n: int) -> bytes:
+    return bytes((seed + i * 7) % 256 for i in range(n))
+
+
+def open_kernel(tmp_path: Path, *, profile: str | None = None, nblocks: int = 256) -> Kernel:
+    d = tmp_path / "vol"
+    d.mkdir(exist_ok=True)
+    BlockDevice.format(d, size=nblocks * BS, block_size=BS)
+    return Kernel.open(d, cache_bytes=64 * BS, profile=profile)
+
+
+@pytest.fixture
+def kernel(tmp_path: Path):
+    k = open_kernel(tmp_path)
+    yield k
+    k.close()
+
+
+def rw_grant(kernel: Kernel, emap: ExtentMap, rights: Rights = Rights.RW, ino: int = 7):
+    return kernel.grant(inode=ino, generation=1, extents=emap, rights=rights, principal=P1)
+
+
+# -- the data path ------------------------------------------------------------------------
+
+
+async def test_read_write_through_extents(kernel: Kernel) -> None:
+    # file blocks 0-1 -> dev 10-11, 2-3 -> dev 40-41, 4-5 hole, 6-7 -> dev 20-21
+    emap = ExtentMap([(0, 10, 2, W), (2, 40, 2, W), (6, 20, 2, W)])
+    g = rw_grant(kernel, emap)
+    data = fill(1, 4 * BS)
+    assert await kernel.write(g, 0, data) == len(data)
+    assert bytes(await kernel.read(g, 0, 4 * BS)) == data
+    # the bytes landed on the mapped device blocks
+    assert await kernel.device.read(10, 2, principal=P1) == data[:2 * BS]
+    assert await kernel.device.read(40, 2, principal=P1) == data[2 * BS:]
+    # an unaligned read across the extent boundary
+    assert bytes(await kernel.read(g, BS + 5, BS + 10)) == data[BS + 5:2 * BS + 15]
+    # a read covering written blocks, a hole and more written blocks
+    await kernel.write(g, 6 * BS, fill(2, 2 * BS))
+    got = bytes(await kernel.read(g, 3 * BS, 5 * BS))
+    assert got == data[3 * BS:] + bytes(2 * BS) + fill(2, 2 * BS)
+    assert await kernel.read(g, 100, 0) == b""
+
+
+async def test_holes_and_unwritten_extents_read_as_zeros(kernel: Kernel) -> None:
+    # device blocks 30-33 hold stale data of some earlier owner
+    await kernel.device.write(30, fill(9, 4 * BS), principal=P2)
+    emap = ExtentMap([(2, 30, 4, U)])
+    g = rw_grant(kernel, emap)
+    assert bytes(await kernel.read(g, 0, 8 * BS)) == bytes(8 * BS)
+    assert bytes(await kernel.read(g, 2 * BS + 17, 100)) == bytes(100)  # one unwritten seg
+    assert bytes(await kernel.read(g, 17, 100)) == bytes(100)  # one hole seg
+    # written through the grant but not committed: still zeros to readers
+    await kernel.write(g, 2 * BS, fill(3, BS))
+    assert bytes(await kernel.read(g, 2 * BS, BS)) == bytes(BS)
+    emap.mark_written(2, 1)  # the metadata server's commit
+    assert bytes(await kernel.read(g, 2 * BS, 2 * BS)) == fill(3, BS) + bytes(BS)
+
+
+async def test_partial_block_writes_merge(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 50, 3, W)])
+    g = rw_grant(kernel, emap)
+    base = fill(4, 3 * BS)
+    await kernel.write(g, 0, base)
+    # inside one block
+    await kernel.write(g, 100, b"x" * 50)
+    # head and tail partial, across all three blocks
+    await kernel.write(g, BS - 10, b"y" * (BS + 20))
+    # a tail-partial write of the first part of the last block
+    await kernel.write(g, 2 * BS, b"z" * 10)
+    expect = bytearray(base)
+    expect[100:150] = b"x" * 50
+    expect[BS - 10:2 * BS + 10] = b"y" * (BS + 20)
+    expect[2 * BS:2 * BS + 10] = b"z" * 10
+    assert bytes(await kernel.read(g, 0, 3 * BS)) == bytes(expect)
+    # and the device agrees (the pager is write-through)
+    assert await kernel.device.read(50, 3, principal=P1) == expect
+
+
+async def test_partial_write_into_unwritten_block_pads_with_zeros(kernel: Kernel) -> None:
+    await kernel.device.write(60, fill(5, 2 * BS), principal=P2)  # stale contents
+    emap = ExtentMap([(0, 60, 2, U)])
+    g = rw_grant(kernel, emap)
+    await kernel.write(g, BS + 1000, b"q" * 10)
+    await kernel.write(g, 5, b"p" * 3)
+    emap.mark_written(0, 2)
+    expect = bytearray(2 * BS)
+    expect[5:8] = b"ppp"
+    expect[BS + 1000:BS + 1010] = b"q" * 10
+    assert bytes(await kernel.read(g, 0, 2 * BS)) == bytes(expect)
+
+
+async def test_write_into_hole_is_not_allocated(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 80, 2, W)])
+    g = rw_grant(kernel, emap)
+    await kernel.write(g, 0, fill(6, 2 * BS))
+    with pytest.raises(NotAllocated):
+        await kernel.write(g, 2 * BS, b"a")
+    # a write that is only partly allocated writes nothing at all
+    with pytest.raises(NotAllocated):
+        await kernel.write(g, BS, b"b" * (2 * BS))
+    assert bytes(await kernel.read(g, 0, 2 * BS)) == fill(6, 2 * BS)
+    assert kernel.device.written_blocks().tolist() == [80, 81]
+    assert g.inflight == 0
+
+
+async def test_bad_requests(kernel: Kernel) -> None:
+    g = rw_grant(kernel, ExtentMap([(0, 1, 1, W)]))
+    with pytest.raises(BadRequest):
+        await kernel.read(g, -1, 10)
+    with pytest.raises(BadRequest):
+        await kernel.read(g, 0, -1)
+    with pytest.raises(BadRequest):
+        await kernel.write(g, -5, b"x")
+    assert await kernel.write(g, 0, b"") == 0
+    assert g.inflight == 0
+
+
+async def test_large_read_spanning_many_blocks(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 100, 40, W), (40, 150, 10, W)])
+    g = rw_grant(kernel, emap)
+    data = fill(8, 50 * BS)
+    await kernel.write(g, 0, data)
+    assert bytes(await kernel.read(g, 0, 50 * BS)) == data
+    assert bytes(await kernel.read(g, 3, 45 * BS)) == data[3:3 + 45 * BS]
+    assert kernel.pager.statistics().bypassed_blocks > 0
+
+
+async def test_zero_clears_written_bytes_only(kernel: Kernel) -> None:
+    await kernel.device.write(91, fill(1, BS), principal=P2)
+    emap = ExtentMap([(0, 90, 1, W), (1, 91, 1, U)])
+    g = rw_grant(kernel, emap)
+    await kernel.write(g, 0, fill(7, BS))
+    await kernel.zero(g, 1000, 2 * BS)
+    await kernel.zero(g, 0, 0)
+    assert bytes(await kernel.read(g, 0, BS)) == fill(7, BS)[:1000] + bytes(BS - 1000)
+    # the unwritten block was not touched on the device
+    assert await kernel.device.read(91, 1, principal=P2) == fill(1, BS)
+    ro = kernel.mint(g, Rights.READ)
+    with pytest.raises(RightsError):
+        await kernel.zero(ro, 0, 10)
+
+
+async def test_discard_forgets_cached_blocks(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 70, 2, W)])
+    g = rw_grant(kernel, emap)
+    await kernel.write(g, 0, fill(2, 2 * BS))
+    await kernel.read(g, 0, 2 * BS)  # resident in the pager
+    await kernel.discard([(70, 2)], principal=P1)
+    assert bytes(await kernel.read(g, 0, 2 * BS)) == bytes(2 * BS)
+    assert kernel.written_blocks().tolist() == []
+    await kernel.sync()
+
+
+# -- rights, mint, revoke -------------------------------------------------------------------
+
+
+async def test_rights_are_checked(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 5, 1, W)])
+    rw = rw_grant(kernel, emap)
+    await kernel.write(rw, 0, b"hello")
+    ro = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.READ, principal=P1)
+    wo = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.WRITE, principal=P1)
+    none = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.NONE, principal=P1)
+    with pytest.raises(RightsError):
+        await kernel.write(ro, 0, b"x")
+    with pytest.raises(RightsError):
+        await kernel.read(wo, 0, 5)
+    with pytest.raises(RightsError):
+        await kernel.read(none, 0, 5)
+    assert bytes(await kernel.read(ro, 0, 5)) == b"hello"
+    await kernel.write(wo, 0, b"HELLO")
+    assert bytes(await kernel.read(ro, 0, 5)) == b"HELLO"
+    for g in (rw, ro, wo, none):
+        assert g.inflight == 0
+
+
+async def test_mint(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 5, 1, W)])
+    parent = rw_grant(kernel, emap)
+    child = kernel.mint(parent, Rights.READ)
+    assert child.rights == Rights.READ and child.parent is parent
+    assert child in parent.children
+    assert child.principal == parent.principal and child.extents is parent.extents
+    assert child.inode == parent.inode and child.generation == parent.generation
+    await kernel.write(parent, 0, b"abc")
+    assert bytes(await kernel.read(child, 0, 3)) == b"abc"
+    with pytest.raises(RightsError):
+        await kernel.write(child, 0, b"x")
+    # more rights than the parent holds
+    with pytest.raises(RightsError):
+        kernel.mint(child, Rights.RW)
+    with pytest.raises(RightsError):
+        kernel.mint(child, Rights.WRITE)
+    assert kernel.mint(child, Rights.READ).rights == Rights.READ
+    assert kernel.mint(parent, Rights.RW).rights == Rights.RW
+    assert kernel.mint(parent, Rights.NONE).rights == Rights.NONE
+    assert len(kernel.grants_for(7)) == 5
+    assert kernel.live_grants == 5
+
+
+async def test_revoke_fails_later_requests_including_minted_children(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 5, 1, W)])
+    parent = rw_grant(kernel, emap)
+    child = kernel.mint(parent, Rights.READ)
+    grandchild = kernel.mint(child, Rights.READ)
+    other = rw_grant(kernel, emap)  # another grant on the same inode
+    await kernel.revoke(parent)
+    for g in (parent, child, grandchild):
+        assert g.revoked
+        with pytest.raises(GrantRevoked):
+            await kernel.read(g, 0, 1)
+        with pytest.raises(GrantRevoked):
+            kernel.mint(g, Rights.NONE)
+    with pytest.raises(GrantRevoked):
+        await kernel.write(parent, 0, b"x")
+    # the unrelated grant is untouched
+    assert not other.revoked
+    await kernel.write(other, 0, b"ok")
+    assert kernel.grants_for(7) == [other]
+    assert kernel.live_grants == 1
+    # revoking twice is harmless; release is revoke without waiting
+    await kernel.revoke(parent)
+    kernel.release(other)
+    assert other.revoked and kernel.live_grants == 0 and kernel.grants_for(7) == []
+
+
+async def test_revoking_a_child_leaves_the_parent(kernel: Kernel) -> None:
+    emap = ExtentMap([(0, 5, 1, W)])
+    parent = rw_grant(kernel, emap)
+    child = kernel.mint(parent, Rights.READ)
+    await kernel.revoke(child)
+    assert child.revoked and not parent.revoked
+    assert bytes(await kernel.read(parent, 0, 1)) == b"\0"
+    with pytest.raises(GrantRevoked):
+        await kernel.read(child, 0, 1)
+
+
+@pytest.mark.parametrize("through_child", [False, True])
+async def test_revoke_waits_for_in_flight_request(tmp_path: Path, autojump_clock,
+                                                  through_child: bool) -> None:
+    kernel = open_kernel(tmp_path, profile="hdd")
+    try:
+        emap = ExtentMap([(0, 100, 8, W)])
+        g = rw_grant(kernel, emap)
+        # written behind the pager, so the read below misses and goes to the device
+        await kernel.device.write(100, fill(3, 8 * BS), principal=P1)
+        reader = kernel.mint(g, Rights.READ) if through_child else g
+        events: list[tuple[str, float]] = []
+        result: list[bytes] = []
+
+        async def do_read() -> None:
+            data = await kernel.read(reader, 0, 8 * BS)
+            result.append(bytes(data))
+            events.append(("read done", trio.current_time()))
+
+        async def do_revoke() -> None:
+            await kernel.revoke(g)
+            events.append(("revoke done", trio.current_time()))
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(do_read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert reader.inflight == 1  # past the check, waiting for the device
+            nursery.start_soon(do_revoke)
+            await trio.testing.wait_all_tasks_blocked()
+            # the revoke has marked the grants but is still waiting for the read
+            assert g.revoked and reader.revoked
+            assert events == []
+            assert trio.current_time() == t0
+            # a request that starts now fails at once
+            with pytest.raises(GrantRevoked):
+                await kernel.read(reader, 0, BS)
+            with pytest.raises(GrantRevoked):
+                await kernel.write(g, 0, b"x")
+        assert [e[0] for e in events] == ["read done", "revoke done"]
+        assert events[1][1] >= events[0][1] > t0
+        # the in-flight read finished normally with the right data
+        assert result == [fill(3, 8 * BS)]
+        assert reader.inflight == 0
+        with pytest.raises(GrantRevoked):
+            await kernel.read(reader, 0, BS)
+    finally:
+        kernel.close()
+
+
+async def test_revoke_with_nothing_in_flight_returns_at_once(tmp_path: Path,
+                                                             autojump_clock) -> None:
+    kernel = open_kernel(tmp_path, profile="hdd")
+    try:
+        g = rw_grant(kernel, ExtentMap([(0, 100, 1, W)]))
+        await kernel.read(g, 0, 10)
+        t0 = trio.current_time()
+        await kernel.revoke(g)
+        assert trio.current_time() == t0
+    finally:
+        kernel.close()
+
+
+async def test_revoke_waits_for_several_in_flight_requests(tmp_path: Path,
+                                                           autojump_clock) -> None:
+    kernel = open_kernel(tmp_path, profile="hdd")
+    try:
+        emap = ExtentMap([(0, 100, 4, W)])
+        g = rw_grant(kernel, emap)
+        done: list[str] = []
+
+        async def writer(i: int) -> None:
+            await kernel.write(g, i * BS, fill(i, BS))
+            done.append(f"write {i}")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(writer, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert g.inflight == 3  # one at the device, two queued (depth 1)
+            await kernel.revoke(g)
+            assert g.inflight == 0
+            assert sorted(done) == ["write 0", "write 1", "write 2"]
+    finally:
+        kernel.close()
