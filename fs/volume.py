@@ -81,7 +81,8 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
     path.mkdir(parents=True, exist_ok=True)
     if is_volume(path) and not force:
         raise VolumeError(f"{path} already holds a sluice volume (use --force to overwrite)")
-    if not force and not is_volume(path) and any(path.iterdir()):
+    # (a lone lock file is what an earlier mkfs that failed, e.g. on a bad size, leaves)
+    if not force and not is_volume(path) and any(p.name != LOCK for p in path.iterdir()):
         raise VolumeError(f"{path} is not empty and not a sluice volume")
     with VolumeLock(path, purpose="mkfs"):
         for name in (DB, DB + "-wal", DB + "-shm", MOUNT_STATE, "device.img", "checksums"):

@@ -38,6 +38,16 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[1] == real for line in f)
 
 
+def _answers(path: Path) -> bool:
+    """The mount at `path` is served (a dead mount left by a killed daemon is listed in
+    /proc/mounts too, but answers ENOTCONN)."""
+    try:
+        os.statvfs(path)
+    except OSError:
+        return False
+    return True
+
+
 @dataclasses.dataclass
 class Mount:
     volume: Path
@@ -53,7 +63,7 @@ class Mount:
                                      start_new_session=True)
         logf.close()
         deadline = time.monotonic() + timeout
-        while not is_mounted(self.path):
+        while not (is_mounted(self.path) and _answers(self.path)):
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode} before "
                                      f"mounting:\n{self.log.read_text()[-4000:]}")
