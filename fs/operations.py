@@ -22,7 +22,9 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 
-from .errors import errno_of
+from kernelshim import SluiceError
+
+from .errors import NotFound
 
 CONTROL_XATTR = b"user.sluice.control"
 from .filesystem import Caller, FileSystem, Inode
@@ -39,6 +41,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def _guard(fn: F) -> F:
+    """Let only FUSEError out of a handler: domain errors become their errno; anything
+    else is a bug, logged with the operation and its arguments and answered with EIO."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -47,27 +51,25 @@ def _guard(fn: F) -> F:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except SluiceError as exc:
+            if exc.errno == errno.EIO:  # a bad block, a device failure: worth a line
+                log.error("%s%r: %s", name, _brief(args), exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s%r: %s", name, _brief(args), exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing else may escape
-            code = errno_of(exc)
-            if code == errno.EIO or not isinstance(exc, (OSError,)) and \
-                    type(exc).__module__.split(".")[0] not in ("fs", "kernelshim", "blockdev",
-                                                               "pager"):
-                log.error("%s%r failed: %s: %s", name, _brief(args), type(exc).__name__, exc,
-                          exc_info=not _expected(exc))
-                code = code or errno.EIO
-            raise pyfuse3.FUSEError(code) from None
+            log.exception("unexpected error in %s%r: %s: %s", name, _brief(args),
+                          type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def _expected(exc: BaseException) -> bool:
-    from kernelshim import SluiceError
-    return isinstance(exc, SluiceError)
-
-
 def _brief(args: tuple) -> tuple:
-    return tuple(a if isinstance(a, (int, bytes)) and not (isinstance(a, bytes) and len(a) > 64)
-                 else f"<{type(a).__name__}>" for a in args if not isinstance(a, pyfuse3.RequestContext))
+    return tuple(a if isinstance(a, int) or isinstance(a, bytes) and len(a) <= 64
+                 else f"<{type(a).__name__}>" for a in args
+                 if not isinstance(a, pyfuse3.RequestContext))
 
 
 class Operations(pyfuse3.Operations):
@@ -124,16 +126,13 @@ class Operations(pyfuse3.Operations):
                      ) -> pyfuse3.EntryAttributes:
         try:
             node = self.fs.lookup(parent_inode, name)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as exc:
-            if errno_of(exc) == errno.ENOENT:
-                # A negative entry the kernel may cache: st_ino 0 with a timeout.
-                e = pyfuse3.EntryAttributes()
-                e.st_ino = 0
-                e.entry_timeout = TIMEOUT
-                return e
-            raise
+        except NotFound:
+            # A negative entry the kernel may cache: st_ino 0 with a timeout. Names
+            # created later come through this daemon, which the kernel then knows.
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = TIMEOUT
+            return e
         return self._attr(node)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
