@@ -183,6 +183,9 @@ class FileSystem:
         #: called with an inode number when its attributes changed behind the kernel's
         #: back (atime on read, setuid cleared on write); operations.py invalidates
         self.on_attr_changed: Callable[[int], None] = lambda ino: None
+        #: called with (directory, name) when a name appeared that the kernel may have
+        #: cached as missing (a direct client's create); operations.py invalidates
+        self.on_entry_created: Callable[[int, bytes], None] = lambda parent, name: None
         self._commit_lock = trio.Lock()
 
     @classmethod

@@ -84,6 +84,7 @@ class Operations(pyfuse3.Operations):
         #: the shim's socket from the mount point
         self.control_socket = control_socket.encode() if control_socket else None
         fs.on_attr_changed = self._invalidate_attr
+        fs.on_entry_created = self._invalidate_entry
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -115,6 +116,11 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except Exception as exc:  # noqa: BLE001 - the kernel may not know the inode
             log.debug("invalidate_inode(%d) failed: %s", ino, exc)
+
+    def _invalidate_entry(self, parent: int, name: bytes) -> None:
+        # Asynchronous (a pyfuse3 worker thread): the kernel may hold the directory's
+        # lock for a request this daemon has yet to answer.
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
     def _file_info(self, h: Any) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=h.fh, direct_io=h.direct_io, keep_cache=False)
