@@ -93,6 +93,7 @@ class DirectService:
             fs.access(parent.id, os.W_OK | os.X_OK, caller)
             node = fs._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777 & ~0o022), caller)
             node.lookups -= 1  # the kernel did not look this up
+            fs.on_entry_created(parent.id, name)
         else:
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 raise Exists(f"{path}: file exists")
@@ -116,7 +117,7 @@ class DirectService:
 
     async def truncate(self, grant: Grant, size: int) -> None:
         node = self.fs.inode(grant.inode)
-        await self.fs.truncate(node, size, principal=grant.principal)
+        await self.fs.truncate(node, size, principal=grant.principal, keep_grant=grant)
         self.fs.on_attr_changed(node.id)
 
     def size_of(self, grant: Grant) -> int:

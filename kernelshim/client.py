@@ -22,6 +22,7 @@ QuotaExceeded, ... (kernelshim's classes) or OSError subclasses by errno.
 from __future__ import annotations
 
 import array
+import bisect
 import errno as _errno
 import itertools
 import mmap
@@ -85,6 +86,51 @@ def _flags_for(mode: str) -> int:
     if m not in table:
         raise ValueError(f"invalid mode {mode!r}")
     return table[m]
+
+
+def _chunk(off: int, left: int, room: int, bs: int) -> int:
+    """Bytes of the next write request at `off`: at most `room`, and ending on a block
+    boundary unless it is the last. The kernel merges a partial block of an unwritten
+    (uncommitted) extent with zeros, so no block may be written partially twice
+    between commits."""
+    if left <= room:
+        return left
+    n = room - (off + room) % bs
+    return n if n > 0 else room
+
+
+def _needs_commit(dirty: tuple[int, int] | None, offset: int, n: int, bs: int) -> bool:
+    """Whether a write of `n` bytes at `offset` covers part of a block that an
+    uncommitted write touched (its merge would read that block as zeros)."""
+    if dirty is None or n <= 0:
+        return False
+    lo, hi = dirty[0] // bs, -(-dirty[1] // bs)
+    head, tail = offset // bs, (offset + n - 1) // bs
+    return bool(offset % bs and lo <= head < hi) or bool((offset + n) % bs and lo <= tail < hi)
+
+
+def _covered(layout: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies inside one range of `layout` (sorted, disjoint, merged)."""
+    i = bisect.bisect_right(layout, (lo, _INF)) - 1
+    return i >= 0 and hi <= layout[i][1]
+
+
+def _add_range(layout: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """Put [lo, hi) into `layout`, merging it with the ranges it overlaps or touches:
+    the list stays sorted and short, and `_covered` is a binary search (random writes
+    used to append a range per layout request and scan them all on every write)."""
+    i = bisect.bisect_left(layout, (lo, lo))
+    if i and layout[i - 1][1] >= lo:
+        i -= 1
+        lo, hi = layout[i][0], max(hi, layout[i][1])
+    j = i
+    while j < len(layout) and layout[j][0] <= hi:
+        hi = max(hi, layout[j][1])
+        j += 1
+    layout[i:j] = [(lo, hi)]
+
+
+_INF = float("inf")
 
 
 class _Base:
@@ -284,23 +330,26 @@ class File:
     # -- writing ---------------------------------------------------------------------
 
     def _allocated(self, lo: int, hi: int) -> bool:
-        return any(a <= lo and hi <= b for a, b in self._layout)
+        return _covered(self._layout, lo, hi)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         c = self.client
         assert c.shm is not None
         mv = memoryview(data).cast("B")
         chunk = len(c.shm)
+        bs = c.info.get("block_size") or 4096
+        if _needs_commit(self._dirty, offset, len(mv), bs):
+            self.commit()
         done = 0
         while done < len(mv):
-            n = min(len(mv) - done, chunk)
             off = offset + done
+            n = _chunk(off, len(mv) - done, chunk, bs)
             if not self._allocated(off, off + n):
                 # Ask for a write layout covering this write and what follows it.
                 lo = off
                 hi = off + max(n, LAYOUT_CHUNK)
                 c.call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
-                self._layout.append((lo, hi))
+                _add_range(self._layout, lo, hi)
             c.shmview[:n] = mv[done:done + n]
             c.call("write", slot=self.slot, offset=off, length=n, buf=0)
             done += n
@@ -530,14 +579,17 @@ class AsyncFile:
         c = self.client
         assert c.shm is not None
         mv = memoryview(data).cast("B")
+        bs = c.info.get("block_size") or 4096
+        if _needs_commit(self._dirty, offset, len(mv), bs):
+            await self.commit()
         done = 0
         while done < len(mv):
-            n = min(len(mv) - done, len(c.shm))
             off = offset + done
-            if not any(a <= off and off + n <= b for a, b in self._layout):
+            n = _chunk(off, len(mv) - done, len(c.shm), bs)
+            if not _covered(self._layout, off, off + n):
                 hi = off + max(n, LAYOUT_CHUNK)
                 await c.call("layout_get", slot=self.slot, offset=off, length=hi - off)
-                self._layout.append((off, hi))
+                _add_range(self._layout, off, hi)
             c.shmview[:n] = mv[done:done + n]
             await c.call("write", slot=self.slot, offset=off, length=n, buf=0)
             done += n

@@ -286,8 +286,17 @@ class Kernel:
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)
-        has revoked every grant that mapped them."""
-        for dev, count in runs:
+        has revoked every grant that mapped them.
+        Adjacent runs are merged first: one hole punch per range instead of one per
+        freed extent (rm -rf of small files frees thousands of neighbouring runs)."""
+        merged: list[list[int]] = []
+        for dev, count in sorted(runs):
+            if merged and dev <= merged[-1][0] + merged[-1][1]:
+                last = merged[-1]
+                last[1] = max(last[1], dev + count - last[0])
+            else:
+                merged.append([dev, count])
+        for dev, count in merged:
             await self.pager.discard(BlockNo(dev), count, principal=principal)
 
     async def sync(self) -> None:

@@ -372,6 +372,18 @@ class PrincipalTable:
                 mine, theirs = getattr(c.banks, k), getattr(banks, k)
                 if mine is not None and theirs is not None and mine > theirs:
                     raise PrincipalError(f"child {c.name!r} has {k} {mine}, more than {theirs}")
+        # ... and so must the guarantees carved from it (root without one: no limit).
+        carved = sum(c.banks.cache_min for c in p.children)
+        if carved > banks.cache_min and (p is not self.root or banks.cache_min):
+            raise PrincipalError(f"children of {name!r} hold cache_min {carved}, more than "
+                                 f"{banks.cache_min}")
+        reserved = [c.banks.io_reserve for c in p.children if c.banks.io_reserve is not None]
+        r = banks.io_reserve
+        if reserved and (r is not None or p is not self.root) and (
+                r is None or any(x.unit != r.unit for x in reserved)
+                or sum(x.value for x in reserved) > r.value):
+            raise PrincipalError(f"children of {name!r} reserve "
+                                 f"{', '.join(map(str, reserved))}, more than {r or 'nothing'}")
         p.banks = banks
         self.save()
         return p

@@ -45,6 +45,9 @@ class ProtocolError(SluiceError):
 class FramingError(ProtocolError):
     """The stream cannot be delimited any more (bad length, truncated): close it."""
 
+    #: what the same feed() decoded before the bad length (each still wants its reply)
+    messages: list = []
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
@@ -95,11 +98,15 @@ class Decoder:
     def feed(self, data: bytes) -> list[Message | ProtocolError]:
         """Decode what is complete. A frame that can be delimited but not decoded yields
         a ProtocolError in place of its message; an undelimitable stream raises
-        FramingError."""
+        FramingError (its `messages`: those this call decoded before the bad length)."""
         self._buf += data
         out: list[Message | ProtocolError] = []
         while len(self._buf) >= _LEN.size:
-            n = frame_length(bytes(self._buf[:_LEN.size]))
+            try:
+                n = frame_length(bytes(self._buf[:_LEN.size]))
+            except FramingError as exc:
+                exc.messages = out
+                raise
             if len(self._buf) < _LEN.size + n:
                 break
             body = bytes(self._buf[_LEN.size:_LEN.size + n])
@@ -130,6 +137,10 @@ def arg_str(p: dict[str, Any], key: str, *, optional: bool = False, maxlen: int 
         return ""
     if not isinstance(v, str) or len(v) > maxlen:
         raise ProtocolError(f"argument {key!r} must be a string of at most {maxlen} characters")
+    try:  # JSON admits lone surrogates; only those os.fsdecode makes name bytes
+        v.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ProtocolError(f"argument {key!r} is not a valid string (lone surrogate)") from None
     return v
 
 

@@ -135,6 +135,8 @@ class ShimServer:
                     msgs = decoder.feed(data)
                 except FramingError as exc:
                     log.info("closing shim connection of pid %d: %s", pid, exc)
+                    for m in exc.messages:  # complete requests before the bad length
+                        await self._handle(sock, conn, m)
                     await self._send(sock, ERROR, 0, error_payload(exc))
                     return
                 for m in msgs:
