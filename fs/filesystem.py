@@ -813,7 +813,9 @@ class FileSystem:
             await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
             try:
                 await self.kernel.write(h.grant, offset, data)
-                emap.mark_written(b0, b1 - b0)
+                # The kernel's handles commit every write at once.
+                for start, stop in h.grant.take_written(offset, end):
+                    emap.mark_written(start // bs, -(-stop // bs) - start // bs)
             finally:
                 self._save_extents(node)
             now = _now()
@@ -927,15 +929,16 @@ class FileSystem:
         bs = self.block_size
         async with self._lock(node):
             self._direct_node(grant)
-            if length:
+            # Exactly what was written through this grant becomes part of the file:
+            # laid-out blocks never written stay unwritten (they read as zeros, and on a
+            # real device they may still hold a deleted file's data).
+            ranges = grant.take_written(offset, offset + length)
+            if ranges:
                 emap = self._extents(node)
-                b0, b1 = offset // bs, -(-(offset + length) // bs)
-                end = offset + length
-                # Only what is allocated can have been written.
-                alloc_end = max((s.file_block + s.count for s in emap.segments(b0, b1 - b0)
-                                 if s.dev_block >= 0), default=b0) * bs
-                end = min(end, max(alloc_end, offset))
-                emap.mark_written(b0, b1 - b0)
+                for start, stop in ranges:
+                    b0, b1 = start // bs, -(-stop // bs)
+                    emap.mark_written(b0, b1 - b0)
+                end = max(stop for _start, stop in ranges)
                 self._save_extents(node)
                 now = _now()
                 if end > node.size:

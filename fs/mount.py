@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import signal
 import subprocess
 from pathlib import Path
@@ -123,8 +124,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                      scrubbed)
         sock_path = control_socket_path(read_header(volume).uuid)
         ops = Operations(fs, control_socket=str(sock_path))
-        server = ShimServer(kernel, principals, DirectService(fs), sock_path)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
+        server = ShimServer(kernel, principals, DirectService(fs), sock_path,
+                            metadata_pending=_fuse_queue_probe())
         mounted = True
 
         def _close() -> None:
@@ -161,6 +163,23 @@ def control_socket_path(uuid: str) -> Path:
         if os.access(base, os.W_OK):
             return Path(base) / f"{uuid}.sock"
     raise OSError("no writable directory for the control socket")
+
+
+def _fuse_queue_probe() -> Callable[[], bool] | None:
+    """A cheap check whether the kernel has FUSE requests queued for this daemon: poll
+    the session's /dev/fuse descriptor (pyfuse3 does not export it, /proc names it)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                fds.append(int(name))
+        except OSError:
+            continue
+    if len(fds) != 1:
+        return None
+    poller = select.poll()
+    poller.register(fds[0], select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 async def _prune_registrations(principals: PrincipalTable) -> None:

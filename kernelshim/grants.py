@@ -9,6 +9,7 @@ counted in `inflight`, and `Kernel.revoke` waits for them to finish (fencing).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import enum
 import itertools
@@ -47,6 +48,37 @@ class Grant:
     charged: bool = False
     #: opaque reference for the issuer (unused by the kernel)
     file: object = None
+    #: byte ranges [start, end) written through this grant and not yet committed,
+    #: sorted and merged: a commit makes exactly these part of the file
+    written: list[list[int]] = dataclasses.field(default_factory=list)
+
+    def note_written(self, start: int, end: int) -> None:
+        w = self.written
+        i = bisect.bisect_left(w, [start, start])
+        if i > 0 and w[i - 1][1] >= start:
+            i -= 1
+        j = i
+        while j < len(w) and w[j][0] <= end:
+            start = min(start, w[j][0])
+            end = max(end, w[j][1])
+            j += 1
+        w[i:j] = [[start, end]]
+
+    def take_written(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The written ranges inside [start, end), clipped; they are no longer pending."""
+        out: list[tuple[int, int]] = []
+        keep: list[list[int]] = []
+        for s, e in self.written:
+            if e <= start or s >= end:
+                keep.append([s, e])
+                continue
+            out.append((max(s, start), min(e, end)))
+            if s < start:
+                keep.append([s, start])
+            if e > end:
+                keep.append([end, e])
+        self.written = keep
+        return out
     #: requests past the rights check and not yet finished
     inflight: int = 0
     _drained: trio.Event | None = None

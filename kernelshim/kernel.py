@@ -256,6 +256,7 @@ class Kernel:
                 await self.pager.write(BlockNo(s.dev_block), buf[pos:pos + n],
                                        principal=principal)
                 pos += n
+            grant.note_written(offset, offset + length)
             return length
         finally:
             self._leave(grant)

@@ -401,6 +401,9 @@ class PrincipalTable:
         if p.children:
             raise PrincipalError(f"principal {name!r} has children: "
                                  + ", ".join(c.name for c in p.children))
+        if p.usage.grants or p.usage.caps:
+            raise PrincipalError(f"principal {name!r} holds {p.usage.grants} open grants and "
+                                 f"{p.usage.caps} capability slots: close them first")
         heir: Principal | None = None
         if p.usage.space or p.usage.inodes:
             if move_to is None:

@@ -61,6 +61,10 @@ MAX_SHM = 64 << 20
 MAX_CONNECTIONS = 512
 #: shared buffers of all connections together (bounds the daemon's memory)
 MAX_SHM_TOTAL = 1 << 30
+#: large direct requests are served in slices of this size, and give the event loop
+#: back between slices once they have held it for HOG_SECONDS
+SLICE_BYTES = 256 << 10
+HOG_SECONDS = 1e-3
 
 
 class BadSlot(SluiceError):
@@ -81,13 +85,17 @@ class Connection:
 
 class ShimServer:
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
-                 path: Path) -> None:
+                 path: Path, *, metadata_pending: Callable[[], bool] | None = None) -> None:
         self.kernel = kernel
+        #: whether metadata requests are waiting (the mount's FUSE queue is readable):
+        #: large data requests then give the loop back between slices at once
+        self.metadata_pending = metadata_pending
         self.principals = principals
         self.service = service
         self.path = path
         self.connections = 0
         self.shm_bytes = 0
+        self._last_yield = 0.0
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -294,17 +302,48 @@ class ShimServer:
         if g.revoked or not g.rights & Rights.READ:
             await self.kernel.read(g, 0, 0)  # raises the kernel's typed error
         n = max(0, min(length, self.service.size_of(g) - offset))
-        if n:
-            await self.kernel.read_into(g, offset, buf[:n])
+        pos = 0
+        while pos < n:
+            k = min(SLICE_BYTES, n - pos)
+            await self.kernel.read_into(g, offset + pos, buf[pos:pos + k])
+            pos += k
+            if pos < n:
+                await self._yield_if_hogging()
         return {"n": n}
+
+    async def _yield_if_hogging(self) -> None:
+        """Give the event loop back if this request has held it for a while, so that the
+        metadata requests of the mount wait behind a stream for at most that long."""
+        pending = self.metadata_pending
+        if pending is not None and pending():
+            # Metadata first: let the FUSE workers take what is queued (a bounded number
+            # of rounds, so a storm of metadata cannot stall a stream for good).
+            for _ in range(8):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not pending():
+                    break
+            self._last_yield = trio.current_time()
+            return
+        now = trio.current_time()
+        if now - self._last_yield >= HOG_SECONDS:
+            self._last_yield = now
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _op_write(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
         offset = arg_int(p, "offset")
         length = arg_int(p, "length", hi=MAX_SHM)
         buf = self._buf(conn, p, length)
-        n = await self.kernel.write(g, offset, buf)
-        return {"n": n}
+        pos = 0
+        while pos < length:
+            k = min(SLICE_BYTES, length - pos)
+            if pos + k < length:
+                k -= (offset + pos + k) % self.kernel.block_size  # slices end on blocks
+            await self.kernel.write(g, offset + pos, buf[pos:pos + k])
+            pos += k
+            if pos < length:
+                await self._yield_if_hogging()
+        return {"n": length}
 
     def _need(self, g: Grant, rights: Rights) -> None:
         if g.revoked:

@@ -704,3 +704,33 @@ async def test_async_client_basics(mnt: Path) -> None:
         assert results == {i: data[:BS + 1][i:i + BS] for i in range(8)}
     assert (mnt / "async.bin").read_bytes() == data[:BS + 1]
     assert (mnt / "async.log").read_bytes() == b"xyz"
+
+
+def test_commit_takes_only_what_was_written(mnt: Path) -> None:
+    """A commit over a laid-out span makes exactly the bytes written through the grant
+    part of the file: laid-out blocks never written stay unwritten, past-EOF layouts do
+    not grow the file, and close gives back the unused preallocation."""
+    with Client.connect(mnt) as c:
+        f = c.open("span.bin", "w")
+        c.call("layout_get", slot=f.slot, offset=0, length=1 << 20)
+        c.shmview[:100] = b"w" * 100
+        c.call("write", slot=f.slot, offset=8192, length=100, buf=0)
+        # Commit the whole laid-out span: only bytes 8192..8292 were written.
+        size = c.call("commit", slot=f.slot, offset=0, length=1 << 20)["size"]
+        assert size == 8292
+        assert os.stat(mnt / "span.bin").st_size == 8292
+        data = (mnt / "span.bin").read_bytes()
+        assert data == bytes(8192) + b"w" * 100
+        # A second commit with nothing new written changes nothing.
+        assert c.call("commit", slot=f.slot, offset=0, length=1 << 30)["size"] == 8292
+        f.close()
+        with c.open("span.bin", "r") as g:
+            g.fsync()  # commits the metadata transaction, so meta.db shows the extents
+    st = os.stat(mnt / "span.bin")
+    # Three blocks cover 8292 bytes; the rest of the 1 MiB layout was given back.
+    assert st.st_blocks * 512 <= 3 * 4096
+    with sqlite3.connect(mnt.parent / "vol" / "meta.db") as db:
+        rows = db.execute("SELECT file_block, count, state FROM extents WHERE inode=?"
+                          " ORDER BY file_block", (st.st_ino,)).fetchall()
+    written = [(fb, n) for fb, n, state in rows if state == 1]
+    assert written == [(2, 1)], rows  # only the block that holds the written bytes
