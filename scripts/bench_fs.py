@@ -1,0 +1,611 @@
+#!/usr/bin/env python3
+"""Benchmark sluice against a plain directory on the same disk.
+
+Runs the same workloads, in one run, on (a) a plain directory and (b) a freshly made
+and mounted sluice volume (timing profile `none`), and prints one table with both
+results, the ratio sluice/plain and the sluice target for each workload.
+
+Workloads (sizes shrink with --quick):
+  seq write     SIZE MiB written with 1 MiB os.write calls of random data, fsync at the
+                end (the time includes the fsync)
+  cold read     the same file read back with 1 MiB requests after `sync; echo 3 >
+                /proc/sys/vm/drop_caches` (sluice is also remounted: its pager is cold)
+  rand read     4 KiB reads at random aligned offsets of that file for DURATION s,
+                buffered and O_DIRECT, 1 and 4 jobs (processes); total IOPS
+  create/stat/unlink   N empty files in one directory; stat warm (right after the
+                creates, the kernel's caches are warm) and cold (after drop_caches)
+  untar/find/rm tar -xf of a tarball of /usr/include, `find . | wc -l`, `rm -rf`
+
+Before the sequential write and the cold read, a scratch file of the same size is
+written and deleted outside the mount (untimed; --no-warmup skips it): see
+Bench.warm_memory. With --repeat N each round runs plain then sluice (fresh volume)
+and the table shows medians and sluice's range: on a shared 2-CPU machine single runs
+move by tens of percent.
+
+Run as root:  .venv/bin/python scripts/bench_fs.py [--size-mb 1024] [--quick] [--json out.json]
+                  [--repeat N] [--only seq|rand|meta|tar] [--skip-plain] [--py-spy DIR]
+
+Progress goes to stderr, the table to stdout. Everything made (mounts, volume, files)
+is removed in `finally`. With --py-spy DIR, py-spy samples the sluice daemon during
+each sluice workload and writes DIR/<workload>.txt (collapsed stacks, idle included);
+sampling slows the daemon, so numbers of such a run are not benchmark numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import mmap
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SLUICE = [sys.executable, "-m", "fs.cli"]
+MiB = 1 << 20
+BS = 4096
+
+# name -> (unit, higher is better, sluice target or None)
+WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
+    "seq write 1M+fsync": ("MB/s", True, 400.0),
+    "cold seq read 1M": ("MB/s", True, 700.0),
+    "rand read 4K buffered 1 job": ("IOPS", True, None),
+    "rand read 4K buffered 4 jobs": ("IOPS", True, None),
+    "rand read 4K O_DIRECT 1 job": ("IOPS", True, None),
+    "rand read 4K O_DIRECT 4 jobs": ("IOPS", True, 8000.0),
+    "create": ("ops/s", True, 2500.0),
+    "stat (warm)": ("ops/s", True, 8000.0),
+    "stat (cold)": ("ops/s", True, 8000.0),
+    "unlink": ("ops/s", True, None),
+    "untar /usr/include": ("s", False, 12.0),
+    "find | wc -l": ("s", False, None),
+    "rm -rf": ("s", False, 3.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str] | str, **kw) -> subprocess.CompletedProcess:
+    shell = isinstance(cmd, str)
+    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == real for line in f)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def other_fuse_mounts() -> list[str]:
+    """FUSE mounts other than ours (their daemons compete for the 2 CPUs)."""
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f
+                if line.split()[2].startswith("fuse.") and "sluice-bench-" not in line]
+
+
+# -- the sluice mount ------------------------------------------------------------------
+
+class SluiceMount:
+    def __init__(self, volume: Path, mountpoint: Path) -> None:
+        self.volume = volume
+        self.mountpoint = mountpoint
+        self.pid: int | None = None
+
+    def mkfs(self) -> None:
+        run([*SLUICE, "mkfs", str(self.volume), "--size", "16G", "--profile", "none", "-q"],
+            cwd=REPO)
+
+    def mount(self) -> None:
+        run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none"],
+            cwd=REPO)
+        state = json.loads((self.volume / "mount.json").read_text())
+        self.pid = int(state["pid"])
+
+    def umount(self) -> None:
+        if is_mounted(self.mountpoint):
+            run([*SLUICE, "umount", str(self.mountpoint)], cwd=REPO)
+        self.pid = None
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+    def cleanup(self) -> None:
+        """Best effort, for `finally`: unmount, lazily if need be; end our daemon."""
+        pid = self.pid
+        if is_mounted(self.mountpoint):
+            r = subprocess.run([*SLUICE, "umount", str(self.mountpoint)], cwd=REPO,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"umount failed ({r.stderr.strip()}); unmounting lazily")
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
+                               capture_output=True)
+        if pid is not None:
+            deadline = time.monotonic() + 30
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(pid):
+                log(f"daemon {pid} still running: killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.pid = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Sampler:
+    """py-spy on the daemon during one workload (optional)."""
+
+    def __init__(self, outdir: Path | None, pid: int | None, name: str) -> None:
+        self.proc = None
+        if outdir is None or pid is None:
+            return
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        self.out = outdir / f"{slug}.txt"
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--format", "raw",
+             "--idle", "--rate", "250", "--nonblocking", "-o", str(self.out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # let it attach
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+def seq_write(path: Path, size_mb: int, data: mmap.mmap) -> float:
+    """MB/s (10^6 bytes) of writing size_mb MiB with 1 MiB writes, fsync included."""
+    mv = memoryview(data)
+    chunks = len(data) // MiB
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for i in range(size_mb):
+            j = i % chunks
+            n = os.write(fd, mv[j * MiB:(j + 1) * MiB])
+            assert n == MiB, n
+        os.fsync(fd)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return size_mb * MiB / dt / 1e6
+
+
+def seq_read(path: Path, size_mb: int) -> float:
+    buf = mmap.mmap(-1, MiB)  # page aligned: one FUSE request per read (as dd's)
+    total = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            n = os.readv(fd, [buf])
+            if not n:
+                break
+            total += n
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    if total != size_mb * MiB:
+        raise RuntimeError(f"read {total} bytes, expected {size_mb * MiB}")
+    return total / dt / 1e6
+
+
+def _rand_job(path: str, direct: bool, seconds: float, seed: int, start, counts, idx: int
+              ) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags)
+    try:
+        nblocks = os.fstat(fd).st_size // BS
+        buf = mmap.mmap(-1, BS)  # page aligned, as O_DIRECT needs
+        rnd = random.Random(seed)
+        offs = [rnd.randrange(nblocks) * BS for _ in range(1 << 16)]
+        preadv = os.preadv
+        bufs = [buf]
+        start.wait()
+        n = 0
+        t_end = time.perf_counter() + seconds
+        now = time.perf_counter
+        while True:
+            for k in range(64):
+                if preadv(fd, bufs, offs[(n + k) & 0xFFFF]) != BS:
+                    raise RuntimeError("short read")
+            n += 64
+            if now() >= t_end:
+                break
+        counts[idx] = n
+    finally:
+        os.close(fd)
+
+
+def rand_read(path: Path, *, direct: bool, jobs: int, seconds: float) -> float:
+    ctx = mp.get_context("fork")
+    start = ctx.Barrier(jobs + 1)
+    counts = ctx.Array("q", jobs)
+    procs = [ctx.Process(target=_rand_job, args=(str(path), direct, seconds, 1000 + i,
+                                                  start, counts, i)) for i in range(jobs)]
+    for p in procs:
+        p.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for p in procs:
+        p.join()
+    dt = time.perf_counter() - t0
+    for p in procs:
+        if p.exitcode != 0:
+            raise RuntimeError(f"random read job failed with exit code {p.exitcode}")
+    return sum(counts) / dt
+
+
+def meta_create(d: Path, n: int) -> float:
+    d.mkdir()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    names = [str(d / f"f{i:06d}") for i in range(n)]
+    t0 = time.perf_counter()
+    for p in names:
+        os.close(os.open(p, flags, 0o644))
+    return n / (time.perf_counter() - t0)
+
+
+def meta_stat(d: Path, n: int) -> float:
+    names = [str(d / f"f{i:06d}") for i in range(n)]
+    t0 = time.perf_counter()
+    for p in names:
+        os.stat(p)
+    return n / (time.perf_counter() - t0)
+
+
+def meta_unlink(d: Path, n: int) -> float:
+    names = [str(d / f"f{i:06d}") for i in range(n)]
+    t0 = time.perf_counter()
+    for p in names:
+        os.unlink(p)
+    dt = time.perf_counter() - t0
+    d.rmdir()
+    return n / dt
+
+
+def timed_shell(cmd: str, cwd: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    r = run(cmd, cwd=cwd)
+    return time.perf_counter() - t0, r.stdout.strip()
+
+
+# -- driver ------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.size_mb = args.size_mb
+        self.nfiles = args.files
+        self.seconds = args.duration
+        #: fs -> workload -> one value per round
+        self.results: dict[str, dict[str, list[float]]] = {"plain": {}, "sluice": {}}
+        #: workload -> daemon CPU seconds per wall second, one per round
+        self.daemon_cpu: dict[str, list[float]] = {}
+        self.extra: dict[str, object] = {}
+        # Random data in a page-aligned buffer (as dd's): the kernel splits a write from
+        # an unaligned buffer into max_pages-sized FUSE requests that are not block
+        # aligned, which is a different (and slower) workload.
+        n = 64 * MiB if self.size_mb >= 64 else self.size_mb * MiB
+        self.data = mmap.mmap(-1, n)
+        self.data[:] = os.urandom(n)
+        self.tarball = tmp / "include.tar"
+        self.mount: SluiceMount | None = None
+
+    def make_tarball(self) -> None:
+        log("making the tarball of /usr/include")
+        run(["tar", "-C", "/usr", "-cf", str(self.tarball), "include"])
+        n = run(f"tar -tf {self.tarball} | wc -l").stdout.strip()
+        self.extra["tar_entries"] = int(n)
+        self.extra["tar_bytes"] = self.tarball.stat().st_size
+
+    def warm_memory(self) -> None:
+        """Write and delete a scratch file as big as the test file (untimed, outside the
+        mount). This VM returns freed guest memory to its host (free page reporting), and
+        the first touch of such a page is slow: without this, a sequential write or cold
+        read into the page cache measures the hypervisor (250-550 MiB/s instead of
+        1.3-1.7 GiB/s for a plain 1 GiB write measured on this machine)."""
+        if self.args.no_warmup:
+            return
+        scratch = self.tmp / "scratch.bin"
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            mv = memoryview(self.data)
+            chunks = len(self.data) // MiB
+            for i in range(self.size_mb):
+                j = i % chunks
+                os.write(fd, mv[j * MiB:(j + 1) * MiB])
+        finally:
+            os.close(fd)
+            scratch.unlink()
+
+    def record(self, fs: str, name: str, value: float, *, cpu0: float | None = None,
+               t0: float | None = None) -> None:
+        self.results[fs].setdefault(name, []).append(value)
+        unit = WORKLOADS[name][0]
+        extra = ""
+        if cpu0 is not None and t0 is not None and self.mount and self.mount.pid:
+            cpu = cpu_seconds(self.mount.pid) - cpu0
+            wall = time.perf_counter() - t0
+            self.daemon_cpu.setdefault(name, []).append(round(cpu / wall, 3) if wall else 0.0)
+            extra = f" (daemon CPU {cpu:.2f} s in {wall:.2f} s)"
+        log(f"  {fs:6s} {name:30s} {value:12.1f} {unit}{extra}")
+
+    def workloads(self, fs: str, root: Path) -> None:
+        """Run every workload in directory `root` of filesystem `fs`."""
+        sl = fs == "sluice"
+        big = root / "big.bin"
+
+        def step(name: str, fn):
+            os.sync()
+            pid = self.mount.pid if sl and self.mount else None
+            sampler = Sampler(self.args.py_spy, pid, name) if sl else Sampler(None, None, name)
+            cpu0 = cpu_seconds(pid) if pid else None
+            t0 = time.perf_counter()
+            try:
+                value = fn()
+            finally:
+                sampler.stop()
+            self.record(fs, name, value, cpu0=cpu0, t0=t0)
+
+        want = self.args.only
+        if not want or "seq" in want:
+            self.warm_memory()
+            step("seq write 1M+fsync", lambda: seq_write(big, self.size_mb, self.data))
+
+            log(f"  {fs}: dropping caches" + (" and remounting" if sl else ""))
+            if sl:
+                assert self.mount is not None
+                self.mount.umount()
+                drop_caches()
+                self.mount.mount()
+            else:
+                drop_caches()
+            self.warm_memory()
+            step("cold seq read 1M", lambda: seq_read(big, self.size_mb))
+
+        if not want or "rand" in want:
+            if not big.exists():
+                seq_write(big, self.size_mb, self.data)
+            for direct in (False, True):
+                for jobs in (1, 4):
+                    name = (f"rand read 4K {'O_DIRECT' if direct else 'buffered'} "
+                            f"{jobs} job{'s' if jobs > 1 else ''}")
+                    step(name, lambda d=direct, j=jobs: rand_read(big, direct=d, jobs=j,
+                                                                  seconds=self.seconds))
+        if big.exists():
+            big.unlink()
+
+        if not want or "meta" in want:
+            d = root / "meta"
+            n = self.nfiles
+            step("create", lambda: meta_create(d, n))
+            step("stat (warm)", lambda: meta_stat(d, n))
+            drop_caches()
+            step("stat (cold)", lambda: meta_stat(d, n))
+            step("unlink", lambda: meta_unlink(d, n))
+
+        if not want or "tar" in want:
+            t = root / "untar"
+            t.mkdir()
+            step("untar /usr/include",
+                 lambda: timed_shell(f"tar -xf {self.tarball}", t)[0])
+            found: list[str] = []
+
+            def find() -> float:
+                dt, out = timed_shell("find . | wc -l", t)
+                found.append(out)
+                return dt
+            step("find | wc -l", find)
+            self.extra[f"find_count_{fs}"] = int(found[0])
+            step("rm -rf", lambda: timed_shell(f"rm -rf {t}", root)[0])
+
+    def run(self) -> None:
+        self.make_tarball()
+        mnt = self.tmp / "mnt"
+        mnt.mkdir()
+        for rnd in range(1, self.args.repeat + 1):
+            log(f"round {rnd} of {self.args.repeat}")
+            if not self.args.skip_plain:
+                plain = self.tmp / f"plain{rnd}"
+                plain.mkdir()
+                log(f"plain directory {plain}")
+                self.workloads("plain", plain)
+                shutil.rmtree(plain)
+            vol = self.tmp / f"vol{rnd}"
+            self.mount = SluiceMount(vol, mnt)
+            log(f"sluice: mkfs {vol}, mount at {mnt}")
+            self.mount.mkfs()
+            self.mount.mount()
+            self.workloads("sluice", mnt)
+            self.mount.umount()
+            shutil.rmtree(vol)
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def table(b: Bench) -> str:
+    rounds = b.args.repeat
+    rows = [("workload", "unit", "plain", "sluice", "sluice/plain", "target", "meets")]
+    if rounds > 1:
+        rows[0] = rows[0][:4] + ("sluice min-max",) + rows[0][4:]
+    for name, (unit, higher, target) in WORKLOADS.items():
+        p = median(b.results["plain"].get(name))
+        s = median(b.results["sluice"].get(name))
+        if p is None and s is None:
+            continue
+        ratio = f"{s / p:.2f}" if p and s is not None else "-"
+        if target is None:
+            tgt, ok = "-", "-"
+        else:
+            tgt = f"{'>=' if higher else '<'} {fmt(target)}"
+            ok = "-" if s is None else ("yes" if (s >= target if higher else s < target)
+                                        else "**no**")
+        row: tuple[str, ...] = (name, unit, fmt(p), fmt(s))
+        if rounds > 1:
+            sv = b.results["sluice"].get(name) or []
+            row += (f"{fmt(min(sv))}-{fmt(max(sv))}" if sv else "-",)
+        rows.append(row + (ratio, tgt, ok))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, r in enumerate(rows):
+        out.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                     for i, (c, w) in enumerate(zip(r, widths))) + " |")
+        if k == 0:
+            out.append("|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":")
+                                      for i, w in enumerate(widths)) + "|")
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-mb", type=int, default=None,
+                   help="size of the sequential file in MiB (default 1024, quick 128)")
+    p.add_argument("--files", type=int, default=None,
+                   help="files for create/stat/unlink (default 10000, quick 2000)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per random-read run (default 5, quick 2)")
+    p.add_argument("--quick", action="store_true", help="small sizes: runs in a few minutes")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds (plain then sluice each round, fresh volume each round); "
+                        "the table shows medians (default 1)")
+    p.add_argument("--json", type=Path, default=None, help="also write results as JSON here")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                   help="where the plain directory, the volume and the tarball go "
+                        "(default /var/tmp)")
+    p.add_argument("--skip-plain", action="store_true", help="only run on sluice")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="do not write+delete a scratch file before the sequential write and "
+                        "the cold read (see Bench.warm_memory)")
+    p.add_argument("--only", action="append", choices=["seq", "rand", "meta", "tar"],
+                   help="run only these workload groups (repeatable)")
+    p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                   help="sample the daemon with py-spy per sluice workload into DIR")
+    args = p.parse_args()
+    args.size_mb = args.size_mb or (128 if args.quick else 1024)
+    args.files = args.files or (2000 if args.quick else 10_000)
+    args.duration = args.duration or (2.0 if args.quick else 5.0)
+    if os.geteuid() != 0:
+        print("bench_fs.py must run as root (drop_caches, FUSE mounts)", file=sys.stderr)
+        return 1
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
+
+    load0 = loadavg()
+    others = other_fuse_mounts()
+    tmp = Path(tempfile.mkdtemp(prefix="sluice-bench-", dir=args.workdir))
+    b = Bench(args, tmp)
+    started = datetime.datetime.now().astimezone()
+    try:
+        b.run()
+    finally:
+        if b.mount is not None:
+            b.mount.cleanup()
+        if is_mounted(tmp / "mnt"):
+            log("WARNING: mount still present; lazy unmount")
+            subprocess.run(["fusermount3", "-u", "-z", str(tmp / "mnt")], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"cleaned up {tmp}")
+    load1 = loadavg()
+    others = sorted(set(others) | set(other_fuse_mounts()))
+
+    cmd = " ".join([".venv/bin/python", "scripts/bench_fs.py", *sys.argv[1:]])
+    head = (f"sluice benchmark, {started:%Y-%m-%d %H:%M %Z}; {os.cpu_count()} CPUs, "
+            f"{platform.platform()}; file {args.size_mb} MiB, {args.files} files, "
+            f"{args.duration:g} s per random-read run; workdir {args.workdir}")
+    print(head)
+    print(f"command: {cmd}")
+    print(f"tarball: {b.extra.get('tar_entries')} entries, "
+          f"{int(b.extra.get('tar_bytes', 0)) / MiB:.0f} MiB; "
+          f"find counted plain={b.extra.get('find_count_plain')} "
+          f"sluice={b.extra.get('find_count_sluice')}")
+    print()
+    print(table(b))
+    if b.daemon_cpu:
+        print()
+        print("sluice daemon CPU (median fraction of one core while the workload ran):")
+        for k, v in b.daemon_cpu.items():
+            print(f"  {k:30s} {statistics.median(v):.2f}")
+    print()
+    print(f"load average before {load0}, after {load1}; "
+          f"other FUSE mounts during the run: {others or 'none'}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": started.isoformat(), "command": cmd, "cpus": os.cpu_count(),
+            "platform": platform.platform(), "size_mb": args.size_mb, "files": args.files,
+            "duration_s": args.duration, "results": b.results,
+            "units": {k: v[0] for k, v in WORKLOADS.items()},
+            "targets": {k: v[2] for k, v in WORKLOADS.items() if v[2] is not None},
+            "rounds": args.repeat, "daemon_cpu_fraction": b.daemon_cpu,
+            "loadavg_before": load0, "loadavg_after": load1, "other_fuse_mounts": others,
+            **b.extra}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
