@@ -74,7 +74,7 @@ class Caller:
 class Inode:
     """A cached inode: the row's columns plus runtime state."""
 
-    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock")
+    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints")
 
     id: int
     generation: int
@@ -99,6 +99,8 @@ class Inode:
         self.opens = 0
         self.extents: ExtentMap | None = None
         self.lock: trio.Lock | None = None
+        #: its user.sluice.* xattrs (cache mode, pager hints), loaded on first use
+        self.hints: dict[bytes, bytes] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -183,6 +185,9 @@ class FileSystem:
         #: called with an inode number when its attributes changed behind the kernel's
         #: back (atime on read, setuid cleared on write); operations.py invalidates
         self.on_attr_changed: Callable[[int], None] = lambda ino: None
+        #: called when a file's data changed behind the kernel's back (a direct client's
+        #: commit or truncate) and the kernel may cache its pages (cache mode kernel)
+        self.on_data_changed: Callable[[int], None] = lambda ino: None
         #: called with (directory, name) when a name appeared that the kernel may have
         #: cached as missing (a direct client's create); operations.py invalidates
         self.on_entry_created: Callable[[int, bytes], None] = lambda parent, name: None
@@ -358,6 +363,7 @@ class FileSystem:
             raise NotFound("directory was removed")
         if self.md.lookup(parent.id, name) is not None:
             raise Exists(f"{name!r} exists")
+        hints = self._hints(parent)
         if self._inode_count >= self.max_inodes:
             raise NoSpace(f"no free inodes (limit {self.max_inodes})")
         # Charge first: over quota changes nothing.
@@ -373,23 +379,34 @@ class FileSystem:
                     and caller.uid != 0 and not _in_group(caller.pid, gid):
                 mode &= ~stat.S_ISGID
         now = _now()
-        ino = self.md.insert_inode(mode=mode, uid=caller.uid, gid=gid, nlink=2 if is_dir else 1,
-                                   rdev=rdev, now_ns=now,
-                                   parent=parent.id if is_dir else 0, target=target,
+        nlink = 2 if is_dir else 1
+        dir_parent = parent.id if is_dir else 0
+        ino = self.md.insert_inode(mode=mode, uid=caller.uid, gid=gid, nlink=nlink,
+                                   rdev=rdev, now_ns=now, parent=dir_parent, target=target,
                                    principal=caller.principal)
         self.md.add_dentry(parent.id, name, ino, caller.principal)
         self._inode_count += 1
         # Hints (user.sluice.*) are inherited from the directory at create time.
-        for hname, hval in self.md.xattr_items(parent.id):
-            if hname.startswith(HINT_PREFIX):
-                self.md.set_xattr(ino, hname, hval)
+        for hname, hval in hints.items():
+            self.md.set_xattr(ino, hname, hval)
         if is_dir:
             parent.nlink += 1
         parent.mtime_ns = parent.ctime_ns = now
         self._save(parent, "nlink", "mtime_ns", "ctime_ns")
-        node = self.inode(ino)
+        # The new inode's row is known: cache it without reading it back.
+        node = self._inodes[ino] = Inode(
+            (ino, 1, mode, caller.uid, gid, nlink, len(target) if target is not None else 0,
+             0, rdev, now, now, now, dir_parent, target, caller.principal))
+        node.hints = dict(hints)
+        if node.is_reg:
+            node.extents = ExtentMap()
         node.lookups += 1
         return node
+
+    def _hints(self, node: Inode) -> dict[bytes, bytes]:
+        if node.hints is None:
+            node.hints = dict(self.md.hint_xattrs(node.id, HINT_PREFIX))
+        return node.hints
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
         fmt = stat.S_IFMT(mode)
@@ -738,7 +755,7 @@ class FileSystem:
         self._kill_priv(h)
 
     def _cache_mode(self, node: Inode) -> str:
-        v = self.md.get_xattr(node.id, CACHE_XATTR)
+        v = self._hints(node).get(CACHE_XATTR)
         if v is not None:
             return v.decode(errors="replace").strip()
         return self.default_cache_mode
@@ -945,8 +962,15 @@ class FileSystem:
                     node.size = end
                 node.mtime_ns = node.ctime_ns = now
                 self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
-                self.on_attr_changed(node.id)
+                self.changed_behind_kernel(node)
             return node.size
+
+    def changed_behind_kernel(self, node: Inode) -> None:
+        """A direct client changed `node`: drop what the kernel caches of it."""
+        if self._cache_mode(node) == "kernel":
+            self.on_data_changed(node.id)
+        else:
+            self.on_attr_changed(node.id)
 
     async def close_direct(self, grant: Grant) -> None:
         """A direct client closed its file: drop unused preallocation past the end."""
@@ -1060,6 +1084,8 @@ class FileSystem:
                 > XATTR_LIST_MAX:
             raise NoSpace("too many xattrs on this inode")
         self.md.set_xattr(ino, name, value)
+        if name.startswith(HINT_PREFIX):
+            node.hints = None
         node.ctime_ns = _now()
         self._save(node, "ctime_ns")
 
@@ -1072,6 +1098,8 @@ class FileSystem:
         node = self.inode(ino)
         if not self.md.remove_xattr(ino, name):
             raise NoData(f"no xattr {name!r}")
+        if name.startswith(HINT_PREFIX):
+            node.hints = None
         node.ctime_ns = _now()
         self._save(node, "ctime_ns")
 

@@ -283,13 +283,16 @@ class Metadata:
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self._w("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 
+    def hint_xattrs(self, ino: int, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """The xattrs whose names start with `prefix` (a range scan of the primary key)."""
+        hi = prefix[:-1] + bytes([prefix[-1] + 1])
+        return [(bytes(n), bytes(v)) for n, v in self.db.execute(
+            "SELECT name, value FROM xattrs WHERE inode=? AND name>=? AND name<?",
+            (ino, prefix, hi))]
+
     def list_xattrs(self, ino: int) -> list[bytes]:
         return [bytes(r[0]) for r in
                 self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
-
-    def xattr_items(self, ino: int) -> list[tuple[bytes, bytes]]:
-        return [(bytes(n), bytes(v)) for n, v in
-                self.db.execute("SELECT name, value FROM xattrs WHERE inode=?", (ino,))]
 
     # -- whole-volume queries (fsck) ----------------------------------------------------
 

@@ -20,6 +20,7 @@ import stat
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
+import trio
 
 
 from kernelshim import SluiceError
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 #: seconds the kernel may cache names and attributes (changes made behind its back are
 #: invalidated explicitly)
 TIMEOUT = 300.0
+_INVALIDATE_LIMITER = trio.CapacityLimiter(1)
 #: directory entries fetched per readdir query
 READDIR_BATCH = 256
 
@@ -84,6 +86,7 @@ class Operations(pyfuse3.Operations):
         #: the shim's socket from the mount point
         self.control_socket = control_socket.encode() if control_socket else None
         fs.on_attr_changed = self._invalidate_attr
+        fs.on_data_changed = self._invalidate_data
         fs.on_entry_created = self._invalidate_entry
 
     # -- helpers ----------------------------------------------------------------------
@@ -114,6 +117,20 @@ class Operations(pyfuse3.Operations):
     def _invalidate_attr(self, ino: int) -> None:
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
+        except Exception as exc:  # noqa: BLE001 - the kernel may not know the inode
+            log.debug("invalidate_inode(%d) failed: %s", ino, exc)
+
+    def _invalidate_data(self, ino: int) -> None:
+        # Dropping cached pages may wait for a page the kernel is reading through this
+        # very daemon: do it from a worker thread so the loop can answer that read.
+        trio.lowlevel.spawn_system_task(
+            functools.partial(trio.to_thread.run_sync, self._invalidate_data_sync, ino,
+                              limiter=_INVALIDATE_LIMITER), name="invalidate-data")
+
+    @staticmethod
+    def _invalidate_data_sync(ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=False)
         except Exception as exc:  # noqa: BLE001 - the kernel may not know the inode
             log.debug("invalidate_inode(%d) failed: %s", ino, exc)
 

@@ -118,7 +118,7 @@ class DirectService:
     async def truncate(self, grant: Grant, size: int) -> None:
         node = self.fs.inode(grant.inode)
         await self.fs.truncate(node, size, principal=grant.principal, keep_grant=grant)
-        self.fs.on_attr_changed(node.id)
+        self.fs.changed_behind_kernel(node)
 
     def size_of(self, grant: Grant) -> int:
         return self.fs.inode(grant.inode).size
