@@ -196,7 +196,7 @@ class FileSystem:
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
                    principals: PrincipalTable | None = None) -> FileSystem:
-        max_inodes = int(md.meta("max_inodes") or kernel.nblocks)
+        max_inodes = int(md.meta("max_inodes") or kernel.nblocks)  # type: ignore[call-overload]
         fs = cls(md, kernel, max_inodes=max_inodes, default_cache_mode=default_cache_mode,
                  principals=principals)
         for _ino, _fb, dev, count, _st in md.all_extents():

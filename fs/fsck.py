@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernelshim import BlockDevice, ChecksumError
+from kernelshim import BlockDevice, BlockNo, ChecksumError
 from kernelshim import WRITTEN
 
 from .metadata import Metadata
@@ -73,8 +73,8 @@ def _check(md: Metadata, dev: BlockDevice, r: FsckReport, repair: bool, verify: 
     if 1 not in inodes or not stat.S_ISDIR(inodes[1][MODE]):
         r.error("root directory (inode 1) is missing")
         return
-    names = Counter()
-    subdirs = Counter()
+    names: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
     for did, parent, name, ino in md.all_dentries():
         p = inodes.get(parent)
         if ino not in inodes or p is None or not stat.S_ISDIR(p[MODE]):
@@ -109,10 +109,10 @@ def _check(md: Metadata, dev: BlockDevice, r: FsckReport, repair: bool, verify: 
               file=sys.stderr)
 
     owned = np.zeros(dev.nblocks, dtype=np.bool_)
-    per_inode = Counter()
+    per_inode: Counter[int] = Counter()
     written_runs: list[tuple[int, int]] = []
     for ino, fb, devb, count, state in md.all_extents():
-        row = inodes.get(ino)
+        row = inodes.get(ino)  # type: ignore[assignment]
         if row is None or (repair and names[ino] == 0 and ino != 1):
             r.error(f"extent of missing inode {ino} at device block {devb}")
             if repair:
@@ -166,7 +166,7 @@ def _check(md: Metadata, dev: BlockDevice, r: FsckReport, repair: bool, verify: 
             for devb, count in written_runs:
                 for b in range(devb, devb + count):
                     try:
-                        await dev.read(b, 1, principal=ROOT_PRINCIPAL)
+                        await dev.read(BlockNo(b), 1, principal=ROOT_PRINCIPAL)
                     except ChecksumError:
                         nbad += 1
                         r.error(f"checksum mismatch in device block {b}")

@@ -234,7 +234,7 @@ class Metadata:
             " ORDER BY file_block", (ino,)).fetchall()
 
     def save_extent_changes(self, ino: int, deleted: list[int],
-                            upserts: list[tuple[int, int, int, int]]) -> None:
+                            upserts: list[tuple[int, ...]]) -> None:
         if deleted:
             self._wmany("DELETE FROM extents WHERE inode=? AND file_block=?",
                         [(ino, fb) for fb in deleted])
@@ -248,10 +248,8 @@ class Metadata:
         return self.db.execute(
             "SELECT inode, file_block, dev_block, count, state FROM extents ORDER BY dev_block")
 
-    def usage_by_principal(self) -> dict[int, tuple[int, int, int]]:
-        """principal -> (blocks, inodes, entry name bytes and entries) charged to it, as
-        (blocks, inodes, (entries, name bytes)) flattened: (blocks, inodes, entries,
-        name_bytes)."""
+    def usage_by_principal(self) -> dict[int, tuple[int, int, int, int]]:
+        """principal -> (blocks, inodes, entries, bytes of entry names) charged to it."""
         out: dict[int, list[int]] = {}
         for p, n in self.db.execute("SELECT principal, SUM(count) FROM extents GROUP BY principal"):
             out.setdefault(p, [0, 0, 0, 0])[0] = n

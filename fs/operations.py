@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 import trio
@@ -158,7 +158,7 @@ class Operations(pyfuse3.Operations):
             return e
         return self._attr(node)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)

@@ -142,6 +142,7 @@ class _Base:
         self._decoder = Decoder()
         self._pending: list[Message] = []
         self.shm: mmap.mmap | None = None
+        self.shmview: memoryview = memoryview(b"")
         self.info: dict[str, Any] = {}
 
     def _relpath(self, path: str | os.PathLike[str]) -> str:
@@ -277,13 +278,13 @@ class File:
 
     # -- reading ---------------------------------------------------------------------
 
-    def pread(self, n: int, offset: int) -> bytes:
+    def pread(self, n: int, offset: int) -> bytes | bytearray:
         buf = bytearray(n)
         got = self.readinto(buf, offset)
         del buf[got:]
         return bytes(buf) if got < 1 << 16 else buf  # large reads: no extra copy
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> bytes | bytearray:
         if n < 0:
             n = max(0, self.size() - self.pos)
         data = self.pread(n, self.pos)

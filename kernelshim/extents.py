@@ -23,7 +23,7 @@ HOLE = -1  # dev_block of a hole segment
 
 class Segment(NamedTuple):
     file_block: int
-    count: int
+    count: int  # type: ignore[assignment]  # (shadows tuple.count, by design)
     dev_block: int  # HOLE for a hole
     state: int      # WRITTEN, UNWRITTEN; UNWRITTEN for holes too (reads as zeros)
 
@@ -206,7 +206,7 @@ class ExtentMap:
         """(file_block keys to delete, extents to insert or replace) since the last call
         (extents as 4-tuples, or 5-tuples with the owner when `with_owner`)."""
         deleted: list[int] = []
-        upserts: list[tuple[int, int, int, int]] = []
+        upserts: list[tuple[int, ...]] = []
         for key in self._changed:
             i = bisect.bisect_left(self._starts, key)
             if i < len(self._starts) and self._starts[i] == key:
