@@ -98,7 +98,10 @@ class BlockDevice:
         self.nblocks = geometry.nblocks
         self.profile = profile
         self._fd = fd
-        self._csum = checksums
+        #: the checksum file's mapping (flushed by flush()), and a plain ndarray view of
+        #: it for the hot paths (slicing a np.memmap runs Python code on every slice)
+        self._csum_map = checksums
+        self._csum = checksums.view(np.ndarray)
         self._is_file = stat.S_ISREG(os.fstat(fd).st_mode)
         self.scheduler = FifoScheduler(profile.queue_depth)
         self._instant = profile.is_instant
@@ -176,7 +179,7 @@ class BlockDevice:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._csum.flush()
+            self._csum_map.flush()
             os.close(self._fd)
 
     # -- data path -------------------------------------------------------------
@@ -278,7 +281,7 @@ class BlockDevice:
         await trio.to_thread.run_sync(self.flush_sync, limiter=_FSYNC_LIMITER)
 
     def flush_sync(self) -> None:
-        self._csum.flush()  # msync
+        self._csum_map.flush()  # msync
         os.fsync(self._fd)
 
     # -- introspection -----------------------------------------------------------

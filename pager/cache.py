@@ -48,6 +48,9 @@ class Pager:
         self.block_size = bs = device.block_size
         self.nframes = nframes = max(1, nframes)
         self._frames = np.zeros((nframes, bs), dtype=np.uint8)
+        #: the same memory as bytes: frame f is _mem[f * bs:(f + 1) * bs] (memoryview
+        #: copies cost half of numpy's per-block assignment)
+        self._mem = memoryview(self._frames.reshape(-1).data)
         self._frame_block = np.full(nframes, -1, dtype=np.int64)
         self._owner = np.zeros(nframes, dtype=np.int32)
         self._ref = np.zeros(nframes, dtype=np.bool_)
@@ -92,7 +95,8 @@ class Pager:
             self._frame_block[f] = block
             self._owner[f] = principal
             self._resident[principal] = self._resident.get(principal, 0) + 1
-        self._frames[f] = np.frombuffer(data, dtype=np.uint8)
+        bs = self.block_size
+        self._mem[f * bs:(f + 1) * bs] = data
         self._ref[f] = True
 
     # -- data path ---------------------------------------------------------------
@@ -118,7 +122,7 @@ class Pager:
             if f is None:
                 missing.append(i)
             else:
-                view[i * bs:(i + 1) * bs] = self._frames[f].data
+                view[i * bs:(i + 1) * bs] = self._mem[f * bs:(f + 1) * bs]
                 self._ref[f] = True
         self.hits += count - len(missing)
         if not missing:
@@ -154,7 +158,7 @@ class Pager:
             for i in range(count):
                 f = where.get(block + i)
                 if f is not None:
-                    self._frames[f] = np.frombuffer(mv[i * bs:(i + 1) * bs], dtype=np.uint8)
+                    self._mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget blocks: drop their frames and discard them on the device."""
