@@ -132,6 +132,28 @@ def _add_range(layout: list[tuple[int, int]], lo: int, hi: int) -> None:
 
 _INF = float("inf")
 
+#: recvmsg's ancillary buffer: room for up to 4 descriptors passed with SCM_RIGHTS
+_ANCBUFSIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _collect_fds(data: bytes, anc: list[tuple[int, int, bytes]], fds: list[int]) -> None:
+    """After one recvmsg (`data`, ancillary `anc`): add the descriptors it passed
+    (SCM_RIGHTS) to `fds`; at the end of the stream (no data) close them all and raise
+    ConnectionError."""
+    fdarr = array.array("i")
+    for level, typ, cdata in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            fdarr.frombytes(cdata[:len(cdata) - len(cdata) % fdarr.itemsize])
+    fds.extend(fdarr)
+    if not data:
+        _close_fds(fds)
+        raise ConnectionError("the sluice daemon closed the connection")
+
 
 class _Base:
     """State shared by the sync and trio clients."""
@@ -171,6 +193,25 @@ class _Base:
                 raise m
             self._pending.append(m)
 
+    def _received(self, data: bytes, anc: list[tuple[int, int, bytes]], fds: list[int]) -> None:
+        """Take in what one recvmsg returned: descriptors into `fds`, data to the decoder."""
+        _collect_fds(data, anc, fds)
+        self._feed(data)
+
+    def _map_shm(self, res: dict[str, Any], fds: list[int]) -> None:
+        """Map the shared buffer passed by the `attach` reply `res`; closes `fds`."""
+        try:
+            self.shm = mmap.mmap(fds[0], res["size"])
+            self.shmview = memoryview(self.shm)
+        finally:
+            _close_fds(fds)
+
+    def _unmap_shm(self) -> None:
+        if self.shm is not None:
+            self.shmview.release()
+            self.shm.close()
+            self.shm = None
+
 
 class Client(_Base):
     """A synchronous direct-access client. See the module docstring."""
@@ -182,13 +223,7 @@ class Client(_Base):
             self.sock.connect(sock_path)
             self.info = self.call("hello")
             if shm_size:  # 0: a control-only client (administration, `sluice run`)
-                res, fds = self._call_fds("attach", size=shm_size)
-                try:
-                    self.shm = mmap.mmap(fds[0], res["size"])
-                    self.shmview = memoryview(self.shm)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                self._map_shm(*self._call_fds("attach", size=shm_size))
         except BaseException:
             self.sock.close()
             raise
@@ -204,8 +239,7 @@ class Client(_Base):
 
     def _wait(self, rid: int) -> dict[str, Any]:
         reply, fds = self._wait_fds(rid)
-        for fd in fds:
-            os.close(fd)
+        _close_fds(fds)
         return reply
 
     def _call_fds(self, op: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
@@ -217,24 +251,13 @@ class Client(_Base):
             reply = self._take_reply(rid)
             if reply is not None:
                 return reply, fds
-            fdarr = array.array("i")
-            data, anc, _flags, _addr = self.sock.recvmsg(MAX_FRAME + 8,
-                                                         socket.CMSG_SPACE(4 * fdarr.itemsize))
-            for level, typ, cdata in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    fdarr.frombytes(cdata[:len(cdata) - len(cdata) % fdarr.itemsize])
-            fds.extend(fdarr)
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                raise ConnectionError("the sluice daemon closed the connection")
-            self._feed(data)
+            data, anc, _flags, _addr = self.sock.recvmsg(MAX_FRAME + 8, _ANCBUFSIZE)
+            self._received(data, anc, fds)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply (raises the typed error it carries)."""
         reply, fds = self._call_fds(op, **args)
-        for fd in fds:
-            os.close(fd)
+        _close_fds(fds)
         return reply
 
     def open(self, path: str | os.PathLike[str], mode: str = "r", *, perms: int = 0o644) -> File:
@@ -249,10 +272,7 @@ class Client(_Base):
         return self.call("whoami")
 
     def close(self) -> None:
-        if self.shm is not None:
-            self.shmview.release()
-            self.shm.close()
-            self.shm = None
+        self._unmap_shm()
         self.sock.close()
 
     def __enter__(self) -> Client:
@@ -262,11 +282,12 @@ class Client(_Base):
         self.close()
 
 
-class File:
-    """A file opened through the direct path (from `Client.open`)."""
+class _FileState:
+    """The bookkeeping `File` and `AsyncFile` share, without I/O: the position, the size
+    last learnt, the uncommitted (dirty) range and the write layouts held. The requests
+    to the server stay in the two classes (called, or awaited)."""
 
-    def __init__(self, client: Client, slot: int, size: int, rights: int, *, append: bool) -> None:
-        self.client = client
+    def __init__(self, slot: int, size: int, rights: int, *, append: bool) -> None:
         self.slot = slot
         self.rights = rights
         self.pos = size if append else 0
@@ -275,6 +296,60 @@ class File:
         self._dirty: tuple[int, int] | None = None
         self._layout: list[tuple[int, int]] = []  # ranges known to be allocated
         self.closed = False
+
+    def _allocated(self, lo: int, hi: int) -> bool:
+        return _covered(self._layout, lo, hi)
+
+    def _layout_wanted(self, off: int, n: int) -> tuple[int, int] | None:
+        """The range to ask a write layout for before writing `n` bytes at `off` (this
+        write and what follows it), or None if the layouts held cover the write."""
+        if self._allocated(off, off + n):
+            return None
+        return off, off + max(n, LAYOUT_CHUNK)
+
+    def _layout_granted(self, lo: int, hi: int) -> None:
+        _add_range(self._layout, lo, hi)
+
+    def _wrote(self, offset: int, n: int) -> None:
+        """Widen the dirty range by the `n` bytes just written at `offset`."""
+        if n:
+            lo, hi = offset, offset + n
+            if self._dirty:
+                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+            self._dirty = (lo, hi)
+
+    def _committed(self, size: int) -> int:
+        """The server committed the dirty range and reported `size`."""
+        self._size_hint = size
+        self._dirty = None
+        return size
+
+    def _truncated(self, to: int, size: int) -> int:
+        """The server truncated the file to `to` and reported `size`: drop the layouts
+        past `to`."""
+        self._size_hint = size
+        self._layout = [(a, min(b, to)) for a, b in self._layout if a < to]
+        return size
+
+    def _seek_from(self, offset: int, whence: int) -> int | None:
+        """The position SEEK_SET or SEEK_CUR gives (None for another `whence`)."""
+        if whence == os.SEEK_SET:
+            return offset
+        if whence == os.SEEK_CUR:
+            return self.pos + offset
+        return None
+
+
+def _block_size(c: _Base) -> int:
+    return c.info.get("block_size") or 4096
+
+
+class File(_FileState):
+    """A file opened through the direct path (from `Client.open`)."""
+
+    def __init__(self, client: Client, slot: int, size: int, rights: int, *, append: bool) -> None:
+        super().__init__(slot, size, rights, append=append)
+        self.client = client
 
     # -- reading ---------------------------------------------------------------------
 
@@ -330,35 +405,27 @@ class File:
 
     # -- writing ---------------------------------------------------------------------
 
-    def _allocated(self, lo: int, hi: int) -> bool:
-        return _covered(self._layout, lo, hi)
-
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         c = self.client
         assert c.shm is not None
         mv = memoryview(data).cast("B")
         chunk = len(c.shm)
-        bs = c.info.get("block_size") or 4096
+        bs = _block_size(c)
         if _needs_commit(self._dirty, offset, len(mv), bs):
             self.commit()
         done = 0
         while done < len(mv):
             off = offset + done
             n = _chunk(off, len(mv) - done, chunk, bs)
-            if not self._allocated(off, off + n):
-                # Ask for a write layout covering this write and what follows it.
-                lo = off
-                hi = off + max(n, LAYOUT_CHUNK)
+            want = self._layout_wanted(off, n)
+            if want is not None:
+                lo, hi = want
                 c.call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
-                _add_range(self._layout, lo, hi)
+                self._layout_granted(lo, hi)
             c.shmview[:n] = mv[done:done + n]
             c.call("write", slot=self.slot, offset=off, length=n, buf=0)
             done += n
-        if len(mv):
-            lo, hi = offset, offset + len(mv)
-            if self._dirty:
-                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
-            self._dirty = (lo, hi)
+        self._wrote(offset, len(mv))
         return len(mv)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -374,17 +441,14 @@ class File:
         if self._dirty is None:
             return self._size_hint
         lo, hi = self._dirty
-        self._size_hint = self.client.call("commit", slot=self.slot, offset=lo,
-                                           length=hi - lo)["size"]
-        self._dirty = None
-        return self._size_hint
+        return self._committed(self.client.call("commit", slot=self.slot, offset=lo,
+                                                length=hi - lo)["size"])
 
     def truncate(self, size: int | None = None) -> int:
         self.commit()
         size = self.pos if size is None else size
-        self._size_hint = self.client.call("truncate", slot=self.slot, size=size)["size"]
-        self._layout = [(a, min(b, size)) for a, b in self._layout if a < size]
-        return self._size_hint
+        return self._truncated(size, self.client.call("truncate", slot=self.slot,
+                                                      size=size)["size"])
 
     def fsync(self) -> None:
         self.commit()
@@ -393,14 +457,12 @@ class File:
     # -- the rest --------------------------------------------------------------------
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        elif whence == os.SEEK_END:
-            self.pos = self.size() + offset
-        else:
-            raise ValueError(f"bad whence {whence}")
+        pos = self._seek_from(offset, whence)
+        if pos is None:
+            if whence != os.SEEK_END:
+                raise ValueError(f"bad whence {whence}")
+            pos = self.size() + offset
+        self.pos = pos
         if self.pos < 0:
             self.pos = 0
             raise OSError(_errno.EINVAL, "negative seek position")
@@ -472,13 +534,7 @@ class AsyncClient(_Base):
             await self.sock.connect(path)
             self.info = await self.call("hello")
             if shm_size:
-                res, fds = await self._call_fds("attach", size=shm_size)
-                try:
-                    self.shm = mmap.mmap(fds[0], res["size"])
-                    self.shmview = memoryview(self.shm)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+                self._map_shm(*await self._call_fds("attach", size=shm_size))
         except BaseException:
             self.sock.close()
             raise
@@ -497,23 +553,12 @@ class AsyncClient(_Base):
                 reply = self._take_reply(rid)
                 if reply is not None:
                     return reply, fds
-                fdarr = array.array("i")
-                chunk, anc, _f, _a = await self.sock.recvmsg(
-                    MAX_FRAME + 8, socket.CMSG_SPACE(4 * fdarr.itemsize))
-                for level, typ, cdata in anc:
-                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                        fdarr.frombytes(cdata[:len(cdata) - len(cdata) % fdarr.itemsize])
-                fds.extend(fdarr)
-                if not chunk:
-                    for fd in fds:
-                        os.close(fd)
-                    raise ConnectionError("the sluice daemon closed the connection")
-                self._feed(chunk)
+                chunk, anc, _f, _a = await self.sock.recvmsg(MAX_FRAME + 8, _ANCBUFSIZE)
+                self._received(chunk, anc, fds)
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         reply, fds = await self._call_fds(op, **args)
-        for fd in fds:
-            os.close(fd)
+        _close_fds(fds)
         return reply
 
     async def open(self, path: str | os.PathLike[str], mode: str = "r", *,
@@ -526,10 +571,7 @@ class AsyncClient(_Base):
         return await self.call("register", principal=principal)
 
     async def aclose(self) -> None:
-        if self.shm is not None:
-            self.shmview.release()
-            self.shm.close()
-            self.shm = None
+        self._unmap_shm()
         self.sock.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -539,20 +581,13 @@ class AsyncClient(_Base):
         await self.aclose()
 
 
-class AsyncFile:
+class AsyncFile(_FileState):
     """A file opened through the direct path by an AsyncClient."""
 
     def __init__(self, client: AsyncClient, slot: int, size: int, rights: int, *,
                  append: bool) -> None:
+        super().__init__(slot, size, rights, append=append)
         self.client = client
-        self.slot = slot
-        self.rights = rights
-        self.pos = size if append else 0
-        self.append = append
-        self._size_hint = size
-        self._dirty: tuple[int, int] | None = None
-        self._layout: list[tuple[int, int]] = []
-        self.closed = False
 
     async def pread(self, n: int, offset: int) -> bytes:
         c = self.client
@@ -580,25 +615,22 @@ class AsyncFile:
         c = self.client
         assert c.shm is not None
         mv = memoryview(data).cast("B")
-        bs = c.info.get("block_size") or 4096
+        bs = _block_size(c)
         if _needs_commit(self._dirty, offset, len(mv), bs):
             await self.commit()
         done = 0
         while done < len(mv):
             off = offset + done
             n = _chunk(off, len(mv) - done, len(c.shm), bs)
-            if not _covered(self._layout, off, off + n):
-                hi = off + max(n, LAYOUT_CHUNK)
-                await c.call("layout_get", slot=self.slot, offset=off, length=hi - off)
-                _add_range(self._layout, off, hi)
+            want = self._layout_wanted(off, n)
+            if want is not None:
+                lo, hi = want
+                await c.call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
+                self._layout_granted(lo, hi)
             c.shmview[:n] = mv[done:done + n]
             await c.call("write", slot=self.slot, offset=off, length=n, buf=0)
             done += n
-        if len(mv):
-            lo, hi = offset, offset + len(mv)
-            if self._dirty:
-                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
-            self._dirty = (lo, hi)
+        self._wrote(offset, len(mv))
         return len(mv)
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -613,30 +645,24 @@ class AsyncFile:
         if self._dirty is None:
             return self._size_hint
         lo, hi = self._dirty
-        self._size_hint = (await self.client.call("commit", slot=self.slot, offset=lo,
-                                                  length=hi - lo))["size"]
-        self._dirty = None
-        return self._size_hint
+        return self._committed((await self.client.call("commit", slot=self.slot, offset=lo,
+                                                       length=hi - lo))["size"])
 
     async def truncate(self, size: int | None = None) -> int:
         await self.commit()
         size = self.pos if size is None else size
-        self._size_hint = (await self.client.call("truncate", slot=self.slot,
-                                                  size=size))["size"]
-        self._layout = [(a, min(b, size)) for a, b in self._layout if a < size]
-        return self._size_hint
+        return self._truncated(size, (await self.client.call("truncate", slot=self.slot,
+                                                             size=size))["size"])
 
     async def fsync(self) -> None:
         await self.commit()
         await self.client.call("fsync", slot=self.slot)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence == os.SEEK_SET:
-            self.pos = offset
-        elif whence == os.SEEK_CUR:
-            self.pos += offset
-        else:
+        pos = self._seek_from(offset, whence)
+        if pos is None:
             raise ValueError("AsyncFile.seek supports SEEK_SET and SEEK_CUR; use size()")
+        self.pos = pos
         return self.pos
 
     async def size(self) -> int:

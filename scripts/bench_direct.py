@@ -59,60 +59,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import (BS, REPO, MiB, SluiceMount, cpu_seconds, drop_caches, io_until, loadavg,
+                      log, random_offsets, read_to_end, warm_memory)
+
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-VENV_BIN = Path(sys.executable).parent
-SLUICE = [sys.executable, "-m", "fs.cli"]
-MiB = 1 << 20
-BS = 4096
 CHUNK = 4 * MiB
 #: distinct 4 MiB chunks of random data; chunk i of every file is POOL[i % POOL_CHUNKS]
 POOL_CHUNKS = 16
 SYSTEMS = ("plain", "fuse", "direct")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f)
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process (all threads), seconds."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def other_fuse_mounts(ours: Path) -> list[str]:
@@ -120,14 +79,6 @@ def other_fuse_mounts(ours: Path) -> list[str]:
     with open("/proc/self/mounts") as f:
         return [line.split()[1] for line in f
                 if line.split()[2].startswith("fuse.") and line.split()[1] != real]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- statx(AT_STATX_FORCE_SYNC): a stat that reaches the FUSE daemon ------------------------
@@ -154,54 +105,6 @@ def stat_sync(path: bytes) -> None:
         raise OSError(e, os.strerror(e), path)
 
 
-# -- the sluice mount ---------------------------------------------------------------------
-
-class SluiceMount:
-    def __init__(self, volume: Path, mountpoint: Path, size: int) -> None:
-        self.volume = volume
-        self.mountpoint = mountpoint
-        self.size = size
-        self.pid: int | None = None
-
-    def mkfs(self) -> None:
-        run([*SLUICE, "mkfs", str(self.volume), "--size", str(self.size), "--profile", "none",
-             "-q"], cwd=REPO)
-
-    def mount(self) -> None:
-        run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none"],
-            cwd=REPO)
-        self.pid = int(json.loads((self.volume / "mount.json").read_text())["pid"])
-
-    def umount(self) -> None:
-        if is_mounted(self.mountpoint):
-            run([*SLUICE, "umount", str(self.mountpoint)], cwd=REPO)
-        self.pid = None
-
-    def remount(self) -> None:
-        self.umount()
-        self.mount()
-
-    def cleanup(self) -> None:
-        """Best effort, for `finally`: unmount, lazily if need be; end our daemon."""
-        pid = self.pid
-        if is_mounted(self.mountpoint):
-            r = subprocess.run([*SLUICE, "umount", str(self.mountpoint)], cwd=REPO,
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                log(f"umount failed ({r.stderr.strip()}); unmounting lazily")
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                               capture_output=True)
-        if pid is not None:
-            deadline = time.monotonic() + 30
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid):
-                log(f"daemon {pid} still running: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self.pid = None
-
-
 # -- data ---------------------------------------------------------------------------------
 
 class Pool:
@@ -217,6 +120,10 @@ class Pool:
         j = i % POOL_CHUNKS
         return self.mv[j * CHUNK:(j + 1) * CHUNK]
 
+    def chunks(self, size: int) -> Iterator[memoryview]:
+        """The chunks of a file of `size` bytes, in order."""
+        return (self.chunk(i) for i in range(size // CHUNK))
+
     def expected(self, off: int, n: int) -> bytes:
         out = bytearray()
         while n > 0:
@@ -226,18 +133,6 @@ class Pool:
             off += take
             n -= take
         return bytes(out)
-
-
-def warm_memory(scratch: Path, size: int, pool: Pool) -> None:
-    """Write, fsync and delete a scratch file of `size` bytes (see the module docstring)."""
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for i in range(size // CHUNK):
-            os.write(fd, pool.chunk(i))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        os.unlink(scratch)
 
 
 # -- workloads: plain and FUSE (fd based) -------------------------------------------------
@@ -260,28 +155,14 @@ def fd_seq_write(path: Path, size: int, pool: Pool) -> tuple[float, float]:
 
 def fd_seq_read(path: Path, size: int, req: int) -> float:
     buf = mmap.mmap(-1, req)
-    bufs = [buf]
     fd = os.open(path, os.O_RDONLY)
     try:
-        total = 0
-        t0 = time.perf_counter()
-        while True:
-            n = os.preadv(fd, bufs, total)
-            if not n:
-                break
-            total += n
-        dt = time.perf_counter() - t0
+        total, dt = read_to_end(fd, buf, positional=True)
     finally:
         os.close(fd)
     if total != size:
         raise RuntimeError(f"read {total} bytes of {path}, expected {size}")
     return dt
-
-
-def random_offsets(size: int, seed: int, n: int = 1 << 16) -> list[int]:
-    rnd = random.Random(seed)
-    nblocks = size // BS
-    return [rnd.randrange(nblocks) * BS for _ in range(n)]
 
 
 def fd_rand(path: Path, size: int, seconds: float, *, write: bool,
@@ -294,16 +175,8 @@ def fd_rand(path: Path, size: int, seconds: float, *, write: bool,
     op = os.pwritev if write else os.preadv
     now = time.perf_counter
     try:
-        n = 0
         t0 = now()
-        t_end = t0 + seconds
-        while True:
-            for k in range(32):
-                if op(fd, bufs, offs[(n + k) & 0xFFFF]) != BS:
-                    raise RuntimeError("short I/O")
-            n += 32
-            if now() >= t_end:
-                break
+        n = io_until(op, fd, bufs, offs, seconds, batch=32, error="short I/O")
         dt = now() - t0
     finally:
         os.close(fd)
@@ -556,14 +429,14 @@ class Bench:
                     target = self.plain_file()
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(target)
-                    warm_memory(scratch, size, pool)
+                    warm_memory(scratch, pool.chunks(size), fsync=True)
                     self.measure("seq write 4M+fsync", "MB/s", system,
                                  lambda: fd_seq_write(target, size, pool), size)
                 elif system == "fuse":
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.fuse_file)
                     os.sync()
-                    warm_memory(scratch, size, pool)
+                    warm_memory(scratch, pool.chunks(size), fsync=True)
                     self.measure("seq write 4M+fsync", "MB/s", system,
                                  lambda: fd_seq_write(self.fuse_file, size, pool), size)
                 else:
@@ -572,7 +445,7 @@ class Bench:
                     # negative dentry on a direct create, which hid the file).
                     rel = f"direct-{rep}.bin"
                     os.sync()
-                    warm_memory(scratch, size, pool)
+                    warm_memory(scratch, pool.chunks(size), fsync=True)
                     self.measure("seq write 4M+fsync", "MB/s", system,
                                  lambda: direct_seq_write(self.client, rel, size, pool), size)
                     if last:
@@ -720,6 +593,12 @@ class Bench:
         xs = self.samples.get(workload, {}).get(system)
         return statistics.median(xs) if xs else None
 
+    @staticmethod
+    def _md(head: str, rows: list[str]) -> str:
+        """A markdown table: `head`, the rule under it, `rows`."""
+        rule = "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"
+        return "\n".join([head, rule, *rows])
+
     def table(self) -> str:
         def ratio(a: float | None, b: float | None) -> str:
             return f"{a / b:.2f}" if a and b else "-"
@@ -729,7 +608,7 @@ class Bench:
         head = (f"| {'workload':20} | {'unit':4} | {'plain':>8} | {'FUSE':>8} | {'direct':>8} "
                 f"| {'FUSE/plain':>10} | {'direct/plain':>12} | {'direct/FUSE':>11} "
                 f"| {'direct/FUSE, medians':>20} |")
-        lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+        lines: list[str] = []
         for w in order:
             if w not in self.samples:
                 continue
@@ -739,24 +618,24 @@ class Bench:
                 f"| {w:20} | {self.units[w]:4} | {p or 0:8.0f} | {f or 0:8.0f} | {d or 0:8.0f} "
                 f"| {ratio(f, p):>10} | {ratio(d, p):>12} | {ratio(d, f):>11} "
                 f"| {ratio(dm, fm):>20} |")
-        return "\n".join(lines)
+        return self._md(head, lines)
 
     def cpu_table(self) -> str:
         head = (f"| {'workload':20} | {'per':8} | {'FUSE client':>11} | {'FUSE daemon':>11} "
                 f"| {'direct client':>13} | {'direct daemon':>13} |")
-        lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+        lines: list[str] = []
         for w, per in self.cpu.items():
             f, d = per.get("fuse", {}), per.get("direct", {})
             unit = "GB" if self.units[w] == "MB/s" else "1000 ops"
             lines.append(f"| {w:20} | {unit:8} | {f.get('client_s', 0):11.3f} | "
                          f"{f.get('daemon_s', 0):11.3f} | {d.get('client_s', 0):13.3f} | "
                          f"{d.get('daemon_s', 0):13.3f} |")
-        return "\n".join(lines)
+        return self._md(head, lines)
 
     def meta_table(self) -> str:
         head = (f"| {'op':6} | {'p50 alone':>9} | {'p50 streaming':>13} | {'ratio':>5} "
                 f"| {'p99 alone':>9} | {'p99 streaming':>13} | {'ratio':>5} |")
-        lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+        lines: list[str] = []
         for op, r in self.meta.items():
             a, s = r.get("alone"), r.get("streaming")
             if not a or not s:
@@ -765,7 +644,7 @@ class Bench:
                 f"| {op:6} | {a['p50_us']:7.0f}us | {s['p50_us']:11.0f}us | "
                 f"{s['p50_us'] / a['p50_us']:5.1f} | {a['p99_us']:7.0f}us | "
                 f"{s['p99_us']:11.0f}us | {s['p99_us'] / a['p99_us']:5.1f} |")
-        return "\n".join(lines)
+        return self._md(head, lines)
 
     def report(self) -> str:
         a = self.args

@@ -34,14 +34,12 @@ sampling slows the daemon, so numbers of such a run are not benchmark numbers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import mmap
 import multiprocessing as mp
 import os
 import platform
-import random
 import shutil
 import signal
 import statistics
@@ -51,11 +49,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import (BS, MiB, SluiceMount, cpu_seconds, drop_caches, io_until, is_mounted,
+                      loadavg, log, random_offsets, read_to_end, run, warm_memory)
+
 VENV_BIN = Path(sys.executable).parent
-SLUICE = [sys.executable, "-m", "fs.cli"]
-MiB = 1 << 20
-BS = 4096
 
 # name -> (unit, higher is better, sluice target or None)
 WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
@@ -75,106 +72,11 @@ WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run(cmd: list[str] | str, **kw) -> subprocess.CompletedProcess:
-    shell = isinstance(cmd, str)
-    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True, **kw)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), seconds."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def other_fuse_mounts() -> list[str]:
     """FUSE mounts other than ours (their daemons compete for the 2 CPUs)."""
     with open("/proc/self/mounts") as f:
         return [line.split()[1] for line in f
                 if line.split()[2].startswith("fuse.") and "sluice-bench-" not in line]
-
-
-# -- the sluice mount ------------------------------------------------------------------
-
-class SluiceMount:
-    def __init__(self, volume: Path, mountpoint: Path) -> None:
-        self.volume = volume
-        self.mountpoint = mountpoint
-        self.pid: int | None = None
-
-    def mkfs(self) -> None:
-        run([*SLUICE, "mkfs", str(self.volume), "--size", "16G", "--profile", "none", "-q"],
-            cwd=REPO)
-
-    def mount(self) -> None:
-        run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none"],
-            cwd=REPO)
-        state = json.loads((self.volume / "mount.json").read_text())
-        self.pid = int(state["pid"])
-
-    def umount(self) -> None:
-        if is_mounted(self.mountpoint):
-            run([*SLUICE, "umount", str(self.mountpoint)], cwd=REPO)
-        self.pid = None
-
-    def remount(self) -> None:
-        self.umount()
-        self.mount()
-
-    def cleanup(self) -> None:
-        """Best effort, for `finally`: unmount, lazily if need be; end our daemon."""
-        pid = self.pid
-        if is_mounted(self.mountpoint):
-            r = subprocess.run([*SLUICE, "umount", str(self.mountpoint)], cwd=REPO,
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                log(f"umount failed ({r.stderr.strip()}); unmounting lazily")
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                               capture_output=True)
-        if pid is not None:
-            deadline = time.monotonic() + 30
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _alive(pid):
-                log(f"daemon {pid} still running: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        self.pid = None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Sampler:
@@ -224,16 +126,9 @@ def seq_write(path: Path, size_mb: int, data: mmap.mmap) -> float:
 
 def seq_read(path: Path, size_mb: int) -> float:
     buf = mmap.mmap(-1, MiB)  # page aligned: one FUSE request per read (as dd's)
-    total = 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        t0 = time.perf_counter()
-        while True:
-            n = os.readv(fd, [buf])
-            if not n:
-                break
-            total += n
-        dt = time.perf_counter() - t0
+        total, dt = read_to_end(fd, buf, positional=False)
     finally:
         os.close(fd)
     if total != size_mb * MiB:
@@ -246,24 +141,11 @@ def _rand_job(path: str, direct: bool, seconds: float, seed: int, start, counts,
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     fd = os.open(path, flags)
     try:
-        nblocks = os.fstat(fd).st_size // BS
         buf = mmap.mmap(-1, BS)  # page aligned, as O_DIRECT needs
-        rnd = random.Random(seed)
-        offs = [rnd.randrange(nblocks) * BS for _ in range(1 << 16)]
-        preadv = os.preadv
-        bufs = [buf]
+        offs = random_offsets(os.fstat(fd).st_size, seed)
         start.wait()
-        n = 0
-        t_end = time.perf_counter() + seconds
-        now = time.perf_counter
-        while True:
-            for k in range(64):
-                if preadv(fd, bufs, offs[(n + k) & 0xFFFF]) != BS:
-                    raise RuntimeError("short read")
-            n += 64
-            if now() >= t_end:
-                break
-        counts[idx] = n
+        counts[idx] = io_until(os.preadv, fd, [buf], offs, seconds, batch=64,
+                               error="short read")
     finally:
         os.close(fd)
 
@@ -353,23 +235,15 @@ class Bench:
 
     def warm_memory(self) -> None:
         """Write and delete a scratch file as big as the test file (untimed, outside the
-        mount). This VM returns freed guest memory to its host (free page reporting), and
-        the first touch of such a page is slow: without this, a sequential write or cold
-        read into the page cache measures the hypervisor (250-550 MiB/s instead of
-        1.3-1.7 GiB/s for a plain 1 GiB write measured on this machine)."""
+        mount; see benchlib.warm_memory). Without it, a sequential write or cold read into
+        the page cache measures the hypervisor (250-550 MiB/s instead of 1.3-1.7 GiB/s for
+        a plain 1 GiB write measured on this machine)."""
         if self.args.no_warmup:
             return
-        scratch = self.tmp / "scratch.bin"
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            mv = memoryview(self.data)
-            chunks = len(self.data) // MiB
-            for i in range(self.size_mb):
-                j = i % chunks
-                os.write(fd, mv[j * MiB:(j + 1) * MiB])
-        finally:
-            os.close(fd)
-            scratch.unlink()
+        mv = memoryview(self.data)
+        chunks = len(self.data) // MiB
+        warm_memory(self.tmp / "scratch.bin",
+                    (mv[i % chunks * MiB:(i % chunks + 1) * MiB] for i in range(self.size_mb)))
 
     def record(self, fs: str, name: str, value: float, *, cpu0: float | None = None,
                t0: float | None = None) -> None:
