@@ -413,9 +413,14 @@ class PrincipalTable:
             heir = self.get(move_to)
             if heir is p:
                 raise PrincipalError("cannot move storage to the principal being removed")
-            # Move the charge: out of p's chain, into heir's (which must have room).
-            self.refund(p, space=p.usage.space, inodes=p.usage.inodes)
-            self.charge(heir, space=p.usage.space, inodes=p.usage.inodes)
+            # Move the charge: into heir's chain (which must have room), out of p's.
+            space, inodes = p.usage.space, p.usage.inodes
+            self.refund(p, space=space, inodes=inodes)
+            try:
+                self.charge(heir, space=space, inodes=inodes)
+            except QuotaExceeded:
+                self.charge(p, space=space, inodes=inodes)  # undo: p keeps it
+                raise
         p.parent.children.remove(p)
         del self._by_id[p.id]
         del self._by_name[p.name]

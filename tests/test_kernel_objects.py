@@ -99,3 +99,34 @@ def test_shared_buffer_size_is_bounded(mnt: Path) -> None:
         with pytest.raises(ProtocolError):
             c.call("attach", size=1 << 40)
         assert c.call("hello")["max_shm"] == 64 << 20
+
+
+def test_principal_rm_moves_storage(volume: Path, mount_factory) -> None:
+    m = mount_factory(volume)
+    mnt = m.path
+    sluice("principal", "add", str(mnt), "temp", "--space", "64M")
+    sluice("principal", "add", str(mnt), "keeper", "--space", "64M")
+    r = _run_as_principal(mnt, "temp", f"""
+        with open("{mnt}/t.bin", "wb") as f:
+            f.write(b"t" * (1 << 20))
+    """)
+    assert r.returncode == 0, r.stderr
+    owned = _usage(mnt, "temp")
+    assert owned["space"] >= 1 << 20 and owned["inodes"] == 1
+    # It owns storage: removing it needs to be told where the storage goes.
+    r = subprocess.run([sys.executable, "-m", "fs.cli", "principal", "rm", str(mnt), "temp"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert "--move-to" in r.stderr
+    before_keeper = _usage(mnt, "keeper")
+    sluice("principal", "rm", str(mnt), "temp", "--move-to", "keeper")
+    after = _usage(mnt, "keeper")
+    assert after["space"] == before_keeper["space"] + owned["space"]
+    assert after["inodes"] == before_keeper["inodes"] + owned["inodes"]
+    # The move is recorded in the volume: a remount recounts the same usage.
+    m.stop()
+    m.start()
+    assert _usage(mnt, "keeper") == after
+    names = [r["name"] for r in json.loads(sluice("principal", "ls", str(mnt), "--json").stdout)]
+    assert "temp" not in names
+    assert (mnt / "t.bin").read_bytes() == b"t" * (1 << 20)
