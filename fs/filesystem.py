@@ -996,6 +996,7 @@ class FileSystem:
                     self.alloc.free_later([(d, c) for d, c, _o in freed])
                     self._save_extents(node)
                     self._save(node, "blocks")
+        self._maybe_evict(node)  # the kernel may never have looked this inode up
 
     def retag_cached(self, src: int, dst: int) -> None:
         for node in self._inodes.values():

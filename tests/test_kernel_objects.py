@@ -130,3 +130,20 @@ def test_principal_rm_moves_storage(volume: Path, mount_factory) -> None:
     names = [r["name"] for r in json.loads(sluice("principal", "ls", str(mnt), "--json").stdout)]
     assert "temp" not in names
     assert (mnt / "t.bin").read_bytes() == b"t" * (1 << 20)
+
+
+def test_direct_files_do_not_pin_the_inode_cache(mnt: Path) -> None:
+    """Files a direct client creates and closes are not kept in the daemon's inode
+    cache (the kernel never looked them up, so no forget would ever drop them)."""
+    from kernelshim.client import Client
+
+    def cached() -> int:
+        return json.loads(sluice("stats", str(mnt), "--json").stdout)["fs"]["cached_inodes"]
+
+    before = cached()
+    with Client.connect(mnt) as c:
+        for i in range(50):
+            with c.open(f"d{i}", "w") as f:
+                f.write(b"z" * 5000)
+    assert cached() <= before + 2
+    assert (mnt / "d49").read_bytes() == b"z" * 5000
