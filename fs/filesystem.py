@@ -21,7 +21,6 @@ Concurrency (one trio loop; code between two awaits runs atomically):
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import stat

@@ -16,7 +16,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3

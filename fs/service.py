@@ -12,12 +12,11 @@ import os
 import stat
 from typing import Any
 
-from kernelshim import Grant, Rights
+from kernelshim import Grant
 from kernelshim.principals import Principal
 from kernelshim.service import Credentials
 
-from .errors import (Exists, InvalidArgument, IsADirectory, NotADirectory, NotFound,
-                     PermissionDenied)
+from .errors import (Exists, InvalidArgument, IsADirectory, NotADirectory, NotFound)
 from .filesystem import ROOT_INODE, Caller, FileSystem, Inode
 
 #: symlinks followed while resolving one path

@@ -28,7 +28,6 @@ import itertools
 import mmap
 import os
 import socket
-import struct
 from typing import Any
 
 from blockdev import SluiceError

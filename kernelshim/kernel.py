@@ -135,14 +135,18 @@ class Kernel:
         return len(self._grants)
 
     def _check_live(self, grant: Grant) -> None:
-        if grant.revoked:
-            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
+        self.check(grant, Rights.NONE)
 
-    def _enter(self, grant: Grant, need: Rights) -> None:
+    @staticmethod
+    def check(grant: Grant, need: Rights) -> None:
+        """Raise GrantRevoked or RightsError unless `grant` is live and holds `need`."""
         if grant.revoked:
             raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
         if need & ~grant.rights:
             raise RightsError(f"grant {grant.id} does not hold {need!r}")
+
+    def _enter(self, grant: Grant, need: Rights) -> None:
+        self.check(grant, need)
         grant.inflight += 1
 
     @staticmethod

@@ -45,10 +45,9 @@ import trio
 
 from blockdev import SluiceError
 
-from .errors import BadRequest, RightsError
 from .grants import Grant, Rights
 from .kernel import Kernel
-from .principals import Banks, Principal, PrincipalError, PrincipalTable, Rate, TooManyObjects
+from .principals import Banks, Principal, PrincipalTable, Rate, TooManyObjects
 from .protocol import (ERROR, MAX_FRAME, OK, REQUEST, VERSION, Decoder, FramingError, Message,
                        ProtocolError, arg_int, arg_str, encode, error_payload)
 from .service import Credentials, MetadataService
@@ -299,8 +298,7 @@ class ShimServer:
         offset = arg_int(p, "offset")
         length = arg_int(p, "length", hi=MAX_SHM)
         buf = self._buf(conn, p, length)
-        if g.revoked or not g.rights & Rights.READ:
-            await self.kernel.read(g, 0, 0)  # raises the kernel's typed error
+        self.kernel.check(g, Rights.READ)
         n = max(0, min(length, self.service.size_of(g) - offset))
         pos = 0
         while pos < n:
@@ -345,42 +343,35 @@ class ShimServer:
                 await self._yield_if_hogging()
         return {"n": length}
 
-    def _need(self, g: Grant, rights: Rights) -> None:
-        if g.revoked:
-            from .errors import GrantRevoked
-            raise GrantRevoked(f"grant {g.id} on inode {g.inode} was revoked")
-        if rights & ~g.rights:
-            raise RightsError(f"grant {g.id} does not hold {rights!r}")
-
     async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        self._need(g, Rights.WRITE)
+        self.kernel.check(g, Rights.WRITE)
         offset = arg_int(p, "offset")
         length = arg_int(p, "length", hi=1 << 40)
         return {"allocated": await self.service.layout_get(g, offset, length)}
 
     async def _op_commit(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        self._need(g, Rights.WRITE)
+        self.kernel.check(g, Rights.WRITE)
         offset = arg_int(p, "offset")
         length = arg_int(p, "length", hi=1 << 40)
         return {"size": await self.service.layout_commit(g, offset, length)}
 
     async def _op_truncate(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        self._need(g, Rights.WRITE)
+        self.kernel.check(g, Rights.WRITE)
         await self.service.truncate(g, arg_int(p, "size"))
         return {"size": self.service.size_of(g)}
 
     async def _op_fsync(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        self._need(g, Rights.NONE)
+        self.kernel.check(g, Rights.NONE)
         await self.service.fsync(g)
         return {}
 
     async def _op_stat(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        self._need(g, Rights.NONE)
+        self.kernel.check(g, Rights.NONE)
         return self.service.stat_of(g)
 
     async def _op_mint(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
