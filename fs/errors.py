@@ -35,6 +35,10 @@ class IsADirectory(FsError):
     errno = _errno.EISDIR
 
 
+class SymlinkLoop(FsError):
+    errno = _errno.ELOOP
+
+
 class NameTooLong(FsError):
     errno = _errno.ENAMETOOLONG
 

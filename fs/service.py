@@ -16,16 +16,12 @@ from kernelshim import Grant
 from kernelshim.principals import Principal
 from kernelshim.service import Credentials
 
-from .errors import (Exists, InvalidArgument, IsADirectory, NotADirectory, NotFound)
+from .errors import (Exists, InvalidArgument, IsADirectory, NotADirectory, NotFound,
+                     SymlinkLoop)
 from .filesystem import ROOT_INODE, Caller, FileSystem, Inode
 
 #: symlinks followed while resolving one path
 MAX_SYMLINKS = 40
-
-
-class TooManyLinksFollowed(InvalidArgument):
-    import errno as _e
-    errno = _e.ELOOP
 
 
 class DirectService:
@@ -62,7 +58,7 @@ class DirectService:
             if stat.S_ISLNK(node.mode) and not (last and parent_only):
                 links += 1
                 if links > MAX_SYMLINKS:
-                    raise TooManyLinksFollowed("too many levels of symbolic links")
+                    raise SymlinkLoop("too many levels of symbolic links")
                 target = fs.readlink(node.id)
                 rest = [p for p in target.split(b"/") if p not in (b"", b".")]
                 if target.startswith(b"/"):
