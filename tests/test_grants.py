@@ -734,3 +734,18 @@ def test_commit_takes_only_what_was_written(mnt: Path) -> None:
                           " ORDER BY file_block", (st.st_ino,)).fetchall()
     written = [(fb, n) for fb, n, state in rows if state == 1]
     assert written == [(2, 1)], rows  # only the block that holds the written bytes
+
+
+def test_direct_open_follows_relative_symlinks_and_stops_loops(mnt: Path) -> None:
+    (mnt / "real").write_bytes(b"target data")
+    os.symlink("real", mnt / "alias")
+    os.symlink("loop2", mnt / "loop1")
+    os.symlink("loop1", mnt / "loop2")
+    with Client.connect(mnt) as c:
+        with c.open("alias") as f:
+            assert f.read() == b"target data"
+        with pytest.raises(OSError) as ei:
+            c.open("loop1")
+        assert ei.value.errno == errno.ELOOP
+        with pytest.raises(FileNotFoundError):
+            c.open("missing")
