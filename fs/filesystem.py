@@ -821,7 +821,7 @@ class FileSystem:
                 return 0
             end = offset + n
             if end > MAX_FILE_SIZE:
-                raise FileTooLarge(f"write past the maximum file size")
+                raise FileTooLarge("write past the maximum file size")
             bs = self.block_size
             b0 = offset // bs
             b1 = -(-end // bs)

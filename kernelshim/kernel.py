@@ -79,7 +79,7 @@ class Kernel:
 
     def mint(self, grant: Grant, rights: Rights) -> Grant:
         """A copy of `grant` with `rights` (which must be a subset of the grant's)."""
-        self._check_live(grant)
+        self.check(grant, Rights.NONE)
         if rights & ~grant.rights:
             raise RightsError(f"cannot mint {rights!r} from a grant holding {grant.rights!r}")
         g = self.grant(inode=grant.inode, generation=grant.generation, extents=grant.extents,
@@ -133,9 +133,6 @@ class Kernel:
     @property
     def live_grants(self) -> int:
         return len(self._grants)
-
-    def _check_live(self, grant: Grant) -> None:
-        self.check(grant, Rights.NONE)
 
     @staticmethod
     def check(grant: Grant, need: Rights) -> None:
