@@ -81,11 +81,16 @@ class Allocator:
             self.used[start:start + count] = False
             self.free += count
 
+    def take_pending(self) -> list[tuple[int, int]]:
+        """The runs freed by the transaction now committing (they stay allocated until
+        `release_now`, once that commit is durable)."""
+        pending, self._pending = self._pending, []
+        return pending
+
     def committed(self) -> None:
         """The transaction that freed the pending blocks is durable: reuse them."""
         if self._pending:
-            pending, self._pending = self._pending, []
-            self.release_now(pending)
+            self.release_now(self.take_pending())
 
     @property
     def pending_blocks(self) -> int:

@@ -29,8 +29,8 @@ from typing import Callable
 
 import trio
 
-from kernelshim import (WRITTEN, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
-                        ROOT_PRINCIPAL)
+from kernelshim import (FRESH, HOLE, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
+                        ROOT_PRINCIPAL, Sealed)
 from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable
 
 from .allocator import Allocator
@@ -48,6 +48,8 @@ XATTR_SIZE_MAX = 65536
 XATTR_LIST_MAX = 65536
 LINK_MAX = 65000
 MAX_FILE_SIZE = 1 << 50
+#: blocks copied per request when a write layout relocates sealed blocks
+COPY_BLOCKS = 256
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
@@ -191,6 +193,8 @@ class FileSystem:
         #: cached as missing (a direct client's create); operations.py invalidates
         self.on_entry_created: Callable[[int, bytes], None] = lambda parent, name: None
         self._commit_lock = trio.Lock()
+        #: extent maps that may hold FRESH extents: sealed by the next commit
+        self._unsealed: set[ExtentMap] = set()
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
@@ -231,20 +235,32 @@ class FileSystem:
 
     # -- transactions -----------------------------------------------------------------
 
-    async def commit(self) -> None:
-        """End the metadata transaction; then release and discard the blocks it freed."""
+    async def commit(self, *, durable: bool = False) -> None:
+        """End the metadata transaction (docs/dev/invariants.md, "Crash rules"):
+
+        1. inside a device barrier (writes held back, everything written made durable),
+           commit the transaction and seal the extents it exposes (FRESH -> WRITTEN:
+           never written in place again);
+        2. if it freed blocks (or `durable`), make the commit durable (fsync the WAL);
+        3. wait until no request that could still address the freed blocks is in flight,
+           then discard them and hand them to the allocator."""
         async with self._commit_lock:
-            self.md.commit()
-            pending, self.alloc._pending = self.alloc._pending, []
+            async with self.kernel.barrier():
+                self.md.commit()
+                pending = self.alloc.take_pending()
+                for emap in self._unsealed:
+                    emap.seal()
+                self._unsealed.clear()
+            if durable or pending:
+                await trio.to_thread.run_sync(self.md.make_durable)
             if pending:
+                await self.kernel.wait_quiescent()
                 await self.kernel.discard(pending, principal=ROOT_PRINCIPAL)
                 self.alloc.release_now(pending)
 
     async def sync(self) -> None:
         """Make all data and metadata durable (fsync, unmount)."""
-        await self.kernel.sync()
-        await self.commit()
-        await trio.to_thread.run_sync(self.md.make_durable)
+        await self.commit(durable=True)
 
     async def run_committer(self, *, interval: float = 1.0,
                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -252,7 +268,7 @@ class FileSystem:
         task_status.started()
         while True:
             await trio.sleep(interval)
-            if self.md.pending or self.alloc._pending:
+            if self.md.pending or self.alloc.pending_blocks or self._unsealed:
                 await self.commit()
 
     async def scrub_stale_blocks(self) -> int:
@@ -595,6 +611,22 @@ class FileSystem:
                 raise NotADirectory(f"{new_name!r} is not a directory")
             if dst.is_dir and self.md.has_entries(dst.id):
                 raise NotEmpty(f"directory {new_name!r} is not empty")
+        # The entry keeps the principal charged for it; its charge follows the name's
+        # length (ENTRY_COST + len(name)), before anything changes (EDQUOT changes nothing).
+        grow = len(new_name) - len(old_name)
+        if grow:
+            owner = self.principal(self.md.dentry_principal(old_parent, old_name))
+            if grow > 0:
+                self.principals.charge(owner, space=grow)
+            else:
+                self.principals.refund(owner, space=-grow)
+        if dst is not None:
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(f"{new_name!r} is a directory")
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(f"{new_name!r} is not a directory")
+            if dst.is_dir and self.md.has_entries(dst.id):
+                raise NotEmpty(f"directory {new_name!r} is not empty")
             self._remove_name(new_parent, new_name)
             if dst.is_dir:
                 np_.nlink -= 1
@@ -674,33 +706,46 @@ class FileSystem:
             now = _now()
             if size == old:
                 return
+            fields = ["size", "mtime_ns", "ctime_ns"]
             if size < old:
                 bs = self.block_size
                 emap = self._extents(node)
                 keep = -(-size // bs)
-                freed = emap.remove_owned(keep)
-                # The direct client truncating through `keep_grant` keeps it (its
-                # connection has no other request in flight); every other is revoked.
-                old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
-                if size % bs:
+                last = emap.segments(keep - 1, 1)[0] if size % bs else None
+                if last is not None and last.state != UNWRITTEN:
                     # Bytes past the new end in the last block must read as zeros if the
-                    # file grows again.
+                    # file grows again. A sealed block is not zeroed in place but
+                    # relocated: a crash before the commit finds the old size and the
+                    # old block whole.
                     g = self.kernel.grant(inode=node.id, generation=node.generation,
                                           extents=emap, rights=Rights.WRITE,
                                           principal=principal, charge=False)
                     try:
-                        await self.kernel.zero(g, size, keep * bs - size)
+                        await self._write_data(node, g, size, bytes(keep * bs - size))
                     finally:
                         self.kernel.release(g)
-                await self.kernel.wait_drained(old_grants)
+                # From here to the save of the size: no checkpoint, so the shorter map
+                # and the new size reach the same transaction.
+                freed = emap.remove_owned(keep)
+                # The direct client truncating through `keep_grant` keeps it (its
+                # connection has no other request in flight); every other is revoked.
+                old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
                 if freed:
                     node.blocks = emap.blocks
                     self._refund_runs(freed)
-                    self.alloc.free_later([(d, c) for d, c, _o in freed])
                     self._save_extents(node)
+                    fields.append("blocks")
+            else:
+                freed, old_grants = [], []
             node.size = size
             node.mtime_ns = node.ctime_ns = now
-            self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
+            self._save(node, *fields)
+            if old_grants:
+                await self.kernel.wait_drained(old_grants)
+            if freed:
+                # Freed once no request through the old grants is in flight; reusable
+                # once the commit that saved the shorter map is durable.
+                self.alloc.free_later([(d, c) for d, c, _o in freed])
 
     def _regrant(self, node: Inode, keep: Callable[[Grant], bool] | None = None) -> list[Grant]:
         """Revoke every grant on `node` (but those `keep` accepts) and give the open
@@ -828,10 +873,11 @@ class FileSystem:
             emap = self._extents(node)
             await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
             try:
-                await self.kernel.write(h.grant, offset, data)
+                await self._write_data(node, h.grant, offset, data)
                 # The kernel's handles commit every write at once.
                 for start, stop in h.grant.take_written(offset, end):
                     emap.mark_written(start // bs, -(-stop // bs) - start // bs)
+                self._unsealed.add(emap)
             finally:
                 self._save_extents(node)
             now = _now()
@@ -859,6 +905,60 @@ class FileSystem:
         self.on_attr_changed(node.id)
         return True
 
+    async def _write_data(self, node: Inode, grant: Grant, offset: int,
+                          data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset` through `grant` (under the inode lock; every block
+        allocated). Sealed blocks are relocated (copy-on-write): written to fresh blocks,
+        the extents remapped and the old blocks freed by the same transaction, with the
+        change saved before any checkpoint."""
+        bs = self.block_size
+        b0 = offset // bs
+        b1 = -(-(offset + len(data)) // bs)
+        emap = self._extents(node)
+        while True:
+            cow = await self._cow_blocks(emap, b0, b1 - b0)
+            try:
+                await self.kernel.write(grant, offset, data, cow=cow)
+            except Sealed:
+                # A commit sealed fresh blocks of the range while this write waited for
+                # its barrier: relocate those too.
+                if cow is not None:
+                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                continue
+            except BaseException:
+                if cow is not None:  # never exposed: reusable at once
+                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                raise
+            break
+        if cow is not None:
+            for fb, dev, count, _st, _owner in cow.owned_extents():
+                old = emap.relocate(fb, dev, count)
+                self.alloc.free_later([(d, c) for d, c, _o in old])
+            self._unsealed.add(emap)
+            self._save_extents(node)
+
+    async def _cow_blocks(self, emap: ExtentMap, b0: int, count: int) -> ExtentMap | None:
+        """Fresh device blocks for the sealed blocks of [b0, b0+count), as a map of the
+        same file blocks (None when nothing there is sealed). Not charged: each replaces
+        a block of the same owner, freed by the same transaction."""
+        runs = emap.sealed_runs(b0, count)
+        if not runs:
+            return None
+        await self._ensure_free(sum(c for _, c in runs))
+        cow = ExtentMap()
+        for fb, cnt in runs:
+            for start, length in self.alloc.allocate(cnt, emap.goal(fb)):
+                cow.add(fb, start, length, FRESH)
+                fb += length
+        return cow
+
+    async def _ensure_free(self, need: int) -> None:
+        if need > self.alloc.free and self.alloc.pending_blocks:
+            await self.commit()  # blocks freed by the open transaction become usable
+        if need > self.alloc.free:
+            raise NoSpace(f"no space left on device ({self.alloc.free} blocks free, "
+                          f"{need} needed)")
+
     async def _allocate(self, node: Inode, emap: ExtentMap, b0: int, count: int,
                         principal: PrincipalId) -> int:
         """Map the holes in [b0, b0+count) to newly allocated unwritten extents charged
@@ -879,11 +979,7 @@ class FileSystem:
     async def _allocate_blocks(self, node: Inode, emap: ExtentMap,
                                holes: list[tuple[int, int]], need: int,
                                principal: PrincipalId) -> None:
-        if need > self.alloc.free and self.alloc.pending_blocks:
-            await self.commit()  # blocks freed by the open transaction become usable
-        if need > self.alloc.free:
-            raise NoSpace(f"no space left on device ({self.alloc.free} blocks free, "
-                          f"{need} needed)")
+        await self._ensure_free(need)
         for fb, cnt in holes:
             goal = emap.goal(fb)
             for start, length in self.alloc.allocate(cnt, goal):
@@ -935,6 +1031,19 @@ class FileSystem:
             if n:
                 self._save_extents(node)
                 self._save(node, "blocks")
+            # Sealed blocks in the range are copied to fresh ones the client may write
+            # in place (a pNFS copy-on-write layout).
+            for fb, cnt in emap.sealed_runs(b0, b1 - b0):
+                g = self.kernel.grant(inode=node.id, generation=node.generation,
+                                      extents=emap, rights=Rights.RW,
+                                      principal=grant.principal, charge=False)
+                try:
+                    for at in range(fb, fb + cnt, COPY_BLOCKS):
+                        k = min(COPY_BLOCKS, fb + cnt - at)
+                        old = bytes(await self.kernel.read(g, at * bs, k * bs))
+                        await self._write_data(node, g, at * bs, old)
+                finally:
+                    self.kernel.release(g)
         return n
 
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
@@ -954,6 +1063,7 @@ class FileSystem:
                 for start, stop in ranges:
                     b0, b1 = start // bs, -(-stop // bs)
                     emap.mark_written(b0, b1 - b0)
+                self._unsealed.add(emap)
                 end = max(stop for _start, stop in ranges)
                 self._save_extents(node)
                 now = _now()
@@ -983,7 +1093,7 @@ class FileSystem:
             keep = -(-node.size // bs)
             if emap.end_block() > keep:
                 tail = [s for s in emap.segments(keep, emap.end_block() - keep)
-                        if s.dev_block >= 0 and s.state == WRITTEN]
+                        if s.dev_block != HOLE and s.state != UNWRITTEN]
                 if not tail:  # only unwritten preallocation past EOF
                     # Readers never touch unwritten blocks past EOF: they keep their
                     # grants. Writers may have written (uncommitted) into the range.

@@ -184,10 +184,11 @@ class Metadata:
                               (parent, name)).fetchone()
         return None if row is None else row[0]
 
-    def lookup_entry(self, parent: int, name: bytes) -> tuple[int, int] | None:
-        """(dentry id, inode) of a name."""
-        return self.db.execute("SELECT id, inode FROM dentries WHERE parent=? AND name=?",
-                               (parent, name)).fetchone()
+    def dentry_principal(self, parent: int, name: bytes) -> int:
+        """The principal charged for an entry."""
+        row = self.db.execute("SELECT principal FROM dentries WHERE parent=? AND name=?",
+                              (parent, name)).fetchone()
+        return 0 if row is None else row[0]
 
     def add_dentry(self, parent: int, name: bytes, ino: int, principal: int = 0) -> None:
         self._w("INSERT INTO dentries (parent, name, inode, principal) VALUES (?,?,?,?)",

@@ -134,9 +134,20 @@ class Operations(pyfuse3.Operations):
             log.debug("invalidate_inode(%d) failed: %s", ino, exc)
 
     def _invalidate_entry(self, parent: int, name: bytes) -> None:
-        # Asynchronous (a pyfuse3 worker thread): the kernel may hold the directory's
-        # lock for a request this daemon has yet to answer.
-        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        # From a worker thread: the kernel may hold the directory's lock for a request
+        # this daemon has yet to answer. (Not pyfuse3's invalidate_entry_async: its queue
+        # may still hold the request when the session closes at unmount, and then logs
+        # the failure as an error with a traceback.)
+        trio.lowlevel.spawn_system_task(
+            functools.partial(trio.to_thread.run_sync, self._invalidate_entry_sync, parent,
+                              name, limiter=_INVALIDATE_LIMITER), name="invalidate-entry")
+
+    @staticmethod
+    def _invalidate_entry_sync(parent: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except Exception as exc:  # noqa: BLE001 - gone already, or the session closed
+            log.debug("invalidate_entry(%d, %r) failed: %s", parent, name, exc)
 
     def _file_info(self, h: Any) -> pyfuse3.FileInfo:
         return pyfuse3.FileInfo(fh=h.fh, direct_io=h.direct_io, keep_cache=False)

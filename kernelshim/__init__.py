@@ -19,7 +19,9 @@ from .errors import BadRequest as BadRequest
 from .errors import GrantRevoked as GrantRevoked
 from .errors import NotAllocated as NotAllocated
 from .errors import RightsError as RightsError
+from .errors import Sealed as Sealed
 from .errors import ShimError as ShimError
+from .extents import FRESH as FRESH
 from .extents import HOLE as HOLE
 from .extents import UNWRITTEN as UNWRITTEN
 from .extents import WRITTEN as WRITTEN

@@ -45,7 +45,8 @@ LAYOUT_CHUNK = 4 << 20
 
 _REMOTE_TYPES: dict[str, type[BaseException]] = {
     c.__name__: c for c in (
-        _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.BadRequest,
+        _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.Sealed,
+        _errors.BadRequest,
         ProtocolError, _principals.QuotaExceeded, _principals.TooManyObjects,
         _principals.PrincipalError, _principals.NoSuchPrincipal, _principals.PrincipalExists,
         _principals.NotAllowed)}
@@ -300,10 +301,14 @@ class _FileState:
         return _covered(self._layout, lo, hi)
 
     def _layout_wanted(self, off: int, n: int) -> tuple[int, int] | None:
-        """The range to ask a write layout for before writing `n` bytes at `off` (this
-        write and what follows it), or None if the layouts held cover the write."""
+        """The range to ask a write layout for before writing `n` bytes at `off`, or None
+        if the layouts held cover the write. Past the end of the file (appends) the
+        layout runs ahead by LAYOUT_CHUNK; inside it, it is the write's own range, since
+        a layout over committed data copies it to fresh blocks (copy-on-write)."""
         if self._allocated(off, off + n):
             return None
+        if off + n <= self._size_hint:
+            return off, off + n
         return off, off + max(n, LAYOUT_CHUNK)
 
     def _layout_granted(self, lo: int, hi: int) -> None:
@@ -422,7 +427,13 @@ class File(_FileState):
                 c.call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
                 self._layout_granted(lo, hi)
             c.shmview[:n] = mv[done:done + n]
-            c.call("write", slot=self.slot, offset=off, length=n, buf=0)
+            try:
+                c.call("write", slot=self.slot, offset=off, length=n, buf=0)
+            except _errors.Sealed:
+                # A commit sealed blocks of the layout held: ask again (the server
+                # relocates them), then write.
+                c.call("layout_get", slot=self.slot, offset=off, length=n)
+                c.call("write", slot=self.slot, offset=off, length=n, buf=0)
             done += n
         self._wrote(offset, len(mv))
         return len(mv)
@@ -627,7 +638,13 @@ class AsyncFile(_FileState):
                 await c.call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
                 self._layout_granted(lo, hi)
             c.shmview[:n] = mv[done:done + n]
-            await c.call("write", slot=self.slot, offset=off, length=n, buf=0)
+            try:
+                await c.call("write", slot=self.slot, offset=off, length=n, buf=0)
+            except _errors.Sealed:
+                # A commit sealed blocks of the layout held: ask again (the server
+                # relocates them), then write.
+                await c.call("layout_get", slot=self.slot, offset=off, length=n)
+                await c.call("write", slot=self.slot, offset=off, length=n, buf=0)
             done += n
         self._wrote(offset, len(mv))
         return len(mv)

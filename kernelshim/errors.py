@@ -32,6 +32,12 @@ class NotAllocated(ShimError):
     errno = _errno.EINVAL
 
 
+class Sealed(NotAllocated):
+    """A write touches blocks whose data a committed transaction exposes: they are never
+    written in place (a crash could roll the metadata back onto a half-changed block).
+    Ask for a write layout: the filesystem relocates them to fresh blocks."""
+
+
 class BadRequest(ShimError):
     """A request with impossible arguments (negative offset, and the like)."""
 

@@ -1,10 +1,19 @@
 """Extent maps: the map from a file's blocks to device blocks, as grants carry it.
 
 An extent is (file_block, dev_block, count, state, owner). `owner` is the principal
-charged for its blocks (so a truncate refunds whoever paid). `state` is WRITTEN (the device
-blocks hold the file's data) or UNWRITTEN (allocated, reads as zeros: the pNFS
-"invalid" state a write layout hands out before commit). File blocks not covered by
-any extent are holes and read as zeros.
+charged for its blocks (so a truncate refunds whoever paid). `state` is one of
+
+- UNWRITTEN: allocated, reads as zeros (the pNFS "invalid" state a write layout hands
+  out before commit);
+- FRESH: holds the file's data, written since the last metadata commit; no committed
+  transaction exposes these blocks' data yet, so they may be written again in place;
+- WRITTEN: holds the file's data as of a committed transaction (sealed): never written
+  in place again; a change goes to fresh blocks (copy-on-write, see `relocate`), so a
+  crash that rolls the metadata back finds the old data and checksums untouched.
+
+FRESH exists only in memory: it is persisted as WRITTEN, and `seal()` turns it into
+WRITTEN when the transaction that persisted it commits. File blocks not covered by any
+extent are holes and read as zeros.
 
 The map keeps extents sorted and non-overlapping, merges neighbours that continue
 each other, and remembers which extents changed since the last `take_changes()` so
@@ -18,6 +27,7 @@ from typing import Iterable, NamedTuple
 
 UNWRITTEN = 0
 WRITTEN = 1
+FRESH = 2  # in memory only (persisted as WRITTEN)
 HOLE = -1  # dev_block of a hole segment
 
 
@@ -25,13 +35,13 @@ class Segment(NamedTuple):
     file_block: int
     count: int  # type: ignore[assignment]  # (shadows tuple.count, by design)
     dev_block: int  # HOLE for a hole
-    state: int      # WRITTEN, UNWRITTEN; UNWRITTEN for holes too (reads as zeros)
+    state: int      # WRITTEN, FRESH, UNWRITTEN; UNWRITTEN for holes too (reads as zeros)
 
 
 class ExtentMap:
     """Sorted, non-overlapping extents of one file. See the module docstring."""
 
-    __slots__ = ("_starts", "_ext", "_changed", "blocks")
+    __slots__ = ("_starts", "_ext", "_changed", "blocks", "fresh")
 
     def __init__(self, extents: Iterable[tuple[int, ...]] = ()) -> None:
         self._starts: list[int] = []
@@ -39,6 +49,8 @@ class ExtentMap:
         self._changed: set[int] = set()   # file_block keys added, changed or removed
         #: blocks allocated to the file (written + unwritten)
         self.blocks = 0
+        #: whether some extent may be FRESH (cleared by seal())
+        self.fresh = False
         for e in sorted(extents):
             fb, dev, cnt, st = e[:4]
             owner = e[4] if len(e) > 4 else 0
@@ -47,6 +59,7 @@ class ExtentMap:
             self._starts.append(fb)
             self._ext.append([fb, dev, cnt, st, owner])
             self.blocks += cnt
+            self.fresh = self.fresh or st == FRESH
 
     def __len__(self) -> int:
         return len(self._ext)
@@ -158,10 +171,11 @@ class ExtentMap:
         self._starts.insert(i, file_block)
         self._changed.add(file_block)
         self.blocks += count
+        self.fresh = self.fresh or state == FRESH
         self._merge_around(i, i)
 
     def mark_written(self, file_block: int, count: int) -> None:
-        """Commit: unwritten extents in the range become written."""
+        """Commit: unwritten extents in the range become FRESH (data, not yet sealed)."""
         if count <= 0:
             return  # an empty range: splitting at its point would leave mergeable halves
         end = file_block + count
@@ -171,12 +185,60 @@ class ExtentMap:
         hi = bisect.bisect_left(self._starts, end)
         touched = False
         for e in self._ext[lo:hi]:
-            if e[3] != WRITTEN:
-                e[3] = WRITTEN
+            if e[3] == UNWRITTEN:
+                e[3] = FRESH
                 self._changed.add(e[0])
                 touched = True
+        if touched:
+            self.fresh = True
         if touched or hi > lo:
             self._merge_around(lo, hi - 1)
+
+    def relocate(self, file_block: int, dev_block: int, count: int
+                 ) -> list[tuple[int, int, int]]:
+        """Copy-on-write: map [file_block, +count), which must be allocated, to the
+        device blocks [dev_block, +count) as FRESH data, keeping each extent's owner.
+        Returns the device runs (dev_block, count, owner) no longer mapped."""
+        end = file_block + count
+        self._split_at(file_block)
+        self._split_at(end)
+        lo = bisect.bisect_left(self._starts, file_block)
+        hi = bisect.bisect_left(self._starts, end)
+        covered = sum(e[2] for e in self._ext[lo:hi])
+        if covered != count or (hi > lo and self._ext[lo][0] != file_block):
+            raise ValueError(f"relocate of {file_block}+{count}: not entirely mapped")
+        old: list[tuple[int, int, int]] = []
+        for e in self._ext[lo:hi]:
+            old.append((e[1], e[2], e[4]))
+            e[1] = dev_block + (e[0] - file_block)
+            e[3] = FRESH
+            self._changed.add(e[0])
+        self.fresh = True
+        self._merge_around(lo, hi - 1)
+        return old
+
+    def seal(self) -> None:
+        """The transaction that persisted the FRESH extents committed: they become
+        WRITTEN (the stored rows say WRITTEN already; neighbours that now continue each
+        other merge, and are saved with the next change)."""
+        if self.fresh:
+            for i, e in enumerate(self._ext):
+                if e[3] == FRESH:
+                    e[3] = WRITTEN
+            self._merge_around(0, len(self._ext) - 1)
+            self.fresh = False
+
+    def sealed_runs(self, file_block: int, count: int) -> list[tuple[int, int]]:
+        """(file_block, count) of the WRITTEN (sealed) pieces of the range."""
+        out: list[tuple[int, int]] = []
+        for s in self.segments(file_block, count):
+            if s.state != WRITTEN:
+                continue
+            if out and out[-1][0] + out[-1][1] == s.file_block:
+                out[-1] = (out[-1][0], out[-1][1] + s.count)
+            else:
+                out.append((s.file_block, s.count))
+        return out
 
     def remove(self, file_block: int, count: int | None = None) -> list[tuple[int, int]]:
         """Unmap [file_block, +count) (to the end when count is None); returns the freed
@@ -204,14 +266,16 @@ class ExtentMap:
     def take_changes(self, *, with_owner: bool = False
                      ) -> tuple[list[int], list[tuple[int, ...]]]:
         """(file_block keys to delete, extents to insert or replace) since the last call
-        (extents as 4-tuples, or 5-tuples with the owner when `with_owner`)."""
+        (extents as 4-tuples, or 5-tuples with the owner when `with_owner`; FRESH is
+        given as WRITTEN, the state it is stored as)."""
         deleted: list[int] = []
         upserts: list[tuple[int, ...]] = []
         for key in self._changed:
             i = bisect.bisect_left(self._starts, key)
             if i < len(self._starts) and self._starts[i] == key:
                 e = self._ext[i]
-                upserts.append(tuple(e) if with_owner else tuple(e[:4]))
+                row = (e[0], e[1], e[2], WRITTEN if e[3] == FRESH else e[3], e[4])
+                upserts.append(row if with_owner else row[:4])
             else:
                 deleted.append(key)
         self._changed.clear()

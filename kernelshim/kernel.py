@@ -11,8 +11,10 @@ caller's business (the metadata server, later the principal banks), not the kern
 | revoke(grant)                 | —                   | — (waits for in-flight requests)         |
 | read(grant, offset, length)   | READ                | GrantRevoked, RightsError, BadRequest,  |
 |                               |                     | ChecksumError, DeviceError              |
-| write(grant, offset, data)    | WRITE               | as read, plus NotAllocated              |
-| zero(grant, offset, length)   | WRITE               | as write                                |
+| write(grant, offset, data)    | WRITE               | as read, plus NotAllocated, Sealed      |
+| write(..., cow=map)           | WRITE (trusted)     | as write                                |
+| barrier()                     | (trusted caller)    | DeviceError                             |
+| wait_quiescent()              | (trusted caller)    | —                                       |
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
 | sync()                        | —                   | DeviceError                             |
 
@@ -20,21 +22,28 @@ Fencing: `revoke` marks the grant and everything minted from it revoked before i
 first checkpoint, so no request that starts afterwards passes the check; it then
 waits until the requests already past the check have finished. After it returns no
 request through the old grant reaches the device.
+
+Crash rules (docs/dev/invariants.md, "Crash rules"): WRITTEN blocks are sealed and a
+write never changes them in place (`Sealed`); the metadata server relocates them
+(`write(..., cow=...)`). `barrier()` holds new writes back, waits for those in flight,
+makes everything written durable, and lets the caller commit metadata before writes
+resume: what a commit exposes was on the device before it.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import AsyncIterator, Iterable
 
 import trio
 
 from blockdev import BlockDevice, BlockNo, PrincipalId
 from pager import Pager
 
-from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError
-from .extents import HOLE, WRITTEN, ExtentMap
+from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
+from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap
 from .grants import Grant, Rights
 from .principals import PrincipalTable
 
@@ -53,6 +62,16 @@ class Kernel:
         self._by_inode: dict[int, set[Grant]] = {}
         #: the principal table charged for grants (kernel objects); set by the owner
         self.principals: PrincipalTable | None = None
+        #: requests in flight per epoch (wait_quiescent waits for the older epochs)
+        self._epoch = 0
+        self._in_epoch: dict[int, int] = {}
+        self._quiesced: trio.Event | None = None
+        #: writes in flight; while a barrier runs, new writes wait for `_barrier`
+        self._writes = 0
+        self._writes_done: trio.Event | None = None
+        self._barrier: trio.Event | None = None
+        #: whether anything was written or discarded since the last barrier
+        self._dirty = False
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None) -> Kernel:
@@ -142,16 +161,75 @@ class Kernel:
         if need & ~grant.rights:
             raise RightsError(f"grant {grant.id} does not hold {need!r}")
 
-    def _enter(self, grant: Grant, need: Rights) -> None:
+    def _enter(self, grant: Grant, need: Rights) -> int:
+        """Count a request in (after its rights check); returns its epoch for _leave."""
         self.check(grant, need)
         grant.inflight += 1
+        e = self._epoch
+        self._in_epoch[e] = self._in_epoch.get(e, 0) + 1
+        return e
 
-    @staticmethod
-    def _leave(grant: Grant) -> None:
+    def _leave(self, grant: Grant, epoch: int) -> None:
         grant.inflight -= 1
         if not grant.inflight and grant._drained is not None:
             grant._drained.set()
             grant._drained = None
+        left = self._in_epoch[epoch] - 1
+        if left:
+            self._in_epoch[epoch] = left
+        else:
+            del self._in_epoch[epoch]
+            if self._quiesced is not None:
+                self._quiesced.set()
+                self._quiesced = None
+
+    async def wait_quiescent(self) -> None:
+        """Wait until every request that started before this call has finished (an RCU
+        grace period). Blocks unmapped before the call are then touched by no request,
+        whichever grant it came through: they may be discarded and reused."""
+        self._epoch += 1
+        mark = self._epoch
+        while self._in_epoch and min(self._in_epoch) < mark:
+            if self._quiesced is None:
+                self._quiesced = trio.Event()
+            await self._quiesced.wait()
+        await trio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def barrier(self) -> AsyncIterator[None]:
+        """Hold new writes back, wait for the writes in flight, make everything written
+        so far durable (data, then checksums), and run the body (the metadata commit)
+        before writes resume. Everything a commit in the body exposes was durable first."""
+        while self._barrier is not None:  # one barrier at a time
+            await self._barrier.wait()
+        done = self._barrier = trio.Event()
+        try:
+            while self._writes:
+                if self._writes_done is None:
+                    self._writes_done = trio.Event()
+                await self._writes_done.wait()
+            if self._dirty:
+                self._dirty = False
+                try:
+                    await self.pager.flush()
+                except BaseException:
+                    self._dirty = True
+                    raise
+            yield
+        finally:
+            self._barrier = None
+            done.set()
+
+    async def _enter_write(self) -> None:
+        while self._barrier is not None:
+            await self._barrier.wait()
+        self._writes += 1
+
+    def _leave_write(self) -> None:
+        self._writes -= 1
+        if not self._writes and self._writes_done is not None:
+            self._writes_done.set()
+            self._writes_done = None
 
     # -- data path -------------------------------------------------------------------
 
@@ -160,7 +238,7 @@ class Kernel:
         The caller clips to the file size."""
         if offset < 0 or length < 0:
             raise BadRequest(f"read of {length} bytes at offset {offset}")
-        self._enter(grant, Rights.READ)
+        epoch = self._enter(grant, Rights.READ)
         try:
             if not length:
                 return b""
@@ -172,7 +250,7 @@ class Kernel:
             principal = grant.principal
             if len(segs) == 1:
                 s = segs[0]
-                if s.state == WRITTEN:
+                if s.state != UNWRITTEN:
                     data = await self.pager.read(BlockNo(s.dev_block), s.count,
                                                  principal=principal)
                     return memoryview(data)[head:head + length]
@@ -181,13 +259,13 @@ class Kernel:
             pos = 0
             for s in segs:
                 n = s.count * bs
-                if s.state == WRITTEN:
+                if s.state != UNWRITTEN:
                     out[pos:pos + n] = await self.pager.read(BlockNo(s.dev_block), s.count,
                                                              principal=principal)
                 pos += n
             return memoryview(out)[head:head + length]
         finally:
-            self._leave(grant)
+            self._leave(grant, epoch)
 
     async def read_into(self, grant: Grant, offset: int, out: memoryview) -> int:
         """Read len(out) bytes of the file at `offset` straight into `out` (a shared buffer:
@@ -198,7 +276,7 @@ class Kernel:
             data = await self.read(grant, offset, length)
             out[:length] = data
             return length
-        self._enter(grant, Rights.READ)
+        epoch = self._enter(grant, Rights.READ)
         try:
             b0 = offset // bs
             whole = length // bs
@@ -206,27 +284,38 @@ class Kernel:
             principal = grant.principal
             for s in grant.extents.segments(b0, whole) if whole else ():
                 n = s.count * bs
-                if s.state == WRITTEN:
+                if s.state != UNWRITTEN:
                     await self.pager.read_into(BlockNo(s.dev_block), s.count, out[pos:pos + n],
                                                principal=principal)
                 else:
                     out[pos:pos + n] = bytes(n)
                 pos += n
         finally:
-            self._leave(grant)
+            self._leave(grant, epoch)
         if pos < length:  # a partial last block
             out[pos:length] = await self.read(grant, offset + pos, length - pos)
         return length
 
-    async def write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview) -> int:
+    async def write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview, *,
+                    cow: ExtentMap | None = None) -> int:
         """Write `data` at `offset`. Every block it touches must be allocated in the
-        grant (written or unwritten extents); partial blocks are merged with their
-        current contents (zeros when unwritten). Does not commit: the caller marks the
-        range written in the map (the metadata server's commit)."""
+        grant (unwritten or fresh extents; sealed WRITTEN blocks raise Sealed); partial
+        blocks are merged with their current contents (zeros when unwritten). Does not
+        commit: the caller marks the range written in the map (the metadata server's
+        commit).
+
+        `cow` (the metadata server's copy-on-write): fresh device blocks for the sealed
+        blocks of the range. Those blocks' data goes there, merged with the old contents
+        where the write covers a block partly; the caller then relocates the extents."""
         length = len(data)
         if offset < 0:
             raise BadRequest(f"write at negative offset {offset}")
-        self._enter(grant, Rights.WRITE)
+        await self._enter_write()
+        try:
+            epoch = self._enter(grant, Rights.WRITE)
+        except BaseException:
+            self._leave_write()
+            raise
         try:
             if not length:
                 return 0
@@ -234,10 +323,19 @@ class Kernel:
             b0 = offset // bs
             b1 = (offset + length + bs - 1) // bs
             segs = grant.extents.segments(b0, b1 - b0)
+            targets: list[tuple[int, int]] = []  # (dev_block, count) to write, in order
             for s in segs:
                 if s.dev_block == HOLE:
                     raise NotAllocated(f"file blocks {s.file_block}+{s.count} of inode "
                                        f"{grant.inode} are not allocated in grant {grant.id}")
+                if s.state != WRITTEN:
+                    targets.append((s.dev_block, s.count))
+                    continue
+                fresh = cow.segments(s.file_block, s.count) if cow is not None else []
+                if not fresh or any(f.dev_block == HOLE for f in fresh):
+                    raise Sealed(f"file blocks {s.file_block}+{s.count} of inode "
+                                 f"{grant.inode} are committed: ask for a write layout")
+                targets.extend((f.dev_block, f.count) for f in fresh)
             head = offset - b0 * bs
             tail = b1 * bs - (offset + length)
             principal = grant.principal
@@ -251,40 +349,26 @@ class Kernel:
                     await self._fill_block(buf, (b1 - b0 - 1) * bs, segs[-1], principal,
                                            last=True)
                 buf[head:head + length] = data
+            self._dirty = True
             pos = 0
-            for s in segs:
-                n = s.count * bs
-                await self.pager.write(BlockNo(s.dev_block), buf[pos:pos + n],
-                                       principal=principal)
+            for dev, count in targets:
+                n = count * bs
+                await self.pager.write(BlockNo(dev), buf[pos:pos + n], principal=principal)
                 pos += n
             grant.note_written(offset, offset + length)
             return length
         finally:
-            self._leave(grant)
+            self._leave(grant, epoch)
+            self._leave_write()
 
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
                           last: bool = False) -> None:
         """Put the current contents of the first (or last) block of `seg` at buf[at:]."""
-        if seg.state != WRITTEN:
+        if seg.state == UNWRITTEN:
             return  # unwritten: zeros, already in buf
         dev = seg.dev_block + (seg.count - 1 if last else 0)
         bs = self.block_size
         buf[at:at + bs] = await self.pager.read(BlockNo(dev), 1, principal=principal)
-
-    async def zero(self, grant: Grant, offset: int, length: int) -> None:
-        """Zero bytes inside allocated, written blocks (the tail of the last block when a
-        file shrinks or grows from a partial block); holes and unwritten stay as they are."""
-        if length <= 0:
-            return
-        bs = self.block_size
-        b0 = offset // bs
-        b1 = (offset + length + bs - 1) // bs
-        for s in grant.extents.segments(b0, b1 - b0):
-            if s.state != WRITTEN:
-                continue
-            start = max(offset, s.file_block * bs)
-            end = min(offset + length, (s.file_block + s.count) * bs)
-            await self.write(grant, start, bytes(end - start))
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)
@@ -298,11 +382,14 @@ class Kernel:
                 last[1] = max(last[1], dev + count - last[0])
             else:
                 merged.append([dev, count])
+        self._dirty = True
         for dev, count in merged:
             await self.pager.discard(BlockNo(dev), count, principal=principal)
 
     async def sync(self) -> None:
-        await self.pager.flush()
+        """Make everything written durable (a barrier without a commit)."""
+        async with self.barrier():
+            pass
 
     def written_blocks(self):  # -> numpy array of block numbers
         """Device blocks that hold data (for scrubbing and fsck)."""

@@ -8,9 +8,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kernelshim import HOLE, UNWRITTEN, WRITTEN, ExtentMap, Segment
+from kernelshim import FRESH, HOLE, UNWRITTEN, WRITTEN, ExtentMap, Segment
 
-W, U = WRITTEN, UNWRITTEN
+W, U, F = WRITTEN, UNWRITTEN, FRESH
+
+
+def stored(extents: list[tuple]) -> list[tuple]:
+    """Extents as the database holds them (FRESH is stored as WRITTEN)."""
+    return [(*e[:3], W if e[3] == F else e[3], *e[4:]) for e in extents]
 
 
 def apply_changes(snapshot: dict[int, tuple], changes: tuple[list[int], list[tuple]]) -> None:
@@ -90,17 +95,37 @@ def test_add_merges_neighbours_that_continue_each_other() -> None:
 def test_mark_written_splits_and_merges() -> None:
     m = ExtentMap([(0, 100, 10, U)])
     m.mark_written(3, 4)
-    assert m.extents() == [(0, 100, 3, U), (3, 103, 4, W), (7, 107, 3, U)]
+    assert m.extents() == [(0, 100, 3, U), (3, 103, 4, F), (7, 107, 3, U)]
     m.mark_written(0, 3)
-    assert m.extents() == [(0, 100, 7, W), (7, 107, 3, U)]
+    assert m.extents() == [(0, 100, 7, F), (7, 107, 3, U)]
     m.mark_written(5, 10)  # runs past the end, over a hole
-    assert m.extents() == [(0, 100, 10, W)]
+    assert m.extents() == [(0, 100, 10, F)]
     assert m.blocks == 10
     # marking written blocks written again leaves a single extent
     m.mark_written(2, 3)
-    assert m.extents() == [(0, 100, 10, W)]
+    assert m.extents() == [(0, 100, 10, F)]
     m.mark_written(20, 5)  # only holes: nothing
+    assert m.extents() == [(0, 100, 10, F)]
+    m.seal()  # the commit that stored them: sealed
+    assert m.extents() == [(0, 100, 10, W)] and not m.fresh
+    m.mark_written(2, 3)  # sealed blocks stay sealed
     assert m.extents() == [(0, 100, 10, W)]
+
+
+def test_relocate_and_seal() -> None:
+    m = ExtentMap([(0, 100, 4, W, 3), (4, 104, 2, W, 4), (8, 300, 2, U, 3)])
+    assert m.sealed_runs(0, 10) == [(0, 6)]
+    old = m.relocate(2, 500, 3)  # copy-on-write of file blocks 2..4
+    assert old == [(102, 2, 3), (104, 1, 4)]
+    assert m.owned_extents() == [(0, 100, 2, W, 3), (2, 500, 2, F, 3), (4, 502, 1, F, 4),
+                                 (5, 105, 1, W, 4), (8, 300, 2, U, 3)]
+    assert m.sealed_runs(0, 10) == [(0, 2), (5, 1)]
+    deleted, upserts = m.take_changes(with_owner=True)
+    assert all(u[3] != F for u in upserts)  # stored as WRITTEN
+    m.seal()
+    assert m.sealed_runs(0, 10) == [(0, 6)]
+    with pytest.raises(ValueError):
+        m.relocate(6, 900, 3)  # a hole in the range
 
 
 def test_mark_written_of_an_empty_range_changes_nothing() -> None:
@@ -155,7 +180,8 @@ def test_take_changes() -> None:
     m.mark_written(9, 1)
     ch = m.take_changes()
     apply_changes(snap, ch)
-    assert sorted(snap.values()) == m.extents() == [
+    assert m.extents() == [(0, 100, 8, W), (8, 200, 1, U), (9, 201, 1, F), (10, 202, 2, U)]
+    assert sorted(snap.values()) == stored(m.extents()) == [
         (0, 100, 8, W), (8, 200, 1, U), (9, 201, 1, W), (10, 202, 2, U)]
     m.remove(1)
     apply_changes(snap, m.take_changes())
@@ -188,7 +214,7 @@ class ExtentMachine(RuleBasedStateMachine):
         return out
 
     @precondition(lambda self: len(self.model) < N)
-    @rule(data=st.data(), state=st.sampled_from([W, U]),
+    @rule(data=st.data(), state=st.sampled_from([W, U, F]),
           dev_kind=st.sampled_from(["goal", "fresh", "fresh", "any"]),
           owner=st.sampled_from([0, 0, 0, 5]))
     def add_into_hole(self, data, state: int, dev_kind: str, owner: int) -> None:
@@ -220,8 +246,33 @@ class ExtentMachine(RuleBasedStateMachine):
     def mark_written(self, fb: int, count: int) -> None:
         self.m.mark_written(fb, count)
         for b in range(fb, fb + count):
-            if b in self.model:
-                self.model[b] = (self.model[b][0], W, self.model[b][2])
+            if b in self.model and self.model[b][1] == U:
+                self.model[b] = (self.model[b][0], F, self.model[b][2])
+
+    @rule()
+    def seal(self) -> None:
+        self.m.seal()
+        for b, (dev, state, owner) in self.model.items():
+            if state == F:
+                self.model[b] = (dev, W, owner)
+
+    @rule(data=st.data())
+    def relocate(self, data) -> None:
+        mapped = sorted(self.model)
+        if not mapped:
+            return
+        fb = data.draw(st.sampled_from(mapped))
+        count = 1
+        while fb + count in self.model and count < 8:
+            count += 1
+        count = data.draw(st.integers(1, count))
+        dev = self.next_dev
+        self.next_dev += count + 1
+        old = self.m.relocate(fb, dev, count)
+        expected = [(self.model[fb + i][0], self.model[fb + i][2]) for i in range(count)]
+        assert [(d + i, o) for d, c, o in old for i in range(c)] == expected
+        for i in range(count):
+            self.model[fb + i] = (dev + i, F, self.model[fb + i][2])
 
     @rule(fb=st.integers(0, N + 4), count=st.one_of(st.none(), st.integers(-1, N)))
     def remove(self, fb: int, count: int | None) -> None:
@@ -238,7 +289,7 @@ class ExtentMachine(RuleBasedStateMachine):
     @rule()
     def take_changes(self) -> None:
         apply_changes(self.snapshot, self.m.take_changes(with_owner=True))
-        assert sorted(self.snapshot.values()) == self.m.owned_extents()
+        assert sorted(self.snapshot.values()) == stored(self.m.owned_extents())
 
     @rule(fb=st.integers(0, N + 4), count=st.integers(0, N))
     def segments_window(self, fb: int, count: int) -> None:
@@ -285,7 +336,7 @@ class ExtentMachine(RuleBasedStateMachine):
         assert self.m.extents() == [e[:4] for e in ext]
         assert self.m._starts == [e[0] for e in ext]
         for e in ext:
-            assert e[2] > 0 and e[3] in (W, U)
+            assert e[2] > 0 and e[3] in (W, U, F)
         for a, b in zip(ext, ext[1:]):
             assert a[0] + a[2] <= b[0], "sorted and non-overlapping"
             assert not (a[0] + a[2] == b[0] and a[1] + a[2] == b[1] and a[3:] == b[3:]), \
@@ -299,7 +350,7 @@ class ExtentMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if hasattr(self, "m"):
             apply_changes(self.snapshot, self.m.take_changes(with_owner=True))
-            assert sorted(self.snapshot.values()) == self.m.owned_extents()
+            assert sorted(self.snapshot.values()) == stored(self.m.owned_extents())
             assert self.m.copy().owned_extents() == self.m.owned_extents()
 
 

@@ -9,13 +9,16 @@ import pytest
 import trio
 import trio.testing
 
-from kernelshim import (UNWRITTEN, WRITTEN, BadRequest, BlockDevice, ExtentMap, GrantRevoked,
-                        Kernel, NotAllocated, PrincipalId, Rights, RightsError)
+from kernelshim import (FRESH, UNWRITTEN, WRITTEN, BadRequest, BlockDevice, ExtentMap,
+                        GrantRevoked, Kernel, NotAllocated, PrincipalId, Rights, RightsError,
+                        Sealed)
 
 BS = 4096
 P1 = PrincipalId(1)
 P2 = PrincipalId(2)
-W, U = WRITTEN, UNWRITTEN
+# Maps the tests write through hold FRESH data (written since the last commit: writable
+# in place); sealed WRITTEN blocks are the copy-on-write tests' business.
+W, U = FRESH, UNWRITTEN
 
 
 def fill(seed: int, n: int) -> bytes:
@@ -146,19 +149,79 @@ async def test_large_read_spanning_many_blocks(kernel: Kernel) -> None:
     assert kernel.pager.statistics().bypassed_blocks > 0
 
 
-async def test_zero_clears_written_bytes_only(kernel: Kernel) -> None:
-    await kernel.device.write(91, fill(1, BS), principal=P2)
-    emap = ExtentMap([(0, 90, 1, W), (1, 91, 1, U)])
+async def test_sealed_blocks_are_never_written_in_place(kernel: Kernel) -> None:
+    await kernel.device.write(90, fill(1, BS), principal=P2)
+    emap = ExtentMap([(0, 90, 1, WRITTEN), (1, 91, 1, U)])
     g = rw_grant(kernel, emap)
-    await kernel.write(g, 0, fill(7, BS))
-    await kernel.zero(g, 1000, 2 * BS)
-    await kernel.zero(g, 0, 0)
-    assert bytes(await kernel.read(g, 0, BS)) == fill(7, BS)[:1000] + bytes(BS - 1000)
-    # the unwritten block was not touched on the device
-    assert await kernel.device.read(91, 1, principal=P2) == fill(1, BS)
-    ro = kernel.mint(g, Rights.READ)
-    with pytest.raises(RightsError):
-        await kernel.zero(ro, 0, 10)
+    with pytest.raises(Sealed):
+        await kernel.write(g, 100, b"x" * 10)
+    with pytest.raises(Sealed):  # touching a sealed block at all is refused, whole
+        await kernel.write(g, BS - 1, b"yz")
+    assert await kernel.device.read(90, 1, principal=P2) == fill(1, BS)
+    assert g.written == [] and g.inflight == 0
+    # copy-on-write: the data goes to the fresh block, merged with the old contents
+    cow = ExtentMap([(0, 95, 1, FRESH)])
+    await kernel.write(g, 100, b"x" * 10, cow=cow)
+    assert await kernel.device.read(90, 1, principal=P2) == fill(1, BS)  # untouched
+    new = bytes(await kernel.device.read(95, 1, principal=P2))
+    assert new == fill(1, BS)[:100] + b"x" * 10 + fill(1, BS)[110:]
+    # the grant still reads the old block until the caller relocates the extent
+    assert bytes(await kernel.read(g, 0, BS)) == fill(1, BS)
+    emap.relocate(0, 95, 1)
+    assert bytes(await kernel.read(g, 0, BS)) == new
+
+
+async def test_barrier_holds_writes_and_waits_for_those_in_flight(tmp_path: Path,
+                                                                   autojump_clock) -> None:
+    """A commit inside a barrier sees every write that started before it, finished, and no
+    write runs while it commits (exact on the MockClock with a slow device)."""
+    kernel = open_kernel(tmp_path, profile="hdd")
+    order: list[tuple[str, float]] = []
+    try:
+        g = rw_grant(kernel, ExtentMap([(0, 10, 4, U)]))
+
+        async def writer(tag: str, delay: float) -> None:
+            await trio.sleep(delay)
+            await kernel.write(g, 0, b"w" * BS)
+            order.append((f"{tag} done", trio.current_time()))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer, "first", 0)
+            n.start_soon(writer, "second", 0.0005)
+            await trio.sleep(0.0001)  # the first write is in flight
+            async with kernel.barrier():
+                order.append(("commit", trio.current_time()))
+                await trio.sleep(0.001)  # the second write arrives and waits meanwhile
+            order.append(("resumed", trio.current_time()))
+    finally:
+        kernel.close()
+    assert [tag for tag, _t in order] == ["first done", "commit", "resumed", "second done"]
+    assert order[1][1] >= order[0][1]
+    assert order[3][1] > order[1][1] + 0.001
+
+
+async def test_wait_quiescent_waits_for_older_requests_only(tmp_path: Path,
+                                                           autojump_clock) -> None:
+    kernel = open_kernel(tmp_path, profile="hdd")
+    times: dict[str, float] = {}
+    try:
+        g = rw_grant(kernel, ExtentMap([(0, 10, 4, W)]))
+
+        async def read(tag: str, delay: float) -> None:
+            await trio.sleep(delay)
+            await kernel.read(g, 0, BS)
+            times[tag] = trio.current_time()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(read, "old", 0)
+            await trio.sleep(0.0001)
+            assert kernel._in_epoch  # the old read is in flight
+            n.start_soon(read, "new", 0.0002)  # starts after the grace period began
+            await kernel.wait_quiescent()
+            times["quiet"] = trio.current_time()
+    finally:
+        kernel.close()
+    assert times["old"] <= times["quiet"] < times["new"]
 
 
 async def test_discard_forgets_cached_blocks(kernel: Kernel) -> None:

@@ -1,0 +1,316 @@
+"""The crash rules of docs/dev/invariants.md, each checked where it is kept.
+
+- Mounted, SIGKILL of the daemon right after an unacknowledged change (before the 1 s
+  timer commit): a shrinking truncate to a partial block, and an append into a partly
+  filled block, come back as the old state or the new one, never a mix, and bytes lost
+  past EOF never reappear when the file grows later.
+- Component level, the power-loss rules (what reaches the device in which order):
+  a block that a committed transaction exposes is never changed in place (its data and
+  its checksum stay as committed until a later commit relocates the file block); a commit
+  exposes only data a barrier made durable first; blocks freed by a commit are discarded
+  and reused only after that commit is durable.
+- Storage charges: live usage equals the recount from the volume after renames.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import Mount
+from fs import volume
+from fs.filesystem import ROOT_INODE, FileSystem
+from test_crash import _start_over_dead_mount
+from test_filesystem import CALLER, Volume, fill, read_file, write_file
+
+BS = 4096
+
+
+# -- SIGKILL before the timer commit --------------------------------------------------------
+
+
+def _kill_and_remount(m: Mount) -> None:
+    m.kill()
+    _start_over_dead_mount(m)
+
+
+@pytest.mark.mounted
+def test_shrinking_truncate_killed_before_commit_is_old_or_new(volume: Path,
+                                                               mount_factory) -> None:
+    """Defect 5: the partial last block was zeroed on the device at once while the new
+    size waited for the commit: a crash gave the old size with fsync'd bytes zeroed."""
+    m = mount_factory(volume)
+    data = fill(5, 3 * BS + 100)
+    outcomes = set()
+    for i in range(3):
+        p = m.path / f"t{i}"
+        with open(p, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.truncate(p, BS + 1000)  # not a multiple of the block size
+        _kill_and_remount(m)
+        got = p.read_bytes()
+        assert got in (data, data[:BS + 1000]), \
+            f"round {i}: {len(got)} bytes, neither the fsync'd file nor its truncation"
+        outcomes.add(len(got))
+        # grown again, the bytes past the cut read as zeros
+        os.truncate(p, len(data))
+        if len(got) == BS + 1000:
+            assert p.read_bytes() == data[:BS + 1000] + bytes(len(data) - BS - 1000)
+    assert outcomes
+
+
+@pytest.mark.mounted
+def test_append_killed_before_commit_leaves_no_bytes_past_eof(volume: Path,
+                                                              mount_factory) -> None:
+    """Defect 6: an append into the last, partly filled block was written in place; after
+    a crash rolled the size back, growing the file showed the lost bytes where POSIX
+    requires zeros."""
+    m = mount_factory(volume)
+    for i in range(3):
+        p = m.path / f"a{i}"
+        head = fill(6 + i, 100)
+        with open(p, "wb") as f:
+            f.write(head)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(p, "ab") as f:
+            f.write(b"L" * 50)  # acknowledged by write(), never fsync'd
+        _kill_and_remount(m)
+        got = p.read_bytes()
+        assert got in (head, head + b"L" * 50), f"round {i}: {got!r}"
+        if got == head:
+            os.truncate(p, 4000)
+            assert p.read_bytes() == head + bytes(3900), "lost bytes came back past EOF"
+            with open(p, "r+b") as f:  # and a write further on: zeros in between
+                f.seek(5000)
+                f.write(b"Z")
+            assert p.read_bytes() == head + bytes(4900) + b"Z"
+
+
+# -- the power-loss rules, component level -----------------------------------------------------
+
+
+def committed_extents(vol: Volume, ino: int) -> list[tuple[int, int, int, int]]:
+    """The file's extents as committed (a second connection sees only commits)."""
+    db = sqlite3.connect(vol.path / volume.DB)
+    try:
+        return db.execute("SELECT file_block, dev_block, count, state FROM extents"
+                          " WHERE inode=? ORDER BY file_block", (ino,)).fetchall()
+    finally:
+        db.close()
+
+
+def device_blocks(vol: Volume, runs: list[tuple[int, int, int, int]]) -> list[bytes]:
+    out = []
+    with open(vol.path / "device.img", "rb") as f:
+        for _fb, dev, count, _st in runs:
+            f.seek(dev * BS)
+            out.append(f.read(count * BS))
+    return out
+
+
+def stored_checksums(vol: Volume, runs: list[tuple[int, int, int, int]]) -> list[int]:
+    dev = vol.kernel.device
+    return [dev.stored_checksum(d + i) for _fb, d, c, _st in runs for i in range(c)]
+
+
+@pytest.fixture
+async def cvol(tmp_path: Path):
+    v = Volume(tmp_path / "vol", size=512 * BS)
+    await v.open()
+    yield v
+    await v.close()
+
+
+async def test_committed_blocks_are_never_changed_in_place(cvol: Volume) -> None:
+    """Defect 8: an un-fsync'd 1-byte overwrite of a fsync'd block changed the block and
+    its checksum in place; a power loss could keep one and not the other (EIO)."""
+    fs = cvol.fs
+    assert fs is not None
+    data = fill(8, 5 * BS + 10)
+    ino = await write_file(fs, b"f", data)
+    await fs.sync()
+    before = committed_extents(cvol, ino)
+    blocks, sums = device_blocks(cvol, before), stored_checksums(cvol, before)
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        await fs.write(h.fh, 2 * BS + 7, b"!")        # one byte inside a block
+        await fs.write(h.fh, 0, fill(9, 2 * BS))      # whole blocks
+        await fs.write(h.fh, len(data), b"appended")  # into the partly filled last block
+    finally:
+        await fs.release(h.fh)
+    # Nothing committed yet: what the committed metadata points at is untouched.
+    assert committed_extents(cvol, ino) == before
+    assert device_blocks(cvol, before) == blocks
+    assert stored_checksums(cvol, before) == sums
+    new = bytearray(data)
+    new[2 * BS + 7] = ord("!")
+    new[0:2 * BS] = fill(9, 2 * BS)
+    new += b"appended"
+    assert await read_file(fs, ino) == bytes(new)
+    # After the commit the file reads the same, from relocated blocks; the old ones are
+    # free again (and discarded) only now.
+    await fs.commit()
+    after = committed_extents(cvol, ino)
+    assert after != before
+    assert await read_file(fs, ino) == bytes(new)
+    old_devs = {d + i for _fb, d, c, _st in before for i in range(c)}
+    new_devs = {d + i for _fb, d, c, _st in after for i in range(c)}
+    assert {d for d in old_devs if d not in new_devs}, "nothing was relocated"
+    assert fs.alloc.used[sorted(new_devs)].all()
+    assert not fs.alloc.used[sorted(old_devs - new_devs)].any()
+    # A second overwrite after that commit relocates again (sealed once committed) ...
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        await fs.write(h.fh, 2 * BS + 7, b"?")
+    finally:
+        await fs.release(h.fh)
+    assert committed_extents(cvol, ino) == after
+    assert device_blocks(cvol, after)[0] == device_blocks(cvol, after)[0]
+    # ... and what a remount finds is the last commit plus the write after it.
+    await fs.sync()
+    await cvol.close()
+    fs = await cvol.open()
+    new[2 * BS + 7] = ord("?")
+    assert await read_file(fs, ino) == bytes(new)
+    report = await cvol.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_shrinking_truncate_relocates_a_committed_partial_block(cvol: Volume) -> None:
+    fs = cvol.fs
+    assert fs is not None
+    data = fill(3, 3 * BS)
+    ino = await write_file(fs, b"t", data)
+    await fs.sync()
+    before = committed_extents(cvol, ino)
+    blocks = device_blocks(cvol, before)
+    await fs.setattr(ino, size=BS + 10, caller=CALLER)
+    assert device_blocks(cvol, before) == blocks  # nothing zeroed in place
+    assert committed_extents(cvol, ino) == before
+    await fs.setattr(ino, size=3 * BS, caller=CALLER)
+    assert await read_file(fs, ino) == data[:BS + 10] + bytes(2 * BS - 10)
+
+
+async def test_commit_order_barrier_then_metadata_then_durable_then_free(
+        cvol: Volume, monkeypatch) -> None:
+    """Defect 7: the timer commit did not make the WAL durable, yet the blocks it freed
+    were discarded and reused at once; a power loss brought back a file whose blocks
+    now held another file's data. Rule: flush data, commit, make durable, then free."""
+    fs = cvol.fs
+    assert fs is not None
+    events: list[str] = []
+    kernel, md = cvol.kernel, cvol.md
+    orig_flush, orig_commit = kernel.pager.flush, md.commit
+    orig_durable, orig_discard = md.make_durable, kernel.discard
+    orig_release = fs.alloc.release_now
+
+    async def flush() -> None:
+        events.append("flush")
+        await orig_flush()
+
+    def commit() -> None:
+        events.append("commit")
+        orig_commit()
+
+    def durable() -> None:
+        events.append("durable")
+        orig_durable()
+
+    async def discard(runs, *, principal) -> None:
+        events.append("discard")
+        await orig_discard(runs, principal=principal)
+
+    def release(runs) -> None:
+        events.append("release")
+        orig_release(runs)
+
+    monkeypatch.setattr(kernel.pager, "flush", flush)
+    monkeypatch.setattr(md, "commit", commit)
+    monkeypatch.setattr(md, "make_durable", durable)
+    monkeypatch.setattr(kernel, "discard", discard)
+    monkeypatch.setattr(fs.alloc, "release_now", release)
+
+    ino = await write_file(fs, b"victim", fill(1, 10 * BS))
+    await fs.commit()
+    assert events[:2] == ["flush", "commit"]  # data before the metadata exposing it
+    events.clear()
+    await fs.unlink(ROOT_INODE, b"victim")
+    await fs.commit()  # the timer's commit, not an fsync
+    assert events == ["commit", "durable", "discard", "release"]
+    assert fs.alloc.pending_blocks == 0
+    del ino
+
+
+async def test_rename_moves_the_name_charge(cvol: Volume) -> None:
+    """Defect 11: creating a name charged 64 + its length, removing refunded 64 + its
+    current length: every rename drifted the principal's space use."""
+    fs = cvol.fs
+    assert fs is not None
+    root = fs.principals.get("root")
+    base = root.usage.space
+    await write_file(fs, b"a", b"")
+    await fs.rename(ROOT_INODE, b"a", ROOT_INODE, b"a-much-longer-name", 0)
+    await fs.rename(ROOT_INODE, b"a-much-longer-name", ROOT_INODE, b"bb", 0)
+    await write_file(fs, b"c" * 40, b"")
+    await fs.rename(ROOT_INODE, b"bb", ROOT_INODE, b"c" * 40, 0)  # over another name
+    await fs.unlink(ROOT_INODE, b"c" * 40)
+    assert root.usage.space == base
+
+
+def usage(fs: FileSystem) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.usage.space, p.usage.inodes) for p in fs.principals._by_id.values()}
+
+
+async def test_live_usage_equals_the_recount_after_a_random_workload(cvol: Volume) -> None:
+    """Random creates, writes, truncates, renames (over names too), links and unlinks;
+    then the charges kept live equal the recount a remount makes from the volume."""
+    fs = cvol.fs
+    assert fs is not None
+    rng = random.Random(11)
+    names: list[bytes] = []
+    for step in range(400):
+        op = rng.random()
+        if op < 0.3 or not names:
+            name = b"n%d-" % step + b"x" * rng.randrange(0, 60)
+            await write_file(fs, name, fill(step, rng.randrange(0, 3 * BS)))
+            names.append(name)
+        elif op < 0.55:
+            src = rng.choice(names)
+            dst = b"r%d-" % step + b"y" * rng.randrange(0, 80) if rng.random() < 0.6 \
+                else rng.choice(names)
+            if dst != src:
+                await fs.rename(ROOT_INODE, src, ROOT_INODE, dst, 0)
+                names.remove(src)
+                if dst not in names:
+                    names.append(dst)
+        elif op < 0.7:
+            name = rng.choice(names)
+            node = fs.lookup(ROOT_INODE, name)
+            await fs.setattr(node.id, size=rng.randrange(0, 4 * BS), caller=CALLER)
+            fs.forget(node.id, 1)
+        elif op < 0.8:
+            name = rng.choice(names)
+            node = fs.lookup(ROOT_INODE, name)
+            link = b"l%d" % step
+            fs.link(node.id, ROOT_INODE, link, CALLER)
+            names.append(link)
+            fs.forget(node.id, 1)
+        else:
+            name = rng.choice(names)
+            await fs.unlink(ROOT_INODE, name)
+            names.remove(name)
+        if step % 50 == 0:
+            await fs.commit()
+    live = usage(fs)
+    await fs.sync()
+    await cvol.close()
+    fs = await cvol.open()
+    assert usage(fs) == live
