@@ -314,3 +314,26 @@ async def test_live_usage_equals_the_recount_after_a_random_workload(cvol: Volum
     await cvol.close()
     fs = await cvol.open()
     assert usage(fs) == live
+
+
+@pytest.mark.mounted
+def test_direct_client_overwrites_committed_data_through_a_new_layout(mnt: Path) -> None:
+    """A direct client's layout over blocks a commit has sealed is recalled (Sealed);
+    the client library asks again, the server copies the blocks, and the write lands."""
+    from kernelshim.client import Client
+    data = fill(4, 3 * BS + 77)
+    with Client.connect(mnt) as c:
+        with c.open("d", "w+") as f:
+            f.write(data)
+            f.commit()
+            f.fsync()  # commits: the blocks are sealed under the layout the client holds
+            f.pwrite(b"X" * 10, 5000)
+            f.pwrite(b"Y", len(data) - 1)
+            f.commit()
+        with c.open("d", "r+") as f:  # a fresh handle: no layout held at all
+            f.pwrite(b"Z" * (BS + 2), 100)
+    want = bytearray(data)
+    want[5000:5010] = b"X" * 10
+    want[-1:] = b"Y"
+    want[100:100 + BS + 2] = b"Z" * (BS + 2)
+    assert (mnt / "d").read_bytes() == bytes(want)
