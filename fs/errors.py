@@ -87,6 +87,20 @@ class TooManyLinks(FsError):
     errno = _errno.EMLINK
 
 
+class ReadOnly(FsError):
+    """The volume is read-only: mounted so, or turned so after a metadata or device
+    failure (see FileSystem.fail)."""
+
+    errno = _errno.EROFS
+
+
+class WriteFailed(FsError):
+    """Data written through this open file may not have reached the device (a failed
+    barrier or commit); reported once per open file, as Linux reports write-back errors."""
+
+    errno = _errno.EIO
+
+
 class BadHandle(FsError):
     errno = _errno.EBADF
 

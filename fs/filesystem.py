@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sqlite3
 import stat
 import time
 from typing import Callable
@@ -30,11 +31,11 @@ from typing import Callable
 import trio
 
 from kernelshim import (FRESH, HOLE, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
-                        ROOT_PRINCIPAL, Sealed)
+                        ROOT_PRINCIPAL, Sealed, SluiceError)
 from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable
 
 from .allocator import Allocator
-from .errors import (BadHandle, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
+from .errors import (ReadOnly, WriteFailed, BadHandle, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
                      NoData, NoSpace, NotADirectory, NotEmpty, NotFound, NotPermitted,
                      NotSupported, OutOfRange, PermissionDenied, TooBig, TooManyLinks)
 from .metadata import INODE_COLUMNS, Metadata
@@ -123,6 +124,8 @@ class Handle:
     #: the opener lacks CAP_FSETID: writes clear setuid/setgid (as the kernel would)
     kill_priv: bool
     direct_io: bool
+    #: the volume's write-error count this handle has reported (errseq, as Linux)
+    errors_seen: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -195,6 +198,10 @@ class FileSystem:
         self._commit_lock = trio.Lock()
         #: extent maps that may hold FRESH extents: sealed by the next commit
         self._unsealed: set[ExtentMap] = set()
+        #: why the volume is read-only (a read-only mount, or a failure), or None
+        self.read_only: str | None = None
+        #: failed barriers/commits so far; each open handle reports a new one once
+        self.write_errors = 0
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
@@ -245,14 +252,20 @@ class FileSystem:
         3. wait until no request that could still address the freed blocks is in flight,
            then discard them and hand them to the allocator."""
         async with self._commit_lock:
-            async with self.kernel.barrier():
-                self.md.commit()
-                pending = self.alloc.take_pending()
-                for emap in self._unsealed:
-                    emap.seal()
-                self._unsealed.clear()
-            if durable or pending:
-                await trio.to_thread.run_sync(self.md.make_durable)
+            if self.write_errors:
+                return  # failed: nothing more is committed (fsync reports the failure)
+            try:
+                async with self.kernel.barrier():
+                    self.md.commit()
+                    pending = self.alloc.take_pending()
+                    for emap in self._unsealed:
+                        emap.seal()
+                    self._unsealed.clear()
+                if durable or pending:
+                    await trio.to_thread.run_sync(self.md.make_durable)
+            except (OSError, sqlite3.Error, SluiceError) as exc:
+                self.fail(f"committing metadata failed: {exc}")
+                raise WriteFailed(f"commit failed: {exc}") from exc
             if pending:
                 await self.kernel.wait_quiescent()
                 await self.kernel.discard(pending, principal=ROOT_PRINCIPAL)
@@ -262,14 +275,45 @@ class FileSystem:
         """Make all data and metadata durable (fsync, unmount)."""
         await self.commit(durable=True)
 
+    def fail(self, why: str) -> None:
+        """A metadata or device write failed: rather than risk damage, the volume turns
+        read-only (s3ql's failsafe). Every change then gets EROFS; direct clients' write
+        grants are revoked; what was written and not committed is reported to each
+        open file once (fsync: EIO)."""
+        self.write_errors += 1
+        if self.read_only is None or self.write_errors == 1:
+            log.error("%s; the volume is now read-only (unmount it and run sluice fsck)", why)
+        self.read_only = why
+        try:  # what the failed commit would have exposed is not committed later either
+            self.md.rollback()
+        except sqlite3.Error as exc:
+            log.error("rolling back the metadata transaction failed: %s", exc)
+        for g in list(self._direct):
+            if g.rights & Rights.WRITE:
+                self.kernel.revoke_nowait(g)
+                del self._direct[g]
+
+    def set_read_only(self, why: str) -> None:
+        """A read-only mount: every change gets EROFS, nothing is committed."""
+        self.read_only = why
+
+    def _writable(self) -> None:
+        if self.read_only is not None:
+            raise ReadOnly(f"read-only file system ({self.read_only})")
+
     async def run_committer(self, *, interval: float = 1.0,
                             task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit the open transaction every `interval` seconds (batched commits)."""
         task_status.started()
         while True:
             await trio.sleep(interval)
+            if self.write_errors:
+                continue  # failed: read-only until unmounted and checked
             if self.md.pending or self.alloc.pending_blocks or self._unsealed:
-                await self.commit()
+                try:
+                    await self.commit()
+                except WriteFailed:
+                    pass  # logged by fail(); reported to the writers at their fsync
 
     async def scrub_stale_blocks(self) -> int:
         """Discard device blocks that hold data but belong to no committed extent (written
@@ -371,6 +415,7 @@ class FileSystem:
 
     def _new_inode(self, parent: Inode, name: bytes, mode: int, caller: Caller, *,
                    rdev: int = 0, target: bytes | None = None) -> Inode:
+        self._writable()
         _check_name(name)
         if not parent.is_dir:
             raise NotADirectory(f"inode {parent.id} is not a directory")
@@ -449,6 +494,7 @@ class FileSystem:
 
     def link(self, ino: int, new_parent: int, new_name: bytes,
              caller: Caller | None = None) -> Inode:
+        self._writable()
         node = self.inode(ino)
         if node.is_dir:
             raise NotPermitted("hard links to directories are not allowed")
@@ -477,6 +523,7 @@ class FileSystem:
     # -- removing names ---------------------------------------------------------------------
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        self._writable()
         node = self._child(parent, name)
         if node.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
@@ -492,6 +539,7 @@ class FileSystem:
         self.principals.refund(self.principal(owner), space=ENTRY_COST + len(name))
 
     async def rmdir(self, parent: int, name: bytes) -> None:
+        self._writable()
         if name == b".":
             raise InvalidArgument("cannot remove '.'")
         if name == b"..":
@@ -525,6 +573,8 @@ class FileSystem:
 
     async def _destroy(self, node: Inode) -> None:
         """Free an inode no name and no open handle refers to."""
+        if self.read_only is not None:
+            return  # an orphan now: freed at the next read-write mount
         async with self._lock(node):
             revoked = [g for g in self.kernel.grants_for(node.id)]
             for g in revoked:
@@ -554,6 +604,7 @@ class FileSystem:
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
+        self._writable()
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise InvalidArgument(f"unsupported rename flags {flags:#x}")
         if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
@@ -651,6 +702,7 @@ class FileSystem:
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       ctime_ns: int | None = None, caller: Caller | None = None) -> Inode:
         node = self.inode(ino)
+        self._writable()
         now = _now()
         changed: list[str] = []
         if size is not None:
@@ -697,6 +749,7 @@ class FileSystem:
 
     async def truncate(self, node: Inode, size: int, *, principal: PrincipalId,
                        keep_grant: Grant | None = None) -> None:
+        self._writable()
         if size < 0:
             raise InvalidArgument("negative size")
         if size > MAX_FILE_SIZE:
@@ -779,11 +832,13 @@ class FileSystem:
         acc = flags & os.O_ACCMODE
         readable = acc in (os.O_RDONLY, os.O_RDWR)
         writable = acc in (os.O_WRONLY, os.O_RDWR)
+        if writable or flags & os.O_TRUNC:
+            self._writable()
         fh = self._next_fh
         self._next_fh += 1
         h = Handle(fh, node, self._grant_for(node, readable, writable, caller.principal),
                    readable, writable, bool(flags & os.O_APPEND), caller.uid != 0,
-                   self._cache_mode(node) != "kernel")
+                   self._cache_mode(node) != "kernel", self.write_errors)
         self._handles[fh] = h
         node.opens += 1
         return h
@@ -842,6 +897,8 @@ class FileSystem:
         return data
 
     def _touch_atime(self, node: Inode) -> None:
+        if self.read_only is not None:
+            return
         # relatime: update when atime is not newer than mtime/ctime, or a day old.
         a = node.atime_ns
         now = _now()
@@ -852,6 +909,7 @@ class FileSystem:
         self.on_attr_changed(node.id)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
         h = self.handle(fh)
         if not h.writable:
             raise BadHandle("file not open for writing")
@@ -988,11 +1046,23 @@ class FileSystem:
         node.blocks = emap.blocks
 
     async def fsync(self, fh: int | None, datasync: bool) -> None:
-        await self.sync()
+        h = self._handles.get(fh) if fh is not None else None
+        if h is not None and h.errors_seen < self.write_errors:
+            h.errors_seen = self.write_errors  # reported once per open file, as Linux
+            raise WriteFailed(f"data written to inode {h.inode.id} may be lost: "
+                              f"{self.read_only}")
+        try:
+            await self.sync()
+        except WriteFailed:
+            if h is not None:
+                h.errors_seen = self.write_errors
+            raise
 
     # -- direct clients (the shim's socket server calls these through fs/service.py) -----
 
     def grant_direct(self, node: Inode, readable: bool, writable: bool, caller: Caller) -> Grant:
+        if writable:
+            self._writable()
         g = self._grant_for(node, readable, writable, caller.principal)
         self._direct[g] = caller
         return g
@@ -1017,6 +1087,7 @@ class FileSystem:
 
     async def layout_get(self, grant: Grant, offset: int, length: int) -> int:
         """Write layout: allocate unwritten extents for the holes in the range."""
+        self._writable()
         node = self._direct_node(grant)
         if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
             raise InvalidArgument(f"layout range {offset}+{length}")
@@ -1048,6 +1119,7 @@ class FileSystem:
 
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         """The range was written: extents become written, size and mtime update."""
+        self._writable()
         node = self._direct_node(grant)
         if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
             raise InvalidArgument(f"commit range {offset}+{length}")
@@ -1179,6 +1251,7 @@ class FileSystem:
         return v
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        self._writable()
         self._check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig(f"xattr value of {len(value)} bytes (limit {XATTR_SIZE_MAX})")
@@ -1204,6 +1277,7 @@ class FileSystem:
         return self.md.list_xattrs(ino)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
         self._check_xattr_name(name)
         node = self.inode(ino)
         if not self.md.remove_xattr(ino, name):

@@ -129,6 +129,13 @@ class Metadata:
             self._in_tx = False
             self.pending = 0
 
+    def rollback(self) -> None:
+        """Drop the open transaction (the volume failed: nothing more is committed)."""
+        if self._in_tx:
+            self.db.execute("ROLLBACK")
+            self._in_tx = False
+            self.pending = 0
+
     def make_durable(self) -> None:
         """fsync the WAL (and the database file): committed changes survive power loss.
         Blocking: call from a worker thread."""

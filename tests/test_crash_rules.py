@@ -337,3 +337,53 @@ def test_direct_client_overwrites_committed_data_through_a_new_layout(mnt: Path)
     want[-1:] = b"Y"
     want[100:100 + BS + 2] = b"Z" * (BS + 2)
     assert (mnt / "d").read_bytes() == bytes(want)
+
+
+# -- failures: read-only rather than damage; errors reported once per open file ---------------
+
+
+async def test_a_failed_barrier_turns_the_volume_read_only(cvol: Volume, monkeypatch,
+                                                           caplog) -> None:
+    import errno
+    from fs.errors import ReadOnly, WriteFailed
+    from kernelshim import DeviceError
+    fs = cvol.fs
+    assert fs is not None
+    ino = await write_file(fs, b"before", fill(1, 3 * BS))
+    await fs.sync()
+    committed = committed_extents(cvol, ino)
+
+    async def failing_flush() -> None:
+        raise DeviceError("fsync of the backing store failed: [Errno 5] EIO")
+
+    h1 = fs.open(ino, os.O_RDWR, CALLER)
+    h2 = fs.open(ino, os.O_RDWR, CALLER)
+    h3 = fs.open(ino, os.O_RDONLY, CALLER)
+    await fs.write(h1.fh, 0, b"lost?")
+    monkeypatch.setattr(cvol.kernel.pager, "flush", failing_flush)
+    with pytest.raises(WriteFailed) as ei:
+        await fs.fsync(h1.fh, False)
+    assert ei.value.errno == errno.EIO
+    assert "read-only" in caplog.text
+    # Each open file hears of it once, then fsync succeeds (Linux's errseq).
+    with pytest.raises(WriteFailed):
+        await fs.fsync(h2.fh, False)
+    await fs.fsync(h1.fh, False)
+    await fs.fsync(h2.fh, False)
+    # Every change now gets EROFS; reads go on.
+    for change in (lambda: fs.write(h1.fh, 0, b"x"),
+                   lambda: fs.unlink(ROOT_INODE, b"before"),
+                   lambda: fs.setattr(ino, mode=0o600, caller=CALLER)):
+        with pytest.raises(ReadOnly) as ei:
+            await change()
+        assert ei.value.errno == errno.EROFS
+    with pytest.raises(ReadOnly):
+        fs.create(ROOT_INODE, b"new", 0o644, os.O_RDWR, CALLER)
+    with pytest.raises(ReadOnly):
+        fs.open(ino, os.O_WRONLY, CALLER)
+    assert bytes(await fs.read(h3.fh, 5, 10)) == fill(1, 3 * BS)[5:15]
+    # Nothing more was committed: the committed file is as it was.
+    assert committed_extents(cvol, ino) == committed
+    for h in (h1, h2, h3):
+        await fs.release(h.fh)
+    monkeypatch.undo()
