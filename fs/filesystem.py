@@ -32,7 +32,7 @@ import trio
 
 from kernelshim import (FRESH, HOLE, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
                         ROOT_PRINCIPAL, Sealed, SluiceError)
-from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable
+from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable, QuotaExceeded
 
 from .allocator import Allocator
 from .errors import (ReadOnly, WriteFailed, BadHandle, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
@@ -76,7 +76,8 @@ class Caller:
 class Inode:
     """A cached inode: the row's columns plus runtime state."""
 
-    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints")
+    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints",
+                 "xattr_bytes")
 
     id: int
     generation: int
@@ -103,6 +104,8 @@ class Inode:
         self.lock: trio.Lock | None = None
         #: its user.sluice.* xattrs (cache mode, pager hints), loaded on first use
         self.hints: dict[bytes, bytes] | None = None
+        #: the size of its xattr name list (as listxattr returns it), once known
+        self.xattr_bytes: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -144,6 +147,16 @@ def _now() -> int:
     return time.time_ns()
 
 
+#: timestamps are stored as signed 64-bit nanoseconds (1677-09-21 .. 2262-04-11)
+_TIME_MIN, _TIME_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _clamp_time(ns: int) -> int:
+    """A timestamp the volume can store: out-of-range times are clamped to the nearest
+    representable one, as ext4 clamps to its own range (never an error)."""
+    return min(max(ns, _TIME_MIN), _TIME_MAX)
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise NameTooLong(f"name of {len(name)} bytes (limit {NAME_MAX})")
@@ -182,6 +195,9 @@ class FileSystem:
         self.max_inodes = max_inodes
         self.default_cache_mode = default_cache_mode
         self.alloc = Allocator(kernel.nblocks)
+        #: blocks new allocations leave free, so that overwriting committed data (which
+        #: is relocated, see docs/dev/invariants.md R1) still works on a full volume
+        self.cow_reserve = max(min(kernel.nblocks // 64, 16384), min(16, kernel.nblocks // 8))
         self._inodes: dict[int, Inode] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -725,12 +741,12 @@ class FileSystem:
             node.gid = gid
             changed.append("gid")
         if atime_ns is not None:
-            node.atime_ns = atime_ns
+            node.atime_ns = _clamp_time(atime_ns)
             changed.append("atime_ns")
         if mtime_ns is not None:
-            node.mtime_ns = mtime_ns
+            node.mtime_ns = _clamp_time(mtime_ns)
             changed.append("mtime_ns")
-        node.ctime_ns = ctime_ns if ctime_ns is not None else now
+        node.ctime_ns = _clamp_time(ctime_ns) if ctime_ns is not None else now
         changed.append("ctime_ns")
         self._save(node, *changed)
         if {"mode", "uid", "gid"} & set(changed):
@@ -929,7 +945,20 @@ class FileSystem:
             b0 = offset // bs
             b1 = -(-end // bs)
             emap = self._extents(node)
-            await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
+            try:
+                await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
+            except (NoSpace, QuotaExceeded):
+                # Write what fits, as POSIX and every kernel filesystem do: the blocks
+                # the space (or the bank) still has, in file order; an error only when
+                # not one byte fits.
+                fit = await self._blocks_that_fit(emap, b0, b1 - b0, h.grant.principal)
+                n = min(n, (b0 + fit) * bs - offset)
+                if n <= 0:
+                    raise
+                data = memoryview(data)[:n]
+                end = offset + n
+                b1 = -(-end // bs)
+                await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
             try:
                 await self._write_data(node, h.grant, offset, data)
                 # The kernel's handles commit every write at once.
@@ -1002,7 +1031,7 @@ class FileSystem:
         runs = emap.sealed_runs(b0, count)
         if not runs:
             return None
-        await self._ensure_free(sum(c for _, c in runs))
+        await self._ensure_free(sum(c for _, c in runs), reserve=False)
         cow = ExtentMap()
         for fb, cnt in runs:
             for start, length in self.alloc.allocate(cnt, emap.goal(fb)):
@@ -1010,12 +1039,31 @@ class FileSystem:
                 fb += length
         return cow
 
-    async def _ensure_free(self, need: int) -> None:
-        if need > self.alloc.free and self.alloc.pending_blocks:
+    async def _ensure_free(self, need: int, *, reserve: bool = True) -> None:
+        """Make sure `need` blocks can be allocated (NoSpace otherwise): a new allocation
+        leaves the copy-on-write reserve alone, a relocation (`reserve=False`) may use it."""
+        keep = self.cow_reserve if reserve else 0
+        if need > self.alloc.free - keep and self.alloc.pending_blocks:
             await self.commit()  # blocks freed by the open transaction become usable
-        if need > self.alloc.free:
-            raise NoSpace(f"no space left on device ({self.alloc.free} blocks free, "
-                          f"{need} needed)")
+        if need > self.alloc.free - keep:
+            raise NoSpace(f"no space left on device ({max(0, self.alloc.free - keep)} "
+                          f"blocks free, {need} needed)")
+
+    async def _blocks_that_fit(self, emap: ExtentMap, b0: int, count: int,
+                               principal: PrincipalId) -> int:
+        """How many blocks of [b0, b0+count), from b0 on, a write could allocate now: the
+        holes among them fit in the free space and in the principal's space banks."""
+        if self.alloc.pending_blocks:
+            await self.commit()
+        budget = self.alloc.free - self.cow_reserve
+        for q in self.principal(principal).chain():
+            if q.banks.space is not None:
+                budget = min(budget, (q.banks.space - q.usage.space) // self.block_size)
+        for fb, cnt in emap.holes(b0, count):
+            if cnt > budget:
+                return fb - b0 + max(budget, 0)
+            budget -= cnt
+        return count
 
     async def _allocate(self, node: Inode, emap: ExtentMap, b0: int, count: int,
                         principal: PrincipalId) -> int:
@@ -1263,10 +1311,15 @@ class FileSystem:
             raise NoData(f"no xattr {name!r}")
         if name == CACHE_XATTR and value.strip() not in (b"direct", b"kernel"):
             raise InvalidArgument("user.sluice.cache must be 'direct' or 'kernel'")
-        if not exists and sum(len(n) + 1 for n in self.md.list_xattrs(ino)) + len(name) + 1 \
-                > XATTR_LIST_MAX:
-            raise NoSpace("too many xattrs on this inode")
+        if not exists:
+            # Kept per inode, so that setting the n-th xattr costs O(1), not O(n).
+            if node.xattr_bytes is None:
+                node.xattr_bytes = self.md.xattr_list_size(ino)
+            if node.xattr_bytes + len(name) + 1 > XATTR_LIST_MAX:
+                raise NoSpace("too many xattrs on this inode")
         self.md.set_xattr(ino, name, value)
+        if not exists:
+            node.xattr_bytes += len(name) + 1
         if name.startswith(HINT_PREFIX):
             node.hints = None
         node.ctime_ns = _now()
@@ -1282,6 +1335,8 @@ class FileSystem:
         node = self.inode(ino)
         if not self.md.remove_xattr(ino, name):
             raise NoData(f"no xattr {name!r}")
+        if node.xattr_bytes is not None:
+            node.xattr_bytes -= len(name) + 1
         if name.startswith(HINT_PREFIX):
             node.hints = None
         node.ctime_ns = _now()
@@ -1290,7 +1345,10 @@ class FileSystem:
     # -- volume ------------------------------------------------------------------------------
 
     def statistics(self) -> FsStatistics:
-        return FsStatistics(self.block_size, self.alloc.nblocks, self.alloc.free,
+        # Blocks waiting for the commit that freed them are in use by no file: free (a
+        # writer short of space makes that commit durable and gets them).
+        free = max(0, self.alloc.free + self.alloc.pending_blocks - self.cow_reserve)
+        return FsStatistics(self.block_size, self.alloc.nblocks, free,
                             self._inode_count, self.max_inodes, len(self._handles),
                             len(self._inodes), self.kernel.live_grants)
 

@@ -286,6 +286,11 @@ class Metadata:
         self._w("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)",
                 (ino, name, value))
 
+    def xattr_list_size(self, ino: int) -> int:
+        """Bytes listxattr returns for the inode (each name and its NUL)."""
+        return self.db.execute("SELECT COALESCE(SUM(length(name) + 1), 0) FROM xattrs"
+                               " WHERE inode=?", (ino,)).fetchone()[0]
+
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self._w("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 

@@ -335,6 +335,7 @@ async def test_unlinked_open_file_is_freed_at_next_load(vol: Volume) -> None:
 async def test_blocks_freed_by_unlink_are_reused_only_after_commit(tmp_path: Path) -> None:
     v = Volume(tmp_path / "vol", size=64 * BS)
     fs = await v.open()
+    fs.cow_reserve = 0  # exact block accounting here; the reserve has its own test
     try:
         a = await write_file(fs, b"a", fill(1, 20 * BS))
         b = await write_file(fs, b"b", fill(2, 20 * BS))
@@ -381,31 +382,39 @@ async def test_full_device_commits_to_reuse_freed_blocks(tmp_path: Path) -> None
     assert report.errors == 0, report.lines
 
 
-async def test_enospc_corrupts_nothing(tmp_path: Path) -> None:
+async def test_enospc_writes_what_fits_and_corrupts_nothing(tmp_path: Path) -> None:
     v = Volume(tmp_path / "vol", size=64 * BS)
     fs = await v.open()
+    reserve = fs.cow_reserve
+    assert reserve == 8  # blocks new data leaves for relocating committed data
     try:
-        a = await write_file(fs, b"a", fill(1, 60 * BS - 5))
-        assert fs.alloc.free == 4
+        a = await write_file(fs, b"a", fill(1, 52 * BS - 5))
+        assert fs.alloc.free == 12
+        assert fs.statistics().blocks_free == 4
         h, node = fs.create(ROOT, b"b", 0o644, os.O_RDWR, CALLER)
-        with pytest.raises(NoSpace):
-            await fs.write(h.fh, 0, fill(2, 10 * BS))
-        assert node.size == 0 and node.blocks == 0
-        assert fs._extents(node).extents() == []
-        assert fs.alloc.free == 4
-        # a write that is partly over allocated blocks and partly needs new ones
-        ha = fs.open(a, os.O_RDWR, CALLER)
-        with pytest.raises(NoSpace):
-            await fs.write(ha.fh, 58 * BS, fill(9, 8 * BS))
-        assert fs.inode(a).size == 60 * BS - 5 and fs.inode(a).blocks == 60
-        assert fs.alloc.free == 4
-        assert bytes(await fs.read(ha.fh, 0, 60 * BS)) == fill(1, 60 * BS - 5)
-        # what fits still works
-        await fs.write(h.fh, 0, fill(2, 4 * BS))
-        assert fs.alloc.free == 0
-        with pytest.raises(NoSpace):
+        # a write that does not fit writes what fits (a short write), as POSIX says
+        assert await fs.write(h.fh, 0, fill(2, 10 * BS)) == 4 * BS
+        assert node.size == 4 * BS and node.blocks == 4
+        assert fs.alloc.free == reserve and fs.statistics().blocks_free == 0
+        with pytest.raises(NoSpace):  # not one byte fits: the error
             await fs.write(h.fh, 4 * BS, b"x")
         assert node.size == 4 * BS
+        # partly over allocated blocks: the allocated part is written
+        ha = fs.open(a, os.O_RDWR, CALLER)
+        assert await fs.write(ha.fh, 50 * BS, fill(9, 8 * BS)) == 2 * BS
+        assert fs.inode(a).size == 52 * BS and fs.inode(a).blocks == 52
+        want = bytearray(fill(1, 52 * BS - 5))
+        want[50 * BS:] = fill(9, 2 * BS)
+        assert bytes(await fs.read(ha.fh, 0, 60 * BS)) == want
+        # on the full volume, overwriting committed data still works: relocated blocks
+        # come from the reserve, and the old ones are free again after the commit
+        await fs.sync()
+        assert await fs.write(ha.fh, 0, fill(7, 3 * BS)) == 3 * BS
+        want[:3 * BS] = fill(7, 3 * BS)
+        assert bytes(await fs.read(ha.fh, 0, 60 * BS)) == want
+        await fs.sync()
+        assert fs.alloc.free == reserve
+        assert bytes(await fs.read(h.fh, 0, 10 * BS)) == fill(2, 4 * BS)
         await fs.release(h.fh)
         await fs.release(ha.fh)
     finally:
@@ -414,7 +423,7 @@ async def test_enospc_corrupts_nothing(tmp_path: Path) -> None:
     assert report.errors == 0, report.lines
     fs = await v.open()
     try:
-        assert await read_file(fs, a) == fill(1, 60 * BS - 5)
+        assert await read_file(fs, a) == bytes(want)  # and after a remount
         assert await read_file(fs, fs.lookup(ROOT, b"b").id) == fill(2, 4 * BS)
     finally:
         await v.close()
@@ -635,7 +644,8 @@ async def test_operations_read_write_round_trip(fs: FileSystem) -> None:
     assert a.st_size == 5000 and a.st_blocks == 2 * BS // 512
     await ops.release(fi.fh)
     st = await ops.statfs(ctx())
-    assert st.f_blocks == fs.alloc.nblocks and st.f_bfree == fs.alloc.free
+    assert st.f_blocks == fs.alloc.nblocks
+    assert st.f_bfree == fs.alloc.free - fs.cow_reserve == fs.statistics().blocks_free
 
 
 async def test_operations_unexpected_exception_is_eio(fs: FileSystem,

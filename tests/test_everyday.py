@@ -1,0 +1,100 @@
+"""Everyday use without surprises, through a real mount: a write that does not fit writes
+what fits, timestamps out of the storable range, many xattrs on one file, and space
+freed by rm showing in df at once."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import make_volume
+
+pytestmark = pytest.mark.mounted
+
+BS = 4096
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def free_bytes(path: Path) -> int:
+    s = os.statvfs(path)
+    return s.f_bavail * s.f_frsize
+
+
+def test_a_write_that_does_not_fit_writes_what_fits(tmp_path: Path, mount_factory) -> None:
+    m = mount_factory(make_volume(tmp_path / "small", "16M"))
+    filler = os.urandom(MiB)
+    with open(m.path / "filler", "wb") as f:
+        while free_bytes(m.path) > MiB + 900 * KiB:
+            f.write(filler)
+    with open(m.path / "filler", "ab") as f:  # leave exactly 900 KiB
+        f.write(filler[:free_bytes(m.path) - 900 * KiB])
+    assert free_bytes(m.path) == 900 * KiB
+    data = os.urandom(MiB)
+    fd = os.open(m.path / "last", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        n = os.write(fd, data)
+        assert n == 900 * KiB, "a short write of what fits, not ENOSPC for all of it"
+        with pytest.raises(OSError) as ei:
+            os.write(fd, data[n:])
+        assert ei.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert (m.path / "last").read_bytes() == data[:900 * KiB]
+    assert free_bytes(m.path) == 0
+
+
+@pytest.mark.parametrize("when_ns, stored_ns", [
+    (2 ** 70, 2 ** 63 - 1),                  # far beyond 2262: clamped, as ext4 clamps
+    (-(2 ** 70), -(2 ** 63)),                # before 1677
+    (4_102_444_800_123_456_789, 4_102_444_800_123_456_789),  # 2100: stored exactly
+])
+def test_timestamps_out_of_range_are_clamped_not_an_error(mnt: Path, when_ns: int,
+                                                          stored_ns: int) -> None:
+    p = mnt / "t"
+    p.write_bytes(b"x")
+    os.utime(p, ns=(when_ns, when_ns))
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (stored_ns, stored_ns)
+    assert p.read_bytes() == b"x"
+
+
+def test_thousands_of_xattrs_on_one_file(mnt: Path) -> None:
+    """Correct at the limit (the list size is kept per inode now, not recounted on every
+    set; its speed is measured in scripts/bench_fs.py)."""
+    p = mnt / "x"
+    p.write_bytes(b"")
+    names = [f"user.a{i:05d}" for i in range(5000)]
+    for i, name in enumerate(names):
+        os.setxattr(p, name, str(i).encode())
+    assert sorted(os.listxattr(p)) == names
+    assert os.getxattr(p, names[4321]) == b"4321"
+    for name in names[:2500]:
+        os.removexattr(p, name)
+    assert sorted(os.listxattr(p)) == names[2500:]
+    # the list limit (64 KiB of names) still holds, counted from the kept size
+    extra = 0
+    with pytest.raises(OSError) as ei:
+        while True:
+            os.setxattr(p, f"user.b{extra:050d}", b"")
+            extra += 1
+    assert ei.value.errno == errno.ENOSPC
+    total = sum(len(n) + 1 for n in os.listxattr(p))
+    assert 65536 - 60 < total <= 65536
+
+
+def test_space_freed_by_rm_shows_in_df_at_once(tmp_path: Path, mount_factory) -> None:
+    m = mount_factory(make_volume(tmp_path / "vol", "64M"))
+    before = free_bytes(m.path)
+    (m.path / "big").write_bytes(os.urandom(8 * MiB))
+    assert free_bytes(m.path) == before - 8 * MiB
+    os.unlink(m.path / "big")
+    assert free_bytes(m.path) == before  # not 1-2 s later
+    # and a writer can use it at once, though the freeing commit may not be durable yet
+    chunk = os.urandom(MiB)
+    with open(m.path / "again", "wb") as f:
+        for _ in range(before // MiB):
+            f.write(chunk)
+    assert free_bytes(m.path) == before - (before // MiB) * MiB
