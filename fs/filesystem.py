@@ -955,7 +955,7 @@ class FileSystem:
                 n = min(n, (b0 + fit) * bs - offset)
                 if n <= 0:
                     raise
-                data = memoryview(data)[:n]
+                data = data[:n]
                 end = offset + n
                 b1 = -(-end // bs)
                 await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
@@ -1311,15 +1311,16 @@ class FileSystem:
             raise NoData(f"no xattr {name!r}")
         if name == CACHE_XATTR and value.strip() not in (b"direct", b"kernel"):
             raise InvalidArgument("user.sluice.cache must be 'direct' or 'kernel'")
+        listed = node.xattr_bytes
         if not exists:
             # Kept per inode, so that setting the n-th xattr costs O(1), not O(n).
-            if node.xattr_bytes is None:
-                node.xattr_bytes = self.md.xattr_list_size(ino)
-            if node.xattr_bytes + len(name) + 1 > XATTR_LIST_MAX:
+            if listed is None:
+                listed = self.md.xattr_list_size(ino)
+            listed += len(name) + 1
+            if listed > XATTR_LIST_MAX:
                 raise NoSpace("too many xattrs on this inode")
         self.md.set_xattr(ino, name, value)
-        if not exists:
-            node.xattr_bytes += len(name) + 1
+        node.xattr_bytes = listed
         if name.startswith(HINT_PREFIX):
             node.hints = None
         node.ctime_ns = _now()
