@@ -18,6 +18,9 @@ from .errors import DeviceFull as DeviceFull
 from .errors import FormatError as FormatError
 from .errors import OutOfRange as OutOfRange
 from .errors import SluiceError as SluiceError
+from .faults import FAULT_PLAN_ENV as FAULT_PLAN_ENV
+from .faults import FaultPlan as FaultPlan
+from .faults import FaultyBacking as FaultyBacking
 from .profiles import PROFILES as PROFILES
 from .profiles import TimingProfile as TimingProfile
 from .profiles import parse_profile as parse_profile

@@ -44,6 +44,7 @@ import xxhash
 from .backing import Backing, FileBacking
 from .checksums import PAGE, ChecksumStore, format_checksum_file
 from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
+from .faults import FaultPlan, FaultyBacking
 from .profiles import PROFILES, TimingProfile, parse_profile
 from .scheduler import FifoScheduler, PrincipalIOStats
 from .types import BlockNo, PrincipalId
@@ -179,9 +180,13 @@ class BlockDevice:
 
     @classmethod
     def open(cls, directory: Path, *, profile: str | None = None,
-             scheduler: Scheduler | None = None) -> BlockDevice:
+             scheduler: Scheduler | None = None,
+             fault_plan: FaultPlan | None = None) -> BlockDevice:
         """Open the device in `directory` on its file backings; `profile` overrides the
-        formatted one."""
+        formatted one.
+
+        Lab facility (tests, fault experiments; see blockdev/faults.py): `fault_plan`
+        injects faults between the device and its backings."""
         geo = cls.read_geometry(directory)
         prof = parse_profile(profile or geo.profile)
         path = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
@@ -191,6 +196,12 @@ class BlockDevice:
             opened.append(data)
             sums: Backing = FileBacking(directory / CHECKSUMS)
             opened.append(sums)
+            if fault_plan is not None:
+                if fault_plan.target in ("device", "both"):
+                    data = FaultyBacking(data, fault_plan, block_size=geo.block_size)
+                if fault_plan.target in ("checksums", "both"):
+                    sums = FaultyBacking(sums, fault_plan, block_size=PAGE)
+                opened[:] = [data, sums]
             store = ChecksumStore.load(sums, geo.nblocks)
             return cls(geo, prof, data=data, checksums=store, scheduler=scheduler,
                        directory=directory)

@@ -111,7 +111,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(VolumeLock(volume))
         clean_dead_mount(volume)
-        kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile)
+        # Lab facility (tests, fault experiments), read here and only here: a fault plan
+        # injected below the device.
+        fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
+        kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
+                             fault_plan=Path(fault_plan) if fault_plan else None)
         stack.callback(kernel.close)
         md = Metadata(volume / DB)
         stack.callback(md.close)

@@ -30,7 +30,7 @@ from typing import Iterable
 
 import trio
 
-from blockdev import BlockDevice, BlockNo, PrincipalId
+from blockdev import BlockDevice, BlockNo, FaultPlan, PrincipalId
 from pager import Pager
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError
@@ -55,8 +55,14 @@ class Kernel:
         self.principals: PrincipalTable | None = None
 
     @classmethod
-    def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None) -> Kernel:
-        device = BlockDevice.open(directory, profile=profile)
+    def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
+             fault_plan: Path | None = None) -> Kernel:
+        """Open the volume's device and a pager over it.
+
+        Lab facility, off unless asked for (the mount passes it from the environment; see
+        blockdev/faults.py): `fault_plan`, a JSON fault plan injected below the device."""
+        plan = FaultPlan.load(fault_plan) if fault_plan is not None else None
+        device = BlockDevice.open(directory, profile=profile, fault_plan=plan)
         pager = Pager(device, nframes=max(16, cache_bytes // device.block_size))
         return cls(device, pager)
 
