@@ -24,6 +24,10 @@ from .faults import FaultyBacking as FaultyBacking
 from .profiles import PROFILES as PROFILES
 from .profiles import TimingProfile as TimingProfile
 from .profiles import parse_profile as parse_profile
+from .recording import RECORD_DIR_ENV as RECORD_DIR_ENV
+from .recording import Recording as Recording
+from .recording import RecordingBacking as RecordingBacking
+from .recording import RecordLog as RecordLog
 from .scheduler import FifoScheduler as FifoScheduler
 from .scheduler import PrincipalIOStats as PrincipalIOStats
 from .types import ROOT_PRINCIPAL as ROOT_PRINCIPAL

@@ -46,6 +46,7 @@ from .checksums import PAGE, ChecksumStore, format_checksum_file
 from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
 from .faults import FaultPlan, FaultyBacking
 from .profiles import PROFILES, TimingProfile, parse_profile
+from .recording import RecordLog
 from .scheduler import FifoScheduler, PrincipalIOStats
 from .types import BlockNo, PrincipalId
 
@@ -180,13 +181,15 @@ class BlockDevice:
 
     @classmethod
     def open(cls, directory: Path, *, profile: str | None = None,
-             scheduler: Scheduler | None = None,
-             fault_plan: FaultPlan | None = None) -> BlockDevice:
+             scheduler: Scheduler | None = None, fault_plan: FaultPlan | None = None,
+             recorder: RecordLog | None = None) -> BlockDevice:
         """Open the device in `directory` on its file backings; `profile` overrides the
         formatted one.
 
-        Lab facility (tests, fault experiments; see blockdev/faults.py): `fault_plan`
-        injects faults between the device and its backings."""
+        Lab facilities (tests, crash and fault experiments; see blockdev/faults.py and
+        blockdev/recording.py): `recorder` logs every write and barrier of the data and
+        the checksum store; `fault_plan` injects faults, above the recorder, so the
+        log holds what reached the store (a torn write as torn)."""
         geo = cls.read_geometry(directory)
         prof = parse_profile(profile or geo.profile)
         path = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
@@ -196,6 +199,10 @@ class BlockDevice:
             opened.append(data)
             sums: Backing = FileBacking(directory / CHECKSUMS)
             opened.append(sums)
+            if recorder is not None:
+                data = recorder.attach(BACKING, data, unit=geo.block_size)
+                sums = recorder.attach(CHECKSUMS, sums, unit=PAGE)
+                opened[:] = [data, sums]
             if fault_plan is not None:
                 if fault_plan.target in ("device", "both"):
                     data = FaultyBacking(data, fault_plan, block_size=geo.block_size)

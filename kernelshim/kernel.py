@@ -30,7 +30,7 @@ from typing import Iterable
 
 import trio
 
-from blockdev import BlockDevice, BlockNo, FaultPlan, PrincipalId
+from blockdev import BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog
 from pager import Pager
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError
@@ -56,13 +56,17 @@ class Kernel:
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
-             fault_plan: Path | None = None) -> Kernel:
+             fault_plan: Path | None = None, record_dir: Path | None = None) -> Kernel:
         """Open the volume's device and a pager over it.
 
-        Lab facility, off unless asked for (the mount passes it from the environment; see
-        blockdev/faults.py): `fault_plan`, a JSON fault plan injected below the device."""
+        Lab facilities, off unless asked for (the mount passes them from the environment;
+        see blockdev/faults.py and blockdev/recording.py): `fault_plan`, a JSON fault plan
+        injected below the device; `record_dir`, a new directory in which every write and
+        barrier of the device and its checksums is recorded for power-loss experiments."""
         plan = FaultPlan.load(fault_plan) if fault_plan is not None else None
-        device = BlockDevice.open(directory, profile=profile, fault_plan=plan)
+        recorder = RecordLog.create(record_dir) if record_dir is not None else None
+        device = BlockDevice.open(directory, profile=profile, fault_plan=plan,
+                                  recorder=recorder)
         pager = Pager(device, nframes=max(16, cache_bytes // device.block_size))
         return cls(device, pager)
 
