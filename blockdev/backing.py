@@ -159,11 +159,13 @@ class FileBacking:
             out[got:] = bytes(len(out) - got)
 
     async def write(self, offset: int, data: memoryview) -> None:
-        self.write_sync(offset, data)
+        n = os.pwritev(self._fd, [data], offset)
+        if n != memoryview(data).nbytes:
+            self._write_rest(offset, data, n)
 
-    def write_sync(self, offset: int, data: memoryview) -> None:
+    def _write_rest(self, offset: int, data: memoryview, done: int) -> None:
+        """Finish a short write, or raise what the host says (ENOSPC) on the retry."""
         mv = memoryview(data).cast("B")
-        done = 0
         while done < len(mv):
             # A short write happens when the host filesystem fills up part-way; the
             # retry of the rest then raises the real errno (ENOSPC).

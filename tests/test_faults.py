@@ -7,6 +7,7 @@ loaded from SLUICE_FAULT_PLAN and a real tmpfs that fills up."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import sqlite3
@@ -424,3 +425,26 @@ def test_host_filesystem_full_gives_enospc_to_the_writer(tmp_path: Path, tmpfs_2
             time.sleep(0.1)
     assert (m.path / "again").read_bytes() == b"y" * (256 << 10)
     assert m.daemon_alive
+
+
+async def test_slow_checksum_writes_are_serialised_and_end_current(tmp_path: Path,
+                                                                   autojump_clock) -> None:
+    """Three writers of blocks whose checksums share one page, on a checksum store that
+    takes 1 s per write: the page writes go one at a time (3 s, not 1 s), and the file
+    ends equal to memory whatever the interleaving."""
+    import numpy as np
+    dev = make(tmp_path, FaultPlan(target="checksums", latency_rate=1.0, latency_s=1.0))
+    try:
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for b in (1, 2, 3):
+                nursery.start_soon(functools.partial(dev.write, b, pattern(1, b),
+                                                     principal=P0))
+        assert trio.current_time() - t0 == 3.0
+        on_disk = np.load(dev.directory / "checksums")
+        assert on_disk.tolist() == dev.checksums.array.tolist()
+        assert all(on_disk[b] for b in (1, 2, 3))
+        for b in (1, 2, 3):
+            assert await dev.read(b, 1, principal=P0) == pattern(1, b)
+    finally:
+        dev.close()
