@@ -215,6 +215,8 @@ class BlockDevice:
         except BaseException:
             for b in opened:
                 b.close()
+            if recorder is not None:
+                recorder.close()
             raise
 
     def close(self) -> None:

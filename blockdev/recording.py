@@ -110,7 +110,14 @@ class RecordLog:
     def _detach(self) -> None:
         self._open -= 1
         if not self._open:
+            self.close()
+
+    def close(self) -> None:
+        """Close the log once no attached backing is open (each closes it on its way
+        out; call this when nothing was attached after all). Idempotent."""
+        if not self._open and self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
 
 def _copy_sparse(src: Backing, dest: Path) -> None:

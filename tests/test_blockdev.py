@@ -569,3 +569,14 @@ async def test_failed_hole_punch_is_an_error(tmp_path: Path) -> None:
         assert await dev.read(4, 2, principal=P0) == pattern(2, 6)
     finally:
         dev.close()
+
+
+def test_backing_file_shorter_than_the_device_is_refused(tmp_path: Path) -> None:
+    """A truncated device.img would read its lost blocks as zeros that fail their
+    checksums one by one; refuse it at open with one line instead."""
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=32 * BS, block_size=BS)
+    os.truncate(d / BACKING, 20 * BS)
+    with pytest.raises(FormatError, match=f"holds {20 * BS} bytes, the device needs {32 * BS}"):
+        BlockDevice.open(d)

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from blockdev import (BlockDevice, ChecksumError, DeviceError, FaultPlan, FaultyBacking,
-                      FileBacking, PrincipalId, Recording, RecordLog)
+                      FileBacking, FormatError, PrincipalId, Recording, RecordLog)
 from blockdev.checksums import PAGE
 from blockdev.device import BACKING, CHECKSUMS, HEADER
 from blockdev.recording import Unit
@@ -254,3 +254,14 @@ def test_mounted_daemon_records_and_the_full_state_fscks_clean(mount_factory, tm
     assert (m2.path / "g").read_bytes() == b"later\n"
     assert json.loads((rec.directory / "log").read_bytes()[24:24 + rec.records[0].b])[
         "name"] == BACKING
+
+
+def test_failed_open_closes_the_recording(tmp_path: Path) -> None:
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=32 * BS, block_size=BS)
+    (d / CHECKSUMS).write_bytes(b"not a checksum file")
+    log = RecordLog.create(tmp_path / "rec")
+    with pytest.raises(FormatError, match="not readable"):
+        BlockDevice.open(d, recorder=log)
+    assert log._fd == -1  # nothing leaks from a failed open
