@@ -355,6 +355,28 @@ def test_mounted_failing_fsync_is_reported(volume: Path, mount_factory, tmp_path
 
 
 @pytest.mark.mounted
+def test_mounted_write_error_reaches_the_writer(volume: Path, mount_factory, tmp_path: Path,
+                                                monkeypatch) -> None:
+    """Every device write fails: the writer gets EIO, the file shows none of it (no
+    size, no bytes), metadata operations and the daemon carry on."""
+    monkeypatch.setenv("SLUICE_FAULT_PLAN", str(write_plan(tmp_path, write_error_rate=1.0)))
+    m = mount_factory(volume)
+    fd = os.open(m.path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError) as ei:
+            os.write(fd, b"z" * 3 * BS)
+        assert ei.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert (m.path / "f").stat().st_size == 0
+    assert (m.path / "f").read_bytes() == b""
+    (m.path / "d").mkdir()
+    os.rename(m.path / "f", m.path / "d" / "g")
+    assert m.daemon_alive
+    assert "injected write error" in m.log.read_text()
+
+
+@pytest.mark.mounted
 def test_bad_fault_plan_fails_the_mount_with_one_line(volume: Path, tmp_path: Path) -> None:
     mp = tmp_path / "mnt"
     mp.mkdir()
