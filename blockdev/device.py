@@ -236,8 +236,9 @@ class BlockDevice:
         medium's failure, worth a line whoever asked)."""
         self.io_errors += 1
         code = exc.errno or errno.EIO
-        where = f" at device block {block}" + (f"+{count}" if count > 1 else "") \
-            if block is not None else ""
+        where = ""
+        if block is not None:
+            where = f" at device block {block}" + (f"+{count}" if count > 1 else "")
         msg = f"{what}{where} failed: {exc.strerror or exc}"
         cls = DeviceFull if code == errno.ENOSPC else DeviceError
         if cls is DeviceFull:
