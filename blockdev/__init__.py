@@ -1,21 +1,33 @@
 """blockdev: the simulated block device (the lowest layer; imports no other sluice package).
 
-Fixed-size blocks on a sparse backing file or a real block device, an xxh3 checksum
-per block verified on every read, a timing model per profile and a per-principal
-request scheduler in front of it.
+Fixed-size blocks on a backing store (a sparse file or a real block device, behind the
+`Backing` seam), an xxh3 checksum per block verified on every read, a timing model per
+profile and a per-principal request scheduler in front of it. For tests and crash
+experiments the backing can be wrapped in a fault injector or a power-loss recorder.
 """
 
+from .backing import Backing as Backing
+from .backing import FileBacking as FileBacking
+from .checksums import ChecksumStore as ChecksumStore
 from .device import BlockDevice as BlockDevice
 from .device import DeviceGeometry as DeviceGeometry
 from .device import DeviceStatistics as DeviceStatistics
 from .errors import ChecksumError as ChecksumError
 from .errors import DeviceError as DeviceError
+from .errors import DeviceFull as DeviceFull
 from .errors import FormatError as FormatError
 from .errors import OutOfRange as OutOfRange
 from .errors import SluiceError as SluiceError
+from .faults import FAULT_PLAN_ENV as FAULT_PLAN_ENV
+from .faults import FaultPlan as FaultPlan
+from .faults import FaultyBacking as FaultyBacking
 from .profiles import PROFILES as PROFILES
 from .profiles import TimingProfile as TimingProfile
 from .profiles import parse_profile as parse_profile
+from .recording import RECORD_DIR_ENV as RECORD_DIR_ENV
+from .recording import Recording as Recording
+from .recording import RecordingBacking as RecordingBacking
+from .recording import RecordLog as RecordLog
 from .scheduler import FifoScheduler as FifoScheduler
 from .scheduler import PrincipalIOStats as PrincipalIOStats
 from .types import ROOT_PRINCIPAL as ROOT_PRINCIPAL

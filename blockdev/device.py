@@ -1,5 +1,5 @@
-"""The simulated block device: a backing file (or real block device) of fixed-size
-blocks, an xxh3 checksum per block kept beside it, and a timing model.
+"""The simulated block device: fixed-size blocks on a backing store, an xxh3 checksum
+per block kept in a checksum store beside it, a timing model and a request scheduler.
 
 Layout of a device directory (made by `BlockDevice.format`):
 
@@ -9,34 +9,44 @@ Layout of a device directory (made by `BlockDevice.format`):
 - `checksums`     one little-endian uint64 per block: xxh3_64 of its contents, or 0
                   for a block that was never written or was discarded (reads as zeros)
 
-Ordering: a write updates the backing store first and its checksum right after, with
-no checkpoint in between, so a daemon killed by SIGKILL loses at most the request it
-was executing. Both files are written through the host page cache; `flush()` makes
-them durable (fsync both). Reads verify every block: a mismatch raises ChecksumError
-naming the block, never returns wrong data.
+The parts are injected: `BlockDevice(geometry, profile, data=..., checksums=...,
+scheduler=...)` takes any `Backing` for the data (blockdev/backing.py: a file, a block
+device, a fault-injecting or a recording wrapper) and a `ChecksumStore` over another
+backing; `BlockDevice.open(directory, ...)` builds the usual ones from a directory.
 
-The data syscalls (pread/pwrite of page-cache-resident files) take microseconds and
-run on the event loop; fsync, which can take milliseconds, runs in a worker thread.
+Ordering: a write stores the data, then sets the blocks' checksums in memory with no
+checkpoint in between (so a racing read verifies against the checksum of what it
+reads), then persists the changed checksum pages. A daemon killed by SIGKILL loses at
+most the request it was executing. `flush()` is the barrier: data backing first, then
+the checksum store. Reads verify every block: a mismatch raises ChecksumError naming
+the block, never returns wrong data.
+
+Errors: every OSError of a backing becomes a DeviceError naming the first block of the
+request and carrying the host's errno; ENOSPC (the host filesystem under a sparse
+backing file is full) becomes DeviceFull, which the FUSE boundary answers with ENOSPC.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
+import errno
 import json
 import logging
 import os
-import stat
 import uuid
 from pathlib import Path
+from typing import AsyncContextManager, Protocol
 
 import numpy as np
 import trio
 import xxhash
 
-from .errors import ChecksumError, FormatError, OutOfRange
+from .backing import Backing, FileBacking
+from .checksums import PAGE, ChecksumStore, format_checksum_file
+from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
+from .faults import FaultPlan, FaultyBacking
 from .profiles import PROFILES, TimingProfile, parse_profile
+from .recording import RecordLog
 from .scheduler import FifoScheduler, PrincipalIOStats
 from .types import BlockNo, PrincipalId
 
@@ -48,13 +58,6 @@ BACKING = "device.img"
 CHECKSUMS = "checksums"
 
 _xxh3 = xxhash.xxh3_64_intdigest
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-#: at most this many fsyncs run in worker threads at once
-_FSYNC_LIMITER = trio.CapacityLimiter(4)
 
 
 def _block_checksum(data: memoryview | bytes) -> int:
@@ -84,29 +87,51 @@ class DeviceStatistics:
     profile: str
     scheduler: str
     checksum_errors: int
+    #: requests the backing store failed (EIO, ENOSPC, a failed flush)
+    io_errors: int
     per_principal: tuple[PrincipalIOStats, ...]
+
+
+class Scheduler(Protocol):
+    """What the device needs of a request scheduler (FifoScheduler; mClock later)."""
+
+    name: str
+
+    def slot(self, principal: PrincipalId, nbytes: int, *,
+             write: bool) -> AsyncContextManager[None]: ...
+
+    def record(self, principal: PrincipalId, nbytes: int, *, write: bool,
+               latency_s: float) -> None: ...
+
+    def statistics(self) -> list[PrincipalIOStats]: ...
 
 
 class BlockDevice:
     """Fixed-size blocks with checksums and modeled timing. See the module docstring."""
 
-    def __init__(self, directory: Path, geometry: DeviceGeometry, profile: TimingProfile,
-                 fd: int, checksums: np.memmap) -> None:
+    def __init__(self, geometry: DeviceGeometry, profile: TimingProfile, *, data: Backing,
+                 checksums: ChecksumStore, scheduler: Scheduler | None = None,
+                 directory: Path | None = None) -> None:
+        if checksums.nblocks != geometry.nblocks:
+            raise FormatError(f"checksum store holds {checksums.nblocks} entries, "
+                              f"device has {geometry.nblocks} blocks")
+        if data.size < geometry.size and data.can_discard:
+            raise FormatError(f"backing store {data.name} holds {data.size} bytes, "
+                              f"the device needs {geometry.size}")
         self.directory = directory
         self.geometry = geometry
         self.block_size = geometry.block_size
         self.nblocks = geometry.nblocks
         self.profile = profile
-        self._fd = fd
-        #: the checksum file's mapping (flushed by flush()), and a plain ndarray view of
-        #: it for the hot paths (slicing a np.memmap runs Python code on every slice)
-        self._csum_map = checksums
-        self._csum = checksums.view(np.ndarray)
-        self._is_file = stat.S_ISREG(os.fstat(fd).st_mode)
-        self.scheduler = FifoScheduler(profile.queue_depth)
+        self.data = data
+        self.checksums = checksums
+        #: the checksum entries (hot path: a plain ndarray, a view of the store's image)
+        self._csum = checksums.array
+        self.scheduler: Scheduler = scheduler or FifoScheduler(profile.queue_depth)
         self._instant = profile.is_instant
         self._head = 0  # last block position, for the hdd seek model
         self.checksum_errors = 0
+        self.io_errors = 0
         self._closed = False
 
     # -- formatting and opening -------------------------------------------------
@@ -123,9 +148,7 @@ class BlockDevice:
             nblocks = size // block_size
             if nblocks < 16:
                 raise FormatError(f"device size {size} is too small (at least 16 blocks)")
-            path = directory / BACKING
-            with open(path, "wb") as f:
-                f.truncate(nblocks * block_size)
+            FileBacking(directory / BACKING, create_size=nblocks * block_size).close()
             backing_s = BACKING
         else:
             fd = os.open(backing, os.O_RDONLY)
@@ -135,10 +158,7 @@ class BlockDevice:
                 os.close(fd)
             nblocks = min(size, dev_size) // block_size if size else dev_size // block_size
             backing_s = os.path.abspath(backing)
-        csum = np.lib.format.open_memmap(directory / CHECKSUMS, mode="w+", dtype="<u8",
-                                         shape=(nblocks,))
-        csum.flush()
-        del csum
+        format_checksum_file(directory / CHECKSUMS, nblocks)
         geo = DeviceGeometry(block_size, nblocks, backing_s, profile, str(uuid.uuid4()))
         header = {"format": FORMAT_VERSION, **dataclasses.asdict(geo)}
         tmp = directory / (HEADER + ".tmp")
@@ -160,27 +180,71 @@ class BlockDevice:
         return DeviceGeometry(**header)
 
     @classmethod
-    def open(cls, directory: Path, *, profile: str | None = None) -> BlockDevice:
-        """Open the device in `directory`; `profile` overrides the formatted one."""
+    def open(cls, directory: Path, *, profile: str | None = None,
+             scheduler: Scheduler | None = None, fault_plan: FaultPlan | None = None,
+             recorder: RecordLog | None = None) -> BlockDevice:
+        """Open the device in `directory` on its file backings; `profile` overrides the
+        formatted one.
+
+        Lab facilities (tests, crash and fault experiments; see blockdev/faults.py and
+        blockdev/recording.py): `recorder` logs every write and barrier of the data and
+        the checksum store; `fault_plan` injects faults, above the recorder, so the
+        log holds what reached the store (a torn write as torn)."""
         geo = cls.read_geometry(directory)
         prof = parse_profile(profile or geo.profile)
-        backing = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
-        fd = os.open(backing, os.O_RDWR | os.O_CLOEXEC)
+        path = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
+        opened: list[Backing] = []
         try:
-            csum = np.load(directory / CHECKSUMS, mmap_mode="r+")
-            if csum.shape != (geo.nblocks,):
-                raise FormatError(f"checksum file holds {csum.shape[0]} entries, "
-                                  f"device has {geo.nblocks} blocks")
+            data: Backing = FileBacking(path)
+            opened.append(data)
+            sums: Backing = FileBacking(directory / CHECKSUMS)
+            opened.append(sums)
+            if recorder is not None:
+                data = recorder.attach(BACKING, data, unit=geo.block_size)
+                sums = recorder.attach(CHECKSUMS, sums, unit=PAGE)
+                opened[:] = [data, sums]
+            if fault_plan is not None:
+                if fault_plan.target in ("device", "both"):
+                    data = FaultyBacking(data, fault_plan, block_size=geo.block_size)
+                if fault_plan.target in ("checksums", "both"):
+                    sums = FaultyBacking(sums, fault_plan, block_size=PAGE)
+                opened[:] = [data, sums]
+            store = ChecksumStore.load(sums, geo.nblocks)
+            return cls(geo, prof, data=data, checksums=store, scheduler=scheduler,
+                       directory=directory)
         except BaseException:
-            os.close(fd)
+            for b in opened:
+                b.close()
+            if recorder is not None:
+                recorder.close()
             raise
-        return cls(directory, geo, prof, fd, csum)
 
     def close(self) -> None:
+        """Release both backings. Does not flush: durability is `flush()`'s job (the
+        owner flushes before closing; a SIGKILL'd daemon never closes at all)."""
         if not self._closed:
             self._closed = True
-            self._csum_map.flush()
-            os.close(self._fd)
+            try:
+                self.data.close()
+            finally:
+                self.checksums.close()
+
+    # -- errors ----------------------------------------------------------------------
+
+    def _failed(self, exc: OSError, what: str, block: int | None, count: int = 0) -> DeviceError:
+        """The DeviceError for an OSError of a backing (logged: it is the host's or the
+        medium's failure, worth a line whoever asked)."""
+        self.io_errors += 1
+        code = exc.errno or errno.EIO
+        where = ""
+        if block is not None:
+            where = f" at device block {block}" + (f"+{count}" if count > 1 else "")
+        msg = f"{what}{where} failed: {exc.strerror or exc}"
+        cls = DeviceFull if code == errno.ENOSPC else DeviceError
+        if cls is DeviceFull:
+            msg += " (the host filesystem under the backing store is full)"
+        log.error("%s", msg)
+        return cls(msg, block=block, errno=code)
 
     # -- data path -------------------------------------------------------------
 
@@ -210,15 +274,17 @@ class BlockDevice:
     async def read_into(self, block: BlockNo, count: int, out: memoryview, *,
                         principal: PrincipalId) -> None:
         """Read `count` blocks into `out` (exactly count * block_size bytes), verifying
-        each block's checksum. On ChecksumError `out` holds unverified data: discard it."""
+        each block's checksum. On ChecksumError or DeviceError `out` holds unverified
+        data: discard it."""
         self._check_range(block, count)
         bs = self.block_size
         if len(out) != count * bs:
             raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
         start = await self._timed(principal, block, count * bs, write=False)
-        got = os.preadv(self._fd, [out], block * bs)
-        if got < len(out):  # short read on a block device past its end: zeros
-            out[got:] = bytes(len(out) - got)
+        try:
+            await self.data.read_into(block * bs, out)
+        except OSError as exc:
+            raise self._failed(exc, "read", block, count) from None
         self._verify(block, count, out)
         self.scheduler.record(principal, count * bs, write=False,
                               latency_s=0.0 if self._instant else trio.current_time() - start)
@@ -245,7 +311,9 @@ class BlockDevice:
 
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
                     principal: PrincipalId) -> None:
-        """Write whole blocks starting at `block` (len(data) a multiple of the block size)."""
+        """Write whole blocks starting at `block` (len(data) a multiple of the block size).
+        On DeviceError the blocks hold undefined contents that fail their checksums
+        rather than read back as data."""
         bs = self.block_size
         mv = memoryview(data).cast("B")
         count, rem = divmod(len(mv), bs)
@@ -254,35 +322,51 @@ class BlockDevice:
         self._check_range(block, count)
         start = await self._timed(principal, block, len(mv), write=True)
         sums = [_block_checksum(mv[i * bs:(i + 1) * bs]) for i in range(count)]
-        written = os.pwritev(self._fd, [mv], block * bs)
-        if written != len(mv):
-            raise OSError(f"short write to backing store at block {block}")
+        try:
+            await self.data.write(block * bs, mv)
+        except OSError as exc:
+            raise self._failed(exc, "write", block, count) from None
+        # No checkpoint between the data write returning and this: a racing read of
+        # these blocks verifies against the checksum of what it reads.
         self._csum[block:block + count] = sums
+        await self._persist_checksums(block, count)
         self.scheduler.record(principal, len(mv), write=True,
                               latency_s=0.0 if self._instant else trio.current_time() - start)
 
+    async def _persist_checksums(self, block: int, count: int) -> None:
+        try:
+            await self.checksums.persist(block, count)
+        except OSError as exc:
+            raise self._failed(exc, "checksum write", block, count) from None
+
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget the contents of blocks: they read as zeros afterwards (a hole is punched
-        in a backing file; on a real device the data stays and keeps its checksum)."""
+        in a backing file; on a real device the data stays and keeps its checksum).
+        A hole punch the host refuses is a DeviceError, never ignored: the blocks keep
+        their data and checksums."""
         self._check_range(block, count)
-        if not count or not self._is_file:
+        if not count or not self.data.can_discard:
             return
         bs = self.block_size
-        r = _libc.fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-                            block * bs, count * bs)
-        if r != 0:
-            err = ctypes.get_errno()
-            log.warning("cannot punch hole at block %d+%d: %s", block, count, os.strerror(err))
-            return
+        try:
+            await self.data.discard(block * bs, count * bs)
+        except OSError as exc:
+            raise self._failed(exc, "discard", block, count) from None
         self._csum[block:block + count] = 0
+        await self._persist_checksums(block, count)
 
     async def flush(self) -> None:
-        """Make every completed write durable (data and checksums)."""
-        await trio.to_thread.run_sync(self.flush_sync, limiter=_FSYNC_LIMITER)
-
-    def flush_sync(self) -> None:
-        self._csum_map.flush()  # msync
-        os.fsync(self._fd)
+        """Barrier: make every completed write and discard durable — the data first,
+        then the checksums (so a durable checksum never describes data that is not).
+        DeviceError (EIO) when the host reports that it could not."""
+        try:
+            await self.data.flush()
+        except OSError as exc:
+            raise self._failed(exc, "flush of the data", None) from None
+        try:
+            await self.checksums.flush()
+        except OSError as exc:
+            raise self._failed(exc, "flush of the checksums", None) from None
 
     # -- introspection -----------------------------------------------------------
 
@@ -295,7 +379,7 @@ class BlockDevice:
 
     def statistics(self) -> DeviceStatistics:
         return DeviceStatistics(self.block_size, self.nblocks, self.profile.name,
-                                self.scheduler.name, self.checksum_errors,
+                                self.scheduler.name, self.checksum_errors, self.io_errors,
                                 tuple(self.scheduler.statistics()))
 
 

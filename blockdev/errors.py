@@ -19,9 +19,29 @@ class SluiceError(Exception):
 
 
 class DeviceError(SluiceError):
-    """The block device could not serve a request."""
+    """The block device could not serve a request.
+
+    `block` is the first device block of the failed request (None when the failure
+    belongs to no block, e.g. a flush). `errno` defaults to the class's; an OSError of
+    the backing store passes its own (EIO, ENOSPC, ...) so the FUSE boundary answers
+    with what the host said.
+    """
 
     errno = _errno.EIO
+
+    def __init__(self, message: str, *, block: int | None = None,
+                 errno: int | None = None) -> None:
+        super().__init__(message)
+        self.block = block
+        if errno is not None:
+            self.errno = errno
+
+
+class DeviceFull(DeviceError):
+    """The host filesystem under a sparse backing file has no space for a block:
+    ENOSPC to the writer, as a full disk would answer."""
+
+    errno = _errno.ENOSPC
 
 
 class ChecksumError(DeviceError):
@@ -31,8 +51,7 @@ class ChecksumError(DeviceError):
 
     def __init__(self, block: int, count: int = 1) -> None:
         super().__init__(f"checksum mismatch in device block {block}"
-                         + (f" (of {count} read)" if count > 1 else ""))
-        self.block = block
+                         + (f" (of {count} read)" if count > 1 else ""), block=block)
 
 
 class OutOfRange(DeviceError):

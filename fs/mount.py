@@ -111,7 +111,13 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
     async with contextlib.AsyncExitStack() as stack:
         stack.enter_context(VolumeLock(volume))
         clean_dead_mount(volume)
-        kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile)
+        # Lab facilities (tests, fault and power-loss experiments), read here and only
+        # here: a fault plan injected below the device, a recording of its writes.
+        fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
+        record_dir = os.environ.get("SLUICE_RECORD_DIR")
+        kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
+                             fault_plan=Path(fault_plan) if fault_plan else None,
+                             record_dir=Path(record_dir) if record_dir else None)
         stack.callback(kernel.close)
         md = Metadata(volume / DB)
         stack.callback(md.close)

@@ -39,7 +39,7 @@ from typing import AsyncIterator, Iterable
 
 import trio
 
-from blockdev import BlockDevice, BlockNo, PrincipalId
+from blockdev import BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog
 from pager import Pager
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
@@ -74,8 +74,18 @@ class Kernel:
         self._dirty = False
 
     @classmethod
-    def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None) -> Kernel:
-        device = BlockDevice.open(directory, profile=profile)
+    def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
+             fault_plan: Path | None = None, record_dir: Path | None = None) -> Kernel:
+        """Open the volume's device and a pager over it.
+
+        Lab facilities, off unless asked for (the mount passes them from the environment;
+        see blockdev/faults.py and blockdev/recording.py): `fault_plan`, a JSON fault plan
+        injected below the device; `record_dir`, a new directory in which every write and
+        barrier of the device and its checksums is recorded for power-loss experiments."""
+        plan = FaultPlan.load(fault_plan) if fault_plan is not None else None
+        recorder = RecordLog.create(record_dir) if record_dir is not None else None
+        device = BlockDevice.open(directory, profile=profile, fault_plan=plan,
+                                  recorder=recorder)
         pager = Pager(device, nframes=max(16, cache_bytes // device.block_size))
         return cls(device, pager)
 

@@ -3,14 +3,17 @@ the timing model (on trio's MockClock) and per-principal accounting."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 
-from blockdev import (PROFILES, BlockDevice, ChecksumError, FormatError, OutOfRange,
+from blockdev import (PROFILES, BlockDevice, ChecksumError, ChecksumStore, DeviceError,
+                      DeviceFull, FileBacking, FifoScheduler, FormatError, OutOfRange,
                       PrincipalId, parse_profile)
 from blockdev.device import BACKING, CHECKSUMS, HEADER
 
@@ -436,3 +439,144 @@ def test_block_size_512(tmp_path: Path) -> None:
     finally:
         dev.close()
     assert os.path.getsize(tmp_path / "dev" / BACKING) == 32 * 512
+
+
+# -- the backing-store seam ------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 256 KiB tmpfs of our own, to fill up: the host filesystem under a backing file."""
+    mp = tmp_path / "tmpfs"
+    mp.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mp)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mp
+    finally:
+        subprocess.run(["umount", "-l", str(mp)], check=False)
+
+
+def _device_on(tmp_path: Path, image: Path, nblocks: int) -> BlockDevice:
+    """A device in tmp_path/dev whose data lives in `image` (a `--device` style path)."""
+    with open(image, "wb") as f:
+        f.truncate(nblocks * BS)
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=nblocks * BS, block_size=BS, backing=str(image))
+    return BlockDevice.open(d)
+
+
+async def test_device_is_built_from_injected_parts(tmp_path: Path, autojump_clock) -> None:
+    d = tmp_path / "dev"
+    d.mkdir()
+    geo = BlockDevice.format(d, size=32 * BS, block_size=BS)
+    data = FileBacking(d / BACKING)
+    store = ChecksumStore.load(FileBacking(d / CHECKSUMS), geo.nblocks)
+    sched = FifoScheduler(1)
+    dev = BlockDevice(geo, parse_profile("1000,0,0,1"), data=data, checksums=store,
+                      scheduler=sched)
+    try:
+        assert dev.scheduler is sched and dev.data is data and dev.checksums is store
+        t0 = trio.current_time()
+        await dev.write(3, pattern(2, 5), principal=P1)
+        assert trio.current_time() - t0 == pytest.approx(1e-3)
+        assert await dev.read(3, 2, principal=P1) == pattern(2, 5)
+        assert sched.statistics()[0].writes == 1
+    finally:
+        dev.close()
+    with pytest.raises(FormatError, match="16 entries, device has 32 blocks"):
+        other = tmp_path / "other"
+        other.mkdir()
+        BlockDevice.format(other, size=16 * BS, block_size=BS)
+        BlockDevice(geo, PROFILES["none"], data=FileBacking(d / BACKING),
+                    checksums=ChecksumStore.load(FileBacking(other / CHECKSUMS), 16))
+
+
+def test_checksum_file_format_is_checked(tmp_path: Path) -> None:
+    import numpy as np
+
+    def save(arr: np.ndarray) -> None:
+        with open(d / CHECKSUMS, "wb") as f:  # (np.save to a path would add ".npy")
+            np.save(f, arr)
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=32 * BS, block_size=BS)
+    # a file written by plain numpy (as format 1 always was) opens
+    save(np.arange(32, dtype="<u8") * 0)
+    BlockDevice.open(d).close()
+    save(np.zeros(32, dtype="<u4"))
+    with pytest.raises(FormatError, match="not one little-endian uint64"):
+        BlockDevice.open(d)
+    save(np.zeros(31, dtype="<u8"))
+    with pytest.raises(FormatError, match="31 entries, device has 32"):
+        BlockDevice.open(d)
+    save(np.zeros(32, dtype="<u8"))
+    with open(d / CHECKSUMS, "r+b") as f:
+        f.truncate(os.path.getsize(d / CHECKSUMS) - 8)
+    with pytest.raises(FormatError, match="truncated"):
+        BlockDevice.open(d)
+    (d / CHECKSUMS).write_bytes(b"garbage" * 10)
+    with pytest.raises(FormatError, match="not readable"):
+        BlockDevice.open(d)
+
+
+async def test_host_filesystem_full_is_enospc(tmp_path: Path, small_tmpfs: Path) -> None:
+    """A sparse backing file on a full filesystem: the write fails with DeviceFull
+    (ENOSPC) naming its first block — including a write the host cut short — and what
+    landed of it never reads back as data."""
+    dev = _device_on(tmp_path, small_tmpfs / "img", nblocks=256)  # 1 MiB on 256 KiB
+    try:
+        with pytest.raises(DeviceFull) as ei:
+            await dev.write(0, pattern(128, 1), principal=P0)  # 512 KiB: cut short
+        assert ei.value.errno == errno.ENOSPC and ei.value.block == 0
+        assert "full" in str(ei.value) and "block 0+128" in str(ei.value)
+        # the blocks that did land are not data: no checksum was ever set for them
+        assert dev.written_blocks().tolist() == []
+        with pytest.raises(ChecksumError):
+            await dev.read(0, 1, principal=P0)
+        with pytest.raises(DeviceFull):
+            await dev.write(200, pattern(1, 2), principal=P0)  # a block of its own
+        assert dev.statistics().io_errors == 2
+        # space comes back when blocks are discarded, and the device works again
+        await dev.discard(0, 128, principal=P0)
+        await dev.write(200, pattern(1, 2), principal=P0)
+        assert await dev.read(200, 1, principal=P0) == pattern(1, 2)
+        assert await dev.read(0, 4, principal=P0) == bytes(4 * BS)
+    finally:
+        dev.close()
+
+
+async def test_failed_hole_punch_is_an_error(tmp_path: Path) -> None:
+    """The host refusing to punch a hole (here: an immutable backing file, EPERM) is a
+    DeviceError; the blocks keep their data and checksums, nothing is ignored."""
+    dev = make(tmp_path)
+    img = tmp_path / "dev" / BACKING
+    try:
+        await dev.write(4, pattern(2, 6), principal=P0)
+        if subprocess.run(["chattr", "+i", str(img)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not supported here")
+        try:
+            with pytest.raises(DeviceError) as ei:
+                await dev.discard(4, 2, principal=P0)
+        finally:
+            subprocess.run(["chattr", "-i", str(img)], check=True)
+        assert ei.value.errno == errno.EPERM and ei.value.block == 4
+        assert "discard at device block 4+2" in str(ei.value)
+        assert dev.stored_checksum(4) != 0
+        assert await dev.read(4, 2, principal=P0) == pattern(2, 6)
+    finally:
+        dev.close()
+
+
+def test_backing_file_shorter_than_the_device_is_refused(tmp_path: Path) -> None:
+    """A truncated device.img would read its lost blocks as zeros that fail their
+    checksums one by one; refuse it at open with one line instead."""
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=32 * BS, block_size=BS)
+    os.truncate(d / BACKING, 20 * BS)
+    with pytest.raises(FormatError, match=f"holds {20 * BS} bytes, the device needs {32 * BS}"):
+        BlockDevice.open(d)

@@ -1,0 +1,196 @@
+"""The backing-store seam: what the block device and its checksum store write to.
+
+A `Backing` is a flat array of bytes with the four things a disk does — read, write,
+forget a range (discard / hole punch) and a durability barrier (flush = fdatasync) —
+and nothing else. `BlockDevice` and `ChecksumStore` talk only to this interface, so
+the store under them can be swapped without touching any layer above:
+
+- `FileBacking`: a sparse file or a real block device path (the normal case);
+- `FaultyBacking` (blockdev/faults.py): injects errors, torn writes and latency;
+- `RecordingBacking` (blockdev/recording.py): logs every write and barrier so a crash
+  harness can materialise the states a power loss could leave.
+
+Error contract: a backing raises `OSError` with the errno the host gave (EIO, ENOSPC,
+...), exactly as a file would; the device turns it into a `DeviceError` naming the
+block. A write either stores every byte or raises (a short write is retried, and one
+that makes no progress is EIO) — the caller never has to check a count.
+
+Colour: `read_into`, `write`, `discard` and `flush` are async so a wrapper may take
+time on the trio clock (latency injection); `FileBacking` does the data syscalls on
+the event loop without a checkpoint (page-cache pread/pwrite take microseconds) and
+runs fdatasync in a worker thread. `pread` is the synchronous read for opening a
+store and for offline tools, never for the data path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from typing import Protocol, runtime_checkable
+
+import trio
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+#: at most this many fdatasyncs run in worker threads at once (all backings together)
+FLUSH_LIMITER = trio.CapacityLimiter(4)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make a range of a file read as zeros, keeping its size: a hole punch, or written
+    zeros where the host filesystem cannot punch (EOPNOTSUPP). OSError otherwise."""
+    if not length:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, f"cannot punch a hole at {offset}+{length}: {os.strerror(err)}")
+    zeros = bytes(min(length, 1 << 20))
+    end = offset + length
+    while offset < end:
+        n = os.pwrite(fd, zeros[:end - offset], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"writing zeros at {offset} made no progress")
+        offset += n
+
+
+@runtime_checkable
+class Backing(Protocol):
+    """A flat, fixed-size array of bytes with a durability barrier."""
+
+    @property
+    def name(self) -> str:
+        """What the store is, for messages and logs (a path, or a wrapper's label)."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes addressable (reads past it give zeros, writes past it are an error of
+        the caller: the device checks ranges first)."""
+        ...
+
+    @property
+    def can_discard(self) -> bool:
+        """Whether `discard` really forgets data (a hole punch in a file). A real block
+        device keeps its data; the device then keeps the block's checksum too."""
+        ...
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read synchronously (opening a store, offline tools); zeros past the end."""
+        ...
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill `out` from `offset`; zeros past the end."""
+        ...
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        """Store all of `data` at `offset`, or raise OSError."""
+        ...
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Forget a range: it reads as zeros afterwards. Raises OSError on failure
+        (never silently keeps the data). Only called when `can_discard`."""
+        ...
+
+    async def flush(self) -> None:
+        """Barrier: every write and discard that returned before this call is durable
+        when it returns (fdatasync). Raises OSError (EIO) when the host says it is not."""
+        ...
+
+    def close(self) -> None:
+        """Release the store (idempotent). Does not flush."""
+        ...
+
+
+class FileBacking:
+    """A regular (sparse) file or a block device node, opened read-write."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None) -> None:
+        """Open `path`; with `create_size`, create (or truncate to) a sparse file of that
+        many bytes first (formatting)."""
+        self._path = os.fspath(path)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        if create_size is not None:
+            flags |= os.O_CREAT
+        self._fd = os.open(self._path, flags, 0o600)
+        try:
+            st = os.fstat(self._fd)
+            self._is_file = stat.S_ISREG(st.st_mode)
+            if create_size is not None:
+                os.ftruncate(self._fd, create_size)
+            self._size = (os.fstat(self._fd).st_size if self._is_file
+                          else os.lseek(self._fd, 0, os.SEEK_END))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def can_discard(self) -> bool:
+        return self._is_file
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) < length:  # past the end of a block device or a short file
+            data += bytes(length - len(data))
+        return data
+
+    async def read_into(self, offset: int, out: memoryview) -> None:
+        got = os.preadv(self._fd, [out], offset)
+        if got < len(out):
+            out[got:] = bytes(len(out) - got)
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        n = os.pwritev(self._fd, [data], offset)
+        if n != memoryview(data).nbytes:
+            self._write_rest(offset, data, n)
+
+    def _write_rest(self, offset: int, data: memoryview, done: int) -> None:
+        """Finish a short write, or raise what the host says (ENOSPC) on the retry."""
+        mv = memoryview(data).cast("B")
+        while done < len(mv):
+            # A short write happens when the host filesystem fills up part-way; the
+            # retry of the rest then raises the real errno (ENOSPC).
+            n = os.pwritev(self._fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"write to {self._path} at offset {offset + done} "
+                              "made no progress")
+            done += n
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            punch_hole(self._fd, offset, length)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self._path}: {exc.strerror}") from None
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(self.flush_sync, limiter=FLUSH_LIMITER)
+
+    def flush_sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"FileBacking({self._path!r})"
