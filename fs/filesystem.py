@@ -404,8 +404,13 @@ class FileSystem:
     # -- lookups ----------------------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> Inode:
-        """The inode `name` names in directory `parent` (counts a kernel lookup)."""
-        node = self._child(parent, name)
+        """The inode `name` names in directory `parent` (counts a kernel lookup).
+
+        The kernel also looks up "." of any inode (a directory or not) and ".." of a
+        directory to turn a file handle (name_to_handle_at, an NFS export) back into
+        an inode it has forgotten: handles are (inode, generation), valid across
+        forgets and remounts, stale once the inode is gone (NotFound here)."""
+        node = self.inode(parent) if name == b"." else self._child(parent, name)
         node.lookups += 1
         return node
 

@@ -98,3 +98,89 @@ def test_space_freed_by_rm_shows_in_df_at_once(tmp_path: Path, mount_factory) ->
         for _ in range(before // MiB):
             f.write(chunk)
     assert free_bytes(m.path) == before - (before // MiB) * MiB
+
+
+# -- file handles: name_to_handle_at / open_by_handle_at (NFS export) ---------------------------
+
+import ctypes  # noqa: E402
+import subprocess  # noqa: E402
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def name_to_handle(path: Path) -> _FileHandle:
+    fh = _FileHandle(handle_bytes=MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), ctypes.byref(fh),
+                               ctypes.byref(mount_id), 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(path))
+    return fh
+
+
+def open_by_handle(mount_point: Path, fh: _FileHandle, flags: int = os.O_RDONLY) -> int:
+    mfd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = _libc.open_by_handle_at(mfd, ctypes.byref(fh), flags)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return fd
+    finally:
+        os.close(mfd)
+
+
+def read_fd(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def drop_kernel_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_file_handles_survive_forget_and_remount_and_go_stale_on_delete(
+        volume: Path, mount_factory) -> None:
+    m = mount_factory(volume)
+    (m.path / "d").mkdir()
+    (m.path / "d" / "f").write_bytes(b"handle me")
+    (m.path / "gone").write_bytes(b"soon deleted")
+    fh_file = name_to_handle(m.path / "d" / "f")
+    fh_dir = name_to_handle(m.path / "d")
+    fh_gone = name_to_handle(m.path / "gone")
+    assert read_fd(open_by_handle(m.path, fh_file)) == b"handle me"
+    # the kernel forgets the inodes: the handle still resolves (LOOKUP of ".")
+    drop_kernel_caches()
+    assert read_fd(open_by_handle(m.path, fh_file)) == b"handle me"
+    dfd = open_by_handle(m.path, fh_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.listdir(dfd) == ["f"]
+    finally:
+        os.close(dfd)
+    # deleted: stale, and nothing else
+    os.unlink(m.path / "gone")
+    drop_kernel_caches()
+    with pytest.raises(OSError) as ei:
+        open_by_handle(m.path, fh_gone)
+    assert ei.value.errno == errno.ESTALE
+    # across a remount
+    m.stop()
+    m2 = mount_factory(volume, name="mnt2")
+    assert read_fd(open_by_handle(m2.path, fh_file)) == b"handle me"
+    fd = open_by_handle(m2.path, fh_file, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"HANDLE", 0)
+    finally:
+        os.close(fd)
+    assert (m2.path / "d" / "f").read_bytes() == b"HANDLE me"
