@@ -9,7 +9,9 @@ commit. `make_durable()` additionally fsyncs the WAL so a commit survives power 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -74,7 +76,7 @@ Row = tuple
 class Metadata:
     """SQL access for the filesystem. See the module docstring."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, record: Path | None = None) -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -84,6 +86,9 @@ class Metadata:
         self.db.execute("PRAGMA temp_store=MEMORY")
         self._in_tx = False
         self.pending = 0  # statements since the last commit
+        self._record: MetaRecorder | None = None
+        if record is not None:
+            self._record = MetaRecorder.start(self, record)
 
     @classmethod
     def create(cls, path: Path, *, uuid: str, root_uid: int, root_gid: int, now_ns: int,
@@ -128,6 +133,8 @@ class Metadata:
             self.db.execute("COMMIT")
             self._in_tx = False
             self.pending = 0
+            if self._record is not None:
+                self._record.event("commit")
 
     def rollback(self) -> None:
         """Drop the open transaction (the volume failed: nothing more is committed)."""
@@ -139,6 +146,7 @@ class Metadata:
     def make_durable(self) -> None:
         """fsync the WAL (and the database file): committed changes survive power loss.
         Blocking: call from a worker thread."""
+        covered = _size(Path(str(self.path) + "-wal"))  # what this fsync surely covers
         for suffix in ("-wal", ""):
             p = str(self.path) + suffix
             try:
@@ -149,10 +157,14 @@ class Metadata:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if self._record is not None:
+            self._record.event("durable", wal=covered)
 
     def close(self) -> None:
         self.commit()
         self.db.close()
+        if self._record is not None:
+            self._record.close()
 
     # -- inodes -----------------------------------------------------------------------------
 
@@ -318,3 +330,55 @@ class Metadata:
 
     def delete_extent(self, ino: int, file_block: int) -> None:
         self._w("DELETE FROM extents WHERE inode=? AND file_block=?", (ino, file_block))
+
+
+class MetaRecorder:
+    """The metadata side of a power-loss recording (a lab facility, see
+    blockdev/recording.py for the device side; the same directory holds both).
+
+    SQLite's files do not go through the device's backing seam, so they are recorded by
+    their own durability points: the database is checkpointed and copied as
+    `base-meta.db` at the start, automatic checkpoints are turned off (the WAL only
+    grows, so the WAL left behind holds every commit in order), and each commit and each
+    fsync of the WAL appends a line to `meta-log`: the event, the WAL's size then, and
+    the device log's size then (the position of the event among the device's writes
+    and barriers). A power loss at some point of the device log leaves the WAL cut at a
+    commit boundary at least as long as the last "durable" before that point and at
+    most as long as the last "commit" before it (WAL frames are checksummed in a chain:
+    only a prefix survives). A recording ends with the daemon killed: a clean unmount
+    checkpoints the WAL into the database and empties it."""
+
+    def __init__(self, md: Metadata, directory: Path, fd: int) -> None:
+        self.md = md
+        self.directory = directory
+        self._fd = fd
+
+    @classmethod
+    def start(cls, md: Metadata, directory: Path) -> MetaRecorder:
+        md.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        md.db.execute("PRAGMA wal_autocheckpoint=0")
+        directory.mkdir(mode=0o700, exist_ok=True)
+        base = os.open(directory / "base-meta.db", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(md.path, "rb") as src, open(base, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        fd = os.open(directory / "meta-log", os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        rec = cls(md, directory, fd)
+        rec.event("start")
+        return rec
+
+    def event(self, kind: str, *, wal: int | None = None) -> None:
+        if wal is None:
+            wal = _size(Path(str(self.md.path) + "-wal"))
+        at = _size(self.directory / "log")
+        os.write(self._fd, json.dumps({"event": kind, "wal": wal, "at": at}).encode() + b"\n")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -119,7 +119,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                              fault_plan=Path(fault_plan) if fault_plan else None,
                              record_dir=Path(record_dir) if record_dir else None)
         stack.callback(kernel.close)
-        md = Metadata(volume / DB)
+        md = Metadata(volume / DB, record=Path(record_dir) if record_dir else None)
         stack.callback(md.close)
         principals = PrincipalTable.load(volume)
         fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
