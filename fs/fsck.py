@@ -568,7 +568,7 @@ class _Checker:
                 if not any(fb + n > eof for fb, _d, n in e.pieces):
                     continue
                 first = max(eof, min(fb for fb, _d, _n in e.pieces))
-                n = e.drop_file_range(eof, 1 << 62)
+                n = e.drop_file_range(eof, max(fb + n for fb, _d, n in e.pieces))
                 if e.state == UNWRITTEN:
                     self.out.error(f"{n} unwritten blocks of {self.where(ino)} from byte "
                                    f"offset {first * self.bs} lie past its end of file: laid "
