@@ -726,12 +726,17 @@ def fsck(path: Path, *, repair: bool = False, verify_data: bool = False,
     report = FsckReport(repair=repair)
     prog = _Progress(progress)
     with VolumeLock(path, purpose="fsck"):
+        if not (path / DB).is_file():  # (sqlite would make an empty one)
+            raise VolumeError(f"{path / DB} is missing: the volume has no metadata")
         try:
             md = Metadata(path / DB)
         except sqlite3.Error as exc:
             raise VolumeError(f"{path / DB}: cannot open the metadata database: {exc}") from None
         try:
             dev = _Device(path)
+        except (OSError, ValueError) as exc:
+            md.close()
+            raise VolumeError(f"{path}: cannot open the block device: {exc}") from None
         except BaseException:
             md.close()
             raise
@@ -756,12 +761,17 @@ def fsck(path: Path, *, repair: bool = False, verify_data: bool = False,
                     report.lines.append("still wrong after the repair:")
                     report.lines += ["  " + line for line in again.lines
                                      if line.startswith("error: ")]
-        except sqlite3.Error as exc:
-            raise VolumeError(f"{path / DB}: the metadata database is unreadable: {exc}") \
-                from None
-        finally:
-            md.close()
+        except BaseException as exc:
+            # Close without committing (Metadata.close would commit): repairs cut
+            # short, by an error or ^C, are rolled back as a whole.
+            md.db.close()
             dev.close()
+            if isinstance(exc, sqlite3.Error):
+                raise VolumeError(f"{path / DB}: the metadata database is unreadable: "
+                                  f"{exc}") from None
+            raise
+        md.close()
+        dev.close()
     report.lines.append(f"{path}: {report.verdict()}")
     return report
 
