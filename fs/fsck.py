@@ -375,8 +375,8 @@ class _Checker:
         if self.verify_data:
             self.check_data()
         used = sum(e.held for e in self.extents)
-        self.out.info(f"{used} of {self.dev.nblocks} blocks in use by "
-                      f"{len(self.inodes) - len(self.freed)} inodes")
+        live = sum(1 for ino in self.inodes if ino not in self.freed)
+        self.out.info(f"{used} of {self.dev.nblocks} blocks in use by {live} inodes")
 
     def check_inodes(self) -> bool:
         """Load the inodes; drop those whose fields make no sense. False: no root."""
@@ -391,6 +391,7 @@ class _Checker:
                                "freed it (with its extents and xattrs)")
                 if self.repair:
                     self.md.delete_inode(ino)  # type: ignore[arg-type]
+                self.freed.add(ino)  # (its extents go with it, not reported again)
                 continue
             self.inodes[ino] = _Inode(ino, mode, nlink, size, blocks, parent, mtime)
         root = self.inodes.get(ROOT_INODE)

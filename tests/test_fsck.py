@@ -321,6 +321,21 @@ def test_second_name_of_a_directory(vol: Path, mounted) -> None:
     assert_intact(mp)
 
 
+def test_malformed_inode_is_freed_with_its_names(vol: Path, mounted) -> None:
+    """An inode whose mode has no file type: nothing can serve it. It is freed, and the
+    entry naming it is then dangling and removed."""
+    with DB(vol) as db:
+        s = db.ino("small")
+        db.q("UPDATE inodes SET mode=? WHERE id=?", 0o644, s)
+    out = repair_and_recheck(vol, f"inode {s} is malformed (mode 420",
+                             f"dangling entry 'small' in inode 1 -> missing inode {s}")
+    assert "repaired: freed it (with its extents and xattrs)" in out
+    assert "discarded 1 blocks" in out
+    mp = mounted(vol)
+    assert not (mp / "small").exists()
+    assert_intact(mp, damaged=("small",))
+
+
 def test_extent_past_the_device_end(vol: Path, mounted) -> None:
     """b's 5-block extent moved to start at the last device block: 4 of its blocks do
     not exist. Only those are dropped; the one that exists stays mapped."""
