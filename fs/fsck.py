@@ -344,7 +344,11 @@ class _Checker:
         #: inodes freed by this pass (orphans, invalid): their extents go with them
         self.freed: set[int] = set()
         self.paths: dict[int, str] = {}
+        #: the extents of live inodes, as the repair leaves them
         self.extents: list[_Extent] = []
+        #: (start, end) of every extent row as it is, clipped to the device
+        self.owned_now: list[tuple[int, int]] = []
+        self.blocks_in_use = 0
         #: device work for after the metadata commit
         self.discard: list[tuple[int, int]] = []
         self.zero: list[int] = []
@@ -374,9 +378,10 @@ class _Checker:
         self.check_leaked()
         if self.verify_data:
             self.check_data()
-        used = sum(e.held for e in self.extents)
-        live = sum(1 for ino in self.inodes if ino not in self.freed)
-        self.out.info(f"{used} of {self.dev.nblocks} blocks in use by {live} inodes")
+        live = sum(1 for ino in self.inodes if ino not in self.freed) if self.repair \
+            else len(self.inodes)
+        self.out.info(f"{self.blocks_in_use} of {self.dev.nblocks} blocks in use by "
+                      f"{live} inodes")
 
     def check_inodes(self) -> bool:
         """Load the inodes; drop those whose fields make no sense. False: no root."""
@@ -508,17 +513,14 @@ class _Checker:
     def check_extents(self) -> None:
         inodes, nblocks = self.inodes, self.dev.nblocks
         by_inode: dict[int, list[_Extent]] = defaultdict(list)
+        recorded: dict[int, int] = defaultdict(int)  # blocks of each inode's extents
         for ino, fb, dev, count, state in self.md.all_extents():
             node = inodes.get(ino)
             where = f"extent at file block {fb!r} of inode {ino}"
+            if _is_int(dev) and _is_int(count) and max(0, dev) < min(nblocks, dev + count):
+                self.owned_now.append((max(0, dev), min(nblocks, dev + count)))
             if ino in self.freed:
-                # Freed with its inode (repair) or still owned by it (plain run).
-                if not self.repair and _is_int(dev) and _is_int(count) and count > 0:
-                    lo, hi = max(0, dev), min(nblocks, dev + count)
-                    if lo < hi:
-                        self.extents.append(_Extent(ino, fb, lo, hi - lo, state,
-                                                    [(fb, lo, hi - lo)]))
-                continue
+                continue  # freed with its inode
             problem = None
             if node is None:
                 problem = f"{where} belongs to a missing inode"
@@ -537,6 +539,7 @@ class _Checker:
                     self.md.delete_extent(ino, fb)
                 continue
             e = _Extent(ino, fb, dev, count, state, [(fb, dev, count)])
+            recorded[ino] += count
             if dev + count > nblocks:
                 n = e.drop_dev_range(nblocks, dev + count)
                 self.out.error(f"extent of {self.at(ino, fb)} runs past the end of the "
@@ -582,15 +585,17 @@ class _Checker:
 
         if self.repair:
             self._rewrite_extents(by_inode)
+        # The count is wrong if it disagrees with the extents as they were; one that
+        # only the drops above made wrong is part of those repairs.
         for ino, node in inodes.items():
             if ino in self.freed or not node.is_reg:
                 continue
             held = sum(e.held for e in by_inode.get(ino, ()))
-            if node.blocks != held:
+            if node.blocks != recorded[ino]:
                 self.out.error(f"{self.where(ino)} records {node.blocks} blocks, its extents "
-                               f"hold {held}", f"set it to {held}")
-                if self.repair:
-                    self.md.update_inode(ino, blocks=held)
+                               f"hold {recorded[ino]}", f"set it to {held}")
+            if self.repair and node.blocks != held:
+                self.md.update_inode(ino, blocks=held)
 
     def check_shared_blocks(self, extents: list[_Extent]) -> None:
         """Device blocks owned by two extents: the owner that most plausibly wrote the
@@ -669,12 +674,23 @@ class _Checker:
                               f"of {b.inodes}")
 
     def check_leaked(self) -> None:
-        # (In a plain run the extents of inodes a repair would free are still owned.)
-        owned = sorted((dev, n) for e in self.extents for _fb, dev, n in e.pieces)
+        """Blocks holding data no extent owns: as the volume is (plain run), or as the
+        repair leaves it (what it freed is discarded in the same run)."""
+        if self.repair:
+            ranges = [(dev, dev + n) for e in self.extents for _fb, dev, n in e.pieces]
+        else:
+            ranges = self.owned_now
+        merged: list[list[int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.blocks_in_use = sum(hi - lo for lo, hi in merged)
         written = self.dev.written_blocks()
-        if owned:
-            starts = np.array([s for s, _n in owned], dtype=np.int64)
-            ends = np.maximum.accumulate(np.array([s + n for s, n in owned], dtype=np.int64))
+        if merged:
+            starts = np.array([lo for lo, _hi in merged], dtype=np.int64)
+            ends = np.array([hi for _lo, hi in merged], dtype=np.int64)
             idx = np.searchsorted(starts, written, side="right") - 1
             inside = (idx >= 0) & (written < ends[np.maximum(idx, 0)])
             leaked = written[~inside]
@@ -685,9 +701,14 @@ class _Checker:
         runs = _runs(leaked)
         shown = ", ".join(f"{b}+{n}" for b, n in runs[:_SHOW_RUNS])
         more = f", ... ({len(runs)} runs)" if len(runs) > _SHOW_RUNS else ""
-        self.out.note(f"{len(leaked)} leaked blocks: device blocks holding data no extent "
-                      f"owns ({shown}{more}); free space, which the next mount discards",
-                      f"discarded {len(leaked)} blocks")
+        if self.repair:
+            self.out.note(f"{len(leaked)} device blocks hold data no extent owns once "
+                          f"repaired ({shown}{more}): leaked, or freed by the repairs above",
+                          f"discarded {len(leaked)} blocks")
+        else:
+            self.out.note(f"{len(leaked)} leaked blocks: device blocks holding data no "
+                          f"extent owns ({shown}{more}); free space, which the next mount "
+                          "discards")
         self.discard = runs
 
     def check_data(self) -> None:
