@@ -54,7 +54,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -246,14 +246,13 @@ class _Inode:
     blocks: int
     parent: int
     mtime_ns: int
+    is_dir: bool = False
+    is_reg: bool = False
 
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
+    def __post_init__(self) -> None:
+        # (fields, not properties: the checks ask them for every entry and extent)
+        self.is_dir = stat.S_ISDIR(self.mode)
+        self.is_reg = stat.S_ISREG(self.mode)
 
 
 @dataclasses.dataclass(slots=True)
@@ -319,7 +318,11 @@ def _runs(blocks: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return type(v) is int  # (SQLite columns are loosely typed: '7' and 7.0 are not ids)
+
+
+def _all_int(values: tuple[object, ...]) -> bool:
+    return all(type(v) is int for v in values)
 
 
 class _Checker:
@@ -389,7 +392,7 @@ class _Checker:
             ino, mode, nlink, size, blocks, parent, mtime = (row[0], row[2], row[5], row[6],
                                                              row[7], row[12], row[10])
             fields = (ino, mode, nlink, size, blocks, parent, mtime)
-            if not all(_is_int(v) for v in fields) or stat.S_IFMT(mode) not in _FILE_TYPES \
+            if not _all_int(fields) or stat.S_IFMT(mode) not in _FILE_TYPES \
                     or nlink < 0 or size < 0 or ino < 1:
                 self.out.error(f"inode {ino!r} is malformed (mode {mode!r}, nlink {nlink!r}, "
                                f"size {size!r})",
@@ -436,9 +439,9 @@ class _Checker:
         # directory is a second name (a hard link to a directory, or a cycle).
         named_by: dict[int, tuple[int, int, bytes]] = {}  # dir -> (dentry, parent, name)
         for consistent_only in (True, False):
-            queue = [ROOT_INODE, *named_by]
+            queue = deque([ROOT_INODE, *named_by])
             while queue:
-                d = queue.pop(0)
+                d = queue.popleft()
                 for did, name, ino in sorted(children.get(d, ())):
                     node = inodes[ino]
                     if node.is_dir and ino not in named_by and \
@@ -526,7 +529,7 @@ class _Checker:
                 problem = f"{where} belongs to a missing inode"
             elif not node.is_reg:
                 problem = f"{where} belongs to {self.where(ino)}, which is not a regular file"
-            elif not all(_is_int(v) for v in (fb, dev, count, state)) or fb < 0 \
+            elif not _all_int((fb, dev, count, state)) or fb < 0 \
                     or dev < 0 or count <= 0 or state not in (WRITTEN, UNWRITTEN):
                 problem = (f"{where} is malformed (device block {dev!r}, count {count!r}, "
                            f"state {state!r})")
