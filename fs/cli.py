@@ -202,9 +202,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                   progress=not args.quiet)
     for line in report.lines:
         print(line)
-    if report.errors and not args.repair:
-        return EXIT_FSCK_UNCORRECTED
-    return 1 if report.errors and args.repair else 0
+    return report.exit_status  # 0 clean, 1 all repaired, 4 errors left (see fs/fsck.py)
 
 
 # -- principals, run, stats (through the mounted volume's control socket) ----------------

@@ -1,176 +1,815 @@
-"""Offline consistency check of a volume (the daemon must not be running).
+"""Offline check and repair of a volume (`sluice fsck`; the daemon must not be running).
 
-Checks, and with `repair` fixes:
-- dangling names: entries whose parent or inode is missing, or whose parent is not
-  a directory (repair: remove the entry)
-- link counts: nlink of files = names pointing at them; of directories = 2 + subdirs
-  (repair: set the counted value)
-- orphans: inodes no name points to (unlinked while open at a crash; repair: free)
-- extents: of missing or non-regular inodes (dangling), past the device end, or
-  overlapping another extent (doubly-owned block) (repair: drop the later owner's)
-- block counts: an inode's `blocks` equals its extents' total (repair: recount)
-- stale blocks: device blocks holding data that no extent owns (left by a killed
-  daemon before it committed; the next mount discards them, and so does repair).
-  Reported, not an error: the free-space map is rebuilt from the extents, so they
-  are free space, never leaked.
-- with `verify_data`: every owned written block is read and its checksum verified.
+What is checked, in this order, and what `repair` does. A repair only drops or zeroes
+what the report names, and each repair is reported on the line after its error:
+
+- names: entries naming a missing or invalid inode, in a missing or non-directory
+  parent, with an invalid name, naming the root, or giving a directory a second name
+  (repair: drop the entry).
+- orphans: inodes no name reachable from the root points to, including directories
+  in a cycle cut off from the root (repair: free the inode with its extents, xattrs
+  and entries). An inode unlinked while open when the daemon stopped (nlink 0, no
+  name) is the same state legitimately left by a crash, which the next mount frees:
+  a note, not an error (repair frees it too).
+- link counts: nlink of a file = its names; of a directory 2 + its subdirectories;
+  a directory's parent field = the directory naming it (repair: set them).
+- extents: of missing or non-regular inodes, malformed, past the device end, mapping
+  a file block twice, sharing device blocks with another extent (a doubly-owned
+  block), and unwritten (laid out, never committed) or written blocks past the end of
+  the file (repair: drop exactly the blocks concerned; the rest of the extent stays,
+  the dropped range reads as zeros). A doubly-owned block stays with the owner that
+  most plausibly wrote it last (written before unwritten, then the newer mtime): the
+  other owner's view of it is another file's data, which is what must not survive.
+- block counts: an inode's `blocks` = the blocks its extents hold (repair: set).
+- charges: the principals that inodes, entries and extents are tagged with exist in
+  principals.json. Storage usage is never stored: the mount recounts it from these
+  tags and silently charges an unknown tag to root (repair: zero the tag, i.e. charge
+  root). Principals whose recounted usage is over their bank are noted (no error:
+  lowering a bank below the usage is allowed; they get EDQUOT until they free space).
+- leaked blocks: device blocks holding data (a nonzero checksum) no extent owns.
+  A killed daemon leaves them (written, never committed) and so do the repairs above;
+  the free-space map is rebuilt from the extents, so they are free space and the next
+  mount discards them: a note, not an error (repair discards them).
+- data, with `verify_data`: every block of every written extent is read and its
+  checksum verified; a bad block is reported with its file (path if it has one, else
+  inode) and byte offset (repair: zero the block, so the file reads zeros there
+  instead of EIO; its old contents are lost either way).
+
+Repairs happen in one metadata transaction, made durable before any block is
+discarded or zeroed (a crash during fsck leaves the old metadata or the new). Then the
+volume is checked again (metadata in full, data where it was zeroed): what is still
+wrong is reported as left, so `--repair` followed by a plain run is clean, or the
+repair run itself says what it could not fix and exits 4.
+
+The device is reached through `_Device` only, the one place to adapt when the block
+device's construction changes.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import heapq
+import sqlite3
 import stat
 import sys
-from collections import Counter
+import time
+from collections import defaultdict, deque
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
+import trio
 
-from kernelshim import BlockDevice, BlockNo, ChecksumError
-from kernelshim import WRITTEN
+from kernelshim import ROOT_PRINCIPAL, WRITTEN, UNWRITTEN, BlockDevice, BlockNo, ChecksumError
+from kernelshim.principals import ENTRY_COST, PrincipalError, PrincipalTable
 
+from .errors import VolumeError
 from .metadata import Metadata
 from .volume import DB, VolumeLock, read_header
+
+#: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
+EXIT_CLEAN = 0
+EXIT_REPAIRED = 1
+EXIT_UNCORRECTED = 4
+
+ROOT_INODE = 1
+NAME_MAX = 255
+_FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR,
+                         stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
+#: blocks read per device request when verifying data
+_VERIFY_CHUNK = 256
+#: leaked-block runs named in a report line before "..."
+_SHOW_RUNS = 8
 
 
 @dataclasses.dataclass
 class FsckReport:
+    """What a run found and did. `lines` is the report as printed (stdout)."""
+
+    #: errors found by the first pass (before any repair)
     errors: int = 0
+    #: of those (and of any a repair uncovered), still wrong at the end of the run
+    left: int = 0
+    repair: bool = False
     lines: list[str] = dataclasses.field(default_factory=list)
 
-    def error(self, msg: str) -> None:
+    @property
+    def repaired(self) -> int:
+        return max(0, self.errors - self.left) if self.repair else 0
+
+    @property
+    def exit_status(self) -> int:
+        if self.left:
+            return EXIT_UNCORRECTED
+        return EXIT_REPAIRED if self.errors else EXIT_CLEAN
+
+    def verdict(self) -> str:
+        if not self.errors and not self.left:
+            return "clean"
+        if not self.repair:
+            return f"{self.errors} errors found"
+        if not self.left:
+            return f"{self.errors} errors repaired"
+        return f"{self.errors} errors found, {self.repaired} repaired, {self.left} left"
+
+
+class _Pass:
+    """The findings of one pass over the volume, before they become report lines."""
+
+    def __init__(self, repair: bool) -> None:
+        self.repair = repair
+        self.errors = 0
+        self.lines: list[str] = []
+
+    def error(self, msg: str, fix: str | None) -> None:
+        """An inconsistency; `fix` says what the repair did (None: nothing can)."""
         self.errors += 1
         self.lines.append("error: " + msg)
+        if self.repair:
+            self.lines.append("  " + (f"repaired: {fix}" if fix else
+                                      "not repaired: fsck cannot fix this"))
 
-    def note(self, msg: str) -> None:
+    def note(self, msg: str, done: str | None = None) -> None:
+        """Something worth knowing that is not an error (and, with `done`, what the
+        repair did about it)."""
+        self.lines.append("note: " + msg)
+        if self.repair and done:
+            self.lines.append(f"  repaired: {done}")
+
+    def info(self, msg: str) -> None:
         self.lines.append(msg)
+
+
+class _Progress:
+    """Progress of a long run, on stderr (stdout is the report)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last = time.monotonic()  # (a run shorter than a second shows no ticks)
+
+    def phase(self, msg: str) -> None:
+        if self.enabled:
+            print(f"fsck: {msg}", file=sys.stderr, flush=True)
+
+    def tick(self, done: int, total: int, what: str) -> None:
+        """At most one line a second."""
+        now = time.monotonic()
+        if self.enabled and now - self._last >= 1.0:
+            self._last = now
+            pct = 100 * done // total if total else 100
+            print(f"fsck: {what}: {done} of {total} ({pct}%)", file=sys.stderr, flush=True)
+
+
+# -- the device, offline ----------------------------------------------------------------
+
+class _Device:
+    """The volume's block device as fsck uses it: the only code here that touches it.
+
+    Opened with the `none` timing profile (fsck should not pay modeled service time).
+    Each call runs its own short trio loop: fsck is synchronous, and callers (tests)
+    may run it in a worker thread, where no loop is running."""
+
+    def __init__(self, path: Path) -> None:
+        self._dev = BlockDevice.open(path, profile="none")
+        self.nblocks = self._dev.nblocks
+        self.block_size = self._dev.block_size
+
+    def close(self) -> None:
+        self._dev.close()
+
+    def written_blocks(self) -> np.ndarray:
+        """Blocks that hold data (nonzero checksum), sorted."""
+        return self._dev.written_blocks()
+
+    def find_bad(self, runs: list[tuple[int, int]],
+                 on_progress: Callable[[int], None]) -> list[int]:
+        """Read the runs (device block, count) and return the blocks that fail their
+        checksum, in order."""
+        dev = self._dev
+        bs = dev.block_size
+        buf = memoryview(bytearray(_VERIFY_CHUNK * bs))
+
+        async def scan() -> list[int]:
+            bad: list[int] = []
+            done = 0
+            for start, count in runs:
+                b, end = start, start + count
+                while b < end:
+                    n = min(_VERIFY_CHUNK, end - b)
+                    try:
+                        await dev.read_into(BlockNo(b), n, buf[:n * bs],
+                                            principal=ROOT_PRINCIPAL)
+                    except ChecksumError as exc:
+                        # The error names the first bad block: go on after it.
+                        bad.append(exc.block)
+                        done += exc.block + 1 - b
+                        b = exc.block + 1
+                    else:
+                        done += n
+                        b += n
+                    on_progress(done)
+            return bad
+        return trio.run(scan)
+
+    def zero(self, blocks: Iterable[int]) -> None:
+        """Overwrite blocks with zeros (and their checksums to match)."""
+        dev = self._dev
+        zeros = bytes(dev.block_size)
+
+        async def run() -> None:
+            for b in blocks:
+                await dev.write(BlockNo(b), zeros, principal=ROOT_PRINCIPAL)
+        trio.run(run)
+
+    def discard(self, runs: Iterable[tuple[int, int]]) -> None:
+        dev = self._dev
+
+        async def run() -> None:
+            for b, n in runs:
+                await dev.discard(BlockNo(b), n, principal=ROOT_PRINCIPAL)
+        trio.run(run)
+
+    def flush(self) -> None:
+        """Make the writes and discards above durable (data and checksums)."""
+        self._dev.flush_sync()
+
+
+# -- the metadata model ---------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True)
+class _Inode:
+    id: int
+    mode: int
+    nlink: int
+    size: int
+    blocks: int
+    parent: int
+    mtime_ns: int
+    is_dir: bool = False
+    is_reg: bool = False
+
+    def __post_init__(self) -> None:
+        # (fields, not properties: the checks ask them for every entry and extent)
+        self.is_dir = stat.S_ISDIR(self.mode)
+        self.is_reg = stat.S_ISREG(self.mode)
+
+
+@dataclasses.dataclass(slots=True)
+class _Extent:
+    """An extent row and what is left of it: `pieces` (file block, device block, count)
+    shrink as checks drop blocks from it."""
+
+    ino: int
+    fb: int
+    dev: int
+    count: int
+    state: int
+    pieces: list[tuple[int, int, int]]
+
+    def drop_file_range(self, lo: int, hi: int) -> int:
+        """Drop file blocks [lo, hi) from the pieces; returns how many were held."""
+        out: list[tuple[int, int, int]] = []
+        dropped = 0
+        for fb, dev, n in self.pieces:
+            a, b = max(fb, lo), min(fb + n, hi)
+            if a >= b:
+                out.append((fb, dev, n))
+                continue
+            dropped += b - a
+            if fb < a:
+                out.append((fb, dev, a - fb))
+            if b < fb + n:
+                out.append((b, dev + (b - fb), fb + n - b))
+        self.pieces = out
+        return dropped
+
+    def drop_dev_range(self, lo: int, hi: int) -> int:
+        """Drop device blocks [lo, hi) (a piece maps device blocks to file blocks
+        linearly)."""
+        dropped = 0
+        for fb, dev, n in list(self.pieces):
+            a, b = max(dev, lo), min(dev + n, hi)
+            if a < b:
+                dropped += self.drop_file_range(fb + a - dev, fb + b - dev)
+        return dropped
+
+    @property
+    def changed(self) -> bool:
+        return self.pieces != [(self.fb, self.dev, self.count)]
+
+    @property
+    def held(self) -> int:
+        return sum(n for _fb, _dev, n in self.pieces)
+
+
+def _show(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
+
+
+def _runs(blocks: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted block numbers -> (start, count) runs."""
+    if not len(blocks):
+        return []
+    cut = np.flatnonzero(np.diff(blocks) != 1) + 1
+    starts = np.concatenate(([0], cut))
+    ends = np.concatenate((cut, [len(blocks)]))
+    return [(int(blocks[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int  # (SQLite columns are loosely typed: '7' and 7.0 are not ids)
+
+
+def _all_int(values: tuple[object, ...]) -> bool:
+    return all(type(v) is int for v in values)
+
+
+class _Checker:
+    """One pass over an open volume. With `repair`, metadata repairs go into the open
+    transaction of `md` at once; device repairs are collected in `discard`/`zero` for
+    the caller to apply after the transaction is durable."""
+
+    def __init__(self, path: Path, md: Metadata, dev: _Device, out: _Pass,
+                 progress: _Progress, *, repair: bool, verify_data: bool,
+                 verify_only: set[int] | None = None) -> None:
+        self.path = path
+        self.md = md
+        self.dev = dev
+        self.out = out
+        self.progress = progress
+        self.repair = repair
+        self.verify_data = verify_data
+        #: verify only these device blocks (the re-check after a repair)
+        self.verify_only = verify_only
+        self.bs = dev.block_size
+        self.inodes: dict[int, _Inode] = {}
+        #: inodes freed by this pass (orphans, invalid): their extents go with them
+        self.freed: set[int] = set()
+        self.paths: dict[int, str] = {}
+        #: the extents of live inodes, as the repair leaves them
+        self.extents: list[_Extent] = []
+        #: (start, end) of every extent row as it is, clipped to the device
+        self.owned_now: list[tuple[int, int]] = []
+        self.blocks_in_use = 0
+        #: device work for after the metadata commit
+        self.discard: list[tuple[int, int]] = []
+        self.zero: list[int] = []
+
+    # -- naming things in the report ----------------------------------------------------
+
+    def where(self, ino: int) -> str:
+        p = self.paths.get(ino)
+        return f"{p} (inode {ino})" if p else f"inode {ino}"
+
+    def at(self, ino: int, file_block: int) -> str:
+        return f"{self.where(ino)} at byte offset {file_block * self.bs}"
+
+    # -- the pass -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.progress.phase("checking inodes and names")
+        if not self.check_inodes():
+            return
+        self.check_names()
+        self.progress.phase(f"{len(self.inodes)} inodes, {len(self.paths)} reachable; "
+                            "checking extents")
+        self.check_extents()
+        self.progress.phase("checking principal charges")
+        self.check_charges()
+        self.progress.phase("checking for leaked blocks")
+        self.check_leaked()
+        if self.verify_data:
+            self.check_data()
+        live = sum(1 for ino in self.inodes if ino not in self.freed) if self.repair \
+            else len(self.inodes)
+        self.out.info(f"{self.blocks_in_use} of {self.dev.nblocks} blocks in use by "
+                      f"{live} inodes")
+
+    def check_inodes(self) -> bool:
+        """Load the inodes; drop those whose fields make no sense. False: no root."""
+        for row in self.md.all_inodes():
+            ino, mode, nlink, size, blocks, parent, mtime = (row[0], row[2], row[5], row[6],
+                                                             row[7], row[12], row[10])
+            fields = (ino, mode, nlink, size, blocks, parent, mtime)
+            if not _all_int(fields) or stat.S_IFMT(mode) not in _FILE_TYPES \
+                    or nlink < 0 or size < 0 or ino < 1:
+                self.out.error(f"inode {ino!r} is malformed (mode {mode!r}, nlink {nlink!r}, "
+                               f"size {size!r})",
+                               "freed it (with its extents and xattrs)")
+                if self.repair:
+                    self.md.delete_inode(ino)  # type: ignore[arg-type]
+                self.freed.add(ino)  # (its extents go with it, not reported again)
+                continue
+            self.inodes[ino] = _Inode(ino, mode, nlink, size, blocks, parent, mtime)
+        root = self.inodes.get(ROOT_INODE)
+        if root is None or not root.is_dir:
+            self.out.error("the root directory (inode 1) is missing or not a directory", None)
+            return False
+        return True
+
+    def check_names(self) -> None:
+        """Entries, reachability from the root, link counts."""
+        inodes = self.inodes
+        children: dict[int, list[tuple[int, bytes, int]]] = defaultdict(list)
+        for did, parent, name, ino in self.md.all_dentries():
+            p = inodes.get(parent)
+            shown = _show(name) if isinstance(name, bytes) else repr(name)
+            problem = None
+            if not isinstance(name, bytes) or not name or len(name) > NAME_MAX \
+                    or b"/" in name or b"\0" in name or name in (b".", b".."):
+                problem = f"entry {shown!r} in inode {parent} has an invalid name"
+            elif p is None or not p.is_dir:
+                problem = (f"dangling entry {shown!r}: its directory, inode {parent}, is "
+                           + ("missing" if p is None else "not a directory"))
+            elif ino not in inodes:
+                problem = f"dangling entry {shown!r} in inode {parent} -> missing inode {ino}"
+            elif ino == ROOT_INODE:
+                problem = f"entry {shown!r} in inode {parent} names the root directory"
+            if problem:
+                self.out.error(problem, "removed the entry")
+                if self.repair:
+                    self.md.delete_dentry_id(did)
+                continue
+            children[parent].append((did, name, ino))
+
+        # Which entry is a directory's name: first those agreeing with the parent the
+        # directory records, walking down from the root; then, for directories that
+        # leaves out, any entry in a reached directory. Any other entry naming a
+        # directory is a second name (a hard link to a directory, or a cycle).
+        named_by: dict[int, tuple[int, int, bytes]] = {}  # dir -> (dentry, parent, name)
+        for consistent_only in (True, False):
+            queue = deque([ROOT_INODE, *named_by])
+            while queue:
+                d = queue.popleft()
+                for did, name, ino in sorted(children.get(d, ())):
+                    node = inodes[ino]
+                    if node.is_dir and ino not in named_by and \
+                            (node.parent == d or not consistent_only):
+                        named_by[ino] = (did, d, name)
+                        queue.append(ino)
+        self.paths[ROOT_INODE] = "/"
+        order = [ROOT_INODE]
+        for d in order:  # (grows while iterating: a walk down the chosen names)
+            base = self.paths[d].rstrip("/")
+            for did, name, ino in sorted(children.get(d, ())):
+                if inodes[ino].is_dir and named_by[ino][0] == did:
+                    self.paths[ino] = f"{base}/{_show(name)}"
+                    order.append(ino)
+        names: dict[int, int] = defaultdict(int)
+        subdirs: dict[int, int] = defaultdict(int)
+        for d in order:
+            base = self.paths[d].rstrip("/")
+            for did, name, ino in sorted(children.get(d, ())):
+                if not inodes[ino].is_dir:
+                    names[ino] += 1
+                    self.paths.setdefault(ino, f"{base}/{_show(name)}")
+                elif named_by[ino][0] == did:
+                    subdirs[d] += 1
+                else:
+                    self.out.error(f"directory {self.where(ino)} has a second name "
+                                   f"{_show(name)!r} in {self.where(d)}",
+                                   "removed the second name")
+                    if self.repair:
+                        self.md.delete_dentry_id(did)
+        named_in = {ino: parent for ino, (_did, parent, _name) in named_by.items()}
+
+        # What the walk did not reach is orphaned.
+        has_entry = {ino for ents in children.values() for _did, _n, ino in ents}
+        for ino in sorted(inodes):
+            if ino in self.paths:
+                continue
+            node = inodes[ino]
+            if node.nlink == 0 and ino not in has_entry and not children.get(ino):
+                self.out.note(f"inode {ino} was unlinked while open when the daemon stopped "
+                              "(the next mount frees it)", "freed it")
+            else:
+                why = ("its names are in directories cut off from the root"
+                       if ino in has_entry else "no name points to it")
+                self.out.error(f"orphaned inode {ino} ({why})",
+                               "freed it (with its extents, xattrs"
+                               + (" and entries)" if children.get(ino) else ")"))
+            self.freed.add(ino)
+            if self.repair:
+                for did, _name, _ino in children.get(ino, ()):
+                    self.md.delete_dentry_id(did)
+                self.md.delete_inode(ino)
+
+        for ino, node in inodes.items():
+            if ino in self.freed:
+                continue
+            want = 2 + subdirs[ino] if node.is_dir else names[ino]
+            if node.nlink != want:
+                self.out.error(f"{self.where(ino)} has link count {node.nlink}, "
+                               f"its names make {want}", f"set it to {want}")
+                if self.repair:
+                    self.md.update_inode(ino, nlink=want)
+            if node.is_dir:
+                parent = named_in.get(ino, ROOT_INODE)
+                if node.parent != parent:
+                    self.out.error(f"directory {self.where(ino)} records parent "
+                                   f"{node.parent}, it is named in {parent}",
+                                   f"set it to {parent}")
+                    if self.repair:
+                        self.md.update_inode(ino, parent=parent)
+
+    def check_extents(self) -> None:
+        inodes, nblocks = self.inodes, self.dev.nblocks
+        by_inode: dict[int, list[_Extent]] = defaultdict(list)
+        recorded: dict[int, int] = defaultdict(int)  # blocks of each inode's extents
+        for ino, fb, dev, count, state in self.md.all_extents():
+            node = inodes.get(ino)
+            where = f"extent at file block {fb!r} of inode {ino}"
+            if _is_int(dev) and _is_int(count) and max(0, dev) < min(nblocks, dev + count):
+                self.owned_now.append((max(0, dev), min(nblocks, dev + count)))
+            if ino in self.freed:
+                continue  # freed with its inode
+            problem = None
+            if node is None:
+                problem = f"{where} belongs to a missing inode"
+            elif not node.is_reg:
+                problem = f"{where} belongs to {self.where(ino)}, which is not a regular file"
+            elif not _all_int((fb, dev, count, state)) or fb < 0 \
+                    or dev < 0 or count <= 0 or state not in (WRITTEN, UNWRITTEN):
+                problem = (f"{where} is malformed (device block {dev!r}, count {count!r}, "
+                           f"state {state!r})")
+            elif dev >= nblocks:
+                problem = (f"{where} ({self.where(ino)}) maps device blocks {dev}+{count}, "
+                           f"outside the device ({nblocks} blocks)")
+            if problem:
+                self.out.error(problem, f"dropped the extent ({count!r} blocks)")
+                if self.repair:
+                    self.md.delete_extent(ino, fb)
+                continue
+            e = _Extent(ino, fb, dev, count, state, [(fb, dev, count)])
+            recorded[ino] += count
+            if dev + count > nblocks:
+                n = e.drop_dev_range(nblocks, dev + count)
+                self.out.error(f"extent of {self.at(ino, fb)} runs past the end of the "
+                               f"device: its last {n} blocks (from device block {nblocks}) "
+                               "do not exist", f"dropped those {n} blocks")
+            by_inode[ino].append(e)
+
+        # A file block mapped twice (ExtentMap refuses to load such a file).
+        for ino, exts in by_inode.items():
+            exts.sort(key=lambda x: x.fb)
+            end = -1
+            for e in exts:
+                if e.fb < end:
+                    n = e.drop_file_range(e.fb, end)
+                    self.out.error(f"file blocks {e.fb}+{n} of {self.where(ino)} are mapped "
+                                   "by two extents",
+                                   f"dropped the second mapping ({n} blocks at device "
+                                   f"block {e.dev})")
+                end = max(end, e.fb + e.count)
+            self.extents.extend(exts)
+
+        self.check_shared_blocks([e for e in self.extents if e.ino not in self.freed])
+
+        # Blocks past the end of the file: unwritten ones were laid out for a write
+        # that was never committed (a direct client gone without closing: closing
+        # trims them); written ones would show stale bytes if the file grew.
+        for ino, exts in by_inode.items():
+            eof = -(-inodes[ino].size // self.bs)
+            for e in exts:
+                if not any(fb + n > eof for fb, _d, n in e.pieces):
+                    continue
+                first = max(eof, min(fb for fb, _d, _n in e.pieces))
+                n = e.drop_file_range(eof, max(fb + n for fb, _d, n in e.pieces))
+                if e.state == UNWRITTEN:
+                    self.out.error(f"{n} unwritten blocks of {self.where(ino)} from byte "
+                                   f"offset {first * self.bs} lie past its end of file: laid "
+                                   "out for a write that was never committed",
+                                   f"dropped those {n} blocks")
+                else:
+                    self.out.error(f"{n} written blocks of {self.where(ino)} from byte "
+                                   f"offset {first * self.bs} lie past its end of file "
+                                   f"({inodes[ino].size} bytes)", f"dropped those {n} blocks")
+
+        if self.repair:
+            self._rewrite_extents(by_inode)
+        # The count is wrong if it disagrees with the extents as they were; one that
+        # only the drops above made wrong is part of those repairs.
+        for ino, node in inodes.items():
+            if ino in self.freed or not node.is_reg:
+                continue
+            held = sum(e.held for e in by_inode.get(ino, ()))
+            if node.blocks != recorded[ino]:
+                self.out.error(f"{self.where(ino)} records {node.blocks} blocks, its extents "
+                               f"hold {recorded[ino]}", f"set it to {held}")
+            if self.repair and node.blocks != held:
+                self.md.update_inode(ino, blocks=held)
+
+    def check_shared_blocks(self, extents: list[_Extent]) -> None:
+        """Device blocks owned by two extents: the owner that most plausibly wrote the
+        block last keeps it, the other loses it (see the module docstring)."""
+        def rank(e: _Extent) -> tuple[int, int, int, int]:
+            return (e.state == WRITTEN, self.inodes[e.ino].mtime_ns, e.ino, -e.fb)
+
+        pieces = sorted((dev, dev + n, fb, i) for i, e in enumerate(extents)
+                        for fb, dev, n in e.pieces)
+        active: list[tuple[int, int, int, int]] = []  # heap of (end, start, fb, index)
+        clashes: list[tuple[int, int, int, int, int, int]] = []
+        for start, end, fb, i in pieces:
+            while active and active[0][0] <= start:
+                heapq.heappop(active)
+            for a_end, a_start, a_fb, j in active:
+                lo, hi = start, min(end, a_end)
+                if lo < hi:
+                    clashes.append((lo, hi, i, fb + lo - start, j, a_fb + lo - a_start))
+            heapq.heappush(active, (end, start, fb, i))
+        for lo, hi, i, fb_i, j, fb_j in clashes:
+            a, b = extents[i], extents[j]
+            win, lose, fb_w, fb_l = (a, b, fb_i, fb_j) if rank(a) > rank(b) else \
+                (b, a, fb_j, fb_i)
+            lose.drop_dev_range(lo, hi)
+            self.out.error(f"device blocks {lo}+{hi - lo} are owned twice: by "
+                           f"{self.at(a.ino, fb_i)} and by {self.at(b.ino, fb_j)}",
+                           f"dropped them from {self.at(lose.ino, fb_l)} (it reads zeros "
+                           f"there now); {self.where(win.ino)} keeps them")
+
+    def _rewrite_extents(self, by_inode: dict[int, list[_Extent]]) -> None:
+        for ino, exts in by_inode.items():
+            changed = [e for e in exts if e.changed]
+            if not changed:
+                continue
+            owner = {fb: p for fb, _d, _n, _s, p in self.md.load_extents(ino)}
+            self.md.save_extent_changes(
+                ino, [e.fb for e in changed],
+                [(fb, dev, n, e.state, owner.get(e.fb, ROOT_PRINCIPAL))
+                 for e in changed for fb, dev, n in e.pieces])
+
+    def check_charges(self) -> None:
+        """Every charge tag names a principal of principals.json."""
+        try:
+            table = PrincipalTable.load(self.path)
+        except (PrincipalError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.out.error(f"principals.json cannot be loaded ({exc!r}); charges not checked "
+                           "(fix or restore the file)", None)
+            return
+        usage = self.md.usage_by_principal()
+        for pid in sorted(usage, key=repr):
+            if table.by_id(pid).id == pid:  # (by_id answers root for unknown ids)
+                continue
+            blocks, inodes, entries, _names = usage[pid]
+            self.out.error(f"{blocks or 0} blocks, {inodes} inodes and {entries} entries are "
+                           f"charged to principal id {pid!r}, which principals.json does not "
+                           "have (the mount would charge them to root)",
+                           "zeroed the tag: charged them to root")
+            if self.repair:
+                self.md.move_principal(pid, ROOT_PRINCIPAL)  # type: ignore[arg-type]
+        # Recount as the mount does, and compare with the banks.
+        if self.repair:
+            usage = self.md.usage_by_principal()
+        space: dict[int, int] = defaultdict(int)
+        count: dict[int, int] = defaultdict(int)
+        for pid, (blocks, inodes, entries, name_bytes) in usage.items():
+            for q in table.by_id(pid).chain():
+                space[q.id] += (blocks or 0) * self.bs + entries * ENTRY_COST + (name_bytes or 0)
+                count[q.id] += inodes
+        for p in table.walk():
+            b = p.banks
+            if b.space is not None and space[p.id] > b.space:
+                self.out.note(f"principal {p.name!r} holds {space[p.id]} bytes, over its space "
+                              f"bank of {b.space} (its writes get EDQUOT until it frees space)")
+            if b.inodes is not None and count[p.id] > b.inodes:
+                self.out.note(f"principal {p.name!r} holds {count[p.id]} inodes, over its bank "
+                              f"of {b.inodes}")
+
+    def check_leaked(self) -> None:
+        """Blocks holding data no extent owns: as the volume is (plain run), or as the
+        repair leaves it (what it freed is discarded in the same run)."""
+        if self.repair:
+            ranges = [(dev, dev + n) for e in self.extents for _fb, dev, n in e.pieces]
+        else:
+            ranges = self.owned_now
+        merged: list[list[int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.blocks_in_use = sum(hi - lo for lo, hi in merged)
+        written = self.dev.written_blocks()
+        if merged:
+            starts = np.array([lo for lo, _hi in merged], dtype=np.int64)
+            ends = np.array([hi for _lo, hi in merged], dtype=np.int64)
+            idx = np.searchsorted(starts, written, side="right") - 1
+            inside = (idx >= 0) & (written < ends[np.maximum(idx, 0)])
+            leaked = written[~inside]
+        else:
+            leaked = written
+        if not len(leaked):
+            return
+        runs = _runs(leaked)
+        shown = ", ".join(f"{b}+{n}" for b, n in runs[:_SHOW_RUNS])
+        more = f", ... ({len(runs)} runs)" if len(runs) > _SHOW_RUNS else ""
+        if self.repair:
+            self.out.note(f"{len(leaked)} device blocks hold data no extent owns once "
+                          f"repaired ({shown}{more}): leaked, or freed by the repairs above",
+                          f"discarded {len(leaked)} blocks")
+        else:
+            self.out.note(f"{len(leaked)} leaked blocks: device blocks holding data no "
+                          f"extent owns ({shown}{more}); free space, which the next mount "
+                          "discards")
+        self.discard = runs
+
+    def check_data(self) -> None:
+        """Read every block of every written extent (or only `verify_only`)."""
+        owner: list[tuple[int, int, int, int]] = []  # (dev, n, ino, fb)
+        for e in self.extents:
+            if e.state != WRITTEN or e.ino in self.freed:
+                continue
+            for fb, dev, n in e.pieces:
+                owner.append((dev, n, e.ino, fb))
+        owner.sort()
+        runs = [(dev, n) for dev, n, _i, _f in owner]
+        if self.verify_only is not None:
+            keep = self.verify_only
+            runs = [(b, 1) for dev, n in runs for b in range(dev, dev + n) if b in keep]
+        total = sum(n for _b, n in runs)
+        self.progress.phase(f"verifying {total} data blocks")
+        bad = self.dev.find_bad(runs, lambda done: self.progress.tick(done, total,
+                                                                      "verified blocks"))
+        starts = [dev for dev, _n, _i, _f in owner]
+        for b in bad:
+            dev, _n, ino, fb = owner[bisect.bisect_right(starts, b) - 1]
+            offset = (fb + b - dev) * self.bs
+            self.out.error(f"checksum mismatch in device block {b}: {self.where(ino)} "
+                           f"bytes {offset}..{offset + self.bs - 1}",
+                           f"zeroed bytes {offset}..{offset + self.bs - 1} of "
+                           f"{self.where(ino)} (its data there is lost; it reads zeros, "
+                           "not EIO)")
+        self.zero = bad
+        self.out.info(f"verified {total} data blocks, {len(bad)} bad")
 
 
 def fsck(path: Path, *, repair: bool = False, verify_data: bool = False,
          progress: bool = False) -> FsckReport:
+    """Check (and with `repair`, repair) the unmounted volume at `path`."""
     read_header(path)
-    r = FsckReport()
+    report = FsckReport(repair=repair)
+    prog = _Progress(progress)
     with VolumeLock(path, purpose="fsck"):
-        md = Metadata(path / DB)
-        dev = BlockDevice.open(path)
+        if not (path / DB).is_file():  # (sqlite would make an empty one)
+            raise VolumeError(f"{path / DB} is missing: the volume has no metadata")
         try:
-            _check(md, dev, r, repair, verify_data, progress)
-            if repair:
-                md.commit()
-        finally:
+            md = Metadata(path / DB)
+        except sqlite3.Error as exc:
+            raise VolumeError(f"{path / DB}: cannot open the metadata database: {exc}") from None
+        try:
+            dev = _Device(path)
+        except (OSError, ValueError) as exc:
             md.close()
+            raise VolumeError(f"{path}: cannot open the block device: {exc}") from None
+        except BaseException:
+            md.close()
+            raise
+        try:
+            first = _Pass(repair)
+            check = _Checker(path, md, dev, first, prog, repair=repair,
+                             verify_data=verify_data)
+            check.run()
+            report.errors = first.errors
+            report.lines += first.lines
+            report.left = first.errors
+            if repair:
+                _apply(md, dev, check, prog)
+                # Check again: what is still wrong is left (and said so).
+                prog.phase("checking the repaired volume")
+                again = _Pass(False)
+                _Checker(path, md, dev, again, _Progress(False), repair=False,
+                         verify_data=bool(check.zero),
+                         verify_only=set(check.zero)).run()
+                report.left = again.errors
+                if again.errors:
+                    report.lines.append("still wrong after the repair:")
+                    report.lines += ["  " + line for line in again.lines
+                                     if line.startswith("error: ")]
+        except BaseException as exc:
+            # Close without committing (Metadata.close would commit): repairs cut
+            # short, by an error or ^C, are rolled back as a whole.
+            md.db.close()
             dev.close()
-    verdict = "clean" if not r.errors else (f"{r.errors} errors repaired" if repair
-                                             else f"{r.errors} errors found")
-    r.lines.append(f"{path}: {verdict}")
-    return r
+            if isinstance(exc, sqlite3.Error):
+                raise VolumeError(f"{path / DB}: the metadata database is unreadable: "
+                                  f"{exc}") from None
+            raise
+        md.close()
+        dev.close()
+    report.lines.append(f"{path}: {report.verdict()}")
+    return report
 
 
-def _check(md: Metadata, dev: BlockDevice, r: FsckReport, repair: bool, verify: bool,
-           progress: bool) -> None:
-    inodes = {row[0]: row for row in md.all_inodes()}
-    MODE, NLINK, BLOCKS, PARENT = 2, 5, 7, 12
-    if 1 not in inodes or not stat.S_ISDIR(inodes[1][MODE]):
-        r.error("root directory (inode 1) is missing")
-        return
-    names: Counter[int] = Counter()
-    subdirs: Counter[int] = Counter()
-    for did, parent, name, ino in md.all_dentries():
-        p = inodes.get(parent)
-        if ino not in inodes or p is None or not stat.S_ISDIR(p[MODE]):
-            r.error(f"dangling entry {bytes(name)!r} in {parent} -> inode {ino}")
-            if repair:
-                md.delete_dentry_id(did)
-            continue
-        names[ino] += 1
-        if stat.S_ISDIR(inodes[ino][MODE]):
-            subdirs[parent] += 1
-            if inodes[ino][PARENT] != parent:
-                r.error(f"directory {ino} is named in {parent} but records parent "
-                        f"{inodes[ino][PARENT]}")
-                if repair:
-                    md.update_inode(ino, parent=parent)
-    for ino, row in inodes.items():
-        is_dir = stat.S_ISDIR(row[MODE])
-        if ino != 1 and names[ino] == 0:
-            r.error(f"orphaned inode {ino} (no name points to it)")
-            if repair:
-                md.delete_inode(ino)
-            continue
-        if is_dir and names[ino] > 1:
-            r.error(f"directory {ino} has {names[ino]} names")
-        want = 2 + subdirs[ino] if is_dir else names[ino]
-        if row[NLINK] != want:
-            r.error(f"inode {ino} has nlink {row[NLINK]}, expected {want}")
-            if repair:
-                md.update_inode(ino, nlink=want)
-    if progress:
-        print(f"fsck: {len(inodes)} inodes, {sum(names.values())} names checked",
-              file=sys.stderr)
-
-    owned = np.zeros(dev.nblocks, dtype=np.bool_)
-    per_inode: Counter[int] = Counter()
-    written_runs: list[tuple[int, int]] = []
-    for ino, fb, devb, count, state in md.all_extents():
-        row = inodes.get(ino)  # type: ignore[assignment]
-        if row is None or (repair and names[ino] == 0 and ino != 1):
-            r.error(f"extent of missing inode {ino} at device block {devb}")
-            if repair:
-                md.delete_extent(ino, fb)
-            continue
-        if not stat.S_ISREG(row[MODE]):
-            r.error(f"extent on non-regular inode {ino}")
-            if repair:
-                md.delete_extent(ino, fb)
-            continue
-        if devb < 0 or count <= 0 or devb + count > dev.nblocks:
-            r.error(f"extent of inode {ino} at blocks {devb}+{count} is outside the device")
-            if repair:
-                md.delete_extent(ino, fb)
-            continue
-        if owned[devb:devb + count].any():
-            r.error(f"device blocks {devb}+{count} of inode {ino} are owned twice")
-            if repair:
-                md.delete_extent(ino, fb)
-            continue
-        owned[devb:devb + count] = True
-        per_inode[ino] += count
-        if state == WRITTEN:
-            written_runs.append((devb, count))
-    for ino, row in inodes.items():
-        if stat.S_ISREG(row[MODE]) and row[BLOCKS] != per_inode[ino] and \
-                (names[ino] or ino == 1):
-            r.error(f"inode {ino} records {row[BLOCKS]} blocks, its extents hold {per_inode[ino]}")
-            if repair:
-                md.update_inode(ino, blocks=per_inode[ino])
-    written = dev.written_blocks()
-    stale = written[~owned[written]]
-    if len(stale):
-        r.note(f"{len(stale)} free blocks still hold data from an interrupted session "
-               "(discarded at the next mount" + (", and now)" if repair else ")"))
-        if repair:
-            import trio
-            from kernelshim import ROOT_PRINCIPAL
-
-            async def _discard() -> None:
-                for b in stale.tolist():
-                    await dev.discard(b, 1, principal=ROOT_PRINCIPAL)
-            trio.run(_discard)
-    if verify:
-        import trio
-        from kernelshim import ROOT_PRINCIPAL
-        bad = 0
-
-        async def _verify() -> int:
-            nbad = 0
-            for devb, count in written_runs:
-                for b in range(devb, devb + count):
-                    try:
-                        await dev.read(BlockNo(b), 1, principal=ROOT_PRINCIPAL)
-                    except ChecksumError:
-                        nbad += 1
-                        r.error(f"checksum mismatch in device block {b}")
-            return nbad
-        bad = trio.run(_verify)
-        r.note(f"verified {sum(c for _, c in written_runs)} data blocks, {bad} bad")
-    r.note(f"{int(owned.sum())} of {dev.nblocks} blocks in use by {len(inodes)} inodes")
+def _apply(md: Metadata, dev: _Device, check: _Checker, prog: _Progress) -> None:
+    """Make the metadata repairs durable, then do the device's: a block is discarded
+    only once no committed extent can point at it (DESIGN: crash rules)."""
+    md.commit()
+    md.make_durable()
+    if check.discard:
+        prog.phase(f"discarding {sum(n for _b, n in check.discard)} leaked blocks")
+        dev.discard(check.discard)
+    if check.zero:
+        prog.phase(f"zeroing {len(check.zero)} bad blocks")
+        dev.zero(check.zero)
+    dev.flush()
