@@ -233,6 +233,24 @@ class FileSystem:
         for ino in md.orphans():
             log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
             await fs._destroy(fs.inode(ino))
+        # Blocks past EOF: write layouts a direct client never committed before the
+        # daemon stopped (its close would have trimmed them). Nothing else leaves
+        # blocks there (fallocate's KEEP_SIZE, when it comes, must be told apart).
+        for ino in md.inodes_with_blocks_past_eof(fs.block_size):
+            node = fs.inode(ino)
+            try:
+                emap = fs._extents(node)
+            except ValueError as exc:  # damaged extents: reads of it fail; fsck repairs
+                log.warning("inode %d: %s (run sluice fsck)", ino, exc)
+                continue
+            freed = emap.remove_owned(-(-node.size // fs.block_size))
+            log.info("inode %d: dropping %d blocks past its end (an uncommitted write layout)",
+                     ino, sum(c for _d, c, _o in freed))
+            node.blocks = emap.blocks
+            fs._refund_runs(freed)
+            fs._save_extents(node)
+            fs._save(node, "blocks")
+            fs.alloc.free_later([(d, c) for d, c, _o in freed])
         await fs.commit()
         return fs
 

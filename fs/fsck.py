@@ -202,9 +202,10 @@ class _Device:
                                             principal=ROOT_PRINCIPAL)
                     except ChecksumError as exc:
                         # The error names the first bad block: go on after it.
-                        bad.append(exc.block)
-                        done += exc.block + 1 - b
-                        b = exc.block + 1
+                        first = exc.block if exc.block is not None else b
+                        bad.append(first)
+                        done += first + 1 - b
+                        b = first + 1
                     else:
                         done += n
                         b += n
@@ -231,8 +232,8 @@ class _Device:
         trio.run(run)
 
     def flush(self) -> None:
-        """Make the writes and discards above durable (data and checksums)."""
-        self._dev.flush_sync()
+        """Make the writes and discards above durable (data, then checksums)."""
+        trio.run(self._dev.flush)
 
 
 # -- the metadata model ---------------------------------------------------------------

@@ -253,6 +253,13 @@ class Metadata:
             "SELECT file_block, dev_block, count, state, principal FROM extents WHERE inode=?"
             " ORDER BY file_block", (ino,)).fetchall()
 
+    def inodes_with_blocks_past_eof(self, block_size: int) -> list[int]:
+        """Regular files with extents past the block that holds their last byte."""
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT e.inode FROM extents e JOIN inodes i ON i.id = e.inode"
+            " WHERE e.file_block + e.count > (i.size + ? - 1) / ?",
+            (block_size, block_size)).fetchall()]
+
     def save_extent_changes(self, ino: int, deleted: list[int],
                             upserts: list[tuple[int, ...]]) -> None:
         if deleted:

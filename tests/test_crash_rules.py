@@ -387,3 +387,34 @@ async def test_a_failed_barrier_turns_the_volume_read_only(cvol: Volume, monkeyp
     for h in (h1, h2, h3):
         await fs.release(h.fh)
     monkeypatch.undo()
+
+
+@pytest.mark.mounted
+def test_uncommitted_write_layout_is_trimmed_at_the_next_mount(volume: Path,
+                                                                mount_factory) -> None:
+    """A direct client's write layout (preallocation past EOF) that was never committed
+    before the daemon died is dropped by the next mount, charges and all."""
+    import json
+    from conftest import sluice
+    from kernelshim.client import Client
+    m = mount_factory(volume)
+
+    def root_space() -> int:
+        out = json.loads(sluice("principal", "ls", str(m.path), "--json").stdout)
+        rows = out["principals"] if isinstance(out, dict) else out
+        return next(r for r in rows if r["name"] == "root")["usage"]["space"]
+
+    base = root_space()
+    with Client.connect(m.path) as c:
+        f = c.open("direct.dat", "w")
+        f.write(b"d" * 12000)  # a 4 MiB layout, nothing committed
+        with open(m.path / "other", "wb") as o:  # a commit, with the layout in it
+            o.write(b"o")
+            o.flush()
+            os.fsync(o.fileno())
+        _kill_and_remount(m)
+    assert os.stat(m.path / "direct.dat").st_blocks == 0
+    assert root_space() - base < 64 * 1024  # the entries and one block, not 4 MiB
+    m.stop()
+    r = sluice("fsck", str(volume), check=False)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
