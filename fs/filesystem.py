@@ -135,7 +135,11 @@ class Handle:
 class FsStatistics:
     block_size: int
     blocks: int
+    #: free blocks (blocks awaiting the commit that freed them included)
     blocks_free: int
+    #: of those, what new data may take (the copy-on-write reserve left out), as ext4's
+    #: f_bavail leaves out the blocks reserved for root
+    blocks_avail: int
     inodes: int
     max_inodes: int
     open_handles: int
@@ -1378,8 +1382,9 @@ class FileSystem:
     def statistics(self) -> FsStatistics:
         # Blocks waiting for the commit that freed them are in use by no file: free (a
         # writer short of space makes that commit durable and gets them).
-        free = max(0, self.alloc.free + self.alloc.pending_blocks - self.cow_reserve)
+        free = self.alloc.free + self.alloc.pending_blocks
         return FsStatistics(self.block_size, self.alloc.nblocks, free,
+                            max(0, free - self.cow_reserve),
                             self._inode_count, self.max_inodes, len(self._handles),
                             len(self._inodes), self.kernel.live_grants)
 

@@ -311,7 +311,7 @@ class Operations(pyfuse3.Operations):
         s.f_frsize = st.block_size
         s.f_blocks = st.blocks
         s.f_bfree = st.blocks_free
-        s.f_bavail = st.blocks_free
+        s.f_bavail = st.blocks_avail
         s.f_files = st.max_inodes
         s.f_ffree = max(0, st.max_inodes - st.inodes)
         s.f_favail = s.f_ffree

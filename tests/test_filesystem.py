@@ -390,12 +390,12 @@ async def test_enospc_writes_what_fits_and_corrupts_nothing(tmp_path: Path) -> N
     try:
         a = await write_file(fs, b"a", fill(1, 52 * BS - 5))
         assert fs.alloc.free == 12
-        assert fs.statistics().blocks_free == 4
+        assert fs.statistics().blocks_avail == 4
         h, node = fs.create(ROOT, b"b", 0o644, os.O_RDWR, CALLER)
         # a write that does not fit writes what fits (a short write), as POSIX says
         assert await fs.write(h.fh, 0, fill(2, 10 * BS)) == 4 * BS
         assert node.size == 4 * BS and node.blocks == 4
-        assert fs.alloc.free == reserve and fs.statistics().blocks_free == 0
+        assert fs.alloc.free == reserve and fs.statistics().blocks_avail == 0
         with pytest.raises(NoSpace):  # not one byte fits: the error
             await fs.write(h.fh, 4 * BS, b"x")
         assert node.size == 4 * BS
@@ -645,7 +645,8 @@ async def test_operations_read_write_round_trip(fs: FileSystem) -> None:
     await ops.release(fi.fh)
     st = await ops.statfs(ctx())
     assert st.f_blocks == fs.alloc.nblocks
-    assert st.f_bfree == fs.alloc.free - fs.cow_reserve == fs.statistics().blocks_free
+    assert st.f_bfree == fs.alloc.free == fs.statistics().blocks_free
+    assert st.f_bavail == fs.alloc.free - fs.cow_reserve == fs.statistics().blocks_avail
 
 
 async def test_operations_unexpected_exception_is_eio(fs: FileSystem,

@@ -29,7 +29,7 @@ def _blocks(p: Path | int) -> int:
 
 
 def _bfree(p: Path) -> int:
-    return os.statvfs(p).f_bfree
+    return os.statvfs(p).f_bavail
 
 
 # -- unlinked while open ----------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_statfs(mnt: Path) -> None:
     assert s.f_bsize == BS and s.f_frsize == BS
     assert s.f_blocks == 8 * GiB // BS  # the volume's size
     assert s.f_namemax == 255
-    assert 0 < s.f_bfree <= s.f_blocks and s.f_bavail == s.f_bfree
+    assert 0 < s.f_bavail < s.f_bfree <= s.f_blocks  # the reserve: free, not available
     assert s.f_files > 0 and 0 < s.f_ffree <= s.f_files
     before = s
     (mnt / "data").write_bytes(os.urandom(10 * MiB))
@@ -358,7 +358,7 @@ def test_full_device_enospc_and_recovery(tmp_path: Path, mount_factory) -> None:
         files[name] = hashlib.sha256(data).hexdigest()
     assert err is not None and err.errno == errno.ENOSPC, err
     assert len(files) >= 10  # ~64 MiB: most of the device was usable
-    assert os.statvfs(mp).f_bfree < chunk // BS
+    assert os.statvfs(mp).f_bavail < chunk // BS
     # The partial file holds a prefix of what was written; nothing else is damaged.
     assert os.stat(mp / partial).st_size < chunk
     # Small writes fail with ENOSPC too, and do not change the file.
@@ -386,7 +386,7 @@ def test_full_device_enospc_and_recovery(tmp_path: Path, mount_factory) -> None:
     os.unlink(mp / "fill00")
     os.unlink(mp / "fill01")
     del files["fill00"], files["fill01"]
-    assert wait_for(lambda: os.statvfs(mp).f_bfree >= 2 * chunk // BS, timeout=15)
+    assert wait_for(lambda: os.statvfs(mp).f_bavail >= 2 * chunk // BS, timeout=15)
     data = os.urandom(chunk)
     (mp / "after").write_bytes(data)
     files["after"] = hashlib.sha256(data).hexdigest()
