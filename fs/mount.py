@@ -127,13 +127,22 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
-        mounted = True
+        # Unmount only after a clean end (umount, SIGTERM/SIGINT/SIGHUP). When an
+        # exception escapes the loop the daemon exits and leaves the mount dead, as
+        # pyfuse3's examples do: programs then get ENOTCONN instead of writing into the
+        # bare mount-point directory on the host, and the next `sluice mount` of the
+        # volume (which finds the mount point in mount.json) cleans it up.
+        clean_exit = False
 
         def _close() -> None:
-            pyfuse3.close(unmount=mounted)
+            pyfuse3.close(unmount=clean_exit)
         stack.callback(_close)
         write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())
-        stack.callback(clear_mount_state, volume)
+
+        def _clear_state() -> None:
+            if clean_exit:
+                clear_mount_state(volume)
+        stack.callback(_clear_state)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(functools.partial(fs.run_committer,
@@ -146,7 +155,13 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 ready(None)
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
                 nursery.cancel_scope.cancel()
+            clean_exit = True
+        except BaseException:
+            log.critical("the daemon failed: leaving %s dead (ENOTCONN) until the next "
+                         "'sluice mount %s' cleans it up", mountpoint, volume)
+            raise
         finally:
+            # Whatever ended the loop, what was written is made durable if it can be.
             with trio.CancelScope(shield=True):
                 await fs.sync()
         log.info("unmounted %s", mountpoint)
