@@ -13,7 +13,9 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,7 @@ from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
 from .metadata import Metadata
+from .errors import VolumeError
 from .operations import Operations
 from .service import DirectService
 from .volume import (DB, VolumeLock, clear_mount_state, read_header, read_mount_state,
@@ -168,16 +171,60 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
 
 
 def control_socket_path(uuid: str) -> Path:
-    """Where a volume's shim socket lives: short (sun_path is 108 bytes), per volume."""
-    for base in ("/run/sluice", os.path.join(os.environ.get("XDG_RUNTIME_DIR") or
-                                             f"/tmp/sluice-{os.getuid()}", "sluice")):
-        try:
-            os.makedirs(base, mode=0o755, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(base, os.W_OK):
-            return Path(base) / f"{uuid}.sock"
-    raise OSError("no writable directory for the control socket")
+    """Where a volume's shim socket lives: short (sun_path is 108 bytes), per volume.
+
+    Root's daemon uses /run/sluice (0755: every uid may reach the socket, which is 0666;
+    identity comes from SO_PEERCRED). Any other daemon uses a directory of its own,
+    $XDG_RUNTIME_DIR/sluice or else $TMPDIR/sluice-UID, made 0700 by itself and
+    verified before use (owner, mode, not a symlink): in /tmp another user could
+    otherwise create it first and own the daemon's socket path. That daemon's socket
+    serves its own uid only, as everything under $XDG_RUNTIME_DIR does.
+    """
+    euid = os.geteuid()
+    if euid == 0:
+        candidates = [("/run/sluice", 0o755)]
+    else:
+        candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        candidates.append((os.path.join(runtime, "sluice"), 0o700))
+    candidates.append((os.path.join(tempfile.gettempdir(), f"sluice-{euid}"), 0o700))
+    for path, mode in candidates:
+        if _own_directory(path, mode):
+            return Path(path) / f"{uuid}.sock"
+    raise VolumeError("no directory for the control socket: tried "
+                      + ", ".join(p for p, _ in candidates))
+
+
+def _own_directory(path: str, mode: int) -> bool:
+    """Make `path` a directory of this process's uid with no more than `mode`, or check
+    that it is one. False if it cannot be made here (try elsewhere); VolumeError if it
+    exists and is not safe to use."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    try:
+        # O_NOFOLLOW: a symbolic link planted there is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VolumeError(f"control socket directory {path} is not a directory of ours "
+                          f"({exc.strerror}): remove it") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise VolumeError(f"control socket directory {path} belongs to uid {st.st_uid},"
+                              f" not to this daemon's uid {os.geteuid()}: remove it")
+        if stat.S_IMODE(st.st_mode) & ~mode:
+            raise VolumeError(f"control socket directory {path} has mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}, more open than {mode:04o}: "
+                              f"chmod {mode:o} {path} or remove it")
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask took away
+    finally:
+        os.close(fd)
+    return True
 
 
 def _fuse_queue_probe() -> Callable[[], bool] | None:

@@ -20,7 +20,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import REPO, SLUICE, is_mounted, sluice
+from conftest import REPO, is_mounted, sluice
+from fs.errors import VolumeError
+from fs.mount import control_socket_path
 from test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.mounted
@@ -228,3 +230,71 @@ def test_mount_helper_fix_permissions_option(pubdir: Path) -> None:
         assert is_mounted(m.mp)
         assert stat.S_IMODE((vol / "volume.json").stat().st_mode) == 0o600
         sluice("umount", str(m.mp))
+
+
+# -- the control socket's directory of a daemon that is not root -----------------------------
+
+def _socket_dir_as_daemon(tmpdir: str, runtime: str | None) -> dict:
+    """In the child (uid 65534): where would a daemon of this uid put its socket?"""
+    os.environ.pop("XDG_RUNTIME_DIR", None)
+    if runtime:
+        os.environ["XDG_RUNTIME_DIR"] = runtime
+    os.environ["TMPDIR"] = tmpdir
+    tempfile.tempdir = None  # gettempdir() caches what it found in the parent
+    try:
+        path = control_socket_path("0123-uuid")
+    except VolumeError as exc:
+        return {"error": str(exc)}
+    st = os.lstat(path.parent)
+    return {"path": str(path), "uid": st.st_uid, "mode": stat.S_IMODE(st.st_mode)}
+
+
+def test_fallback_socket_directory_is_made_and_checked_by_the_daemon(pubdir: Path) -> None:
+    tmp = pubdir / "tmp"
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)  # like /tmp: everyone may create, nobody may remove another's
+    mine = tmp / f"sluice-{NOBODY}"
+
+    # Made by the daemon itself, 0700, whatever the umask.
+    old = os.umask(0)
+    try:
+        got = as_uid(NOBODY, lambda: _socket_dir_as_daemon(str(tmp), None))
+    finally:
+        os.umask(old)
+    assert got == {"path": str(mine / "0123-uuid.sock"), "uid": NOBODY, "mode": 0o700}
+    # Used again as it is.
+    assert as_uid(NOBODY, lambda: _socket_dir_as_daemon(str(tmp), None)) == got
+
+    # Made first by another user (here root), open to all: refused with a clear error.
+    shutil.rmtree(mine)
+    mine.mkdir()
+    os.chmod(mine, 0o777)
+    got = as_uid(NOBODY, lambda: _socket_dir_as_daemon(str(tmp), None))
+    assert got == {"error": f"control socket directory {mine} belongs to uid 0, not to "
+                            f"this daemon's uid {NOBODY}: remove it"}
+
+    # A symbolic link planted there (to a directory the daemon owns) is refused too.
+    mine.rmdir()
+    target = tmp / "elsewhere"
+    target.mkdir()
+    os.chown(target, NOBODY, NOBODY)
+    mine.symlink_to(target)
+    got = as_uid(NOBODY, lambda: _socket_dir_as_daemon(str(tmp), None))
+    assert "error" in got and "not a directory of ours" in got["error"], got
+
+    # Its own directory, but left open to others: refused, saying how to fix it.
+    mine.unlink()
+    mine.mkdir()
+    os.chown(mine, NOBODY, NOBODY)
+    os.chmod(mine, 0o755)
+    got = as_uid(NOBODY, lambda: _socket_dir_as_daemon(str(tmp), None))
+    assert got == {"error": f"control socket directory {mine} has mode 0755, more open "
+                            f"than 0700: chmod 700 {mine} or remove it"}
+
+    # $XDG_RUNTIME_DIR (the user's own) comes first.
+    runtime = pubdir / "run-user"
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, NOBODY, NOBODY)
+    got = as_uid(NOBODY, lambda: _socket_dir_as_daemon(str(tmp), str(runtime)))
+    assert got == {"path": str(runtime / "sluice" / "0123-uuid.sock"), "uid": NOBODY,
+                   "mode": 0o700}
