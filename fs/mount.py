@@ -29,7 +29,7 @@ from kernelshim.server import ShimServer
 from .filesystem import FileSystem
 from .metadata import Metadata
 from .errors import VolumeError
-from .operations import Operations
+from .operations import PRINCIPAL_REQUESTS, Operations
 from .service import DirectService
 from .volume import (DB, VolumeLock, clear_mount_state, read_header, read_mount_state,
                      write_mount_state)
@@ -43,7 +43,15 @@ class MountOptions:
     profile: str | None = None
     cache_mode: str = "direct"
     allow_other: bool = True
-    max_tasks: int = 64
+    #: pyfuse3 request workers (trio tasks; a busy one holds a request buffer). Far more
+    #: than one principal may use at once (`principal_requests`), because a request
+    #: waiting for its principal's admission still holds a worker (fs/operations.py,
+    #: Admission): what saturating principals hold is their executing requests plus
+    #: the ones they have waiting, and 512 leaves room for a good many of both.
+    max_tasks: int = 512
+    #: FUSE handlers one principal (and each of its ancestors below root) may have
+    #: executing at once
+    principal_requests: int = PRINCIPAL_REQUESTS
     commit_interval: float = 1.0
     debug_fuse: bool = False
 
@@ -126,7 +134,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)
         sock_path = control_socket_path(read_header(volume).uuid)
-        ops = Operations(fs, control_socket=str(sock_path))
+        ops = Operations(fs, control_socket=str(sock_path),
+                         principal_requests=opts.principal_requests)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
