@@ -42,32 +42,40 @@ def test_creates_a_missing_file(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o600
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-def test_fsyncs_file_before_rename_and_directory_after(tmp_path: Path) -> None:
-    target = tmp_path / "principals.json"
-    target.write_text("old\n")
+def _traced(tmp_path: Path, argv: list[str]) -> list[tuple[str, str]]:
+    """Run `argv` under strace; its fsyncs (with the path of the descriptor) and renames,
+    in order."""
     trace = tmp_path / "trace"
-    prog = ("import sys; from blockdev import write_durably; "
-            "write_durably(sys.argv[1], b'durable\\n')")
     subprocess.run(["strace", "-f", "-qq", "-o", str(trace), "-e",
-                    "trace=openat,fsync,fdatasync,rename,renameat,renameat2,close",
-                    sys.executable, "-c", prog, str(target)], check=True, cwd=REPO)
-    assert target.read_bytes() == b"durable\n"
-    fd_path: dict[str, str] = {}
+                    "trace=openat,fsync,fdatasync,rename,renameat,renameat2",
+                    *argv], check=True, cwd=REPO, capture_output=True)
+    fd_path: dict[tuple[str, str], str] = {}
     events: list[tuple[str, str]] = []
     for line in trace.read_text().splitlines():
-        line = line.split(None, 1)[1] if line[:1].isdigit() else line
+        pid, _, line = line.partition(" ")
+        line = line.strip()
         m = re.match(r'openat\(AT_FDCWD, "([^"]+)", [^)]*\) = (\d+)', line)
         if m:
-            fd_path[m.group(2)] = m.group(1)
+            fd_path[pid, m.group(2)] = m.group(1)
             continue
         m = re.match(r"f(?:data)?sync\((\d+)\)\s+= 0", line)
         if m:
-            events.append(("fsync", fd_path.get(m.group(1), "?")))
+            events.append(("fsync", fd_path.get((pid, m.group(1)), "?")))
             continue
         m = re.match(r'rename(?:at2?)?\(.*"([^"]+)",.*"([^"]+)"', line)
         if m:
             events.append(("rename", m.group(1) + " -> " + m.group(2)))
+    return events
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_fsyncs_file_before_rename_and_directory_after(tmp_path: Path) -> None:
+    target = tmp_path / "principals.json"
+    target.write_text("old\n")
+    prog = ("import sys; from blockdev import write_durably; "
+            "write_durably(sys.argv[1], b'durable\\n')")
+    events = _traced(tmp_path, [sys.executable, "-c", prog, str(target)])
+    assert target.read_bytes() == b"durable\n"
     relevant = [e for e in events if str(tmp_path) in e[1]]
     kinds = [k for k, _ in relevant]
     assert kinds == ["fsync", "rename", "fsync"], relevant
@@ -96,3 +104,23 @@ def test_failing_write_leaves_the_old_file_intact(tmp_path: Path) -> None:
     assert r.returncode == 10
     assert target.read_bytes() == b"the old, whole contents\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["volume.json"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_mkfs_makes_the_device_durable_before_the_header(tmp_path: Path) -> None:
+    """device.json, the checksums and meta.db are fsync'd, and so is the directory, before
+    volume.json (which declares the volume) is durably put in place."""
+    vol = tmp_path / "vol"
+    events = _traced(tmp_path, [sys.executable, "-m", "fs.cli", "mkfs", str(vol),
+                                "--size", "64M", "-q"])
+    synced = [p for k, p in events if k == "fsync"]
+    renames = [p for k, p in events if k == "rename"]
+    header = next(i for i, e in enumerate(events)
+                  if e[0] == "rename" and e[1].endswith(" -> " + str(vol / "volume.json")))
+    before = [p for k, p in events[:header] if k == "fsync"]
+    for name in ("device.json", "checksums", "meta.db"):
+        assert str(vol / name) in before, (name, events)
+    assert str(vol) in before, events  # the directory, with device.json's rename in it
+    assert events[header - 1][0] == "fsync" and events[header - 1][1].endswith(".tmp")
+    assert events[header + 1] == ("fsync", str(vol)), events
+    assert renames and synced
