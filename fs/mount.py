@@ -144,15 +144,18 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # pyfuse3's examples do: programs then get ENOTCONN instead of writing into the
         # bare mount-point directory on the host, and the next `sluice mount` of the
         # volume (which finds the mount point in mount.json) cleans it up.
+        # (A failure before the mount was announced live is a failed `sluice mount`:
+        # that one unmounts, since nobody was told to use the mount.)
         clean_exit = False
+        announced = False
 
         def _close() -> None:
-            pyfuse3.close(unmount=clean_exit)
+            pyfuse3.close(unmount=clean_exit or not announced)
         stack.callback(_close)
         write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())
 
         def _clear_state() -> None:
-            if clean_exit:
+            if clean_exit or not announced:
                 clear_mount_state(volume)
         stack.callback(_clear_state)
         try:
@@ -165,12 +168,14 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 log.info("mounted %s at %s (pid %d, control socket %s)", volume, mountpoint,
                          os.getpid(), sock_path)
                 ready(None)
+                announced = True
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
                 nursery.cancel_scope.cancel()
             clean_exit = True
         except BaseException:
-            log.critical("the daemon failed: leaving %s dead (ENOTCONN) until the next "
-                         "'sluice mount %s' cleans it up", mountpoint, volume)
+            if announced:
+                log.critical("the daemon failed: leaving %s dead (ENOTCONN) until the "
+                             "next 'sluice mount %s' cleans it up", mountpoint, volume)
             raise
         finally:
             # Whatever ended the loop, what was written is made durable if it can be.

@@ -161,3 +161,41 @@ def test_signal_unmounts_cleanly(tmp_path: Path, daemons: Daemon, signum: int) -
     assert not (volume / "mount.json").exists()
     r = sluice("fsck", str(volume), check=False)
     assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
+
+
+#: A test-only wrapper whose control socket server fails as it starts, before the mount
+#: is announced live.
+FAILING_START = """
+import sys
+import kernelshim.server
+
+async def failing_run(self, *, task_status=None):
+    raise RuntimeError("injected: the control socket server failed to start")
+
+kernelshim.server.ShimServer.run = failing_run
+from fs.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_failure_while_starting_leaves_nothing_mounted(tmp_path: Path,
+                                                       daemons: Daemon) -> None:
+    """A `sluice mount` that fails before the mount is live is an ordinary failed mount:
+    nothing was told to use it, so it is unmounted, not left dead."""
+    volume = make_volume(tmp_path / "vol", "256M")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    daemons.mountpoints.append(mp)
+    r = subprocess.run([sys.executable, "-c", FAILING_START, "mount", str(volume), str(mp),
+                        "--foreground"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 1
+    assert "the control socket server failed to start" in r.stderr
+    assert not is_mounted(mp) and os.listdir(mp) == []
+    assert not (volume / "mount.json").exists()
+    # and the volume mounts normally afterwards
+    proc = daemons.start([sys.executable, "-m", "fs.cli", "mount", str(volume), str(mp),
+                          "--foreground"], mp, tmp_path / "daemon.log")
+    (mp / "f").write_bytes(b"x")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
