@@ -95,6 +95,9 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
     """Make a new, empty volume in directory `path` (created if missing)."""
     if profile not in PROFILES and profile.count(",") != 3:
         raise VolumeError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+    # Missing parents get the caller's umask (they may hold mount points other users
+    # reach); only the volume itself is private.
+    path.parent.mkdir(parents=True, exist_ok=True)
     with private_umask():
         return _mkfs(path, size=size, block_size=block_size, profile=profile, inodes=inodes,
                      device=device, force=force)
@@ -102,7 +105,7 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
 
 def _mkfs(path: Path, *, size: int, block_size: int, profile: str, inodes: int | None,
           device: str | None, force: bool) -> VolumeInfo:
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    path.mkdir(mode=DIR_MODE, exist_ok=True)
     if is_volume(path) and not force:
         raise VolumeError(f"{path} already holds a sluice volume (use --force to overwrite)")
     # (a lone lock file is what an earlier mkfs that failed, e.g. on a bad size, leaves)
