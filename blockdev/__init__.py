@@ -12,6 +12,9 @@ from .checksums import ChecksumStore as ChecksumStore
 from .device import BlockDevice as BlockDevice
 from .device import DeviceGeometry as DeviceGeometry
 from .device import DeviceStatistics as DeviceStatistics
+from .durable import PRIVATE_FILE_MODE as PRIVATE_FILE_MODE
+from .durable import fsync_directory as fsync_directory
+from .durable import write_durably as write_durably
 from .errors import ChecksumError as ChecksumError
 from .errors import DeviceError as DeviceError
 from .errors import DeviceFull as DeviceFull

@@ -79,9 +79,17 @@ def _mount_options(args: argparse.Namespace):
                         cache_mode=args.cache_mode, debug_fuse=args.debug_fuse)
 
 
+def _check_private(volume: Path, args: argparse.Namespace) -> None:
+    """Refuse a volume other users can read or write, or fix it when asked to."""
+    fixed = vol.check_private(volume, fix=args.fix_permissions, option=args.fix_hint)
+    if fixed:
+        log.warning("made %d files of %s private (go-rwx)", len(fixed), volume)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     volume = Path(args.volume).resolve()
     vol.read_header(volume)
+    _check_private(volume, args)
     mp = os.path.abspath(args.mountpoint)
     opts = _mount_options(args)  # validate before forking
     state = vol.read_mount_state(volume)
@@ -99,6 +107,9 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
     import trio
 
     from .mount import serve
+    # Whatever the daemon creates in the volume (its log, SQLite's -wal and -shm, the
+    # state files) is private to its owner; nothing it serves depends on its umask.
+    os.umask(vol.PRIVATE_UMASK)
     if args.ready_fd is not None:
         _setup_logging(args.debug, volume / vol.LOG)
     else:
@@ -141,7 +152,8 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
         cmd += ["--profile", args.profile]
     if args.debug:
         cmd.append("--debug")
-    logf = open(volume / vol.LOG, "ab")
+    logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                             | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE), "ab")
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
                             stderr=logf, start_new_session=True, cwd="/")
     os.close(w)
@@ -198,6 +210,8 @@ def _alive(pid: int) -> bool:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck
+    vol.read_header(Path(args.volume))
+    _check_private(Path(args.volume), args)
     report = fsck(Path(args.volume), repair=args.repair, verify_data=args.verify_data,
                   progress=not args.quiet)
     for line in report.lines:
@@ -366,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default=None, help="override the volume's timing profile")
     s.add_argument("--cache-mode", default="direct", choices=["direct", "kernel"],
                    help="default cache mode for files (direct: every I/O reaches the pager)")
+    s.add_argument("--fix-permissions", action="store_true",
+                   help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
+    # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
+    s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
 
@@ -422,8 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repair", action="store_true", help="fix what can be fixed")
     s.add_argument("--verify-data", action="store_true",
                    help="also read every owned block and verify its checksum")
+    s.add_argument("--fix-permissions", action="store_true",
+                   help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("-q", "--quiet", action="store_true")
-    s.set_defaults(func=cmd_fsck)
+    s.set_defaults(func=cmd_fsck, fix_hint="--fix-permissions")
     return p
 
 
@@ -471,7 +491,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     if len(positional) != 2:
         print("usage: mount.fuse.sluice VOLUME MOUNTPOINT [-o options]", file=sys.stderr)
         return EXIT_ERROR
-    cli = ["mount", positional[0], positional[1]]
+    cli = ["mount", positional[0], positional[1], "--fix-hint=-o fix_permissions"]
     for opt in options:
         key, _, val = opt.partition("=")
         key = key.replace("_", "-")
@@ -479,6 +499,9 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
             cli += [f"--{key}", val]
         elif key == "foreground":
             cli.append("--foreground")
+        elif key == "fix-permissions":
+            # Explicit, like the command's flag: an fstab line asks for it by name.
+            cli.append("--fix-permissions")
         # rw, defaults, noauto, nofail, _netdev, user, ... are mount(8)'s business
     return main(cli)
 

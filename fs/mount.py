@@ -13,7 +13,9 @@ import logging
 import os
 import select
 import signal
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +28,8 @@ from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
 from .metadata import Metadata
-from .operations import Operations
+from .errors import VolumeError
+from .operations import PRINCIPAL_REQUESTS, Operations
 from .service import DirectService
 from .volume import (DB, VolumeLock, clear_mount_state, read_header, read_mount_state,
                      write_mount_state)
@@ -40,7 +43,15 @@ class MountOptions:
     profile: str | None = None
     cache_mode: str = "direct"
     allow_other: bool = True
-    max_tasks: int = 64
+    #: pyfuse3 request workers (trio tasks; a busy one holds a request buffer). Far more
+    #: than one principal may use at once (`principal_requests`), because a request
+    #: waiting for its principal's admission still holds a worker (fs/operations.py,
+    #: Admission): what saturating principals hold is their executing requests plus
+    #: the ones they have waiting, and 512 leaves room for a good many of both.
+    max_tasks: int = 512
+    #: FUSE handlers one principal (and each of its ancestors below root) may have
+    #: executing at once
+    principal_requests: int = PRINCIPAL_REQUESTS
     commit_interval: float = 1.0
     debug_fuse: bool = False
 
@@ -129,17 +140,30 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)
         sock_path = control_socket_path(read_header(volume).uuid)
-        ops = Operations(fs, control_socket=str(sock_path))
+        ops = Operations(fs, control_socket=str(sock_path),
+                         principal_requests=opts.principal_requests)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
-        mounted = True
+        # Unmount only after a clean end (umount, SIGTERM/SIGINT/SIGHUP). When an
+        # exception escapes the loop the daemon exits and leaves the mount dead, as
+        # pyfuse3's examples do: programs then get ENOTCONN instead of writing into the
+        # bare mount-point directory on the host, and the next `sluice mount` of the
+        # volume (which finds the mount point in mount.json) cleans it up.
+        # (A failure before the mount was announced live is a failed `sluice mount`:
+        # that one unmounts, since nobody was told to use the mount.)
+        clean_exit = False
+        announced = False
 
         def _close() -> None:
-            pyfuse3.close(unmount=mounted)
+            pyfuse3.close(unmount=clean_exit or not announced)
         stack.callback(_close)
         write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())
-        stack.callback(clear_mount_state, volume)
+
+        def _clear_state() -> None:
+            if clean_exit or not announced:
+                clear_mount_state(volume)
+        stack.callback(_clear_state)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(functools.partial(fs.run_committer,
@@ -150,25 +174,77 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 log.info("mounted %s at %s (pid %d, control socket %s)", volume, mountpoint,
                          os.getpid(), sock_path)
                 ready(None)
+                announced = True
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
                 nursery.cancel_scope.cancel()
+            clean_exit = True
+        except BaseException:
+            if announced:
+                log.critical("the daemon failed: leaving %s dead (ENOTCONN) until the "
+                             "next 'sluice mount %s' cleans it up", mountpoint, volume)
+            raise
         finally:
+            # Whatever ended the loop, what was written is made durable if it can be.
             with trio.CancelScope(shield=True):
                 await fs.sync()
         log.info("unmounted %s", mountpoint)
 
 
 def control_socket_path(uuid: str) -> Path:
-    """Where a volume's shim socket lives: short (sun_path is 108 bytes), per volume."""
-    for base in ("/run/sluice", os.path.join(os.environ.get("XDG_RUNTIME_DIR") or
-                                             f"/tmp/sluice-{os.getuid()}", "sluice")):
-        try:
-            os.makedirs(base, mode=0o755, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(base, os.W_OK):
-            return Path(base) / f"{uuid}.sock"
-    raise OSError("no writable directory for the control socket")
+    """Where a volume's shim socket lives: short (sun_path is 108 bytes), per volume.
+
+    Root's daemon uses /run/sluice (0755: every uid may reach the socket, which is 0666;
+    identity comes from SO_PEERCRED). Any other daemon uses a directory of its own,
+    $XDG_RUNTIME_DIR/sluice or else $TMPDIR/sluice-UID, made 0700 by itself and
+    verified before use (owner, mode, not a symlink): in /tmp another user could
+    otherwise create it first and own the daemon's socket path. That daemon's socket
+    serves its own uid only, as everything under $XDG_RUNTIME_DIR does.
+    """
+    euid = os.geteuid()
+    if euid == 0:
+        candidates = [("/run/sluice", 0o755)]
+    else:
+        candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        candidates.append((os.path.join(runtime, "sluice"), 0o700))
+    candidates.append((os.path.join(tempfile.gettempdir(), f"sluice-{euid}"), 0o700))
+    for path, mode in candidates:
+        if _own_directory(path, mode):
+            return Path(path) / f"{uuid}.sock"
+    raise VolumeError("no directory for the control socket: tried "
+                      + ", ".join(p for p, _ in candidates))
+
+
+def _own_directory(path: str, mode: int) -> bool:
+    """Make `path` a directory of this process's uid with no more than `mode`, or check
+    that it is one. False if it cannot be made here (try elsewhere); VolumeError if it
+    exists and is not safe to use."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    try:
+        # O_NOFOLLOW: a symbolic link planted there is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VolumeError(f"control socket directory {path} is not a directory of ours "
+                          f"({exc.strerror}): remove it") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise VolumeError(f"control socket directory {path} belongs to uid {st.st_uid},"
+                              f" not to this daemon's uid {os.geteuid()}: remove it")
+        if stat.S_IMODE(st.st_mode) & ~mode:
+            raise VolumeError(f"control socket directory {path} has mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}, more open than {mode:04o}: "
+                              f"chmod {mode:o} {path} or remove it")
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask took away
+    finally:
+        os.close(fd)
+    return True
 
 
 def _fuse_queue_probe() -> Callable[[], bool] | None:

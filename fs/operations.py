@@ -8,12 +8,15 @@ Two rules hold for every handler:
 - Answer what the kernel can cache, so it asks less: long entry and attribute timeouts
   (every change goes through this daemon, which invalidates what it changes behind
   the kernel's back), negative lookups cached, attributes returned with readdirplus.
+- A handler runs only once its principal is admitted (`Admission`): one tenant's slow
+  or blocked requests cannot occupy every request worker of the daemon.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -21,13 +24,13 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
-
-from kernelshim import SluiceError
+from kernelshim import PrincipalId, SluiceError
+from kernelshim.principals import Principal
 
 from .errors import NotFound
+from .filesystem import Caller, FileSystem, Inode
 
 CONTROL_XATTR = b"user.sluice.control"
-from .filesystem import Caller, FileSystem, Inode
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +41,93 @@ _INVALIDATE_LIMITER = trio.CapacityLimiter(1)
 #: directory entries fetched per readdir query
 READDIR_BATCH = 256
 
+#: FUSE handlers one principal may have executing at once (the rest of its requests
+#: wait for admission); see `Admission` and MountOptions.max_tasks in fs/mount.py
+PRINCIPAL_REQUESTS = 16
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+#: handlers whose first argument is a file handle (pyfuse3 passes them no context: the
+#: principal is the one the file was opened for, charged for its I/O too)
+_FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync"})
+#: handlers whose first argument is a directory handle (from `opendir`)
+_DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
+
+
+class Admission:
+    """Per-principal admission of FUSE requests.
+
+    pyfuse3 serves requests in a pool of worker tasks (`pyfuse3.main(max_tasks=...)`);
+    a request that waits — for a slow device, for an inode lock another request holds —
+    keeps its worker. Without admission one tenant with enough threads blocked in such
+    requests holds every worker, and nobody else's `stat` is even read from the kernel.
+
+    So each principal has a `trio.CapacityLimiter` of `per_principal` tokens, and a
+    request runs its handler only while holding a token of its principal and of each of
+    its ancestors below root (banks are hierarchical: a tenant cannot multiply its share
+    by making child principals). Tokens are taken bottom-up — one consistent order, so
+    no cycle of waits — and a request waiting at its own level holds no ancestor token.
+    Root's own requests (uid 0) count against root's limiter alone.
+
+    Residual limit: pyfuse3 reads a request inside a worker before any handler runs, so
+    a request waiting here still holds its worker. The pool is much larger than the
+    per-principal cap (fs/mount.py: 512 workers, 16 per principal), so several
+    saturating principals leave workers for everyone else, and waiting workers cost only
+    a trio task and a lazily-touched buffer. A single principal with more requests
+    blocked at once than the pool has workers (hundreds of threads in slow syscalls)
+    can still exhaust it: only a binding that could defer a reply, or read requests
+    before choosing a worker, would remove that.
+    """
+
+    def __init__(self, per_principal: int = PRINCIPAL_REQUESTS) -> None:
+        if per_principal < 1:
+            raise ValueError("per_principal must be at least 1")
+        self.per_principal = per_principal
+        self._limiters: dict[PrincipalId, trio.CapacityLimiter] = {}
+
+    def limiter(self, principal: Principal) -> trio.CapacityLimiter:
+        lim = self._limiters.get(principal.id)
+        if lim is None:
+            lim = self._limiters[principal.id] = trio.CapacityLimiter(self.per_principal)
+        return lim
+
+    def limiters(self, principal: Principal) -> list[trio.CapacityLimiter]:
+        """The limiters a request of `principal` must pass, bottom-up."""
+        chain = [p for p in principal.chain() if p.parent is not None]
+        return [self.limiter(p) for p in chain or (principal,)]
+
+    async def run(self, principal: Principal, fn: Callable[..., Awaitable[Any]],
+                  *args: Any) -> Any:
+        """`await fn(*args)` once admitted for `principal`; the tokens are released when
+        it returns or raises (cancellation included)."""
+        token = object()  # one borrower per request: a principal has many in flight
+        held: list[trio.CapacityLimiter] = []
+        try:
+            for lim in self.limiters(principal):
+                try:
+                    lim.acquire_on_behalf_of_nowait(token)  # the common case: no wait
+                except trio.WouldBlock:
+                    await lim.acquire_on_behalf_of(token)
+                held.append(lim)
+            return await fn(*args)
+        finally:
+            for lim in reversed(held):
+                lim.release_on_behalf_of(token)
 
 
 def _guard(fn: F) -> F:
-    """Let only FUSEError out of a handler: domain errors become their errno; anything
-    else is a bug, logged with the operation and its arguments and answered with EIO."""
+    """Admit the request for its principal (`Admission`), then run the handler. Let
+    only FUSEError out of it: domain errors become their errno; anything else is a bug,
+    logged with the operation and its arguments and answered with EIO."""
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         try:
-            return await fn(self, *args)
+            who = self._principal_of(name, args)
+            if who is None:
+                return await fn(self, *args)
+            return await self.admission.run(who, fn, self, *args)
         except pyfuse3.FUSEError:
             raise
         except SluiceError as exc:
@@ -78,9 +156,14 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, control_socket: str | None = None) -> None:
+    def __init__(self, fs: FileSystem, *, control_socket: str | None = None,
+                 principal_requests: int = PRINCIPAL_REQUESTS) -> None:
         super().__init__()
         self.fs = fs
+        self.admission = Admission(principal_requests)
+        #: open directory handle -> (inode, principal it was opened for)
+        self._dirs: dict[int, tuple[int, PrincipalId]] = {}
+        self._dir_fhs = itertools.count(1)
         #: answered for the root's `user.sluice.control` xattr: how direct clients find
         #: the shim's socket from the mount point
         self.control_socket = control_socket.encode() if control_socket else None
@@ -93,6 +176,30 @@ class Operations(pyfuse3.Operations):
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return Caller(ctx.uid, ctx.gid, ctx.pid, ctx.umask,
                       self.fs.principals.resolve(ctx.pid, ctx.uid).id)
+
+    def _principal_of(self, handler: str, args: tuple) -> Principal | None:
+        """Who a request is admitted for: the calling process's principal, or for
+        requests on an open file or directory the principal it was opened for. None when
+        the handle is unknown (the handler answers that)."""
+        if handler in _FILE_HANDLERS:
+            try:
+                h = self.fs.handle(args[0])
+            except SluiceError:
+                return None
+            return self.fs.principal(h.grant.principal)
+        if handler in _DIR_HANDLERS:
+            d = self._dirs.get(args[0])
+            return None if d is None else self.fs.principal(d[1])
+        for a in reversed(args):
+            if isinstance(a, pyfuse3.RequestContext):
+                return self.fs.principals.resolve(a.pid, a.uid)
+        return None
+
+    def _dir_inode(self, fh: int) -> int:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return d[0]
 
     def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -277,13 +384,18 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self.fs.opendir(inode)
-        return inode
+        # A handle of its own (not the inode): readdir and fsyncdir are admitted for the
+        # principal that opened the directory.
+        fh = next(self._dir_fhs)
+        self._dirs[fh] = (inode, self.fs.principals.resolve(ctx.pid, ctx.uid).id)
+        return fh
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = self._dir_inode(fh)
         after = start_id
         while True:
-            entries = self.fs.readdir(fh, after, READDIR_BATCH)
+            entries = self.fs.readdir(ino, after, READDIR_BATCH)
             if not entries:
                 return
             for cookie, name, node in entries:
@@ -295,10 +407,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dirs.pop(fh, None)
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self._dir_inode(fh)
         await self.fs.sync()
 
     # -- volume and xattrs ------------------------------------------------------------------------

@@ -7,20 +7,30 @@ Layout (see DESIGN.md "Volume"):
     lock          held (flock) by the daemon that has the volume mounted
     mount.json    pid and mount point of that daemon, while it runs
     sluice.log    the daemon's log when it runs in the background
+
+Every file of a volume is 0600 and the directory 0700, whatever the umask: the device
+holds every tenant's data and meta.db every name, so no other user of the host may read
+them (or flock `lock` and keep the owner out). `sluice mount` and `sluice fsck` refuse
+a volume that others can read or write (`check_private`), unless asked to fix it.
+The small JSON files are replaced durably (`write_durably`: temp file, fsync, rename,
+fsync of the directory), so a crash leaves the old or the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
 import re
+import stat
 import time
 import uuid as uuidlib
 from pathlib import Path
+from typing import Iterator
 
-from kernelshim import PROFILES, BlockDevice, FormatError
+from kernelshim import PROFILES, BlockDevice, FormatError, fsync_directory, write_durably
 
 from .errors import VolumeError
 from .metadata import Metadata
@@ -31,6 +41,13 @@ DB = "meta.db"
 LOCK = "lock"
 MOUNT_STATE = "mount.json"
 LOG = "sluice.log"
+
+#: the volume directory's mode and its files': owner only
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+#: the umask under which volume files are created (chmod follows anyway: a file made
+#: by a library, e.g. SQLite's -wal and -shm, takes the mode it chooses)
+PRIVATE_UMASK = 0o077
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -78,12 +95,23 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
     """Make a new, empty volume in directory `path` (created if missing)."""
     if profile not in PROFILES and profile.count(",") != 3:
         raise VolumeError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
-    path.mkdir(parents=True, exist_ok=True)
+    # Missing parents get the caller's umask (they may hold mount points other users
+    # reach); only the volume itself is private.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with private_umask():
+        return _mkfs(path, size=size, block_size=block_size, profile=profile, inodes=inodes,
+                     device=device, force=force)
+
+
+def _mkfs(path: Path, *, size: int, block_size: int, profile: str, inodes: int | None,
+          device: str | None, force: bool) -> VolumeInfo:
+    path.mkdir(mode=DIR_MODE, exist_ok=True)
     if is_volume(path) and not force:
         raise VolumeError(f"{path} already holds a sluice volume (use --force to overwrite)")
     # (a lone lock file is what an earlier mkfs that failed, e.g. on a bad size, leaves)
     if not force and not is_volume(path) and any(p.name != LOCK for p in path.iterdir()):
         raise VolumeError(f"{path} is not empty and not a sluice volume")
+    os.chmod(path, DIR_MODE)  # an existing directory keeps its mode otherwise
     with VolumeLock(path, purpose="mkfs"):
         for name in (DB, DB + "-wal", DB + "-shm", MOUNT_STATE, "device.img", "checksums"):
             try:
@@ -99,11 +127,81 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
         now = time.time_ns()
         Metadata.create(path / DB, uuid=vid, root_uid=os.getuid(), root_gid=os.getgid(),
                         now_ns=now, max_inodes=inodes or max(1024, geo.nblocks))
-        tmp = path / (HEADER + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT_VERSION, "uuid": vid, "created_ns": now},
-                                  indent=2) + "\n")
-        os.replace(tmp, path / HEADER)
+        make_private(path)
+        # The device's files were written through the page cache (device.json, the
+        # checksum array): make them durable before the header declares a volume.
+        for name in ("device.json", "checksums", DB):  # (blockdev's names, see device.py)
+            _fsync_file(path / name)
+        fsync_directory(path)
+        write_durably(path / HEADER, (json.dumps(
+            {"format": FORMAT_VERSION, "uuid": vid, "created_ns": now}, indent=2) + "\n"
+        ).encode(), mode=FILE_MODE)
     return VolumeInfo(path, vid, now)
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Create files with no group or other bits for the duration (process-wide)."""
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def exposed_files(path: Path) -> list[tuple[Path, int]]:
+    """The volume directory and files in it that group or others may read, write or
+    enter, with their modes. (Symbolic links have no mode of their own; a real block
+    device named by `--device` lives outside the volume and keeps the host's policy.)"""
+    out: list[tuple[Path, int]] = []
+    st = os.lstat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        out.append((path, stat.S_IMODE(st.st_mode)))
+    with os.scandir(path) as it:
+        for entry in it:
+            est = entry.stat(follow_symlinks=False)
+            if not stat.S_ISLNK(est.st_mode) and stat.S_IMODE(est.st_mode) & 0o077:
+                out.append((Path(entry.path), stat.S_IMODE(est.st_mode)))
+    return out
+
+
+def make_private(path: Path) -> list[Path]:
+    """chmod go-rwx on the volume directory and every file in it; returns what changed."""
+    changed = []
+    for p, mode in exposed_files(path):
+        os.chmod(p, mode & 0o700, follow_symlinks=False)
+        changed.append(p)
+    return changed
+
+
+def check_private(path: Path, *, fix: bool = False, option: str = "--fix-permissions"
+                  ) -> list[Path]:
+    """Refuse (VolumeError, one line) a volume that others may read or write; with `fix`,
+    make it private instead and return what was changed."""
+    try:
+        exposed = exposed_files(path)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot check permissions: {exc.strerror}") from None
+    if not exposed:
+        return []
+    if fix:
+        return make_private(path)
+    first, mode = exposed[0]
+    more = f" and {len(exposed) - 1} more" if len(exposed) > 1 else ""
+    raise VolumeError(
+        f"{path} is open to other users ({first.name} is {mode:04o}{more}): every tenant's "
+        f"data would be readable; run 'chmod -R go-rwx {path}' or use {option}")
 
 
 class VolumeLock:
@@ -116,7 +214,8 @@ class VolumeLock:
         self._fd: int | None = None
 
     def __enter__(self) -> VolumeLock:
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.path / LOCK,
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,9 +240,10 @@ def read_mount_state(path: Path) -> dict | None:
 
 
 def write_mount_state(path: Path, *, mountpoint: str, pid: int) -> None:
-    tmp = path / (MOUNT_STATE + ".tmp")
-    tmp.write_text(json.dumps({"mountpoint": mountpoint, "pid": pid}) + "\n")
-    os.replace(tmp, path / MOUNT_STATE)
+    # Durable: after a power loss, the next mount must find the dead mount to clean.
+    write_durably(path / MOUNT_STATE,
+                  (json.dumps({"mountpoint": mountpoint, "pid": pid}) + "\n").encode(),
+                  mode=FILE_MODE)
 
 
 def clear_mount_state(path: Path) -> None:

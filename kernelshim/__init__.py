@@ -14,6 +14,8 @@ from blockdev import DeviceError as DeviceError
 from blockdev import FormatError as FormatError
 from blockdev import PrincipalId as PrincipalId
 from blockdev import SluiceError as SluiceError
+from blockdev import fsync_directory as fsync_directory
+from blockdev import write_durably as write_durably
 
 from .errors import BadRequest as BadRequest
 from .errors import GrantRevoked as GrantRevoked

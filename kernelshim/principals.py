@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from blockdev import PrincipalId, ROOT_PRINCIPAL, SluiceError
+from blockdev import PrincipalId, ROOT_PRINCIPAL, SluiceError, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,9 @@ class PrincipalTable:
             recs.append({"id": p.id, "name": p.name, "parent": p.parent.name,
                          "owner_uid": p.owner_uid, "banks": p.banks.to_json()})
         data = {"root": {"banks": self.root.banks.to_json()}, "principals": recs}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        # Durable (a principal change must survive a power loss) and 0600: it names
+        # every tenant and its owner uid.
+        write_durably(self.path, (json.dumps(data, indent=1) + "\n").encode())
 
     # -- the tree ------------------------------------------------------------------------
 
