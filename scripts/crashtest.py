@@ -1353,6 +1353,7 @@ class Round:
                         pass
                 os.kill(self._daemon.pid, signal.SIGKILL)
                 killed_at = len(self.records)
+        self._worker.stdout.close()
         self._worker.wait(timeout=60)
         if killed_at is None:  # the workload finished (or stopped) before the crash point
             os.kill(self._daemon.pid, signal.SIGKILL)
@@ -1400,9 +1401,12 @@ class Round:
 
     def _cleanup(self) -> None:
         """Whatever happened: no process of this round left, nothing mounted."""
-        if self._worker is not None and self._worker.poll() is None:
-            self._worker.kill()
-            self._worker.wait()
+        if self._worker is not None:
+            if self._worker.poll() is None:
+                self._worker.kill()
+                self._worker.wait()
+            if self._worker.stdout is not None:
+                self._worker.stdout.close()
         if self._daemon is not None and self._daemon.poll() is None:
             self._daemon.kill()
             self._daemon.wait()
