@@ -573,10 +573,15 @@ class Workload:
                     time.sleep(0.002)
             if not killed and self._caps() is None:
                 raise OSError(errno.ENOTCONN, "the daemon is gone")
-            return {"killed": killed, "released": released}
-        self.op("dkill", fn, path=path, ino=ino,
-                writes=[[o, min(n, 64 << 10) if i == len(writes) - 1 else n]
-                        for i, (o, n) in enumerate(writes)])
+            # The client library commits by itself when a write touches a partial block
+            # an uncommitted one touched: the killed client may have grown the file.
+            with self._client().open(path, "r") as f:
+                now = int(f.stat()["size"])
+            return {"killed": killed, "released": released, "size": now}
+        res = self.op("dkill", fn, path=path, ino=ino,
+                      writes=[[o, min(n, 64 << 10) if i == len(writes) - 1 else n]
+                              for i, (o, n) in enumerate(writes)])
+        self.sizes[ino] = int(res["size"])
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -633,6 +638,8 @@ class Step:
     shrink_to: int | None = None
     #: in flight at the crash: the sizes it may have left (lo..hi)
     sizes: tuple[int, int] | None = None
+    #: a killed client's write: data that may be there, but no size the file had
+    sizeless: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -655,6 +662,8 @@ class FileModel:
         self.durable = Durable(created, self.content.copy(), [], {})
         self.steps: list[Step] = []
         self.inflight: Step | None = None
+        #: every write of a killed direct client, uncut (to name what is found)
+        self.killed_writes: list[tuple[int, int, int]] = []
 
     @property
     def size(self) -> int:
@@ -671,11 +680,28 @@ class FileModel:
                 a.clear(off, end)
         self.steps.append(Step(op, "write", self.size, write=(off, n)))
 
-    def maybe_writes(self, op: int, writes: list[tuple[int, int]], sticky: bool) -> None:
+    def maybe_writes(self, op: int, writes: list[tuple[int, int]], sticky: bool,
+                     size: int | None) -> None:
+        """A killed direct client's writes: each may have landed, whole or in part.
+        `size`: the size found after it (the client library commits on its own when a
+        write touches a partial block an uncommitted write touched); None: unknown (it
+        was in flight). Its bytes at or past that size were never committed: they are
+        its own lost writes past EOF and must never show, however the file grows."""
+        if size is not None and size > self.size:  # committed: its data (an alt) or zeros
+            self.content = np.concatenate([self.content,
+                                           np.zeros(size - self.size, dtype=np.uint8)])
+            self.steps.append(Step(op, "dkill", size))
+        self.killed_writes += [(op, off, n) for off, n in writes]
+        limit = size if size is not None else max([self.size, *(o + n for o, n in writes)])
         for off, n in writes:
+            n = min(n, limit - off)
+            if n <= 0:
+                continue
             val = _pattern_array(op, off, n)
             self.alts.append(Alt(op, off, val, np.ones(n, dtype=bool), sticky))
-            self.steps.append(Step(op, "dkill", self.size, write=(off, n)))
+            self.steps.append(Step(op, "dkill", self.size, write=(off, n), sizeless=True))
+        if size is None:
+            self.inflight = Step(op, "dkill", self.size, sizes=(self.size, limit))
 
     def truncate(self, op: int, size: int) -> None:
         old = self.size
@@ -723,8 +749,9 @@ class FileModel:
         S = len(data)
         bs = BLOCK
         t = np.full(S, -1, dtype=np.int32)
+        steps = self.steps + ([self.inflight] if self.inflight else [])
         for j in range(c + 1):
-            if sizes[j] < S:
+            if sizes[j] < S and not (j and j <= len(steps) and steps[j - 1].sizeless):
                 t[sizes[j]:] = j
         D = self.durable.content
         n0 = min(S, len(D))
@@ -740,8 +767,10 @@ class FileModel:
                 sources.append(m)
                 bounds.update(range(lo, a.off + len(a.val), bs))
                 bounds.add(a.off + len(a.val))
+                # where later writes cleared it: D's pieces from those writes end there
+                bounds.update((np.flatnonzero(np.diff(a.mask.view(np.int8))) + 1 + a.off)
+                              .tolist())
         wild = np.zeros(S, dtype=bool)
-        steps = self.steps + ([self.inflight] if self.inflight else [])
         for j, st in enumerate(steps, start=1):
             if st.write is None:
                 continue
@@ -833,7 +862,14 @@ class FileModel:
         """Defect 5: bytes past a later non-block-multiple shrink, within its block, read
         as zeros although that truncate's size change did not survive."""
         idx = np.flatnonzero(bad)
-        if not len(idx) or data[idx].any():
+        if not len(idx):
+            return ""
+        if data[idx].any():
+            for op, off, n in self.killed_writes:
+                lo, hi = int(idx[0]), int(idx[-1]) + 1
+                if off <= lo and hi <= off + n and \
+                        bytes(data[lo:hi]) == pattern(op, lo, hi - lo):
+                    return "finding D1: a killed direct client's uncommitted write past EOF"
             return ""
         steps = self.steps + ([self.inflight] if self.inflight else [])
         for st in steps:
@@ -993,7 +1029,8 @@ class Oracle:
                     f.setx(oid, op["name"], value)
             elif kind == "dkill":
                 writes = [(int(a), int(b)) for a, b in op["writes"]]
-                f.maybe_writes(oid, writes, sticky=maybe or not res.get("released", False))
+                f.maybe_writes(oid, writes, sticky=maybe or not res.get("released", False),
+                               size=None if maybe else int(res.get("size", f.size)))
 
     # -- judging a tree -------------------------------------------------------------------
 
@@ -1488,6 +1525,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("crashtest: run as root (it mounts FUSE volumes)", file=sys.stderr)
         return 1
+    # SIGTERM unwinds like Ctrl-C, so each round's cleanup (kill its daemons, unmount)
+    # runs on the way out.
+    signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(128 + signal.SIGTERM))
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sluice-crash-"))
     print(f"crash model: {MODEL}")
