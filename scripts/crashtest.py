@@ -1148,10 +1148,13 @@ class Oracle:
             if stats is not None:
                 stats.probes += 1
             if got.strip(b"\0") or len(got) != gap:
-                nz = next(i for i, b in enumerate(got) if b) if got.strip(b"\0") else len(got)
+                arr = np.frombuffer(got, dtype=np.uint8)
+                nzi = np.flatnonzero(arr)
+                lo, hi = (int(nzi[0]), int(nzi[-1]) + 1) if len(nzi) else (len(got), len(got))
                 out.append(Violation("past-eof", paths[0],
-                                     f"after {how}: [{size + nz},{size + len(got)}) of the new "
-                                     f"range holds {describe_bytes(got[nz:], size + nz)} "
+                                     f"after {how}: {len(nzi)} non-zero bytes in [{size + lo},"
+                                     f"{size + hi}) of the new range [{size},{size + gap}): "
+                                     f"{describe_bytes(got[lo:hi], size + lo)} "
                                      f"(read {len(got)} of {gap} bytes)", "defect 6"))
         return out
 
