@@ -956,6 +956,8 @@ class Oracle:
                 self.acked[rec["id"]] = rec
             elif k == "E":
                 self.failed[rec["id"]] = rec
+        #: inode -> paths, of the regular files the last `check` found
+        self.found_files: dict[int, list[str]] = {}
         self.dirs[self.root_ino] = DirModel(self.root_ino, 0)
         self._dir_paths: dict[str, int] = {"": self.root_ino}
         self.inflight: dict[str, Any] | None = None
@@ -1122,7 +1124,7 @@ class Oracle:
         check that the range between its old end and the new data reads as zeros.
         Changes the files: run it after `check`."""
         out: list[Violation] = []
-        for ino, paths in sorted(getattr(self, "found_files", {}).items()):
+        for ino, paths in sorted(self.found_files.items()):
             p = root / paths[0]
             try:
                 size = os.stat(p).st_size
