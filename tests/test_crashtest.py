@@ -36,6 +36,8 @@ ct: Any = importlib.util.module_from_spec(_spec)
 sys.modules["crashtest"] = ct
 _spec.loader.exec_module(ct)
 
+#: violations the oracle attributes to these defects make a round an expected failure;
+#: remove each as its fix lands (the lead is fixing 5 and 6 in parallel)
 KNOWN = {"defect 5", "defect 6"}
 
 
@@ -279,7 +281,9 @@ def _run_rounds(tmp_path: Path, seeds: list[int]) -> None:
 
 @pytest.mark.mounted
 def test_crash_rounds(tmp_path: Path) -> None:
-    _run_rounds(tmp_path, [1, 2, 3])
+    # Seeds 9 and 30 met defects 5 and 6 in the recorded campaign (docs/RELIABILITY.md):
+    # once those are fixed, drop them from KNOWN and these rounds must come back clean.
+    _run_rounds(tmp_path, [9, 30, 3])
 
 
 @pytest.mark.mounted
