@@ -1510,14 +1510,16 @@ def summary_table(results: list[RoundResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # the workload process the driver starts (internal)
+        w = argparse.ArgumentParser(prog="crashtest.py worker")
+        w.add_argument("mountpoint")
+        w.add_argument("--seed", type=int, required=True)
+        w.add_argument("--ops", type=int, required=True)
+        return worker_main(w.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd")
-    w = sub.add_parser("worker", help=argparse.SUPPRESS)
-    w.add_argument("mountpoint")
-    w.add_argument("--seed", type=int, required=True)
-    w.add_argument("--ops", type=int, required=True)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=10, help="rounds to run (default 10)")
     ap.add_argument("--seed", type=int, default=None, help="campaign seed (round i: S+i)")
     ap.add_argument("--ops", type=int, default=None, help="operations per round (default: seeded, 100-260)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -1525,8 +1527,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="where rounds run (default: a new directory in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep every round's directory")
     args = ap.parse_args(argv)
-    if args.cmd == "worker":
-        return worker_main(args)
     if os.geteuid() != 0:
         print("crashtest: run as root (it mounts FUSE volumes)", file=sys.stderr)
         return 1
