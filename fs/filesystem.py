@@ -839,6 +839,7 @@ class FileSystem:
                     self._save_extents(node)
                     fields.append("blocks")
             else:
+                await self._zero_past_eof(node, old, size, principal)  # R6
                 freed, old_grants = [], []
             node.size = size
             node.mtime_ns = node.ctime_ns = now
@@ -975,6 +976,8 @@ class FileSystem:
             end = offset + n
             if end > MAX_FILE_SIZE:
                 raise FileTooLarge("write past the maximum file size")
+            if offset > node.size:  # the gap left behind reads as zeros (R6)
+                await self._zero_past_eof(node, node.size, offset, h.grant.principal)
             bs = self.block_size
             b0 = offset // bs
             b1 = -(-end // bs)
@@ -1057,6 +1060,27 @@ class FileSystem:
                 self.alloc.free_later([(d, c) for d, c, _o in old])
             self._unsealed.add(emap)
             self._save_extents(node)
+
+    async def _zero_past_eof(self, node: Inode, lo: int, hi: int,
+                             principal: PrincipalId) -> None:
+        """The file grows from `lo` (its size) past `hi`: zero [lo, hi) inside the block
+        that holds its last byte, if that block holds data. Bytes there past the end
+        may be a direct client's writes it never committed (docs/dev/invariants.md,
+        R6); blocks after it are holes, unwritten, or written by the growth itself."""
+        bs = self.block_size
+        hi = min(hi, -(-lo // bs) * bs)
+        if hi <= lo:
+            return
+        emap = self._extents(node)
+        seg = emap.segments(lo // bs, 1)[0]
+        if seg.state == UNWRITTEN:  # holes and unwritten blocks read as zeros
+            return
+        g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
+                              rights=Rights.WRITE, principal=principal, charge=False)
+        try:
+            await self._write_data(node, g, lo, bytes(hi - lo))
+        finally:
+            self.kernel.release(g)
 
     async def _cow_blocks(self, emap: ExtentMap, b0: int, count: int) -> ExtentMap | None:
         """Fresh device blocks for the sealed blocks of [b0, b0+count), as a map of the
@@ -1214,11 +1238,18 @@ class FileSystem:
             ranges = grant.take_written(offset, offset + length)
             if ranges:
                 emap = self._extents(node)
+                end = max(stop for _start, stop in ranges)
+                if end > node.size:
+                    # Growing: what this commit did not write between the old end and
+                    # the new one must read as zeros (R6).
+                    lo = node.size
+                    for start, stop in ranges:
+                        await self._zero_past_eof(node, lo, min(start, end), grant.principal)
+                        lo = max(lo, stop)
                 for start, stop in ranges:
                     b0, b1 = start // bs, -(-stop // bs)
                     emap.mark_written(b0, b1 - b0)
                 self._unsealed.add(emap)
-                end = max(stop for _start, stop in ranges)
                 self._save_extents(node)
                 now = _now()
                 if end > node.size:

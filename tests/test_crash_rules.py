@@ -418,3 +418,41 @@ def test_uncommitted_write_layout_is_trimmed_at_the_next_mount(volume: Path,
     m.stop()
     r = sluice("fsck", str(volume), check=False)
     assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.mounted
+@pytest.mark.parametrize("sealed", [False, True])
+@pytest.mark.parametrize("grow", ["write", "truncate", "direct-commit"])
+def test_uncommitted_direct_bytes_past_eof_never_show(mnt: Path, sealed: bool,
+                                                      grow: str) -> None:
+    """Finding D1 of the crash campaign: a direct client that wrote past EOF inside the
+    file's last block and never committed (it died, or just closed) must not have those
+    bytes show when the file grows later — through a write further on, a truncate up, or
+    another direct client's commit (R6)."""
+    from kernelshim.client import Client
+    p = mnt / "f"
+    head = fill(12, 2884)
+    p.write_bytes(head)
+    if sealed:
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())  # a commit: the last block is sealed
+    with Client.connect(mnt) as c:
+        f = c.open("f", "r+")
+        c.call("layout_get", slot=f.slot, offset=3528, length=1000)
+        c.shmview[:1000] = b"J" * 1000
+        c.call("write", slot=f.slot, offset=3528, length=1000, buf=0)
+        # never committed: the connection goes away
+    assert p.read_bytes() == head
+    if grow == "write":
+        with open(p, "r+b") as f:
+            f.seek(8000)
+            f.write(b"Z")
+        want = head + bytes(8000 - len(head)) + b"Z"
+    elif grow == "truncate":
+        os.truncate(p, 8001)
+        want = head + bytes(8001 - len(head))
+    else:
+        with Client.connect(mnt) as c2, c2.open("f", "r+") as g:
+            g.pwrite(b"Z", 8000)
+        want = head + bytes(8000 - len(head)) + b"Z"
+    assert p.read_bytes() == want

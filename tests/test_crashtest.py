@@ -37,8 +37,8 @@ sys.modules["crashtest"] = ct
 _spec.loader.exec_module(ct)
 
 #: violations the oracle attributes to these defects make a round an expected failure;
-#: remove each as its fix lands (the lead is fixing 5 and 6 in parallel)
-KNOWN = {"defect 5", "defect 6"}
+#: none any more (defects 5 and 6 and finding D1 are fixed: docs/dev/invariants.md R1-R6)
+KNOWN: set[str] = set()
 
 
 def _records(out: io.StringIO) -> list[dict]:
@@ -216,8 +216,6 @@ def _scripted(tmp_path: Path, volume: Path, script) -> list:
 
 
 @pytest.mark.mounted
-@pytest.mark.xfail(reason="issue 6 defect 5: a shrinking truncate zeroes the kept block's "
-                          "tail before its size change is committed", strict=False)
 def test_defect5_truncate_zeroes_before_commit(tmp_path: Path, volume: Path) -> None:
     def script(w) -> None:
         ino = w.do_create("f")
@@ -230,9 +228,6 @@ def test_defect5_truncate_zeroes_before_commit(tmp_path: Path, volume: Path) -> 
 
 
 @pytest.mark.mounted
-@pytest.mark.xfail(reason="issue 6 defect 6: an append into the last partial block is "
-                          "written in place; after a crash those bytes show past EOF when "
-                          "the file grows", strict=False)
 def test_defect6_lost_append_shows_after_growth(tmp_path: Path, volume: Path) -> None:
     def script(w) -> None:
         ino = w.do_create("f")
@@ -273,23 +268,18 @@ def _run_rounds(tmp_path: Path, seeds: list[int]) -> None:
     assert not bad, "\n".join(f"seed {s}: {v}" for s, v in bad) + "\n" + table
     assert all(r.ops_acked >= ct.Workload.SETUP_OPS for r in results), table
     assert all(r.stats.get("files", 0) > 0 and r.stats.get("fsck") for r in results), table
-    known = [(r.seed, str(v)) for r in results for v in r.violations]
-    if known:
-        pytest.xfail("issue 6 defects 5/6 (lead fixing in parallel) found:\n" +
-                     "\n".join(f"seed {s}: {v}" for s, v in known))
 
 
 @pytest.mark.mounted
 def test_crash_rounds(tmp_path: Path) -> None:
-    # Seeds 9 and 30 met defects 5 and 6 in the recorded campaign (docs/RELIABILITY.md):
-    # once those are fixed, drop them from KNOWN and these rounds must come back clean.
+    # Seeds 9 and 30 met defects 5 and 6 in the first campaign (docs/RELIABILITY.md);
+    # they must come back clean.
     _run_rounds(tmp_path, [9, 30, 3])
 
 
 @pytest.mark.mounted
 @pytest.mark.slow
 def test_crash_rounds_many(tmp_path: Path) -> None:
-    # Seeds of the recorded campaign (docs/RELIABILITY.md) whose rounds show no
-    # violation but defects 5 and 6: finding D1 (a killed direct client's uncommitted
-    # bytes past EOF, seeds 21 22 34 57) is reported there, not hidden behind an xfail.
-    _run_rounds(tmp_path, [*range(4, 21), 23, 24, 25])
+    # Seeds of the first campaign (docs/RELIABILITY.md), among them those that met
+    # defects 5 and 6 and finding D1 (21 22 34 57).
+    _run_rounds(tmp_path, [*range(4, 26), 34, 57])
