@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from typing import Any, Collection
 
 from kernelshim import Grant
 from kernelshim.principals import Principal
@@ -130,8 +130,16 @@ class DirectService:
     async def close(self, grant: Grant) -> None:
         await self.fs.close_direct(grant)
 
-    def statistics(self) -> dict[str, Any]:
-        return self.fs.statistics_dict()
+    def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
+        st = self.fs.statistics_dict()
+        if names is None:
+            return st
+        keep = set(names)
+        dev, pg = st["device"], st["pager"]
+        dev["per_principal"] = {k: v for k, v in dev["per_principal"].items() if k in keep}
+        pg["resident"] = {k: v for k, v in pg["resident"].items() if k in keep}
+        st["principals"] = [r for r in st["principals"] if r["name"] in keep]
+        return st
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         self.fs.md.move_principal(src.id, dst.id)

@@ -8,7 +8,7 @@ control path of DESIGN.md). Data requests never reach it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 from .grants import Grant
 from .principals import Principal
@@ -48,7 +48,9 @@ class MetadataService(Protocol):
     async def close(self, grant: Grant) -> None:
         """The client is done with the grant (trims unused preallocation)."""
 
-    def statistics(self) -> dict[str, Any]: ...
+    def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
+        """What `sluice stats` shows: device-wide totals, and per-principal rows for the
+        principals in `names` only (None: all)."""
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         """Re-tag everything charged to `src` as charged to `dst`."""
