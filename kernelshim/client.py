@@ -18,8 +18,11 @@ by `close()` and `fsync()`) makes the written range part of the file: extents be
 written, size and mtime update. Errors arrive typed: GrantRevoked, RightsError,
 QuotaExceeded, ... (kernelshim's classes) or OSError subclasses by errno.
 
-`call` fetches every page of a paged reply (`principal_ls`, `stats`) and returns them
-merged.
+Open modes mean what they mean for `open(2)` through the mount: "w" truncates, "x"
+fails with FileExistsError on an existing file, and "a" appends each write at the end
+of the file atomically (up to the shared buffer's size per write), also against
+processes appending through the mount. `call` fetches every page of a paged reply
+(`principal_ls`, `stats`) and returns them merged.
 """
 
 from __future__ import annotations
@@ -485,11 +488,28 @@ class File(_FileState):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.append:
-            self.commit()
-            self.pos = self.size()
+            return self._append(data)
         n = self.pwrite(data, self.pos)
         self.pos += n
         return n
+
+    def _append(self, data: bytes | bytearray | memoryview) -> int:
+        """O_APPEND: the server writes each buffer-sized piece at the end of the file and
+        commits it under the file's lock (atomic against every other appender)."""
+        c = self.client
+        assert c.shm is not None
+        self.commit()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while True:
+            n = min(len(mv) - done, len(c.shm))
+            c.shmview[:n] = mv[done:done + n]
+            res = c.call("append", slot=self.slot, length=n, buf=0)
+            self._size_hint = res["size"]
+            self.pos = res["offset"] + n
+            done += n
+            if done >= len(mv):
+                return done
 
     def commit(self) -> int:
         """Make the written range part of the file (size, mtime); returns the size."""
@@ -707,11 +727,27 @@ class AsyncFile(_FileState):
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.append:
-            await self.commit()
-            self.pos = await self.size()
+            return await self._append(data)
         n = await self.pwrite(data, self.pos)
         self.pos += n
         return n
+
+    async def _append(self, data: bytes | bytearray | memoryview) -> int:
+        """As File._append."""
+        c = self.client
+        assert c.shm is not None
+        await self.commit()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while True:
+            n = min(len(mv) - done, len(c.shm))
+            c.shmview[:n] = mv[done:done + n]
+            res = await c.call("append", slot=self.slot, length=n, buf=0)
+            self._size_hint = res["size"]
+            self.pos = res["offset"] + n
+            done += n
+            if done >= len(mv):
+                return done
 
     async def commit(self) -> int:
         if self._dirty is None:

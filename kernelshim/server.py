@@ -13,9 +13,10 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 |------------------|--------|-------------------------------------------------------|
 | hello            | -      | -                                                     |
 | attach {size}    | -      | ProtocolError (size), TooManyObjects (shm bank)       |
-| open {path, flags, mode} | checked by the metadata server as the kernel would | NotFound, PermissionDenied, TooManyObjects, ... |
+| open {path, flags, mode} | checked by the metadata server as the kernel would (O_CREAT, O_EXCL, O_TRUNC as through the mount) | NotFound, Exists, PermissionDenied, TooManyObjects, ... |
 | read {slot, offset, length, buf}   | READ  | GrantRevoked, RightsError, ChecksumError |
 | write {slot, offset, length, buf}  | WRITE | GrantRevoked, RightsError, NotAllocated  |
+| append {slot, length, buf}         | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
 | layout_get {slot, offset, length}  | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
 | commit {slot, offset, length}      | WRITE | GrantRevoked                             |
 | truncate {slot, size}              | WRITE | GrantRevoked, QuotaExceeded              |
@@ -25,6 +26,10 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | register {principal}               | owner of the principal, or root | NotAllowed |
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
+
+`append` writes the buffer range at the end of the file and commits it under the
+inode's lock, as the kernel's O_APPEND writes through the mount do: concurrent
+appenders (direct or through the mount) never overlap. The reply names the offset.
 
 Listings are paged: a reply whose `next_cursor` is not null has more rows; ask again
 with `cursor` set to it (the client library does). Non-root callers see the principals
@@ -412,7 +417,7 @@ class ShimServer:
         path = arg_str(p, "path")
         flags = arg_int(p, "flags", hi=0o77777777)
         mode = arg_int(p, "mode", hi=0o7777) if "mode" in p else 0o644
-        grant = self.service.open_path(path, flags, mode, conn.creds, conn.principal)
+        grant = await self.service.open_path(path, flags, mode, conn.creds, conn.principal)
         try:
             slot = self._new_slot(conn, grant)
         except BaseException:
@@ -472,6 +477,14 @@ class ShimServer:
             if pos < length:
                 await self._yield_if_hogging()
         return {"n": length}
+
+    async def _op_append(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self.kernel.check(g, Rights.WRITE)
+        length = arg_int(p, "length", hi=MAX_SHM)
+        buf = self._buf(conn, p, length)
+        offset, size = await self.service.append(g, buf)
+        return {"offset": offset, "n": length, "size": size}
 
     async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
