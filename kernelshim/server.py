@@ -189,8 +189,15 @@ class ShimServer:
                     if self.connections >= self.max_connections:
                         conn.close()
                         continue
+                    # Identified and charged here, before anything can wait: a refused
+                    # connection is closed at once, so the descriptors held stay within
+                    # the banks of the principals connected.
+                    who = self._identify(conn)
+                    if who is None:
+                        continue
                     self.connections += 1
-                    nursery.start_soon(self._serve_connection, conn, name="shim-connection")
+                    nursery.start_soon(self._serve_connection, conn, *who,
+                                       name="shim-connection")
         finally:
             sock.close()
             try:
@@ -200,50 +207,56 @@ class ShimServer:
 
     # -- per connection ----------------------------------------------------------------
 
-    async def _serve_connection(self, sock: trio.socket.SocketType) -> None:
-        """Serve one connection until it closes. Whatever happens here stays here: an
-        unexpected exception is logged and closes this connection only."""
-        conn: Connection | None = None
-        charged = False
+    def _identify(self, sock: trio.socket.SocketType) -> tuple[Credentials, Principal] | None:
+        """Who is connecting (SO_PEERCRED) and for which principal; the connection is
+        charged to that principal's bank. If the bank (or the global cap) is full, the
+        peer is told so and the socket closed: returns None."""
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", raw)
             creds = Credentials(pid, uid, gid)
             principal = self.principals.resolve(pid, uid)
-            try:
-                self._admit(creds, principal)
-            except TooManyObjects as exc:
-                log.debug("refusing a connection of pid %d (uid %d): %s", pid, uid, exc)
-                with trio.move_on_after(1):  # a fresh socket has room for one small frame
-                    await self._send(sock, ERROR, 0, error_payload(exc))
-                return
-            charged = True
-            conn = Connection(creds, principal)
+            if uid != 0 and self.connections >= self.max_connections - ROOT_CONNECTIONS:
+                raise TooManyObjects(f"the daemon serves {self.connections} connections; "
+                                     "the rest are kept for root")
+            self.principals.charge_object(principal, "connections")
+        except TooManyObjects as exc:
+            log.debug("refusing a shim connection: %s", exc)
+            try:  # a fresh socket has room for one small frame; never wait for it
+                os.write(sock.fileno(), self._frame(ERROR, 0, error_payload(exc)))
+            except OSError:
+                pass
+            sock.close()
+            return None
+        except Exception:  # noqa: BLE001 - a bug: drop this connection, keep the daemon
+            self.connection_bugs += 1
+            log.exception("unexpected error identifying a shim connection; closing it")
+            sock.close()
+            return None
+        return creds, principal
+
+    async def _serve_connection(self, sock: trio.socket.SocketType, creds: Credentials,
+                                principal: Principal) -> None:
+        """Serve one admitted connection until it closes. Whatever happens here stays
+        here: an unexpected exception is logged and closes this connection only."""
+        conn = Connection(creds, principal)
+        try:
             await self._serve_requests(sock, conn)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
         except Exception:  # noqa: BLE001 - a bug: close this connection, keep the daemon
             self.connection_bugs += 1
             log.exception("unexpected error serving a shim connection (%s); closing it",
-                          conn.creds if conn is not None else "before identification")
+                          conn.creds)
         finally:
             self.connections -= 1
             with trio.CancelScope(shield=True):
-                if conn is not None:
-                    try:
-                        await self._release_all(conn)
-                    except Exception:  # noqa: BLE001
-                        log.exception("unexpected error releasing a shim connection")
-                if charged:
-                    self.principals.refund_object(principal, "connections")
+                try:
+                    await self._release_all(conn)
+                except Exception:  # noqa: BLE001
+                    log.exception("unexpected error releasing a shim connection")
+                self.principals.refund_object(principal, "connections")
             sock.close()
-
-    def _admit(self, creds: Credentials, principal: Principal) -> None:
-        """Charge a new connection to its principal, or TooManyObjects."""
-        if creds.uid != 0 and self.connections > self.max_connections - ROOT_CONNECTIONS:
-            raise TooManyObjects(f"the daemon serves {self.connections - 1} connections; "
-                                 "the rest are kept for root")
-        self.principals.charge_object(principal, "connections")
 
     async def _serve_requests(self, sock: trio.socket.SocketType, conn: Connection) -> None:
         decoder = Decoder()
@@ -254,7 +267,8 @@ class ShimServer:
             with trio.move_on_at(deadline) as cs:
                 data = await sock.recv(MAX_FRAME + 8)
             if cs.cancelled_caught:
-                log.info("closing a shim connection of pid %d (uid %d): no request within "
+                # debug: a tenant can make this happen as often as its bank allows
+                log.debug("closing a shim connection of pid %d (uid %d): no request within "
                          "%g s", conn.creds.pid, conn.creds.uid, self.handshake_seconds)
                 return
             if not data:
