@@ -62,11 +62,14 @@ def test_w_truncation_updates_times_and_keeps_others_consistent(mnt: Path) -> No
     assert os.stat(p).st_mtime_ns > 10**18
 
 
-def test_trunc_needs_write_permission(pubmnt: Path) -> None:
+def test_trunc_as_another_user(pubmnt: Path) -> None:
+    """O_TRUNC needs write permission, and with it truncates, for a user as for root."""
     mnt = pubmnt
-    p = mnt / "ro"
+    p, q = mnt / "ro", mnt / "rw"
     p.write_bytes(b"keep")
     os.chmod(p, 0o644)
+    q.write_bytes(b"z" * 10_000)
+    os.chmod(q, 0o666)
     out = user_python(f"""
 import os
 from kernelshim.client import Client
@@ -79,12 +82,15 @@ with Client.connect({str(mnt)!r}) as c:
         c.open("ro", "w")
     except OSError as exc:
         print("direct", exc.errno)
+    with c.open("rw", "w") as f:
+        f.write(b"user")
 """)
     assert out.split() == ["mount", str(errno.EACCES), "direct", str(errno.EACCES)]
     assert p.read_bytes() == b"keep"
+    assert q.read_bytes() == b"user"
 
 
-def test_x_is_exclusive_like_the_mount(mnt: Path) -> None:
+def test_x_is_exclusive_and_w_truncates_like_the_mount(mnt: Path) -> None:
     (mnt / "there").write_bytes(b"old")
     with pytest.raises(OSError) as mount_err:
         os.open(mnt / "there", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
@@ -98,6 +104,13 @@ def test_x_is_exclusive_like_the_mount(mnt: Path) -> None:
     assert mount_err.value.errno == direct_err.value.errno == errno.EEXIST
     assert (mnt / "there").read_bytes() == b"old"
     assert (mnt / "new").read_bytes() == b"fresh"
+    # "x" after "w" on what "w" left: the same file, shorter, still exclusive.
+    with Client.connect(mnt) as c:
+        with c.open("new", "w") as f:
+            f.write(b"f")
+        with pytest.raises(FileExistsError):
+            c.open("new", "x")
+    assert (mnt / "new").read_bytes() == b"f"
 
 
 def test_a_appends_at_eof(mnt: Path) -> None:
