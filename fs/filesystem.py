@@ -1232,7 +1232,10 @@ class FileSystem:
         """O_APPEND for a direct client: find EOF, allocate, write and commit under the
         inode lock, as `write` does for the kernel's O_APPEND handles, so appends through
         the mount and through the socket never overlap or interleave. Must keep the same
-        crash rules as `write`. Returns (the offset written at, the new size)."""
+        crash rules as `write` (sealed blocks are written copy-on-write through
+        `_write_data`). All or nothing: a bank or the device too full for the whole
+        piece is an error. Returns (the offset written at, the new size)."""
+        self._writable()
         node = self._direct_node(grant)
         n = len(data)
         async with self._lock(node):
@@ -1248,9 +1251,10 @@ class FileSystem:
             emap = self._extents(node)
             await self._allocate(node, emap, b0, b1 - b0, grant.principal)
             try:
-                await self.kernel.write(grant, offset, data)
+                await self._write_data(node, grant, offset, data)
                 for start, stop in grant.take_written(offset, end):
                     emap.mark_written(start // bs, -(-stop // bs) - start // bs)
+                self._unsealed.add(emap)
             finally:
                 self._save_extents(node)
             node.size = max(node.size, end)
