@@ -1259,6 +1259,41 @@ class FileSystem:
                 self.changed_behind_kernel(node)
             return node.size
 
+    async def append_direct(self, grant: Grant, data: memoryview) -> tuple[int, int]:
+        """O_APPEND for a direct client: find EOF, allocate, write and commit under the
+        inode lock, as `write` does for the kernel's O_APPEND handles, so appends through
+        the mount and through the socket never overlap or interleave. Must keep the same
+        crash rules as `write` (sealed blocks are written copy-on-write through
+        `_write_data`). All or nothing: a bank or the device too full for the whole
+        piece is an error. Returns (the offset written at, the new size)."""
+        self._writable()
+        node = self._direct_node(grant)
+        n = len(data)
+        async with self._lock(node):
+            self._direct_node(grant)  # revoked while waiting for the lock?
+            offset = node.size
+            if not n:
+                return offset, node.size
+            end = offset + n
+            if end > MAX_FILE_SIZE:
+                raise FileTooLarge("append past the maximum file size")
+            bs = self.block_size
+            b0, b1 = offset // bs, -(-end // bs)
+            emap = self._extents(node)
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+            try:
+                await self._write_data(node, grant, offset, data)
+                for start, stop in grant.take_written(offset, end):
+                    emap.mark_written(start // bs, -(-stop // bs) - start // bs)
+                self._unsealed.add(emap)
+            finally:
+                self._save_extents(node)
+            node.size = max(node.size, end)
+            node.mtime_ns = node.ctime_ns = _now()
+            self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
+            self.changed_behind_kernel(node)
+            return offset, node.size
+
     def changed_behind_kernel(self, node: Inode) -> None:
         """A direct client changed `node`: drop what the kernel caches of it."""
         if self._cache_mode(node) == "kernel":
