@@ -964,54 +964,61 @@ class FileSystem:
         h = self.handle(fh)
         if not h.writable:
             raise BadHandle("file not open for writing")
-        n = len(data)
         if offset < 0:
             raise InvalidArgument("negative offset")
         node = h.inode
         async with self._lock(node):
             if h.append:
                 offset = node.size
-            if not n:
-                return 0
+            n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
+            if n and h.kill_priv and self._kill_priv(h, save=False):
+                self._save(node, "mode")
+        return n
+
+    async def _write_locked(self, node: Inode, grant: Grant, offset: int,
+                            data: bytes | memoryview, *, short_ok: bool) -> int:
+        """Write `data` at `offset` through `grant` and make it part of the file (extents
+        FRESH, size, mtime), under the inode lock. With `short_ok`, a write the space or
+        the principal's banks cannot hold whole writes what fits, as POSIX and every
+        kernel filesystem do (an error only when not one byte fits); without, it is all
+        or nothing. Returns the bytes written."""
+        n = len(data)
+        if not n:
+            return 0
+        end = offset + n
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge("write past the maximum file size")
+        if offset > node.size:  # the gap left behind reads as zeros (R6)
+            await self._zero_past_eof(node, node.size, offset, grant.principal)
+        bs = self.block_size
+        b0 = offset // bs
+        b1 = -(-end // bs)
+        emap = self._extents(node)
+        try:
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+        except (NoSpace, QuotaExceeded):
+            if not short_ok:
+                raise
+            # The blocks the space (or the bank) still has, in file order.
+            fit = await self._blocks_that_fit(emap, b0, b1 - b0, grant.principal)
+            n = min(n, (b0 + fit) * bs - offset)
+            if n <= 0:
+                raise
+            data = data[:n]
             end = offset + n
-            if end > MAX_FILE_SIZE:
-                raise FileTooLarge("write past the maximum file size")
-            if offset > node.size:  # the gap left behind reads as zeros (R6)
-                await self._zero_past_eof(node, node.size, offset, h.grant.principal)
-            bs = self.block_size
-            b0 = offset // bs
             b1 = -(-end // bs)
-            emap = self._extents(node)
-            try:
-                await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
-            except (NoSpace, QuotaExceeded):
-                # Write what fits, as POSIX and every kernel filesystem do: the blocks
-                # the space (or the bank) still has, in file order; an error only when
-                # not one byte fits.
-                fit = await self._blocks_that_fit(emap, b0, b1 - b0, h.grant.principal)
-                n = min(n, (b0 + fit) * bs - offset)
-                if n <= 0:
-                    raise
-                data = data[:n]
-                end = offset + n
-                b1 = -(-end // bs)
-                await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
-            try:
-                await self._write_data(node, h.grant, offset, data)
-                # The kernel's handles commit every write at once.
-                for start, stop in h.grant.take_written(offset, end):
-                    emap.mark_written(start // bs, -(-stop // bs) - start // bs)
-                self._unsealed.add(emap)
-            finally:
-                self._save_extents(node)
-            now = _now()
-            if end > node.size:
-                node.size = end
-            node.mtime_ns = node.ctime_ns = now
-            fields = ["size", "blocks", "mtime_ns", "ctime_ns"]
-            if h.kill_priv and self._kill_priv(h, save=False):
-                fields.append("mode")
-            self._save(node, *fields)
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+        try:
+            await self._write_data(node, grant, offset, data)
+            for start, stop in grant.take_written(offset, end):
+                emap.mark_written(start // bs, -(-stop // bs) - start // bs)
+            self._unsealed.add(emap)
+        finally:
+            self._save_extents(node)
+        if end > node.size:
+            node.size = end
+        node.mtime_ns = node.ctime_ns = _now()
+        self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
         return n
 
     def _kill_priv(self, h: Handle, *, save: bool = True) -> bool:
@@ -1272,26 +1279,9 @@ class FileSystem:
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
             offset = node.size
-            if not n:
-                return offset, node.size
-            end = offset + n
-            if end > MAX_FILE_SIZE:
-                raise FileTooLarge("append past the maximum file size")
-            bs = self.block_size
-            b0, b1 = offset // bs, -(-end // bs)
-            emap = self._extents(node)
-            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
-            try:
-                await self._write_data(node, grant, offset, data)
-                for start, stop in grant.take_written(offset, end):
-                    emap.mark_written(start // bs, -(-stop // bs) - start // bs)
-                self._unsealed.add(emap)
-            finally:
-                self._save_extents(node)
-            node.size = max(node.size, end)
-            node.mtime_ns = node.ctime_ns = _now()
-            self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
-            self.changed_behind_kernel(node)
+            if n:
+                await self._write_locked(node, grant, offset, data, short_ok=False)
+                self.changed_behind_kernel(node)
             return offset, node.size
 
     def changed_behind_kernel(self, node: Inode) -> None:
