@@ -28,6 +28,10 @@ Not compared, and why:
     its block-multiple size, sluice its own figure), ctime and implicitly set atime/mtime
     (each filesystem reads its own clock, ext4 at jiffy granularity, so neither values
     nor "did it change" compare reliably);
+  * xattrs in sluice's own user.sluice. namespace (its hints, which new files inherit from
+    their directory at create time, where the host fs does not): the model sets
+    user.sluice.cache (kernel page cache or direct I/O) to drive both data paths, and
+    compares only the outcome of setting it;
   * lseek on directory descriptors (a directory's offsets are each filesystem's own
     cookies: ext4 hands out htree hashes), and readdir order (listings are sorted).
 
@@ -71,6 +75,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
@@ -83,8 +88,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule, run_state_machine_as_test)
 
-from conftest import Mount, make_volume
-from posix_util import UID_A, make_traversable
+from conftest import Mount, is_mounted, make_volume
+from posix_util import UID_A
 
 pytestmark = pytest.mark.mounted
 
@@ -232,6 +237,10 @@ class _Executor:
         value = self.data(n, seed)
         return self.both(lambda r: os.setxattr(self.p(r, path), name, value, flags))
 
+    def op_set_cache_mode(self, path: str, mode: str) -> list:
+        return self.both(lambda r: os.setxattr(self.p(r, path), "user.sluice.cache",
+                                               mode.encode()))
+
     def op_getxattr(self, path: str, name: str) -> list:
         return self.both(lambda r: os.getxattr(self.p(r, path), name))
 
@@ -307,7 +316,8 @@ class _Executor:
                 xa = self.outcome(lambda: sorted(os.listxattr(full, follow_symlinks=False)))
                 if xa[0] == "ok":
                     xa = ["ok", {n: self.outcome(lambda n=n: os.getxattr(
-                        full, n, follow_symlinks=False)) for n in xa[1] if n.startswith("user.")}]
+                        full, n, follow_symlinks=False)) for n in xa[1]
+                        if n.startswith("user.") and not n.startswith("user.sluice.")}]
                 d["xattrs"] = xa
                 if stat.S_ISLNK(st.st_mode):
                     d["target"] = os.readlink(full)
@@ -498,6 +508,10 @@ class PosixModel(RuleBasedStateMachine):
         self.w = self.s.worker(self.uid)
         self.nslots = 0
         self.s.examples += 1
+        # Every example must start from two empty, usable working directories; anything
+        # else is the harness's fault and must not pass for sluice's behaviour.
+        probe = self.w.call("mkdir", "probe", 0o755), self.w.call("rmdir", "probe")
+        assert probe == ([["ok", None]] * 2,) * 2, f"working directories unusable: {probe}"
 
     def teardown(self) -> None:
         self.w.call("reset")
@@ -585,6 +599,12 @@ class PosixModel(RuleBasedStateMachine):
     def setxattr(self, path: str, name: str, n: int, seed: int, flags: int) -> None:
         self.agree("setxattr", path, name, n, seed, flags)
 
+    @rule(path=paths, mode=st.sampled_from(["kernel", "direct"]))
+    def set_cache_mode(self, path: str, mode: str) -> None:
+        """sluice's own hint: files opened from now on (and files created in a directory
+        so marked) go through the kernel page cache instead of direct I/O."""
+        self.agree("set_cache_mode", path, mode)
+
     @rule(path=paths, name=xattr_names)
     def getxattr(self, path: str, name: str) -> None:
         self.agree("getxattr", path, name)
@@ -662,10 +682,14 @@ class PosixModel(RuleBasedStateMachine):
 # -- fixtures and tests ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
-    """One volume, mounted once for the module; the reference tree on the host fs."""
-    base = tmp_path_factory.mktemp("posix-model")
-    make_traversable(base)
+def session() -> Iterator[Session]:
+    """One volume, mounted once for the module; the reference tree on the host fs.
+
+    All of it lives in a fresh 0755 directory of /tmp rather than under pytest's tmp root:
+    pytest makes /tmp/pytest-of-<user> 0700 again whenever any pytest run starts, which
+    would lock the unprivileged worker out in the middle of a run."""
+    base = Path(tempfile.mkdtemp(prefix="sluice-posix-model-"))
+    os.chmod(base, 0o755)
     volume = make_volume(base / "vol")
     mp = base / "mnt"
     mp.mkdir()
@@ -686,6 +710,8 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         log = m.log.read_text() if m.log.exists() else ""
         print(f"\nposix model: {s.examples} examples, {s.steps} steps; outcomes: "
               + ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items())))
+    if alive and not m.daemon_alive and not is_mounted(mp):
+        shutil.rmtree(base)
     assert alive, "the daemon died during the model run:\n" + log[-4000:]
     assert "Traceback" not in log or "unexpected" in log, \
         "daemon logged tracebacks:\n" + log[-4000:]
