@@ -41,9 +41,10 @@ read and pread, ftruncate and truncate up and down at sizes that are not block m
 lseek (SEEK_SET/CUR/END), fsync/fdatasync, close, unlink, rename (files and directories,
 over existing names, into subdirectories and into themselves, RENAME_NOREPLACE and
 RENAME_EXCHANGE through renameat2), link, symlink, mkdir/rmdir, chmod, utimensat, and
-set/get/remove xattrs in the user. namespace (listxattr is part of every comparison). The
-name pool is four names at depth one or two, so collisions, non-empty directories and
-renames into subdirectories happen often.
+set/get/remove xattrs in the user. namespace (listxattr is part of every comparison),
+setting sluice's cache-mode hint, and a clean unmount and mount of the volume. The name
+pool is four names at depth one or two, so collisions, non-empty directories and renames
+into subdirectories happen often.
 
 How it runs: the operations execute in a worker process (`_Executor`, standard library
 only; its source is sent to a plain `python3 -c`) that holds the open descriptors of both
@@ -54,10 +55,14 @@ hanging it. One volume is mounted per module; between hypothesis examples the wo
 closes everything it holds and both working directories are emptied.
 
 Runs: `test_posix_model_root` and `test_posix_model_unprivileged` run a modest number of
-examples (about half a minute each). The `slow`-marked `test_posix_model_long` is the
-campaign: SLUICE_POSIX_MODEL_EXAMPLES (default 400) examples of SLUICE_POSIX_MODEL_STEPS
-(default 60) steps, alternating root and unprivileged; it prints what it ran. Cases it
-found are kept as plain tests in tests/test_posix_found.py.
+examples (about half a minute each; SLUICE_POSIX_MODEL_QUICK sets how many). The
+`slow`-marked `test_posix_model_long` is the campaign: SLUICE_POSIX_MODEL_EXAMPLES (default
+400) examples of SLUICE_POSIX_MODEL_STEPS (default 60) steps, half as root and half as the
+unprivileged uid; with -s it prints how many examples, steps and remounts it ran and how
+often each operation succeeded or failed with which errno. Cases it found are kept as plain
+tests in tests/test_posix_found.py; the sluice bugs among them that are not fixed yet are
+listed in KNOWN_BUGS, which the model steers around (SLUICE_POSIX_MODEL_KNOWN=check stops
+that, to check a fix).
 """
 
 from __future__ import annotations
@@ -372,7 +377,7 @@ class Worker:
     """The worker process, as root or as an unprivileged uid, over a pipe."""
 
     def __init__(self, roots: list[Path], uid: int | None) -> None:
-        cmd = [PY, "-c", _worker_source(), json.dumps([str(r) for r in roots])]
+        cmd = [PY, "-c", WORKER_SOURCE, json.dumps([str(r) for r in roots])]
         if uid is not None:
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *cmd]
         self.uid = uid
@@ -413,6 +418,10 @@ def _worker_source() -> str:
     parts = [_WORKER_IMPORTS, textwrap.dedent(inspect.getsource(_Executor)),
              textwrap.dedent(inspect.getsource(_worker_main)), "_worker_main()"]
     return "\n\n".join(parts) + "\n"
+
+
+#: read once, at import: the file may change while a long campaign runs
+WORKER_SOURCE = _worker_source()
 
 
 # -- the state machine ------------------------------------------------------------------------
@@ -473,6 +482,7 @@ class Session:
         self.workers: dict[int | None, Worker] = {}
         self.examples = 0
         self.steps = 0
+        self.remounts = 0
         #: per operation and outcome ("ok" or the errno), how often: shows what was covered
         self.outcomes: collections.Counter[str] = collections.Counter()
 
@@ -487,6 +497,15 @@ class Session:
                 _clear(r, uid)
             self.workers[uid] = Worker(self.roots(uid), uid)
         return self.workers[uid]
+
+    def remount(self) -> None:
+        """Unmount cleanly and mount the same volume again."""
+        assert self.mount.daemon_alive, "the daemon died"
+        self.mount.stop()
+        assert self.mount.proc is not None and self.mount.proc.returncode == 0, \
+            f"the daemon exited with {self.mount.proc and self.mount.proc.returncode}"
+        self.mount.start()
+        self.remounts += 1
 
     def wipe(self, uid: int | None) -> None:
         self.worker(uid).call("reset")
@@ -507,6 +526,7 @@ class PosixModel(RuleBasedStateMachine):
         self.s.wipe(self.uid)
         self.w = self.s.worker(self.uid)
         self.nslots = 0
+        self.remounted = False
         self.s.examples += 1
         # Every example must start from two empty, usable working directories; anything
         # else is the harness's fault and must not pass for sluice's behaviour.
@@ -613,6 +633,16 @@ class PosixModel(RuleBasedStateMachine):
     def removexattr(self, path: str, name: str) -> None:
         self.agree("removexattr", path, name)
 
+    @precondition(lambda self: self.nslots == 0 and not self.remounted)
+    @rule()
+    def remount(self) -> None:
+        """Everything must survive a clean unmount and mount (the invariant that follows
+        compares the tree read back from the volume). At most once per example: it takes
+        about a second."""
+        self.remounted = True
+        self.s.steps += 1
+        self.s.remount()
+
     # open descriptors (a slot number is taken modulo the number open)
 
     @precondition(lambda self: self.nslots > 0)
@@ -708,7 +738,8 @@ def session() -> Iterator[Session]:
         alive = m.daemon_alive
         m.stop()
         log = m.log.read_text() if m.log.exists() else ""
-        print(f"\nposix model: {s.examples} examples, {s.steps} steps; outcomes: "
+        print(f"\nposix model: {s.examples} examples, {s.steps} steps, {s.remounts} remounts; "
+              "outcomes: "
               + ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items())))
     if alive and not m.daemon_alive and not is_mounted(mp):
         shutil.rmtree(base)
@@ -744,8 +775,9 @@ def test_posix_model_long(session: Session) -> None:
     """The campaign: many more examples, longer sequences, both identities."""
     examples = int(os.environ.get("SLUICE_POSIX_MODEL_EXAMPLES", "400"))
     steps = int(os.environ.get("SLUICE_POSIX_MODEL_STEPS", "60"))
-    e0, s0, t0 = session.examples, session.steps, time.monotonic()
+    e0, s0, r0, t0 = session.examples, session.steps, session.remounts, time.monotonic()
     _run(session, None, examples=examples // 2, steps=steps)
     _run(session, UID_A, examples=examples - examples // 2, steps=steps)
     print(f"\nposix model long run: {session.examples - e0} examples, "
-          f"{session.steps - s0} steps in {time.monotonic() - t0:.0f}s")
+          f"{session.steps - s0} steps, {session.remounts - r0} remounts "
+          f"in {time.monotonic() - t0:.0f}s")
