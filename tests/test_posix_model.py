@@ -57,7 +57,7 @@ closes everything it holds and both working directories are emptied.
 Runs: `test_posix_model_root` and `test_posix_model_unprivileged` run a modest number of
 examples (about half a minute each; SLUICE_POSIX_MODEL_QUICK sets how many). The
 `slow`-marked `test_posix_model_long` is the campaign: SLUICE_POSIX_MODEL_EXAMPLES (default
-400) examples of SLUICE_POSIX_MODEL_STEPS (default 60) steps, half as root and half as the
+200) examples of SLUICE_POSIX_MODEL_STEPS (default 60) steps, half as root and half as the
 unprivileged uid; with -s it prints how many examples, steps and remounts it ran and how
 often each operation succeeded or failed with which errno. Cases it found are kept as plain
 tests in tests/test_posix_found.py; the sluice bugs among them that are not fixed yet are
@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule, run_state_machine_as_test)
@@ -125,6 +125,9 @@ class _Executor:
         self.roots = roots
         self.slots: list[list[int]] = []
         self.libc = ctypes.CDLL(None, use_errno=True)
+        #: a deliberately wrong reference (the harness's own test): writes on side 1 get
+        #: their first byte flipped
+        self.corrupt = False
 
     # helpers
 
@@ -258,11 +261,19 @@ class _Executor:
         pair = self.slots[slot]
         return [self.outcome(lambda fd=fd: fn(fd)) for fd in pair]
 
+    def _payloads(self, n: int, seed: int) -> list[bytes]:
+        data = self.data(n, seed)
+        if self.corrupt and data:
+            return [data, bytes([data[0] ^ 1]) + data[1:]]
+        return [data, data]
+
     def op_write(self, slot: int, n: int, seed: int) -> list:
-        return self._fds(slot, lambda fd: os.write(fd, self.data(n, seed)))
+        return [self.outcome(lambda fd=fd, b=b: os.write(fd, b))
+                for fd, b in zip(self.slots[slot], self._payloads(n, seed))]
 
     def op_pwrite(self, slot: int, n: int, seed: int, offset: int) -> list:
-        return self._fds(slot, lambda fd: os.pwrite(fd, self.data(n, seed), offset))
+        return [self.outcome(lambda fd=fd, b=b: os.pwrite(fd, b, offset))
+                for fd, b in zip(self.slots[slot], self._payloads(n, seed))]
 
     def op_read(self, slot: int, n: int) -> list:
         return self._fds(slot, lambda fd: os.read(fd, n))
@@ -349,6 +360,9 @@ class _Executor:
         i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
         return {"offset": i, "sizes": [len(a), len(b)],
                 "sluice": a[i:i + 16].hex(), "reference": b[i:i + 16].hex()}
+
+    def op_corrupt(self, on: bool) -> None:
+        self.corrupt = on
 
     def op_reset(self) -> None:
         """Close every descriptor (between examples)."""
@@ -748,32 +762,46 @@ def session() -> Iterator[Session]:
         "daemon logged tracebacks:\n" + log[-4000:]
 
 
-def _run(session: Session, uid: int | None, examples: int, steps: int) -> None:
+def _run(session: Session, uid: int | None, examples: int, steps: int, *,
+         shrink: bool = True) -> None:
     PosixModel.session = session
     PosixModel.uid = uid
+    extra: dict[str, Any] = {} if shrink else {"phases": [Phase.generate], "database": None}
     run_state_machine_as_test(PosixModel, settings=settings(
-        max_examples=examples, stateful_step_count=steps, deadline=None,
+        **extra, max_examples=examples, stateful_step_count=steps, deadline=None,
         # one minimal case at a time: shrinking several at once takes many minutes
         report_multiple_bugs=False,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
 
 
+def test_model_catches_a_wrong_reference(session: Session) -> None:
+    """The harness itself: with a reference that writes one wrong byte, the model must
+    fail (so a passing run means sluice agreed, not that nothing was compared)."""
+    w = session.worker(None)
+    w.call("corrupt", True)
+    try:
+        with pytest.raises(AssertionError, match="the trees differ|sluice gave"):
+            _run(session, None, examples=50, steps=40, shrink=False)
+    finally:
+        w.call("corrupt", False)
+
+
 def test_posix_model_root(session: Session) -> None:
-    _run(session, None, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "25")),
+    _run(session, None, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "20")),
          steps=40)
 
 
 def test_posix_model_unprivileged(session: Session) -> None:
     """The same as an ordinary uid: permission bits now bind, setuid/setgid bits are
     cleared on write and truncate, utimes needs ownership."""
-    _run(session, UID_A, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "25")),
+    _run(session, UID_A, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "20")),
          steps=40)
 
 
 @pytest.mark.slow
 def test_posix_model_long(session: Session) -> None:
     """The campaign: many more examples, longer sequences, both identities."""
-    examples = int(os.environ.get("SLUICE_POSIX_MODEL_EXAMPLES", "400"))
+    examples = int(os.environ.get("SLUICE_POSIX_MODEL_EXAMPLES", "200"))
     steps = int(os.environ.get("SLUICE_POSIX_MODEL_STEPS", "60"))
     e0, s0, r0, t0 = session.examples, session.steps, session.remounts, time.monotonic()
     _run(session, None, examples=examples // 2, steps=steps)
