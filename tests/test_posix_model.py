@@ -55,7 +55,7 @@ hanging it. One volume is mounted per module; between hypothesis examples the wo
 closes everything it holds and both working directories are emptied.
 
 Runs: `test_posix_model_root` and `test_posix_model_unprivileged` run a modest number of
-examples (about half a minute each; SLUICE_POSIX_MODEL_QUICK sets how many). The
+examples (40 each, about 40 s together; SLUICE_POSIX_MODEL_QUICK sets how many). The
 `slow`-marked `test_posix_model_long` is the campaign: SLUICE_POSIX_MODEL_EXAMPLES (default
 200) examples of SLUICE_POSIX_MODEL_STEPS (default 60) steps, half as root and half as the
 unprivileged uid; with -s it prints how many examples, steps and remounts it ran and how
@@ -787,14 +787,14 @@ def test_model_catches_a_wrong_reference(session: Session) -> None:
 
 
 def test_posix_model_root(session: Session) -> None:
-    _run(session, None, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "20")),
+    _run(session, None, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "40")),
          steps=40)
 
 
 def test_posix_model_unprivileged(session: Session) -> None:
     """The same as an ordinary uid: permission bits now bind, setuid/setgid bits are
     cleared on write and truncate, utimes needs ownership."""
-    _run(session, UID_A, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "20")),
+    _run(session, UID_A, examples=int(os.environ.get("SLUICE_POSIX_MODEL_QUICK", "40")),
          steps=40)
 
 
