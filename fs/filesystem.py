@@ -894,15 +894,19 @@ class FileSystem:
         node.opens += 1
         return h
 
-    async def open_truncate(self, h: Handle, caller: Caller) -> None:
-        """O_TRUNC at open (the kernel sends it with the open when it can). POSIX (and
-        Linux) update mtime/ctime and drop setuid/setgid even when the file was empty."""
-        if h.inode.size:
-            await self.truncate(h.inode, 0, principal=caller.principal)
+    async def open_truncate(self, node: Inode, caller: Caller) -> None:
+        """O_TRUNC at open, through the mount (the kernel sends it with the open) or a
+        direct client; whatever the access mode, as Linux truncates on O_RDONLY|O_TRUNC
+        too (the caller checked write permission). POSIX (and Linux) update mtime/ctime
+        and drop setuid/setgid (unless root opens) even when the file was empty."""
+        if node.size:
+            await self.truncate(node, 0, principal=caller.principal)
         else:
-            h.inode.mtime_ns = h.inode.ctime_ns = _now()
-            self._save(h.inode, "mtime_ns", "ctime_ns")
-        self._kill_priv(h)
+            self._writable()
+            node.mtime_ns = node.ctime_ns = _now()
+            self._save(node, "mtime_ns", "ctime_ns")
+        if caller.uid != 0:
+            self._drop_setid(node)
 
     def _cache_mode(self, node: Inode) -> str:
         v = self._hints(node).get(CACHE_XATTR)
@@ -1022,9 +1026,11 @@ class FileSystem:
         return n
 
     def _kill_priv(self, h: Handle, *, save: bool = True) -> bool:
-        node = h.inode
-        if not h.kill_priv:
-            return False
+        return h.kill_priv and self._drop_setid(h.inode, save=save)
+
+    def _drop_setid(self, node: Inode, *, save: bool = True) -> bool:
+        """Clear setuid, and setgid if group-executable (a write or truncate by someone
+        without CAP_FSETID, as the kernel does); whether the mode changed."""
         mode = node.mode & ~stat.S_ISUID
         if mode & stat.S_IXGRP:
             mode &= ~stat.S_ISGID

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from typing import Any, Collection
 
 from kernelshim import Grant
@@ -102,26 +101,11 @@ class DirectService:
             mask = (os.R_OK if readable else 0) | (os.W_OK if writable or flags & os.O_TRUNC
                                                     else 0)
             fs.access(node.id, mask, caller)
-            if flags & os.O_TRUNC and writable:  # as Operations.open does for the kernel
-                await self._open_truncate(node, caller)
+            if flags & os.O_TRUNC:  # as Operations.open does for the kernel
+                await fs.open_truncate(node, caller)
+                fs.changed_behind_kernel(node)
         grant = fs.grant_direct(node, readable, writable, caller)
         return grant
-
-    async def _open_truncate(self, node: Inode, caller: Caller) -> None:
-        """O_TRUNC at open, as through the mount: size 0 (revoking other grants on the
-        file), mtime and ctime now even if it was empty, setuid/setgid cleared unless
-        the opener is root."""
-        now = time.time_ns()
-        mode = None
-        if caller.uid != 0:
-            m = node.mode & ~stat.S_ISUID
-            if m & stat.S_IXGRP:
-                m &= ~stat.S_ISGID
-            if m != node.mode:
-                mode = m & 0o7777
-        await self.fs.setattr(node.id, size=0, mode=mode, mtime_ns=now, ctime_ns=now,
-                              caller=caller)
-        self.fs.changed_behind_kernel(node)
 
     # -- layouts -----------------------------------------------------------------------
 

@@ -31,9 +31,6 @@ def both(mnt: Path, ref: Path, fn: Callable[[Path], object]) -> object:
     return got
 
 
-@pytest.mark.xfail(strict=True, reason="open(O_RDONLY|O_TRUNC) does not truncate on sluice; "
-                   "Linux truncates (the kernel checks write permission for O_TRUNC), and "
-                   "sluice's open only truncates a handle opened for writing")
 def test_rdonly_trunc_truncates_like_linux(mnt: Path, ref: Path) -> None:
     def scenario(d: Path) -> tuple[int, int]:
         (d / "f").write_bytes(b"x" * 4095)

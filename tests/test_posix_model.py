@@ -444,10 +444,7 @@ WORKER_SOURCE = _worker_source()
 #: tests/test_posix_found.py. The model steers around them so that it keeps looking for
 #: others; SLUICE_POSIX_MODEL_KNOWN=check stops the steering, to check a fix.
 KNOWN_BUGS: frozenset[str] = (frozenset() if os.environ.get("SLUICE_POSIX_MODEL_KNOWN") == "check"
-                              else frozenset({
-                                  # test_rdonly_trunc_truncates_like_linux
-                                  "rdonly-trunc",
-                              }))
+                              else frozenset())  # (rdonly-trunc: fixed)
 
 NAMES = ["a", "b", "c", "d"]
 PATHS = NAMES + [f"{x}/{y}" for x in NAMES for y in NAMES]
