@@ -232,11 +232,11 @@ def _control(mountpoint: str):
 def _bank_args(args: argparse.Namespace) -> dict:
     from kernelshim.principals import Rate
     out: dict = {}
-    for k in ("space", "cache_min", "cache_max"):
+    for k in ("space", "cache_min", "cache_max", "shm"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = vol.parse_size(v)
-    for k in ("inodes", "io_weight", "grants", "caps"):
+    for k in ("inodes", "io_weight", "grants", "caps", "connections", "children"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = v
@@ -412,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--io-limit", help="I/O ceiling, e.g. 100MB/s or 2000iops")
         a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
         a.add_argument("--caps", type=int, help="capability slots it may hold")
+        a.add_argument("--connections", type=int,
+                       help="control-socket connections it may hold open (default 64)")
+        a.add_argument("--shm", help="shared memory its direct clients may attach, e.g. "
+                                     "256M (default 256M)")
+        a.add_argument("--children", type=int,
+                       help="principals it may create below it, at any depth (default 256)")
     a = psub.add_parser("ls", help="list principals with use against each bank")
     a.add_argument("mountpoint")
     a.add_argument("--json", action="store_true")

@@ -894,15 +894,19 @@ class FileSystem:
         node.opens += 1
         return h
 
-    async def open_truncate(self, h: Handle, caller: Caller) -> None:
-        """O_TRUNC at open (the kernel sends it with the open when it can). POSIX (and
-        Linux) update mtime/ctime and drop setuid/setgid even when the file was empty."""
-        if h.inode.size:
-            await self.truncate(h.inode, 0, principal=caller.principal)
+    async def open_truncate(self, node: Inode, caller: Caller) -> None:
+        """O_TRUNC at open, through the mount (the kernel sends it with the open) or a
+        direct client; whatever the access mode, as Linux truncates on O_RDONLY|O_TRUNC
+        too (the caller checked write permission). POSIX (and Linux) update mtime/ctime
+        and drop setuid/setgid (unless root opens) even when the file was empty."""
+        if node.size:
+            await self.truncate(node, 0, principal=caller.principal)
         else:
-            h.inode.mtime_ns = h.inode.ctime_ns = _now()
-            self._save(h.inode, "mtime_ns", "ctime_ns")
-        self._kill_priv(h)
+            self._writable()
+            node.mtime_ns = node.ctime_ns = _now()
+            self._save(node, "mtime_ns", "ctime_ns")
+        if caller.uid != 0:
+            self._drop_setid(node)
 
     def _cache_mode(self, node: Inode) -> str:
         v = self._hints(node).get(CACHE_XATTR)
@@ -964,60 +968,69 @@ class FileSystem:
         h = self.handle(fh)
         if not h.writable:
             raise BadHandle("file not open for writing")
-        n = len(data)
         if offset < 0:
             raise InvalidArgument("negative offset")
         node = h.inode
         async with self._lock(node):
             if h.append:
                 offset = node.size
-            if not n:
-                return 0
+            n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
+            if n and h.kill_priv and self._kill_priv(h, save=False):
+                self._save(node, "mode")
+        return n
+
+    async def _write_locked(self, node: Inode, grant: Grant, offset: int,
+                            data: bytes | memoryview, *, short_ok: bool) -> int:
+        """Write `data` at `offset` through `grant` and make it part of the file (extents
+        FRESH, size, mtime), under the inode lock. With `short_ok`, a write the space or
+        the principal's banks cannot hold whole writes what fits, as POSIX and every
+        kernel filesystem do (an error only when not one byte fits); without, it is all
+        or nothing. Returns the bytes written."""
+        n = len(data)
+        if not n:
+            return 0
+        end = offset + n
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge("write past the maximum file size")
+        if offset > node.size:  # the gap left behind reads as zeros (R6)
+            await self._zero_past_eof(node, node.size, offset, grant.principal)
+        bs = self.block_size
+        b0 = offset // bs
+        b1 = -(-end // bs)
+        emap = self._extents(node)
+        try:
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+        except (NoSpace, QuotaExceeded):
+            if not short_ok:
+                raise
+            # The blocks the space (or the bank) still has, in file order.
+            fit = await self._blocks_that_fit(emap, b0, b1 - b0, grant.principal)
+            n = min(n, (b0 + fit) * bs - offset)
+            if n <= 0:
+                raise
+            data = data[:n]
             end = offset + n
-            if end > MAX_FILE_SIZE:
-                raise FileTooLarge("write past the maximum file size")
-            if offset > node.size:  # the gap left behind reads as zeros (R6)
-                await self._zero_past_eof(node, node.size, offset, h.grant.principal)
-            bs = self.block_size
-            b0 = offset // bs
             b1 = -(-end // bs)
-            emap = self._extents(node)
-            try:
-                await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
-            except (NoSpace, QuotaExceeded):
-                # Write what fits, as POSIX and every kernel filesystem do: the blocks
-                # the space (or the bank) still has, in file order; an error only when
-                # not one byte fits.
-                fit = await self._blocks_that_fit(emap, b0, b1 - b0, h.grant.principal)
-                n = min(n, (b0 + fit) * bs - offset)
-                if n <= 0:
-                    raise
-                data = data[:n]
-                end = offset + n
-                b1 = -(-end // bs)
-                await self._allocate(node, emap, b0, b1 - b0, h.grant.principal)
-            try:
-                await self._write_data(node, h.grant, offset, data)
-                # The kernel's handles commit every write at once.
-                for start, stop in h.grant.take_written(offset, end):
-                    emap.mark_written(start // bs, -(-stop // bs) - start // bs)
-                self._unsealed.add(emap)
-            finally:
-                self._save_extents(node)
-            now = _now()
-            if end > node.size:
-                node.size = end
-            node.mtime_ns = node.ctime_ns = now
-            fields = ["size", "blocks", "mtime_ns", "ctime_ns"]
-            if h.kill_priv and self._kill_priv(h, save=False):
-                fields.append("mode")
-            self._save(node, *fields)
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+        try:
+            await self._write_data(node, grant, offset, data)
+            for start, stop in grant.take_written(offset, end):
+                emap.mark_written(start // bs, -(-stop // bs) - start // bs)
+            self._unsealed.add(emap)
+        finally:
+            self._save_extents(node)
+        if end > node.size:
+            node.size = end
+        node.mtime_ns = node.ctime_ns = _now()
+        self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
         return n
 
     def _kill_priv(self, h: Handle, *, save: bool = True) -> bool:
-        node = h.inode
-        if not h.kill_priv:
-            return False
+        return h.kill_priv and self._drop_setid(h.inode, save=save)
+
+    def _drop_setid(self, node: Inode, *, save: bool = True) -> bool:
+        """Clear setuid, and setgid if group-executable (a write or truncate by someone
+        without CAP_FSETID, as the kernel does); whether the mode changed."""
         mode = node.mode & ~stat.S_ISUID
         if mode & stat.S_IXGRP:
             mode &= ~stat.S_ISGID
@@ -1258,6 +1271,24 @@ class FileSystem:
                 self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
                 self.changed_behind_kernel(node)
             return node.size
+
+    async def append_direct(self, grant: Grant, data: memoryview) -> tuple[int, int]:
+        """O_APPEND for a direct client: find EOF, allocate, write and commit under the
+        inode lock, as `write` does for the kernel's O_APPEND handles, so appends through
+        the mount and through the socket never overlap or interleave. Must keep the same
+        crash rules as `write` (sealed blocks are written copy-on-write through
+        `_write_data`). All or nothing: a bank or the device too full for the whole
+        piece is an error. Returns (the offset written at, the new size)."""
+        self._writable()
+        node = self._direct_node(grant)
+        n = len(data)
+        async with self._lock(node):
+            self._direct_node(grant)  # revoked while waiting for the lock?
+            offset = node.size
+            if n:
+                await self._write_locked(node, grant, offset, data, short_ok=False)
+                self.changed_behind_kernel(node)
+            return offset, node.size
 
     def changed_behind_kernel(self, node: Inode) -> None:
         """A direct client changed `node`: drop what the kernel caches of it."""

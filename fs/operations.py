@@ -345,9 +345,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         caller = self._caller(ctx)
         h = self.fs.open(inode, flags, caller)
-        if flags & os.O_TRUNC and h.writable:
+        if flags & os.O_TRUNC:
             try:
-                await self.fs.open_truncate(h, caller)
+                await self.fs.open_truncate(h.inode, caller)
             except BaseException:
                 await self.fs.release(h.fh)
                 raise

@@ -2,15 +2,17 @@
 of it (kernelshim.service.MetadataService) for direct clients.
 
 Opening resolves a path and checks permissions for the peer's credentials as the
-kernel would for a local process; layouts allocate and commit extents. Data requests
-never come here: the shim serves them from the grant.
+kernel would for a local process, and honours O_CREAT, O_EXCL and O_TRUNC as the mount
+does; layouts allocate and commit extents; an append writes at EOF under the inode's
+lock, like the kernel's O_APPEND writes. Other data requests never come here: the shim
+serves them from the grant.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from typing import Any, Collection
 
 from kernelshim import Grant
 from kernelshim.principals import Principal
@@ -73,8 +75,8 @@ class DirectService:
             i += 1
         return cur, None, cur
 
-    def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
-                  principal: Principal) -> Grant:
+    async def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
+                        principal: Principal) -> Grant:
         fs = self.fs
         caller = Caller(creds.uid, creds.gid, creds.pid, 0o022, principal.id)
         parent, name, node = self._resolve(path, caller)
@@ -99,6 +101,9 @@ class DirectService:
             mask = (os.R_OK if readable else 0) | (os.W_OK if writable or flags & os.O_TRUNC
                                                     else 0)
             fs.access(node.id, mask, caller)
+            if flags & os.O_TRUNC:  # as Operations.open does for the kernel
+                await fs.open_truncate(node, caller)
+                fs.changed_behind_kernel(node)
         grant = fs.grant_direct(node, readable, writable, caller)
         return grant
 
@@ -109,6 +114,9 @@ class DirectService:
 
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         return await self.fs.layout_commit(grant, offset, length)
+
+    async def append(self, grant: Grant, data: memoryview) -> tuple[int, int]:
+        return await self.fs.append_direct(grant, data)
 
     async def truncate(self, grant: Grant, size: int) -> None:
         node = self.fs.inode(grant.inode)
@@ -130,8 +138,16 @@ class DirectService:
     async def close(self, grant: Grant) -> None:
         await self.fs.close_direct(grant)
 
-    def statistics(self) -> dict[str, Any]:
-        return self.fs.statistics_dict()
+    def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
+        st = self.fs.statistics_dict()
+        if names is None:
+            return st
+        keep = set(names)
+        dev, pg = st["device"], st["pager"]
+        dev["per_principal"] = {k: v for k, v in dev["per_principal"].items() if k in keep}
+        pg["resident"] = {k: v for k, v in pg["resident"].items() if k in keep}
+        st["principals"] = [r for r in st["principals"] if r["name"] in keep]
+        return st
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         self.fs.md.move_principal(src.id, dst.id)

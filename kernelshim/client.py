@@ -17,6 +17,12 @@ the allocated blocks asks for a write layout first (pNFS style); `commit()` (als
 by `close()` and `fsync()`) makes the written range part of the file: extents become
 written, size and mtime update. Errors arrive typed: GrantRevoked, RightsError,
 QuotaExceeded, ... (kernelshim's classes) or OSError subclasses by errno.
+
+Open modes mean what they mean for `open(2)` through the mount: "w" truncates, "x"
+fails with FileExistsError on an existing file, and "a" appends each write at the end
+of the file atomically (up to the shared buffer's size per write), also against
+processes appending through the mount. `call` fetches every page of a paged reply
+(`principal_ls`, `stats`) and returns them merged.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from blockdev import SluiceError
 
 from . import errors as _errors
 from . import principals as _principals
-from .protocol import ERROR, MAX_FRAME, OK, REQUEST, Decoder, Message, ProtocolError, encode
+from .protocol import (ERROR, MAX_FRAME, OK, REQUEST, Decoder, Message, ProtocolError,
+                       ReplyTooLarge, encode)
 
 CONTROL_XATTR = "user.sluice.control"
 DEFAULT_SHM = 8 << 20
@@ -47,7 +54,7 @@ _REMOTE_TYPES: dict[str, type[BaseException]] = {
     c.__name__: c for c in (
         _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.Sealed,
         _errors.BadRequest,
-        ProtocolError, _principals.QuotaExceeded, _principals.TooManyObjects,
+        ProtocolError, ReplyTooLarge, _principals.QuotaExceeded, _principals.TooManyObjects,
         _principals.PrincipalError, _principals.NoSuchPrincipal, _principals.PrincipalExists,
         _principals.NotAllowed)}
 
@@ -66,6 +73,33 @@ def _raise_remote(p: dict[str, Any]) -> None:
     if name in ("BadSlot",):
         raise OSError(_errno.EBADF, msg)
     raise OSError(code, msg)
+
+
+#: pages of one paged reply at most (a listing of 32 rows a page)
+MAX_PAGES = 1 << 16
+
+
+def _merge_page(into: dict[str, Any], page: dict[str, Any]) -> None:
+    """Add a later page of a paged reply to the first: lists are concatenated, mappings
+    merged (recursively), anything else is the first page's."""
+    for k, v in page.items():
+        cur = into.get(k)
+        if isinstance(cur, list) and isinstance(v, list):
+            cur.extend(v)
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            _merge_page(cur, v)
+        elif k not in into:
+            into[k] = v
+
+
+def _next_cursor(reply: dict[str, Any], prev: int) -> int | None:
+    """Take the cursor of the next page out of `reply` (None: it was the last)."""
+    nxt = reply.pop("next_cursor", None)
+    if nxt is None:
+        return None
+    if not isinstance(nxt, int) or nxt <= prev:
+        raise ProtocolError(f"bad next_cursor {nxt!r} after {prev}")
+    return nxt
 
 
 def control_socket(mountpoint: str | os.PathLike[str]) -> str:
@@ -234,7 +268,12 @@ class Client(_Base):
 
     def _send(self, op: str, **args: Any) -> int:
         rid = next(self._rids)
-        self.sock.sendall(encode(REQUEST, rid, {"op": op, **args}))
+        try:
+            self.sock.sendall(encode(REQUEST, rid, {"op": op, **args}))
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon closed the connection; what it said first (a refusal, say)
+            # is still there to read, and reading it ends in ConnectionError.
+            pass
         return rid
 
     def _wait(self, rid: int) -> dict[str, Any]:
@@ -255,9 +294,18 @@ class Client(_Base):
             self._received(data, anc, fds)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply (raises the typed error it carries)."""
+        """Send one request and wait for its reply (raises the typed error it carries).
+        A paged reply is fetched whole: every page, merged."""
         reply, fds = self._call_fds(op, **args)
         _close_fds(fds)
+        cursor = _next_cursor(reply, 0)
+        for _ in range(MAX_PAGES):
+            if cursor is None:
+                break
+            page, fds = self._call_fds(op, **{**args, "cursor": cursor})
+            _close_fds(fds)
+            cursor = _next_cursor(page, cursor)
+            _merge_page(reply, page)
         return reply
 
     def open(self, path: str | os.PathLike[str], mode: str = "r", *, perms: int = 0o644) -> File:
@@ -440,11 +488,28 @@ class File(_FileState):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.append:
-            self.commit()
-            self.pos = self.size()
+            return self._append(data)
         n = self.pwrite(data, self.pos)
         self.pos += n
         return n
+
+    def _append(self, data: bytes | bytearray | memoryview) -> int:
+        """O_APPEND: the server writes each buffer-sized piece at the end of the file and
+        commits it under the file's lock (atomic against every other appender)."""
+        c = self.client
+        assert c.shm is not None
+        self.commit()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while True:
+            n = min(len(mv) - done, len(c.shm))
+            c.shmview[:n] = mv[done:done + n]
+            res = c.call("append", slot=self.slot, length=n, buf=0)
+            self._size_hint = res["size"]
+            self.pos = res["offset"] + n
+            done += n
+            if done >= len(mv):
+                return done
 
     def commit(self) -> int:
         """Make the written range part of the file (size, mtime); returns the size."""
@@ -556,8 +621,11 @@ class AsyncClient(_Base):
             rid = next(self._rids)
             data = encode(REQUEST, rid, {"op": op, **args})
             sent = 0
-            while sent < len(data):
-                sent += await self.sock.send(data[sent:])
+            try:
+                while sent < len(data):
+                    sent += await self.sock.send(data[sent:])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed by the daemon: read what it said first (as Client._send)
             fds: list[int] = []
             while True:
                 reply = self._take_reply(rid)
@@ -569,6 +637,14 @@ class AsyncClient(_Base):
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         reply, fds = await self._call_fds(op, **args)
         _close_fds(fds)
+        cursor = _next_cursor(reply, 0)
+        for _ in range(MAX_PAGES):
+            if cursor is None:
+                break
+            page, fds = await self._call_fds(op, **{**args, "cursor": cursor})
+            _close_fds(fds)
+            cursor = _next_cursor(page, cursor)
+            _merge_page(reply, page)
         return reply
 
     async def open(self, path: str | os.PathLike[str], mode: str = "r", *,
@@ -651,11 +727,27 @@ class AsyncFile(_FileState):
 
     async def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.append:
-            await self.commit()
-            self.pos = await self.size()
+            return await self._append(data)
         n = await self.pwrite(data, self.pos)
         self.pos += n
         return n
+
+    async def _append(self, data: bytes | bytearray | memoryview) -> int:
+        """As File._append."""
+        c = self.client
+        assert c.shm is not None
+        await self.commit()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while True:
+            n = min(len(mv) - done, len(c.shm))
+            c.shmview[:n] = mv[done:done + n]
+            res = await c.call("append", slot=self.slot, length=n, buf=0)
+            self._size_hint = res["size"]
+            self.pos = res["offset"] + n
+            done += n
+            if done >= len(mv):
+                return done
 
     async def commit(self) -> int:
         if self._dirty is None:

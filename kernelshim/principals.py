@@ -6,7 +6,14 @@ A tree of principals rooted at `root`. Each has banks carved from its parent's:
   `inodes`;
 - memory: cache frames, `cache_min` (guaranteed) and `cache_max` (ceiling), in bytes;
 - I/O: `io_reserve`, `io_weight`, `io_limit` (for the QoS scheduler);
-- kernel objects: `grants` (open grants) and `caps` (capability slots).
+- kernel objects: `grants` (open grants), `caps` (capability slots), `connections`
+  (control-socket connections acting for it), `shm` (bytes of shared buffers its
+  connections have attached) and `children` (principals below it, at any depth).
+
+Every new principal gets the kernel-object defaults below (DEFAULT_*); root (the
+owner of the whole device) has none of its own, so the shim server's global caps bound
+it. Root may change any principal's banks (`principal_set`); an owner may give its own
+children at most what it holds itself.
 
 Limits (space, inodes, cache_max, io_limit, grants, caps) are ceilings: a child's may
 not exceed its parent's. Guarantees (cache_min, io_reserve) are carved: the children's
@@ -37,7 +44,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from blockdev import PrincipalId, ROOT_PRINCIPAL, SluiceError, write_durably
 
@@ -46,9 +53,17 @@ log = logging.getLogger(__name__)
 FILE = "principals.json"
 #: bytes a directory entry costs in the space bank, besides its name
 ENTRY_COST = 64
-#: default kernel-object limits of a new principal (per principal, across connections)
+#: default kernel-object limits of a new principal (per principal, across connections;
+#: a principal's descendants count against it too)
 DEFAULT_GRANTS = 4096
 DEFAULT_CAPS = 4096
+#: control-socket connections (each holds a descriptor and a capability space in the
+#: daemon); well below the shim server's global cap, so one tenant cannot reach it
+DEFAULT_CONNECTIONS = 64
+#: bytes of shared buffers attached (daemon memory once touched)
+DEFAULT_SHM = 256 << 20
+#: principals below it (each is a row in every listing and in principals.json)
+DEFAULT_CHILDREN = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -77,7 +92,8 @@ class QuotaExceeded(SluiceError):
 
 
 class TooManyObjects(SluiceError):
-    """The principal holds as many grants or capability slots as its bank allows."""
+    """The principal holds as many kernel objects of a kind (grants, capability slots,
+    connections, shared memory, child principals) as its bank allows."""
 
     errno = _errno.EMFILE
 
@@ -128,6 +144,9 @@ class Banks:
     io_limit: Rate | None = None
     grants: int | None = DEFAULT_GRANTS
     caps: int | None = DEFAULT_CAPS
+    connections: int | None = DEFAULT_CONNECTIONS
+    shm: int | None = DEFAULT_SHM
+    children: int | None = DEFAULT_CHILDREN
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,12 +156,27 @@ class Banks:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Banks:
+    def from_json(cls, d: dict[str, Any], *, base: Banks | None = None) -> Banks:
+        """Banks from their JSON form; a field the record lacks (written before the field
+        existed) comes from `base`, else the default."""
         d = dict(d)
         for k in ("io_reserve", "io_limit"):
             if d.get(k) is not None:
                 d[k] = Rate.parse(d[k])
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+        out = dataclasses.replace(base) if base is not None else cls()
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                setattr(out, f.name, d[f.name])
+        return out
+
+
+def root_banks() -> Banks:
+    """Root's own banks: no kernel-object limits (the shim server's global caps bound it)."""
+    return Banks(grants=None, caps=None, connections=None, shm=None, children=None)
+
+
+#: kernel-object banks: charged with charge_object, each a count but `shm` (bytes)
+OBJECT_BANKS = ("grants", "caps", "connections", "shm", "children")
 
 
 @dataclasses.dataclass(slots=True)
@@ -153,6 +187,9 @@ class Usage:
     inodes: int = 0
     grants: int = 0
     caps: int = 0
+    connections: int = 0
+    shm: int = 0
+    children: int = 0
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -187,7 +224,7 @@ class PrincipalInfo:
     usage: dict[str, int]
 
 
-_LIMIT_BANKS = ("space", "inodes", "cache_max", "grants", "caps")
+_LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS)
 
 
 class PrincipalTable:
@@ -198,8 +235,7 @@ class PrincipalTable:
         self._by_id: dict[int, Principal] = {}
         self._by_name: dict[str, Principal] = {}
         self._ids = itertools.count(1)
-        self.root = self._insert(ROOT_PRINCIPAL, "root", None, 0,
-                                 Banks(grants=None, caps=None))
+        self.root = self._insert(ROOT_PRINCIPAL, "root", None, 0, root_banks())
         #: pid -> (process start time, principal) registered by `sluice run`
         self._registered: dict[int, tuple[int, Principal]] = {}
         #: pid -> (expiry, principal) resolved through the parent chain
@@ -216,7 +252,7 @@ class PrincipalTable:
             return t
         except (OSError, ValueError) as exc:
             raise PrincipalError(f"cannot read {directory / FILE}: {exc}") from None
-        t.root.banks = Banks.from_json(data["root"]["banks"])
+        t.root.banks = Banks.from_json(data["root"]["banks"], base=root_banks())
         pending = [p for p in data["principals"]]
         # Parents before children (the file lists them so, but be forgiving).
         while pending:
@@ -259,6 +295,8 @@ class PrincipalTable:
         self._by_name[name] = p
         if parent is not None:
             parent.children.append(p)
+            for q in parent.chain():  # checked by add(); recounted so at load
+                q.usage.children += 1
         return p
 
     def walk(self, top: Principal | None = None) -> Iterator[Principal]:
@@ -319,10 +357,14 @@ class PrincipalTable:
             raise PrincipalError(f"io_limit {banks.io_limit} exceeds parent's {lim}")
         if banks.io_weight <= 0:
             raise PrincipalError("io_weight must be positive")
-        for k in ("space", "inodes", "grants", "caps", "cache_max"):
+        for k in ("space", "inodes", "cache_max", *OBJECT_BANKS):
             v = getattr(banks, k)
             if v is not None and v < 0:
                 raise PrincipalError(f"{k} must not be negative")
+
+    def effective(self, p: Principal, bank: str) -> int | None:
+        """The tightest limit on `bank` along p's chain (None: no limit)."""
+        return self._effective(p, bank)
 
     def _effective(self, p: Principal, bank: str) -> int | None:
         """The tightest limit on `bank` along p's chain."""
@@ -349,6 +391,7 @@ class PrincipalTable:
         if not self._may_administer(par, caller_uid):
             raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
         self._check_banks(par, banks, exclude=None)
+        self._check_object(par, "children", 1)
         p = self._insert(PrincipalId(next(self._ids)), name, par, owner_uid, banks)
         self.save()
         return p
@@ -422,6 +465,8 @@ class PrincipalTable:
                 self.charge(p, space=space, inodes=inodes)  # undo: p keeps it
                 raise
         p.parent.children.remove(p)
+        for q in p.parent.chain():
+            q.usage.children -= 1
         del self._by_id[p.id]
         del self._by_name[p.name]
         for pid, (_st, q) in list(self._registered.items()):
@@ -451,18 +496,24 @@ class PrincipalTable:
     def refund(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
         self.charge(p, space=-space, inodes=-inodes)
 
-    def charge_object(self, p: Principal, kind: str) -> None:
-        """One more kernel object (`grants` or `caps`) held by p, or TooManyObjects."""
+    def _check_object(self, p: Principal, kind: str, n: int) -> None:
         for q in p.chain():
             lim = getattr(q.banks, kind)
-            if lim is not None and getattr(q.usage, kind) + 1 > lim:
-                raise TooManyObjects(f"principal {q.name!r} holds {lim} {kind}, its limit")
-        for q in p.chain():
-            setattr(q.usage, kind, getattr(q.usage, kind) + 1)
+            used = getattr(q.usage, kind)
+            if lim is not None and used + n > lim:
+                what = f"{used} bytes of shared memory" if kind == "shm" else f"{used} {kind}"
+                raise TooManyObjects(f"principal {q.name!r} holds {what} of its limit {lim}")
 
-    def refund_object(self, p: Principal, kind: str) -> None:
+    def charge_object(self, p: Principal, kind: str, n: int = 1) -> None:
+        """`n` more of kernel object `kind` (one of OBJECT_BANKS) held by p, charged to it
+        and its ancestors; or TooManyObjects and nothing changed."""
+        self._check_object(p, kind, n)
         for q in p.chain():
-            setattr(q.usage, kind, getattr(q.usage, kind) - 1)
+            setattr(q.usage, kind, getattr(q.usage, kind) + n)
+
+    def refund_object(self, p: Principal, kind: str, n: int = 1) -> None:
+        for q in p.chain():
+            setattr(q.usage, kind, getattr(q.usage, kind) - n)
 
     def reset_storage_usage(self) -> None:
         for p in self.walk():
@@ -481,10 +532,29 @@ class PrincipalTable:
             self.save()
         return p
 
+    def may_run_as(self, principal: Principal, uid: int) -> bool:
+        """Whether `uid` may act for `principal`: root, or the owner of it or of one of
+        its ancestors below root."""
+        return uid == 0 or any(q.owner_uid == uid and q is not self.root
+                               for q in principal.chain())
+
+    def visible_to(self, uid: int, acting_for: Principal | None = None) -> list[Principal]:
+        """The principals `uid` may see listed, in tree order: all for root; for anyone
+        else those it may run as (and the one it acts for), with their ancestors, so
+        that an EDQUOT from a parent's bank can be explained — not other tenants'."""
+        if uid == 0:
+            return list(self.walk())
+        keep: set[Principal] = set()
+        if acting_for is not None:
+            keep.update(acting_for.chain())
+        for p in self.walk():
+            if p not in keep and self.may_run_as(p, uid):
+                keep.update(p.chain())
+        return [p for p in self.walk() if p in keep]
+
     def register(self, pid: int, principal: Principal, *, uid: int) -> None:
         """Attach process `pid` (authenticated by the caller) to `principal`."""
-        if not (uid == 0 or any(q.owner_uid == uid and q is not self.root
-                                for q in principal.chain())):
+        if not self.may_run_as(principal, uid):
             raise NotAllowed(f"uid {uid} may not run as principal {principal.name!r} "
                              "(only its owner or root may)")
         self._registered[pid] = (_start_time(pid), principal)
@@ -527,10 +597,11 @@ class PrincipalTable:
     def registered(self) -> dict[int, str]:
         return {pid: p.name for pid, (_st, p) in self._registered.items()}
 
-    def info(self) -> list[PrincipalInfo]:
+    def info(self, only: Iterable[Principal] | None = None) -> list[PrincipalInfo]:
+        """Rows of `principal ls` for `only` (default: all, in tree order)."""
         return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
                               p.banks.to_json(), dataclasses.asdict(p.usage))
-                for p in self.walk()]
+                for p in (self.walk() if only is None else only)]
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -12,7 +12,14 @@ riding on the reply as SCM_RIGHTS), and read/write requests name offsets in it.
 
 Decoding is strict: a bad length, version, kind or payload raises ProtocolError; the
 server answers with an error reply where the frame could be delimited and closes the
-connection where it could not (bad length, truncated frame).
+connection where it could not (bad length, truncated frame). A payload nested deeper
+than MAX_DEPTH is refused before the JSON decoder sees it (the decoder recurses once
+per level: a 60 KB frame of `[` would otherwise raise RecursionError).
+
+Every frame either side sends fits MAX_FRAME: `encode` raises ReplyTooLarge rather
+than produce a longer one, error messages quote client input only as a short prefix
+(`brief`), and long listings are paged (a reply with `next_cursor` not null has more:
+ask again with `cursor` set to it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import json
+import re
 import struct
 from typing import Any
 
@@ -27,6 +35,10 @@ from blockdev import SluiceError
 
 VERSION = 1
 MAX_FRAME = 64 * 1024
+#: deepest nesting of arrays and objects a payload may have (requests are flat)
+MAX_DEPTH = 32
+#: characters of an error message that travel (client input is quoted shorter still)
+MAX_MESSAGE = 1024
 _LEN = struct.Struct(">I")
 _HDR = struct.Struct(">BBI")
 
@@ -49,6 +61,12 @@ class FramingError(ProtocolError):
     messages: list = []
 
 
+class ReplyTooLarge(ProtocolError):
+    """A message would not fit in one frame (a bug in its sender: listings are paged)."""
+
+    errno = _errno.EMSGSIZE
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
     kind: int
@@ -60,7 +78,7 @@ def encode(kind: int, request_id: int, payload: dict[str, Any]) -> bytes:
     body = _HDR.pack(VERSION, kind, request_id & 0xFFFFFFFF) + \
         json.dumps(payload, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+        raise ReplyTooLarge(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return _LEN.pack(len(body)) + body
 
 
@@ -80,13 +98,41 @@ def decode_body(body: bytes) -> Message:
         raise ProtocolError(f"protocol version {version} not supported (this is {VERSION})")
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind}")
+    text = body[_HDR.size:]
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ProtocolError(f"payload nested deeper than {MAX_DEPTH} levels")
     try:
-        payload = json.loads(body[_HDR.size:].decode())
+        payload = json.loads(text.decode())
+    except RecursionError:  # cannot happen after the depth check; never let it escape
+        raise ProtocolError(f"payload nested deeper than {MAX_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"payload is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise ProtocolError("payload is not a JSON object")
     return Message(kind, rid, payload)
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_depth(text: bytes) -> int:
+    """How deep arrays and objects nest in JSON `text` (brackets inside strings do not
+    count). Cheap for ordinary payloads: they have fewer brackets than the limit."""
+    if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
+        return text.count(b"[") + text.count(b"{")
+    brackets = _STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for c in brackets:
+        if c in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    break
+        else:
+            depth -= 1
+    return deepest
 
 
 class Decoder:
@@ -144,6 +190,18 @@ def arg_str(p: dict[str, Any], key: str, *, optional: bool = False, maxlen: int 
     return v
 
 
+def brief(value: object, limit: int = 64) -> str:
+    """`value` as a short quotable text for an error message: a client's input echoed at
+    full length could make the reply longer than a frame (or than the request was)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def error_payload(exc: BaseException) -> dict[str, Any]:
-    code = getattr(exc, "errno", None) or _errno.EIO
-    return {"error": type(exc).__name__, "errno": int(code), "message": str(exc)}
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int) or code <= 0:
+        code = _errno.EIO
+    msg = str(exc)
+    if len(msg) > MAX_MESSAGE:
+        msg = msg[:MAX_MESSAGE] + "..."
+    return {"error": type(exc).__name__, "errno": code, "message": msg}

@@ -8,7 +8,7 @@ control path of DESIGN.md). Data requests never reach it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Collection, Protocol
 
 from .grants import Grant
 from .principals import Principal
@@ -24,10 +24,11 @@ class Credentials:
 
 
 class MetadataService(Protocol):
-    def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
-                  principal: Principal) -> Grant:
+    async def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
+                        principal: Principal) -> Grant:
         """Resolve `path` (relative to the volume root), check permissions for `creds`
-        as the kernel would, create it for O_CREAT, and grant access."""
+        as the kernel would, create it for O_CREAT (EEXIST for O_EXCL), truncate it for
+        O_TRUNC, and grant access."""
 
     async def layout_get(self, grant: Grant, offset: int, length: int) -> int:
         """Allocate unwritten extents for the holes in the range, charged to the grant's
@@ -36,6 +37,10 @@ class MetadataService(Protocol):
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         """The range was written: its extents become written, size and mtime update.
         Returns the new size."""
+
+    async def append(self, grant: Grant, data: memoryview) -> tuple[int, int]:
+        """O_APPEND: write `data` at the end of the file and commit it, atomically with
+        respect to every other append and write of the file. Returns (offset, new size)."""
 
     async def truncate(self, grant: Grant, size: int) -> None: ...
 
@@ -48,7 +53,9 @@ class MetadataService(Protocol):
     async def close(self, grant: Grant) -> None:
         """The client is done with the grant (trims unused preallocation)."""
 
-    def statistics(self) -> dict[str, Any]: ...
+    def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
+        """What `sluice stats` shows: device-wide totals, and per-principal rows for the
+        principals in `names` only (None: all)."""
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         """Re-tag everything charged to `src` as charged to `dst`."""

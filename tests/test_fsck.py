@@ -461,6 +461,7 @@ def test_charges_to_a_principal_that_is_gone(vol: Path, mount_factory, mounted) 
     (rec,) = [r for r in data["principals"] if r["name"] == "alice"]
     data["principals"].remove(rec)
     pj.write_text(json.dumps(data))
+    pj.chmod(0o600)  # a volume's files are private (fsck refuses an exposed volume)
     pid = rec["id"]
     out = repair_and_recheck(vol, f"3 blocks, 1 inodes and 1 entries are charged to principal "
                                   f"id {pid}, which principals.json does not have")
@@ -483,6 +484,7 @@ def test_principal_over_its_bank_is_a_note(vol: Path, mount_factory) -> None:
     data = json.loads(pj.read_text())
     next(r for r in data["principals"] if r["name"] == "bob")["banks"]["space"] = 4096
     pj.write_text(json.dumps(data))
+    pj.chmod(0o600)  # a volume's files are private (fsck refuses an exposed volume)
     r = fsck(vol)
     assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
     assert "note: principal 'bob' holds" in r.stdout and "over its space bank of 4096" \
@@ -543,6 +545,7 @@ def test_leaked_blocks_are_reported_and_discarded(vol: Path, mounted) -> None:
 
 def test_unrepairable_error_exits_4_even_with_repair(vol: Path) -> None:
     (vol / "principals.json").write_text("{not json")
+    (vol / "principals.json").chmod(0o600)
     r = fsck(vol, "--repair")
     assert r.returncode == 4, r.stdout + r.stderr
     assert "error: principals.json cannot be loaded" in r.stdout

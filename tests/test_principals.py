@@ -210,7 +210,8 @@ def test_usage_recounted_at_mount(volume: Path, mount_factory) -> None:
     assert before["a"]["usage"]["inodes"] == 10
     assert before["b"]["usage"]["space"] == cost("b")
     assert before["uid-1000"]["usage"] == {"space": BS + entry("user"), "inodes": 1,
-                                           "grants": 0, "caps": 0}
+                                           "grants": 0, "caps": 0, "connections": 0,
+                                           "shm": 0, "children": 0}
     m.stop()
     m.start()
     after = table(m.path)
@@ -403,3 +404,19 @@ def test_run_as_someone_elses_principal(pubmnt: Path) -> None:
     # (and "sub", below "mine", is part of its usage)
     assert usage(mnt)["mine"] == (BS + entry("yes") + entry("yes2") + entry("byroot")
                                   + entry("s"), 4)
+
+
+def test_kernel_object_banks_from_the_cli(mnt: Path) -> None:
+    """`principal add/set` take the kernel-object banks root may change: connections,
+    shared memory and children, beside grants and caps."""
+    sluice("principal", "add", str(mnt), "objs", "--connections", "3", "--shm", "8M",
+           "--children", "2", "--grants", "10")
+    banks = table(mnt)["objs"]["banks"]
+    assert (banks["connections"], banks["shm"], banks["children"], banks["grants"]) == \
+        (3, 8 << 20, 2, 10)
+    sluice("principal", "set", str(mnt), "objs", "--connections", "5", "--shm", "1G")
+    banks = table(mnt)["objs"]["banks"]
+    assert (banks["connections"], banks["shm"], banks["children"]) == (5, 1 << 30, 2)
+    sluice("principal", "add", str(mnt), "k1", "--parent", "objs")
+    sluice("principal", "add", str(mnt), "k2", "--parent", "objs")
+    fails_one_line("principal", "add", str(mnt), "k3", "--parent", "objs")  # children: 2
