@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import numpy as np
 
@@ -1684,7 +1684,6 @@ class PowerRun(Round):
         self.daemon_env = {**os.environ, "SLUICE_RECORD_DIR": str(self.rec_dir)}
         self.worker_extra = ["--record-log", str(self.rec_dir / "log")]
         self.wal_copy = workdir / "recorded.wal"
-        self.state_pid: int | None = None
 
     def run_power(self, progress: Callable[[str], None] = lambda s: None) -> PowerRunResult:
         t0 = time.monotonic()
@@ -1795,7 +1794,8 @@ class PowerRun(Round):
             st.wal_range = (cuts[0], cuts[-1])
             r = rng.random()
             st.wal = cuts[0] if r < 0.3 else cuts[-1] if r < 0.6 else rng.choice(cuts)
-            vol = self._build(sdir, st.crash_at, keep, st.wal)
+            vol = build_state(sdir / "vol", self.volume, self.recording, self.wal_copy,
+                              crash_at=st.crash_at, keep=keep, wal=st.wal)
             recs = records_before(self.records, st.position, early=st.early)
             (sdir / "workload.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
             oracle = Oracle(recs)
@@ -1803,7 +1803,7 @@ class PowerRun(Round):
             if oracle.inflight is not None:
                 st.inflight = f"{oracle.inflight['id']}:{oracle.inflight['op']}"
             stats = CheckStats()
-            st.violations += self._recover(vol, oracle, seed, stats)
+            st.violations += check_state(vol, self.mnt, oracle, seed, stats)
             st.stats = {**dataclasses.asdict(stats), "fsck": 1}
             st.checks = stats.total() + 1
         except HarnessError as exc:
@@ -1815,64 +1815,73 @@ class PowerRun(Round):
             shutil.rmtree(sdir, ignore_errors=True)
         return st
 
-    def _build(self, sdir: Path, crash_at: int, keep: set[Any], wal: int) -> Path:
-        """A copy of the volume holding the state: the materialised device and
-        checksums, base-meta.db with the WAL cut to `wal` bytes, the rest as it was."""
-        vol = sdir / "vol"
-        vol.mkdir(parents=True, mode=0o700)
-        os.chmod(vol, 0o700)
-        for p in self.volume.iterdir():
-            if p.name not in _STATE_FILES and p.is_file():
-                shutil.copyfile(p, vol / p.name)
-        self.recording.materialise(vol, keep=keep, crash_at=crash_at)
-        shutil.copyfile(self.rec_dir / "base-meta.db", vol / "meta.db")
-        if wal:
-            with open(self.wal_copy, "rb") as src, open(vol / "meta.db-wal", "wb") as dst:
-                dst.write(src.read(wal))
-        for p in vol.iterdir():
-            os.chmod(p, 0o600)
-        return vol
+    def _cleanup_state(self) -> None:
+        if _is_mounted(self.mnt):  # a state's check always unmounts; a dead mount stays
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
 
-    def _recover(self, vol: Path, oracle: Oracle, seed: int, stats: CheckStats
-                 ) -> list[Violation]:
-        """Mount the state (recovery), judge it, unmount, fsck: the violations found."""
-        out: list[Violation] = []
-        r = _sluice("mount", str(vol), str(self.mnt))
-        if r.returncode:
-            return [Violation("daemon", "/", f"recovery mount failed: {r.stderr.strip()}")]
-        self.state_pid = int(json.loads((vol / "mount.json").read_text())["pid"])
-        out += oracle.check(self.mnt, stats)
-        out += oracle.probe_growth(self.mnt, random.Random(seed ^ 0xBEEF), stats)
-        r = _sluice("umount", str(self.mnt), timeout=90)
+
+def build_state(vol: Path, volume: Path, recording: Recording, wal_copy: Path, *,
+                crash_at: int, keep: Collection[Any], wal: int) -> Path:
+    """Make `vol`, a copy of `volume` holding one power-loss state: the device and
+    checksums `recording` materialises for (crash_at, keep), base-meta.db as meta.db
+    with the recorded WAL (`wal_copy`) cut to `wal` bytes beside it, the other files as
+    they are, and no state of the daemon that died (mount.json, lock, log)."""
+    vol.mkdir(parents=True, mode=0o700)
+    os.chmod(vol, 0o700)
+    for p in volume.iterdir():
+        if p.name not in _STATE_FILES and p.is_file():
+            shutil.copyfile(p, vol / p.name)
+    recording.materialise(vol, keep=keep, crash_at=crash_at)
+    shutil.copyfile(recording.directory / "base-meta.db", vol / "meta.db")
+    if wal:
+        with open(wal_copy, "rb") as src, open(vol / "meta.db-wal", "wb") as dst:
+            data = src.read(wal)
+            if len(data) != wal:
+                raise HarnessError(f"the recorded WAL has {len(data)} bytes, not {wal}")
+            dst.write(data)
+    for p in vol.iterdir():
+        os.chmod(p, 0o600)
+    return vol
+
+
+def check_state(vol: Path, mnt: Path, oracle: Oracle, seed: int,
+                stats: CheckStats) -> list[Violation]:
+    """Mount the volume `vol` at `mnt` (recovery), judge it with `oracle` (check, then
+    the growth probe), unmount it, then `fsck --verify-data` must be clean: the
+    violations found. Leaves nothing mounted and no daemon running."""
+    out: list[Violation] = []
+    r = _sluice("mount", str(vol), str(mnt))
+    if r.returncode:
+        return [Violation("daemon", "/", f"recovery mount failed: {r.stderr.strip()}")]
+    pid: int | None = int(json.loads((vol / "mount.json").read_text())["pid"])
+    try:
+        out += oracle.check(mnt, stats)
+        out += oracle.probe_growth(mnt, random.Random(seed ^ 0xBEEF), stats)
+        r = _sluice("umount", str(mnt), timeout=90)
         if r.returncode:
             out.append(Violation("daemon", "/", f"umount failed: {r.stderr.strip()}"))
             return out
-        self._wait_gone(self.state_pid)
-        self.state_pid = None
-        log = vol / "sluice.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if "Traceback" in text or "unexpected error" in text:
-            i = max(text.find("Traceback"), text.find("unexpected error"))
-            out.append(Violation("daemon", "sluice.log", "the recovered daemon logged an "
-                                 f"unexpected error: {text[max(0, i - 300):i + 1500]}"))
-        r = _sluice("fsck", str(vol), "--verify-data", "-q")
-        lines = (r.stdout + r.stderr).strip()
-        if r.returncode != 0 or not lines.endswith("clean"):
-            out.append(Violation("fsck", str(vol), f"exit {r.returncode}: {lines[-1500:]}"))
-        return out
-
-    def _cleanup_state(self) -> None:
-        """Whatever happened: the state's daemon gone, nothing mounted."""
-        if _is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-        if _is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-        if self.state_pid is not None and _pid_alive(self.state_pid):
-            try:
-                self._wait_gone(self.state_pid, 30)
-            except HarnessError:
-                os.kill(self.state_pid, signal.SIGKILL)
-        self.state_pid = None
+    finally:
+        for extra in ([], ["-z"]):
+            if _is_mounted(mnt):
+                subprocess.run(["fusermount3", "-u", *extra, str(mnt)], capture_output=True)
+        deadline = time.monotonic() + 30
+        while pid is not None and _pid_alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)  # this harness started it (`sluice mount`)
+                pid = None
+            time.sleep(0.02)
+    log = vol / "sluice.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if "Traceback" in text or "unexpected error" in text:
+        i = max(text.find("Traceback"), text.find("unexpected error"))
+        out.append(Violation("daemon", "sluice.log", "the recovered daemon logged an "
+                             f"unexpected error: {text[max(0, i - 300):i + 1500]}"))
+    r = _sluice("fsck", str(vol), "--verify-data", "-q")
+    lines = (r.stdout + r.stderr).strip()
+    if r.returncode != 0 or not lines.endswith("clean"):
+        out.append(Violation("fsck", str(vol), f"exit {r.returncode}: {lines[-1500:]}"))
+    return out
 
 
 def run_power_campaign(seed: int, runs: int, states: int, workdir: Path, *,
