@@ -1587,13 +1587,20 @@ def records_before(records: list[dict[str, Any]], position: int, *, early: bool 
                    ) -> list[dict[str, Any]]:
     """The workload log as it stood when the device log was `position` bytes long: an
     operation begun at or before it is there, its acknowledgement only if that came at or
-    before it too (so at most one operation is in flight: the workload is sequential).
-    The sizes are taken before an operation starts and after it returned, so an
-    operation counted as acknowledged surely was; one counted in flight may already have
-    returned (a looser judgement, never a false violation). `early` (see `wal_cuts`):
-    acknowledgements logged at exactly `position` came after the power failed."""
+    before it too (at most one operation is in flight: the workload is sequential, so an
+    operation began after the previous one's acknowledgement). The sizes are taken
+    before an operation starts and after it returned, so an operation counted as
+    acknowledged surely was; one counted in flight may already have returned (a looser
+    judgement, never a false violation).
+
+    `early` (see `wal_cuts`): the power failed while the log was `position` bytes long,
+    before the WAL fsyncs logged there were done. Events at one position cannot be
+    ordered across the two logs (a timer commit there may hold operations begun there),
+    so every operation stays as it is, but an fsync or directory fsync acknowledged at
+    exactly `position` no longer counts as acknowledged: its durability is not claimed."""
     out = []
     pending: int | None = None  # an operation begun and not acknowledged by then
+    kinds: dict[int, str] = {}
     for rec in records:
         k = rec.get("k")
         at = int(rec.get("at", 1 << 62))
@@ -1601,10 +1608,13 @@ def records_before(records: list[dict[str, Any]], position: int, *, early: bool 
             if pending is not None:
                 break  # the next operation began after that acknowledgement: later
             pending = rec["id"]
+            kinds[rec["id"]] = rec["op"]
             out.append(rec)
-        elif k == "A" and (at < position if early else at <= position):
+        elif k == "A" and at <= position:
             pending = None
-            out.append(rec)
+            if not (early and at == position and kinds.get(rec["id"]) in ("fsync",
+                                                                          "fsyncdir")):
+                out.append(rec)
         elif k == "hello":
             out.append(rec)
     return out
