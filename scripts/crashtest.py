@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Crash harness, process-crash model: SIGKILL the sluice daemon under a seeded mixed
-workload, mount the volume again, and check what came back against a log of what was
+"""Crash harness: SIGKILL the sluice daemon (`--model process`, the default), or take
+power-loss states from a recording of its device and database (`--model power`), under
+a seeded mixed workload; mount what is left and check it against a log of what was
 acknowledged.
 
 Crash model: process crash — SIGKILL of the daemon; the host page cache survives (so
@@ -50,9 +51,27 @@ same checks. Its rules:
   there; a file's link count equals the names found for it;
 - no read gives an error (EIO); growing a file shows zeros past its old end.
 
+Power-loss model (`--model power`, `PowerRun`): power loss — writes after the last
+barrier kept or dropped per device block / checksum page; WAL cut at a commit boundary.
+Each recorded run: a fresh volume, `sluice mount --foreground` with SLUICE_RECORD_DIR
+set (blockdev/recording.py logs every write, discard and barrier of `device.img` and
+`checksums`; fs/metadata.py's MetaRecorder logs each commit and WAL fsync with the
+device log's size then), the same seeded workload, whose every record also carries the
+device log's size ("at"), and SIGKILL of the daemon after a seeded number of
+acknowledged operations; the WAL it left (no checkpoint ran while recording) holds
+every commit. Then for each of `--states` seeded states: a crash point in the device
+log (right after a barrier, just before one completed, between a commit and its WAL
+fsync, right after an acknowledgement, or anywhere), each piece written after the last
+barrier kept or dropped, and a WAL cut W with last durable <= W <= last commit before
+that point (`wal_cuts`); a copy of the volume made of it (`build_state`) is mounted,
+judged by the same Oracle with the operations acknowledged before the crash point
+(`records_before`: an fsync acknowledged before it is durable, everything after it may
+be lost), unmounted, and `fsck --verify-data` must be clean (`check_state`).
+
 Run as root:
 
     .venv/bin/python scripts/crashtest.py --rounds 100 --seed 1 --json out.json
+    .venv/bin/python scripts/crashtest.py --model power --rounds 50 --states 10 --seed 1
 
 Round i uses seed S+i: `--rounds 1 --seed S+i --keep` reruns one round (the crash
 point is the same; where exactly inside an operation the kill lands depends on timing)
