@@ -1961,8 +1961,13 @@ def power_summary_table(results: list[PowerRunResult]) -> str:
         by_kind[key] = by_kind.get(key, 0) + 1
     rolled = sum(1 for s in states if s.wal < s.wal_range[1])
     dropped = sum(1 for s in states if s.kept < s.pending)
+    hows: dict[str, int] = {}
+    for s in states:
+        hows[s.how] = hows.get(s.how, 0) + 1
     rows = [("crash model", POWER_MODEL), ("recorded runs", str(len(results))),
             ("power-loss states", str(len(states))),
+            ("crash points", ", ".join(f"{k} {v}" for k, v in sorted(hows.items()))
+             + f"; early {sum(1 for s in states if s.early)}"),
             ("states with violations", str(sum(1 for s in states if s.violations))),
             ("operations acknowledged (recorded runs)", str(sum(r.ops_acked for r in results))),
             ("operations acknowledged before the crash points",
