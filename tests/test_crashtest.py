@@ -461,4 +461,5 @@ def test_power_run(tmp_path: Path) -> None:
 @pytest.mark.mounted
 @pytest.mark.slow
 def test_power_runs_many(tmp_path: Path) -> None:
-    _power_runs(tmp_path, [1, 11, 12, 13], 8)
+    # (the whole suite runs `slow` tests too: 18 states, about two minutes)
+    _power_runs(tmp_path, [1, 11, 13], 6)
