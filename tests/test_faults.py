@@ -20,7 +20,7 @@ import trio.testing
 
 from blockdev import (BlockDevice, ChecksumError, DeviceError, FaultPlan, FaultyBacking,
                       FormatError, PrincipalId)
-from conftest import make_volume, sluice
+from conftest import is_mounted, make_volume, sluice
 
 BS = 4096
 P0 = PrincipalId(0)
@@ -383,6 +383,8 @@ def test_bad_fault_plan_fails_the_mount_with_one_line(volume: Path, tmp_path: Pa
     plan = write_plan(tmp_path, read_error_rate=7)
     r = sluice("mount", str(volume), str(mp), check=False,
                env={**os.environ, "SLUICE_FAULT_PLAN": str(plan)})
+    if is_mounted(mp):  # it must not mount; if it did, do not leave it behind
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
     assert r.returncode != 0
     assert f"fault plan {plan}: read_error_rate must be within 0..1" in r.stderr
     assert "Traceback" not in r.stderr
