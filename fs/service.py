@@ -150,5 +150,8 @@ class DirectService:
         return st
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
+        """Re-tag `src`'s storage as `dst`'s, durably (the caller saves the principal
+        table only after this: see PrincipalTable.remove)."""
         self.fs.md.move_principal(src.id, dst.id)
         self.fs.retag_cached(src.id, dst.id)
+        await self.fs.sync()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
-import itertools
 import json
 import logging
 import os
@@ -234,7 +233,9 @@ class PrincipalTable:
         self.path = path
         self._by_id: dict[int, Principal] = {}
         self._by_name: dict[str, Principal] = {}
-        self._ids = itertools.count(1)
+        #: the next principal id: ids are never reused (storage tagged with a removed
+        #: id must not be charged to whoever is added next), so it is saved too
+        self._next_id = 1
         self.root = self._insert(ROOT_PRINCIPAL, "root", None, 0, root_banks())
         #: pid -> (process start time, principal) registered by `sluice run`
         self._registered: dict[int, tuple[int, Principal]] = {}
@@ -252,6 +253,15 @@ class PrincipalTable:
             return t
         except (OSError, ValueError) as exc:
             raise PrincipalError(f"cannot read {directory / FILE}: {exc}") from None
+        try:
+            t._load(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PrincipalError(f"{directory / FILE} is malformed: {exc!r}") from None
+        return t
+
+    def _load(self, data: dict) -> None:
+        t = self
+        directory = self.path.parent if self.path is not None else Path(".")
         t.root.banks = Banks.from_json(data["root"]["banks"], base=root_banks())
         pending = [p for p in data["principals"]]
         # Parents before children (the file lists them so, but be forgiving).
@@ -268,8 +278,7 @@ class PrincipalTable:
             if not progressed:
                 raise PrincipalError(f"{directory / FILE}: principals with unknown parents: "
                                      + ", ".join(r["name"] for r in pending))
-        t._ids = itertools.count(max(t._by_id) + 1)
-        return t
+        t._next_id = max(int(data.get("next_id", 0)), max(t._by_id) + 1)
 
     def save(self) -> None:
         if self.path is None:
@@ -281,12 +290,18 @@ class PrincipalTable:
             assert p.parent is not None
             recs.append({"id": p.id, "name": p.name, "parent": p.parent.name,
                          "owner_uid": p.owner_uid, "banks": p.banks.to_json()})
-        data = {"root": {"banks": self.root.banks.to_json()}, "principals": recs}
+        data = {"root": {"banks": self.root.banks.to_json()}, "principals": recs,
+                "next_id": self._next_id}
         # Durable (a principal change must survive a power loss) and 0600: it names
         # every tenant and its owner uid.
         write_durably(self.path, (json.dumps(data, indent=1) + "\n").encode())
 
     # -- the tree ------------------------------------------------------------------------
+
+    def _take_id(self) -> PrincipalId:
+        pid = PrincipalId(self._next_id)
+        self._next_id += 1
+        return pid
 
     def _insert(self, pid: PrincipalId, name: str, parent: Principal | None, owner: int,
                 banks: Banks) -> Principal:
@@ -392,7 +407,7 @@ class PrincipalTable:
             raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
         self._check_banks(par, banks, exclude=None)
         self._check_object(par, "children", 1)
-        p = self._insert(PrincipalId(next(self._ids)), name, par, owner_uid, banks)
+        p = self._insert(self._take_id(), name, par, owner_uid, banks)
         self.save()
         return p
 
@@ -431,10 +446,13 @@ class PrincipalTable:
         self.save()
         return p
 
-    def remove(self, name: str, caller_uid: int, *, move_to: str | None = None) -> Principal | None:
+    def remove(self, name: str, caller_uid: int, *, move_to: str | None = None,
+               save: bool = True) -> Principal | None:
         """Remove a principal with no children. If it still owns storage, `move_to` must
-        name the principal that takes it (the caller then re-tags the storage).
-        Returns the principal that takes its storage, if any."""
+        name the principal that takes it (the caller then re-tags the storage, makes
+        that durable, and only then saves the table: pass `save=False`, so that a crash
+        in between leaves the principal in place rather than its storage tagged with a
+        removed id). Returns the principal that takes its storage, if any."""
         p = self.get(name)
         if p is self.root:
             raise NotAllowed("the root principal cannot be removed")
@@ -473,7 +491,8 @@ class PrincipalTable:
             if q is p:
                 del self._registered[pid]
         self._resolved.clear()
-        self.save()
+        if save:
+            self.save()
         return heir
 
     # -- charging ------------------------------------------------------------------------
@@ -528,7 +547,7 @@ class PrincipalTable:
         name = f"uid-{uid}"
         p = self._by_name.get(name)
         if p is None:
-            p = self._insert(PrincipalId(next(self._ids)), name, self.root, uid, Banks())
+            p = self._insert(self._take_id(), name, self.root, uid, Banks())
             self.save()
         return p
 

@@ -604,9 +604,12 @@ class ShimServer:
         name = arg_str(p, "name", maxlen=64)
         move_to = arg_str(p, "move_to", optional=True, maxlen=64) or None
         victim = self.principals.get(name)
-        heir = self.principals.remove(name, conn.creds.uid, move_to=move_to)
-        if heir is not None:
-            await self.service.move_storage(victim, heir)
+        heir = self.principals.remove(name, conn.creds.uid, move_to=move_to, save=False)
+        try:
+            if heir is not None:
+                await self.service.move_storage(victim, heir)  # re-tagged, durably
+        finally:
+            self.principals.save()
         return {"removed": name, "storage_to": heir.name if heir else None}
 
     def _page(self, conn: Connection, p: dict[str, Any]) -> tuple[list[Principal], int | None]:
