@@ -310,11 +310,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(text: str) -> float:
+    """--watch SECONDS: a positive, finite number."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return v
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
     while True:
         with _control(args.mountpoint) as c:
-            st = c.call("stats")
+            try:
+                st = c.call("stats")
+            except (OSError, EOFError) as exc:  # the daemon went away mid-request
+                raise CliError(f"lost the connection to the daemon of {args.mountpoint}: "
+                               f"{exc}") from None
         if args.json:
             print(json.dumps(st, indent=1), flush=True)
         else:
@@ -437,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="per-principal I/O, cache and quota use")
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+    s.add_argument("--watch", type=_interval, default=0, metavar="SECONDS",
                    help="print again every SECONDS")
     s.set_defaults(func=cmd_stats)
 
@@ -472,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`sluice stats --watch 1 | head -3`): stop quietly, and
+        # keep Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:

@@ -184,3 +184,18 @@ def test_file_handles_survive_forget_and_remount_and_go_stale_on_delete(
     finally:
         os.close(fd)
     assert (m2.path / "d" / "f").read_bytes() == b"HANDLE me"
+
+
+# -- the command line: a lost reader or daemon, a bad interval --------------------------------
+
+def test_stats_watch_into_a_closed_pipe_and_bad_intervals(mnt: Path) -> None:
+    from conftest import REPO, SLUICE, sluice
+    r = subprocess.run(f"{' '.join(SLUICE)} stats {mnt} --watch 0.2 | head -3",
+                       shell=True, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert len(r.stdout.splitlines()) == 3 and r.stdout.startswith("volume:")
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    for bad in ("-1", "0", "nan", "inf", "soon"):
+        r = sluice("stats", str(mnt), "--watch", bad, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "positive number of seconds" in r.stderr
