@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import stat
 import time
 import uuid as uuidlib
@@ -95,12 +96,29 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
     """Make a new, empty volume in directory `path` (created if missing)."""
     if profile not in PROFILES and profile.count(",") != 3:
         raise VolumeError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+    if inodes is not None and inodes < 1:
+        raise VolumeError(f"--inodes must be a positive number, not {inodes}")
     # Missing parents get the caller's umask (they may hold mount points other users
     # reach); only the volume itself is private.
     path.parent.mkdir(parents=True, exist_ok=True)
-    with private_umask():
-        return _mkfs(path, size=size, block_size=block_size, profile=profile, inodes=inodes,
-                     device=device, force=force)
+    existed = path.exists()
+    before = set(os.listdir(path)) if existed and path.is_dir() else set()
+    try:
+        with private_umask():
+            return _mkfs(path, size=size, block_size=block_size, profile=profile,
+                         inodes=inodes, device=device, force=force)
+    except BaseException as exc:
+        # A failed mkfs leaves nothing behind: what it made goes (a retry must not find
+        # "not empty and not a sluice volume").
+        if not existed:
+            shutil.rmtree(path, ignore_errors=True)
+        elif not (before - {LOCK}) and path.is_dir():
+            for name in set(os.listdir(path)) - before | ({LOCK} & before):
+                with contextlib.suppress(OSError):
+                    os.unlink(path / name)
+        if isinstance(exc, (OSError, ValueError)):
+            raise VolumeError(f"cannot make a volume in {path}: {exc}") from None
+        raise
 
 
 def _mkfs(path: Path, *, size: int, block_size: int, profile: str, inodes: int | None,

@@ -199,3 +199,24 @@ def test_stats_watch_into_a_closed_pipe_and_bad_intervals(mnt: Path) -> None:
         r = sluice("stats", str(mnt), "--watch", bad, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert "positive number of seconds" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["--size", "99999T"], ["--size", "1E"],
+                                  ["--size", "64M", "--profile", "a,b,c,d"],
+                                  ["--size", "64M", "--inodes", "-5"]])
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_mkfs_leaves_nothing_behind(tmp_path: Path, args: list[str],
+                                             existing: bool) -> None:
+    from conftest import sluice
+    vol = tmp_path / "vol"
+    if existing:
+        vol.mkdir()
+    r = sluice("mkfs", str(vol), *args, check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    if existing:
+        assert vol.is_dir() and os.listdir(vol) == []
+    else:
+        assert not vol.exists()
+    sluice("mkfs", str(vol), "--size", "64M", "-q")  # and a retry just works
+    assert (vol / "volume.json").exists()
