@@ -13,8 +13,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing apt packages: ${missing[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Another apt or dpkg (unattended upgrades on a fresh machine) may hold the lock:
+    # wait for it, up to ten minutes, rather than fail at once.
+    if command -v fuser >/dev/null && $SUDO fuser /var/lib/dpkg/lock-frontend >/dev/null 2>&1; then
+        echo "setup: waiting for another apt/dpkg to finish (up to 10 minutes)"
+    fi
+    apt_wait=(-o DPkg::Lock::Timeout=600)
+    $SUDO apt-get "${apt_wait[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get "${apt_wait[@]}" install -y -qq "${missing[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3.11}
@@ -31,9 +37,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-# `mount -t fuse.sluice` and fstab look for /sbin/mount.fuse.sluice.
-if [ "$(id -u)" -eq 0 ] && [ ! -e /usr/sbin/mount.fuse.sluice ]; then
-    ln -sf "$PWD/.venv/bin/mount.fuse.sluice" /usr/sbin/mount.fuse.sluice
+# `mount -t fuse.sluice` and fstab look for /sbin/mount.fuse.sluice: point it at this
+# clone (the one whose setup ran last), whichever clone it pointed at before.
+if [ "$(id -u)" -eq 0 ] && \
+   [ "$(readlink /usr/sbin/mount.fuse.sluice 2>/dev/null)" != "$PWD/.venv/bin/mount.fuse.sluice" ]; then
+    ln -sfn "$PWD/.venv/bin/mount.fuse.sluice" /usr/sbin/mount.fuse.sluice
 fi
 # Let non-root users mount with allow_other (needed when the daemon is not root).
 if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf && [ "$(id -u)" -eq 0 ]; then
