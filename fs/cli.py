@@ -76,7 +76,8 @@ def _check_mountpoint(mp: str) -> None:
 def _mount_options(args: argparse.Namespace):
     from .mount import MountOptions
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
-                        cache_mode=args.cache_mode, debug_fuse=args.debug_fuse)
+                        cache_mode=args.cache_mode, debug_fuse=args.debug_fuse,
+                        read_only=args.read_only)
 
 
 def _check_private(volume: Path, args: argparse.Namespace) -> None:
@@ -150,6 +151,8 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode]
     if args.profile:
         cmd += ["--profile", args.profile]
+    if args.read_only:
+        cmd.append("--read-only")
     if args.debug:
         cmd.append("--debug")
     logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -397,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default cache mode for files (direct: every I/O reaches the pager)")
     s.add_argument("--fix-permissions", action="store_true",
                    help="make the volume private (chmod -R go-rwx) instead of refusing it")
+    s.add_argument("-r", "--read-only", action="store_true",
+                   help="mount read-only: every change gets EROFS, nothing is written "
+                        "(also -o ro through mount(8))")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
     s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)
@@ -525,6 +531,8 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
             cli += [f"--{key}", val]
         elif key == "foreground":
             cli.append("--foreground")
+        elif key == "ro":
+            cli.append("--read-only")
         elif key == "fix-permissions":
             # Explicit, like the command's flag: an fstab line asks for it by name.
             cli.append("--fix-permissions")

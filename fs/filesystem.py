@@ -225,7 +225,10 @@ class FileSystem:
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
-                   principals: PrincipalTable | None = None) -> FileSystem:
+                   principals: PrincipalTable | None = None,
+                   read_only: bool = False) -> FileSystem:
+        """The metadata server of a volume. Cleans what a crash left (orphans, write
+        layouts never committed) unless `read_only`: then nothing is written at all."""
         max_inodes = int(md.meta("max_inodes") or kernel.nblocks)  # type: ignore[call-overload]
         fs = cls(md, kernel, max_inodes=max_inodes, default_cache_mode=default_cache_mode,
                  principals=principals)
@@ -233,6 +236,9 @@ class FileSystem:
             fs.alloc.mark_used(dev, count)
         fs._inode_count = md.inode_count()
         fs._recount_usage()
+        if read_only:
+            fs.set_read_only("mounted read-only")
+            return fs
         # Inodes unlinked while open when the daemon last stopped: free them now.
         for ino in md.orphans():
             log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)

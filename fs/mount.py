@@ -54,6 +54,8 @@ class MountOptions:
     principal_requests: int = PRINCIPAL_REQUESTS
     commit_interval: float = 1.0
     debug_fuse: bool = False
+    #: a read-only mount: EROFS for every change, nothing written to the volume
+    read_only: bool = False
 
 
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
@@ -63,6 +65,8 @@ def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
         o.add("allow_other")
     if opts.debug_fuse:
         o.add("debug")
+    if opts.read_only:
+        o.add("ro")  # the kernel refuses changes itself; FileSystem does too
     return o
 
 
@@ -134,8 +138,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         stack.callback(md.close)
         principals = PrincipalTable.load(volume)
         fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
-                                   principals=principals)
-        scrubbed = await fs.scrub_stale_blocks()
+                                   principals=principals, read_only=opts.read_only)
+        scrubbed = 0 if opts.read_only else await fs.scrub_stale_blocks()
         if scrubbed:
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)

@@ -220,3 +220,56 @@ def test_a_failed_mkfs_leaves_nothing_behind(tmp_path: Path, args: list[str],
         assert not vol.exists()
     sluice("mkfs", str(vol), "--size", "64M", "-q")  # and a retry just works
     assert (vol / "volume.json").exists()
+
+
+# -- read-only mounts -----------------------------------------------------------------------
+
+def _digest(p: Path) -> str:
+    import hashlib
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["flag", "mount -o ro"])
+def test_read_only_mount(tmp_path: Path, mount_factory, how: str) -> None:
+    from conftest import sluice
+    from kernelshim.client import Client
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mount_factory(vol)
+    (m.path / "f").write_bytes(b"kept")
+    os.setxattr(m.path / "f", "user.x", b"1")
+    m.stop()
+    before = {n: _digest(vol / n) for n in ("meta.db", "device.img", "checksums")}
+    if how == "flag":
+        ro = mount_factory(vol, "--read-only", name="ro")
+        mp = ro.path
+    else:
+        mp = tmp_path / "romnt"
+        mp.mkdir()
+        r = subprocess.run(["mount", "-t", "fuse.sluice", "-o", "ro", str(vol), str(mp)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    try:
+        assert (mp / "f").read_bytes() == b"kept"
+        assert os.getxattr(mp / "f", "user.x") == b"1"
+        assert os.statvfs(mp).f_flag & os.ST_RDONLY
+        changes = [lambda: (mp / "f").write_bytes(b"x"), lambda: os.mkdir(mp / "d"),
+                   lambda: os.unlink(mp / "f"), lambda: os.chmod(mp / "f", 0o600),
+                   lambda: os.setxattr(mp / "f", "user.y", b"2"),
+                   lambda: os.truncate(mp / "f", 0), lambda: os.rename(mp / "f", mp / "g")]
+        for change in changes:
+            with pytest.raises(OSError) as ei:
+                change()
+            assert ei.value.errno == errno.EROFS
+        with Client.connect(mp) as c:  # the direct path refuses writes too
+            with pytest.raises(OSError) as ei:
+                c.open("f", "r+")
+            assert ei.value.errno == errno.EROFS
+            with c.open("f") as f:
+                assert f.read() == b"kept"
+    finally:
+        if how != "flag":
+            sluice("umount", str(mp))
+        else:
+            ro.stop()
+    # nothing of the volume was written
+    assert {n: _digest(vol / n) for n in ("meta.db", "device.img", "checksums")} == before
