@@ -8,13 +8,14 @@ first, then lazily and by killing the daemon's PID if a test left it hanging.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -145,3 +146,61 @@ def run_as(uid: int, gid: int, cmd: list[str], **kw) -> subprocess.CompletedProc
     """Run `cmd` with the given uid/gid and no supplementary groups."""
     return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                            "--", *cmd], capture_output=True, text=True, **kw)
+
+
+# -- code run as another uid in a forked child, and a small tmpfs of our own -----------------
+
+def in_child(uid: int, fn: Callable[[], dict]) -> tuple[int, int]:
+    """Fork a child that runs `fn` as `uid`; returns (pid, read end of its result)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(w, json.dumps(fn()).encode())
+        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+            os.write(w, json.dumps({"child-error": repr(exc)}).encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def child_result(pid: int, r: int) -> dict:
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    out = json.loads(data)
+    assert "child-error" not in out, out
+    return out
+
+
+def as_uid(uid: int, fn: Callable[[], dict]) -> dict:
+    """Run `fn` in a forked child with `uid` (and gid, no groups); returns its result."""
+    return child_result(*in_child(uid, fn))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """Call with a size ("256k") for a tmpfs of our own to fill up (the host filesystem
+    under a backing file); unmounted in teardown."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        mp = tmp_path / f"tmpfs-{len(mounted)}"
+        mp.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                            str(mp)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        mounted.append(mp)
+        return mp
+
+    yield make
+    for mp in mounted:
+        subprocess.run(["umount", "-l", str(mp)], check=False)

@@ -9,7 +9,6 @@ promptly.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import Mount, make_volume
+from conftest import Mount, child_result, in_child, make_volume
 from fs.operations import Admission
 from kernelshim.principals import Banks, PrincipalTable
 
@@ -116,36 +115,6 @@ async def test_root_has_its_own_cap_and_tokens_come_back_on_cancel(autojump_cloc
 A_UID, B_UID = 60001, 60002
 BIG = 64 << 20
 CHUNK = 128 << 10
-
-
-def in_child(uid: int, fn: Callable[[], dict]) -> tuple[int, int]:
-    """Fork a child that runs `fn` as `uid`; returns (pid, read end of its result)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.write(w, json.dumps(fn()).encode())
-        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
-            os.write(w, json.dumps({"child-error": repr(exc)}).encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    return pid, r
-
-
-def child_result(pid: int, r: int) -> dict:
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    out = json.loads(data)
-    assert "child-error" not in out, out
-    return out
 
 
 def _flood(path: str, threads: int, seconds: float) -> dict:

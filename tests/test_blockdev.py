@@ -444,21 +444,6 @@ def test_block_size_512(tmp_path: Path) -> None:
 # -- the backing-store seam ------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    """A 256 KiB tmpfs of our own, to fill up: the host filesystem under a backing file."""
-    mp = tmp_path / "tmpfs"
-    mp.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mp)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield mp
-    finally:
-        subprocess.run(["umount", "-l", str(mp)], check=False)
-
-
 def _device_on(tmp_path: Path, image: Path, nblocks: int) -> BlockDevice:
     """A device in tmp_path/dev whose data lives in `image` (a `--device` style path)."""
     with open(image, "wb") as f:
@@ -523,11 +508,11 @@ def test_checksum_file_format_is_checked(tmp_path: Path) -> None:
         BlockDevice.open(d)
 
 
-async def test_host_filesystem_full_is_enospc(tmp_path: Path, small_tmpfs: Path) -> None:
+async def test_host_filesystem_full_is_enospc(tmp_path: Path, small_tmpfs) -> None:
     """A sparse backing file on a full filesystem: the write fails with DeviceFull
     (ENOSPC) naming its first block — including a write the host cut short — and what
     landed of it never reads back as data."""
-    dev = _device_on(tmp_path, small_tmpfs / "img", nblocks=256)  # 1 MiB on 256 KiB
+    dev = _device_on(tmp_path, small_tmpfs("256k") / "img", nblocks=256)  # 1 MiB on 256 KiB
     try:
         with pytest.raises(DeviceFull) as ei:
             await dev.write(0, pattern(128, 1), principal=P0)  # 512 KiB: cut short

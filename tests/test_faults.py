@@ -393,28 +393,14 @@ def test_bad_fault_plan_fails_the_mount_with_one_line(volume: Path, tmp_path: Pa
 # -- the host filesystem under the backing file fills up ---------------------------------------
 
 
-@pytest.fixture
-def tmpfs_2m(tmp_path: Path):
-    mp = tmp_path / "tmpfs"
-    mp.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mp)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield mp
-    finally:
-        subprocess.run(["umount", "-l", str(mp)], check=False)
-
-
 @pytest.mark.mounted
-def test_host_filesystem_full_gives_enospc_to_the_writer(tmp_path: Path, tmpfs_2m: Path,
+def test_host_filesystem_full_gives_enospc_to_the_writer(tmp_path: Path, small_tmpfs,
                                                          mount_factory) -> None:
     """The volume's sparse backing file lives on a 2 MiB tmpfs but claims 64 MiB: a
     writer that fills the host filesystem gets ENOSPC (also for the write the host cut
     short), the daemon stays up, other files read fine, and space freed by unlink is
     usable again."""
-    img = tmpfs_2m / "device.img"
+    img = small_tmpfs("2m") / "device.img"
     with open(img, "wb") as f:
         f.truncate(64 << 20)
     volume = make_volume(tmp_path / "vol", "64M", "--device", str(img))

@@ -16,11 +16,11 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
-from conftest import REPO, is_mounted, sluice
+from conftest import REPO, as_uid, is_mounted, sluice
 from fs.errors import VolumeError
 from fs.mount import control_socket_path
 from test_cli import assert_one_line_error
@@ -42,32 +42,6 @@ def _umask0() -> None:
 def run_umask0(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The sluice CLI run with umask 0: nothing may rely on the caller's umask."""
     return sluice(*args, check=check, preexec_fn=_umask0)
-
-
-def as_uid(uid: int, fn: Callable[[], dict]) -> dict:
-    """Run `fn` in a forked child with `uid` (and gid, no groups); returns its result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.write(w, json.dumps(fn()).encode())
-        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
-            os.write(w, json.dumps({"child-error": repr(exc)}).encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    out = json.loads(data)
-    assert "child-error" not in out, out
-    return out
 
 
 def modes(volume: Path) -> dict[str, int]:
