@@ -77,7 +77,18 @@ def _mount_options(args: argparse.Namespace):
     from .mount import MountOptions
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
                         cache_mode=args.cache_mode, debug_fuse=args.debug_fuse,
-                        read_only=args.read_only)
+                        read_only=args.read_only, metrics=_metrics_address(args.metrics))
+
+
+def _metrics_address(text: str | None) -> tuple[str, int] | None:
+    """--metrics ADDRESS:PORT, checked before the daemon starts."""
+    if text is None:
+        return None
+    from .metrics import parse_address
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise CliError(f"--metrics: {exc}") from None
 
 
 def _check_private(volume: Path, args: argparse.Namespace) -> None:
@@ -153,6 +164,8 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
         cmd += ["--profile", args.profile]
     if args.read_only:
         cmd.append("--read-only")
+    if args.metrics:
+        cmd += ["--metrics", args.metrics]
     if args.debug:
         cmd.append("--debug")
     logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -403,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-r", "--read-only", action="store_true",
                    help="mount read-only: every change gets EROFS, nothing is written "
                         "(also -o ro through mount(8))")
+    s.add_argument("--metrics", default=None, metavar="ADDRESS:PORT",
+                   help="serve every principal's I/O and cache figures in the Prometheus "
+                        "text format at http://ADDRESS:PORT/metrics (off by default; "
+                        "e.g. 127.0.0.1:9464)")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
     s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)
