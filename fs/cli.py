@@ -337,15 +337,21 @@ def _interval(text: str) -> float:
     return v
 
 
+def _fetch_stats(mountpoint: str) -> dict:
+    with _control(mountpoint) as c:
+        try:
+            return c.call("stats")
+        except (OSError, EOFError) as exc:  # the daemon went away mid-request
+            raise CliError(f"lost the connection to the daemon of {mountpoint}: "
+                           f"{exc}") from None
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
+    if args.watch and not args.json:
+        return _watch_stats(args)
     while True:
-        with _control(args.mountpoint) as c:
-            try:
-                st = c.call("stats")
-            except (OSError, EOFError) as exc:  # the daemon went away mid-request
-                raise CliError(f"lost the connection to the daemon of {args.mountpoint}: "
-                               f"{exc}") from None
+        st = _fetch_stats(args.mountpoint)
         if args.json:
             print(json.dumps(st, indent=1), flush=True)
         else:
@@ -356,30 +362,106 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _stats_text(st: dict) -> str:
+    from .metrics import capacity, io_rows
     f, d, p = st["fs"], st["device"], st["pager"]
+    cap_iops, cap_bps = capacity(st)
+    cap = ""
+    if cap_iops is not None or cap_bps is not None:
+        cap = (f", capacity {cap_iops or 0:,.0f} IOPS (4 KiB random), "
+               f"{(cap_bps or 0) / 1e6:,.1f} MB/s (sequential)")
     out = [f"volume: {f['blocks'] - f['blocks_free']}/{f['blocks']} blocks used "
            f"({f['block_size']} B), {f['inodes']}/{f['max_inodes']} inodes, "
            f"{f['open_handles']} open files, {f['live_grants']} live grants",
            f"device: profile {d['profile']}, scheduler {d['scheduler']}, "
-           f"{d['checksum_errors']} checksum errors",
+           f"{d['checksum_errors']} checksum errors{cap}",
            f"pager:  {p['frames_used']}/{p['frames']} frames, {p['hits']} hits, "
            f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
            f"{p['evictions']} evictions",
            "",
-           f"{'PRINCIPAL':16} {'READS':>8} {'WRITES':>8} {'MB READ':>9} {'MB WRITTEN':>10}"
-           f" {'p50 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE':>9} {'INODES':>7}"]
+           f"{'PRINCIPAL':16} {'REQUESTS':>9} {'MB READ':>9} {'MB WRITTEN':>10}"
+           f" {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE':>9} {'INODES':>7}"]
     usage = {r["name"]: r["usage"] for r in st["principals"]}
     names = [r["name"] for r in st["principals"]]
-    io = d["per_principal"]
+    io = io_rows(st)
     for n in names:
-        s = io.get(n, {})
+        s = io.get(n)
         u = usage.get(n, {})
-        out.append(f"{n:16} {s.get('reads', 0):>8} {s.get('writes', 0):>8} "
-                   f"{s.get('bytes_read', 0) / 1e6:>9.1f} {s.get('bytes_written', 0) / 1e6:>10.1f} "
-                   f"{s.get('p50_s', 0) * 1e3:>8.3f} {s.get('p99_s', 0) * 1e3:>8.3f} "
-                   f"{p['resident'].get(n, 0):>7} {_fmt_bytes(u.get('space', 0)):>9} "
-                   f"{u.get('inodes', 0):>7}")
+        if s is None:
+            iocols = f"{0:>9} {0:>9.1f} {0:>10.1f} {'-':>8} {'-':>8} {'-':>8}"
+        else:
+            p95 = f"{s.p95_s * 1e3:>8.3f}" if s.p95_s is not None else f"{'-':>8}"
+            iocols = (f"{s.ops:>9} {s.read_bytes / 1e6:>9.1f} {s.write_bytes / 1e6:>10.1f} "
+                      f"{s.p50_s * 1e3:>8.3f} {p95} {s.p99_s * 1e3:>8.3f}")
+        out.append(f"{n:16} {iocols} {p['resident'].get(n, 0):>7} "
+                   f"{_fmt_bytes(u.get('space', 0)):>9} {u.get('inodes', 0):>7}")
     return "\n".join(out)
+
+
+def _watch_table(st: dict, prev: dict | None, dt: float, interval: float) -> str:
+    """What `stats --watch` shows: the volume lines, then per principal the rates over
+    the last interval (IOPS, MB/s) beside its latency percentiles since mount, the
+    requests it has waiting in the scheduler and its cache frames and hits."""
+    from .metrics import cache_hits, io_rows
+    lines = _stats_text(st).split("\n")[:3]
+    over = f"rates over the last {dt:.1f} s" if prev is not None else "rates from the next one on"
+    lines += [f"every {interval:g} s, {time.strftime('%H:%M:%S')}; {over}, "
+              "latency (queue + service) since mount", "",
+              f"{'PRINCIPAL':16} {'IOPS':>8} {'READ MB/s':>10} {'WRITE MB/s':>10} "
+              f"{'p50 ms':>8} {'p99 ms':>8} {'WAITING':>8} {'FRAMES':>7} {'HITS':>9}"]
+    now, before = io_rows(st), io_rows(prev) if prev is not None else {}
+    hits = cache_hits(st)
+    resident = st["pager"].get("resident", {})
+    for r in st["principals"]:
+        n = r["name"]
+        s, b = now.get(n), before.get(n)
+        if s is not None and prev is not None and dt > 0:
+            ops0, rb0, wb0 = (b.ops, b.read_bytes, b.write_bytes) if b else (0, 0, 0)
+            rates = (f"{(s.ops - ops0) / dt:>8.0f} {(s.read_bytes - rb0) / dt / 1e6:>10.2f} "
+                     f"{(s.write_bytes - wb0) / dt / 1e6:>10.2f}")
+        else:
+            rates = f"{'-':>8} {'-':>10} {'-':>10}"
+        if s is not None and s.ops:
+            lat = f"{s.p50_s * 1e3:>8.3f} {s.p99_s * 1e3:>8.3f}"
+        else:
+            lat = f"{'-':>8} {'-':>8}"
+        waiting = s.waiting if s is not None and s.waiting is not None else "-"
+        h = hits.get(n, (None, None))[0]
+        lines.append(f"{n[:16]:16} {rates} {lat} {waiting:>8} {resident.get(n, 0):>7} "
+                     f"{h if h is not None else '-':>9}")
+    return "\n".join(lines)
+
+
+#: ANSI: clear the screen, cursor home, clear to the end of the line / of the screen,
+#: hide and show the cursor
+_CLEAR, _HOME, _EOL, _EOS, _HIDE, _SHOW = ("\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J",
+                                           "\x1b[?25l", "\x1b[?25h")
+
+
+def _watch_stats(args: argparse.Namespace) -> int:
+    """Redraw the per-principal table in place every --watch seconds on a terminal; into
+    a pipe or a file, print one table per interval with no escape codes."""
+    tty = sys.stdout.isatty()
+    prev: dict | None = None
+    prev_t = 0.0
+    if tty:
+        sys.stdout.write(_HIDE + _CLEAR)
+    try:
+        while True:
+            st = _fetch_stats(args.mountpoint)
+            t = time.monotonic()
+            table = _watch_table(st, prev, t - prev_t, args.watch)
+            prev, prev_t = st, t
+            if tty:
+                sys.stdout.write(_HOME + "".join(line + _EOL + "\n"
+                                                 for line in table.split("\n")) + _EOS)
+                sys.stdout.flush()
+            else:
+                print(table + "\n", flush=True)
+            time.sleep(max(0.0, args.watch - (time.monotonic() - t)))
+    finally:
+        if tty:
+            sys.stdout.write(_SHOW)
+            sys.stdout.flush()
 
 
 # -- argument parsing ---------------------------------------------------------------------
@@ -476,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--watch", type=_interval, default=0, metavar="SECONDS",
-                   help="print again every SECONDS")
+                   help="redraw a live per-principal table (IOPS, MB/s, latency, waiting "
+                        "requests, cache) every SECONDS; into a pipe, print one per "
+                        "interval (with --json: one JSON document per interval)")
     s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("fsck", help="check (and repair) an unmounted volume")

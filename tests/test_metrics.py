@@ -227,3 +227,104 @@ def test_metrics_option_errors_are_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot serve metrics on 127.0.0.1" in lines[0], r.stderr
     assert not is_mounted(mp)
     assert not os.listdir(mp)
+
+
+# -- sluice stats --watch --------------------------------------------------------------------
+
+def _tables(text: str) -> list[list[str]]:
+    """The tables of `stats --watch` output printed into a pipe (blank-line separated
+    blocks from each `volume:` line on)."""
+    out: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("volume:"):
+            out.append([])
+        if out:
+            out[-1].append(line)
+    return out
+
+
+def _row(table: list[str], name: str) -> list[str]:
+    return next(line.split() for line in table if line.split()[:1] == [name])
+
+
+@pytest.mark.mounted
+def test_stats_watch_into_a_pipe_prints_one_table_per_interval_with_rates(metrics_mount) -> None:
+    import subprocess
+    import sys
+    from conftest import REPO, SLUICE
+    m, _ = metrics_mount
+    mnt = m.path
+    sluice("principal", "add", str(mnt), "alice")
+    # alice writes through the mount for as long as the watch runs.
+    writer = subprocess.Popen(
+        [*SLUICE, "run", str(mnt), "--principal", "alice", "--", sys.executable, "-c",
+         f"import os\nfd = os.open({str(mnt / 'w')!r}, os.O_WRONLY | os.O_CREAT)\n"
+         "for i in range(100000):\n    os.pwrite(fd, b'w' * 65536, (i % 64) * 65536)\n"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watch = None
+    try:
+        while not (mnt / "w").exists() or (mnt / "w").stat().st_size < 65536:
+            assert writer.poll() is None, writer.stderr.read()
+            time.sleep(0.05)
+        watch = subprocess.Popen([*SLUICE, "stats", str(mnt), "--watch", "0.5"], cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        while len(_tables("\n".join(lines))) < 4:
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            lines.append(line.rstrip("\n"))
+    finally:
+        if watch is not None:
+            watch.terminate()
+            watch.communicate(timeout=30)
+        writer.kill()
+        writer.communicate(timeout=30)
+    text = "\n".join(lines)
+    assert "\x1b" not in text  # not a terminal: no escape codes
+    tables = _tables(text)[:3]
+    for t in tables:
+        assert any(line.split()[:3] == ["PRINCIPAL", "IOPS", "READ"] for line in t), t
+        assert _row(t, "root") and _row(t, "alice")
+    assert _row(tables[0], "alice")[1] == "-"  # no rate before a second sample
+    for t in tables[1:]:
+        r = _row(t, "alice")
+        iops, write_mbs = float(r[1]), float(r[3])
+        assert iops > 0 and write_mbs > 0, t  # it was writing all along
+        assert float(r[5]) >= float(r[4]) > 0  # p99 >= p50, both recorded
+
+
+@pytest.mark.mounted
+def test_stats_watch_on_a_terminal_redraws_in_place(metrics_mount) -> None:
+    import pty
+    import signal
+    import subprocess
+    from conftest import REPO, SLUICE
+    m, _ = metrics_mount
+    master, slave = pty.openpty()
+    watch = subprocess.Popen([*SLUICE, "stats", str(m.path), "--watch", "0.2"], cwd=REPO,
+                             stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        while out.count(b"\x1b[H") < 3:
+            chunk = os.read(master, 65536)
+            assert chunk
+            out += chunk
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=30) == 130
+        try:
+            while chunk := os.read(master, 65536):
+                out += chunk
+        except OSError:  # EIO: the other side is closed
+            pass
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        os.close(master)
+    text = out.decode()
+    assert text.startswith("\x1b[?25l\x1b[2J\x1b[H")  # hide the cursor, clear, home
+    frames = text.split("\x1b[H")[1:]
+    assert all("PRINCIPAL" in f and "root" in f for f in frames[:3])
+    assert text.rstrip().endswith("\x1b[?25h")  # the cursor is given back
+    assert "Traceback" not in text
