@@ -75,9 +75,16 @@ def _check_mountpoint(mp: str) -> None:
 
 def _mount_options(args: argparse.Namespace):
     from .mount import MountOptions
+    if args.profile is not None:
+        from kernelshim import parse_profile
+        try:
+            parse_profile(args.profile)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
-                        cache_mode=args.cache_mode, debug_fuse=args.debug_fuse,
-                        read_only=args.read_only, metrics=_metrics_address(args.metrics))
+                        scheduler=args.scheduler, cache_mode=args.cache_mode,
+                        debug_fuse=args.debug_fuse, read_only=args.read_only,
+                        metrics=_metrics_address(args.metrics))
 
 
 def _metrics_address(text: str | None) -> tuple[str, int] | None:
@@ -162,6 +169,7 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode]
     if args.profile:
         cmd += ["--profile", args.profile]
+    cmd += ["--scheduler", args.scheduler]
     if args.read_only:
         cmd.append("--read-only")
     if args.metrics:
@@ -259,7 +267,8 @@ def _bank_args(args: argparse.Namespace) -> dict:
     for k in ("io_reserve", "io_limit"):
         v = getattr(args, k, None)
         if v is not None:
-            out[k] = str(Rate.parse(v))
+            # given twice (once per unit) or as a comma list: one rate
+            out[k] = str(Rate.parse(",".join(v)))
     return out
 
 
@@ -361,19 +370,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def _capacity_text(cap: dict) -> str:
+    if cap.get("iops") is None or cap.get("bps") is None:
+        return "unlimited (profile none: no modeled time)"
+    return (f"{cap['iops']:,.0f} IOPS (4 KiB random reads), "
+            f"{cap['bps'] / 1e6:,.1f} MB/s sequential")
+
+
 def _stats_text(st: dict) -> str:
-    from .metrics import capacity, io_rows
+    from .metrics import io_rows
     f, d, p = st["fs"], st["device"], st["pager"]
-    cap_iops, cap_bps = capacity(st)
-    cap = ""
-    if cap_iops is not None or cap_bps is not None:
-        cap = (f", capacity {cap_iops or 0:,.0f} IOPS (4 KiB random), "
-               f"{(cap_bps or 0) / 1e6:,.1f} MB/s (sequential)")
     out = [f"volume: {f['blocks'] - f['blocks_free']}/{f['blocks']} blocks used "
            f"({f['block_size']} B), {f['inodes']}/{f['max_inodes']} inodes, "
            f"{f['open_handles']} open files, {f['live_grants']} live grants",
            f"device: profile {d['profile']}, scheduler {d['scheduler']}, "
-           f"{d['checksum_errors']} checksum errors{cap}",
+           f"{d['checksum_errors']} checksum errors",
+           f"capacity: {_capacity_text(d.get('capacity', {}))}",
            f"pager:  {p['frames_used']}/{p['frames']} frames, {p['hits']} hits, "
            f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
            f"{p['evictions']} evictions",
@@ -402,7 +414,7 @@ def _watch_table(st: dict, prev: dict | None, dt: float, interval: float) -> str
     the last interval (IOPS, MB/s) beside its latency percentiles since mount, the
     requests it has waiting in the scheduler and its cache frames and hits."""
     from .metrics import cache_hits, io_rows
-    lines = _stats_text(st).split("\n")[:3]
+    lines = _stats_text(st).split("\n")[:4]
     over = f"rates over the last {dt:.1f} s" if prev is not None else "rates from the next one on"
     lines += [f"every {interval:g} s, {time.strftime('%H:%M:%S')}; {over}, "
               "latency (queue + service) since mount", "",
@@ -491,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
     s.add_argument("--cache-size", default="64M", help="pager cache size (default 64M)")
     s.add_argument("--profile", default=None, help="override the volume's timing profile")
+    s.add_argument("--scheduler", default="mclock", choices=["mclock", "fifo"],
+                   help="the device's I/O scheduler: mclock (per-principal reservation, "
+                        "weight and limit; default) or fifo (one global order, the baseline)")
     s.add_argument("--cache-mode", default="direct", choices=["direct", "kernel"],
                    help="default cache mode for files (direct: every I/O reaches the pager)")
     s.add_argument("--fix-permissions", action="store_true",
@@ -527,9 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
         a.add_argument("--cache-min", help="guaranteed cache, e.g. 64M")
         a.add_argument("--cache-max", help="cache ceiling, e.g. 256M")
-        a.add_argument("--io-reserve", help="reserved I/O rate, e.g. 20MB/s or 500iops")
+        a.add_argument("--io-reserve", action="append", metavar="RATE",
+                       help="reserved I/O rate: 20MB/s, 500iops, or both (give the flag "
+                            "twice, or 500iops,20MB/s); `none` removes it")
         a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
-        a.add_argument("--io-limit", help="I/O ceiling, e.g. 100MB/s or 2000iops")
+        a.add_argument("--io-limit", action="append", metavar="RATE",
+                       help="I/O ceiling: 100MB/s, 2000iops, or both (the tighter wins; "
+                            "twice, or 2000iops,100MB/s); `none` removes it")
         a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
         a.add_argument("--caps", type=int, help="capability slots it may hold")
         a.add_argument("--connections", type=int,
@@ -628,7 +647,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     for opt in options:
         key, _, val = opt.partition("=")
         key = key.replace("_", "-")
-        if key in ("cache-size", "profile", "cache-mode") and val:
+        if key in ("cache-size", "profile", "cache-mode", "scheduler") and val:
             cli += [f"--{key}", val]
         elif key == "foreground":
             cli.append("--foreground")

@@ -23,7 +23,9 @@ labels for dimensions):
     sluice_io_latency_seconds{principal, quantile}             summary (queue + service,
                                                                the scheduler's own figures)
     sluice_io_latency_max_seconds{principal}                   gauge
-    sluice_io_waiting_requests{principal}                      gauge (when the scheduler says)
+    sluice_io_waiting_requests{principal}                      gauge
+    sluice_io_reservation_requests_total{principal, outcome="met"|"missed"}   counter
+    sluice_io_throttled_requests_total{principal}              counter
     sluice_cache_frames{principal} / sluice_cache_frames_capacity / _used
     sluice_cache_hits_total, sluice_cache_misses_total, sluice_cache_evictions_total, ...
     sluice_device_capacity_iops, sluice_device_capacity_bytes_per_second (when known)
@@ -80,6 +82,11 @@ class IoRow:
     sum_s: float | None
     #: requests queued in the scheduler right now, when it says
     waiting: int | None
+    #: requests of a reserved principal dispatched within one reservation interval of
+    #: being due (met) and later (missed); requests that waited for a limit
+    reservation_met: int | None = None
+    reservation_missed: int | None = None
+    throttled: int | None = None
 
 
 def io_rows(st: dict[str, Any]) -> dict[str, IoRow]:
@@ -102,6 +109,7 @@ def io_rows(st: dict[str, Any]) -> dict[str, IoRow]:
             if total_us is None and lat.get("mean") is not None:
                 total_us = lat["mean"] * int(r.get("ops", 0))
             waiting = r.get("waiting", r.get("queued"))
+            resv = r.get("reservation") or {}
             out[name] = IoRow(
                 read_bytes=int(r.get("read_bytes", 0)), write_bytes=int(r.get("write_bytes", 0)),
                 ops=int(r.get("ops", 0)),
@@ -110,7 +118,10 @@ def io_rows(st: dict[str, Any]) -> dict[str, IoRow]:
                 p50_s=_us(lat.get("p50")), p95_s=_us(lat.get("p95")) if "p95" in lat else None,
                 p99_s=_us(lat.get("p99")), max_s=_us(lat.get("max")),
                 sum_s=_us(total_us) if total_us is not None else None,
-                waiting=int(waiting) if waiting is not None else None)
+                waiting=int(waiting) if waiting is not None else None,
+                reservation_met=_int(resv.get("met")),
+                reservation_missed=_int(resv.get("missed")),
+                throttled=_int(r.get("throttled")))
         return out
     for name, r in st.get("device", {}).get("per_principal", {}).items():
         out[name] = IoRow(
@@ -120,6 +131,10 @@ def io_rows(st: dict[str, Any]) -> dict[str, IoRow]:
             p50_s=float(r.get("p50_s", 0.0)), p95_s=None, p99_s=float(r.get("p99_s", 0.0)),
             max_s=float(r.get("max_s", 0.0)), sum_s=None, waiting=None)
     return out
+
+
+def _int(v: Any) -> int | None:
+    return int(v) if v is not None else None
 
 
 def _us(v: Any) -> float:
@@ -186,7 +201,13 @@ def _io_families(st: dict[str, Any]) -> Iterator[Metric]:
                              "of a principal since mount", labels=["principal"])
     waiting = GaugeMetricFamily("sluice_io_waiting_requests", "Requests of a principal waiting "
                                 "in the scheduler", labels=["principal"])
-    any_split = any_waiting = False
+    resv = CounterMetricFamily("sluice_io_reservation_requests", "Requests of a reserved "
+                               "principal dispatched within one reservation interval of being "
+                               "due (met) or later (missed)", labels=["principal", "outcome"])
+    throttled = CounterMetricFamily("sluice_io_throttled_requests", "Requests of a principal "
+                                    "that waited for an I/O limit (its own or an ancestor's)",
+                                    labels=["principal"])
+    any_split = any_waiting = any_resv = any_throttled = False
     for name, r in sorted(rows.items()):
         nbytes.add_metric([name, "read"], r.read_bytes)
         nbytes.add_metric([name, "write"], r.write_bytes)
@@ -205,6 +226,13 @@ def _io_families(st: dict[str, Any]) -> Iterator[Metric]:
         if r.waiting is not None:
             any_waiting = True
             waiting.add_metric([name], r.waiting)
+        if r.reservation_met is not None and r.reservation_missed is not None:
+            any_resv = True
+            resv.add_metric([name, "met"], r.reservation_met)
+            resv.add_metric([name, "missed"], r.reservation_missed)
+        if r.throttled is not None:
+            any_throttled = True
+            throttled.add_metric([name], r.throttled)
     yield nbytes
     yield reqs
     if any_split:
@@ -213,6 +241,10 @@ def _io_families(st: dict[str, Any]) -> Iterator[Metric]:
     yield lmax
     if any_waiting:
         yield waiting
+    if any_resv:
+        yield resv
+    if any_throttled:
+        yield throttled
 
 
 def _cache_families(st: dict[str, Any]) -> Iterator[Metric]:

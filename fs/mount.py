@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 class MountOptions:
     cache_bytes: int = 64 << 20
     profile: str | None = None
+    #: the device's I/O scheduler: "mclock" (per-principal QoS) or "fifo" (the baseline)
+    scheduler: str = "mclock"
     cache_mode: str = "direct"
     allow_other: bool = True
     #: pyfuse3 request workers (trio tasks; a busy one holds a request buffer). Far more
@@ -135,6 +137,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
+                             scheduler=opts.scheduler,
                              fault_plan=Path(fault_plan) if fault_plan else None,
                              record_dir=Path(record_dir) if record_dir else None)
         stack.callback(kernel.close)

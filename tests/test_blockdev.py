@@ -28,7 +28,7 @@ def make(tmp_path: Path, *, nblocks: int = 64, profile: str = "none",
     d = tmp_path / "dev"
     d.mkdir(exist_ok=True)
     BlockDevice.format(d, size=nblocks * block_size, block_size=block_size, profile=profile)
-    return BlockDevice.open(d)
+    return BlockDevice.open(d, timeline_slack=0.0)
 
 
 def pattern(count: int, seed: int, bs: int = BS) -> bytes:
@@ -307,15 +307,21 @@ async def test_hdd_queue_depth_one_serialises(tmp_path: Path, autojump_clock) ->
 
 
 async def test_ssd_deep_queue_overlaps(tmp_path: Path, autojump_clock) -> None:
+    """Channels overlap their access times; transfers share the one bus."""
     dev = make(tmp_path, profile="ssd")
+    xfer = BS / 500e6
     try:
         elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(4)])
-        assert elapsed == pytest.approx(ssd_read(BS), rel=1e-9)
+        assert elapsed == pytest.approx(150e-6 + 4 * xfer, rel=1e-9)
         elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(32)])
-        assert elapsed == pytest.approx(ssd_read(BS), rel=1e-9)
-        # one more than the queue depth needs a second round
+        assert elapsed == pytest.approx(150e-6 + 32 * xfer, rel=1e-9)
+        # one more than the queue depth waits for a channel (free after 158 us), and
+        # its transfer then waits for the bus
         elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(33)])
-        assert elapsed == pytest.approx(2 * ssd_read(BS), rel=1e-9)
+        assert elapsed == pytest.approx(150e-6 + 33 * xfer, rel=1e-9)
+        # large requests are bandwidth-bound whatever the depth: 8 x 1 MiB at 500 MB/s
+        elapsed = await _concurrently(dev, [(0, 16, P0) for i in range(8)])
+        assert elapsed == pytest.approx(150e-6 + 8 * 16 * xfer, rel=1e-9)
     finally:
         dev.close()
 
@@ -368,15 +374,16 @@ async def test_per_principal_statistics(tmp_path: Path, autojump_clock) -> None:
         await dev.read(0, 1, principal=P2)
         await dev.read(0, 3, principal=P2)
         await dev.read(4, 1, principal=P2)
-        await dev.discard(0, 2, principal=P2)  # discards are not I/O requests
+        await dev.discard(0, 2, principal=P2)  # a discard is a request of its own kind
         st = dev.statistics()
-        assert st.profile == "ssd" and st.scheduler == "fifo"
+        assert st.profile == "ssd" and st.scheduler == "mclock"
         assert st.block_size == BS and st.nblocks == 64
         by = {s.principal: s for s in st.per_principal}
         assert set(by) == {P1, P2}
         assert (by[P1].reads, by[P1].writes) == (1, 2)
         assert (by[P1].bytes_read, by[P1].bytes_written) == (2 * BS, 3 * BS)
-        assert (by[P2].reads, by[P2].writes) == (3, 0)
+        assert (by[P2].reads, by[P2].writes, by[P2].discards) == (3, 0, 1)
+        assert (by[P1].ops, by[P2].ops) == (3, 4)
         assert (by[P2].bytes_read, by[P2].bytes_written) == (5 * BS, 0)
         # latencies: every P2 read took at least one ssd service time
         assert by[P2].max_s == pytest.approx(ssd_read(3 * BS), rel=1e-9)
@@ -419,7 +426,7 @@ def test_parse_profile_named_and_custom() -> None:
     assert PROFILES["none"].is_instant
 
 
-@pytest.mark.parametrize("spec", ["", "fast", "1,2,3", "1,2,3,4,5", "a,b,c,d", "1,2,3,4.5",
+@pytest.mark.parametrize("spec", ["", "fast", "1,2,3", "1,2,3,4,5,6,7", "a,b,c,d", "1,2,3,4.5",
                                   "SSD"])
 def test_parse_profile_rejects_bad_spec(spec: str) -> None:
     with pytest.raises(ValueError, match="unknown timing profile"):
@@ -451,7 +458,7 @@ def _device_on(tmp_path: Path, image: Path, nblocks: int) -> BlockDevice:
     d = tmp_path / "dev"
     d.mkdir()
     BlockDevice.format(d, size=nblocks * BS, block_size=BS, backing=str(image))
-    return BlockDevice.open(d)
+    return BlockDevice.open(d, timeline_slack=0.0)
 
 
 async def test_device_is_built_from_injected_parts(tmp_path: Path, autojump_clock) -> None:
@@ -462,7 +469,7 @@ async def test_device_is_built_from_injected_parts(tmp_path: Path, autojump_cloc
     store = ChecksumStore.load(FileBacking(d / CHECKSUMS), geo.nblocks)
     sched = FifoScheduler(1)
     dev = BlockDevice(geo, parse_profile("1000,0,0,1"), data=data, checksums=store,
-                      scheduler=sched)
+                      scheduler=sched, timeline_slack=0.0)
     try:
         assert dev.scheduler is sched and dev.data is data and dev.checksums is store
         t0 = trio.current_time()
