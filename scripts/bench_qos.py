@@ -25,9 +25,14 @@ the device. Figures come from two places, side by side: what the programs measur
 principal, from `sluice stats`): the scheduler's figures are the gate.
 
 Profiles: `hdd` (one request at a time, seeks) and a custom one, `slow4`
-(10 ms a request, 50 MB/s, four channels, no seek: 4 KiB random capacity ~400 IOPS,
-far below what the daemon can drive through FUSE even on a busy two-core machine, so
-the device, not the daemon, is the bottleneck).
+(`10000,400,0,4`: 10 ms a request, 400 MB/s, four channels, no seek; 4 KiB random
+capacity 400 IOPS), slow enough that the daemon saturates it through FUSE even on a
+busy two-core machine, so the device, not the daemon, is the bottleneck. (With eight
+channels, 800 IOPS, it did not: the floods then got what they asked for and weights
+had nothing to share.) The bulk writer is 2 processes x 4 threads writing 256 KiB
+through the mount plus 64 threads writing 256 KiB as direct clients (the mount admits
+16 requests of one principal at a time; direct clients are how it queues more), all
+as one principal.
 
     .venv/bin/python scripts/bench_qos.py [--quick] [--json FILE] [--plot FILE.png]
 
@@ -58,7 +63,7 @@ MiB = 1 << 20
 KiB = 1 << 10
 
 #: the custom profile: latency_us,MBps,full_seek_ms,queue_depth
-CUSTOM = ("slow4", "10000,50,0,4")
+CUSTOM = ("slow4", "10000,400,0,4")
 PROFILES = {"hdd": "hdd", CUSTOM[0]: CUSTOM[1]}
 
 
@@ -75,12 +80,18 @@ def load_main(argv: list[str]) -> int:
     ap.add_argument("--deadline", type=float, default=0, help="reader: seconds per read")
     ap.add_argument("--threads", type=int, default=1, help="flood: threads")
     ap.add_argument("--write", action="store_true", help="flood: write (else read)")
+    ap.add_argument("--direct", action="store_true",
+                    help="flood write: through direct clients (one connection per thread) "
+                         "instead of the mount")
     ap.add_argument("--span", type=int, default=64 * MiB, help="flood write: bytes of each thread's file")
     ap.add_argument("--stop", default=None, help="flood: stop once this file exists")
+    ap.add_argument("--mnt", default=None, help="direct flood: the mount point")
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args(argv)
     if a.kind == "reader":
         out = _reader(a)
+    elif a.direct:
+        out = _direct_flood(a)
     else:
         out = _flood(a)
     json.dump(out, sys.stdout)
@@ -157,6 +168,45 @@ def _flood(a: argparse.Namespace) -> dict[str, Any]:
     return {"ops": sum(counts)}
 
 
+def _direct_flood(a: argparse.Namespace) -> dict[str, Any]:
+    """Like a write flood, through direct clients: each thread its own connection
+    (acting for this process's principal), writing FILE.k over and over. Direct
+    clients are not held to the mount's per-principal request admission, so a few
+    dozen threads keep a few dozen device requests queued."""
+    sys.path.insert(0, str(REPO))
+    from kernelshim.client import Client
+    mnt = Path(a.mnt)
+    end = time.perf_counter() + a.seconds
+    counts = [0] * a.threads
+    buf = os.urandom(a.size)
+    errors: list[str] = []
+
+    def work(k: int) -> None:
+        n = 0
+        try:
+            with Client.connect(mnt, shm_size=a.size) as c:
+                with c.open(f"{Path(a.file).name}.{k}", "w") as f:
+                    off = 0
+                    while time.perf_counter() < end and not (a.stop and os.path.exists(a.stop)):
+                        f.pwrite(buf, off)
+                        off = (off + a.size) % a.span
+                        n += 1
+                        if off == 0:
+                            f.commit()
+        except Exception as exc:  # noqa: BLE001 - reported to the harness
+            errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
+        counts[k] = n
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(a.threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit("; ".join(errors[:3]))
+    return {"ops": sum(counts)}
+
+
 # -- the harness ------------------------------------------------------------------------
 
 def log(msg: str) -> None:
@@ -189,6 +239,7 @@ class Volume:
         self.profile = profile
         self.cache = cache
         self.pid: int | None = None
+        self.added: list[str] = []
         sluice("mkfs", str(self.volume), "--size", size, "--profile", profile, "-q")
 
     def mount(self, scheduler: str) -> None:
@@ -225,6 +276,17 @@ class Volume:
         from kernelshim.client import Client
         with Client.connect(str(self.mnt), shm_size=0) as c:
             c.call("principal_add", name=name, parent="root", owner_uid=None, **banks)
+        self.added.append(name)
+
+    def forget(self) -> None:
+        """Remove the principals added since the last call (their reservations would
+        otherwise add up over the cases past what the device can serve); what they
+        stored goes to `setup`."""
+        from kernelshim.client import Client
+        with Client.connect(str(self.mnt), shm_size=0) as c:
+            for name in self.added:
+                c.call("principal_rm", name=name, move_to="setup")
+        self.added = []
 
     def start(self, principal: str, *load_args: str) -> subprocess.Popen:
         """Start a workload program as `principal` (sluice run)."""
@@ -294,8 +356,10 @@ class Settings:
         #: seconds each flood case is measured, after `warmup` seconds of flooding
         self.flood_seconds = 1.5 if quick else (8.0 if hdd else 6.0)
         self.warmup = 0.3 if quick else 1.0
-        #: bulk writer: processes x threads, bytes per write
-        self.writers, self.writer_threads, self.write_size = 2, 4, 128 * KiB
+        #: the bulk writer: processes x threads writing through the mount, threads of
+        #: one process writing as direct clients, bytes per write
+        self.writers, self.writer_threads, self.write_size = 2, 4, 256 * KiB
+        self.direct_writers = 64
         self.flood_threads = 8
         self.data_bytes = (32 if quick else 128) * MiB
 
@@ -304,6 +368,7 @@ def prepare(v: Volume, s: Settings) -> None:
     """The data file every reader reads (written by a principal of its own, so that
     writing it is charged to nobody measured)."""
     v.principal("setup")
+    v.added = []
     subprocess.run([*SLUICE, "run", str(v.mnt), "--principal", "setup", "--", "dd",
                     "if=/dev/urandom", f"of={v.mnt / 'data'}", "bs=1M",
                     f"count={s.data_bytes // MiB}", "conv=fsync", "status=none"],
@@ -361,15 +426,21 @@ def case_audio(v: Volume, s: Settings, tag: str, stop: Path) -> dict[str, Any]:
         v.principal(name, io_reserve=res)
         with Floods(v, stop) as fl:
             if phase == "busy":
-                v.principal(f"bulk-{tag}")
+                # (root may let it hold more connections than the default 64)
+                v.principal(f"bulk-{tag}", connections=128)
                 for k in range(s.writers):
                     fl.start(f"bulk-{tag}", "--write", "--file", str(v.mnt / f"bulk{k}-{tag}"),
                              "--threads", str(s.writer_threads), "--size", str(s.write_size),
                              "--span", str(16 * MiB), "--seed", str(k + 1))
+                fl.start(f"bulk-{tag}", "--write", "--direct", "--mnt", str(v.mnt),
+                         "--file", f"bulkd-{tag}", "--threads", str(s.direct_writers),
+                         "--size", str(s.write_size), "--span", str(8 * MiB))
                 fl.wait_busy()
                 time.sleep(s.warmup)  # the writers have filled the queue
+            # Offsets of its own (a seed per phase): the pool must not hold them already.
             reader = v.start(name, "reader", "--file", data, "--rate", str(s.rate),
-                             "--seconds", str(s.audio_seconds), "--deadline", str(s.deadline))
+                             "--seconds", str(s.audio_seconds), "--deadline", str(s.deadline),
+                             "--seed", str(_seed(name)))
             (r,) = finish([reader], s.audio_seconds + 120)
             st = v.stats()
         row = io_of(st, name)
@@ -400,6 +471,12 @@ def case_audio(v: Volume, s: Settings, tag: str, stop: Path) -> dict[str, Any]:
     }
 
 
+def _seed(name: str) -> int:
+    """A seed of the principal's own, so that no workload reads the offsets another
+    one left in the pool."""
+    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") ^ len(name)
+
+
 def _measure(v: Volume, s: Settings, stop: Path, names: list[str], *, sample: float = 0.0
              ) -> tuple[float, dict[str, int], list[tuple[float, dict[str, int]]]]:
     """Flood 4 KiB random reads of the data file as each of `names`; once all reach the
@@ -411,7 +488,7 @@ def _measure(v: Volume, s: Settings, stop: Path, names: list[str], *, sample: fl
     with Floods(v, stop) as fl:
         for k, n in enumerate(names):
             fl.start(n, "--file", str(v.mnt / "data"), "--threads", str(s.flood_threads),
-                     "--seed", str(k + 7))
+                     "--seed", str(_seed(n)))
         fl.wait_busy()
         time.sleep(s.warmup)
         t0 = time.monotonic()
@@ -483,12 +560,16 @@ def run_profile(work: Path, pname: str, spec: str, schedulers: list[str], quick:
             log(f"{pname}/{sched}: capacity {cap:,.0f} IOPS; audio case")
             res: dict[str, Any] = {"capacity_iops": cap}
             res["audio"] = case_audio(v, s, sched, stop)
+            v.forget()
             log(f"{pname}/{sched}: reservation case")
             res["reservation"] = case_reservation(v, s, sched, cap, stop)
+            v.forget()
             log(f"{pname}/{sched}: weights case")
             res["weights"] = case_weights(v, s, sched, stop)
+            v.forget()
             log(f"{pname}/{sched}: limit case")
             res["limit"] = case_limit(v, s, sched, cap, stop)
+            v.forget()
             out[sched] = res
     finally:
         v.umount()
