@@ -175,6 +175,7 @@ def _direct_flood(a: argparse.Namespace) -> dict[str, Any]:
     dozen threads keep a few dozen device requests queued."""
     sys.path.insert(0, str(REPO))
     from kernelshim.client import Client
+    from kernelshim.errors import Sealed
     mnt = Path(a.mnt)
     end = time.perf_counter() + a.seconds
     counts = [0] * a.threads
@@ -188,7 +189,13 @@ def _direct_flood(a: argparse.Namespace) -> dict[str, Any]:
                 with c.open(f"{Path(a.file).name}.{k}", "w") as f:
                     off = 0
                     while time.perf_counter() < end and not (a.stop and os.path.exists(a.stop)):
-                        f.pwrite(buf, off)
+                        try:
+                            f.pwrite(buf, off)
+                        except Sealed:
+                            # A commit sealed the blocks again between the library's
+                            # retry's layout and its write (likely on a slow device):
+                            # the next pwrite asks for a layout afresh.
+                            continue
                         off = (off + a.size) % a.span
                         n += 1
                         if off == 0:
