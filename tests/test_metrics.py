@@ -328,3 +328,35 @@ def test_stats_watch_on_a_terminal_redraws_in_place(metrics_mount) -> None:
     assert all("PRINCIPAL" in f and "root" in f for f in frames[:3])
     assert text.rstrip().endswith("\x1b[?25h")  # the cursor is given back
     assert "Traceback" not in text
+
+
+@pytest.mark.mounted
+def test_metrics_show_every_principal_unlike_a_users_stats(tmp_path: Path) -> None:
+    """The README's warning, checked: a non-root user's `sluice stats` hides other
+    tenants; the metrics endpoint (the operator's view) shows them all."""
+    import shutil
+    import tempfile
+    from conftest import Mount
+    from shim_util import USER_PY, user_run
+    vol = make_volume(tmp_path / "vol", "256M", "--profile", "ssd")
+    base = Path(tempfile.mkdtemp(prefix="sluice-pub-", dir="/tmp"))  # reachable by uid 1000
+    os.chmod(base, 0o755)
+    mp = base / "mnt"
+    mp.mkdir()
+    port = free_port()
+    m = Mount(vol, mp, None, tmp_path / "pub-daemon.log")
+    try:
+        m.start("--metrics", f"127.0.0.1:{port}")
+        sluice("principal", "add", str(mp), "alice")
+        run_as(mp, "alice", f"head -c 64K /dev/urandom > {mp}/secret-work && sync")
+        r = user_run([USER_PY, "-m", "fs.cli", "stats", str(mp), "--json"], 1000)
+        assert r.returncode == 0, r.stderr
+        theirs = json.loads(r.stdout)
+        assert "alice" not in theirs["io"] and "alice" not in json.dumps(theirs["principals"])
+        ours = _families(scrape(port))
+        assert ours["sluice_io_bytes_total"][(("op", "write"), ("principal", "alice"))] > 0
+        assert m.daemon_alive
+    finally:
+        m.stop()
+        if not os.path.ismount(mp):
+            shutil.rmtree(base, ignore_errors=True)
