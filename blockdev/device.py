@@ -37,6 +37,7 @@ import math
 import os
 import uuid
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import AsyncContextManager, AsyncIterator, Protocol
 
@@ -66,6 +67,10 @@ DEFAULT_SCHEDULER = "mclock"
 #: modeled time the device's timeline may run ahead of the trio clock before a request
 #: sleeps (see BlockDevice._model); 0 sleeps every request to its exact completion
 DEFAULT_TIMELINE_SLACK = 1e-3
+#: the modeled completion time of the last request this task saw return (a task that
+#: got a request back early, inside the slack, lives at that time in the model: its
+#: next request cannot start before it)
+_task_model_time: ContextVar[float] = ContextVar("sluice_task_model_time", default=-math.inf)
 
 
 def _block_checksum(data: memoryview | bytes) -> int:
@@ -172,6 +177,8 @@ class BlockDevice:
         #: how late trio wakes us after a sleep (moving average; 0 on a MockClock)
         self._oversleep = 0.0
         self.timeline_ahead_max = 0.0
+        #: requests that slept (the rest were accounted on the timeline only)
+        self.timeline_sleeps = 0
         self.checksum_errors = 0
         self.io_errors = 0
         self._closed = False
@@ -317,14 +324,25 @@ class BlockDevice:
         the device's timeline, run the body (the backing I/O), then record the latency
         (arrival to completion) for `principal`."""
         start = trio.current_time()
+        if self._instant:
+            async with self.scheduler.slot(principal, nbytes, kind=kind):
+                pass
+            yield
+            self.scheduler.record(principal, nbytes, kind=kind,
+                                  latency_s=trio.current_time() - start)
+            return
+        seen = _task_model_time.get()
+        if seen > start:
+            start = seen
         async with self.scheduler.slot(principal, nbytes, kind=kind):
-            end = await self._model(block, nbytes, kind) if not self._instant else 0.0
+            end = await self._model(block, nbytes, kind, start)
         yield
+        _task_model_time.set(end)
         now = trio.current_time()
         self.scheduler.record(principal, nbytes, kind=kind,
                               latency_s=(end if end > now else now) - start)
 
-    async def _model(self, block: int, nbytes: int, kind: str) -> float:
+    async def _model(self, block: int, nbytes: int, kind: str, arrival: float) -> float:
         """Account the request's service time on the timeline of a free channel and the
         shared bus (blockdev/profiles.py has the model) and return its modeled
         completion time. Sleeps only when the timeline has run more than
@@ -333,9 +351,16 @@ class BlockDevice:
         slept, and the debt is slept off in one piece; the sleep aims early by the
         measured oversleep. Throughput over any period longer than the slack is exact;
         a single request may return up to the slack before its modeled completion (its
-        recorded latency is the modeled one)."""
+        recorded latency is the modeled one).
+
+        Causality: `arrival` is when the request was issued in model time — never
+        before the modeled completion of the last request the same task got back, so a
+        task's requests in sequence do not overlap on the model however early they
+        returned. (Requests of one program through FUSE are served by different tasks;
+        their round trip through the kernel usually exceeds the slack anyway.)"""
         prof = self.profile
-        now = trio.current_time()
+        clock = trio.current_time()
+        now = arrival if arrival > clock else clock
         chan_free, ch = heapq.heappop(self._channels)
         end = now
         try:
@@ -369,11 +394,12 @@ class BlockDevice:
                     t = self._bus_free
                 end = self._bus_free = t + xfer
             self._chan_end[ch] = end
-            ahead = end - now
+            ahead = end - clock
             if ahead > self.timeline_ahead_max:
                 self.timeline_ahead_max = ahead
             if ahead > self.timeline_slack:
                 target = end - self._oversleep
+                self.timeline_sleeps += 1
                 await trio.sleep_until(target)
                 late = trio.current_time() - target
                 self._oversleep = min(1e-3, max(0.0, 0.9 * self._oversleep + 0.1 * late))

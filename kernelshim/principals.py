@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from blockdev import BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, SluiceError, write_durably
+from blockdev import (BankNode, BankTree, OverReserved, PrincipalId, ROOT_PRINCIPAL, SluiceError,
+                      write_durably)
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +212,10 @@ class Banks:
 
 def _normalise(banks: Banks) -> Banks:
     """`none` rates are no rate at all."""
-    for k in ("io_reserve", "io_limit"):
-        r = getattr(banks, k)
-        if r is not None and r.empty:
-            banks = dataclasses.replace(banks, **{k: None})
+    if banks.io_reserve is not None and banks.io_reserve.empty:
+        banks = dataclasses.replace(banks, io_reserve=None)
+    if banks.io_limit is not None and banks.io_limit.empty:
+        banks = dataclasses.replace(banks, io_limit=None)
     return banks
 
 
@@ -379,7 +380,10 @@ class PrincipalTable:
             return
         tree = dict(self.bank_tree())
         tree[pid] = _bank_node(pid, parent, name, banks)
-        self.capacity_check(tree)
+        try:
+            self.capacity_check(tree)
+        except OverReserved as exc:  # a principal error to whoever asked
+            raise PrincipalError(str(exc)) from None
 
     def watch(self, callback: Callable[[BankTree], None]) -> None:
         """Call `callback(bank_tree())` now and after every change of the tree or of a

@@ -362,3 +362,117 @@ def test_capacity_and_over_reservation() -> None:
 def test_banknode_is_a_value() -> None:
     n = node(1, io_weight=5)
     assert dataclasses.replace(n, io_weight=6).io_weight == 6
+
+
+# -- mounted: the banks from `sluice principal`, enforced by the daemon's scheduler ------------
+
+
+def _fails_one_line(*args: str) -> str:
+    from conftest import sluice
+    r = sluice(*args, check=False)
+    assert r.returncode == 1, (args, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def _io(mnt: Path) -> dict:
+    import json
+
+    from conftest import sluice
+    return json.loads(sluice("stats", str(mnt), "--json").stdout)
+
+
+@pytest.mark.mounted
+def test_io_limit_set_while_mounted_is_enforced(mnt: Path) -> None:
+    """`sluice principal set --io-limit` on a live mount holds the principal's writes
+    to the limit: the run takes at least (requests - 1) / limit, whatever the machine,
+    and the scheduler counts the requests it held back."""
+    import subprocess
+    import time
+
+    from conftest import sluice
+    m = str(mnt)
+    sluice("principal", "add", m, "tenant")
+
+    def dd(name: str) -> tuple[float, int, int]:
+        before = _io(mnt)["io"].get("tenant", {"ops": 0, "throttled": 0})
+        t0 = time.monotonic()
+        sluice("run", m, "--principal", "tenant", "--", "dd", "if=/dev/zero",
+               f"of={m}/{name}", "bs=4k", "count=40", "oflag=direct", "status=none")
+        elapsed = time.monotonic() - t0
+        after = _io(mnt)["io"]["tenant"]
+        assert after["write_bytes"] >= 40 * BS
+        return elapsed, after["ops"] - before["ops"], after["throttled"] - before["throttled"]
+
+    _elapsed, ops, throttled = dd("before")
+    assert ops >= 40 and throttled == 0
+    sluice("principal", "set", m, "tenant", "--io-limit", "20iops", "--io-limit", "1MB/s")
+    rows = {r["name"]: r for r in __import__("json").loads(
+        sluice("principal", "ls", m, "--json").stdout)}
+    assert rows["tenant"]["banks"]["io_limit"] == "20iops,1MB/s"
+    elapsed, ops, throttled = dd("after")
+    assert ops >= 40 and throttled >= ops - 2
+    assert elapsed >= (ops - 1) / 20
+    st = _io(mnt)
+    assert st["enforced_banks"]["tenant"]["scheduler"]["io_limit_iops"] == 20
+    # the file is whole
+    assert (mnt / "after").read_bytes() == bytes(40 * BS)
+    # lifting the limit (`none`) lets it go at once again
+    sluice("principal", "set", m, "tenant", "--io-limit", "none")
+    _elapsed, ops, throttled = dd("lifted")
+    assert throttled == 0
+    assert subprocess.run(["cmp", f"{m}/before", f"{m}/lifted"]).returncode == 0
+
+
+@pytest.mark.mounted
+def test_reservations_beyond_capacity_are_refused(volume: Path, mount_factory) -> None:
+    """On `hdd` (82 IOPS of 4 KiB random reads) reservations adding up to more are
+    refused with one line, at `principal add`/`set` and at mount under a slower profile."""
+    from conftest import sluice
+    mt = mount_factory(volume, "--profile", "hdd")
+    m = str(mt.path)
+    st = _io(mt.path)
+    assert st["device"]["capacity"]["iops"] == pytest.approx(81.8, abs=0.1)
+    assert "capacity: 82 IOPS (4 KiB random reads), 104.6 MB/s sequential" in \
+        sluice("stats", m).stdout
+    sluice("principal", "add", m, "a", "--io-reserve", "50iops")
+    line = _fails_one_line("principal", "add", m, "b", "--io-reserve", "40iops")
+    assert "add up to 110% of what the device can serve" in line
+    assert "b 40iops (49%)" in line and "a 50iops (61%)" in line
+    line = _fails_one_line("principal", "set", m, "a", "--io-reserve", "90iops")
+    assert "add up to 110%" in line
+    sluice("principal", "add", m, "b", "--io-reserve", "30iops,5MB/s")
+    line = _fails_one_line("principal", "set", m, "b", "--io-reserve", "30iops,60MB/s")
+    assert "MB/s" in line
+    rows = {r["name"]: r for r in __import__("json").loads(
+        sluice("principal", "ls", m, "--json").stdout)}
+    assert rows["a"]["banks"]["io_reserve"] == "50iops"
+    assert rows["b"]["banks"]["io_reserve"] == "30iops,5MB/s"
+    mt.stop()
+    # 50 IOPS of 20 ms each: 80 IOPS reserved do not fit; the mount says so and goes
+    mp = volume.parent / "mnt2"
+    mp.mkdir()
+    r = sluice("mount", str(volume), str(mp), "--profile", "lat=20000,qd=1", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "add up to 160%" in r.stderr and "Traceback" not in r.stderr
+    from conftest import is_mounted
+    assert not is_mounted(mp)
+
+
+@pytest.mark.mounted
+def test_stats_json_reports_io_per_principal(mnt: Path) -> None:
+    from conftest import sluice
+    m = str(mnt)
+    sluice("principal", "add", m, "reader", "--io-reserve", "100iops", "--io-weight", "300")
+    (mnt / "f").write_bytes(b"x" * (256 << 10))
+    sluice("run", m, "--principal", "reader", "--", "dd", f"if={m}/f", "of=/dev/null",
+           "bs=256k", "iflag=direct", "status=none")
+    st = _io(mnt)
+    io = st["io"]["reader"]
+    assert io["read_bytes"] >= 256 << 10 and io["ops"] >= 1
+    assert 0 < io["latency_us"]["p50"] <= io["latency_us"]["p99"] <= io["latency_us"]["max"]
+    assert set(io["latency_us"]) >= {"p50", "p95", "p99", "max"}
+    assert io["reservation"]["met"] == io["ops"] and io["reservation"]["missed"] == 0
+    assert st["device"]["scheduler"] == "mclock"
+    assert st["device"]["capacity"] == {"iops": None, "bps": None}  # profile none
