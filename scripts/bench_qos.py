@@ -83,7 +83,8 @@ def load_main(argv: list[str]) -> int:
     ap.add_argument("--direct", action="store_true",
                     help="flood write: through direct clients (one connection per thread) "
                          "instead of the mount")
-    ap.add_argument("--span", type=int, default=64 * MiB, help="flood write: bytes of each thread's file")
+    ap.add_argument("--span", type=int, default=64 * MiB, help="flood write: bytes of each thread's file, "
+                    "overwritten in a loop (0: stream, always past the end)")
     ap.add_argument("--stop", default=None, help="flood: stop once this file exists")
     ap.add_argument("--mnt", default=None, help="direct flood: the mount point")
     ap.add_argument("--seed", type=int, default=1)
@@ -149,7 +150,7 @@ def _flood(a: argparse.Namespace) -> dict[str, Any]:
             off = 0
             while going():
                 os.pwrite(fd, buf, off)
-                off = (off + a.size) % a.span
+                off = (off + a.size) % a.span if a.span else off + a.size
                 n += 1
         else:
             nblocks = size // a.size
@@ -196,9 +197,9 @@ def _direct_flood(a: argparse.Namespace) -> dict[str, Any]:
                             # retry's layout and its write (likely on a slow device):
                             # the next pwrite asks for a layout afresh.
                             continue
-                        off = (off + a.size) % a.span
+                        off = (off + a.size) % a.span if a.span else off + a.size
                         n += 1
-                        if off == 0:
+                        if off == 0 or (not a.span and n % 32 == 0):
                             f.commit()
         except Exception as exc:  # noqa: BLE001 - reported to the harness
             errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
@@ -367,6 +368,11 @@ class Settings:
         #: one process writing as direct clients, bytes per write
         self.writers, self.writer_threads, self.write_size = 2, 4, 256 * KiB
         self.direct_writers = 64
+        #: bytes each writer thread overwrites in a loop, through the mount and as a
+        #: direct client. (0 would stream into ever longer files instead, with no
+        #: copy-on-write relocation and so no discards: tried, and the reader fared
+        #: worse under mclock — every write then allocates — see docs/BENCHMARKS.md.)
+        self.write_span, self.direct_span = 16 * MiB, 8 * MiB
         self.flood_threads = 8
         self.data_bytes = (32 if quick else 128) * MiB
 
@@ -438,10 +444,10 @@ def case_audio(v: Volume, s: Settings, tag: str, stop: Path) -> dict[str, Any]:
                 for k in range(s.writers):
                     fl.start(f"bulk-{tag}", "--write", "--file", str(v.mnt / f"bulk{k}-{tag}"),
                              "--threads", str(s.writer_threads), "--size", str(s.write_size),
-                             "--span", str(16 * MiB), "--seed", str(k + 1))
+                             "--span", str(s.write_span), "--seed", str(k + 1))
                 fl.start(f"bulk-{tag}", "--write", "--direct", "--mnt", str(v.mnt),
                          "--file", f"bulkd-{tag}", "--threads", str(s.direct_writers),
-                         "--size", str(s.write_size), "--span", str(8 * MiB))
+                         "--size", str(s.write_size), "--span", str(s.direct_span))
                 fl.wait_busy()
                 time.sleep(s.warmup)  # the writers have filled the queue
             # Offsets of its own (a seed per phase): the pool must not hold them already.
