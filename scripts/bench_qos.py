@@ -54,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -487,7 +488,7 @@ def case_audio(v: Volume, s: Settings, tag: str, stop: Path) -> dict[str, Any]:
 def _seed(name: str) -> int:
     """A seed of the principal's own, so that no workload reads the offsets another
     one left in the pool."""
-    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") ^ len(name)
+    return zlib.crc32(name.encode())
 
 
 def _measure(v: Volume, s: Settings, stop: Path, names: list[str], *, sample: float = 0.0
