@@ -39,7 +39,7 @@ import uuid
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import AsyncContextManager, AsyncIterator, Protocol
+from typing import AsyncContextManager, AsyncIterator, ContextManager, Protocol
 
 import numpy as np
 import trio
@@ -134,6 +134,9 @@ class Scheduler(Protocol):
 
     def check_banks(self, tree: BankTree) -> None:
         """Raise OverReserved if `tree`'s reservations exceed the device's capacity."""
+
+    def expedite_writes(self) -> ContextManager[None]:
+        """While inside, writes held back only by a limit are dispatched anyway."""
 
 
 class BlockDevice:

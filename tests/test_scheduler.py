@@ -476,3 +476,36 @@ def test_stats_json_reports_io_per_principal(mnt: Path) -> None:
     assert io["reservation"]["met"] == io["ops"] and io["reservation"]["missed"] == 0
     assert st["device"]["scheduler"] == "mclock"
     assert st["device"]["capacity"] == {"iops": None, "bps": None}  # profile none
+
+
+async def test_a_barrier_expedites_throttled_writes(dev: BlockDevice, autojump_clock) -> None:
+    """A commit must not wait for a throttled principal's queue to drain at its limit:
+    inside `expedite_writes` its waiting writes go at once; its tags still advance, so
+    it repays them afterwards. Reads are not expedited."""
+    dev.configure_banks(tree(node(1, io_limit_iops=1)))
+    done: list[tuple[str, float]] = []
+
+    async def write(i: int) -> None:
+        await dev.write(i, bytes(BS), principal=P(1))
+        done.append(("w", trio.current_time()))
+
+    async def read() -> None:
+        await dev.read(0, 1, principal=P(1))
+        done.append(("r", trio.current_time()))
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(read)  # goes at once: the principal was idle
+        await trio.sleep(0.01)
+        for i in range(4):
+            n.start_soon(write, i)
+        n.start_soon(read)
+        await trio.sleep(0.01)
+        assert [k for k, _t in done] == ["r"]
+        with dev.scheduler.expedite_writes():
+            await trio.sleep(0.01)
+            assert [k for k, _t in done] == ["r", "w", "w", "w", "w"]
+    # the read waited behind the repaid tags: 1 + 4 requests at 1 per second
+    assert done[-1][0] == "r" and done[-1][1] - t0 == pytest.approx(5.0, abs=0.01)
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    assert st[P(1)].expedited == 4
