@@ -68,8 +68,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from contextlib import asynccontextmanager, contextmanager
-from typing import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator
 
 import outcome
 import trio
@@ -298,22 +298,42 @@ class FifoScheduler(_Accounting):
     def configure_banks(self, tree: BankTree) -> None:
         self.banks = tree
 
-    @asynccontextmanager
-    async def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-                   kind: str | None = None) -> AsyncIterator[None]:
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots, in arrival order (async with)."""
+        return _Slot(self._acquire, self._slots.release, principal, nbytes,
+                     write or kind == WRITE)
+
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
         c = self._c(principal)
         c.waiting += 1
         try:
             await self._slots.acquire()
         finally:
             c.waiting -= 1
-        try:
-            yield
-        finally:
-            self._slots.release()
 
 
 # -- mClock --------------------------------------------------------------------------------------
+
+
+class _Slot:
+    """`async with scheduler.slot(...)`: a plain class rather than an
+    asynccontextmanager (a generator per request costs a few microseconds)."""
+
+    __slots__ = ("_acquire", "_release", "_args")
+
+    def __init__(self, acquire: Callable[[PrincipalId, int, bool], Awaitable[None]],
+                 release: Callable[[], None], principal: PrincipalId, nbytes: int,
+                 write: bool) -> None:
+        self._acquire = acquire
+        self._release = release
+        self._args = (principal, nbytes, write)
+
+    async def __aenter__(self) -> None:
+        await self._acquire(*self._args)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
 
 
 class _Req:
@@ -478,13 +498,16 @@ class MClockScheduler(_Accounting):
 
     # -- the request path -------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-                   kind: str | None = None) -> AsyncIterator[None]:
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots when the scheduler picks this request
+        (async with); `kind` read, write, discard or flush."""
+        return _Slot(self._acquire, self._release, principal, nbytes, write or kind == WRITE)
+
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         now = trio.current_time()
         node = self._nodes.get(principal) or self._node(principal)
-        write = write or kind == WRITE
         req = _Req(node, nbytes, self._cost(nbytes, write=write), now, write)
         may_go = self._may_go(node, now)
         req.throttled = not may_go
@@ -492,11 +515,7 @@ class MClockScheduler(_Accounting):
             # The device has a free channel and nobody waits: go now.
             self._charge(req, now, res_node=None)
             self._busy += 1
-            try:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                yield
-            finally:
-                self._release()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._enqueue(req, now)
         try:
@@ -510,10 +529,6 @@ class MClockScheduler(_Accounting):
                     self._timer_req, self._timer_at = None, _INF
                     self._dispatch(trio.current_time())
             raise
-        try:
-            yield
-        finally:
-            self._release()
 
     def _may_go(self, node: _Node, now: float) -> bool:
         for n in node.path:
