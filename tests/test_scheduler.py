@@ -509,3 +509,46 @@ async def test_a_barrier_expedites_throttled_writes(dev: BlockDevice, autojump_c
     assert done[-1][0] == "r" and done[-1][1] - t0 == pytest.approx(5.0, abs=0.01)
     st = {s.principal: s for s in dev.statistics().per_principal}
     assert st[P(1)].expedited == 4
+
+
+async def test_commit_is_not_stalled_by_a_throttled_writer(tmp_path: Path,
+                                                           autojump_clock) -> None:
+    """Through the shim kernel: a principal limited to 1 IOPS with 8 writes queued does
+    not hold a barrier (a commit) for 8 seconds; its own later requests repay it."""
+    from kernelshim import FRESH, ExtentMap, Kernel, Rights
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.device.timeline_slack = 0.0
+        kernel.configure_banks(tree(node(1, io_limit_iops=1), node(2)))
+        emap = ExtentMap([(0, 10, 16, FRESH)])
+        g = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                         principal=P(1))
+        g2 = kernel.grant(inode=8, generation=1, extents=ExtentMap([(0, 40, 4, FRESH)]),
+                          rights=Rights.RW, principal=P(2))
+        wrote: list[float] = []
+
+        async def w(i: int) -> None:
+            await kernel.write(g, i * BS, bytes([i + 1]) * BS)
+            wrote.append(trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(w, i)
+            await trio.sleep(0.01)
+            assert len(wrote) == 1  # the limit holds them
+            async with kernel.barrier():
+                t_commit = trio.current_time()
+            await kernel.write(g2, 0, b"z" * BS)  # another principal's write goes on
+            t_other = trio.current_time()
+        assert t_commit - t0 < 0.02 and t_other - t0 < 0.02
+        assert len(wrote) == 8
+        assert bytes(await kernel.read(g, 0, 8 * BS)) == b"".join(
+            bytes([i + 1]) * BS for i in range(8))
+        st = {s.principal: s for s in kernel.device.statistics().per_principal}
+        assert st[P(1)].expedited == 7
+    finally:
+        kernel.close()
