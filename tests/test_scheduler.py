@@ -552,3 +552,64 @@ async def test_commit_is_not_stalled_by_a_throttled_writer(tmp_path: Path,
         assert st[P(1)].expedited == 7
     finally:
         kernel.close()
+
+
+async def test_dual_reservation_the_tighter_holds(dev: BlockDevice, autojump_clock) -> None:
+    """Reserved 3,000 IOPS and 4 MB/s with 4 KiB requests: 4 MB/s (977 requests/s) is
+    reached first, so that is what is reserved."""
+    dev.configure_banks(tree(node(1, io_weight=1, io_reserve_iops=3000, io_reserve_bps=4e6),
+                             node(2, io_weight=1000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=3.0))
+        n.start_soon(lambda: load.flood(P(2), until=3.0))
+    want = 4e6 / BS
+    assert load.rate(P(1), 1.0, 2.9) == pytest.approx(want + (8000 - want) / 1001, rel=0.01)
+
+
+def test_principal_rates_and_the_capacity_hook() -> None:
+    """Banks in IOPS and bytes/s: parsed and printed, carved per unit, handed down, and
+    refused by the device's capacity check before anything is saved."""
+    from kernelshim.principals import Banks, PrincipalError, PrincipalTable, Rate
+    r = Rate.parse("500iops,20MB/s")
+    assert (r.iops, r.bps, str(r)) == (500.0, 20e6, "500iops,20MB/s")
+    assert Rate.parse("1.5GiB/s").bps == 1.5 * (1 << 30)
+    assert Rate.parse("none").empty
+    for bad in ("1iops,2iops", "1MB/s,2MB/s", "1iops,2MB/s,3iops", "fast", "0iops"):
+        with pytest.raises(PrincipalError):
+            Rate.parse(bad)
+    t = PrincipalTable(None)
+    seen: list = []
+    t.watch(lambda tree: seen.append(tree))
+    t.capacity_check = lambda tree: check_reservations(tree, parse_profile(PROFILE))
+    a = t.add("a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_reserve=Rate.parse("4000iops,20MB/s"),
+                          io_limit=Rate.parse("6000iops,50MB/s")))
+    assert seen[-1][a.id].io_reserve_iops == 4000 and seen[-1][a.id].io_reserve_bps == 20e6
+    assert seen[-1][a.id].io_limit_iops == 6000 and seen[-1][a.id].io_limit_bps == 50e6
+    # carved per unit: IOPS from the IOPS reservation, bytes/s from the bytes/s one
+    t.add("a1", parent="a", owner_uid=1, caller_uid=0,
+          banks=Banks(io_reserve=Rate.parse("3000iops")))
+    with pytest.raises(PrincipalError, match="left to reserve"):
+        t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_reserve=Rate.parse("1001iops")))
+    with pytest.raises(PrincipalError, match="exceeds parent's"):
+        t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_limit=Rate.parse("60MB/s")))
+    t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+          banks=Banks(io_reserve=Rate.parse("1000iops,20MB/s")))
+    with pytest.raises(PrincipalError, match="children of 'a' reserve 4000iops"):
+        t.set("a", 0, io_reserve=Rate.parse("3999iops,20MB/s"))
+    # 4,000 of the device's 8,000 IOPS are taken: 4,001 more do not fit, and nothing
+    # of the refused change is kept
+    n = len(seen)
+    with pytest.raises(PrincipalError, match="add up to 100%"):
+        t.add("b", owner_uid=1, caller_uid=0, banks=Banks(io_reserve=Rate.parse("4001iops")))
+    with pytest.raises(PrincipalError, match="add up to 1"):
+        t.set("a", 0, io_reserve=Rate.parse("8001iops,20MB/s"))
+    assert len(seen) == n and "b" not in {p.name for p in t.walk()}
+    assert str(t.get("a").banks.io_reserve) == "4000iops,20MB/s"
+    t.add("b", owner_uid=1, caller_uid=0, banks=Banks(io_reserve=Rate.parse("4000iops")))
+    # `none` removes a rate
+    t.set("a2", 0, io_reserve=Rate.parse("none"))
+    assert t.get("a2").banks.io_reserve is None
