@@ -613,3 +613,35 @@ def test_principal_rates_and_the_capacity_hook() -> None:
     # `none` removes a rate
     t.set("a2", 0, io_reserve=Rate.parse("none"))
     assert t.get("a2").banks.io_reserve is None
+
+
+@pytest.mark.mounted
+def test_fuse_and_direct_requests_are_charged_to_their_principals(mnt: Path) -> None:
+    """A program's FUSE writes and a direct client's writes and reads reach the
+    scheduler charged to the principal each runs as, not to root (the daemon)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, sluice
+    m = str(mnt)
+    for name in ("fuse-writer", "direct"):
+        sluice("principal", "add", m, name)
+    sluice("run", m, "--principal", "fuse-writer", "--", "dd", "if=/dev/zero",
+           f"of={m}/viafuse", "bs=64k", "count=4", "oflag=direct", "status=none")
+    code = ("from kernelshim.client import Client\n"
+            f"with Client.connect({m!r}) as c:\n"
+            "    with c.open('viadirect', 'w') as f:\n"
+            "        f.write(b'd' * (256 << 10))\n"
+            "    with c.open('viadirect') as f:\n"
+            "        assert f.pread(256 << 10, 0) == b'd' * (256 << 10)\n")
+    r = subprocess.run([sys.executable, "-m", "fs.cli", "run", m, "--principal", "direct",
+                        "--", sys.executable, "-c", code],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    io = _io(mnt)["io"]
+    assert io["fuse-writer"]["write_bytes"] >= 4 * (64 << 10)
+    assert io["direct"]["write_bytes"] >= 256 << 10
+    # a 64-block read is larger than what the pager caches: it reaches the device
+    assert io["direct"]["read_bytes"] >= 256 << 10
+    assert "root" not in io or io["root"]["write_bytes"] < 256 << 10
+    assert (mnt / "viadirect").read_bytes() == b"d" * (256 << 10)
