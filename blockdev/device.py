@@ -36,10 +36,9 @@ import logging
 import math
 import os
 import uuid
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import AsyncContextManager, AsyncIterator, Protocol
+from typing import AsyncContextManager, ContextManager, Protocol
 
 import numpy as np
 import trio
@@ -134,6 +133,9 @@ class Scheduler(Protocol):
 
     def check_banks(self, tree: BankTree) -> None:
         """Raise OverReserved if `tree`'s reservations exceed the device's capacity."""
+
+    def expedite_writes(self) -> ContextManager[None]:
+        """While inside, writes held back only by a limit are dispatched anyway."""
 
 
 class BlockDevice:
@@ -317,28 +319,31 @@ class BlockDevice:
             raise OutOfRange(f"blocks {block}+{count} are outside the device "
                              f"(0..{self.nblocks - 1})")
 
-    @asynccontextmanager
-    async def _served(self, principal: PrincipalId, block: int, nbytes: int,
-                      kind: str) -> AsyncIterator[None]:
-        """One request: wait for the scheduler's slot, spend the modeled service time on
-        the device's timeline, run the body (the backing I/O), then record the latency
-        (arrival to completion) for `principal`."""
+    async def _serve(self, principal: PrincipalId, block: int, nbytes: int,
+                     kind: str) -> tuple[float, float]:
+        """One request's way to the backing: wait for the scheduler's slot and spend the
+        modeled service time on the device's timeline. Returns (arrival, modeled
+        completion) for `_done`, which the caller calls after its backing I/O."""
         start = trio.current_time()
         if self._instant:
             async with self.scheduler.slot(principal, nbytes, kind=kind):
                 pass
-            yield
-            self.scheduler.record(principal, nbytes, kind=kind,
-                                  latency_s=trio.current_time() - start)
-            return
+            return start, 0.0
         seen = _task_model_time.get()
         if seen > start:
             start = seen
         async with self.scheduler.slot(principal, nbytes, kind=kind):
             end = await self._model(block, nbytes, kind, start)
-        yield
-        _task_model_time.set(end)
+        return start, end
+
+    def _done(self, principal: PrincipalId, nbytes: int, kind: str,
+              times: tuple[float, float]) -> None:
+        """Record the request's latency: arrival to the later of its modeled and its
+        real completion."""
+        start, end = times
         now = trio.current_time()
+        if end:
+            _task_model_time.set(end)
         self.scheduler.record(principal, nbytes, kind=kind,
                               latency_s=(end if end > now else now) - start)
 
@@ -423,12 +428,13 @@ class BlockDevice:
         bs = self.block_size
         if len(out) != count * bs:
             raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
-        async with self._served(principal, block, count * bs, READ):
-            try:
-                await self.data.read_into(block * bs, out)
-            except OSError as exc:
-                raise self._failed(exc, "read", block, count) from None
-            self._verify(block, count, out)
+        times = await self._serve(principal, block, count * bs, READ)
+        try:
+            await self.data.read_into(block * bs, out)
+        except OSError as exc:
+            raise self._failed(exc, "read", block, count) from None
+        self._verify(block, count, out)
+        self._done(principal, count * bs, READ, times)
 
     def _verify(self, block: int, count: int, buf: bytearray | memoryview) -> None:
         bs = self.block_size
@@ -461,16 +467,17 @@ class BlockDevice:
         if rem:
             raise ValueError(f"write of {len(mv)} bytes is not a whole number of blocks")
         self._check_range(block, count)
-        async with self._served(principal, block, len(mv), WRITE):
-            sums = [_block_checksum(mv[i * bs:(i + 1) * bs]) for i in range(count)]
-            try:
-                await self.data.write(block * bs, mv)
-            except OSError as exc:
-                raise self._failed(exc, "write", block, count) from None
-            # No checkpoint between the data write returning and this: a racing read of
-            # these blocks verifies against the checksum of what it reads.
-            self._csum[block:block + count] = sums
-            await self._persist_checksums(block, count)
+        times = await self._serve(principal, block, len(mv), WRITE)
+        sums = [_block_checksum(mv[i * bs:(i + 1) * bs]) for i in range(count)]
+        try:
+            await self.data.write(block * bs, mv)
+        except OSError as exc:
+            raise self._failed(exc, "write", block, count) from None
+        # No checkpoint between the data write returning and this: a racing read of
+        # these blocks verifies against the checksum of what it reads.
+        self._csum[block:block + count] = sums
+        await self._persist_checksums(block, count)
+        self._done(principal, len(mv), WRITE, times)
 
     async def _persist_checksums(self, block: int, count: int) -> None:
         try:
@@ -487,28 +494,30 @@ class BlockDevice:
         if not count or not self.data.can_discard:
             return
         bs = self.block_size
-        async with self._served(principal, block, 0, DISCARD):
-            try:
-                await self.data.discard(block * bs, count * bs)
-            except OSError as exc:
-                raise self._failed(exc, "discard", block, count) from None
-            self._csum[block:block + count] = 0
-            await self._persist_checksums(block, count)
+        times = await self._serve(principal, block, 0, DISCARD)
+        try:
+            await self.data.discard(block * bs, count * bs)
+        except OSError as exc:
+            raise self._failed(exc, "discard", block, count) from None
+        self._csum[block:block + count] = 0
+        await self._persist_checksums(block, count)
+        self._done(principal, 0, DISCARD, times)
 
     async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Barrier: make every completed write and discard durable — the data first,
         then the checksums (so a durable checksum never describes data that is not).
         DeviceError (EIO) when the host reports that it could not. Charged to
         `principal` (root by default: the metadata server's commits)."""
-        async with self._served(principal, 0, 0, FLUSH):
-            try:
-                await self.data.flush()
-            except OSError as exc:
-                raise self._failed(exc, "flush of the data", None) from None
-            try:
-                await self.checksums.flush()
-            except OSError as exc:
-                raise self._failed(exc, "flush of the checksums", None) from None
+        times = await self._serve(principal, 0, 0, FLUSH)
+        try:
+            await self.data.flush()
+        except OSError as exc:
+            raise self._failed(exc, "flush of the data", None) from None
+        try:
+            await self.checksums.flush()
+        except OSError as exc:
+            raise self._failed(exc, "flush of the checksums", None) from None
+        self._done(principal, 0, FLUSH, times)
 
     # -- introspection -----------------------------------------------------------
 

@@ -68,8 +68,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator
 
 import outcome
 import trio
@@ -117,11 +117,13 @@ class PrincipalIOStats:
     reservation_missed: int = 0
     #: requests that had to wait for a limit (theirs or an ancestor's)
     throttled: int = 0
+    #: writes let past their limit because a barrier waited for them (repaid after)
+    expedited: int = 0
 
 
 class _Counters:
     __slots__ = ("reads", "writes", "discards", "flushes", "bytes_read", "bytes_written",
-                 "hist", "waiting", "reserved", "met", "missed", "throttled",
+                 "hist", "waiting", "reserved", "met", "missed", "throttled", "expedited",
                  "win_start", "win_ops", "win_bytes", "last_ops", "last_bytes")
 
     def __init__(self) -> None:
@@ -129,6 +131,7 @@ class _Counters:
         self.bytes_read = self.bytes_written = 0
         self.hist = LatencyHistogram()
         self.waiting = self.reserved = self.met = self.missed = self.throttled = 0
+        self.expedited = 0
         self.win_start = -_INF
         self.win_ops = self.win_bytes = 0
         self.last_ops = self.last_bytes = 0
@@ -172,7 +175,7 @@ class _Counters:
             ops=self.reads + self.writes + self.discards + self.flushes,
             waiting=self.waiting, iops=iops, bps=bps, reserved_ops=self.reserved,
             reservation_met=self.met, reservation_missed=self.missed,
-            throttled=self.throttled)
+            throttled=self.throttled, expedited=self.expedited)
 
 
 def _now_or_none() -> float | None:
@@ -259,6 +262,12 @@ class _Accounting:
         the principal table before it accepts a change, and at mount."""
         check_reservations(tree, self.profile)
 
+    @contextmanager
+    def expedite_writes(self) -> Iterator[None]:
+        """While inside, writes held back only by a limit go anyway (see MClockScheduler);
+        FIFO holds nothing back."""
+        yield
+
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
         """Account one completed request (arrival to completion: `latency_s`)."""
@@ -289,30 +298,52 @@ class FifoScheduler(_Accounting):
     def configure_banks(self, tree: BankTree) -> None:
         self.banks = tree
 
-    @asynccontextmanager
-    async def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-                   kind: str | None = None) -> AsyncIterator[None]:
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots, in arrival order (async with)."""
+        return _Slot(self._acquire, self._slots.release, principal, nbytes,
+                     write or kind == WRITE)
+
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
         c = self._c(principal)
         c.waiting += 1
         try:
             await self._slots.acquire()
         finally:
             c.waiting -= 1
-        try:
-            yield
-        finally:
-            self._slots.release()
 
 
 # -- mClock --------------------------------------------------------------------------------------
 
 
+class _Slot:
+    """`async with scheduler.slot(...)`: a plain class rather than an
+    asynccontextmanager (a generator per request costs a few microseconds)."""
+
+    __slots__ = ("_acquire", "_release", "_args")
+
+    def __init__(self, acquire: Callable[[PrincipalId, int, bool], Awaitable[None]],
+                 release: Callable[[], None], principal: PrincipalId, nbytes: int,
+                 write: bool) -> None:
+        self._acquire = acquire
+        self._release = release
+        self._args = (principal, nbytes, write)
+
+    async def __aenter__(self) -> None:
+        await self._acquire(*self._args)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+
 class _Req:
     __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
-                 "throttled")
+                 "throttled", "write")
 
-    def __init__(self, node: _Node, nbytes: int, cost: float, arrival: float) -> None:
+    def __init__(self, node: _Node, nbytes: int, cost: float, arrival: float,
+                 write: bool = False) -> None:
         self.node = node
+        self.write = write
         self.nbytes = nbytes
         self.cost = cost
         self.arrival = arrival
@@ -392,6 +423,8 @@ class MClockScheduler(_Accounting):
         self._timer_req: _Req | None = None
         self._timer_at = _INF
         self._res_node: _Node | None = None
+        #: barriers waiting for the writes in flight (see expedite_writes)
+        self._expedite = 0
 
     # -- the tree -------------------------------------------------------------------------
 
@@ -447,26 +480,42 @@ class MClockScheduler(_Accounting):
         if now is not None:
             self._dispatch(now)
 
+    @contextmanager
+    def expedite_writes(self) -> Iterator[None]:
+        """While inside, a waiting write held back only by a limit is dispatched anyway
+        (its tags still advance, so its principal repays it: later requests wait the
+        longer). The kernel's barrier waits inside this for the writes in flight: a
+        commit, and with it every principal's writes and fsyncs, must not wait for a
+        throttled principal's queue to drain at its limit."""
+        self._expedite += 1
+        try:
+            now = _now_or_none()
+            if now is not None and self._queued:
+                self._dispatch(now)
+            yield
+        finally:
+            self._expedite -= 1
+
     # -- the request path -------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-                   kind: str | None = None) -> AsyncIterator[None]:
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots when the scheduler picks this request
+        (async with); `kind` read, write, discard or flush."""
+        return _Slot(self._acquire, self._release, principal, nbytes, write or kind == WRITE)
+
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         now = trio.current_time()
         node = self._nodes.get(principal) or self._node(principal)
-        req = _Req(node, nbytes, self._cost(nbytes, write=write or kind == WRITE), now)
+        req = _Req(node, nbytes, self._cost(nbytes, write=write), now, write)
         may_go = self._may_go(node, now)
         req.throttled = not may_go
         if self._busy < self.queue_depth and not self._queued and may_go:
             # The device has a free channel and nobody waits: go now.
             self._charge(req, now, res_node=None)
             self._busy += 1
-            try:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                yield
-            finally:
-                self._release()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         self._enqueue(req, now)
         try:
@@ -480,10 +529,6 @@ class MClockScheduler(_Accounting):
                     self._timer_req, self._timer_at = None, _INF
                     self._dispatch(trio.current_time())
             raise
-        try:
-            yield
-        finally:
-            self._release()
 
     def _may_go(self, node: _Node, now: float) -> bool:
         for n in node.path:
@@ -577,7 +622,10 @@ class MClockScheduler(_Accounting):
             if req is None:
                 break
             node = req.node
-            node.queue.popleft()
+            if node.queue[0] is req:
+                node.queue.popleft()
+            else:
+                node.queue.remove(req)
             node.counters.waiting -= 1
             self._queued -= 1
             self._charge(req, now, res_node=res_node, queued=True)
@@ -624,7 +672,23 @@ class MClockScheduler(_Accounting):
             if req is not None:
                 return req, self._res_node, _INF
         req = self._select_w(root, now, wake)
+        if req is None and self._expedite:
+            req = self._expedited_write()
+            if req is not None:
+                req.node.counters.expedited += 1
         return req, None, wake[0]
+
+    def _expedited_write(self) -> _Req | None:
+        """A waiting write, limits ignored (the first of its principal's queue: it may
+        pass the principal's reads, which are not expedited)."""
+        stack = [self._root]
+        while stack:
+            n = stack.pop()
+            for r in n.queue:
+                if r.write:
+                    return r
+            stack.extend(n.active)
+        return None
 
     def _select_res(self, n: _Node, now: float, wake: list[float]) -> _Req | None:
         """Reservation phase below `n`: a child under its reservation, smallest R first

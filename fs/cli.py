@@ -490,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="8G", help="device size, e.g. 512M, 8G (default 8G, sparse)")
     s.add_argument("--block-size", default="4096", help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",
-                   help="timing profile: none, nvme, ssd, hdd, or latency_us,MBps,seek_ms,depth")
+                   help="timing profile: none, nvme, ssd, hdd, or custom "
+                        "latency_us,MBps,seek_ms,depth[,write_us[,write_cache_MiB]] "
+                        "(also lat=,bw=,seek=,qd=,wlat=,wcache=)")
     s.add_argument("--inodes", type=int, default=None, help="maximum number of inodes")
     s.add_argument("--device", default=None, help="use this block device instead of a sparse file")
     s.add_argument("--force", action="store_true", help="overwrite an existing volume")

@@ -238,10 +238,14 @@ class Kernel:
             await self._barrier.wait()
         done = self._barrier = trio.Event()
         try:
-            while self._writes:
-                if self._writes_done is None:
-                    self._writes_done = trio.Event()
-                await self._writes_done.wait()
+            # Writes held back by their principal's I/O limit go now (and are repaid
+            # after): the commit, and every other principal's writes, must not wait
+            # for a throttled queue to drain (blockdev/scheduler.py, expedite_writes).
+            with self.device.scheduler.expedite_writes():
+                while self._writes:
+                    if self._writes_done is None:
+                        self._writes_done = trio.Event()
+                    await self._writes_done.wait()
             if self._dirty:
                 self._dirty = False
                 try:

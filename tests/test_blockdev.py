@@ -572,3 +572,39 @@ def test_backing_file_shorter_than_the_device_is_refused(tmp_path: Path) -> None
     os.truncate(d / BACKING, 20 * BS)
     with pytest.raises(FormatError, match=f"holds {20 * BS} bytes, the device needs {32 * BS}"):
         BlockDevice.open(d)
+
+
+async def test_write_cache_defers_program_time_to_the_flush(tmp_path: Path,
+                                                            autojump_clock) -> None:
+    """With a write cache (timing only) a write costs its command latency; the program
+    time it skipped is paid by the next flush, or by the write that finds it full."""
+    dev = make(tmp_path, profile="lat=100,qd=1,wlat=400,wcache=0.0078125")  # 8 KiB cache
+    try:
+        t0 = trio.current_time()
+        await dev.write(0, pattern(1, 1), principal=P1)
+        await dev.write(1, pattern(1, 2), principal=P1)
+        t1 = trio.current_time()
+        assert t1 - t0 == pytest.approx(2 * 100e-6, rel=1e-9)
+        await dev.flush(principal=P2)
+        t2 = trio.current_time()
+        assert t2 - t1 == pytest.approx(100e-6 + 2 * 400e-6, rel=1e-9)
+        await dev.write(2, pattern(2, 3), principal=P1)  # fills the cache
+        await dev.write(4, pattern(1, 3), principal=P1)  # full: pays its own and what is owed
+        t3 = trio.current_time()
+        assert t3 - t2 == pytest.approx(100e-6 + (500e-6 + 400e-6), rel=1e-9)
+        assert await dev.read(0, 2, principal=P1) == pattern(1, 1) + pattern(1, 2)
+        st = {s.principal: s for s in dev.statistics().per_principal}
+        assert st[P2].flushes == 1 and st[P1].writes == 4
+    finally:
+        dev.close()
+
+
+def test_parse_custom_profiles() -> None:
+    p = parse_profile("lat=2000,bw=50,seek=4,qd=2,wlat=500,wcache=16")
+    assert (p.latency_s, p.bandwidth_bps, p.full_seek_s, p.queue_depth) == (2e-3, 50e6, 4e-3, 2)
+    assert p.write_latency_s == 500e-6 and p.write_cache_bytes == 16 << 20
+    assert parse_profile("250,400,12,8,30").write_latency_s == pytest.approx(30e-6)
+    for bad in ("lat=1", "qd=2,lat=1,lat=2", "lat=-1,qd=1", "lat=1,qd=0", "x=1,lat=1,qd=1",
+                "lat=nan,qd=1"):
+        with pytest.raises(ValueError, match="timing profile"):
+            parse_profile(bad)

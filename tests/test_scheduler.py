@@ -476,3 +476,172 @@ def test_stats_json_reports_io_per_principal(mnt: Path) -> None:
     assert io["reservation"]["met"] == io["ops"] and io["reservation"]["missed"] == 0
     assert st["device"]["scheduler"] == "mclock"
     assert st["device"]["capacity"] == {"iops": None, "bps": None}  # profile none
+
+
+async def test_a_barrier_expedites_throttled_writes(dev: BlockDevice, autojump_clock) -> None:
+    """A commit must not wait for a throttled principal's queue to drain at its limit:
+    inside `expedite_writes` its waiting writes go at once; its tags still advance, so
+    it repays them afterwards. Reads are not expedited."""
+    dev.configure_banks(tree(node(1, io_limit_iops=1)))
+    done: list[tuple[str, float]] = []
+
+    async def write(i: int) -> None:
+        await dev.write(i, bytes(BS), principal=P(1))
+        done.append(("w", trio.current_time()))
+
+    async def read() -> None:
+        await dev.read(0, 1, principal=P(1))
+        done.append(("r", trio.current_time()))
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(read)  # goes at once: the principal was idle
+        await trio.sleep(0.01)
+        for i in range(4):
+            n.start_soon(write, i)
+        n.start_soon(read)
+        await trio.sleep(0.01)
+        assert [k for k, _t in done] == ["r"]
+        with dev.scheduler.expedite_writes():
+            await trio.sleep(0.01)
+            assert [k for k, _t in done] == ["r", "w", "w", "w", "w"]
+    # the read waited behind the repaid tags: 1 + 4 requests at 1 per second
+    assert done[-1][0] == "r" and done[-1][1] - t0 == pytest.approx(5.0, abs=0.01)
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    assert st[P(1)].expedited == 4
+
+
+async def test_commit_is_not_stalled_by_a_throttled_writer(tmp_path: Path,
+                                                           autojump_clock) -> None:
+    """Through the shim kernel: a principal limited to 1 IOPS with 8 writes queued does
+    not hold a barrier (a commit) for 8 seconds; its own later requests repay it."""
+    from kernelshim import FRESH, ExtentMap, Kernel, Rights
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.device.timeline_slack = 0.0
+        kernel.configure_banks(tree(node(1, io_limit_iops=1), node(2)))
+        emap = ExtentMap([(0, 10, 16, FRESH)])
+        g = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                         principal=P(1))
+        g2 = kernel.grant(inode=8, generation=1, extents=ExtentMap([(0, 40, 4, FRESH)]),
+                          rights=Rights.RW, principal=P(2))
+        wrote: list[float] = []
+
+        async def w(i: int) -> None:
+            await kernel.write(g, i * BS, bytes([i + 1]) * BS)
+            wrote.append(trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(w, i)
+            await trio.sleep(0.01)
+            assert len(wrote) == 1  # the limit holds them
+            async with kernel.barrier():
+                t_commit = trio.current_time()
+            await kernel.write(g2, 0, b"z" * BS)  # another principal's write goes on
+            t_other = trio.current_time()
+        assert t_commit - t0 < 0.02 and t_other - t0 < 0.02
+        assert len(wrote) == 8
+        assert bytes(await kernel.read(g, 0, 8 * BS)) == b"".join(
+            bytes([i + 1]) * BS for i in range(8))
+        st = {s.principal: s for s in kernel.device.statistics().per_principal}
+        assert st[P(1)].expedited == 7
+    finally:
+        kernel.close()
+
+
+async def test_dual_reservation_the_tighter_holds(dev: BlockDevice, autojump_clock) -> None:
+    """Reserved 3,000 IOPS and 4 MB/s with 4 KiB requests: 4 MB/s (977 requests/s) is
+    reached first, so that is what is reserved."""
+    dev.configure_banks(tree(node(1, io_weight=1, io_reserve_iops=3000, io_reserve_bps=4e6),
+                             node(2, io_weight=1000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=3.0))
+        n.start_soon(lambda: load.flood(P(2), until=3.0))
+    want = 4e6 / BS
+    assert load.rate(P(1), 1.0, 2.9) == pytest.approx(want + (8000 - want) / 1001, rel=0.01)
+
+
+def test_principal_rates_and_the_capacity_hook() -> None:
+    """Banks in IOPS and bytes/s: parsed and printed, carved per unit, handed down, and
+    refused by the device's capacity check before anything is saved."""
+    from kernelshim.principals import Banks, PrincipalError, PrincipalTable, Rate
+    r = Rate.parse("500iops,20MB/s")
+    assert (r.iops, r.bps, str(r)) == (500.0, 20e6, "500iops,20MB/s")
+    assert Rate.parse("1.5GiB/s").bps == 1.5 * (1 << 30)
+    assert Rate.parse("none").empty
+    for bad in ("1iops,2iops", "1MB/s,2MB/s", "1iops,2MB/s,3iops", "fast", "0iops"):
+        with pytest.raises(PrincipalError):
+            Rate.parse(bad)
+    t = PrincipalTable(None)
+    seen: list = []
+    t.watch(lambda tree: seen.append(tree))
+    t.capacity_check = lambda tree: check_reservations(tree, parse_profile(PROFILE))
+    a = t.add("a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_reserve=Rate.parse("4000iops,20MB/s"),
+                          io_limit=Rate.parse("6000iops,50MB/s")))
+    assert seen[-1][a.id].io_reserve_iops == 4000 and seen[-1][a.id].io_reserve_bps == 20e6
+    assert seen[-1][a.id].io_limit_iops == 6000 and seen[-1][a.id].io_limit_bps == 50e6
+    # carved per unit: IOPS from the IOPS reservation, bytes/s from the bytes/s one
+    t.add("a1", parent="a", owner_uid=1, caller_uid=0,
+          banks=Banks(io_reserve=Rate.parse("3000iops")))
+    with pytest.raises(PrincipalError, match="left to reserve"):
+        t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_reserve=Rate.parse("1001iops")))
+    with pytest.raises(PrincipalError, match="exceeds parent's"):
+        t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_limit=Rate.parse("60MB/s")))
+    t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+          banks=Banks(io_reserve=Rate.parse("1000iops,20MB/s")))
+    with pytest.raises(PrincipalError, match="children of 'a' reserve 4000iops"):
+        t.set("a", 0, io_reserve=Rate.parse("3999iops,20MB/s"))
+    # 4,000 of the device's 8,000 IOPS are taken: 4,001 more do not fit, and nothing
+    # of the refused change is kept
+    n = len(seen)
+    with pytest.raises(PrincipalError, match="add up to 100%"):
+        t.add("b", owner_uid=1, caller_uid=0, banks=Banks(io_reserve=Rate.parse("4001iops")))
+    with pytest.raises(PrincipalError, match="add up to 1"):
+        t.set("a", 0, io_reserve=Rate.parse("8001iops,20MB/s"))
+    assert len(seen) == n and "b" not in {p.name for p in t.walk()}
+    assert str(t.get("a").banks.io_reserve) == "4000iops,20MB/s"
+    t.add("b", owner_uid=1, caller_uid=0, banks=Banks(io_reserve=Rate.parse("4000iops")))
+    # `none` removes a rate
+    t.set("a2", 0, io_reserve=Rate.parse("none"))
+    assert t.get("a2").banks.io_reserve is None
+
+
+@pytest.mark.mounted
+def test_fuse_and_direct_requests_are_charged_to_their_principals(mnt: Path) -> None:
+    """A program's FUSE writes and a direct client's writes and reads reach the
+    scheduler charged to the principal each runs as, not to root (the daemon)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, sluice
+    m = str(mnt)
+    for name in ("fuse-writer", "direct"):
+        sluice("principal", "add", m, name)
+    sluice("run", m, "--principal", "fuse-writer", "--", "dd", "if=/dev/zero",
+           f"of={m}/viafuse", "bs=64k", "count=4", "oflag=direct", "status=none")
+    code = ("from kernelshim.client import Client\n"
+            f"with Client.connect({m!r}) as c:\n"
+            "    with c.open('viadirect', 'w') as f:\n"
+            "        f.write(b'd' * (256 << 10))\n"
+            "    with c.open('viadirect') as f:\n"
+            "        assert f.pread(256 << 10, 0) == b'd' * (256 << 10)\n")
+    r = subprocess.run([sys.executable, "-m", "fs.cli", "run", m, "--principal", "direct",
+                        "--", sys.executable, "-c", code],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    io = _io(mnt)["io"]
+    assert io["fuse-writer"]["write_bytes"] >= 4 * (64 << 10)
+    assert io["direct"]["write_bytes"] >= 256 << 10
+    # a 64-block read is larger than what the pager caches: it reaches the device
+    assert io["direct"]["read_bytes"] >= 256 << 10
+    assert "root" not in io or io["root"]["write_bytes"] < 256 << 10
+    assert (mnt / "viadirect").read_bytes() == b"d" * (256 << 10)
