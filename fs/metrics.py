@@ -419,7 +419,14 @@ class MetricsServer:
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM):
+                    # the daemon's business goes on; try again in a moment.
+                    log.warning("metrics: cannot accept a connection: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
                 if self._active >= MAX_CONNECTIONS:
                     # Full: make room by dropping the connection that has been
                     # sending its request the longest (a slow or silent scraper), so
