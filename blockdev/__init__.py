@@ -31,7 +31,14 @@ from .recording import RECORD_DIR_ENV as RECORD_DIR_ENV
 from .recording import Recording as Recording
 from .recording import RecordingBacking as RecordingBacking
 from .recording import RecordLog as RecordLog
+from .errors import OverReserved as OverReserved
+from .histogram import LatencyHistogram as LatencyHistogram
+from .profiles import Capacity as Capacity
+from .scheduler import SCHEDULERS as SCHEDULERS
 from .scheduler import FifoScheduler as FifoScheduler
+from .scheduler import MClockScheduler as MClockScheduler
+from .scheduler import make_scheduler as make_scheduler
+from .scheduler import check_reservations as check_reservations
 from .scheduler import PrincipalIOStats as PrincipalIOStats
 from .types import ROOT_PRINCIPAL as ROOT_PRINCIPAL
 from .types import BankNode as BankNode

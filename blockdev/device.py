@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import heapq
 import json
 import logging
+import math
 import os
 import uuid
+from contextvars import ContextVar
 from pathlib import Path
-from typing import AsyncContextManager, Protocol
+from typing import AsyncContextManager, ContextManager, Protocol
 
 import numpy as np
 import trio
@@ -45,10 +48,10 @@ from .backing import Backing, FileBacking
 from .checksums import PAGE, ChecksumStore, format_checksum_file
 from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
 from .faults import FaultPlan, FaultyBacking
-from .profiles import PROFILES, TimingProfile, parse_profile
+from .profiles import PROFILES, Capacity, TimingProfile, parse_profile
 from .recording import RecordLog
-from .scheduler import FifoScheduler, PrincipalIOStats
-from .types import BankTree, BlockNo, PrincipalId
+from .scheduler import DISCARD, FLUSH, READ, WRITE, PrincipalIOStats, make_scheduler
+from .types import ROOT_PRINCIPAL, BankTree, BlockNo, PrincipalId
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,15 @@ BACKING = "device.img"
 CHECKSUMS = "checksums"
 
 _xxh3 = xxhash.xxh3_64_intdigest
+#: the scheduler a device gets unless told otherwise
+DEFAULT_SCHEDULER = "mclock"
+#: modeled time the device's timeline may run ahead of the trio clock before a request
+#: sleeps (see BlockDevice._model); 0 sleeps every request to its exact completion
+DEFAULT_TIMELINE_SLACK = 1e-3
+#: the modeled completion time of the last request this task saw return (a task that
+#: got a request back early, inside the slack, lives at that time in the model: its
+#: next request cannot start before it)
+_task_model_time: ContextVar[float] = ContextVar("sluice_task_model_time", default=-math.inf)
 
 
 def _block_checksum(data: memoryview | bytes) -> int:
@@ -90,33 +102,49 @@ class DeviceStatistics:
     #: requests the backing store failed (EIO, ENOSPC, a failed flush)
     io_errors: int
     per_principal: tuple[PrincipalIOStats, ...]
+    #: what the profile can serve: 4 KiB random reads/s, sequential bytes/s (None: unlimited)
+    capacity_iops: float | None = None
+    capacity_bps: float | None = None
+    #: modeled seconds the device timeline ran ahead of the trio clock, at most and now
+    #: (the precision of the modeled time; see BlockDevice)
+    timeline_ahead_max_s: float = 0.0
 
 
 class Scheduler(Protocol):
-    """What the device needs of a request scheduler (FifoScheduler; mClock later)."""
+    """What the device needs of a request scheduler (blockdev/scheduler.py: MClockScheduler,
+    FifoScheduler)."""
 
     name: str
     #: the I/O banks last configured
     banks: BankTree
 
-    def slot(self, principal: PrincipalId, nbytes: int, *,
-             write: bool) -> AsyncContextManager[None]: ...
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> AsyncContextManager[None]:
+        """Hold one of the device's `queue_depth` channels; `kind` is read, write,
+        discard or flush (default: read, or write if `write`)."""
 
-    def record(self, principal: PrincipalId, nbytes: int, *, write: bool,
-               latency_s: float) -> None: ...
+    def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+               latency_s: float, kind: str | None = None) -> None: ...
 
     def statistics(self) -> list[PrincipalIOStats]: ...
 
     def configure_banks(self, tree: BankTree) -> None:
         """The principals' I/O banks (reservation, weight, limit) and their tree."""
 
+    def check_banks(self, tree: BankTree) -> None:
+        """Raise OverReserved if `tree`'s reservations exceed the device's capacity."""
+
+    def expedite_writes(self) -> ContextManager[None]:
+        """While inside, writes held back only by a limit are dispatched anyway."""
+
 
 class BlockDevice:
     """Fixed-size blocks with checksums and modeled timing. See the module docstring."""
 
     def __init__(self, geometry: DeviceGeometry, profile: TimingProfile, *, data: Backing,
-                 checksums: ChecksumStore, scheduler: Scheduler | None = None,
-                 directory: Path | None = None) -> None:
+                 checksums: ChecksumStore, scheduler: Scheduler | str | None = None,
+                 directory: Path | None = None,
+                 timeline_slack: float = DEFAULT_TIMELINE_SLACK) -> None:
         if checksums.nblocks != geometry.nblocks:
             raise FormatError(f"checksum store holds {checksums.nblocks} entries, "
                               f"device has {geometry.nblocks} blocks")
@@ -132,9 +160,27 @@ class BlockDevice:
         self.checksums = checksums
         #: the checksum entries (hot path: a plain ndarray, a view of the store's image)
         self._csum = checksums.array
-        self.scheduler: Scheduler = scheduler or FifoScheduler(profile.queue_depth)
+        if scheduler is None or isinstance(scheduler, str):
+            scheduler = make_scheduler(scheduler or DEFAULT_SCHEDULER, profile)
+        self.scheduler: Scheduler = scheduler
         self._instant = profile.is_instant
         self._head = 0  # last block position, for the hdd seek model
+        #: the device's own timeline: when each channel and the shared bus are next free
+        #: (modeled time on the trio clock); free channels in a heap by that time
+        self._channels: list[tuple[float, int]] = [(-math.inf, i)
+                                                   for i in range(profile.queue_depth)]
+        self._bus_free = -math.inf
+        self._chan_end = [-math.inf] * profile.queue_depth
+        #: write cache: bytes absorbed since the last flush, and the access time owed
+        self._wc_bytes = 0
+        self._wc_owed = 0.0
+        #: sleep only when the timeline runs more than this ahead of the clock
+        self.timeline_slack = timeline_slack
+        #: how late trio wakes us after a sleep (moving average; 0 on a MockClock)
+        self._oversleep = 0.0
+        self.timeline_ahead_max = 0.0
+        #: requests that slept (the rest were accounted on the timeline only)
+        self.timeline_sleeps = 0
         self.checksum_errors = 0
         self.io_errors = 0
         self._closed = False
@@ -186,10 +232,11 @@ class BlockDevice:
 
     @classmethod
     def open(cls, directory: Path, *, profile: str | None = None,
-             scheduler: Scheduler | None = None, fault_plan: FaultPlan | None = None,
-             recorder: RecordLog | None = None) -> BlockDevice:
+             scheduler: Scheduler | str | None = None, fault_plan: FaultPlan | None = None,
+             recorder: RecordLog | None = None,
+             timeline_slack: float = DEFAULT_TIMELINE_SLACK) -> BlockDevice:
         """Open the device in `directory` on its file backings; `profile` overrides the
-        formatted one.
+        formatted one; `scheduler` is "mclock" (default), "fifo" or a scheduler object.
 
         Lab facilities (tests, crash and fault experiments; see blockdev/faults.py and
         blockdev/recording.py): `recorder` logs every write and barrier of the data and
@@ -216,7 +263,7 @@ class BlockDevice:
                 opened[:] = [data, sums]
             store = ChecksumStore.load(sums, geo.nblocks)
             return cls(geo, prof, data=data, checksums=store, scheduler=scheduler,
-                       directory=directory)
+                       directory=directory, timeline_slack=timeline_slack)
         except BaseException:
             for b in opened:
                 b.close()
@@ -227,6 +274,16 @@ class BlockDevice:
     def configure_banks(self, tree: BankTree) -> None:
         """Hand the principals' I/O banks to the scheduler (at mount, on every change)."""
         self.scheduler.configure_banks(tree)
+
+    def check_banks(self, tree: BankTree) -> None:
+        """OverReserved (one clear line) if `tree`'s I/O reservations add up to more than
+        this device can serve; the principal table calls it before accepting a change."""
+        self.scheduler.check_banks(tree)
+
+    def capacity(self) -> Capacity:
+        """What the device can serve per second under its profile: 4 KiB random reads
+        and sequential (1 MiB) bytes, through the scheduler's cost function."""
+        return self.profile.capacity()
 
     def close(self) -> None:
         """Release both backings. Does not flush: durability is `flush()`'s job (the
@@ -262,16 +319,98 @@ class BlockDevice:
             raise OutOfRange(f"blocks {block}+{count} are outside the device "
                              f"(0..{self.nblocks - 1})")
 
-    async def _timed(self, principal: PrincipalId, block: int, nbytes: int, *, write: bool) -> float:
-        """Wait for a service slot and the modeled service time; returns the start time."""
+    async def _serve(self, principal: PrincipalId, block: int, nbytes: int,
+                     kind: str) -> tuple[float, float]:
+        """One request's way to the backing: wait for the scheduler's slot and spend the
+        modeled service time on the device's timeline. Returns (arrival, modeled
+        completion) for `_done`, which the caller calls after its backing I/O."""
         start = trio.current_time()
         if self._instant:
-            return start
-        async with self.scheduler.slot(principal, nbytes, write=write):
-            seek = abs(block - self._head) / self.nblocks if self.profile.full_seek_s else 0.0
-            self._head = block + nbytes // self.block_size
-            await trio.sleep(self.profile.service_time(nbytes, write=write, seek_fraction=seek))
-        return start
+            async with self.scheduler.slot(principal, nbytes, kind=kind):
+                pass
+            return start, 0.0
+        seen = _task_model_time.get()
+        if seen > start:
+            start = seen
+        async with self.scheduler.slot(principal, nbytes, kind=kind):
+            end = await self._model(block, nbytes, kind, start)
+        return start, end
+
+    def _done(self, principal: PrincipalId, nbytes: int, kind: str,
+              times: tuple[float, float]) -> None:
+        """Record the request's latency: arrival to the later of its modeled and its
+        real completion."""
+        start, end = times
+        now = trio.current_time()
+        if end:
+            _task_model_time.set(end)
+        self.scheduler.record(principal, nbytes, kind=kind,
+                              latency_s=(end if end > now else now) - start)
+
+    async def _model(self, block: int, nbytes: int, kind: str, arrival: float) -> float:
+        """Account the request's service time on the timeline of a free channel and the
+        shared bus (blockdev/profiles.py has the model) and return its modeled
+        completion time. Sleeps only when the timeline has run more than
+        `timeline_slack` ahead of the clock: a trio sleep shorter than about a
+        millisecond costs more than it models, so short requests are accounted, not
+        slept, and the debt is slept off in one piece; the sleep aims early by the
+        measured oversleep. Throughput over any period longer than the slack is exact;
+        a single request may return up to the slack before its modeled completion (its
+        recorded latency is the modeled one).
+
+        Causality: `arrival` is when the request was issued in model time — never
+        before the modeled completion of the last request the same task got back, so a
+        task's requests in sequence do not overlap on the model however early they
+        returned. (Requests of one program through FUSE are served by different tasks;
+        their round trip through the kernel usually exceeds the slack anyway.)"""
+        prof = self.profile
+        clock = trio.current_time()
+        now = arrival if arrival > clock else clock
+        chan_free, ch = heapq.heappop(self._channels)
+        end = now
+        try:
+            begin = chan_free if chan_free > now else now
+            if kind == FLUSH:
+                # a barrier: after everything queued on every channel, then the cache
+                last = max(max(self._chan_end), begin, self._bus_free)
+                end = last + prof.latency_s + self._wc_owed
+                self._wc_owed, self._wc_bytes = 0.0, 0
+                self._bus_free = end
+            elif kind == DISCARD:
+                end = begin + prof.latency_s
+            else:
+                write = kind == WRITE
+                seek = 0.0
+                if prof.full_seek_s:
+                    seek = abs(block - self._head) / self.nblocks
+                    self._head = block + nbytes // self.block_size
+                access = prof.access_time(write=write, seek_fraction=seek)
+                if write and prof.write_cache_bytes:
+                    if self._wc_bytes + nbytes <= prof.write_cache_bytes:
+                        self._wc_bytes += nbytes
+                        self._wc_owed += access - prof.latency_s
+                        access = prof.latency_s
+                    else:  # cache full: this write destages what is owed
+                        access += self._wc_owed
+                        self._wc_owed, self._wc_bytes = 0.0, 0
+                xfer = prof.transfer_time(nbytes)
+                t = begin + access
+                if self._bus_free > t:
+                    t = self._bus_free
+                end = self._bus_free = t + xfer
+            self._chan_end[ch] = end
+            ahead = end - clock
+            if ahead > self.timeline_ahead_max:
+                self.timeline_ahead_max = ahead
+            if ahead > self.timeline_slack:
+                target = end - self._oversleep
+                self.timeline_sleeps += 1
+                await trio.sleep_until(target)
+                late = trio.current_time() - target
+                self._oversleep = min(1e-3, max(0.0, 0.9 * self._oversleep + 0.1 * late))
+        finally:
+            heapq.heappush(self._channels, (end, ch))
+        return end
 
     async def read(self, block: BlockNo, count: int, *, principal: PrincipalId) -> bytearray:
         """Read `count` blocks, verifying each block's checksum."""
@@ -289,14 +428,13 @@ class BlockDevice:
         bs = self.block_size
         if len(out) != count * bs:
             raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
-        start = await self._timed(principal, block, count * bs, write=False)
+        times = await self._serve(principal, block, count * bs, READ)
         try:
             await self.data.read_into(block * bs, out)
         except OSError as exc:
             raise self._failed(exc, "read", block, count) from None
         self._verify(block, count, out)
-        self.scheduler.record(principal, count * bs, write=False,
-                              latency_s=0.0 if self._instant else trio.current_time() - start)
+        self._done(principal, count * bs, READ, times)
 
     def _verify(self, block: int, count: int, buf: bytearray | memoryview) -> None:
         bs = self.block_size
@@ -329,7 +467,7 @@ class BlockDevice:
         if rem:
             raise ValueError(f"write of {len(mv)} bytes is not a whole number of blocks")
         self._check_range(block, count)
-        start = await self._timed(principal, block, len(mv), write=True)
+        times = await self._serve(principal, block, len(mv), WRITE)
         sums = [_block_checksum(mv[i * bs:(i + 1) * bs]) for i in range(count)]
         try:
             await self.data.write(block * bs, mv)
@@ -339,8 +477,7 @@ class BlockDevice:
         # these blocks verifies against the checksum of what it reads.
         self._csum[block:block + count] = sums
         await self._persist_checksums(block, count)
-        self.scheduler.record(principal, len(mv), write=True,
-                              latency_s=0.0 if self._instant else trio.current_time() - start)
+        self._done(principal, len(mv), WRITE, times)
 
     async def _persist_checksums(self, block: int, count: int) -> None:
         try:
@@ -357,17 +494,21 @@ class BlockDevice:
         if not count or not self.data.can_discard:
             return
         bs = self.block_size
+        times = await self._serve(principal, block, 0, DISCARD)
         try:
             await self.data.discard(block * bs, count * bs)
         except OSError as exc:
             raise self._failed(exc, "discard", block, count) from None
         self._csum[block:block + count] = 0
         await self._persist_checksums(block, count)
+        self._done(principal, 0, DISCARD, times)
 
-    async def flush(self) -> None:
+    async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Barrier: make every completed write and discard durable — the data first,
         then the checksums (so a durable checksum never describes data that is not).
-        DeviceError (EIO) when the host reports that it could not."""
+        DeviceError (EIO) when the host reports that it could not. Charged to
+        `principal` (root by default: the metadata server's commits)."""
+        times = await self._serve(principal, 0, 0, FLUSH)
         try:
             await self.data.flush()
         except OSError as exc:
@@ -376,6 +517,7 @@ class BlockDevice:
             await self.checksums.flush()
         except OSError as exc:
             raise self._failed(exc, "flush of the checksums", None) from None
+        self._done(principal, 0, FLUSH, times)
 
     # -- introspection -----------------------------------------------------------
 
@@ -387,9 +529,12 @@ class BlockDevice:
         return int(self._csum[block])
 
     def statistics(self) -> DeviceStatistics:
+        cap = self.profile.capacity()
         return DeviceStatistics(self.block_size, self.nblocks, self.profile.name,
                                 self.scheduler.name, self.checksum_errors, self.io_errors,
-                                tuple(self.scheduler.statistics()))
+                                tuple(self.scheduler.statistics()),
+                                capacity_iops=cap.iops, capacity_bps=cap.bps,
+                                timeline_ahead_max_s=self.timeline_ahead_max)
 
 
 __all__ = ["BlockDevice", "DeviceGeometry", "DeviceStatistics", "PROFILES"]

@@ -64,3 +64,10 @@ class FormatError(DeviceError):
     """A device header is missing, unreadable or of an unknown version."""
 
     errno = _errno.EINVAL
+
+
+class OverReserved(SluiceError):
+    """I/O reservations that add up to more than the device can serve (a principal
+    change or a mount is refused; the message names each reservation's share)."""
+
+    errno = _errno.EINVAL

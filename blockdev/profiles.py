@@ -1,13 +1,78 @@
-"""Timing profiles: the modeled service time of a simulated device.
+"""Timing profiles: the modeled service time of a simulated device, and its capacity.
 
 The backing file is usually in the host's page cache and far faster than any real
 device; a profile adds the time a real device of that class would take, so that
 queueing, contention and scheduling are visible. `none` adds nothing.
+
+The model (blockdev/device.py applies it, on the device's own timeline):
+
+- the device has `queue_depth` channels serving requests in parallel;
+- a request first spends its *access* time on its channel: `latency_s` (command
+  overhead, flash read, rotational latency), plus `write_latency_s` for a write
+  (flash program time), plus for `hdd` a seek of `full_seek_s * sqrt(distance)`,
+  the distance being the head travel from the last block served as a fraction of
+  the device (short seeks are dominated by head settle, long ones approach a full
+  stroke);
+- then its *transfer*, `nbytes / bandwidth_bps`, on the one bus all channels share
+  (so the device never moves more than `bandwidth_bps`, whatever its queue depth);
+- a discard costs `latency_s` (a TRIM command, no transfer); a flush waits for every
+  channel and then costs `latency_s` plus the time to destage the write cache;
+- optional write cache (`write_cache_bytes`, timing only: it never changes what is
+  durable — that stays `flush()`'s job): a write that fits in the cache costs only
+  `latency_s` and its transfer; the rest of its access time (program time, seek) is
+  owed and paid by the next flush, or by the write that finds the cache full.
+
+Built-in profiles (reads; the capacity is what `capacity()` computes from them):
+
+| profile | latency | write extra | bandwidth | full seek | depth | 4 KiB random IOPS | 1 MiB sequential |
+|---------|---------|-------------|-----------|-----------|-------|-------------------|------------------|
+| none    | 0       | 0           | unlimited | 0         | 64    | unlimited         | unlimited        |
+| nvme    | 80 us   | 20 us       | 3.0 GB/s  | 0         | 32    | ~393,000          | 3.0 GB/s         |
+| ssd     | 150 us  | 50 us       | 500 MB/s  | 0         | 32    | ~122,000          | 500 MB/s         |
+| hdd     | 4.2 ms  | 0           | 180 MB/s  | 15 ms     | 1     | ~82               | ~105 MB/s        |
+
+Custom profiles: `latency_us,MBps,full_seek_ms,queue_depth[,write_us[,write_cache_MiB]]`
+(MBps 0: unlimited), or the same as `key=value` pairs in any order, e.g.
+`lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16`. The spec is stored as the volume's
+profile (device.json) or given at mount (`--profile`).
+
+Cost and capacity: the scheduler charges each request its `cost()`, the device time it
+takes in the steady state of this model: `max((access + transfer) / queue_depth,
+transfer)` — a request occupies one of `queue_depth` channels for its access and
+transfer, and the bus for its transfer. `capacity()` is derived from the same
+function: 4 KiB random reads per second (`1 / cost(4 KiB)` with the average random seek,
+8/15 of a full stroke) and sequential bytes per second (1 MiB reads, no seek).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+
+#: average of sqrt(|x - y|) for x, y uniform on [0, 1]: a random seek's cost fraction
+RANDOM_SEEK_FRACTION = 8 / 15
+#: the request sizes capacity is quoted in
+CAPACITY_IO_BYTES = 4096
+CAPACITY_SEQ_BYTES = 1 << 20
+#: the nominal cost used on the `none` profile, where the model takes no time: weights
+#: still share by requests and bytes (1 us a request, 10 GB/s), limits still hold
+_NOMINAL_REQ_S = 1e-6
+_NOMINAL_BYTE_S = 1e-10
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Capacity:
+    """What a device of a profile can serve per second (None: unlimited)."""
+
+    #: 4 KiB random reads per second
+    iops: float | None
+    #: sequential read bytes per second (1 MiB requests)
+    bps: float | None
+
+    def __str__(self) -> str:
+        if self.iops is None or self.bps is None:
+            return "unlimited"
+        return f"{self.iops:,.0f} IOPS (4 KiB random), {self.bps / 1e6:,.1f} MB/s sequential"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -23,20 +88,44 @@ class TimingProfile:
     queue_depth: int
     #: extra fixed cost for writes (flash program time), seconds
     write_latency_s: float = 0.0
+    #: bytes of write cache (0: none); timing only, see the module docstring
+    write_cache_bytes: int = 0
+
+    def access_time(self, *, write: bool, seek_fraction: float = 0.0) -> float:
+        """The per-request part of the service time (everything but the transfer)."""
+        t = self.latency_s + (self.write_latency_s if write else 0.0)
+        if self.full_seek_s and seek_fraction:
+            t += self.full_seek_s * min(1.0, seek_fraction) ** 0.5
+        return t
+
+    def transfer_time(self, nbytes: int) -> float:
+        return nbytes / self.bandwidth_bps if self.bandwidth_bps else 0.0
 
     def service_time(self, nbytes: int, *, write: bool, seek_fraction: float = 0.0) -> float:
-        """Modeled seconds to serve one request of `nbytes`.
+        """Modeled seconds to serve one request of `nbytes` alone on an idle device.
 
         `seek_fraction` is the head travel as a fraction of the device (0..1).
         """
-        t = self.latency_s + (self.write_latency_s if write else 0.0)
-        if self.bandwidth_bps:
-            t += nbytes / self.bandwidth_bps
-        if self.full_seek_s and seek_fraction:
-            # Short seeks cost roughly the square root of the distance (head settle
-            # dominates), long ones approach the full-stroke time.
-            t += self.full_seek_s * min(1.0, seek_fraction) ** 0.5
-        return t
+        return self.access_time(write=write, seek_fraction=seek_fraction) \
+            + self.transfer_time(nbytes)
+
+    def cost(self, nbytes: int, *, write: bool = False, sequential: bool = False) -> float:
+        """Device seconds one request takes in the steady state (see the module
+        docstring); the scheduler's cost function. Random placement (the average seek)
+        unless `sequential`."""
+        if self.is_instant:
+            return _NOMINAL_REQ_S + nbytes * _NOMINAL_BYTE_S
+        access = self.access_time(write=write)
+        if not sequential:
+            access += self.full_seek_s * RANDOM_SEEK_FRACTION
+        xfer = self.transfer_time(nbytes)
+        return max((access + xfer) / self.queue_depth, xfer)
+
+    def capacity(self) -> Capacity:
+        if self.is_instant:
+            return Capacity(None, None)
+        return Capacity(1.0 / self.cost(CAPACITY_IO_BYTES),
+                        CAPACITY_SEQ_BYTES / self.cost(CAPACITY_SEQ_BYTES, sequential=True))
 
     @property
     def is_instant(self) -> bool:
@@ -54,16 +143,42 @@ PROFILES: dict[str, TimingProfile] = {
     "hdd": TimingProfile("hdd", 4.2e-3, 180e6, 15e-3, queue_depth=1),
 }
 
+_KEYS = ("lat", "bw", "seek", "qd", "wlat", "wcache")
+_USAGE = ("use one of " + ", ".join(PROFILES) + ", or latency_us,MBps,full_seek_ms,"
+          "queue_depth[,write_us[,write_cache_MiB]] (or lat=,bw=,seek=,qd=,wlat=,wcache=)")
+
 
 def parse_profile(spec: str) -> TimingProfile:
-    """A named profile, or custom numbers `latency_us,MBps,full_seek_ms,depth`."""
+    """A named profile, or custom numbers (see the module docstring)."""
     if spec in PROFILES:
         return PROFILES[spec]
+    err = ValueError(f"unknown timing profile {spec!r}: {_USAGE}")
+    parts = [s.strip() for s in spec.split(",")]
+    vals: dict[str, str] = {}
+    if parts and all("=" in s for s in parts):
+        for s in parts:
+            k, _, v = s.partition("=")
+            if k not in _KEYS or k in vals:
+                raise err
+            vals[k] = v
+        if not {"lat", "qd"} <= set(vals):
+            raise err
+    elif 4 <= len(parts) <= 6 and not any("=" in s for s in parts):
+        vals = dict(zip(_KEYS, parts))
+    else:
+        raise err
     try:
-        lat, mbps, seek, depth = spec.split(",")
-        return TimingProfile("custom:" + spec, float(lat) * 1e-6, float(mbps) * 1e6,
-                             float(seek) * 1e-3, int(depth))
+        lat = float(vals["lat"]) * 1e-6
+        bw = float(vals.get("bw", "0")) * 1e6
+        seek = float(vals.get("seek", "0")) * 1e-3
+        depth = int(vals["qd"])
+        wlat = float(vals.get("wlat", "0")) * 1e-6
+        wcache = int(float(vals.get("wcache", "0")) * (1 << 20))
     except ValueError:
-        raise ValueError(
-            f"unknown timing profile {spec!r}: use one of {', '.join(PROFILES)} "
-            "or latency_us,MBps,full_seek_ms,queue_depth") from None
+        raise err from None
+    if not all(math.isfinite(x) and x >= 0 for x in (lat, bw, seek, wlat)) \
+            or not 1 <= depth <= 1024 or wcache < 0:
+        raise ValueError(f"bad timing profile {spec!r}: times and rates must be finite and "
+                         "not negative, queue depth 1..1024")
+    return TimingProfile("custom:" + spec, lat, bw, seek, depth, write_latency_s=wlat,
+                         write_cache_bytes=wcache)

@@ -1,97 +1,823 @@
 """Request scheduling in front of the timing model, and per-principal accounting.
 
 A scheduler decides the order in which principals' requests get one of the device's
-`queue_depth` service slots. `FifoScheduler` is the baseline: one global order, as a
-kernel without QoS would give. The mClock scheduler of the QoS work plugs in here
-with the same `slot()` interface.
+`queue_depth` service slots (channels). There is one scheduler per device: every
+request of every principal — reads, writes, discards, flushes — passes through its
+`slot()`, charged to the principal named.
 
-Invariant: at most `queue_depth` requests hold a slot at any time; slots are handed
-out in arrival order (trio's Semaphore is FIFO-fair).
+- `FifoScheduler` is the baseline: one global arrival order, as a kernel without QoS.
+- `MClockScheduler` (the default) is hierarchical mClock (Gulati et al., OSDI 2010;
+  hClock, EuroSys 2013, for the tree): each principal has a reservation, a weight and
+  a limit, the rates in operations/s and in bytes/s, over the principal tree.
+
+mClock, as done here. Every node of the tree (a principal) keeps tags, in seconds of
+the trio clock:
+
+- R (reservation): when its next request is due under its reservation; advanced by
+  `1/r_iops` per request and `nbytes/r_bps` per byte (both kept; a node is "under its
+  reservation" only while both are due: with two rates, the tighter holds);
+- L (limit): when its next request may start at all; advanced by `1/l_iops` and
+  `nbytes/l_bps` (both kept; a node may go only when both have passed: the tighter
+  limit wins);
+- P (proportional share): virtual time advanced by `cost / weight`, where `cost` is the
+  request's device time under the profile (`TimingProfile.cost`: a cost per request
+  and per byte).
+
+A node that goes idle banks no credit: when it has work again, R and L restart at
+the current time (never earlier) and P at its parent's virtual time (start-time fair
+queuing: the start tag of the child served last). A node blocked by its own limit is
+treated the same when it becomes eligible again (its P is clamped to the parent's
+virtual time at every choice), so waiting behind a limit earns no burst either.
+
+Choosing the next request, whenever a slot is free:
+
+1. Reservation phase: among the root's children that have a reservation, are under it
+   (R <= now) and within their limits, the one with the smallest R; inside it, a child
+   under its own reservation if there is one, else the children share the
+   reservation by weight (P). Service here does not advance the P tags at or above the
+   reserving node (reserved service is not counted against the weight share, as in
+   dmClock): a principal gets its reservation plus its weighted share of the rest.
+2. Otherwise the weight phase: from the root down, the child with the smallest P among
+   those with work and within their limits (a principal's own requests compete with
+   its children as one more child of the same weight). What an idle or limited
+   subtree does not use goes to its siblings first, then up the tree — a parent's
+   unused share stays among its own children (hClock), rather than being spread over
+   every principal as flattened weights would.
+3. If requests wait but every one is held by a limit, nothing is dispatched: one of the
+   waiting tasks sleeps until the earliest limit tag (work-conserving otherwise).
+
+Every request dispatched advances R and L of every node on its path (R and L of a
+node count all its service), and P as said above.
+
+Concurrency: all state lives on the trio loop; `slot()` and `_dispatch()` mutate it
+without a checkpoint in between, so a choice and its charge are atomic. Waiting tasks
+park with `wait_task_rescheduled` and are woken by whoever dispatches them; a
+dispatched request is counted in `_busy` before its task runs again, so at most
+`queue_depth` requests ever hold a slot. A cancelled waiter leaves the queue in its
+abort path; if it was granted meanwhile it gives the slot back.
+
+Statistics (both schedulers): per principal, requests and bytes by kind, latency from
+arrival to completion (queue + service) in a log-linear histogram
+(blockdev/histogram.py), requests waiting now, throughput over the last complete
+second, and for reservations the requests served in time (dispatched no later than one
+reservation interval after their R tag) and late.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+import math
+from collections import deque
+from contextlib import contextmanager
+from typing import Awaitable, Callable, Iterator
 
-import numpy as np
+import outcome
 import trio
 
-from .types import BankTree, PrincipalId
+from .errors import OverReserved
+from .histogram import LatencyHistogram
+from .profiles import CAPACITY_IO_BYTES, CAPACITY_SEQ_BYTES, TimingProfile
+from .types import ROOT_PRINCIPAL, BankNode, BankTree, PrincipalId
 
-#: latency histogram buckets: bucket i holds latencies in [2**(i-1), 2**i) microseconds
-N_BUCKETS = 32
+_INF = math.inf
+#: kinds of request (`slot(..., kind=...)`)
+READ, WRITE, DISCARD, FLUSH = "read", "write", "discard", "flush"
+KINDS = (READ, WRITE, DISCARD, FLUSH)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PrincipalIOStats:
+    """One principal's I/O as its device's scheduler saw it (see the module docstring)."""
+
     principal: PrincipalId
     reads: int
     writes: int
     bytes_read: int
     bytes_written: int
-    #: latency percentiles in seconds (queue + service), from the histogram
+    #: latency percentiles in seconds, arrival to completion (queue + service)
     p50_s: float
     p99_s: float
     max_s: float
+    p95_s: float = 0.0
+    mean_s: float = 0.0
+    discards: int = 0
+    flushes: int = 0
+    #: requests of every kind
+    ops: int = 0
+    #: requests waiting for a slot now
+    waiting: int = 0
+    #: requests and bytes completed in the last complete one-second window
+    iops: float = 0.0
+    bps: float = 0.0
+    #: requests dispatched in the reservation phase (mclock)
+    reserved_ops: int = 0
+    #: requests of a principal with a reservation dispatched no later than one
+    #: reservation interval after they were due (met), and later (missed)
+    reservation_met: int = 0
+    reservation_missed: int = 0
+    #: requests that had to wait for a limit (theirs or an ancestor's)
+    throttled: int = 0
+    #: writes let past their limit because a barrier waited for them (repaid after)
+    expedited: int = 0
 
 
 class _Counters:
-    __slots__ = ("reads", "writes", "bytes_read", "bytes_written", "hist", "max_s")
+    __slots__ = ("reads", "writes", "discards", "flushes", "bytes_read", "bytes_written",
+                 "hist", "waiting", "reserved", "met", "missed", "throttled", "expedited",
+                 "win_start", "win_ops", "win_bytes", "last_ops", "last_bytes")
 
     def __init__(self) -> None:
-        self.reads = 0
-        self.writes = 0
-        self.bytes_read = 0
-        self.bytes_written = 0
-        self.hist = np.zeros(N_BUCKETS, dtype=np.int64)
-        self.max_s = 0.0
+        self.reads = self.writes = self.discards = self.flushes = 0
+        self.bytes_read = self.bytes_written = 0
+        self.hist = LatencyHistogram()
+        self.waiting = self.reserved = self.met = self.missed = self.throttled = 0
+        self.expedited = 0
+        self.win_start = -_INF
+        self.win_ops = self.win_bytes = 0
+        self.last_ops = self.last_bytes = 0
 
-    def percentile(self, q: float) -> float:
-        total = int(self.hist.sum())
-        if not total:
-            return 0.0
-        idx = int(np.searchsorted(np.cumsum(self.hist), q * total))
-        return (2.0 ** idx) * 1e-6  # upper edge of the bucket
+    def record(self, nbytes: int, kind: str, latency_s: float, now: float) -> None:
+        if kind == READ:
+            self.reads += 1
+            self.bytes_read += nbytes
+        elif kind == WRITE:
+            self.writes += 1
+            self.bytes_written += nbytes
+        elif kind == DISCARD:
+            self.discards += 1
+        else:
+            self.flushes += 1
+        self.hist.record(latency_s)
+        # Throughput over whole seconds of the trio clock: the last complete window.
+        if now >= self.win_start + 1.0:
+            if now < self.win_start + 2.0:
+                self.last_ops, self.last_bytes = self.win_ops, self.win_bytes
+            else:
+                self.last_ops = self.last_bytes = 0
+            self.win_start = math.floor(now)
+            self.win_ops = self.win_bytes = 0
+        self.win_ops += 1
+        if kind in (READ, WRITE):
+            self.win_bytes += nbytes
+
+    def snapshot(self, principal: PrincipalId, now: float | None) -> PrincipalIOStats:
+        p50, p95, p99 = self.hist.percentiles((0.5, 0.95, 0.99))
+        iops, bps = float(self.last_ops), float(self.last_bytes)
+        if now is not None and now >= self.win_start + 2.0:
+            iops = bps = 0.0  # nothing completed in the last complete window
+        elif now is not None and now >= self.win_start + 1.0:
+            iops, bps = float(self.win_ops), float(self.win_bytes)
+        return PrincipalIOStats(
+            principal=principal, reads=self.reads, writes=self.writes,
+            bytes_read=self.bytes_read, bytes_written=self.bytes_written,
+            p50_s=p50, p95_s=p95, p99_s=p99, max_s=self.hist.max_s, mean_s=self.hist.mean_s,
+            discards=self.discards, flushes=self.flushes,
+            ops=self.reads + self.writes + self.discards + self.flushes,
+            waiting=self.waiting, iops=iops, bps=bps, reserved_ops=self.reserved,
+            reservation_met=self.met, reservation_missed=self.missed,
+            throttled=self.throttled, expedited=self.expedited)
 
 
-class FifoScheduler:
-    """Serves requests in one global arrival order, `queue_depth` at a time."""
+def _now_or_none() -> float | None:
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return None
+
+
+# -- reservations against the device's capacity --------------------------------------------
+
+
+def reserved_fraction(node: BankNode, profile: TimingProfile) -> float:
+    """The share of the device (0..) that `node`'s reservation takes, through the cost
+    function: an IOPS reservation counted as 4 KiB random reads, a bytes/s one as 1 MiB
+    sequential reads; with both, the larger (the reservation serves whichever rate is
+    reached first, at any request size in between)."""
+    if profile.is_instant:
+        return 0.0
+    f_iops = (node.io_reserve_iops or 0.0) * profile.cost(CAPACITY_IO_BYTES)
+    f_bps = (node.io_reserve_bps or 0.0) * profile.cost(CAPACITY_SEQ_BYTES, sequential=True) \
+        / CAPACITY_SEQ_BYTES
+    return max(f_iops, f_bps)
+
+
+def check_reservations(tree: BankTree, profile: TimingProfile) -> None:
+    """Raise OverReserved when the reservations of `tree` add up to more than the device
+    can serve. Children carve their reservations from their parent's (kernelshim checks
+    that), so what counts is each reserving principal with no reserving ancestor."""
+    if profile.is_instant:
+        return
+    tops: list[tuple[BankNode, float]] = []
+    for node in tree.values():
+        if node.io_reserve_iops is None and node.io_reserve_bps is None:
+            continue
+        p, covered = node.parent, False
+        while p is not None and p in tree:
+            q = tree[p]
+            if q.io_reserve_iops is not None or q.io_reserve_bps is not None:
+                covered = True
+                break
+            p = q.parent
+        if not covered:
+            tops.append((node, reserved_fraction(node, profile)))
+    total = sum(f for _n, f in tops)
+    if total > 1.0 + 1e-9:
+        def rate(n: BankNode) -> str:
+            parts = []
+            if n.io_reserve_iops is not None:
+                parts.append(f"{n.io_reserve_iops:g}iops")
+            if n.io_reserve_bps is not None:
+                parts.append(f"{n.io_reserve_bps / 1e6:g}MB/s")
+            return ",".join(parts)
+        detail = ", ".join(f"{n.name} {rate(n)} ({f:.0%})"
+                           for n, f in sorted(tops, key=lambda t: -t[1]))
+        raise OverReserved(
+            f"I/O reservations add up to {total:.0%} of what the device can serve "
+            f"(profile {profile.name}: {profile.capacity()}): {detail}")
+
+
+# -- the baseline ------------------------------------------------------------------------------
+
+
+class _Accounting:
+    """What both schedulers share: banks, statistics, the capacity check."""
+
+    name = "?"
+
+    def __init__(self, profile: TimingProfile) -> None:
+        self.profile = profile
+        self.queue_depth = profile.queue_depth
+        self._counters: dict[PrincipalId, _Counters] = {}
+        #: every principal's I/O bank, as last configured
+        self.banks: BankTree = {}
+
+    def _c(self, principal: PrincipalId) -> _Counters:
+        c = self._counters.get(principal)
+        if c is None:
+            c = self._counters[principal] = _Counters()
+        return c
+
+    def check_banks(self, tree: BankTree) -> None:
+        """OverReserved if `tree`'s reservations exceed the device's capacity. Called by
+        the principal table before it accepts a change, and at mount."""
+        check_reservations(tree, self.profile)
+
+    @contextmanager
+    def expedite_writes(self) -> Iterator[None]:
+        """While inside, writes held back only by a limit go anyway (see MClockScheduler);
+        FIFO holds nothing back."""
+        yield
+
+    def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+               latency_s: float, kind: str | None = None) -> None:
+        """Account one completed request (arrival to completion: `latency_s`)."""
+        self._c(principal).record(nbytes, kind or (WRITE if write else READ), latency_s,
+                                  trio.current_time())
+
+    def statistics(self) -> list[PrincipalIOStats]:
+        now = _now_or_none()
+        return [c.snapshot(p, now) for p, c in sorted(self._counters.items())
+                if c.hist.total or c.waiting]
+
+
+class FifoScheduler(_Accounting):
+    """Serves requests in one global arrival order, `queue_depth` at a time. Banks are
+    recorded and reservations checked against the capacity, but nothing is enforced:
+    it is the baseline."""
 
     name = "fifo"
 
-    def __init__(self, queue_depth: int) -> None:
-        self._slots = trio.Semaphore(queue_depth)
-        self._counters: dict[PrincipalId, _Counters] = {}
-        #: every principal's I/O bank (FIFO ignores them: it is the baseline)
-        self.banks: BankTree = {}
+    def __init__(self, queue_depth: int | TimingProfile) -> None:
+        if isinstance(queue_depth, TimingProfile):
+            profile = queue_depth
+        else:
+            profile = TimingProfile("fifo", 0.0, 0.0, 0.0, queue_depth)
+        super().__init__(profile)
+        self._slots = trio.Semaphore(profile.queue_depth)
 
     def configure_banks(self, tree: BankTree) -> None:
         self.banks = tree
 
-    @asynccontextmanager
-    async def slot(self, principal: PrincipalId, nbytes: int, *, write: bool) -> AsyncIterator[None]:
-        async with self._slots:
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots, in arrival order (async with)."""
+        return _Slot(self._acquire, self._slots.release, principal, nbytes,
+                     write or kind == WRITE)
+
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
+        c = self._c(principal)
+        c.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            c.waiting -= 1
+
+
+# -- mClock --------------------------------------------------------------------------------------
+
+
+class _Slot:
+    """`async with scheduler.slot(...)`: a plain class rather than an
+    asynccontextmanager (a generator per request costs a few microseconds)."""
+
+    __slots__ = ("_acquire", "_release", "_args")
+
+    def __init__(self, acquire: Callable[[PrincipalId, int, bool], Awaitable[None]],
+                 release: Callable[[], None], principal: PrincipalId, nbytes: int,
+                 write: bool) -> None:
+        self._acquire = acquire
+        self._release = release
+        self._args = (principal, nbytes, write)
+
+    async def __aenter__(self) -> None:
+        await self._acquire(*self._args)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+
+class _Req:
+    __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
+                 "throttled", "write")
+
+    def __init__(self, node: _Node, nbytes: int, cost: float, arrival: float,
+                 write: bool = False) -> None:
+        self.node = node
+        self.write = write
+        self.nbytes = nbytes
+        self.cost = cost
+        self.arrival = arrival
+        self.task: trio.lowlevel.Task | None = None
+        self.blocked = False
+        self.granted = False
+        self.throttled = False
+
+
+class _Node:
+    """One principal in the scheduler's tree: its bank, tags and own queue."""
+
+    __slots__ = ("id", "parent", "children", "active", "queue", "backlog", "weight",
+                 "r_iops", "r_bps", "l_iops", "l_bps", "has_res", "has_lim",
+                 "R_i", "R_b", "L_i", "L_b", "P", "own_P", "vtime", "path", "res_below",
+                 "counters")
+
+    def __init__(self, pid: PrincipalId, counters: _Counters) -> None:
+        self.id = pid
+        self.parent: _Node | None = None
+        self.children: list[_Node] = []
+        #: children with work waiting in their subtree
+        self.active: list[_Node] = []
+        #: this principal's own waiting requests, in arrival order
+        self.queue: deque[_Req] = deque()
+        #: requests waiting in this subtree (own queue and descendants)
+        self.backlog = 0
+        self.weight = 100.0
+        self.r_iops = self.r_bps = self.l_iops = self.l_bps = 0.0  # 0: none
+        self.has_res = self.has_lim = False
+        self.R_i = self.R_b = self.L_i = self.L_b = -_INF
+        self.P = 0.0
+        #: P tag of the node's own queue when it competes with its children
+        self.own_P = 0.0
+        #: start tag of the child served last (start-time fair queuing)
+        self.vtime = 0.0
+        #: root .. self
+        self.path: tuple[_Node, ...] = ()
+        #: whether some descendant has a reservation of its own
+        self.res_below = False
+        self.counters = counters
+
+    def configure(self, b: BankNode | None) -> None:
+        if b is None:
+            b = BankNode(self.id, ROOT_PRINCIPAL, str(self.id))
+        self.weight = float(max(1, b.io_weight))
+        self.r_iops = b.io_reserve_iops or 0.0
+        self.r_bps = b.io_reserve_bps or 0.0
+        self.l_iops = b.io_limit_iops or 0.0
+        self.l_bps = b.io_limit_bps or 0.0
+        self.has_res = self.r_iops > 0 or self.r_bps > 0
+        self.has_lim = self.l_iops > 0 or self.l_bps > 0
+
+    def limit_at(self) -> float:
+        """When this node's limits next allow a request."""
+        return max(self.L_i, self.L_b) if self.has_lim else -_INF
+
+    def res_at(self) -> float:
+        return max(self.R_i, self.R_b)
+
+
+class MClockScheduler(_Accounting):
+    """Hierarchical mClock over the principal tree (see the module docstring)."""
+
+    name = "mclock"
+
+    def __init__(self, profile: TimingProfile) -> None:
+        super().__init__(profile)
+        self._cost: Callable[..., float] = profile.cost
+        self._busy = 0
+        self._queued = 0
+        self._nodes: dict[PrincipalId, _Node] = {}
+        self._root = self._node(ROOT_PRINCIPAL)
+        self._root.path = (self._root,)
+        self._any_res = False
+        #: the waiting request whose task sleeps until the earliest limit tag, and when
+        self._timer_req: _Req | None = None
+        self._timer_at = _INF
+        self._res_node: _Node | None = None
+        #: barriers waiting for the writes in flight (see expedite_writes)
+        self._expedite = 0
+
+    # -- the tree -------------------------------------------------------------------------
+
+    def _node(self, pid: PrincipalId) -> _Node:
+        n = self._nodes.get(pid)
+        if n is None:
+            n = self._nodes[pid] = _Node(pid, self._c(pid))
+            if pid != ROOT_PRINCIPAL:
+                # Not (yet) in the configured tree: a default principal under root.
+                n.configure(None)
+                n.parent = self._root
+                self._root.children.append(n)
+                n.path = (self._root, n)
+        return n
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """Take a new snapshot of the banks: rebuild the tree, keeping every node's tags
+        and waiting requests, then dispatch what the new banks allow."""
+        self.banks = tree
+        nodes = self._nodes
+        for pid in tree:
+            if pid not in nodes:
+                nodes[pid] = _Node(pid, self._c(pid))
+        for n in nodes.values():
+            n.children = []
+            n.active = []
+        root = self._root
+        for pid, n in nodes.items():
+            b = tree.get(pid)
+            n.configure(b)
+            if pid == ROOT_PRINCIPAL:
+                n.parent = None
+                continue
+            par = nodes.get(b.parent) if b is not None and b.parent is not None else None
+            n.parent = par if par is not None else root
+            n.parent.children.append(n)
+        # paths, backlogs and active lists, top-down then bottom-up
+        order: list[_Node] = []
+        stack = [root]
+        root.path = (root,)
+        while stack:
+            n = stack.pop()
+            order.append(n)
+            for c in n.children:
+                c.path = n.path + (c,)
+                stack.append(c)
+        for n in reversed(order):
+            n.backlog = len(n.queue) + sum(c.backlog for c in n.children)
+            n.active = [c for c in n.children if c.backlog]
+            n.res_below = any(c.has_res or c.res_below for c in n.children)
+        self._any_res = root.has_res or root.res_below
+        now = _now_or_none()
+        if now is not None:
+            self._dispatch(now)
+
+    @contextmanager
+    def expedite_writes(self) -> Iterator[None]:
+        """While inside, a waiting write held back only by a limit is dispatched anyway
+        (its tags still advance, so its principal repays it: later requests wait the
+        longer). The kernel's barrier waits inside this for the writes in flight: a
+        commit, and with it every principal's writes and fsyncs, must not wait for a
+        throttled principal's queue to drain at its limit."""
+        self._expedite += 1
+        try:
+            now = _now_or_none()
+            if now is not None and self._queued:
+                self._dispatch(now)
             yield
+        finally:
+            self._expedite -= 1
 
-    def record(self, principal: PrincipalId, nbytes: int, *, write: bool, latency_s: float) -> None:
-        c = self._counters.get(principal)
-        if c is None:
-            c = self._counters[principal] = _Counters()
-        if write:
-            c.writes += 1
-            c.bytes_written += nbytes
+    # -- the request path -------------------------------------------------------------------
+
+    def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
+             kind: str | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots when the scheduler picks this request
+        (async with); `kind` read, write, discard or flush."""
+        return _Slot(self._acquire, self._release, principal, nbytes, write or kind == WRITE)
+
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        now = trio.current_time()
+        node = self._nodes.get(principal) or self._node(principal)
+        req = _Req(node, nbytes, self._cost(nbytes, write=write), now, write)
+        may_go = self._may_go(node, now)
+        req.throttled = not may_go
+        if self._busy < self.queue_depth and not self._queued and may_go:
+            # The device has a free channel and nobody waits: go now.
+            self._charge(req, now, res_node=None)
+            self._busy += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._enqueue(req, now)
+        try:
+            await self._wait(req)
+        except BaseException:
+            if req.granted:  # granted while the cancellation was on its way
+                self._release()
+            else:
+                self._dequeue(req)
+                if self._timer_req is req:
+                    self._timer_req, self._timer_at = None, _INF
+                    self._dispatch(trio.current_time())
+            raise
+
+    def _may_go(self, node: _Node, now: float) -> bool:
+        for n in node.path:
+            if n.has_lim and (n.L_i > now or n.L_b > now):
+                return False
+        return True
+
+    async def _wait(self, req: _Req) -> None:
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            req.blocked = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        if req.granted:  # dispatched at once by its own arrival
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        req.task = trio.lowlevel.current_task()
+        while not req.granted:
+            at = self._timer_at if self._timer_req is req else _INF
+            req.blocked = True
+            if at < _INF:
+                with trio.move_on_at(at) as cs:
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                if cs.cancelled_caught and not req.granted and self._timer_req is req:
+                    # The earliest limit tag has passed: look again.
+                    self._timer_req, self._timer_at = None, _INF
+                    self._dispatch(trio.current_time())
+            else:
+                await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake(self, req: _Req) -> None:
+        if req.blocked:
+            req.blocked = False
+            assert req.task is not None
+            trio.lowlevel.reschedule(req.task, outcome.Value(None))
+
+    def _enqueue(self, req: _Req, now: float) -> None:
+        node = req.node
+        node.queue.append(req)
+        node.counters.waiting += 1
+        self._queued += 1
+        # Activate the nodes that had nothing waiting: no credit banked while idle.
+        for n in reversed(node.path):
+            if n.backlog == 0:
+                self._activate(n, now)
+                n.backlog = 1
+                if n.parent is not None:
+                    n.parent.active.append(n)
+            else:
+                n.backlog += 1
+        self._dispatch(now)
+
+    def _activate(self, n: _Node, now: float) -> None:
+        if n.R_i < now:
+            n.R_i = now
+        if n.R_b < now:
+            n.R_b = now
+        if n.L_i < now:
+            n.L_i = now
+        if n.L_b < now:
+            n.L_b = now
+        if n.parent is not None and n.P < n.parent.vtime:
+            n.P = n.parent.vtime
+
+    def _dequeue(self, req: _Req) -> None:
+        node = req.node
+        try:
+            node.queue.remove(req)
+        except ValueError:
+            return
+        node.counters.waiting -= 1
+        self._queued -= 1
+        self._unbacklog(node)
+
+    def _unbacklog(self, node: _Node) -> None:
+        for n in reversed(node.path):
+            n.backlog -= 1
+            if not n.backlog and n.parent is not None:
+                n.parent.active.remove(n)
+
+    def _release(self) -> None:
+        self._busy -= 1
+        if self._queued:
+            self._dispatch(trio.current_time())
+
+    # -- choosing ----------------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        wake = _INF
+        while self._queued and self._busy < self.queue_depth:
+            req, res_node, wake = self._select(now)
+            if req is None:
+                break
+            node = req.node
+            if node.queue[0] is req:
+                node.queue.popleft()
+            else:
+                node.queue.remove(req)
+            node.counters.waiting -= 1
+            self._queued -= 1
+            self._charge(req, now, res_node=res_node, queued=True)
+            self._unbacklog(node)
+            self._busy += 1
+            req.granted = True
+            if self._timer_req is req:
+                self._timer_req, self._timer_at = None, _INF
+            self._wake(req)
         else:
-            c.reads += 1
-            c.bytes_read += nbytes
-        us = latency_s * 1e6
-        bucket = min(N_BUCKETS - 1, max(0, int(us).bit_length()))
-        c.hist[bucket] += 1
-        if latency_s > c.max_s:
-            c.max_s = latency_s
+            return
+        # Requests wait, a channel is free, and every one of them is held by a limit:
+        # one waiting task sleeps until the earliest limit tag.
+        if wake < self._timer_at:
+            old = self._timer_req
+            holder = old
+            if holder is None:
+                holder = self._any_waiter()
+            if holder is None:
+                return
+            self._timer_req, self._timer_at = holder, wake
+            self._wake(holder)  # it re-arms its sleep with the new deadline
 
-    def statistics(self) -> list[PrincipalIOStats]:
-        return [PrincipalIOStats(p, c.reads, c.writes, c.bytes_read, c.bytes_written,
-                                 c.percentile(0.5), c.percentile(0.99), c.max_s)
-                for p, c in sorted(self._counters.items())]
+    def _any_waiter(self) -> _Req | None:
+        stack = [self._root]
+        while stack:
+            n = stack.pop()
+            if n.queue:
+                return n.queue[0]
+            stack.extend(n.active)
+        return None
+
+    def _select(self, now: float) -> tuple[_Req | None, _Node | None, float]:
+        """The next request to serve; the node whose reservation serves it (None: the
+        weight phase); and, when there is no request to serve, the earliest time a
+        limit lets one go."""
+        wake = [_INF]
+        root = self._root
+        if root.has_lim and root.limit_at() > now:
+            return None, None, root.limit_at()
+        if self._any_res:
+            self._res_node = None
+            req = self._select_res(root, now, wake)
+            if req is not None:
+                return req, self._res_node, _INF
+        req = self._select_w(root, now, wake)
+        if req is None and self._expedite:
+            req = self._expedited_write()
+            if req is not None:
+                req.node.counters.expedited += 1
+        return req, None, wake[0]
+
+    def _expedited_write(self) -> _Req | None:
+        """A waiting write, limits ignored (the first of its principal's queue: it may
+        pass the principal's reads, which are not expedited)."""
+        stack = [self._root]
+        while stack:
+            n = stack.pop()
+            for r in n.queue:
+                if r.write:
+                    return r
+            stack.extend(n.active)
+        return None
+
+    def _select_res(self, n: _Node, now: float, wake: list[float]) -> _Req | None:
+        """Reservation phase below `n`: a child under its reservation, smallest R first
+        (inside it, a descendant under its own reservation, else by weight). Sets
+        `_res_node` to the deepest node whose reservation serves the request."""
+        cands = [c for c in n.active if c.has_res or c.res_below]
+        if not cands:
+            return None
+        if len(cands) > 1:
+            cands.sort(key=_Node.res_at)
+        for c in cands:
+            if c.has_lim and c.limit_at() > now:
+                continue
+            req = self._select_res(c, now, wake) if c.res_below else None
+            if req is not None:
+                return req
+            if c.has_res and c.res_at() <= now:
+                req = self._select_w(c, now, wake)
+                if req is not None:
+                    self._res_node = c
+                    return req
+        return None
+
+    def _select_w(self, n: _Node, now: float, wake: list[float]) -> _Req | None:
+        """Weight phase below `n`: smallest P among the children with work and within
+        their limits, n's own queue competing as one more child."""
+        active = n.active
+        if not active:
+            return n.queue[0] if n.queue else None
+        if len(active) == 1 and not n.queue:
+            c = active[0]
+            if c.has_lim:
+                t = c.limit_at()
+                if t > now:
+                    if t < wake[0]:
+                        wake[0] = t
+                    return None
+            return self._select_w(c, now, wake)
+        v = n.vtime
+        own_p = (n.own_P if n.own_P > v else v) if n.queue else _INF
+        tried: list[tuple[float, _Node]] = []
+        for c in active:
+            if c.has_lim:
+                t = c.limit_at()
+                if t > now:
+                    if t < wake[0]:
+                        wake[0] = t
+                    continue
+            tried.append((c.P if c.P > v else v, c))
+        tried.sort(key=_p_key)
+        for p, c in tried:
+            if own_p <= p:
+                return n.queue[0]
+            req = self._select_w(c, now, wake)
+            if req is not None:
+                return req
+            # c's subtree is held by limits further down: the next one in P order
+        return n.queue[0] if n.queue else None
+
+    # -- charging ------------------------------------------------------------------------------
+
+    def _charge(self, req: _Req, now: float, *, res_node: _Node | None,
+                queued: bool = False) -> None:
+        node = req.node
+        nbytes = req.nbytes
+        cost = req.cost
+        path = node.path
+        if not queued:
+            # Straight from arrival to a free channel: each node on the path had
+            # nothing waiting, so none banks credit from its idle time.
+            for n in path:
+                self._activate(n, now)
+        c = node.counters
+        if node.has_res:
+            interval = max(1.0 / node.r_iops if node.r_iops else 0.0,
+                           nbytes / node.r_bps if node.r_bps else 0.0)
+            if now <= node.res_at() + interval + 1e-12:
+                c.met += 1
+            else:
+                c.missed += 1
+        if res_node is not None:
+            c.reserved += 1
+        if req.throttled:
+            c.throttled += 1
+        # P: in the weight phase on the whole path; in the reservation phase only below
+        # the node whose reservation serves the request (reserved service is not
+        # counted against the weight share).
+        charge_p = res_node is None
+        prev: _Node | None = None
+        for n in path:
+            if n.has_res:
+                if n.r_iops:
+                    n.R_i += 1.0 / n.r_iops
+                if n.r_bps:
+                    n.R_b += nbytes / n.r_bps
+            if n.has_lim:
+                if n.l_iops:
+                    n.L_i += 1.0 / n.l_iops
+                if n.l_bps:
+                    n.L_b += nbytes / n.l_bps
+            if prev is not None and charge_p:
+                v = prev.vtime
+                if n.P < v:
+                    n.P = v
+                prev.vtime = n.P
+                n.P += cost / n.weight
+            if n is res_node:
+                charge_p = True
+            prev = n
+        # The principal's own queue competes with its children as one more child.
+        if node.children and charge_p:
+            v = node.vtime
+            if node.own_P < v:
+                node.own_P = v
+            node.vtime = node.own_P
+            node.own_P += cost / node.weight
+
+
+def _p_key(t: tuple[float, _Node]) -> float:
+    return t[0]
+
+
+def make_scheduler(name: str, profile: TimingProfile) -> FifoScheduler | MClockScheduler:
+    """The scheduler called `name` ("mclock" or "fifo") for a device of `profile`."""
+    if name == "mclock":
+        return MClockScheduler(profile)
+    if name == "fifo":
+        return FifoScheduler(profile)
+    raise ValueError(f"unknown I/O scheduler {name!r}: use mclock or fifo")
+
+
+SCHEDULERS = ("mclock", "fifo")

@@ -75,9 +75,27 @@ def _check_mountpoint(mp: str) -> None:
 
 def _mount_options(args: argparse.Namespace):
     from .mount import MountOptions
+    if args.profile is not None:
+        from kernelshim import parse_profile
+        try:
+            parse_profile(args.profile)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
-                        cache_mode=args.cache_mode, debug_fuse=args.debug_fuse,
-                        read_only=args.read_only)
+                        scheduler=args.scheduler, cache_mode=args.cache_mode,
+                        debug_fuse=args.debug_fuse, read_only=args.read_only,
+                        metrics=_metrics_address(args.metrics))
+
+
+def _metrics_address(text: str | None) -> tuple[str, int] | None:
+    """--metrics ADDRESS:PORT, checked before the daemon starts."""
+    if text is None:
+        return None
+    from .metrics import parse_address
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise CliError(f"--metrics: {exc}") from None
 
 
 def _check_private(volume: Path, args: argparse.Namespace) -> None:
@@ -151,8 +169,11 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode]
     if args.profile:
         cmd += ["--profile", args.profile]
+    cmd += ["--scheduler", args.scheduler]
     if args.read_only:
         cmd.append("--read-only")
+    if args.metrics:
+        cmd += ["--metrics", args.metrics]
     if args.debug:
         cmd.append("--debug")
     logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -246,7 +267,8 @@ def _bank_args(args: argparse.Namespace) -> dict:
     for k in ("io_reserve", "io_limit"):
         v = getattr(args, k, None)
         if v is not None:
-            out[k] = str(Rate.parse(v))
+            # given twice (once per unit) or as a comma list: one rate
+            out[k] = str(Rate.parse(",".join(v)))
     return out
 
 
@@ -324,15 +346,21 @@ def _interval(text: str) -> float:
     return v
 
 
+def _fetch_stats(mountpoint: str) -> dict:
+    with _control(mountpoint) as c:
+        try:
+            return c.call("stats")
+        except (OSError, EOFError) as exc:  # the daemon went away mid-request
+            raise CliError(f"lost the connection to the daemon of {mountpoint}: "
+                           f"{exc}") from None
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
+    if args.watch and not args.json:
+        return _watch_stats(args)
     while True:
-        with _control(args.mountpoint) as c:
-            try:
-                st = c.call("stats")
-            except (OSError, EOFError) as exc:  # the daemon went away mid-request
-                raise CliError(f"lost the connection to the daemon of {args.mountpoint}: "
-                               f"{exc}") from None
+        st = _fetch_stats(args.mountpoint)
         if args.json:
             print(json.dumps(st, indent=1), flush=True)
         else:
@@ -342,31 +370,110 @@ def cmd_stats(args: argparse.Namespace) -> int:
         time.sleep(args.watch)
 
 
+def _capacity_text(cap: dict) -> str:
+    if cap.get("iops") is None or cap.get("bps") is None:
+        return "unlimited (profile none: no modeled time)"
+    return (f"{cap['iops']:,.0f} IOPS (4 KiB random reads), "
+            f"{cap['bps'] / 1e6:,.1f} MB/s sequential")
+
+
 def _stats_text(st: dict) -> str:
+    from .metrics import io_rows
     f, d, p = st["fs"], st["device"], st["pager"]
     out = [f"volume: {f['blocks'] - f['blocks_free']}/{f['blocks']} blocks used "
            f"({f['block_size']} B), {f['inodes']}/{f['max_inodes']} inodes, "
            f"{f['open_handles']} open files, {f['live_grants']} live grants",
            f"device: profile {d['profile']}, scheduler {d['scheduler']}, "
            f"{d['checksum_errors']} checksum errors",
+           f"capacity: {_capacity_text(d.get('capacity', {}))}",
            f"pager:  {p['frames_used']}/{p['frames']} frames, {p['hits']} hits, "
            f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
            f"{p['evictions']} evictions",
            "",
-           f"{'PRINCIPAL':16} {'READS':>8} {'WRITES':>8} {'MB READ':>9} {'MB WRITTEN':>10}"
-           f" {'p50 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE':>9} {'INODES':>7}"]
+           f"{'PRINCIPAL':16} {'REQUESTS':>9} {'MB READ':>9} {'MB WRITTEN':>10}"
+           f" {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE':>9} {'INODES':>7}"]
     usage = {r["name"]: r["usage"] for r in st["principals"]}
     names = [r["name"] for r in st["principals"]]
-    io = d["per_principal"]
+    io = io_rows(st)
     for n in names:
-        s = io.get(n, {})
+        s = io.get(n)
         u = usage.get(n, {})
-        out.append(f"{n:16} {s.get('reads', 0):>8} {s.get('writes', 0):>8} "
-                   f"{s.get('bytes_read', 0) / 1e6:>9.1f} {s.get('bytes_written', 0) / 1e6:>10.1f} "
-                   f"{s.get('p50_s', 0) * 1e3:>8.3f} {s.get('p99_s', 0) * 1e3:>8.3f} "
-                   f"{p['resident'].get(n, 0):>7} {_fmt_bytes(u.get('space', 0)):>9} "
-                   f"{u.get('inodes', 0):>7}")
+        if s is None:
+            iocols = f"{0:>9} {0:>9.1f} {0:>10.1f} {'-':>8} {'-':>8} {'-':>8}"
+        else:
+            p95 = f"{s.p95_s * 1e3:>8.3f}" if s.p95_s is not None else f"{'-':>8}"
+            iocols = (f"{s.ops:>9} {s.read_bytes / 1e6:>9.1f} {s.write_bytes / 1e6:>10.1f} "
+                      f"{s.p50_s * 1e3:>8.3f} {p95} {s.p99_s * 1e3:>8.3f}")
+        out.append(f"{n:16} {iocols} {p['resident'].get(n, 0):>7} "
+                   f"{_fmt_bytes(u.get('space', 0)):>9} {u.get('inodes', 0):>7}")
     return "\n".join(out)
+
+
+def _watch_table(st: dict, prev: dict | None, dt: float, interval: float) -> str:
+    """What `stats --watch` shows: the volume lines, then per principal the rates over
+    the last interval (IOPS, MB/s) beside its latency percentiles since mount, the
+    requests it has waiting in the scheduler and its cache frames and hits."""
+    from .metrics import cache_hits, io_rows
+    lines = _stats_text(st).split("\n")[:4]
+    over = f"rates over the last {dt:.1f} s" if prev is not None else "rates from the next one on"
+    lines += [f"every {interval:g} s, {time.strftime('%H:%M:%S')}; {over}, "
+              "latency (queue + service) since mount", "",
+              f"{'PRINCIPAL':16} {'IOPS':>8} {'READ MB/s':>10} {'WRITE MB/s':>10} "
+              f"{'p50 ms':>8} {'p99 ms':>8} {'WAITING':>8} {'FRAMES':>7} {'HITS':>9}"]
+    now, before = io_rows(st), io_rows(prev) if prev is not None else {}
+    hits = cache_hits(st)
+    resident = st["pager"].get("resident", {})
+    for r in st["principals"]:
+        n = r["name"]
+        s, b = now.get(n), before.get(n)
+        if s is not None and prev is not None and dt > 0:
+            ops0, rb0, wb0 = (b.ops, b.read_bytes, b.write_bytes) if b else (0, 0, 0)
+            rates = (f"{(s.ops - ops0) / dt:>8.0f} {(s.read_bytes - rb0) / dt / 1e6:>10.2f} "
+                     f"{(s.write_bytes - wb0) / dt / 1e6:>10.2f}")
+        else:
+            rates = f"{'-':>8} {'-':>10} {'-':>10}"
+        if s is not None and s.ops:
+            lat = f"{s.p50_s * 1e3:>8.3f} {s.p99_s * 1e3:>8.3f}"
+        else:
+            lat = f"{'-':>8} {'-':>8}"
+        waiting = s.waiting if s is not None and s.waiting is not None else "-"
+        h = hits.get(n, (None, None))[0]
+        lines.append(f"{n[:16]:16} {rates} {lat} {waiting:>8} {resident.get(n, 0):>7} "
+                     f"{h if h is not None else '-':>9}")
+    return "\n".join(lines)
+
+
+#: ANSI: clear the screen, cursor home, clear to the end of the line / of the screen,
+#: hide and show the cursor
+_CLEAR, _HOME, _EOL, _EOS, _HIDE, _SHOW = ("\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J",
+                                           "\x1b[?25l", "\x1b[?25h")
+
+
+def _watch_stats(args: argparse.Namespace) -> int:
+    """Redraw the per-principal table in place every --watch seconds on a terminal; into
+    a pipe or a file, print one table per interval with no escape codes."""
+    tty = sys.stdout.isatty()
+    prev: dict | None = None
+    prev_t = 0.0
+    if tty:
+        sys.stdout.write(_HIDE + _CLEAR)
+    try:
+        while True:
+            st = _fetch_stats(args.mountpoint)
+            t = time.monotonic()
+            table = _watch_table(st, prev, t - prev_t, args.watch)
+            prev, prev_t = st, t
+            if tty:
+                sys.stdout.write(_HOME + "".join(line + _EOL + "\n"
+                                                 for line in table.split("\n")) + _EOS)
+                sys.stdout.flush()
+            else:
+                print(table + "\n", flush=True)
+            time.sleep(max(0.0, args.watch - (time.monotonic() - t)))
+    finally:
+        if tty:
+            sys.stdout.write(_SHOW)
+            sys.stdout.flush()
 
 
 # -- argument parsing ---------------------------------------------------------------------
@@ -383,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="8G", help="device size, e.g. 512M, 8G (default 8G, sparse)")
     s.add_argument("--block-size", default="4096", help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",
-                   help="timing profile: none, nvme, ssd, hdd, or latency_us,MBps,seek_ms,depth")
+                   help="timing profile: none, nvme, ssd, hdd, or custom "
+                        "latency_us,MBps,seek_ms,depth[,write_us[,write_cache_MiB]] "
+                        "(also lat=,bw=,seek=,qd=,wlat=,wcache=)")
     s.add_argument("--inodes", type=int, default=None, help="maximum number of inodes")
     s.add_argument("--device", default=None, help="use this block device instead of a sparse file")
     s.add_argument("--force", action="store_true", help="overwrite an existing volume")
@@ -396,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
     s.add_argument("--cache-size", default="64M", help="pager cache size (default 64M)")
     s.add_argument("--profile", default=None, help="override the volume's timing profile")
+    s.add_argument("--scheduler", default="mclock", choices=["mclock", "fifo"],
+                   help="the device's I/O scheduler: mclock (per-principal reservation, "
+                        "weight and limit; default) or fifo (one global order, the baseline)")
     s.add_argument("--cache-mode", default="direct", choices=["direct", "kernel"],
                    help="default cache mode for files (direct: every I/O reaches the pager)")
     s.add_argument("--fix-permissions", action="store_true",
@@ -403,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-r", "--read-only", action="store_true",
                    help="mount read-only: every change gets EROFS, nothing is written "
                         "(also -o ro through mount(8))")
+    s.add_argument("--metrics", default=None, metavar="ADDRESS:PORT",
+                   help="serve every principal's I/O and cache figures in the Prometheus "
+                        "text format at http://ADDRESS:PORT/metrics (off by default; "
+                        "e.g. 127.0.0.1:9464)")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
     s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)
@@ -428,9 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
         a.add_argument("--cache-min", help="guaranteed cache, e.g. 64M")
         a.add_argument("--cache-max", help="cache ceiling, e.g. 256M")
-        a.add_argument("--io-reserve", help="reserved I/O rate, e.g. 20MB/s or 500iops")
+        a.add_argument("--io-reserve", action="append", metavar="RATE",
+                       help="reserved I/O rate: 20MB/s, 500iops, or both (give the flag "
+                            "twice, or 500iops,20MB/s); `none` removes it")
         a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
-        a.add_argument("--io-limit", help="I/O ceiling, e.g. 100MB/s or 2000iops")
+        a.add_argument("--io-limit", action="append", metavar="RATE",
+                       help="I/O ceiling: 100MB/s, 2000iops, or both (the tighter wins; "
+                            "twice, or 2000iops,100MB/s); `none` removes it")
         a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
         a.add_argument("--caps", type=int, help="capability slots it may hold")
         a.add_argument("--connections", type=int,
@@ -459,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--watch", type=_interval, default=0, metavar="SECONDS",
-                   help="print again every SECONDS")
+                   help="redraw a live per-principal table (IOPS, MB/s, latency, waiting "
+                        "requests, cache) every SECONDS; into a pipe, print one per "
+                        "interval (with --json: one JSON document per interval)")
     s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("fsck", help="check (and repair) an unmounted volume")
@@ -527,7 +649,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     for opt in options:
         key, _, val = opt.partition("=")
         key = key.replace("_", "-")
-        if key in ("cache-size", "profile", "cache-mode") and val:
+        if key in ("cache-size", "profile", "cache-mode", "scheduler") and val:
             cli += [f"--{key}", val]
         elif key == "foreground":
             cli.append("--foreground")

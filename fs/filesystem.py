@@ -1349,8 +1349,25 @@ class FileSystem:
             "device": {"block_size": dev.block_size, "nblocks": dev.nblocks,
                        "profile": dev.profile, "scheduler": dev.scheduler,
                        "checksum_errors": dev.checksum_errors,
+                       # what the profile can serve (None: unlimited, profile none)
+                       "capacity": {"iops": dev.capacity_iops, "bps": dev.capacity_bps},
+                       "timeline_ahead_max_s": dev.timeline_ahead_max_s,
                        "per_principal": {names.get(s.principal, str(s.principal)):
                                          dataclasses.asdict(s) for s in dev.per_principal}},
+            # The scheduler's view per principal name (blockdev/scheduler.py): bytes and
+            # requests, latency from arrival to completion (queue + service), throughput
+            # in the last complete second, requests waiting, reservation met/missed.
+            "io": {names.get(s.principal, str(s.principal)): {
+                "read_bytes": s.bytes_read, "write_bytes": s.bytes_written, "ops": s.ops,
+                "reads": s.reads, "writes": s.writes, "discards": s.discards,
+                "flushes": s.flushes,
+                "latency_us": {"p50": s.p50_s * 1e6, "p95": s.p95_s * 1e6,
+                               "p99": s.p99_s * 1e6, "max": s.max_s * 1e6,
+                               "mean": s.mean_s * 1e6},
+                "iops": s.iops, "bps": s.bps, "waiting": s.waiting,
+                "reserved_ops": s.reserved_ops,
+                "reservation": {"met": s.reservation_met, "missed": s.reservation_missed},
+                "throttled": s.throttled} for s in dev.per_principal},
             "pager": {"frames": pg.frames, "frames_used": pg.frames_used, "hits": pg.hits,
                       "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
                       "evictions": pg.evictions,

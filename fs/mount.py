@@ -28,6 +28,7 @@ from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
 from .metadata import Metadata
+from .metrics import MetricsServer
 from .errors import VolumeError
 from .operations import PRINCIPAL_REQUESTS, Operations
 from .service import DirectService
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 class MountOptions:
     cache_bytes: int = 64 << 20
     profile: str | None = None
+    #: the device's I/O scheduler: "mclock" (per-principal QoS) or "fifo" (the baseline)
+    scheduler: str = "mclock"
     cache_mode: str = "direct"
     allow_other: bool = True
     #: pyfuse3 request workers (trio tasks; a busy one holds a request buffer). Far more
@@ -56,6 +59,9 @@ class MountOptions:
     debug_fuse: bool = False
     #: a read-only mount: EROFS for every change, nothing written to the volume
     read_only: bool = False
+    #: serve Prometheus metrics of every principal at (host, port) (fs/metrics.py);
+    #: None: off
+    metrics: tuple[str, int] | None = None
 
 
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
@@ -131,6 +137,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
+                             scheduler=opts.scheduler,
                              fault_plan=Path(fault_plan) if fault_plan else None,
                              record_dir=Path(record_dir) if record_dir else None)
         stack.callback(kernel.close)
@@ -144,6 +151,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)
         sock_path = control_socket_path(read_header(volume).uuid)
+        metrics = None
+        if opts.metrics is not None:
+            # Bound before the mount goes live: a busy port fails the mount, not later.
+            metrics = await MetricsServer.bind(fs.statistics_dict, *opts.metrics)
+            stack.push_async_callback(metrics.aclose)
         ops = Operations(fs, control_socket=str(sock_path),
                          principal_requests=opts.principal_requests)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
@@ -175,6 +187,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 await nursery.start(server.run)
                 nursery.start_soon(_prune_registrations, principals, name="pid-pruner")
                 nursery.start_soon(_watch_signals, name="signal-watcher")
+                if metrics is not None:
+                    nursery.start_soon(metrics.serve, name="metrics-server")
                 log.info("mounted %s at %s (pid %d, control socket %s)", volume, mountpoint,
                          os.getpid(), sock_path)
                 ready(None)

@@ -145,6 +145,7 @@ class DirectService:
         keep = set(names)
         dev, pg = st["device"], st["pager"]
         dev["per_principal"] = {k: v for k, v in dev["per_principal"].items() if k in keep}
+        st["io"] = {k: v for k, v in st["io"].items() if k in keep}
         pg["resident"] = {k: v for k, v in pg["resident"].items() if k in keep}
         st["principals"] = [r for r in st["principals"] if r["name"] in keep]
         st["enforced_banks"] = {k: v for k, v in st["enforced_banks"].items() if k in keep}

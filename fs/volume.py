@@ -31,7 +31,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Iterator
 
-from kernelshim import PROFILES, BlockDevice, FormatError, fsync_directory, write_durably
+from kernelshim import BlockDevice, FormatError, fsync_directory, parse_profile, write_durably
 
 from .errors import VolumeError
 from .metadata import Metadata
@@ -94,8 +94,10 @@ def read_header(path: Path) -> VolumeInfo:
 def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none",
          inodes: int | None = None, device: str | None = None, force: bool = False) -> VolumeInfo:
     """Make a new, empty volume in directory `path` (created if missing)."""
-    if profile not in PROFILES and profile.count(",") != 3:
-        raise VolumeError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+    try:
+        parse_profile(profile)
+    except ValueError as exc:
+        raise VolumeError(str(exc).replace("timing profile", "profile")) from None
     if inodes is not None and inodes < 1:
         raise VolumeError(f"--inodes must be a positive number, not {inodes}")
     # Missing parents get the caller's umask (they may hold mount points other users

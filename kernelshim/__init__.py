@@ -17,6 +17,7 @@ from blockdev import FormatError as FormatError
 from blockdev import PrincipalId as PrincipalId
 from blockdev import SluiceError as SluiceError
 from blockdev import fsync_directory as fsync_directory
+from blockdev import parse_profile as parse_profile
 from blockdev import write_durably as write_durably
 
 from .errors import BadRequest as BadRequest

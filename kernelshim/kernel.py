@@ -75,8 +75,10 @@ class Kernel:
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
-             fault_plan: Path | None = None, record_dir: Path | None = None) -> Kernel:
-        """Open the volume's device and a pager over it.
+             fault_plan: Path | None = None, record_dir: Path | None = None,
+             scheduler: str = "mclock") -> Kernel:
+        """Open the volume's device and a pager over it; `scheduler` is the device's I/O
+        scheduler, "mclock" (per-principal QoS) or "fifo" (the baseline).
 
         Lab facilities, off unless asked for (the mount passes them from the environment;
         see blockdev/faults.py and blockdev/recording.py): `fault_plan`, a JSON fault plan
@@ -85,7 +87,7 @@ class Kernel:
         plan = FaultPlan.load(fault_plan) if fault_plan is not None else None
         recorder = RecordLog.create(record_dir) if record_dir is not None else None
         device = BlockDevice.open(directory, profile=profile, fault_plan=plan,
-                                  recorder=recorder)
+                                  recorder=recorder, scheduler=scheduler)
         pager = Pager(device, nframes=max(16, cache_bytes // device.block_size))
         return cls(device, pager)
 
@@ -96,8 +98,13 @@ class Kernel:
 
     def attach_principals(self, table: PrincipalTable) -> None:
         """Charge kernel objects to `table`, and push its memory and I/O banks down to
-        the pager and the device's scheduler now and after every change."""
+        the pager and the device's scheduler now and after every change. OverReserved
+        when the table's I/O reservations exceed what the device can serve."""
         self.principals = table
+        # The device refuses reservations it cannot serve: now (OverReserved fails the
+        # mount, e.g. under a slower --profile) and before every later change.
+        self.device.check_banks(table.bank_tree())
+        table.capacity_check = self.device.check_banks
         table.watch(self.configure_banks)
 
     def configure_banks(self, tree: BankTree) -> None:
@@ -231,10 +238,14 @@ class Kernel:
             await self._barrier.wait()
         done = self._barrier = trio.Event()
         try:
-            while self._writes:
-                if self._writes_done is None:
-                    self._writes_done = trio.Event()
-                await self._writes_done.wait()
+            # Writes held back by their principal's I/O limit go now (and are repaid
+            # after): the commit, and every other principal's writes, must not wait
+            # for a throttled queue to drain (blockdev/scheduler.py, expedite_writes).
+            with self.device.scheduler.expedite_writes():
+                while self._writes:
+                    if self._writes_done is None:
+                        self._writes_done = trio.Event()
+                    await self._writes_done.wait()
             if self._dirty:
                 self._dirty = False
                 try:

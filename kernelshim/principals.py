@@ -5,7 +5,8 @@ A tree of principals rooted at `root`. Each has banks carved from its parent's:
 - storage: `space` (bytes: data blocks, plus a fixed cost per directory entry) and
   `inodes`;
 - memory: cache frames, `cache_min` (guaranteed) and `cache_max` (ceiling), in bytes;
-- I/O: `io_reserve`, `io_weight`, `io_limit` (for the QoS scheduler);
+- I/O: `io_reserve`, `io_weight`, `io_limit` (enforced by the device's scheduler); a
+  reservation or a limit is a `Rate` in IOPS, in bytes/s or both (the tighter applies);
 - kernel objects: `grants` (open grants), `caps` (capability slots), `connections`
   (control-socket connections acting for it), `shm` (bytes of shared buffers its
   connections have attached) and `children` (principals below it, at any depth).
@@ -45,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from blockdev import BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, SluiceError, write_durably
+from blockdev import (BankNode, BankTree, OverReserved, PrincipalId, ROOT_PRINCIPAL, SluiceError,
+                      write_durably)
 
 log = logging.getLogger(__name__)
 
@@ -99,35 +101,74 @@ class TooManyObjects(SluiceError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rate:
-    """An I/O rate: operations per second (`iops`) or bytes per second."""
+    """An I/O rate in operations per second (`iops`), in bytes per second (`bps`), or in
+    both (None: not that unit). With both, the tighter applies: a limit of
+    `1000iops,20MB/s` stops at whichever is reached first, and so does a reservation.
 
-    value: float
-    unit: str  # "iops" or "B/s"
+    Written `500iops`, `20MB/s` (SI) or `1.5GiB/s` (binary), or both comma-separated,
+    `500iops,20MB/s`; `none` is no rate at all."""
+
+    iops: float | None = None
+    bps: float | None = None
 
     _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b/s|iops)\s*$", re.IGNORECASE)
 
     @classmethod
     def parse(cls, text: str) -> Rate:
-        m = cls._RE.match(text)
-        if not m:
-            raise PrincipalError(f"bad rate {text!r}: use e.g. 20MB/s, 1.5GiB/s or 500iops")
-        num, prefix, unit = m.groups()
-        mult = 1000 ** "_kmgt".index(prefix.lower() or "_") if prefix else 1
-        if unit.lower() == "iops":
-            return cls(float(num) * mult, "iops")
-        if unit.lower().startswith("i"):
-            mult = 1024 ** "_kmgt".index(prefix.lower() or "_") if prefix else 1
-        return cls(float(num) * mult, "B/s")
+        if text.strip().lower() == "none":
+            return cls()
+        iops: float | None = None
+        bps: float | None = None
+        parts = text.split(",")
+        if len(parts) > 2:
+            raise PrincipalError(f"bad rate {text!r}: at most one IOPS and one bytes/s rate")
+        for part in parts:
+            m = cls._RE.match(part)
+            if not m:
+                raise PrincipalError(f"bad rate {text!r}: use e.g. 20MB/s, 1.5GiB/s, 500iops "
+                                     "or both, 500iops,20MB/s")
+            num, prefix, unit = m.groups()
+            p = prefix.lower()
+            if unit.lower() == "iops":
+                if iops is not None:
+                    raise PrincipalError(f"bad rate {text!r}: two IOPS rates")
+                iops = float(num) * (1000 ** "_kmgt".index(p) if p else 1)
+            else:
+                if bps is not None:
+                    raise PrincipalError(f"bad rate {text!r}: two bytes/s rates")
+                base = 1024 if unit.lower().startswith("i") else 1000
+                bps = float(num) * (base ** "_kmgt".index(p) if p else 1)
+        for v in (iops, bps):
+            if v is not None and not 0 < v < 1e15:
+                raise PrincipalError(f"bad rate {text!r}: must be positive")
+        return cls(iops, bps)
+
+    @property
+    def empty(self) -> bool:
+        return self.iops is None and self.bps is None
+
+    def units(self) -> tuple[str, ...]:
+        return tuple(u for u, v in (("iops", self.iops), ("bps", self.bps)) if v is not None)
+
+    def get(self, unit: str) -> float | None:
+        return self.iops if unit == "iops" else self.bps
 
     def __str__(self) -> str:
-        if self.unit == "iops":
-            return f"{self.value:g}iops"
-        v = self.value
-        for p in ("", "K", "M", "G"):
-            if v < 1000 or p == "G":
-                return f"{v:g}{p}B/s"
-            v /= 1000
-        return f"{v:g}B/s"
+        out = []
+        if self.iops is not None:
+            out.append(f"{self.iops:g}iops")
+        if self.bps is not None:
+            v = self.bps
+            for p in ("", "K", "M", "G"):
+                if v < 1000 or p == "G":
+                    out.append(f"{v:g}{p}B/s")
+                    break
+                v /= 1000
+        return ",".join(out) or "none"
+
+
+def _rate_str(unit: str, v: float) -> str:
+    return str(Rate(iops=v) if unit == "iops" else Rate(bps=v))
 
 
 @dataclasses.dataclass(slots=True)
@@ -167,6 +208,25 @@ class Banks:
             if f.name in d:
                 setattr(out, f.name, d[f.name])
         return out
+
+
+def _normalise(banks: Banks) -> Banks:
+    """`none` rates are no rate at all."""
+    if banks.io_reserve is not None and banks.io_reserve.empty:
+        banks = dataclasses.replace(banks, io_reserve=None)
+    if banks.io_limit is not None and banks.io_limit.empty:
+        banks = dataclasses.replace(banks, io_limit=None)
+    return banks
+
+
+def _bank_node(pid: PrincipalId, parent: PrincipalId | None, name: str, b: Banks) -> BankNode:
+    r, lim = b.io_reserve, b.io_limit
+    return BankNode(pid, parent, name, cache_min=b.cache_min, cache_max=b.cache_max,
+                    io_reserve_iops=r.iops if r is not None else None,
+                    io_reserve_bps=r.bps if r is not None else None,
+                    io_weight=b.io_weight,
+                    io_limit_iops=lim.iops if lim is not None else None,
+                    io_limit_bps=lim.bps if lim is not None else None)
 
 
 def root_banks() -> Banks:
@@ -243,6 +303,9 @@ class PrincipalTable:
         self._resolved: dict[int, tuple[float, Principal]] = {}
         #: called with a new bank snapshot after every change of the tree or a bank
         self._watchers: list[Callable[[BankTree], None]] = []
+        #: raises (blockdev.OverReserved) when a tree's I/O reservations exceed what the
+        #: device can serve; called before a change is accepted (set by the kernel)
+        self.capacity_check: Callable[[BankTree], None] | None = None
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -305,17 +368,22 @@ class PrincipalTable:
         scheduler (which may not see this table: they sit below kernelshim)."""
         out: dict[PrincipalId, BankNode] = {}
         for p in self.walk():
-            b = p.banks
-            r, lim = b.io_reserve, b.io_limit
-            out[p.id] = BankNode(
-                p.id, p.parent.id if p.parent is not None else None, p.name,
-                cache_min=b.cache_min, cache_max=b.cache_max,
-                io_reserve_iops=r.value if r is not None and r.unit == "iops" else None,
-                io_reserve_bps=r.value if r is not None and r.unit == "B/s" else None,
-                io_weight=b.io_weight,
-                io_limit_iops=lim.value if lim is not None and lim.unit == "iops" else None,
-                io_limit_bps=lim.value if lim is not None and lim.unit == "B/s" else None)
+            out[p.id] = _bank_node(p.id, p.parent.id if p.parent is not None else None,
+                                   p.name, p.banks)
         return out
+
+    def _check_capacity(self, pid: PrincipalId, parent: PrincipalId | None, name: str,
+                        banks: Banks) -> None:
+        """Refuse a change whose I/O reservations the device cannot serve (the check is
+        the device's: `capacity_check`, set by the kernel; None checks nothing)."""
+        if self.capacity_check is None:
+            return
+        tree = dict(self.bank_tree())
+        tree[pid] = _bank_node(pid, parent, name, banks)
+        try:
+            self.capacity_check(tree)
+        except OverReserved as exc:  # a principal error to whoever asked
+            raise PrincipalError(str(exc)) from None
 
     def watch(self, callback: Callable[[BankTree], None]) -> None:
         """Call `callback(bank_tree())` now and after every change of the tree or of a
@@ -387,22 +455,31 @@ class PrincipalTable:
             if mx is not None and banks.cache_min > mx:
                 raise PrincipalError(f"cache_min exceeds parent's cache_max ({mx})")
         if banks.io_reserve is not None:
-            carved_r = [c.banks.io_reserve for c in p_parent.children
-                        if c is not exclude and c.banks.io_reserve is not None]
-            if pb.io_reserve is not None:
-                if pb.io_reserve.unit != banks.io_reserve.unit or \
-                        any(r.unit != pb.io_reserve.unit for r in carved_r):
-                    raise PrincipalError("io_reserve units differ from the parent's")
-                left = pb.io_reserve.value - sum(r.value for r in carved_r)
-                if banks.io_reserve.value > left:
-                    raise PrincipalError(f"io_reserve {banks.io_reserve} exceeds what parent "
-                                         f"{p_parent.name!r} has left to reserve")
-            elif p_parent is not self.root:
-                raise PrincipalError(f"parent {p_parent.name!r} has no io_reserve to carve from")
-        lim = self._effective_rate(p_parent)
-        if banks.io_limit is not None and lim is not None and lim.unit == banks.io_limit.unit \
-                and banks.io_limit.value > lim.value:
-            raise PrincipalError(f"io_limit {banks.io_limit} exceeds parent's {lim}")
+            for unit in banks.io_reserve.units():
+                mine_r = banks.io_reserve.get(unit)
+                theirs_r = pb.io_reserve.get(unit) if pb.io_reserve is not None else None
+                carved_r = sum(c.banks.io_reserve.get(unit) or 0.0 for c in p_parent.children
+                               if c is not exclude and c.banks.io_reserve is not None)
+                if theirs_r is not None:
+                    assert mine_r is not None
+                    if carved_r + mine_r > theirs_r * (1 + 1e-9):
+                        raise PrincipalError(
+                            f"io_reserve {_rate_str(unit, mine_r)} exceeds what parent "
+                            f"{p_parent.name!r} has left to reserve "
+                            f"({_rate_str(unit, max(0.0, theirs_r - carved_r))})")
+                elif p_parent is not self.root or (pb.io_reserve is not None
+                                                   and not pb.io_reserve.empty):
+                    raise PrincipalError(
+                        f"parent {p_parent.name!r} has no {'IOPS' if unit == 'iops' else 'bytes/s'}"
+                        " io_reserve to carve from")
+        if banks.io_limit is not None:
+            for unit in banks.io_limit.units():
+                lim = self._effective_rate(p_parent, unit)
+                mine_l = banks.io_limit.get(unit)
+                assert mine_l is not None
+                if lim is not None and mine_l > lim:
+                    raise PrincipalError(f"io_limit {_rate_str(unit, mine_l)} exceeds parent's "
+                                         f"{_rate_str(unit, lim)}")
         if banks.io_weight <= 0:
             raise PrincipalError("io_weight must be positive")
         for k in ("space", "inodes", "cache_max", *OBJECT_BANKS):
@@ -419,17 +496,18 @@ class PrincipalTable:
         vals = [getattr(q.banks, bank) for q in p.chain() if getattr(q.banks, bank) is not None]
         return min(vals) if vals else None
 
-    def _effective_rate(self, p: Principal) -> Rate | None:
-        for q in p.chain():
-            if q.banks.io_limit is not None:
-                return q.banks.io_limit
-        return None
+    def _effective_rate(self, p: Principal, unit: str) -> float | None:
+        """The tightest io_limit in `unit` along p's chain."""
+        vals = [q.banks.io_limit.get(unit) for q in p.chain() if q.banks.io_limit is not None]
+        vals_f = [v for v in vals if v is not None]
+        return min(vals_f) if vals_f else None
 
     def _may_administer(self, p: Principal, uid: int) -> bool:
         return uid == 0 or any(q.owner_uid == uid and q is not self.root for q in p.chain())
 
     def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
             caller_uid: int) -> Principal:
+        banks = _normalise(banks)
         if not _NAME_RE.match(name):
             raise PrincipalError(f"bad principal name {name!r} (letters, digits, _ . -; "
                                  "at most 64)")
@@ -440,6 +518,7 @@ class PrincipalTable:
             raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
         self._check_banks(par, banks, exclude=None)
         self._check_object(par, "children", 1)
+        self._check_capacity(PrincipalId(self._next_id), par.id, name, banks)
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
         self.save()
         self._changed()
@@ -455,7 +534,7 @@ class PrincipalTable:
             par = p.parent
             if not self._may_administer(par, caller_uid):
                 raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
-        banks = dataclasses.replace(p.banks, **changes)
+        banks = _normalise(dataclasses.replace(p.banks, **changes))
         if par is not None:
             self._check_banks(par, banks, exclude=p)
         # Children must still fit.
@@ -471,11 +550,24 @@ class PrincipalTable:
                                  f"{banks.cache_min}")
         reserved = [c.banks.io_reserve for c in p.children if c.banks.io_reserve is not None]
         r = banks.io_reserve
-        if reserved and (r is not None or p is not self.root) and (
-                r is None or any(x.unit != r.unit for x in reserved)
-                or sum(x.value for x in reserved) > r.value):
-            raise PrincipalError(f"children of {name!r} reserve "
-                                 f"{', '.join(map(str, reserved))}, more than {r or 'nothing'}")
+        if reserved and (r is not None or p is not self.root):
+            for unit in ("iops", "bps"):
+                total = sum(x.get(unit) or 0.0 for x in reserved)
+                have = r.get(unit) if r is not None else None
+                if total and (have is None or total > have * (1 + 1e-9)):
+                    raise PrincipalError(
+                        f"children of {name!r} reserve {_rate_str(unit, total)}, more than "
+                        f"{_rate_str(unit, have) if have is not None else 'nothing'}")
+            for c in p.children:
+                lim = c.banks.io_limit
+                if lim is None or banks.io_limit is None:
+                    continue
+                for unit in lim.units():
+                    mine, theirs = lim.get(unit), banks.io_limit.get(unit)
+                    if mine is not None and theirs is not None and mine > theirs:
+                        raise PrincipalError(f"child {c.name!r} has io_limit {lim}, more than "
+                                             f"{banks.io_limit}")
+        self._check_capacity(p.id, p.parent.id if p.parent else None, p.name, banks)
         p.banks = banks
         self.save()
         self._changed()

@@ -28,7 +28,7 @@ def make(tmp_path: Path, *, nblocks: int = 64, profile: str = "none",
     d = tmp_path / "dev"
     d.mkdir(exist_ok=True)
     BlockDevice.format(d, size=nblocks * block_size, block_size=block_size, profile=profile)
-    return BlockDevice.open(d)
+    return BlockDevice.open(d, timeline_slack=0.0)
 
 
 def pattern(count: int, seed: int, bs: int = BS) -> bytes:
@@ -307,15 +307,21 @@ async def test_hdd_queue_depth_one_serialises(tmp_path: Path, autojump_clock) ->
 
 
 async def test_ssd_deep_queue_overlaps(tmp_path: Path, autojump_clock) -> None:
+    """Channels overlap their access times; transfers share the one bus."""
     dev = make(tmp_path, profile="ssd")
+    xfer = BS / 500e6
     try:
         elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(4)])
-        assert elapsed == pytest.approx(ssd_read(BS), rel=1e-9)
+        assert elapsed == pytest.approx(150e-6 + 4 * xfer, rel=1e-9)
         elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(32)])
-        assert elapsed == pytest.approx(ssd_read(BS), rel=1e-9)
-        # one more than the queue depth needs a second round
+        assert elapsed == pytest.approx(150e-6 + 32 * xfer, rel=1e-9)
+        # one more than the queue depth waits for a channel (free after 158 us), and
+        # its transfer then waits for the bus
         elapsed = await _concurrently(dev, [(i, 1, P0) for i in range(33)])
-        assert elapsed == pytest.approx(2 * ssd_read(BS), rel=1e-9)
+        assert elapsed == pytest.approx(150e-6 + 33 * xfer, rel=1e-9)
+        # large requests are bandwidth-bound whatever the depth: 8 x 1 MiB at 500 MB/s
+        elapsed = await _concurrently(dev, [(0, 16, P0) for i in range(8)])
+        assert elapsed == pytest.approx(150e-6 + 8 * 16 * xfer, rel=1e-9)
     finally:
         dev.close()
 
@@ -368,15 +374,16 @@ async def test_per_principal_statistics(tmp_path: Path, autojump_clock) -> None:
         await dev.read(0, 1, principal=P2)
         await dev.read(0, 3, principal=P2)
         await dev.read(4, 1, principal=P2)
-        await dev.discard(0, 2, principal=P2)  # discards are not I/O requests
+        await dev.discard(0, 2, principal=P2)  # a discard is a request of its own kind
         st = dev.statistics()
-        assert st.profile == "ssd" and st.scheduler == "fifo"
+        assert st.profile == "ssd" and st.scheduler == "mclock"
         assert st.block_size == BS and st.nblocks == 64
         by = {s.principal: s for s in st.per_principal}
         assert set(by) == {P1, P2}
         assert (by[P1].reads, by[P1].writes) == (1, 2)
         assert (by[P1].bytes_read, by[P1].bytes_written) == (2 * BS, 3 * BS)
-        assert (by[P2].reads, by[P2].writes) == (3, 0)
+        assert (by[P2].reads, by[P2].writes, by[P2].discards) == (3, 0, 1)
+        assert (by[P1].ops, by[P2].ops) == (3, 4)
         assert (by[P2].bytes_read, by[P2].bytes_written) == (5 * BS, 0)
         # latencies: every P2 read took at least one ssd service time
         assert by[P2].max_s == pytest.approx(ssd_read(3 * BS), rel=1e-9)
@@ -419,7 +426,7 @@ def test_parse_profile_named_and_custom() -> None:
     assert PROFILES["none"].is_instant
 
 
-@pytest.mark.parametrize("spec", ["", "fast", "1,2,3", "1,2,3,4,5", "a,b,c,d", "1,2,3,4.5",
+@pytest.mark.parametrize("spec", ["", "fast", "1,2,3", "1,2,3,4,5,6,7", "a,b,c,d", "1,2,3,4.5",
                                   "SSD"])
 def test_parse_profile_rejects_bad_spec(spec: str) -> None:
     with pytest.raises(ValueError, match="unknown timing profile"):
@@ -451,7 +458,7 @@ def _device_on(tmp_path: Path, image: Path, nblocks: int) -> BlockDevice:
     d = tmp_path / "dev"
     d.mkdir()
     BlockDevice.format(d, size=nblocks * BS, block_size=BS, backing=str(image))
-    return BlockDevice.open(d)
+    return BlockDevice.open(d, timeline_slack=0.0)
 
 
 async def test_device_is_built_from_injected_parts(tmp_path: Path, autojump_clock) -> None:
@@ -462,7 +469,7 @@ async def test_device_is_built_from_injected_parts(tmp_path: Path, autojump_cloc
     store = ChecksumStore.load(FileBacking(d / CHECKSUMS), geo.nblocks)
     sched = FifoScheduler(1)
     dev = BlockDevice(geo, parse_profile("1000,0,0,1"), data=data, checksums=store,
-                      scheduler=sched)
+                      scheduler=sched, timeline_slack=0.0)
     try:
         assert dev.scheduler is sched and dev.data is data and dev.checksums is store
         t0 = trio.current_time()
@@ -565,3 +572,39 @@ def test_backing_file_shorter_than_the_device_is_refused(tmp_path: Path) -> None
     os.truncate(d / BACKING, 20 * BS)
     with pytest.raises(FormatError, match=f"holds {20 * BS} bytes, the device needs {32 * BS}"):
         BlockDevice.open(d)
+
+
+async def test_write_cache_defers_program_time_to_the_flush(tmp_path: Path,
+                                                            autojump_clock) -> None:
+    """With a write cache (timing only) a write costs its command latency; the program
+    time it skipped is paid by the next flush, or by the write that finds it full."""
+    dev = make(tmp_path, profile="lat=100,qd=1,wlat=400,wcache=0.0078125")  # 8 KiB cache
+    try:
+        t0 = trio.current_time()
+        await dev.write(0, pattern(1, 1), principal=P1)
+        await dev.write(1, pattern(1, 2), principal=P1)
+        t1 = trio.current_time()
+        assert t1 - t0 == pytest.approx(2 * 100e-6, rel=1e-9)
+        await dev.flush(principal=P2)
+        t2 = trio.current_time()
+        assert t2 - t1 == pytest.approx(100e-6 + 2 * 400e-6, rel=1e-9)
+        await dev.write(2, pattern(2, 3), principal=P1)  # fills the cache
+        await dev.write(4, pattern(1, 3), principal=P1)  # full: pays its own and what is owed
+        t3 = trio.current_time()
+        assert t3 - t2 == pytest.approx(100e-6 + (500e-6 + 400e-6), rel=1e-9)
+        assert await dev.read(0, 2, principal=P1) == pattern(1, 1) + pattern(1, 2)
+        st = {s.principal: s for s in dev.statistics().per_principal}
+        assert st[P2].flushes == 1 and st[P1].writes == 4
+    finally:
+        dev.close()
+
+
+def test_parse_custom_profiles() -> None:
+    p = parse_profile("lat=2000,bw=50,seek=4,qd=2,wlat=500,wcache=16")
+    assert (p.latency_s, p.bandwidth_bps, p.full_seek_s, p.queue_depth) == (2e-3, 50e6, 4e-3, 2)
+    assert p.write_latency_s == 500e-6 and p.write_cache_bytes == 16 << 20
+    assert parse_profile("250,400,12,8,30").write_latency_s == pytest.approx(30e-6)
+    for bad in ("lat=1", "qd=2,lat=1,lat=2", "lat=-1,qd=1", "lat=1,qd=0", "x=1,lat=1,qd=1",
+                "lat=nan,qd=1"):
+        with pytest.raises(ValueError, match="timing profile"):
+            parse_profile(bad)

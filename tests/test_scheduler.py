@@ -1,0 +1,647 @@
+"""The I/O schedulers (blockdev/scheduler.py) on trio's MockClock, through a real device.
+
+The device is a custom profile of 125 us per request, unlimited bandwidth and queue
+depth 1: exactly 8,000 requests per second, whatever their size. Principals are
+"flooders" (several tasks each reading in a loop, so their queue never empties) or
+paced (one request every 1/rate seconds). Counts are taken over a window after a
+warm-up, from the completion times; every expectation is exact up to the rounding
+of a count (1%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockdev import (BankNode, BlockDevice, MClockScheduler, OverReserved, PrincipalId,
+                      check_reservations, parse_profile)
+from blockdev.histogram import LatencyHistogram
+from blockdev.types import ROOT_PRINCIPAL
+
+BS = 4096
+PROFILE = "lat=125,qd=1"  # 8,000 IOPS
+
+
+def P(i: int) -> PrincipalId:
+    return PrincipalId(i)
+
+
+def node(i: int, parent: int | None = 0, *, name: str | None = None, **kw) -> BankNode:
+    return BankNode(P(i), None if parent is None else P(parent), name or f"p{i}", **kw)
+
+
+def tree(*nodes: BankNode) -> dict[PrincipalId, BankNode]:
+    out = {ROOT_PRINCIPAL: node(0, None)}
+    out.update({n.id: n for n in nodes})
+    return out
+
+
+@pytest.fixture
+def dev(tmp_path: Path):
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    device = BlockDevice.open(d, scheduler="mclock", timeline_slack=0.0)
+    yield device
+    device.close()
+
+
+class Load:
+    """Drives principals against a device and records each completion time."""
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.done: dict[PrincipalId, list[float]] = defaultdict(list)
+
+    async def flood(self, p: PrincipalId, *, until: float, workers: int = 4,
+                    start: float = 0.0, blocks: int = 1) -> None:
+        async def worker(i: int) -> None:
+            await trio.sleep_until(start)
+            while trio.current_time() < until:
+                await self.dev.read((i * 7) % 200, blocks, principal=p)
+                self.done[p].append(trio.current_time())
+        async with trio.open_nursery() as n:
+            for i in range(workers):
+                n.start_soon(worker, i)
+
+    async def paced(self, p: PrincipalId, rate: float, *, until: float) -> None:
+        t = trio.current_time()
+        async with trio.open_nursery() as n:
+            while t < until:
+                n.start_soon(self._one, p)
+                t += 1.0 / rate
+                await trio.sleep_until(t)
+
+    async def _one(self, p: PrincipalId) -> None:
+        await self.dev.read(3, 1, principal=p)
+        self.done[p].append(trio.current_time())
+
+    def rate(self, p: PrincipalId, t0: float, t1: float) -> float:
+        return sum(1 for t in self.done[p] if t0 <= t < t1) / (t1 - t0)
+
+    def max_in_window(self, p: PrincipalId, width: float = 1.0) -> int:
+        ts = sorted(self.done[p])
+        best = j = 0
+        for i, t in enumerate(ts):
+            while ts[j] <= t - width:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+
+async def test_vmware_entitlement_oracle(dev: BlockDevice, autojump_clock) -> None:
+    """The published example: hosts share by weight, a host's unused share stays with
+    its other VM first, and what neither VM of host2 can use goes to host1."""
+    dev.configure_banks(tree(
+        node(1, 0, name="host1", io_weight=3500), node(2, 0, name="host2", io_weight=1500),
+        node(3, 1, name="vm1", io_weight=1000), node(4, 1, name="vm2", io_weight=2500),
+        node(5, 2, name="vm3", io_weight=500),
+        node(6, 2, name="vm4", io_weight=1000, io_limit_iops=2000)))
+    load = Load(dev)
+    end = 4.0
+    async with trio.open_nursery() as n:
+        for p in (3, 4, 6):
+            n.start_soon(lambda p=p: load.flood(P(p), until=end))
+        n.start_soon(lambda: load.paced(P(5), 10, until=end))
+    got = {p: load.rate(P(p), 1.0, end - 0.1) for p in (3, 4, 5, 6)}
+    assert got[3] == pytest.approx(1711, rel=0.01)
+    assert got[4] == pytest.approx(4279, rel=0.01)
+    assert got[5] == pytest.approx(10, rel=0.01 if got[5] else 0)
+    assert got[6] == pytest.approx(2000, rel=0.01)
+    # flattened weights would give 1,776 / 4,439 / 10 / 1,776
+    assert abs(got[3] - 1776) > 40 and abs(got[6] - 1776) > 150
+
+
+async def test_reservation_met_beside_heavy_weights(dev: BlockDevice, autojump_clock) -> None:
+    """A weight-1 principal reserved 3,000 IOPS gets its reservation (plus its tiny
+    share of the rest) beside a weight-1000 flooder; without it, about 8."""
+    dev.configure_banks(tree(node(1, io_weight=1, io_reserve_iops=3000),
+                             node(2, io_weight=1000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=3.0))
+        n.start_soon(lambda: load.flood(P(2), until=3.0))
+    r1, r2 = load.rate(P(1), 1.0, 2.9), load.rate(P(2), 1.0, 2.9)
+    assert r1 == pytest.approx(3000 + 5000 / 1001, rel=0.01)
+    assert r2 == pytest.approx(5000 * 1000 / 1001, rel=0.01)
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    assert st[P(1)].reservation_missed == 0
+    assert st[P(1)].reservation_met == st[P(1)].ops
+    assert st[P(1)].reserved_ops >= 0.99 * 3000 * 2.9
+    assert st[P(2)].reservation_met == st[P(2)].reservation_missed == 0  # has none
+
+    # the same without the reservation: weights alone
+    dev.configure_banks(tree(node(1, io_weight=1), node(2, io_weight=1000)))
+    load = Load(dev)
+    t = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=t + 2.0))
+        n.start_soon(lambda: load.flood(P(2), until=t + 2.0))
+    assert load.rate(P(1), t + 0.5, t + 1.9) == pytest.approx(8000 / 1001, rel=0.1)
+
+
+async def test_reservations_hold_in_a_tree(dev: BlockDevice, autojump_clock) -> None:
+    """A parent's reservation is shared by weight among its children; a child's own
+    reservation carved from it holds inside."""
+    dev.configure_banks(tree(
+        node(1, io_weight=1, io_reserve_iops=4000),
+        node(2, 1, io_weight=100, io_reserve_iops=1000), node(3, 1, io_weight=300),
+        node(4, io_weight=10000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        for p in (2, 3, 4):
+            n.start_soon(lambda p=p: load.flood(P(p), until=3.0))
+    r = {p: load.rate(P(p), 1.0, 2.9) for p in (2, 3, 4)}
+    assert r[2] + r[3] >= 0.99 * 4000
+    assert r[2] >= 0.99 * 1000
+    assert r[2] + r[3] + r[4] == pytest.approx(8000, rel=0.01)
+
+
+async def test_limits_are_never_exceeded(dev: BlockDevice, autojump_clock) -> None:
+    """A flooder alone on the device gets its limit, never more in any one-second
+    window: in IOPS, in bytes/s, and with both the tighter one."""
+    cases = [
+        (dict(io_limit_iops=1000), 1, 1000),
+        (dict(io_limit_bps=4 << 20), 16, (4 << 20) / (16 * BS)),  # 64 KiB requests
+        (dict(io_limit_iops=1000, io_limit_bps=2 << 20), 1, (2 << 20) / BS),  # bytes/s tighter
+        (dict(io_limit_iops=300, io_limit_bps=2 << 20), 1, 300),  # IOPS tighter
+    ]
+    for i, (limit, blocks, want) in enumerate(cases):
+        p = P(10 + i)
+        dev.configure_banks(tree(node(10 + i, **limit)))
+        load = Load(dev)
+        t = trio.current_time()
+        await load.flood(p, until=t + 3.0, workers=8, blocks=blocks)
+        assert load.rate(p, t + 0.5, t + 2.5) == pytest.approx(want, rel=0.01)
+        assert load.max_in_window(p) <= want + 1
+        assert dev.statistics().per_principal[-1].throttled > 0
+
+
+async def test_limit_of_a_parent_holds_its_children(dev: BlockDevice, autojump_clock) -> None:
+    dev.configure_banks(tree(node(1, io_limit_iops=2000), node(2, 1), node(3, 1, io_weight=300),
+                             node(4)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        for p in (2, 3, 4):
+            n.start_soon(lambda p=p: load.flood(P(p), until=3.0))
+    r = {p: load.rate(P(p), 1.0, 2.9) for p in (2, 3, 4)}
+    assert r[2] + r[3] == pytest.approx(2000, rel=0.01)
+    assert r[3] == pytest.approx(3 * r[2], rel=0.02)
+    assert r[4] == pytest.approx(6000, rel=0.01)  # the rest: work-conserving
+
+
+async def test_work_conserving_and_weights(dev: BlockDevice, autojump_clock) -> None:
+    """Alone, a principal gets the whole device whatever its weight; together, the
+    device is shared 1:3."""
+    dev.configure_banks(tree(node(1, io_weight=100), node(2, io_weight=300)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=4.0))
+        n.start_soon(lambda: load.flood(P(2), start=2.0, until=4.0))
+    assert load.rate(P(1), 0.5, 1.9) == pytest.approx(8000, rel=0.01)
+    assert load.rate(P(1), 2.5, 3.9) == pytest.approx(2000, rel=0.01)
+    assert load.rate(P(2), 2.5, 3.9) == pytest.approx(6000, rel=0.01)
+
+
+async def test_idle_principal_banks_no_credit(dev: BlockDevice, autojump_clock) -> None:
+    """A principal idle for 3 s gets its share from the moment it comes back, not a
+    burst making up for the idle time; a limited one, no more than its limit."""
+    dev.configure_banks(tree(node(1), node(2), node(3, io_limit_iops=1000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=3.5))
+        n.start_soon(lambda: load.flood(P(2), until=0.5))  # busy, then idle for 2.5 s
+        n.start_soon(lambda: load.flood(P(2), start=3.0, until=3.5))
+        n.start_soon(lambda: load.flood(P(3), until=0.2))  # limited, then idle
+        n.start_soon(lambda: load.flood(P(3), start=3.0, until=3.5))
+    # the first 50 ms after coming back: shares as if never away
+    for a, b in ((3.0, 3.05), (3.05, 3.5)):
+        r3 = load.rate(P(3), a, b)
+        assert r3 <= 1000 * 1.01 + 1 / (b - a)
+        assert load.rate(P(2), a, b) == pytest.approx(load.rate(P(1), a, b), rel=0.05)
+    assert load.rate(P(1), 1.0, 2.9) == pytest.approx(8000, rel=0.01)  # alone meanwhile
+    assert load.max_in_window(P(3)) <= 1001
+
+
+async def test_cost_per_byte_shares_device_time(tmp_path: Path, autojump_clock) -> None:
+    """On a bandwidth-bound profile, equal weights share device time: 64 KiB requests
+    get a sixteenth of the requests of 4 KiB ones, the same bytes."""
+    d = tmp_path / "bw"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile="lat=0,bw=100,qd=4")
+    dev = BlockDevice.open(d, timeline_slack=0.0)
+    try:
+        dev.configure_banks(tree(node(1), node(2)))
+        load = Load(dev)
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: load.flood(P(1), until=2.0, blocks=1, workers=8))
+            n.start_soon(lambda: load.flood(P(2), until=2.0, blocks=16, workers=8))
+        b1 = load.rate(P(1), 0.5, 1.9) * BS
+        b2 = load.rate(P(2), 0.5, 1.9) * 16 * BS
+        assert b1 == pytest.approx(50e6, rel=0.02)
+        assert b2 == pytest.approx(50e6, rel=0.02)
+    finally:
+        dev.close()
+
+
+async def test_fifo_ignores_weights(tmp_path: Path, autojump_clock) -> None:
+    d = tmp_path / "fifo"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    dev = BlockDevice.open(d, scheduler="fifo", timeline_slack=0.0)
+    try:
+        dev.configure_banks(tree(node(1, io_weight=100), node(2, io_weight=300, io_limit_iops=10)))
+        load = Load(dev)
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: load.flood(P(1), until=2.0))
+            n.start_soon(lambda: load.flood(P(2), until=2.0))
+        assert load.rate(P(1), 0.5, 1.9) == pytest.approx(4000, rel=0.01)
+        assert load.rate(P(2), 0.5, 1.9) == pytest.approx(4000, rel=0.01)
+        assert dev.statistics().scheduler == "fifo"
+    finally:
+        dev.close()
+
+
+async def test_raising_a_limit_releases_waiting_requests(dev: BlockDevice,
+                                                         autojump_clock) -> None:
+    dev.configure_banks(tree(node(1, io_limit_iops=1)))
+    done: list[float] = []
+
+    async def one() -> None:
+        await dev.read(0, 1, principal=P(1))
+        done.append(trio.current_time())
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(one)
+        await trio.sleep(2.5)
+        assert len(done) == 3  # at 0, 1 and 2 s
+        dev.configure_banks(tree(node(1)))  # no limit now: the rest go at once
+    assert len(done) == 5
+    assert done[-1] - t0 == pytest.approx(2.5 + 2 * 125e-6, rel=1e-6)
+
+
+async def test_cancelled_waiters_leave_the_queue(dev: BlockDevice, autojump_clock) -> None:
+    dev.configure_banks(tree(node(1, io_limit_iops=10), node(2)))
+    async with trio.open_nursery() as n:
+        for _ in range(20):
+            n.start_soon(lambda: dev.read(0, 1, principal=P(1)))
+        await trio.sleep(0.35)
+        n.cancel_scope.cancel()
+    sched = dev.scheduler
+    assert isinstance(sched, MClockScheduler)
+    assert sched._queued == 0 and sched._busy == 0
+    # the device still serves everyone
+    await dev.read(0, 1, principal=P(2))
+    with trio.fail_after(1):
+        await dev.read(0, 1, principal=P(1))
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    assert st[P(1)].waiting == 0 and st[P(1)].reads == 4 + 1
+
+
+async def test_statistics_latency_and_throughput(dev: BlockDevice, autojump_clock) -> None:
+    dev.configure_banks(tree(node(1), node(2)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.paced(P(1), 100, until=2.0))
+        n.start_soon(lambda: load.flood(P(2), until=2.0, workers=4))
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    # a paced reader beside a 4-deep flood waits for at most the request in service
+    assert 125e-6 <= st[P(1)].p50_s <= st[P(1)].p99_s <= 2 * 125e-6 + 1e-9
+    # the flooder's requests wait behind ~3 of its own and its share of the device
+    assert st[P(2)].p50_s == pytest.approx(4 * 125e-6, rel=0.05)
+    assert st[P(1)].ops == 200 and st[P(1)].bytes_read == 200 * BS
+    # throughput of the last complete second of the trio clock ([1, 2))
+    assert st[P(1)].iops == pytest.approx(100, abs=1)
+    assert st[P(2)].iops + st[P(1)].iops == pytest.approx(8000, abs=2)
+
+
+def test_histogram_percentiles_are_precise() -> None:
+    h = LatencyHistogram()
+    vals = [1.1e-3] * 990 + [0.5e-3] * 5 + [30e-3] * 5
+    for v in vals:
+        h.record(v)
+    assert h.percentile(0.99) == pytest.approx(1.1e-3, rel=0.005)
+    assert h.percentile(0.5) == pytest.approx(1.1e-3, rel=0.005)
+    assert h.percentile(1.0) == pytest.approx(30e-3, rel=0.005)
+    h2 = LatencyHistogram()
+    for i in range(1, 100001):
+        h2.record(i * 1e-6)  # 1 us .. 100 ms, uniform
+    for q in (0.5, 0.95, 0.99):
+        assert h2.percentile(q) == pytest.approx(q * 0.1, rel=0.005)
+    assert h2.max_s == pytest.approx(0.1)
+
+
+def test_capacity_and_over_reservation() -> None:
+    ssd, hdd = parse_profile("ssd"), parse_profile("hdd")
+    assert ssd.capacity().iops == pytest.approx(500e6 / BS)
+    assert ssd.capacity().bps == pytest.approx(500e6)
+    assert hdd.capacity().iops == pytest.approx(1 / (4.2e-3 + 8e-3 + BS / 180e6))
+    assert parse_profile(PROFILE).capacity().iops == pytest.approx(8000)
+    assert parse_profile("none").capacity().iops is None
+    prof = parse_profile(PROFILE)
+    check_reservations(tree(node(1, io_reserve_iops=5000), node(2, io_reserve_iops=3000)), prof)
+    # children carve from their parent: counted once
+    check_reservations(tree(node(1, io_reserve_iops=8000), node(2, 1, io_reserve_iops=8000)),
+                       prof)
+    with pytest.raises(OverReserved, match=r"add up to 101% .* p1 5000iops \(62%\)"):
+        check_reservations(tree(node(1, io_reserve_iops=5000), node(2, io_reserve_iops=3080)),
+                           prof)
+    # bytes/s counted as sequential 1 MiB reads: 8000 x 4 KiB... unlimited bandwidth here
+    check_reservations(tree(node(1, io_reserve_bps=1e12)), parse_profile("none"))
+    with pytest.raises(OverReserved, match="MB/s"):
+        check_reservations(tree(node(1, io_reserve_bps=400e6), node(2, io_reserve_iops=30000)),
+                           ssd)
+
+
+def test_banknode_is_a_value() -> None:
+    n = node(1, io_weight=5)
+    assert dataclasses.replace(n, io_weight=6).io_weight == 6
+
+
+# -- mounted: the banks from `sluice principal`, enforced by the daemon's scheduler ------------
+
+
+def _fails_one_line(*args: str) -> str:
+    from conftest import sluice
+    r = sluice(*args, check=False)
+    assert r.returncode == 1, (args, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def _io(mnt: Path) -> dict:
+    import json
+
+    from conftest import sluice
+    return json.loads(sluice("stats", str(mnt), "--json").stdout)
+
+
+@pytest.mark.mounted
+def test_io_limit_set_while_mounted_is_enforced(mnt: Path) -> None:
+    """`sluice principal set --io-limit` on a live mount holds the principal's writes
+    to the limit: the run takes at least (requests - 1) / limit, whatever the machine,
+    and the scheduler counts the requests it held back."""
+    import subprocess
+    import time
+
+    from conftest import sluice
+    m = str(mnt)
+    sluice("principal", "add", m, "tenant")
+
+    def dd(name: str) -> tuple[float, int, int]:
+        before = _io(mnt)["io"].get("tenant", {"ops": 0, "throttled": 0})
+        t0 = time.monotonic()
+        sluice("run", m, "--principal", "tenant", "--", "dd", "if=/dev/zero",
+               f"of={m}/{name}", "bs=4k", "count=40", "oflag=direct", "status=none")
+        elapsed = time.monotonic() - t0
+        after = _io(mnt)["io"]["tenant"]
+        assert after["write_bytes"] >= 40 * BS
+        return elapsed, after["ops"] - before["ops"], after["throttled"] - before["throttled"]
+
+    _elapsed, ops, throttled = dd("before")
+    assert ops >= 40 and throttled == 0
+    sluice("principal", "set", m, "tenant", "--io-limit", "20iops", "--io-limit", "1MB/s")
+    rows = {r["name"]: r for r in __import__("json").loads(
+        sluice("principal", "ls", m, "--json").stdout)}
+    assert rows["tenant"]["banks"]["io_limit"] == "20iops,1MB/s"
+    elapsed, ops, throttled = dd("after")
+    assert ops >= 40 and throttled >= ops - 2
+    assert elapsed >= (ops - 1) / 20
+    st = _io(mnt)
+    assert st["enforced_banks"]["tenant"]["scheduler"]["io_limit_iops"] == 20
+    # the file is whole
+    assert (mnt / "after").read_bytes() == bytes(40 * BS)
+    # lifting the limit (`none`) lets it go at once again
+    sluice("principal", "set", m, "tenant", "--io-limit", "none")
+    _elapsed, ops, throttled = dd("lifted")
+    assert throttled == 0
+    assert subprocess.run(["cmp", f"{m}/before", f"{m}/lifted"]).returncode == 0
+
+
+@pytest.mark.mounted
+def test_reservations_beyond_capacity_are_refused(volume: Path, mount_factory) -> None:
+    """On `hdd` (82 IOPS of 4 KiB random reads) reservations adding up to more are
+    refused with one line, at `principal add`/`set` and at mount under a slower profile."""
+    from conftest import sluice
+    mt = mount_factory(volume, "--profile", "hdd")
+    m = str(mt.path)
+    st = _io(mt.path)
+    assert st["device"]["capacity"]["iops"] == pytest.approx(81.8, abs=0.1)
+    assert "capacity: 82 IOPS (4 KiB random reads), 104.6 MB/s sequential" in \
+        sluice("stats", m).stdout
+    sluice("principal", "add", m, "a", "--io-reserve", "50iops")
+    line = _fails_one_line("principal", "add", m, "b", "--io-reserve", "40iops")
+    assert "add up to 110% of what the device can serve" in line
+    assert "b 40iops (49%)" in line and "a 50iops (61%)" in line
+    line = _fails_one_line("principal", "set", m, "a", "--io-reserve", "90iops")
+    assert "add up to 110%" in line
+    sluice("principal", "add", m, "b", "--io-reserve", "30iops,5MB/s")
+    line = _fails_one_line("principal", "set", m, "b", "--io-reserve", "30iops,60MB/s")
+    assert "MB/s" in line
+    rows = {r["name"]: r for r in __import__("json").loads(
+        sluice("principal", "ls", m, "--json").stdout)}
+    assert rows["a"]["banks"]["io_reserve"] == "50iops"
+    assert rows["b"]["banks"]["io_reserve"] == "30iops,5MB/s"
+    mt.stop()
+    # 50 IOPS of 20 ms each: 80 IOPS reserved do not fit; the mount says so and goes
+    mp = volume.parent / "mnt2"
+    mp.mkdir()
+    r = sluice("mount", str(volume), str(mp), "--profile", "lat=20000,qd=1", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "add up to 160%" in r.stderr and "Traceback" not in r.stderr
+    from conftest import is_mounted
+    assert not is_mounted(mp)
+
+
+@pytest.mark.mounted
+def test_stats_json_reports_io_per_principal(mnt: Path) -> None:
+    from conftest import sluice
+    m = str(mnt)
+    sluice("principal", "add", m, "reader", "--io-reserve", "100iops", "--io-weight", "300")
+    (mnt / "f").write_bytes(b"x" * (256 << 10))
+    sluice("run", m, "--principal", "reader", "--", "dd", f"if={m}/f", "of=/dev/null",
+           "bs=256k", "iflag=direct", "status=none")
+    st = _io(mnt)
+    io = st["io"]["reader"]
+    assert io["read_bytes"] >= 256 << 10 and io["ops"] >= 1
+    assert 0 < io["latency_us"]["p50"] <= io["latency_us"]["p99"] <= io["latency_us"]["max"]
+    assert set(io["latency_us"]) >= {"p50", "p95", "p99", "max"}
+    assert io["reservation"]["met"] == io["ops"] and io["reservation"]["missed"] == 0
+    assert st["device"]["scheduler"] == "mclock"
+    assert st["device"]["capacity"] == {"iops": None, "bps": None}  # profile none
+
+
+async def test_a_barrier_expedites_throttled_writes(dev: BlockDevice, autojump_clock) -> None:
+    """A commit must not wait for a throttled principal's queue to drain at its limit:
+    inside `expedite_writes` its waiting writes go at once; its tags still advance, so
+    it repays them afterwards. Reads are not expedited."""
+    dev.configure_banks(tree(node(1, io_limit_iops=1)))
+    done: list[tuple[str, float]] = []
+
+    async def write(i: int) -> None:
+        await dev.write(i, bytes(BS), principal=P(1))
+        done.append(("w", trio.current_time()))
+
+    async def read() -> None:
+        await dev.read(0, 1, principal=P(1))
+        done.append(("r", trio.current_time()))
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(read)  # goes at once: the principal was idle
+        await trio.sleep(0.01)
+        for i in range(4):
+            n.start_soon(write, i)
+        n.start_soon(read)
+        await trio.sleep(0.01)
+        assert [k for k, _t in done] == ["r"]
+        with dev.scheduler.expedite_writes():
+            await trio.sleep(0.01)
+            assert [k for k, _t in done] == ["r", "w", "w", "w", "w"]
+    # the read waited behind the repaid tags: 1 + 4 requests at 1 per second
+    assert done[-1][0] == "r" and done[-1][1] - t0 == pytest.approx(5.0, abs=0.01)
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    assert st[P(1)].expedited == 4
+
+
+async def test_commit_is_not_stalled_by_a_throttled_writer(tmp_path: Path,
+                                                           autojump_clock) -> None:
+    """Through the shim kernel: a principal limited to 1 IOPS with 8 writes queued does
+    not hold a barrier (a commit) for 8 seconds; its own later requests repay it."""
+    from kernelshim import FRESH, ExtentMap, Kernel, Rights
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.device.timeline_slack = 0.0
+        kernel.configure_banks(tree(node(1, io_limit_iops=1), node(2)))
+        emap = ExtentMap([(0, 10, 16, FRESH)])
+        g = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                         principal=P(1))
+        g2 = kernel.grant(inode=8, generation=1, extents=ExtentMap([(0, 40, 4, FRESH)]),
+                          rights=Rights.RW, principal=P(2))
+        wrote: list[float] = []
+
+        async def w(i: int) -> None:
+            await kernel.write(g, i * BS, bytes([i + 1]) * BS)
+            wrote.append(trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(w, i)
+            await trio.sleep(0.01)
+            assert len(wrote) == 1  # the limit holds them
+            async with kernel.barrier():
+                t_commit = trio.current_time()
+            await kernel.write(g2, 0, b"z" * BS)  # another principal's write goes on
+            t_other = trio.current_time()
+        assert t_commit - t0 < 0.02 and t_other - t0 < 0.02
+        assert len(wrote) == 8
+        assert bytes(await kernel.read(g, 0, 8 * BS)) == b"".join(
+            bytes([i + 1]) * BS for i in range(8))
+        st = {s.principal: s for s in kernel.device.statistics().per_principal}
+        assert st[P(1)].expedited == 7
+    finally:
+        kernel.close()
+
+
+async def test_dual_reservation_the_tighter_holds(dev: BlockDevice, autojump_clock) -> None:
+    """Reserved 3,000 IOPS and 4 MB/s with 4 KiB requests: 4 MB/s (977 requests/s) is
+    reached first, so that is what is reserved."""
+    dev.configure_banks(tree(node(1, io_weight=1, io_reserve_iops=3000, io_reserve_bps=4e6),
+                             node(2, io_weight=1000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=3.0))
+        n.start_soon(lambda: load.flood(P(2), until=3.0))
+    want = 4e6 / BS
+    assert load.rate(P(1), 1.0, 2.9) == pytest.approx(want + (8000 - want) / 1001, rel=0.01)
+
+
+def test_principal_rates_and_the_capacity_hook() -> None:
+    """Banks in IOPS and bytes/s: parsed and printed, carved per unit, handed down, and
+    refused by the device's capacity check before anything is saved."""
+    from kernelshim.principals import Banks, PrincipalError, PrincipalTable, Rate
+    r = Rate.parse("500iops,20MB/s")
+    assert (r.iops, r.bps, str(r)) == (500.0, 20e6, "500iops,20MB/s")
+    assert Rate.parse("1.5GiB/s").bps == 1.5 * (1 << 30)
+    assert Rate.parse("none").empty
+    for bad in ("1iops,2iops", "1MB/s,2MB/s", "1iops,2MB/s,3iops", "fast", "0iops"):
+        with pytest.raises(PrincipalError):
+            Rate.parse(bad)
+    t = PrincipalTable(None)
+    seen: list = []
+    t.watch(lambda tree: seen.append(tree))
+    t.capacity_check = lambda tree: check_reservations(tree, parse_profile(PROFILE))
+    a = t.add("a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_reserve=Rate.parse("4000iops,20MB/s"),
+                          io_limit=Rate.parse("6000iops,50MB/s")))
+    assert seen[-1][a.id].io_reserve_iops == 4000 and seen[-1][a.id].io_reserve_bps == 20e6
+    assert seen[-1][a.id].io_limit_iops == 6000 and seen[-1][a.id].io_limit_bps == 50e6
+    # carved per unit: IOPS from the IOPS reservation, bytes/s from the bytes/s one
+    t.add("a1", parent="a", owner_uid=1, caller_uid=0,
+          banks=Banks(io_reserve=Rate.parse("3000iops")))
+    with pytest.raises(PrincipalError, match="left to reserve"):
+        t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_reserve=Rate.parse("1001iops")))
+    with pytest.raises(PrincipalError, match="exceeds parent's"):
+        t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+              banks=Banks(io_limit=Rate.parse("60MB/s")))
+    t.add("a2", parent="a", owner_uid=1, caller_uid=0,
+          banks=Banks(io_reserve=Rate.parse("1000iops,20MB/s")))
+    with pytest.raises(PrincipalError, match="children of 'a' reserve 4000iops"):
+        t.set("a", 0, io_reserve=Rate.parse("3999iops,20MB/s"))
+    # 4,000 of the device's 8,000 IOPS are taken: 4,001 more do not fit, and nothing
+    # of the refused change is kept
+    n = len(seen)
+    with pytest.raises(PrincipalError, match="add up to 100%"):
+        t.add("b", owner_uid=1, caller_uid=0, banks=Banks(io_reserve=Rate.parse("4001iops")))
+    with pytest.raises(PrincipalError, match="add up to 1"):
+        t.set("a", 0, io_reserve=Rate.parse("8001iops,20MB/s"))
+    assert len(seen) == n and "b" not in {p.name for p in t.walk()}
+    assert str(t.get("a").banks.io_reserve) == "4000iops,20MB/s"
+    t.add("b", owner_uid=1, caller_uid=0, banks=Banks(io_reserve=Rate.parse("4000iops")))
+    # `none` removes a rate
+    t.set("a2", 0, io_reserve=Rate.parse("none"))
+    assert t.get("a2").banks.io_reserve is None
+
+
+@pytest.mark.mounted
+def test_fuse_and_direct_requests_are_charged_to_their_principals(mnt: Path) -> None:
+    """A program's FUSE writes and a direct client's writes and reads reach the
+    scheduler charged to the principal each runs as, not to root (the daemon)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, sluice
+    m = str(mnt)
+    for name in ("fuse-writer", "direct"):
+        sluice("principal", "add", m, name)
+    sluice("run", m, "--principal", "fuse-writer", "--", "dd", "if=/dev/zero",
+           f"of={m}/viafuse", "bs=64k", "count=4", "oflag=direct", "status=none")
+    code = ("from kernelshim.client import Client\n"
+            f"with Client.connect({m!r}) as c:\n"
+            "    with c.open('viadirect', 'w') as f:\n"
+            "        f.write(b'd' * (256 << 10))\n"
+            "    with c.open('viadirect') as f:\n"
+            "        assert f.pread(256 << 10, 0) == b'd' * (256 << 10)\n")
+    r = subprocess.run([sys.executable, "-m", "fs.cli", "run", m, "--principal", "direct",
+                        "--", sys.executable, "-c", code],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    io = _io(mnt)["io"]
+    assert io["fuse-writer"]["write_bytes"] >= 4 * (64 << 10)
+    assert io["direct"]["write_bytes"] >= 256 << 10
+    # a 64-block read is larger than what the pager caches: it reaches the device
+    assert io["direct"]["read_bytes"] >= 256 << 10
+    assert "root" not in io or io["root"]["write_bytes"] < 256 << 10
+    assert (mnt / "viadirect").read_bytes() == b"d" * (256 << 10)
