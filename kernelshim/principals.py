@@ -243,6 +243,9 @@ class PrincipalTable:
         self._resolved: dict[int, tuple[float, Principal]] = {}
         #: called with a new bank snapshot after every change of the tree or a bank
         self._watchers: list[Callable[[BankTree], None]] = []
+        #: called with the snapshot a change would make, before it is made; one that
+        #: raises refuses the change (see add_bank_validator)
+        self._bank_validators: list[Callable[[BankTree], None]] = []
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -323,6 +326,27 @@ class PrincipalTable:
         self._watchers.append(callback)
         callback(self.bank_tree())
 
+    def add_bank_validator(self, validator: Callable[[BankTree], None]) -> None:
+        """Have `validator(tree)` admission-check every change of a bank (`add`, `set`)
+        before it is saved: it gets the snapshot the change would make, and raises
+        PrincipalError to refuse it (nothing changes then). The layers below use this
+        for what only they can know, e.g. the pager whether the guarantees together
+        still fit its pool."""
+        self._bank_validators.append(validator)
+
+    def _validate_change(self, undo: Callable[[], None]) -> None:
+        """Run the bank validators on the tree as it is now (with the change applied);
+        if one refuses, `undo` the change and re-raise."""
+        if not self._bank_validators:
+            return
+        tree = self.bank_tree()
+        try:
+            for v in self._bank_validators:
+                v(tree)
+        except BaseException:
+            undo()
+            raise
+
     def _changed(self) -> None:
         if self._watchers:
             tree = self.bank_tree()
@@ -346,6 +370,16 @@ class PrincipalTable:
             for q in parent.chain():  # checked by add(); recounted so at load
                 q.usage.children += 1
         return p
+
+    def _uninsert(self, p: Principal) -> None:
+        """Undo `_insert` of a principal nothing refers to yet (a refused `add`); its id
+        is not given out again (ids are never reused)."""
+        assert p.parent is not None and not p.children
+        p.parent.children.remove(p)
+        for q in p.parent.chain():
+            q.usage.children -= 1
+        del self._by_id[p.id]
+        del self._by_name[p.name]
 
     def walk(self, top: Principal | None = None) -> Iterator[Principal]:
         stack = [top or self.root]
@@ -441,6 +475,7 @@ class PrincipalTable:
         self._check_banks(par, banks, exclude=None)
         self._check_object(par, "children", 1)
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
+        self._validate_change(lambda: self._uninsert(p))
         self.save()
         self._changed()
         return p
@@ -476,7 +511,8 @@ class PrincipalTable:
                 or sum(x.value for x in reserved) > r.value):
             raise PrincipalError(f"children of {name!r} reserve "
                                  f"{', '.join(map(str, reserved))}, more than {r or 'nothing'}")
-        p.banks = banks
+        old, p.banks = p.banks, banks
+        self._validate_change(lambda: setattr(p, "banks", old))
         self.save()
         self._changed()
         return p
