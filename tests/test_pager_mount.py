@@ -126,7 +126,7 @@ def test_guaranteed_working_set_survives_a_scan(volume: Path, mount_factory,
     hits, misses = h1 - h0, m1 - m0
     ratio = hits / (hits + misses)
     b = cache(mnt)["B"]
-    assert b["misses"] >= 3 * 16 * MiB // BS * 0.9  # B really streamed through the pager
+    assert b["hits"] + b["misses"] >= 3 * 16 * MiB // BS  # B's scan went through the pager
     if policy == "global-lru":
         assert ratio < 0.5, (hits, misses)
     else:
@@ -336,7 +336,7 @@ def test_cache_guarantees_are_admitted_against_the_pool(volume: Path, mount_fact
     assert "b" in rows and rows["b"]["banks"]["cache_min"] == 0
     assert rows["a"]["banks"]["cache_min"] == 3 * MiB
     st = cache(mnt)
-    assert st["a"]["min"] * BS == 3 * MiB or st["a"]["min"] == 3 * MiB
+    assert st["a"]["min"] == 3 * MiB // BS  # in frames
     # At mount too: a pool smaller than the guarantees is refused, with one line.
     m.stop()
     mp = tmp_path / "m2"
@@ -404,7 +404,14 @@ def test_trace_record_until_ctrl_c(volume: Path, mount_factory, tmp_path: Path) 
             proc.wait()
     assert proc.returncode == 0, err
     assert "bytes of pager trace" in err
-    assert out.stat().st_size > 0
+    # The pager's format: the reads of f (its inode, every block of it) by root.
+    from pager import read_trace
+    from pager.trace import READ
+    rec = read_trace(out)
+    mine = rec[(rec["file"] == (mnt / "f").stat().st_ino) & (rec["op"] == READ)]
+    assert int(mine["count"].sum()) >= 40 and set(mine["principal"].tolist()) == {0}
+    assert sorted(set(range(40))) == sorted({int(r["fblock"]) + k for r in mine
+                                             for k in range(int(r["count"]))})
     replay_trace(out)
 
 
