@@ -462,7 +462,7 @@ def cmd_hint(args: argparse.Namespace) -> int:
                 done += 1
             except OSError as exc:
                 failed += 1
-                why = exc.strerror
+                why = exc.strerror or str(exc)
                 if exc.errno in (errno.EPERM, errno.EACCES):
                     why += " (hints are set by whoever may write the file)"
                 print(f"sluice hint: {path}: {why}", file=sys.stderr)
