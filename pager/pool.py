@@ -163,6 +163,12 @@ class Pager:
         self._gen = np.zeros(n, dtype=np.int64)
         #: the flush epoch in which the last completed write-back of the frame started
         self._wb_epoch = np.zeros(n, dtype=np.int64)
+        #: read ahead / prefetched and not used since (its first hit counts as a miss:
+        #: the hit ratio stays comparable with demand-paging policies and MIN)
+        self._pf = np.zeros(n, dtype=np.bool_)
+        #: block accesses so far, and per file the count at its last access
+        self._tick = 0
+        self._file_tick: dict[int, int] = {}
         self._links = Links(n)
         self._ref = self._links.visited  # referenced bit (SIEVE visited / CLOCK ref)
         self._clock = Clock(n)
@@ -277,7 +283,7 @@ class Pager:
         if q is None:
             q = qs[cls] = Sieve(self._links, len(self._queues))
             self._queues.append(q)
-            self._pq_order[p] = [qs[c] for c in sorted(qs)]
+            self._pq_order[p] = [qs[c] for c in sorted(qs) if c != CLASS_DISCARDABLE]
         return q
 
     def _class_of(self, f: int) -> int:
@@ -326,6 +332,7 @@ class Pager:
         self._fblock[f] = fblock
         self._state[f] = state
         self._redirty[f] = False
+        self._pf[f] = False
         self._gen[f] += 1
         if file and (file in self._hints or file in self._range_hints):
             prio, disc, _ = self._hints_for(file, fblock)
@@ -391,12 +398,37 @@ class Pager:
                 except Exception:
                     log.exception("on_discarded(%d) failed", file)
 
+    def _idle(self, f: int) -> bool:
+        """A discardable frame whose file has not been touched for a pool's worth of
+        block accesses (a file in use is not thrown away whole before cold pages)."""
+        last = self._file_tick.get(int(self._file[f]))
+        return last is None or self._tick - last > self.nframes
+
+    def _cold_discardable(self, f: int) -> bool:
+        return self._evictable(f) and (self._state[f] == CLEAN or self._idle(f))
+
+    def _victim_discardable(self, p: int, *, cold: bool) -> int:
+        qs = self._pq.get(p)
+        q = qs.get(CLASS_DISCARDABLE) if qs else None
+        if q is None or not q.size:
+            return NIL
+        return q.victim(self._cold_discardable if cold else self._evictable)
+
     def _victim_of(self, p: int) -> int:
+        """p's frame to reclaim: clean discardable frames and idle discardable files
+        first, then drop-behind and priorities from the lowest, then (last) a
+        discardable file still in use."""
+        if self._hinted:
+            v = self._victim_discardable(p, cold=True)
+            if v != NIL:
+                return v
         for q in self._pq_order.get(p, ()):
             if q.size:
                 v = q.victim(self._evictable)
                 if v != NIL:
                     return v
+        if self._hinted:
+            return self._victim_discardable(p, cold=False)
         return NIL
 
     def _pick_victim(self, requester: int) -> int:
@@ -436,11 +468,9 @@ class Pager:
         if self._hinted:
             # discardable frames of principals above their guarantee
             for _, p in above:
-                q = self._pq.get(p, {}).get(CLASS_DISCARDABLE)
-                if q is not None and q.size:
-                    v = q.victim(self._evictable)
-                    if v != NIL:
-                        return v
+                v = self._victim_discardable(p, cold=True)
+                if v != NIL:
+                    return v
         # furthest above the guarantee; principals with a reclaim request pending are
         # left to answer it, unless nobody else has a frame to give
         for pass_ in (0, 1):
@@ -688,11 +718,16 @@ class Pager:
                     if f is not None and state[f] != FILLING:
                         view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
             return
+        self._tick += count
+        if file:
+            self._file_tick[file] = self._tick
         where = self._where
         mem = self._mem
         state = self._state
         ref = self._ref
+        pf = self._pf
         missing: list[int] = []
+        pf_hits = 0
         for i in range(count):
             f = where.get(block + i)
             if f is None or state[f] == FILLING:
@@ -700,13 +735,17 @@ class Pager:
             else:
                 view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
                 ref[f] = True
-        hits = count - len(missing)
+                if pf[f]:
+                    pf[f] = False
+                    pf_hits += 1
+        hits = count - len(missing) - pf_hits
         a = self._acct_of(p)
         self.hits += hits
         a.hits += hits
+        if missing or pf_hits:
+            self.misses += len(missing) + pf_hits
+            a.misses += len(missing) + pf_hits
         if missing:
-            self.misses += len(missing)
-            a.misses += len(missing)
             await self._fill(block, missing, view, p, file, fblock)
         if self._hinted and file:
             h = self._hints.get(file)
@@ -800,6 +839,11 @@ class Pager:
         self._acct_of(p).prefetched += len(missing)
         scratch = memoryview(bytearray(count * self.block_size))
         await self._fill(block, missing, scratch, p, file, fblock)
+        where = self._where
+        for i in missing:
+            f = where.get(block + i)
+            if f is not None and self._owner[f] == p and not self._ref[f]:
+                self._pf[f] = True
 
     async def _read_ahead(self, block: int, p: int, file: int, fblock: int) -> None:
         await self._prefetch(block, self.readahead, p, file, fblock)
@@ -826,6 +870,9 @@ class Pager:
         if not self.writeback:
             await self._write_through(block, mv, count, p, file, fblock)
             return
+        self._tick += count
+        if file:
+            self._file_tick[file] = self._tick
         where = self._where
         mem = self._mem
         state = self._state
@@ -842,13 +889,15 @@ class Pager:
                     f = where.get(b)
                     if f is None:
                         f = nf
-                        self._map(f, b, p, file, fblock + i, CLEAN)
+                        self._map(f, b, p, file, fblock + i, CLEAN)  # new: not referenced
                     else:
                         self._give_back(nf)
-                elif file:
-                    self._retag(f, file, fblock + i)
+                        self._ref[f] = True
+                else:
+                    self._ref[f] = True  # a write to a resident block is a reuse
+                    if file:
+                        self._retag(f, file, fblock + i)
                 mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
-                self._ref[f] = True
                 st = state[f]
                 if st == DIRTY or st == WRITEBACK:
                     old = int(self._dirtier[f])
@@ -895,12 +944,13 @@ class Pager:
                 if f == NIL:
                     continue  # nothing free without waiting: leave it uncached
                 self._map(f, b, p, file, fblock + i, CLEAN)
-            elif file:
-                self._retag(f, file, fblock + i)
+            else:
+                self._ref[f] = True
+                if file:
+                    self._retag(f, file, fblock + i)
             mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
             if state[f] == FILLING:
                 state[f] = CLEAN
-            self._ref[f] = True
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget freed blocks: wait for their write-back in flight (so it cannot land
@@ -960,6 +1010,7 @@ class Pager:
             self._trace_op(tr.FORGET, 0, 0, 0, file, 0)
         self._hints.pop(file, None)
         self._range_hints.pop(file, None)
+        self._file_tick.pop(file, None)
         self._rehint(np.flatnonzero((self._file == file) & (self._state != FREE)))
 
     async def advise(self, file: int, runs: list[tuple[int, int, int]], *,
