@@ -39,19 +39,43 @@ def device(tmp_path: Path):
 
 
 def check_invariants(p: Pager) -> None:
-    """The module docstring's invariant, and frame contents equal to the device's."""
+    """The pool's invariants (pager/cache.py): the block index and the frame arrays
+    agree, frames are conserved (free + resident = pool), charges equal residency,
+    dirty counts equal dirty frames, and every resident frame sits on exactly one
+    queue of the principal charged for it."""
+    from pager.cache import DIRTY, FREE, WRITEBACK
     for b, f in p._where.items():
         assert p._frame_block[f] == b
     used = [f for f in range(p.nframes) if p._frame_block[f] >= 0]
     assert len(used) == len(p._where)
     assert sorted(p._where.values()) == sorted(used)
+    assert len(set(p._free)) == len(p._free)
     assert set(p._free).isdisjoint(used)
     assert len(p._free) + len(used) == p.nframes
+    assert all(p._state[f] == FREE for f in p._free)
+    assert all(p._state[f] != FREE for f in used)
     counts: dict[int, int] = {}
+    dirty: dict[int, int] = {}
     for f in used:
         counts[int(p._owner[f])] = counts.get(int(p._owner[f]), 0) + 1
-    assert {k: v for k, v in p._resident.items() if v} == counts
-    assert all(v >= 0 for v in p._resident.values())
+        if p._state[f] in (DIRTY, WRITEBACK):
+            dirty[int(p._dirtier[f])] = dirty.get(int(p._dirtier[f]), 0) + 1
+    assert p.statistics().resident == counts
+    assert {k: a.resident for k, a in p._acct.items() if a.resident} == counts
+    assert {k: a.dirty for k, a in p._acct.items() if a.dirty} == dirty
+    assert all(a.resident >= 0 and a.dirty >= 0 for a in p._acct.values())
+    if p.policy != "global-lru":
+        for f in used:
+            qid = int(p._links.queue[f])
+            assert qid >= 0 and p._queues[qid] in p._pq[int(p._owner[f])].values()
+        assert sum(q.size for q in p._queues) == len(used)
+        for q in p._queues:  # walk each list: sizes and links agree
+            n, f = 0, q.head
+            while f != -1:
+                n += 1
+                assert p._links.queue[f] == q.qid
+                f = int(p._links.next[f])
+            assert n == q.size
 
 
 async def check_frames_match_device(p: Pager) -> None:
