@@ -89,7 +89,7 @@ class Inode:
     """A cached inode: the row's columns plus runtime state."""
 
     __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints",
-                 "xattr_bytes")
+                 "xattr_bytes", "pushed_hints")
 
     id: int
     generation: int
@@ -118,6 +118,8 @@ class Inode:
         self.hints: dict[bytes, bytes] | None = None
         #: the size of its xattr name list (as listxattr returns it), once known
         self.xattr_bytes: int | None = None
+        #: the (priority, discardable) last told to the pager through this object
+        self.pushed_hints: tuple[int, bool] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -570,7 +572,7 @@ class FileSystem:
             node.hints = dict(self.md.hint_xattrs(node.id, HINT_PREFIX))
         return node.hints
 
-    def _push_hints(self, node: Inode) -> None:
+    def _push_hints(self, node: Inode, *, changed: bool = False) -> None:
         """Tell the pager the file's hints (its user.sluice.priority and .discardable;
         absent: normal priority, not discardable). A value that does not parse (set
         before values were checked) counts as absent."""
@@ -586,7 +588,16 @@ class FileSystem:
                 if DISCARDABLE_XATTR in h else False
         except InvalidArgument:
             discardable = False
+        # At open, pushed only when it changes what the pager holds (opens are frequent;
+        # telling the pager is not free): the pager learns a file's hints only from
+        # here, so an inode object that never pushed finds the defaults there, or what
+        # an evicted object for the same file pushed, which were the same xattrs.
+        # When an xattr changed (`changed`), always.
+        now = (priority, discardable)
+        if not changed and now == (node.pushed_hints or (0, False)):
+            return
         self.kernel.set_file_hints(node.id, priority=priority, discardable=discardable)
+        node.pushed_hints = now
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
         fmt = stat.S_IFMT(mode)
@@ -1511,7 +1522,7 @@ class FileSystem:
         if name.startswith(HINT_PREFIX):
             node.hints = None
             if name in (PRIORITY_XATTR, DISCARDABLE_XATTR):
-                self._push_hints(node)
+                self._push_hints(node, changed=True)
         node.ctime_ns = _now()
         self._save(node, "ctime_ns")
 
@@ -1530,7 +1541,7 @@ class FileSystem:
         if name.startswith(HINT_PREFIX):
             node.hints = None
             if name in (PRIORITY_XATTR, DISCARDABLE_XATTR):
-                self._push_hints(node)
+                self._push_hints(node, changed=True)
         node.ctime_ns = _now()
         self._save(node, "ctime_ns")
 
