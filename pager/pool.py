@@ -527,11 +527,17 @@ class Pager:
         self._poke()
         return self._free.pop(), NIL
 
-    async def _alloc(self, p: int) -> int:
-        """A frame for `p`, writing back a dirty victim or waiting for I/O if needed."""
+    async def _alloc(self, p: int, victim: int = NIL) -> int:
+        """A frame for `p`, writing back a dirty victim (`victim`, when `_try_alloc`
+        just chose one: choosing again would move the hand past it) or waiting for I/O
+        if needed."""
         failures = 0
         while True:
-            f, v = self._try_alloc(p)
+            if victim != NIL and self._state[victim] == DIRTY and self._evictable(victim):
+                f, v = NIL, victim
+            else:
+                f, v = self._try_alloc(p)
+            victim = NIL
             if f != NIL:
                 return f
             if v == NIL:
@@ -805,11 +811,11 @@ class Pager:
                     b = block + i
                     f = where.get(b)
                     if f is None:
-                        nf, _ = self._try_alloc(p)
+                        nf, dv = self._try_alloc(p)
                         if nf == NIL:
                             if mine:
                                 break  # read what we hold first (never wait holding frames)
-                            nf = await self._alloc(p)
+                            nf = await self._alloc(p, dv)
                         f = where.get(b)
                         if f is None:
                             self._map(nf, b, p, file, fblock + i, FILLING)
@@ -919,9 +925,9 @@ class Pager:
                     await self._throttle(p)
                 f = where.get(b)
                 if f is None:
-                    nf, _ = self._try_alloc(p)
+                    nf, dv = self._try_alloc(p)
                     if nf == NIL:
-                        nf = await self._alloc(p)
+                        nf = await self._alloc(p, dv)
                     f = where.get(b)
                     if f is None:
                         f = nf

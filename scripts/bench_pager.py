@@ -7,14 +7,17 @@ optimum for hit ratio on a known future.
 
 Mixes (synthetic, seeded; parameters fixed below and printed):
 - `loop-scan`: principal 1 loops over a working set (75% of the cache) that its
-  guarantee covers; principal 2 reads a file twice the cache size over and over.
+  guarantee covers; principal 2 reads a file twice the cache size over and over, and
+  advises priority 1 for the part of it that fits beside the loop.
 - `zipf`: two principals read Zipf-distributed blocks of their own files (exponent
   ZIPF_ALPHA); no hints, no guarantees: hints carry no information here.
-- `db`: a database principal: a hot index (Zipf, priority +2), point reads of a
-  large table (Zipf with a flat exponent, priority 0) and appends to a log; an
-  analytics principal scans the whole table from time to time (sequential hint).
-- `scratch`: a build principal re-reads its sources, writes object files (kept) and
-  large temporary files (discardable), read back once and deleted later.
+- `db`: a database principal with a guarantee: a hot index (3 reads per query, Zipf
+  0.6, priority 2), one uniform point read of a large cold table per query (priority
+  0) and appends to a log (priority -1); an analytics principal scans the table over
+  and over (sequential hint).
+- `scratch`: a build principal re-reads its sources, writes object files (kept,
+  priority -1) and large temporary files (discardable), read back once, dropped
+  (dontneed) and deleted later.
 - `--trace FILE`: a trace recorded from a mount (`sluice trace record`), as a fifth mix.
 
 Hit ratio counts reads (block accesses) only: writes install blocks without a hit or
@@ -210,7 +213,7 @@ def mix_scratch(cache: int, length: int, rng: np.random.Generator) -> Mix:
     m.principal(1, "build")
     m.file(1, src)
     m.notes.append(f"sources {src} blocks re-read (Zipf 0.7), object files written and "
-                   "kept, temporary files of a cache's size written, read back once, "
+                   "kept (priority -1: the output directory's xattr), temporary files of a cache's size written, read back once, "
                    "dropped with dontneed, deleted two files later (discardable)")
     srcr = zipf_ranks(rng, src, 0.7, length)
     fid = 10
@@ -234,7 +237,7 @@ def mix_scratch(cache: int, length: int, rng: np.random.Generator) -> Mix:
         m.dontneed(1, tmp)  # the compiler is done with it (removed later)
         obj = fid
         fid += 1
-        m.file(obj, cache // 16)
+        m.file(obj, cache // 16, priority=-1)
         for b in range(cache // 16):
             m.access(1, obj, b, tr.WRITE)
         live.append(tmp)
