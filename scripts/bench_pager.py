@@ -12,7 +12,7 @@ Mixes (synthetic, seeded; parameters fixed below and printed):
 - `zipf`: two principals read Zipf-distributed blocks of their own files (exponent
   ZIPF_ALPHA); no hints, no guarantees: hints carry no information here.
 - `db`: a database principal with a guarantee: a hot index (3 reads per query, Zipf
-  0.6, priority 2), one uniform point read of a large cold table per query (priority
+  0.6, priority 2; 85% of the cache), one uniform point read of a large cold table per query (priority
   0) and appends to a log (priority -1); an analytics principal scans the table over
   and over (sequential hint).
 - `scratch`: a build principal re-reads its sources, writes object files (kept,
@@ -175,7 +175,7 @@ def mix_zipf(cache: int, length: int, rng: np.random.Generator) -> Mix:
     return m
 
 
-def mix_db(cache: int, length: int, rng: np.random.Generator, *, index_frac: float = 0.75,
+def mix_db(cache: int, length: int, rng: np.random.Generator, *, index_frac: float = 0.85,
            index_reads: int = 3, alpha: float = 0.6) -> Mix:
     m = Mix("db", cache)
     index, table, logsize = int(cache * index_frac), cache * 16, cache * 4
