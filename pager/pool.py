@@ -168,6 +168,7 @@ class Pager:
         self._pf = np.zeros(n, dtype=np.bool_)
         #: block accesses so far, and per file the count at its last access
         self._tick = 0
+        self._idle_ticks = max(4, n // 8)
         self._file_tick: dict[int, int] = {}
         self._links = Links(n)
         self._ref = self._links.visited  # referenced bit (SIEVE visited / CLOCK ref)
@@ -399,20 +400,32 @@ class Pager:
                     log.exception("on_discarded(%d) failed", file)
 
     def _idle(self, f: int) -> bool:
-        """A discardable frame whose file has not been touched for a pool's worth of
-        block accesses (a file in use is not thrown away whole before cold pages)."""
+        """A discardable frame whose file has not been touched for the last
+        `nframes / 8` block accesses: a discardable file in use is not thrown away
+        whole before other cold pages, an idle one is."""
         last = self._file_tick.get(int(self._file[f]))
-        return last is None or self._tick - last > self.nframes
+        return last is None or self._tick - last > self._idle_ticks
 
     def _cold_discardable(self, f: int) -> bool:
         return self._evictable(f) and (self._state[f] == CLEAN or self._idle(f))
 
     def _victim_discardable(self, p: int, *, cold: bool) -> int:
+        """Under `hinted`, what the application said it can do without: with `cold`,
+        clean discardable frames, idle discardable files and frames a sequential
+        reader has finished with (drop-behind); else any discardable frame."""
         qs = self._pq.get(p)
-        q = qs.get(CLASS_DISCARDABLE) if qs else None
-        if q is None or not q.size:
+        if not qs:
             return NIL
-        return q.victim(self._cold_discardable if cold else self._evictable)
+        q = qs.get(CLASS_DISCARDABLE)
+        if q is not None and q.size:
+            v = q.victim(self._cold_discardable if cold else self._evictable)
+            if v != NIL:
+                return v
+        if cold:
+            q = qs.get(CLASS_DROP_BEHIND)
+            if q is not None and q.size:
+                return q.victim(self._evictable)
+        return NIL
 
     def _victim_of(self, p: int) -> int:
         """p's frame to reclaim: clean discardable frames and idle discardable files
@@ -431,8 +444,10 @@ class Pager:
             return self._victim_discardable(p, cold=False)
         return NIL
 
-    def _pick_victim(self, requester: int) -> int:
-        """The frame the policy reclaims for `requester` (not yet removed), or NIL."""
+    def _pick_victim(self, requester: int, *, strict: bool = True) -> int:
+        """The frame the policy reclaims for `requester` (not yet removed), or NIL.
+        `strict`: never below a guarantee (only a pool whose guarantees were not
+        admission-checked can need `strict=False`)."""
         if self._global:
             return self._clock.victim(self._evictable)
         acct = self._acct
@@ -452,6 +467,8 @@ class Pager:
                 v = self._victim_of(p)
                 if v != NIL:
                     return v
+            if strict:
+                return NIL  # never out of someone else's pages: wait for its own
         # principals above their ceiling
         if self._max:
             over = [(a.resident - self._max[p], p) for p, a in acct.items()
@@ -485,6 +502,8 @@ class Pager:
             v = self._victim_of(requester)
             if v != NIL:
                 return v
+        if strict:
+            return NIL
         for p, a in acct.items():
             if a.resident:
                 v = self._victim_of(p)
@@ -501,8 +520,6 @@ class Pager:
             return self._free.pop(), NIL
         v = self._pick_victim(p)
         if v == NIL:
-            if self._free:  # at its ceiling with nothing of its own to give: overcommit
-                return self._free.pop(), NIL
             return NIL, NIL
         if self._state[v] == DIRTY and not self._droppable(v):
             return NIL, v
@@ -510,16 +527,37 @@ class Pager:
         self._poke()
         return self._free.pop(), NIL
 
-    async def _alloc(self, p: int) -> int:
-        """A frame for `p`, writing back a dirty victim or waiting for I/O if needed."""
+    async def _alloc(self, p: int, victim: int = NIL) -> int:
+        """A frame for `p`, writing back a dirty victim (`victim`, when `_try_alloc`
+        just chose one: choosing again would move the hand past it) or waiting for I/O
+        if needed."""
         failures = 0
         while True:
-            f, v = self._try_alloc(p)
+            if victim != NIL and self._state[victim] == DIRTY and self._evictable(victim):
+                f, v = NIL, victim
+            else:
+                f, v = self._try_alloc(p)
+            victim = NIL
             if f != NIL:
                 return f
             if v == NIL:
-                await self._io_done.park()
-                continue
+                if self._free:
+                    # at its ceiling with nothing of its own to give back yet (a
+                    # ceiling below one request): one frame over, never someone else's
+                    return self._free.pop()
+                st = self._state
+                if ((st == FILLING) | (st == WRITEBACK)).any() or self._pin.any():
+                    await self._io_done.park()  # frames come back when that I/O ends
+                    continue
+                # guarantees fill the pool (not admission-checked): overcommit them
+                log.warning("pager: every frame is guaranteed to someone; reclaiming "
+                            "below a guarantee for principal %d", p)
+                v = self._pick_victim(p, strict=False)
+                if v == NIL:
+                    raise RuntimeError("pager: no frame can be reclaimed")
+                if self._state[v] != DIRTY or self._droppable(v):
+                    self._evict(v)
+                    return self._free.pop()
             g = int(self._gen[v])
             try:
                 await self._writeback_frames(self._cluster(v))
@@ -773,11 +811,11 @@ class Pager:
                     b = block + i
                     f = where.get(b)
                     if f is None:
-                        nf, _ = self._try_alloc(p)
+                        nf, dv = self._try_alloc(p)
                         if nf == NIL:
                             if mine:
                                 break  # read what we hold first (never wait holding frames)
-                            nf = await self._alloc(p)
+                            nf = await self._alloc(p, dv)
                         f = where.get(b)
                         if f is None:
                             self._map(nf, b, p, file, fblock + i, FILLING)
@@ -832,7 +870,7 @@ class Pager:
         count = min(count, self.device.nblocks - block)
         if count <= 0:
             return
-        count = min(count, max(1, self.nframes // 4))
+        count = min(count, max(1, self.nframes // 2))
         missing = [i for i in range(count) if (block + i) not in self._where]
         if not missing:
             return
@@ -877,15 +915,19 @@ class Pager:
         mem = self._mem
         state = self._state
         now = trio.current_time()
+        limit = self._dirty_limit(p)
+        acct = self._acct_of(p)
         for start in range(0, count, WRITEBACK_CLUSTER):
-            await self._throttle(p)
             for i in range(start, min(count, start + WRITEBACK_CLUSTER)):
                 b = block + i
+                if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
+                        or acct.dirty >= limit):
+                    await self._throttle(p)
                 f = where.get(b)
                 if f is None:
-                    nf, _ = self._try_alloc(p)
+                    nf, dv = self._try_alloc(p)
                     if nf == NIL:
-                        nf = await self._alloc(p)
+                        nf = await self._alloc(p, dv)
                     f = where.get(b)
                     if f is None:
                         f = nf

@@ -133,13 +133,16 @@ def replay(records: np.ndarray, *, policy: str, nframes: int,
            banks: BankTree | None = None, writeback: bool = True, block_size: int = 4096,
            readahead: int = 16, pager_hook=None) -> ReplayResult:
     """Run `records` (TRACE_DTYPE) through a fresh pager; see the module docstring."""
-    return trio.run(_replay, records, policy, nframes, banks, writeback, block_size,
-                    readahead, pager_hook)
+    return trio.run(lambda: replay_async(
+        records, policy=policy, nframes=nframes, banks=banks, writeback=writeback,
+        block_size=block_size, readahead=readahead, pager_hook=pager_hook))
 
 
-async def _replay(records: np.ndarray, policy: str, nframes: int, banks: BankTree | None,
-                  writeback: bool, block_size: int, readahead: int,
-                  pager_hook) -> ReplayResult:
+async def replay_async(records: np.ndarray, *, policy: str, nframes: int,
+                       banks: BankTree | None = None, writeback: bool = True,
+                       block_size: int = 4096, readahead: int = 16,
+                       pager_hook=None) -> ReplayResult:
+    """`replay` inside a running trio loop."""
     last = records["block"] + np.maximum(records["count"], 1)
     nblocks = int(last.max()) + 1 if len(records) else 16
     device = memory_device(max(16, nblocks), block_size=block_size)

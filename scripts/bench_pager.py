@@ -7,14 +7,17 @@ optimum for hit ratio on a known future.
 
 Mixes (synthetic, seeded; parameters fixed below and printed):
 - `loop-scan`: principal 1 loops over a working set (75% of the cache) that its
-  guarantee covers; principal 2 reads a file twice the cache size over and over.
+  guarantee covers; principal 2 reads a file twice the cache size over and over, and
+  advises priority 1 for the part of it that fits beside the loop.
 - `zipf`: two principals read Zipf-distributed blocks of their own files (exponent
   ZIPF_ALPHA); no hints, no guarantees: hints carry no information here.
-- `db`: a database principal: a hot index (Zipf, priority +2), point reads of a
-  large table (Zipf with a flat exponent, priority 0) and appends to a log; an
-  analytics principal scans the whole table from time to time (sequential hint).
-- `scratch`: a build principal re-reads its sources, writes object files (kept) and
-  large temporary files (discardable), read back once and deleted later.
+- `db`: a database principal with a guarantee: a hot index (3 reads per query, Zipf
+  0.6, priority 2; 85% of the cache), one uniform point read of a large cold table per query (priority
+  0) and appends to a log (priority -1); an analytics principal scans the table over
+  and over (sequential hint).
+- `scratch`: a build principal re-reads its sources, writes object files (kept,
+  priority -1) and large temporary files (discardable), read back once, dropped
+  (dontneed) and deleted later.
 - `--trace FILE`: a trace recorded from a mount (`sluice trace record`), as a fifth mix.
 
 Hit ratio counts reads (block accesses) only: writes install blocks without a hit or
@@ -102,6 +105,10 @@ class Mix:
         self.rows.append((0.0, p, count, fid, fblock, first + fblock, tr.ADVISE,
                           tr.F_SET_PRIORITY, priority))
 
+    def dontneed(self, p: int, fid: int) -> None:
+        first, size = self.files[fid]
+        self.rows.append((0.0, p, size, fid, 0, first, tr.ADVISE, tr.F_DONTNEED, 0))
+
     def delete(self, p: int, fid: int) -> None:
         first, size = self.files[fid]
         self.rows.append((0.0, p, size, fid, 0, first, tr.DISCARD, 0, 0))
@@ -131,7 +138,7 @@ def mix_loop_scan(cache: int, length: int, rng: np.random.Generator) -> Mix:
     m.principal(2, "scanner")
     m.file(1, w, priority=1)
     m.file(2, scan)
-    keep = cache - w - cache // 16
+    keep = cache - w - 1
     m.notes.append(f"loop of {w} blocks (guarantee {w}), re-read file of {scan} blocks, "
                    f"2 loop reads per scan read; the re-reader advises priority 1 for "
                    f"the first {keep} blocks of its file (what fits beside the loop)")
@@ -168,25 +175,28 @@ def mix_zipf(cache: int, length: int, rng: np.random.Generator) -> Mix:
     return m
 
 
-def mix_db(cache: int, length: int, rng: np.random.Generator) -> Mix:
+def mix_db(cache: int, length: int, rng: np.random.Generator, *, index_frac: float = 0.85,
+           index_reads: int = 3, alpha: float = 0.6) -> Mix:
     m = Mix("db", cache)
-    index, table, logsize = cache // 2, cache * 6, cache * 4
-    m.principal(1, "db", min_frames=cache * 3 // 4)
+    index, table, logsize = int(cache * index_frac), cache * 16, cache * 4
+    m.principal(1, "db", min_frames=index + cache // 16)
     m.principal(2, "analytics")
     m.file(1, index, priority=2)
     m.file(2, table, priority=0)
     m.file(3, logsize, priority=-1)
     m.file(4, table, sequential=True)  # the analytics principal's view: same blocks
     m.files[4] = m.files[2]
-    m.notes.append(f"db: guarantee {cache * 3 // 4} frames, index {index} blocks "
-                   f"(priority 2), table {table} (priority 0), log appends (priority -1); "
+    m.notes.append(f"db: guarantee {index + cache // 16} frames, index {index} blocks "
+                   f"(priority 2, {index_reads} reads per query, Zipf {alpha}), table "
+                   f"{table} blocks (priority 0, 1 uniform point read per query), "
+                   f"log appends (priority -1); "
                    "analytics scans the table over and over (sequential)")
-    idx = zipf_ranks(rng, index, 0.8, length)
-    tab = zipf_ranks(rng, table, 0.6, length)
+    idx = zipf_ranks(rng, index, alpha, length * index_reads)
+    tab = rng.integers(0, table, size=length)
     k = scanpos = logpos = 0
     while len(m.rows) < length:
-        m.access(1, 1, int(idx[k]))
-        m.access(1, 1, int(idx[(k + 7) % length]))
+        for r in range(index_reads):
+            m.access(1, 1, int(idx[k * index_reads + r]))
         m.access(1, 2, int(tab[k]))
         if k % 4 == 0:
             m.access(1, 3, logpos % logsize, tr.WRITE)
@@ -203,8 +213,8 @@ def mix_scratch(cache: int, length: int, rng: np.random.Generator) -> Mix:
     m.principal(1, "build")
     m.file(1, src)
     m.notes.append(f"sources {src} blocks re-read (Zipf 0.7), object files written and "
-                   "kept, temporary files of a cache's size written, read back once, "
-                   "deleted two files later (discardable)")
+                   "kept (priority -1: the output directory's xattr), temporary files of a cache's size written, read back once, "
+                   "dropped with dontneed, deleted two files later (discardable)")
     srcr = zipf_ranks(rng, src, 0.7, length)
     fid = 10
     k = 0
@@ -224,9 +234,10 @@ def mix_scratch(cache: int, length: int, rng: np.random.Generator) -> Mix:
             m.access(1, tmp, b)
             m.access(1, 1, int(srcr[k % length]))
             k += 1
+        m.dontneed(1, tmp)  # the compiler is done with it (removed later)
         obj = fid
         fid += 1
-        m.file(obj, cache // 16)
+        m.file(obj, cache // 16, priority=-1)
         for b in range(cache // 16):
             m.access(1, obj, b, tr.WRITE)
         live.append(tmp)
