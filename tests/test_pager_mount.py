@@ -328,6 +328,31 @@ async def test_async_client_advise(volume: Path, mount_factory) -> None:
 
 # -- banks and statistics ---------------------------------------------------------------------
 
+def test_a_refused_bank_change_leaves_the_table_as_it_was() -> None:
+    """PrincipalTable.add_bank_validator: a validator that refuses an add or a set
+    undoes it; watchers are not told of it, nothing is saved."""
+    from kernelshim.principals import Banks, PrincipalError, PrincipalTable
+    t = PrincipalTable(None)
+    told: list[dict] = []
+    t.watch(lambda tree: told.append(dict(tree)))
+
+    def at_most_4m(tree) -> None:
+        if sum(n.cache_min for n in tree.values()) > 4 * MiB:
+            raise PrincipalError("guarantees exceed the pool")
+    t.add_bank_validator(at_most_4m)
+    a = t.add("a", owner_uid=0, caller_uid=0, banks=Banks(cache_min=3 * MiB))
+    n = len(told)
+    with pytest.raises(PrincipalError):
+        t.add("b", owner_uid=0, caller_uid=0, banks=Banks(cache_min=2 * MiB))
+    with pytest.raises(PrincipalError):
+        t.set("a", 0, cache_min=5 * MiB)
+    assert len(told) == n and [p.name for p in t.walk()] == ["root", "a"]
+    assert a.banks.cache_min == 3 * MiB and t.root.usage.children == 1
+    b = t.add("b", owner_uid=0, caller_uid=0, banks=Banks(cache_min=1 * MiB))
+    assert b.id == a.id + 2  # the refused add's id is not given out again
+    assert set(told[-1]) == {0, a.id, b.id}
+
+
 def test_cache_guarantees_are_admitted_against_the_pool(volume: Path, mount_factory,
                                                         tmp_path: Path) -> None:
     m = mount_factory(volume, "--cache-size", "4M")
