@@ -486,10 +486,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     """`sluice trace record MOUNTPOINT OUT [--duration S]`."""
     if _sluice_mount_of(args.mountpoint) is None:
         raise CliError(f"{args.mountpoint} is not a mounted sluice volume")
+    created = not os.path.lexists(args.out)
     try:  # before tracing: a bad OUT fails at once
         out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+    written = False
     try:
         with _control(args.mountpoint) as c:
             c.start_trace()
@@ -507,10 +509,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         try:
             while os.sendfile(out, fd, None, 1 << 24) > 0:
                 pass
+            written = True
         finally:
             os.close(fd)
     finally:
         os.close(out)
+        if not written and created:
+            os.unlink(args.out)  # no trace: leave nothing that looks like one
     print(f"wrote {reply['bytes']} bytes of pager trace to {args.out}"
           + (" (cut short at the daemon's limit)" if reply.get("truncated") else ""),
           file=sys.stderr)

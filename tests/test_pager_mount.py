@@ -461,7 +461,10 @@ def replay_trace(path: Path, nblocks_read: int) -> None:
 
 
 def test_trace_record_is_for_root_or_the_owner(pubmnt: Path) -> None:
-    r = user_run([USER_PY, "-m", "fs.cli", "trace", "record", str(pubmnt), "/dev/null",
+    out = pubmnt / "t"  # where the user may write (the mount's root is 0777 here)
+    os.chmod(pubmnt, 0o777)
+    r = user_run([USER_PY, "-m", "fs.cli", "trace", "record", str(pubmnt), str(out),
                   "--duration", "1"])
     assert r.returncode == 1 and "only root or the volume's owner" in r.stderr, r
     assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # refused: no empty file left behind
