@@ -356,7 +356,8 @@ def _stats_text(st: dict) -> str:
            f"{f['open_handles']} open files, {f['live_grants']} live grants",
            f"device: profile {d['profile']}, scheduler {d['scheduler']}, "
            f"{d['checksum_errors']} checksum errors",
-           f"pager:  {p['frames_used']}/{p['frames']} frames, {p['hits']} hits, "
+           f"pager:  policy {p.get('policy', '?')}, {p['frames_used']}/{p['frames']} frames, "
+           f"{p['hits']} hits, "
            f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
            f"{p['evictions']} evictions",
            "",

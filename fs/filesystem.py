@@ -1429,7 +1429,8 @@ class FileSystem:
                        "checksum_errors": dev.checksum_errors,
                        "per_principal": {names.get(s.principal, str(s.principal)):
                                          dataclasses.asdict(s) for s in dev.per_principal}},
-            "pager": {"frames": pg.frames, "frames_used": pg.frames_used, "hits": pg.hits,
+            "pager": {"policy": pg.policy, "frames": pg.frames,
+                      "frames_used": pg.frames_used, "hits": pg.hits,
                       "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
                       "evictions": pg.evictions,
                       "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},

@@ -96,6 +96,27 @@ def test_unknown_policy_is_refused_with_one_line(volume: Path, tmp_path: Path) -
     assert "Traceback" not in r.stderr
 
 
+def test_policy_from_mount_options_and_fstab(volume: Path, tmp_path: Path) -> None:
+    """`mount -t fuse.sluice ... -o pager=principal` (the helper fstab uses) mounts with
+    that policy, and `sluice stats` says which policy runs."""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    code = ("import sys; from fs.cli import mount_helper_main; "
+            f"sys.exit(mount_helper_main([{str(volume)!r}, {str(mp)!r}, '-o', "
+            "'cache_size=4M,pager=principal']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    try:
+        assert r.returncode == 0, r.stderr
+        st = json.loads(sluice("stats", str(mp), "--json").stdout)["pager"]
+        assert st["policy"] == "principal" and st["frames"] == 1024
+        assert "pager:  policy principal, " in sluice("stats", str(mp)).stdout
+    finally:
+        sluice("umount", str(mp), check=False)
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False)
+
+
 @pytest.mark.parametrize("policy", ["global-lru", "principal", "hinted"])
 def test_guaranteed_working_set_survives_a_scan(volume: Path, mount_factory,
                                                 policy: str) -> None:
