@@ -811,11 +811,11 @@ class Pager:
                     b = block + i
                     f = where.get(b)
                     if f is None:
-                        nf, dv = self._try_alloc(p)
+                        nf, dirty_victim = self._try_alloc(p)
                         if nf == NIL:
                             if mine:
                                 break  # read what we hold first (never wait holding frames)
-                            nf = await self._alloc(p, dv)
+                            nf = await self._alloc(p, dirty_victim)
                         f = where.get(b)
                         if f is None:
                             self._map(nf, b, p, file, fblock + i, FILLING)
@@ -925,9 +925,9 @@ class Pager:
                     await self._throttle(p)
                 f = where.get(b)
                 if f is None:
-                    nf, dv = self._try_alloc(p)
+                    nf, dirty_victim = self._try_alloc(p)
                     if nf == NIL:
-                        nf = await self._alloc(p, dv)
+                        nf = await self._alloc(p, dirty_victim)
                     f = where.get(b)
                     if f is None:
                         f = nf

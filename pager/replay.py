@@ -198,9 +198,9 @@ async def replay_async(records: np.ndarray, *, policy: str, nframes: int,
     for pid, s in st.per_principal.items():
         per[int(pid)] = PrincipalResult(reads.get(int(pid), 0), s.hits, s.writeback_bytes,
                                         s.discarded)
-    for pid in reads:
-        if pid not in per:
-            per[pid] = PrincipalResult(reads[pid], 0, 0, 0)
+    for q, n in reads.items():
+        if q not in per:
+            per[q] = PrincipalResult(n, 0, 0, 0)
     device.close()
     return ReplayResult(policy, nframes, sum(reads.values()), st.hits,
                         st.writeback_bytes, len(discarded), per)
