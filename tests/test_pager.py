@@ -814,3 +814,17 @@ async def test_a_client_that_never_answers_stalls_nobody(device: BlockDevice,
         assert s.per_principal[P2].reclaim_missed == 1
         nursery.cancel_scope.cancel()
     check_invariants(p)
+
+
+def test_replay_command_compares_policies(tmp_path: Path, capsys) -> None:
+    from pager.replay import main
+    rows = [(0.0, 1, 1, 3, i % 40, i % 40, tr.READ, 0, 0) for i in range(400)]
+    rows += [(0.0, 2, 1, 4, i, 100 + i, tr.READ, tr.F_SEQUENTIAL, 0) for i in range(200)]
+    tr.write_trace(tmp_path / "t", tr.make_records(rows))
+    assert main([str(tmp_path / "t"), "--frames", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "600 records, cache 64 frames" in out
+    lines = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[2:]}
+    assert lines[("hinted", "all")][2:4] == ["600", "0.600"]  # 360 loop hits of 600 reads
+    assert main([str(tmp_path / "missing")]) == 1
+    assert "error:" in capsys.readouterr().err
