@@ -707,6 +707,8 @@ class Pager:
         """Write back every dirty frame that is not discardable (those are a cache by
         contract and reach the device only by `writeback_file`), wait for write-back in
         flight, then flush the device."""
+        if self._tw is not None:
+            self._trace_op(tr.FLUSH, 0, 0, 0, 0, 0)
         if self.writeback:
             cand = (self._state == DIRTY) | (self._state == WRITEBACK)
             if self._hinted:
@@ -811,11 +813,11 @@ class Pager:
                     b = block + i
                     f = where.get(b)
                     if f is None:
-                        nf, dv = self._try_alloc(p)
+                        nf, dirty_victim = self._try_alloc(p)
                         if nf == NIL:
                             if mine:
                                 break  # read what we hold first (never wait holding frames)
-                            nf = await self._alloc(p, dv)
+                            nf = await self._alloc(p, dirty_victim)
                         f = where.get(b)
                         if f is None:
                             self._map(nf, b, p, file, fblock + i, FILLING)
@@ -884,6 +886,11 @@ class Pager:
                 self._pf[f] = True
 
     async def _read_ahead(self, block: int, p: int, file: int, fblock: int) -> None:
+        """Read-ahead of a sequential file, charged to the reader. The pager knows
+        device blocks, not the file's map: it reads the device blocks that follow,
+        which is where the allocator puts a file's next blocks. A wrong guess costs
+        frames of the reader's own bank, never data (frames hold device contents;
+        only a grant can read them)."""
         await self._prefetch(block, self.readahead, p, file, fblock)
 
     def _drop_behind(self, block: int, count: int) -> None:
@@ -925,9 +932,9 @@ class Pager:
                     await self._throttle(p)
                 f = where.get(b)
                 if f is None:
-                    nf, dv = self._try_alloc(p)
+                    nf, dirty_victim = self._try_alloc(p)
                     if nf == NIL:
-                        nf = await self._alloc(p, dv)
+                        nf = await self._alloc(p, dirty_victim)
                     f = where.get(b)
                     if f is None:
                         f = nf
@@ -1100,19 +1107,18 @@ class Pager:
         self._fblock[f] = fblock
 
     async def _drop_range(self, block: int, count: int) -> None:
+        """dontneed: drop the range's frames now. A dirty discardable frame takes its
+        whole file's dirty frames with it (the file is lost as a whole, and reported);
+        other dirty frames are written back first."""
         where = self._where
-        reported = False
         for b in range(block, block + count):
             f = where.get(b)
             if f is None or not self._evictable(f):
                 continue
             if self._state[f] == DIRTY:
                 if self._disc[f]:
-                    file = int(self._file[f])
-                    self._unmap(f)
-                    if file and not reported and self.on_discarded is not None:
-                        reported = True
-                        self.on_discarded(file)
+                    self._acct_of(int(self._owner[f])).discarded += 1
+                    self._drop_discardable_file(f)
                     continue
                 g = int(self._gen[f])
                 await self._writeback_frames(self._cluster(f))

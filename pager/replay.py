@@ -198,9 +198,9 @@ async def replay_async(records: np.ndarray, *, policy: str, nframes: int,
     for pid, s in st.per_principal.items():
         per[int(pid)] = PrincipalResult(reads.get(int(pid), 0), s.hits, s.writeback_bytes,
                                         s.discarded)
-    for pid in reads:
-        if pid not in per:
-            per[pid] = PrincipalResult(reads[pid], 0, 0, 0)
+    for q, n in reads.items():
+        if q not in per:
+            per[q] = PrincipalResult(n, 0, 0, 0)
     device.close()
     return ReplayResult(policy, nframes, sum(reads.values()), st.hits,
                         st.writeback_bytes, len(discarded), per)
@@ -212,3 +212,44 @@ def replay_all(records: np.ndarray, *, nframes: int, banks: Mapping | None = Non
     """The same trace through each policy."""
     return {pol: replay(records, policy=pol, nframes=nframes, banks=banks,
                         writeback=writeback) for pol in policies}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pager.replay TRACE [--frames N]`: a recorded trace through each
+    policy, one line per policy and principal."""
+    import argparse
+    import sys
+
+    from .trace import TraceFormatError, read_trace
+
+    ap = argparse.ArgumentParser(prog="python -m pager.replay",
+                                 description="Replay a sluice trace through every pager "
+                                             "policy (write-back on) and print hit ratio "
+                                             "and write-back bytes.")
+    ap.add_argument("trace", help="a trace file (sluice trace record)")
+    ap.add_argument("--frames", type=int, default=16384,
+                    help="cache size in frames (default 16384: 64 MiB of 4 KiB blocks)")
+    ap.add_argument("--block-size", type=int, default=4096)
+    args = ap.parse_args(argv)
+    if args.frames < 1:
+        print("error: --frames must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        records = read_trace(args.trace)
+    except (OSError, TraceFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(records)} records, cache {args.frames} frames of {args.block_size} bytes")
+    print(f"{'policy':<12} {'principal':>9} {'reads':>9} {'hit ratio':>9} {'write-back':>12}")
+    for pol in ("hinted", "principal", "global-lru"):
+        r = replay(records, policy=pol, nframes=args.frames, block_size=args.block_size)
+        print(f"{pol:<12} {'all':>9} {r.reads:>9} {r.hit_ratio:>9.3f} {r.writeback_bytes:>12}")
+        for pid, x in sorted(r.per_principal.items()):
+            if x.reads or x.writeback_bytes:
+                print(f"{'':<12} {pid:>9} {x.reads:>9} {x.hit_ratio:>9.3f} "
+                      f"{x.writeback_bytes:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -441,10 +441,13 @@ def draw(out: dict, path: Path) -> bool:
     pols = list(next(iter(out.values())))
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(mixes) * len(pols) / 4), 4.5))
     width = 0.8 / len(pols)
+    cmap = plt.get_cmap("tab20")
     for k, pol in enumerate(pols):
         xs = [i + k * width for i in range(len(mixes))]
         ys = [out[m].get(pol, {}).get("hit_ratio", 0) for m in mixes]
-        ax.bar(xs, ys, width, label=pol)
+        color = "black" if pol == "belady" else cmap(k % 20)
+        ax.bar(xs, ys, width, label=pol, color=color,
+               edgecolor="black" if pol == "hinted" else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(mixes))])
     ax.set_xticklabels(mixes)
     ax.set_ylabel("hit ratio (reads)")

@@ -788,3 +788,43 @@ async def test_memory_device_is_a_real_device() -> None:
     assert await d.read(10, 1, principal=P0) == bytes(BS)
     await d.discard(3, 1, principal=P0)
     assert await d.read(3, 2, principal=P0) == bytes(BS) + blk(2, 2)[BS:]
+
+
+async def test_a_client_that_never_answers_stalls_nobody(device: BlockDevice,
+                                                        autojump_clock) -> None:
+    """While a reclaim request to a silent client is pending, another principal that
+    needs frames gets them at once (from the silent one's, if nobody else has any),
+    and the silent principal is held to its ceiling at the deadline."""
+    p = Pager(device, nframes=16, policy="hinted", reclaim_grace=10.0)
+    asked: list[tuple[int, float]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        p.on_reclaim(P2, lambda n, d: asked.append((n, d)))
+        await p.read(0, 16, principal=P2)  # the whole pool
+        p.configure_banks(banks(p2=(0, 8)))
+        await trio.sleep(0.1)
+        assert asked == [(8, pytest.approx(10.0))]
+        t = trio.current_time()
+        assert await p.read(40, 6, principal=P1) == bytes(6 * BS)
+        assert trio.current_time() == t  # no wait for the deadline
+        assert p.statistics().resident == {P1: 6, P2: 10}
+        await trio.sleep(10.0)
+        s = p.statistics()
+        assert s.resident == {P1: 6, P2: 8}
+        assert s.per_principal[P2].reclaim_missed == 1
+        nursery.cancel_scope.cancel()
+    check_invariants(p)
+
+
+def test_replay_command_compares_policies(tmp_path: Path, capsys) -> None:
+    from pager.replay import main
+    rows = [(0.0, 1, 1, 3, i % 40, i % 40, tr.READ, 0, 0) for i in range(400)]
+    rows += [(0.0, 2, 1, 4, i, 100 + i, tr.READ, tr.F_SEQUENTIAL, 0) for i in range(200)]
+    tr.write_trace(tmp_path / "t", tr.make_records(rows))
+    assert main([str(tmp_path / "t"), "--frames", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "600 records, cache 64 frames" in out
+    lines = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[2:]}
+    assert lines[("hinted", "all")][2:4] == ["600", "0.600"]  # 360 loop hits of 600 reads
+    assert main([str(tmp_path / "missing")]) == 1
+    assert "error:" in capsys.readouterr().err
