@@ -241,11 +241,11 @@ class PrincipalTable:
         self._registered: dict[int, tuple[int, Principal]] = {}
         #: pid -> (expiry, principal) resolved through the parent chain
         self._resolved: dict[int, tuple[float, Principal]] = {}
-        #: called with a new bank snapshot after every change of the tree or a bank
-        self._watchers: list[Callable[[BankTree], None]] = []
         #: called with the snapshot a change would make, before it is made; one that
         #: raises refuses the change (see add_bank_validator)
         self._bank_validators: list[Callable[[BankTree], None]] = []
+        #: called with a new bank snapshot after every change of the tree or a bank
+        self._watchers: list[Callable[[BankTree], None]] = []
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -491,6 +491,7 @@ class PrincipalTable:
             if not self._may_administer(par, caller_uid):
                 raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
         banks = dataclasses.replace(p.banks, **changes)
+        old = p.banks  # put back if a bank validator refuses the change
         if par is not None:
             self._check_banks(par, banks, exclude=p)
         # Children must still fit.
@@ -511,7 +512,7 @@ class PrincipalTable:
                 or sum(x.value for x in reserved) > r.value):
             raise PrincipalError(f"children of {name!r} reserve "
                                  f"{', '.join(map(str, reserved))}, more than {r or 'nothing'}")
-        old, p.banks = p.banks, banks
+        p.banks = banks
         self._validate_change(lambda: setattr(p, "banks", old))
         self.save()
         self._changed()
