@@ -29,11 +29,7 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
 
-`advise` passes pager hints for a byte range of the file (mapped to device blocks
-through the grant), for the connection's principal; `trace_start` has the pager log
-every block access into a file of the daemon's (at most MAX_TRACE_BYTES), and
-`trace_stop` ends it and sends that file's descriptor with the reply. A trace belongs
-to the connection that started it: it ends, discarded, when that connection closes.
+`advise`, `trace_start` and `trace_stop` are the pager's (pagerops.py).
 
 `append` writes the buffer range at the end of the file and commits it under the
 inode's lock, as the kernel's O_APPEND writes through the mount do: concurrent
@@ -70,7 +66,6 @@ import os
 import resource
 import socket
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -79,9 +74,9 @@ import trio
 from blockdev import SluiceError
 
 from .grants import Grant, Rights
-from .kernel import PRIORITY_MAX, PRIORITY_MIN, Kernel
-from .principals import (OBJECT_BANKS, Banks, NotAllowed, Principal, PrincipalTable, Rate,
-                         TooManyObjects)
+from .kernel import Kernel
+from .pagerops import PagerOps
+from .principals import OBJECT_BANKS, Banks, Principal, PrincipalTable, Rate, TooManyObjects
 from .protocol import (ERROR, MAX_FRAME, OK, REQUEST, VERSION, Decoder, FramingError, Message,
                        ProtocolError, ReplyTooLarge, arg_int, arg_str, brief, encode,
                        error_payload)
@@ -109,45 +104,10 @@ PAGE_ROWS = 32
 #: back between slices once they have held it for HOG_SECONDS
 SLICE_BYTES = 256 << 10
 HOG_SECONDS = 1e-3
-#: bytes of pager trace one `trace_start` may record (past it the trace is cut short
-#: and says so): the daemon's disk is not the tracer's to fill
-MAX_TRACE_BYTES = 1 << 30
 
 
 class BadSlot(SluiceError):
     errno = _errno.EBADF
-
-
-class TraceBusy(SluiceError):
-    """A pager trace is being recorded already (one at a time)."""
-
-    errno = _errno.EBUSY
-
-
-class _TraceSink:
-    """The file a pager trace goes to: an unlinked temporary file of the daemon's, that
-    takes at most `limit` bytes and then drops the rest (marked `truncated`)."""
-
-    def __init__(self, limit: int) -> None:
-        self.file = tempfile.TemporaryFile(prefix="sluice-trace-")
-        self.limit = limit
-        self.written = 0
-        self.truncated = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        n = len(data)
-        if self.truncated or self.written + n > self.limit:
-            self.truncated = True
-            return n
-        self.file.write(data)
-        self.written += n
-        return n
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class _InternalError(SluiceError):
@@ -182,7 +142,7 @@ class Connection:
     shm_view: memoryview | None = None
 
 
-class ShimServer:
+class ShimServer(PagerOps):
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
                  path: Path, *, metadata_pending: Callable[[], bool] | None = None,
                  max_connections: int = MAX_CONNECTIONS,
@@ -203,8 +163,6 @@ class ShimServer:
         #: connections closed because of an unexpected exception (bugs; see the log)
         self.connection_bugs = 0
         self._last_yield = 0.0
-        #: the pager trace being recorded, and the connection that started it
-        self._trace: tuple[Connection, _TraceSink] | None = None
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -388,8 +346,7 @@ class ShimServer:
                 os.close(fd)
 
     async def _release_all(self, conn: Connection) -> None:
-        if self._trace is not None and self._trace[0] is conn:
-            self._end_trace().close()
+        self._release_trace(conn)
         for slot in list(conn.slots):
             try:
                 await self._close_slot(conn, slot)
@@ -602,64 +559,6 @@ class ShimServer:
             raise BadSlot(f"no capability in slot {slot}")
         await self._close_slot(conn, slot)
         return {}
-
-    async def _op_advise(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        offset = arg_int(p, "offset")
-        length = arg_int(p, "length", hi=1 << 50)
-        priority = None
-        if p.get("priority") is not None:
-            priority = arg_int(p, "priority", lo=PRIORITY_MIN, hi=PRIORITY_MAX)
-        flags: dict[str, bool | None] = {}
-        for k in ("discardable", "willneed", "dontneed"):
-            v = p.get(k)
-            if v is not None and not isinstance(v, bool):
-                raise ProtocolError(f"argument {k!r} must be true, false or null")
-            flags[k] = v
-        if flags["discardable"] is not None:
-            # Discardable lets the pager drop the range's data unwritten: a writer's call.
-            self.kernel.check(g, Rights.WRITE)
-        await self.kernel.advise(g, offset, length, priority=priority,
-                                 discardable=flags["discardable"],
-                                 willneed=bool(flags["willneed"]),
-                                 dontneed=bool(flags["dontneed"]))
-        return {}
-
-    async def _op_trace_start(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        # Every tenant's accesses are in it: root's, or the volume owner's (the uid the
-        # daemon runs as) to ask for.
-        if conn.creds.uid not in (0, os.geteuid()):
-            raise NotAllowed("only root or the volume's owner may record a pager trace")
-        if self._trace is not None:
-            raise TraceBusy("a pager trace is being recorded already")
-        sink = _TraceSink(MAX_TRACE_BYTES)
-        try:
-            self.kernel.start_trace(sink)
-        except BaseException:
-            sink.close()
-            raise
-        self._trace = (conn, sink)
-        return {"limit": MAX_TRACE_BYTES}
-
-    async def _op_trace_stop(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        if self._trace is None or self._trace[0] is not conn:
-            raise NotAllowed("this connection is not recording a pager trace")
-        sink = self._end_trace()
-        try:
-            sink.flush()
-            fd = os.dup(sink.file.fileno())
-        finally:
-            sink.close()
-        os.lseek(fd, 0, os.SEEK_SET)
-        # The descriptor travels with the reply and is closed here once sent.
-        return {"bytes": sink.written, "truncated": sink.truncated, "_fds": [fd]}
-
-    def _end_trace(self) -> _TraceSink:
-        assert self._trace is not None
-        _conn, sink = self._trace
-        self._trace = None
-        self.kernel.stop_trace()
-        return sink
 
     async def _op_register(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         principal = self.principals.get(arg_str(p, "principal", maxlen=64))
