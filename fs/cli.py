@@ -421,10 +421,13 @@ def _sluice_mount_of(path: str) -> str | None:
 
 
 def _hint_targets(root: str, recursive: bool):
-    """`root`, and with `recursive` every directory and regular file below it (symbolic
-    links are neither followed nor hinted: Linux keeps user.* xattrs off them)."""
+    """`root` (a symbolic link given by name stands for its target, as for setfattr),
+    and with `recursive` every directory and regular file below it (symbolic links
+    below are neither followed nor hinted: Linux keeps user.* xattrs off them)."""
+    if os.path.islink(root):
+        root = os.path.realpath(root)
     yield root
-    if not recursive or not os.path.isdir(root) or os.path.islink(root):
+    if not recursive or not os.path.isdir(root):
         return
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(dirnames + filenames):

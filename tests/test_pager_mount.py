@@ -266,6 +266,9 @@ def test_sluice_hint_recursive(mnt: Path, tmp_path: Path) -> None:
     assert os.getxattr(top / "a" / "new", "user.sluice.cache") == b"kernel"
     shown = sluice("hint", str(files[0])).stdout
     assert shown.strip() == f"{files[0]}: priority=-5 discardable=0 cache=kernel"
+    # A link named on the command line stands for its target, as for setfattr.
+    sluice("hint", str(top / "link"), "--priority", "7", "-q")
+    assert os.getxattr(outside, "user.sluice.priority") == b"7"
     assert [f.read_bytes() for f in files] == [bytes([i]) * 100 for i in range(3)]
 
 
