@@ -10,14 +10,17 @@ User mistakes print one line on stderr and exit with a documented code, no trace
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from kernelshim import SluiceError
+from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
 
 from . import volume as vol
 from .errors import VolumeError
@@ -25,6 +28,8 @@ from .errors import VolumeError
 log = logging.getLogger("sluice")
 
 EXIT_ERROR = 1
+#: pager.POLICIES, spelled out here so that `sluice --help` needs no numpy
+PAGER_POLICIES = ("hinted", "principal", "global-lru")
 EXIT_FSCK_UNCORRECTED = 4
 
 
@@ -83,8 +88,8 @@ def _mount_options(args: argparse.Namespace):
             raise CliError(str(exc)) from None
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,
-                        debug_fuse=args.debug_fuse, read_only=args.read_only,
-                        metrics=_metrics_address(args.metrics))
+                        pager_policy=args.pager, debug_fuse=args.debug_fuse,
+                        read_only=args.read_only, metrics=_metrics_address(args.metrics))
 
 
 def _metrics_address(text: str | None) -> tuple[str, int] | None:
@@ -166,7 +171,8 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
 def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
-           "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode]
+           "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode,
+           "--pager", args.pager]
     if args.profile:
         cmd += ["--profile", args.profile]
     cmd += ["--scheduler", args.scheduler]
@@ -386,7 +392,8 @@ def _stats_text(st: dict) -> str:
            f"device: profile {d['profile']}, scheduler {d['scheduler']}, "
            f"{d['checksum_errors']} checksum errors",
            f"capacity: {_capacity_text(d.get('capacity', {}))}",
-           f"pager:  {p['frames_used']}/{p['frames']} frames, {p['hits']} hits, "
+           f"pager:  policy {p.get('policy', '?')}, {p['frames_used']}/{p['frames']} frames, "
+           f"{p['hits']} hits, "
            f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
            f"{p['evictions']} evictions",
            "",
@@ -406,6 +413,9 @@ def _stats_text(st: dict) -> str:
                       f"{s.p50_s * 1e3:>8.3f} {p95} {s.p99_s * 1e3:>8.3f}")
         out.append(f"{n:16} {iocols} {p['resident'].get(n, 0):>7} "
                    f"{_fmt_bytes(u.get('space', 0)):>9} {u.get('inodes', 0):>7}")
+    cache = st.get("cache") or {}
+    if cache:
+        out += ["", _cache_table(cache, names)]
     return "\n".join(out)
 
 
@@ -476,6 +486,152 @@ def _watch_stats(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
 
+def _cache_table(cache: dict, order: list[str]) -> str:
+    """The pager's account per principal (frames held against min/max; hits, misses,
+    evictions, discards, dirty frames, write-back, reclaim requests sent/answered/missed)."""
+    lines = [f"{'CACHE':16} {'FRAMES':>7} {'MIN':>6} {'MAX':>6} {'HITS':>9} {'MISSES':>9}"
+             f" {'HIT%':>6} {'EVICTED':>8} {'DISCARD':>8} {'DIRTY':>6} {'WB MB':>8}"
+             f" {'RECLAIM s/a/m':>14}"]
+    for n in [n for n in order if n in cache] + sorted(set(cache) - set(order)):
+        c = cache[n]
+        looked = c["hits"] + c["misses"]
+        ratio = f"{100 * c['hits'] / looked:.1f}" if looked else "-"
+        mx = "-" if c["max"] is None else c["max"]
+        rec = f"{c['reclaim_sent']}/{c['reclaim_answered']}/{c['reclaim_missed']}"
+        lines.append(f"{n:16} {c['frames']:>7} {c['min']:>6} {mx:>6} {c['hits']:>9}"
+                     f" {c['misses']:>9} {ratio:>6} {c['evictions']:>8} {c['discarded']:>8}"
+                     f" {c['dirty']:>6} {c['writeback_bytes'] / 1e6:>8.1f} {rec:>14}")
+    return "\n".join(lines)
+
+
+# -- pager hints and traces -----------------------------------------------------------------
+
+HINT_XATTRS = {"priority": "user.sluice.priority", "discardable": "user.sluice.discardable",
+               "cache": "user.sluice.cache"}
+#: the range `user.sluice.priority` takes
+PRIORITY_RANGE = (PRIORITY_MIN, PRIORITY_MAX)
+
+
+def _sluice_mount_of(path: str) -> str | None:
+    """The mount point of the sluice volume `path` is on, or None."""
+    real = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _src, mnt, fstype = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
+                if best is None or len(mnt) > len(best[0]):
+                    best = (mnt, fstype)
+    return best[0] if best is not None and best[1] == "fuse.sluice" else None
+
+
+def _hint_targets(root: str, recursive: bool):
+    """`root` (a symbolic link given by name stands for its target, as for setfattr),
+    and with `recursive` every directory and regular file below it (symbolic links
+    below are neither followed nor hinted: Linux keeps user.* xattrs off them)."""
+    if os.path.islink(root):
+        root = os.path.realpath(root)
+    yield root
+    if not recursive or not os.path.isdir(root):
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                yield p
+
+
+def cmd_hint(args: argparse.Namespace) -> int:
+    changes: list[tuple[str, bytes]] = []
+    if args.priority is not None:
+        lo, hi = PRIORITY_RANGE
+        if not lo <= args.priority <= hi:
+            raise CliError(f"--priority {args.priority}: must be from {lo} to {hi}")
+        changes.append((HINT_XATTRS["priority"], str(args.priority).encode()))
+    if args.discardable is not None:
+        changes.append((HINT_XATTRS["discardable"], b"1" if args.discardable else b"0"))
+    if args.cache is not None:
+        changes.append((HINT_XATTRS["cache"], args.cache.encode()))
+    for path in args.path:
+        if not os.path.lexists(path):
+            raise CliError(f"{path}: no such file or directory")
+        if _sluice_mount_of(path) is None:
+            raise CliError(f"{path} is not on a mounted sluice volume")
+    done = failed = 0
+    for root in args.path:
+        for path in _hint_targets(root, args.recursive):
+            try:
+                if changes:
+                    for name, value in changes:
+                        os.setxattr(path, name, value, follow_symlinks=False)
+                else:
+                    print(f"{path}: " + " ".join(
+                        f"{k}={_get_hint(path, x)}" for k, x in HINT_XATTRS.items()))
+                done += 1
+            except OSError as exc:
+                failed += 1
+                why = exc.strerror or str(exc)
+                if exc.errno in (errno.EPERM, errno.EACCES):
+                    why += " (hints are set by whoever may write the file)"
+                print(f"sluice hint: {path}: {why}", file=sys.stderr)
+    if changes and not args.quiet:
+        what = ", ".join(f"{n.removeprefix('user.sluice.')}={v.decode()}" for n, v in changes)
+        print(f"set {what} on {done} files and directories"
+              + (f"; {failed} failed" if failed else ""))
+    return EXIT_ERROR if failed else 0
+
+
+def _get_hint(path: str, name: str) -> str:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False).decode(errors="replace")
+    except OSError as exc:
+        if exc.errno == errno.ENODATA:
+            return "-"
+        raise
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """`sluice trace record MOUNTPOINT OUT [--duration S]`."""
+    if _sluice_mount_of(args.mountpoint) is None:
+        raise CliError(f"{args.mountpoint} is not a mounted sluice volume")
+    created = not os.path.lexists(args.out)
+    try:  # before tracing: a bad OUT fails at once
+        out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+    written = False
+    try:
+        with _control(args.mountpoint) as c:
+            c.start_trace()
+            until = f"for {args.duration:g} s" if args.duration else "until Ctrl-C"
+            print(f"recording the pager trace of {args.mountpoint} {until}", file=sys.stderr)
+            try:
+                if args.duration:
+                    time.sleep(args.duration)
+                else:
+                    while True:
+                        time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+            reply, fd = c.stop_trace()
+        try:
+            while os.sendfile(out, fd, None, 1 << 24) > 0:
+                pass
+            written = True
+        finally:
+            os.close(fd)
+    finally:
+        os.close(out)
+        if not written and created:
+            os.unlink(args.out)  # no trace: leave nothing that looks like one
+    print(f"wrote {reply['bytes']} bytes of pager trace to {args.out}"
+          + (" (cut short at the daemon's limit)" if reply.get("truncated") else ""),
+          file=sys.stderr)
+    return 0
+
+
 # -- argument parsing ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -508,8 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", default="mclock", choices=["mclock", "fifo"],
                    help="the device's I/O scheduler: mclock (per-principal reservation, "
                         "weight and limit; default) or fifo (one global order, the baseline)")
-    s.add_argument("--cache-mode", default="direct", choices=["direct", "kernel"],
-                   help="default cache mode for files (direct: every I/O reaches the pager)")
+    s.add_argument("--cache-mode", default="direct", choices=["pager", "direct", "kernel"],
+                   help="default cache mode for files (pager, also called direct: every "
+                        "I/O reaches the pager; kernel: the kernel's page cache)")
+    s.add_argument("--pager", default="hinted", choices=list(PAGER_POLICIES),
+                   help="pager policy: hinted (default: per-principal banks and "
+                        "application hints), principal (banks, no hints), global-lru "
+                        "(one global CLOCK, principals ignored: the baseline)")
     s.add_argument("--fix-permissions", action="store_true",
                    help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("-r", "--read-only", action="store_true",
@@ -584,6 +745,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "interval (with --json: one JSON document per interval)")
     s.set_defaults(func=cmd_stats)
 
+    s = sub.add_parser("hint", help="set pager hints on files and directories (what is "
+                       "created in a directory inherits its hints)")
+    s.add_argument("path", nargs="+", help="files or directories on a mounted volume")
+    s.add_argument("--priority", type=int, default=None, metavar="N",
+                   help=f"keep these pages longer (higher) or shorter (lower) than the "
+                        f"same principal's others; {PRIORITY_RANGE[0]} to "
+                        f"{PRIORITY_RANGE[1]}, 0 is normal")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--discardable", action="store_true", default=None,
+                   help="a cache: under pressure its pages are dropped without write-back "
+                        "(a file that loses dirty pages is emptied as a whole)")
+    g.add_argument("--no-discardable", dest="discardable", action="store_false", default=None,
+                   help="ordinary data again")
+    s.add_argument("--cache", choices=["pager", "kernel"], default=None,
+                   help="pager (every I/O reaches the pager) or kernel (the kernel's page "
+                        "cache, for shared mmap); takes effect at the next open")
+    s.add_argument("-R", "--recursive", action="store_true",
+                   help="also every file and directory below")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_hint)
+
+    s = sub.add_parser("trace", help="record the pager's block accesses (for "
+                       "pager/replay.py and scripts/bench_pager.py)")
+    tsub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = tsub.add_parser("record", help="record until Ctrl-C or --duration (root or the "
+                        "volume's owner)")
+    a.add_argument("mountpoint")
+    a.add_argument("out", help="file to write the trace to")
+    a.add_argument("--duration", type=_interval, default=0, metavar="SECONDS",
+                   help="stop after SECONDS (default: at Ctrl-C)")
+    s.set_defaults(func=cmd_trace)
+
     s = sub.add_parser("fsck", help="check (and repair) an unmounted volume")
     s.add_argument("volume")
     s.add_argument("--repair", action="store_true", help="fix what can be fixed")
@@ -649,7 +842,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     for opt in options:
         key, _, val = opt.partition("=")
         key = key.replace("_", "-")
-        if key in ("cache-size", "profile", "cache-mode", "scheduler") and val:
+        if key in ("cache-size", "profile", "cache-mode", "scheduler", "pager") and val:
             cli += [f"--{key}", val]
         elif key == "foreground":
             cli.append("--foreground")

@@ -32,6 +32,7 @@ import trio
 
 from kernelshim import (FRESH, BankNode, HOLE, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
                         ROOT_PRINCIPAL, Sealed, SluiceError)
+from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
 from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable, QuotaExceeded
 
 from .allocator import Allocator
@@ -56,7 +57,18 @@ RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 HINT_PREFIX = b"user.sluice."
+#: cache mode: "kernel" (the kernel's page cache, for shared mmap) or "pager" (direct
+#: I/O, every read and write reaches the pager; "direct" is its older name)
 CACHE_XATTR = b"user.sluice.cache"
+CACHE_MODES = (b"pager", b"direct", b"kernel")
+#: pager hints of unmodified programs (pushed to the pager at open and on change):
+#: a signed priority that orders the owner's own pages (0 = normal, higher = kept
+#: longer), and whether the file is a cache whose pages may be dropped unwritten
+PRIORITY_XATTR = b"user.sluice.priority"
+DISCARDABLE_XATTR = b"user.sluice.discardable"
+#: per principal in `sluice stats --json`'s "cache" (pager.PrincipalCacheStats)
+CACHE_FIELDS = ("frames", "min", "max", "hits", "misses", "evictions", "discarded", "dirty",
+                "writeback_bytes", "reclaim_sent", "reclaim_answered", "reclaim_missed")
 #: relatime: atime is also refreshed when it is older than this
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -77,7 +89,7 @@ class Inode:
     """A cached inode: the row's columns plus runtime state."""
 
     __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints",
-                 "xattr_bytes")
+                 "xattr_bytes", "pushed_hints")
 
     id: int
     generation: int
@@ -106,6 +118,8 @@ class Inode:
         self.hints: dict[bytes, bytes] | None = None
         #: the size of its xattr name list (as listxattr returns it), once known
         self.xattr_bytes: int | None = None
+        #: the (priority, discardable) last told to the pager through this object
+        self.pushed_hints: tuple[int, bool] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -145,6 +159,40 @@ class FsStatistics:
     open_handles: int
     cached_inodes: int
     live_grants: int
+
+
+def parse_priority(value: bytes) -> int:
+    """The value of user.sluice.priority: a signed decimal integer within
+    [PRIORITY_MIN, PRIORITY_MAX]; InvalidArgument otherwise."""
+    text = value.strip()
+    try:
+        n = int(text.decode("ascii"), 10) if text else None
+    except (UnicodeDecodeError, ValueError):
+        n = None
+    if n is None or not PRIORITY_MIN <= n <= PRIORITY_MAX:
+        raise InvalidArgument(f"user.sluice.priority must be an integer from {PRIORITY_MIN} "
+                              f"to {PRIORITY_MAX}, not {value[:32]!r}")
+    return n
+
+
+def parse_discardable(value: bytes) -> bool:
+    """The value of user.sluice.discardable: 0 or 1; InvalidArgument otherwise."""
+    v = value.strip()
+    if v not in (b"0", b"1"):
+        raise InvalidArgument(f"user.sluice.discardable must be 0 or 1, not {value[:32]!r}")
+    return v == b"1"
+
+
+def check_hint_xattr(name: bytes, value: bytes) -> None:
+    """Refuse a bad value of one of sluice's own hint xattrs (EINVAL)."""
+    if name == CACHE_XATTR:
+        if value.strip() not in CACHE_MODES:
+            raise InvalidArgument("user.sluice.cache must be 'pager' (or 'direct') or "
+                                  "'kernel'")
+    elif name == PRIORITY_XATTR:
+        parse_priority(value)
+    elif name == DISCARDABLE_XATTR:
+        parse_discardable(value)
 
 
 def _now() -> int:
@@ -524,6 +572,33 @@ class FileSystem:
             node.hints = dict(self.md.hint_xattrs(node.id, HINT_PREFIX))
         return node.hints
 
+    def _push_hints(self, node: Inode, *, changed: bool = False) -> None:
+        """Tell the pager the file's hints (its user.sluice.priority and .discardable;
+        absent: normal priority, not discardable). A value that does not parse (set
+        before values were checked) counts as absent."""
+        if not node.is_reg:
+            return
+        h = self._hints(node)
+        try:
+            priority = parse_priority(h[PRIORITY_XATTR]) if PRIORITY_XATTR in h else 0
+        except InvalidArgument:
+            priority = 0
+        try:
+            discardable = parse_discardable(h[DISCARDABLE_XATTR]) \
+                if DISCARDABLE_XATTR in h else False
+        except InvalidArgument:
+            discardable = False
+        # At open, pushed only when it changes what the pager holds (opens are frequent;
+        # telling the pager is not free): the pager learns a file's hints only from
+        # here, so an inode object that never pushed finds the defaults there, or what
+        # an evicted object for the same file pushed, which were the same xattrs.
+        # When an xattr changed (`changed`), always.
+        now = (priority, discardable)
+        if not changed and now == (node.pushed_hints or (0, False)):
+            return
+        self.kernel.set_file_hints(node.id, priority=priority, discardable=discardable)
+        node.pushed_hints = now
+
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
         fmt = stat.S_IFMT(mode)
         if fmt == 0:
@@ -629,6 +704,7 @@ class FileSystem:
 
     async def _destroy(self, node: Inode) -> None:
         """Free an inode no name and no open handle refers to."""
+        self.kernel.forget_file(node.id)
         if self.read_only is not None:
             return  # an orphan now: freed at the next read-write mount
         async with self._lock(node):
@@ -898,6 +974,7 @@ class FileSystem:
                    self._cache_mode(node) != "kernel", self.write_errors)
         self._handles[fh] = h
         node.opens += 1
+        self._push_hints(node)
         return h
 
     async def open_truncate(self, node: Inode, caller: Caller) -> None:
@@ -1190,6 +1267,7 @@ class FileSystem:
             self._writable()
         g = self._grant_for(node, readable, writable, caller.principal)
         self._direct[g] = caller
+        self._push_hints(node)
         return g
 
     def _direct_node(self, grant: Grant) -> Inode:
@@ -1368,11 +1446,15 @@ class FileSystem:
                 "reserved_ops": s.reserved_ops,
                 "reservation": {"met": s.reservation_met, "missed": s.reservation_missed},
                 "throttled": s.throttled} for s in dev.per_principal},
-            "pager": {"frames": pg.frames, "frames_used": pg.frames_used, "hits": pg.hits,
+            "pager": {"policy": pg.policy, "frames": pg.frames,
+                      "frames_used": pg.frames_used, "hits": pg.hits,
                       "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
                       "evictions": pg.evictions,
                       "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
             "principals": [dataclasses.asdict(i) for i in self.principals.info()],
+            # The pager's account per principal: what it holds, and how it fared.
+            "cache": {names.get(pid, str(pid)): {k: getattr(c, k) for k in CACHE_FIELDS}
+                      for pid, c in sorted(pg.per_principal.items())},
             # What the layers below enforce, as they were last told (banks pushed down).
             "enforced_banks": {
                 names.get(pid, str(pid)): {
@@ -1444,8 +1526,7 @@ class FileSystem:
             raise Exists(f"xattr {name!r} exists")
         if flags & XATTR_REPLACE and not exists:
             raise NoData(f"no xattr {name!r}")
-        if name == CACHE_XATTR and value.strip() not in (b"direct", b"kernel"):
-            raise InvalidArgument("user.sluice.cache must be 'direct' or 'kernel'")
+        check_hint_xattr(name, value)
         listed = node.xattr_bytes
         if not exists:
             # Kept per inode, so that setting the n-th xattr costs O(1), not O(n).
@@ -1458,6 +1539,8 @@ class FileSystem:
         node.xattr_bytes = listed
         if name.startswith(HINT_PREFIX):
             node.hints = None
+            if name in (PRIORITY_XATTR, DISCARDABLE_XATTR):
+                self._push_hints(node, changed=True)
         node.ctime_ns = _now()
         self._save(node, "ctime_ns")
 
@@ -1475,6 +1558,8 @@ class FileSystem:
             node.xattr_bytes -= len(name) + 1
         if name.startswith(HINT_PREFIX):
             node.hints = None
+            if name in (PRIORITY_XATTR, DISCARDABLE_XATTR):
+                self._push_hints(node, changed=True)
         node.ctime_ns = _now()
         self._save(node, "ctime_ns")
 

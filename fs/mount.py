@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True, slots=True)
 class MountOptions:
     cache_bytes: int = 64 << 20
+    #: the pager's replacement policy (pager.POLICIES): hinted, principal or global-lru
+    pager_policy: str = "hinted"
     profile: str | None = None
     #: the device's I/O scheduler: "mclock" (per-principal QoS) or "fifo" (the baseline)
     scheduler: str = "mclock"
@@ -139,7 +141,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
                              scheduler=opts.scheduler,
                              fault_plan=Path(fault_plan) if fault_plan else None,
-                             record_dir=Path(record_dir) if record_dir else None)
+                             record_dir=Path(record_dir) if record_dir else None,
+                             pager_policy=opts.pager_policy)
         stack.callback(kernel.close)
         md = Metadata(volume / DB, record=Path(record_dir) if record_dir else None)
         stack.callback(md.close)
@@ -182,6 +185,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         stack.callback(_clear_state)
         try:
             async with trio.open_nursery() as nursery:
+                # The pager's own tasks (write-back, reclaim deadlines) first: everything
+                # after it may write.
+                await nursery.start(kernel.pager.run, name="pager")
                 await nursery.start(functools.partial(fs.run_committer,
                                                       interval=opts.commit_interval))
                 await nursery.start(server.run)

@@ -148,6 +148,7 @@ class DirectService:
         st["io"] = {k: v for k, v in st["io"].items() if k in keep}
         pg["resident"] = {k: v for k, v in pg["resident"].items() if k in keep}
         st["principals"] = [r for r in st["principals"] if r["name"] in keep]
+        st["cache"] = {k: v for k, v in st["cache"].items() if k in keep}
         st["enforced_banks"] = {k: v for k, v in st["enforced_banks"].items() if k in keep}
         return st
 

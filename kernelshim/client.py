@@ -319,6 +319,20 @@ class Client(_Base):
     def whoami(self) -> dict[str, Any]:
         return self.call("whoami")
 
+    def start_trace(self) -> None:
+        """Have the pager log every block access until stop_trace() (root or the
+        volume's owner; one trace at a time; it ends if this client disconnects)."""
+        self.call("trace_start")
+
+    def stop_trace(self) -> tuple[dict[str, Any], int]:
+        """End the trace: (its size and whether it was cut short, a descriptor of the
+        trace file, positioned at its start; the caller closes it)."""
+        reply, fds = self._call_fds("trace_stop")
+        if len(fds) != 1:
+            _close_fds(fds)
+            raise ProtocolError("trace_stop: expected one descriptor with the reply")
+        return reply, fds[0]
+
     def close(self) -> None:
         self._unmap_shm()
         self.sock.close()
@@ -554,6 +568,17 @@ class File(_FileState):
     def stat(self) -> dict[str, Any]:
         return self.client.call("stat", slot=self.slot)
 
+    def advise(self, offset: int, length: int, *, priority: int | None = None,
+               discardable: bool | None = None, willneed: bool = False,
+               dontneed: bool = False) -> None:
+        """Pager hints for bytes [offset, offset + length) of the file, for this client's
+        principal: `priority` orders its own pages (0 normal, higher kept longer),
+        `discardable` marks them droppable without write-back (needs write access),
+        `willneed` reads them in now, `dontneed` lets them go now."""
+        self.client.call("advise", slot=self.slot, offset=offset, length=length,
+                         priority=priority, discardable=discardable, willneed=willneed,
+                         dontneed=dontneed)
+
     def mint(self, rights: int) -> File:
         """A second handle on the same grant with fewer rights (kernelshim.Rights)."""
         res = self.client.call("mint", slot=self.slot, rights=int(rights))
@@ -780,6 +805,14 @@ class AsyncFile(_FileState):
 
     async def stat(self) -> dict[str, Any]:
         return await self.client.call("stat", slot=self.slot)
+
+    async def advise(self, offset: int, length: int, *, priority: int | None = None,
+                     discardable: bool | None = None, willneed: bool = False,
+                     dontneed: bool = False) -> None:
+        """As File.advise."""
+        await self.client.call("advise", slot=self.slot, offset=offset, length=length,
+                               priority=priority, discardable=discardable,
+                               willneed=willneed, dontneed=dontneed)
 
     async def close(self) -> None:
         if self.closed:

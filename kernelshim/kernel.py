@@ -17,6 +17,15 @@ caller's business (the metadata server, later the principal banks), not the kern
 | wait_quiescent()              | (trusted caller)    | —                                       |
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
 | sync()                        | —                   | DeviceError                             |
+| advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
+|                               | caller checks WRITE | DeviceError (willneed reads)            |
+|                               | for discardable)    |                                         |
+| set_file_hints / forget_file  | (trusted caller)    | —                                       |
+| start_trace / stop_trace      | (trusted caller)    | —                                       |
+
+Every pager request names the file and file block it is for (`file=grant.inode`,
+`fblock=`), so that the pager can apply a file's hints (priority, discardable,
+sequential) to its frames and record them in a trace.
 
 Fencing: `revoke` marks the grant and everything minted from it revoked before its
 first checkpoint, so no request that starts afterwards passes the check; it then
@@ -39,15 +48,20 @@ from typing import AsyncIterator, Iterable
 
 import trio
 
-from blockdev import BankTree, BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog
+from blockdev import (BankTree, BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog,
+                      SluiceError)
 from pager import Pager
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
 from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap
 from .grants import Grant, Rights
-from .principals import PrincipalTable
+from .principals import PrincipalError, PrincipalTable
 
 log = logging.getLogger(__name__)
+
+#: the range of a priority hint (0 = normal; higher is kept longer, against the same
+#: principal's other pages only)
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 
 class Kernel:
@@ -76,9 +90,10 @@ class Kernel:
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
              fault_plan: Path | None = None, record_dir: Path | None = None,
-             scheduler: str = "mclock") -> Kernel:
+             scheduler: str = "mclock", pager_policy: str = "hinted") -> Kernel:
         """Open the volume's device and a pager over it; `scheduler` is the device's I/O
-        scheduler, "mclock" (per-principal QoS) or "fifo" (the baseline).
+        scheduler, "mclock" (per-principal QoS) or "fifo" (the baseline), `pager_policy`
+        one of pager.POLICIES (ValueError for another).
 
         Lab facilities, off unless asked for (the mount passes them from the environment;
         see blockdev/faults.py and blockdev/recording.py): `fault_plan`, a JSON fault plan
@@ -88,7 +103,12 @@ class Kernel:
         recorder = RecordLog.create(record_dir) if record_dir is not None else None
         device = BlockDevice.open(directory, profile=profile, fault_plan=plan,
                                   recorder=recorder, scheduler=scheduler)
-        pager = Pager(device, nframes=max(16, cache_bytes // device.block_size))
+        try:
+            pager = Pager(device, nframes=max(16, cache_bytes // device.block_size),
+                          policy=pager_policy)
+        except BaseException:
+            device.close()
+            raise
         return cls(device, pager)
 
     def close(self) -> None:
@@ -101,11 +121,24 @@ class Kernel:
         the pager and the device's scheduler now and after every change. OverReserved
         when the table's I/O reservations exceed what the device can serve."""
         self.principals = table
-        # The device refuses reservations it cannot serve: now (OverReserved fails the
-        # mount, e.g. under a slower --profile) and before every later change.
-        self.device.check_banks(table.bank_tree())
-        table.capacity_check = self.device.check_banks
+        # The layers below refuse banks they cannot honour — the device reservations it
+        # cannot serve, the pager guarantees its pool cannot give — now (which fails
+        # the mount, e.g. under a slower --profile or a smaller --cache-size) and
+        # before every later change is saved.
+        self.check_banks(table.bank_tree())
+        table.add_bank_validator(self.check_banks)
         table.watch(self.configure_banks)
+
+    def check_banks(self, tree: BankTree) -> None:
+        """Refuse banks the layers below cannot honour: I/O reservations adding up to
+        more than the device can serve (blockdev's capacity check), cache guarantees
+        (cache_min) adding up to more than the pager's pool (a guarantee the pool cannot
+        give is no guarantee). PrincipalError naming what does not fit."""
+        try:
+            self.device.check_banks(tree)
+            self.pager.check_banks(tree)
+        except (SluiceError, ValueError) as exc:
+            raise PrincipalError(str(exc)) from None
 
     def configure_banks(self, tree: BankTree) -> None:
         """The one configure/update interface of the banks below kernelshim."""
@@ -286,11 +319,13 @@ class Kernel:
             head = offset - b0 * bs
             segs = grant.extents.segments(b0, b1 - b0)
             principal = grant.principal
+            file = grant.inode
             if len(segs) == 1:
                 s = segs[0]
                 if s.state != UNWRITTEN:
                     data = await self.pager.read(BlockNo(s.dev_block), s.count,
-                                                 principal=principal)
+                                                 principal=principal, file=file,
+                                                 fblock=s.file_block)
                     return memoryview(data)[head:head + length]
                 return bytes(length)
             out = bytearray((b1 - b0) * bs)
@@ -299,7 +334,8 @@ class Kernel:
                 n = s.count * bs
                 if s.state != UNWRITTEN:
                     out[pos:pos + n] = await self.pager.read(BlockNo(s.dev_block), s.count,
-                                                             principal=principal)
+                                                             principal=principal, file=file,
+                                                             fblock=s.file_block)
                 pos += n
             return memoryview(out)[head:head + length]
         finally:
@@ -324,7 +360,8 @@ class Kernel:
                 n = s.count * bs
                 if s.state != UNWRITTEN:
                     await self.pager.read_into(BlockNo(s.dev_block), s.count, out[pos:pos + n],
-                                               principal=principal)
+                                               principal=principal, file=grant.inode,
+                                               fblock=s.file_block)
                 else:
                     out[pos:pos + n] = bytes(n)
                 pos += n
@@ -361,19 +398,20 @@ class Kernel:
             b0 = offset // bs
             b1 = (offset + length + bs - 1) // bs
             segs = grant.extents.segments(b0, b1 - b0)
-            targets: list[tuple[int, int]] = []  # (dev_block, count) to write, in order
+            # (dev_block, count, file block) to write, in order
+            targets: list[tuple[int, int, int]] = []
             for s in segs:
                 if s.dev_block == HOLE:
                     raise NotAllocated(f"file blocks {s.file_block}+{s.count} of inode "
                                        f"{grant.inode} are not allocated in grant {grant.id}")
                 if s.state != WRITTEN:
-                    targets.append((s.dev_block, s.count))
+                    targets.append((s.dev_block, s.count, s.file_block))
                     continue
                 fresh = cow.segments(s.file_block, s.count) if cow is not None else []
                 if not fresh or any(f.dev_block == HOLE for f in fresh):
                     raise Sealed(f"file blocks {s.file_block}+{s.count} of inode "
                                  f"{grant.inode} are committed: ask for a write layout")
-                targets.extend((f.dev_block, f.count) for f in fresh)
+                targets.extend((f.dev_block, f.count, f.file_block) for f in fresh)
             head = offset - b0 * bs
             tail = b1 * bs - (offset + length)
             principal = grant.principal
@@ -382,16 +420,17 @@ class Kernel:
             else:
                 buf = bytearray((b1 - b0) * bs)
                 if head:
-                    await self._fill_block(buf, 0, segs[0], principal)
+                    await self._fill_block(buf, 0, segs[0], principal, grant.inode)
                 if tail and (b1 - 1 > b0 or not head):
                     await self._fill_block(buf, (b1 - b0 - 1) * bs, segs[-1], principal,
-                                           last=True)
+                                           grant.inode, last=True)
                 buf[head:head + length] = data
             self._dirty = True
             pos = 0
-            for dev, count in targets:
+            for dev, count, fblock in targets:
                 n = count * bs
-                await self.pager.write(BlockNo(dev), buf[pos:pos + n], principal=principal)
+                await self.pager.write(BlockNo(dev), buf[pos:pos + n], principal=principal,
+                                       file=grant.inode, fblock=fblock)
                 pos += n
             grant.note_written(offset, offset + length)
             return length
@@ -400,13 +439,15 @@ class Kernel:
             self._leave_write()
 
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
-                          last: bool = False) -> None:
+                          file: int, last: bool = False) -> None:
         """Put the current contents of the first (or last) block of `seg` at buf[at:]."""
         if seg.state == UNWRITTEN:
             return  # unwritten: zeros, already in buf
-        dev = seg.dev_block + (seg.count - 1 if last else 0)
+        k = seg.count - 1 if last else 0
         bs = self.block_size
-        buf[at:at + bs] = await self.pager.read(BlockNo(dev), 1, principal=principal)
+        buf[at:at + bs] = await self.pager.read(BlockNo(seg.dev_block + k), 1,
+                                                principal=principal, file=file,
+                                                fblock=seg.file_block + k)
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)
@@ -428,6 +469,54 @@ class Kernel:
         """Make everything written durable (a barrier without a commit)."""
         async with self.barrier():
             pass
+
+    # -- pager hints -----------------------------------------------------------------
+
+    async def advise(self, grant: Grant, offset: int, length: int, *,
+                     priority: int | None = None, discardable: bool | None = None,
+                     willneed: bool = False, dontneed: bool = False) -> None:
+        """Hints for the bytes [offset, offset + length) of the grant's file, for the
+        grant's principal: the range is mapped through the grant's extents to device
+        runs (holes and unwritten extents hold no data and are left out) and handed to
+        the pager. Needs READ (willneed reads the range in, fenced like a read); the
+        caller checks WRITE before passing `discardable` (it lets the pager drop the
+        file's unwritten-back data)."""
+        if offset < 0 or length < 0:
+            raise BadRequest(f"advise of {length} bytes at offset {offset}")
+        epoch = self._enter(grant, Rights.READ)
+        try:
+            if not length:
+                return
+            bs = self.block_size
+            b0 = offset // bs
+            b1 = (offset + length + bs - 1) // bs
+            runs = [(s.file_block, s.dev_block, s.count)
+                    for s in grant.extents.segments(b0, b1 - b0)
+                    if s.dev_block != HOLE and s.state != UNWRITTEN]
+            await self.pager.advise(grant.inode, runs, principal=grant.principal,
+                                    priority=priority, discardable=discardable,
+                                    willneed=willneed, dontneed=dontneed)
+        finally:
+            self._leave(grant, epoch)
+
+    def set_file_hints(self, inode: int, *, priority: int | None = None,
+                       discardable: bool | None = None, sequential: bool | None = None) -> None:
+        """A file's hints for all its pages (the metadata server pushes its
+        user.sluice.* xattrs here at open and when they change); None: unchanged."""
+        self.pager.set_file_hints(inode, priority=priority, discardable=discardable,
+                                  sequential=sequential)
+
+    def forget_file(self, inode: int) -> None:
+        """The file is gone (its last name and handle): the pager drops its hints."""
+        self.pager.forget_file(inode)
+
+    def start_trace(self, sink) -> None:
+        """Have the pager log every block access into `sink` (a binary file; the
+        format is the pager's, read by pager/replay.py) until stop_trace()."""
+        self.pager.start_trace(sink)
+
+    def stop_trace(self) -> None:
+        self.pager.stop_trace()
 
     def written_blocks(self):  # -> numpy array of block numbers
         """Device blocks that hold data (for scrubbing and fsck)."""

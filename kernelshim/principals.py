@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from blockdev import (BankNode, BankTree, OverReserved, PrincipalId, ROOT_PRINCIPAL, SluiceError,
+from blockdev import (BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, SluiceError,
                       write_durably)
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,11 @@ class PrincipalTable:
         self._registered: dict[int, tuple[int, Principal]] = {}
         #: pid -> (expiry, principal) resolved through the parent chain
         self._resolved: dict[int, tuple[float, Principal]] = {}
+        #: called with the snapshot a change would make, before it is made; one that
+        #: raises refuses the change (see add_bank_validator)
+        self._bank_validators: list[Callable[[BankTree], None]] = []
         #: called with a new bank snapshot after every change of the tree or a bank
         self._watchers: list[Callable[[BankTree], None]] = []
-        #: raises (blockdev.OverReserved) when a tree's I/O reservations exceed what the
-        #: device can serve; called before a change is accepted (set by the kernel)
-        self.capacity_check: Callable[[BankTree], None] | None = None
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -372,24 +372,32 @@ class PrincipalTable:
                                    p.name, p.banks)
         return out
 
-    def _check_capacity(self, pid: PrincipalId, parent: PrincipalId | None, name: str,
-                        banks: Banks) -> None:
-        """Refuse a change whose I/O reservations the device cannot serve (the check is
-        the device's: `capacity_check`, set by the kernel; None checks nothing)."""
-        if self.capacity_check is None:
-            return
-        tree = dict(self.bank_tree())
-        tree[pid] = _bank_node(pid, parent, name, banks)
-        try:
-            self.capacity_check(tree)
-        except OverReserved as exc:  # a principal error to whoever asked
-            raise PrincipalError(str(exc)) from None
-
     def watch(self, callback: Callable[[BankTree], None]) -> None:
         """Call `callback(bank_tree())` now and after every change of the tree or of a
         bank (add, set, remove, a uid's default principal made on first use)."""
         self._watchers.append(callback)
         callback(self.bank_tree())
+
+    def add_bank_validator(self, validator: Callable[[BankTree], None]) -> None:
+        """Have `validator(tree)` admission-check every change of a bank (`add`, `set`)
+        before it is saved: it gets the snapshot the change would make, and raises
+        PrincipalError to refuse it (nothing changes then). The layers below use this
+        for what only they can know, e.g. the pager whether the guarantees together
+        still fit its pool."""
+        self._bank_validators.append(validator)
+
+    def _validate_change(self, undo: Callable[[], None]) -> None:
+        """Run the bank validators on the tree as it is now (with the change applied);
+        if one refuses, `undo` the change and re-raise."""
+        if not self._bank_validators:
+            return
+        tree = self.bank_tree()
+        try:
+            for v in self._bank_validators:
+                v(tree)
+        except BaseException:
+            undo()
+            raise
 
     def _changed(self) -> None:
         if self._watchers:
@@ -414,6 +422,16 @@ class PrincipalTable:
             for q in parent.chain():  # checked by add(); recounted so at load
                 q.usage.children += 1
         return p
+
+    def _uninsert(self, p: Principal) -> None:
+        """Undo `_insert` of a principal nothing refers to yet (a refused `add`); its id
+        is not given out again (ids are never reused)."""
+        assert p.parent is not None and not p.children
+        p.parent.children.remove(p)
+        for q in p.parent.chain():
+            q.usage.children -= 1
+        del self._by_id[p.id]
+        del self._by_name[p.name]
 
     def walk(self, top: Principal | None = None) -> Iterator[Principal]:
         stack = [top or self.root]
@@ -518,8 +536,8 @@ class PrincipalTable:
             raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
         self._check_banks(par, banks, exclude=None)
         self._check_object(par, "children", 1)
-        self._check_capacity(PrincipalId(self._next_id), par.id, name, banks)
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
+        self._validate_change(lambda: self._uninsert(p))
         self.save()
         self._changed()
         return p
@@ -535,6 +553,7 @@ class PrincipalTable:
             if not self._may_administer(par, caller_uid):
                 raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
         banks = _normalise(dataclasses.replace(p.banks, **changes))
+        old = p.banks  # put back if a bank validator refuses the change
         if par is not None:
             self._check_banks(par, banks, exclude=p)
         # Children must still fit.
@@ -567,8 +586,8 @@ class PrincipalTable:
                     if mine is not None and theirs is not None and mine > theirs:
                         raise PrincipalError(f"child {c.name!r} has io_limit {lim}, more than "
                                              f"{banks.io_limit}")
-        self._check_capacity(p.id, p.parent.id if p.parent else None, p.name, banks)
         p.banks = banks
+        self._validate_change(lambda: setattr(p, "banks", old))
         self.save()
         self._changed()
         return p

@@ -23,9 +23,13 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | fsync {slot} / stat {slot}         | any   | GrantRevoked                             |
 | mint {slot, rights}                | ⊇ rights | RightsError, GrantRevoked, TooManyObjects |
 | revoke {slot} / close {slot}       | -     | BadSlot                                   |
+| advise {slot, offset, length, priority?, discardable?, willneed?, dontneed?} | READ (WRITE with discardable) | GrantRevoked, RightsError |
 | register {principal}               | owner of the principal, or root | NotAllowed |
+| trace_start {} / trace_stop {}     | root or the daemon's uid (the volume owner) | NotAllowed, TraceBusy |
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
+
+`advise`, `trace_start` and `trace_stop` are the pager's (pagerops.py).
 
 `append` writes the buffer range at the end of the file and commits it under the
 inode's lock, as the kernel's O_APPEND writes through the mount do: concurrent
@@ -71,6 +75,7 @@ from blockdev import SluiceError
 
 from .grants import Grant, Rights
 from .kernel import Kernel
+from .pagerops import PagerOps
 from .principals import OBJECT_BANKS, Banks, Principal, PrincipalTable, Rate, TooManyObjects
 from .protocol import (ERROR, MAX_FRAME, OK, REQUEST, VERSION, Decoder, FramingError, Message,
                        ProtocolError, ReplyTooLarge, arg_int, arg_str, brief, encode,
@@ -137,7 +142,7 @@ class Connection:
     shm_view: memoryview | None = None
 
 
-class ShimServer:
+class ShimServer(PagerOps):
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
                  path: Path, *, metadata_pending: Callable[[], bool] | None = None,
                  max_connections: int = MAX_CONNECTIONS,
@@ -341,6 +346,7 @@ class ShimServer:
                 os.close(fd)
 
     async def _release_all(self, conn: Connection) -> None:
+        self._release_trace(conn)
         for slot in list(conn.slots):
             try:
                 await self._close_slot(conn, slot)

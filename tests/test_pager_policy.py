@@ -1,0 +1,200 @@
+"""Property tests of the pager's invariants under every policy, write-back on and off:
+random sequences of reads, writes, discards, hints, advice, bank changes, flushes and
+fsyncs, each checked step by step against a model of block contents.
+
+Properties (pager/pool.py):
+- frames are conserved and charges equal residency (`check_invariants` after every step);
+- reads return the newest data written (a non-discardable dirty page is never lost);
+- after `flush()` every block of a non-discardable file holds its newest data on the
+  device (dirty data reaches the device before flush returns);
+- a discardable dirty page is never written back, except by an fsync of its own file;
+- a guarantee is honoured: the policy never picks a victim frame of a principal at or
+  below its guarantee for someone else.
+"""
+
+from __future__ import annotations
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_pager import check_invariants
+
+from blockdev import BankNode, BlockNo, PrincipalId
+from pager import POLICIES, Pager
+from pager.replay import memory_device
+
+BS = 512
+NB = 48
+FILE_BLOCKS = 8
+ROOT = PrincipalId(0)
+#: a block of a discardable file that was dropped: not checked until written again
+LOST = b"<lost>"
+
+
+def file_of(b: int) -> int:
+    return b // FILE_BLOCKS + 1
+
+
+def data(seed: int, b: int) -> bytes:
+    return bytes([(seed * 31 + b) % 251 + 1]) * BS
+
+
+# A request stays inside one file (the shim passes one file per request).
+def _range(draw) -> tuple[int, int]:
+    b = draw(st.integers(0, NB - 1))
+    n = draw(st.integers(1, FILE_BLOCKS - b % FILE_BLOCKS))
+    return b, n
+
+
+@st.composite
+def ops(draw):
+    kind = draw(st.sampled_from(["read", "read", "write", "write", "write", "discard",
+                                 "hint", "advise", "flush", "fsync", "banks"]))
+    who = draw(st.integers(1, 3))
+    if kind in ("read", "write", "discard"):
+        b, n = _range(draw)
+        return (kind, b, n, draw(st.integers(0, 200)), who)
+    if kind == "hint":
+        return (kind, draw(st.integers(1, NB // FILE_BLOCKS)), draw(st.integers(-2, 2)),
+                draw(st.booleans()), draw(st.booleans()))
+    if kind == "advise":
+        b, n = _range(draw)
+        return (kind, b, n, draw(st.sampled_from(["willneed", "dontneed", "priority"])), who)
+    if kind == "fsync":
+        return (kind, draw(st.integers(1, NB // FILE_BLOCKS)), 0, 0, 0)
+    if kind == "banks":
+        return (kind, draw(st.integers(0, 3)), draw(st.integers(0, 3)),
+                draw(st.sampled_from([None, 3, 5, 8])), draw(st.sampled_from([None, 4, 6])))
+    return (kind, 0, 0, 0, 0)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=st.sampled_from(POLICIES), writeback=st.booleans(),
+       nframes=st.integers(3, 12), steps=st.lists(ops(), max_size=45))
+def test_pager_invariants_hold(policy: str, writeback: bool, nframes: int,
+                               steps: list[tuple]) -> None:
+    trio.run(_run, policy, writeback, nframes, steps)
+
+
+async def _run(policy: str, writeback: bool, nframes: int, steps: list[tuple]) -> None:
+    device = memory_device(NB, block_size=BS)
+    model: dict[int, bytes] = {}
+    disc_files: set[int] = set()
+    hinted = policy == "hinted"
+
+    def device_now(b: int) -> bytes:
+        # the backing's bytes (checksums verified by reads elsewhere)
+        return device.data.pread(b * BS, BS)
+
+    discarded_now: set[int] = set()
+
+    def on_discarded(file: int) -> None:
+        # The file is lost as a whole: the filesystem makes it read as empty, so its
+        # blocks are not checked until written again.
+        assert hinted and file in disc_files, "only a discardable file may lose data"
+        discarded_now.add(file)
+        for b in range((file - 1) * FILE_BLOCKS, file * FILE_BLOCKS):
+            model[b] = LOST
+
+    p = Pager(device, nframes=nframes, policy=policy, writeback=writeback,
+              on_discarded=on_discarded)
+    fsync_of: list[int] = []
+
+    # discardable dirty frames are written back only by an fsync of their file
+    orig_run = p._writeback_run
+
+    async def writeback_run(run: list[int]) -> int:
+        for f in run:
+            if hinted and p._disc[f]:
+                assert fsync_of and int(p._file[f]) == fsync_of[-1], \
+                    "a discardable dirty page was written back"
+        return await orig_run(run)
+    p._writeback_run = writeback_run  # type: ignore[method-assign]
+
+    # the policy never picks a protected frame for someone else
+    orig_pick = p._pick_victim
+
+    def pick(requester: int, *, strict: bool = True) -> int:
+        v = orig_pick(requester, strict=strict)
+        if v != -1 and strict and policy != "global-lru":
+            owner = int(p._owner[v])
+            assert owner == requester or p._acct[owner].resident > p._min.get(owner, 0), \
+                f"frame of principal {owner} taken below its guarantee"
+        return v
+    p._pick_victim = pick  # type: ignore[method-assign]
+
+    def check(got: bytes | bytearray, b: int, n: int, what: str) -> None:
+        for i in range(n):
+            want = model.get(b + i, bytes(BS))
+            if want is not LOST:
+                assert got[i * BS:(i + 1) * BS] == want, f"{what}: block {b + i}"
+
+    for kind, a1, a2, a3, a4 in steps:
+        if kind == "read":
+            b, n, who = a1, a2, a4
+            got = await p.read(BlockNo(b), n, principal=PrincipalId(who), file=file_of(b),
+                               fblock=b % FILE_BLOCKS)
+            check(got, b, n, f"read {b}+{n}")
+        elif kind == "write":
+            b, n, seed, who = a1, a2, a3, a4
+            buf = b"".join(data(seed, b + i) for i in range(n))
+            discarded_now.clear()
+            await p.write(BlockNo(b), buf, principal=PrincipalId(who), file=file_of(b),
+                          fblock=b % FILE_BLOCKS)
+            if file_of(b) not in discarded_now:  # (else lost while being written)
+                for i in range(n):
+                    model[b + i] = data(seed, b + i)
+        elif kind == "discard":
+            b, n = a1, a2
+            await p.discard(BlockNo(b), n, principal=ROOT)
+            for i in range(b, b + n):
+                model.pop(i, None)
+        elif kind == "hint":
+            file, prio, disc, seq = a1, a2, a3, a4
+            p.set_file_hints(file, priority=prio, discardable=disc, sequential=seq)
+            (disc_files.add if disc else disc_files.discard)(file)
+        elif kind == "advise":
+            b, n, what, who = a1, a2, a3, a4
+            await p.advise(file_of(b), [(b % FILE_BLOCKS, b, n)], principal=PrincipalId(who),
+                           willneed=what == "willneed", dontneed=what == "dontneed",
+                           priority=1 if what == "priority" else None)
+        elif kind == "flush":
+            await p.flush()
+            for b in range(NB):
+                if file_of(b) not in disc_files or not hinted:
+                    check(device_now(b), b, 1, "after flush")
+        elif kind == "fsync":
+            file = a1
+            fsync_of.append(file)
+            try:
+                await p.writeback_file(file)
+            finally:
+                fsync_of.pop()
+            for b in range((file - 1) * FILE_BLOCKS, file * FILE_BLOCKS):
+                check(device_now(b), b, 1, "after fsync")
+        elif kind == "banks":
+            min1, min2, max1, max2 = a1, a2, a3, a4
+            min1 = min(min1, max1 if max1 is not None else min1)
+            min2 = min(min2, max2 if max2 is not None else min2)
+            if min1 + min2 > nframes:
+                min2 = max(0, nframes - min1)
+            tree = {ROOT: BankNode(ROOT, None, "root"),
+                    PrincipalId(1): BankNode(PrincipalId(1), ROOT, "a", cache_min=min1 * BS,
+                                             cache_max=None if max1 is None else max1 * BS),
+                    PrincipalId(2): BankNode(PrincipalId(2), ROOT, "b", cache_min=min2 * BS,
+                                             cache_max=None if max2 is None else max2 * BS)}
+            p.check_banks(tree)
+            p.configure_banks(tree)
+        check_invariants(p)
+        assert p.statistics().frames_used <= nframes
+        if not writeback:
+            assert p.statistics().dirty == 0
+    # at the end every block reads as the model says, through the pool and around it
+    check(await p.read(BlockNo(0), NB, principal=ROOT), 0, NB, "bypassing read")
+    for b in range(0, NB, FILE_BLOCKS):
+        check(await p.read(BlockNo(b), FILE_BLOCKS, principal=ROOT), b, FILE_BLOCKS, "read")
+    await p.flush()
+    for b in range(NB):
+        if file_of(b) not in disc_files or not hinted:
+            check(device_now(b), b, 1, "after the last flush")
+    check_invariants(p)
