@@ -1,5 +1,9 @@
 """The shim's socket server: a capability space per connection, and the direct data path.
 
+The wire format is protocol.py's (version 2): JSON control requests, binary data
+requests, server push; docs/dev/protocol.md explains framing, push, flow control and
+bounds. This module moves frames and dispatches them; the operations follow.
+
 Each connection is authenticated by SO_PEERCRED (pid, uid, gid as the kernel reports
 them) and acts for the principal its process is registered to (or its uid's default).
 Clients name capabilities by slot in their own connection's capability space, so
@@ -12,11 +16,15 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | op               | rights | errors                                                |
 |------------------|--------|-------------------------------------------------------|
 | hello            | -      | -                                                     |
+| subscribe {kinds}| -      | ProtocolError (unknown kind)                          |
 | attach {size}    | -      | ProtocolError (size), TooManyObjects (shm bank)       |
 | open {path, flags, mode} | checked by the metadata server as the kernel would (O_CREAT, O_EXCL, O_TRUNC as through the mount) | NotFound, Exists, PermissionDenied, TooManyObjects, ... |
 | read {slot, offset, length, buf}   | READ  | GrantRevoked, RightsError, ChecksumError |
 | write {slot, offset, length, buf}  | WRITE | GrantRevoked, RightsError, NotAllocated  |
 | append {slot, length, buf}         | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
+
+read, write and append normally travel as binary DATA frames (same arguments, same
+checks, same errors); their JSON form is kept for tools and tests.
 | layout_get {slot, offset, length}  | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
 | commit {slot, offset, length}      | WRITE | GrantRevoked                             |
 | truncate {slot, size}              | WRITE | GrantRevoked, QuotaExceeded              |
@@ -45,6 +53,17 @@ a reserve only root may use, so that tenants together cannot lock root out. A
 connection must send its first complete request within HANDSHAKE_SECONDS or it is
 closed; established connections may idle, counted against their principal.
 
+A client may send many requests without waiting (pipelining); one connection's
+requests are served one after the other, in arrival order, so a pipelined request may
+depend on an earlier one (open, then mint its slot) and replies come in request order.
+Concurrency comes from connections (each served by its own task), not from one
+connection's requests: a client that wants a slow fsync beside its reads uses two. Replies and
+notifications go out through a per-connection send queue: written at once when the
+socket takes them, queued otherwise. While more than SEND_HIGH_WATER bytes are queued
+the connection's requests are not read (backpressure); a connection whose queue would
+exceed MAX_SEND_QUEUE, or that leaves queued output unread for SEND_STALL_SECONDS, is
+closed — a client that does not read is disconnected, never buffered without end.
+
 A connection that sends an undelimitable frame (bad length) or disconnects mid-frame
 is closed; everything it held (slots, grants, shared memory, its bank charges) is
 released. An unexpected exception while serving a connection is a bug: it is logged
@@ -53,6 +72,7 @@ and closes that connection, never another one or the daemon.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno as _errno
 import logging
@@ -63,18 +83,19 @@ import resource
 import socket
 import struct
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
-from blockdev import SluiceError
+from blockdev import PrincipalId, SluiceError
 
 from .grants import Grant, Rights
 from .kernel import Kernel
 from .principals import OBJECT_BANKS, Banks, Principal, PrincipalTable, Rate, TooManyObjects
-from .protocol import (ERROR, MAX_FRAME, OK, REQUEST, VERSION, Decoder, FramingError, Message,
+from .protocol import (APPEND, DATA_OPS, ERROR, MAX_FRAME, OK, OLD_VERSION, PUSH, READ, REQUEST,
+                       VERSION, WRITE, DataReply, DataRequest, Decoded, Decoder, FramingError, Message, OldVersion,
                        ProtocolError, ReplyTooLarge, arg_int, arg_str, brief, encode,
-                       error_payload)
+                       encode_data_ok, error_payload)
 from .service import Credentials, MetadataService
 
 log = logging.getLogger(__name__)
@@ -99,6 +120,17 @@ PAGE_ROWS = 32
 #: back between slices once they have held it for HOG_SECONDS
 SLICE_BYTES = 256 << 10
 HOG_SECONDS = 1e-3
+#: bytes of replies and notifications queued for one connection at most
+MAX_SEND_QUEUE = 1 << 20
+#: while more than this is queued, the connection's requests are not read
+SEND_HIGH_WATER = 256 << 10
+#: seconds a connection may leave queued output unread before it is closed
+SEND_STALL_SECONDS = 10.0
+#: notification kinds a connection may subscribe to ("reclaim": release N frames by a
+#: deadline; "revoked": a grant was revoked; "notice": free text from the administrator)
+PUSH_KINDS = frozenset({"reclaim", "revoked", "notice"})
+#: bytes asked of a socket per read
+RECV_BYTES = 256 << 10
 
 
 class BadSlot(SluiceError):
@@ -129,12 +161,39 @@ class Connection:
     creds: Credentials
     #: what the connection acts for, and is charged to (fixed at connect)
     principal: Principal
+    sock: socket.socket
     slots: dict[int, Grant] = dataclasses.field(default_factory=dict)
     #: slots whose grant the metadata server issued (closing them closes the file)
     opened: set[int] = dataclasses.field(default_factory=set)
     next_slot: int = 1
     shm: mmap.mmap | None = None
     shm_view: memoryview | None = None
+    #: notification kinds the client asked for
+    subscribed: frozenset[str] = frozenset()
+    push_seq: int = 0
+    #: frames (and the descriptors riding on the first byte of one) not yet sent
+    sendq: collections.deque[tuple[memoryview, list[int]]] = dataclasses.field(
+        default_factory=collections.deque)
+    queued: int = 0
+    #: why the connection is being closed (None: it is not)
+    doomed: str | None = None
+    #: set when the writer should look at the queue; when it sent some; replaced after
+    wake_writer: trio.Event = dataclasses.field(default_factory=trio.Event)
+    progress: trio.Event = dataclasses.field(default_factory=trio.Event)
+    #: the wait the reader is in (cancelled to close the connection)
+    wait_scope: trio.CancelScope | None = None
+    nursery: trio.Nursery | None = None
+
+    def doom(self, reason: str) -> None:
+        if self.doomed is None:
+            self.doomed = reason
+            if self.wait_scope is not None:
+                self.wait_scope.cancel()
+            self.wake_writer.set()
+
+    def signal_progress(self) -> None:
+        ev, self.progress = self.progress, trio.Event()
+        ev.set()
 
 
 class ShimServer:
@@ -158,6 +217,9 @@ class ShimServer:
         #: connections closed because of an unexpected exception (bugs; see the log)
         self.connection_bugs = 0
         self._last_yield = 0.0
+        #: every connection being served (for push)
+        self._conns: set[Connection] = set()
+        self.send_stall_seconds = SEND_STALL_SECONDS
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -235,13 +297,24 @@ class ShimServer:
             return None
         return creds, principal
 
-    async def _serve_connection(self, sock: trio.socket.SocketType, creds: Credentials,
+    async def _serve_connection(self, tsock: trio.socket.SocketType, creds: Credentials,
                                 principal: Principal) -> None:
         """Serve one admitted connection until it closes. Whatever happens here stays
         here: an unexpected exception is logged and closes this connection only."""
-        conn = Connection(creds, principal)
+        # A plain non-blocking socket, waited on with trio's readiness calls: a reply
+        # that fits the socket buffer is written at once, without a task switch.
+        raw = socket.socket(fileno=tsock.detach())
+        raw.setblocking(False)
+        conn = Connection(creds, principal, raw)
+        self._conns.add(conn)
         try:
-            await self._serve_requests(sock, conn)
+            async with trio.open_nursery() as nursery:
+                conn.nursery = nursery
+                nursery.start_soon(self._write_loop, conn, name="shim-writer")
+                try:
+                    await self._serve_requests(conn)
+                finally:
+                    nursery.cancel_scope.cancel()  # the writer
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
         except Exception:  # noqa: BLE001 - a bug: close this connection, keep the daemon
@@ -249,6 +322,8 @@ class ShimServer:
             log.exception("unexpected error serving a shim connection (%s); closing it",
                           conn.creds)
         finally:
+            self._conns.discard(conn)
+            conn.doom("closed")
             self.connections -= 1
             with trio.CancelScope(shield=True):
                 try:
@@ -256,20 +331,52 @@ class ShimServer:
                 except Exception:  # noqa: BLE001
                     log.exception("unexpected error releasing a shim connection")
                 self.principals.refund_object(principal, "connections")
-            sock.close()
+            for _data, fds in conn.sendq:
+                for fd in fds:
+                    os.close(fd)
+            conn.sendq.clear()
+            trio.lowlevel.notify_closing(raw)
+            raw.close()
 
-    async def _serve_requests(self, sock: trio.socket.SocketType, conn: Connection) -> None:
+    async def _wait(self, conn: Connection, fn: Callable[[], Awaitable[object]], *,
+                    deadline: float = math.inf) -> bool:
+        """Await `fn()` unless the connection is doomed meanwhile or `deadline` passes:
+        whether it returned."""
+        if conn.doomed is not None:
+            return False
+        with trio.CancelScope(deadline=deadline) as cs:
+            conn.wait_scope = cs
+            try:
+                await fn()
+            finally:
+                conn.wait_scope = None
+        return not cs.cancelled_caught and conn.doomed is None
+
+    async def _serve_requests(self, conn: Connection) -> None:
         decoder = Decoder()
+        raw = conn.sock
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
         deadline = trio.current_time() + self.handshake_seconds
-        while True:
-            with trio.move_on_at(deadline) as cs:
-                data = await sock.recv(MAX_FRAME + 8)
-            if cs.cancelled_caught:
-                # debug: a tenant can make this happen as often as its bank allows
-                log.debug("closing a shim connection of pid %d (uid %d): no request within "
-                         "%g s", conn.creds.pid, conn.creds.uid, self.handshake_seconds)
+        while conn.doomed is None:
+            if conn.queued > SEND_HIGH_WATER:  # backpressure: let the client read first
+                while conn.queued > SEND_HIGH_WATER and conn.doomed is None:
+                    if not await self._wait(conn, conn.progress.wait):
+                        return
+                continue
+            try:
+                data = raw.recv(RECV_BYTES)
+            except BlockingIOError:
+                if not await self._wait(conn, lambda: trio.lowlevel.wait_readable(raw),
+                                        deadline=deadline):
+                    if conn.doomed is None:
+                        # debug: a tenant can make this happen as often as its bank allows
+                        log.debug("closing a shim connection of pid %d (uid %d): no request "
+                                  "within %g s", conn.creds.pid, conn.creds.uid,
+                                  self.handshake_seconds)
+                    return
+                continue
+            except OSError:
                 return
             if not data:
                 return
@@ -278,13 +385,17 @@ class ShimServer:
             except FramingError as exc:
                 log.info("closing shim connection of pid %d: %s", conn.creds.pid, exc)
                 for m in exc.messages:  # complete requests before the bad length
-                    await self._handle(sock, conn, m)
-                await self._send(sock, ERROR, 0, error_payload(exc))
+                    await self._handle(conn, m)
+                self._emit(conn, self._frame(ERROR, 0, error_payload(exc)))
+                await self._flush(conn)
                 return
             if msgs:
                 deadline = math.inf
             for m in msgs:
-                await self._handle(sock, conn, m)
+                await self._handle(conn, m)
+            await self._yield_if_hogging()
+
+    # -- sending -------------------------------------------------------------------------
 
     def _frame(self, kind: int, rid: int, payload: dict[str, Any]) -> bytes:
         """The encoded reply; a reply that cannot be encoded (too large, not JSON) is a
@@ -299,21 +410,122 @@ class ShimServer:
             return encode(ERROR, rid, {"error": "InternalError", "errno": _errno.EIO,
                                        "message": "the reply could not be encoded"})
 
-    async def _send(self, sock: trio.socket.SocketType, kind: int, rid: int,
-                    payload: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = self._frame(kind, rid, payload)
+    def _emit(self, conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
+        """Send a frame now if the socket takes it, else queue it for the writer. Never
+        waits. The descriptors in `fds` are the connection's to close from here on."""
+        fds = list(fds or ())
+        if conn.doomed is not None:
+            for fd in fds:
+                os.close(fd)
+            return
+        view = memoryview(data)
+        if not conn.sendq:
+            try:
+                sent = self._send_now(conn.sock, view, fds)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                _close_all(fds)
+                conn.doom(f"send failed: {exc}")
+                return
+            if sent:
+                _close_all(fds)
+                fds = []
+            if sent == len(view):
+                return
+            view = view[sent:]
+        conn.sendq.append((view, fds))
+        conn.queued += len(view)
+        if conn.queued > MAX_SEND_QUEUE:
+            log.info("closing shim connection of pid %d: %d bytes of replies and "
+                     "notifications unread", conn.creds.pid, conn.queued)
+            conn.doom("send queue full")
+        conn.wake_writer.set()
+
+    @staticmethod
+    def _send_now(sock: socket.socket, view: memoryview, fds: list[int]) -> int:
         if fds:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            sent = await sock.sendmsg([data], anc)
-        else:
-            sent = await sock.send(data)
-        while sent < len(data):
-            sent += await sock.send(data[sent:])
+            return sock.sendmsg([view], anc)
+        return sock.send(view)
 
-    async def _handle(self, sock: trio.socket.SocketType, conn: Connection,
-                      m: Message | ProtocolError) -> None:
+    async def _write_loop(self, conn: Connection) -> None:
+        """The connection's writer: sends what `_emit` could not, waiting for the socket;
+        closes a connection that does not read for send_stall_seconds."""
+        while True:
+            await conn.wake_writer.wait()
+            conn.wake_writer = trio.Event()
+            if conn.doomed is not None and not conn.sendq:
+                return
+            await self._flush(conn)
+
+    async def _flush(self, conn: Connection) -> None:
+        """Send the queue out (or give up on a connection that does not read)."""
+        while conn.sendq:
+            view, fds = conn.sendq[0]
+            try:
+                sent = self._send_now(conn.sock, view, fds)
+            except BlockingIOError:
+                with trio.move_on_after(self.send_stall_seconds) as cs:
+                    await trio.lowlevel.wait_writable(conn.sock)
+                if cs.cancelled_caught:
+                    log.info("closing shim connection of pid %d: it read nothing for %g s",
+                             conn.creds.pid, self.send_stall_seconds)
+                    conn.doom("peer does not read")
+                    return
+                continue
+            except OSError as exc:
+                conn.doom(f"send failed: {exc}")
+                return
+            _close_all(fds)
+            conn.queued -= sent
+            if sent == len(view):
+                conn.sendq.popleft()
+            else:
+                conn.sendq[0] = (view[sent:], [])
+            conn.signal_progress()
+
+    # -- push ----------------------------------------------------------------------------
+
+    def push(self, principal: PrincipalId | Principal, kind: str,
+             payload: dict[str, Any]) -> int:
+        """Notify every connection of `principal` subscribed to `kind`; returns how many
+        were notified. Never waits: the notification is queued behind the connection's
+        replies; a connection that does not read is closed, not buffered for."""
+        pid = principal.id if isinstance(principal, Principal) else principal
+        return self.push_to((c for c in self._conns if c.principal.id == pid), kind, payload)
+
+    def push_to(self, conns: Iterable[Connection], kind: str, payload: dict[str, Any]) -> int:
+        """Notify the connections of `conns` that subscribed to `kind` (see `push`).
+        The payload must fit one frame (ReplyTooLarge otherwise: the caller's bug)."""
+        if kind not in PUSH_KINDS:
+            raise ValueError(f"unknown notification kind {kind!r}")
+        body = {**payload, "kind": kind}
+        n = 0
+        for conn in list(conns):
+            if kind not in conn.subscribed or conn.doomed is not None:
+                continue
+            conn.push_seq = (conn.push_seq + 1) & 0xFFFFFFFF
+            self._emit(conn, encode(PUSH, conn.push_seq, body))
+            n += 1
+        return n
+
+    def connections_of(self, principal: PrincipalId) -> list[Connection]:
+        return [c for c in self._conns if c.principal.id == principal]
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    async def _handle(self, conn: Connection, m: Decoded | ProtocolError) -> None:
+        if isinstance(m, DataReply):
+            m = ProtocolError(f"expected a request, got a data reply (id {m.request_id})")
+        if isinstance(m, OldVersion):
+            self._emit(conn, encode(ERROR, m.request_id, error_payload(m), version=OLD_VERSION))
+            return
         if isinstance(m, ProtocolError):
-            await self._send(sock, ERROR, 0, error_payload(m))
+            self._emit(conn, self._frame(ERROR, 0, error_payload(m)))
+            return
+        if isinstance(m, DataRequest):
+            await self._data_request(conn, m)
             return
         rid = m.request_id
         try:
@@ -323,22 +535,50 @@ class ShimServer:
             fn = self._ops.get(op) if isinstance(op, str) else None
             if fn is None:
                 raise ProtocolError(f"unknown operation {brief(op)}")
+        except SluiceError as exc:
+            self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
+            return
+        await self._run_op(conn, fn, m)
+
+    async def _run_op(self, conn: Connection,
+                      fn: Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]],
+                      m: Message) -> None:
+        rid = m.request_id
+        try:
             result = await fn(conn, m.payload)
         except SluiceError as exc:
-            await self._send(sock, ERROR, rid, error_payload(exc))
+            self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - a client must never take the daemon down
             log.exception("unexpected error in shim op %s from pid %d", brief(m.payload.get("op")),
                           conn.creds.pid)
-            await self._send(sock, ERROR, rid, error_payload(_InternalError(
-                f"{type(exc).__name__}: {exc}")))
+            self._emit(conn, self._frame(ERROR, rid, error_payload(_InternalError(
+                f"{type(exc).__name__}: {exc}"))))
             return
         fds = result.pop("_fds", None)
+        self._emit(conn, self._frame(OK, rid, result), fds)
+
+    async def _data_request(self, conn: Connection, m: DataRequest) -> None:
+        """A binary READ, WRITE or APPEND: the same checks and errors as the JSON ops."""
         try:
-            await self._send(sock, OK, rid, result, fds)
-        finally:
-            for fd in fds or ():
-                os.close(fd)
+            g = self._grant(conn, m.slot)
+            if m.op == READ:
+                n = await self._read(conn, g, m.offset, m.length, m.buf)
+                reply = encode_data_ok(m.request_id, n)
+            elif m.op == WRITE:
+                n = await self._write(conn, g, m.offset, m.length, m.buf)
+                reply = encode_data_ok(m.request_id, n)
+            else:
+                offset, size = await self._append(conn, g, m.length, m.buf)
+                reply = encode_data_ok(m.request_id, m.length, offset, size)
+        except SluiceError as exc:
+            reply = self._frame(ERROR, m.request_id, error_payload(exc))
+        except Exception as exc:  # noqa: BLE001 - a client must never take the daemon down
+            log.exception("unexpected error in shim data op %s from pid %d",
+                          DATA_OPS.get(m.op), conn.creds.pid)
+            reply = self._frame(ERROR, m.request_id, error_payload(_InternalError(
+                f"{type(exc).__name__}: {exc}")))
+        self._emit(conn, reply)
 
     async def _release_all(self, conn: Connection) -> None:
         for slot in list(conn.slots):
@@ -369,7 +609,10 @@ class ShimServer:
         return slot
 
     def _slot(self, conn: Connection, p: dict[str, Any]) -> Grant:
-        slot = arg_int(p, "slot", hi=1 << 31)
+        return self._grant(conn, arg_int(p, "slot", hi=1 << 31))
+
+    @staticmethod
+    def _grant(conn: Connection, slot: int) -> Grant:
         g = conn.slots.get(slot)
         if g is None:
             raise BadSlot(f"no capability in slot {slot}")
@@ -385,11 +628,13 @@ class ShimServer:
         else:
             self.kernel.release(g)
 
-    def _buf(self, conn: Connection, p: dict[str, Any], length: int) -> memoryview:
+    @staticmethod
+    def _buf(conn: Connection, off: int, length: int) -> memoryview:
         if conn.shm_view is None:
             raise ProtocolError("no shared buffer attached (send 'attach' first)")
-        off = arg_int(p, "buf", hi=len(conn.shm_view))
-        if off + length > len(conn.shm_view):
+        if length > MAX_SHM:
+            raise ProtocolError(f"length {length} exceeds {MAX_SHM}")
+        if off > len(conn.shm_view) or off + length > len(conn.shm_view):
             raise ProtocolError(f"buffer range {off}+{length} exceeds the shared buffer "
                                 f"({len(conn.shm_view)} bytes)")
         return conn.shm_view[off:off + length]
@@ -400,6 +645,15 @@ class ShimServer:
         return {"version": VERSION, "principal": conn.principal.name, "pid": conn.creds.pid,
                 "uid": conn.creds.uid, "max_frame": MAX_FRAME, "max_shm": MAX_SHM,
                 "block_size": self.kernel.block_size}
+
+    async def _op_subscribe(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        kinds = p.get("kinds")
+        if not isinstance(kinds, list) or len(kinds) > len(PUSH_KINDS) or \
+                not all(isinstance(k, str) and k in PUSH_KINDS for k in kinds):
+            raise ProtocolError(f"argument 'kinds' must list notification kinds of "
+                                f"{sorted(PUSH_KINDS)}")
+        conn.subscribed = frozenset(kinds)
+        return {"kinds": sorted(conn.subscribed)}
 
     async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         size = arg_int(p, "size", lo=4096, hi=MAX_SHM)
@@ -420,7 +674,13 @@ class ShimServer:
             os.close(fd)
             self.principals.refund_object(conn.principal, "shm", size - held)
             raise
-        self._drop_shm(conn, refund=False)
+        try:
+            self._drop_shm(conn, refund=False)
+        except BufferError:  # requests in flight use the old buffer
+            m.close()
+            os.close(fd)
+            self.principals.refund_object(conn.principal, "shm", size - held)
+            raise ProtocolError("the shared buffer is in use by requests in flight") from None
         conn.shm, conn.shm_view = m, memoryview(m)
         self.shm_bytes += size
         # The fd travels with the reply and is closed here once sent: the client has its
@@ -446,7 +706,12 @@ class ShimServer:
         g = self._slot(conn, p)
         offset = arg_int(p, "offset")
         length = arg_int(p, "length", hi=MAX_SHM)
-        buf = self._buf(conn, p, length)
+        return {"n": await self._read(conn, g, offset, length,
+                                      arg_int(p, "buf", hi=1 << 62))}
+
+    async def _read(self, conn: Connection, g: Grant, offset: int, length: int,
+                    at: int) -> int:
+        buf = self._buf(conn, at, length)
         self.kernel.check(g, Rights.READ)
         n = max(0, min(length, self.service.size_of(g) - offset))
         pos = 0
@@ -456,7 +721,7 @@ class ShimServer:
             pos += k
             if pos < n:
                 await self._yield_if_hogging()
-        return {"n": n}
+        return n
 
     async def _yield_if_hogging(self) -> None:
         """Give the event loop back if this request has held it for a while, so that the
@@ -480,7 +745,12 @@ class ShimServer:
         g = self._slot(conn, p)
         offset = arg_int(p, "offset")
         length = arg_int(p, "length", hi=MAX_SHM)
-        buf = self._buf(conn, p, length)
+        return {"n": await self._write(conn, g, offset, length,
+                                       arg_int(p, "buf", hi=1 << 62))}
+
+    async def _write(self, conn: Connection, g: Grant, offset: int, length: int,
+                     at: int) -> int:
+        buf = self._buf(conn, at, length)
         pos = 0
         while pos < length:
             k = min(SLICE_BYTES, length - pos)
@@ -490,15 +760,19 @@ class ShimServer:
             pos += k
             if pos < length:
                 await self._yield_if_hogging()
-        return {"n": length}
+        return length
 
     async def _op_append(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        self.kernel.check(g, Rights.WRITE)
         length = arg_int(p, "length", hi=MAX_SHM)
-        buf = self._buf(conn, p, length)
-        offset, size = await self.service.append(g, buf)
+        offset, size = await self._append(conn, g, length, arg_int(p, "buf", hi=1 << 62))
         return {"offset": offset, "n": length, "size": size}
+
+    async def _append(self, conn: Connection, g: Grant, length: int,
+                      at: int) -> tuple[int, int]:
+        self.kernel.check(g, Rights.WRITE)
+        buf = self._buf(conn, at, length)
+        return await self.service.append(g, buf)
 
     async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
@@ -629,3 +903,8 @@ class ShimServer:
         page, nxt = self._page(conn, p)
         return {**self.service.statistics(names=[q.name for q in page]), "next_cursor": nxt}
 
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from conftest import sluice
 from kernelshim.client import CONTROL_XATTR, Client
-from kernelshim.protocol import (ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, Decoder,
+from kernelshim.protocol import (ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, DataReply,
+                                 DataRequest, Decoder, OldVersion, error_payload,
                                  FramingError, Message, ProtocolError, arg_int, arg_str,
                                  encode, frame_length)
 
@@ -92,7 +93,7 @@ def test_decoder_never_raises_but_framing_error(data: bytes, cuts: list[int]) ->
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"decoder raised {type(exc).__name__}: {exc}")
     for m in got:
-        assert isinstance(m, (Message, ProtocolError))
+        assert isinstance(m, (Message, DataRequest, DataReply, ProtocolError))
         if isinstance(m, Message):
             assert m.kind in KINDS and isinstance(m.payload, dict)
             assert 0 <= m.request_id < 2**32
@@ -144,7 +145,7 @@ def test_decoder_limits() -> None:
     first, second = ei.value.messages
     assert first == Message(REQUEST, 1, {"op": "a"}) and isinstance(second, ProtocolError)
     assert Decoder().feed(_LEN.pack(6)) == []  # a header alone: wait for the body
-    out = Decoder().feed(raw_frame(2, REQUEST, 1, b"{}") + raw_frame(VERSION, 9, 2, b"{}") +
+    out = Decoder().feed(raw_frame(9, REQUEST, 1, b"{}") + raw_frame(VERSION, 9, 2, b"{}") +
                          raw_frame(VERSION, REQUEST, 3, b"[1]") +
                          raw_frame(VERSION, REQUEST, 4, b"\xff") +
                          raw_frame(VERSION, OK, 5, b"{}"))
@@ -188,7 +189,9 @@ def read_replies(s: socket.socket, want: int | None = None) -> tuple[list[Messag
         if not data:
             return out, True
         for m in d.feed(data):
-            assert isinstance(m, Message), m
+            if isinstance(m, OldVersion):  # the answer to a version 1 frame, in version 1
+                m = Message(ERROR, m.request_id, error_payload(m))
+            assert isinstance(m, (Message, DataReply)), m
             out.append(m)
     return out, False
 
@@ -199,7 +202,9 @@ def exchange(mnt: Path, data: bytes, want: int | None = None) -> tuple[list[Mess
         return read_replies(s, want)
 
 
-def check_reply(m: Message) -> None:
+def check_reply(m: Message | DataReply) -> None:
+    if isinstance(m, DataReply):
+        return
     assert m.kind in (OK, ERROR), m
     if m.kind == ERROR:
         assert set(m.payload) == {"error", "errno", "message"}, m
@@ -276,7 +281,7 @@ def test_garbage_and_bad_lengths_close_the_connection(mnt: Path) -> None:
 
 def test_bad_frames_get_error_replies_and_the_connection_lives(mnt: Path) -> None:
     (mnt / "f").write_bytes(b"hello")
-    frames = [raw_frame(2, REQUEST, 1, b"{\"op\": \"hello\"}"),   # version
+    frames = [raw_frame(9, REQUEST, 1, b"{\"op\": \"hello\"}"),   # version
               raw_frame(VERSION, 0, 2, b"{\"op\": \"hello\"}"),   # kind
               raw_frame(VERSION, 200, 3, b"{}"),
               raw_frame(VERSION, REQUEST, 4, b"{\"op\": "),       # JSON
@@ -348,6 +353,25 @@ BAD_ARGS = [
     {"op": "principal_set", "name": "nosuch"}, {"op": "principal_rm", "name": "root"},
     {"op": "principal_rm", "name": "nosuch"}, {"op": "principal_rm", "name": 1},
 ]
+
+
+def test_a_version_1_client_gets_an_error_it_can_read(mnt: Path) -> None:
+    """A frame of the old JSON-only protocol is answered in version 1, with a message
+    that says what to do; the connection stays usable for version 2."""
+    with connect_raw(mnt) as s:
+        s.sendall(raw_frame(1, REQUEST, 41, b'{"op": "hello"}'))
+        head = s.recv(4)
+        body = b""
+        while len(body) < _LEN.unpack(head)[0]:
+            body += s.recv(_LEN.unpack(head)[0] - len(body))
+        version, kind, rid = _HDR.unpack_from(body)
+        assert (version, kind, rid) == (1, ERROR, 41)
+        p = json.loads(body[_HDR.size:])
+        assert p["error"] == "OldVersion" and p["errno"] == errno.EPROTO
+        assert "upgrade the sluice client library" in p["message"]
+        s.sendall(encode(REQUEST, 42, {"op": "hello"}))
+        (m,), _ = read_replies(s, 1)
+        assert m.kind == OK and m.request_id == 42 and m.payload["version"] == VERSION == 2
 
 
 def test_wrong_argument_types(mnt: Path) -> None:
@@ -436,7 +460,8 @@ def test_random_request_streams(mnt: Path, data: bytes) -> None:
         seen = Decoder().feed(data)
     except FramingError as exc:
         framing, seen = True, exc.messages
-    expect = [m.request_id if isinstance(m, Message) else 0 for m in seen]
+    expect = [m.request_id if isinstance(m, (Message, DataRequest, OldVersion)) else 0
+              for m in seen]
     with connect_raw(mnt) as s:
         try:
             s.sendall(data)
@@ -451,7 +476,8 @@ def test_random_request_streams(mnt: Path, data: bytes) -> None:
     if framing:
         # Everything before the bad length is answered, then the framing error, then
         # the connection is closed.
-        assert replies[-1].payload["error"] == "FramingError", got
+        last = replies[-1]
+        assert isinstance(last, Message) and last.payload["error"] == "FramingError", got
         assert got == expect + [0], (got, expect)
     else:
         assert got == expect

@@ -1,0 +1,555 @@
+"""The client library's sans-IO core: everything the sync and the trio clients share.
+
+Two parts, neither of which touches a socket:
+
+- `ClientProtocol`: the connection's state machine. `request()` / `data_request()`
+  return the bytes to send and the request id; `receive()` takes what the socket gave
+  and sorts the frames into replies (by request id, any order) and notifications.
+  `reply(rid)` hands over a reply once it is there, raising the typed error an ERROR
+  reply carries.
+- `FileCore`: a file's bookkeeping (position, size last learnt, the uncommitted range,
+  the write layouts held) and its operations written once as *plans*: generators that
+  yield `Send`/`SendData` steps (the driver sends, and answers with the request id) and
+  `Wait` steps (the driver waits for that reply, and answers with it or throws the
+  error into the plan). `client.File` runs a plan with calls, `client.AsyncFile` with
+  awaits; that is the whole difference between them.
+
+It imports no trio, numpy or daemon module (see `rooterror`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import errno as _errno
+import importlib
+import itertools
+import os
+import sys
+from typing import Any, Generator, Union
+
+from . import errors as _errors
+from .protocol import (APPEND, DATA_OK, ERROR, OK, PUSH, READ, REQUEST, WRITE, DataReply,
+                       DataRequest, Decoder, Message, ProtocolError, ReplyTooLarge, encode,
+                       encode_data)
+from .rooterror import SluiceError
+
+#: bytes asked for per read request (sequential reads keep several in flight)
+READ_CHUNK = 1 << 20
+#: reads are split into requests of at least this size, so the daemon fills one piece
+#: of the shared buffer while the client copies another out
+READ_PIECE = 256 << 10
+#: requests a read keeps in flight at most
+READ_DEPTH = 4
+#: write layouts are asked for in chunks of at least this many bytes
+LAYOUT_CHUNK = 4 << 20
+#: pages of one paged reply at most (a listing of 32 rows a page)
+MAX_PAGES = 1 << 16
+#: notifications kept for a client that does not take them; older ones are dropped
+#: (counted in `ClientProtocol.dropped_notifications`)
+MAX_NOTIFICATIONS = 1024
+
+# -- errors ------------------------------------------------------------------------------
+
+_LIGHT_TYPES: dict[str, type[BaseException]] = {
+    c.__name__: c for c in (
+        _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.Sealed,
+        _errors.BadRequest, ProtocolError, ReplyTooLarge)}
+#: typed errors defined in heavier modules: resolved when one first arrives (importing
+#: kernelshim.principals loads blockdev; a client that never hits a quota never pays)
+_HEAVY_TYPES = {name: "kernelshim.principals" for name in (
+    "QuotaExceeded", "TooManyObjects", "PrincipalError", "NoSuchPrincipal",
+    "PrincipalExists", "NotAllowed")}
+
+
+def remote_error(p: dict[str, Any]) -> BaseException:
+    """The exception an ERROR payload stands for: kernelshim's typed errors by name,
+    otherwise an OSError with the errno (FileNotFoundError, PermissionError, ...)."""
+    name = str(p.get("error", "RemoteError"))
+    msg = str(p.get("message", ""))
+    code = p.get("errno") if isinstance(p.get("errno"), int) else _errno.EIO
+    cls = _LIGHT_TYPES.get(name)
+    if cls is None and name in _HEAVY_TYPES:
+        cls = getattr(importlib.import_module(_HEAVY_TYPES[name]), name)
+    if cls is not None:
+        return cls(msg)
+    if name == "BadSlot":
+        return OSError(_errno.EBADF, msg)
+    return OSError(code, msg)
+
+
+# -- the connection ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Notification:
+    """A message the server pushed: `kind` ("reclaim", "revoked", ...) and its fields."""
+
+    kind: str
+    payload: dict[str, Any]
+    seq: int
+
+
+class ClientProtocol:
+    """The client side of one connection, without I/O (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._rids = itertools.count(1)
+        self._decoder = Decoder()
+        self._replies: dict[int, Message | DataReply] = {}
+        #: request ids sent and not answered yet
+        self.outstanding: set[int] = set()
+        #: replies to drop when they come (requests abandoned by a failed plan)
+        self._abandoned: set[int] = set()
+        self.notifications: collections.deque[Notification] = collections.deque()
+        self.dropped_notifications = 0
+        #: an ERROR with request id 0: the server refused the stream (or the connection)
+        self.failure: BaseException | None = None
+        self.closed = False
+
+    def request(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        rid = next(self._rids) & 0xFFFFFFFF
+        data = encode(REQUEST, rid, {"op": op, **args})
+        self.outstanding.add(rid)
+        return rid, data
+
+    def data_request(self, op: int, slot: int, offset: int, length: int,
+                     buf: int) -> tuple[int, bytes]:
+        rid = next(self._rids) & 0xFFFFFFFF
+        data = encode_data(rid, op, slot, offset, length, buf)
+        self.outstanding.add(rid)
+        return rid, data
+
+    def receive(self, data: bytes) -> int:
+        """Take bytes from the socket (b"" at its end). Returns how many notifications
+        they brought."""
+        if not data:
+            self.closed = True
+            return 0
+        pushed = 0
+        for m in self._decoder.feed(data):
+            if isinstance(m, ProtocolError):
+                raise m
+            if isinstance(m, DataRequest):
+                raise ProtocolError("the server sent a data request")
+            rid = m.request_id
+            if isinstance(m, Message) and m.kind == PUSH:
+                kind = m.payload.get("kind")
+                if len(self.notifications) >= MAX_NOTIFICATIONS:
+                    self.notifications.popleft()
+                    self.dropped_notifications += 1
+                self.notifications.append(Notification(str(kind), m.payload, rid))
+                pushed += 1
+            elif isinstance(m, Message) and m.kind == ERROR and rid == 0:
+                self.failure = remote_error(m.payload)
+            elif rid in self._abandoned:
+                self._abandoned.discard(rid)
+                self.outstanding.discard(rid)
+            elif rid in self.outstanding:
+                self._replies[rid] = m
+            else:
+                raise ProtocolError(f"reply to request {rid}, which is not outstanding")
+        return pushed
+
+    def has_reply(self, rid: int) -> bool:
+        """Whether `reply(rid)` would return or raise without more input."""
+        return (rid in self._replies or rid not in self.outstanding
+                or self.failure is not None or self.closed)
+
+    def reply(self, rid: int) -> Any:
+        """The reply to `rid` (a dict, or a DataReply), or raise its error. Only after
+        `has_reply(rid)`."""
+        m = self._replies.pop(rid, None)
+        if m is None:
+            if rid not in self.outstanding:
+                raise ProtocolError(f"request {rid} is not outstanding")
+            if self.failure is not None:
+                raise self.failure
+            raise ConnectionError("the sluice daemon closed the connection")
+        self.outstanding.discard(rid)
+        if isinstance(m, DataReply):
+            return m
+        if m.kind == ERROR:
+            raise remote_error(m.payload)
+        if m.kind != OK and m.kind != DATA_OK:
+            raise ProtocolError(f"unexpected message kind {m.kind}")
+        return m.payload
+
+    def abandon(self, rid: int) -> None:
+        """Drop the reply to `rid` whenever it comes."""
+        if self._replies.pop(rid, None) is not None or rid not in self.outstanding:
+            self.outstanding.discard(rid)
+        else:
+            self._abandoned.add(rid)
+
+
+# -- plans -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Send:
+    """Send a control request; the driver answers with its request id."""
+
+    op: str
+    args: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendData:
+    """Send a data request; the driver answers with its request id."""
+
+    op: int
+    slot: int
+    offset: int
+    length: int
+    buf: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait for the reply to `rid`; the driver answers with it or throws its error."""
+
+    rid: int
+
+
+Step = Union[Send, SendData, Wait]
+Plan = Generator[Step, Any, Any]
+
+
+def call(op: str, **args: Any) -> Plan:
+    """One request, its reply; a paged reply is fetched whole (every page, merged)."""
+    reply = yield Wait((yield Send(op, args)))
+    cursor = _next_cursor(reply, 0)
+    for _ in range(MAX_PAGES):
+        if cursor is None:
+            break
+        page = yield Wait((yield Send(op, {**args, "cursor": cursor})))
+        cursor = _next_cursor(page, cursor)
+        _merge_page(reply, page)
+    return reply
+
+
+def _merge_page(into: dict[str, Any], page: dict[str, Any]) -> None:
+    """Add a later page of a paged reply to the first: lists are concatenated, mappings
+    merged (recursively), anything else is the first page's."""
+    for k, v in page.items():
+        cur = into.get(k)
+        if isinstance(cur, list) and isinstance(v, list):
+            cur.extend(v)
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            _merge_page(cur, v)
+        elif k not in into:
+            into[k] = v
+
+
+def _next_cursor(reply: dict[str, Any], prev: int) -> int | None:
+    """Take the cursor of the next page out of `reply` (None: it was the last)."""
+    nxt = reply.pop("next_cursor", None)
+    if nxt is None:
+        return None
+    if not isinstance(nxt, int) or nxt <= prev:
+        raise ProtocolError(f"bad next_cursor {nxt!r} after {prev}")
+    return nxt
+
+
+def flags_for(mode: str) -> int:
+    m = mode.replace("b", "")
+    table = {"r": os.O_RDONLY, "r+": os.O_RDWR, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "w+": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+             "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND, "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+             "x+": os.O_RDWR | os.O_CREAT | os.O_EXCL}
+    if m not in table:
+        raise ValueError(f"invalid mode {mode!r}")
+    return table[m]
+
+
+def _chunk(off: int, left: int, room: int, bs: int) -> int:
+    """Bytes of the next write request at `off`: at most `room`, and ending on a block
+    boundary unless it is the last. The kernel merges a partial block of an unwritten
+    (uncommitted) extent with zeros, so no block may be written partially twice
+    between commits."""
+    if left <= room:
+        return left
+    n = room - (off + room) % bs
+    return n if n > 0 else room
+
+
+def _needs_commit(dirty: tuple[int, int] | None, offset: int, n: int, bs: int) -> bool:
+    """Whether a write of `n` bytes at `offset` covers part of a block that an
+    uncommitted write touched (its merge would read that block as zeros)."""
+    if dirty is None or n <= 0:
+        return False
+    lo, hi = dirty[0] // bs, -(-dirty[1] // bs)
+    head, tail = offset // bs, (offset + n - 1) // bs
+    return bool(offset % bs and lo <= head < hi) or bool((offset + n) % bs and lo <= tail < hi)
+
+
+_INF = float("inf")
+
+
+def _covered(layout: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies inside one range of `layout` (sorted, disjoint, merged)."""
+    i = bisect.bisect_right(layout, (lo, _INF)) - 1
+    return i >= 0 and hi <= layout[i][1]
+
+
+def _add_range(layout: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """Put [lo, hi) into `layout`, merging it with the ranges it overlaps or touches:
+    the list stays sorted and short, and `_covered` is a binary search."""
+    i = bisect.bisect_left(layout, (lo, lo))
+    if i and layout[i - 1][1] >= lo:
+        i -= 1
+        lo, hi = layout[i][0], max(hi, layout[i][1])
+    j = i
+    while j < len(layout) and layout[j][0] <= hi:
+        hi = max(hi, layout[j][1])
+        j += 1
+    layout[i:j] = [(lo, hi)]
+
+
+def _drain(inflight: collections.deque[tuple[int, int, int, int]]) -> Plan:
+    """Wait for the requests still in flight (their errors dropped)."""
+    while inflight:
+        rid = inflight.popleft()[0]
+        try:
+            yield Wait(rid)
+        except (SluiceError, OSError):
+            pass
+
+
+class FileCore:
+    """A direct-path file without I/O: state, and every operation as a plan.
+
+    `shm` is the connection's shared buffer (a memoryview), `block_size` the
+    volume's. The drivers (client.File, client.AsyncFile) run the plans."""
+
+    def __init__(self, shm: memoryview, block_size: int, slot: int, size: int, rights: int,
+                 *, append: bool) -> None:
+        self.shm = shm
+        self.bs = block_size
+        self.slot = slot
+        self.rights = rights
+        self.pos = size if append else 0
+        self.append = append
+        self._size_hint = size
+        self._dirty: tuple[int, int] | None = None
+        self._layout: list[tuple[int, int]] = []  # ranges known to be allocated
+        self.closed = False
+
+    # -- reading ---------------------------------------------------------------------
+
+    def readinto_plan(self, buf: Any, offset: int | None) -> Plan:
+        """Read into `buf` at `offset` (None: the position, which advances); the bytes
+        read. The read is cut into pieces of at least READ_PIECE, up to READ_DEPTH in
+        flight, each into its own part of the shared buffer: the daemon fills one part
+        while this process copies another out."""
+        if not len(self.shm):
+            raise ValueError("the client has no shared buffer (connected with shm_size=0)")
+        mv = memoryview(buf).cast("B")
+        pos = self.pos if offset is None else offset
+        total = len(mv)
+        depth = max(1, min(READ_DEPTH, len(self.shm) // READ_PIECE))
+        part = len(self.shm) // depth
+        piece = min(part, max(READ_PIECE, -(-total // depth)))
+        inflight: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        issued = done = 0
+        k = 0
+        eof = False
+        try:
+            while True:
+                while not eof and issued < total and len(inflight) < depth:
+                    want = min(piece, total - issued)
+                    at = (k % depth) * part
+                    rid = yield SendData(READ, self.slot, pos + issued, want, at)
+                    inflight.append((rid, issued, want, at))
+                    issued += want
+                    k += 1
+                if not inflight:
+                    break
+                rid, dst, want, at = inflight.popleft()
+                got = (yield Wait(rid)).n
+                if not eof:
+                    mv[dst:dst + got] = self.shm[at:at + got]
+                    done += got
+                    if got < want:
+                        eof = True  # later replies (already asked for) are past the end
+        except GeneratorExit:
+            raise
+        except BaseException:
+            # A failed piece: let the others finish before their parts of the shared
+            # buffer are reused (their replies are waited for, their errors dropped).
+            yield from _drain(inflight)
+            raise
+        if offset is None:
+            self.pos += done
+        return done
+
+    # -- writing ---------------------------------------------------------------------
+
+    def pwrite_plan(self, data: Any, offset: int) -> Plan:
+        mv = memoryview(data).cast("B")
+        if not len(self.shm):
+            raise ValueError("the client has no shared buffer (connected with shm_size=0)")
+        if _needs_commit(self._dirty, offset, len(mv), self.bs):
+            yield from self.commit_plan()
+        # Two halves of the shared buffer: the next piece is copied in while the daemon
+        # writes the last one (when the write needs more than one request).
+        # Each piece but the last ends on a block boundary (see _chunk), so two pieces
+        # in flight never share a block.
+        half = len(self.shm) // 2 // self.bs * self.bs
+        if half < self.bs or len(mv) <= half:
+            half = len(self.shm)
+        halves = len(self.shm) // half
+        inflight: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        done = k = 0
+        try:
+            while done < len(mv) or inflight:
+                if done < len(mv) and len(inflight) < halves:
+                    off = offset + done
+                    n = _chunk(off, len(mv) - done, half, self.bs)
+                    want = self._layout_wanted(off, n)
+                    if want is not None:
+                        lo, hi = want
+                        yield from call("layout_get", slot=self.slot, offset=lo,
+                                        length=hi - lo)
+                        _add_range(self._layout, lo, hi)
+                    at = (k % halves) * half
+                    self.shm[at:at + n] = mv[done:done + n]
+                    inflight.append(((yield SendData(WRITE, self.slot, off, n, at)), off, n, at))
+                    done += n
+                    k += 1
+                    continue
+                rid, off, n, at = inflight.popleft()
+                try:
+                    yield Wait(rid)
+                except _errors.Sealed:
+                    # A commit sealed blocks of the layout held: ask again (the server
+                    # relocates them), then write the piece again (its part of the
+                    # buffer still holds it).
+                    yield from call("layout_get", slot=self.slot, offset=off, length=n)
+                    yield Wait((yield SendData(WRITE, self.slot, off, n, at)))
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield from _drain(inflight)
+            raise
+        self._wrote(offset, len(mv))
+        return len(mv)
+
+    def write_plan(self, data: Any) -> Plan:
+        if self.append:
+            return (yield from self._append_plan(data))
+        n = yield from self.pwrite_plan(data, self.pos)
+        self.pos += n
+        return n
+
+    def _append_plan(self, data: Any) -> Plan:
+        """O_APPEND: the server writes each buffer-sized piece at the end of the file and
+        commits it under the file's lock (atomic against every other appender)."""
+        yield from self.commit_plan()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while True:
+            n = min(len(mv) - done, len(self.shm))
+            self.shm[:n] = mv[done:done + n]
+            res = yield Wait((yield SendData(APPEND, self.slot, 0, n, 0)))
+            self._size_hint = res.size
+            self.pos = res.offset + n
+            done += n
+            if done >= len(mv):
+                return done
+
+    def _layout_wanted(self, off: int, n: int) -> tuple[int, int] | None:
+        """The range to ask a write layout for before writing `n` bytes at `off`, or None
+        if the layouts held cover the write. Past the end of the file (appends) the
+        layout runs ahead by LAYOUT_CHUNK; inside it, it is the write's own range, since
+        a layout over committed data copies it to fresh blocks (copy-on-write)."""
+        if _covered(self._layout, off, off + n):
+            return None
+        if off + n <= self._size_hint:
+            return off, off + n
+        return off, off + max(n, LAYOUT_CHUNK)
+
+    def _wrote(self, offset: int, n: int) -> None:
+        """Widen the dirty range by the `n` bytes just written at `offset`."""
+        if n:
+            lo, hi = offset, offset + n
+            if self._dirty:
+                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+            self._dirty = (lo, hi)
+
+    def commit_plan(self) -> Plan:
+        """Make the written range part of the file (size, mtime); returns the size."""
+        if self._dirty is None:
+            return self._size_hint
+        lo, hi = self._dirty
+        res = yield from call("commit", slot=self.slot, offset=lo, length=hi - lo)
+        self._size_hint = res["size"]
+        self._dirty = None
+        return self._size_hint
+
+    def truncate_plan(self, size: int | None) -> Plan:
+        yield from self.commit_plan()
+        to = self.pos if size is None else size
+        res = yield from call("truncate", slot=self.slot, size=to)
+        self._size_hint = res["size"]
+        self._layout = [(a, min(b, to)) for a, b in self._layout if a < to]
+        return self._size_hint
+
+    def fsync_plan(self) -> Plan:
+        yield from self.commit_plan()
+        yield from call("fsync", slot=self.slot)
+
+    def read_plan(self, n: int) -> Plan:
+        if n < 0:
+            n = max(0, (yield from self.size_plan()) - self.pos)
+        buf = bytearray(n)
+        got = yield from self.readinto_plan(buf, None)
+        del buf[got:]
+        return bytes(buf) if got < 1 << 16 else buf  # large reads: no extra copy
+
+    def pread_plan(self, n: int, offset: int) -> Plan:
+        buf = bytearray(n)
+        got = yield from self.readinto_plan(buf, offset)
+        del buf[got:]
+        return bytes(buf) if got < 1 << 16 else buf
+
+    def size_plan(self) -> Plan:
+        if self._dirty is not None:
+            yield from self.commit_plan()
+        return int((yield from call("stat", slot=self.slot))["size"])
+
+    def seek_plan(self, offset: int, whence: int) -> Plan:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self.pos + offset
+        elif whence == os.SEEK_END:
+            pos = (yield from self.size_plan()) + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if pos < 0:
+            raise OSError(_errno.EINVAL, "negative seek position")
+        self.pos = pos
+        return pos
+
+    def close_plan(self) -> Plan:
+        if self.closed:
+            return None
+        try:
+            if self._dirty is not None:
+                yield from self.commit_plan()
+        finally:
+            self.closed = True
+            try:
+                yield from call("close", slot=self.slot)
+            except (ConnectionError, OSError):
+                pass
+        return None
+
+
+def light_import_check() -> list[str]:
+    """The heavy modules this process has loaded (for tests and `python -X importtime`
+    checks: a client-only process should list none)."""
+    heavy = ("numpy", "xxhash", "trio", "pyfuse3", "blockdev.device", "pager",
+             "kernelshim.kernel", "kernelshim.principals", "kernelshim.server")
+    return sorted(m for m in heavy if m in sys.modules)
