@@ -419,15 +419,20 @@ class AsyncClient(_Base):
         self._trio = trio
         self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._send_lock = trio.Lock()
+        #: the shared buffer is one: data operations of several tasks take turns on it
+        #: (their requests are pipelined within each turn)
+        self._buffer_lock = trio.Lock()
         self._reading = False
         #: set (and replaced) after every read: tasks waiting for another's read
         self._progress = trio.Event()
 
     @classmethod
-    async def connect(cls, mountpoint: str | os.PathLike[str], *,
-                      shm_size: int = DEFAULT_SHM) -> AsyncClient:
+    async def connect(cls, mountpoint: str | os.PathLike[str], *, shm_size: int = DEFAULT_SHM,
+                      sock_path: str | None = None) -> AsyncClient:
+        """Connect to the volume mounted at `mountpoint` (through `sock_path` if given:
+        a daemon's control socket, found from the mount otherwise)."""
         import trio
-        path = await trio.to_thread.run_sync(control_socket, mountpoint)
+        path = sock_path or await trio.to_thread.run_sync(control_socket, mountpoint)
         self = cls(os.fspath(mountpoint))
         try:
             await self.sock.connect(path)
@@ -465,6 +470,11 @@ class AsyncClient(_Base):
                     self.proto.abandon(rid)
                 plan.close()
                 raise
+
+    async def run_buffered(self, plan: Plan) -> Any:
+        """Run a plan that uses the shared buffer, in its turn."""
+        async with self._buffer_lock:
+            return await self.run(plan)
 
     async def _sendall(self, data: bytes) -> None:
         async with self._send_lock:  # frames of two tasks must not interleave
@@ -546,21 +556,21 @@ class AsyncFile:
         return self.core.pos
 
     async def readinto(self, buf: Any, offset: int | None = None) -> int:
-        n: int = await self.client.run(self.core.readinto_plan(buf, offset))
+        n: int = await self.client.run_buffered(self.core.readinto_plan(buf, offset))
         return n
 
     async def pread(self, n: int, offset: int) -> bytes:
-        return bytes(await self.client.run(self.core.pread_plan(n, offset)))
+        return bytes(await self.client.run_buffered(self.core.pread_plan(n, offset)))
 
     async def read(self, n: int = -1) -> bytes:
-        return bytes(await self.client.run(self.core.read_plan(n)))
+        return bytes(await self.client.run_buffered(self.core.read_plan(n)))
 
     async def pwrite(self, data: Any, offset: int) -> int:
-        n: int = await self.client.run(self.core.pwrite_plan(data, offset))
+        n: int = await self.client.run_buffered(self.core.pwrite_plan(data, offset))
         return n
 
     async def write(self, data: Any) -> int:
-        n: int = await self.client.run(self.core.write_plan(data))
+        n: int = await self.client.run_buffered(self.core.write_plan(data))
         return n
 
     async def commit(self) -> int:

@@ -175,6 +175,8 @@ class Connection:
     sendq: collections.deque[tuple[memoryview, list[int]]] = dataclasses.field(
         default_factory=collections.deque)
     queued: int = 0
+    #: when the queue last moved (or became non-empty)
+    last_sent: float = 0.0
     #: why the connection is being closed (None: it is not)
     doomed: str | None = None
     #: set when the writer should look at the queue; when it sent some; replaced after
@@ -434,6 +436,8 @@ class ShimServer:
             if sent == len(view):
                 return
             view = view[sent:]
+        if not conn.sendq:
+            conn.last_sent = trio.current_time()  # the stall clock starts now
         conn.sendq.append((view, fds))
         conn.queued += len(view)
         if conn.queued > MAX_SEND_QUEUE:
@@ -466,7 +470,7 @@ class ShimServer:
             try:
                 sent = self._send_now(conn.sock, view, fds)
             except BlockingIOError:
-                with trio.move_on_after(self.send_stall_seconds) as cs:
+                with trio.move_on_at(conn.last_sent + self.send_stall_seconds) as cs:
                     await trio.lowlevel.wait_writable(conn.sock)
                 if cs.cancelled_caught:
                     log.info("closing shim connection of pid %d: it read nothing for %g s",
@@ -478,6 +482,7 @@ class ShimServer:
                 conn.doom(f"send failed: {exc}")
                 return
             _close_all(fds)
+            conn.last_sent = trio.current_time()
             conn.queued -= sent
             if sent == len(view):
                 conn.sendq.popleft()
