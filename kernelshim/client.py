@@ -46,8 +46,8 @@ import socket
 import threading
 from typing import Any, AsyncIterator, Callable, Collection
 
-from .clientcore import (ClientProtocol, FileCore, Notification, Plan, Send, SendData, Wait,
-                         call, flags_for)
+from .clientcore import (ClientProtocol, FileCore, Notification, Plan, Send, SendData,
+                         SharedBuffer, Wait, call, flags_for)
 from .protocol import MAX_FRAME, VERSION, ProtocolError
 from .rooterror import SluiceError
 
@@ -95,6 +95,7 @@ class _Base:
         self.shm: mmap.mmap | None = None
         self.shmview: memoryview = memoryview(b"")
         self.info: dict[str, Any] = {}
+        self.buffer = SharedBuffer(self.shmview)
         #: descriptors received and not yet taken (only `attach` sends one)
         self._fds: list[int] = []
 
@@ -120,6 +121,7 @@ class _Base:
                 raise ProtocolError("the attach reply carried no descriptor")
             self.shm = mmap.mmap(self._fds[0], res["size"])
             self.shmview = memoryview(self.shm)
+            self.buffer = SharedBuffer(self.shmview)
         finally:
             _close_fds(self._fds)
 
@@ -130,9 +132,11 @@ class _Base:
             self.shm = None
         _close_fds(self._fds)
 
-    def _new_file(self, res: dict[str, Any], append: bool) -> FileCore:
-        return FileCore(self.shmview, self.info.get("block_size") or 4096, res["slot"],
+    def _new_file(self, res: dict[str, Any], append: bool, read_ahead: bool = True) -> FileCore:
+        core = FileCore(self.buffer, self.info.get("block_size") or 4096, res["slot"],
                         res["size"], res["rights"], append=append)
+        core.read_ahead = read_ahead
+        return core
 
     def _encode(self, step: Send | SendData) -> tuple[int, bytes]:
         if isinstance(step, SendData):
@@ -216,12 +220,18 @@ class Client(_Base):
         return proto.reply(rid)
 
     def _recv_once(self) -> int:
-        """One read from the socket into the protocol (the caller's thread, or the
-        reader's); returns the notifications it brought."""
-        data, anc, _flags, _addr = self.sock.recvmsg(RECV_BYTES, _ANCBUFSIZE)
-        if anc:
-            _collect_fds(anc, self._fds)
-        return self.proto.receive(data)
+        """One read from the socket into the protocol (the calling thread's); returns the
+        notifications it brought. Descriptors come only with the `attach` reply."""
+        if self.shm is None:
+            data, anc, _flags, _addr = self.sock.recvmsg(RECV_BYTES, _ANCBUFSIZE)
+            if anc:
+                _collect_fds(anc, self._fds)
+        else:
+            data = self.sock.recv(RECV_BYTES)
+        n = self.proto.receive(data)
+        if n and self._callback is not None:
+            self._deliver()
+        return n
 
     def _read_loop(self) -> None:
         """The reader thread: read, hand replies to the waiting caller, run callbacks."""
@@ -275,9 +285,13 @@ class Client(_Base):
                                             name="sluice-client-reader")
             self._reader.start()
 
-    def open(self, path: str | os.PathLike[str], mode: str = "r", *, perms: int = 0o644) -> File:
+    def open(self, path: str | os.PathLike[str], mode: str = "r", *, perms: int = 0o644,
+             read_ahead: bool = True) -> File:
+        """Open `path` (relative to the mount, or absolute inside it). `read_ahead`:
+        sequential reads ask for the data after them too (see docs/dev/protocol.md,
+        "Read-ahead and coherence"); False makes every read fetch its data when called."""
         res = self.call("open", path=self._relpath(path), flags=flags_for(mode), mode=perms)
-        return File(self, self._new_file(res, "a" in mode))
+        return File(self, self._new_file(res, "a" in mode, read_ahead))
 
     def register(self, principal: str) -> dict[str, Any]:
         """Attach this process (and the programs it execs and starts) to `principal`."""
@@ -521,10 +535,10 @@ class AsyncClient(_Base):
             yield self.proto.notifications.popleft()
 
     async def open(self, path: str | os.PathLike[str], mode: str = "r", *,
-                   perms: int = 0o644) -> AsyncFile:
+                   perms: int = 0o644, read_ahead: bool = True) -> AsyncFile:
         res = await self.call("open", path=self._relpath(path), flags=flags_for(mode),
                               mode=perms)
-        return AsyncFile(self, self._new_file(res, "a" in mode))
+        return AsyncFile(self, self._new_file(res, "a" in mode, read_ahead))
 
     async def register(self, principal: str) -> dict[str, Any]:
         return await self.call("register", principal=principal)

@@ -30,7 +30,8 @@ import sys
 from typing import Any, Generator, Union
 
 from . import errors as _errors
-from .protocol import (APPEND, DATA_OK, ERROR, OK, PUSH, READ, REQUEST, WRITE, DataReply,
+from .protocol import (_DATA_OK_FRAME, APPEND, DATA_OK, ERROR, OK, PUSH, READ, REQUEST, VERSION,
+                       WRITE, DataReply,
                        DataRequest, Decoder, Message, ProtocolError, ReplyTooLarge, encode,
                        encode_data)
 from .rooterror import SluiceError
@@ -40,8 +41,10 @@ READ_CHUNK = 1 << 20
 #: reads are split into requests of at least this size, so the daemon fills one piece
 #: of the shared buffer while the client copies another out
 READ_PIECE = 256 << 10
-#: requests a read keeps in flight at most
+#: requests a read keeps in flight at most (without read-ahead)
 READ_DEPTH = 4
+#: bytes sequential reads ask for past their end at most
+READ_AHEAD = 4 << 20
 #: write layouts are asked for in chunks of at least this many bytes
 LAYOUT_CHUNK = 4 << 20
 #: pages of one paged reply at most (a listing of 32 rows a page)
@@ -49,6 +52,9 @@ MAX_PAGES = 1 << 16
 #: notifications kept for a client that does not take them; older ones are dropped
 #: (counted in `ClientProtocol.dropped_notifications`)
 MAX_NOTIFICATIONS = 1024
+
+_DATA_OK_SIZE = _DATA_OK_FRAME.size
+_DATA_OK_HEAD = _DATA_OK_FRAME.pack(_DATA_OK_SIZE - 4, VERSION, DATA_OK, 0, 0, 0, 0)[:6]
 
 # -- errors ------------------------------------------------------------------------------
 
@@ -126,6 +132,13 @@ class ClientProtocol:
         if not data:
             self.closed = True
             return 0
+        if len(data) == _DATA_OK_SIZE and not self._decoder.pending and \
+                data[:6] == _DATA_OK_HEAD:
+            # One DATA_OK frame, the reply to a data request: no decoder needed.
+            r = DataReply._make(_DATA_OK_FRAME.unpack(data)[3:])
+            if r.request_id in self.outstanding and r.request_id not in self._abandoned:
+                self._replies[r.request_id] = r
+                return 0
         pushed = 0
         for m in self._decoder.feed(data):
             if isinstance(m, ProtocolError):
@@ -316,16 +329,80 @@ def _drain(inflight: collections.deque[tuple[int, int, int, int]]) -> Plan:
             pass
 
 
+@dataclasses.dataclass(slots=True)
+class _Piece:
+    """A read request in flight (or answered, `got` bytes, not yet all consumed)."""
+
+    rid: int
+    off: int
+    length: int
+    at: int
+    got: int | None = None
+
+
+class _ReadStream:
+    """A file's read pieces in flight, in file order and contiguous, in a ring of
+    equal slots of the shared buffer."""
+
+    def __init__(self) -> None:
+        self.pieces: collections.deque[_Piece] = collections.deque()
+        self.piece = READ_PIECE
+        self.slots = 1
+        self._k = 0
+        #: file offset of the next piece to ask for
+        self.next_off = 0
+        #: where a sequential read would start (-1: nowhere yet)
+        self.next_use = -1
+
+    def start(self, pos: int, total: int, room: int, sequential: bool) -> None:
+        """Choose the piece size for reads like this one: whole reads when sequential
+        (fewer round trips; read-ahead does the overlapping), else parts of it."""
+        if sequential:
+            piece = max(total, READ_PIECE)
+        else:
+            piece = max(READ_PIECE, -(-total // READ_DEPTH))
+        self.piece = max(1, min(piece, room // 4 if sequential else room // READ_DEPTH, room))
+        self.slots = max(1, room // self.piece)
+        self._k = 0
+        self.next_off = pos
+
+    def take_slot(self) -> int:
+        at = (self._k % self.slots) * self.piece
+        self._k += 1
+        return at
+
+
+class SharedBuffer:
+    """The connection's shared buffer, and which file's read-ahead holds parts of it
+    between calls: a plan of another file that needs the buffer drops it first."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.holder: FileCore | None = None
+
+    def claim(self, core: FileCore) -> Plan:
+        if not len(self.view):
+            raise ValueError("the client has no shared buffer (connected with shm_size=0)")
+        holder = self.holder
+        if holder is not None and holder is not core:
+            yield from holder._drop_stream()
+        self.holder = core
+
+
 class FileCore:
     """A direct-path file without I/O: state, and every operation as a plan.
 
     `shm` is the connection's shared buffer (a memoryview), `block_size` the
     volume's. The drivers (client.File, client.AsyncFile) run the plans."""
 
-    def __init__(self, shm: memoryview, block_size: int, slot: int, size: int, rights: int,
-                 *, append: bool) -> None:
-        self.shm = shm
+    def __init__(self, buffer: SharedBuffer, block_size: int, slot: int, size: int,
+                 rights: int, *, append: bool) -> None:
+        self.buffer = buffer
+        self.shm = buffer.view
         self.bs = block_size
+        #: whether sequential reads read ahead (see readinto_plan)
+        self.read_ahead = True
+        self._stream = _ReadStream()
         self.slot = slot
         self.rights = rights
         self.pos = size if append else 0
@@ -339,56 +416,94 @@ class FileCore:
 
     def readinto_plan(self, buf: Any, offset: int | None) -> Plan:
         """Read into `buf` at `offset` (None: the position, which advances); the bytes
-        read. The read is cut into pieces of at least READ_PIECE, up to READ_DEPTH in
-        flight, each into its own part of the shared buffer: the daemon fills one part
-        while this process copies another out."""
-        if not len(self.shm):
-            raise ValueError("the client has no shared buffer (connected with shm_size=0)")
+        read.
+
+        The read is cut into pieces, several in flight, each into its own slot of the
+        shared buffer: the daemon fills one while this process copies another out. When
+        reads are sequential (this one starts where the last ended), pieces past the
+        end of the read are asked for too (read-ahead, at most READ_AHEAD bytes), so
+        the next read finds its data waiting. Read-ahead data is dropped by any write,
+        truncate or append through this client, by a read elsewhere, and at the end of
+        the file; see docs/dev/protocol.md for what it means for coherence."""
         mv = memoryview(buf).cast("B")
         pos = self.pos if offset is None else offset
         total = len(mv)
-        depth = max(1, min(READ_DEPTH, len(self.shm) // READ_PIECE))
-        part = len(self.shm) // depth
-        piece = min(part, max(READ_PIECE, -(-total // depth)))
-        inflight: collections.deque[tuple[int, int, int, int]] = collections.deque()
-        issued = done = 0
-        k = 0
+        st = self._stream
+        if 0 < total <= min(READ_PIECE, len(self.shm)) and pos != st.next_use and not st.pieces \
+                and self.buffer.holder is self:
+            # The common small random read: one request into the buffer's start.
+            got = (yield Wait((yield SendData(READ, self.slot, pos, total, 0)))).n
+            mv[:got] = self.shm[:got]
+            st.next_use = pos + got
+            if offset is None:
+                self.pos += got
+            return got
+        yield from self.buffer.claim(self)
+        if not total:
+            return 0
+        sequential = pos == st.next_use and self.read_ahead
+        if st.pieces and not sequential:
+            yield from self._drop_stream()
+        if not st.pieces:
+            st.start(pos, total, len(self.shm), sequential)
+        end = pos + total
+        ahead = min(READ_AHEAD, 2 * max(total, READ_PIECE)) if sequential else 0
+        limit = st.slots if sequential else min(st.slots, READ_DEPTH)
+        done = 0
         eof = False
         try:
-            while True:
-                while not eof and issued < total and len(inflight) < depth:
-                    want = min(piece, total - issued)
-                    at = (k % depth) * part
-                    rid = yield SendData(READ, self.slot, pos + issued, want, at)
-                    inflight.append((rid, issued, want, at))
-                    issued += want
-                    k += 1
-                if not inflight:
-                    break
-                rid, dst, want, at = inflight.popleft()
-                got = (yield Wait(rid)).n
-                if not eof:
-                    mv[dst:dst + got] = self.shm[at:at + got]
-                    done += got
-                    if got < want:
-                        eof = True  # later replies (already asked for) are past the end
+            while done < total and not eof:
+                while st.next_off < end + ahead and len(st.pieces) < limit:
+                    n = st.piece if sequential else min(st.piece, end - st.next_off)
+                    at = st.take_slot()
+                    rid = yield SendData(READ, self.slot, st.next_off, n, at)
+                    st.pieces.append(_Piece(rid, st.next_off, n, at))
+                    st.next_off += n
+                p = st.pieces[0]
+                if p.got is None:
+                    p.got = -1  # waited for: a failure must not wait for it again
+                    p.got = (yield Wait(p.rid)).n
+                skip = pos + done - p.off
+                k = min(p.got - skip, total - done)
+                if k > 0:
+                    mv[done:done + k] = self.shm[p.at + skip:p.at + skip + k]
+                    done += k
+                if p.got < p.length:
+                    eof = skip + max(k, 0) >= p.got  # a short piece, consumed: the end
+                if eof or skip + max(k, 0) >= p.length:
+                    st.pieces.popleft()
         except GeneratorExit:
             raise
         except BaseException:
-            # A failed piece: let the others finish before their parts of the shared
-            # buffer are reused (their replies are waited for, their errors dropped).
-            yield from _drain(inflight)
+            # Let the other pieces finish before their slots are reused (their replies
+            # are waited for, their errors dropped).
+            yield from self._drop_stream()
             raise
+        if eof:
+            yield from self._drop_stream()  # the file may grow: ask again next time
+        st.next_use = pos + done
         if offset is None:
             self.pos += done
         return done
 
+    def _drop_stream(self) -> Plan:
+        """Forget the read-ahead: wait for the pieces still in flight."""
+        st = self._stream
+        while st.pieces:
+            p = st.pieces.popleft()
+            if p.got is None:
+                try:
+                    yield Wait(p.rid)
+                except (SluiceError, OSError):
+                    pass
+        st.next_use = -1
+
     # -- writing ---------------------------------------------------------------------
 
     def pwrite_plan(self, data: Any, offset: int) -> Plan:
+        yield from self.buffer.claim(self)
+        yield from self._drop_stream()
         mv = memoryview(data).cast("B")
-        if not len(self.shm):
-            raise ValueError("the client has no shared buffer (connected with shm_size=0)")
         if _needs_commit(self._dirty, offset, len(mv), self.bs):
             yield from self.commit_plan()
         # Two halves of the shared buffer: the next piece is copied in while the daemon
@@ -445,6 +560,8 @@ class FileCore:
     def _append_plan(self, data: Any) -> Plan:
         """O_APPEND: the server writes each buffer-sized piece at the end of the file and
         commits it under the file's lock (atomic against every other appender)."""
+        yield from self.buffer.claim(self)
+        yield from self._drop_stream()
         yield from self.commit_plan()
         mv = memoryview(data).cast("B")
         done = 0
@@ -488,6 +605,7 @@ class FileCore:
         return self._size_hint
 
     def truncate_plan(self, size: int | None) -> Plan:
+        yield from self._drop_stream()
         yield from self.commit_plan()
         to = self.pos if size is None else size
         res = yield from call("truncate", slot=self.slot, size=to)
@@ -535,6 +653,9 @@ class FileCore:
     def close_plan(self) -> Plan:
         if self.closed:
             return None
+        yield from self._drop_stream()
+        if self.buffer.holder is self:
+            self.buffer.holder = None
         try:
             if self._dirty is not None:
                 yield from self.commit_plan()

@@ -51,7 +51,7 @@ import errno as _errno
 import json
 import re
 import struct
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from .rooterror import SluiceError
 
@@ -127,8 +127,7 @@ class Message:
     payload: dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DataRequest:
+class DataRequest(NamedTuple):  # a tuple: built per request, so cheap to build
     """A DATA frame: `op` (READ, WRITE, APPEND) on capability `slot`, `length` bytes at
     file `offset` (ignored by APPEND), to or from shared buffer offset `buf`."""
 
@@ -140,8 +139,7 @@ class DataRequest:
     buf: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DataReply:
+class DataReply(NamedTuple):
     """A DATA_OK frame: `n` bytes done; APPEND also says where (`offset`) and the new
     `size`; READ and WRITE leave both 0."""
 
