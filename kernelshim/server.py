@@ -2,7 +2,9 @@
 
 The wire format is protocol.py's (version 2): JSON control requests, binary data
 requests, server push; docs/dev/protocol.md explains framing, push, flow control and
-bounds. This module moves frames and dispatches them; the operations follow.
+bounds. This module moves frames (accept, read, the send queue, push) and dispatches
+them; the operations live in `fileops.py` (files and data) and `adminops.py`
+(principals, statistics), mixed into ShimServer; `connection.py` holds what they share.
 
 Each connection is authenticated by SO_PEERCRED (pid, uid, gid as the kernel reports
 them) and acts for the principal its process is registered to (or its uid's default).
@@ -72,12 +74,9 @@ and closes that connection, never another one or the daemon.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import errno as _errno
 import logging
 import math
-import mmap
 import os
 import resource
 import socket
@@ -89,59 +88,30 @@ import trio
 
 from blockdev import PrincipalId, SluiceError
 
-from .grants import Grant, Rights
 from .kernel import Kernel
-from .principals import OBJECT_BANKS, Banks, Principal, PrincipalTable, Rate, TooManyObjects
-from .protocol import (APPEND, DATA_OPS, ERROR, MAX_FRAME, OK, OLD_VERSION, PUSH, READ, REQUEST,
-                       VERSION, WRITE, DataReply, DataRequest, Decoded, Decoder, FramingError, Message, OldVersion,
-                       ProtocolError, ReplyTooLarge, arg_int, arg_str, brief, encode,
-                       encode_data_ok, error_payload)
+from .principals import Principal, PrincipalTable, TooManyObjects
+from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, PUSH, READ, REQUEST, WRITE, DataReply,
+                       DataRequest, Decoded, Decoder, FramingError, Message, OldVersion,
+                       ProtocolError, ReplyTooLarge, brief, encode, encode_data_ok,
+                       error_payload)
 from .service import Credentials, MetadataService
+from .adminops import AdminOps
+from .connection import HANDSHAKE_SECONDS as HANDSHAKE_SECONDS
+from .connection import MAX_CONNECTIONS as MAX_CONNECTIONS
+from .connection import MAX_SEND_QUEUE as MAX_SEND_QUEUE
+from .connection import MAX_SHM as MAX_SHM
+from .connection import MAX_SHM_TOTAL as MAX_SHM_TOTAL
+from .connection import PAGE_ROWS as PAGE_ROWS
+from .connection import PUSH_KINDS as PUSH_KINDS
+from .connection import RECV_BYTES as RECV_BYTES
+from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
+from .connection import ROOT_SHM as ROOT_SHM
+from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
+from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
+from .connection import HOG_SECONDS, MAX_OFFSET, Connection, _InternalError
+from .fileops import FileOps
 
 log = logging.getLogger(__name__)
-
-#: largest shared buffer a connection may attach
-MAX_SHM = 64 << 20
-#: connections served at once (each holds a descriptor, a capability space and maybe a
-#: buffer); each principal's `connections` bank is well below it
-MAX_CONNECTIONS = 512
-#: ... of which only root's processes may use the last ROOT_CONNECTIONS, so that
-#: tenants together cannot lock the administrator out
-ROOT_CONNECTIONS = 32
-#: shared buffers of all connections together (bounds the daemon's memory); each
-#: principal's `shm` bank is well below it, and the last ROOT_SHM bytes are root's
-MAX_SHM_TOTAL = 1 << 30
-ROOT_SHM = 128 << 20
-#: seconds a new connection has to send its first complete request
-HANDSHAKE_SECONDS = 5.0
-#: rows per page of `principal_ls` and `stats` (a row is at most ~1 KB as JSON)
-PAGE_ROWS = 32
-#: large direct requests are served in slices of this size, and give the event loop
-#: back between slices once they have held it for HOG_SECONDS
-SLICE_BYTES = 256 << 10
-HOG_SECONDS = 1e-3
-#: bytes of replies and notifications queued for one connection at most
-MAX_SEND_QUEUE = 1 << 20
-#: while more than this is queued, the connection's requests are not read
-SEND_HIGH_WATER = 256 << 10
-#: seconds a connection may leave queued output unread before it is closed
-SEND_STALL_SECONDS = 10.0
-#: notification kinds a connection may subscribe to ("reclaim": release N frames by a
-#: deadline; "revoked": a grant was revoked; "notice": free text from the administrator)
-PUSH_KINDS = frozenset({"reclaim", "revoked", "notice"})
-#: bytes asked of a socket per read
-RECV_BYTES = 256 << 10
-
-
-class BadSlot(SluiceError):
-    errno = _errno.EBADF
-
-
-class _InternalError(SluiceError):
-    """The reply to a request that failed with a bug (logged with its traceback)."""
-
-    errno = _errno.EIO
-
 
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
@@ -156,49 +126,7 @@ def _raise_fd_limit(connections: int) -> None:
             log.warning("cannot raise the descriptor limit to %d: %s", new, exc)
 
 
-@dataclasses.dataclass(eq=False)
-class Connection:
-    creds: Credentials
-    #: what the connection acts for, and is charged to (fixed at connect)
-    principal: Principal
-    sock: socket.socket
-    slots: dict[int, Grant] = dataclasses.field(default_factory=dict)
-    #: slots whose grant the metadata server issued (closing them closes the file)
-    opened: set[int] = dataclasses.field(default_factory=set)
-    next_slot: int = 1
-    shm: mmap.mmap | None = None
-    shm_view: memoryview | None = None
-    #: notification kinds the client asked for
-    subscribed: frozenset[str] = frozenset()
-    push_seq: int = 0
-    #: frames (and the descriptors riding on the first byte of one) not yet sent
-    sendq: collections.deque[tuple[memoryview, list[int]]] = dataclasses.field(
-        default_factory=collections.deque)
-    queued: int = 0
-    #: when the queue last moved (or became non-empty)
-    last_sent: float = 0.0
-    #: why the connection is being closed (None: it is not)
-    doomed: str | None = None
-    #: set when the writer should look at the queue; when it sent some; replaced after
-    wake_writer: trio.Event = dataclasses.field(default_factory=trio.Event)
-    progress: trio.Event = dataclasses.field(default_factory=trio.Event)
-    #: the wait the reader is in (cancelled to close the connection)
-    wait_scope: trio.CancelScope | None = None
-    nursery: trio.Nursery | None = None
-
-    def doom(self, reason: str) -> None:
-        if self.doomed is None:
-            self.doomed = reason
-            if self.wait_scope is not None:
-                self.wait_scope.cancel()
-            self.wake_writer.set()
-
-    def signal_progress(self) -> None:
-        ev, self.progress = self.progress, trio.Event()
-        ev.set()
-
-
-class ShimServer:
+class ShimServer(FileOps, AdminOps):
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
                  path: Path, *, metadata_pending: Callable[[], bool] | None = None,
                  max_connections: int = MAX_CONNECTIONS,
@@ -570,6 +498,8 @@ class ShimServer:
     async def _data_request(self, conn: Connection, m: DataRequest) -> None:
         """A binary READ, WRITE or APPEND: the same checks and errors as the JSON ops."""
         try:
+            if m.offset > MAX_OFFSET:  # as arg_int bounds the JSON form's offsets
+                raise ProtocolError(f"offset {m.offset} exceeds {MAX_OFFSET}")
             g = self._grant(conn, m.slot)
             if m.op == READ:
                 n = await self._read(conn, g, m.offset, m.length, m.buf)
@@ -588,329 +518,6 @@ class ShimServer:
             reply = self._frame(ERROR, m.request_id, error_payload(_InternalError(
                 f"{type(exc).__name__}: {exc}")))
         self._emit(conn, reply)
-
-    async def _release_all(self, conn: Connection) -> None:
-        for slot in list(conn.slots):
-            try:
-                await self._close_slot(conn, slot)
-            except Exception:  # noqa: BLE001
-                log.exception("releasing slot %d failed", slot)
-        self._drop_shm(conn)
-
-    def _drop_shm(self, conn: Connection, *, refund: bool = True) -> None:
-        if conn.shm_view is not None:
-            conn.shm_view.release()
-            conn.shm_view = None
-        if conn.shm is not None:
-            self.shm_bytes -= len(conn.shm)
-            if refund:
-                self.principals.refund_object(conn.principal, "shm", len(conn.shm))
-            conn.shm.close()
-            conn.shm = None
-
-    # -- slots -------------------------------------------------------------------------
-
-    def _new_slot(self, conn: Connection, grant: Grant) -> int:
-        self.principals.charge_object(conn.principal, "caps")
-        slot = conn.next_slot
-        conn.next_slot += 1
-        conn.slots[slot] = grant
-        return slot
-
-    def _slot(self, conn: Connection, p: dict[str, Any]) -> Grant:
-        return self._grant(conn, arg_int(p, "slot", hi=1 << 31))
-
-    @staticmethod
-    def _grant(conn: Connection, slot: int) -> Grant:
-        g = conn.slots.get(slot)
-        if g is None:
-            raise BadSlot(f"no capability in slot {slot}")
-        return g
-
-    async def _close_slot(self, conn: Connection, slot: int) -> None:
-        g = conn.slots.pop(slot)
-        self.principals.refund_object(conn.principal, "caps")
-        if slot in conn.opened:
-            conn.opened.discard(slot)
-            self.kernel.release(g)
-            await self.service.close(g)
-        else:
-            self.kernel.release(g)
-
-    @staticmethod
-    def _buf(conn: Connection, off: int, length: int) -> memoryview:
-        if conn.shm_view is None:
-            raise ProtocolError("no shared buffer attached (send 'attach' first)")
-        if length > MAX_SHM:
-            raise ProtocolError(f"length {length} exceeds {MAX_SHM}")
-        if off > len(conn.shm_view) or off + length > len(conn.shm_view):
-            raise ProtocolError(f"buffer range {off}+{length} exceeds the shared buffer "
-                                f"({len(conn.shm_view)} bytes)")
-        return conn.shm_view[off:off + length]
-
-    # -- operations --------------------------------------------------------------------
-
-    async def _op_hello(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        return {"version": VERSION, "principal": conn.principal.name, "pid": conn.creds.pid,
-                "uid": conn.creds.uid, "max_frame": MAX_FRAME, "max_shm": MAX_SHM,
-                "block_size": self.kernel.block_size}
-
-    async def _op_subscribe(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        kinds = p.get("kinds")
-        if not isinstance(kinds, list) or len(kinds) > len(PUSH_KINDS) or \
-                not all(isinstance(k, str) and k in PUSH_KINDS for k in kinds):
-            raise ProtocolError(f"argument 'kinds' must list notification kinds of "
-                                f"{sorted(PUSH_KINDS)}")
-        conn.subscribed = frozenset(kinds)
-        return {"kinds": sorted(conn.subscribed)}
-
-    async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        size = arg_int(p, "size", lo=4096, hi=MAX_SHM)
-        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        held = len(conn.shm) if conn.shm is not None else 0
-        budget = MAX_SHM_TOTAL if conn.creds.uid == 0 else MAX_SHM_TOTAL - ROOT_SHM
-        if self.shm_bytes - held + size > budget:
-            raise TooManyObjects(f"shared memory budget exhausted ({self.shm_bytes} of "
-                                 f"{budget} bytes attached); ask for less")
-        # The new buffer replaces the old: the principal pays the difference (its bank
-        # must hold the new one whole).
-        self.principals.charge_object(conn.principal, "shm", size - held)
-        fd = os.memfd_create("sluice-shm", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            m = mmap.mmap(fd, size)
-        except BaseException:
-            os.close(fd)
-            self.principals.refund_object(conn.principal, "shm", size - held)
-            raise
-        try:
-            self._drop_shm(conn, refund=False)
-        except BufferError:  # requests in flight use the old buffer
-            m.close()
-            os.close(fd)
-            self.principals.refund_object(conn.principal, "shm", size - held)
-            raise ProtocolError("the shared buffer is in use by requests in flight") from None
-        conn.shm, conn.shm_view = m, memoryview(m)
-        self.shm_bytes += size
-        # The fd travels with the reply and is closed here once sent: the client has its
-        # own copy, and the mapping keeps the memory alive on this side.
-        return {"size": size, "_fds": [fd]}
-
-    async def _op_open(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        path = arg_str(p, "path")
-        flags = arg_int(p, "flags", hi=0o77777777)
-        mode = arg_int(p, "mode", hi=0o7777) if "mode" in p else 0o644
-        grant = await self.service.open_path(path, flags, mode, conn.creds, conn.principal)
-        try:
-            slot = self._new_slot(conn, grant)
-        except BaseException:
-            self.kernel.release(grant)
-            await self.service.close(grant)
-            raise
-        conn.opened.add(slot)
-        return {"slot": slot, "inode": grant.inode, "rights": int(grant.rights),
-                "size": self.service.size_of(grant)}
-
-    async def _op_read(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        offset = arg_int(p, "offset")
-        length = arg_int(p, "length", hi=MAX_SHM)
-        return {"n": await self._read(conn, g, offset, length,
-                                      arg_int(p, "buf", hi=1 << 62))}
-
-    async def _read(self, conn: Connection, g: Grant, offset: int, length: int,
-                    at: int) -> int:
-        buf = self._buf(conn, at, length)
-        self.kernel.check(g, Rights.READ)
-        n = max(0, min(length, self.service.size_of(g) - offset))
-        pos = 0
-        while pos < n:
-            k = min(SLICE_BYTES, n - pos)
-            await self.kernel.read_into(g, offset + pos, buf[pos:pos + k])
-            pos += k
-            if pos < n:
-                await self._yield_if_hogging()
-        return n
-
-    async def _yield_if_hogging(self) -> None:
-        """Give the event loop back if this request has held it for a while, so that the
-        metadata requests of the mount wait behind a stream for at most that long."""
-        pending = self.metadata_pending
-        if pending is not None and pending():
-            # Metadata first: let the FUSE workers take what is queued (a bounded number
-            # of rounds, so a storm of metadata cannot stall a stream for good).
-            for _ in range(8):
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                if not pending():
-                    break
-            self._last_yield = trio.current_time()
-            return
-        now = trio.current_time()
-        if now - self._last_yield >= HOG_SECONDS:
-            self._last_yield = now
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def _op_write(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        offset = arg_int(p, "offset")
-        length = arg_int(p, "length", hi=MAX_SHM)
-        return {"n": await self._write(conn, g, offset, length,
-                                       arg_int(p, "buf", hi=1 << 62))}
-
-    async def _write(self, conn: Connection, g: Grant, offset: int, length: int,
-                     at: int) -> int:
-        buf = self._buf(conn, at, length)
-        pos = 0
-        while pos < length:
-            k = min(SLICE_BYTES, length - pos)
-            if pos + k < length:
-                k -= (offset + pos + k) % self.kernel.block_size  # slices end on blocks
-            await self.kernel.write(g, offset + pos, buf[pos:pos + k])
-            pos += k
-            if pos < length:
-                await self._yield_if_hogging()
-        return length
-
-    async def _op_append(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        length = arg_int(p, "length", hi=MAX_SHM)
-        offset, size = await self._append(conn, g, length, arg_int(p, "buf", hi=1 << 62))
-        return {"offset": offset, "n": length, "size": size}
-
-    async def _append(self, conn: Connection, g: Grant, length: int,
-                      at: int) -> tuple[int, int]:
-        self.kernel.check(g, Rights.WRITE)
-        buf = self._buf(conn, at, length)
-        return await self.service.append(g, buf)
-
-    async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        self.kernel.check(g, Rights.WRITE)
-        offset = arg_int(p, "offset")
-        length = arg_int(p, "length", hi=1 << 40)
-        return {"allocated": await self.service.layout_get(g, offset, length)}
-
-    async def _op_commit(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        self.kernel.check(g, Rights.WRITE)
-        offset = arg_int(p, "offset")
-        length = arg_int(p, "length", hi=1 << 40)
-        return {"size": await self.service.layout_commit(g, offset, length)}
-
-    async def _op_truncate(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        self.kernel.check(g, Rights.WRITE)
-        await self.service.truncate(g, arg_int(p, "size"))
-        return {"size": self.service.size_of(g)}
-
-    async def _op_fsync(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        self.kernel.check(g, Rights.NONE)
-        await self.service.fsync(g)
-        return {}
-
-    async def _op_stat(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        self.kernel.check(g, Rights.NONE)
-        return self.service.stat_of(g)
-
-    async def _op_mint(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        rights = Rights(arg_int(p, "rights", hi=int(Rights.RW)))
-        child = self.kernel.mint(g, rights)
-        try:
-            slot = self._new_slot(conn, child)
-        except BaseException:
-            self.kernel.release(child)
-            raise
-        return {"slot": slot, "rights": int(child.rights)}
-
-    async def _op_revoke(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        g = self._slot(conn, p)
-        await self.kernel.revoke(g)
-        return {}
-
-    async def _op_close(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        slot = arg_int(p, "slot", hi=1 << 31)
-        if slot not in conn.slots:
-            raise BadSlot(f"no capability in slot {slot}")
-        await self._close_slot(conn, slot)
-        return {}
-
-    async def _op_register(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        principal = self.principals.get(arg_str(p, "principal", maxlen=64))
-        self.principals.register(conn.creds.pid, principal, uid=conn.creds.uid)
-        return {"pid": conn.creds.pid, "principal": principal.name}
-
-    async def _op_whoami(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        who = self.principals.resolve(conn.creds.pid, conn.creds.uid)
-        return {"pid": conn.creds.pid, "uid": conn.creds.uid, "principal": who.name}
-
-    # -- administration ------------------------------------------------------------------
-
-    @staticmethod
-    def _banks_args(p: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS):
-            if k in p and p[k] is not None:
-                out[k] = arg_int(p, k, hi=1 << 62)
-        for k in ("io_reserve", "io_limit"):
-            if k in p and p[k] is not None:
-                out[k] = Rate.parse(arg_str(p, k, maxlen=64))
-        return out
-
-    async def _op_principal_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        args = self._banks_args(p)
-        parent = arg_str(p, "parent", optional=True, maxlen=64) or "root"
-        # Kernel-object banks not asked for: the default, or what the parent has if
-        # that is less (asking for more than the parent holds stays an error).
-        par = self.principals.get(parent)
-        defaults = Banks()
-        for k in OBJECT_BANKS:
-            if k not in args:
-                lim = self.principals.effective(par, k)
-                mine = getattr(defaults, k)
-                args[k] = mine if lim is None or (mine is not None and mine <= lim) else lim
-        owner = arg_int(p, "owner_uid", hi=1 << 32) if p.get("owner_uid") is not None \
-            else conn.creds.uid
-        pr = self.principals.add(arg_str(p, "name", maxlen=64), parent=parent,
-                                 owner_uid=owner, banks=Banks(**args),
-                                 caller_uid=conn.creds.uid)
-        return {"id": pr.id, "name": pr.name}
-
-    async def _op_principal_set(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        pr = self.principals.set(arg_str(p, "name", maxlen=64), conn.creds.uid,
-                                 **self._banks_args(p))
-        return {"id": pr.id, "name": pr.name}
-
-    async def _op_principal_rm(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        name = arg_str(p, "name", maxlen=64)
-        move_to = arg_str(p, "move_to", optional=True, maxlen=64) or None
-        victim = self.principals.get(name)
-        heir = self.principals.remove(name, conn.creds.uid, move_to=move_to, save=False)
-        try:
-            if heir is not None:
-                await self.service.move_storage(victim, heir)  # re-tagged, durably
-        finally:
-            self.principals.save()
-        return {"removed": name, "storage_to": heir.name if heir else None}
-
-    def _page(self, conn: Connection, p: dict[str, Any]) -> tuple[list[Principal], int | None]:
-        """The principals of the page `cursor` names (of those the caller may see), and
-        the cursor of the next page (None: this is the last)."""
-        cursor = arg_int(p, "cursor", hi=1 << 31) if p.get("cursor") is not None else 0
-        rows = self.principals.visible_to(conn.creds.uid, conn.principal)
-        end = cursor + PAGE_ROWS
-        return rows[cursor:end], (end if end < len(rows) else None)
-
-    async def _op_principal_ls(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        page, nxt = self._page(conn, p)
-        return {"principals": [dataclasses.asdict(i) for i in self.principals.info(page)],
-                "next_cursor": nxt}
-
-    async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        page, nxt = self._page(conn, p)
-        return {**self.service.statistics(names=[q.name for q in page]), "next_cursor": nxt}
 
 
 

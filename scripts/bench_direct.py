@@ -19,6 +19,10 @@ Workloads (sizes shrink with --quick):
                        DURATION s, 1 job (IOPS; no fsync: plain writes stay in the page
                        cache, sluice writes go through to the backing file's page cache;
                        direct: one commit at the end, inside the time)
+  rand read 4K xN      N processes (--clients, default 4) at once, each doing 4 KiB
+                       random reads for DURATION s on its own: through the FUSE mount
+                       (O_DIRECT preadv) and through the direct path (a Client each);
+                       the figure is the sum of their IOPS
   metadata latency     create (open O_CREAT|O_EXCL + close), stat (statx with
                        AT_STATX_FORCE_SYNC, which makes FUSE ask the daemon instead of
                        answering from the kernel's attribute cache) and unlink of N files
@@ -35,6 +39,7 @@ costs more than the filesystem under test, and this puts all three on the same f
 
 Run as root:  .venv/bin/python scripts/bench_direct.py [--size-mb 1024] [--quick]
               [--json out.json] [--duration 5] [--files 2000] [--reps 3] [--meta-rounds 3]
+              [--phases write,hot,cold,random,concurrent,metadata] [--clients 4]
 
 Progress goes to stderr, the tables to stdout. Everything made (mounts, volume, files,
 the streaming process) is removed in `finally`.

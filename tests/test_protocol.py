@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 from conftest import sluice
 from kernelshim.client import CONTROL_XATTR, Client
-from kernelshim.protocol import (ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, DataReply,
+from kernelshim.protocol import (DATA_OK, ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, DataReply,
                                  DataRequest, Decoder, OldVersion, error_payload,
                                  FramingError, Message, ProtocolError, arg_int, arg_str,
-                                 encode, frame_length)
+                                 encode, encode_data, encode_data_ok, frame_length)
 
 pytestmark = pytest.mark.mounted
 
@@ -127,6 +127,37 @@ def test_encode_decode_round_trip(kind: int, rid: int, payload: dict, split: int
     d2 = Decoder()
     out = d2.feed(frame + frame + encode(ERROR, 0, {"error": "x"}))
     assert out == [Message(kind, rid, payload)] * 2 + [Message(ERROR, 0, {"error": "x"})]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rid=st.integers(0, 2**32 - 1), op=st.sampled_from([1, 2, 3]),
+       slot=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**64 - 1),
+       length=st.integers(0, 2**32 - 1), buf=st.integers(0, 2**64 - 1),
+       split=st.integers(0, 100))
+def test_data_frames_round_trip(rid: int, op: int, slot: int, offset: int, length: int,
+                                buf: int, split: int) -> None:
+    """Binary data requests and replies decode to what was encoded, however the stream
+    is cut, between JSON frames; they are fixed-size and much shorter than JSON."""
+    req = encode_data(rid, op, slot, offset, length, buf)
+    rep = encode_data_ok(rid, length, offset, buf)
+    assert len(req) == 35 and len(rep) == 34
+    stream = encode(REQUEST, 1, {"op": "hello"}) + req + rep
+    d = Decoder()
+    at = split * len(stream) // 100
+    out = d.feed(stream[:at]) + d.feed(stream[at:])
+    assert out == [Message(REQUEST, 1, {"op": "hello"}), DataRequest(rid, op, slot, offset, length, buf),
+                   DataReply(rid, length, offset, buf)]
+
+
+def test_bad_data_frames_offline() -> None:
+    good = encode_data(5, 1, 1, 0, 4096, 0)
+    body = good[4:]
+    for bad in (body[:-1], body + b"\0", body[:6] + b"\x07" + body[7:],   # size, size, op
+                bytes([VERSION, DATA_OK]) + body[2:]):                  # DATA_OK of 25 bytes
+        (m,) = Decoder().feed(_LEN.pack(len(bad)) + bad)
+        assert isinstance(m, ProtocolError), bad
+    (m,) = Decoder().feed(bytes([0, 0, 0, 6, 1, 4, 0, 0, 0, 9]))  # a version 1 frame
+    assert isinstance(m, OldVersion) and m.request_id == 9
 
 
 def test_decoder_limits() -> None:
@@ -427,8 +458,14 @@ def request_streams(draw) -> bytes:
         parts.append(encode(REQUEST, 2, {"op": "open", "path": "f",
                                          "flags": draw(st.sampled_from([0, 2]))}))
     for _ in range(draw(st.integers(0, 12))):
-        k = draw(st.integers(0, 9))
-        if k <= 6:
+        k = draw(st.integers(0, 10))
+        if k == 10:  # a binary data request, sane or not
+            parts.append(encode_data(
+                draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0, 1, 2, 3, 9])),
+                draw(st.integers(0, 4)), draw(st.sampled_from([0, 1, 4095, 4096, 2**62, 2**64 - 1])),
+                draw(st.sampled_from([0, 1, 4096, 65536, 2**31, 2**32 - 1])),
+                draw(st.sampled_from([0, 4096, 65535, 65536, 2**40, 2**64 - 1]))))
+        elif k <= 6:
             p = {"op": draw(st.sampled_from(OPS))}
             for key in draw(st.lists(st.sampled_from(ARG_KEYS), max_size=5, unique=True)):
                 p[key] = draw(ARG_VALUES)
