@@ -347,7 +347,14 @@ class File:
 
     def readinto(self, buf: Any, offset: int | None = None) -> int:
         """Read into `buf` (at `offset`, or the position); returns the bytes read."""
-        n: int = self.client.run(self.core.readinto_plan(buf, offset))
+        mv = memoryview(buf).cast("B")
+        small = self.core.small_read(len(mv), offset)
+        if small is not None:  # the plan's first step, without the plan (4 KiB reads)
+            c = self.client
+            rid, data = c._encode(small)
+            c._sendall(data)
+            return self.core.small_read_done(mv, offset, c._wait(rid).n)
+        n: int = self.client.run(self.core.readinto_plan(mv, offset))
         return n
 
     def pread(self, n: int, offset: int) -> bytes | bytearray:

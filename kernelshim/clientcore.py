@@ -47,6 +47,8 @@ READ_DEPTH = 4
 READ_AHEAD = 4 << 20
 #: write layouts are asked for in chunks of at least this many bytes
 LAYOUT_CHUNK = 4 << 20
+#: write layouts asked for again when a commit sealed the blocks under a write
+SEALED_RETRIES = 8
 #: pages of one paged reply at most (a listing of 32 rows a page)
 MAX_PAGES = 1 << 16
 #: notifications kept for a client that does not take them; older ones are dropped
@@ -429,15 +431,9 @@ class FileCore:
         pos = self.pos if offset is None else offset
         total = len(mv)
         st = self._stream
-        if 0 < total <= min(READ_PIECE, len(self.shm)) and pos != st.next_use and not st.pieces \
-                and self.buffer.holder is self:
-            # The common small random read: one request into the buffer's start.
-            got = (yield Wait((yield SendData(READ, self.slot, pos, total, 0)))).n
-            mv[:got] = self.shm[:got]
-            st.next_use = pos + got
-            if offset is None:
-                self.pos += got
-            return got
+        small = self.small_read(total, offset)
+        if small is not None:
+            return self.small_read_done(mv, offset, (yield Wait((yield small))).n)
         yield from self.buffer.claim(self)
         if not total:
             return 0
@@ -485,6 +481,26 @@ class FileCore:
         if offset is None:
             self.pos += done
         return done
+
+    def small_read(self, nbytes: int, offset: int | None) -> SendData | None:
+        """The one request of a small read that continues no stream (the common random
+        read), into the buffer's start; None if the read needs readinto_plan. A driver
+        may send it, wait for its reply and call small_read_done itself: the same as
+        running readinto_plan, without the plan's bookkeeping."""
+        pos = self.pos if offset is None else offset
+        st = self._stream
+        if 0 < nbytes <= min(READ_PIECE, len(self.shm)) and not st.pieces \
+                and (pos != st.next_use or not self.read_ahead) and self.buffer.holder is self:
+            return SendData(READ, self.slot, pos, nbytes, 0)
+        return None
+
+    def small_read_done(self, mv: memoryview, offset: int | None, got: int) -> int:
+        mv[:got] = self.shm[:got]
+        pos = self.pos if offset is None else offset
+        self._stream.next_use = pos + got
+        if offset is None:
+            self.pos += got
+        return got
 
     def _drop_stream(self) -> Plan:
         """Forget the read-ahead: wait for the pieces still in flight."""
@@ -539,9 +555,16 @@ class FileCore:
                 except _errors.Sealed:
                     # A commit sealed blocks of the layout held: ask again (the server
                     # relocates them), then write the piece again (its part of the
-                    # buffer still holds it).
-                    yield from call("layout_get", slot=self.slot, offset=off, length=n)
-                    yield Wait((yield SendData(WRITE, self.slot, off, n, at)))
+                    # buffer still holds it). The metadata server's periodic commit can
+                    # seal the new blocks too before the write lands: try a few times.
+                    for attempt in range(SEALED_RETRIES):
+                        yield from call("layout_get", slot=self.slot, offset=off, length=n)
+                        try:
+                            yield Wait((yield SendData(WRITE, self.slot, off, n, at)))
+                            break
+                        except _errors.Sealed:
+                            if attempt == SEALED_RETRIES - 1:
+                                raise
         except GeneratorExit:
             raise
         except BaseException:
