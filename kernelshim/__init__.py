@@ -1,37 +1,84 @@
 """kernelshim: the small kernel between clients and the blocks — grants and the data path.
 
-Clients (the FUSE metadata server's own handles, later direct clients over a socket)
-do their data I/O through grants; the kernel checks each request and forwards it to
-the pager. It imports pager and blockdev; fs imports only this package.
+Clients (the FUSE metadata server's own handles, and direct clients over the control
+socket) do their data I/O through grants; the kernel checks each request and forwards
+it to the pager. It imports pager and blockdev; fs imports only this package.
+
+The package has separate rooms:
+  kernel.py, grants.py, extents.py, errors.py   the kernel proper
+  principals.py, service.py                     principals and banks; what the shim
+                                                needs from the metadata server
+  server.py                                     the RPC server (control socket, push)
+  protocol.py                                   the wire format (sans-IO, light)
+  clientcore.py, client.py                      the client library (light)
+
+The names below are loaded when first used (PEP 562), so that `import
+kernelshim.client` in a direct client process does not load the kernel, the block
+device or numpy. Type checkers see the imports in the TYPE_CHECKING block.
 """
 
-from blockdev import PROFILES as PROFILES
-from blockdev import ROOT_PRINCIPAL as ROOT_PRINCIPAL
-from blockdev import BankNode as BankNode
-from blockdev import BankTree as BankTree
-from blockdev import BlockDevice as BlockDevice
-from blockdev import BlockNo as BlockNo
-from blockdev import ChecksumError as ChecksumError
-from blockdev import DeviceError as DeviceError
-from blockdev import FormatError as FormatError
-from blockdev import PrincipalId as PrincipalId
-from blockdev import SluiceError as SluiceError
-from blockdev import fsync_directory as fsync_directory
-from blockdev import parse_profile as parse_profile
-from blockdev import write_durably as write_durably
+from __future__ import annotations
 
-from .errors import BadRequest as BadRequest
-from .errors import GrantRevoked as GrantRevoked
-from .errors import NotAllocated as NotAllocated
-from .errors import RightsError as RightsError
-from .errors import Sealed as Sealed
-from .errors import ShimError as ShimError
-from .extents import FRESH as FRESH
-from .extents import HOLE as HOLE
-from .extents import UNWRITTEN as UNWRITTEN
-from .extents import WRITTEN as WRITTEN
-from .extents import ExtentMap as ExtentMap
-from .extents import Segment as Segment
-from .grants import Grant as Grant
-from .grants import Rights as Rights
-from .kernel import Kernel as Kernel
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blockdev import PROFILES as PROFILES
+    from blockdev import ROOT_PRINCIPAL as ROOT_PRINCIPAL
+    from blockdev import BankNode as BankNode
+    from blockdev import BankTree as BankTree
+    from blockdev import BlockDevice as BlockDevice
+    from blockdev import BlockNo as BlockNo
+    from blockdev import ChecksumError as ChecksumError
+    from blockdev import DeviceError as DeviceError
+    from blockdev import FormatError as FormatError
+    from blockdev import PrincipalId as PrincipalId
+    from blockdev import SluiceError as SluiceError
+    from blockdev import fsync_directory as fsync_directory
+    from blockdev import parse_profile as parse_profile
+    from blockdev import write_durably as write_durably
+
+    from .errors import BadRequest as BadRequest
+    from .errors import GrantRevoked as GrantRevoked
+    from .errors import NotAllocated as NotAllocated
+    from .errors import RightsError as RightsError
+    from .errors import Sealed as Sealed
+    from .errors import ShimError as ShimError
+    from .extents import FRESH as FRESH
+    from .extents import HOLE as HOLE
+    from .extents import UNWRITTEN as UNWRITTEN
+    from .extents import WRITTEN as WRITTEN
+    from .extents import ExtentMap as ExtentMap
+    from .extents import Segment as Segment
+    from .grants import Grant as Grant
+    from .grants import Rights as Rights
+    from .kernel import Kernel as Kernel
+
+#: exported name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("PROFILES", "ROOT_PRINCIPAL", "BankNode", "BankTree", "BlockDevice",
+                     "BlockNo", "ChecksumError", "DeviceError", "FormatError", "PrincipalId",
+                     "SluiceError", "fsync_directory", "parse_profile", "write_durably"),
+                    "blockdev"),
+    **dict.fromkeys(("BadRequest", "GrantRevoked", "NotAllocated", "RightsError", "Sealed",
+                     "ShimError"), "kernelshim.errors"),
+    **dict.fromkeys(("FRESH", "HOLE", "UNWRITTEN", "WRITTEN", "ExtentMap", "Segment"),
+                    "kernelshim.extents"),
+    **dict.fromkeys(("Grant", "Rights"), "kernelshim.grants"),
+    "Kernel": "kernelshim.kernel",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kernelshim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

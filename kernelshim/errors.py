@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from blockdev import SluiceError
+from .rooterror import SluiceError  # light: the client library imports this module
 
 
 class ShimError(SluiceError):

@@ -33,7 +33,7 @@ from .principals import NotAllowed
 from .protocol import ProtocolError, arg_int
 
 if TYPE_CHECKING:
-    from .server import Connection
+    from .connection import Connection
 
 #: bytes of pager trace one `trace_start` may record: the daemon's disk is not the
 #: tracer's to fill

@@ -1,14 +1,33 @@
-"""The direct-access wire protocol: versioned, length-prefixed frames with a size limit.
+"""The direct-access wire protocol, version 2: length-prefixed frames with a size limit,
+JSON for control operations and a fixed binary layout for data operations, several
+requests in flight per connection, and server push.
 
-    frame   = length:u32be  body            (1 <= length <= MAX_FRAME)
+    frame   = length:u32be  body            (HEADER <= length <= MAX_FRAME)
     body    = version:u8  kind:u8  request_id:u32be  payload
-    payload = a UTF-8 JSON object
 
-Requests (kind REQUEST) carry {"op": NAME, ...arguments}. Each gets exactly one reply
-with the same request id: kind OK with the result object, or kind ERROR with
-{"error": TypeName, "errno": N, "message": text}. File data never travels in frames:
-it goes through a shared memory buffer the server hands out (op "attach", the memfd
-riding on the reply as SCM_RIGHTS), and read/write requests name offsets in it.
+    kind      direction  payload
+    REQUEST   c -> s     JSON object {"op": NAME, ...arguments}
+    OK        s -> c     JSON object: the result
+    ERROR     s -> c     JSON object {"error": TypeName, "errno": N, "message": text}
+    DATA      c -> s     op:u8 slot:u32be offset:u64be length:u32be buf:u64be  (DATA_REQ)
+    DATA_OK   s -> c     n:u64be offset:u64be size:u64be                       (DATA_REP)
+    PUSH      s -> c     JSON object {"kind": NAME, ...}; request_id = push sequence no.
+
+Every request (REQUEST or DATA) gets exactly one reply with its request id: OK or
+ERROR for REQUEST, DATA_OK or ERROR for DATA. A client may send many requests before
+reading a reply (ids are the client's business; the server echoes them); replies may
+come in any order. ERROR with request id 0 answers no request: the stream or a frame
+was bad. PUSH frames come only to connections that subscribed to their kind.
+
+File data never travels in frames: it goes through a shared memory buffer the server
+hands out (op "attach", the memfd riding on the reply as SCM_RIGHTS), and data
+requests name offsets in it (`buf`). DATA ops: READ (the server fills the range and
+answers the bytes read, short at end of file), WRITE, APPEND (answers the offset the
+data landed at and the new size).
+
+Versions: the version byte of every frame must be VERSION. A frame of version 1 (the
+JSON-only protocol before push) is answered by an ERROR frame encoded as version 1,
+so an old client raises a ProtocolError saying to upgrade; the connection stays open.
 
 Decoding is strict: a bad length, version, kind or payload raises ProtocolError; the
 server answers with an error reply where the frame could be delimited and closes the
@@ -20,6 +39,9 @@ Every frame either side sends fits MAX_FRAME: `encode` raises ReplyTooLarge rath
 than produce a longer one, error messages quote client input only as a short prefix
 (`brief`), and long listings are paged (a reply with `next_cursor` not null has more:
 ask again with `cursor` set to it).
+
+This module does no I/O and imports nothing heavy (no trio, numpy or blockdev device
+code): the client library and the server share it.
 """
 
 from __future__ import annotations
@@ -29,11 +51,13 @@ import errno as _errno
 import json
 import re
 import struct
-from typing import Any
+from typing import Any, NamedTuple, Union
 
-from blockdev import SluiceError
+from .rooterror import SluiceError
 
-VERSION = 1
+VERSION = 2
+#: the JSON-only protocol before push: its frames get an error reply it can read
+OLD_VERSION = 1
 MAX_FRAME = 64 * 1024
 #: deepest nesting of arrays and objects a payload may have (requests are flat)
 MAX_DEPTH = 32
@@ -41,11 +65,29 @@ MAX_DEPTH = 32
 MAX_MESSAGE = 1024
 _LEN = struct.Struct(">I")
 _HDR = struct.Struct(">BBI")
+HEADER = _HDR.size
 
 REQUEST = 1
 OK = 2
 ERROR = 3
-KINDS = (REQUEST, OK, ERROR)
+DATA = 4
+DATA_OK = 5
+PUSH = 6
+#: kinds whose payload is a JSON object
+KINDS = (REQUEST, OK, ERROR, PUSH)
+BINARY_KINDS = (DATA, DATA_OK)
+
+#: DATA ops
+READ = 1
+WRITE = 2
+APPEND = 3
+DATA_OPS = {READ: "read", WRITE: "write", APPEND: "append"}
+
+_DATA_REQ = struct.Struct(">BIQIQ")
+_DATA_REP = struct.Struct(">QQQ")
+#: one whole DATA frame (length prefix, header, payload), and one whole DATA_OK frame
+_DATA_FRAME = struct.Struct(">IBBIBIQIQ")
+_DATA_OK_FRAME = struct.Struct(">IBBIQQQ")
 
 
 class ProtocolError(SluiceError):
@@ -67,19 +109,68 @@ class ReplyTooLarge(ProtocolError):
     errno = _errno.EMSGSIZE
 
 
+class OldVersion(ProtocolError):
+    """A frame of protocol version 1: answer it in version 1 (see the module doc)."""
+
+    def __init__(self, request_id: int) -> None:
+        super().__init__(f"protocol version {OLD_VERSION} is no longer served: this daemon "
+                         f"speaks version {VERSION} (upgrade the sluice client library)")
+        self.request_id = request_id
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
+    """A frame with a JSON payload (REQUEST, OK, ERROR, PUSH)."""
+
     kind: int
     request_id: int
     payload: dict[str, Any]
 
 
-def encode(kind: int, request_id: int, payload: dict[str, Any]) -> bytes:
-    body = _HDR.pack(VERSION, kind, request_id & 0xFFFFFFFF) + \
+class DataRequest(NamedTuple):  # a tuple: built per request, so cheap to build
+    """A DATA frame: `op` (READ, WRITE, APPEND) on capability `slot`, `length` bytes at
+    file `offset` (ignored by APPEND), to or from shared buffer offset `buf`."""
+
+    request_id: int
+    op: int
+    slot: int
+    offset: int
+    length: int
+    buf: int
+
+
+class DataReply(NamedTuple):
+    """A DATA_OK frame: `n` bytes done; APPEND also says where (`offset`) and the new
+    `size`; READ and WRITE leave both 0."""
+
+    request_id: int
+    n: int
+    offset: int = 0
+    size: int = 0
+
+
+Decoded = Union[Message, DataRequest, DataReply]
+
+
+def encode(kind: int, request_id: int, payload: dict[str, Any], *,
+           version: int = VERSION) -> bytes:
+    body = _HDR.pack(version, kind, request_id & 0xFFFFFFFF) + \
         json.dumps(payload, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
         raise ReplyTooLarge(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
     return _LEN.pack(len(body)) + body
+
+
+def encode_data(request_id: int, op: int, slot: int, offset: int, length: int,
+                buf: int) -> bytes:
+    """A DATA frame (struct.error for a field out of its range)."""
+    return _DATA_FRAME.pack(_DATA_FRAME.size - 4, VERSION, DATA, request_id & 0xFFFFFFFF,
+                            op, slot, offset, length, buf)
+
+
+def encode_data_ok(request_id: int, n: int, offset: int = 0, size: int = 0) -> bytes:
+    return _DATA_OK_FRAME.pack(_DATA_OK_FRAME.size - 4, VERSION, DATA_OK, request_id,
+                               n, offset, size)
 
 
 def frame_length(header: bytes) -> int:
@@ -90,12 +181,26 @@ def frame_length(header: bytes) -> int:
     return n
 
 
-def decode_body(body: bytes) -> Message:
+def decode_body(body: bytes) -> Decoded:
     if len(body) < _HDR.size:
         raise ProtocolError("frame shorter than its header")
     version, kind, rid = _HDR.unpack_from(body)
     if version != VERSION:
+        if version == OLD_VERSION:
+            raise OldVersion(rid)
         raise ProtocolError(f"protocol version {version} not supported (this is {VERSION})")
+    if kind == DATA:
+        if len(body) != _HDR.size + _DATA_REQ.size:
+            raise ProtocolError(f"DATA frame of {len(body)} bytes "
+                                f"(must be {_HDR.size + _DATA_REQ.size})")
+        op, slot, offset, length, buf = _DATA_REQ.unpack_from(body, _HDR.size)
+        if op not in DATA_OPS:
+            raise ProtocolError(f"unknown data operation {op}")
+        return DataRequest(rid, op, slot, offset, length, buf)
+    if kind == DATA_OK:
+        if len(body) != _HDR.size + _DATA_REP.size:
+            raise ProtocolError(f"DATA_OK frame of {len(body)} bytes")
+        return DataReply(rid, *_DATA_REP.unpack_from(body, _HDR.size))
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind}")
     text = body[_HDR.size:]
@@ -141,26 +246,38 @@ class Decoder:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Message | ProtocolError]:
+    def feed(self, data: bytes) -> list[Decoded | ProtocolError]:
         """Decode what is complete. A frame that can be delimited but not decoded yields
         a ProtocolError in place of its message; an undelimitable stream raises
         FramingError (its `messages`: those this call decoded before the bad length)."""
-        self._buf += data
-        out: list[Message | ProtocolError] = []
-        while len(self._buf) >= _LEN.size:
-            try:
-                n = frame_length(bytes(self._buf[:_LEN.size]))
-            except FramingError as exc:
-                exc.messages = out
-                raise
-            if len(self._buf) < _LEN.size + n:
-                break
-            body = bytes(self._buf[_LEN.size:_LEN.size + n])
-            del self._buf[:_LEN.size + n]
-            try:
-                out.append(decode_body(body))
-            except ProtocolError as exc:
-                out.append(exc)
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data  # the common case: whole frames, nothing left over
+        out: list[Decoded | ProtocolError] = []
+        pos, end = 0, len(buf)
+        unpack = _LEN.unpack_from
+        try:
+            while end - pos >= 4:
+                (n,) = unpack(buf, pos)
+                if n < _HDR.size or n > MAX_FRAME:
+                    exc = FramingError(f"frame length {n} outside {_HDR.size}..{MAX_FRAME}")
+                    exc.messages = out
+                    raise exc
+                if end - pos - 4 < n:
+                    break
+                body = bytes(buf[pos + 4:pos + 4 + n])
+                pos += 4 + n
+                try:
+                    out.append(decode_body(body))
+                except ProtocolError as exc:
+                    out.append(exc)
+        finally:
+            if buf is self._buf:
+                del self._buf[:pos]
+            else:
+                self._buf += buf[pos:]
         return out
 
     @property

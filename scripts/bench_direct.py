@@ -19,6 +19,10 @@ Workloads (sizes shrink with --quick):
                        DURATION s, 1 job (IOPS; no fsync: plain writes stay in the page
                        cache, sluice writes go through to the backing file's page cache;
                        direct: one commit at the end, inside the time)
+  rand read 4K xN      N processes (--clients, default 4) at once, each doing 4 KiB
+                       random reads for DURATION s on its own: through the FUSE mount
+                       (O_DIRECT preadv) and through the direct path (a Client each);
+                       the figure is the sum of their IOPS
   metadata latency     create (open O_CREAT|O_EXCL + close), stat (statx with
                        AT_STATX_FORCE_SYNC, which makes FUSE ask the daemon instead of
                        answering from the kernel's attribute cache) and unlink of N files
@@ -35,6 +39,7 @@ costs more than the filesystem under test, and this puts all three on the same f
 
 Run as root:  .venv/bin/python scripts/bench_direct.py [--size-mb 1024] [--quick]
               [--json out.json] [--duration 5] [--files 2000] [--reps 3] [--meta-rounds 3]
+              [--phases write,hot,cold,random,concurrent,metadata] [--clients 4]
 
 Progress goes to stderr, the tables to stdout. Everything made (mounts, volume, files,
 the streaming process) is removed in `finally`.
@@ -304,6 +309,37 @@ def meta_round(d: Path, n: int) -> dict[str, list[float]]:
     return lat
 
 
+def rand_worker(mountpoint: str, system: str, size: int, seconds: float, seed: int) -> int:
+    """One process of the concurrent phase: prints ops, seconds, CPU seconds."""
+    offs = random_offsets(size, seed)
+    n = 0
+    if system == "direct":
+        from kernelshim.client import Client
+        with Client.connect(mountpoint) as c:
+            f = c.open("data.bin", "r")
+            buf = bytearray(BS)
+            t0 = time.perf_counter()
+            t_end = t0 + seconds
+            while True:
+                for k in range(32):
+                    if f.readinto(buf, offs[(n + k) & 0xFFFF]) != BS:
+                        raise RuntimeError("short read")
+                n += 32
+                if time.perf_counter() >= t_end:
+                    break
+            dt = time.perf_counter() - t0
+            f.close()
+    else:
+        fd = os.open(os.path.join(mountpoint, "data.bin"), os.O_RDONLY | os.O_DIRECT)
+        mbuf = mmap.mmap(-1, BS)
+        t0 = time.perf_counter()
+        n = io_until(os.preadv, fd, [mbuf], offs, seconds, batch=32, error="short read")
+        dt = time.perf_counter() - t0
+        os.close(fd)
+    print(n, dt, time.process_time())
+    return 0
+
+
 def stream_worker(mountpoint: str, rel: str, req: int) -> int:
     """Child process: stream reads of `rel` through the direct path until SIGTERM; prints
     one JSON line {bytes, seconds} at the end."""
@@ -505,6 +541,32 @@ class Bench:
                     return fd_rand(path, size, a.duration, write=write, pool=self.pool)
                 self.measure(name, "IOPS", system, fn, 0)
 
+    def concurrent(self) -> None:
+        """--clients processes at once doing 4 KiB random reads for DURATION s, each on
+        its own: through the FUSE mount (os.preadv with O_DIRECT) and through the
+        direct path (one Client each). The figure is the sum of their IOPS."""
+        a, size, k = self.args, self.size, self.args.clients
+        name = f"rand read 4K x{k}"
+        log(f"{name}: {k} processes at once")
+        for system in ("fuse", "direct"):
+            pid = self.mnt.pid
+            d0 = cpu_seconds(pid)
+            procs = [subprocess.Popen(
+                [sys.executable, __file__, "--_rand", str(self.mnt.mountpoint), system,
+                 str(size), str(a.duration), str(1000 + i)],
+                stdout=subprocess.PIPE, text=True, cwd=REPO) for i in range(k)]
+            ops = 0.0
+            cpu_c = 0.0
+            for pr in procs:
+                out, _ = pr.communicate(timeout=a.duration * 10 + 60)
+                if pr.returncode != 0:
+                    raise RuntimeError(f"{name} {system}: a client failed")
+                n, dt, cpu = out.split()
+                ops += int(n) / float(dt)
+                cpu_c += float(cpu)
+            d1 = cpu_seconds(pid)
+            self.record(name, "IOPS", system, ops, cpu_c, d1 - d0, ops * a.duration / 1000)
+
     def metadata(self) -> None:
         """Alone and streaming, alternated (--meta-rounds times each) so that load from
         outside the benchmark hits both alike; the samples of each kind are pooled."""
@@ -568,8 +630,16 @@ class Bench:
         self.mnt.mkfs()
         self.mnt.mount()
         self.connect()
-        for phase in (self.seq_write, self.hot_reads, self.cold_reads, self.random_io,
-                      self.metadata):
+        phases = {"write": self.seq_write, "hot": self.hot_reads, "cold": self.cold_reads,
+                  "random": self.random_io, "concurrent": self.concurrent,
+                  "metadata": self.metadata}
+        wanted = [w for w in self.args.phases.split(",") if w != "write"]
+        unknown = set(wanted) - set(phases)
+        if unknown:
+            raise SystemExit(f"bench_direct: unknown phases {sorted(unknown)}")
+        wanted = ["write", *wanted]  # it makes the data file every other phase reads
+        for name in wanted:
+            phase = phases[name]
             self.loadavg.append((phase.__name__, loadavg()))
             phase()
         self.loadavg.append(("end", loadavg()))
@@ -604,7 +674,8 @@ class Bench:
             return f"{a / b:.2f}" if a and b else "-"
 
         order = ["seq write 4M+fsync", "hot seq read 1M", "hot seq read 4M",
-                 "cold seq read 1M", "cold seq read 4M", "rand read 4K", "rand write 4K"]
+                 "cold seq read 1M", "cold seq read 4M", "rand read 4K", "rand write 4K",
+                 f"rand read 4K x{self.args.clients}"]
         head = (f"| {'workload':20} | {'unit':4} | {'plain':>8} | {'FUSE':>8} | {'direct':>8} "
                 f"| {'FUSE/plain':>10} | {'direct/plain':>12} | {'direct/FUSE':>11} "
                 f"| {'direct/FUSE, medians':>20} |")
@@ -695,10 +766,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meta-rounds", type=int, default=None,
                    help="alone/streaming metadata rounds, alternated (default 3; 1 with --quick)")
     p.add_argument("--json", type=Path, default=None, help="write the results here too")
+    p.add_argument("--phases", default="write,hot,cold,random,concurrent,metadata",
+                   help="comma-separated phases to run (default: all; the write phase "
+                        "makes the data file the others read, so it always runs)")
+    p.add_argument("--clients", type=int, default=4,
+                   help="concurrent clients (processes) of the concurrent phase (default 4)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the plain directory and the volume go (default /var/tmp)")
     p.add_argument("--_stream", nargs=3, metavar=("MNT", "REL", "REQ"), help=argparse.SUPPRESS)
+    p.add_argument("--_rand", nargs=5, metavar=("MNT", "SYSTEM", "SIZE", "SECONDS", "SEED"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._rand:
+        m, system, size, secs, seed = args._rand
+        return rand_worker(m, system, int(size), float(secs), int(seed))
     if args._stream:
         return stream_worker(args._stream[0], args._stream[1], int(args._stream[2]))
     q = args.quick

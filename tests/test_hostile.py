@@ -326,7 +326,7 @@ import socket, struct, json
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect({control_path(mnt)!r})
 for body in (b"[" * 60000, json.dumps({{"op": "é" * 30000}}, ensure_ascii=False).encode()):
-    b = struct.pack(">BBI", 1, 1, 9) + body
+    b = struct.pack(">BBI", 2, 1, 9) + body
     s.sendall(struct.pack(">I", len(b)) + b)
     n = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
     assert n < 4096, n
@@ -590,7 +590,7 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(path)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 def frame(rid, p):
-    b = struct.pack(">BBI", 1, 1, rid) + json.dumps(p).encode()
+    b = struct.pack(">BBI", 2, 1, rid) + json.dumps(p).encode()
     return struct.pack(">I", len(b)) + b
 s.settimeout(5)
 sent = 0
@@ -610,7 +610,7 @@ import os, random, socket, struct, sys, json
 path, seed = sys.argv[1], int(sys.argv[2])
 rnd = random.Random(seed)
 def frame(rid, p):
-    b = struct.pack(">BBI", 1, 1, rid) + json.dumps(p).encode()
+    b = struct.pack(">BBI", 2, 1, rid) + json.dumps(p).encode()
     return struct.pack(">I", len(b)) + b
 reqs = [{"op": "hello"}, {"op": "attach", "size": 1 << 20},
         {"op": "open", "path": "pub/shared", "flags": 2},

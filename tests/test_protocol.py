@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 
 from conftest import sluice
 from kernelshim.client import CONTROL_XATTR, Client
-from kernelshim.protocol import (ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, Decoder,
+from kernelshim.protocol import (DATA_OK, ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, DataReply,
+                                 DataRequest, Decoder, OldVersion, error_payload,
                                  FramingError, Message, ProtocolError, arg_int, arg_str,
-                                 encode, frame_length)
+                                 encode, encode_data, encode_data_ok, frame_length)
 
 pytestmark = pytest.mark.mounted
 
@@ -92,7 +93,7 @@ def test_decoder_never_raises_but_framing_error(data: bytes, cuts: list[int]) ->
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"decoder raised {type(exc).__name__}: {exc}")
     for m in got:
-        assert isinstance(m, (Message, ProtocolError))
+        assert isinstance(m, (Message, DataRequest, DataReply, ProtocolError))
         if isinstance(m, Message):
             assert m.kind in KINDS and isinstance(m.payload, dict)
             assert 0 <= m.request_id < 2**32
@@ -128,6 +129,37 @@ def test_encode_decode_round_trip(kind: int, rid: int, payload: dict, split: int
     assert out == [Message(kind, rid, payload)] * 2 + [Message(ERROR, 0, {"error": "x"})]
 
 
+@settings(max_examples=200, deadline=None)
+@given(rid=st.integers(0, 2**32 - 1), op=st.sampled_from([1, 2, 3]),
+       slot=st.integers(0, 2**32 - 1), offset=st.integers(0, 2**64 - 1),
+       length=st.integers(0, 2**32 - 1), buf=st.integers(0, 2**64 - 1),
+       split=st.integers(0, 100))
+def test_data_frames_round_trip(rid: int, op: int, slot: int, offset: int, length: int,
+                                buf: int, split: int) -> None:
+    """Binary data requests and replies decode to what was encoded, however the stream
+    is cut, between JSON frames; they are fixed-size and much shorter than JSON."""
+    req = encode_data(rid, op, slot, offset, length, buf)
+    rep = encode_data_ok(rid, length, offset, buf)
+    assert len(req) == 35 and len(rep) == 34
+    stream = encode(REQUEST, 1, {"op": "hello"}) + req + rep
+    d = Decoder()
+    at = split * len(stream) // 100
+    out = d.feed(stream[:at]) + d.feed(stream[at:])
+    assert out == [Message(REQUEST, 1, {"op": "hello"}), DataRequest(rid, op, slot, offset, length, buf),
+                   DataReply(rid, length, offset, buf)]
+
+
+def test_bad_data_frames_offline() -> None:
+    good = encode_data(5, 1, 1, 0, 4096, 0)
+    body = good[4:]
+    for bad in (body[:-1], body + b"\0", body[:6] + b"\x07" + body[7:],   # size, size, op
+                bytes([VERSION, DATA_OK]) + body[2:]):                  # DATA_OK of 25 bytes
+        (m,) = Decoder().feed(_LEN.pack(len(bad)) + bad)
+        assert isinstance(m, ProtocolError), bad
+    (m,) = Decoder().feed(bytes([0, 0, 0, 6, 1, 4, 0, 0, 0, 9]))  # a version 1 frame
+    assert isinstance(m, OldVersion) and m.request_id == 9
+
+
 def test_decoder_limits() -> None:
     with pytest.raises(ProtocolError):
         encode(REQUEST, 1, {"op": "x", "pad": "y" * MAX_FRAME})
@@ -144,7 +176,7 @@ def test_decoder_limits() -> None:
     first, second = ei.value.messages
     assert first == Message(REQUEST, 1, {"op": "a"}) and isinstance(second, ProtocolError)
     assert Decoder().feed(_LEN.pack(6)) == []  # a header alone: wait for the body
-    out = Decoder().feed(raw_frame(2, REQUEST, 1, b"{}") + raw_frame(VERSION, 9, 2, b"{}") +
+    out = Decoder().feed(raw_frame(9, REQUEST, 1, b"{}") + raw_frame(VERSION, 9, 2, b"{}") +
                          raw_frame(VERSION, REQUEST, 3, b"[1]") +
                          raw_frame(VERSION, REQUEST, 4, b"\xff") +
                          raw_frame(VERSION, OK, 5, b"{}"))
@@ -188,7 +220,9 @@ def read_replies(s: socket.socket, want: int | None = None) -> tuple[list[Messag
         if not data:
             return out, True
         for m in d.feed(data):
-            assert isinstance(m, Message), m
+            if isinstance(m, OldVersion):  # the answer to a version 1 frame, in version 1
+                m = Message(ERROR, m.request_id, error_payload(m))
+            assert isinstance(m, (Message, DataReply)), m
             out.append(m)
     return out, False
 
@@ -199,7 +233,9 @@ def exchange(mnt: Path, data: bytes, want: int | None = None) -> tuple[list[Mess
         return read_replies(s, want)
 
 
-def check_reply(m: Message) -> None:
+def check_reply(m: Message | DataReply) -> None:
+    if isinstance(m, DataReply):
+        return
     assert m.kind in (OK, ERROR), m
     if m.kind == ERROR:
         assert set(m.payload) == {"error", "errno", "message"}, m
@@ -276,7 +312,7 @@ def test_garbage_and_bad_lengths_close_the_connection(mnt: Path) -> None:
 
 def test_bad_frames_get_error_replies_and_the_connection_lives(mnt: Path) -> None:
     (mnt / "f").write_bytes(b"hello")
-    frames = [raw_frame(2, REQUEST, 1, b"{\"op\": \"hello\"}"),   # version
+    frames = [raw_frame(9, REQUEST, 1, b"{\"op\": \"hello\"}"),   # version
               raw_frame(VERSION, 0, 2, b"{\"op\": \"hello\"}"),   # kind
               raw_frame(VERSION, 200, 3, b"{}"),
               raw_frame(VERSION, REQUEST, 4, b"{\"op\": "),       # JSON
@@ -350,6 +386,25 @@ BAD_ARGS = [
 ]
 
 
+def test_a_version_1_client_gets_an_error_it_can_read(mnt: Path) -> None:
+    """A frame of the old JSON-only protocol is answered in version 1, with a message
+    that says what to do; the connection stays usable for version 2."""
+    with connect_raw(mnt) as s:
+        s.sendall(raw_frame(1, REQUEST, 41, b'{"op": "hello"}'))
+        head = s.recv(4)
+        body = b""
+        while len(body) < _LEN.unpack(head)[0]:
+            body += s.recv(_LEN.unpack(head)[0] - len(body))
+        version, kind, rid = _HDR.unpack_from(body)
+        assert (version, kind, rid) == (1, ERROR, 41)
+        p = json.loads(body[_HDR.size:])
+        assert p["error"] == "OldVersion" and p["errno"] == errno.EPROTO
+        assert "upgrade the sluice client library" in p["message"]
+        s.sendall(encode(REQUEST, 42, {"op": "hello"}))
+        (m,), _ = read_replies(s, 1)
+        assert m.kind == OK and m.request_id == 42 and m.payload["version"] == VERSION == 2
+
+
 def test_wrong_argument_types(mnt: Path) -> None:
     (mnt / "f").write_bytes(b"data")
     base = snapshot(mnt)
@@ -403,8 +458,14 @@ def request_streams(draw) -> bytes:
         parts.append(encode(REQUEST, 2, {"op": "open", "path": "f",
                                          "flags": draw(st.sampled_from([0, 2]))}))
     for _ in range(draw(st.integers(0, 12))):
-        k = draw(st.integers(0, 9))
-        if k <= 6:
+        k = draw(st.integers(0, 10))
+        if k == 10:  # a binary data request, sane or not
+            parts.append(encode_data(
+                draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0, 1, 2, 3, 9])),
+                draw(st.integers(0, 4)), draw(st.sampled_from([0, 1, 4095, 4096, 2**62, 2**64 - 1])),
+                draw(st.sampled_from([0, 1, 4096, 65536, 2**31, 2**32 - 1])),
+                draw(st.sampled_from([0, 4096, 65535, 65536, 2**40, 2**64 - 1]))))
+        elif k <= 6:
             p = {"op": draw(st.sampled_from(OPS))}
             for key in draw(st.lists(st.sampled_from(ARG_KEYS), max_size=5, unique=True)):
                 p[key] = draw(ARG_VALUES)
@@ -436,7 +497,8 @@ def test_random_request_streams(mnt: Path, data: bytes) -> None:
         seen = Decoder().feed(data)
     except FramingError as exc:
         framing, seen = True, exc.messages
-    expect = [m.request_id if isinstance(m, Message) else 0 for m in seen]
+    expect = [m.request_id if isinstance(m, (Message, DataRequest, OldVersion)) else 0
+              for m in seen]
     with connect_raw(mnt) as s:
         try:
             s.sendall(data)
@@ -451,7 +513,8 @@ def test_random_request_streams(mnt: Path, data: bytes) -> None:
     if framing:
         # Everything before the bad length is answered, then the framing error, then
         # the connection is closed.
-        assert replies[-1].payload["error"] == "FramingError", got
+        last = replies[-1]
+        assert isinstance(last, Message) and last.payload["error"] == "FramingError", got
         assert got == expect + [0], (got, expect)
     else:
         assert got == expect

@@ -1,0 +1,90 @@
+"""The shim server's administration: principals (add, set, remove, list), process
+registration, and statistics. Who may change what is decided by the principal table
+(`principals.py`); this module checks arguments and pages the listings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .connection import PAGE_ROWS, Connection, ServerBase
+from .principals import OBJECT_BANKS, Banks, Principal, Rate
+from .protocol import arg_int, arg_str
+
+
+class AdminOps(ServerBase):
+    """The `_op_*` of administration (mixed into ShimServer)."""
+
+    async def _op_register(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        principal = self.principals.get(arg_str(p, "principal", maxlen=64))
+        self.principals.register(conn.creds.pid, principal, uid=conn.creds.uid)
+        return {"pid": conn.creds.pid, "principal": principal.name}
+
+    async def _op_whoami(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        who = self.principals.resolve(conn.creds.pid, conn.creds.uid)
+        return {"pid": conn.creds.pid, "uid": conn.creds.uid, "principal": who.name}
+
+    @staticmethod
+    def _banks_args(p: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS):
+            if k in p and p[k] is not None:
+                out[k] = arg_int(p, k, hi=1 << 62)
+        for k in ("io_reserve", "io_limit"):
+            if k in p and p[k] is not None:
+                out[k] = Rate.parse(arg_str(p, k, maxlen=64))
+        return out
+
+    async def _op_principal_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        args = self._banks_args(p)
+        parent = arg_str(p, "parent", optional=True, maxlen=64) or "root"
+        # Kernel-object banks not asked for: the default, or what the parent has if
+        # that is less (asking for more than the parent holds stays an error).
+        par = self.principals.get(parent)
+        defaults = Banks()
+        for k in OBJECT_BANKS:
+            if k not in args:
+                lim = self.principals.effective(par, k)
+                mine = getattr(defaults, k)
+                args[k] = mine if lim is None or (mine is not None and mine <= lim) else lim
+        owner = arg_int(p, "owner_uid", hi=1 << 32) if p.get("owner_uid") is not None \
+            else conn.creds.uid
+        pr = self.principals.add(arg_str(p, "name", maxlen=64), parent=parent,
+                                 owner_uid=owner, banks=Banks(**args),
+                                 caller_uid=conn.creds.uid)
+        return {"id": pr.id, "name": pr.name}
+
+    async def _op_principal_set(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        pr = self.principals.set(arg_str(p, "name", maxlen=64), conn.creds.uid,
+                                 **self._banks_args(p))
+        return {"id": pr.id, "name": pr.name}
+
+    async def _op_principal_rm(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        name = arg_str(p, "name", maxlen=64)
+        move_to = arg_str(p, "move_to", optional=True, maxlen=64) or None
+        victim = self.principals.get(name)
+        heir = self.principals.remove(name, conn.creds.uid, move_to=move_to, save=False)
+        try:
+            if heir is not None:
+                await self.service.move_storage(victim, heir)  # re-tagged, durably
+        finally:
+            self.principals.save()
+        return {"removed": name, "storage_to": heir.name if heir else None}
+
+    def _page(self, conn: Connection, p: dict[str, Any]) -> tuple[list[Principal], int | None]:
+        """The principals of the page `cursor` names (of those the caller may see), and
+        the cursor of the next page (None: this is the last)."""
+        cursor = arg_int(p, "cursor", hi=1 << 31) if p.get("cursor") is not None else 0
+        rows = self.principals.visible_to(conn.creds.uid, conn.principal)
+        end = cursor + PAGE_ROWS
+        return rows[cursor:end], (end if end < len(rows) else None)
+
+    async def _op_principal_ls(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        page, nxt = self._page(conn, p)
+        return {"principals": [dataclasses.asdict(i) for i in self.principals.info(page)],
+                "next_cursor": nxt}
+
+    async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        page, nxt = self._page(conn, p)
+        return {**self.service.statistics(names=[q.name for q in page]), "next_cursor": nxt}

@@ -1,0 +1,699 @@
+"""The client library's sans-IO core: everything the sync and the trio clients share.
+
+Two parts, neither of which touches a socket:
+
+- `ClientProtocol`: the connection's state machine. `request()` / `data_request()`
+  return the bytes to send and the request id; `receive()` takes what the socket gave
+  and sorts the frames into replies (by request id, any order) and notifications.
+  `reply(rid)` hands over a reply once it is there, raising the typed error an ERROR
+  reply carries.
+- `FileCore`: a file's bookkeeping (position, size last learnt, the uncommitted range,
+  the write layouts held) and its operations written once as *plans*: generators that
+  yield `Send`/`SendData` steps (the driver sends, and answers with the request id) and
+  `Wait` steps (the driver waits for that reply, and answers with it or throws the
+  error into the plan). `client.File` runs a plan with calls, `client.AsyncFile` with
+  awaits; that is the whole difference between them.
+
+It imports no trio, numpy or daemon module (see `rooterror`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import errno as _errno
+import importlib
+import itertools
+import os
+import sys
+from typing import Any, Generator, Union
+
+from . import errors as _errors
+from .protocol import (_DATA_OK_FRAME, APPEND, DATA_OK, ERROR, OK, PUSH, READ, REQUEST, VERSION,
+                       WRITE, DataReply,
+                       DataRequest, Decoder, Message, ProtocolError, ReplyTooLarge, encode,
+                       encode_data)
+from .rooterror import SluiceError
+
+#: bytes asked for per read request (sequential reads keep several in flight)
+READ_CHUNK = 1 << 20
+#: reads are split into requests of at least this size, so the daemon fills one piece
+#: of the shared buffer while the client copies another out
+READ_PIECE = 256 << 10
+#: requests a read keeps in flight at most (without read-ahead)
+READ_DEPTH = 4
+#: bytes sequential reads ask for past their end at most
+READ_AHEAD = 4 << 20
+#: write layouts are asked for in chunks of at least this many bytes
+LAYOUT_CHUNK = 4 << 20
+#: write layouts asked for again when a commit sealed the blocks under a write
+SEALED_RETRIES = 8
+#: pages of one paged reply at most (a listing of 32 rows a page)
+MAX_PAGES = 1 << 16
+#: notifications kept for a client that does not take them; older ones are dropped
+#: (counted in `ClientProtocol.dropped_notifications`)
+MAX_NOTIFICATIONS = 1024
+
+_DATA_OK_SIZE = _DATA_OK_FRAME.size
+_DATA_OK_HEAD = _DATA_OK_FRAME.pack(_DATA_OK_SIZE - 4, VERSION, DATA_OK, 0, 0, 0, 0)[:6]
+
+# -- errors ------------------------------------------------------------------------------
+
+_LIGHT_TYPES: dict[str, type[BaseException]] = {
+    c.__name__: c for c in (
+        _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.Sealed,
+        _errors.BadRequest, ProtocolError, ReplyTooLarge)}
+#: typed errors defined in heavier modules: resolved when one first arrives (importing
+#: kernelshim.principals loads blockdev; a client that never hits a quota never pays)
+_HEAVY_TYPES = {name: "kernelshim.principals" for name in (
+    "QuotaExceeded", "TooManyObjects", "PrincipalError", "NoSuchPrincipal",
+    "PrincipalExists", "NotAllowed")}
+
+
+def remote_error(p: dict[str, Any]) -> BaseException:
+    """The exception an ERROR payload stands for: kernelshim's typed errors by name,
+    otherwise an OSError with the errno (FileNotFoundError, PermissionError, ...)."""
+    name = str(p.get("error", "RemoteError"))
+    msg = str(p.get("message", ""))
+    code = p.get("errno") if isinstance(p.get("errno"), int) else _errno.EIO
+    cls = _LIGHT_TYPES.get(name)
+    if cls is None and name in _HEAVY_TYPES:
+        cls = getattr(importlib.import_module(_HEAVY_TYPES[name]), name)
+    if cls is not None:
+        return cls(msg)
+    if name == "BadSlot":
+        return OSError(_errno.EBADF, msg)
+    return OSError(code, msg)
+
+
+# -- the connection ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Notification:
+    """A message the server pushed: `kind` ("reclaim", "revoked", ...) and its fields."""
+
+    kind: str
+    payload: dict[str, Any]
+    seq: int
+
+
+class ClientProtocol:
+    """The client side of one connection, without I/O (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._rids = itertools.count(1)
+        self._decoder = Decoder()
+        self._replies: dict[int, Message | DataReply] = {}
+        #: request ids sent and not answered yet
+        self.outstanding: set[int] = set()
+        #: replies to drop when they come (requests abandoned by a failed plan)
+        self._abandoned: set[int] = set()
+        self.notifications: collections.deque[Notification] = collections.deque()
+        self.dropped_notifications = 0
+        #: an ERROR with request id 0: the server refused the stream (or the connection)
+        self.failure: BaseException | None = None
+        self.closed = False
+
+    def request(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        rid = next(self._rids) & 0xFFFFFFFF
+        data = encode(REQUEST, rid, {"op": op, **args})
+        self.outstanding.add(rid)
+        return rid, data
+
+    def data_request(self, op: int, slot: int, offset: int, length: int,
+                     buf: int) -> tuple[int, bytes]:
+        rid = next(self._rids) & 0xFFFFFFFF
+        data = encode_data(rid, op, slot, offset, length, buf)
+        self.outstanding.add(rid)
+        return rid, data
+
+    def receive(self, data: bytes) -> int:
+        """Take bytes from the socket (b"" at its end). Returns how many notifications
+        they brought."""
+        if not data:
+            self.closed = True
+            return 0
+        if len(data) == _DATA_OK_SIZE and not self._decoder.pending and \
+                data[:6] == _DATA_OK_HEAD:
+            # One DATA_OK frame, the reply to a data request: no decoder needed.
+            r = DataReply._make(_DATA_OK_FRAME.unpack(data)[3:])
+            if r.request_id in self.outstanding and r.request_id not in self._abandoned:
+                self._replies[r.request_id] = r
+                return 0
+        pushed = 0
+        for m in self._decoder.feed(data):
+            if isinstance(m, ProtocolError):
+                raise m
+            if isinstance(m, DataRequest):
+                raise ProtocolError("the server sent a data request")
+            rid = m.request_id
+            if isinstance(m, Message) and m.kind == PUSH:
+                kind = m.payload.get("kind")
+                if len(self.notifications) >= MAX_NOTIFICATIONS:
+                    self.notifications.popleft()
+                    self.dropped_notifications += 1
+                self.notifications.append(Notification(str(kind), m.payload, rid))
+                pushed += 1
+            elif isinstance(m, Message) and m.kind == ERROR and rid == 0:
+                self.failure = remote_error(m.payload)
+            elif rid in self._abandoned:
+                self._abandoned.discard(rid)
+                self.outstanding.discard(rid)
+            elif rid in self.outstanding:
+                self._replies[rid] = m
+            else:
+                raise ProtocolError(f"reply to request {rid}, which is not outstanding")
+        return pushed
+
+    def has_reply(self, rid: int) -> bool:
+        """Whether `reply(rid)` would return or raise without more input."""
+        return (rid in self._replies or rid not in self.outstanding
+                or self.failure is not None or self.closed)
+
+    def reply(self, rid: int) -> Any:
+        """The reply to `rid` (a dict, or a DataReply), or raise its error. Only after
+        `has_reply(rid)`."""
+        m = self._replies.pop(rid, None)
+        if m is None:
+            if rid not in self.outstanding:
+                raise ProtocolError(f"request {rid} is not outstanding")
+            if self.failure is not None:
+                raise self.failure
+            raise ConnectionError("the sluice daemon closed the connection")
+        self.outstanding.discard(rid)
+        if isinstance(m, DataReply):
+            return m
+        if m.kind == ERROR:
+            raise remote_error(m.payload)
+        if m.kind != OK and m.kind != DATA_OK:
+            raise ProtocolError(f"unexpected message kind {m.kind}")
+        return m.payload
+
+    def abandon(self, rid: int) -> None:
+        """Drop the reply to `rid` whenever it comes."""
+        if self._replies.pop(rid, None) is not None or rid not in self.outstanding:
+            self.outstanding.discard(rid)
+        else:
+            self._abandoned.add(rid)
+
+
+# -- plans -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Send:
+    """Send a control request; the driver answers with its request id."""
+
+    op: str
+    args: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendData:
+    """Send a data request; the driver answers with its request id."""
+
+    op: int
+    slot: int
+    offset: int
+    length: int
+    buf: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait for the reply to `rid`; the driver answers with it or throws its error."""
+
+    rid: int
+
+
+Step = Union[Send, SendData, Wait]
+Plan = Generator[Step, Any, Any]
+
+
+def call(op: str, **args: Any) -> Plan:
+    """One request, its reply; a paged reply is fetched whole (every page, merged)."""
+    reply = yield Wait((yield Send(op, args)))
+    cursor = _next_cursor(reply, 0)
+    for _ in range(MAX_PAGES):
+        if cursor is None:
+            break
+        page = yield Wait((yield Send(op, {**args, "cursor": cursor})))
+        cursor = _next_cursor(page, cursor)
+        _merge_page(reply, page)
+    return reply
+
+
+def _merge_page(into: dict[str, Any], page: dict[str, Any]) -> None:
+    """Add a later page of a paged reply to the first: lists are concatenated, mappings
+    merged (recursively), anything else is the first page's."""
+    for k, v in page.items():
+        cur = into.get(k)
+        if isinstance(cur, list) and isinstance(v, list):
+            cur.extend(v)
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            _merge_page(cur, v)
+        elif k not in into:
+            into[k] = v
+
+
+def _next_cursor(reply: dict[str, Any], prev: int) -> int | None:
+    """Take the cursor of the next page out of `reply` (None: it was the last)."""
+    nxt = reply.pop("next_cursor", None)
+    if nxt is None:
+        return None
+    if not isinstance(nxt, int) or nxt <= prev:
+        raise ProtocolError(f"bad next_cursor {nxt!r} after {prev}")
+    return nxt
+
+
+def flags_for(mode: str) -> int:
+    m = mode.replace("b", "")
+    table = {"r": os.O_RDONLY, "r+": os.O_RDWR, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+             "w+": os.O_RDWR | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+             "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND, "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+             "x+": os.O_RDWR | os.O_CREAT | os.O_EXCL}
+    if m not in table:
+        raise ValueError(f"invalid mode {mode!r}")
+    return table[m]
+
+
+def _chunk(off: int, left: int, room: int, bs: int) -> int:
+    """Bytes of the next write request at `off`: at most `room`, and ending on a block
+    boundary unless it is the last. The kernel merges a partial block of an unwritten
+    (uncommitted) extent with zeros, so no block may be written partially twice
+    between commits."""
+    if left <= room:
+        return left
+    n = room - (off + room) % bs
+    return n if n > 0 else room
+
+
+def _needs_commit(dirty: tuple[int, int] | None, offset: int, n: int, bs: int) -> bool:
+    """Whether a write of `n` bytes at `offset` covers part of a block that an
+    uncommitted write touched (its merge would read that block as zeros)."""
+    if dirty is None or n <= 0:
+        return False
+    lo, hi = dirty[0] // bs, -(-dirty[1] // bs)
+    head, tail = offset // bs, (offset + n - 1) // bs
+    return bool(offset % bs and lo <= head < hi) or bool((offset + n) % bs and lo <= tail < hi)
+
+
+_INF = float("inf")
+
+
+def _covered(layout: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether [lo, hi) lies inside one range of `layout` (sorted, disjoint, merged)."""
+    i = bisect.bisect_right(layout, (lo, _INF)) - 1
+    return i >= 0 and hi <= layout[i][1]
+
+
+def _add_range(layout: list[tuple[int, int]], lo: int, hi: int) -> None:
+    """Put [lo, hi) into `layout`, merging it with the ranges it overlaps or touches:
+    the list stays sorted and short, and `_covered` is a binary search."""
+    i = bisect.bisect_left(layout, (lo, lo))
+    if i and layout[i - 1][1] >= lo:
+        i -= 1
+        lo, hi = layout[i][0], max(hi, layout[i][1])
+    j = i
+    while j < len(layout) and layout[j][0] <= hi:
+        hi = max(hi, layout[j][1])
+        j += 1
+    layout[i:j] = [(lo, hi)]
+
+
+def _drain(inflight: collections.deque[tuple[int, int, int, int]]) -> Plan:
+    """Wait for the requests still in flight (their errors dropped)."""
+    while inflight:
+        rid = inflight.popleft()[0]
+        try:
+            yield Wait(rid)
+        except (SluiceError, OSError):
+            pass
+
+
+@dataclasses.dataclass(slots=True)
+class _Piece:
+    """A read request in flight (or answered, `got` bytes, not yet all consumed)."""
+
+    rid: int
+    off: int
+    length: int
+    at: int
+    got: int | None = None
+
+
+class _ReadStream:
+    """A file's read pieces in flight, in file order and contiguous, in a ring of
+    equal slots of the shared buffer."""
+
+    def __init__(self) -> None:
+        self.pieces: collections.deque[_Piece] = collections.deque()
+        self.piece = READ_PIECE
+        self.slots = 1
+        self._k = 0
+        #: file offset of the next piece to ask for
+        self.next_off = 0
+        #: where a sequential read would start (-1: nowhere yet)
+        self.next_use = -1
+
+    def start(self, pos: int, total: int, room: int, sequential: bool) -> None:
+        """Choose the piece size for reads like this one: whole reads when sequential
+        (fewer round trips; read-ahead does the overlapping), else parts of it."""
+        if sequential:
+            piece = max(total, READ_PIECE)
+        else:
+            piece = max(READ_PIECE, -(-total // READ_DEPTH))
+        self.piece = max(1, min(piece, room // 4 if sequential else room // READ_DEPTH, room))
+        self.slots = max(1, room // self.piece)
+        self._k = 0
+        self.next_off = pos
+
+    def take_slot(self) -> int:
+        at = (self._k % self.slots) * self.piece
+        self._k += 1
+        return at
+
+
+class SharedBuffer:
+    """The connection's shared buffer, and which file's read-ahead holds parts of it
+    between calls: a plan of another file that needs the buffer drops it first."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.holder: FileCore | None = None
+
+    def claim(self, core: FileCore) -> Plan:
+        if not len(self.view):
+            raise ValueError("the client has no shared buffer (connected with shm_size=0)")
+        holder = self.holder
+        if holder is not None and holder is not core:
+            yield from holder._drop_stream()
+        self.holder = core
+
+
+class FileCore:
+    """A direct-path file without I/O: state, and every operation as a plan.
+
+    `shm` is the connection's shared buffer (a memoryview), `block_size` the
+    volume's. The drivers (client.File, client.AsyncFile) run the plans."""
+
+    def __init__(self, buffer: SharedBuffer, block_size: int, slot: int, size: int,
+                 rights: int, *, append: bool) -> None:
+        self.buffer = buffer
+        self.shm = buffer.view
+        self.bs = block_size
+        #: whether sequential reads read ahead (see readinto_plan)
+        self.read_ahead = True
+        self._stream = _ReadStream()
+        self.slot = slot
+        self.rights = rights
+        self.pos = size if append else 0
+        self.append = append
+        self._size_hint = size
+        self._dirty: tuple[int, int] | None = None
+        self._layout: list[tuple[int, int]] = []  # ranges known to be allocated
+        self.closed = False
+
+    # -- reading ---------------------------------------------------------------------
+
+    def readinto_plan(self, buf: Any, offset: int | None) -> Plan:
+        """Read into `buf` at `offset` (None: the position, which advances); the bytes
+        read.
+
+        The read is cut into pieces, several in flight, each into its own slot of the
+        shared buffer: the daemon fills one while this process copies another out. When
+        reads are sequential (this one starts where the last ended), pieces past the
+        end of the read are asked for too (read-ahead, at most READ_AHEAD bytes), so
+        the next read finds its data waiting. Read-ahead data is dropped by any write,
+        truncate or append through this client, by a read elsewhere, and at the end of
+        the file; see docs/dev/protocol.md for what it means for coherence."""
+        mv = memoryview(buf).cast("B")
+        pos = self.pos if offset is None else offset
+        total = len(mv)
+        st = self._stream
+        small = self.small_read(total, offset)
+        if small is not None:
+            return self.small_read_done(mv, offset, (yield Wait((yield small))).n)
+        yield from self.buffer.claim(self)
+        if not total:
+            return 0
+        sequential = pos == st.next_use and self.read_ahead
+        if st.pieces and not sequential:
+            yield from self._drop_stream()
+        if not st.pieces:
+            st.start(pos, total, len(self.shm), sequential)
+        end = pos + total
+        ahead = min(READ_AHEAD, 2 * max(total, READ_PIECE)) if sequential else 0
+        limit = st.slots if sequential else min(st.slots, READ_DEPTH)
+        done = 0
+        eof = False
+        try:
+            while done < total and not eof:
+                while st.next_off < end + ahead and len(st.pieces) < limit:
+                    n = st.piece if sequential else min(st.piece, end - st.next_off)
+                    at = st.take_slot()
+                    rid = yield SendData(READ, self.slot, st.next_off, n, at)
+                    st.pieces.append(_Piece(rid, st.next_off, n, at))
+                    st.next_off += n
+                p = st.pieces[0]
+                if p.got is None:
+                    p.got = -1  # waited for: a failure must not wait for it again
+                    p.got = (yield Wait(p.rid)).n
+                skip = pos + done - p.off
+                k = min(p.got - skip, total - done)
+                if k > 0:
+                    mv[done:done + k] = self.shm[p.at + skip:p.at + skip + k]
+                    done += k
+                if p.got < p.length:
+                    eof = skip + max(k, 0) >= p.got  # a short piece, consumed: the end
+                if eof or skip + max(k, 0) >= p.length:
+                    st.pieces.popleft()
+        except GeneratorExit:
+            raise
+        except BaseException:
+            # Let the other pieces finish before their slots are reused (their replies
+            # are waited for, their errors dropped).
+            yield from self._drop_stream()
+            raise
+        if eof:
+            yield from self._drop_stream()  # the file may grow: ask again next time
+        st.next_use = pos + done
+        if offset is None:
+            self.pos += done
+        return done
+
+    def small_read(self, nbytes: int, offset: int | None) -> SendData | None:
+        """The one request of a small read that continues no stream (the common random
+        read), into the buffer's start; None if the read needs readinto_plan. A driver
+        may send it, wait for its reply and call small_read_done itself: the same as
+        running readinto_plan, without the plan's bookkeeping."""
+        pos = self.pos if offset is None else offset
+        st = self._stream
+        if 0 < nbytes <= min(READ_PIECE, len(self.shm)) and not st.pieces \
+                and (pos != st.next_use or not self.read_ahead) and self.buffer.holder is self:
+            return SendData(READ, self.slot, pos, nbytes, 0)
+        return None
+
+    def small_read_done(self, mv: memoryview, offset: int | None, got: int) -> int:
+        mv[:got] = self.shm[:got]
+        pos = self.pos if offset is None else offset
+        self._stream.next_use = pos + got
+        if offset is None:
+            self.pos += got
+        return got
+
+    def _drop_stream(self) -> Plan:
+        """Forget the read-ahead: wait for the pieces still in flight."""
+        st = self._stream
+        while st.pieces:
+            p = st.pieces.popleft()
+            if p.got is None:
+                try:
+                    yield Wait(p.rid)
+                except (SluiceError, OSError):
+                    pass
+        st.next_use = -1
+
+    # -- writing ---------------------------------------------------------------------
+
+    def pwrite_plan(self, data: Any, offset: int) -> Plan:
+        yield from self.buffer.claim(self)
+        yield from self._drop_stream()
+        mv = memoryview(data).cast("B")
+        if _needs_commit(self._dirty, offset, len(mv), self.bs):
+            yield from self.commit_plan()
+        # Two halves of the shared buffer: the next piece is copied in while the daemon
+        # writes the last one (when the write needs more than one request).
+        # Each piece but the last ends on a block boundary (see _chunk), so two pieces
+        # in flight never share a block.
+        half = len(self.shm) // 2 // self.bs * self.bs
+        if half < self.bs or len(mv) <= half:
+            half = len(self.shm)
+        halves = len(self.shm) // half
+        inflight: collections.deque[tuple[int, int, int, int]] = collections.deque()
+        done = k = 0
+        try:
+            while done < len(mv) or inflight:
+                if done < len(mv) and len(inflight) < halves:
+                    off = offset + done
+                    n = _chunk(off, len(mv) - done, half, self.bs)
+                    want = self._layout_wanted(off, n)
+                    if want is not None:
+                        lo, hi = want
+                        yield from call("layout_get", slot=self.slot, offset=lo,
+                                        length=hi - lo)
+                        _add_range(self._layout, lo, hi)
+                    at = (k % halves) * half
+                    self.shm[at:at + n] = mv[done:done + n]
+                    inflight.append(((yield SendData(WRITE, self.slot, off, n, at)), off, n, at))
+                    done += n
+                    k += 1
+                    continue
+                rid, off, n, at = inflight.popleft()
+                try:
+                    yield Wait(rid)
+                except _errors.Sealed:
+                    # A commit sealed blocks of the layout held: ask again (the server
+                    # relocates them), then write the piece again (its part of the
+                    # buffer still holds it). The metadata server's periodic commit can
+                    # seal the new blocks too before the write lands: try a few times.
+                    for attempt in range(SEALED_RETRIES):
+                        yield from call("layout_get", slot=self.slot, offset=off, length=n)
+                        try:
+                            yield Wait((yield SendData(WRITE, self.slot, off, n, at)))
+                            break
+                        except _errors.Sealed:
+                            if attempt == SEALED_RETRIES - 1:
+                                raise
+        except GeneratorExit:
+            raise
+        except BaseException:
+            yield from _drain(inflight)
+            raise
+        self._wrote(offset, len(mv))
+        return len(mv)
+
+    def write_plan(self, data: Any) -> Plan:
+        if self.append:
+            return (yield from self._append_plan(data))
+        n = yield from self.pwrite_plan(data, self.pos)
+        self.pos += n
+        return n
+
+    def _append_plan(self, data: Any) -> Plan:
+        """O_APPEND: the server writes each buffer-sized piece at the end of the file and
+        commits it under the file's lock (atomic against every other appender)."""
+        yield from self.buffer.claim(self)
+        yield from self._drop_stream()
+        yield from self.commit_plan()
+        mv = memoryview(data).cast("B")
+        done = 0
+        while True:
+            n = min(len(mv) - done, len(self.shm))
+            self.shm[:n] = mv[done:done + n]
+            res = yield Wait((yield SendData(APPEND, self.slot, 0, n, 0)))
+            self._size_hint = res.size
+            self.pos = res.offset + n
+            done += n
+            if done >= len(mv):
+                return done
+
+    def _layout_wanted(self, off: int, n: int) -> tuple[int, int] | None:
+        """The range to ask a write layout for before writing `n` bytes at `off`, or None
+        if the layouts held cover the write. Past the end of the file (appends) the
+        layout runs ahead by LAYOUT_CHUNK; inside it, it is the write's own range, since
+        a layout over committed data copies it to fresh blocks (copy-on-write)."""
+        if _covered(self._layout, off, off + n):
+            return None
+        if off + n <= self._size_hint:
+            return off, off + n
+        return off, off + max(n, LAYOUT_CHUNK)
+
+    def _wrote(self, offset: int, n: int) -> None:
+        """Widen the dirty range by the `n` bytes just written at `offset`."""
+        if n:
+            lo, hi = offset, offset + n
+            if self._dirty:
+                lo, hi = min(lo, self._dirty[0]), max(hi, self._dirty[1])
+            self._dirty = (lo, hi)
+
+    def commit_plan(self) -> Plan:
+        """Make the written range part of the file (size, mtime); returns the size."""
+        if self._dirty is None:
+            return self._size_hint
+        lo, hi = self._dirty
+        res = yield from call("commit", slot=self.slot, offset=lo, length=hi - lo)
+        self._size_hint = res["size"]
+        self._dirty = None
+        return self._size_hint
+
+    def truncate_plan(self, size: int | None) -> Plan:
+        yield from self._drop_stream()
+        yield from self.commit_plan()
+        to = self.pos if size is None else size
+        res = yield from call("truncate", slot=self.slot, size=to)
+        self._size_hint = res["size"]
+        self._layout = [(a, min(b, to)) for a, b in self._layout if a < to]
+        return self._size_hint
+
+    def fsync_plan(self) -> Plan:
+        yield from self.commit_plan()
+        yield from call("fsync", slot=self.slot)
+
+    def read_plan(self, n: int) -> Plan:
+        if n < 0:
+            n = max(0, (yield from self.size_plan()) - self.pos)
+        buf = bytearray(n)
+        got = yield from self.readinto_plan(buf, None)
+        del buf[got:]
+        return bytes(buf) if got < 1 << 16 else buf  # large reads: no extra copy
+
+    def pread_plan(self, n: int, offset: int) -> Plan:
+        buf = bytearray(n)
+        got = yield from self.readinto_plan(buf, offset)
+        del buf[got:]
+        return bytes(buf) if got < 1 << 16 else buf
+
+    def size_plan(self) -> Plan:
+        if self._dirty is not None:
+            yield from self.commit_plan()
+        return int((yield from call("stat", slot=self.slot))["size"])
+
+    def seek_plan(self, offset: int, whence: int) -> Plan:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self.pos + offset
+        elif whence == os.SEEK_END:
+            pos = (yield from self.size_plan()) + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if pos < 0:
+            raise OSError(_errno.EINVAL, "negative seek position")
+        self.pos = pos
+        return pos
+
+    def close_plan(self) -> Plan:
+        if self.closed:
+            return None
+        yield from self._drop_stream()
+        if self.buffer.holder is self:
+            self.buffer.holder = None
+        try:
+            if self._dirty is not None:
+                yield from self.commit_plan()
+        finally:
+            self.closed = True
+            try:
+                yield from call("close", slot=self.slot)
+            except (ConnectionError, OSError):
+                pass
+        return None
+
+
+def light_import_check() -> list[str]:
+    """The heavy modules this process has loaded (for tests and `python -X importtime`
+    checks: a client-only process should list none)."""
+    heavy = ("numpy", "xxhash", "trio", "pyfuse3", "blockdev.device", "pager",
+             "kernelshim.kernel", "kernelshim.principals", "kernelshim.server")
+    return sorted(m for m in heavy if m in sys.modules)

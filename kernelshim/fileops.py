@@ -1,0 +1,274 @@
+"""The shim server's file and data operations: a connection's capability space (slots),
+its shared buffer, and every request that goes through a grant.
+
+Each operation checks the rights its table row in `server.py` names (through
+`Kernel.check` or the kernel call itself) and raises the errors listed there. The data
+operations (read, write, append) arrive as binary DATA frames or as JSON; both end in
+`_read`, `_write` and `_append`.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from typing import Any
+
+import trio
+
+from .connection import (HOG_SECONDS, MAX_SHM, MAX_SHM_TOTAL, PUSH_KINDS, ROOT_SHM,
+                         SLICE_BYTES, BadSlot, Connection, ServerBase)
+from .grants import Grant, Rights
+from .principals import TooManyObjects
+from .protocol import MAX_FRAME, VERSION, ProtocolError, arg_int, arg_str
+
+log = logging.getLogger(__name__)
+
+
+class FileOps(ServerBase):
+    """Slots, the shared buffer, and the `_op_*` of files and data (mixed into
+    ShimServer)."""
+
+    async def _release_all(self, conn: Connection) -> None:
+        for slot in list(conn.slots):
+            try:
+                await self._close_slot(conn, slot)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing slot %d failed", slot)
+        self._drop_shm(conn)
+
+    def _drop_shm(self, conn: Connection, *, refund: bool = True) -> None:
+        if conn.shm_view is not None:
+            conn.shm_view.release()
+            conn.shm_view = None
+        if conn.shm is not None:
+            self.shm_bytes -= len(conn.shm)
+            if refund:
+                self.principals.refund_object(conn.principal, "shm", len(conn.shm))
+            conn.shm.close()
+            conn.shm = None
+
+    def _new_slot(self, conn: Connection, grant: Grant) -> int:
+        self.principals.charge_object(conn.principal, "caps")
+        slot = conn.next_slot
+        conn.next_slot += 1
+        conn.slots[slot] = grant
+        return slot
+
+    def _slot(self, conn: Connection, p: dict[str, Any]) -> Grant:
+        return self._grant(conn, arg_int(p, "slot", hi=1 << 31))
+
+    @staticmethod
+    def _grant(conn: Connection, slot: int) -> Grant:
+        g = conn.slots.get(slot)
+        if g is None:
+            raise BadSlot(f"no capability in slot {slot}")
+        return g
+
+    async def _close_slot(self, conn: Connection, slot: int) -> None:
+        g = conn.slots.pop(slot)
+        self.principals.refund_object(conn.principal, "caps")
+        if slot in conn.opened:
+            conn.opened.discard(slot)
+            self.kernel.release(g)
+            await self.service.close(g)
+        else:
+            self.kernel.release(g)
+
+    @staticmethod
+    def _buf(conn: Connection, off: int, length: int) -> memoryview:
+        if conn.shm_view is None:
+            raise ProtocolError("no shared buffer attached (send 'attach' first)")
+        if length > MAX_SHM:
+            raise ProtocolError(f"length {length} exceeds {MAX_SHM}")
+        if off > len(conn.shm_view) or off + length > len(conn.shm_view):
+            raise ProtocolError(f"buffer range {off}+{length} exceeds the shared buffer "
+                                f"({len(conn.shm_view)} bytes)")
+        return conn.shm_view[off:off + length]
+
+    async def _op_hello(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        return {"version": VERSION, "principal": conn.principal.name, "pid": conn.creds.pid,
+                "uid": conn.creds.uid, "max_frame": MAX_FRAME, "max_shm": MAX_SHM,
+                "block_size": self.kernel.block_size}
+
+    async def _op_subscribe(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        kinds = p.get("kinds")
+        if not isinstance(kinds, list) or len(kinds) > len(PUSH_KINDS) or \
+                not all(isinstance(k, str) and k in PUSH_KINDS for k in kinds):
+            raise ProtocolError(f"argument 'kinds' must list notification kinds of "
+                                f"{sorted(PUSH_KINDS)}")
+        conn.subscribed = frozenset(kinds)
+        return {"kinds": sorted(conn.subscribed)}
+
+    async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        size = arg_int(p, "size", lo=4096, hi=MAX_SHM)
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        held = len(conn.shm) if conn.shm is not None else 0
+        budget = MAX_SHM_TOTAL if conn.creds.uid == 0 else MAX_SHM_TOTAL - ROOT_SHM
+        if self.shm_bytes - held + size > budget:
+            raise TooManyObjects(f"shared memory budget exhausted ({self.shm_bytes} of "
+                                 f"{budget} bytes attached); ask for less")
+        # The new buffer replaces the old: the principal pays the difference (its bank
+        # must hold the new one whole).
+        self.principals.charge_object(conn.principal, "shm", size - held)
+        fd = os.memfd_create("sluice-shm", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            self.principals.refund_object(conn.principal, "shm", size - held)
+            raise
+        try:
+            self._drop_shm(conn, refund=False)
+        except BufferError:  # requests in flight use the old buffer
+            m.close()
+            os.close(fd)
+            self.principals.refund_object(conn.principal, "shm", size - held)
+            raise ProtocolError("the shared buffer is in use by requests in flight") from None
+        conn.shm, conn.shm_view = m, memoryview(m)
+        self.shm_bytes += size
+        # The fd travels with the reply and is closed here once sent: the client has its
+        # own copy, and the mapping keeps the memory alive on this side.
+        return {"size": size, "_fds": [fd]}
+
+    async def _op_open(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        path = arg_str(p, "path")
+        flags = arg_int(p, "flags", hi=0o77777777)
+        mode = arg_int(p, "mode", hi=0o7777) if "mode" in p else 0o644
+        grant = await self.service.open_path(path, flags, mode, conn.creds, conn.principal)
+        try:
+            slot = self._new_slot(conn, grant)
+        except BaseException:
+            self.kernel.release(grant)
+            await self.service.close(grant)
+            raise
+        conn.opened.add(slot)
+        return {"slot": slot, "inode": grant.inode, "rights": int(grant.rights),
+                "size": self.service.size_of(grant)}
+
+    async def _op_read(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=MAX_SHM)
+        return {"n": await self._read(conn, g, offset, length,
+                                      arg_int(p, "buf", hi=1 << 62))}
+
+    async def _read(self, conn: Connection, g: Grant, offset: int, length: int,
+                    at: int) -> int:
+        buf = self._buf(conn, at, length)
+        self.kernel.check(g, Rights.READ)
+        n = max(0, min(length, self.service.size_of(g) - offset))
+        pos = 0
+        while pos < n:
+            k = min(SLICE_BYTES, n - pos)
+            await self.kernel.read_into(g, offset + pos, buf[pos:pos + k])
+            pos += k
+            if pos < n:
+                await self._yield_if_hogging()
+        return n
+
+    async def _yield_if_hogging(self) -> None:
+        """Give the event loop back if this request has held it for a while, so that the
+        metadata requests of the mount wait behind a stream for at most that long."""
+        pending = self.metadata_pending
+        if pending is not None and pending():
+            # Metadata first: let the FUSE workers take what is queued (a bounded number
+            # of rounds, so a storm of metadata cannot stall a stream for good).
+            for _ in range(8):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not pending():
+                    break
+            self._last_yield = trio.current_time()
+            return
+        now = trio.current_time()
+        if now - self._last_yield >= HOG_SECONDS:
+            self._last_yield = now
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _op_write(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=MAX_SHM)
+        return {"n": await self._write(conn, g, offset, length,
+                                       arg_int(p, "buf", hi=1 << 62))}
+
+    async def _write(self, conn: Connection, g: Grant, offset: int, length: int,
+                     at: int) -> int:
+        buf = self._buf(conn, at, length)
+        pos = 0
+        while pos < length:
+            k = min(SLICE_BYTES, length - pos)
+            if pos + k < length:
+                k -= (offset + pos + k) % self.kernel.block_size  # slices end on blocks
+            await self.kernel.write(g, offset + pos, buf[pos:pos + k])
+            pos += k
+            if pos < length:
+                await self._yield_if_hogging()
+        return length
+
+    async def _op_append(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        length = arg_int(p, "length", hi=MAX_SHM)
+        offset, size = await self._append(conn, g, length, arg_int(p, "buf", hi=1 << 62))
+        return {"offset": offset, "n": length, "size": size}
+
+    async def _append(self, conn: Connection, g: Grant, length: int,
+                      at: int) -> tuple[int, int]:
+        self.kernel.check(g, Rights.WRITE)
+        buf = self._buf(conn, at, length)
+        return await self.service.append(g, buf)
+
+    async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self.kernel.check(g, Rights.WRITE)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=1 << 40)
+        return {"allocated": await self.service.layout_get(g, offset, length)}
+
+    async def _op_commit(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self.kernel.check(g, Rights.WRITE)
+        offset = arg_int(p, "offset")
+        length = arg_int(p, "length", hi=1 << 40)
+        return {"size": await self.service.layout_commit(g, offset, length)}
+
+    async def _op_truncate(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self.kernel.check(g, Rights.WRITE)
+        await self.service.truncate(g, arg_int(p, "size"))
+        return {"size": self.service.size_of(g)}
+
+    async def _op_fsync(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self.kernel.check(g, Rights.NONE)
+        await self.service.fsync(g)
+        return {}
+
+    async def _op_stat(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        self.kernel.check(g, Rights.NONE)
+        return self.service.stat_of(g)
+
+    async def _op_mint(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        rights = Rights(arg_int(p, "rights", hi=int(Rights.RW)))
+        child = self.kernel.mint(g, rights)
+        try:
+            slot = self._new_slot(conn, child)
+        except BaseException:
+            self.kernel.release(child)
+            raise
+        return {"slot": slot, "rights": int(child.rights)}
+
+    async def _op_revoke(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        g = self._slot(conn, p)
+        await self.kernel.revoke(g)
+        return {}
+
+    async def _op_close(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        slot = arg_int(p, "slot", hi=1 << 31)
+        if slot not in conn.slots:
+            raise BadSlot(f"no capability in slot {slot}")
+        await self._close_slot(conn, slot)
+        return {}

@@ -1,0 +1,116 @@
+"""The direct client's pipelined and read-ahead reads return what the file holds: after
+writes, truncates and appends through the same client, with two files read in turns
+through one shared buffer, across the end of a file that then grows, and with reads
+of every size against a small buffer. (Speed is for scripts/bench_direct.py.)"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from kernelshim.client import Client
+
+pytestmark = pytest.mark.mounted
+
+MiB = 1 << 20
+
+
+def _read_all(f, req: int, size: int) -> bytes:
+    out = bytearray()
+    buf = bytearray(req)
+    while True:
+        n = f.readinto(buf, len(out))
+        if not n:
+            return bytes(out)
+        out += buf[:n]
+        assert len(out) <= size
+
+
+def test_sequential_reads_of_every_size(mnt: Path) -> None:
+    data = os.urandom(5 * MiB + 12345)
+    (mnt / "f").write_bytes(data)
+    for shm in (1 << 16, 1 * MiB, 8 * MiB):
+        with Client.connect(mnt, shm_size=shm) as c:
+            with c.open("f") as f:
+                for req in (4096, 100_000, 1 * MiB, 4 * MiB + 1, 7 * MiB):
+                    assert _read_all(f, req, len(data)) == data, (shm, req)
+                # sequential through the position too
+                f.seek(0)
+                parts = [f.read(777_777) for _ in range(8)]
+                assert b"".join(parts) == data
+                assert f.read(10) == b""
+
+
+def test_read_ahead_sees_the_clients_own_writes(mnt: Path) -> None:
+    size = 6 * MiB
+    model = bytearray(os.urandom(size))
+    (mnt / "f").write_bytes(model)
+    rng = random.Random(7)
+    with Client.connect(mnt) as c:
+        f = c.open("f", "r+")
+        g = c.open("f", "r+")  # a second handle of the same client: writes drop it too
+        pos = 0
+        for step in range(60):
+            if step % 5 == 4:
+                off = rng.randrange(size - 5000)
+                patch = os.urandom(rng.choice([1, 4096, 5000]))
+                (g if step % 10 == 4 else f).pwrite(patch, off)
+                (g if step % 10 == 4 else f).commit()
+                model[off:off + len(patch)] = patch
+                continue
+            n = rng.choice([4096, 65536, MiB])
+            if pos >= size:
+                pos = 0
+            got = f.pread(n, pos)
+            assert got == model[pos:pos + n], (step, pos, n)
+            pos += len(got)
+        f.truncate(3 * MiB)
+        del model[3 * MiB:]
+        assert f.pread(MiB, 2 * MiB) == model[2 * MiB:]  # runs into the new end
+        g.close()
+        f.close()
+
+
+def test_two_files_read_in_turns_share_one_buffer(mnt: Path) -> None:
+    a, b = os.urandom(3 * MiB), os.urandom(3 * MiB + 1)
+    (mnt / "a").write_bytes(a)
+    (mnt / "b").write_bytes(b)
+    with Client.connect(mnt, shm_size=2 * MiB) as c:
+        fa, fb = c.open("a"), c.open("b")
+        got_a, got_b = bytearray(), bytearray()
+        while len(got_a) < len(a) or len(got_b) < len(b):
+            got_a += fa.pread(300_000, len(got_a))
+            got_b += fb.pread(500_000, len(got_b))
+        assert got_a == a and got_b == b
+        fa.close()
+        fb.close()
+
+
+def test_a_file_that_grows_after_its_end_was_read(mnt: Path) -> None:
+    (mnt / "log").write_bytes(b"a" * 100_000)
+    with Client.connect(mnt) as c:
+        f = c.open("log")
+        assert f.read() == b"a" * 100_000
+        assert f.read(MiB) == b""
+        with open(mnt / "log", "ab") as w:  # grows through the mount
+            w.write(b"b" * 3000)
+        assert f.read(MiB) == b"b" * 3000
+        f.close()
+
+
+def test_read_ahead_off(mnt: Path) -> None:
+    """With read_ahead=False a sequential reader sees a write through the mount that
+    landed between two of its reads (the coherence read-ahead gives up)."""
+    (mnt / "f").write_bytes(b"x" * (4 * MiB))
+    with Client.connect(mnt) as c:
+        f = c.open("f", read_ahead=False)
+        assert f.read(MiB) == b"x" * MiB
+        assert f.read(MiB) == b"x" * MiB
+        with open(mnt / "f", "r+b") as w:
+            w.seek(2 * MiB)
+            w.write(b"y" * MiB)
+        assert f.read(MiB) == b"y" * MiB
+        f.close()
