@@ -49,7 +49,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 #: handlers whose first argument is a file handle (pyfuse3 passes them no context: the
 #: principal is the one the file was opened for, charged for its I/O too)
-_FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync"})
+_FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync", "fallocate",
+                            "lseek"})
 #: handlers whose first argument is a directory handle (from `opendir`)
 _DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
 
@@ -155,6 +156,12 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # Both need sluice's own pyfuse3 build (binding/): shared mmap of files opened with
+    # direct I/O (Linux 6.6+), and no `security.capability` GETXATTR before each first
+    # write — sluice clears set-user-ID/set-group-ID itself on write, truncate and
+    # O_TRUNC (FileSystem._drop_setid) and keeps no security.capability of its own.
+    enable_direct_io_allow_mmap = True
+    enable_killpriv_v2 = True
 
     def __init__(self, fs: FileSystem, *, control_socket: str | None = None,
                  principal_requests: int = PRINCIPAL_REQUESTS) -> None:
@@ -257,7 +264,11 @@ class Operations(pyfuse3.Operations):
             log.debug("invalidate_entry(%d, %r) failed: %s", parent, name, exc)
 
     def _file_info(self, h: Any) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=h.fh, direct_io=h.direct_io, keep_cache=False)
+        # noflush: `flush` has nothing to do (data reaches the pager at each write,
+        # errors are reported at fsync; no POSIX locks are kept here), so the kernel
+        # need not send FLUSH at every close.
+        return pyfuse3.FileInfo(fh=h.fh, direct_io=h.direct_io, keep_cache=False,
+                                noflush=True)
 
     # -- names ----------------------------------------------------------------------------
 
@@ -366,6 +377,14 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
+
+    @_guard
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        await self.fs.fallocate(fh, mode, off, length)
+
+    @_guard
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        return self.fs.seek(fh, off, whence)
 
     @_guard
     async def flush(self, fh: int) -> None:
