@@ -20,6 +20,7 @@ Concurrency (one trio loop; code between two awaits runs atomically):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -227,6 +228,8 @@ class FileSystem:
         self.read_only: str | None = None
         #: failed barriers/commits so far; each open handle reports a new one once
         self.write_errors = 0
+        #: FUSE requests answered, by handler name (operations.py counts; `sluice stats`)
+        self.fuse_requests: collections.Counter[str] = collections.Counter()
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
@@ -1552,6 +1555,7 @@ class FileSystem:
                       "evictions": pg.evictions,
                       "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
             "principals": [dataclasses.asdict(i) for i in self.principals.info()],
+            "fuse_requests": dict(self.fuse_requests),
         }
 
     # -- directories ---------------------------------------------------------------------------

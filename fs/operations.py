@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import os
+import stat
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -31,6 +32,8 @@ from .errors import NotFound
 from .filesystem import Caller, FileSystem, Inode
 
 CONTROL_XATTR = b"user.sluice.control"
+#: file capabilities (setcap): refused, see `setxattr`
+FCAPS_XATTR = b"security.capability"
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ def _guard(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
+        self.fs.fuse_requests[name] += 1
         try:
             who = self._principal_of(name, args)
             if who is None:
@@ -177,6 +181,15 @@ class Operations(pyfuse3.Operations):
         fs.on_attr_changed = self._invalidate_attr
         fs.on_data_changed = self._invalidate_data
         fs.on_entry_created = self._invalidate_entry
+
+    def init(self) -> None:
+        # Called by pyfuse3 once the kernel's INIT is answered: say what was agreed.
+        got = pyfuse3.negotiated()
+        missing = {"direct_io_allow_mmap", "handle_killpriv_v2"} - got["want"]
+        log.info("FUSE capabilities in use: %s", ", ".join(sorted(got["want"])))
+        if missing:
+            log.warning("the kernel did not offer %s: shared mmap of direct-I/O files "
+                        "and/or killpriv v2 are off", ", ".join(sorted(missing)))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -287,6 +300,7 @@ class Operations(pyfuse3.Operations):
         return self._attr(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.fs.fuse_requests["forget"] += 1
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)
@@ -301,9 +315,10 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        mode = attr.st_mode if fields.update_mode else self._killpriv_mode(inode, fields, ctx)
         node = await self.fs.setattr(
             inode,
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=mode,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
@@ -312,6 +327,26 @@ class Operations(pyfuse3.Operations):
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
             caller=self._caller(ctx))
         return self._attr(node)
+
+    def _killpriv_mode(self, inode: int, fields: pyfuse3.SetattrFields,
+                       ctx: pyfuse3.RequestContext) -> int | None:
+        """The mode a SETATTR must leave behind under FUSE_HANDLE_KILLPRIV_V2, which
+        makes clearing set-user-ID/set-group-ID the filesystem's job (the kernel drops
+        the mode it computed): a chown (uid or gid given, or no field at all: chown(-1, -1))
+        clears them whoever calls, a truncate when the caller is not root (CAP_FSETID;
+        libfuse does not pass FATTR_KILL_SUIDGID on). set-group-ID goes only with group
+        execute, as in the VFS. Regular files only. None when nothing changes."""
+        chown = fields.update_uid or fields.update_gid or not (
+            fields.update_size or fields.update_atime or fields.update_mtime)
+        if not (chown or fields.update_size and ctx.uid != 0):
+            return None
+        node = self.fs.inode(inode)
+        if not node.is_reg:
+            return None
+        mode = node.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        return mode if mode != node.mode else None
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -454,6 +489,11 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
                        ) -> None:
         # pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself (through getxattr) before this.
+        if name == FCAPS_XATTR:
+            # File capabilities are not kept: under killpriv v2 the kernel leaves their
+            # removal on write and chown to the filesystem, and the mount is nosuid
+            # (exec ignores them anyway).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.fs.setxattr(inode, name, value, 0)
 
     @_guard
