@@ -1259,15 +1259,17 @@ class FileSystem:
 
     async def _reserve_zero_range(self, node: Inode, emap: ExtentMap, lo: int, hi: int,
                                   principal: PrincipalId) -> None:
-        """ZERO_RANGE's checks, before anything changes: the holes of the range are
-        allocated (charged to `principal`) and the whole data blocks it will replace
-        fit in the free space (the old ones are free only after the commit)."""
+        """ZERO_RANGE's checks, before anything changes: the whole data blocks it will
+        replace fit in the free space (the old ones are free only after the commit),
+        then the holes of the range are allocated (charged to `principal`)."""
         bs = self.block_size
         f0, f1 = -(-lo // bs), hi // bs
         replace = sum(s.count for s in emap.segments(f0, f1 - f0)
                       if s.dev_block != HOLE and s.state != UNWRITTEN) if f1 > f0 else 0
         holes = sum(c for _fb, c in emap.holes(lo // bs, -(-hi // bs) - lo // bs))
-        await self._ensure_free(replace + holes)
+        # Replacing data blocks may use the copy-on-write reserve, as an overwrite may;
+        # the holes are new allocations and leave it alone.
+        await self._ensure_free(replace + holes, reserve=False)
         await self._allocate(node, emap, lo // bs, -(-hi // bs) - lo // bs, principal)
 
     async def _zero_partial_blocks(self, node: Inode, emap: ExtentMap, lo: int, hi: int,
