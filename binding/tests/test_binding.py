@@ -16,8 +16,10 @@ import errno
 import mmap
 import multiprocessing
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,10 +138,16 @@ class PlainFs(Fs):
         return await pyfuse3.Operations.lseek(self, fh, off, whence)
 
 
-def _serve(cls, mnt: str, status) -> None:
+def _serve(cls, mnt: str, status, uid: int | None = None) -> None:
+    if uid is not None:  # a non-root mount: libfuse runs the system's setuid fusermount3
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
     fs = cls(status)
     opts = set(pyfuse3.default_options)
     opts.add("fsname=bindingtest")
+    if uid is not None:
+        opts.add("allow_other")  # so that the test, as root, may look
     pyfuse3.init(fs, mnt, opts)
     try:
         trio.run(pyfuse3.main)
@@ -253,3 +261,63 @@ def test_lseek(served) -> None:
     ino = FILES[b"plain"]
     assert status["lseek"] == [[ino, 10, os.SEEK_DATA], [ino, 10, os.SEEK_HOLE],
                                [ino, DATA_END + 1, os.SEEK_DATA]]
+
+
+NOBODY = 65534
+
+
+def test_the_private_libfuse_runs_the_system_fusermount3() -> None:
+    """Where the library looks for fusermount3 is compiled in; it must be the setuid one
+    of Debian's fuse3 package, not the private prefix (which has none)."""
+    import pyfuse3 as mod
+    maps = Path("/proc/self/maps").read_text()
+    lib = next(ln.split()[-1] for ln in maps.splitlines() if "libfuse3.so" in ln)
+    assert "/.build/libfuse/lib/" in lib, lib
+    assert b"/usr/bin/fusermount3" in Path(lib).read_bytes()
+    assert mod.negotiated is not None
+
+
+def test_a_non_root_mount_finds_the_system_fusermount3() -> None:
+    """The private libfuse looks for fusermount3 in /usr/bin (libfuse-fusermount-path.patch):
+    an unprivileged user can still mount, and gets shared mmap of direct_io files."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/fusermount3"):
+        pytest.skip("needs root (to become another user) and the fuse3 package")
+    if not os.stat("/dev/fuse").st_mode & 0o006:
+        # libfuse opens /dev/fuse itself first (as upstream 3.14 does too): a machine
+        # that keeps it 0600 allows no unprivileged FUSE mount, with either library.
+        pytest.skip("/dev/fuse is not open to other users on this machine")
+    base = Path(tempfile.mkdtemp(prefix="binding-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    mnt = base / "mnt"
+    mnt.mkdir()
+    os.chown(mnt, NOBODY, NOBODY)
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(Fs, str(mnt), status, NOBODY))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the unprivileged file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        with open("/proc/self/mounts") as f:
+            line = next(ln for ln in f if ln.split()[1] == str(mnt))
+        assert f"user_id={NOBODY}" in line, line
+        fd = os.open(mnt / "plain", os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)
+            assert m[:4] == b"xxxx"
+            m.close()
+        finally:
+            os.close(fd)
+        assert "direct_io_allow_mmap" in status["want"]
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
