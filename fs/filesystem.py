@@ -228,6 +228,8 @@ class FileSystem:
         self.read_only: str | None = None
         #: failed barriers/commits so far; each open handle reports a new one once
         self.write_errors = 0
+        #: O_TMPFILE inodes not linked yet (linkat may give them a name; see `tmpfile`)
+        self._tmpfiles: set[int] = set()
         #: FUSE requests answered, by handler name (operations.py counts; `sluice stats`)
         self.fuse_requests: collections.Counter[str] = collections.Counter()
 
@@ -562,7 +564,7 @@ class FileSystem:
         node = self.inode(ino)
         if node.is_dir:
             raise NotPermitted("hard links to directories are not allowed")
-        if node.nlink == 0:
+        if node.nlink == 0 and node.id not in self._tmpfiles:
             raise NotFound("cannot link a file that has been unlinked")
         if node.nlink >= LINK_MAX:
             raise TooManyLinks(f"inode {ino} has {node.nlink} links")
@@ -575,6 +577,8 @@ class FileSystem:
         who = caller.principal if caller else ROOT_PRINCIPAL
         self.principals.charge(self.principal(who), space=ENTRY_COST + len(new_name))
         now = _now()
+        if node.nlink == 0:  # an O_TMPFILE file gets its first name: an inode again
+            self._link_tmpfile(node, who)
         self.md.add_dentry(new_parent, new_name, ino, who)
         node.nlink += 1
         node.ctime_ns = now
@@ -947,6 +951,7 @@ class FileSystem:
         node = h.inode
         node.opens -= 1
         if node.opens == 0 and node.nlink == 0:
+            self._tmpfiles.discard(node.id)
             await self._destroy(node)
         else:
             if node.opens == 0:
@@ -1192,6 +1197,39 @@ class FileSystem:
             if h is not None:
                 h.errors_seen = self.write_errors
             raise
+
+    # -- O_TMPFILE ------------------------------------------------------------------------------
+
+    async def tmpfile(self, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[Handle, Inode]:
+        """open(O_TMPFILE): a regular file in `parent` with no name, open. It is made as
+        create makes a file (same checks, charges and inherited hints) under a name
+        nobody can have looked up, which is then removed at once (no checkpoint in
+        between): from then on it is exactly a file unlinked while open — its inode is
+        not charged, its blocks are, it is freed at its last release or, after a
+        crash, as an orphan at the next mount. `link` may give it a name (linkat with
+        AT_EMPTY_PATH; the kernel refuses that for O_EXCL)."""
+        d = self.inode(parent)
+        name = b".sluice-tmpfile-%d-%d" % (self._next_fh, os.getpid())
+        node = self._new_inode(d, name, stat.S_IFREG | (mode & 0o7777), caller)
+        try:
+            h = self.open(node.id, flags, caller)
+        finally:
+            self._remove_name(parent, name)
+            node.nlink = 0
+            self._save(node, "nlink")
+            self._inode_count -= 1
+            self.principals.refund(self.principal(node.principal), inodes=1)
+        self._tmpfiles.add(node.id)
+        return h, node
+
+    def _link_tmpfile(self, node: Inode, who: PrincipalId) -> None:
+        """An O_TMPFILE inode gets its first name: charged as an inode again."""
+        if self._inode_count >= self.max_inodes:
+            raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        self.principals.charge(self.principal(node.principal), inodes=1)
+        self._inode_count += 1
+        self._tmpfiles.discard(node.id)
 
     # -- fallocate and SEEK_DATA/SEEK_HOLE (docs/dev/invariants.md, "fallocate") -------------
 

@@ -32,6 +32,8 @@ from .errors import NotFound
 from .filesystem import Caller, FileSystem, Inode
 
 CONTROL_XATTR = b"user.sluice.control"
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 #: file capabilities (setcap): refused, see `setxattr`
 FCAPS_XATTR = b"security.capability"
 
@@ -378,6 +380,18 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & RENAME_WHITEOUT:
+            # overlayfs (sluice as its upper layer) renames with a whiteout left behind:
+            # a character device 0/0 under the old name. The kernel has checked
+            # CAP_MKNOD and holds both directories' locks, so no lookup through the
+            # mount sees the name missing in between; the whiteout is made with no
+            # checkpoint after the rename returns.
+            if flags & RENAME_EXCHANGE:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                 flags & ~RENAME_WHITEOUT)
+            self.fs.mknod(parent_inode_old, name_old, stat.S_IFCHR, 0, self._caller(ctx))
+            return
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_guard
@@ -403,6 +417,13 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         h, node = self.fs.create(parent_inode, name, mode, flags, self._caller(ctx))
+        return self._file_info(h), self._attr(node)
+
+    @_guard
+    async def tmpfile(self, parent_inode: int, mode: int, flags: int,
+                      ctx: pyfuse3.RequestContext
+                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        h, node = await self.fs.tmpfile(parent_inode, mode, flags, self._caller(ctx))
         return self._file_info(h), self._attr(node)
 
     @_guard
