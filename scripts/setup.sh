@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(fuse3 libfuse3-dev pkg-config attr sqlite3 git gcc make tar python3-venv python3-dev strace e2fsprogs
-          meson ninja-build patch xz-utils)
+          meson ninja-build patch xz-utils dpkg-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
