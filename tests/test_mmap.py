@@ -6,8 +6,8 @@ the mount stay coherent with them (a direct read first writes the dirty mapped p
 back, a direct write drops the cached pages it covers). What the daemon, and so the
 pager, sees of mapped I/O: a page fault that misses the page cache is a READ request, a
 dirty page written back (msync, munmap, fsync, close, or the kernel's write-back) is a
-WRITE request, each charged to the principal the file was opened for; hits in the page
-cache are invisible to it.
+WRITE request through a writable open of the file (charged to its principal); hits in
+the page cache are invisible to it.
 """
 
 from __future__ import annotations
