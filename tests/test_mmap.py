@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, sluice
+from conftest import REPO, SLUICE, sluice
 
 pytestmark = pytest.mark.mounted
 
@@ -172,3 +172,33 @@ def test_pip_install_of_a_source_package_with_tmpdir_on_the_mount(mnt: Path,
                                                                   PYTHONPATH=str(mnt / "site")))
     assert out.stdout.strip() == "42", out.stderr
     assert (mnt / "site" / "tinypkg-1.0.dist-info" / "RECORD").exists()
+
+
+MAPPED_WRITER = textwrap.dedent("""
+    import mmap, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 1 << 20)                  # sparse: no block yet
+    m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED)
+    for page in range(0, 256, 16):             # 16 pages stored through the mapping
+        m[page * 4096:page * 4096 + 5] = b"page!"
+    m.flush()
+    m.close()
+    os.close(fd)
+""")
+
+
+def test_mapped_writes_are_charged_to_the_principal_that_mapped(mnt: Path) -> None:
+    from test_principals import entry, usage
+    sluice("principal", "add", str(mnt), "a", "--space", "64M")
+    (mnt / "d").mkdir()
+    f = mnt / "d" / "mapped"
+    r = subprocess.run([*SLUICE, "run", str(mnt), "--principal", "a", "--", sys.executable,
+                        "-c", MAPPED_WRITER, str(f)], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert usage(mnt)["a"][0] == 16 * BS + entry("mapped")
+    data = f.read_bytes()
+    assert len(data) == 1 << 20
+    assert all(data[p * BS:p * BS + 5] == b"page!" for p in range(0, 256, 16))
+    assert data.count(b"page!") == 16
+    assert os.stat(f).st_blocks * 512 == 16 * BS
