@@ -15,8 +15,8 @@
 #      libfuse with an rpath, built as a wheel versioned 3.5.0+sluice.N and installed
 #      into .venv.
 #
-# Each step is skipped when its inputs (this script, the patches, the fetched
-# versions) are unchanged: a second run takes a second or two.
+# Each step is skipped when its inputs (its part of this script, its patches, and for
+# pyfuse3 the libfuse build) are unchanged: a second run takes about a second.
 #
 # Usage: binding/build.sh PYTHON   (the venv's python; run from the repository root)
 set -euo pipefail
@@ -35,15 +35,16 @@ for tool in apt-get meson ninja patch pkg-config gcc tar; do
     command -v "$tool" >/dev/null || die "building the FUSE binding needs '$tool' (apt-get install meson ninja-build patch pkg-config gcc tar)"
 done
 
-inputs_hash() {
-    cat binding/build.sh binding/libfuse-*.patch binding/pyfuse3-*.patch | sha256sum | cut -c1-16
-}
-HASH=$(inputs_hash)
+# What each step is built from: a change rebuilds that step and the ones after it.
+LIB_HASH=$(sed -n '/^# -- 1/,/^# -- 2/p' binding/build.sh | cat - binding/libfuse-*.patch |
+           sha256sum | cut -c1-16)
+PY_HASH=$( (echo "$LIB_HASH"; sed -n '/^# -- 2/,$p' binding/build.sh;
+            cat binding/pyfuse3-*.patch) | sha256sum | cut -c1-16)
 mkdir -p "$B"
 
 # -- 1. libfuse ------------------------------------------------------------------------
 lib_stamp=$PREFIX/.sluice-stamp
-if [ ! -f "$lib_stamp" ] || [ "$(cat "$lib_stamp")" != "$HASH" ]; then
+if [ ! -f "$lib_stamp" ] || [ "$(cat "$lib_stamp")" != "$LIB_HASH" ]; then
     apt_dir=$B/apt
     mkdir -p "$apt_dir/state/lists/partial" "$apt_dir/cache/archives/partial" "$B/src"
     echo "deb-src http://deb.debian.org/debian $SUITE main" > "$apt_dir/sources.list"
@@ -89,7 +90,7 @@ if [ ! -f "$lib_stamp" ] || [ "$(cat "$lib_stamp")" != "$HASH" ]; then
      ninja -C "$work/build" install) >"$B/libfuse-build.log" 2>&1 \
         || die "building libfuse failed (see .build/libfuse-build.log)"
     echo "$upstream" > "$PREFIX/.sluice-version"
-    echo "$HASH" > "$lib_stamp"
+    echo "$LIB_HASH" > "$lib_stamp"
     rm -rf "$work"
 fi
 LIBFUSE_VERSION=$(cat "$PREFIX/.sluice-version")
@@ -98,7 +99,7 @@ LIBFUSE_VERSION=$(cat "$PREFIX/.sluice-version")
 want="$PYFUSE3_VERSION+$LOCAL_VERSION"
 py_stamp=$B/pyfuse3.stamp
 have=$("$PY" -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' 2>/dev/null || true)
-if [ "$have" != "$want" ] || [ ! -f "$py_stamp" ] || [ "$(cat "$py_stamp")" != "$HASH" ]; then
+if [ "$have" != "$want" ] || [ ! -f "$py_stamp" ] || [ "$(cat "$py_stamp")" != "$PY_HASH" ]; then
     echo "setup: building pyfuse3 $want against libfuse $LIBFUSE_VERSION"
     sdir=$B/src/pyfuse3
     rm -rf "$sdir" && mkdir -p "$sdir"
@@ -118,7 +119,7 @@ if [ "$have" != "$want" ] || [ ! -f "$py_stamp" ] || [ "$(cat "$py_stamp")" != "
     { "$PY" -m pip install -q --no-deps --force-reinstall "$B"/wheels/pyfuse3-*.whl &&
       "$PY" -m pip install -q "$B"/wheels/pyfuse3-*.whl; } \
         >>"$B/pyfuse3-build.log" 2>&1 || die "installing the pyfuse3 wheel failed (see .build/pyfuse3-build.log)"
-    echo "$HASH" > "$py_stamp"
+    echo "$PY_HASH" > "$py_stamp"
 fi
 
 # The binding must load the private libfuse, not the system's 3.14.
