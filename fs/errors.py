@@ -80,6 +80,11 @@ class NotSupported(FsError):
     errno = _errno.EOPNOTSUPP
 
 
+class NoSuchOffset(FsError):
+    """SEEK_DATA/SEEK_HOLE at or past the end of the file, or no data after it."""
+    errno = _errno.ENXIO
+
+
 class TooManyLinks(FsError):
     errno = _errno.EMLINK
 

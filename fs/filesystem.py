@@ -20,6 +20,7 @@ Concurrency (one trio loop; code between two awaits runs atomically):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -38,7 +39,8 @@ from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable, QuotaEx
 from .allocator import Allocator
 from .errors import (ReadOnly, WriteFailed, BadHandle, Exists, FileTooLarge, InvalidArgument, IsADirectory, NameTooLong,
                      NoData, NoSpace, NotADirectory, NotEmpty, NotFound, NotPermitted,
-                     NotSupported, OutOfRange, PermissionDenied, TooBig, TooManyLinks)
+                     NotSupported, OutOfRange, PermissionDenied, TooBig, TooManyLinks,
+                     NoSuchOffset)
 from .metadata import INODE_COLUMNS, Metadata
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ XATTR_SIZE_MAX = 65536
 XATTR_LIST_MAX = 65536
 LINK_MAX = 65000
 MAX_FILE_SIZE = 1 << 50
+#: fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 #: blocks copied per request when a write layout relocates sealed blocks
 COPY_BLOCKS = 256
 RENAME_NOREPLACE = 1
@@ -270,6 +276,10 @@ class FileSystem:
         self.read_only: str | None = None
         #: failed barriers/commits so far; each open handle reports a new one once
         self.write_errors = 0
+        #: O_TMPFILE inodes not linked yet (linkat may give them a name; see `tmpfile`)
+        self._tmpfiles: set[int] = set()
+        #: FUSE requests answered, by handler name (operations.py counts; `sluice stats`)
+        self.fuse_requests: collections.Counter[str] = collections.Counter()
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
@@ -629,7 +639,7 @@ class FileSystem:
         node = self.inode(ino)
         if node.is_dir:
             raise NotPermitted("hard links to directories are not allowed")
-        if node.nlink == 0:
+        if node.nlink == 0 and node.id not in self._tmpfiles:
             raise NotFound("cannot link a file that has been unlinked")
         if node.nlink >= LINK_MAX:
             raise TooManyLinks(f"inode {ino} has {node.nlink} links")
@@ -642,6 +652,8 @@ class FileSystem:
         who = caller.principal if caller else ROOT_PRINCIPAL
         self.principals.charge(self.principal(who), space=ENTRY_COST + len(new_name))
         now = _now()
+        if node.nlink == 0:  # an O_TMPFILE file gets its first name: an inode again
+            self._link_tmpfile(node, who)
         self.md.add_dentry(new_parent, new_name, ino, who)
         node.nlink += 1
         node.ctime_ns = now
@@ -1016,8 +1028,11 @@ class FileSystem:
         node = h.inode
         node.opens -= 1
         if node.opens == 0 and node.nlink == 0:
+            self._tmpfiles.discard(node.id)
             await self._destroy(node)
         else:
+            if node.opens == 0:
+                await self._trim_preallocation(node)
             self._maybe_evict(node)
 
     async def read(self, fh: int, offset: int, size: int) -> memoryview | bytes:
@@ -1260,6 +1275,230 @@ class FileSystem:
                 h.errors_seen = self.write_errors
             raise
 
+    # -- O_TMPFILE ------------------------------------------------------------------------------
+
+    async def tmpfile(self, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[Handle, Inode]:
+        """open(O_TMPFILE): a regular file in `parent` with no name, open. It is made as
+        create makes a file (same checks, charges and inherited hints) under a name
+        nobody can have looked up, which is then removed at once (no checkpoint in
+        between): from then on it is exactly a file unlinked while open — its inode is
+        not charged, its blocks are, it is freed at its last release or, after a
+        crash, as an orphan at the next mount. `link` may give it a name (linkat with
+        AT_EMPTY_PATH; the kernel refuses that for O_EXCL)."""
+        d = self.inode(parent)
+        name = b".sluice-tmpfile-%d-%d" % (self._next_fh, os.getpid())
+        node = self._new_inode(d, name, stat.S_IFREG | (mode & 0o7777), caller)
+        try:
+            h = self.open(node.id, flags, caller)
+        finally:
+            self._remove_name(parent, name)
+            node.nlink = 0
+            self._save(node, "nlink")
+            self._inode_count -= 1
+            self.principals.refund(self.principal(node.principal), inodes=1)
+        self._tmpfiles.add(node.id)
+        return h, node
+
+    def _link_tmpfile(self, node: Inode, who: PrincipalId) -> None:
+        """An O_TMPFILE inode gets its first name: charged as an inode again."""
+        if self._inode_count >= self.max_inodes:
+            raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        self.principals.charge(self.principal(node.principal), inodes=1)
+        self._inode_count += 1
+        self._tmpfiles.discard(node.id)
+
+    # -- fallocate and SEEK_DATA/SEEK_HOLE (docs/dev/invariants.md, "fallocate") -------------
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file, for the principal it was opened for.
+
+        - mode 0 / KEEP_SIZE: the holes of the range become UNWRITTEN extents charged to
+          the principal (EDQUOT or ENOSPC now, all or nothing, never at a later write);
+          mode 0 grows the size to the end of the range (R6 first).
+        - PUNCH_HOLE|KEEP_SIZE: whole blocks of the range are unmapped and freed as
+          truncate frees them (revoke, drain, free after the durable commit: R3); the
+          partial blocks at its ends get zeros written (relocated if sealed: R1).
+        - ZERO_RANGE [|KEEP_SIZE]: as PUNCH_HOLE, but the range stays allocated: whole
+          data blocks are replaced by fresh UNWRITTEN blocks of the same owner, holes are
+          allocated and charged as by mode 0; without KEEP_SIZE the size grows.
+        Every other mode: EOPNOTSUPP."""
+        self._writable()
+        h = self.handle(fh)
+        if not h.writable:
+            raise BadHandle("file not open for writing")
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        op = mode & ~FALLOC_FL_KEEP_SIZE
+        if op not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or \
+                op == FALLOC_FL_PUNCH_HOLE and not keep_size:
+            raise NotSupported(f"fallocate mode {mode:#x} is not supported")
+        if offset < 0 or length <= 0:
+            raise InvalidArgument("fallocate needs offset >= 0 and length > 0")
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge("fallocate past the maximum file size")
+        node = h.inode
+        principal = h.grant.principal
+        bs = self.block_size
+        async with self._lock(node):
+            emap = self._extents(node)
+            grows = not keep_size and end > node.size
+            fields = ["blocks"]
+            if op == 0:
+                b0, b1 = offset // bs, -(-end // bs)
+                if grows:
+                    # Charge first: a refusal changes nothing, not even the last block.
+                    await self._allocate(node, emap, b0, b1 - b0, principal)
+                    await self._zero_past_eof(node, node.size, end, principal)  # R6
+                else:
+                    await self._allocate(node, emap, b0, b1 - b0, principal)
+                self._save_extents(node)
+            else:
+                if op == FALLOC_FL_ZERO_RANGE:
+                    await self._reserve_zero_range(node, emap, offset, end, principal)
+                    if grows:
+                        await self._zero_past_eof(node, node.size, end, principal)  # R6
+                await self._zero_partial_blocks(node, emap, offset, end, principal)
+                await self._unmap_whole_blocks(node, emap, offset, end,
+                                               replace=op == FALLOC_FL_ZERO_RANGE)
+                node.mtime_ns = node.ctime_ns = _now()
+                fields += ["mtime_ns", "ctime_ns"]
+                if self._kill_priv(h, save=False):
+                    fields.append("mode")
+            if grows:
+                node.size = end
+                node.mtime_ns = node.ctime_ns = _now()
+                fields += ["size", "mtime_ns", "ctime_ns"]
+            node.blocks = emap.blocks
+            self._save(node, *dict.fromkeys(fields))
+
+    async def _reserve_zero_range(self, node: Inode, emap: ExtentMap, lo: int, hi: int,
+                                  principal: PrincipalId) -> None:
+        """ZERO_RANGE's checks, before anything changes: the whole data blocks it will
+        replace fit in the free space (the old ones are free only after the commit),
+        then the holes of the range are allocated (charged to `principal`)."""
+        bs = self.block_size
+        f0, f1 = -(-lo // bs), hi // bs
+        replace = sum(s.count for s in emap.segments(f0, f1 - f0)
+                      if s.dev_block != HOLE and s.state != UNWRITTEN) if f1 > f0 else 0
+        holes = sum(c for _fb, c in emap.holes(lo // bs, -(-hi // bs) - lo // bs))
+        # Replacing data blocks may use the copy-on-write reserve, as an overwrite may;
+        # the holes are new allocations and leave it alone.
+        await self._ensure_free(replace + holes, reserve=False)
+        await self._allocate(node, emap, lo // bs, -(-hi // bs) - lo // bs, principal)
+
+    async def _zero_partial_blocks(self, node: Inode, emap: ExtentMap, lo: int, hi: int,
+                                   principal: PrincipalId) -> None:
+        """Write zeros over [lo, hi) inside the blocks the range covers only partly, where
+        they hold data (holes and unwritten blocks read as zeros already). A sealed block
+        is relocated, not zeroed in place (R1)."""
+        bs = self.block_size
+        pieces: list[tuple[int, int]] = []
+        if lo // bs == (hi - 1) // bs:
+            if lo % bs or hi % bs:
+                pieces.append((lo, hi))
+        else:
+            if lo % bs:
+                pieces.append((lo, -(-lo // bs) * bs))
+            if hi % bs:
+                pieces.append(((hi // bs) * bs, hi))
+        for a, b in pieces:
+            seg = emap.segments(a // bs, 1)[0]
+            if seg.dev_block == HOLE or seg.state == UNWRITTEN:
+                continue
+            g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
+                                  rights=Rights.WRITE, principal=principal, charge=False)
+            try:
+                await self._write_data(node, g, a, bytes(b - a))
+            finally:
+                self.kernel.release(g)
+
+    async def _unmap_whole_blocks(self, node: Inode, emap: ExtentMap, lo: int, hi: int, *,
+                                  replace: bool) -> None:
+        """Free the data blocks wholly inside [lo, hi) as truncate does: unmap them and
+        revoke every grant on the file with no checkpoint in between, wait until no
+        request through the old grants is in flight, then free them for reuse after
+        the commit (R3). With `replace`, each freed run is mapped again at once to fresh
+        UNWRITTEN blocks of the same owner (ZERO_RANGE keeps the range allocated)."""
+        bs = self.block_size
+        f0, f1 = -(-lo // bs), min(hi // bs, emap.end_block())
+        if f1 <= f0:
+            return
+        runs = [(s.file_block, s.count) for s in emap.segments(f0, f1 - f0)
+                if s.dev_block != HOLE and s.state != UNWRITTEN]
+        if not runs:
+            return
+        if replace:
+            await self._ensure_free(sum(c for _fb, c in runs), reserve=False)
+        freed: list[tuple[int, int, int]] = []
+        # From here to the regrant: no checkpoint (the map and the grants change as one).
+        for fb, count in runs:
+            gone = emap.remove_owned(fb, count)
+            freed.extend(gone)
+            if replace:
+                at = fb
+                for _dev, n, owner in gone:
+                    for start, got in self.alloc.allocate(n, emap.goal(at)):
+                        emap.add(at, start, got, UNWRITTEN, owner)
+                        at += got
+        old_grants = self._regrant(node)
+        if not replace:
+            self._refund_runs(freed)
+        self._save_extents(node)
+        node.blocks = emap.blocks
+        self._save(node, "blocks")
+        await self.kernel.wait_drained(old_grants)
+        self.alloc.free_later([(d, c) for d, c, _o in freed])
+
+    async def _trim_preallocation(self, node: Inode) -> None:
+        """The file's last open handle closed: give back the UNWRITTEN blocks a
+        KEEP_SIZE fallocate reserved past its end. (The volume cannot tell them from a
+        crashed direct client's write layout, which the next mount drops: see
+        FileSystem.load. So the reservation lasts while the file is open.)"""
+        if node.nlink == 0 or not node.is_reg or self.read_only is not None or \
+                self.kernel.grants_for(node.id):
+            return
+        bs = self.block_size
+        emap = self._extents(node)
+        keep = -(-node.size // bs)
+        if emap.end_block() <= keep:
+            return
+        async with self._lock(node):
+            if node.opens or self.kernel.grants_for(node.id):
+                return
+            if any(s.dev_block != HOLE and s.state != UNWRITTEN
+                   for s in emap.segments(keep, emap.end_block() - keep)):
+                return  # not only preallocation (fsck reports it)
+            freed = emap.remove_owned(keep)
+            node.blocks = emap.blocks
+            self._refund_runs(freed)
+            self._save_extents(node)
+            self._save(node, "blocks")
+            self.alloc.free_later([(d, c) for d, c, _o in freed])
+        self.on_attr_changed(node.id)  # st_blocks changed behind the kernel's back
+
+    def seek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE from the extent map: holes and UNWRITTEN blocks are
+        holes (they read as zeros), FRESH and WRITTEN blocks are data; the end of the
+        file is a hole. ENXIO at or past the end, or when no data follows."""
+        h = self.handle(fh)
+        node = h.inode
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise InvalidArgument(f"lseek whence {whence} is not SEEK_DATA or SEEK_HOLE")
+        if offset < 0 or offset >= node.size:
+            raise NoSuchOffset(f"offset {offset} is not inside the file ({node.size} bytes)")
+        bs = self.block_size
+        emap = self._extents(node)
+        b0 = offset // bs
+        b1 = -(-node.size // bs)
+        for s in emap.segments(b0, b1 - b0):
+            data = s.dev_block != HOLE and s.state != UNWRITTEN
+            if data == (whence == os.SEEK_DATA):
+                return max(offset, s.file_block * bs)
+        if whence == os.SEEK_HOLE:
+            return node.size
+        raise NoSuchOffset(f"no data after offset {offset}")
+
     # -- direct clients (the shim's socket server calls these through fs/service.py) -----
 
     def grant_direct(self, node: Inode, readable: bool, writable: bool, caller: Caller) -> Grant:
@@ -1463,6 +1702,7 @@ class FileSystem:
                         "io_reserve_iops", "io_reserve_bps", "io_weight",
                         "io_limit_iops", "io_limit_bps")}}
                 for pid, n in self._enforced_banks()},
+            "fuse_requests": dict(self.fuse_requests),
         }
 
     def _enforced_banks(self) -> list[tuple[PrincipalId, BankNode]]:

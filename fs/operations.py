@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import os
+import stat
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -31,6 +32,10 @@ from .errors import NotFound
 from .filesystem import Caller, FileSystem, Inode
 
 CONTROL_XATTR = b"user.sluice.control"
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+#: file capabilities (setcap): refused, see `setxattr`
+FCAPS_XATTR = b"security.capability"
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 #: handlers whose first argument is a file handle (pyfuse3 passes them no context: the
 #: principal is the one the file was opened for, charged for its I/O too)
-_FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync"})
+_FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync", "fallocate",
+                            "lseek"})
 #: handlers whose first argument is a directory handle (from `opendir`)
 _DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
 
@@ -123,6 +129,7 @@ def _guard(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
+        self.fs.fuse_requests[name] += 1
         try:
             who = self._principal_of(name, args)
             if who is None:
@@ -155,6 +162,12 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # Both need sluice's own pyfuse3 build (binding/): shared mmap of files opened with
+    # direct I/O (Linux 6.6+), and no `security.capability` GETXATTR before each first
+    # write — sluice clears set-user-ID/set-group-ID itself on write, truncate and
+    # O_TRUNC (FileSystem._drop_setid) and keeps no security.capability of its own.
+    enable_direct_io_allow_mmap = True
+    enable_killpriv_v2 = True
 
     def __init__(self, fs: FileSystem, *, control_socket: str | None = None,
                  principal_requests: int = PRINCIPAL_REQUESTS) -> None:
@@ -170,6 +183,15 @@ class Operations(pyfuse3.Operations):
         fs.on_attr_changed = self._invalidate_attr
         fs.on_data_changed = self._invalidate_data
         fs.on_entry_created = self._invalidate_entry
+
+    def init(self) -> None:
+        # Called by pyfuse3 once the kernel's INIT is answered: say what was agreed.
+        got = pyfuse3.negotiated()
+        missing = {"direct_io_allow_mmap", "handle_killpriv_v2"} - got["want"]
+        log.info("FUSE capabilities in use: %s", ", ".join(sorted(got["want"])))
+        if missing:
+            log.warning("the kernel did not offer %s: shared mmap of direct-I/O files "
+                        "and/or killpriv v2 are off", ", ".join(sorted(missing)))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -257,7 +279,11 @@ class Operations(pyfuse3.Operations):
             log.debug("invalidate_entry(%d, %r) failed: %s", parent, name, exc)
 
     def _file_info(self, h: Any) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=h.fh, direct_io=h.direct_io, keep_cache=False)
+        # noflush: `flush` has nothing to do (data reaches the pager at each write,
+        # errors are reported at fsync; no POSIX locks are kept here), so the kernel
+        # need not send FLUSH at every close.
+        return pyfuse3.FileInfo(fh=h.fh, direct_io=h.direct_io, keep_cache=False,
+                                noflush=True)
 
     # -- names ----------------------------------------------------------------------------
 
@@ -276,6 +302,7 @@ class Operations(pyfuse3.Operations):
         return self._attr(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.fs.fuse_requests["forget"] += 1
         for ino, n in inode_list:
             try:
                 self.fs.forget(ino, n)
@@ -290,9 +317,10 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        mode = attr.st_mode if fields.update_mode else self._killpriv_mode(inode, fields, ctx)
         node = await self.fs.setattr(
             inode,
-            mode=attr.st_mode if fields.update_mode else None,
+            mode=mode,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
@@ -301,6 +329,26 @@ class Operations(pyfuse3.Operations):
             ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
             caller=self._caller(ctx))
         return self._attr(node)
+
+    def _killpriv_mode(self, inode: int, fields: pyfuse3.SetattrFields,
+                       ctx: pyfuse3.RequestContext) -> int | None:
+        """The mode a SETATTR must leave behind under FUSE_HANDLE_KILLPRIV_V2, which
+        makes clearing set-user-ID/set-group-ID the filesystem's job (the kernel drops
+        the mode it computed): a chown (uid or gid given, or no field at all: chown(-1, -1))
+        clears them whoever calls, a truncate when the caller is not root (CAP_FSETID;
+        libfuse does not pass FATTR_KILL_SUIDGID on). set-group-ID goes only with group
+        execute, as in the VFS. Regular files only. None when nothing changes."""
+        chown = fields.update_uid or fields.update_gid or not (
+            fields.update_size or fields.update_atime or fields.update_mtime)
+        if not (chown or fields.update_size and ctx.uid != 0):
+            return None
+        node = self.fs.inode(inode)
+        if not node.is_reg:
+            return None
+        mode = node.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        return mode if mode != node.mode else None
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -332,6 +380,18 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & RENAME_WHITEOUT:
+            # overlayfs (sluice as its upper layer) renames with a whiteout left behind:
+            # a character device 0/0 under the old name. The kernel has checked
+            # CAP_MKNOD and holds both directories' locks, so no lookup through the
+            # mount sees the name missing in between; the whiteout is made with no
+            # checkpoint after the rename returns.
+            if flags & RENAME_EXCHANGE:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                 flags & ~RENAME_WHITEOUT)
+            self.fs.mknod(parent_inode_old, name_old, stat.S_IFCHR, 0, self._caller(ctx))
+            return
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_guard
@@ -360,12 +420,27 @@ class Operations(pyfuse3.Operations):
         return self._file_info(h), self._attr(node)
 
     @_guard
+    async def tmpfile(self, parent_inode: int, mode: int, flags: int,
+                      ctx: pyfuse3.RequestContext
+                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        h, node = await self.fs.tmpfile(parent_inode, mode, flags, self._caller(ctx))
+        return self._file_info(h), self._attr(node)
+
+    @_guard
     async def read(self, fh: int, off: int, size: int) -> Any:
         return await self.fs.read(fh, off, size)
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
+
+    @_guard
+    async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        await self.fs.fallocate(fh, mode, off, length)
+
+    @_guard
+    async def lseek(self, fh: int, off: int, whence: int) -> int:
+        return self.fs.seek(fh, off, whence)
 
     @_guard
     async def flush(self, fh: int) -> None:
@@ -435,6 +510,11 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
                        ) -> None:
         # pyfuse3 checks XATTR_CREATE/XATTR_REPLACE itself (through getxattr) before this.
+        if name == FCAPS_XATTR:
+            # File capabilities are not kept: under killpriv v2 the kernel leaves their
+            # removal on write and chown to the filesystem, and the mount is nosuid
+            # (exec ignores them anyway).
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.fs.setxattr(inode, name, value, 0)
 
     @_guard

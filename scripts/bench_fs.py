@@ -54,6 +54,9 @@ from benchlib import (BS, MiB, SluiceMount, cpu_seconds, drop_caches, io_until, 
 
 VENV_BIN = Path(sys.executable).parent
 
+#: untar time on sluice as a multiple of the plain directory's, in the same run
+UNTAR_RATIO_GOAL = 2.5
+
 # name -> (unit, higher is better, sluice target or None)
 WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
     "seq write 1M+fsync": ("MB/s", True, 400.0),
@@ -67,6 +70,7 @@ WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
     "stat (cold)": ("ops/s", True, 8000.0),
     "unlink": ("ops/s", True, None),
     "untar /usr/include": ("s", False, 12.0),
+    "untar FUSE requests/file": ("req", False, None),
     "find | wc -l": ("s", False, None),
     "rm -rf": ("s", False, 3.0),
 }
@@ -314,8 +318,19 @@ class Bench:
         if not want or "tar" in want:
             t = root / "untar"
             t.mkdir()
+            before = self.fuse_requests() if sl else {}
             step("untar /usr/include",
                  lambda: timed_shell(f"tar -xf {self.tarball}", t)[0])
+            if sl:
+                # Every request the daemon answered during the untar, per file untarred.
+                after = self.fuse_requests()
+                diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                diff = {k: v for k, v in sorted(diff.items()) if v > 0}
+                n = max(1, int(self.extra.get("tar_entries", 1)))
+                self.results["sluice"].setdefault("untar FUSE requests/file", []).append(
+                    sum(diff.values()) / n)
+                self.extra["untar_requests"] = diff
+                log("  sluice untar requests: " + ", ".join(f"{k} {v}" for k, v in diff.items()))
             found: list[str] = []
 
             def find() -> float:
@@ -325,6 +340,12 @@ class Bench:
             step("find | wc -l", find)
             self.extra[f"find_count_{fs}"] = int(found[0])
             step("rm -rf", lambda: timed_shell(f"rm -rf {t}", root)[0])
+
+    def fuse_requests(self) -> dict[str, int]:
+        """FUSE requests the mounted daemon has answered so far, by handler."""
+        assert self.mount is not None
+        out = run([str(VENV_BIN / "sluice"), "stats", "--json", str(self.mount.mountpoint)])
+        return json.loads(out.stdout).get("fuse_requests", {})
 
     def run(self) -> None:
         self.make_tarball()
@@ -460,6 +481,15 @@ def main() -> int:
           f"sluice={b.extra.get('find_count_sluice')}")
     print()
     print(table(b))
+    up = median(b.results["plain"].get("untar /usr/include"))
+    us = median(b.results["sluice"].get("untar /usr/include"))
+    if up and us:
+        print(f"\nuntar: sluice/plain {us / up:.2f}x (goal: at most {UNTAR_RATIO_GOAL}x, what C "
+              f"passthrough_hp without cache reaches); FUSE requests per file: "
+              f"{fmt(median(b.results['sluice'].get('untar FUSE requests/file')))}")
+    if b.extra.get("untar_requests"):
+        print("untar requests by kind: " + ", ".join(
+            f"{k} {v}" for k, v in b.extra["untar_requests"].items()))
     if b.daemon_cpu:
         print()
         print("sluice daemon CPU (median fraction of one core while the workload ran):")

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything sluice needs on a fresh Debian 12 machine, idempotently:
 # the apt packages (FUSE 3 and the programs the tests run), a virtualenv in .venv,
-# and the package itself (editable, with its test extra). Safe to run again.
+# sluice's own FUSE binding (libfuse from Debian trixie's source into .build/libfuse
+# and a patched pyfuse3 linked to it: binding/build.sh) and the package itself
+# (editable, with its test extra). Safe to run again; a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(fuse3 libfuse3-dev pkg-config attr sqlite3 git gcc make tar python3-venv python3-dev strace e2fsprogs)
+apt_pkgs=(fuse3 libfuse3-dev pkg-config attr sqlite3 git gcc make tar python3-venv python3-dev strace e2fsprogs
+          meson ninja-build patch xz-utils dpkg-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,6 +32,9 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating virtualenv .venv"
     "$PY" -m venv .venv
 fi
+# The binding first, so that installing sluice finds pyfuse3 already satisfied.
+bash binding/build.sh "$PWD/.venv/bin/python"
+
 stamp=.venv/.sluice-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing sluice and its test dependencies into .venv"

@@ -1,6 +1,6 @@
 """Cache mode hints: `user.sluice.cache=kernel` on a directory is inherited by what is
-created in it, and such files support shared mmap (SQLite in WAL mode needs it);
-direct-mode files refuse shared writable mappings, as FUSE direct I/O does."""
+created in it, and such files support shared mmap (SQLite in WAL mode needs it). Shared
+mmap of direct-mode files (the default) is tested in tests/test_mmap.py."""
 
 from __future__ import annotations
 
@@ -37,19 +37,6 @@ def test_kernel_cache_mode_is_inherited_and_allows_shared_mmap(mnt: Path) -> Non
     assert con.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2000
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
-
-
-def test_direct_mode_refuses_shared_writable_mmap(mnt: Path) -> None:
-    f = mnt / "direct.bin"
-    f.write_bytes(b"x" * 4096)
-    with open(f, "r+b") as fh:
-        with pytest.raises(OSError) as ei:
-            mmap.mmap(fh.fileno(), 4096, mmap.MAP_SHARED)
-        assert ei.value.errno == errno.ENODEV
-        # A private mapping works (exec and python imports rely on it).
-        m = mmap.mmap(fh.fileno(), 4096, mmap.MAP_PRIVATE)
-        assert m[:4] == b"xxxx"
-        m.close()
 
 
 def test_bad_cache_mode_value_is_rejected(mnt: Path) -> None:

@@ -1,0 +1,323 @@
+"""Tests of binding/pyfuse3-3.5.0-sluice.patch, in the style of pyfuse3's own
+test/test_fs.py: a tiny file system served in a child process, real system calls
+against its mount point, and what its handlers were called with.
+
+Covered: the new init flags (FUSE_DIRECT_IO_ALLOW_MMAP: a shared mapping of a file
+opened with direct_io; FUSE_HANDLE_KILLPRIV_V2) and `pyfuse3.negotiated()`; the
+`fallocate` and `lseek` handlers (arguments in, errors and offsets out, and the kernel's
+fallback when they are not implemented); `FileInfo.noflush` (no FLUSH at close).
+Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import multiprocessing
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pyfuse3 = pytest.importorskip("pyfuse3")
+trio = pytest.importorskip("trio")
+
+if not hasattr(pyfuse3, "negotiated"):
+    pytest.skip("pyfuse3 is not built with the sluice patch (run scripts/setup.sh)",
+                allow_module_level=True)
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FILES = {b"noflush": 2, b"flush": 3, b"plain": 4}
+SIZE = 4 * 4096
+DATA_END = 4096  # the file systems below say: data in [0, 4096), a hole after it
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+class Fs(pyfuse3.Operations):
+    """Three files of SIZE bytes, opened with direct_io; `noflush` asks for no FLUSH."""
+
+    enable_direct_io_allow_mmap = True
+    enable_killpriv_v2 = True
+
+    def __init__(self, status) -> None:
+        super().__init__()
+        self.status = status
+        self.data = {ino: bytearray(b"x" * DATA_END + bytes(SIZE - DATA_END))
+                     for ino in FILES.values()}
+
+    def _note(self, key: str, value) -> None:
+        self.status[key] = self.status.get(key, []) + [value]
+
+    def init(self) -> None:
+        got = pyfuse3.negotiated()
+        self.status["want"] = sorted(got["want"])
+        self.status["capable"] = sorted(got["capable"])
+
+    async def getattr(self, inode, ctx=None):
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            e.st_mode = stat.S_IFDIR | 0o755
+            e.st_nlink = 2
+        else:
+            e.st_mode = stat.S_IFREG | 0o666
+            e.st_nlink = 1
+            e.st_size = len(self.data[inode])
+        e.st_blksize = 4096
+        return e
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE or name not in FILES:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self.getattr(FILES[name])
+
+    async def opendir(self, inode, ctx):
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        for i, (name, ino) in enumerate(FILES.items()):
+            if i >= start_id and not pyfuse3.readdir_reply(
+                    token, name, await self.getattr(ino), i + 1):
+                return
+
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False,
+                                noflush=inode == FILES[b"noflush"])
+
+    async def read(self, fh, off, size):
+        return bytes(self.data[fh][off:off + size])
+
+    async def write(self, fh, off, buf):
+        d = self.data[fh]
+        if off + len(buf) > len(d):
+            d.extend(bytes(off + len(buf) - len(d)))
+        d[off:off + len(buf)] = buf
+        return len(buf)
+
+    async def flush(self, fh):
+        self._note("flush", fh)
+
+    async def release(self, fh):
+        self._note("release", fh)
+
+    async def fallocate(self, fh, mode, off, length):
+        self._note("fallocate", [fh, mode, off, length])
+        if mode not in (0, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if mode == 0 and off + length > len(self.data[fh]):
+            self.data[fh].extend(bytes(off + length - len(self.data[fh])))
+
+    async def lseek(self, fh, off, whence):
+        self._note("lseek", [fh, off, whence])
+        size = len(self.data[fh])
+        if off >= size:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        if whence == os.SEEK_DATA:
+            if off < DATA_END:
+                return off
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return max(off, DATA_END)
+
+
+class PlainFs(Fs):
+    """Neither handler implemented: pyfuse3's defaults answer ENOSYS."""
+
+    async def fallocate(self, fh, mode, off, length):
+        return await pyfuse3.Operations.fallocate(self, fh, mode, off, length)
+
+    async def lseek(self, fh, off, whence):
+        return await pyfuse3.Operations.lseek(self, fh, off, whence)
+
+
+def _serve(cls, mnt: str, status, uid: int | None = None) -> None:
+    if uid is not None:  # a non-root mount: libfuse runs the system's setuid fusermount3
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    fs = cls(status)
+    opts = set(pyfuse3.default_options)
+    opts.add("fsname=bindingtest")
+    if uid is not None:
+        opts.add("allow_other")  # so that the test, as root, may look
+    pyfuse3.init(fs, mnt, opts)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close()
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+@pytest.fixture(params=[Fs, PlainFs], ids=["handlers", "defaults"])
+def served(request, tmp_path: Path):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(request.param, str(mnt), status))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        yield request.param, mnt, status
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()
+
+
+def test_init_flags_are_negotiated(served) -> None:
+    _cls, mnt, status = served
+    os.stat(mnt)
+    assert {"direct_io_allow_mmap", "handle_killpriv_v2"} <= set(status["want"])
+    assert {"direct_io_allow_mmap", "handle_killpriv_v2"} <= set(status["capable"])
+
+
+def test_shared_mmap_of_a_direct_io_file(served) -> None:
+    _cls, mnt, status = served
+    fd = os.open(mnt / "plain", os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)
+        assert m[:4] == b"xxxx"
+        m[:4] = b"abcd"
+        m.flush()
+        m.close()
+        assert os.pread(fd, 5, 0) == b"abcdx"
+    finally:
+        os.close(fd)
+
+
+def test_noflush(served) -> None:
+    _cls, mnt, status = served
+    for name in ("noflush", "flush"):
+        os.close(os.open(mnt / name, os.O_RDONLY))
+    deadline = time.monotonic() + 10
+    while len(status.get("release", [])) < 2:  # RELEASE is asynchronous
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert status.get("flush", []) == [FILES[b"flush"]]
+
+
+def test_fallocate(served) -> None:
+    cls, mnt, status = served
+    fd = os.open(mnt / "plain", os.O_RDWR)
+    try:
+        if cls is PlainFs:  # ENOSYS: the kernel answers EOPNOTSUPP, now and later
+            for _ in range(2):
+                assert _libc.fallocate(fd, 0, 0, 100) == -1
+                assert ctypes.get_errno() == errno.EOPNOTSUPP
+            return
+        os.posix_fallocate(fd, 100, SIZE * 2)
+        assert os.fstat(fd).st_size == SIZE * 2 + 100
+        assert _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 4096,
+                               8192) == 0
+        assert _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 10) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    ino = FILES[b"plain"]
+    assert status["fallocate"] == [[ino, 0, 100, SIZE * 2],
+                                   [ino, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 4096, 8192],
+                                   [ino, FALLOC_FL_KEEP_SIZE, 0, 10]]
+
+
+def test_lseek(served) -> None:
+    cls, mnt, status = served
+    fd = os.open(mnt / "plain", os.O_RDONLY)
+    try:
+        if cls is PlainFs:  # ENOSYS: the kernel's generic answer (all data)
+            assert os.lseek(fd, 10, os.SEEK_DATA) == 10
+            assert os.lseek(fd, 10, os.SEEK_HOLE) == SIZE
+            return
+        assert os.lseek(fd, 10, os.SEEK_DATA) == 10
+        assert os.lseek(fd, 10, os.SEEK_HOLE) == DATA_END
+        with pytest.raises(OSError) as ei:
+            os.lseek(fd, DATA_END + 1, os.SEEK_DATA)
+        assert ei.value.errno == errno.ENXIO
+        assert os.lseek(fd, 7, os.SEEK_SET) == 7  # the kernel's own, no request
+    finally:
+        os.close(fd)
+    ino = FILES[b"plain"]
+    assert status["lseek"] == [[ino, 10, os.SEEK_DATA], [ino, 10, os.SEEK_HOLE],
+                               [ino, DATA_END + 1, os.SEEK_DATA]]
+
+
+NOBODY = 65534
+
+
+def test_the_private_libfuse_runs_the_system_fusermount3() -> None:
+    """Where the library looks for fusermount3 is compiled in; it must be the setuid one
+    of Debian's fuse3 package, not the private prefix (which has none)."""
+    import pyfuse3 as mod
+    maps = Path("/proc/self/maps").read_text()
+    lib = next(ln.split()[-1] for ln in maps.splitlines() if "libfuse3.so" in ln)
+    assert "/.build/libfuse/lib/" in lib, lib
+    assert b"/usr/bin/fusermount3" in Path(lib).read_bytes()
+    assert mod.negotiated is not None
+
+
+def test_a_non_root_mount_finds_the_system_fusermount3() -> None:
+    """The private libfuse looks for fusermount3 in /usr/bin (libfuse-fusermount-path.patch):
+    an unprivileged user can still mount, and gets shared mmap of direct_io files."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/fusermount3"):
+        pytest.skip("needs root (to become another user) and the fuse3 package")
+    if not os.stat("/dev/fuse").st_mode & 0o006:
+        # libfuse opens /dev/fuse itself first (as upstream 3.14 does too): a machine
+        # that keeps it 0600 allows no unprivileged FUSE mount, with either library.
+        pytest.skip("/dev/fuse is not open to other users on this machine")
+    base = Path(tempfile.mkdtemp(prefix="binding-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    mnt = base / "mnt"
+    mnt.mkdir()
+    os.chown(mnt, NOBODY, NOBODY)
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(Fs, str(mnt), status, NOBODY))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the unprivileged file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        with open("/proc/self/mounts") as f:
+            line = next(ln for ln in f if ln.split()[1] == str(mnt))
+        assert f"user_id={NOBODY}" in line, line
+        fd = os.open(mnt / "plain", os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)
+            assert m[:4] == b"xxxx"
+            m.close()
+        finally:
+            os.close(fd)
+        assert "direct_io_allow_mmap" in status["want"]
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
