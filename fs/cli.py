@@ -2,8 +2,8 @@
 
 User mistakes print one line on stderr and exit with a documented code, no traceback:
     0  success
-    1  error (bad arguments, missing volume, busy mount point, ...)
-    2  usage error (argparse)
+    1  error at run time (missing volume, busy mount point, refused, daemon lost, ...)
+    2  usage error: a bad argument (unknown option or -o option, malformed number)
     4  fsck found errors it did not repair
 """
 
@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from kernelshim import SluiceError
 
@@ -25,6 +27,7 @@ from .errors import VolumeError
 log = logging.getLogger("sluice")
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_FSCK_UNCORRECTED = 4
 
 
@@ -32,14 +35,29 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
 
 
-def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
-    level = logging.DEBUG if debug else logging.INFO
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    if logfile is not None:
-        logging.basicConfig(filename=str(logfile), level=level, format=fmt)
-    else:
-        logging.basicConfig(stream=sys.stderr, level=level if debug else logging.WARNING,
-                            format=fmt)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), not usage text too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _setup_logging(debug: bool, *, daemon: bool = False) -> None:
+    """Commands log warnings to stderr; the daemon (`mount --foreground`, and the
+    detached daemon, whose stderr is the volume's sluice.log) logs what it does."""
+    level = logging.DEBUG if debug else logging.INFO if daemon else logging.WARNING
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _message(exc: BaseException) -> str:
+    """An exception as a user reads it: 'No such file or directory: /x', not
+    '[Errno 2] No such file or directory: ...'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        name = exc.filename if exc.filename is not None else None
+        return f"{exc.strerror}: {name}" if name else exc.strerror
+    text = str(exc)
+    return re.sub(r"\[Errno \d+\] ", "", text)
 
 
 # -- mkfs ---------------------------------------------------------------------------------
@@ -74,10 +92,27 @@ def _check_mountpoint(mp: str) -> None:
 
 
 def _mount_options(args: argparse.Namespace):
-    from .mount import MountOptions
+    from .mount import MountOptionError, MountOptions, VfsFlags, parse_mount_options
+    flags = VfsFlags(read_only=args.read_only)
+    for text in args.options or ():
+        parsed = parse_mount_options(text.split(","), base=flags)
+        if parsed.settings:
+            raise MountOptionError(f"use --{next(iter(parsed.settings)).replace('_', '-')} "
+                                   "with sluice mount, not -o")
+        flags = parsed.flags
+    if os.geteuid() != 0:
+        # fusermount3 makes a user's FUSE mounts nosuid,nodev and cannot remount to
+        # set what libfuse does not pass (strictatime, nodiratime).
+        asked = [n for n, on in (("suid", not flags.nosuid), ("dev", not flags.nodev),
+                                 ("strictatime", flags.atime == "strictatime"),
+                                 ("nodiratime", flags.nodiratime)) if on]
+        if asked:
+            raise CliError(f"-o {','.join(asked)} needs a mount made by root")
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
                         cache_mode=args.cache_mode, debug_fuse=args.debug_fuse,
-                        read_only=args.read_only)
+                        read_only=flags.read_only, atime=flags.atime,
+                        nodiratime=flags.nodiratime, suid=not flags.nosuid,
+                        dev=not flags.nodev, noexec=flags.noexec)
 
 
 def _check_private(volume: Path, args: argparse.Namespace) -> None:
@@ -101,7 +136,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     _check_mountpoint(mp)
     if args.foreground:
         return _run_foreground(volume, mp, opts, args)
-    return _run_background(volume, mp, args)
+    return _run_background(volume, mp, args, opts)
 
 
 def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> int:
@@ -111,11 +146,21 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
     # Whatever the daemon creates in the volume (its log, SQLite's -wal and -shm, the
     # state files) is private to its owner; nothing it serves depends on its umask.
     os.umask(vol.PRIVATE_UMASK)
-    if args.ready_fd is not None:
-        _setup_logging(args.debug, volume / vol.LOG)
-    else:
-        _setup_logging(args.debug)
+    _setup_logging(args.debug, daemon=True)
     ready_fd = args.ready_fd
+    detached = ready_fd is not None
+
+    def reopen_log() -> None:
+        # Detached, stdout and stderr are the volume's sluice.log: after a rotation
+        # (logrotate moves it, then sends SIGHUP) they go to a new file of that name.
+        if detached:
+            fd = os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                         | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
 
     def ready(err: str | None) -> None:
         if ready_fd is not None:
@@ -131,7 +176,7 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
             ready(err)
 
     try:
-        trio.run(serve, volume, mp, opts, ready_once)
+        trio.run(serve, volume, mp, opts, ready_once, reopen_log)
     except SluiceError as exc:
         ready_once(str(exc))
         raise
@@ -145,16 +190,15 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
     return 0
 
 
-def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
+def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> int:
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
-           "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode]
+           "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode,
+           "-o", opts.vfs_flags().text()]
     if args.profile:
         cmd += ["--profile", args.profile]
-    if args.read_only:
-        cmd.append("--read-only")
     if args.debug:
-        cmd.append("--debug")
+        cmd.insert(3, "--debug")  # the top-level option, before the subcommand
     logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
                              | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE), "ab")
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
@@ -207,6 +251,17 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# -- remount ------------------------------------------------------------------------------
+
+def cmd_remount(args: argparse.Namespace) -> int:
+    from .mount import remount
+    options = [o for text in args.options for o in text.split(",")]
+    flags = remount(args.mountpoint, options)
+    if not args.quiet:
+        print(f"{os.path.abspath(args.mountpoint)}: {flags.text()}")
+    return 0
 
 
 # -- fsck ---------------------------------------------------------------------------------
@@ -372,7 +427,7 @@ def _stats_text(st: dict) -> str:
 # -- argument parsing ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sluice", description="sluice: a user-space storage laboratory. Make a volume, "
         "mount it with FUSE, run programs on it as principals, measure what happens.")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -402,12 +457,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("-r", "--read-only", action="store_true",
                    help="mount read-only: every change gets EROFS, nothing is written "
-                        "(also -o ro through mount(8))")
+                        "(also -o ro)")
+    s.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="mount options, as with mount(8): ro, rw, noatime, relatime "
+                        "(default), strictatime, nodiratime, noexec; suid, dev (root only; "
+                        "default nosuid,nodev)")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
     s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("remount", help="change the mount options of a mounted volume "
+                       "(the same as mount -o remount,OPTIONS)")
+    s.add_argument("mountpoint")
+    s.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
+                   help="ro, rw, noatime, relatime, strictatime, nodiratime, diratime, "
+                        "noexec, exec, suid, dev, nosuid, nodev")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_remount)
 
     s = sub.add_parser("umount", help="flush and unmount, wait for the daemon to exit")
     s.add_argument("mountpoint")
@@ -486,18 +554,26 @@ def main(argv: list[str] | None = None) -> int:
         args.command = command
     if args.cmd != "mount" or not args.foreground:
         _setup_logging(args.debug)
+    from .mount import MountOptionError
     try:
         return args.func(args)
-    except (CliError, VolumeError, SluiceError) as exc:
+    except MountOptionError as exc:
         print(f"sluice {args.cmd}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, VolumeError, SluiceError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _quiet_broken_pipe()
+        print(f"sluice {args.cmd}: {_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (`sluice stats --watch 1 | head -3`): stop quietly, and
-        # keep Python from complaining again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+
+def _quiet_broken_pipe() -> int:
+    # The reader went away (`sluice stats --watch 1 | head -3`): stop quietly, and
+    # keep Python from complaining again when it flushes stdout at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:
@@ -522,21 +598,28 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
         i += 1
     if len(positional) != 2:
         print("usage: mount.fuse.sluice VOLUME MOUNTPOINT [-o options]", file=sys.stderr)
-        return EXIT_ERROR
-    cli = ["mount", positional[0], positional[1], "--fix-hint=-o fix_permissions"]
-    for opt in options:
-        key, _, val = opt.partition("=")
-        key = key.replace("_", "-")
-        if key in ("cache-size", "profile", "cache-mode") and val:
-            cli += [f"--{key}", val]
-        elif key == "foreground":
-            cli.append("--foreground")
-        elif key == "ro":
-            cli.append("--read-only")
-        elif key == "fix-permissions":
-            # Explicit, like the command's flag: an fstab line asks for it by name.
-            cli.append("--fix-permissions")
-        # rw, defaults, noauto, nofail, _netdev, user, ... are mount(8)'s business
+        return EXIT_USAGE
+    from .mount import MountOptionError, parse_mount_options
+    try:
+        parsed = parse_mount_options(options)
+    except MountOptionError as exc:
+        print(f"mount.fuse.sluice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if parsed.remount:
+        # mount(8) hands `-o remount,...` to the helper with the mount's current
+        # options before the new ones (mount -o remount,ro MOUNTPOINT).
+        return main(["remount", positional[1], "-q", "-o", ",".join(options)])
+    cli = ["mount", positional[0], positional[1], "--fix-hint=-o fix_permissions",
+           "-o", parsed.flags.text()]
+    for key, val in parsed.settings.items():
+        if key == "debug":
+            cli.insert(0, "--debug")
+        elif val is None:
+            # fix_permissions is explicit, like the command's flag: an fstab line asks
+            # for it by name.
+            cli.append(f"--{key.replace('_', '-')}")
+        else:
+            cli += [f"--{key.replace('_', '-')}", val]
     return main(cli)
 
 

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -222,14 +223,32 @@ def check_private(path: Path, *, fix: bool = False, option: str = "--fix-permiss
         f"data would be readable; run 'chmod -R go-rwx {path}' or use {option}")
 
 
+def _ofd_lock(fd: int, kind: int) -> bool:
+    """An open-file-description record lock on byte 0 of `fd` (F_RDLCK, F_WRLCK or
+    F_UNLCK), without waiting: False if another description holds a conflicting one.
+    (Separate from the flock on the same file; dropped when the holder dies.)"""
+    flock = struct.pack("hhqqii", kind, os.SEEK_SET, 0, 1, 0, 0)  # struct flock
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
 class VolumeLock:
     """An exclusive flock on the volume's lock file: one daemon (or mkfs, or fsck) at a
-    time. The kernel drops it when the holder dies, even by SIGKILL."""
+    time. The kernel drops it when the holder dies, even by SIGKILL.
+
+    A second lock on the same file says whether the volume may be written: a daemon
+    holds a write lock on byte 0 while it is read-write (`hold_writer`), and an fsck
+    that checks a volume mounted read-only holds a read lock on it (`checking`), so a
+    remount read-write waits for no check and a check never reads a changing volume."""
 
     def __init__(self, path: Path, *, purpose: str = "mount") -> None:
         self.path = path
         self.purpose = purpose
         self._fd: int | None = None
+        self.writer = False
 
     def __enter__(self) -> VolumeLock:
         fd = os.open(self.path / LOCK,
@@ -249,6 +268,48 @@ class VolumeLock:
             os.close(self._fd)
             self._fd = None
 
+    def hold_writer(self) -> None:
+        """Before writing to the volume: VolumeError if fsck is checking it."""
+        assert self._fd is not None
+        if not self.writer and not _ofd_lock(self._fd, fcntl.F_WRLCK):
+            raise VolumeError(f"sluice fsck is checking {self.path}: try again when it "
+                              "is done")
+        self.writer = True
+
+    def release_writer(self) -> None:
+        """Read-only from now on (everything written is committed)."""
+        if self._fd is not None and self.writer:
+            _ofd_lock(self._fd, fcntl.F_UNLCK)
+        self.writer = False
+
+
+@contextlib.contextmanager
+def checking_lock(path: Path) -> Iterator[dict | None]:
+    """For a check (fsck without --repair): the volume unmounted (exclusive, yields
+    None), or mounted read-only (a read lock on what read-write daemons hold; yields
+    the mount state); else VolumeError."""
+    lock: VolumeLock | None = VolumeLock(path, purpose="fsck")
+    try:
+        lock.__enter__()  # type: ignore[union-attr]
+    except VolumeError:
+        lock = None
+    if lock is not None:
+        try:
+            yield None
+        finally:
+            lock.__exit__()
+        return
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        state = read_mount_state(path) or {}
+        where = f" at {state['mountpoint']}" if state.get("mountpoint") else ""
+        if not _ofd_lock(fd, fcntl.F_RDLCK):
+            raise VolumeError(f"volume {path} is in use, mounted read-write{where}: unmount "
+                              "it, or remount it read-only (mount -o remount,ro ...) to check it")
+        yield state
+    finally:
+        os.close(fd)
+
 
 def read_mount_state(path: Path) -> dict | None:
     try:
@@ -257,11 +318,14 @@ def read_mount_state(path: Path) -> dict | None:
         return None
 
 
-def write_mount_state(path: Path, *, mountpoint: str, pid: int) -> None:
+def write_mount_state(path: Path, *, mountpoint: str, pid: int, **more: object) -> None:
+    """mount.json: the daemon's pid and mount point, and (`more`) the kernel's mount
+    flags it last applied (`flags`, as mountinfo says them), the result (`applied`)
+    and why a remount read-write was refused (`refused`)."""
     # Durable: after a power loss, the next mount must find the dead mount to clean.
     write_durably(path / MOUNT_STATE,
-                  (json.dumps({"mountpoint": mountpoint, "pid": pid}) + "\n").encode(),
-                  mode=FILE_MODE)
+                  (json.dumps({"mountpoint": mountpoint, "pid": pid, **more}) + "\n"
+                   ).encode(), mode=FILE_MODE)
 
 
 def clear_mount_state(path: Path) -> None:
