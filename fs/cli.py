@@ -54,10 +54,9 @@ def _message(exc: BaseException) -> str:
     """An exception as a user reads it: 'No such file or directory: /x', not
     '[Errno 2] No such file or directory: ...'."""
     if isinstance(exc, OSError) and exc.strerror:
-        name = exc.filename if exc.filename is not None else None
-        return f"{exc.strerror}: {name}" if name else exc.strerror
-    text = str(exc)
-    return re.sub(r"\[Errno \d+\] ", "", text)
+        return vol.os_error_text(exc)
+    # (a message that quotes an OSError: the daemon's, a lost connection's)
+    return re.sub(r"\[Errno \d+\] ", "", str(exc))
 
 
 # -- mkfs ---------------------------------------------------------------------------------
@@ -123,11 +122,11 @@ def _check_private(volume: Path, args: argparse.Namespace) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    opts = _mount_options(args)  # arguments first: a bad -o is a usage error
     volume = Path(args.volume).resolve()
     vol.read_header(volume)
     _check_private(volume, args)
     mp = os.path.abspath(args.mountpoint)
-    opts = _mount_options(args)  # validate before forking
     state = vol.read_mount_state(volume)
     if state:
         from .mount import clean_dead_mount
@@ -368,6 +367,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> str:
+    """A size argument (512M, 8G): checked by argparse, so a malformed one is a usage
+    error (exit 2); the text is kept (parse_size again where it is used)."""
+    try:
+        vol.parse_size(text)
+    except VolumeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _rate(text: str) -> str:
+    """An I/O rate argument (20MB/s, 500iops), checked like _size."""
+    from kernelshim.principals import PrincipalError, Rate
+    try:
+        Rate.parse(text)
+    except PrincipalError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _interval(text: str) -> float:
     """--watch SECONDS: a positive, finite number."""
     try:
@@ -435,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("mkfs", help="make a new volume")
     s.add_argument("volume", help="volume directory (created if missing)")
-    s.add_argument("--size", default="8G", help="device size, e.g. 512M, 8G (default 8G, sparse)")
-    s.add_argument("--block-size", default="4096", help="block size in bytes (default 4096)")
+    s.add_argument("--size", default="8G", type=_size, help="device size, e.g. 512M, 8G (default 8G, sparse)")
+    s.add_argument("--block-size", default="4096", type=_size, help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",
                    help="timing profile: none, nvme, ssd, hdd, or latency_us,MBps,seek_ms,depth")
     s.add_argument("--inodes", type=int, default=None, help="maximum number of inodes")
@@ -449,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     s.add_argument("mountpoint")
     s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
-    s.add_argument("--cache-size", default="64M", help="pager cache size (default 64M)")
+    s.add_argument("--cache-size", default="64M", type=_size, help="pager cache size (default 64M)")
     s.add_argument("--profile", default=None, help="override the volume's timing profile")
     s.add_argument("--cache-mode", default="direct", choices=["direct", "kernel"],
                    help="default cache mode for files (direct: every I/O reaches the pager)")
@@ -492,18 +511,18 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--parent", default="root", help="parent principal (default root)")
             a.add_argument("--owner", type=int, default=None,
                            help="uid that owns it (may run as it and manage it; default: you)")
-        a.add_argument("--space", help="storage bank: bytes of data and entries, e.g. 10G")
+        a.add_argument("--space", type=_size, help="storage bank: bytes of data and entries, e.g. 10G")
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
-        a.add_argument("--cache-min", help="guaranteed cache, e.g. 64M")
-        a.add_argument("--cache-max", help="cache ceiling, e.g. 256M")
-        a.add_argument("--io-reserve", help="reserved I/O rate, e.g. 20MB/s or 500iops")
+        a.add_argument("--cache-min", type=_size, help="guaranteed cache, e.g. 64M")
+        a.add_argument("--cache-max", type=_size, help="cache ceiling, e.g. 256M")
+        a.add_argument("--io-reserve", type=_rate, help="reserved I/O rate, e.g. 20MB/s or 500iops")
         a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
-        a.add_argument("--io-limit", help="I/O ceiling, e.g. 100MB/s or 2000iops")
+        a.add_argument("--io-limit", type=_rate, help="I/O ceiling, e.g. 100MB/s or 2000iops")
         a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
         a.add_argument("--caps", type=int, help="capability slots it may hold")
         a.add_argument("--connections", type=int,
                        help="control-socket connections it may hold open (default 64)")
-        a.add_argument("--shm", help="shared memory its direct clients may attach, e.g. "
+        a.add_argument("--shm", type=_size, help="shared memory its direct clients may attach, e.g. "
                                      "256M (default 256M)")
         a.add_argument("--children", type=int,
                        help="principals it may create below it, at any depth (default 256)")

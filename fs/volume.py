@@ -67,6 +67,13 @@ def parse_size(text: str) -> int:
     return value
 
 
+def os_error_text(exc: BaseException) -> str:
+    """'File too large: /srv/v/device.img', not "[Errno 27] File too large: '...'"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename is not None else exc.strerror
+    return str(exc)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class VolumeInfo:
     path: Path
@@ -101,7 +108,10 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
         raise VolumeError(f"--inodes must be a positive number, not {inodes}")
     # Missing parents get the caller's umask (they may hold mount points other users
     # reach); only the volume itself is private.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolumeError(f"cannot make a volume in {path}: {os_error_text(exc)}") from None
     existed = path.exists()
     before = set(os.listdir(path)) if existed and path.is_dir() else set()
     try:
@@ -118,7 +128,8 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
                 with contextlib.suppress(OSError):
                     os.unlink(path / name)
         if isinstance(exc, (OSError, ValueError)):
-            raise VolumeError(f"cannot make a volume in {path}: {exc}") from None
+            raise VolumeError(f"cannot make a volume in {path}: {os_error_text(exc)}"
+                              ) from None
         raise
 
 
