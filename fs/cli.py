@@ -454,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("mkfs", help="make a new volume")
     s.add_argument("volume", help="volume directory (created if missing)")
-    s.add_argument("--size", default="8G", type=_size, help="device size, e.g. 512M, 8G (default 8G, sparse)")
-    s.add_argument("--block-size", default="4096", type=_size, help="block size in bytes (default 4096)")
+    s.add_argument("--size", default="8G", type=_size,
+                   help="device size, e.g. 512M, 8G (default 8G, sparse)")
+    s.add_argument("--block-size", default="4096", type=_size,
+                   help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",
                    help="timing profile: none, nvme, ssd, hdd, or latency_us,MBps,seek_ms,depth")
     s.add_argument("--inodes", type=int, default=None, help="maximum number of inodes")
@@ -511,19 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--parent", default="root", help="parent principal (default root)")
             a.add_argument("--owner", type=int, default=None,
                            help="uid that owns it (may run as it and manage it; default: you)")
-        a.add_argument("--space", type=_size, help="storage bank: bytes of data and entries, e.g. 10G")
+        a.add_argument("--space", type=_size,
+                       help="storage bank: bytes of data and entries, e.g. 10G")
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
         a.add_argument("--cache-min", type=_size, help="guaranteed cache, e.g. 64M")
         a.add_argument("--cache-max", type=_size, help="cache ceiling, e.g. 256M")
-        a.add_argument("--io-reserve", type=_rate, help="reserved I/O rate, e.g. 20MB/s or 500iops")
+        a.add_argument("--io-reserve", type=_rate,
+                       help="reserved I/O rate, e.g. 20MB/s or 500iops")
         a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
         a.add_argument("--io-limit", type=_rate, help="I/O ceiling, e.g. 100MB/s or 2000iops")
         a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
         a.add_argument("--caps", type=int, help="capability slots it may hold")
         a.add_argument("--connections", type=int,
                        help="control-socket connections it may hold open (default 64)")
-        a.add_argument("--shm", type=_size, help="shared memory its direct clients may attach, e.g. "
-                                     "256M (default 256M)")
+        a.add_argument("--shm", type=_size, help="shared memory its direct clients may "
+                                                 "attach, e.g. 256M (default 256M)")
         a.add_argument("--children", type=int,
                        help="principals it may create below it, at any depth (default 256)")
     a = psub.add_parser("ls", help="list principals with use against each bank")
