@@ -417,3 +417,25 @@ def test_json_io_rates_are_strings_with_units_that_survive_a_remount(
     m.stop()
     m2 = mount_factory(volume, name="again")  # principals.json parses what it saved
     assert rates(m2.path) == want
+
+
+def test_the_volume_holds_the_files_the_readme_lists(tmp_path: Path) -> None:
+    from conftest import sluice
+    vol = make_volume(tmp_path / "vol", "64M")
+    base = {"volume.json", "device.json", "device.img", "checksums", "meta.db", "lock"}
+    assert set(os.listdir(vol)) == base
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    sluice("mount", str(vol), str(mp))
+    try:
+        assert set(os.listdir(vol)) == base | {"mount.json", "sluice.log", "meta.db-wal",
+                                               "meta.db-shm"}
+        sluice("principal", "add", str(mp), "a")
+    finally:
+        sluice("umount", str(mp))
+    assert set(os.listdir(vol)) == base | {"sluice.log", "principals.json"}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("A volume is a directory"):]
+    section = section[:section.index("\n\n")]
+    for name in base | {"mount.json", "sluice.log", "principals.json", "-wal", "-shm"}:
+        assert f"`{name}`" in section, name
