@@ -251,9 +251,9 @@ class VolumeLock:
     time. The kernel drops it when the holder dies, even by SIGKILL.
 
     A second lock on the same file says whether the volume may be written: a daemon
-    holds a write lock on byte 0 while it is read-write (`hold_writer`), and an fsck
-    that checks a volume mounted read-only holds a read lock on it (`checking`), so a
-    remount read-write waits for no check and a check never reads a changing volume."""
+    holds a write lock on byte 0 while it is read-write (`hold_writer`; mkfs and a
+    repair from the start), and a check (`checking_lock`) holds a read lock on it: a
+    check never reads a changing volume, and never stops a read-only mount."""
 
     def __init__(self, path: Path, *, purpose: str = "mount") -> None:
         self.path = path
@@ -272,6 +272,12 @@ class VolumeLock:
             where = f" at {state['mountpoint']} (daemon pid {state['pid']})" if state else ""
             raise VolumeError(f"volume {self.path} is in use{where}") from None
         self._fd = fd
+        if self.purpose != "mount":  # mkfs, fsck --repair: they write
+            try:
+                self.hold_writer()
+            except VolumeError:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -296,30 +302,34 @@ class VolumeLock:
 
 @contextlib.contextmanager
 def checking_lock(path: Path) -> Iterator[dict | None]:
-    """For a check (fsck without --repair): the volume unmounted (exclusive, yields
-    None), or mounted read-only (a read lock on what read-write daemons hold; yields
-    the mount state); else VolumeError."""
-    lock: VolumeLock | None = VolumeLock(path, purpose="fsck")
+    """For a check (fsck without --repair): a read lock on what writers hold, so the
+    volume is either unmounted or mounted read-only, and stays so while the check
+    runs (a read-only mount may even start meanwhile; a read-write one, a remount
+    read-write, a repair or mkfs cannot). Yields the mount state if a daemon has it
+    mounted; VolumeError if something writes to it."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 FILE_MODE)
     try:
-        lock.__enter__()  # type: ignore[union-attr]
-    except VolumeError:
-        lock = None
-    if lock is not None:
-        try:
-            yield None
-        finally:
-            lock.__exit__()
-        return
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        state = read_mount_state(path) or {}
-        where = f" at {state['mountpoint']}" if state.get("mountpoint") else ""
+        state = read_mount_state(path) if _flock_held(fd) else None
         if not _ofd_lock(fd, fcntl.F_RDLCK):
-            raise VolumeError(f"volume {path} is in use, mounted read-write{where}: unmount "
-                              "it, or remount it read-only (mount -o remount,ro ...) to check it")
+            if state and state.get("mountpoint"):
+                raise VolumeError(f"volume {path} is in use, mounted read-write at "
+                                  f"{state['mountpoint']}: unmount it, or remount it "
+                                  "read-only (mount -o remount,ro ...) to check it")
+            raise VolumeError(f"volume {path} is in use (being repaired or made)")
         yield state
     finally:
         os.close(fd)
+
+
+def _flock_held(fd: int) -> bool:
+    """Whether a daemon (or mkfs, or a repair) holds the volume's flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def read_mount_state(path: Path) -> dict | None:

@@ -327,3 +327,34 @@ def test_remount_of_what_is_not_a_sluice_mount(tmp_path: Path) -> None:
     one_line_error(r, 1, "is not a mounted sluice volume")
     r = sluice("remount", str(tmp_path), check=False)
     one_line_error(r, 2, "-o")
+
+
+def test_a_volume_being_checked_mounts_read_only_only(tmp_path: Path,
+                                                      mount_factory) -> None:
+    from fs.volume import checking_lock
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mount_factory(vol)
+    (m.path / "f").write_bytes(b"checked")
+    m.stop()
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    with checking_lock(vol) as state:  # what `sluice fsck` holds while it checks
+        assert state is None  # not mounted
+        r = sluice("mount", str(vol), str(mp), check=False)
+        one_line_error(r, 1, "sluice fsck is checking")
+        assert not is_mounted(mp)
+        r = sluice("fsck", str(vol), "--repair", check=False)
+        one_line_error(r, 1, "sluice fsck is checking")
+        r = sluice("fsck", str(vol), "-q")  # another check may run beside it
+        assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
+        sluice("mount", str(vol), str(mp), "-o", "ro")
+        try:
+            assert cat(mp / "f") == "checked"
+            assert "ro" in findmnt_options(mp)
+        finally:
+            sluice("umount", str(mp))
+    sluice("mount", str(vol), str(mp))
+    try:
+        (mp / "g").write_bytes(b"writable")
+    finally:
+        sluice("umount", str(mp))
