@@ -34,5 +34,7 @@ from .recording import RecordLog as RecordLog
 from .scheduler import FifoScheduler as FifoScheduler
 from .scheduler import PrincipalIOStats as PrincipalIOStats
 from .types import ROOT_PRINCIPAL as ROOT_PRINCIPAL
+from .types import BankNode as BankNode
+from .types import BankTree as BankTree
 from .types import BlockNo as BlockNo
 from .types import PrincipalId as PrincipalId

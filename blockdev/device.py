@@ -48,7 +48,7 @@ from .faults import FaultPlan, FaultyBacking
 from .profiles import PROFILES, TimingProfile, parse_profile
 from .recording import RecordLog
 from .scheduler import FifoScheduler, PrincipalIOStats
-from .types import BlockNo, PrincipalId
+from .types import BankTree, BlockNo, PrincipalId
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class Scheduler(Protocol):
     """What the device needs of a request scheduler (FifoScheduler; mClock later)."""
 
     name: str
+    #: the I/O banks last configured
+    banks: BankTree
 
     def slot(self, principal: PrincipalId, nbytes: int, *,
              write: bool) -> AsyncContextManager[None]: ...
@@ -104,6 +106,9 @@ class Scheduler(Protocol):
                latency_s: float) -> None: ...
 
     def statistics(self) -> list[PrincipalIOStats]: ...
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """The principals' I/O banks (reservation, weight, limit) and their tree."""
 
 
 class BlockDevice:
@@ -218,6 +223,10 @@ class BlockDevice:
             if recorder is not None:
                 recorder.close()
             raise
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """Hand the principals' I/O banks to the scheduler (at mount, on every change)."""
+        self.scheduler.configure_banks(tree)
 
     def close(self) -> None:
         """Release both backings. Does not flush: durability is `flush()`'s job (the

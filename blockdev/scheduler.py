@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import numpy as np
 import trio
 
-from .types import PrincipalId
+from .types import BankTree, PrincipalId
 
 #: latency histogram buckets: bucket i holds latencies in [2**(i-1), 2**i) microseconds
 N_BUCKETS = 32
@@ -64,6 +64,11 @@ class FifoScheduler:
     def __init__(self, queue_depth: int) -> None:
         self._slots = trio.Semaphore(queue_depth)
         self._counters: dict[PrincipalId, _Counters] = {}
+        #: every principal's I/O bank (FIFO ignores them: it is the baseline)
+        self.banks: BankTree = {}
+
+    def configure_banks(self, tree: BankTree) -> None:
+        self.banks = tree
 
     @asynccontextmanager
     async def slot(self, principal: PrincipalId, nbytes: int, *, write: bool) -> AsyncIterator[None]:

@@ -1,7 +1,8 @@
-"""The filesystem's error family, and the one place domain errors become errnos.
+"""The filesystem's error family.
 
 Every error sluice raises on purpose derives from SluiceError and names its errno;
-`errno_of` turns any exception into the errno the FUSE boundary answers with.
+the FUSE boundary (fs/operations.py) answers with that errno, the control socket
+sends it in a typed error reply.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ class NameTooLong(FsError):
 
 class NoSpace(FsError):
     errno = _errno.ENOSPC
-
-
-class QuotaExceeded(FsError):
-    errno = _errno.EDQUOT
 
 
 class InvalidArgument(FsError):
@@ -109,12 +106,3 @@ class VolumeError(FsError):
     """A volume cannot be made, opened or mounted (a user mistake or a damaged volume)."""
 
     errno = _errno.EINVAL
-
-
-def errno_of(exc: BaseException) -> int:
-    """The errno a FUSE reply carries for `exc`."""
-    if isinstance(exc, SluiceError):
-        return exc.errno
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno
-    return _errno.EIO

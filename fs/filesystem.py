@@ -30,7 +30,7 @@ from typing import Callable
 
 import trio
 
-from kernelshim import (FRESH, HOLE, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
+from kernelshim import (FRESH, BankNode, HOLE, UNWRITTEN, ExtentMap, Grant, Kernel, PrincipalId, Rights,
                         ROOT_PRINCIPAL, Sealed, SluiceError)
 from kernelshim.principals import ENTRY_COST, Principal, PrincipalTable, QuotaExceeded
 
@@ -192,7 +192,7 @@ class FileSystem:
         self.kernel = kernel
         #: who is charged for what (kernelshim's table; storage usage recounted at load)
         self.principals = principals if principals is not None else PrincipalTable(None)
-        kernel.principals = self.principals
+        kernel.attach_principals(self.principals)
         #: grants held by direct clients: grant -> the caller it was issued to
         self._direct: dict[Grant, Caller] = {}
         self.block_size = kernel.block_size
@@ -1393,7 +1393,23 @@ class FileSystem:
                       "evictions": pg.evictions,
                       "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
             "principals": [dataclasses.asdict(i) for i in self.principals.info()],
+            # What the layers below enforce, as they were last told (banks pushed down).
+            "enforced_banks": {
+                names.get(pid, str(pid)): {
+                    "pager": {"cache_min": n.cache_min, "cache_max": n.cache_max},
+                    "scheduler": {k: getattr(n, k) for k in (
+                        "io_reserve_iops", "io_reserve_bps", "io_weight",
+                        "io_limit_iops", "io_limit_bps")}}
+                for pid, n in self._enforced_banks()},
         }
+
+    def _enforced_banks(self) -> list[tuple[PrincipalId, BankNode]]:
+        pager_banks, sched_banks = self.kernel.enforced_banks()
+        # Both are told the same snapshot; report the pager's, checked against the
+        # scheduler's (a difference would be a push-down bug worth seeing).
+        if pager_banks is not sched_banks and dict(pager_banks) != dict(sched_banks):
+            log.error("pager and scheduler hold different bank snapshots")
+        return sorted(pager_banks.items())
 
     # -- directories ---------------------------------------------------------------------------
 

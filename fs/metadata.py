@@ -240,11 +240,6 @@ class Metadata:
             " WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?",
             (parent, after, limit)).fetchall()
 
-    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
-        """(parent, name) of every entry naming `ino` (full scan: fsck only)."""
-        return self.db.execute("SELECT parent, name FROM dentries WHERE inode=?",
-                               (ino,)).fetchall()
-
     # -- extents ----------------------------------------------------------------------------
 
     def load_extents(self, ino: int) -> list[tuple[int, int, int, int, int]]:

@@ -147,6 +147,7 @@ class DirectService:
         dev["per_principal"] = {k: v for k, v in dev["per_principal"].items() if k in keep}
         pg["resident"] = {k: v for k, v in pg["resident"].items() if k in keep}
         st["principals"] = [r for r in st["principals"] if r["name"] in keep]
+        st["enforced_banks"] = {k: v for k, v in st["enforced_banks"].items() if k in keep}
         return st
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:

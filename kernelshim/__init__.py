@@ -7,6 +7,8 @@ the pager. It imports pager and blockdev; fs imports only this package.
 
 from blockdev import PROFILES as PROFILES
 from blockdev import ROOT_PRINCIPAL as ROOT_PRINCIPAL
+from blockdev import BankNode as BankNode
+from blockdev import BankTree as BankTree
 from blockdev import BlockDevice as BlockDevice
 from blockdev import BlockNo as BlockNo
 from blockdev import ChecksumError as ChecksumError

@@ -39,7 +39,7 @@ from typing import AsyncIterator, Iterable
 
 import trio
 
-from blockdev import BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog
+from blockdev import BankTree, BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog
 from pager import Pager
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
@@ -91,6 +91,23 @@ class Kernel:
 
     def close(self) -> None:
         self.device.close()
+
+    # -- banks -----------------------------------------------------------------------
+
+    def attach_principals(self, table: PrincipalTable) -> None:
+        """Charge kernel objects to `table`, and push its memory and I/O banks down to
+        the pager and the device's scheduler now and after every change."""
+        self.principals = table
+        table.watch(self.configure_banks)
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """The one configure/update interface of the banks below kernelshim."""
+        self.pager.configure_banks(tree)
+        self.device.configure_banks(tree)
+
+    def enforced_banks(self) -> tuple[BankTree, BankTree]:
+        """The bank snapshots the pager and the scheduler hold now (for statistics)."""
+        return self.pager.banks, self.device.scheduler.banks
 
     # -- capabilities --------------------------------------------------------------
 

@@ -43,9 +43,9 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from blockdev import PrincipalId, ROOT_PRINCIPAL, SluiceError, write_durably
+from blockdev import BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, SluiceError, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,8 @@ class PrincipalTable:
         #: neither saved nor listed until they hold storage, a child or banks of their
         #: own (a refused `sluice run`, a stat, must leave no principal behind)
         self._provisional: set[Principal] = set()
+        #: called with a new bank snapshot after every change of the tree or a bank
+        self._watchers: list[Callable[[BankTree], None]] = []
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -308,6 +310,37 @@ class PrincipalTable:
         # Durable (a principal change must survive a power loss) and 0600: it names
         # every tenant and its owner uid.
         write_durably(self.path, (json.dumps(data, indent=1) + "\n").encode())
+
+    # -- pushing banks down -------------------------------------------------------------
+
+    def bank_tree(self) -> BankTree:
+        """A snapshot of every principal's memory and I/O banks, for the pager and the
+        scheduler (which may not see this table: they sit below kernelshim)."""
+        out: dict[PrincipalId, BankNode] = {}
+        for p in self.walk():
+            b = p.banks
+            r, lim = b.io_reserve, b.io_limit
+            out[p.id] = BankNode(
+                p.id, p.parent.id if p.parent is not None else None, p.name,
+                cache_min=b.cache_min, cache_max=b.cache_max,
+                io_reserve_iops=r.value if r is not None and r.unit == "iops" else None,
+                io_reserve_bps=r.value if r is not None and r.unit == "B/s" else None,
+                io_weight=b.io_weight,
+                io_limit_iops=lim.value if lim is not None and lim.unit == "iops" else None,
+                io_limit_bps=lim.value if lim is not None and lim.unit == "B/s" else None)
+        return out
+
+    def watch(self, callback: Callable[[BankTree], None]) -> None:
+        """Call `callback(bank_tree())` now and after every change of the tree or of a
+        bank (add, set, remove, a uid's default principal made on first use)."""
+        self._watchers.append(callback)
+        callback(self.bank_tree())
+
+    def _changed(self) -> None:
+        if self._watchers:
+            tree = self.bank_tree()
+            for cb in self._watchers:
+                cb(tree)
 
     # -- the tree ------------------------------------------------------------------------
 
@@ -423,6 +456,7 @@ class PrincipalTable:
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
         self._keep(par)
         self.save()
+        self._changed()
         return p
 
     def set(self, name: str, caller_uid: int, **changes: Any) -> Principal:
@@ -459,6 +493,7 @@ class PrincipalTable:
         p.banks = banks
         self._keep(p)
         self.save()
+        self._changed()
         return p
 
     def remove(self, name: str, caller_uid: int, *, move_to: str | None = None,
@@ -509,6 +544,7 @@ class PrincipalTable:
         self._resolved.clear()
         if save:
             self.save()
+        self._changed()
         return heir
 
     # -- charging ------------------------------------------------------------------------
@@ -586,6 +622,7 @@ class PrincipalTable:
             # given children or banks; until then nothing of it outlives the daemon.
             p = self._insert(self._take_id(), name, self.root, uid, Banks())
             self._provisional.add(p)
+            self._changed()  # the layers below serve it meanwhile (its I/O, its cache)
         return p
 
     def may_run_as(self, principal: Principal, uid: int) -> bool:

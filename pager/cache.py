@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from blockdev import BlockDevice, BlockNo, PrincipalId
+from blockdev import BankTree, BlockDevice, BlockNo, PrincipalId
 
 #: reads of more blocks than this bypass the cache (they are streams, not working sets)
 BYPASS_BLOCKS = 32
@@ -59,6 +59,12 @@ class Pager:
         self._hand = 0
         self._resident: dict[PrincipalId, int] = {}
         self.hits = self.misses = self.bypassed = self.evictions = 0
+        #: every principal's memory bank (min, max, parent), pushed down by kernelshim
+        self.banks: BankTree = {}
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """The principals' memory banks changed (or the mount started)."""
+        self.banks = tree
 
     # -- frame bookkeeping -----------------------------------------------------
 

@@ -111,3 +111,102 @@ def test_checker_catches_a_violation(tmp_path: Path) -> None:
             test_layer_rule("blockdev")
     finally:
         REPO = saved
+
+
+# -- re-exports: fs may not reach blockdev or pager through kernelshim either ---------------
+
+#: The vocabulary every layer shares (ids, the bank snapshot type, the error base and
+#: the device's error kinds): defined in blockdev because it is the lowest layer, part
+#: of kernelshim's interface by re-export. Naming these is not reaching around.
+VOCABULARY = {"PrincipalId", "BlockNo", "ROOT_PRINCIPAL", "BankNode", "BankTree",
+              "SluiceError", "FormatError", "ChecksumError", "DeviceError", "DeviceFull"}
+
+#: The only code above kernelshim allowed to name the lower layers' parts (through
+#: kernelshim's re-exports): the one place that wires a mounted volume together
+#: (fs/mount.py), and the offline path of mkfs (fs/volume.py) and fsck (fs/fsck.py),
+#: which open the device with no daemon running.
+WIRING_AND_OFFLINE = {"fs/mount.py", "fs/volume.py", "fs/fsck.py"}
+
+
+def imported_names(path: Path) -> set[tuple[str, str]]:
+    """(module, name) for every `from module import name` in `path` (absolute only)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[tuple[str, str]] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.update((node.module, a.name) for a in node.names)
+    return out
+
+
+def _lower_layer_objects() -> dict[int, str]:
+    """id(object) -> 'package.module.name' for every public non-primitive object the
+    modules of blockdev and pager define or export."""
+    import importlib
+    import pkgutil
+    out: dict[int, str] = {}
+    for pkg_name in ("blockdev", "pager"):
+        pkg = importlib.import_module(pkg_name)
+        mods = [pkg] + [importlib.import_module(f"{pkg_name}.{m.name}")
+                        for m in pkgutil.iter_modules(pkg.__path__)]
+        for mod in mods:
+            out[id(mod)] = mod.__name__
+            for k, v in vars(mod).items():
+                if k.startswith("_") or isinstance(v, (int, float, str, bytes, bool,
+                                                       type(None), tuple, frozenset)):
+                    continue
+                if getattr(v, "__module__", "").split(".")[0] in ("blockdev", "pager") \
+                        or isinstance(v, dict):
+                    out.setdefault(id(v), f"{mod.__name__}.{k}")
+    return out
+
+
+def reached_around(files: list[Path]) -> dict[str, list[str]]:
+    """Names that modules of `files` import from kernelshim (or anything) which are
+    really blockdev's or pager's objects, by identity: re-exports included."""
+    import importlib
+    lower = _lower_layer_objects()
+    bad: dict[str, list[str]] = {}
+    for path in files:
+        for module, name in sorted(imported_names(path)):
+            top = module.split(".")[0]
+            if top not in LAYERS or top == "fs" or name in VOCABULARY:
+                continue
+            try:
+                obj = getattr(importlib.import_module(module), name)
+            except AttributeError:  # a submodule: `from kernelshim import client`
+                obj = importlib.import_module(f"{module}.{name}")
+            if top in ("blockdev", "pager") or id(obj) in lower:
+                bad.setdefault(str(path.relative_to(REPO)), []).append(
+                    f"{module}.{name} is {lower.get(id(obj), module + '.' + name)}")
+    return bad
+
+
+def test_fs_does_not_reach_lower_layers_through_reexports() -> None:
+    """The metadata server's code names nothing of blockdev or pager, not even through
+    kernelshim's re-exports; only the wiring and the offline path may (and they are
+    the only exceptions: the list is here, explicitly)."""
+    files = [p for p in _modules("fs")
+             if str(p.relative_to(REPO)) not in WIRING_AND_OFFLINE]
+    bad = reached_around(files)
+    assert not bad, f"fs code reaches blockdev/pager around kernelshim: {bad}"
+
+
+def test_reexport_check_catches_a_violation(tmp_path: Path) -> None:
+    """The checker itself: a module importing BlockDevice through kernelshim's re-export
+    (or Pager straight from pager) is reported; the shared vocabulary is not."""
+    (tmp_path / "fs").mkdir()
+    bad = tmp_path / "fs" / "bad.py"
+    bad.write_text("from kernelshim import BlockDevice, PrincipalId\n"
+                   "def f():\n    from pager import Pager\n")
+    global REPO
+    saved = REPO
+    REPO = tmp_path
+    try:
+        found = reached_around([bad])
+    finally:
+        REPO = saved
+    assert sorted(found) == ["fs/bad.py"]
+    msgs = found["fs/bad.py"]
+    assert len(msgs) == 2
+    assert any("kernelshim.BlockDevice is blockdev" in m for m in msgs)
+    assert any(m.startswith("pager.Pager") for m in msgs)
