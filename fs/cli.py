@@ -95,9 +95,17 @@ def _mount_options(args: argparse.Namespace):
     flags = VfsFlags(read_only=args.read_only)
     for text in args.options or ():
         parsed = parse_mount_options(text.split(","), base=flags)
-        if parsed.settings:
-            raise MountOptionError(f"use --{next(iter(parsed.settings)).replace('_', '-')} "
-                                   "with sluice mount, not -o")
+        for key, val in parsed.settings.items():  # -o cache_size=256M as in fstab
+            if key in ("foreground", "debug"):
+                raise MountOptionError(f"use --{key} with sluice mount, not -o {key}")
+            if key == "cache_size":
+                try:
+                    vol.parse_size(str(val))
+                except VolumeError as exc:
+                    raise MountOptionError(str(exc)) from None
+            if key == "cache_mode" and val not in ("direct", "kernel"):
+                raise MountOptionError(f"cache_mode={val}: direct or kernel")
+            setattr(args, key, True if val is None else val)
         flags = parsed.flags
     if os.geteuid() != 0:
         # fusermount3 makes a user's FUSE mounts nosuid,nodev and cannot remount to

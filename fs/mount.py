@@ -345,6 +345,8 @@ class FlagFollower:
                     with contextlib.suppress(OSError):
                         await trio.to_thread.run_sync(remount_kernel, self.mountpoint, back)
         else:
+            if flags.read_only and fs.write_errors:
+                self.lock.release_writer()  # failed: nothing more is written; fsck may check
             log.info("mount flags: %s", flags.text())
         write_mount_state(self.volume, mountpoint=self.mountpoint, pid=os.getpid(),
                           flags=seen, applied=dataclasses.replace(

@@ -358,3 +358,33 @@ def test_a_volume_being_checked_mounts_read_only_only(tmp_path: Path,
         (mp / "g").write_bytes(b"writable")
     finally:
         sluice("umount", str(mp))
+
+
+def test_a_failed_volume_stays_read_only_on_remount(tmp_path: Path, mount_factory,
+                                                    monkeypatch) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"flush_errors": [1]}))  # the first device flush fails
+    monkeypatch.setenv("SLUICE_FAULT_PLAN", str(plan))
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mounted_with(mount_factory, vol)
+    fd = os.open(m.path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * 10000)
+        with pytest.raises(OSError) as ei:
+            os.fsync(fd)
+        assert ei.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as ei:
+        (m.path / "g").write_bytes(b"y")
+    assert ei.value.errno == errno.EROFS  # failed: read-only, though the kernel says rw
+    sluice("remount", str(m.path), "-o", "ro")
+    r = sluice("remount", str(m.path), "-o", "rw", check=False)
+    one_line_error(r, 1, "stays read-only", "the volume failed", "run sluice fsck")
+    assert "ro" in findmnt_options(m.path)  # the daemon turned the kernel's flag back
+    with pytest.raises(OSError) as ei:
+        (m.path / "g").write_bytes(b"y")
+    assert ei.value.errno == errno.EROFS
+    r = sluice("fsck", str(vol), check=False)  # checkable now, and it says what is wrong
+    assert r.returncode in (0, 4) and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert m.daemon_alive
