@@ -2,8 +2,8 @@
 
 User mistakes print one line on stderr and exit with a documented code, no traceback:
     0  success
-    1  error (bad arguments, missing volume, busy mount point, ...)
-    2  usage error (argparse)
+    1  error at run time (missing volume, busy mount point, refused, daemon lost, ...)
+    2  usage error: a bad argument (unknown option or -o option, malformed number)
     4  fsck found errors it did not repair
 """
 
@@ -13,11 +13,13 @@ import argparse
 import errno
 import logging
 import os
+import re
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from kernelshim import SluiceError
 from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
@@ -30,6 +32,7 @@ log = logging.getLogger("sluice")
 EXIT_ERROR = 1
 #: pager.POLICIES, spelled out here so that `sluice --help` needs no numpy
 PAGER_POLICIES = ("hinted", "principal", "global-lru")
+EXIT_USAGE = 2
 EXIT_FSCK_UNCORRECTED = 4
 
 
@@ -37,14 +40,28 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
 
 
-def _setup_logging(debug: bool, logfile: Path | None = None) -> None:
-    level = logging.DEBUG if debug else logging.INFO
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    if logfile is not None:
-        logging.basicConfig(filename=str(logfile), level=level, format=fmt)
-    else:
-        logging.basicConfig(stream=sys.stderr, level=level if debug else logging.WARNING,
-                            format=fmt)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), not usage text too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _setup_logging(debug: bool, *, daemon: bool = False) -> None:
+    """Commands log warnings to stderr; the daemon (`mount --foreground`, and the
+    detached daemon, whose stderr is the volume's sluice.log) logs what it does."""
+    level = logging.DEBUG if debug else logging.INFO if daemon else logging.WARNING
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _message(exc: BaseException) -> str:
+    """An exception as a user reads it: 'No such file or directory: /x', not
+    '[Errno 2] No such file or directory: ...'."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return vol.os_error_text(exc)
+    # (a message that quotes an OSError: the daemon's, a lost connection's)
+    return re.sub(r"\[Errno \d+\] ", "", str(exc))
 
 
 # -- mkfs ---------------------------------------------------------------------------------
@@ -79,7 +96,34 @@ def _check_mountpoint(mp: str) -> None:
 
 
 def _mount_options(args: argparse.Namespace):
-    from .mount import MountOptions
+    from .mount import MountOptionError, MountOptions, VfsFlags, parse_mount_options
+    flags = VfsFlags(read_only=args.read_only)
+    for text in args.options or ():
+        parsed = parse_mount_options(text.split(","), base=flags)
+        for key, val in parsed.settings.items():  # -o cache_size=256M as in fstab
+            if key in ("foreground", "debug"):
+                raise MountOptionError(f"use --{key} with sluice mount, not -o {key}")
+            if key == "cache_size":
+                try:
+                    vol.parse_size(str(val))
+                except VolumeError as exc:
+                    raise MountOptionError(str(exc)) from None
+            if key == "cache_mode" and val not in ("pager", "direct", "kernel"):
+                raise MountOptionError(f"cache_mode={val}: pager or kernel")
+            if key == "scheduler" and val not in ("mclock", "fifo"):
+                raise MountOptionError(f"scheduler={val}: mclock or fifo")
+            if key == "pager" and val not in PAGER_POLICIES:
+                raise MountOptionError(f"pager={val}: {', '.join(PAGER_POLICIES)}")
+            setattr(args, key, True if val is None else val)
+        flags = parsed.flags
+    if os.geteuid() != 0:
+        # fusermount3 makes a user's FUSE mounts nosuid,nodev and cannot remount to
+        # set what libfuse does not pass (strictatime, nodiratime).
+        asked = [n for n, on in (("suid", not flags.nosuid), ("dev", not flags.nodev),
+                                 ("strictatime", flags.atime == "strictatime"),
+                                 ("nodiratime", flags.nodiratime)) if on]
+        if asked:
+            raise CliError(f"-o {','.join(asked)} needs a mount made by root")
     if args.profile is not None:
         from kernelshim import parse_profile
         try:
@@ -88,8 +132,11 @@ def _mount_options(args: argparse.Namespace):
             raise CliError(str(exc)) from None
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,
-                        pager_policy=args.pager, debug_fuse=args.debug_fuse,
-                        read_only=args.read_only, metrics=_metrics_address(args.metrics))
+                        pager_policy=args.pager, metrics=_metrics_address(args.metrics),
+                        debug_fuse=args.debug_fuse,
+                        read_only=flags.read_only, atime=flags.atime,
+                        nodiratime=flags.nodiratime, suid=not flags.nosuid,
+                        dev=not flags.nodev, noexec=flags.noexec)
 
 
 def _metrics_address(text: str | None) -> tuple[str, int] | None:
@@ -111,11 +158,11 @@ def _check_private(volume: Path, args: argparse.Namespace) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    opts = _mount_options(args)  # arguments first: a bad -o is a usage error
     volume = Path(args.volume).resolve()
     vol.read_header(volume)
     _check_private(volume, args)
     mp = os.path.abspath(args.mountpoint)
-    opts = _mount_options(args)  # validate before forking
     state = vol.read_mount_state(volume)
     if state:
         from .mount import clean_dead_mount
@@ -124,7 +171,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     _check_mountpoint(mp)
     if args.foreground:
         return _run_foreground(volume, mp, opts, args)
-    return _run_background(volume, mp, args)
+    return _run_background(volume, mp, args, opts)
 
 
 def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> int:
@@ -134,11 +181,21 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
     # Whatever the daemon creates in the volume (its log, SQLite's -wal and -shm, the
     # state files) is private to its owner; nothing it serves depends on its umask.
     os.umask(vol.PRIVATE_UMASK)
-    if args.ready_fd is not None:
-        _setup_logging(args.debug, volume / vol.LOG)
-    else:
-        _setup_logging(args.debug)
+    _setup_logging(args.debug, daemon=True)
     ready_fd = args.ready_fd
+    detached = ready_fd is not None
+
+    def reopen_log() -> None:
+        # Detached, stdout and stderr are the volume's sluice.log: after a rotation
+        # (logrotate moves it, then sends SIGHUP) they go to a new file of that name.
+        if detached:
+            fd = os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                         | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
 
     def ready(err: str | None) -> None:
         if ready_fd is not None:
@@ -154,7 +211,7 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
             ready(err)
 
     try:
-        trio.run(serve, volume, mp, opts, ready_once)
+        trio.run(serve, volume, mp, opts, ready_once, reopen_log)
     except SluiceError as exc:
         ready_once(str(exc))
         raise
@@ -168,20 +225,17 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
     return 0
 
 
-def _run_background(volume: Path, mp: str, args: argparse.Namespace) -> int:
+def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> int:
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode,
-           "--pager", args.pager]
+           "-o", opts.vfs_flags().text(), "--pager", args.pager, "--scheduler", args.scheduler]
     if args.profile:
         cmd += ["--profile", args.profile]
-    cmd += ["--scheduler", args.scheduler]
-    if args.read_only:
-        cmd.append("--read-only")
     if args.metrics:
         cmd += ["--metrics", args.metrics]
     if args.debug:
-        cmd.append("--debug")
+        cmd.insert(3, "--debug")  # the top-level option, before the subcommand
     logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
                              | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE), "ab")
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
@@ -234,6 +288,17 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# -- remount ------------------------------------------------------------------------------
+
+def cmd_remount(args: argparse.Namespace) -> int:
+    from .mount import remount
+    options = [o for text in args.options for o in text.split(",")]
+    flags = remount(args.mountpoint, options)
+    if not args.quiet:
+        print(f"{os.path.abspath(args.mountpoint)}: {flags.text()}")
+    return 0
 
 
 # -- fsck ---------------------------------------------------------------------------------
@@ -339,6 +404,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot run {cmd[0]}: {exc.strerror}") from None
     return 0
+
+
+def _size(text: str) -> str:
+    """A size argument (512M, 8G): checked by argparse, so a malformed one is a usage
+    error (exit 2); the text is kept (parse_size again where it is used)."""
+    try:
+        vol.parse_size(text)
+    except VolumeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _rate(text: str) -> str:
+    """An I/O rate argument (20MB/s, 500iops), checked like _size."""
+    from kernelshim.principals import PrincipalError, Rate
+    try:
+        Rate.parse(text)
+    except PrincipalError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _interval(text: str) -> float:
@@ -635,7 +720,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 # -- argument parsing ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sluice", description="sluice: a user-space storage laboratory. Make a volume, "
         "mount it with FUSE, run programs on it as principals, measure what happens.")
     p.add_argument("--debug", action="store_true", help="verbose logging")
@@ -643,8 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("mkfs", help="make a new volume")
     s.add_argument("volume", help="volume directory (created if missing)")
-    s.add_argument("--size", default="8G", help="device size, e.g. 512M, 8G (default 8G, sparse)")
-    s.add_argument("--block-size", default="4096", help="block size in bytes (default 4096)")
+    s.add_argument("--size", default="8G", type=_size,
+                   help="device size, e.g. 512M, 8G (default 8G, sparse)")
+    s.add_argument("--block-size", default="4096", type=_size,
+                   help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",
                    help="timing profile: none, nvme, ssd, hdd, or custom "
                         "latency_us,MBps,seek_ms,depth[,write_us[,write_cache_MiB]] "
@@ -659,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     s.add_argument("mountpoint")
     s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
-    s.add_argument("--cache-size", default="64M", help="pager cache size (default 64M)")
+    s.add_argument("--cache-size", default="64M", type=_size, help="pager cache size (default 64M)")
     s.add_argument("--profile", default=None, help="override the volume's timing profile")
     s.add_argument("--scheduler", default="mclock", choices=["mclock", "fifo"],
                    help="the device's I/O scheduler: mclock (per-principal reservation, "
@@ -675,16 +762,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("-r", "--read-only", action="store_true",
                    help="mount read-only: every change gets EROFS, nothing is written "
-                        "(also -o ro through mount(8))")
+                        "(also -o ro)")
     s.add_argument("--metrics", default=None, metavar="ADDRESS:PORT",
                    help="serve every principal's I/O and cache figures in the Prometheus "
                         "text format at http://ADDRESS:PORT/metrics (off by default; "
                         "e.g. 127.0.0.1:9464)")
+    s.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="mount options, as with mount(8): ro, rw, noatime, relatime "
+                        "(default), strictatime, nodiratime, noexec; suid, dev (root only; "
+                        "default nosuid,nodev)")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
     s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("remount", help="change the mount options of a mounted volume "
+                       "(the same as mount -o remount,OPTIONS)")
+    s.add_argument("mountpoint")
+    s.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
+                   help="ro, rw, noatime, relatime, strictatime, nodiratime, diratime, "
+                        "noexec, exec, suid, dev, nosuid, nodev")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_remount)
 
     s = sub.add_parser("umount", help="flush and unmount, wait for the daemon to exit")
     s.add_argument("mountpoint")
@@ -701,23 +801,24 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--parent", default="root", help="parent principal (default root)")
             a.add_argument("--owner", type=int, default=None,
                            help="uid that owns it (may run as it and manage it; default: you)")
-        a.add_argument("--space", help="storage bank: bytes of data and entries, e.g. 10G")
+        a.add_argument("--space", type=_size,
+                       help="storage bank: bytes of data and entries, e.g. 10G")
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
-        a.add_argument("--cache-min", help="guaranteed cache, e.g. 64M")
-        a.add_argument("--cache-max", help="cache ceiling, e.g. 256M")
-        a.add_argument("--io-reserve", action="append", metavar="RATE",
+        a.add_argument("--cache-min", type=_size, help="guaranteed cache, e.g. 64M")
+        a.add_argument("--cache-max", type=_size, help="cache ceiling, e.g. 256M")
+        a.add_argument("--io-reserve", action="append", type=_rate, metavar="RATE",
                        help="reserved I/O rate: 20MB/s, 500iops, or both (give the flag "
                             "twice, or 500iops,20MB/s); `none` removes it")
         a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
-        a.add_argument("--io-limit", action="append", metavar="RATE",
+        a.add_argument("--io-limit", action="append", type=_rate, metavar="RATE",
                        help="I/O ceiling: 100MB/s, 2000iops, or both (the tighter wins; "
                             "twice, or 2000iops,100MB/s); `none` removes it")
         a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
         a.add_argument("--caps", type=int, help="capability slots it may hold")
         a.add_argument("--connections", type=int,
                        help="control-socket connections it may hold open (default 64)")
-        a.add_argument("--shm", help="shared memory its direct clients may attach, e.g. "
-                                     "256M (default 256M)")
+        a.add_argument("--shm", type=_size, help="shared memory its direct clients may "
+                                                 "attach, e.g. 256M (default 256M)")
         a.add_argument("--children", type=int,
                        help="principals it may create below it, at any depth (default 256)")
     a = psub.add_parser("ls", help="list principals with use against each bank")
@@ -801,18 +902,26 @@ def main(argv: list[str] | None = None) -> int:
         args.command = command
     if args.cmd != "mount" or not args.foreground:
         _setup_logging(args.debug)
+    from .mount import MountOptionError
     try:
         return args.func(args)
-    except (CliError, VolumeError, SluiceError) as exc:
+    except MountOptionError as exc:
         print(f"sluice {args.cmd}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, VolumeError, SluiceError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _quiet_broken_pipe()
+        print(f"sluice {args.cmd}: {_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # The reader went away (`sluice stats --watch 1 | head -3`): stop quietly, and
-        # keep Python from complaining again when it flushes stdout at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+
+def _quiet_broken_pipe() -> int:
+    # The reader went away (`sluice stats --watch 1 | head -3`): stop quietly, and
+    # keep Python from complaining again when it flushes stdout at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:
@@ -837,21 +946,28 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
         i += 1
     if len(positional) != 2:
         print("usage: mount.fuse.sluice VOLUME MOUNTPOINT [-o options]", file=sys.stderr)
-        return EXIT_ERROR
-    cli = ["mount", positional[0], positional[1], "--fix-hint=-o fix_permissions"]
-    for opt in options:
-        key, _, val = opt.partition("=")
-        key = key.replace("_", "-")
-        if key in ("cache-size", "profile", "cache-mode", "scheduler", "pager") and val:
-            cli += [f"--{key}", val]
-        elif key == "foreground":
-            cli.append("--foreground")
-        elif key == "ro":
-            cli.append("--read-only")
-        elif key == "fix-permissions":
-            # Explicit, like the command's flag: an fstab line asks for it by name.
-            cli.append("--fix-permissions")
-        # rw, defaults, noauto, nofail, _netdev, user, ... are mount(8)'s business
+        return EXIT_USAGE
+    from .mount import MountOptionError, parse_mount_options
+    try:
+        parsed = parse_mount_options(options)
+    except MountOptionError as exc:
+        print(f"mount.fuse.sluice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if parsed.remount:
+        # mount(8) hands `-o remount,...` to the helper with the mount's current
+        # options before the new ones (mount -o remount,ro MOUNTPOINT).
+        return main(["remount", positional[1], "-q", "-o", ",".join(options)])
+    cli = ["mount", positional[0], positional[1], "--fix-hint=-o fix_permissions",
+           "-o", parsed.flags.text()]
+    for key, val in parsed.settings.items():
+        if key == "debug":
+            cli.insert(0, "--debug")
+        elif val is None:
+            # fix_permissions is explicit, like the command's flag: an fstab line asks
+            # for it by name.
+            cli.append(f"--{key.replace('_', '-')}")
+        else:
+            cli += [f"--{key.replace('_', '-')}", val]
     return main(cli)
 
 

@@ -280,6 +280,13 @@ class FileSystem:
         self._tmpfiles: set[int] = set()
         #: FUSE requests answered, by handler name (operations.py counts; `sluice stats`)
         self.fuse_requests: collections.Counter[str] = collections.Counter()
+        #: the mount's atime mode, as the kernel's mount flags say (fs/mount.py follows
+        #: them): "relatime", "noatime" or "strictatime"; FUSE leaves atime to us
+        self.atime = "relatime"
+        #: nodiratime: reading a directory never updates its atime
+        self.nodiratime = False
+        #: whether the crash cleanup of load() is still to do (a read-only mount)
+        self._recovered = False
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
@@ -297,6 +304,14 @@ class FileSystem:
         if read_only:
             fs.set_read_only("mounted read-only")
             return fs
+        await fs._recover()
+        return fs
+
+    async def _recover(self) -> None:
+        """What a crash left: orphans and uncommitted write layouts (at the first
+        read-write mount or remount)."""
+        fs, md = self, self.md
+        fs._recovered = True
         # Inodes unlinked while open when the daemon last stopped: free them now.
         for ino in md.orphans():
             log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
@@ -320,7 +335,6 @@ class FileSystem:
             fs._save(node, "blocks")
             fs.alloc.free_later([(d, c) for d, c, _o in freed])
         await fs.commit()
-        return fs
 
     def _recount_usage(self) -> None:
         """Storage usage of every principal, from what the volume holds (exact after a
@@ -403,8 +417,26 @@ class FileSystem:
                 del self._direct[g]
 
     def set_read_only(self, why: str) -> None:
-        """A read-only mount: every change gets EROFS, nothing is committed."""
+        """A read-only mount: every change gets EROFS, nothing is committed; direct
+        clients' write grants are revoked (a remount read-only; commit first)."""
         self.read_only = why
+        for g in list(self._direct):
+            if g.rights & Rights.WRITE:
+                self.kernel.revoke_nowait(g)
+                del self._direct[g]
+
+    async def set_writable(self) -> int:
+        """Back to read-write (a remount), unless the volume failed: then ReadOnly.
+        Does the crash cleanup a read-only mount skipped; returns the stale blocks
+        discarded."""
+        if self.write_errors:
+            raise ReadOnly(f"the volume failed ({self.read_only}): unmount it and run "
+                           "sluice fsck")
+        self.read_only = None
+        if self._recovered:
+            return 0
+        await self._recover()
+        return await self.scrub_stale_blocks()
 
     def _writable(self) -> None:
         if self.read_only is not None:
@@ -1050,12 +1082,17 @@ class FileSystem:
         return data
 
     def _touch_atime(self, node: Inode) -> None:
-        if self.read_only is not None:
+        """atime on a read, by the mount's mode (the kernel's meanings; FUSE leaves
+        atime to the filesystem): noatime never, nodiratime never for directories,
+        strictatime always, relatime when atime is not newer than mtime/ctime or is a
+        day old."""
+        if self.read_only is not None or self.atime == "noatime" or (
+                self.nodiratime and node.is_dir):
             return
-        # relatime: update when atime is not newer than mtime/ctime, or a day old.
         a = node.atime_ns
         now = _now()
-        if a > node.mtime_ns and a > node.ctime_ns and now - a < ATIME_REFRESH_NS:
+        if self.atime != "strictatime" and a > node.mtime_ns and a > node.ctime_ns and \
+                now - a < ATIME_REFRESH_NS:
             return
         node.atime_ns = now
         self._save(node, "atime_ns")

@@ -66,7 +66,7 @@ from kernelshim.principals import ENTRY_COST, PrincipalError, PrincipalTable
 
 from .errors import VolumeError
 from .metadata import Metadata
-from .volume import DB, VolumeLock, read_header
+from .volume import DB, VolumeLock, checking_lock, read_header
 
 #: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
 EXIT_CLEAN = 0
@@ -747,11 +747,13 @@ class _Checker:
 
 def fsck(path: Path, *, repair: bool = False, verify_data: bool = False,
          progress: bool = False) -> FsckReport:
-    """Check (and with `repair`, repair) the unmounted volume at `path`."""
+    """Check (and with `repair`, repair) the volume at `path`: unmounted, or for a
+    check also mounted read-only."""
     read_header(path)
     report = FsckReport(repair=repair)
     prog = _Progress(progress)
-    with VolumeLock(path, purpose="fsck"):
+    # A check may run while the volume is mounted read-only; a repair only unmounted.
+    with VolumeLock(path, purpose="fsck") if repair else checking_lock(path):
         if not (path / DB).is_file():  # (sqlite would make an empty one)
             raise VolumeError(f"{path / DB} is missing: the volume has no metadata")
         try:

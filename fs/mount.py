@@ -6,23 +6,26 @@ AsyncExitStack and one nursery, with its cleanup pushed right after it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import functools
 import logging
 import os
+import re
 import select
 import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pyfuse3
 import trio
 
-from kernelshim import Kernel
+from kernelshim import Kernel, SluiceError
 from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
@@ -64,6 +67,16 @@ class MountOptions:
     #: serve Prometheus metrics of every principal at (host, port) (fs/metrics.py);
     #: None: off
     metrics: tuple[str, int] | None = None
+    #: the VFS flags asked for besides ro (see VfsFlags): atime mode, suid, dev, exec
+    atime: str = "relatime"
+    nodiratime: bool = False
+    suid: bool = False
+    dev: bool = False
+    noexec: bool = False
+
+    def vfs_flags(self) -> VfsFlags:
+        return VfsFlags(read_only=self.read_only, nosuid=not self.suid, nodev=not self.dev,
+                        noexec=self.noexec, atime=self.atime, nodiratime=self.nodiratime)
 
 
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
@@ -75,7 +88,335 @@ def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
         o.add("debug")
     if opts.read_only:
         o.add("ro")  # the kernel refuses changes itself; FileSystem does too
+    # What libfuse can pass to mount(2) itself (it defaults to nosuid,nodev and the
+    # kernel to relatime); strictatime and nodiratime it does not know: serve() sets
+    # them with a remount once the mount is up.
+    if opts.atime == "noatime":
+        o.add("noatime")
+    if opts.suid:
+        o.add("suid")
+    if opts.dev:
+        o.add("dev")
+    if opts.noexec:
+        o.add("noexec")
     return o
+
+
+# -- mount options and remounting --------------------------------------------------------
+#
+# FUSE leaves the VFS flags of a mount to the kernel, and the kernel never tells the
+# daemon about them: `mount -o remount,ro` (mount(2) with MS_REMOUNT) flips the
+# superblock and mount flags without a FUSE request, and FUSE inodes are S_NOATIME, so
+# the kernel's atime modes do nothing for it. The daemon therefore follows its mount's
+# flags in /proc/self/mountinfo (poll() wakes on every change of the mount table) and
+# applies them itself: read-only (commit, then EROFS for every change and for direct
+# clients), read-write again, and the atime mode its reads keep. `sluice remount`, and
+# mount.fuse.sluice called by mount(8) for `-o remount`, do the mount(2) and then wait
+# until mount.json shows that the daemon applied what the kernel now says.
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_NOATIME, _MS_NODIRATIME = 32, 1024, 2048
+_MS_RELATIME, _MS_STRICTATIME = 1 << 21, 1 << 24
+
+ATIME_MODES = ("relatime", "noatime", "strictatime")
+
+
+class MountOptionError(VolumeError):
+    """A `-o` option that is not known or not allowed here (a usage error: exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VfsFlags:
+    """The kernel's flags of one mount that a user may set with -o: the defaults are
+    a FUSE mount's (rw, nosuid, nodev, relatime)."""
+
+    read_only: bool = False
+    nosuid: bool = True
+    nodev: bool = True
+    noexec: bool = False
+    atime: str = "relatime"
+    nodiratime: bool = False
+
+    def with_option(self, opt: str) -> VfsFlags | None:
+        """These flags with mount option `opt` applied; None if it is not a VFS flag."""
+        change = _VFS_OPTIONS.get(opt)
+        return None if change is None else dataclasses.replace(self, **change)
+
+    def ms_flags(self) -> int:
+        f = _MS_RDONLY if self.read_only else 0
+        f |= (_MS_NOSUID if self.nosuid else 0) | (_MS_NODEV if self.nodev else 0)
+        f |= _MS_NOEXEC if self.noexec else 0
+        f |= {"noatime": _MS_NOATIME, "relatime": _MS_RELATIME,
+              "strictatime": _MS_STRICTATIME}[self.atime]
+        return f | (_MS_NODIRATIME if self.nodiratime else 0)
+
+    def text(self) -> str:
+        """As mount(8) would write them: ro,nosuid,nodev,noatime."""
+        parts = ["ro" if self.read_only else "rw"]
+        parts += [n for n, on in (("nosuid", self.nosuid), ("nodev", self.nodev),
+                                  ("noexec", self.noexec)) if on]
+        parts.append(self.atime)
+        if self.nodiratime:
+            parts.append("nodiratime")
+        return ",".join(parts)
+
+
+_VFS_OPTIONS: dict[str, dict[str, Any]] = {
+    "ro": {"read_only": True}, "rw": {"read_only": False},
+    "suid": {"nosuid": False}, "nosuid": {"nosuid": True},
+    "dev": {"nodev": False}, "nodev": {"nodev": True},
+    "exec": {"noexec": False}, "noexec": {"noexec": True},
+    "noatime": {"atime": "noatime"}, "relatime": {"atime": "relatime"},
+    "strictatime": {"atime": "strictatime"},
+    # mount(8)'s "atime" clears noatime; the kernel's default is then relatime
+    "atime": {"atime": "relatime"},
+    "nodiratime": {"nodiratime": True}, "diratime": {"nodiratime": False},
+}
+#: fstab and mount(8) options that are mount(8)'s or systemd's business, accepted and
+#: ignored (mount(8) passes some of them on to the helper: nofail, _netdev, user, users)
+_IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+            "owner", "group", "async", "silent", "loud",
+            # always on for a sluice mount
+            "allow_other", "default_permissions"}
+_IGNORED_PREFIXES = ("x-", "comment=", "user=")
+#: what mount(8) passes back from the mounted superblock when it remounts
+_REMOUNT_ECHO = ("user_id=", "group_id=", "max_read=", "blksize=", "fsname=", "subtype=")
+#: sluice's own options (mount -t fuse.sluice, fstab): name -> takes a value
+SLUICE_OPTIONS = {"cache_size": True, "profile": True, "cache_mode": True,
+                  "scheduler": True, "pager": True, "metrics": True,
+                  "fix_permissions": False, "foreground": False, "debug": False}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParsedOptions:
+    flags: VfsFlags
+    #: sluice's own options given (cache_size=..., fix_permissions, ...)
+    settings: dict[str, str | None]
+    remount: bool
+    #: which VFS flags were named (a remount changes only those)
+    named: tuple[str, ...]
+
+
+def parse_mount_options(options: list[str], base: VfsFlags = VfsFlags()) -> ParsedOptions:
+    """Options of `-o a,b,c=d` (in order, the last one wins, as with mount(8)); an
+    unknown one is a MountOptionError naming it."""
+    flags = base
+    settings: dict[str, str | None] = {}
+    named: list[str] = []
+    remount = "remount" in options
+    for opt in options:
+        if not opt or opt == "remount":
+            continue
+        new = flags.with_option(opt)
+        if new is not None:
+            flags = new
+            named.append(opt)
+            continue
+        key, eq, val = opt.partition("=")
+        key = key.replace("-", "_")
+        if opt in _IGNORED or opt.startswith(_IGNORED_PREFIXES) or (
+                remount and opt.startswith(_REMOUNT_ECHO)):
+            continue
+        if key in SLUICE_OPTIONS:
+            if SLUICE_OPTIONS[key] != bool(eq) or (eq and not val):
+                raise MountOptionError(
+                    f"mount option {opt!r}: " + (f"{key}=VALUE expected" if SLUICE_OPTIONS[key]
+                                                 else f"{key} takes no value"))
+            if remount:
+                raise MountOptionError(f"mount option {key} cannot be changed by a remount "
+                                       "(unmount and mount again)")
+            settings[key] = val if eq else None
+            continue
+        known = ", ".join([*_VFS_OPTIONS, *sorted(SLUICE_OPTIONS)])
+        raise MountOptionError(f"unknown mount option {opt!r} (known: {known})")
+    return ParsedOptions(flags, settings, remount, tuple(named))
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def read_mount_flags(mountpoint: str, mountinfo: str | None = None
+                     ) -> tuple[VfsFlags, str] | None:
+    """The kernel's flags of the (topmost) mount at `mountpoint`, and the mountinfo
+    text they came from (mount options, then the superblock's); None if not mounted."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 10 or _unescape(fields[4]) != mountpoint:
+            continue
+        sep = fields.index("-", 6)
+        mnt_opts, sb_opts = fields[5].split(","), fields[sep + 3].split(",")
+        atime = "noatime" if "noatime" in mnt_opts else (
+            "relatime" if "relatime" in mnt_opts else "strictatime")
+        flags = VfsFlags(read_only="ro" in mnt_opts or "ro" in sb_opts,
+                         nosuid="nosuid" in mnt_opts, nodev="nodev" in mnt_opts,
+                         noexec="noexec" in mnt_opts, atime=atime,
+                         nodiratime="nodiratime" in mnt_opts)
+        found = (flags, f"{fields[5]} {fields[sep + 3]}")
+    return found
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def remount_kernel(mountpoint: str, flags: VfsFlags) -> None:
+    """mount(2) with MS_REMOUNT: the kernel's flags of the mount become `flags`
+    (root only; fusermount3 cannot remount). OSError on failure."""
+    if _libc.mount(None, os.fsencode(mountpoint), None,
+                   ctypes.c_ulong(_MS_REMOUNT | flags.ms_flags()), None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), mountpoint)
+
+
+class FlagFollower:
+    """The daemon's side of remounting: applies its mount's kernel flags (read-only,
+    atime mode) to the FileSystem whenever they change, and records what it applied
+    in mount.json for `sluice remount` to wait on."""
+
+    def __init__(self, fs: FileSystem, volume: Path, mountpoint: str, lock: VolumeLock
+                 ) -> None:
+        self.fs = fs
+        self.volume = volume
+        self.mountpoint = mountpoint
+        self.lock = lock
+        #: the mountinfo text last applied (the table changes for every mount on the
+        #: host; only a change of ours is applied and recorded)
+        self._seen: str | None = None
+        #: why the last remount read-write was refused, until one succeeds
+        self._refused: str | None = None
+        #: applies so far (in mount.json: a remount waits for a later one)
+        self._seq = 0
+
+    async def run(self, *, wanted: VfsFlags | None = None,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)  # POLLPRI|POLLERR: the mount table changed
+        try:
+            now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
+            if wanted is not None and now is not None and now[0] != wanted:
+                # strictatime, nodiratime: what libfuse could not pass to mount(2). The
+                # loop serves this mount meanwhile (mount(2) looks the mount point up).
+                try:
+                    await trio.to_thread.run_sync(remount_kernel, self.mountpoint, wanted)
+                except OSError as exc:
+                    log.warning("cannot set %s on %s: %s", wanted.text(), self.mountpoint,
+                                exc.strerror)
+            started = False
+            while True:
+                now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
+                if now is not None and now[1] != self._seen:
+                    await self.apply(*now)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.to_thread.run_sync(poller.poll, None, abandon_on_cancel=True)
+        finally:
+            os.close(fd)
+
+    async def apply(self, flags: VfsFlags, seen: str) -> None:
+        fs = self.fs
+        self._seen = seen
+        self._seq += 1
+        fs.atime, fs.nodiratime = flags.atime, flags.nodiratime
+        if flags.read_only and fs.read_only is None:
+            try:
+                await fs.sync()  # what was written is committed before nothing can be
+            except SluiceError as exc:
+                log.error("committing before the remount read-only failed: %s", exc)
+            fs.set_read_only("remounted read-only")
+            self.lock.release_writer()
+            log.info("remounted read-only: %s", flags.text())
+        elif not flags.read_only and fs.read_only is not None:
+            try:
+                if fs.write_errors:
+                    await fs.set_writable()  # raises ReadOnly: the volume failed
+                self.lock.hold_writer()
+                try:
+                    scrubbed = await fs.set_writable()
+                except BaseException:
+                    self.lock.release_writer()
+                    raise
+                if scrubbed:
+                    log.info("discarded %d blocks written but never committed", scrubbed)
+                self._refused = None
+                log.info("remounted read-write: %s", flags.text())
+            except SluiceError as exc:
+                self._refused = str(exc)
+                log.warning("refusing to go read-write: %s", exc)
+                if os.geteuid() == 0:  # and make the kernel's flags say so again
+                    back = dataclasses.replace(flags, read_only=True)
+                    with contextlib.suppress(OSError):
+                        await trio.to_thread.run_sync(remount_kernel, self.mountpoint, back)
+        else:
+            if flags.read_only and fs.write_errors:
+                self.lock.release_writer()  # failed: nothing more is written; fsck may check
+            log.info("mount flags: %s", flags.text())
+        write_mount_state(self.volume, mountpoint=self.mountpoint, pid=os.getpid(),
+                          flags=seen, applied=dataclasses.replace(
+                              flags, read_only=fs.read_only is not None).text(),
+                          refused=self._refused, seq=self._seq)
+
+
+def remount(mountpoint: str, options: list[str], *, timeout: float = 30.0) -> VfsFlags:
+    """`mount -o remount,OPTIONS MOUNTPOINT` of a sluice mount: changes the kernel's
+    flags (mount(2)), then waits until the daemon has applied them (mount.json).
+    Returns the flags in force; VolumeError (one line) if refused."""
+    mp = os.path.realpath(mountpoint)
+    m = mounted_fs(mp)
+    if m is None or m[1] != "fuse.sluice":
+        raise VolumeError(f"{mp} is not a mounted sluice volume")
+    now = read_mount_flags(mp)
+    assert now is not None
+    parsed = parse_mount_options(["remount", *options], base=now[0])
+    if os.geteuid() != 0:
+        raise VolumeError("remounting needs root (fusermount3 cannot remount a FUSE "
+                          f"mount): unmount {mp} and mount it again with the options")
+    volume = Path(m[0])
+    if parsed.flags == now[0]:
+        return now[0]  # nothing changes
+    seq = (read_mount_state(volume) or {}).get("seq", 0)
+    try:
+        remount_kernel(mp, parsed.flags)
+    except OSError as exc:
+        why = ("files are open for writing on it" if exc.errno == errno.EBUSY
+               else exc.strerror)
+        raise VolumeError(f"cannot remount {mp} {parsed.flags.text()}: {why}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        # Until the daemon has applied what the kernel says now (which the daemon
+        # itself may have turned back to read-only, refusing read-write).
+        after = read_mount_flags(mp)
+        state = read_mount_state(volume) or {}
+        if after is None:
+            raise VolumeError(f"{mp} was unmounted")
+        if state.get("seq", 0) > seq and state.get("flags") == after[1]:
+            break
+        pid = state.get("pid")
+        if not pid or not _pid_alive(pid):
+            raise VolumeError(f"the daemon of {mp} is gone")
+        if time.monotonic() > deadline:
+            raise VolumeError(f"the daemon of {mp} did not take the new flags within "
+                              f"{timeout:g} s")
+        time.sleep(0.01)
+    if after[0].read_only and not parsed.flags.read_only:
+        raise VolumeError(f"{mp} stays read-only: {state.get('refused') or 'refused'}")
+    return after[0]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def mount_is_dead(mountpoint: str) -> bool:
@@ -124,16 +465,20 @@ def clean_dead_mount(volume: Path) -> str | None:
 
 
 async def serve(volume: Path, mountpoint: str, opts: MountOptions,
-                ready: Callable[[str | None], None]) -> None:
+                ready: Callable[[str | None], None],
+                on_hangup: Callable[[], None] | None = None) -> None:
     """Mount `volume` at `mountpoint` and serve it until unmounted or signalled.
-    `ready(None)` is called once the mount is live, `ready(message)` on failure."""
+    `ready(None)` is called once the mount is live, `ready(message)` on failure;
+    `on_hangup()` on SIGHUP (reopen the log)."""
     read_header(volume)
     # Resolve before mounting: touching the mount point once it is mounted, before the
     # main loop runs, would wait for this very process.
     mountpoint = os.path.realpath(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
-        stack.enter_context(VolumeLock(volume))
+        vlock = stack.enter_context(VolumeLock(volume))
         clean_dead_mount(volume)
+        if not opts.read_only:
+            vlock.hold_writer()  # else fsck may be checking it (a read-only mount)
         # Lab facilities (tests, fault and power-loss experiments), read here and only
         # here: a fault plan injected below the device, a recording of its writes.
         fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
@@ -164,7 +509,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
-        # Unmount only after a clean end (umount, SIGTERM/SIGINT/SIGHUP). When an
+        # Unmount only after a clean end (umount, SIGTERM/SIGINT). When an
         # exception escapes the loop the daemon exits and leaves the mount dead, as
         # pyfuse3's examples do: programs then get ENOTCONN instead of writing into the
         # bare mount-point directory on the host, and the next `sluice mount` of the
@@ -192,13 +537,23 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                                                       interval=opts.commit_interval))
                 await nursery.start(server.run)
                 nursery.start_soon(_prune_registrations, principals, name="pid-pruner")
-                nursery.start_soon(_watch_signals, name="signal-watcher")
+                nursery.start_soon(_watch_signals, on_hangup, name="signal-watcher")
                 if metrics is not None:
                     nursery.start_soon(metrics.serve, name="metrics-server")
-                log.info("mounted %s at %s (pid %d, control socket %s)", volume, mountpoint,
-                         os.getpid(), sock_path)
-                ready(None)
-                announced = True
+                follower = FlagFollower(fs, volume, mountpoint, vlock)
+
+                async def announce() -> None:
+                    # Once the kernel's flags are what was asked for and applied (that
+                    # may need a remount, served by the loop below).
+                    nonlocal announced
+                    await nursery.start(functools.partial(follower.run,
+                                                          wanted=opts.vfs_flags()),
+                                        name="mount-flags")
+                    log.info("mounted %s at %s (pid %d, control socket %s)", volume,
+                             mountpoint, os.getpid(), sock_path)
+                    ready(None)
+                    announced = True
+                nursery.start_soon(announce, name="announce")
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
                 nursery.cancel_scope.cancel()
             clean_exit = True
@@ -294,9 +649,14 @@ async def _prune_registrations(principals: PrincipalTable) -> None:
         principals.prune_registrations()
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(on_hangup: Callable[[], None] | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:  # the convention (logrotate): reopen the log
+                if on_hangup is not None:
+                    on_hangup()
+                log.info("SIGHUP: log reopened")
+                continue
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return

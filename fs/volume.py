@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -66,6 +67,13 @@ def parse_size(text: str) -> int:
     return value
 
 
+def os_error_text(exc: BaseException) -> str:
+    """'File too large: /srv/v/device.img', not "[Errno 27] File too large: '...'"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename is not None else exc.strerror
+    return str(exc)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class VolumeInfo:
     path: Path
@@ -102,7 +110,10 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
         raise VolumeError(f"--inodes must be a positive number, not {inodes}")
     # Missing parents get the caller's umask (they may hold mount points other users
     # reach); only the volume itself is private.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VolumeError(f"cannot make a volume in {path}: {os_error_text(exc)}") from None
     existed = path.exists()
     before = set(os.listdir(path)) if existed and path.is_dir() else set()
     try:
@@ -119,7 +130,8 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
                 with contextlib.suppress(OSError):
                     os.unlink(path / name)
         if isinstance(exc, (OSError, ValueError)):
-            raise VolumeError(f"cannot make a volume in {path}: {exc}") from None
+            raise VolumeError(f"cannot make a volume in {path}: {os_error_text(exc)}"
+                              ) from None
         raise
 
 
@@ -224,14 +236,32 @@ def check_private(path: Path, *, fix: bool = False, option: str = "--fix-permiss
         f"data would be readable; run 'chmod -R go-rwx {path}' or use {option}")
 
 
+def _ofd_lock(fd: int, kind: int) -> bool:
+    """An open-file-description record lock on byte 0 of `fd` (F_RDLCK, F_WRLCK or
+    F_UNLCK), without waiting: False if another description holds a conflicting one.
+    (Separate from the flock on the same file; dropped when the holder dies.)"""
+    flock = struct.pack("hhqqii", kind, os.SEEK_SET, 0, 1, 0, 0)  # struct flock
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
 class VolumeLock:
     """An exclusive flock on the volume's lock file: one daemon (or mkfs, or fsck) at a
-    time. The kernel drops it when the holder dies, even by SIGKILL."""
+    time. The kernel drops it when the holder dies, even by SIGKILL.
+
+    A second lock on the same file says whether the volume may be written: a daemon
+    holds a write lock on byte 0 while it is read-write (`hold_writer`; mkfs and a
+    repair from the start), and a check (`checking_lock`) holds a read lock on it: a
+    check never reads a changing volume, and never stops a read-only mount."""
 
     def __init__(self, path: Path, *, purpose: str = "mount") -> None:
         self.path = path
         self.purpose = purpose
         self._fd: int | None = None
+        self.writer = False
 
     def __enter__(self) -> VolumeLock:
         fd = os.open(self.path / LOCK,
@@ -244,12 +274,64 @@ class VolumeLock:
             where = f" at {state['mountpoint']} (daemon pid {state['pid']})" if state else ""
             raise VolumeError(f"volume {self.path} is in use{where}") from None
         self._fd = fd
+        if self.purpose != "mount":  # mkfs, fsck --repair: they write
+            try:
+                self.hold_writer()
+            except VolumeError:
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def hold_writer(self) -> None:
+        """Before writing to the volume: VolumeError if fsck is checking it."""
+        assert self._fd is not None
+        if not self.writer and not _ofd_lock(self._fd, fcntl.F_WRLCK):
+            raise VolumeError(f"sluice fsck is checking {self.path}: try again when it "
+                              "is done")
+        self.writer = True
+
+    def release_writer(self) -> None:
+        """Read-only from now on (everything written is committed)."""
+        if self._fd is not None and self.writer:
+            _ofd_lock(self._fd, fcntl.F_UNLCK)
+        self.writer = False
+
+
+@contextlib.contextmanager
+def checking_lock(path: Path) -> Iterator[dict | None]:
+    """For a check (fsck without --repair): a read lock on what writers hold, so the
+    volume is either unmounted or mounted read-only, and stays so while the check
+    runs (a read-only mount may even start meanwhile; a read-write one, a remount
+    read-write, a repair or mkfs cannot). Yields the mount state if a daemon has it
+    mounted; VolumeError if something writes to it."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 FILE_MODE)
+    try:
+        state = read_mount_state(path) if _flock_held(fd) else None
+        if not _ofd_lock(fd, fcntl.F_RDLCK):
+            if state and state.get("mountpoint"):
+                raise VolumeError(f"volume {path} is in use, mounted read-write at "
+                                  f"{state['mountpoint']}: unmount it, or remount it "
+                                  "read-only (mount -o remount,ro ...) to check it")
+            raise VolumeError(f"volume {path} is in use (being repaired or made)")
+        yield state
+    finally:
+        os.close(fd)
+
+
+def _flock_held(fd: int) -> bool:
+    """Whether a daemon (or mkfs, or a repair) holds the volume's flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 def read_mount_state(path: Path) -> dict | None:
@@ -259,11 +341,14 @@ def read_mount_state(path: Path) -> dict | None:
         return None
 
 
-def write_mount_state(path: Path, *, mountpoint: str, pid: int) -> None:
+def write_mount_state(path: Path, *, mountpoint: str, pid: int, **more: object) -> None:
+    """mount.json: the daemon's pid and mount point, and (`more`) the kernel's mount
+    flags it last applied (`flags`, as mountinfo says them), the result (`applied`)
+    and why a remount read-write was refused (`refused`)."""
     # Durable: after a power loss, the next mount must find the dead mount to clean.
     write_durably(path / MOUNT_STATE,
-                  (json.dumps({"mountpoint": mountpoint, "pid": pid}) + "\n").encode(),
-                  mode=FILE_MODE)
+                  (json.dumps({"mountpoint": mountpoint, "pid": pid, **more}) + "\n"
+                   ).encode(), mode=FILE_MODE)
 
 
 def clear_mount_state(path: Path) -> None:

@@ -154,17 +154,32 @@ class Rate:
         return self.iops if unit == "iops" else self.bps
 
     def __str__(self) -> str:
+        """Exact and parseable again (the string is what principals.json stores): a
+        decimal prefix only where it divides evenly (20MB/s, 2Kiops, 1536MiB/s), never
+        '2e+06' or a rounded 1.61061GB/s; both rates as '500iops,20MB/s'."""
         out = []
         if self.iops is not None:
-            out.append(f"{self.iops:g}iops")
+            out.append(_exact(self.iops, "iops"))
         if self.bps is not None:
-            v = self.bps
-            for p in ("", "K", "M", "G"):
-                if v < 1000 or p == "G":
-                    out.append(f"{v:g}{p}B/s")
-                    break
-                v /= 1000
+            out.append(_exact(self.bps, "B/s"))
         return ",".join(out) or "none"
+
+
+def _exact(v: float, unit: str) -> str:
+    prefix = ""
+    if v == int(v):
+        n = int(v)
+        base, names = (1000, ("K", "M", "G", "T"))
+        if n % 1000 and not n % 1024 and unit != "iops":
+            base, names = (1024, ("Ki", "Mi", "Gi", "Ti"))  # 1.5GiB/s: 1536MiB/s
+        for p in names:
+            if n == 0 or n % base:
+                break
+            n, prefix = n // base, p
+        text = str(n)
+    else:
+        text = repr(v) if "e" not in repr(v) else f"{v:f}"
+    return f"{text}{prefix}{unit}"
 
 
 def _rate_str(unit: str, v: float) -> str:
@@ -304,6 +319,10 @@ class PrincipalTable:
         #: called with the snapshot a change would make, before it is made; one that
         #: raises refuses the change (see add_bank_validator)
         self._bank_validators: list[Callable[[BankTree], None]] = []
+        #: uid-N defaults made in memory for a request or a connection, not yet used:
+        #: neither saved nor listed until they hold storage, a child or banks of their
+        #: own (a refused `sluice run`, a stat, must leave no principal behind)
+        self._provisional: set[Principal] = set()
         #: called with a new bank snapshot after every change of the tree or a bank
         self._watchers: list[Callable[[BankTree], None]] = []
 
@@ -350,7 +369,7 @@ class PrincipalTable:
             return
         recs = []
         for p in self.walk():
-            if p is self.root:
+            if p is self.root or p in self._provisional:
                 continue
             assert p.parent is not None
             recs.append({"id": p.id, "name": p.name, "parent": p.parent.name,
@@ -538,6 +557,7 @@ class PrincipalTable:
         self._check_object(par, "children", 1)
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
         self._validate_change(lambda: self._uninsert(p))
+        self._keep(par)
         self.save()
         self._changed()
         return p
@@ -588,6 +608,7 @@ class PrincipalTable:
                                              f"{banks.io_limit}")
         p.banks = banks
         self._validate_change(lambda: setattr(p, "banks", old))
+        self._keep(p)
         self.save()
         self._changed()
         return p
@@ -633,6 +654,7 @@ class PrincipalTable:
             q.usage.children -= 1
         del self._by_id[p.id]
         del self._by_name[p.name]
+        self._provisional.discard(p)
         for pid, (_st, q) in list(self._registered.items()):
             if q is p:
                 del self._registered[pid]
@@ -658,6 +680,25 @@ class PrincipalTable:
         for q in p.chain():
             q.usage.space += space
             q.usage.inodes += inodes
+        if (space > 0 or inodes > 0) and self._provisional:
+            # First storage of a uid-N default: it exists from now on, saved before
+            # the metadata commit that tags storage with its id.
+            if self._keep(p):
+                self.save()
+
+    def _keep(self, p: Principal) -> bool:
+        """Make provisional defaults in p's chain permanent; True if there were any."""
+        kept = False
+        for q in p.chain():
+            if q in self._provisional:
+                self._provisional.discard(q)
+                kept = True
+        return kept
+
+    def listed(self, p: Principal) -> bool:
+        """Whether p shows in listings: a provisional default only while it holds
+        something (a connection, an open grant)."""
+        return p not in self._provisional or any(dataclasses.astuple(p.usage))
 
     def refund(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
         self.charge(p, space=-space, inodes=-inodes)
@@ -694,9 +735,11 @@ class PrincipalTable:
         name = f"uid-{uid}"
         p = self._by_name.get(name)
         if p is None:
+            # Made in memory only: saved when it is first charged storage (charge) or
+            # given children or banks; until then nothing of it outlives the daemon.
             p = self._insert(self._take_id(), name, self.root, uid, Banks())
-            self.save()
-            self._changed()
+            self._provisional.add(p)
+            self._changed()  # the layers below serve it meanwhile (its I/O, its cache)
         return p
 
     def may_run_as(self, principal: Principal, uid: int) -> bool:
@@ -710,14 +753,14 @@ class PrincipalTable:
         else those it may run as (and the one it acts for), with their ancestors, so
         that an EDQUOT from a parent's bank can be explained — not other tenants'."""
         if uid == 0:
-            return list(self.walk())
+            return [p for p in self.walk() if self.listed(p)]
         keep: set[Principal] = set()
         if acting_for is not None:
             keep.update(acting_for.chain())
         for p in self.walk():
             if p not in keep and self.may_run_as(p, uid):
                 keep.update(p.chain())
-        return [p for p in self.walk() if p in keep]
+        return [p for p in self.walk() if p in keep and self.listed(p)]
 
     def register(self, pid: int, principal: Principal, *, uid: int) -> None:
         """Attach process `pid` (authenticated by the caller) to `principal`."""
@@ -768,7 +811,7 @@ class PrincipalTable:
         """Rows of `principal ls` for `only` (default: all, in tree order)."""
         return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
                               p.banks.to_json(), dataclasses.asdict(p.usage))
-                for p in (self.walk() if only is None else only)]
+                for p in (self.walk() if only is None else only) if self.listed(p)]
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -43,11 +43,11 @@ def _pid_alive(pid: int) -> bool:
 
 def test_mkfs_bad_size(tmp_path: Path) -> None:
     r = sluice("mkfs", str(tmp_path / "v"), "--size", "12Q", check=False)
-    assert_one_line_error(r, "sluice mkfs:", "bad size '12Q'")
+    assert_one_line_error(r, "sluice mkfs:", "bad size '12Q'", code=2)  # a usage error
     assert not (tmp_path / "v" / "volume.json").exists()
     for bad in ("0", "-5G", "lots"):
         r = sluice("mkfs", str(tmp_path / "v"), f"--size={bad}", check=False)
-        assert_one_line_error(r, "bad size")
+        assert_one_line_error(r, "bad size", code=2)
     r = sluice("mkfs", str(tmp_path / "v"), "--size", "8K", check=False)
     assert_one_line_error(r, "too small")
     # A failed mkfs leaves nothing that makes the next attempt fail differently.
@@ -143,7 +143,7 @@ def test_mount_bad_options(volume: Path, tmp_path: Path) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
     r = sluice("mount", str(volume), str(mp), "--cache-size", "12Q", check=False)
-    assert_one_line_error(r, "bad size '12Q'")
+    assert_one_line_error(r, "bad size '12Q'", code=2)
     r = sluice("mount", str(volume), str(mp), "--profile", "floppy", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
@@ -151,7 +151,8 @@ def test_mount_bad_options(volume: Path, tmp_path: Path) -> None:
     # argparse usage errors exit 2, without a traceback
     r = sluice("mount", str(volume), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "usage:" in r.stderr
+    assert r.stderr.splitlines() == ["sluice mount: the following arguments are "
+                                     "required: mountpoint (see sluice mount --help)"]
     r = sluice("mount", str(volume), str(mp), "--cache-mode", "weird", check=False)
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
@@ -261,4 +262,4 @@ def test_mount_t_fuse_sluice(volume: Path, tmp_path: Path, mount_helper: Path) -
 
 def test_mount_helper_usage_error(mount_helper: Path) -> None:
     r = subprocess.run([str(mount_helper), "only-one-arg"], capture_output=True, text=True)
-    assert_one_line_error(r, "usage: mount.fuse.sluice")
+    assert_one_line_error(r, "usage: mount.fuse.sluice", code=2)  # a usage error

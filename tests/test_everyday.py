@@ -273,3 +273,169 @@ def test_read_only_mount(tmp_path: Path, mount_factory, how: str) -> None:
             ro.stop()
     # nothing of the volume was written
     assert {n: _digest(vol / n) for n in ("meta.db", "device.img", "checksums")} == before
+
+
+# -- the daemon's log: what --foreground shows, what sluice.log gets, SIGHUP reopens it -------
+
+def _wait_for(cond, what: str, timeout: float = 30) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.02)
+
+
+def test_foreground_logs_to_stderr_and_sighup_reopens_the_log(tmp_path: Path,
+                                                              mount_factory) -> None:
+    import json
+    import signal
+
+    from conftest import sluice
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mount_factory(vol)  # --foreground, stderr into m.log
+    _wait_for(lambda: "INFO fs.mount: mounted" in m.log.read_text(), "mount line on stderr")
+    m.stop()
+    # detached: the same lines in the volume's sluice.log
+    mp = tmp_path / "mnt2"
+    mp.mkdir()
+    sluice("mount", str(vol), str(mp))
+    try:
+        log = vol / "sluice.log"
+        assert f"INFO fs.mount: mounted {vol} at {mp}" in log.read_text()
+        pid = json.loads((vol / "mount.json").read_text())["pid"]
+        # logrotate: move the log away, then SIGHUP; the daemon keeps serving
+        os.rename(log, vol / "sluice.log.1")
+        os.kill(pid, signal.SIGHUP)
+        _wait_for(lambda: log.exists() and "SIGHUP: log reopened" in log.read_text(),
+                  "reopened log")
+        (mp / "f").write_bytes(b"still mounted")
+        sluice("remount", str(mp), "-o", "noatime")
+        assert "mount flags: rw,nosuid,nodev,noatime" in log.read_text()
+        assert "noatime" not in (vol / "sluice.log.1").read_text()
+        assert (mp / "f").read_bytes() == b"still mounted"
+    finally:
+        sluice("umount", str(mp))
+    assert f"INFO fs.mount: unmounted {mp}" in log.read_text()
+
+
+# -- errors: one line, no [Errno N], 2 for a bad argument and 1 at run time ----------------------
+
+def test_errors_are_one_line_without_errno_and_exit_codes_agree(tmp_path: Path) -> None:
+    from conftest import sluice
+    (tmp_path / "afile").write_text("")
+    cases = [
+        # (arguments, exit status, what the line says)
+        (["mkfs", str(tmp_path / "afile" / "vol"), "--size", "64M"], 1, "File exists"),
+        (["mkfs", "/proc/vol", "--size", "64M"], 1, "No such file or directory: /proc/vol"),
+        (["mkfs", str(tmp_path / "big"), "--size", "99999T"], 1, "File too large"),
+        (["stats", str(tmp_path / "nowhere")], 1, "is not a mounted sluice volume"),
+        (["fsck", str(tmp_path / "nowhere")], 1, "no such volume"),
+        (["mkfs"], 2, "the following arguments are required: volume"),
+        (["mount", str(tmp_path), str(tmp_path), "--cache-mode", "weird"], 2,
+         "invalid choice: 'weird'"),
+        (["mount", str(tmp_path), str(tmp_path), "-o", "noatime,turbo"], 2,
+         "unknown mount option 'turbo'"),
+        (["stats", str(tmp_path), "--watch", "-1"], 2, "not a positive number of seconds"),
+        (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ]
+    for argv, code, fragment in cases:
+        r = sluice(*argv, check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == code, (argv, r.returncode, r.stderr)
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert "[Errno" not in lines[0] and fragment in lines[0], (argv, lines[0])
+        assert lines[0].startswith("sluice"), lines[0]
+
+
+# -- principals: a refused `sluice run` leaves none behind; rates keep their units -------------
+
+from shim_util import USER_PY, pubmnt, user_run  # noqa: E402,F401 (pubmnt: a fixture)
+
+
+def _principals(mnt: Path) -> dict[str, dict]:
+    import json
+
+    from conftest import sluice
+    return {r["name"]: r for r in json.loads(sluice("principal", "ls", str(mnt),
+                                                    "--json").stdout)}
+
+
+def _saved_names(volume: Path) -> set[str]:
+    import json
+    return {p["name"] for p in json.loads((volume / "principals.json").read_text()
+                                          )["principals"]}
+
+
+def test_a_refused_run_makes_no_principal_and_a_parents_owner_runs_as_the_child(
+        volume: Path, pubmnt: Path) -> None:
+    from conftest import sluice
+    sluice("principal", "add", str(pubmnt), "alice")  # owned by root
+    sluice("principal", "add", str(pubmnt), "bob", "--owner", "1000")
+    sluice("principal", "add", str(pubmnt), "bob-batch", "--parent", "bob")  # root's
+    os.chmod(pubmnt, 0o1777)
+    r = user_run([USER_PY, "-m", "fs.cli", "run", str(pubmnt), "--principal", "alice", "--",
+                  "true"])
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "uid 1000 may not run as principal 'alice'" in r.stderr
+    # and requests through the mount and the socket that charge nothing make none either
+    r = user_run(["stat", str(pubmnt)])
+    assert r.returncode == 0, r.stderr
+    r = user_run([USER_PY, "-m", "fs.cli", "stats", str(pubmnt)])
+    assert r.returncode == 0, r.stderr
+    assert "uid-1000" not in _principals(pubmnt)
+    assert "uid-1000" not in _saved_names(volume)
+    # the owner of bob may run as bob's child, though bob-batch is root's
+    r = user_run([USER_PY, "-m", "fs.cli", "run", str(pubmnt), "--principal", "bob-batch",
+                  "--", "sh", "-c", f"echo batch > {pubmnt}/by-batch"])
+    assert r.returncode == 0, r.stderr
+    assert _principals(pubmnt)["bob-batch"]["usage"]["inodes"] == 1
+    # uid-1000 exists once it is used: charged storage, and saved then
+    r = user_run(["sh", "-c", f"echo mine > {pubmnt}/mine"])
+    assert r.returncode == 0, r.stderr
+    t = _principals(pubmnt)
+    assert t["uid-1000"]["usage"]["inodes"] == 1 and t["uid-1000"]["owner_uid"] == 1000
+    assert "uid-1000" in _saved_names(volume)
+
+
+def test_json_io_rates_are_strings_with_units_that_survive_a_remount(
+        volume: Path, mount_factory) -> None:
+    from conftest import sluice
+    m = mount_factory(volume)
+    sluice("principal", "add", str(m.path), "fast", "--io-limit", "2000000iops",
+           "--io-reserve", "1.5GiB/s")
+    sluice("principal", "add", str(m.path), "slow", "--io-limit", "20MB/s",
+           "--io-reserve", "0.5KB/s")
+    want = {"fast": ("1536MiB/s", "2Miops"), "slow": ("500B/s", "20MB/s")}
+
+    def rates(mnt: Path) -> dict[str, tuple[str, str]]:
+        t = _principals(mnt)
+        return {n: (t[n]["banks"]["io_reserve"], t[n]["banks"]["io_limit"]) for n in want}
+    assert rates(m.path) == want
+    assert isinstance(_principals(m.path)["fast"]["banks"]["space"], (int, type(None)))
+    table = sluice("principal", "ls", str(m.path)).stdout
+    assert "1536MiB/s/100/2Miops" in table and "500B/s/100/20MB/s" in table
+    m.stop()
+    m2 = mount_factory(volume, name="again")  # principals.json parses what it saved
+    assert rates(m2.path) == want
+
+
+def test_the_volume_holds_the_files_the_readme_lists(tmp_path: Path) -> None:
+    from conftest import sluice
+    vol = make_volume(tmp_path / "vol", "64M")
+    base = {"volume.json", "device.json", "device.img", "checksums", "meta.db", "lock"}
+    assert set(os.listdir(vol)) == base
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    sluice("mount", str(vol), str(mp))
+    try:
+        assert set(os.listdir(vol)) == base | {"mount.json", "sluice.log", "meta.db-wal",
+                                               "meta.db-shm"}
+        sluice("principal", "add", str(mp), "a")
+    finally:
+        sluice("umount", str(mp))
+    assert set(os.listdir(vol)) == base | {"sluice.log", "principals.json"}
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("A volume is a directory"):]
+    section = section[:section.index("\n\n")]
+    for name in base | {"mount.json", "sluice.log", "principals.json", "-wal", "-shm"}:
+        assert f"`{name}`" in section, name

@@ -274,7 +274,8 @@ def test_hierarchy_limits_and_carving(mnt: Path) -> None:
     fails_one_line("principal", "add", m, "x", "--parent", "nosuch")
     fails_one_line("principal", "add", m, "bad name!")
     fails_one_line("principal", "add", m, "kid")  # exists
-    fails_one_line("principal", "add", m, "w", "--io-limit", "fast")
+    r = sluice("principal", "add", m, "w", "--io-limit", "fast", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad rate 'fast'" in r.stderr
     fails_one_line("principal", "rm", m, "par")  # has children
     t = table(mnt)
     assert {n for n in t if t[n]["parent"] == "par"} == {"kid", "c1", "c2", "c3"}
