@@ -125,10 +125,9 @@ def _mount_options(args: argparse.Namespace):
         if asked:
             raise CliError(f"-o {','.join(asked)} needs a mount made by root")
     if args.profile is not None:
-        from kernelshim import parse_profile
         try:
-            parse_profile(args.profile)
-        except ValueError as exc:
+            vol.check_profile(args.profile)
+        except VolumeError as exc:
             raise CliError(str(exc)) from None
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,

@@ -99,13 +99,19 @@ def read_header(path: Path) -> VolumeInfo:
     return VolumeInfo(path, h["uuid"], h["created_ns"])
 
 
-def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none",
-         inodes: int | None = None, device: str | None = None, force: bool = False) -> VolumeInfo:
-    """Make a new, empty volume in directory `path` (created if missing)."""
+def check_profile(profile: str) -> None:
+    """A timing profile's name or custom numbers, checked before anything is made or
+    started (VolumeError saying what is wrong)."""
     try:
         parse_profile(profile)
     except ValueError as exc:
         raise VolumeError(str(exc).replace("timing profile", "profile")) from None
+
+
+def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none",
+         inodes: int | None = None, device: str | None = None, force: bool = False) -> VolumeInfo:
+    """Make a new, empty volume in directory `path` (created if missing)."""
+    check_profile(profile)
     if inodes is not None and inodes < 1:
         raise VolumeError(f"--inodes must be a positive number, not {inodes}")
     # Missing parents get the caller's umask (they may hold mount points other users
