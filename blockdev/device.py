@@ -181,6 +181,10 @@ class BlockDevice:
         self.timeline_ahead_max = 0.0
         #: requests that slept (the rest were accounted on the timeline only)
         self.timeline_sleeps = 0
+        #: per principal: requests at the device now, and the latest modeled completion
+        #: handed back (see _serve: sequential streams do not overlap on the model)
+        self._outstanding: dict[PrincipalId, int] = {}
+        self._last_end: dict[PrincipalId, float] = {}
         self.checksum_errors = 0
         self.io_errors = 0
         self._closed = False
@@ -329,12 +333,27 @@ class BlockDevice:
             async with self.scheduler.slot(principal, nbytes, kind=kind):
                 pass
             return start, 0.0
+        arrival = start
         seen = _task_model_time.get()
-        if seen > start:
-            start = seen
-        async with self.scheduler.slot(principal, nbytes, kind=kind):
-            end = await self._model(block, nbytes, kind, start)
-        return start, end
+        if seen > arrival:
+            arrival = seen
+        out = self._outstanding
+        if not out.get(principal):
+            # Nothing of this principal's is at the device: if it is a sequential
+            # stream (one program through FUSE, served by ever other tasks), its
+            # previous request completes, in the model, before this one is issued.
+            last = self._last_end.get(principal, -math.inf)
+            if last > arrival:
+                arrival = last
+        out[principal] = out.get(principal, 0) + 1
+        try:
+            async with self.scheduler.slot(principal, nbytes, kind=kind):
+                end = await self._model(block, nbytes, kind, arrival)
+        finally:
+            out[principal] -= 1
+        if end > self._last_end.get(principal, -math.inf):
+            self._last_end[principal] = end
+        return arrival, end
 
     def _done(self, principal: PrincipalId, nbytes: int, kind: str,
               times: tuple[float, float]) -> None:
@@ -359,10 +378,11 @@ class BlockDevice:
         recorded latency is the modeled one).
 
         Causality: `arrival` is when the request was issued in model time — never
-        before the modeled completion of the last request the same task got back, so a
-        task's requests in sequence do not overlap on the model however early they
-        returned. (Requests of one program through FUSE are served by different tasks;
-        their round trip through the kernel usually exceeds the slack anyway.)"""
+        before the modeled completion of the last request the same task got back, nor,
+        when its principal has nothing else at the device, before the last one that
+        principal got back (a program reading through FUSE is served by a different
+        task per request). So requests issued in sequence do not overlap on the model
+        however early they returned; requests issued in parallel do, as they should."""
         prof = self.profile
         clock = trio.current_time()
         now = arrival if arrival > clock else clock

@@ -49,6 +49,12 @@ Choosing the next request, whenever a slot is free:
 Every request dispatched advances R and L of every node on its path (R and L of a
 node count all its service), and P as said above.
 
+Barriers: the kernel's barrier (a metadata commit) must wait for the writes in flight,
+and every principal's writes wait for the barrier; so while it waits
+(`expedite_writes()`), writes held back only by a limit are dispatched anyway, their
+tags advanced as usual: the principal repays them with its next requests, and a
+throttled queue never holds a commit (and everyone's fsync) for queue/limit seconds.
+
 Concurrency: all state lives on the trio loop; `slot()` and `_dispatch()` mutate it
 without a checkpoint in between, so a choice and its charge are atomic. Waiting tasks
 park with `wait_task_rescheduled` and are woken by whoever dispatches them; a

@@ -608,3 +608,35 @@ def test_parse_custom_profiles() -> None:
                 "lat=nan,qd=1"):
         with pytest.raises(ValueError, match="timing profile"):
             parse_profile(bad)
+
+
+async def test_timeline_slack_keeps_sequential_requests_in_sequence(tmp_path: Path,
+                                                                    autojump_clock) -> None:
+    """With the default slack, short requests return before their modeled completion
+    without sleeping; a sequential stream — even one whose every request comes from a
+    new task, as through FUSE — still takes its service times one after the other on
+    the model, and each records its modeled latency; parallel requests overlap."""
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=64 * BS, block_size=BS, profile="ssd")
+    dev = BlockDevice.open(d)  # timeline_slack 1 ms
+    try:
+        t0 = trio.current_time()
+        for i in range(5):  # 5 x 158 us: under the slack, no sleep
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda i=i: dev.read(i, 1, principal=P1))
+        assert trio.current_time() == t0
+        for i in range(5, 10):  # the timeline passes the slack: sleeps begin
+            async with trio.open_nursery() as n:
+                n.start_soon(lambda i=i: dev.read(i, 1, principal=P1))
+        assert max(dev._chan_end) - t0 == pytest.approx(10 * ssd_read(BS), rel=1e-9)
+        assert dev.timeline_sleeps >= 1
+        (st,) = dev.statistics().per_principal
+        assert st.max_s == pytest.approx(ssd_read(BS), rel=1e-6)
+        # eight in parallel from another principal overlap their access times
+        await trio.sleep(0.01)
+        t1 = trio.current_time()
+        await _concurrently(dev, [(i, 1, P2) for i in range(8)])
+        assert max(dev._chan_end) - t1 == pytest.approx(150e-6 + 8 * BS / 500e6, rel=1e-9)
+    finally:
+        dev.close()
