@@ -38,11 +38,12 @@ import dataclasses
 import ipaddress
 import logging
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import trio
 from prometheus_client import generate_latest
-from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, Metric)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import VolumeError
@@ -460,7 +461,7 @@ class MetricsServer:
                 await stream.send_all(head.encode() + body)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the scraper went away
-        except Exception:  # noqa: BLE001 - a bug here must not take the daemon down
+        except Exception:
             log.exception("metrics: unexpected error serving a scrape")
         finally:
             self._reading.pop(key, None)

@@ -10,18 +10,16 @@ import json
 import os
 import socket
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import is_mounted, make_volume, sluice
-from fs.metrics import MAX_CONNECTIONS, io_rows, parse_address, StatsCollector
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from fs.metrics import MAX_CONNECTIONS, StatsCollector, io_rows, parse_address
 
 # -- pure: the address and the rendering ----------------------------------------------------
 
@@ -251,6 +249,7 @@ def _row(table: list[str], name: str) -> list[str]:
 def test_stats_watch_into_a_pipe_prints_one_table_per_interval_with_rates(metrics_mount) -> None:
     import subprocess
     import sys
+
     from conftest import REPO, SLUICE
     m, _ = metrics_mount
     mnt = m.path
@@ -298,6 +297,7 @@ def test_stats_watch_on_a_terminal_redraws_in_place(metrics_mount) -> None:
     import pty
     import signal
     import subprocess
+
     from conftest import REPO, SLUICE
     m, _ = metrics_mount
     master, slave = pty.openpty()
@@ -336,6 +336,7 @@ def test_metrics_show_every_principal_unlike_a_users_stats(tmp_path: Path) -> No
     tenants; the metrics endpoint (the operator's view) shows them all."""
     import shutil
     import tempfile
+
     from conftest import Mount
     from shim_util import USER_PY, user_run
     vol = make_volume(tmp_path / "vol", "256M", "--profile", "ssd")
