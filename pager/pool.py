@@ -522,7 +522,7 @@ class Pager:
             best, best_x = -1, 0
             for p, a in acct.items():
                 x = a.resident - mins.get(p, 0)
-                if x > best_x and p not in req:
+                if (x > best_x or (x == best_x and x > 0 and p > best)) and p not in req:
                     best, best_x = p, x
             if best >= 0:
                 v = self._victim_of(best)
