@@ -80,6 +80,9 @@ log = logging.getLogger(__name__)
 
 FrameNo = NewType("FrameNo", int)
 
+#: range hints (advise priority/discardable) kept per file; older ones are forgotten
+MAX_RANGE_HINTS = 64
+
 class _Acct:
     """One principal's counters (per principal, not per page)."""
 
@@ -808,8 +811,8 @@ class Pager:
                         view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
             return
         self._tick += count
-        if file:
-            self._file_tick[file] = self._tick
+        if file and (file in self._hints or file in self._range_hints):
+            self._file_tick[file] = self._tick  # (only hinted files: a bounded map)
         where = self._where
         mem = self._mem
         state = self._state_m
@@ -965,8 +968,8 @@ class Pager:
             await self._write_through(block, mv, count, p, file, fblock)
             return
         self._tick += count
-        if file:
-            self._file_tick[file] = self._tick
+        if file and (file in self._hints or file in self._range_hints):
+            self._file_tick[file] = self._tick  # (only hinted files: a bounded map)
         where = self._where
         mem = self._mem
         state = self._state_m
@@ -1132,6 +1135,8 @@ class Pager:
             rh = self._range_hints.setdefault(file, [])
             for fb, _db, n in runs:
                 rh.append((fb, fb + n, priority, discardable))
+            if len(rh) > MAX_RANGE_HINTS:  # bounded: the oldest ranges are forgotten
+                del rh[:len(rh) - MAX_RANGE_HINTS]
             frames = []
             for fb, db, n in runs:
                 for k in range(n):
