@@ -17,13 +17,15 @@ Policies (`POLICIES`):
 - `principal`: one SIEVE queue per principal; each principal is kept between its
   guarantee (`cache_min`) and its ceiling (`cache_max`). Hints are ignored.
 - `hinted` (default): `principal` plus hints. A principal's frames sit in one SIEVE
-  queue per class: discardable first, then sequential drop-behind, then priorities in
-  ascending order; reclaim takes a principal's lowest class first.
+  queue per class: discardable, sequential drop-behind, then one per priority.
 
 Reclaim order when a frame is needed: (0) a principal at its own (or an ancestor's)
 ceiling reclaims from itself; (1) else a free frame; (2) else principals above their
-ceiling; (3, hinted) discardable frames of principals above their guarantee, dropped
-without write-back; (4) the principal furthest above its guarantee, lowest class first.
+ceiling; (3, hinted) what principals above their guarantee said they can do without:
+clean discardable frames, discardable files idle for `nframes/8` block accesses (all
+their dirty frames dropped at once, no write-back) and frames a sequential reader is
+done with; (4) the principal furthest above its guarantee: its drop-behind frames,
+then its priorities from the lowest, and only then a discardable file still in use.
 A principal is never taken below its guarantee (memcg's memory.min: a guarantee it
 does not use is lent to others until it needs it, and then taken back from whoever is
 above theirs); the sum of guarantees is admission-checked (`check_banks`). Priority
@@ -49,6 +51,11 @@ reclaimed by policy at once otherwise. At the deadline (or at `answer_reclaim`) 
 pager measures what was released and takes the rest by policy; meanwhile direct
 reclaim prefers other principals, but falls back to them rather than wait, so a
 client that never answers never stalls anyone.
+
+Hot per-frame state is read and written through memoryviews of the numpy arrays
+(`_state_m` for `_state`, ...): a Python-level scalar access to a memoryview costs a
+fraction of a numpy scalar's, and vectorised scans (flush, fsync, throttling, hints)
+use the arrays themselves.
 
 Concurrency (all on the trio thread): code between two checkpoints is atomic. A frame
 in FILLING or WRITEBACK, or pinned, is never evicted. A fill that completes copies the
@@ -1307,7 +1314,8 @@ class Pager:
         reserve, reclaim requests and their deadlines. Start it in the mount's nursery."""
         async with trio.open_nursery() as nursery:
             self._wakeup = trio.Event()
-            nursery.start_soon(self._reclaim_loop, name="pager reclaim")
+            if not self._global:  # the baseline knows no principals, hence no shares
+                nursery.start_soon(self._reclaim_loop, name="pager reclaim")
             if self.writeback:
                 nursery.start_soon(self._aging_loop, name="pager write-back aging")
             task_status.started()
