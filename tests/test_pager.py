@@ -871,3 +871,20 @@ async def test_failed_fill_leaves_no_frame_behind(device: BlockDevice) -> None:
     assert p.statistics().frames_used == 0
     check_invariants(p)
     assert await p.read(0, 2, principal=P1) == blk(1, 4)[:2 * BS]
+
+
+async def test_sieve_resists_a_scan_that_clock_does_not(device: BlockDevice) -> None:
+    """Within a principal, SIEVE keeps blocks that were used again over a one-time
+    scan; the baseline's CLOCK gives the scan's blocks the same second chance and
+    loses the hot ones."""
+    kept = {}
+    for policy in ("principal", "global-lru"):
+        p = Pager(device, nframes=8, policy=policy)
+        for _ in range(2):
+            for b in range(4):
+                await p.read(b, 1, principal=P1)
+        for b in range(20, 44):  # a scan three times the pool
+            await p.read(b, 1, principal=P1)
+        kept[policy] = sum(b in p._where for b in range(4))
+        check_invariants(p)
+    assert kept == {"principal": 4, "global-lru": 0}
