@@ -1,6 +1,9 @@
-"""The write-through frame cache: hits and misses, CLOCK eviction, coherence of writes,
-bypass of large reads, discard, per-principal accounting, and a model-based property
-test against a plain dict of block contents."""
+"""The pager (pager/pool.py): hits and misses, eviction, coherence of writes, bypass of
+large reads, discard, per-principal accounting and a model-based property test (the
+first part, from the write-through cache it replaced); then the policies, write-back,
+banks (guarantees, ceilings, admission), hints, discardable files, cooperative reclaim
+on trio's MockClock, and traces with their replay. tests/test_pager_policy.py holds the
+property tests of the invariants under every policy."""
 
 from __future__ import annotations
 
