@@ -581,7 +581,13 @@ def test_principal_rates_and_the_capacity_hook() -> None:
     t = PrincipalTable(None)
     seen: list = []
     t.watch(lambda tree: seen.append(tree))
-    t.capacity_check = lambda tree: check_reservations(tree, parse_profile(PROFILE))
+
+    def capacity(tree) -> None:  # what Kernel.check_banks does with the device's check
+        try:
+            check_reservations(tree, parse_profile(PROFILE))
+        except OverReserved as exc:
+            raise PrincipalError(str(exc)) from None
+    t.add_bank_validator(capacity)
     a = t.add("a", owner_uid=1, caller_uid=0,
               banks=Banks(io_reserve=Rate.parse("4000iops,20MB/s"),
                           io_limit=Rate.parse("6000iops,50MB/s")))
