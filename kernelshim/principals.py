@@ -172,6 +172,8 @@ def _exact(v: float, unit: str) -> str:
         base, names = (1000, ("K", "M", "G", "T"))
         if n % 1000 and not n % 1024 and unit != "iops":
             base, names = (1024, ("Ki", "Mi", "Gi", "Ti"))  # 1.5GiB/s: 1536MiB/s
+        if unit == "iops":  # plain below a whole million (4000iops, not 4Kiops)
+            base, names = (1000 ** 2, ("M", "T")) if n and not n % 1000 ** 2 else (1, ())
         for p in names:
             if n == 0 or n % base:
                 break
