@@ -302,7 +302,13 @@ class FlagFollower:
             while True:
                 now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
                 if now is not None and now[1] != self._seen:
-                    await self.apply(*now)
+                    try:
+                        await self.apply(*now)
+                    except Exception as exc:  # noqa: BLE001 - a bug: never the mount's end
+                        log.exception("applying the mount flags %s failed", now[1])
+                        fs = self.fs
+                        if fs.read_only is None or not fs.write_errors:
+                            fs.fail(f"applying the mount flags failed: {exc}")
                 if not started:
                     task_status.started()
                     started = True
@@ -316,11 +322,13 @@ class FlagFollower:
         self._seq += 1
         fs.atime, fs.nodiratime = flags.atime, flags.nodiratime
         if flags.read_only and fs.read_only is None:
+            # No change from now on (direct clients' write grants revoked); then what
+            # was written is committed, and the volume is left to readers (and fsck).
+            fs.set_read_only("remounted read-only")
             try:
-                await fs.sync()  # what was written is committed before nothing can be
+                await fs.sync()
             except SluiceError as exc:
                 log.error("committing before the remount read-only failed: %s", exc)
-            fs.set_read_only("remounted read-only")
             self.lock.release_writer()
             log.info("remounted read-only: %s", flags.text())
         elif not flags.read_only and fs.read_only is not None:
