@@ -362,17 +362,27 @@ class FlagFollower:
                           refused=self._refused, seq=self._seq)
 
 
-def remount(mountpoint: str, options: list[str], *, timeout: float = 30.0) -> VfsFlags:
+def remount(mountpoint: str, options: list[str], *, complete: bool = False,
+            timeout: float = 30.0) -> VfsFlags:
     """`mount -o remount,OPTIONS MOUNTPOINT` of a sluice mount: changes the kernel's
     flags (mount(2)), then waits until the daemon has applied them (mount.json).
-    Returns the flags in force; VolumeError (one line) if refused."""
+    Returns the flags in force; VolumeError (one line) if refused.
+
+    The options change the mount's current flags; with `complete` (from mount(8),
+    which passes the mount's flags merged with the new ones, and drops `nodiratime`
+    for `diratime`) they are all of them but the atime mode, which stays unless one
+    is named, as the kernel keeps it."""
     mp = os.path.realpath(mountpoint)
     m = mounted_fs(mp)
     if m is None or m[1] != "fuse.sluice":
         raise VolumeError(f"{mp} is not a mounted sluice volume")
     now = read_mount_flags(mp)
     assert now is not None
-    parsed = parse_mount_options(["remount", *options], base=now[0])
+    base = now[0]
+    if complete:
+        base = VfsFlags(read_only=False, nosuid=False, nodev=False, noexec=False,
+                        atime=base.atime, nodiratime=False)
+    parsed = parse_mount_options(["remount", *options], base=base)
     if os.geteuid() != 0:
         raise VolumeError("remounting needs root (fusermount3 cannot remount a FUSE "
                           f"mount): unmount {mp} and mount it again with the options")

@@ -142,6 +142,14 @@ def test_remount_changes_the_atime_mode_of_a_live_mount(tmp_path: Path,
     assert r.returncode == 0, r.stderr
     assert "relatime" in findmnt_options(m.path)
     assert reads_update_atime(m.path) == RULES["relatime"]
+    # a remount that names no atime mode keeps the mode (as the kernel does)
+    for opts in ("remount,strictatime", "remount,noexec"):
+        r = subprocess.run(["mount", "-o", opts, str(m.path)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    assert not findmnt_options(m.path) & {"relatime", "noatime", "nodiratime"}
+    assert "noexec" in findmnt_options(m.path)
+    assert reads_update_atime(m.path) == RULES["strictatime"]
     assert m.daemon_alive
 
 
