@@ -413,7 +413,10 @@ def remount(mountpoint: str, options: list[str], *, complete: bool = False,
             raise VolumeError(f"the daemon of {mp} did not take the new flags within "
                               f"{timeout:g} s")
         time.sleep(0.01)
-    if after[0].read_only and not parsed.flags.read_only:
+    # (what the daemon applied: a daemon not run by root cannot turn the kernel's
+    # flag back when it refuses to go read-write)
+    if not parsed.flags.read_only and (
+            after[0].read_only or str(state.get("applied", "")).startswith("ro")):
         raise VolumeError(f"{mp} stays read-only: {state.get('refused') or 'refused'}")
     return after[0]
 
