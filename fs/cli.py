@@ -294,7 +294,7 @@ def _alive(pid: int) -> bool:
 def cmd_remount(args: argparse.Namespace) -> int:
     from .mount import remount
     options = [o for text in args.options for o in text.split(",")]
-    flags = remount(args.mountpoint, options)
+    flags = remount(args.mountpoint, options, complete=args.complete)
     if not args.quiet:
         print(f"{os.path.abspath(args.mountpoint)}: {flags.text()}")
     return 0
@@ -783,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ro, rw, noatime, relatime, strictatime, nodiratime, diratime, "
                         "noexec, exec, suid, dev, nosuid, nodev")
     s.add_argument("-q", "--quiet", action="store_true")
+    # mount.fuse.sluice: the options are all of the mount's (mount(8) merged them)
+    s.add_argument("--complete", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_remount)
 
     s = sub.add_parser("umount", help="flush and unmount, wait for the daemon to exit")
@@ -955,7 +957,7 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     if parsed.remount:
         # mount(8) hands `-o remount,...` to the helper with the mount's current
         # options before the new ones (mount -o remount,ro MOUNTPOINT).
-        return main(["remount", positional[1], "-q", "-o", ",".join(options)])
+        return main(["remount", positional[1], "-q", "--complete", "-o", ",".join(options)])
     cli = ["mount", positional[0], positional[1], "--fix-hint=-o fix_permissions",
            "-o", parsed.flags.text()]
     for key, val in parsed.settings.items():

@@ -311,7 +311,13 @@ class FlagFollower:
             while True:
                 now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
                 if now is not None and now[1] != self._seen:
-                    await self.apply(*now)
+                    try:
+                        await self.apply(*now)
+                    except Exception as exc:  # noqa: BLE001 - a bug: never the mount's end
+                        log.exception("applying the mount flags %s failed", now[1])
+                        fs = self.fs
+                        if fs.read_only is None or not fs.write_errors:
+                            fs.fail(f"applying the mount flags failed: {exc}")
                 if not started:
                     task_status.started()
                     started = True
@@ -325,11 +331,13 @@ class FlagFollower:
         self._seq += 1
         fs.atime, fs.nodiratime = flags.atime, flags.nodiratime
         if flags.read_only and fs.read_only is None:
+            # No change from now on (direct clients' write grants revoked); then what
+            # was written is committed, and the volume is left to readers (and fsck).
+            fs.set_read_only("remounted read-only")
             try:
-                await fs.sync()  # what was written is committed before nothing can be
+                await fs.sync()
             except SluiceError as exc:
                 log.error("committing before the remount read-only failed: %s", exc)
-            fs.set_read_only("remounted read-only")
             self.lock.release_writer()
             log.info("remounted read-only: %s", flags.text())
         elif not flags.read_only and fs.read_only is not None:
@@ -363,17 +371,27 @@ class FlagFollower:
                           refused=self._refused, seq=self._seq)
 
 
-def remount(mountpoint: str, options: list[str], *, timeout: float = 30.0) -> VfsFlags:
+def remount(mountpoint: str, options: list[str], *, complete: bool = False,
+            timeout: float = 30.0) -> VfsFlags:
     """`mount -o remount,OPTIONS MOUNTPOINT` of a sluice mount: changes the kernel's
     flags (mount(2)), then waits until the daemon has applied them (mount.json).
-    Returns the flags in force; VolumeError (one line) if refused."""
+    Returns the flags in force; VolumeError (one line) if refused.
+
+    The options change the mount's current flags; with `complete` (from mount(8),
+    which passes the mount's flags merged with the new ones, and drops `nodiratime`
+    for `diratime`) they are all of them but the atime mode, which stays unless one
+    is named, as the kernel keeps it."""
     mp = os.path.realpath(mountpoint)
     m = mounted_fs(mp)
     if m is None or m[1] != "fuse.sluice":
         raise VolumeError(f"{mp} is not a mounted sluice volume")
     now = read_mount_flags(mp)
     assert now is not None
-    parsed = parse_mount_options(["remount", *options], base=now[0])
+    base = now[0]
+    if complete:
+        base = VfsFlags(read_only=False, nosuid=False, nodev=False, noexec=False,
+                        atime=base.atime, nodiratime=False)
+    parsed = parse_mount_options(["remount", *options], base=base)
     if os.geteuid() != 0:
         raise VolumeError("remounting needs root (fusermount3 cannot remount a FUSE "
                           f"mount): unmount {mp} and mount it again with the options")
@@ -404,7 +422,10 @@ def remount(mountpoint: str, options: list[str], *, timeout: float = 30.0) -> Vf
             raise VolumeError(f"the daemon of {mp} did not take the new flags within "
                               f"{timeout:g} s")
         time.sleep(0.01)
-    if after[0].read_only and not parsed.flags.read_only:
+    # (what the daemon applied: a daemon not run by root cannot turn the kernel's
+    # flag back when it refuses to go read-write)
+    if not parsed.flags.read_only and (
+            after[0].read_only or str(state.get("applied", "")).startswith("ro")):
         raise VolumeError(f"{mp} stays read-only: {state.get('refused') or 'refused'}")
     return after[0]
 

@@ -13,6 +13,7 @@ daemon's descriptors within the per-principal banks plus a constant.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -245,8 +246,11 @@ def rss_mib(pid: int) -> float:
 
 
 def usage(mnt: Path) -> dict[str, dict[str, int]]:
+    """name -> usage; a uid's default principal that holds nothing (not listed: it is
+    saved and listed once used) reads as all zeros."""
     with Client.connect(mnt, shm_size=0) as c:
-        return {r["name"]: r["usage"] for r in c.call("principal_ls")["principals"]}
+        rows = {r["name"]: r["usage"] for r in c.call("principal_ls")["principals"]}
+    return collections.defaultdict(lambda: collections.defaultdict(int), rows)
 
 
 def served(mnt: Path, uid: int = 0) -> None:
