@@ -169,7 +169,8 @@ def _exact(v: float, unit: str) -> str:
     prefix = ""
     if v == int(v):
         n = int(v)
-        base, names = (1000, ("K", "M", "G", "T"))
+        names: tuple[str, ...] = ("K", "M", "G", "T")
+        base = 1000
         if n % 1000 and not n % 1024 and unit != "iops":
             base, names = (1024, ("Ki", "Mi", "Gi", "Ti"))  # 1.5GiB/s: 1536MiB/s
         if unit == "iops":  # plain below a whole million (4000iops, not 4Kiops)
