@@ -1324,7 +1324,9 @@ class FileSystem:
         crash, as an orphan at the next mount. `link` may give it a name (linkat with
         AT_EMPTY_PATH; the kernel refuses that for O_EXCL)."""
         d = self.inode(parent)
-        name = b".sluice-tmpfile-%d-%d" % (self._next_fh, os.getpid())
+        n = self._next_fh
+        while self.md.lookup(parent, name := b".sluice-tmpfile-%d" % n) is not None:
+            n += 1  # someone made that name: not a name nobody knows, try the next
         node = self._new_inode(d, name, stat.S_IFREG | (mode & 0o7777), caller)
         try:
             h = self.open(node.id, flags, caller)

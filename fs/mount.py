@@ -80,6 +80,9 @@ class MountOptions:
 
 
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
+    if not hasattr(pyfuse3, "negotiated"):  # Operations asks for what only it can
+        raise VolumeError("this pyfuse3 is not sluice's own build (binding/): run "
+                          "scripts/setup.sh")
     o = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     o |= {f"fsname={volume}", "subtype=sluice"}
     if opts.allow_other:

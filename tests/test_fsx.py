@@ -283,3 +283,8 @@ def test_fsx_long(seed: int, volume: Path, mount_factory) -> None:
 
 
 # -- cases the randomized runs found, kept as plain tests ------------------------------------
+#
+# None so far: seeds 1-3 (500 operations each) and 100-105 (4,000 each) found no
+# difference from the model. The one failure on the way was the tester's own (a range
+# past its maximum size, fallocate's EINVAL for a zero length); add a plain test here
+# for the next real one, with the operations the failure message lists.

@@ -140,6 +140,7 @@ class PlainFs(Fs):
 
 def _serve(cls, mnt: str, status, uid: int | None = None) -> None:
     if uid is not None:  # a non-root mount: libfuse runs the system's setuid fusermount3
+        status = {}  # the manager's socket is root's: this child cannot reach it
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
@@ -292,9 +293,7 @@ def test_a_non_root_mount_finds_the_system_fusermount3() -> None:
     mnt.mkdir()
     os.chown(mnt, NOBODY, NOBODY)
     ctx = multiprocessing.get_context("fork")
-    manager = ctx.Manager()
-    status = manager.dict()
-    proc = ctx.Process(target=_serve, args=(Fs, str(mnt), status, NOBODY))
+    proc = ctx.Process(target=_serve, args=(Fs, str(mnt), None, NOBODY))
     proc.start()
     try:
         deadline = time.monotonic() + 30
@@ -306,18 +305,16 @@ def test_a_non_root_mount_finds_the_system_fusermount3() -> None:
             line = next(ln for ln in f if ln.split()[1] == str(mnt))
         assert f"user_id={NOBODY}" in line, line
         fd = os.open(mnt / "plain", os.O_RDWR)
-        try:
+        try:  # a shared mapping of a direct_io file: the flag was negotiated
             m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED)
             assert m[:4] == b"xxxx"
             m.close()
         finally:
             os.close(fd)
-        assert "direct_io_allow_mmap" in status["want"]
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         proc.join(30)
         if proc.is_alive():
             proc.kill()
             proc.join(10)
-        manager.shutdown()
         shutil.rmtree(base, ignore_errors=True)
