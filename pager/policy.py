@@ -17,17 +17,24 @@ tail (older), `prev` towards the head (newer); -1 ends a list.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 NIL = -1
 
 
+def scalar_view(a: np.ndarray) -> Any:
+    """A memoryview of `a`'s memory: indexing it from Python gives and takes plain
+    ints (or bools, floats) several times faster than numpy scalar access, while
+    vectorised scans keep using the array."""
+    return a.data
+
+
 class Links:
     """The link arrays every queue of one pool shares, plus the visited bits."""
 
-    __slots__ = ("next", "prev", "visited", "queue")
+    __slots__ = ("next", "prev", "visited", "queue", "nx", "pv", "vis", "qu")
 
     def __init__(self, nframes: int) -> None:
         self.next = np.full(nframes, NIL, dtype=np.int32)
@@ -35,6 +42,11 @@ class Links:
         self.visited = np.zeros(nframes, dtype=np.bool_)
         #: the id of the queue a frame is on (-1: none)
         self.queue = np.full(nframes, NIL, dtype=np.int32)
+        # the same memory as memoryviews, for fast scalar access from Python
+        self.nx = scalar_view(self.next)
+        self.pv = scalar_view(self.prev)
+        self.vis = scalar_view(self.visited)
+        self.qu = scalar_view(self.queue)
 
 
 class Sieve:
@@ -54,12 +66,12 @@ class Sieve:
     def push(self, f: int, *, visited: bool = False) -> None:
         """Insert frame f at the head (newest)."""
         lk = self.links
-        lk.queue[f] = self.qid
-        lk.visited[f] = visited
-        lk.prev[f] = NIL
-        lk.next[f] = self.head
+        lk.qu[f] = self.qid
+        lk.vis[f] = visited
+        lk.pv[f] = NIL
+        lk.nx[f] = self.head
         if self.head != NIL:
-            lk.prev[self.head] = f
+            lk.pv[self.head] = f
         else:
             self.tail = f
         self.head = f
@@ -67,25 +79,26 @@ class Sieve:
 
     def remove(self, f: int) -> None:
         lk = self.links
-        n, p = int(lk.next[f]), int(lk.prev[f])
+        n, p = lk.nx[f], lk.pv[f]
         if self.hand == f:
             self.hand = p  # towards the head, as SIEVE moves
         if p != NIL:
-            lk.next[p] = n
+            lk.nx[p] = n
         else:
             self.head = n
         if n != NIL:
-            lk.prev[n] = p
+            lk.pv[n] = p
         else:
             self.tail = p
-        lk.next[f] = lk.prev[f] = lk.queue[f] = NIL
+        lk.nx[f] = lk.pv[f] = lk.qu[f] = NIL
         self.size -= 1
 
     def victim(self, evictable: Callable[[int], bool]) -> int:
         """The frame SIEVE evicts next (not removed), or -1 when none may go now.
         Clears the visited bits it passes, as the algorithm does."""
         lk = self.links
-        visited = lk.visited
+        visited = lk.vis
+        prev = lk.pv
         f = self.hand if self.hand != NIL else self.tail
         # Two rounds clear every bit once and then find a frame, unless all are busy.
         for _ in range(2 * self.size + 1):
@@ -96,9 +109,9 @@ class Sieve:
             if visited[f]:
                 visited[f] = False
             elif evictable(f):
-                self.hand = int(lk.prev[f])
+                self.hand = prev[f]
                 return f
-            f = int(lk.prev[f])
+            f = prev[f]
         return NIL
 
 
@@ -114,7 +127,7 @@ class Clock:
         self.n = nframes
 
     def victim(self, evictable: Callable[[int], bool]) -> int:
-        ref = self.ref
+        ref = scalar_view(self.ref)
         n = self.n
         hand = self.hand
         for _ in range(2 * n + 1):

@@ -17,13 +17,15 @@ Policies (`POLICIES`):
 - `principal`: one SIEVE queue per principal; each principal is kept between its
   guarantee (`cache_min`) and its ceiling (`cache_max`). Hints are ignored.
 - `hinted` (default): `principal` plus hints. A principal's frames sit in one SIEVE
-  queue per class: discardable first, then sequential drop-behind, then priorities in
-  ascending order; reclaim takes a principal's lowest class first.
+  queue per class: discardable, sequential drop-behind, then one per priority.
 
 Reclaim order when a frame is needed: (0) a principal at its own (or an ancestor's)
 ceiling reclaims from itself; (1) else a free frame; (2) else principals above their
-ceiling; (3, hinted) discardable frames of principals above their guarantee, dropped
-without write-back; (4) the principal furthest above its guarantee, lowest class first.
+ceiling; (3, hinted) what principals above their guarantee said they can do without:
+clean discardable frames, discardable files idle for `nframes/8` block accesses (all
+their dirty frames dropped at once, no write-back) and frames a sequential reader is
+done with; (4) the principal furthest above its guarantee: its drop-behind frames,
+then its priorities from the lowest, and only then a discardable file still in use.
 A principal is never taken below its guarantee (memcg's memory.min: a guarantee it
 does not use is lent to others until it needs it, and then taken back from whoever is
 above theirs); the sum of guarantees is admission-checked (`check_banks`). Priority
@@ -50,6 +52,11 @@ pager measures what was released and takes the rest by policy; meanwhile direct
 reclaim prefers other principals, but falls back to them rather than wait, so a
 client that never answers never stalls anyone.
 
+Hot per-frame state is read and written through memoryviews of the numpy arrays
+(`_state_m` for `_state`, ...): a Python-level scalar access to a memoryview costs a
+fraction of a numpy scalar's, and vectorised scans (flush, fsync, throttling, hints)
+use the arrays themselves.
+
 Concurrency (all on the trio thread): code between two checkpoints is atomic. A frame
 in FILLING or WRITEBACK, or pinned, is never evicted. A fill that completes copies the
 device data into its frame only if the frame still has its generation and is still
@@ -74,11 +81,14 @@ from .cache import (BYPASS_BLOCKS, CLASS_DISCARDABLE, CLASS_DROP_BEHIND, CLEAN, 
                     FILLING, FREE, POLICIES, WRITEBACK, WRITEBACK_CLUSTER,
                     PagerStatistics, PrincipalCacheStats)
 from .errors import GuaranteeExceeded, UnknownPolicy
-from .policy import NIL, Clock, Links, Sieve
+from .policy import NIL, Clock, Links, Sieve, scalar_view
 
 log = logging.getLogger(__name__)
 
 FrameNo = NewType("FrameNo", int)
+
+#: range hints (advise priority/discardable) kept per file; older ones are forgotten
+MAX_RANGE_HINTS = 64
 
 class _Acct:
     """One principal's counters (per principal, not per page)."""
@@ -174,7 +184,26 @@ class Pager:
         self._ref = self._links.visited  # referenced bit (SIEVE visited / CLOCK ref)
         self._clock = Clock(n)
         self._clock.ref = self._ref
+        # The same memory as memoryviews: scalar access from Python (the hot paths)
+        # costs a fraction of a numpy scalar's; vectorised scans use the arrays.
+        self._state_m = scalar_view(self._state)
+        self._disc_m = scalar_view(self._disc)
+        self._ref_m = scalar_view(self._ref)
+        self._prio_m = scalar_view(self._prio)
+        self._owner_m = scalar_view(self._owner)
+        self._gen_m = scalar_view(self._gen)
+        self._file_m = scalar_view(self._file)
+        self._dirtier_m = scalar_view(self._dirtier)
+        self._redirty_m = scalar_view(self._redirty)
+        self._frame_block_m = scalar_view(self._frame_block)
+        self._fblock_m = scalar_view(self._fblock)
+        self._pin_m = scalar_view(self._pin)
+        self._pf_m = scalar_view(self._pf)
+        self._dirty_since_m = scalar_view(self._dirty_since)
+        self._wb_epoch_m = scalar_view(self._wb_epoch)
         self._queues: list[Sieve] = []
+        #: the queues of discardable and drop-behind frames (reclaimed first)
+        self._cheap_queues: list[Sieve] = []
         self._pq: dict[int, dict[int, Sieve]] = {}
         self._pq_order: dict[int, list[Sieve]] = {}
         self._where: dict[int, int] = {}
@@ -274,6 +303,10 @@ class Pager:
                 return q
         return None
 
+    def _wake_io(self) -> None:
+        if self._io_done:  # (unparking nobody costs more than this check)
+            self._io_done.unpark_all()
+
     # -- frame classes and queues ---------------------------------------------------
 
     def _queue(self, p: int, cls: int) -> Sieve:
@@ -284,33 +317,35 @@ class Pager:
         if q is None:
             q = qs[cls] = Sieve(self._links, len(self._queues))
             self._queues.append(q)
+            if cls in (CLASS_DISCARDABLE, CLASS_DROP_BEHIND):
+                self._cheap_queues.append(q)
             self._pq_order[p] = [qs[c] for c in sorted(qs) if c != CLASS_DISCARDABLE]
         return q
 
     def _class_of(self, f: int) -> int:
         if not self._hinted:
             return 0
-        if self._disc[f]:
+        if self._disc_m[f]:
             return CLASS_DISCARDABLE
-        return int(self._prio[f])
+        return int(self._prio_m[f])
 
     def _enqueue(self, f: int, cls: int | None = None) -> None:
         if self._global:
             return
-        q = self._queue(int(self._owner[f]), self._class_of(f) if cls is None else cls)
+        q = self._queue(int(self._owner_m[f]), self._class_of(f) if cls is None else cls)
         q.push(f)
 
     def _dequeue(self, f: int) -> None:
-        qid = int(self._links.queue[f])
+        qid = self._links.qu[f]
         if qid != NIL:
             self._queues[qid].remove(f)
 
     def _requeue(self, f: int, cls: int | None = None) -> None:
         if self._global:
             return
-        visited = bool(self._ref[f])
+        visited = bool(self._ref_m[f])
         self._dequeue(f)
-        q = self._queue(int(self._owner[f]), self._class_of(f) if cls is None else cls)
+        q = self._queue(int(self._owner_m[f]), self._class_of(f) if cls is None else cls)
         q.push(f, visited=visited)
 
     def _hints_for(self, file: int, fblock: int) -> tuple[int, bool, bool]:
@@ -327,57 +362,67 @@ class Pager:
 
     def _map(self, f: int, block: int, p: int, file: int, fblock: int, state: int) -> None:
         self._where[block] = f
-        self._frame_block[f] = block
-        self._owner[f] = p
-        self._file[f] = file
-        self._fblock[f] = fblock
-        self._state[f] = state
-        self._redirty[f] = False
-        self._pf[f] = False
-        self._gen[f] += 1
+        self._frame_block_m[f] = block
+        self._owner_m[f] = p
+        self._file_m[f] = file
+        self._fblock_m[f] = fblock
+        self._state_m[f] = state
+        self._redirty_m[f] = False
+        self._pf_m[f] = False
+        self._gen_m[f] += 1
         if file and (file in self._hints or file in self._range_hints):
             prio, disc, _ = self._hints_for(file, fblock)
-            self._prio[f] = prio
-            self._disc[f] = disc
+            self._prio_m[f] = prio
+            self._disc_m[f] = disc
         else:
-            self._prio[f] = 0
-            self._disc[f] = False
-        self._acct_of(p).resident += 1
+            self._prio_m[f] = 0
+            self._disc_m[f] = False
+        a = self._acct.get(p)
+        if a is None:
+            a = self._acct_of(p)
+        a.resident += 1
         if self._global:
-            self._ref[f] = True
+            self._ref_m[f] = True
         else:
-            self._enqueue(f)
+            cls = self._class_of(f) if self._hinted else 0
+            qs = self._pq.get(p)
+            q = qs.get(cls) if qs is not None else None
+            if q is None:
+                q = self._queue(p, cls)
+            q.push(f)
 
     def _unmap(self, f: int) -> None:
-        b = int(self._frame_block[f])
+        b = self._frame_block_m[f]
         del self._where[b]
-        self._dequeue(f)
-        st = self._state[f]
+        qid = self._links.qu[f]
+        if qid != NIL:
+            self._queues[qid].remove(f)
+        st = self._state_m[f]
         if st == DIRTY or st == WRITEBACK:
-            self._acct_of(int(self._dirtier[f])).dirty -= 1
-        self._frame_block[f] = -1
-        self._state[f] = FREE
-        self._ref[f] = False
-        self._gen[f] += 1
-        self._acct_of(int(self._owner[f])).resident -= 1
+            self._acct_of(self._dirtier_m[f]).dirty -= 1
+        self._frame_block_m[f] = -1
+        self._state_m[f] = FREE
+        self._ref_m[f] = False
+        self._gen_m[f] += 1
+        self._acct[self._owner_m[f]].resident -= 1
         self._free.append(f)
 
     def _evictable(self, f: int) -> bool:
-        st = self._state[f]
-        return (st == CLEAN or st == DIRTY) and not self._pin[f]
+        st = self._state_m[f]
+        return (st == CLEAN or st == DIRTY) and not self._pin_m[f]
 
     def _droppable(self, f: int) -> bool:
         """Whether a dirty frame may go without write-back (hinted, discardable)."""
-        return self._hinted and bool(self._disc[f])
+        return self._hinted and bool(self._disc_m[f])
 
     def _evict(self, f: int) -> None:
         """Reclaim frame f (clean, or dirty and droppable) for reuse."""
-        owner = self._acct_of(int(self._owner[f]))
+        owner = self._acct_of(int(self._owner_m[f]))
         owner.evictions += 1
         self.evictions += 1
-        if self._hinted and self._disc[f]:
+        if self._hinted and self._disc_m[f]:
             owner.discarded += 1
-            if self._state[f] == DIRTY:
+            if self._state_m[f] == DIRTY:
                 self._drop_discardable_file(f)
                 return
         self._unmap(f)
@@ -385,13 +430,13 @@ class Pager:
     def _drop_discardable_file(self, f: int) -> None:
         """A dirty discardable frame goes: so do its file's other dirty discardable
         frames (the file is lost as a whole), and the file is reported."""
-        file = int(self._file[f])
+        file = int(self._file_m[f])
         self._unmap(f)
         if file:
             others = np.flatnonzero((self._file == file) & (self._state == DIRTY)
                                     & self._disc & (self._pin == 0))
             for g in others.tolist():
-                self._acct_of(int(self._owner[g])).discarded += 1
+                self._acct_of(int(self._owner_m[g])).discarded += 1
                 self._unmap(g)
             if self.on_discarded is not None:
                 try:
@@ -403,11 +448,11 @@ class Pager:
         """A discardable frame whose file has not been touched for the last
         `nframes / 8` block accesses: a discardable file in use is not thrown away
         whole before other cold pages, an idle one is."""
-        last = self._file_tick.get(int(self._file[f]))
+        last = self._file_tick.get(int(self._file_m[f]))
         return last is None or self._tick - last > self._idle_ticks
 
     def _cold_discardable(self, f: int) -> bool:
-        return self._evictable(f) and (self._state[f] == CLEAN or self._idle(f))
+        return self._evictable(f) and (self._state_m[f] == CLEAN or self._idle(f))
 
     def _victim_discardable(self, p: int, *, cold: bool) -> int:
         """Under `hinted`, what the application said it can do without: with `cold`,
@@ -431,7 +476,8 @@ class Pager:
         """p's frame to reclaim: clean discardable frames and idle discardable files
         first, then drop-behind and priorities from the lowest, then (last) a
         discardable file still in use."""
-        if self._hinted:
+        cheap = self._hinted and bool(self._cheap_queues)
+        if cheap:
             v = self._victim_discardable(p, cold=True)
             if v != NIL:
                 return v
@@ -440,7 +486,7 @@ class Pager:
                 v = q.victim(self._evictable)
                 if v != NIL:
                     return v
-        if self._hinted:
+        if cheap:
             return self._victim_discardable(p, cold=False)
         return NIL
 
@@ -479,10 +525,23 @@ class Pager:
                     return v
         mins = self._min
         req = self._requests
+        cheap = self._hinted and any(q.size for q in self._cheap_queues)
+        if not cheap:
+            # the common case, in one pass: the principal furthest above its guarantee
+            # (no reclaim request pending) gives its policy's victim
+            best, best_x = -1, 0
+            for p, a in acct.items():
+                x = a.resident - mins.get(p, 0)
+                if (x > best_x or (x == best_x and x > 0 and p > best)) and p not in req:
+                    best, best_x = p, x
+            if best >= 0:
+                v = self._victim_of(best)
+                if v != NIL:
+                    return v
         above = [(a.resident - mins.get(p, 0), p) for p, a in acct.items()
                  if a.resident > mins.get(p, 0)]
         above.sort(reverse=True)
-        if self._hinted:
+        if cheap:
             # discardable frames of principals above their guarantee
             for _, p in above:
                 v = self._victim_discardable(p, cold=True)
@@ -514,14 +573,14 @@ class Pager:
     def _try_alloc(self, p: int) -> tuple[int, int]:
         """(a free frame, NIL) without blocking, or (NIL, a dirty victim that must be
         written back first), or (NIL, NIL) when every frame is busy."""
-        if self._free and (self._global or self._at_max(p) is None):
+        if self._free and (self._global or not self._max or self._at_max(p) is None):
             if len(self._free) <= self.low_watermark:
                 self._poke()
             return self._free.pop(), NIL
         v = self._pick_victim(p)
         if v == NIL:
             return NIL, NIL
-        if self._state[v] == DIRTY and not self._droppable(v):
+        if self._state_m[v] == DIRTY and not self._droppable(v):
             return NIL, v
         self._evict(v)
         self._poke()
@@ -533,7 +592,7 @@ class Pager:
         if needed."""
         failures = 0
         while True:
-            if victim != NIL and self._state[victim] == DIRTY and self._evictable(victim):
+            if victim != NIL and self._state_m[victim] == DIRTY and self._evictable(victim):
                 f, v = NIL, victim
             else:
                 f, v = self._try_alloc(p)
@@ -555,10 +614,10 @@ class Pager:
                 v = self._pick_victim(p, strict=False)
                 if v == NIL:
                     raise RuntimeError("pager: no frame can be reclaimed")
-                if self._state[v] != DIRTY or self._droppable(v):
+                if self._state_m[v] != DIRTY or self._droppable(v):
                     self._evict(v)
                     return self._free.pop()
-            g = int(self._gen[v])
+            g = int(self._gen_m[v])
             try:
                 await self._writeback_frames(self._cluster(v))
             except Exception:
@@ -566,7 +625,7 @@ class Pager:
                 if failures >= 3:
                     raise
                 continue
-            if (self._gen[v] == g and self._state[v] == CLEAN and not self._pin[v]):
+            if (self._gen_m[v] == g and self._state_m[v] == CLEAN and not self._pin_m[v]):
                 self._evict(v)
                 return self._free.pop()
 
@@ -578,15 +637,15 @@ class Pager:
 
     def _cluster(self, f: int) -> list[int]:
         """f and its dirty, same-dirtier, written-back-able neighbours on the device."""
-        b = int(self._frame_block[f])
-        d = self._dirtier[f]
+        b = int(self._frame_block_m[f])
+        d = self._dirtier_m[f]
         where = self._where
         out = [f]
         for step in (1, -1):
             nb = b + step
             while len(out) < WRITEBACK_CLUSTER:
                 g = where.get(nb)
-                if (g is None or self._state[g] != DIRTY or self._dirtier[g] != d
+                if (g is None or self._state_m[g] != DIRTY or self._dirtier_m[g] != d
                         or self._droppable(g)):
                     break
                 out.append(g)
@@ -597,60 +656,60 @@ class Pager:
         """Write the DIRTY frames among `frames` to the device, in runs of adjacent
         blocks with the same dirtier, each run tagged with that principal. Returns the
         number of frames written."""
-        todo = sorted((int(self._frame_block[f]), f) for f in frames
-                      if self._state[f] == DIRTY)
+        todo = sorted((int(self._frame_block_m[f]), f) for f in frames
+                      if self._state_m[f] == DIRTY)
         written = 0
         bs = self.block_size
         i = 0
         while i < len(todo):
             j = i + 1
-            d = self._dirtier[todo[i][1]]
+            d = self._dirtier_m[todo[i][1]]
             while (j < len(todo) and j - i < WRITEBACK_CLUSTER
-                   and todo[j][0] == todo[j - 1][0] + 1 and self._dirtier[todo[j][1]] == d
-                   and self._state[todo[j][1]] == DIRTY):
+                   and todo[j][0] == todo[j - 1][0] + 1 and self._dirtier_m[todo[j][1]] == d
+                   and self._state_m[todo[j][1]] == DIRTY):
                 j += 1
-            run = [f for _, f in todo[i:j] if self._state[f] == DIRTY]
+            run = [f for _, f in todo[i:j] if self._state_m[f] == DIRTY]
             i = j
             if not run:
                 continue
             # the run may have lost members to the checks above: keep it contiguous
             run = run[:1] + [g for k, g in enumerate(run[1:], 1)
-                             if self._frame_block[g] == self._frame_block[run[0]] + k]
+                             if self._frame_block_m[g] == self._frame_block_m[run[0]] + k]
             written += await self._writeback_run(run)
         return written
 
     async def _writeback_run(self, run: list[int]) -> int:
         bs = self.block_size
         mem = self._mem
-        b0 = int(self._frame_block[run[0]])
-        d = int(self._dirtier[run[0]])
-        gens = [int(self._gen[f]) for f in run]
+        b0 = int(self._frame_block_m[run[0]])
+        d = int(self._dirtier_m[run[0]])
+        gens = [int(self._gen_m[f]) for f in run]
         buf = bytearray(len(run) * bs)
         for k, f in enumerate(run):
             buf[k * bs:(k + 1) * bs] = mem[f * bs:(f + 1) * bs]
-            self._state[f] = WRITEBACK
-            self._redirty[f] = False
+            self._state_m[f] = WRITEBACK
+            self._redirty_m[f] = False
         epoch = self._epoch
         try:
             await self.device.write(BlockNo(b0), buf, principal=PrincipalId(d))
         except BaseException:
             for f, g in zip(run, gens):
-                if self._gen[f] == g and self._state[f] == WRITEBACK:
-                    self._state[f] = DIRTY
-            self._io_done.unpark_all()
+                if self._gen_m[f] == g and self._state_m[f] == WRITEBACK:
+                    self._state_m[f] = DIRTY
+            self._wake_io()
             raise
         self._acct_of(d).wb_bytes += len(buf)
         for f, g in zip(run, gens):
-            if self._gen[f] != g:
+            if self._gen_m[f] != g:
                 continue
-            self._wb_epoch[f] = max(int(self._wb_epoch[f]), epoch)
-            if self._redirty[f]:
-                self._redirty[f] = False
-                self._state[f] = DIRTY
+            self._wb_epoch_m[f] = max(int(self._wb_epoch_m[f]), epoch)
+            if self._redirty_m[f]:
+                self._redirty_m[f] = False
+                self._state_m[f] = DIRTY
             else:
-                self._state[f] = CLEAN
-                self._acct_of(int(self._dirtier[f])).dirty -= 1
-        self._io_done.unpark_all()
+                self._state_m[f] = CLEAN
+                self._acct_of(int(self._dirtier_m[f])).dirty -= 1
+        self._wake_io()
         return len(run)
 
     def _dirty_limit(self, p: int) -> int:
@@ -752,20 +811,20 @@ class Pager:
             where = self._where
             if where:
                 mem = self._mem
-                state = self._state
+                state = self._state_m
                 for i in range(count):
                     f = where.get(block + i)
                     if f is not None and state[f] != FILLING:
                         view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
             return
         self._tick += count
-        if file:
-            self._file_tick[file] = self._tick
+        if file and (file in self._hints or file in self._range_hints):
+            self._file_tick[file] = self._tick  # (only hinted files: a bounded map)
         where = self._where
         mem = self._mem
-        state = self._state
-        ref = self._ref
-        pf = self._pf
+        state = self._state_m
+        ref = self._ref_m
+        pf = self._pf_m
         missing: list[int] = []
         pf_hits = 0
         for i in range(count):
@@ -801,8 +860,8 @@ class Pager:
         bs = self.block_size
         mem = self._mem
         where = self._where
-        state = self._state
-        gen = self._gen
+        state = self._state_m
+        gen = self._gen_m
         pending = missing
         while pending:
             mine: list[tuple[int, int, int]] = []
@@ -829,7 +888,7 @@ class Pager:
                         waits.append(i)
                     else:
                         view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
-                        self._ref[f] = True
+                        self._ref_m[f] = True
                     done += 1
                 k = 0
                 while k < len(mine):
@@ -848,13 +907,13 @@ class Pager:
                             state[f] = CLEAN
                         else:  # written meanwhile: the frame is newer
                             view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
-                    self._io_done.unpark_all()
+                    self._wake_io()
                     k = m
             except BaseException:
                 for _, f, g in mine:
                     if gen[f] == g and state[f] == FILLING:
                         self._unmap(f)
-                self._io_done.unpark_all()
+                self._wake_io()
                 raise
             # Blocks another request is filling: read them ourselves, charged to us,
             # rather than wait on someone else's I/O (which runs under their bank).
@@ -882,8 +941,8 @@ class Pager:
         where = self._where
         for i in missing:
             f = where.get(block + i)
-            if f is not None and self._owner[f] == p and not self._ref[f]:
-                self._pf[f] = True
+            if f is not None and self._owner_m[f] == p and not self._ref_m[f]:
+                self._pf_m[f] = True
 
     async def _read_ahead(self, block: int, p: int, file: int, fblock: int) -> None:
         """Read-ahead of a sequential file, charged to the reader. The pager knows
@@ -898,8 +957,8 @@ class Pager:
         where = self._where
         for i in range(count):
             f = where.get(block + i)
-            if f is not None and not self._disc[f]:
-                self._ref[f] = False
+            if f is not None and not self._disc_m[f]:
+                self._ref_m[f] = False
                 self._requeue(f, CLASS_DROP_BEHIND)
 
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
@@ -916,11 +975,11 @@ class Pager:
             await self._write_through(block, mv, count, p, file, fblock)
             return
         self._tick += count
-        if file:
-            self._file_tick[file] = self._tick
+        if file and (file in self._hints or file in self._range_hints):
+            self._file_tick[file] = self._tick  # (only hinted files: a bounded map)
         where = self._where
         mem = self._mem
-        state = self._state
+        state = self._state_m
         now = trio.current_time()
         limit = self._dirty_limit(p)
         acct = self._acct_of(p)
@@ -941,37 +1000,37 @@ class Pager:
                         self._map(f, b, p, file, fblock + i, CLEAN)  # new: not referenced
                     else:
                         self._give_back(nf)
-                        self._ref[f] = True
+                        self._ref_m[f] = True
                 else:
-                    self._ref[f] = True  # a write to a resident block is a reuse
+                    self._ref_m[f] = True  # a write to a resident block is a reuse
                     if file:
                         self._retag(f, file, fblock + i)
                 mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
                 st = state[f]
                 if st == DIRTY or st == WRITEBACK:
-                    old = int(self._dirtier[f])
+                    old = int(self._dirtier_m[f])
                     if old != p:
                         self._acct_of(old).dirty -= 1
                         self._acct_of(p).dirty += 1
-                        self._dirtier[f] = p
+                        self._dirtier_m[f] = p
                     if st == WRITEBACK:
-                        self._redirty[f] = True
-                        self._dirty_since[f] = now
+                        self._redirty_m[f] = True
+                        self._dirty_since_m[f] = now
                 else:  # CLEAN, or FILLING (the fill will copy this out, not over it)
                     state[f] = DIRTY
-                    self._dirtier[f] = p
-                    self._dirty_since[f] = now
+                    self._dirtier_m[f] = p
+                    self._dirty_since_m[f] = now
                     self._acct_of(p).dirty += 1
 
     def _retag(self, f: int, file: int, fblock: int) -> None:
-        if self._file[f] != file or self._fblock[f] != fblock:
-            self._file[f] = file
-            self._fblock[f] = fblock
+        if self._file_m[f] != file or self._fblock_m[f] != fblock:
+            self._file_m[f] = file
+            self._fblock_m[f] = fblock
             if self._hinted:
                 prio, disc, _ = self._hints_for(file, fblock)
-                if prio != self._prio[f] or disc != self._disc[f]:
-                    self._prio[f] = prio
-                    self._disc[f] = disc
+                if prio != self._prio_m[f] or disc != self._disc_m[f]:
+                    self._prio_m[f] = prio
+                    self._disc_m[f] = disc
                     self._requeue(f)
 
     async def _write_through(self, block: int, mv: memoryview, count: int, p: int,
@@ -981,7 +1040,7 @@ class Pager:
         bs = self.block_size
         where = self._where
         mem = self._mem
-        state = self._state
+        state = self._state_m
         install = count <= BYPASS_BLOCKS or self._global
         for i in range(count):
             b = block + i
@@ -994,7 +1053,7 @@ class Pager:
                     continue  # nothing free without waiting: leave it uncached
                 self._map(f, b, p, file, fblock + i, CLEAN)
             else:
-                self._ref[f] = True
+                self._ref_m[f] = True
                 if file:
                     self._retag(f, file, fblock + i)
             mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
@@ -1013,7 +1072,7 @@ class Pager:
                 busy = False
                 for b in range(block, block + count):
                     f = where.get(b)
-                    if f is not None and (self._state[f] == WRITEBACK or self._pin[f]):
+                    if f is not None and (self._state_m[f] == WRITEBACK or self._pin_m[f]):
                         busy = True
                         break
                 if not busy:
@@ -1046,11 +1105,11 @@ class Pager:
 
     def _rehint(self, frames: np.ndarray) -> None:
         for f in frames.tolist():
-            prio, disc, _ = self._hints_for(int(self._file[f]), int(self._fblock[f]))
-            if prio != self._prio[f] or disc != self._disc[f]:
-                self._prio[f] = prio
-                self._disc[f] = disc
-                if self._links.queue[f] != NIL:
+            prio, disc, _ = self._hints_for(int(self._file_m[f]), int(self._fblock_m[f]))
+            if prio != self._prio_m[f] or disc != self._disc_m[f]:
+                self._prio_m[f] = prio
+                self._disc_m[f] = disc
+                if self._links.qu[f] != NIL:
                     self._requeue(f)
 
     def forget_file(self, file: int) -> None:
@@ -1083,6 +1142,8 @@ class Pager:
             rh = self._range_hints.setdefault(file, [])
             for fb, _db, n in runs:
                 rh.append((fb, fb + n, priority, discardable))
+            if len(rh) > MAX_RANGE_HINTS:  # bounded: the oldest ranges are forgotten
+                del rh[:len(rh) - MAX_RANGE_HINTS]
             frames = []
             for fb, db, n in runs:
                 for k in range(n):
@@ -1103,8 +1164,8 @@ class Pager:
             self._poke()
 
     def _retag_hint(self, f: int, file: int, fblock: int) -> None:
-        self._file[f] = file
-        self._fblock[f] = fblock
+        self._file_m[f] = file
+        self._fblock_m[f] = fblock
 
     async def _drop_range(self, block: int, count: int) -> None:
         """dontneed: drop the range's frames now. A dirty discardable frame takes its
@@ -1115,14 +1176,14 @@ class Pager:
             f = where.get(b)
             if f is None or not self._evictable(f):
                 continue
-            if self._state[f] == DIRTY:
-                if self._disc[f]:
-                    self._acct_of(int(self._owner[f])).discarded += 1
+            if self._state_m[f] == DIRTY:
+                if self._disc_m[f]:
+                    self._acct_of(int(self._owner_m[f])).discarded += 1
                     self._drop_discardable_file(f)
                     continue
-                g = int(self._gen[f])
+                g = int(self._gen_m[f])
                 await self._writeback_frames(self._cluster(f))
-                if self._gen[f] != g or not self._evictable(f) or self._state[f] != CLEAN:
+                if self._gen_m[f] != g or not self._evictable(f) or self._state_m[f] != CLEAN:
                     continue
             self._unmap(f)
 
@@ -1178,10 +1239,10 @@ class Pager:
             v = self._victim_of(p)
             if v == NIL:
                 break
-            if self._state[v] == DIRTY and not self._droppable(v):
-                g = int(self._gen[v])
+            if self._state_m[v] == DIRTY and not self._droppable(v):
+                g = int(self._gen_m[v])
                 await self._writeback_frames(self._cluster(v))
-                if self._gen[v] != g or self._state[v] != CLEAN or self._pin[v]:
+                if self._gen_m[v] != g or self._state_m[v] != CLEAN or self._pin_m[v]:
                     continue
             self._evict(v)
             taken += 1
@@ -1253,7 +1314,8 @@ class Pager:
         reserve, reclaim requests and their deadlines. Start it in the mount's nursery."""
         async with trio.open_nursery() as nursery:
             self._wakeup = trio.Event()
-            nursery.start_soon(self._reclaim_loop, name="pager reclaim")
+            if not self._global:  # the baseline knows no principals, hence no shares
+                nursery.start_soon(self._reclaim_loop, name="pager reclaim")
             if self.writeback:
                 nursery.start_soon(self._aging_loop, name="pager write-back aging")
             task_status.started()

@@ -1,6 +1,9 @@
-"""The write-through frame cache: hits and misses, CLOCK eviction, coherence of writes,
-bypass of large reads, discard, per-principal accounting, and a model-based property
-test against a plain dict of block contents."""
+"""The pager (pager/pool.py): hits and misses, eviction, coherence of writes, bypass of
+large reads, discard, per-principal accounting and a model-based property test (the
+first part, from the write-through cache it replaced); then the policies, write-back,
+banks (guarantees, ceilings, admission), hints, discardable files, cooperative reclaim
+on trio's MockClock, and traces with their replay. tests/test_pager_policy.py holds the
+property tests of the invariants under every policy."""
 
 from __future__ import annotations
 
@@ -828,3 +831,63 @@ def test_replay_command_compares_policies(tmp_path: Path, capsys) -> None:
     assert lines[("hinted", "all")][2:4] == ["600", "0.600"]  # 360 loop hits of 600 reads
     assert main([str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+async def test_write_during_a_fill_wins(tmp_path: Path, autojump_clock) -> None:
+    """A write-back write to a block whose fill is in flight lands in the FILLING frame;
+    the fill then leaves the frame alone (it is newer) and hands the reader the new
+    data. Nothing older ever overwrites it."""
+    device = make_device(tmp_path / "dev", profile="hdd")
+    try:
+        await device.write(3, blk(1), principal=P0)
+        p = Pager(device, nframes=8, writeback=True)
+        got = {}
+
+        async def reader() -> None:
+            got["r"] = await p.read(3, 1, principal=P1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.0001)  # the fill is in flight
+            assert p._state[p._where[3]] == 1  # FILLING
+            await p.write(3, blk(2), principal=P2)
+        assert got["r"] == blk(2)
+        f = p._where[3]
+        assert p._state[f] == DIRTY and bytes(p._frames[f]) == blk(2)
+        assert await device.read(3, 1, principal=P0) == blk(1)
+        await p.flush()
+        assert await device.read(3, 1, principal=P0) == blk(2)
+        check_invariants(p)
+    finally:
+        device.close()
+
+
+async def test_failed_fill_leaves_no_frame_behind(device: BlockDevice) -> None:
+    """A device error during a fill frees the frames it had taken (nothing half-filled
+    stays resident) and reaches the reader."""
+    from blockdev import ChecksumError
+    await device.write(0, blk(1, 4), principal=P0)
+    device._csum[2] ^= 1  # block 2 now fails its checksum
+    p = Pager(device, nframes=8)
+    with pytest.raises(ChecksumError):
+        await p.read(0, 4, principal=P1)
+    assert p.statistics().frames_used == 0
+    check_invariants(p)
+    assert await p.read(0, 2, principal=P1) == blk(1, 4)[:2 * BS]
+
+
+async def test_sieve_resists_a_scan_that_clock_does_not(device: BlockDevice) -> None:
+    """Within a principal, SIEVE keeps blocks that were used again over a one-time
+    scan; the baseline's CLOCK gives the scan's blocks the same second chance and
+    loses the hot ones."""
+    kept = {}
+    for policy in ("principal", "global-lru"):
+        p = Pager(device, nframes=8, policy=policy)
+        for _ in range(2):
+            for b in range(4):
+                await p.read(b, 1, principal=P1)
+        for b in range(20, 44):  # a scan three times the pool
+            await p.read(b, 1, principal=P1)
+        kept[policy] = sum(b in p._where for b in range(4))
+        check_invariants(p)
+    assert kept == {"principal": 4, "global-lru": 0}

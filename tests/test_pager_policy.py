@@ -15,6 +15,7 @@ Properties (pager/pool.py):
 from __future__ import annotations
 
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_pager import check_invariants
@@ -73,10 +74,35 @@ def ops(draw):
        nframes=st.integers(3, 12), steps=st.lists(ops(), max_size=45))
 def test_pager_invariants_hold(policy: str, writeback: bool, nframes: int,
                                steps: list[tuple]) -> None:
-    trio.run(_run, policy, writeback, nframes, steps)
+    trio.run(_run, policy, writeback, nframes, steps, False)
 
 
-async def _run(policy: str, writeback: bool, nframes: int, steps: list[tuple]) -> None:
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=st.sampled_from(POLICIES), writeback=st.booleans(),
+       nframes=st.integers(3, 12),
+       steps=st.lists(st.one_of(ops(), st.tuples(st.just("sleep"), st.sampled_from(
+           [0.01, 0.3, 1.0, 6.0]), st.just(0), st.just(0), st.just(0))), max_size=45))
+def test_pager_invariants_hold_with_background_work(policy: str, writeback: bool,
+                                                    nframes: int, steps: list[tuple]) -> None:
+    """The same, with `run()`'s background work (write-back aging, the free reserve,
+    reclaim requests to a client that complies and one that never answers) running
+    between the steps on a mock clock."""
+    trio.run(_run, policy, writeback, nframes, steps, True,
+             clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _run(policy: str, writeback: bool, nframes: int, steps: list[tuple],
+               background: bool) -> None:
+    if not background:
+        await _steps(policy, writeback, nframes, steps, None)
+        return
+    async with trio.open_nursery() as nursery:
+        await _steps(policy, writeback, nframes, steps, nursery)
+        nursery.cancel_scope.cancel()
+
+
+async def _steps(policy: str, writeback: bool, nframes: int, steps: list[tuple],
+                 nursery: trio.Nursery | None) -> None:
     device = memory_device(NB, block_size=BS)
     model: dict[int, bytes] = {}
     disc_files: set[int] = set()
@@ -97,7 +123,21 @@ async def _run(policy: str, writeback: bool, nframes: int, steps: list[tuple]) -
             model[b] = LOST
 
     p = Pager(device, nframes=nframes, policy=policy, writeback=writeback,
-              on_discarded=on_discarded)
+              on_discarded=on_discarded, reclaim_grace=0.5, dirty_expire=2.0)
+    if nursery is not None:
+        await nursery.start(p.run)
+
+        def complying(n: int, deadline: float) -> None:
+            async def release() -> None:
+                await trio.sleep(0.1)
+                mine = [b for b, f in p._where.items() if p._owner[f] == 1][:n]
+                for b in mine:
+                    await p.advise(file_of(b), [(b % FILE_BLOCKS, b, 1)],
+                                   principal=PrincipalId(1), dontneed=True)
+                p.answer_reclaim(PrincipalId(1), len(mine))
+            nursery.start_soon(release)
+        p.on_reclaim(PrincipalId(1), complying)
+        p.on_reclaim(PrincipalId(2), lambda n, d: None)  # never answers
     fsync_of: list[int] = []
 
     # discardable dirty frames are written back only by an fsync of their file
@@ -172,6 +212,8 @@ async def _run(policy: str, writeback: bool, nframes: int, steps: list[tuple]) -
                 fsync_of.pop()
             for b in range((file - 1) * FILE_BLOCKS, file * FILE_BLOCKS):
                 check(device_now(b), b, 1, "after fsync")
+        elif kind == "sleep":
+            await trio.sleep(a1)
         elif kind == "banks":
             min1, min2, max1, max2 = a1, a2, a3, a4
             min1 = min(min1, max1 if max1 is not None else min1)
