@@ -98,6 +98,7 @@ class FileOps(ServerBase):
             raise ProtocolError(f"argument 'kinds' must list notification kinds of "
                                 f"{sorted(PUSH_KINDS)}")
         conn.subscribed = frozenset(kinds)
+        self._watch_reclaim(conn)  # type: ignore[attr-defined]  (PagerOps)
         return {"kinds": sorted(conn.subscribed)}
 
     async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
