@@ -135,7 +135,8 @@ def line(proc: subprocess.Popen) -> str:
     out = proc.stdout.readline()
     if not out:
         proc.kill()
-        raise AssertionError(f"the client ended early:\n{proc.stderr.read()}")
+        _out, err = proc.communicate()
+        raise AssertionError(f"the client ended early:\n{err}")
     return out.strip()
 
 
@@ -143,12 +144,12 @@ def finish(proc: subprocess.Popen) -> None:
     """Close the client's stdin (it then closes its connection and exits); kill it if
     it does not, by its pid."""
     try:
-        proc.stdin.close()
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        _out, err = proc.communicate(timeout=60)  # (closes stdin first, and the pipes)
+        assert proc.returncode == 0, err
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()
 
 
 def wait_for(mnt: Path, pred, what: str, limit: float = 120.0) -> dict[str, dict]:
