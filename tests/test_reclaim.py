@@ -342,8 +342,28 @@ def test_the_trio_clients_iterator(setup) -> None:
         c = wait_for(mnt, lambda c: c["A"]["reclaim_answered"] == 1, "the answer")
         assert (c["A"]["reclaim_sent"], c["A"]["reclaim_missed"]) == (1, 0)
         assert c["A"]["frames"] == CEILING
+        # Out of the `async with`, the connection (still open) is unsubscribed: the
+        # next ceiling is enforced by policy at once, nobody is asked.
+        sluice("principal", "set", str(mnt), "A", "--cache-max", "1M")
+        c = wait_for(mnt, lambda c: c["A"]["frames"] <= 256, "A at its new ceiling")
+        assert c["A"]["reclaim_sent"] == 1
     finally:
         finish(client)
+
+
+def test_reclaim_notifications_are_checked() -> None:
+    """The client library's view of a "reclaim" notification (sans-IO): its fields,
+    a deadline on the client's clock, and a clear error for a malformed one."""
+    from kernelshim.clientcore import Notification, ReclaimRequest
+    from kernelshim.protocol import ProtocolError
+    note = Notification("reclaim", {"kind": "reclaim", "ticket": 7, "frames": 88,
+                                     "within": 1.5}, 3)
+    assert ReclaimRequest.from_note(note, 100.0) == ReclaimRequest(7, 88, 1.5, 101.5)
+    for bad in ({"ticket": "7", "frames": 88, "within": 1.5},
+                {"ticket": 7, "frames": None, "within": 1.5},
+                {"ticket": 7, "frames": 88, "within": True}, {}):
+        with pytest.raises(ProtocolError, match="malformed reclaim notification"):
+            ReclaimRequest.from_note(Notification("reclaim", bad, 1), 0.0)
 
 
 def test_a_tenants_dontneed_leaves_anothers_frames(setup) -> None:
