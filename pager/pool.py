@@ -95,7 +95,8 @@ log = logging.getLogger(__name__)
 
 FrameNo = NewType("FrameNo", int)
 
-#: range hints (advise priority/discardable) kept per file; older ones are forgotten
+#: range hints (advise priority/discardable) kept per file and principal; older ones
+#: are forgotten
 MAX_RANGE_HINTS = 64
 
 class _Acct:
@@ -1175,8 +1176,12 @@ class Pager:
             rh = self._range_hints.setdefault(file, [])
             for fb, _db, n in runs:
                 rh.append((fb, fb + n, priority, discardable, p))
-            if len(rh) > MAX_RANGE_HINTS:  # bounded: the oldest ranges are forgotten
-                del rh[:len(rh) - MAX_RANGE_HINTS]
+            mine = [i for i, h in enumerate(rh) if h[4] == p]
+            if len(mine) > MAX_RANGE_HINTS:
+                # bounded per principal: its own oldest ranges are forgotten (never
+                # another's, which a tenant could otherwise flush with its own)
+                drop = set(mine[:len(mine) - MAX_RANGE_HINTS])
+                rh[:] = [h for i, h in enumerate(rh) if i not in drop]
             frames = []
             owner = self._owner_m
             for fb, db, n in runs:

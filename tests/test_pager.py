@@ -695,6 +695,13 @@ async def test_advise_acts_only_on_the_advising_principals_frames(device: BlockD
     await p.write(2, blk(9), principal=P1, file=7, fblock=2)
     await p.advise(7, [(2, 2, 1)], principal=P2, dontneed=True)
     assert 2 in p._where and p.statistics().per_principal[P1].writeback_bytes == 0
+    # P2's many ranges push out only its own oldest ones, never P1's
+    from pager.pool import MAX_RANGE_HINTS
+    for k in range(MAX_RANGE_HINTS + 5):
+        await p.advise(7, [(k % 16, k % 16, 1)], principal=P2, priority=k % 7)
+    rh = p._range_hints[7]
+    assert sum(h[4] == 2 for h in rh) == MAX_RANGE_HINTS
+    assert [h[:4] for h in rh if h[4] == 1] == [(0, 4, 9, None)]
     # the file's own hints (a writer's xattrs) apply to every frame, whoever's
     p.set_file_hints(7, discardable=True)
     assert all(p._disc[p._where[b]] for b in range(16))
