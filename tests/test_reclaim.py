@@ -266,6 +266,14 @@ def test_a_client_that_ignores_loses_frames_by_policy(setup) -> None:
         sluice("principal", "set", str(mnt), "A", "--cache-max", "2M")
         (req,) = json.loads(line(client))["requests"]
         assert req["frames"] == NBLOCKS - CEILING
+        # Another principal cannot answer for A: reclaim_done answers the caller's own
+        # principal's request, and B has none (A's ends as missed either way, whether
+        # or not its deadline passed before B's answer arrived).
+        answer = ("import sys; from kernelshim.client import Client\n"
+                  "with Client.connect(sys.argv[1], shm_size=0) as c:\n"
+                  "    print(c.reclaim_done(int(sys.argv[2])))")
+        assert run(mnt, "B", sys.executable, "-c", answer, str(mnt),
+                   str(req["ticket"])).strip() == "False"
         b_reads(mnt, b)  # while A's request is pending or after: B's frames serve B
         after = wait_for(mnt, lambda c: c["A"]["reclaim_missed"] == 1, "the missed deadline")
         assert (after["A"]["reclaim_sent"], after["A"]["reclaim_answered"]) == (1, 0)
