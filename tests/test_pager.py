@@ -781,6 +781,44 @@ async def test_reclaim_requests_with_a_deadline(device: BlockDevice, autojump_cl
     check_invariants(p)
 
 
+async def test_reclaim_settles_when_released_and_counts_who_answered(
+        device: BlockDevice, autojump_clock) -> None:
+    """A request settles as soon as the principal dropped what was asked (no need to
+    wait for the deadline); an answer naming another ticket answers nothing; and a
+    silent principal whose frames went some other way (here: freed) still counts as
+    missed, with nothing more taken from it."""
+    p = Pager(device, nframes=32, policy="hinted", reclaim_grace=5.0)
+    asked: dict[int, list] = {1: [], 2: []}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        p.on_reclaim(P1, lambda n, d: asked[1].append((n, d)))
+        p.on_reclaim(P2, lambda n, d: asked[2].append((n, d)))
+        await p.read(0, 8, principal=P1, file=1)
+        await p.read(20, 8, principal=P2, file=2)
+        t0 = trio.current_time()
+        p.configure_banks(banks(p1=(0, 4), p2=(0, 4)))
+        await trio.sleep(0.1)
+        assert asked[1] == [(4, t0 + 5.0)] and asked[2] == [(4, t0 + 5.0)]
+        ticket1, n1, _ = p.pending_reclaim(P1)
+        ticket2, _, _ = p.pending_reclaim(P2)
+        assert n1 == 4 and ticket1 != ticket2
+        assert not p.answer_reclaim(P1, 4, ticket=ticket2)  # not P1's request
+        await p.advise(1, [(0, 0, 4)], principal=P1, dontneed=True)  # its first blocks
+        await trio.sleep(0.1)
+        assert p.pending_reclaim(P1) is None and trio.current_time() < t0 + 1
+        s = p.statistics().per_principal
+        assert (s[P1].reclaim_sent, s[P1].reclaim_answered, s[P1].reclaim_missed) == (1, 1, 0)
+        assert s[P1].frames == 4 and all(b in p._where for b in range(4, 8))
+        assert not p.answer_reclaim(P1, 0, ticket=ticket1)  # settled already
+        await p.discard(20, 4, principal=P0)  # P2's frames go, but not by P2's doing
+        await trio.sleep(6.0)
+        s = p.statistics().per_principal
+        assert (s[P2].reclaim_sent, s[P2].reclaim_answered, s[P2].reclaim_missed) == (1, 0, 1)
+        assert s[P2].frames == 4 and s[P2].evictions == 0
+        nursery.cancel_scope.cancel()
+    check_invariants(p)
+
+
 async def test_unsubscribed_principal_over_its_ceiling_is_reclaimed_at_once(
         device: BlockDevice, autojump_clock) -> None:
     p = Pager(device, nframes=32, policy="principal")
