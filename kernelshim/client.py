@@ -31,6 +31,15 @@ thread, so it is called on time even while the application computes; from then o
 thread reads the socket and callers wait for it. The trio client yields them from
 `async for note in client.notifications(kinds)`.
 
+Cooperative reclaim: `Client.on_reclaim(callback)` calls `callback(ReclaimRequest)`
+in that reader thread when the pager asks this client's principal to release frames
+("release N frames within S seconds"); `async for req in client.reclaims()` on the
+trio client. The answer is `file.advise(offset, length, dontneed=True)` of ranges the
+client chooses (the pager counts the frames its principal drops) and, optionally,
+`client.reclaim_done(req)` ("that is all"): the pager then settles the request at once
+instead of at the deadline. A callback may make control calls (advise, reclaim_done)
+on the same client; data calls (read, write) belong to the application's thread.
+
 All the logic (requests, pipelining, layouts, commits) is in `clientcore` and runs the
 same for both; this module only moves bytes. It imports no numpy, trio or daemon module
 (the trio client imports trio when it is used).
@@ -44,10 +53,11 @@ import mmap
 import os
 import socket
 import threading
+import time
 from typing import Any, AsyncIterator, Callable, Collection
 
-from .clientcore import (ClientProtocol, FileCore, Notification, Plan, Send, SendData,
-                         SharedBuffer, Wait, call, flags_for)
+from .clientcore import (ClientProtocol, FileCore, Notification, Plan, ReclaimRequest, Send,
+                         SendData, SharedBuffer, Wait, call, flags_for)
 from .protocol import MAX_FRAME, VERSION, ProtocolError
 from .rooterror import SluiceError
 
@@ -144,6 +154,12 @@ class _Base:
                                            step.buf)
         return self.proto.request(step.op, step.args)
 
+    @staticmethod
+    def _reclaim_done_args(request: ReclaimRequest | int,
+                           released: int | None) -> dict[str, Any]:
+        ticket = request.ticket if isinstance(request, ReclaimRequest) else int(request)
+        return {"ticket": ticket, "released": released}
+
 
 # -- the synchronous client ----------------------------------------------------------------
 
@@ -160,6 +176,11 @@ class Client(_Base):
         self._reader: threading.Thread | None = None
         self._cond = threading.Condition()
         self._callback: Callable[[Notification], None] | None = None
+        #: what each kind of notification is handed to (subscribe, on_reclaim)
+        self._handlers: dict[str, Callable[[Notification], None]] = {}
+        #: requests of two threads (the application's, a callback in the reader's)
+        #: must not interleave their frames
+        self._send_lock = threading.Lock()
         try:
             self.sock.connect(sock_path)
             self._check_hello(self.call("hello", version=VERSION))
@@ -194,11 +215,16 @@ class Client(_Base):
                 if isinstance(step, Wait):
                     value = self._wait(step.rid)
                 else:
-                    rid, data = self._encode(step)
-                    self._sendall(data)
-                    value = rid
+                    value = self._send_step(step)
             except (SluiceError, OSError) as e:
                 exc = e
+
+    def _send_step(self, step: Send | SendData) -> int:
+        """Encode and send one request; its request id."""
+        with self._send_lock:
+            rid, data = self._encode(step)
+            self._sendall(data)
+        return rid
 
     def _sendall(self, data: bytes) -> None:
         try:
@@ -213,6 +239,11 @@ class Client(_Base):
         if self._reader is None:
             while not proto.has_reply(rid):
                 self._recv_once()
+        elif threading.current_thread() is self._reader:
+            # A callback's own request (advise from on_reclaim): the reader thread is
+            # here, so it reads for itself; notifications wait for the callback's end.
+            while not proto.has_reply(rid):
+                self._pump()
         else:
             with self._cond:
                 while not proto.has_reply(rid):
@@ -229,27 +260,34 @@ class Client(_Base):
         else:
             data = self.sock.recv(RECV_BYTES)
         n = self.proto.receive(data)
-        if n and self._callback is not None:
+        if n and (self._handlers or self._callback is not None):
             self._deliver()
         return n
+
+    def _pump(self) -> int:
+        """The reader thread's one read: into the protocol, under the lock, waking the
+        callers waiting for replies. Returns the notifications it brought (0 and the
+        protocol closed at the end of the stream)."""
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except OSError:
+            data = b""
+        with self._cond:
+            try:
+                n = self.proto.receive(data)
+            except ProtocolError as exc:
+                self.proto.failure = exc
+                self.proto.closed = True
+                n = 0
+            self._cond.notify_all()
+        return n if not self.proto.closed else 0
 
     def _read_loop(self) -> None:
         """The reader thread: read, hand replies to the waiting caller, run callbacks."""
         try:
             while not self.proto.closed:
-                try:
-                    data = self.sock.recv(RECV_BYTES)
-                except OSError:
-                    data = b""
-                with self._cond:
-                    try:
-                        n = self.proto.receive(data)
-                    except ProtocolError as exc:
-                        self.proto.failure = exc
-                        self.proto.closed = True
-                        n = 0
-                    self._cond.notify_all()
-                if n:
+                self._pump()
+                if self.proto.notifications:
                     self._deliver()
         finally:
             with self._cond:
@@ -257,9 +295,9 @@ class Client(_Base):
                 self._cond.notify_all()
 
     def _deliver(self) -> None:
-        cb = self._callback
         while self.proto.notifications:
             note = self.proto.notifications.popleft()
+            cb = self._handlers.get(note.kind, self._callback)
             if cb is None:
                 continue
             try:
@@ -277,10 +315,41 @@ class Client(_Base):
 
     def subscribe(self, kinds: Collection[str], callback: Callable[[Notification], None]) -> None:
         """Receive the notifications of `kinds` the server pushes to this connection:
-        `callback(note)` runs in a background reader thread as each arrives."""
+        `callback(note)` runs in a background reader thread as each arrives. Replaces
+        an earlier `subscribe`; an `on_reclaim` callback stays unless `kinds` names
+        "reclaim"."""
         self._callback = callback
-        self.call("subscribe", kinds=sorted(kinds))
-        if self._reader is None:
+        keep = {k: h for k, h in self._handlers.items() if k == "reclaim" and k not in kinds}
+        self._handlers = {**{k: callback for k in kinds}, **keep}
+        self._subscribe()
+
+    def on_reclaim(self, callback: Callable[[ReclaimRequest], None] | None) -> None:
+        """Call `callback(request)` whenever the pager asks this client's principal to
+        release `request.frames` cache frames within `request.within` seconds (None:
+        stop). It runs in the background reader thread, on time even while the
+        application computes; it should answer quickly — `file.advise(...,
+        dontneed=True)` of the ranges it gives up, then `reclaim_done(request)` —
+        and leave data reads and writes to the application's thread. What is not
+        released by the deadline the pager takes by policy."""
+        if callback is None:
+            self._handlers.pop("reclaim", None)
+        else:
+            def handle(note: Notification) -> None:
+                callback(ReclaimRequest.from_note(note, time.monotonic()))
+            self._handlers["reclaim"] = handle
+        self._subscribe()
+
+    def reclaim_done(self, request: ReclaimRequest | int, released: int | None = None) -> bool:
+        """Tell the pager this client released what it will for `request` (or its
+        ticket): the pager settles it now, taking what is missing by policy, rather
+        than at the deadline. `released` is the client's own count, for the log.
+        Returns whether the request was still pending."""
+        reply = self.call("reclaim_done", **self._reclaim_done_args(request, released))
+        return bool(reply.get("pending"))
+
+    def _subscribe(self) -> None:
+        self.call("subscribe", kinds=sorted(self._handlers))
+        if self._reader is None and self._handlers:
             self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                             name="sluice-client-reader")
             self._reader.start()
@@ -371,8 +440,7 @@ class File:
         small = self.core.small_read(len(mv), offset)
         if small is not None:  # the plan's first step, without the plan (4 KiB reads)
             c = self.client
-            rid, data = c._encode(small)
-            c._sendall(data)
+            rid = c._send_step(small)
             return self.core.small_read_done(mv, offset, c._wait(rid).n)
         n: int = self.client.run(self.core.readinto_plan(mv, offset))
         return n
@@ -572,6 +640,31 @@ class AsyncClient(_Base):
                 await self._read_some()
             yield self.proto.notifications.popleft()
 
+    def reclaims(self) -> ReclaimStream:
+        """The pager's reclaim requests for this client's principal, as an async
+        iterator: each asks to release `req.frames` frames within `req.within`
+        seconds. Answer with `advise(..., dontneed=True)` of the ranges given up and,
+        optionally, `await client.reclaim_done(req)`.
+
+            async with client.reclaims() as requests:   # subscribed from here on
+                ...                                     # (read the working set)
+                async for req in requests:
+                    await f.advise(..., dontneed=True)
+                    await client.reclaim_done(req)
+
+        `async for req in client.reclaims()` alone subscribes when the loop starts.
+        This replaces the connection's other subscriptions (`notifications`); leaving
+        the `async with` unsubscribes. Requests arrive while some task of this client
+        waits on the socket (the iterator, or a reply): a task that computes without
+        a checkpoint delays them, as it delays everything in trio."""
+        return ReclaimStream(self)
+
+    async def reclaim_done(self, request: ReclaimRequest | int,
+                           released: int | None = None) -> bool:
+        """As Client.reclaim_done."""
+        reply = await self.call("reclaim_done", **self._reclaim_done_args(request, released))
+        return bool(reply.get("pending"))
+
     async def open(self, path: str | os.PathLike[str], mode: str = "r", *,
                    perms: int = 0o644, read_ahead: bool = True) -> AsyncFile:
         res = await self.call("open", path=self._relpath(path), flags=flags_for(mode),
@@ -590,6 +683,47 @@ class AsyncClient(_Base):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class ReclaimStream:
+    """`AsyncClient.reclaims()`: an async iterator of ReclaimRequest, and an async
+    context manager that subscribes on entry and unsubscribes on exit."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._subscribed = False
+
+    async def _subscribe(self) -> None:
+        if not self._subscribed:
+            await self._client.call("subscribe", kinds=["reclaim"])
+            self._subscribed = True
+
+    async def __aenter__(self) -> ReclaimStream:
+        await self._subscribe()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._subscribed and not self._client.proto.closed:
+            self._subscribed = False
+            try:
+                await self._client.call("subscribe", kinds=[])
+            except (SluiceError, OSError):
+                pass  # the connection is gone: so is the subscription
+
+    def __aiter__(self) -> ReclaimStream:
+        return self
+
+    async def __anext__(self) -> ReclaimRequest:
+        await self._subscribe()
+        c = self._client
+        while True:
+            while not c.proto.notifications:
+                if c.proto.closed:
+                    raise StopAsyncIteration
+                await c._read_some()
+            note = c.proto.notifications.popleft()
+            if note.kind == "reclaim":
+                return ReclaimRequest.from_note(note, time.monotonic())
 
 
 class AsyncFile:

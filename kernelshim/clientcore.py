@@ -31,7 +31,7 @@ from typing import Any, Generator, Union
 
 from . import errors as _errors
 from .protocol import (_DATA_OK_FRAME, APPEND, DATA_OK, ERROR, OK, PUSH, READ, REQUEST, VERSION,
-                       WRITE, DataReply,
+                       WRITE, DataReply, brief,
                        DataRequest, Decoder, Message, ProtocolError, ReplyTooLarge, encode,
                        encode_data)
 from .rooterror import SluiceError
@@ -96,6 +96,30 @@ class Notification:
     kind: str
     payload: dict[str, Any]
     seq: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReclaimRequest:
+    """A "reclaim" notification: the pager asks this client's principal to release
+    `frames` cache frames within `within` seconds of when the daemon sent it
+    (`deadline`: the same moment on this process's `time.monotonic()` clock, reckoned
+    from when the notification was read). Answer with `advise(..., dontneed=True)` of
+    ranges of your choice and, optionally, `reclaim_done(request)`."""
+
+    ticket: int
+    frames: int
+    within: float
+    deadline: float
+
+    @classmethod
+    def from_note(cls, note: Notification, now: float) -> ReclaimRequest:
+        """The request a "reclaim" notification carries, read at `now` (monotonic)."""
+        p = note.payload
+        ticket, frames, within = p.get("ticket"), p.get("frames"), p.get("within")
+        if not (isinstance(ticket, int) and isinstance(frames, int)
+                and isinstance(within, (int, float)) and not isinstance(within, bool)):
+            raise ProtocolError(f"malformed reclaim notification {brief(p)}")
+        return cls(ticket, frames, float(within), now + float(within))
 
 
 class ClientProtocol:

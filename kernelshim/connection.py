@@ -18,6 +18,8 @@ from typing import Callable
 
 import trio
 
+from pager import ReclaimSubscription
+
 from .grants import Grant
 from .kernel import Kernel
 from .principals import Principal, PrincipalTable
@@ -100,6 +102,8 @@ class Connection:
     #: the wait the reader is in (cancelled to close the connection)
     wait_scope: trio.CancelScope | None = None
     nursery: trio.Nursery | None = None
+    #: the pager subscription pushing "reclaim" to this connection (while subscribed)
+    reclaim: ReclaimSubscription | None = None
 
     def doom(self, reason: str) -> None:
         if self.doomed is None:

@@ -98,6 +98,8 @@ class FileOps(ServerBase):
             raise ProtocolError(f"argument 'kinds' must list notification kinds of "
                                 f"{sorted(PUSH_KINDS)}")
         conn.subscribed = frozenset(kinds)
+        # (un)register with the pager as "reclaim" is in the set or not (PagerOps)
+        self._watch_reclaim(conn)  # type: ignore[attr-defined]
         return {"kinds": sorted(conn.subscribed)}
 
     async def _op_attach(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:

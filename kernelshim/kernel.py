@@ -21,6 +21,7 @@ caller's business (the metadata server, later the principal banks), not the kern
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
 |                               | for discardable)    |                                         |
 | set_file_hints / forget_file  | (trusted caller)    | —                                       |
+| on_reclaim / answer_reclaim   | (trusted caller)    | —                                       |
 | start_trace / stop_trace      | (trusted caller)    | —                                       |
 
 Every pager request names the file and file block it is for (`file=grant.inode`,
@@ -44,13 +45,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 import trio
 
 from blockdev import (BankTree, BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog,
                       SluiceError)
-from pager import Pager
+from pager import Pager, ReclaimSubscription
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
 from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap
@@ -509,6 +510,25 @@ class Kernel:
     def forget_file(self, inode: int) -> None:
         """The file is gone (its last name and handle): the pager drops its hints."""
         self.pager.forget_file(inode)
+
+    def on_reclaim(self, principal: PrincipalId,
+                   callback: Callable[[int, int, float], object]) -> ReclaimSubscription:
+        """Subscribe `callback(ticket, nframes, seconds_left)` to the pager's requests
+        that `principal` release frames; `cancel()` the handle to stop. The callback
+        must not block (it runs in the pager's reclaim task). Answered by the
+        principal's dontneed advice and `answer_reclaim(principal, ticket)`."""
+        pager = self.pager
+
+        def asked(nframes: int, deadline: float) -> None:
+            req = pager.pending_reclaim(principal)
+            callback(req[0] if req else 0, nframes,
+                     max(0.0, deadline - trio.current_time()))
+
+        return pager.on_reclaim(principal, asked)
+
+    def answer_reclaim(self, principal: PrincipalId, ticket: int, released: int = 0) -> bool:
+        """`principal` is done with reclaim request `ticket` (False: not pending)."""
+        return self.pager.answer_reclaim(principal, released, ticket=ticket)
 
     def start_trace(self, sink) -> None:
         """Have the pager log every block access into `sink` (a binary file; the

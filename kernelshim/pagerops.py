@@ -1,15 +1,28 @@
 """The shim server's pager operations, mixed into ShimServer: hints for ranges of a
-file (`advise`) and recording the pager's access trace (`trace_start`, `trace_stop`).
+file (`advise`), cooperative reclaim (`subscribe` to "reclaim", `reclaim_done`) and
+recording the pager's access trace (`trace_start`, `trace_stop`).
 
 | op                                  | requires                      | errors               |
 |-------------------------------------|-------------------------------|----------------------|
 | advise {slot, offset, length, priority?, discardable?, willneed?, dontneed?} | READ on the slot's grant; WRITE with `discardable` | GrantRevoked, RightsError, BadSlot |
+| reclaim_done {ticket, released?}    | - (answers the connection's own principal's request) | ProtocolError |
 | trace_start {}                      | root, or the daemon's uid (the volume's owner) | NotAllowed, TraceBusy |
 | trace_stop {}                       | the connection that started it | NotAllowed           |
 
 `advise` hands the range, mapped to device blocks through the grant, to the pager for
 the connection's principal (Kernel.advise). `discardable` needs WRITE: it lets the
-pager drop the range's data without writing it back.
+pager drop the range's data without writing it back. Priority, discardable and
+dontneed act only on frames charged to that principal (pager.Pager.advise): a tenant
+that may read a shared file cannot drop or reorder another tenant's cached pages.
+
+Reclaim: a connection subscribed to "reclaim" (`subscribe {kinds}`) holds one pager
+subscription for its principal (Kernel.on_reclaim), cancelled when it unsubscribes
+or closes. Each request of the pager is pushed as
+`{"kind": "reclaim", "ticket": T, "frames": N, "within": SECONDS}` (docs/dev/protocol.md,
+"Reclaim"). The client answers by `advise ... dontneed` of ranges it chooses (the
+pager counts the frames its principal drops) and, optionally, `reclaim_done {ticket}`
+to have the request settled now; the reply says whether that ticket was still
+pending. Neither is required: at the deadline the pager takes what is missing.
 
 A trace goes into an unlinked temporary file of the daemon's, at most MAX_TRACE_BYTES
 (past that the rest is dropped, whole writes at a time, and the reply says
@@ -21,6 +34,7 @@ discarded, when that connection closes.
 from __future__ import annotations
 
 import errno as _errno
+import logging
 import os
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -34,6 +48,8 @@ from .protocol import ProtocolError, arg_int
 
 if TYPE_CHECKING:
     from .connection import Connection
+
+log = logging.getLogger(__name__)
 
 #: bytes of pager trace one `trace_start` may record: the daemon's disk is not the
 #: tracer's to fill
@@ -99,6 +115,42 @@ class PagerOps:
                                  willneed=bool(flags["willneed"]),
                                  dontneed=bool(flags["dontneed"]))
         return {}
+
+    # -- cooperative reclaim -------------------------------------------------------
+
+    def _watch_reclaim(self, conn: Connection) -> None:
+        """Register with the pager or unregister, as `conn`'s subscriptions now say."""
+        want = "reclaim" in conn.subscribed
+        if want and conn.reclaim is None:
+            pid = conn.principal.id
+
+            def asked(ticket: int, nframes: int, within: float) -> None:
+                # In the pager's task: must not block, and no failure may reach it.
+                try:
+                    self.push_to((conn,), "reclaim",  # type: ignore[attr-defined]
+                                 {"ticket": ticket, "frames": nframes,
+                                  "within": round(within, 6)})
+                except Exception:  # noqa: BLE001
+                    log.exception("pushing a reclaim request to pid %d failed",
+                                  conn.creds.pid)
+
+            conn.reclaim = self.kernel.on_reclaim(pid, asked)
+        elif not want and conn.reclaim is not None:
+            conn.reclaim.cancel()
+            conn.reclaim = None
+
+    def _release_reclaim(self, conn: Connection) -> None:
+        """`conn` is closing: its reclaim subscription ends (a request pending for its
+        principal is settled at its deadline, as for a client that never answers)."""
+        if conn.reclaim is not None:
+            conn.reclaim.cancel()
+            conn.reclaim = None
+
+    async def _op_reclaim_done(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        ticket = arg_int(p, "ticket")
+        released = arg_int(p, "released") if p.get("released") is not None else 0
+        pending = self.kernel.answer_reclaim(conn.principal.id, ticket, released)
+        return {"pending": pending}
 
     async def _op_trace_start(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         # Every tenant's accesses are in it: root's, or the volume owner's, to ask for.

@@ -19,6 +19,7 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 |------------------|--------|-------------------------------------------------------|
 | hello            | -      | -                                                     |
 | subscribe {kinds}| -      | ProtocolError (unknown kind)                          |
+| reclaim_done {ticket, released?} | - | ProtocolError (pagerops.py)              |
 | attach {size}    | -      | ProtocolError (size), TooManyObjects (shm bank)       |
 | open {path, flags, mode} | checked by the metadata server as the kernel would (O_CREAT, O_EXCL, O_TRUNC as through the mount) | NotFound, Exists, PermissionDenied, TooManyObjects, ... |
 | read {slot, offset, length, buf}   | READ  | GrantRevoked, RightsError, ChecksumError |
@@ -39,7 +40,8 @@ checks, same errors); their JSON form is kept for tools and tests.
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
 
-`advise`, `trace_start` and `trace_stop` are the pager's (pagerops.py).
+`advise`, `reclaim_done`, `trace_start` and `trace_stop` are the pager's (pagerops.py),
+and so is what subscribing to "reclaim" does (a pager subscription per connection).
 
 `append` writes the buffer range at the end of the file and commits it under the
 inode's lock, as the kernel's O_APPEND writes through the mount do: concurrent
@@ -528,6 +530,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         """A connection ended: its trace (if it records one) and then its slots and
         shared buffer."""
         self._release_trace(conn)
+        self._release_reclaim(conn)
         await FileOps._release_all(self, conn)
 
 

@@ -47,10 +47,18 @@ Only `writeback_file` (an explicit fsync of that file) writes them.
 Cooperative reclaim (`principal`, `hinted`): `run()` keeps a reserve of free frames.
 When it runs low, or a principal is over its ceiling, each principal over its share
 is asked to release N frames by a deadline if it has subscribers (`on_reclaim`), and
-reclaimed by policy at once otherwise. At the deadline (or at `answer_reclaim`) the
-pager measures what was released and takes the rest by policy; meanwhile direct
+reclaimed by policy at once otherwise. The deadline is `reclaim_grace` (2 s) after
+the request: room for a client's callback and a round trip on a busy host. When the
+principal has dropped the frames itself (dontneed), or a subscriber says it is done
+(`answer_reclaim`), or at the deadline, the pager settles the request — answered or
+missed — and takes what is still above the target by policy; meanwhile direct
 reclaim prefers other principals, but falls back to them rather than wait, so a
 client that never answers never stalls anyone.
+
+Hints act on the advising principal's own frames: `advise` (priority, discardable,
+dontneed) never changes or drops a frame charged to another principal, even of a
+block both read; a file's own hints (`set_file_hints`, its xattrs) apply to all of
+its frames.
 
 Hot per-frame state is read and written through memoryviews of the numpy arrays
 (`_state_m` for `_state`, ...): a Python-level scalar access to a memoryview costs a
@@ -87,7 +95,8 @@ log = logging.getLogger(__name__)
 
 FrameNo = NewType("FrameNo", int)
 
-#: range hints (advise priority/discardable) kept per file; older ones are forgotten
+#: range hints (advise priority/discardable) kept per file and principal; older ones
+#: are forgotten
 MAX_RANGE_HINTS = 64
 
 class _Acct:
@@ -122,13 +131,20 @@ class ReclaimSubscription:
 
 
 class _Request:
-    __slots__ = ("nframes", "target", "deadline", "answered")
+    """A reclaim request pending for one principal: release `nframes` (down to
+    `target` resident) by `deadline`. `ticket` names it to the subscribers; `released`
+    counts the frames the principal dropped itself (dontneed) since it was sent;
+    `answered` is set when a subscriber says it is done."""
 
-    def __init__(self, nframes: int, target: int, deadline: float) -> None:
+    __slots__ = ("ticket", "nframes", "target", "deadline", "answered", "released")
+
+    def __init__(self, ticket: int, nframes: int, target: int, deadline: float) -> None:
+        self.ticket = ticket
         self.nframes = nframes
         self.target = target
         self.deadline = deadline
         self.answered = False
+        self.released = 0
 
 
 class Pager:
@@ -137,7 +153,7 @@ class Pager:
     def __init__(self, device: BlockDevice, *, nframes: int, policy: str = "hinted",
                  writeback: bool = False, dirty_ratio: float = 0.5,
                  dirty_expire: float = 5.0, writeback_interval: float = 1.0,
-                 reclaim_grace: float = 0.5, readahead: int = 16,
+                 reclaim_grace: float = 2.0, readahead: int = 16,
                  on_discarded: Callable[[int], object] | None = None) -> None:
         if policy not in POLICIES:
             raise UnknownPolicy(f"unknown pager policy {policy!r} "
@@ -218,12 +234,16 @@ class Pager:
         self._min: dict[int, int] = {}
         self._max: dict[int, int] = {}
         self._parent: dict[int, int | None] = {}
-        # hints: file -> (priority, discardable, sequential); ranges per file
+        # hints: file -> (priority, discardable, sequential); ranges per file, each
+        # (first, end, priority, discardable, principal): a range hint applies only to
+        # frames charged to the principal that gave it (see `advise`)
         self._hints: dict[int, tuple[int, bool, bool]] = {}
-        self._range_hints: dict[int, list[tuple[int, int, int | None, bool | None]]] = {}
+        self._range_hints: dict[int, list[tuple[int, int, int | None, bool | None, int]]] = {}
         # cooperative reclaim
         self._subs: dict[int, list[ReclaimSubscription]] = {}
         self._requests: dict[int, _Request] = {}
+        #: the last reclaim request's ticket
+        self._tickets = 0
         self._wakeup: trio.Event | None = None
         self.low_watermark = max(1, n // 32)
         self.high_watermark = max(2, n // 16)
@@ -348,10 +368,12 @@ class Pager:
         q = self._queue(int(self._owner_m[f]), self._class_of(f) if cls is None else cls)
         q.push(f, visited=visited)
 
-    def _hints_for(self, file: int, fblock: int) -> tuple[int, bool, bool]:
+    def _hints_for(self, file: int, fblock: int, owner: int) -> tuple[int, bool, bool]:
+        """The hints of a frame of `file` at `fblock` charged to `owner`: the file's
+        own (its xattrs), then the range hints `owner` gave, latest last."""
         prio, disc, seq = self._hints.get(file, (0, False, False))
-        for f0, f1, rp, rd in self._range_hints.get(file, ()):
-            if f0 <= fblock < f1:
+        for f0, f1, rp, rd, rq in self._range_hints.get(file, ()):
+            if f0 <= fblock < f1 and rq == owner:
                 if rp is not None:
                     prio = rp
                 if rd is not None:
@@ -371,7 +393,7 @@ class Pager:
         self._pf_m[f] = False
         self._gen_m[f] += 1
         if file and (file in self._hints or file in self._range_hints):
-            prio, disc, _ = self._hints_for(file, fblock)
+            prio, disc, _ = self._hints_for(file, fblock, p)
             self._prio_m[f] = prio
             self._disc_m[f] = disc
         else:
@@ -1027,7 +1049,7 @@ class Pager:
             self._file_m[f] = file
             self._fblock_m[f] = fblock
             if self._hinted:
-                prio, disc, _ = self._hints_for(file, fblock)
+                prio, disc, _ = self._hints_for(file, fblock, int(self._owner_m[f]))
                 if prio != self._prio_m[f] or disc != self._disc_m[f]:
                     self._prio_m[f] = prio
                     self._disc_m[f] = disc
@@ -1105,7 +1127,8 @@ class Pager:
 
     def _rehint(self, frames: np.ndarray) -> None:
         for f in frames.tolist():
-            prio, disc, _ = self._hints_for(int(self._file_m[f]), int(self._fblock_m[f]))
+            prio, disc, _ = self._hints_for(int(self._file_m[f]), int(self._fblock_m[f]),
+                                            int(self._owner_m[f]))
             if prio != self._prio_m[f] or disc != self._disc_m[f]:
                 self._prio_m[f] = prio
                 self._disc_m[f] = disc
@@ -1129,7 +1152,17 @@ class Pager:
         priority/discardable stick to the range; willneed reads it in (charged to
         `principal`); dontneed drops its frames now (dirty ones written back first,
         discardable dirty ones dropped and the file reported). Only `hinted` acts on
-        them; the other policies record and ignore them."""
+        them; the other policies record and ignore them.
+
+        A tenant acts on its own pages only: priority, discardable and dontneed touch
+        the frames charged to `principal` (now, and those it brings in later), never
+        another principal's frames of the same blocks — a shared block is charged to
+        the first principal that brought it in, and only that one's hints move it.
+        (Several tenants may read one file; one of them must not be able to drop or
+        reorder the others' cached pages.) willneed charges what it reads in to
+        `principal` and leaves blocks resident for others as they are. A file's own
+        hints (`set_file_hints`, from its xattrs, set by a writer) apply to every
+        frame of the file."""
         if self._tw is not None:
             flags = ((tr.F_WILLNEED if willneed else 0) | (tr.F_DONTNEED if dontneed else 0)
                      | (tr.F_SET_PRIORITY if priority is not None else 0)
@@ -1139,16 +1172,22 @@ class Pager:
                 self._tw.add(trio.current_time(), int(principal), n, file, fb, db,
                              tr.ADVISE, flags, priority or 0)
         if priority is not None or discardable is not None:
+            p = int(principal)
             rh = self._range_hints.setdefault(file, [])
             for fb, _db, n in runs:
-                rh.append((fb, fb + n, priority, discardable))
-            if len(rh) > MAX_RANGE_HINTS:  # bounded: the oldest ranges are forgotten
-                del rh[:len(rh) - MAX_RANGE_HINTS]
+                rh.append((fb, fb + n, priority, discardable, p))
+            mine = [i for i, h in enumerate(rh) if h[4] == p]
+            if len(mine) > MAX_RANGE_HINTS:
+                # bounded per principal: its own oldest ranges are forgotten (never
+                # another's, which a tenant could otherwise flush with its own)
+                drop = set(mine[:len(mine) - MAX_RANGE_HINTS])
+                rh[:] = [h for i, h in enumerate(rh) if i not in drop]
             frames = []
+            owner = self._owner_m
             for fb, db, n in runs:
                 for k in range(n):
                     f = self._where.get(db + k)
-                    if f is not None:
+                    if f is not None and owner[f] == p:
                         self._retag_hint(f, file, fb + k)
                         frames.append(f)
             self._rehint(np.array(frames, dtype=np.int64))
@@ -1160,52 +1199,91 @@ class Pager:
                 await self._prefetch(db, n, p, file, fb)
         if dontneed:
             for fb, db, n in runs:
-                await self._drop_range(db, n)
+                await self._drop_range(db, n, p)
             self._poke()
 
     def _retag_hint(self, f: int, file: int, fblock: int) -> None:
         self._file_m[f] = file
         self._fblock_m[f] = fblock
 
-    async def _drop_range(self, block: int, count: int) -> None:
-        """dontneed: drop the range's frames now. A dirty discardable frame takes its
-        whole file's dirty frames with it (the file is lost as a whole, and reported);
-        other dirty frames are written back first."""
+    async def _drop_range(self, block: int, count: int, p: int) -> None:
+        """dontneed: drop the range's frames charged to `p` now (frames charged to
+        other principals stay). A dirty discardable frame takes its whole file's dirty
+        discardable frames with it (the file is lost as a whole, and reported); other
+        dirty frames are written back first."""
         where = self._where
+        owner = self._owner_m
         for b in range(block, block + count):
             f = where.get(b)
-            if f is None or not self._evictable(f):
+            if f is None or owner[f] != p or not self._evictable(f):
                 continue
             if self._state_m[f] == DIRTY:
                 if self._disc_m[f]:
-                    self._acct_of(int(self._owner_m[f])).discarded += 1
+                    a = self._acct_of(p)
+                    a.discarded += 1
+                    before = a.resident
                     self._drop_discardable_file(f)
+                    self._released(p, before - a.resident)
                     continue
                 g = int(self._gen_m[f])
                 await self._writeback_frames(self._cluster(f))
-                if self._gen_m[f] != g or not self._evictable(f) or self._state_m[f] != CLEAN:
+                if (self._gen_m[f] != g or not self._evictable(f)
+                        or self._state_m[f] != CLEAN or owner[f] != p):
                     continue
             self._unmap(f)
+            self._released(p, 1)
+
+    def _released(self, p: int, n: int) -> None:
+        """p let n of its frames go by itself (dontneed): counted towards a pending
+        reclaim request."""
+        r = self._requests.get(p)
+        if r is not None:
+            r.released += n
 
     # -- cooperative reclaim ---------------------------------------------------------
 
     def on_reclaim(self, principal: PrincipalId,
                    callback: Callable[[int, float], object]) -> ReclaimSubscription:
         """Subscribe to reclaim requests for `principal`: `callback(nframes, deadline)`
-        means "release nframes by deadline" (trio clock). Answer by dropping frames
-        (advise dontneed, discard) and `answer_reclaim`; what is not released by the
-        deadline is taken by policy."""
+        means "release nframes by deadline" (trio clock; `pending_reclaim` names the
+        request's ticket). The callback must not block: it runs in the pager's
+        reclaim task. Every subscriber of the principal gets the same request, one at
+        a time per principal.
+
+        Answer by dropping frames of the principal (advise dontneed); the request is
+        settled as soon as the principal dropped `nframes` itself, or a subscriber
+        calls `answer_reclaim`, or at the deadline, whichever comes first. Then what
+        is still above the target is taken by policy at once. It counts as
+        `reclaim_answered` if the principal answered (answer_reclaim, or dropped
+        nframes itself) before the deadline, else as `reclaim_missed` — frames that
+        others' direct reclaim took meanwhile do not make a silent client count as
+        answering."""
         sub = ReclaimSubscription(self, principal, callback)
         self._subs.setdefault(int(principal), []).append(sub)
         return sub
 
-    def answer_reclaim(self, principal: PrincipalId, released: int) -> None:
-        """The client says it is done releasing (the pager measures what it really
-        released and takes the rest now rather than at the deadline)."""
+    def pending_reclaim(self, principal: PrincipalId) -> tuple[int, int, float] | None:
+        """The reclaim request pending for `principal`: (ticket, nframes, deadline), or
+        None."""
         r = self._requests.get(int(principal))
-        if r is not None:
-            r.answered = True
-            self._poke()
+        return None if r is None else (r.ticket, r.nframes, r.deadline)
+
+    def answer_reclaim(self, principal: PrincipalId, released: int = 0, *,
+                       ticket: int | None = None) -> bool:
+        """A subscriber says it is done releasing: the request is settled now rather
+        than at the deadline (the pager measures what was really released and takes
+        the rest by policy; `released`, the client's own count, is only logged).
+        With `ticket`, only the request of that ticket is answered (a late answer to
+        an older request answers nothing). Returns whether a request was answered."""
+        r = self._requests.get(int(principal))
+        if r is None or (ticket is not None and ticket != r.ticket):
+            return False
+        log.debug("principal %d answered reclaim request %d (%d frames asked, says %d "
+                  "released, %d dropped)", int(principal), r.ticket, r.nframes, released,
+                  r.released)
+        r.answered = True
+        self._poke()
+        return True
 
     def _poke(self) -> None:
         if self._wakeup is not None:
@@ -1256,7 +1334,9 @@ class Pager:
             subs = self._subs.get(p)
             a = self._acct_of(p)
             if subs:
-                r = self._requests[p] = _Request(n, a.resident - n, now + self.reclaim_grace)
+                self._tickets += 1
+                r = self._requests[p] = _Request(self._tickets, n, a.resident - n,
+                                                 now + self.reclaim_grace)
                 a.sent += 1
                 for s in list(subs):
                     try:
@@ -1269,14 +1349,17 @@ class Pager:
     async def _enforce(self) -> None:
         now = trio.current_time()
         for p, r in list(self._requests.items()):
-            if not r.answered and r.deadline > now:
+            replied = r.answered or r.released >= r.nframes
+            if not replied and r.deadline > now:
                 continue
             del self._requests[p]
             a = self._acct_of(p)
-            if a.resident <= r.target:
+            if replied:
                 a.answered += 1
+            else:
+                a.missed += 1
+            if a.resident <= r.target:
                 continue
-            a.missed += 1
             floor = max(r.target, min(self._min.get(p, 0), a.resident))
             m = self._max.get(p)
             if m is not None and a.resident > m:
@@ -1289,7 +1372,7 @@ class Pager:
             await self._enforce()
             await self._balance()
             deadline = min((r.deadline for r in self._requests.values()), default=math.inf)
-            if any(r.answered for r in self._requests.values()):
+            if any(r.answered or r.released >= r.nframes for r in self._requests.values()):
                 continue
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()

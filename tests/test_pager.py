@@ -660,6 +660,60 @@ async def test_willneed_prefetches_and_dontneed_drops(device: BlockDevice) -> No
     assert q.statistics().frames_used == 0
 
 
+async def test_advise_acts_only_on_the_advising_principals_frames(device: BlockDevice) -> None:
+    """Two tenants read blocks of one file; the frames are charged to whoever brought
+    them in first. P2's dontneed drops its own frames and leaves P1's resident; P2's
+    priority and discardable hints move its own frames only, now and when it brings
+    blocks in later, never P1's (P2 could otherwise push P1's pages out or make them
+    droppable). A file's own hints (set_file_hints, from its xattrs) apply to all."""
+    from pager.cache import CLASS_DISCARDABLE
+    await device.write(0, blk(4, 16), principal=P0)
+    p = Pager(device, nframes=32, policy="hinted", writeback=True)
+    await p.read(0, 8, principal=P1, file=7, fblock=0)    # P1's frames
+    await p.read(8, 4, principal=P2, file=7, fblock=8)    # P2's frames
+    assert p.statistics().resident == {P1: 8, P2: 4}
+    # dontneed of the whole file by P2: only its own four frames go
+    await p.advise(7, [(0, 0, 16)], principal=P2, dontneed=True)
+    assert p.statistics().resident == {P1: 8}
+    assert all(b in p._where for b in range(8))
+    # P2 reads the blocks P1 holds: hits, still charged to P1
+    assert await p.read(0, 8, principal=P2, file=7, fblock=0) == blk(4, 16)[:8 * BS]
+    assert p.statistics().resident == {P1: 8}
+    # P2's priority and discardable ranges do not touch P1's frames ...
+    await p.advise(7, [(0, 0, 16)], principal=P2, priority=-50, discardable=True)
+    assert all(p._prio[p._where[b]] == 0 and not p._disc[p._where[b]] for b in range(8))
+    # ... but apply to the frames P2 brings in (now or later)
+    await p.read(12, 4, principal=P2, file=7, fblock=12)
+    assert all(p._disc[p._where[b]] for b in range(12, 16))
+    # nor do they apply to P1's frames of that range brought in later
+    await p.read(8, 4, principal=P1, file=7, fblock=8)
+    assert all(not p._disc[p._where[b]] and p._prio[p._where[b]] == 0 for b in range(8, 12))
+    # P1's own hints move its own frames
+    await p.advise(7, [(0, 0, 4)], principal=P1, priority=9)
+    assert [int(p._prio[p._where[b]]) for b in range(6)] == [9, 9, 9, 9, 0, 0]
+    # a dirty frame charged to P1 is not written back or dropped by P2's dontneed
+    await p.write(2, blk(9), principal=P1, file=7, fblock=2)
+    await p.advise(7, [(2, 2, 1)], principal=P2, dontneed=True)
+    assert 2 in p._where and p.statistics().per_principal[P1].writeback_bytes == 0
+    # P2's many ranges push out only its own oldest ones, never P1's
+    from pager.pool import MAX_RANGE_HINTS
+    for k in range(MAX_RANGE_HINTS + 5):
+        await p.advise(7, [(k % 16, k % 16, 1)], principal=P2, priority=k % 7)
+    rh = p._range_hints[7]
+    assert sum(h[4] == 2 for h in rh) == MAX_RANGE_HINTS
+    assert [h[:4] for h in rh if h[4] == 1] == [(0, 4, 9, None)]
+    # the file's own hints (a writer's xattrs) apply to every frame, whoever's
+    p.set_file_hints(7, discardable=True)
+    assert all(p._disc[p._where[b]] for b in range(16))
+    assert p._links.qu[p._where[0]] == p._pq[1][CLASS_DISCARDABLE].qid
+    check_invariants(p)
+    # the other policies ignore dontneed altogether; never mind whose frames
+    q = Pager(device, nframes=16, policy="principal")
+    await q.read(0, 4, principal=P1, file=7)
+    await q.advise(7, [(0, 0, 4)], principal=P1, dontneed=True)
+    assert q.statistics().resident == {P1: 4}
+
+
 async def test_sequential_reads_ahead_and_drops_behind(device: BlockDevice) -> None:
     await device.write(0, blk(5, 64), principal=P0)
     p = Pager(device, nframes=16, policy="hinted", readahead=4)
@@ -723,6 +777,44 @@ async def test_reclaim_requests_with_a_deadline(device: BlockDevice, autojump_cl
         assert s[P1].frames == 4 and s[P2].frames == 4
         h1.cancel()
         assert P1 not in p._subs
+        nursery.cancel_scope.cancel()
+    check_invariants(p)
+
+
+async def test_reclaim_settles_when_released_and_counts_who_answered(
+        device: BlockDevice, autojump_clock) -> None:
+    """A request settles as soon as the principal dropped what was asked (no need to
+    wait for the deadline); an answer naming another ticket answers nothing; and a
+    silent principal whose frames went some other way (here: freed) still counts as
+    missed, with nothing more taken from it."""
+    p = Pager(device, nframes=32, policy="hinted", reclaim_grace=5.0)
+    asked: dict[int, list] = {1: [], 2: []}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        p.on_reclaim(P1, lambda n, d: asked[1].append((n, d)))
+        p.on_reclaim(P2, lambda n, d: asked[2].append((n, d)))
+        await p.read(0, 8, principal=P1, file=1)
+        await p.read(20, 8, principal=P2, file=2)
+        t0 = trio.current_time()
+        p.configure_banks(banks(p1=(0, 4), p2=(0, 4)))
+        await trio.sleep(0.1)
+        assert asked[1] == [(4, t0 + 5.0)] and asked[2] == [(4, t0 + 5.0)]
+        ticket1, n1, _ = p.pending_reclaim(P1)
+        ticket2, _, _ = p.pending_reclaim(P2)
+        assert n1 == 4 and ticket1 != ticket2
+        assert not p.answer_reclaim(P1, 4, ticket=ticket2)  # not P1's request
+        await p.advise(1, [(0, 0, 4)], principal=P1, dontneed=True)  # its first blocks
+        await trio.sleep(0.1)
+        assert p.pending_reclaim(P1) is None and trio.current_time() < t0 + 1
+        s = p.statistics().per_principal
+        assert (s[P1].reclaim_sent, s[P1].reclaim_answered, s[P1].reclaim_missed) == (1, 1, 0)
+        assert s[P1].frames == 4 and all(b in p._where for b in range(4, 8))
+        assert not p.answer_reclaim(P1, 0, ticket=ticket1)  # settled already
+        await p.discard(20, 4, principal=P0)  # P2's frames go, but not by P2's doing
+        await trio.sleep(6.0)
+        s = p.statistics().per_principal
+        assert (s[P2].reclaim_sent, s[P2].reclaim_answered, s[P2].reclaim_missed) == (1, 0, 1)
+        assert s[P2].frames == 4 and s[P2].evictions == 0
         nursery.cancel_scope.cancel()
     check_invariants(p)
 
@@ -799,6 +891,7 @@ async def test_a_client_that_never_answers_stalls_nobody(device: BlockDevice,
     needs frames gets them at once (from the silent one's, if nobody else has any),
     and the silent principal is held to its ceiling at the deadline."""
     p = Pager(device, nframes=16, policy="hinted", reclaim_grace=10.0)
+    p.low_watermark = 0  # no free reserve: the full pool alone asks for nothing
     asked: list[tuple[int, float]] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(p.run)
