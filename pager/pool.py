@@ -818,6 +818,41 @@ class Pager:
                              file=file, fblock=fblock)
         return out
 
+    async def _read_stream(self, block: BlockNo, count: int, view: memoryview,
+                           principal: PrincipalId) -> None:
+        """A large read that does not go through the pool (it would push out the small,
+        hot blocks the pool is for): resident blocks are copied from their frames, the
+        runs of the others read from the device, uncached. Frames are never older than
+        the device (dirty, under write-back, or written through), so after each device
+        read, with no checkpoint in between, frames that became resident meanwhile are
+        laid over what the device returned."""
+        bs = self.block_size
+        where = self._where
+        mem = self._mem
+        state = self._state_m
+        missing: list[int] = []
+        for i in range(count):
+            f = where.get(block + i) if where else None
+            if f is None or state[f] == FILLING:
+                missing.append(i)
+            else:
+                view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+        self.bypassed += len(missing)
+        j = 0
+        while j < len(missing):
+            k = j
+            while k + 1 < len(missing) and missing[k + 1] == missing[k] + 1:
+                k += 1
+            first, n = missing[j], k - j + 1
+            await self.device.read_into(BlockNo(block + first), n,
+                                        view[first * bs:(first + n) * bs], principal=principal)
+            if where:
+                for i in range(first, first + n):
+                    f = where.get(block + i)
+                    if f is not None and state[f] != FILLING:
+                        view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+            j = k + 1
+
     async def read_into(self, block: BlockNo, count: int, view: memoryview, *,
                         principal: PrincipalId, file: int = 0, fblock: int = 0) -> None:
         """Put the contents of `count` blocks from `block` into `view`."""
@@ -826,18 +861,7 @@ class Pager:
         bs = self.block_size
         p = int(principal)
         if count > BYPASS_BLOCKS and not self._global:
-            self.bypassed += count
-            await self.device.read_into(block, count, view, principal=principal)
-            # no checkpoint since the device read: resident frames are at least as new
-            # (dirty, under write-back, or written through just now)
-            where = self._where
-            if where:
-                mem = self._mem
-                state = self._state_m
-                for i in range(count):
-                    f = where.get(block + i)
-                    if f is not None and state[f] != FILLING:
-                        view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+            await self._read_stream(block, count, view, principal)
             return
         self._tick += count
         if file and (file in self._hints or file in self._range_hints):
