@@ -305,6 +305,7 @@ class ShimServer(FileOps, AdminOps):
                                   "within %g s", conn.creds.pid, conn.creds.uid,
                                   self.handshake_seconds)
                     return
+                self._last_yield = trio.current_time()  # waiting gave the loop back
                 continue
             except OSError:
                 return
@@ -323,11 +324,12 @@ class ShimServer(FileOps, AdminOps):
                 deadline = math.inf
             for m in msgs:
                 await self._handle(conn, m)
-            # A client that keeps the socket full never makes the reader wait: give the
-            # loop back now and then (a clock read here; the FUSE queue probe, a system
-            # call, only once that is due).
-            if trio.current_time() - self._last_yield >= HOG_SECONDS:
-                await self._yield_if_hogging()
+                # A client that keeps the socket full never makes the reader wait, and
+                # one read may bring thousands of requests: give the loop back now and
+                # then (a clock read here; the FUSE queue probe, a system call, only
+                # once that is due).
+                if trio.current_time() - self._last_yield >= HOG_SECONDS:
+                    await self._yield_if_hogging()
 
     # -- sending -------------------------------------------------------------------------
 
