@@ -289,3 +289,17 @@ assert GrantRevoked is kernelshim.errors.GrantRevoked
         assert heavy == []
     else:
         assert "numpy" in heavy  # the check itself sees them when they are there
+
+
+def test_a_client_newer_than_its_daemon_says_so() -> None:
+    """The answer of a version 1 daemon (an ERROR frame of version 1) makes the client
+    raise a ProtocolError that names the cause, not a decoding error."""
+    from kernelshim.clientcore import ClientProtocol
+    from kernelshim.protocol import ERROR, ProtocolError
+    p = ClientProtocol()
+    p.request("hello", {})
+    old = encode(ERROR, 0, {"error": "ProtocolError", "errno": 71,
+                            "message": "protocol version 2 not supported (this is 1)"},
+                 version=1)
+    with pytest.raises(ProtocolError, match="daemon is older than the library"):
+        p.receive(old)
