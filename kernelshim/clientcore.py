@@ -448,8 +448,10 @@ class FileCore:
         if not total:
             return 0
         sequential = pos == st.next_use and self.read_ahead
-        if st.pieces and not sequential:
+        if st.pieces and not (sequential and st.pieces[0].off <= pos
+                              < st.pieces[0].off + st.pieces[0].length):
             yield from self._drop_stream()
+            sequential = False
         if not st.pieces:
             st.start(pos, total, len(self.shm), sequential)
         end = pos + total
@@ -519,6 +521,7 @@ class FileCore:
     def _drop_stream(self) -> Plan:
         """Forget the read-ahead: wait for the pieces still in flight."""
         st = self._stream
+        st.next_use = -1  # first: a drop cut short leaves no sequential stream behind
         while st.pieces:
             p = st.pieces.popleft()
             if p.got is None:
@@ -526,7 +529,6 @@ class FileCore:
                     yield Wait(p.rid)
                 except (SluiceError, OSError):
                     pass
-        st.next_use = -1
 
     # -- writing ---------------------------------------------------------------------
 

@@ -24,9 +24,6 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | read {slot, offset, length, buf}   | READ  | GrantRevoked, RightsError, ChecksumError |
 | write {slot, offset, length, buf}  | WRITE | GrantRevoked, RightsError, NotAllocated  |
 | append {slot, length, buf}         | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
-
-read, write and append normally travel as binary DATA frames (same arguments, same
-checks, same errors); their JSON form is kept for tools and tests.
 | layout_get {slot, offset, length}  | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
 | commit {slot, offset, length}      | WRITE | GrantRevoked                             |
 | truncate {slot, size}              | WRITE | GrantRevoked, QuotaExceeded              |
@@ -36,6 +33,9 @@ checks, same errors); their JSON form is kept for tools and tests.
 | register {principal}               | owner of the principal, or root | NotAllowed |
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
+
+read, write and append normally travel as binary DATA frames (same arguments, same
+checks, same errors); their JSON form is kept for tools and tests.
 
 `append` writes the buffer range at the end of the file and commits it under the
 inode's lock, as the kernel's O_APPEND writes through the mount do: concurrent
