@@ -67,6 +67,8 @@ CONTROL_XATTR = "user.sluice.control"
 DEFAULT_SHM = 8 << 20
 #: bytes asked of the socket per read
 RECV_BYTES = MAX_FRAME + 8
+#: seconds a cancelled trio call waits for the replies of its requests in flight
+DRAIN_SECONDS = 5.0
 
 #: recvmsg's ancillary buffer: room for up to 4 descriptors passed with SCM_RIGHTS
 _ANCBUFSIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -569,6 +571,7 @@ class AsyncClient(_Base):
         """As `Client.run`, awaited."""
         value: Any = None
         exc: BaseException | None = None
+        sent: set[int] = set()  # this plan's requests not yet waited for
         while True:
             try:
                 step = plan.throw(exc) if exc is not None else plan.send(value)
@@ -577,18 +580,33 @@ class AsyncClient(_Base):
             exc = None
             try:
                 if isinstance(step, Wait):
+                    sent.discard(step.rid)
                     value = await self._wait(step.rid)
                 else:
                     rid, data = self._encode(step)
+                    sent.add(rid)
                     await self._sendall(data)
                     value = rid
             except (SluiceError, OSError) as e:
                 exc = e
             except BaseException:
-                # Cancelled: the plan's requests stay unanswered here; drop their replies.
-                for rid in list(self.proto.outstanding):
-                    self.proto.abandon(rid)
+                # Cancelled. The requests of this plan (not other tasks') may still be
+                # served into or out of the shared buffer: wait for their replies,
+                # shielded and bounded, before the buffer can be reused; a daemon that
+                # does not answer in time costs the connection.
+                if isinstance(step, Wait):
+                    sent.add(step.rid)
                 plan.close()
+                sent.update(self.buffer.take_lost())
+                with self._trio.move_on_after(DRAIN_SECONDS) as cs:
+                    cs.shield = True
+                    for rid in sorted(sent):
+                        try:
+                            await self._wait(rid)
+                        except (SluiceError, OSError):
+                            pass
+                if cs.cancelled_caught:
+                    self.sock.close()
                 raise
 
     async def run_buffered(self, plan: Plan) -> Any:

@@ -30,10 +30,9 @@ import sys
 from typing import Any, Generator, Union
 
 from . import errors as _errors
-from .protocol import (_DATA_OK_FRAME, APPEND, DATA_OK, ERROR, OK, PUSH, READ, REQUEST, VERSION,
-                       WRITE, DataReply, brief,
-                       DataRequest, Decoder, Message, ProtocolError, ReplyTooLarge, encode,
-                       encode_data)
+from .protocol import (_DATA_OK_FRAME, APPEND, DATA_OK, ERROR, OK, OLD_VERSION, PUSH, READ,
+                       REQUEST, VERSION, WRITE, DataReply, DataRequest, Decoder, Message,
+                       OldVersion, ProtocolError, ReplyTooLarge, brief, encode, encode_data)
 from .rooterror import SluiceError
 
 #: bytes asked for per read request (sequential reads keep several in flight)
@@ -167,6 +166,11 @@ class ClientProtocol:
                 return 0
         pushed = 0
         for m in self._decoder.feed(data):
+            if isinstance(m, OldVersion):
+                raise ProtocolError(
+                    f"the sluice daemon speaks protocol version {OLD_VERSION} and this client "
+                    f"library version {VERSION}: the daemon is older than the library "
+                    "(unmount and mount the volume with this sluice)")
             if isinstance(m, ProtocolError):
                 raise m
             if isinstance(m, DataRequest):
@@ -405,6 +409,12 @@ class SharedBuffer:
     def __init__(self, view: memoryview) -> None:
         self.view = view
         self.holder: FileCore | None = None
+        #: requests in flight of a plan that was closed half-way (the driver waits)
+        self._lost: list[int] = []
+
+    def take_lost(self) -> list[int]:
+        lost, self._lost = self._lost, []
+        return lost
 
     def claim(self, core: FileCore) -> Plan:
         if not len(self.view):
@@ -462,8 +472,10 @@ class FileCore:
         if not total:
             return 0
         sequential = pos == st.next_use and self.read_ahead
-        if st.pieces and not sequential:
+        if st.pieces and not (sequential and st.pieces[0].off <= pos
+                              < st.pieces[0].off + st.pieces[0].length):
             yield from self._drop_stream()
+            sequential = False
         if not st.pieces:
             st.start(pos, total, len(self.shm), sequential)
         end = pos + total
@@ -493,6 +505,10 @@ class FileCore:
                 if eof or skip + max(k, 0) >= p.length:
                     st.pieces.popleft()
         except GeneratorExit:
+            # Closed by a cancelled driver: hand it the pieces still unanswered.
+            self.buffer._lost.extend(p.rid for p in st.pieces if p.got is None)
+            st.pieces.clear()
+            st.next_use = -1
             raise
         except BaseException:
             # Let the other pieces finish before their slots are reused (their replies
@@ -529,6 +545,7 @@ class FileCore:
     def _drop_stream(self) -> Plan:
         """Forget the read-ahead: wait for the pieces still in flight."""
         st = self._stream
+        st.next_use = -1  # first: a drop cut short leaves no sequential stream behind
         while st.pieces:
             p = st.pieces.popleft()
             if p.got is None:
@@ -536,7 +553,6 @@ class FileCore:
                     yield Wait(p.rid)
                 except (SluiceError, OSError):
                     pass
-        st.next_use = -1
 
     # -- writing ---------------------------------------------------------------------
 

@@ -25,9 +25,6 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | read {slot, offset, length, buf}   | READ  | GrantRevoked, RightsError, ChecksumError |
 | write {slot, offset, length, buf}  | WRITE | GrantRevoked, RightsError, NotAllocated  |
 | append {slot, length, buf}         | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
-
-read, write and append normally travel as binary DATA frames (same arguments, same
-checks, same errors); their JSON form is kept for tools and tests.
 | layout_get {slot, offset, length}  | WRITE | GrantRevoked, QuotaExceeded, NoSpace     |
 | commit {slot, offset, length}      | WRITE | GrantRevoked                             |
 | truncate {slot, size}              | WRITE | GrantRevoked, QuotaExceeded              |
@@ -39,6 +36,9 @@ checks, same errors); their JSON form is kept for tools and tests.
 | trace_start {} / trace_stop {}     | root or the daemon's uid (the volume owner) | NotAllowed, TraceBusy |
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
+
+read, write and append normally travel as binary DATA frames (same arguments, same
+checks, same errors); their JSON form is kept for tools and tests.
 
 `advise`, `reclaim_done`, `trace_start` and `trace_stop` are the pager's (pagerops.py),
 and so is what subscribing to "reclaim" does (a pager subscription per connection).
@@ -312,6 +312,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                                   "within %g s", conn.creds.pid, conn.creds.uid,
                                   self.handshake_seconds)
                     return
+                self._last_yield = trio.current_time()  # waiting gave the loop back
                 continue
             except OSError:
                 return
@@ -330,11 +331,12 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 deadline = math.inf
             for m in msgs:
                 await self._handle(conn, m)
-            # A client that keeps the socket full never makes the reader wait: give the
-            # loop back now and then (a clock read here; the FUSE queue probe, a system
-            # call, only once that is due).
-            if trio.current_time() - self._last_yield >= HOG_SECONDS:
-                await self._yield_if_hogging()
+                # A client that keeps the socket full never makes the reader wait, and
+                # one read may bring thousands of requests: give the loop back now and
+                # then (a clock read here; the FUSE queue probe, a system call, only
+                # once that is due).
+                if trio.current_time() - self._last_yield >= HOG_SECONDS:
+                    await self._yield_if_hogging()
 
     # -- sending -------------------------------------------------------------------------
 

@@ -145,7 +145,8 @@ def test_data_frames_round_trip(rid: int, op: int, slot: int, offset: int, lengt
     d = Decoder()
     at = split * len(stream) // 100
     out = d.feed(stream[:at]) + d.feed(stream[at:])
-    assert out == [Message(REQUEST, 1, {"op": "hello"}), DataRequest(rid, op, slot, offset, length, buf),
+    assert out == [Message(REQUEST, 1, {"op": "hello"}),
+                   DataRequest(rid, op, slot, offset, length, buf),
                    DataReply(rid, length, offset, buf)]
 
 
@@ -462,7 +463,8 @@ def request_streams(draw) -> bytes:
         if k == 10:  # a binary data request, sane or not
             parts.append(encode_data(
                 draw(st.integers(0, 2**32 - 1)), draw(st.sampled_from([0, 1, 2, 3, 9])),
-                draw(st.integers(0, 4)), draw(st.sampled_from([0, 1, 4095, 4096, 2**62, 2**64 - 1])),
+                draw(st.integers(0, 4)),
+                draw(st.sampled_from([0, 1, 4095, 4096, 2**62, 2**64 - 1])),
                 draw(st.sampled_from([0, 1, 4096, 65536, 2**31, 2**32 - 1])),
                 draw(st.sampled_from([0, 4096, 65535, 65536, 2**40, 2**64 - 1]))))
         elif k <= 6:

@@ -289,3 +289,86 @@ assert GrantRevoked is kernelshim.errors.GrantRevoked
         assert heavy == []
     else:
         assert "numpy" in heavy  # the check itself sees them when they are there
+
+
+def test_a_client_newer_than_its_daemon_says_so() -> None:
+    """The answer of a version 1 daemon (an ERROR frame of version 1) makes the client
+    raise a ProtocolError that names the cause, not a decoding error."""
+    from kernelshim.clientcore import ClientProtocol
+    from kernelshim.protocol import ERROR, ProtocolError
+    p = ClientProtocol()
+    p.request("hello", {})
+    old = encode(ERROR, 0, {"error": "ProtocolError", "errno": 71,
+                            "message": "protocol version 2 not supported (this is 1)"},
+                 version=1)
+    with pytest.raises(ProtocolError, match="daemon is older than the library"):
+        p.receive(old)
+
+
+def test_a_read_cut_short_leaves_no_stale_stream_offline() -> None:
+    """A read plan closed half-way (a cancelled trio call) while it drops another
+    stream's read-ahead leaves a state from which every later read, sequential or not,
+    returns the file's bytes. A fake daemon serves reads from `data` into the buffer."""
+    import mmap as _mmap
+
+    from kernelshim.clientcore import (ClientProtocol, FileCore, SendData, SharedBuffer,
+                                       Wait)
+    from kernelshim.protocol import DataRequest, Decoder, encode_data_ok
+    data = os.urandom(3 << 20)
+    shm = memoryview(_mmap.mmap(-1, 1 << 20))
+    core = FileCore(SharedBuffer(shm), 4096, 1, len(data), 1, append=False)
+    proto = ClientProtocol()
+    queue: list[bytes] = []
+
+    def serve() -> None:  # the daemon: answer every request sent so far, in order
+        for frame in queue:
+            (r,) = Decoder().feed(frame)
+            assert isinstance(r, DataRequest)
+            got = data[r.offset:r.offset + r.length]
+            shm[r.buf:r.buf + len(got)] = got
+            proto.receive(encode_data_ok(r.request_id, len(got)))
+        queue.clear()
+
+    def step(plan, value=None):
+        s = plan.send(value)
+        if isinstance(s, SendData):
+            rid, frame = proto.data_request(s.op, s.slot, s.offset, s.length, s.buf)
+            queue.append(frame)
+            return s, rid
+        return s, None
+
+    def run(plan):
+        value = None
+        try:
+            while True:
+                s, rid = step(plan, value)
+                if isinstance(s, Wait):
+                    serve()
+                    value = proto.reply(s.rid)
+                else:
+                    value = rid
+        except StopIteration as stop:
+            return stop.value
+
+    buf = bytearray(100_000)
+    assert run(core.readinto_plan(buf, 0)) == len(buf)
+    assert run(core.readinto_plan(buf, 100_000)) == len(buf)  # sequential: reads ahead
+    assert buf == data[100_000:200_000] and core._stream.pieces
+    # A read elsewhere drops the read-ahead; it is cut short at its first wait.
+    plan = core.readinto_plan(bytearray(5000), 2 << 20)
+    value = None
+    while True:
+        s, rid = step(plan, value)
+        if isinstance(s, Wait):
+            break
+        value = rid
+    plan.close()
+    serve()  # the cancelled call's driver waits for what it was waiting for, and lost
+    for rid in [s.rid, *core.buffer.take_lost()]:
+        proto.reply(rid)
+    # Whatever the buffer held is fair game now (another file's reads use it too).
+    shm[:] = b"\xee" * len(shm)
+    for off in (200_000, 300_000, 7):
+        got = bytearray(150_000)
+        assert run(core.readinto_plan(got, off)) == len(got)
+        assert got == data[off:off + len(got)], off

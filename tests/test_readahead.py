@@ -114,3 +114,39 @@ def test_read_ahead_off(mnt: Path) -> None:
             w.write(b"y" * MiB)
         assert f.read(MiB) == b"y" * MiB
         f.close()
+
+
+async def test_cancelled_trio_reads_leave_the_client_consistent(mnt: Path) -> None:
+    """A trio read cancelled while it waits for the daemon (with read-ahead pieces in
+    flight) waits for its requests before giving the shared buffer back: the reads
+    after it return the file's bytes."""
+    from kernelshim.client import AsyncClient
+    data = os.urandom(8 * MiB)
+    (mnt / "f").write_bytes(data)
+    c = await AsyncClient.connect(mnt, shm_size=4 * MiB)
+    try:
+        await _cancel_reads(c, data)
+    finally:
+        await c.aclose()
+
+
+async def _cancel_reads(c, data: bytes) -> None:
+    import trio
+    import trio.testing
+    f = await c.open("f")
+    pos = 0
+    for i in range(12):
+        assert await f.pread(MiB, pos) == data[pos:pos + MiB]  # sequential: reads ahead
+        pos += MiB
+
+        async def doomed(at: int = pos + (i % 3) * 4096) -> None:
+            await f.readinto(bytearray(MiB + i), at)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(doomed)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert await f.pread(MiB, pos) == data[pos:pos + MiB], i
+        pos = (pos + MiB) % (6 * MiB)
+    assert await f.read(100) == data[:100]
+    await f.close()
