@@ -811,10 +811,23 @@ class PrincipalTable:
         return {pid: p.name for pid, (_st, p) in self._registered.items()}
 
     def info(self, only: Iterable[Principal] | None = None) -> list[PrincipalInfo]:
-        """Rows of `principal ls` for `only` (default: all, in tree order)."""
+        """Rows of `principal ls` for `only` (default: all, in tree order). The banks
+        are as stored (I/O rates as strings with their units, e.g. "500iops,20MB/s"),
+        plus each rate as plain numbers in base units, like every other bank:
+        `io_reserve_iops`, `io_reserve_bps`, `io_limit_iops`, `io_limit_bps`
+        (operations/s and bytes/s; null where none)."""
         return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
-                              p.banks.to_json(), dataclasses.asdict(p.usage))
+                              _banks_row(p.banks), dataclasses.asdict(p.usage))
                 for p in (self.walk() if only is None else only) if self.listed(p)]
+
+
+def _banks_row(b: Banks) -> dict[str, Any]:
+    d = b.to_json()
+    for k in ("io_reserve", "io_limit"):
+        r = getattr(b, k)
+        d[f"{k}_iops"] = r.iops if r is not None else None
+        d[f"{k}_bps"] = r.bps if r is not None else None
+    return d
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -412,6 +412,12 @@ def test_json_io_rates_are_strings_with_units_that_survive_a_remount(
         return {n: (t[n]["banks"]["io_reserve"], t[n]["banks"]["io_limit"]) for n in want}
     assert rates(m.path) == want
     assert isinstance(_principals(m.path)["fast"]["banks"]["space"], (int, type(None)))
+    # ... and beside each, the same rates as plain numbers in base units (ops/s, B/s),
+    # as every other bank is given
+    fast = _principals(m.path)["fast"]["banks"]
+    assert (fast["io_reserve_iops"], fast["io_reserve_bps"]) == (None, 1.5 * (1 << 30))
+    assert (fast["io_limit_iops"], fast["io_limit_bps"]) == (2e6, None)
+    assert _principals(m.path)["slow"]["banks"]["io_reserve_bps"] == 500
     table = sluice("principal", "ls", str(m.path)).stdout
     assert "1536MiB/s/100/2Miops" in table and "500B/s/100/20MB/s" in table
     m.stop()
