@@ -775,6 +775,25 @@ class Pager:
             await self._write_back_until_clean(np.flatnonzero(cand))
         await self.device.flush()
 
+    def dirty_files(self) -> set[int]:
+        """The files with frames dirty or under write-back (after `flush`, only
+        discardable ones: the metadata server records them at each commit, because
+        a crash may lose their data and they must then come back empty)."""
+        st = self._state
+        files = self._file[(st == DIRTY) | (st == WRITEBACK)]
+        return {int(f) for f in np.unique(files) if f}
+
+    def dirty_discardable_files(self) -> set[int]:
+        """The files with discardable frames dirty or under write-back."""
+        st = self._state
+        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & self._disc]
+        return {int(f) for f in np.unique(files) if f}
+
+    def has_dirty(self, file: int) -> bool:
+        """Whether `file` has frames dirty or under write-back."""
+        st = self._state
+        return bool(((self._file == file) & ((st == DIRTY) | (st == WRITEBACK))).any())
+
     async def writeback_file(self, file: int) -> None:
         """fsync of one file: its dirty frames (discardable ones included: asked for
         explicitly) reach the device, and the device is flushed; nobody else's dirty
@@ -1233,9 +1252,12 @@ class Pager:
 
     async def _reclaim_from(self, p: int, n: int, *, floor: int) -> int:
         """Take up to n frames from p by policy, not below `floor` frames."""
-        taken = 0
         a = self._acct_of(p)
-        while taken < n and a.resident > floor:
+        start = a.resident
+        # Counted in frames given up, not victims: a dirty discardable victim takes
+        # its whole file with it (dropping one file per frame asked for would empty
+        # every discardable file of the principal for a reserve of a few frames).
+        while start - a.resident < n and a.resident > floor:
             v = self._victim_of(p)
             if v == NIL:
                 break
@@ -1245,8 +1267,7 @@ class Pager:
                 if self._gen_m[v] != g or self._state_m[v] != CLEAN or self._pin_m[v]:
                     continue
             self._evict(v)
-            taken += 1
-        return taken
+        return start - a.resident
 
     async def _balance(self) -> None:
         now = trio.current_time()
