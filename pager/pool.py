@@ -990,7 +990,8 @@ class Pager:
         if self._tw is not None:
             self._trace_op(tr.WRITE, principal, block, count, file, fblock)
         p = int(principal)
-        if not self.writeback:
+        if not self.writeback or (count > BYPASS_BLOCKS and self._may_bypass(block, count,
+                                                                             file, fblock)):
             await self._write_through(block, mv, count, p, file, fblock)
             return
         self._tick += count
@@ -1041,6 +1042,24 @@ class Pager:
                     self._dirty_since_m[f] = now
                     self._acct_of(p).dirty += 1
 
+    def _may_bypass(self, block: int, count: int, file: int, fblock: int) -> bool:
+        """Whether a large write (a stream, as large reads) goes around the pool to the
+        device, as under write-through: not under `global-lru` (the honest baseline
+        caches everything), never for a discardable file (its data is not to reach
+        the device unasked), and only when no block of the range is resident — a
+        dirty frame or one under write-back would otherwise land over it later. From
+        this check to the device write's start there is no checkpoint."""
+        if self._global:
+            return False
+        if self._hinted and file and self._hints_for(file, fblock)[1]:
+            return False
+        where = self._where
+        if where:
+            for b in range(block, block + count):
+                if b in where:
+                    return False
+        return True
+
     def _retag(self, f: int, file: int, fblock: int) -> None:
         if self._file_m[f] != file or self._fblock_m[f] != fblock:
             self._file_m[f] = file
@@ -1078,6 +1097,10 @@ class Pager:
             mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
             if state[f] == FILLING:
                 state[f] = CLEAN
+            elif state[f] == WRITEBACK:
+                # (write-back: a frame dirtied by a racing write and sent meanwhile) its
+                # write-back may land after ours: write it again, with these bytes
+                self._redirty_m[f] = True
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget freed blocks: wait for their write-back in flight (so it cannot land

@@ -51,7 +51,9 @@ def pattern(nbytes: int, seed: int) -> bytes:
 
 
 #: writes argv[2:] files of int(argv[1]) bytes each (pattern() contents, seed = index)
-#: into the current directory, with 256 KiB writes and no fsync
+#: into the current directory, with 64 KiB writes (cached: writes of more than 32
+#: blocks to a file that is not discardable go around the pool, as large reads do)
+#: and no fsync
 WRITER = textwrap.dedent("""
     import sys
     BS = 4096
@@ -63,8 +65,8 @@ WRITER = textwrap.dedent("""
     for k, name in enumerate(sys.argv[2:]):
         data = pattern(n, k + 1)
         with open(name, "wb") as f:
-            for off in range(0, n, 256 * 1024):
-                f.write(data[off:off + 256 * 1024])
+            for off in range(0, n, 64 * 1024):
+                f.write(data[off:off + 64 * 1024])
 """)
 
 
@@ -272,3 +274,35 @@ def test_fsync_of_a_discardable_file_writes_it(volume: Path, mount_factory) -> N
     assert (d / "f").read_bytes() == want
     with pytest.raises(OSError):
         os.getxattr(d / "f", DISCARDED)
+
+
+# -- the pager's large-write path under write-back (component tests, no mount) -----------
+
+async def test_large_writes_go_around_the_pool_unless_frames_are_resident() -> None:
+    """Under write-back a write of more than BYPASS_BLOCKS blocks with nothing of its
+    range resident goes to the device at once (a stream, as large reads bypass the
+    pool); one that covers a dirty frame goes through the pool (a later write-back of
+    that frame would land over it); a discardable file's never reaches the device."""
+    from pager import BYPASS_BLOCKS, Pager
+    from pager.replay import memory_device
+
+    dev = memory_device(1024, block_size=BS)
+    p = Pager(dev, nframes=256, policy="hinted", writeback=True)
+    n = BYPASS_BLOCKS + 8
+    big = pattern(n * BS, 1)
+    await p.write(0, big, principal=1, file=5, fblock=0)
+    assert p.statistics().dirty == 0  # on the device, nothing cached
+    assert bytes(await dev.read(0, n, principal=0)) == big
+    # a dirty frame inside the next range: the large write goes through the pool
+    await p.write(200 + 3, pattern(BS, 2), principal=1, file=6, fblock=3)
+    big2 = pattern(n * BS, 3)
+    await p.write(200, big2, principal=1, file=6, fblock=0)
+    assert p.statistics().dirty == n
+    await p.flush()
+    assert bytes(await dev.read(200, n, principal=0)) == big2
+    # a discardable file: cached, dropped rather than written
+    p.set_file_hints(7, discardable=True)
+    await p.write(400, pattern(n * BS, 4), principal=1, file=7, fblock=0)
+    assert p.statistics().dirty == n
+    await p.flush()
+    assert bytes(await dev.read(400, n, principal=0)) == bytes(n * BS)
