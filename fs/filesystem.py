@@ -332,7 +332,10 @@ class FileSystem:
         # Discardable files a crash may have caught with data not on the device (the
         # last commit recorded them): a cache by contract, they come back empty and
         # marked, never partial (docs/dev/invariants.md, crash rule 4).
-        for ino in json.loads(str(md.meta(UNFLUSHED_KEY) or "[]")):
+        listed = json.loads(str(md.meta(UNFLUSHED_KEY) or "[]"))
+        # What is stored: the next commit replaces it (with what is unflushed then).
+        fs._unflushed_saved = frozenset(int(i) for i in listed)
+        for ino in listed:
             try:
                 node = fs.inode(int(ino))
             except SluiceError:

@@ -21,6 +21,12 @@ Workloads (sizes shrink with --quick):
                 FIO_RATIO_GOAL times the plain directory's figure of the same run.
                 fio is installed with apt-get if missing (--only fio runs just this).
 
+  fsync cost    what one tenant's fsync costs another (data=ordered: a commit writes
+                back every file's dirty pages first): the median latency of a 4 KiB
+                write + fsync of a small file, alone and while another process keeps
+                64 MiB of cached (dirty) data in flight with 64 KiB writes, no fsync
+                (--only fsync runs just this)
+
 sluice is mounted with write-back (--writeback, the default here) or without
 (--no-writeback: write-through, for comparison).
 
@@ -31,8 +37,8 @@ and the table shows medians and sluice's range: on a shared 2-CPU machine single
 move by tens of percent.
 
 Run as root:  .venv/bin/python scripts/bench_fs.py [--size-mb 1024] [--quick] [--json out.json]
-                  [--repeat N] [--only seq|rand|meta|tar|fio] [--skip-plain] [--py-spy DIR]
-                  [--no-writeback]
+                  [--repeat N] [--only seq|rand|meta|tar|fio|fsync] [--skip-plain]
+                  [--py-spy DIR] [--no-writeback]
 
 Progress goes to stderr, the table to stdout. Everything made (mounts, volume, files)
 is removed in `finally`. With --py-spy DIR, py-spy samples the sluice daemon during
@@ -68,6 +74,8 @@ UNTAR_RATIO_GOAL = 2.5
 #: fio's sequential write on sluice (write-back) as a fraction of the plain directory's
 FIO_RATIO_GOAL = 0.5
 FIO_WRITE = "fio write 1M psync+end_fsync"
+FSYNC_ALONE = "4K write+fsync, alone"
+FSYNC_LOADED = "4K write+fsync, other writer"
 
 # name -> (unit, higher is better, sluice target or None)
 WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
@@ -86,6 +94,8 @@ WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
     "find | wc -l": ("s", False, None),
     "rm -rf": ("s", False, 3.0),
     FIO_WRITE: ("MB/s", True, None),
+    FSYNC_ALONE: ("ms", False, None),
+    FSYNC_LOADED: ("ms", False, None),
 }
 
 
@@ -162,6 +172,51 @@ def fio_write(fio: str, path: Path, size_mb: int) -> float:
 
 
 # -- workloads ---------------------------------------------------------------------------
+
+def _dirtier(path: str, stop, ready) -> None:
+    """The other tenant: rewrites 64 MiB of `path` with 64 KiB writes, never fsyncs."""
+    buf = os.urandom(64 * 1024)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        ready.set()
+        while not stop.is_set():
+            for off in range(0, 64 * MiB, len(buf)):
+                os.pwrite(fd, buf, off)
+                if stop.is_set():
+                    break
+    finally:
+        os.close(fd)
+
+
+def fsync_latency(path: Path, n: int = 30) -> float:
+    """Median ms of a 4 KiB pwrite + fsync of `path`, n times."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    times = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            os.pwrite(fd, os.urandom(BS), (i % 16) * BS)
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return statistics.median(times) * 1000
+
+
+def fsync_loaded(root: Path, n: int = 30) -> float:
+    """fsync_latency while another process keeps dirty data coming (see _dirtier)."""
+    stop, ready = mp.Event(), mp.Event()
+    other = mp.Process(target=_dirtier, args=(str(root / "other.bin"), stop, ready))
+    other.start()
+    try:
+        ready.wait(30)
+        time.sleep(1.0)  # let its dirty data build up
+        return fsync_latency(root / "mine.bin", n)
+    finally:
+        stop.set()
+        other.join(60)
+        (root / "other.bin").unlink(missing_ok=True)
+        (root / "mine.bin").unlink(missing_ok=True)
 
 def seq_write(path: Path, size_mb: int, data: mmap.mmap) -> float:
     """MB/s (10^6 bytes) of writing size_mb MiB with 1 MiB writes, fsync included."""
@@ -373,6 +428,10 @@ class Bench:
             self.warm_memory()
             step(FIO_WRITE, lambda: fio_write(fio, root / "fio.bin", self.size_mb))
 
+        if not want or "fsync" in want:
+            step(FSYNC_ALONE, lambda: fsync_latency(root / "mine.bin"))
+            step(FSYNC_LOADED, lambda: fsync_loaded(root))
+
         if not want or "tar" in want:
             t = root / "untar"
             t.mkdir()
@@ -497,7 +556,8 @@ def main() -> int:
                         "the cold read (see Bench.warm_memory)")
     p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=True,
                    help="mount sluice with write-back (default) or write-through")
-    p.add_argument("--only", action="append", choices=["seq", "rand", "meta", "tar", "fio"],
+    p.add_argument("--only", action="append",
+                   choices=["seq", "rand", "meta", "tar", "fio", "fsync"],
                    help="run only these workload groups (repeatable)")
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="sample the daemon with py-spy per sluice workload into DIR")
