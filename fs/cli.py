@@ -31,7 +31,7 @@ log = logging.getLogger("sluice")
 
 EXIT_ERROR = 1
 #: whether `sluice mount` caches writes (--writeback/--no-writeback)
-WRITEBACK_DEFAULT = True
+WRITEBACK_DEFAULT = False
 #: pager.POLICIES, spelled out here so that `sluice --help` needs no numpy
 PAGER_POLICIES = ("hinted", "principal", "global-lru")
 EXIT_USAGE = 2

@@ -435,8 +435,19 @@ class FileSystem:
             self.md.set_meta(UNFLUSHED_KEY, json.dumps(sorted(now)))
             self._unflushed_saved = now
 
-    async def sync(self) -> None:
-        """Make all data and metadata durable (fsync, unmount)."""
+    async def sync(self, *, final: bool = False) -> None:
+        """Make all data and metadata durable (fsync; with `final`, unmount: then the
+        discardable files' dirty frames are written back too, so that a clean unmount
+        leaves no file whose committed blocks lack their data — the list of such files
+        is for crashes, and `sluice fsck` of a cleanly unmounted volume must find every
+        committed block's data)."""
+        if final and self.read_only is None and not self.write_errors:
+            for ino in sorted(self.kernel.pager.dirty_discardable_files()):
+                try:
+                    await self.kernel.writeback_file(ino)
+                except SluiceError as exc:
+                    log.warning("writing back discardable inode %d at unmount failed: %s",
+                                ino, exc)
         await self.commit(durable=True)
 
     # -- discardable files ------------------------------------------------------------

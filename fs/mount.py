@@ -570,7 +570,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         finally:
             # Whatever ended the loop, what was written is made durable if it can be.
             with trio.CancelScope(shield=True):
-                await fs.sync()
+                await fs.sync(final=True)
         log.info("unmounted %s", mountpoint)
 
 

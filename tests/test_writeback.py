@@ -359,3 +359,33 @@ def test_write_back_of_a_mapping_is_charged_to_the_opener(volume: Path,
     assert c.get("root", {}).get("writeback_bytes", 0) == 0, c.get("root")
     data = f.read_bytes()
     assert data.count(b"page!") == 16 and len(data) == 1 << 20
+
+
+def test_a_failing_device_is_reported_at_fsync(volume: Path, mount_factory, tmp_path: Path,
+                                               monkeypatch) -> None:
+    """Every device write fails (an injected fault plan). With write-back the write is
+    cached and succeeds; the write-back before the next commit fails, the volume turns
+    read-only, and the writer's fsync gets EIO (as Linux reports write-back errors);
+    after a mount without faults the file shows none of it."""
+    import errno
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"write_error_rate": 1.0}))
+    monkeypatch.setenv("SLUICE_FAULT_PLAN", str(plan))
+    m = mount_factory(volume, "--writeback")
+    monkeypatch.delenv("SLUICE_FAULT_PLAN")
+    fd = os.open(m.path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.write(fd, b"z" * 3 * BS) == 3 * BS  # cached
+        with pytest.raises(OSError) as ei:
+            os.fsync(fd)
+        assert ei.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as ei:
+        (m.path / "g").write_bytes(b"x")
+    assert ei.value.errno == errno.EROFS
+    assert m.daemon_alive
+    assert "injected write error" in m.log.read_text()
+    m.stop()
+    m.start("--writeback")
+    assert not (m.path / "f").exists() or (m.path / "f").read_bytes() == b""
