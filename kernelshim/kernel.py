@@ -527,8 +527,10 @@ class Kernel:
                 reserve_space(self.device.data, dev * bs, count * bs)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise DeviceFull(f"no host space for device blocks {dev}+{count}: "
-                                     f"{exc.strerror}", block=dev) from None
+                    msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "
+                           "(the host filesystem under the backing store is full)")
+                    log.error("%s", msg)
+                    raise DeviceFull(msg, block=dev) from None
                 raise DeviceError(f"reserving device blocks {dev}+{count}: "
                                   f"{exc.strerror}", block=dev, errno=exc.errno) from None
 

@@ -410,3 +410,37 @@ def test_a_clean_unmount_keeps_discardable_files_and_fsck_is_clean(volume: Path,
         assert (d / name).read_bytes() == data
         with pytest.raises(OSError):
             os.getxattr(d / name, DISCARDED)
+
+
+def test_host_space_is_reserved_before_the_write_is_acknowledged(tmp_path: Path,
+                                                                 small_tmpfs,
+                                                                 mount_factory) -> None:
+    """The volume's sparse backing file lives on a 2 MiB tmpfs but claims 64 MiB. With
+    write-back the data reaches the host only later, so host space is reserved when
+    blocks are allocated: the writer that fills the host gets ENOSPC at its write (not
+    a write-back failure later), the daemon stays up, and what was acknowledged reads
+    back after an unmount and mount."""
+    import errno
+    img = small_tmpfs("2m") / "device.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    from conftest import make_volume
+    volume = make_volume(tmp_path / "vol", "64M", "--device", str(img))
+    m = mount_factory(volume, "--writeback")
+    chunk = pattern(64 * KiB, 3)
+    fd = os.open(m.path / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    written = 0
+    try:
+        with pytest.raises(OSError) as ei:
+            for _ in range(64):
+                written += os.write(fd, chunk)
+        assert ei.value.errno == errno.ENOSPC, ei.value
+    finally:
+        os.close(fd)
+    assert 0 < written <= 2 << 20  # what the 2 MiB host holds, and no more
+    assert m.daemon_alive
+    assert "the host filesystem under the backing store is full" in m.log.read_text()
+    m.stop()
+    m.start("--writeback")
+    data = (m.path / "big").read_bytes()
+    assert data == (chunk * 64)[:written]
