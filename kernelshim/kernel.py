@@ -65,8 +65,6 @@ log = logging.getLogger(__name__)
 #: the range of a priority hint (0 = normal; higher is kept longer, against the same
 #: principal's other pages only)
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
-#: flushes a barrier makes before it holds writes back (see `barrier`)
-PRE_FLUSHES = 2
 
 
 class Kernel:
@@ -280,17 +278,6 @@ class Kernel:
         """Hold new writes back, wait for the writes in flight, make everything written
         so far durable (data, then checksums), and run the body (the metadata commit)
         before writes resume. Everything a commit in the body exposes was durable first."""
-        # Pre-flush, writes still flowing: the bulk of what was written since the last
-        # barrier (write-back of the frames dirty now, then the device's fdatasync)
-        # is made durable before writes are held back, so that the barrier proper
-        # flushes only what came meanwhile — a writer waits for that short flush, not
-        # for a second's worth of data (as ext4's jbd2 writes data back before it
-        # locks the transaction). Only an addition: the barrier below still flushes
-        # everything written before the commit.
-        for _ in range(PRE_FLUSHES):
-            if not self._dirty or self._barrier is not None:
-                break
-            await self.pager.flush()
         while self._barrier is not None:  # one barrier at a time
             await self._barrier.wait()
         done = self._barrier = trio.Event()
