@@ -5,7 +5,9 @@ forget a range (discard / hole punch) and a durability barrier (flush = fdatasyn
 and nothing else. `BlockDevice` and `ChecksumStore` talk only to this interface, so
 the store under them can be swapped without touching any layer above:
 
-- `FileBacking`: a sparse file or a real block device path (the normal case);
+- `FileBacking`: a sparse file or a real block device path (the normal case); its
+  `reserve` (through `reserve_space`) allocates host space under newly allocated
+  device blocks so that a later write of them cannot fail for lack of space;
 - `FaultyBacking` (blockdev/faults.py): injects errors, torn writes and latency;
 - `RecordingBacking` (blockdev/recording.py): logs every write and barrier so a crash
   harness can materialise the states a power loss could leave.
@@ -59,6 +61,23 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         if n <= 0:
             raise OSError(errno.EIO, f"writing zeros at {offset} made no progress")
         offset += n
+
+
+def reserve_space(backing: object, offset: int, length: int) -> None:
+    """Make the host allocate the range of the file under `backing` (through the
+    wrappers' `inner`), keeping its contents: fallocate mode 0 never changes a byte
+    (a hole reads as zeros before and after), so no wrapper or recording needs to see
+    it. Blocks allocated by the filesystem are reserved before a write into them is
+    acknowledged: a write-back that comes later cannot fail for lack of host space.
+    No-op for a real block device, or where the host cannot fallocate (EOPNOTSUPP:
+    there is then no reservation to make; a later ENOSPC is reported at fsync).
+    OSError (ENOSPC) when the host has no room."""
+    while not isinstance(backing, FileBacking):
+        inner = getattr(backing, "inner", None)
+        if inner is None:
+            return
+        backing = inner
+    backing.reserve(offset, length)
 
 
 @runtime_checkable
@@ -131,6 +150,8 @@ class FileBacking:
             os.close(self._fd)
             raise
         self._closed = False
+        #: the host filesystem cannot fallocate (EOPNOTSUPP): nothing to reserve
+        self._no_fallocate = False
 
     @property
     def name(self) -> str:
@@ -180,6 +201,20 @@ class FileBacking:
             punch_hole(self._fd, offset, length)
         except OSError as exc:
             raise OSError(exc.errno, f"{self._path}: {exc.strerror}") from None
+
+    def reserve(self, offset: int, length: int) -> None:
+        """fallocate(2) mode 0 over the range (see `reserve_space`); a no-op for a
+        block device. OSError with the host's errno (ENOSPC)."""
+        if not self._is_file or length <= 0 or self._no_fallocate:
+            return
+        if _libc.fallocate(self._fd, 0, offset, length) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            self._no_fallocate = True
+            return
+        raise OSError(err, f"{self._path}: cannot reserve {offset}+{length}: "
+                      f"{os.strerror(err)}")
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(self.flush_sync, limiter=FLUSH_LIMITER)

@@ -30,6 +30,8 @@ from .errors import VolumeError
 log = logging.getLogger("sluice")
 
 EXIT_ERROR = 1
+#: whether `sluice mount` caches writes (--writeback/--no-writeback)
+WRITEBACK_DEFAULT = False
 #: pager.POLICIES, spelled out here so that `sluice --help` needs no numpy
 PAGER_POLICIES = ("hinted", "principal", "global-lru")
 EXIT_USAGE = 2
@@ -114,6 +116,9 @@ def _mount_options(args: argparse.Namespace):
                 raise MountOptionError(f"scheduler={val}: mclock or fifo")
             if key == "pager" and val not in PAGER_POLICIES:
                 raise MountOptionError(f"pager={val}: {', '.join(PAGER_POLICIES)}")
+            if key in ("writeback", "nowriteback"):
+                args.writeback = key == "writeback"
+                continue
             setattr(args, key, True if val is None else val)
         flags = parsed.flags
     if os.geteuid() != 0:
@@ -132,6 +137,7 @@ def _mount_options(args: argparse.Namespace):
     return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,
                         pager_policy=args.pager, metrics=_metrics_address(args.metrics),
+                        writeback=args.writeback,
                         debug_fuse=args.debug_fuse,
                         read_only=flags.read_only, atime=flags.atime,
                         nodiratime=flags.nodiratime, suid=not flags.nosuid,
@@ -228,7 +234,8 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> in
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode,
-           "-o", opts.vfs_flags().text(), "--pager", args.pager, "--scheduler", args.scheduler]
+           "-o", opts.vfs_flags().text(), "--pager", args.pager, "--scheduler", args.scheduler,
+           "--writeback" if opts.writeback else "--no-writeback"]
     if args.profile:
         cmd += ["--profile", args.profile]
     if args.metrics:
@@ -757,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pager policy: hinted (default: per-principal banks and "
                         "application hints), principal (banks, no hints), global-lru "
                         "(one global CLOCK, principals ignored: the baseline)")
+    s.add_argument("--writeback", action=argparse.BooleanOptionalAction,
+                   default=WRITEBACK_DEFAULT,
+                   help="cache writes in the pager and write them back later, before the "
+                        "metadata commit that exposes them (data=ordered; fsync = commit). "
+                        f"Default: {'on' if WRITEBACK_DEFAULT else 'off'} (also -o writeback, "
+                        "-o nowriteback)")
     s.add_argument("--fix-permissions", action="store_true",
                    help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("-r", "--read-only", action="store_true",
@@ -963,6 +976,8 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     for key, val in parsed.settings.items():
         if key == "debug":
             cli.insert(0, "--debug")
+        elif key == "nowriteback":
+            cli.append("--no-writeback")
         elif val is None:
             # fix_permissions is explicit, like the command's flag: an fstab line asks
             # for it by name.

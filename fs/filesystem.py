@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import sqlite3
@@ -72,6 +73,11 @@ CACHE_MODES = (b"pager", b"direct", b"kernel")
 #: longer), and whether the file is a cache whose pages may be dropped unwritten
 PRIORITY_XATTR = b"user.sluice.priority"
 DISCARDABLE_XATTR = b"user.sluice.discardable"
+#: set on a discardable file the pager emptied (its dirty pages were dropped, or a
+#: crash may have lost them); cleared by the next write or truncate
+DISCARDED_XATTR = b"user.sluice.discarded"
+#: the meta key listing the files a crash may leave partial (see `commit`)
+UNFLUSHED_KEY = "unflushed"
 #: per principal in `sluice stats --json`'s "cache" (pager.PrincipalCacheStats)
 CACHE_FIELDS = ("frames", "min", "max", "hits", "misses", "evictions", "discarded", "dirty",
                 "writeback_bytes", "reclaim_sent", "reclaim_answered", "reclaim_missed")
@@ -287,6 +293,13 @@ class FileSystem:
         self.nodiratime = False
         #: whether the crash cleanup of load() is still to do (a read-only mount)
         self._recovered = False
+        #: discardable files whose dirty pages the pager dropped, not yet emptied on
+        #: the volume (`run_discarder` does it): they read as empty, size 0, meanwhile
+        self.discarded: set[int] = set()
+        self._discard_wakeup = trio.Event()
+        #: the file list last saved under UNFLUSHED_KEY
+        self._unflushed_saved: frozenset[int] = frozenset()
+        kernel.pager.on_discarded = self._on_discarded
 
     @classmethod
     async def load(cls, md: Metadata, kernel: Kernel, *, default_cache_mode: str = "direct",
@@ -316,6 +329,22 @@ class FileSystem:
         for ino in md.orphans():
             log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
             await fs._destroy(fs.inode(ino))
+        # Discardable files a crash may have caught with data not on the device (the
+        # last commit recorded them): a cache by contract, they come back empty and
+        # marked, never partial (docs/dev/invariants.md, crash rule 4).
+        listed = json.loads(str(md.meta(UNFLUSHED_KEY) or "[]"))
+        # What is stored: the next commit replaces it (with what is unflushed then).
+        fs._unflushed_saved = frozenset(int(i) for i in listed)
+        for ino in listed:
+            try:
+                node = fs.inode(int(ino))
+            except SluiceError:
+                continue
+            if node.is_reg and node.nlink:
+                log.info("inode %d: emptied (a discardable file whose data was not on the "
+                         "device at the crash)", node.id)
+                async with fs._lock(node):
+                    await fs._empty_locked(node, mark=True)
         # Blocks past EOF: write layouts a direct client never committed before the
         # daemon stopped (its close would have trimmed them). Nothing else leaves
         # blocks there (fallocate's KEEP_SIZE, when it comes, must be told apart).
@@ -372,6 +401,7 @@ class FileSystem:
                 return  # failed: nothing more is committed (fsync reports the failure)
             try:
                 async with self.kernel.barrier():
+                    self._save_unflushed()
                     self.md.commit()
                     pending = self.alloc.take_pending()
                     for emap in self._unsealed:
@@ -394,9 +424,95 @@ class FileSystem:
                                 sum(c for _d, c in pending), exc)
                 self.alloc.release_now(pending)
 
-    async def sync(self) -> None:
-        """Make all data and metadata durable (fsync, unmount)."""
+    def _save_unflushed(self) -> None:
+        """Record, in the transaction being committed, the files whose data the
+        barrier did not put on the device: discardable files with dirty frames (the
+        pager writes those only on their own fsync) and files discarded but not yet
+        emptied. A crash that keeps this commit brings them back empty (`_recover`);
+        every other file's data is on the device before the commit (R2)."""
+        now = frozenset(self.kernel.unflushed_files | self.discarded)
+        if now != self._unflushed_saved:
+            self.md.set_meta(UNFLUSHED_KEY, json.dumps(sorted(now)))
+            self._unflushed_saved = now
+
+    async def sync(self, *, final: bool = False) -> None:
+        """Make all data and metadata durable (fsync; with `final`, unmount: then the
+        discardable files' dirty frames are written back too, so that a clean unmount
+        leaves no file whose committed blocks lack their data — the list of such files
+        is for crashes, and `sluice fsck` of a cleanly unmounted volume must find every
+        committed block's data)."""
+        if final and self.read_only is None and not self.write_errors:
+            for ino in sorted(self.kernel.pager.dirty_discardable_files()):
+                try:
+                    await self.kernel.writeback_file(ino)
+                except SluiceError as exc:
+                    log.warning("writing back discardable inode %d at unmount failed: %s",
+                                ino, exc)
         await self.commit(durable=True)
+
+    # -- discardable files ------------------------------------------------------------
+
+    def _on_discarded(self, ino: int) -> None:
+        """The pager dropped the dirty pages of discardable file `ino` (synchronous,
+        from inside reclaim): from now on it reads as empty, size 0, and the kernel
+        forgets what it cached; `run_discarder` empties it on the volume and marks it."""
+        self.discarded.add(ino)
+        self.on_data_changed(ino)
+        self._discard_wakeup.set()
+
+    async def run_discarder(self, *,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Empty and mark the files the pager discarded (a service of the mount)."""
+        task_status.started()
+        while True:
+            await self._discard_wakeup.wait()
+            self._discard_wakeup = trio.Event()
+            for ino in sorted(self.discarded):
+                try:
+                    node = self.inode(ino)
+                except SluiceError:  # gone: nothing to empty
+                    self.discarded.discard(ino)
+                    continue
+                if self.read_only is not None:
+                    continue  # stays empty to readers; the next mount empties it
+                try:
+                    async with self._lock(node):
+                        if ino in self.discarded:
+                            await self._empty_locked(node, mark=True)
+                except SluiceError as exc:
+                    log.warning("emptying discarded inode %d failed: %s", ino, exc)
+
+    async def _empty_locked(self, node: Inode, *, mark: bool) -> None:
+        """Empty the file (size 0, blocks freed as truncate frees them) and set or
+        clear its user.sluice.discarded mark (under the inode lock)."""
+        self.discarded.discard(node.id)
+        if node.size or node.blocks:
+            await self._truncate_locked(node, 0, principal=PrincipalId(node.principal))
+        self._set_discarded_mark(node, mark)
+        self.on_data_changed(node.id)
+
+    def _set_discarded_mark(self, node: Inode, mark: bool) -> None:
+        has = DISCARDED_XATTR in self._hints(node)
+        if has == mark:
+            return
+        if mark:
+            self.md.set_xattr(node.id, DISCARDED_XATTR, b"1")
+        else:
+            self.md.remove_xattr(node.id, DISCARDED_XATTR)
+        node.hints = None
+        node.xattr_bytes = None
+        node.ctime_ns = _now()
+        self._save(node, "ctime_ns")
+        self.on_attr_changed(node.id)
+
+    async def _undiscard_locked(self, node: Inode) -> None:
+        """A write or truncate of a discarded file: empty it first if the pager
+        dropped its pages since (the write then lands in an empty file, never beside
+        what is left of the old contents), and clear the mark."""
+        if node.id in self.discarded:
+            await self._empty_locked(node, mark=False)
+        elif node.hints is None or DISCARDED_XATTR in node.hints:
+            self._set_discarded_mark(node, False)
 
     def fail(self, why: str) -> None:
         """A metadata or device write failed: rather than risk damage, the volume turns
@@ -931,51 +1047,57 @@ class FileSystem:
         if size > MAX_FILE_SIZE:
             raise FileTooLarge(f"size {size} beyond the maximum file size")
         async with self._lock(node):
-            old = node.size
-            now = _now()
-            if size == old:
-                return
-            fields = ["size", "mtime_ns", "ctime_ns"]
-            if size < old:
-                bs = self.block_size
-                emap = self._extents(node)
-                keep = -(-size // bs)
-                last = emap.segments(keep - 1, 1)[0] if size % bs else None
-                if last is not None and last.state != UNWRITTEN:
-                    # Bytes past the new end in the last block must read as zeros if the
-                    # file grows again. A sealed block is not zeroed in place but
-                    # relocated: a crash before the commit finds the old size and the
-                    # old block whole.
-                    g = self.kernel.grant(inode=node.id, generation=node.generation,
-                                          extents=emap, rights=Rights.WRITE,
-                                          principal=principal, charge=False)
-                    try:
-                        await self._write_data(node, g, size, bytes(keep * bs - size))
-                    finally:
-                        self.kernel.release(g)
-                # From here to the save of the size: no checkpoint, so the shorter map
-                # and the new size reach the same transaction.
-                freed = emap.remove_owned(keep)
-                # The direct client truncating through `keep_grant` keeps it (its
-                # connection has no other request in flight); every other is revoked.
-                old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
-                if freed:
-                    node.blocks = emap.blocks
-                    self._refund_runs(freed)
-                    self._save_extents(node)
-                    fields.append("blocks")
-            else:
-                await self._zero_past_eof(node, old, size, principal)  # R6
-                freed, old_grants = [], []
-            node.size = size
-            node.mtime_ns = node.ctime_ns = now
-            self._save(node, *fields)
-            if old_grants:
-                await self.kernel.wait_drained(old_grants)
+            await self._undiscard_locked(node)
+            await self._truncate_locked(node, size, principal=principal,
+                                        keep_grant=keep_grant)
+
+    async def _truncate_locked(self, node: Inode, size: int, *, principal: PrincipalId,
+                               keep_grant: Grant | None = None) -> None:
+        old = node.size
+        now = _now()
+        if size == old:
+            return
+        fields = ["size", "mtime_ns", "ctime_ns"]
+        if size < old:
+            bs = self.block_size
+            emap = self._extents(node)
+            keep = -(-size // bs)
+            last = emap.segments(keep - 1, 1)[0] if size % bs else None
+            if last is not None and last.state != UNWRITTEN:
+                # Bytes past the new end in the last block must read as zeros if the
+                # file grows again. A sealed block is not zeroed in place but
+                # relocated: a crash before the commit finds the old size and the
+                # old block whole.
+                g = self.kernel.grant(inode=node.id, generation=node.generation,
+                                      extents=emap, rights=Rights.WRITE,
+                                      principal=principal, charge=False)
+                try:
+                    await self._write_data(node, g, size, bytes(keep * bs - size))
+                finally:
+                    self.kernel.release(g)
+            # From here to the save of the size: no checkpoint, so the shorter map
+            # and the new size reach the same transaction.
+            freed = emap.remove_owned(keep)
+            # The direct client truncating through `keep_grant` keeps it (its
+            # connection has no other request in flight); every other is revoked.
+            old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
             if freed:
-                # Freed once no request through the old grants is in flight; reusable
-                # once the commit that saved the shorter map is durable.
-                self.alloc.free_later([(d, c) for d, c, _o in freed])
+                node.blocks = emap.blocks
+                self._refund_runs(freed)
+                self._save_extents(node)
+                fields.append("blocks")
+        else:
+            await self._zero_past_eof(node, old, size, principal)  # R6
+            freed, old_grants = [], []
+        node.size = size
+        node.mtime_ns = node.ctime_ns = now
+        self._save(node, *fields)
+        if old_grants:
+            await self.kernel.wait_drained(old_grants)
+        if freed:
+            # Freed once no request through the old grants is in flight; reusable
+            # once the commit that saved the shorter map is durable.
+            self.alloc.free_later([(d, c) for d, c, _o in freed])
 
     def _regrant(self, node: Inode, keep: Callable[[Grant], bool] | None = None) -> list[Grant]:
         """Revoke every grant on `node` (but those `keep` accepts) and give the open
@@ -1074,7 +1196,7 @@ class FileSystem:
         node = h.inode
         if offset < 0:
             raise InvalidArgument("negative offset")
-        if offset >= node.size or size <= 0:
+        if offset >= node.size or size <= 0 or node.id in self.discarded:
             data: memoryview | bytes = b""
         else:
             data = await self.kernel.read(h.grant, offset, min(size, node.size - offset))
@@ -1107,6 +1229,8 @@ class FileSystem:
             raise InvalidArgument("negative offset")
         node = h.inode
         async with self._lock(node):
+            if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
+                await self._undiscard_locked(node)
             if h.append:
                 offset = node.size
             n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
@@ -1239,11 +1363,27 @@ class FileSystem:
             return None
         await self._ensure_free(sum(c for _, c in runs), reserve=False)
         cow = ExtentMap()
+        got: list[tuple[int, int]] = []
         for fb, cnt in runs:
             for start, length in self.alloc.allocate(cnt, emap.goal(fb)):
                 cow.add(fb, start, length, FRESH)
+                got.append((start, length))
                 fb += length
+        await self._reserve_host_space(got)
         return cow
+
+    async def _reserve_host_space(self, runs: list[tuple[int, int]]) -> None:
+        """With write-back, host space under newly allocated blocks is reserved before
+        the write into them is acknowledged (the data reaches the host later, in a
+        write-back that must not fail for lack of space). On failure (ENOSPC) the
+        blocks go back to the free list unused."""
+        if not runs or not self.kernel.pager.writeback:
+            return
+        try:
+            await self.kernel.reserve(runs)
+        except BaseException:
+            self.alloc.release_now(runs)
+            raise
 
     async def _ensure_free(self, need: int, *, reserve: bool = True) -> None:
         """Make sure `need` blocks can be allocated (NoSpace otherwise): a new allocation
@@ -1292,11 +1432,15 @@ class FileSystem:
                                holes: list[tuple[int, int]], need: int,
                                principal: PrincipalId) -> None:
         await self._ensure_free(need)
+        got: list[tuple[int, int, int]] = []
         for fb, cnt in holes:
             goal = emap.goal(fb)
             for start, length in self.alloc.allocate(cnt, goal):
-                emap.add(fb, start, length, UNWRITTEN, principal)
+                got.append((fb, start, length))
                 fb += length
+        await self._reserve_host_space([(start, length) for _fb, start, length in got])
+        for fb, start, length in got:
+            emap.add(fb, start, length, UNWRITTEN, principal)
         node.blocks = emap.blocks
 
     async def fsync(self, fh: int | None, datasync: bool) -> None:
@@ -1306,6 +1450,10 @@ class FileSystem:
             raise WriteFailed(f"data written to inode {h.inode.id} may be lost: "
                               f"{self.read_only}")
         try:
+            if h is not None:
+                # Its discardable dirty frames too (a barrier leaves those out): an
+                # fsync'd discardable file survives a crash whole unless written again.
+                await self.kernel.writeback_file(h.inode.id)
             await self.sync()
         except WriteFailed:
             if h is not None:
@@ -1727,7 +1875,9 @@ class FileSystem:
             "pager": {"policy": pg.policy, "frames": pg.frames,
                       "frames_used": pg.frames_used, "hits": pg.hits,
                       "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
-                      "evictions": pg.evictions,
+                      "evictions": pg.evictions, "writeback": pg.writeback,
+                      "dirty": pg.dirty, "writeback_bytes": pg.writeback_bytes,
+                      "discarded": pg.discarded, "discarded_files": len(self.discarded),
                       "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
             "principals": [dataclasses.asdict(i) for i in self.principals.info()],
             # The pager's account per principal: what it holds, and how it fared.

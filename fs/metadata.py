@@ -20,7 +20,9 @@ SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,   -- 'schema', 'uuid', 'created_ns', 'max_inodes'
+    key   TEXT PRIMARY KEY,   -- 'schema', 'uuid', 'created_ns', 'max_inodes', 'unflushed'
+                              -- (JSON list: discardable files whose data a crash may
+                              -- have lost, emptied at the next mount)
     value                     -- its value
 );
 CREATE TABLE IF NOT EXISTS inodes (
@@ -111,6 +113,10 @@ class Metadata:
     def meta(self, key: str) -> object:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: object) -> None:
+        """Set a volume-wide value, in the open transaction."""
+        self._w("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- transactions -----------------------------------------------------------------
 

@@ -61,6 +61,9 @@ class MountOptions:
     #: executing at once
     principal_requests: int = PRINCIPAL_REQUESTS
     commit_interval: float = 1.0
+    #: the pager caches writes and writes them back before the commit that exposes
+    #: them (docs/dev/invariants.md R2); False: writes go through to the device
+    writeback: bool = False
     debug_fuse: bool = False
     #: a read-only mount: EROFS for every change, nothing written to the volume
     read_only: bool = False
@@ -187,7 +190,8 @@ _REMOUNT_ECHO = ("user_id=", "group_id=", "max_read=", "blksize=", "fsname=", "s
 #: sluice's own options (mount -t fuse.sluice, fstab): name -> takes a value
 SLUICE_OPTIONS = {"cache_size": True, "profile": True, "cache_mode": True,
                   "scheduler": True, "pager": True, "metrics": True,
-                  "fix_permissions": False, "foreground": False, "debug": False}
+                  "fix_permissions": False, "foreground": False, "debug": False,
+                  "writeback": False, "nowriteback": False}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -511,7 +515,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                              scheduler=opts.scheduler,
                              fault_plan=Path(fault_plan) if fault_plan else None,
                              record_dir=Path(record_dir) if record_dir else None,
-                             pager_policy=opts.pager_policy)
+                             pager_policy=opts.pager_policy, writeback=opts.writeback)
         stack.callback(kernel.close)
         md = Metadata(volume / DB, record=Path(record_dir) if record_dir else None)
         stack.callback(md.close)
@@ -559,6 +563,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 await nursery.start(kernel.pager.run, name="pager")
                 await nursery.start(functools.partial(fs.run_committer,
                                                       interval=opts.commit_interval))
+                await nursery.start(fs.run_discarder, name="discarder")
                 await nursery.start(server.run)
                 nursery.start_soon(_prune_registrations, principals, name="pid-pruner")
                 nursery.start_soon(_watch_signals, on_hangup, name="signal-watcher")
@@ -589,7 +594,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         finally:
             # Whatever ended the loop, what was written is made durable if it can be.
             with trio.CancelScope(shield=True):
-                await fs.sync()
+                await fs.sync(final=True)
         log.info("unmounted %s", mountpoint)
 
 

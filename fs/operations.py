@@ -234,9 +234,12 @@ class Operations(pyfuse3.Operations):
         e.st_uid = node.uid
         e.st_gid = node.gid
         e.st_rdev = node.rdev
-        e.st_size = node.size
         e.st_blksize = self.fs.block_size
-        e.st_blocks = node.blocks * (self.fs.block_size // 512)
+        if node.id in self.fs.discarded:  # dropped by the pager, being emptied
+            e.st_size = e.st_blocks = 0
+        else:
+            e.st_size = node.size
+            e.st_blocks = node.blocks * (self.fs.block_size // 512)
         e.st_atime_ns = node.atime_ns
         e.st_mtime_ns = node.mtime_ns
         e.st_ctime_ns = node.ctime_ns

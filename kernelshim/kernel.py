@@ -17,6 +17,8 @@ caller's business (the metadata server, later the principal banks), not the kern
 | wait_quiescent()              | (trusted caller)    | —                                       |
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
 | sync()                        | —                   | DeviceError                             |
+| writeback_file(inode)         | (trusted caller)    | DeviceError                             |
+| reserve(runs)                 | (trusted caller)    | DeviceFull, DeviceError                 |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
 |                               | for discardable)    |                                         |
@@ -42,6 +44,7 @@ resume: what a commit exposes was on the device before it.
 
 from __future__ import annotations
 
+import errno
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,8 +52,8 @@ from typing import AsyncIterator, Callable, Iterable
 
 import trio
 
-from blockdev import (BankTree, BlockDevice, BlockNo, FaultPlan, PrincipalId, RecordLog,
-                      SluiceError)
+from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, FaultPlan,
+                      PrincipalId, RecordLog, SluiceError, reserve_space)
 from pager import Pager, ReclaimSubscription
 
 from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
@@ -87,14 +90,22 @@ class Kernel:
         self._barrier: trio.Event | None = None
         #: whether anything was written or discarded since the last barrier
         self._dirty = False
+        #: the files that had frames not on the device when the current (or last)
+        #: barrier started: only discardable ones once its flush is done (the pager
+        #: leaves those out). The commit in the barrier's body records them: a crash
+        #: may have lost their data, so they come back empty (crash rule 4).
+        self.unflushed_files: set[int] = set()
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
              fault_plan: Path | None = None, record_dir: Path | None = None,
-             scheduler: str = "mclock", pager_policy: str = "hinted") -> Kernel:
+             scheduler: str = "mclock", pager_policy: str = "hinted",
+             writeback: bool = False) -> Kernel:
         """Open the volume's device and a pager over it; `scheduler` is the device's I/O
         scheduler, "mclock" (per-principal QoS) or "fifo" (the baseline), `pager_policy`
-        one of pager.POLICIES (ValueError for another).
+        one of pager.POLICIES (ValueError for another), `writeback` whether the pager
+        caches writes (write-back; docs/dev/invariants.md R2: `barrier` writes every
+        dirty frame back before the commit that exposes it) or writes through.
 
         Lab facilities, off unless asked for (the mount passes them from the environment;
         see blockdev/faults.py and blockdev/recording.py): `fault_plan`, a JSON fault plan
@@ -106,7 +117,7 @@ class Kernel:
                                   recorder=recorder, scheduler=scheduler)
         try:
             pager = Pager(device, nframes=max(16, cache_bytes // device.block_size),
-                          policy=pager_policy)
+                          policy=pager_policy, writeback=writeback)
         except BaseException:
             device.close()
             raise
@@ -280,6 +291,13 @@ class Kernel:
                     if self._writes_done is None:
                         self._writes_done = trio.Event()
                     await self._writes_done.wait()
+            # Taken while no write can dirty a frame (writes are held back): a
+            # discardable frame dirty now and cleaned during the flush by a write-back
+            # other than the flush's own is counted, conservatively, as unflushed.
+            wb = self.pager.writeback
+            before = self.pager.dirty_discardable_files() if wb else set()
+            if before:
+                self._dirty = True
             if self._dirty:
                 self._dirty = False
                 try:
@@ -287,6 +305,7 @@ class Kernel:
                 except BaseException:
                     self._dirty = True
                     raise
+            self.unflushed_files = before | self.pager.dirty_files() if wb else set()
             yield
         finally:
             self._barrier = None
@@ -471,6 +490,38 @@ class Kernel:
         async with self.barrier():
             pass
 
+    async def writeback_file(self, inode: int) -> bool:
+        """Write back the file's dirty frames that a barrier leaves out (discardable
+        ones: the pager writes them only when asked for that file, an fsync) and flush
+        the device; nobody else's frames are written. False (and nothing done) when the
+        file had none."""
+        if not self.pager.writeback or inode not in self.pager.dirty_discardable_files():
+            return False  # (its other dirty frames: the commit's barrier writes them)
+        # Inside a barrier, so that no commit runs while these frames are on their
+        # way: a commit sees them either dirty (the file is recorded as unflushed) or
+        # clean and flushed to the device.
+        async with self.barrier():
+            await self.pager.writeback_file(inode)
+        return True
+
+    async def reserve(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Reserve host space under freshly allocated device blocks (a sparse backing
+        file: fallocate), so that writing them later — a write-back long after the
+        write was acknowledged — cannot fail for lack of host space. DeviceFull when
+        the host has no room (nothing is acknowledged then: the caller is allocating)."""
+        bs = self.block_size
+        for dev, count in runs:
+            try:
+                reserve_space(self.device.data, dev * bs, count * bs)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "
+                           "(the host filesystem under the backing store is full)")
+                    log.error("%s", msg)
+                    raise DeviceFull(msg, block=dev) from None
+                raise DeviceError(f"reserving device blocks {dev}+{count}: "
+                                  f"{exc.strerror}", block=dev, errno=exc.errno) from None
+
     # -- pager hints -----------------------------------------------------------------
 
     async def advise(self, grant: Grant, offset: int, length: int, *,
@@ -494,6 +545,8 @@ class Kernel:
             runs = [(s.file_block, s.dev_block, s.count)
                     for s in grant.extents.segments(b0, b1 - b0)
                     if s.dev_block != HOLE and s.state != UNWRITTEN]
+            if dontneed:
+                self._dirty = True  # dontneed writes dirty frames back (a barrier flushes)
             await self.pager.advise(grant.inode, runs, principal=grant.principal,
                                     priority=priority, discardable=discardable,
                                     willneed=willneed, dontneed=dontneed)

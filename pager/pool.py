@@ -797,6 +797,25 @@ class Pager:
             await self._write_back_until_clean(np.flatnonzero(cand))
         await self.device.flush()
 
+    def dirty_files(self) -> set[int]:
+        """The files with frames dirty or under write-back (after `flush`, only
+        discardable ones: the metadata server records them at each commit, because
+        a crash may lose their data and they must then come back empty)."""
+        st = self._state
+        files = self._file[(st == DIRTY) | (st == WRITEBACK)]
+        return {int(f) for f in np.unique(files) if f}
+
+    def dirty_discardable_files(self) -> set[int]:
+        """The files with discardable frames dirty or under write-back."""
+        st = self._state
+        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & self._disc]
+        return {int(f) for f in np.unique(files) if f}
+
+    def has_dirty(self, file: int) -> bool:
+        """Whether `file` has frames dirty or under write-back."""
+        st = self._state
+        return bool(((self._file == file) & ((st == DIRTY) | (st == WRITEBACK))).any())
+
     async def writeback_file(self, file: int) -> None:
         """fsync of one file: its dirty frames (discardable ones included: asked for
         explicitly) reach the device, and the device is flushed; nobody else's dirty
@@ -1017,7 +1036,8 @@ class Pager:
         if self._tw is not None:
             self._trace_op(tr.WRITE, principal, block, count, file, fblock)
         p = int(principal)
-        if not self.writeback:
+        if not self.writeback or (count > BYPASS_BLOCKS and self._may_bypass(
+                block, count, file, fblock, p)):
             await self._write_through(block, mv, count, p, file, fblock)
             return
         self._tick += count
@@ -1068,6 +1088,25 @@ class Pager:
                     self._dirty_since_m[f] = now
                     self._acct_of(p).dirty += 1
 
+    def _may_bypass(self, block: int, count: int, file: int, fblock: int,
+                    owner: int) -> bool:
+        """Whether a large write (a stream, as large reads) goes around the pool to the
+        device, as under write-through: not under `global-lru` (the honest baseline
+        caches everything), never for a discardable file (its data is not to reach
+        the device unasked), and only when no block of the range is resident — a
+        dirty frame or one under write-back would otherwise land over it later. From
+        this check to the device write's start there is no checkpoint."""
+        if self._global:
+            return False
+        if self._hinted and file and self._hints_for(file, fblock, owner)[1]:
+            return False
+        where = self._where
+        if where:
+            for b in range(block, block + count):
+                if b in where:
+                    return False
+        return True
+
     def _retag(self, f: int, file: int, fblock: int) -> None:
         if self._file_m[f] != file or self._fblock_m[f] != fblock:
             self._file_m[f] = file
@@ -1105,6 +1144,10 @@ class Pager:
             mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
             if state[f] == FILLING:
                 state[f] = CLEAN
+            elif state[f] == WRITEBACK:
+                # (write-back: a frame dirtied by a racing write and sent meanwhile) its
+                # write-back may land after ours: write it again, with these bytes
+                self._redirty_m[f] = True
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget freed blocks: wait for their write-back in flight (so it cannot land
@@ -1335,9 +1378,12 @@ class Pager:
 
     async def _reclaim_from(self, p: int, n: int, *, floor: int) -> int:
         """Take up to n frames from p by policy, not below `floor` frames."""
-        taken = 0
         a = self._acct_of(p)
-        while taken < n and a.resident > floor:
+        start = a.resident
+        # Counted in frames given up, not victims: a dirty discardable victim takes
+        # its whole file with it (dropping one file per frame asked for would empty
+        # every discardable file of the principal for a reserve of a few frames).
+        while start - a.resident < n and a.resident > floor:
             v = self._victim_of(p)
             if v == NIL:
                 break
@@ -1347,8 +1393,7 @@ class Pager:
                 if self._gen_m[v] != g or self._state_m[v] != CLEAN or self._pin_m[v]:
                     continue
             self._evict(v)
-            taken += 1
-        return taken
+        return start - a.resident
 
     async def _balance(self) -> None:
         now = trio.current_time()

@@ -15,6 +15,20 @@ Workloads (sizes shrink with --quick):
   create/stat/unlink   N empty files in one directory; stat warm (right after the
                 creates, the kernel's caches are warm) and cold (after drop_caches)
   untar/find/rm tar -xf of a tarball of /usr/include, `find . | wc -l`, `rm -rf`
+  fio write     fio's sequential write, as issue 8 measures it: `fio --rw=write --bs=1M
+                --size=SIZE --ioengine=psync --end_fsync=1 --fallocate=none` (MB/s
+                from fio's JSON, the final fsync included); the goal is at least
+                FIO_RATIO_GOAL times the plain directory's figure of the same run.
+                fio is installed with apt-get if missing (--only fio runs just this).
+
+  fsync cost    what one tenant's fsync costs another (data=ordered: a commit writes
+                back every file's dirty pages first): the median latency of a 4 KiB
+                write + fsync of a small file, alone and while another process keeps
+                64 MiB of cached (dirty) data in flight with 64 KiB writes, no fsync
+                (--only fsync runs just this)
+
+sluice is mounted with write-back (--writeback, the default here) or without
+(--no-writeback: write-through, for comparison).
 
 Before the sequential write and the cold read, a scratch file of the same size is
 written and deleted outside the mount (untimed; --no-warmup skips it): see
@@ -23,7 +37,8 @@ and the table shows medians and sluice's range: on a shared 2-CPU machine single
 move by tens of percent.
 
 Run as root:  .venv/bin/python scripts/bench_fs.py [--size-mb 1024] [--quick] [--json out.json]
-                  [--repeat N] [--only seq|rand|meta|tar] [--skip-plain] [--py-spy DIR]
+                  [--repeat N] [--only seq|rand|meta|tar|fio|fsync] [--skip-plain]
+                  [--py-spy DIR] [--no-writeback]
 
 Progress goes to stderr, the table to stdout. Everything made (mounts, volume, files)
 is removed in `finally`. With --py-spy DIR, py-spy samples the sluice daemon during
@@ -49,13 +64,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (BS, MiB, SluiceMount, cpu_seconds, drop_caches, io_until, is_mounted,
+from benchlib import (BS, REPO, SLUICE, MiB, SluiceMount, cpu_seconds, drop_caches, io_until, is_mounted,
                       loadavg, log, random_offsets, read_to_end, run, warm_memory)
 
 VENV_BIN = Path(sys.executable).parent
 
 #: untar time on sluice as a multiple of the plain directory's, in the same run
 UNTAR_RATIO_GOAL = 2.5
+#: fio's sequential write on sluice (write-back) as a fraction of the plain directory's
+FIO_RATIO_GOAL = 0.5
+FIO_WRITE = "fio write 1M psync+end_fsync"
+FSYNC_ALONE = "4K write+fsync, alone"
+FSYNC_LOADED = "4K write+fsync, other writer"
 
 # name -> (unit, higher is better, sluice target or None)
 WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
@@ -73,6 +93,9 @@ WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
     "untar FUSE requests/file": ("req", False, None),
     "find | wc -l": ("s", False, None),
     "rm -rf": ("s", False, 3.0),
+    FIO_WRITE: ("MB/s", True, None),
+    FSYNC_ALONE: ("ms", False, None),
+    FSYNC_LOADED: ("ms", False, None),
 }
 
 
@@ -108,7 +131,92 @@ class Sampler:
                 self.proc.wait()
 
 
+class BenchMount(SluiceMount):
+    """SluiceMount with write-back on or off (`sluice mount --writeback`)."""
+
+    def __init__(self, volume: Path, mountpoint: Path, *, writeback: bool) -> None:
+        super().__init__(volume, mountpoint)
+        self.writeback = writeback
+
+    def mount(self) -> None:
+        run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none",
+             "--writeback" if self.writeback else "--no-writeback"], cwd=REPO)
+        self.pid = int(json.loads((self.volume / "mount.json").read_text())["pid"])
+
+
+def ensure_fio() -> str:
+    """The fio binary; installed with apt-get when missing (the benchmark's job)."""
+    found = shutil.which("fio")
+    if found:
+        return found
+    log("fio is not installed: installing it with apt-get (apt-get install -y fio)")
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "fio"], capture_output=True,
+                       text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    found = shutil.which("fio")
+    if r.returncode != 0 or not found:
+        raise SystemExit("bench_fs: fio is needed for the fio workload and `apt-get install "
+                         f"-y fio` failed ({r.returncode}): {r.stderr.strip()[-300:]}; install "
+                         "it, or leave the workload out (--only seq --only rand ...)")
+    return found
+
+
+def fio_write(fio: str, path: Path, size_mb: int) -> float:
+    """MB/s (10^6 bytes) fio reports for a sequential 1 MiB psync write of size_mb MiB
+    with a final fsync (included in its runtime), no preallocation."""
+    r = run([fio, "--name=seqwrite", f"--filename={path}", "--rw=write", "--bs=1M",
+             f"--size={size_mb}M", "--ioengine=psync", "--end_fsync=1", "--fallocate=none",
+             "--output-format=json"])
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
+    path.unlink()
+    return job["bw_bytes"] / 1e6
+
+
 # -- workloads ---------------------------------------------------------------------------
+
+def _dirtier(path: str, stop, ready) -> None:
+    """The other tenant: rewrites 64 MiB of `path` with 64 KiB writes, never fsyncs."""
+    buf = os.urandom(64 * 1024)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        ready.set()
+        while not stop.is_set():
+            for off in range(0, 64 * MiB, len(buf)):
+                os.pwrite(fd, buf, off)
+                if stop.is_set():
+                    break
+    finally:
+        os.close(fd)
+
+
+def fsync_latency(path: Path, n: int = 30) -> float:
+    """Median ms of a 4 KiB pwrite + fsync of `path`, n times."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    times = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            os.pwrite(fd, os.urandom(BS), (i % 16) * BS)
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return statistics.median(times) * 1000
+
+
+def fsync_loaded(root: Path, n: int = 30) -> float:
+    """fsync_latency while another process keeps dirty data coming (see _dirtier)."""
+    stop, ready = mp.Event(), mp.Event()
+    other = mp.Process(target=_dirtier, args=(str(root / "other.bin"), stop, ready))
+    other.start()
+    try:
+        ready.wait(30)
+        time.sleep(1.0)  # let its dirty data build up
+        return fsync_latency(root / "mine.bin", n)
+    finally:
+        stop.set()
+        other.join(60)
+        (root / "other.bin").unlink(missing_ok=True)
+        (root / "mine.bin").unlink(missing_ok=True)
 
 def seq_write(path: Path, size_mb: int, data: mmap.mmap) -> float:
     """MB/s (10^6 bytes) of writing size_mb MiB with 1 MiB writes, fsync included."""
@@ -315,6 +423,15 @@ class Bench:
             step("stat (cold)", lambda: meta_stat(d, n))
             step("unlink", lambda: meta_unlink(d, n))
 
+        if not want or "fio" in want:
+            fio = ensure_fio()
+            self.warm_memory()
+            step(FIO_WRITE, lambda: fio_write(fio, root / "fio.bin", self.size_mb))
+
+        if not want or "fsync" in want:
+            step(FSYNC_ALONE, lambda: fsync_latency(root / "mine.bin"))
+            step(FSYNC_LOADED, lambda: fsync_loaded(root))
+
         if not want or "tar" in want:
             t = root / "untar"
             t.mkdir()
@@ -360,7 +477,7 @@ class Bench:
                 self.workloads("plain", plain)
                 shutil.rmtree(plain)
             vol = self.tmp / f"vol{rnd}"
-            self.mount = SluiceMount(vol, mnt)
+            self.mount = BenchMount(vol, mnt, writeback=self.args.writeback)
             log(f"sluice: mkfs {vol}, mount at {mnt}")
             self.mount.mkfs()
             self.mount.mount()
@@ -437,7 +554,10 @@ def main() -> int:
     p.add_argument("--no-warmup", action="store_true",
                    help="do not write+delete a scratch file before the sequential write and "
                         "the cold read (see Bench.warm_memory)")
-    p.add_argument("--only", action="append", choices=["seq", "rand", "meta", "tar"],
+    p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=True,
+                   help="mount sluice with write-back (default) or write-through")
+    p.add_argument("--only", action="append",
+                   choices=["seq", "rand", "meta", "tar", "fio", "fsync"],
                    help="run only these workload groups (repeatable)")
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="sample the daemon with py-spy per sluice workload into DIR")
@@ -487,6 +607,12 @@ def main() -> int:
         print(f"\nuntar: sluice/plain {us / up:.2f}x (goal: at most {UNTAR_RATIO_GOAL}x, what C "
               f"passthrough_hp without cache reaches); FUSE requests per file: "
               f"{fmt(median(b.results['sluice'].get('untar FUSE requests/file')))}")
+    fp = median(b.results["plain"].get(FIO_WRITE))
+    fs_ = median(b.results["sluice"].get(FIO_WRITE))
+    if fp and fs_:
+        print(f"\nfio write: sluice/plain {fs_ / fp:.2f}x with "
+              f"{'write-back' if args.writeback else 'write-through'} (goal: at least "
+              f"{FIO_RATIO_GOAL}x with write-back)")
     if b.extra.get("untar_requests"):
         print("untar requests by kind: " + ", ".join(
             f"{k} {v}" for k, v in b.extra["untar_requests"].items()))

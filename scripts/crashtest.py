@@ -105,6 +105,14 @@ from blockdev.recording import ATTACH, BARRIER, WRITE
 
 REPO = Path(__file__).resolve().parent.parent
 SLUICE = [sys.executable, "-m", "fs.cli"]
+#: extra `sluice mount` arguments of every mount of a campaign (--mount-args, e.g.
+#: "--writeback" to run the campaign with write-back caching)
+MOUNT_ARGS: list[str] = []
+#: directories made discardable (user.sluice.discardable=1) at setup: files created in
+#: them are a cache by contract (crash rule 4) and may come back empty and marked
+#: user.sluice.discarded, never partial
+DISCARDABLE_DIRS = ("cache",)
+DISCARDED_XATTR = "user.sluice.discarded"
 MODEL = "process crash: SIGKILL of the daemon; the host page cache survives"
 
 #: bytes per pattern cell: "%06x@%08x\n" % (op id, file offset of the cell)
@@ -232,7 +240,7 @@ class Workload:
     it returned, {"k": "E", "id", "errno", "msg"} if it failed (then the workload stops:
     its model of the tree would no longer be exact)."""
 
-    FIXED_DIRS = ("d0", "d1", "d2")
+    FIXED_DIRS = ("d0", "d1", "d2", *DISCARDABLE_DIRS)
     TARGETS = ("s0", "d1/s1")
 
     def __init__(self, root: str, seed: int, nops: int, out: Any, *,
@@ -331,6 +339,11 @@ class Workload:
         self.dirs[""] = os.stat(self.root).st_ino
         for d in self.FIXED_DIRS:
             self.do_mkdir(d)
+            if d in DISCARDABLE_DIRS:
+                # Not a logged operation: user.sluice.* xattrs are the volume's, not the
+                # oracle's; files created here inherit it (a crash before it was
+                # committed leaves them ordinary files, judged by the stricter rules).
+                os.setxattr(self._p(d), "user.sluice.discardable", b"1")
         for t in self.TARGETS:
             ino = self.do_create(t)
             self.do_write(t, ino, 0, self.rng.randint(3000, 9000))
@@ -338,7 +351,7 @@ class Workload:
         self.do_fsyncdir("")
         self.do_fsyncdir("d1")
 
-    SETUP_OPS = 3 + 3 * 2 + 2
+    SETUP_OPS = len(FIXED_DIRS) + 3 * 2 + 2
 
     def step(self) -> None:
         rng = self.rng
@@ -689,8 +702,11 @@ class FileModel:
     """What the log says about one file (inode): its exact state now, the state its
     last acknowledged fsync made durable, and the steps since."""
 
-    def __init__(self, ino: int, created: int) -> None:
+    def __init__(self, ino: int, created: int, *, discardable: bool = False) -> None:
         self.ino = ino
+        #: created in a discardable directory: whole by the rules below, or empty and
+        #: marked discarded (crash rule 4)
+        self.discardable = discardable
         self.content = np.zeros(0, dtype=np.uint8)
         self.alts: list[Alt] = []
         self.xattrs: dict[str, bytes] = {}
@@ -962,6 +978,8 @@ class CheckStats:
     dirs: int = 0
     xattrs: int = 0
     probes: int = 0
+    #: discardable files found emptied and marked (allowed; not counted as checks)
+    discarded: int = 0
 
     def total(self) -> int:
         return self.files + self.names + self.dirs + self.xattrs + self.probes
@@ -1022,7 +1040,8 @@ class Oracle:
                     self.dirs[ino] = DirModel(ino, oid)
                     self._dir_paths[op["path"]] = ino
                 else:
-                    self.files[ino] = FileModel(ino, oid)
+                    self.files[ino] = FileModel(
+                        ino, oid, discardable=_split(op["path"])[0] in DISCARDABLE_DIRS)
         elif kind in ("rmdir", "unlink"):
             parent, name = self._dir_of(op["path"])
             parent.bind(oid, name, None)
@@ -1096,6 +1115,9 @@ class Oracle:
                 if len(data) or xattrs:
                     out.append(Violation("content", path, f"a file the interrupted create "
                                          f"made holds {len(data)} bytes, xattrs {xattrs}"))
+                continue
+            if f.discardable and not len(data) and _discarded(root / path):
+                st.discarded += 1  # a cache emptied as a whole: allowed (rule 4)
                 continue
             out.extend(f.judge(path, data, unreadable, xattrs))
         return out
@@ -1234,6 +1256,13 @@ def _read_all(path: Path) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]
     return data, unreadable, errs
 
 
+def _discarded(path: Path) -> bool:
+    try:
+        return os.getxattr(path, DISCARDED_XATTR) == b"1"
+    except OSError:
+        return False
+
+
 def _read_xattrs(path: Path, out: list[Violation], rel: str) -> dict[str, bytes]:
     res: dict[str, bytes] = {}
     try:
@@ -1356,7 +1385,7 @@ class Round:
         res.violations += self._workload_errors(oracle, killed_at)
         res.violations += self._daemon_log("daemon1.log", "the killed daemon")
         # Recovery: `sluice mount` over the dead mount point.
-        r = _sluice("mount", str(self.volume), str(self.mnt))
+        r = _sluice("mount", str(self.volume), str(self.mnt), *MOUNT_ARGS)
         if r.returncode:
             res.violations.append(Violation("daemon", "/", f"recovery mount failed: "
                                             f"{r.stderr.strip()}"))
@@ -1389,7 +1418,7 @@ class Round:
     def _start_daemon(self) -> None:
         logf = open(self.dir / "daemon1.log", "ab")
         self._daemon = subprocess.Popen([*SLUICE, "mount", str(self.volume), str(self.mnt),
-                                         "--foreground"], stdout=logf, stderr=logf, cwd=REPO,
+                                         "--foreground", *MOUNT_ARGS], stdout=logf, stderr=logf, cwd=REPO,
                                         start_new_session=True, env=self.daemon_env)
         logf.close()
         deadline = time.monotonic() + 30
@@ -1540,6 +1569,8 @@ def summary_table(results: list[RoundResult]) -> str:
     rows = [("crash model", MODEL), ("rounds", str(n)), ("rounds with violations", str(len(failed))),
             ("operations acknowledged", str(ops)),
             ("checks (files, names, dirs, xattrs, growth probes, fsck)", str(checks)),
+            ("discardable files found emptied (allowed, rule 4)",
+             str(sum(r.stats.get("discarded", 0) for r in results))),
             ("violations", str(viol))]
     rows += [(f"  {k}", str(c)) for k, c in sorted(by_kind.items())]
     if failed:
@@ -1890,7 +1921,7 @@ def check_state(vol: Path, mnt: Path, oracle: Oracle, seed: int,
     the growth probe), unmount it, then `fsck --verify-data` must be clean: the
     violations found. Leaves nothing mounted and no daemon running."""
     out: list[Violation] = []
-    r = _sluice("mount", str(vol), str(mnt))
+    r = _sluice("mount", str(vol), str(mnt), *MOUNT_ARGS)
     if r.returncode:
         return [Violation("daemon", "/", f"recovery mount failed: {r.stderr.strip()}")]
     pid: int | None = int(json.loads((vol / "mount.json").read_text())["pid"])
@@ -1978,6 +2009,8 @@ def power_summary_table(results: list[PowerRunResult]) -> str:
             ("states with the WAL cut before its last commit", str(rolled)),
             ("checks (files, names, dirs, xattrs, growth probes, fsck)",
              str(sum(s.checks for s in states))),
+            ("discardable files found emptied (allowed, rule 4)",
+             str(sum(s.stats.get("discarded", 0) for s in states))),
             ("violations", str(len(viol)))]
     rows += [(f"  {k}", str(c)) for k, c in sorted(by_kind.items())]
     failing = [f"{r.seed}" + (f":{','.join(str(s.index) for s in r.states if s.violations)}"
@@ -2013,7 +2046,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where rounds run (default: a new directory in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep every round's directory")
+    ap.add_argument("--mount-args", default="",
+                    help="extra arguments of every `sluice mount`, e.g. \"--writeback\"")
     args = ap.parse_args(argv)
+    MOUNT_ARGS[:] = args.mount_args.split()
     if os.geteuid() != 0:
         print("crashtest: run as root (it mounts FUSE volumes)", file=sys.stderr)
         return 1
@@ -2025,7 +2061,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     if args.model == "power":
         return power_main(args, seed, workdir, t0)
-    print(f"crash model: {MODEL}")
+    print(f"crash model: {MODEL}" + (f"; mount {' '.join(MOUNT_ARGS)}" if MOUNT_ARGS else ""))
     print(f"campaign seed {seed}, {args.rounds} rounds (round i uses seed {seed}+i), "
           f"workdir {workdir}", flush=True)
     results = run_campaign(seed, args.rounds, workdir, keep=args.keep, nops=args.ops,
@@ -2046,7 +2082,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def power_main(args: argparse.Namespace, seed: int, workdir: Path, t0: float) -> int:
-    print(f"crash model: {POWER_MODEL}")
+    print(f"crash model: {POWER_MODEL}"
+          + (f"; mount {' '.join(MOUNT_ARGS)}" if MOUNT_ARGS else ""))
     print(f"campaign seed {seed}, {args.rounds} recorded runs (run i uses seed {seed}+i, "
           f"its state k seed 1000*({seed}+i)+k), {args.states} states each, "
           f"workdir {workdir}", flush=True)

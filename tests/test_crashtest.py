@@ -352,7 +352,10 @@ def _recorded_run(tmp_path: Path, monkeypatch, script) -> dict[str, Any]:
     monkeypatch.setenv("SLUICE_RECORD_DIR", str(rec))
     m = Mount(volume, mp, None, tmp_path / "daemon.log")
     try:
-        m.start()
+        # Write-through: the unsynced writes of the script must reach the device after
+        # the last barrier (pending pieces); with write-back they would stay in the
+        # pager until a commit (the campaigns run with write-back: docs/RELIABILITY.md).
+        m.start("--no-writeback")
         monkeypatch.delenv("SLUICE_RECORD_DIR")
         out = io.StringIO()
         w = ct.Workload(str(mp), 1, 0, out, direct=False, record_log=str(rec / "log"))

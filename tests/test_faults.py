@@ -360,7 +360,9 @@ def test_mounted_write_error_reaches_the_writer(volume: Path, mount_factory, tmp
     """Every device write fails: the writer gets EIO, the file shows none of it (no
     size, no bytes), metadata operations and the daemon carry on."""
     monkeypatch.setenv("SLUICE_FAULT_PLAN", str(write_plan(tmp_path, write_error_rate=1.0)))
-    m = mount_factory(volume)
+    # write-through: the error is the write's (with write-back it is the fsync's:
+    # tests/test_writeback.py)
+    m = mount_factory(volume, "--no-writeback")
     fd = os.open(m.path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         with pytest.raises(OSError) as ei:
