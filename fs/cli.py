@@ -274,26 +274,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise CliError(f"cannot unmount {mp}: {msg}")
     if pid:
         deadline = time.monotonic() + args.timeout
-        while _alive(pid):
+        while vol.pid_alive(pid):
             if time.monotonic() > deadline:
                 raise CliError(f"daemon pid {pid} did not exit within {args.timeout:g} s")
             time.sleep(0.05)
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0): look at its state.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- remount ------------------------------------------------------------------------------

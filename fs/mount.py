@@ -35,8 +35,8 @@ from .metrics import MetricsServer
 from .errors import VolumeError
 from .operations import PRINCIPAL_REQUESTS, Operations
 from .service import DirectService
-from .volume import (DB, VolumeLock, clear_mount_state, read_header, read_mount_state,
-                     write_mount_state)
+from .volume import (DB, VolumeLock, clear_mount_state, pid_alive, read_header,
+                     read_mount_state, write_mount_state)
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ def remount(mountpoint: str, options: list[str], *, complete: bool = False,
         if state.get("seq", 0) > seq and state.get("flags") == after[1]:
             break
         pid = state.get("pid")
-        if not pid or not _pid_alive(pid):
+        if not pid or not pid_alive(pid):
             raise VolumeError(f"the daemon of {mp} is gone")
         if time.monotonic() > deadline:
             raise VolumeError(f"the daemon of {mp} did not take the new flags within "
@@ -435,16 +435,6 @@ def remount(mountpoint: str, options: list[str], *, complete: bool = False,
             after[0].read_only or str(state.get("applied", "")).startswith("ro")):
         raise VolumeError(f"{mp} stays read-only: {state.get('refused') or 'refused'}")
     return after[0]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mount_is_dead(mountpoint: str) -> bool:

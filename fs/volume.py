@@ -81,6 +81,22 @@ class VolumeInfo:
     created_ns: int
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` (a volume's daemon) still runs: a zombie does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0): look at its state.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def is_volume(path: Path) -> bool:
     return (path / HEADER).is_file()
 
