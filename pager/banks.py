@@ -1,0 +1,91 @@
+"""The principals' memory banks as the pager sees them: guarantees (`cache_min`, a
+protection as memcg's memory.min) and ceilings (`cache_max`) in frames, the
+admission check of the guarantees against the pool, and who is at a ceiling
+(a principal's own or an ancestor's)."""
+
+from __future__ import annotations
+
+import logging
+
+from blockdev import BankTree
+
+from .errors import GuaranteeExceeded
+from .frames import FrameTable
+
+log = logging.getLogger(__name__)
+
+
+class Banks(FrameTable):
+    """Memory banks pushed down by kernelshim (`configure_banks`)."""
+
+    def _init_banks(self) -> None:
+        #: every principal's memory bank (min, max, parent), pushed down by kernelshim
+        self.banks: BankTree = {}
+        self._min: dict[int, int] = {}
+        self._max: dict[int, int] = {}
+        self._parent: dict[int, int | None] = {}
+
+    def _protections(self, tree: BankTree) -> dict[int, int]:
+        """Each principal's own guarantee in bytes: its cache_min less what its children
+        carve from it (the sum over the tree is what must fit in the pool)."""
+        carved: dict[int, int] = {}
+        for node in tree.values():
+            if node.parent is not None:
+                carved[node.parent] = carved.get(node.parent, 0) + node.cache_min
+        return {pid: max(0, node.cache_min - carved.get(pid, 0)) for pid, node in tree.items()}
+
+    def check_banks(self, tree: BankTree) -> None:
+        """Raise GuaranteeExceeded when the guarantees in `tree` add up to more than
+        the pool (called at mount and before a principal's bank is added or changed)."""
+        total = sum(self._protections(tree).values())
+        pool = self.nframes * self.block_size
+        if total > pool:
+            raise GuaranteeExceeded(
+                f"memory guarantees (cache_min) add up to {total} bytes, more than the "
+                f"pager's pool of {pool} bytes ({self.nframes} frames)")
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """The principals' memory banks changed (or the mount started). Guarantees past
+        the pool are logged and honoured only as far as frames exist (the admission
+        check, `check_banks`, is the caller's)."""
+        self.banks = tree
+        bs = self.block_size
+        prot = self._protections(tree)
+        self._min = {pid: v // bs for pid, v in prot.items() if v >= bs}
+        self._max = {pid: node.cache_max // bs for pid, node in tree.items()
+                     if node.cache_max is not None}
+        self._parent = {pid: node.parent for pid, node in tree.items()}
+        if sum(self._min.values()) > self.nframes:
+            log.error("memory guarantees exceed the pager's pool of %d frames", self.nframes)
+        self._poke()
+
+    def _ancestors(self, p: int) -> list[int]:
+        out = []
+        seen = set()
+        q = self._parent.get(p)
+        while q is not None and q not in seen:
+            seen.add(q)
+            out.append(q)
+            q = self._parent.get(q)
+        return out
+
+    def _subtree_resident(self, q: int) -> int:
+        total = 0
+        for p, a in self._acct.items():
+            if a.resident and (p == q or q in self._ancestors(p)):
+                total += a.resident
+        return total
+
+    def _at_max(self, p: int) -> int | None:
+        """The principal whose ceiling `p` would pass with one more frame (p itself or
+        an ancestor), or None."""
+        if not self._max:
+            return None
+        m = self._max.get(p)
+        if m is not None and self._acct_of(p).resident >= m:
+            return p
+        for q in self._ancestors(p):
+            m = self._max.get(q)
+            if m is not None and self._subtree_resident(q) >= m:
+                return q
+        return None

@@ -1,0 +1,370 @@
+"""The data path: reads (through the pool, or around it for streams, overlaid with
+resident frames so they see dirty data), fills of missing blocks charged to the
+reader, read-ahead and drop-behind of sequential files, writes (into dirty frames,
+or through to the device keeping resident frames current), and discard of freed
+blocks after their write-back in flight. The concurrency rules (generations,
+FILLING, `_redirty`) are in docs/dev/invariants.md ("Pager")."""
+
+from __future__ import annotations
+
+import trio
+
+from blockdev import BlockNo, PrincipalId
+
+from . import trace as tr
+from .cache import (BYPASS_BLOCKS, CLASS_DROP_BEHIND, CLEAN, DIRTY, FILLING, WRITEBACK,
+                    WRITEBACK_CLUSTER)
+from .policy import NIL
+from .reclaim import Reclaim
+
+
+class DataPath(Reclaim):
+    """read, read_into, write, discard."""
+
+    def _init_datapath(self, *, readahead: int) -> None:
+        self.readahead = readahead
+
+    async def read(self, block: BlockNo, count: int, *, principal: PrincipalId,
+                   file: int = 0, fblock: int = 0) -> bytearray:
+        """Contents of `count` blocks from `block`, from frames where resident."""
+        out = bytearray(count * self.block_size)
+        await self.read_into(block, count, memoryview(out), principal=principal,
+                             file=file, fblock=fblock)
+        return out
+
+    async def _read_stream(self, block: BlockNo, count: int, view: memoryview,
+                           principal: PrincipalId) -> None:
+        """A large read that does not go through the pool (it would push out the small,
+        hot blocks the pool is for): resident blocks are copied from their frames, the
+        runs of the others read from the device, uncached. Frames are never older than
+        the device (dirty, under write-back, or written through), so after each device
+        read, with no checkpoint in between, frames that became resident meanwhile are
+        laid over what the device returned."""
+        bs = self.block_size
+        where = self._where
+        mem = self._mem
+        state = self._state_m
+        missing: list[int] = []
+        for i in range(count):
+            f = where.get(block + i) if where else None
+            if f is None or state[f] == FILLING:
+                missing.append(i)
+            else:
+                view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+        self.bypassed += len(missing)
+        j = 0
+        while j < len(missing):
+            k = j
+            while k + 1 < len(missing) and missing[k + 1] == missing[k] + 1:
+                k += 1
+            first, n = missing[j], k - j + 1
+            await self.device.read_into(BlockNo(block + first), n,
+                                        view[first * bs:(first + n) * bs], principal=principal)
+            if where:
+                for i in range(first, first + n):
+                    f = where.get(block + i)
+                    if f is not None and state[f] != FILLING:
+                        view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+            j = k + 1
+
+    async def read_into(self, block: BlockNo, count: int, view: memoryview, *,
+                        principal: PrincipalId, file: int = 0, fblock: int = 0) -> None:
+        """Put the contents of `count` blocks from `block` into `view`."""
+        if self._tw is not None:
+            self._trace_op(tr.READ, principal, block, count, file, fblock)
+        bs = self.block_size
+        p = int(principal)
+        if count > BYPASS_BLOCKS and not self._global:
+            await self._read_stream(block, count, view, principal)
+            return
+        self._tick += count
+        if file and (file in self._hints or file in self._range_hints):
+            self._file_tick[file] = self._tick  # (only hinted files: a bounded map)
+        where = self._where
+        mem = self._mem
+        state = self._state_m
+        ref = self._ref_m
+        pf = self._pf_m
+        missing: list[int] = []
+        pf_hits = 0
+        for i in range(count):
+            f = where.get(block + i)
+            if f is None or state[f] == FILLING:
+                missing.append(i)
+            else:
+                view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+                ref[f] = True
+                if pf[f]:
+                    pf[f] = False
+                    pf_hits += 1
+        hits = count - len(missing) - pf_hits
+        a = self._acct_of(p)
+        self.hits += hits
+        a.hits += hits
+        if missing or pf_hits:
+            self.misses += len(missing) + pf_hits
+            a.misses += len(missing) + pf_hits
+        if missing:
+            await self._fill(block, missing, view, p, file, fblock)
+        if self._hinted and file:
+            h = self._hints.get(file)
+            if h is not None and h[2]:
+                self._drop_behind(block, count)
+                if missing:
+                    await self._read_ahead(block + count, p, file, fblock + count)
+
+    async def _fill(self, block: int, missing: list[int], view: memoryview, p: int,
+                    file: int, fblock: int) -> None:
+        """Read the `missing` blocks (indexes into the request) into frames charged to
+        `p` and into `view`."""
+        bs = self.block_size
+        mem = self._mem
+        where = self._where
+        state = self._state_m
+        gen = self._gen_m
+        pending = missing
+        while pending:
+            mine: list[tuple[int, int, int]] = []
+            waits: list[int] = []
+            done = 0
+            try:
+                for i in pending:
+                    b = block + i
+                    f = where.get(b)
+                    if f is None:
+                        nf, dirty_victim = self._try_alloc(p)
+                        if nf == NIL:
+                            if mine:
+                                break  # read what we hold first (never wait holding frames)
+                            nf = await self._alloc(p, dirty_victim)
+                        f = where.get(b)
+                        if f is None:
+                            self._map(nf, b, p, file, fblock + i, FILLING)
+                            mine.append((i, nf, int(gen[nf])))
+                            done += 1
+                            continue
+                        self._give_back(nf)
+                    if state[f] == FILLING:
+                        waits.append(i)
+                    else:
+                        view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+                        self._ref_m[f] = True
+                    done += 1
+                k = 0
+                while k < len(mine):
+                    m = k + 1
+                    while m < len(mine) and mine[m][0] == mine[m - 1][0] + 1:
+                        m += 1
+                    i0, n = mine[k][0], m - k
+                    dv = view[i0 * bs:(i0 + n) * bs]
+                    await self.device.read_into(BlockNo(block + i0), n, dv,
+                                                principal=PrincipalId(p))
+                    for i, f, g in mine[k:m]:  # no checkpoint since the read returned
+                        if gen[f] != g:
+                            continue  # dropped meanwhile (discarded)
+                        if state[f] == FILLING:
+                            mem[f * bs:(f + 1) * bs] = view[i * bs:(i + 1) * bs]
+                            state[f] = CLEAN
+                        else:  # written meanwhile: the frame is newer
+                            view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+                    self._wake_io()
+                    k = m
+            except BaseException:
+                for _, f, g in mine:
+                    if gen[f] == g and state[f] == FILLING:
+                        self._unmap(f)
+                self._wake_io()
+                raise
+            # Blocks another request is filling: read them ourselves, charged to us,
+            # rather than wait on someone else's I/O (which runs under their bank).
+            for i in waits:
+                b = block + i
+                dv = view[i * bs:(i + 1) * bs]
+                await self.device.read_into(BlockNo(b), 1, dv, principal=PrincipalId(p))
+                f = where.get(b)  # no checkpoint since the read: a newer frame wins
+                if f is not None and state[f] != FILLING:
+                    dv[:] = mem[f * bs:(f + 1) * bs]
+            pending = pending[done:]
+
+    async def _prefetch(self, block: int, count: int, p: int, file: int, fblock: int) -> None:
+        """Bring blocks into frames charged to `p` (read-ahead, willneed)."""
+        count = min(count, self.device.nblocks - block)
+        if count <= 0:
+            return
+        count = min(count, max(1, self.nframes // 2))
+        missing = [i for i in range(count) if (block + i) not in self._where]
+        if not missing:
+            return
+        self._acct_of(p).prefetched += len(missing)
+        scratch = memoryview(bytearray(count * self.block_size))
+        await self._fill(block, missing, scratch, p, file, fblock)
+        where = self._where
+        for i in missing:
+            f = where.get(block + i)
+            if f is not None and self._owner_m[f] == p and not self._ref_m[f]:
+                self._pf_m[f] = True
+
+    async def _read_ahead(self, block: int, p: int, file: int, fblock: int) -> None:
+        """Read-ahead of a sequential file, charged to the reader. The pager knows
+        device blocks, not the file's map: it reads the device blocks that follow,
+        which is where the allocator puts a file's next blocks. A wrong guess costs
+        frames of the reader's own bank, never data (frames hold device contents;
+        only a grant can read them)."""
+        await self._prefetch(block, self.readahead, p, file, fblock)
+
+    def _drop_behind(self, block: int, count: int) -> None:
+        """Frames a sequential reader has used go to the front of its reclaim order."""
+        where = self._where
+        for i in range(count):
+            f = where.get(block + i)
+            if f is not None and not self._disc_m[f]:
+                self._ref_m[f] = False
+                self._requeue(f, CLASS_DROP_BEHIND)
+
+    async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
+                    principal: PrincipalId, file: int = 0, fblock: int = 0) -> None:
+        """Write whole blocks: into dirty frames (write-back) or through to the device,
+        keeping resident frames current (write-through)."""
+        bs = self.block_size
+        mv = memoryview(data).cast("B")
+        count = len(mv) // bs
+        if self._tw is not None:
+            self._trace_op(tr.WRITE, principal, block, count, file, fblock)
+        p = int(principal)
+        if not self.writeback or (count > BYPASS_BLOCKS and self._may_bypass(
+                block, count, file, fblock, p)):
+            await self._write_through(block, mv, count, p, file, fblock)
+            return
+        self._tick += count
+        if file and (file in self._hints or file in self._range_hints):
+            self._file_tick[file] = self._tick  # (only hinted files: a bounded map)
+        where = self._where
+        mem = self._mem
+        state = self._state_m
+        now = trio.current_time()
+        limit = self._dirty_limit(p)
+        acct = self._acct_of(p)
+        for start in range(0, count, WRITEBACK_CLUSTER):
+            for i in range(start, min(count, start + WRITEBACK_CLUSTER)):
+                b = block + i
+                if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
+                        or acct.dirty >= limit):
+                    await self._throttle(p)
+                f = where.get(b)
+                if f is None:
+                    nf, dirty_victim = self._try_alloc(p)
+                    if nf == NIL:
+                        nf = await self._alloc(p, dirty_victim)
+                    f = where.get(b)
+                    if f is None:
+                        f = nf
+                        self._map(f, b, p, file, fblock + i, CLEAN)  # new: not referenced
+                    else:
+                        self._give_back(nf)
+                        self._ref_m[f] = True
+                else:
+                    self._ref_m[f] = True  # a write to a resident block is a reuse
+                    if file:
+                        self._retag(f, file, fblock + i)
+                mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
+                st = state[f]
+                if st == DIRTY or st == WRITEBACK:
+                    old = int(self._dirtier_m[f])
+                    if old != p:
+                        self._acct_of(old).dirty -= 1
+                        self._acct_of(p).dirty += 1
+                        self._dirtier_m[f] = p
+                    if st == WRITEBACK:
+                        self._redirty_m[f] = True
+                        self._dirty_since_m[f] = now
+                else:  # CLEAN, or FILLING (the fill will copy this out, not over it)
+                    state[f] = DIRTY
+                    self._dirtier_m[f] = p
+                    self._dirty_since_m[f] = now
+                    self._acct_of(p).dirty += 1
+
+    def _may_bypass(self, block: int, count: int, file: int, fblock: int,
+                    owner: int) -> bool:
+        """Whether a large write (a stream, as large reads) goes around the pool to the
+        device, as under write-through: not under `global-lru` (the honest baseline
+        caches everything), never for a discardable file (its data is not to reach
+        the device unasked), and only when no block of the range is resident — a
+        dirty frame or one under write-back would otherwise land over it later. From
+        this check to the device write's start there is no checkpoint."""
+        if self._global:
+            return False
+        if self._hinted and file and self._hints_for(file, fblock, owner)[1]:
+            return False
+        where = self._where
+        if where:
+            for b in range(block, block + count):
+                if b in where:
+                    return False
+        return True
+
+    def _retag(self, f: int, file: int, fblock: int) -> None:
+        if self._file_m[f] != file or self._fblock_m[f] != fblock:
+            self._file_m[f] = file
+            self._fblock_m[f] = fblock
+            if self._hinted:
+                prio, disc, _ = self._hints_for(file, fblock, int(self._owner_m[f]))
+                if prio != self._prio_m[f] or disc != self._disc_m[f]:
+                    self._prio_m[f] = prio
+                    self._disc_m[f] = disc
+                    self._requeue(f)
+
+    async def _write_through(self, block: int, mv: memoryview, count: int, p: int,
+                             file: int, fblock: int) -> None:
+        await self.device.write(BlockNo(block), mv, principal=PrincipalId(p))
+        # No checkpoint from here on: frames end up equal to what the device holds.
+        bs = self.block_size
+        where = self._where
+        mem = self._mem
+        state = self._state_m
+        install = count <= BYPASS_BLOCKS or self._global
+        for i in range(count):
+            b = block + i
+            f = where.get(b)
+            if f is None:
+                if not install:
+                    continue
+                f, _ = self._try_alloc(p)
+                if f == NIL:
+                    continue  # nothing free without waiting: leave it uncached
+                self._map(f, b, p, file, fblock + i, CLEAN)
+            else:
+                self._ref_m[f] = True
+                if file:
+                    self._retag(f, file, fblock + i)
+            mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
+            if state[f] == FILLING:
+                state[f] = CLEAN
+            elif state[f] == WRITEBACK:
+                # (write-back: a frame dirtied by a racing write and sent meanwhile) its
+                # write-back may land after ours: write it again, with these bytes
+                self._redirty_m[f] = True
+
+    async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
+        """Forget freed blocks: wait for their write-back in flight (so it cannot land
+        after the hole punch), drop their frames (dirty ones unwritten), discard them on
+        the device."""
+        if self._tw is not None:
+            self._trace_op(tr.DISCARD, principal, block, count, 0, 0)
+        where = self._where
+        if where:
+            while True:
+                busy = False
+                for b in range(block, block + count):
+                    f = where.get(b)
+                    if f is not None and (self._state_m[f] == WRITEBACK or self._pin_m[f]):
+                        busy = True
+                        break
+                if not busy:
+                    break
+                await self._io_done.park()
+            # no checkpoint from the check above to the device discard's start
+            for b in range(block, block + count):
+                f = where.get(b)
+                if f is not None:
+                    self._unmap(f)
+        await self.device.discard(block, count, principal=principal)

@@ -1,0 +1,264 @@
+"""The frame table: the pool's memory and per-frame state in numpy arrays, the
+tables the other parts of the pager share (residency, per-principal counters, the
+files' hints, pending reclaim requests), and the steps that keep them consistent —
+mapping a block into a frame and unmapping it, and putting a frame on its
+replacement queue. The invariants are in docs/dev/invariants.md ("Pager"); the
+design is in pager/pool.py.
+
+Per-frame state, indexed by frame number (`FrameNo`): the device block, the file and
+file block it belongs to, the principal charged (`_owner`) and the one that dirtied
+it (`_dirtier`), the state (FREE, FILLING, CLEAN, DIRTY, WRITEBACK), the referenced
+bit, priority, discardable, pin count, the time it was first dirtied, and a
+generation bumped whenever the frame is (re)assigned so a task that awaited can tell
+that its frame now holds something else. `_where` maps a resident device block to
+its frame. There is no Python object per page.
+
+Hot per-frame state is read and written through memoryviews of the numpy arrays
+(`_state_m` for `_state`, ...): a Python-level scalar access to a memoryview costs a
+fraction of a numpy scalar's, and vectorised scans (flush, fsync, throttling, hints)
+use the arrays themselves.
+"""
+
+from __future__ import annotations
+
+from typing import NewType
+
+import numpy as np
+import trio
+
+from blockdev import BlockDevice
+
+from . import trace as tr
+from .cache import CLASS_DISCARDABLE, CLASS_DROP_BEHIND, CLEAN, DIRTY, FREE, WRITEBACK
+from .policy import NIL, Clock, Links, Sieve, scalar_view
+from .tickets import ReclaimSubscription, _Request
+
+FrameNo = NewType("FrameNo", int)
+
+
+class _Acct:
+    """One principal's counters (per principal, not per page)."""
+
+    __slots__ = ("resident", "hits", "misses", "evictions", "discarded", "dirty",
+                 "wb_bytes", "sent", "answered", "missed", "prefetched")
+
+    def __init__(self) -> None:
+        self.resident = self.hits = self.misses = self.evictions = self.discarded = 0
+        self.dirty = self.wb_bytes = self.sent = self.answered = self.missed = 0
+        self.prefetched = 0
+
+
+class FrameTable:
+    """The pool's frames and the state every part of the pager shares; the behaviour
+    is in the classes `Pager` is made of (pager/pool.py)."""
+
+    def __init__(self, device: BlockDevice, *, nframes: int, policy: str,
+                 writeback: bool) -> None:
+        self.device = device
+        self.policy = policy
+        self.writeback = writeback
+        self._global = policy == "global-lru"
+        self._hinted = policy == "hinted"
+        self.block_size = bs = device.block_size
+        self.nframes = n = max(1, nframes)
+        self._frames = np.zeros((n, bs), dtype=np.uint8)
+        #: the same memory as bytes (memoryview slices copy faster than numpy rows)
+        self._mem = memoryview(self._frames.reshape(-1).data)
+        self._frame_block = np.full(n, -1, dtype=np.int64)
+        self._file = np.zeros(n, dtype=np.int64)
+        self._fblock = np.zeros(n, dtype=np.int64)
+        self._owner = np.zeros(n, dtype=np.int32)
+        self._dirtier = np.zeros(n, dtype=np.int32)
+        self._state = np.zeros(n, dtype=np.int8)
+        self._prio = np.zeros(n, dtype=np.int16)
+        self._disc = np.zeros(n, dtype=np.bool_)
+        self._pin = np.zeros(n, dtype=np.int16)
+        self._redirty = np.zeros(n, dtype=np.bool_)
+        self._dirty_since = np.zeros(n, dtype=np.float64)
+        self._gen = np.zeros(n, dtype=np.int64)
+        #: the flush epoch in which the last completed write-back of the frame started
+        self._wb_epoch = np.zeros(n, dtype=np.int64)
+        #: read ahead / prefetched and not used since (its first hit counts as a miss:
+        #: the hit ratio stays comparable with demand-paging policies and MIN)
+        self._pf = np.zeros(n, dtype=np.bool_)
+        #: block accesses so far, and per file the count at its last access
+        self._tick = 0
+        self._idle_ticks = max(4, n // 8)
+        self._file_tick: dict[int, int] = {}
+        self._links = Links(n)
+        self._ref = self._links.visited  # referenced bit (SIEVE visited / CLOCK ref)
+        self._clock = Clock(n)
+        self._clock.ref = self._ref
+        # The same memory as memoryviews: scalar access from Python (the hot paths)
+        # costs a fraction of a numpy scalar's; vectorised scans use the arrays.
+        self._state_m = scalar_view(self._state)
+        self._disc_m = scalar_view(self._disc)
+        self._ref_m = scalar_view(self._ref)
+        self._prio_m = scalar_view(self._prio)
+        self._owner_m = scalar_view(self._owner)
+        self._gen_m = scalar_view(self._gen)
+        self._file_m = scalar_view(self._file)
+        self._dirtier_m = scalar_view(self._dirtier)
+        self._redirty_m = scalar_view(self._redirty)
+        self._frame_block_m = scalar_view(self._frame_block)
+        self._fblock_m = scalar_view(self._fblock)
+        self._pin_m = scalar_view(self._pin)
+        self._pf_m = scalar_view(self._pf)
+        self._dirty_since_m = scalar_view(self._dirty_since)
+        self._wb_epoch_m = scalar_view(self._wb_epoch)
+        self._queues: list[Sieve] = []
+        #: the queues of discardable and drop-behind frames (reclaimed first)
+        self._cheap_queues: list[Sieve] = []
+        self._pq: dict[int, dict[int, Sieve]] = {}
+        self._pq_order: dict[int, list[Sieve]] = {}
+        self._where: dict[int, int] = {}
+        self._free = list(range(n - 1, -1, -1))
+        self._acct: dict[int, _Acct] = {}
+        self.hits = self.misses = self.bypassed = self.evictions = 0
+        self._epoch = 1
+        self._io_done = trio.lowlevel.ParkingLot()
+        # hints: file -> (priority, discardable, sequential); ranges per file, each
+        # (first, end, priority, discardable, principal): a range hint applies only to
+        # frames charged to the principal that gave it (see `Hints.advise`)
+        self._hints: dict[int, tuple[int, bool, bool]] = {}
+        self._range_hints: dict[int, list[tuple[int, int, int | None, bool | None, int]]] = {}
+        # cooperative reclaim (pager/reclaim.py): subscribers, pending requests (which
+        # replacement leaves alone while it can), the wakeup of the reclaim task
+        self._subs: dict[int, list[ReclaimSubscription]] = {}
+        self._requests: dict[int, _Request] = {}
+        #: the last reclaim request's ticket
+        self._tickets = 0
+        self._wakeup: trio.Event | None = None
+        self.low_watermark = max(1, n // 32)
+        self.high_watermark = max(2, n // 16)
+        # tracing
+        self._tw: tr.TraceWriter | None = None
+
+    def _acct_of(self, p: int) -> _Acct:
+        a = self._acct.get(p)
+        if a is None:
+            a = self._acct[p] = _Acct()
+        return a
+
+    def _wake_io(self) -> None:
+        if self._io_done:  # (unparking nobody costs more than this check)
+            self._io_done.unpark_all()
+
+    def _poke(self) -> None:
+        """Wake the reclaim task (pager/reclaim.py)."""
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- frame classes and queues ---------------------------------------------------
+
+    def _queue(self, p: int, cls: int) -> Sieve:
+        qs = self._pq.get(p)
+        if qs is None:
+            qs = self._pq[p] = {}
+        q = qs.get(cls)
+        if q is None:
+            q = qs[cls] = Sieve(self._links, len(self._queues))
+            self._queues.append(q)
+            if cls in (CLASS_DISCARDABLE, CLASS_DROP_BEHIND):
+                self._cheap_queues.append(q)
+            self._pq_order[p] = [qs[c] for c in sorted(qs) if c != CLASS_DISCARDABLE]
+        return q
+
+    def _class_of(self, f: int) -> int:
+        if not self._hinted:
+            return 0
+        if self._disc_m[f]:
+            return CLASS_DISCARDABLE
+        return int(self._prio_m[f])
+
+    def _enqueue(self, f: int, cls: int | None = None) -> None:
+        if self._global:
+            return
+        q = self._queue(int(self._owner_m[f]), self._class_of(f) if cls is None else cls)
+        q.push(f)
+
+    def _dequeue(self, f: int) -> None:
+        qid = self._links.qu[f]
+        if qid != NIL:
+            self._queues[qid].remove(f)
+
+    def _requeue(self, f: int, cls: int | None = None) -> None:
+        if self._global:
+            return
+        visited = bool(self._ref_m[f])
+        self._dequeue(f)
+        q = self._queue(int(self._owner_m[f]), self._class_of(f) if cls is None else cls)
+        q.push(f, visited=visited)
+
+    def _hints_for(self, file: int, fblock: int, owner: int) -> tuple[int, bool, bool]:
+        """The hints of a frame of `file` at `fblock` charged to `owner`: the file's
+        own (its xattrs), then the range hints `owner` gave, latest last."""
+        prio, disc, seq = self._hints.get(file, (0, False, False))
+        for f0, f1, rp, rd, rq in self._range_hints.get(file, ()):
+            if f0 <= fblock < f1 and rq == owner:
+                if rp is not None:
+                    prio = rp
+                if rd is not None:
+                    disc = rd
+        return prio, disc, seq
+
+    # -- mapping ---------------------------------------------------------------------
+
+    def _map(self, f: int, block: int, p: int, file: int, fblock: int, state: int) -> None:
+        self._where[block] = f
+        self._frame_block_m[f] = block
+        self._owner_m[f] = p
+        self._file_m[f] = file
+        self._fblock_m[f] = fblock
+        self._state_m[f] = state
+        self._redirty_m[f] = False
+        self._pf_m[f] = False
+        self._gen_m[f] += 1
+        if file and (file in self._hints or file in self._range_hints):
+            prio, disc, _ = self._hints_for(file, fblock, p)
+            self._prio_m[f] = prio
+            self._disc_m[f] = disc
+        else:
+            self._prio_m[f] = 0
+            self._disc_m[f] = False
+        a = self._acct.get(p)
+        if a is None:
+            a = self._acct_of(p)
+        a.resident += 1
+        if self._global:
+            self._ref_m[f] = True
+        else:
+            cls = self._class_of(f) if self._hinted else 0
+            qs = self._pq.get(p)
+            q = qs.get(cls) if qs is not None else None
+            if q is None:
+                q = self._queue(p, cls)
+            q.push(f)
+
+    def _unmap(self, f: int) -> None:
+        b = self._frame_block_m[f]
+        del self._where[b]
+        qid = self._links.qu[f]
+        if qid != NIL:
+            self._queues[qid].remove(f)
+        st = self._state_m[f]
+        if st == DIRTY or st == WRITEBACK:
+            self._acct_of(self._dirtier_m[f]).dirty -= 1
+        self._frame_block_m[f] = -1
+        self._state_m[f] = FREE
+        self._ref_m[f] = False
+        self._gen_m[f] += 1
+        self._acct[self._owner_m[f]].resident -= 1
+        self._free.append(f)
+
+    def _give_back(self, f: int) -> None:
+        """Return an allocated but unused frame."""
+        self._free.append(f)
+
+    def _evictable(self, f: int) -> bool:
+        st = self._state_m[f]
+        return (st == CLEAN or st == DIRTY) and not self._pin_m[f]
+
+    def _droppable(self, f: int) -> bool:
+        """Whether a dirty frame may go without write-back (hinted, discardable)."""
+        return self._hinted and bool(self._disc_m[f])

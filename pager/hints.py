@@ -1,0 +1,148 @@
+"""Application hints: a file's own (`set_file_hints`, from its xattrs) apply to all
+of its frames; range hints (`advise`: priority, discardable, willneed, dontneed) act
+on the advising principal's own frames only, never on another principal's frames of
+the same blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import trio
+
+from blockdev import PrincipalId
+
+from . import trace as tr
+from .cache import CLEAN, DIRTY, FREE
+from .datapath import DataPath
+from .policy import NIL
+
+#: range hints (advise priority/discardable) kept per file and principal; older ones
+#: are forgotten
+MAX_RANGE_HINTS = 64
+
+
+class Hints(DataPath):
+    """set_file_hints, advise, forget_file."""
+
+    def set_file_hints(self, file: int, *, priority: int | None = None,
+                       discardable: bool | None = None, sequential: bool | None = None) -> None:
+        """The hints of a whole file (its xattrs); None leaves a hint as it is."""
+        prio, disc, seq = self._hints.get(file, (0, False, False))
+        if priority is not None:
+            prio = max(-32768, min(32767, int(priority)))
+        if discardable is not None:
+            disc = bool(discardable)
+        if sequential is not None:
+            seq = bool(sequential)
+        if (prio, disc, seq) == (0, False, False):
+            self._hints.pop(file, None)
+        else:
+            self._hints[file] = (prio, disc, seq)
+        self._rehint(np.flatnonzero((self._file == file) & (self._state != FREE)))
+
+    def _rehint(self, frames: np.ndarray) -> None:
+        for f in frames.tolist():
+            prio, disc, _ = self._hints_for(int(self._file_m[f]), int(self._fblock_m[f]),
+                                            int(self._owner_m[f]))
+            if prio != self._prio_m[f] or disc != self._disc_m[f]:
+                self._prio_m[f] = prio
+                self._disc_m[f] = disc
+                if self._links.qu[f] != NIL:
+                    self._requeue(f)
+
+    def forget_file(self, file: int) -> None:
+        """The file is gone: drop its hints."""
+        if self._tw is not None:
+            self._trace_op(tr.FORGET, 0, 0, 0, file, 0)
+        self._hints.pop(file, None)
+        self._range_hints.pop(file, None)
+        self._file_tick.pop(file, None)
+        self._rehint(np.flatnonzero((self._file == file) & (self._state != FREE)))
+
+    async def advise(self, file: int, runs: list[tuple[int, int, int]], *,
+                     principal: PrincipalId, priority: int | None = None,
+                     discardable: bool | None = None, willneed: bool = False,
+                     dontneed: bool = False) -> None:
+        """Hints for ranges of a file: `runs` are (file block, device block, count).
+        priority/discardable stick to the range; willneed reads it in (charged to
+        `principal`); dontneed drops its frames now (dirty ones written back first,
+        discardable dirty ones dropped and the file reported). Only `hinted` acts on
+        them; the other policies record and ignore them.
+
+        A tenant acts on its own pages only: priority, discardable and dontneed touch
+        the frames charged to `principal` (now, and those it brings in later), never
+        another principal's frames of the same blocks — a shared block is charged to
+        the first principal that brought it in, and only that one's hints move it.
+        (Several tenants may read one file; one of them must not be able to drop or
+        reorder the others' cached pages.) willneed charges what it reads in to
+        `principal` and leaves blocks resident for others as they are. A file's own
+        hints (`set_file_hints`, from its xattrs, set by a writer) apply to every
+        frame of the file."""
+        if self._tw is not None:
+            flags = ((tr.F_WILLNEED if willneed else 0) | (tr.F_DONTNEED if dontneed else 0)
+                     | (tr.F_SET_PRIORITY if priority is not None else 0)
+                     | (tr.F_SET_DISCARDABLE if discardable is not None else 0)
+                     | (tr.F_DISCARDABLE if discardable else 0))
+            for fb, db, n in runs:
+                self._tw.add(trio.current_time(), int(principal), n, file, fb, db,
+                             tr.ADVISE, flags, priority or 0)
+        if priority is not None or discardable is not None:
+            p = int(principal)
+            rh = self._range_hints.setdefault(file, [])
+            for fb, _db, n in runs:
+                rh.append((fb, fb + n, priority, discardable, p))
+            mine = [i for i, h in enumerate(rh) if h[4] == p]
+            if len(mine) > MAX_RANGE_HINTS:
+                # bounded per principal: its own oldest ranges are forgotten (never
+                # another's, which a tenant could otherwise flush with its own)
+                drop = set(mine[:len(mine) - MAX_RANGE_HINTS])
+                rh[:] = [h for i, h in enumerate(rh) if i not in drop]
+            frames = []
+            owner = self._owner_m
+            for fb, db, n in runs:
+                for k in range(n):
+                    f = self._where.get(db + k)
+                    if f is not None and owner[f] == p:
+                        self._retag_hint(f, file, fb + k)
+                        frames.append(f)
+            self._rehint(np.array(frames, dtype=np.int64))
+        if not self._hinted:
+            return
+        p = int(principal)
+        if willneed:
+            for fb, db, n in runs:
+                await self._prefetch(db, n, p, file, fb)
+        if dontneed:
+            for fb, db, n in runs:
+                await self._drop_range(db, n, p)
+            self._poke()
+
+    def _retag_hint(self, f: int, file: int, fblock: int) -> None:
+        self._file_m[f] = file
+        self._fblock_m[f] = fblock
+
+    async def _drop_range(self, block: int, count: int, p: int) -> None:
+        """dontneed: drop the range's frames charged to `p` now (frames charged to
+        other principals stay). A dirty discardable frame takes its whole file's dirty
+        discardable frames with it (the file is lost as a whole, and reported); other
+        dirty frames are written back first."""
+        where = self._where
+        owner = self._owner_m
+        for b in range(block, block + count):
+            f = where.get(b)
+            if f is None or owner[f] != p or not self._evictable(f):
+                continue
+            if self._state_m[f] == DIRTY:
+                if self._disc_m[f]:
+                    a = self._acct_of(p)
+                    a.discarded += 1
+                    before = a.resident
+                    self._drop_discardable_file(f)
+                    self._released(p, before - a.resident)
+                    continue
+                g = int(self._gen_m[f])
+                await self._writeback_frames(self._cluster(f))
+                if (self._gen_m[f] != g or not self._evictable(f)
+                        or self._state_m[f] != CLEAN or owner[f] != p):
+                    continue
+            self._unmap(f)
+            self._released(p, 1)

@@ -1,0 +1,225 @@
+"""Write-back: dirty frames reach the device in runs of adjacent blocks, each run
+tagged with the principal that dirtied it; a writer over its dirty share writes back
+its own oldest frames (throttling); frames dirty for longer than `dirty_expire` are
+written back by the aging task; `flush` (a commit's barrier) and `writeback_file`
+(an fsync) wait until what was dirty at their start is on the device.
+
+Discardable dirty frames are never written back by the pager on its own (aging,
+throttling, reclaim, `flush`): a discardable file is a cache by contract (crash rule
+R7, docs/dev/invariants.md), and only `writeback_file` — an explicit fsync of that
+file — writes them. Why `flush` skips them: it is the data=ordered flush of every
+commit, and a commit records the files whose discardable frames are still dirty in
+its `unflushed` list, so a crash empties them whole instead of exposing blocks whose
+data never reached the device; writing them at every commit would cost the
+write-back that discardability exists to save.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import trio
+
+from blockdev import BlockNo, PrincipalId
+
+from . import trace as tr
+from .cache import CLEAN, DIRTY, WRITEBACK, WRITEBACK_CLUSTER
+from .observe import Observed
+
+log = logging.getLogger(__name__)
+
+
+class WriteBack(Observed):
+    """Write-back of dirty frames, dirty throttling and aging, flush and fsync."""
+
+    def _init_writeback(self, *, dirty_ratio: float, dirty_expire: float,
+                        writeback_interval: float) -> None:
+        self.dirty_ratio = dirty_ratio
+        self.dirty_expire = dirty_expire
+        self.writeback_interval = writeback_interval
+
+    def _cluster(self, f: int) -> list[int]:
+        """f and its dirty, same-dirtier, written-back-able neighbours on the device."""
+        b = int(self._frame_block_m[f])
+        d = self._dirtier_m[f]
+        where = self._where
+        out = [f]
+        for step in (1, -1):
+            nb = b + step
+            while len(out) < WRITEBACK_CLUSTER:
+                g = where.get(nb)
+                if (g is None or self._state_m[g] != DIRTY or self._dirtier_m[g] != d
+                        or self._droppable(g)):
+                    break
+                out.append(g)
+                nb += step
+        return out
+
+    async def _writeback_frames(self, frames: list[int]) -> int:
+        """Write the DIRTY frames among `frames` to the device, in runs of adjacent
+        blocks with the same dirtier, each run tagged with that principal. Returns the
+        number of frames written."""
+        todo = sorted((int(self._frame_block_m[f]), f) for f in frames
+                      if self._state_m[f] == DIRTY)
+        written = 0
+        bs = self.block_size
+        i = 0
+        while i < len(todo):
+            j = i + 1
+            d = self._dirtier_m[todo[i][1]]
+            while (j < len(todo) and j - i < WRITEBACK_CLUSTER
+                   and todo[j][0] == todo[j - 1][0] + 1 and self._dirtier_m[todo[j][1]] == d
+                   and self._state_m[todo[j][1]] == DIRTY):
+                j += 1
+            run = [f for _, f in todo[i:j] if self._state_m[f] == DIRTY]
+            i = j
+            if not run:
+                continue
+            # the run may have lost members to the checks above: keep it contiguous
+            run = run[:1] + [g for k, g in enumerate(run[1:], 1)
+                             if self._frame_block_m[g] == self._frame_block_m[run[0]] + k]
+            written += await self._writeback_run(run)
+        return written
+
+    async def _writeback_run(self, run: list[int]) -> int:
+        bs = self.block_size
+        mem = self._mem
+        b0 = int(self._frame_block_m[run[0]])
+        d = int(self._dirtier_m[run[0]])
+        gens = [int(self._gen_m[f]) for f in run]
+        buf = bytearray(len(run) * bs)
+        for k, f in enumerate(run):
+            buf[k * bs:(k + 1) * bs] = mem[f * bs:(f + 1) * bs]
+            self._state_m[f] = WRITEBACK
+            self._redirty_m[f] = False
+        epoch = self._epoch
+        try:
+            await self.device.write(BlockNo(b0), buf, principal=PrincipalId(d))
+        except BaseException:
+            for f, g in zip(run, gens):
+                if self._gen_m[f] == g and self._state_m[f] == WRITEBACK:
+                    self._state_m[f] = DIRTY
+            self._wake_io()
+            raise
+        self._acct_of(d).wb_bytes += len(buf)
+        for f, g in zip(run, gens):
+            if self._gen_m[f] != g:
+                continue
+            self._wb_epoch_m[f] = max(int(self._wb_epoch_m[f]), epoch)
+            if self._redirty_m[f]:
+                self._redirty_m[f] = False
+                self._state_m[f] = DIRTY
+            else:
+                self._state_m[f] = CLEAN
+                self._acct_of(int(self._dirtier_m[f])).dirty -= 1
+        self._wake_io()
+        return len(run)
+
+    def _dirty_limit(self, p: int) -> int:
+        allowance = self.nframes
+        if not self._global:
+            m = self._max.get(p)
+            if m is not None:
+                allowance = min(allowance, m)
+        return max(1, int(allowance * self.dirty_ratio))
+
+    async def _throttle(self, p: int) -> None:
+        """A writer over its dirty share writes back its own oldest dirty frames (under
+        `global-lru`, the pool's share and anyone's frames, as a kernel would)."""
+        limit = self._dirty_limit(p)
+        while True:
+            if self._global:
+                dirty = sum(a.dirty for a in self._acct.values())
+                mine = self._state == DIRTY
+            else:
+                dirty = self._acct_of(p).dirty
+                mine = (self._state == DIRTY) & (self._dirtier == p)
+            if dirty < limit:
+                return
+            cand = np.flatnonzero(mine & ~self._disc) if self._hinted else np.flatnonzero(mine)
+            if len(cand):
+                oldest = int(cand[np.argmin(self._dirty_since[cand])])
+                await self._writeback_frames(self._cluster(oldest))
+                continue
+            busy = ((self._state == WRITEBACK) if self._global
+                    else (self._state == WRITEBACK) & (self._dirtier == p))
+            if busy.any():
+                await self._io_done.park()
+                continue
+            return  # only discardable dirty frames: bounded by the bank, not written
+
+    async def _write_back_until_clean(self, frames: np.ndarray) -> None:
+        """Return when every write to `frames` before this call is on the device."""
+        self._epoch += 1
+        epoch = self._epoch
+        gens = self._gen[frames].copy()
+        while True:
+            same = self._gen[frames] == gens
+            st = self._state[frames]
+            pending = same & ((st == DIRTY) | ((st == WRITEBACK) & (self._wb_epoch[frames] < epoch)))
+            if not pending.any():
+                return
+            dirty = frames[same & (st == DIRTY)]
+            if len(dirty):
+                await self._writeback_frames([int(f) for f in dirty])
+            else:
+                await self._io_done.park()
+
+    async def flush(self) -> None:
+        """Write back every dirty frame that is not discardable (those are a cache by
+        contract and reach the device only by `writeback_file`), wait for write-back in
+        flight, then flush the device."""
+        if self._tw is not None:
+            self._trace_op(tr.FLUSH, 0, 0, 0, 0, 0)
+        if self.writeback:
+            cand = (self._state == DIRTY) | (self._state == WRITEBACK)
+            if self._hinted:
+                cand &= ~self._disc
+            await self._write_back_until_clean(np.flatnonzero(cand))
+        await self.device.flush()
+
+    def dirty_files(self) -> set[int]:
+        """The files with frames dirty or under write-back (after `flush`, only
+        discardable ones: the metadata server records them at each commit, because
+        a crash may lose their data and they must then come back empty)."""
+        st = self._state
+        files = self._file[(st == DIRTY) | (st == WRITEBACK)]
+        return {int(f) for f in np.unique(files) if f}
+
+    def dirty_discardable_files(self) -> set[int]:
+        """The files with discardable frames dirty or under write-back."""
+        st = self._state
+        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & self._disc]
+        return {int(f) for f in np.unique(files) if f}
+
+    def has_dirty(self, file: int) -> bool:
+        """Whether `file` has frames dirty or under write-back."""
+        st = self._state
+        return bool(((self._file == file) & ((st == DIRTY) | (st == WRITEBACK))).any())
+
+    async def writeback_file(self, file: int) -> None:
+        """fsync of one file: its dirty frames (discardable ones included: asked for
+        explicitly) reach the device, and the device is flushed; nobody else's dirty
+        frames are written."""
+        self._trace_op(tr.WRITEBACK_FILE, 0, 0, 0, file, 0)
+        if self.writeback:
+            st = self._state
+            frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
+            await self._write_back_until_clean(frames)
+        await self.device.flush()
+
+    async def _aging_loop(self) -> None:
+        while True:
+            await trio.sleep(self.writeback_interval)
+            old = (self._state == DIRTY) & (self._dirty_since
+                                            <= trio.current_time() - self.dirty_expire)
+            if self._hinted:
+                old &= ~self._disc
+            frames = np.flatnonzero(old)
+            if len(frames):
+                try:
+                    await self._writeback_frames([int(f) for f in frames])
+                except Exception:
+                    # the frames stay dirty; flush or fsync will report the error
+                    log.exception("write-back of %d aged frames failed", len(frames))
