@@ -18,7 +18,19 @@ Mixes (synthetic, seeded; parameters fixed below and printed):
 - `scratch`: a build principal re-reads its sources, writes object files (kept,
   priority -1) and large temporary files (discardable), read back once, dropped
   (dontneed) and deleted later.
-- `--trace FILE`: a trace recorded from a mount (`sluice trace record`), as a fifth mix.
+- `recorded`: real programs run as three principals on a freshly made and mounted
+  volume (profile `none`, pager `hinted`) while `sluice trace record` runs: `sqlite3`
+  builds a table with an index and then answers point queries by key (principal
+  `db`, its directory hinted priority 10; three rounds of queries), `cp -r` copies a
+  tree of Python's standard library in and `tar` archives it into a discardable
+  scratch directory (`archiver`), `grep -r` and `sha256sum` scan the tree and the
+  archive (`scanner`); the query rounds run beside the copy and the scans. The
+  recorded trace is replayed like the synthetic mixes, at a cache of
+  RECORDED_CACHE_FRAC of its footprint, with `db` guaranteed a quarter of that cache
+  (as `sluice principal add --cache-min` would). No goal is set for it. `--quick`
+  records a tiny version (a smaller tree, fewer rows and queries); `--no-recorded`
+  leaves it out; `--save-trace FILE` keeps the recorded trace.
+- `--trace FILE`: a trace recorded earlier (`sluice trace record`), as one more mix.
 
 Hit ratio counts reads (block accesses) only: writes install blocks without a hit or
 a miss, discards remove them, for every policy alike. Write-back bytes are what the
@@ -29,6 +41,7 @@ Also measured, in the same run: the cost of a 4 KiB hit inside the pager against
 miss on a device with profile `none`.
 
 Usage: scripts/bench_pager.py [--quick] [--json FILE] [--png FILE] [--trace FILE]
+                              [--no-recorded] [--save-trace FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +49,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import os
+import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +69,8 @@ from pager import Pager, read_trace  # noqa: E402
 from pager import trace as tr  # noqa: E402
 from pager.replay import replay  # noqa: E402
 
+import benchlib  # noqa: E402  (scripts/, sys.path[0])
+
 BS = 4096
 ZIPF_ALPHA = 0.9          # the Zipf exponent of the `zipf` mix
 SEED = 20261130
@@ -62,6 +81,17 @@ QUICK = dict(cache=128, length=30_000)
 SLUICE_POLICIES = ("hinted", "principal", "global-lru")
 LIB_POLICIES = ("LRU", "Clock", "ARC", "LIRS", "S3FIFO", "Sieve", "TwoQ", "WTinyLFU")
 NO_HINT = ("principal", "global-lru") + tuple(f"lib:{p}" for p in LIB_POLICIES)
+
+#: the `recorded` mix: cache size relative to the trace's footprint (blocks touched)
+RECORDED_CACHE_FRAC = 0.10
+#: the db principal's guarantee in the replay, as a fraction of that cache
+RECORDED_DB_MIN = 0.25
+PYLIB = Path("/usr/lib/python3.11")
+#: what the recorded workload copies, archives and scans, and how big its table is
+RECORDED_FULL = dict(tree=("email", "asyncio", "unittest", "xml", "http", "logging",
+                           "multiprocessing", "pydoc_data", "lib2to3", "encodings"),
+                     rows=100_000, queries=2000)
+RECORDED_QUICK = dict(tree=("json", "http", "concurrent"), rows=4000, queries=200)
 
 
 # -- mixes ----------------------------------------------------------------------------
@@ -247,6 +277,141 @@ def mix_scratch(cache: int, length: int, rng: np.random.Generator) -> Mix:
 
 
 MIXES = {"loop-scan": mix_loop_scan, "zipf": mix_zipf, "db": mix_db, "scratch": mix_scratch}
+
+
+# -- the recorded mix: real programs on a mount ----------------------------------------
+
+SLUICE = benchlib.SLUICE
+
+
+def _sluice(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*SLUICE, *args], cwd=benchlib.REPO, check=True,
+                          capture_output=True, text=True, **kw)
+
+
+def _run_as(mnt: Path, principal: str, script: str) -> subprocess.Popen:
+    """Start `sh -c script` as `principal` (sluice run); the caller waits."""
+    return subprocess.Popen([*SLUICE, "run", str(mnt), "--principal", principal, "--",
+                             "sh", "-ec", script], cwd=benchlib.REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_all(procs: list[tuple[str, subprocess.Popen]]) -> None:
+    for what, pr in procs:
+        _, err = pr.communicate(timeout=1800)
+        if pr.returncode != 0:
+            raise RuntimeError(f"{what} failed (exit {pr.returncode}): {err.strip()[-400:]}")
+
+
+def _sql_build(rows: int) -> str:
+    """A table of `rows` rows (key, 200-byte payload) and an index on the key, built by
+    sqlite3 itself (a recursive CTE), with a small page cache of its own so its
+    reads reach the pager."""
+    return (f"PRAGMA page_size=4096; PRAGMA cache_size=-256;\n"
+            f"CREATE TABLE t(k INTEGER, v TEXT);\n"
+            f"WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {rows})\n"
+            f"INSERT INTO t SELECT (i * 7919) % {rows}, hex(randomblob(100)) FROM c;\n"
+            f"CREATE INDEX tk ON t(k);\n")
+
+
+def _sql_queries(rows: int, n: int, seed: int) -> str:
+    """n point queries by key (an index lookup, then the row), keys Zipf-skewed over the
+    table (a few hot customers, a long tail)."""
+    rng = np.random.default_rng(seed)
+    keys = zipf_ranks(rng, rows, 0.8, n)
+    return ("PRAGMA cache_size=-256;\n"
+            + "".join(f"SELECT length(v) FROM t WHERE k = {int(k)};\n" for k in keys))
+
+
+def record_workload(quick: bool, out: Path) -> tuple[dict[str, int], list[str]]:
+    """Make a volume, mount it, run the programs as principals while `sluice trace
+    record` runs, and leave the trace in `out`. Returns the principals' ids and the
+    notes printed with the mix. Always unmounts."""
+    cfg = RECORDED_QUICK if quick else RECORDED_FULL
+    tree = [PYLIB / d for d in cfg["tree"] if (PYLIB / d).is_dir()]
+    if not tree:
+        raise RuntimeError(f"none of {cfg['tree']} under {PYLIB}")
+    rows, nq = int(cfg["rows"]), int(cfg["queries"])
+    notes = [f"sqlite3: {rows} rows + index, 3 rounds of {nq} point queries (db, "
+             f"priority 10); cp -r + tar of {len(tree)} dirs of {PYLIB} "
+             f"(archiver, archive in a discardable dir); grep -r + sha256sum (scanner)"]
+    with tempfile.TemporaryDirectory(prefix="bench_pager.") as td:
+        t = Path(td)
+        vol, mnt = t / "vol", t / "mnt"
+        mnt.mkdir()
+        sm = benchlib.SluiceMount(vol, mnt, size="4G")
+        rec: subprocess.Popen | None = None
+        try:
+            sm.mkfs()
+            sm.mount()
+            for name in ("db", "archiver", "scanner"):
+                _sluice("principal", "add", str(mnt), name)
+            ids = {r["name"]: int(r["id"]) for r in
+                   json.loads(_sluice("principal", "ls", str(mnt), "--json").stdout)}
+            for d in ("db", "src", "scratch"):
+                (mnt / d).mkdir()
+            _sluice("hint", "-q", str(mnt / "db"), "--priority", "10")
+            _sluice("hint", "-q", str(mnt / "scratch"), "--discardable")
+            (t / "build.sql").write_text(_sql_build(rows))
+            for r in range(3):
+                (t / f"q{r}.sql").write_text(_sql_queries(rows, nq, SEED + r))
+            db = shlex.quote(str(mnt / "db" / "t.sqlite"))
+            src, scratch = shlex.quote(str(mnt / "src")), shlex.quote(str(mnt / "scratch"))
+            rec = subprocess.Popen([*SLUICE, "trace", "record", str(mnt), str(out)],
+                                   cwd=benchlib.REPO, stderr=subprocess.PIPE, text=True)
+            assert rec.stderr is not None
+            line = rec.stderr.readline()  # "recording the pager trace of ..."
+            if "recording" not in line:
+                raise RuntimeError(f"sluice trace record: {line.strip()}")
+            t0 = time.perf_counter()
+            _wait_all([("sqlite3 build", _run_as(
+                mnt, "db", f"sqlite3 {db} < {shlex.quote(str(t / 'build.sql'))}"))])
+            _wait_all([("sqlite3 queries", _run_as(
+                mnt, "db", f"sqlite3 {db} < {shlex.quote(str(t / 'q0.sql'))} > /dev/null"))])
+            copy = " ".join(shlex.quote(str(d)) for d in tree)
+            _wait_all([
+                ("sqlite3 queries", _run_as(
+                    mnt, "db", f"sqlite3 {db} < {shlex.quote(str(t / 'q1.sql'))} > /dev/null")),
+                ("cp + tar", _run_as(
+                    mnt, "archiver", f"cp -r {copy} {src}/ && "
+                    f"tar -cf {scratch}/src.tar -C {src} .")),
+            ])
+            _wait_all([
+                ("sqlite3 queries", _run_as(
+                    mnt, "db", f"sqlite3 {db} < {shlex.quote(str(t / 'q2.sql'))} > /dev/null")),
+                ("grep + sha256sum", _run_as(
+                    mnt, "scanner", f"grep -rc import {src} > /dev/null; "
+                    f"grep -rc def {src} > /dev/null; sha256sum {scratch}/src.tar > /dev/null")),
+            ])
+            secs = time.perf_counter() - t0
+            rec.send_signal(signal.SIGINT)
+            _, err = rec.communicate(timeout=120)
+            if rec.returncode != 0:
+                raise RuntimeError(f"sluice trace record failed: {err.strip()}")
+            rec = None
+            notes.append(f"programs ran {secs:.1f} s; trace {out.stat().st_size} bytes")
+        finally:
+            if rec is not None and rec.poll() is None:
+                rec.send_signal(signal.SIGINT)
+                try:
+                    rec.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    rec.kill()
+                    rec.wait()
+            sm.cleanup()
+    return ids, notes
+
+
+def recorded_banks(ids: dict[str, int], cache: int) -> dict:
+    """The principals of the recording, `db` guaranteed RECORDED_DB_MIN of the cache."""
+    root = PrincipalId(ids.get("root", 0))
+    banks = {root: BankNode(root, None, "root")}
+    for name, pid in ids.items():
+        if pid == root:
+            continue
+        mn = int(cache * RECORDED_DB_MIN) if name == "db" else 0
+        banks[PrincipalId(pid)] = BankNode(PrincipalId(pid), root, name, cache_min=mn * BS)
+    return banks
 
 
 # -- reference policies -------------------------------------------------------------------
@@ -468,6 +633,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="a trace recorded from a mount (sluice trace record), as a mix")
     ap.add_argument("--cache", type=int, help="cache size in frames (default: by mode)")
     ap.add_argument("--no-lib", action="store_true", help="leave out libCacheSim")
+    ap.add_argument("--no-recorded", action="store_true",
+                    help="leave out the `recorded` mix (real programs on a mount)")
+    ap.add_argument("--save-trace", type=Path, metavar="FILE",
+                    help="keep the trace the `recorded` mix recorded")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.cache:
@@ -495,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         run_mix(name, recs, cache, m.banks, have_lib, out, per)
         print_mix(name, out[name], per[name], time.perf_counter() - t)
+    if not args.no_recorded:
+        run_recorded(args.quick, args.save_trace, have_lib, out, per)
     for path in args.trace:
         recs = read_trace(path)
         name = f"trace:{path.name}"
@@ -514,6 +685,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         draw(out, args.png)
     return 0
+
+
+def run_recorded(quick: bool, save: Path | None, have_lib: bool, out: dict,
+                 per: dict) -> None:
+    """Record the real programs' trace (record_workload) and replay it as `recorded`."""
+    if not os.path.exists("/dev/fuse"):
+        print("\n== recorded: skipped (no /dev/fuse: cannot mount a volume here)")
+        return
+    with tempfile.TemporaryDirectory(prefix="bench_pager.") as td:
+        path = save or Path(td) / "recorded.trace"
+        t = time.perf_counter()
+        ids, notes = record_workload(quick, path)
+        rec_secs = time.perf_counter() - t
+        recs = read_trace(path)
+    nb = int(np.maximum(recs["count"], 1)[np.isin(recs["op"], (tr.READ, tr.WRITE))].sum())
+    blocks, ops, _ = block_accesses(recs)
+    fp = len(np.unique(blocks[ops != tr.DISCARD]))
+    cache = max(16, int(fp * RECORDED_CACHE_FRAC))
+    banks = recorded_banks(ids, cache)
+    names = {pid: n for n, pid in ids.items()}
+    ops_n = {nm: int((recs["op"] == op).sum()) for nm, op in
+             (("reads", tr.READ), ("writes", tr.WRITE), ("discards", tr.DISCARD),
+              ("advise", tr.ADVISE))}
+    print(f"\n== recorded: {len(recs)} records ({', '.join(f'{v} {k}' for k, v in ops_n.items())}), "
+          f"{nb} block reads and writes, footprint {fp} blocks; cache {cache} frames = "
+          f"{RECORDED_CACHE_FRAC:.0%} of the footprint; db guaranteed {RECORDED_DB_MIN:.0%} "
+          f"of it; recorded in {rec_secs:.1f} s{' (quick: a tiny version)' if quick else ''}")
+    for n in notes:
+        print(f"   {n}")
+    print("   principals: " + ", ".join(f"p{pid} = {names[pid]}" for pid in sorted(names)))
+    t = time.perf_counter()
+    run_mix("recorded", recs, cache, banks, have_lib, out, per)
+    print_mix("recorded", out["recorded"], per["recorded"], time.perf_counter() - t)
+    r = out["recorded"]
+    h, mn = r["hinted"]["hit_ratio"], r["belady"]["hit_ratio"]
+    best = max((r[p]["hit_ratio"], p) for p in r if p in NO_HINT)
+    wh, wp = r["hinted"]["writeback_bytes"], r["principal"]["writeback_bytes"]
+    print(f"  recorded (no goal set): hinted {h:.3f} = {h / mn if mn else 0:.0%} of MIN "
+          f"{mn:.3f}; best without hints {best[1]} {best[0]:.3f}; principal "
+          f"{r['principal']['hit_ratio']:.3f}, global-lru {r['global-lru']['hit_ratio']:.3f}; "
+          f"write-back {wh} bytes under hinted vs {wp} under principal")
 
 
 def print_mix(name: str, res: dict, per: dict, secs: float) -> None:

@@ -1,6 +1,9 @@
 """scripts/bench_pager.py --quick, run for real: the JSON it writes has the promised
 shape, and the pager's goals hold on the small traces (checked here from the JSON, not
-taken from the script's own verdict)."""
+taken from the script's own verdict). The quick run also records the tiny version of
+the `recorded` mix — sqlite3, cp, tar, grep and sha256sum run as three principals on
+a real mount under `sluice trace record` — and replays it through every policy (no
+goal is set for it: only its shape and that every principal's reads were traced)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-MIXES = {"loop-scan", "zipf", "db", "scratch"}
+MIXES = {"loop-scan", "zipf", "db", "scratch", "recorded"}
 
 
 @pytest.mark.slow
@@ -29,8 +32,20 @@ def test_bench_pager_quick(tmp_path: Path) -> None:
                      r"accesses per mix; Zipf exponent 0\.9", text)
     assert re.search(r"== zipf: \d+ block accesses, footprint \d+ blocks \(cache = [\d.]+% "
                      r"of it\)", text)
+    m = re.search(r"== recorded: (\d+) records .*footprint (\d+) blocks; cache (\d+) frames "
+                  r"= 10% of the footprint", text)
+    assert m, text
+    assert int(m.group(1)) > 0 and int(m.group(3)) == max(16, int(int(m.group(2)) * 0.10))
+    # every program's principal shows in the recorded trace's table (reads or write-back)
+    names = dict((n, i) for i, n in re.findall(r"p(\d+) = (\w+)",
+                                                re.search(r"principals: (.*)", text).group(1)))
+    assert {"db", "archiver", "scanner"} <= set(names), names
+    section = text[text.index("== recorded:"):]
+    header = next(ln for ln in section.splitlines() if ln.lstrip().startswith("policy"))
+    for who in ("db", "archiver", "scanner"):
+        assert f"p{names[who]} hits" in header, (who, header)
     res = json.loads(out.read_text())
-    assert set(res) == MIXES
+    assert set(res) == MIXES, set(res)
     no_hint = set()
     for mix, pols in res.items():
         assert {"hinted", "principal", "global-lru", "belady"} <= set(pols), mix
