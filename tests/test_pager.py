@@ -985,3 +985,23 @@ async def test_sieve_resists_a_scan_that_clock_does_not(device: BlockDevice) -> 
         kept[policy] = sum(b in p._where for b in range(4))
         check_invariants(p)
     assert kept == {"principal": 4, "global-lru": 0}
+
+
+def test_no_pager_class_is_over_400_lines() -> None:
+    """Issue 7: `Pager` is made of one class per concern (pager/pool.py's docstring
+    lists them), none over about 400 lines, and the public names stay where callers
+    import them from."""
+    import ast
+
+    import pager
+    from pager import pool
+
+    root = Path(pager.__file__).parent
+    sizes = {}
+    for path in sorted(root.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                sizes[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert sizes and max(sizes.values()) <= 400, sizes
+    assert pager.Pager is pool.Pager and pager.ReclaimSubscription is pool.ReclaimSubscription
+    assert pager.FrameNo is pool.FrameNo and pool.MAX_RANGE_HINTS == 64
