@@ -46,3 +46,8 @@ from .types import BankNode as BankNode
 from .types import BankTree as BankTree
 from .types import BlockNo as BlockNo
 from .types import PrincipalId as PrincipalId
+from .units import Rate as Rate
+from .units import UnitError as UnitError
+from .units import format_size as format_size
+from .units import format_size_approx as format_size_approx
+from .units import parse_size as parse_size
