@@ -719,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("mkfs", help="make a new volume")
     s.add_argument("volume", help="volume directory (created if missing)")
     s.add_argument("--size", default="8G", type=_size,
-                   help="device size, e.g. 512M, 8G (default 8G, sparse)")
+                   help="device size, e.g. 512M, 8G (K, M, G binary; KB, MB, GB decimal; "
+                        "default 8G, sparse)")
     s.add_argument("--block-size", default="4096", type=_size,
                    help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",

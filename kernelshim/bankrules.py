@@ -13,8 +13,9 @@ Pure functions over the tree's records (`banks.Principal`); the table calls them
 
 from __future__ import annotations
 
-from .banks import LIMIT_BANKS, OBJECT_BANKS, Banks, Principal, PrincipalError
 from blockdev.units import format_rate
+
+from .banks import LIMIT_BANKS, OBJECT_BANKS, Banks, Principal, PrincipalError
 
 #: float slack when adding reservations given in decimal and binary units
 _EPS = 1e-9
