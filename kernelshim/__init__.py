@@ -8,6 +8,9 @@ The package has separate rooms:
   kernel.py, grants.py, extents.py, errors.py   the kernel proper
   principals.py, service.py                     principals and banks; what the shim
                                                 needs from the metadata server
+  banks.py, bankrules.py, accounting.py,        (the principal tree's records, the rules
+  processes.py                                  of its banks, hierarchical charging, the
+                                                pid registry: principals.py re-exports)
   server.py                                     the RPC server (control socket, push)
   protocol.py                                   the wire format (sans-IO, light)
   clientcore.py, client.py                      the client library (light)
