@@ -11,7 +11,7 @@ A tree of principals rooted at `root`. Each has banks carved from its parent's:
   (control-socket connections acting for it), `shm` (bytes of shared buffers its
   connections have attached) and `children` (principals below it, at any depth).
 
-Every new principal gets the kernel-object defaults below (DEFAULT_*); root (the
+Every new principal gets the kernel-object defaults (DEFAULT_*, banks.py); root (the
 owner of the whole device) has none of its own, so the shim server's global caps bound
 it. Root may change any principal's banks (`principal_set`); an owner may give its own
 children at most what it holds itself.
@@ -39,6 +39,7 @@ registered ancestor (`sluice run` registers itself, then execs the program);
 otherwise to its uid's default principal (`uid-N`, made on first use under root;
 uid 0 falls to root).
 """
+
 from __future__ import annotations
 
 import dataclasses
