@@ -32,6 +32,11 @@ from .recording import RECORD_DIR_ENV as RECORD_DIR_ENV
 from .recording import Recording as Recording
 from .recording import RecordingBacking as RecordingBacking
 from .recording import RecordLog as RecordLog
+from .units import Rate as Rate
+from .units import UnitError as UnitError
+from .units import format_size as format_size
+from .units import format_size_approx as format_size_approx
+from .units import parse_size as parse_size
 from .errors import OverReserved as OverReserved
 from .histogram import LatencyHistogram as LatencyHistogram
 from .profiles import Capacity as Capacity

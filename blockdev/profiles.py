@@ -33,8 +33,10 @@ Built-in profiles (reads; the capacity is what `capacity()` computes from them):
 
 Custom profiles: `latency_us,MBps,full_seek_ms,queue_depth[,write_us[,write_cache_MiB]]`
 (MBps 0: unlimited), or the same as `key=value` pairs in any order, e.g.
-`lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16`. The spec is stored as the volume's
-profile (device.json) or given at mount (`--profile`).
+`lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16`. The bandwidth and the write cache may
+carry units instead (blockdev/units.py): `bw=1.5GiB/s`, `wcache=64M`; a plain number is
+MB/s (10^6 bytes/s) and MiB as above. The spec is stored as the volume's profile
+(device.json) or given at mount (`--profile`).
 
 Cost and capacity: the scheduler charges each request its `cost()`, the device time it
 takes in the steady state of this model: `max((access + transfer) / queue_depth,
@@ -48,6 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
+from .units import UnitError, parse_byte_rate, parse_size
 
 #: average of sqrt(|x - y|) for x, y uniform on [0, 1]: a random seek's cost fraction
 RANDOM_SEEK_FRACTION = 8 / 15
@@ -169,11 +173,13 @@ def parse_profile(spec: str) -> TimingProfile:
         raise err
     try:
         lat = float(vals["lat"]) * 1e-6
-        bw = float(vals.get("bw", "0")) * 1e6
+        bw = _bandwidth(vals.get("bw", "0"))
         seek = float(vals.get("seek", "0")) * 1e-3
         depth = int(vals["qd"])
         wlat = float(vals.get("wlat", "0")) * 1e-6
-        wcache = int(float(vals.get("wcache", "0")) * (1 << 20))
+        wcache = _write_cache(vals.get("wcache", "0"))
+    except UnitError as exc:
+        raise ValueError(f"bad timing profile {spec!r}: {exc}") from None
     except ValueError:
         raise err from None
     if not all(math.isfinite(x) and x >= 0 for x in (lat, bw, seek, wlat)) \
@@ -182,3 +188,21 @@ def parse_profile(spec: str) -> TimingProfile:
                          "not negative, queue depth 1..1024")
     return TimingProfile("custom:" + spec, lat, bw, seek, depth, write_latency_s=wlat,
                          write_cache_bytes=wcache)
+
+
+def _plain(text: str) -> bool:
+    return text.strip().replace(".", "", 1).isdigit()
+
+
+def _bandwidth(text: str) -> float:
+    """A profile's bandwidth: plain MB/s (the spec's historical unit), or a byte rate
+    with its units ('1.5GiB/s')."""
+    return float(text) * 1e6 if _plain(text) else parse_byte_rate(text)
+
+
+def _write_cache(text: str) -> int:
+    """A profile's write cache: plain MiB (the spec's historical unit), or a size with
+    its units ('64M', '100MB')."""
+    if _plain(text):
+        return int(float(text) * (1 << 20))
+    return parse_size(text, allow_zero=True, what="write cache")

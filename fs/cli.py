@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from kernelshim import SluiceError
+from kernelshim import Rate, SluiceError, UnitError, format_size_approx, parse_size
 from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
 
 from . import volume as vol
@@ -69,8 +69,8 @@ def _message(exc: BaseException) -> str:
 # -- mkfs ---------------------------------------------------------------------------------
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
-    size = vol.parse_size(args.size)
-    bs = vol.parse_size(args.block_size)
+    size = parse_size(args.size)
+    bs = parse_size(args.block_size, what="block size")
     info = vol.mkfs(Path(args.volume), size=size, block_size=bs, profile=args.profile,
                     inodes=args.inodes, device=args.device, force=args.force)
     if not args.quiet:
@@ -107,8 +107,8 @@ def _mount_options(args: argparse.Namespace):
                 raise MountOptionError(f"use --{key} with sluice mount, not -o {key}")
             if key == "cache_size":
                 try:
-                    vol.parse_size(str(val))
-                except VolumeError as exc:
+                    parse_size(str(val), what="cache_size")
+                except UnitError as exc:
                     raise MountOptionError(str(exc)) from None
             if key == "cache_mode" and val not in ("pager", "direct", "kernel"):
                 raise MountOptionError(f"cache_mode={val}: pager or kernel")
@@ -134,7 +134,7 @@ def _mount_options(args: argparse.Namespace):
             vol.check_profile(args.profile)
         except VolumeError as exc:
             raise CliError(str(exc)) from None
-    return MountOptions(cache_bytes=vol.parse_size(args.cache_size), profile=args.profile,
+    return MountOptions(cache_bytes=parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,
                         pager_policy=args.pager, metrics=_metrics_address(args.metrics),
                         writeback=args.writeback,
@@ -316,12 +316,11 @@ def _control(mountpoint: str):
 
 
 def _bank_args(args: argparse.Namespace) -> dict:
-    from kernelshim.principals import Rate
     out: dict = {}
     for k in ("space", "cache_min", "cache_max", "shm"):
         v = getattr(args, k, None)
         if v is not None:
-            out[k] = vol.parse_size(v)
+            out[k] = parse_size(v, allow_zero=True)
     for k in ("inodes", "io_weight", "grants", "caps", "connections", "children"):
         v = getattr(args, k, None)
         if v is not None:
@@ -355,16 +354,6 @@ def cmd_principal(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def _principal_table(rows: list[dict]) -> str:
     depth: dict[str, int] = {}
     lines = [f"{'PRINCIPAL':20} {'OWNER':>6} {'SPACE used/limit':>20} {'INODES used/limit':>18}"
@@ -373,10 +362,10 @@ def _principal_table(rows: list[dict]) -> str:
         d = depth[r["name"]] = depth.get(r["parent"], -1) + 1 if r["parent"] else 0
         b, u = r["banks"], r["usage"]
         name = "  " * d + r["name"]
-        space = f"{_fmt_bytes(u['space'])}/{_fmt_bytes(b['space'])}"
+        space = f"{format_size_approx(u['space'])}/{format_size_approx(b['space'])}"
         inodes = f"{u['inodes']}/{b['inodes'] if b['inodes'] is not None else '-'}"
         grants = f"{u['grants']}/{b['grants'] if b['grants'] is not None else '-'}"
-        cache = f"{_fmt_bytes(b['cache_min'])}/{_fmt_bytes(b['cache_max'])}"
+        cache = f"{format_size_approx(b['cache_min'])}/{format_size_approx(b['cache_max'])}"
         io = f"{b['io_reserve'] or '-'}/{b['io_weight']}/{b['io_limit'] or '-'}"
         lines.append(f"{name:20} {r['owner_uid']:>6} {space:>20} {inodes:>18} {grants:>12}"
                      f" {cache:>16} {io:>24}")
@@ -398,21 +387,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> str:
-    """A size argument (512M, 8G): checked by argparse, so a malformed one is a usage
-    error (exit 2); the text is kept (parse_size again where it is used)."""
+    """A size argument (512M, 8G; units as in blockdev/units.py): checked by argparse, so
+    a malformed one is a usage error (exit 2); the text is kept (parse_size again where
+    it is used)."""
     try:
-        vol.parse_size(text)
-    except VolumeError as exc:
+        parse_size(text)
+    except UnitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _bank_size(text: str) -> str:
+    """A size bank argument (--space, --cache-min, ...): as _size, but 0 is allowed
+    (no cache guaranteed, no room)."""
+    try:
+        parse_size(text, allow_zero=True)
+    except UnitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
 def _rate(text: str) -> str:
     """An I/O rate argument (20MB/s, 500iops), checked like _size."""
-    from kernelshim.principals import PrincipalError, Rate
     try:
         Rate.parse(text)
-    except PrincipalError as exc:
+    except UnitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
@@ -488,7 +487,7 @@ def _stats_text(st: dict) -> str:
             iocols = (f"{s.ops:>9} {s.read_bytes / 1e6:>9.1f} {s.write_bytes / 1e6:>10.1f} "
                       f"{s.p50_s * 1e3:>8.3f} {p95} {s.p99_s * 1e3:>8.3f}")
         out.append(f"{n:16} {iocols} {p['resident'].get(n, 0):>7} "
-                   f"{_fmt_bytes(u.get('space', 0)):>9} {u.get('inodes', 0):>7}")
+                   f"{format_size_approx(u.get('space', 0)):>9} {u.get('inodes', 0):>7}")
     cache = st.get("cache") or {}
     if cache:
         out += ["", _cache_table(cache, names)]
@@ -720,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("mkfs", help="make a new volume")
     s.add_argument("volume", help="volume directory (created if missing)")
     s.add_argument("--size", default="8G", type=_size,
-                   help="device size, e.g. 512M, 8G (default 8G, sparse)")
+                   help="device size, e.g. 512M, 8G (K, M, G binary; KB, MB, GB decimal; "
+                        "default 8G, sparse)")
     s.add_argument("--block-size", default="4096", type=_size,
                    help="block size in bytes (default 4096)")
     s.add_argument("--profile", default="none",
@@ -800,11 +800,11 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--parent", default="root", help="parent principal (default root)")
             a.add_argument("--owner", type=int, default=None,
                            help="uid that owns it (may run as it and manage it; default: you)")
-        a.add_argument("--space", type=_size,
+        a.add_argument("--space", type=_bank_size,
                        help="storage bank: bytes of data and entries, e.g. 10G")
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
-        a.add_argument("--cache-min", type=_size, help="guaranteed cache, e.g. 64M")
-        a.add_argument("--cache-max", type=_size, help="cache ceiling, e.g. 256M")
+        a.add_argument("--cache-min", type=_bank_size, help="guaranteed cache, e.g. 64M")
+        a.add_argument("--cache-max", type=_bank_size, help="cache ceiling, e.g. 256M")
         a.add_argument("--io-reserve", action="append", type=_rate, metavar="RATE",
                        help="reserved I/O rate: 20MB/s, 500iops, or both (give the flag "
                             "twice, or 500iops,20MB/s); `none` removes it")
@@ -816,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--caps", type=int, help="capability slots it may hold")
         a.add_argument("--connections", type=int,
                        help="control-socket connections it may hold open (default 64)")
-        a.add_argument("--shm", type=_size, help="shared memory its direct clients may "
+        a.add_argument("--shm", type=_bank_size, help="shared memory its direct clients may "
                                                  "attach, e.g. 256M (default 256M)")
         a.add_argument("--children", type=int,
                        help="principals it may create below it, at any depth (default 256)")

@@ -23,7 +23,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 import struct
@@ -50,22 +49,6 @@ FILE_MODE = 0o600
 #: the umask under which volume files are created (chmod follows anyway: a file made
 #: by a library, e.g. SQLite's -wal and -shm, takes the mode it chooses)
 PRIVATE_UMASK = 0o077
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'4096', '512K', '1.5G', '10GiB', '64MB' -> bytes (binary multiples)."""
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise VolumeError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
-    num, unit, _ = m.groups()
-    mult = 1024 ** "bkmgtpe".index(unit.lower() or "b")
-    value = int(float(num) * mult)
-    if value <= 0:
-        raise VolumeError(f"bad size {text!r}: must be positive")
-    return value
-
 
 def os_error_text(exc: BaseException) -> str:
     """'File too large: /srv/v/device.img', not "[Errno 27] File too large: '...'"."""

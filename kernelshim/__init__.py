@@ -8,6 +8,9 @@ The package has separate rooms:
   kernel.py, grants.py, extents.py, errors.py   the kernel proper
   principals.py, service.py                     principals and banks; what the shim
                                                 needs from the metadata server
+  banks.py, bankrules.py, accounting.py,        (the principal tree's records, the rules
+  processes.py                                  of its banks, hierarchical charging, the
+                                                pid registry: principals.py re-exports)
   server.py                                     the RPC server (control socket, push)
   protocol.py                                   the wire format (sans-IO, light)
   clientcore.py, client.py                      the client library (light)
@@ -33,9 +36,14 @@ if TYPE_CHECKING:
     from blockdev import DeviceError as DeviceError
     from blockdev import FormatError as FormatError
     from blockdev import PrincipalId as PrincipalId
+    from blockdev import Rate as Rate
     from blockdev import SluiceError as SluiceError
+    from blockdev import UnitError as UnitError
+    from blockdev import format_size as format_size
+    from blockdev import format_size_approx as format_size_approx
     from blockdev import fsync_directory as fsync_directory
     from blockdev import parse_profile as parse_profile
+    from blockdev import parse_size as parse_size
     from blockdev import write_durably as write_durably
 
     from .errors import BadRequest as BadRequest
@@ -60,6 +68,9 @@ _EXPORTS: dict[str, str] = {
                      "BlockNo", "ChecksumError", "DeviceError", "FormatError", "PrincipalId",
                      "SluiceError", "fsync_directory", "parse_profile", "write_durably"),
                     "blockdev"),
+    # units (blockdev/units.py): the one parser of sizes and rates, shared vocabulary
+    **dict.fromkeys(("Rate", "UnitError", "format_size", "format_size_approx",
+                     "parse_size"), "blockdev"),
     **dict.fromkeys(("BadRequest", "GrantRevoked", "NotAllocated", "RightsError", "Sealed",
                      "ShimError"), "kernelshim.errors"),
     **dict.fromkeys(("FRESH", "HOLE", "UNWRITTEN", "WRITTEN", "ExtentMap", "Segment"),

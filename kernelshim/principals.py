@@ -11,7 +11,7 @@ A tree of principals rooted at `root`. Each has banks carved from its parent's:
   (control-socket connections acting for it), `shm` (bytes of shared buffers its
   connections have attached) and `children` (principals below it, at any depth).
 
-Every new principal gets the kernel-object defaults below (DEFAULT_*); root (the
+Every new principal gets the kernel-object defaults (DEFAULT_*, banks.py); root (the
 owner of the whole device) has none of its own, so the shim server's global caps bound
 it. Root may change any principal's banks (`principal_set`); an owner may give its own
 children at most what it holds itself.
@@ -28,6 +28,12 @@ mount, so it is exact after a crash.
 
 The tree is stored in the volume as `principals.json` (written atomically on change).
 
+This module is the tree, its persistence and who may change it; its records, errors
+and defaults are in `banks.py`, the rules a bank must keep in `bankrules.py`,
+hierarchical charging in `accounting.py`, the pid registry in `processes.py`. Sizes and
+rates (`Rate`) are parsed in `blockdev/units.py`. The names of all of them that the
+rest of sluice uses are importable from here.
+
 Identity: a process belongs to the principal registered for it or for its nearest
 registered ancestor (`sluice run` registers itself, then execs the program);
 otherwise to its uid's default principal (`uid-N`, made on first use under root;
@@ -37,271 +43,44 @@ uid 0 falls to root).
 from __future__ import annotations
 
 import dataclasses
-import errno as _errno
 import json
 import logging
-import os
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from blockdev import (BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, SluiceError,
-                      write_durably)
+from blockdev import BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, Rate, write_durably
+
+from . import accounting, bankrules
+from .banks import DEFAULT_CAPS as DEFAULT_CAPS
+from .banks import DEFAULT_CHILDREN as DEFAULT_CHILDREN
+from .banks import DEFAULT_CONNECTIONS as DEFAULT_CONNECTIONS
+from .banks import DEFAULT_GRANTS as DEFAULT_GRANTS
+from .banks import DEFAULT_SHM as DEFAULT_SHM
+from .banks import ENTRY_COST as ENTRY_COST
+from .banks import OBJECT_BANKS as OBJECT_BANKS
+from .banks import Banks as Banks
+from .banks import NoSuchPrincipal as NoSuchPrincipal
+from .banks import NotAllowed as NotAllowed
+from .banks import Principal as Principal
+from .banks import PrincipalError as PrincipalError
+from .banks import PrincipalExists as PrincipalExists
+from .banks import PrincipalInfo as PrincipalInfo
+from .banks import QuotaExceeded as QuotaExceeded
+from .banks import TooManyObjects as TooManyObjects
+from .banks import Usage as Usage
+from .banks import bank_node, root_banks
+from .processes import ProcessRegistry
+
+__all__ = ["DEFAULT_CAPS", "DEFAULT_CHILDREN", "DEFAULT_CONNECTIONS", "DEFAULT_GRANTS",
+           "DEFAULT_SHM", "ENTRY_COST", "FILE", "OBJECT_BANKS", "Banks", "NoSuchPrincipal",
+           "NotAllowed", "Principal", "PrincipalError", "PrincipalExists", "PrincipalInfo",
+           "PrincipalTable", "QuotaExceeded", "Rate", "TooManyObjects", "Usage"]
 
 log = logging.getLogger(__name__)
 
 FILE = "principals.json"
-#: bytes a directory entry costs in the space bank, besides its name
-ENTRY_COST = 64
-#: default kernel-object limits of a new principal (per principal, across connections;
-#: a principal's descendants count against it too)
-DEFAULT_GRANTS = 4096
-DEFAULT_CAPS = 4096
-#: control-socket connections (each holds a descriptor and a capability space in the
-#: daemon); well below the shim server's global cap, so one tenant cannot reach it
-DEFAULT_CONNECTIONS = 64
-#: bytes of shared buffers attached (daemon memory once touched)
-DEFAULT_SHM = 256 << 20
-#: principals below it (each is a row in every listing and in principals.json)
-DEFAULT_CHILDREN = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-class PrincipalError(SluiceError):
-    """A bad request about principals (unknown name, bad bank, not allowed)."""
-
-    errno = _errno.EINVAL
-
-
-class NoSuchPrincipal(PrincipalError):
-    errno = _errno.ENOENT
-
-
-class PrincipalExists(PrincipalError):
-    errno = _errno.EEXIST
-
-
-class NotAllowed(PrincipalError):
-    errno = _errno.EPERM
-
-
-class QuotaExceeded(SluiceError):
-    """The principal (or an ancestor) would go over a storage bank limit."""
-
-    errno = _errno.EDQUOT
-
-
-class TooManyObjects(SluiceError):
-    """The principal holds as many kernel objects of a kind (grants, capability slots,
-    connections, shared memory, child principals) as its bank allows."""
-
-    errno = _errno.EMFILE
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Rate:
-    """An I/O rate in operations per second (`iops`), in bytes per second (`bps`), or in
-    both (None: not that unit). With both, the tighter applies: a limit of
-    `1000iops,20MB/s` stops at whichever is reached first, and so does a reservation.
-
-    Written `500iops`, `20MB/s` (SI) or `1.5GiB/s` (binary), or both comma-separated,
-    `500iops,20MB/s`; `none` is no rate at all."""
-
-    iops: float | None = None
-    bps: float | None = None
-
-    _RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b/s|iops)\s*$", re.IGNORECASE)
-
-    @classmethod
-    def parse(cls, text: str) -> Rate:
-        if text.strip().lower() == "none":
-            return cls()
-        iops: float | None = None
-        bps: float | None = None
-        parts = text.split(",")
-        if len(parts) > 2:
-            raise PrincipalError(f"bad rate {text!r}: at most one IOPS and one bytes/s rate")
-        for part in parts:
-            m = cls._RE.match(part)
-            if not m:
-                raise PrincipalError(f"bad rate {text!r}: use e.g. 20MB/s, 1.5GiB/s, 500iops "
-                                     "or both, 500iops,20MB/s")
-            num, prefix, unit = m.groups()
-            p = prefix.lower()
-            if unit.lower() == "iops":
-                if iops is not None:
-                    raise PrincipalError(f"bad rate {text!r}: two IOPS rates")
-                iops = float(num) * (1000 ** "_kmgt".index(p) if p else 1)
-            else:
-                if bps is not None:
-                    raise PrincipalError(f"bad rate {text!r}: two bytes/s rates")
-                base = 1024 if unit.lower().startswith("i") else 1000
-                bps = float(num) * (base ** "_kmgt".index(p) if p else 1)
-        for v in (iops, bps):
-            if v is not None and not 0 < v < 1e15:
-                raise PrincipalError(f"bad rate {text!r}: must be positive")
-        return cls(iops, bps)
-
-    @property
-    def empty(self) -> bool:
-        return self.iops is None and self.bps is None
-
-    def units(self) -> tuple[str, ...]:
-        return tuple(u for u, v in (("iops", self.iops), ("bps", self.bps)) if v is not None)
-
-    def get(self, unit: str) -> float | None:
-        return self.iops if unit == "iops" else self.bps
-
-    def __str__(self) -> str:
-        """Exact and parseable again (the string is what principals.json stores): a
-        decimal prefix only where it divides evenly (20MB/s, 2Kiops, 1536MiB/s), never
-        '2e+06' or a rounded 1.61061GB/s; both rates as '500iops,20MB/s'."""
-        out = []
-        if self.iops is not None:
-            out.append(_exact(self.iops, "iops"))
-        if self.bps is not None:
-            out.append(_exact(self.bps, "B/s"))
-        return ",".join(out) or "none"
-
-
-def _exact(v: float, unit: str) -> str:
-    prefix = ""
-    if v == int(v):
-        n = int(v)
-        names: tuple[str, ...] = ("K", "M", "G", "T")
-        base = 1000
-        if n % 1000 and not n % 1024 and unit != "iops":
-            base, names = (1024, ("Ki", "Mi", "Gi", "Ti"))  # 1.5GiB/s: 1536MiB/s
-        if unit == "iops":  # plain below a whole million (4000iops, not 4Kiops)
-            base, names = (1000 ** 2, ("M", "T")) if n and not n % 1000 ** 2 else (1, ())
-        for p in names:
-            if n == 0 or n % base:
-                break
-            n, prefix = n // base, p
-        text = str(n)
-    else:
-        text = repr(v) if "e" not in repr(v) else f"{v:f}"
-    return f"{text}{prefix}{unit}"
-
-
-def _rate_str(unit: str, v: float) -> str:
-    return str(Rate(iops=v) if unit == "iops" else Rate(bps=v))
-
-
-@dataclasses.dataclass(slots=True)
-class Banks:
-    """What a principal may hold (None: no limit of its own, only its ancestors')."""
-
-    space: int | None = None
-    inodes: int | None = None
-    cache_min: int = 0
-    cache_max: int | None = None
-    io_reserve: Rate | None = None
-    io_weight: int = 100
-    io_limit: Rate | None = None
-    grants: int | None = DEFAULT_GRANTS
-    caps: int | None = DEFAULT_CAPS
-    connections: int | None = DEFAULT_CONNECTIONS
-    shm: int | None = DEFAULT_SHM
-    children: int | None = DEFAULT_CHILDREN
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in ("io_reserve", "io_limit"):
-            r = getattr(self, k)
-            d[k] = None if r is None else str(r)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any], *, base: Banks | None = None) -> Banks:
-        """Banks from their JSON form; a field the record lacks (written before the field
-        existed) comes from `base`, else the default."""
-        d = dict(d)
-        for k in ("io_reserve", "io_limit"):
-            if d.get(k) is not None:
-                d[k] = Rate.parse(d[k])
-        out = dataclasses.replace(base) if base is not None else cls()
-        for f in dataclasses.fields(cls):
-            if f.name in d:
-                setattr(out, f.name, d[f.name])
-        return out
-
-
-def _normalise(banks: Banks) -> Banks:
-    """`none` rates are no rate at all."""
-    if banks.io_reserve is not None and banks.io_reserve.empty:
-        banks = dataclasses.replace(banks, io_reserve=None)
-    if banks.io_limit is not None and banks.io_limit.empty:
-        banks = dataclasses.replace(banks, io_limit=None)
-    return banks
-
-
-def _bank_node(pid: PrincipalId, parent: PrincipalId | None, name: str, b: Banks) -> BankNode:
-    r, lim = b.io_reserve, b.io_limit
-    return BankNode(pid, parent, name, cache_min=b.cache_min, cache_max=b.cache_max,
-                    io_reserve_iops=r.iops if r is not None else None,
-                    io_reserve_bps=r.bps if r is not None else None,
-                    io_weight=b.io_weight,
-                    io_limit_iops=lim.iops if lim is not None else None,
-                    io_limit_bps=lim.bps if lim is not None else None)
-
-
-def root_banks() -> Banks:
-    """Root's own banks: no kernel-object limits (the shim server's global caps bound it)."""
-    return Banks(grants=None, caps=None, connections=None, shm=None, children=None)
-
-
-#: kernel-object banks: charged with charge_object, each a count but `shm` (bytes)
-OBJECT_BANKS = ("grants", "caps", "connections", "shm", "children")
-
-
-@dataclasses.dataclass(slots=True)
-class Usage:
-    """What a principal and its descendants hold now."""
-
-    space: int = 0
-    inodes: int = 0
-    grants: int = 0
-    caps: int = 0
-    connections: int = 0
-    shm: int = 0
-    children: int = 0
-
-
-@dataclasses.dataclass(eq=False, slots=True)
-class Principal:
-    id: PrincipalId
-    name: str
-    parent: Principal | None
-    owner_uid: int
-    banks: Banks
-    usage: Usage = dataclasses.field(default_factory=Usage)
-    children: list[Principal] = dataclasses.field(default_factory=list)
-
-    def chain(self) -> Iterator[Principal]:
-        p: Principal | None = self
-        while p is not None:
-            yield p
-            p = p.parent
-
-    def __repr__(self) -> str:
-        return f"<Principal {self.id} {self.name!r}>"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PrincipalInfo:
-    """A row of `sluice principal ls`."""
-
-    id: int
-    name: str
-    parent: str | None
-    owner_uid: int
-    banks: dict[str, Any]
-    usage: dict[str, int]
-
-
-_LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS)
 
 
 class PrincipalTable:
@@ -315,10 +94,8 @@ class PrincipalTable:
         #: id must not be charged to whoever is added next), so it is saved too
         self._next_id = 1
         self.root = self._insert(ROOT_PRINCIPAL, "root", None, 0, root_banks())
-        #: pid -> (process start time, principal) registered by `sluice run`
-        self._registered: dict[int, tuple[int, Principal]] = {}
-        #: pid -> (expiry, principal) resolved through the parent chain
-        self._resolved: dict[int, tuple[float, Principal]] = {}
+        #: processes registered by `sluice run`
+        self._processes: ProcessRegistry[Principal] = ProcessRegistry()
         #: called with the snapshot a change would make, before it is made; one that
         #: raises refuses the change (see add_bank_validator)
         self._bank_validators: list[Callable[[BankTree], None]] = []
@@ -343,29 +120,29 @@ class PrincipalTable:
         try:
             t._load(data)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # (a bad rate string is a UnitError, a ValueError)
             raise PrincipalError(f"{directory / FILE} is malformed: {exc!r}") from None
         return t
 
     def _load(self, data: dict) -> None:
-        t = self
         directory = self.path.parent if self.path is not None else Path(".")
-        t.root.banks = Banks.from_json(data["root"]["banks"], base=root_banks())
+        self.root.banks = Banks.from_json(data["root"]["banks"], base=root_banks())
         pending = [p for p in data["principals"]]
         # Parents before children (the file lists them so, but be forgiving).
         while pending:
             progressed = False
             for rec in list(pending):
-                parent = t._by_name.get(rec["parent"])
+                parent = self._by_name.get(rec["parent"])
                 if parent is None:
                     continue
-                t._insert(PrincipalId(rec["id"]), rec["name"], parent, rec["owner_uid"],
-                          Banks.from_json(rec["banks"]))
+                self._insert(PrincipalId(rec["id"]), rec["name"], parent, rec["owner_uid"],
+                             Banks.from_json(rec["banks"]))
                 pending.remove(rec)
                 progressed = True
             if not progressed:
                 raise PrincipalError(f"{directory / FILE}: principals with unknown parents: "
                                      + ", ".join(r["name"] for r in pending))
-        t._next_id = max(int(data.get("next_id", 0)), max(t._by_id) + 1)
+        self._next_id = max(int(data.get("next_id", 0)), max(self._by_id) + 1)
 
     def save(self) -> None:
         if self.path is None:
@@ -390,8 +167,8 @@ class PrincipalTable:
         scheduler (which may not see this table: they sit below kernelshim)."""
         out: dict[PrincipalId, BankNode] = {}
         for p in self.walk():
-            out[p.id] = _bank_node(p.id, p.parent.id if p.parent is not None else None,
-                                   p.name, p.banks)
+            out[p.id] = bank_node(p.id, p.parent.id if p.parent is not None else None,
+                                  p.name, p.banks)
         return out
 
     def watch(self, callback: Callable[[BankTree], None]) -> None:
@@ -441,17 +218,16 @@ class PrincipalTable:
         self._by_name[name] = p
         if parent is not None:
             parent.children.append(p)
-            for q in parent.chain():  # checked by add(); recounted so at load
-                q.usage.children += 1
+            # checked by add(); unchecked here, so that load() counts what is there
+            accounting.apply(parent, {"children": 1})
         return p
 
     def _uninsert(self, p: Principal) -> None:
-        """Undo `_insert` of a principal nothing refers to yet (a refused `add`); its id
-        is not given out again (ids are never reused)."""
+        """Undo `_insert` (a refused `add`, a `remove`); the id is not given out again
+        (ids are never reused)."""
         assert p.parent is not None and not p.children
         p.parent.children.remove(p)
-        for q in p.parent.chain():
-            q.usage.children -= 1
+        accounting.apply(p.parent, {"children": -1})
         del self._by_id[p.id]
         del self._by_name[p.name]
 
@@ -475,79 +251,18 @@ class PrincipalTable:
             return self.root
         return p
 
-    def _check_banks(self, p_parent: Principal, banks: Banks, *, exclude: Principal | None) -> None:
-        pb = p_parent.banks
-        for k in _LIMIT_BANKS:
-            mine, theirs = getattr(banks, k), self._effective(p_parent, k)
-            if theirs is not None and mine is not None and mine > theirs:
-                raise PrincipalError(f"{k} {mine} exceeds what parent {p_parent.name!r} "
-                                     f"holds ({theirs})")
-        if banks.cache_min:
-            carved = sum(c.banks.cache_min for c in p_parent.children if c is not exclude)
-            avail = (pb.cache_min if p_parent is not self.root or pb.cache_min else None)
-            if avail is not None and carved + banks.cache_min > avail:
-                raise PrincipalError(
-                    f"cache_min {banks.cache_min} exceeds what parent {p_parent.name!r} has "
-                    f"left to guarantee ({avail - carved})")
-            mx = self._effective(p_parent, "cache_max")
-            if banks.cache_max is not None and banks.cache_min > banks.cache_max:
-                raise PrincipalError("cache_min exceeds cache_max")
-            if mx is not None and banks.cache_min > mx:
-                raise PrincipalError(f"cache_min exceeds parent's cache_max ({mx})")
-        if banks.io_reserve is not None:
-            for unit in banks.io_reserve.units():
-                mine_r = banks.io_reserve.get(unit)
-                theirs_r = pb.io_reserve.get(unit) if pb.io_reserve is not None else None
-                carved_r = sum(c.banks.io_reserve.get(unit) or 0.0 for c in p_parent.children
-                               if c is not exclude and c.banks.io_reserve is not None)
-                if theirs_r is not None:
-                    assert mine_r is not None
-                    if carved_r + mine_r > theirs_r * (1 + 1e-9):
-                        raise PrincipalError(
-                            f"io_reserve {_rate_str(unit, mine_r)} exceeds what parent "
-                            f"{p_parent.name!r} has left to reserve "
-                            f"({_rate_str(unit, max(0.0, theirs_r - carved_r))})")
-                elif p_parent is not self.root or (pb.io_reserve is not None
-                                                   and not pb.io_reserve.empty):
-                    raise PrincipalError(
-                        f"parent {p_parent.name!r} has no {'IOPS' if unit == 'iops' else 'bytes/s'}"
-                        " io_reserve to carve from")
-        if banks.io_limit is not None:
-            for unit in banks.io_limit.units():
-                lim = self._effective_rate(p_parent, unit)
-                mine_l = banks.io_limit.get(unit)
-                assert mine_l is not None
-                if lim is not None and mine_l > lim:
-                    raise PrincipalError(f"io_limit {_rate_str(unit, mine_l)} exceeds parent's "
-                                         f"{_rate_str(unit, lim)}")
-        if banks.io_weight <= 0:
-            raise PrincipalError("io_weight must be positive")
-        for k in ("space", "inodes", "cache_max", *OBJECT_BANKS):
-            v = getattr(banks, k)
-            if v is not None and v < 0:
-                raise PrincipalError(f"{k} must not be negative")
-
     def effective(self, p: Principal, bank: str) -> int | None:
         """The tightest limit on `bank` along p's chain (None: no limit)."""
-        return self._effective(p, bank)
+        return bankrules.effective(p, bank)
 
-    def _effective(self, p: Principal, bank: str) -> int | None:
-        """The tightest limit on `bank` along p's chain."""
-        vals = [getattr(q.banks, bank) for q in p.chain() if getattr(q.banks, bank) is not None]
-        return min(vals) if vals else None
-
-    def _effective_rate(self, p: Principal, unit: str) -> float | None:
-        """The tightest io_limit in `unit` along p's chain."""
-        vals = [q.banks.io_limit.get(unit) for q in p.chain() if q.banks.io_limit is not None]
-        vals_f = [v for v in vals if v is not None]
-        return min(vals_f) if vals_f else None
+    # -- changes (admin policy: who may change which principal) --------------------------
 
     def _may_administer(self, p: Principal, uid: int) -> bool:
         return uid == 0 or any(q.owner_uid == uid and q is not self.root for q in p.chain())
 
     def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
             caller_uid: int) -> Principal:
-        banks = _normalise(banks)
+        banks = banks.normalised()
         if not _NAME_RE.match(name):
             raise PrincipalError(f"bad principal name {name!r} (letters, digits, _ . -; "
                                  "at most 64)")
@@ -556,8 +271,8 @@ class PrincipalTable:
         par = self.get(parent)
         if not self._may_administer(par, caller_uid):
             raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
-        self._check_banks(par, banks, exclude=None)
-        self._check_object(par, "children", 1)
+        bankrules.check_child_banks(par, banks, exclude=None, parent_is_root=par is self.root)
+        accounting.check(par, accounting.kernel_object("children", 1))
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
         self._validate_change(lambda: self._uninsert(p))
         self._keep(par)
@@ -570,45 +285,16 @@ class PrincipalTable:
         if p.parent is None:
             if caller_uid != 0:
                 raise NotAllowed("only root may change the root principal")
-            par = None
-        else:
-            par = p.parent
-            if not self._may_administer(par, caller_uid):
-                raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
-        banks = _normalise(dataclasses.replace(p.banks, **changes))
+        elif not self._may_administer(p.parent, caller_uid):
+            raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
+        banks = dataclasses.replace(p.banks, **changes).normalised()
         old = p.banks  # put back if a bank validator refuses the change
-        if par is not None:
-            self._check_banks(par, banks, exclude=p)
-        # Children must still fit.
-        for c in p.children:
-            for k in _LIMIT_BANKS:
-                mine, theirs = getattr(c.banks, k), getattr(banks, k)
-                if mine is not None and theirs is not None and mine > theirs:
-                    raise PrincipalError(f"child {c.name!r} has {k} {mine}, more than {theirs}")
-        # ... and so must the guarantees carved from it (root without one: no limit).
-        carved = sum(c.banks.cache_min for c in p.children)
-        if carved > banks.cache_min and (p is not self.root or banks.cache_min):
-            raise PrincipalError(f"children of {name!r} hold cache_min {carved}, more than "
-                                 f"{banks.cache_min}")
-        reserved = [c.banks.io_reserve for c in p.children if c.banks.io_reserve is not None]
-        r = banks.io_reserve
-        if reserved and (r is not None or p is not self.root):
-            for unit in ("iops", "bps"):
-                total = sum(x.get(unit) or 0.0 for x in reserved)
-                have = r.get(unit) if r is not None else None
-                if total and (have is None or total > have * (1 + 1e-9)):
-                    raise PrincipalError(
-                        f"children of {name!r} reserve {_rate_str(unit, total)}, more than "
-                        f"{_rate_str(unit, have) if have is not None else 'nothing'}")
-            for c in p.children:
-                lim = c.banks.io_limit
-                if lim is None or banks.io_limit is None:
-                    continue
-                for unit in lim.units():
-                    mine, theirs = lim.get(unit), banks.io_limit.get(unit)
-                    if mine is not None and theirs is not None and mine > theirs:
-                        raise PrincipalError(f"child {c.name!r} has io_limit {lim}, more than "
-                                             f"{banks.io_limit}")
+        if p.parent is not None:
+            bankrules.check_child_banks(p.parent, banks, exclude=p,
+                                        parent_is_root=p.parent is self.root)
+        else:
+            bankrules.check_own_banks(banks)
+        bankrules.check_children_fit(p, banks, is_root=p is self.root)
         p.banks = banks
         self._validate_change(lambda: setattr(p, "banks", old))
         self._keep(p)
@@ -645,49 +331,52 @@ class PrincipalTable:
             if heir is p:
                 raise PrincipalError("cannot move storage to the principal being removed")
             # Move the charge: into heir's chain (which must have room), out of p's.
-            space, inodes = p.usage.space, p.usage.inodes
-            self.refund(p, space=space, inodes=inodes)
+            held = accounting.storage(p.usage.space, p.usage.inodes)
+            accounting.apply(p, {k: -v for k, v in held.items()})
             try:
-                self.charge(heir, space=space, inodes=inodes)
+                accounting.charge(heir, held)
             except QuotaExceeded:
-                self.charge(p, space=space, inodes=inodes)  # undo: p keeps it
+                accounting.apply(p, held)  # undo: p keeps it
                 raise
-        p.parent.children.remove(p)
-        for q in p.parent.chain():
-            q.usage.children -= 1
-        del self._by_id[p.id]
-        del self._by_name[p.name]
+        self._uninsert(p)
         self._provisional.discard(p)
-        for pid, (_st, q) in list(self._registered.items()):
-            if q is p:
-                del self._registered[pid]
-        self._resolved.clear()
+        self._processes.forget(p)
         if save:
             self.save()
         self._changed()
         return heir
 
-    # -- charging ------------------------------------------------------------------------
+    # -- charging (accounting.py) --------------------------------------------------------
 
     def charge(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
         """Charge storage to p and its ancestors, or raise QuotaExceeded and change nothing."""
-        if space > 0 or inodes > 0:
-            for q in p.chain():
-                b, u = q.banks, q.usage
-                if space > 0 and b.space is not None and u.space + space > b.space:
-                    raise QuotaExceeded(f"principal {q.name!r} is over its space bank "
-                                        f"({u.space} + {space} > {b.space} bytes)")
-                if inodes > 0 and b.inodes is not None and u.inodes + inodes > b.inodes:
-                    raise QuotaExceeded(f"principal {q.name!r} is over its inode bank "
-                                        f"({u.inodes} + {inodes} > {b.inodes})")
-        for q in p.chain():
-            q.usage.space += space
-            q.usage.inodes += inodes
+        accounting.charge(p, accounting.storage(space, inodes))
         if (space > 0 or inodes > 0) and self._provisional:
             # First storage of a uid-N default: it exists from now on, saved before
             # the metadata commit that tags storage with its id.
             if self._keep(p):
                 self.save()
+
+    def refund(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
+        accounting.apply(p, accounting.storage(-space, -inodes))
+
+    def charge_object(self, p: Principal, kind: str, n: int = 1) -> None:
+        """`n` more of kernel object `kind` (one of OBJECT_BANKS) held by p, charged to it
+        and its ancestors; or TooManyObjects and nothing changed."""
+        accounting.charge(p, accounting.kernel_object(kind, n))
+
+    def refund_object(self, p: Principal, kind: str, n: int = 1) -> None:
+        accounting.apply(p, accounting.kernel_object(kind, -n))
+
+    def reset_storage_usage(self) -> None:
+        accounting.recount_storage(self.walk(), ())
+
+    def recount_storage(self, held: Iterable[tuple[int, int, int]]) -> None:
+        """Storage usage of every principal from what the volume holds: `held` gives
+        (principal id, space, inodes) of what each holds itself (an id no longer in
+        the table counts for root); ancestors count their descendants'."""
+        accounting.recount_storage(self.walk(), ((self.by_id(pid), space, inodes)
+                                                 for pid, space, inodes in held))
 
     def _keep(self, p: Principal) -> bool:
         """Make provisional defaults in p's chain permanent; True if there were any."""
@@ -698,39 +387,7 @@ class PrincipalTable:
                 kept = True
         return kept
 
-    def listed(self, p: Principal) -> bool:
-        """Whether p shows in listings: a provisional default only while it holds
-        something (a connection, an open grant)."""
-        return p not in self._provisional or any(dataclasses.astuple(p.usage))
-
-    def refund(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
-        self.charge(p, space=-space, inodes=-inodes)
-
-    def _check_object(self, p: Principal, kind: str, n: int) -> None:
-        for q in p.chain():
-            lim = getattr(q.banks, kind)
-            used = getattr(q.usage, kind)
-            if lim is not None and used + n > lim:
-                what = f"{used} bytes of shared memory" if kind == "shm" else f"{used} {kind}"
-                raise TooManyObjects(f"principal {q.name!r} holds {what} of its limit {lim}")
-
-    def charge_object(self, p: Principal, kind: str, n: int = 1) -> None:
-        """`n` more of kernel object `kind` (one of OBJECT_BANKS) held by p, charged to it
-        and its ancestors; or TooManyObjects and nothing changed."""
-        self._check_object(p, kind, n)
-        for q in p.chain():
-            setattr(q.usage, kind, getattr(q.usage, kind) + n)
-
-    def refund_object(self, p: Principal, kind: str, n: int = 1) -> None:
-        for q in p.chain():
-            setattr(q.usage, kind, getattr(q.usage, kind) - n)
-
-    def reset_storage_usage(self) -> None:
-        for p in self.walk():
-            p.usage.space = 0
-            p.usage.inodes = 0
-
-    # -- identity ------------------------------------------------------------------------
+    # -- identity and views for other users ----------------------------------------------
 
     def default_for_uid(self, uid: int) -> Principal:
         if uid == 0:
@@ -748,8 +405,12 @@ class PrincipalTable:
     def may_run_as(self, principal: Principal, uid: int) -> bool:
         """Whether `uid` may act for `principal`: root, or the owner of it or of one of
         its ancestors below root."""
-        return uid == 0 or any(q.owner_uid == uid and q is not self.root
-                               for q in principal.chain())
+        return self._may_administer(principal, uid)
+
+    def listed(self, p: Principal) -> bool:
+        """Whether p shows in listings: a provisional default only while it holds
+        something (a connection, an open grant)."""
+        return p not in self._provisional or any(dataclasses.astuple(p.usage))
 
     def visible_to(self, uid: int, acting_for: Principal | None = None) -> list[Principal]:
         """The principals `uid` may see listed, in tree order: all for root; for anyone
@@ -765,51 +426,6 @@ class PrincipalTable:
                 keep.update(p.chain())
         return [p for p in self.walk() if p in keep and self.listed(p)]
 
-    def register(self, pid: int, principal: Principal, *, uid: int) -> None:
-        """Attach process `pid` (authenticated by the caller) to `principal`."""
-        if not self.may_run_as(principal, uid):
-            raise NotAllowed(f"uid {uid} may not run as principal {principal.name!r} "
-                             "(only its owner or root may)")
-        self._registered[pid] = (_start_time(pid), principal)
-        self._resolved.clear()
-
-    def resolve(self, pid: int, uid: int, *, now: float | None = None) -> Principal:
-        """The principal process `pid` (of `uid`) acts for."""
-        if self._registered:
-            now = time.monotonic() if now is None else now
-            hit = self._resolved.get(pid)
-            if hit is not None and hit[0] > now:
-                return hit[1]
-            p = self._walk_ancestry(pid)
-            if p is not None:
-                self._resolved[pid] = (now + 2.0, p)
-                if len(self._resolved) > 65536:
-                    self._resolved.clear()
-                return p
-        return self.default_for_uid(uid)
-
-    def _walk_ancestry(self, pid: int) -> Principal | None:
-        seen = 0
-        while pid > 1 and seen < 64:
-            reg = self._registered.get(pid)
-            if reg is not None:
-                if reg[0] == _start_time(pid):
-                    return reg[1]
-                del self._registered[pid]  # that process is gone; the pid was reused
-            pid = _parent_pid(pid)
-            seen += 1
-        return None
-
-    def prune_registrations(self) -> None:
-        """Forget registrations of processes that exited."""
-        for pid, (st, _p) in list(self._registered.items()):
-            if _start_time(pid) != st:
-                del self._registered[pid]
-        self._resolved.clear()
-
-    def registered(self) -> dict[int, str]:
-        return {pid: p.name for pid, (_st, p) in self._registered.items()}
-
     def info(self, only: Iterable[Principal] | None = None) -> list[PrincipalInfo]:
         """Rows of `principal ls` for `only` (default: all, in tree order). The banks
         are as stored (I/O rates as strings with their units, e.g. "500iops,20MB/s"),
@@ -817,33 +433,26 @@ class PrincipalTable:
         `io_reserve_iops`, `io_reserve_bps`, `io_limit_iops`, `io_limit_bps`
         (operations/s and bytes/s; null where none)."""
         return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
-                              _banks_row(p.banks), dataclasses.asdict(p.usage))
+                              p.banks.row(), dataclasses.asdict(p.usage))
                 for p in (self.walk() if only is None else only) if self.listed(p)]
 
+    # -- processes (processes.py) --------------------------------------------------------
 
-def _banks_row(b: Banks) -> dict[str, Any]:
-    d = b.to_json()
-    for k in ("io_reserve", "io_limit"):
-        r = getattr(b, k)
-        d[f"{k}_iops"] = r.iops if r is not None else None
-        d[f"{k}_bps"] = r.bps if r is not None else None
-    return d
+    def register(self, pid: int, principal: Principal, *, uid: int) -> None:
+        """Attach process `pid` (authenticated by the caller) to `principal`."""
+        if not self.may_run_as(principal, uid):
+            raise NotAllowed(f"uid {uid} may not run as principal {principal.name!r} "
+                             "(only its owner or root may)")
+        self._processes.register(pid, principal)
 
+    def resolve(self, pid: int, uid: int, *, now: float | None = None) -> Principal:
+        """The principal process `pid` (of `uid`) acts for."""
+        p = self._processes.resolve(pid, now=now)
+        return p if p is not None else self.default_for_uid(uid)
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2:].decode().split()
+    def prune_registrations(self) -> None:
+        """Forget registrations of processes that exited."""
+        self._processes.prune()
 
-
-def _start_time(pid: int) -> int:
-    f = _stat_fields(pid)
-    return int(f[19]) if f else -1
-
-
-def _parent_pid(pid: int) -> int:
-    f = _stat_fields(pid)
-    return int(f[1]) if f else 0
+    def registered(self) -> dict[int, str]:
+        return {pid: p.name for pid, p in self._processes.items()}

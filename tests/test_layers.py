@@ -116,10 +116,12 @@ def test_checker_catches_a_violation(tmp_path: Path) -> None:
 # -- re-exports: fs may not reach blockdev or pager through kernelshim either ---------------
 
 #: The vocabulary every layer shares (ids, the bank snapshot type, the error base and
-#: the device's error kinds): defined in blockdev because it is the lowest layer, part
-#: of kernelshim's interface by re-export. Naming these is not reaching around.
+#: the device's error kinds, the units of sizes and rates): defined in blockdev because
+#: it is the lowest layer, part of kernelshim's interface by re-export. Naming these is
+#: not reaching around.
 VOCABULARY = {"PrincipalId", "BlockNo", "ROOT_PRINCIPAL", "BankNode", "BankTree",
-              "SluiceError", "FormatError", "ChecksumError", "DeviceError", "DeviceFull"}
+              "SluiceError", "FormatError", "ChecksumError", "DeviceError", "DeviceFull",
+              "Rate", "UnitError", "parse_size", "format_size", "format_size_approx"}
 
 #: The only code above kernelshim allowed to name the lower layers' parts (through
 #: kernelshim's re-exports): the one place that wires a mounted volume together

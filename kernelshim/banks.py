@@ -1,0 +1,186 @@
+"""What a principal is and may hold: the records of the principal tree (`Principal`,
+its `Banks` and `Usage`), the errors about them, and the defaults.
+
+The behaviour lives beside it: the tree and its persistence in `principals.py`,
+the rules a bank change must keep in `bankrules.py`, hierarchical charging in
+`accounting.py`, the pid registry in `processes.py`. Rates (`Rate`) and sizes are
+parsed by `blockdev.units`, the one home of units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as _errno
+from typing import Any, Iterator
+
+from blockdev import BankNode, PrincipalId, Rate, SluiceError
+
+#: bytes a directory entry costs in the space bank, besides its name
+ENTRY_COST = 64
+#: default kernel-object limits of a new principal (per principal, across connections;
+#: a principal's descendants count against it too)
+DEFAULT_GRANTS = 4096
+DEFAULT_CAPS = 4096
+#: control-socket connections (each holds a descriptor and a capability space in the
+#: daemon); well below the shim server's global cap, so one tenant cannot reach it
+DEFAULT_CONNECTIONS = 64
+#: bytes of shared buffers attached (daemon memory once touched)
+DEFAULT_SHM = 256 << 20
+#: principals below it (each is a row in every listing and in principals.json)
+DEFAULT_CHILDREN = 256
+
+#: kernel-object banks: charged with charge_object, each a count but `shm` (bytes)
+OBJECT_BANKS = ("grants", "caps", "connections", "shm", "children")
+#: banks that are ceilings: a child's may not exceed its parent's
+LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS)
+
+
+class PrincipalError(SluiceError):
+    """A bad request about principals (unknown name, bad bank, not allowed)."""
+
+    errno = _errno.EINVAL
+
+
+class NoSuchPrincipal(PrincipalError):
+    errno = _errno.ENOENT
+
+
+class PrincipalExists(PrincipalError):
+    errno = _errno.EEXIST
+
+
+class NotAllowed(PrincipalError):
+    errno = _errno.EPERM
+
+
+class QuotaExceeded(SluiceError):
+    """The principal (or an ancestor) would go over a storage bank limit."""
+
+    errno = _errno.EDQUOT
+
+
+class TooManyObjects(SluiceError):
+    """The principal holds as many kernel objects of a kind (grants, capability slots,
+    connections, shared memory, child principals) as its bank allows."""
+
+    errno = _errno.EMFILE
+
+
+@dataclasses.dataclass(slots=True)
+class Banks:
+    """What a principal may hold (None: no limit of its own, only its ancestors')."""
+
+    space: int | None = None
+    inodes: int | None = None
+    cache_min: int = 0
+    cache_max: int | None = None
+    io_reserve: Rate | None = None
+    io_weight: int = 100
+    io_limit: Rate | None = None
+    grants: int | None = DEFAULT_GRANTS
+    caps: int | None = DEFAULT_CAPS
+    connections: int | None = DEFAULT_CONNECTIONS
+    shm: int | None = DEFAULT_SHM
+    children: int | None = DEFAULT_CHILDREN
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("io_reserve", "io_limit"):
+            r = getattr(self, k)
+            d[k] = None if r is None else str(r)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], *, base: Banks | None = None) -> Banks:
+        """Banks from their JSON form; a field the record lacks (written before the field
+        existed) comes from `base`, else the default. Rates are strings as `str(Rate)`
+        wrote them ("500iops,20MB/s"); a bad one raises UnitError (a ValueError)."""
+        d = dict(d)
+        for k in ("io_reserve", "io_limit"):
+            if d.get(k) is not None:
+                d[k] = Rate.parse(d[k])
+        out = dataclasses.replace(base) if base is not None else cls()
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                setattr(out, f.name, d[f.name])
+        return out
+
+    def normalised(self) -> Banks:
+        """`none` rates are no rate at all."""
+        out = self
+        if out.io_reserve is not None and out.io_reserve.empty:
+            out = dataclasses.replace(out, io_reserve=None)
+        if out.io_limit is not None and out.io_limit.empty:
+            out = dataclasses.replace(out, io_limit=None)
+        return out
+
+    def row(self) -> dict[str, Any]:
+        """The JSON form plus each rate as plain numbers in base units (see
+        PrincipalTable.info)."""
+        d = self.to_json()
+        for k in ("io_reserve", "io_limit"):
+            r = getattr(self, k)
+            d[f"{k}_iops"] = r.iops if r is not None else None
+            d[f"{k}_bps"] = r.bps if r is not None else None
+        return d
+
+
+def root_banks() -> Banks:
+    """Root's own banks: no kernel-object limits (the shim server's global caps bound it)."""
+    return Banks(grants=None, caps=None, connections=None, shm=None, children=None)
+
+
+def bank_node(pid: PrincipalId, parent: PrincipalId | None, name: str, b: Banks) -> BankNode:
+    """The memory and I/O banks of one principal, as the pager and the scheduler see them."""
+    r, lim = b.io_reserve, b.io_limit
+    return BankNode(pid, parent, name, cache_min=b.cache_min, cache_max=b.cache_max,
+                    io_reserve_iops=r.iops if r is not None else None,
+                    io_reserve_bps=r.bps if r is not None else None,
+                    io_weight=b.io_weight,
+                    io_limit_iops=lim.iops if lim is not None else None,
+                    io_limit_bps=lim.bps if lim is not None else None)
+
+
+@dataclasses.dataclass(slots=True)
+class Usage:
+    """What a principal and its descendants hold now."""
+
+    space: int = 0
+    inodes: int = 0
+    grants: int = 0
+    caps: int = 0
+    connections: int = 0
+    shm: int = 0
+    children: int = 0
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Principal:
+    id: PrincipalId
+    name: str
+    parent: Principal | None
+    owner_uid: int
+    banks: Banks
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    children: list[Principal] = dataclasses.field(default_factory=list)
+
+    def chain(self) -> Iterator[Principal]:
+        p: Principal | None = self
+        while p is not None:
+            yield p
+            p = p.parent
+
+    def __repr__(self) -> str:
+        return f"<Principal {self.id} {self.name!r}>"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrincipalInfo:
+    """A row of `sluice principal ls`."""
+
+    id: int
+    name: str
+    parent: str | None
+    owner_uid: int
+    banks: dict[str, Any]
+    usage: dict[str, int]
