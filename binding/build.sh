@@ -11,7 +11,8 @@
 #      so nothing else on the machine can pick it up by accident.
 #   2. pyfuse3 3.5.0 from its PyPI sdist with binding/pyfuse3-3.5.0-sluice.patch
 #      (fallocate and lseek handlers, init flags for direct-I/O mmap and killpriv v2,
-#      FOPEN_NOFLUSH and parallel direct writes in FileInfo), linked against that
+#      FOPEN_NOFLUSH and parallel direct writes in FileInfo, release_worker() for
+#      handlers that wait without holding a worker), linked against that
 #      libfuse with an rpath, built as a wheel versioned 3.5.0+sluice.N and installed
 #      into .venv.
 #
