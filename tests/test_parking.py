@@ -146,8 +146,9 @@ WORKERS, RUNNING, PARKED, REFUSED = 8, 2, 16, 5
 THREADS = RUNNING + PARKED + REFUSED  # far more than the daemon's workers
 
 
-def _stuck_reads(path: str) -> dict:
-    """THREADS threads of one uid read distinct chunks of one open file at once."""
+def _stuck_reads(path: str, started: int) -> dict:
+    """THREADS threads of one uid read distinct chunks of one open file at once; a byte
+    on pipe `started` once they all run."""
     fd = os.open(path, os.O_RDONLY)
     out: list[str] = []
 
@@ -161,6 +162,7 @@ def _stuck_reads(path: str) -> dict:
     ts = [threading.Thread(target=reader, args=(i,)) for i in range(THREADS)]
     for th in ts:
         th.start()
+    os.write(started, b"s")
     for th in ts:
         th.join()
     os.close(fd)
@@ -210,9 +212,13 @@ def test_a_tenant_stuck_beyond_the_worker_pool_leaves_the_daemon_to_others(
                                               f"{RUNNING},parked_requests={PARKED}")
     m = public_mounts(volume)
     mp = m.path
-    a_pid, a_r = in_child(A_UID, lambda: _stuck_reads(str(mp / "big")))
+    started_r, started_w = os.pipe()
+    a_pid, a_r = in_child(A_UID, lambda: _stuck_reads(str(mp / "big"), started_w))
+    os.close(started_w)
     tasks = Path(f"/proc/{a_pid}/task")
     try:
+        assert os.read(started_r, 1) == b"s"
+        os.close(started_r)
         # A's threads that were refused have returned: then the daemon has read all of
         # A's requests (refusals come after the running and parked ones), and the
         # others are stuck in the kernel waiting for its answers.
