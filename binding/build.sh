@@ -11,7 +11,8 @@
 #      so nothing else on the machine can pick it up by accident.
 #   2. pyfuse3 3.5.0 from its PyPI sdist with binding/pyfuse3-3.5.0-sluice.patch
 #      (fallocate and lseek handlers, init flags for direct-I/O mmap and killpriv v2,
-#      FOPEN_NOFLUSH and parallel direct writes in FileInfo), linked against that
+#      FOPEN_NOFLUSH and parallel direct writes in FileInfo, release_worker() for
+#      handlers that wait without holding a worker), linked against that
 #      libfuse with an rpath, built as a wheel versioned 3.5.0+sluice.N and installed
 #      into .venv.
 #
@@ -27,7 +28,7 @@ ROOT=$PWD
 B=$ROOT/.build
 PREFIX=$B/libfuse
 PYFUSE3_VERSION=3.5.0
-LOCAL_VERSION=sluice.2          # bump with every change of the pyfuse3 patch
+LOCAL_VERSION=sluice.3          # bump with every change of the pyfuse3 patch
 SUITE=trixie
 
 die() { echo "setup: $*" >&2; exit 1; }

@@ -33,7 +33,7 @@ from .filesystem import FileSystem
 from .metadata import Metadata
 from .metrics import MetricsServer
 from .errors import VolumeError
-from .operations import PRINCIPAL_REQUESTS, Operations
+from .operations import PARKED_BYTES, PARKED_REQUESTS, PRINCIPAL_REQUESTS, Operations
 from .service import DirectService
 from .volume import (DB, VolumeLock, clear_mount_state, pid_alive, read_header,
                      read_mount_state, write_mount_state)
@@ -51,15 +51,18 @@ class MountOptions:
     scheduler: str = "mclock"
     cache_mode: str = "direct"
     allow_other: bool = True
-    #: pyfuse3 request workers (trio tasks; a busy one holds a request buffer). Far more
-    #: than one principal may use at once (`principal_requests`), because a request
-    #: waiting for its principal's admission still holds a worker (fs/operations.py,
-    #: Admission): what saturating principals hold is their executing requests plus
-    #: the ones they have waiting, and 512 leaves room for a good many of both.
+    #: pyfuse3 request workers (trio tasks; a busy one holds a request buffer). A
+    #: request waiting for its principal's admission gives its worker back (it is
+    #: parked: fs/operations.py, Admission), so what one tenant holds is its executing
+    #: requests (`principal_requests`) and the pool is shared by the tenants running.
     max_tasks: int = 512
     #: FUSE handlers one principal (and each of its ancestors below root) may have
     #: executing at once
     principal_requests: int = PRINCIPAL_REQUESTS
+    #: requests and bytes one principal (and each ancestor below root) may have parked
+    #: waiting for admission; beyond: EAGAIN
+    parked_requests: int = PARKED_REQUESTS
+    parked_bytes: int = PARKED_BYTES
     commit_interval: float = 1.0
     #: the pager caches writes and writes them back before the commit that exposes
     #: them (docs/dev/invariants.md R2); False: writes go through to the device
@@ -82,8 +85,26 @@ class MountOptions:
                         noexec=self.noexec, atime=self.atime, nodiratime=self.nodiratime)
 
 
+_LAB_WORKERS = ("max_tasks", "principal_requests", "parked_requests", "parked_bytes")
+
+
+def _lab_workers(opts: MountOptions, text: str | None) -> MountOptions:
+    """SLUICE_FUSE_WORKERS (tests only): NAME=N,... for the fields in _LAB_WORKERS."""
+    if not text:
+        return opts
+    changes: dict[str, Any] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in _LAB_WORKERS or not value.isdigit() or int(value) < 1:
+            raise VolumeError(f"SLUICE_FUSE_WORKERS: {item!r} is not one of "
+                              f"{', '.join(_LAB_WORKERS)} = a positive number")
+        changes[name] = int(value)
+    log.warning("lab setting SLUICE_FUSE_WORKERS: %s", text)
+    return dataclasses.replace(opts, **changes)
+
+
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
-    if not hasattr(pyfuse3, "negotiated"):  # Operations asks for what only it can
+    if not hasattr(pyfuse3, "release_worker"):  # Operations asks for what only it can
         raise VolumeError("this pyfuse3 is not sluice's own build (binding/): run "
                           "scripts/setup.sh")
     o = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -500,6 +521,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # Lab facilities (tests, fault and power-loss experiments), read here and only
         # here: a fault plan injected below the device, a recording of its writes.
         fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
+        # ... and FUSE worker pool sizes small enough for a test to fill
+        # ("max_tasks=8,principal_requests=2,parked_requests=16").
+        opts = _lab_workers(opts, os.environ.get("SLUICE_FUSE_WORKERS"))
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
                              scheduler=opts.scheduler,
@@ -523,7 +547,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
             metrics = await MetricsServer.bind(fs.statistics_dict, *opts.metrics)
             stack.push_async_callback(metrics.aclose)
         ops = Operations(fs, control_socket=str(sock_path),
-                         principal_requests=opts.principal_requests)
+                         principal_requests=opts.principal_requests,
+                         parked_requests=opts.parked_requests,
+                         parked_bytes=opts.parked_bytes)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())

@@ -9,7 +9,8 @@ Two rules hold for every handler:
   (every change goes through this daemon, which invalidates what it changes behind
   the kernel's back), negative lookups cached, attributes returned with readdirplus.
 - A handler runs only once its principal is admitted (`Admission`): one tenant's slow
-  or blocked requests cannot occupy every request worker of the daemon.
+  or blocked requests cannot occupy every request worker of the daemon (a request
+  waiting for admission gives its worker back, within a per-principal bound).
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ READDIR_BATCH = 256
 #: FUSE handlers one principal may have executing at once (the rest of its requests
 #: wait for admission); see `Admission` and MountOptions.max_tasks in fs/mount.py
 PRINCIPAL_REQUESTS = 16
+#: requests one principal may have parked — waiting for admission without holding a
+#: pyfuse3 worker (`Admission`); one more is answered EAGAIN. Each is a thread of the
+#: tenant blocked in this file system, which costs the kernel more than the ~4 KiB it
+#: costs the daemon: thousands, so that programs with many threads never see it.
+PARKED_REQUESTS = 4096
+#: bytes those parked requests may hold: their payloads (a write's data, an xattr's
+#: value) plus PARKED_OVERHEAD each; one more byte is answered EAGAIN
+PARKED_BYTES = 64 << 20
+#: what a parked request holds besides its payload: its trio task, the coroutine
+#: frames of the handler chain and its copied arguments (tracemalloc: about 3.5 KiB)
+PARKED_OVERHEAD = 4096
+#: handlers never refused for a full parking: the kernel does not retry them (a lost
+#: RELEASE leaks the open file); beyond the bound they wait holding their worker. The
+#: kernel sends them as background requests, at most max_background (12) at a time
+#: for the whole mount.
+_NEVER_REFUSED = frozenset({"release", "releasedir"})
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -60,13 +77,18 @@ _FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync", "fallo
 _DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
 
 
+def _no_release() -> bool:
+    return False
+
+
 class Admission:
     """Per-principal admission of FUSE requests.
 
     pyfuse3 serves requests in a pool of worker tasks (`pyfuse3.main(max_tasks=...)`);
-    a request that waits — for a slow device, for an inode lock another request holds —
-    keeps its worker. Without admission one tenant with enough threads blocked in such
-    requests holds every worker, and nobody else's `stat` is even read from the kernel.
+    a worker reads the next request only once the handler of its last one returns.
+    Without admission one tenant with enough threads blocked in slow requests — a slow
+    device profile, an inode lock another request holds — holds every worker, and
+    nobody else's `stat` is even read from the kernel.
 
     So each principal has a `trio.CapacityLimiter` of `per_principal` tokens, and a
     request runs its handler only while holding a token of its principal and of each of
@@ -75,21 +97,47 @@ class Admission:
     no cycle of waits — and a request waiting at its own level holds no ancestor token.
     Root's own requests (uid 0) count against root's limiter alone.
 
-    Residual limit: pyfuse3 reads a request inside a worker before any handler runs, so
-    a request waiting here still holds its worker. The pool is much larger than the
-    per-principal cap (fs/mount.py: 512 workers, 16 per principal), so several
-    saturating principals leave workers for everyone else, and waiting workers cost only
-    a trio task and a lazily-touched buffer. A single principal with more requests
-    blocked at once than the pool has workers (hundreds of threads in slow syscalls)
-    can still exhaust it: only a binding that could defer a reply, or read requests
-    before choosing a worker, would remove that.
+    A request that must wait for a token is *parked*: it gives its worker back
+    (`pyfuse3.release_worker()`, sluice's binding: the request's arguments were copied
+    out of the request buffer when it was read, so the buffer is freed and another
+    worker reads in its place) and waits as a plain task. Parking is bounded per
+    principal and charged, like the tokens, to the principal and each ancestor below
+    root: at most `parked_requests` requests and `parked_bytes` bytes (payloads plus
+    PARKED_OVERHEAD each) at each level. A request beyond either bound is answered
+    EAGAIN at once ("Resource temporarily unavailable", what fork(2) says at
+    RLIMIT_NPROC): its principal then has thousands of threads stuck in this file
+    system, and the only other choices — waiting while holding a worker, or parking
+    without bound — would let it take every worker or unbounded memory from the other
+    tenants. RELEASE and RELEASEDIR are never refused (the kernel does not retry them):
+    beyond the bound they wait holding their worker, and the kernel has at most
+    max_background (12) of them outstanding for the whole mount.
+
+    What one tenant (a principal below root with all its descendants) can hold at once:
+    `per_principal` workers running its handlers (16), up to 12 more workers with its
+    RELEASEs beyond the bound, and 4096 parked requests holding at most 64 MiB (payloads
+    and 4 KiB each: e.g. about 60 parked 1 MiB writes); the rest of the pool (fs/mount.py:
+    512 workers) is left to the others.
     """
 
-    def __init__(self, per_principal: int = PRINCIPAL_REQUESTS) -> None:
+    def __init__(self, per_principal: int = PRINCIPAL_REQUESTS, *,
+                 parked_requests: int = PARKED_REQUESTS, parked_bytes: int = PARKED_BYTES,
+                 release_worker: Callable[[], bool] | None = None) -> None:
         if per_principal < 1:
             raise ValueError("per_principal must be at least 1")
+        if parked_requests < 0 or parked_bytes < 0:
+            raise ValueError("parked_requests and parked_bytes must not be negative")
         self.per_principal = per_principal
+        self.parked_requests = parked_requests
+        self.parked_bytes = parked_bytes
+        # (an older build has none: fs/mount.py refuses to mount with it)
+        if release_worker is None:
+            release_worker = getattr(pyfuse3, "release_worker", _no_release)
+        self._release_worker: Callable[[], bool] = release_worker
         self._limiters: dict[PrincipalId, trio.CapacityLimiter] = {}
+        #: principal -> [requests, bytes] parked now, its descendants' included
+        self._parked: dict[PrincipalId, list[int]] = {}
+        #: requests answered EAGAIN because their principal's parking was full
+        self.refused = 0
 
     def limiter(self, principal: Principal) -> trio.CapacityLimiter:
         lim = self._limiters.get(principal.id)
@@ -97,26 +145,74 @@ class Admission:
             lim = self._limiters[principal.id] = trio.CapacityLimiter(self.per_principal)
         return lim
 
+    def _chain(self, principal: Principal) -> list[Principal]:
+        """The principals a request of `principal` is charged to, bottom-up."""
+        return [p for p in principal.chain() if p.parent is not None] or [principal]
+
     def limiters(self, principal: Principal) -> list[trio.CapacityLimiter]:
         """The limiters a request of `principal` must pass, bottom-up."""
-        chain = [p for p in principal.chain() if p.parent is not None]
-        return [self.limiter(p) for p in chain or (principal,)]
+        return [self.limiter(p) for p in self._chain(principal)]
+
+    def parked(self, principal: Principal) -> tuple[int, int]:
+        """(requests, bytes) parked now by `principal` and its descendants."""
+        n, b = self._parked.get(principal.id, (0, 0))
+        return n, b
+
+    def _park(self, chain: list[Principal], cost: int, must: bool) -> bool:
+        """Charge one parked request of `cost` bytes to `chain`; False (nothing
+        charged) if that would pass a bound and the request may be refused."""
+        for p in chain:
+            n, b = self._parked.get(p.id, (0, 0))
+            if n + 1 > self.parked_requests or b + cost > self.parked_bytes:
+                if must:
+                    return False
+                self.refused += 1
+                log.debug("parking of %s full (%d requests, %d bytes): EAGAIN",
+                          p.name, n, b)
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+        for p in chain:
+            c = self._parked.setdefault(p.id, [0, 0])
+            c[0] += 1
+            c[1] += cost
+        return True
+
+    def _unpark(self, chain: list[Principal], cost: int) -> None:
+        for p in chain:
+            c = self._parked[p.id]
+            c[0] -= 1
+            c[1] -= cost
+            if c[0] == 0:
+                del self._parked[p.id]
 
     async def run(self, principal: Principal, fn: Callable[..., Awaitable[Any]],
-                  *args: Any) -> Any:
+                  *args: Any, payload: int = 0, must: bool = False) -> Any:
         """`await fn(*args)` once admitted for `principal`; the tokens are released when
-        it returns or raises (cancellation included)."""
+        it returns or raises (cancellation included). A request that has to wait is
+        parked (see the class): `payload` is the bytes its arguments hold; `must`: never
+        refused, it waits holding its worker when the parking is full."""
         token = object()  # one borrower per request: a principal has many in flight
         held: list[trio.CapacityLimiter] = []
+        chain = self._chain(principal)
+        parked = -1  # bytes charged while parked; -1: not parked
         try:
-            for lim in self.limiters(principal):
+            for lim in (self.limiter(p) for p in chain):
                 try:
                     lim.acquire_on_behalf_of_nowait(token)  # the common case: no wait
                 except trio.WouldBlock:
+                    if parked < 0:
+                        cost = PARKED_OVERHEAD + payload
+                        if self._park(chain, cost, must):
+                            parked = cost
+                            self._release_worker()
                     await lim.acquire_on_behalf_of(token)
                 held.append(lim)
+            if parked >= 0:
+                self._unpark(chain, parked)
+                parked = -1
             return await fn(*args)
         finally:
+            if parked >= 0:
+                self._unpark(chain, parked)
             for lim in reversed(held):
                 lim.release_on_behalf_of(token)
 
@@ -134,7 +230,9 @@ def _guard(fn: F) -> F:
             who = self._principal_of(name, args)
             if who is None:
                 return await fn(self, *args)
-            return await self.admission.run(who, fn, self, *args)
+            payload = sum(len(a) for a in args if isinstance(a, (bytes, bytearray)))
+            return await self.admission.run(who, fn, self, *args, payload=payload,
+                                            must=name in _NEVER_REFUSED)
         except pyfuse3.FUSEError:
             raise
         except SluiceError as exc:
@@ -170,10 +268,13 @@ class Operations(pyfuse3.Operations):
     enable_killpriv_v2 = True
 
     def __init__(self, fs: FileSystem, *, control_socket: str | None = None,
-                 principal_requests: int = PRINCIPAL_REQUESTS) -> None:
+                 principal_requests: int = PRINCIPAL_REQUESTS,
+                 parked_requests: int = PARKED_REQUESTS,
+                 parked_bytes: int = PARKED_BYTES) -> None:
         super().__init__()
         self.fs = fs
-        self.admission = Admission(principal_requests)
+        self.admission = Admission(principal_requests, parked_requests=parked_requests,
+                                   parked_bytes=parked_bytes)
         #: open directory handle -> (inode, principal it was opened for)
         self._dirs: dict[int, tuple[int, PrincipalId]] = {}
         self._dir_fhs = itertools.count(1)

@@ -14,7 +14,9 @@ Workloads (sizes shrink with --quick):
                 buffered and O_DIRECT, 1 and 4 jobs (processes); total IOPS
   create/stat/unlink   N empty files in one directory; stat warm (right after the
                 creates, the kernel's caches are warm) and cold (after drop_caches)
-  untar/find/rm tar -xf of a tarball of /usr/include, `find . | wc -l`, `rm -rf`
+  untar/find/rm tar -xf of a tarball of /usr/include, `find . | wc -l`, `rm -rf`; the
+                untar also through libfuse's C passthrough_hp without caching (the
+                reference: sluice/passthrough_hp is printed beside sluice/plain)
   fio write     fio's sequential write, as issue 8 measures it: `fio --rw=write --bs=1M
                 --size=SIZE --ioengine=psync --end_fsync=1 --fallocate=none` (MB/s
                 from fio's JSON, the final fsync included); the goal is at least
@@ -76,6 +78,8 @@ FIO_RATIO_GOAL = 0.5
 FIO_WRITE = "fio write 1M psync+end_fsync"
 FSYNC_ALONE = "4K write+fsync, alone"
 FSYNC_LOADED = "4K write+fsync, other writer"
+#: the untar's reference FUSE daemon: libfuse's C example, no caching (Bench.passthrough_hp)
+PASSTHROUGH = "passthrough_hp"
 
 # name -> (unit, higher is better, sluice target or None)
 WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
@@ -325,7 +329,8 @@ class Bench:
         self.nfiles = args.files
         self.seconds = args.duration
         #: fs -> workload -> one value per round
-        self.results: dict[str, dict[str, list[float]]] = {"plain": {}, "sluice": {}}
+        self.results: dict[str, dict[str, list[float]]] = {"plain": {}, "sluice": {},
+                                                           PASSTHROUGH: {}}
         #: workload -> daemon CPU seconds per wall second, one per round
         self.daemon_cpu: dict[str, list[float]] = {}
         self.extra: dict[str, object] = {}
@@ -458,6 +463,49 @@ class Bench:
             self.extra[f"find_count_{fs}"] = int(found[0])
             step("rm -rf", lambda: timed_shell(f"rm -rf {t}", root)[0])
 
+    def passthrough_hp(self, rnd: int) -> None:
+        """The untar once more through libfuse's C example passthrough_hp over a plain
+        directory, without caching (--nocache: no attribute or entry timeouts;
+        --nopassthrough: every read and write reaches the daemon, as in sluice's
+        default direct mode): what a FUSE daemon costs at all, in the same run. Built
+        by binding/build_passthrough_hp.sh from the libfuse source of the binding."""
+        r = subprocess.run(["bash", str(REPO / "binding" / "build_passthrough_hp.sh")],
+                           capture_output=True, text=True, cwd=REPO)
+        if r.returncode != 0:
+            log(f"passthrough_hp left out: {r.stderr.strip()}")
+            return
+        binary = r.stdout.strip().splitlines()[-1]
+        src, mp = self.tmp / f"ph-src{rnd}", self.tmp / "ph-mnt"
+        src.mkdir()
+        mp.mkdir(exist_ok=True)
+        log(f"passthrough_hp {src} at {mp}")
+        proc = subprocess.Popen([binary, "--foreground", "--nocache", "--nopassthrough",
+                                 str(src), str(mp)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mp):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log("passthrough_hp did not mount: left out")
+                    return
+                time.sleep(0.05)
+            t = mp / "untar"
+            t.mkdir()
+            os.sync()
+            self.record(PASSTHROUGH, "untar /usr/include",
+                        timed_shell(f"tar -xf {self.tarball}", t)[0])
+            timed_shell(f"rm -rf {t}", mp)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if is_mounted(mp):
+                subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+            shutil.rmtree(src, ignore_errors=True)
+
     def fuse_requests(self) -> dict[str, int]:
         """FUSE requests the mounted daemon has answered so far, by handler."""
         assert self.mount is not None
@@ -476,6 +524,8 @@ class Bench:
                 log(f"plain directory {plain}")
                 self.workloads("plain", plain)
                 shutil.rmtree(plain)
+            if (not self.args.only or "tar" in self.args.only) and self.args.passthrough_hp:
+                self.passthrough_hp(rnd)
             vol = self.tmp / f"vol{rnd}"
             self.mount = BenchMount(vol, mnt, writeback=self.args.writeback)
             log(f"sluice: mkfs {vol}, mount at {mnt}")
@@ -559,6 +609,9 @@ def main() -> int:
     p.add_argument("--only", action="append",
                    choices=["seq", "rand", "meta", "tar", "fio", "fsync"],
                    help="run only these workload groups (repeatable)")
+    p.add_argument("--passthrough-hp", action=argparse.BooleanOptionalAction, default=True,
+                   help="also untar through libfuse's C passthrough_hp (built on first use "
+                        "by binding/build_passthrough_hp.sh) as the reference (default on)")
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="sample the daemon with py-spy per sluice workload into DIR")
     args = p.parse_args()
@@ -603,10 +656,15 @@ def main() -> int:
     print(table(b))
     up = median(b.results["plain"].get("untar /usr/include"))
     us = median(b.results["sluice"].get("untar /usr/include"))
+    uh = median(b.results[PASSTHROUGH].get("untar /usr/include"))
     if up and us:
         print(f"\nuntar: sluice/plain {us / up:.2f}x (goal: at most {UNTAR_RATIO_GOAL}x, what C "
               f"passthrough_hp without cache reaches); FUSE requests per file: "
               f"{fmt(median(b.results['sluice'].get('untar FUSE requests/file')))}")
+    if uh and us:
+        print(f"untar: passthrough_hp (C, --nocache --nopassthrough) {fmt(uh)} s: "
+              f"sluice/passthrough_hp {us / uh:.2f}x"
+              + (f", passthrough_hp/plain {uh / up:.2f}x" if up else ""))
     fp = median(b.results["plain"].get(FIO_WRITE))
     fs_ = median(b.results["sluice"].get(FIO_WRITE))
     if fp and fs_:

@@ -5,7 +5,9 @@ against its mount point, and what its handlers were called with.
 Covered: the new init flags (FUSE_DIRECT_IO_ALLOW_MMAP: a shared mapping of a file
 opened with direct_io; FUSE_HANDLE_KILLPRIV_V2) and `pyfuse3.negotiated()`; the
 `fallocate` and `lseek` handlers (arguments in, errors and offsets out, and the kernel's
-fallback when they are not implemented); `FileInfo.noflush` (no FLUSH at close).
+fallback when they are not implemented); `FileInfo.noflush` (no FLUSH at close);
+`pyfuse3.release_worker()` (a handler that waits without holding one of `main`'s
+workers, its arguments intact after its request buffer is reused).
 Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import multiprocessing
 import os
@@ -20,6 +23,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -151,7 +155,7 @@ def _serve(cls, mnt: str, status, uid: int | None = None) -> None:
         opts.add("allow_other")  # so that the test, as root, may look
     pyfuse3.init(fs, mnt, opts)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(functools.partial(pyfuse3.main, **getattr(cls, "MAIN", {})))
     finally:
         pyfuse3.close()
 
@@ -318,3 +322,124 @@ def test_a_non_root_mount_finds_the_system_fusermount3() -> None:
             proc.kill()
             proc.join(10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- release_worker --------------------------------------------------------------------
+
+PARKED = 8          # requests that wait at once: four times the workers of `main`
+REGION = 4096
+
+
+class ParkFs(Fs):
+    """Reads and writes of `noflush` wait until `flush` is read, each released from its
+    worker first; `main` has only two workers."""
+
+    MAIN = {"max_tasks": 2}
+
+    def __init__(self, status) -> None:
+        super().__init__(status)
+        self.slow = FILES[b"noflush"]
+        self.data[self.slow] = bytearray(bytes(range(256)) * (2 * PARKED * REGION // 256))
+        self.go = trio.Event()
+
+    async def open(self, inode, flags, ctx):
+        fi = await super().open(inode, flags, ctx)
+        fi.parallel_direct_writes = True  # else the kernel sends one write at a time
+        return fi
+
+    async def _park(self, what) -> None:
+        released = pyfuse3.release_worker()
+        again = pyfuse3.release_worker()  # no longer a worker
+        self._note("parked", [what, released, again])
+        await self.go.wait()
+
+    async def read(self, fh, off, size):
+        if fh == FILES[b"flush"]:
+            self.go.set()
+        elif fh == self.slow and not self.go.is_set():
+            await self._park("read")
+        return await super().read(fh, off, size)
+
+    async def write(self, fh, off, buf):
+        if fh == self.slow and not self.go.is_set():
+            await self._park("write")
+        return await super().write(fh, off, buf)
+
+
+def test_release_worker(tmp_path: Path) -> None:
+    """More requests wait in handlers than `main` has workers, and the file system still
+    answers: each waiting handler released its worker. A released write's data is what
+    was written, though its request buffer was freed and others were read meanwhile."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(ParkFs, str(mnt), status))
+    proc.start()
+    results: dict[int, bytes | int | str] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        slow = str(mnt / "noflush")
+
+        def reader(i: int) -> None:
+            fd = os.open(slow, os.O_RDONLY)
+            try:
+                results[i] = os.pread(fd, REGION, (PARKED + i) * REGION)
+            except OSError as exc:
+                results[i] = repr(exc)
+            finally:
+                os.close(fd)
+
+        def writer(i: int) -> None:
+            fd = os.open(slow, os.O_WRONLY)
+            try:
+                results[i] = os.pwrite(fd, bytes([65 + i]) * REGION, i * REGION)
+            except OSError as exc:
+                results[i] = repr(exc)
+            finally:
+                os.close(fd)
+
+        threads = [threading.Thread(target=writer if i % 2 else reader, args=(i,),
+                                    daemon=True) for i in range(PARKED)]
+        for t in threads:
+            t.start()
+        while len(status.get("parked", [])) < PARKED:
+            assert time.monotonic() < deadline + 30, status.get("parked")
+            time.sleep(0.02)
+        # Every worker would be taken by now without release_worker: these would hang.
+        probe: dict[str, object] = {}
+
+        def other() -> None:
+            probe["stat"] = os.stat(mnt / "plain").st_size
+            probe["data"] = (mnt / "plain").read_bytes()[:8]
+
+        t = threading.Thread(target=other, daemon=True)
+        t.start()
+        t.join(60)
+        assert probe == {"stat": SIZE, "data": b"x" * 8}, probe
+        assert sorted(map(tuple, status["parked"])) == sorted(
+            [("write" if i % 2 else "read", True, False) for i in range(PARKED)])
+        (mnt / "flush").read_bytes()  # lets them all go
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+        pattern = bytes(range(256)) * (REGION // 256)
+        for i in range(PARKED):
+            assert results[i] == (REGION if i % 2 else pattern), (i, results[i])
+        data = (mnt / "noflush").read_bytes()
+        for i in range(1, PARKED, 2):
+            assert data[i * REGION:(i + 1) * REGION] == bytes([65 + i]) * REGION, i
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()

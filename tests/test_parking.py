@@ -1,0 +1,246 @@
+"""Parked FUSE requests (issue 6, issue 9): a request waiting for its principal's
+admission gives its pyfuse3 worker back, within a per-principal bound.
+
+Unit tests drive `Admission` on a real principal tree under trio's MockClock, with a
+recorder in place of `pyfuse3.release_worker`. The mounted test makes a tenant's reads
+block at the device (a fault plan delays every device request by ten minutes) with
+more of its threads stuck than the daemon has workers, and checks that another uid's
+`stat`, `ls` and `cat` are answered while every one of those reads is still pending.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from conftest import Mount, child_result, in_child, make_volume, run_as
+from fs.operations import PARKED_OVERHEAD, Admission
+from kernelshim.principals import Banks, PrincipalTable
+
+
+def _tree() -> PrincipalTable:
+    t = PrincipalTable(None)
+    t.add("alice", owner_uid=1000, banks=Banks(), caller_uid=0)
+    t.add("alice-batch", parent="alice", owner_uid=1000, banks=Banks(), caller_uid=1000)
+    t.add("bob", owner_uid=1001, banks=Banks(), caller_uid=0)
+    return t
+
+
+class Releases:
+    """Stands in for pyfuse3.release_worker: counts the workers given back."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return True
+
+
+async def _outcome(adm: Admission, who, fn, *args, **kw) -> str:
+    try:
+        await adm.run(who, fn, *args, **kw)
+    except pyfuse3.FUSEError as exc:
+        return errno.errorcode[exc.errno]
+    return "ok"
+
+
+async def test_waiting_requests_are_parked_within_the_bound(autojump_clock) -> None:
+    t = _tree()
+    rel = Releases()
+    adm = Admission(2, parked_requests=3, parked_bytes=1 << 20, release_worker=rel)
+    alice, batch, bob = t.get("alice"), t.get("alice-batch"), t.get("bob")
+    gate = trio.Event()
+    out: list[str] = []
+
+    async def blocked() -> None:
+        await gate.wait()
+
+    async def one(who) -> None:
+        out.append(await _outcome(adm, who, blocked))
+
+    async with trio.open_nursery() as nursery:
+        for who in (alice, batch, alice, batch, alice, batch):
+            nursery.start_soon(one, who)  # one at a time: trio runs new tasks in any order
+            await trio.testing.wait_all_tasks_blocked()
+        # Two run, three are parked (charged to alice: batch is hers), one is refused.
+        assert out == ["EAGAIN"]
+        assert rel.count == 3
+        assert adm.parked(alice) == (3, 3 * PARKED_OVERHEAD)
+        assert adm.parked(batch) == (1, PARKED_OVERHEAD)
+        assert adm.refused == 1
+        # Another tenant is neither held nor refused: it runs at once.
+        assert await _outcome(adm, bob, trio.sleep, 0) == "ok"
+        assert rel.count == 3
+        gate.set()
+    assert sorted(out) == ["EAGAIN"] + ["ok"] * 5
+    assert adm.parked(alice) == adm.parked(batch) == (0, 0)
+
+
+async def test_payload_bytes_count_and_release_is_never_refused(autojump_clock) -> None:
+    t = _tree()
+    rel = Releases()
+    adm = Admission(1, parked_requests=10, parked_bytes=3 * PARKED_OVERHEAD + 100,
+                    release_worker=rel)
+    bob = t.get("bob")
+    gate = trio.Event()
+    out: dict[str, str] = {}
+
+    async def blocked() -> None:
+        await gate.wait()
+
+    async def one(name: str, **kw) -> None:
+        out[name] = await _outcome(adm, bob, blocked, **kw)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "running")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(functools.partial(one, "write-100", payload=100))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(functools.partial(one, "write-1", payload=1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert out == {}  # both parked: 2 overheads and 101 bytes fit
+        nursery.start_soon(functools.partial(one, "stat"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert out == {"stat": "EAGAIN"}  # a third overhead would pass the byte bound
+        nursery.start_soon(functools.partial(one, "release", must=True))
+        await trio.testing.wait_all_tasks_blocked()
+        # Not refused: it waits holding its worker (no release of the worker).
+        assert "release" not in out and rel.count == 2
+        assert adm.parked(bob) == (2, 2 * PARKED_OVERHEAD + 101)
+        gate.set()
+    assert out == {"stat": "EAGAIN", "running": "ok", "write-100": "ok", "write-1": "ok",
+                   "release": "ok"}
+    assert adm.parked(bob) == (0, 0)
+
+
+async def test_cancelled_parked_requests_give_their_charge_back(autojump_clock) -> None:
+    t = _tree()
+    adm = Admission(1, parked_requests=4, release_worker=Releases())
+    alice = t.get("alice-batch")
+    with trio.move_on_after(1):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(adm.run, alice, trio.sleep_forever)
+    assert adm.parked(alice) == adm.parked(t.get("alice")) == (0, 0)
+    assert adm.limiter(alice).borrowed_tokens == 0
+
+
+# -- through the mount -----------------------------------------------------------------------
+
+A_UID, B_UID = 60011, 60012
+CHUNK = 4096
+WORKERS, RUNNING, PARKED, REFUSED = 8, 2, 16, 5
+THREADS = RUNNING + PARKED + REFUSED  # far more than the daemon's workers
+
+
+def _stuck_reads(path: str, started: int) -> dict:
+    """THREADS threads of one uid read distinct chunks of one open file at once; a byte
+    on pipe `started` once they all run."""
+    fd = os.open(path, os.O_RDONLY)
+    out: list[str] = []
+
+    def reader(i: int) -> None:
+        try:
+            data = os.pread(fd, CHUNK, i * CHUNK)
+            out.append("ok" if data == bytes([i]) * CHUNK else "wrong data")
+        except OSError as exc:
+            out.append(errno.errorcode.get(exc.errno, str(exc.errno)))
+
+    ts = [threading.Thread(target=reader, args=(i,)) for i in range(THREADS)]
+    for th in ts:
+        th.start()
+    os.write(started, b"s")
+    for th in ts:
+        th.join()
+    os.close(fd)
+    return {"results": out}
+
+
+@pytest.fixture
+def public_mounts(tmp_path: Path):
+    base = Path(tempfile.mkdtemp(prefix="sluice-park-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    mounts: list[Mount] = []
+
+    def start(volume: Path, *extra: str) -> Mount:
+        mp = base / "mnt"
+        mp.mkdir(exist_ok=True)
+        m = Mount(volume, mp, None, tmp_path / "daemon.log")
+        mounts.append(m)
+        m.start(*extra)
+        return m
+
+    try:
+        yield start
+    finally:
+        for m in mounts:
+            m.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.mounted
+def test_a_tenant_stuck_beyond_the_worker_pool_leaves_the_daemon_to_others(
+        tmp_path: Path, public_mounts, monkeypatch) -> None:
+    volume = make_volume(tmp_path / "vol", "1G")
+    m = public_mounts(volume)
+    with open(m.path / "big", "wb") as f:
+        for i in range(THREADS):
+            f.write(bytes([i]) * CHUNK)
+    (m.path / "small").write_bytes(b"s" * 100)
+    (m.path / "empty").write_bytes(b"")
+    m.stop()
+    # Every device request now takes ten minutes, and the daemon has 8 workers: A's
+    # reads miss the (cold) cache, 2 run and wait at the device, 16 are parked, and the
+    # last 5 find A's parking full. Without parking the first 8 would hold every worker.
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"latency_rate": 1.0, "latency_s": 600.0}))
+    monkeypatch.setenv("SLUICE_FAULT_PLAN", str(plan))
+    monkeypatch.setenv("SLUICE_FUSE_WORKERS", f"max_tasks={WORKERS},principal_requests="
+                                              f"{RUNNING},parked_requests={PARKED}")
+    m = public_mounts(volume)
+    mp = m.path
+    started_r, started_w = os.pipe()
+    a_pid, a_r = in_child(A_UID, lambda: _stuck_reads(str(mp / "big"), started_w))
+    os.close(started_w)
+    tasks = Path(f"/proc/{a_pid}/task")
+    try:
+        assert os.read(started_r, 1) == b"s"
+        os.close(started_r)
+        # A's threads that were refused have returned: then the daemon has read all of
+        # A's requests (refusals come after the running and parked ones), and the
+        # others are stuck in the kernel waiting for its answers.
+        deadline = time.monotonic() + 120
+        while len(list(tasks.iterdir())) != 1 + RUNNING + PARKED:
+            assert time.monotonic() < deadline, len(list(tasks.iterdir()))
+            time.sleep(0.05)
+        # Tenant B's programs are answered although A has 18 requests in the daemon.
+        st = run_as(B_UID, B_UID, ["stat", "-c", "%s %U", str(mp / "small")], timeout=120)
+        ls = run_as(B_UID, B_UID, ["ls", str(mp)], timeout=120)
+        cat = run_as(B_UID, B_UID, ["cat", str(mp / "empty")], timeout=120)
+        assert (st.returncode, st.stdout) == (0, "100 root\n"), st
+        assert (ls.returncode, ls.stdout.split()) == (0, ["big", "empty", "small"]), ls
+        assert (cat.returncode, cat.stdout) == (0, ""), cat
+        # ... while every one of A's admitted and parked reads is still unanswered.
+        assert len(list(tasks.iterdir())) == 1 + RUNNING + PARKED
+    finally:
+        # SIGKILL the daemon (its device waits would last ten minutes): the kernel then
+        # fails A's outstanding reads with ECONNABORTED.
+        m.kill()
+        a = child_result(a_pid, a_r)
+    got = a["results"]
+    assert sorted(got) == ["EAGAIN"] * REFUSED + ["ECONNABORTED"] * (RUNNING + PARKED), got
+    log = (tmp_path / "daemon.log").read_text()
+    assert "lab setting SLUICE_FUSE_WORKERS" in log
