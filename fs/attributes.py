@@ -11,6 +11,7 @@ import stat
 from typing import Callable, TYPE_CHECKING
 
 from kernelshim import Grant, PrincipalId, ROOT_PRINCIPAL, Rights, UNWRITTEN
+from kernelshim.extents import blocks_to_cover
 
 from .errors import FileTooLarge, InvalidArgument, IsADirectory, PermissionDenied
 from .inodes import Caller, Handle, Inode, MAX_FILE_SIZE, clamp_time, now_ns
@@ -107,7 +108,7 @@ class Attributes:
         if size < old:
             bs = self.block_size
             emap = self._extents(node)
-            keep = -(-size // bs)
+            keep = blocks_to_cover(size, bs)
             last = emap.segments(keep - 1, 1)[0] if size % bs else None
             if last is not None and last.state != UNWRITTEN:
                 # Bytes past the new end in the last block must read as zeros if the
@@ -129,7 +130,6 @@ class Attributes:
             old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
             if freed:
                 node.blocks = emap.blocks
-                self._refund_runs(freed)
                 self._save_extents(node)
                 fields.append("blocks")
         else:
@@ -138,12 +138,9 @@ class Attributes:
         node.size = size
         node.mtime_ns = node.ctime_ns = now
         self._save(node, *fields)
-        if old_grants:
-            await self.kernel.wait_drained(old_grants)
-        if freed:
-            # Freed once no request through the old grants is in flight; reusable
-            # once the commit that saved the shorter map is durable.
-            self.alloc.free_later([(d, c) for d, c, _o in freed])
+        # Freed once no request through the old grants is in flight; reusable once the
+        # commit that saved the shorter map is durable.
+        await self._release_unmapped(freed, old_grants)
 
     def _regrant(self: FileSystem, node: Inode,
                  keep: Callable[[Grant], bool] | None = None) -> list[Grant]:

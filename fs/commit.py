@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from kernelshim import ExtentMap, ROOT_PRINCIPAL, Rights, SluiceError
+from kernelshim.extents import blocks_to_cover
 
 from .errors import ReadOnly, WriteFailed
 
@@ -81,14 +82,13 @@ class Transactions:
             except ValueError as exc:  # damaged extents: reads of it fail; fsck repairs
                 log.warning("inode %d: %s (run sluice fsck)", ino, exc)
                 continue
-            freed = emap.remove_owned(-(-node.size // fs.block_size))
+            freed = emap.remove_owned(blocks_to_cover(node.size, fs.block_size))
             log.info("inode %d: dropping %d blocks past its end (an uncommitted write layout)",
                      ino, sum(c for _d, c, _o in freed))
             node.blocks = emap.blocks
-            fs._refund_runs(freed)
             fs._save_extents(node)
             fs._save(node, "blocks")
-            fs.alloc.free_later([(d, c) for d, c, _o in freed])
+            await fs._release_unmapped(freed, [])  # no grants yet: none to revoke
         await fs.commit()
 
     async def commit(self: FileSystem, *, durable: bool = False) -> None:
@@ -146,7 +146,7 @@ class Transactions:
         is for crashes, and `sluice fsck` of a cleanly unmounted volume must find every
         committed block's data)."""
         if final and self.read_only is None and not self.write_errors:
-            for ino in sorted(self.kernel.pager.dirty_discardable_files()):
+            for ino in sorted(self.kernel.dirty_discardable_files()):
                 try:
                     await self.kernel.writeback_file(ino)
                 except SluiceError as exc:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from kernelshim import Grant, HOLE, PrincipalId, Rights, Sealed, UNWRITTEN
 from kernelshim.principals import QuotaExceeded
+from kernelshim.extents import block_span, blocks_to_cover
 
 from .errors import (BadHandle, FileTooLarge, InvalidArgument, IsADirectory, NoSpace,
                      NoSuchOffset, WriteFailed)
@@ -157,8 +158,7 @@ class OpenFiles:
         if offset > node.size:  # the gap left behind reads as zeros (R6)
             await self._zero_past_eof(node, node.size, offset, grant.principal)
         bs = self.block_size
-        b0 = offset // bs
-        b1 = -(-end // bs)
+        b0, b1 = block_span(offset, n, bs)
         emap = self._extents(node)
         try:
             await self._allocate(node, emap, b0, b1 - b0, grant.principal)
@@ -172,12 +172,13 @@ class OpenFiles:
                 raise
             data = data[:n]
             end = offset + n
-            b1 = -(-end // bs)
+            b1 = blocks_to_cover(end, bs)
             await self._allocate(node, emap, b0, b1 - b0, grant.principal)
         try:
             await self._write_data(node, grant, offset, data)
             for start, stop in grant.take_written(offset, end):
-                emap.mark_written(start // bs, -(-stop // bs) - start // bs)
+                f0, f1 = block_span(start, stop - start, bs)
+                emap.mark_written(f0, f1 - f0)
             self._unsealed.add(emap)
         finally:
             self._save_extents(node)
@@ -194,8 +195,7 @@ class OpenFiles:
         the extents remapped and the old blocks freed by the same transaction, with the
         change saved before any checkpoint."""
         bs = self.block_size
-        b0 = offset // bs
-        b1 = -(-(offset + len(data)) // bs)
+        b0, b1 = block_span(offset, len(data), bs)
         emap = self._extents(node)
         while True:
             cow = await self._cow_blocks(emap, b0, b1 - b0)
@@ -226,7 +226,7 @@ class OpenFiles:
         may be a direct client's writes it never committed (docs/dev/invariants.md,
         R6); blocks after it are holes, unwritten, or written by the growth itself."""
         bs = self.block_size
-        hi = min(hi, -(-lo // bs) * bs)
+        hi = min(hi, blocks_to_cover(lo, bs) * bs)
         if hi <= lo:
             return
         emap = self._extents(node)
@@ -302,8 +302,7 @@ class OpenFiles:
             raise NoSuchOffset(f"offset {offset} is not inside the file ({node.size} bytes)")
         bs = self.block_size
         emap = self._extents(node)
-        b0 = offset // bs
-        b1 = -(-node.size // bs)
+        b0, b1 = offset // bs, blocks_to_cover(node.size, bs)
         for s in emap.segments(b0, b1 - b0):
             data = s.dev_block != HOLE and s.state != UNWRITTEN
             if data == (whence == os.SEEK_DATA):

@@ -117,7 +117,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         # -- Discards (discard.py) ---------------------------------------------------------
         self.discarded = set()
         self._discard_wakeup = trio.Event()
-        kernel.pager.on_discarded = self._on_discarded
+        kernel.on_discarded(self._on_discarded)
         # -- Statistics (fsstats.py) -------------------------------------------------------
         self.fuse_requests = collections.Counter()
 

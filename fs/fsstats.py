@@ -60,8 +60,8 @@ class Statistics:
     def statistics_dict(self: FileSystem) -> dict:
         """Everything `sluice stats` shows, as plain data."""
         fs = self.statistics()
-        dev = self.kernel.device.statistics()
-        pg = self.kernel.pager.statistics()
+        dev = self.kernel.device_statistics()
+        pg = self.kernel.pager_statistics()
         names = {p.id: p.name for p in self.principals.walk()}
         return {
             "fs": dataclasses.asdict(fs),

@@ -191,10 +191,10 @@ class InodeCache:
         return self.principals.by_id(pid)
 
     def retag_cached(self: FileSystem, src: int, dst: int) -> None:
+        """Principal `src`'s storage now belongs to `dst` (the rows are retagged by the
+        caller): the cached inodes and extent maps follow."""
         for node in self._inodes.values():
             if node.principal == src:
                 node.principal = dst
             if node.extents is not None:
-                for e in node.extents._ext:
-                    if e[4] == src:
-                        e[4] = dst
+                node.extents.retag_owner(src, dst)

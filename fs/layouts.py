@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, TYPE_CHECKING
 
 from kernelshim import Grant, HOLE, Rights, UNWRITTEN
+from kernelshim.extents import block_span, blocks_to_cover
 
 from .errors import InvalidArgument
 from .inodes import Caller, Inode, MAX_FILE_SIZE, now_ns
@@ -53,8 +54,7 @@ class Layouts:
             if g.inode == node.id and (keep is None or not keep(g, who)):
                 gone.extend(self.kernel.revoke_nowait(g))
                 del self._direct[g]
-        if gone:
-            await self.kernel.wait_drained(gone)
+        await self._release_unmapped([], gone)  # nothing unmapped: revoke and drain
 
     async def layout_get(self: FileSystem, grant: Grant, offset: int, length: int) -> int:
         """Write layout: allocate unwritten extents for the holes in the range."""
@@ -65,7 +65,7 @@ class Layouts:
         if not length:
             return 0
         bs = self.block_size
-        b0, b1 = offset // bs, -(-(offset + length) // bs)
+        b0, b1 = block_span(offset, length, bs)
         async with self._lock(node):
             self._direct_node(grant)
             emap = self._extents(node)
@@ -112,7 +112,7 @@ class Layouts:
                         await self._zero_past_eof(node, lo, min(start, end), grant.principal)
                         lo = max(lo, stop)
                 for start, stop in ranges:
-                    b0, b1 = start // bs, -(-stop // bs)
+                    b0, b1 = block_span(start, stop - start, bs)
                     emap.mark_written(b0, b1 - b0)
                 self._unsealed.add(emap)
                 self._save_extents(node)
@@ -158,7 +158,7 @@ class Layouts:
         bs = self.block_size
         async with self._lock(node):
             emap = self._extents(node)
-            keep = -(-node.size // bs)
+            keep = blocks_to_cover(node.size, bs)
             if emap.end_block() > keep:
                 tail = [s for s in emap.segments(keep, emap.end_block() - keep)
                         if s.dev_block != HOLE and s.state != UNWRITTEN]
@@ -167,10 +167,8 @@ class Layouts:
                     # grants. Writers may have written (uncommitted) into the range.
                     old = self._regrant(node, keep=lambda g: not g.rights & Rights.WRITE)
                     freed = emap.remove_owned(keep)
-                    await self.kernel.wait_drained(old)
                     node.blocks = emap.blocks
-                    self._refund_runs(freed)
-                    self.alloc.free_later([(d, c) for d, c, _o in freed])
                     self._save_extents(node)
                     self._save(node, "blocks")
+                    await self._release_unmapped(freed, old)
         self._maybe_evict(node)  # the kernel may never have looked this inode up

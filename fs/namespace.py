@@ -9,7 +9,7 @@ from __future__ import annotations
 import stat
 from typing import TYPE_CHECKING
 
-from kernelshim import ExtentMap, ROOT_PRINCIPAL
+from kernelshim import ExtentMap, Grant, ROOT_PRINCIPAL
 from kernelshim.principals import ENTRY_COST
 
 from .errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NoSpace, NotADirectory,
@@ -220,14 +220,11 @@ class Namespace:
         if self.read_only is not None:
             return  # an orphan now: freed at the next read-write mount
         async with self._lock(node):
-            revoked = [g for g in self.kernel.grants_for(node.id)]
-            for g in revoked:
-                self.kernel.revoke_nowait(g)
-            await self.kernel.wait_drained(revoked)
-            if node.is_reg and node.blocks:
-                freed = self._extents(node).remove_owned(0)
-                self._refund_runs(freed)
-                self.alloc.free_later([(d, c) for d, c, _o in freed])
+            revoked: list[Grant] = []
+            for g in self.kernel.grants_for(node.id):
+                revoked.extend(self.kernel.revoke_nowait(g))
+            freed = self._extents(node).remove_owned(0) if node.is_reg and node.blocks else []
+            await self._release_unmapped(freed, revoked)
             self.md.delete_inode(node.id)
             node.blocks = 0
         if node.lookups <= 0:

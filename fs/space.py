@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kernelshim import ExtentMap, FRESH, HOLE, PrincipalId, Rights, UNWRITTEN
+from kernelshim import ExtentMap, FRESH, Grant, HOLE, PrincipalId, Rights, UNWRITTEN
+from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
 
 from .allocator import Allocator
 from .errors import BadHandle, FileTooLarge, InvalidArgument, NoSpace, NotSupported
@@ -40,6 +41,23 @@ class Space:
         for _dev, count, owner in runs:
             self.principals.refund(self.principal(owner), space=count * bs)
 
+    async def _release_unmapped(self: FileSystem, freed: list[tuple[int, int, int]],
+                                revoked: list[Grant], *, refund: bool = True) -> None:
+        """The one home of revoke -> drain -> refund -> free (docs/dev/invariants.md
+        R3). The caller has unmapped `freed` (dev_block, count, owner) from a file's
+        map and revoked every grant that could still address those blocks (`revoked`:
+        revoke_nowait's or `_regrant`'s result), with no checkpoint in between, and has
+        saved the shorter map in the open transaction. Here: refund the owners (unless
+        the blocks were replaced for the same owners), wait until no request through
+        the old grants is in flight, then hand the blocks to the allocator, which
+        reuses them only after the commit that saved the map is durable."""
+        if refund:
+            self._refund_runs(freed)
+        if revoked:
+            await self.kernel.wait_drained(revoked)
+        if freed:
+            self.alloc.free_later([(d, c) for d, c, _o in freed])
+
     async def _cow_blocks(self: FileSystem, emap: ExtentMap, b0: int,
                           count: int) -> ExtentMap | None:
         """Fresh device blocks for the sealed blocks of [b0, b0+count), as a map of the
@@ -64,7 +82,7 @@ class Space:
         the write into them is acknowledged (the data reaches the host later, in a
         write-back that must not fail for lack of space). On failure (ENOSPC) the
         blocks go back to the free list unused."""
-        if not runs or not self.kernel.pager.writeback:
+        if not runs or not self.kernel.writeback:
             return
         try:
             await self.kernel.reserve(runs)
@@ -165,7 +183,7 @@ class Space:
             grows = not keep_size and end > node.size
             fields = ["blocks"]
             if op == 0:
-                b0, b1 = offset // bs, -(-end // bs)
+                b0, b1 = block_span(offset, length, bs)
                 if grows:
                     # Charge first: a refusal changes nothing, not even the last block.
                     await self._allocate(node, emap, b0, b1 - b0, principal)
@@ -198,14 +216,15 @@ class Space:
         replace fit in the free space (the old ones are free only after the commit),
         then the holes of the range are allocated (charged to `principal`)."""
         bs = self.block_size
-        f0, f1 = -(-lo // bs), hi // bs
+        f0, f1 = whole_blocks(lo, hi, bs)
         replace = sum(s.count for s in emap.segments(f0, f1 - f0)
                       if s.dev_block != HOLE and s.state != UNWRITTEN) if f1 > f0 else 0
-        holes = sum(c for _fb, c in emap.holes(lo // bs, -(-hi // bs) - lo // bs))
+        b0, b1 = block_span(lo, hi - lo, bs)
+        holes = sum(c for _fb, c in emap.holes(b0, b1 - b0))
         # Replacing data blocks may use the copy-on-write reserve, as an overwrite may;
         # the holes are new allocations and leave it alone.
         await self._ensure_free(replace + holes, reserve=False)
-        await self._allocate(node, emap, lo // bs, -(-hi // bs) - lo // bs, principal)
+        await self._allocate(node, emap, b0, b1 - b0, principal)
 
     async def _zero_partial_blocks(self: FileSystem, node: Inode, emap: ExtentMap, lo: int, hi: int,
                                    principal: PrincipalId) -> None:
@@ -213,16 +232,7 @@ class Space:
         they hold data (holes and unwritten blocks read as zeros already). A sealed block
         is relocated, not zeroed in place (R1)."""
         bs = self.block_size
-        pieces: list[tuple[int, int]] = []
-        if lo // bs == (hi - 1) // bs:
-            if lo % bs or hi % bs:
-                pieces.append((lo, hi))
-        else:
-            if lo % bs:
-                pieces.append((lo, -(-lo // bs) * bs))
-            if hi % bs:
-                pieces.append(((hi // bs) * bs, hi))
-        for a, b in pieces:
+        for a, b in partial_edges(lo, hi, bs):
             seg = emap.segments(a // bs, 1)[0]
             if seg.dev_block == HOLE or seg.state == UNWRITTEN:
                 continue
@@ -241,7 +251,8 @@ class Space:
         the commit (R3). With `replace`, each freed run is mapped again at once to fresh
         UNWRITTEN blocks of the same owner (ZERO_RANGE keeps the range allocated)."""
         bs = self.block_size
-        f0, f1 = -(-lo // bs), min(hi // bs, emap.end_block())
+        f0, f1 = whole_blocks(lo, hi, bs)
+        f1 = min(f1, emap.end_block())
         if f1 <= f0:
             return
         runs = [(s.file_block, s.count) for s in emap.segments(f0, f1 - f0)
@@ -262,13 +273,10 @@ class Space:
                         emap.add(at, start, got, UNWRITTEN, owner)
                         at += got
         old_grants = self._regrant(node)
-        if not replace:
-            self._refund_runs(freed)
         self._save_extents(node)
         node.blocks = emap.blocks
         self._save(node, "blocks")
-        await self.kernel.wait_drained(old_grants)
-        self.alloc.free_later([(d, c) for d, c, _o in freed])
+        await self._release_unmapped(freed, old_grants, refund=not replace)
 
     async def _trim_preallocation(self: FileSystem, node: Inode) -> None:
         """The file's last open handle closed: give back the UNWRITTEN blocks a
@@ -280,7 +288,7 @@ class Space:
             return
         bs = self.block_size
         emap = self._extents(node)
-        keep = -(-node.size // bs)
+        keep = blocks_to_cover(node.size, bs)
         if emap.end_block() <= keep:
             return
         async with self._lock(node):
@@ -289,10 +297,9 @@ class Space:
             if any(s.dev_block != HOLE and s.state != UNWRITTEN
                    for s in emap.segments(keep, emap.end_block() - keep)):
                 return  # not only preallocation (fsck reports it)
-            freed = emap.remove_owned(keep)
+            freed = emap.remove_owned(keep)  # no grant on the file: none to revoke
             node.blocks = emap.blocks
-            self._refund_runs(freed)
             self._save_extents(node)
             self._save(node, "blocks")
-            self.alloc.free_later([(d, c) for d, c, _o in freed])
+            await self._release_unmapped(freed, [])
         self.on_attr_changed(node.id)  # st_blocks changed behind the kernel's back
