@@ -25,6 +25,9 @@ caller's business (the metadata server, later the principal banks), not the kern
 | set_file_hints / forget_file  | (trusted caller)    | —                                       |
 | on_reclaim / answer_reclaim   | (trusted caller)    | —                                       |
 | start_trace / stop_trace      | (trusted caller)    | —                                       |
+| writeback, on_discarded,      | (trusted caller)    | — (lowerlayers.py: what fs may ask of   |
+| dirty_discardable_files,      |                     | the pager and device, never reaching    |
+| device/pager_statistics       |                     | into them)                              |
 
 Every pager request names the file and file block it is for (`file=grant.inode`,
 `fblock=`), so that the pager can apply a file's hints (priority, discardable,
@@ -48,18 +51,19 @@ import errno
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Iterable
 
 import trio
 
-from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, DeviceStatistics,
-                      FaultPlan, PrincipalId, RecordLog, SluiceError, reserve_space)
-from pager import Pager, PagerStatistics, ReclaimSubscription
+from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, FaultPlan,
+                      PrincipalId, RecordLog, SluiceError, reserve_space)
+from pager import Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
 from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap, block_span
 from .grants import Grant, Rights
 from .granttable import GrantTable
+from .lowerlayers import LowerLayers
 from .principals import PrincipalError, PrincipalTable
 
 log = logging.getLogger(__name__)
@@ -69,8 +73,9 @@ log = logging.getLogger(__name__)
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 
-class Kernel(GrantTable):
-    """Grants over one device (the grant table itself: granttable.py). Create with
+class Kernel(GrantTable, LowerLayers):
+    """Grants over one device (the grant table itself: granttable.py; the services of
+    the pager and device beyond the data path: lowerlayers.py). Create with
     `Kernel.open(volume_dir, ...)`."""
 
     def __init__(self, device: BlockDevice, pager: Pager) -> None:
@@ -155,31 +160,6 @@ class Kernel(GrantTable):
     def enforced_banks(self) -> tuple[BankTree, BankTree]:
         """The bank snapshots the pager and the scheduler hold now (for statistics)."""
         return self.pager.banks, self.device.scheduler.banks
-
-    # -- what the metadata server asks of the layers below (no reaching into them) -----
-
-    @property
-    def writeback(self) -> bool:
-        """Whether the pager caches writes (write-back) rather than writing through."""
-        return self.pager.writeback
-
-    def on_discarded(self, callback: Callable[[int], None]) -> None:
-        """Have `callback(inode)` called when the pager drops the dirty pages of a
-        discardable file (synchronously, from inside its reclaim: it must not block)."""
-        self.pager.on_discarded = callback
-
-    def dirty_discardable_files(self) -> set[int]:
-        """The discardable files with dirty frames (a barrier leaves those out; an
-        fsync of the file or `writeback_file` writes them)."""
-        return self.pager.dirty_discardable_files()
-
-    def device_statistics(self) -> DeviceStatistics:
-        """The device's and its scheduler's statistics (an immutable record)."""
-        return self.device.statistics()
-
-    def pager_statistics(self) -> PagerStatistics:
-        """The pager's statistics (an immutable record)."""
-        return self.pager.statistics()
 
     @asynccontextmanager
     async def barrier(self) -> AsyncIterator[None]:
@@ -456,45 +436,3 @@ class Kernel(GrantTable):
                                     willneed=willneed, dontneed=dontneed)
         finally:
             self._leave(grant, epoch)
-
-    def set_file_hints(self, inode: int, *, priority: int | None = None,
-                       discardable: bool | None = None, sequential: bool | None = None) -> None:
-        """A file's hints for all its pages (the metadata server pushes its
-        user.sluice.* xattrs here at open and when they change); None: unchanged."""
-        self.pager.set_file_hints(inode, priority=priority, discardable=discardable,
-                                  sequential=sequential)
-
-    def forget_file(self, inode: int) -> None:
-        """The file is gone (its last name and handle): the pager drops its hints."""
-        self.pager.forget_file(inode)
-
-    def on_reclaim(self, principal: PrincipalId,
-                   callback: Callable[[int, int, float], object]) -> ReclaimSubscription:
-        """Subscribe `callback(ticket, nframes, seconds_left)` to the pager's requests
-        that `principal` release frames; `cancel()` the handle to stop. The callback
-        must not block (it runs in the pager's reclaim task). Answered by the
-        principal's dontneed advice and `answer_reclaim(principal, ticket)`."""
-        pager = self.pager
-
-        def asked(nframes: int, deadline: float) -> None:
-            req = pager.pending_reclaim(principal)
-            callback(req[0] if req else 0, nframes,
-                     max(0.0, deadline - trio.current_time()))
-
-        return pager.on_reclaim(principal, asked)
-
-    def answer_reclaim(self, principal: PrincipalId, ticket: int, released: int = 0) -> bool:
-        """`principal` is done with reclaim request `ticket` (False: not pending)."""
-        return self.pager.answer_reclaim(principal, released, ticket=ticket)
-
-    def start_trace(self, sink) -> None:
-        """Have the pager log every block access into `sink` (a binary file; the
-        format is the pager's, read by pager/replay.py) until stop_trace()."""
-        self.pager.start_trace(sink)
-
-    def stop_trace(self) -> None:
-        self.pager.stop_trace()
-
-    def written_blocks(self):  # -> numpy array of block numbers
-        """Device blocks that hold data (for scrubbing and fsck)."""
-        return self.device.written_blocks()
