@@ -31,6 +31,42 @@ FRESH = 2  # in memory only (persisted as WRITTEN)
 HOLE = -1  # dev_block of a hole segment
 
 
+# -- block-range arithmetic (the one home of it, for kernelshim and fs) -----------------
+
+
+def blocks_to_cover(nbytes: int, block_size: int) -> int:
+    """How many blocks the first `nbytes` bytes of a file occupy (a file of that size)."""
+    return -(-nbytes // block_size)
+
+
+def block_span(offset: int, length: int, block_size: int) -> tuple[int, int]:
+    """The file blocks [first, end) that bytes [offset, offset + length) touch, the
+    partly covered blocks at either edge included (first == end: none)."""
+    return offset // block_size, -(-(offset + length) // block_size)
+
+
+def whole_blocks(lo: int, hi: int, block_size: int) -> tuple[int, int]:
+    """The file blocks [first, end) lying wholly inside bytes [lo, hi) (first >= end:
+    none)."""
+    return -(-lo // block_size), hi // block_size
+
+
+def partial_edges(lo: int, hi: int, block_size: int) -> list[tuple[int, int]]:
+    """The byte ranges of [lo, hi) that cover their block only partly: at most one at
+    each edge, one when the range lies within a single block, none when aligned."""
+    bs = block_size
+    if hi <= lo:
+        return []
+    if lo // bs == (hi - 1) // bs:
+        return [(lo, hi)] if lo % bs or hi % bs else []
+    out: list[tuple[int, int]] = []
+    if lo % bs:
+        out.append((lo, blocks_to_cover(lo, bs) * bs))
+    if hi % bs:
+        out.append(((hi // bs) * bs, hi))
+    return out
+
+
 class Segment(NamedTuple):
     file_block: int
     count: int  # type: ignore[assignment]  # (shadows tuple.count, by design)
@@ -280,3 +316,11 @@ class ExtentMap:
                 deleted.append(key)
         self._changed.clear()
         return deleted, upserts
+
+    def retag_owner(self, old: int, new: int) -> None:
+        """Extents charged to principal `old` are charged to `new` from now on (the
+        principal was removed and its storage handed to `new`; the stored rows are
+        retagged by the caller, so this is not a change to save)."""
+        for e in self._ext:
+            if e[4] == old:
+                e[4] = new

@@ -25,6 +25,9 @@ caller's business (the metadata server, later the principal banks), not the kern
 | set_file_hints / forget_file  | (trusted caller)    | —                                       |
 | on_reclaim / answer_reclaim   | (trusted caller)    | —                                       |
 | start_trace / stop_trace      | (trusted caller)    | —                                       |
+| writeback, on_discarded,      | (trusted caller)    | — (lowerlayers.py: what fs may ask of   |
+| dirty_discardable_files,      |                     | the pager and device, never reaching    |
+| device/pager_statistics       |                     | into them)                              |
 
 Every pager request names the file and file block it is for (`file=grant.inode`,
 `fblock=`), so that the pager can apply a file's hints (priority, discardable,
@@ -48,17 +51,19 @@ import errno
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Iterable
 
 import trio
 
 from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, FaultPlan,
                       PrincipalId, RecordLog, SluiceError, reserve_space)
-from pager import Pager, ReclaimSubscription
+from pager import Pager
 
-from .errors import BadRequest, GrantRevoked, NotAllocated, RightsError, Sealed
-from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap
+from .errors import BadRequest, NotAllocated, Sealed
+from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap, block_span
 from .grants import Grant, Rights
+from .granttable import GrantTable
+from .lowerlayers import LowerLayers
 from .principals import PrincipalError, PrincipalTable
 
 log = logging.getLogger(__name__)
@@ -68,22 +73,17 @@ log = logging.getLogger(__name__)
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 
-class Kernel:
-    """Grants over one device. Create with `Kernel.open(volume_dir, ...)`."""
+class Kernel(GrantTable, LowerLayers):
+    """Grants over one device (the grant table itself: granttable.py; the services of
+    the pager and device beyond the data path: lowerlayers.py). Create with
+    `Kernel.open(volume_dir, ...)`."""
 
     def __init__(self, device: BlockDevice, pager: Pager) -> None:
         self.device = device
         self.pager = pager
         self.block_size = device.block_size
         self.nblocks = device.nblocks
-        self._grants: dict[int, Grant] = {}
-        self._by_inode: dict[int, set[Grant]] = {}
-        #: the principal table charged for grants (kernel objects); set by the owner
-        self.principals: PrincipalTable | None = None
-        #: requests in flight per epoch (wait_quiescent waits for the older epochs)
-        self._epoch = 0
-        self._in_epoch: dict[int, int] = {}
-        self._quiesced: trio.Event | None = None
+        GrantTable.__init__(self)
         #: writes in flight; while a barrier runs, new writes wait for `_barrier`
         self._writes = 0
         self._writes_done: trio.Event | None = None
@@ -161,119 +161,6 @@ class Kernel:
         """The bank snapshots the pager and the scheduler hold now (for statistics)."""
         return self.pager.banks, self.device.scheduler.banks
 
-    # -- capabilities --------------------------------------------------------------
-
-    def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
-              principal: PrincipalId, charge: bool = True) -> Grant:
-        """A new grant, charged to `principal`'s kernel-object bank (TooManyObjects when
-        it holds its limit) unless `charge` is false (short-lived internal grants)."""
-        if charge and self.principals is not None:
-            self.principals.charge_object(self.principals.by_id(principal), "grants")
-        g = Grant(inode, generation, extents, rights, principal)
-        g.charged = charge and self.principals is not None
-        self._grants[g.id] = g
-        self._by_inode.setdefault(inode, set()).add(g)
-        return g
-
-    def mint(self, grant: Grant, rights: Rights) -> Grant:
-        """A copy of `grant` with `rights` (which must be a subset of the grant's)."""
-        self.check(grant, Rights.NONE)
-        if rights & ~grant.rights:
-            raise RightsError(f"cannot mint {rights!r} from a grant holding {grant.rights!r}")
-        g = self.grant(inode=grant.inode, generation=grant.generation, extents=grant.extents,
-                       rights=rights, principal=grant.principal)
-        g.file = grant.file
-        g.parent = grant
-        grant.children.append(g)
-        return g
-
-    def grants_for(self, inode: int) -> list[Grant]:
-        return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
-
-    def revoke_nowait(self, grant: Grant) -> list[Grant]:
-        """Revoke `grant` and everything minted from it; returns the grants revoked."""
-        out: list[Grant] = []
-        stack = [grant]
-        while stack:
-            g = stack.pop()
-            stack.extend(g.children)
-            if g.revoked:
-                continue
-            g.revoked = True
-            if g.charged and self.principals is not None:
-                self.principals.refund_object(self.principals.by_id(g.principal), "grants")
-                g.charged = False
-            out.append(g)
-            self._grants.pop(g.id, None)
-            s = self._by_inode.get(g.inode)
-            if s is not None:
-                s.discard(g)
-                if not s:
-                    del self._by_inode[g.inode]
-        return out
-
-    async def wait_drained(self, grants: Iterable[Grant]) -> None:
-        """Wait until no request through any of `grants` is still in flight."""
-        for g in grants:
-            while g.inflight:
-                if g._drained is None:
-                    g._drained = trio.Event()
-                await g._drained.wait()
-        await trio.lowlevel.checkpoint()
-
-    async def revoke(self, grant: Grant) -> None:
-        await self.wait_drained(self.revoke_nowait(grant))
-
-    def release(self, grant: Grant) -> None:
-        """The holder is done with the grant (close); same as revoke without waiting."""
-        self.revoke_nowait(grant)
-
-    @property
-    def live_grants(self) -> int:
-        return len(self._grants)
-
-    @staticmethod
-    def check(grant: Grant, need: Rights) -> None:
-        """Raise GrantRevoked or RightsError unless `grant` is live and holds `need`."""
-        if grant.revoked:
-            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
-        if need & ~grant.rights:
-            raise RightsError(f"grant {grant.id} does not hold {need!r}")
-
-    def _enter(self, grant: Grant, need: Rights) -> int:
-        """Count a request in (after its rights check); returns its epoch for _leave."""
-        self.check(grant, need)
-        grant.inflight += 1
-        e = self._epoch
-        self._in_epoch[e] = self._in_epoch.get(e, 0) + 1
-        return e
-
-    def _leave(self, grant: Grant, epoch: int) -> None:
-        grant.inflight -= 1
-        if not grant.inflight and grant._drained is not None:
-            grant._drained.set()
-            grant._drained = None
-        left = self._in_epoch[epoch] - 1
-        if left:
-            self._in_epoch[epoch] = left
-        else:
-            del self._in_epoch[epoch]
-            if self._quiesced is not None:
-                self._quiesced.set()
-                self._quiesced = None
-
-    async def wait_quiescent(self) -> None:
-        """Wait until every request that started before this call has finished (an RCU
-        grace period). Blocks unmapped before the call are then touched by no request,
-        whichever grant it came through: they may be discarded and reused."""
-        self._epoch += 1
-        mark = self._epoch
-        while self._in_epoch and min(self._in_epoch) < mark:
-            if self._quiesced is None:
-                self._quiesced = trio.Event()
-            await self._quiesced.wait()
-        await trio.lowlevel.checkpoint()
-
     @asynccontextmanager
     async def barrier(self) -> AsyncIterator[None]:
         """Hold new writes back, wait for the writes in flight, make everything written
@@ -334,8 +221,7 @@ class Kernel:
             if not length:
                 return b""
             bs = self.block_size
-            b0 = offset // bs
-            b1 = (offset + length + bs - 1) // bs
+            b0, b1 = block_span(offset, length, bs)
             head = offset - b0 * bs
             segs = grant.extents.segments(b0, b1 - b0)
             principal = grant.principal
@@ -415,8 +301,7 @@ class Kernel:
             if not length:
                 return 0
             bs = self.block_size
-            b0 = offset // bs
-            b1 = (offset + length + bs - 1) // bs
+            b0, b1 = block_span(offset, length, bs)
             segs = grant.extents.segments(b0, b1 - b0)
             # (dev_block, count, file block) to write, in order
             targets: list[tuple[int, int, int]] = []
@@ -540,8 +425,7 @@ class Kernel:
             if not length:
                 return
             bs = self.block_size
-            b0 = offset // bs
-            b1 = (offset + length + bs - 1) // bs
+            b0, b1 = block_span(offset, length, bs)
             runs = [(s.file_block, s.dev_block, s.count)
                     for s in grant.extents.segments(b0, b1 - b0)
                     if s.dev_block != HOLE and s.state != UNWRITTEN]
@@ -552,45 +436,3 @@ class Kernel:
                                     willneed=willneed, dontneed=dontneed)
         finally:
             self._leave(grant, epoch)
-
-    def set_file_hints(self, inode: int, *, priority: int | None = None,
-                       discardable: bool | None = None, sequential: bool | None = None) -> None:
-        """A file's hints for all its pages (the metadata server pushes its
-        user.sluice.* xattrs here at open and when they change); None: unchanged."""
-        self.pager.set_file_hints(inode, priority=priority, discardable=discardable,
-                                  sequential=sequential)
-
-    def forget_file(self, inode: int) -> None:
-        """The file is gone (its last name and handle): the pager drops its hints."""
-        self.pager.forget_file(inode)
-
-    def on_reclaim(self, principal: PrincipalId,
-                   callback: Callable[[int, int, float], object]) -> ReclaimSubscription:
-        """Subscribe `callback(ticket, nframes, seconds_left)` to the pager's requests
-        that `principal` release frames; `cancel()` the handle to stop. The callback
-        must not block (it runs in the pager's reclaim task). Answered by the
-        principal's dontneed advice and `answer_reclaim(principal, ticket)`."""
-        pager = self.pager
-
-        def asked(nframes: int, deadline: float) -> None:
-            req = pager.pending_reclaim(principal)
-            callback(req[0] if req else 0, nframes,
-                     max(0.0, deadline - trio.current_time()))
-
-        return pager.on_reclaim(principal, asked)
-
-    def answer_reclaim(self, principal: PrincipalId, ticket: int, released: int = 0) -> bool:
-        """`principal` is done with reclaim request `ticket` (False: not pending)."""
-        return self.pager.answer_reclaim(principal, released, ticket=ticket)
-
-    def start_trace(self, sink) -> None:
-        """Have the pager log every block access into `sink` (a binary file; the
-        format is the pager's, read by pager/replay.py) until stop_trace()."""
-        self.pager.start_trace(sink)
-
-    def stop_trace(self) -> None:
-        self.pager.stop_trace()
-
-    def written_blocks(self):  # -> numpy array of block numbers
-        """Device blocks that hold data (for scrubbing and fsck)."""
-        return self.device.written_blocks()

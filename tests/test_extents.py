@@ -357,3 +357,22 @@ class ExtentMachine(RuleBasedStateMachine):
 ExtentMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40,
                                            deadline=None)
 TestExtentMap = ExtentMachine.TestCase
+
+
+def test_block_range_arithmetic() -> None:
+    """The one home of offset/length -> blocks (kernelshim.extents), checked against a
+    byte-by-byte count."""
+    from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
+    bs = 8
+    for lo in range(0, 40):
+        for hi in range(lo + 1, 41):
+            touched = sorted({b // bs for b in range(lo, hi)})
+            assert block_span(lo, hi - lo, bs) == (touched[0], touched[-1] + 1)
+            whole = [b for b in touched if lo <= b * bs and (b + 1) * bs <= hi]
+            f0, f1 = whole_blocks(lo, hi, bs)
+            assert list(range(f0, f1)) == whole
+            edges = partial_edges(lo, hi, bs)
+            covered = {x for a, b in edges for x in range(a, b)}
+            assert covered == {x for x in range(lo, hi) if x // bs not in whole}
+            assert all(a // bs == (b - 1) // bs for a, b in edges)
+        assert blocks_to_cover(lo, bs) == len({b // bs for b in range(lo)})

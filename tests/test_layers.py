@@ -212,3 +212,81 @@ def test_reexport_check_catches_a_violation(tmp_path: Path) -> None:
     assert len(msgs) == 2
     assert any("kernelshim.BlockDevice is blockdev" in m for m in msgs)
     assert any(m.startswith("pager.Pager") for m in msgs)
+
+
+# -- a message-shaped contract: fs asks the kernel, never its parts or anyone's privates ----
+
+#: The one module above kernelshim that may touch the kernel's parts (`kernel.pager`,
+#: `kernel.device`): the wiring of a mounted volume, which starts the pager's task.
+#: Everything else in fs asks the Kernel (its methods) for what it needs of them.
+WIRING = {"fs/mount.py"}
+#: the Kernel's parts, the layers below it
+KERNEL_PARTS = {"pager", "device"}
+
+
+def _filesystem_own_names() -> set[str]:
+    """Every name FileSystem defines (methods and state of all its concern classes): its
+    private ones may be used across fs's own modules (the concerns are one object)."""
+    import importlib
+    fs_cls = importlib.import_module("fs.filesystem").FileSystem
+    names: set[str] = set()
+    for cls in fs_cls.__mro__:
+        names.update(vars(cls))
+        names.update(getattr(cls, "__annotations__", {}))
+    return names
+
+
+def _ends_in_kernel(node: ast.expr) -> bool:
+    name = node.attr if isinstance(node, ast.Attribute) else \
+        node.id if isinstance(node, ast.Name) else ""
+    return name.lstrip("_") == "kernel"
+
+
+def reached_into(path: Path, own: set[str], *, wiring: bool = False) -> list[str]:
+    """Where `path` reaches into the kernel's parts (`<...>kernel.pager`/`.device`;
+    allowed to the `wiring`) or into another object's private attribute (`x._name`, x
+    not self/cls, `_name` not one of FileSystem's own), as 'line: expression'."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: list[str] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if node.attr in KERNEL_PARTS and _ends_in_kernel(node.value):
+            if not wiring:
+                out.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif node.attr.startswith("_") and not node.attr.startswith("__") and not (
+                isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+                and node.attr not in own:
+            out.append(f"{node.lineno}: {ast.unparse(node)}")
+    return sorted(out, key=lambda f: int(f.split(":")[0]))
+
+
+def test_fs_asks_the_kernel_instead_of_reaching_into_it() -> None:
+    """fs (but the wiring) uses no `kernel.pager` / `kernel.device`, and no module of
+    fs uses a private attribute of another package's object (an ExtentMap's `_ext`, an
+    Allocator's `_pending`): extents, statistics and pager events go through public
+    methods (Kernel.device_statistics, Kernel.on_discarded, ExtentMap.retag_owner...)."""
+    own = _filesystem_own_names()
+    bad = {}
+    for path in _modules("fs"):
+        rel = str(path.relative_to(REPO))
+        found = reached_into(path, own, wiring=rel in WIRING)
+        if found:
+            bad[rel] = found
+    assert not bad, f"fs reaches into the kernel's parts or private attributes: {bad}"
+
+
+def test_reach_into_check_catches_a_violation(tmp_path: Path) -> None:
+    """The checker itself: the patterns this contract replaced are each reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f(self, node, fs):\n"
+                   "    self.kernel.pager.on_discarded = None\n"
+                   "    st = fs.kernel.device.statistics()\n"
+                   "    for e in node.extents._ext:\n        pass\n"
+                   "    n = self.alloc._pending\n"
+                   "    self._fine = fs._inodes\n")
+    own = _filesystem_own_names()
+    found = reached_into(bad, own)
+    assert [f.split(":")[0] for f in found] == ["2", "3", "4", "6"], found
+    # the wiring may name the kernel's parts, but not anyone's privates either
+    assert [f.split(":")[0] for f in reached_into(bad, own, wiring=True)] == ["4", "6"]

@@ -1,0 +1,229 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""Transactions and failure: commit (barrier, seal, durable, discard freed blocks),
+sync, the batched committer, turning read-only on a failure or a read-only mount, and
+the crash cleanup of a read-write mount (`_recover`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from typing import TYPE_CHECKING
+
+import trio
+
+from kernelshim import ExtentMap, ROOT_PRINCIPAL, Rights, SluiceError
+from kernelshim.extents import blocks_to_cover
+
+from .errors import ReadOnly, WriteFailed
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+log = logging.getLogger(__name__)
+
+
+#: the meta key listing the files a crash may leave partial (see `commit`)
+UNFLUSHED_KEY = "unflushed"
+
+
+class Transactions:
+    """Commit, read-only and recovery (a `FileSystem` concern; see filesystem.py).
+
+    State it owns: the commit lock, the extent maps to seal at the next commit, the
+    read-only reason, the write-error count, and what recovery and the unflushed list
+    have done."""
+
+    _commit_lock: trio.Lock
+    #: extent maps that may hold FRESH extents: sealed by the next commit
+    _unsealed: set[ExtentMap]
+    #: why the volume is read-only (a read-only mount, or a failure), or None
+    read_only: str | None
+    #: failed barriers/commits so far; each open handle reports a new one once
+    write_errors: int
+    #: whether the crash cleanup of load() is done (a read-only mount skips it)
+    _recovered: bool
+    #: the file list last saved under UNFLUSHED_KEY
+    _unflushed_saved: frozenset[int]
+
+    async def _recover(self: FileSystem) -> None:
+        """What a crash left: orphans and uncommitted write layouts (at the first
+        read-write mount or remount)."""
+        fs, md = self, self.md
+        fs._recovered = True
+        # Inodes unlinked while open when the daemon last stopped: free them now.
+        for ino in md.orphans():
+            log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
+            await fs._destroy(fs.inode(ino))
+        # Discardable files a crash may have caught with data not on the device (the
+        # last commit recorded them): a cache by contract, they come back empty and
+        # marked, never partial (docs/dev/invariants.md, crash rule 4).
+        listed = json.loads(str(md.meta(UNFLUSHED_KEY) or "[]"))
+        # What is stored: the next commit replaces it (with what is unflushed then).
+        fs._unflushed_saved = frozenset(int(i) for i in listed)
+        for ino in listed:
+            try:
+                node = fs.inode(int(ino))
+            except SluiceError:
+                continue
+            if node.is_reg and node.nlink:
+                log.info("inode %d: emptied (a discardable file whose data was not on the "
+                         "device at the crash)", node.id)
+                async with fs._lock(node):
+                    await fs._empty_locked(node, mark=True)
+        # Blocks past EOF: write layouts a direct client never committed before the
+        # daemon stopped (its close would have trimmed them). Nothing else leaves
+        # blocks there (fallocate's KEEP_SIZE, when it comes, must be told apart).
+        for ino in md.inodes_with_blocks_past_eof(fs.block_size):
+            node = fs.inode(ino)
+            try:
+                emap = fs._extents(node)
+            except ValueError as exc:  # damaged extents: reads of it fail; fsck repairs
+                log.warning("inode %d: %s (run sluice fsck)", ino, exc)
+                continue
+            freed = emap.remove_owned(blocks_to_cover(node.size, fs.block_size))
+            log.info("inode %d: dropping %d blocks past its end (an uncommitted write layout)",
+                     ino, sum(c for _d, c, _o in freed))
+            node.blocks = emap.blocks
+            fs._save_extents(node)
+            fs._save(node, "blocks")
+            await fs._release_unmapped(freed, [])  # no grants yet: none to revoke
+        await fs.commit()
+
+    async def commit(self: FileSystem, *, durable: bool = False) -> None:
+        """End the metadata transaction (docs/dev/invariants.md, "Crash rules"):
+
+        1. inside a device barrier (writes held back, everything written made durable),
+           commit the transaction and seal the extents it exposes (FRESH -> WRITTEN:
+           never written in place again);
+        2. if it freed blocks (or `durable`), make the commit durable (fsync the WAL);
+        3. wait until no request that could still address the freed blocks is in flight,
+           then discard them and hand them to the allocator."""
+        async with self._commit_lock:
+            if self.write_errors:
+                return  # failed: nothing more is committed (fsync reports the failure)
+            try:
+                async with self.kernel.barrier():
+                    self._save_unflushed()
+                    self.md.commit()
+                    pending = self.alloc.take_pending()
+                    for emap in self._unsealed:
+                        emap.seal()
+                    self._unsealed.clear()
+                if durable or pending:
+                    await trio.to_thread.run_sync(self.md.make_durable)
+            except (OSError, sqlite3.Error, SluiceError) as exc:
+                self.fail(f"committing metadata failed: {exc}")
+                raise WriteFailed(f"commit failed: {exc}") from exc
+            if pending:
+                await self.kernel.wait_quiescent()
+                try:
+                    await self.kernel.discard(pending, principal=ROOT_PRINCIPAL)
+                except SluiceError as exc:
+                    # The blocks keep their old data: reusing them leaks nothing (a new
+                    # owner's unwritten blocks read as zeros, its partial writes merge
+                    # with zeros), only the host's space is not given back.
+                    log.warning("discarding %d freed blocks failed: %s",
+                                sum(c for _d, c in pending), exc)
+                self.alloc.release_now(pending)
+
+    def _save_unflushed(self: FileSystem) -> None:
+        """Record, in the transaction being committed, the files whose data the
+        barrier did not put on the device: discardable files with dirty frames (the
+        pager writes those only on their own fsync) and files discarded but not yet
+        emptied. A crash that keeps this commit brings them back empty (`_recover`);
+        every other file's data is on the device before the commit (R2)."""
+        now = frozenset(self.kernel.unflushed_files | self.discarded)
+        if now != self._unflushed_saved:
+            self.md.set_meta(UNFLUSHED_KEY, json.dumps(sorted(now)))
+            self._unflushed_saved = now
+
+    async def sync(self: FileSystem, *, final: bool = False) -> None:
+        """Make all data and metadata durable (fsync; with `final`, unmount: then the
+        discardable files' dirty frames are written back too, so that a clean unmount
+        leaves no file whose committed blocks lack their data — the list of such files
+        is for crashes, and `sluice fsck` of a cleanly unmounted volume must find every
+        committed block's data)."""
+        if final and self.read_only is None and not self.write_errors:
+            for ino in sorted(self.kernel.dirty_discardable_files()):
+                try:
+                    await self.kernel.writeback_file(ino)
+                except SluiceError as exc:
+                    log.warning("writing back discardable inode %d at unmount failed: %s",
+                                ino, exc)
+        await self.commit(durable=True)
+
+    def fail(self: FileSystem, why: str) -> None:
+        """A metadata or device write failed: rather than risk damage, the volume turns
+        read-only (s3ql's failsafe). Every change then gets EROFS; direct clients' write
+        grants are revoked; what was written and not committed is reported to each
+        open file once (fsync: EIO)."""
+        self.write_errors += 1
+        if self.read_only is None or self.write_errors == 1:
+            log.error("%s; the volume is now read-only (unmount it and run sluice fsck)", why)
+        self.read_only = why
+        try:  # what the failed commit would have exposed is not committed later either
+            self.md.rollback()
+        except sqlite3.Error as exc:
+            log.error("rolling back the metadata transaction failed: %s", exc)
+        for g in list(self._direct):
+            if g.rights & Rights.WRITE:
+                self.kernel.revoke_nowait(g)
+                del self._direct[g]
+
+    def set_read_only(self: FileSystem, why: str) -> None:
+        """A read-only mount: every change gets EROFS, nothing is committed; direct
+        clients' write grants are revoked (a remount read-only; commit first)."""
+        self.read_only = why
+        for g in list(self._direct):
+            if g.rights & Rights.WRITE:
+                self.kernel.revoke_nowait(g)
+                del self._direct[g]
+
+    async def set_writable(self: FileSystem) -> int:
+        """Back to read-write (a remount), unless the volume failed: then ReadOnly.
+        Does the crash cleanup a read-only mount skipped; returns the stale blocks
+        discarded."""
+        if self.write_errors:
+            raise ReadOnly(f"the volume failed ({self.read_only}): unmount it and run "
+                           "sluice fsck")
+        self.read_only = None
+        if self._recovered:
+            return 0
+        await self._recover()
+        return await self.scrub_stale_blocks()
+
+    def _writable(self: FileSystem) -> None:
+        if self.read_only is not None:
+            raise ReadOnly(f"read-only file system ({self.read_only})")
+
+    async def run_committer(self: FileSystem, *, interval: float = 1.0,
+                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit the open transaction every `interval` seconds (batched commits)."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if self.write_errors:
+                continue  # failed: read-only until unmounted and checked
+            if self.md.pending or self.alloc.pending_blocks or self._unsealed:
+                try:
+                    await self.commit()
+                except WriteFailed:
+                    pass  # logged by fail(); reported to the writers at their fsync
+
+    async def scrub_stale_blocks(self: FileSystem) -> int:
+        """Discard device blocks that hold data but belong to no committed extent (written
+        by a daemon killed before it committed the extents). Returns how many."""
+        written = self.kernel.written_blocks()
+        stale = written[~self.alloc.used[written]]
+        if not len(stale):
+            return 0
+        runs: list[tuple[int, int]] = []
+        for b in stale.tolist():
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((b, 1))
+        await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+        return len(stale)

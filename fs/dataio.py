@@ -1,0 +1,312 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""Open files and their data: open, create, release, read, write (extents allocated,
+sealed blocks relocated, size and times updated), fsync, O_TMPFILE and
+SEEK_DATA/SEEK_HOLE. Data moves through kernelshim grants, one per open handle."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from kernelshim import Grant, HOLE, PrincipalId, Rights, Sealed, UNWRITTEN
+from kernelshim.principals import QuotaExceeded
+from kernelshim.extents import block_span, blocks_to_cover
+
+from .errors import (BadHandle, FileTooLarge, InvalidArgument, IsADirectory, NoSpace,
+                     NoSuchOffset, WriteFailed)
+from .inodes import Caller, Handle, Inode, MAX_FILE_SIZE, now_ns
+from .xattrs import CACHE_XATTR, DISCARDED_XATTR
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+
+class OpenFiles:
+    """Open files, read and write (a `FileSystem` concern; see filesystem.py for the map).
+
+    State it owns: the open handles (`_handles`, `_next_fh`), the default cache mode, and
+    the O_TMPFILE inodes not linked yet (`_tmpfiles`)."""
+
+    #: open file handles by number, and the next number to hand out
+    _handles: dict[int, Handle]
+    _next_fh: int
+    #: the cache mode of files without user.sluice.cache ("pager"/"direct" or "kernel")
+    default_cache_mode: str
+    #: O_TMPFILE inodes not linked yet (linkat may give them a name; see `tmpfile`)
+    _tmpfiles: set[int]
+
+    def _grant_for(self: FileSystem, node: Inode, readable: bool, writable: bool,
+                   principal: PrincipalId) -> Grant:
+        rights = (Rights.READ if readable else Rights.NONE) | \
+                 (Rights.WRITE if writable else Rights.NONE)
+        return self.kernel.grant(inode=node.id, generation=node.generation,
+                                 extents=self._extents(node), rights=rights,
+                                 principal=principal)
+
+    def open(self: FileSystem, ino: int, flags: int, caller: Caller) -> Handle:
+        node = self.inode(ino)
+        if node.is_dir:
+            raise IsADirectory("cannot open a directory for I/O")
+        acc = flags & os.O_ACCMODE
+        readable = acc in (os.O_RDONLY, os.O_RDWR)
+        writable = acc in (os.O_WRONLY, os.O_RDWR)
+        if writable or flags & os.O_TRUNC:
+            self._writable()
+        fh = self._next_fh
+        self._next_fh += 1
+        h = Handle(fh, node, self._grant_for(node, readable, writable, caller.principal),
+                   readable, writable, bool(flags & os.O_APPEND), caller.uid != 0,
+                   self._cache_mode(node) != "kernel", self.write_errors)
+        self._handles[fh] = h
+        node.opens += 1
+        self._push_hints(node)
+        return h
+
+    async def open_truncate(self: FileSystem, node: Inode, caller: Caller) -> None:
+        """O_TRUNC at open, through the mount (the kernel sends it with the open) or a
+        direct client; whatever the access mode, as Linux truncates on O_RDONLY|O_TRUNC
+        too (the caller checked write permission). POSIX (and Linux) update mtime/ctime
+        and drop setuid/setgid (unless root opens) even when the file was empty."""
+        if node.size:
+            await self.truncate(node, 0, principal=caller.principal)
+        else:
+            self._writable()
+            node.mtime_ns = node.ctime_ns = now_ns()
+            self._save(node, "mtime_ns", "ctime_ns")
+        if caller.uid != 0:
+            self._drop_setid(node)
+
+    def _cache_mode(self: FileSystem, node: Inode) -> str:
+        v = self._hints(node).get(CACHE_XATTR)
+        if v is not None:
+            return v.decode(errors="replace").strip()
+        return self.default_cache_mode
+
+    def create(self: FileSystem, parent: int, name: bytes, mode: int, flags: int,
+               caller: Caller) -> tuple[Handle, Inode]:
+        node = self._new_inode(self.inode(parent), name, stat.S_IFREG | (mode & 0o7777), caller)
+        return self.open(node.id, flags, caller), node
+
+    def handle(self: FileSystem, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise BadHandle(f"no open file handle {fh}")
+        return h
+
+    async def release(self: FileSystem, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        self.kernel.release(h.grant)
+        node = h.inode
+        node.opens -= 1
+        if node.opens == 0 and node.nlink == 0:
+            self._tmpfiles.discard(node.id)
+            await self._destroy(node)
+        else:
+            if node.opens == 0:
+                await self._trim_preallocation(node)
+            self._maybe_evict(node)
+
+    async def read(self: FileSystem, fh: int, offset: int, size: int) -> memoryview | bytes:
+        h = self.handle(fh)
+        if not h.readable:
+            raise BadHandle("file not open for reading")
+        node = h.inode
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        if offset >= node.size or size <= 0 or node.id in self.discarded:
+            data: memoryview | bytes = b""
+        else:
+            data = await self.kernel.read(h.grant, offset, min(size, node.size - offset))
+        self._touch_atime(node)
+        return data
+
+    async def write(self: FileSystem, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
+        h = self.handle(fh)
+        if not h.writable:
+            raise BadHandle("file not open for writing")
+        if offset < 0:
+            raise InvalidArgument("negative offset")
+        node = h.inode
+        async with self._lock(node):
+            if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
+                await self._undiscard_locked(node)
+            if h.append:
+                offset = node.size
+            n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
+            if n and h.kill_priv and self._kill_priv(h, save=False):
+                self._save(node, "mode")
+        return n
+
+    async def _write_locked(self: FileSystem, node: Inode, grant: Grant, offset: int,
+                            data: bytes | memoryview, *, short_ok: bool) -> int:
+        """Write `data` at `offset` through `grant` and make it part of the file (extents
+        FRESH, size, mtime), under the inode lock. With `short_ok`, a write the space or
+        the principal's banks cannot hold whole writes what fits, as POSIX and every
+        kernel filesystem do (an error only when not one byte fits); without, it is all
+        or nothing. Returns the bytes written."""
+        n = len(data)
+        if not n:
+            return 0
+        end = offset + n
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge("write past the maximum file size")
+        if offset > node.size:  # the gap left behind reads as zeros (R6)
+            await self._zero_past_eof(node, node.size, offset, grant.principal)
+        bs = self.block_size
+        b0, b1 = block_span(offset, n, bs)
+        emap = self._extents(node)
+        try:
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+        except (NoSpace, QuotaExceeded):
+            if not short_ok:
+                raise
+            # The blocks the space (or the bank) still has, in file order.
+            fit = await self._blocks_that_fit(emap, b0, b1 - b0, grant.principal)
+            n = min(n, (b0 + fit) * bs - offset)
+            if n <= 0:
+                raise
+            data = data[:n]
+            end = offset + n
+            b1 = blocks_to_cover(end, bs)
+            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+        try:
+            await self._write_data(node, grant, offset, data)
+            for start, stop in grant.take_written(offset, end):
+                f0, f1 = block_span(start, stop - start, bs)
+                emap.mark_written(f0, f1 - f0)
+            self._unsealed.add(emap)
+        finally:
+            self._save_extents(node)
+        if end > node.size:
+            node.size = end
+        node.mtime_ns = node.ctime_ns = now_ns()
+        self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
+        return n
+
+    async def _write_data(self: FileSystem, node: Inode, grant: Grant, offset: int,
+                          data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset` through `grant` (under the inode lock; every block
+        allocated). Sealed blocks are relocated (copy-on-write): written to fresh blocks,
+        the extents remapped and the old blocks freed by the same transaction, with the
+        change saved before any checkpoint."""
+        bs = self.block_size
+        b0, b1 = block_span(offset, len(data), bs)
+        emap = self._extents(node)
+        while True:
+            cow = await self._cow_blocks(emap, b0, b1 - b0)
+            try:
+                await self.kernel.write(grant, offset, data, cow=cow)
+            except Sealed:
+                # A commit sealed fresh blocks of the range while this write waited for
+                # its barrier: relocate those too.
+                if cow is not None:
+                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                continue
+            except BaseException:
+                if cow is not None:  # never exposed: reusable at once
+                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                raise
+            break
+        if cow is not None:
+            for fb, dev, count, _st, _owner in cow.owned_extents():
+                old = emap.relocate(fb, dev, count)
+                self.alloc.free_later([(d, c) for d, c, _o in old])
+            self._unsealed.add(emap)
+            self._save_extents(node)
+
+    async def _zero_past_eof(self: FileSystem, node: Inode, lo: int, hi: int,
+                             principal: PrincipalId) -> None:
+        """The file grows from `lo` (its size) past `hi`: zero [lo, hi) inside the block
+        that holds its last byte, if that block holds data. Bytes there past the end
+        may be a direct client's writes it never committed (docs/dev/invariants.md,
+        R6); blocks after it are holes, unwritten, or written by the growth itself."""
+        bs = self.block_size
+        hi = min(hi, blocks_to_cover(lo, bs) * bs)
+        if hi <= lo:
+            return
+        emap = self._extents(node)
+        seg = emap.segments(lo // bs, 1)[0]
+        if seg.state == UNWRITTEN:  # holes and unwritten blocks read as zeros
+            return
+        g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
+                              rights=Rights.WRITE, principal=principal, charge=False)
+        try:
+            await self._write_data(node, g, lo, bytes(hi - lo))
+        finally:
+            self.kernel.release(g)
+
+    async def fsync(self: FileSystem, fh: int | None, datasync: bool) -> None:
+        h = self._handles.get(fh) if fh is not None else None
+        if h is not None and h.errors_seen < self.write_errors:
+            h.errors_seen = self.write_errors  # reported once per open file, as Linux
+            raise WriteFailed(f"data written to inode {h.inode.id} may be lost: "
+                              f"{self.read_only}")
+        try:
+            if h is not None:
+                # Its discardable dirty frames too (a barrier leaves those out): an
+                # fsync'd discardable file survives a crash whole unless written again.
+                await self.kernel.writeback_file(h.inode.id)
+            await self.sync()
+        except WriteFailed:
+            if h is not None:
+                h.errors_seen = self.write_errors
+            raise
+
+    async def tmpfile(self: FileSystem, parent: int, mode: int, flags: int,
+                      caller: Caller) -> tuple[Handle, Inode]:
+        """open(O_TMPFILE): a regular file in `parent` with no name, open. It is made as
+        create makes a file (same checks, charges and inherited hints) under a name
+        nobody can have looked up, which is then removed at once (no checkpoint in
+        between): from then on it is exactly a file unlinked while open — its inode is
+        not charged, its blocks are, it is freed at its last release or, after a
+        crash, as an orphan at the next mount. `link` may give it a name (linkat with
+        AT_EMPTY_PATH; the kernel refuses that for O_EXCL)."""
+        d = self.inode(parent)
+        n = self._next_fh
+        while self.md.lookup(parent, name := b".sluice-tmpfile-%d" % n) is not None:
+            n += 1  # someone made that name: not a name nobody knows, try the next
+        node = self._new_inode(d, name, stat.S_IFREG | (mode & 0o7777), caller)
+        try:
+            h = self.open(node.id, flags, caller)
+        finally:
+            self._remove_name(parent, name)
+            node.nlink = 0
+            self._save(node, "nlink")
+            self._inode_count -= 1
+            self.principals.refund(self.principal(node.principal), inodes=1)
+        self._tmpfiles.add(node.id)
+        return h, node
+
+    def _link_tmpfile(self: FileSystem, node: Inode, who: PrincipalId) -> None:
+        """An O_TMPFILE inode gets its first name: charged as an inode again."""
+        if self._inode_count >= self.max_inodes:
+            raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        self.principals.charge(self.principal(node.principal), inodes=1)
+        self._inode_count += 1
+        self._tmpfiles.discard(node.id)
+
+    def seek(self: FileSystem, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE from the extent map: holes and UNWRITTEN blocks are
+        holes (they read as zeros), FRESH and WRITTEN blocks are data; the end of the
+        file is a hole. ENXIO at or past the end, or when no data follows."""
+        h = self.handle(fh)
+        node = h.inode
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise InvalidArgument(f"lseek whence {whence} is not SEEK_DATA or SEEK_HOLE")
+        if offset < 0 or offset >= node.size:
+            raise NoSuchOffset(f"offset {offset} is not inside the file ({node.size} bytes)")
+        bs = self.block_size
+        emap = self._extents(node)
+        b0, b1 = offset // bs, blocks_to_cover(node.size, bs)
+        for s in emap.segments(b0, b1 - b0):
+            data = s.dev_block != HOLE and s.state != UNWRITTEN
+            if data == (whence == os.SEEK_DATA):
+                return max(offset, s.file_block * bs)
+        if whence == os.SEEK_HOLE:
+            return node.size
+        raise NoSuchOffset(f"no data after offset {offset}")

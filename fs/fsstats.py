@@ -1,0 +1,118 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""Statistics: statfs (`statistics`) and everything `sluice stats` shows
+(`statistics_dict`)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from kernelshim import BankNode, PrincipalId
+
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+log = logging.getLogger(__name__)
+
+
+#: per principal in `sluice stats --json`'s "cache" (pager.PrincipalCacheStats)
+CACHE_FIELDS = ("frames", "min", "max", "hits", "misses", "evictions", "discarded", "dirty",
+                "writeback_bytes", "reclaim_sent", "reclaim_answered", "reclaim_missed")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FsStatistics:
+    block_size: int
+    blocks: int
+    #: free blocks (blocks awaiting the commit that freed them included)
+    blocks_free: int
+    #: of those, what new data may take (the copy-on-write reserve left out), as ext4's
+    #: f_bavail leaves out the blocks reserved for root
+    blocks_avail: int
+    inodes: int
+    max_inodes: int
+    open_handles: int
+    cached_inodes: int
+    live_grants: int
+
+
+class Statistics:
+    """Statistics (a `FileSystem` concern; see filesystem.py for the map).
+
+    State it owns: the count of FUSE requests answered, by handler (operations.py counts)."""
+
+    #: FUSE requests answered, by handler name (operations.py counts; `sluice stats`)
+    fuse_requests: collections.Counter[str]
+
+    def statistics(self: FileSystem) -> FsStatistics:
+        # Blocks waiting for the commit that freed them are in use by no file: free (a
+        # writer short of space makes that commit durable and gets them).
+        free = self.alloc.free + self.alloc.pending_blocks
+        return FsStatistics(self.block_size, self.alloc.nblocks, free,
+                            max(0, free - self.cow_reserve),
+                            self._inode_count, self.max_inodes, len(self._handles),
+                            len(self._inodes), self.kernel.live_grants)
+
+    def statistics_dict(self: FileSystem) -> dict:
+        """Everything `sluice stats` shows, as plain data."""
+        fs = self.statistics()
+        dev = self.kernel.device_statistics()
+        pg = self.kernel.pager_statistics()
+        names = {p.id: p.name for p in self.principals.walk()}
+        return {
+            "fs": dataclasses.asdict(fs),
+            "device": {"block_size": dev.block_size, "nblocks": dev.nblocks,
+                       "profile": dev.profile, "scheduler": dev.scheduler,
+                       "checksum_errors": dev.checksum_errors,
+                       # what the profile can serve (None: unlimited, profile none)
+                       "capacity": {"iops": dev.capacity_iops, "bps": dev.capacity_bps},
+                       "timeline_ahead_max_s": dev.timeline_ahead_max_s,
+                       "per_principal": {names.get(s.principal, str(s.principal)):
+                                         dataclasses.asdict(s) for s in dev.per_principal}},
+            # The scheduler's view per principal name (blockdev/scheduler.py): bytes and
+            # requests, latency from arrival to completion (queue + service), throughput
+            # in the last complete second, requests waiting, reservation met/missed.
+            "io": {names.get(s.principal, str(s.principal)): {
+                "read_bytes": s.bytes_read, "write_bytes": s.bytes_written, "ops": s.ops,
+                "reads": s.reads, "writes": s.writes, "discards": s.discards,
+                "flushes": s.flushes,
+                "latency_us": {"p50": s.p50_s * 1e6, "p95": s.p95_s * 1e6,
+                               "p99": s.p99_s * 1e6, "max": s.max_s * 1e6,
+                               "mean": s.mean_s * 1e6},
+                "iops": s.iops, "bps": s.bps, "waiting": s.waiting,
+                "reserved_ops": s.reserved_ops,
+                "reservation": {"met": s.reservation_met, "missed": s.reservation_missed},
+                "throttled": s.throttled} for s in dev.per_principal},
+            "pager": {"policy": pg.policy, "frames": pg.frames,
+                      "frames_used": pg.frames_used, "hits": pg.hits,
+                      "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
+                      "evictions": pg.evictions, "writeback": pg.writeback,
+                      "dirty": pg.dirty, "writeback_bytes": pg.writeback_bytes,
+                      "discarded": pg.discarded, "discarded_files": len(self.discarded),
+                      "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
+            "principals": [dataclasses.asdict(i) for i in self.principals.info()],
+            # The pager's account per principal: what it holds, and how it fared.
+            "cache": {names.get(pid, str(pid)): {k: getattr(c, k) for k in CACHE_FIELDS}
+                      for pid, c in sorted(pg.per_principal.items())},
+            # What the layers below enforce, as they were last told (banks pushed down).
+            "enforced_banks": {
+                names.get(pid, str(pid)): {
+                    "pager": {"cache_min": n.cache_min, "cache_max": n.cache_max},
+                    "scheduler": {k: getattr(n, k) for k in (
+                        "io_reserve_iops", "io_reserve_bps", "io_weight",
+                        "io_limit_iops", "io_limit_bps")}}
+                for pid, n in self._enforced_banks()},
+            "fuse_requests": dict(self.fuse_requests),
+        }
+
+    def _enforced_banks(self: FileSystem) -> list[tuple[PrincipalId, BankNode]]:
+        pager_banks, sched_banks = self.kernel.enforced_banks()
+        # Both are told the same snapshot; report the pager's, checked against the
+        # scheduler's (a difference would be a push-down bug worth seeing).
+        if pager_banks is not sched_banks and dict(pager_banks) != dict(sched_banks):
+            log.error("pager and scheduler hold different bank snapshots")
+        return sorted(pager_banks.items())

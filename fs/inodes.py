@@ -1,0 +1,200 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""The inode cache: the `Inode` objects the metadata server keeps while the kernel or
+an open file refers to them, their extent maps and locks, and saving their rows.
+
+Also the value types every concern shares: `Caller` (who asks), `Inode`, `Handle` (an
+open file), and the small helpers for names and times."""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from kernelshim import ExtentMap, Grant, PrincipalId, ROOT_PRINCIPAL
+from kernelshim.principals import Principal
+
+from .errors import InvalidArgument, NameTooLong, NotFound
+from .metadata import INODE_COLUMNS
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+
+ROOT_INODE = 1
+NAME_MAX = 255
+LINK_MAX = 65000
+MAX_FILE_SIZE = 1 << 50
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking: the requesting process's credentials."""
+
+    uid: int
+    gid: int
+    pid: int = 0
+    umask: int = 0o022
+    principal: PrincipalId = ROOT_PRINCIPAL
+
+
+class Inode:
+    """A cached inode: the row's columns plus runtime state."""
+
+    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints",
+                 "xattr_bytes", "pushed_hints")
+
+    id: int
+    generation: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    blocks: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    parent: int
+    target: bytes | None
+    principal: int
+
+    def __init__(self, row: tuple) -> None:
+        for k, v in zip(INODE_COLUMNS, row):
+            setattr(self, k, v)
+        self.lookups = 0
+        self.opens = 0
+        self.extents: ExtentMap | None = None
+        self.lock: trio.Lock | None = None
+        #: its user.sluice.* xattrs (cache mode, pager hints), loaded on first use
+        self.hints: dict[bytes, bytes] | None = None
+        #: the size of its xattr name list (as listxattr returns it), once known
+        self.xattr_bytes: int | None = None
+        #: the (priority, discardable) last told to the pager through this object
+        self.pushed_hints: tuple[int, bool] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Handle:
+    fh: int
+    inode: Inode
+    grant: Grant
+    readable: bool
+    writable: bool
+    append: bool
+    #: the opener lacks CAP_FSETID: writes clear setuid/setgid (as the kernel would)
+    kill_priv: bool
+    direct_io: bool
+    #: the volume's write-error count this handle has reported (errseq, as Linux)
+    errors_seen: int = 0
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+#: timestamps are stored as signed 64-bit nanoseconds (1677-09-21 .. 2262-04-11)
+_TIME_MIN, _TIME_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def clamp_time(ns: int) -> int:
+    """A timestamp the volume can store: out-of-range times are clamped to the nearest
+    representable one, as ext4 clamps to its own range (never an error)."""
+    return min(max(ns, _TIME_MIN), _TIME_MAX)
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name of {len(name)} bytes (limit {NAME_MAX})")
+    if not name or b"/" in name or b"\0" in name:
+        raise InvalidArgument(f"invalid name {name!r}")
+
+
+class InodeCache:
+    """The inode cache (a `FileSystem` concern; see filesystem.py for the map).
+
+    State it owns: `_inodes` (number -> cached `Inode`). Every other concern reaches an
+    inode through `inode()`, and saves it through `_save` / `_save_extents`."""
+
+    #: inode number -> the cached inode (pinned while looked up, open, locked or granted)
+    _inodes: dict[int, Inode]
+
+    def inode(self: FileSystem, ino: int) -> Inode:
+        node = self._inodes.get(ino)
+        if node is None:
+            row = self.md.get_inode(ino)
+            if row is None:
+                raise NotFound(f"inode {ino} does not exist")
+            node = self._inodes[ino] = Inode(row)
+        return node
+
+    def _cache_row(self: FileSystem, row: tuple) -> Inode:
+        node = self._inodes.get(row[0])
+        if node is None:
+            node = self._inodes[row[0]] = Inode(row)
+        return node
+
+    def _extents(self: FileSystem, node: Inode) -> ExtentMap:
+        if node.extents is None:
+            node.extents = ExtentMap(self.md.load_extents(node.id))
+        return node.extents
+
+    def _lock(self: FileSystem, node: Inode) -> trio.Lock:
+        if node.lock is None:
+            node.lock = trio.Lock()
+        return node.lock
+
+    def _maybe_evict(self: FileSystem, node: Inode) -> None:
+        # An unlinked inode stays pinned until _destroy has deleted its row; after that
+        # the kernel's last forget must drop it (else every unlinked inode leaks here).
+        if node.lookups <= 0 and node.opens <= 0 and node.id != ROOT_INODE and (
+                node.nlink > 0 or self.md.get_inode(node.id) is None):
+            # Direct clients' grants share node.extents: a reloaded inode would get a
+            # new map they never see (their writes: NotAllocated; reads: stale holes).
+            if (node.lock is None or not node.lock.locked()) and \
+                    not self.kernel.grants_for(node.id):
+                self._inodes.pop(node.id, None)
+
+    def _save(self: FileSystem, node: Inode, *fields: str) -> None:
+        self.md.update_inode(node.id, **{f: getattr(node, f) for f in fields})
+
+    def _save_extents(self: FileSystem, node: Inode) -> None:
+        assert node.extents is not None
+        deleted, upserts = node.extents.take_changes(with_owner=True)
+        if deleted or upserts:
+            self.md.save_extent_changes(node.id, deleted, upserts)
+
+    def forget(self: FileSystem, ino: int, n: int) -> None:
+        node = self._inodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= n
+        self._maybe_evict(node)
+
+    def count_lookup(self: FileSystem, node: Inode) -> None:
+        node.lookups += 1
+
+    def principal(self: FileSystem, pid: PrincipalId | int) -> Principal:
+        return self.principals.by_id(pid)
+
+    def retag_cached(self: FileSystem, src: int, dst: int) -> None:
+        """Principal `src`'s storage now belongs to `dst` (the rows are retagged by the
+        caller): the cached inodes and extent maps follow."""
+        for node in self._inodes.values():
+            if node.principal == src:
+                node.principal = dst
+            if node.extents is not None:
+                node.extents.retag_owner(src, dst)

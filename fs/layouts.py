@@ -1,0 +1,174 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""The layout server for direct clients (the shim's socket server calls these through
+fs/service.py): grants, write layouts (layout_get), commits (layout_commit), O_APPEND,
+close, and revoking direct clients' grants."""
+
+from __future__ import annotations
+
+from typing import Callable, TYPE_CHECKING
+
+from kernelshim import Grant, HOLE, Rights, UNWRITTEN
+from kernelshim.extents import block_span, blocks_to_cover
+
+from .errors import InvalidArgument
+from .inodes import Caller, Inode, MAX_FILE_SIZE, now_ns
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+
+#: blocks copied per request when a write layout relocates sealed blocks
+COPY_BLOCKS = 256
+
+
+class Layouts:
+    """The layout server for direct clients (a `FileSystem` concern; see filesystem.py).
+
+    State it owns: the grants held by direct clients (`_direct`)."""
+
+    #: grants held by direct clients: grant -> the caller it was issued to
+    _direct: dict[Grant, Caller]
+
+    def grant_direct(self: FileSystem, node: Inode, readable: bool, writable: bool,
+                     caller: Caller) -> Grant:
+        if writable:
+            self._writable()
+        g = self._grant_for(node, readable, writable, caller.principal)
+        self._direct[g] = caller
+        self._push_hints(node)
+        return g
+
+    def _direct_node(self: FileSystem, grant: Grant) -> Inode:
+        if grant.revoked or grant not in self._direct and grant.parent is None:
+            from kernelshim import GrantRevoked
+            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
+        return self.inode(grant.inode)
+
+    async def _revoke_direct(self: FileSystem, node: Inode,
+                             keep: Callable[[Grant, Caller], bool] | None = None) -> None:
+        """Revoke direct clients' grants on `node` (those `keep` rejects, or all) and wait
+        until no request through them is in flight."""
+        gone: list[Grant] = []
+        for g, who in list(self._direct.items()):
+            if g.inode == node.id and (keep is None or not keep(g, who)):
+                gone.extend(self.kernel.revoke_nowait(g))
+                del self._direct[g]
+        await self._release_unmapped([], gone)  # nothing unmapped: revoke and drain
+
+    async def layout_get(self: FileSystem, grant: Grant, offset: int, length: int) -> int:
+        """Write layout: allocate unwritten extents for the holes in the range."""
+        self._writable()
+        node = self._direct_node(grant)
+        if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
+            raise InvalidArgument(f"layout range {offset}+{length}")
+        if not length:
+            return 0
+        bs = self.block_size
+        b0, b1 = block_span(offset, length, bs)
+        async with self._lock(node):
+            self._direct_node(grant)
+            emap = self._extents(node)
+            n = await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+            if n:
+                self._save_extents(node)
+                self._save(node, "blocks")
+            # Sealed blocks in the range are copied to fresh ones the client may write
+            # in place (a pNFS copy-on-write layout).
+            for fb, cnt in emap.sealed_runs(b0, b1 - b0):
+                g = self.kernel.grant(inode=node.id, generation=node.generation,
+                                      extents=emap, rights=Rights.RW,
+                                      principal=grant.principal, charge=False)
+                try:
+                    for at in range(fb, fb + cnt, COPY_BLOCKS):
+                        k = min(COPY_BLOCKS, fb + cnt - at)
+                        old = bytes(await self.kernel.read(g, at * bs, k * bs))
+                        await self._write_data(node, g, at * bs, old)
+                finally:
+                    self.kernel.release(g)
+        return n
+
+    async def layout_commit(self: FileSystem, grant: Grant, offset: int, length: int) -> int:
+        """The range was written: extents become written, size and mtime update."""
+        self._writable()
+        node = self._direct_node(grant)
+        if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
+            raise InvalidArgument(f"commit range {offset}+{length}")
+        bs = self.block_size
+        async with self._lock(node):
+            self._direct_node(grant)
+            # Exactly what was written through this grant becomes part of the file:
+            # laid-out blocks never written stay unwritten (they read as zeros, and on a
+            # real device they may still hold a deleted file's data).
+            ranges = grant.take_written(offset, offset + length)
+            if ranges:
+                emap = self._extents(node)
+                end = max(stop for _start, stop in ranges)
+                if end > node.size:
+                    # Growing: what this commit did not write between the old end and
+                    # the new one must read as zeros (R6).
+                    lo = node.size
+                    for start, stop in ranges:
+                        await self._zero_past_eof(node, lo, min(start, end), grant.principal)
+                        lo = max(lo, stop)
+                for start, stop in ranges:
+                    b0, b1 = block_span(start, stop - start, bs)
+                    emap.mark_written(b0, b1 - b0)
+                self._unsealed.add(emap)
+                self._save_extents(node)
+                now = now_ns()
+                if end > node.size:
+                    node.size = end
+                node.mtime_ns = node.ctime_ns = now
+                self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
+                self.changed_behind_kernel(node)
+            return node.size
+
+    async def append_direct(self: FileSystem, grant: Grant, data: memoryview) -> tuple[int, int]:
+        """O_APPEND for a direct client: find EOF, allocate, write and commit under the
+        inode lock, as `write` does for the kernel's O_APPEND handles, so appends through
+        the mount and through the socket never overlap or interleave. Must keep the same
+        crash rules as `write` (sealed blocks are written copy-on-write through
+        `_write_data`). All or nothing: a bank or the device too full for the whole
+        piece is an error. Returns (the offset written at, the new size)."""
+        self._writable()
+        node = self._direct_node(grant)
+        n = len(data)
+        async with self._lock(node):
+            self._direct_node(grant)  # revoked while waiting for the lock?
+            offset = node.size
+            if n:
+                await self._write_locked(node, grant, offset, data, short_ok=False)
+                self.changed_behind_kernel(node)
+            return offset, node.size
+
+    def changed_behind_kernel(self: FileSystem, node: Inode) -> None:
+        """A direct client changed `node`: drop what the kernel caches of it."""
+        if self._cache_mode(node) == "kernel":
+            self.on_data_changed(node.id)
+        else:
+            self.on_attr_changed(node.id)
+
+    async def close_direct(self: FileSystem, grant: Grant) -> None:
+        """A direct client closed its file: drop unused preallocation past the end."""
+        self._direct.pop(grant, None)
+        node = self._inodes.get(grant.inode)
+        if node is None or not node.is_reg or node.nlink == 0 and node.opens == 0:
+            return
+        bs = self.block_size
+        async with self._lock(node):
+            emap = self._extents(node)
+            keep = blocks_to_cover(node.size, bs)
+            if emap.end_block() > keep:
+                tail = [s for s in emap.segments(keep, emap.end_block() - keep)
+                        if s.dev_block != HOLE and s.state != UNWRITTEN]
+                if not tail:  # only unwritten preallocation past EOF
+                    # Readers never touch unwritten blocks past EOF: they keep their
+                    # grants. Writers may have written (uncommitted) into the range.
+                    old = self._regrant(node, keep=lambda g: not g.rights & Rights.WRITE)
+                    freed = emap.remove_owned(keep)
+                    node.blocks = emap.blocks
+                    self._save_extents(node)
+                    self._save(node, "blocks")
+                    await self._release_unmapped(freed, old)
+        self._maybe_evict(node)  # the kernel may never have looked this inode up

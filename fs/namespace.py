@@ -1,0 +1,357 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""The namespace: lookup, creating names (mknod, mkdir, symlink, link), removing them
+(unlink, rmdir, and freeing the inode with its last name and open handle), rename,
+and reading directories."""
+
+from __future__ import annotations
+
+import stat
+from typing import TYPE_CHECKING
+
+from kernelshim import ExtentMap, Grant, ROOT_PRINCIPAL
+from kernelshim.principals import ENTRY_COST
+
+from .errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NoSpace, NotADirectory,
+                     NotEmpty, NotFound, NotPermitted, TooManyLinks)
+from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
+from .permissions import in_group
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class Namespace:
+    """Names and directories (a `FileSystem` concern; see filesystem.py for the map).
+
+    State it owns: `_inode_count` (inodes in use) and `max_inodes` (the volume's limit)."""
+
+    #: the volume's inode limit, and the inodes in use (O_TMPFILE files not counted)
+    max_inodes: int
+    _inode_count: int
+
+    def lookup(self: FileSystem, parent: int, name: bytes) -> Inode:
+        """The inode `name` names in directory `parent` (counts a kernel lookup).
+
+        The kernel also looks up "." of any inode (a directory or not) and ".." of a
+        directory to turn a file handle (name_to_handle_at, an NFS export) back into
+        an inode it has forgotten: handles are (inode, generation), valid across
+        forgets and remounts, stale once the inode is gone (NotFound here)."""
+        node = self.inode(parent) if name == b"." else self._child(parent, name)
+        node.lookups += 1
+        return node
+
+    def _child(self: FileSystem, parent: int, name: bytes) -> Inode:
+        d = self.inode(parent)
+        if not d.is_dir:
+            raise NotADirectory(f"inode {parent} is not a directory")
+        if name == b".":
+            return d
+        if name == b"..":
+            return self.inode(d.parent)
+        if len(name) > NAME_MAX:
+            raise NameTooLong(f"name of {len(name)} bytes (limit {NAME_MAX})")
+        ino = self.md.lookup(parent, name)
+        if ino is None:
+            raise NotFound(f"no entry {name!r} in directory {parent}")
+        return self.inode(ino)
+
+    def _new_inode(self: FileSystem, parent: Inode, name: bytes, mode: int, caller: Caller, *,
+                   rdev: int = 0, target: bytes | None = None) -> Inode:
+        self._writable()
+        check_name(name)
+        if not parent.is_dir:
+            raise NotADirectory(f"inode {parent.id} is not a directory")
+        if parent.nlink == 0:
+            raise NotFound("directory was removed")
+        if self.md.lookup(parent.id, name) is not None:
+            raise Exists(f"{name!r} exists")
+        hints = self._hints(parent)
+        if self._inode_count >= self.max_inodes:
+            raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        # Charge first: over quota changes nothing.
+        self.principals.charge(self.principal(caller.principal), inodes=1,
+                               space=ENTRY_COST + len(name))
+        is_dir = stat.S_ISDIR(mode)
+        gid = caller.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+            elif (mode & (stat.S_ISGID | stat.S_IXGRP)) == (stat.S_ISGID | stat.S_IXGRP) \
+                    and caller.uid != 0 and not in_group(caller.pid, gid):
+                mode &= ~stat.S_ISGID
+        now = now_ns()
+        nlink = 2 if is_dir else 1
+        dir_parent = parent.id if is_dir else 0
+        ino = self.md.insert_inode(mode=mode, uid=caller.uid, gid=gid, nlink=nlink,
+                                   rdev=rdev, now_ns=now, parent=dir_parent, target=target,
+                                   principal=caller.principal)
+        self.md.add_dentry(parent.id, name, ino, caller.principal)
+        self._inode_count += 1
+        # Hints (user.sluice.*) are inherited from the directory at create time.
+        for hname, hval in hints.items():
+            self.md.set_xattr(ino, hname, hval)
+        if is_dir:
+            parent.nlink += 1
+        parent.mtime_ns = parent.ctime_ns = now
+        self._save(parent, "nlink", "mtime_ns", "ctime_ns")
+        # The new inode's row is known: cache it without reading it back.
+        node = self._inodes[ino] = Inode(
+            (ino, 1, mode, caller.uid, gid, nlink, len(target) if target is not None else 0,
+             0, rdev, now, now, now, dir_parent, target, caller.principal))
+        node.hints = dict(hints)
+        if node.is_reg:
+            node.extents = ExtentMap()
+        node.lookups += 1
+        return node
+
+    def mknod(self: FileSystem, parent: int, name: bytes, mode: int, rdev: int,
+              caller: Caller) -> Inode:
+        fmt = stat.S_IFMT(mode)
+        if fmt == 0:
+            mode |= stat.S_IFREG
+        elif fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise InvalidArgument(f"mknod of file type {oct(fmt)}")
+        return self._new_inode(self.inode(parent), name, mode, caller, rdev=rdev)
+
+    def mkdir(self: FileSystem, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        return self._new_inode(self.inode(parent), name,
+                               stat.S_IFDIR | (mode & 0o7777), caller)
+
+    def symlink(self: FileSystem, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
+        if len(target) > 4095:
+            raise NameTooLong("symlink target longer than 4095 bytes")
+        return self._new_inode(self.inode(parent), name, stat.S_IFLNK | 0o777, caller,
+                               target=target)
+
+    def readlink(self: FileSystem, ino: int) -> bytes:
+        node = self.inode(ino)
+        if not stat.S_ISLNK(node.mode) or node.target is None:
+            raise InvalidArgument(f"inode {ino} is not a symlink")
+        return bytes(node.target)
+
+    def link(self: FileSystem, ino: int, new_parent: int, new_name: bytes,
+             caller: Caller | None = None) -> Inode:
+        self._writable()
+        node = self.inode(ino)
+        if node.is_dir:
+            raise NotPermitted("hard links to directories are not allowed")
+        if node.nlink == 0 and node.id not in self._tmpfiles:
+            raise NotFound("cannot link a file that has been unlinked")
+        if node.nlink >= LINK_MAX:
+            raise TooManyLinks(f"inode {ino} has {node.nlink} links")
+        check_name(new_name)
+        d = self.inode(new_parent)
+        if not d.is_dir:
+            raise NotADirectory(f"inode {new_parent} is not a directory")
+        if self.md.lookup(new_parent, new_name) is not None:
+            raise Exists(f"{new_name!r} exists")
+        who = caller.principal if caller else ROOT_PRINCIPAL
+        self.principals.charge(self.principal(who), space=ENTRY_COST + len(new_name))
+        now = now_ns()
+        if node.nlink == 0:  # an O_TMPFILE file gets its first name: an inode again
+            self._link_tmpfile(node, who)
+        self.md.add_dentry(new_parent, new_name, ino, who)
+        node.nlink += 1
+        node.ctime_ns = now
+        self._save(node, "nlink", "ctime_ns")
+        d.mtime_ns = d.ctime_ns = now
+        self._save(d, "mtime_ns", "ctime_ns")
+        node.lookups += 1
+        return node
+
+    async def unlink(self: FileSystem, parent: int, name: bytes) -> None:
+        self._writable()
+        node = self._child(parent, name)
+        if node.is_dir:
+            raise IsADirectory(f"{name!r} is a directory")
+        d = self.inode(parent)
+        self._remove_name(parent, name)
+        now = now_ns()
+        d.mtime_ns = d.ctime_ns = now
+        self._save(d, "mtime_ns", "ctime_ns")
+        await self._drop_link(node, now)
+
+    def _remove_name(self: FileSystem, parent: int, name: bytes) -> None:
+        owner = self.md.remove_dentry(parent, name)
+        self.principals.refund(self.principal(owner), space=ENTRY_COST + len(name))
+
+    async def rmdir(self: FileSystem, parent: int, name: bytes) -> None:
+        self._writable()
+        if name == b".":
+            raise InvalidArgument("cannot remove '.'")
+        if name == b"..":
+            raise NotEmpty("cannot remove '..'")
+        node = self._child(parent, name)
+        if not node.is_dir:
+            raise NotADirectory(f"{name!r} is not a directory")
+        if self.md.has_entries(node.id):
+            raise NotEmpty(f"directory {name!r} is not empty")
+        d = self.inode(parent)
+        self._remove_name(parent, name)
+        now = now_ns()
+        d.nlink -= 1
+        d.mtime_ns = d.ctime_ns = now
+        self._save(d, "nlink", "mtime_ns", "ctime_ns")
+        await self._drop_link(node, now)
+
+    async def _drop_link(self: FileSystem, node: Inode, now: int) -> None:
+        """One name of `node` is gone."""
+        node.nlink = 0 if node.is_dir else node.nlink - 1
+        node.ctime_ns = now
+        self._save(node, "nlink", "ctime_ns")
+        if node.nlink == 0:
+            self._inode_count -= 1
+            self.principals.refund(self.principal(node.principal), inodes=1)
+            # Direct clients lose access with the last name (DESIGN: fencing); the
+            # kernel's open files keep the inode until they close.
+            await self._revoke_direct(node)
+            if node.opens == 0:
+                await self._destroy(node)
+
+    async def _destroy(self: FileSystem, node: Inode) -> None:
+        """Free an inode no name and no open handle refers to."""
+        self.kernel.forget_file(node.id)
+        if self.read_only is not None:
+            return  # an orphan now: freed at the next read-write mount
+        async with self._lock(node):
+            revoked: list[Grant] = []
+            for g in self.kernel.grants_for(node.id):
+                revoked.extend(self.kernel.revoke_nowait(g))
+            freed = self._extents(node).remove_owned(0) if node.is_reg and node.blocks else []
+            await self._release_unmapped(freed, revoked)
+            self.md.delete_inode(node.id)
+            node.blocks = 0
+        if node.lookups <= 0:
+            self._inodes.pop(node.id, None)
+
+    def _is_ancestor(self: FileSystem, anc: int, ino: int) -> bool:
+        """Whether directory `anc` is `ino` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == ROOT_INODE or seen > 10_000:
+                return False
+            ino = self.inode(ino).parent
+            seen += 1
+
+    async def rename(self: FileSystem, old_parent: int, old_name: bytes, new_parent: int,
+                     new_name: bytes, flags: int) -> None:
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise InvalidArgument(f"unsupported rename flags {flags:#x}")
+        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
+            raise InvalidArgument("RENAME_NOREPLACE and RENAME_EXCHANGE together")
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise InvalidArgument("cannot rename '.' or '..'")
+        check_name(new_name)
+        src = self._child(old_parent, old_name)
+        op = self.inode(old_parent)
+        np_ = self.inode(new_parent)
+        if not np_.is_dir:
+            raise NotADirectory(f"inode {new_parent} is not a directory")
+        dst_ino = self.md.lookup(new_parent, new_name)
+        dst = self.inode(dst_ino) if dst_ino is not None else None
+        now = now_ns()
+
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise NotFound(f"{new_name!r} does not exist")
+            if src.is_dir and self._is_ancestor(src.id, new_parent):
+                raise InvalidArgument("cannot move a directory into itself")
+            if dst.is_dir and self._is_ancestor(dst.id, old_parent):
+                raise InvalidArgument("cannot move a directory into itself")
+            self.md.retarget_dentry(old_parent, old_name, dst.id)
+            self.md.retarget_dentry(new_parent, new_name, src.id)
+            if old_parent != new_parent:
+                if src.is_dir:
+                    src.parent = new_parent
+                    self._save(src, "parent")
+                if dst.is_dir:
+                    dst.parent = old_parent
+                    self._save(dst, "parent")
+                if src.is_dir != dst.is_dir:
+                    delta = 1 if dst.is_dir else -1  # old_parent gains dst, loses src
+                    op.nlink += delta
+                    np_.nlink -= delta
+            for n in (src, dst):
+                n.ctime_ns = now
+                self._save(n, "ctime_ns")
+            for d in {op.id: op, np_.id: np_}.values():
+                d.mtime_ns = d.ctime_ns = now
+                self._save(d, "nlink", "mtime_ns", "ctime_ns")
+            return
+
+        if dst is not None and dst.id == src.id:
+            return  # both names are links to the same file: POSIX says do nothing
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise Exists(f"{new_name!r} exists")
+        if src.is_dir and self._is_ancestor(src.id, new_parent):
+            raise InvalidArgument("cannot move a directory into its own subtree")
+        if dst is not None:
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(f"{new_name!r} is a directory")
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(f"{new_name!r} is not a directory")
+            if dst.is_dir and self.md.has_entries(dst.id):
+                raise NotEmpty(f"directory {new_name!r} is not empty")
+        # The entry keeps the principal charged for it; its charge follows the name's
+        # length (ENTRY_COST + len(name)), before anything changes (EDQUOT changes nothing).
+        grow = len(new_name) - len(old_name)
+        if grow:
+            owner = self.principal(self.md.dentry_principal(old_parent, old_name))
+            if grow > 0:
+                self.principals.charge(owner, space=grow)
+            else:
+                self.principals.refund(owner, space=-grow)
+        if dst is not None:
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(f"{new_name!r} is a directory")
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(f"{new_name!r} is not a directory")
+            if dst.is_dir and self.md.has_entries(dst.id):
+                raise NotEmpty(f"directory {new_name!r} is not empty")
+            self._remove_name(new_parent, new_name)
+            if dst.is_dir:
+                np_.nlink -= 1
+        self.md.move_dentry(old_parent, old_name, new_parent, new_name)
+        if src.is_dir and old_parent != new_parent:
+            src.parent = new_parent
+            op.nlink -= 1
+            np_.nlink += 1
+            self._save(src, "parent")
+        src.ctime_ns = now
+        self._save(src, "ctime_ns")
+        for d in {op.id: op, np_.id: np_}.values():
+            d.mtime_ns = d.ctime_ns = now
+            self._save(d, "nlink", "mtime_ns", "ctime_ns")
+        if dst is not None:
+            await self._drop_link(dst, now)
+
+    def opendir(self: FileSystem, ino: int) -> Inode:
+        node = self.inode(ino)
+        if not node.is_dir:
+            raise NotADirectory(f"inode {ino} is not a directory")
+        return node
+
+    def readdir(self: FileSystem, ino: int, after: int,
+                limit: int) -> list[tuple[int, bytes, Inode]]:
+        """Entries past cookie `after` (0 = from the start): (cookie, name, inode).
+        Cookies 1 and 2 are '.' and '..'; entry cookies are dentry ids + 2 (stable)."""
+        node = self.inode(ino)
+        out: list[tuple[int, bytes, Inode]] = []
+        if after < 1:
+            out.append((1, b".", node))
+        if after < 2:
+            out.append((2, b"..", self.inode(node.parent)))
+        for row in self.md.readdir(ino, max(0, after - 2), limit):
+            out.append((row[0] + 2, bytes(row[1]), self._cache_row(row[2:])))
+        if after == 0:
+            self._touch_atime(node)
+        return out

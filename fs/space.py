@@ -1,0 +1,305 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""Space: allocating blocks for a write (charged to the principal, the copy-on-write
+reserve kept), relocating sealed blocks, host space under write-back, fallocate
+(preallocate, punch hole, zero range) and giving back unused preallocation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kernelshim import ExtentMap, FRESH, Grant, HOLE, PrincipalId, Rights, UNWRITTEN
+from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
+
+from .allocator import Allocator
+from .errors import BadHandle, FileTooLarge, InvalidArgument, NoSpace, NotSupported
+from .inodes import Inode, MAX_FILE_SIZE, now_ns
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+
+#: fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+class Space:
+    """Allocation and fallocate (a `FileSystem` concern; see filesystem.py for the map).
+
+    State it owns: the block allocator (`alloc`) and the copy-on-write reserve."""
+
+    #: the free-block map (blocks freed by the open transaction wait in it)
+    alloc: Allocator
+    #: blocks new allocations leave free, so that overwriting committed data (which
+    #: is relocated, see docs/dev/invariants.md R1) still works on a full volume
+    cow_reserve: int
+
+    def _refund_runs(self: FileSystem, runs: list[tuple[int, int, int]]) -> None:
+        bs = self.block_size
+        for _dev, count, owner in runs:
+            self.principals.refund(self.principal(owner), space=count * bs)
+
+    async def _release_unmapped(self: FileSystem, freed: list[tuple[int, int, int]],
+                                revoked: list[Grant], *, refund: bool = True) -> None:
+        """The one home of revoke -> drain -> refund -> free (docs/dev/invariants.md
+        R3). The caller has unmapped `freed` (dev_block, count, owner) from a file's
+        map and revoked every grant that could still address those blocks (`revoked`:
+        revoke_nowait's or `_regrant`'s result), with no checkpoint in between, and has
+        saved the shorter map in the open transaction. Here: refund the owners (unless
+        the blocks were replaced for the same owners), wait until no request through
+        the old grants is in flight, then hand the blocks to the allocator, which
+        reuses them only after the commit that saved the map is durable."""
+        if refund:
+            self._refund_runs(freed)
+        if revoked:
+            await self.kernel.wait_drained(revoked)
+        if freed:
+            self.alloc.free_later([(d, c) for d, c, _o in freed])
+
+    async def _cow_blocks(self: FileSystem, emap: ExtentMap, b0: int,
+                          count: int) -> ExtentMap | None:
+        """Fresh device blocks for the sealed blocks of [b0, b0+count), as a map of the
+        same file blocks (None when nothing there is sealed). Not charged: each replaces
+        a block of the same owner, freed by the same transaction."""
+        runs = emap.sealed_runs(b0, count)
+        if not runs:
+            return None
+        await self._ensure_free(sum(c for _, c in runs), reserve=False)
+        cow = ExtentMap()
+        got: list[tuple[int, int]] = []
+        for fb, cnt in runs:
+            for start, length in self.alloc.allocate(cnt, emap.goal(fb)):
+                cow.add(fb, start, length, FRESH)
+                got.append((start, length))
+                fb += length
+        await self._reserve_host_space(got)
+        return cow
+
+    async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]]) -> None:
+        """With write-back, host space under newly allocated blocks is reserved before
+        the write into them is acknowledged (the data reaches the host later, in a
+        write-back that must not fail for lack of space). On failure (ENOSPC) the
+        blocks go back to the free list unused."""
+        if not runs or not self.kernel.writeback:
+            return
+        try:
+            await self.kernel.reserve(runs)
+        except BaseException:
+            self.alloc.release_now(runs)
+            raise
+
+    async def _ensure_free(self: FileSystem, need: int, *, reserve: bool = True) -> None:
+        """Make sure `need` blocks can be allocated (NoSpace otherwise): a new allocation
+        leaves the copy-on-write reserve alone, a relocation (`reserve=False`) may use it."""
+        keep = self.cow_reserve if reserve else 0
+        if need > self.alloc.free - keep and self.alloc.pending_blocks:
+            await self.commit()  # blocks freed by the open transaction become usable
+        if need > self.alloc.free - keep:
+            raise NoSpace(f"no space left on device ({max(0, self.alloc.free - keep)} "
+                          f"blocks free, {need} needed)")
+
+    async def _blocks_that_fit(self: FileSystem, emap: ExtentMap, b0: int, count: int,
+                               principal: PrincipalId) -> int:
+        """How many blocks of [b0, b0+count), from b0 on, a write could allocate now: the
+        holes among them fit in the free space and in the principal's space banks."""
+        if self.alloc.pending_blocks:
+            await self.commit()
+        budget = self.alloc.free - self.cow_reserve
+        for q in self.principal(principal).chain():
+            if q.banks.space is not None:
+                budget = min(budget, (q.banks.space - q.usage.space) // self.block_size)
+        for fb, cnt in emap.holes(b0, count):
+            if cnt > budget:
+                return fb - b0 + max(budget, 0)
+            budget -= cnt
+        return count
+
+    async def _allocate(self: FileSystem, node: Inode, emap: ExtentMap, b0: int, count: int,
+                        principal: PrincipalId) -> int:
+        """Map the holes in [b0, b0+count) to newly allocated unwritten extents charged
+        to `principal`; returns the number of blocks allocated."""
+        holes = emap.holes(b0, count)
+        if not holes:
+            return 0
+        need = sum(c for _, c in holes)
+        who = self.principal(principal)
+        self.principals.charge(who, space=need * self.block_size)
+        try:
+            await self._allocate_blocks(node, emap, holes, need, principal)
+        except BaseException:
+            self.principals.refund(who, space=need * self.block_size)
+            raise
+        return need
+
+    async def _allocate_blocks(self: FileSystem, node: Inode, emap: ExtentMap,
+                               holes: list[tuple[int, int]], need: int,
+                               principal: PrincipalId) -> None:
+        await self._ensure_free(need)
+        got: list[tuple[int, int, int]] = []
+        for fb, cnt in holes:
+            goal = emap.goal(fb)
+            for start, length in self.alloc.allocate(cnt, goal):
+                got.append((fb, start, length))
+                fb += length
+        await self._reserve_host_space([(start, length) for _fb, start, length in got])
+        for fb, start, length in got:
+            emap.add(fb, start, length, UNWRITTEN, principal)
+        node.blocks = emap.blocks
+
+    async def fallocate(self: FileSystem, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file, for the principal it was opened for.
+
+        - mode 0 / KEEP_SIZE: the holes of the range become UNWRITTEN extents charged to
+          the principal (EDQUOT or ENOSPC now, all or nothing, never at a later write);
+          mode 0 grows the size to the end of the range (R6 first).
+        - PUNCH_HOLE|KEEP_SIZE: whole blocks of the range are unmapped and freed as
+          truncate frees them (revoke, drain, free after the durable commit: R3); the
+          partial blocks at its ends get zeros written (relocated if sealed: R1).
+        - ZERO_RANGE [|KEEP_SIZE]: as PUNCH_HOLE, but the range stays allocated: whole
+          data blocks are replaced by fresh UNWRITTEN blocks of the same owner, holes are
+          allocated and charged as by mode 0; without KEEP_SIZE the size grows.
+        Every other mode: EOPNOTSUPP."""
+        self._writable()
+        h = self.handle(fh)
+        if not h.writable:
+            raise BadHandle("file not open for writing")
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        op = mode & ~FALLOC_FL_KEEP_SIZE
+        if op not in (0, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE) or \
+                op == FALLOC_FL_PUNCH_HOLE and not keep_size:
+            raise NotSupported(f"fallocate mode {mode:#x} is not supported")
+        if offset < 0 or length <= 0:
+            raise InvalidArgument("fallocate needs offset >= 0 and length > 0")
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise FileTooLarge("fallocate past the maximum file size")
+        node = h.inode
+        principal = h.grant.principal
+        bs = self.block_size
+        async with self._lock(node):
+            emap = self._extents(node)
+            grows = not keep_size and end > node.size
+            fields = ["blocks"]
+            if op == 0:
+                b0, b1 = block_span(offset, length, bs)
+                if grows:
+                    # Charge first: a refusal changes nothing, not even the last block.
+                    await self._allocate(node, emap, b0, b1 - b0, principal)
+                    await self._zero_past_eof(node, node.size, end, principal)  # R6
+                else:
+                    await self._allocate(node, emap, b0, b1 - b0, principal)
+                self._save_extents(node)
+            else:
+                if op == FALLOC_FL_ZERO_RANGE:
+                    await self._reserve_zero_range(node, emap, offset, end, principal)
+                    if grows:
+                        await self._zero_past_eof(node, node.size, end, principal)  # R6
+                await self._zero_partial_blocks(node, emap, offset, end, principal)
+                await self._unmap_whole_blocks(node, emap, offset, end,
+                                               replace=op == FALLOC_FL_ZERO_RANGE)
+                node.mtime_ns = node.ctime_ns = now_ns()
+                fields += ["mtime_ns", "ctime_ns"]
+                if self._kill_priv(h, save=False):
+                    fields.append("mode")
+            if grows:
+                node.size = end
+                node.mtime_ns = node.ctime_ns = now_ns()
+                fields += ["size", "mtime_ns", "ctime_ns"]
+            node.blocks = emap.blocks
+            self._save(node, *dict.fromkeys(fields))
+
+    async def _reserve_zero_range(self: FileSystem, node: Inode, emap: ExtentMap, lo: int, hi: int,
+                                  principal: PrincipalId) -> None:
+        """ZERO_RANGE's checks, before anything changes: the whole data blocks it will
+        replace fit in the free space (the old ones are free only after the commit),
+        then the holes of the range are allocated (charged to `principal`)."""
+        bs = self.block_size
+        f0, f1 = whole_blocks(lo, hi, bs)
+        replace = sum(s.count for s in emap.segments(f0, f1 - f0)
+                      if s.dev_block != HOLE and s.state != UNWRITTEN) if f1 > f0 else 0
+        b0, b1 = block_span(lo, hi - lo, bs)
+        holes = sum(c for _fb, c in emap.holes(b0, b1 - b0))
+        # Replacing data blocks may use the copy-on-write reserve, as an overwrite may;
+        # the holes are new allocations and leave it alone.
+        await self._ensure_free(replace + holes, reserve=False)
+        await self._allocate(node, emap, b0, b1 - b0, principal)
+
+    async def _zero_partial_blocks(self: FileSystem, node: Inode, emap: ExtentMap, lo: int, hi: int,
+                                   principal: PrincipalId) -> None:
+        """Write zeros over [lo, hi) inside the blocks the range covers only partly, where
+        they hold data (holes and unwritten blocks read as zeros already). A sealed block
+        is relocated, not zeroed in place (R1)."""
+        bs = self.block_size
+        for a, b in partial_edges(lo, hi, bs):
+            seg = emap.segments(a // bs, 1)[0]
+            if seg.dev_block == HOLE or seg.state == UNWRITTEN:
+                continue
+            g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
+                                  rights=Rights.WRITE, principal=principal, charge=False)
+            try:
+                await self._write_data(node, g, a, bytes(b - a))
+            finally:
+                self.kernel.release(g)
+
+    async def _unmap_whole_blocks(self: FileSystem, node: Inode, emap: ExtentMap, lo: int,
+                                  hi: int, *, replace: bool) -> None:
+        """Free the data blocks wholly inside [lo, hi) as truncate does: unmap them and
+        revoke every grant on the file with no checkpoint in between, wait until no
+        request through the old grants is in flight, then free them for reuse after
+        the commit (R3). With `replace`, each freed run is mapped again at once to fresh
+        UNWRITTEN blocks of the same owner (ZERO_RANGE keeps the range allocated)."""
+        bs = self.block_size
+        f0, f1 = whole_blocks(lo, hi, bs)
+        f1 = min(f1, emap.end_block())
+        if f1 <= f0:
+            return
+        runs = [(s.file_block, s.count) for s in emap.segments(f0, f1 - f0)
+                if s.dev_block != HOLE and s.state != UNWRITTEN]
+        if not runs:
+            return
+        if replace:
+            await self._ensure_free(sum(c for _fb, c in runs), reserve=False)
+        freed: list[tuple[int, int, int]] = []
+        # From here to the regrant: no checkpoint (the map and the grants change as one).
+        for fb, count in runs:
+            gone = emap.remove_owned(fb, count)
+            freed.extend(gone)
+            if replace:
+                at = fb
+                for _dev, n, owner in gone:
+                    for start, got in self.alloc.allocate(n, emap.goal(at)):
+                        emap.add(at, start, got, UNWRITTEN, owner)
+                        at += got
+        old_grants = self._regrant(node)
+        self._save_extents(node)
+        node.blocks = emap.blocks
+        self._save(node, "blocks")
+        await self._release_unmapped(freed, old_grants, refund=not replace)
+
+    async def _trim_preallocation(self: FileSystem, node: Inode) -> None:
+        """The file's last open handle closed: give back the UNWRITTEN blocks a
+        KEEP_SIZE fallocate reserved past its end. (The volume cannot tell them from a
+        crashed direct client's write layout, which the next mount drops: see
+        FileSystem.load. So the reservation lasts while the file is open.)"""
+        if node.nlink == 0 or not node.is_reg or self.read_only is not None or \
+                self.kernel.grants_for(node.id):
+            return
+        bs = self.block_size
+        emap = self._extents(node)
+        keep = blocks_to_cover(node.size, bs)
+        if emap.end_block() <= keep:
+            return
+        async with self._lock(node):
+            if node.opens or self.kernel.grants_for(node.id):
+                return
+            if any(s.dev_block != HOLE and s.state != UNWRITTEN
+                   for s in emap.segments(keep, emap.end_block() - keep)):
+                return  # not only preallocation (fsck reports it)
+            freed = emap.remove_owned(keep)  # no grant on the file: none to revoke
+            node.blocks = emap.blocks
+            self._save_extents(node)
+            self._save(node, "blocks")
+            await self._release_unmapped(freed, [])
+        self.on_attr_changed(node.id)  # st_blocks changed behind the kernel's back

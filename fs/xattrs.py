@@ -1,0 +1,181 @@
+# mypy: disable-error-code="misc"
+# (a mixin of FileSystem: its methods take `self: FileSystem`, which mypy flags as "misc")
+"""Extended attributes, and sluice's own hint xattrs (user.sluice.cache, .priority,
+.discardable, .discarded): checking their values and pushing them to the pager."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
+
+from .errors import Exists, InvalidArgument, NoData, NoSpace, NotSupported, OutOfRange, TooBig
+from .inodes import Inode, now_ns
+
+if TYPE_CHECKING:
+    from .filesystem import FileSystem
+
+
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+HINT_PREFIX = b"user.sluice."
+
+
+#: cache mode: "kernel" (the kernel's page cache, for shared mmap) or "pager" (direct
+#: I/O, every read and write reaches the pager; "direct" is its older name)
+CACHE_XATTR = b"user.sluice.cache"
+CACHE_MODES = (b"pager", b"direct", b"kernel")
+
+
+#: pager hints of unmodified programs (pushed to the pager at open and on change):
+#: a signed priority that orders the owner's own pages (0 = normal, higher = kept
+#: longer), and whether the file is a cache whose pages may be dropped unwritten
+PRIORITY_XATTR = b"user.sluice.priority"
+DISCARDABLE_XATTR = b"user.sluice.discardable"
+
+
+#: set on a discardable file the pager emptied (its dirty pages were dropped, or a
+#: crash may have lost them); cleared by the next write or truncate
+DISCARDED_XATTR = b"user.sluice.discarded"
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+def parse_priority(value: bytes) -> int:
+    """The value of user.sluice.priority: a signed decimal integer within
+    [PRIORITY_MIN, PRIORITY_MAX]; InvalidArgument otherwise."""
+    text = value.strip()
+    try:
+        n = int(text.decode("ascii"), 10) if text else None
+    except (UnicodeDecodeError, ValueError):
+        n = None
+    if n is None or not PRIORITY_MIN <= n <= PRIORITY_MAX:
+        raise InvalidArgument(f"user.sluice.priority must be an integer from {PRIORITY_MIN} "
+                              f"to {PRIORITY_MAX}, not {value[:32]!r}")
+    return n
+
+
+def parse_discardable(value: bytes) -> bool:
+    """The value of user.sluice.discardable: 0 or 1; InvalidArgument otherwise."""
+    v = value.strip()
+    if v not in (b"0", b"1"):
+        raise InvalidArgument(f"user.sluice.discardable must be 0 or 1, not {value[:32]!r}")
+    return v == b"1"
+
+
+def check_hint_xattr(name: bytes, value: bytes) -> None:
+    """Refuse a bad value of one of sluice's own hint xattrs (EINVAL)."""
+    if name == CACHE_XATTR:
+        if value.strip() not in CACHE_MODES:
+            raise InvalidArgument("user.sluice.cache must be 'pager' (or 'direct') or "
+                                  "'kernel'")
+    elif name == PRIORITY_XATTR:
+        parse_priority(value)
+    elif name == DISCARDABLE_XATTR:
+        parse_discardable(value)
+
+
+class Xattrs:
+    """Extended attributes (a `FileSystem` concern; see filesystem.py for the map).
+
+    State it owns: none of its own; it caches per inode (`Inode.hints`,
+    `Inode.xattr_bytes`, `Inode.pushed_hints`)."""
+
+    def _hints(self: FileSystem, node: Inode) -> dict[bytes, bytes]:
+        if node.hints is None:
+            node.hints = dict(self.md.hint_xattrs(node.id, HINT_PREFIX))
+        return node.hints
+
+    def _push_hints(self: FileSystem, node: Inode, *, changed: bool = False) -> None:
+        """Tell the pager the file's hints (its user.sluice.priority and .discardable;
+        absent: normal priority, not discardable). A value that does not parse (set
+        before values were checked) counts as absent."""
+        if not node.is_reg:
+            return
+        h = self._hints(node)
+        try:
+            priority = parse_priority(h[PRIORITY_XATTR]) if PRIORITY_XATTR in h else 0
+        except InvalidArgument:
+            priority = 0
+        try:
+            discardable = parse_discardable(h[DISCARDABLE_XATTR]) \
+                if DISCARDABLE_XATTR in h else False
+        except InvalidArgument:
+            discardable = False
+        # At open, pushed only when it changes what the pager holds (opens are frequent;
+        # telling the pager is not free): the pager learns a file's hints only from
+        # here, so an inode object that never pushed finds the defaults there, or what
+        # an evicted object for the same file pushed, which were the same xattrs.
+        # When an xattr changed (`changed`), always.
+        now = (priority, discardable)
+        if not changed and now == (node.pushed_hints or (0, False)):
+            return
+        self.kernel.set_file_hints(node.id, priority=priority, discardable=discardable)
+        node.pushed_hints = now
+
+    @staticmethod
+    def _check_xattr_name(name: bytes) -> None:
+        if len(name) > XATTR_NAME_MAX:
+            raise OutOfRange(f"xattr name of {len(name)} bytes (limit {XATTR_NAME_MAX})")
+        if name in _XATTR_NAMESPACES:
+            raise InvalidArgument(f"xattr name {name!r} is only a namespace")  # as ext4
+        if not name.startswith(_XATTR_NAMESPACES):
+            raise NotSupported(f"xattr namespace of {name!r} is not supported")
+
+    def getxattr(self: FileSystem, ino: int, name: bytes) -> bytes:
+        self._check_xattr_name(name)
+        self.inode(ino)
+        v = self.md.get_xattr(ino, name)
+        if v is None:
+            raise NoData(f"no xattr {name!r}")
+        return v
+
+    def setxattr(self: FileSystem, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        self._writable()
+        self._check_xattr_name(name)
+        if len(value) > XATTR_SIZE_MAX:
+            raise TooBig(f"xattr value of {len(value)} bytes (limit {XATTR_SIZE_MAX})")
+        node = self.inode(ino)
+        exists = self.md.get_xattr(ino, name) is not None
+        if flags & XATTR_CREATE and exists:
+            raise Exists(f"xattr {name!r} exists")
+        if flags & XATTR_REPLACE and not exists:
+            raise NoData(f"no xattr {name!r}")
+        check_hint_xattr(name, value)
+        listed = node.xattr_bytes
+        if not exists:
+            # Kept per inode, so that setting the n-th xattr costs O(1), not O(n).
+            if listed is None:
+                listed = self.md.xattr_list_size(ino)
+            listed += len(name) + 1
+            if listed > XATTR_LIST_MAX:
+                raise NoSpace("too many xattrs on this inode")
+        self.md.set_xattr(ino, name, value)
+        node.xattr_bytes = listed
+        if name.startswith(HINT_PREFIX):
+            node.hints = None
+            if name in (PRIORITY_XATTR, DISCARDABLE_XATTR):
+                self._push_hints(node, changed=True)
+        node.ctime_ns = now_ns()
+        self._save(node, "ctime_ns")
+
+    def listxattr(self: FileSystem, ino: int) -> list[bytes]:
+        self.inode(ino)
+        return self.md.list_xattrs(ino)
+
+    def removexattr(self: FileSystem, ino: int, name: bytes) -> None:
+        self._writable()
+        self._check_xattr_name(name)
+        node = self.inode(ino)
+        if not self.md.remove_xattr(ino, name):
+            raise NoData(f"no xattr {name!r}")
+        if node.xattr_bytes is not None:
+            node.xattr_bytes -= len(name) + 1
+        if name.startswith(HINT_PREFIX):
+            node.hints = None
+            if name in (PRIORITY_XATTR, DISCARDABLE_XATTR):
+                self._push_hints(node, changed=True)
+        node.ctime_ns = now_ns()
+        self._save(node, "ctime_ns")

@@ -1,0 +1,150 @@
+"""The kernel's capability table: grants, minting, revocation and fencing.
+
+`Kernel` inherits this table (kernel.py holds the data path through the grants). It
+owns the grants in force, by id and by inode, the principal table grants are charged
+to, and the count of requests in flight per grant and per epoch, which `revoke`,
+`wait_drained` and `wait_quiescent` wait on.
+
+Fencing: `revoke` marks the grant and everything minted from it revoked before its
+first checkpoint, so no request that starts afterwards passes the check; it then
+waits until the requests already past the check have finished. After it returns no
+request through the old grant reaches the device.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import trio
+
+from blockdev import PrincipalId
+
+from .errors import GrantRevoked, RightsError
+from .extents import ExtentMap
+from .grants import Grant, Rights
+from .principals import PrincipalTable
+
+
+class GrantTable:
+    """Grants in force, and the requests in flight through them (see the module)."""
+
+    def __init__(self) -> None:
+        self._grants: dict[int, Grant] = {}
+        self._by_inode: dict[int, set[Grant]] = {}
+        #: the principal table charged for grants (kernel objects); set by the owner
+        self.principals: PrincipalTable | None = None
+        #: requests in flight per epoch (wait_quiescent waits for the older epochs)
+        self._epoch = 0
+        self._in_epoch: dict[int, int] = {}
+        self._quiesced: trio.Event | None = None
+
+    def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
+              principal: PrincipalId, charge: bool = True) -> Grant:
+        """A new grant, charged to `principal`'s kernel-object bank (TooManyObjects when
+        it holds its limit) unless `charge` is false (short-lived internal grants)."""
+        if charge and self.principals is not None:
+            self.principals.charge_object(self.principals.by_id(principal), "grants")
+        g = Grant(inode, generation, extents, rights, principal)
+        g.charged = charge and self.principals is not None
+        self._grants[g.id] = g
+        self._by_inode.setdefault(inode, set()).add(g)
+        return g
+
+    def mint(self, grant: Grant, rights: Rights) -> Grant:
+        """A copy of `grant` with `rights` (which must be a subset of the grant's)."""
+        self.check(grant, Rights.NONE)
+        if rights & ~grant.rights:
+            raise RightsError(f"cannot mint {rights!r} from a grant holding {grant.rights!r}")
+        g = self.grant(inode=grant.inode, generation=grant.generation, extents=grant.extents,
+                       rights=rights, principal=grant.principal)
+        g.file = grant.file
+        g.parent = grant
+        grant.children.append(g)
+        return g
+
+    def grants_for(self, inode: int) -> list[Grant]:
+        return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
+
+    def revoke_nowait(self, grant: Grant) -> list[Grant]:
+        """Revoke `grant` and everything minted from it; returns the grants revoked."""
+        out: list[Grant] = []
+        stack = [grant]
+        while stack:
+            g = stack.pop()
+            stack.extend(g.children)
+            if g.revoked:
+                continue
+            g.revoked = True
+            if g.charged and self.principals is not None:
+                self.principals.refund_object(self.principals.by_id(g.principal), "grants")
+                g.charged = False
+            out.append(g)
+            self._grants.pop(g.id, None)
+            s = self._by_inode.get(g.inode)
+            if s is not None:
+                s.discard(g)
+                if not s:
+                    del self._by_inode[g.inode]
+        return out
+
+    async def wait_drained(self, grants: Iterable[Grant]) -> None:
+        """Wait until no request through any of `grants` is still in flight."""
+        for g in grants:
+            while g.inflight:
+                if g._drained is None:
+                    g._drained = trio.Event()
+                await g._drained.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def revoke(self, grant: Grant) -> None:
+        await self.wait_drained(self.revoke_nowait(grant))
+
+    def release(self, grant: Grant) -> None:
+        """The holder is done with the grant (close); same as revoke without waiting."""
+        self.revoke_nowait(grant)
+
+    @property
+    def live_grants(self) -> int:
+        return len(self._grants)
+
+    @staticmethod
+    def check(grant: Grant, need: Rights) -> None:
+        """Raise GrantRevoked or RightsError unless `grant` is live and holds `need`."""
+        if grant.revoked:
+            raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
+        if need & ~grant.rights:
+            raise RightsError(f"grant {grant.id} does not hold {need!r}")
+
+    def _enter(self, grant: Grant, need: Rights) -> int:
+        """Count a request in (after its rights check); returns its epoch for _leave."""
+        self.check(grant, need)
+        grant.inflight += 1
+        e = self._epoch
+        self._in_epoch[e] = self._in_epoch.get(e, 0) + 1
+        return e
+
+    def _leave(self, grant: Grant, epoch: int) -> None:
+        grant.inflight -= 1
+        if not grant.inflight and grant._drained is not None:
+            grant._drained.set()
+            grant._drained = None
+        left = self._in_epoch[epoch] - 1
+        if left:
+            self._in_epoch[epoch] = left
+        else:
+            del self._in_epoch[epoch]
+            if self._quiesced is not None:
+                self._quiesced.set()
+                self._quiesced = None
+
+    async def wait_quiescent(self) -> None:
+        """Wait until every request that started before this call has finished (an RCU
+        grace period). Blocks unmapped before the call are then touched by no request,
+        whichever grant it came through: they may be discarded and reused."""
+        self._epoch += 1
+        mark = self._epoch
+        while self._in_epoch and min(self._in_epoch) < mark:
+            if self._quiesced is None:
+                self._quiesced = trio.Event()
+            await self._quiesced.wait()
+        await trio.lowlevel.checkpoint()
