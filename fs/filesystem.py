@@ -143,15 +143,10 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
     def _recount_usage(self) -> None:
         """Storage usage of every principal, from what the volume holds (exact after a
         crash: usage is never stored on its own)."""
-        t = self.principals
-        t.reset_storage_usage()
-        for pid, (blocks, inodes, entries, name_bytes) in self.md.usage_by_principal().items():
-            p = t.by_id(pid)
-            space = blocks * self.block_size + entries * ENTRY_COST + (name_bytes or 0)
-            for q in p.chain():
-                q.usage.space += space
-                q.usage.inodes += inodes
-
+        self.principals.recount_storage(
+            (pid, blocks * self.block_size + entries * ENTRY_COST + (name_bytes or 0), inodes)
+            for pid, (blocks, inodes, entries, name_bytes)
+            in self.md.usage_by_principal().items())
 
     def access(self, ino: int, mask: int, caller: Caller) -> None:
         """Permission check as the kernel does it (used when default_permissions is off

@@ -5,13 +5,15 @@ socket) do their data I/O through grants; the kernel checks each request and for
 it to the pager. It imports pager and blockdev; fs imports only this package.
 
 The package has separate rooms:
-  kernel.py, grants.py, extents.py, errors.py   the kernel proper
+  kernel.py, granttable.py, lowerlayers.py,     the kernel proper (the data path; the
+  grants.py, extents.py, errors.py              grants in force; what fs may ask below)
   principals.py, service.py                     principals and banks; what the shim
                                                 needs from the metadata server
   banks.py, bankrules.py, accounting.py,        (the principal tree's records, the rules
   processes.py                                  of its banks, hierarchical charging, the
                                                 pid registry: principals.py re-exports)
-  server.py                                     the RPC server (control socket, push)
+  server.py, connection.py, fileops.py,         the RPC server (control socket, push,
+  adminops.py, pagerops.py                      the direct clients' and admin ops)
   protocol.py                                   the wire format (sans-IO, light)
   clientcore.py, client.py                      the client library (light)
 
