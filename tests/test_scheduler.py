@@ -662,8 +662,8 @@ MS = 1e-3
 async def _hold(sched, p: int, *, arrival: float, free_at: float, until: float,
                 chosen: dict[int, float], write: bool = False) -> None:
     """A request of principal `p` arriving at `arrival`: note when the scheduler chose
-    it, hold its channel until `until` (the late task), free in the model at `free_at`
-    after the choice (None: `until`)."""
+    it, hold its channel until `until` (the task, running late), and give it back as
+    free in the model `free_at` seconds after the choice (its modeled service)."""
     slot = sched.slot(P(p), BS, write=write, arrival=arrival)
     async with slot as t:
         chosen[p] = t
