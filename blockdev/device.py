@@ -38,7 +38,7 @@ import os
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
-from typing import AsyncContextManager, ContextManager, Protocol
+from typing import ContextManager, Protocol
 
 import numpy as np
 import trio
@@ -110,6 +110,18 @@ class DeviceStatistics:
     timeline_ahead_max_s: float = 0.0
 
 
+class SchedulerSlot(Protocol):
+    """`async with scheduler.slot(...) as chosen`: one of the device's channels, held;
+    `chosen` is the modeled time the scheduler chose the request."""
+
+    #: the holder sets it before leaving: the modeled time the channel is free again
+    free_at: float | None
+
+    async def __aenter__(self) -> float: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
 class Scheduler(Protocol):
     """What the device needs of a request scheduler (blockdev/scheduler.py: MClockScheduler,
     FifoScheduler)."""
@@ -119,9 +131,13 @@ class Scheduler(Protocol):
     banks: BankTree
 
     def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-             kind: str | None = None) -> AsyncContextManager[None]:
+             kind: str | None = None,
+             arrival: float | None = None) -> SchedulerSlot:
         """Hold one of the device's `queue_depth` channels; `kind` is read, write,
-        discard or flush (default: read, or write if `write`)."""
+        discard or flush (default: read, or write if `write`). `arrival`: when the
+        request reached the device in modeled time. Gives the modeled time the
+        request was chosen; the holder sets `free_at` on the slot (the modeled time
+        its channel is free again) before leaving."""
 
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None: ...
@@ -347,8 +363,10 @@ class BlockDevice:
                 arrival = last
         out[principal] = out.get(principal, 0) + 1
         try:
-            async with self.scheduler.slot(principal, nbytes, kind=kind):
-                end = await self._model(block, nbytes, kind, arrival)
+            slot = self.scheduler.slot(principal, nbytes, kind=kind, arrival=arrival)
+            async with slot as chosen:
+                end = await self._model(block, nbytes, kind, chosen)
+                slot.free_at = end
         finally:
             out[principal] -= 1
         if end > self._last_end.get(principal, -math.inf):
@@ -366,7 +384,7 @@ class BlockDevice:
         self.scheduler.record(principal, nbytes, kind=kind,
                               latency_s=(end if end > now else now) - start)
 
-    async def _model(self, block: int, nbytes: int, kind: str, arrival: float) -> float:
+    async def _model(self, block: int, nbytes: int, kind: str, chosen: float) -> float:
         """Account the request's service time on the timeline of a free channel and the
         shared bus (blockdev/profiles.py has the model) and return its modeled
         completion time. Sleeps only when the timeline has run more than
@@ -377,15 +395,24 @@ class BlockDevice:
         a single request may return up to the slack before its modeled completion (its
         recorded latency is the modeled one).
 
-        Causality: `arrival` is when the request was issued in model time — never
-        before the modeled completion of the last request the same task got back, nor,
-        when its principal has nothing else at the device, before the last one that
-        principal got back (a program reading through FUSE is served by a different
-        task per request). So requests issued in sequence do not overlap on the model
-        however early they returned; requests issued in parallel do, as they should."""
+        Causality: the request's arrival (see `_serve`) is when it was issued in model
+        time — never before the modeled completion of the last request the same task
+        got back, nor, when its principal has nothing else at the device, before the
+        last one that principal got back (a program reading through FUSE is served by
+        a different task per request). So requests issued in sequence do not overlap
+        on the model however early they returned; requests issued in parallel do, as
+        they should.
+
+        `chosen` is the modeled time the scheduler chose the request (at or after its
+        arrival): when the channel it takes was free again, even if the task holding
+        that channel gave it back later — the event loop's lateness is the
+        simulator's, not the device's, and must not idle the modeled device (the
+        scheduler makes its choice as of that time, see MClockScheduler._dispatch).
+        The request may then start before the clock; it still never completes for
+        its caller before the clock (`_done` records the later of the two)."""
         prof = self.profile
         clock = trio.current_time()
-        now = arrival if arrival > clock else clock
+        now = chosen
         chan_free, ch = heapq.heappop(self._channels)
         end = now
         try:

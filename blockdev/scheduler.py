@@ -46,6 +46,14 @@ Choosing the next request, whenever a slot is free:
 3. If requests wait but every one is held by a limit, nothing is dispatched: one of the
    waiting tasks sleeps until the earliest limit tag (work-conserving otherwise).
 
+The choice is made as of the modeled time the channel became free (the device says,
+`free_at`), not when the task holding it got round to giving it back: on a loaded
+machine the event loop runs that task milliseconds late, and choosing then would idle
+the modeled device for that long and let a request that arrived meanwhile jump the
+queue. So a late release chooses among the requests that had arrived by `free_at`,
+with the tags as of then, and the chosen request starts then in the model (see
+`MClockScheduler._dispatch` and `BlockDevice._model`).
+
 Every request dispatched advances R and L of every node on its path (R and L of a
 node count all its service), and P as said above.
 
@@ -305,18 +313,26 @@ class FifoScheduler(_Accounting):
         self.banks = tree
 
     def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-             kind: str | None = None) -> _Slot:
-        """Hold one of the `queue_depth` slots, in arrival order (async with)."""
-        return _Slot(self._acquire, self._slots.release, principal, nbytes,
-                     write or kind == WRITE)
+             kind: str | None = None, arrival: float | None = None) -> _Slot:
+        """Hold one of the `queue_depth` slots, in arrival order (async with; gives the
+        modeled time the request may start: its arrival, see MClockScheduler.slot)."""
+        return _Slot(self._acquire, self._release, principal, nbytes,
+                     write or kind == WRITE, arrival)
 
-    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool,
+                       arrival: float | None) -> float:
         c = self._c(principal)
         c.waiting += 1
         try:
             await self._slots.acquire()
         finally:
             c.waiting -= 1
+        # One global order: the oldest waiter takes the channel that frees, so it
+        # starts when that channel is free (the device knows) or at its arrival.
+        return trio.current_time() if arrival is None else arrival
+
+    def _release(self, free_at: float | None = None) -> None:
+        self._slots.release()
 
 
 # -- mClock --------------------------------------------------------------------------------------
@@ -326,25 +342,28 @@ class _Slot:
     """`async with scheduler.slot(...)`: a plain class rather than an
     asynccontextmanager (a generator per request costs a few microseconds)."""
 
-    __slots__ = ("_acquire", "_release", "_args")
+    __slots__ = ("_acquire", "_release", "_args", "free_at")
 
-    def __init__(self, acquire: Callable[[PrincipalId, int, bool], Awaitable[None]],
-                 release: Callable[[], None], principal: PrincipalId, nbytes: int,
-                 write: bool) -> None:
+    def __init__(self, acquire: Callable[[PrincipalId, int, bool, float | None],
+                                         Awaitable[float]],
+                 release: Callable[[float | None], None], principal: PrincipalId,
+                 nbytes: int, write: bool, arrival: float | None = None) -> None:
         self._acquire = acquire
         self._release = release
-        self._args = (principal, nbytes, write)
+        self._args = (principal, nbytes, write, arrival)
+        #: set by the device before leaving: the modeled time its channel is free again
+        self.free_at: float | None = None
 
-    async def __aenter__(self) -> None:
-        await self._acquire(*self._args)
+    async def __aenter__(self) -> float:
+        return await self._acquire(*self._args)
 
     async def __aexit__(self, *exc: object) -> None:
-        self._release()
+        self._release(self.free_at)
 
 
 class _Req:
     __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
-                 "throttled", "write")
+                 "throttled", "write", "start")
 
     def __init__(self, node: _Node, nbytes: int, cost: float, arrival: float,
                  write: bool = False) -> None:
@@ -357,6 +376,8 @@ class _Req:
         self.blocked = False
         self.granted = False
         self.throttled = False
+        #: the modeled time the scheduler chose it (see MClockScheduler._dispatch)
+        self.start = arrival
 
 
 class _Node:
@@ -429,6 +450,8 @@ class MClockScheduler(_Accounting):
         self._timer_req: _Req | None = None
         self._timer_at = _INF
         self._res_node: _Node | None = None
+        #: requests that arrived later than this are not chosen (see _dispatch)
+        self._horizon = _INF
         #: barriers waiting for the writes in flight (see expedite_writes)
         self._expedite = 0
 
@@ -505,16 +528,24 @@ class MClockScheduler(_Accounting):
     # -- the request path -------------------------------------------------------------------
 
     def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-             kind: str | None = None) -> _Slot:
+             kind: str | None = None, arrival: float | None = None) -> _Slot:
         """Hold one of the `queue_depth` slots when the scheduler picks this request
-        (async with); `kind` read, write, discard or flush."""
-        return _Slot(self._acquire, self._release, principal, nbytes, write or kind == WRITE)
+        (async with); `kind` read, write, discard or flush. `arrival` is when the
+        request reached the device in modeled time (default: now). The slot gives the
+        modeled time the scheduler chose the request, the earliest it may start; the
+        holder sets the slot's `free_at` to the modeled time its channel is free again
+        before leaving (see `_dispatch`)."""
+        return _Slot(self._acquire, self._release, principal, nbytes, write or kind == WRITE,
+                     arrival)
 
-    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool) -> None:
+    async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool,
+                       arrival: float | None = None) -> float:
         await trio.lowlevel.checkpoint_if_cancelled()
         now = trio.current_time()
+        if arrival is None or arrival < now:
+            arrival = now
         node = self._nodes.get(principal) or self._node(principal)
-        req = _Req(node, nbytes, self._cost(nbytes, write=write), now, write)
+        req = _Req(node, nbytes, self._cost(nbytes, write=write), arrival, write)
         may_go = self._may_go(node, now)
         req.throttled = not may_go
         if self._busy < self.queue_depth and not self._queued and may_go:
@@ -522,10 +553,11 @@ class MClockScheduler(_Accounting):
             self._charge(req, now, res_node=None)
             self._busy += 1
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            return arrival
         self._enqueue(req, now)
         try:
             await self._wait(req)
+            return req.start
         except BaseException:
             if req.granted:  # granted while the cancellation was on its way
                 self._release()
@@ -614,19 +646,42 @@ class MClockScheduler(_Accounting):
             if not n.backlog and n.parent is not None:
                 n.parent.active.remove(n)
 
-    def _release(self) -> None:
+    def _release(self, free_at: float | None = None) -> None:
         self._busy -= 1
         if self._queued:
-            self._dispatch(trio.current_time())
+            self._dispatch(trio.current_time(), free_at)
 
     # -- choosing ----------------------------------------------------------------------------
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, now: float, free_at: float | None = None) -> None:
+        """Hand free channels to waiting requests, each to the one the tags choose.
+
+        The choice is made as of the modeled time the channel became free: its
+        holder's task gives the slot back only when the event loop runs it, which
+        on a loaded machine is milliseconds after the modeled completion (`free_at`).
+        A device would have started its next request then, not when our loop got
+        round to it; so the choice is made among the requests that had arrived by
+        then (or, if none had, the first to arrive after), with the tags as of that
+        time, and the request starts then in the model (`_Req.start`). Choosing at
+        the late real time instead would idle the channel for the loop's lateness
+        and let a request that arrived during it jump the queue."""
         wake = _INF
         while self._queued and self._busy < self.queue_depth:
-            req, res_node, wake = self._select(now)
+            t, horizon = now, _INF
+            if free_at is not None and free_at < now:
+                first = self._first_arrival()
+                t = horizon = min(now, max(free_at, first))
+            free_at = None
+            self._horizon = horizon
+            req, res_node, wake = self._select(t)
+            self._horizon = _INF
+            if req is None and horizon < _INF:
+                # What had arrived by then is held by limits: choose as of now.
+                t = now
+                req, res_node, wake = self._select(now)
             if req is None:
                 break
+            req.start = t if t > req.arrival else req.arrival
             node = req.node
             if node.queue[0] is req:
                 node.queue.popleft()
@@ -634,7 +689,7 @@ class MClockScheduler(_Accounting):
                 node.queue.remove(req)
             node.counters.waiting -= 1
             self._queued -= 1
-            self._charge(req, now, res_node=res_node, queued=True)
+            self._charge(req, t, res_node=res_node, queued=True)
             self._unbacklog(node)
             self._busy += 1
             req.granted = True
@@ -654,6 +709,17 @@ class MClockScheduler(_Accounting):
                 return
             self._timer_req, self._timer_at = holder, wake
             self._wake(holder)  # it re-arms its sleep with the new deadline
+
+    def _first_arrival(self) -> float:
+        """The earliest arrival among the requests at the head of a queue."""
+        first = _INF
+        stack = [self._root]
+        while stack:
+            n = stack.pop()
+            if n.queue and n.queue[0].arrival < first:
+                first = n.queue[0].arrival
+            stack.extend(n.active)
+        return first
 
     def _any_waiter(self) -> _Req | None:
         stack = [self._root]
@@ -722,9 +788,11 @@ class MClockScheduler(_Accounting):
         """Weight phase below `n`: smallest P among the children with work and within
         their limits, n's own queue competing as one more child."""
         active = n.active
+        q = n.queue
+        own = q[0] if q and q[0].arrival <= self._horizon else None
         if not active:
-            return n.queue[0] if n.queue else None
-        if len(active) == 1 and not n.queue:
+            return own
+        if len(active) == 1 and not own:
             c = active[0]
             if c.has_lim:
                 t = c.limit_at()
@@ -734,7 +802,7 @@ class MClockScheduler(_Accounting):
                     return None
             return self._select_w(c, now, wake)
         v = n.vtime
-        own_p = (n.own_P if n.own_P > v else v) if n.queue else _INF
+        own_p = (n.own_P if n.own_P > v else v) if own else _INF
         tried: list[tuple[float, _Node]] = []
         for c in active:
             if c.has_lim:
@@ -747,12 +815,13 @@ class MClockScheduler(_Accounting):
         tried.sort(key=_p_key)
         for p, c in tried:
             if own_p <= p:
-                return n.queue[0]
+                return own
             req = self._select_w(c, now, wake)
             if req is not None:
                 return req
-            # c's subtree is held by limits further down: the next one in P order
-        return n.queue[0] if n.queue else None
+            # c's subtree is held by limits further down (or has nothing that had
+            # arrived by the time of the choice): the next one in P order
+        return own
 
     # -- charging ------------------------------------------------------------------------------
 

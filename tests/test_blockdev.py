@@ -349,11 +349,11 @@ async def test_queue_depth_is_never_exceeded(tmp_path: Path, autojump_clock) -> 
     @asynccontextmanager
     async def counting_slot(*a, **kw):
         nonlocal active, peak
-        async with orig(*a, **kw):
+        async with orig(*a, **kw) as chosen:
             active += 1
             peak = max(peak, active)
             try:
-                yield
+                yield chosen  # the modeled time the scheduler chose the request
             finally:
                 active -= 1
 

@@ -652,3 +652,99 @@ def test_fuse_and_direct_requests_are_charged_to_their_principals(mnt: Path) -> 
     assert io["direct"]["read_bytes"] >= 256 << 10
     assert "root" not in io or io["root"]["write_bytes"] < 256 << 10
     assert (mnt / "viadirect").read_bytes() == b"d" * (256 << 10)
+
+
+# -- choosing as of the modeled time a channel frees (the event loop may run late) ----------
+
+SLOW = "lat=10000,qd=1"  # 10 ms a request, one at a time
+MS = 1e-3
+
+
+async def _hold(sched, p: int, *, arrival: float, free_at: float, until: float,
+                chosen: dict[int, float], write: bool = False) -> None:
+    """A request of principal `p` arriving at `arrival`: note when the scheduler chose
+    it, hold its channel until `until` (the task, running late), and give it back as
+    free in the model `free_at` seconds after the choice (its modeled service)."""
+    slot = sched.slot(P(p), BS, write=write, arrival=arrival)
+    async with slot as t:
+        chosen[p] = t
+        await trio.sleep_until(until)
+        slot.free_at = t + free_at
+
+
+async def test_late_release_does_not_let_a_later_arrival_jump(autojump_clock) -> None:
+    """The task holding the one channel gives it back 4 ms after its modeled
+    completion (10 ms): a reserved reader that arrived during those 4 ms is not chosen
+    in the waiting write's place; the write starts at 10 ms, not 14, and the reader
+    when the write is done, at 20 ms."""
+    sched = MClockScheduler(parse_profile(SLOW))
+    sched.configure_banks(tree(node(1), node(2, io_reserve_iops=50)))
+    chosen: dict[int, float] = {}
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _hold(sched, 1, arrival=0.0, free_at=10 * MS, until=14 * MS,
+                                   chosen=chosen, write=True))
+        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(lambda: _hold(sched, 3, arrival=0.0, free_at=10 * MS, until=30 * MS,
+                                   chosen=chosen, write=True))
+        await trio.sleep_until(12 * MS)
+        n.start_soon(lambda: _hold(sched, 2, arrival=12 * MS, free_at=10 * MS,
+                                   until=40 * MS, chosen=chosen))
+    assert chosen[1] == 0.0
+    assert chosen[3] == pytest.approx(10 * MS, abs=1e-12)
+    assert chosen[2] == pytest.approx(20 * MS, abs=1e-12)
+
+
+async def test_late_release_serves_the_reservation_that_was_waiting(autojump_clock) -> None:
+    """Same, but the reserved reader arrived (at 9 ms) before the modeled completion
+    (10 ms): it is chosen ahead of the earlier write, as of 10 ms, though the channel
+    came back at 14 ms; the write follows it at 20 ms."""
+    sched = MClockScheduler(parse_profile(SLOW))
+    sched.configure_banks(tree(node(1), node(2, io_reserve_iops=50)))
+    chosen: dict[int, float] = {}
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: _hold(sched, 1, arrival=0.0, free_at=10 * MS, until=14 * MS,
+                                   chosen=chosen, write=True))
+        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(lambda: _hold(sched, 3, arrival=0.0, free_at=10 * MS, until=40 * MS,
+                                   chosen=chosen, write=True))
+        await trio.sleep_until(9 * MS)
+        n.start_soon(lambda: _hold(sched, 2, arrival=9 * MS, free_at=10 * MS,
+                                   until=30 * MS, chosen=chosen))
+    assert chosen[2] == pytest.approx(10 * MS, abs=1e-12)
+    assert chosen[3] == pytest.approx(20 * MS, abs=1e-12)
+
+
+@pytest.mark.parametrize("scheduler", ["mclock", "fifo"])
+async def test_a_late_task_does_not_idle_the_modeled_device(tmp_path: Path, autojump_clock,
+                                                             scheduler: str) -> None:
+    """The event loop runs 6 ms late (the clock jumps while a write is in service): the
+    next write still starts when the first completes in the model (10 ms) and
+    completes at 20 ms; its latency is the model's. The late task itself records the
+    real time it got back (16 ms)."""
+    d = tmp_path / "late"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=SLOW)
+    dev = BlockDevice.open(d, scheduler=scheduler, timeline_slack=0.0)
+    done: dict[int, float] = {}
+
+    async def write(p: int) -> None:
+        await dev.write(p, bytes(BS), principal=P(p))
+        done[p] = trio.current_time()
+
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(write, 1)
+            await trio.sleep(0)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(write, 2)
+            await trio.sleep_until(4 * MS)
+            autojump_clock.jump(12 * MS)  # the loop was busy elsewhere: now 16 ms
+        assert done[1] == pytest.approx(16 * MS, abs=1e-9)
+        assert done[2] <= 20 * MS  # (woken early by the sleep's measured oversleep)
+        st = {s.principal: s for s in dev.statistics().per_principal}
+        assert st[P(1)].max_s == pytest.approx(16 * MS, rel=0.01)
+        assert st[P(2)].max_s == pytest.approx(20 * MS, rel=0.01)
+    finally:
+        dev.close()
