@@ -24,6 +24,8 @@ from .protocol import MAX_FRAME, VERSION, ProtocolError, arg_int, arg_str
 
 log = logging.getLogger(__name__)
 
+READ_SLICE = 1 << 20
+
 
 class FileOps(ServerBase):
     """Slots, the shared buffer, and the `_op_*` of files and data (mixed into
@@ -163,7 +165,7 @@ class FileOps(ServerBase):
         n = max(0, min(length, self.service.size_of(g) - offset))
         pos = 0
         while pos < n:
-            k = min(SLICE_BYTES, n - pos)
+            k = min(READ_SLICE, n - pos)
             await self.kernel.read_into(g, offset + pos, buf[pos:pos + k])
             pos += k
             if pos < n:
