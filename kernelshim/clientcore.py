@@ -44,8 +44,9 @@ READ_PIECE = 256 << 10
 READ_DEPTH = 4
 #: bytes sequential reads ask for past their end at most
 READ_AHEAD = 4 << 20
-#: request size of a sequential stream, whatever the size of its reads: 1 MiB reads
-#: cost half a request each, and two pieces fit in the read-ahead window
+#: request size of a sequential stream at most (eight reads' worth, at least
+#: READ_PIECE): 1 MiB reads cost half a request each, and two pieces fit in the
+#: read-ahead window, which is two pieces
 SEQ_PIECE = READ_AHEAD // 2
 #: write layouts are asked for in chunks of at least this many bytes
 LAYOUT_CHUNK = 4 << 20
@@ -388,11 +389,14 @@ class _ReadStream:
         self.next_use = -1
 
     def start(self, pos: int, total: int, room: int, sequential: bool) -> None:
-        """Choose the piece size for reads like this one: SEQ_PIECE when sequential
-        (one request per piece, however small the reads; read-ahead does the
+        """Choose the piece size for reads like this one: when sequential, several
+        reads' worth (up to SEQ_PIECE: fewer requests, and read-ahead does the
         overlapping), else parts of the read."""
         if sequential:
-            piece = SEQ_PIECE
+            # Eight reads' worth, in whole READ_PIECEs (so pieces keep the stream's
+            # block alignment), at most SEQ_PIECE: small sequential reads do not make
+            # the daemon read megabytes ahead of a reader that may stop.
+            piece = -(-min(SEQ_PIECE, max(READ_PIECE, 8 * total)) // READ_PIECE) * READ_PIECE
         else:
             piece = max(READ_PIECE, -(-total // READ_DEPTH))
         self.piece = max(1, min(piece, room // 4 if sequential else room // READ_DEPTH, room))
@@ -483,7 +487,7 @@ class FileCore:
         if not st.pieces:
             st.start(pos, total, len(self.shm), sequential)
         end = pos + total
-        ahead = READ_AHEAD if sequential else 0
+        ahead = min(READ_AHEAD, 2 * st.piece) if sequential else 0
         limit = st.slots if sequential else min(st.slots, READ_DEPTH)
         done = 0
         eof = False

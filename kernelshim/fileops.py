@@ -24,6 +24,12 @@ from .protocol import MAX_FRAME, VERSION, ProtocolError, arg_int, arg_str
 
 log = logging.getLogger(__name__)
 
+#: a read request is served in slices of this size (writes: SLICE_BYTES), the event
+#: loop given back between them as `_yield_if_hogging` says. Larger than SLICE_BYTES
+#: because each slice pays the pager's, the device's and the scheduler's per-request
+#: costs: 256 KiB slices cost a 1 MiB read four times those (docs/BENCHMARKS.md, "Direct
+#: sequential reads"); a slice is ~0.3 ms of work, the longest a waiting metadata
+#: request waits behind a stream.
 READ_SLICE = 1 << 20
 
 
