@@ -44,6 +44,10 @@ READ_PIECE = 256 << 10
 READ_DEPTH = 4
 #: bytes sequential reads ask for past their end at most
 READ_AHEAD = 4 << 20
+#: request size of a sequential stream at most (eight reads' worth, at least
+#: READ_PIECE): 1 MiB reads cost half a request each, and two pieces fit in the
+#: read-ahead window, which is two pieces
+SEQ_PIECE = READ_AHEAD // 2
 #: write layouts are asked for in chunks of at least this many bytes
 LAYOUT_CHUNK = 4 << 20
 #: write layouts asked for again when a commit sealed the blocks under a write
@@ -385,10 +389,14 @@ class _ReadStream:
         self.next_use = -1
 
     def start(self, pos: int, total: int, room: int, sequential: bool) -> None:
-        """Choose the piece size for reads like this one: whole reads when sequential
-        (fewer round trips; read-ahead does the overlapping), else parts of it."""
+        """Choose the piece size for reads like this one: when sequential, several
+        reads' worth (up to SEQ_PIECE: fewer requests, and read-ahead does the
+        overlapping), else parts of the read."""
         if sequential:
-            piece = max(total, READ_PIECE)
+            # Eight reads' worth, in whole READ_PIECEs (so pieces keep the stream's
+            # block alignment), at most SEQ_PIECE: small sequential reads do not make
+            # the daemon read megabytes ahead of a reader that may stop.
+            piece = -(-min(SEQ_PIECE, max(READ_PIECE, 8 * total)) // READ_PIECE) * READ_PIECE
         else:
             piece = max(READ_PIECE, -(-total // READ_DEPTH))
         self.piece = max(1, min(piece, room // 4 if sequential else room // READ_DEPTH, room))
@@ -479,13 +487,16 @@ class FileCore:
         if not st.pieces:
             st.start(pos, total, len(self.shm), sequential)
         end = pos + total
-        ahead = min(READ_AHEAD, 2 * max(total, READ_PIECE)) if sequential else 0
+        ahead = min(READ_AHEAD, 2 * st.piece) if sequential else 0
         limit = st.slots if sequential else min(st.slots, READ_DEPTH)
         done = 0
         eof = False
         try:
             while done < total and not eof:
-                while st.next_off < end + ahead and len(st.pieces) < limit:
+                # Ask for what the read needs, and whole pieces that end at most
+                # `ahead` past it: the read-ahead window (docs/dev/protocol.md) is exact.
+                while len(st.pieces) < limit and (
+                        st.next_off < end or st.next_off + st.piece <= end + ahead):
                     n = st.piece if sequential else min(st.piece, end - st.next_off)
                     at = st.take_slot()
                     rid = yield SendData(READ, self.slot, st.next_off, n, at)

@@ -24,10 +24,23 @@ from .protocol import MAX_FRAME, VERSION, ProtocolError, arg_int, arg_str
 
 log = logging.getLogger(__name__)
 
+#: a read request is served in slices of this size while the mount's metadata is quiet
+#: (writes, and reads while it is not: SLICE_BYTES), the event loop given back between
+#: slices as `_yield_if_hogging` says. Each slice pays the pager's, the device's and the
+#: scheduler's per-request costs: 256 KiB slices cost a 1 MiB read four times those
+#: (docs/BENCHMARKS.md, "Direct sequential reads"). A slice is also the longest a
+#: metadata request waits behind a stream, so large slices are used only when no
+#: metadata request was seen waiting for METADATA_QUIET seconds.
+READ_SLICE = 1 << 20
+METADATA_QUIET = 0.05
+
 
 class FileOps(ServerBase):
     """Slots, the shared buffer, and the `_op_*` of files and data (mixed into
     ShimServer)."""
+
+    #: when a stream last found a metadata request waiting (trio time; see READ_SLICE)
+    _metadata_seen = float("-inf")
 
     async def _release_all(self, conn: Connection) -> None:
         for slot in list(conn.slots):
@@ -163,7 +176,8 @@ class FileOps(ServerBase):
         n = max(0, min(length, self.service.size_of(g) - offset))
         pos = 0
         while pos < n:
-            k = min(SLICE_BYTES, n - pos)
+            quiet = trio.current_time() - self._metadata_seen >= METADATA_QUIET
+            k = min(READ_SLICE if quiet else SLICE_BYTES, n - pos)
             await self.kernel.read_into(g, offset + pos, buf[pos:pos + k])
             pos += k
             if pos < n:
@@ -181,7 +195,7 @@ class FileOps(ServerBase):
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 if not pending():
                     break
-            self._last_yield = trio.current_time()
+            self._last_yield = self._metadata_seen = trio.current_time()
             return
         now = trio.current_time()
         if now - self._last_yield >= HOG_SECONDS:

@@ -150,3 +150,124 @@ async def _cancel_reads(c, data: bytes) -> None:
         pos = (pos + MiB) % (6 * MiB)
     assert await f.read(100) == data[:100]
     await f.close()
+
+
+# -- the read-ahead window against other writers ----------------------------------------
+#
+# docs/dev/protocol.md: a read served from read-ahead may miss a write by another process
+# that completed after an earlier read of the same stream, but only inside READ_AHEAD
+# bytes past the end of the last read that returned before the write completed. Past
+# that, and after a truncate, nothing stale may come back; and whatever comes back is
+# bytes the file held (never another file's, never freed blocks).
+
+BS = 4096
+
+
+def _check_window(got: bytes, old: bytes, new: bytes, stale_below: int, what: str) -> None:
+    """Every block of `got` is the old or the new version of that block; at and past
+    `stale_below`, the new one."""
+    assert len(got) == len(new), what
+    for o in range(0, len(got), BS):
+        g = got[o:o + BS]
+        if o + BS > stale_below:
+            assert g == new[o:o + BS], f"{what}: stale block at {o} (window ends at {stale_below})"
+        elif g not in (old[o:o + BS], new[o:o + BS]):
+            # A block may straddle two read requests (of an unaligned stream), one
+            # served before the write and one after: each byte must be one of the two.
+            a, b = old[o:o + BS], new[o:o + BS]
+            assert all(x in (y, z) for x, y, z in zip(g, a, b)), f"{what}: foreign bytes at {o}"
+
+
+@pytest.mark.parametrize("req", [100_000, MiB, 4 * MiB])
+def test_read_ahead_misses_a_mount_write_only_inside_its_window(mnt: Path, req: int) -> None:
+    from kernelshim.clientcore import READ_AHEAD
+    size = 24 * MiB
+    old, new = os.urandom(size), os.urandom(size)
+    (mnt / "f").write_bytes(old)
+    with Client.connect(mnt) as c, c.open("f") as f:
+        got = bytearray()
+        buf = bytearray(req)
+        for _ in range(3):  # the second read on is sequential: read-ahead runs
+            got += buf[:f.readinto(buf, len(got))]
+        last_end = len(got)
+        with open(mnt / "f", "r+b") as w:  # another process's write, completed
+            w.write(new)
+        while True:
+            n = f.readinto(buf, len(got))
+            if not n:
+                break
+            got += buf[:n]
+    assert got[:last_end] == old[:last_end]
+    _check_window(bytes(got), old, new, last_end + READ_AHEAD, f"req {req}")
+
+
+def test_read_ahead_during_concurrent_mount_writes(mnt: Path) -> None:
+    """A writer overwrites the file through the mount while a direct client streams it:
+    every block read is the old or the new one, and once the writer is done, reads
+    return the new data from READ_AHEAD past the read that saw it finish."""
+    import threading
+    from kernelshim.clientcore import READ_AHEAD
+    size = 32 * MiB
+    old, new = os.urandom(size), os.urandom(size)
+    (mnt / "f").write_bytes(old)
+    done = threading.Event()
+
+    def writer() -> None:
+        with open(mnt / "f", "r+b", buffering=0) as w:
+            for o in range(0, size, 256 << 10):
+                w.write(new[o:o + (256 << 10)])
+        done.set()
+
+    t = threading.Thread(target=writer, name="mount-writer")
+    with Client.connect(mnt) as c, c.open("f") as f:
+        got = bytearray()
+        buf = bytearray(MiB)
+        seen_done_at = None
+        for _ in range(2):
+            got += buf[:f.readinto(buf, len(got))]
+        t.start()
+        try:
+            while True:
+                if seen_done_at is None and done.is_set():
+                    seen_done_at = len(got)
+                if len(got) >= size:
+                    if seen_done_at is not None:
+                        break
+                    t.join()  # read it all again once the writer is done
+                    got.clear()
+                    continue
+                got += buf[:f.readinto(buf, len(got))]
+        finally:
+            t.join()
+    _check_window(bytes(got), old, new, seen_done_at + READ_AHEAD, "concurrent")
+
+
+def test_truncate_through_the_mount_during_read_ahead(mnt: Path) -> None:
+    """The file is cut short through the mount while a direct client has read-ahead in
+    flight, and another file then takes the freed blocks: the client gets only bytes
+    the file held (its read-ahead, inside the window) or GrantRevoked/EOF — never the
+    other file's data — and a fresh open reads the new size."""
+    from kernelshim.clientcore import READ_AHEAD
+    from kernelshim.errors import GrantRevoked
+    size = 16 * MiB
+    old, other = os.urandom(size), os.urandom(size)
+    (mnt / "f").write_bytes(old)
+    with Client.connect(mnt) as c:
+        f = c.open("f")
+        got = bytearray()
+        buf = bytearray(MiB)
+        for _ in range(2):
+            got += buf[:f.readinto(buf, len(got))]
+        last_end = len(got)
+        os.truncate(mnt / "f", MiB)
+        (mnt / "other").write_bytes(other)
+        with pytest.raises(GrantRevoked):  # the truncate revoked the grant
+            while True:
+                n = f.readinto(buf, len(got))
+                assert n, "end of file before the revoked grant was noticed"
+                got += buf[:n]
+        assert got == old[:len(got)], "bytes that were not the file's came back"
+        assert len(got) <= last_end + READ_AHEAD, (len(got), last_end)
+        f.close()
+        with c.open("f") as g:
+            assert g.read() == old[:MiB]
