@@ -115,10 +115,16 @@ from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
 from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
-from .connection import HOG_SECONDS, MAX_OFFSET, Connection, _InternalError
+from .connection import TURN_SECONDS as TURN_SECONDS
+from .connection import FairTurns, MAX_OFFSET, Connection, Share, _InternalError
 from .fileops import FileOps
 
 log = logging.getLogger(__name__)
+
+#: operations that walk the principal table (or change it and save it), limited per
+#: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
+COSTLY_OPS = frozenset({"stats", "principal_ls", "shim_stats", "principal_add",
+                        "principal_set", "principal_rm", "register"})
 
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
@@ -157,6 +163,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         #: every connection being served (for push)
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
+        self.turns = FairTurns()
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -170,6 +177,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         os.chmod(self.path, 0o666)  # everyone may connect; identity comes from SO_PEERCRED
         sock.listen(64)
         _raise_fd_limit(self.max_connections)
+        trio.lowlevel.add_instrument(self.turns)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -198,6 +206,10 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                     nursery.start_soon(self._serve_connection, conn, *who,
                                        name="shim-connection")
         finally:
+            try:
+                trio.lowlevel.remove_instrument(self.turns)
+            except KeyError:
+                pass
             sock.close()
             try:
                 os.unlink(self.path)
@@ -242,9 +254,11 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         # that fits the socket buffer is written at once, without a task switch.
         raw = socket.socket(fileno=tsock.detach())
         raw.setblocking(False)
-        conn = Connection(creds, principal, raw)
+        share = self.turns.share(principal.id)
+        conn = Connection(creds, principal, raw, share=share)
         self._conns.add(conn)
         try:
+            await self.turns.take(share)
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 nursery.start_soon(self._write_loop, conn, name="shim-writer")
@@ -264,6 +278,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
             self.connections -= 1
             with trio.CancelScope(shield=True):
                 try:
+                    await self.turns.take(share)  # the teardown is the principal's work
                     await self._release_all(conn)
                 except Exception:  # noqa: BLE001
                     log.exception("unexpected error releasing a shim connection")
@@ -292,6 +307,8 @@ class ShimServer(FileOps, AdminOps, PagerOps):
     async def _serve_requests(self, conn: Connection) -> None:
         decoder = Decoder()
         raw = conn.sock
+        share = conn.share
+        assert share is not None
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
         deadline = trio.current_time() + self.handshake_seconds
@@ -330,13 +347,41 @@ class ShimServer(FileOps, AdminOps, PagerOps):
             if msgs:
                 deadline = math.inf
             for m in msgs:
+                # The principal's turn first (fairness between principals, see
+                # FairTurns), then the request; what it cost goes to its histogram.
+                t0 = trio.current_time()
+                await self.turns.take(share)
+                t1 = trio.current_time()
                 await self._handle(conn, m)
+                now = trio.current_time()
+                share.service.record(now - t0)
+                share.waited.record(t1 - t0)
                 # A client that keeps the socket full never makes the reader wait, and
-                # one read may bring thousands of requests: give the loop back now and
-                # then (a clock read here; the FUSE queue probe, a system call, only
-                # once that is due).
-                if trio.current_time() - self._last_yield >= HOG_SECONDS:
-                    await self._yield_if_hogging()
+                # one read may bring thousands of requests: give the loop back (and the
+                # turn to the principal's next connection) every TURN_SECONDS.
+                if now - self._last_yield >= TURN_SECONDS:
+                    await self._give_turn()
+
+    async def _give_turn(self) -> None:
+        """End this step: the loop goes to the others (metadata first, as in
+        `_yield_if_hogging`), the principal's turn to its next connection."""
+        pending = self.metadata_pending
+        if pending is not None and pending():
+            await self._yield_if_hogging()
+            return
+        self._last_yield = trio.current_time()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _rate_limited(self, conn: Connection) -> bool:
+        """Wait until the principal's rate of costly operations admits one more, then
+        for its turn again: whether the connection is still served."""
+        assert conn.share is not None
+        delay = conn.share.admin.delay(trio.current_time())
+        if delay:
+            if not await self._wait(conn, lambda: trio.sleep(delay)):
+                return False
+            await self.turns.take(conn.share)
+        return True
 
     # -- sending -------------------------------------------------------------------------
 
@@ -483,6 +528,8 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 raise ProtocolError(f"unknown operation {brief(op)}")
         except SluiceError as exc:
             self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
+            return
+        if op in COSTLY_OPS and not await self._rate_limited(conn):
             return
         await self._run_op(conn, fn, m)
 
