@@ -150,6 +150,8 @@ class Share:
     waited: ServiceHistogram = dataclasses.field(default_factory=ServiceHistogram)
     #: turns that had to wait for another connection of the principal
     turns_waited: int = 0
+    #: the batch of the run loop in which the principal last had its step
+    spent: int = -1
 
 
 class FairTurns(trio.abc.Instrument):
@@ -159,19 +161,24 @@ class FairTurns(trio.abc.Instrument):
     (up to its `connections` bank). Unchecked, a batch of the trio run loop runs one
     step of every runnable task, so a principal with 60 busy connections gets 60 steps
     for every step of a principal with one. Here a task must `take` its principal's
-    turn before serving a request; the turn is the principal's for one step of that
-    task (until it next blocks or yields: `after_task_step`) and then passes to the
-    principal's next waiting task, in arrival order. So each principal has at most one
-    task serving requests per batch of the loop, whatever its number of connections,
-    and a step serving requests ends after TURN_SECONDS: a request of another
-    principal waits for at most one step of each principal with work, not for all of
-    their connections. A request that blocks (I/O, a lock) gives the turn away at
-    once, so a principal's connections still overlap their waits.
+    turn before serving a request. The turn is the principal's for one step of that
+    task (until it next blocks or yields: `after_task_step`); then the principal's next
+    waiting task, in arrival order, is rescheduled with the turn, and so runs in the
+    next batch (trio runs what is rescheduled during a batch in the next one). A task
+    asking for a turn its principal already used in this batch (`before_io_wait`
+    counts the batches) holds it from the next batch on. So each principal has at most
+    one task serving requests per batch of the loop, whatever its number of
+    connections, and a step serving requests ends after TURN_SECONDS: a request of
+    another principal waits for at most one step of each principal with work, not for
+    all of their connections. A request that blocks (I/O, a lock) gives the turn away
+    at once, so a principal's connections still overlap their waits.
     """
 
     def __init__(self) -> None:
         self.shares: dict[int, Share] = {}
         self._held: dict[trio.lowlevel.Task, Share] = {}
+        #: batches of the run loop so far
+        self._batch = 0
 
     def share(self, principal: int) -> Share:
         sh = self.shares.get(principal)
@@ -181,10 +188,20 @@ class FairTurns(trio.abc.Instrument):
 
     async def take(self, sh: Share) -> None:
         """Make the current step `sh`'s turn: at once (no checkpoint) if the turn is
-        free or already this task's, else wait for it (a checkpoint)."""
+        free and unused in this batch, or already this task's; else wait for it (a
+        checkpoint)."""
         task = trio.lowlevel.current_task()
-        if sh.holder is None or sh.holder is task:
+        if sh.holder is task:
+            self._held[task] = sh
+            return
+        if sh.holder is None:
             sh.holder = task
+            if sh.spent != self._batch:
+                self._held[task] = sh
+                return
+            # Used in this batch: ours from the next one (a shielded yield, so the
+            # turn cannot be left reserved by a cancelled task).
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self._held[task] = sh
             return
         sh.turns_waited += 1
@@ -194,21 +211,23 @@ class FairTurns(trio.abc.Instrument):
             sh.waiters.remove(task)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)  # handed over by _pass
+        await trio.lowlevel.wait_task_rescheduled(abort)  # handed over: see below
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         sh = self._held.pop(task, None)
-        if sh is not None:
-            self._pass(sh)
-
-    def _pass(self, sh: Share) -> None:
+        if sh is None:
+            return
         if sh.waiters:
             nxt = sh.waiters.popleft()
             sh.holder = nxt
             self._held[nxt] = sh
-            trio.lowlevel.reschedule(nxt)
+            trio.lowlevel.reschedule(nxt)  # runs in the next batch
         else:
             sh.holder = None
+            sh.spent = self._batch
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._batch += 1
 
 
 class BadSlot(SluiceError):

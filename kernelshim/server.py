@@ -115,6 +115,8 @@ from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
 from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
+from .connection import ADMIN_BURST as ADMIN_BURST
+from .connection import ADMIN_RATE as ADMIN_RATE
 from .connection import TURN_SECONDS as TURN_SECONDS
 from .connection import FairTurns, MAX_OFFSET, Connection, Share, _InternalError
 from .fileops import FileOps

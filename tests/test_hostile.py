@@ -39,6 +39,7 @@ from kernelshim.protocol import (ERROR, MAX_DEPTH, MAX_FRAME, MAX_MESSAGE, OK, R
                                  nesting_depth)
 from kernelshim import server as server_mod
 from kernelshim.server import ShimServer
+from kernelshim.connection import FairTurns
 
 _LEN = struct.Struct(">I")
 _HDR = struct.Struct(">BBI")
@@ -189,6 +190,113 @@ async def test_a_bug_in_one_connection_closes_only_it(kernel: Kernel, tmp_path: 
         assert srv.connections == 2
         for s in (other, victim, fresh):
             s.close()
+        nursery.cancel_scope.cancel()
+
+
+# -- fairness between principals: turns and rate limits, on MockClock -----------------------
+
+async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None:
+    """A principal with six busy tasks gets one step of the loop per batch, as does one
+    with a single task: the single task is done long before the six (each of which
+    gets its steps in turn), where without turns it would finish with them."""
+    turns = FairTurns()
+    trio.lowlevel.add_instrument(turns)
+    steps: list[str] = []
+
+    async def worker(principal: int, name: str, n: int) -> None:
+        sh = turns.share(principal)
+        for _ in range(n):
+            await turns.take(sh)
+            steps.append(name)
+            await trio.lowlevel.cancel_shielded_checkpoint()  # the end of a step
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(worker, 1, f"a{i}", 20)
+            nursery.start_soon(worker, 2, "b", 20)
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert len(steps) == 140
+    last_b = max(i for i, w in enumerate(steps) if w == "b")
+    assert last_b < 45, steps[:60]  # ~ one a-step per b-step (untaken: ~140)
+    # Within principal 1 the turn goes round its tasks in order.
+    early = collections.Counter(steps[:last_b + 1])
+    assert max(early[f"a{i}"] for i in range(6)) - min(early[f"a{i}"] for i in range(6)) <= 1
+    assert turns.shares[1].turns_waited > 0 and turns.shares[2].turns_waited == 0
+    assert turns.shares[1].holder is None and not turns.shares[1].waiters
+
+
+async def test_a_blocked_request_gives_its_turn_away(autojump_clock: Any) -> None:
+    """A task that blocks (I/O, a lock) holding its principal's turn passes the turn on:
+    the principal's other connections are served meanwhile; a waiter that is cancelled
+    leaves the queue."""
+    turns = FairTurns()
+    trio.lowlevel.add_instrument(turns)
+    sh = turns.share(7)
+    events: list[str] = []
+
+    async def blocker() -> None:
+        await turns.take(sh)
+        events.append("blocked")
+        await trio.sleep(10)  # a slow device, say
+        events.append("unblocked")
+
+    async def other() -> None:
+        await trio.sleep(1)
+        await turns.take(sh)
+        events.append("other served")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocker)
+            nursery.start_soon(other)
+        assert events == ["blocked", "other served", "unblocked"]
+        # A waiter cancelled while waiting leaves the queue; the turn goes on.
+        async def holder() -> None:
+            await turns.take(sh)
+            await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as cs:
+                cs.cancel()
+                await turns.take(sh)  # free: taken at once, no checkpoint to cancel
+                nursery.start_soon(holder)
+                await trio.sleep(0)  # ... and given back at the end of this step
+        assert sh.holder is None and not sh.waiters
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+
+
+async def test_costly_operations_are_rate_limited(kernel: Kernel, tmp_path: Path,
+                                                  autojump_clock: Any) -> None:
+    """`principal_ls` pipelined 100 times: the first ADMIN_BURST answered at once, the
+    rest at ADMIN_RATE a second; a cheap request behind them waits its turn in the
+    connection, and another connection's cheap requests do not wait at all."""
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        s = await _connect(path)
+        d = Decoder()
+        t0 = trio.current_time()
+        await s.send(b"".join(encode(REQUEST, i, {"op": "principal_ls"}) for i in range(1, 101))
+                     + encode(REQUEST, 101, {"op": "hello"}))
+        other = await _connect(path)
+        m = await _hello(other, Decoder(), 1)
+        assert m is not None and m.kind == OK and trio.current_time() - t0 < 0.01
+        got = 0
+        while got < 101:
+            data = await s.recv(1 << 20)
+            assert data
+            for m in d.feed(data):
+                assert isinstance(m, Message) and m.kind == OK, m
+                got += 1
+        took = trio.current_time() - t0
+        want = (100 - server_mod.ADMIN_BURST) / server_mod.ADMIN_RATE
+        assert want * 0.95 <= took <= want * 1.05 + 0.05, (took, want)
+        for x in (s, other):
+            x.close()
         nursery.cancel_scope.cancel()
 
 
