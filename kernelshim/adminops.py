@@ -94,7 +94,9 @@ class AdminOps(ServerBase):
         latency of its requests (`service`: from the request's turn being asked for to
         its reply written or queued; `waited`: of which waiting for the principal's
         turn or a rate limit) and how often a turn waited for another of its
-        connections. Root may `reset` them (all principals') after reading."""
+        connections. `loop`: how long the batches of the event loop took (a socket
+        that becomes readable waits up to about two of them) and the share of that
+        time the loop thread was on a CPU. Root may `reset` them after reading."""
         page, nxt = self._page(conn, p)
         rows = {}
         for q in page:
@@ -104,7 +106,11 @@ class AdminOps(ServerBase):
                                 "waited_p50_ms": sh.waited.percentile(0.5) * 1e3,
                                 "waited_p99_ms": sh.waited.percentile(0.99) * 1e3,
                                 "turns_waited": sh.turns_waited}
+        t = self.turns
+        loop = {**t.batches.summary(),
+                "on_cpu": t.batch_cpu / t.batch_wall if t.batch_wall else 1.0}
         if p.get("reset") and conn.creds.uid == 0 and nxt is None:
             for sh in self.turns.shares.values():
                 sh.service, sh.waited, sh.turns_waited = ServiceHistogram(), ServiceHistogram(), 0
-        return {"per_principal": rows, "next_cursor": nxt}
+            t.reset_statistics()
+        return {"per_principal": rows, "loop": loop, "next_cursor": nxt}

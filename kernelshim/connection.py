@@ -16,6 +16,7 @@ import errno as _errno
 import math
 import mmap
 import socket
+import time
 from typing import Callable
 
 import trio
@@ -174,11 +175,30 @@ class FairTurns(trio.abc.Instrument):
     at once, so a principal's connections still overlap their waits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, uncork: Callable[[Connection], None]) -> None:
         self.shares: dict[int, Share] = {}
         self._held: dict[trio.lowlevel.Task, Share] = {}
         #: batches of the run loop so far
         self._batch = 0
+        #: connections whose replies of this step go out together when it ends (one
+        #: system call, one wake-up of the client, instead of one per reply)
+        self._corked: dict[trio.lowlevel.Task, Connection] = {}
+        self._uncork = uncork
+        #: how long the batches of the run loop took (the OS's clocks, not trio's: this
+        #: is about the OS scheduling the loop thread; wall clock: how long a socket
+        #: that became readable may wait for the loop), and of that, seconds the loop
+        #: thread ran on a CPU (the rest it was runnable but the OS ran others, or it
+        #: was in a blocking system call)
+        self.batches = ServiceHistogram()
+        self.batch_wall = 0.0
+        self.batch_cpu = 0.0
+        self._wall0 = self._cpu0 = 0.0
+
+    def cork(self, conn: Connection) -> None:
+        """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
+        if not conn.corked:
+            conn.corked = True
+            self._corked[trio.lowlevel.current_task()] = conn
 
     def share(self, principal: int) -> Share:
         sh = self.shares.get(principal)
@@ -214,6 +234,11 @@ class FairTurns(trio.abc.Instrument):
         await trio.lowlevel.wait_task_rescheduled(abort)  # handed over: see below
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._corked:
+            conn = self._corked.pop(task, None)
+            if conn is not None:
+                conn.corked = False
+                self._uncork(conn)  # never raises (an instrument that raises is dropped)
         sh = self._held.pop(task, None)
         if sh is None:
             return
@@ -228,6 +253,19 @@ class FairTurns(trio.abc.Instrument):
 
     def before_io_wait(self, timeout: float) -> None:
         self._batch += 1
+        if self._wall0:
+            wall = time.perf_counter() - self._wall0
+            self.batches.record(wall)
+            self.batch_wall += wall
+            self.batch_cpu += time.thread_time() - self._cpu0
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._wall0 = time.perf_counter()
+        self._cpu0 = time.thread_time()
+
+    def reset_statistics(self) -> None:
+        self.batches = ServiceHistogram()
+        self.batch_wall = self.batch_cpu = 0.0
 
 
 class BadSlot(SluiceError):
@@ -275,6 +313,8 @@ class Connection:
     reclaim: ReclaimSubscription | None = None
     #: its principal's share of the server (turns, rate limits, latency histograms)
     share: Share | None = None
+    #: replies are being gathered to be sent together at the end of this step
+    corked: bool = False
 
     def doom(self, reason: str) -> None:
         if self.doomed is None:

@@ -36,6 +36,7 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | trace_start {} / trace_stop {}     | root or the daemon's uid (the volume owner) | NotAllowed, TraceBusy |
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
+| shim_stats {cursor, reset?}        | - (as principal_ls; `reset` root only) | - |
 
 read, write and append normally travel as binary DATA frames (same arguments, same
 checks, same errors); their JSON form is kept for tools and tests.
@@ -61,6 +62,21 @@ a reserve only root may use, so that tenants together cannot lock root out. A
 connection must send its first complete request within HANDSHAKE_SECONDS or it is
 closed; established connections may idle, counted against their principal.
 
+Fairness between principals: a principal's connections take turns on the event loop
+(FairTurns in connection.py): each principal serves requests in at most one step of
+the run loop per batch, whatever its number of connections, and a step serving
+requests gives the loop back after TURN_SECONDS (0.2 ms) — so a request of one
+principal waits for at most one short step of each other principal with work, not
+for all their connections' backlogs. A request that blocks (I/O, a lock) passes its
+principal's turn on, so one principal's connections still overlap their waits.
+Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
+`shim_stats`, principal changes, `register`) are limited to ADMIN_RATE (50) a second
+per principal after a burst of ADMIN_BURST (32): one beyond it waits (its connection's
+later requests behind it). `shim_stats` reports per principal the server's own time
+for its requests (from asking for the turn to the reply written) and the part spent
+waiting for the turn, so a client's latency can be split into the daemon's service
+and the rest (the socket, the scheduling of processes).
+
 A client may send many requests without waiting (pipelining); one connection's
 requests are served one after the other, in arrival order, so a pipelined request may
 depend on an earlier one (open, then mint its slot) and replies come in request order.
@@ -81,6 +97,7 @@ and closes that connection, never another one or the daemon.
 from __future__ import annotations
 
 import errno as _errno
+import itertools
 import logging
 import math
 import os
@@ -165,7 +182,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         #: every connection being served (for push)
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
-        self.turns = FairTurns()
+        self.turns = FairTurns(self._uncork)
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -267,6 +284,9 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 try:
                     await self._serve_requests(conn)
                 finally:
+                    if conn.corked:  # replies gathered in this step: out now
+                        conn.corked = False
+                        self._uncork(conn)
                     nursery.cancel_scope.cancel()  # the writer
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -354,6 +374,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 t0 = trio.current_time()
                 await self.turns.take(share)
                 t1 = trio.current_time()
+                self.turns.cork(conn)  # replies of this step go out together
                 await self._handle(conn, m)
                 now = trio.current_time()
                 share.service.record(now - t0)
@@ -409,6 +430,14 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 os.close(fd)
             return
         view = memoryview(data)
+        if conn.corked:  # sent at the end of the step (_uncork)
+            if not conn.sendq:
+                conn.last_sent = trio.current_time()
+            conn.sendq.append((view, fds))
+            conn.queued += len(view)
+            if conn.queued > MAX_SEND_QUEUE:
+                conn.doom("send queue full")
+            return
         if not conn.sendq:
             try:
                 sent = self._send_now(conn.sock, view, fds)
@@ -433,6 +462,53 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                      "notifications unread", conn.creds.pid, conn.queued)
             conn.doom("send queue full")
         conn.wake_writer.set()
+
+    def _uncork(self, conn: Connection) -> None:
+        """The end of a step that gathered `conn`'s output: send what the socket takes
+        now, as few system calls as possible; the writer gets the rest. Never raises
+        (it runs in FairTurns.after_task_step)."""
+        try:
+            if conn.doomed is not None:
+                conn.wake_writer.set()
+                return
+            while conn.sendq:
+                views = []
+                for view, fds in itertools.islice(conn.sendq, 256):
+                    if fds:
+                        break
+                    views.append(view)
+                try:
+                    if views:
+                        sent = conn.sock.sendmsg(views)
+                    else:  # descriptors ride on the first byte of this frame alone
+                        view, fds = conn.sendq[0]
+                        sent = self._send_now(conn.sock, view, fds)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    conn.doom(f"send failed: {exc}")
+                    return
+                if not sent:
+                    break
+                conn.last_sent = trio.current_time()
+                conn.queued -= sent
+                while sent:
+                    view, fds = conn.sendq[0]
+                    _close_all(fds)
+                    if sent >= len(view):
+                        sent -= len(view)
+                        conn.sendq.popleft()
+                    else:
+                        conn.sendq[0] = (view[sent:], [])
+                        sent = 0
+            if conn.sendq:
+                conn.wake_writer.set()
+            else:
+                conn.signal_progress()
+        except Exception:  # noqa: BLE001 - a bug: close this connection, keep the rest
+            self.connection_bugs += 1
+            log.exception("unexpected error sending to a shim connection; closing it")
+            conn.doom("internal error")
 
     @staticmethod
     def _send_now(sock: socket.socket, view: memoryview, fds: list[int]) -> int:

@@ -232,10 +232,11 @@ def daemon_service(mnt: Path) -> dict[str, Any]:
     since the last call, which resets them."""
     with Client.connect(mnt, shm_size=0) as c:
         try:
-            return c.call("shim_stats", reset=True)["per_principal"]
+            r = c.call("shim_stats", reset=True)
         except Exception as exc:  # noqa: BLE001 - a daemon before shim_stats (a baseline)
             log(f"no shim_stats: {exc}")
             return {}
+    return {**r["per_principal"], "(event loop batches)": r["loop"]}
 
 
 def renice(pid: int, nice: int) -> None:
@@ -311,12 +312,15 @@ def py_spy_top(path: str, pid: int, seconds: float) -> subprocess.Popen:
 
 
 def summarize_py_spy(fname: str, top: int = 25) -> list[tuple[str, float]]:
-    """Share of samples whose stack includes each function (inclusive), the largest."""
+    """Share of the event loop thread's samples (idle included: waiting for I/O shows
+    as `EpollIOManager.get_events`) whose stack includes each function, the largest."""
     incl: collections.Counter[str] = collections.Counter()
     total = 0
     with open(fname) as f:
         for line in f:
             stack, _, count = line.rstrip().rpartition(" ")
+            if "unrolled_run" not in stack:  # a worker thread
+                continue
             n = int(count)
             total += n
             seen = set()
@@ -385,8 +389,8 @@ def main() -> int:
             if spy is not None:
                 spy.wait()
             result["load_attacked"] = loadavg()
-            alive = sum(p.poll() is None for p in attack.procs)
-            result["attackers"] = alive
+            result["attackers"] = sum(p.poll() is None for p in attack.procs)
+            result["attackers_started"] = len(attack.procs)
         result["quiet"] = percentiles(quiet)
         result["attacked"] = percentiles(busy)
         result["daemon_quiet"] = svc_q
@@ -413,9 +417,11 @@ def main() -> int:
     for label, rows in (("quiet", result["daemon_quiet"]),
                         ("attacked", result["daemon_attacked"])):
         for who, h in sorted(rows.items()):
+            what = (f"{h['n']} batches, the loop thread on a CPU {h['on_cpu']:.0%} of "
+                    "their time" if "on_cpu" in h else
+                    f"{h['n']} requests, waited for a turn p99 {h['waited_p99_ms']:.3f} ms")
             print(f"  {label + ' ' + who:26} {h['p50_ms']:8.3f} {h['p99_ms']:8.3f} "
-                  f"{h['max_ms']:8.3f}   {h['n']} requests, waited for a turn p99 "
-                  f"{h['waited_p99_ms']:.3f} ms")
+                  f"{h['max_ms']:8.3f}   {what}")
     print(f"daemon main thread: CPU {result['daemon_cpu_quiet']:.0%} quiet, "
           f"{result['daemon_cpu_attacked']:.0%} attacked; waiting for a CPU "
           f"{result['wait_cpu_quiet']:.0%} quiet, {result['wait_cpu_attacked']:.0%} attacked "
@@ -423,7 +429,8 @@ def main() -> int:
     if args.py_spy:
         top = summarize_py_spy("/tmp/bench_hostile.pyspy.txt")
         result["py_spy"] = top
-        print("daemon under attack, py-spy (inclusive share of samples, idle included):")
+        print("daemon's event loop under attack, py-spy (share of samples in each function "
+              "or below it, idle included):")
         for name, share in top:
             print(f"  {share:6.1%}  {name}")
     if args.json:
