@@ -62,10 +62,14 @@ SEND_STALL_SECONDS = 10.0
 PUSH_KINDS = frozenset({"reclaim", "revoked", "notice"})
 #: bytes asked of a socket per read
 RECV_BYTES = 256 << 10
-#: fair share of the event loop between principals (docs/dev/protocol.md, "Fairness"):
-#: a principal's connections take turns, one step of the loop at a time, and a step
-#: serving requests gives the loop back after TURN_SECONDS
-TURN_SECONDS = 0.2e-3
+#: fair share of the event loop between principals (FairTurns): a principal's
+#: connections take turns, one step of the loop per batch, and while several principals
+#: have work a step serving requests gives the loop back after TURN_SECONDS (alone, a
+#: principal's steps last HOG_SECONDS: yielding costs a system call and a task switch)
+TURN_SECONDS = 0.1e-3
+#: seconds after two principals last had steps in one batch during which the short
+#: TURN_SECONDS holds
+CONTENDED_SECONDS = 0.05
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
 #: principal table) per second per principal, beyond a burst of ADMIN_BURST; a request
 #: beyond the rate waits for its turn (its connection's later requests wait behind it)
@@ -169,9 +173,12 @@ class FairTurns(trio.abc.Instrument):
     asking for a turn its principal already used in this batch (`before_io_wait`
     counts the batches) holds it from the next batch on. So each principal has at most
     one task serving requests per batch of the loop, whatever its number of
-    connections, and a step serving requests ends after TURN_SECONDS: a request of
-    another principal waits for at most one step of each principal with work, not for
-    all of their connections. A request that blocks (I/O, a lock) gives the turn away
+    connections, and while two principals or more have work (had turns in one batch
+    within CONTENDED_SECONDS) a step serving requests ends after TURN_SECONDS: a
+    request of another principal waits for at most one short step of each principal
+    with work, not for all of their connections. (Alone, a principal's steps last
+    HOG_SECONDS, as every long request's do: a pipelining client pays no more yields
+    than before.) A request that blocks (I/O, a lock) gives the turn away
     at once, so a principal's connections still overlap their waits.
     """
 
@@ -193,6 +200,10 @@ class FairTurns(trio.abc.Instrument):
         self.batch_wall = 0.0
         self.batch_cpu = 0.0
         self._wall0 = self._cpu0 = 0.0
+        #: the principal whose turn ended first in this batch (None: none yet), and
+        #: until when steps are short: another principal had a turn in the same batch
+        self._first: Share | None = None
+        self.contended_until = -math.inf
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -242,6 +253,10 @@ class FairTurns(trio.abc.Instrument):
         sh = self._held.pop(task, None)
         if sh is None:
             return
+        if self._first is None:
+            self._first = sh
+        elif self._first is not sh:
+            self.contended_until = trio.current_time() + CONTENDED_SECONDS
         if sh.waiters:
             nxt = sh.waiters.popleft()
             sh.holder = nxt
@@ -251,8 +266,13 @@ class FairTurns(trio.abc.Instrument):
             sh.holder = None
             sh.spent = self._batch
 
+    def quantum(self, now: float) -> float:
+        """How long a step serving requests may last now."""
+        return TURN_SECONDS if now < self.contended_until else HOG_SECONDS
+
     def before_io_wait(self, timeout: float) -> None:
         self._batch += 1
+        self._first = None
         if self._wall0:
             wall = time.perf_counter() - self._wall0
             self.batches.record(wall)

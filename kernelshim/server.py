@@ -65,9 +65,10 @@ closed; established connections may idle, counted against their principal.
 Fairness between principals: a principal's connections take turns on the event loop
 (FairTurns in connection.py): each principal serves requests in at most one step of
 the run loop per batch, whatever its number of connections, and a step serving
-requests gives the loop back after TURN_SECONDS (0.2 ms) — so a request of one
-principal waits for at most one short step of each other principal with work, not
-for all their connections' backlogs. A request that blocks (I/O, a lock) passes its
+requests gives the loop back after TURN_SECONDS (0.1 ms) while several principals
+have work (after HOG_SECONDS alone) — so a request of one principal waits for at most
+one short step of each other principal with work, not for all their connections'
+backlogs. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
 `shim_stats`, principal changes, `register`) are limited to ADMIN_RATE (50) a second
@@ -382,7 +383,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 # A client that keeps the socket full never makes the reader wait, and
                 # one read may bring thousands of requests: give the loop back (and the
                 # turn to the principal's next connection) every TURN_SECONDS.
-                if now - self._last_yield >= TURN_SECONDS:
+                if now - self._last_yield >= self.turns.quantum(now):
                     await self._give_turn()
 
     async def _give_turn(self) -> None:
