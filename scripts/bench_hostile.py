@@ -210,20 +210,30 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     return {"n": len(s), "p50": at(0.5) * 1e3, "p99": at(0.99) * 1e3, "max": s[-1] * 1e3}
 
 
-def victim(mnt: Path, n: int) -> list[float]:
+def own_run_delay() -> float:
+    """Seconds this thread has waited on a run queue (runnable, not running)."""
+    with open("/proc/thread-self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+def victim(mnt: Path, n: int, waits: list[float] | None = None) -> list[float]:
     """Seconds of each of `n` small requests (a stat, then a 4 KiB pread), one at a time,
-    by a root direct client."""
+    by a root direct client; appends to `waits` the seconds this process waited for a
+    CPU during them."""
     out = []
     with Client.connect(mnt, shm_size=1 << 16) as c:
         with c.open("pub/shared") as f:
             for _ in range(5):  # warm
                 f.stat()
                 f.pread(4096, 0)
+            w0 = own_run_delay()
             for _ in range(n):
                 t = time.perf_counter()
                 f.stat()
                 f.pread(4096, 0)
                 out.append(time.perf_counter() - t)
+            if waits is not None:
+                waits.append(own_run_delay() - w0)
     return out
 
 
@@ -371,7 +381,8 @@ def main() -> int:
         daemon_service(mnt)
         rd0, cpu0 = run_delay(sm.pid), cpu_time(sm.pid)
         t0 = time.perf_counter()
-        quiet = victim(mnt, n)
+        vw: list[float] = []
+        quiet = victim(mnt, n, vw)
         t1 = time.perf_counter()
         rd1, cpu1 = run_delay(sm.pid), cpu_time(sm.pid)
         svc_q = daemon_service(mnt)
@@ -382,7 +393,7 @@ def main() -> int:
             daemon_service(mnt)
             rd2, cpu2 = run_delay(sm.pid), cpu_time(sm.pid)
             t2 = time.perf_counter()
-            busy = victim(mnt, n)
+            busy = victim(mnt, n, vw)
             t3 = time.perf_counter()
             rd3, cpu3 = run_delay(sm.pid), cpu_time(sm.pid)
             svc_a = daemon_service(mnt)
@@ -395,6 +406,7 @@ def main() -> int:
         result["attacked"] = percentiles(busy)
         result["daemon_quiet"] = svc_q
         result["daemon_attacked"] = svc_a
+        result["victim_cpu_wait_ms"] = [w / n * 1e3 for w in vw]
         result["wait_cpu_quiet"] = (rd1 - rd0) / (t1 - t0)
         result["wait_cpu_attacked"] = (rd3 - rd2) / (t3 - t2)
         result["daemon_cpu_quiet"] = (cpu1 - cpu0) / (t1 - t0)
@@ -426,6 +438,10 @@ def main() -> int:
           f"{result['daemon_cpu_attacked']:.0%} attacked; waiting for a CPU "
           f"{result['wait_cpu_quiet']:.0%} quiet, {result['wait_cpu_attacked']:.0%} attacked "
           "(of wall time)")
+    vq, va = result["victim_cpu_wait_ms"]
+    print(f"victim process waiting for a CPU, per request pair (mean): {vq:.3f} ms quiet, "
+          f"{va:.3f} ms attacked; mean latency {sum(quiet) / n * 1e3:.3f} ms quiet, "
+          f"{sum(busy) / n * 1e3:.3f} ms attacked")
     if args.py_spy:
         top = summarize_py_spy("/tmp/bench_hostile.pyspy.txt")
         result["py_spy"] = top
