@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .connection import PAGE_ROWS, Connection, ServerBase
+from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
 from .principals import OBJECT_BANKS, Banks, Principal, Rate
 from .protocol import arg_int, arg_str
 
@@ -88,3 +88,29 @@ class AdminOps(ServerBase):
     async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         page, nxt = self._page(conn, p)
         return {**self.service.statistics(names=[q.name for q in page]), "next_cursor": nxt}
+
+    async def _op_shim_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        """Per principal (of the page, of those the caller may see): the server's own
+        latency of its requests (`service`: from the request's turn being asked for to
+        its reply written or queued; `waited`: of which waiting for the principal's
+        turn or a rate limit) and how often a turn waited for another of its
+        connections. `loop`: how long the batches of the event loop took (a socket
+        that becomes readable waits up to about two of them) and the share of that
+        time the loop thread was on a CPU. Root may `reset` them after reading."""
+        page, nxt = self._page(conn, p)
+        rows = {}
+        for q in page:
+            sh = self.turns.shares.get(q.id)
+            if sh is not None:
+                rows[q.name] = {**sh.service.summary(),
+                                "waited_p50_ms": sh.waited.percentile(0.5) * 1e3,
+                                "waited_p99_ms": sh.waited.percentile(0.99) * 1e3,
+                                "turns_waited": sh.turns_waited}
+        t = self.turns
+        loop = {**t.batches.summary(),
+                "on_cpu": t.batch_cpu / t.batch_wall if t.batch_wall else 1.0}
+        if p.get("reset") and conn.creds.uid == 0 and nxt is None:
+            for sh in self.turns.shares.values():
+                sh.service, sh.waited, sh.turns_waited = ServiceHistogram(), ServiceHistogram(), 0
+            t.reset_statistics()
+        return {"per_principal": rows, "loop": loop, "next_cursor": nxt}

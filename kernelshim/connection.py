@@ -9,11 +9,14 @@ mixed into one `ShimServer`; this module is what they have in common.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import errno as _errno
+import math
 import mmap
 import socket
+import time
 from typing import Callable
 
 import trio
@@ -59,6 +62,230 @@ SEND_STALL_SECONDS = 10.0
 PUSH_KINDS = frozenset({"reclaim", "revoked", "notice"})
 #: bytes asked of a socket per read
 RECV_BYTES = 256 << 10
+#: fair share of the event loop between principals (FairTurns): a principal's
+#: connections take turns, one step of the loop per batch, and while several principals
+#: have work a step serving requests gives the loop back after TURN_SECONDS (alone, a
+#: principal's steps last HOG_SECONDS: yielding costs a system call and a task switch)
+TURN_SECONDS = 0.1e-3
+#: seconds after two principals last had steps in one batch during which the short
+#: TURN_SECONDS holds
+CONTENDED_SECONDS = 0.05
+#: costly operations (`stats`, `principal_ls`, principal changes: each walks the
+#: principal table) per second per principal, beyond a burst of ADMIN_BURST; a request
+#: beyond the rate waits for its turn (its connection's later requests wait behind it)
+ADMIN_RATE = 50.0
+ADMIN_BURST = 32
+
+
+class TokenBucket:
+    """`rate` events per second after a burst of `burst`: `delay(now)` takes one and
+    says how long its taker must wait for it (0.0: at once). Never refuses: a taker that
+    waits keeps later takers behind it, so the rate holds however many wait."""
+
+    __slots__ = ("rate", "burst", "_t")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        #: when the bucket is (or was) full; a taker spends 1/rate of it
+        self._t = -math.inf
+
+    def delay(self, now: float) -> float:
+        t = max(self._t, now - self.burst / self.rate) + 1.0 / self.rate
+        self._t = t
+        return max(0.0, t - now)
+
+
+class ServiceHistogram:
+    """A compact log-scale histogram of request latencies (seconds): 8 buckets per
+    power of two from 1 us, so a percentile is within 9% of the exact one. 1.6 KB,
+    cheap enough to keep per principal."""
+
+    __slots__ = ("counts", "n", "max_s")
+    _PER_OCTAVE = 8
+    _BUCKETS = 8 * 28  # 1 us .. 2**28 us (4.5 min)
+
+    def __init__(self) -> None:
+        self.counts = array.array("q", bytes(8 * self._BUCKETS))
+        self.n = 0
+        self.max_s = 0.0
+
+    def record(self, seconds: float) -> None:
+        us = seconds * 1e6
+        i = 0 if us <= 1.0 else min(self._BUCKETS - 1, int(math.log2(us) * self._PER_OCTAVE))
+        self.counts[i] += 1
+        self.n += 1
+        if seconds > self.max_s:
+            self.max_s = seconds
+
+    def percentile(self, q: float) -> float:
+        """The q-quantile in seconds (the geometric middle of its bucket, at most the
+        largest value recorded); 0.0 when empty."""
+        if not self.n:
+            return 0.0
+        rank = max(1, math.ceil(q * self.n))
+        acc = 0
+        for i, c in enumerate(self.counts):
+            acc += c
+            if acc >= rank:
+                mid = 2 ** ((i + 0.5) / self._PER_OCTAVE) * 1e-6
+                return min(mid, self.max_s)
+        return self.max_s
+
+    def summary(self) -> dict[str, float]:
+        return {"n": self.n, "p50_ms": self.percentile(0.5) * 1e3,
+                "p99_ms": self.percentile(0.99) * 1e3, "max_ms": self.max_s * 1e3}
+
+
+@dataclasses.dataclass(eq=False)
+class Share:
+    """One principal's share of the shim server: its turn on the event loop, its rate
+    limits, and what its requests cost (kept while it has connections, and after)."""
+
+    #: the task whose step is this principal's now (None: nobody's)
+    holder: trio.lowlevel.Task | None = None
+    #: tasks of the principal's connections waiting for a turn, in arrival order
+    waiters: collections.deque[trio.lowlevel.Task] = dataclasses.field(
+        default_factory=collections.deque)
+    admin: TokenBucket = dataclasses.field(
+        default_factory=lambda: TokenBucket(ADMIN_RATE, ADMIN_BURST))
+    #: seconds from a request taken off the socket to its reply written (or queued)
+    service: ServiceHistogram = dataclasses.field(default_factory=ServiceHistogram)
+    #: ... of which waiting for the principal's turn or a rate limit
+    waited: ServiceHistogram = dataclasses.field(default_factory=ServiceHistogram)
+    #: turns that had to wait for another connection of the principal
+    turns_waited: int = 0
+    #: the batch of the run loop in which the principal last had its step
+    spent: int = -1
+
+
+class FairTurns(trio.abc.Instrument):
+    """Fair share of the event loop between principals, by turns.
+
+    Every connection is served by its own task, and one principal may have many
+    (up to its `connections` bank). Unchecked, a batch of the trio run loop runs one
+    step of every runnable task, so a principal with 60 busy connections gets 60 steps
+    for every step of a principal with one. Here a task must `take` its principal's
+    turn before serving a request. The turn is the principal's for one step of that
+    task (until it next blocks or yields: `after_task_step`); then the principal's next
+    waiting task, in arrival order, is rescheduled with the turn, and so runs in the
+    next batch (trio runs what is rescheduled during a batch in the next one). A task
+    asking for a turn its principal already used in this batch (`before_io_wait`
+    counts the batches) holds it from the next batch on. So each principal has at most
+    one task serving requests per batch of the loop, whatever its number of
+    connections, and while two principals or more have work (had turns in one batch
+    within CONTENDED_SECONDS) a step serving requests ends after TURN_SECONDS: a
+    request of another principal waits for at most one short step of each principal
+    with work, not for all of their connections. (Alone, a principal's steps last
+    HOG_SECONDS, as every long request's do: a pipelining client pays no more yields
+    than before.) A request that blocks (I/O, a lock) gives the turn away
+    at once, so a principal's connections still overlap their waits.
+    """
+
+    def __init__(self, uncork: Callable[[Connection], None]) -> None:
+        self.shares: dict[int, Share] = {}
+        self._held: dict[trio.lowlevel.Task, Share] = {}
+        #: batches of the run loop so far
+        self._batch = 0
+        #: connections whose replies of this step go out together when it ends (one
+        #: system call, one wake-up of the client, instead of one per reply)
+        self._corked: dict[trio.lowlevel.Task, Connection] = {}
+        self._uncork = uncork
+        #: how long the batches of the run loop took (the OS's clocks, not trio's: this
+        #: is about the OS scheduling the loop thread; wall clock: how long a socket
+        #: that became readable may wait for the loop), and of that, seconds the loop
+        #: thread ran on a CPU (the rest it was runnable but the OS ran others, or it
+        #: was in a blocking system call)
+        self.batches = ServiceHistogram()
+        self.batch_wall = 0.0
+        self.batch_cpu = 0.0
+        self._wall0 = self._cpu0 = 0.0
+        #: the principal whose turn ended first in this batch (None: none yet), and
+        #: until when steps are short: another principal had a turn in the same batch
+        self._first: Share | None = None
+        self.contended_until = -math.inf
+
+    def cork(self, conn: Connection) -> None:
+        """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
+        if not conn.corked:
+            conn.corked = True
+            self._corked[trio.lowlevel.current_task()] = conn
+
+    def share(self, principal: int) -> Share:
+        sh = self.shares.get(principal)
+        if sh is None:
+            sh = self.shares[principal] = Share()
+        return sh
+
+    async def take(self, sh: Share) -> None:
+        """Make the current step `sh`'s turn: at once (no checkpoint) if the turn is
+        free and unused in this batch, or already this task's; else wait for it (a
+        checkpoint)."""
+        task = trio.lowlevel.current_task()
+        if sh.holder is task:
+            self._held[task] = sh
+            return
+        if sh.holder is None:
+            sh.holder = task
+            if sh.spent != self._batch:
+                self._held[task] = sh
+                return
+            # Used in this batch: ours from the next one (a shielded yield, so the
+            # turn cannot be left reserved by a cancelled task).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._held[task] = sh
+            return
+        sh.turns_waited += 1
+        sh.waiters.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            sh.waiters.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)  # handed over: see below
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._corked:
+            conn = self._corked.pop(task, None)
+            if conn is not None:
+                conn.corked = False
+                self._uncork(conn)  # never raises (an instrument that raises is dropped)
+        sh = self._held.pop(task, None)
+        if sh is None:
+            return
+        if self._first is None:
+            self._first = sh
+        elif self._first is not sh:
+            self.contended_until = trio.current_time() + CONTENDED_SECONDS
+        if sh.waiters:
+            nxt = sh.waiters.popleft()
+            sh.holder = nxt
+            self._held[nxt] = sh
+            trio.lowlevel.reschedule(nxt)  # runs in the next batch
+        else:
+            sh.holder = None
+            sh.spent = self._batch
+
+    def quantum(self, now: float) -> float:
+        """How long a step serving requests may last now."""
+        return TURN_SECONDS if now < self.contended_until else HOG_SECONDS
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._batch += 1
+        self._first = None
+        if self._wall0:
+            wall = time.perf_counter() - self._wall0
+            self.batches.record(wall)
+            self.batch_wall += wall
+            self.batch_cpu += time.thread_time() - self._cpu0
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._wall0 = time.perf_counter()
+        self._cpu0 = time.thread_time()
+
+    def reset_statistics(self) -> None:
+        self.batches = ServiceHistogram()
+        self.batch_wall = self.batch_cpu = 0.0
 
 
 class BadSlot(SluiceError):
@@ -104,6 +331,10 @@ class Connection:
     nursery: trio.Nursery | None = None
     #: the pager subscription pushing "reclaim" to this connection (while subscribed)
     reclaim: ReclaimSubscription | None = None
+    #: its principal's share of the server (turns, rate limits, latency histograms)
+    share: Share | None = None
+    #: replies are being gathered to be sent together at the end of this step
+    corked: bool = False
 
     def doom(self, reason: str) -> None:
         if self.doomed is None:
@@ -129,3 +360,5 @@ class ServerBase:
     shm_bytes: int
     #: when a long request last gave the event loop back
     _last_yield: float
+    #: the principals' turns on the event loop, and their shares
+    turns: FairTurns

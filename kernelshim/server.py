@@ -36,6 +36,7 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | trace_start {} / trace_stop {}     | root or the daemon's uid (the volume owner) | NotAllowed, TraceBusy |
 | principal_add/set/rm               | see principals.py | PrincipalError, TooManyObjects (children) |
 | principal_ls {cursor}, stats {cursor} | - (non-root: only its own principals and their ancestors) | - |
+| shim_stats {cursor, reset?}        | - (as principal_ls; `reset` root only) | - |
 
 read, write and append normally travel as binary DATA frames (same arguments, same
 checks, same errors); their JSON form is kept for tools and tests.
@@ -61,6 +62,22 @@ a reserve only root may use, so that tenants together cannot lock root out. A
 connection must send its first complete request within HANDSHAKE_SECONDS or it is
 closed; established connections may idle, counted against their principal.
 
+Fairness between principals: a principal's connections take turns on the event loop
+(FairTurns in connection.py): each principal serves requests in at most one step of
+the run loop per batch, whatever its number of connections, and a step serving
+requests gives the loop back after TURN_SECONDS (0.1 ms) while several principals
+have work (after HOG_SECONDS alone) — so a request of one principal waits for at most
+one short step of each other principal with work, not for all their connections'
+backlogs. A request that blocks (I/O, a lock) passes its
+principal's turn on, so one principal's connections still overlap their waits.
+Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
+`shim_stats`, principal changes, `register`) are limited to ADMIN_RATE (50) a second
+per principal after a burst of ADMIN_BURST (32): one beyond it waits (its connection's
+later requests behind it). `shim_stats` reports per principal the server's own time
+for its requests (from asking for the turn to the reply written) and the part spent
+waiting for the turn, so a client's latency can be split into the daemon's service
+and the rest (the socket, the scheduling of processes).
+
 A client may send many requests without waiting (pipelining); one connection's
 requests are served one after the other, in arrival order, so a pipelined request may
 depend on an earlier one (open, then mint its slot) and replies come in request order.
@@ -81,6 +98,7 @@ and closes that connection, never another one or the daemon.
 from __future__ import annotations
 
 import errno as _errno
+import itertools
 import logging
 import math
 import os
@@ -115,10 +133,18 @@ from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
 from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
-from .connection import HOG_SECONDS, MAX_OFFSET, Connection, _InternalError
+from .connection import ADMIN_BURST as ADMIN_BURST
+from .connection import ADMIN_RATE as ADMIN_RATE
+from .connection import TURN_SECONDS as TURN_SECONDS
+from .connection import FairTurns, MAX_OFFSET, Connection, Share, _InternalError
 from .fileops import FileOps
 
 log = logging.getLogger(__name__)
+
+#: operations that walk the principal table (or change it and save it), limited per
+#: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
+COSTLY_OPS = frozenset({"stats", "principal_ls", "shim_stats", "principal_add",
+                        "principal_set", "principal_rm", "register"})
 
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
@@ -157,6 +183,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         #: every connection being served (for push)
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
+        self.turns = FairTurns(self._uncork)
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -170,6 +197,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         os.chmod(self.path, 0o666)  # everyone may connect; identity comes from SO_PEERCRED
         sock.listen(64)
         _raise_fd_limit(self.max_connections)
+        trio.lowlevel.add_instrument(self.turns)
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
@@ -198,6 +226,10 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                     nursery.start_soon(self._serve_connection, conn, *who,
                                        name="shim-connection")
         finally:
+            try:
+                trio.lowlevel.remove_instrument(self.turns)
+            except KeyError:
+                pass
             sock.close()
             try:
                 os.unlink(self.path)
@@ -242,15 +274,20 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         # that fits the socket buffer is written at once, without a task switch.
         raw = socket.socket(fileno=tsock.detach())
         raw.setblocking(False)
-        conn = Connection(creds, principal, raw)
+        share = self.turns.share(principal.id)
+        conn = Connection(creds, principal, raw, share=share)
         self._conns.add(conn)
         try:
+            await self.turns.take(share)
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 nursery.start_soon(self._write_loop, conn, name="shim-writer")
                 try:
                     await self._serve_requests(conn)
                 finally:
+                    if conn.corked:  # replies gathered in this step: out now
+                        conn.corked = False
+                        self._uncork(conn)
                     nursery.cancel_scope.cancel()  # the writer
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -264,6 +301,7 @@ class ShimServer(FileOps, AdminOps, PagerOps):
             self.connections -= 1
             with trio.CancelScope(shield=True):
                 try:
+                    await self.turns.take(share)  # the teardown is the principal's work
                     await self._release_all(conn)
                 except Exception:  # noqa: BLE001
                     log.exception("unexpected error releasing a shim connection")
@@ -292,6 +330,8 @@ class ShimServer(FileOps, AdminOps, PagerOps):
     async def _serve_requests(self, conn: Connection) -> None:
         decoder = Decoder()
         raw = conn.sock
+        share = conn.share
+        assert share is not None
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
         deadline = trio.current_time() + self.handshake_seconds
@@ -330,13 +370,45 @@ class ShimServer(FileOps, AdminOps, PagerOps):
             if msgs:
                 deadline = math.inf
             for m in msgs:
+                # The principal's turn first (fairness between principals, see
+                # FairTurns), then the request; what it cost goes to its histogram.
+                t0 = trio.current_time()
+                await self.turns.take(share)
+                t1 = trio.current_time()
+                if t1 < self.turns.contended_until:
+                    # Principals compete: the replies of this step go out together
+                    # (alone, each goes out at once: that is quicker for one client).
+                    self.turns.cork(conn)
                 await self._handle(conn, m)
+                now = trio.current_time()
+                share.service.record(now - t0)
+                share.waited.record(t1 - t0)
                 # A client that keeps the socket full never makes the reader wait, and
-                # one read may bring thousands of requests: give the loop back now and
-                # then (a clock read here; the FUSE queue probe, a system call, only
-                # once that is due).
-                if trio.current_time() - self._last_yield >= HOG_SECONDS:
-                    await self._yield_if_hogging()
+                # one read may bring thousands of requests: give the loop back (and the
+                # turn to the principal's next connection) every TURN_SECONDS.
+                if now - self._last_yield >= self.turns.quantum(now):
+                    await self._give_turn()
+
+    async def _give_turn(self) -> None:
+        """End this step: the loop goes to the others (metadata first, as in
+        `_yield_if_hogging`), the principal's turn to its next connection."""
+        pending = self.metadata_pending
+        if pending is not None and pending():
+            await self._yield_if_hogging()
+            return
+        self._last_yield = trio.current_time()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _rate_limited(self, conn: Connection) -> bool:
+        """Wait until the principal's rate of costly operations admits one more, then
+        for its turn again: whether the connection is still served."""
+        assert conn.share is not None
+        delay = conn.share.admin.delay(trio.current_time())
+        if delay:
+            if not await self._wait(conn, lambda: trio.sleep(delay)):
+                return False
+            await self.turns.take(conn.share)
+        return True
 
     # -- sending -------------------------------------------------------------------------
 
@@ -362,6 +434,14 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 os.close(fd)
             return
         view = memoryview(data)
+        if conn.corked:  # sent at the end of the step (_uncork)
+            if not conn.sendq:
+                conn.last_sent = trio.current_time()
+            conn.sendq.append((view, fds))
+            conn.queued += len(view)
+            if conn.queued > MAX_SEND_QUEUE:
+                conn.doom("send queue full")
+            return
         if not conn.sendq:
             try:
                 sent = self._send_now(conn.sock, view, fds)
@@ -386,6 +466,53 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                      "notifications unread", conn.creds.pid, conn.queued)
             conn.doom("send queue full")
         conn.wake_writer.set()
+
+    def _uncork(self, conn: Connection) -> None:
+        """The end of a step that gathered `conn`'s output: send what the socket takes
+        now, as few system calls as possible; the writer gets the rest. Never raises
+        (it runs in FairTurns.after_task_step)."""
+        try:
+            if conn.doomed is not None:
+                conn.wake_writer.set()
+                return
+            while conn.sendq:
+                views = []
+                for view, fds in itertools.islice(conn.sendq, 256):
+                    if fds:
+                        break
+                    views.append(view)
+                try:
+                    if views:
+                        sent = conn.sock.sendmsg(views)
+                    else:  # descriptors ride on the first byte of this frame alone
+                        view, fds = conn.sendq[0]
+                        sent = self._send_now(conn.sock, view, fds)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    conn.doom(f"send failed: {exc}")
+                    return
+                if not sent:
+                    break
+                conn.last_sent = trio.current_time()
+                conn.queued -= sent
+                while sent:
+                    view, fds = conn.sendq[0]
+                    _close_all(fds)
+                    if sent >= len(view):
+                        sent -= len(view)
+                        conn.sendq.popleft()
+                    else:
+                        conn.sendq[0] = (view[sent:], [])
+                        sent = 0
+            if conn.sendq:
+                conn.wake_writer.set()
+            else:
+                conn.signal_progress()
+        except Exception:  # noqa: BLE001 - a bug: close this connection, keep the rest
+            self.connection_bugs += 1
+            log.exception("unexpected error sending to a shim connection; closing it")
+            conn.doom("internal error")
 
     @staticmethod
     def _send_now(sock: socket.socket, view: memoryview, fds: list[int]) -> int:
@@ -483,6 +610,8 @@ class ShimServer(FileOps, AdminOps, PagerOps):
                 raise ProtocolError(f"unknown operation {brief(op)}")
         except SluiceError as exc:
             self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
+            return
+        if op in COSTLY_OPS and not await self._rate_limited(conn):
             return
         await self._run_op(conn, fn, m)
 

@@ -1,0 +1,458 @@
+#!/usr/bin/env python3
+"""Other principals' latency while hostile uids attack the control socket (issue 6).
+
+A sluice volume is mounted where every uid can reach it. A victim (root, a direct
+client in this process) does small requests one at a time — `stat` then a 4 KiB
+`pread` of a shared file — first on a quiet daemon, then while two hostile uids
+attack it at once, in the same run:
+
+  flood       clients that pipeline 64 requests at a time (stat, 4 KiB read, and one
+              `stats` and one `principal_ls`) and read the replies as fast as the
+              daemon sends them, without pause: the tenant that wants the whole daemon
+  never-reads clients that pipeline opens and `stats` and never read a reply
+  churn       connections made and dropped without end, with random cuts mid-request
+              (some reset), attaching buffers, opening files, minting, writing
+  hoard       silent connections (up to the bank) and 64 MiB shared buffers
+
+Printed: p50, p99 and max of the victim's requests quiet and attacked and their ratio,
+the daemon's own service time of the victim's requests (from its per-principal
+histogram: the time from the request being taken off the socket to its reply being
+written), the daemon thread's time spent waiting to be scheduled on a CPU
+(/proc/PID/task/PID/schedstat), and the load average.
+
+    .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
+                                              [--py-spy PATH]
+
+`--quick` (what the test suite runs) takes fewer samples and shorter attacks.
+`--py-spy PATH` records the daemon with py-spy during the attacked phase and prints
+the functions it spent its time in. Must run as root (the attackers are other uids,
+via setpriv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import REPO, SLUICE, SluiceMount, is_mounted, loadavg, log, run
+
+sys.path.insert(0, str(REPO))
+
+from kernelshim.client import CONTROL_XATTR, Client  # noqa: E402
+
+#: an interpreter every uid can run, with the repository and the venv's packages
+USER_PY = "/usr/bin/python3"
+USER_ENV = {"PATH": "/usr/bin:/bin",
+            "PYTHONPATH": f"{REPO}:{sysconfig.get_paths()['purelib']}"}
+
+_PRELUDE = """
+import json, os, random, socket, struct, sys, time
+path = sys.argv[1]
+def frame(rid, p):
+    b = struct.pack(">BBI", 2, 1, rid) + json.dumps(p).encode()
+    return struct.pack(">I", len(b)) + b
+def recv_frames(s, want, buf=b""):
+    got = 0
+    while got < want:
+        data = s.recv(1 << 20)
+        if not data:
+            raise EOFError
+        buf += data
+        while len(buf) >= 4:
+            n = struct.unpack(">I", buf[:4])[0]
+            if len(buf) < 4 + n:
+                break
+            buf = buf[4 + n:]
+            got += 1
+    return buf
+"""
+
+#: pipelines 64 requests at a time (stat, 4 KiB read, and one `stats` and one
+#: `principal_ls`) and reads every reply, without pause
+FLOOD = _PRELUDE + """
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+s.sendall(frame(1, {"op": "hello"}) + frame(2, {"op": "attach", "size": 1 << 16})
+          + frame(3, {"op": "open", "path": "pub/shared", "flags": 0}))
+buf = recv_frames(s, 3)
+cheap = [frame(0, {"op": "stat", "slot": 1}),
+         frame(0, {"op": "read", "slot": 1, "offset": 0, "length": 4096, "buf": 0})]
+costly = [frame(0, {"op": "stats"}), frame(0, {"op": "principal_ls"})]
+print("flooding", flush=True)
+rid = 4
+while True:   # 62 cheap requests and 2 costly ones (request ids need not differ)
+    batch = b"".join(cheap[i % 2] for i in range(62)) + b"".join(costly)
+    rid += 64
+    s.sendall(batch)
+    buf = recv_frames(s, 64, buf)
+"""
+
+#: pipelines opens and stats and never reads a reply
+NEVER_READS = _PRELUDE + """
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.settimeout(5)
+sent = 0
+try:
+    for rid in range(1, 20001):
+        s.sendall(frame(rid, {"op": "open", "path": "pub/shared", "flags": 0}
+                        if rid % 2 else {"op": "stats"}))
+        sent += 1
+except (socket.timeout, OSError):
+    pass
+print("sent", sent, flush=True)
+sys.stdin.readline()
+"""
+
+#: connections made and dropped without end (or `rounds` of them), cut mid-request
+CHURN = _PRELUDE + """
+seed, rounds = int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(seed)
+reqs = [{"op": "hello"}, {"op": "attach", "size": 1 << 20},
+        {"op": "open", "path": "pub/shared", "flags": 2},
+        {"op": "open", "path": f"pub/churn-{seed}", "flags": 2 | 64},
+        {"op": "mint", "slot": 1, "rights": 1},
+        {"op": "layout_get", "slot": 2, "offset": 0, "length": 1 << 20},
+        {"op": "write", "slot": 2, "offset": 0, "length": 8192, "buf": 0},
+        {"op": "stats"}, {"op": "principal_ls"}]
+print("churning", flush=True)
+n = 0
+while rounds < 0 or n < rounds:
+    n += 1
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        time.sleep(0.01)
+        continue
+    data = b"".join(frame(i + 1, r) for i, r in enumerate(rnd.sample(reqs, rnd.randint(1, 9))))
+    cut = rnd.randint(0, len(data))
+    try:
+        s.sendall(data[:cut])
+        if rnd.random() < 0.5:
+            s.settimeout(0.05)
+            try:
+                s.recv(rnd.randint(1, 5000))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    if rnd.random() < 0.3:   # reset instead of a clean close
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+print("done", flush=True)
+"""
+
+#: silent connections, as many as the bank takes (the rest are refused at once)
+HOARD = _PRELUDE + """
+n = int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        continue
+    socks.append(s)
+print("connected", len(socks), flush=True)
+sys.stdin.readline()
+"""
+
+#: 64 MiB shared buffers, as many as the bank takes
+SHM = """
+import sys
+from kernelshim.client import Client
+held = []
+for i in range(16):
+    try:
+        held.append(Client.connect(sys.argv[1], shm_size=64 << 20))
+    except Exception:
+        pass
+print("attached", len(held), flush=True)
+sys.stdin.readline()
+"""
+
+
+def start(uid: int, code: str, *args: str) -> subprocess.Popen:
+    """`code` as `uid` (setpriv), line-buffered pipes; its first line says it is under way."""
+    return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                             "--", USER_PY, "-c", textwrap.dedent(code), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1, cwd=REPO,
+                            env=USER_ENV)
+
+
+def reap(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+    with p:
+        pass
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    """p50, p99 and max of `xs`, in milliseconds."""
+    s = sorted(xs)
+    at = lambda q: s[min(len(s) - 1, int(len(s) * q))]  # noqa: E731
+    return {"n": len(s), "p50": at(0.5) * 1e3, "p99": at(0.99) * 1e3, "max": s[-1] * 1e3}
+
+
+def own_run_delay() -> float:
+    """Seconds this thread has waited on a run queue (runnable, not running)."""
+    with open("/proc/thread-self/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+def victim(mnt: Path, n: int, waits: list[float] | None = None) -> list[float]:
+    """Seconds of each of `n` small requests (a stat, then a 4 KiB pread), one at a time,
+    by a root direct client; appends to `waits` the seconds this process waited for a
+    CPU during them."""
+    out = []
+    with Client.connect(mnt, shm_size=1 << 16) as c:
+        with c.open("pub/shared") as f:
+            for _ in range(5):  # warm
+                f.stat()
+                f.pread(4096, 0)
+            w0 = own_run_delay()
+            for _ in range(n):
+                t = time.perf_counter()
+                f.stat()
+                f.pread(4096, 0)
+                out.append(time.perf_counter() - t)
+            if waits is not None:
+                waits.append(own_run_delay() - w0)
+    return out
+
+
+def daemon_service(mnt: Path) -> dict[str, Any]:
+    """The daemon's own histograms of each principal's shim requests (service time)
+    since the last call, which resets them."""
+    with Client.connect(mnt, shm_size=0) as c:
+        try:
+            r = c.call("shim_stats", reset=True)
+        except Exception as exc:  # noqa: BLE001 - a daemon before shim_stats (a baseline)
+            log(f"no shim_stats: {exc}")
+            return {}
+    return {**r["per_principal"], "(event loop batches)": r["loop"]}
+
+
+def renice(pid: int, nice: int) -> None:
+    """Every thread of process `pid` at `nice` (Linux: nice is per thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
+def run_delay(pid: int) -> float:
+    """Seconds the daemon's main thread has waited on a run queue (schedstat field 2)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e9
+
+
+def cpu_time(pid: int) -> float:
+    with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+class Attack:
+    """The attackers, started and stopped together."""
+
+    def __init__(self, mnt: Path, *, floods: int, churn_rounds: int) -> None:
+        self.mnt = mnt
+        self.floods = floods
+        self.churn_rounds = churn_rounds
+        self.procs: list[subprocess.Popen] = []
+        self.churn: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Attack":
+        cp = os.getxattr(self.mnt, CONTROL_XATTR).decode()
+        try:
+            self._go(cp)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _go(self, cp: str) -> None:
+        hostile = (1000, 1002)
+        first = []
+        for i in range(2):
+            first.append(start(hostile[i], NEVER_READS, cp))
+        first.append(start(1002, SHM, str(self.mnt)))
+        for i in range(self.floods):
+            first.append(start(hostile[i % 2], FLOOD, cp))
+        self.procs += first
+        for p in first:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"an attacker failed: {p.stderr.read()}")  # type: ignore[union-attr]
+        for seed in range(5):
+            self.churn.append(start(hostile[seed % 2], CHURN, cp, str(seed),
+                                    str(self.churn_rounds)))
+        for uid in hostile:
+            self.procs.append(start(uid, HOARD, cp, "300"))
+        for p in self.churn + self.procs[-2:]:
+            line = p.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"an attacker failed: {p.stderr.read()}")  # type: ignore[union-attr]
+        self.procs += self.churn
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            reap(p)
+
+
+def py_spy_top(path: str, pid: int, seconds: float) -> subprocess.Popen:
+    return subprocess.Popen([path, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", "200", "--idle", "--format", "raw", "--output",
+                             "/tmp/bench_hostile.pyspy.txt", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize_py_spy(fname: str, top: int = 25) -> list[tuple[str, float]]:
+    """Share of the event loop thread's samples (idle included: waiting for I/O shows
+    as `EpollIOManager.get_events`) whose stack includes each function, the largest."""
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    with open(fname) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if "unrolled_run" not in stack:  # a worker thread
+                continue
+            n = int(count)
+            total += n
+            seen = set()
+            for fr in stack.split(";"):
+                name = fr.split(" (")[0]
+                if name not in seen:
+                    seen.add(name)
+                    incl[name] += n
+    return [(k, v / total) for k, v in incl.most_common(top)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--floods", type=int, default=4)
+    ap.add_argument("--json")
+    ap.add_argument("--py-spy", dest="py_spy")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="run the daemon and the victim at this nice value (e.g. -10), in "
+                         "both phases: what is left is then not the CPU the attacker "
+                         "processes take")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_hostile.py: must run as root (the attackers are other uids)",
+              file=sys.stderr)
+        return 2
+    n = 300 if args.quick and args.samples == 1000 else args.samples
+    base = Path(tempfile.mkdtemp(prefix="sluice-hostile-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "mnt").mkdir()
+    sm = SluiceMount(base / "vol", base / "mnt", size="1G")
+    result: dict[str, Any] = {"samples": n, "load_start": loadavg()}
+    try:
+        sm.mkfs()
+        sm.mount()
+        mnt = sm.mountpoint
+        assert sm.pid is not None
+        if args.nice is not None:
+            renice(sm.pid, args.nice)
+            renice(os.getpid(), args.nice)
+            result["nice"] = args.nice
+        (mnt / "pub").mkdir()
+        os.chmod(mnt / "pub", 0o1777)
+        (mnt / "pub" / "shared").write_bytes(b"s" * 100_000)
+        os.chmod(mnt / "pub" / "shared", 0o666)
+        log(f"quiet: {n} requests")
+        daemon_service(mnt)
+        rd0, cpu0 = run_delay(sm.pid), cpu_time(sm.pid)
+        t0 = time.perf_counter()
+        vw: list[float] = []
+        quiet = victim(mnt, n, vw)
+        t1 = time.perf_counter()
+        rd1, cpu1 = run_delay(sm.pid), cpu_time(sm.pid)
+        svc_q = daemon_service(mnt)
+        with Attack(mnt, floods=args.floods, churn_rounds=-1) as attack:
+            time.sleep(1.0)  # let the churn and the floods get going
+            spy = py_spy_top(args.py_spy, sm.pid, 10) if args.py_spy else None
+            log(f"attacked: {n} requests")
+            daemon_service(mnt)
+            rd2, cpu2 = run_delay(sm.pid), cpu_time(sm.pid)
+            t2 = time.perf_counter()
+            busy = victim(mnt, n, vw)
+            t3 = time.perf_counter()
+            rd3, cpu3 = run_delay(sm.pid), cpu_time(sm.pid)
+            svc_a = daemon_service(mnt)
+            if spy is not None:
+                spy.wait()
+            result["load_attacked"] = loadavg()
+            result["attackers"] = sum(p.poll() is None for p in attack.procs)
+            result["attackers_started"] = len(attack.procs)
+        result["quiet"] = percentiles(quiet)
+        result["attacked"] = percentiles(busy)
+        result["daemon_quiet"] = svc_q
+        result["daemon_attacked"] = svc_a
+        result["victim_cpu_wait_ms"] = [w / n * 1e3 for w in vw]
+        result["wait_cpu_quiet"] = (rd1 - rd0) / (t1 - t0)
+        result["wait_cpu_attacked"] = (rd3 - rd2) / (t3 - t2)
+        result["daemon_cpu_quiet"] = (cpu1 - cpu0) / (t1 - t0)
+        result["daemon_cpu_attacked"] = (cpu3 - cpu2) / (t3 - t2)
+    finally:
+        sm.cleanup()
+        if not is_mounted(base / "mnt"):
+            shutil.rmtree(base, ignore_errors=True)
+    q, a = result["quiet"], result["attacked"]
+    nice = f", daemon and victim at nice {args.nice}" if args.nice is not None else ""
+    print(f"victim: root{nice}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "
+          f"1002, {result['attackers']} processes; load {result['load_start']} -> "
+          f"{result['load_attacked']}")
+    print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    print(f"{'quiet':28} {q['p50']:8.3f} {q['p99']:8.3f} {q['max']:8.3f}")
+    print(f"{'attacked':28} {a['p50']:8.3f} {a['p99']:8.3f} {a['max']:8.3f}")
+    print(f"{'ratio attacked/quiet':28} {a['p50'] / q['p50']:8.2f} {a['p99'] / q['p99']:8.2f} "
+          f"{a['max'] / q['max']:8.2f}")
+    print("the daemon's own service time (request read -> reply written), per principal:")
+    for label, rows in (("quiet", result["daemon_quiet"]),
+                        ("attacked", result["daemon_attacked"])):
+        for who, h in sorted(rows.items()):
+            what = (f"{h['n']} batches, the loop thread on a CPU {h['on_cpu']:.0%} of "
+                    "their time" if "on_cpu" in h else
+                    f"{h['n']} requests, waited for a turn p99 {h['waited_p99_ms']:.3f} ms")
+            print(f"  {label + ' ' + who:26} {h['p50_ms']:8.3f} {h['p99_ms']:8.3f} "
+                  f"{h['max_ms']:8.3f}   {what}")
+    print(f"daemon main thread: CPU {result['daemon_cpu_quiet']:.0%} quiet, "
+          f"{result['daemon_cpu_attacked']:.0%} attacked; waiting for a CPU "
+          f"{result['wait_cpu_quiet']:.0%} quiet, {result['wait_cpu_attacked']:.0%} attacked "
+          "(of wall time)")
+    vq, va = result["victim_cpu_wait_ms"]
+    print(f"victim process waiting for a CPU, per request pair (mean): {vq:.3f} ms quiet, "
+          f"{va:.3f} ms attacked; mean latency {sum(quiet) / n * 1e3:.3f} ms quiet, "
+          f"{sum(busy) / n * 1e3:.3f} ms attacked")
+    if args.py_spy:
+        top = summarize_py_spy("/tmp/bench_hostile.pyspy.txt")
+        result["py_spy"] = top
+        print("daemon's event loop under attack, py-spy (share of samples in each function "
+              "or below it, idle included):")
+        for name, share in top:
+            print(f"  {share:6.1%}  {name}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
