@@ -2,9 +2,10 @@
 
 The wire format is protocol.py's (version 2): JSON control requests, binary data
 requests, server push; docs/dev/protocol.md explains framing, push, flow control and
-bounds. This module moves frames (accept, read, the send queue, push) and dispatches
-them; the operations live in `fileops.py` (files and data) and `adminops.py`
-(principals, statistics), mixed into ShimServer; `connection.py` holds what they share.
+bounds. This module accepts connections, reads frames and dispatches them; the send
+queue and push live in `sendpath.py`, the operations in `fileops.py` (files and data),
+`adminops.py` (principals, statistics) and `pagerops.py`, all mixed into ShimServer;
+`connection.py` holds what they share.
 
 Each connection is authenticated by SO_PEERCRED (pid, uid, gid as the kernel reports
 them) and acts for the principal its process is registered to (or its uid's default).
@@ -98,7 +99,6 @@ and closes that connection, never another one or the daemon.
 from __future__ import annotations
 
 import errno as _errno
-import itertools
 import logging
 import math
 import os
@@ -106,7 +106,7 @@ import resource
 import socket
 import struct
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -115,9 +115,9 @@ from blockdev import PrincipalId, SluiceError
 from .kernel import Kernel
 from .pagerops import PagerOps
 from .principals import Principal, PrincipalTable, TooManyObjects
-from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, PUSH, READ, REQUEST, WRITE, DataReply,
+from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, READ, REQUEST, WRITE, DataReply,
                        DataRequest, Decoded, Decoder, FramingError, Message, OldVersion,
-                       ProtocolError, ReplyTooLarge, brief, encode, encode_data_ok,
+                       ProtocolError, brief, encode, encode_data_ok,
                        error_payload)
 from .service import Credentials, MetadataService
 from .adminops import AdminOps
@@ -138,6 +138,7 @@ from .connection import ADMIN_RATE as ADMIN_RATE
 from .connection import TURN_SECONDS as TURN_SECONDS
 from .connection import FairTurns, MAX_OFFSET, Connection, Share, _InternalError
 from .fileops import FileOps
+from .sendpath import SendPath, _close_all
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _raise_fd_limit(connections: int) -> None:
             log.warning("cannot raise the descriptor limit to %d: %s", new, exc)
 
 
-class ShimServer(FileOps, AdminOps, PagerOps):
+class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
                  path: Path, *, metadata_pending: Callable[[], bool] | None = None,
                  max_connections: int = MAX_CONNECTIONS,
@@ -410,182 +411,6 @@ class ShimServer(FileOps, AdminOps, PagerOps):
             await self.turns.take(conn.share)
         return True
 
-    # -- sending -------------------------------------------------------------------------
-
-    def _frame(self, kind: int, rid: int, payload: dict[str, Any]) -> bytes:
-        """The encoded reply; a reply that cannot be encoded (too large, not JSON) is a
-        bug of this server, answered with an error instead of taking anything down."""
-        try:
-            return encode(kind, rid, payload)
-        except ReplyTooLarge as exc:
-            log.error("unexpected: reply to request %d too large: %s", rid, exc)
-            return encode(ERROR, rid, error_payload(exc))
-        except (TypeError, ValueError) as exc:
-            log.error("unexpected: reply to request %d not encodable: %s", rid, exc)
-            return encode(ERROR, rid, {"error": "InternalError", "errno": _errno.EIO,
-                                       "message": "the reply could not be encoded"})
-
-    def _emit(self, conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
-        """Send a frame now if the socket takes it, else queue it for the writer. Never
-        waits. The descriptors in `fds` are the connection's to close from here on."""
-        fds = list(fds or ())
-        if conn.doomed is not None:
-            for fd in fds:
-                os.close(fd)
-            return
-        view = memoryview(data)
-        if conn.corked:  # sent at the end of the step (_uncork)
-            if not conn.sendq:
-                conn.last_sent = trio.current_time()
-            conn.sendq.append((view, fds))
-            conn.queued += len(view)
-            if conn.queued > MAX_SEND_QUEUE:
-                conn.doom("send queue full")
-            return
-        if not conn.sendq:
-            try:
-                sent = self._send_now(conn.sock, view, fds)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                _close_all(fds)
-                conn.doom(f"send failed: {exc}")
-                return
-            if sent:
-                _close_all(fds)
-                fds = []
-            if sent == len(view):
-                return
-            view = view[sent:]
-        if not conn.sendq:
-            conn.last_sent = trio.current_time()  # the stall clock starts now
-        conn.sendq.append((view, fds))
-        conn.queued += len(view)
-        if conn.queued > MAX_SEND_QUEUE:
-            log.info("closing shim connection of pid %d: %d bytes of replies and "
-                     "notifications unread", conn.creds.pid, conn.queued)
-            conn.doom("send queue full")
-        conn.wake_writer.set()
-
-    def _uncork(self, conn: Connection) -> None:
-        """The end of a step that gathered `conn`'s output: send what the socket takes
-        now, as few system calls as possible; the writer gets the rest. Never raises
-        (it runs in FairTurns.after_task_step)."""
-        try:
-            if conn.doomed is not None:
-                conn.wake_writer.set()
-                return
-            while conn.sendq:
-                views = []
-                for view, fds in itertools.islice(conn.sendq, 256):
-                    if fds:
-                        break
-                    views.append(view)
-                try:
-                    if views:
-                        sent = conn.sock.sendmsg(views)
-                    else:  # descriptors ride on the first byte of this frame alone
-                        view, fds = conn.sendq[0]
-                        sent = self._send_now(conn.sock, view, fds)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    conn.doom(f"send failed: {exc}")
-                    return
-                if not sent:
-                    break
-                conn.last_sent = trio.current_time()
-                conn.queued -= sent
-                while sent:
-                    view, fds = conn.sendq[0]
-                    _close_all(fds)
-                    if sent >= len(view):
-                        sent -= len(view)
-                        conn.sendq.popleft()
-                    else:
-                        conn.sendq[0] = (view[sent:], [])
-                        sent = 0
-            if conn.sendq:
-                conn.wake_writer.set()
-            else:
-                conn.signal_progress()
-        except Exception:  # noqa: BLE001 - a bug: close this connection, keep the rest
-            self.connection_bugs += 1
-            log.exception("unexpected error sending to a shim connection; closing it")
-            conn.doom("internal error")
-
-    @staticmethod
-    def _send_now(sock: socket.socket, view: memoryview, fds: list[int]) -> int:
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            return sock.sendmsg([view], anc)
-        return sock.send(view)
-
-    async def _write_loop(self, conn: Connection) -> None:
-        """The connection's writer: sends what `_emit` could not, waiting for the socket;
-        closes a connection that does not read for send_stall_seconds."""
-        while True:
-            await conn.wake_writer.wait()
-            conn.wake_writer = trio.Event()
-            if conn.doomed is not None and not conn.sendq:
-                return
-            await self._flush(conn)
-
-    async def _flush(self, conn: Connection) -> None:
-        """Send the queue out (or give up on a connection that does not read)."""
-        while conn.sendq:
-            view, fds = conn.sendq[0]
-            try:
-                sent = self._send_now(conn.sock, view, fds)
-            except BlockingIOError:
-                with trio.move_on_at(conn.last_sent + self.send_stall_seconds) as cs:
-                    await trio.lowlevel.wait_writable(conn.sock)
-                if cs.cancelled_caught:
-                    log.info("closing shim connection of pid %d: it read nothing for %g s",
-                             conn.creds.pid, self.send_stall_seconds)
-                    conn.doom("peer does not read")
-                    return
-                continue
-            except OSError as exc:
-                conn.doom(f"send failed: {exc}")
-                return
-            _close_all(fds)
-            conn.last_sent = trio.current_time()
-            conn.queued -= sent
-            if sent == len(view):
-                conn.sendq.popleft()
-            else:
-                conn.sendq[0] = (view[sent:], [])
-            conn.signal_progress()
-
-    # -- push ----------------------------------------------------------------------------
-
-    def push(self, principal: PrincipalId | Principal, kind: str,
-             payload: dict[str, Any]) -> int:
-        """Notify every connection of `principal` subscribed to `kind`; returns how many
-        were notified. Never waits: the notification is queued behind the connection's
-        replies; a connection that does not read is closed, not buffered for."""
-        pid = principal.id if isinstance(principal, Principal) else principal
-        return self.push_to((c for c in self._conns if c.principal.id == pid), kind, payload)
-
-    def push_to(self, conns: Iterable[Connection], kind: str, payload: dict[str, Any]) -> int:
-        """Notify the connections of `conns` that subscribed to `kind` (see `push`).
-        The payload must fit one frame (ReplyTooLarge otherwise: the caller's bug)."""
-        if kind not in PUSH_KINDS:
-            raise ValueError(f"unknown notification kind {kind!r}")
-        body = {**payload, "kind": kind}
-        n = 0
-        for conn in list(conns):
-            if kind not in conn.subscribed or conn.doomed is not None:
-                continue
-            conn.push_seq = (conn.push_seq + 1) & 0xFFFFFFFF
-            self._emit(conn, encode(PUSH, conn.push_seq, body))
-            n += 1
-        return n
-
-    def connections_of(self, principal: PrincipalId) -> list[Connection]:
-        return [c for c in self._conns if c.principal.id == principal]
-
     # -- dispatch ------------------------------------------------------------------------
 
     async def _handle(self, conn: Connection, m: Decoded | ProtocolError) -> None:
@@ -663,8 +488,3 @@ class ShimServer(FileOps, AdminOps, PagerOps):
         self._release_trace(conn)
         self._release_reclaim(conn)
         await FileOps._release_all(self, conn)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
