@@ -12,8 +12,8 @@ The package has separate rooms:
   banks.py, bankrules.py, accounting.py,        (the principal tree's records, the rules
   processes.py                                  of its banks, hierarchical charging, the
                                                 pid registry: principals.py re-exports)
-  server.py, connection.py, fileops.py,         the RPC server (control socket, push,
-  adminops.py, pagerops.py                      the direct clients' and admin ops)
+  server.py, connection.py, sendpath.py,        the RPC server (control socket, push,
+  fileops.py, adminops.py, pagerops.py          the direct clients' and admin ops)
   protocol.py                                   the wire format (sans-IO, light)
   clientcore.py, client.py                      the client library (light)
 
