@@ -56,7 +56,7 @@ class DataPath(Reclaim):
         self.bypassed += count - len(resident)
         # The runs between them are read from the device (decided before the first
         # checkpoint, as the copies above were made).
-        lo = block
+        lo: int = block
         for stop in (*resident, block + count):
             if stop > lo:
                 first, n = lo - block, stop - lo
