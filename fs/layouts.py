@@ -88,6 +88,22 @@ class Layouts:
                     self.kernel.release(g)
         return n
 
+    async def write_relocating(self: FileSystem, grant: Grant, offset: int,
+                               data: memoryview) -> int:
+        """A direct client's write over committed (sealed) blocks, relocated here as a
+        write through the mount is (`_write_data`: fresh blocks, the map changed and the
+        old blocks freed by the same transaction, R1), instead of a write layout that
+        first copies the old contents to fresh blocks and a second write over the copy.
+        Not committed: as for any direct write, the client's commit makes the range
+        part of the file (size, mtime). Needs WRITE (checked by the kernel's write);
+        NotAllocated for holes (those need a write layout: storage is charged there)."""
+        self._writable()
+        node = self._direct_node(grant)
+        async with self._lock(node):
+            self._direct_node(grant)  # revoked while waiting for the lock?
+            await self._write_data(node, grant, offset, data)
+        return len(data)
+
     async def layout_commit(self: FileSystem, grant: Grant, offset: int, length: int) -> int:
         """The range was written: extents become written, size and mtime update."""
         self._writable()

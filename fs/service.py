@@ -112,6 +112,9 @@ class DirectService:
     async def layout_get(self, grant: Grant, offset: int, length: int) -> int:
         return await self.fs.layout_get(grant, offset, length)
 
+    async def write_relocating(self, grant: Grant, offset: int, data: memoryview) -> int:
+        return await self.fs.write_relocating(grant, offset, data)
+
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         return await self.fs.layout_commit(grant, offset, length)
 

@@ -603,17 +603,18 @@ class FileCore:
                 rid, off, n, at = inflight.popleft()
                 try:
                     yield Wait(rid)
-                except _errors.Sealed:
-                    # A commit sealed blocks of the layout held: ask again (the server
-                    # relocates them), then write the piece again (its part of the
-                    # buffer still holds it). The metadata server's periodic commit can
-                    # seal the new blocks too before the write lands: try a few times.
+                except _errors.NotAllocated:  # (Sealed is one)
+                    # A hole inside the file (no layout asked for, see _layout_wanted),
+                    # or blocks a commit sealed (older servers): ask for a layout, then
+                    # write the piece again (its part of the buffer still holds it).
+                    # The periodic commit can seal the new blocks too before the write
+                    # lands: try a few times.
                     for attempt in range(SEALED_RETRIES):
                         yield from call("layout_get", slot=self.slot, offset=off, length=n)
                         try:
                             yield Wait((yield SendData(WRITE, self.slot, off, n, at)))
                             break
-                        except _errors.Sealed:
+                        except _errors.NotAllocated:
                             if attempt == SEALED_RETRIES - 1:
                                 raise
         except GeneratorExit:
@@ -657,7 +658,10 @@ class FileCore:
         if _covered(self._layout, off, off + n):
             return None
         if off + n <= self._size_hint:
-            return off, off + n
+            # Inside the file: the server relocates committed blocks under the write
+            # itself (one request, one device write); a hole answers NotAllocated, and
+            # the write asks for a layout then (pwrite_plan).
+            return None
         return off, off + max(n, LAYOUT_CHUNK)
 
     def _wrote(self, offset: int, n: int) -> None:

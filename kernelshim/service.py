@@ -34,6 +34,11 @@ class MetadataService(Protocol):
         """Allocate unwritten extents for the holes in the range, charged to the grant's
         principal; returns the number of blocks allocated."""
 
+    async def write_relocating(self, grant: Grant, offset: int, data: memoryview) -> int:
+        """Write `data` at `offset` where the range covers committed (sealed) blocks:
+        they are relocated to fresh ones holding the new data (copy-on-write), not
+        committed. NotAllocated for holes in the range. Returns len(data)."""
+
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         """The range was written: its extents become written, size and mtime update.
         Returns the new size."""

@@ -339,6 +339,38 @@ def test_direct_client_overwrites_committed_data_through_a_new_layout(mnt: Path)
     assert (mnt / "d").read_bytes() == bytes(want)
 
 
+@pytest.mark.mounted
+def test_direct_writes_over_committed_blocks_and_into_holes_of_a_sparse_file(
+        mnt: Path) -> None:
+    """Inside the file the client library asks for no layout: the server relocates
+    committed blocks under the write itself (with the data, R1), and a hole answers
+    NotAllocated, after which the library asks for a layout and writes again. Whole and
+    partial blocks, one write over a committed block and a hole at once; the bytes read
+    back through the client and through the mount."""
+    from kernelshim.client import Client
+    data = fill(7, 3 * BS)
+    with open(mnt / "s", "wb") as f:
+        f.write(data)
+        f.truncate(10 * BS)  # blocks 3-9 are holes inside the file
+        os.fsync(f.fileno())
+    want = bytearray(data) + bytes(7 * BS)
+    writes = [(5 * BS, b"H" * BS),              # a whole hole
+              (BS + 100, b"p" * 300),           # part of a committed block
+              (2 * BS + 4000, b"x" * 200),      # the end of a committed block + a hole
+              (0, b"W" * BS),                   # a whole committed block
+              (8 * BS + 7, b"q" * 9)]           # part of a hole
+    with Client.connect(mnt) as c:
+        with c.open("s", "r+") as f:
+            for off, b in writes:
+                assert f.pwrite(b, off) == len(b)
+                want[off:off + len(b)] = b
+            f.commit()
+            f.fsync()
+        with c.open("s", "r") as f:
+            assert bytes(f.pread(len(want), 0)) == bytes(want)
+    assert (mnt / "s").read_bytes() == bytes(want)
+
+
 # -- failures: read-only rather than damage; errors reported once per open file ---------------
 
 
