@@ -191,7 +191,12 @@ def parse_profile(spec: str) -> TimingProfile:
 
 
 def _plain(text: str) -> bool:
-    return text.strip().replace(".", "", 1).isdigit()
+    """A number with no unit, as the spec's historical parser (`float`) took it
+    ('100', '2.5', '1e3', '+50'): such specs are stored in device.json and must load."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _bandwidth(text: str) -> float:

@@ -224,9 +224,11 @@ class Namespace:
             for g in self.kernel.grants_for(node.id):
                 revoked.extend(self.kernel.revoke_nowait(g))
             freed = self._extents(node).remove_owned(0) if node.is_reg and node.blocks else []
-            await self._release_unmapped(freed, revoked)
+            # The delete is the saved change that frees the blocks: in the open
+            # transaction before the refund and the drain's checkpoint (R3).
             self.md.delete_inode(node.id)
             node.blocks = 0
+            await self._release_unmapped(freed, revoked)
         if node.lookups <= 0:
             self._inodes.pop(node.id, None)
 

@@ -66,6 +66,12 @@ PARKED_OVERHEAD = 4096
 #: kernel sends them as background requests, at most max_background (12) at a time
 #: for the whole mount.
 _NEVER_REFUSED = frozenset({"release", "releasedir"})
+#: handlers not admitted at all: FLUSH (sent on every close(2), its error becomes
+#: close's, never retried) only checks the handle — nothing to bound, and an EAGAIN
+#: would make `cp` or `tar` report a failed close of data they wrote. (FSYNC is
+#: admitted like any request: beyond the parking bound it gets EAGAIN, which says the
+#: data is not yet durable — true — rather than waiting while holding a worker.)
+_UNADMITTED = frozenset({"flush"})
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -227,7 +233,7 @@ def _guard(fn: F) -> F:
     async def wrapper(self: Operations, *args: Any) -> Any:
         self.fs.fuse_requests[name] += 1
         try:
-            who = self._principal_of(name, args)
+            who = None if name in _UNADMITTED else self._principal_of(name, args)
             if who is None:
                 return await fn(self, *args)
             payload = sum(len(a) for a in args if isinstance(a, (bytes, bytearray)))

@@ -150,6 +150,7 @@ def _stuck_reads(path: str, started: int) -> dict:
     """THREADS threads of one uid read distinct chunks of one open file at once; a byte
     on pipe `started` once they all run."""
     fd = os.open(path, os.O_RDONLY)
+    other = os.open(os.path.join(os.path.dirname(path), "small"), os.O_RDONLY)
     out: list[str] = []
 
     def reader(i: int) -> None:
@@ -163,10 +164,21 @@ def _stuck_reads(path: str, started: int) -> dict:
     for th in ts:
         th.start()
     os.write(started, b"s")
+    # Once the refused threads have their EAGAIN, A's parking is full: a close(2) of
+    # another file must still succeed (files are opened with noflush, and a FLUSH is
+    # not admitted at all: its error would be close's, never retried).
+    deadline = time.monotonic() + 120
+    while out.count("EAGAIN") < REFUSED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        os.close(other)
+        closed = "ok"
+    except OSError as exc:
+        closed = errno.errorcode.get(exc.errno, str(exc.errno))
     for th in ts:
         th.join()
     os.close(fd)
-    return {"results": out}
+    return {"results": out, "close": closed}
 
 
 @pytest.fixture
@@ -242,5 +254,6 @@ def test_a_tenant_stuck_beyond_the_worker_pool_leaves_the_daemon_to_others(
         a = child_result(a_pid, a_r)
     got = a["results"]
     assert sorted(got) == ["EAGAIN"] * REFUSED + ["ECONNABORTED"] * (RUNNING + PARKED), got
+    assert a["close"] == "ok", a
     log = (tmp_path / "daemon.log").read_text()
     assert "lab setting SLUICE_FUSE_WORKERS" in log

@@ -193,6 +193,10 @@ def test_profile_specs_of_the_old_code_parse_the_same() -> None:
     assert (new.bandwidth_bps, new.write_cache_bytes) == (50e6, 16 * MiB)
     assert parse_profile("lat=1,bw=1.5GiB/s,qd=1,wcache=100MB").bandwidth_bps == 1.5 * GiB
     assert parse_profile("lat=1,bw=1,qd=1,wcache=100MB").write_cache_bytes == 100_000_000
+    # Whatever float() took before is still a plain number (such specs are saved).
+    assert parse_profile("lat=100,bw=1e3,qd=2").bandwidth_bps == 1e9
+    assert parse_profile("lat=100,bw=+50,qd=2").bandwidth_bps == 50e6
+    assert parse_profile("lat=100,bw=50,qd=2,wcache=1e1").write_cache_bytes == 10 * MiB
     with pytest.raises(ValueError, match="bad rate '5zz'"):
         parse_profile("lat=1,bw=5zz,qd=1")
 
