@@ -229,16 +229,7 @@ class OpenFiles:
         hi = min(hi, blocks_to_cover(lo, bs) * bs)
         if hi <= lo:
             return
-        emap = self._extents(node)
-        seg = emap.segments(lo // bs, 1)[0]
-        if seg.state == UNWRITTEN:  # holes and unwritten blocks read as zeros
-            return
-        g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
-                              rights=Rights.WRITE, principal=principal, charge=False)
-        try:
-            await self._write_data(node, g, lo, bytes(hi - lo))
-        finally:
-            self.kernel.release(g)
+        await self._zero_within_block(node, self._extents(node), lo, hi, principal)
 
     async def fsync(self: FileSystem, fh: int | None, datasync: bool) -> None:
         h = self._handles.get(fh) if fh is not None else None

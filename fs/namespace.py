@@ -312,13 +312,7 @@ class Namespace:
                 self.principals.charge(owner, space=grow)
             else:
                 self.principals.refund(owner, space=-grow)
-        if dst is not None:
-            if dst.is_dir and not src.is_dir:
-                raise IsADirectory(f"{new_name!r} is a directory")
-            if src.is_dir and not dst.is_dir:
-                raise NotADirectory(f"{new_name!r} is not a directory")
-            if dst.is_dir and self.md.has_entries(dst.id):
-                raise NotEmpty(f"directory {new_name!r} is not empty")
+        if dst is not None:  # checked above, before the charge
             self._remove_name(new_parent, new_name)
             if dst.is_dir:
                 np_.nlink -= 1

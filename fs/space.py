@@ -231,17 +231,23 @@ class Space:
         """Write zeros over [lo, hi) inside the blocks the range covers only partly, where
         they hold data (holes and unwritten blocks read as zeros already). A sealed block
         is relocated, not zeroed in place (R1)."""
-        bs = self.block_size
-        for a, b in partial_edges(lo, hi, bs):
-            seg = emap.segments(a // bs, 1)[0]
-            if seg.dev_block == HOLE or seg.state == UNWRITTEN:
-                continue
-            g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
-                                  rights=Rights.WRITE, principal=principal, charge=False)
-            try:
-                await self._write_data(node, g, a, bytes(b - a))
-            finally:
-                self.kernel.release(g)
+        for a, b in partial_edges(lo, hi, self.block_size):
+            await self._zero_within_block(node, emap, a, b, principal)
+
+    async def _zero_within_block(self: FileSystem, node: Inode, emap: ExtentMap, lo: int,
+                                 hi: int, principal: PrincipalId) -> None:
+        """Write zeros over [lo, hi), which lies inside one block, if that block holds
+        data (a hole or an unwritten block reads as zeros already), through a grant of
+        the metadata server's own, as a write (a sealed block is relocated: R1)."""
+        seg = emap.segments(lo // self.block_size, 1)[0]
+        if seg.dev_block == HOLE or seg.state == UNWRITTEN:
+            return
+        g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
+                              rights=Rights.WRITE, principal=principal, charge=False)
+        try:
+            await self._write_data(node, g, lo, bytes(hi - lo))
+        finally:
+            self.kernel.release(g)
 
     async def _unmap_whole_blocks(self: FileSystem, node: Inode, emap: ExtentMap, lo: int,
                                   hi: int, *, replace: bool) -> None:

@@ -135,6 +135,33 @@ def mount_factory(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture
+def public_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Like mount_factory, with the mount point under a fresh 0755 directory in /tmp
+    (pytest's tmp_path is not reachable by other uids), at `<base>/mnt`; the daemon's
+    log is tmp_path/daemon.log."""
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="sluice-pub-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    mounts: list[Mount] = []
+
+    def start(volume: Path, *extra: str) -> Mount:
+        mp = base / "mnt"
+        mp.mkdir(exist_ok=True)
+        m = Mount(volume, mp, None, tmp_path / "daemon.log")
+        mounts.append(m)
+        m.start(*extra)
+        return m
+
+    try:
+        yield start
+    finally:
+        for m in mounts:
+            m.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
 def mnt(volume: Path, mount_factory) -> Iterator[Path]:
     """A fresh volume mounted; yields the mount point."""
     m = mount_factory(volume)

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import trio
 import trio.testing
 
-from conftest import Mount, child_result, in_child, make_volume
+from conftest import child_result, in_child, make_volume
 from fs.operations import Admission
 from kernelshim.principals import Banks, PrincipalTable
 
@@ -153,28 +150,6 @@ def _probe(mp: str) -> dict:
         data = f.read()
     t2 = time.monotonic()
     return {"stat_s": t1 - t0, "read_s": t2 - t1, "ok": data == b"s" * 4096}
-
-
-@pytest.fixture
-def public_mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
-    base = Path(tempfile.mkdtemp(prefix="sluice-adm-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    mounts: list[Mount] = []
-
-    def start(volume: Path, *extra: str) -> Mount:
-        mp = base / "mnt"
-        mp.mkdir(exist_ok=True)
-        m = Mount(volume, mp, None, tmp_path / "daemon.log")
-        mounts.append(m)
-        m.start(*extra)
-        return m
-
-    try:
-        yield start
-    finally:
-        for m in mounts:
-            m.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.mounted

@@ -696,65 +696,14 @@ print("ok")
 
 # -- mounted: misbehaving clients, several at once -------------------------------------------
 
-NEVER_READS = """
-import socket, struct, sys, json
-path = sys.argv[1]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(path)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-def frame(rid, p):
-    b = struct.pack(">BBI", 2, 1, rid) + json.dumps(p).encode()
-    return struct.pack(">I", len(b)) + b
-s.settimeout(5)
-sent = 0
-try:
-    for rid in range(1, 20001):   # opens and stats, never reading a reply
-        s.sendall(frame(rid, {"op": "open", "path": "pub/shared", "flags": 0}
-                        if rid % 2 else {"op": "stats"}))
-        sent += 1
-except (socket.timeout, OSError):
-    pass
-print("sent", sent, flush=True)
-sys.stdin.readline()
-"""
+# The attackers are the QoS benchmark's own (scripts/bench_hostile.py), so that the
+# suite and the benchmark attack alike: NEVER_READS pipelines opens and stats and
+# never reads a reply; CHURN connects and drops connections, cut mid-request.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_hostile import CHURN, NEVER_READS  # noqa: E402
 
-CHURN = """
-import os, random, socket, struct, sys, json
-path, seed = sys.argv[1], int(sys.argv[2])
-rnd = random.Random(seed)
-def frame(rid, p):
-    b = struct.pack(">BBI", 2, 1, rid) + json.dumps(p).encode()
-    return struct.pack(">I", len(b)) + b
-reqs = [{"op": "hello"}, {"op": "attach", "size": 1 << 20},
-        {"op": "open", "path": "pub/shared", "flags": 2},
-        {"op": "open", "path": f"pub/churn-{seed}", "flags": 2 | 64},
-        {"op": "mint", "slot": 1, "rights": 1},
-        {"op": "layout_get", "slot": 2, "offset": 0, "length": 1 << 20},
-        {"op": "write", "slot": 2, "offset": 0, "length": 8192, "buf": 0},
-        {"op": "stats"}, {"op": "principal_ls"}]
-for round in range(150):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError:
-        continue
-    data = b"".join(frame(i + 1, r) for i, r in enumerate(rnd.sample(reqs, rnd.randint(1, 9))))
-    cut = rnd.randint(0, len(data))
-    try:
-        s.sendall(data[:cut])
-        if rnd.random() < 0.5:
-            s.settimeout(0.05)
-            try:
-                s.recv(rnd.randint(1, 5000))
-            except OSError:
-                pass
-    except OSError:
-        pass
-    if rnd.random() < 0.3:   # reset instead of a clean close
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
-print("done", flush=True)
-"""
+#: connections each CHURN process makes and drops
+CHURN_ROUNDS = 150
 
 
 def _start(uid: int, code: str, *args: str) -> subprocess.Popen:
@@ -804,8 +753,9 @@ sys.stdin.readline()
         for p in procs[:2]:
             line = p.stdout.readline()  # type: ignore[union-attr]
             assert line.startswith("sent"), p.stderr.read()  # type: ignore[union-attr]
-        churn = [*(_start(1000, CHURN, cp, str(seed)) for seed in range(3)),
-                 *(_start(1002, CHURN, cp, str(seed)) for seed in range(3, 5))]
+        churn = [*(_start(1000, CHURN, cp, str(seed), str(CHURN_ROUNDS)) for seed in range(3)),
+                 *(_start(1002, CHURN, cp, str(seed), str(CHURN_ROUNDS))
+                   for seed in range(3, 5))]
         procs += churn
         procs += [_hoard(mnt, 1000, 300), _hoard(mnt, 1002, 300)]
         busy = _latencies(mnt, SAMPLES)

@@ -14,8 +14,6 @@ import errno
 import functools
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import Mount, child_result, in_child, make_volume, run_as
+from conftest import child_result, in_child, make_volume, run_as
 from fs.operations import PARKED_OVERHEAD, Admission
 from kernelshim.principals import Banks, PrincipalTable
 
@@ -181,33 +179,11 @@ def _stuck_reads(path: str, started: int) -> dict:
     return {"results": out, "close": closed}
 
 
-@pytest.fixture
-def public_mounts(tmp_path: Path):
-    base = Path(tempfile.mkdtemp(prefix="sluice-park-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    mounts: list[Mount] = []
-
-    def start(volume: Path, *extra: str) -> Mount:
-        mp = base / "mnt"
-        mp.mkdir(exist_ok=True)
-        m = Mount(volume, mp, None, tmp_path / "daemon.log")
-        mounts.append(m)
-        m.start(*extra)
-        return m
-
-    try:
-        yield start
-    finally:
-        for m in mounts:
-            m.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.mark.mounted
 def test_a_tenant_stuck_beyond_the_worker_pool_leaves_the_daemon_to_others(
-        tmp_path: Path, public_mounts, monkeypatch) -> None:
+        tmp_path: Path, public_mount, monkeypatch) -> None:
     volume = make_volume(tmp_path / "vol", "1G")
-    m = public_mounts(volume)
+    m = public_mount(volume)
     with open(m.path / "big", "wb") as f:
         for i in range(THREADS):
             f.write(bytes([i]) * CHUNK)
@@ -222,7 +198,7 @@ def test_a_tenant_stuck_beyond_the_worker_pool_leaves_the_daemon_to_others(
     monkeypatch.setenv("SLUICE_FAULT_PLAN", str(plan))
     monkeypatch.setenv("SLUICE_FUSE_WORKERS", f"max_tasks={WORKERS},principal_requests="
                                               f"{RUNNING},parked_requests={PARKED}")
-    m = public_mounts(volume)
+    m = public_mount(volume)
     mp = m.path
     started_r, started_w = os.pipe()
     a_pid, a_r = in_child(A_UID, lambda: _stuck_reads(str(mp / "big"), started_w))
