@@ -20,20 +20,26 @@ The model (blockdev/device.py applies it, on the device's own timeline):
 - optional write cache (`write_cache_bytes`, timing only: it never changes what is
   durable — that stays `flush()`'s job): a write that fits in the cache costs only
   `latency_s` and its transfer; the rest of its access time (program time, seek) is
-  owed and paid by the next flush, or by the write that finds the cache full.
+  owed and paid by the next flush, or by the write that finds the cache full;
+- optional anticipation (`anticipation_s`, scheduling only: the device model is the
+  same): the longest the mClock scheduler may keep the last free channel idle for a
+  reserved principal's predicted next request (blockdev/anticipation.py). On by
+  default only for `hdd`, where one non-preemptible head makes a reserved reader
+  wait for a whole bulk write; 0 turns it off.
 
 Built-in profiles (reads; the capacity is what `capacity()` computes from them):
 
-| profile | latency | write extra | bandwidth | full seek | depth | 4 KiB random IOPS | 1 MiB sequential |
-|---------|---------|-------------|-----------|-----------|-------|-------------------|------------------|
-| none    | 0       | 0           | unlimited | 0         | 64    | unlimited         | unlimited        |
-| nvme    | 80 us   | 20 us       | 3.0 GB/s  | 0         | 32    | ~393,000          | 3.0 GB/s         |
-| ssd     | 150 us  | 50 us       | 500 MB/s  | 0         | 32    | ~122,000          | 500 MB/s         |
-| hdd     | 4.2 ms  | 0           | 180 MB/s  | 15 ms     | 1     | ~82               | ~105 MB/s        |
+| profile | latency | write extra | bandwidth | full seek | depth | anticipation | 4 KiB random IOPS | 1 MiB sequential |
+|---------|---------|-------------|-----------|-----------|-------|--------------|-------------------|------------------|
+| none    | 0       | 0           | unlimited | 0         | 64    | off          | unlimited         | unlimited        |
+| nvme    | 80 us   | 20 us       | 3.0 GB/s  | 0         | 32    | off          | ~393,000          | 3.0 GB/s         |
+| ssd     | 150 us  | 50 us       | 500 MB/s  | 0         | 32    | off          | ~122,000          | 500 MB/s         |
+| hdd     | 4.2 ms  | 0           | 180 MB/s  | 15 ms     | 1     | 20 ms        | ~82               | ~105 MB/s        |
 
-Custom profiles: `latency_us,MBps,full_seek_ms,queue_depth[,write_us[,write_cache_MiB]]`
-(MBps 0: unlimited), or the same as `key=value` pairs in any order, e.g.
-`lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16`. The bandwidth and the write cache may
+Custom profiles:
+`latency_us,MBps,full_seek_ms,queue_depth[,write_us[,write_cache_MiB[,anticipation_ms]]]`
+(MBps 0: unlimited; anticipation off unless given), or the same as `key=value` pairs in
+any order, e.g. `lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16,antic=20`. The bandwidth and the write cache may
 carry units instead (blockdev/units.py): `bw=1.5GiB/s`, `wcache=64M`; a plain number is
 MB/s (10^6 bytes/s) and MiB as above. The spec is stored as the volume's profile
 (device.json) or given at mount (`--profile`).
@@ -94,6 +100,9 @@ class TimingProfile:
     write_latency_s: float = 0.0
     #: bytes of write cache (0: none); timing only, see the module docstring
     write_cache_bytes: int = 0
+    #: the longest the scheduler may idle the last free channel in anticipation of a
+    #: reserved principal's next request, seconds (0: off; blockdev/anticipation.py)
+    anticipation_s: float = 0.0
 
     def access_time(self, *, write: bool, seek_fraction: float = 0.0) -> float:
         """The per-request part of the service time (everything but the transfer)."""
@@ -144,12 +153,15 @@ PROFILES: dict[str, TimingProfile] = {
     # A SATA SSD: ~150 us, ~500 MB/s, NCQ depth 32.
     "ssd": TimingProfile("ssd", 150e-6, 500e6, 0.0, queue_depth=32, write_latency_s=50e-6),
     # A 7200 rpm disk: ~4 ms rotational latency, ~180 MB/s, ~15 ms full stroke, one at a time.
-    "hdd": TimingProfile("hdd", 4.2e-3, 180e6, 15e-3, queue_depth=1),
+    # Anticipation: a 256 KiB write with an average seek takes 13.7 ms by this model;
+    # 20 ms covers it and the grace around a predicted arrival.
+    "hdd": TimingProfile("hdd", 4.2e-3, 180e6, 15e-3, queue_depth=1, anticipation_s=20e-3),
 }
 
-_KEYS = ("lat", "bw", "seek", "qd", "wlat", "wcache")
+_KEYS = ("lat", "bw", "seek", "qd", "wlat", "wcache", "antic")
 _USAGE = ("use one of " + ", ".join(PROFILES) + ", or latency_us,MBps,full_seek_ms,"
-          "queue_depth[,write_us[,write_cache_MiB]] (or lat=,bw=,seek=,qd=,wlat=,wcache=)")
+          "queue_depth[,write_us[,write_cache_MiB[,anticipation_ms]]] "
+          "(or lat=,bw=,seek=,qd=,wlat=,wcache=,antic=)")
 
 
 def parse_profile(spec: str) -> TimingProfile:
@@ -167,7 +179,7 @@ def parse_profile(spec: str) -> TimingProfile:
             vals[k] = v
         if not {"lat", "qd"} <= set(vals):
             raise err
-    elif 4 <= len(parts) <= 6 and not any("=" in s for s in parts):
+    elif 4 <= len(parts) <= 7 and not any("=" in s for s in parts):
         vals = dict(zip(_KEYS, parts))
     else:
         raise err
@@ -178,16 +190,17 @@ def parse_profile(spec: str) -> TimingProfile:
         depth = int(vals["qd"])
         wlat = float(vals.get("wlat", "0")) * 1e-6
         wcache = _write_cache(vals.get("wcache", "0"))
+        antic = float(vals.get("antic", "0")) * 1e-3
     except UnitError as exc:
         raise ValueError(f"bad timing profile {spec!r}: {exc}") from None
     except ValueError:
         raise err from None
-    if not all(math.isfinite(x) and x >= 0 for x in (lat, bw, seek, wlat)) \
-            or not 1 <= depth <= 1024 or wcache < 0:
+    if not all(math.isfinite(x) and x >= 0 for x in (lat, bw, seek, wlat, antic)) \
+            or not 1 <= depth <= 1024 or wcache < 0 or antic > 1.0:
         raise ValueError(f"bad timing profile {spec!r}: times and rates must be finite and "
-                         "not negative, queue depth 1..1024")
+                         "not negative, queue depth 1..1024, anticipation at most 1000 ms")
     return TimingProfile("custom:" + spec, lat, bw, seek, depth, write_latency_s=wlat,
-                         write_cache_bytes=wcache)
+                         write_cache_bytes=wcache, anticipation_s=antic)
 
 
 def _plain(text: str) -> bool:

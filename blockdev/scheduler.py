@@ -57,6 +57,12 @@ with the tags as of then, and the chosen request starts then in the model (see
 Every request dispatched advances R and L of every node on its path (R and L of a
 node count all its service), and P as said above.
 
+Anticipation (blockdev/anticipation.py, on profiles with `anticipation_s`: `hdd`): a
+request cannot be preempted once in service, so before giving the last free channel to
+a request chosen by weight, the scheduler checks whether a reserved principal's next
+request is predicted to arrive before that request would be done; if so the channel
+stays idle for it, a bounded time (the module says how long and why that is safe).
+
 Barriers: the kernel's barrier (a metadata commit) must wait for the writes in flight,
 and every principal's writes wait for the barrier; so while it waits
 (`expedite_writes()`), writes held back only by a limit are dispatched anyway, their
@@ -89,6 +95,7 @@ import outcome
 import trio
 
 from .errors import OverReserved
+from .anticipation import Anticipator, Pattern
 from .histogram import LatencyHistogram
 from .profiles import CAPACITY_IO_BYTES, CAPACITY_SEQ_BYTES, TimingProfile
 from .types import ROOT_PRINCIPAL, BankNode, BankTree, PrincipalId
@@ -133,12 +140,19 @@ class PrincipalIOStats:
     throttled: int = 0
     #: writes let past their limit because a barrier waited for them (repaid after)
     expedited: int = 0
+    #: anticipation (blockdev/anticipation.py): requests that found the channel kept
+    #: idle for them, holds that ran out without the request, and the device time
+    #: idled for this principal in all (modeled seconds)
+    anticipated: int = 0
+    anticipation_missed: int = 0
+    anticipation_idle_s: float = 0.0
 
 
 class _Counters:
     __slots__ = ("reads", "writes", "discards", "flushes", "bytes_read", "bytes_written",
                  "hist", "waiting", "reserved", "met", "missed", "throttled", "expedited",
-                 "win_start", "win_ops", "win_bytes", "last_ops", "last_bytes")
+                 "win_start", "win_ops", "win_bytes", "last_ops", "last_bytes",
+                 "antic_hits", "antic_misses", "antic_idle")
 
     def __init__(self) -> None:
         self.reads = self.writes = self.discards = self.flushes = 0
@@ -149,6 +163,8 @@ class _Counters:
         self.win_start = -_INF
         self.win_ops = self.win_bytes = 0
         self.last_ops = self.last_bytes = 0
+        self.antic_hits = self.antic_misses = 0
+        self.antic_idle = 0.0
 
     def record(self, nbytes: int, kind: str, latency_s: float, now: float) -> None:
         if kind == READ:
@@ -189,7 +205,9 @@ class _Counters:
             ops=self.reads + self.writes + self.discards + self.flushes,
             waiting=self.waiting, iops=iops, bps=bps, reserved_ops=self.reserved,
             reservation_met=self.met, reservation_missed=self.missed,
-            throttled=self.throttled, expedited=self.expedited)
+            throttled=self.throttled, expedited=self.expedited,
+            anticipated=self.antic_hits, anticipation_missed=self.antic_misses,
+            anticipation_idle_s=self.antic_idle)
 
 
 def _now_or_none() -> float | None:
@@ -331,7 +349,8 @@ class FifoScheduler(_Accounting):
         # starts when that channel is free (the device knows) or at its arrival.
         return trio.current_time() if arrival is None else arrival
 
-    def _release(self, free_at: float | None = None) -> None:
+    def _release(self, free_at: float | None = None,
+                 principal: PrincipalId | None = None) -> None:
         self._slots.release()
 
 
@@ -346,7 +365,8 @@ class _Slot:
 
     def __init__(self, acquire: Callable[[PrincipalId, int, bool, float | None],
                                          Awaitable[float]],
-                 release: Callable[[float | None], None], principal: PrincipalId,
+                 release: Callable[[float | None, PrincipalId], None],
+                 principal: PrincipalId,
                  nbytes: int, write: bool, arrival: float | None = None) -> None:
         self._acquire = acquire
         self._release = release
@@ -358,7 +378,7 @@ class _Slot:
         return await self._acquire(*self._args)
 
     async def __aexit__(self, *exc: object) -> None:
-        self._release(self.free_at)
+        self._release(self.free_at, self._args[0])
 
 
 class _Req:
@@ -386,7 +406,7 @@ class _Node:
     __slots__ = ("id", "parent", "children", "active", "queue", "backlog", "weight",
                  "r_iops", "r_bps", "l_iops", "l_bps", "has_res", "has_lim",
                  "R_i", "R_b", "L_i", "L_b", "P", "own_P", "vtime", "path", "res_below",
-                 "counters")
+                 "counters", "pattern")
 
     def __init__(self, pid: PrincipalId, counters: _Counters) -> None:
         self.id = pid
@@ -412,6 +432,9 @@ class _Node:
         #: whether some descendant has a reservation of its own
         self.res_below = False
         self.counters = counters
+        #: what anticipation learned of its arrivals (a reserving principal, on a
+        #: profile with anticipation; else None)
+        self.pattern: Pattern | None = None
 
     def configure(self, b: BankNode | None) -> None:
         if b is None:
@@ -454,6 +477,11 @@ class MClockScheduler(_Accounting):
         self._horizon = _INF
         #: barriers waiting for the writes in flight (see expedite_writes)
         self._expedite = 0
+        #: anticipation (blockdev/anticipation.py), on profiles that ask for it
+        self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
+        #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
+        #: as of that modeled time) rather than waits for a limit
+        self._timer_hold = False
 
     # -- the tree -------------------------------------------------------------------------
 
@@ -505,6 +533,14 @@ class MClockScheduler(_Accounting):
             n.active = [c for c in n.children if c.backlog]
             n.res_below = any(c.has_res or c.res_below for c in n.children)
         self._any_res = root.has_res or root.res_below
+        if self._antic is not None:
+            for n in nodes.values():
+                if n.has_res and n.pattern is None:
+                    n.pattern = Pattern(n)
+                elif not n.has_res and n.pattern is not None:
+                    self._antic.forget(n.pattern)
+                    n.pattern = None
+            self._antic.patterns = [n.pattern for n in nodes.values() if n.pattern is not None]
         now = _now_or_none()
         if now is not None:
             self._dispatch(now)
@@ -548,6 +584,12 @@ class MClockScheduler(_Accounting):
         req = _Req(node, nbytes, self._cost(nbytes, write=write), arrival, write)
         may_go = self._may_go(node, now)
         req.throttled = not may_go
+        antic = self._antic
+        if antic is not None and antic.patterns:
+            if node.pattern is not None:
+                antic.arrive(node.pattern, arrival)
+            if self._busy + 1 == self.queue_depth:
+                may_go = False  # the last channel: the choice may anticipate (_dispatch)
         if self._busy < self.queue_depth and not self._queued and may_go:
             # The device has a free channel and nobody waits: go now.
             self._charge(req, now, res_node=None)
@@ -560,9 +602,11 @@ class MClockScheduler(_Accounting):
             return req.start
         except BaseException:
             if req.granted:  # granted while the cancellation was on its way
-                self._release()
+                self._release(None, principal)
             else:
                 self._dequeue(req)
+                if node.pattern is not None and self._antic is not None:
+                    self._antic.complete(node.pattern, trio.current_time())
                 if self._timer_req is req:
                     self._timer_req, self._timer_at = None, _INF
                     self._dispatch(trio.current_time())
@@ -590,9 +634,11 @@ class MClockScheduler(_Accounting):
                 with trio.move_on_at(at) as cs:
                     await trio.lowlevel.wait_task_rescheduled(abort)
                 if cs.cancelled_caught and not req.granted and self._timer_req is req:
-                    # The earliest limit tag has passed: look again.
+                    # The earliest limit tag has passed, or a hold ran out: look
+                    # again (as of the hold's end in the model: the loop may be late).
+                    model = at if self._timer_hold else None
                     self._timer_req, self._timer_at = None, _INF
-                    self._dispatch(trio.current_time())
+                    self._dispatch(trio.current_time(), model)
             else:
                 await trio.lowlevel.wait_task_rescheduled(abort)
 
@@ -646,8 +692,13 @@ class MClockScheduler(_Accounting):
             if not n.backlog and n.parent is not None:
                 n.parent.active.remove(n)
 
-    def _release(self, free_at: float | None = None) -> None:
+    def _release(self, free_at: float | None = None,
+                 principal: PrincipalId | None = None) -> None:
         self._busy -= 1
+        if self._antic is not None and principal is not None:
+            p = self._nodes[principal].pattern
+            if p is not None:
+                self._antic.complete(p, trio.current_time() if free_at is None else free_at)
         if self._queued:
             self._dispatch(trio.current_time(), free_at)
 
@@ -664,8 +715,15 @@ class MClockScheduler(_Accounting):
         then (or, if none had, the first to arrive after), with the tags as of that
         time, and the request starts then in the model (`_Req.start`). Choosing at
         the late real time instead would idle the channel for the loop's lateness
-        and let a request that arrived during it jump the queue."""
+        and let a request that arrived during it jump the queue.
+
+        Anticipation (blockdev/anticipation.py) may keep the last free channel idle
+        instead of giving it to a request chosen by weight: until the anticipated
+        principal's request arrives (the choice is made again as of its arrival) or
+        the hold runs out (again as of its end), in modeled time."""
         wake = _INF
+        hold_end = _INF
+        antic = self._antic
         while self._queued and self._busy < self.queue_depth:
             t, horizon = now, _INF
             if free_at is not None and free_at < now:
@@ -681,7 +739,26 @@ class MClockScheduler(_Accounting):
                 req, res_node, wake = self._select(now)
             if req is None:
                 break
+            if (antic is not None and res_node is None and antic.patterns
+                    and self._busy + 1 == self.queue_depth):
+                held = antic.hold(t, req)
+                if held is not None:
+                    end, pat = held
+                    antic.begin_hold(pat, t)
+                    q = pat.node.queue
+                    arrived = q[0].arrival if q else _INF
+                    if arrived <= end and arrived <= now:
+                        free_at = arrived  # it came during the hold: choose as of then
+                        continue
+                    if end <= now:
+                        antic.miss(pat, end)  # the hold ran out: choose as of its end
+                        free_at = end
+                        continue
+                    hold_end = end
+                    break
             req.start = t if t > req.arrival else req.arrival
+            if antic is not None and (antic.since is not None or req.node.pattern is not None):
+                antic.end_hold(req.start, req.node)
             node = req.node
             if node.queue[0] is req:
                 node.queue.popleft()
@@ -698,8 +775,12 @@ class MClockScheduler(_Accounting):
             self._wake(req)
         else:
             return
-        # Requests wait, a channel is free, and every one of them is held by a limit:
-        # one waiting task sleeps until the earliest limit tag.
+        # Requests wait, a channel is free, and every one of them is held by a limit
+        # (or the last channel is kept for an anticipated request): one waiting task
+        # sleeps until the earliest limit tag (or the end of the hold).
+        hold = hold_end < wake
+        if hold:
+            wake = hold_end
         if wake < self._timer_at:
             old = self._timer_req
             holder = old
@@ -708,6 +789,7 @@ class MClockScheduler(_Accounting):
             if holder is None:
                 return
             self._timer_req, self._timer_at = holder, wake
+            self._timer_hold = hold
             self._wake(holder)  # it re-arms its sleep with the new deadline
 
     def _first_arrival(self) -> float:

@@ -66,6 +66,9 @@ KiB = 1 << 10
 #: the custom profile: latency_us,MBps,full_seek_ms,queue_depth
 CUSTOM = ("slow4", "10000,400,0,4")
 PROFILES = {"hdd": "hdd", CUSTOM[0]: CUSTOM[1]}
+#: not run by default: `hdd` with anticipation off (the same numbers, antic=0), to see
+#: what anticipation does (`--profile hdd --profile hdd-noantic`)
+EXTRA_PROFILES = {"hdd-noantic": "lat=4200,bw=180,seek=15,qd=1"}
 
 
 # -- the workload programs (run as principals through `sluice run`) --------------------------
@@ -356,7 +359,7 @@ def pct(values: list[float], q: float) -> float:
 
 class Settings:
     def __init__(self, quick: bool, profile: str) -> None:
-        hdd = profile == "hdd"
+        hdd = profile.startswith("hdd")
         self.quick = quick
         #: the reader: reads per second; its deadline per read is the period
         self.rate = 10.0 if hdd else 25.0
@@ -456,12 +459,20 @@ def case_audio(v: Volume, s: Settings, tag: str, stop: Path) -> dict[str, Any]:
                          "--size", str(s.write_size), "--span", str(s.direct_span))
                 fl.wait_busy()
                 time.sleep(s.warmup)  # the writers have filled the queue
+            bulk0 = io_of(v.stats(), f"bulk-{tag}") if phase == "busy" else None
+            t0 = time.monotonic()
             # Offsets of its own (a seed per phase): the pool must not hold them already.
             reader = v.start(name, "reader", "--file", data, "--rate", str(s.rate),
                              "--seconds", str(s.audio_seconds), "--deadline", str(s.deadline),
                              "--seed", str(_seed(name)))
             (r,) = finish([reader], s.audio_seconds + 120)
             st = v.stats()
+            if bulk0 is not None:
+                # what the bulk writer got meanwhile (anticipation takes from it)
+                bulk1 = io_of(st, f"bulk-{tag}")
+                dt = time.monotonic() - t0
+                out["bulk_mbps"] = (bulk1.write_bytes - bulk0.write_bytes) / dt / 1e6
+                out["bulk_iops"] = (bulk1.ops - bulk0.ops) / dt
         row = io_of(st, name)
         lat = [x[1] for x in r["samples"]]
         late = [x[2] for x in r["samples"]]
@@ -486,6 +497,7 @@ def case_audio(v: Volume, s: Settings, tag: str, stop: Path) -> dict[str, Any]:
         "program_p99_ms": busy["prog_p99_ms"], "program_p99_ms_solo": solo["prog_p99_ms"],
         "reads": busy["reads"], "reads_served_by_device": busy["sched_ops"],
         "rate_per_s": s.rate, "deadline_ms": s.deadline * 1e3, "reserve": res,
+        "bulk_write_mbps": out.get("bulk_mbps", 0.0), "bulk_iops": out.get("bulk_iops", 0.0),
         "samples": busy["samples"], "samples_solo": solo["samples"],
     }
 
@@ -640,6 +652,8 @@ def table(pname: str, r: dict[str, Any]) -> str:
             ("audio p99 ms, program (solo)", lambda x: f"{x['audio']['program_p99_ms']:.1f} "
              f"({x['audio']['program_p99_ms_solo']:.1f})"),
             ("audio deadline misses", lambda x: f"{x['audio']['deadline_miss_ratio']:.1%}"),
+            ("bulk writer beside it, MB/s (IOPS)", lambda x: f"{x['audio']['bulk_write_mbps']:.1f}"
+             f" ({x['audio']['bulk_iops']:.0f})"),
             ("reservation achieved / reserved", lambda x: f"{x['reservation']['achieved_iops']:.0f}"
              f"/{x['reservation']['reserved_iops']} = {x['reservation']['achieved_ratio']:.3f}"),
             ("weights 1:3 ratio", lambda x: f"{x['weights']['ratio']:.3f}"),
@@ -735,7 +749,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help=f"every case briefly, on the custom profile {CUSTOM[0]} only")
-    ap.add_argument("--profile", action="append", choices=list(PROFILES),
+    ap.add_argument("--profile", action="append", choices=[*PROFILES, *EXTRA_PROFILES],
                     help="profiles to run (default: all; --quick: the custom one)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--plot", type=Path, help="latency-over-time PNG (default: next to "
@@ -752,7 +766,8 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         for pname in profiles:
-            results[pname] = run_profile(work, pname, PROFILES[pname], ["fifo", "mclock"],
+            spec = PROFILES.get(pname) or EXTRA_PROFILES[pname]
+            results[pname] = run_profile(work, pname, spec, ["fifo", "mclock"],
                                          args.quick)
     finally:
         if not args.keep:

@@ -40,11 +40,13 @@ def tree(*nodes: BankNode) -> dict[PrincipalId, BankNode]:
     return out
 
 
-@pytest.fixture
-def dev(tmp_path: Path):
+@pytest.fixture(params=[PROFILE, PROFILE + ",antic=1"], ids=["", "antic"])
+def dev(tmp_path: Path, request: pytest.FixtureRequest):
+    """The device; every test of it runs again with anticipation on (up to 1 ms, eight
+    requests' time): the oracles must hold whatever it does."""
     d = tmp_path / "dev"
     d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=request.param)
     device = BlockDevice.open(d, scheduler="mclock", timeline_slack=0.0)
     yield device
     device.close()
@@ -746,5 +748,171 @@ async def test_a_late_task_does_not_idle_the_modeled_device(tmp_path: Path, auto
         st = {s.principal: s for s in dev.statistics().per_principal}
         assert st[P(1)].max_s == pytest.approx(16 * MS, rel=0.01)
         assert st[P(2)].max_s == pytest.approx(20 * MS, rel=0.01)
+    finally:
+        dev.close()
+
+
+# -- anticipation (blockdev/anticipation.py) ----------------------------------------------------
+
+#: 12 ms a request, one at a time, no seek; anticipation up to 20 ms (W), and the same
+#: device without it. (12 ms: a reader every 100 ms does not fall on the flood's
+#: request boundaries.)
+ANTIC = "lat=12000,qd=1,antic=20"
+NO_ANTIC = "lat=12000,qd=1"
+
+
+def _antic_dev(tmp_path: Path, spec: str) -> BlockDevice:
+    d = tmp_path / spec.replace(",", "_").replace("=", "")
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=spec)
+    return BlockDevice.open(d, scheduler="mclock", timeline_slack=0.0)
+
+
+async def _periodic_reader(dev: BlockDevice, p: PrincipalId, arrivals: list[float],
+                           lat: dict[float, float]) -> None:
+    """One read of `p` at each of `arrivals` (each in its own task, as FUSE does);
+    `lat[arrival]` is its latency."""
+    async def one(t: float) -> None:
+        await trio.sleep_until(t)
+        await dev.read(3, 1, principal=p)
+        lat[t] = trio.current_time() - t
+
+    async with trio.open_nursery() as n:
+        for t in arrivals:
+            n.start_soon(one, t)
+
+
+def _antic_stats(dev: BlockDevice, p: PrincipalId):
+    return {s.principal: s for s in dev.statistics().per_principal}[p]
+
+
+def _ms(lat: dict[float, float], arrivals: list[float]) -> list[float]:
+    return [round(lat[t] / MS, 6) for t in arrivals]
+
+
+@pytest.mark.parametrize("spec", [ANTIC, NO_ANTIC])
+async def test_anticipation_serves_a_periodic_reader_at_once(tmp_path: Path, autojump_clock,
+                                                             spec: str) -> None:
+    """A reader reserved 15 IOPS reads every 100 ms (at 5 ms, 105 ms, ...) beside a
+    flood of 12 ms requests. Without anticipation each read waits for the request in
+    service: 19, 15 and 23 ms in turn. With it, from the third read on (two arrivals
+    make the schedule; the grace is W/4 = 5 ms) the flood's request that would end
+    after the read is due is not started, and the read finds the channel free: 12 ms,
+    as alone. The idle is exact: 1 ms before the third read (the request from 192 ms
+    ends at 204 ms, the next would end past 205), then 4 ms before each (the flood's
+    requests end at 301, 401, ... ms), which the flood pays: 7 requests a period."""
+    dev = _antic_dev(tmp_path, spec)
+    try:
+        dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
+        load = Load(dev)
+        lat: dict[float, float] = {}
+        arrivals = [0.005 + 0.1 * k for k in range(10)]
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: load.flood(P(2), until=0.95, workers=2))
+            n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+        st = _antic_stats(dev, P(1))
+        if spec == NO_ANTIC:
+            assert _ms(lat, arrivals) == [19.0, 15.0, 23.0] * 3 + [19.0]
+            assert st.anticipated == st.anticipation_missed == 0
+            return
+        assert _ms(lat, arrivals) == [19.0, 15.0] + [12.0] * 8
+        assert st.anticipated == 8 and st.anticipation_missed == 0
+        assert st.anticipation_idle_s == pytest.approx((1 + 7 * 4) * MS, abs=1e-9)
+        assert load.rate(P(2), 0.317, 0.917) == pytest.approx(70)
+    finally:
+        dev.close()
+
+
+async def test_anticipation_is_bounded_and_stops_with_the_reader(tmp_path: Path,
+                                                                 autojump_clock) -> None:
+    """The reader of the test above reads four times and stops. Its next read was
+    predicted at 405 ms: the channel idles from 401 ms (the flood's next request would
+    end past it) to 410 ms, the end of the grace, and no longer: one miss of 9 ms (the
+    bound W is 20 ms). From then on nothing is held: the flood's requests follow each
+    other every 12 ms."""
+    dev = _antic_dev(tmp_path, ANTIC)
+    try:
+        dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
+        load = Load(dev)
+        lat: dict[float, float] = {}
+        arrivals = [0.005 + 0.1 * k for k in range(4)]
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: load.flood(P(2), until=1.0, workers=2))
+            n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+        assert _ms(lat, arrivals) == [19.0, 15.0, 12.0, 12.0]
+        st = _antic_stats(dev, P(1))
+        assert st.anticipated == 2 and st.anticipation_missed == 1
+        assert st.anticipation_idle_s == pytest.approx((1 + 4 + 9) * MS, abs=1e-9)
+        after = [t for t in sorted(load.done[P(2)]) if t > 0.402]
+        assert after[0] == pytest.approx(0.422, abs=1e-9)
+        assert all(b - a == pytest.approx(12 * MS, abs=1e-9) for a, b in zip(after, after[1:]))
+        assert after[-1] >= 0.99
+    finally:
+        dev.close()
+
+
+async def test_a_late_read_costs_at_most_the_bound(tmp_path: Path, autojump_clock) -> None:
+    """A read 25 ms late (430 ms instead of 405) finds the hold over (it ran from
+    401 to 410 ms) and waits for the request in service, as without anticipation
+    (to 434 ms: 16 ms). Then an extra read (537 ms) off the schedule; whatever the
+    reader does, the device never idles longer than W (20 ms) while the flood waits,
+    and the reads on schedule are served at once again."""
+    dev = _antic_dev(tmp_path, ANTIC)
+    try:
+        dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
+        load = Load(dev)
+        lat: dict[float, float] = {}
+        arrivals = [0.005, 0.105, 0.205, 0.305, 0.430, 0.505, 0.537, 0.605, 0.705, 0.805,
+                    0.905]
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: load.flood(P(2), until=0.95, workers=2))
+            n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+        got = dict(zip(arrivals, _ms(lat, arrivals)))
+        assert got[0.430] == 16.0
+        assert [got[t] for t in (0.705, 0.805, 0.905)] == [12.0] * 3
+        st = _antic_stats(dev, P(1))
+        assert st.anticipation_missed >= 1
+        ends = sorted([*load.done[P(2)], *(t + lat[t] for t in arrivals)])
+        idle = max(b - a - 12 * MS for a, b in zip(ends, ends[1:]) if b < 0.95)
+        assert idle <= 20 * MS + 1e-9
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("spec", [ANTIC, NO_ANTIC])
+async def test_anticipation_serves_a_dependent_reader(tmp_path: Path, autojump_clock,
+                                                      spec: str) -> None:
+    """A reader that issues its next read 3 ms after the last returns (think time, as
+    the anticipatory scheduler measured it), reserved 100 IOPS, beside a flood: without
+    anticipation the flood's next request takes the channel in those 3 ms and every
+    read waits 9 ms for it (21 ms); with it, from the third read, the channel waits
+    the 3 ms for the read (12 ms, as alone)."""
+    dev = _antic_dev(tmp_path, spec)
+    try:
+        dev.configure_banks(tree(node(1, io_reserve_iops=100), node(2)))
+        load = Load(dev)
+        lat: list[float] = []
+
+        async def reader() -> None:
+            await trio.sleep_until(0.001)
+            while trio.current_time() < 0.5:
+                t = trio.current_time()
+                await dev.read(3, 1, principal=P(1))
+                lat.append(round((trio.current_time() - t) / MS, 6))
+                await trio.sleep(3 * MS)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: load.flood(P(2), until=0.6, workers=2))
+            n.start_soon(reader)
+        # the first read waits 11 ms for the flood's first request (0-12 ms)
+        if spec == NO_ANTIC:
+            assert lat == [23.0] + [21.0] * 20
+            return
+        assert lat == [23.0, 21.0] + [12.0] * 30
+        # 3 ms idle before each read; after the last, the hold runs to the end of the
+        # grace (3 + 5 ms) and misses
+        st = _antic_stats(dev, P(1))
+        assert st.anticipated == 30 and st.anticipation_missed == 1
+        assert st.anticipation_idle_s == pytest.approx((30 * 3 + 8) * MS, abs=1e-9)
     finally:
         dev.close()
