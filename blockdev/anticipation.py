@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Sequence
 from .profiles import RANDOM_SEEK_FRACTION, TimingProfile
 
 if TYPE_CHECKING:
-    from .scheduler import _Node, _Req
+    from .mclock_tree import Node, Req
 
 _INF = math.inf
 #: smoothing gains of the mean and of the mean absolute deviation (RFC 6298)
@@ -85,7 +85,7 @@ class Pattern:
                  "last_arrival", "last_end", "outstanding", "at", "grace", "prev_at",
                  "prev_grace", "held")
 
-    def __init__(self, node: _Node) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
         self.n_gap = self.n_think = 0
         self.gap = self.dev_gap = self.think = self.dev_think = 0.0
@@ -202,7 +202,7 @@ class Anticipator:
 
     # -- holding ---------------------------------------------------------------------------
 
-    def hold(self, t: float, req: _Req) -> tuple[float, Pattern] | None:
+    def hold(self, t: float, req: Req) -> tuple[float, Pattern] | None:
         """Whether to keep the last free channel idle at modeled time `t` rather than
         start `req` (chosen by weight): (until when, for whom), or None."""
         best: tuple[float, Pattern] | None = None
@@ -244,7 +244,7 @@ class Anticipator:
         if self.since is None:
             self.since, self.holder = t, p
 
-    def end_hold(self, t: float, node: _Node | None) -> None:
+    def end_hold(self, t: float, node: Node | None) -> None:
         """The channel stops idling at `t`: a request of `node` starts (None: none)."""
         since, holder = self.since, self.holder
         if since is not None and holder is not None:

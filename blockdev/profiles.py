@@ -36,10 +36,10 @@ Built-in profiles (reads; the capacity is what `capacity()` computes from them):
 | ssd     | 150 us  | 50 us       | 500 MB/s  | 0         | 32    | off          | ~122,000          | 500 MB/s         |
 | hdd     | 4.2 ms  | 0           | 180 MB/s  | 15 ms     | 1     | 20 ms        | ~82               | ~105 MB/s        |
 
-Custom profiles:
-`latency_us,MBps,full_seek_ms,queue_depth[,write_us[,write_cache_MiB[,anticipation_ms]]]`
-(MBps 0: unlimited; anticipation off unless given), or the same as `key=value` pairs in
-any order, e.g. `lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16,antic=20`. The bandwidth and the write cache may
+Custom profiles: `latency_us,MBps,full_seek_ms,queue_depth[,write_us[,write_cache_MiB]]`
+(MBps 0: unlimited), or the same as `key=value` pairs in any order, which may also
+turn anticipation on (`antic=MS`; off unless given), e.g.
+`lat=2000,bw=50,seek=0,qd=2,wlat=500,wcache=16,antic=20`. The bandwidth and the write cache may
 carry units instead (blockdev/units.py): `bw=1.5GiB/s`, `wcache=64M`; a plain number is
 MB/s (10^6 bytes/s) and MiB as above. The spec is stored as the volume's profile
 (device.json) or given at mount (`--profile`).
@@ -160,8 +160,7 @@ PROFILES: dict[str, TimingProfile] = {
 
 _KEYS = ("lat", "bw", "seek", "qd", "wlat", "wcache", "antic")
 _USAGE = ("use one of " + ", ".join(PROFILES) + ", or latency_us,MBps,full_seek_ms,"
-          "queue_depth[,write_us[,write_cache_MiB[,anticipation_ms]]] "
-          "(or lat=,bw=,seek=,qd=,wlat=,wcache=,antic=)")
+          "queue_depth[,write_us[,write_cache_MiB]] (or lat=,bw=,seek=,qd=,wlat=,wcache=,antic=)")
 
 
 def parse_profile(spec: str) -> TimingProfile:
@@ -179,7 +178,7 @@ def parse_profile(spec: str) -> TimingProfile:
             vals[k] = v
         if not {"lat", "qd"} <= set(vals):
             raise err
-    elif 4 <= len(parts) <= 7 and not any("=" in s for s in parts):
+    elif 4 <= len(parts) <= 6 and not any("=" in s for s in parts):
         vals = dict(zip(_KEYS, parts))
     else:
         raise err

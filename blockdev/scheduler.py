@@ -10,8 +10,9 @@ request of every principal — reads, writes, discards, flushes — passes throu
   hClock, EuroSys 2013, for the tree): each principal has a reservation, a weight and
   a limit, the rates in operations/s and in bytes/s, over the principal tree.
 
-mClock, as done here. Every node of the tree (a principal) keeps tags, in seconds of
-the trio clock:
+mClock, as done here (the tree, its tags and their charging are in
+blockdev/mclock_tree.py; choosing and the request path here). Every node of the tree
+(a principal) keeps tags, in seconds of the trio clock:
 
 - R (reservation): when its next request is due under its reservation; advanced by
   `1/r_iops` per request and `nbytes/r_bps` per byte (both kept; a node is "under its
@@ -87,16 +88,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
 from contextlib import contextmanager
 from typing import Awaitable, Callable, Iterator
 
 import outcome
 import trio
 
-from .errors import OverReserved
 from .anticipation import Anticipator, Pattern
+from .errors import OverReserved
 from .histogram import LatencyHistogram
+from .mclock_tree import (Node, Req, activate, any_waiter, charge, expedited_write,
+                          first_arrival, p_key)
 from .profiles import CAPACITY_IO_BYTES, CAPACITY_SEQ_BYTES, TimingProfile
 from .types import ROOT_PRINCIPAL, BankNode, BankTree, PrincipalId
 
@@ -381,80 +383,6 @@ class _Slot:
         self._release(self.free_at, self._args[0])
 
 
-class _Req:
-    __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
-                 "throttled", "write", "start")
-
-    def __init__(self, node: _Node, nbytes: int, cost: float, arrival: float,
-                 write: bool = False) -> None:
-        self.node = node
-        self.write = write
-        self.nbytes = nbytes
-        self.cost = cost
-        self.arrival = arrival
-        self.task: trio.lowlevel.Task | None = None
-        self.blocked = False
-        self.granted = False
-        self.throttled = False
-        #: the modeled time the scheduler chose it (see MClockScheduler._dispatch)
-        self.start = arrival
-
-
-class _Node:
-    """One principal in the scheduler's tree: its bank, tags and own queue."""
-
-    __slots__ = ("id", "parent", "children", "active", "queue", "backlog", "weight",
-                 "r_iops", "r_bps", "l_iops", "l_bps", "has_res", "has_lim",
-                 "R_i", "R_b", "L_i", "L_b", "P", "own_P", "vtime", "path", "res_below",
-                 "counters", "pattern")
-
-    def __init__(self, pid: PrincipalId, counters: _Counters) -> None:
-        self.id = pid
-        self.parent: _Node | None = None
-        self.children: list[_Node] = []
-        #: children with work waiting in their subtree
-        self.active: list[_Node] = []
-        #: this principal's own waiting requests, in arrival order
-        self.queue: deque[_Req] = deque()
-        #: requests waiting in this subtree (own queue and descendants)
-        self.backlog = 0
-        self.weight = 100.0
-        self.r_iops = self.r_bps = self.l_iops = self.l_bps = 0.0  # 0: none
-        self.has_res = self.has_lim = False
-        self.R_i = self.R_b = self.L_i = self.L_b = -_INF
-        self.P = 0.0
-        #: P tag of the node's own queue when it competes with its children
-        self.own_P = 0.0
-        #: start tag of the child served last (start-time fair queuing)
-        self.vtime = 0.0
-        #: root .. self
-        self.path: tuple[_Node, ...] = ()
-        #: whether some descendant has a reservation of its own
-        self.res_below = False
-        self.counters = counters
-        #: what anticipation learned of its arrivals (a reserving principal, on a
-        #: profile with anticipation; else None)
-        self.pattern: Pattern | None = None
-
-    def configure(self, b: BankNode | None) -> None:
-        if b is None:
-            b = BankNode(self.id, ROOT_PRINCIPAL, str(self.id))
-        self.weight = float(max(1, b.io_weight))
-        self.r_iops = b.io_reserve_iops or 0.0
-        self.r_bps = b.io_reserve_bps or 0.0
-        self.l_iops = b.io_limit_iops or 0.0
-        self.l_bps = b.io_limit_bps or 0.0
-        self.has_res = self.r_iops > 0 or self.r_bps > 0
-        self.has_lim = self.l_iops > 0 or self.l_bps > 0
-
-    def limit_at(self) -> float:
-        """When this node's limits next allow a request."""
-        return max(self.L_i, self.L_b) if self.has_lim else -_INF
-
-    def res_at(self) -> float:
-        return max(self.R_i, self.R_b)
-
-
 class MClockScheduler(_Accounting):
     """Hierarchical mClock over the principal tree (see the module docstring)."""
 
@@ -465,14 +393,14 @@ class MClockScheduler(_Accounting):
         self._cost: Callable[..., float] = profile.cost
         self._busy = 0
         self._queued = 0
-        self._nodes: dict[PrincipalId, _Node] = {}
+        self._nodes: dict[PrincipalId, Node] = {}
         self._root = self._node(ROOT_PRINCIPAL)
         self._root.path = (self._root,)
         self._any_res = False
         #: the waiting request whose task sleeps until the earliest limit tag, and when
-        self._timer_req: _Req | None = None
+        self._timer_req: Req | None = None
         self._timer_at = _INF
-        self._res_node: _Node | None = None
+        self._res_node: Node | None = None
         #: requests that arrived later than this are not chosen (see _dispatch)
         self._horizon = _INF
         #: barriers waiting for the writes in flight (see expedite_writes)
@@ -485,10 +413,10 @@ class MClockScheduler(_Accounting):
 
     # -- the tree -------------------------------------------------------------------------
 
-    def _node(self, pid: PrincipalId) -> _Node:
+    def _node(self, pid: PrincipalId) -> Node:
         n = self._nodes.get(pid)
         if n is None:
-            n = self._nodes[pid] = _Node(pid, self._c(pid))
+            n = self._nodes[pid] = Node(pid, self._c(pid))
             if pid != ROOT_PRINCIPAL:
                 # Not (yet) in the configured tree: a default principal under root.
                 n.configure(None)
@@ -504,7 +432,7 @@ class MClockScheduler(_Accounting):
         nodes = self._nodes
         for pid in tree:
             if pid not in nodes:
-                nodes[pid] = _Node(pid, self._c(pid))
+                nodes[pid] = Node(pid, self._c(pid))
         for n in nodes.values():
             n.children = []
             n.active = []
@@ -519,7 +447,7 @@ class MClockScheduler(_Accounting):
             n.parent = par if par is not None else root
             n.parent.children.append(n)
         # paths, backlogs and active lists, top-down then bottom-up
-        order: list[_Node] = []
+        order: list[Node] = []
         stack = [root]
         root.path = (root,)
         while stack:
@@ -581,7 +509,7 @@ class MClockScheduler(_Accounting):
         if arrival is None or arrival < now:
             arrival = now
         node = self._nodes.get(principal) or self._node(principal)
-        req = _Req(node, nbytes, self._cost(nbytes, write=write), arrival, write)
+        req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write)
         may_go = self._may_go(node, now)
         req.throttled = not may_go
         antic = self._antic
@@ -592,7 +520,7 @@ class MClockScheduler(_Accounting):
                 may_go = False  # the last channel: the choice may anticipate (_dispatch)
         if self._busy < self.queue_depth and not self._queued and may_go:
             # The device has a free channel and nobody waits: go now.
-            self._charge(req, now, res_node=None)
+            charge(req, now, res_node=None)
             self._busy += 1
             await trio.lowlevel.cancel_shielded_checkpoint()
             return arrival
@@ -612,13 +540,13 @@ class MClockScheduler(_Accounting):
                     self._dispatch(trio.current_time())
             raise
 
-    def _may_go(self, node: _Node, now: float) -> bool:
+    def _may_go(self, node: Node, now: float) -> bool:
         for n in node.path:
             if n.has_lim and (n.L_i > now or n.L_b > now):
                 return False
         return True
 
-    async def _wait(self, req: _Req) -> None:
+    async def _wait(self, req: Req) -> None:
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             req.blocked = False
             return trio.lowlevel.Abort.SUCCEEDED
@@ -642,13 +570,13 @@ class MClockScheduler(_Accounting):
             else:
                 await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def _wake(self, req: _Req) -> None:
+    def _wake(self, req: Req) -> None:
         if req.blocked:
             req.blocked = False
             assert req.task is not None
             trio.lowlevel.reschedule(req.task, outcome.Value(None))
 
-    def _enqueue(self, req: _Req, now: float) -> None:
+    def _enqueue(self, req: Req, now: float) -> None:
         node = req.node
         node.queue.append(req)
         node.counters.waiting += 1
@@ -656,7 +584,7 @@ class MClockScheduler(_Accounting):
         # Activate the nodes that had nothing waiting: no credit banked while idle.
         for n in reversed(node.path):
             if n.backlog == 0:
-                self._activate(n, now)
+                activate(n, now)
                 n.backlog = 1
                 if n.parent is not None:
                     n.parent.active.append(n)
@@ -664,19 +592,7 @@ class MClockScheduler(_Accounting):
                 n.backlog += 1
         self._dispatch(now)
 
-    def _activate(self, n: _Node, now: float) -> None:
-        if n.R_i < now:
-            n.R_i = now
-        if n.R_b < now:
-            n.R_b = now
-        if n.L_i < now:
-            n.L_i = now
-        if n.L_b < now:
-            n.L_b = now
-        if n.parent is not None and n.P < n.parent.vtime:
-            n.P = n.parent.vtime
-
-    def _dequeue(self, req: _Req) -> None:
+    def _dequeue(self, req: Req) -> None:
         node = req.node
         try:
             node.queue.remove(req)
@@ -686,7 +602,7 @@ class MClockScheduler(_Accounting):
         self._queued -= 1
         self._unbacklog(node)
 
-    def _unbacklog(self, node: _Node) -> None:
+    def _unbacklog(self, node: Node) -> None:
         for n in reversed(node.path):
             n.backlog -= 1
             if not n.backlog and n.parent is not None:
@@ -713,7 +629,7 @@ class MClockScheduler(_Accounting):
         A device would have started its next request then, not when our loop got
         round to it; so the choice is made among the requests that had arrived by
         then (or, if none had, the first to arrive after), with the tags as of that
-        time, and the request starts then in the model (`_Req.start`). Choosing at
+        time, and the request starts then in the model (`Req.start`). Choosing at
         the late real time instead would idle the channel for the loop's lateness
         and let a request that arrived during it jump the queue.
 
@@ -727,7 +643,7 @@ class MClockScheduler(_Accounting):
         while self._queued and self._busy < self.queue_depth:
             t, horizon = now, _INF
             if free_at is not None and free_at < now:
-                first = self._first_arrival()
+                first = first_arrival(self._root)
                 t = horizon = min(now, max(free_at, first))
             free_at = None
             self._horizon = horizon
@@ -766,7 +682,7 @@ class MClockScheduler(_Accounting):
                 node.queue.remove(req)
             node.counters.waiting -= 1
             self._queued -= 1
-            self._charge(req, t, res_node=res_node, queued=True)
+            charge(req, t, res_node=res_node, queued=True)
             self._unbacklog(node)
             self._busy += 1
             req.granted = True
@@ -785,34 +701,14 @@ class MClockScheduler(_Accounting):
             old = self._timer_req
             holder = old
             if holder is None:
-                holder = self._any_waiter()
+                holder = any_waiter(self._root)
             if holder is None:
                 return
             self._timer_req, self._timer_at = holder, wake
             self._timer_hold = hold
             self._wake(holder)  # it re-arms its sleep with the new deadline
 
-    def _first_arrival(self) -> float:
-        """The earliest arrival among the requests at the head of a queue."""
-        first = _INF
-        stack = [self._root]
-        while stack:
-            n = stack.pop()
-            if n.queue and n.queue[0].arrival < first:
-                first = n.queue[0].arrival
-            stack.extend(n.active)
-        return first
-
-    def _any_waiter(self) -> _Req | None:
-        stack = [self._root]
-        while stack:
-            n = stack.pop()
-            if n.queue:
-                return n.queue[0]
-            stack.extend(n.active)
-        return None
-
-    def _select(self, now: float) -> tuple[_Req | None, _Node | None, float]:
+    def _select(self, now: float) -> tuple[Req | None, Node | None, float]:
         """The next request to serve; the node whose reservation serves it (None: the
         weight phase); and, when there is no request to serve, the earliest time a
         limit lets one go."""
@@ -827,24 +723,12 @@ class MClockScheduler(_Accounting):
                 return req, self._res_node, _INF
         req = self._select_w(root, now, wake)
         if req is None and self._expedite:
-            req = self._expedited_write()
+            req = expedited_write(self._root)
             if req is not None:
                 req.node.counters.expedited += 1
         return req, None, wake[0]
 
-    def _expedited_write(self) -> _Req | None:
-        """A waiting write, limits ignored (the first of its principal's queue: it may
-        pass the principal's reads, which are not expedited)."""
-        stack = [self._root]
-        while stack:
-            n = stack.pop()
-            for r in n.queue:
-                if r.write:
-                    return r
-            stack.extend(n.active)
-        return None
-
-    def _select_res(self, n: _Node, now: float, wake: list[float]) -> _Req | None:
+    def _select_res(self, n: Node, now: float, wake: list[float]) -> Req | None:
         """Reservation phase below `n`: a child under its reservation, smallest R first
         (inside it, a descendant under its own reservation, else by weight). Sets
         `_res_node` to the deepest node whose reservation serves the request."""
@@ -852,7 +736,7 @@ class MClockScheduler(_Accounting):
         if not cands:
             return None
         if len(cands) > 1:
-            cands.sort(key=_Node.res_at)
+            cands.sort(key=Node.res_at)
         for c in cands:
             if c.has_lim and c.limit_at() > now:
                 continue
@@ -866,7 +750,7 @@ class MClockScheduler(_Accounting):
                     return req
         return None
 
-    def _select_w(self, n: _Node, now: float, wake: list[float]) -> _Req | None:
+    def _select_w(self, n: Node, now: float, wake: list[float]) -> Req | None:
         """Weight phase below `n`: smallest P among the children with work and within
         their limits, n's own queue competing as one more child."""
         active = n.active
@@ -885,7 +769,7 @@ class MClockScheduler(_Accounting):
             return self._select_w(c, now, wake)
         v = n.vtime
         own_p = (n.own_P if n.own_P > v else v) if own else _INF
-        tried: list[tuple[float, _Node]] = []
+        tried: list[tuple[float, Node]] = []
         for c in active:
             if c.has_lim:
                 t = c.limit_at()
@@ -894,7 +778,7 @@ class MClockScheduler(_Accounting):
                         wake[0] = t
                     continue
             tried.append((c.P if c.P > v else v, c))
-        tried.sort(key=_p_key)
+        tried.sort(key=p_key)
         for p, c in tried:
             if own_p <= p:
                 return own
@@ -904,69 +788,6 @@ class MClockScheduler(_Accounting):
             # c's subtree is held by limits further down (or has nothing that had
             # arrived by the time of the choice): the next one in P order
         return own
-
-    # -- charging ------------------------------------------------------------------------------
-
-    def _charge(self, req: _Req, now: float, *, res_node: _Node | None,
-                queued: bool = False) -> None:
-        node = req.node
-        nbytes = req.nbytes
-        cost = req.cost
-        path = node.path
-        if not queued:
-            # Straight from arrival to a free channel: each node on the path had
-            # nothing waiting, so none banks credit from its idle time.
-            for n in path:
-                self._activate(n, now)
-        c = node.counters
-        if node.has_res:
-            interval = max(1.0 / node.r_iops if node.r_iops else 0.0,
-                           nbytes / node.r_bps if node.r_bps else 0.0)
-            if now <= node.res_at() + interval + 1e-12:
-                c.met += 1
-            else:
-                c.missed += 1
-        if res_node is not None:
-            c.reserved += 1
-        if req.throttled:
-            c.throttled += 1
-        # P: in the weight phase on the whole path; in the reservation phase only below
-        # the node whose reservation serves the request (reserved service is not
-        # counted against the weight share).
-        charge_p = res_node is None
-        prev: _Node | None = None
-        for n in path:
-            if n.has_res:
-                if n.r_iops:
-                    n.R_i += 1.0 / n.r_iops
-                if n.r_bps:
-                    n.R_b += nbytes / n.r_bps
-            if n.has_lim:
-                if n.l_iops:
-                    n.L_i += 1.0 / n.l_iops
-                if n.l_bps:
-                    n.L_b += nbytes / n.l_bps
-            if prev is not None and charge_p:
-                v = prev.vtime
-                if n.P < v:
-                    n.P = v
-                prev.vtime = n.P
-                n.P += cost / n.weight
-            if n is res_node:
-                charge_p = True
-            prev = n
-        # The principal's own queue competes with its children as one more child.
-        if node.children and charge_p:
-            v = node.vtime
-            if node.own_P < v:
-                node.own_P = v
-            node.vtime = node.own_P
-            node.own_P += cost / node.weight
-
-
-def _p_key(t: tuple[float, _Node]) -> float:
-    return t[0]
-
 
 def make_scheduler(name: str, profile: TimingProfile) -> FifoScheduler | MClockScheduler:
     """The scheduler called `name` ("mclock" or "fifo") for a device of `profile`."""

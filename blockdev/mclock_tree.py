@@ -1,0 +1,212 @@
+"""The principal tree of the mClock scheduler (blockdev/scheduler.py): a node per
+principal with its bank, tags and queue of waiting requests, and what is done to the
+tags when a request is dispatched (`charge`) or a node wakes up (`activate`). The
+module docstring of blockdev/scheduler.py says what the tags mean; MClockScheduler
+owns the tree and chooses from it.
+
+Everything here runs on the trio loop between two checkpoints of the scheduler: no
+function blocks, none checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from .types import ROOT_PRINCIPAL, BankNode, PrincipalId
+
+if TYPE_CHECKING:
+    from .anticipation import Pattern
+    from .scheduler import _Counters
+
+_INF = math.inf
+
+
+class Req:
+    """One request, waiting in its node's queue or dispatched."""
+
+    __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
+                 "throttled", "write", "start")
+
+    def __init__(self, node: Node, nbytes: int, cost: float, arrival: float,
+                 write: bool = False) -> None:
+        self.node = node
+        self.write = write
+        self.nbytes = nbytes
+        self.cost = cost
+        self.arrival = arrival
+        self.task: trio.lowlevel.Task | None = None
+        self.blocked = False
+        self.granted = False
+        self.throttled = False
+        #: the modeled time the scheduler chose it (see MClockScheduler._dispatch)
+        self.start = arrival
+
+
+class Node:
+    """One principal in the scheduler's tree: its bank, tags and own queue."""
+
+    __slots__ = ("id", "parent", "children", "active", "queue", "backlog", "weight",
+                 "r_iops", "r_bps", "l_iops", "l_bps", "has_res", "has_lim",
+                 "R_i", "R_b", "L_i", "L_b", "P", "own_P", "vtime", "path", "res_below",
+                 "counters", "pattern")
+
+    def __init__(self, pid: PrincipalId, counters: _Counters) -> None:
+        self.id = pid
+        self.parent: Node | None = None
+        self.children: list[Node] = []
+        #: children with work waiting in their subtree
+        self.active: list[Node] = []
+        #: this principal's own waiting requests, in arrival order
+        self.queue: deque[Req] = deque()
+        #: requests waiting in this subtree (own queue and descendants)
+        self.backlog = 0
+        self.weight = 100.0
+        self.r_iops = self.r_bps = self.l_iops = self.l_bps = 0.0  # 0: none
+        self.has_res = self.has_lim = False
+        self.R_i = self.R_b = self.L_i = self.L_b = -_INF
+        self.P = 0.0
+        #: P tag of the node's own queue when it competes with its children
+        self.own_P = 0.0
+        #: start tag of the child served last (start-time fair queuing)
+        self.vtime = 0.0
+        #: root .. self
+        self.path: tuple[Node, ...] = ()
+        #: whether some descendant has a reservation of its own
+        self.res_below = False
+        self.counters = counters
+        #: what anticipation learned of its arrivals (a reserving principal, on a
+        #: profile with anticipation; else None)
+        self.pattern: Pattern | None = None
+
+    def configure(self, b: BankNode | None) -> None:
+        if b is None:
+            b = BankNode(self.id, ROOT_PRINCIPAL, str(self.id))
+        self.weight = float(max(1, b.io_weight))
+        self.r_iops = b.io_reserve_iops or 0.0
+        self.r_bps = b.io_reserve_bps or 0.0
+        self.l_iops = b.io_limit_iops or 0.0
+        self.l_bps = b.io_limit_bps or 0.0
+        self.has_res = self.r_iops > 0 or self.r_bps > 0
+        self.has_lim = self.l_iops > 0 or self.l_bps > 0
+
+    def limit_at(self) -> float:
+        """When this node's limits next allow a request."""
+        return max(self.L_i, self.L_b) if self.has_lim else -_INF
+
+    def res_at(self) -> float:
+        return max(self.R_i, self.R_b)
+
+
+def activate(n: Node, now: float) -> None:
+    """Restart the tags of a node that had nothing waiting: no credit banked while idle."""
+    if n.R_i < now:
+        n.R_i = now
+    if n.R_b < now:
+        n.R_b = now
+    if n.L_i < now:
+        n.L_i = now
+    if n.L_b < now:
+        n.L_b = now
+    if n.parent is not None and n.P < n.parent.vtime:
+        n.P = n.parent.vtime
+
+
+def charge(req: Req, now: float, *, res_node: Node | None, queued: bool = False) -> None:
+    """Advance the tags of every node on `req`'s path and its principal's counters, as
+    the request is dispatched at `now` (`res_node`: the node whose reservation serves it;
+    None in the weight phase)."""
+    node = req.node
+    nbytes = req.nbytes
+    cost = req.cost
+    path = node.path
+    if not queued:
+        # Straight from arrival to a free channel: each node on the path had
+        # nothing waiting, so none banks credit from its idle time.
+        for n in path:
+            activate(n, now)
+    c = node.counters
+    if node.has_res:
+        interval = max(1.0 / node.r_iops if node.r_iops else 0.0,
+                       nbytes / node.r_bps if node.r_bps else 0.0)
+        if now <= node.res_at() + interval + 1e-12:
+            c.met += 1
+        else:
+            c.missed += 1
+    if res_node is not None:
+        c.reserved += 1
+    if req.throttled:
+        c.throttled += 1
+    # P: in the weight phase on the whole path; in the reservation phase only below
+    # the node whose reservation serves the request (reserved service is not
+    # counted against the weight share).
+    charge_p = res_node is None
+    prev: Node | None = None
+    for n in path:
+        if n.has_res:
+            if n.r_iops:
+                n.R_i += 1.0 / n.r_iops
+            if n.r_bps:
+                n.R_b += nbytes / n.r_bps
+        if n.has_lim:
+            if n.l_iops:
+                n.L_i += 1.0 / n.l_iops
+            if n.l_bps:
+                n.L_b += nbytes / n.l_bps
+        if prev is not None and charge_p:
+            v = prev.vtime
+            if n.P < v:
+                n.P = v
+            prev.vtime = n.P
+            n.P += cost / n.weight
+        if n is res_node:
+            charge_p = True
+        prev = n
+    # The principal's own queue competes with its children as one more child.
+    if node.children and charge_p:
+        v = node.vtime
+        if node.own_P < v:
+            node.own_P = v
+        node.vtime = node.own_P
+        node.own_P += cost / node.weight
+
+
+def first_arrival(root: Node) -> float:
+    """The earliest arrival among the requests at the head of a queue."""
+    first = _INF
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n.queue and n.queue[0].arrival < first:
+            first = n.queue[0].arrival
+        stack.extend(n.active)
+    return first
+
+def any_waiter(root: Node) -> Req | None:
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n.queue:
+            return n.queue[0]
+        stack.extend(n.active)
+    return None
+
+
+def expedited_write(root: Node) -> Req | None:
+    """A waiting write, limits ignored (the first of its principal's queue: it may
+    pass the principal's reads, which are not expedited)."""
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        for r in n.queue:
+            if r.write:
+                return r
+        stack.extend(n.active)
+    return None
+
+
+def p_key(t: tuple[float, Node]) -> float:
+    return t[0]
