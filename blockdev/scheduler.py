@@ -673,7 +673,8 @@ class MClockScheduler(_Accounting):
                     hold_end = end
                     break
             req.start = t if t > req.arrival else req.arrival
-            if antic is not None and (antic.since is not None or req.node.pattern is not None):
+            if antic is not None and (antic.since is not None or (
+                    req.node.pattern is not None and req.node.pattern.held)):
                 antic.end_hold(req.start, req.node)
             node = req.node
             if node.queue[0] is req:

@@ -32,7 +32,10 @@ channels, 800 IOPS, it did not: the floods then got what they asked for and weig
 had nothing to share.) The bulk writer is 2 processes x 4 threads writing 256 KiB
 through the mount plus 64 threads writing 256 KiB as direct clients (the mount admits
 16 requests of one principal at a time; direct clients are how it queues more), all
-as one principal.
+as one principal; the table shows what it wrote while the reader ran (under mclock on
+`hdd`, anticipation keeps the head idle for the reader: blockdev/anticipation.py).
+`--profile hdd-noantic` (not run by default) is `hdd` with anticipation off, for an
+A/B of it.
 
     .venv/bin/python scripts/bench_qos.py [--quick] [--json FILE] [--plot FILE.png]
 
