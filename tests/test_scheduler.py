@@ -916,3 +916,19 @@ async def test_anticipation_serves_a_dependent_reader(tmp_path: Path, autojump_c
         assert st.anticipation_idle_s == pytest.approx((30 * 3 + 8) * MS, abs=1e-9)
     finally:
         dev.close()
+
+
+def test_anticipation_is_a_profile_setting() -> None:
+    """On for `hdd` (20 ms), off for the other built-in profiles and for custom specs
+    unless `antic=MS` is given; a bad value is refused with the spec's one-line error."""
+    assert parse_profile("hdd").anticipation_s == pytest.approx(20e-3)
+    for name in ("none", "nvme", "ssd"):
+        assert parse_profile(name).anticipation_s == 0
+    assert parse_profile("10000,400,0,4").anticipation_s == 0
+    assert parse_profile("lat=4200,bw=180,seek=15,qd=1,antic=12.5").anticipation_s \
+        == pytest.approx(12.5e-3)
+    assert MClockScheduler(parse_profile("lat=100,qd=1"))._antic is None
+    for bad in ("lat=1,qd=1,antic=-1", "lat=1,qd=1,antic=nan", "lat=1,qd=1,antic=2000",
+                "lat=1,qd=1,antic=x", "1,2,3,4,5,6,7"):
+        with pytest.raises(ValueError, match="timing profile"):
+            parse_profile(bad)
