@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
-from .principals import OBJECT_BANKS, Banks, Principal, Rate
+from .principals import OBJECT_BANKS, QUEUE_BANKS, Banks, Principal, Rate
 from .protocol import arg_int, arg_str
 
 
@@ -28,7 +28,8 @@ class AdminOps(ServerBase):
     @staticmethod
     def _banks_args(p: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS):
+        for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS,
+                  *QUEUE_BANKS):
             if k in p and p[k] is not None:
                 out[k] = arg_int(p, k, hi=1 << 62)
         for k in ("io_reserve", "io_limit"):
@@ -39,11 +40,12 @@ class AdminOps(ServerBase):
     async def _op_principal_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         args = self._banks_args(p)
         parent = arg_str(p, "parent", optional=True, maxlen=64) or "root"
-        # Kernel-object banks not asked for: the default, or what the parent has if
-        # that is less (asking for more than the parent holds stays an error).
+        # Kernel-object and request banks not asked for: the default, or what the
+        # parent has if that is less (asking for more than the parent holds stays an
+        # error).
         par = self.principals.get(parent)
         defaults = Banks()
-        for k in OBJECT_BANKS:
+        for k in (*OBJECT_BANKS, *QUEUE_BANKS):
             if k not in args:
                 lim = self.principals.effective(par, k)
                 mine = getattr(defaults, k)

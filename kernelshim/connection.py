@@ -25,7 +25,7 @@ from pager import ReclaimSubscription
 
 from .grants import Grant
 from .kernel import Kernel
-from .principals import Principal, PrincipalTable
+from .principals import DEFAULT_COSTLY_RATE, Principal, PrincipalTable
 from .rooterror import SluiceError
 from .service import Credentials, MetadataService
 
@@ -72,8 +72,10 @@ TURN_SECONDS = 0.1e-3
 CONTENDED_SECONDS = 0.05
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
 #: principal table) per second per principal, beyond a burst of ADMIN_BURST; a request
-#: beyond the rate waits for its turn (its connection's later requests wait behind it)
-ADMIN_RATE = 50.0
+#: beyond the rate waits for its turn (its connection's later requests wait behind it).
+#: The rate is each principal's `costly_rate` bank (this is its default), charged to
+#: the principal and each ancestor below root; root changes it with `principal set`.
+ADMIN_RATE = float(DEFAULT_COSTLY_RATE)
 ADMIN_BURST = 32
 
 
@@ -90,7 +92,11 @@ class TokenBucket:
         #: when the bucket is (or was) full; a taker spends 1/rate of it
         self._t = -math.inf
 
-    def delay(self, now: float) -> float:
+    def delay(self, now: float, rate: float | None = None) -> float:
+        """`rate`: the rate now, if it changed (a bank set on a live mount); the time
+        already spent is kept, the burst is counted at the new rate."""
+        if rate is not None:
+            self.rate = rate
         t = max(self._t, now - self.burst / self.rate) + 1.0 / self.rate
         self._t = t
         return max(0.0, t - now)

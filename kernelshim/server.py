@@ -72,8 +72,9 @@ one short step of each other principal with work, not for all their connections'
 backlogs. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
-`shim_stats`, principal changes, `register`) are limited to ADMIN_RATE (50) a second
-per principal after a burst of ADMIN_BURST (32): one beyond it waits (its connection's
+`shim_stats`, principal changes, `register`) are limited to the principal's
+`costly_rate` bank (ADMIN_RATE, 50, by default) a second after a burst of ADMIN_BURST
+(32), and so are its ancestors' below root: one beyond it waits (its connection's
 later requests behind it). `shim_stats` reports per principal the server's own time
 for its requests (from asking for the turn to the reply written) and the part spent
 waiting for the turn, so a client's latency can be split into the daemon's service
@@ -401,10 +402,20 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _rate_limited(self, conn: Connection) -> bool:
-        """Wait until the principal's rate of costly operations admits one more, then
-        for its turn again: whether the connection is still served."""
+        """Wait until the rate of costly operations of the principal and of each
+        ancestor below root (their `costly_rate` banks, read now: a change holds at
+        once) admits one more, then for its turn again: whether the connection is
+        still served."""
         assert conn.share is not None
-        delay = conn.share.admin.delay(trio.current_time())
+        now = trio.current_time()
+        p = conn.principal
+        chain = [q for q in p.chain() if q.parent is not None] or [p]
+        delay = 0.0
+        for q in chain:
+            # The tightest rate along q's chain, root's included (banks are ceilings).
+            rates = [r.banks.costly_rate for r in q.chain() if r.banks.costly_rate is not None]
+            sh = conn.share if q is p else self.turns.share(q.id)
+            delay = max(delay, sh.admin.delay(now, float(min(rates)) if rates else ADMIN_RATE))
         if delay:
             if not await self._wait(conn, lambda: trio.sleep(delay)):
                 return False

@@ -211,7 +211,8 @@ def test_usage_recounted_at_mount(volume: Path, mount_factory) -> None:
     assert before["b"]["usage"]["space"] == cost("b")
     assert before["uid-1000"]["usage"] == {"space": BS + entry("user"), "inodes": 1,
                                            "grants": 0, "caps": 0, "connections": 0,
-                                           "shm": 0, "children": 0}
+                                           "shm": 0, "children": 0, "parked": 0,
+                                           "parked_bytes": 0}
     m.stop()
     m.start()
     after = table(m.path)
