@@ -34,7 +34,7 @@ from shim_util import USER_PY, pubmnt, user_popen, user_run  # noqa: F401 (fixtu
 from kernelshim import BlockDevice, Kernel
 from kernelshim.client import CONTROL_XATTR, Client
 from kernelshim.principals import (DEFAULT_CHILDREN, DEFAULT_CONNECTIONS, DEFAULT_SHM,
-                                   PrincipalTable, TooManyObjects)
+                                   Banks, PrincipalTable, TooManyObjects)
 from kernelshim.protocol import (ERROR, MAX_DEPTH, MAX_FRAME, MAX_MESSAGE, OK, REQUEST,
                                  VERSION, Decoder, Message, ProtocolError, encode,
                                  nesting_depth)
@@ -298,6 +298,57 @@ async def test_costly_operations_are_rate_limited(kernel: Kernel, tmp_path: Path
         assert want * 0.95 <= took <= want * 1.05 + 0.05, (took, want)
         for x in (s, other):
             x.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_costly_rate_is_a_bank_charged_up_the_chain(kernel: Kernel, tmp_path: Path,
+                                                          autojump_clock: Any) -> None:
+    """The rate is the `costly_rate` bank, and a tenant cannot multiply it with child
+    principals: two children of `par` (10 a second) pipelining 50 `principal_ls` each
+    get their 100 answers at par's rate — (100 - ADMIN_BURST) / 10 s — not in
+    (50 - ADMIN_BURST) / 10 s each; root's own connection is not held by them."""
+    table = PrincipalTable(None)
+    table.add("par", owner_uid=1000, banks=Banks(costly_rate=10), caller_uid=0)
+    for kid in ("kid1", "kid2"):
+        table.add(kid, parent="par", owner_uid=1000, banks=Banks(costly_rate=10),
+                  caller_uid=0)
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, table, _Stats(), path)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        admin, ad = await _connect(path), Decoder()
+        kids = []
+        for i, kid in enumerate(("kid1", "kid2")):
+            # This process runs as `kid` from now on: the next connection acts for it.
+            await admin.send(encode(REQUEST, i + 1, {"op": "register", "principal": kid}))
+            m = await _reply(admin, ad)
+            assert m is not None and m.kind == OK, m
+            kids.append(await _connect(path))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(c.principal.name for c in srv._conns) == ["kid1", "kid2", "root"]
+        t0 = trio.current_time()
+        for c in kids:
+            await c.send(b"".join(encode(REQUEST, i, {"op": "principal_ls"})
+                                  for i in range(1, 51)))
+        done: list[float] = []
+
+        async def drain(c: trio.socket.SocketType) -> None:
+            d, got = Decoder(), 0
+            while got < 50:
+                data = await c.recv(1 << 20)
+                assert data
+                for m in d.feed(data):
+                    assert isinstance(m, Message) and m.kind == OK, m
+                    got += 1
+            done.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as inner:
+            for c in kids:
+                inner.start_soon(drain, c)
+        want = (100 - server_mod.ADMIN_BURST) / 10
+        assert want * 0.95 <= max(done) <= want * 1.05 + 0.05, (done, want)
+        for c in (*kids, admin):
+            c.close()
         nursery.cancel_scope.cancel()
 
 
