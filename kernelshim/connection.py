@@ -203,6 +203,9 @@ class FairTurns(trio.abc.Instrument):
         #: thread ran on a CPU (the rest it was runnable but the OS ran others, or it
         #: was in a blocking system call)
         self.batches = ServiceHistogram()
+        #: ... and the loop thread's CPU time in each batch: what a request arriving
+        #: during a batch waits for it in CPU terms, whatever else the machine runs
+        self.batches_cpu = ServiceHistogram()
         self.batch_wall = 0.0
         self.batch_cpu = 0.0
         self._wall0 = self._cpu0 = 0.0
@@ -283,7 +286,9 @@ class FairTurns(trio.abc.Instrument):
             wall = time.perf_counter() - self._wall0
             self.batches.record(wall)
             self.batch_wall += wall
-            self.batch_cpu += time.thread_time() - self._cpu0
+            cpu = time.thread_time() - self._cpu0
+            self.batches_cpu.record(cpu)
+            self.batch_cpu += cpu
 
     def after_io_wait(self, timeout: float) -> None:
         self._wall0 = time.perf_counter()
@@ -291,6 +296,7 @@ class FairTurns(trio.abc.Instrument):
 
     def reset_statistics(self) -> None:
         self.batches = ServiceHistogram()
+        self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import os
 import socket
 import struct
@@ -226,6 +227,30 @@ async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None
     assert max(early[f"a{i}"] for i in range(6)) - min(early[f"a{i}"] for i in range(6)) <= 1
     assert turns.shares[1].turns_waited > 0 and turns.shares[2].turns_waited == 0
     assert turns.shares[1].holder is None and not turns.shares[1].waiters
+
+
+async def test_contention_is_two_principals_in_one_batch(
+        mock_clock: trio.testing.MockClock) -> None:
+    """`contended_until` (the short turns) is set by the instrument when steps of two
+    principals end in one batch of the run loop, never by one principal alone."""
+    from kernelshim.connection import CONTENDED_SECONDS
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    try:
+        async def steps(principal: int, n: int) -> None:
+            for _ in range(n):
+                await turns.take(turns.share(principal))
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+        await steps(1, 3)
+        assert turns.contended_until == -math.inf
+        t = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(steps, 1, 2)
+            nursery.start_soon(steps, 2, 2)
+        assert turns.contended_until == t + CONTENDED_SECONDS
+    finally:
+        trio.lowlevel.remove_instrument(turns)
 
 
 async def test_a_blocked_request_gives_its_turn_away(autojump_clock: Any) -> None:
