@@ -45,6 +45,15 @@ MAX_SHM_TOTAL = 1 << 30
 ROOT_SHM = 128 << 20
 #: seconds a new connection has to send its first complete request
 HANDSHAKE_SECONDS = 5.0
+#: a connection refused (its principal's bank or the global cap is full) gets its
+#: error reply and is closed this long after it came, not at once: a tenant that
+#: reconnects in a loop beyond its bank then makes the daemon accept and refuse at
+#: most one connection per REFUSE_SECONDS per connecting process, instead of as fast
+#: as the loop turns (each refusal wakes the refused process: on a busy machine that
+#: costs the daemon its CPU); at most REFUSED_HELD such sockets wait (older ones are
+#: answered at once beyond)
+REFUSE_SECONDS = 0.02
+REFUSED_HELD = 64
 #: rows per page of `principal_ls` and `stats` (a row is at most ~1 KB as JSON)
 PAGE_ROWS = 32
 #: large direct requests are served in slices of this size, and give the event loop

@@ -99,6 +99,7 @@ and closes that connection, never another one or the daemon.
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import logging
 import math
@@ -123,6 +124,7 @@ from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, READ, REQUEST, WRITE, D
 from .service import Credentials, MetadataService
 from .adminops import AdminOps
 from .connection import HANDSHAKE_SECONDS as HANDSHAKE_SECONDS
+from .connection import REFUSE_SECONDS, REFUSED_HELD
 from .connection import MAX_CONNECTIONS as MAX_CONNECTIONS
 from .connection import MAX_SEND_QUEUE as MAX_SEND_QUEUE
 from .connection import MAX_SHM as MAX_SHM
@@ -186,6 +188,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
         self.turns = FairTurns(self._uncork)
+        #: refused connections waiting for their error reply (REFUSE_SECONDS): when
+        #: due, the socket, the reply
+        self._refused: collections.deque[tuple[float, trio.socket.SocketType, bytes]] = \
+            collections.deque()
+        self._refused_wake = trio.Event()
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -202,6 +209,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         trio.lowlevel.add_instrument(self.turns)
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer_refused, name="shim-refusals")
                 task_status.started()
                 while True:
                     try:
@@ -228,6 +236,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     nursery.start_soon(self._serve_connection, conn, *who,
                                        name="shim-connection")
         finally:
+            while self._refused:
+                self._refuse_now(*self._refused.popleft()[1:])
             try:
                 trio.lowlevel.remove_instrument(self.turns)
             except KeyError:
@@ -255,11 +265,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self.principals.charge_object(principal, "connections")
         except TooManyObjects as exc:
             log.debug("refusing a shim connection: %s", exc)
-            try:  # a fresh socket has room for one small frame; never wait for it
-                os.write(sock.fileno(), self._frame(ERROR, 0, error_payload(exc)))
-            except OSError:
-                pass
-            sock.close()
+            if len(self._refused) >= REFUSED_HELD:
+                self._refuse_now(*self._refused.popleft()[1:])
+            self._refused.append((trio.current_time() + REFUSE_SECONDS, sock,
+                                  self._frame(ERROR, 0, error_payload(exc))))
+            self._refused_wake.set()
             return None
         except Exception:  # noqa: BLE001 - a bug: drop this connection, keep the daemon
             self.connection_bugs += 1
@@ -267,6 +277,26 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             sock.close()
             return None
         return creds, principal
+
+    @staticmethod
+    def _refuse_now(sock: trio.socket.SocketType, reply: bytes) -> None:
+        try:  # a fresh socket has room for one small frame; never wait for it
+            os.write(sock.fileno(), reply)
+        except OSError:
+            pass
+        sock.close()
+
+    async def _answer_refused(self) -> None:
+        """Answer and close refused connections when due (REFUSE_SECONDS)."""
+        while True:
+            if not self._refused:
+                await self._refused_wake.wait()
+                self._refused_wake = trio.Event()
+                continue
+            await trio.sleep_until(self._refused[0][0])
+            now = trio.current_time()
+            while self._refused and self._refused[0][0] <= now:
+                self._refuse_now(*self._refused.popleft()[1:])
 
     async def _serve_connection(self, tsock: trio.socket.SocketType, creds: Credentials,
                                 principal: Principal) -> None:
