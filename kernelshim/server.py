@@ -61,7 +61,12 @@ connection itself, `shm` for its attached buffer, `caps` per slot, `grants` per 
 Below those per-principal banks sit global caps (MAX_CONNECTIONS, MAX_SHM_TOTAL) with
 a reserve only root may use, so that tenants together cannot lock root out. A
 connection must send its first complete request within HANDSHAKE_SECONDS or it is
-closed; established connections may idle, counted against their principal.
+closed; established connections may idle, counted against their principal. A
+connection refused (its principal's bank or the global cap full) is answered with the
+error and closed REFUSE_SECONDS (20 ms) after it came, at most REFUSED_HELD (64)
+waiting: a tenant reconnecting in a loop beyond its bank is slowed to that pace per
+process, instead of making the daemon accept, refuse and wake it as fast as the loop
+turns (bench_hostile's churn: a third of the loop's time).
 
 Fairness between principals: a principal's connections take turns on the event loop
 (FairTurns in connection.py): each principal serves requests in at most one step of
@@ -124,7 +129,8 @@ from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, READ, REQUEST, WRITE, D
 from .service import Credentials, MetadataService
 from .adminops import AdminOps
 from .connection import HANDSHAKE_SECONDS as HANDSHAKE_SECONDS
-from .connection import REFUSE_SECONDS, REFUSED_HELD
+from .connection import REFUSE_SECONDS as REFUSE_SECONDS
+from .connection import REFUSED_HELD as REFUSED_HELD
 from .connection import MAX_CONNECTIONS as MAX_CONNECTIONS
 from .connection import MAX_SEND_QUEUE as MAX_SEND_QUEUE
 from .connection import MAX_SHM as MAX_SHM

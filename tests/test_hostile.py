@@ -152,6 +152,55 @@ async def test_handshake_deadline(kernel: Kernel, tmp_path: Path,
         nursery.cancel_scope.cancel()
 
 
+async def test_refused_connections_are_answered_late(kernel: Kernel, tmp_path: Path,
+                                                     mock_clock: trio.testing.MockClock,
+                                                     monkeypatch: Any) -> None:
+    """A connection beyond its principal's bank gets its error reply REFUSE_SECONDS
+    after it came, then EOF (a tenant reconnecting in a loop is slowed, not served as
+    fast as the loop turns); beyond REFUSED_HELD waiting, the oldest is answered at
+    once; an established connection is served meanwhile."""
+    import select
+    monkeypatch.setattr(server_mod, "REFUSED_HELD", 2)
+    table = PrincipalTable(None)
+    table.set("root", 0, connections=1)  # this process is root: one connection
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, table, _Stats(), path)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        ok, d = await _connect(path), Decoder()
+        m = await _hello(ok, d, 1)
+        assert m is not None and m.kind == OK
+        t0 = trio.current_time()
+        refused = [await _connect(path) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+
+        def readable(s: trio.socket.SocketType) -> bool:
+            return bool(select.select([s.fileno()], [], [], 0)[0])
+
+        # Three refused, two may wait: the first is answered at once, the others not yet.
+        assert [readable(s) for s in refused] == [True, False, False]
+        m = await _reply(refused[0], Decoder())
+        assert m is not None and m.kind == ERROR and m.payload["error"] == "TooManyObjects"
+        assert "holds 1 connections of its limit 1" in m.payload["message"]
+        assert await refused[0].recv(100) == b""
+        m = await _hello(ok, d, 2)  # the established connection is served meanwhile
+        assert m is not None and m.kind == OK
+        mock_clock.jump(server_mod.REFUSE_SECONDS - 0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not readable(refused[1]) and not readable(refused[2])
+        mock_clock.jump(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        for s in refused[1:]:
+            m = await _reply(s, Decoder())
+            assert m is not None and m.kind == ERROR and m.payload["error"] == "TooManyObjects"
+            assert await s.recv(100) == b""
+        assert trio.current_time() == t0 + server_mod.REFUSE_SECONDS
+        assert srv.connections == 1 and table.root.usage.connections == 1
+        for s in (ok, *refused):
+            s.close()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_bug_in_one_connection_closes_only_it(kernel: Kernel, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
