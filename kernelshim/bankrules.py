@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from blockdev.units import format_rate
 
-from .banks import LIMIT_BANKS, OBJECT_BANKS, QUEUE_BANKS, Banks, Principal, PrincipalError
+from .banks import LIMIT_BANKS, OBJECT_BANKS, Banks, Principal, PrincipalError
 
 #: float slack when adding reservations given in decimal and binary units
 _EPS = 1e-9
