@@ -456,6 +456,8 @@ def test_request_banks_from_the_cli(pubmnt: Path) -> None:
     assert r.returncode == 0, r.stderr
     kid = table(pubmnt)["kid"]["banks"]
     assert (kid["parked"], kid["parked_bytes"], kid["costly_rate"]) == (3, MiB, 5)
+    rows = {r["name"]: r for r in stats(pubmnt)["principals"]}  # `stats --json` too
+    assert (rows["kid"]["banks"]["parked"], rows["kid"]["usage"]["parked"]) == (3, 0)
     # Root is held to the same rules: not below what a child has, not above its parent.
     assert fails_one_line("principal", "set", m, "mine", "--parked", "2").endswith(
         "child 'kid' has parked 3, more than 2")
