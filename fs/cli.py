@@ -317,11 +317,12 @@ def _control(mountpoint: str):
 
 def _bank_args(args: argparse.Namespace) -> dict:
     out: dict = {}
-    for k in ("space", "cache_min", "cache_max", "shm"):
+    for k in ("space", "cache_min", "cache_max", "shm", "parked_bytes"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = parse_size(v, allow_zero=True)
-    for k in ("inodes", "io_weight", "grants", "caps", "connections", "children"):
+    for k in ("inodes", "io_weight", "grants", "caps", "connections", "children", "parked",
+              "costly_rate"):
         v = getattr(args, k, None)
         if v is not None:
             out[k] = v
@@ -345,6 +346,15 @@ def cmd_principal(args: argparse.Namespace) -> int:
             r = c.call("principal_rm", name=args.name, move_to=args.move_to)
             if r.get("storage_to"):
                 print(f"storage of {args.name} now charged to {r['storage_to']}")
+        elif args.action == "show":
+            rows = [r for r in c.call("principal_ls")["principals"] if r["name"] == args.name]
+            if not rows:
+                # (a principal the caller may not see is not named either)
+                raise CliError(f"no principal named {args.name!r} that you may see")
+            if args.json:
+                print(json.dumps(rows[0], indent=1))
+            else:
+                print(_principal_show(rows[0]))
         else:
             rows = c.call("principal_ls")["principals"]
             if args.json:
@@ -369,6 +379,40 @@ def _principal_table(rows: list[dict]) -> str:
         io = f"{b['io_reserve'] or '-'}/{b['io_weight']}/{b['io_limit'] or '-'}"
         lines.append(f"{name:20} {r['owner_uid']:>6} {space:>20} {inodes:>18} {grants:>12}"
                      f" {cache:>16} {io:>24}")
+    return "\n".join(lines)
+
+
+#: what `principal show` prints of each bank: (bank, usage key or None, is a size, what)
+_SHOW_BANKS = (
+    ("space", "space", True, "storage: data and entries"),
+    ("inodes", "inodes", False, "storage: inodes"),
+    ("cache_min", None, True, "cache guaranteed"),
+    ("cache_max", None, True, "cache ceiling"),
+    ("io_reserve", None, False, "I/O reserved"),
+    ("io_weight", None, False, "I/O weight"),
+    ("io_limit", None, False, "I/O ceiling"),
+    ("grants", "grants", False, "open grants"),
+    ("caps", "caps", False, "capability slots"),
+    ("connections", "connections", False, "control-socket connections"),
+    ("shm", "shm", True, "shared buffers attached"),
+    ("children", "children", False, "principals below it"),
+    ("parked", "parked", False, "FUSE requests parked (beyond: EAGAIN)"),
+    ("parked_bytes", "parked_bytes", True, "bytes of parked FUSE requests"),
+    ("costly_rate", None, False, "costly socket operations a second"),
+)
+
+
+def _principal_show(r: dict) -> str:
+    """One principal's banks, one a line: use (where counted) against the limit."""
+    b, u = r["banks"], r["usage"]
+    lines = [f"principal {r['name']} (id {r['id']}, parent {r['parent'] or '-'}, "
+             f"owner uid {r['owner_uid']})"]
+    for bank, used, size, what in _SHOW_BANKS:
+        lim = b.get(bank)
+        show = (lambda v: format_size_approx(v)) if size else str
+        limit = "-" if lim is None else show(lim)
+        val = f"{show(u.get(used, 0))} / {limit}" if used is not None else limit
+        lines.append(f"  {bank:13} {val:>22}   {what}")
     return "\n".join(lines)
 
 
@@ -820,8 +864,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "attach, e.g. 256M (default 256M)")
         a.add_argument("--children", type=int,
                        help="principals it may create below it, at any depth (default 256)")
+        a.add_argument("--parked", type=int,
+                       help="FUSE requests it may have waiting for admission; one more "
+                            "gets EAGAIN (default 4096)")
+        a.add_argument("--parked-bytes", type=_bank_size,
+                       help="bytes those waiting requests may hold, 4 KiB each plus their "
+                            "data, e.g. 64M (default 64M)")
+        a.add_argument("--costly-rate", type=int,
+                       help="costly control-socket operations (stats, principal ls, "
+                            "principal changes, sluice run) a second, after a burst of 32; "
+                            "beyond, they wait (default 50)")
     a = psub.add_parser("ls", help="list principals with use against each bank")
     a.add_argument("mountpoint")
+    a.add_argument("--json", action="store_true")
+    a = psub.add_parser("show", help="one principal's banks and use, one a line")
+    a.add_argument("mountpoint")
+    a.add_argument("name")
     a.add_argument("--json", action="store_true")
     a = psub.add_parser("rm", help="remove a principal")
     a.add_argument("mountpoint")

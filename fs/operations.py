@@ -50,14 +50,13 @@ READDIR_BATCH = 256
 #: FUSE handlers one principal may have executing at once (the rest of its requests
 #: wait for admission); see `Admission` and MountOptions.max_tasks in fs/mount.py
 PRINCIPAL_REQUESTS = 16
-#: requests one principal may have parked — waiting for admission without holding a
-#: pyfuse3 worker (`Admission`); one more is answered EAGAIN. Each is a thread of the
-#: tenant blocked in this file system, which costs the kernel more than the ~4 KiB it
-#: costs the daemon: thousands, so that programs with many threads never see it.
-PARKED_REQUESTS = 4096
-#: bytes those parked requests may hold: their payloads (a write's data, an xattr's
-#: value) plus PARKED_OVERHEAD each; one more byte is answered EAGAIN
-PARKED_BYTES = 64 << 20
+#: the mount's ceiling on the requests one principal may have parked — waiting for
+#: admission without holding a pyfuse3 worker (`Admission`), and the bytes they hold
+#: (payloads plus PARKED_OVERHEAD each). Each principal's own bound is its bank
+#: (`parked`, `parked_bytes`: 4096 and 64 MiB by default, kernelshim/banks.py), which
+#: root changes on a live mount; this only caps what root may give one principal.
+PARKED_REQUESTS = 1 << 16
+PARKED_BYTES = 1 << 30
 #: what a parked request holds besides its payload: its trio task, the coroutine
 #: frames of the handler chain and its copied arguments (tracemalloc: about 3.5 KiB)
 PARKED_OVERHEAD = 4096
@@ -107,22 +106,27 @@ class Admission:
     (`pyfuse3.release_worker()`, sluice's binding: the request's arguments were copied
     out of the request buffer when it was read, so the buffer is freed and another
     worker reads in its place) and waits as a plain task. Parking is bounded per
-    principal and charged, like the tokens, to the principal and each ancestor below
-    root: at most `parked_requests` requests and `parked_bytes` bytes (payloads plus
-    PARKED_OVERHEAD each) at each level. A request beyond either bound is answered
-    EAGAIN at once ("Resource temporarily unavailable", what fork(2) says at
-    RLIMIT_NPROC): its principal then has thousands of threads stuck in this file
-    system, and the only other choices — waiting while holding a worker, or parking
-    without bound — would let it take every worker or unbounded memory from the other
-    tenants. RELEASE and RELEASEDIR are never refused (the kernel does not retry them):
-    beyond the bound they wait holding their worker, and the kernel has at most
-    max_background (12) of them outstanding for the whole mount.
+    principal by its banks and charged, like the tokens, to the principal and each
+    ancestor below root (their `usage.parked` and `usage.parked_bytes`): at each level
+    at most `parked` requests and `parked_bytes` bytes (payloads plus PARKED_OVERHEAD
+    each), the tightest of that principal's banks and its ancestors' (root's included:
+    its banks are ceilings for everyone, though root counts only its own requests, so
+    that no tenant can fill it), and never more than the mount's `parked_requests` and
+    `parked_bytes`. The banks are read when a request parks, so `sluice principal set`
+    takes effect at once. A request beyond either bound is answered EAGAIN at once
+    ("Resource temporarily unavailable", what fork(2) says at RLIMIT_NPROC): its
+    principal then has thousands of threads stuck in this file system, and the only
+    other choices — waiting while holding a worker, or parking without bound — would
+    let it take every worker or unbounded memory from the other tenants. RELEASE and
+    RELEASEDIR are never refused (the kernel does not retry them): beyond the bound
+    they wait holding their worker, and the kernel has at most max_background (12) of
+    them outstanding for the whole mount.
 
-    What one tenant (a principal below root with all its descendants) can hold at once:
-    `per_principal` workers running its handlers (16), up to 12 more workers with its
-    RELEASEs beyond the bound, and 4096 parked requests holding at most 64 MiB (payloads
-    and 4 KiB each: e.g. about 60 parked 1 MiB writes); the rest of the pool (fs/mount.py:
-    512 workers) is left to the others.
+    What one tenant (a principal below root with all its descendants) can hold at once
+    with the default banks: `per_principal` workers running its handlers (16), up to 12
+    more workers with its RELEASEs beyond the bound, and 4096 parked requests holding at
+    most 64 MiB (payloads and 4 KiB each: e.g. about 60 parked 1 MiB writes); the rest of
+    the pool (fs/mount.py: 512 workers) is left to the others.
     """
 
     def __init__(self, per_principal: int = PRINCIPAL_REQUESTS, *,
@@ -133,6 +137,7 @@ class Admission:
         if parked_requests < 0 or parked_bytes < 0:
             raise ValueError("parked_requests and parked_bytes must not be negative")
         self.per_principal = per_principal
+        #: the mount's ceilings (each principal's own bound is its bank)
         self.parked_requests = parked_requests
         self.parked_bytes = parked_bytes
         # (an older build has none: fs/mount.py refuses to mount with it)
@@ -140,8 +145,6 @@ class Admission:
             release_worker = getattr(pyfuse3, "release_worker", _no_release)
         self._release_worker: Callable[[], bool] = release_worker
         self._limiters: dict[PrincipalId, trio.CapacityLimiter] = {}
-        #: principal -> [requests, bytes] parked now, its descendants' included
-        self._parked: dict[PrincipalId, list[int]] = {}
         #: requests answered EAGAIN because their principal's parking was full
         self.refused = 0
 
@@ -161,34 +164,42 @@ class Admission:
 
     def parked(self, principal: Principal) -> tuple[int, int]:
         """(requests, bytes) parked now by `principal` and its descendants."""
-        n, b = self._parked.get(principal.id, (0, 0))
+        return principal.usage.parked, principal.usage.parked_bytes
+
+    def bounds(self, principal: Principal) -> tuple[int, int]:
+        """(requests, bytes) `principal` may have parked: the tightest of its banks, its
+        ancestors' and the mount's."""
+        n, b = self.parked_requests, self.parked_bytes
+        for q in principal.chain():
+            qb = q.banks
+            if qb.parked is not None and qb.parked < n:
+                n = qb.parked
+            if qb.parked_bytes is not None and qb.parked_bytes < b:
+                b = qb.parked_bytes
         return n, b
 
     def _park(self, chain: list[Principal], cost: int, must: bool) -> bool:
         """Charge one parked request of `cost` bytes to `chain`; False (nothing
         charged) if that would pass a bound and the request may be refused."""
         for p in chain:
-            n, b = self._parked.get(p.id, (0, 0))
-            if n + 1 > self.parked_requests or b + cost > self.parked_bytes:
+            u = p.usage
+            max_n, max_b = self.bounds(p)
+            if u.parked + 1 > max_n or u.parked_bytes + cost > max_b:
                 if must:
                     return False
                 self.refused += 1
-                log.debug("parking of %s full (%d requests, %d bytes): EAGAIN",
-                          p.name, n, b)
+                log.debug("parking of %s full (%d of %d requests, %d of %d bytes): EAGAIN",
+                          p.name, u.parked, max_n, u.parked_bytes, max_b)
                 raise pyfuse3.FUSEError(errno.EAGAIN)
         for p in chain:
-            c = self._parked.setdefault(p.id, [0, 0])
-            c[0] += 1
-            c[1] += cost
+            p.usage.parked += 1
+            p.usage.parked_bytes += cost
         return True
 
     def _unpark(self, chain: list[Principal], cost: int) -> None:
         for p in chain:
-            c = self._parked[p.id]
-            c[0] -= 1
-            c[1] -= cost
-            if c[0] == 0:
-                del self._parked[p.id]
+            p.usage.parked -= 1
+            p.usage.parked_bytes -= cost
 
     async def run(self, principal: Principal, fn: Callable[..., Awaitable[Any]],
                   *args: Any, payload: int = 0, must: bool = False) -> Any:

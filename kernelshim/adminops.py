@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
-from .principals import OBJECT_BANKS, Banks, Principal, Rate
+from .principals import OBJECT_BANKS, QUEUE_BANKS, Banks, Principal, Rate
 from .protocol import arg_int, arg_str
 
 
@@ -28,7 +28,8 @@ class AdminOps(ServerBase):
     @staticmethod
     def _banks_args(p: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS):
+        for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS,
+                  *QUEUE_BANKS):
             if k in p and p[k] is not None:
                 out[k] = arg_int(p, k, hi=1 << 62)
         for k in ("io_reserve", "io_limit"):
@@ -39,11 +40,12 @@ class AdminOps(ServerBase):
     async def _op_principal_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         args = self._banks_args(p)
         parent = arg_str(p, "parent", optional=True, maxlen=64) or "root"
-        # Kernel-object banks not asked for: the default, or what the parent has if
-        # that is less (asking for more than the parent holds stays an error).
+        # Kernel-object and request banks not asked for: the default, or what the
+        # parent has if that is less (asking for more than the parent holds stays an
+        # error).
         par = self.principals.get(parent)
         defaults = Banks()
-        for k in OBJECT_BANKS:
+        for k in (*OBJECT_BANKS, *QUEUE_BANKS):
             if k not in args:
                 lim = self.principals.effective(par, k)
                 mine = getattr(defaults, k)
@@ -96,7 +98,9 @@ class AdminOps(ServerBase):
         turn or a rate limit) and how often a turn waited for another of its
         connections. `loop`: how long the batches of the event loop took (a socket
         that becomes readable waits up to about two of them) and the share of that
-        time the loop thread was on a CPU. Root may `reset` them after reading."""
+        time the loop thread was on a CPU, and the percentiles of its CPU time per batch
+        (`cpu_p50_ms`, `cpu_p99_ms`: what a request waits for a batch whatever else the
+        machine runs). Root may `reset` them after reading."""
         page, nxt = self._page(conn, p)
         rows = {}
         for q in page:
@@ -108,7 +112,9 @@ class AdminOps(ServerBase):
                                 "turns_waited": sh.turns_waited}
         t = self.turns
         loop = {**t.batches.summary(),
-                "on_cpu": t.batch_cpu / t.batch_wall if t.batch_wall else 1.0}
+                "on_cpu": t.batch_cpu / t.batch_wall if t.batch_wall else 1.0,
+                "cpu_p50_ms": t.batches_cpu.percentile(0.5) * 1e3,
+                "cpu_p99_ms": t.batches_cpu.percentile(0.99) * 1e3}
         if p.get("reset") and conn.creds.uid == 0 and nxt is None:
             for sh in self.turns.shares.values():
                 sh.service, sh.waited, sh.turns_waited = ServiceHistogram(), ServiceHistogram(), 0

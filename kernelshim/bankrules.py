@@ -1,6 +1,7 @@
 """The rules a principal's banks must keep, checked before a change is made.
 
-Limits (space, inodes, cache_max, io_limit, grants, caps, ...) are ceilings: a child's
+Limits (space, inodes, cache_max, io_limit, grants, caps, ..., parked, parked_bytes,
+costly_rate) are ceilings: a child's
 may not exceed its parent's (the tightest along the chain). Guarantees (cache_min,
 io_reserve) are carved: the children's together may not exceed their parent's; root
 without a guarantee of its own carves from the whole device (the layers below check
@@ -89,10 +90,13 @@ def check_own_banks(banks: Banks) -> None:
     """The checks that need no tree: no negative bank, a positive weight."""
     if banks.io_weight <= 0:
         raise PrincipalError("io_weight must be positive")
-    for k in ("space", "inodes", "cache_max", *OBJECT_BANKS):
+    for k in ("space", "inodes", "cache_max", *OBJECT_BANKS, "parked", "parked_bytes"):
         v = getattr(banks, k)
         if v is not None and v < 0:
             raise PrincipalError(f"{k} must not be negative")
+    if banks.costly_rate is not None and banks.costly_rate < 1:
+        # (a rate of 0 would hold a `stats` for ever; to refuse, there is nothing to set)
+        raise PrincipalError("costly_rate must be at least 1 (operations a second)")
 
 
 def check_children_fit(p: Principal, banks: Banks, *, is_root: bool) -> None:

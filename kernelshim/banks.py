@@ -28,11 +28,25 @@ DEFAULT_CONNECTIONS = 64
 DEFAULT_SHM = 256 << 20
 #: principals below it (each is a row in every listing and in principals.json)
 DEFAULT_CHILDREN = 256
+#: FUSE requests waiting for admission that have given their worker back ("parked",
+#: fs/operations.py Admission), and the bytes they hold (payloads plus 4 KiB each);
+#: one more is answered EAGAIN
+DEFAULT_PARKED = 4096
+DEFAULT_PARKED_BYTES = 64 << 20
+#: costly control-socket operations (`stats`, `principal_ls`, principal changes:
+#: each walks the principal table) a second, beyond a burst (kernelshim/connection.py
+#: ADMIN_BURST); one beyond waits its turn
+DEFAULT_COSTLY_RATE = 50
 
 #: kernel-object banks: charged with charge_object, each a count but `shm` (bytes)
 OBJECT_BANKS = ("grants", "caps", "connections", "shm", "children")
+#: banks of requests the daemon holds or serves for a principal, enforced where they
+#: wait (parked FUSE requests: fs Admission; the costly-op rate: the shim server),
+#: charged to the principal and each ancestor below root (root's count its own only:
+#: a tenant cannot fill root's); each a ceiling like the kernel objects
+QUEUE_BANKS = ("parked", "parked_bytes", "costly_rate")
 #: banks that are ceilings: a child's may not exceed its parent's
-LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS)
+LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS, *QUEUE_BANKS)
 
 
 class PrincipalError(SluiceError):
@@ -82,6 +96,9 @@ class Banks:
     connections: int | None = DEFAULT_CONNECTIONS
     shm: int | None = DEFAULT_SHM
     children: int | None = DEFAULT_CHILDREN
+    parked: int | None = DEFAULT_PARKED
+    parked_bytes: int | None = DEFAULT_PARKED_BYTES
+    costly_rate: int | None = DEFAULT_COSTLY_RATE
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -126,7 +143,9 @@ class Banks:
 
 
 def root_banks() -> Banks:
-    """Root's own banks: no kernel-object limits (the shim server's global caps bound it)."""
+    """Root's own banks: no kernel-object limits (the shim server's global caps bound
+    it); the request banks (QUEUE_BANKS) at their defaults, which bound root's own
+    requests and, as ceilings, every principal's (root raises its own to give more)."""
     return Banks(grants=None, caps=None, connections=None, shm=None, children=None)
 
 
@@ -152,6 +171,10 @@ class Usage:
     connections: int = 0
     shm: int = 0
     children: int = 0
+    #: FUSE requests parked, and their bytes (counted by fs Admission; root's are its
+    #: own requests only, see QUEUE_BANKS)
+    parked: int = 0
+    parked_bytes: int = 0
 
 
 @dataclasses.dataclass(eq=False, slots=True)

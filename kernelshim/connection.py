@@ -25,7 +25,7 @@ from pager import ReclaimSubscription
 
 from .grants import Grant
 from .kernel import Kernel
-from .principals import Principal, PrincipalTable
+from .principals import DEFAULT_COSTLY_RATE, Principal, PrincipalTable
 from .rooterror import SluiceError
 from .service import Credentials, MetadataService
 
@@ -45,6 +45,15 @@ MAX_SHM_TOTAL = 1 << 30
 ROOT_SHM = 128 << 20
 #: seconds a new connection has to send its first complete request
 HANDSHAKE_SECONDS = 5.0
+#: a connection refused (its principal's bank or the global cap is full) gets its
+#: error reply and is closed this long after it came, not at once: a tenant that
+#: reconnects in a loop beyond its bank then makes the daemon accept and refuse at
+#: most one connection per REFUSE_SECONDS per connecting process, instead of as fast
+#: as the loop turns (each refusal wakes the refused process: on a busy machine that
+#: costs the daemon its CPU); at most REFUSED_HELD such sockets wait (older ones are
+#: answered at once beyond)
+REFUSE_SECONDS = 0.02
+REFUSED_HELD = 64
 #: rows per page of `principal_ls` and `stats` (a row is at most ~1 KB as JSON)
 PAGE_ROWS = 32
 #: large direct requests are served in slices of this size, and give the event loop
@@ -72,8 +81,10 @@ TURN_SECONDS = 0.1e-3
 CONTENDED_SECONDS = 0.05
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
 #: principal table) per second per principal, beyond a burst of ADMIN_BURST; a request
-#: beyond the rate waits for its turn (its connection's later requests wait behind it)
-ADMIN_RATE = 50.0
+#: beyond the rate waits for its turn (its connection's later requests wait behind it).
+#: The rate is each principal's `costly_rate` bank (this is its default), charged to
+#: the principal and each ancestor below root; root changes it with `principal set`.
+ADMIN_RATE = float(DEFAULT_COSTLY_RATE)
 ADMIN_BURST = 32
 
 
@@ -90,7 +101,11 @@ class TokenBucket:
         #: when the bucket is (or was) full; a taker spends 1/rate of it
         self._t = -math.inf
 
-    def delay(self, now: float) -> float:
+    def delay(self, now: float, rate: float | None = None) -> float:
+        """`rate`: the rate now, if it changed (a bank set on a live mount); the time
+        already spent is kept, the burst is counted at the new rate."""
+        if rate is not None:
+            self.rate = rate
         t = max(self._t, now - self.burst / self.rate) + 1.0 / self.rate
         self._t = t
         return max(0.0, t - now)
@@ -197,6 +212,9 @@ class FairTurns(trio.abc.Instrument):
         #: thread ran on a CPU (the rest it was runnable but the OS ran others, or it
         #: was in a blocking system call)
         self.batches = ServiceHistogram()
+        #: ... and the loop thread's CPU time in each batch: what a request arriving
+        #: during a batch waits for it in CPU terms, whatever else the machine runs
+        self.batches_cpu = ServiceHistogram()
         self.batch_wall = 0.0
         self.batch_cpu = 0.0
         self._wall0 = self._cpu0 = 0.0
@@ -277,7 +295,9 @@ class FairTurns(trio.abc.Instrument):
             wall = time.perf_counter() - self._wall0
             self.batches.record(wall)
             self.batch_wall += wall
-            self.batch_cpu += time.thread_time() - self._cpu0
+            cpu = time.thread_time() - self._cpu0
+            self.batches_cpu.record(cpu)
+            self.batch_cpu += cpu
 
     def after_io_wait(self, timeout: float) -> None:
         self._wall0 = time.perf_counter()
@@ -285,6 +305,7 @@ class FairTurns(trio.abc.Instrument):
 
     def reset_statistics(self) -> None:
         self.batches = ServiceHistogram()
+        self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
 
 

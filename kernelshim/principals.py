@@ -9,11 +9,16 @@ A tree of principals rooted at `root`. Each has banks carved from its parent's:
   reservation or a limit is a `Rate` in IOPS, in bytes/s or both (the tighter applies);
 - kernel objects: `grants` (open grants), `caps` (capability slots), `connections`
   (control-socket connections acting for it), `shm` (bytes of shared buffers its
-  connections have attached) and `children` (principals below it, at any depth).
+  connections have attached) and `children` (principals below it, at any depth);
+- requests held or served for it: `parked` and `parked_bytes` (FUSE requests waiting
+  for admission after giving their worker back, fs/operations.py Admission) and
+  `costly_rate` (costly control-socket operations a second, the shim server); each
+  charged to the principal and its ancestors below root.
 
-Every new principal gets the kernel-object defaults (DEFAULT_*, banks.py); root (the
-owner of the whole device) has none of its own, so the shim server's global caps bound
-it. Root may change any principal's banks (`principal_set`); an owner may give its own
+Every new principal gets the kernel-object and request defaults (DEFAULT_*, banks.py);
+root (the owner of the whole device) has no kernel-object limits of its own, so the
+shim server's global caps bound it; its request banks bound its own requests and, as
+ceilings, everyone's. Root may change any principal's banks (`principal_set`); an owner may give its own
 children at most what it holds itself.
 
 Limits (space, inodes, cache_max, io_limit, grants, caps) are ceilings: a child's may
@@ -55,10 +60,14 @@ from . import accounting, bankrules
 from .banks import DEFAULT_CAPS as DEFAULT_CAPS
 from .banks import DEFAULT_CHILDREN as DEFAULT_CHILDREN
 from .banks import DEFAULT_CONNECTIONS as DEFAULT_CONNECTIONS
+from .banks import DEFAULT_COSTLY_RATE as DEFAULT_COSTLY_RATE
 from .banks import DEFAULT_GRANTS as DEFAULT_GRANTS
+from .banks import DEFAULT_PARKED as DEFAULT_PARKED
+from .banks import DEFAULT_PARKED_BYTES as DEFAULT_PARKED_BYTES
 from .banks import DEFAULT_SHM as DEFAULT_SHM
 from .banks import ENTRY_COST as ENTRY_COST
 from .banks import OBJECT_BANKS as OBJECT_BANKS
+from .banks import QUEUE_BANKS as QUEUE_BANKS
 from .banks import Banks as Banks
 from .banks import NoSuchPrincipal as NoSuchPrincipal
 from .banks import NotAllowed as NotAllowed
@@ -72,8 +81,9 @@ from .banks import Usage as Usage
 from .banks import bank_node, root_banks
 from .processes import ProcessRegistry
 
-__all__ = ["DEFAULT_CAPS", "DEFAULT_CHILDREN", "DEFAULT_CONNECTIONS", "DEFAULT_GRANTS",
-           "DEFAULT_SHM", "ENTRY_COST", "FILE", "OBJECT_BANKS", "Banks", "NoSuchPrincipal",
+__all__ = ["DEFAULT_CAPS", "DEFAULT_CHILDREN", "DEFAULT_CONNECTIONS", "DEFAULT_COSTLY_RATE",
+           "DEFAULT_GRANTS", "DEFAULT_PARKED", "DEFAULT_PARKED_BYTES",
+           "DEFAULT_SHM", "ENTRY_COST", "FILE", "OBJECT_BANKS", "QUEUE_BANKS", "Banks", "NoSuchPrincipal",
            "NotAllowed", "Principal", "PrincipalError", "PrincipalExists", "PrincipalInfo",
            "PrincipalTable", "QuotaExceeded", "Rate", "TooManyObjects", "Usage"]
 

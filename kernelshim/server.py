@@ -61,7 +61,12 @@ connection itself, `shm` for its attached buffer, `caps` per slot, `grants` per 
 Below those per-principal banks sit global caps (MAX_CONNECTIONS, MAX_SHM_TOTAL) with
 a reserve only root may use, so that tenants together cannot lock root out. A
 connection must send its first complete request within HANDSHAKE_SECONDS or it is
-closed; established connections may idle, counted against their principal.
+closed; established connections may idle, counted against their principal. A
+connection refused (its principal's bank or the global cap full) is answered with the
+error and closed REFUSE_SECONDS (20 ms) after it came, at most REFUSED_HELD (64)
+waiting: a tenant reconnecting in a loop beyond its bank is slowed to that pace per
+process, instead of making the daemon accept, refuse and wake it as fast as the loop
+turns (bench_hostile's churn: a third of the loop's time).
 
 Fairness between principals: a principal's connections take turns on the event loop
 (FairTurns in connection.py): each principal serves requests in at most one step of
@@ -72,8 +77,9 @@ one short step of each other principal with work, not for all their connections'
 backlogs. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
-`shim_stats`, principal changes, `register`) are limited to ADMIN_RATE (50) a second
-per principal after a burst of ADMIN_BURST (32): one beyond it waits (its connection's
+`shim_stats`, principal changes, `register`) are limited to the principal's
+`costly_rate` bank (ADMIN_RATE, 50, by default) a second after a burst of ADMIN_BURST
+(32), and so are its ancestors' below root: one beyond it waits (its connection's
 later requests behind it). `shim_stats` reports per principal the server's own time
 for its requests (from asking for the turn to the reply written) and the part spent
 waiting for the turn, so a client's latency can be split into the daemon's service
@@ -98,6 +104,7 @@ and closes that connection, never another one or the daemon.
 
 from __future__ import annotations
 
+import collections
 import errno as _errno
 import logging
 import math
@@ -122,6 +129,8 @@ from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, READ, REQUEST, WRITE, D
 from .service import Credentials, MetadataService
 from .adminops import AdminOps
 from .connection import HANDSHAKE_SECONDS as HANDSHAKE_SECONDS
+from .connection import REFUSE_SECONDS as REFUSE_SECONDS
+from .connection import REFUSED_HELD as REFUSED_HELD
 from .connection import MAX_CONNECTIONS as MAX_CONNECTIONS
 from .connection import MAX_SEND_QUEUE as MAX_SEND_QUEUE
 from .connection import MAX_SHM as MAX_SHM
@@ -185,6 +194,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
         self.turns = FairTurns(self._uncork)
+        #: refused connections waiting for their error reply (REFUSE_SECONDS): when
+        #: due, the socket, the reply
+        self._refused: collections.deque[tuple[float, trio.socket.SocketType, bytes]] = \
+            collections.deque()
+        self._refused_wake = trio.Event()
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -201,6 +215,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         trio.lowlevel.add_instrument(self.turns)
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer_refused, name="shim-refusals")
                 task_status.started()
                 while True:
                     try:
@@ -227,6 +242,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     nursery.start_soon(self._serve_connection, conn, *who,
                                        name="shim-connection")
         finally:
+            while self._refused:
+                self._refuse_now(*self._refused.popleft()[1:])
             try:
                 trio.lowlevel.remove_instrument(self.turns)
             except KeyError:
@@ -254,11 +271,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self.principals.charge_object(principal, "connections")
         except TooManyObjects as exc:
             log.debug("refusing a shim connection: %s", exc)
-            try:  # a fresh socket has room for one small frame; never wait for it
-                os.write(sock.fileno(), self._frame(ERROR, 0, error_payload(exc)))
-            except OSError:
-                pass
-            sock.close()
+            if len(self._refused) >= REFUSED_HELD:
+                self._refuse_now(*self._refused.popleft()[1:])
+            self._refused.append((trio.current_time() + REFUSE_SECONDS, sock,
+                                  self._frame(ERROR, 0, error_payload(exc))))
+            self._refused_wake.set()
             return None
         except Exception:  # noqa: BLE001 - a bug: drop this connection, keep the daemon
             self.connection_bugs += 1
@@ -266,6 +283,26 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             sock.close()
             return None
         return creds, principal
+
+    @staticmethod
+    def _refuse_now(sock: trio.socket.SocketType, reply: bytes) -> None:
+        try:  # a fresh socket has room for one small frame; never wait for it
+            os.write(sock.fileno(), reply)
+        except OSError:
+            pass
+        sock.close()
+
+    async def _answer_refused(self) -> None:
+        """Answer and close refused connections when due (REFUSE_SECONDS)."""
+        while True:
+            if not self._refused:
+                await self._refused_wake.wait()
+                self._refused_wake = trio.Event()
+                continue
+            await trio.sleep_until(self._refused[0][0])
+            now = trio.current_time()
+            while self._refused and self._refused[0][0] <= now:
+                self._refuse_now(*self._refused.popleft()[1:])
 
     async def _serve_connection(self, tsock: trio.socket.SocketType, creds: Credentials,
                                 principal: Principal) -> None:
@@ -401,10 +438,20 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _rate_limited(self, conn: Connection) -> bool:
-        """Wait until the principal's rate of costly operations admits one more, then
-        for its turn again: whether the connection is still served."""
+        """Wait until the rate of costly operations of the principal and of each
+        ancestor below root (their `costly_rate` banks, read now: a change holds at
+        once) admits one more, then for its turn again: whether the connection is
+        still served."""
         assert conn.share is not None
-        delay = conn.share.admin.delay(trio.current_time())
+        now = trio.current_time()
+        p = conn.principal
+        chain = [q for q in p.chain() if q.parent is not None] or [p]
+        delay = 0.0
+        for q in chain:
+            # The tightest rate along q's chain, root's included (banks are ceilings).
+            rates = [r.banks.costly_rate for r in q.chain() if r.banks.costly_rate is not None]
+            sh = conn.share if q is p else self.turns.share(q.id)
+            delay = max(delay, sh.admin.delay(now, float(min(rates)) if rates else ADMIN_RATE))
         if delay:
             if not await self._wait(conn, lambda: trio.sleep(delay)):
                 return False

@@ -429,8 +429,10 @@ def main() -> int:
     for label, rows in (("quiet", result["daemon_quiet"]),
                         ("attacked", result["daemon_attacked"])):
         for who, h in sorted(rows.items()):
+            cpu = (f"; CPU per batch p50 {h['cpu_p50_ms']:.3f} p99 {h['cpu_p99_ms']:.3f} ms"
+                   if "cpu_p50_ms" in h else "")
             what = (f"{h['n']} batches, the loop thread on a CPU {h['on_cpu']:.0%} of "
-                    "their time" if "on_cpu" in h else
+                    f"their time{cpu}" if "on_cpu" in h else
                     f"{h['n']} requests, waited for a turn p99 {h['waited_p99_ms']:.3f} ms")
             print(f"  {label + ' ' + who:26} {h['p50_ms']:8.3f} {h['p99_ms']:8.3f} "
                   f"{h['max_ms']:8.3f}   {what}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import os
 import socket
 import struct
@@ -34,7 +35,7 @@ from shim_util import USER_PY, pubmnt, user_popen, user_run  # noqa: F401 (fixtu
 from kernelshim import BlockDevice, Kernel
 from kernelshim.client import CONTROL_XATTR, Client
 from kernelshim.principals import (DEFAULT_CHILDREN, DEFAULT_CONNECTIONS, DEFAULT_SHM,
-                                   PrincipalTable, TooManyObjects)
+                                   Banks, PrincipalTable, TooManyObjects)
 from kernelshim.protocol import (ERROR, MAX_DEPTH, MAX_FRAME, MAX_MESSAGE, OK, REQUEST,
                                  VERSION, Decoder, Message, ProtocolError, encode,
                                  nesting_depth)
@@ -151,6 +152,55 @@ async def test_handshake_deadline(kernel: Kernel, tmp_path: Path,
         nursery.cancel_scope.cancel()
 
 
+async def test_refused_connections_are_answered_late(kernel: Kernel, tmp_path: Path,
+                                                     mock_clock: trio.testing.MockClock,
+                                                     monkeypatch: Any) -> None:
+    """A connection beyond its principal's bank gets its error reply REFUSE_SECONDS
+    after it came, then EOF (a tenant reconnecting in a loop is slowed, not served as
+    fast as the loop turns); beyond REFUSED_HELD waiting, the oldest is answered at
+    once; an established connection is served meanwhile."""
+    import select
+    monkeypatch.setattr(server_mod, "REFUSED_HELD", 2)
+    table = PrincipalTable(None)
+    table.set("root", 0, connections=1)  # this process is root: one connection
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, table, _Stats(), path)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        ok, d = await _connect(path), Decoder()
+        m = await _hello(ok, d, 1)
+        assert m is not None and m.kind == OK
+        t0 = trio.current_time()
+        refused = [await _connect(path) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+
+        def readable(s: trio.socket.SocketType) -> bool:
+            return bool(select.select([s.fileno()], [], [], 0)[0])
+
+        # Three refused, two may wait: the first is answered at once, the others not yet.
+        assert [readable(s) for s in refused] == [True, False, False]
+        m = await _reply(refused[0], Decoder())
+        assert m is not None and m.kind == ERROR and m.payload["error"] == "TooManyObjects"
+        assert "holds 1 connections of its limit 1" in m.payload["message"]
+        assert await refused[0].recv(100) == b""
+        m = await _hello(ok, d, 2)  # the established connection is served meanwhile
+        assert m is not None and m.kind == OK
+        mock_clock.jump(server_mod.REFUSE_SECONDS - 0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not readable(refused[1]) and not readable(refused[2])
+        mock_clock.jump(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+        for s in refused[1:]:
+            m = await _reply(s, Decoder())
+            assert m is not None and m.kind == ERROR and m.payload["error"] == "TooManyObjects"
+            assert await s.recv(100) == b""
+        assert trio.current_time() == t0 + server_mod.REFUSE_SECONDS
+        assert srv.connections == 1 and table.root.usage.connections == 1
+        for s in (ok, *refused):
+            s.close()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_bug_in_one_connection_closes_only_it(kernel: Kernel, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
@@ -228,6 +278,30 @@ async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None
     assert turns.shares[1].holder is None and not turns.shares[1].waiters
 
 
+async def test_contention_is_two_principals_in_one_batch(
+        mock_clock: trio.testing.MockClock) -> None:
+    """`contended_until` (the short turns) is set by the instrument when steps of two
+    principals end in one batch of the run loop, never by one principal alone."""
+    from kernelshim.connection import CONTENDED_SECONDS
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    try:
+        async def steps(principal: int, n: int) -> None:
+            for _ in range(n):
+                await turns.take(turns.share(principal))
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+        await steps(1, 3)
+        assert turns.contended_until == -math.inf
+        t = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(steps, 1, 2)
+            nursery.start_soon(steps, 2, 2)
+        assert turns.contended_until == t + CONTENDED_SECONDS
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+
+
 async def test_a_blocked_request_gives_its_turn_away(autojump_clock: Any) -> None:
     """A task that blocks (I/O, a lock) holding its principal's turn passes the turn on:
     the principal's other connections are served meanwhile; a waiter that is cancelled
@@ -298,6 +372,57 @@ async def test_costly_operations_are_rate_limited(kernel: Kernel, tmp_path: Path
         assert want * 0.95 <= took <= want * 1.05 + 0.05, (took, want)
         for x in (s, other):
             x.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_costly_rate_is_a_bank_charged_up_the_chain(kernel: Kernel, tmp_path: Path,
+                                                          autojump_clock: Any) -> None:
+    """The rate is the `costly_rate` bank, and a tenant cannot multiply it with child
+    principals: two children of `par` (10 a second) pipelining 50 `principal_ls` each
+    get their 100 answers at par's rate — (100 - ADMIN_BURST) / 10 s — not in
+    (50 - ADMIN_BURST) / 10 s each; root's own connection is not held by them."""
+    table = PrincipalTable(None)
+    table.add("par", owner_uid=1000, banks=Banks(costly_rate=10), caller_uid=0)
+    for kid in ("kid1", "kid2"):
+        table.add(kid, parent="par", owner_uid=1000, banks=Banks(costly_rate=10),
+                  caller_uid=0)
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, table, _Stats(), path)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        admin, ad = await _connect(path), Decoder()
+        kids = []
+        for i, kid in enumerate(("kid1", "kid2")):
+            # This process runs as `kid` from now on: the next connection acts for it.
+            await admin.send(encode(REQUEST, i + 1, {"op": "register", "principal": kid}))
+            m = await _reply(admin, ad)
+            assert m is not None and m.kind == OK, m
+            kids.append(await _connect(path))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(c.principal.name for c in srv._conns) == ["kid1", "kid2", "root"]
+        t0 = trio.current_time()
+        for c in kids:
+            await c.send(b"".join(encode(REQUEST, i, {"op": "principal_ls"})
+                                  for i in range(1, 51)))
+        done: list[float] = []
+
+        async def drain(c: trio.socket.SocketType) -> None:
+            d, got = Decoder(), 0
+            while got < 50:
+                data = await c.recv(1 << 20)
+                assert data
+                for m in d.feed(data):
+                    assert isinstance(m, Message) and m.kind == OK, m
+                    got += 1
+            done.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as inner:
+            for c in kids:
+                inner.start_soon(drain, c)
+        want = (100 - server_mod.ADMIN_BURST) / 10
+        assert want * 0.95 <= max(done) <= want * 1.05 + 0.05, (done, want)
+        for c in (*kids, admin):
+            c.close()
         nursery.cancel_scope.cancel()
 
 
@@ -592,9 +717,11 @@ def test_silent_connections_do_not_lock_others_out(pubmnt: Path) -> None:
     hoarders = [_hoard(mnt, 1000, 512), _hoard(mnt, 1002, 512)]
     try:
         time.sleep(0.5)
-        # Each uid holds at most its bank; the rest were refused at once.
+        # Each uid holds at most its bank; the rest were refused (answered within
+        # REFUSE_SECONDS, at most REFUSED_HELD of them waiting at a time).
         fds = fd_count(pid)
-        assert fds <= base_fds + 2 * DEFAULT_CONNECTIONS + 8, (fds, base_fds)
+        assert fds <= base_fds + 2 * DEFAULT_CONNECTIONS + server_mod.REFUSED_HELD + 8, \
+            (fds, base_fds)
         u = usage(mnt)
         assert u["uid-1000"]["connections"] == DEFAULT_CONNECTIONS
         assert u["uid-1002"]["connections"] == DEFAULT_CONNECTIONS
@@ -772,7 +899,9 @@ sys.stdin.readline()
         for who in ("uid-1000", "uid-1002"):
             assert u[who]["connections"] <= DEFAULT_CONNECTIONS
             assert u[who]["grants"] <= 4096 and u[who]["shm"] <= DEFAULT_SHM
-        assert max_fds <= base_fds + 2 * DEFAULT_CONNECTIONS + 8, (max_fds, base_fds)
+        # (the banks, the refused connections waiting for their answer, a constant)
+        assert max_fds <= base_fds + 2 * DEFAULT_CONNECTIONS + server_mod.REFUSED_HELD + 8, \
+            (max_fds, base_fds)
         for p in churn:
             assert p.wait(120) == 0, p.stderr.read()  # type: ignore[union-attr]
         print(f"\nroot's requests (stat + 4 KiB pread), {SAMPLES} each, ms:"

@@ -211,7 +211,8 @@ def test_usage_recounted_at_mount(volume: Path, mount_factory) -> None:
     assert before["b"]["usage"]["space"] == cost("b")
     assert before["uid-1000"]["usage"] == {"space": BS + entry("user"), "inodes": 1,
                                            "grants": 0, "caps": 0, "connections": 0,
-                                           "shm": 0, "children": 0}
+                                           "shm": 0, "children": 0, "parked": 0,
+                                           "parked_bytes": 0}
     m.stop()
     m.start()
     after = table(m.path)
@@ -421,3 +422,57 @@ def test_kernel_object_banks_from_the_cli(mnt: Path) -> None:
     sluice("principal", "add", str(mnt), "k1", "--parent", "objs")
     sluice("principal", "add", str(mnt), "k2", "--parent", "objs")
     fails_one_line("principal", "add", str(mnt), "k3", "--parent", "objs")  # children: 2
+
+
+def test_request_banks_from_the_cli(pubmnt: Path) -> None:
+    """The parking and costly-op banks (`--parked`, `--parked-bytes`, `--costly-rate`):
+    defaults as documented, root changes them live, an owner may give its children no
+    more than its own, a user cannot raise its own, and `principal show` prints them."""
+    m = str(pubmnt)
+    sluice("principal", "add", m, "mine", "--owner", "1000")
+    t = table(pubmnt)
+    for name in ("root", "mine"):
+        b = t[name]["banks"]
+        assert (b["parked"], b["parked_bytes"], b["costly_rate"]) == (4096, 64 * MiB, 50)
+    sluice("principal", "set", m, "mine", "--parked", "8", "--parked-bytes", "1M",
+           "--costly-rate", "5")
+    shown = sluice("principal", "show", m, "mine").stdout.splitlines()
+    assert shown[0] == "principal mine (id 1, parent root, owner uid 1000)"
+    rows = {ln.split()[0]: ln.split()[1:4] for ln in shown[1:]}
+    assert rows["parked"] == ["0", "/", "8"] and rows["parked_bytes"] == ["0B", "/", "1.0MiB"]
+    assert rows["costly_rate"][0] == "5"
+    # The owner may not raise its own principal (its parent is root's) ...
+    r = _user_sluice(1000, "principal", "set", m, "mine", "--parked", "10000")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "sluice principal: uid 1000 may not change principal 'mine'"], r.stderr
+    # ... nor give a child more than it holds; what it does not say is what it holds.
+    r = _user_sluice(1000, "principal", "add", m, "kid", "--parent", "mine",
+                     "--costly-rate", "6")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "sluice principal: costly_rate 6 exceeds what parent 'mine' holds (5)"], r.stderr
+    r = _user_sluice(1000, "principal", "add", m, "kid", "--parent", "mine")
+    assert r.returncode == 0, r.stderr
+    r = _user_sluice(1000, "principal", "set", m, "kid", "--parked", "3")
+    assert r.returncode == 0, r.stderr
+    kid = table(pubmnt)["kid"]["banks"]
+    assert (kid["parked"], kid["parked_bytes"], kid["costly_rate"]) == (3, MiB, 5)
+    rows = {r["name"]: r for r in stats(pubmnt)["principals"]}  # `stats --json` too
+    assert (rows["kid"]["banks"]["parked"], rows["kid"]["usage"]["parked"]) == (3, 0)
+    # Root is held to the same rules: not below what a child has, not above its parent.
+    assert fails_one_line("principal", "set", m, "mine", "--parked", "2").endswith(
+        "child 'kid' has parked 3, more than 2")
+    assert fails_one_line("principal", "set", m, "mine", "--parked", "5000").endswith(
+        "parked 5000 exceeds what parent 'root' holds (4096)")
+    assert fails_one_line("principal", "set", m, "mine", "--costly-rate", "0").endswith(
+        "costly_rate must be at least 1 (operations a second)")
+    # Root raises its own ceiling first, then the tenant's.
+    sluice("principal", "set", m, "root", "--parked", "10000")
+    sluice("principal", "set", m, "mine", "--parked", "5000")
+    assert table(pubmnt)["mine"]["banks"]["parked"] == 5000
+    # A user sees its own principal's banks; not another's.
+    r = _user_sluice(1000, "principal", "show", m, "kid", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["banks"]["parked"] == 3, r.stderr
+    sluice("principal", "add", m, "other", "--owner", "1001")
+    r = _user_sluice(1000, "principal", "show", m, "other")
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "sluice principal: no principal named 'other' that you may see", r.stderr
