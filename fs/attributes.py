@@ -44,6 +44,7 @@ class Attributes:
         self._writable()
         now = now_ns()
         changed: list[str] = []
+        access = False  # mode or owner changed: direct clients may have lost access
         if size is not None:
             if node.is_dir:
                 raise IsADirectory("cannot truncate a directory")
@@ -57,12 +58,15 @@ class Attributes:
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             changed.append("mode")
+            access = True
         if uid is not None and uid != 0xFFFFFFFF:
             node.uid = uid
             changed.append("uid")
+            access = True
         if gid is not None and gid != 0xFFFFFFFF:
             node.gid = gid
             changed.append("gid")
+            access = True
         if atime_ns is not None:
             node.atime_ns = clamp_time(atime_ns)
             changed.append("atime_ns")
@@ -72,8 +76,9 @@ class Attributes:
         node.ctime_ns = clamp_time(ctime_ns) if ctime_ns is not None else now
         changed.append("ctime_ns")
         self._save(node, *changed)
-        if {"mode", "uid", "gid"} & set(changed):
-            # chmod/chown: direct clients that lost access lose their grants.
+        if access and self._direct:
+            # chmod/chown: direct clients that lost access lose their grants (no
+            # direct client holds any: nothing to revoke, nothing to wait for).
             await self._revoke_direct(node, keep=self._still_allowed)
         return node
 

@@ -169,7 +169,9 @@ class InodeCache:
                 self._inodes.pop(node.id, None)
 
     def _save(self: FileSystem, node: Inode, *fields: str) -> None:
-        self.md.update_inode(node.id, **{f: getattr(node, f) for f in fields})
+        # Gathered per inode and run before the next read of the table or commit
+        # (Metadata.update_inode_later): in the same transaction as at once.
+        self.md.update_inode_later(node.id, {f: getattr(node, f) for f in fields})
 
     def _save_extents(self: FileSystem, node: Inode) -> None:
         assert node.extents is not None

@@ -5,6 +5,12 @@ one open transaction that `commit()` ends: the filesystem commits on a timer (ab
 once a second), on fsync and at unmount, so that a burst of creates costs one commit,
 not thousands. A daemon killed at any moment leaves the database as of the last
 commit. `make_durable()` additionally fsyncs the WAL so a commit survives power loss.
+
+The metadata server's updates of inode rows (`update_inode_later`: a chmod, a chown, the
+size and times after a write) are gathered per inode and run together, still inside
+the open transaction, before anything reads the inodes table and before the commit:
+every read and every commit sees exactly what running each update at once would have
+left (a file's three or four updates of an untar cost one statement, not four).
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ class Metadata:
         self.db.execute("PRAGMA temp_store=MEMORY")
         self._in_tx = False
         self.pending = 0  # statements since the last commit
+        #: inode row updates not run yet: inode -> {column: value}, the later value of
+        #: a column winning (`update_inode_later`, run by `flush_inodes`)
+        self._later: dict[int, dict[str, object]] = {}
         self._record: MetaRecorder | None = None
         if record is not None:
             self._record = MetaRecorder.start(self, record)
@@ -135,6 +144,7 @@ class Metadata:
         self.db.executemany(sql, rows)
 
     def commit(self) -> None:
+        self.flush_inodes()
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
@@ -144,6 +154,7 @@ class Metadata:
 
     def rollback(self) -> None:
         """Drop the open transaction (the volume failed: nothing more is committed)."""
+        self._later.clear()
         if self._in_tx:
             self.db.execute("ROLLBACK")
             self._in_tx = False
@@ -175,6 +186,7 @@ class Metadata:
     # -- inodes -----------------------------------------------------------------------------
 
     def get_inode(self, ino: int) -> Row | None:
+        self.flush_inodes()
         return self.db.execute(_INODE_SELECT + " WHERE id=?", (ino,)).fetchone()
 
     def insert_inode(self, *, mode: int, uid: int, gid: int, nlink: int, rdev: int,
@@ -187,19 +199,47 @@ class Metadata:
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
     def update_inode(self, ino: int, **fields: object) -> None:
+        self.flush_inodes()
         cols = ", ".join(f"{k}=?" for k in fields)
         self._w(f"UPDATE inodes SET {cols} WHERE id=?", (*fields.values(), ino))
 
+    def update_inode_later(self, ino: int, fields: dict[str, object]) -> None:
+        """`update_inode`, run with the inode's other gathered updates before the inodes
+        table is next read or the transaction commits (see the module docstring).
+        `fields` becomes this object's: the caller must not change it afterwards."""
+        had = self._later.get(ino)
+        if had is None:
+            self._later[ino] = fields
+        else:
+            had.update(fields)
+        self.pending += 1
+
+    def flush_inodes(self) -> None:
+        """Run the gathered inode updates, in the open transaction: one statement per
+        set of columns, for every inode that set."""
+        if not self._later:
+            return
+        later, self._later = self._later, {}
+        by_cols: dict[tuple[str, ...], list[tuple]] = {}
+        for ino, fields in later.items():
+            by_cols.setdefault(tuple(fields), []).append((*fields.values(), ino))
+        for cols, rows in by_cols.items():
+            self._wmany("UPDATE inodes SET " + ", ".join(f"{c}=?" for c in cols) +
+                        " WHERE id=?", rows)
+
     def delete_inode(self, ino: int) -> None:
+        self._later.pop(ino, None)  # the row goes: its updates would change nothing
         self._w("DELETE FROM inodes WHERE id=?", (ino,))
         self._w("DELETE FROM extents WHERE inode=?", (ino,))
         self._w("DELETE FROM xattrs WHERE inode=?", (ino,))
 
     def orphans(self) -> list[int]:
         """Inodes no name points to (unlinked while open when the daemon stopped)."""
+        self.flush_inodes()
         return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
 
     def inode_count(self) -> int:
+        self.flush_inodes()
         return self.db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
 
     # -- directory entries ----------------------------------------------------------------
@@ -240,6 +280,7 @@ class Metadata:
 
     def readdir(self, parent: int, after: int, limit: int) -> list[Row]:
         """Entries with cookie > after, in cookie order: (cookie, name, *inode columns)."""
+        self.flush_inodes()
         return self.db.execute(
             "SELECT d.id, d.name, i." + ", i.".join(INODE_COLUMNS) +
             " FROM dentries d JOIN inodes i ON i.id = d.inode"
@@ -256,6 +297,7 @@ class Metadata:
 
     def inodes_with_blocks_past_eof(self, block_size: int) -> list[int]:
         """Regular files with extents past the block that holds their last byte."""
+        self.flush_inodes()
         return [r[0] for r in self.db.execute(
             "SELECT DISTINCT e.inode FROM extents e JOIN inodes i ON i.id = e.inode"
             " WHERE e.file_block + e.count > (i.size + ? - 1) / ?",
@@ -278,6 +320,7 @@ class Metadata:
 
     def usage_by_principal(self) -> dict[int, tuple[int, int, int, int]]:
         """principal -> (blocks, inodes, entries, bytes of entry names) charged to it."""
+        self.flush_inodes()
         out: dict[int, list[int]] = {}
         for p, n in self.db.execute("SELECT principal, SUM(count) FROM extents GROUP BY principal"):
             out.setdefault(p, [0, 0, 0, 0])[0] = n
@@ -292,6 +335,7 @@ class Metadata:
 
     def move_principal(self, src: int, dst: int) -> None:
         """Charge everything charged to `src` to `dst` instead."""
+        self.flush_inodes()
         for table in ("inodes", "dentries", "extents"):
             self._w(f"UPDATE {table} SET principal=? WHERE principal=?", (dst, src))
 
@@ -328,6 +372,7 @@ class Metadata:
     # -- whole-volume queries (fsck) ----------------------------------------------------
 
     def all_inodes(self) -> list[Row]:
+        self.flush_inodes()
         return self.db.execute(_INODE_SELECT).fetchall()
 
     def all_dentries(self) -> list[tuple[int, int, bytes, int]]:

@@ -105,6 +105,9 @@ class Namespace:
             (ino, 1, mode, caller.uid, gid, nlink, len(target) if target is not None else 0,
              0, rdev, now, now, now, dir_parent, target, caller.principal))
         node.hints = dict(hints)
+        # Its xattrs are the inherited hints and nothing else: known without a query
+        # (getxattr of an inode without any answers from here: Xattrs.has_no_xattrs).
+        node.xattr_bytes = sum(len(hname) + 1 for hname in hints)
         if node.is_reg:
             node.extents = ExtentMap()
         node.lookups += 1

@@ -124,9 +124,17 @@ class Xattrs:
         if not name.startswith(_XATTR_NAMESPACES):
             raise NotSupported(f"xattr namespace of {name!r} is not supported")
 
+    def has_no_xattrs(self: FileSystem, ino: int) -> bool:
+        """Whether inode `ino` is known, from the inode cache alone, to have no extended
+        attributes at all (False when not known). Never raises, never queries."""
+        node = self._inodes.get(ino)
+        return node is not None and node.xattr_bytes == 0
+
     def getxattr(self: FileSystem, ino: int, name: bytes) -> bytes:
         self._check_xattr_name(name)
-        self.inode(ino)
+        node = self.inode(ino)
+        if node.xattr_bytes == 0:
+            raise NoData(f"no xattr {name!r}")
         v = self.md.get_xattr(ino, name)
         if v is None:
             raise NoData(f"no xattr {name!r}")

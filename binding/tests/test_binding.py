@@ -7,7 +7,9 @@ opened with direct_io; FUSE_HANDLE_KILLPRIV_V2) and `pyfuse3.negotiated()`; the
 `fallocate` and `lseek` handlers (arguments in, errors and offsets out, and the kernel's
 fallback when they are not implemented); `FileInfo.noflush` (no FLUSH at close);
 `pyfuse3.release_worker()` (a handler that waits without holding one of `main`'s
-workers, its arguments intact after its request buffer is reused).
+workers, its arguments intact after its request buffer is reused); the reader (a worker
+whose handlers complete without blocking keeps reading requests itself, and hands the
+device over when one blocks).
 Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
 """
 
@@ -436,6 +438,85 @@ def test_release_worker(tmp_path: Path) -> None:
         data = (mnt / "noflush").read_bytes()
         for i in range(1, PARKED, 2):
             assert data[i * REGION:(i + 1) * REGION] == bytes([65 + i]) * REGION, i
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()
+
+
+# -- the reader ----------------------------------------------------------------------------
+
+class ReaderFs(Fs):
+    """Reads of `plain` note the worker task that served them; a read of `noflush`
+    waits (without release_worker) until `flush` is read; `main` has two workers."""
+
+    MAIN = {"max_tasks": 2}
+
+    def __init__(self, status) -> None:
+        super().__init__(status)
+        self.go = trio.Event()
+
+    async def read(self, fh, off, size):
+        if fh == FILES[b"plain"]:
+            self._note("served_by", trio.lowlevel.current_task().name)
+        elif fh == FILES[b"flush"]:
+            self.go.set()
+        elif fh == FILES[b"noflush"]:
+            self._note("waiting", off)
+            await self.go.wait()
+        return await super().read(fh, off, size)
+
+
+def test_reader_keeps_reading_until_a_handler_blocks(tmp_path: Path) -> None:
+    """Requests whose handlers complete without blocking are all read and served by
+    one worker (no hand-over between workers per request: one step of the event loop
+    each); a handler that blocks hands reading over to another worker, so the request
+    that unblocks it is read and served meanwhile."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(ReaderFs, str(mnt), status))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        fd = os.open(mnt / "plain", os.O_RDONLY)
+        try:
+            for i in range(20):
+                assert os.pread(fd, 8, i) == b"x" * 8
+        finally:
+            os.close(fd)
+        served_by = status["served_by"]
+        assert len(served_by) == 20 and len(set(served_by)) == 1, served_by
+
+        got: dict[str, bytes | str] = {}
+
+        def blocked() -> None:
+            try:
+                got["noflush"] = (mnt / "noflush").read_bytes()[:8]
+            except OSError as exc:
+                got["noflush"] = repr(exc)
+
+        t = threading.Thread(target=blocked, daemon=True)
+        t.start()
+        while not status.get("waiting"):
+            assert t.is_alive() and time.monotonic() < deadline + 30
+            time.sleep(0.02)
+        # The only worker that was reading waits in its handler: this read is served
+        # only if it handed reading over.
+        got["flush"] = (mnt / "flush").read_bytes()[:8]
+        t.join(60)
+        assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         proc.join(30)
