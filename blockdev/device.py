@@ -203,6 +203,9 @@ class BlockDevice:
         self._last_end: dict[PrincipalId, float] = {}
         self.checksum_errors = 0
         self.io_errors = 0
+        #: bytes written since the last flush started (what the next flush has to make
+        #: durable; kernelshim's barrier flushes ahead when it is large)
+        self.unflushed_bytes = 0
         self._closed = False
 
     # -- formatting and opening -------------------------------------------------
@@ -267,7 +270,7 @@ class BlockDevice:
         path = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
         opened: list[Backing] = []
         try:
-            data: Backing = FileBacking(path)
+            data: Backing = FileBacking(path, direct_writes=True)
             opened.append(data)
             sums: Backing = FileBacking(directory / CHECKSUMS)
             opened.append(sums)
@@ -523,6 +526,7 @@ class BlockDevice:
         # No checkpoint between the data write returning and this: a racing read of
         # these blocks verifies against the checksum of what it reads.
         self._csum[block:block + count] = sums
+        self.unflushed_bytes += len(mv)
         await self._persist_checksums(block, count)
         self._done(principal, len(mv), WRITE, times)
 
@@ -556,6 +560,7 @@ class BlockDevice:
         DeviceError (EIO) when the host reports that it could not. Charged to
         `principal` (root by default: the metadata server's commits)."""
         times = await self._serve(principal, 0, 0, FLUSH)
+        self.unflushed_bytes = 0  # (what is written from here on, the next flush covers)
         try:
             await self.data.flush()
         except OSError as exc:
