@@ -34,6 +34,7 @@ import os
 import stat
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import trio
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -50,6 +51,8 @@ DIRECT_MIN = 256 << 10
 DIRECT_ALIGN = 4096
 #: the bounce buffer of direct writes: a larger write goes out in pieces of this size
 DIRECT_CHUNK = 1 << 20
+#: at most this many direct writes run in worker threads at once (all backings)
+DIRECT_LIMITER = trio.CapacityLimiter(2)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -166,7 +169,9 @@ class FileBacking:
         #: writes, and its page-aligned bounce buffer (opened at the first such write)
         self._want_direct = direct_writes
         self._dfd: int | None = None
-        self._bounce: mmap.mmap | None = None
+        #: free bounce buffers (one per direct write in flight, at most DIRECT_LIMITER's):
+        #: numpy views of page-aligned anonymous maps, freed with the last view
+        self._bounces: list[np.ndarray] = []
 
     @property
     def name(self) -> str:
@@ -197,8 +202,12 @@ class FileBacking:
     async def write(self, offset: int, data: memoryview) -> None:
         nbytes = memoryview(data).nbytes
         if (self._want_direct and nbytes >= DIRECT_MIN and not offset % DIRECT_ALIGN
-                and not nbytes % DIRECT_ALIGN and self._write_direct(offset, data)):
-            return
+                and not nbytes % DIRECT_ALIGN and self._open_direct()):
+            # In a worker thread: the disk's time is not the event loop's (a write
+            # larger than the page cache takes in microseconds).
+            if await trio.to_thread.run_sync(self._write_direct, offset, data,
+                                             limiter=DIRECT_LIMITER):
+                return
         n = os.pwritev(self._fd, [data], offset)
         if n != nbytes:
             self._write_rest(offset, data, n)
@@ -215,41 +224,53 @@ class FileBacking:
         (a FUSE request's payload) is not aligned. False, with direct writes turned
         off for good, when the host refuses them (no O_DIRECT, EINVAL): the caller
         then writes through the page cache. OSError as `write`."""
+        dfd = self._dfd
+        if dfd is None or not self._want_direct:
+            return False
+        try:
+            bounce = self._bounces.pop()
+        except IndexError:
+            bounce = np.frombuffer(mmap.mmap(-1, DIRECT_CHUNK), dtype=np.uint8)
+        try:
+            mv = memoryview(data).cast("B")
+            # numpy copies with the GIL released (a slice assignment holds it, and the
+            # event loop waits that long)
+            src = np.frombuffer(mv, dtype=np.uint8)
+            done = 0
+            while done < len(mv):
+                k = min(DIRECT_CHUNK, len(mv) - done)
+                np.copyto(bounce[:k], src[done:done + k])
+                try:
+                    n = os.pwritev(dfd, [bounce[:k]], offset + done)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and not done:
+                        self._want_direct = False  # (the descriptor closes with the file)
+                        return False
+                    raise
+                if n != k:  # short (the host filled up): the rest through the page cache
+                    self._write_rest(offset, mv, done + n)
+                    return True
+                done += k
+            return True
+        finally:
+            self._bounces.append(bounce)
+
+    def _open_direct(self) -> bool:
+        """The O_DIRECT descriptor, opened at the first large write; False (direct
+        writes off for good) when the host cannot open one."""
         if self._dfd is None:
             try:
                 self._dfd = os.open(self._path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 self._want_direct = False
                 return False
-            self._bounce = mmap.mmap(-1, DIRECT_CHUNK)
-        bounce = self._bounce
-        assert bounce is not None
-        mv = memoryview(data).cast("B")
-        done = 0
-        while done < len(mv):
-            k = min(DIRECT_CHUNK, len(mv) - done)
-            bounce[:k] = mv[done:done + k]
-            try:
-                n = os.pwritev(self._dfd, [memoryview(bounce)[:k]], offset + done)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and not done:
-                    self._close_direct()
-                    self._want_direct = False
-                    return False
-                raise
-            if n != k:  # short (the host filled up): the rest through the page cache
-                self._write_rest(offset, mv, done + n)
-                return True
-            done += k
-        return True
+        return self._want_direct
 
     def _close_direct(self) -> None:
         if self._dfd is not None:
             os.close(self._dfd)
             self._dfd = None
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+        self._bounces.clear()
 
     def _write_rest(self, offset: int, data: memoryview, done: int) -> None:
         """Finish a short write, or raise what the host says (ENOSPC) on the retry."""

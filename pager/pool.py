@@ -119,10 +119,15 @@ class Pager(Hints):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pager's background work: write-back of aged dirty frames, the free
         reserve, reclaim requests and their deadlines. Start it in the mount's nursery."""
-        async with trio.open_nursery() as nursery:
-            self._wakeup = trio.Event()
-            if not self._global:  # the baseline knows no principals, hence no shares
-                nursery.start_soon(self._reclaim_loop, name="pager reclaim")
-            if self.writeback:
-                nursery.start_soon(self._aging_loop, name="pager write-back aging")
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._wakeup = trio.Event()
+                if not self._global:  # the baseline knows no principals, hence no shares
+                    nursery.start_soon(self._reclaim_loop, name="pager reclaim")
+                if self.writeback:
+                    nursery.start_soon(self._aging_loop, name="pager write-back aging")
+                    # stream writes acknowledged early run here (_start_write_behind)
+                    self._behind_nursery = nursery
+                task_status.started()
+        finally:
+            self._behind_nursery = None
