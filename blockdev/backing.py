@@ -20,8 +20,11 @@ that makes no progress is EIO) — the caller never has to check a count.
 Colour: `read_into`, `write`, `discard` and `flush` are async so a wrapper may take
 time on the trio clock (latency injection); `FileBacking` does the data syscalls on
 the event loop without a checkpoint (page-cache pread/pwrite take microseconds) and
-runs fdatasync in a worker thread. `pread` is the synchronous read for opening a
-store and for offline tools, never for the data path.
+runs fdatasync in a worker thread — and, opened with `direct_writes` (the device's
+data), writes of DIRECT_MIN bytes or more, aligned, through an O_DIRECT descriptor in
+a worker thread too (a checkpoint inside `write`: the device keeps such blocks claimed
+until the write returns, so nothing reads them half-written). `pread` is the
+synchronous read for opening a store and for offline tools, never for the data path.
 """
 
 from __future__ import annotations
