@@ -174,7 +174,7 @@ class FileBacking:
         self._dfd: int | None = None
         #: free bounce buffers (one per direct write in flight, at most DIRECT_LIMITER's):
         #: numpy views of page-aligned anonymous maps, freed with the last view
-        self._bounces: list[np.ndarray] = []
+        self._bounces: list[tuple[mmap.mmap, np.ndarray]] = []
 
     @property
     def name(self) -> str:
@@ -231,9 +231,11 @@ class FileBacking:
         if dfd is None or not self._want_direct:
             return False
         try:
-            bounce = self._bounces.pop()
+            bounce_map, bounce = self._bounces.pop()
         except IndexError:
-            bounce = np.frombuffer(mmap.mmap(-1, DIRECT_CHUNK), dtype=np.uint8)
+            bounce_map = mmap.mmap(-1, DIRECT_CHUNK)
+            bounce = np.frombuffer(bounce_map, dtype=np.uint8)
+        out = memoryview(bounce_map)
         try:
             mv = memoryview(data).cast("B")
             # numpy copies with the GIL released (a slice assignment holds it, and the
@@ -244,7 +246,7 @@ class FileBacking:
                 k = min(DIRECT_CHUNK, len(mv) - done)
                 np.copyto(bounce[:k], src[done:done + k])
                 try:
-                    n = os.pwritev(dfd, [bounce[:k]], offset + done)
+                    n = os.pwritev(dfd, [out[:k]], offset + done)
                 except OSError as exc:
                     if exc.errno == errno.EINVAL and not done:
                         self._want_direct = False  # (the descriptor closes with the file)
@@ -256,7 +258,8 @@ class FileBacking:
                 done += k
             return True
         finally:
-            self._bounces.append(bounce)
+            out.release()
+            self._bounces.append((bounce_map, bounce))
 
     def _open_direct(self) -> bool:
         """The O_DIRECT descriptor, opened at the first large write; False (direct
