@@ -36,7 +36,10 @@ sequential) to its frames and record them in a trace.
 Fencing: `revoke` marks the grant and everything minted from it revoked before its
 first checkpoint, so no request that starts afterwards passes the check; it then
 waits until the requests already past the check have finished. After it returns no
-request through the old grant reaches the device.
+request through the old grant reaches the device — except the data of a stream write
+the pager acknowledged earlier and writes behind (pager/writeback.py): the device has
+claimed its blocks, so it lands before any later read, write or discard of them (a
+discard of freed blocks waits for it), and never over a block's next owner's data.
 
 Crash rules (docs/dev/invariants.md, "Crash rules"): WRITTEN blocks are sealed and a
 write never changes them in place (`Sealed`); the metadata server relocates them
