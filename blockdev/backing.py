@@ -20,11 +20,8 @@ that makes no progress is EIO) — the caller never has to check a count.
 Colour: `read_into`, `write`, `discard` and `flush` are async so a wrapper may take
 time on the trio clock (latency injection); `FileBacking` does the data syscalls on
 the event loop without a checkpoint (page-cache pread/pwrite take microseconds) and
-runs fdatasync in a worker thread — and, opened with `direct_writes` (the device's
-data), writes of DIRECT_MIN bytes or more, aligned, through an O_DIRECT descriptor in
-a worker thread too (a checkpoint inside `write`: the device keeps such blocks claimed
-until the write returns, so nothing reads them half-written). `pread` is the
-synchronous read for opening a store and for offline tools, never for the data path.
+runs fdatasync in a worker thread. `pread` is the synchronous read for opening a
+store and for offline tools, never for the data path.
 """
 
 from __future__ import annotations
@@ -32,12 +29,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import mmap
 import os
 import stat
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import trio
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -47,15 +42,6 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 
 #: at most this many fdatasyncs run in worker threads at once (all backings together)
 FLUSH_LIMITER = trio.CapacityLimiter(4)
-#: writes at least this large (and aligned to DIRECT_ALIGN) go around the host's page
-#: cache when a FileBacking is opened with `direct_writes` (see FileBacking.write)
-DIRECT_MIN = 256 << 10
-#: the alignment of a direct write's offset and length (and of its bounce buffer)
-DIRECT_ALIGN = 4096
-#: the bounce buffer of direct writes: a larger write goes out in pieces of this size
-DIRECT_CHUNK = 1 << 20
-#: at most this many direct writes run in worker threads at once (all backings)
-DIRECT_LIMITER = trio.CapacityLimiter(2)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -145,11 +131,9 @@ class Backing(Protocol):
 class FileBacking:
     """A regular (sparse) file or a block device node, opened read-write."""
 
-    def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None,
-                 direct_writes: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None) -> None:
         """Open `path`; with `create_size`, create (or truncate to) a sparse file of that
-        many bytes first (formatting). With `direct_writes`, large aligned writes bypass
-        the host's page cache (O_DIRECT, see `write`) where the host allows it."""
+        many bytes first (formatting)."""
         self._path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC
         if create_size is not None:
@@ -168,13 +152,6 @@ class FileBacking:
         self._closed = False
         #: the host filesystem cannot fallocate (EOPNOTSUPP): nothing to reserve
         self._no_fallocate = False
-        #: a second descriptor of the same file opened O_DIRECT, for large aligned
-        #: writes, and its page-aligned bounce buffer (opened at the first such write)
-        self._want_direct = direct_writes
-        self._dfd: int | None = None
-        #: free bounce buffers (one per direct write in flight, at most DIRECT_LIMITER's):
-        #: numpy views of page-aligned anonymous maps, freed with the last view
-        self._bounces: list[tuple[mmap.mmap, np.ndarray]] = []
 
     @property
     def name(self) -> str:
@@ -203,80 +180,9 @@ class FileBacking:
             out[got:] = bytes(len(out) - got)
 
     async def write(self, offset: int, data: memoryview) -> None:
-        nbytes = memoryview(data).nbytes
-        if (self._want_direct and nbytes >= DIRECT_MIN and not offset % DIRECT_ALIGN
-                and not nbytes % DIRECT_ALIGN and self._open_direct()):
-            # In a worker thread: the disk's time is not the event loop's (a write
-            # larger than the page cache takes in microseconds).
-            if await trio.to_thread.run_sync(self._write_direct, offset, data,
-                                             limiter=DIRECT_LIMITER):
-                return
         n = os.pwritev(self._fd, [data], offset)
-        if n != nbytes:
+        if n != memoryview(data).nbytes:
             self._write_rest(offset, data, n)
-
-    def _write_direct(self, offset: int, data: memoryview) -> bool:
-        """Write through the O_DIRECT descriptor: the data goes to the disk without a
-        copy into the host's page cache, which for a stream costs more than the write
-        itself (a second copy of every byte, and all of it written out again at the
-        next flush; on a VM, fresh page-cache pages are slow to touch). Durability is
-        unchanged: only `flush` (fdatasync, which also flushes the disk's cache and
-        the file's extent changes) makes anything durable; the kernel keeps the two
-        descriptors coherent (a direct write writes back and drops cached pages of its
-        range). Through a page-aligned bounce buffer, since the caller's memory
-        (a FUSE request's payload) is not aligned. False, with direct writes turned
-        off for good, when the host refuses them (no O_DIRECT, EINVAL): the caller
-        then writes through the page cache. OSError as `write`."""
-        dfd = self._dfd
-        if dfd is None or not self._want_direct:
-            return False
-        try:
-            bounce_map, bounce = self._bounces.pop()
-        except IndexError:
-            bounce_map = mmap.mmap(-1, DIRECT_CHUNK)
-            bounce = np.frombuffer(bounce_map, dtype=np.uint8)
-        out = memoryview(bounce_map)
-        try:
-            mv = memoryview(data).cast("B")
-            # numpy copies with the GIL released (a slice assignment holds it, and the
-            # event loop waits that long)
-            src = np.frombuffer(mv, dtype=np.uint8)
-            done = 0
-            while done < len(mv):
-                k = min(DIRECT_CHUNK, len(mv) - done)
-                np.copyto(bounce[:k], src[done:done + k])
-                try:
-                    n = os.pwritev(dfd, [out[:k]], offset + done)
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL and not done:
-                        self._want_direct = False  # (the descriptor closes with the file)
-                        return False
-                    raise
-                if n != k:  # short (the host filled up): the rest through the page cache
-                    self._write_rest(offset, mv, done + n)
-                    return True
-                done += k
-            return True
-        finally:
-            out.release()
-            self._bounces.append((bounce_map, bounce))
-
-    def _open_direct(self) -> bool:
-        """The O_DIRECT descriptor, opened at the first large write; False (direct
-        writes off for good) when the host cannot open one."""
-        if self._dfd is None:
-            try:
-                self._dfd = os.open(self._path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                self._want_direct = False
-                return False
-        return self._want_direct
-
-    def _close_direct(self) -> None:
-        if self._dfd is not None:
-            os.close(self._dfd)
-            self._dfd = None
-        self._bounces.clear()
 
     def _write_rest(self, offset: int, data: memoryview, done: int) -> None:
         """Finish a short write, or raise what the host says (ENOSPC) on the retry."""
@@ -319,7 +225,6 @@ class FileBacking:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._close_direct()
             os.close(self._fd)
 
     def __repr__(self) -> str:

@@ -14,8 +14,7 @@ scheduler=...)` takes any `Backing` for the data (blockdev/backing.py: a file, a
 device, a fault-injecting or a recording wrapper) and a `ChecksumStore` over another
 backing; `BlockDevice.open(directory, ...)` builds the usual ones from a directory.
 
-Ordering: a write claims its blocks, stores the data (a large one from a worker
-thread), then sets the blocks' checksums in memory with no checkpoint in between and
+Ordering: a write claims its blocks, stores the data, then sets the blocks' checksums in memory with no checkpoint in between and
 releases the claim, then persists the changed checksum pages. A read, write or
 discard of claimed blocks waits until the claim is released, so a racing read never
 verifies new data against an old checksum, and writes of the same blocks land in the
@@ -279,7 +278,7 @@ class BlockDevice:
         path = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
         opened: list[Backing] = []
         try:
-            data: Backing = FileBacking(path, direct_writes=True)
+            data: Backing = FileBacking(path)
             opened.append(data)
             sums: Backing = FileBacking(directory / CHECKSUMS)
             opened.append(sums)
@@ -553,9 +552,9 @@ class BlockDevice:
         reserved; it lands after every overlapping write claimed before it, and
         before every request that came after the claim.
 
-        While the backing writes (a large write goes to a worker thread), the blocks
-        are claimed: a read of them waits until the data and its checksums are in
-        place, so it never verifies new data against an old checksum."""
+        While the backing writes (a wrapper may take time on the trio clock), the
+        blocks are claimed: a read of them waits until the data and its checksums are
+        in place, so it never verifies new data against an old checksum."""
         bs = self.block_size
         mv = memoryview(data).cast("B")
         count, rem = divmod(len(mv), bs)

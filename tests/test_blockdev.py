@@ -667,24 +667,3 @@ async def test_read_of_claimed_blocks_waits_for_the_claimed_write(dev: BlockDevi
     assert await dev.read(0, 4, principal=P0) == (pattern(4, 9)[:BS] + pattern(1, 5)
                                                   + pattern(4, 9)[2 * BS:])
 
-
-async def test_large_writes_go_around_the_page_cache_and_stay_coherent(tmp_path: Path) -> None:
-    """Large aligned writes use the backing's O_DIRECT descriptor; reads (through the
-    page cache) see them, also over blocks the page cache held before."""
-    dev = make(tmp_path, nblocks=256)
-    try:
-        await dev.write(0, pattern(128, 1), principal=P0)  # 512 KiB: direct
-        assert dev.data._dfd is not None  # type: ignore[attr-defined]
-        assert await dev.read(0, 128, principal=P0) == pattern(128, 1)
-        await dev.write(10, pattern(1, 3), principal=P0)  # small: through the page cache
-        assert await dev.read(10, 1, principal=P0) == pattern(1, 3)
-        await dev.write(0, pattern(128, 5), principal=P0)  # direct, over cached pages
-        assert await dev.read(0, 128, principal=P0) == pattern(128, 5)
-        await dev.flush()
-    finally:
-        dev.close()
-    again = BlockDevice.open(tmp_path / "dev")
-    try:
-        assert await again.read(0, 128, principal=P0) == pattern(128, 5)
-    finally:
-        again.close()
