@@ -32,7 +32,9 @@ crash rules are integrated). Writes dirty frames charged to the writer; write-ba
 is tagged with the principal that dirtied the frame, read-ahead with the one that
 asked. A writer over its dirty share (`dirty_ratio` of its allowance) writes back its
 own oldest frames before going on — never someone else's. `run()` writes back frames
-dirty for longer than `dirty_expire`. Reads that bypass the pool overlay resident
+dirty for longer than `dirty_expire`. Stream writes that bypass the pool are written
+behind (acknowledged once the device has claimed their blocks; pager/writeback.py).
+Reads that bypass the pool overlay resident
 frames, so they see dirty data; `discard` waits for write-back in flight on the blocks
 it frees. Discardable dirty frames are never written back by the pager on its own
 (reclaim, aging, throttling, `flush`): under pressure they are dropped and the file is

@@ -4,6 +4,11 @@ its own oldest frames (throttling); frames dirty for longer than `dirty_expire` 
 written back by the aging task; `flush` (a commit's barrier) and `writeback_file`
 (an fsync) wait until what was dirty at their start is on the device.
 
+Write-behind: a stream write (more than BYPASS_BLOCKS blocks, bypassing the pool) from
+an immutable buffer is acknowledged once the device has claimed its blocks and is
+written by a task of `run`'s nursery, at most WRITE_BEHIND_BYTES per principal on
+their way; `flush` and `writeback_file` wait for all of them first.
+
 Discardable dirty frames are never written back by the pager on its own (aging,
 throttling, reclaim, `flush`): a discardable file is a cache by contract (crash rule
 R7, docs/dev/invariants.md), and only `writeback_file` — an explicit fsync of that
