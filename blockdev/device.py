@@ -14,10 +14,13 @@ scheduler=...)` takes any `Backing` for the data (blockdev/backing.py: a file, a
 device, a fault-injecting or a recording wrapper) and a `ChecksumStore` over another
 backing; `BlockDevice.open(directory, ...)` builds the usual ones from a directory.
 
-Ordering: a write stores the data, then sets the blocks' checksums in memory with no
-checkpoint in between (so a racing read verifies against the checksum of what it
-reads), then persists the changed checksum pages. A daemon killed by SIGKILL loses at
-most the request it was executing. `flush()` is the barrier: data backing first, then
+Ordering: a write claims its blocks, stores the data, then sets the blocks' checksums in memory with no checkpoint in between and
+releases the claim, then persists the changed checksum pages. A read, write or
+discard of claimed blocks waits until the claim is released, so a racing read never
+verifies new data against an old checksum, and writes of the same blocks land in the
+order they were claimed (the pager claims a stream write when it acknowledges it and
+writes it later: `claim`). A daemon killed by SIGKILL loses at most the requests it
+was executing and the claimed writes not yet made (acknowledged, never flushed). `flush()` is the barrier: data backing first, then
 the checksum store. Reads verify every block: a mismatch raises ChecksumError naming
 the block, never returns wrong data.
 
@@ -203,6 +206,14 @@ class BlockDevice:
         self._last_end: dict[PrincipalId, float] = {}
         self.checksum_errors = 0
         self.io_errors = 0
+        #: bytes written since the last flush started (what the next flush has to make
+        #: durable; kernelshim's barrier flushes ahead when it is large)
+        self.unflushed_bytes = 0
+        #: writes claimed and not yet landed (see `claim`): claim number -> (block,
+        #: count); a read, write or discard of an overlapping range waits for them
+        self._claims: dict[int, tuple[int, int]] = {}
+        self._next_claim = 0
+        self._landed = trio.lowlevel.ParkingLot()
         self._closed = False
 
     # -- formatting and opening -------------------------------------------------
@@ -476,6 +487,8 @@ class BlockDevice:
         if len(out) != count * bs:
             raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
         times = await self._serve(principal, block, count * bs, READ)
+        if self._claims:
+            await self._wait_landed(block, count)
         try:
             await self.data.read_into(block * bs, out)
         except OSError as exc:
@@ -503,26 +516,73 @@ class BlockDevice:
                   "behind sluice's back or the medium is bad", block)
         raise ChecksumError(block, count)
 
+    def claim(self, block: BlockNo, count: int) -> int:
+        """Reserve the order of a write that will be made later (write-behind): from
+        now until `write(..., claim=)` with the number returned has landed (or
+        `release_claim`), reads, writes and discards of blocks it overlaps wait for it.
+        Never blocks."""
+        self._check_range(block, count)
+        n = self._next_claim
+        self._next_claim += 1
+        self._claims[n] = (block, count)
+        return n
+
+    def release_claim(self, claim: int) -> None:
+        """Give up a claim (its write will not be made, or has been)."""
+        if self._claims.pop(claim, None) is not None and self._landed:
+            self._landed.unpark_all()
+
+    async def _wait_landed(self, block: int, count: int, *, before: int | None = None) -> None:
+        """Wait until no claimed write (numbered below `before`, if given) overlaps
+        [block, block + count). Returns with no checkpoint after the last check."""
+        end = block + count
+        while True:
+            for n, (b, c) in self._claims.items():
+                if (before is None or n < before) and b < end and block < b + c:
+                    break
+            else:
+                return
+            await self._landed.park()
+
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
-                    principal: PrincipalId) -> None:
+                    principal: PrincipalId, claim: int | None = None) -> None:
         """Write whole blocks starting at `block` (len(data) a multiple of the block size).
         On DeviceError the blocks hold undefined contents that fail their checksums
-        rather than read back as data."""
+        rather than read back as data. `claim` (from `claim`): the write that claim
+        reserved; it lands after every overlapping write claimed before it, and
+        before every request that came after the claim.
+
+        While the backing writes (a wrapper may take time on the trio clock), the
+        blocks are claimed: a read of them waits until the data and its checksums are
+        in place, so it never verifies new data against an old checksum."""
         bs = self.block_size
         mv = memoryview(data).cast("B")
         count, rem = divmod(len(mv), bs)
         if rem:
+            if claim is not None:
+                self.release_claim(claim)
             raise ValueError(f"write of {len(mv)} bytes is not a whole number of blocks")
-        self._check_range(block, count)
-        times = await self._serve(principal, block, len(mv), WRITE)
-        sums = [_block_checksum(mv[i * bs:(i + 1) * bs]) for i in range(count)]
+        if claim is None:
+            self._check_range(block, count)
+            if self._claims:
+                await self._wait_landed(block, count)
+            claim = self.claim(block, count)  # (no checkpoint since the wait)
         try:
-            await self.data.write(block * bs, mv)
-        except OSError as exc:
-            raise self._failed(exc, "write", block, count) from None
-        # No checkpoint between the data write returning and this: a racing read of
-        # these blocks verifies against the checksum of what it reads.
-        self._csum[block:block + count] = sums
+            times = await self._serve(principal, block, len(mv), WRITE)
+            await self._wait_landed(block, count, before=claim)
+            sums = [_xxh3(mv[o:o + bs]) for o in range(0, len(mv), bs)]
+            if 0 in sums:  # (as _block_checksum: 0 means never written)
+                sums = [h or 1 for h in sums]
+            try:
+                await self.data.write(block * bs, mv)
+            except OSError as exc:
+                raise self._failed(exc, "write", block, count) from None
+            # No checkpoint between the data write returning and this: once the claim
+            # is released, a read of these blocks verifies against their new checksums.
+            self._csum[block:block + count] = sums
+            self.unflushed_bytes += len(mv)
+        finally:
+            self.release_claim(claim)
         await self._persist_checksums(block, count)
         self._done(principal, len(mv), WRITE, times)
 
@@ -542,6 +602,8 @@ class BlockDevice:
             return
         bs = self.block_size
         times = await self._serve(principal, block, 0, DISCARD)
+        if self._claims:
+            await self._wait_landed(block, count)
         try:
             await self.data.discard(block * bs, count * bs)
         except OSError as exc:
@@ -556,6 +618,7 @@ class BlockDevice:
         DeviceError (EIO) when the host reports that it could not. Charged to
         `principal` (root by default: the metadata server's commits)."""
         times = await self._serve(principal, 0, 0, FLUSH)
+        self.unflushed_bytes = 0  # (what is written from here on, the next flush covers)
         try:
             await self.data.flush()
         except OSError as exc:

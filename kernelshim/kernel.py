@@ -36,7 +36,10 @@ sequential) to its frames and record them in a trace.
 Fencing: `revoke` marks the grant and everything minted from it revoked before its
 first checkpoint, so no request that starts afterwards passes the check; it then
 waits until the requests already past the check have finished. After it returns no
-request through the old grant reaches the device.
+request through the old grant reaches the device — except the data of a stream write
+the pager acknowledged earlier and writes behind (pager/writeback.py): the device has
+claimed its blocks, so it lands before any later read, write or discard of them (a
+discard of freed blocks waits for it), and never over a block's next owner's data.
 
 Crash rules (docs/dev/invariants.md, "Crash rules"): WRITTEN blocks are sealed and a
 write never changes them in place (`Sealed`); the metadata server relocates them
@@ -71,6 +74,9 @@ log = logging.getLogger(__name__)
 #: the range of a priority hint (0 = normal; higher is kept longer, against the same
 #: principal's other pages only)
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
+#: a barrier that finds at least this much written since the device's last flush
+#: flushes once before holding writes back (see `Kernel.barrier`)
+PREFLUSH_BYTES = 8 << 20
 
 
 class Kernel(GrantTable, LowerLayers):
@@ -166,6 +172,12 @@ class Kernel(GrantTable, LowerLayers):
         """Hold new writes back, wait for the writes in flight, make everything written
         so far durable (data, then checksums), and run the body (the metadata commit)
         before writes resume. Everything a commit in the body exposes was durable first."""
+        if self.device.unflushed_bytes >= PREFLUSH_BYTES and self._barrier is None:
+            # Much written since the last flush (a stream): make it durable before
+            # holding writes back, so that the flush under the barrier — during which
+            # every writer waits — has only what arrives meanwhile left to do. Only
+            # an optimisation: the barrier's own flush below is what R2 relies on.
+            await self.device.flush()
         while self._barrier is not None:  # one barrier at a time
             await self._barrier.wait()
         done = self._barrier = trio.Event()
@@ -320,23 +332,47 @@ class Kernel(GrantTable, LowerLayers):
             head = offset - b0 * bs
             tail = b1 * bs - (offset + length)
             principal = grant.principal
+            src = memoryview(data).cast("B")
+            nb = b1 - b0
+            # The request's blocks as pieces (first block index, block count, bytes): the
+            # whole blocks straight from the caller's buffer (no copy: a FUSE write from
+            # an unaligned user buffer arrives as 1 MiB - 16 bytes and then 16 bytes, and
+            # copying the megabyte to merge one edge block cost more than the write), and
+            # each partly covered edge block merged with its current contents on its own.
+            pieces: list[tuple[int, int, memoryview | bytearray]] = []
             if not head and not tail:
-                buf: memoryview | bytearray = memoryview(data).cast("B")
+                pieces.append((0, nb, src))
             else:
-                buf = bytearray((b1 - b0) * bs)
-                if head:
-                    await self._fill_block(buf, 0, segs[0], principal, grant.inode)
-                if tail and (b1 - 1 > b0 or not head):
-                    await self._fill_block(buf, (b1 - b0 - 1) * bs, segs[-1], principal,
-                                           grant.inode, last=True)
-                buf[head:head + length] = data
+                first = last = None
+                if head or nb == 1:
+                    first = bytearray(bs)
+                    await self._fill_block(first, 0, segs[0], principal, grant.inode)
+                    n0 = min(length, bs - head)
+                    first[head:head + n0] = src[:n0]
+                    pieces.append((0, 1, first))
+                if tail and nb - 1 > (0 if first is not None else -1):
+                    last = bytearray(bs)
+                    await self._fill_block(last, 0, segs[-1], principal, grant.inode,
+                                           last=True)
+                    keep = bs - tail
+                    last[:keep] = src[length - keep:]
+                m0 = 1 if first is not None else 0
+                m1 = nb - 1 if last is not None else nb
+                if m1 > m0:
+                    pieces.append((m0, m1 - m0, src[m0 * bs - head:m1 * bs - head]))
+                if last is not None:
+                    pieces.append((nb - 1, 1, last))
             self._dirty = True
-            pos = 0
+            pos = 0  # in blocks of the request
             for dev, count, fblock in targets:
-                n = count * bs
-                await self.pager.write(BlockNo(dev), buf[pos:pos + n], principal=principal,
-                                       file=grant.inode, fblock=fblock)
-                pos += n
+                for k0, kn, buf in pieces:  # the pieces' parts inside this target
+                    lo, hi = max(pos, k0), min(pos + count, k0 + kn)
+                    if lo < hi:
+                        await self.pager.write(BlockNo(dev + lo - pos),
+                                               buf[(lo - k0) * bs:(hi - k0) * bs],
+                                               principal=principal, file=grant.inode,
+                                               fblock=fblock + lo - pos)
+                pos += count
             grant.note_written(offset, offset + length)
             return length
         finally:

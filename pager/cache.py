@@ -23,6 +23,10 @@ CLASS_DROP_BEHIND = -(1 << 19)
 #: the longest run written back in one device request
 WRITEBACK_CLUSTER = 32
 
+#: write-behind (pager/writeback.py): at most this many bytes of a principal's stream
+#: writes may be acknowledged and still on their way to the device
+WRITE_BEHIND_BYTES = 16 << 20
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PrincipalCacheStats:

@@ -319,6 +319,12 @@ class DataPath(Reclaim):
 
     async def _write_through(self, block: int, mv: memoryview, count: int, p: int,
                              file: int, fblock: int) -> None:
+        if self.writeback and self._may_write_behind(mv, p):
+            # A stream under write-back (`_may_bypass` found no frame of the range, and
+            # there was no checkpoint since): acknowledged now, on the device before the
+            # next flush (pager/writeback.py).
+            self._start_write_behind(block, mv, p)
+            return
         await self.device.write(BlockNo(block), mv, principal=PrincipalId(p))
         # No checkpoint from here on: frames end up equal to what the device holds.
         bs = self.block_size

@@ -32,7 +32,9 @@ crash rules are integrated). Writes dirty frames charged to the writer; write-ba
 is tagged with the principal that dirtied the frame, read-ahead with the one that
 asked. A writer over its dirty share (`dirty_ratio` of its allowance) writes back its
 own oldest frames before going on — never someone else's. `run()` writes back frames
-dirty for longer than `dirty_expire`. Reads that bypass the pool overlay resident
+dirty for longer than `dirty_expire`. Stream writes that bypass the pool are written
+behind (acknowledged once the device has claimed their blocks; pager/writeback.py).
+Reads that bypass the pool overlay resident
 frames, so they see dirty data; `discard` waits for write-back in flight on the blocks
 it frees. Discardable dirty frames are never written back by the pager on its own
 (reclaim, aging, throttling, `flush`): under pressure they are dropped and the file is
@@ -119,10 +121,15 @@ class Pager(Hints):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pager's background work: write-back of aged dirty frames, the free
         reserve, reclaim requests and their deadlines. Start it in the mount's nursery."""
-        async with trio.open_nursery() as nursery:
-            self._wakeup = trio.Event()
-            if not self._global:  # the baseline knows no principals, hence no shares
-                nursery.start_soon(self._reclaim_loop, name="pager reclaim")
-            if self.writeback:
-                nursery.start_soon(self._aging_loop, name="pager write-back aging")
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._wakeup = trio.Event()
+                if not self._global:  # the baseline knows no principals, hence no shares
+                    nursery.start_soon(self._reclaim_loop, name="pager reclaim")
+                if self.writeback:
+                    nursery.start_soon(self._aging_loop, name="pager write-back aging")
+                    # stream writes acknowledged early run here (_start_write_behind)
+                    self._behind_nursery = nursery
+                task_status.started()
+        finally:
+            self._behind_nursery = None

@@ -4,6 +4,11 @@ its own oldest frames (throttling); frames dirty for longer than `dirty_expire` 
 written back by the aging task; `flush` (a commit's barrier) and `writeback_file`
 (an fsync) wait until what was dirty at their start is on the device.
 
+Write-behind: a stream write (more than BYPASS_BLOCKS blocks, bypassing the pool) from
+an immutable buffer is acknowledged once the device has claimed its blocks and is
+written by a task of `run`'s nursery, at most WRITE_BEHIND_BYTES per principal on
+their way; `flush` and `writeback_file` wait for all of them first.
+
 Discardable dirty frames are never written back by the pager on its own (aging,
 throttling, reclaim, `flush`): a discardable file is a cache by contract (crash rule
 R7, docs/dev/invariants.md), and only `writeback_file` — an explicit fsync of that
@@ -21,10 +26,10 @@ import logging
 import numpy as np
 import trio
 
-from blockdev import BlockNo, PrincipalId
+from blockdev import BlockNo, DeviceError, PrincipalId
 
 from . import trace as tr
-from .cache import CLEAN, DIRTY, WRITEBACK, WRITEBACK_CLUSTER
+from .cache import CLEAN, DIRTY, WRITEBACK, WRITEBACK_CLUSTER, WRITE_BEHIND_BYTES
 from .observe import Observed
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,72 @@ class WriteBack(Observed):
         self.dirty_ratio = dirty_ratio
         self.dirty_expire = dirty_expire
         self.writeback_interval = writeback_interval
+        #: write-behind of stream writes (`_write_behind`): the nursery its writes run
+        #: in (`run`'s, while it runs), bytes on their way per principal and in all,
+        #: and the first failure, which every later flush reports
+        self._behind_nursery: trio.Nursery | None = None
+        self._behind: dict[int, int] = {}
+        self._behind_total = 0
+        self._behind_error: str | None = None
+
+    def _may_write_behind(self, mv: memoryview, p: int) -> bool:
+        """Whether a stream write (one that bypasses the pool under write-back) may be
+        acknowledged before it reaches the device: only when its buffer cannot change
+        (`bytes`, a FUSE request's payload — never a direct client's shared memory) and
+        the writer has less than WRITE_BEHIND_BYTES on their way (beyond that it
+        writes synchronously, paying for its own stream and nobody else's)."""
+        return (self._behind_nursery is not None and isinstance(mv.obj, bytes)
+                and self._behind.get(p, 0) + len(mv) <= WRITE_BEHIND_BYTES)
+
+    def _start_write_behind(self, block: int, mv: memoryview, p: int) -> None:
+        """Send a stream write to the device in a task of its own and return at once
+        (no checkpoint). The device claims its blocks first, so every later request
+        that touches them — a read, another write, a discard — waits until it has
+        landed; `flush` and `writeback_file` wait for all of them (R2: a commit's
+        barrier flushes, so they are on the device before the metadata exposing
+        them). Charged to `p`, with the bytes it holds."""
+        assert self._behind_nursery is not None
+        claim = self.device.claim(BlockNo(block), len(mv) // self.block_size)
+        self._behind[p] = self._behind.get(p, 0) + len(mv)
+        self._behind_total += len(mv)
+        self._behind_nursery.start_soon(self._write_behind, block, mv, p, claim,
+                                        name="pager write-behind")
+
+    async def _write_behind(self, block: int, mv: memoryview, p: int, claim: int) -> None:
+        n = len(mv)
+        try:
+            await self.device.write(BlockNo(block), mv, principal=PrincipalId(p),
+                                    claim=claim)
+        except BaseException as exc:
+            # Acknowledged data that will not reach the device: every later flush (a
+            # commit, an fsync) fails, so the volume turns read-only and fsync
+            # reports EIO, as for a failed write-back of dirty frames.
+            self.device.release_claim(claim)
+            if self._behind_error is None:
+                self._behind_error = (f"write-behind of device blocks {block}+"
+                                      f"{n // self.block_size} failed: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise  # (Cancelled: the pager is stopping)
+            log.error("%s", self._behind_error)
+        finally:
+            self._behind[p] -= n
+            if not self._behind[p]:
+                del self._behind[p]
+            self._behind_total -= n
+            self._wake_io()
+
+    async def _wait_behind(self) -> None:
+        """Wait until every write-behind started so far has landed; DeviceError if
+        one ever failed."""
+        if self._behind_total:
+            # Written behind, these were the writer's own requests, which a barrier
+            # dispatches past their principal's I/O limit (Kernel.barrier): so are they,
+            # or a commit would wait for a throttled principal's stream.
+            with self.device.scheduler.expedite_writes():
+                while self._behind_total:
+                    await self._io_done.park()
+        if self._behind_error is not None:
+            raise DeviceError(self._behind_error)
 
     def _cluster(self, f: int) -> list[int]:
         """f and its dirty, same-dirtier, written-back-able neighbours on the device."""
@@ -173,6 +244,7 @@ class WriteBack(Observed):
         if self._tw is not None:
             self._trace_op(tr.FLUSH, 0, 0, 0, 0, 0)
         if self.writeback:
+            await self._wait_behind()
             cand = (self._state == DIRTY) | (self._state == WRITEBACK)
             if self._hinted:
                 cand &= ~self._disc
@@ -204,6 +276,7 @@ class WriteBack(Observed):
         frames are written."""
         self._trace_op(tr.WRITEBACK_FILE, 0, 0, 0, file, 0)
         if self.writeback:
+            await self._wait_behind()
             st = self._state
             frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
             await self._write_back_until_clean(frames)

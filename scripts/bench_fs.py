@@ -22,6 +22,8 @@ Workloads (sizes shrink with --quick):
                 from fio's JSON, the final fsync included); the goal is at least
                 FIO_RATIO_GOAL times the plain directory's figure of the same run.
                 fio is installed with apt-get if missing (--only fio runs just this).
+                Also counted: the FUSE WRITE requests sluice answered per fio write
+                (2: fio's buffer is not page-aligned, see Bench.workloads).
 
   fsync cost    what one tenant's fsync costs another (data=ordered: a commit writes
                 back every file's dirty pages first): the median latency of a 4 KiB
@@ -76,6 +78,7 @@ UNTAR_RATIO_GOAL = 2.5
 #: fio's sequential write on sluice (write-back) as a fraction of the plain directory's
 FIO_RATIO_GOAL = 0.5
 FIO_WRITE = "fio write 1M psync+end_fsync"
+FIO_REQUESTS = "fio FUSE writes per 1M write"
 FSYNC_ALONE = "4K write+fsync, alone"
 FSYNC_LOADED = "4K write+fsync, other writer"
 #: the untar's reference FUSE daemon: libfuse's C example, no caching (Bench.passthrough_hp)
@@ -98,6 +101,7 @@ WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
     "find | wc -l": ("s", False, None),
     "rm -rf": ("s", False, 3.0),
     FIO_WRITE: ("MB/s", True, None),
+    FIO_REQUESTS: ("req", False, None),
     FSYNC_ALONE: ("ms", False, None),
     FSYNC_LOADED: ("ms", False, None),
 }
@@ -431,7 +435,15 @@ class Bench:
         if not want or "fio" in want:
             fio = ensure_fio()
             self.warm_memory()
+            before = self.fuse_requests() if sl else {}
             step(FIO_WRITE, lambda: fio_write(fio, root / "fio.bin", self.size_mb))
+            if sl:
+                # fio writes from a malloc'd buffer that is not page-aligned: each 1 MiB
+                # write spans 257 pages and the kernel (max_pages 256) sends it as two
+                # WRITE requests, 1 MiB - 16 B and 16 B (page-aligned buffers, as
+                # seq_write's, give one): what the daemon sees per fio write.
+                n = self.fuse_requests().get("write", 0) - before.get("write", 0)
+                self.results["sluice"].setdefault(FIO_REQUESTS, []).append(n / self.size_mb)
 
         if not want or "fsync" in want:
             step(FSYNC_ALONE, lambda: fsync_latency(root / "mine.bin"))

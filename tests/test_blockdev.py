@@ -640,3 +640,30 @@ async def test_timeline_slack_keeps_sequential_requests_in_sequence(tmp_path: Pa
         assert max(dev._chan_end) - t1 == pytest.approx(150e-6 + 8 * BS / 500e6, rel=1e-9)
     finally:
         dev.close()
+
+
+# -- ordering of claimed writes, direct writes -----------------------------------------
+
+async def test_read_of_claimed_blocks_waits_for_the_claimed_write(dev: BlockDevice) -> None:
+    """A write acknowledged before it lands (the pager's write-behind) claims its
+    blocks: a read of them waits for it and sees the new data, and a write that comes
+    after the claim lands after it."""
+    import functools
+    from trio.testing import wait_all_tasks_blocked
+    await dev.write(0, pattern(4, 1), principal=P0)
+    claim = dev.claim(0, 4)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await dev.read(2, 1, principal=P1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(functools.partial(dev.write, 1, pattern(1, 5), principal=P2))
+        await wait_all_tasks_blocked()
+        assert got == [] and dev.data.pread(BS, BS) == pattern(4, 1)[BS:2 * BS]  # both wait
+        await dev.write(0, pattern(4, 9), principal=P0, claim=claim)
+    assert got == [pattern(4, 9)[2 * BS:3 * BS]]
+    assert await dev.read(0, 4, principal=P0) == (pattern(4, 9)[:BS] + pattern(1, 5)
+                                                  + pattern(4, 9)[2 * BS:])
+

@@ -491,6 +491,64 @@ async def test_discard_waits_for_writeback_in_flight(tmp_path: Path, autojump_cl
         device.close()
 
 
+async def test_stream_write_is_acknowledged_before_it_lands_and_flush_waits(
+        device: BlockDevice) -> None:
+    """Under write-back a stream write from an immutable buffer (a FUSE payload) is
+    acknowledged at once and lands from a task of the pager (write-behind); a read of
+    its blocks waits for it, and flush returns only once it is on the device."""
+    p = Pager(device, nframes=8, writeback=True)
+    n = BYPASS_BLOCKS + 8
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        first, second = blk(3, n), blk(4, n)
+        await p.write(0, first, principal=P1)
+        assert device.data.pread(0, n * BS) == bytes(n * BS)  # not landed yet
+        assert await p.read(0, n, principal=P2) == first  # waits for it
+        await p.write(n, second, principal=P1)
+        await p.write(n, first, principal=P1)  # claimed after: lands after
+        await p.flush()
+        assert device.data.pread(0, 2 * n * BS) == first + first
+        assert dev_writes(device, P1) == 3 * n * BS  # charged to the writer
+        assert p.statistics().frames_used == 0  # a stream: no frame taken
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_write_from_a_mutable_buffer_is_not_written_behind(
+        device: BlockDevice) -> None:
+    """A buffer the caller may change after the reply (a direct client's shared memory)
+    is written before the write returns."""
+    p = Pager(device, nframes=8, writeback=True)
+    n = BYPASS_BLOCKS + 8
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        buf = bytearray(blk(5, n))
+        await p.write(0, buf, principal=P1)
+        buf[:] = bytes(len(buf))
+        assert device.data.pread(0, n * BS) == blk(5, n)
+        nursery.cancel_scope.cancel()
+
+
+async def test_failed_write_behind_fails_every_later_flush(tmp_path: Path) -> None:
+    """Acknowledged data that did not reach the device is an error of every later
+    flush (the volume then turns read-only), never silently forgotten."""
+    from blockdev import DeviceError, FaultPlan
+    d = tmp_path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=128 * BS, block_size=BS)
+    device = BlockDevice.open(d, fault_plan=FaultPlan(write_error_blocks=frozenset({50})))
+    try:
+        p = Pager(device, nframes=8, writeback=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.run)
+            await p.write(40, blk(6, BYPASS_BLOCKS + 8), principal=P1)  # acknowledged
+            for _ in range(2):
+                with pytest.raises(DeviceError, match="write-behind of device blocks 40"):
+                    await p.flush()
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+
+
 async def test_discard_drops_dirty_frames_unwritten(device: BlockDevice) -> None:
     p = Pager(device, nframes=8, writeback=True)
     await p.write(2, blk(7, 2), principal=P1)
