@@ -45,9 +45,10 @@ READ_PIECE = 256 << 10
 READ_DEPTH = 4
 #: bytes sequential reads ask for past their end at most
 READ_AHEAD = 4 << 20
-#: request size of a sequential stream at most (eight reads' worth, at least
-#: READ_PIECE): 1 MiB reads cost half a request each, and two pieces fit in the
-#: read-ahead window, which is two pieces
+#: request size of a sequential stream of reads up to this size (eight reads' worth,
+#: at least READ_PIECE): 1 MiB reads cost half a request each, and two pieces fit in
+#: the read-ahead window, which is two pieces; larger reads are one request each (up
+#: to READ_AHEAD)
 SEQ_PIECE = READ_AHEAD // 2
 #: write layouts are asked for in chunks of at least this many bytes
 LAYOUT_CHUNK = 4 << 20
@@ -421,10 +422,17 @@ class _ReadStream:
             # Eight reads' worth, in whole READ_PIECEs (so pieces keep the stream's
             # block alignment), at most SEQ_PIECE: small sequential reads do not make
             # the daemon read megabytes ahead of a reader that may stop.
-            piece = -(-min(SEQ_PIECE, max(READ_PIECE, 8 * total)) // READ_PIECE) * READ_PIECE
+            # Reads larger than that are asked for one piece each, up to READ_AHEAD: a
+            # 4 MiB read is one request, not two (a request costs the daemon a reply
+            # and the client a wake-up); two slots of the buffer still overlap the
+            # daemon's filling of one piece with the client's copy of the other.
+            piece = max(min(SEQ_PIECE, max(READ_PIECE, 8 * total)), min(total, READ_AHEAD))
+            piece = -(-piece // READ_PIECE) * READ_PIECE
+            cap = room // 4 if piece <= SEQ_PIECE else room // 2
         else:
             piece = max(READ_PIECE, -(-total // READ_DEPTH))
-        self.piece = max(1, min(piece, room // 4 if sequential else room // READ_DEPTH, room))
+            cap = room // READ_DEPTH
+        self.piece = max(1, min(piece, cap, room))
         self.slots = max(1, room // self.piece)
         self._k = 0
         self.next_off = pos
