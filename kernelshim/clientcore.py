@@ -820,9 +820,19 @@ class FileCore:
         error one of them got is raised."""
         if self.buffer.pending:
             yield from self.buffer.drain()
-        size = yield from self._commit()
+        size = yield from self._reporting(self._commit())
         self._raise_error()
         return size
+
+    def _reporting(self, plan: Plan) -> Plan:
+        """Run `plan`; if it fails, its error is what this call reports, and the
+        pipelined writes' error is dropped (one error per call, as fsync(2) has one
+        errno)."""
+        try:
+            return (yield from plan)
+        except (SluiceError, OSError):
+            self._error = None
+            raise
 
     def _commit(self) -> Plan:
         if self._dirty is None:
@@ -854,8 +864,8 @@ class FileCore:
         (after making the others durable)."""
         if self.buffer.pending:
             yield from self.buffer.drain()
-        yield from self._commit()
-        yield from call("fsync", slot=self.slot)
+        yield from self._reporting(self._commit())
+        yield from self._reporting(call("fsync", slot=self.slot))
         self._raise_error()
 
     def read_plan(self, n: int) -> Plan:
@@ -901,7 +911,7 @@ class FileCore:
             if self.buffer.pending:
                 yield from self.buffer.drain()
             if self._dirty is not None:
-                yield from self._commit()
+                yield from self._reporting(self._commit())
         finally:
             self.closed = True
             try:
