@@ -40,7 +40,9 @@ Operations (each: rights required on the slot's grant; errors besides ProtocolEr
 | shim_stats {cursor, reset?}        | - (as principal_ls; `reset` root only) | - |
 
 read, write and append normally travel as binary DATA frames (same arguments, same
-checks, same errors); their JSON form is kept for tools and tests.
+checks, same errors); their JSON form is kept for tools and tests. WRITE_ALLOC (a DATA
+frame only) is write that lays out the holes it meets itself, as `layout_get` would
+(WRITE rights; also QuotaExceeded, NoSpace): the client's pipelined writes use it.
 
 `advise`, `reclaim_done`, `trace_start` and `trace_stop` are the pager's (pagerops.py),
 and so is what subscribing to "reclaim" does (a pager subscription per connection).
