@@ -228,6 +228,25 @@ class Client(_Base):
             self._sendall(data)
         return rid
 
+    def _data_call(self, step: SendData) -> Any:
+        """Send one data request and wait for its reply: `_send_step` and `_wait` in
+        one, for the 4 KiB read's short path (no plan, and without a reader thread the
+        reply is taken straight from the socket: no bookkeeping per frame)."""
+        proto = self.proto
+        rid, data = proto.data_request(step.op, step.slot, step.offset, step.length,
+                                       step.buf)
+        if self._reader is not None:
+            with self._send_lock:
+                self._sendall(data)
+            return self._wait(rid)
+        self._sendall(data)
+        while True:
+            r = proto.receive_data_reply(self.sock.recv(RECV_BYTES), rid)
+            if r is not None:
+                return r
+            if proto.has_reply(rid):
+                return proto.reply(rid)
+
     def _sendall(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
@@ -441,9 +460,8 @@ class File:
         mv = memoryview(buf).cast("B")
         small = self.core.small_read(len(mv), offset)
         if small is not None:  # the plan's first step, without the plan (4 KiB reads)
-            c = self.client
-            rid = c._send_step(small)
-            return self.core.small_read_done(mv, offset, c._wait(rid).n)
+            r = self.client._data_call(small)
+            return self.core.small_read_done(mv, offset, r.n)
         n: int = self.client.run(self.core.readinto_plan(mv, offset))
         return n
 
@@ -778,22 +796,22 @@ class AsyncFile:
         return n
 
     async def commit(self) -> int:
-        n: int = await self.client.run(self.core.commit_plan())
+        n: int = await self.client.run_buffered(self.core.commit_plan())
         return n
 
     async def truncate(self, size: int | None = None) -> int:
-        n: int = await self.client.run(self.core.truncate_plan(size))
+        n: int = await self.client.run_buffered(self.core.truncate_plan(size))
         return n
 
     async def fsync(self) -> None:
-        await self.client.run(self.core.fsync_plan())
+        await self.client.run_buffered(self.core.fsync_plan())
 
     async def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        n: int = await self.client.run(self.core.seek_plan(offset, whence))
+        n: int = await self.client.run_buffered(self.core.seek_plan(offset, whence))
         return n
 
     async def size(self) -> int:
-        n: int = await self.client.run(self.core.size_plan())
+        n: int = await self.client.run_buffered(self.core.size_plan())
         return n
 
     async def stat(self) -> dict[str, Any]:
@@ -808,7 +826,7 @@ class AsyncFile:
                                willneed=willneed, dontneed=dontneed)
 
     async def close(self) -> None:
-        await self.client.run(self.core.close_plan())
+        await self.client.run_buffered(self.core.close_plan())
 
     async def __aenter__(self) -> AsyncFile:
         return self

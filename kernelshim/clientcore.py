@@ -31,8 +31,9 @@ from typing import Any, Generator, Union
 
 from . import errors as _errors
 from .protocol import (_DATA_OK_FRAME, APPEND, DATA_OK, ERROR, OK, OLD_VERSION, PUSH, READ,
-                       REQUEST, VERSION, WRITE, DataReply, DataRequest, Decoder, Message,
-                       OldVersion, ProtocolError, ReplyTooLarge, brief, encode, encode_data)
+                       REQUEST, VERSION, WRITE, WRITE_ALLOC, DataReply, DataRequest, Decoder,
+                       Message, OldVersion, ProtocolError, ReplyTooLarge, brief, encode,
+                       encode_data)
 from .rooterror import SluiceError
 
 #: bytes asked for per read request (sequential reads keep several in flight)
@@ -44,19 +45,32 @@ READ_PIECE = 256 << 10
 READ_DEPTH = 4
 #: bytes sequential reads ask for past their end at most
 READ_AHEAD = 4 << 20
-#: request size of a sequential stream at most (eight reads' worth, at least
-#: READ_PIECE): 1 MiB reads cost half a request each, and two pieces fit in the
-#: read-ahead window, which is two pieces
+#: request size of a sequential stream of reads up to this size (eight reads' worth,
+#: at least READ_PIECE): 1 MiB reads cost half a request each, and two pieces fit in
+#: the read-ahead window, which is two pieces; larger reads are one request each (up
+#: to READ_AHEAD)
 SEQ_PIECE = READ_AHEAD // 2
 #: write layouts are asked for in chunks of at least this many bytes
 LAYOUT_CHUNK = 4 << 20
 #: write layouts asked for again when a commit sealed the blocks under a write
 SEALED_RETRIES = 8
+#: writes of at most this many bytes are pipelined: sent without waiting for their
+#: reply, which is read later (docs/dev/protocol.md, "Pipelined writes")
+PIPE_WRITE_MAX = 64 << 10
+#: pipelined writes in flight at most (per connection), and the bytes at the end of the
+#: shared buffer they go through (at most a quarter of the buffer)
+WRITE_WINDOW = 32
+WRITE_RING = 256 << 10
+#: a shared buffer smaller than this pipelines no writes
+PIPE_MIN_SHM = 1 << 20
 #: pages of one paged reply at most (a listing of 32 rows a page)
 MAX_PAGES = 1 << 16
 #: notifications kept for a client that does not take them; older ones are dropped
 #: (counted in `ClientProtocol.dropped_notifications`)
 MAX_NOTIFICATIONS = 1024
+
+#: kernelshim.grants.Rights.WRITE (not imported: the client stays light)
+_WRITE_RIGHT = 2
 
 _DATA_OK_SIZE = _DATA_OK_FRAME.size
 _DATA_OK_HEAD = _DATA_OK_FRAME.pack(_DATA_OK_SIZE - 4, VERSION, DATA_OK, 0, 0, 0, 0)[:6]
@@ -197,6 +211,18 @@ class ClientProtocol:
             else:
                 raise ProtocolError(f"reply to request {rid}, which is not outstanding")
         return pushed
+
+    def receive_data_reply(self, data: bytes, rid: int) -> DataReply | None:
+        """`receive(data)`, and if `data` was exactly the DATA_OK frame answering `rid`,
+        that reply (taken: `reply(rid)` is not needed); else None."""
+        if len(data) == _DATA_OK_SIZE and data[:6] == _DATA_OK_HEAD and \
+                not self._decoder.pending:
+            t = _DATA_OK_FRAME.unpack(data)
+            if t[3] == rid and rid in self.outstanding:
+                self.outstanding.discard(rid)
+                return DataReply(rid, t[4], t[5], t[6])
+        self.receive(data)
+        return None
 
     def has_reply(self, rid: int) -> bool:
         """Whether `reply(rid)` would return or raise without more input."""
@@ -396,10 +422,17 @@ class _ReadStream:
             # Eight reads' worth, in whole READ_PIECEs (so pieces keep the stream's
             # block alignment), at most SEQ_PIECE: small sequential reads do not make
             # the daemon read megabytes ahead of a reader that may stop.
-            piece = -(-min(SEQ_PIECE, max(READ_PIECE, 8 * total)) // READ_PIECE) * READ_PIECE
+            # Reads larger than that are asked for one piece each, up to READ_AHEAD: a
+            # 4 MiB read is one request, not two (a request costs the daemon a reply
+            # and the client a wake-up); two slots of the buffer still overlap the
+            # daemon's filling of one piece with the client's copy of the other.
+            piece = max(min(SEQ_PIECE, max(READ_PIECE, 8 * total)), min(total, READ_AHEAD))
+            piece = -(-piece // READ_PIECE) * READ_PIECE
+            cap = room // 4 if piece <= SEQ_PIECE else room // 2
         else:
             piece = max(READ_PIECE, -(-total // READ_DEPTH))
-        self.piece = max(1, min(piece, room // 4 if sequential else room // READ_DEPTH, room))
+            cap = room // READ_DEPTH
+        self.piece = max(1, min(piece, cap, room))
         self.slots = max(1, room // self.piece)
         self._k = 0
         self.next_off = pos
@@ -410,15 +443,78 @@ class _ReadStream:
         return at
 
 
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """A pipelined write in flight: its request, its part of the ring, its file."""
+
+    rid: int
+    at: int
+    n: int
+    core: FileCore
+
+
 class SharedBuffer:
-    """The connection's shared buffer, and which file's read-ahead holds parts of it
-    between calls: a plan of another file that needs the buffer drops it first."""
+    """The connection's shared buffer, and who holds parts of it between calls: a
+    file's read-ahead (a plan of another file that needs the buffer drops it first),
+    and the pipelined writes in flight, in a ring at the buffer's end.
+
+    The ring is a FIFO: the daemon answers a connection's requests in order, so the
+    oldest write's reply frees the oldest part. Small reads use the buffer's start,
+    outside the ring; every plan that uses the rest of the buffer (large reads and
+    writes, appends) first waits for the pipelined writes (`drain`)."""
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
         self.holder: FileCore | None = None
         #: requests in flight of a plan that was closed half-way (the driver waits)
         self._lost: list[int] = []
+        size = len(view)
+        self.ring = min(WRITE_RING, size // 4) if size >= PIPE_MIN_SHM else 0
+        self.ring_base = size - self.ring
+        #: pipelined writes in flight, oldest first
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self._tail = 0  # where the next write goes, relative to ring_base
+
+    def _fit(self, n: int) -> int | None:
+        """A part of the ring for `n` bytes (relative), or None while it is full."""
+        if not self.pending:
+            return 0 if n <= self.ring else None
+        head, tail = self.pending[0].at - self.ring_base, self._tail
+        if tail > head:  # in use: [head, tail); free: [tail, ring) and [0, head)
+            if tail + n <= self.ring:
+                return tail
+            return 0 if n <= head else None
+        return tail if tail + n <= head else None  # wrapped: free is [tail, head)
+
+    def ring_alloc(self, n: int) -> Plan:
+        """Room in the ring for a write of `n` bytes (at most `ring`): its buffer
+        offset. Waits for the oldest writes while the window or the ring is full."""
+        while True:
+            at = self._fit(n) if len(self.pending) < WRITE_WINDOW else None
+            if at is not None:
+                self._tail = at + n
+                return self.ring_base + at
+            yield from self.reap_one()
+
+    def reap_one(self) -> Plan:
+        """Wait for the oldest pipelined write's reply; an error goes to its file (raised
+        by that file's next call)."""
+        p = self.pending.popleft()
+        try:
+            yield Wait(p.rid)
+        except GeneratorExit:
+            self._lost.append(p.rid)  # the cancelled driver waits for it
+            raise
+        except (SluiceError, OSError) as exc:
+            if p.core._error is None:
+                p.core._error = exc
+            if isinstance(exc, _errors.GrantRevoked):
+                p.core._dirty = None  # a revoked grant commits nothing (see _commit)
+
+    def drain(self) -> Plan:
+        """Wait for every pipelined write in flight (every file's: they share the ring)."""
+        while self.pending:
+            yield from self.reap_one()
 
     def take_lost(self) -> list[int]:
         lost, self._lost = self._lost, []
@@ -454,7 +550,17 @@ class FileCore:
         self._size_hint = size
         self._dirty: tuple[int, int] | None = None
         self._layout: list[tuple[int, int]] = []  # ranges known to be allocated
+        #: the first error of a pipelined write of this file, raised by its next call
+        self._error: BaseException | None = None
         self.closed = False
+
+    def _raise_error(self) -> None:
+        """Raise the error a pipelined write of this file got, once (as Linux reports a
+        write-back error at the next fsync or close)."""
+        err = self._error
+        if err is not None:
+            self._error = None
+            raise err
 
     # -- reading ---------------------------------------------------------------------
 
@@ -476,7 +582,11 @@ class FileCore:
         small = self.small_read(total, offset)
         if small is not None:
             return self.small_read_done(mv, offset, (yield Wait((yield small))).n)
+        self._raise_error()
         yield from self.buffer.claim(self)
+        if self.buffer.pending:  # pieces may go anywhere in the buffer, the ring too
+            yield from self.buffer.drain()
+            self._raise_error()
         if not total:
             return 0
         sequential = pos == st.next_use and self.read_ahead
@@ -540,8 +650,9 @@ class FileCore:
         running readinto_plan, without the plan's bookkeeping."""
         pos = self.pos if offset is None else offset
         st = self._stream
-        if 0 < nbytes <= min(READ_PIECE, len(self.shm)) and not st.pieces \
-                and (pos != st.next_use or not self.read_ahead) and self.buffer.holder is self:
+        if 0 < nbytes <= min(READ_PIECE, len(self.shm) - self.buffer.ring) and not st.pieces \
+                and (pos != st.next_use or not self.read_ahead) \
+                and self.buffer.holder is self and self._error is None:
             return SendData(READ, self.slot, pos, nbytes, 0)
         return None
 
@@ -568,9 +679,19 @@ class FileCore:
     # -- writing ---------------------------------------------------------------------
 
     def pwrite_plan(self, data: Any, offset: int) -> Plan:
+        """Write `data` at `offset`. A small write (at most PIPE_WRITE_MAX) is pipelined:
+        copied into the ring and sent, and the call returns without waiting for the
+        reply; an error it gets is raised by the file's next call (commit, fsync and
+        close do their work for what did land, then raise it). Larger writes wait."""
         yield from self.buffer.claim(self)
         yield from self._drop_stream()
+        self._raise_error()
         mv = memoryview(data).cast("B")
+        if 0 < len(mv) <= min(PIPE_WRITE_MAX, self.buffer.ring) and self.rights & _WRITE_RIGHT:
+            return (yield from self._pipe_write(mv, offset))
+        if self.buffer.pending:
+            yield from self.buffer.drain()
+            self._raise_error()
         if _needs_commit(self._dirty, offset, len(mv), self.bs):
             yield from self.commit_plan()
         # Two halves of the shared buffer: the next piece is copied in while the daemon
@@ -625,6 +746,27 @@ class FileCore:
         self._wrote(offset, len(mv))
         return len(mv)
 
+    def _pipe_write(self, mv: memoryview, offset: int) -> Plan:
+        """A pipelined write (see pwrite_plan). The daemon serves a connection's requests
+        in order, so every later request of this client (a read of the same bytes, a
+        commit, an fsync) comes after it; a hole it meets is allocated by the daemon
+        (the write never needs a reply to go on)."""
+        n = len(mv)
+        if _needs_commit(self._dirty, offset, n, self.bs):
+            yield from self.commit_plan()
+        want = self._layout_wanted(offset, n)
+        if want is not None:
+            lo, hi = want
+            yield from call("layout_get", slot=self.slot, offset=lo, length=hi - lo)
+            _add_range(self._layout, lo, hi)
+        buf = self.buffer
+        at = yield from buf.ring_alloc(n)
+        self.shm[at:at + n] = mv
+        rid = yield SendData(WRITE_ALLOC, self.slot, offset, n, at)
+        buf.pending.append(_Pending(rid, at, n, self))
+        self._wrote(offset, n)
+        return n
+
     def write_plan(self, data: Any) -> Plan:
         if self.append:
             return (yield from self._append_plan(data))
@@ -637,7 +779,7 @@ class FileCore:
         commits it under the file's lock (atomic against every other appender)."""
         yield from self.buffer.claim(self)
         yield from self._drop_stream()
-        yield from self.commit_plan()
+        yield from self.commit_plan()  # (waits for the pipelined writes too)
         mv = memoryview(data).cast("B")
         done = 0
         while True:
@@ -673,11 +815,36 @@ class FileCore:
             self._dirty = (lo, hi)
 
     def commit_plan(self) -> Plan:
-        """Make the written range part of the file (size, mtime); returns the size."""
+        """Make the written range part of the file (size, mtime); returns the size.
+        Waits for the pipelined writes first; what they wrote is committed, then the
+        error one of them got is raised."""
+        if self.buffer.pending:
+            yield from self.buffer.drain()
+        size = yield from self._reporting(self._commit())
+        self._raise_error()
+        return size
+
+    def _reporting(self, plan: Plan) -> Plan:
+        """Run `plan`; if it fails, its error is what this call reports, and the
+        pipelined writes' error is dropped (one error per call, as fsync(2) has one
+        errno)."""
+        try:
+            return (yield from plan)
+        except (SluiceError, OSError):
+            self._error = None
+            raise
+
+    def _commit(self) -> Plan:
         if self._dirty is None:
             return self._size_hint
         lo, hi = self._dirty
-        res = yield from call("commit", slot=self.slot, offset=lo, length=hi - lo)
+        try:
+            res = yield from call("commit", slot=self.slot, offset=lo, length=hi - lo)
+        except _errors.GrantRevoked:
+            # Nothing written through a revoked grant can be committed, ever: forget it
+            # (and the pipelined writes' errors, which that one supersedes).
+            self._dirty = self._error = None
+            raise
         self._size_hint = res["size"]
         self._dirty = None
         return self._size_hint
@@ -692,8 +859,14 @@ class FileCore:
         return self._size_hint
 
     def fsync_plan(self) -> Plan:
-        yield from self.commit_plan()
-        yield from call("fsync", slot=self.slot)
+        """Commit, then make the file durable: when this returns, every write of the file
+        that returned before it is durable, or this raises the error one of them got
+        (after making the others durable)."""
+        if self.buffer.pending:
+            yield from self.buffer.drain()
+        yield from self._reporting(self._commit())
+        yield from self._reporting(call("fsync", slot=self.slot))
+        self._raise_error()
 
     def read_plan(self, n: int) -> Plan:
         if n < 0:
@@ -710,7 +883,7 @@ class FileCore:
         return bytes(buf) if got < 1 << 16 else buf
 
     def size_plan(self) -> Plan:
-        if self._dirty is not None:
+        if self._dirty is not None or self._error is not None:
             yield from self.commit_plan()
         return int((yield from call("stat", slot=self.slot))["size"])
 
@@ -735,14 +908,17 @@ class FileCore:
         if self.buffer.holder is self:
             self.buffer.holder = None
         try:
+            if self.buffer.pending:
+                yield from self.buffer.drain()
             if self._dirty is not None:
-                yield from self.commit_plan()
+                yield from self._reporting(self._commit())
         finally:
             self.closed = True
             try:
                 yield from call("close", slot=self.slot)
             except (ConnectionError, OSError):
                 pass
+        self._raise_error()  # closed all the same, as close(2) after a write-back error
         return None
 
 

@@ -356,12 +356,16 @@ class Connection:
     share: Share | None = None
     #: replies are being gathered to be sent together at the end of this step
     corked: bool = False
+    #: the reader waits for the socket without a cancel scope (server._serve_requests)
+    reading: bool = False
 
     def doom(self, reason: str) -> None:
         if self.doomed is None:
             self.doomed = reason
             if self.wait_scope is not None:
                 self.wait_scope.cancel()
+            if self.reading:  # wakes the reader (and a waiting writer) with an error
+                trio.lowlevel.notify_closing(self.sock)
             self.wake_writer.set()
 
     def signal_progress(self) -> None:

@@ -23,7 +23,8 @@ File data never travels in frames: it goes through a shared memory buffer the se
 hands out (op "attach", the memfd riding on the reply as SCM_RIGHTS), and data
 requests name offsets in it (`buf`). DATA ops: READ (the server fills the range and
 answers the bytes read, short at end of file), WRITE, APPEND (answers the offset the
-data landed at and the new size).
+data landed at and the new size), WRITE_ALLOC (WRITE that lays out the holes it meets
+itself, where WRITE answers NotAllocated; the client's pipelined writes use it).
 
 Versions: the version byte of every frame must be VERSION. A frame of version 1 (the
 JSON-only protocol before push) is answered by an ERROR frame encoded as version 1,
@@ -81,7 +82,10 @@ BINARY_KINDS = (DATA, DATA_OK)
 READ = 1
 WRITE = 2
 APPEND = 3
-DATA_OPS = {READ: "read", WRITE: "write", APPEND: "append"}
+#: WRITE that also takes the write layout of a hole it meets (a pipelined write must
+#: not need its reply to go on); WRITE answers NotAllocated there
+WRITE_ALLOC = 4
+DATA_OPS = {READ: "read", WRITE: "write", APPEND: "append", WRITE_ALLOC: "write_alloc"}
 
 _DATA_REQ = struct.Struct(">BIQIQ")
 _DATA_REP = struct.Struct(">QQQ")
@@ -171,6 +175,27 @@ def encode_data(request_id: int, op: int, slot: int, offset: int, length: int,
 def encode_data_ok(request_id: int, n: int, offset: int = 0, size: int = 0) -> bytes:
     return _DATA_OK_FRAME.pack(_DATA_OK_FRAME.size - 4, VERSION, DATA_OK, request_id,
                                n, offset, size)
+
+
+#: a whole DATA frame's size, and its first six bytes (length prefix, version, kind)
+DATA_FRAME_SIZE = _DATA_FRAME.size
+_DATA_HEAD = _DATA_FRAME.pack(_DATA_FRAME.size - 4, VERSION, DATA, 0, 0, 0, 0, 0, 0)[:6]
+
+
+def decode_data_frames(data: bytes) -> list[DataRequest] | None:
+    """The DATA requests `data` holds if it is nothing but whole, valid DATA frames (the
+    common case on the data path: one 4 KiB read, or a burst of pipelined writes), else
+    None and the caller feeds the general Decoder. The same requests the Decoder would
+    produce, without its per-frame slicing and dispatch."""
+    if len(data) % DATA_FRAME_SIZE or not data.startswith(_DATA_HEAD):
+        return None
+    out = []
+    for t in _DATA_FRAME.iter_unpack(data):
+        if t[0] != DATA_FRAME_SIZE - 4 or t[1] != VERSION or t[2] != DATA or \
+                t[4] not in DATA_OPS:
+            return None
+        out.append(DataRequest(t[3], t[4], t[5], t[6], t[7], t[8]))
+    return out
 
 
 def frame_length(header: bytes) -> int:

@@ -48,9 +48,22 @@ class SendPath:
             return encode(ERROR, rid, {"error": "InternalError", "errno": _errno.EIO,
                                        "message": "the reply could not be encoded"})
 
-    def _emit(self, conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
+    def _emit(self, conn: Connection, data: bytes | memoryview,
+              fds: list[int] | None = None) -> None:
         """Send a frame now if the socket takes it, else queue it for the writer. Never
         waits. The descriptors in `fds` are the connection's to close from here on."""
+        if fds is None and not conn.sendq and not conn.corked and conn.doomed is None:
+            # The common case (a small reply, nothing queued): one send, no bookkeeping.
+            try:
+                sent = conn.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                conn.doom(f"send failed: {exc}")
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]  # the rest waits for the writer, as below
         fds = list(fds or ())
         if conn.doomed is not None:
             for fd in fds:
@@ -162,7 +175,10 @@ class SendPath:
                 sent = self._send_now(conn.sock, view, fds)
             except BlockingIOError:
                 with trio.move_on_at(conn.last_sent + self.send_stall_seconds) as cs:
-                    await trio.lowlevel.wait_writable(conn.sock)
+                    try:
+                        await trio.lowlevel.wait_writable(conn.sock)
+                    except trio.ClosedResourceError:  # doomed while the reader waited
+                        return
                 if cs.cancelled_caught:
                     log.info("closing shim connection of pid %d: it read nothing for %g s",
                              conn.creds.pid, self.send_stall_seconds)

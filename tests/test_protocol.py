@@ -25,10 +25,13 @@ from hypothesis import strategies as st
 
 from conftest import sluice
 from kernelshim.client import CONTROL_XATTR, Client
-from kernelshim.protocol import (DATA_OK, ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION, DataReply,
-                                 DataRequest, Decoder, OldVersion, error_payload,
+from kernelshim.clientcore import (PIPE_WRITE_MAX, READ_PIECE, WRITE_WINDOW, SharedBuffer, Wait,
+                                   _Pending)
+from kernelshim.protocol import (DATA_OK, DATA_OPS, ERROR, KINDS, MAX_FRAME, OK, REQUEST, VERSION,
+                                 DataReply, DataRequest, Decoder, OldVersion, error_payload,
                                  FramingError, Message, ProtocolError, arg_int, arg_str,
-                                 encode, encode_data, encode_data_ok, frame_length)
+                                 decode_data_frames, encode, encode_data, encode_data_ok,
+                                 frame_length)
 
 pytestmark = pytest.mark.mounted
 
@@ -587,3 +590,69 @@ time.sleep(600)
     # The dead writer's uncommitted data is not part of the file, nor its preallocation.
     st_ = (mnt / "g").stat()
     assert st_.st_size == 0 and st_.st_blocks == 0
+
+
+# -- the data path's short cuts, offline ----------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(reqs=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(sorted(DATA_OPS)),
+                               st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
+                               st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)),
+                     min_size=1, max_size=40),
+       spoil=st.integers(-1, 40), how=st.integers(0, 3))
+def test_data_frame_bursts_decode_as_the_decoder_does(reqs: list, spoil: int, how: int) -> None:
+    """The server's short cut for a read of whole DATA frames (one 4 KiB read, a burst of
+    pipelined writes) gives exactly the Decoder's requests, and gives up (None: the
+    Decoder takes the bytes) on anything else: a bad op, a JSON frame, a partial frame."""
+    frames = [encode_data(*r) for r in reqs]
+    data = b"".join(frames)
+    assert decode_data_frames(data) == Decoder().feed(data) == [DataRequest(*r) for r in reqs]
+    if 0 <= spoil < len(frames):
+        f = bytearray(frames[spoil])
+        if how == 0:
+            f[10] = 9  # an op that does not exist
+        elif how == 1:
+            f = bytearray(encode(REQUEST, 1, {"op": "hello", "x": "y" * 16})[:35])
+        elif how == 2:
+            f[4] = VERSION + 1
+        else:
+            del f[-1]
+        frames[spoil] = bytes(f)
+        assert decode_data_frames(b"".join(frames)) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.sampled_from([1 << 20, 3 << 20, 8 << 20]),
+       steps=st.lists(st.one_of(st.integers(1, PIPE_WRITE_MAX), st.just(0)), max_size=200))
+def test_write_ring_never_overlaps(size: int, steps: list[int]) -> None:
+    """The pipelined writes' ring (a model run of SharedBuffer, answering each wait):
+    the parts of the writes in flight never overlap one another, stay inside the ring at
+    the buffer's end (away from the small reads' part at its start), and at most
+    WRITE_WINDOW are in flight; a reply is waited for only when the ring or the window
+    is full, and always the oldest's."""
+    buf = SharedBuffer(memoryview(bytearray(size)))
+    assert buf.ring and buf.ring_base >= READ_PIECE
+    rid = 0
+    for n in steps:
+        if n == 0:  # the application asks something that drains the ring
+            plan, full = buf.drain(), False
+        else:
+            plan, full = buf.ring_alloc(n), True
+        order = [p.rid for p in buf.pending]
+        try:
+            step = next(plan)
+            while True:  # each wait is for the oldest write, which the reply frees
+                assert isinstance(step, Wait) and step.rid == order.pop(0)
+                step = plan.send(None)
+        except StopIteration as stop:
+            at = stop.value
+        if n == 0:
+            assert not buf.pending
+            continue
+        assert buf.ring_base <= at and at + n <= size
+        rid += 1
+        buf.pending.append(_Pending(rid, at, n, None))  # type: ignore[arg-type]
+        assert len(buf.pending) <= WRITE_WINDOW
+        spans = sorted((p.at, p.at + p.n) for p in buf.pending)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+        assert [p.rid for p in buf.pending] == sorted(p.rid for p in buf.pending)
