@@ -59,8 +59,9 @@ class MountOptions:
     #: FUSE handlers one principal (and each of its ancestors below root) may have
     #: executing at once
     principal_requests: int = PRINCIPAL_REQUESTS
-    #: requests and bytes one principal (and each ancestor below root) may have parked
-    #: waiting for admission; beyond: EAGAIN
+    #: the mount's ceiling on the parked requests and bytes root may give one principal;
+    #: each principal's own bound is its bank (`parked`, `parked_bytes`, changeable while
+    #: mounted); beyond it: EAGAIN
     parked_requests: int = PARKED_REQUESTS
     parked_bytes: int = PARKED_BYTES
     commit_interval: float = 1.0
