@@ -223,9 +223,17 @@ class Metadata:
         by_cols: dict[tuple[str, ...], list[tuple]] = {}
         for ino, fields in later.items():
             by_cols.setdefault(tuple(fields), []).append((*fields.values(), ino))
-        for cols, rows in by_cols.items():
-            self._wmany("UPDATE inodes SET " + ", ".join(f"{c}=?" for c in cols) +
-                        " WHERE id=?", rows)
+        try:
+            for cols, rows in by_cols.items():
+                self._wmany("UPDATE inodes SET " + ", ".join(f"{c}=?" for c in cols) +
+                            " WHERE id=?", rows)
+        except BaseException:
+            # (e.g. SQLITE_FULL) Nothing gathered is dropped: the updates are plain
+            # SETs, so running them again at the next flush or commit is right; what
+            # came in meanwhile for the same inode is newer and wins.
+            for ino, fields in later.items():
+                self._later[ino] = {**fields, **self._later.get(ino, {})}
+            raise
 
     def delete_inode(self, ino: int) -> None:
         self._later.pop(ino, None)  # the row goes: its updates would change nothing

@@ -554,12 +554,15 @@ class FileCore:
         self._error: BaseException | None = None
         self.closed = False
 
-    def _raise_error(self) -> None:
-        """Raise the error a pipelined write of this file got, once (as Linux reports a
-        write-back error at the next fsync or close)."""
+    def _raise_error(self, keep: bool = False) -> None:
+        """Raise the error a pipelined write of this file got. Only fsync and close
+        clear it (as Linux reports a write-back error at the next fsync or close); a
+        later write or commit raises it too, but keeps it for them, so an fsync after
+        a failed pipelined write never returns success. Reads do not raise it."""
         err = self._error
         if err is not None:
-            self._error = None
+            if not keep:
+                self._error = None
             raise err
 
     # -- reading ---------------------------------------------------------------------
@@ -582,11 +585,9 @@ class FileCore:
         small = self.small_read(total, offset)
         if small is not None:
             return self.small_read_done(mv, offset, (yield Wait((yield small))).n)
-        self._raise_error()
         yield from self.buffer.claim(self)
         if self.buffer.pending:  # pieces may go anywhere in the buffer, the ring too
             yield from self.buffer.drain()
-            self._raise_error()
         if not total:
             return 0
         sequential = pos == st.next_use and self.read_ahead
@@ -685,13 +686,13 @@ class FileCore:
         close do their work for what did land, then raise it). Larger writes wait."""
         yield from self.buffer.claim(self)
         yield from self._drop_stream()
-        self._raise_error()
+        self._raise_error(keep=True)
         mv = memoryview(data).cast("B")
         if 0 < len(mv) <= min(PIPE_WRITE_MAX, self.buffer.ring) and self.rights & _WRITE_RIGHT:
             return (yield from self._pipe_write(mv, offset))
         if self.buffer.pending:
             yield from self.buffer.drain()
-            self._raise_error()
+            self._raise_error(keep=True)
         if _needs_commit(self._dirty, offset, len(mv), self.bs):
             yield from self.commit_plan()
         # Two halves of the shared buffer: the next piece is copied in while the daemon
@@ -821,7 +822,7 @@ class FileCore:
         if self.buffer.pending:
             yield from self.buffer.drain()
         size = yield from self._reporting(self._commit())
-        self._raise_error()
+        self._raise_error(keep=True)
         return size
 
     def _reporting(self, plan: Plan) -> Plan:

@@ -26,6 +26,10 @@ WRITEBACK_CLUSTER = 32
 #: write-behind (pager/writeback.py): at most this many bytes of a principal's stream
 #: writes may be acknowledged and still on their way to the device
 WRITE_BEHIND_BYTES = 16 << 20
+#: the daemon-wide bound on write-behind bytes on their way (all principals): a tenant
+#: with many principals cannot pin more than this; past it every writer writes
+#: synchronously (slower, never refused)
+WRITE_BEHIND_TOTAL = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

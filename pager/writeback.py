@@ -29,7 +29,8 @@ import trio
 from blockdev import BlockNo, DeviceError, PrincipalId
 
 from . import trace as tr
-from .cache import CLEAN, DIRTY, WRITEBACK, WRITEBACK_CLUSTER, WRITE_BEHIND_BYTES
+from .cache import (CLEAN, DIRTY, WRITEBACK, WRITEBACK_CLUSTER, WRITE_BEHIND_BYTES,
+                    WRITE_BEHIND_TOTAL)
 from .observe import Observed
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ class WriteBack(Observed):
         """Whether a stream write (one that bypasses the pool under write-back) may be
         acknowledged before it reaches the device: only when its buffer cannot change
         (`bytes`, a FUSE request's payload — never a direct client's shared memory) and
-        the writer has less than WRITE_BEHIND_BYTES on their way (beyond that it
-        writes synchronously, paying for its own stream and nobody else's)."""
+        the writer has less than WRITE_BEHIND_BYTES on their way and the daemon less
+        than WRITE_BEHIND_TOTAL (beyond that it writes synchronously, paying for its
+        own stream and nobody else's)."""
         return (self._behind_nursery is not None and isinstance(mv.obj, bytes)
-                and self._behind.get(p, 0) + len(mv) <= WRITE_BEHIND_BYTES)
+                and self._behind.get(p, 0) + len(mv) <= WRITE_BEHIND_BYTES
+                and self._behind_total + len(mv) <= WRITE_BEHIND_TOTAL)
 
     def _start_write_behind(self, block: int, mv: memoryview, p: int) -> None:
         """Send a stream write to the device in a task of its own and return at once
@@ -77,8 +80,12 @@ class WriteBack(Observed):
     async def _write_behind(self, block: int, mv: memoryview, p: int, claim: int) -> None:
         n = len(mv)
         try:
-            await self.device.write(BlockNo(block), mv, principal=PrincipalId(p),
-                                    claim=claim)
+            # Shielded: the write was acknowledged, so a pager that is stopping (an
+            # unmount cancels the nursery before the final sync) lets it land rather
+            # than lose it; the work is bounded (WRITE_BEHIND_BYTES per principal).
+            with trio.CancelScope(shield=True):
+                await self.device.write(BlockNo(block), mv, principal=PrincipalId(p),
+                                        claim=claim)
         except BaseException as exc:
             # Acknowledged data that will not reach the device: every later flush (a
             # commit, an fsync) fails, so the volume turns read-only and fsync

@@ -190,7 +190,9 @@ def test_mint_and_revoke(mnt: Path) -> None:
         with pytest.raises(GrantRevoked):  # a larger one waits for its reply
             rw.pwrite(b"x" * (1 << 20), 0)
         assert other.pread(2, 0) == b"AB"
-        for h in (rw, ro, none, grand, kid, other):
+        with pytest.raises(GrantRevoked):  # the pipelined write's error stays for close
+            rw.close()
+        for h in (ro, none, grand, kid, other):
             h.close()
         assert live_grants(c) == base
     assert (mnt / "f").read_bytes()[:4] == b"AB23"
@@ -814,7 +816,9 @@ def test_pipelined_write_errors_come_with_the_next_call(mnt: Path) -> None:
             with other.open("e", "r+") as t:
                 t.truncate(5)
         assert w.pwrite(b"2", 1) == 1  # returns: the error is in flight
-        with pytest.raises(GrantRevoked):
+        with pytest.raises(GrantRevoked):  # a later write raises it and keeps it ...
+            w.pwrite(b"3", 2)
+        with pytest.raises(GrantRevoked):  # ... for fsync, which clears it
             w.fsync()
         w.close()  # reported once: nothing left to say
         assert (mnt / "e").read_bytes() == b"1eeee"

@@ -327,6 +327,24 @@ def test_unaligned_stream_survives_kill_after_fsync(volume: Path, mount_factory)
     sluice("fsck", str(volume))
 
 
+def test_unmount_lets_write_behinds_land(volume: Path, mount_factory) -> None:
+    """Large writes acknowledged through the write-behind and still on their way to a
+    slow device (hdd) when the volume is unmounted, with no fsync: the unmount lets
+    them land (the pager's nursery is cancelled before the final sync) instead of
+    failing the volume and losing them; the remount reads them back, fsck is clean."""
+    m = mount_factory(volume, "--writeback", "--profile", "hdd")
+    want = pattern(24 * MiB, 5)
+    with open(m.path / "big", "wb", buffering=0) as f:
+        for off in range(0, len(want), MiB):
+            assert f.write(want[off:off + MiB]) == MiB
+    m.stop()
+    m.start("--writeback")
+    assert (m.path / "big").read_bytes() == want
+    assert stats(m.path).get("read_only") in (None, False)
+    m.stop()
+    sluice("fsck", str(volume))
+
+
 async def test_large_writes_go_around_the_pool_unless_frames_are_resident() -> None:
     """Under write-back a write of more than BYPASS_BLOCKS blocks with nothing of its
     range resident goes to the device at once (a stream, as large reads bypass the
