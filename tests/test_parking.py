@@ -201,11 +201,11 @@ WORKERS, RUNNING, PARKED, REFUSED = 8, 2, 16, 5
 THREADS = RUNNING + PARKED + REFUSED  # far more than the daemon's workers
 
 
-def _stuck_reads(path: str, started: int) -> dict:
-    """THREADS threads of one uid read distinct chunks of one open file at once; a byte
+def _start_readers(fd: int, threads: int, started: int
+                   ) -> tuple[list[threading.Thread], list[str]]:
+    """Start `threads` threads, thread i reading chunk i of `fd` (filled with byte i);
+    each appends "ok", "wrong data" or its errno's name to the list returned. A byte
     on pipe `started` once they all run."""
-    fd = os.open(path, os.O_RDONLY)
-    other = os.open(os.path.join(os.path.dirname(path), "small"), os.O_RDONLY)
     out: list[str] = []
 
     def reader(i: int) -> None:
@@ -215,10 +215,19 @@ def _stuck_reads(path: str, started: int) -> dict:
         except OSError as exc:
             out.append(errno.errorcode.get(exc.errno, str(exc.errno)))
 
-    ts = [threading.Thread(target=reader, args=(i,)) for i in range(THREADS)]
+    ts = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
     for th in ts:
         th.start()
     os.write(started, b"s")
+    return ts, out
+
+
+def _stuck_reads(path: str, started: int) -> dict:
+    """THREADS threads of one uid read distinct chunks of one open file at once; a byte
+    on pipe `started` once they all run."""
+    fd = os.open(path, os.O_RDONLY)
+    other = os.open(os.path.join(os.path.dirname(path), "small"), os.O_RDONLY)
+    ts, out = _start_readers(fd, THREADS, started)
     # Once the refused threads have their EAGAIN, A's parking is full: a close(2) of
     # another file must still succeed (files are opened with noflush, and a FLUSH is
     # not admitted at all: its error would be close's, never retried).
@@ -296,19 +305,7 @@ def _reads(path: str, threads: int, started: int) -> dict:
     """`threads` threads of one uid read distinct chunks of one open file at once; a
     byte on pipe `started` once they all run."""
     fd = os.open(path, os.O_RDONLY)
-    out: list[str] = []
-
-    def reader(i: int) -> None:
-        try:
-            data = os.pread(fd, CHUNK, i * CHUNK)
-            out.append("ok" if data == bytes([i]) * CHUNK else "wrong data")
-        except OSError as exc:
-            out.append(errno.errorcode.get(exc.errno, str(exc.errno)))
-
-    ts = [threading.Thread(target=reader, args=(i,)) for i in range(threads)]
-    for th in ts:
-        th.start()
-    os.write(started, b"s")
+    ts, out = _start_readers(fd, threads, started)
     for th in ts:
         th.join()
     os.close(fd)
