@@ -782,6 +782,19 @@ async def _periodic_reader(dev: BlockDevice, p: PrincipalId, arrivals: list[floa
             n.start_soon(one, t)
 
 
+async def _reader_beside_flood(dev: BlockDevice, arrivals: list[float], until: float
+                               ) -> tuple[Load, dict[float, float]]:
+    """Principal 1 (reserved 15 IOPS) reads at `arrivals` while principal 2 floods with
+    two workers until `until`; the flood's Load and the reads' latencies."""
+    dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
+    load = Load(dev)
+    lat: dict[float, float] = {}
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(2), until=until, workers=2))
+        n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+    return load, lat
+
+
 def _antic_stats(dev: BlockDevice, p: PrincipalId):
     return {s.principal: s for s in dev.statistics().per_principal}[p]
 
@@ -803,13 +816,8 @@ async def test_anticipation_serves_a_periodic_reader_at_once(tmp_path: Path, aut
     requests end at 301, 401, ... ms), which the flood pays: 7 requests a period."""
     dev = _antic_dev(tmp_path, spec)
     try:
-        dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
-        load = Load(dev)
-        lat: dict[float, float] = {}
         arrivals = [0.005 + 0.1 * k for k in range(10)]
-        async with trio.open_nursery() as n:
-            n.start_soon(lambda: load.flood(P(2), until=0.95, workers=2))
-            n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+        load, lat = await _reader_beside_flood(dev, arrivals, until=0.95)
         st = _antic_stats(dev, P(1))
         if spec == NO_ANTIC:
             assert _ms(lat, arrivals) == [19.0, 15.0, 23.0] * 3 + [19.0]
@@ -832,13 +840,8 @@ async def test_anticipation_is_bounded_and_stops_with_the_reader(tmp_path: Path,
     other every 12 ms."""
     dev = _antic_dev(tmp_path, ANTIC)
     try:
-        dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
-        load = Load(dev)
-        lat: dict[float, float] = {}
         arrivals = [0.005 + 0.1 * k for k in range(4)]
-        async with trio.open_nursery() as n:
-            n.start_soon(lambda: load.flood(P(2), until=1.0, workers=2))
-            n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+        load, lat = await _reader_beside_flood(dev, arrivals, until=1.0)
         assert _ms(lat, arrivals) == [19.0, 15.0, 12.0, 12.0]
         st = _antic_stats(dev, P(1))
         assert st.anticipated == 2 and st.anticipation_missed == 1
@@ -859,14 +862,9 @@ async def test_a_late_read_costs_at_most_the_bound(tmp_path: Path, autojump_cloc
     and the reads on schedule are served at once again."""
     dev = _antic_dev(tmp_path, ANTIC)
     try:
-        dev.configure_banks(tree(node(1, io_reserve_iops=15), node(2)))
-        load = Load(dev)
-        lat: dict[float, float] = {}
         arrivals = [0.005, 0.105, 0.205, 0.305, 0.430, 0.505, 0.537, 0.605, 0.705, 0.805,
                     0.905]
-        async with trio.open_nursery() as n:
-            n.start_soon(lambda: load.flood(P(2), until=0.95, workers=2))
-            n.start_soon(_periodic_reader, dev, P(1), arrivals, lat)
+        load, lat = await _reader_beside_flood(dev, arrivals, until=0.95)
         got = dict(zip(arrivals, _ms(lat, arrivals)))
         assert got[0.430] == 16.0
         assert [got[t] for t in (0.705, 0.805, 0.905)] == [12.0] * 3
