@@ -58,6 +58,7 @@ from typing import Any, AsyncIterator, Callable, Collection
 
 from .clientcore import (ClientProtocol, FileCore, Notification, Plan, ReclaimRequest, Send,
                          SendData, SharedBuffer, Wait, call, flags_for)
+from .hybridwait import SPIN_SECONDS, HybridWait
 from .protocol import MAX_FRAME, VERSION, ProtocolError
 from .rooterror import SluiceError
 
@@ -171,8 +172,11 @@ class Client(_Base):
     One thread uses a client at a time (as with a file object); a subscribed client's
     callbacks run in its reader thread."""
 
-    def __init__(self, mountpoint: str, sock_path: str, *, shm_size: int = DEFAULT_SHM) -> None:
+    def __init__(self, mountpoint: str, sock_path: str, *, shm_size: int = DEFAULT_SHM,
+                 spin: float = SPIN_SECONDS) -> None:
         super().__init__(mountpoint)
+        #: whether a small read polls for its reply before sleeping (hybridwait.py)
+        self.hybrid = HybridWait(spin)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         #: set once subscribed: the background thread that reads the socket from then on
         self._reader: threading.Thread | None = None
@@ -197,8 +201,13 @@ class Client(_Base):
         return (yield Wait((yield Send("attach", {"size": size}))))
 
     @classmethod
-    def connect(cls, mountpoint: str | os.PathLike[str], *, shm_size: int = DEFAULT_SHM) -> Client:
-        return cls(os.fspath(mountpoint), control_socket(mountpoint), shm_size=shm_size)
+    def connect(cls, mountpoint: str | os.PathLike[str], *, shm_size: int = DEFAULT_SHM,
+                spin: float = SPIN_SECONDS) -> Client:
+        """Connect to the daemon of the volume mounted at `mountpoint`. `spin`: the
+        seconds a small read may poll for its reply before sleeping (0: never poll;
+        hybridwait.py says when polling is switched off by itself)."""
+        return cls(os.fspath(mountpoint), control_socket(mountpoint), shm_size=shm_size,
+                   spin=spin)
 
     # -- the driver ------------------------------------------------------------------
 
@@ -240,8 +249,27 @@ class Client(_Base):
                 self._sendall(data)
             return self._wait(rid)
         self._sendall(data)
+        sock = self.sock
+        spin = self.hybrid.budget()
+        if spin:  # poll for a while before sleeping (hybridwait.py says when it pays)
+            t_end = time.perf_counter() + spin
+            while True:
+                try:
+                    got = sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter() < t_end:
+                        continue
+                    self.hybrid.polled(False)
+                    break
+                self.hybrid.polled(True)
+                r = proto.receive_data_reply(got, rid)
+                if r is not None:
+                    return r
+                if proto.has_reply(rid):
+                    return proto.reply(rid)
+                break  # (something else came first, a notification: sleep for the reply)
         while True:
-            r = proto.receive_data_reply(self.sock.recv(RECV_BYTES), rid)
+            r = proto.receive_data_reply(sock.recv(RECV_BYTES), rid)
             if r is not None:
                 return r
             if proto.has_reply(rid):
