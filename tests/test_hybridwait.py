@@ -12,10 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from kernelshim import GrantRevoked
 from kernelshim.client import Client
 from kernelshim.hybridwait import MAX_SKIP, MIN_SKIP, SPIN_SECONDS, HybridWait
@@ -145,3 +148,21 @@ def test_a_closed_connection_while_polling(mnt: Path) -> None:
         assert info.value.errno == errno.EPROTO
         with pytest.raises(OSError):  # and nothing waits for a reply that cannot come
             f.readinto(buf, BS)
+
+
+@pytest.mark.mounted
+@pytest.mark.slow
+def test_bench_direct_wait_runs(tmp_path: Path) -> None:
+    """scripts/bench_direct_wait.py, one short round: its table has the three systems,
+    the direct rounds read through the client (polls counted only with polling on)."""
+    r = subprocess.run([sys.executable, "scripts/bench_direct_wait.py", "--rounds", "1",
+                        "--size-mb", "16", "--seconds", "0.3"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines()
+            if line.startswith("| 1 |")]
+    assert [row[1].strip() for row in rows] == ["fuse", "off", "on"], r.stdout
+    assert all(float(row[2]) > 0 for row in rows), r.stdout
+    assert rows[1][5].strip() == "0" and int(rows[2][5]) > 0, r.stdout
+    assert "geometric mean" in r.stdout
