@@ -267,7 +267,7 @@ class Client(_Base):
                     return r
                 if proto.has_reply(rid):
                     return proto.reply(rid)
-                break  # (something else came first, a notification: sleep for the reply)
+                break  # (part of the reply, or something before it: sleep for the rest)
         while True:
             r = proto.receive_data_reply(sock.recv(RECV_BYTES), rid)
             if r is not None:

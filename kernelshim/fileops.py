@@ -182,7 +182,7 @@ class FileOps(ServerBase):
         n = max(0, min(length, self.service.size_of(g) - offset))
         if not n:  # (otherwise Kernel.read_into checks the rights)
             self.kernel.check(g, Rights.READ)
-        if n <= SLICE_BYTES:  # one slice whatever the metadata does (a 4 KiB read)
+        if 0 < n <= SLICE_BYTES:  # one slice whatever the metadata does (a 4 KiB read)
             await self.kernel.read_into(g, offset, buf[:n])
             return n
         pos = 0
