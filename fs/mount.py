@@ -109,8 +109,9 @@ def _lab_workers(opts: MountOptions, text: str | None) -> MountOptions:
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
     # Operations and serve() ask for what only sluice's own build can (release_worker,
     # the handlers' checkpoint budget of sluice.5).
-    if not hasattr(pyfuse3, "release_worker") or "budget" not in inspect.signature(
-            pyfuse3.run_handler).parameters:
+    run_handler = getattr(pyfuse3, "run_handler", None)
+    if not hasattr(pyfuse3, "release_worker") or run_handler is None or \
+            "budget" not in inspect.signature(run_handler).parameters:
         raise VolumeError("this pyfuse3 is not sluice's own build (binding/) or is an "
                           "older one: run scripts/setup.sh")
     o = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
