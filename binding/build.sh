@@ -29,7 +29,7 @@ ROOT=$PWD
 B=$ROOT/.build
 PREFIX=$B/libfuse
 PYFUSE3_VERSION=3.5.0
-LOCAL_VERSION=sluice.4          # bump with every change of the pyfuse3 patch
+LOCAL_VERSION=sluice.5          # bump with every change of the pyfuse3 patch
 SUITE=trixie
 
 die() { echo "setup: $*" >&2; exit 1; }

@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import inspect
 import logging
 import os
 import re
@@ -33,7 +34,8 @@ from .filesystem import FileSystem
 from .metadata import Metadata
 from .metrics import MetricsServer
 from .errors import VolumeError
-from .operations import PARKED_BYTES, PARKED_REQUESTS, PRINCIPAL_REQUESTS, Operations
+from .operations import (HANDLER_CHECKPOINT_BUDGET, PARKED_BYTES, PARKED_REQUESTS,
+                         PRINCIPAL_REQUESTS, Operations)
 from .service import DirectService
 from .volume import (DB, VolumeLock, clear_mount_state, pid_alive, read_header,
                      read_mount_state, write_mount_state)
@@ -105,9 +107,13 @@ def _lab_workers(opts: MountOptions, text: str | None) -> MountOptions:
 
 
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
-    if not hasattr(pyfuse3, "release_worker"):  # Operations asks for what only it can
-        raise VolumeError("this pyfuse3 is not sluice's own build (binding/): run "
-                          "scripts/setup.sh")
+    # Operations and serve() ask for what only sluice's own build can (release_worker,
+    # the handlers' checkpoint budget of sluice.5).
+    run_handler = getattr(pyfuse3, "run_handler", None)
+    if not hasattr(pyfuse3, "release_worker") or run_handler is None or \
+            "budget" not in inspect.signature(run_handler).parameters:
+        raise VolumeError("this pyfuse3 is not sluice's own build (binding/) or is an "
+                          "older one: run scripts/setup.sh")
     o = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     o |= {f"fsname={volume}", "subtype=sluice"}
     if opts.allow_other:
@@ -600,7 +606,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                     ready(None)
                     announced = True
                 nursery.start_soon(announce, name="announce")
-                await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks)
+                await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks,
+                                   checkpoint_budget=HANDLER_CHECKPOINT_BUDGET)
                 nursery.cancel_scope.cancel()
             clean_exit = True
         except BaseException:

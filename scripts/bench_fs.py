@@ -686,6 +686,13 @@ def main() -> int:
     if b.extra.get("untar_requests"):
         print("untar requests by kind: " + ", ".join(
             f"{k} {v}" for k, v in b.extra["untar_requests"].items()))
+        frac = b.daemon_cpu.get("untar /usr/include")
+        if us and frac:
+            # What the daemon spent per request: steadier than the times on a loaded
+            # machine, where the wall clock mostly measures waiting for a CPU.
+            cpu = statistics.median(frac) * us
+            print(f"untar: sluice daemon CPU {cpu:.2f} s, "
+                  f"{cpu / sum(b.extra['untar_requests'].values()) * 1e6:.0f} us per request")
     if b.daemon_cpu:
         print()
         print("sluice daemon CPU (median fraction of one core while the workload ran):")

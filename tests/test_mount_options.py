@@ -438,3 +438,22 @@ def test_the_daemon_follows_a_remount_made_without_the_helper(tmp_path: Path,
         with c.open("f", "r+") as f:
             f.pwrite(b"KEPT", 0)
     assert cat(m.path / "f") == "KEPT"
+
+
+def test_an_older_binding_is_refused_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """serve() asks pyfuse3.main for a checkpoint budget, which only sluice's binding
+    from sluice.5 on has: an older build is refused before anything is mounted, with
+    the command that fixes it (not a TypeError from a live mount)."""
+    import pyfuse3
+
+    from fs.errors import VolumeError
+    from fs.mount import MountOptions, fuse_options
+
+    assert "subtype=sluice" in fuse_options(tmp_path, MountOptions())
+    real = pyfuse3.run_handler
+
+    def run_handler(coro, on_block):  # what sluice.4 had
+        return real(coro, on_block)
+    monkeypatch.setattr(pyfuse3, "run_handler", run_handler)
+    with pytest.raises(VolumeError, match="older one: run scripts/setup.sh"):
+        fuse_options(tmp_path, MountOptions())

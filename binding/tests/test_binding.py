@@ -9,7 +9,8 @@ fallback when they are not implemented); `FileInfo.noflush` (no FLUSH at close);
 `pyfuse3.release_worker()` (a handler that waits without holding one of `main`'s
 workers, its arguments intact after its request buffer is reused); the reader (a worker
 whose handlers complete without blocking keeps reading requests itself, and hands the
-device over when one blocks).
+device over when one blocks); `main`'s checkpoint budget (a handler's schedule points
+answered without the event loop, real waits not).
 Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
 """
 
@@ -514,6 +515,96 @@ def test_reader_keeps_reading_until_a_handler_blocks(tmp_path: Path) -> None:
             time.sleep(0.02)
         # The only worker that was reading waits in its handler: this read is served
         # only if it handed reading over.
+        got["flush"] = (mnt / "flush").read_bytes()[:8]
+        t.join(60)
+        assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()
+
+
+# -- the checkpoint budget -----------------------------------------------------------------
+
+class BudgetFs(ReaderFs):
+    """Reads of `plain` pass three schedule points (two checkpoints and an uncontended
+    Lock) after starting another task, and note whether that task ran in between."""
+
+    MAIN = {"max_tasks": 2, "checkpoint_budget": 60.0}
+
+    def __init__(self, status) -> None:
+        super().__init__(status)
+        self.lock = trio.Lock()
+
+    async def read(self, fh, off, size):
+        if fh == FILES[b"plain"]:
+            ran: list[bool] = []
+
+            async def other() -> None:
+                ran.append(True)
+            trio.lowlevel.spawn_system_task(other)
+            await trio.lowlevel.checkpoint()
+            async with self.lock:
+                await trio.lowlevel.checkpoint()
+            self._note("other_ran", bool(ran))
+        return await super().read(fh, off, size)
+
+
+class NoBudgetFs(BudgetFs):
+    MAIN = {"max_tasks": 2}
+
+
+@pytest.mark.parametrize("cls", [BudgetFs, NoBudgetFs], ids=["budget", "none"])
+def test_checkpoint_budget(tmp_path: Path, cls) -> None:
+    """With a budget, a handler's schedule points do not give the event loop back: no
+    other task runs in between and the worker keeps reading (one worker serves every
+    read); a handler that really waits still hands reading over. Without one (trio's
+    way, the default), every schedule point is a turn of the loop."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(cls, str(mnt), status))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        fd = os.open(mnt / "plain", os.O_RDONLY)
+        try:
+            for i in range(10):
+                assert os.pread(fd, 8, i) == b"x" * 8
+        finally:
+            os.close(fd)
+        if cls is BudgetFs:
+            assert status["other_ran"] == [False] * 10
+            assert len(set(status["served_by"])) == 1, status["served_by"]
+        else:
+            assert status["other_ran"] == [True] * 10
+
+        # A real wait (an Event) gives the loop back and hands reading over, budget or
+        # not: the read that sets the event is served meanwhile.
+        got: dict[str, bytes | str] = {}
+
+        def blocked() -> None:
+            try:
+                got["noflush"] = (mnt / "noflush").read_bytes()[:8]
+            except OSError as exc:
+                got["noflush"] = repr(exc)
+
+        t = threading.Thread(target=blocked, daemon=True)
+        t.start()
+        while not status.get("waiting"):
+            assert t.is_alive() and time.monotonic() < deadline + 30
+            time.sleep(0.02)
         got["flush"] = (mnt / "flush").read_bytes()[:8]
         t.join(60)
         assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
