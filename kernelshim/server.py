@@ -162,6 +162,9 @@ log = logging.getLogger(__name__)
 #: bytes of JSON requests decoded at a time (about 10 small requests, ~30 us): a
 #: pipelining client's backlog is decoded a slice at a time, as it is served
 FEED_BYTES = 512
+#: refused connections answered in one step of the loop, at most (the next ones in the
+#: next step: sleep_until a deadline already past is a checkpoint)
+REFUSALS_PER_STEP = 8
 
 #: operations that walk the principal table (or change it and save it), limited per
 #: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
@@ -313,7 +316,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 continue
             await trio.sleep_until(self._refused[0][0])
             now = trio.current_time()
-            while self._refused and self._refused[0][0] <= now:
+            # At most REFUSALS_PER_STEP in one step of the loop (each is a write and a
+            # close, 5-8 us): a churning tenant's 64 due at once took 0.2 ms in one go.
+            for _ in range(REFUSALS_PER_STEP):
+                if not (self._refused and self._refused[0][0] <= now):
+                    break
                 self._refuse_now(*self._refused.popleft()[1:])
 
     async def _serve_connection(self, tsock: trio.socket.SocketType, creds: Credentials,
