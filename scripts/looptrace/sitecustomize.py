@@ -102,7 +102,7 @@ class _Hook(importlib.abc.MetaPathFinder):
             exec_module(mod)
             _patch(mod)
 
-        spec.loader.exec_module = traced_exec  # type: ignore[method-assign]
+        spec.loader.exec_module = traced_exec  # type: ignore[method-assign, assignment]
         return spec
 
 
