@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kernelshim import BankNode, PrincipalId
 
@@ -40,6 +40,13 @@ class FsStatistics:
     live_grants: int
 
 
+def _flat(record: Any) -> dict[str, Any]:
+    """`dataclasses.asdict` of a record whose fields are plain numbers and strings,
+    without its field-by-field deep copy (a tenth of the cost: `stats` is served
+    within one step of the daemon's event loop)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+
+
 class Statistics:
     """Statistics (a `FileSystem` concern; see filesystem.py for the map).
 
@@ -64,7 +71,7 @@ class Statistics:
         pg = self.kernel.pager_statistics()
         names = {p.id: p.name for p in self.principals.walk()}
         return {
-            "fs": dataclasses.asdict(fs),
+            "fs": _flat(fs),
             "device": {"block_size": dev.block_size, "nblocks": dev.nblocks,
                        "profile": dev.profile, "scheduler": dev.scheduler,
                        "checksum_errors": dev.checksum_errors,
@@ -72,7 +79,7 @@ class Statistics:
                        "capacity": {"iops": dev.capacity_iops, "bps": dev.capacity_bps},
                        "timeline_ahead_max_s": dev.timeline_ahead_max_s,
                        "per_principal": {names.get(s.principal, str(s.principal)):
-                                         dataclasses.asdict(s) for s in dev.per_principal}},
+                                         _flat(s) for s in dev.per_principal}},
             # The scheduler's view per principal name (blockdev/scheduler.py): bytes and
             # requests, latency from arrival to completion (queue + service), throughput
             # in the last complete second, requests waiting, reservation met/missed.
@@ -94,7 +101,7 @@ class Statistics:
                       "dirty": pg.dirty, "writeback_bytes": pg.writeback_bytes,
                       "discarded": pg.discarded, "discarded_files": len(self.discarded),
                       "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
-            "principals": [dataclasses.asdict(i) for i in self.principals.info()],
+            "principals": [i.as_dict() for i in self.principals.info()],
             # The pager's account per principal: what it holds, and how it fared.
             "cache": {names.get(pid, str(pid)): {k: getattr(c, k) for k in CACHE_FIELDS}
                       for pid, c in sorted(pg.per_principal.items())},

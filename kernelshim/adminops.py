@@ -5,7 +5,6 @@ registration, and statistics. Who may change what is decided by the principal ta
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
@@ -84,7 +83,7 @@ class AdminOps(ServerBase):
 
     async def _op_principal_ls(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         page, nxt = self._page(conn, p)
-        return {"principals": [dataclasses.asdict(i) for i in self.principals.info(page)],
+        return {"principals": [i.as_dict() for i in self.principals.info(page)],
                 "next_cursor": nxt}
 
     async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:

@@ -420,7 +420,7 @@ class PrincipalTable:
     def listed(self, p: Principal) -> bool:
         """Whether p shows in listings: a provisional default only while it holds
         something (a connection, an open grant)."""
-        return p not in self._provisional or any(dataclasses.astuple(p.usage))
+        return p not in self._provisional or any(p.usage.as_dict().values())
 
     def visible_to(self, uid: int, acting_for: Principal | None = None) -> list[Principal]:
         """The principals `uid` may see listed, in tree order: all for root; for anyone
@@ -443,7 +443,7 @@ class PrincipalTable:
         `io_reserve_iops`, `io_reserve_bps`, `io_limit_iops`, `io_limit_bps`
         (operations/s and bytes/s; null where none)."""
         return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
-                              p.banks.row(), dataclasses.asdict(p.usage))
+                              p.banks.row(), p.usage.as_dict())
                 for p in (self.walk() if only is None else only) if self.listed(p)]
 
     # -- processes (processes.py) --------------------------------------------------------

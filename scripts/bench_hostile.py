@@ -25,7 +25,10 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
 
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks.
 `--py-spy PATH` records the daemon with py-spy during the attacked phase and prints
-the functions it spent its time in. Must run as root (the attackers are other uids,
+the functions it spent its time in. `--loop-trace FILE` logs every step of the
+daemon's event loop and every control operation with its CPU time (the daemon runs
+with scripts/looptrace/ on its PYTHONPATH) and prints, for the attacked phase while the
+victim runs, what the loop's steps and operations cost: what the victim waits behind. Must run as root (the attackers are other uids,
 via setpriv).
 """
 
@@ -342,6 +345,38 @@ def summarize_py_spy(fname: str, top: int = 25) -> list[tuple[str, float]]:
     return [(k, v / total) for k, v in incl.most_common(top)]
 
 
+def loop_trace_summary(fname: str) -> dict[str, Any]:
+    """CPU time of the daemon's loop steps (by task and principal) and operations while
+    the victim runs under attack (from its first step after the first attacker's to its
+    last), from a --loop-trace log."""
+    rows = [line.rstrip("\n").split("\t") for line in open(fname)]
+    conn = [i for i, r in enumerate(rows) if r[1] == "shim-connection"]
+    first_att = next(i for i in conn if rows[i][2].startswith("uid-"))
+    victim_steps = [i for i in conn if i > first_att and rows[i][2] == "root"]
+    window = rows[victim_steps[0]:victim_steps[-1] + 1]
+    steps: dict[str, list[float]] = collections.defaultdict(list)
+    ops: dict[str, list[float]] = collections.defaultdict(list)
+    for _b, name, who, cpu in window:
+        if name == "OP":
+            ops[who].append(float(cpu))
+        else:
+            kind = ("connection of " + who if name == "shim-connection" else
+                    "accept loop" if name.endswith("run") else name)
+            steps[kind].append(float(cpu))
+    total = sum(sum(v) for v in steps.values())
+
+    def pct(v: list[float]) -> dict[str, float]:
+        v = sorted(v)
+        return {"n": len(v), "p50_ms": v[len(v) // 2] * 1e3,
+                "p99_ms": v[min(len(v) - 1, int(len(v) * 0.99))] * 1e3,
+                "share": sum(v) / total if total else 0.0}
+
+    long = sum(c for v in steps.values() for c in v if c > 0.25e-3)
+    return {"steps": {k: pct(v) for k, v in steps.items()},
+            "ops": {k: pct(v) for k, v in ops.items()},
+            "cpu_ms": total * 1e3, "share_in_steps_over_0.25ms": long / total if total else 0.0}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=1000)
@@ -353,6 +388,9 @@ def main() -> int:
                     help="run the daemon and the victim at this nice value (e.g. -10), in "
                          "both phases: what is left is then not the CPU the attacker "
                          "processes take")
+    ap.add_argument("--loop-trace", dest="loop_trace",
+                    help="log the daemon's loop steps and operations (CPU time) to "
+                         "FILE.<pid> and summarize the attacked phase")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_hostile.py: must run as root (the attackers are other uids)",
@@ -366,7 +404,22 @@ def main() -> int:
     result: dict[str, Any] = {"samples": n, "load_start": loadavg()}
     try:
         sm.mkfs()
-        sm.mount()
+        if args.loop_trace:
+            saved = {k: os.environ.get(k) for k in ("SLUICE_LOOP_TRACE", "PYTHONPATH")}
+            os.environ["SLUICE_LOOP_TRACE"] = args.loop_trace
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [str(REPO / "scripts" / "looptrace")]
+                + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
+            try:
+                sm.mount()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        else:
+            sm.mount()
         mnt = sm.mountpoint
         assert sm.pid is not None
         if args.nice is not None:
@@ -412,6 +465,7 @@ def main() -> int:
         result["daemon_cpu_quiet"] = (cpu1 - cpu0) / (t1 - t0)
         result["daemon_cpu_attacked"] = (cpu3 - cpu2) / (t3 - t2)
     finally:
+        daemon_pid = sm.pid
         sm.cleanup()
         if not is_mounted(base / "mnt"):
             shutil.rmtree(base, ignore_errors=True)
@@ -451,6 +505,17 @@ def main() -> int:
               "or below it, idle included):")
         for name, share in top:
             print(f"  {share:6.1%}  {name}")
+    if args.loop_trace:
+        lt = loop_trace_summary(f"{args.loop_trace}.{daemon_pid}")
+        result["loop_trace"] = lt
+        print(f"the daemon's loop while the victim ran under attack (--loop-trace; CPU time, "
+              f"{lt['cpu_ms']:.1f} ms in all, {lt['share_in_steps_over_0.25ms']:.1%} of it in "
+              "steps over 0.25 ms):")
+        for label, rows in (("step", lt["steps"]), ("op", lt["ops"])):
+            for k, h in sorted(rows.items(), key=lambda kv: -kv[1]["share"] * kv[1]["n"]):
+                print(f"  {label} {k:34} n={h['n']:6} p50 {h['p50_ms']:7.3f} "
+                      f"p99 {h['p99_ms']:7.3f} ms" + (f"  {h['share']:6.1%} of the loop"
+                                                      if label == "step" else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -246,6 +246,56 @@ async def test_a_bug_in_one_connection_closes_only_it(kernel: Kernel, tmp_path: 
 
 # -- fairness between principals: turns and rate limits, on MockClock -----------------------
 
+async def test_a_pipelined_backlog_is_decoded_a_slice_at_a_time(
+        kernel: Kernel, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: Any) -> None:
+    """300 requests pipelined in one send (~9 KB) are decoded FEED_BYTES at a time, each
+    slice served before the next is decoded (decoding all first made a step of 0.2-0.3 ms
+    whatever the turn), replies in request order across the slices; a bad frame length
+    after them still gets its error once they are answered, then EOF."""
+    fed: list[int] = []
+    events: list[str] = []
+
+    class CountingDecoder(Decoder):
+        def feed(self, data: bytes) -> list[Any]:
+            fed.append(len(data))
+            events.append("feed")
+            return super().feed(data)
+
+    monkeypatch.setattr(server_mod, "Decoder", CountingDecoder)
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    emit = srv._emit
+
+    def counting_emit(*a: Any, **k: Any) -> None:
+        events.append("reply")
+        emit(*a, **k)
+
+    srv._emit = counting_emit  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        s = await _connect(path)
+        backlog = b"".join(encode(REQUEST, i, {"op": "hello"}) for i in range(1, 301))
+        assert len(backlog) > 4 * server_mod.FEED_BYTES
+        await s.send(backlog + _LEN.pack(1) + b"\0")  # a length no frame can have
+        d = Decoder()
+        got: list[Any] = []
+        while True:
+            data = await s.recv(1 << 20)
+            if not data:
+                break
+            got += d.feed(data)
+        assert [m.request_id for m in got[:300]] == list(range(1, 301))
+        assert all(isinstance(m, Message) and m.kind == OK for m in got[:300])
+        assert len(got) == 301 and got[300].kind == ERROR
+        assert "frame length" in got[300].payload["message"]
+        assert max(fed) <= server_mod.FEED_BYTES and len(fed) >= 4, fed
+        # served as decoded: replies come between the feeds, not all after the last
+        assert events.index("reply") < len(events) - 1 - events[::-1].index("feed")
+        s.close()
+        nursery.cancel_scope.cancel()
+
+
 async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None:
     """A principal with six busy tasks gets one step of the loop per batch, as does one
     with a single task: the single task is done long before the six (each of which
