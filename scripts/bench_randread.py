@@ -166,8 +166,9 @@ def _job(path: str, direct: bool, seconds: float, seed: int, start, counts, idx:
 
 
 def rand_read(path: Path, direct: bool, jobs: int, seconds: float, pid: int | None
-              ) -> tuple[float, int, float]:
-    """(IOPS, reads, daemon CPU seconds)."""
+              ) -> tuple[float, int, float, int, float]:
+    """(IOPS, reads, daemon CPU seconds, its context switches, its system calls; the
+    last three 0, 0, nan without `pid`, the system calls nan without perf)."""
     ctx = mp.get_context("fork")
     start = ctx.Barrier(jobs + 1)
     counts = ctx.Array("q", jobs)
@@ -197,7 +198,7 @@ def rand_read(path: Path, direct: bool, jobs: int, seconds: float, pid: int | No
                 syscalls = float(line.split(",")[0])
     if any(p.exitcode for p in procs):
         raise RuntimeError("a random-read job failed")
-    n = sum(counts)
+    n = sum(counts[:])
     return n / dt, n, cpu, cs, syscalls
 
 
