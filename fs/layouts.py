@@ -173,9 +173,16 @@ class Layouts:
             return
         bs = self.block_size
         async with self._lock(node):
+            # Another direct client writes this file: its layout may cover this
+            # preallocation, and trimming it would revoke that client's grant and
+            # fail its next request for nothing. The last direct writer's close
+            # trims it; a commit that grows the file zeros what it did not write
+            # between the old end and its range (R6), so nothing uncommitted shows.
+            shared = any(g.inode == node.id and g.rights & Rights.WRITE and not g.revoked
+                         for g in self._direct)
             emap = self._extents(node)
             keep = blocks_to_cover(node.size, bs)
-            if emap.end_block() > keep:
+            if not shared and emap.end_block() > keep:
                 tail = [s for s in emap.segments(keep, emap.end_block() - keep)
                         if s.dev_block != HOLE and s.state != UNWRITTEN]
                 if not tail:  # only unwritten preallocation past EOF

@@ -488,3 +488,32 @@ def test_uncommitted_direct_bytes_past_eof_never_show(mnt: Path, sealed: bool,
             g.pwrite(b"Z", 8000)
         want = head + bytes(8000 - len(head)) + b"Z"
     assert p.read_bytes() == want
+
+
+@pytest.mark.mounted
+@pytest.mark.parametrize("grow", ["direct-commit", "truncate-then-commit"])
+def test_a_direct_writers_close_keeps_another_writers_grant(mnt: Path, grow: str) -> None:
+    """One direct client closes a file after writing past EOF without committing while
+    another direct client holds the same file open for writing: the close does not
+    revoke the other's grant (its next write and commit succeed), and the first one's
+    uncommitted bytes still never show (R6) — through a commit that grows the file, or
+    after a truncate up, a commit inside the new size. (The suite once saw the other
+    client's commit fail with GrantRevoked when the first connection's teardown ran
+    after the second open.)"""
+    from kernelshim.client import Client
+    p = mnt / "f"
+    head = fill(13, 2884)
+    p.write_bytes(head)
+    with Client.connect(mnt) as c2, c2.open("f", "r+") as g:
+        with Client.connect(mnt) as c:
+            f = c.open("f", "r+")
+            c.call("layout_get", slot=f.slot, offset=3528, length=1000)
+            c.shmview[:1000] = b"J" * 1000
+            c.call("write", slot=f.slot, offset=3528, length=1000, buf=0)
+            f.close()  # the reply comes after the daemon's close
+        assert p.read_bytes() == head
+        if grow == "truncate-then-commit":
+            os.truncate(p, 8001)
+        g.pwrite(b"Z", 8000)
+    want = head + bytes(8000 - len(head)) + b"Z"
+    assert p.read_bytes() == want  # no byte of the first client's "J"s
