@@ -106,6 +106,27 @@ def _lab_workers(opts: MountOptions, text: str | None) -> MountOptions:
     return dataclasses.replace(opts, **changes)
 
 
+def checkpoint_budget_works() -> bool:
+    """Whether the binding answers a handler's schedule point within its budget.
+
+    run_handler recognises trio's schedule point by what it yields, a private name
+    of trio's (trio._core._traps); with another trio it finds none and every schedule
+    point gives the loop back again — correct, only slower. Probed by behaviour (a
+    bare cancel_shielded_checkpoint needs no running loop), not by the name."""
+    async def one_schedule_point() -> None:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    blocked: list[bool] = []
+    run_handler = getattr(pyfuse3, "run_handler")
+    step = run_handler(one_schedule_point(), lambda: blocked.append(True), 1.0)
+    try:
+        step.send(None)
+    except StopIteration:
+        return not blocked
+    step.close()
+    return False
+
+
 def fuse_options(volume: Path, opts: MountOptions) -> set[str]:
     # Operations and serve() ask for what only sluice's own build can (release_worker,
     # the handlers' checkpoint budget of sluice.5).
@@ -606,6 +627,10 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                     ready(None)
                     announced = True
                 nursery.start_soon(announce, name="announce")
+                if HANDLER_CHECKPOINT_BUDGET > 0 and not checkpoint_budget_works():
+                    log.warning("the binding cannot answer handlers' schedule points "
+                                "with this trio %s (it recognises 0.35's): every one "
+                                "gives the event loop back", trio.__version__)
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks,
                                    checkpoint_budget=HANDLER_CHECKPOINT_BUDGET)
                 nursery.cancel_scope.cancel()

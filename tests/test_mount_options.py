@@ -457,3 +457,17 @@ def test_an_older_binding_is_refused_in_one_line(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(pyfuse3, "run_handler", run_handler)
     with pytest.raises(VolumeError, match="older one: run scripts/setup.sh"):
         fuse_options(tmp_path, MountOptions())
+
+
+def test_the_checkpoint_budget_is_probed_not_assumed(monkeypatch) -> None:
+    """The binding knows trio's schedule point by a private name of trio's; with the
+    trio pyproject.toml pins, the probe the daemon runs before serving finds the
+    budget working. Without that name (the binding's fallback for another trio: set
+    here as its import failure would) the probe says so, and serve() logs it."""
+    import pyfuse3._pyfuse3
+
+    from fs.mount import checkpoint_budget_works
+
+    assert checkpoint_budget_works()
+    monkeypatch.setattr(pyfuse3._pyfuse3, "_CHECKPOINT", None)
+    assert not checkpoint_budget_works()

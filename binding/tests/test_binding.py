@@ -557,12 +557,41 @@ class NoBudgetFs(BudgetFs):
     MAIN = {"max_tasks": 2}
 
 
-@pytest.mark.parametrize("cls", [BudgetFs, NoBudgetFs], ids=["budget", "none"])
+class SpentBudgetFs(ReaderFs):
+    """Reads of `plain` start another task, work for twice the budget (1 ms) before
+    their first schedule point, and note whether that task ran by the second. (Two:
+    trio runs a batch in either order, so the other task may run just after the first
+    turn the handler gives back; it has run by the second. Answered at once, neither
+    lets it run.)"""
+
+    BUDGET = 1e-3
+    MAIN = {"max_tasks": 2, "checkpoint_budget": BUDGET}
+
+    async def read(self, fh, off, size):
+        if fh == FILES[b"plain"]:
+            ran: list[bool] = []
+
+            async def other() -> None:
+                ran.append(True)
+            trio.lowlevel.spawn_system_task(other)
+            start = time.perf_counter()
+            while time.perf_counter() - start < 2 * self.BUDGET:
+                pass
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            self._note("other_ran", bool(ran))
+        return await super().read(fh, off, size)
+
+
+@pytest.mark.parametrize("cls", [BudgetFs, NoBudgetFs, SpentBudgetFs],
+                         ids=["budget", "none", "spent"])
 def test_checkpoint_budget(tmp_path: Path, cls) -> None:
     """With a budget, a handler's schedule points do not give the event loop back: no
     other task runs in between and the worker keeps reading (one worker serves every
     read); a handler that really waits still hands reading over. Without one (trio's
-    way, the default), every schedule point is a turn of the loop."""
+    way, the default), every schedule point is a turn of the loop. The budget counts
+    from the handler's start: a handler that worked past it before its first schedule
+    point gives the loop back there."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse")
     mnt = tmp_path / "mnt"
@@ -587,7 +616,7 @@ def test_checkpoint_budget(tmp_path: Path, cls) -> None:
         if cls is BudgetFs:
             assert status["other_ran"] == [False] * 10
             assert len(set(status["served_by"])) == 1, status["served_by"]
-        else:
+        else:  # no budget, or one the handler spent before its schedule point
             assert status["other_ran"] == [True] * 10
 
         # A real wait (an Event) gives the loop back and hands reading over, budget or
