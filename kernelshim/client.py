@@ -261,12 +261,20 @@ class Client(_Base):
                         continue
                     self.hybrid.polled(False)
                     break
-                self.hybrid.polled(True)
-                r = proto.receive_data_reply(got, rid)
+                try:
+                    r = proto.receive_data_reply(got, rid)
+                except BaseException:
+                    self.hybrid.polled(False)  # a broken stream: no reply caught
+                    raise
                 if r is not None:
+                    self.hybrid.polled(True)
                     return r
                 if proto.has_reply(rid):
+                    # A hit only for this request's whole reply (an error reply too),
+                    # not for the end of the stream or the daemon refusing it.
+                    self.hybrid.polled(not proto.closed and proto.failure is None)
                     return proto.reply(rid)
+                self.hybrid.polled(False)
                 break  # (part of the reply, or something before it: sleep for the rest)
         while True:
             r = proto.receive_data_reply(sock.recv(RECV_BYTES), rid)
