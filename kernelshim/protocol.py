@@ -309,6 +309,25 @@ class Decoder:
     def pending(self) -> int:
         return len(self._buf)
 
+    def frame_rest(self, data: bytes, pos: int = 0) -> int:
+        """Bytes that complete the frame being decoded if `data[pos:]` is fed next: the
+        rest of the frame begun by the bytes held, or else the whole frame starting at
+        `data[pos]`; 0 while its length header is incomplete. (A length no frame can
+        have is not checked here: `feed` raises FramingError for it.)"""
+        held = len(self._buf)
+        if held >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+        elif held:
+            head = bytes(self._buf) + data[pos:pos + 4 - held]
+            if len(head) < 4:
+                return 0
+            (n,) = _LEN.unpack(head)
+        elif len(data) - pos >= 4:
+            (n,) = _LEN.unpack_from(data, pos)
+        else:
+            return 0
+        return max(0, 4 + n - held)
+
 
 # -- argument checking -----------------------------------------------------------------
 

@@ -78,9 +78,9 @@ have work (after HOG_SECONDS alone) — so a request of one principal waits for 
 one short step of each other principal with work, not for all their connections'
 backlogs. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
-pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time, each slice
-served before the next is decoded, so decoding cannot make a step longer than its turn
-(a read of 64 pipelined requests took 0.2-0.3 ms to decode whole); and while principals
+pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time (a frame
+longer than that up to its end at once), each slice served before the next is
+decoded, so decoding cannot make a step longer than its turn (a read of 64 pipelined requests took 0.2-0.3 ms to decode whole); and while principals
 compete, a costly operation (below) starts a step of its own rather than ending one
 that already had its quantum.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
@@ -434,11 +434,17 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             # Else the decoder takes FEED_BYTES at a time, each slice served before the
             # next is decoded: one read may bring a thousand pipelined JSON requests, and
             # decoding them all first (~3.5 us each) would make a step of milliseconds
-            # whatever the turn (bench_hostile's floods: 64 requests, 0.2-0.3 ms).
+            # whatever the turn (bench_hostile's floods: 64 requests, 0.2-0.3 ms). A frame
+            # longer than a slice is fed up to its end at once (once its length is known):
+            # sliced, it would take ~120 feeds for 60 KB, ~60 us, and complete nothing.
             pos = 0
             while True:
                 if msgs is None:
-                    chunk = data if len(data) <= FEED_BYTES else data[pos:pos + FEED_BYTES]
+                    if len(data) <= FEED_BYTES:
+                        chunk = data
+                    else:
+                        step = max(FEED_BYTES, decoder.frame_rest(data, pos))
+                        chunk = data[pos:pos + step]
                     pos += len(chunk)
                     try:
                         msgs = decoder.feed(chunk)

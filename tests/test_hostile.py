@@ -296,6 +296,48 @@ async def test_a_pipelined_backlog_is_decoded_a_slice_at_a_time(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_large_frame_is_decoded_in_one_feed(
+        kernel: Kernel, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: Any) -> None:
+    """A JSON frame longer than FEED_BYTES is fed to the decoder up to its end at once,
+    not a slice at a time (~120 feeds for 60 KB that complete nothing): alone in a read
+    one feed; after a small request, the slice that holds its header and one feed for
+    the rest. Every request is answered, in order."""
+    fed: list[int] = []
+
+    class CountingDecoder(Decoder):
+        def feed(self, data: bytes) -> list[Any]:
+            fed.append(len(data))
+            return super().feed(data)
+
+    monkeypatch.setattr(server_mod, "Decoder", CountingDecoder)
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        s = await _connect(path)
+        big = [encode(REQUEST, rid, {"op": "hello", "pad": "x" * (60 << 10)})
+               for rid in (1, 3)]
+        small = encode(REQUEST, 2, {"op": "hello"})
+        assert len(big[0]) > 100 * server_mod.FEED_BYTES
+        d = Decoder()
+        await s.send(big[0])  # (one send: the server reads it in one recv)
+        m = await _reply(s, d)
+        assert m is not None and (m.kind, m.request_id) == (OK, 1), m
+        assert fed == [len(big[0])]
+        await s.send(small + big[1])
+        got: list[Any] = []
+        while len(got) < 2:
+            data = await s.recv(1 << 20)
+            assert data, got
+            got += d.feed(data)
+        assert [(m.kind, m.request_id) for m in got] == [(OK, 2), (OK, 3)], got
+        assert fed[1:] == [server_mod.FEED_BYTES,
+                           len(small) + len(big[1]) - server_mod.FEED_BYTES], fed
+        s.close()
+        nursery.cancel_scope.cancel()
+
+
 async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None:
     """A principal with six busy tasks gets one step of the loop per batch, as does one
     with a single task: the single task is done long before the six (each of which

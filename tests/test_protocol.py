@@ -197,6 +197,26 @@ def test_decoder_limits() -> None:
     assert arg_str({}, "k", optional=True) == ""
 
 
+def test_decoder_frame_rest() -> None:
+    """`frame_rest`: the bytes that complete the frame begun by what the decoder holds,
+    or else the frame at the given position; 0 until its length is known."""
+    a, b = encode(REQUEST, 1, {"op": "a"}), encode(REQUEST, 2, {"pad": "y" * 5000})
+    data = a + b
+    d = Decoder()
+    assert d.frame_rest(data) == len(a) and d.frame_rest(data, len(a)) == len(b)
+    assert d.frame_rest(data[:3]) == 0 and d.frame_rest(data, len(data) - 2) == 0
+    for cut in (len(a) + 2, len(a) + 4, len(a) + 100):  # the header split, whole, past
+        d = Decoder()
+        assert d.feed(data[:cut]) == [Message(REQUEST, 1, {"op": "a"})]
+        rest = d.frame_rest(data, cut)
+        assert rest == len(data) - cut, cut
+        assert d.feed(data[cut:cut + rest]) == [Message(REQUEST, 2, {"pad": "y" * 5000})]
+        assert d.pending == 0 and d.frame_rest(b"") == 0
+    d = Decoder()
+    d.feed(data[:len(a) + 1])
+    assert d.frame_rest(data[len(a) + 1:len(a) + 2]) == 0  # still 2 header bytes short
+
+
 # -- a live daemon -----------------------------------------------------------------------------
 
 def control_path(mnt: Path) -> str:
