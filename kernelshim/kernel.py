@@ -59,7 +59,7 @@ from typing import AsyncIterator, Iterable
 import trio
 
 from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, FaultPlan,
-                      PrincipalId, RecordLog, SluiceError, reserve_space)
+                      PrincipalId, RecordLog, SluiceError)
 from pager import Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
@@ -430,10 +430,9 @@ class Kernel(GrantTable, LowerLayers):
         file: fallocate), so that writing them later — a write-back long after the
         write was acknowledged — cannot fail for lack of host space. DeviceFull when
         the host has no room (nothing is acknowledged then: the caller is allocating)."""
-        bs = self.block_size
         for dev, count in runs:
             try:
-                reserve_space(self.device.data, dev * bs, count * bs)
+                self.device.reserve(BlockNo(dev), count)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "
