@@ -36,33 +36,6 @@ class OpenFiles:
     default_cache_mode: str
     #: O_TMPFILE inodes not linked yet (linkat may give them a name; see `tmpfile`)
     _tmpfiles: set[int]
-    #: inodes whose extent changes by FUSE writes are not saved yet (`_save_extents_later`)
-    _extents_later: dict[int, Inode]
-
-    def _save_extents_later(self: FileSystem, node: Inode) -> None:
-        """Save the file's extent changes before the next commit, not now: a stream of
-        writes to one file then costs one save per commit instead of one per write (a
-        SQLite delete and upsert, a twentieth of a 1 MiB FUSE write's daemon time).
-        The map keeps which extents changed (`ExtentMap.take_changes` reads their state
-        when saved), so saving later stores the same rows as saving now would have,
-        and any other save of the file's extents meanwhile takes them too. Saved
-        (`_save_gathered_extents`) inside every commit's barrier before the metadata
-        commits and when the file's last handle closes (after that the inode may leave
-        the cache): what each commit stores is exactly what saving at once would have
-        stored (docs/dev/invariants.md, "Metadata server")."""
-        self._extents_later[node.id] = node
-
-    def _save_gathered_extents(self: FileSystem, node: Inode | None = None) -> None:
-        """Save the gathered extent changes (of `node` only, if given), in the open
-        transaction."""
-        if node is not None:
-            if self._extents_later.pop(node.id, None) is not None:
-                self._save_extents(node)
-            return
-        later, self._extents_later = self._extents_later, {}
-        for n in later.values():
-            if n.extents is not None:
-                self._save_extents(n)
 
     def _grant_for(self: FileSystem, node: Inode, readable: bool, writable: bool,
                    principal: PrincipalId) -> Grant:
@@ -129,8 +102,6 @@ class OpenFiles:
         self.kernel.release(h.grant)
         node = h.inode
         node.opens -= 1
-        if node.opens == 0:
-            self._save_gathered_extents(node)  # before the inode may leave the cache
         if node.opens == 0 and node.nlink == 0:
             self._tmpfiles.discard(node.id)
             await self._destroy(node)
@@ -166,22 +137,18 @@ class OpenFiles:
                 await self._undiscard_locked(node)
             if h.append:
                 offset = node.size
-            n = await self._write_locked(node, h.grant, offset, data, short_ok=True,
-                                         save_later=True)
+            n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
             if n and h.kill_priv and self._kill_priv(h, save=False):
                 self._save(node, "mode")
         return n
 
     async def _write_locked(self: FileSystem, node: Inode, grant: Grant, offset: int,
-                            data: bytes | memoryview, *, short_ok: bool,
-                            save_later: bool = False) -> int:
+                            data: bytes | memoryview, *, short_ok: bool) -> int:
         """Write `data` at `offset` through `grant` and make it part of the file (extents
         FRESH, size, mtime), under the inode lock. With `short_ok`, a write the space or
         the principal's banks cannot hold whole writes what fits, as POSIX and every
         kernel filesystem do (an error only when not one byte fits); without, it is all
-        or nothing. With `save_later` (a write through an open handle, which keeps the
-        inode cached) the extent changes are saved before the next commit
-        (`_save_extents_later`) rather than now. Returns the bytes written."""
+        or nothing. Returns the bytes written."""
         n = len(data)
         if not n:
             return 0
@@ -214,10 +181,7 @@ class OpenFiles:
                 emap.mark_written(f0, f1 - f0)
             self._unsealed.add(emap)
         finally:
-            if save_later:
-                self._save_extents_later(node)
-            else:
-                self._save_extents(node)
+            self._save_extents(node)
         if end > node.size:
             node.size = end
         node.mtime_ns = node.ctime_ns = now_ns()

@@ -166,7 +166,6 @@ class InodeCache:
             # new map they never see (their writes: NotAllocated; reads: stale holes).
             if (node.lock is None or not node.lock.locked()) and \
                     not self.kernel.grants_for(node.id):
-                self._save_gathered_extents(node)  # (a reload would not see them)
                 self._inodes.pop(node.id, None)
 
     def _save(self: FileSystem, node: Inode, *fields: str) -> None:

@@ -781,39 +781,3 @@ async def _run_fs_model(path: Path, ops: list[tuple]) -> None:
         await v.close()
     report = await trio.to_thread.run_sync(lambda: fsck(path, verify_data=True))
     assert report.errors == 0, report.lines
-
-
-async def test_extent_changes_of_writes_are_saved_by_the_commit_and_at_close(
-        vol: Volume, fs: FileSystem) -> None:
-    """Writes through an open handle gather their extent changes (one save per commit,
-    not per write): each commit stores exactly the map the writes left, the last
-    close stores it before the inode may leave the cache, and a remount reads it."""
-    h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
-    data = fill(3, 40 * BS)
-    for off in range(0, len(data), 3 * BS + 7):  # unaligned pieces: merges, splits
-        await fs.write(h.fh, off, data[off:off + 3 * BS + 7])
-
-    def stored() -> list[tuple[int, ...]]:
-        return [tuple(r[:3]) for r in vol.md.load_extents(node.id)]
-
-    def in_memory() -> list[tuple[int, ...]]:
-        return [(s.file_block, s.dev_block, s.count)
-                for s in fs._extents(node).segments(0, fs._extents(node).end_block())]
-
-    assert stored() == []  # gathered, not saved yet
-    await fs.commit()
-    assert stored() == in_memory() != []
-    await fs.write(h.fh, len(data), b"tail" * 1000)  # new blocks (nothing sealed)
-    assert stored() != in_memory()
-    await fs.release(h.fh)
-    assert stored() == in_memory()  # the last close saved them
-    fs.forget(node.id, node.lookups)  # the inode may leave the cache now
-    await vol.close()
-    fs2 = await vol.open()
-    h2 = fs2.open(node.id, os.O_RDONLY, CALLER)
-    want = data + b"tail" * 1000
-    assert bytes(await fs2.read(h2.fh, 0, len(want) + 10)) == want
-    await fs2.release(h2.fh)
-    await vol.close()
-    report = await vol.fsck()
-    assert report.errors == 0, report.lines
