@@ -781,3 +781,81 @@ async def _run_fs_model(path: Path, ops: list[tuple]) -> None:
         await v.close()
     report = await trio.to_thread.run_sync(lambda: fsck(path, verify_data=True))
     assert report.errors == 0, report.lines
+
+
+async def test_extent_rows_of_writes_are_stored_by_the_commit_and_at_close(
+        vol: Volume, fs: FileSystem) -> None:
+    """Writes through an open handle gather their extent rows (one save per commit,
+    not per write): each commit stores exactly the map the writes left, the last
+    close stores it before the inode may leave the cache, and a remount reads it."""
+    h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+    data = fill(3, 40 * BS)
+    for off in range(0, len(data), 3 * BS + 7):  # unaligned pieces: merges, splits
+        await fs.write(h.fh, off, data[off:off + 3 * BS + 7])
+
+    def stored() -> list[tuple[int, ...]]:
+        return [tuple(r[:3]) for r in vol.md.load_extents(node.id)]
+
+    def in_memory() -> list[tuple[int, ...]]:
+        return [(s.file_block, s.dev_block, s.count)
+                for s in fs._extents(node).segments(0, fs._extents(node).end_block())]
+
+    assert stored() == []  # gathered, not stored yet
+    await fs.commit()
+    assert stored() == in_memory() != []
+    await fs.write(h.fh, len(data), b"tail" * 1000)  # new blocks (nothing sealed)
+    assert stored() != in_memory()
+    await fs.release(h.fh)
+    assert stored() == in_memory()  # the last close stored them
+    fs.forget(node.id, node.lookups)  # the inode may leave the cache now
+    await vol.close()
+    fs2 = await vol.open()
+    h2 = fs2.open(node.id, os.O_RDONLY, CALLER)
+    want = data + b"tail" * 1000
+    assert bytes(await fs2.read(h2.fh, 0, len(want) + 10)) == want
+    await fs2.release(h2.fh)
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_a_commit_never_stores_the_allocation_of_a_write_in_flight(
+        vol: Volume, fs: FileSystem) -> None:
+    """A write that allocated its blocks and waits for a barrier (a commit running):
+    the commit stores the rows of the writes that finished before it, never the
+    waiting write's unwritten blocks past the end of the file (a crash would leave
+    them for fsck to report)."""
+    from trio.testing import wait_all_tasks_blocked
+    h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+    await fs.write(h.fh, 0, fill(1, 8 * BS))  # finished: gathered
+    hold = trio.Event()
+    done: list[int] = []
+
+    async def barrier_holder() -> None:
+        async with fs.kernel.barrier():
+            await hold.wait()
+
+    async def writer() -> None:
+        done.append(await fs.write(h.fh, 8 * BS, fill(2, 16 * BS)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(barrier_holder)
+        await wait_all_tasks_blocked()
+        nursery.start_soon(writer)
+        await wait_all_tasks_blocked()  # allocated, waiting for the barrier
+        assert fs._extents(node).end_block() == 24 and not done
+        # what a commit's body does while the writer waits
+        fs._save_gathered_extents()
+        vol.md.commit()
+        assert [tuple(r[:3]) for r in vol.md.load_extents(node.id)] == \
+            [(s.file_block, s.dev_block, s.count)
+             for s in fs._extents(node).segments(0, 8)]
+        assert vol.md.inodes_with_blocks_past_eof(BS) == []
+        hold.set()
+    assert done == [16 * BS]
+    await fs.release(h.fh)
+    await fs.commit()
+    assert vol.md.inodes_with_blocks_past_eof(BS) == []
+    h2 = fs.open(node.id, os.O_RDONLY, CALLER)
+    assert bytes(await fs.read(h2.fh, 0, 30 * BS)) == fill(1, 8 * BS) + fill(2, 16 * BS)
+    await fs.release(h2.fh)
