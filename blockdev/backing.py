@@ -19,11 +19,8 @@ that makes no progress is EIO) — the caller never has to check a count.
 
 Colour: `read_into`, `write`, `discard` and `flush` are async so a wrapper may take
 time on the trio clock (latency injection); `FileBacking` does the data syscalls on
-the event loop without a checkpoint (page-cache pread/pwrite of a few blocks take
-microseconds), except writes of THREAD_WRITE_BYTES or more, which copy into the host
-page cache in a worker thread (a checkpoint; never abandoned: the write has landed or
-failed when `write` returns or raises, even if cancelled), and runs fdatasync in a
-worker thread. `pread` is the synchronous read for opening a
+the event loop without a checkpoint (page-cache pread/pwrite take microseconds) and
+runs fdatasync in a worker thread. `pread` is the synchronous read for opening a
 store and for offline tools, never for the data path.
 """
 
@@ -45,14 +42,6 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 
 #: at most this many fdatasyncs run in worker threads at once (all backings together)
 FLUSH_LIMITER = trio.CapacityLimiter(4)
-#: writes of at least this many bytes copy into the host page cache in a worker thread:
-#: a 1 MiB pwritev takes 0.3-0.6 ms on this kind of VM (fresh page-cache pages), which
-#: on the loop delays every request behind it by as much — a sequential writer's next
-#: request above all — while in a thread it runs on another CPU beside the loop. Below
-#: it the thread hand-off (about 50 us of the loop's time) would cost more than it saves.
-THREAD_WRITE_BYTES = 256 << 10
-#: at most this many such writes run in worker threads at once (all backings together)
-WRITE_LIMITER = trio.CapacityLimiter(2)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -191,15 +180,6 @@ class FileBacking:
             out[got:] = bytes(len(out) - got)
 
     async def write(self, offset: int, data: memoryview) -> None:
-        if memoryview(data).nbytes >= THREAD_WRITE_BYTES:
-            # Not abandoned on cancellation: the write lands (or fails) before this
-            # returns or raises, as on the loop.
-            await trio.to_thread.run_sync(self.write_sync, offset, data,
-                                          limiter=WRITE_LIMITER)
-            return
-        self.write_sync(offset, data)
-
-    def write_sync(self, offset: int, data: memoryview) -> None:
         n = os.pwritev(self._fd, [data], offset)
         if n != memoryview(data).nbytes:
             self._write_rest(offset, data, n)

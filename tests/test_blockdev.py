@@ -728,35 +728,3 @@ async def test_reserve_falls_back_to_the_range_when_the_host_lacks_a_chunk(
         assert await dev.read(16, 32, principal=P0) == pattern(32, 3)
     finally:
         dev.close()
-
-
-async def test_large_writes_copy_in_a_worker_thread(tmp_path: Path) -> None:
-    """A write of THREAD_WRITE_BYTES or more copies into the host page cache in a
-    worker thread (the loop serves other requests meanwhile); smaller ones on the
-    loop's thread. Both land whole, with their checksums."""
-    import threading
-    from blockdev.backing import THREAD_WRITE_BYTES
-
-    class Watched(FileBacking):
-        threads: list[int] = []
-
-        def write_sync(self, offset: int, data: memoryview) -> None:
-            self.threads.append(threading.get_ident())
-            super().write_sync(offset, data)
-
-    d = tmp_path / "dev"
-    d.mkdir()
-    geo = BlockDevice.format(d, size=256 * BS, block_size=BS)
-    data = Watched(d / BACKING)
-    dev = BlockDevice(geo, parse_profile("none"), data=data,
-                      checksums=ChecksumStore.load(FileBacking(d / CHECKSUMS), geo.nblocks))
-    big = THREAD_WRITE_BYTES // BS
-    try:
-        await dev.write(0, pattern(big, 1), principal=P0)
-        await dev.write(big, pattern(1, 2), principal=P0)
-        loop = threading.get_ident()
-        assert Watched.threads[0] != loop and Watched.threads[1] == loop
-        assert await dev.read(0, big + 1, principal=P0) == pattern(big, 1) + pattern(1, 2)
-        assert dev.written_blocks().tolist() == list(range(big + 1))
-    finally:
-        dev.close()

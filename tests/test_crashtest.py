@@ -441,8 +441,8 @@ def test_power_states_of_a_scripted_run(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.mounted
 def test_power_states_of_large_writes(tmp_path: Path, monkeypatch) -> None:
-    """Writes of megabytes (the device copies them into the host page cache in a
-    worker thread; host space is reserved a 16 MiB chunk at a time): a file written and
+    """Writes of megabytes (host space is reserved a 16 MiB chunk at a time; the
+    extent rows of each write are stored by the next commit): a file written and
     fsync'd, then, unsynced, a large overwrite of its sealed blocks (relocated) and a
     large append. Power losses right after the fsyncs and at the end, with every
     pending block and checksum page dropped, kept or half of them: each comes back
