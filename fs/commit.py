@@ -106,7 +106,6 @@ class Transactions:
             try:
                 async with self.kernel.barrier():
                     self._save_unflushed()
-                    self._save_gathered_extents()  # (FUSE writes gather them: dataio.py)
                     self.md.commit()
                     pending = self.alloc.take_pending()
                     for emap in self._unsealed:

@@ -36,39 +36,6 @@ class OpenFiles:
     default_cache_mode: str
     #: O_TMPFILE inodes not linked yet (linkat may give them a name; see `tmpfile`)
     _tmpfiles: set[int]
-    #: extent rows of finished FUSE writes not saved yet (`_gather_extents`): inode ->
-    #: file block -> the row to store, or None to delete it
-    _extent_rows: dict[int, dict[int, tuple[int, ...] | None]]
-
-    def _gather_extents(self: FileSystem, node: Inode) -> None:
-        """At the end of a FUSE write (under the inode lock, the write complete): take
-        the rows a save now would store and keep them for the next commit instead of
-        running two SQLite statements per write (a seventh of a sequential writer's
-        loop time). Taken when the write is done, never while it is in flight, so a
-        commit stores exactly what saving at the end of each write would have (never
-        the allocation of a write still waiting for its barrier). Saved inside every
-        commit's barrier before the metadata commits, before any other save of the
-        file's extents (so rows are stored in the order they were taken), at its last
-        close and before its inode leaves the cache (`_save_gathered_extents`)."""
-        assert node.extents is not None
-        deleted, upserts = node.extents.take_changes(with_owner=True)
-        if not deleted and not upserts:
-            return
-        rows = self._extent_rows.setdefault(node.id, {})
-        for fb in deleted:
-            rows[fb] = None
-        for row in upserts:
-            rows[row[0]] = row
-
-    def _save_gathered_extents(self: FileSystem, ino: int | None = None) -> None:
-        """Store the gathered extent rows (of inode `ino` only, if given) in the open
-        transaction."""
-        for i in [ino] if ino is not None else list(self._extent_rows):
-            rows = self._extent_rows.pop(i, None)
-            if rows:
-                self.md.save_extent_changes(
-                    i, [fb for fb, r in rows.items() if r is None],
-                    [r for r in rows.values() if r is not None])
 
     def _grant_for(self: FileSystem, node: Inode, readable: bool, writable: bool,
                    principal: PrincipalId) -> Grant:
@@ -135,8 +102,6 @@ class OpenFiles:
         self.kernel.release(h.grant)
         node = h.inode
         node.opens -= 1
-        if node.opens == 0:  # (before the inode is destroyed or leaves the cache)
-            self._save_gathered_extents(node.id)
         if node.opens == 0 and node.nlink == 0:
             self._tmpfiles.discard(node.id)
             await self._destroy(node)
@@ -172,22 +137,18 @@ class OpenFiles:
                 await self._undiscard_locked(node)
             if h.append:
                 offset = node.size
-            n = await self._write_locked(node, h.grant, offset, data, short_ok=True,
-                                         gather=True)
+            n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
             if n and h.kill_priv and self._kill_priv(h, save=False):
                 self._save(node, "mode")
         return n
 
     async def _write_locked(self: FileSystem, node: Inode, grant: Grant, offset: int,
-                            data: bytes | memoryview, *, short_ok: bool,
-                            gather: bool = False) -> int:
+                            data: bytes | memoryview, *, short_ok: bool) -> int:
         """Write `data` at `offset` through `grant` and make it part of the file (extents
         FRESH, size, mtime), under the inode lock. With `short_ok`, a write the space or
         the principal's banks cannot hold whole writes what fits, as POSIX and every
         kernel filesystem do (an error only when not one byte fits); without, it is all
-        or nothing. With `gather` (a write through an open handle) the extent rows are
-        stored at the next commit (`_gather_extents`) rather than now. Returns the
-        bytes written."""
+        or nothing. Returns the bytes written."""
         n = len(data)
         if not n:
             return 0
@@ -220,10 +181,7 @@ class OpenFiles:
                 emap.mark_written(f0, f1 - f0)
             self._unsealed.add(emap)
         finally:
-            if gather:
-                self._gather_extents(node)
-            else:
-                self._save_extents(node)
+            self._save_extents(node)
         if end > node.size:
             node.size = end
         node.mtime_ns = node.ctime_ns = now_ns()

@@ -99,7 +99,6 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._next_fh = 1
         self.default_cache_mode = default_cache_mode
         self._tmpfiles = set()
-        self._extent_rows = {}
         # -- Attributes (attributes.py) ----------------------------------------------------
         self.atime = "relatime"
         self.nodiratime = False

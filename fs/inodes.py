@@ -166,7 +166,6 @@ class InodeCache:
             # new map they never see (their writes: NotAllocated; reads: stale holes).
             if (node.lock is None or not node.lock.locked()) and \
                     not self.kernel.grants_for(node.id):
-                self._save_gathered_extents(node.id)  # (a reload reads the table)
                 self._inodes.pop(node.id, None)
 
     def _save(self: FileSystem, node: Inode, *fields: str) -> None:
@@ -176,7 +175,6 @@ class InodeCache:
 
     def _save_extents(self: FileSystem, node: Inode) -> None:
         assert node.extents is not None
-        self._save_gathered_extents(node.id)  # older rows first (fs/dataio.py)
         deleted, upserts = node.extents.take_changes(with_owner=True)
         if deleted or upserts:
             self.md.save_extent_changes(node.id, deleted, upserts)
@@ -202,7 +200,3 @@ class InodeCache:
                 node.principal = dst
             if node.extents is not None:
                 node.extents.retag_owner(src, dst)
-        for rows in self._extent_rows.values():  # gathered, not stored yet (dataio.py)
-            for fb, r in rows.items():
-                if r is not None and r[4] == src:
-                    rows[fb] = (*r[:4], dst)
