@@ -59,7 +59,7 @@ from typing import AsyncIterator, Iterable
 import trio
 
 from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, FaultPlan,
-                      PrincipalId, RecordLog, SluiceError, reserve_space)
+                      PrincipalId, RecordLog, SluiceError)
 from pager import Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
@@ -172,6 +172,10 @@ class Kernel(GrantTable, LowerLayers):
         """Hold new writes back, wait for the writes in flight, make everything written
         so far durable (data, then checksums), and run the body (the metadata commit)
         before writes resume. Everything a commit in the body exposes was durable first."""
+        if self.pager.writeback and self._barrier is None:
+            # Dirty frames written back before writers are held (the flush below
+            # writes only those dirtied meanwhile). Only an optimisation, as below.
+            await self.pager.write_back_dirty()
         if self.device.unflushed_bytes >= PREFLUSH_BYTES and self._barrier is None:
             # Much written since the last flush (a stream): make it durable before
             # holding writes back, so that the flush under the barrier — during which
@@ -430,10 +434,9 @@ class Kernel(GrantTable, LowerLayers):
         file: fallocate), so that writing them later — a write-back long after the
         write was acknowledged — cannot fail for lack of host space. DeviceFull when
         the host has no room (nothing is acknowledged then: the caller is allocating)."""
-        bs = self.block_size
         for dev, count in runs:
             try:
-                reserve_space(self.device.data, dev * bs, count * bs)
+                self.device.reserve(BlockNo(dev), count)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "

@@ -23,7 +23,13 @@ Workloads (sizes shrink with --quick):
                 FIO_RATIO_GOAL times the plain directory's figure of the same run.
                 fio is installed with apt-get if missing (--only fio runs just this).
                 Also counted: the FUSE WRITE requests sluice answered per fio write
-                (2: fio's buffer is not page-aligned, see Bench.workloads).
+                (2: fio's buffer is not page-aligned, see Bench.workloads), and the
+                daemon's CPU seconds per GiB written, all threads and its event-loop
+                thread alone. With --fio-aligned, fio once more with a page-aligned
+                buffer (--iomem_align=4096): one FUSE request per write, which is
+                what raising the host's fs.fuse.max_pages_limit above 256 would give
+                (the kernel splits a 1 MiB write from an unaligned buffer, 257 pages,
+                at max_pages).
 
   fsync cost    what one tenant's fsync costs another (data=ordered: a commit writes
                 back every file's dirty pages first): the median latency of a 4 KiB
@@ -42,7 +48,7 @@ move by tens of percent.
 
 Run as root:  .venv/bin/python scripts/bench_fs.py [--size-mb 1024] [--quick] [--json out.json]
                   [--repeat N] [--only seq|rand|meta|tar|fio|fsync] [--skip-plain]
-                  [--py-spy DIR] [--no-writeback]
+                  [--py-spy DIR] [--no-writeback] [--fio-aligned]
 
 Progress goes to stderr, the table to stdout. Everything made (mounts, volume, files)
 is removed in `finally`. With --py-spy DIR, py-spy samples the sluice daemon during
@@ -79,6 +85,9 @@ UNTAR_RATIO_GOAL = 2.5
 FIO_RATIO_GOAL = 0.5
 FIO_WRITE = "fio write 1M psync+end_fsync"
 FIO_REQUESTS = "fio FUSE writes per 1M write"
+FIO_CPU = "fio daemon CPU per GiB"
+FIO_LOOP_CPU = "fio event-loop CPU per GiB"
+FIO_ALIGNED = "fio write, page-aligned buffer"
 FSYNC_ALONE = "4K write+fsync, alone"
 FSYNC_LOADED = "4K write+fsync, other writer"
 #: the untar's reference FUSE daemon: libfuse's C example, no caching (Bench.passthrough_hp)
@@ -102,9 +111,24 @@ WORKLOADS: dict[str, tuple[str, bool, float | None]] = {
     "rm -rf": ("s", False, 3.0),
     FIO_WRITE: ("MB/s", True, None),
     FIO_REQUESTS: ("req", False, None),
+    FIO_CPU: ("s", False, None),
+    FIO_LOOP_CPU: ("s", False, None),
+    FIO_ALIGNED: ("MB/s", True, None),
     FSYNC_ALONE: ("ms", False, None),
     FSYNC_LOADED: ("ms", False, None),
 }
+
+
+def thread_cpu_seconds(pid: int | None, tid: int | None) -> float:
+    """utime + stime of one thread of a process (the daemon's event loop: tid == pid)."""
+    if pid is None or tid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def other_fuse_mounts() -> list[str]:
@@ -168,12 +192,13 @@ def ensure_fio() -> str:
     return found
 
 
-def fio_write(fio: str, path: Path, size_mb: int) -> float:
+def fio_write(fio: str, path: Path, size_mb: int, *, aligned: bool = False) -> float:
     """MB/s (10^6 bytes) fio reports for a sequential 1 MiB psync write of size_mb MiB
-    with a final fsync (included in its runtime), no preallocation."""
+    with a final fsync (included in its runtime), no preallocation; `aligned`: from a
+    page-aligned buffer (one FUSE request per write)."""
     r = run([fio, "--name=seqwrite", f"--filename={path}", "--rw=write", "--bs=1M",
              f"--size={size_mb}M", "--ioengine=psync", "--end_fsync=1", "--fallocate=none",
-             "--output-format=json"])
+             *(["--iomem_align=4096"] if aligned else []), "--output-format=json"])
     job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
     path.unlink()
     return job["bw_bytes"] / 1e6
@@ -436,14 +461,25 @@ class Bench:
             fio = ensure_fio()
             self.warm_memory()
             before = self.fuse_requests() if sl else {}
+            pid = self.mount.pid if sl and self.mount else None
+            cpu0, loop0 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
             step(FIO_WRITE, lambda: fio_write(fio, root / "fio.bin", self.size_mb))
             if sl:
+                gib = self.size_mb / 1024
+                self.results["sluice"].setdefault(FIO_CPU, []).append(
+                    (cpu_seconds(pid) - cpu0) / gib)
+                self.results["sluice"].setdefault(FIO_LOOP_CPU, []).append(
+                    (thread_cpu_seconds(pid, pid) - loop0) / gib)
                 # fio writes from a malloc'd buffer that is not page-aligned: each 1 MiB
                 # write spans 257 pages and the kernel (max_pages 256) sends it as two
                 # WRITE requests, 1 MiB - 16 B and 16 B (page-aligned buffers, as
                 # seq_write's, give one): what the daemon sees per fio write.
                 n = self.fuse_requests().get("write", 0) - before.get("write", 0)
                 self.results["sluice"].setdefault(FIO_REQUESTS, []).append(n / self.size_mb)
+            if self.args.fio_aligned:
+                self.warm_memory()
+                step(FIO_ALIGNED, lambda: fio_write(fio, root / "fio.bin", self.size_mb,
+                                                    aligned=True))
 
         if not want or "fsync" in want:
             step(FSYNC_ALONE, lambda: fsync_latency(root / "mine.bin"))
@@ -624,6 +660,9 @@ def main() -> int:
     p.add_argument("--passthrough-hp", action=argparse.BooleanOptionalAction, default=True,
                    help="also untar through libfuse's C passthrough_hp (built on first use "
                         "by binding/build_passthrough_hp.sh) as the reference (default on)")
+    p.add_argument("--fio-aligned", action="store_true",
+                   help="also run fio from a page-aligned buffer (one FUSE request per "
+                        "write: what a host max_pages above 256 would give)")
     p.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                    help="sample the daemon with py-spy per sluice workload into DIR")
     args = p.parse_args()

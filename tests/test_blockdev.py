@@ -667,3 +667,64 @@ async def test_read_of_claimed_blocks_waits_for_the_claimed_write(dev: BlockDevi
     assert await dev.read(0, 4, principal=P0) == (pattern(4, 9)[:BS] + pattern(1, 5)
                                                   + pattern(4, 9)[2 * BS:])
 
+
+
+# -- host space and large writes ---------------------------------------------------------
+
+def _host_bytes(path: Path) -> int:
+    """Bytes the host filesystem has allocated under a (sparse) file."""
+    return os.stat(path).st_blocks * 512
+
+
+async def test_host_space_is_reserved_in_whole_chunks_until_a_discard(tmp_path: Path) -> None:
+    """`reserve` makes the host allocate the whole aligned chunks
+    (RESERVE_CHUNK_BYTES) under the blocks asked for, so a stream of allocations costs
+    one fallocate per chunk; a discard in a chunk punches its hole and the chunk is
+    reserved again, whole, at its next allocation. Contents never change."""
+    from blockdev.device import RESERVE_CHUNK_BYTES
+    chunk = RESERVE_CHUNK_BYTES // BS
+    dev = make(tmp_path, nblocks=3 * chunk + 5)  # three chunks and a short last one
+    img = tmp_path / "dev" / BACKING
+
+    def host(want: int) -> bool:  # (st_blocks also counts the host's extent tree)
+        return want <= _host_bytes(img) < want + 64 * 1024
+
+    try:
+        await dev.write(3, pattern(1, 7), principal=P0)
+        assert host(BS)
+        dev.reserve(5, 2)
+        assert host(RESERVE_CHUNK_BYTES)  # the whole first chunk
+        dev.reserve(chunk - 1, 2)  # straddles into the second chunk: both
+        assert host(2 * RESERVE_CHUNK_BYTES)
+        dev.reserve(3 * chunk + 1, 1)  # the last chunk is clipped to the device
+        assert host(2 * RESERVE_CHUNK_BYTES + 5 * BS)
+        assert await dev.read(3, 1, principal=P0) == pattern(1, 7)  # kept
+        assert await dev.read(5, 2, principal=P0) == bytes(2 * BS)
+        # a discard gives back what it covers; the next reserve there takes the chunk again
+        await dev.discard(8, 4, principal=P0)
+        assert host(2 * RESERVE_CHUNK_BYTES + BS)
+        dev.reserve(9, 1)
+        assert host(2 * RESERVE_CHUNK_BYTES + 5 * BS)
+        assert await dev.read(3, 1, principal=P0) == pattern(1, 7)
+        with pytest.raises(OutOfRange):
+            dev.reserve(3 * chunk + 4, 2)
+    finally:
+        dev.close()
+
+
+async def test_reserve_falls_back_to_the_range_when_the_host_lacks_a_chunk(
+        tmp_path: Path, small_tmpfs) -> None:
+    """On a host with less room than a chunk, `reserve` still reserves exactly what
+    is asked for while it fits, and raises ENOSPC (nothing acknowledged yet: the
+    caller is allocating) when it does not; writes into what was reserved succeed."""
+    dev = _device_on(tmp_path, small_tmpfs("1m") / "img", nblocks=8192)  # 32 MiB on 1 MiB
+    try:
+        dev.reserve(16, 32)  # 128 KiB: no room for 16 MiB, room for this
+        assert 32 * BS <= _host_bytes(Path(dev.data.name)) < 64 * BS
+        with pytest.raises(OSError) as ei:
+            dev.reserve(1000, 1024)  # 4 MiB
+        assert ei.value.errno == errno.ENOSPC
+        await dev.write(16, pattern(32, 3), principal=P0)
+        assert await dev.read(16, 32, principal=P0) == pattern(32, 3)
+    finally:
+        dev.close()
