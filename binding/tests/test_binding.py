@@ -16,6 +16,7 @@ Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -450,6 +451,56 @@ def test_release_worker(tmp_path: Path) -> None:
 
 # -- the reader ----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _served(cls, tmp_path: Path):
+    """Mount `cls` in a forked child at tmp_path/mnt; yield (mnt, status, deadline) once
+    mounted; unmount and stop the child after."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    manager = ctx.Manager()
+    status = manager.dict()
+    proc = ctx.Process(target=_serve, args=(cls, str(mnt), status))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _mounted(mnt):
+            assert proc.is_alive(), "the file system exited before mounting"
+            assert time.monotonic() < deadline, "no mount"
+            time.sleep(0.02)
+        yield mnt, status, deadline
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+        manager.shutdown()
+
+
+def _read_while_one_waits(mnt: Path, status, deadline: float) -> None:
+    """A read of `noflush` waits in its handler (a real wait) until `flush` is read: the
+    second read is served meanwhile only if the waiting worker handed reading over."""
+    got: dict[str, bytes | str] = {}
+
+    def blocked() -> None:
+        try:
+            got["noflush"] = (mnt / "noflush").read_bytes()[:8]
+        except OSError as exc:
+            got["noflush"] = repr(exc)
+
+    t = threading.Thread(target=blocked, daemon=True)
+    t.start()
+    while not status.get("waiting"):
+        assert t.is_alive() and time.monotonic() < deadline + 30
+        time.sleep(0.02)
+    got["flush"] = (mnt / "flush").read_bytes()[:8]
+    t.join(60)
+    assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
+
+
 class ReaderFs(Fs):
     """Reads of `plain` note the worker task that served them; a read of `noflush`
     waits (without release_worker) until `flush` is read; `main` has two workers."""
@@ -476,21 +527,7 @@ def test_reader_keeps_reading_until_a_handler_blocks(tmp_path: Path) -> None:
     one worker (no hand-over between workers per request: one step of the event loop
     each); a handler that blocks hands reading over to another worker, so the request
     that unblocks it is read and served meanwhile."""
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    ctx = multiprocessing.get_context("fork")
-    manager = ctx.Manager()
-    status = manager.dict()
-    proc = ctx.Process(target=_serve, args=(ReaderFs, str(mnt), status))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not _mounted(mnt):
-            assert proc.is_alive(), "the file system exited before mounting"
-            assert time.monotonic() < deadline, "no mount"
-            time.sleep(0.02)
+    with _served(ReaderFs, tmp_path) as (mnt, status, deadline):
         fd = os.open(mnt / "plain", os.O_RDONLY)
         try:
             for i in range(20):
@@ -499,32 +536,8 @@ def test_reader_keeps_reading_until_a_handler_blocks(tmp_path: Path) -> None:
             os.close(fd)
         served_by = status["served_by"]
         assert len(served_by) == 20 and len(set(served_by)) == 1, served_by
-
-        got: dict[str, bytes | str] = {}
-
-        def blocked() -> None:
-            try:
-                got["noflush"] = (mnt / "noflush").read_bytes()[:8]
-            except OSError as exc:
-                got["noflush"] = repr(exc)
-
-        t = threading.Thread(target=blocked, daemon=True)
-        t.start()
-        while not status.get("waiting"):
-            assert t.is_alive() and time.monotonic() < deadline + 30
-            time.sleep(0.02)
-        # The only worker that was reading waits in its handler: this read is served
-        # only if it handed reading over.
-        got["flush"] = (mnt / "flush").read_bytes()[:8]
-        t.join(60)
-        assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(10)
-        manager.shutdown()
+        # The only worker that was reading waits in its handler.
+        _read_while_one_waits(mnt, status, deadline)
 
 
 # -- the checkpoint budget -----------------------------------------------------------------
@@ -592,21 +605,7 @@ def test_checkpoint_budget(tmp_path: Path, cls) -> None:
     way, the default), every schedule point is a turn of the loop. The budget counts
     from the handler's start: a handler that worked past it before its first schedule
     point gives the loop back there."""
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    ctx = multiprocessing.get_context("fork")
-    manager = ctx.Manager()
-    status = manager.dict()
-    proc = ctx.Process(target=_serve, args=(cls, str(mnt), status))
-    proc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not _mounted(mnt):
-            assert proc.is_alive(), "the file system exited before mounting"
-            assert time.monotonic() < deadline, "no mount"
-            time.sleep(0.02)
+    with _served(cls, tmp_path) as (mnt, status, deadline):
         fd = os.open(mnt / "plain", os.O_RDONLY)
         try:
             for i in range(10):
@@ -618,29 +617,6 @@ def test_checkpoint_budget(tmp_path: Path, cls) -> None:
             assert len(set(status["served_by"])) == 1, status["served_by"]
         else:  # no budget, or one the handler spent before its schedule point
             assert status["other_ran"] == [True] * 10
-
         # A real wait (an Event) gives the loop back and hands reading over, budget or
         # not: the read that sets the event is served meanwhile.
-        got: dict[str, bytes | str] = {}
-
-        def blocked() -> None:
-            try:
-                got["noflush"] = (mnt / "noflush").read_bytes()[:8]
-            except OSError as exc:
-                got["noflush"] = repr(exc)
-
-        t = threading.Thread(target=blocked, daemon=True)
-        t.start()
-        while not status.get("waiting"):
-            assert t.is_alive() and time.monotonic() < deadline + 30
-            time.sleep(0.02)
-        got["flush"] = (mnt / "flush").read_bytes()[:8]
-        t.join(60)
-        assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(10)
-        manager.shutdown()
+        _read_while_one_waits(mnt, status, deadline)
