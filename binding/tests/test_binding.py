@@ -370,87 +370,6 @@ class ParkFs(Fs):
         return await super().write(fh, off, buf)
 
 
-def test_release_worker(tmp_path: Path) -> None:
-    """More requests wait in handlers than `main` has workers, and the file system still
-    answers: each waiting handler released its worker. A released write's data is what
-    was written, though its request buffer was freed and others were read meanwhile."""
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    ctx = multiprocessing.get_context("fork")
-    manager = ctx.Manager()
-    status = manager.dict()
-    proc = ctx.Process(target=_serve, args=(ParkFs, str(mnt), status))
-    proc.start()
-    results: dict[int, bytes | int | str] = {}
-    try:
-        deadline = time.monotonic() + 30
-        while not _mounted(mnt):
-            assert proc.is_alive(), "the file system exited before mounting"
-            assert time.monotonic() < deadline, "no mount"
-            time.sleep(0.02)
-        slow = str(mnt / "noflush")
-
-        def reader(i: int) -> None:
-            fd = os.open(slow, os.O_RDONLY)
-            try:
-                results[i] = os.pread(fd, REGION, (PARKED + i) * REGION)
-            except OSError as exc:
-                results[i] = repr(exc)
-            finally:
-                os.close(fd)
-
-        def writer(i: int) -> None:
-            fd = os.open(slow, os.O_WRONLY)
-            try:
-                results[i] = os.pwrite(fd, bytes([65 + i]) * REGION, i * REGION)
-            except OSError as exc:
-                results[i] = repr(exc)
-            finally:
-                os.close(fd)
-
-        threads = [threading.Thread(target=writer if i % 2 else reader, args=(i,),
-                                    daemon=True) for i in range(PARKED)]
-        for t in threads:
-            t.start()
-        while len(status.get("parked", [])) < PARKED:
-            assert time.monotonic() < deadline + 30, status.get("parked")
-            time.sleep(0.02)
-        # Every worker would be taken by now without release_worker: these would hang.
-        probe: dict[str, object] = {}
-
-        def other() -> None:
-            probe["stat"] = os.stat(mnt / "plain").st_size
-            probe["data"] = (mnt / "plain").read_bytes()[:8]
-
-        t = threading.Thread(target=other, daemon=True)
-        t.start()
-        t.join(60)
-        assert probe == {"stat": SIZE, "data": b"x" * 8}, probe
-        assert sorted(map(tuple, status["parked"])) == sorted(
-            [("write" if i % 2 else "read", True, False) for i in range(PARKED)])
-        (mnt / "flush").read_bytes()  # lets them all go
-        for t in threads:
-            t.join(60)
-            assert not t.is_alive()
-        pattern = bytes(range(256)) * (REGION // 256)
-        for i in range(PARKED):
-            assert results[i] == (REGION if i % 2 else pattern), (i, results[i])
-        data = (mnt / "noflush").read_bytes()
-        for i in range(1, PARKED, 2):
-            assert data[i * REGION:(i + 1) * REGION] == bytes([65 + i]) * REGION, i
-    finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(10)
-        manager.shutdown()
-
-
-# -- the reader ----------------------------------------------------------------------------
-
 @contextlib.contextmanager
 def _served(cls, tmp_path: Path):
     """Mount `cls` in a forked child at tmp_path/mnt; yield (mnt, status, deadline) once
@@ -500,6 +419,24 @@ def _read_while_one_waits(mnt: Path, status, deadline: float) -> None:
     t.join(60)
     assert got == {"noflush": b"x" * 8, "flush": b"x" * 8}, got
 
+
+def test_release_worker(tmp_path: Path) -> None:
+    """More requests wait in handlers than `main` has workers, and the file system still
+    answers: each waiting handler released its worker. A released write's data is what
+    was written, though its request buffer was freed and others were read meanwhile."""
+    results: dict[int, bytes | int | str] = {}
+    with _served(ParkFs, tmp_path) as (mnt, status, deadline):
+        slow = str(mnt / "noflush")
+
+        def reader(i: int) -> None:
+            fd = os.open(slow, os.O_RDONLY)
+            try:
+                results[i] = os.pread(fd, REGION, (PARKED + i) * REGION)
+            except OSError as exc:
+                results[i] = repr(exc)
+        
+
+# -- the reader ----------------------------------------------------------------------------
 
 class ReaderFs(Fs):
     """Reads of `plain` note the worker task that served them; a read of `noflush`
