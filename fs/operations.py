@@ -51,10 +51,10 @@ READDIR_BATCH = 256
 #: cost a pass of the loop (a system call, the instruments' hooks) and, at the first,
 #: the hand-over of reading to another worker — three of them in every WRITE (the inode
 #: lock, the device's scheduler), 0.86 extra loop steps per request of an untar
-#: (sluice's binding: pyfuse3.main's checkpoint_budget). Handlers that really wait give the loop back as before; the
-#: bound is the shim server's turn while principals contend (kernelshim TURN_SECONDS),
-#: so a victim's request waits no longer behind another tenant's handler than behind
-#: one of its shim requests.
+#: (sluice's binding: pyfuse3.main's checkpoint_budget). Handlers that really wait
+#: give the loop back as before; the bound is the shim server's turn while principals
+#: contend (kernelshim TURN_SECONDS), so a victim's request waits no longer behind
+#: another tenant's handler than behind one of its shim requests.
 HANDLER_CHECKPOINT_BUDGET = 0.1e-3
 
 #: FUSE handlers one principal may have executing at once (the rest of its requests

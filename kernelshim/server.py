@@ -80,9 +80,10 @@ backlogs. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
 pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time (a frame
 longer than that up to its end at once), each slice served before the next is
-decoded, so decoding cannot make a step longer than its turn (a read of 64 pipelined requests took 0.2-0.3 ms to decode whole); and while principals
-compete, a costly operation (below) starts a step of its own rather than ending one
-that already had its quantum.
+decoded, so decoding cannot make a step longer than its turn (a read of 64 pipelined
+requests took 0.2-0.3 ms to decode whole); and while principals compete, a costly
+operation (below) starts a step of its own rather than ending one that already had
+its quantum.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
 `shim_stats`, principal changes, `register`) are limited to the principal's
 `costly_rate` bank (ADMIN_RATE, 50, by default) a second after a burst of ADMIN_BURST
