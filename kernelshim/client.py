@@ -56,9 +56,9 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Collection
 
-from .clientcore import (ClientProtocol, FileCore, Notification, Plan, ReclaimRequest, Send,
-                         SendData, SharedBuffer, Wait, call, flags_for)
-from .hybridwait import SPIN_SECONDS, HybridWait
+from .clientcore import (ClientProtocol, FileCore, Notification, Plan, ReclaimRequest, Ready,
+                         Send, SendData, SharedBuffer, Wait, call, flags_for)
+from .hybridwait import SPIN_SECONDS, HybridWait, ReplyClock
 from .protocol import MAX_FRAME, VERSION, ProtocolError
 from .rooterror import SluiceError
 
@@ -177,6 +177,10 @@ class Client(_Base):
         super().__init__(mountpoint)
         #: whether a small read polls for its reply before sleeping (hybridwait.py)
         self.hybrid = HybridWait(spin)
+        #: when the replies to queued data requests are due: a wait for one (a read
+        #: piece, the oldest pipelined writes) sleeps on a timer, then polls, before it
+        #: sleeps in recv (hybridwait.py); spin=0 turns that off too
+        self.clock: ReplyClock | None = ReplyClock(spin) if spin else None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         #: set once subscribed: the background thread that reads the socket from then on
         self._reader: threading.Thread | None = None
@@ -225,6 +229,8 @@ class Client(_Base):
             try:
                 if isinstance(step, Wait):
                     value = self._wait(step.rid)
+                elif isinstance(step, Ready):
+                    value = self._wait_ready(step.rid)
                 else:
                     value = self._send_step(step)
             except (SluiceError, OSError) as e:
@@ -235,6 +241,9 @@ class Client(_Base):
         with self._send_lock:
             rid, data = self._encode(step)
             self._sendall(data)
+        if self.clock is not None and isinstance(step, SendData):
+            # its kind: the operation and the size rounded up to a power of two
+            self.clock.sent(rid, (step.op, step.length.bit_length()), time.perf_counter())
         return rid
 
     def _data_call(self, step: SendData) -> Any:
@@ -294,6 +303,9 @@ class Client(_Base):
     def _wait(self, rid: int) -> Any:
         proto = self.proto
         if self._reader is None:
+            if self.clock is not None:
+                self._paced(rid)
+                self.clock.done(rid)
             while not proto.has_reply(rid):
                 self._recv_once()
         elif threading.current_thread() is self._reader:
@@ -306,6 +318,81 @@ class Client(_Base):
                 while not proto.has_reply(rid):
                     self._cond.wait()
         return proto.reply(rid)
+
+    def _wait_ready(self, rid: int) -> None:
+        """Wait until the reply to `rid` is in (see clientcore.Ready), not taking it."""
+        proto = self.proto
+        if self._reader is None:
+            if self.clock is not None:
+                self._paced(rid)
+            while not proto.has_reply(rid):
+                self._recv_once()
+        elif threading.current_thread() is self._reader:
+            while not proto.has_reply(rid):
+                self._pump()
+        else:
+            with self._cond:
+                while not proto.has_reply(rid):
+                    self._cond.wait()
+
+    def _paced(self, rid: int) -> None:
+        """Wait for the reply to `rid` as the clock says (hybridwait.py, ReplyClock):
+        sleep on a timer for most of the time the daemon needs for the requests ahead
+        of it, then poll the socket, then (late) sleep in recv. Returns once the reply
+        is in, or at once when the clock cannot tell (a request ahead of an unknown
+        kind) and the caller's recv loop waits as before."""
+        proto, clock = self.proto, self.clock
+        assert clock is not None
+        if proto.has_reply(rid) or self.shm is None:
+            return
+        now = time.perf_counter
+        ahead = proto.unanswered(rid)
+        t0 = now()
+        plan = clock.plan(ahead, t0)
+        if plan is None:
+            # Learn: wait in recv and take the arrival as it comes (exact).
+            while not proto.has_reply(rid):
+                self._recv_once()
+            clock.arrived(ahead, now(), True)
+            return
+        sleep_until, poll_until = plan
+        clock.paced += 1
+        if sleep_until > t0:
+            time.sleep(sleep_until - t0)
+        self._recv_ready()
+        if proto.has_reply(rid):
+            clock.early += 1
+            clock.arrived(ahead, now(), False)
+            return
+        polled = poll_until > sleep_until
+        while now() < poll_until:
+            if self._recv_ready(once=True) and proto.has_reply(rid):
+                clock.caught += 1
+                clock.poll.polled(True)
+                clock.arrived(ahead, now(), True)
+                return
+        if polled:
+            clock.poll.polled(False)
+        clock.late += 1
+        while not proto.has_reply(rid):
+            self._recv_once()
+        clock.arrived(ahead, now(), True)
+
+    def _recv_ready(self, once: bool = False) -> bool:
+        """Take what the socket holds now, without waiting (once: one read); whether
+        it held anything."""
+        got = False
+        while True:
+            try:
+                data = self.sock.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return got
+            got = True
+            n = self.proto.receive(data)
+            if n and (self._handlers or self._callback is not None):
+                self._deliver()
+            if not data or once:
+                return got
 
     def _recv_once(self) -> int:
         """One read from the socket into the protocol (the calling thread's); returns the
@@ -636,6 +723,10 @@ class AsyncClient(_Base):
                 if isinstance(step, Wait):
                     sent.discard(step.rid)
                     value = await self._wait(step.rid)
+                elif isinstance(step, Ready):
+                    while not self.proto.has_reply(step.rid):
+                        await self._read_some()
+                    value = None
                 else:
                     rid, data = self._encode(step)
                     sent.add(rid)

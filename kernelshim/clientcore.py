@@ -61,6 +61,8 @@ PIPE_WRITE_MAX = 64 << 10
 #: shared buffer they go through (at most a quarter of the buffer)
 WRITE_WINDOW = 32
 WRITE_RING = 256 << 10
+#: pipelined writes waited for at once, at most, when the window or the ring is full
+REAP_BATCH = WRITE_WINDOW // 4
 #: a shared buffer smaller than this pipelines no writes
 PIPE_MIN_SHM = 1 << 20
 #: pages of one paged reply at most (a listing of 32 rows a page)
@@ -248,6 +250,12 @@ class ClientProtocol:
             raise ProtocolError(f"unexpected message kind {m.kind}")
         return m.payload
 
+    def unanswered(self, upto: int) -> list[int]:
+        """The requests sent up to `upto` (inclusive) whose replies are not in yet,
+        oldest first: what the daemon still has to serve before it answers `upto`."""
+        return sorted(r for r in self.outstanding
+                      if r <= upto and r not in self._replies and r not in self._abandoned)
+
     def abandon(self, rid: int) -> None:
         """Drop the reply to `rid` whenever it comes."""
         if self._replies.pop(rid, None) is not None or rid not in self.outstanding:
@@ -284,7 +292,16 @@ class Wait:
     rid: int
 
 
-Step = Union[Send, SendData, Wait]
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ready:
+    """Wait until the reply to `rid` is in, without taking it (nor raising its error):
+    the replies to the requests before it are in too, since the daemon answers a
+    connection's requests in order. The driver answers with None."""
+
+    rid: int
+
+
+Step = Union[Send, SendData, Wait, Ready]
 Plan = Generator[Step, Any, Any]
 
 
@@ -494,7 +511,15 @@ class SharedBuffer:
             if at is not None:
                 self._tail = at + n
                 return self.ring_base + at
-            yield from self.reap_one()
+            # Full: wait for a quarter of what is in flight at once, at most REAP_BATCH
+            # writes (the daemon still has the rest to serve meanwhile), so that the
+            # client wakes once per batch and sends the next writes together
+            # (kernelshim/hybridwait.py).
+            k = min(REAP_BATCH, max(1, len(self.pending) // 4))
+            if k > 1:
+                yield Ready(self.pending[k - 1].rid)
+            for _ in range(k):
+                yield from self.reap_one()
 
     def reap_one(self) -> Plan:
         """Wait for the oldest pipelined write's reply; an error goes to its file (raised

@@ -276,6 +276,16 @@ class ExtentMap:
                 out.append((s.file_block, s.count))
         return out
 
+    def sealed_allocated(self, file_block: int, count: int) -> bool:
+        """Whether the range has a WRITTEN (sealed) piece and no hole: a write there
+        would raise Sealed, not NotAllocated (the order `Kernel.write` checks in)."""
+        sealed = False
+        for s in self.segments(file_block, count):
+            if s.dev_block == HOLE:
+                return False
+            sealed = sealed or s.state == WRITTEN
+        return sealed
+
     def remove(self, file_block: int, count: int | None = None) -> list[tuple[int, int]]:
         """Unmap [file_block, +count) (to the end when count is None); returns the freed
         device runs (dev_block, count)."""

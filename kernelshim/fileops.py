@@ -19,6 +19,7 @@ import trio
 from .connection import (HOG_SECONDS, MAX_SHM, MAX_SHM_TOTAL, PUSH_KINDS, ROOT_SHM,
                          SLICE_BYTES, BadSlot, Connection, ServerBase)
 from .errors import NotAllocated, Sealed
+from .extents import block_span
 from .grants import Grant, Rights
 from .principals import TooManyObjects
 from .protocol import MAX_FRAME, VERSION, ProtocolError, arg_int, arg_str
@@ -244,8 +245,19 @@ class FileOps(ServerBase):
         as the client's `layout_get` would be), so that a pipelined write never needs its
         reply to go on (docs/dev/protocol.md). The periodic commit may seal freshly
         laid-out blocks before the write lands: a few attempts."""
+        bs = self.kernel.block_size
         for attempt in range(WRITE_ATTEMPTS):
             try:
+                b0, b1 = block_span(offset, len(piece), bs)
+                if g.extents.sealed_allocated(b0, b1 - b0):
+                    # Committed data under the write (a random overwrite, the common
+                    # case): straight to the relocation, not through a kernel write
+                    # that would only find the seal and raise (its write barrier, grant
+                    # check and exception cost ~10 % of a 4 KiB write's daemon time).
+                    # The kernel write inside the relocation checks the rights.
+                    self.kernel.check(g, Rights.WRITE)
+                    await self.service.write_relocating(g, offset, piece)
+                    return
                 try:
                     await self.kernel.write(g, offset, piece)
                 except Sealed:

@@ -18,12 +18,29 @@ halving again with each success (one failure alone, a reply that was late once, 
 counts towards the next). On a loaded machine polling therefore stays off nearly always (one
 failed poll of at most SPIN_SECONDS per MAX_SKIP requests); on an idle one it stays on.
 
-This module holds only the decision (no socket); the sync client's `_data_call` uses
-it (`kernelshim/client.py`). The trio client never polls: its waits give the event
-loop to the application's other tasks.
+The same holds for the replies a client waits for behind a queue of its own requests:
+the next piece of a sequential read (the daemon is filling it while the client copies
+the last one out), the oldest of its pipelined writes when the write window is full.
+Each such reply, sent to a client asleep in `recv`, costs the daemon a wake-up too, and
+the daemon is the bottleneck of those streams. `ReplyClock` paces these waits: the
+daemon serves a connection's requests in order, so the arrival of a reply can be
+predicted from when each request ahead of it was sent and what a request of its kind
+(operation and size) has cost the daemon lately. The client sleeps on a timer for most
+of the predicted wait (a timer wakes it on its own CPU: the daemon's `send` finds
+nobody asleep on the socket and wakes no one), then polls the rest, then sleeps in
+`recv` only if the reply is late. The costs are learnt from the waits themselves: a
+reply caught by polling (or by `recv`) gives its exact arrival; one already there when
+the sleep ended says the sleep was too long, and the estimate shrinks. Polling after
+the sleep is switched off by itself as above (`HybridWait`) when it does not pay.
+
+This module holds only the decisions (no socket); the sync client's `_data_call` and
+`_wait` use them (`kernelshim/client.py`). The trio client never polls or paces: its
+waits give the event loop to the application's other tasks.
 """
 
 from __future__ import annotations
+
+from typing import Hashable, Sequence
 
 #: the longest one request polls for its reply before sleeping (seconds): longer than
 #: a 4 KiB read's round trip on an idle two-CPU machine (about 100-150 µs including the
@@ -76,3 +93,102 @@ class HybridWait:
         if self._fails >= 2:
             self.skip = self._backoff
             self._backoff = min(MAX_SKIP, self._backoff * 2)
+
+
+#: the share of a reply's predicted wait that a paced wait sleeps before it polls
+SLEEP_SHARE = 0.75
+#: a paced wait polls for at least this long after its sleep (an estimate a little low
+#: still catches its reply) ...
+MIN_POLL = SPIN_SECONDS
+#: ... and at most this long
+MAX_POLL = 2e-3
+#: a paced wait sleeps at most this long (a wrong estimate costs at most that much)
+MAX_SLEEP = 20e-3
+#: weight of a new sample in a kind's cost (exponential moving average)
+GAIN = 0.25
+#: a reply that was already there when the sleep ended: its kind's cost times this
+SHRINK = 0.9
+#: requests tracked at most (more are not paced: a leak would cost memory, no more)
+MAX_TRACKED = 4096
+#: kinds of request whose cost is learnt, at most
+MAX_KINDS = 64
+
+
+class ReplyClock:
+    """When the reply to a request is due, from an in-order server's recent costs.
+
+    `sent(rid, kind, now)` when a request goes out (`kind`: anything hashable, e.g.
+    the operation and its size class); `plan(ahead, now)` before waiting for the last
+    of `ahead` (the unanswered requests up to it, oldest first): `(sleep_until,
+    poll_until)` or None when some request ahead is of an unknown kind (then the
+    caller sleeps in recv as before); `arrived(ahead, at, exact)` once that reply is
+    in: `exact` if it was seen as it came (polling, or woken by it), else it was found
+    after the sleep and came at or before `at`. `done(rid)` when a reply is taken."""
+
+    __slots__ = ("cost", "_sent", "last", "poll", "paced", "early", "caught", "late")
+
+    def __init__(self, spin: float = SPIN_SECONDS) -> None:
+        #: seconds a request of each kind has kept the daemon busy lately
+        self.cost: dict[Hashable, float] = {}
+        self._sent: dict[int, tuple[float, Hashable]] = {}
+        #: when the last reply waited for arrived (or was found)
+        self.last = 0.0
+        #: whether to poll after the sleep (switched off by itself, see HybridWait)
+        self.poll = HybridWait(spin)
+        #: waits paced; of them, replies found right after the sleep, caught while
+        #: polling, and waited for in recv after all
+        self.paced = self.early = self.caught = self.late = 0
+
+    def sent(self, rid: int, kind: Hashable, now: float) -> None:
+        if len(self._sent) < MAX_TRACKED:
+            self._sent[rid] = (now, kind)
+
+    def done(self, rid: int) -> None:
+        self._sent.pop(rid, None)
+
+    def forget(self) -> None:
+        """Drop every request tracked (a connection's failure, a cancelled plan)."""
+        self._sent.clear()
+
+    def _due(self, ahead: Sequence[int]) -> float | None:
+        t = self.last
+        for rid in ahead:
+            entry = self._sent.get(rid)
+            if entry is None:
+                return None
+            c = self.cost.get(entry[1])
+            if c is None:
+                return None
+            t = max(t, entry[0]) + c
+        return t
+
+    def plan(self, ahead: Sequence[int], now: float) -> tuple[float, float] | None:
+        due = self._due(ahead) if ahead else None
+        if due is None:
+            return None
+        wait = due - now
+        sleep_until = now + min(MAX_SLEEP, SLEEP_SHARE * wait) if wait > 0 else now
+        poll = self.poll.budget()
+        if poll:
+            poll = min(MAX_POLL, max(MIN_POLL, (1 - SLEEP_SHARE) * wait))
+        return sleep_until, sleep_until + poll
+
+    def arrived(self, ahead: Sequence[int], at: float, exact: bool) -> None:
+        """Learn from the wait for the last of `ahead`, whose reply came at `at`."""
+        kinds = [self._sent[rid] for rid in ahead if rid in self._sent]
+        if kinds and len(kinds) == len(ahead):
+            kind = kinds[0][1]
+            if all(k == kind for _t, k in kinds):
+                c = self.cost.get(kind)
+                if exact:
+                    # The daemon served them one after the other from when the first
+                    # was both sent and next in line (the last reply before it).
+                    per = max(0.0, at - max(self.last, kinds[0][0])) / len(kinds)
+                    if c is None:
+                        if len(self.cost) < MAX_KINDS:
+                            self.cost[kind] = per
+                    else:
+                        self.cost[kind] = c + GAIN * (per - c)
+                elif c is not None:
+                    self.cost[kind] = c * SHRINK
+        self.last = at
