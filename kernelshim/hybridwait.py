@@ -104,8 +104,13 @@ MIN_POLL = SPIN_SECONDS
 MAX_POLL = 2e-3
 #: a paced wait sleeps at most this long (a wrong estimate costs at most that much)
 MAX_SLEEP = 20e-3
-#: weight of a new sample in a kind's cost (exponential moving average)
-GAIN = 0.25
+#: weight of a new sample in a kind's cost (a moving average): a cheaper request counts
+#: at once, a dearer one slowly, and one more than twice the estimate as twice it — a
+#: stall of the daemon (a metadata commit, a preempted vCPU) says nothing about the next
+#: request, and an estimate too high makes the client sleep while the daemon runs dry
+GAIN_DOWN = 0.5
+GAIN_UP = 1 / 16
+MAX_RISE = 2.0
 #: a reply that was already there when the sleep ended: its kind's cost times this
 SHRINK = 0.9
 #: requests tracked at most (more are not paced: a leak would cost memory, no more)
@@ -187,8 +192,10 @@ class ReplyClock:
                     if c is None:
                         if len(self.cost) < MAX_KINDS:
                             self.cost[kind] = per
+                    elif per < c:
+                        self.cost[kind] = c + GAIN_DOWN * (per - c)
                     else:
-                        self.cost[kind] = c + GAIN * (per - c)
+                        self.cost[kind] = c + GAIN_UP * (min(per, MAX_RISE * c) - c)
                 elif c is not None:
                     self.cost[kind] = c * SHRINK
         self.last = at

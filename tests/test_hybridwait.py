@@ -1,6 +1,9 @@
 """Hybrid waiting for a small read's reply (kernelshim/hybridwait.py): the policy that
 switches polling off when it does not pay, and real reads through a mounted volume
-with polling on and off — same bytes, same errors, polls counted.
+with polling on and off — same bytes, same errors, polls counted. Paced waits behind
+a queue of the client's own requests (`ReplyClock`): the prediction and the learning
+with given times, then streams of large reads and of pipelined writes through a
+mounted volume, sync and trio, with the contents and the errors checked.
 
 No timed assertions: whether a poll catches its reply depends on the machine, so the
 mounted tests check contents, errors and that the polling path ran, not its speed
@@ -20,8 +23,12 @@ import pytest
 
 from conftest import REPO
 from kernelshim import GrantRevoked
-from kernelshim.client import Client
-from kernelshim.hybridwait import MAX_SKIP, MIN_SKIP, SPIN_SECONDS, HybridWait
+from kernelshim.client import AsyncClient, Client
+from kernelshim.clientcore import WRITE_WINDOW
+from kernelshim.hybridwait import (GAIN_DOWN, GAIN_UP, MAX_KINDS, MAX_POLL, MAX_RISE,
+                                   MAX_SLEEP, MAX_SKIP, MAX_TRACKED, MIN_POLL, MIN_SKIP,
+                                   SHRINK, SLEEP_SHARE, SPIN_SECONDS, HybridWait,
+                                   ReplyClock)
 
 BS = 4096
 
@@ -71,6 +78,97 @@ def test_spin_zero_never_polls_and_bad_values_are_refused() -> None:
     for bad in (-1e-6, 0.5):
         with pytest.raises(ValueError, match="spin must be between"):
             HybridWait(bad)
+
+
+# -- paced waits: the clock -------------------------------------------------------------------
+
+W = ("write", 13)  # a kind: the operation and the size class
+R = ("read", 23)
+
+
+def test_an_unknown_kind_is_waited_for_in_recv_and_then_paced() -> None:
+    c = ReplyClock()
+    c.sent(1, W, 0.0)
+    assert c.plan([1], 0.0) is None  # nothing learnt yet: sleep in recv
+    c.arrived([1], 250e-6, True)  # ... and learn from the reply's arrival
+    assert c.cost[W] == pytest.approx(250e-6) and c.last == 250e-6
+    c.done(1)
+    c.sent(2, W, 300e-6)  # sent after the last reply: served from when it was sent
+    sleep_until, poll_until = c.plan([2], 400e-6)
+    due = 300e-6 + 250e-6
+    assert sleep_until == pytest.approx(400e-6 + SLEEP_SHARE * (due - 400e-6))
+    assert poll_until - sleep_until == pytest.approx(MIN_POLL)  # at least MIN_POLL
+
+
+def test_requests_ahead_are_served_one_after_the_other() -> None:
+    c = ReplyClock()
+    c.cost[W] = 1e-3
+    c.last = 0.0
+    for rid in range(1, 9):
+        c.sent(rid, W, 0.0)
+    # the 8th reply: eight writes of 1 ms each after the last reply (at 0)
+    sleep_until, poll_until = c.plan(list(range(1, 9)), 0.0)
+    assert sleep_until == pytest.approx(SLEEP_SHARE * 8e-3)
+    assert poll_until - sleep_until == pytest.approx(min(MAX_POLL, (1 - SLEEP_SHARE) * 8e-3))
+    c.arrived(list(range(1, 9)), 6e-3, True)  # they were cheaper: learnt at once
+    assert c.cost[W] == pytest.approx(1e-3 + GAIN_DOWN * (0.75e-3 - 1e-3))
+    c.cost[W] = 1e-3
+    c.sent(9, W, 7e-3)
+    c.last = 0.0
+    c.arrived([9], 7e-3 + 50e-3, True)  # a stall (a commit): counted as twice the cost
+    assert c.cost[W] == pytest.approx(1e-3 + GAIN_UP * (MAX_RISE - 1) * 1e-3)
+
+
+def test_a_reply_found_after_the_sleep_shrinks_the_estimate() -> None:
+    c = ReplyClock()
+    c.cost[R] = 2e-3
+    c.sent(5, R, 0.0)
+    c.arrived([5], 1.5e-3, False)  # it came at or before 1.5 ms: sleep less next time
+    assert c.cost[R] == pytest.approx(2e-3 * SHRINK)
+    assert c.last == 1.5e-3
+
+
+def test_mixed_kinds_teach_nothing_and_unknown_ones_are_not_paced() -> None:
+    c = ReplyClock()
+    c.cost[W] = 1e-3
+    c.sent(1, W, 0.0)
+    c.sent(2, R, 0.0)
+    assert c.plan([1, 2], 0.0) is None  # the read's cost is not known
+    c.cost[R] = 3e-3
+    assert c.plan([1, 2], 0.0) is not None
+    c.arrived([1, 2], 1.0, True)  # which one took the time? neither estimate moves
+    assert (c.cost[W], c.cost[R]) == (1e-3, 3e-3)
+    assert c.plan([7], 0.0) is None  # a request it never saw sent (a control request)
+    assert c.plan([], 0.0) is None
+
+
+def test_sleeps_are_capped_and_polling_switches_itself_off() -> None:
+    c = ReplyClock()
+    c.cost[R] = 1.0  # a second per request: the sleep is capped all the same
+    c.sent(1, R, 0.0)
+    sleep_until, _ = c.plan([1], 0.0)
+    assert sleep_until == MAX_SLEEP
+    c.cost[R] = 1e-3
+    c.poll.polled(False)
+    c.poll.polled(False)  # two failed polls: the next MIN_SKIP waits sleep, no poll
+    for _ in range(MIN_SKIP):
+        sleep_until, poll_until = c.plan([1], 0.0)
+        assert poll_until == sleep_until > 0
+    sleep_until, poll_until = c.plan([1], 0.0)  # then polling is tried again
+    assert poll_until - sleep_until == pytest.approx(MIN_POLL)
+    assert ReplyClock(0).plan([1], 0.0) is None  # (spin 0: the client makes no clock)
+
+
+def test_the_clock_holds_a_bounded_amount() -> None:
+    c = ReplyClock()
+    for rid in range(MAX_TRACKED + 100):
+        c.sent(rid, ("k", rid), 0.0)
+    assert len(c._sent) == MAX_TRACKED
+    for rid in range(MAX_KINDS + 10):
+        c.arrived([rid], 1.0, True)
+    assert len(c.cost) == MAX_KINDS
+    c.forget()
+    assert not c._sent
 
 
 # -- through a mounted volume ------------------------------------------------------------------
@@ -178,3 +276,85 @@ def test_bench_direct_wait_runs(tmp_path: Path) -> None:
     assert all(float(row[2]) > 0 for row in rows), r.stdout
     assert rows[1][5].strip() == "0" and int(rows[2][5]) > 0, r.stdout
     assert "geometric mean" in r.stdout
+
+
+# -- paced waits through a mounted volume ------------------------------------------------------
+
+@pytest.mark.mounted
+def test_paced_stream_of_large_reads(mnt: Path) -> None:
+    """4 MiB sequential reads wait for their next piece as the clock says (after the
+    first, learnt in recv): the same bytes as without pacing (spin=0: no clock)."""
+    data = os.urandom(24 << 20)
+    (mnt / "big").write_bytes(data)
+    for spin in (SPIN_SECONDS, 0.0):
+        with Client.connect(mnt, spin=spin) as c:
+            buf = bytearray(4 << 20)
+            with c.open("big", "r") as f:
+                for rnd in range(2):
+                    off = 0
+                    while n := f.readinto(buf, off):
+                        assert buf[:n] == data[off:off + n], (rnd, off)
+                        off += n
+                    assert off == len(data)
+            if spin:
+                assert c.clock is not None and c.clock.paced > 0
+                assert c.clock.paced == c.clock.early + c.clock.caught + c.clock.late
+            else:
+                assert c.clock is None
+
+
+@pytest.mark.mounted
+def test_paced_full_write_window(mnt: Path) -> None:
+    """Pipelined 4 KiB overwrites, many more than the window: a full window is waited
+    for a batch at a time, paced once the cost of a write is learnt; what lands is
+    exactly what was written, and a write error inside a batch still comes with the
+    file's next call."""
+    size = 8 << 20
+    base = os.urandom(size)
+    (mnt / "w").write_bytes(base)
+    rng = random.Random(3)
+    model = bytearray(base)
+    with Client.connect(mnt) as c:
+        assert c.clock is not None
+        f = c.open("w", "r+")
+        for _ in range(20 * WRITE_WINDOW):
+            off = rng.randrange(size // BS) * BS
+            chunk = rng.randbytes(BS)
+            assert f.pwrite(chunk, off) == BS
+            model[off:off + BS] = chunk
+        f.commit()
+        assert c.clock.paced > 0
+        assert (mnt / "w").read_bytes() == model
+        # A grant revoked behind the client's back (a truncate through the mount)
+        # while a window of writes is in flight: the error comes with the next call.
+        with pytest.raises(GrantRevoked):  # a later write raises it, and keeps it ...
+            for i in range(4 * WRITE_WINDOW):
+                f.pwrite(b"x" * BS, (i % 64) * BS)
+                if i == WRITE_WINDOW:
+                    os.truncate(mnt / "w", BS)
+        with pytest.raises(GrantRevoked):  # ... for fsync, which clears it
+            f.fsync()
+        f.close()
+    # (a write over committed blocks is relocated by the daemon and shows through the
+    # mount at once; the ones after the revocation never landed)
+    assert (mnt / "w").read_bytes() in (model[:BS], b"x" * BS)
+
+
+@pytest.mark.mounted
+async def test_trio_client_full_write_window(mnt: Path) -> None:
+    """The trio client waits for a batch of a full window too (the Ready step), without
+    pacing: the writes land in order."""
+    size = 1 << 20
+    (mnt / "t").write_bytes(bytes(size))
+    model = bytearray(size)
+    rng = random.Random(5)
+    c = await AsyncClient.connect(mnt)
+    async with c:
+        f = await c.open("t", "r+")
+        for i in range(4 * WRITE_WINDOW):
+            off = rng.randrange(size // BS) * BS
+            chunk = bytes([i % 251 + 1]) * BS
+            assert await f.pwrite(chunk, off) == BS
+            model[off:off + BS] = chunk
+        await f.close()
+    assert (mnt / "t").read_bytes() == model
