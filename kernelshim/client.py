@@ -230,7 +230,8 @@ class Client(_Base):
                 if isinstance(step, Wait):
                     value = self._wait(step.rid)
                 elif isinstance(step, Ready):
-                    value = self._wait_ready(step.rid)
+                    self._wait_ready(step.rid)
+                    value = None
                 else:
                     value = self._send_step(step)
             except (SluiceError, OSError) as e:
@@ -357,16 +358,22 @@ class Client(_Base):
             return
         sleep_until, poll_until = plan
         clock.paced += 1
-        if sleep_until > t0:
+        slept = sleep_until > t0
+        if slept:
             time.sleep(sleep_until - t0)
         self._recv_ready()
         if proto.has_reply(rid):
+            # There when the sleep ended: it came at some time during the sleep (the
+            # clock then shrinks its estimate); without a sleep, it came just now.
             clock.early += 1
-            clock.arrived(ahead, now(), False)
+            clock.arrived(ahead, now(), not slept)
             return
         polled = poll_until > sleep_until
         while now() < poll_until:
             if self._recv_ready(once=True) and proto.has_reply(rid):
+                if proto.closed or proto.failure is not None:
+                    clock.poll.polled(False)  # the end of the stream: no reply caught
+                    return
                 clock.caught += 1
                 clock.poll.polled(True)
                 clock.arrived(ahead, now(), True)

@@ -431,13 +431,28 @@ class Bench:
         log(f"  {workload:24} {system:6} {value:10.0f} {unit}   (client cpu "
             f"{cpu_client:.2f}s, daemon cpu {cpu_daemon:.2f}s)")
 
+    @staticmethod
+    def _waits(clock) -> list[int]:
+        return [clock.paced, clock.early, clock.caught, clock.late] if clock else [0] * 4
+
     def measure(self, workload: str, unit: str, system: str, fn, amount: float) -> None:
         """Run fn() -> seconds, (seconds, fsync seconds) or (ops, seconds) when `unit` is
         IOPS; record amount/seconds (MB/s) or ops/seconds."""
         pid = self.mnt.pid if system != "plain" else None
+        clock = self.client.clock if system == "direct" and self.client else None
+        w0 = self._waits(clock)
         c0, d0 = time.process_time(), cpu_seconds(pid)
         r = fn()
         c1, d1 = time.process_time(), cpu_seconds(pid)
+        if clock is not None:
+            # How the client waited for its replies (kernelshim/hybridwait.py): waits
+            # paced, of which the reply was there after the sleep, caught by polling,
+            # or late (waited for in recv).
+            w = [b - a for a, b in zip(w0, self._waits(clock))]
+            self.extra.setdefault("paced_waits", {}).setdefault(workload, []).append(w)
+            if w[0]:
+                log(f"  {'':24} {'':6} paced waits {w[0]}: early {w[1]}, caught {w[2]}, "
+                    f"late {w[3]}")
         if unit == "IOPS":
             ops, dt = r
             value = ops / dt
