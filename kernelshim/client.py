@@ -173,14 +173,14 @@ class Client(_Base):
     callbacks run in its reader thread."""
 
     def __init__(self, mountpoint: str, sock_path: str, *, shm_size: int = DEFAULT_SHM,
-                 spin: float = SPIN_SECONDS) -> None:
+                 spin: float = SPIN_SECONDS, pace: bool = True) -> None:
         super().__init__(mountpoint)
         #: whether a small read polls for its reply before sleeping (hybridwait.py)
         self.hybrid = HybridWait(spin)
         #: when the replies to queued data requests are due: a wait for one (a read
         #: piece, the oldest pipelined writes) sleeps on a timer, then polls, before it
-        #: sleeps in recv (hybridwait.py); spin=0 turns that off too
-        self.clock: ReplyClock | None = ReplyClock(spin) if spin else None
+        #: sleeps in recv (hybridwait.py); pace=False or spin=0 turns that off
+        self.clock: ReplyClock | None = ReplyClock(spin) if spin and pace else None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         #: set once subscribed: the background thread that reads the socket from then on
         self._reader: threading.Thread | None = None
@@ -206,12 +206,14 @@ class Client(_Base):
 
     @classmethod
     def connect(cls, mountpoint: str | os.PathLike[str], *, shm_size: int = DEFAULT_SHM,
-                spin: float = SPIN_SECONDS) -> Client:
+                spin: float = SPIN_SECONDS, pace: bool = True) -> Client:
         """Connect to the daemon of the volume mounted at `mountpoint`. `spin`: the
         seconds a small read may poll for its reply before sleeping (0: never poll;
-        hybridwait.py says when polling is switched off by itself)."""
+        hybridwait.py says when polling is switched off by itself). `pace`: whether
+        waits behind the client's own queue (a read stream's next piece, a full write
+        window) are paced: a timer, then polling, then recv (hybridwait.py)."""
         return cls(os.fspath(mountpoint), control_socket(mountpoint), shm_size=shm_size,
-                   spin=spin)
+                   spin=spin, pace=pace)
 
     # -- the driver ------------------------------------------------------------------
 

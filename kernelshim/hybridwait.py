@@ -103,7 +103,7 @@ MIN_POLL = SPIN_SECONDS
 #: ... and at most this long
 MAX_POLL = 2e-3
 #: a paced wait sleeps at most this long (a wrong estimate costs at most that much)
-MAX_SLEEP = 20e-3
+MAX_SLEEP = 5e-3
 #: weight of a new sample in a kind's cost (a moving average): a cheaper request counts
 #: at once, a dearer one slowly, and one more than twice the estimate as twice it — a
 #: stall of the daemon (a metadata commit, a preempted vCPU) says nothing about the next

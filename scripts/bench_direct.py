@@ -40,6 +40,7 @@ costs more than the filesystem under test, and this puts all three on the same f
 Run as root:  .venv/bin/python scripts/bench_direct.py [--size-mb 1024] [--quick]
               [--json out.json] [--duration 5] [--files 2000] [--reps 3] [--meta-rounds 3]
               [--phases write,hot,cold,random,concurrent,metadata] [--clients 4]
+              [--no-pace]
 
 Progress goes to stderr, the tables to stdout. Everything made (mounts, volume, files,
 the streaming process) is removed in `finally`.
@@ -406,7 +407,7 @@ class Bench:
     def connect(self) -> None:
         from kernelshim.client import Client
         self.close_client()
-        self.client = Client.connect(self.mnt.mountpoint)
+        self.client = Client.connect(self.mnt.mountpoint, pace=not self.args.no_pace)
 
     def close_client(self) -> None:
         if self.client is not None:
@@ -786,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
                         "makes the data file the others read, so it always runs)")
     p.add_argument("--clients", type=int, default=4,
                    help="concurrent clients (processes) of the concurrent phase (default 4)")
+    p.add_argument("--no-pace", action="store_true",
+                   help="the direct client waits for queued replies in recv, not paced "
+                        "(Client.connect(pace=False); kernelshim/hybridwait.py)")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the plain directory and the volume go (default /var/tmp)")
     p.add_argument("--_stream", nargs=3, metavar=("MNT", "REL", "REQ"), help=argparse.SUPPRESS)
