@@ -102,16 +102,16 @@ def test_an_unknown_kind_is_waited_for_in_recv_and_then_paced() -> None:
 
 def test_requests_ahead_are_served_one_after_the_other() -> None:
     c = ReplyClock()
-    c.cost[W] = 1e-3
+    c.cost[W] = 0.5e-3
     c.last = 0.0
     for rid in range(1, 9):
         c.sent(rid, W, 0.0)
-    # the 8th reply: eight writes of 1 ms each after the last reply (at 0)
+    # the 8th reply: eight writes of 0.5 ms each after the last reply (at 0)
     sleep_until, poll_until = c.plan(list(range(1, 9)), 0.0)
-    assert sleep_until == pytest.approx(SLEEP_SHARE * 8e-3)
-    assert poll_until - sleep_until == pytest.approx(min(MAX_POLL, (1 - SLEEP_SHARE) * 8e-3))
-    c.arrived(list(range(1, 9)), 6e-3, True)  # they were cheaper: learnt at once
-    assert c.cost[W] == pytest.approx(1e-3 + GAIN_DOWN * (0.75e-3 - 1e-3))
+    assert sleep_until == pytest.approx(SLEEP_SHARE * 4e-3)
+    assert poll_until - sleep_until == pytest.approx(min(MAX_POLL, (1 - SLEEP_SHARE) * 4e-3))
+    c.arrived(list(range(1, 9)), 3e-3, True)  # they were cheaper: learnt at once
+    assert c.cost[W] == pytest.approx(0.5e-3 + GAIN_DOWN * (0.375e-3 - 0.5e-3))
     c.cost[W] = 1e-3
     c.sent(9, W, 7e-3)
     c.last = 0.0
