@@ -58,7 +58,7 @@ from typing import Any, AsyncIterator, Callable, Collection
 
 from .clientcore import (ClientProtocol, FileCore, Notification, Plan, ReclaimRequest, Ready,
                          Send, SendData, SharedBuffer, Wait, call, flags_for)
-from .hybridwait import SPIN_SECONDS, HybridWait, ReplyClock
+from .hybridwait import MIN_POLL, SPIN_SECONDS, HybridWait, ReplyClock
 from .protocol import MAX_FRAME, VERSION, ProtocolError
 from .rooterror import SluiceError
 
@@ -371,6 +371,11 @@ class Client(_Base):
             clock.arrived(ahead, now(), not slept)
             return
         polled = poll_until > sleep_until
+        if polled:
+            # A timer wakes the client late on a busy machine: poll for the planned
+            # window, but never less than MIN_POLL after waking (a poll window that was
+            # over before the client ran again would count as a failed poll).
+            poll_until = max(poll_until, now() + MIN_POLL)
         while now() < poll_until:
             if self._recv_ready(once=True) and proto.has_reply(rid):
                 if proto.closed or proto.failure is not None:
