@@ -1,0 +1,163 @@
+"""Idle polling of the daemon's event loop: poll briefly for the next request before
+sleeping.
+
+A FUSE round trip on this project's VMs costs 70-110 µs although the daemon's work for
+a cheap request is a third of that (docs/BENCHMARKS.md, "Untar: the per-request cost
+of the daemon"): when the daemon's loop runs out of work it sleeps in `epoll_wait`, its
+vCPU halts (the guest never polls in idle), and the next request wakes it with an
+inter-processor interrupt through the hypervisor. A program that sends one request
+after another (tar: create, write, chown, chmod, utimensat, close per file) pays that
+wake-up on every request.
+
+`IdlePoll` is a trio instrument. Just before the loop sleeps — trio calls
+`before_io_wait(timeout)` with a timeout above zero only when no task is runnable —
+and only if the loop was woken by I/O last time (it is serving requests, not a timer),
+it polls trio's own epoll descriptor (`poll(2)` with timeout 0 on the epoll fd: ready
+when any descriptor the loop waits for is, without taking the event) for at most
+`window` seconds, never longer than the loop's own timeout. A request that arrives
+meanwhile is then read by the loop's `epoll_wait` at once, without a wake-up.
+
+Polling pays only when the client runs on another CPU while the daemon polls. On a
+loaded machine the polling daemon takes a CPU the client needs, and on an idle mount
+nothing comes. So polling backs off as the direct client's does (kernelshim/
+hybridwait.py), in time: two polls in a row that end without a request stop polling
+for `pause` seconds, and `pause` doubles with each further miss (from MIN_PAUSE up to
+MAX_PAUSE), halving again with each catch. An idle daemon does not poll at all (only
+a wake-up by I/O starts polling, not the timers of its own tasks); a daemon with more
+work than its CPU never goes idle and never polls; a machine too loaded for the client
+to answer within the window soon polls at most twice per MAX_PAUSE.
+
+The spin runs inside the instrument hook, between the loop's last task step and its
+`epoll_wait`: no task runs meanwhile, nothing is reordered, and the loop's other
+instruments (the shim's fair turns, kernelshim/connection.py) count it as waiting when
+they were added first. A timer due during a failed poll fires up to `window` late,
+less than `epoll_wait`'s own millisecond granularity.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+#: the default window (seconds): `sluice mount --idle-poll` in µs. See README and
+#: docs/BENCHMARKS.md for the measurements behind it.
+DEFAULT_WINDOW = 200e-6
+#: the largest window accepted: far below a scheduler time slice
+MAX_WINDOW = 2e-3
+#: the pause after the second miss in a row (seconds)...
+MIN_PAUSE = 1e-3
+#: ... doubling with each further miss up to this
+MAX_PAUSE = 1.0
+
+
+def parse_window(text: str) -> float:
+    """`--idle-poll USEC` (0: off) as seconds; ValueError with a one-line reason."""
+    try:
+        usec = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of microseconds") from None
+    if not 0 <= usec <= MAX_WINDOW * 1e6:
+        raise ValueError(f"{text} µs is outside 0 (off) .. {MAX_WINDOW * 1e6:.0f} µs")
+    return usec * 1e-6
+
+
+def epoll_ready_probe() -> Callable[[], bool] | None:
+    """A function telling, without blocking, whether the running trio loop's epoll
+    descriptor has an event ready; None where the loop has none (another platform or
+    a trio that keeps it elsewhere: polling is then off).
+
+    trio keeps its epoll object private (trio._core._io_epoll.EpollIOManager._epoll);
+    it is found by behaviour, like the binding's checkpoint probe (fs/mount.py)."""
+    from trio._core._run import GLOBAL_RUN_CONTEXT  # private: probed, not assumed
+
+    runner = getattr(GLOBAL_RUN_CONTEXT, "runner", None)
+    epoll = getattr(getattr(runner, "io_manager", None), "_epoll", None)
+    if not isinstance(epoll, select.epoll):
+        return None
+    poller = select.poll()
+    poller.register(epoll.fileno(), select.POLLIN)
+    poll = poller.poll
+
+    def ready() -> bool:
+        return bool(poll(0))
+    return ready
+
+
+class IdlePoll:
+    """Poll `ready()` for up to `window` seconds before the loop sleeps after serving.
+
+    A trio instrument (trio calls the hooks it defines; not a subclass of
+    trio.abc.Instrument so that the CLI can import this module without trio).
+    `clock` is the loop's (trio.current_time by default): tests drive it with MockClock."""
+
+    def __init__(self, window: float, ready: Callable[[], bool],
+                 clock: Callable[[], float] | None = None) -> None:
+        if not 0 < window <= MAX_WINDOW:
+            raise ValueError(f"window must be above 0 and at most {MAX_WINDOW} s, "
+                             f"not {window!r}")
+        self.window = window
+        self._ready = ready
+        if clock is None:
+            import trio
+            clock = trio.current_time
+        self._clock = clock
+        #: the loop was woken by I/O (or a catch) last time it slept: it is serving
+        self._serving = False
+        #: when the current sleep would end by its timeout
+        self._wake_by = 0.0
+        #: no polling before this time (the backoff)
+        self._pause_until = 0.0
+        #: the pause the next miss-after-a-miss sets
+        self.pause = MIN_PAUSE
+        #: misses in a row
+        self._misses = 0
+        #: polls, and of them those that caught a request; seconds spent polling
+        self.polls = 0
+        self.hits = 0
+        self.spun = 0.0
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout <= 0:
+            return  # tasks are runnable (or a timer is due): the loop does not sleep
+        now = self._clock()
+        self._wake_by = now + timeout
+        if not self._serving or now < self._pause_until:
+            return
+        end = now + min(self.window, timeout)
+        ready = self._ready
+        clock = self._clock
+        while True:
+            if ready():
+                hit = True
+                break
+            t = clock()
+            if t >= end:
+                hit = False
+                break
+        self.spun += clock() - now
+        self.polled(hit, now=now)
+
+    def after_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            # Woken before the timeout: by I/O (or a thread's or signal's wake-up).
+            self._serving = self._clock() < self._wake_by
+
+    def polled(self, hit: bool, *, now: float) -> None:
+        """Count one poll begun at `now` and adjust the backoff."""
+        self.polls += 1
+        if hit:
+            self.hits += 1
+            self._misses = 0
+            self.pause = max(MIN_PAUSE, self.pause / 2)
+            return
+        self._misses += 1
+        if self._misses >= 2:
+            self._pause_until = now + self.pause
+            self.pause = min(MAX_PAUSE, self.pause * 2)
+
+    def summary(self) -> str:
+        return (f"idle polling ({self.window * 1e6:.0f} µs): {self.polls} polls, "
+                f"{self.hits} caught a request, {self.spun:.3f} s spent polling")
