@@ -25,7 +25,12 @@ for `pause` seconds, and `pause` doubles with each further miss (from MIN_PAUSE 
 MAX_PAUSE), halving again with each catch. An idle daemon does not poll at all (only
 a wake-up by I/O starts polling, not the timers of its own tasks); a daemon with more
 work than its CPU never goes idle and never polls; a machine too loaded for the client
-to answer within the window soon polls at most twice per MAX_PAUSE.
+to answer within the window soon polls at most twice per MAX_PAUSE. And on a machine
+with more runnable threads than CPUs a poll that catches its request may still cost
+more than it saves (the client waited for a CPU meanwhile, or someone else did): every
+LOAD_CHECK seconds the loop thread's own wait for a CPU is read
+(/proc/thread-self/schedstat), and while it waited more than MAX_CPU_WAIT of the time,
+nothing is polled.
 
 The spin runs inside the instrument hook, between the loop's last task step and its
 `epoll_wait`: no task runs meanwhile, nothing is reordered, and the loop's other
@@ -51,6 +56,12 @@ MAX_WINDOW = 2e-3
 MIN_PAUSE = 1e-3
 #: ... doubling with each further miss up to this
 MAX_PAUSE = 1.0
+#: how often (seconds) the loop thread's wait for a CPU is looked at ...
+LOAD_CHECK = 0.05
+#: ... and polling stops until the next look when the thread waited for a CPU more
+#: than this share of the last interval: the machine has more runnable threads than
+#: CPUs, and a poll would take a CPU the client (or anyone) needs
+MAX_CPU_WAIT = 0.1
 
 
 def parse_window(text: str) -> float:
@@ -62,6 +73,23 @@ def parse_window(text: str) -> float:
     if not 0 <= usec <= MAX_WINDOW * 1e6:
         raise ValueError(f"{text} µs is outside 0 (off) .. {MAX_WINDOW * 1e6:.0f} µs")
     return usec * 1e-6
+
+
+def thread_cpu_wait() -> Callable[[], float] | None:
+    """A function returning the seconds the calling thread has waited for a CPU
+    (runnable, not running: /proc/thread-self/schedstat's second field), for the
+    thread that calls this; None where the kernel does not say (no schedstats)."""
+    import os
+    try:
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        os.pread(fd, 128, 0).split()[1]
+    except (OSError, IndexError):
+        return None
+    pread = os.pread
+
+    def cpu_wait() -> float:
+        return int(pread(fd, 128, 0).split()[1]) * 1e-9
+    return cpu_wait
 
 
 def epoll_ready_probe() -> Callable[[], bool] | None:
@@ -94,7 +122,8 @@ class IdlePoll:
     `clock` is the loop's (trio.current_time by default): tests drive it with MockClock."""
 
     def __init__(self, window: float, ready: Callable[[], bool],
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 cpu_wait: Callable[[], float] | None = None) -> None:
         if not 0 < window <= MAX_WINDOW:
             raise ValueError(f"window must be above 0 and at most {MAX_WINDOW} s, "
                              f"not {window!r}")
@@ -104,6 +133,15 @@ class IdlePoll:
             import trio
             clock = trio.current_time
         self._clock = clock
+        #: seconds the loop thread has waited for a CPU (None: not known, no check)
+        self._cpu_wait = cpu_wait
+        self._next_check = 0.0
+        self._checked_at = 0.0
+        self._waited = 0.0
+        #: the last check found the machine overloaded: no polls until the next
+        self.overloaded = False
+        #: polls left out because the machine was overloaded
+        self.skipped = 0
         #: the loop was woken by I/O (or a catch) last time it slept: it is serving
         self._serving = False
         #: when the current sleep would end by its timeout
@@ -126,6 +164,11 @@ class IdlePoll:
         self._wake_by = now + timeout
         if not self._serving or now < self._pause_until:
             return
+        if self._cpu_wait is not None and now >= self._next_check:
+            self._check_load(now)
+        if self.overloaded:
+            self.skipped += 1
+            return
         end = now + min(self.window, timeout)
         ready = self._ready
         clock = self._clock
@@ -145,6 +188,15 @@ class IdlePoll:
             # Woken before the timeout: by I/O (or a thread's or signal's wake-up).
             self._serving = self._clock() < self._wake_by
 
+    def _check_load(self, now: float) -> None:
+        assert self._cpu_wait is not None
+        waited = self._cpu_wait()
+        if self._checked_at:
+            share = (waited - self._waited) / max(now - self._checked_at, 1e-9)
+            self.overloaded = share > MAX_CPU_WAIT
+        self._checked_at, self._waited = now, waited
+        self._next_check = now + LOAD_CHECK
+
     def polled(self, hit: bool, *, now: float) -> None:
         """Count one poll begun at `now` and adjust the backoff."""
         self.polls += 1
@@ -160,4 +212,5 @@ class IdlePoll:
 
     def summary(self) -> str:
         return (f"idle polling ({self.window * 1e6:.0f} µs): {self.polls} polls, "
-                f"{self.hits} caught a request, {self.spun:.3f} s spent polling")
+                f"{self.hits} caught a request, {self.spun:.3f} s spent polling, "
+                f"{self.skipped} left out on an overloaded machine")

@@ -31,7 +31,8 @@ from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
-from .idlepoll import DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe, parse_window
+from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
+                       parse_window, thread_cpu_wait)
 from .metadata import Metadata
 from .metrics import MetricsServer
 from .errors import VolumeError
@@ -132,7 +133,8 @@ def _start_idle_poll(window: float) -> IdlePoll | None:
         log.warning("idle polling off: this trio %s keeps no epoll descriptor where "
                     "sluice looks for it", trio.__version__)
         return None
-    idle = IdlePoll(window, ready)
+    # (in the loop's thread: thread_cpu_wait reads the calling thread's figures)
+    idle = IdlePoll(window, ready, cpu_wait=thread_cpu_wait())
     trio.lowlevel.add_instrument(idle)
     log.info("idle polling on: up to %.0f µs before the loop sleeps", window * 1e6)
     return idle

@@ -18,8 +18,9 @@ import trio
 import trio.testing
 
 from conftest import REPO, sluice
-from fs.idlepoll import (DEFAULT_WINDOW, MAX_PAUSE, MAX_WINDOW, MIN_PAUSE, IdlePoll,
-                         epoll_ready_probe, parse_window)
+from fs.idlepoll import (DEFAULT_WINDOW, LOAD_CHECK, MAX_CPU_WAIT, MAX_PAUSE, MAX_WINDOW,
+                         MIN_PAUSE, IdlePoll, epoll_ready_probe, parse_window,
+                         thread_cpu_wait)
 
 W = 200e-6
 STEP = 25e-6
@@ -140,6 +141,39 @@ async def test_catches_halve_the_pause(mock_clock: trio.testing.MockClock) -> No
     looks = req.looks
     sleep(idle, mock_clock)
     assert req.looks > looks
+
+
+async def test_no_polls_while_the_loop_thread_waits_for_a_cpu(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Every LOAD_CHECK the loop thread's wait for a CPU is read; above MAX_CPU_WAIT of
+    the interval nothing is polled until the next look finds it below again."""
+    req = Requests(mock_clock)
+    waited = [0.0]
+    idle = IdlePoll(W, req.ready, cpu_wait=lambda: waited[0])
+    sleep(idle, mock_clock)
+    req.at = trio.current_time()
+    sleep(idle, mock_clock)  # the first look: nothing to compare with yet; it polls
+    assert (idle.polls, idle.skipped) == (1, 0)
+    mock_clock.jump(LOAD_CHECK)
+    waited[0] += LOAD_CHECK * MAX_CPU_WAIT * 2  # the thread waited a fifth of the time
+    req.at = trio.current_time()
+    sleep(idle, mock_clock)
+    assert idle.overloaded and (idle.polls, idle.skipped) == (1, 1)
+    for _ in range(3):  # until the next look, nothing is polled
+        sleep(idle, mock_clock)
+    assert (idle.polls, idle.skipped) == (1, 4)
+    mock_clock.jump(LOAD_CHECK)
+    waited[0] += LOAD_CHECK * MAX_CPU_WAIT / 2  # a twentieth: polling again
+    req.at = trio.current_time()
+    sleep(idle, mock_clock)
+    assert not idle.overloaded and (idle.polls, idle.hits) == (2, 2)
+
+
+def test_thread_cpu_wait_counts_up() -> None:
+    cpu_wait = thread_cpu_wait()
+    assert cpu_wait is not None, "no /proc/thread-self/schedstat: the load check is off"
+    a = cpu_wait()
+    assert 0 <= a <= cpu_wait()
 
 
 def test_window_checked() -> None:
