@@ -45,6 +45,8 @@ import logging
 import select
 from typing import Callable
 
+import trio
+
 log = logging.getLogger(__name__)
 
 #: the default window (seconds): `sluice mount --idle-poll` in µs. See README and
@@ -114,12 +116,12 @@ def epoll_ready_probe() -> Callable[[], bool] | None:
     return ready
 
 
-class IdlePoll:
+class IdlePoll(trio.abc.Instrument):
     """Poll `ready()` for up to `window` seconds before the loop sleeps after serving.
 
-    A trio instrument (trio calls the hooks it defines; not a subclass of
-    trio.abc.Instrument so that the CLI can import this module without trio).
-    `clock` is the loop's (trio.current_time by default): tests drive it with MockClock."""
+    A trio instrument. `clock` is the loop's (trio.current_time by default): tests
+    drive it with MockClock; `cpu_wait`, the loop thread's seconds spent waiting for
+    a CPU (`thread_cpu_wait`; None: no load check)."""
 
     def __init__(self, window: float, ready: Callable[[], bool],
                  clock: Callable[[], float] | None = None,
@@ -129,10 +131,7 @@ class IdlePoll:
                              f"not {window!r}")
         self.window = window
         self._ready = ready
-        if clock is None:
-            import trio
-            clock = trio.current_time
-        self._clock = clock
+        self._clock = clock if clock is not None else trio.current_time
         #: seconds the loop thread has waited for a CPU (None: not known, no check)
         self._cpu_wait = cpu_wait
         self._next_check = 0.0
