@@ -278,3 +278,19 @@ def test_bad_idle_poll_is_one_line(volume: Path, tmp_path: Path) -> None:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and text in lines[0], r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.mounted
+def test_background_mount_takes_o_idle_poll(volume: Path, tmp_path: Path) -> None:
+    """`-o idle_poll=USEC` (fstab's spelling) reaches the detached daemon."""
+    from conftest import is_mounted
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    sluice("mount", str(volume), str(mp), "-o", "idle_poll=300")
+    try:
+        (mp / "f").write_bytes(b"polled")
+        assert (mp / "f").read_bytes() == b"polled"
+    finally:
+        sluice("umount", str(mp))
+    assert not is_mounted(mp)
+    assert "idle polling on: up to 300 µs" in (volume / "sluice.log").read_text()
