@@ -42,6 +42,7 @@ less than `epoll_wait`'s own millisecond granularity.
 from __future__ import annotations
 
 import logging
+import os
 import select
 from typing import Callable
 
@@ -77,21 +78,35 @@ def parse_window(text: str) -> float:
     return usec * 1e-6
 
 
-def thread_cpu_wait() -> Callable[[], float] | None:
-    """A function returning the seconds the calling thread has waited for a CPU
-    (runnable, not running: /proc/thread-self/schedstat's second field), for the
-    thread that calls this; None where the kernel does not say (no schedstats)."""
-    import os
-    try:
-        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-        os.pread(fd, 128, 0).split()[1]
-    except (OSError, IndexError):
-        return None
-    pread = os.pread
+class ThreadCpuWait:
+    """The seconds the thread that made this object has waited for a CPU (runnable,
+    not running: /proc/thread-self/schedstat's second field, read with one pread of
+    a descriptor kept open). `open()` returns None where the kernel does not say."""
 
-    def cpu_wait() -> float:
-        return int(pread(fd, 128, 0).split()[1]) * 1e-9
-    return cpu_wait
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def open(cls) -> ThreadCpuWait | None:
+        try:
+            fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        waits = cls(fd)
+        try:
+            waits()
+        except (OSError, IndexError, ValueError):
+            waits.close()
+            return None
+        return waits
+
+    def __call__(self) -> float:
+        return int(os.pread(self._fd, 128, 0).split()[1]) * 1e-9
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def epoll_ready_probe() -> Callable[[], bool] | None:
@@ -121,7 +136,7 @@ class IdlePoll(trio.abc.Instrument):
 
     A trio instrument. `clock` is the loop's (trio.current_time by default): tests
     drive it with MockClock; `cpu_wait`, the loop thread's seconds spent waiting for
-    a CPU (`thread_cpu_wait`; None: no load check)."""
+    a CPU (`ThreadCpuWait`; None: no load check)."""
 
     def __init__(self, window: float, ready: Callable[[], bool],
                  clock: Callable[[], float] | None = None,

@@ -32,7 +32,7 @@ from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
-                       parse_window, thread_cpu_wait)
+                       parse_window, ThreadCpuWait)
 from .metadata import Metadata
 from .metrics import MetricsServer
 from .errors import VolumeError
@@ -123,7 +123,8 @@ def _lab_idle_poll(opts: MountOptions, text: str | None) -> MountOptions:
     return dataclasses.replace(opts, idle_poll=window)
 
 
-def _start_idle_poll(window: float) -> IdlePoll | None:
+def _start_idle_poll(window: float, stack: contextlib.ExitStack | contextlib.AsyncExitStack
+                     ) -> IdlePoll | None:
     """Add the idle-polling instrument to the running loop (None: off)."""
     if window <= 0:
         log.info("idle polling off")
@@ -133,8 +134,11 @@ def _start_idle_poll(window: float) -> IdlePoll | None:
         log.warning("idle polling off: this trio %s keeps no epoll descriptor where "
                     "sluice looks for it", trio.__version__)
         return None
-    # (in the loop's thread: thread_cpu_wait reads the calling thread's figures)
-    idle = IdlePoll(window, ready, cpu_wait=thread_cpu_wait())
+    # (made in the loop's thread: ThreadCpuWait reads the thread that opened it)
+    cpu_wait = ThreadCpuWait.open()
+    if cpu_wait is not None:
+        stack.callback(cpu_wait.close)
+    idle = IdlePoll(window, ready, cpu_wait=cpu_wait)
     trio.lowlevel.add_instrument(idle)
     log.info("idle polling on: up to %.0f µs before the loop sleeps", window * 1e6)
     return idle
@@ -670,7 +674,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                                 "gives the event loop back", trio.__version__)
                 # Added after the shim server's fair turns (server.run above), so that
                 # they count a poll as the loop's waiting, not as a batch's work.
-                idle = _start_idle_poll(opts.idle_poll)
+                idle = _start_idle_poll(opts.idle_poll, stack)
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks,
                                    checkpoint_budget=HANDLER_CHECKPOINT_BUDGET)
                 if idle is not None:

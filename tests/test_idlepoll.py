@@ -20,7 +20,7 @@ import trio.testing
 from conftest import REPO, sluice
 from fs.idlepoll import (DEFAULT_WINDOW, LOAD_CHECK, MAX_CPU_WAIT, MAX_PAUSE, MAX_WINDOW,
                          MIN_PAUSE, IdlePoll, epoll_ready_probe, parse_window,
-                         thread_cpu_wait)
+                         ThreadCpuWait)
 
 W = 200e-6
 STEP = 25e-6
@@ -170,10 +170,13 @@ async def test_no_polls_while_the_loop_thread_waits_for_a_cpu(
 
 
 def test_thread_cpu_wait_counts_up() -> None:
-    cpu_wait = thread_cpu_wait()
+    cpu_wait = ThreadCpuWait.open()
     assert cpu_wait is not None, "no /proc/thread-self/schedstat: the load check is off"
-    a = cpu_wait()
-    assert 0 <= a <= cpu_wait()
+    try:
+        a = cpu_wait()
+        assert 0 <= a <= cpu_wait()
+    finally:
+        cpu_wait.close()
 
 
 def test_window_checked() -> None:
