@@ -204,7 +204,14 @@ class IdlePoll(trio.abc.Instrument):
 
     def _check_load(self, now: float) -> None:
         assert self._cpu_wait is not None
-        waited = self._cpu_wait()
+        try:
+            waited = self._cpu_wait()
+        except (OSError, ValueError, IndexError) as exc:
+            # (an exception would make trio drop the instrument: polling goes on
+            # without the check)
+            log.warning("idle polling: the load check is off: %s", exc)
+            self._cpu_wait = None
+            return
         if self._checked_at:
             share = (waited - self._waited) / max(now - self._checked_at, 1e-9)
             self.overloaded = share > MAX_CPU_WAIT

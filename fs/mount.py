@@ -136,10 +136,17 @@ def _start_idle_poll(window: float, stack: contextlib.ExitStack | contextlib.Asy
         return None
     # (made in the loop's thread: ThreadCpuWait reads the thread that opened it)
     cpu_wait = ThreadCpuWait.open()
-    if cpu_wait is not None:
-        stack.callback(cpu_wait.close)
     idle = IdlePoll(window, ready, cpu_wait=cpu_wait)
     trio.lowlevel.add_instrument(idle)
+
+    def stop() -> None:
+        # The loop runs on while the stack unwinds (the final sync): the instrument
+        # goes first, then the descriptor it reads.
+        with contextlib.suppress(KeyError):  # trio dropped it already
+            trio.lowlevel.remove_instrument(idle)
+        if cpu_wait is not None:
+            cpu_wait.close()
+    stack.callback(stop)
     log.info("idle polling on: up to %.0f µs before the loop sleeps", window * 1e6)
     return idle
 
