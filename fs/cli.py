@@ -26,6 +26,7 @@ from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
 
 from . import volume as vol
 from .errors import VolumeError
+from .idlepoll import DEFAULT_WINDOW as IDLE_POLL_DEFAULT, parse_window as parse_idle_window
 
 log = logging.getLogger("sluice")
 
@@ -114,6 +115,11 @@ def _mount_options(args: argparse.Namespace):
                 raise MountOptionError(f"cache_mode={val}: pager or kernel")
             if key == "scheduler" and val not in ("mclock", "fifo"):
                 raise MountOptionError(f"scheduler={val}: mclock or fifo")
+            if key == "idle_poll":
+                try:
+                    parse_idle_window(str(val))
+                except ValueError as exc:
+                    raise MountOptionError(f"idle_poll={val}: {exc}") from None
             if key == "pager" and val not in PAGER_POLICIES:
                 raise MountOptionError(f"pager={val}: {', '.join(PAGER_POLICIES)}")
             if key in ("writeback", "nowriteback"):
@@ -137,11 +143,19 @@ def _mount_options(args: argparse.Namespace):
     return MountOptions(cache_bytes=parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,
                         pager_policy=args.pager, metrics=_metrics_address(args.metrics),
-                        writeback=args.writeback,
+                        writeback=args.writeback, idle_poll=_idle_poll(args.idle_poll),
                         debug_fuse=args.debug_fuse,
                         read_only=flags.read_only, atime=flags.atime,
                         nodiratime=flags.nodiratime, suid=not flags.nosuid,
                         dev=not flags.nodev, noexec=flags.noexec)
+
+
+def _idle_poll(text: str) -> float:
+    """--idle-poll USEC as seconds, checked before the daemon starts."""
+    try:
+        return parse_idle_window(text)
+    except ValueError as exc:
+        raise CliError(f"--idle-poll: {exc}") from None
 
 
 def _metrics_address(text: str | None) -> tuple[str, int] | None:
@@ -235,7 +249,8 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> in
     cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode,
            "-o", opts.vfs_flags().text(), "--pager", args.pager, "--scheduler", args.scheduler,
-           "--writeback" if opts.writeback else "--no-writeback"]
+           "--writeback" if opts.writeback else "--no-writeback",
+           "--idle-poll", args.idle_poll]
     if args.profile:
         cmd += ["--profile", args.profile]
     if args.metrics:
@@ -799,6 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "metadata commit that exposes them (data=ordered; fsync = commit). "
                         f"Default: {'on' if WRITEBACK_DEFAULT else 'off'} (also -o writeback, "
                         "-o nowriteback)")
+    s.add_argument("--idle-poll", default=f"{IDLE_POLL_DEFAULT * 1e6:g}", metavar="USEC",
+                   help="after serving requests, poll up to USEC microseconds for the next "
+                        "one before the daemon sleeps: saves the wake-up of an idle CPU per "
+                        "request, backs off by itself when polls miss (0: off; default "
+                        f"{IDLE_POLL_DEFAULT * 1e6:g}; also -o idle_poll=USEC)")
     s.add_argument("--fix-permissions", action="store_true",
                    help="make the volume private (chmod -R go-rwx) instead of refusing it")
     s.add_argument("-r", "--read-only", action="store_true",

@@ -97,6 +97,12 @@ class Metadata:
         #: inode row updates not run yet: inode -> {column: value}, the later value of
         #: a column winning (`update_inode_later`, run by `flush_inodes`)
         self._later: dict[int, dict[str, object]] = {}
+        #: the last (parent, name) `lookup` found absent. The kernel looks a new name
+        #: up right before it creates it (CREATE, MKDIR, ...), and the create's own
+        #: check that the name is free then needs no query. Forgotten by whatever can
+        #: add that name (`add_dentry`, `move_dentry`) and by `rollback` (a removal
+        #: undone); removing entries cannot make a name exist.
+        self._absent: tuple[int, bytes] | None = None
         self._record: MetaRecorder | None = None
         if record is not None:
             self._record = MetaRecorder.start(self, record)
@@ -155,6 +161,7 @@ class Metadata:
     def rollback(self) -> None:
         """Drop the open transaction (the volume failed: nothing more is committed)."""
         self._later.clear()
+        self._absent = None
         if self._in_tx:
             self.db.execute("ROLLBACK")
             self._in_tx = False
@@ -253,9 +260,15 @@ class Metadata:
     # -- directory entries ----------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> int | None:
+        key = (parent, name)
+        if key == self._absent:
+            return None
         row = self.db.execute("SELECT inode FROM dentries WHERE parent=? AND name=?",
-                              (parent, name)).fetchone()
-        return None if row is None else row[0]
+                              key).fetchone()
+        if row is None:
+            self._absent = key
+            return None
+        return row[0]
 
     def dentry_principal(self, parent: int, name: bytes) -> int:
         """The principal charged for an entry."""
@@ -264,6 +277,7 @@ class Metadata:
         return 0 if row is None else row[0]
 
     def add_dentry(self, parent: int, name: bytes, ino: int, principal: int = 0) -> None:
+        self._absent = None
         self._w("INSERT INTO dentries (parent, name, inode, principal) VALUES (?,?,?,?)",
                 (parent, name, ino, principal))
 
@@ -279,6 +293,7 @@ class Metadata:
 
     def move_dentry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
         """Rename an entry in place (keeps its readdir cookie when the directory is the same)."""
+        self._absent = None
         self._w("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
                 (new_parent, new_name, parent, name))
 

@@ -31,6 +31,8 @@ from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
+from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
+                       parse_window, ThreadCpuWait)
 from .metadata import Metadata
 from .metrics import MetricsServer
 from .errors import VolumeError
@@ -82,6 +84,9 @@ class MountOptions:
     suid: bool = False
     dev: bool = False
     noexec: bool = False
+    #: seconds the event loop polls for the next request before it sleeps, after
+    #: serving (fs/idlepoll.py); 0: off
+    idle_poll: float = IDLE_POLL_DEFAULT
 
     def vfs_flags(self) -> VfsFlags:
         return VfsFlags(read_only=self.read_only, nosuid=not self.suid, nodev=not self.dev,
@@ -104,6 +109,46 @@ def _lab_workers(opts: MountOptions, text: str | None) -> MountOptions:
         changes[name] = int(value)
     log.warning("lab setting SLUICE_FUSE_WORKERS: %s", text)
     return dataclasses.replace(opts, **changes)
+
+
+def _lab_idle_poll(opts: MountOptions, text: str | None) -> MountOptions:
+    """SLUICE_IDLE_POLL=USEC (benchmarks): idle polling as `--idle-poll USEC`."""
+    if text is None:
+        return opts
+    try:
+        window = parse_window(text)
+    except ValueError as exc:
+        raise VolumeError(f"SLUICE_IDLE_POLL: {exc}") from None
+    log.warning("lab setting SLUICE_IDLE_POLL: %s µs", text)
+    return dataclasses.replace(opts, idle_poll=window)
+
+
+def _start_idle_poll(window: float, stack: contextlib.ExitStack | contextlib.AsyncExitStack
+                     ) -> IdlePoll | None:
+    """Add the idle-polling instrument to the running loop (None: off)."""
+    if window <= 0:
+        log.info("idle polling off")
+        return None
+    ready = epoll_ready_probe()
+    if ready is None:
+        log.warning("idle polling off: this trio %s keeps no epoll descriptor where "
+                    "sluice looks for it", trio.__version__)
+        return None
+    # (made in the loop's thread: ThreadCpuWait reads the thread that opened it)
+    cpu_wait = ThreadCpuWait.open()
+    idle = IdlePoll(window, ready, cpu_wait=cpu_wait)
+    trio.lowlevel.add_instrument(idle)
+
+    def stop() -> None:
+        # The loop runs on while the stack unwinds (the final sync): the instrument
+        # goes first, then the descriptor it reads.
+        with contextlib.suppress(KeyError):  # trio dropped it already
+            trio.lowlevel.remove_instrument(idle)
+        if cpu_wait is not None:
+            cpu_wait.close()
+    stack.callback(stop)
+    log.info("idle polling on: up to %.0f µs before the loop sleeps", window * 1e6)
+    return idle
 
 
 def checkpoint_budget_works() -> bool:
@@ -240,7 +285,7 @@ _REMOUNT_ECHO = ("user_id=", "group_id=", "max_read=", "blksize=", "fsname=", "s
 SLUICE_OPTIONS = {"cache_size": True, "profile": True, "cache_mode": True,
                   "scheduler": True, "pager": True, "metrics": True,
                   "fix_permissions": False, "foreground": False, "debug": False,
-                  "writeback": False, "nowriteback": False}
+                  "writeback": False, "nowriteback": False, "idle_poll": True}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -552,6 +597,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # ... and FUSE worker pool sizes small enough for a test to fill
         # ("max_tasks=8,principal_requests=2,parked_requests=16").
         opts = _lab_workers(opts, os.environ.get("SLUICE_FUSE_WORKERS"))
+        # ... and idle polling set for benchmarks that mount without the option
+        # (SLUICE_IDLE_POLL=USEC, as --idle-poll)
+        opts = _lab_idle_poll(opts, os.environ.get("SLUICE_IDLE_POLL"))
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
                              scheduler=opts.scheduler,
@@ -631,8 +679,13 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                     log.warning("the binding cannot answer handlers' schedule points "
                                 "with this trio %s (it recognises 0.35's): every one "
                                 "gives the event loop back", trio.__version__)
+                # Added after the shim server's fair turns (server.run above), so that
+                # they count a poll as the loop's waiting, not as a batch's work.
+                idle = _start_idle_poll(opts.idle_poll, stack)
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks,
                                    checkpoint_budget=HANDLER_CHECKPOINT_BUDGET)
+                if idle is not None:
+                    log.info("%s", idle.summary())
                 nursery.cancel_scope.cancel()
             clean_exit = True
         except BaseException:

@@ -90,6 +90,9 @@ _FILE_HANDLERS = frozenset({"read", "write", "flush", "release", "fsync", "fallo
                             "lseek"})
 #: handlers whose first argument is a directory handle (from `opendir`)
 _DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
+#: how a handler's principal is found (`Operations._principal_of`): by the request's
+#: context (its last argument), by its file handle, by its directory handle
+_CTX, _FILE, _DIR = 0, 1, 2
 
 
 def _no_release() -> bool:
@@ -200,6 +203,11 @@ class Admission:
             release_worker = getattr(pyfuse3, "release_worker", _no_release)
         self._release_worker: Callable[[], bool] = release_worker
         self._limiters: dict[PrincipalId, Tokens] = {}
+        #: principal id -> (that principal, its chain, their limiters): a principal's
+        #: ancestors never change (principals are not moved), so both lists are built
+        #: once; the entry is used only for the same Principal object (a principal
+        #: removed and made again gets a new one)
+        self._paths: dict[PrincipalId, tuple[Principal, list[Principal], list[Tokens]]] = {}
         #: requests answered EAGAIN because their principal's parking was full
         self.refused = 0
 
@@ -263,8 +271,12 @@ class Admission:
         parked (see the class): `payload` is the bytes its arguments hold (default: the
         bytes arguments' lengths, counted only if it parks); `must`: never refused, it
         waits holding its worker when the parking is full."""
-        chain = self._chain(principal)
-        lims = [self.limiter(p) for p in chain]
+        path = self._paths.get(principal.id)
+        if path is None or path[0] is not principal:
+            chain = self._chain(principal)
+            path = self._paths[principal.id] = (principal, chain,
+                                                [self.limiter(p) for p in chain])
+        _, chain, lims = path
         # The common case, every request of an untar: a token free at each level and
         # nobody waiting. No checkpoint, nothing allocated but the list.
         n = 0
@@ -310,16 +322,20 @@ def _guard(fn: F, *, name: str | None = None) -> F:
     logged with the operation and its arguments and answered with EIO. `name`: the
     request's (default: the handler's own name)."""
     name = name or fn.__name__
+    # Decided once per handler, not per request: how its principal is found
+    # (`Operations._principal_of`) and whether it may be refused.
+    kind = (None if name in _UNADMITTED else _FILE if name in _FILE_HANDLERS else
+            _DIR if name in _DIR_HANDLERS else _CTX)
+    must = name in _NEVER_REFUSED
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         self.fs.fuse_requests[name] += 1
         try:
-            who = None if name in _UNADMITTED else self._principal_of(name, args)
+            who = None if kind is None else self._principal_of(kind, args)
             if who is None:
                 return await fn(self, *args)
-            return await self.admission.run(who, fn, self, *args,
-                                            must=name in _NEVER_REFUSED)
+            return await self.admission.run(who, fn, self, *args, must=must)
         except pyfuse3.FUSEError:
             raise
         except SluiceError as exc:
@@ -387,23 +403,22 @@ class Operations(pyfuse3.Operations):
         return Caller(ctx.uid, ctx.gid, ctx.pid, ctx.umask,
                       self.fs.principals.resolve(ctx.pid, ctx.uid).id)
 
-    def _principal_of(self, handler: str, args: tuple) -> Principal | None:
-        """Who a request is admitted for: the calling process's principal, or for
-        requests on an open file or directory the principal it was opened for. None when
-        the handle is unknown (the handler answers that)."""
-        if handler in _FILE_HANDLERS:
+    def _principal_of(self, kind: int, args: tuple) -> Principal | None:
+        """Who a request is admitted for: the calling process's principal (`_CTX`:
+        pyfuse3 passes the context last), or for requests on an open file (`_FILE`) or
+        directory (`_DIR`) the principal it was opened for. None when the handle is
+        unknown (the handler answers that)."""
+        if kind == _CTX:
+            a = args[-1]
+            return self.fs.principals.resolve(a.pid, a.uid)
+        if kind == _FILE:
             try:
                 h = self.fs.handle(args[0])
             except SluiceError:
                 return None
             return self.fs.principal(h.grant.principal)
-        if handler in _DIR_HANDLERS:
-            d = self._dirs.get(args[0])
-            return None if d is None else self.fs.principal(d[1])
-        for a in reversed(args):
-            if isinstance(a, pyfuse3.RequestContext):
-                return self.fs.principals.resolve(a.pid, a.uid)
-        return None
+        d = self._dirs.get(args[0])
+        return None if d is None else self.fs.principal(d[1])
 
     def _dir_inode(self, fh: int) -> int:
         d = self._dirs.get(fh)

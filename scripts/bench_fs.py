@@ -48,7 +48,7 @@ move by tens of percent.
 
 Run as root:  .venv/bin/python scripts/bench_fs.py [--size-mb 1024] [--quick] [--json out.json]
                   [--repeat N] [--only seq|rand|meta|tar|fio|fsync] [--skip-plain]
-                  [--py-spy DIR] [--no-writeback] [--fio-aligned]
+                  [--py-spy DIR] [--no-writeback] [--fio-aligned] [--idle-poll USEC]
 
 Progress goes to stderr, the table to stdout. Everything made (mounts, volume, files)
 is removed in `finally`. With --py-spy DIR, py-spy samples the sluice daemon during
@@ -164,15 +164,20 @@ class Sampler:
 
 
 class BenchMount(SluiceMount):
-    """SluiceMount with write-back on or off (`sluice mount --writeback`)."""
+    """SluiceMount with write-back on or off (`sluice mount --writeback`) and idle
+    polling as asked (`--idle-poll USEC`; None: the mount's default)."""
 
-    def __init__(self, volume: Path, mountpoint: Path, *, writeback: bool) -> None:
+    def __init__(self, volume: Path, mountpoint: Path, *, writeback: bool,
+                 idle_poll: str | None = None) -> None:
         super().__init__(volume, mountpoint)
         self.writeback = writeback
+        self.idle_poll = idle_poll
 
     def mount(self) -> None:
         run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none",
-             "--writeback" if self.writeback else "--no-writeback"], cwd=REPO)
+             "--writeback" if self.writeback else "--no-writeback",
+             *(["--idle-poll", self.idle_poll] if self.idle_poll is not None else [])],
+            cwd=REPO)
         self.pid = int(json.loads((self.volume / "mount.json").read_text())["pid"])
 
 
@@ -575,7 +580,8 @@ class Bench:
             if (not self.args.only or "tar" in self.args.only) and self.args.passthrough_hp:
                 self.passthrough_hp(rnd)
             vol = self.tmp / f"vol{rnd}"
-            self.mount = BenchMount(vol, mnt, writeback=self.args.writeback)
+            self.mount = BenchMount(vol, mnt, writeback=self.args.writeback,
+                                    idle_poll=self.args.idle_poll)
             log(f"sluice: mkfs {vol}, mount at {mnt}")
             self.mount.mkfs()
             self.mount.mount()
@@ -654,6 +660,10 @@ def main() -> int:
                         "the cold read (see Bench.warm_memory)")
     p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=True,
                    help="mount sluice with write-back (default) or write-through")
+    p.add_argument("--idle-poll", default=None, metavar="USEC",
+                   help="mount sluice with --idle-poll USEC (0: off; default: the mount's "
+                        "default): how long the daemon polls for the next request before "
+                        "it sleeps")
     p.add_argument("--only", action="append",
                    choices=["seq", "rand", "meta", "tar", "fio", "fsync"],
                    help="run only these workload groups (repeatable)")
@@ -694,6 +704,9 @@ def main() -> int:
     others = sorted(set(others) | set(other_fuse_mounts()))
 
     cmd = " ".join([".venv/bin/python", "scripts/bench_fs.py", *sys.argv[1:]])
+    if args.idle_poll is None:
+        from fs.idlepoll import DEFAULT_WINDOW
+        cmd += f"  (idle polling: the default, {DEFAULT_WINDOW * 1e6:g} us)"
     head = (f"sluice benchmark, {started:%Y-%m-%d %H:%M %Z}; {os.cpu_count()} CPUs, "
             f"{platform.platform()}; file {args.size_mb} MiB, {args.files} files, "
             f"{args.duration:g} s per random-read run; workdir {args.workdir}")
