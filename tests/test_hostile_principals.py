@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from conftest import Mount, as_uid, child_result, in_child, sluice
-from shim_util import USER_PY, pubmnt, user_run  # noqa: F401 - pubmnt is a fixture
+from shim_util import USER_ENV, USER_PY, pubmnt, user_run  # noqa: F401 - pubmnt is a fixture
 # (imported here: a child that became another uid cannot read the venv's modules)
 from kernelshim.client import Client
 from kernelshim.principals import NotAllowed  # (the client maps errors to it lazily)
@@ -304,7 +304,7 @@ def test_direct_client_groups_fixed_at_connect(pubmnt: Path, setgid_sleep: Path)
     m = str(pubmnt)
 
     def borrow() -> dict:
-        c = Client.connect(m, shm_size=0)
+        c = Client.connect(m)
         opener = os.getpid()
         if os.fork() != 0:
             os.execv(str(setgid_sleep), [str(setgid_sleep), "600"])
@@ -329,3 +329,24 @@ def test_direct_client_groups_fixed_at_connect(pubmnt: Path, setgid_sleep: Path)
     # Through the mount (requests name the caller as it is then) the same is refused.
     r = user_run(["/bin/cat", str(secret)], 1000)
     assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_direct_client_has_its_supplementary_groups(pubmnt: Path) -> None:
+    """The groups taken at connect are the real ones: a member of GROUP (a supplementary
+    group) reads the 0640 root:GROUP file directly; a non-member may not."""
+    secret = pubmnt / "secret"
+    secret.write_text("for group 4242 only")
+    os.chown(secret, 0, GROUP)
+    os.chmod(secret, 0o640)
+    code = ("import sys\nfrom kernelshim.client import Client\n"
+            f"c = Client.connect({str(pubmnt)!r})\n"
+            "try:\n"
+            "    print(bytes(c.open('secret', 'r').read()).decode())\n"
+            "except PermissionError as exc:\n"
+            "    print('EACCES', exc.errno)\n")
+    for groups, want in ((f"{GROUP}", "for group 4242 only"), ("4243,4244", "EACCES 13")):
+        r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", f"--groups={groups}",
+                            "--", USER_PY, "-c", code], capture_output=True, text=True,
+                           env=USER_ENV, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == want, (groups, r.stdout)
