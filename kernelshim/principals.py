@@ -294,8 +294,7 @@ class PrincipalTable:
         """The one answer to a non-root caller about a principal it may not `verb`,
         whether or not `name` exists: the refusal must not tell a tenant which names
         other tenants use (README "Principals")."""
-        return NotAllowed(f"uid {uid} may not {verb} principal {name!r} (it is not one "
-                          f"of uid {uid}'s principals or below one)")
+        return NotAllowed(f"uid {uid} may not {verb} principal {name!r}")
 
     def get_for(self, name: str, uid: int, verb: str, *,
                 may: Callable[[Principal, int], bool] | None = None) -> Principal:
