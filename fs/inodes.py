@@ -40,6 +40,9 @@ class Caller:
     pid: int = 0
     umask: int = 0o022
     principal: PrincipalId = ROOT_PRINCIPAL
+    #: supplementary groups fixed when a direct client connected (None: read them
+    #: from /proc/PID at the request, as for FUSE requests)
+    groups: frozenset[int] | None = None
 
 
 class Inode:

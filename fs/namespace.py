@@ -83,7 +83,7 @@ class Namespace:
             if is_dir:
                 mode |= stat.S_ISGID
             elif (mode & (stat.S_ISGID | stat.S_IXGRP)) == (stat.S_ISGID | stat.S_IXGRP) \
-                    and caller.uid != 0 and not in_group(caller.pid, gid):
+                    and caller.uid != 0 and not in_group(caller, gid):
                 mode &= ~stat.S_ISGID
         now = now_ns()
         nlink = 2 if is_dir else 1

@@ -11,10 +11,22 @@ from .errors import PermissionDenied
 from .inodes import Caller, Inode
 
 
-def in_group(pid: int, gid: int) -> bool:
-    """Whether process `pid` has `gid` among its groups (for setgid inheritance)."""
+def in_group(caller: Caller, gid: int) -> bool:
+    """Whether `caller` has `gid` as its group or among its supplementary groups (group
+    permission bits, setgid inheritance).
+
+    A direct client's groups are those it had when it connected (SO_PEERGROUPS, fixed
+    in its Credentials): the process holding the connection may since have exec'd a
+    set-group-ID program, whose group must not lend its rights to the connection (a
+    forked child still using it). A FUSE request names the process making the call at
+    that moment, so its groups are read from /proc then, as the kernel would see them.
+    """
+    if caller.gid == gid:
+        return True
+    if caller.groups is not None:
+        return gid in caller.groups
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
+        with open(f"/proc/{caller.pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"Groups:"):
                     return str(gid).encode() in line.split()[1:]
@@ -37,7 +49,7 @@ def check_access(node: Inode, mask: int, caller: Caller) -> None:
         return
     if caller.uid == node.uid:
         bits = (node.mode >> 6) & 7
-    elif caller.gid == node.gid or in_group(caller.pid, node.gid):
+    elif in_group(caller, node.gid):
         bits = (node.mode >> 3) & 7
     else:
         bits = node.mode & 7

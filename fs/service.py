@@ -78,7 +78,7 @@ class DirectService:
     async def open_path(self, path: str, flags: int, mode: int, creds: Credentials,
                         principal: Principal) -> Grant:
         fs = self.fs
-        caller = Caller(creds.uid, creds.gid, creds.pid, 0o022, principal.id)
+        caller = Caller(creds.uid, creds.gid, creds.pid, 0o022, principal.id, creds.groups)
         parent, name, node = self._resolve(path, caller)
         acc = flags & os.O_ACCMODE
         readable = acc in (os.O_RDONLY, os.O_RDWR)

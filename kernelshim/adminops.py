@@ -16,8 +16,10 @@ class AdminOps(ServerBase):
     """The `_op_*` of administration (mixed into ShimServer)."""
 
     async def _op_register(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
-        principal = self.principals.get(arg_str(p, "principal", maxlen=64))
-        self.principals.register(conn.creds.pid, principal, uid=conn.creds.uid)
+        principal = self.principals.get_for(arg_str(p, "principal", maxlen=64),
+                                            conn.creds.uid, "run as")
+        self.principals.register(conn.creds.pid, principal, uid=conn.creds.uid,
+                                 started=conn.creds.start_time)
         return {"pid": conn.creds.pid, "principal": principal.name}
 
     async def _op_whoami(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +44,7 @@ class AdminOps(ServerBase):
         # Kernel-object and request banks not asked for: the default, or what the
         # parent has if that is less (asking for more than the parent holds stays an
         # error).
-        par = self.principals.get(parent)
+        par = self.principals.get_for(parent, conn.creds.uid, "add principals under")
         defaults = Banks()
         for k in (*OBJECT_BANKS, *QUEUE_BANKS):
             if k not in args:
@@ -64,7 +66,7 @@ class AdminOps(ServerBase):
     async def _op_principal_rm(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         name = arg_str(p, "name", maxlen=64)
         move_to = arg_str(p, "move_to", optional=True, maxlen=64) or None
-        victim = self.principals.get(name)
+        victim = self.principals.get_for(name, conn.creds.uid, "remove")
         heir = self.principals.remove(name, conn.creds.uid, move_to=move_to, save=False)
         try:
             if heir is not None:

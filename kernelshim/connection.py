@@ -15,7 +15,10 @@ import dataclasses
 import errno as _errno
 import math
 import mmap
+import os
+import signal
 import socket
+import struct
 import time
 from typing import Callable
 
@@ -26,6 +29,7 @@ from pager import ReclaimSubscription
 from .grants import Grant
 from .kernel import Kernel
 from .principals import DEFAULT_COSTLY_RATE, Principal, PrincipalTable
+from .processes import start_time
 from .rooterror import SluiceError
 from .service import Credentials, MetadataService
 
@@ -372,6 +376,9 @@ class Connection:
     #: the reader waits for the socket without a cancel scope (server._serve_requests)
     reading: bool = False
 
+    def __post_init__(self) -> None:
+        self.creds = peer_identity(self.sock, self.creds)
+
     def doom(self, reason: str) -> None:
         if self.doomed is None:
             self.doomed = reason
@@ -384,6 +391,45 @@ class Connection:
     def signal_progress(self) -> None:
         ev, self.progress = self.progress, trio.Event()
         ev.set()
+
+
+#: getsockopt(SOL_SOCKET, ...) options not named by Python 3.11's socket module
+SO_PEERGROUPS = 59
+SO_PEERPIDFD = 77
+#: supplementary groups read with SO_PEERGROUPS at most (getsockopt's buffer is at most
+#: 1024 bytes in CPython); a peer with more is given none (its primary group only)
+MAX_PEER_GROUPS = 256
+
+
+def peer_identity(sock: socket.socket, creds: Credentials) -> Credentials:
+    """`creds` (SO_PEERCRED) completed with what the kernel fixed when the peer
+    connected: its supplementary groups (SO_PEERGROUPS) and the start time of the
+    process that connected. The pid alone does not name a process for long: if it exits,
+    another may get the pid; the start time is read with the pid while a pidfd of the
+    connecting process (SO_PEERPIDFD) shows it still lives, so it is that process's.
+    Called once, at accept; registration (`register`) compares it with the pid's
+    process then."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[:len(raw) // 4 * 4]))
+    except OSError:  # ERANGE: more than MAX_PEER_GROUPS; refuse to guess
+        groups = frozenset()
+    st = -1
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:  # an older kernel: the start time now is the best there is
+        st = start_time(creds.pid)
+    else:
+        try:
+            st = start_time(creds.pid)
+            signal.pidfd_send_signal(pidfd, 0)  # ESRCH: it exited (the pid may be reused)
+        except ProcessLookupError:
+            st = -1
+        except PermissionError:
+            pass  # it lives (a daemon not run by root may not signal it)
+        finally:
+            os.close(pidfd)
+    return dataclasses.replace(creds, groups=groups, start_time=st)
 
 
 class ServerBase:

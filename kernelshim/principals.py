@@ -91,6 +91,20 @@ log = logging.getLogger(__name__)
 
 FILE = "principals.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: the names of uids' default principals: `uid-N` is uid N's, made on first use under
+#: root and owned by N; nobody else may take one (not even by adding it elsewhere)
+_DEFAULT_RE = re.compile(r"^uid-[0-9]+$")
+
+
+def _default_name(uid: int) -> str:
+    return f"uid-{uid}"
+
+
+def _fallback_name(uid: int) -> str:
+    """The default of a uid whose `uid-N` is taken by a principal that is not its
+    default (added before uid-N names were reserved). ':' is outside the names anyone
+    may add, so this one cannot be squatted."""
+    return f"uid-{uid}:default"
 
 
 class PrincipalTable:
@@ -115,6 +129,8 @@ class PrincipalTable:
         self._provisional: set[Principal] = set()
         #: called with a new bank snapshot after every change of the tree or a bank
         self._watchers: list[Callable[[BankTree], None]] = []
+        #: uids whose `uid-N` name another principal holds (logged once each)
+        self._squatted_warned: set[int] = set()
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -145,6 +161,10 @@ class PrincipalTable:
                 parent = self._by_name.get(rec["parent"])
                 if parent is None:
                     continue
+                if ":" in rec["name"] and not (parent is self.root and rec["name"]
+                                               == _fallback_name(rec["owner_uid"])):
+                    raise ValueError(f"principal {rec['name']!r}: only a uid's fallback "
+                                     "default (uid-N:default, under root, owner N) has ':'")
                 self._insert(PrincipalId(rec["id"]), rec["name"], parent, rec["owner_uid"],
                              Banks.from_json(rec["banks"]))
                 pending.remove(rec)
@@ -270,17 +290,46 @@ class PrincipalTable:
     def _may_administer(self, p: Principal, uid: int) -> bool:
         return uid == 0 or any(q.owner_uid == uid and q is not self.root for q in p.chain())
 
+    def _refuse_unseen(self, name: str, uid: int, verb: str) -> NotAllowed:
+        """The one answer to a non-root caller about a principal it may not `verb`,
+        whether or not `name` exists: the refusal must not tell a tenant which names
+        other tenants use (README "Principals")."""
+        return NotAllowed(f"uid {uid} may not {verb} principal {name!r}")
+
+    def get_for(self, name: str, uid: int, verb: str, *,
+                may: Callable[[Principal, int], bool] | None = None) -> Principal:
+        """The principal `name` if `uid` may `verb` it (`may(p, uid)`, default: may
+        administer it); otherwise, for root NoSuchPrincipal, for anyone else the same
+        NotAllowed whether `name` exists or not."""
+        p = self._by_name.get(name)
+        if uid == 0:
+            if p is None:
+                raise NoSuchPrincipal(f"no principal named {name!r}")
+            return p
+        if p is None or not (may or self._may_administer)(p, uid):
+            raise self._refuse_unseen(name, uid, verb)
+        return p
+
     def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
             caller_uid: int) -> Principal:
         banks = banks.normalised()
         if not _NAME_RE.match(name):
             raise PrincipalError(f"bad principal name {name!r} (letters, digits, _ . -; "
                                  "at most 64)")
+        # Who may add here first: a caller refused under `parent` learns nothing of
+        # `name`, nor whether `parent` exists.
+        par = self.get_for(parent, caller_uid, "add principals under")
+        if _DEFAULT_RE.match(name) and not (caller_uid == 0 and par is self.root
+                                           and name == _default_name(owner_uid)):
+            raise NotAllowed(f"{name!r}: names uid-N are reserved for uid N's default "
+                             "principal (only root may add one, under root, owned by N)")
         if name in self._by_name:
-            raise PrincipalExists(f"principal {name!r} exists")
-        par = self.get(parent)
-        if not self._may_administer(par, caller_uid):
-            raise NotAllowed(f"uid {caller_uid} may not add principals under {parent!r}")
+            q = self._by_name[name]
+            if caller_uid == 0 or q in self.visible_to(caller_uid):
+                raise PrincipalExists(f"principal {name!r} exists")
+            # Names are global, so a taken name cannot be given out again; say that
+            # much, but not that it is a principal, whose, or where.
+            raise PrincipalExists(f"principal name {name!r} is not available")
         bankrules.check_child_banks(par, banks, exclude=None, parent_is_root=par is self.root)
         accounting.check(par, accounting.kernel_object("children", 1))
         p = self._insert(self._take_id(), name, par, owner_uid, banks)
@@ -291,12 +340,9 @@ class PrincipalTable:
         return p
 
     def set(self, name: str, caller_uid: int, **changes: Any) -> Principal:
-        p = self.get(name)
-        if p.parent is None:
-            if caller_uid != 0:
-                raise NotAllowed("only root may change the root principal")
-        elif not self._may_administer(p.parent, caller_uid):
-            raise NotAllowed(f"uid {caller_uid} may not change principal {name!r}")
+        p = self.get_for(name, caller_uid, "change",
+                         may=lambda q, uid: q.parent is not None
+                         and self._may_administer(q.parent, uid))
         banks = dataclasses.replace(p.banks, **changes).normalised()
         old = p.banks  # put back if a bank validator refuses the change
         if p.parent is not None:
@@ -319,12 +365,12 @@ class PrincipalTable:
         that durable, and only then saves the table: pass `save=False`, so that a crash
         in between leaves the principal in place rather than its storage tagged with a
         removed id). Returns the principal that takes its storage, if any."""
-        p = self.get(name)
+        p = self.get_for(name, caller_uid, "remove",
+                         may=lambda q, uid: q.parent is not None
+                         and self._may_administer(q.parent, uid))
         if p is self.root:
             raise NotAllowed("the root principal cannot be removed")
         assert p.parent is not None
-        if not self._may_administer(p.parent, caller_uid):
-            raise NotAllowed(f"uid {caller_uid} may not remove principal {name!r}")
         if p.children:
             raise PrincipalError(f"principal {name!r} has children: "
                                  + ", ".join(c.name for c in p.children))
@@ -337,7 +383,9 @@ class PrincipalTable:
                 raise PrincipalError(
                     f"principal {name!r} owns {p.usage.space} bytes and {p.usage.inodes} "
                     "inodes: say where they go (--move-to PRINCIPAL)")
-            heir = self.get(move_to)
+            # The heir is charged what p held: the caller must administer it too, or
+            # it could hand its usage to anyone (quota evasion).
+            heir = self.get_for(move_to, caller_uid, "move storage to")
             if heir is p:
                 raise PrincipalError("cannot move storage to the principal being removed")
             # Move the charge: into heir's chain (which must have room), out of p's.
@@ -399,11 +447,29 @@ class PrincipalTable:
 
     # -- identity and views for other users ----------------------------------------------
 
+    def _is_default(self, p: Principal, uid: int) -> bool:
+        """Whether p can be uid's default principal: directly under root, owned by it."""
+        return p.parent is self.root and p.owner_uid == uid
+
     def default_for_uid(self, uid: int) -> Principal:
         if uid == 0:
             return self.root
-        name = f"uid-{uid}"
+        name = _default_name(uid)
         p = self._by_name.get(name)
+        if p is not None and not self._is_default(p, uid):
+            # `uid-N` taken by someone else's principal (a volume from before uid-N
+            # names were reserved): never act for it; the uid gets a default of its own.
+            if uid not in self._squatted_warned:
+                self._squatted_warned.add(uid)
+                log.warning("principal %r (under %r, owner uid %d) is not uid %d's default "
+                            "principal: uid %d's processes act for %r instead; root may "
+                            "remove %r (principal rm --move-to) to give the name back",
+                            name, p.parent.name if p.parent else None, p.owner_uid, uid, uid,
+                            _fallback_name(uid), name)
+            name = _fallback_name(uid)
+            p = self._by_name.get(name)
+            if p is not None and not self._is_default(p, uid):  # not addable; be sure
+                raise NotAllowed(f"uid {uid} has no usable default principal")
         if p is None:
             # Made in memory only: saved when it is first charged storage (charge) or
             # given children or banks; until then nothing of it outlives the daemon.
@@ -448,12 +514,19 @@ class PrincipalTable:
 
     # -- processes (processes.py) --------------------------------------------------------
 
-    def register(self, pid: int, principal: Principal, *, uid: int) -> None:
-        """Attach process `pid` (authenticated by the caller) to `principal`."""
+    def register(self, pid: int, principal: Principal, *, uid: int, started: int) -> None:
+        """Attach process `pid` (authenticated by the caller: it connected as `uid` and
+        had start time `started` then) to `principal`; NotAllowed if the process now
+        at `pid` is not the one that connected (it exited; the pid was reused)."""
         if not self.may_run_as(principal, uid):
             raise NotAllowed(f"uid {uid} may not run as principal {principal.name!r} "
                              "(only its owner or root may)")
-        self._processes.register(pid, principal)
+        try:
+            self._processes.register(pid, principal, started=started)
+        except ProcessLookupError:
+            raise NotAllowed(f"process {pid}, which opened this connection, has exited: "
+                             "only it may register (a process with its pid now is "
+                             "another)") from None
 
     def resolve(self, pid: int, uid: int, *, now: float | None = None) -> Principal:
         """The principal process `pid` (of `uid`) acts for."""

@@ -36,8 +36,13 @@ class ProcessRegistry(Generic[T]):
     def __bool__(self) -> bool:
         return bool(self._registered)
 
-    def register(self, pid: int, principal: T) -> None:
-        self._registered[pid] = (start_time(pid), principal)
+    def register(self, pid: int, principal: T, *, started: int) -> None:
+        """Register process `pid`, which started at `started` (its start time when it
+        connected): refused (ProcessLookupError) if the process now at `pid` is
+        another one, e.g. the one that connected exited and its pid was reused."""
+        if started < 0 or start_time(pid) != started:
+            raise ProcessLookupError(f"process {pid} that connected has exited")
+        self._registered[pid] = (started, principal)
         self._resolved.clear()
 
     def forget(self, principal: T) -> None:
@@ -63,6 +68,9 @@ class ProcessRegistry(Generic[T]):
         return p
 
     def _walk_ancestry(self, pid: int) -> T | None:
+        # FUSE names the calling thread: start from its process (a thread's own parent
+        # link skips the process, which may be the registered one).
+        pid = thread_group(pid)
         seen = 0
         while pid > 1 and seen < MAX_ANCESTRY:
             reg = self._registered.get(pid)
@@ -92,6 +100,18 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return data[data.rindex(b")") + 2:].decode().split()
+
+
+def thread_group(tid: int) -> int:
+    """The process (thread group id) thread `tid` belongs to; `tid` if unknown."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return tid
 
 
 def start_time(pid: int) -> int:

@@ -21,6 +21,12 @@ class Credentials:
     pid: int
     uid: int
     gid: int
+    #: the peer's supplementary groups when it connected (SO_PEERGROUPS; None: not
+    #: known, e.g. a test's hand-made Credentials)
+    groups: frozenset[int] | None = None
+    #: the connecting process's start time (/proc/PID/stat, clock ticks; -1: it had
+    #: exited before the daemon looked): a later process with the same pid is not it
+    start_time: int = -1
 
 
 class MetadataService(Protocol):

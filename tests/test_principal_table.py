@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import kernelshim.principals as principals
+from kernelshim.processes import start_time
 from kernelshim import Rate
 from kernelshim.principals import (Banks, PrincipalError, PrincipalTable, QuotaExceeded,
                                    TooManyObjects)
@@ -118,15 +119,33 @@ def test_a_process_acts_for_its_nearest_registered_ancestor() -> None:
     """Real processes: this one registered, a child of it found through /proc; a
     registration does not outlive its process (pids are reused)."""
     import os
+    import threading
     t = tree()
-    t.register(os.getpid(), t.get("a1"), uid=1000)
+    me = start_time(os.getpid())
+    t.register(os.getpid(), t.get("a1"), uid=1000, started=me)
     with pytest.raises(principals.NotAllowed):
-        t.register(os.getpid(), t.get("b"), uid=1000)
+        t.register(os.getpid(), t.get("b"), uid=1000, started=me)
+    # A second thread (FUSE names the thread) acts for its process's principal.
+    tids: list[int] = []
+    ready, done = threading.Event(), threading.Event()
+    th = threading.Thread(target=lambda: (tids.append(threading.get_native_id()),
+                                          ready.set(), done.wait()))
+    th.start()
+    try:
+        ready.wait()
+        assert tids[0] != os.getpid()
+        assert t.resolve(tids[0], 1000).name == "a1"
+    finally:
+        done.set()
+        th.join()
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                              stdin=subprocess.PIPE)
     try:
         assert t.resolve(child.pid, 1000).name == "a1"
-        t.register(child.pid, t.get("b"), uid=0)
+        # Only the process that connected may register: not a later one with its pid.
+        with pytest.raises(principals.NotAllowed, match="has exited"):
+            t.register(child.pid, t.get("b"), uid=0, started=start_time(child.pid) - 1)
+        t.register(child.pid, t.get("b"), uid=0, started=start_time(child.pid))
         assert t.resolve(child.pid, 1000, now=1e12).name == "b"
         assert t.registered() == {os.getpid(): "a1", child.pid: "b"}
     finally:

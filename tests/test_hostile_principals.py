@@ -1,0 +1,352 @@
+"""Tenants against each other through principals and the control socket (findings 2, 3,
+4, 9, 15 and 16 of the hostile-user probe of 2026-12-01): a real volume, mounted, used
+by real processes of other uids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import Mount, as_uid, child_result, in_child, sluice
+from shim_util import USER_ENV, USER_PY, pubmnt, user_run  # noqa: F401 - pubmnt is a fixture
+# (imported here: a child that became another uid cannot read the venv's modules)
+from kernelshim.client import Client
+from kernelshim.principals import NotAllowed  # (the client maps errors to it lazily)
+
+BS = 4096
+
+
+def table(mnt: Path) -> dict[str, dict]:
+    r = sluice("principal", "ls", str(mnt), "--json")
+    return {row["name"]: row for row in json.loads(r.stdout)}
+
+
+def user_sluice(uid: int, *args: str) -> subprocess.CompletedProcess:
+    return user_run([USER_PY, "-m", "fs.cli", *args], uid)
+
+
+def one_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode != 0 and r.stdout == "", (r.returncode, r.stdout)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def shared_dir(mnt: Path) -> Path:
+    w = mnt / "w"
+    w.mkdir(exist_ok=True)
+    os.chmod(w, 0o777)
+    return w
+
+
+# -- 2: uid-N names are uid N's ------------------------------------------------------------
+
+def test_no_one_takes_another_uids_default_principal(pubmnt: Path) -> None:
+    m = str(pubmnt)
+    w = shared_dir(pubmnt)
+    assert user_run(["/bin/sh", "-c", f"echo a > {w}/a"], 1000).returncode == 0  # uid-1000
+    r = user_sluice(1000, "principal", "add", m, "uid-1003", "--parent", "uid-1000",
+                    "--space", "0", "--connections", "0")
+    assert "reserved" in one_line(r)
+    # Not even root may put one anywhere but under root, owned by its uid.
+    for args in (["--parent", "uid-1000", "--owner", "1003"], ["--owner", "1000"]):
+        r = sluice("principal", "add", m, "uid-1003", *args, check=False)
+        assert "reserved" in one_line(r), args
+    # uid 1003 writes as itself, to a default of its own.
+    r = user_run(["/bin/sh", "-c", f"echo hello > {w}/from-1003"], 1003)
+    assert r.returncode == 0, r.stderr
+    assert (w / "from-1003").read_text() == "hello\n"
+    t = table(pubmnt)
+    assert (t["uid-1003"]["parent"], t["uid-1003"]["owner_uid"]) == ("root", 1003)
+    assert t["uid-1003"]["usage"]["inodes"] == 1
+    # Root may add a uid's default before first use, as it would be made.
+    sluice("principal", "add", m, "uid-1004", "--owner", "1004", "--space", "1M")
+    assert (table(pubmnt)["uid-1004"]["parent"], table(pubmnt)["uid-1004"]["owner_uid"]) \
+        == ("root", 1004)
+
+
+@pytest.fixture
+def pub_base() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="sluice-pub-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    yield base
+    if not os.path.ismount(base / "mnt"):
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_volume_with_a_squatted_default_name(volume: Path, pub_base: Path,
+                                                tmp_path: Path) -> None:
+    """A volume from before uid-N names were reserved, where uid 1000 took `uid-1003`
+    with no space: uid 1003 is not bound by it; the daemon says so in one line."""
+    (volume / "principals.json").write_text(json.dumps({
+        "root": {"banks": {}}, "next_id": 3,
+        "principals": [
+            {"id": 1, "name": "uid-1000", "parent": "root", "owner_uid": 1000, "banks": {}},
+            {"id": 2, "name": "uid-1003", "parent": "uid-1000", "owner_uid": 1000,
+             "banks": {"space": 0, "connections": 0}}]}))
+    os.chmod(volume / "principals.json", 0o600)
+    mp = pub_base / "mnt"
+    mp.mkdir()
+    mount = Mount(volume, mp, None, tmp_path / "daemon.log")
+    try:
+        mount.start()
+        w = shared_dir(mp)
+        r = user_run(["/bin/sh", "-c", f"echo hello > {w}/from-1003"], 1003)
+        assert r.returncode == 0, r.stderr
+        assert (w / "from-1003").read_text() == "hello\n"
+        who = as_uid(1003, lambda: _whoami(mp))
+        assert who["principal"] == "uid-1003:default"
+        t = table(mp)
+        assert t["uid-1003"]["usage"]["inodes"] == 0
+        assert (t["uid-1003:default"]["parent"], t["uid-1003:default"]["owner_uid"],
+                t["uid-1003:default"]["usage"]["inodes"]) == ("root", 1003, 1)
+        assert mount.daemon_alive
+    finally:
+        mount.stop()
+    log = mount.log.read_text()
+    warned = [ln for ln in log.splitlines() if "is not uid 1003's default principal" in ln]
+    assert len(warned) == 1, log[-3000:]
+    assert "'uid-1003:default'" in warned[0] and "owner uid 1000" in warned[0]
+    # What it made is saved (it holds storage now).
+    saved = json.loads((volume / "principals.json").read_text())
+    assert any(p["name"] == "uid-1003:default" and p["owner_uid"] == 1003
+               for p in saved["principals"])
+
+
+def _whoami(mp: Path) -> dict:
+    with Client.connect(mp, shm_size=0) as c:
+        return c.whoami()
+
+
+# -- 3: the heir of a removed principal's storage ----------------------------------------
+
+def test_rm_move_to_needs_the_heir_administered_too(pubmnt: Path) -> None:
+    m = str(pubmnt)
+    w = shared_dir(pubmnt)
+    sluice("principal", "add", m, "t", "--owner", "1000", "--space", "100M")
+    assert user_sluice(1000, "principal", "add", m, "ta", "--parent", "t").returncode == 0
+    assert user_sluice(1000, "principal", "add", m, "tb", "--parent", "t").returncode == 0
+    r = user_sluice(1000, "run", m, "--principal", "ta", "--", "/bin/sh", "-c",
+                    f"head -c 65536 /dev/zero > {w}/big")
+    assert r.returncode == 0, r.stderr
+    assert user_run(["/bin/sh", "-c", f"echo v > {w}/v"], 1001).returncode == 0
+    before = table(pubmnt)
+    held = before["ta"]["usage"]["space"]
+    assert held >= 65536
+    for heir in ("uid-1001", "root"):
+        r = user_sluice(1000, "principal", "rm", m, "ta", "--move-to", heir)
+        assert f"may not move storage to principal '{heir}'" in one_line(r)
+    after = table(pubmnt)
+    assert after["ta"]["usage"] == before["ta"]["usage"]
+    assert after["uid-1001"]["usage"] == before["uid-1001"]["usage"]
+    # To a principal of its own it may.
+    r = user_sluice(1000, "principal", "rm", m, "ta", "--move-to", "tb")
+    assert r.returncode == 0, r.stderr
+    t = table(pubmnt)
+    assert "ta" not in t and t["tb"]["usage"]["space"] == held
+    assert (w / "big").stat().st_size == 65536
+
+
+# -- 16: names of other tenants' principals ----------------------------------------------
+
+def test_refusals_do_not_tell_which_names_exist(pubmnt: Path) -> None:
+    m = str(pubmnt)
+    sluice("principal", "add", m, "thr", "--owner", "1000")
+    assert user_run(["/bin/true"], 1001).returncode == 0
+    assert user_sluice(1001, "principal", "ls", m).returncode == 0  # uid-1001 exists now
+    for verb_args, wants in (
+            (["principal", "set", m, "{}", "--space", "1M"], "may not change principal"),
+            (["principal", "rm", m, "{}"], "may not remove principal"),
+            (["principal", "add", m, "x1", "--parent", "{}"], "may not add principals under"),
+            (["run", m, "--principal", "{}", "--", "/bin/true"], "may not run as principal"),
+            (["principal", "show", m, "{}"], "that you may see")):
+        answers = []
+        for name in ("thr", "nosuch"):
+            r = user_sluice(1001, *[a.replace("{}", name) for a in verb_args])
+            answers.append((r.returncode, one_line(r).replace(name, "NAME")))
+        assert answers[0] == answers[1], answers
+        assert wants in answers[0][1], answers
+        assert "exist" not in answers[0][1] and "1000" not in answers[0][1], answers
+    # A taken name cannot be added again (names are global), but the answer says no
+    # more than that: not that it is a principal, whose, or where.
+    r = user_sluice(1001, "principal", "add", m, "thr", "--parent", "uid-1001")
+    line = one_line(r)
+    assert "not available" in line and "exists" not in line and "1000" not in line, line
+    # Its owner, who sees it, is told plainly.
+    r = user_sluice(1000, "principal", "add", m, "thr", "--parent", "thr")
+    assert "'thr' exists" in one_line(r)
+
+
+# -- 15: every thread of a program acts for its principal ---------------------------------
+
+def test_second_thread_is_charged_to_the_principal(pubmnt: Path) -> None:
+    m = str(pubmnt)
+    w = shared_dir(pubmnt)
+    sluice("principal", "add", m, "thr", "--owner", "1000", "--space", "200M")
+    prog = ("import threading\n"
+            f"open('{w}/main.bin', 'wb').write(b'm' * (1 << 20))\n"
+            f"t = threading.Thread(target=lambda: open('{w}/other.bin', 'wb')"
+            ".write(b't' * (1 << 20)))\n"
+            "t.start(); t.join()\n")
+    r = user_sluice(1000, "run", m, "--principal", "thr", "--", USER_PY, "-c", prog)
+    assert r.returncode == 0, r.stderr
+    assert (w / "other.bin").read_bytes() == b"t" * (1 << 20)
+    t = table(pubmnt)
+    assert t["thr"]["usage"]["inodes"] == 2
+    assert t["thr"]["usage"]["space"] >= 2 << 20
+    assert t.get("uid-1000", {"usage": {"inodes": 0}})["usage"]["inodes"] == 0
+
+
+# -- 9: only the process that connected may register ---------------------------------------
+
+def _set_last_pid(pid: int) -> None:
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid))
+
+
+def test_register_refused_after_the_connecting_pid_is_reused(pubmnt: Path) -> None:
+    """uid 1000 connects, hands the connection to a child and exits; a uid 1001 process
+    gets its pid; registering on the old connection must not bind that process."""
+    m = str(pubmnt)
+    w = shared_dir(pubmnt)
+    sluice("principal", "add", m, "trap", "--owner", "1000", "--space", "0")
+    go_r, go_w = os.pipe()          # tells the holder of the connection to register
+    res_r, res_w = os.pipe()        # its answer
+
+    def connect_and_leave() -> dict:
+        c = Client.connect(m, shm_size=0)
+        if os.fork() == 0:  # the holder: keeps the connection after its opener exits
+            try:
+                os.read(go_r, 1)
+                try:
+                    out = {"ok": c.register("trap")}
+                except (NotAllowed, OSError) as exc:
+                    out = {"error": type(exc).__name__, "message": str(exc)}
+                os.write(res_w, json.dumps(out).encode())
+            finally:
+                os._exit(0)
+        return {"pid": os.getpid()}
+
+    # (its result pipe is not read: the holder keeps a copy of its write end open)
+    opener, unread = in_child(1000, connect_and_leave)
+    assert os.waitpid(opener, 0)[1] == 0  # exited and reaped
+    os.close(unread)
+    # A uid 1001 process with the opener's pid (pid_max is small; retry if another
+    # process took it first).
+    victim = None
+    for _ in range(20):
+        _set_last_pid(opener - 1)
+        vr, vw = os.pipe()
+
+        def wait_then_write(vr: int = vr) -> dict:
+            os.read(vr, 1)
+            with open(w / "victim.txt", "w") as f:
+                f.write("mine")
+            return {"pid": os.getpid()}
+
+        pid, r = in_child(1001, wait_then_write)
+        if pid == opener:
+            victim = (pid, r, vw)
+            break
+        os.write(vw, b"x")
+        child_result(pid, r)
+        os.unlink(w / "victim.txt")
+    if victim is None:
+        pytest.skip("could not get the exited opener's pid for the second process")
+    os.write(go_w, b"x")
+    answer = json.loads(os.read(res_r, 65536))
+    pid, r, vw = victim
+    os.write(vw, b"x")
+    assert child_result(pid, r)["pid"] == opener
+    assert answer.get("error") == "NotAllowed", answer
+    assert "has exited" in answer["message"]
+    assert (w / "victim.txt").read_text() == "mine"
+    t = table(pubmnt)
+    assert t["trap"]["usage"]["inodes"] == 0
+    assert t["uid-1001"]["usage"]["inodes"] == 1
+    for fd in (go_r, go_w, res_r, res_w):
+        os.close(fd)
+
+
+# -- 4: group rights are those the connection was opened with -----------------------------
+
+GROUP = 4242
+
+
+@pytest.fixture
+def setgid_sleep(pub_base: Path) -> Path:
+    """A copy of sleep, set-group-ID group GROUP, that every uid may run."""
+    helper = pub_base / "sgid-sleep"
+    shutil.copy("/bin/sleep", helper)
+    os.chown(helper, 0, GROUP)
+    os.chmod(helper, 0o2755)
+    assert os.stat(helper).st_mode & stat.S_ISGID
+    return helper
+
+
+def test_direct_client_groups_fixed_at_connect(pubmnt: Path, setgid_sleep: Path) -> None:
+    """uid 1000 (not in GROUP) connects, forks, and execs a set-group-ID GROUP program;
+    the child, still holding the connection, may not read a 0640 root:GROUP file."""
+    secret = pubmnt / "secret"
+    secret.write_text("for group 4242 only")
+    os.chown(secret, 0, GROUP)
+    os.chmod(secret, 0o640)
+    m = str(pubmnt)
+
+    def borrow() -> dict:
+        c = Client.connect(m)
+        opener = os.getpid()
+        if os.fork() != 0:
+            os.execv(str(setgid_sleep), [str(setgid_sleep), "600"])
+        # The child: wait until the opener runs with GROUP as its group.
+        while True:
+            with open(f"/proc/{opener}/status") as f:
+                gids = next(ln for ln in f if ln.startswith("Gid:")).split()[1:]
+            if str(GROUP) in gids:
+                break
+            time.sleep(0.001)
+        try:
+            with c.open("secret", "r") as f:
+                got: dict = {"read": bytes(f.read()).decode()}
+        except OSError as exc:
+            got = {"errno": exc.errno}
+        finally:
+            os.kill(opener, signal.SIGTERM)
+        return got
+
+    got = as_uid(1000, borrow)
+    assert got == {"errno": 13}, got
+    # Through the mount (requests name the caller as it is then) the same is refused.
+    r = user_run(["/bin/cat", str(secret)], 1000)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_direct_client_has_its_supplementary_groups(pubmnt: Path) -> None:
+    """The groups taken at connect are the real ones: a member of GROUP (a supplementary
+    group) reads the 0640 root:GROUP file directly; a non-member may not."""
+    secret = pubmnt / "secret"
+    secret.write_text("for group 4242 only")
+    os.chown(secret, 0, GROUP)
+    os.chmod(secret, 0o640)
+    code = ("import sys\nfrom kernelshim.client import Client\n"
+            f"c = Client.connect({str(pubmnt)!r})\n"
+            "try:\n"
+            "    print(bytes(c.open('secret', 'r').read()).decode())\n"
+            "except PermissionError as exc:\n"
+            "    print('EACCES', exc.errno)\n")
+    for groups, want in ((f"{GROUP}", "for group 4242 only"), ("4243,4244", "EACCES 13")):
+        r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", f"--groups={groups}",
+                            "--", USER_PY, "-c", code], capture_output=True, text=True,
+                           env=USER_ENV, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == want, (groups, r.stdout)
