@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(fuse3 libfuse3-dev pkg-config attr sqlite3 git gcc make tar python3-venv python3-dev strace e2fsprogs
-          meson ninja-build patch xz-utils dpkg-dev)
+          meson ninja-build patch xz-utils dpkg-dev libxxhash-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,6 +34,29 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The binding first, so that installing sluice finds pyfuse3 already satisfied.
 bash binding/build.sh "$PWD/.venv/bin/python"
+
+# The checksums of a device write in one call (blockdev/xxh3blocks.c: the extension
+# module _xxh3blocks, which blockdev/checksums.py loads from .build/xxh3blocks; without
+# it, python-xxhash hashes block by block). Rebuilt when its source, the compiler, the
+# xxhash headers or the Python changes.
+xxh_dir=.build/xxh3blocks
+xxh_ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+xxh_inc=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+xxh_hash=$( (cat blockdev/xxh3blocks.c; gcc --version | head -1; cat /usr/include/xxhash.h;
+             echo "$xxh_ext $xxh_inc") | sha256sum | cut -c1-16)
+if [ ! -f "$xxh_dir/stamp" ] || [ "$(cat "$xxh_dir/stamp")" != "$xxh_hash" ] ||
+   [ ! -f "$xxh_dir/_xxh3blocks$xxh_ext" ]; then
+    echo "setup: building the block checksum helper (blockdev/xxh3blocks.c)"
+    rm -rf "$xxh_dir" && mkdir -p "$xxh_dir"
+    for v in sse2:-msse2 avx2:-mavx2 avx512:-mavx512f; do
+        gcc -O3 -fPIC "${v#*:}" -DXXH3_BLOCKS_VARIANT="${v%%:*}" -c blockdev/xxh3blocks.c \
+            -o "$xxh_dir/${v%%:*}.o"
+    done
+    gcc -O2 -fPIC -Wall -Wextra -I"$xxh_inc" -c blockdev/xxh3blocks.c -o "$xxh_dir/module.o"
+    gcc -shared -o "$xxh_dir/_xxh3blocks$xxh_ext" "$xxh_dir"/module.o "$xxh_dir"/sse2.o \
+        "$xxh_dir"/avx2.o "$xxh_dir"/avx512.o
+    echo "$xxh_hash" > "$xxh_dir/stamp"
+fi
 
 stamp=.venv/.sluice-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
