@@ -63,8 +63,9 @@ class WriteBack(Observed):
         """Whether a stream write (one that bypasses the pool under write-back) may be
         acknowledged before it reaches the device: only when its buffer cannot change
         (a view of `bytes`: a FUSE request's payload, which the binding hands over as
-        a read-only view of the buffer it read the request into and never reuses —
-        never a direct client's shared memory) and the writer has less than
+        a read-only view of the buffer it read the request into, a buffer it reads
+        nothing into while anything references it — never a direct client's shared
+        memory) and the writer has less than
         WRITE_BEHIND_BYTES on their way and the daemon less than WRITE_BEHIND_TOTAL
         (beyond that it writes synchronously, paying for its own stream and nobody
         else's). What counts is the memory held: the whole `bytes` object."""
