@@ -12,8 +12,10 @@
 #   2. pyfuse3 3.5.0 from its PyPI sdist with binding/pyfuse3-3.5.0-sluice.patch
 #      (fallocate and lseek handlers, init flags for direct-I/O mmap and killpriv v2,
 #      FOPEN_NOFLUSH and parallel direct writes in FileInfo, release_worker() for
-#      handlers that wait without holding a worker, and a worker that keeps reading
-#      requests while its handlers complete without blocking), linked against that
+#      handlers that wait without holding a worker, a worker that keeps reading
+#      requests while its handlers complete without blocking, and a large write's
+#      payload handed over as a read-only view of the buffer the request was read
+#      into, never reused, instead of a copy), linked against that
 #      libfuse with an rpath, built as a wheel versioned 3.5.0+sluice.N and installed
 #      into .venv.
 #
@@ -29,7 +31,7 @@ ROOT=$PWD
 B=$ROOT/.build
 PREFIX=$B/libfuse
 PYFUSE3_VERSION=3.5.0
-LOCAL_VERSION=sluice.5          # bump with every change of the pyfuse3 patch
+LOCAL_VERSION=sluice.9          # bump with every change of the pyfuse3 patch
 SUITE=trixie
 
 die() { echo "setup: $*" >&2; exit 1; }

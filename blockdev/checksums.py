@@ -15,23 +15,94 @@ sends the page as it is when its write starts, so the file never ends up older t
 memory even when a backing takes time (latency injection) between the two.
 
 Durability is the backing's `flush()` (the device calls it after flushing the data).
+
+`block_checksums` computes the checksums of a run of blocks: in one call of the C
+helper `_xxh3blocks` (blockdev/xxh3blocks.c, built by scripts/setup.sh into
+.build/xxh3blocks) when it is there, else one python-xxhash call per block. Both give
+xxHash's XXH3_64bits of each block (python-xxhash is the reference; a test compares
+them), so the file's format does not depend on which one ran.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import io
+import logging
 import os
+import sysconfig
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import trio
+import xxhash
 
 from .backing import Backing
 from .errors import FormatError
+
+log = logging.getLogger(__name__)
 
 #: the unit in which the checksum file is written (a host page)
 PAGE = 4096
 _ENTRY = 8
 _DTYPE = np.dtype("<u8")
+#: runs of fewer blocks are hashed with python-xxhash: below this the helper's call
+#: (argument parsing, the output array) costs more than the calls it saves
+NATIVE_MIN_BLOCKS = 4
+#: where scripts/setup.sh builds the helper (blockdev/xxh3blocks.c)
+HELPER_DIR = Path(__file__).resolve().parent.parent / ".build" / "xxh3blocks"
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def _load_helper() -> ModuleType | None:
+    """The `_xxh3blocks` extension module built by scripts/setup.sh, or None when it is
+    not built (an install without the setup script): python-xxhash then does it all."""
+    path = HELPER_DIR / ("_xxh3blocks" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    if not path.exists():
+        log.debug("%s is not built (scripts/setup.sh): checksums by python-xxhash", path)
+        return None
+    try:
+        loader = importlib.machinery.ExtensionFileLoader("_xxh3blocks", str(path))
+        spec = importlib.util.spec_from_file_location("_xxh3blocks", path, loader=loader)
+        assert spec is not None
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+    except (ImportError, OSError) as exc:
+        log.warning("cannot load %s (%s): checksums by python-xxhash", path, exc)
+        return None
+    return mod
+
+
+_helper = _load_helper()
+_native = _helper.hash_blocks if _helper is not None else None
+#: which code computes the checksums of large writes and reads: "c-avx512", "c-avx2",
+#: "c-sse2" (the helper) or "python-xxhash"
+BLOCK_HASHER = f"c-{_helper.variant()}" if _helper is not None else "python-xxhash"
+
+
+def block_checksums(data: bytes | bytearray | memoryview, block_size: int) -> np.ndarray:
+    """XXH3_64 of each `block_size` block of `data` (its length a whole number of
+    blocks), as a uint64 array; 0 stays 0 (the device maps it to 1)."""
+    mv = memoryview(data).cast("B")
+    count = len(mv) // block_size
+    if _native is not None and count >= NATIVE_MIN_BLOCKS:
+        out = np.empty(count, dtype=np.uint64)
+        _native(mv, block_size, out)
+        return out
+    return np.fromiter((_xxh3(mv[o:o + block_size])
+                        for o in range(0, count * block_size, block_size)),
+                       dtype=np.uint64, count=count)
+
+
+def block_checksums_reference(data: bytes | bytearray | memoryview,
+                              block_size: int) -> np.ndarray:
+    """`block_checksums` by python-xxhash alone, block by block (the reference)."""
+    mv = memoryview(data).cast("B")
+    return np.array([_xxh3(mv[o:o + block_size])
+                     for o in range(0, len(mv) - len(mv) % block_size, block_size)],
+                    dtype=np.uint64)
 
 
 def format_checksum_file(path: str | os.PathLike[str], nblocks: int) -> None:

@@ -48,7 +48,8 @@ import trio
 import xxhash
 
 from .backing import Backing, FileBacking, reserve_space
-from .checksums import PAGE, ChecksumStore, format_checksum_file
+from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
+                        format_checksum_file)
 from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
 from .faults import FaultPlan, FaultyBacking
 from .profiles import PROFILES, Capacity, TimingProfile, parse_profile
@@ -508,7 +509,8 @@ class BlockDevice:
         bs = self.block_size
         mv = memoryview(buf)
         expected = self._csum[block:block + count].tolist()
-        got = [_xxh3(mv[i * bs:(i + 1) * bs]) for i in range(count)]
+        got = (block_checksums(mv, bs).tolist() if count >= NATIVE_MIN_BLOCKS
+               else [_xxh3(mv[i * bs:(i + 1) * bs]) for i in range(count)])
         if got == expected:
             return
         for i, (g, w) in enumerate(zip(got, expected)):
@@ -578,9 +580,13 @@ class BlockDevice:
         try:
             times = await self._serve(principal, block, len(mv), WRITE)
             await self._wait_landed(block, count, before=claim)
-            sums = [_xxh3(mv[o:o + bs]) for o in range(0, len(mv), bs)]
-            if 0 in sums:  # (as _block_checksum: 0 means never written)
-                sums = [h or 1 for h in sums]
+            sums: np.ndarray | list[int]
+            if count >= NATIVE_MIN_BLOCKS:  # (one call of the C helper)
+                sums = block_checksums(mv, bs)
+                if not sums.all():  # (as _block_checksum: 0 means never written)
+                    sums[sums == 0] = 1
+            else:
+                sums = [_xxh3(mv[o:o + bs]) or 1 for o in range(0, len(mv), bs)]
             try:
                 await self.data.write(block * bs, mv)
             except OSError as exc:

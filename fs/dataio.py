@@ -124,7 +124,10 @@ class OpenFiles:
         self._touch_atime(node)
         return data
 
-    async def write(self: FileSystem, fh: int, offset: int, data: bytes) -> int:
+    async def write(self: FileSystem, fh: int, offset: int, data: bytes | memoryview) -> int:
+        """A FUSE write: `data` is immutable (`bytes`, or for a large write a read-only
+        view of the `bytes` the binding read the request into), so a stream write may
+        be written behind after the reply (pager/writeback.py)."""
         self._writable()
         h = self.handle(fh)
         if not h.writable:

@@ -296,9 +296,12 @@ class Admission:
             for lim in lims[n:]:
                 if not lim.acquire_nowait():
                     if parked < 0:
-                        if payload is None:
-                            payload = sum(len(a) for a in args
-                                          if isinstance(a, (bytes, bytearray)))
+                        if payload is None:  # (a large write's payload is a view of
+                            # the whole request buffer, which it keeps alive)
+                            payload = sum(len(a.obj) if isinstance(a, memoryview)
+                                          and isinstance(a.obj, bytes) else len(a)
+                                          for a in args
+                                          if isinstance(a, (bytes, bytearray, memoryview)))
                         cost = PARKED_OVERHEAD + payload
                         if self._park(chain, cost, must):
                             parked = cost
@@ -637,7 +640,7 @@ class Operations(pyfuse3.Operations):
         return await self.fs.read(fh, off, size)
 
     @_guard
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         return await self.fs.write(fh, off, buf)
 
     @_guard

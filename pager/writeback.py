@@ -36,6 +36,13 @@ from .observe import Observed
 log = logging.getLogger(__name__)
 
 
+def _held(mv: memoryview) -> int:
+    """The memory a write-behind of `mv` keeps alive: the whole object it views (a
+    FUSE payload is a view of the buffer its request was read into)."""
+    obj = mv.obj
+    return max(len(mv), len(obj)) if isinstance(obj, bytes) else len(mv)
+
+
 class WriteBack(Observed):
     """Write-back of dirty frames, dirty throttling and aging, flush and fsync."""
 
@@ -55,13 +62,18 @@ class WriteBack(Observed):
     def _may_write_behind(self, mv: memoryview, p: int) -> bool:
         """Whether a stream write (one that bypasses the pool under write-back) may be
         acknowledged before it reaches the device: only when its buffer cannot change
-        (`bytes`, a FUSE request's payload — never a direct client's shared memory) and
-        the writer has less than WRITE_BEHIND_BYTES on their way and the daemon less
-        than WRITE_BEHIND_TOTAL (beyond that it writes synchronously, paying for its
-        own stream and nobody else's)."""
-        return (self._behind_nursery is not None and isinstance(mv.obj, bytes)
-                and self._behind.get(p, 0) + len(mv) <= WRITE_BEHIND_BYTES
-                and self._behind_total + len(mv) <= WRITE_BEHIND_TOTAL)
+        (a view of `bytes`: a FUSE request's payload, which the binding hands over as
+        a read-only view of the buffer it read the request into, a buffer it reads
+        nothing into while anything references it — never a direct client's shared
+        memory) and the writer has less than
+        WRITE_BEHIND_BYTES on their way and the daemon less than WRITE_BEHIND_TOTAL
+        (beyond that it writes synchronously, paying for its own stream and nobody
+        else's). What counts is the memory held: the whole `bytes` object."""
+        if self._behind_nursery is None or not isinstance(mv.obj, bytes):
+            return False
+        n = _held(mv)
+        return (self._behind.get(p, 0) + n <= WRITE_BEHIND_BYTES
+                and self._behind_total + n <= WRITE_BEHIND_TOTAL)
 
     def _start_write_behind(self, block: int, mv: memoryview, p: int) -> None:
         """Send a stream write to the device in a task of its own and return at once
@@ -72,13 +84,14 @@ class WriteBack(Observed):
         them). Charged to `p`, with the bytes it holds."""
         assert self._behind_nursery is not None
         claim = self.device.claim(BlockNo(block), len(mv) // self.block_size)
-        self._behind[p] = self._behind.get(p, 0) + len(mv)
-        self._behind_total += len(mv)
+        n = _held(mv)
+        self._behind[p] = self._behind.get(p, 0) + n
+        self._behind_total += n
         self._behind_nursery.start_soon(self._write_behind, block, mv, p, claim,
                                         name="pager write-behind")
 
     async def _write_behind(self, block: int, mv: memoryview, p: int, claim: int) -> None:
-        n = len(mv)
+        n = _held(mv)
         try:
             # Shielded: the write was acknowledged, so a pager that is stopping (an
             # unmount cancels the nursery before the final sync) lets it land rather
@@ -93,7 +106,7 @@ class WriteBack(Observed):
             self.device.release_claim(claim)
             if self._behind_error is None:
                 self._behind_error = (f"write-behind of device blocks {block}+"
-                                      f"{n // self.block_size} failed: {exc!r}")
+                                      f"{len(mv) // self.block_size} failed: {exc!r}")
             if not isinstance(exc, Exception):
                 raise  # (Cancelled: the pager is stopping)
             log.error("%s", self._behind_error)

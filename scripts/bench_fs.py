@@ -181,6 +181,22 @@ class BenchMount(SluiceMount):
         self.pid = int(json.loads((self.volume / "mount.json").read_text())["pid"])
 
 
+def daemon_build() -> str:
+    """What the fio figure depends on besides the code: the FUSE binding's build (its
+    payload views came with 3.5.0+sluice.6) and what computes the block checksums
+    (blockdev/xxh3blocks.c, built by scripts/setup.sh, or python-xxhash)."""
+    import importlib.metadata
+    try:
+        binding = importlib.metadata.version("pyfuse3")
+    except importlib.metadata.PackageNotFoundError:
+        binding = "?"
+    try:
+        from blockdev.checksums import BLOCK_HASHER as hasher
+    except ImportError:
+        hasher = "python-xxhash"
+    return f"pyfuse3 {binding}, block checksums by {hasher}"
+
+
 def ensure_fio() -> str:
     """The fio binary; installed with apt-get when missing (the benchmark's job)."""
     found = shutil.which("fio")
@@ -735,6 +751,7 @@ def main() -> int:
         print(f"\nfio write: sluice/plain {fs_ / fp:.2f}x with "
               f"{'write-back' if args.writeback else 'write-through'} (goal: at least "
               f"{FIO_RATIO_GOAL}x with write-back)")
+        print(f"fio write: the daemon's {daemon_build()}")
     if b.extra.get("untar_requests"):
         print("untar requests by kind: " + ", ".join(
             f"{k} {v}" for k, v in b.extra["untar_requests"].items()))

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(fuse3 libfuse3-dev pkg-config attr sqlite3 git gcc make tar python3-venv python3-dev strace e2fsprogs
-          meson ninja-build patch xz-utils dpkg-dev)
+          meson ninja-build patch xz-utils dpkg-dev libxxhash-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,6 +34,41 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The binding first, so that installing sluice finds pyfuse3 already satisfied.
 bash binding/build.sh "$PWD/.venv/bin/python"
+
+# The checksums of a device write in one call (blockdev/xxh3blocks.c: the extension
+# module _xxh3blocks, which blockdev/checksums.py loads from .build/xxh3blocks; without
+# it, python-xxhash computes the same values block by block, slower). x86-64 only (it
+# picks SSE2, AVX2 or AVX-512 at run time). Rebuilt when its source, the compiler, the
+# xxhash header or the Python changes; a failed build is a warning, not an error.
+xxh_dir=.build/xxh3blocks
+if [ "$(uname -m)" = x86_64 ]; then
+    xxh_ext=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    xxh_inc=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    xxh_hash=$( (cat blockdev/xxh3blocks.c /usr/include/xxhash.h 2>/dev/null; gcc --version | head -1
+                 echo "$xxh_ext $xxh_inc") | sha256sum | cut -c1-16)
+    if [ ! -f "$xxh_dir/stamp" ] || [ "$(cat "$xxh_dir/stamp")" != "$xxh_hash" ] ||
+       [ ! -f "$xxh_dir/_xxh3blocks$xxh_ext" ]; then
+        echo "setup: building the block checksum helper (blockdev/xxh3blocks.c)"
+        rm -rf "$xxh_dir" && mkdir -p "$xxh_dir"
+        if { gcc -O3 -fPIC -msse2 -DXXH3_BLOCKS_VARIANT=sse2 -c blockdev/xxh3blocks.c \
+                 -o "$xxh_dir/sse2.o" &&
+             gcc -O3 -fPIC -mavx2 -DXXH3_BLOCKS_VARIANT=avx2 -c blockdev/xxh3blocks.c \
+                 -o "$xxh_dir/avx2.o" &&
+             gcc -O3 -fPIC -mavx512f -DXXH3_BLOCKS_VARIANT=avx512 -c blockdev/xxh3blocks.c \
+                 -o "$xxh_dir/avx512.o" &&
+             gcc -O2 -fPIC -Wall -Wextra -I"$xxh_inc" -c blockdev/xxh3blocks.c \
+                 -o "$xxh_dir/module.o" &&
+             gcc -shared -o "$xxh_dir/_xxh3blocks$xxh_ext" "$xxh_dir"/module.o \
+                 "$xxh_dir"/sse2.o "$xxh_dir"/avx2.o "$xxh_dir"/avx512.o; } \
+               >"$xxh_dir/build.log" 2>&1; then
+            echo "$xxh_hash" > "$xxh_dir/stamp"
+        else
+            rm -f "$xxh_dir/_xxh3blocks$xxh_ext"
+            echo "setup: warning: building blockdev/xxh3blocks.c failed (see $xxh_dir/build.log):" \
+                 "block checksums are computed by python-xxhash, slower" >&2
+        fi
+    fi
+fi
 
 stamp=.venv/.sluice-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then

@@ -10,7 +10,8 @@ fallback when they are not implemented); `FileInfo.noflush` (no FLUSH at close);
 workers, its arguments intact after its request buffer is reused); the reader (a worker
 whose handlers complete without blocking keeps reading requests itself, and hands the
 device over when one blocks); `main`'s checkpoint budget (a handler's schedule points
-answered without the event loop, real waits not).
+answered without the event loop, real waits not); write payloads (a large one a
+read-only view of the request buffer, never changed while the handler keeps it).
 Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
 """
 
@@ -557,3 +558,65 @@ def test_checkpoint_budget(tmp_path: Path, cls) -> None:
         # A real wait (an Event) gives the loop back and hands reading over, budget or
         # not: the read that sets the event is served meanwhile.
         _read_while_one_waits(mnt, status, deadline)
+
+
+# -- write payloads ----------------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+class KeepFs(Fs):
+    """Writes of `plain` keep their payload (as write-behind keeps it after the reply)
+    and note its type and contents; at `release` each kept payload is compared with
+    what it held when it arrived, after every later request was read."""
+
+    def __init__(self, status) -> None:
+        super().__init__(status)
+        self.kept: list[tuple[object, bytes]] = []
+
+    async def write(self, fh, off, buf):
+        if fh == FILES[b"plain"]:
+            mv = memoryview(buf)
+            self._note("payloads", [type(buf).__name__, mv.readonly, type(mv.obj).__name__,
+                                    len(buf), off])
+            self.kept.append((buf, bytes(buf)))
+        return await super().write(fh, off, buf)
+
+    async def release(self, fh):
+        if fh == FILES[b"plain"]:
+            self.status["intact"] = [bytes(buf) == copy for buf, copy in self.kept]
+        await super().release(fh)
+
+
+def test_large_write_payloads_are_views_that_never_change(tmp_path: Path) -> None:
+    """A write that fills at least half of the request buffer reaches the handler as a
+    read-only view of a `bytes` object (no copy); a small one as `bytes`. Either may
+    be kept after the handler returned: later requests are read into other buffers, so
+    what a kept payload holds never changes."""
+    aligned = mmap.mmap(-1, MiB)  # page-aligned: one request of 1 MiB
+    unaligned = bytearray(MiB + 16)  # as fio's: 1 MiB - k bytes, then k bytes
+    pattern = [bytes([i]) * MiB for i in range(1, 5)]
+    with _served(KeepFs, tmp_path) as (mnt, status, deadline):
+        fd = os.open(mnt / "plain", os.O_WRONLY)
+        try:
+            for i, data in enumerate(pattern[:2]):
+                aligned[:] = data
+                assert os.pwrite(fd, aligned, i * MiB) == MiB
+            for i, data in enumerate(pattern[2:], 2):
+                unaligned[16:] = data
+                assert os.pwrite(fd, memoryview(unaligned)[16:], i * MiB) == MiB
+            assert os.pwrite(fd, b"tiny", 4 * MiB) == 4
+        finally:
+            os.close(fd)
+        while "intact" not in status:  # RELEASE is asynchronous
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.02)
+        payloads = status["payloads"]
+        assert all(status["intact"]) and len(status["intact"]) == len(payloads)
+        views = [p for p in payloads if p[0] == "memoryview"]
+        small = [p for p in payloads if p[0] == "bytes"]
+        assert len(views) >= 4 and all(p[1] and p[2] == "bytes" for p in views), payloads
+        assert all(p[3] >= MiB // 2 for p in views), payloads
+        assert [4, 4 * MiB] in [p[3:] for p in small], payloads
+        assert sum(p[3] for p in payloads) == 4 * MiB + 4
+        assert (mnt / "plain").read_bytes()[:4 * MiB] == b"".join(pattern)
