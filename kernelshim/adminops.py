@@ -99,7 +99,8 @@ class AdminOps(ServerBase):
         that becomes readable waits up to about two of them) and the share of that
         time the loop thread was on a CPU, and the percentiles of its CPU time per batch
         (`cpu_p50_ms`, `cpu_p99_ms`: what a request waits for a batch whatever else the
-        machine runs). Root may `reset` them after reading."""
+        machine runs), and `parked`: steps of backlogged principals put off to a later
+        batch (FairTurns, BATCH_SECONDS). Root may `reset` them after reading."""
         page, nxt = self._page(conn, p)
         rows = {}
         for q in page:
@@ -113,7 +114,8 @@ class AdminOps(ServerBase):
         loop = {**t.batches.summary(),
                 "on_cpu": t.batch_cpu / t.batch_wall if t.batch_wall else 1.0,
                 "cpu_p50_ms": t.batches_cpu.percentile(0.5) * 1e3,
-                "cpu_p99_ms": t.batches_cpu.percentile(0.99) * 1e3}
+                "cpu_p99_ms": t.batches_cpu.percentile(0.99) * 1e3,
+                "parked": t.parked}
         if p.get("reset") and conn.creds.uid == 0 and nxt is None:
             for sh in self.turns.shares.values():
                 sh.service, sh.waited, sh.turns_waited = ServiceHistogram(), ServiceHistogram(), 0

@@ -460,7 +460,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     pos = len(data)
                 if msgs:
                     deadline = math.inf
-                for m in msgs:
+                for i, m in enumerate(msgs):
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
@@ -481,6 +481,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # one read may bring thousands of requests: give the loop back (and the
                     # turn to the principal's next connection) every TURN_SECONDS.
                     if now - self._last_yield >= self.turns.quantum(now):
+                        if i + 1 < len(msgs) or pos < len(data):
+                            # Requests left over: the principal is backlogged (it may
+                            # park: FairTurns.take); a client waiting for its one reply is
+                            # not, however long that request took.
+                            self.turns.backlogged(share)
                         await self._give_turn()
                 if pos >= len(data) or conn.doomed is not None:
                     break
@@ -550,6 +555,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 # (it cannot be cut short: `stats` is ~0.5 ms), not the end of a step
                 # that already had its quantum of other requests.
                 assert conn.share is not None
+                self.turns.backlogged(conn.share)
                 await self._give_turn()
                 await self.turns.take(conn.share)
         await self._run_op(conn, fn, m)
