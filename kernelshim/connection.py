@@ -253,7 +253,7 @@ class FairTurns(trio.abc.Instrument):
         #: until when steps are short: another principal had a turn in the same batch
         self._first: Share | None = None
         self.contended_until = -math.inf
-        #: when the current batch began (perf_counter, after the poll)
+        #: when the current batch began (trio's clock, after the poll)
         self._batch_t0 = 0.0
         #: steps parked to a later batch (BATCH_SECONDS), all principals
         self.parked = 0
@@ -305,9 +305,10 @@ class FairTurns(trio.abc.Instrument):
     def _over_budget(self, sh: Share) -> bool:
         """Whether `sh` must park now: backlogged, principals compete, and the batch has
         run BATCH_SECONDS already."""
-        return (sh.backlog >= self._batch - 1
-                and time.perf_counter() - self._batch_t0 > BATCH_SECONDS
-                and trio.current_time() < self.contended_until)
+        if sh.backlog < self._batch - 1:
+            return False
+        now = trio.current_time()
+        return now - self._batch_t0 > BATCH_SECONDS and now < self.contended_until
 
     async def _park(self, sh: Share) -> None:
         """Yield to later batches (the turn stays `sh`'s, reserved by its holder) while
@@ -368,7 +369,7 @@ class FairTurns(trio.abc.Instrument):
             self._wall0 = 0.0
 
     def after_io_wait(self, timeout: float) -> None:
-        self._batch_t0 = time.perf_counter()
+        self._batch_t0 = trio.current_time()
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
         # call (no vDSO), and two of them per batch were a tenth of the daemon's CPU
         # time per random 4 KiB FUSE read (docs/BENCHMARKS.md, "bench_fs regression

@@ -171,6 +171,10 @@ REFUSALS_PER_STEP = 8
 #: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
 COSTLY_OPS = frozenset({"stats", "principal_ls", "shim_stats", "principal_add",
                         "principal_set", "principal_rm", "register"})
+#: operations that cannot be cut and take a step of their own while principals compete
+#: (the costly ones, and `open`: a path walk and a grant from the metadata server,
+#: 0.2-0.3 ms), instead of lengthening a step that already had its quantum
+LONG_OPS = COSTLY_OPS | {"open"}
 
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
@@ -547,13 +551,16 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         except SluiceError as exc:
             self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
             return
-        if op in COSTLY_OPS:
-            if not await self._rate_limited(conn):
-                return
-            if trio.current_time() < self.turns.contended_until:
-                # A costly operation takes a step of its own while principals compete
-                # (it cannot be cut short: `stats` is ~0.5 ms), not the end of a step
-                # that already had its quantum of other requests.
+        if op in COSTLY_OPS and not await self._rate_limited(conn):
+            return
+        if op in LONG_OPS:
+            now = trio.current_time()
+            if now < self.turns.contended_until and \
+                    now - self._last_yield > self.turns.quantum(now) / 4:
+                # A long operation takes a step of its own while principals compete (it
+                # cannot be cut short: `stats` is ~0.15-0.5 ms, `open` 0.2-0.3 ms), not
+                # the end of a step that already served other requests; it counts as
+                # work left over, so it may park to a later batch (FairTurns).
                 assert conn.share is not None
                 self.turns.backlogged(conn.share)
                 await self._give_turn()
@@ -605,7 +612,23 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
 
     async def _release_all(self, conn: Connection) -> None:
         """A connection ended: its trace (if it records one) and then its slots and
-        shared buffer."""
+        shared buffer. Called holding the principal's turn (and shielded): the slots
+        are closed one after the other, and once the turn's quantum is used the turn
+        is given up between two of them and taken again, as between requests — a
+        churned connection's teardown (each close of a written file is a metadata
+        release) is no longer one step of up to a millisecond."""
         self._release_trace(conn)
         self._release_reclaim(conn)
-        await FileOps._release_all(self, conn)
+        share = conn.share
+        for slot in list(conn.slots):
+            try:
+                await self._close_slot(conn, slot)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing slot %d failed", slot)
+            now = trio.current_time()
+            if share is not None and conn.slots and \
+                    now - self._last_yield >= self.turns.quantum(now):
+                self.turns.backlogged(share)
+                await self._give_turn()
+                await self.turns.take(share)
+        self._drop_shm(conn)

@@ -1085,3 +1085,65 @@ def test_bench_hostile_quick(tmp_path: Path) -> None:
     assert res["attackers"] == res["attackers_started"]  # all still at it at the end
     assert {"uid-1000", "uid-1002"} <= set(res["daemon_attacked"])
     assert "ratio attacked/quiet" in r.stdout
+
+
+async def test_backlogged_principals_park_over_the_batch_budget(
+        mock_clock: trio.testing.MockClock) -> None:
+    """While principals compete, a batch of the run loop holds one step of a
+    backlogged principal (one that gave up its turn with work left), then the others
+    park to later batches, so the loop polls between them; a principal with nothing
+    left over (a client waiting for each reply) is never parked; every backlogged
+    principal still gets a step within MAX_PARKS + 1 batches; alone, nobody parks."""
+    from kernelshim.connection import BATCH_SECONDS, MAX_PARKS
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    ran: list[tuple[int, str]] = []  # (batch, who) of every step that served
+
+    async def bulk(principal: int, n: int) -> None:
+        sh = turns.share(principal)
+        for _ in range(n):
+            await turns.take(sh)
+            ran.append((turns._batch, f"bulk{principal}"))
+            mock_clock.jump(2 * BATCH_SECONDS)  # a step that uses up its quantum
+            turns.backlogged(sh)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def sparse(principal: int, n: int) -> None:
+        sh = turns.share(principal)
+        for _ in range(n):
+            await trio.lowlevel.cancel_shielded_checkpoint()  # "its request came"
+            woken = turns._batch
+            await turns.take(sh)
+            assert turns._batch == woken  # served in the batch it became runnable in
+            ran.append((turns._batch, "sparse"))
+            mock_clock.jump(BATCH_SECONDS / 4)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    try:
+        await bulk(1, 10)  # alone: never parks
+        assert turns.parked == 0 and turns.shares[1].parked == 0
+        ran.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bulk, 1, 30)
+            nursery.start_soon(bulk, 2, 30)
+            nursery.start_soon(sparse, 3, 30)
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert len([w for _, w in ran if w == "sparse"]) == 30
+    assert turns.shares[3].parked == 0
+    assert turns.shares[1].parked > 0 and turns.shares[2].parked > 0
+    per_batch = collections.Counter(b for b, w in ran if w.startswith("bulk"))
+    gap: dict[int, list[int]] = collections.defaultdict(list)  # batch -> gaps of its steps
+    for who in ("bulk1", "bulk2"):
+        mine = [b for b, w in ran if w == who]
+        assert len(mine) == 30
+        for b1, b2 in zip(mine, mine[1:]):
+            assert b2 - b1 <= MAX_PARKS + 1, (who, mine)
+            gap[b2].append(b2 - b1)
+    # Once the two compete (the first batch shows it), one backlogged step a batch;
+    # a second only from a principal that parked MAX_PARKS batches in a row.
+    first = min(per_batch)
+    for b, c in per_batch.items():
+        if b > first and c > 1:
+            assert c == 2 and max(gap[b]) >= MAX_PARKS, (b, per_batch, gap[b])
+    assert sum(c for b, c in per_batch.items() if b > first) < 1.2 * (len(per_batch) - 1)
