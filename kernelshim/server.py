@@ -76,14 +76,20 @@ the run loop per batch, whatever its number of connections, and a step serving
 requests gives the loop back after TURN_SECONDS (0.1 ms) while several principals
 have work (after HOG_SECONDS alone) — so a request of one principal waits for at most
 one short step of each other principal with work, not for all their connections'
-backlogs. A request that blocks (I/O, a lock) passes its
+backlogs. While they compete, a batch of the loop also has a budget (BATCH_SECONDS,
+0.1 ms): a backlogged principal (its last turn ended with requests left over) starts
+no step in a batch that has run that long, but parks to a later batch (at most
+MAX_PARKS in a row), so the loop polls its sockets between backlogged steps and a
+client waiting for each reply waits behind about one of them, not one per hostile
+principal. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
 pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time (a frame
 longer than that up to its end at once), each slice served before the next is
 decoded, so decoding cannot make a step longer than its turn (a read of 64 pipelined
 requests took 0.2-0.3 ms to decode whole); and while principals compete, a costly
-operation (below) starts a step of its own rather than ending one that already had
-its quantum.
+operation (below) or an `open` starts a step of its own rather than ending one that
+already served requests; a connection's teardown gives the turn up between the slots
+it closes once the quantum is used.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
 `shim_stats`, principal changes, `register`) are limited to the principal's
 `costly_rate` bank (ADMIN_RATE, 50, by default) a second after a burst of ADMIN_BURST

@@ -481,8 +481,13 @@ def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]]) -> dict[st
 
         def mean(ps: list[dict[str, float]]) -> dict[str, float]:
             return {k: sum(q[k] for q in ps) / len(ps) for k in ps[0]} if ps else {}
+        cpu = sorted(q["daemon_cpu"] for q in pairs) or [0.0]
         out[phase] = {"matched": len(pairs), "of": len(stamps), "ops": len(mine),
-                      "all": mean(pairs), "tail": mean(tail), "tail_n": len(tail)}
+                      "all": mean(pairs), "tail": mean(tail), "tail_n": len(tail),
+                      # the daemon's CPU in others' steps that a pair waited behind: the
+                      # part of its wait the daemon decides, whatever the machine's load
+                      "daemon_cpu_p50": cpu[len(cpu) // 2],
+                      "daemon_cpu_p99": cpu[min(len(cpu) - 1, int(len(cpu) * 0.99))]}
     return out
 
 
@@ -506,6 +511,9 @@ def print_decomposition(dec: dict[str, Any]) -> None:
     row("  the daemon's CPU in other steps between the call and the victim's", "daemon_cpu")
     row("  the daemon thread off a CPU in those steps (wall - CPU)", "daemon_off_cpu")
     row("  the victim thread waiting for a CPU (schedstat)", "victim_cpu_wait")
+    print("  the daemon's CPU in others' steps a pair waited behind, p50 / p99: " + ", ".join(
+        f"{p} {dec[p]['daemon_cpu_p50'] * 1e3:.3f} / {dec[p]['daemon_cpu_p99'] * 1e3:.3f} ms"
+        for p in ph))
     print("  pairs matched: " + ", ".join(f"{p} {dec[p]['matched']}/{dec[p]['of']} "
                                           f"({dec[p]['ops']} ops; tail {dec[p]['tail_n']})"
                                           for p in ph))
