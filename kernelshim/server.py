@@ -474,8 +474,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
+                    parked = share.parked
                     await self.turns.take(share)
                     t1 = trio.current_time()
+                    if share.parked != parked:
+                        self._last_yield = t1  # parking gave the loop back: a new quantum
                     if t1 < self.turns.contended_until:
                         # Principals compete: the replies of this step go out together
                         # (alone, each goes out at once: that is quicker for one client).
