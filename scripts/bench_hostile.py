@@ -508,7 +508,7 @@ def print_decomposition(dec: dict[str, Any]) -> None:
     row("  batches ended between the call and the pick-up (count)", "batches", 1.0, "{:.2f}")
     row("  other tasks' steps of the pick-up batch run first (count)", "steps_before", 1.0,
         "{:.2f}")
-    row("  the daemon's CPU in other steps between the call and the victim's", "daemon_cpu")
+    row("  the daemon's CPU in others' steps before the victim's", "daemon_cpu")
     row("  the daemon thread off a CPU in those steps (wall - CPU)", "daemon_off_cpu")
     row("  the victim thread waiting for a CPU (schedstat)", "victim_cpu_wait")
     print("  the daemon's CPU in others' steps a pair waited behind, p50 / p99: " + ", ".join(
