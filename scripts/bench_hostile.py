@@ -28,8 +28,12 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
 the functions it spent its time in. `--loop-trace FILE` logs every step of the
 daemon's event loop and every control operation with its CPU time (the daemon runs
 with scripts/looptrace/ on its PYTHONPATH) and prints, for the attacked phase while the
-victim runs, what the loop's steps and operations cost: what the victim waits behind. Must run as root (the attackers are other uids,
-via setpriv).
+victim runs, what the loop's steps and operations cost: what the victim waits behind;
+and it splits each victim request pair end to end, both phases alike (`decompose`: the
+call -> the batch in progress -> the poll that picked the socket up -> other steps run
+first -> the victim's step -> the client having the reply, with the daemon's CPU and
+off-CPU time in between and the victim thread's wait for a CPU). Must run as root (the
+attackers are other uids, via setpriv).
 """
 
 from __future__ import annotations
