@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
 from .principals import OBJECT_BANKS, QUEUE_BANKS, Banks, Principal, Rate
 from .protocol import arg_int, arg_str
@@ -87,8 +89,24 @@ class AdminOps(ServerBase):
                 "next_cursor": nxt}
 
     async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        """Built a part at a time (device, pager, principals, ...), only for the
+        principals of the page: while principals compete and the step's quantum is
+        used, the turn goes to the others between two parts, so `stats` is no longer
+        one uncuttable step (~0.15 ms quiet, 0.4-0.5 ms loaded). The parts are then
+        snapshots of moments a few steps apart, each consistent in itself."""
         page, nxt = self._page(conn, p)
-        return {**self.service.statistics(names=[q.name for q in page]), "next_cursor": nxt}
+        out: dict[str, Any] = {}
+        for key, value in self.service.statistics_parts(names=[q.name for q in page]):
+            out[key] = value
+            now = trio.current_time()
+            if now < self.turns.contended_until and \
+                    now - self._last_yield >= self.turns.quantum(now):
+                assert conn.turn is not None
+                self.turns.backlogged(conn.turn)  # the rest of `stats` is left over
+                await self._give_turn()
+                await self.turns.take(conn.turn)
+        out["next_cursor"] = nxt
+        return out
 
     async def _op_shim_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         """Per principal (of the page, of those the caller may see): the server's own

@@ -190,8 +190,25 @@ class Share:
     parked: int = 0
 
 
+def tenant_of(p: Principal) -> Principal:
+    """The tenant `p` belongs to: the top-most principal below root in its chain (root
+    for root). Only root makes principals directly below root (a uid's default `uid-N`
+    is one, and so is any principal root makes for a user or a group); everything a
+    tenant makes itself (`principal add --parent` a principal it owns) lies below one
+    of them, so the tree below such a principal is one tenant's, whatever it does."""
+    while p.parent is not None and p.parent.parent is not None:
+        p = p.parent
+    return p
+
+
 class FairTurns(trio.abc.Instrument):
-    """Fair share of the event loop between principals, by turns.
+    """Fair share of the event loop between tenants, by turns.
+
+    The turns are a tenant's (`tenant_of`: the principal tree below a top-most
+    principal, such as a uid's `uid-N`), not each principal's: a tenant that makes
+    child principals and connects as each of them gets no more turns than with one
+    (probe finding 13). Below, "principal" means the tenant whose turn it is; each
+    principal's own statistics (latency, rate limits) stay its own (`Share`).
 
     Every connection is served by its own task, and one principal may have many
     (up to its `connections` bank). Unchecked, a batch of the trio run loop runs one
@@ -269,6 +286,11 @@ class FairTurns(trio.abc.Instrument):
         if sh is None:
             sh = self.shares[principal] = Share()
         return sh
+
+    def turn_of(self, principal: Principal) -> Share:
+        """The share whose turn `principal`'s connections take: its tenant's
+        (`tenant_of`), so that making child principals gives a tenant no more turns."""
+        return self.share(tenant_of(principal).id)
 
     async def take(self, sh: Share) -> None:
         """Make the current step `sh`'s turn: at once (no checkpoint) if the turn is
@@ -430,8 +452,10 @@ class Connection:
     nursery: trio.Nursery | None = None
     #: the pager subscription pushing "reclaim" to this connection (while subscribed)
     reclaim: ReclaimSubscription | None = None
-    #: its principal's share of the server (turns, rate limits, latency histograms)
+    #: its principal's share of the server (rate limits, latency histograms)
     share: Share | None = None
+    #: its tenant's share, whose turn on the event loop it takes (FairTurns.turn_of)
+    turn: Share | None = None
     #: replies are being gathered to be sent together at the end of this step
     corked: bool = False
     #: the reader waits for the socket without a cancel scope (server._serve_requests)
@@ -465,3 +489,7 @@ class ServerBase:
     _last_yield: float
     #: the principals' turns on the event loop, and their shares
     turns: FairTurns
+
+    async def _give_turn(self) -> None:
+        """End this step: the loop to the others (ShimServer's, in server.py)."""
+        raise NotImplementedError

@@ -343,10 +343,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         raw = socket.socket(fileno=tsock.detach())
         raw.setblocking(False)
         share = self.turns.share(principal.id)
-        conn = Connection(creds, principal, raw, share=share)
+        turn = self.turns.turn_of(principal)
+        conn = Connection(creds, principal, raw, share=share, turn=turn)
         self._conns.add(conn)
         try:
-            await self.turns.take(share)
+            await self.turns.take(turn)
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 nursery.start_soon(self._write_loop, conn, name="shim-writer")
@@ -369,7 +370,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self.connections -= 1
             with trio.CancelScope(shield=True):
                 try:
-                    await self.turns.take(share)  # the teardown is the principal's work
+                    await self.turns.take(turn)  # the teardown is the tenant's work
                     await self._release_all(conn)
                 except Exception:  # noqa: BLE001
                     log.exception("unexpected error releasing a shim connection")
@@ -398,8 +399,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
     async def _serve_requests(self, conn: Connection) -> None:
         decoder = Decoder()
         raw = conn.sock
-        share = conn.share
-        assert share is not None
+        share, turn = conn.share, conn.turn
+        assert share is not None and turn is not None
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
         deadline = trio.current_time() + self.handshake_seconds
@@ -474,10 +475,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
-                    parked = share.parked
-                    await self.turns.take(share)
+                    parked = turn.parked
+                    await self.turns.take(turn)
                     t1 = trio.current_time()
-                    if share.parked != parked:
+                    if turn.parked != parked:
                         self._last_yield = t1  # parking gave the loop back: a new quantum
                     if t1 < self.turns.contended_until:
                         # Principals compete: the replies of this step go out together
@@ -498,7 +499,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                             # Requests left over: the principal is backlogged (it may
                             # park: FairTurns.take); a client waiting for its one reply is
                             # not, however long that request took.
-                            self.turns.backlogged(share)
+                            self.turns.backlogged(turn)
                         await self._give_turn()
                 if pos >= len(data) or conn.doomed is not None:
                     break
@@ -532,7 +533,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         if delay:
             if not await self._wait(conn, lambda: trio.sleep(delay)):
                 return False
-            await self.turns.take(conn.share)
+            assert conn.turn is not None
+            await self.turns.take(conn.turn)
         return True
 
     # -- dispatch ------------------------------------------------------------------------
@@ -570,10 +572,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 # cannot be cut short: `stats` is ~0.15-0.5 ms, `open` 0.2-0.3 ms), not
                 # the end of a step that already served other requests; it counts as
                 # work left over, so it may park to a later batch (FairTurns).
-                assert conn.share is not None
-                self.turns.backlogged(conn.share)
+                assert conn.turn is not None
+                self.turns.backlogged(conn.turn)
                 await self._give_turn()
-                await self.turns.take(conn.share)
+                await self.turns.take(conn.turn)
         await self._run_op(conn, fn, m)
 
     async def _run_op(self, conn: Connection,
@@ -628,16 +630,16 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         release) is no longer one step of up to a millisecond."""
         self._release_trace(conn)
         self._release_reclaim(conn)
-        share = conn.share
+        turn = conn.turn
         for slot in list(conn.slots):
             try:
                 await self._close_slot(conn, slot)
             except Exception:  # noqa: BLE001
                 log.exception("releasing slot %d failed", slot)
             now = trio.current_time()
-            if share is not None and conn.slots and \
+            if turn is not None and conn.slots and \
                     now - self._last_yield >= self.turns.quantum(now):
-                self.turns.backlogged(share)
+                self.turns.backlogged(turn)
                 await self._give_turn()
-                await self.turns.take(share)
+                await self.turns.take(turn)
         self._drop_shm(conn)

@@ -271,6 +271,35 @@ def renice(pid: int, nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
 
+def set_daemon_nice(pid: int, nice: int) -> None:
+    """What `sluice mount --nice N` does (fs/mount.py, apply_priority), to the running
+    daemon `pid`: every thread, and its autogroup (it leads its own session)."""
+    renice(pid, nice)
+    with open(f"/proc/{pid}/autogroup", "w") as f:
+        f.write(str(nice))
+
+
+def ab_phase(mnt: Path, pid: int, n: int, nices: list[int],
+             block: int = 50) -> dict[int, dict[str, Any]]:
+    """`n` victim request pairs for each nice value of the daemon in `nices`, in
+    alternating blocks of `block` (the order of the values turning round each block, so
+    that load drifting during the phase falls on all alike): per value, the pairs'
+    latencies, and the daemon main thread's seconds waiting for a CPU and on a CPU."""
+    out: dict[int, dict[str, Any]] = {k: {"lat": [], "wait": 0.0, "cpu": 0.0, "wall": 0.0}
+                                      for k in nices}
+    for b in range(max(1, n // block)):
+        order = nices[b % len(nices):] + nices[:b % len(nices)]
+        for k in order:
+            set_daemon_nice(pid, k)
+            rd0, cpu0, t0 = run_delay(pid), cpu_time(pid), time.perf_counter()
+            out[k]["lat"] += victim(mnt, block)
+            o = out[k]
+            o["wall"] += time.perf_counter() - t0
+            o["wait"] += run_delay(pid) - rd0
+            o["cpu"] += cpu_time(pid) - cpu0
+    return out
+
+
 def run_delay(pid: int) -> float:
     """Seconds the daemon's main thread has waited on a run queue (schedstat field 2)."""
     with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
@@ -523,6 +552,29 @@ def print_decomposition(dec: dict[str, Any]) -> None:
                                           for p in ph))
 
 
+def print_ab(result: dict[str, Any], n: int) -> None:
+    """The table of --ab-nice: per daemon nice value, the victim's p50/p99 quiet and
+    attacked, their ratio, and the daemon main thread's wait for a CPU (schedstat)."""
+    print(f"victim: root, {n} request pairs (stat + 4 KiB pread) per daemon nice value and "
+          f"phase, in alternating blocks of 50; attackers: uids 1000 and 1002, "
+          f"{result['attackers']} processes; load {result['load_start']} -> "
+          f"{result['load_attacked']}")
+    print(f"{'daemon nice':>11} {'quiet p50':>9} {'quiet p99':>9} {'att. p50':>9} "
+          f"{'att. p99':>9} {'p99 ratio':>9} {'daemon waits for a CPU, quiet/attacked':>40}")
+    for k in result["ab_quiet"]:
+        q, a = result["ab_quiet"][k], result["ab_attacked"][k]
+        pq, pa = percentiles(q["lat"]), percentiles(a["lat"])
+        for o, p in ((q, pq), (a, pa)):
+            o["p"] = p
+        waits = (f"{q['wait'] / len(q['lat']) * 1e3:.3f} / {a['wait'] / len(a['lat']) * 1e3:.3f}"
+                 f" ms a pair ({q['wait'] / q['wall']:.0%} / {a['wait'] / a['wall']:.0%})")
+        print(f"{k:>11} {pq['p50']:9.3f} {pq['p99']:9.3f} {pa['p50']:9.3f} {pa['p99']:9.3f} "
+              f"{pa['p99'] / pq['p99']:9.2f} {waits:>40}")
+    for ph in ("ab_quiet", "ab_attacked"):
+        for o in result[ph].values():
+            del o["lat"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=1000)
@@ -534,6 +586,10 @@ def main() -> int:
                     help="run the daemon and the victim at this nice value (e.g. -10), in "
                          "both phases: what is left is then not the CPU the attacker "
                          "processes take")
+    ap.add_argument("--ab-nice", dest="ab_nice", metavar="A,B",
+                    help="compare the daemon's nice values A and B (e.g. 0,-5: without "
+                         "and with `sluice mount --nice`'s default) in the same run: "
+                         "each phase alternates blocks of 50 requests between them")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
@@ -576,6 +632,17 @@ def main() -> int:
         os.chmod(mnt / "pub", 0o1777)
         (mnt / "pub" / "shared").write_bytes(b"s" * 100_000)
         os.chmod(mnt / "pub" / "shared", 0o666)
+        if args.ab_nice:
+            nices = [int(x) for x in args.ab_nice.split(",")]
+            log(f"quiet: {n} requests at each daemon nice of {nices}")
+            result["ab_quiet"] = ab_phase(mnt, sm.pid, n, nices)
+            with Attack(mnt, floods=args.floods, churn_rounds=-1) as attack:
+                time.sleep(1.0)
+                log(f"attacked: {n} requests at each daemon nice of {nices}")
+                result["ab_attacked"] = ab_phase(mnt, sm.pid, n, nices)
+                result["load_attacked"] = loadavg()
+                result["attackers"] = sum(p.poll() is None for p in attack.procs)
+            return 0
         log(f"quiet: {n} requests")
         daemon_service(mnt)
         rd0, cpu0 = run_delay(sm.pid), cpu_time(sm.pid)
@@ -617,6 +684,10 @@ def main() -> int:
         sm.cleanup()
         if not is_mounted(base / "mnt"):
             shutil.rmtree(base, ignore_errors=True)
+        if args.ab_nice and "ab_attacked" in result:
+            print_ab(result, n)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]
     nice = f", daemon and victim at nice {args.nice}" if args.nice is not None else ""
     print(f"victim: root{nice}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "

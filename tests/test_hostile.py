@@ -35,7 +35,7 @@ from shim_util import USER_PY, pubmnt, user_popen, user_run  # noqa: F401 (fixtu
 from kernelshim import BlockDevice, Kernel
 from kernelshim.client import CONTROL_XATTR, Client
 from kernelshim.principals import (DEFAULT_CHILDREN, DEFAULT_CONNECTIONS, DEFAULT_SHM,
-                                   Banks, PrincipalTable, TooManyObjects)
+                                   Banks, Principal, PrincipalTable, TooManyObjects)
 from kernelshim.protocol import (ERROR, MAX_DEPTH, MAX_FRAME, MAX_MESSAGE, OK, REQUEST,
                                  VERSION, Decoder, Message, ProtocolError, encode,
                                  nesting_depth)
@@ -82,6 +82,9 @@ class _Stats:
 
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return dict(self.reply)
+
+    def statistics_parts(self, *, names: Any = None) -> Any:
+        return iter(dict(self.reply).items())
 
 
 @pytest.fixture
@@ -368,6 +371,51 @@ async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None
     assert max(early[f"a{i}"] for i in range(6)) - min(early[f"a{i}"] for i in range(6)) <= 1
     assert turns.shares[1].turns_waited > 0 and turns.shares[2].turns_waited == 0
     assert turns.shares[1].holder is None and not turns.shares[1].waiters
+
+
+async def test_child_principals_do_not_multiply_a_tenants_turns(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Turns are a tenant's (the principal tree below a top-most principal), not each
+    principal's (probe finding 13): uid 1000 makes six children of its `uid-1000` and
+    runs a busy task as each; uid 1002 one task as `uid-1002`. The lone task is done
+    long before the six, as against six tasks of one principal
+    (test_principals_take_turns); each principal's own statistics stay its own."""
+    from kernelshim.connection import tenant_of
+    table = PrincipalTable(None)
+    mine = table.default_for_uid(1000)
+    kids = [table.add(f"kid{i}", parent=mine.name, owner_uid=1000, banks=Banks(),
+                      caller_uid=1000) for i in range(6)]
+    grandkid = table.add("grandkid", parent="kid0", owner_uid=1000, banks=Banks(),
+                         caller_uid=1000)
+    other = table.default_for_uid(1002)
+    assert {tenant_of(p) for p in (*kids, grandkid, mine)} == {mine}
+    assert tenant_of(other) is other and tenant_of(table.root) is table.root
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    steps: list[str] = []
+
+    async def worker(p: Principal, n: int) -> None:
+        sh = turns.turn_of(p)
+        for _ in range(n):
+            await turns.take(sh)
+            steps.append(p.name)
+            await trio.lowlevel.cancel_shielded_checkpoint()  # the end of a step
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for k in kids:
+                nursery.start_soon(worker, k, 20)
+            nursery.start_soon(worker, other, 20)
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert len(steps) == 140
+    last = max(i for i, w in enumerate(steps) if w == other.name)
+    assert last < 45, steps[:60]  # ~ one step of uid 1000's tree per step of 1002's
+    # the children take one turn, uid-1000's, in order; none of them has its own
+    early = collections.Counter(steps[:last + 1])
+    assert max(early[k.name] for k in kids) - min(early[k.name] for k in kids) <= 1
+    assert turns.shares[mine.id].turns_waited > 0
+    assert not any(k.id in turns.shares for k in kids)
 
 
 async def test_contention_is_two_principals_in_one_batch(
