@@ -14,6 +14,7 @@ daemon's descriptors within the per-principal banks plus a constant.
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import json
 import math
@@ -30,7 +31,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import REPO, sluice
+from conftest import REPO, as_uid, sluice
 from shim_util import USER_PY, pubmnt, user_popen, user_run  # noqa: F401 (fixture)
 from kernelshim import BlockDevice, Kernel
 from kernelshim.client import CONTROL_XATTR, Client
@@ -1195,3 +1196,71 @@ async def test_backlogged_principals_park_over_the_batch_budget(
         if b > first and c > 1:
             assert c == 2 and max(gap[b]) >= MAX_PARKS, (b, per_batch, gap[b])
     assert sum(c for b, c in per_batch.items() if b > first) < 1.2 * (len(per_batch) - 1)
+
+
+# -- the daemon's CPU priority (sluice mount --nice) ----------------------------------------
+
+def _nice_of(pid: int) -> tuple[set[int], str]:
+    """The nice values of all of `pid`'s threads, and its autogroup line."""
+    nices = {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+    try:
+        group = Path(f"/proc/{pid}/autogroup").read_text().strip()
+    except FileNotFoundError:
+        group = ""
+    return nices, group
+
+
+def test_the_daemon_runs_ahead_of_its_tenants(volume: Path, mount_factory: Any) -> None:
+    """Root's daemon runs every thread at nice DAEMON_NICE (-5) and, leading its own
+    session, its autogroup too (else the threads' nice would only rank them among
+    themselves); `--nice N` sets another value, `--nice keep` leaves both alone; a bad
+    value is one line and exit 2. The CLI's copy of the default is the daemon's."""
+    from fs import cli
+    from fs.mount import DAEMON_NICE
+    assert cli.DAEMON_NICE == DAEMON_NICE == -5
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    has_autogroup = Path("/proc/self/autogroup").exists()
+    for extra, want in (((), DAEMON_NICE), (("--nice", "-3"), -3), (("--nice", "keep"), None)):
+        m = mount_factory(volume, *extra)
+        try:
+            assert m.proc is not None
+            nices, group = _nice_of(m.proc.pid)
+            if want is None:
+                assert nices == {own}, nices
+                assert group.endswith(" nice 0") or not has_autogroup, group
+            else:
+                assert nices == {want}, nices
+                assert group.endswith(f" nice {want}") or not has_autogroup, group
+        finally:
+            m.stop()
+        log = m.log.read_text()
+        assert (f"daemon CPU priority: nice {want}" in log) == (want is not None), log[-2000:]
+    for bad in ("-21", "20", "high"):
+        r = sluice("mount", str(volume), "/nonexistent", "--nice", bad, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "a nice value -20..19, or keep" in r.stderr, r.stderr
+
+
+def test_a_daemon_not_run_by_root_keeps_its_priority() -> None:
+    """A user's daemon cannot lower its nice or its autogroup's (no CAP_SYS_NICE): it
+    keeps them and says what it could not do, in one line, instead of failing."""
+    from fs.mount import apply_priority
+
+    def as_user() -> dict:
+        os.setsid()  # leads its session, as a detached daemon does
+        # ... and owns its /proc files, as a process the user started does (setuid
+        # made this fork undumpable: its /proc files root's)
+        ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        missed = apply_priority(-5)
+        return {"missed": missed, "before": before,
+                "after": os.getpriority(os.PRIO_PROCESS, 0),
+                "raised": apply_priority(before + 1)}
+
+    r = as_uid(1000, as_user)
+    assert r["after"] == r["before"]
+    assert r["missed"] is not None and "\n" not in r["missed"]
+    assert r["missed"].startswith("nice -5 (") and f"keeping {r['before']}" in r["missed"]
+    if Path("/proc/self/autogroup").exists():
+        assert "autogroup nice -5" in r["missed"], r["missed"]
+    assert r["raised"] is None  # raising one's own nice needs no privilege
