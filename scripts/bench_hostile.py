@@ -21,9 +21,15 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
 (/proc/PID/task/PID/schedstat), and the load average.
 
     .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
-                                              [--py-spy PATH]
+                                              [--py-spy PATH] [--ab-nice A,B]
 
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks.
+`--ab-nice A,B[,C]` compares the daemon at nice A and B (`sluice mount --nice`; 0,-5:
+without and with the default) in one run and mount: each phase alternates blocks of 50
+request pairs between the values (set on the live daemon as the mount option does: its
+threads and its autogroup) and prints per value p50/p99 quiet and attacked, the daemon
+main thread's wait for a CPU (schedstat) and the victim's. The daemon's default is nice
+-5 (`sluice mount`), so a plain run measures the daemon at -5.
 `--py-spy PATH` records the daemon with py-spy during the attacked phase and prints
 the functions it spent its time in. `--loop-trace FILE` logs every step of the
 daemon's event loop and every control operation with its CPU time (the daemon runs
@@ -284,15 +290,16 @@ def ab_phase(mnt: Path, pid: int, n: int, nices: list[int],
     """`n` victim request pairs for each nice value of the daemon in `nices`, in
     alternating blocks of `block` (the order of the values turning round each block, so
     that load drifting during the phase falls on all alike): per value, the pairs'
-    latencies, and the daemon main thread's seconds waiting for a CPU and on a CPU."""
-    out: dict[int, dict[str, Any]] = {k: {"lat": [], "wait": 0.0, "cpu": 0.0, "wall": 0.0}
-                                      for k in nices}
+    latencies, the daemon main thread's seconds waiting for a CPU and on a CPU, and the
+    victim's own seconds waiting for a CPU in each block."""
+    out: dict[int, dict[str, Any]] = {k: {"lat": [], "wait": 0.0, "cpu": 0.0, "wall": 0.0,
+                                          "victim_wait": []} for k in nices}
     for b in range(max(1, n // block)):
         order = nices[b % len(nices):] + nices[:b % len(nices)]
         for k in order:
             set_daemon_nice(pid, k)
             rd0, cpu0, t0 = run_delay(pid), cpu_time(pid), time.perf_counter()
-            out[k]["lat"] += victim(mnt, block)
+            out[k]["lat"] += victim(mnt, block, out[k]["victim_wait"])
             o = out[k]
             o["wall"] += time.perf_counter() - t0
             o["wait"] += run_delay(pid) - rd0
@@ -560,7 +567,8 @@ def print_ab(result: dict[str, Any], n: int) -> None:
           f"{result['attackers']} processes; load {result['load_start']} -> "
           f"{result['load_attacked']}")
     print(f"{'daemon nice':>11} {'quiet p50':>9} {'quiet p99':>9} {'att. p50':>9} "
-          f"{'att. p99':>9} {'p99 ratio':>9} {'daemon waits for a CPU, quiet/attacked':>40}")
+          f"{'att. p99':>9} {'p99 ratio':>9} {'daemon waits for a CPU, quiet/attacked':>40}"
+          f"  {'victim waits, q/a':>17}")
     for k in result["ab_quiet"]:
         q, a = result["ab_quiet"][k], result["ab_attacked"][k]
         pq, pa = percentiles(q["lat"]), percentiles(a["lat"])
@@ -568,8 +576,10 @@ def print_ab(result: dict[str, Any], n: int) -> None:
             o["p"] = p
         waits = (f"{q['wait'] / len(q['lat']) * 1e3:.3f} / {a['wait'] / len(a['lat']) * 1e3:.3f}"
                  f" ms a pair ({q['wait'] / q['wall']:.0%} / {a['wait'] / a['wall']:.0%})")
+        vw = (f"{sum(q['victim_wait']) / len(q['lat']) * 1e3:.3f} / "
+              f"{sum(a['victim_wait']) / len(a['lat']) * 1e3:.3f} ms")
         print(f"{k:>11} {pq['p50']:9.3f} {pq['p99']:9.3f} {pa['p50']:9.3f} {pa['p99']:9.3f} "
-              f"{pa['p99'] / pq['p99']:9.2f} {waits:>40}")
+              f"{pa['p99'] / pq['p99']:9.2f} {waits:>40}  {vw:>17}")
     for ph in ("ab_quiet", "ab_attacked"):
         for o in result[ph].values():
             del o["lat"]
