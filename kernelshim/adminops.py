@@ -112,8 +112,9 @@ class AdminOps(ServerBase):
         """Per principal (of the page, of those the caller may see): the server's own
         latency of its requests (`service`: from the request's turn being asked for to
         its reply written or queued; `waited`: of which waiting for the principal's
-        turn or a rate limit) and how often a turn waited for another of its
-        connections. `loop`: how long the batches of the event loop took (a socket
+        turn or a rate limit) and how often a turn waited for another connection of
+        the same tenant (`turns_waited`, on the tenant's row: the turn is a tenant's,
+        FairTurns). `loop`: how long the batches of the event loop took (a socket
         that becomes readable waits up to about two of them) and the share of that
         time the loop thread was on a CPU, and the percentiles of its CPU time per batch
         (`cpu_p50_ms`, `cpu_p99_ms`: what a request waits for a batch whatever else the
