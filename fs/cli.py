@@ -35,6 +35,9 @@ EXIT_ERROR = 1
 WRITEBACK_DEFAULT = False
 #: pager.POLICIES, spelled out here so that `sluice --help` needs no numpy
 PAGER_POLICIES = ("hinted", "principal", "global-lru")
+#: fs.mount.DAEMON_NICE (the daemon's default CPU priority), spelled out here so that
+#: `sluice --help` needs no pyfuse3
+DAEMON_NICE = -5
 EXIT_USAGE = 2
 EXIT_FSCK_UNCORRECTED = 4
 
@@ -147,7 +150,20 @@ def _mount_options(args: argparse.Namespace):
                         debug_fuse=args.debug_fuse,
                         read_only=flags.read_only, atime=flags.atime,
                         nodiratime=flags.nodiratime, suid=not flags.nosuid,
-                        dev=not flags.nodev, noexec=flags.noexec)
+                        dev=not flags.nodev, noexec=flags.noexec, nice=args.nice)
+
+
+def _nice(text: str) -> int | None:
+    """--nice N (-20..19) or 'keep' (None)."""
+    if text == "keep":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 99
+    if not -20 <= n <= 19:
+        raise argparse.ArgumentTypeError(f"{text!r}: a nice value -20..19, or keep")
+    return n
 
 
 def _idle_poll(text: str) -> float:
@@ -255,6 +271,7 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> in
         cmd += ["--profile", args.profile]
     if args.metrics:
         cmd += ["--metrics", args.metrics]
+    cmd += ["--nice", "keep" if args.nice is None else str(args.nice)]
     if args.debug:
         cmd.insert(3, "--debug")  # the top-level option, before the subcommand
     logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
@@ -832,6 +849,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount options, as with mount(8): ro, rw, noatime, relatime "
                         "(default), strictatime, nodiratime, noexec; suid, dev (root only; "
                         "default nosuid,nodev)")
+    s.add_argument("--nice", type=_nice, default=DAEMON_NICE, metavar="N",
+                   help="the daemon's CPU priority, -20..19, or 'keep' (default "
+                        f"{DAEMON_NICE}: ahead of the tenants' own processes, for which "
+                        "alone it works; a daemon not run by root keeps its niceness)")
     s.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)
     # how the refusal names the fix (mount(8)'s helper says "-o fix_permissions")
     s.add_argument("--fix-hint", default="--fix-permissions", help=argparse.SUPPRESS)

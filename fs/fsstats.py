@@ -8,9 +8,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Collection, Iterator
 
-from kernelshim import BankNode, PrincipalId
+from kernelshim import BankNode, PrincipalId, SluiceError
+from kernelshim.principals import Principal
 
 
 if TYPE_CHECKING:
@@ -66,55 +67,79 @@ class Statistics:
 
     def statistics_dict(self: FileSystem) -> dict:
         """Everything `sluice stats` shows, as plain data."""
-        fs = self.statistics()
+        return dict(self.statistics_parts())
+
+    def statistics_parts(self: FileSystem, names: Collection[str] | None = None
+                         ) -> Iterator[tuple[str, Any]]:
+        """`statistics_dict`'s items, one part of the work at a time (the caller may
+        let others run between two: the shim server's `stats` is served in several
+        steps of the event loop, not one), with per-principal rows only for the
+        principals in `names` (None: all). Only the rows asked for are built (the
+        layers below still take their snapshots whole: numbers, cheap)."""
+        keep: set[int] | None = None
+        only: list[Principal] | None = None
+        if names is not None:
+            only = []
+            for n in names:
+                try:
+                    only.append(self.principals.get(n))
+                except SluiceError:
+                    pass  # removed meanwhile
+            keep = {p.id for p in only}
+        # Names of the principals shown (a removed principal's counters keep its id).
+        label = {p.id: p.name for p in (self.principals.walk() if only is None else only)}
+
+        def shown(pid: int) -> bool:
+            return keep is None or pid in keep
+
+        yield "fs", _flat(self.statistics())
         dev = self.kernel.device_statistics()
+        rows = [s for s in dev.per_principal if shown(s.principal)]
+        yield "device", {
+            "block_size": dev.block_size, "nblocks": dev.nblocks,
+            "profile": dev.profile, "scheduler": dev.scheduler,
+            "checksum_errors": dev.checksum_errors,
+            # what the profile can serve (None: unlimited, profile none)
+            "capacity": {"iops": dev.capacity_iops, "bps": dev.capacity_bps},
+            "timeline_ahead_max_s": dev.timeline_ahead_max_s,
+            "per_principal": {label.get(s.principal, str(s.principal)): _flat(s)
+                              for s in rows}}
+        # The scheduler's view per principal name (blockdev/scheduler.py): bytes and
+        # requests, latency from arrival to completion (queue + service), throughput
+        # in the last complete second, requests waiting, reservation met/missed.
+        yield "io", {label.get(s.principal, str(s.principal)): {
+            "read_bytes": s.bytes_read, "write_bytes": s.bytes_written, "ops": s.ops,
+            "reads": s.reads, "writes": s.writes, "discards": s.discards,
+            "flushes": s.flushes,
+            "latency_us": {"p50": s.p50_s * 1e6, "p95": s.p95_s * 1e6,
+                           "p99": s.p99_s * 1e6, "max": s.max_s * 1e6,
+                           "mean": s.mean_s * 1e6},
+            "iops": s.iops, "bps": s.bps, "waiting": s.waiting,
+            "reserved_ops": s.reserved_ops,
+            "reservation": {"met": s.reservation_met, "missed": s.reservation_missed},
+            "throttled": s.throttled} for s in rows}
         pg = self.kernel.pager_statistics()
-        names = {p.id: p.name for p in self.principals.walk()}
-        return {
-            "fs": _flat(fs),
-            "device": {"block_size": dev.block_size, "nblocks": dev.nblocks,
-                       "profile": dev.profile, "scheduler": dev.scheduler,
-                       "checksum_errors": dev.checksum_errors,
-                       # what the profile can serve (None: unlimited, profile none)
-                       "capacity": {"iops": dev.capacity_iops, "bps": dev.capacity_bps},
-                       "timeline_ahead_max_s": dev.timeline_ahead_max_s,
-                       "per_principal": {names.get(s.principal, str(s.principal)):
-                                         _flat(s) for s in dev.per_principal}},
-            # The scheduler's view per principal name (blockdev/scheduler.py): bytes and
-            # requests, latency from arrival to completion (queue + service), throughput
-            # in the last complete second, requests waiting, reservation met/missed.
-            "io": {names.get(s.principal, str(s.principal)): {
-                "read_bytes": s.bytes_read, "write_bytes": s.bytes_written, "ops": s.ops,
-                "reads": s.reads, "writes": s.writes, "discards": s.discards,
-                "flushes": s.flushes,
-                "latency_us": {"p50": s.p50_s * 1e6, "p95": s.p95_s * 1e6,
-                               "p99": s.p99_s * 1e6, "max": s.max_s * 1e6,
-                               "mean": s.mean_s * 1e6},
-                "iops": s.iops, "bps": s.bps, "waiting": s.waiting,
-                "reserved_ops": s.reserved_ops,
-                "reservation": {"met": s.reservation_met, "missed": s.reservation_missed},
-                "throttled": s.throttled} for s in dev.per_principal},
-            "pager": {"policy": pg.policy, "frames": pg.frames,
-                      "frames_used": pg.frames_used, "hits": pg.hits,
-                      "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
-                      "evictions": pg.evictions, "writeback": pg.writeback,
-                      "dirty": pg.dirty, "writeback_bytes": pg.writeback_bytes,
-                      "discarded": pg.discarded, "discarded_files": len(self.discarded),
-                      "resident": {names.get(p, str(p)): n for p, n in pg.resident.items()}},
-            "principals": [i.as_dict() for i in self.principals.info()],
-            # The pager's account per principal: what it holds, and how it fared.
-            "cache": {names.get(pid, str(pid)): {k: getattr(c, k) for k in CACHE_FIELDS}
-                      for pid, c in sorted(pg.per_principal.items())},
-            # What the layers below enforce, as they were last told (banks pushed down).
-            "enforced_banks": {
-                names.get(pid, str(pid)): {
-                    "pager": {"cache_min": n.cache_min, "cache_max": n.cache_max},
-                    "scheduler": {k: getattr(n, k) for k in (
-                        "io_reserve_iops", "io_reserve_bps", "io_weight",
-                        "io_limit_iops", "io_limit_bps")}}
-                for pid, n in self._enforced_banks()},
-            "fuse_requests": dict(self.fuse_requests),
-        }
+        yield "pager", {"policy": pg.policy, "frames": pg.frames,
+                        "frames_used": pg.frames_used, "hits": pg.hits,
+                        "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,
+                        "evictions": pg.evictions, "writeback": pg.writeback,
+                        "dirty": pg.dirty, "writeback_bytes": pg.writeback_bytes,
+                        "discarded": pg.discarded, "discarded_files": len(self.discarded),
+                        "resident": {label.get(p, str(p)): n for p, n in pg.resident.items()
+                                     if shown(p)}}
+        yield "principals", [i.as_dict() for i in self.principals.info(only)]
+        # The pager's account per principal: what it holds, and how it fared.
+        yield "cache", {label.get(pid, str(pid)): {k: getattr(c, k) for k in CACHE_FIELDS}
+                        for pid, c in sorted(pg.per_principal.items()) if shown(pid)}
+        # What the layers below enforce, as they were last told (banks pushed down).
+        yield "enforced_banks", {
+            label.get(pid, str(pid)): {
+                "pager": {"cache_min": n.cache_min, "cache_max": n.cache_max},
+                "scheduler": {k: getattr(n, k) for k in (
+                    "io_reserve_iops", "io_reserve_bps", "io_weight",
+                    "io_limit_iops", "io_limit_bps")}}
+            for pid, n in self._enforced_banks() if shown(pid)}
+        yield "fuse_requests", dict(self.fuse_requests)
 
     def _enforced_banks(self: FileSystem) -> list[tuple[PrincipalId, BankNode]]:
         pager_banks, sched_banks = self.kernel.enforced_banks()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Collection
+from typing import Any, Collection, Iterator
 
 from kernelshim import Grant
 from kernelshim.principals import Principal
@@ -142,18 +142,11 @@ class DirectService:
         await self.fs.close_direct(grant)
 
     def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
-        st = self.fs.statistics_dict()
-        if names is None:
-            return st
-        keep = set(names)
-        dev, pg = st["device"], st["pager"]
-        dev["per_principal"] = {k: v for k, v in dev["per_principal"].items() if k in keep}
-        st["io"] = {k: v for k, v in st["io"].items() if k in keep}
-        pg["resident"] = {k: v for k, v in pg["resident"].items() if k in keep}
-        st["principals"] = [r for r in st["principals"] if r["name"] in keep]
-        st["cache"] = {k: v for k, v in st["cache"].items() if k in keep}
-        st["enforced_banks"] = {k: v for k, v in st["enforced_banks"].items() if k in keep}
-        return st
+        return dict(self.fs.statistics_parts(names))
+
+    def statistics_parts(self, *, names: Collection[str] | None = None
+                         ) -> Iterator[tuple[str, Any]]:
+        return self.fs.statistics_parts(names)
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         """Re-tag `src`'s storage as `dst`'s, durably (the caller saves the principal

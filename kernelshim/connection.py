@@ -83,6 +83,16 @@ TURN_SECONDS = 0.1e-3
 #: seconds after two principals last had steps in one batch during which the short
 #: TURN_SECONDS holds
 CONTENDED_SECONDS = 0.05
+#: while principals compete, a backlogged principal (one that gave up its last turn
+#: with work left) starts no step in a batch of the run loop that has already run this
+#: long: it parks itself to the next batch, so that the loop polls its sockets between
+#: backlogged principals' steps, and a principal that had nothing left to do (a
+#: client waiting for each reply) is picked up after at most one such step, not after
+#: one of every backlogged principal (FairTurns.take)
+BATCH_SECONDS = TURN_SECONDS
+#: ... at most this many batches in a row: then it takes its step whatever the batch
+#: (no principal waits longer than MAX_PARKS batches for its turn because of others)
+MAX_PARKS = 4
 #: FairTurns times one batch of the run loop in this many (its loop statistics)
 BATCH_SAMPLE = 16
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
@@ -178,10 +188,31 @@ class Share:
     turns_waited: int = 0
     #: the batch of the run loop in which the principal last had its step
     spent: int = -1
+    #: the last batch in which it gave up its turn with work left (`FairTurns.backlogged`)
+    backlog: int = -2
+    #: steps parked to a later batch (FairTurns.take: BATCH_SECONDS)
+    parked: int = 0
+
+
+def tenant_of(p: Principal) -> Principal:
+    """The tenant `p` belongs to: the top-most principal below root in its chain (root
+    for root). Only root makes principals directly below root (a uid's default `uid-N`
+    is one, and so is any principal root makes for a user or a group); everything a
+    tenant makes itself (`principal add --parent` a principal it owns) lies below one
+    of them, so the tree below such a principal is one tenant's, whatever it does."""
+    while p.parent is not None and p.parent.parent is not None:
+        p = p.parent
+    return p
 
 
 class FairTurns(trio.abc.Instrument):
-    """Fair share of the event loop between principals, by turns.
+    """Fair share of the event loop between tenants, by turns.
+
+    The turns are a tenant's (`tenant_of`: the principal tree below a top-most
+    principal, such as a uid's `uid-N`), not each principal's: a tenant that makes
+    child principals and connects as each of them gets no more turns than with one
+    (probe finding 13). Below, "principal" means the tenant whose turn it is; each
+    principal's own statistics (latency, rate limits) stay its own (`Share`).
 
     Every connection is served by its own task, and one principal may have many
     (up to its `connections` bank). Unchecked, a batch of the trio run loop runs one
@@ -201,6 +232,18 @@ class FairTurns(trio.abc.Instrument):
     HOG_SECONDS, as every long request's do: a pipelining client pays no more yields
     than before.) A request that blocks (I/O, a lock) gives the turn away
     at once, so a principal's connections still overlap their waits.
+
+    A batch also has a budget while principals compete: a *backlogged* principal (it
+    gave up its last turn, in this batch or the one before, with work left: its
+    quantum ran out, or another of its connections waited for the turn) does not start
+    a step in a batch that has run BATCH_SECONDS of wall time already; it parks to the
+    next batch (a shielded yield, the turn kept), at most MAX_PARKS batches in a row,
+    and parking keeps it backlogged. So a batch holds about one backlogged step besides
+    the principals that had nothing left to do, and the loop polls its sockets between
+    backlogged steps: a request of an idle principal waits for the rest of at most one
+    such step and at most one before its own, not for one step of every backlogged
+    principal (two hostile uids: bench_hostile). The first step of a batch never parks,
+    so the loop always makes progress; a principal alone never parks.
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:
@@ -231,6 +274,10 @@ class FairTurns(trio.abc.Instrument):
         #: until when steps are short: another principal had a turn in the same batch
         self._first: Share | None = None
         self.contended_until = -math.inf
+        #: when the current batch began (trio's clock, after the poll)
+        self._batch_t0 = 0.0
+        #: steps parked to a later batch (BATCH_SECONDS), all principals
+        self.parked = 0
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -244,22 +291,29 @@ class FairTurns(trio.abc.Instrument):
             sh = self.shares[principal] = Share()
         return sh
 
+    def turn_of(self, principal: Principal) -> Share:
+        """The share whose turn `principal`'s connections take: its tenant's
+        (`tenant_of`), so that making child principals gives a tenant no more turns."""
+        return self.share(tenant_of(principal).id)
+
     async def take(self, sh: Share) -> None:
         """Make the current step `sh`'s turn: at once (no checkpoint) if the turn is
-        free and unused in this batch, or already this task's; else wait for it (a
-        checkpoint)."""
+        free and unused in this batch, or already this task's, and `sh` need not park
+        (BATCH_SECONDS); else wait for it (a checkpoint)."""
         task = trio.lowlevel.current_task()
         if sh.holder is task:
+            if self._over_budget(sh):
+                await self._park(sh)
             self._held[task] = sh
             return
         if sh.holder is None:
             sh.holder = task
-            if sh.spent != self._batch:
-                self._held[task] = sh
-                return
-            # Used in this batch: ours from the next one (a shielded yield, so the
-            # turn cannot be left reserved by a cancelled task).
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if sh.spent == self._batch:
+                # Used in this batch: ours from the next one (a shielded yield, so the
+                # turn cannot be left reserved by a cancelled task).
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._over_budget(sh):
+                await self._park(sh)
             self._held[task] = sh
             return
         sh.turns_waited += 1
@@ -270,6 +324,36 @@ class FairTurns(trio.abc.Instrument):
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)  # handed over: see below
+        if self._over_budget(sh):
+            await self._park(sh)
+            self._held[task] = sh
+
+    def _over_budget(self, sh: Share) -> bool:
+        """Whether `sh` must park now: backlogged, principals compete, and the batch has
+        run BATCH_SECONDS already."""
+        if sh.backlog < self._batch - 1:
+            return False
+        now = trio.current_time()
+        return now - self._batch_t0 > BATCH_SECONDS and now < self.contended_until
+
+    async def _park(self, sh: Share) -> None:
+        """Yield to later batches (the turn stays `sh`'s, reserved by its holder) while
+        `sh` is over the batch budget, at most MAX_PARKS times. Shielded: a cancelled
+        task cannot leave the turn reserved."""
+        task = trio.lowlevel.current_task()
+        for _ in range(MAX_PARKS):
+            # A parked step is no turn: the step it ends must not hand the turn on.
+            self._held.pop(task, None)
+            sh.backlog = self._batch
+            sh.parked += 1
+            self.parked += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not self._over_budget(sh):
+                break
+
+    def backlogged(self, sh: Share) -> None:
+        """`sh` gives up its turn with work left (its quantum ran out)."""
+        sh.backlog = self._batch
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         if self._corked:
@@ -285,6 +369,7 @@ class FairTurns(trio.abc.Instrument):
         elif self._first is not sh:
             self.contended_until = trio.current_time() + CONTENDED_SECONDS
         if sh.waiters:
+            sh.backlog = self._batch  # another connection of the principal has work
             nxt = sh.waiters.popleft()
             sh.holder = nxt
             self._held[nxt] = sh
@@ -310,6 +395,7 @@ class FairTurns(trio.abc.Instrument):
             self._wall0 = 0.0
 
     def after_io_wait(self, timeout: float) -> None:
+        self._batch_t0 = trio.current_time()
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
         # call (no vDSO), and two of them per batch were a tenth of the daemon's CPU
         # time per random 4 KiB FUSE read (docs/BENCHMARKS.md, "bench_fs regression
@@ -324,6 +410,7 @@ class FairTurns(trio.abc.Instrument):
         self.batches = ServiceHistogram()
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
+        self.parked = 0
 
 
 class BadSlot(SluiceError):
@@ -369,8 +456,10 @@ class Connection:
     nursery: trio.Nursery | None = None
     #: the pager subscription pushing "reclaim" to this connection (while subscribed)
     reclaim: ReclaimSubscription | None = None
-    #: its principal's share of the server (turns, rate limits, latency histograms)
+    #: its principal's share of the server (rate limits, latency histograms)
     share: Share | None = None
+    #: its tenant's share, whose turn on the event loop it takes (FairTurns.turn_of)
+    turn: Share | None = None
     #: replies are being gathered to be sent together at the end of this step
     corked: bool = False
     #: the reader waits for the socket without a cancel scope (server._serve_requests)
@@ -446,3 +535,7 @@ class ServerBase:
     _last_yield: float
     #: the principals' turns on the event loop, and their shares
     turns: FairTurns
+
+    async def _give_turn(self) -> None:
+        """End this step: the loop to the others (ShimServer's, in server.py)."""
+        raise NotImplementedError

@@ -76,14 +76,20 @@ the run loop per batch, whatever its number of connections, and a step serving
 requests gives the loop back after TURN_SECONDS (0.1 ms) while several principals
 have work (after HOG_SECONDS alone) — so a request of one principal waits for at most
 one short step of each other principal with work, not for all their connections'
-backlogs. A request that blocks (I/O, a lock) passes its
+backlogs. While they compete, a batch of the loop also has a budget (BATCH_SECONDS,
+0.1 ms): a backlogged principal (its last turn ended with requests left over) starts
+no step in a batch that has run that long, but parks to a later batch (at most
+MAX_PARKS in a row), so the loop polls its sockets between backlogged steps and a
+client waiting for each reply waits behind about one of them, not one per hostile
+principal. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
 pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time (a frame
 longer than that up to its end at once), each slice served before the next is
 decoded, so decoding cannot make a step longer than its turn (a read of 64 pipelined
 requests took 0.2-0.3 ms to decode whole); and while principals compete, a costly
-operation (below) starts a step of its own rather than ending one that already had
-its quantum.
+operation (below) or an `open` starts a step of its own rather than ending one that
+already served requests; a connection's teardown gives the turn up between the slots
+it closes once the quantum is used.
 Operations that walk the principal table (COSTLY_OPS: `stats`, `principal_ls`,
 `shim_stats`, principal changes, `register`) are limited to the principal's
 `costly_rate` bank (ADMIN_RATE, 50, by default) a second after a burst of ADMIN_BURST
@@ -171,6 +177,10 @@ REFUSALS_PER_STEP = 8
 #: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
 COSTLY_OPS = frozenset({"stats", "principal_ls", "shim_stats", "principal_add",
                         "principal_set", "principal_rm", "register"})
+#: operations that cannot be cut and take a step of their own while principals compete
+#: (the costly ones, and `open`: a path walk and a grant from the metadata server,
+#: 0.2-0.3 ms), instead of lengthening a step that already had its quantum
+LONG_OPS = COSTLY_OPS | {"open"}
 
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
@@ -333,10 +343,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         raw = socket.socket(fileno=tsock.detach())
         raw.setblocking(False)
         share = self.turns.share(principal.id)
-        conn = Connection(creds, principal, raw, share=share)
+        turn = self.turns.turn_of(principal)
+        conn = Connection(creds, principal, raw, share=share, turn=turn)
         self._conns.add(conn)
         try:
-            await self.turns.take(share)
+            await self.turns.take(turn)
             async with trio.open_nursery() as nursery:
                 conn.nursery = nursery
                 nursery.start_soon(self._write_loop, conn, name="shim-writer")
@@ -359,7 +370,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self.connections -= 1
             with trio.CancelScope(shield=True):
                 try:
-                    await self.turns.take(share)  # the teardown is the principal's work
+                    await self.turns.take(turn)  # the teardown is the tenant's work
                     await self._release_all(conn)
                 except Exception:  # noqa: BLE001
                     log.exception("unexpected error releasing a shim connection")
@@ -388,8 +399,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
     async def _serve_requests(self, conn: Connection) -> None:
         decoder = Decoder()
         raw = conn.sock
-        share = conn.share
-        assert share is not None
+        share, turn = conn.share, conn.turn
+        assert share is not None and turn is not None
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
         deadline = trio.current_time() + self.handshake_seconds
@@ -460,12 +471,15 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     pos = len(data)
                 if msgs:
                     deadline = math.inf
-                for m in msgs:
+                for i, m in enumerate(msgs):
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
-                    await self.turns.take(share)
+                    parked = turn.parked
+                    await self.turns.take(turn)
                     t1 = trio.current_time()
+                    if turn.parked != parked:
+                        self._last_yield = t1  # parking gave the loop back: a new quantum
                     if t1 < self.turns.contended_until:
                         # Principals compete: the replies of this step go out together
                         # (alone, each goes out at once: that is quicker for one client).
@@ -481,6 +495,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # one read may bring thousands of requests: give the loop back (and the
                     # turn to the principal's next connection) every TURN_SECONDS.
                     if now - self._last_yield >= self.turns.quantum(now):
+                        if i + 1 < len(msgs) or pos < len(data):
+                            # Requests left over: the principal is backlogged (it may
+                            # park: FairTurns.take); a client waiting for its one reply is
+                            # not, however long that request took.
+                            self.turns.backlogged(turn)
                         await self._give_turn()
                 if pos >= len(data) or conn.doomed is not None:
                     break
@@ -514,7 +533,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         if delay:
             if not await self._wait(conn, lambda: trio.sleep(delay)):
                 return False
-            await self.turns.take(conn.share)
+            assert conn.turn is not None
+            await self.turns.take(conn.turn)
         return True
 
     # -- dispatch ------------------------------------------------------------------------
@@ -542,16 +562,20 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         except SluiceError as exc:
             self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
             return
-        if op in COSTLY_OPS:
-            if not await self._rate_limited(conn):
-                return
-            if trio.current_time() < self.turns.contended_until:
-                # A costly operation takes a step of its own while principals compete
-                # (it cannot be cut short: `stats` is ~0.5 ms), not the end of a step
-                # that already had its quantum of other requests.
-                assert conn.share is not None
+        if op in COSTLY_OPS and not await self._rate_limited(conn):
+            return
+        if op in LONG_OPS:
+            now = trio.current_time()
+            if now < self.turns.contended_until and \
+                    now - self._last_yield > self.turns.quantum(now) / 4:
+                # A long operation takes a step of its own while principals compete (it
+                # cannot be cut short: `stats` is ~0.15-0.5 ms, `open` 0.2-0.3 ms), not
+                # the end of a step that already served other requests; it counts as
+                # work left over, so it may park to a later batch (FairTurns).
+                assert conn.turn is not None
+                self.turns.backlogged(conn.turn)
                 await self._give_turn()
-                await self.turns.take(conn.share)
+                await self.turns.take(conn.turn)
         await self._run_op(conn, fn, m)
 
     async def _run_op(self, conn: Connection,
@@ -599,7 +623,23 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
 
     async def _release_all(self, conn: Connection) -> None:
         """A connection ended: its trace (if it records one) and then its slots and
-        shared buffer."""
+        shared buffer. Called holding the principal's turn (and shielded): the slots
+        are closed one after the other, and once the turn's quantum is used the turn
+        is given up between two of them and taken again, as between requests — a
+        churned connection's teardown (each close of a written file is a metadata
+        release) is no longer one step of up to a millisecond."""
         self._release_trace(conn)
         self._release_reclaim(conn)
-        await FileOps._release_all(self, conn)
+        turn = conn.turn
+        for slot in list(conn.slots):
+            try:
+                await self._close_slot(conn, slot)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing slot %d failed", slot)
+            now = trio.current_time()
+            if turn is not None and conn.slots and \
+                    now - self._last_yield >= self.turns.quantum(now):
+                self.turns.backlogged(turn)
+                await self._give_turn()
+                await self.turns.take(turn)
+        self._drop_shm(conn)

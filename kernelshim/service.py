@@ -8,7 +8,7 @@ control path of DESIGN.md). Data requests never reach it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, Protocol
+from typing import Any, Collection, Iterator, Protocol
 
 from .grants import Grant
 from .principals import Principal
@@ -67,6 +67,11 @@ class MetadataService(Protocol):
     def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
         """What `sluice stats` shows: device-wide totals, and per-principal rows for the
         principals in `names` only (None: all)."""
+
+    def statistics_parts(self, *, names: Collection[str] | None = None
+                         ) -> Iterator[tuple[str, Any]]:
+        """`statistics`' items, one part of the work at a time, building only the rows
+        of `names`: the shim server lets other principals run between two parts."""
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         """Re-tag everything charged to `src` as charged to `dst`."""

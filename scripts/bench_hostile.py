@@ -21,15 +21,25 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
 (/proc/PID/task/PID/schedstat), and the load average.
 
     .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
-                                              [--py-spy PATH]
+                                              [--py-spy PATH] [--ab-nice A,B]
 
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks.
+`--ab-nice A,B[,C]` compares the daemon at nice A and B (`sluice mount --nice`; 0,-5:
+without and with the default) in one run and mount: each phase alternates blocks of 50
+request pairs between the values (set on the live daemon as the mount option does: its
+threads and its autogroup) and prints per value p50/p99 quiet and attacked, the daemon
+main thread's wait for a CPU (schedstat) and the victim's. The daemon's default is nice
+-5 (`sluice mount`), so a plain run measures the daemon at -5.
 `--py-spy PATH` records the daemon with py-spy during the attacked phase and prints
 the functions it spent its time in. `--loop-trace FILE` logs every step of the
 daemon's event loop and every control operation with its CPU time (the daemon runs
 with scripts/looptrace/ on its PYTHONPATH) and prints, for the attacked phase while the
-victim runs, what the loop's steps and operations cost: what the victim waits behind. Must run as root (the attackers are other uids,
-via setpriv).
+victim runs, what the loop's steps and operations cost: what the victim waits behind;
+and it splits each victim request pair end to end, both phases alike (`decompose`: the
+call -> the batch in progress -> the poll that picked the socket up -> other steps run
+first -> the victim's step -> the client having the reply, with the daemon's CPU and
+off-CPU time in between and the victim thread's wait for a CPU). Must run as root (the
+attackers are other uids, via setpriv).
 """
 
 from __future__ import annotations
@@ -219,10 +229,14 @@ def own_run_delay() -> float:
         return int(f.read().split()[1]) / 1e9
 
 
-def victim(mnt: Path, n: int, waits: list[float] | None = None) -> list[float]:
+def victim(mnt: Path, n: int, waits: list[float] | None = None,
+           stamps: list[tuple[float, ...]] | None = None) -> list[float]:
     """Seconds of each of `n` small requests (a stat, then a 4 KiB pread), one at a time,
     by a root direct client; appends to `waits` the seconds this process waited for a
-    CPU during them."""
+    CPU during them. With `stamps` (--loop-trace, both phases alike): per pair the
+    wall clock before the stat, between the two and after the pread, and this thread's
+    wait for a CPU (schedstat) read before and after the pair — outside the timed
+    interval, so the latency measured is the same as without."""
     out = []
     with Client.connect(mnt, shm_size=1 << 16) as c:
         with c.open("pub/shared") as f:
@@ -231,10 +245,15 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None) -> list[float]:
                 f.pread(4096, 0)
             w0 = own_run_delay()
             for _ in range(n):
+                r0 = own_run_delay() if stamps is not None else 0.0
                 t = time.perf_counter()
                 f.stat()
+                tm = time.perf_counter()
                 f.pread(4096, 0)
-                out.append(time.perf_counter() - t)
+                t2 = time.perf_counter()
+                out.append(t2 - t)
+                if stamps is not None:
+                    stamps.append((t, tm, t2, own_run_delay() - r0))
             if waits is not None:
                 waits.append(own_run_delay() - w0)
     return out
@@ -256,6 +275,36 @@ def renice(pid: int, nice: int) -> None:
     """Every thread of process `pid` at `nice` (Linux: nice is per thread)."""
     for tid in os.listdir(f"/proc/{pid}/task"):
         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
+def set_daemon_nice(pid: int, nice: int) -> None:
+    """What `sluice mount --nice N` does (fs/mount.py, apply_priority), to the running
+    daemon `pid`: every thread, and its autogroup (it leads its own session)."""
+    renice(pid, nice)
+    with open(f"/proc/{pid}/autogroup", "w") as f:
+        f.write(str(nice))
+
+
+def ab_phase(mnt: Path, pid: int, n: int, nices: list[int],
+             block: int = 50) -> dict[int, dict[str, Any]]:
+    """`n` victim request pairs for each nice value of the daemon in `nices`, in
+    alternating blocks of `block` (the order of the values turning round each block, so
+    that load drifting during the phase falls on all alike): per value, the pairs'
+    latencies, the daemon main thread's seconds waiting for a CPU and on a CPU, and the
+    victim's own seconds waiting for a CPU in each block."""
+    out: dict[int, dict[str, Any]] = {k: {"lat": [], "wait": 0.0, "cpu": 0.0, "wall": 0.0,
+                                          "victim_wait": []} for k in nices}
+    for b in range(max(1, n // block)):
+        order = nices[b % len(nices):] + nices[:b % len(nices)]
+        for k in order:
+            set_daemon_nice(pid, k)
+            rd0, cpu0, t0 = run_delay(pid), cpu_time(pid), time.perf_counter()
+            out[k]["lat"] += victim(mnt, block, out[k]["victim_wait"])
+            o = out[k]
+            o["wall"] += time.perf_counter() - t0
+            o["wait"] += run_delay(pid) - rd0
+            o["cpu"] += cpu_time(pid) - cpu0
+    return out
 
 
 def run_delay(pid: int) -> float:
@@ -349,14 +398,14 @@ def loop_trace_summary(fname: str) -> dict[str, Any]:
     """CPU time of the daemon's loop steps (by task and principal) and operations while
     the victim runs under attack (from its first step after the first attacker's to its
     last), from a --loop-trace log."""
-    rows = [line.rstrip("\n").split("\t") for line in open(fname)]
+    rows = [r for r in _trace_rows(fname) if r[1] not in ("IO", "SEND")]
     conn = [i for i, r in enumerate(rows) if r[1] == "shim-connection"]
     first_att = next(i for i in conn if rows[i][2].startswith("uid-"))
     victim_steps = [i for i in conn if i > first_att and rows[i][2] == "root"]
     window = rows[victim_steps[0]:victim_steps[-1] + 1]
     steps: dict[str, list[float]] = collections.defaultdict(list)
     ops: dict[str, list[float]] = collections.defaultdict(list)
-    for _b, name, who, cpu in window:
+    for _b, name, who, cpu, *_wall in window:
         if name == "OP":
             ops[who].append(float(cpu))
         else:
@@ -377,6 +426,165 @@ def loop_trace_summary(fname: str) -> dict[str, Any]:
             "cpu_ms": total * 1e3, "share_in_steps_over_0.25ms": long / total if total else 0.0}
 
 
+def _trace_rows(fname: str) -> list[list[str]]:
+    return [line.rstrip("\n").split("\t") for line in open(fname)]
+
+
+#: the parts of a victim request pair (decompose), in the order they happen
+PARTS = (("in_progress", "loop busy from the call to its next poll (batch in progress)"),
+         ("more_batches", "further batches before the poll that picked it up"),
+         ("poll", "the poll that picked it up (epoll; the wake-up if idle)"),
+         ("before_step", "other tasks' steps of that batch before the victim's"),
+         ("caught", "picked up without a poll by the victim's step still running"),
+         ("serve", "the victim's step: start (or its op, if caught) -> reply sent"),
+         ("to_client", "reply sent -> the client has it (its wake-up, recv, decode)"))
+
+
+def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]]) -> dict[str, Any]:
+    """Split each victim request end to end against the daemon's loop trace (the same
+    clock, CLOCK_MONOTONIC): the call -> the loop's poll that picked its socket up (how
+    long the batch in progress still ran, how many batches passed) -> other tasks'
+    steps before the victim's in that batch -> the victim's step up to its reply sent
+    -> the client having it. The victim's requests are matched to root's `stat` and
+    `data` operations by order (the daemon's wall times after a send are often late:
+    the woken client takes its CPU). Per phase: the mean per request pair over all
+    pairs and over the slowest 1% (the p99 tail), with the batches passed, the steps
+    run before the victim's, the daemon thread's time off a CPU in those steps (wall
+    minus CPU) and the victim thread's own wait for a CPU (schedstat)."""
+    import bisect
+    rows = _trace_rows(fname)
+    io = sorted((float(r[4]), float(r[5])) for r in rows if r[1] == "IO")
+    io0 = [w0 for w0, _ in io]
+    io1 = [w1 for _, w1 in io]
+    steps = sorted((float(r[4]), float(r[5]), float(r[3]), r[2], r[1]) for r in rows
+                   if r[1] not in ("IO", "OP", "SEND") and len(r) > 5)
+    st0 = [x[0] for x in steps]
+    root = [x for x in steps if x[4] == "shim-connection" and x[3] == "root"]
+    root0 = [x[0] for x in root]
+    ops = sorted((float(r[4]), float(r[5])) for r in rows
+                 if r[1] == "OP" and len(r) > 6 and r[6] == "root" and r[2] in ("stat", "data"))
+    sends = sorted(float(r[4]) for r in rows if r[1] == "SEND")
+
+    def one(a: float, b: float, op: tuple[float, float],
+            prev: tuple[float, float] | None) -> dict[str, float]:
+        step = root[bisect.bisect_right(root0, op[0]) - 1]
+        j = bisect.bisect_left(sends, op[0])
+        reply = min(sends[j] if j < len(sends) else b, b)
+        d = dict.fromkeys(("in_progress", "more_batches", "poll", "before_step", "caught",
+                           "batches", "steps_before", "daemon_off_cpu", "daemon_cpu"), 0.0)
+        d["to_client"] = b - reply
+        if prev is not None and prev[0] >= step[0] or step[0] < a:
+            # The victim's step that answered the previous request read this one too
+            # (no poll in between): the daemon's time from the call to the op.
+            d["caught"] = max(0.0, op[0] - a)
+            d["serve"] = reply - max(op[0], a)
+            return d
+        d["serve"] = reply - step[0]
+        p = bisect.bisect_right(io1, step[0]) - 1  # the poll before the victim's step
+        k = bisect.bisect_right(io0, a) - 1        # the last poll begun before the call
+        in_poll = k >= 0 and a < io1[k]
+        nxt = k if in_poll else k + 1              # the first poll the request could meet
+        if p < nxt or nxt >= len(io0):
+            d["poll"] = max(0.0, io1[p] - a)
+        else:
+            d["in_progress"] = max(0.0, io0[nxt] - a)
+            d["more_batches"] = max(0.0, io0[p] - io0[nxt])
+            d["poll"] = io1[p] - max(io0[p], a)
+            d["batches"] = float(p - nxt + (0 if in_poll else 1))
+        d["before_step"] = step[0] - io1[p]
+        lo, hi = bisect.bisect_left(st0, a), bisect.bisect_left(st0, step[0])
+        d["steps_before"] = float(sum(1 for x in steps[lo:hi] if x[0] >= io1[p]))
+        d["daemon_off_cpu"] = max(0.0, sum(x[1] - x[0] - x[2] for x in steps[lo:hi]))
+        d["daemon_cpu"] = sum(x[2] for x in steps[lo:hi])
+        return d
+
+    out: dict[str, Any] = {}
+    for phase, stamps in phases.items():
+        if not stamps:
+            continue
+        lo = bisect.bisect_left(ops, (stamps[0][0], 0.0))
+        hi = bisect.bisect_right(ops, (stamps[-1][2], 0.0))
+        mine = ops[lo:hi]
+        pairs = []
+        if len(mine) == 2 * len(stamps):
+            prev = None
+            for i, (t0, tm, t2, rd) in enumerate(stamps):
+                x = one(t0, tm, mine[2 * i], prev)
+                y = one(tm, t2, mine[2 * i + 1], mine[2 * i])
+                prev = mine[2 * i + 1]
+                pair = {k: x[k] + y[k] for k in x}
+                pair["total"] = t2 - t0
+                pair["victim_cpu_wait"] = rd
+                pairs.append(pair)
+        pairs.sort(key=lambda q: q["total"])
+        tail = pairs[int(len(pairs) * 0.99):] or pairs[-1:]
+
+        def mean(ps: list[dict[str, float]]) -> dict[str, float]:
+            return {k: sum(q[k] for q in ps) / len(ps) for k in ps[0]} if ps else {}
+        cpu = sorted(q["daemon_cpu"] for q in pairs) or [0.0]
+        out[phase] = {"matched": len(pairs), "of": len(stamps), "ops": len(mine),
+                      "all": mean(pairs), "tail": mean(tail), "tail_n": len(tail),
+                      # the daemon's CPU in others' steps that a pair waited behind: the
+                      # part of its wait the daemon decides, whatever the machine's load
+                      "daemon_cpu_p50": cpu[len(cpu) // 2],
+                      "daemon_cpu_p99": cpu[min(len(cpu) - 1, int(len(cpu) * 0.99))]}
+    return out
+
+
+def print_decomposition(dec: dict[str, Any]) -> None:
+    ph = list(dec)
+    print("a victim request pair end to end (--loop-trace; ms, mean per pair; 'p99 tail': "
+          "the slowest 1% of pairs):")
+    head = "".join(f" {p + ' all':>14} {p + ' p99 tail':>16}" for p in ph)
+    print(f"  {'':62}{head}")
+
+    def row(label: str, key: str, scale: float = 1e3, fmt: str = "{:.3f}") -> None:
+        cells = "".join(f" {fmt.format(dec[p]['all'].get(key, 0.0) * scale):>14} "
+                        f"{fmt.format(dec[p]['tail'].get(key, 0.0) * scale):>16}" for p in ph)
+        print(f"  {label:62}{cells}")
+    for key, label in PARTS:
+        row(label, key)
+    row("= the pair, as the client measured it", "total")
+    row("  batches ended between the call and the pick-up (count)", "batches", 1.0, "{:.2f}")
+    row("  other tasks' steps of the pick-up batch run first (count)", "steps_before", 1.0,
+        "{:.2f}")
+    row("  the daemon's CPU in others' steps before the victim's", "daemon_cpu")
+    row("  the daemon thread off a CPU in those steps (wall - CPU)", "daemon_off_cpu")
+    row("  the victim thread waiting for a CPU (schedstat)", "victim_cpu_wait")
+    print("  the daemon's CPU in others' steps a pair waited behind, p50 / p99: " + ", ".join(
+        f"{p} {dec[p]['daemon_cpu_p50'] * 1e3:.3f} / {dec[p]['daemon_cpu_p99'] * 1e3:.3f} ms"
+        for p in ph))
+    print("  pairs matched: " + ", ".join(f"{p} {dec[p]['matched']}/{dec[p]['of']} "
+                                          f"({dec[p]['ops']} ops; tail {dec[p]['tail_n']})"
+                                          for p in ph))
+
+
+def print_ab(result: dict[str, Any], n: int) -> None:
+    """The table of --ab-nice: per daemon nice value, the victim's p50/p99 quiet and
+    attacked, their ratio, and the daemon main thread's wait for a CPU (schedstat)."""
+    print(f"victim: root, {n} request pairs (stat + 4 KiB pread) per daemon nice value and "
+          f"phase, in alternating blocks of 50; attackers: uids 1000 and 1002, "
+          f"{result['attackers']} processes; load {result['load_start']} -> "
+          f"{result['load_attacked']}")
+    print(f"{'daemon nice':>11} {'quiet p50':>9} {'quiet p99':>9} {'att. p50':>9} "
+          f"{'att. p99':>9} {'p99 ratio':>9} {'daemon waits for a CPU, quiet/attacked':>40}"
+          f"  {'victim waits, q/a':>17}")
+    for k in result["ab_quiet"]:
+        q, a = result["ab_quiet"][k], result["ab_attacked"][k]
+        pq, pa = percentiles(q["lat"]), percentiles(a["lat"])
+        for o, p in ((q, pq), (a, pa)):
+            o["p"] = p
+        waits = (f"{q['wait'] / len(q['lat']) * 1e3:.3f} / {a['wait'] / len(a['lat']) * 1e3:.3f}"
+                 f" ms a pair ({q['wait'] / q['wall']:.0%} / {a['wait'] / a['wall']:.0%})")
+        vw = (f"{sum(q['victim_wait']) / len(q['lat']) * 1e3:.3f} / "
+              f"{sum(a['victim_wait']) / len(a['lat']) * 1e3:.3f} ms")
+        print(f"{k:>11} {pq['p50']:9.3f} {pq['p99']:9.3f} {pa['p50']:9.3f} {pa['p99']:9.3f} "
+              f"{pa['p99'] / pq['p99']:9.2f} {waits:>40}  {vw:>17}")
+    for ph in ("ab_quiet", "ab_attacked"):
+        for o in result[ph].values():
+            del o["lat"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=1000)
@@ -388,6 +596,10 @@ def main() -> int:
                     help="run the daemon and the victim at this nice value (e.g. -10), in "
                          "both phases: what is left is then not the CPU the attacker "
                          "processes take")
+    ap.add_argument("--ab-nice", dest="ab_nice", metavar="A,B",
+                    help="compare the daemon's nice values A and B (e.g. 0,-5: without "
+                         "and with `sluice mount --nice`'s default) in the same run: "
+                         "each phase alternates blocks of 50 requests between them")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
@@ -430,12 +642,25 @@ def main() -> int:
         os.chmod(mnt / "pub", 0o1777)
         (mnt / "pub" / "shared").write_bytes(b"s" * 100_000)
         os.chmod(mnt / "pub" / "shared", 0o666)
+        if args.ab_nice:
+            nices = [int(x) for x in args.ab_nice.split(",")]
+            log(f"quiet: {n} requests at each daemon nice of {nices}")
+            result["ab_quiet"] = ab_phase(mnt, sm.pid, n, nices)
+            with Attack(mnt, floods=args.floods, churn_rounds=-1) as attack:
+                time.sleep(1.0)
+                log(f"attacked: {n} requests at each daemon nice of {nices}")
+                result["ab_attacked"] = ab_phase(mnt, sm.pid, n, nices)
+                result["load_attacked"] = loadavg()
+                result["attackers"] = sum(p.poll() is None for p in attack.procs)
+            return 0
         log(f"quiet: {n} requests")
         daemon_service(mnt)
         rd0, cpu0 = run_delay(sm.pid), cpu_time(sm.pid)
         t0 = time.perf_counter()
         vw: list[float] = []
-        quiet = victim(mnt, n, vw)
+        stamps: dict[str, list[tuple[float, ...]]] | None = \
+            {"quiet": [], "attacked": []} if args.loop_trace else None
+        quiet = victim(mnt, n, vw, stamps["quiet"] if stamps else None)
         t1 = time.perf_counter()
         rd1, cpu1 = run_delay(sm.pid), cpu_time(sm.pid)
         svc_q = daemon_service(mnt)
@@ -446,7 +671,7 @@ def main() -> int:
             daemon_service(mnt)
             rd2, cpu2 = run_delay(sm.pid), cpu_time(sm.pid)
             t2 = time.perf_counter()
-            busy = victim(mnt, n, vw)
+            busy = victim(mnt, n, vw, stamps["attacked"] if stamps else None)
             t3 = time.perf_counter()
             rd3, cpu3 = run_delay(sm.pid), cpu_time(sm.pid)
             svc_a = daemon_service(mnt)
@@ -469,6 +694,10 @@ def main() -> int:
         sm.cleanup()
         if not is_mounted(base / "mnt"):
             shutil.rmtree(base, ignore_errors=True)
+        if args.ab_nice and "ab_attacked" in result:
+            print_ab(result, n)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]
     nice = f", daemon and victim at nice {args.nice}" if args.nice is not None else ""
     print(f"victim: root{nice}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "
@@ -485,6 +714,7 @@ def main() -> int:
         for who, h in sorted(rows.items()):
             cpu = (f"; CPU per batch p50 {h['cpu_p50_ms']:.3f} p99 {h['cpu_p99_ms']:.3f} ms"
                    if "cpu_p50_ms" in h else "")
+            cpu += f"; {h['parked']} steps parked" if "parked" in h else ""
             what = (f"{h['n']} batches, the loop thread on a CPU {h['on_cpu']:.0%} of "
                     f"their time{cpu}" if "on_cpu" in h else
                     f"{h['n']} requests, waited for a turn p99 {h['waited_p99_ms']:.3f} ms")
@@ -508,6 +738,9 @@ def main() -> int:
     if args.loop_trace:
         lt = loop_trace_summary(f"{args.loop_trace}.{daemon_pid}")
         result["loop_trace"] = lt
+        assert stamps is not None
+        result["decomposition"] = dec = decompose(f"{args.loop_trace}.{daemon_pid}", stamps)
+        result["stamps"] = stamps
         print(f"the daemon's loop while the victim ran under attack (--loop-trace; CPU time, "
               f"{lt['cpu_ms']:.1f} ms in all, {lt['share_in_steps_over_0.25ms']:.1%} of it in "
               "steps over 0.25 ms):")
@@ -516,6 +749,8 @@ def main() -> int:
                 print(f"  {label} {k:34} n={h['n']:6} p50 {h['p50_ms']:7.3f} "
                       f"p99 {h['p99_ms']:7.3f} ms" + (f"  {h['share']:6.1%} of the loop"
                                                       if label == "step" else ""))
+    if args.loop_trace:
+        print_decomposition(dec)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -14,6 +14,7 @@ daemon's descriptors within the per-principal banks plus a constant.
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import json
 import math
@@ -30,12 +31,12 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import REPO, sluice
+from conftest import REPO, as_uid, sluice
 from shim_util import USER_PY, pubmnt, user_popen, user_run  # noqa: F401 (fixture)
 from kernelshim import BlockDevice, Kernel
 from kernelshim.client import CONTROL_XATTR, Client
 from kernelshim.principals import (DEFAULT_CHILDREN, DEFAULT_CONNECTIONS, DEFAULT_SHM,
-                                   Banks, PrincipalTable, TooManyObjects)
+                                   Banks, Principal, PrincipalTable, TooManyObjects)
 from kernelshim.protocol import (ERROR, MAX_DEPTH, MAX_FRAME, MAX_MESSAGE, OK, REQUEST,
                                  VERSION, Decoder, Message, ProtocolError, encode,
                                  nesting_depth)
@@ -82,6 +83,9 @@ class _Stats:
 
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return dict(self.reply)
+
+    def statistics_parts(self, *, names: Any = None) -> Any:
+        return iter(dict(self.reply).items())
 
 
 @pytest.fixture
@@ -368,6 +372,51 @@ async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None
     assert max(early[f"a{i}"] for i in range(6)) - min(early[f"a{i}"] for i in range(6)) <= 1
     assert turns.shares[1].turns_waited > 0 and turns.shares[2].turns_waited == 0
     assert turns.shares[1].holder is None and not turns.shares[1].waiters
+
+
+async def test_child_principals_do_not_multiply_a_tenants_turns(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Turns are a tenant's (the principal tree below a top-most principal), not each
+    principal's (probe finding 13): uid 1000 makes six children of its `uid-1000` and
+    runs a busy task as each; uid 1002 one task as `uid-1002`. The lone task is done
+    long before the six, as against six tasks of one principal
+    (test_principals_take_turns); each principal's own statistics stay its own."""
+    from kernelshim.connection import tenant_of
+    table = PrincipalTable(None)
+    mine = table.default_for_uid(1000)
+    kids = [table.add(f"kid{i}", parent=mine.name, owner_uid=1000, banks=Banks(),
+                      caller_uid=1000) for i in range(6)]
+    grandkid = table.add("grandkid", parent="kid0", owner_uid=1000, banks=Banks(),
+                         caller_uid=1000)
+    other = table.default_for_uid(1002)
+    assert {tenant_of(p) for p in (*kids, grandkid, mine)} == {mine}
+    assert tenant_of(other) is other and tenant_of(table.root) is table.root
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    steps: list[str] = []
+
+    async def worker(p: Principal, n: int) -> None:
+        sh = turns.turn_of(p)
+        for _ in range(n):
+            await turns.take(sh)
+            steps.append(p.name)
+            await trio.lowlevel.cancel_shielded_checkpoint()  # the end of a step
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for k in kids:
+                nursery.start_soon(worker, k, 20)
+            nursery.start_soon(worker, other, 20)
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert len(steps) == 140
+    last = max(i for i, w in enumerate(steps) if w == other.name)
+    assert last < 45, steps[:60]  # ~ one step of uid 1000's tree per step of 1002's
+    # the children take one turn, uid-1000's, in order; none of them has its own
+    early = collections.Counter(steps[:last + 1])
+    assert max(early[k.name] for k in kids) - min(early[k.name] for k in kids) <= 1
+    assert turns.shares[mine.id].turns_waited > 0
+    assert not any(k.id in turns.shares for k in kids)
 
 
 async def test_contention_is_two_principals_in_one_batch(
@@ -1085,3 +1134,133 @@ def test_bench_hostile_quick(tmp_path: Path) -> None:
     assert res["attackers"] == res["attackers_started"]  # all still at it at the end
     assert {"uid-1000", "uid-1002"} <= set(res["daemon_attacked"])
     assert "ratio attacked/quiet" in r.stdout
+
+
+async def test_backlogged_principals_park_over_the_batch_budget(
+        mock_clock: trio.testing.MockClock) -> None:
+    """While principals compete, a batch of the run loop holds one step of a
+    backlogged principal (one that gave up its turn with work left), then the others
+    park to later batches, so the loop polls between them; a principal with nothing
+    left over (a client waiting for each reply) is never parked; every backlogged
+    principal still gets a step within MAX_PARKS + 1 batches; alone, nobody parks."""
+    from kernelshim.connection import BATCH_SECONDS, MAX_PARKS
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    ran: list[tuple[int, str]] = []  # (batch, who) of every step that served
+
+    async def bulk(principal: int, n: int) -> None:
+        sh = turns.share(principal)
+        for _ in range(n):
+            await turns.take(sh)
+            ran.append((turns._batch, f"bulk{principal}"))
+            mock_clock.jump(2 * BATCH_SECONDS)  # a step that uses up its quantum
+            turns.backlogged(sh)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def sparse(principal: int, n: int) -> None:
+        sh = turns.share(principal)
+        for _ in range(n):
+            await trio.lowlevel.cancel_shielded_checkpoint()  # "its request came"
+            woken = turns._batch
+            await turns.take(sh)
+            assert turns._batch == woken  # served in the batch it became runnable in
+            ran.append((turns._batch, "sparse"))
+            mock_clock.jump(BATCH_SECONDS / 4)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    try:
+        await bulk(1, 10)  # alone: never parks
+        assert turns.parked == 0 and turns.shares[1].parked == 0
+        ran.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bulk, 1, 30)
+            nursery.start_soon(bulk, 2, 30)
+            nursery.start_soon(sparse, 3, 30)
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert len([w for _, w in ran if w == "sparse"]) == 30
+    assert turns.shares[3].parked == 0
+    assert turns.shares[1].parked > 0 and turns.shares[2].parked > 0
+    per_batch = collections.Counter(b for b, w in ran if w.startswith("bulk"))
+    gap: dict[int, list[int]] = collections.defaultdict(list)  # batch -> gaps of its steps
+    for who in ("bulk1", "bulk2"):
+        mine = [b for b, w in ran if w == who]
+        assert len(mine) == 30
+        for b1, b2 in zip(mine, mine[1:]):
+            assert b2 - b1 <= MAX_PARKS + 1, (who, mine)
+            gap[b2].append(b2 - b1)
+    # Once the two compete (the first batch shows it), one backlogged step a batch;
+    # a second only from a principal that parked MAX_PARKS batches in a row.
+    first = min(per_batch)
+    for b, c in per_batch.items():
+        if b > first and c > 1:
+            assert c == 2 and max(gap[b]) >= MAX_PARKS, (b, per_batch, gap[b])
+    assert sum(c for b, c in per_batch.items() if b > first) < 1.2 * (len(per_batch) - 1)
+
+
+# -- the daemon's CPU priority (sluice mount --nice) ----------------------------------------
+
+def _nice_of(pid: int) -> tuple[set[int], str]:
+    """The nice values of all of `pid`'s threads, and its autogroup line."""
+    nices = {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+    try:
+        group = Path(f"/proc/{pid}/autogroup").read_text().strip()
+    except FileNotFoundError:
+        group = ""
+    return nices, group
+
+
+def test_the_daemon_runs_ahead_of_its_tenants(volume: Path, mount_factory: Any) -> None:
+    """Root's daemon runs every thread at nice DAEMON_NICE (-5) and, leading its own
+    session, its autogroup too (else the threads' nice would only rank them among
+    themselves); `--nice N` sets another value, `--nice keep` leaves both alone; a bad
+    value is one line and exit 2. The CLI's copy of the default is the daemon's."""
+    from fs import cli
+    from fs.mount import DAEMON_NICE
+    assert cli.DAEMON_NICE == DAEMON_NICE == -5
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    has_autogroup = Path("/proc/self/autogroup").exists()
+    for extra, want in (((), DAEMON_NICE), (("--nice", "-3"), -3), (("--nice", "keep"), None)):
+        m = mount_factory(volume, *extra)
+        try:
+            assert m.proc is not None
+            nices, group = _nice_of(m.proc.pid)
+            if want is None:
+                assert nices == {own}, nices
+                assert group.endswith(" nice 0") or not has_autogroup, group
+            else:
+                assert nices == {want}, nices
+                assert group.endswith(f" nice {want}") or not has_autogroup, group
+        finally:
+            m.stop()
+        log = m.log.read_text()
+        assert (f"daemon CPU priority: nice {want}" in log) == (want is not None), log[-2000:]
+    for bad in ("-21", "20", "high"):
+        r = sluice("mount", str(volume), "/nonexistent", "--nice", bad, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "a nice value -20..19, or keep" in r.stderr, r.stderr
+
+
+def test_a_daemon_not_run_by_root_keeps_its_priority() -> None:
+    """A user's daemon cannot lower its nice or its autogroup's (no CAP_SYS_NICE): it
+    keeps them and says what it could not do, in one line, instead of failing."""
+    from fs.mount import apply_priority
+
+    def as_user() -> dict:
+        os.setsid()  # leads its session, as a detached daemon does
+        # ... and owns its /proc files, as a process the user started does (setuid
+        # made this fork undumpable: its /proc files root's)
+        ctypes.CDLL(None, use_errno=True).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        missed = apply_priority(-5)
+        return {"missed": missed, "before": before,
+                "after": os.getpriority(os.PRIO_PROCESS, 0),
+                "raised": apply_priority(before + 1)}
+
+    r = as_uid(1000, as_user)
+    assert r["after"] == r["before"]
+    assert r["missed"] is not None and "\n" not in r["missed"]
+    assert r["missed"].startswith("nice -5 (") and f"keeping {r['before']}" in r["missed"]
+    if Path("/proc/self/autogroup").exists():
+        assert "autogroup nice -5" in r["missed"], r["missed"]
+    assert r["raised"] is None  # raising one's own nice needs no privilege

@@ -67,6 +67,9 @@ class _Service:
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return {}
 
+    def statistics_parts(self, *, names: Any = None) -> Any:
+        return iter(())
+
 
 @pytest.fixture
 def kernel(tmp_path: Path):

@@ -3,10 +3,19 @@
 Put on PYTHONPATH (with SLUICE_LOOP_TRACE=FILE) for the daemon only: when the daemon
 imports kernelshim.server, a trio instrument is added to the shim server's loop that
 logs every task step (batch number, task name, the principal of a connection's task,
-the loop thread's CPU time of the step) and the CPU time of every control operation
-and connection teardown, appended to FILE.<pid> twice a second. The CPU clock
-(`thread_time`), not the wall clock: on a machine loaded by others the wall time of
-a step is mostly the OS's doing.
+the loop thread's CPU time of the step, and its wall-clock start and end) and the CPU
+time of every control operation and connection teardown, appended to FILE.<pid> twice
+a second. The CPU clock (`thread_time`) says what a step cost the daemon: on a machine
+loaded by others the wall time of a step is mostly the OS's doing. The wall clock
+(`perf_counter`, CLOCK_MONOTONIC: the same clock in every process) places each step,
+each poll of the loop (rows "IO": `before_io_wait` to `after_io_wait`) and each send
+to a root connection (rows "SEND") against the victim's own timestamps, so that
+bench_hostile can split the victim's latency end to end (`decompose`).
+
+Row: batch, name, who, cpu seconds, wall start, wall end (tab-separated); an operation
+(name "OP", who: the operation) adds the principal of its connection. The wall times
+after a send may be late: the woken client often takes the daemon's CPU (bench_hostile
+matches the victim's operations to its requests by order, not by these times).
 """
 
 from __future__ import annotations
@@ -24,10 +33,10 @@ _PATH = os.environ.get("SLUICE_LOOP_TRACE")
 class _Trace:
     def __init__(self, path: str) -> None:
         self.path = f"{path}.{os.getpid()}"
-        self.rows: list[tuple[int, str, str, float]] = []
+        self.rows: list[tuple[Any, ...]] = []
         self.batch = 0
         self.who: dict[Any, str] = {}
-        self.c0 = 0.0
+        self.c0 = self.w0 = self.io0 = 0.0
         self.last_dump = time.perf_counter()
 
     # trio.abc.Instrument's hooks (duck-typed: trio is imported late)
@@ -37,18 +46,25 @@ class _Trace:
         if now - self.last_dump > 0.5:
             self.last_dump = now
             self.dump()
+        self.io0 = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.rows.append((self.batch, "IO", "", 0.0, self.io0, time.perf_counter()))
 
     def before_task_step(self, task: Any) -> None:
+        self.w0 = time.perf_counter()
         self.c0 = time.thread_time()
 
     def after_task_step(self, task: Any) -> None:
+        c1 = time.thread_time()
         self.rows.append((self.batch, task.name, self.who.get(task, ""),
-                          time.thread_time() - self.c0))
+                          c1 - self.c0, self.w0, time.perf_counter()))
 
     def dump(self) -> None:
         if self.rows:
             with open(self.path, "a") as f:
-                f.writelines("%d\t%s\t%s\t%.9f\n" % r for r in self.rows)
+                f.writelines("%d\t%s\t%s\t%.9f\t%.9f\t%.9f" % r[:6]
+                             + "".join("\t" + x for x in r[6:]) + "\n" for r in self.rows)
             self.rows = []
 
 
@@ -59,6 +75,7 @@ def _patch(mod: Any) -> None:
     tr = _Trace(_PATH)
     S = mod.ShimServer
     run, serve, run_op, release = S.run, S._serve_connection, S._run_op, S._release_all
+    emit, uncork, data_request = S._emit, S._uncork, S._data_request
 
     async def traced_run(self: Any, *a: Any, **k: Any) -> None:
         trio.lowlevel.add_instrument(tr)  # type: ignore[arg-type]
@@ -72,21 +89,47 @@ def _patch(mod: Any) -> None:
         await serve(self, tsock, creds, principal)
 
     async def traced_op(self: Any, conn: Any, fn: Any, m: Any) -> None:
-        c0 = time.thread_time()
+        w0, c0 = time.perf_counter(), time.thread_time()
         try:
             await run_op(self, conn, fn, m)
         finally:
-            tr.rows.append((tr.batch, "OP", str(m.payload.get("op")), time.thread_time() - c0))
+            c1 = time.thread_time()
+            tr.rows.append((tr.batch, "OP", str(m.payload.get("op")), c1 - c0, w0,
+                            time.perf_counter(), conn.principal.name))
+
+    async def traced_data(self: Any, conn: Any, m: Any) -> None:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            await data_request(self, conn, m)
+        finally:
+            c1 = time.thread_time()
+            tr.rows.append((tr.batch, "OP", "data", c1 - c0, w0, time.perf_counter(),
+                            conn.principal.name))
 
     async def traced_release(self: Any, conn: Any) -> None:
-        c0 = time.thread_time()
+        w0, c0 = time.perf_counter(), time.thread_time()
         try:
             await release(self, conn)
         finally:
-            tr.rows.append((tr.batch, "OP", "(teardown)", time.thread_time() - c0))
+            c1 = time.thread_time()
+            tr.rows.append((tr.batch, "OP", "(teardown)", c1 - c0, w0, time.perf_counter(),
+                            conn.principal.name))
+
+    def traced_emit(self: Any, conn: Any, data: Any, fds: Any = None) -> None:
+        emit(self, conn, data, fds)
+        if conn.principal.parent is None and not conn.corked:  # root's, sent now
+            t = time.perf_counter()
+            tr.rows.append((tr.batch, "SEND", "root", 0.0, t, t))
+
+    def traced_uncork(self: Any, conn: Any) -> None:
+        uncork(self, conn)
+        if conn.principal.parent is None:
+            t = time.perf_counter()
+            tr.rows.append((tr.batch, "SEND", "root", 0.0, t, t))
 
     S.run, S._serve_connection, S._run_op, S._release_all = (
         traced_run, traced_serve, traced_op, traced_release)
+    S._emit, S._uncork, S._data_request = traced_emit, traced_uncork, traced_data
 
 
 class _Hook(importlib.abc.MetaPathFinder):
