@@ -17,7 +17,11 @@ what the report names, and each repair is reported on the line after its error:
   a file block twice, sharing device blocks with another extent (a doubly-owned
   block), and unwritten (laid out, never committed) or written blocks past the end of
   the file (repair: drop exactly the blocks concerned; the rest of the extent stays,
-  the dropped range reads as zeros). A doubly-owned block stays with the owner that
+  the dropped range reads as zeros). Unwritten blocks past the end on a volume whose
+  daemon did not unmount it (its mount.json is still there: killed, or running
+  read-only) are the state a crash legitimately leaves — an open file's KEEP_SIZE
+  reservation or a direct client's write layout — which the next mount drops: a
+  note, not an error (repair drops them too). A doubly-owned block stays with the owner that
   most plausibly wrote it last (written before unwritten, then the newer mtime): the
   other owner's view of it is another file's data, which is what must not survive.
 - block counts: an inode's `blocks` = the blocks its extents hold (repair: set).
@@ -66,7 +70,7 @@ from kernelshim.principals import ENTRY_COST, PrincipalError, PrincipalTable
 
 from .errors import VolumeError
 from .metadata import Metadata
-from .volume import DB, VolumeLock, checking_lock, read_header
+from .volume import DB, MOUNT_STATE, VolumeLock, checking_lock, read_header
 
 #: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
 EXIT_CLEAN = 0
@@ -343,6 +347,9 @@ class _Checker:
         self.verify_data = verify_data
         #: verify only these device blocks (the re-check after a repair)
         self.verify_only = verify_only
+        #: the daemon that mounted the volume last did not unmount it (killed, or it
+        #: still runs read-only): state a crash leaves is a note, not an error
+        self.unclean = (path / MOUNT_STATE).exists()
         self.bs = dev.block_size
         self.inodes: dict[int, _Inode] = {}
         #: inodes freed by this pass (orphans, invalid): their extents go with them
@@ -578,10 +585,13 @@ class _Checker:
                 first = max(eof, min(fb for fb, _d, _n in e.pieces))
                 n = e.drop_file_range(eof, max(fb + n for fb, _d, n in e.pieces))
                 if e.state == UNWRITTEN:
-                    self.out.error(f"{n} unwritten blocks of {self.where(ino)} from byte "
-                                   f"offset {first * self.bs} lie past its end of file: laid "
-                                   "out for a write that was never committed",
-                                   f"dropped those {n} blocks")
+                    report = self.out.note if self.unclean else self.out.error
+                    report(f"{n} unwritten blocks of {self.where(ino)} from byte "
+                           f"offset {first * self.bs} lie past its end of file: laid "
+                           "out for a write that was never committed"
+                           + (" (the volume was not unmounted: the next mount drops "
+                              "them)" if self.unclean else ""),
+                           f"dropped those {n} blocks")
                 else:
                     self.out.error(f"{n} written blocks of {self.where(ino)} from byte "
                                    f"offset {first * self.bs} lie past its end of file "

@@ -199,6 +199,10 @@ class Space:
                 await self._zero_partial_blocks(node, emap, offset, end, principal)
                 await self._unmap_whole_blocks(node, emap, offset, end,
                                                replace=op == FALLOC_FL_ZERO_RANGE)
+                # The holes ZERO_RANGE allocated are saved here when no whole data
+                # block was replaced (_unmap_whole_blocks saved nothing then): the
+                # blocks count below must never be saved without its extents.
+                self._save_extents(node)
                 node.mtime_ns = node.ctime_ns = now_ns()
                 fields += ["mtime_ns", "ctime_ns"]
                 if self._kill_priv(h, save=False):
