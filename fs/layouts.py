@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from typing import Callable, TYPE_CHECKING
 
+import trio
+
 from kernelshim import Grant, HOLE, Rights, UNWRITTEN
 from kernelshim.extents import block_span, blocks_to_cover
 
 from .errors import InvalidArgument
 from .inodes import Caller, Inode, MAX_FILE_SIZE, now_ns
+
+#: written ranges a commit marks between two yields of the event loop
+COMMIT_STEP = 1024
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -124,12 +129,21 @@ class Layouts:
                     # Growing: what this commit did not write between the old end and
                     # the new one must read as zeros (R6).
                     lo = node.size
-                    for start, stop in ranges:
+                    for k, (start, stop) in enumerate(ranges):
                         await self._zero_past_eof(node, lo, min(start, end), grant.principal)
                         lo = max(lo, stop)
-                for start, stop in ranges:
+                        if k % COMMIT_STEP == COMMIT_STEP - 1:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                # A client may commit many ranges at once (as many as the blocks it
+                # wrote): the event loop is given back every COMMIT_STEP of them. A
+                # checkpoint meanwhile commits and seals what is marked so far (data
+                # written before the commit: as a commit of part of the ranges).
+                self._unsealed.add(emap)
+                for k, (start, stop) in enumerate(ranges):
                     b0, b1 = block_span(start, stop - start, bs)
                     emap.mark_written(b0, b1 - b0)
+                    if k % COMMIT_STEP == COMMIT_STEP - 1:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 self._unsealed.add(emap)
                 self._save_extents(node)
                 now = now_ns()

@@ -377,7 +377,7 @@ class Kernel(GrantTable, LowerLayers):
                                                principal=principal, file=grant.inode,
                                                fblock=fblock + lo - pos)
                 pos += count
-            grant.note_written(offset, offset + length)
+            grant.note_written(offset, offset + length, bs)
             return length
         finally:
             self._leave(grant, epoch)

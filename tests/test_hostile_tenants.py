@@ -1,0 +1,202 @@
+"""Hostile tenants of the direct path (issue 6, the hostile-user probe of 2026-12-01):
+no uid can stop the daemon, corrupt what it stores for itself, or make it hold or do
+unbounded work for one request.
+
+Mounted tests attack a real daemon from an unprivileged uid (setpriv, as
+tests/test_hostile.py does); the `pubmnt` fixture checks that the daemon is alive and
+logged no traceback afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from blockdev import PrincipalId
+from conftest import sluice
+from kernelshim import UNWRITTEN, BlockDevice, ExtentMap, Kernel, Rights
+from kernelshim.grants import PENDING_EXACT
+from shim_util import pubmnt, user_python  # noqa: F401 (fixture)
+from test_hostile import served, setup_pub
+
+
+# -- #1: the shared buffer's memfd is sealed ----------------------------------------------
+
+@pytest.mark.mounted
+def test_a_client_cannot_shrink_the_shared_buffer(pubmnt: Path) -> None:
+    """The memfd behind the shared buffer travels to the client; shrinking it made the
+    daemon's next touch of its mapping a SIGBUS (the daemon died for every tenant). It
+    is sealed against shrinking and growing, and the seals are sealed."""
+    mnt = pubmnt
+    setup_pub(mnt)
+    out = user_python(f"""
+import errno, fcntl, os
+import kernelshim.client as kc
+kept = []
+orig = kc._Base._map_shm
+def keep_fd(self, res):
+    kept.append(os.dup(self._fds[0]))
+    return orig(self, res)
+kc._Base._map_shm = keep_fd
+c = kc.Client.connect({str(mnt)!r}, shm_size=1 << 20)
+fd = kept[0]
+seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+tried = []
+for how in ("shrink", "grow", "unseal"):
+    try:
+        if how == "shrink":
+            os.ftruncate(fd, 0)
+        elif how == "grow":
+            os.ftruncate(fd, 4 << 20)
+        else:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        tried.append(how + ":done")
+    except OSError as e:
+        tried.append(how + ":" + errno.errorcode[e.errno])
+# The daemon still reads into and writes from the buffer (it used to die here).
+with c.open("pub/shm1000", "w") as f:
+    f.write(b"s" * 65536)
+with c.open("pub/shm1000") as f:
+    back = f.read()
+print(seals, os.fstat(fd).st_size, *tried, back == b"s" * 65536)
+""", 1000).split()
+    want = fcntl_seals()
+    assert int(out[0]) & want == want, out
+    assert out[1:] == [str(1 << 20), "shrink:EPERM", "grow:EPERM", "unseal:EPERM", "True"]
+    served(mnt)
+
+
+def fcntl_seals() -> int:
+    import fcntl
+    return fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+# -- #12: the daemon checksums exactly what it stores -------------------------------------
+
+def _checksum_errors(mnt: Path) -> int:
+    return json.loads(sluice("stats", str(mnt), "--json").stdout)["device"]["checksum_errors"]
+
+
+@pytest.mark.mounted
+def test_a_changing_shared_buffer_stores_no_bad_checksum(pubmnt: Path) -> None:
+    """A client that keeps changing its shared buffer while the daemon writes from it
+    gets some mix of its bytes stored — never a block whose checksum does not match
+    it (the daemon checksummed one reading of the buffer and stored another: the
+    file read as a bad medium, and the device's error count rose for every tenant)."""
+    mnt = pubmnt
+    setup_pub(mnt)
+    before = _checksum_errors(mnt)
+    out = user_python(f"""
+import os, threading
+from kernelshim.client import Client
+mnt = {str(mnt)!r}
+c = Client.connect(mnt, shm_size=8 << 20)
+stop = False
+def scribble():
+    v = memoryview(c.shm)
+    i = 0
+    while not stop:  # a byte in every page, a new value each time
+        v[(i * 4097) % (4 << 20)] = i & 0xFF
+        i += 1
+    v.release()
+th = threading.Thread(target=scribble)
+th.start()
+try:
+    with c.open("pub/toctou", "w") as f:
+        for k in range(20):
+            f.pwrite(b"\\x11" * (4 << 20), k * (4 << 20))
+        f.fsync()
+finally:
+    stop = True
+    th.join()
+c.close()
+bad = 0
+fd = os.open(os.path.join(mnt, "pub/toctou"), os.O_RDONLY)
+for off in range(0, 80 << 20, 1 << 20):
+    try:
+        os.pread(fd, 1 << 20, off)
+    except OSError:
+        bad += 1
+os.close(fd)
+print(bad)
+""", 1000)
+    assert out.split() == ["0"], out
+    assert _checksum_errors(mnt) == before
+    served(mnt)
+
+
+# -- #7: pending written ranges are bounded by the blocks written --------------------------
+
+async def test_pending_one_byte_writes_coalesce_per_block(tmp_path: Path) -> None:
+    """Pipelined one-byte writes at every other offset, never committed, kept one
+    [start, end) per write in the grant (80 MiB of daemon memory for 600k writes,
+    charged to nobody, and a commit that stalled the daemon for seconds). Past
+    PENDING_EXACT ranges they coalesce per block: never more ranges than blocks."""
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=64 * 4096, block_size=4096)
+    k = Kernel.open(d, cache_bytes=16 * 4096)
+    try:
+        nblocks = 16
+        g = k.grant(inode=7, generation=1, extents=ExtentMap([(0, 1, nblocks, UNWRITTEN)]),
+                    rights=Rights.RW, principal=PrincipalId(1))
+        writes = nblocks * 4096 // 2
+        for i in range(writes):
+            await k.write(g, 2 * i, b"x")
+        assert writes > PENDING_EXACT
+        assert len(g.written) <= PENDING_EXACT + nblocks
+        # Every byte written is still pending, the first PENDING_EXACT exactly.
+        assert g.written[:3] == [[0, 1], [2, 3], [4, 5]]
+        assert g.written[-1][1] == 2 * (writes - 1) + 1
+        taken = g.take_written(0, nblocks * 4096)
+        covered = {b for s, e in taken for b in range(s, e)}
+        assert all(2 * i in covered for i in range(writes))
+        assert g.written == []
+    finally:
+        k.close()
+
+
+@pytest.mark.mounted
+def test_a_commit_of_many_pipelined_one_byte_writes(pubmnt: Path) -> None:
+    """The attack through a real daemon: pipelined one-byte WRITE_ALLOC frames at every
+    other offset, then one commit of all of them. The daemon answers everything, the
+    commit gives the size the last byte makes, and the file reads back through the
+    mount with each block's last byte written (a partial write to an unwritten block
+    merges with zeros: the kernel's rule)."""
+    mnt = pubmnt
+    setup_pub(mnt)
+    n = 3 * PENDING_EXACT
+    out = user_python(f"""
+import os
+from kernelshim import protocol as P
+from kernelshim.client import Client
+c = Client.connect({str(mnt)!r}, shm_size=1 << 16)
+c.shmview[0:1] = b"q"
+slot = c.call("open", path="pub/ones", flags=os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+              mode=0o644)["slot"]
+s, dec = c.sock, P.Decoder()
+sent = errs = 0
+while sent < {n}:
+    k = min(1000, {n} - sent)
+    s.sendall(b"".join(P.encode_data(sent + i + 1, P.WRITE_ALLOC, slot, 2 * (sent + i), 1, 0)
+                       for i in range(k)))
+    got = 0
+    while got < k:
+        for m in dec.feed(s.recv(1 << 20)):
+            got += 1
+            errs += not isinstance(m, P.DataReply)
+    sent += k
+print(errs, c.call("commit", slot=slot, offset=0, length=1 << 40)["size"])
+c.call("close", slot=slot)
+""", 1000).split()
+    size = 2 * (n - 1) + 1
+    assert out == ["0", str(size)]
+    data = (mnt / "pub/ones").read_bytes()
+    assert len(data) == size
+    for end in range(4096, size, 4096):  # the last byte written in each whole block
+        assert data[end - 2:end] == b"q\0", end
+    assert data[-1:] == b"q"
+    served(mnt)
