@@ -22,7 +22,7 @@ from kernelshim import FRESH, UNWRITTEN, BlockDevice, ExtentMap, Kernel, Rights
 from kernelshim.grants import PENDING_EXACT
 from kernelshim.kernel import ADVISE_STEP
 from shim_util import pubmnt, user_python  # noqa: F401 (fixture)
-from test_hostile import served, setup_pub
+from test_hostile import _reap, served, setup_pub
 
 
 # -- #1: the shared buffer's memfd is sealed ----------------------------------------------
@@ -260,3 +260,87 @@ async def test_advise_of_a_large_range_yields_and_scans_the_pool(tmp_path: Path)
         assert bytes(await k.read(g, 5 * 4096, 4096)) == b"m" * 4096  # written back
     finally:
         k.close()
+
+
+# -- #5: direct writes and truncates clear set-user-ID/set-group-ID ------------------------
+
+def _setid_file(mnt: Path, name: str, mode: int = 0o6777) -> Path:
+    p = mnt / "pub" / name
+    p.write_bytes(b"#!/bin/sh\nid\n")
+    os.chmod(p, mode)
+    assert os.stat(p).st_mode & 0o7777 == mode
+    return p
+
+
+@pytest.mark.mounted
+def test_direct_writes_and_truncates_clear_setid_bits(pubmnt: Path) -> None:
+    """Through the mount a write or truncate by a non-root user clears set-user-ID and
+    set-group-ID (with group execute); a direct client's write, append, truncate and
+    commit kept them — a tenant could rewrite another's set-ID program and keep its
+    bits. Root keeps them, as through the mount; set-group-ID without group execute
+    (mandatory locking's mark) stays."""
+    mnt = pubmnt
+    setup_pub(mnt)
+    files = {how: _setid_file(mnt, f"setid-{how}") for how in
+             ("write", "truncate", "append", "rdonly")}
+    nogx = _setid_file(mnt, "setid-nogx", 0o6767)
+    rel = {how: f"pub/{p.name}" for how, p in files.items()}
+    user_python(f"""
+import os
+from kernelshim.client import Client
+with Client.connect({str(mnt)!r}) as c:
+    with c.open({rel["write"]!r}, "r+") as f:
+        f.pwrite(b"#!/bin/sh\\necho pwned\\n", 0)
+    with c.open({rel["truncate"]!r}, "r+") as f:
+        f.truncate(3)
+    with c.open({rel["append"]!r}, "a") as f:
+        f.write(b"echo more\\n")
+    with c.open({rel["rdonly"]!r}) as f:
+        f.read()
+    with c.open("pub/setid-nogx", "r+") as f:
+        f.pwrite(b"#", 0)
+""", 1000)
+    mode = {how: os.stat(p).st_mode & 0o7777 for how, p in files.items()}
+    assert mode == {"write": 0o777, "truncate": 0o777, "append": 0o777, "rdonly": 0o6777}
+    assert os.stat(nogx).st_mode & 0o7777 == 0o2767
+    assert (mnt / rel["write"]).read_bytes() == b"#!/bin/sh\necho pwned\n"
+    assert (mnt / rel["truncate"]).read_bytes() == b"#!/"
+
+    # Bits set again while a client holds its write grant: its commit clears them.
+    again = _setid_file(mnt, "setid-again", 0o777)
+    p = user_python_popen(mnt)
+    try:
+        assert p.stdout.readline().strip() == "open"
+        os.chmod(again, 0o6777)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "done", p.stderr.read()
+    finally:
+        _reap(p)
+    assert os.stat(again).st_mode & 0o7777 == 0o777
+    assert again.read_bytes() == b"#!/bin/sh\nid\nX"
+
+    # Root's direct writes keep them.
+    root_file = _setid_file(mnt, "setid-root")
+    from kernelshim.client import Client
+    with Client.connect(mnt) as c:
+        with c.open(f"pub/{root_file.name}", "r+") as f:
+            f.pwrite(b"#", 0)
+            f.truncate(5)
+    assert os.stat(root_file).st_mode & 0o7777 == 0o6777
+    served(mnt)
+
+
+def user_python_popen(mnt: Path):
+    from shim_util import user_popen
+    return user_popen(f"""
+import sys
+from kernelshim.client import Client
+with Client.connect({str(mnt)!r}) as c:
+    with c.open("pub/setid-again", "r+") as f:
+        print("open", flush=True)
+        sys.stdin.readline()
+        f.pwrite(b"X", 13)
+        f.fsync()
+        print("done", flush=True)
+""", 1000)
