@@ -236,14 +236,13 @@ class FileOps(ServerBase):
             # A copy: the client may change its shared buffer meanwhile, and the daemon
             # must checksum exactly what it stores (else the tenant's own file reads as
             # a bad medium, and the device's error count rises for all).
-            await self._write_piece(g, offset + pos, memoryview(bytearray(buf[pos:pos + k])),
-                                    allocate)
+            await self._write_piece(g, offset + pos, bytearray(buf[pos:pos + k]), allocate)
             pos += k
             if pos < length:
                 await self._yield_if_hogging()
         return length
 
-    async def _write_piece(self, g: Grant, offset: int, piece: memoryview,
+    async def _write_piece(self, g: Grant, offset: int, piece: bytearray,
                            allocate: bool) -> None:
         """One slice of a write. Committed blocks: the metadata server relocates them
         with this data (one write, as through the mount) rather than the client asking
@@ -258,7 +257,7 @@ class FileOps(ServerBase):
                 try:
                     await self.kernel.write(g, offset, piece)
                 except Sealed:
-                    await self.service.write_relocating(g, offset, piece)
+                    await self.service.write_relocating(g, offset, memoryview(piece))
                 return
             except NotAllocated:
                 if not allocate or attempt == WRITE_ATTEMPTS - 1:
