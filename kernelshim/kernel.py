@@ -478,6 +478,9 @@ class Kernel(GrantTable, LowerLayers):
             # ADVISE_STEP blocks at a time, the event loop given back between steps: one
             # request over a large file (a hint of 1 GiB held the loop 25-35 ms) waits
             # behind the other tenants' requests instead of them behind it.
+            # (past the last allocated block: holes, no data to hint; a client may
+            # ask for any length)
+            b1 = min(b1, grant.extents.end_block())
             for c0 in range(b0, b1, ADVISE_STEP):
                 if c0 > b0:
                     await trio.lowlevel.cancel_shielded_checkpoint()

@@ -249,6 +249,12 @@ async def test_advise_of_a_large_range_yields_and_scans_the_pool(tmp_path: Path)
             steps = ticks - t0
             assert [int(pager._prio[frame[fb]]) for fb in mine] == [3] * len(mine)
             assert [int(pager._prio[frame[fb]]) for fb in theirs] == [0] * len(theirs)
+            # Any length may be asked for: past the file's last block there is no data,
+            # and no step either.
+            t0 = ticks
+            await k.advise(g, 0, 1 << 50, priority=4)
+            assert ticks - t0 <= 2 * (nblocks // ADVISE_STEP + 1)  # (not 2**38 / ADVISE_STEP)
+            assert [int(pager._prio[frame[fb]]) for fb in mine] == [4] * len(mine)
             t0 = ticks
             await k.advise(g, 0, nblocks * 4096, dontneed=True)
             dsteps = ticks - t0
