@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from typing import Callable, TYPE_CHECKING
 
+import trio
+
 from kernelshim import Grant, HOLE, Rights, UNWRITTEN
 from kernelshim.extents import block_span, blocks_to_cover
 
 from .errors import InvalidArgument
 from .inodes import Caller, Inode, MAX_FILE_SIZE, now_ns
+
+#: written ranges a commit marks between two yields of the event loop
+COMMIT_STEP = 1024
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -36,8 +41,26 @@ class Layouts:
             self._writable()
         g = self._grant_for(node, readable, writable, caller.principal)
         self._direct[g] = caller
+        if writable:
+            # A write grant lets the client write blocks it holds (fresh ones) behind
+            # this server's back, with no request in which to clear the set-ID bits as
+            # a write through the mount does (killpriv, docs/dev/invariants.md): they
+            # go now, for a non-root opener. Writes, commits and appends clear them too
+            # (`_direct_kill_priv`: bits set again while the grant is held).
+            self._direct_kill_priv(node, g)
         self._push_hints(node)
         return g
+
+    def _direct_kill_priv(self: FileSystem, node: Inode, grant: Grant) -> None:
+        """A direct client changes `node` through `grant`: clear set-user-ID (and
+        set-group-ID with group execute) unless the client is root, as the mount does
+        for a write or truncate by an opener without CAP_FSETID."""
+        g: Grant | None = grant
+        while g is not None and g not in self._direct:
+            g = g.parent  # (a grant minted from the one the client opened)
+        who = self._direct.get(g) if g is not None else None
+        if who is not None and who.uid != 0 and node.is_reg:
+            self._drop_setid(node)
 
     def _direct_node(self: FileSystem, grant: Grant) -> Inode:
         if grant.revoked or grant not in self._direct and grant.parent is None:
@@ -68,6 +91,7 @@ class Layouts:
         b0, b1 = block_span(offset, length, bs)
         async with self._lock(node):
             self._direct_node(grant)
+            self._direct_kill_priv(node, grant)
             emap = self._extents(node)
             n = await self._allocate(node, emap, b0, b1 - b0, grant.principal)
             if n:
@@ -101,6 +125,7 @@ class Layouts:
         node = self._direct_node(grant)
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
+            self._direct_kill_priv(node, grant)
             await self._write_data(node, grant, offset, data)
         return len(data)
 
@@ -118,18 +143,28 @@ class Layouts:
             # real device they may still hold a deleted file's data).
             ranges = grant.take_written(offset, offset + length)
             if ranges:
+                self._direct_kill_priv(node, grant)
                 emap = self._extents(node)
                 end = max(stop for _start, stop in ranges)
                 if end > node.size:
                     # Growing: what this commit did not write between the old end and
                     # the new one must read as zeros (R6).
                     lo = node.size
-                    for start, stop in ranges:
+                    for k, (start, stop) in enumerate(ranges):
                         await self._zero_past_eof(node, lo, min(start, end), grant.principal)
                         lo = max(lo, stop)
-                for start, stop in ranges:
+                        if k % COMMIT_STEP == COMMIT_STEP - 1:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                # A client may commit many ranges at once (as many as the blocks it
+                # wrote): the event loop is given back every COMMIT_STEP of them. A
+                # checkpoint meanwhile commits and seals what is marked so far (data
+                # written before the commit: as a commit of part of the ranges).
+                self._unsealed.add(emap)
+                for k, (start, stop) in enumerate(ranges):
                     b0, b1 = block_span(start, stop - start, bs)
                     emap.mark_written(b0, b1 - b0)
+                    if k % COMMIT_STEP == COMMIT_STEP - 1:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 self._unsealed.add(emap)
                 self._save_extents(node)
                 now = now_ns()
@@ -154,6 +189,7 @@ class Layouts:
             self._direct_node(grant)  # revoked while waiting for the lock?
             offset = node.size
             if n:
+                self._direct_kill_priv(node, grant)
                 await self._write_locked(node, grant, offset, data, short_ok=False)
                 self.changed_behind_kernel(node)
             return offset, node.size

@@ -9,6 +9,7 @@ operations (read, write, append) arrive as binary DATA frames or as JSON; both e
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -132,9 +133,13 @@ class FileOps(ServerBase):
         # The new buffer replaces the old: the principal pays the difference (its bank
         # must hold the new one whole).
         self.principals.charge_object(conn.principal, "shm", size - held)
-        fd = os.memfd_create("sluice-shm", os.MFD_CLOEXEC)
+        fd = os.memfd_create("sluice-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            # Sealed before the client gets it: a client that shrank the memfd would
+            # kill this daemon with SIGBUS at its next touch of the mapping.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             m = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
@@ -229,13 +234,16 @@ class FileOps(ServerBase):
             k = min(SLICE_BYTES, length - pos)
             if pos + k < length:
                 k -= (offset + pos + k) % self.kernel.block_size  # slices end on blocks
-            await self._write_piece(g, offset + pos, buf[pos:pos + k], allocate)
+            # A copy: the client may change its shared buffer meanwhile, and the daemon
+            # must checksum exactly what it stores (else the tenant's own file reads as
+            # a bad medium, and the device's error count rises for all).
+            await self._write_piece(g, offset + pos, bytearray(buf[pos:pos + k]), allocate)
             pos += k
             if pos < length:
                 await self._yield_if_hogging()
         return length
 
-    async def _write_piece(self, g: Grant, offset: int, piece: memoryview,
+    async def _write_piece(self, g: Grant, offset: int, piece: bytearray,
                            allocate: bool) -> None:
         """One slice of a write. Committed blocks: the metadata server relocates them
         with this data (one write, as through the mount) rather than the client asking
@@ -261,7 +269,7 @@ class FileOps(ServerBase):
                 try:
                     await self.kernel.write(g, offset, piece)
                 except Sealed:
-                    await self.service.write_relocating(g, offset, piece)
+                    await self.service.write_relocating(g, offset, memoryview(piece))
                 return
             except NotAllocated:
                 if not allocate or attempt == WRITE_ATTEMPTS - 1:
@@ -279,7 +287,7 @@ class FileOps(ServerBase):
                       at: int) -> tuple[int, int]:
         self.kernel.check(g, Rights.WRITE)
         buf = self._buf(conn, at, length)
-        return await self.service.append(g, buf)
+        return await self.service.append(g, memoryview(bytearray(buf)))  # a copy: see _write
 
     async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)

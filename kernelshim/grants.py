@@ -30,6 +30,10 @@ class Rights(enum.IntFlag):
 
 _ids = itertools.count(1)
 
+#: pending written ranges a grant keeps byte-exact (`Grant.note_written`); past this,
+#: ranges coalesce per block
+PENDING_EXACT = 4096
+
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Grant:
@@ -49,16 +53,28 @@ class Grant:
     #: opaque reference for the issuer (unused by the kernel)
     file: object = None
     #: byte ranges [start, end) written through this grant and not yet committed,
-    #: sorted and merged: a commit makes exactly these part of the file
+    #: sorted and merged: a commit makes exactly these part of the file. Past
+    #: PENDING_EXACT ranges, ranges that meet inside one block become one
+    #: (`note_written`): never more of them than blocks written through the grant
+    #: (allocated to, and charged to, its principal), however many small writes a
+    #: client pipelines without committing.
     written: list[list[int]] = dataclasses.field(default_factory=list)
 
-    def note_written(self, start: int, end: int) -> None:
+    def note_written(self, start: int, end: int, block: int = 1) -> None:
+        """[start, end) was written. `block`: the block size. Once the grant holds
+        PENDING_EXACT ranges, a range that starts in the block where another ends (or
+        right after it) joins it: the bytes between were written by the kernel's merge
+        of a partial block (zeros for an unwritten block, its contents otherwise), and
+        the commit then zeroes no bytes between them past the end of the file (R6 is
+        kept exactly for the first PENDING_EXACT ranges, all an ordinary client has)."""
         w = self.written
+        if len(w) < PENDING_EXACT:
+            block = 1
         i = bisect.bisect_left(w, [start, start])
-        if i > 0 and w[i - 1][1] >= start:
+        if i > 0 and -(-w[i - 1][1] // block) * block >= start:
             i -= 1
         j = i
-        while j < len(w) and w[j][0] <= end:
+        while j < len(w) and w[j][0] <= -(-end // block) * block:
             start = min(start, w[j][0])
             end = max(end, w[j][1])
             j += 1
