@@ -542,7 +542,11 @@ class Workload:
     def _client(self) -> Any:
         if self.client is None:
             from kernelshim.client import Client
-            self.client = Client.connect(self.root, shm_size=1 << 20)
+            try:
+                self.client = Client.connect(self.root, shm_size=1 << 20)
+            except Exception as exc:  # noqa: BLE001 - the daemon was killed meanwhile
+                # As a failed operation: the round stops here, nothing was acknowledged.
+                raise DaemonGone(f"connecting the direct client: {exc}") from None
             self.bs = int(self.client.info.get("block_size") or 4096)
         return self.client
 
