@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from conftest import as_uid
 from fs.service import MAX_SYMLINKS, MAX_WALK, PATH_MAX
@@ -155,3 +156,60 @@ def test_planted_symlink_as_another_user(pubmnt: Path) -> None:  # noqa: F811
                                           os.O_WRONLY | os.O_CREAT | os.O_EXCL)}
     assert as_uid(1001, victim) == {"direct": errno.EEXIST, "mount": errno.EEXIST}
     assert not (target / "planted").exists()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps (runs between two checkpoints) of one task."""
+
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_a_long_walk_gives_the_loop_back(tmp_path: Path) -> None:
+    """The metadata server's walk of ~4,000 names (within the bounds) is cut into
+    steps of at most WALK_STEP names: the task serving the open runs in that many
+    steps of the event loop, not one. (A component test: DirectService over a
+    FileSystem, no socket.)"""
+    from fs.service import WALK_STEP, DirectService
+    from kernelshim.principals import ROOT_PRINCIPAL
+    from kernelshim.service import Credentials
+    from test_filesystem import CALLER, Volume
+
+    v = Volume(tmp_path / "vol", size=256 * 4096)
+    fs = await v.open()
+    try:
+        d = fs.mkdir(1, b"d", 0o755, CALLER)
+        fs.forget(d.id, 1)
+        h, node = fs.create(1, b"f", 0o644, os.O_RDWR, CALLER)
+        await fs.release(h.fh)
+        m = (MAX_WALK - 4) // 6 - 2
+        for j, nxt in enumerate((b"a1", b"a2", b"f")):
+            fs.symlink(1, b"a%d" % j, b"d/../" * m + nxt, CALLER)
+        walked = 1 + 3 * (2 * m + 1)
+        service = DirectService(fs)
+        creds = Credentials(pid=os.getpid(), uid=0, gid=0)
+        root = fs.principals.by_id(ROOT_PRINCIPAL)
+        steps = _Steps()
+        grants = []
+
+        async def opener() -> None:
+            steps.task = trio.lowlevel.current_task()
+            await trio.lowlevel.checkpoint()
+            grants.append(await service.open_path("a0", os.O_RDONLY, 0, creds, root))
+
+        trio.lowlevel.add_instrument(steps)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(opener)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert grants and grants[0].inode == node.id
+        await service.close(grants[0])
+        assert steps.steps >= walked // WALK_STEP + 1, (steps.steps, walked)
+    finally:
+        await v.close()
