@@ -233,7 +233,9 @@ class Namespace:
             freed = self._extents(node).remove_owned(0) if node.is_reg and node.blocks else []
             # The delete is the saved change that frees the blocks: in the open
             # transaction before the refund and the drain's checkpoint (R3).
-            held = len(node.target or b"") + self.md.xattr_total(node.id, skip=DISCARDED_XATTR)
+            held = len(node.target or b"")
+            if node.xattr_bytes != 0:  # (0: known to have none, no query)
+                held += self.md.xattr_total(node.id, skip=DISCARDED_XATTR)
             self.md.delete_inode(node.id)
             if held:
                 self.principals.refund(self.principal(node.principal), space=held)
