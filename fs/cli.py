@@ -264,7 +264,7 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> in
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "fs.cli", "mount", str(volume), mp, "--foreground",
            "--ready-fd", str(w), "--cache-size", args.cache_size, "--cache-mode", args.cache_mode,
-           "-o", opts.vfs_flags().text(), "--pager", args.pager, "--scheduler", args.scheduler,
+           "-o", opts.vfs_flags().options(), "--pager", args.pager, "--scheduler", args.scheduler,
            "--writeback" if opts.writeback else "--no-writeback",
            "--idle-poll", args.idle_poll]
     if args.profile:

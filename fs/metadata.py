@@ -342,7 +342,10 @@ class Metadata:
             "SELECT inode, file_block, dev_block, count, state FROM extents ORDER BY dev_block")
 
     def usage_by_principal(self) -> dict[int, tuple[int, int, int, int]]:
-        """principal -> (blocks, inodes, entries, bytes of entry names) charged to it."""
+        """principal -> (blocks, inodes, entries, other bytes) charged to it. Other
+        bytes: entry names, and of the inodes charged to it (whatever their link
+        count: refunded when the row goes) symlink targets and xattr names and values
+        but the daemon's own discarded mark (fs.xattrs.xattr_cost)."""
         self.flush_inodes()
         out: dict[int, list[int]] = {}
         for p, n in self.db.execute("SELECT principal, SUM(count) FROM extents GROUP BY principal"):
@@ -353,7 +356,15 @@ class Metadata:
         for p, n, b in self.db.execute("SELECT principal, COUNT(*), SUM(LENGTH(name))"
                                        " FROM dentries GROUP BY principal"):
             o = out.setdefault(p, [0, 0, 0, 0])
-            o[2], o[3] = n, b
+            o[2], o[3] = n, o[3] + (b or 0)
+        for p, b in self.db.execute("SELECT principal, SUM(LENGTH(target)) FROM inodes"
+                                    " WHERE target IS NOT NULL GROUP BY principal"):
+            out.setdefault(p, [0, 0, 0, 0])[3] += b or 0
+        for p, b in self.db.execute(
+                "SELECT i.principal, SUM(LENGTH(x.name) + LENGTH(x.value)) FROM xattrs x"
+                " JOIN inodes i ON i.id = x.inode WHERE x.name != ? GROUP BY i.principal",
+                (b"user.sluice.discarded",)):
+            out.setdefault(p, [0, 0, 0, 0])[3] += b or 0
         return {p: tuple(v) for p, v in out.items()}  # type: ignore[misc]
 
     def move_principal(self, src: int, dst: int) -> None:
@@ -370,13 +381,22 @@ class Metadata:
         return None if row is None else bytes(row[0])
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._w("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?,?,?)",
+        # INSERT ... SELECT, not VALUES: SQLite then keeps a statement journal, so
+        # when the value does not fit (SQLITE_FULL: the host filesystem is full) it
+        # undoes this statement alone. With VALUES it rolls back the whole open
+        # transaction, everyone's changes since the last commit.
+        self._w("INSERT OR REPLACE INTO xattrs (inode, name, value) SELECT ?,?,?",
                 (ino, name, value))
 
     def xattr_list_size(self, ino: int) -> int:
         """Bytes listxattr returns for the inode (each name and its NUL)."""
         return self.db.execute("SELECT COALESCE(SUM(length(name) + 1), 0) FROM xattrs"
                                " WHERE inode=?", (ino,)).fetchone()[0]
+
+    def xattr_total(self, ino: int, *, skip: bytes = b"") -> int:
+        """Bytes of the inode's xattr names and values, but the one named `skip`."""
+        return self.db.execute("SELECT COALESCE(SUM(length(name) + length(value)), 0)"
+                               " FROM xattrs WHERE inode=? AND name!=?", (ino, skip)).fetchone()[0]
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
         return self._w("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0

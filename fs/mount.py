@@ -262,6 +262,15 @@ class VfsFlags:
               "strictatime": _MS_STRICTATIME}[self.atime]
         return f | (_MS_NODIRATIME if self.nodiratime else 0)
 
+    def options(self) -> str:
+        """Every flag named, as `-o` takes them: parsed over any base (even the FUSE
+        defaults, nosuid,nodev) they give these flags again. (text() leaves out what
+        is off, so "suid" read back over the defaults was nosuid again.)"""
+        return ",".join(["ro" if self.read_only else "rw",
+                         "nosuid" if self.nosuid else "suid", "nodev" if self.nodev else "dev",
+                         "noexec" if self.noexec else "exec", self.atime,
+                         "nodiratime" if self.nodiratime else "diratime"])
+
     def text(self) -> str:
         """As mount(8) would write them: ro,nosuid,nodev,noatime."""
         parts = ["ro" if self.read_only else "rw"]

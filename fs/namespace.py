@@ -16,6 +16,7 @@ from .errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NoSpace
                      NotEmpty, NotFound, NotPermitted, TooManyLinks)
 from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
 from .permissions import in_group
+from .xattrs import DISCARDED_XATTR, xattr_cost
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -73,9 +74,12 @@ class Namespace:
         hints = self._hints(parent)
         if self._inode_count >= self.max_inodes:
             raise NoSpace(f"no free inodes (limit {self.max_inodes})")
-        # Charge first: over quota changes nothing.
+        # Charge first: over quota changes nothing. The name, and what the inode row
+        # holds besides (a symlink's target, the inherited hint xattrs): refunded with
+        # the name (_remove_name) and with the row (_destroy).
         self.principals.charge(self.principal(caller.principal), inodes=1,
-                               space=ENTRY_COST + len(name))
+                               space=ENTRY_COST + len(name) + len(target or b"")
+                               + sum(xattr_cost(h, v) for h, v in hints.items()))
         is_dir = stat.S_ISDIR(mode)
         gid = caller.gid
         if parent.mode & stat.S_ISGID:
@@ -229,7 +233,12 @@ class Namespace:
             freed = self._extents(node).remove_owned(0) if node.is_reg and node.blocks else []
             # The delete is the saved change that frees the blocks: in the open
             # transaction before the refund and the drain's checkpoint (R3).
+            held = len(node.target or b"")
+            if node.xattr_bytes != 0:  # (0: known to have none, no query)
+                held += self.md.xattr_total(node.id, skip=DISCARDED_XATTR)
             self.md.delete_inode(node.id)
+            if held:
+                self.principals.refund(self.principal(node.principal), space=held)
             node.blocks = 0
             await self._release_unmapped(freed, revoked)
         if node.lookups <= 0:

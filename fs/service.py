@@ -14,16 +14,35 @@ import os
 import stat
 from typing import Any, Collection, Iterator
 
+import trio
+
 from kernelshim import Grant
 from kernelshim.principals import Principal
 from kernelshim.service import Credentials
 
-from .errors import (Exists, InvalidArgument, IsADirectory, NotADirectory, NotFound,
-                     SymlinkLoop)
+from .errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory,
+                     NotFound, NotSupported, SymlinkLoop)
 from .filesystem import ROOT_INODE, Caller, FileSystem, Inode
 
-#: symlinks followed while resolving one path
+#: symlinks followed while resolving one path (Linux's MAXSYMLINKS)
 MAX_SYMLINKS = 40
+#: longest path a direct client may send, terminating NUL included (Linux's PATH_MAX)
+PATH_MAX = 4096
+#: names looked up while resolving one path, through every symlink followed. Linux
+#: bounds a walk only by MAXSYMLINKS links of up to PATH_MAX bytes each (some 80,000
+#: names); it walks them in microseconds, but here the whole walk is one step of the
+#: daemon's event loop, during which every tenant waits (issue 6: 39 links of
+#: "d/../d/../..." made one open walk 64,000 names, 270-580 ms). 4096 names is twice
+#: the most a PATH_MAX path can hold (2048 of "a/"), so any path a program writes
+#: resolves, with room for its symlinks; a longer walk gets ELOOP, as too many links do.
+MAX_WALK = 4096
+#: names looked up in one step of the event loop: a long walk gives the loop back
+#: between steps (4096 names take 5-35 ms on a loaded machine; 256, one or two)
+WALK_STEP = 256
+
+
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 
 class DirectService:
@@ -34,19 +53,36 @@ class DirectService:
 
     # -- opening -----------------------------------------------------------------------
 
-    def _resolve(self, path: str, caller: Caller, *, parent_only: bool = False
-                 ) -> tuple[Inode, bytes | None, Inode | None]:
+    async def _resolve(self, path: str, caller: Caller, *, parent_only: bool = False
+                       ) -> tuple[Inode, bytes | None, Inode | None]:
         """Walk `path` from the root as the kernel would (x on every directory searched,
-        symlinks followed). Returns (directory, last name, the inode it names or None)."""
+        symlinks followed; a final symlink not followed with `parent_only`). Returns
+        (directory, last name, the inode it names or None). At most MAX_SYMLINKS links
+        and MAX_WALK names per walk: ELOOP past either; ENAMETOOLONG for a path longer
+        than PATH_MAX. Gives the event loop back every WALK_STEP names; the names
+        are looked up afresh after that, as the kernel's walk races renames: a
+        directory removed meanwhile is ENOENT. No checkpoint after the last lookup."""
         fs = self.fs
-        links = 0
-        parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+        links = walked = 0
+        raw = os.fsencode(path)
+        if len(raw) >= PATH_MAX:
+            raise NameTooLong(f"path of {len(raw)} bytes (limit {PATH_MAX - 1})")
+        parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
         cur = fs.inode(ROOT_INODE)
         if not parts:
             return cur, None, cur
         i = 0
         while i < len(parts):
             name = parts[i]
+            walked += 1
+            if walked > MAX_WALK:
+                raise SymlinkLoop(f"too many names to resolve through symbolic links "
+                                  f"(limit {MAX_WALK} per path)")
+            if walked % WALK_STEP == 0:
+                await trio.lowlevel.checkpoint()
+                cur = fs.inode(cur.id)  # (the cache may have let the object go)
+                if cur.nlink == 0:
+                    raise NotFound(f"{path}: a directory on the path was removed")
             if not cur.is_dir:
                 raise NotADirectory(f"{os.fsdecode(name)!r}: a path component is not a directory")
             fs.access(cur.id, os.X_OK, caller)
@@ -79,7 +115,18 @@ class DirectService:
                         principal: Principal) -> Grant:
         fs = self.fs
         caller = Caller(creds.uid, creds.gid, creds.pid, 0o022, principal.id, creds.groups)
-        parent, name, node = self._resolve(path, caller)
+        if flags & _O_TMPFILE == _O_TMPFILE:
+            raise NotSupported("O_TMPFILE is not served to direct clients")
+        if flags & _O_PATH:
+            raise InvalidArgument("O_PATH is not served to direct clients (a grant is "
+                                  "for I/O)")
+        if flags & os.O_DIRECTORY and flags & os.O_CREAT:
+            raise InvalidArgument("O_CREAT with O_DIRECTORY")  # as Linux 6.4+
+        # As open(2): O_CREAT|O_EXCL never follows a final symlink (the name exists,
+        # dangling or not: EEXIST), nor does O_NOFOLLOW (ELOOP).
+        excl = bool(flags & os.O_CREAT and flags & os.O_EXCL)
+        parent, name, node = await self._resolve(path, caller,
+                                           parent_only=excl or bool(flags & os.O_NOFOLLOW))
         acc = flags & os.O_ACCMODE
         readable = acc in (os.O_RDONLY, os.O_RDWR)
         writable = acc in (os.O_WRONLY, os.O_RDWR)
@@ -92,8 +139,12 @@ class DirectService:
             node.lookups -= 1  # the kernel did not look this up
             fs.on_entry_created(parent.id, name)
         else:
-            if flags & os.O_CREAT and flags & os.O_EXCL:
+            if excl:
                 raise Exists(f"{path}: file exists")
+            if stat.S_ISLNK(node.mode):  # only with O_NOFOLLOW
+                raise SymlinkLoop(f"{path}: is a symbolic link (O_NOFOLLOW)")
+            if flags & os.O_DIRECTORY and not node.is_dir:
+                raise NotADirectory(f"{path}: not a directory (O_DIRECTORY)")
             if node.is_dir:
                 raise IsADirectory(f"{path}: is a directory")
             if not node.is_reg:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING
 
 from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
@@ -19,6 +20,12 @@ if TYPE_CHECKING:
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 XATTR_LIST_MAX = 65536
+#: bytes of names and values of one inode's xattrs together. ext4 keeps an inode's
+#: xattrs in the inode and one block and answers ENOSPC past that; sluice keeps them
+#: in meta.db, charged to the inode's principal (xattr_cost), and answers ENOSPC past
+#: four values of the largest size. (The discarded mark, the daemon's own, is not
+#: counted: see xattr_cost.)
+XATTR_INODE_MAX = 256 * 1024
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 HINT_PREFIX = b"user.sluice."
@@ -65,9 +72,20 @@ def parse_discardable(value: bytes) -> bool:
     return v == b"1"
 
 
+def xattr_cost(name: bytes, value: bytes) -> int:
+    """Bytes of the inode principal's space bank an xattr takes: its name and value,
+    as meta.db holds them (the mount recounts the same: Metadata.usage_by_principal).
+    The discarded mark is the daemon's, set and removed by the pager's emptying
+    (fs/discard.py) whoever owns the file: free, and only ever "1" (check_hint_xattr)."""
+    return 0 if name == DISCARDED_XATTR else len(name) + len(value)
+
+
 def check_hint_xattr(name: bytes, value: bytes) -> None:
     """Refuse a bad value of one of sluice's own hint xattrs (EINVAL)."""
-    if name == CACHE_XATTR:
+    if name == DISCARDED_XATTR:
+        if value != b"1":
+            raise InvalidArgument("user.sluice.discarded is a mark: its value is 1")
+    elif name == CACHE_XATTR:
         if value.strip() not in CACHE_MODES:
             raise InvalidArgument("user.sluice.cache must be 'pager' (or 'direct') or "
                                   "'kernel'")
@@ -146,7 +164,8 @@ class Xattrs:
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig(f"xattr value of {len(value)} bytes (limit {XATTR_SIZE_MAX})")
         node = self.inode(ino)
-        exists = self.md.get_xattr(ino, name) is not None
+        old = self.md.get_xattr(ino, name)
+        exists = old is not None
         if flags & XATTR_CREATE and exists:
             raise Exists(f"xattr {name!r} exists")
         if flags & XATTR_REPLACE and not exists:
@@ -160,7 +179,32 @@ class Xattrs:
             listed += len(name) + 1
             if listed > XATTR_LIST_MAX:
                 raise NoSpace("too many xattrs on this inode")
-        self.md.set_xattr(ino, name, value)
+        # Charged to the inode's principal before anything changes (EDQUOT changes
+        # nothing); a smaller value refunds the difference once stored.
+        grow = xattr_cost(name, value) - (xattr_cost(name, old) if old is not None else 0)
+        owner = self.principal(node.principal)
+        if grow > 0:
+            total = self.md.xattr_total(ino, skip=DISCARDED_XATTR)
+            if total + grow > XATTR_INODE_MAX:
+                raise NoSpace(f"xattrs of this inode would take {total + grow} bytes "
+                              f"(limit {XATTR_INODE_MAX})")
+            self.principals.charge(owner, space=grow)
+        try:
+            self.md.set_xattr(ino, name, value)
+        except sqlite3.OperationalError as exc:
+            if grow > 0:
+                self.principals.refund(owner, space=grow)
+            # The host filesystem under meta.db is full: this request gets ENOSPC.
+            # SQLite undid the statement (Metadata.set_xattr); had it undone the
+            # whole transaction, others' changes went with it: the volume fails.
+            if "full" not in str(exc):
+                raise
+            if not self.md.db.in_transaction:
+                self.fail(f"the metadata transaction was lost in setxattr: {exc}")
+            raise NoSpace("no room for the xattr in the metadata database (the host "
+                          "filesystem is full)") from None
+        if grow < 0:
+            self.principals.refund(owner, space=-grow)
         node.xattr_bytes = listed
         if name.startswith(HINT_PREFIX):
             node.hints = None
@@ -177,8 +221,11 @@ class Xattrs:
         self._writable()
         self._check_xattr_name(name)
         node = self.inode(ino)
-        if not self.md.remove_xattr(ino, name):
+        old = self.md.get_xattr(ino, name)
+        if old is None or not self.md.remove_xattr(ino, name):
             raise NoData(f"no xattr {name!r}")
+        if cost := xattr_cost(name, old):
+            self.principals.refund(self.principal(node.principal), space=cost)
         if node.xattr_bytes is not None:
             node.xattr_bytes -= len(name) + 1
         if name.startswith(HINT_PREFIX):
