@@ -264,7 +264,7 @@ class FileOps(ServerBase):
                     # check and exception cost ~10 % of a 4 KiB write's daemon time).
                     # The kernel write inside the relocation checks the rights.
                     self.kernel.check(g, Rights.WRITE)
-                    await self.service.write_relocating(g, offset, piece)
+                    await self.service.write_relocating(g, offset, memoryview(piece))
                     return
                 try:
                     await self.kernel.write(g, offset, piece)
