@@ -240,9 +240,6 @@ class OpenFiles:
             h.errors_seen = self.write_errors  # reported once per open file, as Linux
             raise WriteFailed(f"data written to inode {h.inode.id} may be lost: "
                               f"{self.read_only}")
-        if h is not None and self._durable_already(h.inode):
-            return
-        started = now_ns()
         try:
             if h is not None:
                 # Its discardable dirty frames too (a barrier leaves those out): an
@@ -253,32 +250,6 @@ class OpenFiles:
             if h is not None:
                 h.errors_seen = self.write_errors
             raise
-        if not self.write_errors:
-            # Every change saved before `started` is in the durable commit just made.
-            self._durable_ns = max(self._durable_ns, started)
-
-    #: wall-clock time (ns) before which every saved change is durable: the start of
-    #: the last fsync that made a durable commit
-    _durable_ns = 0
-
-    def _durable_already(self: FileSystem, node: Inode) -> bool:
-        """Whether everything acknowledged of `node` is durable already, so that its
-        fsync needs no barrier and no durable commit (an fsync of an unchanged file
-        used to cost every tenant a barrier and a WAL fsync). Every change of a file's
-        metadata a fsync promises (size, data mapping, mode, owner, links, xattrs)
-        sets its ctime and is saved in the same step, so a ctime older than the last
-        durable commit's start is in it; its data is on the device unless written
-        since the last barrier's flush (`Kernel.written_files`) or held dirty by the
-        pager (`unflushed_files`, discardable frames). Conservative when the clock
-        steps back."""
-        d = self._durable_ns
-        if not d or now_ns() < d:
-            self._durable_ns = 0
-            return False
-        k = self.kernel
-        i = node.id
-        return (max(node.ctime_ns, node.mtime_ns) < d and i not in k.written_files
-                and i not in k.unflushed_files and i not in k.dirty_discardable_files())
 
     async def tmpfile(self: FileSystem, parent: int, mode: int, flags: int,
                       caller: Caller) -> tuple[Handle, Inode]:

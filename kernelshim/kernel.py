@@ -103,9 +103,6 @@ class Kernel(GrantTable, LowerLayers):
         #: leaves those out). The commit in the barrier's body records them: a crash
         #: may have lost their data, so they come back empty (crash rule 4).
         self.unflushed_files: set[int] = set()
-        #: the files written since the last barrier's flush began (not yet durable on
-        #: the device): an fsync of any other file has no data of its own to flush
-        self.written_files: set[int] = set()
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
@@ -206,14 +203,12 @@ class Kernel(GrantTable, LowerLayers):
             before = self.pager.dirty_discardable_files() if wb else set()
             if before:
                 self._dirty = True
-            written, self.written_files = self.written_files, set()
             if self._dirty:
                 self._dirty = False
                 try:
                     await self.pager.flush()
                 except BaseException:
                     self._dirty = True
-                    self.written_files |= written
                     raise
             self.unflushed_files = before | self.pager.dirty_files() if wb else set()
             yield
@@ -374,7 +369,6 @@ class Kernel(GrantTable, LowerLayers):
                 if last is not None:
                     pieces.append((nb - 1, 1, last))
             self._dirty = True
-            self.written_files.add(grant.inode)
             pos = 0  # in blocks of the request
             for dev, count, fblock in targets:
                 for k0, kn, buf in pieces:  # the pieces' parts inside this target

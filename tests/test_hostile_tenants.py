@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from blockdev import PrincipalId
-from conftest import make_volume, sluice
+from conftest import sluice
 from kernelshim import FRESH, UNWRITTEN, BlockDevice, ExtentMap, Kernel, Rights
 from kernelshim.grants import PENDING_EXACT
 from kernelshim.kernel import ADVISE_STEP
@@ -350,47 +350,3 @@ with Client.connect({str(mnt)!r}) as c:
         f.fsync()
         print("done", flush=True)
 """, 1000)
-
-
-# -- #14: an fsync with nothing to make durable costs nobody ------------------------------
-
-def _durable_events(rec: Path) -> int:
-    lines = (rec / "meta-log").read_text().splitlines()
-    return sum(json.loads(line)["event"] == "durable" for line in lines)
-
-
-@pytest.mark.mounted
-def test_an_fsync_of_an_unchanged_file_makes_no_durable_commit(
-        mount_factory, tmp_path: Path, monkeypatch) -> None:
-    """Each fsync made a barrier and a durable commit (a WAL fsync) even when the file
-    had not changed since the last: a loop of them cost every tenant. Now only an fsync
-    with something of its file not yet durable makes one — after a write, a chmod, an
-    xattr, a truncate of that file — and those still do (the meta-log of a recording
-    lists each durable commit)."""
-    volume = make_volume(tmp_path / "vol", "64M")
-    rec = tmp_path / "rec"
-    monkeypatch.setenv("SLUICE_RECORD_DIR", str(rec))
-    m = mount_factory(volume)
-    monkeypatch.delenv("SLUICE_RECORD_DIR")
-    f = m.path / "f"
-    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, b"x" * 5000)
-        os.fsync(fd)
-        base = _durable_events(rec)
-        assert base >= 1
-        for _ in range(40):
-            os.fsync(fd)
-            os.fdatasync(fd)
-        assert _durable_events(rec) == base
-        changes = [lambda: os.pwrite(fd, b"y", 10), lambda: os.fchmod(fd, 0o600),
-                   lambda: os.setxattr(f, "user.k", b"v"), lambda: os.ftruncate(fd, 100),
-                   lambda: os.pwrite(fd, b"z" * 4096, 8192)]
-        for n, change in enumerate(changes, 1):
-            change()
-            os.fsync(fd)
-            os.fsync(fd)  # (the second has nothing left to do)
-            assert _durable_events(rec) == base + n, n
-    finally:
-        os.close(fd)
-    assert f.read_bytes() == b"x" * 10 + b"y" + b"x" * 89 + bytes(8092) + b"z" * 4096
