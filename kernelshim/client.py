@@ -304,33 +304,23 @@ class Client(_Base):
             pass
 
     def _wait(self, rid: int) -> Any:
+        self._wait_ready(rid, done=True)
+        return self.proto.reply(rid)
+
+    def _wait_ready(self, rid: int, *, done: bool = False) -> None:
+        """Wait until the reply to `rid` is in (see clientcore.Ready), not taking it;
+        `done`: the reply will be taken at once (the pacing clock learns the wait)."""
         proto = self.proto
         if self._reader is None:
             if self.clock is not None:
                 self._paced(rid)
-                self.clock.done(rid)
+                if done:
+                    self.clock.done(rid)
             while not proto.has_reply(rid):
                 self._recv_once()
         elif threading.current_thread() is self._reader:
             # A callback's own request (advise from on_reclaim): the reader thread is
             # here, so it reads for itself; notifications wait for the callback's end.
-            while not proto.has_reply(rid):
-                self._pump()
-        else:
-            with self._cond:
-                while not proto.has_reply(rid):
-                    self._cond.wait()
-        return proto.reply(rid)
-
-    def _wait_ready(self, rid: int) -> None:
-        """Wait until the reply to `rid` is in (see clientcore.Ready), not taking it."""
-        proto = self.proto
-        if self._reader is None:
-            if self.clock is not None:
-                self._paced(rid)
-            while not proto.has_reply(rid):
-                self._recv_once()
-        elif threading.current_thread() is self._reader:
             while not proto.has_reply(rid):
                 self._pump()
         else:
