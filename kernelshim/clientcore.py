@@ -354,9 +354,7 @@ def flags_for(mode: str) -> int:
 
 def _chunk(off: int, left: int, room: int, bs: int) -> int:
     """Bytes of the next write request at `off`: at most `room`, and ending on a block
-    boundary unless it is the last. The kernel merges a partial block of an unwritten
-    (uncommitted) extent with zeros, so no block may be written partially twice
-    between commits."""
+    boundary unless it is the last (two pieces never share a block)."""
     if left <= room:
         return left
     n = room - (off + room) % bs
@@ -365,7 +363,9 @@ def _chunk(off: int, left: int, room: int, bs: int) -> int:
 
 def _needs_commit(dirty: tuple[int, int] | None, offset: int, n: int, bs: int) -> bool:
     """Whether a write of `n` bytes at `offset` covers part of a block that an
-    uncommitted write touched (its merge would read that block as zeros)."""
+    uncommitted write touched. A daemon before 2026-12-01 merged such a block with
+    zeros, losing the first write (hostile-probe round 2, F6); today's kernel merges
+    it with what the grant wrote, and the client still commits first, for the old."""
     if dirty is None or n <= 0:
         return False
     lo, hi = dirty[0] // bs, -(-dirty[1] // bs)

@@ -80,6 +80,14 @@ class Grant:
             j += 1
         w[i:j] = [[start, end]]
 
+    def wrote_in(self, start: int, end: int) -> bool:
+        """Whether a pending written range meets [start, end)."""
+        w = self.written
+        i = bisect.bisect_right(w, [start, start])
+        if i > 0 and w[i - 1][1] > start:
+            return True
+        return i < len(w) and w[i][0] < end
+
     def take_written(self, start: int, end: int) -> list[tuple[int, int]]:
         """The written ranges inside [start, end), clipped; they are no longer pending."""
         out: list[tuple[int, int]] = []

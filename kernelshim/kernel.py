@@ -352,14 +352,13 @@ class Kernel(GrantTable, LowerLayers):
                 first = last = None
                 if head or nb == 1:
                     first = bytearray(bs)
-                    await self._fill_block(first, 0, segs[0], principal, grant.inode)
+                    await self._fill_block(first, 0, segs[0], principal, grant)
                     n0 = min(length, bs - head)
                     first[head:head + n0] = src[:n0]
                     pieces.append((0, 1, first))
                 if tail and nb - 1 > (0 if first is not None else -1):
                     last = bytearray(bs)
-                    await self._fill_block(last, 0, segs[-1], principal, grant.inode,
-                                           last=True)
+                    await self._fill_block(last, 0, segs[-1], principal, grant, last=True)
                     keep = bs - tail
                     last[:keep] = src[length - keep:]
                 m0 = 1 if first is not None else 0
@@ -386,15 +385,19 @@ class Kernel(GrantTable, LowerLayers):
             self._leave_write()
 
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
-                          file: int, last: bool = False) -> None:
-        """Put the current contents of the first (or last) block of `seg` at buf[at:]."""
-        if seg.state == UNWRITTEN:
-            return  # unwritten: zeros, already in buf
+                          grant: Grant, last: bool = False) -> None:
+        """Put the current contents of the first (or last) block of `seg` at buf[at:]:
+        zeros for an unwritten block, unless this grant has written part of it since
+        its last commit (a partial write put the whole block there, merged with zeros:
+        a second partial write must keep the first — probe round 2, F6)."""
         k = seg.count - 1 if last else 0
         bs = self.block_size
+        fb = seg.file_block + k
+        if seg.state == UNWRITTEN and not grant.wrote_in(fb * bs, (fb + 1) * bs):
+            return  # unwritten: zeros, already in buf
         buf[at:at + bs] = await self.pager.read(BlockNo(seg.dev_block + k), 1,
-                                                principal=principal, file=file,
-                                                fblock=seg.file_block + k)
+                                                principal=principal, file=grant.inode,
+                                                fblock=fb)
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)

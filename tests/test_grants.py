@@ -862,3 +862,22 @@ def test_fsynced_pipelined_writes_survive_a_killed_daemon(volume: Path, mount_fa
         assert m.daemon_alive and time.monotonic() < deadline
         time.sleep(0.02)
     assert (m.path / "d").read_bytes() == model
+
+
+def test_two_partial_writes_into_one_fresh_block_both_stay(mnt: Path, monkeypatch) -> None:
+    """Hostile-probe round 2, F6: a client that does not commit between two partial
+    writes into the same fresh (unwritten, uncommitted) block kept only the second —
+    the kernel merged the block with zeros again, as if the first had never been
+    written. The client library commits in between (`_needs_commit`); switched off
+    here, it is the raw protocol's case: both writes must survive the commit."""
+    from kernelshim import clientcore
+    monkeypatch.setattr(clientcore, "_needs_commit", lambda *a, **k: False)
+    (mnt / "f6").write_bytes(b"")
+    with Client.connect(mnt) as c:
+        f = c.open("f6", "r+")
+        assert f.pwrite(b"AAA", 0) == 3
+        assert f.pwrite(b"BBB", 10) == 3
+        assert f.pwrite(b"CCC", BS - 3) == 3  # the same block's end
+        f.commit()
+    got = (mnt / "f6").read_bytes()
+    assert got == b"AAA" + bytes(7) + b"BBB" + bytes(BS - 16) + b"CCC"
