@@ -26,7 +26,7 @@ def one(fn: str) -> str:
     gap = max(range(1, len(roots)), key=lambda i: roots[i] - roots[i - 1])
     lo, hi = roots[gap], roots[-1]
     win = [s for s in steps if lo <= s[1] <= hi]
-    cpu: collections.Counter[int] = collections.Counter()
+    cpu: dict[int, float] = collections.defaultdict(float)
     n: collections.Counter[int] = collections.Counter()
     big: collections.Counter[int] = collections.Counter()
     for b, _t, c, who in win:

@@ -56,7 +56,7 @@ def main(trace: str, result: str) -> None:
     print(f"{n} requests, p50 {per[n // 2][0] * 1e3:.3f} p99 {per[int(n * .99)][0] * 1e3:.3f} ms")
     for name, sub in (("all", per), ("slowest 5%", per[int(n * .95):]),
                       ("slowest 1%", per[int(n * .99):])):
-        cpu: collections.Counter[str] = collections.Counter()
+        cpu: dict[str, float] = collections.defaultdict(float)
         cnt: collections.Counter[str] = collections.Counter()
         for _, _, ws in sub:
             for lab, c, _w in ws:
@@ -65,7 +65,7 @@ def main(trace: str, result: str) -> None:
         print(f"== {name}: {len(sub)} requests; daemon CPU waited behind per request "
               f"{sum(cpu.values()) / len(sub) * 1e3:.3f} ms, wall per request "
               f"{sum(x[0] for x in sub) / len(sub) * 1e3:.3f} ms")
-        for lab, c in cpu.most_common(12):
+        for lab, c in sorted(cpu.items(), key=lambda kv: -kv[1])[:12]:
             print(f"   {lab:44} {c / len(sub) * 1e3:7.3f} ms/request  {cnt[lab] / len(sub):5.2f} "
                   f"steps/request  {c / cnt[lab] * 1e3:.3f} ms/step")
     print("slowest 10 (label: CPU/wall ms):")
