@@ -85,14 +85,13 @@ TURN_SECONDS = 0.1e-3
 CONTENDED_SECONDS = 0.05
 #: while principals compete, a backlogged principal (one that gave up its last turn
 #: with work left) starts no step in a batch of the run loop that has already run this
-#: long: it parks itself to the next batch, so that the loop polls its sockets between
-#: backlogged principals' steps, and a principal that had nothing left to do (a
-#: client waiting for each reply) is picked up after at most one such step, not after
-#: one of every backlogged principal (FairTurns.take)
+#: long, nor in one where another backlogged principal's step has begun, nor while
+#: others wait parked: it parks, and the parked steps are released first come, first
+#: served, one a batch (FairTurns.take). So a batch holds one backlogged step, the
+#: loop polls its sockets between backlogged steps, and a principal that had nothing
+#: left to do (a client waiting for each reply) waits behind the rest of at most one
+#: such step and at most one before its own, however many principals are backlogged
 BATCH_SECONDS = TURN_SECONDS
-#: ... at most this many batches in a row: then it takes its step whatever the batch
-#: (no principal waits longer than MAX_PARKS batches for its turn because of others)
-MAX_PARKS = 4
 #: FairTurns times one batch of the run loop in this many (its loop statistics)
 BATCH_SAMPLE = 16
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
@@ -192,6 +191,8 @@ class Share:
     backlog: int = -2
     #: steps parked to a later batch (FairTurns.take: BATCH_SECONDS)
     parked: int = 0
+    #: the batch in which its current (or last) step began (FairTurns._begin)
+    stepped: int = -1
 
 
 def tenant_of(p: Principal) -> Principal:
@@ -236,14 +237,20 @@ class FairTurns(trio.abc.Instrument):
     A batch also has a budget while principals compete: a *backlogged* principal (it
     gave up its last turn, in this batch or the one before, with work left: its
     quantum ran out, or another of its connections waited for the turn) does not start
-    a step in a batch that has run BATCH_SECONDS of wall time already; it parks to the
-    next batch (a shielded yield, the turn kept), at most MAX_PARKS batches in a row,
-    and parking keeps it backlogged. So a batch holds about one backlogged step besides
-    the principals that had nothing left to do, and the loop polls its sockets between
-    backlogged steps: a request of an idle principal waits for the rest of at most one
-    such step and at most one before its own, not for one step of every backlogged
-    principal (two hostile uids: bench_hostile). The first step of a batch never parks,
-    so the loop always makes progress; a principal alone never parks.
+    a step in a batch that has run BATCH_SECONDS of wall time already, nor in one where
+    another backlogged principal's step has begun, nor while others wait parked; it
+    parks (the turn kept) in a queue, and the head of the queue is released as the
+    backlogged step of each batch. So a batch holds one backlogged step
+    besides the principals that had nothing left to do, the backlogged principals take
+    the batches in turn, in the order they parked (none waits longer than one batch per
+    other backlogged principal), and the loop polls its sockets between backlogged
+    steps: a request of an idle principal waits for the rest of at most one such step
+    and at most one before its own, not for one step of every backlogged principal
+    (two hostile uids: bench_hostile). A parked step costs nothing until released (it
+    is not runnable: the batch budget alone made each parked step a step of its own
+    every batch, 0.03-0.06 ms each, run ahead of other principals' requests). A
+    principal alone never parks. The server's admission work (accepting and refusing
+    connections) takes a turn of its own, always backlogged (`admission`).
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:
@@ -278,6 +285,19 @@ class FairTurns(trio.abc.Instrument):
         self._batch_t0 = 0.0
         #: steps parked to a later batch (BATCH_SECONDS), all principals
         self.parked = 0
+        #: steps of backlogged principals begun in this batch (`_over_budget`)
+        self._backlogged_steps = 0
+        #: parked steps released in this batch to run in the next (`after_task_step`)
+        self._released = 0
+        #: parked steps (their tasks and principals), in the order they parked
+        self._parked: collections.deque[tuple[trio.lowlevel.Task, Share]] = \
+            collections.deque()
+        #: the turn of the server's admission work (accepting connections, identifying
+        #: and charging them, answering refused ones): a tenant that connects in a loop
+        #: makes it, before it is known whose it is. While principals compete it is
+        #: always backlogged (`admit`), so it takes batches in turn with the
+        #: backlogged principals instead of adding a step to each batch.
+        self.admission = Share()
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -304,7 +324,7 @@ class FairTurns(trio.abc.Instrument):
         if sh.holder is task:
             if self._over_budget(sh):
                 await self._park(sh)
-            self._held[task] = sh
+            self._begin(sh, task)
             return
         if sh.holder is None:
             sh.holder = task
@@ -314,7 +334,7 @@ class FairTurns(trio.abc.Instrument):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             if self._over_budget(sh):
                 await self._park(sh)
-            self._held[task] = sh
+            self._begin(sh, task)
             return
         sh.turns_waited += 1
         sh.waiters.append(task)
@@ -326,34 +346,79 @@ class FairTurns(trio.abc.Instrument):
         await trio.lowlevel.wait_task_rescheduled(abort)  # handed over: see below
         if self._over_budget(sh):
             await self._park(sh)
-            self._held[task] = sh
+        self._begin(sh, task)
+
+    def _begin(self, sh: Share, task: trio.lowlevel.Task) -> None:
+        """The current step is `sh`'s turn (counted once a batch: see `_over_budget`)."""
+        self._held[task] = sh
+        if sh.stepped != self._batch:
+            sh.stepped = self._batch
+            if sh.backlog >= self._batch - 1:
+                self._backlogged_steps += 1
 
     def _over_budget(self, sh: Share) -> bool:
-        """Whether `sh` must park now: backlogged, principals compete, and the batch has
-        run BATCH_SECONDS already."""
+        """Whether `sh` must park now. Only a backlogged principal while principals
+        compete: when the batch has run BATCH_SECONDS already; or, for a step it has
+        not begun in this batch, when another backlogged step has (one a batch), or
+        when others wait parked (they go first: `_park`)."""
         if sh.backlog < self._batch - 1:
             return False
         now = trio.current_time()
-        return now - self._batch_t0 > BATCH_SECONDS and now < self.contended_until
+        if now >= self.contended_until:
+            return False
+        if now - self._batch_t0 > BATCH_SECONDS:
+            return True
+        if sh.stepped == self._batch:
+            return False  # its own step, going on
+        return bool(self._backlogged_steps or self._parked)
 
     async def _park(self, sh: Share) -> None:
-        """Yield to later batches (the turn stays `sh`'s, reserved by its holder) while
-        `sh` is over the batch budget, at most MAX_PARKS times. Shielded: a cancelled
-        task cannot leave the turn reserved."""
+        """Wait in the queue of parked steps (the turn stays `sh`'s, reserved by its
+        holder) until it is released as the backlogged step of a batch: the head of the
+        queue, one a batch, while principals compete (all at once when they stop). The
+        head is released for the next batch when a step parks or a turn's step ends
+        (rescheduled then, it keeps the loop from sleeping), else when the next batch
+        begins (`after_io_wait`). Not cancellable (a cancelled task would leave the
+        turn reserved); the queue moves every batch, so a cancellation waits for at most
+        one batch per backlogged principal."""
         task = trio.lowlevel.current_task()
-        for _ in range(MAX_PARKS):
-            # A parked step is no turn: the step it ends must not hand the turn on.
-            self._held.pop(task, None)
-            sh.backlog = self._batch
-            sh.parked += 1
-            self.parked += 1
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            if not self._over_budget(sh):
-                break
+        # A parked step is no turn: the step it ends must not hand the turn on.
+        self._held.pop(task, None)
+        sh.backlog = self._batch
+        sh.parked += 1
+        self.parked += 1
+        if not self._released:
+            if not self._parked:
+                # Nobody else waits: this is the next batch's backlogged step.
+                sh.stepped = self._batch + 1
+                self._released = 1
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            self._released = self._release_parked(self._batch + 1, everyone=False)
+        self._parked.append((task, sh))
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def _release_parked(self, batch: int, *, everyone: bool | None = None) -> int:
+        """Release the head of the parked queue to run in `batch` as its backlogged
+        step (everyone, once principals no longer compete); how many were released."""
+        if everyone is None:
+            everyone = trio.current_time() >= self.contended_until
+        n = len(self._parked) if everyone else 1
+        for _ in range(n):
+            task, sh = self._parked.popleft()
+            sh.stepped = batch
+            trio.lowlevel.reschedule(task)
+        return n
 
     def backlogged(self, sh: Share) -> None:
         """`sh` gives up its turn with work left (its quantum ran out)."""
         sh.backlog = self._batch
+
+    async def admit(self) -> None:
+        """Take the admission turn (`admission`) for one step of admission work."""
+        sh = self.admission
+        sh.backlog = self._batch
+        await self.take(sh)
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         if self._corked:
@@ -364,7 +429,13 @@ class FairTurns(trio.abc.Instrument):
         sh = self._held.pop(task, None)
         if sh is None:
             return
-        if self._first is None:
+        if self._parked and not self._released:
+            # The next batch's backlogged step: rescheduled now, so that the loop does
+            # not sleep with it parked (and it costs no step of its own to wake).
+            self._released = self._release_parked(self._batch + 1)
+        if sh is self.admission:
+            pass  # admission alone beside one principal is no competition
+        elif self._first is None:
             self._first = sh
         elif self._first is not sh:
             self.contended_until = trio.current_time() + CONTENDED_SECONDS
@@ -385,6 +456,11 @@ class FairTurns(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         self._batch += 1
         self._first = None
+        self._backlogged_steps, self._released = self._released, 0
+        if self._parked and timeout > 0:
+            # Nothing is runnable, none was released: the loop would sleep with steps
+            # parked. Wake it at once (after_io_wait releases one).
+            trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
         if self._wall0:
             wall = time.perf_counter() - self._wall0
             self.batches.record(wall)
@@ -396,6 +472,8 @@ class FairTurns(trio.abc.Instrument):
 
     def after_io_wait(self, timeout: float) -> None:
         self._batch_t0 = trio.current_time()
+        if self._parked and not self._backlogged_steps:
+            self._backlogged_steps = self._release_parked(self._batch)
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
         # call (no vDSO), and two of them per batch were a tenth of the daemon's CPU
         # time per random 4 KiB FUSE read (docs/BENCHMARKS.md, "bench_fs regression
@@ -411,6 +489,10 @@ class FairTurns(trio.abc.Instrument):
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
         self.parked = 0
+
+
+def _nothing() -> None:
+    pass
 
 
 class BadSlot(SluiceError):

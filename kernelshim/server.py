@@ -76,11 +76,14 @@ the run loop per batch, whatever its number of connections, and a step serving
 requests gives the loop back after TURN_SECONDS (0.1 ms) while several principals
 have work (after HOG_SECONDS alone) — so a request of one principal waits for at most
 one short step of each other principal with work, not for all their connections'
-backlogs. While they compete, a batch of the loop also has a budget (BATCH_SECONDS,
-0.1 ms): a backlogged principal (its last turn ended with requests left over) starts
-no step in a batch that has run that long, but parks to a later batch (at most
-MAX_PARKS in a row), so the loop polls its sockets between backlogged steps and a
-client waiting for each reply waits behind about one of them, not one per hostile
+backlogs. While they compete, a batch of the loop also has a budget: a backlogged
+principal (its last turn ended with requests left over) starts no step in a batch that
+has run BATCH_SECONDS (0.1 ms), nor in one where another backlogged principal's step has
+begun, nor while others wait parked; it parks in a queue released one a batch, first
+come first served, so a batch holds one backlogged step and a client waiting for each
+reply waits behind about one of them, not one per hostile principal. A connection's
+reader takes the turn before it reads the socket, and the accept loop and the refusals
+take the server's admission turn (FairTurns.admission), backlogged like a flooding
 principal. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
 pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time (a frame
@@ -255,6 +258,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         log.warning("control socket: accept failed: %s", exc)
                         await trio.sleep(0.1)
                         continue
+                    try:
+                        await self.turns.admit()
+                    except BaseException:
+                        conn.close()
+                        raise
                     if self.connections >= self.max_connections:
                         conn.close()
                         continue
@@ -326,6 +334,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 self._refused_wake = trio.Event()
                 continue
             await trio.sleep_until(self._refused[0][0])
+            await self.turns.admit()
             now = trio.current_time()
             # At most REFUSALS_PER_STEP in one step of the loop (each is a write and a
             # close, 5-8 us): a churning tenant's 64 due at once took 0.2 ms in one go.
@@ -434,6 +443,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                                   "within %g s", conn.creds.pid, conn.creds.uid,
                                   self.handshake_seconds)
                     return
+                # The turn before the read: a backlogged tenant parks before it reads and
+                # decodes its next requests, not after (that read and the first slice's
+                # decoding made a step of 0.04-0.1 ms outside every budget).
+                await self.turns.take(turn)
                 self._last_yield = trio.current_time()  # waiting gave the loop back
                 continue
             except OSError:

@@ -408,6 +408,8 @@ def loop_trace_summary(fname: str) -> dict[str, Any]:
     for _b, name, who, cpu, *_wall in window:
         if name == "OP":
             ops[who].append(float(cpu))
+        elif name == "GC":  # inside some step: its CPU is that step's too
+            ops[f"(gc, generation {who})"].append(float(cpu))
         else:
             kind = ("connection of " + who if name == "shim-connection" else
                     "accept loop" if name.endswith("run") else name)
@@ -457,7 +459,7 @@ def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]]) -> dict[st
     io0 = [w0 for w0, _ in io]
     io1 = [w1 for _, w1 in io]
     steps = sorted((float(r[4]), float(r[5]), float(r[3]), r[2], r[1]) for r in rows
-                   if r[1] not in ("IO", "OP", "SEND") and len(r) > 5)
+                   if r[1] not in ("IO", "OP", "SEND", "GC") and len(r) > 5)
     st0 = [x[0] for x in steps]
     root = [x for x in steps if x[4] == "shim-connection" and x[3] == "root"]
     root0 = [x[0] for x in root]

@@ -13,7 +13,8 @@ to a root connection (rows "SEND") against the victim's own timestamps, so that
 bench_hostile can split the victim's latency end to end (`decompose`).
 
 Row: batch, name, who, cpu seconds, wall start, wall end (tab-separated); an operation
-(name "OP", who: the operation) adds the principal of its connection. The wall times
+(name "OP", who: the operation) adds the principal of its connection; a cyclic garbage
+collection (name "GC", who: its generation) the number of objects it freed. The wall times
 after a send may be late: the woken client often takes the daemon's CPU (bench_hostile
 matches the victim's operations to its requests by order, not by these times).
 """
@@ -77,7 +78,21 @@ def _patch(mod: Any) -> None:
     run, serve, run_op, release = S.run, S._serve_connection, S._run_op, S._release_all
     emit, uncork, data_request = S._emit, S._uncork, S._data_request
 
+    gc_t0 = [0.0, 0.0]
+
+    def gc_callback(phase: str, info: dict[str, int]) -> None:
+        # Every cyclic garbage collection (rows "GC": who = its generation), CPU and
+        # wall: a collection runs inside whatever step allocated last.
+        if phase == "start":
+            gc_t0[:] = [time.perf_counter(), time.thread_time()]
+        elif gc_t0[0]:
+            tr.rows.append((tr.batch, "GC", str(info.get("generation")),
+                            time.thread_time() - gc_t0[1], gc_t0[0], time.perf_counter(),
+                            str(info.get("collected", 0))))
+
     async def traced_run(self: Any, *a: Any, **k: Any) -> None:
+        import gc
+        gc.callbacks.append(gc_callback)
         trio.lowlevel.add_instrument(tr)  # type: ignore[arg-type]
         try:
             await run(self, *a, **k)
