@@ -479,9 +479,10 @@ class MClockScheduler(_Accounting):
     def expedite_writes(self) -> Iterator[None]:
         """While inside, a waiting write (or flush) held back only by a limit is
         dispatched anyway (its tags still advance, so its principal repays it: later
-        requests wait the longer). The kernel's barrier waits inside this for the writes in flight: a
-        commit, and with it every principal's writes and fsyncs, must not wait for a
-        throttled principal's queue to drain at its limit."""
+        requests wait the longer). The kernel's barrier waits inside this for the
+        writes in flight, and flushes inside it (the flush is charged to the fsync's
+        caller): a commit, and with it every principal's writes and fsyncs, must not
+        wait for a throttled principal's queue to drain at its limit."""
         self._expedite += 1
         try:
             now = _now_or_none()

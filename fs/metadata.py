@@ -11,6 +11,11 @@ size and times after a write) are gathered per inode and run together, still ins
 the open transaction, before anything reads the inodes table and before the commit:
 every read and every commit sees exactly what running each update at once would have
 left (a file's three or four updates of an untar cost one statement, not four).
+
+Every write method also marks the inodes whose rows it touches (the change marks,
+docs/dev/invariants.md R8): an fsync of an inode that no change since the last durable
+commit marked has no metadata to make durable. Code outside this module never writes
+SQL, so the marks see every change.
 """
 
 from __future__ import annotations
@@ -115,11 +120,11 @@ class Metadata:
         #: undone); removing entries cannot make a name exist.
         self._absent: tuple[int, bytes] | None = None
         #: inodes whose rows a change since the last durable commit touched (the change
-        #: mark: an fsync of an inode with none, and no `_changed_all`, has nothing of
-        #: it to make durable; docs/dev/invariants.md "Empty fsyncs"), and whether a
-        #: change touched something no single inode owns (`set_meta`, `move_principal`,
-        #: a repair by id). Cleared only by the durable commit that contains them:
-        #: `take_changes` at the commit, `restore_changes` if it did not become durable.
+        #: mark: an fsync of an inode with none, and no `_changed_all`, has no metadata
+        #: of it to make durable; docs/dev/invariants.md R8), and whether a change
+        #: touched something no single inode owns (`set_meta`, `move_principal`, a
+        #: repair by id). Cleared only by the durable commit that contains them:
+        #: `take_changes` at the commit, `settle_changes` when it is over.
         self._changed: set[int] = set()
         #: (set at open: a daemon killed before its last commit was durable left the
         #: database in the host's cache, not on disk)
