@@ -86,6 +86,11 @@ _INODE_SELECT = "SELECT " + ", ".join(INODE_COLUMNS) + " FROM inodes"
 
 Row = tuple
 
+#: inodes marked changed (`Metadata._mark`) before the marks turn into one "everything"
+#: mark: a million creates between two durable commits would otherwise hold a million
+#: ints (about 50 MiB) until the next fsync
+MAX_MARKED = 1 << 16
+
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class ChangeMarks:
@@ -193,6 +198,11 @@ class Metadata:
 
     def _mark(self, *inos: int) -> None:
         self._changed.update(inos)
+        if len(self._changed) > MAX_MARKED:
+            # Bounded memory: past this many, "everything" says the same, conservatively
+            # (the next fsync of any file makes a durable commit, which clears it).
+            self._changed_all = True
+            self._changed = set()
 
     def changed_since_durable(self, ino: int) -> bool:
         """Whether a change not yet made durable touched `ino`'s rows (its inode row,

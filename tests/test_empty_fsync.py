@@ -288,6 +288,23 @@ async def test_settling_marks_of_a_commit_that_was_not_durable(evol: Volume) -> 
     assert not md.changed_since_durable(5)
 
 
+async def test_the_marks_are_bounded(evol: Volume, monkeypatch) -> None:
+    """Past MAX_MARKED inodes the marks become one "everything" mark (memory stays
+    bounded between two durable commits; every fsync then commits, as it must)."""
+    from fs import metadata
+    monkeypatch.setattr(metadata, "MAX_MARKED", 8)
+    md = evol.md
+    md.settle_changes(md.take_changes(), durable=True)
+    for ino in range(100, 108):
+        md.update_inode_later(ino, {"mode": 0o644})
+    assert not md.changed_since_durable(99) and len(md._changed) == 8
+    md.update_inode_later(108, {"mode": 0o644})
+    assert md.changed_since_durable(99) and not md._changed
+    md.rollback()
+    md.settle_changes(md.take_changes(), durable=True)
+    assert not md.changed_since_durable(99)
+
+
 async def test_dirty_discardable_frames_are_not_an_empty_fsync(tmp_path: Path) -> None:
     """Write-back mode: a discardable file's dirty frames survive every barrier (R7),
     so its fsync is never skipped while it has any; once written back and committed,
