@@ -29,12 +29,14 @@ class Req:
     """One request, waiting in its node's queue or dispatched."""
 
     __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
-                 "throttled", "write", "start")
+                 "throttled", "write", "barrier", "start")
 
     def __init__(self, node: Node, nbytes: int, cost: float, arrival: float,
-                 write: bool = False) -> None:
+                 write: bool = False, *, barrier: bool = False) -> None:
         self.node = node
         self.write = write
+        #: a write or flush: what a barrier waits for (expedited past limits then)
+        self.barrier = barrier or write
         self.nbytes = nbytes
         self.cost = cost
         self.arrival = arrival
@@ -196,13 +198,13 @@ def any_waiter(root: Node) -> Req | None:
 
 
 def expedited_write(root: Node) -> Req | None:
-    """A waiting write, limits ignored (the first of its principal's queue: it may
-    pass the principal's reads, which are not expedited)."""
+    """A waiting write or flush, limits ignored (the first of its principal's queue:
+    it may pass the principal's reads, which are not expedited)."""
     stack = [root]
     while stack:
         n = stack.pop()
         for r in n.queue:
-            if r.write:
+            if r.barrier:
                 return r
         stack.extend(n.active)
     return None

@@ -66,7 +66,8 @@ stays idle for it, a bounded time (the module says how long and why that is safe
 
 Barriers: the kernel's barrier (a metadata commit) must wait for the writes in flight,
 and every principal's writes wait for the barrier; so while it waits
-(`expedite_writes()`), writes held back only by a limit are dispatched anyway, their
+(`expedite_writes()`), writes held back only by a limit are dispatched anyway (and so
+is the barrier's own flush, charged to the principal whose fsync asked for it), their
 tags advanced as usual: the principal repays them with its next requests, and a
 throttled queue never holds a commit (and everyone's fsync) for queue/limit seconds.
 
@@ -340,7 +341,7 @@ class FifoScheduler(_Accounting):
                      write or kind == WRITE, arrival)
 
     async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool,
-                       arrival: float | None) -> float:
+                       arrival: float | None, flush: bool = False) -> float:
         c = self._c(principal)
         c.waiting += 1
         try:
@@ -365,14 +366,15 @@ class _Slot:
 
     __slots__ = ("_acquire", "_release", "_args", "free_at")
 
-    def __init__(self, acquire: Callable[[PrincipalId, int, bool, float | None],
+    def __init__(self, acquire: Callable[[PrincipalId, int, bool, float | None, bool],
                                          Awaitable[float]],
                  release: Callable[[float | None, PrincipalId], None],
                  principal: PrincipalId,
-                 nbytes: int, write: bool, arrival: float | None = None) -> None:
+                 nbytes: int, write: bool, arrival: float | None = None,
+                 flush: bool = False) -> None:
         self._acquire = acquire
         self._release = release
-        self._args = (principal, nbytes, write, arrival)
+        self._args = (principal, nbytes, write, arrival, flush)
         #: set by the device before leaving: the modeled time its channel is free again
         self.free_at: float | None = None
 
@@ -475,11 +477,12 @@ class MClockScheduler(_Accounting):
 
     @contextmanager
     def expedite_writes(self) -> Iterator[None]:
-        """While inside, a waiting write held back only by a limit is dispatched anyway
-        (its tags still advance, so its principal repays it: later requests wait the
-        longer). The kernel's barrier waits inside this for the writes in flight: a
-        commit, and with it every principal's writes and fsyncs, must not wait for a
-        throttled principal's queue to drain at its limit."""
+        """While inside, a waiting write (or flush) held back only by a limit is
+        dispatched anyway (its tags still advance, so its principal repays it: later
+        requests wait the longer). The kernel's barrier waits inside this for the
+        writes in flight, and flushes inside it (the flush is charged to the fsync's
+        caller): a commit, and with it every principal's writes and fsyncs, must not
+        wait for a throttled principal's queue to drain at its limit."""
         self._expedite += 1
         try:
             now = _now_or_none()
@@ -500,16 +503,17 @@ class MClockScheduler(_Accounting):
         holder sets the slot's `free_at` to the modeled time its channel is free again
         before leaving (see `_dispatch`)."""
         return _Slot(self._acquire, self._release, principal, nbytes, write or kind == WRITE,
-                     arrival)
+                     arrival, kind == FLUSH)
 
     async def _acquire(self, principal: PrincipalId, nbytes: int, write: bool,
-                       arrival: float | None = None) -> float:
+                       arrival: float | None = None, flush: bool = False) -> float:
         await trio.lowlevel.checkpoint_if_cancelled()
         now = trio.current_time()
         if arrival is None or arrival < now:
             arrival = now
         node = self._nodes.get(principal) or self._node(principal)
-        req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write)
+        req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
+                  barrier=write or flush)
         may_go = self._may_go(node, now)
         req.throttled = not may_go
         antic = self._antic

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kernelshim import ExtentMap, ROOT_PRINCIPAL, Rights, SluiceError
+from kernelshim import ExtentMap, PrincipalId, ROOT_PRINCIPAL, Rights, SluiceError
 from kernelshim.extents import blocks_to_cover
 
 from .errors import ReadOnly, WriteFailed
+from .metadata import ChangeMarks
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -91,7 +92,8 @@ class Transactions:
             await fs._release_unmapped(freed, [])  # no grants yet: none to revoke
         await fs.commit()
 
-    async def commit(self: FileSystem, *, durable: bool = False) -> None:
+    async def commit(self: FileSystem, *, durable: bool = False,
+                     principal: PrincipalId = ROOT_PRINCIPAL, file: int | None = None) -> None:
         """End the metadata transaction (docs/dev/invariants.md, "Crash rules"):
 
         1. inside a device barrier (writes held back, everything written made durable),
@@ -99,23 +101,41 @@ class Transactions:
            never written in place again);
         2. if it freed blocks (or `durable`), make the commit durable (fsync the WAL);
         3. wait until no request that could still address the freed blocks is in flight,
-           then discard them and hand them to the allocator."""
+           then discard them and hand them to the allocator.
+
+        `principal`: who asked (an fsync's caller; root for the batched committer and
+        unmount): the barrier's device flush, and the write-back of `file`'s dirty
+        frames it makes (the fsync'd file), are its I/O, charged to it."""
         async with self._commit_lock:
             if self.write_errors:
                 return  # failed: nothing more is committed (fsync reports the failure)
+            # The change marks of what this commit holds (Metadata.take_changes), taken
+            # in the same step as the SQL commit: cleared only if it becomes durable.
+            taken: ChangeMarks | None = None
             try:
-                async with self.kernel.barrier():
+                async with self.kernel.barrier(principal=principal, file=file,
+                                               durable=durable):
                     self._save_unflushed()
+                    taken = self.md.take_changes()
                     self.md.commit()
                     pending = self.alloc.take_pending()
                     for emap in self._unsealed:
                         emap.seal()
                     self._unsealed.clear()
+                made_durable = False
                 if durable or pending:
                     await trio.to_thread.run_sync(self.md.make_durable)
-            except (OSError, sqlite3.Error, SluiceError) as exc:
-                self.fail(f"committing metadata failed: {exc}")
-                raise WriteFailed(f"commit failed: {exc}") from exc
+                    made_durable = True
+                if taken is not None:
+                    # committed but not durable: still marked (a power loss may lose it)
+                    self.md.settle_changes(taken, durable=made_durable)
+            except BaseException as exc:
+                if taken is not None:
+                    self.md.settle_changes(taken, durable=False)
+                if isinstance(exc, (OSError, sqlite3.Error, SluiceError)):
+                    self.fail(f"committing metadata failed: {exc}")
+                    raise WriteFailed(f"commit failed: {exc}") from exc
+                raise
             if pending:
                 await self.kernel.wait_quiescent()
                 try:
@@ -139,12 +159,14 @@ class Transactions:
             self.md.set_meta(UNFLUSHED_KEY, json.dumps(sorted(now)))
             self._unflushed_saved = now
 
-    async def sync(self: FileSystem, *, final: bool = False) -> None:
+    async def sync(self: FileSystem, *, final: bool = False,
+                   principal: PrincipalId = ROOT_PRINCIPAL, file: int | None = None) -> None:
         """Make all data and metadata durable (fsync; with `final`, unmount: then the
         discardable files' dirty frames are written back too, so that a clean unmount
         leaves no file whose committed blocks lack their data — the list of such files
         is for crashes, and `sluice fsck` of a cleanly unmounted volume must find every
-        committed block's data)."""
+        committed block's data). `principal` asked for it (`file`: the fsync'd
+        file, whose frames it pays for; see `commit`)."""
         if final and self.read_only is None and not self.write_errors:
             for ino in sorted(self.kernel.dirty_discardable_files()):
                 try:
@@ -152,7 +174,7 @@ class Transactions:
                 except SluiceError as exc:
                     log.warning("writing back discardable inode %d at unmount failed: %s",
                                 ino, exc)
-        await self.commit(durable=True)
+        await self.commit(durable=True, principal=principal, file=file)
 
     def fail(self: FileSystem, why: str) -> None:
         """A metadata or device write failed: rather than risk damage, the volume turns

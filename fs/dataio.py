@@ -36,6 +36,8 @@ class OpenFiles:
     default_cache_mode: str
     #: O_TMPFILE inodes not linked yet (linkat may give them a name; see `tmpfile`)
     _tmpfiles: set[int]
+    #: fsyncs that found nothing to make durable and returned at once (`needs_sync`)
+    empty_fsyncs: int
 
     def _grant_for(self: FileSystem, node: Inode, readable: bool, writable: bool,
                    principal: PrincipalId) -> Grant:
@@ -235,21 +237,52 @@ class OpenFiles:
         await self._zero_within_block(node, self._extents(node), lo, hi, principal)
 
     async def fsync(self: FileSystem, fh: int | None, datasync: bool) -> None:
+        """fsync of an open file (`fh`; None: of everything): a write error since the
+        handle last heard of one is reported (once per open file, as Linux); then,
+        unless the file has nothing that is not durable yet (`needs_sync`), its
+        discardable frames are written back and everything is committed durably.
+        The I/O is charged to the principal the file was opened for."""
         h = self._handles.get(fh) if fh is not None else None
         if h is not None and h.errors_seen < self.write_errors:
             h.errors_seen = self.write_errors  # reported once per open file, as Linux
             raise WriteFailed(f"data written to inode {h.inode.id} may be lost: "
                               f"{self.read_only}")
+        if h is not None and not self.needs_sync(h.inode.id):
+            self.empty_fsyncs += 1
+            return
         try:
             if h is not None:
                 # Its discardable dirty frames too (a barrier leaves those out): an
                 # fsync'd discardable file survives a crash whole unless written again.
-                await self.kernel.writeback_file(h.inode.id)
-            await self.sync()
+                await self.kernel.writeback_file(h.inode.id, principal=h.grant.principal)
+                await self.sync(principal=h.grant.principal, file=h.inode.id)
+            else:
+                await self.sync()
         except WriteFailed:
             if h is not None:
                 h.errors_seen = self.write_errors
             raise
+
+    async def fsync_inode(self: FileSystem, ino: int, principal: PrincipalId) -> None:
+        """fsync of an inode with no FUSE handle: a directory (fsyncdir) or a direct
+        client's grant (whose writes it committed first). Skipped when the inode has
+        nothing to make durable (`needs_sync`), else a durable commit on `principal`'s
+        bank."""
+        if not self.needs_sync(ino):
+            self.empty_fsyncs += 1
+            return
+        await self.sync(principal=principal, file=ino)
+
+    def needs_sync(self: FileSystem, ino: int) -> bool:
+        """Whether an fsync of inode `ino` has anything to make durable: a change of
+        its metadata (or of something no single inode owns) not yet in a durable
+        commit (the metadata layer's change marks), data of it not yet flushed on the
+        device (the kernel's record), or it is a discardable file the last commit
+        listed or the pager dropped (docs/dev/invariants.md, "Empty fsyncs"). When
+        False, a barrier and a durable commit would change nothing a power loss
+        could take from this file, so an fsync may skip them."""
+        return (self.md.changed_since_durable(ino) or self.kernel.may_be_unflushed(ino)
+                or ino in self.discarded or ino in self._unflushed_saved)
 
     async def tmpfile(self: FileSystem, parent: int, mode: int, flags: int,
                       caller: Caller) -> tuple[Handle, Inode]:

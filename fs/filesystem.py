@@ -99,6 +99,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._next_fh = 1
         self.default_cache_mode = default_cache_mode
         self._tmpfiles = set()
+        self.empty_fsyncs = 0
         # -- Attributes (attributes.py) ----------------------------------------------------
         self.atime = "relatime"
         self.nodiratime = False

@@ -39,6 +39,11 @@ class FsStatistics:
     open_handles: int
     cached_inodes: int
     live_grants: int
+    #: fsyncs that had nothing to make durable (no barrier, no commit: invariants R8),
+    #: barriers that flushed the device, and durable commits (WAL fsyncs), since mount
+    empty_fsyncs: int = 0
+    barriers: int = 0
+    durable_commits: int = 0
 
 
 def _flat(record: Any) -> dict[str, Any]:
@@ -63,7 +68,9 @@ class Statistics:
         return FsStatistics(self.block_size, self.alloc.nblocks, free,
                             max(0, free - self.cow_reserve),
                             self._inode_count, self.max_inodes, len(self._handles),
-                            len(self._inodes), self.kernel.live_grants)
+                            len(self._inodes), self.kernel.live_grants,
+                            self.empty_fsyncs, self.kernel.barriers,
+                            self.md.durable_commits)
 
     def statistics_dict(self: FileSystem) -> dict:
         """Everything `sluice stats` shows, as plain data."""

@@ -11,10 +11,16 @@ size and times after a write) are gathered per inode and run together, still ins
 the open transaction, before anything reads the inodes table and before the commit:
 every read and every commit sees exactly what running each update at once would have
 left (a file's three or four updates of an untar cost one statement, not four).
+
+Every write method also marks the inodes whose rows it touches (the change marks,
+docs/dev/invariants.md R8): an fsync of an inode that no change since the last durable
+commit marked has no metadata to make durable. Code outside this module never writes
+SQL, so the marks see every change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -80,6 +86,21 @@ _INODE_SELECT = "SELECT " + ", ".join(INODE_COLUMNS) + " FROM inodes"
 
 Row = tuple
 
+#: inodes marked changed (`Metadata._mark`) before the marks turn into one "everything"
+#: mark: a million creates between two durable commits would otherwise hold a million
+#: ints (about 50 MiB) until the next fsync
+MAX_MARKED = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class ChangeMarks:
+    """The change marks one commit took (`Metadata.take_changes`)."""
+
+    #: inodes whose rows the changes touched
+    inodes: set[int]
+    #: whether one touched something no single inode owns
+    everything: bool
+
 
 class Metadata:
     """SQL access for the filesystem. See the module docstring."""
@@ -103,6 +124,20 @@ class Metadata:
         #: add that name (`add_dentry`, `move_dentry`) and by `rollback` (a removal
         #: undone); removing entries cannot make a name exist.
         self._absent: tuple[int, bytes] | None = None
+        #: inodes whose rows a change since the last durable commit touched (the change
+        #: mark: an fsync of an inode with none, and no `_changed_all`, has no metadata
+        #: of it to make durable; docs/dev/invariants.md R8), and whether a change
+        #: touched something no single inode owns (`set_meta`, `move_principal`, a
+        #: repair by id). Cleared only by the durable commit that contains them:
+        #: `take_changes` at the commit, `settle_changes` when it is over.
+        self._changed: set[int] = set()
+        #: (set at open: a daemon killed before its last commit was durable left the
+        #: database in the host's cache, not on disk)
+        self._changed_all = True
+        #: marks taken by commits whose WAL fsync has not returned yet
+        self._settling: list[ChangeMarks] = []
+        #: durable commits (make_durable calls) so far (statistics, tests)
+        self.durable_commits = 0
         self._record: MetaRecorder | None = None
         if record is not None:
             self._record = MetaRecorder.start(self, record)
@@ -131,6 +166,7 @@ class Metadata:
 
     def set_meta(self, key: str, value: object) -> None:
         """Set a volume-wide value, in the open transaction."""
+        self._changed_all = True
         self._w("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- transactions -----------------------------------------------------------------
@@ -158,6 +194,42 @@ class Metadata:
             if self._record is not None:
                 self._record.event("commit")
 
+    # -- change marks (which inodes a durable commit would change) ----------------------
+
+    def _mark(self, *inos: int) -> None:
+        self._changed.update(inos)
+        if len(self._changed) > MAX_MARKED:
+            # Bounded memory: past this many, "everything" says the same, conservatively
+            # (the next fsync of any file makes a durable commit, which clears it).
+            self._changed_all = True
+            self._changed = set()
+
+    def changed_since_durable(self, ino: int) -> bool:
+        """Whether a change not yet made durable touched `ino`'s rows (its inode row,
+        extents, xattrs, a name in it or naming it) or something no single inode
+        owns. A change in a commit whose WAL fsync is still running counts until it
+        returns. Conservative: a change rolled back still counts."""
+        if self._changed_all or ino in self._changed:
+            return True
+        return any(t.everything or ino in t.inodes for t in self._settling)
+
+    def take_changes(self) -> ChangeMarks:
+        """The marks of every change made so far, at a commit (no checkpoint between
+        this and `commit()`): they still count (`changed_since_durable`) until the
+        caller settles them (`settle_changes`)."""
+        taken = ChangeMarks(self._changed, self._changed_all)
+        self._changed, self._changed_all = set(), False
+        self._settling.append(taken)
+        return taken
+
+    def settle_changes(self, taken: ChangeMarks, *, durable: bool) -> None:
+        """The commit that took `taken` is over: made durable (the marks go), or not
+        (committed only, or failed: they are merged back with the ones made since)."""
+        self._settling = [t for t in self._settling if t is not taken]
+        if not durable:
+            self._changed |= taken.inodes
+            self._changed_all = self._changed_all or taken.everything
+
     def rollback(self) -> None:
         """Drop the open transaction (the volume failed: nothing more is committed)."""
         self._later.clear()
@@ -181,6 +253,7 @@ class Metadata:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        self.durable_commits += 1
         if self._record is not None:
             self._record.event("durable", wal=covered)
 
@@ -203,10 +276,13 @@ class Metadata:
             " parent, target, principal, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (mode, uid, gid, nlink, rdev, now_ns, now_ns, now_ns, parent, target, principal,
              len(target) if target is not None else 0))
-        return int(cur.lastrowid)  # type: ignore[arg-type]
+        ino = int(cur.lastrowid)  # type: ignore[arg-type]
+        self._mark(ino)
+        return ino
 
     def update_inode(self, ino: int, **fields: object) -> None:
         self.flush_inodes()
+        self._mark(ino)
         cols = ", ".join(f"{k}=?" for k in fields)
         self._w(f"UPDATE inodes SET {cols} WHERE id=?", (*fields.values(), ino))
 
@@ -214,6 +290,7 @@ class Metadata:
         """`update_inode`, run with the inode's other gathered updates before the inodes
         table is next read or the transaction commits (see the module docstring).
         `fields` becomes this object's: the caller must not change it afterwards."""
+        self._mark(ino)
         had = self._later.get(ino)
         if had is None:
             self._later[ino] = fields
@@ -244,6 +321,7 @@ class Metadata:
 
     def delete_inode(self, ino: int) -> None:
         self._later.pop(ino, None)  # the row goes: its updates would change nothing
+        self._mark(ino)
         self._w("DELETE FROM inodes WHERE id=?", (ino,))
         self._w("DELETE FROM extents WHERE inode=?", (ino,))
         self._w("DELETE FROM xattrs WHERE inode=?", (ino,))
@@ -278,22 +356,34 @@ class Metadata:
 
     def add_dentry(self, parent: int, name: bytes, ino: int, principal: int = 0) -> None:
         self._absent = None
+        self._mark(parent, ino)
         self._w("INSERT INTO dentries (parent, name, inode, principal) VALUES (?,?,?,?)",
                 (parent, name, ino, principal))
 
     def remove_dentry(self, parent: int, name: bytes) -> int:
         """Remove an entry; returns the principal that was charged for it."""
-        row = self.db.execute("SELECT principal FROM dentries WHERE parent=? AND name=?",
+        row = self.db.execute("SELECT principal, inode FROM dentries WHERE parent=? AND name=?",
                               (parent, name)).fetchone()
+        self._mark(parent)
+        if row is not None:
+            self._mark(row[1])
         self._w("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
         return 0 if row is None else row[0]
 
     def retarget_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        old = self.lookup(parent, name)
+        self._mark(parent, ino)
+        if old is not None:
+            self._mark(old)
         self._w("UPDATE dentries SET inode=? WHERE parent=? AND name=?", (ino, parent, name))
 
     def move_dentry(self, parent: int, name: bytes, new_parent: int, new_name: bytes) -> None:
         """Rename an entry in place (keeps its readdir cookie when the directory is the same)."""
+        moved = self.lookup(parent, name)
         self._absent = None
+        self._mark(parent, new_parent)
+        if moved is not None:
+            self._mark(moved)
         self._w("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
                 (new_parent, new_name, parent, name))
 
@@ -328,6 +418,7 @@ class Metadata:
 
     def save_extent_changes(self, ino: int, deleted: list[int],
                             upserts: list[tuple[int, ...]]) -> None:
+        self._mark(ino)
         if deleted:
             self._wmany("DELETE FROM extents WHERE inode=? AND file_block=?",
                         [(ino, fb) for fb in deleted])
@@ -370,6 +461,7 @@ class Metadata:
     def move_principal(self, src: int, dst: int) -> None:
         """Charge everything charged to `src` to `dst` instead."""
         self.flush_inodes()
+        self._changed_all = True
         for table in ("inodes", "dentries", "extents"):
             self._w(f"UPDATE {table} SET principal=? WHERE principal=?", (dst, src))
 
@@ -385,6 +477,7 @@ class Metadata:
         # when the value does not fit (SQLITE_FULL: the host filesystem is full) it
         # undoes this statement alone. With VALUES it rolls back the whole open
         # transaction, everyone's changes since the last commit.
+        self._mark(ino)
         self._w("INSERT OR REPLACE INTO xattrs (inode, name, value) SELECT ?,?,?",
                 (ino, name, value))
 
@@ -399,6 +492,7 @@ class Metadata:
                                " FROM xattrs WHERE inode=? AND name!=?", (ino, skip)).fetchone()[0]
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
+        self._mark(ino)
         return self._w("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
 
     def hint_xattrs(self, ino: int, prefix: bytes) -> list[tuple[bytes, bytes]]:
@@ -422,9 +516,11 @@ class Metadata:
         return self.db.execute("SELECT id, parent, name, inode FROM dentries").fetchall()
 
     def delete_dentry_id(self, dentry_id: int) -> None:
+        self._changed_all = True  # (fsck: the entry's inodes are not looked up)
         self._w("DELETE FROM dentries WHERE id=?", (dentry_id,))
 
     def delete_extent(self, ino: int, file_block: int) -> None:
+        self._mark(ino)
         self._w("DELETE FROM extents WHERE inode=? AND file_block=?", (ino, file_block))
 
 

@@ -695,8 +695,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self._dir_inode(fh)
-        await self.fs.sync()
+        ino = self._dir_inode(fh)
+        await self.fs.fsync_inode(ino, self._dirs[fh][1])
 
     # -- volume and xattrs ------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from kernelshim.principals import Principal
 from kernelshim.service import Credentials
 
 from .errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NotADirectory,
-                     NotFound, NotSupported, SymlinkLoop)
+                     NotFound, NotSupported, PermissionDenied, SymlinkLoop)
 from .filesystem import ROOT_INODE, Caller, FileSystem, Inode
 
 #: symlinks followed while resolving one path (Linux's MAXSYMLINKS)
@@ -43,6 +43,23 @@ WALK_STEP = 256
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
+
+
+def _may_follow(directory: Inode, link: Inode, caller: Caller) -> None:
+    """Linux's fs.protected_symlinks=1 (fs/namei.c `may_follow_link`), which FUSE opens
+    get from the kernel: a symlink in a sticky world-writable directory (/tmp) is
+    followed only by its owner, or when the directory's owner owns it too; else
+    EACCES — root included, as on Linux. It stops a tenant who plants a link in a
+    shared directory from steering another's open to a file of the victim's choosing."""
+    if caller.uid == link.uid:
+        return
+    if directory.mode & (stat.S_ISVTX | stat.S_IWOTH) != stat.S_ISVTX | stat.S_IWOTH:
+        return
+    if directory.uid == link.uid:
+        return
+    raise PermissionDenied("symbolic link in a sticky world-writable directory, owned by "
+                           "neither the follower nor the directory's owner "
+                           "(protected_symlinks)")
 
 
 class DirectService:
@@ -97,6 +114,7 @@ class DirectService:
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise SymlinkLoop("too many levels of symbolic links")
+                _may_follow(cur, node, caller)
                 target = fs.readlink(node.id)
                 rest = [p for p in target.split(b"/") if p not in (b"", b".")]
                 if target.startswith(b"/"):
@@ -187,7 +205,8 @@ class DirectService:
                 "ctime_ns": n.ctime_ns, "atime_ns": n.atime_ns, "rights": int(grant.rights)}
 
     async def fsync(self, grant: Grant) -> None:
-        await self.fs.sync()
+        # (the client committed its writes first: see ClientCore.fsync_plan)
+        await self.fs.fsync_inode(grant.inode, grant.principal)
 
     async def close(self, grant: Grant) -> None:
         await self.fs.close_direct(grant)

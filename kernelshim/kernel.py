@@ -13,11 +13,12 @@ caller's business (the metadata server, later the principal banks), not the kern
 |                               |                     | ChecksumError, DeviceError              |
 | write(grant, offset, data)    | WRITE               | as read, plus NotAllocated, Sealed      |
 | write(..., cow=map)           | WRITE (trusted)     | as write                                |
-| barrier()                     | (trusted caller)    | DeviceError                             |
+| barrier(principal, file)      | (trusted caller)    | DeviceError                             |
 | wait_quiescent()              | (trusted caller)    | —                                       |
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
 | sync()                        | —                   | DeviceError                             |
-| writeback_file(inode)         | (trusted caller)    | DeviceError                             |
+| writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
+| may_be_unflushed(inode)       | (trusted caller)    | —                                       |
 | reserve(runs)                 | (trusted caller)    | DeviceFull, DeviceError                 |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
@@ -58,8 +59,8 @@ from typing import AsyncIterator, Iterable
 
 import trio
 
-from blockdev import (BankTree, BlockDevice, BlockNo, DeviceError, DeviceFull, FaultPlan,
-                      PrincipalId, RecordLog, SluiceError)
+from blockdev import (ROOT_PRINCIPAL, BankTree, BlockDevice, BlockNo, DeviceError,
+                      DeviceFull, FaultPlan, PrincipalId, RecordLog, SluiceError)
 from pager import Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
@@ -103,6 +104,17 @@ class Kernel(GrantTable, LowerLayers):
         #: leaves those out). The commit in the barrier's body records them: a crash
         #: may have lost their data, so they come back empty (crash rule 4).
         self.unflushed_files: set[int] = set()
+        #: the files written (`write`; `advise(dontneed)`'s write-back) since the
+        #: start of the last completed barrier flush, and those whose writes the
+        #: flush running now covers: their data may not be durable (`may_be_unflushed`)
+        self._written_files: set[int] = set()
+        self._flushing_files: set[int] = set()
+        #: whether any file may have data not durable that `_written_files` does not
+        #: name: true from the start (a daemon killed before it flushed left writes in
+        #: the host's cache) until a barrier flush completes
+        self._all_unflushed = self._flushing_all = True
+        #: barriers that flushed the device (statistics, tests)
+        self.barriers = 0
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
@@ -169,21 +181,49 @@ class Kernel(GrantTable, LowerLayers):
         """The bank snapshots the pager and the scheduler hold now (for statistics)."""
         return self.pager.banks, self.device.scheduler.banks
 
+    def may_be_unflushed(self, inode: int) -> bool:
+        """Whether data of the file may not be durable: written since the start of the
+        last completed barrier flush (or covered only by one still running), dirty in
+        the pager (discardable frames: no barrier writes them), or left out of the last
+        barrier's flush (`unflushed_files`). False means an fsync of the file has no
+        data to make durable. (Discards of freed blocks are not counted: they are of
+        blocks no state a crash can bring back maps, R3.)"""
+        return (self._all_unflushed or self._flushing_all
+                or inode in self._written_files or inode in self._flushing_files
+                or inode in self.unflushed_files
+                or (self.pager.writeback and self.pager.has_dirty(inode)))
+
+    def _note_written(self, inode: int) -> None:
+        self._dirty = True
+        self._written_files.add(inode)
+
     @asynccontextmanager
-    async def barrier(self) -> AsyncIterator[None]:
+    async def barrier(self, *, principal: PrincipalId = ROOT_PRINCIPAL,
+                      file: int | None = None, durable: bool = False
+                      ) -> AsyncIterator[None]:
         """Hold new writes back, wait for the writes in flight, make everything written
         so far durable (data, then checksums), and run the body (the metadata commit)
-        before writes resume. Everything a commit in the body exposes was durable first."""
+        before writes resume. Everything a commit in the body exposes was durable first.
+
+        `principal` asked for it (an fsync's caller; root for the periodic commit): the
+        device flush is charged to it, and so is the write-back of `file`'s dirty
+        frames (the fsync'd file); other files' frames go on their dirtiers' banks.
+        The flush is expedited past `principal`'s I/O limit (it repays it afterwards),
+        as the writes the barrier waits for are: every writer waits for it.
+
+        `durable`: the body makes a durable commit (an fsync): then the device is
+        flushed even with nothing written by this daemon yet, once, for what an
+        earlier one may have left in the host's cache (`may_be_unflushed`)."""
         if self.pager.writeback and self._barrier is None:
             # Dirty frames written back before writers are held (the flush below
             # writes only those dirtied meanwhile). Only an optimisation, as below.
-            await self.pager.write_back_dirty()
+            await self.pager.write_back_dirty(principal=principal, file=file)
         if self.device.unflushed_bytes >= PREFLUSH_BYTES and self._barrier is None:
             # Much written since the last flush (a stream): make it durable before
             # holding writes back, so that the flush under the barrier — during which
             # every writer waits — has only what arrives meanwhile left to do. Only
             # an optimisation: the barrier's own flush below is what R2 relies on.
-            await self.device.flush()
+            await self.device.flush(principal=principal)
         while self._barrier is not None:  # one barrier at a time
             await self._barrier.wait()
         done = self._barrier = trio.Event()
@@ -203,13 +243,26 @@ class Kernel(GrantTable, LowerLayers):
             before = self.pager.dirty_discardable_files() if wb else set()
             if before:
                 self._dirty = True
-            if self._dirty:
+            if self._dirty or (durable and self._all_unflushed):
                 self._dirty = False
+                # Every write noted so far has returned (writes are held, the ones in
+                # flight waited for): this flush covers them.
+                flushing, self._written_files = self._written_files, set()
+                self._flushing_files |= flushing
+                every = self._all_unflushed
+                self._all_unflushed = False
                 try:
-                    await self.pager.flush()
+                    with self.device.scheduler.expedite_writes():
+                        await self.pager.flush(principal=principal, file=file)
                 except BaseException:
                     self._dirty = True
+                    self._written_files |= flushing
+                    self._all_unflushed = self._all_unflushed or every
                     raise
+                finally:
+                    self._flushing_files -= flushing
+                self._flushing_all = self._all_unflushed
+                self.barriers += 1
             self.unflushed_files = before | self.pager.dirty_files() if wb else set()
             yield
         finally:
@@ -367,7 +420,7 @@ class Kernel(GrantTable, LowerLayers):
                     pieces.append((m0, m1 - m0, src[m0 * bs - head:m1 * bs - head]))
                 if last is not None:
                     pieces.append((nb - 1, 1, last))
-            self._dirty = True
+            self._note_written(grant.inode)
             pos = 0  # in blocks of the request
             for dev, count, fblock in targets:
                 for k0, kn, buf in pieces:  # the pieces' parts inside this target
@@ -420,18 +473,19 @@ class Kernel(GrantTable, LowerLayers):
         async with self.barrier():
             pass
 
-    async def writeback_file(self, inode: int) -> bool:
+    async def writeback_file(self, inode: int, *,
+                             principal: PrincipalId = ROOT_PRINCIPAL) -> bool:
         """Write back the file's dirty frames that a barrier leaves out (discardable
         ones: the pager writes them only when asked for that file, an fsync) and flush
-        the device; nobody else's frames are written. False (and nothing done) when the
-        file had none."""
+        the device, on `principal`'s bank (the fsync's caller); nobody else's frames
+        are written. False (and nothing done) when the file had none."""
         if not self.pager.writeback or inode not in self.pager.dirty_discardable_files():
             return False  # (its other dirty frames: the commit's barrier writes them)
         # Inside a barrier, so that no commit runs while these frames are on their
         # way: a commit sees them either dirty (the file is recorded as unflushed) or
         # clean and flushed to the device.
-        async with self.barrier():
-            await self.pager.writeback_file(inode)
+        async with self.barrier(principal=principal, file=inode):
+            await self.pager.writeback_file(inode, principal=principal)
         return True
 
     async def reserve(self, runs: Iterable[tuple[int, int]]) -> None:
@@ -471,7 +525,8 @@ class Kernel(GrantTable, LowerLayers):
             bs = self.block_size
             b0, b1 = block_span(offset, length, bs)
             if dontneed:
-                self._dirty = True  # dontneed writes dirty frames back (a barrier flushes)
+                # dontneed writes dirty frames back (a barrier flushes)
+                self._note_written(grant.inode)
             # ADVISE_STEP blocks at a time, the event loop given back between steps: one
             # request over a large file (a hint of 1 GiB held the loop 25-35 ms) waits
             # behind the other tenants' requests instead of them behind it.

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import trio
 
-from blockdev import BlockNo, DeviceError, PrincipalId
+from blockdev import ROOT_PRINCIPAL, BlockNo, DeviceError, PrincipalId
 
 from . import trace as tr
 from .cache import (CLEAN, DIRTY, WRITEBACK, WRITEBACK_CLUSTER, WRITE_BEHIND_BYTES,
@@ -147,10 +147,12 @@ class WriteBack(Observed):
                 nb += step
         return out
 
-    async def _writeback_frames(self, frames: list[int]) -> int:
+    async def _writeback_frames(self, frames: list[int], *,
+                                principal: PrincipalId | None = None) -> int:
         """Write the DIRTY frames among `frames` to the device, in runs of adjacent
-        blocks with the same dirtier, each run tagged with that principal. Returns the
-        number of frames written."""
+        blocks with the same dirtier, each run tagged with that principal (or with
+        `principal`: an fsync writing its file's frames, on its caller's bank).
+        Returns the number of frames written."""
         todo = sorted((int(self._frame_block_m[f]), f) for f in frames
                       if self._state_m[f] == DIRTY)
         written = 0
@@ -170,10 +172,10 @@ class WriteBack(Observed):
             # the run may have lost members to the checks above: keep it contiguous
             run = run[:1] + [g for k, g in enumerate(run[1:], 1)
                              if self._frame_block_m[g] == self._frame_block_m[run[0]] + k]
-            written += await self._writeback_run(run)
+            written += await self._writeback_run(run, principal)
         return written
 
-    async def _writeback_run(self, run: list[int]) -> int:
+    async def _writeback_run(self, run: list[int], principal: PrincipalId | None = None) -> int:
         bs = self.block_size
         mem = self._mem
         b0 = int(self._frame_block_m[run[0]])
@@ -185,8 +187,9 @@ class WriteBack(Observed):
             self._state_m[f] = WRITEBACK
             self._redirty_m[f] = False
         epoch = self._epoch
+        by = PrincipalId(d) if principal is None else principal
         try:
-            await self.device.write(BlockNo(b0), buf, principal=PrincipalId(d))
+            await self.device.write(BlockNo(b0), buf, principal=by)
         except BaseException:
             for f, g in zip(run, gens):
                 if self._gen_m[f] == g and self._state_m[f] == WRITEBACK:
@@ -240,8 +243,10 @@ class WriteBack(Observed):
                 continue
             return  # only discardable dirty frames: bounded by the bank, not written
 
-    async def _write_back_until_clean(self, frames: np.ndarray) -> None:
-        """Return when every write to `frames` before this call is on the device."""
+    async def _write_back_until_clean(self, frames: np.ndarray, *,
+                                      principal: PrincipalId | None = None) -> None:
+        """Return when every write to `frames` before this call is on the device
+        (written back on `principal`'s bank if given, else each on its dirtier's)."""
         self._epoch += 1
         epoch = self._epoch
         gens = self._gen[frames].copy()
@@ -253,14 +258,18 @@ class WriteBack(Observed):
                 return
             dirty = frames[same & (st == DIRTY)]
             if len(dirty):
-                await self._writeback_frames([int(f) for f in dirty])
+                await self._writeback_frames([int(f) for f in dirty], principal=principal)
             else:
                 await self._io_done.park()
 
-    async def flush(self) -> None:
+    async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL,
+                    file: int | None = None) -> None:
         """Write back every dirty frame that is not discardable (those are a cache by
         contract and reach the device only by `writeback_file`), wait for write-back in
-        flight, then flush the device."""
+        flight, then flush the device. The flush is charged to `principal` (who asked
+        for it: an fsync's caller, root for the periodic commit), and so is the
+        write-back of `file`'s frames (the fsync'd file); every other frame is
+        written on its dirtier's bank."""
         if self._tw is not None:
             self._trace_op(tr.FLUSH, 0, 0, 0, 0, 0)
         if self.writeback:
@@ -268,13 +277,19 @@ class WriteBack(Observed):
             cand = (self._state == DIRTY) | (self._state == WRITEBACK)
             if self._hinted:
                 cand &= ~self._disc
+            if file is not None:
+                mine = cand & (self._file == file)
+                await self._write_back_until_clean(np.flatnonzero(mine), principal=principal)
+                cand &= ~mine
             await self._write_back_until_clean(np.flatnonzero(cand))
-        await self.device.flush()
+        await self.device.flush(principal=principal)
 
-    async def write_back_dirty(self) -> None:
+    async def write_back_dirty(self, *, principal: PrincipalId | None = None,
+                               file: int | None = None) -> None:
         """Write back the frames dirty now that `flush` would write (not the
         discardable ones under `hinted`), without waiting for write-behinds or flushing
-        the device. A commit's barrier calls it before it holds writers back, so that
+        the device; `file`'s on `principal`'s bank, as `flush` does. A commit's barrier
+        calls it before it holds writers back, so that
         its own flush, during which every writer waits, has only what is dirtied
         meanwhile (a sequential writer leaves a dirty edge block per request: hundreds
         of one-block writes per commit). Only an optimisation: `flush` is what R2
@@ -284,6 +299,14 @@ class WriteBack(Observed):
         cand = self._state == DIRTY
         if self._hinted:
             cand &= ~self._disc
+        if file is not None and principal is not None:
+            mine = cand & (self._file == file)
+            frames = np.flatnonzero(mine)
+            if len(frames):
+                await self._writeback_frames([int(f) for f in frames], principal=principal)
+            cand = (self._state == DIRTY) & ~mine
+            if self._hinted:
+                cand &= ~self._disc
         frames = np.flatnonzero(cand)
         if len(frames):
             await self._writeback_frames([int(f) for f in frames])
@@ -307,17 +330,18 @@ class WriteBack(Observed):
         st = self._state
         return bool(((self._file == file) & ((st == DIRTY) | (st == WRITEBACK))).any())
 
-    async def writeback_file(self, file: int) -> None:
+    async def writeback_file(self, file: int, *,
+                             principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """fsync of one file: its dirty frames (discardable ones included: asked for
         explicitly) reach the device, and the device is flushed; nobody else's dirty
-        frames are written."""
+        frames are written. Charged to `principal` (the fsync's caller)."""
         self._trace_op(tr.WRITEBACK_FILE, 0, 0, 0, file, 0)
         if self.writeback:
             await self._wait_behind()
             st = self._state
             frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
-            await self._write_back_until_clean(frames)
-        await self.device.flush()
+            await self._write_back_until_clean(frames, principal=principal)
+        await self.device.flush(principal=principal)
 
     async def _aging_loop(self) -> None:
         while True:

@@ -212,9 +212,9 @@ async def test_commit_order_barrier_then_metadata_then_durable_then_free(
     orig_durable, orig_discard = md.make_durable, kernel.discard
     orig_release = fs.alloc.release_now
 
-    async def flush() -> None:
+    async def flush(**kw) -> None:
         events.append("flush")
-        await orig_flush()
+        await orig_flush(**kw)
 
     def commit() -> None:
         events.append("commit")
@@ -385,7 +385,7 @@ async def test_a_failed_barrier_turns_the_volume_read_only(cvol: Volume, monkeyp
     await fs.sync()
     committed = committed_extents(cvol, ino)
 
-    async def failing_flush() -> None:
+    async def failing_flush(**_kw) -> None:
         raise DeviceError("fsync of the backing store failed: [Errno 5] EIO")
 
     h1 = fs.open(ino, os.O_RDWR, CALLER)

@@ -158,6 +158,58 @@ def test_planted_symlink_as_another_user(pubmnt: Path) -> None:  # noqa: F811
     assert not (target / "planted").exists()
 
 
+def test_protected_symlinks_in_a_sticky_world_writable_directory(pubmnt: Path  # noqa: F811
+                                                                 ) -> None:
+    """fs.protected_symlinks=1: in a sticky world-writable directory (root's, like
+    /tmp) a symlink is followed only by its owner or when the directory's owner owns
+    it; a tenant's planted link steers nobody else's open (EACCES). The direct
+    client's walk answers as the kernel does through the mount (with the sysctl on),
+    case by case. (Fails on the old walk: it followed every link.)"""
+    mnt = pubmnt
+    shared = mnt / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    (mnt / "secret").write_bytes(b"victim's")
+    os.chmod(mnt / "secret", 0o666)
+    as_uid(1000, lambda: (os.symlink("../secret", shared / "planted"), {})[1])
+    os.symlink("../secret", shared / "roots")  # owned by the directory's owner
+    os.chmod(mnt, 0o755)
+
+    # The kernel applies the host's sysctl to opens through the mount (the daemon's
+    # rule does not depend on it: most distributions set 1, and it is the safe one);
+    # where the host has 0 only the direct side is checked.
+    kernel_protects = Path("/proc/sys/fs/protected_symlinks").read_text().strip() == "1"
+
+    def try_both(path: str) -> dict:
+        with Client.connect(mnt, shm_size=0) as c:
+            out = {"direct": _open_errno(c, path, os.O_RDWR)}
+        mount = _mount_errno(mnt / path, os.O_RDWR)
+        out["mount"] = mount if kernel_protects or mount != 0 else out["direct"]
+        return out
+
+    # Another uid follows the planted link: refused, by the kernel and the direct walk.
+    assert as_uid(1001, lambda: try_both("tmp/planted")) == {
+        "direct": errno.EACCES, "mount": errno.EACCES}
+    # So is root (Linux makes no exception for it).
+    assert try_both("tmp/planted") == {"direct": errno.EACCES, "mount": errno.EACCES}
+    # Its owner may; a link of the directory's owner anyone may; and in the middle of
+    # a path the rule holds as well.
+    assert as_uid(1000, lambda: try_both("tmp/planted")) == {"direct": 0, "mount": 0}
+    assert as_uid(1001, lambda: try_both("tmp/roots")) == {"direct": 0, "mount": 0}
+    (mnt / "sub").mkdir()
+    os.chmod(mnt / "sub", 0o777)
+    (mnt / "sub" / "f").write_bytes(b"x")
+    os.chmod(mnt / "sub" / "f", 0o666)
+    as_uid(1000, lambda: (os.symlink("../sub", shared / "dirlink"), {})[1])
+    assert as_uid(1001, lambda: try_both("tmp/dirlink/f")) == {
+        "direct": errno.EACCES, "mount": errno.EACCES}
+    # Not sticky (or not world-writable): no restriction.
+    os.chmod(shared, 0o777)
+    assert as_uid(1001, lambda: try_both("tmp/planted")) == {"direct": 0, "mount": 0}
+    os.chmod(shared, 0o1775)
+    assert as_uid(1001, lambda: try_both("tmp/planted")) == {"direct": 0, "mount": 0}
+
+
 class _Steps(trio.abc.Instrument):
     """Counts the steps (runs between two checkpoints) of one task."""
 

@@ -143,12 +143,12 @@ async def _steps(policy: str, writeback: bool, nframes: int, steps: list[tuple],
     # discardable dirty frames are written back only by an fsync of their file
     orig_run = p._writeback_run
 
-    async def writeback_run(run: list[int]) -> int:
+    async def writeback_run(run: list[int], principal=None) -> int:
         for f in run:
             if hinted and p._disc[f]:
                 assert fsync_of and int(p._file[f]) == fsync_of[-1], \
                     "a discardable dirty page was written back"
-        return await orig_run(run)
+        return await orig_run(run, principal)
     p._writeback_run = writeback_run  # type: ignore[method-assign]
 
     # the policy never picks a protected frame for someone else

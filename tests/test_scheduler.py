@@ -556,6 +556,37 @@ async def test_commit_is_not_stalled_by_a_throttled_writer(tmp_path: Path,
         kernel.close()
 
 
+async def test_an_fsyncs_barrier_is_charged_to_the_asker_and_not_held_by_its_limit(
+        tmp_path: Path, autojump_clock) -> None:
+    """Hostile-probe finding 14: the flush of a barrier an fsync asks for is the
+    asker's I/O (its bank, its statistics), not root's; but it runs while every writer
+    waits, so the asker's I/O limit does not hold it (expedited, repaid afterwards)."""
+    from kernelshim import FRESH, ExtentMap, Kernel, Rights
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.device.timeline_slack = 0.0
+        kernel.configure_banks(tree(node(1, io_limit_iops=1), node(2)))
+        g = kernel.grant(inode=7, generation=1, extents=ExtentMap([(0, 10, 4, FRESH)]),
+                         rights=Rights.RW, principal=P(1))
+        await kernel.write(g, 0, b"a" * BS)  # spends the limit's token
+        t0 = trio.current_time()
+        async with kernel.barrier(principal=P(1), file=7, durable=True):
+            t_commit = trio.current_time()
+        assert t_commit - t0 < 0.02
+        st = {s.principal: s for s in kernel.device.statistics().per_principal}
+        assert st[P(1)].flushes == 1 and st[P(1)].expedited == 1
+        assert P(0) not in st or st[P(0)].flushes == 0
+        assert not kernel.may_be_unflushed(7)
+        # repaid: the asker's next request waits for its limit
+        await kernel.write(g, BS, b"b" * BS)
+        assert trio.current_time() - t0 >= 1.0
+    finally:
+        kernel.close()
+
+
 async def test_dual_reservation_the_tighter_holds(dev: BlockDevice, autojump_clock) -> None:
     """Reserved 3,000 IOPS and 4 MB/s with 4 KiB requests: 4 MB/s (977 requests/s) is
     reached first, so that is what is reserved."""
