@@ -41,7 +41,7 @@ import os
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import ContextManager, Protocol, Sequence
 
 import numpy as np
 import trio
@@ -647,27 +647,55 @@ class BlockDevice:
         in a backing file; on a real device the data stays and keeps its checksum).
         A hole punch the host refuses is a DeviceError, never ignored: the blocks keep
         their data and checksums."""
-        self._check_range(block, count)
-        if not count or not self.data.can_discard:
+        await self.discard_runs([(block, count)], principal=principal)
+
+    async def discard_runs(self, runs: Sequence[tuple[int, int]], *,
+                           principal: PrincipalId) -> None:
+        """`discard` of every (block, count) of `runs` (sorted by block, not overlapping)
+        as one request: one pass through the scheduler, one hole punch per run, the
+        checksum pages written once each (`ChecksumStore.persist_runs`). A commit frees
+        scattered single blocks (each random overwrite relocates one): one request per
+        block cost more than its hole punch (docs/BENCHMARKS.md, "4 KiB writes: what a
+        commit's discards cost"). On a refused punch the runs before it are discarded
+        (their checksums zeroed and written), that run and the rest keep their data and
+        checksums, and the DeviceError is raised."""
+        for block, count in runs:
+            self._check_range(block, count)
+        runs = [(b, c) for b, c in runs if c]
+        if not runs or not self.data.can_discard:
             return
         bs = self.block_size
-        times = await self._serve(principal, block, 0, DISCARD)
+        times = await self._serve(principal, runs[0][0], 0, DISCARD)
         if self._claims:
-            await self._wait_landed(block, count)
-        # The hole punch gives back the host space under the range: its chunks are
-        # reserved again at their next allocation (cleared before and after it, so a
-        # reserve that runs while the punch is under way is not trusted afterwards).
+            for block, count in runs:
+                await self._wait_landed(block, count)
+        # (no checkpoint from the last wait to the punches: none of the blocks is claimed)
         cb = self._chunk_blocks
-        chunks = slice(block // cb, (block + count - 1) // cb + 1)
-        self._host_reserved[chunks] = False
+        done = 0
         try:
-            await self.data.discard(block * bs, count * bs)
-        except OSError as exc:
-            raise self._failed(exc, "discard", block, count) from None
+            for block, count in runs:
+                # The hole punch gives back the host space under the range: its chunks
+                # are reserved again at their next allocation (cleared before and after
+                # it, so a reserve that runs while the punch is under way is not
+                # trusted afterwards).
+                chunks = slice(block // cb, (block + count - 1) // cb + 1)
+                self._host_reserved[chunks] = False
+                try:
+                    await self.data.discard(block * bs, count * bs)
+                except OSError as exc:
+                    raise self._failed(exc, "discard", block, count) from None
+                finally:
+                    self._host_reserved[chunks] = False
+                self._csum[block:block + count] = 0
+                done += 1
         finally:
-            self._host_reserved[chunks] = False
-        self._csum[block:block + count] = 0
-        await self._persist_checksums(block, count)
+            if done:
+                try:
+                    await self.checksums.persist_runs(runs[:done])
+                except OSError as exc:
+                    raise self._failed(exc, "checksum write", runs[0][0],
+                                       runs[done - 1][0] + runs[done - 1][1] - runs[0][0]
+                                       ) from None
         self._done(principal, 0, DISCARD, times)
 
     async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL) -> None:

@@ -220,6 +220,45 @@ async def test_discard_reads_zeros_and_resets_checksum(dev: BlockDevice) -> None
     assert await dev.read(6, 1, principal=P0) == pattern(1, 11)
 
 
+async def test_discard_runs_is_one_request_writing_each_checksum_page_once(
+        tmp_path: Path) -> None:
+    """A commit's freed blocks go down as one discard: one scheduler request, a hole per
+    run, and the checksum pages they touch written once each (runs on touching pages in
+    one write); the result is the same as one discard per run, also after a reopen."""
+    dev = make(tmp_path, nblocks=4096)
+    runs = [(3, 1), (10, 1), (600, 2), (1500, 1), (3800, 1)]
+    try:
+        for b, c in runs:
+            await dev.write(b - 1, pattern(c + 2, b), principal=P1)
+        pages: list[tuple[int, int]] = []
+        inner = dev.checksums.backing.write
+
+        async def write(offset: int, data: memoryview) -> None:
+            pages.append((offset, len(data)))
+            await inner(offset, data)
+
+        dev.checksums.backing.write = write  # type: ignore[method-assign]
+        await dev.discard_runs(runs, principal=P2)
+        # entries 3..1500 lie on the first three 4 KiB pages (touching: one write),
+        # entry 3800 on the eighth
+        assert pages == [(0, 3 * 4096), (7 * 4096, 4096)]
+        by = {s.principal: s for s in dev.statistics().per_principal}
+        assert by[P2].discards == 1
+        await dev.flush()
+    finally:
+        dev.close()
+    dev = BlockDevice.open(tmp_path / "dev")
+    try:
+        for b, c in runs:
+            assert [dev.stored_checksum(x) for x in range(b, b + c)] == [0] * c
+            assert dev.stored_checksum(b - 1) != 0 and dev.stored_checksum(b + c) != 0
+            got = await dev.read(b - 1, c + 2, principal=P0)
+            want = pattern(c + 2, b)
+            assert got == want[:BS] + bytes(c * BS) + want[(c + 1) * BS:]
+    finally:
+        dev.close()
+
+
 async def test_flush(dev: BlockDevice) -> None:
     await dev.write(1, pattern(2, 1), principal=P0)
     await dev.flush()
