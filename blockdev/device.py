@@ -74,6 +74,9 @@ DEFAULT_TIMELINE_SLACK = 1e-3
 #: chunks of this many bytes: one fallocate per chunk, not one per allocation (a 1 MiB
 #: fallocate cost the daemon 0.1-0.2 ms, a sixth of a sequential writer's request)
 RESERVE_CHUNK_BYTES = 16 << 20
+#: a discard of many runs (`discard_runs`) gives the event loop back between two hole
+#: punches once it has held it this long
+DISCARD_STEP_SECONDS = 1e-3
 #: the modeled completion time of the last request this task saw return (a task that
 #: got a request back early, inside the slack, lives at that time in the model: its
 #: next request cannot start before it)
@@ -666,14 +669,21 @@ class BlockDevice:
             return
         bs = self.block_size
         times = await self._serve(principal, runs[0][0], 0, DISCARD)
-        if self._claims:
-            for block, count in runs:
-                await self._wait_landed(block, count)
-        # (no checkpoint from the last wait to the punches: none of the blocks is claimed)
         cb = self._chunk_blocks
         done = 0
+        step = trio.current_time()
         try:
             for block, count in runs:
+                # A hole punch is a blocking system call (10-40 us for one block): the
+                # event loop is given back every DISCARD_STEP_SECONDS, as the request
+                # per run gave it back before (a commit may free thousands of blocks).
+                now = trio.current_time()
+                if now - step >= DISCARD_STEP_SECONDS:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    step = trio.current_time()
+                if self._claims:
+                    await self._wait_landed(block, count)
+                # (no checkpoint from the wait to the punch: the run is not claimed)
                 # The hole punch gives back the host space under the range: its chunks
                 # are reserved again at their next allocation (cleared before and after
                 # it, so a reserve that runs while the punch is under way is not

@@ -259,6 +259,48 @@ async def test_discard_runs_is_one_request_writing_each_checksum_page_once(
         dev.close()
 
 
+async def test_discard_runs_gives_the_loop_back_between_punches(tmp_path: Path) -> None:
+    """A discard of many runs is one request, but not one step of the event loop: once
+    it has held the loop DISCARD_STEP_SECONDS it lets other tasks run between two hole
+    punches (as the request per run did), and each run is still discarded."""
+    import time
+
+    from blockdev.device import DISCARD_STEP_SECONDS
+    dev = make(tmp_path, nblocks=256)
+    runs = [(b, 1) for b in range(0, 200, 10)]
+    try:
+        for b, _c in runs:
+            await dev.write(b, pattern(1, b), principal=P0)
+        inner = dev.data.discard
+        during: list[int] = []
+        ticks = 0
+
+        async def slow_discard(offset: int, length: int) -> None:
+            time.sleep(DISCARD_STEP_SECONDS / 4)  # a slow host punch, holding the loop
+            during.append(ticks)
+            await inner(offset, length)
+
+        dev.data.discard = slow_discard  # type: ignore[method-assign]
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0)
+            await dev.discard_runs(runs, principal=P0)
+            nursery.cancel_scope.cancel()
+        assert len(during) == len(runs)
+        # 20 punches of a quarter step each: the ticker ran between them several times
+        assert during[-1] - during[0] >= 3, during
+        assert all(dev.stored_checksum(b) == 0 for b, _c in runs)
+    finally:
+        dev.close()
+
+
 async def test_flush(dev: BlockDevice) -> None:
     await dev.write(1, pattern(2, 1), principal=P0)
     await dev.flush()
