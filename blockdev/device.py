@@ -41,7 +41,7 @@ import os
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import ContextManager, Protocol, Sequence
 
 import numpy as np
 import trio
@@ -74,6 +74,9 @@ DEFAULT_TIMELINE_SLACK = 1e-3
 #: chunks of this many bytes: one fallocate per chunk, not one per allocation (a 1 MiB
 #: fallocate cost the daemon 0.1-0.2 ms, a sixth of a sequential writer's request)
 RESERVE_CHUNK_BYTES = 16 << 20
+#: a discard of many runs (`discard_runs`) gives the event loop back between two hole
+#: punches once it has held it this long
+DISCARD_STEP_SECONDS = 1e-3
 #: the modeled completion time of the last request this task saw return (a task that
 #: got a request back early, inside the slack, lives at that time in the model: its
 #: next request cannot start before it)
@@ -647,28 +650,102 @@ class BlockDevice:
         in a backing file; on a real device the data stays and keeps its checksum).
         A hole punch the host refuses is a DeviceError, never ignored: the blocks keep
         their data and checksums."""
-        self._check_range(block, count)
-        if not count or not self.data.can_discard:
+        await self.discard_runs([(block, count)], principal=principal)
+
+    async def discard_runs(self, runs: Sequence[tuple[int, int]], *,
+                           principal: PrincipalId) -> None:
+        """`discard` of every (block, count) of `runs` (sorted by block, not overlapping)
+        as one request: one pass through the scheduler, one hole punch per run, the
+        checksum pages written once each (`ChecksumStore.persist_runs`). A commit frees
+        scattered single blocks (each random overwrite relocates one): one request per
+        block cost more than its hole punch (docs/BENCHMARKS.md, "4 KiB writes: what a
+        commit's discards cost"). On a refused punch the runs before it are discarded
+        (their checksums zeroed and written), that run and the rest keep their data and
+        checksums, and the DeviceError is raised."""
+        for block, count in runs:
+            self._check_range(block, count)
+        runs = [(b, c) for b, c in runs if c]
+        if not runs or not self.data.can_discard:
             return
         bs = self.block_size
-        times = await self._serve(principal, block, 0, DISCARD)
-        if self._claims:
-            await self._wait_landed(block, count)
-        # The hole punch gives back the host space under the range: its chunks are
-        # reserved again at their next allocation (cleared before and after it, so a
-        # reserve that runs while the punch is under way is not trusted afterwards).
+        times = await self._serve(principal, runs[0][0], 0, DISCARD)
+        if isinstance(self.data, FileBacking):  # (a wrapper sees each run: the loop below)
+            await self._discard_in_thread(self.data, runs)
+            self._done(principal, 0, DISCARD, times)
+            return
         cb = self._chunk_blocks
-        chunks = slice(block // cb, (block + count - 1) // cb + 1)
-        self._host_reserved[chunks] = False
+        done = 0
+        step = trio.current_time()
         try:
-            await self.data.discard(block * bs, count * bs)
-        except OSError as exc:
-            raise self._failed(exc, "discard", block, count) from None
+            for block, count in runs:
+                # A hole punch is a blocking system call (10-40 us for one block): the
+                # event loop is given back every DISCARD_STEP_SECONDS, as the request
+                # per run gave it back before (a commit may free thousands of blocks).
+                now = trio.current_time()
+                if now - step >= DISCARD_STEP_SECONDS:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    step = trio.current_time()
+                if self._claims:
+                    await self._wait_landed(block, count)
+                # (no checkpoint from the wait to the punch: the run is not claimed)
+                # The hole punch gives back the host space under the range: its chunks
+                # are reserved again at their next allocation (cleared before and after
+                # it, so a reserve that runs while the punch is under way is not
+                # trusted afterwards).
+                chunks = slice(block // cb, (block + count - 1) // cb + 1)
+                self._host_reserved[chunks] = False
+                try:
+                    await self.data.discard(block * bs, count * bs)
+                except OSError as exc:
+                    raise self._failed(exc, "discard", block, count) from None
+                finally:
+                    self._host_reserved[chunks] = False
+                self._csum[block:block + count] = 0
+                done += 1
         finally:
-            self._host_reserved[chunks] = False
-        self._csum[block:block + count] = 0
-        await self._persist_checksums(block, count)
+            if done:
+                try:
+                    await self.checksums.persist_runs(runs[:done])
+                except OSError as exc:
+                    raise self._failed(exc, "checksum write", runs[0][0],
+                                       runs[done - 1][0] + runs[done - 1][1] - runs[0][0]
+                                       ) from None
         self._done(principal, 0, DISCARD, times)
+
+    async def _discard_in_thread(self, data: FileBacking, runs: list[tuple[int, int]]) -> None:
+        """`discard_runs`' punches in one worker thread (`FileBacking.discard_many`), the
+        event loop serving everyone else meanwhile: a punch waits for the host's
+        journal when its disk is busy, and a commit that froze the loop for the 4,000
+        punches of a second of random overwrites (1.5 s, docs/BENCHMARKS.md) stalled
+        every tenant. Safe to leave the loop: the blocks are freed and not yet given
+        back to the allocator, no grant maps them (the commit waited for quiescence),
+        the pager dropped their frames, and no write claims them (waited for first)."""
+        bs = self.block_size
+        cb = self._chunk_blocks
+        if self._claims:
+            for block, count in runs:
+                await self._wait_landed(block, count)
+        # Each run's chunks are forgotten before and after its punch (see discard_runs):
+        # a reserve that runs meanwhile is not trusted afterwards.
+        chunks = [slice(b // cb, (b + c - 1) // cb + 1) for b, c in runs]
+        for ch in chunks:
+            self._host_reserved[ch] = False
+        try:
+            done, err = await data.discard_many([(b * bs, c * bs) for b, c in runs])
+        finally:
+            for ch in chunks:
+                self._host_reserved[ch] = False
+        for block, count in runs[:done]:
+            self._csum[block:block + count] = 0
+        if done:
+            try:
+                await self.checksums.persist_runs(runs[:done])
+            except OSError as exc:
+                raise self._failed(exc, "checksum write", runs[0][0],
+                                   runs[done - 1][0] + runs[done - 1][1] - runs[0][0]
+                                   ) from None
+        if err is not None:
+            raise self._failed(err, "discard", runs[done][0], runs[done][1])
 
     async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Barrier: make every completed write and discard durable — the data first,

@@ -148,6 +148,11 @@ class ServiceHistogram:
         if seconds > self.max_s:
             self.max_s = seconds
 
+    def record_zero(self) -> None:
+        """`record(0.0)`, cheaper (a request that waited for nothing)."""
+        self.counts[0] += 1
+        self.n += 1
+
     def percentile(self, q: float) -> float:
         """The q-quantile in seconds (the geometric middle of its bucket, at most the
         largest value recorded); 0.0 when empty."""
@@ -355,6 +360,24 @@ class FairTurns(trio.abc.Instrument):
             sh.stepped = self._batch
             if sh.backlog >= self._batch - 1:
                 self._backlogged_steps += 1
+
+    def take_nowait(self, sh: Share) -> bool:
+        """`take` when it would not wait: make the current step `sh`'s turn and return
+        True if the turn is this task's already or free and unused in this batch, and
+        `sh` need not park; else False, nothing done (the caller awaits `take`). The
+        data path's per-request check, without a coroutine or a clock read."""
+        task = trio.lowlevel.current_task()
+        holder = sh.holder
+        if holder is None:
+            if sh.spent == self._batch:
+                return False
+            if sh.backlog >= self._batch - 1 and self._over_budget(sh):
+                return False
+            sh.holder = task
+        elif holder is not task or (sh.backlog >= self._batch - 1 and self._over_budget(sh)):
+            return False
+        self._held[task] = sh
+        return True
 
     def _over_budget(self, sh: Share) -> bool:
         """Whether `sh` must park now. Only a backlogged principal while principals

@@ -25,6 +25,10 @@ from .grants import Grant, Rights
 from .principals import PrincipalTable
 
 
+_int_and = int.__and__
+_int_invert = int.__invert__
+
+
 class GrantTable:
     """Grants in force, and the requests in flight through them (see the module)."""
 
@@ -112,7 +116,8 @@ class GrantTable:
         """Raise GrantRevoked or RightsError unless `grant` is live and holds `need`."""
         if grant.revoked:
             raise GrantRevoked(f"grant {grant.id} on inode {grant.inode} was revoked")
-        if need & ~grant.rights:
+        # (as plain ints: IntFlag's & and ~ make new flags, ~1 us a check, every request)
+        if _int_and(need, _int_invert(grant.rights)):
             raise RightsError(f"grant {grant.id} does not hold {need!r}")
 
     def _enter(self, grant: Grant, need: Rights) -> int:

@@ -456,7 +456,8 @@ class Kernel(GrantTable, LowerLayers):
         """Forget the contents of freed device blocks. The caller (the metadata server)
         has revoked every grant that mapped them.
         Adjacent runs are merged first: one hole punch per range instead of one per
-        freed extent (rm -rf of small files frees thousands of neighbouring runs)."""
+        freed extent (rm -rf of small files frees thousands of neighbouring runs); the
+        runs then go down as one request (`Pager.discard_runs`), not one per run."""
         merged: list[list[int]] = []
         for dev, count in sorted(runs):
             if merged and dev <= merged[-1][0] + merged[-1][1]:
@@ -465,8 +466,9 @@ class Kernel(GrantTable, LowerLayers):
             else:
                 merged.append([dev, count])
         self._dirty = True
-        for dev, count in merged:
-            await self.pager.discard(BlockNo(dev), count, principal=principal)
+        if merged:
+            await self.pager.discard_runs([(dev, count) for dev, count in merged],
+                                          principal=principal)
 
     async def sync(self) -> None:
         """Make everything written durable (a barrier without a commit)."""

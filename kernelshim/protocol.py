@@ -189,13 +189,23 @@ def decode_data_frames(data: bytes) -> list[DataRequest] | None:
     produce, without its per-frame slicing and dispatch."""
     if len(data) % DATA_FRAME_SIZE or not data.startswith(_DATA_HEAD):
         return None
+    # (tuple.__new__ on the fields: DataRequest(...) is a Python-level __new__, a
+    # frame per request)
+    if len(data) == DATA_FRAME_SIZE:  # one request (a read, a write waited for)
+        t = _DATA_FRAME.unpack(data)
+        if t[4] not in DATA_OPS:  # (length, version and kind: the head above)
+            return None
+        return [_tuple_new(DataRequest, t[3:])]
     out = []
     for t in _DATA_FRAME.iter_unpack(data):
         if t[0] != DATA_FRAME_SIZE - 4 or t[1] != VERSION or t[2] != DATA or \
                 t[4] not in DATA_OPS:
             return None
-        out.append(DataRequest(t[3], t[4], t[5], t[6], t[7], t[8]))
+        out.append(_tuple_new(DataRequest, t[3:]))
     return out
+
+
+_tuple_new = tuple.__new__
 
 
 def frame_length(header: bytes) -> int:

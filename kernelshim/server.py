@@ -410,6 +410,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         raw = conn.sock
         share, turn = conn.share, conn.turn
         assert share is not None and turn is not None
+        turns = self.turns
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
         deadline = trio.current_time() + self.handshake_seconds
@@ -488,26 +489,30 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
-                    parked = turn.parked
-                    await self.turns.take(turn)
-                    t1 = trio.current_time()
-                    if turn.parked != parked:
-                        self._last_yield = t1  # parking gave the loop back: a new quantum
-                    if t1 < self.turns.contended_until:
+                    if turns.take_nowait(turn):  # the common case: no wait, no clock read
+                        t1 = t0
+                        share.waited.record_zero()
+                    else:
+                        parked = turn.parked
+                        await turns.take(turn)
+                        t1 = trio.current_time()
+                        if turn.parked != parked:
+                            self._last_yield = t1  # parking gave the loop back: a new quantum
+                        share.waited.record(t1 - t0)
+                    if t1 < turns.contended_until:
                         # Principals compete: the replies of this step go out together
                         # (alone, each goes out at once: that is quicker for one client).
-                        self.turns.cork(conn)
+                        turns.cork(conn)
                     if type(m) is DataRequest:
                         await self._data_request(conn, m)
                     else:
                         await self._handle(conn, m)
                     now = trio.current_time()
                     share.service.record(now - t0)
-                    share.waited.record(t1 - t0)
                     # A client that keeps the socket full never makes the reader wait, and
                     # one read may bring thousands of requests: give the loop back (and the
                     # turn to the principal's next connection) every TURN_SECONDS.
-                    if now - self._last_yield >= self.turns.quantum(now):
+                    if now - self._last_yield >= turns.quantum(now):
                         if i + 1 < len(msgs) or pos < len(data):
                             # Requests left over: the principal is backlogged (it may
                             # park: FairTurns.take); a client waiting for its one reply is

@@ -7,6 +7,8 @@ FILLING, `_redirty`) are in docs/dev/invariants.md ("Pager")."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import trio
 
 from blockdev import BlockNo, PrincipalId
@@ -358,23 +360,36 @@ class DataPath(Reclaim):
         """Forget freed blocks: wait for their write-back in flight (so it cannot land
         after the hole punch), drop their frames (dirty ones unwritten), discard them on
         the device."""
+        await self.discard_runs([(block, count)], principal=principal)
+
+    async def discard_runs(self, runs: Sequence[tuple[int, int]], *,
+                           principal: PrincipalId) -> None:
+        """`discard` of every (block, count) of `runs` (sorted by block, not overlapping),
+        as one device request (`BlockDevice.discard_runs`): a commit frees many
+        scattered blocks at once."""
         if self._tw is not None:
-            self._trace_op(tr.DISCARD, principal, block, count, 0, 0)
+            for block, count in runs:
+                self._trace_op(tr.DISCARD, principal, block, count, 0, 0)
         where = self._where
         if where:
+            state, pin = self._state_m, self._pin_m
             while True:
                 busy = False
-                for b in range(block, block + count):
-                    f = where.get(b)
-                    if f is not None and (self._state_m[f] == WRITEBACK or self._pin_m[f]):
-                        busy = True
+                for block, count in runs:
+                    for b in range(block, block + count):
+                        f = where.get(b)
+                        if f is not None and (state[f] == WRITEBACK or pin[f]):
+                            busy = True
+                            break
+                    if busy:
                         break
                 if not busy:
                     break
                 await self._io_done.park()
             # no checkpoint from the check above to the device discard's start
-            for b in range(block, block + count):
-                f = where.get(b)
-                if f is not None:
-                    self._unmap(f)
-        await self.device.discard(block, count, principal=principal)
+            for block, count in runs:
+                for b in range(block, block + count):
+                    f = where.get(b)
+                    if f is not None:
+                        self._unmap(f)
+        await self.device.discard_runs(runs, principal=principal)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -218,6 +219,122 @@ async def test_discard_reads_zeros_and_resets_checksum(dev: BlockDevice) -> None
     # a discarded block can be written again
     await dev.write(6, pattern(1, 11), principal=P0)
     assert await dev.read(6, 1, principal=P0) == pattern(1, 11)
+
+
+async def test_discard_runs_is_one_request_writing_each_checksum_page_once(
+        tmp_path: Path) -> None:
+    """A commit's freed blocks go down as one discard: one scheduler request, a hole per
+    run, and the checksum pages they touch written once each (runs on touching pages in
+    one write); the result is the same as one discard per run, also after a reopen."""
+    dev = make(tmp_path, nblocks=4096)
+    runs = [(3, 1), (10, 1), (600, 2), (1500, 1), (3800, 1)]
+    try:
+        for b, c in runs:
+            await dev.write(b - 1, pattern(c + 2, b), principal=P1)
+        pages: list[tuple[int, int]] = []
+        inner = dev.checksums.backing.write
+
+        async def write(offset: int, data: memoryview) -> None:
+            pages.append((offset, len(data)))
+            await inner(offset, data)
+
+        dev.checksums.backing.write = write  # type: ignore[method-assign]
+        await dev.discard_runs(runs, principal=P2)
+        # entries 3..1500 lie on the first three 4 KiB pages (touching: one write),
+        # entry 3800 on the eighth
+        assert pages == [(0, 3 * 4096), (7 * 4096, 4096)]
+        by = {s.principal: s for s in dev.statistics().per_principal}
+        assert by[P2].discards == 1
+        await dev.flush()
+    finally:
+        dev.close()
+    dev = BlockDevice.open(tmp_path / "dev")
+    try:
+        for b, c in runs:
+            assert [dev.stored_checksum(x) for x in range(b, b + c)] == [0] * c
+            assert dev.stored_checksum(b - 1) != 0 and dev.stored_checksum(b + c) != 0
+            got = await dev.read(b - 1, c + 2, principal=P0)
+            want = pattern(c + 2, b)
+            assert got == want[:BS] + bytes(c * BS) + want[(c + 1) * BS:]
+    finally:
+        dev.close()
+
+
+class _SlowWrapper:
+    """A backing wrapper (not a FileBacking: the device punches run by run through its
+    `discard`) whose discard holds the loop a quarter of DISCARD_STEP_SECONDS."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.can_discard = inner.can_discard
+        self.punched: list[int] = []
+        self.ticks = 0
+        self.during = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def discard(self, offset: int, length: int) -> None:
+        import time
+
+        from blockdev.device import DISCARD_STEP_SECONDS
+        time.sleep(DISCARD_STEP_SECONDS / 4)
+        self.punched.append(self.ticks)
+        await self.inner.discard(offset, length)
+
+
+@pytest.mark.parametrize("backing", ["wrapper", "file"])
+async def test_discard_runs_gives_the_loop_back_between_punches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backing: str) -> None:
+    """A discard of many runs is one request, but the event loop keeps running: through
+    a wrapper the device gives it back every DISCARD_STEP_SECONDS between two punches
+    (as the request per run did); on a FileBacking the punches run in a worker thread
+    (each may wait for the host's journal). Every run is discarded either way."""
+    import time
+
+    import blockdev.backing as backing_mod
+    from blockdev.device import DISCARD_STEP_SECONDS
+    dev = make(tmp_path, nblocks=256)
+    runs = [(b, 1) for b in range(0, 200, 10)]
+    try:
+        for b, _c in runs:
+            await dev.write(b, pattern(1, b), principal=P0)
+        w = _SlowWrapper(dev.data)
+        if backing == "wrapper":
+            dev.data = w  # type: ignore[assignment]
+        else:
+            punch = backing_mod.punch_hole
+
+            def slow_punch(fd: int, offset: int, length: int) -> None:
+                t0 = w.ticks
+                time.sleep(DISCARD_STEP_SECONDS / 4)
+                w.during += w.ticks - t0  # the loop ran while this punch waited
+                w.punched.append(w.ticks)
+                punch(fd, offset, length)
+
+            monkeypatch.setattr(backing_mod, "punch_hole", slow_punch)
+
+        async def ticker() -> None:
+            while True:
+                w.ticks += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.sleep(0)
+            await dev.discard_runs(runs, principal=P0)
+            nursery.cancel_scope.cancel()
+        assert len(w.punched) == len(runs)
+        # 20 punches of a quarter step each: the ticker ran between them several times
+        assert w.punched[-1] - w.punched[0] >= 3, w.punched
+        if backing == "file":  # in a thread: the loop runs during the punches too
+            assert w.during > 0
+        assert all(dev.stored_checksum(b) == 0 for b, _c in runs)
+        for b, _c in runs:
+            assert await dev.read(b, 1, principal=P0) == bytes(BS)
+    finally:
+        dev.data = w.inner
+        dev.close()
 
 
 async def test_flush(dev: BlockDevice) -> None:

@@ -374,6 +374,50 @@ async def test_principals_take_turns(mock_clock: trio.testing.MockClock) -> None
     assert turns.shares[1].holder is None and not turns.shares[1].waiters
 
 
+async def test_take_nowait_keeps_the_turns(mock_clock: trio.testing.MockClock) -> None:
+    """The data path's `take_nowait` (the turn without a coroutine when it is free or
+    already this task's, else False and the caller awaits `take`) keeps the turns of
+    test_principals_take_turns exactly: one step per principal per batch, in order."""
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    steps: list[str] = []
+    quick = collections.Counter()
+
+    async def worker(principal: int, name: str, n: int) -> None:
+        sh = turns.share(principal)
+        for _ in range(n):
+            if turns.take_nowait(sh):
+                quick[name] += 1
+            else:
+                await turns.take(sh)
+            steps.append(name)
+            assert sh.holder is trio.lowlevel.current_task()
+            await trio.lowlevel.cancel_shielded_checkpoint()  # the end of a step
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(worker, 1, f"a{i}", 20)
+            nursery.start_soon(worker, 2, "b", 20)
+        # alone, every turn after the first batch's is free and unused: no waits
+        sh = turns.share(3)
+        assert turns.take_nowait(sh) and sh.holder is trio.lowlevel.current_task()
+        assert turns.take_nowait(sh)  # already ours in this step
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        # used in this batch (the step above ended in it): False, nothing taken
+        sh.spent = turns._batch
+        assert not turns.take_nowait(sh) and sh.holder is None
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert len(steps) == 140
+    last_b = max(i for i, w in enumerate(steps) if w == "b")
+    assert last_b < 45, steps[:60]
+    early = collections.Counter(steps[:last_b + 1])
+    assert max(early[f"a{i}"] for i in range(6)) - min(early[f"a{i}"] for i in range(6)) <= 1
+    assert turns.shares[1].turns_waited > 0 and quick["b"] > 0
+    assert turns.shares[1].holder is None and not turns.shares[1].waiters
+
+
 async def test_child_principals_do_not_multiply_a_tenants_turns(
         mock_clock: trio.testing.MockClock) -> None:
     """Turns are a tenant's (the principal tree below a top-most principal), not each

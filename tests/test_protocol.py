@@ -627,6 +627,8 @@ def test_data_frame_bursts_decode_as_the_decoder_does(reqs: list, spoil: int, ho
     frames = [encode_data(*r) for r in reqs]
     data = b"".join(frames)
     assert decode_data_frames(data) == Decoder().feed(data) == [DataRequest(*r) for r in reqs]
+    got = decode_data_frames(data)
+    assert got is not None and all(type(m) is DataRequest for m in got)  # (the dispatch)
     if 0 <= spoil < len(frames):
         f = bytearray(frames[spoil])
         if how == 0:
