@@ -376,7 +376,7 @@ class FairTurns(trio.abc.Instrument):
             sh.holder = task
         elif holder is not task or (sh.backlog >= self._batch - 1 and self._over_budget(sh)):
             return False
-        self._held[task] = sh
+        self._begin(sh, task)  # (counts a backlogged step: one a batch, see _over_budget)
         return True
 
     def _over_budget(self, sh: Share) -> bool:
