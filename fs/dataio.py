@@ -265,12 +265,17 @@ class OpenFiles:
 
     async def fsync_inode(self: FileSystem, ino: int, principal: PrincipalId) -> None:
         """fsync of an inode with no FUSE handle: a directory (fsyncdir) or a direct
-        client's grant (whose writes it committed first). Skipped when the inode has
-        nothing to make durable (`needs_sync`), else a durable commit on `principal`'s
-        bank."""
+        client's grant (whose writes it committed first). WriteFailed once the volume
+        has failed (nothing is made durable any more). Skipped when the inode has
+        nothing to make durable (`needs_sync`); else the file's discardable frames are
+        written back (as `fsync` does: a barrier leaves them out, R7) and everything is
+        committed durably, on `principal`'s bank."""
+        if self.write_errors:
+            raise WriteFailed(f"inode {ino} may not be durable: {self.read_only}")
         if not self.needs_sync(ino):
             self.empty_fsyncs += 1
             return
+        await self.kernel.writeback_file(ino, principal=principal)
         await self.sync(principal=principal, file=ino)
 
     def needs_sync(self: FileSystem, ino: int) -> bool:

@@ -229,6 +229,9 @@ class Metadata:
         if not durable:
             self._changed |= taken.inodes
             self._changed_all = self._changed_all or taken.everything
+            if len(self._changed) > MAX_MARKED:  # (the bound `_mark` keeps)
+                self._changed = set()
+                self._changed_all = True
 
     def rollback(self) -> None:
         """Drop the open transaction (the volume failed: nothing more is committed)."""

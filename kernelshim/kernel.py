@@ -487,7 +487,10 @@ class Kernel(GrantTable, LowerLayers):
         # way: a commit sees them either dirty (the file is recorded as unflushed) or
         # clean and flushed to the device.
         async with self.barrier(principal=principal, file=inode):
-            await self.pager.writeback_file(inode, principal=principal)
+            # Every writer waits for this barrier: past the asker's I/O limit, as the
+            # barrier's own writes and flush are (repaid by its later requests).
+            with self.device.scheduler.expedite_writes():
+                await self.pager.writeback_file(inode, principal=principal)
         return True
 
     async def reserve(self, runs: Iterable[tuple[int, int]]) -> None:
@@ -495,6 +498,10 @@ class Kernel(GrantTable, LowerLayers):
         file: fallocate), so that writing them later — a write-back long after the
         write was acknowledged — cannot fail for lack of host space. DeviceFull when
         the host has no room (nothing is acknowledged then: the caller is allocating)."""
+        # The host's allocation is made durable by the next barrier's flush like a
+        # write (an fsync after a fallocate must not leave unwritten extents with no
+        # host space under them after a power loss): the flush must not be skipped.
+        self._dirty = True
         for dev, count in runs:
             try:
                 self.device.reserve(BlockNo(dev), count)

@@ -354,3 +354,34 @@ async def test_the_flush_of_an_fsync_is_charged_to_the_asker(evol: Volume) -> No
     await fs.fsync(h.fh, False)
     assert flushes() == after
     await fs.release(h.fh)
+
+
+async def test_an_fsync_without_a_handle_writes_a_discardable_file_back(tmp_path: Path) -> None:
+    """Review of the merge: a direct client's fsync (`fsync_inode`, as fs/service.py
+    calls it; no FUSE handle) of a discardable file wrote none of its dirty frames back
+    — a barrier leaves them out (R7) — so the durable commit listed the file as
+    unflushed and a crash brought it back empty, fsync after fsync. It now writes them
+    back first, as the FUSE fsync does. And once the volume has failed, it reports
+    WriteFailed instead of success."""
+    from fs.metadata import Metadata
+    from fs import volume
+    v = Volume(tmp_path / "vol", size=512 * BS)
+    v.kernel = Kernel.open(v.path, cache_bytes=64 * BS, writeback=True)
+    v.md = Metadata(v.path / volume.DB)
+    fs = v.fs = await FileSystem.load(v.md, v.kernel)
+    try:
+        h, node = fs.create(ROOT_INODE, b"cache", 0o644, os.O_RDWR, CALLER)
+        fs.setxattr(node.id, b"user.sluice.discardable", b"1", 0)
+        await fs.write(h.fh, 0, fill(3, 2 * BS))
+        await fs.sync()
+        assert v.kernel.pager.has_dirty(node.id)
+        await fs.fsync_inode(node.id, CALLER.principal)
+        assert not v.kernel.pager.has_dirty(node.id)
+        assert node.id not in fs._unflushed_saved
+        assert not fs.needs_sync(node.id)
+        await fs.release(h.fh)
+        fs.fail("injected failure")
+        with pytest.raises(WriteFailed):
+            await fs.fsync_inode(ROOT_INODE, CALLER.principal)
+    finally:
+        await v.close()
