@@ -872,3 +872,49 @@ async def test_punch_and_truncate_of_a_fragmented_file_are_one_pass(
         await v.close()
     report = await trio.to_thread.run_sync(lambda: fsck(path, verify_data=True))
     assert report.errors == 0, report.lines
+
+
+async def test_layout_get_relocates_a_bounded_number_of_sealed_runs(tmp_path: Path) -> None:
+    """A write layout over a range of many separate sealed runs copies at most
+    LAYOUT_COW_RUNS of them per call, giving the loop back between them (RELIABILITY
+    2026-12-01: one call over 20k runs took 3-67 s); the rest stay sealed, and a write
+    there is relocated by the write itself. Contents and fsck are right after."""
+    from fs.layouts import LAYOUT_COW_RUNS
+
+    n = 3 * LAYOUT_COW_RUNS + 10
+    path = tmp_path / "vol"
+    v = Volume(path, size=(4 * n + 4096) * BS)
+    fs = await v.open()
+    try:
+        ino = await write_file(fs, b"f", b"".join(bytes([i % 251 + 1]) * BS + bytes(BS)
+                                                  for i in range(n)))
+        node = fs.inode(ino)
+        await fs.sync()
+        emap = fs._extents(node)
+        # every other block is a hole again: n separate one-block sealed runs
+        h = fs.open(ino, os.O_RDWR, CALLER)
+        from fs.space import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+        for i in range(n):
+            await fs.fallocate(h.fh, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE,
+                               (2 * i + 1) * BS, BS)
+        await fs.sync()
+        assert len(emap.sealed_runs(0, 2 * n)) == n
+        g = fs.grant_direct(node, True, True, CALLER)
+        meter = _LongestStep()
+        trio.lowlevel.add_instrument(meter)
+        try:
+            for call in range(1, 5):
+                # the copies stay FRESH until the next commit: each call goes on
+                await fs.layout_get(g, 0, 2 * n * BS)
+                assert len(emap.sealed_runs(0, 2 * n)) == max(0, n - call * LAYOUT_COW_RUNS)
+        finally:
+            trio.lowlevel.remove_instrument(meter)
+        assert meter.longest < 2.0, meter.longest
+        await fs.close_direct(g)
+        await fs.release(h.fh)
+        expect = b"".join(bytes([i % 251 + 1]) * BS + bytes(BS) for i in range(n))
+        assert await read_file(fs, ino) == expect
+    finally:
+        await v.close()
+    report = await trio.to_thread.run_sync(lambda: fsck(path, verify_data=True))
+    assert report.errors == 0, report.lines
