@@ -812,7 +812,7 @@ async def test_punch_and_truncate_of_a_fragmented_file_are_one_pass(
 
     n = 20_000
     path = tmp_path / "vol"
-    v = Volume(path, size=(2 * n + 4096) * BS)
+    v = Volume(path, size=(4 * n + 4096) * BS)
     fs = await v.open()
     try:
         other = await write_file(fs, b"other", fill(3, 3 * BS))
@@ -824,6 +824,13 @@ async def test_punch_and_truncate_of_a_fragmented_file_are_one_pass(
             files[name] = (h, node)
         await fs.sync()  # sealed: the unmap frees committed blocks
         assert len(fs._extents(files[b"punch"][1])) == n
+        # fallocate over the n holes of one file: one merge, not one add() each
+        adds = []
+        real_add = ExtentMap.add
+        monkeypatch.setattr(ExtentMap, "add", lambda self, *a: (adds.append(a), real_add(self, *a))[1])
+        await fs.fallocate(files[b"trunc"][0].fh, FALLOC_FL_KEEP_SIZE, 0, 2 * n * BS)
+        assert len(fs._extents(files[b"trunc"][1])) == 2 * n and len(adds) <= 2, len(adds)
+        monkeypatch.setattr(ExtentMap, "add", real_add)
         splits = []
         real_split = ExtentMap._split_at
         monkeypatch.setattr(ExtentMap, "_split_at",
