@@ -29,8 +29,8 @@ COPY_BLOCKS = 256
 #: separate sealed runs one layout_get relocates at most (docs/dev/protocol.md): each
 #: relocation edits the file's map, so a range of tens of thousands of one-block runs
 #: kept the daemon busy for seconds to a minute per call (RELIABILITY 2026-12-01). The
-#: runs past the cap stay sealed: a write there is relocated by the write itself
-#: (write_relocating), or the client asks for the layout of that piece again.
+#: runs past the cap stay sealed: a write there is relocated by the daemon, as any
+#: write over committed blocks is (FileOps._write_piece -> write_relocating).
 LAYOUT_COW_RUNS = 256
 
 
