@@ -347,10 +347,11 @@ class ExtentMap:
         if len(extents) * 256 < len(self._ext):
             # A few into a long map: add() moves the lists' tails in C, cheaper than a
             # Python pass over the whole map (~300x an element's memmove here).
-            for e in extents:
-                self.add(*e)
+            for fb, dev, cnt, st, owner in extents:
+                self.add(fb, dev, cnt, st, owner)
             return
-        old, out = self._ext, []
+        old: list[list[int]] = self._ext
+        out: list[list[int]] = []
         i = 0
         prev_end = -1
         for fb, dev, cnt, st, owner in extents:
