@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 #: blocks copied per request when a write layout relocates sealed blocks
 COPY_BLOCKS = 256
 
+#: separate sealed runs one layout_get relocates at most (docs/dev/protocol.md): each
+#: relocation edits the file's map, so a range of tens of thousands of one-block runs
+#: kept the daemon busy for seconds to a minute per call (RELIABILITY 2026-12-01). The
+#: runs past the cap stay sealed: a write there is relocated by the daemon, as any
+#: write over committed blocks is (FileOps._write_piece -> write_relocating).
+LAYOUT_COW_RUNS = 256
+
 
 class Layouts:
     """The layout server for direct clients (a `FileSystem` concern; see filesystem.py).
@@ -98,8 +105,13 @@ class Layouts:
                 self._save_extents(node)
                 self._save(node, "blocks")
             # Sealed blocks in the range are copied to fresh ones the client may write
-            # in place (a pNFS copy-on-write layout).
-            for fb, cnt in emap.sealed_runs(b0, b1 - b0):
+            # in place (a pNFS copy-on-write layout): the first LAYOUT_COW_RUNS runs,
+            # the loop given back after each (the file's lock is held meanwhile).
+            for k, (fb, cnt) in enumerate(emap.sealed_runs(b0, b1 - b0)):
+                if k >= LAYOUT_COW_RUNS:
+                    break
+                if k:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 g = self.kernel.grant(inode=node.id, generation=node.generation,
                                       extents=emap, rights=Rights.RW,
                                       principal=grant.principal, charge=False)

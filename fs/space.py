@@ -38,7 +38,10 @@ class Space:
 
     def _refund_runs(self: FileSystem, runs: list[tuple[int, int, int]]) -> None:
         bs = self.block_size
+        per_owner: dict[int, int] = {}  # one refund per owner, not per run
         for _dev, count, owner in runs:
+            per_owner[owner] = per_owner.get(owner, 0) + count
+        for owner, count in per_owner.items():
             self.principals.refund(self.principal(owner), space=count * bs)
 
     async def _release_unmapped(self: FileSystem, freed: list[tuple[int, int, int]],
@@ -144,8 +147,10 @@ class Space:
                 got.append((fb, start, length))
                 fb += length
         await self._reserve_host_space([(start, length) for _fb, start, length in got])
-        for fb, start, length in got:
-            emap.add(fb, start, length, UNWRITTEN, principal)
+        # One merge pass for many holes (a file of many one-block holes: one add()
+        # each was O(holes x extents) in one step, as the punch was: RELIABILITY
+        # 2026-12-01).
+        emap.add_many([(fb, start, length, UNWRITTEN, principal) for fb, start, length in got])
         node.blocks = emap.blocks
 
     async def fallocate(self: FileSystem, fh: int, mode: int, offset: int, length: int) -> None:
@@ -265,23 +270,28 @@ class Space:
         f1 = min(f1, emap.end_block())
         if f1 <= f0:
             return
-        runs = [(s.file_block, s.count) for s in emap.segments(f0, f1 - f0)
-                if s.dev_block != HOLE and s.state != UNWRITTEN]
-        if not runs:
-            return
         if replace:
-            await self._ensure_free(sum(c for _fb, c in runs), reserve=False)
-        freed: list[tuple[int, int, int]] = []
+            data = sum(s.count for s in emap.segments(f0, f1 - f0)
+                       if s.dev_block != HOLE and s.state != UNWRITTEN)
+            if not data:
+                return
+            await self._ensure_free(data, reserve=False)
         # From here to the regrant: no checkpoint (the map and the grants change as one).
-        for fb, count in runs:
-            gone = emap.remove_owned(fb, count)
-            freed.extend(gone)
-            if replace:
-                at = fb
-                for _dev, n, owner in gone:
-                    for start, got in self.alloc.allocate(n, emap.goal(at)):
-                        emap.add(at, start, got, UNWRITTEN, owner)
-                        at += got
+        # One pass over the range (remove_data), not one map edit per run: each edit
+        # moves the tail of the map, and a punch of a file of N one-block extents was
+        # O(N^2) in this step, which nothing else shares (RELIABILITY 2026-12-01).
+        gone = emap.remove_data(f0, f1 - f0)
+        if not gone:
+            return
+        freed = [(dev, n, owner) for _fb, dev, n, owner in gone]
+        if replace:
+            fresh: list[tuple[int, int, int, int, int]] = []
+            for at, _dev, n, owner in gone:
+                for start, got in self.alloc.allocate(
+                        n, fresh[-1][1] + fresh[-1][2] if fresh else emap.goal(at)):
+                    fresh.append((at, start, got, UNWRITTEN, owner))
+                    at += got
+            emap.add_many(fresh)
         old_grants = self._regrant(node)
         self._save_extents(node)
         node.blocks = emap.blocks

@@ -309,6 +309,84 @@ class ExtentMap:
         del self._starts[lo:hi]
         return freed
 
+    def remove_data(self, file_block: int, count: int
+                    ) -> list[tuple[int, int, int, int]]:
+        """Unmap the data (WRITTEN and FRESH) extents of [file_block, +count), leaving
+        UNWRITTEN ones mapped; returns (file_block, dev_block, count, owner) of each
+        removed piece, in order. One pass over the range, whatever the number of
+        extents (a punch of a file of many small extents; remove_owned per run would
+        move the tail of the list once per run: quadratic)."""
+        end = file_block + count
+        if count <= 0:
+            return []
+        self._split_at(file_block)
+        self._split_at(end)
+        lo = bisect.bisect_left(self._starts, file_block)
+        hi = bisect.bisect_left(self._starts, end)
+        kept: list[list[int]] = []
+        gone: list[tuple[int, int, int, int]] = []
+        for e in self._ext[lo:hi]:
+            if e[3] == UNWRITTEN:
+                kept.append(e)
+            else:
+                gone.append((e[0], e[1], e[2], e[4]))
+                self._changed.add(e[0])
+                self.blocks -= e[2]
+        if gone:
+            self._ext[lo:hi] = kept
+            self._starts[lo:hi] = [e[0] for e in kept]
+        # The splits at the edges may have cut an UNWRITTEN extent that stays.
+        self._merge_around(lo, lo + len(kept) - 1)
+        return gone
+
+    def add_many(self, extents: list[tuple[int, int, int, int, int]]) -> None:
+        """add() of each (file_block, dev_block, count, state, owner), sorted by file
+        block, each over a hole: one merge pass, not one list insertion each."""
+        if not extents:
+            return
+        if len(extents) * 256 < len(self._ext):
+            # A few into a long map: add() moves the lists' tails in C, cheaper than a
+            # Python pass over the whole map (~300x an element's memmove here).
+            for fb, dev, cnt, st, owner in extents:
+                self.add(fb, dev, cnt, st, owner)
+            return
+        old: list[list[int]] = self._ext
+        out: list[list[int]] = []
+        i = 0
+        prev_end = -1
+        for fb, dev, cnt, st, owner in extents:
+            if cnt <= 0:
+                continue
+            if fb < prev_end:
+                raise ValueError(f"file blocks {fb}+{cnt} overlap")
+            while i < len(old) and old[i][0] < fb:
+                out.append(old[i])
+                i += 1
+            if out and out[-1][0] + out[-1][2] > fb:
+                raise ValueError(f"file block {fb} is already mapped")
+            if i < len(old) and old[i][0] < fb + cnt:
+                raise ValueError(f"file blocks {fb}+{cnt} overlap a mapped extent")
+            out.append([fb, dev, cnt, st, owner])
+            self._changed.add(fb)
+            self.blocks += cnt
+            self.fresh = self.fresh or st == FRESH
+            prev_end = fb + cnt
+        out.extend(old[i:])
+        # Merge neighbours that continue each other, in one pass.
+        merged: list[list[int]] = []
+        for e in out:
+            if merged:
+                a = merged[-1]
+                if a[0] + a[2] == e[0] and a[1] + a[2] == e[1] and a[3] == e[3] \
+                        and a[4] == e[4]:
+                    a[2] += e[2]
+                    self._changed.add(a[0])
+                    self._changed.add(e[0])
+                    continue
+            merged.append(e)
+        self._ext = merged
+        self._starts = [e[0] for e in merged]
+
     def take_changes(self, *, with_owner: bool = False
                      ) -> tuple[list[int], list[tuple[int, ...]]]:
         """(file_block keys to delete, extents to insert or replace) since the last call

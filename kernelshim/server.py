@@ -127,6 +127,7 @@ import logging
 import math
 import os
 import resource
+import select
 import socket
 import struct
 from pathlib import Path
@@ -486,6 +487,13 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 if msgs:
                     deadline = math.inf
                 for i, m in enumerate(msgs):
+                    # A client that pipelined requests and hung up is not served any
+                    # more: nobody reads the replies (a few queued layout_gets kept the
+                    # daemon busy for minutes, RELIABILITY 2026-12-01). Checked before a
+                    # queued request or a JSON one (a lone 4 KiB read skips the syscall).
+                    if (i or type(m) is not DataRequest) and peer_hung_up(raw):
+                        conn.doom("the client hung up")
+                        return
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
@@ -661,3 +669,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 await self._give_turn()
                 await self.turns.take(turn)
         self._drop_shm(conn)
+
+
+def peer_hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of this stream socket has closed its end (POLLHUP: both
+    directions shut; a client that only shut down writing still reads its replies)."""
+    p = select.poll()
+    p.register(sock.fileno(), 0)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in p.poll(0))

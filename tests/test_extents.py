@@ -188,6 +188,33 @@ def test_take_changes() -> None:
     assert sorted(snap.values()) == m.extents() == [(0, 100, 1, W)]
 
 
+def test_remove_data_and_add_many_are_linear() -> None:
+    """A punch of a file of N one-block extents (RELIABILITY 2026-12-01): one pass
+    over the map, not one list edit per extent (quadratic: 0.55 s at 40k)."""
+    import time
+
+    def cost(n: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            m = ExtentMap([(2 * i, 1000 + 3 * i, 1, W if i % 3 else F, 7) for i in range(n)]
+                          + [(2 * n + 1, 9, 5, U, 7)])
+            t = time.perf_counter()
+            gone = m.remove_data(0, 2 * n)
+            m.add_many([(f, 10**7 + f, c, U, o) for f, _d, c, o in gone])
+            best = min(best, time.perf_counter() - t)
+            assert len(gone) == n and m.blocks == n + 5 and len(m) == n + 1
+        return best
+
+    import gc
+    gc.disable()  # the collector's passes over all live objects are not the map's cost
+    try:
+        small, large = cost(20_000), cost(80_000)
+    finally:
+        gc.enable()
+    # 4x the extents: ~4x the time when linear, ~16x when quadratic
+    assert large < 9 * small, (small, large)
+
+
 # -- property test ------------------------------------------------------------------------
 
 N = 64  # file blocks the machine plays in
@@ -285,6 +312,33 @@ class ExtentMachine(RuleBasedStateMachine):
             assert c > 0
         for b in gone:
             del self.model[b]
+
+    @rule(fb=st.integers(0, N + 4), count=st.integers(-1, N))
+    def remove_data(self, fb: int, count: int) -> None:
+        gone = self.m.remove_data(fb, count)
+        data = [b for b in sorted(self.model) if fb <= b < fb + count
+                and self.model[b][1] != U]
+        assert [(f + i, d + i, o) for f, d, c, o in gone for i in range(c)] == \
+            [(b, self.model[b][0], self.model[b][2]) for b in data]
+        for b in data:
+            del self.model[b]
+
+    @precondition(lambda self: len(self.model) < N)
+    @rule(data=st.data(), state=st.sampled_from([W, U, F]), owner=st.sampled_from([0, 5]))
+    def add_many(self, data, state: int, owner: int) -> None:
+        holes = self._holes()
+        picked = sorted(data.draw(st.sets(st.sampled_from(holes), min_size=1)))
+        runs = []
+        for hfb, hcnt in picked:
+            count = data.draw(st.integers(1, hcnt))
+            goal = self.m.goal(hfb)
+            dev = goal if goal is not None and data.draw(st.booleans()) else self.next_dev
+            self.next_dev = max(self.next_dev, dev + count) + data.draw(st.integers(0, 1))
+            runs.append((hfb, dev, count, state, owner))
+        self.m.add_many(runs)
+        for fb, dev, count, _st, _o in runs:
+            for i in range(count):
+                self.model[fb + i] = (dev + i, state, owner)
 
     @rule()
     def take_changes(self) -> None:

@@ -579,6 +579,32 @@ def test_disconnect_mid_request_leaks_nothing(mnt: Path) -> None:
     assert (mnt / "d" / "new").stat().st_size == 0
 
 
+def test_requests_queued_by_a_client_that_hung_up_are_not_served(mnt: Path) -> None:
+    """A connection stops serving its queued requests once its client has closed the
+    socket (RELIABILITY 2026-12-01: three pipelined layout_gets of an exited client kept
+    the daemon busy ~140 s, its connection and grant charged meanwhile). The request
+    in service finishes; the ones behind it are dropped, and the connection's grants
+    are released as at any disconnect."""
+    (mnt / "f").write_bytes(b"q" * 100_000)
+    base = snapshot(mnt)
+    s = connect_raw(mnt)
+    s.sendall(encode(REQUEST, 1, {"op": "open", "path": "f", "flags": os.O_RDWR}))
+    replies, _ = read_replies(s, 1)
+    assert replies[0].kind == OK, replies
+    slot = replies[0].payload["slot"]
+    # Commits (each a metadata transaction) keep the connection busy while the client
+    # goes; the truncate behind them (in the same read, the same decoder slice) would
+    # change the file if it were served.
+    reqs = [{"op": "fsync", "slot": slot}] * 8 + [{"op": "truncate", "slot": slot, "size": 5}]
+    frames = b"".join(encode(REQUEST, i + 2, p) for i, p in enumerate(reqs))
+    assert len(frames) <= 512  # server.FEED_BYTES: the old code served a slice whole
+    s.sendall(frames)
+    s.close()
+    wait_snapshot(mnt, base)
+    assert (mnt / "f").stat().st_size == 100_000
+    assert_alive(mnt)
+
+
 def test_killed_client_process_leaks_nothing(mnt: Path) -> None:
     (mnt / "f").write_bytes(b"y" * 10_000)
     base = snapshot(mnt, cli=True)
