@@ -512,8 +512,21 @@ def _fetch_stats(mountpoint: str) -> dict:
                            f"{exc}") from None
 
 
+def _ctrl_c_stops() -> None:
+    """For the commands that run until Ctrl-C (`stats --watch`, `trace record`): SIGINT
+    raises KeyboardInterrupt even when the process inherited it ignored or blocked (a
+    parent that ignores SIGINT for its children, as a non-interactive shell does for
+    `cmd &`: then SIGINT, the documented way to stop them, did nothing)."""
+    import signal
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import json
+    if args.watch:
+        _ctrl_c_stops()
     if args.watch and not args.json:
         return _watch_stats(args)
     while True:
@@ -753,6 +766,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
     written = False
+    _ctrl_c_stops()
     try:
         with _control(args.mountpoint) as c:
             c.start_trace()
