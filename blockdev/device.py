@@ -703,14 +703,18 @@ class BlockDevice:
                 self._csum[block:block + count] = 0
                 done += 1
         finally:
-            if done:
-                try:
-                    await self.checksums.persist_runs(runs[:done])
-                except OSError as exc:
-                    raise self._failed(exc, "checksum write", runs[0][0],
-                                       runs[done - 1][0] + runs[done - 1][1] - runs[0][0]
-                                       ) from None
+            await self._persist_discarded(runs[:done])
         self._done(principal, 0, DISCARD, times)
+
+    async def _persist_discarded(self, runs: list[tuple[int, int]]) -> None:
+        """Write the zeroed checksums of the discarded `runs` (none: nothing)."""
+        if not runs:
+            return
+        try:
+            await self.checksums.persist_runs(runs)
+        except OSError as exc:
+            raise self._failed(exc, "checksum write", runs[0][0],
+                               runs[-1][0] + runs[-1][1] - runs[0][0]) from None
 
     async def _discard_in_thread(self, data: FileBacking, runs: list[tuple[int, int]]) -> None:
         """`discard_runs`' punches in one worker thread (`FileBacking.discard_many`), the
@@ -737,13 +741,7 @@ class BlockDevice:
                 self._host_reserved[ch] = False
         for block, count in runs[:done]:
             self._csum[block:block + count] = 0
-        if done:
-            try:
-                await self.checksums.persist_runs(runs[:done])
-            except OSError as exc:
-                raise self._failed(exc, "checksum write", runs[0][0],
-                                   runs[done - 1][0] + runs[done - 1][1] - runs[0][0]
-                                   ) from None
+        await self._persist_discarded(runs[:done])
         if err is not None:
             raise self._failed(err, "discard", runs[done][0], runs[done][1])
 

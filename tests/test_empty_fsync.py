@@ -46,6 +46,19 @@ async def evol(tmp_path: Path):
     await v.close()
 
 
+@pytest.fixture
+async def wbvol(tmp_path: Path):
+    """A volume opened in write-back mode (a small pool of 64 frames)."""
+    from fs.metadata import Metadata
+    from fs import volume
+    v = Volume(tmp_path / "vol", size=512 * BS)
+    v.kernel = Kernel.open(v.path, cache_bytes=64 * BS, writeback=True)
+    v.md = Metadata(v.path / volume.DB)
+    v.fs = await FileSystem.load(v.md, v.kernel)
+    yield v
+    await v.close()
+
+
 def counts(v: Volume) -> tuple[int, int]:
     """(barriers that flushed the device, durable commits) so far."""
     return v.kernel.barriers, v.md.durable_commits
@@ -305,29 +318,23 @@ async def test_the_marks_are_bounded(evol: Volume, monkeypatch) -> None:
     assert not md.changed_since_durable(99)
 
 
-async def test_dirty_discardable_frames_are_not_an_empty_fsync(tmp_path: Path) -> None:
+async def test_dirty_discardable_frames_are_not_an_empty_fsync(wbvol: Volume) -> None:
     """Write-back mode: a discardable file's dirty frames survive every barrier (R7),
     so its fsync is never skipped while it has any; once written back and committed,
     it is."""
-    from fs.metadata import Metadata
-    from fs import volume
-    v = Volume(tmp_path / "vol", size=512 * BS)
-    v.kernel = Kernel.open(v.path, cache_bytes=64 * BS, writeback=True)
-    v.md = Metadata(v.path / volume.DB)
-    fs = v.fs = await FileSystem.load(v.md, v.kernel)
-    try:
-        h, node = fs.create(ROOT_INODE, b"cache", 0o644, os.O_RDWR, CALLER)
-        fs.setxattr(node.id, b"user.sluice.discardable", b"1", 0)
-        await fs.write(h.fh, 0, fill(3, 2 * BS))
-        await fs.sync()  # a commit: the discardable frames stay dirty
-        assert v.kernel.pager.has_dirty(node.id)
-        assert fs.needs_sync(node.id)
-        await fs.fsync(h.fh, False)
-        assert not v.kernel.pager.has_dirty(node.id)
-        assert not fs.needs_sync(node.id)
-        await fs.release(h.fh)
-    finally:
-        await v.close()
+    v = wbvol
+    fs = v.fs
+    assert fs is not None
+    h, node = fs.create(ROOT_INODE, b"cache", 0o644, os.O_RDWR, CALLER)
+    fs.setxattr(node.id, b"user.sluice.discardable", b"1", 0)
+    await fs.write(h.fh, 0, fill(3, 2 * BS))
+    await fs.sync()  # a commit: the discardable frames stay dirty
+    assert v.kernel.pager.has_dirty(node.id)
+    assert fs.needs_sync(node.id)
+    await fs.fsync(h.fh, False)
+    assert not v.kernel.pager.has_dirty(node.id)
+    assert not fs.needs_sync(node.id)
+    await fs.release(h.fh)
 
 
 async def test_the_flush_of_an_fsync_is_charged_to_the_asker(evol: Volume) -> None:
@@ -356,32 +363,26 @@ async def test_the_flush_of_an_fsync_is_charged_to_the_asker(evol: Volume) -> No
     await fs.release(h.fh)
 
 
-async def test_an_fsync_without_a_handle_writes_a_discardable_file_back(tmp_path: Path) -> None:
+async def test_an_fsync_without_a_handle_writes_a_discardable_file_back(wbvol: Volume) -> None:
     """Review of the merge: a direct client's fsync (`fsync_inode`, as fs/service.py
     calls it; no FUSE handle) of a discardable file wrote none of its dirty frames back
     — a barrier leaves them out (R7) — so the durable commit listed the file as
     unflushed and a crash brought it back empty, fsync after fsync. It now writes them
     back first, as the FUSE fsync does. And once the volume has failed, it reports
     WriteFailed instead of success."""
-    from fs.metadata import Metadata
-    from fs import volume
-    v = Volume(tmp_path / "vol", size=512 * BS)
-    v.kernel = Kernel.open(v.path, cache_bytes=64 * BS, writeback=True)
-    v.md = Metadata(v.path / volume.DB)
-    fs = v.fs = await FileSystem.load(v.md, v.kernel)
-    try:
-        h, node = fs.create(ROOT_INODE, b"cache", 0o644, os.O_RDWR, CALLER)
-        fs.setxattr(node.id, b"user.sluice.discardable", b"1", 0)
-        await fs.write(h.fh, 0, fill(3, 2 * BS))
-        await fs.sync()
-        assert v.kernel.pager.has_dirty(node.id)
-        await fs.fsync_inode(node.id, CALLER.principal)
-        assert not v.kernel.pager.has_dirty(node.id)
-        assert node.id not in fs._unflushed_saved
-        assert not fs.needs_sync(node.id)
-        await fs.release(h.fh)
-        fs.fail("injected failure")
-        with pytest.raises(WriteFailed):
-            await fs.fsync_inode(ROOT_INODE, CALLER.principal)
-    finally:
-        await v.close()
+    v = wbvol
+    fs = v.fs
+    assert fs is not None
+    h, node = fs.create(ROOT_INODE, b"cache", 0o644, os.O_RDWR, CALLER)
+    fs.setxattr(node.id, b"user.sluice.discardable", b"1", 0)
+    await fs.write(h.fh, 0, fill(3, 2 * BS))
+    await fs.sync()
+    assert v.kernel.pager.has_dirty(node.id)
+    await fs.fsync_inode(node.id, CALLER.principal)
+    assert not v.kernel.pager.has_dirty(node.id)
+    assert node.id not in fs._unflushed_saved
+    assert not fs.needs_sync(node.id)
+    await fs.release(h.fh)
+    fs.fail("injected failure")
+    with pytest.raises(WriteFailed):
+        await fs.fsync_inode(ROOT_INODE, CALLER.principal)
