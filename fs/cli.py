@@ -396,6 +396,12 @@ def cmd_principal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: int | None) -> str:
+    """A count for tables; '-' for None (no limit; or, for usage, not shown to this
+    caller: an ancestor's use of a bank it does not limit is other tenants')."""
+    return "-" if n is None else str(n)
+
+
 def _principal_table(rows: list[dict]) -> str:
     depth: dict[str, int] = {}
     lines = [f"{'PRINCIPAL':20} {'OWNER':>6} {'SPACE used/limit':>20} {'INODES used/limit':>18}"
@@ -405,8 +411,8 @@ def _principal_table(rows: list[dict]) -> str:
         b, u = r["banks"], r["usage"]
         name = "  " * d + r["name"]
         space = f"{format_size_approx(u['space'])}/{format_size_approx(b['space'])}"
-        inodes = f"{u['inodes']}/{b['inodes'] if b['inodes'] is not None else '-'}"
-        grants = f"{u['grants']}/{b['grants'] if b['grants'] is not None else '-'}"
+        inodes = f"{_count(u['inodes'])}/{_count(b['inodes'])}"
+        grants = f"{_count(u['grants'])}/{_count(b['grants'])}"
         cache = f"{format_size_approx(b['cache_min'])}/{format_size_approx(b['cache_max'])}"
         io = f"{b['io_reserve'] or '-'}/{b['io_weight']}/{b['io_limit'] or '-'}"
         lines.append(f"{name:20} {r['owner_uid']:>6} {space:>20} {inodes:>18} {grants:>12}"
@@ -441,7 +447,7 @@ def _principal_show(r: dict) -> str:
              f"owner uid {r['owner_uid']})"]
     for bank, used, size, what in _SHOW_BANKS:
         lim = b.get(bank)
-        show = (lambda v: format_size_approx(v)) if size else str
+        show = (lambda v: format_size_approx(v)) if size else _count
         limit = "-" if lim is None else show(lim)
         val = f"{show(u.get(used, 0))} / {limit}" if used is not None else limit
         lines.append(f"  {bank:13} {val:>22}   {what}")
@@ -576,7 +582,7 @@ def _stats_text(st: dict) -> str:
             iocols = (f"{s.ops:>9} {s.read_bytes / 1e6:>9.1f} {s.write_bytes / 1e6:>10.1f} "
                       f"{s.p50_s * 1e3:>8.3f} {p95} {s.p99_s * 1e3:>8.3f}")
         out.append(f"{n:16} {iocols} {p['resident'].get(n, 0):>7} "
-                   f"{format_size_approx(u.get('space', 0)):>9} {u.get('inodes', 0):>7}")
+                   f"{format_size_approx(u.get('space', 0)):>9} {_count(u.get('inodes', 0)):>7}")
     cache = st.get("cache") or {}
     if cache:
         out += ["", _cache_table(cache, names)]

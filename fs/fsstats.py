@@ -76,22 +76,28 @@ class Statistics:
         """Everything `sluice stats` shows, as plain data."""
         return dict(self.statistics_parts())
 
-    def statistics_parts(self: FileSystem, names: Collection[str] | None = None
-                         ) -> Iterator[tuple[str, Any]]:
+    def statistics_parts(self: FileSystem, names: Collection[str] | None = None,
+                         context: Collection[str] = ()) -> Iterator[tuple[str, Any]]:
         """`statistics_dict`'s items, one part of the work at a time (the caller may
         let others run between two: the shim server's `stats` is served in several
         steps of the event loop, not one), with per-principal rows only for the
         principals in `names` (None: all). Only the rows asked for are built (the
-        layers below still take their snapshots whole: numbers, cheap)."""
+        layers below still take their snapshots whole: numbers, cheap). The principals
+        named in `context` (a tenant's ancestors that are not its own) are listed with
+        their usage cut to their banks, and without rows of activity."""
         keep: set[int] | None = None
         only: list[Principal] | None = None
+        listed: list[Principal] | None = None  # the `principals` rows, in order
+        ctx: list[Principal] = []
         if names is not None:
-            only = []
+            only, listed = [], []
             for n in names:
                 try:
-                    only.append(self.principals.get(n))
+                    q = self.principals.get(n)
                 except SluiceError:
-                    pass  # removed meanwhile
+                    continue  # removed meanwhile
+                listed.append(q)
+                (ctx if n in context else only).append(q)
             keep = {p.id for p in only}
         # Names of the principals shown (a removed principal's counters keep its id).
         label = {p.id: p.name for p in (self.principals.walk() if only is None else only)}
@@ -134,7 +140,7 @@ class Statistics:
                         "discarded": pg.discarded, "discarded_files": len(self.discarded),
                         "resident": {label.get(p, str(p)): n for p, n in pg.resident.items()
                                      if shown(p)}}
-        yield "principals", [i.as_dict() for i in self.principals.info(only)]
+        yield "principals", [i.as_dict() for i in self.principals.info(listed, context=ctx)]
         # The pager's account per principal: what it holds, and how it fared.
         yield "cache", {label.get(pid, str(pid)): {k: getattr(c, k) for k in CACHE_FIELDS}
                         for pid, c in sorted(pg.per_principal.items()) if shown(pid)}

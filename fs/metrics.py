@@ -324,9 +324,9 @@ def _fs_families(st: dict[str, Any]) -> Iterator[Metric]:
                                    "(its children's included)", labels=["principal"])
         for r in rows:
             u = r.get("usage") or {}
-            if "space" in u:
+            if u.get("space") is not None:
                 space.add_metric([r["name"]], u["space"])
-            if "inodes" in u:
+            if u.get("inodes") is not None:
                 inodes.add_metric([r["name"]], u["inodes"])
         yield space
         yield inodes

@@ -214,9 +214,9 @@ class DirectService:
     def statistics(self, *, names: Collection[str] | None = None) -> dict[str, Any]:
         return dict(self.fs.statistics_parts(names))
 
-    def statistics_parts(self, *, names: Collection[str] | None = None
-                         ) -> Iterator[tuple[str, Any]]:
-        return self.fs.statistics_parts(names)
+    def statistics_parts(self, *, names: Collection[str] | None = None,
+                         context: Collection[str] = ()) -> Iterator[tuple[str, Any]]:
+        return self.fs.statistics_parts(names, context)
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         """Re-tag `src`'s storage as `dst`'s, durably (the caller saves the principal

@@ -85,10 +85,18 @@ class AdminOps(ServerBase):
         end = cursor + PAGE_ROWS
         return rows[cursor:end], (end if end < len(rows) else None)
 
+    def _context(self, conn: Connection, page: list[Principal]) -> list[Principal]:
+        """Of the page, the rows the caller sees only as ancestors of its own
+        (PrincipalTable.context_only): their usage is other tenants'."""
+        if conn.creds.uid == 0:
+            return []
+        ctx = self.principals.context_only(conn.creds.uid, conn.principal)
+        return [q for q in page if q in ctx]
+
     async def _op_principal_ls(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         page, nxt = self._page(conn, p)
-        return {"principals": [i.as_dict() for i in self.principals.info(page)],
-                "next_cursor": nxt}
+        rows = self.principals.info(page, context=self._context(conn, page))
+        return {"principals": [i.as_dict() for i in rows], "next_cursor": nxt}
 
     async def _op_stats(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         """Built a part at a time (device, pager, principals, ...), only for the
@@ -98,7 +106,9 @@ class AdminOps(ServerBase):
         snapshots of moments a few steps apart, each consistent in itself."""
         page, nxt = self._page(conn, p)
         out: dict[str, Any] = {}
-        for key, value in self.service.statistics_parts(names=[q.name for q in page]):
+        context = [q.name for q in self._context(conn, page)]
+        for key, value in self.service.statistics_parts(names=[q.name for q in page],
+                                                        context=context):
             out[key] = value
             now = trio.current_time()
             if now < self.turns.contended_until and \
@@ -124,7 +134,10 @@ class AdminOps(ServerBase):
         batch (FairTurns, BATCH_SECONDS). Root may `reset` them after reading."""
         page, nxt = self._page(conn, p)
         rows = {}
+        context = self._context(conn, page)
         for q in page:
+            if q in context:  # another tenant's activity
+                continue
             sh = self.turns.shares.get(q.id)
             if sh is not None:
                 rows[q.name] = {**sh.service.summary(),

@@ -216,7 +216,8 @@ class PrincipalInfo:
     parent: str | None
     owner_uid: int
     banks: dict[str, Any]
-    usage: dict[str, int]
+    #: null where hidden from the caller (PrincipalTable.context_only)
+    usage: dict[str, int | None]
 
     def as_dict(self) -> dict[str, Any]:
         """As `dataclasses.asdict`, without its deep copy: `banks` and `usage` are

@@ -52,7 +52,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 from blockdev import BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, Rate, write_durably
 
@@ -502,14 +502,29 @@ class PrincipalTable:
                 keep.update(p.chain())
         return [p for p in self.walk() if p in keep and self.listed(p)]
 
-    def info(self, only: Iterable[Principal] | None = None) -> list[PrincipalInfo]:
+    def context_only(self, uid: int,
+                     acting_for: Principal | None = None) -> frozenset[Principal]:
+        """Of `visible_to`'s rows, those listed only as an ancestor of what `uid` may run
+        as (or acts for): shown so that a refusal by one of their banks can be
+        explained, but their usage is their whole subtree's — other tenants' connections,
+        grants, shared memory — so `info` cuts it to the banks they limit (`context`),
+        and `stats` leaves them out of its per-principal activity. None for root."""
+        if uid == 0:
+            return frozenset()
+        return frozenset(p for p in self.visible_to(uid, acting_for)
+                         if p is not acting_for and not self.may_run_as(p, uid))
+
+    def info(self, only: Iterable[Principal] | None = None, *,
+             context: Collection[Principal] = ()) -> list[PrincipalInfo]:
         """Rows of `principal ls` for `only` (default: all, in tree order). The banks
         are as stored (I/O rates as strings with their units, e.g. "500iops,20MB/s"),
         plus each rate as plain numbers in base units, like every other bank:
         `io_reserve_iops`, `io_reserve_bps`, `io_limit_iops`, `io_limit_bps`
-        (operations/s and bytes/s; null where none)."""
+        (operations/s and bytes/s; null where none). The rows of `context` (see
+        `context_only`) show usage only against the banks they limit: null elsewhere."""
         return [PrincipalInfo(p.id, p.name, p.parent.name if p.parent else None, p.owner_uid,
-                              p.banks.row(), p.usage.as_dict())
+                              p.banks.row(), _cut_usage(p) if p in context else
+                              _whole_usage(p))
                 for p in (self.walk() if only is None else only) if self.listed(p)]
 
     # -- processes (processes.py) --------------------------------------------------------
@@ -539,3 +554,14 @@ class PrincipalTable:
 
     def registered(self) -> dict[int, str]:
         return {pid: p.name for pid, p in self._processes.items()}
+
+
+def _whole_usage(p: Principal) -> dict[str, int | None]:
+    return {**p.usage.as_dict()}
+
+
+def _cut_usage(p: Principal) -> dict[str, int | None]:
+    """p's usage where p has a bank of that name (what a refusal by it is measured
+    against), null where it has none (there it is only the sum of others' use)."""
+    return {k: (v if getattr(p.banks, k, None) is not None else None)
+            for k, v in p.usage.as_dict().items()}

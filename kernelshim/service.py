@@ -68,10 +68,13 @@ class MetadataService(Protocol):
         """What `sluice stats` shows: device-wide totals, and per-principal rows for the
         principals in `names` only (None: all)."""
 
-    def statistics_parts(self, *, names: Collection[str] | None = None
-                         ) -> Iterator[tuple[str, Any]]:
+    def statistics_parts(self, *, names: Collection[str] | None = None,
+                         context: Collection[str] = ()) -> Iterator[tuple[str, Any]]:
         """`statistics`' items, one part of the work at a time, building only the rows
-        of `names`: the shim server lets other principals run between two parts."""
+        of `names`: the shim server lets other principals run between two parts. The
+        principals named in `context` (listed to a tenant only as ancestors of its own,
+        PrincipalTable.context_only) get their `principals` row with usage only
+        against the banks they limit, and no rows of activity (I/O, cache)."""
 
     async def move_storage(self, src: Principal, dst: Principal) -> None:
         """Re-tag everything charged to `src` as charged to `dst`."""

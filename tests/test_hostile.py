@@ -809,6 +809,79 @@ print("ok")
 
 
 @pytest.mark.mounted
+def test_ancestors_show_usage_only_against_their_banks(pubmnt: Path) -> None:
+    """A tenant sees its ancestors (to explain a refusal by their banks), but their
+    usage is every tenant's below them: only the banks they limit show usage, the rest
+    is null, and `stats` shows no activity rows for them (RELIABILITY probe 2, F7)."""
+    mnt = pubmnt
+    setup_pub(mnt)
+    sluice("principal", "add", str(mnt), "team", "--space", "1G")
+    sluice("principal", "add", str(mnt), "team-a", "--parent", "team", "--owner", "1001")
+    # Another tenant holds a connection, a grant and data (root's and team's totals).
+    holder = user_popen(f"""
+import sys, time
+from kernelshim.client import Client
+with Client.connect({str(mnt)!r}) as c:
+    f = c.open({str(mnt / "pub" / "u1000")!r}, "w")
+    f.write(b"x" * 65536)
+    f.fsync()
+    print("held", flush=True)
+    time.sleep(60)
+""", 1000)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code = f"""
+import json
+from kernelshim.client import Client
+with Client.connect({str(mnt)!r}, shm_size=0) as c:
+    c.register("team-a")
+    with open({str(mnt / "pub" / "a1001")!r}, "wb") as f:
+        f.write(b"y" * 8192)
+        f.flush()
+    with Client.connect({str(mnt)!r}, shm_size=0) as d:
+        print(json.dumps({{"ls": d.call("principal_ls")["principals"],
+                          "stats": d.call("stats")}}))
+"""
+        r = user_run([USER_PY, "-c", code], 1001)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        for rows in (out["ls"], out["stats"]["principals"]):
+            by = {x["name"]: x for x in rows}
+            assert set(by) == {"root", "team", "uid-1001", "team-a"} or \
+                set(by) == {"root", "team", "team-a"}, sorted(by)
+            # root limits none of these itself: nothing of the whole tree's use shows
+            # (its request banks, `parked`, count root's own requests only)
+            hidden = ("space", "inodes", "grants", "caps", "connections", "shm", "children")
+            assert all(by["root"]["usage"][k] is None for k in hidden), by["root"]
+            # team limits space (1G) and, by default, kernel objects: those show
+            team = by["team"]["usage"]
+            assert team["space"] is not None and team["space"] >= 8192
+            assert team["inodes"] is None  # no inode bank of its own
+            # the tenant's own row is whole
+            assert by["team-a"]["usage"]["space"] >= 8192
+            assert all(v is not None for v in by["team-a"]["usage"].values())
+        st = out["stats"]
+        for section in (st["io"], st["cache"], st["device"]["per_principal"],
+                        st["pager"]["resident"], st["enforced_banks"]):
+            assert "root" not in section and "team" not in section, section
+        assert st["fs"]["inodes"] >= 3  # device-wide totals stay
+        # Root still sees everything whole.
+        rows = {x["name"]: x for x in json.loads(
+            sluice("principal", "ls", str(mnt), "--json").stdout)}
+        assert rows["root"]["usage"]["connections"] >= 1
+        assert rows["root"]["usage"]["space"] >= 65536 + 8192
+        # The tables print '-' for what is hidden.
+        r = user_run([USER_PY, "-m", "fs.cli", "principal", "ls", str(mnt)], 1001)
+        assert r.returncode == 0 and "None" not in r.stdout, r.stdout + r.stderr
+        r = user_run([USER_PY, "-m", "fs.cli", "stats", str(mnt)], 1001)
+        assert r.returncode == 0 and "None" not in r.stdout, r.stdout + r.stderr
+    finally:
+        holder.kill()
+        holder.communicate()  # (closes its pipes)
+    served(mnt, 1001)
+
+
+@pytest.mark.mounted
 def test_child_principals_are_bounded(pubmnt: Path) -> None:
     mnt = pubmnt
     code = f"""
