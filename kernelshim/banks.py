@@ -13,7 +13,16 @@ import dataclasses
 import errno as _errno
 from typing import Any, Iterator
 
-from blockdev import BankNode, PrincipalId, Rate, SluiceError
+from blockdev import BankNode, PrincipalId, Rate
+
+# The principals' errors live in the light errors module: a direct client receives them
+# without importing this one, which loads the block device.
+from .errors import NoSuchPrincipal as NoSuchPrincipal
+from .errors import NotAllowed as NotAllowed
+from .errors import PrincipalError as PrincipalError
+from .errors import PrincipalExists as PrincipalExists
+from .errors import QuotaExceeded as QuotaExceeded
+from .errors import TooManyObjects as TooManyObjects
 
 #: bytes a directory entry costs in the space bank, besides its name
 ENTRY_COST = 64
@@ -47,37 +56,6 @@ OBJECT_BANKS = ("grants", "caps", "connections", "shm", "children")
 QUEUE_BANKS = ("parked", "parked_bytes", "costly_rate")
 #: banks that are ceilings: a child's may not exceed its parent's
 LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS, *QUEUE_BANKS)
-
-
-class PrincipalError(SluiceError):
-    """A bad request about principals (unknown name, bad bank, not allowed)."""
-
-    errno = _errno.EINVAL
-
-
-class NoSuchPrincipal(PrincipalError):
-    errno = _errno.ENOENT
-
-
-class PrincipalExists(PrincipalError):
-    errno = _errno.EEXIST
-
-
-class NotAllowed(PrincipalError):
-    errno = _errno.EPERM
-
-
-class QuotaExceeded(SluiceError):
-    """The principal (or an ancestor) would go over a storage bank limit."""
-
-    errno = _errno.EDQUOT
-
-
-class TooManyObjects(SluiceError):
-    """The principal holds as many kernel objects of a kind (grants, capability slots,
-    connections, shared memory, child principals) as its bank allows."""
-
-    errno = _errno.EMFILE
 
 
 @dataclasses.dataclass(slots=True)

@@ -23,7 +23,6 @@ import bisect
 import collections
 import dataclasses
 import errno as _errno
-import importlib
 import itertools
 import os
 import sys
@@ -82,12 +81,9 @@ _DATA_OK_HEAD = _DATA_OK_FRAME.pack(_DATA_OK_SIZE - 4, VERSION, DATA_OK, 0, 0, 0
 _LIGHT_TYPES: dict[str, type[BaseException]] = {
     c.__name__: c for c in (
         _errors.GrantRevoked, _errors.RightsError, _errors.NotAllocated, _errors.Sealed,
-        _errors.BadRequest, ProtocolError, ReplyTooLarge)}
-#: typed errors defined in heavier modules: resolved when one first arrives (importing
-#: kernelshim.principals loads blockdev; a client that never hits a quota never pays)
-_HEAVY_TYPES = {name: "kernelshim.principals" for name in (
-    "QuotaExceeded", "TooManyObjects", "PrincipalError", "NoSuchPrincipal",
-    "PrincipalExists", "NotAllowed")}
+        _errors.BadRequest, ProtocolError, ReplyTooLarge, _errors.QuotaExceeded,
+        _errors.TooManyObjects, _errors.PrincipalError, _errors.NoSuchPrincipal,
+        _errors.PrincipalExists, _errors.NotAllowed)}
 
 
 def remote_error(p: dict[str, Any]) -> BaseException:
@@ -97,8 +93,6 @@ def remote_error(p: dict[str, Any]) -> BaseException:
     msg = str(p.get("message", ""))
     code = p.get("errno") if isinstance(p.get("errno"), int) else _errno.EIO
     cls = _LIGHT_TYPES.get(name)
-    if cls is None and name in _HEAVY_TYPES:
-        cls = getattr(importlib.import_module(_HEAVY_TYPES[name]), name)
     if cls is not None:
         return cls(msg)
     if name == "BadSlot":

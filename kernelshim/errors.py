@@ -42,3 +42,36 @@ class BadRequest(ShimError):
     """A request with impossible arguments (negative offset, and the like)."""
 
     errno = _errno.EINVAL
+
+
+# -- principals and their banks (kernelshim/banks.py re-exports these) ---------------
+
+class PrincipalError(SluiceError):
+    """A bad request about principals (unknown name, bad bank, not allowed)."""
+
+    errno = _errno.EINVAL
+
+
+class NoSuchPrincipal(PrincipalError):
+    errno = _errno.ENOENT
+
+
+class PrincipalExists(PrincipalError):
+    errno = _errno.EEXIST
+
+
+class NotAllowed(PrincipalError):
+    errno = _errno.EPERM
+
+
+class QuotaExceeded(SluiceError):
+    """The principal (or an ancestor) would go over a storage bank limit."""
+
+    errno = _errno.EDQUOT
+
+
+class TooManyObjects(SluiceError):
+    """The principal holds as many kernel objects of a kind (grants, capability slots,
+    connections, shared memory, child principals) as its bank allows."""
+
+    errno = _errno.EMFILE

@@ -10,6 +10,7 @@ notification is pushed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -292,6 +293,38 @@ assert GrantRevoked is kernelshim.errors.GrantRevoked
         assert heavy == []
     else:
         assert "numpy" in heavy  # the check itself sees them when they are there
+
+
+def test_typed_errors_need_no_daemon_modules() -> None:
+    """A tenant's program on the system Python (no trio, numpy: the documented way for
+    other uids) gets EDQUOT, EMFILE, EPERM... as the typed errors, not a
+    ModuleNotFoundError from loading the daemon's modules (hostile probe 3, F5)."""
+    code = """
+import errno, json, sys
+from kernelshim.clientcore import remote_error
+from kernelshim.clientcore import light_import_check
+out = {}
+for name in ("QuotaExceeded", "TooManyObjects", "PrincipalError", "NoSuchPrincipal",
+             "PrincipalExists", "NotAllowed"):
+    e = remote_error({"error": name, "message": "m", "errno": 0})
+    out[name] = [type(e).__name__, e.errno]
+print(json.dumps([out, light_import_check()]))
+"""
+    # /usr/bin/python3 has none of the venv's packages: only the repository on the path
+    out = subprocess.run(["/usr/bin/python3", "-c", code], cwd=REPO, capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    errs, heavy = json.loads(out.stdout)
+    assert errs == {"QuotaExceeded": ["QuotaExceeded", errno.EDQUOT],
+                    "TooManyObjects": ["TooManyObjects", errno.EMFILE],
+                    "PrincipalError": ["PrincipalError", errno.EINVAL],
+                    "NoSuchPrincipal": ["NoSuchPrincipal", errno.ENOENT],
+                    "PrincipalExists": ["PrincipalExists", errno.EEXIST],
+                    "NotAllowed": ["NotAllowed", errno.EPERM]}
+    assert heavy == []
+    # and they are the daemon's classes
+    from kernelshim import errors, principals
+    assert principals.QuotaExceeded is errors.QuotaExceeded
 
 
 def test_a_client_newer_than_its_daemon_says_so() -> None:
