@@ -40,12 +40,15 @@ class _Acct:
     """One principal's counters (per principal, not per page)."""
 
     __slots__ = ("resident", "hits", "misses", "evictions", "discarded", "dirty",
-                 "wb_bytes", "sent", "answered", "missed", "prefetched")
+                 "wb_bytes", "sent", "answered", "missed", "prefetched", "last_missed")
 
     def __init__(self) -> None:
         self.resident = self.hits = self.misses = self.evictions = self.discarded = 0
         self.dirty = self.wb_bytes = self.sent = self.answered = self.missed = 0
         self.prefetched = 0
+        #: its last settled reclaim request went unanswered: while its next one is
+        #: pending, others' direct reclaim does not spare it (Replacement._pick_victim)
+        self.last_missed = False
 
 
 class FrameTable:

@@ -6,7 +6,9 @@ When the principal has dropped the frames itself (dontneed), or a subscriber say
 is done (`answer_reclaim`), or at the deadline, the request is settled — answered or
 missed — and what is still above the target is taken by policy. Meanwhile direct
 reclaim (pager/replacement.py) prefers other principals but falls back to them
-rather than wait, so a client that never answers never stalls anyone.
+rather than wait, so a client that never answers never stalls anyone; and once a
+principal has missed a request, direct reclaim no longer spares it while its next one
+is pending, so never answering does not keep its frames either.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ class Reclaim(Replacement):
                 a.answered += 1
             else:
                 a.missed += 1
+            a.last_missed = not replied
             if a.resident <= r.target:
                 continue
             floor = max(r.target, min(self._min.get(p, 0), a.resident))

@@ -141,7 +141,13 @@ class Replacement(WriteBack):
                 if v != NIL:
                     return v
         mins = self._min
-        req = self._requests
+        # Principals with a reclaim request pending are left to answer it — unless they
+        # missed their last one: a subscriber that never answers would otherwise be
+        # spared nearly all the time (a request is pending during every grace) and keep
+        # its frames at everyone else's expense (hostile probe 3, F2).
+        req = {p for p in self._requests
+               if (a := acct.get(p)) is None or not a.last_missed} \
+            if self._requests else self._requests
         cheap = self._hinted and any(q.size for q in self._cheap_queues)
         if not cheap:
             # the common case, in one pass: the principal furthest above its guarantee

@@ -971,6 +971,39 @@ async def test_a_client_that_never_answers_stalls_nobody(device: BlockDevice,
     check_invariants(p)
 
 
+async def test_a_client_that_missed_a_request_is_not_spared_by_the_next(
+        device: BlockDevice, autojump_clock) -> None:
+    """A principal with a reclaim request pending is left to answer it — but not once it
+    has missed one: a subscriber that never answers always has a request pending and
+    would keep its frames at everyone else's expense (hostile probe 3, F2: another
+    tenant's working set went from 34% hits to 1%)."""
+    P3 = PrincipalId(3)
+    p = Pager(device, nframes=16, policy="hinted", reclaim_grace=10.0)
+    p.low_watermark = 0
+    asked: list[tuple[int, float]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        p.on_reclaim(P2, lambda n, d: asked.append((n, d)))
+        await p.read(0, 12, principal=P2)
+        await p.read(20, 4, principal=P3)
+        p.configure_banks(banks(p2=(0, 8)))
+        await trio.sleep(10.1)  # the first request: missed, trimmed by policy
+        s = p.statistics()
+        assert s.per_principal[P2].reclaim_missed == 1 and s.resident[P2] == 8
+        await p.read(40, 4, principal=P1)
+        assert p.statistics().resident == {P1: 4, P2: 8, P3: 4}
+        p.configure_banks(banks(p2=(0, 7)))  # a second request, pending
+        await trio.sleep(0.1)
+        assert len(asked) == 2 and p.pending_reclaim(P2) is not None
+        t = trio.current_time()
+        await p.read(50, 2, principal=P1)
+        assert trio.current_time() == t
+        # the frames came from P2, furthest above its guarantee, not from P3
+        assert p.statistics().resident == {P1: 6, P2: 6, P3: 4}
+        nursery.cancel_scope.cancel()
+    check_invariants(p)
+
+
 def test_replay_command_compares_policies(tmp_path: Path, capsys) -> None:
     from pager.replay import main
     rows = [(0.0, 1, 1, 3, i % 40, i % 40, tr.READ, 0, 0) for i in range(400)]
