@@ -777,8 +777,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         with _control(args.mountpoint) as c:
             c.start_trace()
             until = f"for {args.duration:g} s" if args.duration else "until Ctrl-C"
-            print(f"recording the pager trace of {args.mountpoint} {until}", file=sys.stderr)
-            try:
+            try:  # (the line inside: a Ctrl-C right after it is a stop, not an error)
+                print(f"recording the pager trace of {args.mountpoint} {until}",
+                      file=sys.stderr, flush=True)
                 if args.duration:
                     time.sleep(args.duration)
                 else:

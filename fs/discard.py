@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kernelshim import PrincipalId, SluiceError
+from kernelshim import ROOT_PRINCIPAL, PrincipalId, SluiceError
 
 from .inodes import Inode, now_ns
 from .xattrs import DISCARDED_XATTR
@@ -38,7 +38,8 @@ class Discards:
         from inside reclaim): from now on it reads as empty, size 0, and the kernel
         forgets what it cached; `run_discarder` empties it on the volume and marks it."""
         self.discarded.add(ino)
-        self.on_data_changed(ino)
+        node = self._inodes.get(ino)
+        self.on_data_changed(ino, node.principal if node is not None else ROOT_PRINCIPAL)
         self._discard_wakeup.set()
 
     async def run_discarder(self: FileSystem, *,
@@ -70,7 +71,7 @@ class Discards:
         if node.size or node.blocks:
             await self._truncate_locked(node, 0, principal=PrincipalId(node.principal))
         self._set_discarded_mark(node, mark)
-        self.on_data_changed(node.id)
+        self.on_data_changed(node.id, node.principal)
 
     def _set_discarded_mark(self: FileSystem, node: Inode, mark: bool) -> None:
         has = DISCARDED_XATTR in self._hints(node)

@@ -83,12 +83,15 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         #: called with an inode number when its attributes changed behind the kernel's
         #: back (atime on read, setuid cleared on write); operations.py invalidates
         self.on_attr_changed: Callable[[int], None] = lambda ino: None
-        #: called when a file's data changed behind the kernel's back (a direct client's
-        #: commit or truncate) and the kernel may cache its pages (cache mode kernel)
-        self.on_data_changed: Callable[[int], None] = lambda ino: None
-        #: called with (directory, name) when a name appeared that the kernel may have
-        #: cached as missing (a direct client's create); operations.py invalidates
-        self.on_entry_created: Callable[[int, bytes], None] = lambda parent, name: None
+        #: called with (inode, principal charged for it) when a file's data changed
+        #: behind the kernel's back (a direct client's commit or truncate, the pager's
+        #: emptying of a discardable file) and the kernel may cache its pages
+        self.on_data_changed: Callable[[int, int], None] = lambda ino, principal: None
+        #: called with (directory, name, principal that made it) when a name appeared
+        #: that the kernel may have cached as missing (a direct client's create);
+        #: operations.py invalidates (queued per tenant: fs/invalidator.py)
+        self.on_entry_created: Callable[[int, bytes, int], None] = \
+            lambda parent, name, principal: None
         # The state each concern owns (declared, with what it means, in its class).
         # -- InodeCache (inodes.py) and Namespace (namespace.py) --------------------------
         self._inodes = {}
@@ -111,6 +114,11 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         # -- Transactions (commit.py) ------------------------------------------------------
         self._commit_lock = trio.Lock()
         self._unsealed = set()
+        self._reap = collections.deque()
+        self.reaping_blocks = 0
+        self._reap_wakeup = trio.Event()
+        self._reap_lot = trio.lowlevel.ParkingLot()
+        self._reaper_running = False
         self.read_only = None
         self.write_errors = 0
         self._recovered = False

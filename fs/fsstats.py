@@ -64,7 +64,7 @@ class Statistics:
     def statistics(self: FileSystem) -> FsStatistics:
         # Blocks waiting for the commit that freed them are in use by no file: free (a
         # writer short of space makes that commit durable and gets them).
-        free = self.alloc.free + self.alloc.pending_blocks
+        free = self.alloc.free + self.alloc.pending_blocks + self.reaping_blocks
         return FsStatistics(self.block_size, self.alloc.nblocks, free,
                             max(0, free - self.cow_reserve),
                             self._inode_count, self.max_inodes, len(self._handles),

@@ -209,7 +209,7 @@ class Layouts:
     def changed_behind_kernel(self: FileSystem, node: Inode) -> None:
         """A direct client changed `node`: drop what the kernel caches of it."""
         if self._cache_mode(node) == "kernel":
-            self.on_data_changed(node.id)
+            self.on_data_changed(node.id, node.principal)
         else:
             self.on_attr_changed(node.id)
 

@@ -712,6 +712,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 await nursery.start(functools.partial(fs.run_committer,
                                                       interval=opts.commit_interval))
                 await nursery.start(fs.run_discarder, name="discarder")
+                await nursery.start(fs.run_reaper, name="reaper")
                 await nursery.start(server.run)
                 nursery.start_soon(_prune_registrations, principals, name="pid-pruner")
                 nursery.start_soon(_watch_signals, on_hangup, name="signal-watcher")

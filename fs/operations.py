@@ -27,9 +27,11 @@ import pyfuse3
 import trio
 
 from kernelshim import PrincipalId, SluiceError
+from kernelshim.connection import tenant_of
 from kernelshim.principals import Principal
 
 from .errors import NotFound
+from .invalidator import Invalidator
 from .filesystem import Caller, FileSystem, Inode
 
 CONTROL_XATTR = b"user.sluice.control"
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 #: seconds the kernel may cache names and attributes (changes made behind its back are
 #: invalidated explicitly)
 TIMEOUT = 300.0
-_INVALIDATE_LIMITER = trio.CapacityLimiter(1)
 #: directory entries fetched per readdir query
 READDIR_BATCH = 256
 #: seconds from its start during which a handler's schedule points (an uncontended
@@ -388,6 +389,8 @@ class Operations(pyfuse3.Operations):
         #: the shim's socket from the mount point
         self.control_socket = control_socket.encode() if control_socket else None
         fs.on_attr_changed = self._invalidate_attr
+        #: kernel notifications that may block, queued per tenant
+        self.invalidator = Invalidator(self._invalidate_entry_sync, self._invalidate_data_sync)
         fs.on_data_changed = self._invalidate_data
         fs.on_entry_created = self._invalidate_entry
 
@@ -457,12 +460,14 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:  # noqa: BLE001 - the kernel may not know the inode
             log.debug("invalidate_inode(%d) failed: %s", ino, exc)
 
-    def _invalidate_data(self, ino: int) -> None:
+    def _tenant(self, principal: int) -> int:
+        return tenant_of(self.fs.principals.by_id(principal)).id
+
+    def _invalidate_data(self, ino: int, principal: int) -> None:
         # Dropping cached pages may wait for a page the kernel is reading through this
-        # very daemon: do it from a worker thread so the loop can answer that read.
-        trio.lowlevel.spawn_system_task(
-            functools.partial(trio.to_thread.run_sync, self._invalidate_data_sync, ino,
-                              limiter=_INVALIDATE_LIMITER), name="invalidate-data")
+        # very daemon: from a worker thread, so the loop can answer that read; queued
+        # for the tenant whose file it is (fs/invalidator.py).
+        self.invalidator.data(self._tenant(principal), ino)
 
     @staticmethod
     def _invalidate_data_sync(ino: int) -> None:
@@ -471,14 +476,13 @@ class Operations(pyfuse3.Operations):
         except Exception as exc:  # noqa: BLE001 - the kernel may not know the inode
             log.debug("invalidate_inode(%d) failed: %s", ino, exc)
 
-    def _invalidate_entry(self, parent: int, name: bytes) -> None:
+    def _invalidate_entry(self, parent: int, name: bytes, principal: int) -> None:
         # From a worker thread: the kernel may hold the directory's lock for a request
-        # this daemon has yet to answer. (Not pyfuse3's invalidate_entry_async: its queue
-        # may still hold the request when the session closes at unmount, and then logs
-        # the failure as an error with a traceback.)
-        trio.lowlevel.spawn_system_task(
-            functools.partial(trio.to_thread.run_sync, self._invalidate_entry_sync, parent,
-                              name, limiter=_INVALIDATE_LIMITER), name="invalidate-entry")
+        # this daemon has yet to answer; queued for the tenant that made the name
+        # (fs/invalidator.py). (Not pyfuse3's invalidate_entry_async: its queue may still
+        # hold the request when the session closes at unmount, and then logs the failure
+        # as an error with a traceback.)
+        self.invalidator.entry(self._tenant(principal), parent, name)
 
     @staticmethod
     def _invalidate_entry_sync(parent: int, name: bytes) -> None:

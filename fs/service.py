@@ -155,7 +155,7 @@ class DirectService:
             fs.access(parent.id, os.W_OK | os.X_OK, caller)
             node = fs._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777 & ~0o022), caller)
             node.lookups -= 1  # the kernel did not look this up
-            fs.on_entry_created(parent.id, name)
+            fs.on_entry_created(parent.id, name, node.principal)
         else:
             if excl:
                 raise Exists(f"{path}: file exists")

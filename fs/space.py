@@ -97,8 +97,10 @@ class Space:
         """Make sure `need` blocks can be allocated (NoSpace otherwise): a new allocation
         leaves the copy-on-write reserve alone, a relocation (`reserve=False`) may use it."""
         keep = self.cow_reserve if reserve else 0
-        if need > self.alloc.free - keep and self.alloc.pending_blocks:
-            await self.commit()  # blocks freed by the open transaction become usable
+        if need > self.alloc.free - keep and (self.alloc.pending_blocks or self._reap):
+            if self.alloc.pending_blocks:
+                await self.commit()  # blocks freed by the open transaction become usable
+            await self.wait_reaped()  # ... once their grace period is over
         if need > self.alloc.free - keep:
             raise NoSpace(f"no space left on device ({max(0, self.alloc.free - keep)} "
                           f"blocks free, {need} needed)")
@@ -109,6 +111,8 @@ class Space:
         holes among them fit in the free space and in the principal's space banks."""
         if self.alloc.pending_blocks:
             await self.commit()
+        if self._reap and self.alloc.free - self.cow_reserve < count:
+            await self.wait_reaped()
         budget = self.alloc.free - self.cow_reserve
         for q in self.principal(principal).chain():
             if q.banks.space is not None:

@@ -1,0 +1,135 @@
+"""One tenant's requests held up by its own limits must not hold up another tenant's
+(hostile probe 3): a tenant `slow` with an I/O limit of 0.5 operations a second keeps two
+dozen reads of its own in flight, and a readdir of its own directory parked behind them,
+holding that directory's lock in the kernel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import REPO, sluice
+
+
+HOLDER = """
+import os, random, sys, threading, time
+big, d = sys.argv[1], sys.argv[2]
+fd = os.open(big, os.O_RDONLY)
+def reader():
+    while True:
+        try:
+            os.pread(fd, 4096, random.randrange(2048) * 4096)
+        except OSError:
+            return
+for _ in range(24):
+    threading.Thread(target=reader, daemon=True).start()
+time.sleep(1)
+def lister():
+    while True:
+        os.listdir(d)
+threading.Thread(target=lister, daemon=True).start()
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+CREATOR = """
+import sys
+from kernelshim.client import Client
+with Client.connect(sys.argv[1], shm_size=0) as c:
+    for i in range(4):
+        c.open(sys.argv[2] + f"/x{i}", "w").close()
+print("created", flush=True)
+"""
+
+
+@pytest.fixture
+def held(volume: Path, mount_factory) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """A mount where tenant `slow` holds requests (HOLDER), running."""
+    m = mount_factory(volume, "--cache-size", "1M")
+    mnt = m.path
+    (mnt / "d").mkdir()
+    (mnt / "e").mkdir()
+    with open(mnt / "big", "wb") as f:
+        f.write(os.urandom(8 << 20))
+    sluice("principal", "add", str(mnt), "slow", "--io-limit", "0.5iops")
+    holder = subprocess.Popen([sys.executable, "-m", "fs.cli", "run", str(mnt), "--principal",
+                               "slow", "--", sys.executable, "-c", HOLDER, str(mnt / "big"),
+                               str(mnt / "d")], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        time.sleep(1)
+        yield mnt, holder
+    finally:
+        # The limit first: a killed process waits, unkillable, for the answers to the
+        # requests the daemon already holds.
+        sluice("principal", "set", str(mnt), "slow", "--io-limit", "none")
+        os.killpg(holder.pid, 9)
+        holder.communicate()  # (closes its pipe)
+
+
+@pytest.mark.mounted
+@pytest.mark.slow
+def test_a_tenant_holding_its_directory_does_not_delay_anothers_new_names(
+        held: tuple[Path, subprocess.Popen]) -> None:
+    """Tenant `slow` keeps its own directory's lock held in the kernel (a readdir parked
+    behind its own throttled reads) while its direct client creates names there: the
+    kernel notifications for those names wait for the lock. Another tenant's direct
+    create must still become visible through the mount at once, not when `slow`'s
+    wait ends (before fs/invalidator.py: one thread for every tenant's notifications)."""
+    mnt, _ = held
+    r = sluice("run", str(mnt), "--principal", "slow", "--", sys.executable, "-c",
+               CREATOR, str(mnt), str(mnt / "d"), timeout=60)
+    assert r.stdout.strip() == "created"
+    # Root (another tenant): the kernel caches "v is missing", then root's direct
+    # client creates it.
+    with pytest.raises(FileNotFoundError):
+        os.stat(mnt / "e" / "v")
+    from kernelshim.client import Client
+    with Client.connect(mnt, shm_size=0) as c:
+        c.open(mnt / "e" / "v", "w").close()
+    t0 = time.monotonic()
+    while True:
+        try:
+            os.stat(mnt / "e" / "v")
+            break
+        except FileNotFoundError:
+            assert time.monotonic() - t0 < 3, \
+                "root's new name still missing through the mount after 3 s"
+            time.sleep(0.05)
+
+
+@pytest.mark.mounted
+@pytest.mark.slow
+def test_a_tenants_held_reads_do_not_hold_anothers_fsync(
+        held: tuple[Path, subprocess.Popen]) -> None:
+    """Root overwrites a durable file (the old blocks are freed) and fsyncs while `slow`
+    has two dozen reads in flight behind its own I/O limit (~50 s of them). The freed
+    blocks must wait for those reads before they are reused (crash rule R3), but the
+    fsync must not: before the reaper, every commit that freed blocks waited for every
+    request in flight (hostile probe 3, F6: 154 s)."""
+    mnt, holder = held
+    path = mnt / "e" / "f"
+    times = []
+    with open(path, "wb") as f:
+        f.write(b"a" * 65536)
+        os.fsync(f.fileno())
+        for rnd in range(3):
+            f.seek(0)
+            f.write(bytes([0x62 + rnd]) * 65536)  # relocates: the old blocks are freed
+            t0 = time.monotonic()
+            os.fsync(f.fileno())
+            times.append(time.monotonic() - t0)
+    assert max(times) < 3, times
+    assert holder.poll() is None  # still holding its reads throughout
+    assert path.read_bytes() == b"d" * 65536
+    # The freed blocks count as free meanwhile (statfs), and reach the allocator once
+    # the held reads are gone.
+    st = os.statvfs(mnt)
+    assert st.f_bfree > 0
