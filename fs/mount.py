@@ -31,6 +31,7 @@ from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
+from .gcwatch import GcLog
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
                        parse_window, ThreadCpuWait)
 from .metadata import Metadata
@@ -657,6 +658,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # (SLUICE_IDLE_POLL=USEC, as --idle-poll)
         opts = _lab_idle_poll(opts, os.environ.get("SLUICE_IDLE_POLL"))
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
+        # ... and a log of every cyclic garbage collection (SLUICE_GC_LOG=FILE:
+        # fs/gcwatch.py), for benchmarks that place collections against requests
+        gc_log_path = os.environ.get("SLUICE_GC_LOG")
+        if gc_log_path:
+            stack.callback(GcLog.open(gc_log_path).close)
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
                              scheduler=opts.scheduler,
                              fault_plan=Path(fault_plan) if fault_plan else None,
