@@ -5,16 +5,17 @@ A collection runs inside whatever code allocates when a generation's count passe
 its threshold, holding the GIL: in the daemon that is some tenant's request or the
 step of the event loop serving it, and every other tenant's request waits behind it.
 
-`freeze_start_up_heap` (fs/mount.py, once the mount is set up) collects once and moves
-every object then alive — modules, the volume's tables, the services — to the
-collector's permanent generation (`gc.freeze`): they live as long as the daemon, and a
-full (generation 2) collection no longer walks them. Measured (docs/BENCHMARKS.md,
-"Hostile tenants: the daemon's garbage collector"): ~40,700 objects; under
-bench_hostile's attack a full collection came every ~160 s and held the loop for 16-30
-ms of CPU (25-70 ms wall) before, 1 ms after. Collections of the younger generations,
-and full ones of what was made since, run as before: cycles made after the freeze are
-collected, so memory stays bounded; what the freeze keeps is the start-up heap, once
-(an object of it that later becomes cyclic garbage stays, with what it refers to).
+`freeze_start_up_heap` (fs/mount.py, once the volume is loaded, before the mount goes
+live) collects once and moves every object then alive — modules, the volume's tables,
+the services — to the collector's permanent generation (`gc.freeze`): they live as
+long as the daemon, and a full (generation 2) collection no longer walks them.
+Measured (docs/BENCHMARKS.md, "Hostile tenants: the daemon's garbage collector"):
+~40,200 objects; under bench_hostile's attack a full collection came every ~160 s and
+held the loop for 16-30 ms of CPU (25-70 ms wall) before, 1.0-1.3 ms after.
+Collections of the younger generations, and full ones of what was made since, run as
+before: cycles made after the freeze are collected, so memory stays bounded; what the
+freeze keeps is the start-up heap, once (an object of it that later becomes cyclic
+garbage stays, with what it refers to).
 
 `GcLog` (the lab setting SLUICE_GC_LOG=FILE, read in fs/mount.py only) appends one
 line per collection to FILE: the wall-clock start (`time.perf_counter`, the

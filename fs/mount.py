@@ -688,6 +688,13 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                          principal_requests=opts.principal_requests,
                          parked_requests=opts.parked_requests,
                          parked_bytes=opts.parked_bytes)
+        # The start-up heap out of the collector's full collections (fs/gcwatch.py): it
+        # lives as long as the daemon. Before the mount goes live, so that no request
+        # waits behind this one full collection.
+        t0 = time.perf_counter()
+        frozen = freeze_start_up_heap()
+        log.info("garbage collector: froze %d objects of the start-up heap (%.1f ms)",
+                 frozen, (time.perf_counter() - t0) * 1e3)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
@@ -732,12 +739,6 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                     await nursery.start(functools.partial(follower.run,
                                                           wanted=opts.vfs_flags()),
                                         name="mount-flags")
-                    # The start-up heap out of the collector's full collections
-                    # (fs/gcwatch.py): it lives as long as the daemon.
-                    t0 = time.perf_counter()
-                    frozen = freeze_start_up_heap()
-                    log.info("garbage collector: froze %d objects of the start-up heap "
-                             "(%.1f ms)", frozen, (time.perf_counter() - t0) * 1e3)
                     log.info("mounted %s at %s (pid %d, control socket %s)", volume,
                              mountpoint, os.getpid(), sock_path)
                     ready(None)

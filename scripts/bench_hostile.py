@@ -22,6 +22,7 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
 
     .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
+                                              [--gc-log FILE] [--rss-seconds S]
 
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks.
 `--ab-nice A,B[,C]` compares the daemon at nice A and B (`sluice mount --nice`; 0,-5:
@@ -30,6 +31,12 @@ request pairs between the values (set on the live daemon as the mount option doe
 threads and its autogroup) and prints per value p50/p99 quiet and attacked, the daemon
 main thread's wait for a CPU (schedstat) and the victim's. The daemon's default is nice
 -5 (`sluice mount`), so a plain run measures the daemon at -5.
+`--gc-log FILE` has the daemon log every cyclic garbage collection (SLUICE_GC_LOG,
+fs/gcwatch.py) and prints per phase the collections of each generation with their wall
+and CPU time, the victim's request pairs that overlapped one, and the p99 without
+those pairs. `--rss-seconds S` keeps the attack going S seconds after the attacked
+phase and samples the daemon's resident set every second (printed: first, max, last).
+The daemon's RSS before the quiet phase and after the attacked one is always printed.
 `--py-spy PATH` records the daemon with py-spy during the attacked phase and prints
 the functions it spent its time in. `--loop-trace FILE` logs every step of the
 daemon's event loop and every control operation with its CPU time (the daemon runs
