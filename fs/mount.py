@@ -31,6 +31,7 @@ from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
 from .filesystem import FileSystem
+from .gcwatch import GcLog, freeze_start_up_heap
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
                        parse_window, ThreadCpuWait)
 from .metadata import Metadata
@@ -657,6 +658,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # (SLUICE_IDLE_POLL=USEC, as --idle-poll)
         opts = _lab_idle_poll(opts, os.environ.get("SLUICE_IDLE_POLL"))
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
+        # ... and a log of every cyclic garbage collection (SLUICE_GC_LOG=FILE:
+        # fs/gcwatch.py), for benchmarks that place collections against requests
+        gc_log_path = os.environ.get("SLUICE_GC_LOG")
+        if gc_log_path:
+            stack.callback(GcLog.open(gc_log_path).close)
         kernel = Kernel.open(volume, cache_bytes=opts.cache_bytes, profile=opts.profile,
                              scheduler=opts.scheduler,
                              fault_plan=Path(fault_plan) if fault_plan else None,
@@ -682,6 +688,13 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                          principal_requests=opts.principal_requests,
                          parked_requests=opts.parked_requests,
                          parked_bytes=opts.parked_bytes)
+        # The start-up heap out of the collector's full collections (fs/gcwatch.py): it
+        # lives as long as the daemon. Before the mount goes live, so that no request
+        # waits behind this one full collection.
+        t0 = time.perf_counter()
+        frozen = freeze_start_up_heap()
+        log.info("garbage collector: froze %d objects of the start-up heap (%.1f ms)",
+                 frozen, (time.perf_counter() - t0) * 1e3)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())

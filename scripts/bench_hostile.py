@@ -22,6 +22,7 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
 
     .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
+                                              [--gc-log FILE] [--rss-seconds S]
 
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks.
 `--ab-nice A,B[,C]` compares the daemon at nice A and B (`sluice mount --nice`; 0,-5:
@@ -30,6 +31,12 @@ request pairs between the values (set on the live daemon as the mount option doe
 threads and its autogroup) and prints per value p50/p99 quiet and attacked, the daemon
 main thread's wait for a CPU (schedstat) and the victim's. The daemon's default is nice
 -5 (`sluice mount`), so a plain run measures the daemon at -5.
+`--gc-log FILE` has the daemon log every cyclic garbage collection (SLUICE_GC_LOG,
+fs/gcwatch.py) and prints per phase the collections of each generation with their wall
+and CPU time, the victim's request pairs that overlapped one, and the p99 without
+those pairs. `--rss-seconds S` keeps the attack going S seconds after the attacked
+phase and samples the daemon's resident set every second (printed: first, max, last).
+The daemon's RSS before the quiet phase and after the attacked one is always printed.
 `--py-spy PATH` records the daemon with py-spy during the attacked phase and prints
 the functions it spent its time in. `--loop-trace FILE` logs every step of the
 daemon's event loop and every control operation with its CPU time (the daemon runs
@@ -45,7 +52,9 @@ attackers are other uids, via setpriv).
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -230,13 +239,15 @@ def own_run_delay() -> float:
 
 
 def victim(mnt: Path, n: int, waits: list[float] | None = None,
-           stamps: list[tuple[float, ...]] | None = None) -> list[float]:
+           stamps: list[tuple[float, ...]] | None = None,
+           windows: list[tuple[float, float]] | None = None) -> list[float]:
     """Seconds of each of `n` small requests (a stat, then a 4 KiB pread), one at a time,
     by a root direct client; appends to `waits` the seconds this process waited for a
     CPU during them. With `stamps` (--loop-trace, both phases alike): per pair the
     wall clock before the stat, between the two and after the pread, and this thread's
     wait for a CPU (schedstat) read before and after the pair — outside the timed
-    interval, so the latency measured is the same as without."""
+    interval, so the latency measured is the same as without. With `windows`: per pair
+    its start and end (perf_counter), to place the daemon's collections (--gc-log)."""
     out = []
     with Client.connect(mnt, shm_size=1 << 16) as c:
         with c.open("pub/shared") as f:
@@ -252,6 +263,8 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None,
                 f.pread(4096, 0)
                 t2 = time.perf_counter()
                 out.append(t2 - t)
+                if windows is not None:
+                    windows.append((t, t2))
                 if stamps is not None:
                     stamps.append((t, tm, t2, own_run_delay() - r0))
             if waits is not None:
@@ -561,6 +574,75 @@ def print_decomposition(dec: dict[str, Any]) -> None:
                                           for p in ph))
 
 
+def rss_kib(pid: int) -> int:
+    """The resident set of process `pid` (VmRSS), KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def gc_summary(path: str, phases: dict[str, tuple[float, float, list[tuple[float, float]],
+                                                  list[float]]]) -> dict[str, Any]:
+    """What the daemon's cyclic collections (its SLUICE_GC_LOG file, fs/gcwatch.py) were
+    in each phase's window (start, end, the victim pairs' windows, their latencies):
+    per generation the count, the rate and the wall and CPU durations; the victim pairs
+    that overlapped a collection, and the pairs' p99 with and without them."""
+    rows = []  # (start, generation, wall, cpu, collected): fs/gcwatch.py's lines
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            p = line.split("\t")
+            rows.append((float(p[0]), int(p[1]), float(p[2]), float(p[3]), int(p[4])))
+    out: dict[str, Any] = {}
+    for phase, (t0, t1, wins, lat) in phases.items():
+        mine = [r for r in rows if t0 <= r[0] <= t1]
+        gens: dict[str, Any] = {}
+        for g in (0, 1, 2):
+            rs = [r for r in mine if r[1] == g]
+            if not rs:
+                gens[str(g)] = {"n": 0}
+                continue
+            w = sorted(r[2] for r in rs)
+            c = sorted(r[3] for r in rs)
+            gens[str(g)] = {"n": len(rs), "per_s": len(rs) / (t1 - t0),
+                            "wall_p50_ms": w[len(w) // 2] * 1e3, "wall_max_ms": w[-1] * 1e3,
+                            "cpu_p50_ms": c[len(c) // 2] * 1e3, "cpu_max_ms": c[-1] * 1e3,
+                            "cpu_total_ms": sum(c) * 1e3}
+        starts = [r[0] for r in mine]
+        ends = [r[0] + r[2] for r in mine]
+        hit = []
+        for (a, b), x in zip(wins, lat):
+            k = bisect.bisect_left(ends, a)
+            hit.append(k < len(starts) and starts[k] <= b)
+        clean = [x for x, h in zip(lat, hit) if not h]
+        dirty = sorted(x for x, h in zip(lat, hit) if h)
+        out[phase] = {"seconds": t1 - t0, "gens": gens, "pairs": len(lat),
+                      "pairs_with_gc": len(dirty),
+                      "pairs_with_gc_ms": [round(x * 1e3, 3) for x in dirty],
+                      "p99_all": percentiles(lat)["p99"] if lat else 0.0,
+                      "p99_without_gc_pairs": percentiles(clean)["p99"] if clean else 0.0}
+    return out
+
+
+def print_gc(gcs: dict[str, Any]) -> None:
+    print("the daemon's cyclic garbage collections (--gc-log), per phase window "
+          "(the victim's requests; 'run': from the mount to the unmount):")
+    for phase, o in gcs.items():
+        print(f"  {phase} ({o['seconds']:.2f} s): " + "; ".join(
+            f"gen {g}: {h['n']}" + (f" ({h['per_s']:.1f}/s) wall p50 {h['wall_p50_ms']:.3f} "
+                                    f"max {h['wall_max_ms']:.3f} ms, CPU p50 "
+                                    f"{h['cpu_p50_ms']:.3f} max {h['cpu_max_ms']:.3f} ms"
+                                    if h["n"] else "")
+            for g, h in o["gens"].items()))
+        if not o["pairs"]:
+            continue
+        worst = o["pairs_with_gc_ms"][-5:]
+        print(f"    victim pairs overlapping a collection: {o['pairs_with_gc']} of "
+              f"{o['pairs']} (slowest: {worst} ms); p99 {o['p99_all']:.3f} ms, without "
+              f"those pairs {o['p99_without_gc_pairs']:.3f} ms")
+
+
 def print_ab(result: dict[str, Any], n: int) -> None:
     """The table of --ab-nice: per daemon nice value, the victim's p50/p99 quiet and
     attacked, their ratio, and the daemon main thread's wait for a CPU (schedstat)."""
@@ -602,6 +684,13 @@ def main() -> int:
                     help="compare the daemon's nice values A and B (e.g. 0,-5: without "
                          "and with `sluice mount --nice`'s default) in the same run: "
                          "each phase alternates blocks of 50 requests between them")
+    ap.add_argument("--gc-log", dest="gc_log", metavar="FILE",
+                    help="have the daemon log every cyclic garbage collection to FILE "
+                         "(SLUICE_GC_LOG) and print, per phase, their counts and durations "
+                         "per generation and the victim requests they overlapped")
+    ap.add_argument("--rss-seconds", dest="rss_seconds", type=float, default=0.0,
+                    metavar="S", help="after the attacked phase, keep attacking for S "
+                                      "seconds and sample the daemon's RSS every second")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
@@ -618,6 +707,11 @@ def main() -> int:
     result: dict[str, Any] = {"samples": n, "load_start": loadavg()}
     try:
         sm.mkfs()
+        t_mount = time.perf_counter()
+        if args.gc_log:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.gc_log)
+            os.environ["SLUICE_GC_LOG"] = args.gc_log
         if args.loop_trace:
             saved = {k: os.environ.get(k) for k in ("SLUICE_LOOP_TRACE", "PYTHONPATH")}
             os.environ["SLUICE_LOOP_TRACE"] = args.loop_trace
@@ -662,7 +756,10 @@ def main() -> int:
         vw: list[float] = []
         stamps: dict[str, list[tuple[float, ...]]] | None = \
             {"quiet": [], "attacked": []} if args.loop_trace else None
-        quiet = victim(mnt, n, vw, stamps["quiet"] if stamps else None)
+        win_q: list[tuple[float, float]] = []
+        win_a: list[tuple[float, float]] = []
+        rss = {"quiet_start": rss_kib(sm.pid)}
+        quiet = victim(mnt, n, vw, stamps["quiet"] if stamps else None, win_q)
         t1 = time.perf_counter()
         rd1, cpu1 = run_delay(sm.pid), cpu_time(sm.pid)
         svc_q = daemon_service(mnt)
@@ -673,17 +770,28 @@ def main() -> int:
             daemon_service(mnt)
             rd2, cpu2 = run_delay(sm.pid), cpu_time(sm.pid)
             t2 = time.perf_counter()
-            busy = victim(mnt, n, vw, stamps["attacked"] if stamps else None)
+            busy = victim(mnt, n, vw, stamps["attacked"] if stamps else None, win_a)
             t3 = time.perf_counter()
+            rss["attacked_end"] = rss_kib(sm.pid)
             rd3, cpu3 = run_delay(sm.pid), cpu_time(sm.pid)
             svc_a = daemon_service(mnt)
             if spy is not None:
                 spy.wait()
+            if args.rss_seconds > 0:
+                log(f"attacking for {args.rss_seconds:.0f} s more, sampling the daemon's RSS")
+                samples = []
+                end = time.monotonic() + args.rss_seconds
+                while time.monotonic() < end:
+                    time.sleep(1.0)
+                    samples.append(rss_kib(sm.pid))
+                rss["long_attack_kib"] = samples
             result["load_attacked"] = loadavg()
             result["attackers"] = sum(p.poll() is None for p in attack.procs)
             result["attackers_started"] = len(attack.procs)
         result["quiet"] = percentiles(quiet)
         result["attacked"] = percentiles(busy)
+        result["rss_kib"] = rss
+        result["windows"] = {"quiet": (t0, t1), "attacked": (t2, t3)}
         result["daemon_quiet"] = svc_q
         result["daemon_attacked"] = svc_a
         result["victim_cpu_wait_ms"] = [w / n * 1e3 for w in vw]
@@ -694,6 +802,8 @@ def main() -> int:
     finally:
         daemon_pid = sm.pid
         sm.cleanup()
+        t_end = time.perf_counter()
+        os.environ.pop("SLUICE_GC_LOG", None)
         if not is_mounted(base / "mnt"):
             shutil.rmtree(base, ignore_errors=True)
         if args.ab_nice and "ab_attacked" in result:
@@ -730,6 +840,18 @@ def main() -> int:
     print(f"victim process waiting for a CPU, per request pair (mean): {vq:.3f} ms quiet, "
           f"{va:.3f} ms attacked; mean latency {sum(quiet) / n * 1e3:.3f} ms quiet, "
           f"{sum(busy) / n * 1e3:.3f} ms attacked")
+    r = result["rss_kib"]
+    print(f"daemon RSS: {r['quiet_start'] / 1024:.1f} MiB before the quiet phase, "
+          f"{r['attacked_end'] / 1024:.1f} MiB after the attacked one" + (
+              f"; over {len(r['long_attack_kib'])} s more of attack: first "
+              f"{r['long_attack_kib'][0] / 1024:.1f}, max {max(r['long_attack_kib']) / 1024:.1f}"
+              f", last {r['long_attack_kib'][-1] / 1024:.1f} MiB"
+              if r.get("long_attack_kib") else ""))
+    if args.gc_log:
+        result["gc"] = gcs = gc_summary(args.gc_log, {
+            "quiet": (t0, t1, win_q, quiet), "attacked": (t2, t3, win_a, busy),
+            "run": (t_mount, t_end, [], [])})
+        print_gc(gcs)
     if args.py_spy:
         top = summarize_py_spy("/tmp/bench_hostile.pyspy.txt")
         result["py_spy"] = top

@@ -1237,7 +1237,8 @@ def test_bench_hostile_quick(tmp_path: Path) -> None:
     the machine is shared)."""
     out = tmp_path / "hostile.json"
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_hostile.py"), "--quick",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--json", str(out), "--gc-log", str(tmp_path / "gc.log"),
+                        "--rss-seconds", "2"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout)
     res = json.loads(out.read_text())
@@ -1251,6 +1252,14 @@ def test_bench_hostile_quick(tmp_path: Path) -> None:
     assert res["attackers"] == res["attackers_started"]  # all still at it at the end
     assert {"uid-1000", "uid-1002"} <= set(res["daemon_attacked"])
     assert "ratio attacked/quiet" in r.stdout
+    # --gc-log: the daemon's collections per phase (the freeze's full one at least, over
+    # the run); --rss-seconds: the daemon's resident set sampled while attacked
+    assert res["gc"]["run"]["gens"]["2"]["n"] >= 1
+    for phase in ("quiet", "attacked"):
+        assert res["gc"][phase]["pairs"] == res["samples"]
+        assert 0 <= res["gc"][phase]["pairs_with_gc"] <= res["samples"]
+    assert len(res["rss_kib"]["long_attack_kib"]) >= 1
+    assert all(x > 10_000 for x in res["rss_kib"]["long_attack_kib"])
 
 
 async def test_backlogged_principals_park_over_the_batch_budget(
