@@ -65,7 +65,7 @@ class Transactions:
         # Discardable files a crash may have caught with data not on the device (the
         # last commit recorded them): a cache by contract, they come back empty and
         # marked, never partial (docs/dev/invariants.md, crash rule 4).
-        listed = _unflushed_list(md.meta(UNFLUSHED_KEY))
+        listed = unflushed_list(md.meta(UNFLUSHED_KEY))
         if listed is None:
             # (damaged or crafted: which discardable files a crash caught is unknown, so
             # none is emptied; a file it named may show what survived of its data)
@@ -262,7 +262,7 @@ class Transactions:
         return len(stale)
 
 
-def _unflushed_list(value: object) -> list[int] | None:
+def unflushed_list(value: object) -> list[int] | None:
     """The `unflushed` list as stored (a JSON list of inode numbers), or None if it is
     not one (a damaged or crafted meta.db)."""
     if value is None:

@@ -3,6 +3,8 @@
 What is checked, in this order, and what `repair` does. A repair only drops or zeroes
 what the report names, and each repair is reported on the line after its error:
 
+- volume values: max_inodes not a positive integer (repair: set it as mkfs does),
+  the `unflushed` list not a list of inode numbers (repair: empty it).
 - inodes: a row whose id, file type or symlink target makes no sense (repair: free
   the inode with its extents and xattrs; its names are then dangling); other columns
   out of range or not integers (`fs.inodes.row_problems`: uid and gid, times,
@@ -78,6 +80,7 @@ from kernelshim import (ROOT_PRINCIPAL, WRITTEN, UNWRITTEN, BlockDevice, BlockNo
                         SluiceError)
 from kernelshim.principals import ENTRY_COST, PrincipalError, PrincipalTable
 
+from .commit import UNFLUSHED_KEY, unflushed_list
 from .errors import VolumeError
 from .inodes import MAX_FILE_SIZE, row_problems
 from .metadata import INODE_COLUMNS, Metadata
@@ -387,6 +390,7 @@ class _Checker:
 
     def run(self) -> None:
         self.progress.phase("checking inodes and names")
+        self.check_meta()
         if not self.check_inodes():
             return
         self.check_names()
@@ -404,6 +408,24 @@ class _Checker:
             else len(self.inodes)
         self.out.info(f"{self.blocks_in_use} of {self.dev.nblocks} blocks in use by "
                       f"{live} inodes")
+
+    def check_meta(self) -> None:
+        """The volume-wide values the mount reads: max_inodes (the mount refuses one
+        that is not a positive integer) and the `unflushed` list (the mount ignores one
+        that is not a list of inode numbers, and empties no discardable file)."""
+        max_inodes = self.md.meta("max_inodes")
+        if max_inodes is not None and (type(max_inodes) is not int or max_inodes < 1):
+            fix = max(1024, self.dev.nblocks)  # (what mkfs sets without --inodes)
+            self.out.error(f"max_inodes {max_inodes!r} in meta.db is not a positive integer",
+                           f"set it to {fix}")
+            if self.repair:
+                self.md.set_meta("max_inodes", fix)
+        if unflushed_list(self.md.meta(UNFLUSHED_KEY)) is None:
+            self.out.error(f"the {UNFLUSHED_KEY!r} list in meta.db is not a list of inode "
+                           "numbers (which discardable files a crash caught is unknown)",
+                           "emptied the list")
+            if self.repair:
+                self.md.set_meta(UNFLUSHED_KEY, "[]")
 
     def check_inodes(self) -> bool:
         """Load the inodes; drop those that cannot be told apart (id, type, a symlink's

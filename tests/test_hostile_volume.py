@@ -250,6 +250,22 @@ def test_fsck_removes_xattr_rows_no_sluice_could_write(vol: Path) -> None:
     assert again.returncode == 0, again.stdout
 
 
+@pytest.mark.parametrize("key, value, fix", [
+    ("max_inodes", -1, "set it to 4096"), ("max_inodes", "lots", "set it to 4096"),
+    ("unflushed", "not json", "emptied the list"), ("unflushed", '["x"]', "emptied the list"),
+])
+def test_fsck_repairs_the_volume_values_the_mount_refuses_or_ignores(vol: Path, key: str,
+                                                                     value: object,
+                                                                     fix: str) -> None:
+    """max_inodes -1 made the mount refuse ('run sluice fsck --repair') while fsck found
+    the volume clean; a garbage unflushed list was clean to fsck too."""
+    sql(vol, "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", args=(key, value))
+    r = sluice("fsck", "-q", "--repair", str(vol), check=False, timeout=60)
+    assert r.returncode == 1 and fix in r.stdout, r.stdout + r.stderr
+    again = sluice("fsck", "-q", str(vol), check=False, timeout=60)
+    assert again.returncode == 0, again.stdout
+
+
 # -- mounting a damaged volume -------------------------------------------------------------
 
 def _mount(vol: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
