@@ -22,7 +22,7 @@ and checks, for each step:
   was read (`daemon-died`), the reader finished, and no file showed a block of another
   file (`cross-file-data`: every block of the template carries the tag of its file
   and block number);
-- nothing outside the volume changed: a sentinel directory (a root-owned file the
+- nothing outside the volume changed: a per-case directory (root-owned files the
   symlink cases point at, standing in for /etc/shadow) keeps its listing, contents
   and times (`outside-write`), and no socket or file appears there;
 - the daemon's log has no "unexpected error" (a handler bug answered EIO: reported
@@ -280,11 +280,14 @@ def _cases() -> dict[str, Callable[[Ctx], None]]:
     c: dict[str, Callable[[Ctx], None]] = {}
 
     # meta.db: out-of-range values in rows
-    c["inode-size-negative"] = lambda x: x.sql(f"UPDATE inodes SET size=-1 WHERE id={x.ino('a.txt')}")
-    c["inode-size-huge"] = lambda x: x.sql(f"UPDATE inodes SET size={1 << 62} WHERE id={x.ino('big.bin')}")
+    c["inode-size-negative"] = lambda x: x.sql(
+        f"UPDATE inodes SET size=-1 WHERE id={x.ino('a.txt')}")
+    c["inode-size-huge"] = lambda x: x.sql(
+        f"UPDATE inodes SET size={1 << 62} WHERE id={x.ino('big.bin')}")
     c["inode-size-int64-max"] = lambda x: x.sql(
         f"UPDATE inodes SET size={(1 << 63) - 1} WHERE id={x.ino('big.bin')}")
-    c["inode-size-text"] = lambda x: x.sql(f"UPDATE inodes SET size='abc' WHERE id={x.ino('a.txt')}")
+    c["inode-size-text"] = lambda x: x.sql(
+        f"UPDATE inodes SET size='abc' WHERE id={x.ino('a.txt')}")
     c["inode-size-float"] = lambda x: x.sql(f"UPDATE inodes SET size=1.5 WHERE id={x.ino('a.txt')}")
     c["inode-blocks-overflow"] = lambda x: x.sql(
         f"UPDATE inodes SET blocks={(1 << 63) - 1} WHERE id={x.ino('big.bin')}")
@@ -338,7 +341,8 @@ def _cases() -> dict[str, Callable[[Ctx], None]]:
         f"UPDATE dentries SET name='a-text' WHERE inode={x.ino('a.txt')}")
     c["name-is-integer"] = lambda x: x.sql(
         f"UPDATE dentries SET name=42 WHERE inode={x.ino('a.txt')}")
-    c["mode-no-file-type"] = lambda x: x.sql(f"UPDATE inodes SET mode=420 WHERE id={x.ino('a.txt')}")
+    c["mode-no-file-type"] = lambda x: x.sql(
+        f"UPDATE inodes SET mode=420 WHERE id={x.ino('a.txt')}")
     c["mode-dir-becomes-file"] = lambda x: x.sql(
         f"UPDATE inodes SET mode={0o100644} WHERE id={x.ino('dir')}")
     c["mode-file-becomes-dir"] = lambda x: x.sql(
@@ -381,10 +385,13 @@ def _cases() -> dict[str, Callable[[Ctx], None]]:
         f"UPDATE dentries SET inode=-9 WHERE inode={x.ino('a.txt')}")
 
     # meta.db: the meta table, the schema
-    c["meta-schema-from-the-future"] = lambda x: x.sql("UPDATE meta SET value=99 WHERE key='schema'")
+    c["meta-schema-from-the-future"] = lambda x: x.sql(
+        "UPDATE meta SET value=99 WHERE key='schema'")
     c["meta-schema-missing"] = lambda x: x.sql("DELETE FROM meta WHERE key='schema'")
-    c["meta-max-inodes-garbage"] = lambda x: x.sql("UPDATE meta SET value='lots' WHERE key='max_inodes'")
-    c["meta-max-inodes-negative"] = lambda x: x.sql("UPDATE meta SET value=-1 WHERE key='max_inodes'")
+    c["meta-max-inodes-garbage"] = lambda x: x.sql(
+        "UPDATE meta SET value='lots' WHERE key='max_inodes'")
+    c["meta-max-inodes-negative"] = lambda x: x.sql(
+        "UPDATE meta SET value=-1 WHERE key='max_inodes'")
     for label, value in (("garbage", "not json"), ("dict", '{"a": 1}'), ("deep", DEEP),
                          ("strings", '["x", null, 1.5]'), ("huge", f"[{HUGE_INT}]"),
                          ("missing-inodes", "[99999, -1, 0]")):
@@ -417,8 +424,10 @@ def _cases() -> dict[str, Callable[[Ctx], None]]:
     c["checksums-random"] = lambda x: (x.vol / "checksums").write_bytes(
         x.random_bytes((x.vol / "checksums").stat().st_size))
     c["checksums-entries-random"] = lambda x: _random_entries(x)
-    c["checksums-header-huge-shape"] = lambda x: _npy_header(x, "{'descr': '<u8', 'fortran_order': False, 'shape': (99999999999999,), }")
-    c["checksums-header-bad-dtype"] = lambda x: _npy_header(x, "{'descr': '|O', 'fortran_order': False, 'shape': (4096,), }")
+    c["checksums-header-huge-shape"] = lambda x: _npy_header(
+        x, "{'descr': '<u8', 'fortran_order': False, 'shape': (99999999999999,), }")
+    c["checksums-header-bad-dtype"] = lambda x: _npy_header(
+        x, "{'descr': '|O', 'fortran_order': False, 'shape': (4096,), }")
 
     # device.img
     c["device-img-shorter"] = lambda x: x.truncate("device.img", frac=0.5)
