@@ -50,7 +50,7 @@ from .attributes import Attributes
 from .commit import Transactions
 from .dataio import OpenFiles
 from .discard import Discards
-from .errors import VolumeError
+from .errors import Damaged, NotFound, VolumeError
 from .fsstats import FsStatistics, Statistics
 from .inodes import MAX_FILE_SIZE, NAME_MAX, ROOT_INODE, Caller, Handle, Inode, InodeCache
 from .layouts import Layouts
@@ -154,6 +154,16 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
                 raise VolumeError(f"{where} maps device blocks {dev}+{count}, which "
                                   "another extent maps too: the metadata is damaged; run "
                                   "sluice fsck --repair") from None
+        try:
+            root = fs.inode(ROOT_INODE)
+        except (NotFound, Damaged) as exc:
+            root = None
+            why = str(exc)
+        if root is None or not root.is_dir:
+            raise VolumeError(f"{md.path}: the root directory (inode 1) is "
+                              + (f"missing or damaged ({why})" if root is None
+                                 else "not a directory")
+                              + ": the metadata is damaged; run sluice fsck")
         fs._inode_count = md.inode_count()
         fs._recount_usage()
         if read_only:

@@ -302,6 +302,17 @@ def test_mount_refuses_extents_outside_the_device_or_shared(vol: Path, tmp_path:
 
 
 @pytest.mark.mounted
+@pytest.mark.parametrize("statement", ["DELETE FROM inodes WHERE id=1",
+                                       f"UPDATE inodes SET mode={0o100644} WHERE id=1",
+                                       "UPDATE inodes SET uid=-1 WHERE id=1"])
+def test_mount_refuses_a_volume_without_a_usable_root(vol: Path, tmp_path: Path, unmount,
+                                                      statement: str) -> None:
+    """The mount went live with no root directory (every request then failed)."""
+    sql(vol, statement)
+    one_line_error(_mount(vol, tmp_path), "meta.db", "the root directory (inode 1)")
+
+
+@pytest.mark.mounted
 def test_a_named_inode_with_link_count_zero_is_not_freed(vol: Path, tmp_path: Path,
                                                          unmount) -> None:
     """The mount freed it at its last close (or forget), leaving its name dangling and
