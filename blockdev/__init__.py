@@ -14,7 +14,11 @@ from .device import BlockDevice as BlockDevice
 from .device import DeviceGeometry as DeviceGeometry
 from .device import DeviceStatistics as DeviceStatistics
 from .durable import PRIVATE_FILE_MODE as PRIVATE_FILE_MODE
+from .durable import MAX_JSON_FILE as MAX_JSON_FILE
+from .durable import StoreFileError as StoreFileError
 from .durable import fsync_directory as fsync_directory
+from .durable import open_store_file as open_store_file
+from .durable import read_json_file as read_json_file
 from .durable import write_durably as write_durably
 from .errors import ChecksumError as ChecksumError
 from .errors import DeviceError as DeviceError

@@ -35,6 +35,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import trio
 
+from .durable import open_store_file
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -133,14 +135,20 @@ class Backing(Protocol):
 class FileBacking:
     """A regular (sparse) file or a block device node, opened read-write."""
 
-    def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None,
+                 in_volume: bool = False) -> None:
         """Open `path`; with `create_size`, create (or truncate to) a sparse file of that
-        many bytes first (formatting)."""
+        many bytes first (formatting). `in_volume`: a file of the volume directory,
+        opened only if it is a regular file (not through a symbolic link, never a FIFO:
+        StoreFileError naming it)."""
         self._path = os.fspath(path)
         flags = os.O_RDWR | os.O_CLOEXEC
         if create_size is not None:
             flags |= os.O_CREAT
-        self._fd = os.open(self._path, flags, 0o600)
+        if in_volume:
+            self._fd = open_store_file(self._path, flags)
+        else:
+            self._fd = os.open(self._path, flags, 0o600)
         try:
             st = os.fstat(self._fd)
             self._is_file = stat.S_ISREG(st.st_mode)

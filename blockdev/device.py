@@ -48,6 +48,7 @@ import trio
 import xxhash
 
 from .backing import Backing, FileBacking, reserve_space
+from .durable import StoreFileError, read_json_file
 from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
                         format_checksum_file)
 from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
@@ -60,6 +61,8 @@ from .types import ROOT_PRINCIPAL, BankTree, BlockNo, PrincipalId
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: the largest device a header may declare (8 EiB would overflow byte offsets)
+MAX_DEVICE_BYTES = 1 << 60
 HEADER = "device.json"
 BACKING = "device.img"
 CHECKSUMS = "checksums"
@@ -242,7 +245,8 @@ class BlockDevice:
             nblocks = size // block_size
             if nblocks < 16:
                 raise FormatError(f"device size {size} is too small (at least 16 blocks)")
-            FileBacking(directory / BACKING, create_size=nblocks * block_size).close()
+            FileBacking(directory / BACKING, create_size=nblocks * block_size,
+                        in_volume=True).close()
             backing_s = BACKING
         else:
             fd = os.open(backing, os.O_RDONLY)
@@ -262,16 +266,36 @@ class BlockDevice:
 
     @staticmethod
     def read_geometry(directory: Path) -> DeviceGeometry:
+        """device.json, checked (FormatError naming the file and what is wrong). Keys
+        this format does not know are ignored."""
+        path = directory / HEADER
         try:
-            header = json.loads((directory / HEADER).read_text())
+            header = read_json_file(path)
         except FileNotFoundError:
             raise FormatError(f"{directory} has no block device ({HEADER} missing)") from None
-        except (OSError, ValueError) as exc:
-            raise FormatError(f"cannot read {directory / HEADER}: {exc}") from None
-        if header.get("format") != FORMAT_VERSION:
+        except OSError as exc:
+            raise FormatError(f"cannot read {path}: {exc.strerror}") from None
+        except StoreFileError as exc:  # ("PATH is a FIFO, ...", "PATH is not valid JSON: ...")
+            why = str(exc).removeprefix(f"{path} ").removeprefix("is ")
+            raise FormatError(f"cannot read {path}: {why}") from None
+        if not isinstance(header, dict):
+            raise FormatError(f"{path} is not a device header (a JSON object)")
+        if header.get("format") != FORMAT_VERSION or type(header.get("format")) is not int:
             raise FormatError(f"unsupported device format {header.get('format')!r}")
-        header.pop("format")
-        return DeviceGeometry(**header)
+        want = {"block_size": int, "nblocks": int, "backing": str, "profile": str,
+                "uuid": str}
+        for key, typ in want.items():
+            if type(header.get(key)) is not typ:
+                raise FormatError(f"{path}: {key} {header.get(key)!r} is not "
+                                  f"{'an integer' if typ is int else 'a string'}")
+        bs, nblocks = header["block_size"], header["nblocks"]
+        if bs < 512 or bs & (bs - 1) or bs > 1 << 20:
+            raise FormatError(f"{path}: block size {bs} is not a power of two in 512..1M")
+        if not 16 <= nblocks <= MAX_DEVICE_BYTES // bs:
+            raise FormatError(f"{path}: {nblocks} blocks is outside 16..{MAX_DEVICE_BYTES // bs}")
+        if not header["backing"] or "\0" in header["backing"]:
+            raise FormatError(f"{path}: backing {header['backing']!r} is not a path")
+        return DeviceGeometry(**{k: header[k] for k in want})
 
     @classmethod
     def open(cls, directory: Path, *, profile: str | None = None,
@@ -287,12 +311,19 @@ class BlockDevice:
         log holds what reached the store (a torn write as torn)."""
         geo = cls.read_geometry(directory)
         prof = parse_profile(profile or geo.profile)
-        path = geo.backing if os.path.isabs(geo.backing) else str(directory / geo.backing)
+        inside = not os.path.isabs(geo.backing)
+        if inside and geo.backing != BACKING:
+            raise FormatError(f"{directory / HEADER}: backing {geo.backing!r} is neither "
+                              f"{BACKING} nor an absolute path")
+        path = str(directory / geo.backing) if inside else geo.backing
         opened: list[Backing] = []
         try:
-            data: Backing = FileBacking(path)
+            # Files in the volume directory are never followed through a symbolic link
+            # (a crafted volume must not make root write elsewhere); an absolute backing
+            # is what `mkfs --device` was given, named on purpose.
+            data: Backing = FileBacking(path, in_volume=inside)
             opened.append(data)
-            sums: Backing = FileBacking(directory / CHECKSUMS)
+            sums: Backing = FileBacking(directory / CHECKSUMS, in_volume=True)
             opened.append(sums)
             if recorder is not None:
                 data = recorder.attach(BACKING, data, unit=geo.block_size)

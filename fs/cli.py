@@ -224,8 +224,7 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
         # Detached, stdout and stderr are the volume's sluice.log: after a rotation
         # (logrotate moves it, then sends SIGHUP) they go to a new file of that name.
         if detached:
-            fd = os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                         | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE)
+            fd = vol.open_log(volume)
             sys.stderr.flush()
             sys.stdout.flush()
             os.dup2(fd, 1)
@@ -274,8 +273,7 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> in
     cmd += ["--nice", "keep" if args.nice is None else str(args.nice)]
     if args.debug:
         cmd.insert(3, "--debug")  # the top-level option, before the subcommand
-    logf = os.fdopen(os.open(volume / vol.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                             | os.O_CLOEXEC | os.O_NOFOLLOW, vol.FILE_MODE), "ab")
+    logf = os.fdopen(vol.open_log(volume), "ab")
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=logf,
                             stderr=logf, start_new_session=True, cwd="/")
     os.close(w)

@@ -17,7 +17,7 @@ import trio
 from kernelshim import ExtentMap, PrincipalId, ROOT_PRINCIPAL, Rights, SluiceError
 from kernelshim.extents import blocks_to_cover
 
-from .errors import ReadOnly, WriteFailed
+from .errors import Damaged, ReadOnly, WriteFailed
 from .metadata import ChangeMarks
 
 if TYPE_CHECKING:
@@ -63,17 +63,28 @@ class Transactions:
         fs._recovered = True
         # Inodes unlinked while open when the daemon last stopped: free them now.
         for ino in md.orphans():
+            try:
+                node = fs.inode(ino)
+            except Damaged as exc:  # (its row makes no sense: left for fsck)
+                log.error("orphaned inode %d not removed: %s", ino, exc)
+                continue
             log.info("removing orphaned inode %d (unlinked while open at last shutdown)", ino)
-            await fs._destroy(fs.inode(ino))
+            await fs._destroy(node)
         # Discardable files a crash may have caught with data not on the device (the
         # last commit recorded them): a cache by contract, they come back empty and
         # marked, never partial (docs/dev/invariants.md, crash rule 4).
-        listed = json.loads(str(md.meta(UNFLUSHED_KEY) or "[]"))
+        listed = unflushed_list(md.meta(UNFLUSHED_KEY))
+        if listed is None:
+            # (damaged or crafted: which discardable files a crash caught is unknown, so
+            # none is emptied; a file it named may show what survived of its data)
+            log.error("%s: the %r list is not a list of inode numbers: ignored (run "
+                      "sluice fsck)", md.path, UNFLUSHED_KEY)
+            listed = []
         # What is stored: the next commit replaces it (with what is unflushed then).
-        fs._unflushed_saved = frozenset(int(i) for i in listed)
+        fs._unflushed_saved = frozenset(listed)
         for ino in listed:
             try:
-                node = fs.inode(int(ino))
+                node = fs.inode(ino)
             except SluiceError:
                 continue
             if node.is_reg and node.nlink:
@@ -85,11 +96,11 @@ class Transactions:
         # daemon stopped (its close would have trimmed them). Nothing else leaves
         # blocks there (fallocate's KEEP_SIZE, when it comes, must be told apart).
         for ino in md.inodes_with_blocks_past_eof(fs.block_size):
-            node = fs.inode(ino)
             try:
+                node = fs.inode(ino)
                 emap = fs._extents(node)
-            except ValueError as exc:  # damaged extents: reads of it fail; fsck repairs
-                log.warning("inode %d: %s (run sluice fsck)", ino, exc)
+            except Damaged as exc:  # damaged row or extents: reads of it fail; fsck repairs
+                log.warning("%s", exc)
                 continue
             freed = emap.remove_owned(blocks_to_cover(node.size, fs.block_size))
             log.info("inode %d: dropping %d blocks past its end (an uncommitted write layout)",
@@ -305,3 +316,18 @@ class Transactions:
                 runs.append((b, 1))
         await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
         return len(stale)
+
+
+def unflushed_list(value: object) -> list[int] | None:
+    """The `unflushed` list as stored (a JSON list of inode numbers), or None if it is
+    not one (a damaged or crafted meta.db)."""
+    if value is None:
+        return []
+    try:
+        listed = json.loads(value) if isinstance(value, (str, bytes)) else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(listed, list) or not all(type(i) is int and 0 < i < 1 << 63
+                                               for i in listed):
+        return None
+    return listed

@@ -107,6 +107,13 @@ class BadHandle(FsError):
     errno = _errno.EBADF
 
 
+class Damaged(FsError):
+    """An inode's row in meta.db makes no sense (a damaged or crafted volume): requests
+    for it get EIO and the mount stays up; `sluice fsck --repair` fixes the row."""
+
+    errno = _errno.EIO
+
+
 class VolumeError(FsError):
     """A volume cannot be made, opened or mounted (a user mistake or a damaged volume)."""
 

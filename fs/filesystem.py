@@ -42,7 +42,7 @@ from typing import Callable
 
 import trio
 
-from kernelshim import Kernel
+from kernelshim import UNWRITTEN, WRITTEN, Kernel
 from kernelshim.principals import ENTRY_COST, PrincipalTable
 
 from .allocator import Allocator
@@ -50,6 +50,7 @@ from .attributes import Attributes
 from .commit import Transactions
 from .dataio import OpenFiles
 from .discard import Discards
+from .errors import Damaged, NotFound, VolumeError
 from .fsstats import FsStatistics, Statistics
 from .inodes import MAX_FILE_SIZE, NAME_MAX, ROOT_INODE, Caller, Handle, Inode, InodeCache
 from .layouts import Layouts
@@ -136,11 +137,41 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
                    read_only: bool = False) -> FileSystem:
         """The metadata server of a volume. Cleans what a crash left (orphans, write
         layouts never committed) unless `read_only`: then nothing is written at all."""
-        max_inodes = int(md.meta("max_inodes") or kernel.nblocks)  # type: ignore[call-overload]
+        max_inodes = md.meta("max_inodes") or kernel.nblocks
+        if type(max_inodes) is not int or max_inodes < 1:
+            raise VolumeError(f"{md.path}: max_inodes {max_inodes!r} is not a positive "
+                              "integer (the metadata is damaged: run sluice fsck --repair)")
         fs = cls(md, kernel, max_inodes=max_inodes, default_cache_mode=default_cache_mode,
                  principals=principals)
-        for _ino, _fb, dev, count, _st in md.all_extents():
-            fs.alloc.mark_used(dev, count)
+        # Every extent is checked before anything is served: one past the device or
+        # sharing blocks with another would serve another file's data (or write over
+        # it). A damaged or crafted meta.db is refused as a whole; fsck repairs it.
+        nblocks, max_fb = kernel.nblocks, MAX_FILE_SIZE // fs.block_size
+        for ino, fb, dev, count, st in md.all_extents():
+            where = f"{md.path}: inode {ino!r}: extent at file block {fb!r}"
+            if not (type(fb) is type(dev) is type(count) is int and st in (WRITTEN, UNWRITTEN)
+                    and type(st) is int and 0 <= fb and 0 < count and fb + count <= max_fb
+                    and 0 <= dev and dev + count <= nblocks):
+                raise VolumeError(f"{where} maps device blocks {dev!r}+{count!r} (state "
+                                  f"{st!r}), outside the device ({nblocks} blocks) or not "
+                                  "an extent: the metadata is damaged; run sluice fsck "
+                                  "--repair")
+            try:
+                fs.alloc.mark_used(dev, count)
+            except ValueError:
+                raise VolumeError(f"{where} maps device blocks {dev}+{count}, which "
+                                  "another extent maps too: the metadata is damaged; run "
+                                  "sluice fsck --repair") from None
+        try:
+            root = fs.inode(ROOT_INODE)
+        except (NotFound, Damaged) as exc:
+            root = None
+            why = str(exc)
+        if root is None or not root.is_dir:
+            raise VolumeError(f"{md.path}: the root directory (inode 1) is "
+                              + (f"missing or damaged ({why})" if root is None
+                                 else "not a directory")
+                              + ": the metadata is damaged; run sluice fsck")
         fs._inode_count = md.inode_count()
         fs._recount_usage()
         if read_only:

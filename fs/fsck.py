@@ -3,6 +3,14 @@
 What is checked, in this order, and what `repair` does. A repair only drops or zeroes
 what the report names, and each repair is reported on the line after its error:
 
+- volume values: max_inodes not a positive integer (repair: set it as mkfs does),
+  the `unflushed` list not a list of inode numbers (repair: empty it).
+- inodes: a row whose id, file type or symlink target makes no sense (repair: free
+  the inode with its extents and xattrs; its names are then dangling); other columns
+  out of range or not integers (`fs.inodes.row_problems`: uid and gid, times,
+  generation, rdev, the principal tag, a size past MAX_FILE_SIZE) (repair: set uid and
+  gid to 0, root, times to 0, a size to the end of the file's extents); link and block
+  counts are left to their own checks below.
 - names: entries naming a missing or invalid inode, in a missing or non-directory
   parent, with an invalid name, naming the root, or giving a directory a second name
   (repair: drop the entry).
@@ -25,6 +33,9 @@ what the report names, and each repair is reported on the line after its error:
   most plausibly wrote it last (written before unwritten, then the newer mtime): the
   other owner's view of it is another file's data, which is what must not survive.
 - block counts: an inode's `blocks` = the blocks its extents hold (repair: set).
+- xattrs: rows no sluice writes, which the daemon never serves: of a missing inode,
+  a name that is not bytes or is empty or longer than 255 bytes, a value that is not
+  bytes or is over 64 KiB (repair: remove the row).
 - charges: the principals that inodes, entries and extents are tagged with exist in
   principals.json. Storage usage is never stored: the mount recounts it from these
   tags and silently charges an unknown tag to root (repair: zero the tag, i.e. charge
@@ -65,12 +76,16 @@ from typing import Callable, Iterable
 import numpy as np
 import trio
 
-from kernelshim import ROOT_PRINCIPAL, WRITTEN, UNWRITTEN, BlockDevice, BlockNo, ChecksumError
+from kernelshim import (ROOT_PRINCIPAL, WRITTEN, UNWRITTEN, BlockDevice, BlockNo, ChecksumError,
+                        SluiceError)
 from kernelshim.principals import ENTRY_COST, PrincipalError, PrincipalTable
 
+from .commit import UNFLUSHED_KEY, unflushed_list
 from .errors import VolumeError
-from .metadata import Metadata
-from .volume import DB, MOUNT_STATE, VolumeLock, checking_lock, read_header
+from .inodes import MAX_FILE_SIZE, row_problems
+from .metadata import INODE_COLUMNS, Metadata
+from .xattrs import XATTR_NAME_MAX, XATTR_SIZE_MAX
+from .volume import DB, MOUNT_STATE, VolumeLock, checking_lock, open_metadata, read_header
 
 #: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
 EXIT_CLEAN = 0
@@ -79,8 +94,6 @@ EXIT_UNCORRECTED = 4
 
 ROOT_INODE = 1
 NAME_MAX = 255
-_FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR,
-                         stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
 #: blocks read per device request when verifying data
 _VERIFY_CHUNK = 256
 #: leaked-block runs named in a report line before "..."
@@ -377,12 +390,14 @@ class _Checker:
 
     def run(self) -> None:
         self.progress.phase("checking inodes and names")
+        self.check_meta()
         if not self.check_inodes():
             return
         self.check_names()
         self.progress.phase(f"{len(self.inodes)} inodes, {len(self.paths)} reachable; "
                             "checking extents")
         self.check_extents()
+        self.check_xattrs()
         self.progress.phase("checking principal charges")
         self.check_charges()
         self.progress.phase("checking for leaked blocks")
@@ -394,27 +409,75 @@ class _Checker:
         self.out.info(f"{self.blocks_in_use} of {self.dev.nblocks} blocks in use by "
                       f"{live} inodes")
 
+    def check_meta(self) -> None:
+        """The volume-wide values the mount reads: max_inodes (the mount refuses one
+        that is not a positive integer) and the `unflushed` list (the mount ignores one
+        that is not a list of inode numbers, and empties no discardable file)."""
+        max_inodes = self.md.meta("max_inodes")
+        if max_inodes is not None and (type(max_inodes) is not int or max_inodes < 1):
+            fix = max(1024, self.dev.nblocks)  # (what mkfs sets without --inodes)
+            self.out.error(f"max_inodes {max_inodes!r} in meta.db is not a positive integer",
+                           f"set it to {fix}")
+            if self.repair:
+                self.md.set_meta("max_inodes", fix)
+        if unflushed_list(self.md.meta(UNFLUSHED_KEY)) is None:
+            self.out.error(f"the {UNFLUSHED_KEY!r} list in meta.db is not a list of inode "
+                           "numbers (which discardable files a crash caught is unknown)",
+                           "emptied the list")
+            if self.repair:
+                self.md.set_meta(UNFLUSHED_KEY, "[]")
+
     def check_inodes(self) -> bool:
-        """Load the inodes; drop those whose fields make no sense. False: no root."""
+        """Load the inodes; drop those that cannot be told apart (id, type, a symlink's
+        target), set the columns that are out of range to safe values, and leave link
+        and block counts to the checks that count them. False: no root."""
         for row in self.md.all_inodes():
-            ino, mode, nlink, size, blocks, parent, mtime = (row[0], row[2], row[5], row[6],
-                                                             row[7], row[12], row[10])
-            fields = (ino, mode, nlink, size, blocks, parent, mtime)
-            if not _all_int(fields) or stat.S_IFMT(mode) not in _FILE_TYPES \
-                    or nlink < 0 or size < 0 or ino < 1:
-                self.out.error(f"inode {ino!r} is malformed (mode {mode!r}, nlink {nlink!r}, "
-                               f"size {size!r})",
+            ino = row[0]
+            bad = row_problems(row)
+            if {"id", "mode", "target"} & bad.keys():
+                self.out.error(f"inode {ino!r} is malformed ("
+                               + ", ".join(f"{k} {v}" for k, v in bad.items()) + ")",
                                "freed it (with its extents and xattrs)")
                 if self.repair:
                     self.md.delete_inode(ino)  # type: ignore[arg-type]
                 self.freed.add(ino)  # (its extents go with it, not reported again)
                 continue
-            self.inodes[ino] = _Inode(ino, mode, nlink, size, blocks, parent, mtime)
+            values = dict(zip(INODE_COLUMNS, row))
+            # Counted later: an unusable count is reported and set there.
+            for col in ("nlink", "blocks"):
+                bad.pop(col, None)
+                if type(values[col]) is not int:
+                    values[col] = -1
+            if "size" in bad:
+                values["size"] = self._fitting_size(ino, values["mode"], values["target"])
+            for col, why in bad.items():
+                fix = {"uid": 0, "gid": 0, "generation": 1, "rdev": 0,
+                       "principal": ROOT_PRINCIPAL}.get(col, values.get(col) if col == "size"
+                                                        else 0)
+                values[col] = fix
+                self.out.error(f"inode {ino}: {col} {why}",
+                               f"set it to {fix}" + (" (root)" if col in ("uid", "gid")
+                                                     else ""))
+                if self.repair:
+                    self.md.update_inode(ino, **{col: fix})
+            self.inodes[ino] = _Inode(ino, values["mode"], values["nlink"], values["size"],
+                                      values["blocks"], values["parent"], values["mtime_ns"])
         root = self.inodes.get(ROOT_INODE)
         if root is None or not root.is_dir:
             self.out.error("the root directory (inode 1) is missing or not a directory", None)
             return False
         return True
+
+    def _fitting_size(self, ino: int, mode: int, target: object) -> int:
+        """A size for an inode whose size is out of range: a file's covers its extents
+        (so none is dropped as past its end), a symlink's is its target's length."""
+        if stat.S_ISLNK(mode) and isinstance(target, bytes):
+            return len(target)
+        if not stat.S_ISREG(mode):
+            return 0
+        ends = [fb + n for fb, _d, n, _s, _p in self.md.load_extents(ino)
+                if _is_int(fb) and _is_int(n) and 0 <= fb and 0 < n]
+        return min(max(ends, default=0) * self.bs, MAX_FILE_SIZE)
 
     def check_names(self) -> None:
         """Entries, reachability from the root, link counts."""
@@ -650,6 +713,20 @@ class _Checker:
                 [(fb, dev, n, e.state, owner.get(e.fb, ROOT_PRINCIPAL))
                  for e in changed for fb, dev, n in e.pieces])
 
+    def check_xattrs(self) -> None:
+        """xattr rows no sluice could have written (a damaged or crafted meta.db): the
+        daemon never serves them (a value over the limit, a name that is not bytes),
+        so each is an error and the repair removes it."""
+        for ino, name, why in self.md.bad_xattrs(XATTR_NAME_MAX, XATTR_SIZE_MAX):
+            if ino in self.freed:
+                continue  # freed with its inode
+            shown = _show(name[:64]) if isinstance(name, bytes) else repr(name)[:64]
+            owner = self.where(ino) if isinstance(ino, int) else repr(ino)
+            self.out.error(f"xattr {shown!r} of {owner}"
+                           f" is damaged: {why}", "removed it")
+            if self.repair:
+                self.md.delete_xattr_row(ino, name)
+
     def check_charges(self) -> None:
         """Every charge tag names a principal of principals.json."""
         try:
@@ -764,15 +841,10 @@ def fsck(path: Path, *, repair: bool = False, verify_data: bool = False,
     prog = _Progress(progress)
     # A check may run while the volume is mounted read-only; a repair only unmounted.
     with VolumeLock(path, purpose="fsck") if repair else checking_lock(path):
-        if not (path / DB).is_file():  # (sqlite would make an empty one)
-            raise VolumeError(f"{path / DB} is missing: the volume has no metadata")
-        try:
-            md = Metadata(path / DB)
-        except sqlite3.Error as exc:
-            raise VolumeError(f"{path / DB}: cannot open the metadata database: {exc}") from None
+        md = open_metadata(path)
         try:
             dev = _Device(path)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SluiceError) as exc:
             md.close()
             raise VolumeError(f"{path}: cannot open the block device: {exc}") from None
         except BaseException:

@@ -18,7 +18,7 @@ import trio
 from kernelshim import ExtentMap, Grant, PrincipalId, ROOT_PRINCIPAL
 from kernelshim.principals import Principal
 
-from .errors import InvalidArgument, NameTooLong, NotFound
+from .errors import Damaged, InvalidArgument, NameTooLong, NotFound
 from .metadata import INODE_COLUMNS
 
 if TYPE_CHECKING:
@@ -29,6 +29,57 @@ ROOT_INODE = 1
 NAME_MAX = 255
 LINK_MAX = 65000
 MAX_FILE_SIZE = 1 << 50
+#: the longest symlink target (PATH_MAX - 1, as `symlink` enforces)
+SYMLINK_MAX = 4095
+FILE_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR,
+                        stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
+_U32 = 1 << 32
+_I64 = 1 << 63
+
+
+def row_problems(row: tuple) -> dict[str, str]:
+    """What is wrong with an inode row (INODE_COLUMNS) read from meta.db: column ->
+    why, empty if nothing. SQLite keeps whatever a writer put in a column ('7', 1.5, a
+    blob), so a damaged or crafted volume is checked column by column: every number
+    an integer in the range the kernel and the daemon's arithmetic take."""
+    bad: dict[str, str] = {}
+    v = dict(zip(INODE_COLUMNS, row))
+    for col, value in v.items():
+        if col != "target" and type(value) is not int:
+            bad[col] = f"{value!r} is not an integer"
+
+    def out_of(col: str, lo: int, hi: int, why: str = "is out of range") -> None:
+        if col not in bad and not lo <= v[col] <= hi:
+            bad[col] = f"{v[col]} {why}"
+
+    out_of("id", 1, _I64 - 1, "is not a positive inode number")
+    mode = v["mode"]
+    if "mode" not in bad and (mode >> 16 or stat.S_IFMT(mode) not in FILE_TYPES):
+        # (checked in this order: S_IFMT overflows past 64 bits)
+        bad["mode"] = f"{mode} (0o{mode:o}) has no file type"
+    out_of("generation", 0, _U32 - 1)
+    for col in ("uid", "gid"):  # ((uid_t)-1 means "no change" to the kernel)
+        out_of(col, 0, _U32 - 2, "is not a valid id")
+    out_of("nlink", 0, LINK_MAX)
+    out_of("size", 0, MAX_FILE_SIZE, f"is out of range (0..{MAX_FILE_SIZE})")
+    out_of("blocks", 0, MAX_FILE_SIZE // 512)
+    out_of("rdev", 0, _U32 - 1)
+    target = v["target"]
+    if "mode" not in bad and stat.S_ISLNK(mode) and (
+            not isinstance(target, bytes) or not 0 < len(target) <= SYMLINK_MAX
+            or b"\0" in target):
+        bad["target"] = f"a symlink target must be 1..{SYMLINK_MAX} bytes without NUL"
+    return bad
+
+
+def check_row(row: tuple) -> tuple:
+    """`row` if it makes sense, else Damaged naming the inode and what is wrong."""
+    bad = row_problems(row)
+    if bad:
+        raise Damaged(f"inode {row[0]!r} is damaged in meta.db ("
+                      + ", ".join(f"{k} {v}" for k, v in bad.items())
+                      + "): run sluice fsck")
+    return row
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,18 +192,22 @@ class InodeCache:
             row = self.md.get_inode(ino)
             if row is None:
                 raise NotFound(f"inode {ino} does not exist")
-            node = self._inodes[ino] = Inode(row)
+            node = self._inodes[ino] = Inode(check_row(row))
         return node
 
     def _cache_row(self: FileSystem, row: tuple) -> Inode:
         node = self._inodes.get(row[0])
         if node is None:
-            node = self._inodes[row[0]] = Inode(row)
+            node = self._inodes[row[0]] = Inode(check_row(row))
         return node
 
     def _extents(self: FileSystem, node: Inode) -> ExtentMap:
         if node.extents is None:
-            node.extents = ExtentMap(self.md.load_extents(node.id))
+            try:
+                node.extents = ExtentMap(self.md.load_extents(node.id))
+            except ValueError as exc:  # two extents map a file block (the mount checked
+                # each extent, not how they fit together): fsck repairs it
+                raise Damaged(f"inode {node.id}: {exc} in meta.db: run sluice fsck") from None
         return node.extents
 
     def _lock(self: FileSystem, node: Inode) -> trio.Lock:

@@ -28,6 +28,8 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import Damaged
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -159,6 +161,30 @@ class Metadata:
             md.db.execute("COMMIT")
         finally:
             md.close()
+
+    def schema_problem(self) -> str | None:
+        """What makes this database not a sluice metadata database of this version (a
+        table or column missing, a schema version from another release), or None."""
+        want: dict[str, set[str]] = {
+            "meta": {"key", "value"}, "inodes": set(INODE_COLUMNS),
+            "dentries": {"id", "parent", "name", "inode", "principal"},
+            "extents": {"inode", "file_block", "dev_block", "count", "state", "principal"},
+            "xattrs": {"inode", "name", "value"}}
+        for table, cols in want.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if not have:
+                return f"table {table} is missing"
+            if cols - have:
+                return f"table {table} lacks column {sorted(cols - have)[0]}"
+        version = self.meta("schema")
+        if version is None:
+            return "it records no schema version"
+        if version != SCHEMA_VERSION or type(version) is not int:
+            return (f"its schema version is {version!r}, this sluice knows "
+                    f"{SCHEMA_VERSION}" + (" (made by a newer sluice?)"
+                                           if type(version) is int and version > SCHEMA_VERSION
+                                           else ""))
+        return None
 
     def meta(self, key: str) -> object:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -330,9 +356,13 @@ class Metadata:
         self._w("DELETE FROM xattrs WHERE inode=?", (ino,))
 
     def orphans(self) -> list[int]:
-        """Inodes no name points to (unlinked while open when the daemon stopped)."""
+        """Inodes no name points to (unlinked while open when the daemon stopped). An
+        inode with a link count of 0 that a name points to, or that holds names, is not
+        one: a damaged count (fsck sets it), never a reason to free what is named."""
         self.flush_inodes()
-        return [r[0] for r in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM inodes WHERE nlink=0 AND id NOT IN (SELECT inode FROM dentries)"
+            " AND id NOT IN (SELECT parent FROM dentries)")]
 
     def inode_count(self) -> int:
         self.flush_inodes()
@@ -470,10 +500,24 @@ class Metadata:
 
     # -- xattrs -----------------------------------------------------------------------------
 
-    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?",
-                              (ino, name)).fetchone()
-        return None if row is None else bytes(row[0])
+    def get_xattr(self, ino: int, name: bytes, *, limit: int | None = None) -> bytes | None:
+        """The value, or None if there is none. With `limit`, a value longer than that
+        (only a damaged or crafted meta.db holds one: set_xattr's callers refuse them)
+        or not a blob raises Damaged without reading it into memory."""
+        if limit is None:
+            row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?",
+                                  (ino, name)).fetchone()
+            return None if row is None else bytes(row[0])
+        row = self.db.execute(
+            "SELECT CASE WHEN typeof(value)='blob' AND length(value)<=? THEN value END,"
+            " typeof(value), length(value) FROM xattrs WHERE inode=? AND name=?",
+            (limit, ino, name)).fetchone()
+        if row is None:
+            return None
+        if row[0] is None and not (row[1] == "blob" and row[2] == 0):
+            raise Damaged(f"inode {ino}: xattr {name!r} in meta.db is a {row[1]} of "
+                          f"{row[2]} bytes, not a value of at most {limit}: run sluice fsck")
+        return bytes(row[0] or b"")
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         # INSERT ... SELECT, not VALUES: SQLite then keeps a statement journal, so
@@ -502,12 +546,15 @@ class Metadata:
         """The xattrs whose names start with `prefix` (a range scan of the primary key)."""
         hi = prefix[:-1] + bytes([prefix[-1] + 1])
         return [(bytes(n), bytes(v)) for n, v in self.db.execute(
-            "SELECT name, value FROM xattrs WHERE inode=? AND name>=? AND name<?",
+            "SELECT name, value FROM xattrs WHERE inode=? AND name>=? AND name<?"
+            " AND typeof(value)='blob' AND length(value)<=65536",  # (else damage: absent)
             (ino, prefix, hi))]
 
     def list_xattrs(self, ino: int) -> list[bytes]:
+        # (a name that is not a blob is damage, never listed: fsck removes it)
         return [bytes(r[0]) for r in
-                self.db.execute("SELECT name FROM xattrs WHERE inode=? ORDER BY name", (ino,))]
+                self.db.execute("SELECT name FROM xattrs WHERE inode=? AND typeof(name)='blob'"
+                                " ORDER BY name", (ino,))]
 
     # -- whole-volume queries (fsck) ----------------------------------------------------
 
@@ -517,6 +564,28 @@ class Metadata:
 
     def all_dentries(self) -> list[tuple[int, int, bytes, int]]:
         return self.db.execute("SELECT id, parent, name, inode FROM dentries").fetchall()
+
+    def bad_xattrs(self, name_max: int, size_max: int) -> list[tuple[object, object, str]]:
+        """(inode, name, why) of every xattr row no sluice could have written: of a
+        missing inode, its name or value not a blob, its name empty or longer than
+        `name_max`, its value longer than `size_max` (fsck). Values are not read."""
+        return self.db.execute(
+            "SELECT x.inode, x.name, CASE"
+            " WHEN i.id IS NULL THEN 'its inode is missing'"
+            " WHEN typeof(x.name) != 'blob' THEN 'its name is a ' || typeof(x.name)"
+            " WHEN length(x.name) = 0 OR length(x.name) > ? THEN"
+            "  'its name is ' || length(x.name) || ' bytes'"
+            " WHEN typeof(x.value) != 'blob' THEN 'its value is a ' || typeof(x.value)"
+            " ELSE 'its value is ' || length(x.value) || ' bytes' END"
+            " FROM xattrs x LEFT JOIN inodes i ON i.id = x.inode"
+            " WHERE i.id IS NULL OR typeof(x.name) != 'blob' OR length(x.name) = 0"
+            " OR length(x.name) > ? OR typeof(x.value) != 'blob' OR length(x.value) > ?",
+            (name_max, name_max, size_max)).fetchall()
+
+    def delete_xattr_row(self, ino: object, name: object) -> None:
+        """Remove one xattr row as it is (fsck: `name` may be of any type)."""
+        self._changed_all = True
+        self._w("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name))
 
     def delete_dentry_id(self, dentry_id: int) -> None:
         self._changed_all = True  # (fsck: the entry's inodes are not looked up)

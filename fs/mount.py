@@ -16,6 +16,7 @@ import os
 import re
 import select
 import signal
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -34,14 +35,13 @@ from .filesystem import FileSystem
 from .gcwatch import GcLog, freeze_start_up_heap
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
                        parse_window, ThreadCpuWait)
-from .metadata import Metadata
 from .metrics import MetricsServer
 from .errors import VolumeError
 from .operations import (HANDLER_CHECKPOINT_BUDGET, PARKED_BYTES, PARKED_REQUESTS,
                          PRINCIPAL_REQUESTS, Operations)
 from .service import DirectService
-from .volume import (DB, VolumeLock, clear_mount_state, pid_alive, read_header,
-                     read_mount_state, write_mount_state)
+from .volume import (DB, VolumeLock, clear_mount_state, open_metadata, pid_alive,
+                     read_header, read_mount_state, write_mount_state)
 
 log = logging.getLogger(__name__)
 
@@ -669,12 +669,16 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                              record_dir=Path(record_dir) if record_dir else None,
                              pager_policy=opts.pager_policy, writeback=opts.writeback)
         stack.callback(kernel.close)
-        md = Metadata(volume / DB, record=Path(record_dir) if record_dir else None)
+        md = open_metadata(volume, record=Path(record_dir) if record_dir else None)
         stack.callback(md.close)
         principals = PrincipalTable.load(volume)
-        fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
-                                   principals=principals, read_only=opts.read_only)
-        scrubbed = 0 if opts.read_only else await fs.scrub_stale_blocks()
+        try:
+            fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
+                                       principals=principals, read_only=opts.read_only)
+            scrubbed = 0 if opts.read_only else await fs.scrub_stale_blocks()
+        except sqlite3.Error as exc:  # (a page of it is damaged: its schema was fine)
+            raise VolumeError(f"{volume / DB}: the metadata database is unreadable: {exc}; "
+                              "run sluice fsck") from None
         if scrubbed:
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)
@@ -854,8 +858,14 @@ async def _watch_signals(on_hangup: Callable[[], None] | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:  # the convention (logrotate): reopen the log
-                if on_hangup is not None:
-                    on_hangup()
+                try:
+                    if on_hangup is not None:
+                        on_hangup()
+                except (OSError, SluiceError) as exc:
+                    # (sluice.log replaced by a symbolic link, a FIFO; the host's disk
+                    # full): the daemon keeps serving, logging where it did
+                    log.error("SIGHUP: cannot reopen the log: %s", exc)
+                    continue
                 log.info("SIGHUP: log reopened")
                 continue
             log.info("signal %d: unmounting", signum)

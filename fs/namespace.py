@@ -6,14 +6,15 @@ and reading directories."""
 
 from __future__ import annotations
 
+import logging
 import stat
 from typing import TYPE_CHECKING
 
 from kernelshim import ExtentMap, Grant, ROOT_PRINCIPAL
 from kernelshim.principals import ENTRY_COST
 
-from .errors import (Exists, InvalidArgument, IsADirectory, NameTooLong, NoSpace, NotADirectory,
-                     NotEmpty, NotFound, NotPermitted, TooManyLinks)
+from .errors import (Damaged, Exists, InvalidArgument, IsADirectory, NameTooLong, NoSpace,
+                     NotADirectory, NotEmpty, NotFound, NotPermitted, TooManyLinks)
 from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
 from .permissions import in_group
 from .xattrs import DISCARDED_XATTR, xattr_cost
@@ -21,9 +22,21 @@ from .xattrs import DISCARDED_XATTR, xattr_cost
 if TYPE_CHECKING:
     from .filesystem import FileSystem
 
+log = logging.getLogger(__name__)
+
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+
+
+def _named(node: Inode) -> Inode:
+    """`node`, which a name points to: Damaged if its link count says no name does (a
+    damaged meta.db). Served as it is, its last close or forget would free it and leave
+    its names dangling; fsck sets the count from the names."""
+    if node.nlink == 0:
+        raise Damaged(f"inode {node.id} is named but has link count 0 in meta.db: run "
+                      "sluice fsck")
+    return node
 
 
 class Namespace:
@@ -59,7 +72,7 @@ class Namespace:
         ino = self.md.lookup(parent, name)
         if ino is None:
             raise NotFound(f"no entry {name!r} in directory {parent}")
-        return self.inode(ino)
+        return _named(self.inode(ino))
 
     def _new_inode(self: FileSystem, parent: Inode, name: bytes, mode: int, caller: Caller, *,
                    rdev: int = 0, target: bytes | None = None) -> Inode:
@@ -359,7 +372,20 @@ class Namespace:
         if after < 2:
             out.append((2, b"..", self.inode(node.parent)))
         for row in self.md.readdir(ino, max(0, after - 2), limit):
-            out.append((row[0] + 2, bytes(row[1]), self._cache_row(row[2:])))
+            name = row[1]
+            try:
+                # (a damaged or crafted meta.db: a name the kernel would refuse, which
+                # fails the whole listing, or an inode row that makes no sense; the
+                # others of the directory stay listable, fsck repairs these)
+                if not isinstance(name, bytes) or name in (b".", b".."):
+                    raise InvalidArgument(f"invalid name {name!r}")
+                check_name(name)
+                node = _named(self._cache_row(row[2:]))
+            except (InvalidArgument, NameTooLong, Damaged) as exc:
+                log.error("readdir of inode %d: entry %d skipped: %s (run sluice fsck)",
+                          ino, row[0], exc)
+                continue
+            out.append((row[0] + 2, name, node))
         if after == 0:
             self._touch_atime(node)
         return out

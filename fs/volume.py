@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import struct
 import time
@@ -31,7 +32,8 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Iterator
 
-from kernelshim import BlockDevice, FormatError, fsync_directory, parse_profile, write_durably
+from kernelshim import (BlockDevice, FormatError, StoreFileError, fsync_directory,
+                        open_store_file, parse_profile, read_json_file, write_durably)
 
 from .errors import VolumeError
 from .metadata import Metadata
@@ -85,17 +87,33 @@ def is_volume(path: Path) -> bool:
 
 
 def read_header(path: Path) -> VolumeInfo:
+    """The volume's header, checked: VolumeError (one line naming the file) if it is
+    missing, not a regular file, not valid JSON or not a header of this format."""
     if not path.exists():
         raise VolumeError(f"{path}: no such volume (make one with 'sluice mkfs {path}')")
-    if not is_volume(path):
+    if not is_volume(path) and not (path / HEADER).is_symlink():
         raise VolumeError(f"{path} is not a sluice volume ({HEADER} missing)")
     try:
-        h = json.loads((path / HEADER).read_text())
-    except (OSError, ValueError) as exc:
-        raise VolumeError(f"{path}: unreadable volume header: {exc}") from None
-    if h.get("format") != FORMAT_VERSION:
+        h = read_json_file(path / HEADER)
+    except (OSError, StoreFileError) as exc:
+        raise VolumeError(f"{path}: unreadable volume header: {os_error_text(exc)}"
+                          ) from None
+    if not isinstance(h, dict):
+        raise VolumeError(f"{path / HEADER}: not a volume header (a JSON object)")
+    if h.get("format") != FORMAT_VERSION or type(h.get("format")) is not int:
         raise VolumeError(f"{path}: unsupported volume format {h.get('format')!r}")
-    return VolumeInfo(path, h["uuid"], h["created_ns"])
+    vid, created = h.get("uuid"), h.get("created_ns")
+    # The uuid names the daemon's control socket (/run/sluice/UUID.sock): a crafted
+    # one must not name a path elsewhere.
+    try:
+        ok = isinstance(vid, str) and str(uuidlib.UUID(vid)) == vid
+    except ValueError:
+        ok = False
+    if not ok or not isinstance(vid, str):
+        raise VolumeError(f"{path / HEADER}: uuid {vid!r} is not a UUID")
+    if type(created) is not int:
+        raise VolumeError(f"{path / HEADER}: created_ns {created!r} is not an integer")
+    return VolumeInfo(path, vid, created)
 
 
 def check_profile(profile: str) -> None:
@@ -174,6 +192,48 @@ def _mkfs(path: Path, *, size: int, block_size: int, profile: str, inodes: int |
             {"format": FORMAT_VERSION, "uuid": vid, "created_ns": now}, indent=2) + "\n"
         ).encode(), mode=FILE_MODE)
     return VolumeInfo(path, vid, now)
+
+
+#: the metadata database's files: SQLite opens (and creates) them by name, following
+#: symbolic links, so they are checked before it does
+DB_FILES = (DB, DB + "-wal", DB + "-shm")
+
+
+def open_metadata(path: Path, *, record: Path | None = None) -> Metadata:
+    """The volume's metadata database, opened and checked: VolumeError (one line, naming
+    meta.db) if it or its -wal or -shm is not a regular file (a symbolic link to a file
+    elsewhere is never opened: SQLite would read it, write it and make a -wal beside
+    it), if SQLite cannot read it, or if it is not a sluice database of this version."""
+    for name in DB_FILES:
+        try:
+            st = os.lstat(path / name)
+        except FileNotFoundError:
+            if name == DB:  # (SQLite would make an empty one)
+                raise VolumeError(f"{path / DB} is missing: the volume has no metadata"
+                                  ) from None
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory"
+                    if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "not a regular file")
+            raise VolumeError(f"{path / name} is {kind}, not a regular file: refusing to "
+                              "use it")
+    try:
+        md = Metadata(path / DB, record=record)
+    except sqlite3.Error as exc:
+        raise VolumeError(f"{path / DB}: cannot open the metadata database: {exc}") from None
+    try:
+        problem = md.schema_problem()
+    except sqlite3.Error as exc:
+        problem = f"it is unreadable: {exc}"
+    except BaseException:
+        md.db.close()
+        raise
+    if problem:
+        md.db.close()
+        raise VolumeError(f"{path / DB} is not a sluice metadata database of this version: "
+                          f"{problem}")
+    return md
 
 
 def _fsync_file(path: Path) -> None:
@@ -269,8 +329,7 @@ class VolumeLock:
         self.writer = False
 
     def __enter__(self) -> VolumeLock:
-        fd = os.open(self.path / LOCK,
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+        fd = _open_lock(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -314,8 +373,7 @@ def checking_lock(path: Path) -> Iterator[dict | None]:
     runs (a read-only mount may even start meanwhile; a read-write one, a remount
     read-write, a repair or mkfs cannot). Yields the mount state if a daemon has it
     mounted; VolumeError if something writes to it."""
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 FILE_MODE)
+    fd = _open_lock(path)
     try:
         state = read_mount_state(path) if _flock_held(fd) else None
         if not _ofd_lock(fd, fcntl.F_RDLCK):
@@ -329,6 +387,25 @@ def checking_lock(path: Path) -> Iterator[dict | None]:
         os.close(fd)
 
 
+def open_log(path: Path) -> int:
+    """The daemon's log, sluice.log, opened for appending (made if missing): a regular
+    file, never a symbolic link, FIFO or directory put in its place (VolumeError)."""
+    try:
+        return open_store_file(path / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                               mode=FILE_MODE)
+    except StoreFileError as exc:
+        raise VolumeError(str(exc)) from None
+
+
+def _open_lock(path: Path) -> int:
+    """The volume's lock file, made if missing: a regular file, never a symbolic link,
+    FIFO or directory put in its place (VolumeError naming it)."""
+    try:
+        return open_store_file(path / LOCK, os.O_RDWR | os.O_CREAT, mode=FILE_MODE)
+    except StoreFileError as exc:
+        raise VolumeError(str(exc)) from None
+
+
 def _flock_held(fd: int) -> bool:
     """Whether a daemon (or mkfs, or a repair) holds the volume's flock."""
     try:
@@ -340,16 +417,29 @@ def _flock_held(fd: int) -> bool:
 
 
 def read_mount_state(path: Path) -> dict | None:
+    """mount.json, if it is there and says what a daemon writes: a mount point (a
+    string) and a pid. Anything else (not a regular file, not JSON, other types) is no
+    state: the next mount replaces it."""
     try:
-        return json.loads((path / MOUNT_STATE).read_text())
-    except (OSError, ValueError):
+        state = read_json_file(path / MOUNT_STATE, limit=1 << 20)
+    except (OSError, StoreFileError):
         return None
+    if not isinstance(state, dict) or not isinstance(state.get("mountpoint"), str) \
+            or type(state.get("pid")) is not int or not 0 < state["pid"] < 1 << 31:
+        return None
+    if type(state.get("seq", 0)) is not int:
+        state.pop("seq")
+    return state
 
 
 def write_mount_state(path: Path, *, mountpoint: str, pid: int, **more: object) -> None:
     """mount.json: the daemon's pid and mount point, and (`more`) the kernel's mount
     flags it last applied (`flags`, as mountinfo says them), the result (`applied`)
     and why a remount read-write was refused (`refused`)."""
+    if (path / MOUNT_STATE).is_dir() and not (path / MOUNT_STATE).is_symlink():
+        # (a symbolic link or a FIFO is replaced by the rename; a directory is not)
+        raise VolumeError(f"{path / MOUNT_STATE} is a directory, not a regular file: "
+                          "refusing to use it")
     # Durable: after a power loss, the next mount must find the dead mount to clean.
     write_durably(path / MOUNT_STATE,
                   (json.dumps({"mountpoint": mountpoint, "pid": pid, **more}) + "\n"

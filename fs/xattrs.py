@@ -153,7 +153,7 @@ class Xattrs:
         node = self.inode(ino)
         if node.xattr_bytes == 0:
             raise NoData(f"no xattr {name!r}")
-        v = self.md.get_xattr(ino, name)
+        v = self.md.get_xattr(ino, name, limit=XATTR_SIZE_MAX)
         if v is None:
             raise NoData(f"no xattr {name!r}")
         return v

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from blockdev import parse_profile as parse_profile
     from blockdev import parse_size as parse_size
     from blockdev import write_durably as write_durably
+    from blockdev import StoreFileError as StoreFileError
+    from blockdev import open_store_file as open_store_file
+    from blockdev import read_json_file as read_json_file
 
     from .errors import BadRequest as BadRequest
     from .errors import GrantRevoked as GrantRevoked
@@ -68,7 +71,8 @@ if TYPE_CHECKING:
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("PROFILES", "ROOT_PRINCIPAL", "BankNode", "BankTree", "BlockDevice",
                      "BlockNo", "ChecksumError", "DeviceError", "FormatError", "PrincipalId",
-                     "SluiceError", "fsync_directory", "parse_profile", "write_durably"),
+                     "SluiceError", "fsync_directory", "parse_profile", "write_durably",
+                     "StoreFileError", "open_store_file", "read_json_file"),
                     "blockdev"),
     # units (blockdev/units.py): the one parser of sizes and rates, shared vocabulary
     **dict.fromkeys(("Rate", "UnitError", "format_size", "format_size_approx",

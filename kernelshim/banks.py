@@ -93,10 +93,20 @@ class Banks:
         """Banks from their JSON form; a field the record lacks (written before the field
         existed) comes from `base`, else the default. Rates are strings as `str(Rate)`
         wrote them ("500iops,20MB/s"); a bad one raises UnitError (a ValueError)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"banks {d!r} are not a JSON object")
         d = dict(d)
         for k in ("io_reserve", "io_limit"):
             if d.get(k) is not None:
+                if not isinstance(d[k], str):
+                    raise TypeError(f"bank {k} {d[k]!r} is not a rate string")
                 d[k] = Rate.parse(d[k])
+        for k, v in d.items():
+            # (a file is input from someone else: every count a number the daemon can
+            # compare and add, never a string, a float or more than 64 bits)
+            if k not in ("io_reserve", "io_limit") and v is not None and (
+                    type(v) is not int or not 0 <= v < 1 << 63):
+                raise ValueError(f"bank {k} {v!r} is not a count in 0..2**63-1")
         out = dataclasses.replace(base) if base is not None else cls()
         for f in dataclasses.fields(cls):
             if f.name in d:

@@ -54,7 +54,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator
 
-from blockdev import BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, Rate, write_durably
+from blockdev import (BankNode, BankTree, PrincipalId, ROOT_PRINCIPAL, Rate, StoreFileError,
+                      read_json_file, write_durably)
 
 from . import accounting, bankrules
 from .banks import DEFAULT_CAPS as DEFAULT_CAPS
@@ -90,6 +91,9 @@ __all__ = ["DEFAULT_CAPS", "DEFAULT_CHILDREN", "DEFAULT_CONNECTIONS", "DEFAULT_C
 log = logging.getLogger(__name__)
 
 FILE = "principals.json"
+#: principal ids a file may hold: 1..2**31-1 (the scheduler and the charge tags keep
+#: them in 64-bit integers; a crafted file's 2**70 must not reach them)
+MAX_PRINCIPAL_ID = 1 << 31
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: the names of uids' default principals: `uid-N` is uid N's, made on first use under
 #: root and owned by N; nobody else may take one (not even by adding it elsewhere)
@@ -138,22 +142,41 @@ class PrincipalTable:
     def load(cls, directory: Path) -> PrincipalTable:
         t = cls(directory / FILE)
         try:
-            data = json.loads((directory / FILE).read_text())
+            data = read_json_file(directory / FILE)
         except FileNotFoundError:
             return t
-        except (OSError, ValueError) as exc:
-            raise PrincipalError(f"cannot read {directory / FILE}: {exc}") from None
+        except (OSError, StoreFileError) as exc:
+            raise PrincipalError(f"cannot read {directory / FILE}: {exc.strerror}"
+                                 if isinstance(exc, OSError) else str(exc)) from None
         try:
             t._load(data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             # (a bad rate string is a UnitError, a ValueError)
             raise PrincipalError(f"{directory / FILE} is malformed: {exc!r}") from None
         return t
 
-    def _load(self, data: dict) -> None:
+    def _load(self, data: Any) -> None:
         directory = self.path.parent if self.path is not None else Path(".")
         self.root.banks = Banks.from_json(data["root"]["banks"], base=root_banks())
-        pending = [p for p in data["principals"]]
+        if not isinstance(data["principals"], list):
+            raise TypeError("principals is not a list")
+        pending = list(data["principals"])
+        for rec in pending:
+            if not isinstance(rec, dict):
+                raise TypeError(f"principal record {rec!r} is not an object")
+            if type(rec["id"]) is not int or not 0 < rec["id"] < MAX_PRINCIPAL_ID:
+                raise ValueError(f"principal id {rec['id']!r} is not in 1..{MAX_PRINCIPAL_ID - 1}")
+            if not isinstance(rec["name"], str) or not _NAME_RE.match(rec["name"].split(":")[0]) \
+                    or not isinstance(rec["parent"], str):
+                raise ValueError(f"principal name {rec['name']!r} or parent "
+                                 f"{rec['parent']!r} is not a principal name")
+            if type(rec["owner_uid"]) is not int or not 0 <= rec["owner_uid"] < 1 << 32:
+                raise ValueError(f"principal {rec['name']!r}: owner uid {rec['owner_uid']!r} "
+                                 "is not a uid")
+        ids = [rec["id"] for rec in pending]
+        names = [rec["name"] for rec in pending]
+        if len(set(ids)) != len(ids) or len(set(names)) != len(names) or "root" in names:
+            raise ValueError("two principals have the same id or name")
         # Parents before children (the file lists them so, but be forgiving).
         while pending:
             progressed = False
@@ -172,7 +195,10 @@ class PrincipalTable:
             if not progressed:
                 raise PrincipalError(f"{directory / FILE}: principals with unknown parents: "
                                      + ", ".join(r["name"] for r in pending))
-        self._next_id = max(int(data.get("next_id", 0)), max(self._by_id) + 1)
+        next_id = data.get("next_id", 0)
+        if type(next_id) is not int or not 0 <= next_id <= MAX_PRINCIPAL_ID:
+            raise ValueError(f"next_id {next_id!r} is not in 0..{MAX_PRINCIPAL_ID}")
+        self._next_id = max(next_id, max(self._by_id) + 1)
 
     def save(self) -> None:
         if self.path is None:
