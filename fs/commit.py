@@ -10,7 +10,7 @@ import collections
 import json
 import logging
 import sqlite3
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
@@ -50,6 +50,7 @@ class Transactions:
     reaping_blocks: int
     _reap_wakeup: trio.Event
     _reap_lot: trio.lowlevel.ParkingLot
+    _reap_lock: trio.Lock
     _reaper_running: bool
     #: whether the crash cleanup of load() is done (a read-only mount skips it)
     _recovered: bool
@@ -134,6 +135,7 @@ class Transactions:
             # The change marks of what this commit holds (Metadata.take_changes), taken
             # in the same step as the SQL commit: cleared only if it becomes durable.
             taken: ChangeMarks | None = None
+            pending: list[tuple[int, int]] = []
             try:
                 async with self.kernel.barrier(principal=principal, file=file,
                                                durable=durable):
@@ -141,6 +143,8 @@ class Transactions:
                     taken = self.md.take_changes()
                     self.md.commit()
                     pending = self.alloc.take_pending()
+                    # (counted free meanwhile, as they were while pending: statfs)
+                    self.reaping_blocks += sum(c for _d, c in pending)
                     for emap in self._unsealed:
                         emap.seal()
                     self._unsealed.clear()
@@ -154,39 +158,46 @@ class Transactions:
             except BaseException as exc:
                 if taken is not None:
                     self.md.settle_changes(taken, durable=False)
+                if pending:
+                    # not known durable: they wait for the next commit that is
+                    self.reaping_blocks -= sum(c for _d, c in pending)
+                    self.alloc.free_later(pending)
                 if isinstance(exc, (OSError, sqlite3.Error, SluiceError)):
                     self.fail(f"committing metadata failed: {exc}")
                     raise WriteFailed(f"commit failed: {exc}") from exc
                 raise
             if pending:
                 self._reap.append(pending)
-                self.reaping_blocks += sum(c for _d, c in pending)
                 if self._reaper_running:
                     self._reap_wakeup.set()
                 else:  # offline, or unmounting: here and now
                     await self._reap_queued()
 
     async def _reap_queued(self: FileSystem) -> None:
-        """Give the allocator the queued freed blocks, oldest first (R3): wait until no
-        request that began before they were freed is in flight, discard them, release
-        them. An entry leaves the queue only with its release, in one step: cancelled
-        before that, it is done again (a discard twice is harmless)."""
-        while self._reap:
-            runs = self._reap[0]
-            await self.kernel.wait_quiescent()
-            try:
-                await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
-            except SluiceError as exc:
-                # The blocks keep their old data: reusing them leaks nothing (a new
-                # owner's unwritten blocks read as zeros, its partial writes merge
-                # with zeros), only the host's space is not given back.
-                log.warning("discarding %d freed blocks failed: %s",
-                            sum(c for _d, c in runs), exc)
-            if self._reap and self._reap[0] is runs:
-                self._reap.popleft()
+        """Give the allocator the queued freed blocks (R3): wait until no request that
+        began before they were freed is in flight — one grace period for every list
+        queued when it starts — discard them, release them. A batch leaves the queue
+        only with its release, in one step: cancelled before that, it is done again (a
+        discard twice is harmless before the release; one caller at a time: the lock)."""
+        async with self._reap_lock:
+            while self._reap:
+                batch = list(self._reap)
+                await self.kernel.wait_quiescent()
+                runs = [r for lst in batch for r in lst]
+                try:
+                    await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+                except SluiceError as exc:
+                    # The blocks keep their old data: reusing them leaks nothing (a new
+                    # owner's unwritten blocks read as zeros, its partial writes merge
+                    # with zeros), only the host's space is not given back.
+                    log.warning("discarding %d freed blocks failed: %s",
+                                sum(c for _d, c in runs), exc)
+                for lst in batch:
+                    assert self._reap[0] is lst
+                    self._reap.popleft()
                 self.reaping_blocks -= sum(c for _d, c in runs)
                 self.alloc.release_now(runs)
-        self._reap_lot.unpark_all()
+                self._reap_lot.unpark_all()
 
     async def run_reaper(self: FileSystem, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -204,13 +215,14 @@ class Transactions:
         finally:
             self._reaper_running = False
 
-    async def wait_reaped(self: FileSystem) -> None:
-        """Wait until the blocks freed by durable commits so far are the allocator's
-        (a writer short of space; this may wait for others' requests in flight)."""
+    async def wait_reaped(self: FileSystem, enough: Callable[[], bool] | None = None) -> None:
+        """Wait until the blocks freed by durable commits so far are the allocator's, or
+        until `enough()` says there is room (a writer short of space: this may wait for
+        others' requests in flight, R3's grace period)."""
         if not self._reaper_running:
             await self._reap_queued()
             return
-        while self._reap:
+        while self._reap and not (enough is not None and enough()):
             await self._reap_lot.park()
 
     def _save_unflushed(self: FileSystem) -> None:

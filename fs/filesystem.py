@@ -84,7 +84,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         #: called with an inode number when its attributes changed behind the kernel's
         #: back (atime on read, setuid cleared on write); operations.py invalidates
         self.on_attr_changed: Callable[[int], None] = lambda ino: None
-        #: called with (inode, principal charged for it) when a file's data changed
+        #: called with (inode, principal that changed it) when a file's data changed
         #: behind the kernel's back (a direct client's commit or truncate, the pager's
         #: emptying of a discardable file) and the kernel may cache its pages
         self.on_data_changed: Callable[[int, int], None] = lambda ino, principal: None
@@ -119,6 +119,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self.reaping_blocks = 0
         self._reap_wakeup = trio.Event()
         self._reap_lot = trio.lowlevel.ParkingLot()
+        self._reap_lock = trio.Lock()
         self._reaper_running = False
         self.read_only = None
         self.write_errors = 0

@@ -13,9 +13,10 @@ thread: a tenant that held one of its own directories locked (a readdir parked b
 its own throttled reads) stopped every tenant's notifications, and its queued tasks
 grew the daemon by ~5 KB per create, uncharged (RELIABILITY, probe 3 F1). Now:
 
-- each tenant (the principal's top-most ancestor below root, as for FairTurns) has its
-  own queue, drained by at most one worker thread at a time: a notification stuck in
-  the kernel holds up only the tenant whose change it is;
+- each tenant (the principal's top-most ancestor below root, as for FairTurns; the one
+  that made the change) has its own queue, drained by at most `LANES` worker threads
+  at a time: a notification stuck in the kernel holds up only the tenant whose change
+  it is, and not all of that tenant's others;
 - a queue holds each notification once (a name created ten times is invalidated once)
   and at most `MAX_PENDING`; past that the tenant's further notifications are dropped
   and counted (the kernel then sees the change when its cached entry or attributes
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 4096
 #: worker threads making notifications at once, all tenants together
 MAX_THREADS = 16
+#: of which one tenant's at most
+LANES = 3
 
 #: ("e", directory, name): a name appeared; ("d", inode): data changed
 Key = tuple
@@ -54,9 +57,18 @@ class Invalidator:
         self._notify_entry = notify_entry
         self._notify_data = notify_data
         self._queues: dict[int, collections.OrderedDict[Key, None]] = {}
+        #: drainers running per tenant (each makes one call at a time)
+        self._lanes: dict[int, int] = {}
         self._limiter = trio.CapacityLimiter(MAX_THREADS)
         #: notifications dropped because their tenant's queue was full, since mount
         self.dropped = 0
+        self._closed = False
+
+    def close(self) -> None:
+        """The FUSE session is about to close: drop what waits, make no more calls."""
+        self._closed = True
+        for q in self._queues.values():
+            q.clear()
 
     @property
     def pending(self) -> int:
@@ -69,11 +81,11 @@ class Invalidator:
         self._add(tenant, ("d", ino))
 
     def _add(self, tenant: int, key: Key) -> None:
+        if self._closed:
+            return
         q = self._queues.get(tenant)
         if q is None:
             q = self._queues[tenant] = collections.OrderedDict()
-            trio.lowlevel.spawn_system_task(self._drain, tenant, q,
-                                            name=f"invalidate-{tenant}")
         if key in q:
             return
         if len(q) >= MAX_PENDING:
@@ -83,6 +95,13 @@ class Invalidator:
             self.dropped += 1
             return
         q[key] = None
+        # Every lane alive is in a call (a lane ends when it finds the queue empty), so
+        # a new notification gets a lane of its own while there are fewer than LANES.
+        lanes = self._lanes.get(tenant, 0)
+        if lanes < LANES:
+            self._lanes[tenant] = lanes + 1
+            trio.lowlevel.spawn_system_task(self._drain, tenant, q,
+                                            name=f"invalidate-{tenant}")
 
     async def _drain(self, tenant: int, q: collections.OrderedDict[Key, None]) -> None:
         try:
@@ -91,10 +110,17 @@ class Invalidator:
                 await trio.to_thread.run_sync(self._call, key, limiter=self._limiter)
         finally:
             # (the queue is empty here unless the run is ending)
-            if self._queues.get(tenant) is q:
-                del self._queues[tenant]
+            left = self._lanes[tenant] - 1
+            if left:
+                self._lanes[tenant] = left
+            else:
+                del self._lanes[tenant]
+                if self._queues.get(tenant) is q and not q:
+                    del self._queues[tenant]
 
     def _call(self, key: Key) -> None:
+        if self._closed:
+            return
         if key[0] == "e":
             self._notify_entry(key[1], key[2])
         else:

@@ -184,7 +184,7 @@ class Layouts:
                     node.size = end
                 node.mtime_ns = node.ctime_ns = now
                 self._save(node, "size", "blocks", "mtime_ns", "ctime_ns")
-                self.changed_behind_kernel(node)
+                self.changed_behind_kernel(node, grant.principal)
             return node.size
 
     async def append_direct(self: FileSystem, grant: Grant, data: memoryview) -> tuple[int, int]:
@@ -203,13 +203,14 @@ class Layouts:
             if n:
                 self._direct_kill_priv(node, grant)
                 await self._write_locked(node, grant, offset, data, short_ok=False)
-                self.changed_behind_kernel(node)
+                self.changed_behind_kernel(node, grant.principal)
             return offset, node.size
 
-    def changed_behind_kernel(self: FileSystem, node: Inode) -> None:
-        """A direct client changed `node`: drop what the kernel caches of it."""
+    def changed_behind_kernel(self: FileSystem, node: Inode, principal: int) -> None:
+        """A direct client acting for `principal` changed `node`: drop what the kernel
+        caches of it (the notification is queued for the changer's tenant)."""
         if self._cache_mode(node) == "kernel":
-            self.on_data_changed(node.id, node.principal)
+            self.on_data_changed(node.id, principal)
         else:
             self.on_attr_changed(node.id)
 

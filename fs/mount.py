@@ -459,6 +459,7 @@ class FlagFollower:
             fs.set_read_only("remounted read-only")
             try:
                 await fs.sync()
+                await fs.wait_reaped()  # the freed blocks' discards too: nothing after
             except SluiceError as exc:
                 log.error("committing before the remount read-only failed: %s", exc)
             self.lock.release_writer()
@@ -486,6 +487,7 @@ class FlagFollower:
                         await trio.to_thread.run_sync(remount_kernel, self.mountpoint, back)
         else:
             if flags.read_only and fs.write_errors:
+                await fs.wait_reaped()  # (discards of blocks freed by durable commits)
                 self.lock.release_writer()  # failed: nothing more is written; fsck may check
             log.info("mount flags: %s", flags.text())
         write_mount_state(self.volume, mountpoint=self.mountpoint, pid=os.getpid(),
@@ -713,6 +715,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         announced = False
 
         def _close() -> None:
+            ops.invalidator.close()  # no kernel notification once the session closes
             pyfuse3.close(unmount=clean_exit or not announced)
         stack.callback(_close)
         write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())

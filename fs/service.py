@@ -172,7 +172,7 @@ class DirectService:
             fs.access(node.id, mask, caller)
             if flags & os.O_TRUNC:  # as Operations.open does for the kernel
                 await fs.open_truncate(node, caller)
-                fs.changed_behind_kernel(node)
+                fs.changed_behind_kernel(node, caller.principal)
         grant = fs.grant_direct(node, readable, writable, caller)
         return grant
 
@@ -193,7 +193,7 @@ class DirectService:
     async def truncate(self, grant: Grant, size: int) -> None:
         node = self.fs.inode(grant.inode)
         await self.fs.truncate(node, size, principal=grant.principal, keep_grant=grant)
-        self.fs.changed_behind_kernel(node)
+        self.fs.changed_behind_kernel(node, grant.principal)
 
     def size_of(self, grant: Grant) -> int:
         return self.fs.inode(grant.inode).size

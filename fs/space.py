@@ -97,10 +97,12 @@ class Space:
         """Make sure `need` blocks can be allocated (NoSpace otherwise): a new allocation
         leaves the copy-on-write reserve alone, a relocation (`reserve=False`) may use it."""
         keep = self.cow_reserve if reserve else 0
-        if need > self.alloc.free - keep and (self.alloc.pending_blocks or self._reap):
+        if need > self.alloc.free - keep and (self.alloc.pending_blocks or self._reap) and \
+                need <= self.alloc.free - keep + self.alloc.pending_blocks + self.reaping_blocks:
             if self.alloc.pending_blocks:
                 await self.commit()  # blocks freed by the open transaction become usable
-            await self.wait_reaped()  # ... once their grace period is over
+            # ... once their grace period is over
+            await self.wait_reaped(lambda: need <= self.alloc.free - keep)
         if need > self.alloc.free - keep:
             raise NoSpace(f"no space left on device ({max(0, self.alloc.free - keep)} "
                           f"blocks free, {need} needed)")
@@ -112,7 +114,7 @@ class Space:
         if self.alloc.pending_blocks:
             await self.commit()
         if self._reap and self.alloc.free - self.cow_reserve < count:
-            await self.wait_reaped()
+            await self.wait_reaped(lambda: self.alloc.free - self.cow_reserve >= count)
         budget = self.alloc.free - self.cow_reserve
         for q in self.principal(principal).chain():
             if q.banks.space is not None:

@@ -277,6 +277,40 @@ async def test_truncate_waits_for_in_flight_reads_before_freeing(tmp_path: Path,
         await v.close()
 
 
+async def test_freed_blocks_wait_for_a_held_request_but_fsync_does_not(
+        vol: Volume) -> None:
+    """A request in flight (another file's, held) keeps freed blocks from the allocator
+    (R3) but not the commits that free them: they return once durable, the freed lists
+    queue, and one grace period after the request ends releases them all at once; a
+    writer short of space waits only until enough is back (probe 3, F6; review)."""
+    fs = vol.fs
+    assert fs is not None
+    other = await write_file(fs, b"held", fill(1, 4 * BS))
+    h = fs.open(other, os.O_RDONLY, CALLER)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fs.run_reaper)
+        epoch = fs.kernel._enter(h.grant, Rights.READ)  # a read that does not end
+        free0 = fs.alloc.free
+        ino = await write_file(fs, b"f", b"")
+        for rnd in range(5):
+            hh = fs.open(ino, os.O_RDWR, CALLER)
+            await fs.write(hh.fh, 0, fill(rnd, 8 * BS))
+            await fs.release(hh.fh)
+            await fs.sync()
+            await fs.truncate(fs.inode(ino), 0, principal=CALLER.principal)
+            with trio.fail_after(10):  # (the old code waited for the held request)
+                await fs.sync()  # frees 8 blocks: returns once durable
+        await trio.testing.wait_all_tasks_blocked()
+        assert fs.reaping_blocks == 40 and fs.alloc.free == free0 - 40
+        assert fs.statistics().blocks_free >= free0  # statfs counts them free
+        fs.kernel._leave(h.grant, epoch)
+        with trio.fail_after(10):
+            await fs.wait_reaped()
+        assert not fs._reap and fs.reaping_blocks == 0 and fs.alloc.free == free0
+        nursery.cancel_scope.cancel()
+    await fs.release(h.fh)
+
+
 # -- names ---------------------------------------------------------------------------------
 
 

@@ -65,3 +65,30 @@ async def test_threads_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         while inv.pending or len(inside) < 10:
             await trio.sleep(0.01)
 
+
+async def test_one_stuck_notification_does_not_hold_the_tenants_others() -> None:
+    release = threading.Event()
+    done: list[bytes] = []
+
+    def notify_entry(parent: int, name: bytes) -> None:
+        if name == b"stuck":  # its directory's lock is held (by someone else, say)
+            release.wait(10)
+        done.append(name)
+
+    inv = Invalidator(notify_entry, lambda ino: None)
+    inv.entry(1, 1, b"stuck")
+    await trio.sleep(0.2)
+    for i in range(5):
+        inv.entry(1, 2, b"n%d" % i)
+    with trio.fail_after(5):
+        while len(done) < 5:
+            await trio.sleep(0.01)
+    assert b"stuck" not in done
+    release.set()
+    with trio.fail_after(10):
+        while inv.pending or len(done) < 6:
+            await trio.sleep(0.01)
+    inv.close()
+    inv.entry(1, 1, b"after")  # closed: nothing more
+    await trio.sleep(0.1)
+    assert b"after" not in done
