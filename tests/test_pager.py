@@ -618,8 +618,8 @@ async def test_ceiling_of_a_parent_covers_its_children(device: BlockDevice) -> N
 def test_sum_of_guarantees_is_admission_checked(device: BlockDevice) -> None:
     p = Pager(device, nframes=10)
     p.check_banks(banks(p1=(6, None), p2=(4, None)))
-    with pytest.raises(GuaranteeExceeded, match="add up to 5632 bytes, more than the "
-                                                "pager's pool of 5120 bytes"):
+    with pytest.raises(GuaranteeExceeded, match=r"add up to 5\.5KiB, more than the "
+                                                r"pager's pool of 5\.0KiB \(10 frames"):
         p.check_banks(banks(p1=(6, None), p2=(5, None)))
     # children carve from their parent: counted once
     tree = {ROOT: BankNode(ROOT, None, "root"),
