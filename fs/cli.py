@@ -424,7 +424,7 @@ def _not_mounted(path: str) -> str:
                     f"{state['mountpoint']}")
         return f"{path} is a sluice volume, not a mount point (and it is not mounted)"
     if not os.path.lexists(path):
-        return f"{path}: no such file or directory"
+        return f"{path} is not a mounted sluice volume (it does not exist)"
     return f"{path} is not a mounted sluice volume"
 
 
@@ -488,9 +488,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     _check_private(Path(args.volume), args)
     state = vol.read_mount_state(Path(args.volume)) if args.repair else None
     if state and state.get("mountpoint") and vol.pid_alive(int(state.get("pid") or 0)):
-        raise CliError(f"fsck --repair needs the volume unmounted; it is mounted at "
-                       f"{state['mountpoint']} (daemon pid {state['pid']}): `sluice "
-                       f"umount {state['mountpoint']}` first (without --repair it checks "
+        raise CliError(f"volume {args.volume} is in use, mounted at {state['mountpoint']} "
+                       f"(daemon pid {state['pid']}): --repair needs it unmounted (`sluice "
+                       f"umount {state['mountpoint']}` first; without --repair it checks "
                        "a read-only mount)")
     report = fsck(Path(args.volume), repair=args.repair, verify_data=args.verify_data,
                   progress=not args.quiet)

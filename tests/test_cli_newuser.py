@@ -115,7 +115,7 @@ def test_not_a_mount_says_what_the_path_is(volume: Path, mount_factory, tmp_path
 def test_repair_of_a_read_only_mount_says_to_unmount(volume: Path, mount_factory) -> None:
     m = mount_factory(volume, "--read-only")
     r = sluice("fsck", str(volume), "--repair", check=False)
-    one_line(r, "fsck --repair needs the volume unmounted", f"mounted at {m.path}",
+    one_line(r, f"mounted at {m.path}", "--repair needs it unmounted",
              f"sluice umount {m.path}", code=1)
     assert sluice("fsck", str(volume), "-q").returncode == 0  # a check is fine
     assert m.daemon_alive

@@ -341,7 +341,7 @@ def test_a_principals_cache_hits_reach_watch_and_metrics(metrics_mount) -> None:
         watch.communicate(timeout=30)
     t = _tables("\n".join(lines))[0]
     assert any(line.split()[-1:] == ["HITS"] for line in t), t
-    assert _row(t, "alice")[-1] == str(hits), t
+    assert int(_row(t, "alice")[-1]) == hits, t
 
 
 @pytest.mark.mounted

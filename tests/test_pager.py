@@ -982,7 +982,7 @@ def test_replay_command_compares_policies(tmp_path: Path, capsys) -> None:
     lines = {tuple(line.split()[:2]): line.split() for line in out.splitlines()[2:]}
     assert lines[("hinted", "all")][2:4] == ["600", "0.600"]  # 360 loop hits of 600 reads
     assert main([str(tmp_path / "missing")]) == 1
-    assert "error:" in capsys.readouterr().err
+    assert "python -m pager.replay: cannot read" in capsys.readouterr().err
 
 
 async def test_write_during_a_fill_wins(tmp_path: Path, autojump_clock) -> None:
