@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kernelshim import Rate, SluiceError, UnitError, format_size_approx, parse_size
-from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
+from kernelshim.kernel import MIN_CACHE_FRAMES, PRIORITY_MAX, PRIORITY_MIN
 
 from . import volume as vol
 from .errors import VolumeError
@@ -44,6 +45,10 @@ EXIT_FSCK_UNCORRECTED = 4
 
 class CliError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
+
+
+class UsageError(CliError):
+    """A bad argument found after parsing: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +76,11 @@ def _message(exc: BaseException) -> str:
 
 
 # -- mkfs ---------------------------------------------------------------------------------
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    """'1 file', '2 files'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
@@ -138,15 +148,15 @@ def _mount_options(args: argparse.Namespace):
                                  ("nodiratime", flags.nodiratime)) if on]
         if asked:
             raise CliError(f"-o {','.join(asked)} needs a mount made by root")
-    if args.profile is not None:
+    if args.profile is not None:  # (from -o profile=; --profile is checked by argparse)
         try:
             vol.check_profile(args.profile)
         except VolumeError as exc:
-            raise CliError(str(exc)) from None
+            raise MountOptionError(str(exc)) from None
     return MountOptions(cache_bytes=parse_size(args.cache_size), profile=args.profile,
                         scheduler=args.scheduler, cache_mode=args.cache_mode,
                         pager_policy=args.pager, metrics=_metrics_address(args.metrics),
-                        writeback=args.writeback, idle_poll=_idle_poll(args.idle_poll),
+                        writeback=args.writeback, idle_poll=parse_idle_window(args.idle_poll),
                         debug_fuse=args.debug_fuse,
                         read_only=flags.read_only, atime=flags.atime,
                         nodiratime=flags.nodiratime, suid=not flags.nosuid,
@@ -166,12 +176,77 @@ def _nice(text: str) -> int | None:
     return n
 
 
-def _idle_poll(text: str) -> float:
-    """--idle-poll USEC as seconds, checked before the daemon starts."""
+def _idle_poll_arg(text: str) -> str:
+    """--idle-poll USEC: checked by argparse (a bad one is a usage error, exit 2); the
+    text is kept (the detached daemon is given it again)."""
     try:
-        return parse_idle_window(text)
+        parse_idle_window(text)
     except ValueError as exc:
-        raise CliError(f"--idle-poll: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _profile_arg(text: str) -> str:
+    """--profile: a profile's name or custom numbers, checked by argparse (exit 2)."""
+    try:
+        vol.check_profile(text)
+    except VolumeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+#: the block sizes a device takes (blockdev/device.py)
+BLOCK_SIZES = (512, 1 << 20)
+
+
+def _block_size_arg(text: str) -> str:
+    """--block-size: a power of two in 512..1M, checked by argparse (exit 2)."""
+    n = parse_size(_size(text), what="block size")
+    lo, hi = BLOCK_SIZES
+    if not lo <= n <= hi or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"block size {text}: must be a power of two "
+                                         f"from 512 to 1M")
+    return text
+
+
+#: what --io-weight takes (the wire protocol's bound for an integer)
+IO_WEIGHT_MAX = 1 << 62
+
+
+def _io_weight_arg(text: str) -> int:
+    """--io-weight: a positive whole number (one message for every bad value)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= IO_WEIGHT_MAX:
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number of at least 1 "
+                                         "(the default is 100)")
+    return n
+
+
+def _owner_arg(text: str) -> int:
+    """--owner: a uid, or a user name looked up in the password database."""
+    if text.isdigit():
+        return int(text)
+    import pwd
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text}: no such user") from None
+
+
+def _priority_arg(text: str) -> int:
+    """hint --priority N: a whole number in PRIORITY_RANGE (exit 2 otherwise)."""
+    lo, hi = PRIORITY_RANGE
+    try:
+        n = int(text)
+    except ValueError:
+        n = hi + 1
+    if not lo <= n <= hi:
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number from {lo} "
+                                         f"to {hi}")
+    return n
 
 
 def _metrics_address(text: str | None) -> tuple[str, int] | None:
@@ -189,14 +264,54 @@ def _check_private(volume: Path, args: argparse.Namespace) -> None:
     """Refuse a volume other users can read or write, or fix it when asked to."""
     fixed = vol.check_private(volume, fix=args.fix_permissions, option=args.fix_hint)
     if fixed:
-        log.warning("made %d files of %s private (go-rwx)", len(fixed), volume)
+        log.warning("made %s of %s private (go-rwx)", _plural(len(fixed), "file"), volume)
+
+
+def _check_cache_size(volume: Path, cache_bytes: int) -> None:
+    """Refuse a --cache-size below the pager's smallest pool (MIN_CACHE_FRAMES blocks)
+    rather than silently mounting with a larger one."""
+    try:
+        bs = int(json.loads((volume / "device.json").read_text())["block_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # (the daemon says what is wrong with the device)
+    least = MIN_CACHE_FRAMES * bs
+    if cache_bytes < least:
+        raise UsageError(f"cache size {format_size_approx(cache_bytes)} is below the "
+                         f"smallest pager pool, {format_size_approx(least)} "
+                         f"({MIN_CACHE_FRAMES} blocks of {bs} bytes)")
+
+
+def _check_user_fuse() -> None:
+    """What a mount by a user other than root needs, checked first so that a refusal
+    says what is missing (libfuse's reason reaches only the daemon's log)."""
+    if os.geteuid() == 0:
+        return
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        try:
+            st = os.stat("/dev/fuse")
+            how = f" (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid})"
+        except OSError:
+            how = " (it does not exist: is the fuse module loaded?)"
+        raise CliError(f"cannot open /dev/fuse for reading and writing{how}: a mount by a "
+                       "user other than root needs it (usually mode 0666)")
+    import shutil
+    fm = shutil.which("fusermount3")
+    if fm is None:
+        raise CliError("fusermount3 not found: a mount by a user other than root needs it "
+                       "(package fuse3)")
+    st = os.stat(fm)
+    if not (st.st_mode & stat.S_ISUID and st.st_uid == 0):
+        raise CliError(f"{fm} is not set-user-ID root: a mount by a user other than root "
+                       "needs it to be (chmod u+s)")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     opts = _mount_options(args)  # arguments first: a bad -o is a usage error
     volume = Path(args.volume).resolve()
     vol.read_header(volume)
+    _check_cache_size(volume, opts.cache_bytes)
     _check_private(volume, args)
+    _check_user_fuse()
     mp = os.path.abspath(args.mountpoint)
     state = vol.read_mount_state(volume)
     if state:
@@ -289,12 +404,53 @@ def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> in
 
 # -- umount -------------------------------------------------------------------------------
 
+def _not_mounted(path: str) -> str:
+    """Why `path` is not a mounted sluice volume, in words: a dead mount says its daemon
+    is gone; a volume directory says where it is mounted."""
+    from .mount import mount_is_dead
+    if mount_is_dead(os.path.abspath(path)):
+        return (f"{path} is a dead mount: its daemon is not running (`sluice mount` the "
+                "volume there again)")
+    try:
+        is_volume = vol.is_volume(Path(path))
+    except OSError:
+        is_volume = False
+    if is_volume:
+        state = vol.read_mount_state(Path(path))
+        if state and state.get("mountpoint") and vol.pid_alive(int(state.get("pid") or 0)):
+            return (f"{path} is a sluice volume, not a mount point: it is mounted at "
+                    f"{state['mountpoint']}")
+        return f"{path} is a sluice volume, not a mount point (and it is not mounted)"
+    if not os.path.lexists(path):
+        return f"{path} is not a mounted sluice volume (it does not exist)"
+    return f"{path} is not a mounted sluice volume"
+
+
+def _fuse_owner(mp: str) -> int | None:
+    """The uid that made the FUSE mount at `mp` (its user_id= option), or None."""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[1].replace("\\040", " ") == mp:
+                    for opt in fields[3].split(","):
+                        if opt.startswith("user_id="):
+                            return int(opt[len("user_id="):])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from .mount import mounted_fs
     mp = os.path.abspath(args.mountpoint)
     m = mounted_fs(mp)
     if m is None or m[1] != "fuse.sluice":
-        raise CliError(f"{mp} is not a mounted sluice volume")
+        raise CliError(_not_mounted(args.mountpoint))
+    owner = _fuse_owner(mp)
+    if os.geteuid() != 0 and owner is not None and owner != os.geteuid():
+        raise CliError(f"{mp} is uid {owner}'s mount, not yours: only uid {owner} or "
+                       "root may unmount it")
     volume = Path(m[0])
     state = vol.read_mount_state(volume) or {}
     pid = state.get("pid")
@@ -328,6 +484,12 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     from .fsck import fsck
     vol.read_header(Path(args.volume))
     _check_private(Path(args.volume), args)
+    state = vol.read_mount_state(Path(args.volume)) if args.repair else None
+    if state and state.get("mountpoint") and vol.pid_alive(int(state.get("pid") or 0)):
+        raise CliError(f"volume {args.volume} is in use, mounted at {state['mountpoint']} "
+                       f"(daemon pid {state['pid']}): --repair needs it unmounted (`sluice "
+                       f"umount {state['mountpoint']}` first; without --repair it checks "
+                       "a read-only mount)")
     report = fsck(Path(args.volume), repair=args.repair, verify_data=args.verify_data,
                   progress=not args.quiet)
     for line in report.lines:
@@ -342,7 +504,10 @@ def _control(mountpoint: str):
     try:
         return Client.connect(mountpoint, shm_size=0)
     except OSError as exc:
-        raise CliError(str(exc)) from None
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOTCONN, errno.ENOENT,
+                         errno.ENOTDIR):
+            raise CliError(_not_mounted(mountpoint)) from None
+        raise CliError(_message(exc)) from None
 
 
 def _bank_args(args: argparse.Namespace) -> dict:
@@ -455,7 +620,7 @@ def _principal_show(r: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.command)
     if not cmd:
-        raise CliError("no command given (sluice run MOUNTPOINT --principal NAME -- CMD ...)")
+        raise UsageError("no command given (sluice run MOUNTPOINT --principal NAME -- CMD ...)")
     with _control(args.mountpoint) as c:
         c.register(args.principal)
     # Same pid after exec: the program, and every process it starts, act for NAME.
@@ -565,8 +730,9 @@ def _stats_text(st: dict) -> str:
            f"{p['misses']} misses, {p['bypassed_blocks']} blocks bypassed, "
            f"{p['evictions']} evictions",
            "",
-           f"{'PRINCIPAL':16} {'REQUESTS':>9} {'MB READ':>9} {'MB WRITTEN':>10}"
-           f" {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE':>9} {'INODES':>7}"]
+           f"{'PRINCIPAL':16} {'DEV REQS':>9} {'DEV MB RD':>9} {'DEV MB WR':>10}"
+           f" {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'FRAMES':>7} {'SPACE+':>9}"
+           f" {'INODES+':>7}"]
     usage = {r["name"]: r["usage"] for r in st["principals"]}
     names = [r["name"] for r in st["principals"]]
     io = io_rows(st)
@@ -581,10 +747,21 @@ def _stats_text(st: dict) -> str:
                       f"{s.p50_s * 1e3:>8.3f} {p95} {s.p99_s * 1e3:>8.3f}")
         out.append(f"{n:16} {iocols} {p['resident'].get(n, 0):>7} "
                    f"{format_size_approx(u.get('space', 0)):>9} {_count(u.get('inodes', 0)):>7}")
+    out += STATS_LEGEND
     cache = st.get("cache") or {}
     if cache:
         out += ["", _cache_table(cache, names)]
     return "\n".join(out)
+
+
+#: what the columns of `sluice stats` count (printed under its table)
+STATS_LEGEND = [
+    "DEV: the principal's own requests to the device and their bytes; reads the cache "
+    "served are",
+    "  its HITS in the CACHE table. p50-p99: their latency since mount, queue + service "
+    "(device",
+    "  flushes, real fsyncs of the host, included: they take time even on profile none).",
+    "SPACE+, INODES+: what it holds with everything below it (root's: the volume's)."]
 
 
 def _watch_table(st: dict, prev: dict | None, dt: float, interval: float) -> str:
@@ -595,7 +772,9 @@ def _watch_table(st: dict, prev: dict | None, dt: float, interval: float) -> str
     lines = _stats_text(st).split("\n")[:4]
     over = f"rates over the last {dt:.1f} s" if prev is not None else "rates from the next one on"
     lines += [f"every {interval:g} s, {time.strftime('%H:%M:%S')}; {over}, "
-              "latency (queue + service) since mount", "",
+              "latency (queue + service) since mount",
+              "IOPS, READ and WRITE MB/s: requests to the device; HITS: block reads the "
+              "cache served, since mount", "",
               f"{'PRINCIPAL':16} {'IOPS':>8} {'READ MB/s':>10} {'WRITE MB/s':>10} "
               f"{'p50 ms':>8} {'p99 ms':>8} {'WAITING':>8} {'FRAMES':>7} {'HITS':>9}"]
     now, before = io_rows(st), io_rows(prev) if prev is not None else {}
@@ -714,9 +893,6 @@ def _hint_targets(root: str, recursive: bool):
 def cmd_hint(args: argparse.Namespace) -> int:
     changes: list[tuple[str, bytes]] = []
     if args.priority is not None:
-        lo, hi = PRIORITY_RANGE
-        if not lo <= args.priority <= hi:
-            raise CliError(f"--priority {args.priority}: must be from {lo} to {hi}")
         changes.append((HINT_XATTRS["priority"], str(args.priority).encode()))
     if args.discardable is not None:
         changes.append((HINT_XATTRS["discardable"], b"1" if args.discardable else b"0"))
@@ -746,7 +922,7 @@ def cmd_hint(args: argparse.Namespace) -> int:
                 print(f"sluice hint: {path}: {why}", file=sys.stderr)
     if changes and not args.quiet:
         what = ", ".join(f"{n.removeprefix('user.sluice.')}={v.decode()}" for n, v in changes)
-        print(f"set {what} on {done} files and directories"
+        print(f"set {what} on {_plural(done, 'file or directory', 'files and directories')}"
               + (f"; {failed} failed" if failed else ""))
     return EXIT_ERROR if failed else 0
 
@@ -763,10 +939,15 @@ def _get_hint(path: str, name: str) -> str:
 def cmd_trace(args: argparse.Namespace) -> int:
     """`sluice trace record MOUNTPOINT OUT [--duration S]`."""
     if _sluice_mount_of(args.mountpoint) is None:
-        raise CliError(f"{args.mountpoint} is not a mounted sluice volume")
+        raise CliError(_not_mounted(args.mountpoint))
     created = not os.path.lexists(args.out)
     try:  # before tracing: a bad OUT fails at once
-        out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # 0600 whatever the umask: the trace names every principal's files and accesses
+        out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(out, 0o600)  # (an existing file kept its mode through O_TRUNC)
+        except OSError:
+            pass
     except OSError as exc:
         raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
     written = False
@@ -808,7 +989,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="sluice", description="sluice: a user-space storage laboratory. Make a volume, "
         "mount it with FUSE, run programs on it as principals, measure what happens.")
-    p.add_argument("--debug", action="store_true", help="verbose logging")
+    p.add_argument("--debug", action="store_true",
+                   help="verbose logging (before the command: sluice --debug mount ...)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("mkfs", help="make a new volume")
@@ -816,9 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="8G", type=_size,
                    help="device size, e.g. 512M, 8G (K, M, G binary; KB, MB, GB decimal; "
                         "default 8G, sparse)")
-    s.add_argument("--block-size", default="4096", type=_size,
-                   help="block size in bytes (default 4096)")
-    s.add_argument("--profile", default="none",
+    s.add_argument("--block-size", default="4096", type=_block_size_arg,
+                   help="block size in bytes, a power of two from 512 to 1M (default 4096)")
+    s.add_argument("--profile", default="none", type=_profile_arg,
                    help="timing profile: none, nvme, ssd, hdd, or custom "
                         "latency_us,MBps,seek_ms,depth[,write_us[,write_cache_MiB]] "
                         "(also lat=,bw=,seek=,qd=,wlat=,wcache=)")
@@ -832,8 +1014,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume")
     s.add_argument("mountpoint")
     s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
-    s.add_argument("--cache-size", default="64M", type=_size, help="pager cache size (default 64M)")
-    s.add_argument("--profile", default=None, help="override the volume's timing profile")
+    s.add_argument("--cache-size", default="64M", type=_size,
+                   help=f"pager cache size (default 64M; at least {MIN_CACHE_FRAMES} blocks, "
+                        f"64K with 4 KiB blocks)")
+    s.add_argument("--profile", default=None, type=_profile_arg,
+                   help="override the volume's timing profile (as mkfs --profile)")
     s.add_argument("--scheduler", default="mclock", choices=["mclock", "fifo"],
                    help="the device's I/O scheduler: mclock (per-principal reservation, "
                         "weight and limit; default) or fifo (one global order, the baseline)")
@@ -851,6 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"Default: {'on' if WRITEBACK_DEFAULT else 'off'} (also -o writeback, "
                         "-o nowriteback)")
     s.add_argument("--idle-poll", default=f"{IDLE_POLL_DEFAULT * 1e6:g}", metavar="USEC",
+                   type=_idle_poll_arg,
                    help="after serving requests, poll up to USEC microseconds for the next "
                         "one before the daemon sleeps: saves the wake-up of an idle CPU per "
                         "request, backs off by itself when polls miss (0: off; default "
@@ -867,7 +1053,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
                    help="mount options, as with mount(8): ro, rw, noatime, relatime "
                         "(default), strictatime, nodiratime, noexec; suid, dev (root only; "
-                        "default nosuid,nodev)")
+                        "default nosuid,nodev); and sluice's own, as in fstab: "
+                        "cache_size=, profile=, cache_mode=, scheduler=, pager=, metrics=, "
+                        "idle_poll=, writeback, nowriteback, fix_permissions")
     s.add_argument("--nice", type=_nice, default=DAEMON_NICE, metavar="N",
                    help="the daemon's CPU priority, -20..19, or 'keep' (default "
                         f"{DAEMON_NICE}: ahead of the tenants' own processes, for which "
@@ -891,7 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("umount", help="flush and unmount, wait for the daemon to exit")
     s.add_argument("mountpoint")
-    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the daemon to exit after the unmount "
+                        "(default 60)")
     s.set_defaults(func=cmd_umount)
 
     s = sub.add_parser("principal", help="manage principals and their banks (mounted volume)")
@@ -902,8 +1092,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("name")
         if act == "add":
             a.add_argument("--parent", default="root", help="parent principal (default root)")
-            a.add_argument("--owner", type=int, default=None,
-                           help="uid that owns it (may run as it and manage it; default: you)")
+            a.add_argument("--owner", type=_owner_arg, default=None, metavar="UID",
+                           help="user (uid or name) that owns it (may run as it and manage "
+                                "it; default: you)")
         a.add_argument("--space", type=_bank_size,
                        help="storage bank: bytes of data and entries, e.g. 10G")
         a.add_argument("--inodes", type=int, help="storage bank: inodes")
@@ -912,12 +1103,14 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--io-reserve", action="append", type=_rate, metavar="RATE",
                        help="reserved I/O rate: 20MB/s, 500iops, or both (give the flag "
                             "twice, or 500iops,20MB/s); `none` removes it")
-        a.add_argument("--io-weight", type=int, help="share of spare I/O (default 100)")
+        a.add_argument("--io-weight", type=_io_weight_arg,
+                       help="share of spare I/O, a whole number of at least 1 (default 100)")
         a.add_argument("--io-limit", action="append", type=_rate, metavar="RATE",
                        help="I/O ceiling: 100MB/s, 2000iops, or both (the tighter wins; "
                             "twice, or 2000iops,100MB/s); `none` removes it")
-        a.add_argument("--grants", type=int, help="open grants it may hold (kernel objects)")
-        a.add_argument("--caps", type=int, help="capability slots it may hold")
+        a.add_argument("--grants", type=int,
+                       help="open grants it may hold (kernel objects; default 4096)")
+        a.add_argument("--caps", type=int, help="capability slots it may hold (default 4096)")
         a.add_argument("--connections", type=int,
                        help="control-socket connections it may hold open (default 64)")
         a.add_argument("--shm", type=_bank_size, help="shared memory its direct clients may "
@@ -950,8 +1143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a program whose file operations are charged to a principal")
     s.add_argument("mountpoint")
-    s.add_argument("--principal", required=True)
-    s.add_argument("command", nargs="*", help="-- CMD ARGS...")
+    s.add_argument("--principal", required=True, metavar="NAME",
+                   help="the principal the program acts for (you must own it or an "
+                        "ancestor of it)")
+    s.add_argument("command", nargs="*", help="-- CMD ARGS...: the program, after --")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stats", help="per-principal I/O, cache and quota use")
@@ -966,7 +1161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("hint", help="set pager hints on files and directories (what is "
                        "created in a directory inherits its hints)")
     s.add_argument("path", nargs="+", help="files or directories on a mounted volume")
-    s.add_argument("--priority", type=int, default=None, metavar="N",
+    s.add_argument("--priority", type=_priority_arg, default=None, metavar="N",
                    help=f"keep these pages longer (higher) or shorter (lower) than the "
                         f"same principal's others; {PRIORITY_RANGE[0]} to "
                         f"{PRIORITY_RANGE[1]}, 0 is normal")
@@ -995,7 +1190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after SECONDS (default: at Ctrl-C)")
     s.set_defaults(func=cmd_trace)
 
-    s = sub.add_parser("fsck", help="check (and repair) an unmounted volume")
+    s = sub.add_parser("fsck", help="check an unmounted or read-only mounted volume "
+                       "(and repair an unmounted one)")
     s.add_argument("volume")
     s.add_argument("--repair", action="store_true", help="fix what can be fixed")
     s.add_argument("--verify-data", action="store_true",
@@ -1008,13 +1204,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`sluice ...`; output into a pipe whose reader went away (`sluice --help | head
+    -1`, `sluice principal ls MNT | head -0`) ends quietly, as command-line tools do."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # (here, not at exit, where a failure is a traceback)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] | None = None
     if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
         # Everything after `--` is the program and its arguments, options included.
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.cmd == "run":
+            print(f"sluice run: put the program after --: sluice run {args.mountpoint} "
+                  f"--principal {args.principal} -- {' '.join(args.command + extra)}",
+                  file=sys.stderr)
+        else:
+            print(f"sluice {args.cmd}: unrecognized arguments: {' '.join(extra)} "
+                  f"(see sluice {args.cmd} --help)", file=sys.stderr)
+        return EXIT_USAGE
     if command is not None:
         args.command = command
     if args.cmd != "mount" or not args.foreground:
@@ -1022,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
     from .mount import MountOptionError
     try:
         return args.func(args)
-    except MountOptionError as exc:
+    except (MountOptionError, UsageError) as exc:
         print(f"sluice {args.cmd}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (CliError, VolumeError, SluiceError, OSError) as exc:

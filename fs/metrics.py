@@ -143,18 +143,14 @@ def _us(v: Any) -> float:
 
 
 def cache_hits(st: dict[str, Any]) -> dict[str, tuple[int | None, int | None]]:
-    """Per-principal (hits, misses) of the pager, when its statistics have them."""
-    pg = st.get("pager", {})
+    """Per-principal (hits, misses) of the pager: the `cache` part of the statistics
+    (principal name to the pager's account of it, fsstats.CACHE_FIELDS)."""
     out: dict[str, tuple[int | None, int | None]] = {}
-    per = pg.get("per_principal")
+    per = st.get("cache")
     if isinstance(per, dict):
         for name, r in per.items():
             if isinstance(r, dict):
-                out[name] = (r.get("hits"), r.get("misses"))
-    for key, idx in (("hits_by_principal", 0), ("misses_by_principal", 1)):
-        for name, n in (pg.get(key) or {}).items():
-            h, m = out.get(name, (None, None))
-            out[name] = (n, m) if idx == 0 else (h, n)
+                out[name] = (_int(r.get("hits")), _int(r.get("misses")))
     return out
 
 

@@ -350,7 +350,10 @@ def parse_mount_options(options: list[str], base: VfsFlags = VfsFlags()) -> Pars
                                        "(unmount and mount again)")
             settings[key] = val if eq else None
             continue
-        known = ", ".join([*_VFS_OPTIONS, *sorted(SLUICE_OPTIONS)])
+        # (a remount changes only the VFS flags; foreground and debug are the mount
+        # helper's, and `sluice mount` wants --foreground/--debug instead)
+        own = [] if remount else sorted(set(SLUICE_OPTIONS) - {"foreground", "debug"})
+        known = ", ".join([*_VFS_OPTIONS, *own])
         raise MountOptionError(f"unknown mount option {opt!r} (known: {known})")
     return ParsedOptions(flags, settings, remount, tuple(named))
 

@@ -62,6 +62,21 @@ def _may_follow(directory: Inode, link: Inode, caller: Caller) -> None:
                            "(protected_symlinks)")
 
 
+
+#: what an access mask asks for, in words
+_MASK_WORDS = ((os.R_OK, "read"), (os.W_OK, "write"), (os.X_OK, "search"))
+
+
+def _access(fs: FileSystem, node: Inode, mask: int, caller: Caller, path: str) -> None:
+    """fs.access for a direct client's path: a refusal names the path and what was
+    asked (the client sees it), not the mask and inode number."""
+    try:
+        fs.access(node.id, mask, caller)
+    except PermissionDenied:
+        what = " and ".join(w for m, w in _MASK_WORDS if mask & m)
+        where = "a directory on the path" if node.is_dir else "the file"
+        raise PermissionDenied(f"{path}: permission denied ({what} on {where})") from None
+
 class DirectService:
     """Implements kernelshim.service.MetadataService over a FileSystem."""
 
@@ -102,7 +117,7 @@ class DirectService:
                     raise NotFound(f"{path}: a directory on the path was removed")
             if not cur.is_dir:
                 raise NotADirectory(f"{os.fsdecode(name)!r}: a path component is not a directory")
-            fs.access(cur.id, os.X_OK, caller)
+            _access(fs, cur, os.X_OK, caller, path)
             last = i == len(parts) - 1
             try:
                 node = fs._child(cur.id, name)
@@ -152,7 +167,7 @@ class DirectService:
             if not flags & os.O_CREAT:
                 raise NotFound(f"{path}: no such file")
             assert name is not None
-            fs.access(parent.id, os.W_OK | os.X_OK, caller)
+            _access(fs, parent, os.W_OK | os.X_OK, caller, path)
             node = fs._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777 & ~0o022), caller)
             node.lookups -= 1  # the kernel did not look this up
             fs.on_entry_created(parent.id, name, node.principal)
@@ -169,7 +184,7 @@ class DirectService:
                 raise InvalidArgument(f"{path}: not a regular file")
             mask = (os.R_OK if readable else 0) | (os.W_OK if writable or flags & os.O_TRUNC
                                                     else 0)
-            fs.access(node.id, mask, caller)
+            _access(fs, node, mask, caller, path)
             if flags & os.O_TRUNC:  # as Operations.open does for the kernel
                 await fs.open_truncate(node, caller)
                 fs.changed_behind_kernel(node, caller.principal)

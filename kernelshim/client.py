@@ -48,6 +48,7 @@ same for both; this module only moves bytes. It imports no numpy, trio or daemon
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import mmap
 import os
@@ -80,8 +81,18 @@ def control_socket(mountpoint: str | os.PathLike[str]) -> str:
     try:
         return os.getxattr(mountpoint, CONTROL_XATTR).decode()
     except OSError as exc:
-        raise OSError(exc.errno, f"{mountpoint} is not a mounted sluice volume "
-                                 f"({os.strerror(exc.errno or 0)})") from None
+        # In words, not the errno's: ENODATA/ENOTSUP only say the attribute is missing.
+        if exc.errno == errno.ENOTCONN:
+            why = (f"{mountpoint} is a dead mount: its daemon is not running (`sluice "
+                   "mount` the volume there again)")
+        elif exc.errno == errno.ENOENT:
+            why = f"{mountpoint}: no such file or directory"
+        elif exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            why = f"{mountpoint} is not a mounted sluice volume"
+        else:
+            why = (f"{mountpoint} is not a mounted sluice volume "
+                   f"({os.strerror(exc.errno or 0)})")
+        raise OSError(exc.errno, why) from None
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 #: the range of a priority hint (0 = normal; higher is kept longer, against the same
 #: principal's other pages only)
 PRIORITY_MIN, PRIORITY_MAX = -100, 100
+#: the smallest pager pool, in frames (`sluice mount` refuses a smaller --cache-size;
+#: a caller of Kernel.open that asks for less gets this many)
+MIN_CACHE_FRAMES = 16
 #: a barrier that finds at least this much written since the device's last flush
 #: flushes once before holding writes back (see `Kernel.barrier`)
 PREFLUSH_BYTES = 8 << 20
@@ -136,7 +139,7 @@ class Kernel(GrantTable, LowerLayers):
         device = BlockDevice.open(directory, profile=profile, fault_plan=plan,
                                   recorder=recorder, scheduler=scheduler)
         try:
-            pager = Pager(device, nframes=max(16, cache_bytes // device.block_size),
+            pager = Pager(device, nframes=max(MIN_CACHE_FRAMES, cache_bytes // device.block_size),
                           policy=pager_policy, writeback=writeback)
         except BaseException:
             device.close()

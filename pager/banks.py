@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from blockdev import BankTree
+from blockdev import BankTree, format_size_approx
 
 from .errors import GuaranteeExceeded
 from .frames import FrameTable
@@ -41,8 +41,9 @@ class Banks(FrameTable):
         pool = self.nframes * self.block_size
         if total > pool:
             raise GuaranteeExceeded(
-                f"memory guarantees (cache_min) add up to {total} bytes, more than the "
-                f"pager's pool of {pool} bytes ({self.nframes} frames)")
+                f"memory guarantees (cache_min) add up to {format_size_approx(total)}, "
+                f"more than the pager's pool of {format_size_approx(pool)} "
+                f"({self.nframes} frames; see the mount's --cache-size)")
 
     def configure_banks(self, tree: BankTree) -> None:
         """The principals' memory banks changed (or the mount started). Guarantees past

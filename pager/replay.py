@@ -216,7 +216,21 @@ def replay_all(records: np.ndarray, *, nframes: int, banks: Mapping | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pager.replay TRACE [--frames N]`: a recorded trace through each
-    policy, one line per policy and principal."""
+    policy, one line per policy and principal. Into a pipe whose reader went away
+    (`... | head`) it stops quietly, as command-line tools do."""
+    import os
+    import sys
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # (here, not at exit, where a failure is a traceback)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     import argparse
     import sys
 
@@ -232,23 +246,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=4096)
     args = ap.parse_args(argv)
     if args.frames < 1:
-        print("error: --frames must be at least 1", file=sys.stderr)
+        print("python -m pager.replay: --frames must be at least 1", file=sys.stderr)
         return 2
     try:
         records = read_trace(args.trace)
-    except (OSError, TraceFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"python -m pager.replay: cannot read {args.trace}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"{len(records)} records, cache {args.frames} frames of {args.block_size} bytes")
+    except TraceFormatError as exc:
+        print(f"python -m pager.replay: {args.trace}: {exc}", file=sys.stderr)
+        return 1
+    _print_replay(records, args.frames, args.block_size)
+    return 0
+
+
+def _print_replay(records: np.ndarray, frames: int, block_size: int) -> None:
+    import sys
+    print(f"{len(records)} records, cache {frames} frames of {block_size} bytes")
     print(f"{'policy':<12} {'principal':>9} {'reads':>9} {'hit ratio':>9} {'write-back':>12}")
     for pol in ("hinted", "principal", "global-lru"):
-        r = replay(records, policy=pol, nframes=args.frames, block_size=args.block_size)
+        r = replay(records, policy=pol, nframes=frames, block_size=block_size)
         print(f"{pol:<12} {'all':>9} {r.reads:>9} {r.hit_ratio:>9.3f} {r.writeback_bytes:>12}")
         for pid, x in sorted(r.per_principal.items()):
             if x.reads or x.writeback_bytes:
                 print(f"{'':<12} {pid:>9} {x.reads:>9} {x.hit_ratio:>9.3f} "
                       f"{x.writeback_bytes:>12}")
-    return 0
+        sys.stdout.flush()  # a line per policy as it is done
 
 
 if __name__ == "__main__":

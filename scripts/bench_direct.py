@@ -826,4 +826,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchlib import main_quietly
+    sys.exit(main_quietly(main))

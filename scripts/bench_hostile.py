@@ -881,4 +881,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchlib import main_quietly
+    sys.exit(main_quietly(main))

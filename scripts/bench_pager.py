@@ -752,4 +752,5 @@ def print_mix(name: str, res: dict, per: dict, secs: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchlib import main_quietly
+    sys.exit(main_quietly(main))

@@ -185,3 +185,18 @@ class SluiceMount:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.pid = None
+
+
+def main_quietly(main: Callable[[], int | None]) -> int | None:
+    """Run a script's `main`; when the reader of its output goes away (`... | head`)
+    stop quietly, as command-line tools do, instead of with a BrokenPipeError traceback.
+    The exception unwinds through `main` first, so its mounts are unmounted as usual."""
+    try:
+        try:
+            return main()
+        finally:
+            sys.stdout.flush()  # (here, not at exit, where a failure is a traceback)
+    except BrokenPipeError:
+        # (and keep Python from complaining again when it flushes stdout at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

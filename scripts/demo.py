@@ -122,21 +122,24 @@ def main() -> int:
             ("tar round trip", "tar -cf t.tar src && mkdir x && tar -xf t.tar -C x && diff -r src x/src && echo identical"),
             ("git init/add/commit/gc/fsck/clone", "git init -q repo && cp -a src repo/ && cd repo && git add -A && "
              "git -c user.name=demo -c user.email=demo@sluice commit -qm import && git gc -q && "
-             "git fsck --full 2>&1 | tail -1; cd .. && git clone -q repo clone && git -C clone log --oneline | wc -l"),
+             "git fsck --full 2>&1 | tail -1; cd .. && git clone -q repo clone && "
+             "echo \"$(git -C clone log --oneline | wc -l) commit(s) in the clone\""),
             ("sqlite3 10,000 rows", "sqlite3 db.sqlite 'create table t(a integer primary key, b text);' && "
              "python3 -c \"import sqlite3;c=sqlite3.connect('db.sqlite');c.executemany('insert into t(b) values(?)',"
              "[('row %d'%i,) for i in range(10000)]);c.commit()\" && "
              "sqlite3 db.sqlite 'select count(*) from t; pragma integrity_check;' | tr '\\n' ' '"),
             ("python compileall + import", "mkdir -p pkg/demo && printf 'def f():\\n    return 42\\n' > pkg/demo/__init__.py && "
-             "python3 -m compileall -q pkg && PYTHONPATH=pkg python3 -c 'import demo; print(demo.f())'"),
+             "python3 -m compileall -q pkg && PYTHONPATH=pkg python3 -c 'import demo; print(\"demo.f() returned\", demo.f())'"),
             ("gcc + make, run binary", "mkdir -p c && cd c && printf '#include <stdio.h>\\nint main(){puts(\"hello from sluice\");return 0;}\\n' > h.c && "
              "printf 'h: h.c\\n\\tgcc -O2 -o h h.c\\n' > Makefile && make -s && ./h"),
-            ("rm -rf", "rm -rf src x clone && ls | wc -l"),
+            ("rm -rf", "rm -rf src x clone && echo \"$(ls | wc -l) entries left\""),
         ]
         steps.insert(-1, ("tiny writes 4 MiB (over its bank)",
-                          "head -c 4M /dev/urandom > tiny.bin 2>&1 || echo refused: EDQUOT; "
-                          "ls -l tiny.bin | awk '{print \"kept\", $5, \"bytes\"}'"))
+                          "if head -c 4M /dev/urandom > tiny.bin 2>/dev/null; then r=written; "
+                          "else r='refused (EDQUOT)'; fi; "
+                          "echo \"$r, kept $(stat -c %s tiny.bin) bytes\""))
         who = {"sqlite3 10,000 rows": "db", "tiny writes 4 MiB (over its bank)": "tiny"}
+        print(f"  {'[as]':7} {'step':36s} {'time':>9}   result (the step's last line of output)")
         for name, cmd in steps:
             principal = who.get(name, "build")
             runner = f"cd {REPO} && {sl} run {mnt} --principal {principal} -- sh -c "
@@ -206,4 +209,5 @@ def qos_demo(work: Path) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchlib import main_quietly
+    sys.exit(main_quietly(main))

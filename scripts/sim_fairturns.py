@@ -160,4 +160,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from benchlib import main_quietly
+    main_quietly(main)

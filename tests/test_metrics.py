@@ -292,6 +292,58 @@ def test_stats_watch_into_a_pipe_prints_one_table_per_interval_with_rates(metric
         assert float(r[5]) >= float(r[4]) > 0  # p99 >= p50, both recorded
 
 
+def test_cache_hits_are_read_from_the_statistics_cache_part() -> None:
+    """Per-principal hits and misses are where `stats --json` keeps them, under "cache"
+    (they were looked for under "pager", where they never were: W-1 of the new user's
+    report)."""
+    from fs.metrics import cache_hits
+    st = {"pager": {"frames": 16, "frames_used": 3, "hits": 9, "misses": 3, "resident": {}},
+          "cache": {"alice": {"frames": 3, "hits": 9, "misses": 3}, "bob": {"hits": 0}}}
+    assert cache_hits(st) == {"alice": (9, 3), "bob": (0, None)}
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StatsCollector(lambda: st))
+    m = _families(generate_latest(reg).decode())
+    assert m["sluice_cache_principal_hits_total"] == {(("principal", "alice"),): 9,
+                                                      (("principal", "bob"),): 0}
+    assert m["sluice_cache_principal_misses_total"] == {(("principal", "alice"),): 3}
+
+
+@pytest.mark.mounted
+def test_a_principals_cache_hits_reach_watch_and_metrics(metrics_mount) -> None:
+    """After alice reads a file she has read before, her cache hits rise in the
+    /metrics scrape and show in `stats --watch`'s HITS column (it was always `-`)."""
+    import subprocess
+
+    from conftest import REPO, SLUICE
+    m, port = metrics_mount
+    mnt = m.path
+    sluice("principal", "add", str(mnt), "alice")
+    run_as(mnt, "alice", f"head -c 1M /dev/urandom > {mnt}/a && cat {mnt}/a > /dev/null")
+    lbl = (("principal", "alice"),)
+    before = _families(scrape(port))["sluice_cache_principal_hits_total"][lbl]
+    run_as(mnt, "alice", f"cat {mnt}/a {mnt}/a > /dev/null")
+    time.sleep(0.2)  # past the render reuse interval
+    after = _families(scrape(port))
+    st = stats_json(mnt)
+    hits = after["sluice_cache_principal_hits_total"][lbl]
+    assert hits == st["cache"]["alice"]["hits"] and hits >= before + 256, (before, hits)
+    assert after["sluice_cache_principal_misses_total"][lbl] == st["cache"]["alice"]["misses"]
+    watch = subprocess.Popen([*SLUICE, "stats", str(mnt), "--watch", "0.2"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        while len(_tables("\n".join(lines))) < 2:
+            line = watch.stdout.readline()
+            assert line, watch.stderr.read()
+            lines.append(line.rstrip("\n"))
+    finally:
+        watch.terminate()
+        watch.communicate(timeout=30)
+    t = _tables("\n".join(lines))[0]
+    assert any(line.split()[-1:] == ["HITS"] for line in t), t
+    assert int(_row(t, "alice")[-1]) == hits, t
+
+
 @pytest.mark.mounted
 def test_stats_watch_on_a_terminal_redraws_in_place(metrics_mount) -> None:
     import pty

@@ -233,7 +233,7 @@ def test_fsck_of_a_mounted_volume(tmp_path: Path, mount_factory) -> None:
     assert r.stdout.strip().endswith(f"{vol}: clean")
     # a repair needs it unmounted
     r = sluice("fsck", str(vol), "--repair", check=False)
-    one_line_error(r, 1, "in use")
+    one_line_error(r, 1, "in use", f"mounted at {m.path}", "--repair needs it unmounted")
     # while a check runs, the mount cannot go read-write (and stays read-only)
     with checking_lock(vol) as state:
         assert state is not None and state["mountpoint"] == str(m.path)

@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -275,13 +276,16 @@ def test_sluice_hint_recursive(mnt: Path, tmp_path: Path) -> None:
 def test_sluice_hint_errors_are_one_line(mnt: Path, tmp_path: Path) -> None:
     (mnt / "f").write_bytes(b"1")
     cases = [
-        (["hint", str(mnt / "f"), "--priority", "500"], "--priority 500: must be from -100 to 100"),
+        (["hint", str(mnt / "f"), "--priority", "500"],  # a usage error: exit 2
+         "--priority: 500: must be a whole number from -100 to 100"),
+        (["hint", str(mnt / "f"), "--priority", "x"],
+         "--priority: x: must be a whole number from -100 to 100"),
         (["hint", str(mnt / "nope"), "--priority", "1"], "no such file or directory"),
         (["hint", str(tmp_path), "--priority", "1"], "is not on a mounted sluice volume"),
     ]
     for args, msg in cases:
         r = sluice(*args, check=False)
-        assert r.returncode == 1, r
+        assert r.returncode == (2 if "whole number" in msg else 1), r
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = sluice("hint", str(mnt / "f"), "--discardable", "--no-discardable", check=False)
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
@@ -460,6 +464,8 @@ def test_trace_record_until_ctrl_c(volume: Path, mount_factory, tmp_path: Path) 
             proc.wait()
     assert proc.returncode == 0, err
     assert "bytes of pager trace" in err
+    # Private whatever the umask (0022 here): it names every principal's files.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
     # The pager's format: the reads of f (its inode, every block of it) by root.
     from pager import read_trace
     from pager.trace import READ
