@@ -73,5 +73,7 @@ class MetadataService(Protocol):
         """`statistics`' items, one part of the work at a time, building only the rows
         of `names`: the shim server lets other principals run between two parts."""
 
-    async def move_storage(self, src: Principal, dst: Principal) -> None:
-        """Re-tag everything charged to `src` as charged to `dst`."""
+    async def move_storage(self, src: Principal, dst: Principal, *,
+                           by: Principal) -> None:
+        """Re-tag everything charged to `src` as charged to `dst`, durably before it
+        returns; the I/O it makes is `by`'s (the caller's principal)."""
