@@ -128,8 +128,9 @@ class Metadata:
         #: mark: an fsync of an inode with none, and no `_changed_all`, has no metadata
         #: of it to make durable; docs/dev/invariants.md R8), and whether a change
         #: touched something no single inode owns (`set_meta`, a repair by id, a
-        #: `move_principal` of more than MAX_MARKED inodes). Cleared only by the durable commit that contains them:
-        #: `take_changes` at the commit, `settle_changes` when it is over.
+        #: `move_principal` of more than MAX_MARKED inodes). Cleared only by the
+        #: durable commit that contains them: `take_changes` at the commit,
+        #: `settle_changes` when it is over.
         self._changed: set[int] = set()
         #: (set at open: a daemon killed before its last commit was durable left the
         #: database in the host's cache, not on disk)

@@ -18,7 +18,8 @@ from typing import Iterator
 import pytest
 
 from conftest import REPO, Mount, as_uid, child_result, in_child, sluice
-from shim_util import USER_ENV, USER_PY, pubmnt, user_cmd, user_run  # noqa: F401 - pubmnt is a fixture
+from shim_util import (USER_ENV, USER_PY, pubmnt,  # noqa: F401 - pubmnt is a fixture
+                        user_cmd, user_run)
 # (imported here: a child that became another uid cannot read the venv's modules)
 from kernelshim.client import Client
 from kernelshim.principals import NotAllowed  # (the client maps errors to it lazily)
