@@ -222,6 +222,10 @@ class Transactions:
                 finally:
                     self._forced_at = trio.current_time()
                     self._forcing = False
+                    # (the others wait for this one without a deadline: wake them
+                    # even if it made no commit — failed volume, cancelled)
+                    self._commit_ended.set()
+                    self._commit_ended = trio.Event()
                 continue
             ended = self._commit_ended
             with trio.move_on_at(float("inf") if self._forcing else due):
