@@ -428,3 +428,33 @@ async def test_a_retag_marks_its_inodes_and_waits_for_a_shared_durable_commit(
         await done.wait()
     assert md.durable_commits == n + 1
     assert md.db.execute("SELECT principal FROM inodes WHERE id=?", (b,)).fetchone() == (0,)
+
+
+async def test_retag_waiters_hear_of_a_failed_durable_commit(evol: Volume,
+                                                             monkeypatch) -> None:
+    """The re-tag's durable commit fails: every re-tag waiting for it gets WriteFailed
+    (none waits forever for a commit that will not come), and the marks stay."""
+    fs, md = evol.fs, evol.md
+    assert fs is not None
+    a = await write_file(fs, b"a", fill(1, BS))
+    md._w("UPDATE inodes SET principal=7 WHERE id=?", (a,))
+    await fs.sync()
+    md.move_principal(7, 0)
+
+    def failing() -> None:
+        raise OSError(5, "fsync of the WAL failed (injected)")
+
+    monkeypatch.setattr(md, "make_durable", failing)
+    failed = []
+
+    async def retag_wait() -> None:
+        with pytest.raises(WriteFailed):
+            await fs.wait_durable(principal=PrincipalId(0))
+        failed.append(1)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(retag_wait)
+    assert len(failed) == 3
+    assert md.changed_since_durable(a)
