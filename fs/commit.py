@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 #: the meta key listing the files a crash may leave partial (see `commit`)
 UNFLUSHED_KEY = "unflushed"
 
+#: seconds between two durable commits `wait_durable` makes itself (volume-wide: a
+#: principal's storage re-tag waits at most about this long for one it shares with
+#: every re-tag waiting then, unless an fsync's durable commit comes first)
+FORCED_DURABLE_INTERVAL = 1.0
+
 
 class Transactions:
     """Commit, read-only and recovery (a `FileSystem` concern; see filesystem.py).
@@ -56,6 +61,17 @@ class Transactions:
     _recovered: bool
     #: the file list last saved under UNFLUSHED_KEY
     _unflushed_saved: frozenset[int]
+    #: commits that took their changes so far (the n-th holds every change made
+    #: before its SQL COMMIT), and the highest n made durable (which makes every
+    #: earlier one durable too: the WAL fsync covers them)
+    _commit_seq: int
+    _durable_seq: int
+    #: set (and replaced) at the end of every commit, durable or not, or failed
+    _commit_ended: trio.Event
+    #: when `wait_durable` last made a durable commit itself (trio clock), and
+    #: whether one it makes is running
+    _forced_at: float
+    _forcing: bool
 
     async def _recover(self: FileSystem) -> None:
         """What a crash left: orphans and uncommitted write layouts (at the first
@@ -142,6 +158,8 @@ class Transactions:
                     self._save_unflushed()
                     taken = self.md.take_changes()
                     self.md.commit()
+                    self._commit_seq += 1
+                    seq = self._commit_seq
                     pending = self.alloc.take_pending()
                     # (counted free meanwhile, as they were while pending: statfs)
                     self.reaping_blocks += sum(c for _d, c in pending)
@@ -152,6 +170,7 @@ class Transactions:
                 if durable or pending:
                     await trio.to_thread.run_sync(self.md.make_durable)
                     made_durable = True
+                    self._durable_seq = max(self._durable_seq, seq)
                 if taken is not None:
                     # committed but not durable: still marked (a power loss may lose it)
                     self.md.settle_changes(taken, durable=made_durable)
@@ -166,6 +185,9 @@ class Transactions:
                     self.fail(f"committing metadata failed: {exc}")
                     raise WriteFailed(f"commit failed: {exc}") from exc
                 raise
+            finally:
+                self._commit_ended.set()
+                self._commit_ended = trio.Event()
             if pending:
                 self._reap.append(pending)
                 if self._reaper_running:
@@ -254,6 +276,39 @@ class Transactions:
         await self.commit(durable=True, principal=principal, file=file)
         if final:
             await self.wait_reaped()
+
+    async def wait_durable(self: FileSystem, *, principal: PrincipalId) -> None:
+        """Return once a durable commit holds every change made before the call
+        (WriteFailed if the volume fails first). For changes that must be durable
+        before something else is saved, but that no one tenant may turn into a
+        barrier of everyone's whenever it likes (a principal's storage re-tag, which
+        must be durable before principals.json drops the principal: see
+        `FsService.move_storage`). Any durable commit serves (an fsync's, made for
+        anyone); if none comes, this makes one itself, at most one every
+        FORCED_DURABLE_INTERVAL seconds volume-wide, and that one serves every caller
+        waiting then. Its barrier's flush is charged to `principal` (the caller whose
+        wait made it)."""
+        need = self._commit_seq + 1  # the first commit that takes a change made now
+        while self._durable_seq < need:
+            if self.write_errors:
+                raise WriteFailed(f"the volume failed ({self.read_only}): the change may "
+                                  "not be durable")
+            due = self._forced_at + FORCED_DURABLE_INTERVAL
+            if not self._forcing and trio.current_time() >= due:
+                self._forcing = True
+                try:
+                    await self.commit(durable=True, principal=principal)
+                finally:
+                    self._forced_at = trio.current_time()
+                    self._forcing = False
+                    # (the others wait for this one without a deadline: wake them
+                    # even if it made no commit — failed volume, cancelled)
+                    self._commit_ended.set()
+                    self._commit_ended = trio.Event()
+                continue
+            ended = self._commit_ended
+            with trio.move_on_at(float("inf") if self._forcing else due):
+                await ended.wait()
 
     def fail(self: FileSystem, why: str) -> None:
         """A metadata or device write failed: rather than risk damage, the volume turns

@@ -114,6 +114,10 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._direct = {}
         # -- Transactions (commit.py) ------------------------------------------------------
         self._commit_lock = trio.Lock()
+        self._commit_seq = self._durable_seq = 0
+        self._commit_ended = trio.Event()
+        self._forced_at = float("-inf")
+        self._forcing = False
         self._unsealed = set()
         self._reap = collections.deque()
         self.reaping_blocks = 0

@@ -129,9 +129,10 @@ class Metadata:
         #: inodes whose rows a change since the last durable commit touched (the change
         #: mark: an fsync of an inode with none, and no `_changed_all`, has no metadata
         #: of it to make durable; docs/dev/invariants.md R8), and whether a change
-        #: touched something no single inode owns (`set_meta`, `move_principal`, a
-        #: repair by id). Cleared only by the durable commit that contains them:
-        #: `take_changes` at the commit, `settle_changes` when it is over.
+        #: touched something no single inode owns (`set_meta`, a repair by id, a
+        #: `move_principal` of more than MAX_MARKED inodes). Cleared only by the
+        #: durable commit that contains them: `take_changes` at the commit,
+        #: `settle_changes` when it is over.
         self._changed: set[int] = set()
         #: (set at open: a daemon killed before its last commit was durable left the
         #: database in the host's cache, not on disk)
@@ -492,9 +493,23 @@ class Metadata:
         return {p: tuple(v) for p, v in out.items()}  # type: ignore[misc]
 
     def move_principal(self, src: int, dst: int) -> None:
-        """Charge everything charged to `src` to `dst` instead."""
+        """Charge everything charged to `src` to `dst` instead. Marks the inodes whose
+        rows it re-tags (an inode row, its extents, an entry: its directory and the
+        inode it names), as any write of a row does; "everything" only past
+        MAX_MARKED of them (docs/dev/invariants.md, R8: the tag is no file's data,
+        size or name, so the marks are not what keeps a crash consistent here:
+        `FileSystem.wait_durable` is)."""
         self.flush_inodes()
-        self._changed_all = True
+        hit = [r[0] for r in self.db.execute(
+            "SELECT id FROM inodes WHERE principal=?1"
+            " UNION SELECT inode FROM extents WHERE principal=?1"
+            " UNION SELECT parent FROM dentries WHERE principal=?1"
+            " UNION SELECT inode FROM dentries WHERE principal=?1 LIMIT ?2",
+            (src, MAX_MARKED + 1))]
+        if len(hit) > MAX_MARKED:
+            self._changed_all = True
+        else:
+            self._mark(*hit)
         for table in ("inodes", "dentries", "extents"):
             self._w(f"UPDATE {table} SET principal=? WHERE principal=?", (dst, src))
 

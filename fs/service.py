@@ -233,9 +233,19 @@ class DirectService:
                          context: Collection[str] = ()) -> Iterator[tuple[str, Any]]:
         return self.fs.statistics_parts(names, context)
 
-    async def move_storage(self, src: Principal, dst: Principal) -> None:
+    async def move_storage(self, src: Principal, dst: Principal, *,
+                           by: Principal) -> None:
         """Re-tag `src`'s storage as `dst`'s, durably (the caller saves the principal
-        table only after this: see PrincipalTable.remove)."""
-        self.fs.md.move_principal(src.id, dst.id)
+        table only after this: see PrincipalTable.remove). Crash ordering: the rows
+        are re-tagged in the open transaction, then a durable commit holds them, then
+        the caller saves principals.json without `src`: a crash before that save
+        finds `src` in the table, owning either its storage (the re-tag lost) or
+        none (it survived) — never storage tagged with a removed id
+        (docs/dev/invariants.md, "Re-tagging storage"). The durable commit is not one
+        of its own: `wait_durable` waits for one, or makes one at most every
+        FORCED_DURABLE_INTERVAL seconds for every re-tag waiting, charged to `by`
+        (the caller's principal): a tenant that adds and removes children in a loop
+        can no longer make a barrier of everyone's each time (probe 3, F4)."""
+        self.fs.md.move_principal(src.id, dst.id)  # marks only the re-tagged inodes
         self.fs.retag_cached(src.id, dst.id)
-        await self.fs.sync()
+        await self.fs.wait_durable(principal=by.id)

@@ -72,7 +72,13 @@ class AdminOps(ServerBase):
         heir = self.principals.remove(name, conn.creds.uid, move_to=move_to, save=False)
         try:
             if heir is not None:
-                await self.service.move_storage(victim, heir)  # re-tagged, durably
+                # Re-tagged, durably (a durable commit shared with other re-tags and
+                # bounded in rate, its flush charged to the caller: probe 3, F4; to
+                # the heir if the caller's connection is the removed principal's).
+                by = conn.principal
+                if self.principals.by_id(by.id) is not by:
+                    by = heir
+                await self.service.move_storage(victim, heir, by=by)
         finally:
             self.principals.save()
         return {"removed": name, "storage_to": heir.name if heir else None}

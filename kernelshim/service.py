@@ -76,5 +76,7 @@ class MetadataService(Protocol):
         PrincipalTable.context_only) get their `principals` row with usage only
         against the banks they limit, and no rows of activity (I/O, cache)."""
 
-    async def move_storage(self, src: Principal, dst: Principal) -> None:
-        """Re-tag everything charged to `src` as charged to `dst`."""
+    async def move_storage(self, src: Principal, dst: Principal, *,
+                           by: Principal) -> None:
+        """Re-tag everything charged to `src` as charged to `dst`, durably before it
+        returns; the I/O it makes is `by`'s (the caller's principal)."""

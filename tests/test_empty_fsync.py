@@ -386,3 +386,75 @@ async def test_an_fsync_without_a_handle_writes_a_discardable_file_back(wbvol: V
     fs.fail("injected failure")
     with pytest.raises(WriteFailed):
         await fs.fsync_inode(ROOT_INODE, CALLER.principal)
+
+
+async def test_a_retag_marks_its_inodes_and_waits_for_a_shared_durable_commit(
+        evol: Volume) -> None:
+    """Probe 3, F4: `move_principal` marks the re-tagged inodes, not "everything"
+    (another file's fsync stays empty), and `wait_durable` makes one durable commit
+    for every re-tag waiting; within FORCED_DURABLE_INTERVAL of the last one it made,
+    it waits for someone else's (here an fsync's) instead of making another."""
+    fs, md = evol.fs, evol.md
+    assert fs is not None
+    a = await write_file(fs, b"a", fill(1, BS))
+    b = await write_file(fs, b"b", fill(2, BS))
+    md._w("UPDATE inodes SET principal=7 WHERE id=?", (a,))
+    await fs.sync()
+    assert not md.changed_since_durable(a) and not md.changed_since_durable(b)
+    md.move_principal(7, 0)
+    assert md.changed_since_durable(a) and not md.changed_since_durable(b)
+    assert not fs.needs_sync(b)
+    n = md.durable_commits
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(lambda: fs.wait_durable(principal=PrincipalId(0)))
+    assert md.durable_commits == n + 1
+    assert not md.changed_since_durable(a)
+    # Again at once: no commit of its own yet; an fsync's durable commit serves it.
+    md._w("UPDATE inodes SET principal=9 WHERE id=?", (b,))
+    md.move_principal(9, 0)
+    done = trio.Event()
+
+    async def retag_wait() -> None:
+        await fs.wait_durable(principal=PrincipalId(0))
+        done.set()
+
+    n = md.durable_commits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(retag_wait)
+        await trio.sleep(0.1)
+        assert not done.is_set() and md.durable_commits == n
+        await fs.sync()
+        await done.wait()
+    assert md.durable_commits == n + 1
+    assert md.db.execute("SELECT principal FROM inodes WHERE id=?", (b,)).fetchone() == (0,)
+
+
+async def test_retag_waiters_hear_of_a_failed_durable_commit(evol: Volume,
+                                                             monkeypatch) -> None:
+    """The re-tag's durable commit fails: every re-tag waiting for it gets WriteFailed
+    (none waits forever for a commit that will not come), and the marks stay."""
+    fs, md = evol.fs, evol.md
+    assert fs is not None
+    a = await write_file(fs, b"a", fill(1, BS))
+    md._w("UPDATE inodes SET principal=7 WHERE id=?", (a,))
+    await fs.sync()
+    md.move_principal(7, 0)
+
+    def failing() -> None:
+        raise OSError(5, "fsync of the WAL failed (injected)")
+
+    monkeypatch.setattr(md, "make_durable", failing)
+    failed = []
+
+    async def retag_wait() -> None:
+        with pytest.raises(WriteFailed):
+            await fs.wait_durable(principal=PrincipalId(0))
+        failed.append(1)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(retag_wait)
+    assert len(failed) == 3
+    assert md.changed_since_durable(a)

@@ -17,8 +17,9 @@ from typing import Iterator
 
 import pytest
 
-from conftest import Mount, as_uid, child_result, in_child, sluice
-from shim_util import USER_ENV, USER_PY, pubmnt, user_run  # noqa: F401 - pubmnt is a fixture
+from conftest import REPO, Mount, as_uid, child_result, in_child, sluice
+from shim_util import (USER_ENV, USER_PY, pubmnt,  # noqa: F401 - pubmnt is a fixture
+                        user_cmd, user_run)
 # (imported here: a child that became another uid cannot read the venv's modules)
 from kernelshim.client import Client
 from kernelshim.principals import NotAllowed  # (the client maps errors to it lazily)
@@ -350,3 +351,119 @@ def test_direct_client_has_its_supplementary_groups(pubmnt: Path) -> None:
                            env=USER_ENV, timeout=60)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == want, (groups, r.stdout)
+
+
+# -- probe 3, F4: re-tagging storage is no global barrier on demand -----------------------
+
+_CHURN = """
+import os, sys, time
+from kernelshim.client import Client
+mnt, w, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+c = Client.connect(mnt, shm_size=0)
+sys.stdin.readline()
+t0 = time.monotonic()
+k = fails = 0
+while time.monotonic() < t0 + secs:
+    k += 1
+    name = f"ch{k}"
+    try:
+        c.call("principal_add", name=name, parent="t")
+        c.register(name)
+        with open(f"{w}/churn-{k}", "wb") as f:
+            f.write(b"x")
+        c.register("t")
+        for _ in range(100):  # (the file's FUSE release, which ends its grant, is async)
+            try:
+                c.call("principal_rm", name=name, move_to="t")
+                break
+            except Exception as exc:
+                if "open grants" not in str(exc):
+                    raise
+                time.sleep(0.01)
+        else:
+            raise RuntimeError(f"{name}: its grant was never released")
+    except Exception as exc:
+        fails += 1
+        print("FAIL", k, exc, file=sys.stderr)
+print(k, fails, time.monotonic() - t0)
+"""
+
+_FSYNCS = """
+import os, sys, time
+path, secs = sys.argv[1], float(sys.argv[2])
+fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+os.pwrite(fd, b"y" * 4096, 0)
+os.fsync(fd)
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+n = 0
+while time.monotonic() < t0 + secs:
+    os.fsync(fd)
+    n += 1
+    time.sleep(0.005)
+print(n)
+"""
+
+
+def test_a_tenants_rm_move_to_churn_leaves_others_fsyncs_empty(volume: Path, pub_base: Path,
+                                                               tmp_path: Path) -> None:
+    """Probe 3, F4: uid 1000 adds a child of its own, creates a 1-byte file as it and
+    removes it with its storage moved to the parent, in a loop; uid 1001 fsyncs its
+    unchanged file meanwhile. Each re-tag used to set the "everything" change mark
+    (uid 1001's next fsync a full one) and force a durable commit of its own (a
+    barrier of everyone's, charged to root): now it marks only the re-tagged inodes,
+    and the durable commits it makes are shared and at most about one a second."""
+    from fs.commit import FORCED_DURABLE_INTERVAL
+    mp = pub_base / "mnt"
+    mp.mkdir()
+    mount = Mount(volume, mp, None, tmp_path / "daemon.log")
+    secs = 4.0
+    try:
+        mount.start()
+        m = str(mp)
+        sluice("principal", "add", m, "t", "--owner", "1000", "--space", "100M")
+        w = shared_dir(mp)
+        (w / "u2").mkdir()
+        os.chown(w / "u2", 1001, 1001)
+        victim = subprocess.Popen(
+            user_cmd(1001, [USER_PY, "-c", _FSYNCS, str(w / "u2" / "f"), str(secs)]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=USER_ENV)
+        churn = subprocess.Popen(
+            user_cmd(1000, [USER_PY, "-c", _CHURN, m, str(w), str(secs)]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=REPO, env=USER_ENV)
+        try:
+            assert victim.stdout is not None and victim.stdout.readline() == "ready\n"
+            time.sleep(1.5)  # (the timer's commit of the victim's write is behind us)
+            before = json.loads(sluice("stats", m, "--json").stdout)["fs"]
+            for p in (victim, churn):
+                assert p.stdin is not None
+                p.stdin.write("\n")
+                p.stdin.flush()
+            out, err = churn.communicate(timeout=120)
+            vout, _ = victim.communicate(timeout=120)
+        finally:
+            for p in (victim, churn):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        after = json.loads(sluice("stats", m, "--json").stdout)["fs"]
+        assert churn.returncode == 0, err
+        cycles, fails, took = out.split()
+        n = int(vout)
+        assert int(cycles) >= 3 and int(fails) == 0, (out, err)
+        # Every fsync of the unchanged file was empty: no barrier, no durable commit.
+        assert after["empty_fsyncs"] - before["empty_fsyncs"] == n, (before, after, n)
+        # The re-tags made at most one durable commit per interval between them.
+        made = after["durable_commits"] - before["durable_commits"]
+        assert made <= float(took) / FORCED_DURABLE_INTERVAL + 2, (made, out)
+        # The storage is the parent's, all of it: nothing lost, nothing twice.
+        t = table(mp)
+        assert t["t"]["usage"]["inodes"] == int(cycles), t["t"]
+        assert not any(name.startswith("ch") for name in t), sorted(t)
+        assert mount.daemon_alive
+    finally:
+        mount.stop()
+    r = sluice("fsck", str(volume), check=False)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stdout + r.stderr
