@@ -1004,6 +1004,29 @@ async def test_a_client_that_missed_a_request_is_not_spared_by_the_next(
     check_invariants(p)
 
 
+async def test_a_stream_does_not_push_out_a_working_set_below_an_equal_share(
+        tmp_path: Path, autojump_clock) -> None:
+    """Default banks (no guarantees): P1 loops over a working set of a quarter of the
+    pool while P2 streams through several times the pool. Background reclaim takes
+    from those above an equal share first, so P1's set stays resident; before, every
+    principal gave in proportion to its size (hostile probe 3, F3: ~34% hits)."""
+    device = make_device(tmp_path / "dev", nblocks=1024)
+    for policy in ("principal", "hinted"):
+        p = Pager(device, nframes=64, policy=policy)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.run)
+            for rnd in range(8):
+                await p.read(0, 16, principal=P1, file=1)
+                for b in range(100 + rnd * 96, 100 + rnd * 96 + 96, 4):
+                    await p.read(b, 4, principal=P2, file=2, fblock=b - 100)
+                    await trio.sleep(0.001)  # the reclaim task runs between reads
+            s = p.statistics().per_principal[P1]
+            assert s.misses <= 16 + 4, (policy, s.misses, s.hits)
+            nursery.cancel_scope.cancel()
+        check_invariants(p)
+    device.close()
+
+
 def test_replay_command_compares_policies(tmp_path: Path, capsys) -> None:
     from pager.replay import main
     rows = [(0.0, 1, 1, 3, i % 40, i % 40, tr.READ, 0, 0) for i in range(400)]
