@@ -808,20 +808,42 @@ class Workload:
         def fn(oid: int) -> dict[str, Any]:
             f = c.open(path, "r+")
             holder.append(f)
-            f.pwrite(pattern(oid, off, n), off)
-            return {"size": f.commit()}
+            try:
+                f.pwrite(pattern(oid, off, n), off)
+                return {"size": f.commit()}
+            except Exception as exc:  # noqa: BLE001 - only GrantRevoked is answered
+                if not self._dropped_under(exc, ino):
+                    raise
+                return {"revoked": True, "size": os.stat(self._p(path)).st_size}
         try:
-            self.op("dwrite", fn, path=path, ino=ino, off=off, n=n)
-            self.sizes[ino] = max(self.sizes[ino], off + n)
-            if fsync:
+            res = self.op("dwrite", fn, path=path, ino=ino, off=off, n=n)
+            self.sizes[ino] = int(res["size"]) if res.get("revoked") else \
+                max(self.sizes[ino], off + n)
+            if fsync and not res.get("revoked"):
                 f = holder[0]
-                self.op("fsync", lambda _o: f.fsync(), path=path, ino=ino, via="direct")
+
+                def sync(_o: int) -> dict[str, Any] | None:
+                    try:
+                        f.fsync()
+                    except Exception as exc:  # noqa: BLE001 - only GrantRevoked
+                        if not self._dropped_under(exc, ino):
+                            raise
+                        return {"revoked": True}
+                    return None
+                self.op("fsync", sync, path=path, ino=ino, via="direct")
         finally:
             for f in holder:
                 try:
                     f.close()
-                except (OSError, ConnectionError):
+                except Exception:  # noqa: BLE001 - a revoked or dead grant: nothing to close
                     pass
+
+    def _dropped_under(self, exc: Exception, ino: int) -> bool:
+        """A direct client's GrantRevoked on a discardable file: the pager dropped it
+        and the daemon emptied it (a truncate, which revokes every grant: README,
+        "Direct clients"); the client's uncommitted range is dropped with the grant.
+        Any other failure stays one."""
+        return type(exc).__name__ == "GrantRevoked" and bool(self.disc.get(ino))
 
     def _caps(self) -> int | None:
         """Capability slots root's connections hold (only direct clients hold slots, and
@@ -1434,6 +1456,11 @@ class Oracle:
                 f.write(oid, off, n)
                 if op.get("msync"):
                     f.fsync(oid)  # msync(MS_SYNC) is an fdatasync of the file
+        elif kind == "dwrite" and res.get("revoked"):
+            # revoked by a drop's emptying: commits nothing (its bytes may have been
+            # written to blocks the emptying freed: never shown), but as a maybe
+            f.maybe_writes(oid, [(int(op["off"]), int(op["n"]))], sticky=False,
+                           size=f.size)
         elif kind in ("write", "append", "dwrite"):
             off, n = int(op["off"]), int(op["n"])
             if maybe:
@@ -1449,7 +1476,7 @@ class Oracle:
             else:
                 f.truncate(oid, size)
         elif kind == "fsync":
-            if not maybe:
+            if not maybe and not res.get("revoked"):
                 f.fsync(oid)
         elif kind in ("setx", "rmx"):
             value = bytes.fromhex(op["value"]) if kind == "setx" else None
