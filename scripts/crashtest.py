@@ -880,7 +880,12 @@ class Workload:
                     n = min(n, 64 << 10)
                     c.call("layout_get", slot=f.slot, offset=off, length=n)
                     c.shmview[:n] = pattern(oid, off, n)
-                    c._send("write", slot=f.slot, offset=off, length=n, buf=0)
+                    from kernelshim.clientcore import SendData
+                    from kernelshim.protocol import WRITE as DATA_WRITE
+                    # (put on the wire, its reply never waited for; `c._send`, used
+                    # here before, no longer exists: the child exited before the
+                    # kill, with no request on the wire, since the data path changed)
+                    c._send_step(SendData(DATA_WRITE, f.slot, off, n, 0))
                     os.kill(os.getpid(), signal.SIGKILL)
                 finally:
                     os._exit(3)
