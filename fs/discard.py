@@ -66,10 +66,16 @@ class Discards:
 
     async def _empty_locked(self: FileSystem, node: Inode, *, mark: bool) -> None:
         """Empty the file (size 0, blocks freed as truncate frees them) and set or
-        clear its user.sluice.discarded mark (under the inode lock)."""
-        self.discarded.discard(node.id)
+        clear its user.sluice.discarded mark (under the inode lock).
+
+        The file leaves `discarded` only with the mark, in one step: the truncate
+        saves size 0 at once but then waits for requests in flight through the
+        file's old grants, and a commit in that wait must still list the file as
+        unflushed (`_save_unflushed`), or a crash would keep it empty and unmarked
+        (R7: empty *and* marked)."""
         if node.size or node.blocks:
             await self._truncate_locked(node, 0, principal=PrincipalId(node.principal))
+        self.discarded.discard(node.id)
         self._set_discarded_mark(node, mark)
         self.on_data_changed(node.id, node.principal)
 

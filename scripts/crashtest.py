@@ -68,10 +68,27 @@ judged by the same Oracle with the operations acknowledged before the crash poin
 (`records_before`: an fsync acknowledged before it is durable, everything after it may
 be lost), unmounted, and `fsck --verify-data` must be clean (`check_state`).
 
+The extended workload (`--extended`, both models) adds fallocate (mode 0, KEEP_SIZE,
+PUNCH_HOLE, ZERO_RANGE, each with its own oracle step: zeros per piece, sizes kept or
+grown), shared-mmap writes with and without msync(MS_SYNC) (which is an fdatasync: the
+operation is then acknowledged as a write and an fsync), O_TMPFILE files written,
+sometimes fsync'd and given a name with linkat (each step its own operation: a crash
+before the linkat leaves an orphan, never a name), renameat2(RENAME_EXCHANGE) of two
+files, and `sluice hint --discardable` / `--no-discardable` of existing files (a file
+may come back emptied and marked while it was discardable at its last fsync or since).
+With write-back and a small pool (`--writeback --cache-size 256K`) the pager may drop a
+discardable file while the workload runs: after each operation the workload reads the
+pager's count of discardable frames let go, and when it moved logs a "D" record with
+the sizes of the discardable files then; the oracle follows each such file as it is
+and as a drop there would have left it (empty, then the later steps), and accepts
+either — never half of the old contents.
+
 Run as root:
 
     .venv/bin/python scripts/crashtest.py --rounds 100 --seed 1 --json out.json
     .venv/bin/python scripts/crashtest.py --model power --rounds 50 --states 10 --seed 1
+    .venv/bin/python scripts/crashtest.py --rounds 100 --seed 30000 --extended \
+        --writeback --cache-size 256K
 
 Round i uses seed S+i: `--rounds 1 --seed S+i --keep` reruns one round (the crash
 point is the same; where exactly inside an operation the kill lands depends on timing)
@@ -108,6 +125,8 @@ SLUICE = [sys.executable, "-m", "fs.cli"]
 #: extra `sluice mount` arguments of every mount of a campaign (--mount-args, e.g.
 #: "--writeback" to run the campaign with write-back caching)
 MOUNT_ARGS: list[str] = []
+#: the extended workload in every round of a campaign (--extended; Round(extended=))
+EXTENDED = False
 #: directories made discardable (user.sluice.discardable=1) at setup: files created in
 #: them are a cache by contract (crash rule 4) and may come back empty and marked
 #: user.sluice.discarded, never partial
@@ -180,6 +199,9 @@ def describe_bytes(data: bytes, off: int) -> str:
 #: operation kinds a crash point may wait for
 TRIGGER_KINDS = ("truncate", "append", "write", "dwrite", "dkill", "rename", "fsync",
                  "unlink", "setx", "create", "link", "fsyncdir")
+#: and those of the extended workload (`--extended`)
+EXTENDED_TRIGGER_KINDS = (*TRIGGER_KINDS, "falloc", "falloc", "mmap", "mmap", "tmpfile",
+                          "exchange", "hint")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,15 +216,16 @@ class CrashPoint:
     spin_us: int
 
     @classmethod
-    def from_rng(cls, rng: random.Random, nops: int, setup_ops: int) -> CrashPoint:
+    def from_rng(cls, rng: random.Random, nops: int, setup_ops: int,
+                 kinds: tuple[str, ...] = TRIGGER_KINDS) -> CrashPoint:
         after = rng.randint(setup_ops, max(setup_ops, nops - 5))
         r = rng.random()
         if r < 0.4:
             trigger = "ack"
         elif r < 0.7:
-            trigger = "begin:" + rng.choice(TRIGGER_KINDS)
+            trigger = "begin:" + rng.choice(kinds)
         else:
-            trigger = "ack:" + rng.choice(TRIGGER_KINDS)
+            trigger = "ack:" + rng.choice(kinds)
         return cls(after, trigger, rng.choice((0, 0, 0, 30, 100, 300, 1000, 3000)))
 
     def fires(self, rec: dict[str, Any], acks: int, kinds: dict[int, str]) -> bool:
@@ -230,6 +253,53 @@ def _split(path: str) -> tuple[str, str]:
     return d, name
 
 
+FALLOC_KEEP_SIZE = 0x01
+FALLOC_PUNCH_HOLE = 0x02
+FALLOC_ZERO_RANGE = 0x10
+RENAME_EXCHANGE = 2
+_libc: Any = None
+
+
+def _libc_fn() -> Any:
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                    ctypes.c_int64]
+        _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                    ctypes.c_char_p, ctypes.c_uint]
+        _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                 ctypes.c_char_p, ctypes.c_int]
+    return _libc
+
+
+def _fallocate(fd: int, mode: int, off: int, n: int) -> None:
+    import ctypes
+    if _libc_fn().fallocate(fd, mode, off, n) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fallocate(mode {mode:#x}, {off}, {n}): {os.strerror(e)}")
+
+
+def _linkat_fd(fd: int, dst: str) -> None:
+    """linkat(AT_FDCWD, "/proc/self/fd/FD", AT_FDCWD, dst, AT_SYMLINK_FOLLOW): give an
+    O_TMPFILE file a name (os.link calls link(2), which would link the /proc symlink)."""
+    import ctypes
+    AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
+    if _libc_fn().linkat(AT_FDCWD, f"/proc/self/fd/{fd}".encode(), AT_FDCWD,
+                         os.fsencode(dst), AT_SYMLINK_FOLLOW) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"linkat(fd {fd}, {dst}): {os.strerror(e)}")
+
+
+def _renameat2(a: str, b: str, flags: int) -> None:
+    import ctypes
+    AT_FDCWD = -100
+    if _libc_fn().renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"renameat2({a}, {b}, {flags}): {os.strerror(e)}")
+
+
 class DaemonGone(Exception):
     """A file operation failed because the daemon is gone: the workload stops."""
 
@@ -244,8 +314,20 @@ class Workload:
     TARGETS = ("s0", "d1/s1")
 
     def __init__(self, root: str, seed: int, nops: int, out: Any, *,
-                 direct: bool = True, record_log: str | None = None) -> None:
+                 direct: bool = True, record_log: str | None = None,
+                 extended: bool = False, track_drops: bool = False) -> None:
         self.root = root
+        #: the extended workload (`--extended`): fallocate (mode 0, KEEP_SIZE,
+        #: PUNCH_HOLE, ZERO_RANGE), shared-mmap writes (+ msync), O_TMPFILE + linkat,
+        #: RENAME_EXCHANGE and discardable hints on existing files, and after each
+        #: operation a look at the pager's discard counter (a "D" record: a discardable
+        #: file may have been dropped while mounted)
+        self.extended = extended
+        #: look for drops ("D" records) in the base workload too (a mount with
+        #: write-back: only then does the pager drop discardable files)
+        self.track_drops = track_drops
+        self.disc: dict[int, bool] = {}         # ino -> discardable now
+        self._pager_discarded: int | None = None
         #: the power-loss recording's device log: each record then carries its size
         #: ("at"), so a crash point in that log tells which operations came before it
         self.record_log = record_log
@@ -262,6 +344,7 @@ class Workload:
         self.churn: list[str] = []              # empty directories made by mkdir
         self.client: Any = None
         self.bs = 4096
+        self.tmpfiles: dict[int, tuple[int, str]] = {}  # O_TMPFILE ino -> (fd, dir)
 
     # logging and running one operation
 
@@ -296,7 +379,42 @@ class Workload:
                         "msg": f"{type(exc).__name__}: {exc}"})
             raise DaemonGone(str(exc)) from None
         self._emit({"k": "A", "id": oid, **res})
+        if self.extended or self.track_drops:
+            self._check_drops(oid)
         return res
+
+    def _check_drops(self, oid: int) -> None:
+        """The pager's count of discardable frames it let go (clean ones too): when it
+        moved since the last look, a discardable file may have been dropped while
+        mounted — emptied, its later writes landing in an empty file — during or
+        before operation `oid`. Logged as a "D" record with the sizes the discardable
+        files have now; the workload goes on from those sizes."""
+        if not self.direct or not (any(self.disc.values()) or
+                                   (self.extended and oid % 16 == 0)):
+            return
+        try:
+            pg = self._client().call("stats")["pager"]
+            n = int(pg["discarded"])
+        except Exception:  # noqa: BLE001 - the daemon is gone: the next operation says so
+            return
+        if oid % 16 == 0:  # how much reclaim and write-back the pool saw so far
+            self._emit({"k": "S", "id": oid, **{k: pg.get(k) for k in (
+                "evictions", "discarded", "writeback_bytes", "dirty", "frames")}})
+        if self._pager_discarded is not None and n != self._pager_discarded:
+            sizes: dict[str, int] = {}
+            for path, ino in sorted(self.names.items()):
+                if self.disc.get(ino) and str(ino) not in sizes:
+                    try:
+                        sizes[str(ino)] = os.stat(self._p(path)).st_size
+                    except OSError:
+                        return
+                    self.sizes[ino] = sizes[str(ino)]
+            for ino, (fd, _n) in self.tmpfiles.items():
+                if self.disc.get(ino):
+                    sizes[str(ino)] = os.fstat(fd).st_size
+                    self.sizes[ino] = sizes[str(ino)]
+            self._emit({"k": "D", "id": oid, "sizes": sizes})
+        self._pager_discarded = n
 
     # choices
 
@@ -304,6 +422,8 @@ class Workload:
         return sorted(p for p in self.names if p not in self.TARGETS)
 
     def _pick_dir(self) -> str:
+        if self.extended:  # more discardable files: cache/ twice as likely
+            return self.rng.choice(["", *self.FIXED_DIRS, *DISCARDABLE_DIRS])
         return self.rng.choice(["", *self.FIXED_DIRS])
 
     def _new_name(self, prefix: str) -> str:
@@ -360,6 +480,9 @@ class Workload:
                  "truncate", "unlink", "link", "mkdir", "rmdir", "setx", "rmx", "dwrite",
                  "dkill"]
         weights = [8, 16, 10, 9, 5, 6, 3, 11, 4, 4, 3, 3, 5, 2, 6, 2]
+        if self.extended:
+            kinds += ["falloc", "mmap", "tmpfile", "exchange", "hint"]
+            weights += [9, 6, 3, 3, 3]
         kind = rng.choices(kinds, weights)[0]
         if not self.direct and kind in ("dwrite", "dkill"):
             kind = "write"
@@ -367,6 +490,35 @@ class Workload:
             kind = "create" if len(self.names) <= 40 else "unlink"
         if kind == "create":
             self.do_create(_join(self._pick_dir(), self._new_name("f")))
+        elif kind == "tmpfile":
+            self.do_tmpfile(self._pick_dir())
+        elif kind in ("falloc", "mmap", "hint"):
+            path = rng.choice(files)
+            ino = self.names[path]
+            size = self.sizes[ino]
+            if kind == "falloc":
+                mode = rng.choice((0, FALLOC_KEEP_SIZE, FALLOC_KEEP_SIZE,
+                                   FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
+                                   FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE,
+                                   FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE))
+                off = rng.randint(0, size + 8192)
+                if rng.random() < 0.4:
+                    off -= off % 4096
+                self.do_fallocate(path, ino, mode, off, rng.randint(1, 40000))
+            elif kind == "mmap" and size and not self.disc.get(ino):
+                # (not a discardable file: the pager may drop it under the mapping, and
+                # a store past its new end is SIGBUS)
+                off = rng.randint(0, size - 1)
+                self.do_mmap(path, ino, off, rng.randint(1, min(size - off, 20000)),
+                             msync=rng.random() < 0.6)
+            elif kind == "hint":
+                self.do_hint(path, ino, not self.disc.get(ino, False)
+                             if rng.random() < 0.7 else True)
+        elif kind == "exchange":
+            a = rng.choice(files)
+            others = [p for p in files if self.names[p] != self.names[a]]
+            if others:
+                self.do_exchange(a, rng.choice(others))
         elif kind in ("write", "append", "dwrite", "truncate", "fsync", "setx", "rmx",
                       "dkill"):
             path = rng.choice(files + list(self.TARGETS) if kind in ("fsync", "setx")
@@ -442,6 +594,7 @@ class Workload:
         ino = int(self.op("create", fn, path=path)["ino"])
         self.names[path] = ino
         self.sizes[ino] = 0
+        self.disc[ino] = _split(path)[0] in DISCARDABLE_DIRS
         self.xattrs[ino] = set()  # a plain directory's file system may reuse inode numbers
         return ino
 
@@ -539,6 +692,104 @@ class Workload:
         self.names[target] = ino
         self.do_fsyncdir(d)
 
+    # the extended workload
+
+    def do_fallocate(self, path: str, ino: int, mode: int, off: int, n: int) -> None:
+        def fn(_oid: int) -> None:
+            fd = os.open(self._p(path), os.O_WRONLY)
+            try:
+                _fallocate(fd, mode, off, n)
+            finally:
+                os.close(fd)
+        self.op("falloc", fn, path=path, ino=ino, mode=mode, off=off, n=n)
+        if not mode & FALLOC_KEEP_SIZE:
+            self.sizes[ino] = max(self.sizes[ino], off + n)
+
+    def do_mmap(self, path: str, ino: int, off: int, n: int, *, msync: bool) -> None:
+        """A shared mapping written and unmapped; with `msync`, msync(MS_SYNC) first (an
+        fdatasync of the file: the operation is then a write and an fsync). Without it
+        the kernel writes the dirty pages back at the latest when the file is closed."""
+        import mmap
+
+        def fn(oid: int) -> None:
+            # In a child: a page fault the daemon cannot answer (killed meanwhile) is
+            # SIGBUS, which would end the workload without its last records.
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    fd = os.open(self._p(path), os.O_RDWR)
+                    a0 = off - off % mmap.ALLOCATIONGRANULARITY
+                    m = mmap.mmap(fd, off + n - a0, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=a0)
+                    m[off - a0:off - a0 + n] = pattern(oid, off, n)
+                    if msync:
+                        m.flush()
+                    m.close()
+                    os.close(fd)
+                except OSError as exc:
+                    code = min(exc.errno or 1, 200)
+                except BaseException:  # noqa: BLE001 - reported through the exit code
+                    code = 201
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                return
+            try:
+                os.statvfs(self.root)
+            except OSError as exc:
+                raise OSError(exc.errno, f"mmap write: the daemon is gone ({exc})") from None
+            what = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                    else f"errno {os.WEXITSTATUS(status)}")
+            raise OSError(errno.EIO, f"mmap write failed with the mount alive: {what}")
+        self.op("mmap", fn, path=path, ino=ino, off=off, n=n, msync=msync)
+
+    def do_tmpfile(self, d: str) -> None:
+        """open(O_TMPFILE), write it, sometimes fsync it, linkat() it to a new name:
+        each step its own operation."""
+        def fn(_oid: int) -> dict[str, Any]:
+            fd = os.open(self._p(d), os.O_TMPFILE | os.O_RDWR, 0o644)
+            ino = os.fstat(fd).st_ino
+            self.tmpfiles[ino] = (fd, d)
+            return {"ino": ino}
+        ino = int(self.op("tmpfile", fn, path=d)["ino"])
+        fd = self.tmpfiles[ino][0]
+        self.sizes[ino] = 0
+        self.xattrs[ino] = set()
+        self.disc[ino] = d in DISCARDABLE_DIRS
+        try:
+            n = self._length()
+
+            def wr(oid: int) -> None:
+                self._pwrite_all(fd, pattern(oid, 0, n), 0)
+            self.op("write", wr, path=f"<tmpfile {ino}>", ino=ino, off=0, n=n)
+            self.sizes[ino] = n
+            if self.rng.random() < 0.6:
+                self.op("fsync", lambda _o: os.fsync(fd), path=f"<tmpfile {ino}>", ino=ino,
+                        via="tmpfile")
+            dst = _join(d, self._new_name("o"))
+            self.op("link", lambda _o: _linkat_fd(fd, self._p(dst)),
+                    src=f"<tmpfile {ino}>", dst=dst, ino=ino)
+            self.names[dst] = ino
+        finally:
+            del self.tmpfiles[ino]
+            os.close(fd)
+
+    def do_exchange(self, a: str, b: str) -> None:
+        """renameat2(RENAME_EXCHANGE) of two names of files: one metadata step."""
+        ia, ib = self.names[a], self.names[b]
+        self.op("exchange", lambda _o: _renameat2(self._p(a), self._p(b), RENAME_EXCHANGE),
+                src=a, dst=b, ino=ia, other=ib)
+        self.names[a], self.names[b] = ib, ia
+
+    def do_hint(self, path: str, ino: int, on: bool) -> None:
+        """`sluice hint --discardable` / `--no-discardable` of an existing file (the
+        xattr it sets)."""
+        self.op("hint", lambda _o: os.setxattr(self._p(path), "user.sluice.discardable",
+                                               b"1" if on else b"0"),
+                path=path, ino=ino, on=on)
+        self.disc[ino] = on
+
     def _client(self) -> Any:
         if self.client is None:
             from kernelshim.client import Client
@@ -557,20 +808,42 @@ class Workload:
         def fn(oid: int) -> dict[str, Any]:
             f = c.open(path, "r+")
             holder.append(f)
-            f.pwrite(pattern(oid, off, n), off)
-            return {"size": f.commit()}
+            try:
+                f.pwrite(pattern(oid, off, n), off)
+                return {"size": f.commit()}
+            except Exception as exc:  # noqa: BLE001 - only GrantRevoked is answered
+                if not self._dropped_under(exc, ino):
+                    raise
+                return {"revoked": True, "size": os.stat(self._p(path)).st_size}
         try:
-            self.op("dwrite", fn, path=path, ino=ino, off=off, n=n)
-            self.sizes[ino] = max(self.sizes[ino], off + n)
-            if fsync:
+            res = self.op("dwrite", fn, path=path, ino=ino, off=off, n=n)
+            self.sizes[ino] = int(res["size"]) if res.get("revoked") else \
+                max(self.sizes[ino], off + n)
+            if fsync and not res.get("revoked"):
                 f = holder[0]
-                self.op("fsync", lambda _o: f.fsync(), path=path, ino=ino, via="direct")
+
+                def sync(_o: int) -> dict[str, Any] | None:
+                    try:
+                        f.fsync()
+                    except Exception as exc:  # noqa: BLE001 - only GrantRevoked
+                        if not self._dropped_under(exc, ino):
+                            raise
+                        return {"revoked": True}
+                    return None
+                self.op("fsync", sync, path=path, ino=ino, via="direct")
         finally:
             for f in holder:
                 try:
                     f.close()
-                except (OSError, ConnectionError):
+                except Exception:  # noqa: BLE001 - a revoked or dead grant: nothing to close
                     pass
+
+    def _dropped_under(self, exc: Exception, ino: int) -> bool:
+        """A direct client's GrantRevoked on a discardable file: the pager dropped it
+        and the daemon emptied it (a truncate, which revokes every grant: README,
+        "Direct clients"); the client's uncommitted range is dropped with the grant.
+        Any other failure stays one."""
+        return type(exc).__name__ == "GrantRevoked" and bool(self.disc.get(ino))
 
     def _caps(self) -> int | None:
         """Capability slots root's connections hold (only direct clients hold slots, and
@@ -607,7 +880,12 @@ class Workload:
                     n = min(n, 64 << 10)
                     c.call("layout_get", slot=f.slot, offset=off, length=n)
                     c.shmview[:n] = pattern(oid, off, n)
-                    c._send("write", slot=f.slot, offset=off, length=n, buf=0)
+                    from kernelshim.clientcore import SendData
+                    from kernelshim.protocol import WRITE as DATA_WRITE
+                    # (put on the wire, its reply never waited for; `c._send`, used
+                    # here before, no longer exists: the child exited before the
+                    # kill, with no request on the wire, since the data path changed)
+                    c._send_step(SendData(DATA_WRITE, f.slot, off, n, 0))
                     os.kill(os.getpid(), signal.SIGKILL)
                 finally:
                     os._exit(3)
@@ -637,7 +915,8 @@ class Workload:
 
 def worker_main(args: argparse.Namespace) -> int:
     w = Workload(args.mountpoint, args.seed, args.ops, sys.stdout,
-                 record_log=args.record_log)
+                 record_log=args.record_log, extended=args.extended,
+                 track_drops=args.track_drops)
     w.run()
     return 0
 
@@ -692,6 +971,11 @@ class Step:
     sizes: tuple[int, int] | None = None
     #: a killed client's write: data that may be there, but no size the file had
     sizeless: bool = False
+    #: the write puts zeros (fallocate PUNCH_HOLE, ZERO_RANGE), not its pattern
+    zero: bool = False
+    #: the bytes are the pattern made for this offset, not for `write[0]` (an append
+    #: that found its file dropped while mounted lands at the new end, 0)
+    src: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -719,24 +1003,49 @@ class FileModel:
         self.inflight: Step | None = None
         #: every write of a killed direct client, uncut (to name what is found)
         self.killed_writes: list[tuple[int, int, int]] = []
+        #: discardable now (inherited at create, or a hint since), and at its last
+        #: fsync or at any moment since (then it may be found emptied and marked)
+        self.disc_now = discardable
+        #: models of the file as if the pager had dropped it while mounted at a point
+        #: the workload saw the pager's discard counter move ("D" records): emptied
+        #: there, then every later step; each is judged as an alternative
+        self.forks: list[FileModel] = []
+        #: a fork before its first fsync: its durable state (empty) is no state of
+        #: its own, only the start of its steps
+        self.no_base = False
 
     @property
     def size(self) -> int:
         return len(self.content)
 
-    def write(self, op: int, off: int, n: int) -> None:
+    def write(self, op: int, off: int, n: int, *, zero: bool = False) -> None:
         end = off + n
         if end > self.size:
             self.content = np.concatenate([self.content,
                                            np.zeros(end - self.size, dtype=np.uint8)])
-        self.content[off:end] = _pattern_array(op, off, n)
+        self.content[off:end] = 0 if zero else _pattern_array(op, off, n)
         for a in self.alts:
             if not a.sticky:
                 a.clear(off, end)
-        self.steps.append(Step(op, "write", self.size, write=(off, n)))
+        self.steps.append(Step(op, "write", self.size, write=(off, n), zero=zero))
+
+    def fork(self, op: int, size: int) -> FileModel:
+        """The file as if the pager dropped it at `op`: empty, then grown to `size`
+        (the size the workload found after `op`) by zeros or by `op`'s own write,
+        which may have landed whole, in part or not at all."""
+        f = FileModel(self.ino, op, discardable=True)
+        f.xattrs = dict(self.xattrs)
+        f.durable = Durable(op, f.content.copy(), [], dict(self.xattrs))
+        # Emptied there, it is marked discarded in the same commit (found so: allowed
+        # anyway); empty and unmarked only if a later step left it so.
+        f.no_base = True
+        if size:
+            f.content = np.zeros(size, dtype=np.uint8)
+            f.steps.append(Step(op, "dropped", size))
+        return f
 
     def maybe_writes(self, op: int, writes: list[tuple[int, int]], sticky: bool,
-                     size: int | None) -> None:
+                     size: int | None, *, zero: bool = False, src: int | None = None) -> None:
         """A killed direct client's writes: each may have landed, whole or in part.
         `size`: the size found after it (the client library commits on its own when a
         write touches a partial block an uncommitted write touched); None: unknown (it
@@ -752,9 +1061,11 @@ class FileModel:
             n = min(n, limit - off)
             if n <= 0:
                 continue
-            val = _pattern_array(op, off, n)
+            val = np.zeros(n, dtype=np.uint8) if zero else \
+                _pattern_array(op, off if src is None else src, n)
             self.alts.append(Alt(op, off, val, np.ones(n, dtype=bool), sticky))
-            self.steps.append(Step(op, "dkill", self.size, write=(off, n), sizeless=True))
+            self.steps.append(Step(op, "dkill", self.size, write=(off, n), sizeless=True,
+                                   zero=zero, src=src))
         if size is None:
             self.inflight = Step(op, "dkill", self.size, sizes=(self.size, limit))
 
@@ -779,6 +1090,8 @@ class FileModel:
         self.steps.append(Step(op, "xattr", self.size, xattr=(name, value)))
 
     def fsync(self, op: int) -> None:
+        self.discardable = self.disc_now  # whole from now on, unless discardable
+        self.no_base = False
         self.alts = [a for a in self.alts if a.mask.any()]
         self.durable = Durable(op, self.content.copy(), [a.copy() for a in self.alts],
                                dict(self.xattrs))
@@ -834,7 +1147,9 @@ class FileModel:
             if lo >= hi:
                 continue
             m = np.zeros(S, dtype=bool)
-            m[lo:hi] = (t[lo:hi] < j) & (data[lo:hi] == _pattern_array(st.op, off, hi - off))
+            want = 0 if st.zero else _pattern_array(
+                st.op, off if st.src is None else st.src, hi - off)
+            m[lo:hi] = (t[lo:hi] < j) & (data[lo:hi] == want)
             if st is self.inflight:
                 wild = m
             else:
@@ -858,7 +1173,7 @@ class FileModel:
         S = len(data)
         sizes = self.sizes()
         m = len(self.steps)
-        cuts = [c for c in range(m + 1) if sizes[c] == S]
+        cuts = [c for c in range(m + 1) if sizes[c] == S and not (c == 0 and self.no_base)]
         inf = self.inflight
         if inf is not None:
             lo, hi = inf.sizes or (inf.size, inf.size)
@@ -951,6 +1266,11 @@ class FileModel:
 
 
 NEW = -1  # a name an in-flight create/mkdir made: its inode number was never logged
+#: operations that write a file's bytes (the extended workload's falloc only with zeros)
+WRITE_KINDS = ("write", "append", "dwrite", "mmap", "falloc")
+#: forks kept per file (the latest: an earlier drop's state is a later one's too, or
+#: it was made durable since)
+MAX_FORKS = 6
 
 
 @dataclasses.dataclass(slots=True)
@@ -984,6 +1304,8 @@ class CheckStats:
     probes: int = 0
     #: discardable files found emptied and marked (allowed; not counted as checks)
     discarded: int = 0
+    #: discardable files found as a drop while mounted would have left them ("D")
+    forked: int = 0
 
     def total(self) -> int:
         return self.files + self.names + self.dirs + self.xattrs + self.probes
@@ -1001,7 +1323,7 @@ class Oracle:
         self.ops: dict[int, dict[str, Any]] = {}
         self.acked: dict[int, dict[str, Any]] = {}
         self.failed: dict[int, dict[str, Any]] = {}
-        order: list[int] = []
+        order: list[int | dict[str, Any]] = []
         for rec in records:
             k = rec.get("k")
             if k == "hello":
@@ -1009,6 +1331,8 @@ class Oracle:
             elif k == "B":
                 self.ops[rec["id"]] = rec
                 order.append(rec["id"])
+            elif k == "D":
+                order.append(rec)
             elif k == "A":
                 self.acked[rec["id"]] = rec
             elif k == "E":
@@ -1019,7 +1343,9 @@ class Oracle:
         self._dir_paths: dict[str, int] = {"": self.root_ino}
         self.inflight: dict[str, Any] | None = None
         for oid in order:
-            if oid in self.acked:
+            if isinstance(oid, dict):
+                self._dropped(oid)
+            elif oid in self.acked:
                 self._apply(self.ops[oid], self.acked[oid], maybe=False)
             else:  # began, never acknowledged: the operation the crash interrupted
                 self.inflight = self.ops[oid]
@@ -1028,6 +1354,33 @@ class Oracle:
     @property
     def acked_ops(self) -> int:
         return len(self.acked)
+
+    def _dropped(self, rec: dict[str, Any]) -> None:
+        """A "D" record: the pager let discardable frames go during or before operation
+        `rec["id"]`; each discardable file may have been dropped there (emptied, then
+        `rec["id"]`'s write, if it was this file's, landing whole, in part or not at
+        all). Each gets a fork: the file as that drop would have left it."""
+        oid = int(rec["id"])
+        op = self.ops.get(oid, {})
+        for ino_s, size in rec.get("sizes", {}).items():
+            f = self.files.get(int(ino_s))
+            if f is None:
+                continue
+            fk = f.fork(oid, int(size))
+            if int(op.get("ino", -1)) == f.ino and op.get("op") in WRITE_KINDS and \
+                    not (op.get("op") == "falloc" and not int(op["mode"]) & FALLOC_ZERO_RANGE):
+                off, n = int(op["off"]), int(op["n"])
+                fk.maybe_writes(oid, [(off, n)], sticky=False, size=int(size),
+                                zero=op.get("op") == "falloc")
+                if op.get("op") == "append" and off:
+                    # O_APPEND writes at the end the kernel knows: 0 once dropped
+                    fk.maybe_writes(oid, [(0, n)], sticky=False, size=int(size), src=off)
+            f.forks.append(fk)
+            del f.forks[:-MAX_FORKS]
+
+    def _models(self, ino: int) -> list[FileModel]:
+        f = self.files[ino]
+        return [f, *f.forks]
 
     def _dir_of(self, path: str) -> tuple[DirModel, str]:
         d, name = _split(path)
@@ -1062,35 +1415,84 @@ class Oracle:
         elif kind == "fsyncdir":
             if not maybe:
                 self.dirs[int(op["dino"])].fsyncs.append(oid)
-        else:
+        elif kind == "tmpfile":  # no name yet: a crash leaves an orphan, never a name
+            if not maybe:
+                ino = int(res["ino"])
+                self.files[ino] = FileModel(ino, oid,
+                                            discardable=op["path"] in DISCARDABLE_DIRS)
+        elif kind == "exchange":  # both names swap in one step, or neither
+            sp, sn = self._dir_of(op["src"])
+            dp, dn = self._dir_of(op["dst"])
+            sp.bind(oid, sn, int(op["other"]))
+            dp.bind(oid, dn, int(op["ino"]))
+        elif kind == "hint":
             f = self.files[int(op["ino"])]
-            if kind in ("write", "append", "dwrite"):
-                off, n = int(op["off"]), int(op["n"])
-                if maybe:
-                    f.inflight = Step(oid, kind, max(f.size, off + n), write=(off, n),
-                                      sizes=(f.size, max(f.size, off + n)))
-                else:
-                    f.write(oid, off, n)
-            elif kind == "truncate":
-                size = int(op["size"])
-                if maybe:  # the size either changed or not; its zeroing only with it
-                    f.inflight = Step(oid, kind, size, sizes=(size, size),
-                                      shrink_to=size if size < f.size else None)
-                else:
-                    f.truncate(oid, size)
-            elif kind == "fsync":
-                if not maybe:
-                    f.fsync(oid)
-            elif kind in ("setx", "rmx"):
-                value = bytes.fromhex(op["value"]) if kind == "setx" else None
-                if maybe:
-                    f.inflight = Step(oid, "xattr", f.size, xattr=(op["name"], value))
-                else:
-                    f.setx(oid, op["name"], value)
-            elif kind == "dkill":
-                writes = [(int(a), int(b)) for a, b in op["writes"]]
-                f.maybe_writes(oid, writes, sticky=maybe or not res.get("released", False),
-                               size=None if maybe else int(res.get("size", f.size)))
+            if op["on"]:
+                f.discardable = True  # at once: an in-flight hint may have taken effect
+            if not maybe:
+                f.disc_now = bool(op["on"])
+        else:
+            for f in self._models(int(op["ino"])):
+                self._apply_file(f, op, res, maybe=maybe)
+
+    def _apply_file(self, f: FileModel, op: dict[str, Any], res: dict[str, Any], *,
+                    maybe: bool) -> None:
+        kind, oid = op["op"], op["id"]
+        if kind == "falloc":
+            mode, off, n = int(op["mode"]), int(op["off"]), int(op["n"])
+            zero = bool(mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE))
+            end = off + n if not mode & FALLOC_KEEP_SIZE else min(off + n, f.size)
+            new = max(f.size, off + n) if not mode & FALLOC_KEEP_SIZE else f.size
+            if maybe:
+                f.inflight = Step(oid, kind, new, sizes=(f.size, new),
+                                  write=(off, end - off) if zero and end > off else None,
+                                  zero=zero)
+            elif zero and end > off:
+                f.write(oid, off, end - off, zero=True)
+            elif new > f.size:
+                f.truncate(oid, new)
+            else:  # reserved blocks: nothing to see, until the file grows over them
+                f.steps.append(Step(oid, kind, f.size))
+        elif kind == "mmap":
+            off, n = int(op["off"]), int(op["n"])
+            if maybe:
+                f.inflight = Step(oid, kind, f.size, write=(off, n), sizes=(f.size, f.size))
+            else:
+                f.write(oid, off, n)
+                if op.get("msync"):
+                    f.fsync(oid)  # msync(MS_SYNC) is an fdatasync of the file
+        elif kind == "dwrite" and res.get("revoked"):
+            # revoked by a drop's emptying: commits nothing (its bytes may have been
+            # written to blocks the emptying freed: never shown), but as a maybe
+            f.maybe_writes(oid, [(int(op["off"]), int(op["n"]))], sticky=False,
+                           size=f.size)
+        elif kind in ("write", "append", "dwrite"):
+            off, n = int(op["off"]), int(op["n"])
+            if maybe:
+                f.inflight = Step(oid, kind, max(f.size, off + n), write=(off, n),
+                                  sizes=(f.size, max(f.size, off + n)))
+            else:
+                f.write(oid, off, n)
+        elif kind == "truncate":
+            size = int(op["size"])
+            if maybe:  # the size either changed or not; its zeroing only with it
+                f.inflight = Step(oid, kind, size, sizes=(size, size),
+                                  shrink_to=size if size < f.size else None)
+            else:
+                f.truncate(oid, size)
+        elif kind == "fsync":
+            if not maybe and not res.get("revoked"):
+                f.fsync(oid)
+        elif kind in ("setx", "rmx"):
+            value = bytes.fromhex(op["value"]) if kind == "setx" else None
+            if maybe:
+                f.inflight = Step(oid, "xattr", f.size, xattr=(op["name"], value))
+            else:
+                f.setx(oid, op["name"], value)
+        elif kind == "dkill":
+            writes = [(int(a), int(b)) for a, b in op["writes"]]
+            f.maybe_writes(oid, writes, sticky=maybe or not res.get("released", False),
+                           size=None if maybe else int(res.get("size", f.size)))
 
     # -- judging a tree -------------------------------------------------------------------
 
@@ -1123,7 +1525,13 @@ class Oracle:
             if f.discardable and not len(data) and _discarded(root / path):
                 st.discarded += 1  # a cache emptied as a whole: allowed (rule 4)
                 continue
-            out.extend(f.judge(path, data, unreadable, xattrs))
+            found = f.judge(path, data, unreadable, xattrs)
+            for fk in f.forks if found else ():  # dropped while mounted, at a "D" record
+                if not fk.judge(path, data, unreadable, xattrs):
+                    st.forked += 1
+                    found = []
+                    break
+            out.extend(found)
         return out
 
     def _walk(self, root: Path, rel: str, d: DirModel, out: list[Violation],
@@ -1220,6 +1628,18 @@ class Oracle:
                                      f"{describe_bytes(got[lo:hi], size + lo)} "
                                      f"(read {len(got)} of {gap} bytes)", "defect 6"))
         return out
+
+
+def _pager_seen(records: list[dict[str, Any]]) -> dict[str, int]:
+    """The pager's figures the extended workload last saw ("S" records): evictions,
+    discardable frames let go, bytes written back."""
+    last = next((r for r in reversed(records) if r.get("k") == "S"), None)
+    if last is None:
+        return {}
+    return {"pager_evictions": int(last.get("evictions") or 0),
+            "pager_discarded": int(last.get("discarded") or 0),
+            "pager_writeback_bytes": int(last.get("writeback_bytes") or 0),
+            "drops_seen": sum(1 for r in records if r.get("k") == "D")}
 
 
 def _fmt_allowed(allowed: set[int | None]) -> str:
@@ -1332,12 +1752,16 @@ class Round:
     """One round: fresh volume, mount, workload, SIGKILL, mount, check, umount, fsck."""
 
     def __init__(self, seed: int, workdir: Path, *, nops: int | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> None:
+                 log: Callable[[str], None] = lambda s: None,
+                 extended: bool | None = None) -> None:
         self.seed = seed
+        self.extended = EXTENDED if extended is None else extended
         self.rng = random.Random(seed)
         self.nops = nops if nops is not None else self.rng.randint(100, 260)
         self.crash = CrashPoint.from_rng(self.rng, self.nops + Workload.SETUP_OPS,
-                                         Workload.SETUP_OPS)
+                                         Workload.SETUP_OPS,
+                                         EXTENDED_TRIGGER_KINDS if self.extended
+                                         else TRIGGER_KINDS)
         self.dir = workdir
         self.volume = workdir / "vol"
         self.mnt = workdir / "mnt"
@@ -1416,6 +1840,7 @@ class Round:
         phase("fsck")
         stats_d = dataclasses.asdict(stats)
         stats_d["fsck"] = 1
+        stats_d.update(_pager_seen(self.records))
         res.stats = stats_d
         res.checks = stats.total() + 1
 
@@ -1441,7 +1866,9 @@ class Round:
         errf = open(self.dir / "worker.err", "wb")
         self._worker = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "worker", str(self.mnt),
-             "--seed", str(self.seed), "--ops", str(self.nops), *self.worker_extra],
+             "--seed", str(self.seed), "--ops", str(self.nops), *self.worker_extra,
+             *(["--extended"] if self.extended else []),
+             *(["--track-drops"] if "--writeback" in MOUNT_ARGS else [])],
             stdout=subprocess.PIPE, stderr=errf, cwd=REPO, text=True, bufsize=1)
         errf.close()
         assert self._worker.stdout is not None
@@ -1575,6 +2002,14 @@ def summary_table(results: list[RoundResult]) -> str:
             ("checks (files, names, dirs, xattrs, growth probes, fsck)", str(checks)),
             ("discardable files found emptied (allowed, rule 4)",
              str(sum(r.stats.get("discarded", 0) for r in results))),
+            ("discardable files found as dropped while mounted",
+             str(sum(r.stats.get("forked", 0) for r in results))),
+            ("pager while the workload ran (extended: last look)",
+             f"{sum(r.stats.get('pager_evictions', 0) for r in results)} evictions, "
+             f"{sum(r.stats.get('pager_discarded', 0) for r in results)} discardable "
+             f"frames let go, {sum(r.stats.get('pager_writeback_bytes', 0) for r in results) >> 20}"
+             f" MiB written back, {sum(r.stats.get('drops_seen', 0) for r in results)} "
+             "possible drops (D records)"),
             ("violations", str(viol))]
     rows += [(f"  {k}", str(c)) for k, c in sorted(by_kind.items())]
     if failed:
@@ -1669,6 +2104,8 @@ def records_before(records: list[dict[str, Any]], position: int, *, early: bool 
             if not (early and at == position and kinds.get(rec["id"]) in ("fsync",
                                                                           "fsyncdir")):
                 out.append(rec)
+        elif k == "D" and at <= position:
+            out.append(rec)
         elif k == "hello":
             out.append(rec)
     return out
@@ -1747,8 +2184,9 @@ class PowerRun(Round):
     before the crash point, unmounted, and `fsck --verify-data` must be clean."""
 
     def __init__(self, seed: int, workdir: Path, *, states: int = 10, nops: int | None = None,
-                 log: Callable[[str], None] = lambda s: None) -> None:
-        super().__init__(seed, workdir, nops=nops, log=log)
+                 log: Callable[[str], None] = lambda s: None,
+                 extended: bool | None = None) -> None:
+        super().__init__(seed, workdir, nops=nops, log=log, extended=extended)
         # The kill only ends the recording: states are taken from anywhere in it.
         self.crash = CrashPoint(self.rng.randint(Workload.SETUP_OPS + 20,
                                                  self.nops + Workload.SETUP_OPS), "ack", 0)
@@ -2015,6 +2453,8 @@ def power_summary_table(results: list[PowerRunResult]) -> str:
              str(sum(s.checks for s in states))),
             ("discardable files found emptied (allowed, rule 4)",
              str(sum(s.stats.get("discarded", 0) for s in states))),
+            ("discardable files found as dropped while mounted",
+             str(sum(s.stats.get("forked", 0) for s in states))),
             ("violations", str(len(viol)))]
     rows += [(f"  {k}", str(c)) for k, c in sorted(by_kind.items())]
     failing = [f"{r.seed}" + (f":{','.join(str(s.index) for s in r.states if s.violations)}"
@@ -2034,6 +2474,8 @@ def main(argv: list[str] | None = None) -> int:
         w.add_argument("--seed", type=int, required=True)
         w.add_argument("--ops", type=int, required=True)
         w.add_argument("--record-log", default=None)
+        w.add_argument("--extended", action="store_true")
+        w.add_argument("--track-drops", action="store_true")
         return worker_main(w.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2052,8 +2494,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep every round's directory")
     ap.add_argument("--mount-args", default="",
                     help="extra arguments of every `sluice mount`, e.g. \"--writeback\"")
+    ap.add_argument("--extended", action="store_true",
+                    help="the extended workload: fallocate (mode 0, KEEP_SIZE, PUNCH_HOLE, "
+                         "ZERO_RANGE), shared-mmap writes and msync, O_TMPFILE + linkat, "
+                         "RENAME_EXCHANGE, discardable hints on existing files, and drops of "
+                         "discardable files while mounted followed in the model")
+    ap.add_argument("--writeback", action="store_true",
+                    help="mount every volume with write-back caching (`sluice mount "
+                         "--writeback`): dirty pages stay in the pager until a barrier, "
+                         "aging, reclaim or an fsync writes them")
+    ap.add_argument("--cache-size", default=None, metavar="SIZE",
+                    help="`sluice mount --cache-size` of every mount, e.g. 2M: a small pool "
+                         "makes reclaim write back and drop pages during the workload")
     args = ap.parse_args(argv)
     MOUNT_ARGS[:] = args.mount_args.split()
+    if args.writeback and "--writeback" not in MOUNT_ARGS:
+        MOUNT_ARGS.append("--writeback")
+    if args.cache_size:
+        MOUNT_ARGS.extend(["--cache-size", args.cache_size])
+    global EXTENDED
+    EXTENDED = args.extended
     if os.geteuid() != 0:
         print("crashtest: run as root (it mounts FUSE volumes)", file=sys.stderr)
         return 1
@@ -2065,7 +2525,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     if args.model == "power":
         return power_main(args, seed, workdir, t0)
-    print(f"crash model: {MODEL}" + (f"; mount {' '.join(MOUNT_ARGS)}" if MOUNT_ARGS else ""))
+    print(f"crash model: {MODEL}" + (f"; mount {' '.join(MOUNT_ARGS)}" if MOUNT_ARGS else "")
+          + ("; extended workload" if EXTENDED else ""))
     print(f"campaign seed {seed}, {args.rounds} rounds (round i uses seed {seed}+i), "
           f"workdir {workdir}", flush=True)
     results = run_campaign(seed, args.rounds, workdir, keep=args.keep, nops=args.ops,
@@ -2087,7 +2548,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def power_main(args: argparse.Namespace, seed: int, workdir: Path, t0: float) -> int:
     print(f"crash model: {POWER_MODEL}"
-          + (f"; mount {' '.join(MOUNT_ARGS)}" if MOUNT_ARGS else ""))
+          + (f"; mount {' '.join(MOUNT_ARGS)}" if MOUNT_ARGS else "")
+          + ("; extended workload" if EXTENDED else ""))
     print(f"campaign seed {seed}, {args.rounds} recorded runs (run i uses seed {seed}+i, "
           f"its state k seed 1000*({seed}+i)+k), {args.states} states each, "
           f"workdir {workdir}", flush=True)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -517,3 +518,46 @@ def test_a_direct_writers_close_keeps_another_writers_grant(mnt: Path, grow: str
         g.pwrite(b"Z", 8000)
     want = head + bytes(8000 - len(head)) + b"Z"
     assert p.read_bytes() == want  # no byte of the first client's "J"s
+
+
+async def test_a_file_emptied_after_a_drop_is_marked_in_the_commit_that_empties_it(
+        cvol: Volume, monkeypatch) -> None:
+    """Rule 4 (R7): a discardable file the pager dropped comes back, after a crash,
+    whole or empty *and marked* user.sluice.discarded. `run_discarder` empties it
+    (size 0 saved at once) and then waits for the requests in flight through the
+    file's old grants before it sets the mark; a commit in that wait stored size 0
+    without the mark and without the file on the `unflushed` list, so a crash there
+    left an empty, unmarked cache file (found reading the code for the 2026-12-01
+    campaigns). Here a commit runs in exactly that wait."""
+    fs = cvol.fs
+    assert fs is not None
+    h, node = fs.create(ROOT_INODE, b"c", 0o644, os.O_RDWR, CALLER)
+    fs.setxattr(node.id, b"user.sluice.discardable", b"1", 0)
+    await fs.write(h.fh, 0, b"x" * (3 * BS))
+    await fs.commit(durable=True)
+    committed: list[tuple[int, bool, list[int]]] = []
+    real = fs.kernel.wait_drained
+
+    async def wait_drained(grants):
+        await fs.commit(durable=True)  # the 1 s timer's commit, landing in the wait
+        db = sqlite3.connect(cvol.path / volume.DB)
+        try:
+            size = db.execute("SELECT size FROM inodes WHERE id=?", (node.id,)).fetchone()[0]
+            mark = db.execute("SELECT 1 FROM xattrs WHERE inode=? AND name=?",
+                              (node.id, b"user.sluice.discarded")).fetchone() is not None
+            listed = db.execute("SELECT value FROM meta WHERE key='unflushed'").fetchone()
+        finally:
+            db.close()
+        committed.append((size, mark, json.loads(listed[0]) if listed else []))
+        await real(grants)
+    monkeypatch.setattr(fs.kernel, "wait_drained", wait_drained)
+    fs._on_discarded(node.id)  # what the pager calls when it drops the dirty frames
+    async with fs._lock(node):
+        await fs._empty_locked(node, mark=True)  # run_discarder's step
+    await fs.release(h.fh)
+    assert committed, "the emptying did not wait for the file's grants"
+    for size, mark, listed in committed:
+        # whole (not yet emptied), emptied and marked, or listed: the next mount
+        # empties and marks it
+        assert size == 3 * BS or mark or node.id in listed, (size, mark, listed)
+    assert fs.md.get_xattr(node.id, b"user.sluice.discarded") == b"1"

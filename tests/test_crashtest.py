@@ -44,6 +44,10 @@ _spec.loader.exec_module(ct)
 #: violations the oracle attributes to these defects make a round an expected failure;
 #: none any more (defects 5 and 6 and finding D1 are fixed: docs/dev/invariants.md R1-R6)
 KNOWN: set[str] = set()
+#: extended-workload seeds of the suite (write-back, 256K pool): short rounds of the
+#: 2026-12-01 campaigns (docs/RELIABILITY.md)
+EXTENDED_SEEDS = [30012]
+EXTENDED_POWER_SEEDS = [40000]
 
 
 def _records(out: io.StringIO) -> list[dict]:
@@ -192,6 +196,176 @@ def test_oracle_judges_a_cut(tmp_path: Path) -> None:
     assert ct.Oracle(recs).check(root) == []
 
 
+# -- the extended workload (fallocate, mmap, O_TMPFILE, RENAME_EXCHANGE, hints) -----------------
+
+@pytest.fixture
+def extended_run(tmp_path: Path) -> tuple[Path, list[dict]]:
+    root = tmp_path / "tree"
+    root.mkdir()
+    out = io.StringIO()
+    ct.Workload(str(root), 2, 250, out, direct=False, extended=True).run()
+    return root, _records(out)
+
+
+def test_oracle_accepts_the_tree_the_extended_workload_left(extended_run) -> None:
+    root, recs = extended_run
+    oracle = ct.Oracle(recs)
+    assert oracle.acked_ops == len(oracle.ops) > 250 and oracle.inflight is None
+    kinds = {r["op"] for r in recs if r["k"] == "B"}
+    assert kinds >= {"falloc", "mmap", "tmpfile", "exchange", "hint"}, kinds
+    modes = {r["mode"] for r in recs if r["k"] == "B" and r["op"] == "falloc"}
+    assert modes >= {0, ct.FALLOC_KEEP_SIZE, ct.FALLOC_PUNCH_HOLE | ct.FALLOC_KEEP_SIZE,
+                     ct.FALLOC_ZERO_RANGE}, modes
+    stats = ct.CheckStats()
+    assert oracle.check(root, stats) == []
+    assert oracle.probe_growth(root, random.Random(1), stats) == []
+
+
+def _scripted_plain(tmp_path: Path) -> tuple[Path, io.StringIO, Any]:
+    root = tmp_path / "t"
+    root.mkdir()
+    out = io.StringIO()
+    w = ct.Workload(str(root), 1, 0, out, direct=False, extended=True)
+    w._emit({"k": "hello", "root_ino": os.stat(root).st_ino})
+    w.dirs[""] = os.stat(root).st_ino
+    return root, out, w
+
+
+def test_oracle_judges_punch_zero_and_keep_size(tmp_path: Path) -> None:
+    """An fsync'd punch must read as zeros; before its fsync the old bytes or zeros,
+    per piece; a KEEP_SIZE reservation past the end never changes the size."""
+    root, out, w = _scripted_plain(tmp_path)
+    ino = w.do_create("f")
+    w.do_write("f", ino, 0, 20000)
+    w.do_fsync("f", ino)
+    old = (root / "f").read_bytes()
+    w.do_fallocate("f", ino, ct.FALLOC_PUNCH_HOLE | ct.FALLOC_KEEP_SIZE, 4096, 8192)
+    w.do_fallocate("f", ino, ct.FALLOC_KEEP_SIZE, 20000, 30000)
+    assert (root / "f").stat().st_size == 20000
+    recs = _records(out)
+    assert ct.Oracle(recs).check(root) == []
+    (root / "f").write_bytes(old)  # the punch lost with its commit: right
+    assert ct.Oracle(recs).check(root) == []
+    w.do_fsync("f", ino)
+    recs = _records(out)
+    v = ct.Oracle(recs).check(root)  # now it must be zeros
+    assert [(x.kind, x.path) for x in v] == [("content", "f")], v
+    (root / "f").write_bytes(old[:4096] + bytes(8192) + old[12288:])
+    assert ct.Oracle(recs).check(root) == []
+    # ZERO_RANGE past the end grows the file with zeros
+    w.do_fallocate("f", ino, ct.FALLOC_ZERO_RANGE, 18000, 5000)
+    w.do_fsync("f", ino)
+    assert ct.Oracle(_records(out)).check(root) == []
+    assert (root / "f").stat().st_size == 23000
+
+
+def test_oracle_judges_tmpfile_exchange_and_mmap(tmp_path: Path) -> None:
+    root, out, w = _scripted_plain(tmp_path)
+    a = w.do_create("a")
+    w.do_write("a", a, 0, 9000)
+    b = w.do_create("b")
+    w.do_write("b", b, 0, 5000)
+    w.do_fsync("a", a)
+    w.do_fsync("b", b)
+    w.do_fsyncdir("")
+    w.do_exchange("a", "b")
+    w.do_mmap("a", b, 100, 3000, msync=True)  # "a" is b's inode now
+    w.rng = random.Random(5)
+    w.do_tmpfile("")
+    recs = _records(out)
+    assert ct.Oracle(recs).check(root) == []
+    assert os.stat(root / "a").st_ino == b
+    # the exchange is not durable (no directory fsync): both names as before is right
+    os.rename(root / "a", root / "x")
+    os.rename(root / "b", root / "a")
+    os.rename(root / "x", root / "b")
+    v = ct.Oracle(recs).check(root)
+    # ... but b's msync'd bytes are durable whatever its name
+    assert v == [], v
+    with open(root / "b", "r+b") as fh:
+        fh.seek(200)
+        fh.write(ct.pattern(9999, 200, 100))
+    v = ct.Oracle(recs).check(root)
+    assert [(x.kind, x.path) for x in v] == [("content", "b")], v
+
+
+def test_oracle_follows_a_drop_while_mounted_but_never_half_a_file(tmp_path: Path) -> None:
+    """A discardable file the pager may have dropped at a "D" record: the state before
+    the drop, empty and marked, or emptied and then written by what came after are
+    right; its fsync'd first half with zeros after it is not (rule 4: never partial)."""
+    root, out, w = _scripted_plain(tmp_path)
+    w.do_mkdir("cache")
+    os.setxattr(root / "cache", "user.sluice.discardable", b"1")
+    ino = w.do_create("cache/f")
+    w.do_write("cache/f", ino, 0, 12000)
+    w.do_fsync("cache/f", ino)
+    whole = (root / "cache/f").read_bytes()
+    w.do_write("cache/f", ino, 2000, 4000)  # dirty, then dropped by the pager...
+    os.truncate(root / "cache/f", 0)
+    w._emit({"k": "D", "id": w.next_id - 1, "sizes": {str(ino): 0}})
+    w.sizes[ino] = 0
+    w.do_write("cache/f", ino, 0, 3000)  # ... and written again: lands in an empty file
+    recs = _records(out)
+    assert ct.Oracle(recs).check(root) == []  # emptied, then written
+    (root / "cache/f").write_bytes(whole)  # the drop never reached the volume
+    assert ct.Oracle(recs).check(root) == []
+    (root / "cache/f").write_bytes(b"")
+    os.setxattr(root / "cache/f", "user.sluice.discarded", b"1")
+    assert ct.Oracle(recs).check(root) == []  # emptied and marked
+    os.removexattr(root / "cache/f", "user.sluice.discarded")
+    v = ct.Oracle(recs).check(root)  # empty, not marked: the drop's commit sets both
+    assert [(x.kind, x.path) for x in v] == [("size", "cache/f")], v
+    (root / "cache/f").write_bytes(whole[:6000] + bytes(6000))
+    v = ct.Oracle(recs).check(root)  # half of it
+    assert [(x.kind, x.path) for x in v] == [("content", "cache/f")], v
+    # with no D record there is no drop to follow: emptied then written is wrong
+    no_d = [r for r in recs if r["k"] != "D"]
+    (root / "cache/f").write_bytes(ct.pattern(w.next_id - 1, 0, 3000))
+    assert ct.Oracle(recs).check(root) == []
+    v = ct.Oracle(no_d).check(root)
+    assert [x.kind for x in v] == ["size"], v
+
+
+def test_an_append_to_a_dropped_file_lands_at_its_new_end(tmp_path: Path) -> None:
+    """Campaign seed 31008 (write-back, 256K pool): the pager dropped cache/f25 (size
+    0 at once), an O_APPEND write then landed at 0, not at the end the workload
+    expected, and an fsync made that durable — right, by rule 4, and the oracle must
+    follow it (it reported a size and content violation before it knew drops)."""
+    root, out, w = _scripted_plain(tmp_path)
+    w.do_mkdir("cache")
+    os.setxattr(root / "cache", "user.sluice.discardable", b"1")
+    ino = w.do_create("cache/f")
+    w.do_write("cache/f", ino, 0, 20000)
+    w.do_fsync("cache/f", ino)
+    os.truncate(root / "cache/f", 0)  # the pager drops it
+    w.do_append("cache/f", ino, 5000)  # the workload thinks: at 20000
+    assert (root / "cache/f").stat().st_size == 5000
+    # (on a mount the workload logs this "D" record itself: the pager's count moved)
+    w._emit({"k": "D", "id": w.next_id - 1, "sizes": {str(ino): 5000}})
+    w.sizes[ino] = 5000
+    w.do_fsync("cache/f", ino)
+    recs = _records(out)
+    assert ct.Oracle(recs).check(root) == []
+    v = ct.Oracle([r for r in recs if r["k"] != "D"]).check(root)
+    assert {x.kind for x in v} == {"size", "content"}, v
+
+
+def test_a_file_no_longer_discardable_and_fsynced_is_never_emptied(tmp_path: Path) -> None:
+    root, out, w = _scripted_plain(tmp_path)
+    w.do_mkdir("cache")
+    os.setxattr(root / "cache", "user.sluice.discardable", b"1")
+    ino = w.do_create("cache/f")
+    w.do_write("cache/f", ino, 0, 5000)
+    w.do_fsync("cache/f", ino)
+    w.do_hint("cache/f", ino, False)
+    (root / "cache/f").write_bytes(b"")
+    os.setxattr(root / "cache/f", "user.sluice.discarded", b"1")
+    assert ct.Oracle(_records(out)).check(root) == []  # not yet fsync'd: still a cache
+    w.do_fsync("cache/f", ino)
+    v = ct.Oracle(_records(out)).check(root)
+    assert [(x.kind, x.path) for x in v] == [("size", "cache/f")], v
+
+
 # -- scripted crashes of a real daemon --------------------------------------------------------
 
 def _scripted(tmp_path: Path, volume: Path, script) -> list:
@@ -265,8 +439,8 @@ def test_replace_by_rename_survives_a_crash(tmp_path: Path, volume: Path) -> Non
 
 # -- whole rounds on real mounts ------------------------------------------------------------
 
-def _run_rounds(tmp_path: Path, seeds: list[int]) -> None:
-    results = [ct.Round(s, tmp_path / f"round-{s}").run() for s in seeds]
+def _run_rounds(tmp_path: Path, seeds: list[int], *, extended: bool = False) -> None:
+    results = [ct.Round(s, tmp_path / f"round-{s}", extended=extended).run() for s in seeds]
     table = ct.summary_table(results)
     print(table)
     bad = [(r.seed, str(v)) for r in results for v in r.violations if v.suspect not in KNOWN]
@@ -288,6 +462,16 @@ def test_crash_rounds_many(tmp_path: Path) -> None:
     # Seeds of the first campaign (docs/RELIABILITY.md), among them those that met
     # defects 5 and 6 and finding D1 (21 22 34 57).
     _run_rounds(tmp_path, [*range(4, 26), 34, 57])
+
+
+@pytest.mark.mounted
+def test_crash_rounds_extended_writeback(tmp_path: Path, monkeypatch) -> None:
+    # The extended workload (fallocate, shared mmap + msync, O_TMPFILE + linkat,
+    # RENAME_EXCHANGE, discardable hints) with write-back on and a pool of 64 frames,
+    # so that reclaim writes back and drops discardable files during the workload
+    # (docs/RELIABILITY.md, 2026-12-01 campaigns).
+    monkeypatch.setattr(ct, "MOUNT_ARGS", ["--writeback", "--cache-size", "256K"])
+    _run_rounds(tmp_path, EXTENDED_SEEDS, extended=True)
 
 
 # -- the power-loss model ------------------------------------------------------------------
@@ -497,6 +681,17 @@ def test_power_run(tmp_path: Path) -> None:
     # Seed 12: a short recording; its states crash after barriers, before one
     # completed, between a commit and its WAL fsync, and drop pending pieces.
     _power_runs(tmp_path, [12], 4)
+
+
+@pytest.mark.mounted
+def test_power_run_extended_writeback(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ct, "MOUNT_ARGS", ["--writeback", "--cache-size", "256K"])
+    results = [ct.PowerRun(s, tmp_path / f"run-{s}", states=3, extended=True).run_power(print)
+               for s in EXTENDED_POWER_SEEDS]
+    table = ct.power_summary_table(results)
+    bad = [(r.seed, str(v)) for r in results for v in r.all_violations()]
+    assert not bad, "\n".join(f"seed {s}: {v}" for s, v in bad) + "\n" + table
+    assert all(st.stats.get("fsck") for r in results for st in r.states), table
 
 
 @pytest.mark.mounted
