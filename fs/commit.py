@@ -56,6 +56,8 @@ class Transactions:
     _reap_wakeup: trio.Event
     _reap_lot: trio.lowlevel.ParkingLot
     _reap_lock: trio.Lock
+    #: the reaper discards what it releases (False after `settle_reaper` gave up)
+    discard_freed: bool
     _reaper_running: bool
     #: whether the crash cleanup of load() is done (a read-only mount skips it)
     _recovered: bool
@@ -107,6 +109,9 @@ class Transactions:
             if node.is_reg and node.nlink:
                 log.info("inode %d: emptied (a discardable file whose data was not on the "
                          "device at the crash)", node.id)
+                # listed as discarded until marked (`_empty_locked`): a commit while the
+                # emptying waits for old grants keeps it on the unflushed list (R7)
+                fs.discarded.add(node.id)
                 async with fs._lock(node):
                     await fs._empty_locked(node, mark=True)
         # Blocks past EOF: write layouts a direct client never committed before the
@@ -207,7 +212,8 @@ class Transactions:
                 await self.kernel.wait_quiescent()
                 runs = [r for lst in batch for r in lst]
                 try:
-                    await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+                    if self.discard_freed:  # (else see `settle_reaper`)
+                        await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
                 except SluiceError as exc:
                     # The blocks keep their old data: reusing them leaks nothing (a new
                     # owner's unwritten blocks read as zeros, its partial writes merge
@@ -236,6 +242,20 @@ class Transactions:
                 await self._reap_queued()
         finally:
             self._reaper_running = False
+
+    async def settle_reaper(self: FileSystem, seconds: float) -> None:
+        """Before the volume is left to others (a remount read-only, a failed volume):
+        let the reaper finish its discards, for up to `seconds` (a request held in
+        flight holds the grace period: probe 3, F6). Past that it releases without
+        discarding: nothing is written after this returns, and fsck may count those
+        blocks as leaked (its repair discards them; a remount read-write scrubs them)."""
+        with trio.move_on_after(seconds):
+            await self.wait_reaped()
+        if self._reap:
+            log.warning("%d freed blocks wait for requests in flight: left undiscarded "
+                        "(sluice fsck may call them leaked; a remount read-write or fsck "
+                        "--repair discards them)", self.reaping_blocks)
+            self.discard_freed = False
 
     async def wait_reaped(self: FileSystem, enough: Callable[[], bool] | None = None) -> None:
         """Wait until the blocks freed by durable commits so far are the allocator's, or
@@ -283,7 +303,7 @@ class Transactions:
         before something else is saved, but that no one tenant may turn into a
         barrier of everyone's whenever it likes (a principal's storage re-tag, which
         must be durable before principals.json drops the principal: see
-        `FsService.move_storage`). Any durable commit serves (an fsync's, made for
+        `DirectService.move_storage`). Any durable commit serves (an fsync's, made for
         anyone); if none comes, this makes one itself, at most one every
         FORCED_DURABLE_INTERVAL seconds volume-wide, and that one serves every caller
         waiting then. Its barrier's flush is charged to `principal` (the caller whose
@@ -346,7 +366,10 @@ class Transactions:
                            "sluice fsck")
         self.read_only = None
         if self._recovered:
-            return 0
+            if self.discard_freed:
+                return 0
+            self.discard_freed = True  # what the reaper left undiscarded: settle_reaper
+            return await self.scrub_stale_blocks()
         await self._recover()
         return await self.scrub_stale_blocks()
 

@@ -124,6 +124,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._reap_wakeup = trio.Event()
         self._reap_lot = trio.lowlevel.ParkingLot()
         self._reap_lock = trio.Lock()
+        self.discard_freed = True
         self._reaper_running = False
         self.read_only = None
         self.write_errors = 0

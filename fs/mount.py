@@ -399,6 +399,11 @@ def remount_kernel(mountpoint: str, flags: VfsFlags) -> None:
         raise OSError(e, os.strerror(e), mountpoint)
 
 
+#: how long a remount read-only waits for the discards of freed blocks (they may wait
+#: for a tenant's held requests) before leaving them undiscarded (settle_reaper)
+REMOUNT_REAP_SECONDS = 10.0
+
+
 class FlagFollower:
     """The daemon's side of remounting: applies its mount's kernel flags (read-only,
     atime mode) to the FileSystem whenever they change, and records what it applied
@@ -462,7 +467,8 @@ class FlagFollower:
             fs.set_read_only("remounted read-only")
             try:
                 await fs.sync()
-                await fs.wait_reaped()  # the freed blocks' discards too: nothing after
+                # the freed blocks' discards too, or none: nothing is written after
+                await fs.settle_reaper(REMOUNT_REAP_SECONDS)
             except SluiceError as exc:
                 log.error("committing before the remount read-only failed: %s", exc)
             self.lock.release_writer()
@@ -490,7 +496,7 @@ class FlagFollower:
                         await trio.to_thread.run_sync(remount_kernel, self.mountpoint, back)
         else:
             if flags.read_only and fs.write_errors:
-                await fs.wait_reaped()  # (discards of blocks freed by durable commits)
+                await fs.settle_reaper(REMOUNT_REAP_SECONDS)  # (freed blocks' discards)
                 self.lock.release_writer()  # failed: nothing more is written; fsck may check
             log.info("mount flags: %s", flags.text())
         write_mount_state(self.volume, mountpoint=self.mountpoint, pid=os.getpid(),

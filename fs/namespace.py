@@ -87,6 +87,8 @@ class Namespace:
         hints = self._hints(parent)
         if self._inode_count >= self.max_inodes:
             raise NoSpace(f"no free inodes (limit {self.max_inodes})")
+        if stat.S_ISDIR(mode) and parent.nlink >= LINK_MAX:  # its '..' is a link
+            raise TooManyLinks(f"directory {parent.id} has {parent.nlink} links")
         # Charge first: over quota changes nothing. The name, and what the inode row
         # holds besides (a symlink's target, the inherited hint xattrs): refunded with
         # the name (_remove_name) and with the row (_destroy).
@@ -294,6 +296,10 @@ class Namespace:
                 raise InvalidArgument("cannot move a directory into itself")
             if dst.is_dir and self._is_ancestor(dst.id, old_parent):
                 raise InvalidArgument("cannot move a directory into itself")
+            if old_parent != new_parent and src.is_dir != dst.is_dir:
+                gains = op if dst.is_dir else np_  # the parent that gets the directory
+                if gains.nlink >= LINK_MAX:
+                    raise TooManyLinks(f"directory {gains.id} has {gains.nlink} links")
             self.md.retarget_dentry(old_parent, old_name, dst.id)
             self.md.retarget_dentry(new_parent, new_name, src.id)
             if old_parent != new_parent:
@@ -321,6 +327,9 @@ class Namespace:
             raise Exists(f"{new_name!r} exists")
         if src.is_dir and self._is_ancestor(src.id, new_parent):
             raise InvalidArgument("cannot move a directory into its own subtree")
+        if src.is_dir and old_parent != new_parent and not (dst is not None and dst.is_dir) \
+                and np_.nlink >= LINK_MAX:
+            raise TooManyLinks(f"directory {np_.id} has {np_.nlink} links")
         if dst is not None:
             if dst.is_dir and not src.is_dir:
                 raise IsADirectory(f"{new_name!r} is a directory")
@@ -380,12 +389,12 @@ class Namespace:
                 if not isinstance(name, bytes) or name in (b".", b".."):
                     raise InvalidArgument(f"invalid name {name!r}")
                 check_name(name)
-                node = _named(self._cache_row(row[2:]))
+                child = _named(self._cache_row(row[2:]))
             except (InvalidArgument, NameTooLong, Damaged) as exc:
                 log.error("readdir of inode %d: entry %d skipped: %s (run sluice fsck)",
                           ino, row[0], exc)
                 continue
-            out.append((row[0] + 2, name, node))
+            out.append((row[0] + 2, name, child))
         if after == 0:
             self._touch_atime(node)
         return out

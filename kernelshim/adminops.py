@@ -53,7 +53,7 @@ class AdminOps(ServerBase):
                 lim = self.principals.effective(par, k)
                 mine = getattr(defaults, k)
                 args[k] = mine if lim is None or (mine is not None and mine <= lim) else lim
-        owner = arg_int(p, "owner_uid", hi=1 << 32) if p.get("owner_uid") is not None \
+        owner = arg_int(p, "owner_uid", hi=(1 << 32) - 2) if p.get("owner_uid") is not None \
             else conn.creds.uid
         pr = self.principals.add(arg_str(p, "name", maxlen=64), parent=parent,
                                  owner_uid=owner, banks=Banks(**args),

@@ -111,6 +111,10 @@ def _fallback_name(uid: int) -> str:
     return f"uid-{uid}:default"
 
 
+#: the largest principals.json the loader reads (a crafted one is refused, not loaded)
+PRINCIPALS_FILE_LIMIT = 256 << 20
+
+
 class PrincipalTable:
     """The tree of principals of one volume, and the pid registry of a mount."""
 
@@ -142,7 +146,9 @@ class PrincipalTable:
     def load(cls, directory: Path) -> PrincipalTable:
         t = cls(directory / FILE)
         try:
-            data = read_json_file(directory / FILE)
+            # (~450 bytes a principal: room for every principal a tenant's banks allow
+            # hundreds of tenants; the table is written without a bound of its own)
+            data = read_json_file(directory / FILE, limit=PRINCIPALS_FILE_LIMIT)
         except FileNotFoundError:
             return t
         except (OSError, StoreFileError) as exc:
@@ -170,7 +176,8 @@ class PrincipalTable:
                     or not isinstance(rec["parent"], str):
                 raise ValueError(f"principal name {rec['name']!r} or parent "
                                  f"{rec['parent']!r} is not a principal name")
-            if type(rec["owner_uid"]) is not int or not 0 <= rec["owner_uid"] < 1 << 32:
+            # (up to 2**32: what `principal add` accepted before it was bounded as `add`)
+            if type(rec["owner_uid"]) is not int or not 0 <= rec["owner_uid"] <= 1 << 32:
                 raise ValueError(f"principal {rec['name']!r}: owner uid {rec['owner_uid']!r} "
                                  "is not a uid")
         ids = [rec["id"] for rec in pending]
@@ -339,7 +346,9 @@ class PrincipalTable:
     def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
             caller_uid: int) -> Principal:
         banks = banks.normalised()
-        if not _NAME_RE.match(name):
+        if not 0 <= owner_uid <= (1 << 32) - 2:  # as the table's loader checks it
+            raise PrincipalError(f"bad owner uid {owner_uid}")
+        if not _NAME_RE.fullmatch(name):
             raise PrincipalError(f"bad principal name {name!r} (letters, digits, _ . -; "
                                  "at most 64)")
         # Who may add here first: a caller refused under `parent` learns nothing of

@@ -311,6 +311,35 @@ async def test_freed_blocks_wait_for_a_held_request_but_fsync_does_not(
     await fs.release(h.fh)
 
 
+async def test_a_directory_full_of_subdirectories_says_emlink(vol: Volume) -> None:
+    """mkdir, and a rename of a directory, into a directory at LINK_MAX links (each
+    subdirectory's '..' is one) say EMLINK, as link(2) does; and a count above it that
+    an older sluice let through still loads (it fits the kernel's 32 bits): a volume
+    with such a root directory used to be refused at mount (merge review)."""
+    import errno as _e
+    from fs.errors import FsError
+    from fs.inodes import LINK_MAX, row_problems
+    fs = vol.fs
+    assert fs is not None
+    d = fs.mkdir(ROOT, b"d", 0o755, CALLER)
+    other = fs.mkdir(ROOT, b"o", 0o755, CALLER)
+    sub = fs.mkdir(other.id, b"s", 0o755, CALLER)
+    d.nlink = LINK_MAX  # (64,998 mkdirs would take a while)
+    with pytest.raises(FsError) as exc:
+        fs.mkdir(d.id, b"x", 0o755, CALLER)
+    assert exc.value.errno == _e.EMLINK
+    with pytest.raises(FsError) as exc:
+        await fs.rename(other.id, b"s", d.id, b"s", 0)
+    assert exc.value.errno == _e.EMLINK
+    assert fs.lookup(other.id, b"s").id == sub.id  # nothing moved
+    await write_file(fs, b"f", b"", parent=d.id)  # files are no links to it
+    from fs.metadata import INODE_COLUMNS
+    row = fs.md.db.execute("SELECT " + ", ".join(INODE_COLUMNS) +
+                             " FROM inodes WHERE id = ?", (d.id,)).fetchone()
+    row = tuple(70000 if c == "nlink" else x for c, x in zip(INODE_COLUMNS, row))
+    assert row_problems(row) == {}
+
+
 # -- names ---------------------------------------------------------------------------------
 
 

@@ -173,3 +173,15 @@ def test_the_split_kept_the_public_names(tmp_path: Path) -> None:
     t.save()
     again = PrincipalTable.load(tmp_path)
     assert [(p.name, p.banks) for p in again.walk()] == [(p.name, p.banks) for p in t.walk()]
+
+
+def test_an_owner_uid_the_loader_would_refuse_is_refused_at_add(tmp_path: Path) -> None:
+    """`add` and the table's loader agree on what a uid is: a principal owned by 2**32
+    made principals.json unloadable (merge review); 2**32 - 2 is the largest uid."""
+    t = PrincipalTable(tmp_path / "principals.json")
+    for bad in (1 << 32, (1 << 32) - 1, -1):
+        with pytest.raises(PrincipalError, match="owner uid"):
+            t.add(f"p{bad & 0xff}", owner_uid=bad, banks=Banks(), caller_uid=0)
+    t.add("ok", owner_uid=(1 << 32) - 2, banks=Banks(), caller_uid=0)
+    with pytest.raises(PrincipalError):
+        t.add("nl\n", owner_uid=0, banks=Banks(), caller_uid=0)  # a trailing newline
