@@ -84,7 +84,7 @@ class _Stats:
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return dict(self.reply)
 
-    def statistics_parts(self, *, names: Any = None) -> Any:
+    def statistics_parts(self, *, names: Any = None, context: Any = ()) -> Any:
         return iter(dict(self.reply).items())
 
 

@@ -68,7 +68,7 @@ class _Service:
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return {}
 
-    def statistics_parts(self, *, names: Any = None) -> Any:
+    def statistics_parts(self, *, names: Any = None, context: Any = ()) -> Any:
         return iter(())
 
 
