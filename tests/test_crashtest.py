@@ -460,8 +460,9 @@ def test_crash_rounds(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_crash_rounds_many(tmp_path: Path) -> None:
     # Seeds of the first campaign (docs/RELIABILITY.md), among them those that met
-    # defects 5 and 6 and finding D1 (21 22 34 57).
-    _run_rounds(tmp_path, [*range(4, 26), 34, 57])
+    # defects 5 and 6 and finding D1 (21 22 34 57); the campaigns themselves run as
+    # scripts/crashtest.py (the suite's time: about 30 minutes in all).
+    _run_rounds(tmp_path, [*range(4, 12), 21, 22, 34, 57])
 
 
 @pytest.mark.mounted

@@ -798,7 +798,7 @@ def test_posix_model_unprivileged(session: Session) -> None:
 @pytest.mark.slow
 def test_posix_model_long(session: Session) -> None:
     """The campaign: many more examples, longer sequences, both identities."""
-    examples = int(os.environ.get("SLUICE_POSIX_MODEL_EXAMPLES", "200"))
+    examples = int(os.environ.get("SLUICE_POSIX_MODEL_EXAMPLES", "100"))
     steps = int(os.environ.get("SLUICE_POSIX_MODEL_STEPS", "60"))
     e0, s0, r0, t0 = session.examples, session.steps, session.remounts, time.monotonic()
     _run(session, None, examples=examples // 2, steps=steps)
