@@ -94,10 +94,7 @@ class AdminOps(ServerBase):
     def _context(self, conn: Connection, page: list[Principal]) -> list[Principal]:
         """Of the page, the rows the caller sees only as ancestors of its own
         (PrincipalTable.context_only): their usage is other tenants'."""
-        if conn.creds.uid == 0:
-            return []
-        ctx = self.principals.context_only(conn.creds.uid, conn.principal)
-        return [q for q in page if q in ctx]
+        return self.principals.context_only(page, conn.creds.uid, conn.principal)
 
     async def _op_principal_ls(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         page, nxt = self._page(conn, p)

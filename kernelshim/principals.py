@@ -537,17 +537,17 @@ class PrincipalTable:
                 keep.update(p.chain())
         return [p for p in self.walk() if p in keep and self.listed(p)]
 
-    def context_only(self, uid: int,
-                     acting_for: Principal | None = None) -> frozenset[Principal]:
-        """Of `visible_to`'s rows, those listed only as an ancestor of what `uid` may run
-        as (or acts for): shown so that a refusal by one of their banks can be
-        explained, but their usage is their whole subtree's — other tenants' connections,
-        grants, shared memory — so `info` cuts it to the banks they limit (`context`),
-        and `stats` leaves them out of its per-principal activity. None for root."""
+    def context_only(self, rows: Iterable[Principal], uid: int,
+                     acting_for: Principal | None = None) -> list[Principal]:
+        """Of `rows` (some of `visible_to`'s), those listed only as an ancestor of what
+        `uid` may run as (or acts for): shown so that a refusal by one of their banks
+        can be explained, but their usage is their whole subtree's — other tenants'
+        connections, grants, shared memory — so `info` cuts it to the banks they limit
+        (`context`), and `stats` leaves them out of its per-principal activity. None
+        for root."""
         if uid == 0:
-            return frozenset()
-        return frozenset(p for p in self.visible_to(uid, acting_for)
-                         if p is not acting_for and not self.may_run_as(p, uid))
+            return []
+        return [p for p in rows if p is not acting_for and not self.may_run_as(p, uid)]
 
     def info(self, only: Iterable[Principal] | None = None, *,
              context: Collection[Principal] = ()) -> list[PrincipalInfo]:
