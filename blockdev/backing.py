@@ -136,19 +136,19 @@ class FileBacking:
     """A regular (sparse) file or a block device node, opened read-write."""
 
     def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None,
-                 in_volume: bool = False) -> None:
+                 in_volume: bool = False, name: str | None = None) -> None:
         """Open `path`; with `create_size`, create (or truncate to) a sparse file of that
         many bytes first (formatting). `in_volume`: a file of the volume directory,
         opened only if it is a regular file (not through a symbolic link, never a FIFO:
-        StoreFileError naming it)."""
-        self._path = os.fspath(path)
+        StoreFileError naming it). `name`: what messages call it (default `path`)."""
         flags = os.O_RDWR | os.O_CLOEXEC
         if create_size is not None:
             flags |= os.O_CREAT
         if in_volume:
-            self._fd = open_store_file(self._path, flags)
+            self._fd = open_store_file(os.fspath(path), flags)
         else:
-            self._fd = os.open(self._path, flags, 0o600)
+            self._fd = os.open(os.fspath(path), flags, 0o600)
+        self._path = name if name is not None else os.fspath(path)
         try:
             st = os.fstat(self._fd)
             self._is_file = stat.S_ISREG(st.st_mode)

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import stat
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
@@ -168,6 +169,35 @@ class Scheduler(Protocol):
         """While inside, writes held back only by a limit are dispatched anyway."""
 
 
+
+def outside_backing_fd(path: str, owner: int, *, private: bool = True) -> int:
+    """An `O_PATH` descriptor of an absolute backing (what `mkfs --device` names), checked
+    before anything opens it for I/O — opening a device node can act (a watchdog arms, a
+    tape rewinds), and device.json is someone else's input: it must be a regular file or
+    a block device that `owner` (the volume directory's owner) owns, and with `private`
+    a regular file must be private to its owner, as the volume's own files are. So a
+    volume cannot make the daemon read or write a file or device its owner does not own.
+    FormatError naming the backing otherwise."""
+    try:
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FormatError(f"backing {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(pfd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise FormatError(f"backing {path} is neither a regular file nor a block device")
+        if st.st_uid != owner:
+            raise FormatError(f"backing {path} belongs to uid {st.st_uid}, the volume to uid "
+                              f"{owner}: a volume may only use a backing its owner owns")
+        mode = stat.S_IMODE(st.st_mode)
+        if private and stat.S_ISREG(st.st_mode) and mode & 0o077:
+            raise FormatError(f"backing {path} is open to other users ({mode:04o}): every "
+                              f"tenant's data would be readable; run 'chmod go-rwx {path}'")
+    except BaseException:
+        os.close(pfd)
+        raise
+    return pfd
+
 class BlockDevice:
     """Fixed-size blocks with checksums and modeled timing. See the module docstring."""
 
@@ -249,8 +279,15 @@ class BlockDevice:
                         in_volume=True).close()
             backing_s = BACKING
         else:
-            fd = os.open(backing, os.O_RDONLY)
+            pfd = outside_backing_fd(backing, os.stat(directory).st_uid, private=False)
             try:
+                fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                os.close(pfd)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o700)  # as the volume's files
                 dev_size = os.lseek(fd, 0, os.SEEK_END)
             finally:
                 os.close(fd)
@@ -315,13 +352,20 @@ class BlockDevice:
         if inside and geo.backing != BACKING:
             raise FormatError(f"{directory / HEADER}: backing {geo.backing!r} is neither "
                               f"{BACKING} nor an absolute path")
-        path = str(directory / geo.backing) if inside else geo.backing
         opened: list[Backing] = []
         try:
             # Files in the volume directory are never followed through a symbolic link
             # (a crafted volume must not make root write elsewhere); an absolute backing
-            # is what `mkfs --device` was given, named on purpose.
-            data: Backing = FileBacking(path, in_volume=inside)
+            # is what `mkfs --device` was given: it is checked before it is opened.
+            data: Backing
+            if inside:
+                data = FileBacking(directory / geo.backing, in_volume=True)
+            else:
+                pfd = outside_backing_fd(geo.backing, os.stat(directory).st_uid)
+                try:
+                    data = FileBacking(f"/proc/self/fd/{pfd}", name=geo.backing)
+                finally:
+                    os.close(pfd)
             opened.append(data)
             sums: Backing = FileBacking(directory / CHECKSUMS, in_volume=True)
             opened.append(sums)

@@ -140,6 +140,81 @@ def test_a_uuid_that_is_a_path_is_refused(vol: Path, outside: Path) -> None:
                    "volume.json", "is not a UUID")
 
 
+def _name_backing(vol: Path, backing: str) -> None:
+    header = json.loads((vol / "device.json").read_text())
+    header["backing"] = backing
+    (vol / "device.json").write_text(json.dumps(header))
+
+
+def test_a_volume_may_not_name_a_backing_its_owner_does_not_own(vol: Path, outside: Path,
+                                                                 tmp_path: Path) -> None:
+    """A volume handed to root by another user (its directory theirs) named a root-owned
+    file as its absolute backing: root's mount and fsck read it, and wrote it, as the
+    volume's device. The backing must belong to the volume's owner."""
+    big = outside / "big"
+    before = big.read_bytes()
+    os.chmod(big, 0o600)
+    _name_backing(vol, str(big))
+    for p in [vol, *vol.iterdir()]:
+        os.chown(p, 1001, 1001, follow_symlinks=False)
+    one_line_error(sluice("fsck", "-q", str(vol), check=False, timeout=60),
+                   str(big), "belongs to uid 0", "uid 1001")
+    one_line_error(sluice("fsck", "-q", "--repair", str(vol), check=False, timeout=60),
+                   str(big), "belongs to uid 0")
+    r = _mount(vol, tmp_path)
+    try:
+        one_line_error(r, str(big), "belongs to uid 0")
+    finally:
+        if is_mounted(tmp_path / "mnt"):
+            subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+    assert big.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["char-device", "fifo", "directory", "exposed-file"])
+def test_an_absolute_backing_must_be_a_private_file_or_a_block_device(
+        vol: Path, tmp_path: Path, kind: str) -> None:
+    """device.json could name /dev/watchdog (which a mere open arms), a FIFO, a
+    directory, or a file others may read: each was opened read-write as the device."""
+    words = ["neither a regular file nor a block device"]
+    if kind == "char-device":
+        target = "/dev/null"
+    elif kind == "fifo":
+        target = str(tmp_path / "fifo")
+        os.mkfifo(target, 0o600)
+    elif kind == "directory":
+        target = str(tmp_path)
+    else:
+        target = str(tmp_path / "img")
+        with open(target, "wb") as f:
+            f.truncate(64 << 20)
+        os.chmod(target, 0o644)
+        words = ["open to other users (0644)", "chmod go-rwx"]
+    if kind == "char-device" and os.stat(target).st_uid != os.geteuid():
+        pytest.skip("/dev/null is not root's here")
+    _name_backing(vol, target)
+    one_line_error(sluice("fsck", "-q", str(vol), check=False, timeout=60), target, *words)
+
+
+def test_mkfs_makes_a_file_backing_private_and_refuses_another_owners(tmp_path: Path) -> None:
+    """`mkfs --device FILE` formats the file: it becomes private like device.img. A file
+    another uid owns is refused (mount would refuse it)."""
+    img = tmp_path / "img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    os.chmod(img, 0o644)
+    vol = make_volume(tmp_path / "vol", "64M", "--device", str(img))
+    assert os.stat(img).st_mode & 0o777 == 0o600
+    r = sluice("fsck", "-q", str(vol), check=False, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout + r.stderr
+    other = tmp_path / "other"
+    with open(other, "wb") as f:
+        f.truncate(64 << 20)
+    os.chown(other, 1001, 1001)
+    r = sluice("mkfs", "--size", "64M", "--device", str(other), str(tmp_path / "vol2"),
+               check=False, timeout=60)
+    one_line_error(r, str(other), "belongs to uid 1001")
+
+
 @pytest.mark.parametrize("name", ["device.json", "principals.json"])
 def test_a_fifo_in_place_of_a_json_file_is_refused_not_waited_on(vol: Path,
                                                                  name: str) -> None:
