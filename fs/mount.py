@@ -71,7 +71,7 @@ class MountOptions:
     #: requests (`principal_requests`) and the pool is shared by the tenants running.
     max_tasks: int = 512
     #: FUSE handlers one principal (and each of its ancestors below root) may have
-    #: executing at once
+    #: executing at once in each of its two lanes (namespace and data requests)
     principal_requests: int = PRINCIPAL_REQUESTS
     #: the mount's ceiling on the parked requests and bytes root may give one principal;
     #: each principal's own bound is its bank (`parked`, `parked_bytes`, changeable while

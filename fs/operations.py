@@ -94,6 +94,14 @@ _DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
 #: how a handler's principal is found (`Operations._principal_of`): by the request's
 #: context (its last argument), by its file handle, by its directory handle
 _CTX, _FILE, _DIR = 0, 1, 2
+#: handlers admitted in a principal's data lane; every other one in its namespace lane
+#: (see `Admission`: the kernel holds directory locks across namespace requests, so
+#: they must never wait behind the same tenant's data requests, which its own I/O
+#: limit may hold for as long as it likes)
+_DATA_HANDLERS = frozenset({"read", "write", "fsync", "fallocate", "lseek", "release"})
+#: the lanes: namespace (lookups, listings, creates, renames, attributes, xattrs, and
+#: fsyncdir: all may run while the kernel holds a directory's lock) and data
+NAMESPACE, DATA = 0, 1
 
 
 def _no_release() -> bool:
@@ -154,12 +162,21 @@ class Admission:
     device profile, an inode lock another request holds — holds every worker, and
     nobody else's `stat` is even read from the kernel.
 
-    So each principal has `per_principal` tokens (`Tokens`), and a
+    So each principal has `per_principal` tokens (`Tokens`) in each of two lanes, and a
     request runs its handler only while holding a token of its principal and of each of
-    its ancestors below root (banks are hierarchical: a tenant cannot multiply its share
+    its ancestors below root, in its lane (banks are hierarchical: a tenant cannot multiply its share
     by making child principals). Tokens are taken bottom-up — one consistent order, so
     no cycle of waits — and a request waiting at its own level holds no ancestor token.
     Root's own requests (uid 0) count against root's limiter alone.
+
+    The lanes: data requests (read, write, fsync, fallocate, lseek, release) and
+    namespace requests (everything else). A tenant's data requests may wait as long as
+    its own I/O limit says, and while a namespace request of it waits the kernel may
+    hold a directory's lock for it — a readdir holds it shared, a create or an unlink
+    exclusively, an fsyncdir exclusively — which stops every tenant's lookups,
+    creates and kernel notifications in that directory (a shared, world-writable one
+    included). So namespace requests never wait behind data requests: each lane has
+    its own tokens, and a namespace handler does no I/O the tenant's limit delays.
 
     A request that must wait for a token is *parked*: it gives its worker back
     (`pyfuse3.release_worker()`, sluice's binding: the request's arguments were copied
@@ -182,7 +199,8 @@ class Admission:
     them outstanding for the whole mount.
 
     What one tenant (a principal below root with all its descendants) can hold at once
-    with the default banks: `per_principal` workers running its handlers (16), up to 12
+    with the default banks: `per_principal` workers running its handlers in each lane
+    (16 + 16), up to 12
     more workers with its RELEASEs beyond the bound, and 4096 parked requests holding at
     most 64 MiB (payloads and 4 KiB each: e.g. about 60 parked 1 MiB writes); the rest of
     the pool (fs/mount.py: 512 workers) is left to the others.
@@ -203,28 +221,29 @@ class Admission:
         if release_worker is None:
             release_worker = getattr(pyfuse3, "release_worker", _no_release)
         self._release_worker: Callable[[], bool] = release_worker
-        self._limiters: dict[PrincipalId, Tokens] = {}
+        self._limiters: dict[tuple[PrincipalId, int], Tokens] = {}
         #: principal id -> (that principal, its chain, their limiters): a principal's
         #: ancestors never change (principals are not moved), so both lists are built
         #: once; the entry is used only for the same Principal object (a principal
         #: removed and made again gets a new one)
-        self._paths: dict[PrincipalId, tuple[Principal, list[Principal], list[Tokens]]] = {}
+        self._paths: dict[tuple[PrincipalId, int],
+                          tuple[Principal, list[Principal], list[Tokens]]] = {}
         #: requests answered EAGAIN because their principal's parking was full
         self.refused = 0
 
-    def limiter(self, principal: Principal) -> Tokens:
-        lim = self._limiters.get(principal.id)
+    def limiter(self, principal: Principal, lane: int = NAMESPACE) -> Tokens:
+        lim = self._limiters.get((principal.id, lane))
         if lim is None:
-            lim = self._limiters[principal.id] = Tokens(self.per_principal)
+            lim = self._limiters[principal.id, lane] = Tokens(self.per_principal)
         return lim
 
     def _chain(self, principal: Principal) -> list[Principal]:
         """The principals a request of `principal` is charged to, bottom-up."""
         return [p for p in principal.chain() if p.parent is not None] or [principal]
 
-    def limiters(self, principal: Principal) -> list[Tokens]:
-        """The limiters a request of `principal` must pass, bottom-up."""
-        return [self.limiter(p) for p in self._chain(principal)]
+    def limiters(self, principal: Principal, lane: int = NAMESPACE) -> list[Tokens]:
+        """The limiters a request of `principal` in `lane` must pass, bottom-up."""
+        return [self.limiter(p, lane) for p in self._chain(principal)]
 
     def parked(self, principal: Principal) -> tuple[int, int]:
         """(requests, bytes) parked now by `principal` and its descendants."""
@@ -266,17 +285,18 @@ class Admission:
             p.usage.parked_bytes -= cost
 
     async def run(self, principal: Principal, fn: Callable[..., Awaitable[Any]],
-                  *args: Any, payload: int | None = None, must: bool = False) -> Any:
+                  *args: Any, payload: int | None = None, must: bool = False,
+                  lane: int = NAMESPACE) -> Any:
         """`await fn(*args)` once admitted for `principal`; the tokens are released when
         it returns or raises (cancellation included). A request that has to wait is
         parked (see the class): `payload` is the bytes its arguments hold (default: the
         bytes arguments' lengths, counted only if it parks); `must`: never refused, it
-        waits holding its worker when the parking is full."""
-        path = self._paths.get(principal.id)
+        waits holding its worker when the parking is full; `lane`: NAMESPACE or DATA."""
+        path = self._paths.get((principal.id, lane))
         if path is None or path[0] is not principal:
             chain = self._chain(principal)
-            path = self._paths[principal.id] = (principal, chain,
-                                                [self.limiter(p) for p in chain])
+            path = self._paths[principal.id, lane] = (principal, chain,
+                                                      [self.limiter(p, lane) for p in chain])
         _, chain, lims = path
         # The common case, every request of an untar: a token free at each level and
         # nobody waiting. No checkpoint, nothing allocated but the list.
@@ -331,6 +351,7 @@ def _guard(fn: F, *, name: str | None = None) -> F:
     kind = (None if name in _UNADMITTED else _FILE if name in _FILE_HANDLERS else
             _DIR if name in _DIR_HANDLERS else _CTX)
     must = name in _NEVER_REFUSED
+    lane = DATA if name in _DATA_HANDLERS else NAMESPACE
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
@@ -339,7 +360,7 @@ def _guard(fn: F, *, name: str | None = None) -> F:
             who = None if kind is None else self._principal_of(kind, args)
             if who is None:
                 return await fn(self, *args)
-            return await self.admission.run(who, fn, self, *args, must=must)
+            return await self.admission.run(who, fn, self, *args, must=must, lane=lane)
         except pyfuse3.FUSEError:
             raise
         except SluiceError as exc:
