@@ -136,19 +136,22 @@ class FileBacking:
     """A regular (sparse) file or a block device node, opened read-write."""
 
     def __init__(self, path: str | os.PathLike[str], *, create_size: int | None = None,
-                 in_volume: bool = False, name: str | None = None) -> None:
+                 in_volume: bool = False, fd: int | None = None) -> None:
         """Open `path`; with `create_size`, create (or truncate to) a sparse file of that
         many bytes first (formatting). `in_volume`: a file of the volume directory,
         opened only if it is a regular file (not through a symbolic link, never a FIFO:
-        StoreFileError naming it). `name`: what messages call it (default `path`)."""
+        StoreFileError naming it). `fd`: `path` already opened read-write (this backing
+        owns it from now on)."""
         flags = os.O_RDWR | os.O_CLOEXEC
         if create_size is not None:
             flags |= os.O_CREAT
-        if in_volume:
-            self._fd = open_store_file(os.fspath(path), flags)
+        self._path = os.fspath(path)
+        if fd is not None:
+            self._fd = fd
+        elif in_volume:
+            self._fd = open_store_file(self._path, flags)
         else:
-            self._fd = os.open(os.fspath(path), flags, 0o600)
-        self._path = name if name is not None else os.fspath(path)
+            self._fd = os.open(self._path, flags, 0o600)
         try:
             st = os.fstat(self._fd)
             self._is_file = stat.S_ISREG(st.st_mode)

@@ -173,11 +173,14 @@ class Scheduler(Protocol):
 def outside_backing_fd(path: str, owner: int, *, private: bool = True) -> int:
     """An `O_PATH` descriptor of an absolute backing (what `mkfs --device` names), checked
     before anything opens it for I/O — opening a device node can act (a watchdog arms, a
-    tape rewinds), and device.json is someone else's input: it must be a regular file or
-    a block device that `owner` (the volume directory's owner) owns, and with `private`
-    a regular file must be private to its owner, as the volume's own files are. So a
-    volume cannot make the daemon read or write a file or device its owner does not own.
-    FormatError naming the backing otherwise."""
+    tape rewinds), and device.json is someone else's input. It must be a regular file or
+    a block device; when the daemon runs as another user than `owner` (who wrote
+    device.json: root mounting a user's volume), one `owner` owns, so that a volume
+    cannot make the daemon read or write what its owner could not; a regular file must
+    not be an active swap file, and with `private` it must be private to its owner, as
+    the volume's own files are. (A block device is opened exclusively: `O_EXCL` refuses
+    one that is mounted, swapped on or held by another daemon.) FormatError naming the
+    backing otherwise."""
     try:
         pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
@@ -186,17 +189,54 @@ def outside_backing_fd(path: str, owner: int, *, private: bool = True) -> int:
         st = os.fstat(pfd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise FormatError(f"backing {path} is neither a regular file nor a block device")
-        if st.st_uid != owner:
+        if os.geteuid() != owner and st.st_uid != owner:
             raise FormatError(f"backing {path} belongs to uid {st.st_uid}, the volume to uid "
                               f"{owner}: a volume may only use a backing its owner owns")
         mode = stat.S_IMODE(st.st_mode)
-        if private and stat.S_ISREG(st.st_mode) and mode & 0o077:
-            raise FormatError(f"backing {path} is open to other users ({mode:04o}): every "
-                              f"tenant's data would be readable; run 'chmod go-rwx {path}'")
+        if stat.S_ISREG(st.st_mode):
+            if (st.st_dev, st.st_ino) in _swap_files():
+                raise FormatError(f"backing {path} is an active swap file")
+            if private and mode & 0o077:
+                raise FormatError(f"backing {path} is open to other users ({mode:04o}): "
+                                  f"every tenant's data would be readable; run "
+                                  f"'chmod go-rwx {path}'")
     except BaseException:
         os.close(pfd)
         raise
     return pfd
+
+
+def open_outside_backing(pfd: int, path: str, flags: int) -> int:
+    """Open the file `pfd` (from `outside_backing_fd`) for I/O: the same inode, whatever
+    `path` names by now; a block device exclusively."""
+    if stat.S_ISBLK(os.fstat(pfd).st_mode):
+        flags |= os.O_EXCL
+    try:
+        return os.open(f"/proc/self/fd/{pfd}", flags | os.O_CLOEXEC)
+    except OSError as exc:
+        why = "in use (mounted, swap, or another volume's)" if exc.errno == errno.EBUSY \
+            else exc.strerror
+        raise FormatError(f"backing {path}: {why}") from None
+
+
+def _swap_files() -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the files swapped on (/proc/swaps)."""
+    out: set[tuple[int, int]] = set()
+    try:
+        with open("/proc/swaps", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] == "file":
+            try:
+                st = os.stat(parts[0].replace("\\040", " "))
+            except OSError:
+                continue
+            out.add((st.st_dev, st.st_ino))
+    return out
+
 
 class BlockDevice:
     """Fixed-size blocks with checksums and modeled timing. See the module docstring."""
@@ -281,24 +321,36 @@ class BlockDevice:
         else:
             pfd = outside_backing_fd(backing, os.stat(directory).st_uid, private=False)
             try:
-                fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_outside_backing(pfd, backing, os.O_RDONLY)
             finally:
                 os.close(pfd)
             try:
                 st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
-                    os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o700)  # as the volume's files
                 dev_size = os.lseek(fd, 0, os.SEEK_END)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
             nblocks = min(size, dev_size) // block_size if size else dev_size // block_size
             backing_s = os.path.abspath(backing)
+            if nblocks < 16:
+                os.close(fd)
+                raise FormatError(f"backing {backing} is too small (at least 16 blocks)")
         format_checksum_file(directory / CHECKSUMS, nblocks)
         geo = DeviceGeometry(block_size, nblocks, backing_s, profile, str(uuid.uuid4()))
         header = {"format": FORMAT_VERSION, **dataclasses.asdict(geo)}
         tmp = directory / (HEADER + ".tmp")
         tmp.write_text(json.dumps(header, indent=2) + "\n")
         os.replace(tmp, directory / HEADER)
+        if backing is not None:
+            try:  # formatted: a file backing becomes private, as the volume's files
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISREG(st.st_mode) and mode & 0o077:
+                    os.fchmod(fd, mode & 0o700)
+            except OSError as exc:
+                raise FormatError(f"backing {backing}: cannot make it private "
+                                  f"(chmod go-rwx): {exc.strerror}") from None
+            finally:
+                os.close(fd)
         return geo
 
     @staticmethod
@@ -361,11 +413,14 @@ class BlockDevice:
             if inside:
                 data = FileBacking(directory / geo.backing, in_volume=True)
             else:
-                pfd = outside_backing_fd(geo.backing, os.stat(directory).st_uid)
+                # (the owner: who wrote device.json, read through no symbolic link)
+                owner = os.stat(directory / HEADER, follow_symlinks=False).st_uid
+                pfd = outside_backing_fd(geo.backing, owner)
                 try:
-                    data = FileBacking(f"/proc/self/fd/{pfd}", name=geo.backing)
+                    fd = open_outside_backing(pfd, geo.backing, os.O_RDWR)
                 finally:
                     os.close(pfd)
+                data = FileBacking(geo.backing, fd=fd)
             opened.append(data)
             sums: Backing = FileBacking(directory / CHECKSUMS, in_volume=True)
             opened.append(sums)

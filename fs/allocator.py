@@ -9,6 +9,8 @@ another file first.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 
 from .errors import NoSpace
@@ -24,6 +26,8 @@ class Allocator:
         self.free = nblocks
         self._cursor = 0
         self._pending: list[tuple[int, int]] = []
+        #: the files the pending runs came from (None: unknown, see `free_later`)
+        self._pending_inodes: set[int] | None = set()
 
     def mark_used(self, start: int, count: int) -> None:
         """At mount: a committed extent owns these blocks."""
@@ -71,9 +75,17 @@ class Allocator:
         self._cursor = pos
         return runs
 
-    def free_later(self, runs: list[tuple[int, int]]) -> None:
-        """Blocks freed by the open transaction: reusable once it commits."""
-        self._pending.extend(runs)
+    def free_later(self, runs: list[tuple[int, int]], inodes: Iterable[int] | None = None
+                   ) -> None:
+        """Blocks freed by the open transaction: reusable once it commits. `inodes`:
+        the files they were unmapped from (their grace period waits only for requests
+        on those files); None: unknown (it waits for every request in flight)."""
+        if runs:
+            self._pending.extend(runs)
+            if inodes is None:
+                self._pending_inodes = None
+            elif self._pending_inodes is not None:
+                self._pending_inodes.update(inodes)
 
     def release_now(self, runs: list[tuple[int, int]]) -> None:
         """Give blocks back at once (allocated and never committed)."""
@@ -87,10 +99,17 @@ class Allocator:
         pending, self._pending = self._pending, []
         return pending
 
+    def take_pending_inodes(self) -> frozenset[int] | None:
+        """The files the pending runs were freed from (None: unknown); taken with
+        `take_pending`."""
+        inodes, self._pending_inodes = self._pending_inodes, set()
+        return None if inodes is None else frozenset(inodes)
+
     def committed(self) -> None:
         """The transaction that freed the pending blocks is durable: reuse them."""
         if self._pending:
             self.release_now(self.take_pending())
+            self.take_pending_inodes()
 
     @property
     def pending_blocks(self) -> int:

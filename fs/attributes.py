@@ -145,7 +145,7 @@ class Attributes:
         self._save(node, *fields)
         # Freed once no request through the old grants is in flight; reusable once the
         # commit that saved the shorter map is durable.
-        await self._release_unmapped(freed, old_grants)
+        await self._release_unmapped(freed, old_grants, ino=node.id)
 
     def _regrant(self: FileSystem, node: Inode,
                  keep: Callable[[Grant], bool] | None = None) -> list[Grant]:

@@ -51,7 +51,7 @@ class Transactions:
     write_errors: int
     #: blocks freed by durable commits, waiting for their grace period and discard
     #: before the allocator gets them (`run_reaper`; oldest first), and how many
-    _reap: collections.deque[list[tuple[int, int]]]
+    _reap: collections.deque[tuple[list[tuple[int, int]], frozenset[int] | None]]
     reaping_blocks: int
     _reap_wakeup: trio.Event
     _reap_lot: trio.lowlevel.ParkingLot
@@ -130,7 +130,7 @@ class Transactions:
             node.blocks = emap.blocks
             fs._save_extents(node)
             fs._save(node, "blocks")
-            await fs._release_unmapped(freed, [])  # no grants yet: none to revoke
+            await fs._release_unmapped(freed, [], ino=node.id)  # no grants yet: none to revoke
         await fs.commit()
 
     async def commit(self: FileSystem, *, durable: bool = False,
@@ -157,6 +157,7 @@ class Transactions:
             # in the same step as the SQL commit: cleared only if it becomes durable.
             taken: ChangeMarks | None = None
             pending: list[tuple[int, int]] = []
+            pending_inodes: frozenset[int] | None = frozenset()
             try:
                 async with self.kernel.barrier(principal=principal, file=file,
                                                durable=durable):
@@ -166,6 +167,7 @@ class Transactions:
                     self._commit_seq += 1
                     seq = self._commit_seq
                     pending = self.alloc.take_pending()
+                    pending_inodes = self.alloc.take_pending_inodes()
                     # (counted free meanwhile, as they were while pending: statfs)
                     self.reaping_blocks += sum(c for _d, c in pending)
                     for emap in self._unsealed:
@@ -185,7 +187,7 @@ class Transactions:
                 if pending:
                     # not known durable: they wait for the next commit that is
                     self.reaping_blocks -= sum(c for _d, c in pending)
-                    self.alloc.free_later(pending)
+                    self.alloc.free_later(pending, pending_inodes)
                 if isinstance(exc, (OSError, sqlite3.Error, SluiceError)):
                     self.fail(f"committing metadata failed: {exc}")
                     raise WriteFailed(f"commit failed: {exc}") from exc
@@ -194,7 +196,7 @@ class Transactions:
                 self._commit_ended.set()
                 self._commit_ended = trio.Event()
             if pending:
-                self._reap.append(pending)
+                self._reap.append((pending, pending_inodes))
                 if self._reaper_running:
                     self._reap_wakeup.set()
                 else:  # offline, or unmounting: here and now
@@ -202,15 +204,24 @@ class Transactions:
 
     async def _reap_queued(self: FileSystem) -> None:
         """Give the allocator the queued freed blocks (R3): wait until no request that
-        began before they were freed is in flight — one grace period for every list
-        queued when it starts — discard them, release them. A batch leaves the queue
-        only with its release, in one step: cancelled before that, it is done again (a
-        discard twice is harmless before the release; one caller at a time: the lock)."""
+        began before they were freed is in flight on the files they were freed from —
+        one grace period for every list queued when it starts — discard them, release
+        them. (Only a request on that file could address them: no block belongs to two
+        files. So a tenant's requests held in flight on its own files hold up only the
+        reuse of blocks freed from those files.) A batch leaves the queue only with its
+        release, in one step: cancelled before that, it is done again (a discard twice
+        is harmless before the release; one caller at a time: the lock)."""
         async with self._reap_lock:
             while self._reap:
                 batch = list(self._reap)
-                await self.kernel.wait_quiescent()
-                runs = [r for lst in batch for r in lst]
+                inodes: set[int] | None = set()
+                for _runs, ino in batch:
+                    if ino is None or inodes is None:
+                        inodes = None
+                    else:
+                        inodes |= ino
+                await self.kernel.wait_quiescent(inodes)
+                runs = [r for lst, _ino in batch for r in lst]
                 try:
                     if self.discard_freed:  # (else see `settle_reaper`)
                         await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
@@ -220,8 +231,8 @@ class Transactions:
                     # with zeros), only the host's space is not given back.
                     log.warning("discarding %d freed blocks failed: %s",
                                 sum(c for _d, c in runs), exc)
-                for lst in batch:
-                    assert self._reap[0] is lst
+                for item in batch:
+                    assert self._reap[0] is item
                     self._reap.popleft()
                 self.reaping_blocks -= sum(c for _d, c in runs)
                 self.alloc.release_now(runs)

@@ -242,5 +242,5 @@ class Layouts:
                     node.blocks = emap.blocks
                     self._save_extents(node)
                     self._save(node, "blocks")
-                    await self._release_unmapped(freed, old)
+                    await self._release_unmapped(freed, old, ino=node.id)
         self._maybe_evict(node)  # the kernel may never have looked this inode up

@@ -255,7 +255,7 @@ class Namespace:
             if held:
                 self.principals.refund(self.principal(node.principal), space=held)
             node.blocks = 0
-            await self._release_unmapped(freed, revoked)
+            await self._release_unmapped(freed, revoked, ino=node.id)
         if node.lookups <= 0:
             self._inodes.pop(node.id, None)
 

@@ -94,13 +94,14 @@ _DIR_HANDLERS = frozenset({"readdir", "releasedir", "fsyncdir"})
 #: how a handler's principal is found (`Operations._principal_of`): by the request's
 #: context (its last argument), by its file handle, by its directory handle
 _CTX, _FILE, _DIR = 0, 1, 2
-#: handlers admitted in a principal's data lane; every other one in its namespace lane
-#: (see `Admission`: the kernel holds directory locks across namespace requests, so
-#: they must never wait behind the same tenant's data requests, which its own I/O
-#: limit may hold for as long as it likes)
+#: handlers admitted as data requests; every other one is a namespace request (see
+#: `Admission`: the kernel holds directory locks across namespace requests, so they
+#: must not wait behind the same tenant's data requests, which its own I/O limit may
+#: hold for as long as it likes). A SETATTR that changes the size and an OPEN with
+#: O_TRUNC are data requests too (a truncate waits for the file's writes in flight; the
+#: kernel holds only that file's lock for them).
 _DATA_HANDLERS = frozenset({"read", "write", "fsync", "fallocate", "lseek", "release"})
-#: the lanes: namespace (lookups, listings, creates, renames, attributes, xattrs, and
-#: fsyncdir: all may run while the kernel holds a directory's lock) and data
+#: the two kinds of request (`Admission.run`'s `lane`)
 NAMESPACE, DATA = 0, 1
 
 
@@ -162,21 +163,24 @@ class Admission:
     device profile, an inode lock another request holds — holds every worker, and
     nobody else's `stat` is even read from the kernel.
 
-    So each principal has `per_principal` tokens (`Tokens`) in each of two lanes, and a
+    So each principal has `per_principal` tokens (`Tokens`), and a
     request runs its handler only while holding a token of its principal and of each of
-    its ancestors below root, in its lane (banks are hierarchical: a tenant cannot multiply its share
+    its ancestors below root (banks are hierarchical: a tenant cannot multiply its share
     by making child principals). Tokens are taken bottom-up — one consistent order, so
     no cycle of waits — and a request waiting at its own level holds no ancestor token.
     Root's own requests (uid 0) count against root's limiter alone.
 
-    The lanes: data requests (read, write, fsync, fallocate, lseek, release) and
-    namespace requests (everything else). A tenant's data requests may wait as long as
-    its own I/O limit says, and while a namespace request of it waits the kernel may
-    hold a directory's lock for it — a readdir holds it shared, a create or an unlink
-    exclusively, an fsyncdir exclusively — which stops every tenant's lookups,
-    creates and kernel notifications in that directory (a shared, world-writable one
-    included). So namespace requests never wait behind data requests: each lane has
-    its own tokens, and a namespace handler does no I/O the tenant's limit delays.
+    Data requests (read, write, fsync, fallocate, lseek, release, a truncate) may hold
+    at most `data_requests` of those tokens (3/4 of them: 12 of 16), so the rest are
+    always left to namespace requests (everything else). A tenant's data requests may
+    wait as long as its own I/O limit says, and while a namespace request of it waits
+    for a token the kernel may hold a directory's lock for it — a readdir holds it
+    shared, a create or an unlink exclusively — which stops every tenant's lookups,
+    listings and kernel notifications in that directory (a shared, world-writable one
+    included). So a namespace request never waits for a token behind data requests
+    alone, and a namespace handler does not wait for the tenant's I/O limit (an
+    unlink's or a truncate's drain waits only for writes, their limits waived:
+    `Kernel.drain_writes`).
 
     A request that must wait for a token is *parked*: it gives its worker back
     (`pyfuse3.release_worker()`, sluice's binding: the request's arguments were copied
@@ -199,8 +203,7 @@ class Admission:
     them outstanding for the whole mount.
 
     What one tenant (a principal below root with all its descendants) can hold at once
-    with the default banks: `per_principal` workers running its handlers in each lane
-    (16 + 16), up to 12
+    with the default banks: `per_principal` workers running its handlers (16), up to 12
     more workers with its RELEASEs beyond the bound, and 4096 parked requests holding at
     most 64 MiB (payloads and 4 KiB each: e.g. about 60 parked 1 MiB writes); the rest of
     the pool (fs/mount.py: 512 workers) is left to the others.
@@ -214,6 +217,8 @@ class Admission:
         if parked_requests < 0 or parked_bytes < 0:
             raise ValueError("parked_requests and parked_bytes must not be negative")
         self.per_principal = per_principal
+        #: of those, what data requests may hold (the rest wait for namespace requests)
+        self.data_requests = per_principal - per_principal // 4
         #: the mount's ceilings (each principal's own bound is its bank)
         self.parked_requests = parked_requests
         self.parked_bytes = parked_bytes
@@ -232,9 +237,12 @@ class Admission:
         self.refused = 0
 
     def limiter(self, principal: Principal, lane: int = NAMESPACE) -> Tokens:
+        """`principal`'s tokens (NAMESPACE: all of them), or its data requests' share
+        of them (DATA)."""
         lim = self._limiters.get((principal.id, lane))
         if lim is None:
-            lim = self._limiters[principal.id, lane] = Tokens(self.per_principal)
+            lim = self._limiters[principal.id, lane] = Tokens(
+                self.per_principal if lane == NAMESPACE else self.data_requests)
         return lim
 
     def _chain(self, principal: Principal) -> list[Principal]:
@@ -242,8 +250,14 @@ class Admission:
         return [p for p in principal.chain() if p.parent is not None] or [principal]
 
     def limiters(self, principal: Principal, lane: int = NAMESPACE) -> list[Tokens]:
-        """The limiters a request of `principal` in `lane` must pass, bottom-up."""
-        return [self.limiter(p, lane) for p in self._chain(principal)]
+        """The limiters a request of `principal` must pass, bottom-up (one order for
+        every request: at each level a data request's share first, then the tokens)."""
+        out = []
+        for p in self._chain(principal):
+            if lane == DATA:
+                out.append(self.limiter(p, DATA))
+            out.append(self.limiter(p, NAMESPACE))
+        return out
 
     def parked(self, principal: Principal) -> tuple[int, int]:
         """(requests, bytes) parked now by `principal` and its descendants."""
@@ -296,7 +310,7 @@ class Admission:
         if path is None or path[0] is not principal:
             chain = self._chain(principal)
             path = self._paths[principal.id, lane] = (principal, chain,
-                                                      [self.limiter(p, lane) for p in chain])
+                                                      self.limiters(principal, lane))
         _, chain, lims = path
         # The common case, every request of an untar: a token free at each level and
         # nobody waiting. No checkpoint, nothing allocated but the list.
@@ -352,6 +366,9 @@ def _guard(fn: F, *, name: str | None = None) -> F:
             _DIR if name in _DIR_HANDLERS else _CTX)
     must = name in _NEVER_REFUSED
     lane = DATA if name in _DATA_HANDLERS else NAMESPACE
+    # (a truncate: SETATTR with the size, OPEN with O_TRUNC)
+    truncates = {"setattr": lambda a: a[2].update_size,
+                 "open": lambda a: a[1] & os.O_TRUNC}.get(name)
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
@@ -360,7 +377,9 @@ def _guard(fn: F, *, name: str | None = None) -> F:
             who = None if kind is None else self._principal_of(kind, args)
             if who is None:
                 return await fn(self, *args)
-            return await self.admission.run(who, fn, self, *args, must=must, lane=lane)
+            return await self.admission.run(
+                who, fn, self, *args, must=must,
+                lane=DATA if truncates is not None and truncates(args) else lane)
         except pyfuse3.FUSEError:
             raise
         except SluiceError as exc:

@@ -45,21 +45,29 @@ class Space:
             self.principals.refund(self.principal(owner), space=count * bs)
 
     async def _release_unmapped(self: FileSystem, freed: list[tuple[int, int, int]],
-                                revoked: list[Grant], *, refund: bool = True) -> None:
+                                revoked: list[Grant], *, refund: bool = True,
+                                ino: int | None = None) -> None:
         """The one home of revoke -> drain -> refund -> free (docs/dev/invariants.md
         R3). The caller has unmapped `freed` (dev_block, count, owner) from a file's
         map and revoked every grant that could still address those blocks (`revoked`:
         revoke_nowait's or `_regrant`'s result), with no checkpoint in between, and has
         saved the shorter map in the open transaction. Here: refund the owners (unless
-        the blocks were replaced for the same owners), wait until no request through
-        the old grants is in flight, then hand the blocks to the allocator, which
-        reuses them only after the commit that saved the map is durable."""
+        the blocks were replaced for the same owners), wait until no write through the
+        old grants is in flight (their principals' I/O limits waived: `drain_writes`),
+        then hand the blocks to the allocator, which reuses them only after the commit
+        that saved the map is durable and no request on the file that began before is
+        in flight (the reaper's grace period: reads through the old grants may still
+        be, and must not hold a truncate or an unlink, which may hold a directory's
+        lock in the host kernel, for as long as a throttled tenant likes)."""
         if refund:
             self._refund_runs(freed)
         if revoked:
-            await self.kernel.wait_drained(revoked)
+            await self.kernel.drain_writes(revoked)
         if freed:
-            self.alloc.free_later([(d, c) for d, c, _o in freed])
+            # (`ino`: the file they were unmapped from; their grace period waits only
+            # for the requests on it — None: for every request in flight)
+            self.alloc.free_later([(d, c) for d, c, _o in freed],
+                                  None if ino is None else (ino,))
 
     async def _cow_blocks(self: FileSystem, emap: ExtentMap, b0: int,
                           count: int) -> ExtentMap | None:
@@ -302,7 +310,8 @@ class Space:
         self._save_extents(node)
         node.blocks = emap.blocks
         self._save(node, "blocks")
-        await self._release_unmapped(freed, old_grants, refund=not replace)
+        await self._release_unmapped(freed, old_grants, refund=not replace,
+                                     ino=node.id)
 
     async def _trim_preallocation(self: FileSystem, node: Inode) -> None:
         """The file's last open handle closed: give back the UNWRITTEN blocks a
@@ -327,5 +336,5 @@ class Space:
             node.blocks = emap.blocks
             self._save_extents(node)
             self._save(node, "blocks")
-            await self._release_unmapped(freed, [])
+            await self._release_unmapped(freed, [], ino=node.id)
         self.on_attr_changed(node.id)  # st_blocks changed behind the kernel's back

@@ -106,6 +106,9 @@ class Grant:
     #: requests past the rights check and not yet finished
     inflight: int = 0
     _drained: trio.Event | None = None
+    #: of `inflight`, the writes (`GrantTable.wait_writes_drained`)
+    inflight_writes: int = 0
+    _writes_drained: trio.Event | None = None
 
     def __repr__(self) -> str:
         return (f"<Grant {self.id} ino={self.inode}.{self.generation} {self.rights!r} "

@@ -40,6 +40,8 @@ class GrantTable:
         #: requests in flight per epoch (wait_quiescent waits for the older epochs)
         self._epoch = 0
         self._in_epoch: dict[int, int] = {}
+        #: the same per inode (wait_quiescent of the files some blocks were freed from)
+        self._in_inode: dict[int, dict[int, int]] = {}
         self._quiesced: trio.Event | None = None
 
     def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
@@ -100,6 +102,17 @@ class GrantTable:
                 await g._drained.wait()
         await trio.lowlevel.checkpoint()
 
+    async def wait_writes_drained(self, grants: Iterable[Grant]) -> None:
+        """Wait until no write through any of `grants` is still in flight (reads may
+        be: they change nothing, and the blocks they address are not reused before
+        they end — `wait_quiescent`)."""
+        for g in grants:
+            while g.inflight_writes:
+                if g._writes_drained is None:
+                    g._writes_drained = trio.Event()
+                await g._writes_drained.wait()
+        await trio.lowlevel.checkpoint()
+
     async def revoke(self, grant: Grant) -> None:
         await self.wait_drained(self.revoke_nowait(grant))
 
@@ -126,28 +139,67 @@ class GrantTable:
         grant.inflight += 1
         e = self._epoch
         self._in_epoch[e] = self._in_epoch.get(e, 0) + 1
+        per = self._in_inode.get(grant.inode)
+        if per is None:
+            self._in_inode[grant.inode] = {e: 1}
+        else:
+            per[e] = per.get(e, 0) + 1
         return e
 
+    def _enter_grant_write(self, grant: Grant) -> int:
+        """`_enter` for a write (counted in `inflight_writes` too)."""
+        epoch = self._enter(grant, Rights.WRITE)
+        grant.inflight_writes += 1
+        return epoch
+
+    def _leave_grant_write(self, grant: Grant, epoch: int) -> None:
+        grant.inflight_writes -= 1
+        if not grant.inflight_writes and grant._writes_drained is not None:
+            grant._writes_drained.set()
+            grant._writes_drained = None
+        self._leave(grant, epoch)
+
     def _leave(self, grant: Grant, epoch: int) -> None:
+        wake = False
         grant.inflight -= 1
         if not grant.inflight and grant._drained is not None:
             grant._drained.set()
             grant._drained = None
+        per = self._in_inode[grant.inode]
+        left = per[epoch] - 1
+        if left:
+            per[epoch] = left
+        else:
+            del per[epoch]
+            if not per:
+                del self._in_inode[grant.inode]
+            wake = True
         left = self._in_epoch[epoch] - 1
         if left:
             self._in_epoch[epoch] = left
         else:
             del self._in_epoch[epoch]
-            if self._quiesced is not None:
-                self._quiesced.set()
-                self._quiesced = None
+            wake = True
+        if wake and self._quiesced is not None:
+            self._quiesced.set()
+            self._quiesced = None
 
-    async def wait_quiescent(self) -> None:
+    async def wait_quiescent(self, inodes: Iterable[int] | None = None) -> None:
         """Wait until every request that started before this call has finished (an RCU
         grace period). Blocks unmapped before the call are then touched by no request,
-        whichever grant it came through: they may be discarded and reused."""
+        whichever grant it came through: they may be discarded and reused. With
+        `inodes`, only the requests on those files (blocks unmapped from them, which no
+        other file's map holds)."""
         self._epoch += 1
         mark = self._epoch
+        if inodes is not None:
+            want = list(inodes)
+            while any((per := self._in_inode.get(i)) and min(per) < mark for i in want):
+                if self._quiesced is None:
+                    self._quiesced = trio.Event()
+                await self._quiesced.wait()
+            await trio.lowlevel.checkpoint()
+            return
         while self._in_epoch and min(self._in_epoch) < mark:
             if self._quiesced is None:
                 self._quiesced = trio.Event()

@@ -14,7 +14,7 @@ caller's business (the metadata server, later the principal banks), not the kern
 | write(grant, offset, data)    | WRITE               | as read, plus NotAllocated, Sealed      |
 | write(..., cow=map)           | WRITE (trusted)     | as write                                |
 | barrier(principal, file)      | (trusted caller)    | DeviceError                             |
-| wait_quiescent()              | (trusted caller)    | —                                       |
+| wait_quiescent(inodes=None)   | (trusted caller)    | —                                       |
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
 | sync()                        | —                   | DeviceError                             |
 | writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
@@ -283,6 +283,16 @@ class Kernel(GrantTable, LowerLayers):
             self._writes_done.set()
             self._writes_done = None
 
+    async def drain_writes(self, grants: Iterable[Grant]) -> None:
+        """Wait until the writes in flight through `grants` (revoked) have ended, their
+        principals' I/O limits waived meanwhile (they repay it, as for a barrier): a
+        truncate or an unlink waits for the device, not for a throttled tenant's queue
+        — it may hold a directory's lock in the host kernel while it waits. Reads
+        through them may go on: they change nothing, and the blocks they address are
+        reused only after them (`wait_quiescent`)."""
+        with self.device.scheduler.expedite_writes():
+            await self.wait_writes_drained(grants)
+
     # -- data path -------------------------------------------------------------------
 
     async def read(self, grant: Grant, offset: int, length: int) -> memoryview | bytes:
@@ -367,7 +377,7 @@ class Kernel(GrantTable, LowerLayers):
             raise BadRequest(f"write at negative offset {offset}")
         await self._enter_write()
         try:
-            epoch = self._enter(grant, Rights.WRITE)
+            epoch = self._enter_grant_write(grant)
         except BaseException:
             self._leave_write()
             raise
@@ -437,7 +447,7 @@ class Kernel(GrantTable, LowerLayers):
             grant.note_written(offset, offset + length, bs)
             return length
         finally:
-            self._leave(grant, epoch)
+            self._leave_grant_write(grant, epoch)
             self._leave_write()
 
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,

@@ -9,6 +9,7 @@ promptly.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -32,6 +33,41 @@ def _tree() -> PrincipalTable:
     t.add("alice-batch", parent="alice", owner_uid=1000, banks=Banks(), caller_uid=1000)
     t.add("bob", owner_uid=1001, banks=Banks(), caller_uid=0)
     return t
+
+
+async def test_data_requests_leave_a_quarter_of_the_tokens_to_namespace_requests(
+        autojump_clock) -> None:
+    """A tenant whose data requests wait (its own I/O limit) holds at most 3/4 of its
+    tokens with them: its namespace requests (a READDIR, during which the kernel holds
+    the directory's lock) still run at once; and namespace requests may use them all.
+    The child's data share counts at the parent too (one order: share, then tokens)."""
+    from fs.operations import DATA, NAMESPACE
+    t = _tree()
+    adm = Admission(4, release_worker=lambda: True)
+    assert adm.data_requests == 3
+    gate = trio.Event()
+    ran: list[str] = []
+
+    async def handler(tag: str) -> None:
+        ran.append(tag)
+        if tag.startswith("data"):
+            await gate.wait()
+
+    async with trio.open_nursery() as n:
+        for i in range(5):  # child and parent share the parent's 3 data tokens
+            who = "alice-batch" if i % 2 else "alice"
+            n.start_soon(functools.partial(adm.run, t.get(who), handler, f"data{i}",
+                                           lane=DATA))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(ran) == 3 and all(r.startswith("data") for r in ran)  # the share
+        for who in ("alice", "alice-batch"):
+            await adm.run(t.get(who), handler, f"ns-{who}", lane=NAMESPACE)
+        assert ran[3:] == ["ns-alice", "ns-alice-batch"]
+        gate.set()
+    assert sorted(ran) == ["data0", "data1", "data2", "data3", "data4", "ns-alice",
+                           "ns-alice-batch"]
+    assert adm.limiter(t.get("alice")).borrowed_tokens == 0
+    assert adm.limiter(t.get("alice"), DATA).borrowed_tokens == 0
 
 
 async def test_a_principal_runs_at_most_its_cap_and_others_are_not_held() -> None:

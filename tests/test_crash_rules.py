@@ -524,11 +524,11 @@ async def test_a_file_emptied_after_a_drop_is_marked_in_the_commit_that_empties_
         cvol: Volume, monkeypatch) -> None:
     """Rule 4 (R7): a discardable file the pager dropped comes back, after a crash,
     whole or empty *and marked* user.sluice.discarded. `run_discarder` empties it
-    (size 0 saved at once) and then waits for the requests in flight through the
-    file's old grants before it sets the mark; a commit in that wait stored size 0
-    without the mark and without the file on the `unflushed` list, so a crash there
-    left an empty, unmarked cache file (found reading the code for the 2026-12-01
-    campaigns). Here a commit runs in exactly that wait."""
+    (size 0 saved at once) and then waits for the writes in flight through the
+    file's old grants (`drain_writes`) before it sets the mark; a commit in that
+    wait stored size 0 without the mark and without the file on the `unflushed`
+    list, so a crash there left an empty, unmarked cache file (found reading the code
+    for the 2026-12-01 campaigns). Here a commit runs in exactly that wait."""
     fs = cvol.fs
     assert fs is not None
     h, node = fs.create(ROOT_INODE, b"c", 0o644, os.O_RDWR, CALLER)
@@ -536,9 +536,9 @@ async def test_a_file_emptied_after_a_drop_is_marked_in_the_commit_that_empties_
     await fs.write(h.fh, 0, b"x" * (3 * BS))
     await fs.commit(durable=True)
     committed: list[tuple[int, bool, list[int]]] = []
-    real = fs.kernel.wait_drained
+    real = fs.kernel.drain_writes
 
-    async def wait_drained(grants):
+    async def drain_writes(grants):
         await fs.commit(durable=True)  # the 1 s timer's commit, landing in the wait
         db = sqlite3.connect(cvol.path / volume.DB)
         try:
@@ -550,7 +550,7 @@ async def test_a_file_emptied_after_a_drop_is_marked_in_the_commit_that_empties_
             db.close()
         committed.append((size, mark, json.loads(listed[0]) if listed else []))
         await real(grants)
-    monkeypatch.setattr(fs.kernel, "wait_drained", wait_drained)
+    monkeypatch.setattr(fs.kernel, "drain_writes", drain_writes)
     fs._on_discarded(node.id)  # what the pager calls when it drops the dirty frames
     async with fs._lock(node):
         await fs._empty_locked(node, mark=True)  # run_discarder's step

@@ -238,14 +238,20 @@ async def test_truncate_revokes_old_grants_and_regrants_handles(fs: FileSystem,
     assert fs.kernel.live_grants == 0
 
 
-async def test_truncate_waits_for_in_flight_reads_before_freeing(tmp_path: Path,
-                                                                autojump_clock) -> None:
+async def test_truncate_frees_at_once_but_discards_after_in_flight_reads(
+        tmp_path: Path, autojump_clock) -> None:
+    """A truncate does not wait for the reads in flight on the file (they change
+    nothing; a throttled tenant's reads held truncates and unlinks that held directory
+    locks in the host kernel: stop 13), but the blocks it frees are discarded and
+    reused only after those reads (R3's grace period): the read sees the file as it
+    was."""
     v = Volume(tmp_path / "vol", size=256 * BS, profile="hdd")
     fs = await v.open()
     try:
         h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
         data = fill(5, 40 * BS)  # > BYPASS_BLOCKS: not left in the cache
         await fs.write(h.fh, 0, data)
+        await fs.commit()
         blocks = dev_blocks(fs, node.id)
         events: list[str] = []
         got: list[bytes] = []
@@ -258,6 +264,10 @@ async def test_truncate_waits_for_in_flight_reads_before_freeing(tmp_path: Path,
             await fs.truncate(node, 0, principal=CALLER.principal)
             events.append("truncate")
 
+        async def committer() -> None:
+            await fs.commit()  # (offline: it reaps the freed blocks itself)
+            events.append("commit")
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             await trio.testing.wait_all_tasks_blocked()
@@ -265,12 +275,15 @@ async def test_truncate_waits_for_in_flight_reads_before_freeing(tmp_path: Path,
             assert old.inflight == 1
             nursery.start_soon(truncater)
             await trio.testing.wait_all_tasks_blocked()
-            assert old.revoked and events == []
-            assert fs.alloc.pending_blocks == 0  # nothing freed while the read runs
-        assert events == ["read", "truncate"]
+            assert old.revoked and events == ["truncate"]
+            assert fs.alloc.pending_blocks == len(blocks)  # freed, not yet reusable
+            nursery.start_soon(committer)
+            await trio.testing.wait_all_tasks_blocked()
+            if "read" not in events:  # the grace period waits for the read
+                assert "commit" not in events
+                assert all(fs.kernel.device.stored_checksum(b) != 0 for b in blocks)
+        assert events == ["truncate", "read", "commit"]
         assert got == [data]  # the read saw the file as it was
-        assert fs.alloc.pending_blocks == len(blocks)
-        await fs.commit()
         assert all(fs.kernel.device.stored_checksum(b) == 0 for b in blocks)
         await fs.release(h.fh)
     finally:
@@ -279,19 +292,22 @@ async def test_truncate_waits_for_in_flight_reads_before_freeing(tmp_path: Path,
 
 async def test_freed_blocks_wait_for_a_held_request_but_fsync_does_not(
         vol: Volume) -> None:
-    """A request in flight (another file's, held) keeps freed blocks from the allocator
-    (R3) but not the commits that free them: they return once durable, the freed lists
-    queue, and one grace period after the request ends releases them all at once; a
-    writer short of space waits only until enough is back (probe 3, F6; review)."""
+    """A request in flight on a file keeps the blocks freed from that file from the
+    allocator (R3) but not the commits that free them, nor the truncates: they return
+    once durable, the freed lists queue, and one grace period after the request ends
+    releases them all at once; a request held on another file holds nothing (probe 3,
+    F6; review; stop 13)."""
     fs = vol.fs
     assert fs is not None
     other = await write_file(fs, b"held", fill(1, 4 * BS))
-    h = fs.open(other, os.O_RDONLY, CALLER)
+    ho = fs.open(other, os.O_RDONLY, CALLER)
+    ino = await write_file(fs, b"f", b"")
+    h = fs.open(ino, os.O_RDONLY, CALLER)
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run_reaper)
-        epoch = fs.kernel._enter(h.grant, Rights.READ)  # a read that does not end
+        epoch_o = fs.kernel._enter(ho.grant, Rights.READ)  # reads that do not end
+        epoch = fs.kernel._enter(h.grant, Rights.READ)
         free0 = fs.alloc.free
-        ino = await write_file(fs, b"f", b"")
         for rnd in range(5):
             hh = fs.open(ino, os.O_RDWR, CALLER)
             await fs.write(hh.fh, 0, fill(rnd, 8 * BS))
@@ -305,10 +321,12 @@ async def test_freed_blocks_wait_for_a_held_request_but_fsync_does_not(
         assert fs.statistics().blocks_free >= free0  # statfs counts them free
         fs.kernel._leave(h.grant, epoch)
         with trio.fail_after(10):
-            await fs.wait_reaped()
+            await fs.wait_reaped()  # (the read held on the other file does not count)
         assert not fs._reap and fs.reaping_blocks == 0 and fs.alloc.free == free0
+        fs.kernel._leave(ho.grant, epoch_o)
         nursery.cancel_scope.cancel()
     await fs.release(h.fh)
+    await fs.release(ho.fh)
 
 
 async def test_a_directory_full_of_subdirectories_says_emlink(vol: Volume) -> None:

@@ -224,6 +224,51 @@ async def test_wait_quiescent_waits_for_older_requests_only(tmp_path: Path,
     assert times["old"] <= times["quiet"] < times["new"]
 
 
+async def test_wait_quiescent_of_some_files_waits_for_their_requests_only(
+        tmp_path: Path, autojump_clock) -> None:
+    """A grace period for blocks freed from one file does not wait for a request held
+    in flight on another (a tenant's reads held by its own I/O limit held up the reuse
+    of everyone's freed blocks)."""
+    kernel = open_kernel(tmp_path, profile="hdd")
+    times: dict[str, float] = {}
+    try:
+        slow = rw_grant(kernel, ExtentMap([(0, 10, 4, W)]), ino=7)
+        other = rw_grant(kernel, ExtentMap([(0, 20, 4, W)]), ino=8)
+        held = trio.Event()
+
+        async def read() -> None:
+            await kernel.read(other, 0, BS)  # an hdd read: milliseconds in flight
+            times["old"] = trio.current_time()
+
+        async def held_read() -> None:
+            # a request on inode 7 held in flight (as by its principal's I/O limit)
+            epoch = kernel._enter(slow, Rights.READ)
+            try:
+                await held.wait()
+            finally:
+                kernel._leave(slow, epoch)
+            times["slow"] = trio.current_time()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(held_read)
+            n.start_soon(read)
+            await trio.sleep(0.0001)
+            assert "old" not in times
+            await kernel.wait_quiescent([8])  # blocks freed from inode 8
+            times["quiet 8"] = trio.current_time()
+            assert "old" in times and "slow" not in times
+            with trio.move_on_after(5):
+                await kernel.wait_quiescent()  # every file: waits for the held one
+                times["quiet all"] = trio.current_time()
+            assert "quiet all" not in times
+            held.set()
+            await kernel.wait_quiescent([7])
+    finally:
+        kernel.close()
+    assert times["old"] <= times["quiet 8"] < times["slow"]
+    assert not kernel._in_inode and not kernel._in_epoch
+
+
 async def test_discard_forgets_cached_blocks(kernel: Kernel) -> None:
     emap = ExtentMap([(0, 70, 2, W)])
     g = rw_grant(kernel, emap)
