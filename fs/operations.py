@@ -671,11 +671,12 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self.fs.opendir(inode)
         # A handle of its own (not the inode): readdir and fsyncdir are admitted for the
-        # principal that opened the directory.
+        # principal that opened the directory, and it is charged for the handle.
+        principal = self.fs.principals.resolve(ctx.pid, ctx.uid).id
+        self.fs.opendir(inode, principal)
         fh = next(self._dir_fhs)
-        self._dirs[fh] = (inode, self.fs.principals.resolve(ctx.pid, ctx.uid).id)
+        self._dirs[fh] = (inode, principal)
         return fh
 
     @_guard
@@ -695,7 +696,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        d = self._dirs.pop(fh, None)
+        if d is not None:
+            self.fs.releasedir(d[1])
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -1,0 +1,158 @@
+"""The fourth hostile-tenant probe's findings (docs/RELIABILITY.md, "the fourth
+hostile-tenant probe"), each a regression test that fails on the code before its fix:
+real mounts, real programs, other uids where the attack is theirs.
+
+- H1: root's `sluice hint -R` over a tree a tenant may change followed a directory the
+  tenant swapped for a symbolic link out of the volume, and set user.sluice.* on host
+  files; and an entry that vanished during the walk stopped the whole run.
+- H2: directory handles (opendir) were charged to nobody: one tenant's processes held
+  hundreds of thousands of them in the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import sluice
+from shim_util import UID, USER_ENV, USER_PY, pubmnt, user_cmd, user_run  # noqa: F401
+
+pytestmark = pytest.mark.mounted
+
+
+def _targets(root: Path, failed: list[str]):
+    """`fs.cli._hint_targets` over `root`, recursive: (shown, path) pairs (the code
+    before the fix took two arguments and yielded paths alone)."""
+    from fs import cli
+    if len(inspect.signature(cli._hint_targets).parameters) == 3:
+        yield from cli._hint_targets(str(root), True, failed)
+    else:
+        for p in cli._hint_targets(str(root), True):
+            yield p, p
+
+
+def test_hint_recursive_never_leaves_the_tree_through_a_swapped_directory(
+        mnt: Path, tmp_path: Path) -> None:
+    """Between the walk's look at `d/f` and the setxattr, the tenant who owns `d` swaps
+    it for a symbolic link to a host directory holding an `f` too: the hint must land
+    on the volume's file (or nowhere), never on the host's."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "f").write_bytes(b"host file")
+    top = mnt / "shared"
+    (top / "d").mkdir(parents=True)
+    (top / "d" / "f").write_bytes(b"volume file")
+    set_on = []
+    for shown, path in _targets(top, []):
+        if shown == str(top / "d" / "f"):
+            os.rename(top / "d", top / "d.real")
+            os.symlink(host, top / "d")
+        try:
+            os.setxattr(path, "user.sluice.priority", b"9", follow_symlinks=False)
+            set_on.append(shown)
+        except OSError:
+            pass
+    with pytest.raises(OSError) as exc:
+        os.getxattr(host / "f", "user.sluice.priority")
+    assert exc.value.errno == errno.ENODATA
+    assert os.getxattr(top / "d.real" / "f", "user.sluice.priority") == b"9"
+    assert str(top / "d" / "f") in set_on
+
+
+def test_hint_recursive_goes_on_past_an_entry_that_vanished(mnt: Path) -> None:
+    """An entry removed between the listing of its directory and its turn is one failed
+    line; the rest of the tree is hinted (the old walk stopped at it, with an error)."""
+    top = mnt / "shared"
+    (top / "d").mkdir(parents=True)
+    for name in "aghz":
+        (top / "d" / name).write_bytes(b"x")
+    failed: list[str] = []
+    seen = []
+    for shown, path in _targets(top, failed):
+        seen.append(os.path.basename(shown))
+        if shown == str(top / "d" / "a"):
+            os.unlink(top / "d" / "g")
+        os.setxattr(path, "user.sluice.priority", b"3", follow_symlinks=False)
+    assert seen[-2:] == ["h", "z"], seen
+    assert len(failed) == 1 and failed[0].startswith(str(top / "d" / "g")), failed
+    for name in "ahz":
+        assert os.getxattr(top / "d" / name, "user.sluice.priority") == b"3"
+    # And the command: the whole tree, exit 0, nothing failed.
+    r = sluice("hint", str(top), "-R", "--priority", "4")
+    assert "set priority=4 on 5 files and directories" in r.stdout, r.stdout
+
+
+def test_a_mount_inside_the_tree_is_not_hinted(mnt: Path, tmp_path: Path) -> None:
+    """A filesystem mounted below the tree (a tenant's own FUSE mount, say) is another
+    filesystem: `hint -R` does not walk into it."""
+    top = mnt / "shared"
+    (top / "sub").mkdir(parents=True)
+    (top / "file").write_bytes(b"x")
+    host = tmp_path / "hostdir"
+    host.mkdir()
+    (host / "hf").write_bytes(b"h")
+    # A bind mount of a host directory onto a directory of the volume.
+    r = os.system(f"mount --bind {host} {top / 'sub'}")
+    assert r == 0
+    try:
+        out = sluice("hint", str(top), "-R", "--priority", "5").stdout
+        with pytest.raises(OSError):
+            os.getxattr(host / "hf", "user.sluice.priority")
+        assert "on 2 files and directories" in out, out
+    finally:
+        os.system(f"umount {top / 'sub'}")
+
+
+def _grants_in_use(mnt: Path, name: str) -> int:
+    show = json.loads(sluice("principal", "show", str(mnt), name, "--json").stdout)
+    return show["usage"]["grants"]
+
+
+def test_directory_handles_are_charged_to_the_opener(pubmnt: Path) -> None:
+    """Every open directory is a handle the daemon keeps: charged to the opener's
+    `grants` bank, EMFILE at its limit, refunded at close. (Before: charged to nobody;
+    one tenant held 380,000 and grew the daemon by 72 MiB.)"""
+    os.chmod(pubmnt, 0o1777)
+    d = pubmnt / "d"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    (d / "x").write_bytes(b"x")
+    # uid 1000's principal exists once it has stored something.
+    r = user_run([USER_PY, "-c", f"open({str(pubmnt / 'u')!r}, 'w').write('u')"])
+    assert r.returncode == 0, r.stderr
+    sluice("principal", "set", str(pubmnt), f"uid-{UID}", "--grants", "40")
+    code = f"""
+import errno, os, sys
+fds, err = [], None
+for i in range(100):
+    try:
+        fds.append(os.open({str(d)!r}, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as e:
+        err = e.errno
+        break
+print(len(fds), err, flush=True)
+sys.stdin.readline()
+for fd in fds:
+    os.close(fd)
+print(sorted(os.listdir({str(d)!r})), flush=True)
+"""
+    p = subprocess.Popen(user_cmd(UID, [USER_PY, "-c", code]), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=USER_ENV)
+    try:
+        n, err = p.stdout.readline().split()
+        assert int(n) == 40 and err == str(errno.EMFILE), (n, err)
+        assert _grants_in_use(pubmnt, f"uid-{UID}") == 40
+        out, errs = p.communicate("\n", timeout=60)
+        assert p.returncode == 0, errs
+        assert out.strip() == "['x']"  # a listing still works once the handles are back
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert _grants_in_use(pubmnt, f"uid-{UID}") == 0
