@@ -7,6 +7,10 @@ real mounts, real programs, other uids where the attack is theirs.
   files; and an entry that vanished during the walk stopped the whole run.
 - H2: directory handles (opendir) were charged to nobody: one tenant's processes held
   hundreds of thousands of them in the daemon.
+- R1: the pid -> principal walk read /proc at every level of a deep process tree for
+  every fresh thread.
+- B1: a tenant's RELEASEs waiting for its own admission held the kernel's background
+  slots, and with them every tenant's readahead of page-cache files.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import inspect
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import sluice
+from conftest import REPO, sluice
 from shim_util import UID, USER_ENV, USER_PY, pubmnt, user_cmd, user_run  # noqa: F401
 
 pytestmark = pytest.mark.mounted
@@ -204,3 +210,83 @@ def test_resolving_fresh_threads_deep_in_a_process_tree_reads_proc_once_each(
     assert reg.resolve(9999, now=10.5) is None
     # Answers expire: after the TTL the walk is made again, and still right.
     assert reg.resolve(50_000, now=10.0 + processes.RESOLVE_TTL_S + 1) == "tenant"
+
+
+CLOSER = """
+import os, random, sys, threading, time
+big, small = sys.argv[1], sys.argv[2:]
+fds = [os.open(p, os.O_RDONLY) for p in small]
+fd = os.open(big, os.O_RDONLY)
+def reader():
+    while True:
+        try:
+            os.pread(fd, 4096, random.randrange(2048) * 4096)
+        except OSError:
+            return
+for _ in range(24):
+    threading.Thread(target=reader, daemon=True).start()
+time.sleep(2)
+for f in fds:
+    os.close(f)  # each a RELEASE the kernel sends in the background
+print("closed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_tenants_waiting_releases_do_not_hold_anothers_page_cache_reads(
+        volume: Path, mount_factory) -> None:
+    """B1: tenant `slow` (an I/O limit of 0.5 operations a second) keeps its admission
+    tokens busy with two dozen throttled reads and closes 30 files: their RELEASEs,
+    background requests of the kernel, used to wait in the daemon for a token, and the
+    kernel sends no background request of anyone while max_background (12) are
+    unanswered — another tenant's read of a page-cache file (readahead) waited with
+    them (25.6 s for 1 MiB in the probe). Releases are now answered at once and do
+    their work once admitted; the handles are still given back."""
+    m = mount_factory(volume, "--cache-size", "1M")
+    mnt = m.path
+    with open(mnt / "big", "wb") as f:
+        f.write(os.urandom(8 << 20))
+    small = []
+    for i in range(30):
+        (mnt / f"s{i}").write_bytes(b"s")
+        small.append(str(mnt / f"s{i}"))
+    kc = mnt / "kc"
+    kc.mkdir()
+    os.setxattr(kc, "user.sluice.cache", b"kernel")
+    data = os.urandom(1 << 20)
+    (kc / "f").write_bytes(data)
+    sluice("principal", "add", str(mnt), "slow", "--io-limit", "0.5iops")
+    holder = subprocess.Popen([sys.executable, "-m", "fs.cli", "run", str(mnt), "--principal",
+                               "slow", "--", sys.executable, "-c", CLOSER, str(mnt / "big"),
+                               *small], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "closed"
+        time.sleep(1)
+        # Root, another tenant: its page-cache file, dropped from the cache, read again.
+        times = []
+        for _ in range(3):
+            fd = os.open(kc / "f", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                t0 = time.monotonic()
+                assert os.pread(fd, 1 << 20, 0) == data
+                times.append(time.monotonic() - t0)
+            finally:
+                os.close(fd)
+        assert max(times) < 5, times
+        assert holder.poll() is None  # still holding its reads throughout
+        held = json.loads(sluice("principal", "show", str(mnt), "slow", "--json").stdout)
+        assert held["usage"]["grants"] >= 1  # its releases wait for it, not for anyone
+    finally:
+        sluice("principal", "set", str(mnt), "slow", "--io-limit", "none")
+        os.killpg(holder.pid, 9)
+        holder.communicate()
+    # Once `slow` is admitted again, every handle it had is given back.
+    t0 = time.monotonic()
+    while True:
+        show = json.loads(sluice("principal", "show", str(mnt), "slow", "--json").stdout)
+        if show["usage"]["grants"] == 0:
+            break
+        assert time.monotonic() - t0 < 30, show["usage"]
+        time.sleep(0.2)
