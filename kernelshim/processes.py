@@ -30,8 +30,8 @@ class ProcessRegistry(Generic[T]):
     def __init__(self) -> None:
         #: pid -> (process start time, principal)
         self._registered: dict[int, tuple[int, T]] = {}
-        #: pid -> (expiry, principal) resolved through the parent chain
-        self._resolved: dict[int, tuple[float, T]] = {}
+        #: pid -> (expiry, principal or None) resolved through the parent chain
+        self._resolved: dict[int, tuple[float, T | None]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._registered)
