@@ -970,20 +970,51 @@ def _get_hint(path: str, name: str) -> str:
         raise
 
 
+def _open_trace_out(path: str) -> int:
+    """Open OUT of `trace record` for writing, 0600 whatever the umask (the trace names
+    every principal's files and accesses). Root often names a file in a shared
+    directory (/tmp), where another user may have put a symbolic or hard link to a
+    file of root's first: on a host without fs.protected_symlinks/protected_hardlinks
+    the trace then replaced that file. So OUT must be a regular file of the caller's,
+    with no other name, and not a symbolic link; it is emptied only once checked. A
+    bad OUT fails here, before tracing."""
+    try:
+        if os.path.islink(path):  # (for the message: O_NOFOLLOW is the guard)
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
+                     os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CliError(f"{path} is a symbolic link: give the file itself") from None
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CliError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise CliError(f"{path} belongs to uid {st.st_uid}, not to you: "
+                           "remove it or name another file")
+        if st.st_nlink != 1:
+            raise CliError(f"{path} has other names (hard links): remove it or name "
+                           "another file")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o600)  # (an existing file keeps its mode otherwise)
+    except OSError as exc:
+        os.close(fd)
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """`sluice trace record MOUNTPOINT OUT [--duration S]`."""
     if _sluice_mount_of(args.mountpoint) is None:
         raise CliError(_not_mounted(args.mountpoint))
     created = not os.path.lexists(args.out)
-    try:  # before tracing: a bad OUT fails at once
-        # 0600 whatever the umask: the trace names every principal's files and accesses
-        out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(out, 0o600)  # (an existing file kept its mode through O_TRUNC)
-        except OSError:
-            pass
-    except OSError as exc:
-        raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+    out = _open_trace_out(args.out)
     written = False
     _ctrl_c_stops()
     try:

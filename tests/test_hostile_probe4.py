@@ -11,6 +11,7 @@ real mounts, real programs, other uids where the attack is theirs.
   every fresh thread.
 - B1: a tenant's RELEASEs waiting for its own admission held the kernel's background
   slots, and with them every tenant's readahead of page-cache files.
+- T1: root's `sluice trace record` wrote through a link another user planted in /tmp.
 """
 
 from __future__ import annotations
@@ -290,3 +291,44 @@ def test_a_tenants_waiting_releases_do_not_hold_anothers_page_cache_reads(
             break
         assert time.monotonic() - t0 < 30, show["usage"]
         time.sleep(0.2)
+
+
+def test_trace_record_never_writes_through_a_planted_link(mnt: Path, tmp_path: Path) -> None:
+    """T1: root's `sluice trace record MNT /tmp/x` (the README's example) opened OUT with
+    O_CREAT|O_TRUNC, following a symbolic link another user had put there: on a host
+    with fs.protected_symlinks=0 it emptied a file of root's, wrote the trace into it
+    and made it 0600. OUT must now be a regular file of the caller's with one name,
+    and is emptied only once checked; a new or own file still works."""
+    import shutil
+    import tempfile
+    shared = Path(tempfile.mkdtemp(prefix="sluice-trace-", dir="/tmp"))
+    try:
+        os.chmod(shared, 0o1777)
+        target = tmp_path / "roots-file"
+        target.write_bytes(b"keep me")
+        os.chmod(target, 0o644)
+        link = shared / "build.trace"
+        r = user_run(["ln", "-s", str(target), str(link)])
+        assert r.returncode == 0, r.stderr
+        theirs = shared / "theirs.trace"
+        r = user_run(["sh", "-c", f"echo x > {theirs}"])
+        assert r.returncode == 0, r.stderr
+        hard = shared / "hard.trace"
+        os.link(target, hard)
+        for out, why in ((link, "is a symbolic link"), (theirs, f"belongs to uid {UID}"),
+                         (hard, "has other names")):
+            r = sluice("trace", "record", str(mnt), str(out), "--duration", "0.1",
+                       check=False)
+            assert r.returncode == 1 and why in r.stderr, r
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert target.read_bytes() == b"keep me"
+        assert os.stat(target).st_mode & 0o777 == 0o644
+        assert theirs.read_bytes() == b"x\n"
+        # An ordinary OUT: made, then overwritten on a second recording.
+        mine = shared / "mine.trace"
+        for _ in range(2):
+            sluice("trace", "record", str(mnt), str(mine), "--duration", "0.1")
+            assert mine.read_bytes().startswith(b"SLTRACE")
+            assert os.stat(mine).st_mode & 0o777 == 0o600
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
