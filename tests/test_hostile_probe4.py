@@ -12,6 +12,7 @@ real mounts, real programs, other uids where the attack is theirs.
 - B1: a tenant's RELEASEs waiting for its own admission held the kernel's background
   slots, and with them every tenant's readahead of page-cache files.
 - T1: root's `sluice trace record` wrote through a link another user planted in /tmp.
+- V1: root made and mounted a volume in a directory another user owned.
 """
 
 from __future__ import annotations
@@ -332,3 +333,43 @@ def test_trace_record_never_writes_through_a_planted_link(mnt: Path, tmp_path: P
             assert os.stat(mine).st_mode & 0o777 == 0o600
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_volume_in_another_users_directory_is_refused(tmp_path: Path) -> None:
+    """V1: root's `mkfs` into a directory another user had made (in /tmp, say) left the
+    volume in that user's directory; `mount` and `fsck` checked only modes, so root
+    mounted it. The directory's owner may rename and replace every file in it —
+    `device.json`, whose absolute backing path is trusted, or `meta.db` — and so point
+    root's daemon at any host file or give itself every tenant's blocks. mkfs, mount
+    and fsck now refuse a volume another user owns, with one line."""
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="sluice-vol-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o1777)
+        theirs = base / "vol"
+        r = user_run(["mkdir", str(theirs)])
+        assert r.returncode == 0, r.stderr
+        r = sluice("mkfs", str(theirs), "--size", "64M", check=False)
+        assert r.returncode == 1 and f"belongs to uid {UID}" in r.stderr, r
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert os.listdir(theirs) == []
+        # A volume of root's handed to another user: refused until it is root's again.
+        mine = base / "mine"
+        sluice("mkfs", str(mine), "--size", "64M")
+        os.chown(mine, UID, UID)
+        mp = base / "mnt"
+        mp.mkdir()
+        for args in (["mount", str(mine), str(mp)], ["fsck", str(mine)]):
+            r = sluice(*args, check=False)
+            assert r.returncode == 1 and f"belongs to uid {UID}" in r.stderr, r
+            assert len(r.stderr.strip().splitlines()) == 1
+        assert not os.path.ismount(mp)
+        os.chown(mine, 0, 0)
+        os.chown(mine / "meta.db", UID, UID)  # one file of another's is enough
+        r = sluice("fsck", str(mine), check=False)
+        assert r.returncode == 1 and "meta.db belongs to uid" in r.stderr, r
+        os.chown(mine / "meta.db", 0, 0)
+        assert "clean" in sluice("fsck", str(mine)).stdout
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
