@@ -873,21 +873,46 @@ def _sluice_mount_of(path: str) -> str | None:
     return best[0] if best is not None and best[1] == "fuse.sluice" else None
 
 
-def _hint_targets(root: str, recursive: bool):
-    """`root` (a symbolic link given by name stands for its target, as for setfattr),
-    and with `recursive` every directory and regular file below it (symbolic links
-    below are neither followed nor hinted: Linux keeps user.* xattrs off them)."""
+def _hint_targets(root: str, recursive: bool, failed: list[str]):
+    """(shown, path) for `root` (a symbolic link given by name stands for its target, as
+    for setfattr) and, with `recursive`, every directory and regular file below it on
+    the same filesystem: `shown` to print, `path` to hand to the xattr calls (with
+    follow_symlinks=False). Symbolic links below are neither followed nor hinted (Linux
+    keeps user.* xattrs off them).
+
+    The tree may be changed by others while it is walked (root hinting a shared
+    directory): a name checked as a directory may be a symbolic link to anywhere by
+    the time it is used. So the walk holds each directory open (os.fwalk, which
+    descends only into what it opened and lstat'ed as the same directory) and names an
+    entry through that descriptor, `/proc/self/fd/N/NAME`: no path is resolved again
+    from the top, and a name swapped for a link meanwhile is the link itself, which
+    takes no user.* xattr. Mounts inside the tree (another filesystem) are left out.
+    Entries that vanish or cannot be read are appended to `failed` as messages."""
     if os.path.islink(root):
         root = os.path.realpath(root)
-    yield root
+    yield root, root
     if not recursive or not os.path.isdir(root):
         return
-    for dirpath, dirnames, filenames in os.walk(root):
+    dev = os.stat(root).st_dev
+
+    def onerror(exc: OSError) -> None:
+        failed.append(f"{exc.filename or root}: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root, onerror=onerror):
+        keep = []
         for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-                yield p
+            shown = os.path.join(dirpath, name)
+            try:
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except OSError as exc:
+                failed.append(f"{shown}: {exc.strerror or exc}")
+                continue
+            if st.st_dev != dev or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                keep.append(name)
+            yield shown, f"/proc/self/fd/{dirfd}/{name}"
+        dirnames[:] = [d for d in dirnames if d in keep]  # not into other filesystems
 
 
 def cmd_hint(args: argparse.Namespace) -> int:
@@ -904,14 +929,15 @@ def cmd_hint(args: argparse.Namespace) -> int:
         if _sluice_mount_of(path) is None:
             raise CliError(f"{path} is not on a mounted sluice volume")
     done = failed = 0
+    walk_errors: list[str] = []
     for root in args.path:
-        for path in _hint_targets(root, args.recursive):
+        for shown, path in _hint_targets(root, args.recursive, walk_errors):
             try:
                 if changes:
                     for name, value in changes:
                         os.setxattr(path, name, value, follow_symlinks=False)
                 else:
-                    print(f"{path}: " + " ".join(
+                    print(f"{shown}: " + " ".join(
                         f"{k}={_get_hint(path, x)}" for k, x in HINT_XATTRS.items()))
                 done += 1
             except OSError as exc:
@@ -919,7 +945,15 @@ def cmd_hint(args: argparse.Namespace) -> int:
                 why = exc.strerror or str(exc)
                 if exc.errno in (errno.EPERM, errno.EACCES):
                     why += " (hints are set by whoever may write the file)"
-                print(f"sluice hint: {path}: {why}", file=sys.stderr)
+                print(f"sluice hint: {shown}: {why}", file=sys.stderr)
+            for line in walk_errors:  # entries the walk could not look at
+                failed += 1
+                print(f"sluice hint: {line}", file=sys.stderr)
+            walk_errors.clear()
+        for line in walk_errors:
+            failed += 1
+            print(f"sluice hint: {line}", file=sys.stderr)
+        walk_errors.clear()
     if changes and not args.quiet:
         what = ", ".join(f"{n.removeprefix('user.sluice.')}={v.decode()}" for n, v in changes)
         print(f"set {what} on {_plural(done, 'file or directory', 'files and directories')}"
@@ -936,20 +970,51 @@ def _get_hint(path: str, name: str) -> str:
         raise
 
 
+def _open_trace_out(path: str) -> int:
+    """Open OUT of `trace record` for writing, 0600 whatever the umask (the trace names
+    every principal's files and accesses). Root often names a file in a shared
+    directory (/tmp), where another user may have put a symbolic or hard link to a
+    file of root's first: on a host without fs.protected_symlinks/protected_hardlinks
+    the trace then replaced that file. So OUT must be a regular file of the caller's,
+    with no other name, and not a symbolic link; it is emptied only once checked. A
+    bad OUT fails here, before tracing."""
+    try:
+        if os.path.islink(path):  # (for the message: O_NOFOLLOW is the guard)
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
+                     os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CliError(f"{path} is a symbolic link: give the file itself") from None
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CliError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise CliError(f"{path} belongs to uid {st.st_uid}, not to you: "
+                           "remove it or name another file")
+        if st.st_nlink != 1:
+            raise CliError(f"{path} has other names (hard links): remove it or name "
+                           "another file")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o600)  # (an existing file keeps its mode otherwise)
+    except OSError as exc:
+        os.close(fd)
+        raise CliError(f"cannot write {path}: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """`sluice trace record MOUNTPOINT OUT [--duration S]`."""
     if _sluice_mount_of(args.mountpoint) is None:
         raise CliError(_not_mounted(args.mountpoint))
     created = not os.path.lexists(args.out)
-    try:  # before tracing: a bad OUT fails at once
-        # 0600 whatever the umask: the trace names every principal's files and accesses
-        out = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(out, 0o600)  # (an existing file kept its mode through O_TRUNC)
-        except OSError:
-            pass
-    except OSError as exc:
-        raise CliError(f"cannot write {args.out}: {exc.strerror}") from None
+    out = _open_trace_out(args.out)
     written = False
     _ctrl_c_stops()
     try:

@@ -743,6 +743,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 await nursery.start(fs.run_discarder, name="discarder")
                 await nursery.start(fs.run_reaper, name="reaper")
                 await nursery.start(server.run)
+                await nursery.start(ops.run_releases, name="deferred-releases")
                 nursery.start_soon(_prune_registrations, principals, name="pid-pruner")
                 nursery.start_soon(_watch_signals, on_hangup, name="signal-watcher")
                 if metrics is not None:

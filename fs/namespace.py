@@ -10,7 +10,7 @@ import logging
 import stat
 from typing import TYPE_CHECKING
 
-from kernelshim import ExtentMap, Grant, ROOT_PRINCIPAL
+from kernelshim import ExtentMap, Grant, PrincipalId, ROOT_PRINCIPAL
 from kernelshim.principals import ENTRY_COST
 
 from .errors import (Damaged, Exists, InvalidArgument, IsADirectory, NameTooLong, NoSpace,
@@ -364,11 +364,20 @@ class Namespace:
         if dst is not None:
             await self._drop_link(dst, now)
 
-    def opendir(self: FileSystem, ino: int) -> Inode:
+    def opendir(self: FileSystem, ino: int, principal: PrincipalId) -> Inode:
+        """Open directory `ino` for `principal`: the handle is charged to its `grants`
+        bank (TooManyObjects, EMFILE, at its limit) until `releasedir`. The daemon
+        keeps each handle until the kernel releases it; uncharged, one tenant's
+        processes held 380,000 of them (+72 MiB of the daemon) and nothing said no."""
         node = self.inode(ino)
         if not node.is_dir:
             raise NotADirectory(f"inode {ino} is not a directory")
+        self.principals.charge_object(self.principal(principal), "grants")
         return node
+
+    def releasedir(self: FileSystem, principal: PrincipalId) -> None:
+        """A directory handle `opendir` charged to `principal` is closed."""
+        self.principals.refund_object(self.principal(principal), "grants")
 
     def readdir(self: FileSystem, ino: int, after: int,
                 limit: int) -> list[tuple[int, bytes, Inode]]:

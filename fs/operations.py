@@ -72,9 +72,15 @@ PARKED_BYTES = 1 << 30
 #: frames of the handler chain and its copied arguments (tracemalloc: about 3.5 KiB)
 PARKED_OVERHEAD = 4096
 #: handlers never refused for a full parking: the kernel does not retry them (a lost
-#: RELEASE leaks the open file); beyond the bound they wait holding their worker. The
-#: kernel sends them as background requests, at most max_background (12) at a time
-#: for the whole mount.
+#: RELEASE leaks the open file). The kernel sends them as background requests, at most
+#: max_background (12) at a time for the whole mount, and sends no other background
+#: request (every tenant's readahead of page-cache files, and their RELEASEs) while 12
+#: are unanswered. So one that cannot be admitted at once is answered at once and its
+#: work waits for admission in a task of its own (`Operations.run_releases`), charged
+#: to its principal's parking but never refused: a tenant whose releases wait behind
+#: its own held requests no longer holds the mount's background slots. (Before, 12
+#: parked RELEASEs of one tenant held another's 1 MiB read of a page-cache file for
+#: 25.6 s.)
 _NEVER_REFUSED = frozenset({"release", "releasedir"})
 #: handlers not admitted at all: FLUSH (sent on every close(2), its error becomes
 #: close's, never retried) only checks the handle — nothing to bound, and an EAGAIN
@@ -198,13 +204,13 @@ class Admission:
     principal then has thousands of threads stuck in this file system, and the only
     other choices — waiting while holding a worker, or parking without bound — would
     let it take every worker or unbounded memory from the other tenants. RELEASE and
-    RELEASEDIR are never refused (the kernel does not retry them): beyond the bound
-    they wait holding their worker, and the kernel has at most max_background (12) of
-    them outstanding for the whole mount.
+    RELEASEDIR are never refused (the kernel does not retry them), and never keep the
+    kernel waiting for admission: one that cannot be admitted at once is answered at
+    once and waits as a task of its own (see _NEVER_REFUSED).
 
     What one tenant (a principal below root with all its descendants) can hold at once
-    with the default banks: `per_principal` workers running its handlers (16), up to 12
-    more workers with its RELEASEs beyond the bound, and 4096 parked requests holding at
+    with the default banks: `per_principal` workers running its handlers (16), a
+    deferred release per handle it had open (its `grants` bank), and 4096 parked requests holding at
     most 64 MiB (payloads and 4 KiB each: e.g. about 60 parked 1 MiB writes); the rest of
     the pool (fs/mount.py: 512 workers) is left to the others.
     """
@@ -275,6 +281,25 @@ class Admission:
                 b = qb.parked_bytes
         return n, b
 
+    def acquire_nowait(self, principal: Principal, lane: int = NAMESPACE
+                       ) -> list[Tokens] | None:
+        """Take a token of `principal` and of each ancestor below root (for a request
+        of `lane`) if every one is free now (nobody waiting): the tokens, for
+        `release`; else None, nothing taken. No checkpoint."""
+        lims = self.limiters(principal, lane)
+        for n, lim in enumerate(lims):
+            if not lim.acquire_nowait():
+                for held in reversed(lims[:n]):
+                    held.release()
+                return None
+        return lims
+
+    @staticmethod
+    def release(lims: list[Tokens]) -> None:
+        """Give back the tokens `acquire_nowait` took."""
+        for lim in reversed(lims):
+            lim.release()
+
     def _park(self, chain: list[Principal], cost: int, must: bool) -> bool:
         """Charge one parked request of `cost` bytes to `chain`; False (nothing
         charged) if that would pass a bound and the request may be refused."""
@@ -300,12 +325,14 @@ class Admission:
 
     async def run(self, principal: Principal, fn: Callable[..., Awaitable[Any]],
                   *args: Any, payload: int | None = None, must: bool = False,
-                  lane: int = NAMESPACE) -> Any:
+                  lane: int = NAMESPACE, in_worker: bool = True) -> Any:
         """`await fn(*args)` once admitted for `principal`; the tokens are released when
         it returns or raises (cancellation included). A request that has to wait is
         parked (see the class): `payload` is the bytes its arguments hold (default: the
         bytes arguments' lengths, counted only if it parks); `must`: never refused, it
-        waits holding its worker when the parking is full; `lane`: NAMESPACE or DATA."""
+        waits holding its worker when the parking is full; `lane`: NAMESPACE or DATA;
+        `in_worker`: false for a task that is no pyfuse3 worker (a deferred release):
+        none to give back."""
         path = self._paths.get((principal.id, lane))
         if path is None or path[0] is not principal:
             chain = self._chain(principal)
@@ -340,7 +367,8 @@ class Admission:
                         cost = PARKED_OVERHEAD + payload
                         if self._park(chain, cost, must):
                             parked = cost
-                            self._release_worker()
+                            if in_worker:
+                                self._release_worker()
                     await lim.acquire()
                 held.append(lim)
             if parked >= 0:
@@ -377,6 +405,16 @@ def _guard(fn: F, *, name: str | None = None) -> F:
             who = None if kind is None else self._principal_of(kind, args)
             if who is None:
                 return await fn(self, *args)
+            if must and self._releases is not None:
+                # RELEASE, RELEASEDIR: never hold the kernel's background slot
+                lims = self.admission.acquire_nowait(who, lane)
+                if lims is None:
+                    self._release_later(who, fn, args, lane)
+                    return None
+                try:
+                    return await fn(self, *args)
+                finally:
+                    self.admission.release(lims)
             return await self.admission.run(
                 who, fn, self, *args, must=must,
                 lane=DATA if truncates is not None and truncates(args) else lane)
@@ -428,11 +466,44 @@ class Operations(pyfuse3.Operations):
         #: answered for the root's `user.sluice.control` xattr: how direct clients find
         #: the shim's socket from the mount point
         self.control_socket = control_socket.encode() if control_socket else None
+        #: where releases that could not be admitted at once wait (`run_releases`)
+        self._releases: trio.Nursery | None = None
+        #: releases answered at once and run later (their principal was busy)
+        self.deferred_releases = 0
         fs.on_attr_changed = self._invalidate_attr
         #: kernel notifications that may block, queued per tenant
         self.invalidator = Invalidator(self._invalidate_entry_sync, self._invalidate_data_sync)
         fs.on_data_changed = self._invalidate_data
         fs.on_entry_created = self._invalidate_entry
+
+    async def run_releases(self, *, task_status: trio.TaskStatus[None] =
+                           trio.TASK_STATUS_IGNORED) -> None:
+        """The service in whose nursery deferred releases wait for admission (see
+        _NEVER_REFUSED). Cancelled at unmount: a release still waiting is dropped (an
+        unlinked file it would have freed is freed by the next mount, as after a
+        crash)."""
+        async with trio.open_nursery() as nursery:
+            self._releases = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _release_later(self, who: Principal, fn: Callable[..., Awaitable[Any]],
+                       args: tuple, lane: int = NAMESPACE) -> None:
+        """Run RELEASE/RELEASEDIR handler `fn` once admitted for `who`, in a task of
+        its own; the kernel has its answer already."""
+        assert self._releases is not None
+        self.deferred_releases += 1
+
+        async def later() -> None:
+            try:
+                await self.admission.run(who, fn, self, *args, must=True, lane=lane,
+                                         in_worker=False)
+            except SluiceError as exc:
+                log.warning("deferred %s%r: %s", fn.__name__, _brief(args), exc)
+            except Exception:  # noqa: BLE001 - a background task: log, never crash
+                log.exception("deferred %s%r failed", fn.__name__, _brief(args))
+
+        self._releases.start_soon(later, name=f"release-{fn.__name__}")
 
     def init(self) -> None:
         # Called by pyfuse3 once the kernel's INIT is answered: say what was agreed.
@@ -711,11 +782,12 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self.fs.opendir(inode)
         # A handle of its own (not the inode): readdir and fsyncdir are admitted for the
-        # principal that opened the directory.
+        # principal that opened the directory, and it is charged for the handle.
+        principal = self.fs.principals.resolve(ctx.pid, ctx.uid).id
+        self.fs.opendir(inode, principal)
         fh = next(self._dir_fhs)
-        self._dirs[fh] = (inode, self.fs.principals.resolve(ctx.pid, ctx.uid).id)
+        self._dirs[fh] = (inode, principal)
         return fh
 
     @_guard
@@ -735,7 +807,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        d = self._dirs.pop(fh, None)
+        if d is not None:
+            self.fs.releasedir(d[1])
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

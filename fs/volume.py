@@ -11,7 +11,8 @@ Layout (see DESIGN.md "Volume"):
 Every file of a volume is 0600 and the directory 0700, whatever the umask: the device
 holds every tenant's data and meta.db every name, so no other user of the host may read
 them (or flock `lock` and keep the owner out). `sluice mount` and `sluice fsck` refuse
-a volume that others can read or write (`check_private`), unless asked to fix it.
+a volume that others can read or write (`check_private`), unless asked to fix it, and
+one that belongs to another user (`check_owned`), whose owner could replace its files.
 The small JSON files are replaced durably (`write_durably`: temp file, fsync, rename,
 fsync of the directory), so a crash leaves the old or the new one.
 """
@@ -161,6 +162,7 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
 def _mkfs(path: Path, *, size: int, block_size: int, profile: str, inodes: int | None,
           device: str | None, force: bool) -> VolumeInfo:
     path.mkdir(mode=DIR_MODE, exist_ok=True)
+    check_owned(path)  # a directory another user made: theirs to rewrite later
     if is_volume(path) and not force:
         raise VolumeError(f"{path} already holds a sluice volume (use --force to overwrite)")
     # (a lone lock file is what an earlier mkfs that failed, e.g. on a bad size, leaves)
@@ -273,6 +275,41 @@ def exposed_files(path: Path) -> list[tuple[Path, int]]:
     return out
 
 
+def foreign_files(path: Path) -> list[tuple[Path, int]]:
+    """The volume directory and files in it that belong to another uid than this
+    process's, with their owners. The owner of the directory may rename and replace
+    every file in it — `device.json`, whose absolute backing path is trusted, or
+    `meta.db` — so a volume in a directory another user owns is that user's to
+    rewrite, whoever mounts it."""
+    me = os.geteuid()
+    out: list[tuple[Path, int]] = []
+    st = os.lstat(path)
+    if st.st_uid != me:
+        out.append((path, st.st_uid))
+    with os.scandir(path) as it:
+        for entry in it:
+            est = entry.stat(follow_symlinks=False)
+            if est.st_uid != me:
+                out.append((Path(entry.path), est.st_uid))
+    return out
+
+
+def check_owned(path: Path) -> None:
+    """Refuse (VolumeError, one line) a volume whose directory or files belong to
+    another user than the caller (see `foreign_files`)."""
+    try:
+        foreign = foreign_files(path)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot check its owner: {exc.strerror}") from None
+    if foreign:
+        first, uid = foreign[0]
+        what = "the volume directory" if first == path else first.name
+        raise VolumeError(
+            f"{path}: {what} belongs to uid {uid}, not to uid {os.geteuid()}: its owner "
+            f"could replace the volume's files; if you trust it, run 'chown -R "
+            f"{os.geteuid()} {path}'")
+
+
 def make_private(path: Path) -> list[Path]:
     """chmod go-rwx on the volume directory and every file in it; returns what changed."""
     changed = []
@@ -285,7 +322,9 @@ def make_private(path: Path) -> list[Path]:
 def check_private(path: Path, *, fix: bool = False, option: str = "--fix-permissions"
                   ) -> list[Path]:
     """Refuse (VolumeError, one line) a volume that others may read or write; with `fix`,
-    make it private instead and return what was changed."""
+    make it private instead and return what was changed. A volume another user owns is
+    refused either way (`check_owned`)."""
+    check_owned(path)
     try:
         exposed = exposed_files(path)
     except OSError as exc:

@@ -30,8 +30,8 @@ class ProcessRegistry(Generic[T]):
     def __init__(self) -> None:
         #: pid -> (process start time, principal)
         self._registered: dict[int, tuple[int, T]] = {}
-        #: pid -> (expiry, principal) resolved through the parent chain
-        self._resolved: dict[int, tuple[float, T]] = {}
+        #: pid -> (expiry, principal or None) resolved through the parent chain
+        self._resolved: dict[int, tuple[float, T | None]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._registered)
@@ -60,14 +60,25 @@ class ProcessRegistry(Generic[T]):
         hit = self._resolved.get(pid)
         if hit is not None and hit[0] > now:
             return hit[1]
-        p = self._walk_ancestry(pid)
-        if p is not None:
-            self._resolved[pid] = (now + RESOLVE_TTL_S, p)
-            if len(self._resolved) > RESOLVE_CACHE:
-                self._resolved.clear()
+        visited: list[int] = [pid]
+        p = self._walk_ancestry(pid, now, visited)
+        # Every process the walk went through resolves the same way (the answer found
+        # above it, or none), and is remembered so: a new process or thread below a
+        # known one costs one or two reads of /proc, not a walk to the top. (Each
+        # answer used to be kept for the asking thread alone: a tenant whose requests
+        # came from fresh threads 62 processes deep cost the event loop ~2.8 ms of
+        # /proc reads per request, uncharged, before admission.)
+        if len(self._resolved) + len(visited) > RESOLVE_CACHE:
+            self._resolved.clear()
+        entry = (now + RESOLVE_TTL_S, p)
+        for v in visited:
+            self._resolved[v] = entry
         return p
 
-    def _walk_ancestry(self, pid: int) -> T | None:
+    def _walk_ancestry(self, pid: int, now: float, visited: list[int]) -> T | None:
+        """The principal registered for `pid` or its nearest registered ancestor, or
+        one remembered (still fresh) for a process on the way; appends to `visited`
+        the processes walked through that had no fresh answer."""
         # FUSE names the calling thread: start from its process (a thread's own parent
         # link skips the process, which may be the registered one).
         pid = thread_group(pid)
@@ -78,6 +89,12 @@ class ProcessRegistry(Generic[T]):
                 if reg[0] == start_time(pid):
                     return reg[1]
                 del self._registered[pid]  # that process is gone; the pid was reused
+            else:
+                hit = self._resolved.get(pid)
+                if hit is not None and hit[0] > now:
+                    return hit[1]
+            if pid != visited[-1]:
+                visited.append(pid)
             pid = parent_pid(pid)
             seen += 1
         return None
