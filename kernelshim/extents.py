@@ -215,6 +215,13 @@ class ExtentMap:
         if count <= 0:
             return  # an empty range: splitting at its point would leave mergeable halves
         end = file_block + count
+        if not any(s.state == UNWRITTEN and s.dev_block != HOLE
+                   for s in self.segments(file_block, count)):
+            # Nothing to mark (data rewritten in FRESH or WRITTEN blocks): splitting
+            # and merging back would record the extents as changed, and each such
+            # write would save them again — fio's 16-byte requests into the block the
+            # request before made FRESH rewrote a row in SQLite each (BENCHMARKS.md).
+            return
         self._split_at(file_block)
         self._split_at(end)
         lo = bisect.bisect_left(self._starts, file_block)

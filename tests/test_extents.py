@@ -430,3 +430,21 @@ def test_block_range_arithmetic() -> None:
             assert covered == {x for x in range(lo, hi) if x // bs not in whole}
             assert all(a // bs == (b - 1) // bs for a, b in edges)
         assert blocks_to_cover(lo, bs) == len({b // bs for b in range(lo)})
+
+
+def test_marking_written_data_again_records_no_change() -> None:
+    """A write into blocks that are already FRESH (or WRITTEN) marks nothing: no
+    extent is recorded as changed, so the write saves no row (fio's 16-byte requests
+    into the block the 1 MiB request before made FRESH each rewrote a row in SQLite),
+    and the map is what it was; a range with an unwritten piece still splits."""
+    m = ExtentMap([(0, 100, 4, W), (4, 104, 8, U)])
+    m.mark_written(4, 4)
+    m.take_changes()
+    before = m.owned_extents()
+    for fb, n in [(6, 1), (4, 4), (7, 1), (0, 8), (1, 2)]:
+        m.mark_written(fb, n)
+        assert m.take_changes() == ([], []), (fb, n)
+        assert m.owned_extents() == before
+    m.mark_written(7, 2)  # 7 FRESH, 8 unwritten: marks 8
+    assert m.extents() == [(0, 100, 4, W), (4, 104, 5, F), (9, 109, 3, U)]
+    assert m.take_changes() != ([], [])
