@@ -139,6 +139,15 @@ class ExtentMap:
             i += 1
         return out
 
+    def fresh_covers(self, file_block: int, count: int) -> bool:
+        """Whether one FRESH extent covers [file_block, file_block+count): a write
+        there needs no allocation, no relocation and marks nothing."""
+        i = bisect.bisect_right(self._starts, file_block) - 1
+        if i < 0:
+            return False
+        e = self._ext[i]
+        return e[3] == FRESH and file_block + count <= e[0] + e[2]
+
     def holes(self, file_block: int, count: int) -> list[tuple[int, int]]:
         return [(s.file_block, s.count) for s in self.segments(file_block, count)
                 if s.dev_block == HOLE]
@@ -215,7 +224,7 @@ class ExtentMap:
         if count <= 0:
             return  # an empty range: splitting at its point would leave mergeable halves
         end = file_block + count
-        if not any(s.state == UNWRITTEN and s.dev_block != HOLE
+        if self.fresh_covers(file_block, count) or not any(s.state == UNWRITTEN and s.dev_block != HOLE
                    for s in self.segments(file_block, count)):
             # Nothing to mark (data rewritten in FRESH or WRITTEN blocks): splitting
             # and merging back would record the extents as changed, and each such
