@@ -77,12 +77,15 @@ class Segment(NamedTuple):
 class ExtentMap:
     """Sorted, non-overlapping extents of one file. See the module docstring."""
 
-    __slots__ = ("_starts", "_ext", "_changed", "blocks", "fresh")
+    __slots__ = ("_starts", "_ext", "_changed", "_new", "blocks", "fresh")
 
     def __init__(self, extents: Iterable[tuple[int, ...]] = ()) -> None:
         self._starts: list[int] = []
         self._ext: list[list[int]] = []  # [file_block, dev_block, count, state, owner]
         self._changed: set[int] = set()   # file_block keys added, changed or removed
+        # keys first made a start since the last take_changes (no stored row has them:
+        # a key stored and removed since is in _changed before it is made again)
+        self._new: set[int] = set()
         #: blocks allocated to the file (written + unwritten)
         self.blocks = 0
         #: whether some extent may be FRESH (cleared by seal())
@@ -169,6 +172,12 @@ class ExtentMap:
 
     # -- changes -----------------------------------------------------------------
 
+    def _made(self, fb: int) -> None:
+        """`fb` became an extent's start: a change; a new key if it was not one."""
+        if fb not in self._changed:
+            self._new.add(fb)
+            self._changed.add(fb)
+
     def _split_at(self, fb: int) -> None:
         """Make `fb` an extent boundary if it falls inside an extent."""
         i = bisect.bisect_right(self._starts, fb) - 1
@@ -182,7 +191,7 @@ class ExtentMap:
             self._ext.insert(i + 1, new)
             self._starts.insert(i + 1, fb)
             self._changed.add(e[0])
-            self._changed.add(fb)
+            self._made(fb)
 
     def _merge_around(self, lo: int, hi: int) -> None:
         """Merge extents that continue each other among indexes lo-1 .. hi+1."""
@@ -214,7 +223,7 @@ class ExtentMap:
             raise ValueError(f"file blocks {file_block}+{count} overlap a mapped extent")
         ext.insert(i, [file_block, dev_block, count, state, owner])
         self._starts.insert(i, file_block)
-        self._changed.add(file_block)
+        self._made(file_block)
         self.blocks += count
         self.fresh = self.fresh or state == FRESH
         self._merge_around(i, i)
@@ -383,7 +392,7 @@ class ExtentMap:
             if i < len(old) and old[i][0] < fb + cnt:
                 raise ValueError(f"file blocks {fb}+{cnt} overlap a mapped extent")
             out.append([fb, dev, cnt, st, owner])
-            self._changed.add(fb)
+            self._made(fb)
             self.blocks += cnt
             self.fresh = self.fresh or st == FRESH
             prev_end = fb + cnt
@@ -416,9 +425,10 @@ class ExtentMap:
                 e = self._ext[i]
                 row = (e[0], e[1], e[2], WRITTEN if e[3] == FRESH else e[3], e[4])
                 upserts.append(row if with_owner else row[:4])
-            else:
+            elif key not in self._new:  # (a key made and gone since: never stored)
                 deleted.append(key)
         self._changed.clear()
+        self._new.clear()
         return deleted, upserts
 
     def retag_owner(self, old: int, new: int) -> None:

@@ -173,7 +173,8 @@ def test_take_changes() -> None:
     snap = {e[0]: e for e in m.extents()}
     m.add(4, 104, 4, W)  # merges into the first extent: key 4 is gone, 0 is longer
     ch = m.take_changes()
-    assert sorted(ch[0]) == [4] and ch[1] == [(0, 100, 8, W)]
+    # (key 4 was never stored: no delete for it)
+    assert ch[0] == [] and ch[1] == [(0, 100, 8, W)]
     apply_changes(snap, ch)
     assert sorted(snap.values()) == m.extents()
     assert m.take_changes() == ([], [])
@@ -342,7 +343,11 @@ class ExtentMachine(RuleBasedStateMachine):
 
     @rule()
     def take_changes(self) -> None:
-        apply_changes(self.snapshot, self.m.take_changes(with_owner=True))
+        changes = self.m.take_changes(with_owner=True)
+        # no delete of a row that was never stored (an allocation merged into its
+        # neighbour before it was saved: one DELETE per 1 MiB write for nothing)
+        assert all(k in self.snapshot for k in changes[0]), changes[0]
+        apply_changes(self.snapshot, changes)
         assert sorted(self.snapshot.values()) == stored(self.m.owned_extents())
 
     @rule(fb=st.integers(0, N + 4), count=st.integers(0, N))
