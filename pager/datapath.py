@@ -289,62 +289,6 @@ class DataPath(Reclaim):
                     self._dirty_since_m[f] = now
                     self._acct_of(p).dirty += 1
 
-    def write_within_nowait(self, block: BlockNo, at: int, data: bytes | memoryview, *,
-                            principal: PrincipalId, file: int = 0, fblock: int = 0) -> bool:
-        """`write` of part of one block, `data` at byte `at` of block `block`, straight
-        into its frame when that is possible without waiting: under write-back, the
-        block resident (not FILLING: the frame holds the block's current contents,
-        never older than the device) and the writer not over its dirty share. The
-        frame then changes exactly as `write` of the block merged with its current
-        contents would change it (dirty, dirtier, `_redirty` under write-back), with
-        no bytearray, no read of the frame and no checkpoint. False, with nothing
-        done, when not possible: the caller merges the block and calls `write`.
-
-        The edge block of a stream written from an unaligned buffer: fio's 1 MiB
-        writes reach the daemon as 1 MiB - 16 B and 16 B, and the 16 bytes land in
-        the dirty frame the first request left (docs/BENCHMARKS.md)."""
-        if not self.writeback:
-            return False
-        f = self._where.get(block)
-        if f is None:
-            return False
-        state = self._state_m
-        st = state[f]
-        if st == FILLING:
-            return False
-        p = int(principal)
-        acct = self._acct_of(p)
-        limit = self._dirty_limit(p)
-        if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
-                or acct.dirty >= limit):
-            return False  # (`write` throttles this writer first)
-        if self._tw is not None:
-            self._trace_op(tr.WRITE, principal, block, 1, file, fblock)
-        self._tick += 1
-        if file and (file in self._hints or file in self._range_hints):
-            self._file_tick[file] = self._tick
-        self._ref_m[f] = True  # a write to a resident block is a reuse
-        if file:
-            self._retag(f, file, fblock)
-        o = f * self.block_size + at
-        self._mem[o:o + len(data)] = data
-        now = trio.current_time()
-        if st == DIRTY or st == WRITEBACK:
-            old = int(self._dirtier_m[f])
-            if old != p:
-                self._acct_of(old).dirty -= 1
-                acct.dirty += 1
-                self._dirtier_m[f] = p
-            if st == WRITEBACK:
-                self._redirty_m[f] = True
-                self._dirty_since_m[f] = now
-        else:  # CLEAN
-            state[f] = DIRTY
-            self._dirtier_m[f] = p
-            self._dirty_since_m[f] = now
-            acct.dirty += 1
-        return True
-
     def _may_bypass(self, block: int, count: int, file: int, fblock: int,
                     owner: int) -> bool:
         """Whether a large write (a stream, as large reads) goes around the pool to the
@@ -360,17 +304,6 @@ class DataPath(Reclaim):
         # One C loop over the range (a Python loop of 256 probes per 1 MiB write was
         # 5% of the loop's time under fio, docs/BENCHMARKS.md).
         return self._where.keys().isdisjoint(range(block, block + count))
-
-    def _retag(self, f: int, file: int, fblock: int) -> None:
-        if self._file_m[f] != file or self._fblock_m[f] != fblock:
-            self._file_m[f] = file
-            self._fblock_m[f] = fblock
-            if self._hinted:
-                prio, disc, _ = self._hints_for(file, fblock, int(self._owner_m[f]))
-                if prio != self._prio_m[f] or disc != self._disc_m[f]:
-                    self._prio_m[f] = prio
-                    self._disc_m[f] = disc
-                    self._requeue(f)
 
     async def _write_through(self, block: int, mv: memoryview, count: int, p: int,
                              file: int, fblock: int) -> None:
