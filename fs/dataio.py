@@ -165,8 +165,13 @@ class OpenFiles:
         bs = self.block_size
         b0, b1 = block_span(offset, n, bs)
         emap = self._extents(node)
+        # Inside one FRESH extent (data written since the last commit: fio's 16-byte
+        # requests into the block the request before wrote) there is nothing to
+        # allocate or relocate, and nothing to mark (no extent row to save).
+        fresh = emap.fresh_covers(b0, b1 - b0)
         try:
-            await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+            if not fresh:
+                await self._allocate(node, emap, b0, b1 - b0, grant.principal)
         except (NoSpace, QuotaExceeded):
             if not short_ok:
                 raise
@@ -180,7 +185,7 @@ class OpenFiles:
             b1 = blocks_to_cover(end, bs)
             await self._allocate(node, emap, b0, b1 - b0, grant.principal)
         try:
-            await self._write_data(node, grant, offset, data)
+            await self._write_data(node, grant, offset, data, sealed=not fresh)
             for start, stop in grant.take_written(offset, end):
                 f0, f1 = block_span(start, stop - start, bs)
                 emap.mark_written(f0, f1 - f0)
@@ -194,16 +199,20 @@ class OpenFiles:
         return n
 
     async def _write_data(self: FileSystem, node: Inode, grant: Grant, offset: int,
-                          data: bytes | bytearray | memoryview) -> None:
+                          data: bytes | bytearray | memoryview, *,
+                          sealed: bool = True) -> None:
         """Write `data` at `offset` through `grant` (under the inode lock; every block
         allocated). Sealed blocks are relocated (copy-on-write): written to fresh blocks,
         the extents remapped and the old blocks freed by the same transaction, with the
-        change saved before any checkpoint."""
+        change saved before any checkpoint. `sealed=False`: the caller found none in
+        the range just before (no checkpoint since); a commit that seals some while
+        the write waits for its barrier still makes it relocate them (`Sealed`)."""
         bs = self.block_size
         b0, b1 = block_span(offset, len(data), bs)
         emap = self._extents(node)
         while True:
-            cow = await self._cow_blocks(emap, b0, b1 - b0)
+            cow = await self._cow_blocks(emap, b0, b1 - b0) if sealed else None
+            sealed = True
             try:
                 await self.kernel.write(grant, offset, data, cow=cow)
             except Sealed:

@@ -77,12 +77,15 @@ class Segment(NamedTuple):
 class ExtentMap:
     """Sorted, non-overlapping extents of one file. See the module docstring."""
 
-    __slots__ = ("_starts", "_ext", "_changed", "blocks", "fresh")
+    __slots__ = ("_starts", "_ext", "_changed", "_new", "blocks", "fresh")
 
     def __init__(self, extents: Iterable[tuple[int, ...]] = ()) -> None:
         self._starts: list[int] = []
         self._ext: list[list[int]] = []  # [file_block, dev_block, count, state, owner]
         self._changed: set[int] = set()   # file_block keys added, changed or removed
+        # keys first made a start since the last take_changes (no stored row has them:
+        # a key stored and removed since is in _changed before it is made again)
+        self._new: set[int] = set()
         #: blocks allocated to the file (written + unwritten)
         self.blocks = 0
         #: whether some extent may be FRESH (cleared by seal())
@@ -139,6 +142,15 @@ class ExtentMap:
             i += 1
         return out
 
+    def fresh_covers(self, file_block: int, count: int) -> bool:
+        """Whether one FRESH extent covers [file_block, file_block+count): a write
+        there needs no allocation, no relocation and marks nothing."""
+        i = bisect.bisect_right(self._starts, file_block) - 1
+        if i < 0:
+            return False
+        e = self._ext[i]
+        return e[3] == FRESH and file_block + count <= e[0] + e[2]
+
     def holes(self, file_block: int, count: int) -> list[tuple[int, int]]:
         return [(s.file_block, s.count) for s in self.segments(file_block, count)
                 if s.dev_block == HOLE]
@@ -160,6 +172,12 @@ class ExtentMap:
 
     # -- changes -----------------------------------------------------------------
 
+    def _made(self, fb: int) -> None:
+        """`fb` became an extent's start: a change; a new key if it was not one."""
+        if fb not in self._changed:
+            self._new.add(fb)
+            self._changed.add(fb)
+
     def _split_at(self, fb: int) -> None:
         """Make `fb` an extent boundary if it falls inside an extent."""
         i = bisect.bisect_right(self._starts, fb) - 1
@@ -173,7 +191,7 @@ class ExtentMap:
             self._ext.insert(i + 1, new)
             self._starts.insert(i + 1, fb)
             self._changed.add(e[0])
-            self._changed.add(fb)
+            self._made(fb)
 
     def _merge_around(self, lo: int, hi: int) -> None:
         """Merge extents that continue each other among indexes lo-1 .. hi+1."""
@@ -205,7 +223,7 @@ class ExtentMap:
             raise ValueError(f"file blocks {file_block}+{count} overlap a mapped extent")
         ext.insert(i, [file_block, dev_block, count, state, owner])
         self._starts.insert(i, file_block)
-        self._changed.add(file_block)
+        self._made(file_block)
         self.blocks += count
         self.fresh = self.fresh or state == FRESH
         self._merge_around(i, i)
@@ -215,6 +233,13 @@ class ExtentMap:
         if count <= 0:
             return  # an empty range: splitting at its point would leave mergeable halves
         end = file_block + count
+        if self.fresh_covers(file_block, count) or not any(s.state == UNWRITTEN and s.dev_block != HOLE
+                   for s in self.segments(file_block, count)):
+            # Nothing to mark (data rewritten in FRESH or WRITTEN blocks): splitting
+            # and merging back would record the extents as changed, and each such
+            # write would save them again — fio's 16-byte requests into the block the
+            # request before made FRESH rewrote a row in SQLite each (BENCHMARKS.md).
+            return
         self._split_at(file_block)
         self._split_at(end)
         lo = bisect.bisect_left(self._starts, file_block)
@@ -367,7 +392,7 @@ class ExtentMap:
             if i < len(old) and old[i][0] < fb + cnt:
                 raise ValueError(f"file blocks {fb}+{cnt} overlap a mapped extent")
             out.append([fb, dev, cnt, st, owner])
-            self._changed.add(fb)
+            self._made(fb)
             self.blocks += cnt
             self.fresh = self.fresh or st == FRESH
             prev_end = fb + cnt
@@ -400,9 +425,10 @@ class ExtentMap:
                 e = self._ext[i]
                 row = (e[0], e[1], e[2], WRITTEN if e[3] == FRESH else e[3], e[4])
                 upserts.append(row if with_owner else row[:4])
-            else:
+            elif key not in self._new:  # (a key made and gone since: never stored)
                 deleted.append(key)
         self._changed.clear()
+        self._new.clear()
         return deleted, upserts
 
     def retag_owner(self, old: int, new: int) -> None:

@@ -64,7 +64,7 @@ from blockdev import (ROOT_PRINCIPAL, BankTree, BlockDevice, BlockNo, DeviceErro
 from pager import Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
-from .extents import HOLE, UNWRITTEN, WRITTEN, ExtentMap, block_span
+from .extents import FRESH, HOLE, UNWRITTEN, WRITTEN, ExtentMap, block_span
 from .grants import Grant, Rights
 from .granttable import GrantTable
 from .lowerlayers import LowerLayers
@@ -406,6 +406,16 @@ class Kernel(GrantTable, LowerLayers):
             principal = grant.principal
             src = memoryview(data).cast("B")
             nb = b1 - b0
+            if nb == 1 and (head or tail) and segs[0].state == FRESH and \
+                    self.pager.write_within_nowait(BlockNo(segs[0].dev_block), head, src,
+                                                   principal=principal,
+                                                   file=grant.inode, fblock=b0):
+                # Part of one FRESH block whose frame is resident: merged in the frame
+                # itself, with no copy of the block out and back (fio's 16-byte
+                # requests; the frame holds the block's current contents).
+                self._note_written(grant.inode)
+                grant.note_written(offset, offset + length, bs)
+                return length
             # The request's blocks as pieces (first block index, block count, bytes): the
             # whole blocks straight from the caller's buffer (no copy: a FUSE write from
             # an unaligned user buffer arrives as 1 MiB - 16 bytes and then 16 bytes, and

@@ -301,23 +301,9 @@ class DataPath(Reclaim):
             return False
         if self._hinted and file and self._hints_for(file, fblock, owner)[1]:
             return False
-        where = self._where
-        if where:
-            for b in range(block, block + count):
-                if b in where:
-                    return False
-        return True
-
-    def _retag(self, f: int, file: int, fblock: int) -> None:
-        if self._file_m[f] != file or self._fblock_m[f] != fblock:
-            self._file_m[f] = file
-            self._fblock_m[f] = fblock
-            if self._hinted:
-                prio, disc, _ = self._hints_for(file, fblock, int(self._owner_m[f]))
-                if prio != self._prio_m[f] or disc != self._disc_m[f]:
-                    self._prio_m[f] = prio
-                    self._disc_m[f] = disc
-                    self._requeue(f)
+        # One C loop over the range (a Python loop of 256 probes per 1 MiB write was
+        # 5% of the loop's time under fio, docs/BENCHMARKS.md).
+        return self._where.keys().isdisjoint(range(block, block + count))
 
     async def _write_through(self, block: int, mv: memoryview, count: int, p: int,
                              file: int, fblock: int) -> None:

@@ -193,6 +193,17 @@ class FrameTable:
         q = self._queue(int(self._owner_m[f]), self._class_of(f) if cls is None else cls)
         q.push(f, visited=visited)
 
+    def _retag(self, f: int, file: int, fblock: int) -> None:
+        if self._file_m[f] != file or self._fblock_m[f] != fblock:
+            self._file_m[f] = file
+            self._fblock_m[f] = fblock
+            if self._hinted:
+                prio, disc, _ = self._hints_for(file, fblock, int(self._owner_m[f]))
+                if prio != self._prio_m[f] or disc != self._disc_m[f]:
+                    self._prio_m[f] = prio
+                    self._disc_m[f] = disc
+                    self._requeue(f)
+
     def _hints_for(self, file: int, fblock: int, owner: int) -> tuple[int, bool, bool]:
         """The hints of a frame of `file` at `fblock` charged to `owner`: the file's
         own (its xattrs), then the range hints `owner` gave, latest last."""

@@ -1006,3 +1006,30 @@ async def test_layout_get_relocates_a_bounded_number_of_sealed_runs(tmp_path: Pa
         await v.close()
     report = await trio.to_thread.run_sync(lambda: fsck(path, verify_data=True))
     assert report.errors == 0, report.lines
+
+
+async def test_tail_write_into_a_fresh_block_saves_no_extent_row(
+        fs: FileSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fio's unaligned 1 MiB writes arrive as 1 MiB - 16 B, then 16 B into the block
+    the first made FRESH: the second allocates nothing and saves no extent row (it
+    rewrote one in SQLite per request before); the file reads both, its size covers
+    both, and a write past a commit (the block sealed) is still relocated."""
+    h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+    saved: list[int] = []
+    real = fs.md.save_extent_changes
+    monkeypatch.setattr(fs.md, "save_extent_changes",
+                        lambda ino, d, u: (saved.append(ino), real(ino, d, u)))
+    head = fill(1, 2 * BS - 16)
+    assert await fs.write(h.fh, 0, head) == len(head)
+    assert saved == [node.id]
+    free = fs.alloc.free
+    assert await fs.write(h.fh, len(head), b"0123456789abcdef") == 16
+    assert saved == [node.id] and fs.alloc.free == free
+    assert node.size == 2 * BS
+    assert await read_file(fs, node.id) == head + b"0123456789abcdef"
+    await fs.commit()  # sealed: the next tail write relocates the block
+    before = dev_blocks(fs, node.id)
+    assert await fs.write(h.fh, 2 * BS - 4, b"WXYZ") == 4
+    assert dev_blocks(fs, node.id)[1] != before[1]
+    assert await read_file(fs, node.id) == head + b"0123456789abWXYZ"
+    await fs.release(h.fh)

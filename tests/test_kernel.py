@@ -448,3 +448,39 @@ async def test_revoke_waits_for_several_in_flight_requests(tmp_path: Path,
             assert sorted(done) == ["write 0", "write 1", "write 2"]
     finally:
         kernel.close()
+
+
+async def test_partial_write_into_a_resident_fresh_block_merges_in_its_frame(
+        tmp_path: Path) -> None:
+    """Under write-back, a write of part of one FRESH block whose frame is resident
+    (fio's 16-byte request after 1 MiB - 16 B) is merged in the frame itself: the
+    file reads the merge, the kernel counts the file as written (R8), the grant
+    records the bytes, and the barrier's flush puts the merged block on the device.
+    Elsewhere (unwritten, not resident) it merges as before."""
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS)
+    k = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
+    try:
+        emap = ExtentMap([(0, 10, 1, FRESH), (1, 11, 1, UNWRITTEN), (2, 12, 1, FRESH)])
+        g = rw_grant(k, emap)
+        first = fill(3, BS - 16)
+        await k.write(g, 0, first)  # the block's frame: resident, dirty
+        frame = k.pager._where[10]
+        async with k.barrier():  # clean, on the device; the flush forgets the file
+            pass
+        assert not k.may_be_unflushed(7)
+        await k.write(g, BS - 16, b"0123456789abcdef")
+        assert k.pager._where[10] == frame and k.may_be_unflushed(7)
+        assert g.wrote_in(BS - 16, BS)
+        assert bytes(await k.read(g, 0, BS)) == first + b"0123456789abcdef"
+        await k.write(g, BS + 5, b"xyz")  # unwritten: merged with zeros
+        emap.mark_written(1, 1)  # (the metadata server's part)
+        await k.write(g, 2 * BS + 1, b"uv")  # fresh, not resident: read, merged
+        assert bytes(await k.read(g, BS, 2 * BS)) == \
+            bytes(5) + b"xyz" + bytes(BS - 8) + bytes(1) + b"uv" + bytes(BS - 3)
+        async with k.barrier():
+            pass
+        assert await k.device.read(10, 1, principal=P1) == first + b"0123456789abcdef"
+    finally:
+        k.close()

@@ -1119,3 +1119,46 @@ def test_no_pager_class_is_over_400_lines() -> None:
     assert sizes and max(sizes.values()) <= 400, sizes
     assert pager.Pager is pool.Pager and pager.ReclaimSubscription is pool.ReclaimSubscription
     assert pager.FrameNo is pool.FrameNo and pool.MAX_RANGE_HINTS == 64
+
+
+@pytest.mark.parametrize("policy", ["hinted", "global-lru"])
+async def test_write_within_a_resident_frame_is_a_merged_write(device: BlockDevice,
+                                                              policy: str) -> None:
+    """`write_within_nowait` (part of a block written into its resident frame: fio's
+    16-byte requests) leaves the pool as `write` of the merged block would: contents,
+    dirty state and dirtier, the charge moved to the new dirtier, `_redirty` of a
+    frame under write-back; and it does nothing when it cannot (not resident,
+    write-through, the writer over its dirty share)."""
+    from pager.cache import DIRTY, WRITEBACK
+    p = Pager(device, nframes=8, policy=policy, writeback=True)
+    assert not p.write_within_nowait(5, 3, b"xyz", principal=P1)  # not resident
+    await p.write(5, blk(1), principal=P1, file=9, fblock=0)
+    await p.flush()  # clean, equal to the device
+    f = p._where[5]
+    assert p._state[f] != DIRTY
+    assert p.write_within_nowait(5, 3, b"xyz", principal=P2, file=9, fblock=0)
+    want = blk(1)[:3] + b"xyz" + blk(1)[6:]
+    assert p._state[f] == DIRTY and p._dirtier[f] == P2
+    assert await p.read(5, 1, principal=P0) == want
+    assert p.statistics().per_principal[P2].dirty == 1
+    assert p.write_within_nowait(5, BS - 2, b"ab", principal=P1, file=9, fblock=0)
+    want = want[:BS - 2] + b"ab"
+    s = p.statistics()
+    assert p._dirtier[f] == P1 and s.per_principal[P1].dirty == 1 and s.dirty == 1
+    p._state[f] = WRITEBACK  # a write-back on its way: written again when it lands
+    assert p.write_within_nowait(5, 0, b"q", principal=P1, file=9, fblock=0)
+    assert p._redirty[f]
+    p._state[f] = DIRTY
+    p._redirty[f] = False
+    want = b"q" + want[1:]
+    await p.flush()
+    assert await device.read(5, 1, principal=P0) == want
+    check_invariants(p)
+    through = Pager(device, nframes=8, writeback=False)
+    await through.read(5, 1, principal=P1)
+    assert not through.write_within_nowait(5, 0, b"z", principal=P1)
+    # over its dirty share: `write` throttles the writer, this does nothing
+    await p.write(6, blk(2), principal=P1)
+    p.dirty_ratio = 1e-9
+    assert not p.write_within_nowait(5, 0, b"z", principal=P1)
+    assert await p.read(5, 1, principal=P0) == want
