@@ -256,6 +256,17 @@ class FairTurns(trio.abc.Instrument):
     every batch, 0.03-0.06 ms each, run ahead of other principals' requests). A
     principal alone never parks. The server's admission work (accepting and refusing
     connections) takes a turn of its own, always backlogged (`admission`).
+
+    And a request the poll brings goes before the backlogged step of its batch: the
+    released step is runnable when the loop polls, and trio runs a batch in order or
+    reversed at random, so half the requests of a principal with nothing left over
+    waited behind a whole backlogged step in the batch that picked them up. While
+    principals compete, `_PollWatch` notes the tasks each poll wakes (`_fresh`) unless
+    they are backlogged work (`waiting_for`: a backlogged tenant's reader or writer, the
+    accept loop); a released step that finds one not yet run goes back to the head of
+    the queue as the next batch's backlogged step (`_park`), once, and no step is
+    released for the next batch until it has decided (`_deciding`). A backlogged
+    principal then waits at most two batches per other backlogged principal.
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:

@@ -81,10 +81,12 @@ principal (its last turn ended with requests left over) starts no step in a batc
 has run BATCH_SECONDS (0.1 ms), nor in one where another backlogged principal's step has
 begun, nor while others wait parked; it parks in a queue released one a batch, first
 come first served, so a batch holds one backlogged step and a client waiting for each
-reply waits behind about one of them, not one per hostile principal. A connection's
-reader takes the turn before it reads the socket, and the accept loop and the refusals
-take the server's admission turn (FairTurns.admission), backlogged like a flooding
-principal. A request that blocks (I/O, a lock) passes its
+reply waits behind about one of them, not one per hostile principal; a request the
+loop's poll picks up goes before the backlogged step released into that batch
+(FairTurns, `_PollWatch`). A connection's reader takes the turn before every read of the
+socket and every slice it decodes, a new connection before its setup, and the accept
+loop (from `accept` on) and the refusals take the server's admission turn
+(FairTurns.admission), backlogged like a flooding principal. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
 pipelined backlog of JSON requests is decoded FEED_BYTES (512) at a time (a frame
 longer than that up to its end at once), each slice served before the next is
@@ -457,7 +459,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             # every budget, run ahead of other principals' requests). The data path's
             # check: no coroutine, no clock read, when the turn is this step's already.
             if not turns.take_nowait(turn):
-                await turns.take(turn)
+                await turns.take(turn)  # (always a wait when take_nowait refused)
+                self._last_yield = trio.current_time()  # a new step: a new quantum
             try:
                 data = raw.recv(RECV_BYTES)
             except BlockingIOError:
@@ -506,6 +509,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 if msgs is None:
                     if not turns.take_nowait(turn):
                         await turns.take(turn)
+                        self._last_yield = trio.current_time()
                     if len(data) <= FEED_BYTES:
                         chunk = data
                     else:
