@@ -300,6 +300,52 @@ async def test_a_pipelined_backlog_is_decoded_a_slice_at_a_time(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_tenants_reads_and_setup_run_under_its_turn(
+        kernel: Kernel, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: Any) -> None:
+    """A connection's setup (the peer's groups and start time) and every slice its reader
+    decodes run while the task holds its tenant's turn, also after a step gave the turn
+    up with requests left over: before, the next slice was decoded (and the socket read)
+    first and the turn checked after, so a backlogged tenant's step did that work outside
+    every budget, ahead of other principals' requests."""
+    from kernelshim import connection as connection_mod
+    outside: list[str] = []
+
+    def holds_turn() -> bool:
+        return trio.lowlevel.current_task() in srv.turns._held
+
+    class CheckingDecoder(Decoder):
+        def feed(self, data: bytes) -> list[Any]:
+            if not holds_turn():
+                outside.append("feed")
+            return super().feed(data)
+
+    identity = connection_mod.peer_identity
+
+    def checking_identity(*a: Any) -> Any:
+        if not holds_turn():
+            outside.append("setup")
+        return identity(*a)
+
+    monkeypatch.setattr(server_mod, "Decoder", CheckingDecoder)
+    monkeypatch.setattr(connection_mod, "peer_identity", checking_identity)
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    srv.turns.quantum = lambda now: 0.0  # type: ignore[method-assign] # every request ends its step
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        s = await _connect(path)
+        await s.send(b"".join(encode(REQUEST, i, {"op": "hello"}) for i in range(1, 201)))
+        d = Decoder()
+        got: list[Any] = []
+        while len(got) < 200:
+            got += d.feed(await s.recv(1 << 20))
+        assert [m.request_id for m in got] == list(range(1, 201))
+        s.close()
+        nursery.cancel_scope.cancel()
+    assert not outside, outside
+
+
 async def test_a_large_frame_is_decoded_in_one_feed(
         kernel: Kernel, tmp_path: Path, mock_clock: trio.testing.MockClock,
         monkeypatch: Any) -> None:
