@@ -256,6 +256,17 @@ class FairTurns(trio.abc.Instrument):
     every batch, 0.03-0.06 ms each, run ahead of other principals' requests). A
     principal alone never parks. The server's admission work (accepting and refusing
     connections) takes a turn of its own, always backlogged (`admission`).
+
+    And a request the poll brings goes before the backlogged step of its batch: the
+    released step is runnable when the loop polls, and trio runs a batch in order or
+    reversed at random, so half the requests of a principal with nothing left over
+    waited behind a whole backlogged step in the batch that picked them up. While
+    principals compete, `_PollWatch` notes the tasks each poll wakes (`_fresh`) unless
+    they are backlogged work (`waiting_for`: a backlogged tenant's reader or writer, the
+    accept loop); a released step that finds one not yet run goes back to the head of
+    the queue as the next batch's backlogged step (`_park`), once, and no step is
+    released for the next batch until it has decided (`_deciding`). A backlogged
+    principal then waits at most two batches per other backlogged principal.
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:
@@ -290,10 +301,21 @@ class FairTurns(trio.abc.Instrument):
         self._batch_t0 = 0.0
         #: steps parked to a later batch (BATCH_SECONDS), all principals
         self.parked = 0
+        #: released parked steps that let the requests of a poll go first (`_park`)
+        self.deferred = 0
         #: steps of backlogged principals begun in this batch (`_over_budget`)
         self._backlogged_steps = 0
         #: parked steps released in this batch to run in the next (`after_task_step`)
         self._released = 0
+        #: the principal released as the backlogged step of the next batch (None: none,
+        #: or several at once), and of this batch
+        self._next: Share | None = None
+        self._current: Share | None = None
+        #: the poll brought requests (`_fresh`) into a batch with a released backlogged
+        #: step that has not run yet: until it has decided whether they go first
+        #: (`_park`), no step is released for the next batch (the one it would
+        #: go behind)
+        self._deciding = False
         #: parked steps (their tasks and principals), in the order they parked
         self._parked: collections.deque[tuple[trio.lowlevel.Task, Share]] = \
             collections.deque()
@@ -303,12 +325,42 @@ class FairTurns(trio.abc.Instrument):
         #: always backlogged (`admit`), so it takes batches in turn with the
         #: backlogged principals instead of adding a step to each batch.
         self.admission = Share()
+        #: tasks that wait for a socket on a principal's behalf: a connection's reader
+        #: (its tenant's turn) and the accept loop (`admission`); see `waiting_for`
+        self._waiters_for: dict[trio.lowlevel.Task, Share] = {}
+        #: tasks the last poll of the loop woke that are not backlogged work (a request
+        #: of a principal with no backlog, a FUSE request, ...) and that have not had
+        #: their step in this batch yet: a backlogged step meeting one goes to the next
+        #: batch first (`_park`, `_over_budget`), since trio runs a batch in order or
+        #: reversed at random
+        self._fresh: set[trio.lowlevel.Task] = set()
+        #: whether the loop is in its poll (`before_io_wait` .. `after_io_wait`)
+        self._polling = False
+        #: the instrument that notes the poll's wake-ups, added only while principals
+        #: compete (a hook on every reschedule costs every step a call)
+        self._watch: _PollWatch | None = None
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
         if not conn.corked:
             conn.corked = True
             self._corked[trio.lowlevel.current_task()] = conn
+
+    def waiting_for(self, task: trio.lowlevel.Task, sh: Share | None) -> None:
+        """`task` waits for a socket on behalf of `sh`'s principal (None: no longer),
+        so that a wake-up of it by the poll counts as `sh`'s work: backlogged work when
+        `sh` is backlogged (a flood's reader, the accept loop under churn), else a
+        request that goes before the backlogged step of the batch it comes in."""
+        if sh is None:
+            self._waiters_for.pop(task, None)
+        else:
+            self._waiters_for[task] = sh
+
+    def _woken(self, task: trio.lowlevel.Task) -> None:
+        """The poll woke `task` (`_PollWatch`): note it unless it is backlogged work."""
+        sh = self._waiters_for.get(task)
+        if sh is None or sh.backlog < self._batch - 1:
+            self._fresh.add(task)
 
     def share(self, principal: int) -> Share:
         sh = self.shares.get(principal)
@@ -393,7 +445,9 @@ class FairTurns(trio.abc.Instrument):
             return True
         if sh.stepped == self._batch:
             return False  # its own step, going on
-        return bool(self._backlogged_steps or self._parked)
+        # Tasks the poll woke that are not backlogged work and have not run yet: they
+        # go first (the step goes to the next batch: `_park`).
+        return bool(self._backlogged_steps or self._parked or self._fresh)
 
     async def _park(self, sh: Share) -> None:
         """Wait in the queue of parked steps (the turn stays `sh`'s, reserved by its
@@ -410,16 +464,32 @@ class FairTurns(trio.abc.Instrument):
         sh.backlog = self._batch
         sh.parked += 1
         self.parked += 1
-        if not self._released:
-            if not self._parked:
-                # Nobody else waits: this is the next batch's backlogged step.
+        first = False  # whether it was released once and let a poll's requests go first
+        while True:
+            if not self._released and not self._deciding and (first or not self._parked):
+                # Nobody else waits (or it goes first): the next batch's backlogged step.
                 sh.stepped = self._batch + 1
                 self._released = 1
+                self._next = sh
                 await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                if not self._released and not self._deciding:
+                    self._released = self._release_parked(self._batch + 1, everyone=False)
+                if first:
+                    self._parked.appendleft((task, sh))
+                else:
+                    self._parked.append((task, sh))
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+            if sh is self._current:
+                self._deciding = False
+            if first or not self._fresh or sh.stepped != self._batch:
                 return
-            self._released = self._release_parked(self._batch + 1, everyone=False)
-        self._parked.append((task, sh))
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+            # Released into a batch with requests the poll just brought that have not run
+            # yet (trio ran this step first: it runs a batch in order or reversed at
+            # random): they go first, and this step waits again at the head of the
+            # queue. Once: the next batch's poll may bring more, but this step runs then.
+            first = True
+            self.deferred += 1
 
     def _release_parked(self, batch: int, *, everyone: bool | None = None) -> int:
         """Release the head of the parked queue to run in `batch` as its backlogged
@@ -431,6 +501,11 @@ class FairTurns(trio.abc.Instrument):
             task, sh = self._parked.popleft()
             sh.stepped = batch
             trio.lowlevel.reschedule(task)
+        one = sh if n == 1 else None
+        if batch == self._batch:
+            self._current = one
+        else:
+            self._next = one
         return n
 
     def backlogged(self, sh: Share) -> None:
@@ -449,10 +524,12 @@ class FairTurns(trio.abc.Instrument):
             if conn is not None:
                 conn.corked = False
                 self._uncork(conn)  # never raises (an instrument that raises is dropped)
+        if self._fresh:
+            self._fresh.discard(task)
         sh = self._held.pop(task, None)
         if sh is None:
             return
-        if self._parked and not self._released:
+        if self._parked and not self._released and not self._deciding:
             # The next batch's backlogged step: rescheduled now, so that the loop does
             # not sleep with it parked (and it costs no step of its own to wake).
             self._released = self._release_parked(self._batch + 1)
@@ -462,6 +539,9 @@ class FairTurns(trio.abc.Instrument):
             self._first = sh
         elif self._first is not sh:
             self.contended_until = trio.current_time() + CONTENDED_SECONDS
+            if self._watch is None:
+                self._watch = _PollWatch(self)
+                trio.lowlevel.add_instrument(self._watch)
         if sh.waiters:
             sh.backlog = self._batch  # another connection of the principal has work
             nxt = sh.waiters.popleft()
@@ -479,7 +559,12 @@ class FairTurns(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         self._batch += 1
         self._first = None
+        if self._watch is not None:
+            self._fresh.clear()  # (all ran: a batch runs every task in it)
+            self._polling = True
         self._backlogged_steps, self._released = self._released, 0
+        self._current, self._next = self._next, None
+        self._deciding = False
         if self._parked and timeout > 0:
             # Nothing is runnable, none was released: the loop would sleep with steps
             # parked. Wake it at once (after_io_wait releases one).
@@ -494,9 +579,17 @@ class FairTurns(trio.abc.Instrument):
             self._wall0 = 0.0
 
     def after_io_wait(self, timeout: float) -> None:
-        self._batch_t0 = trio.current_time()
+        self._batch_t0 = now = trio.current_time()
+        if self._watch is not None:
+            self._polling = False
+            if now >= self.contended_until and not self._parked:
+                trio.lowlevel.remove_instrument(self._watch)
+                self._watch = None
+                self._fresh.clear()
         if self._parked and not self._backlogged_steps:
             self._backlogged_steps = self._release_parked(self._batch)
+        if self._fresh and self._current is not None:
+            self._deciding = True
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
         # call (no vDSO), and two of them per batch were a tenth of the daemon's CPU
         # time per random 4 KiB FUSE read (docs/BENCHMARKS.md, "bench_fs regression
@@ -511,7 +604,20 @@ class FairTurns(trio.abc.Instrument):
         self.batches = ServiceHistogram()
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
-        self.parked = 0
+        self.parked = self.deferred = 0
+
+
+class _PollWatch(trio.abc.Instrument):
+    """FairTurns' eye on the loop's poll, while principals compete: which tasks the poll
+    woke (`task_scheduled` between `before_io_wait` and `after_io_wait`; trio hands
+    the poll's events to the tasks before `after_io_wait`)."""
+
+    def __init__(self, turns: FairTurns) -> None:
+        self.turns = turns
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if self.turns._polling:
+            self.turns._woken(task)
 
 
 def _nothing() -> None:

@@ -19,7 +19,7 @@ import trio
 
 from blockdev import PrincipalId
 
-from .connection import MAX_SEND_QUEUE, PUSH_KINDS, Connection
+from .connection import MAX_SEND_QUEUE, PUSH_KINDS, Connection, FairTurns
 from .principals import Principal
 from .protocol import ERROR, PUSH, ReplyTooLarge, encode, error_payload
 
@@ -30,6 +30,7 @@ class SendPath:
     """Sending replies and pushing notifications (ShimServer's; see the module)."""
 
     _conns: set[Connection]
+    turns: FairTurns
     send_stall_seconds: float
     connection_bugs: int
 
@@ -160,6 +161,14 @@ class SendPath:
     async def _write_loop(self, conn: Connection) -> None:
         """The connection's writer: sends what `_emit` could not, waiting for the socket;
         closes a connection that does not read for send_stall_seconds."""
+        me = trio.lowlevel.current_task()
+        self.turns.waiting_for(me, conn.turn)  # its wake-ups are its tenant's work
+        try:
+            await self._write_loop_of(conn)
+        finally:
+            self.turns.waiting_for(me, None)
+
+    async def _write_loop_of(self, conn: Connection) -> None:
         while True:
             await conn.wake_writer.wait()
             conn.wake_writer = trio.Event()

@@ -300,6 +300,52 @@ async def test_a_pipelined_backlog_is_decoded_a_slice_at_a_time(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_tenants_reads_and_setup_run_under_its_turn(
+        kernel: Kernel, tmp_path: Path, mock_clock: trio.testing.MockClock,
+        monkeypatch: Any) -> None:
+    """A connection's setup (the peer's groups and start time) and every slice its reader
+    decodes run while the task holds its tenant's turn, also after a step gave the turn
+    up with requests left over: before, the next slice was decoded (and the socket read)
+    first and the turn checked after, so a backlogged tenant's step did that work outside
+    every budget, ahead of other principals' requests."""
+    from kernelshim import connection as connection_mod
+    outside: list[str] = []
+
+    def holds_turn() -> bool:
+        return trio.lowlevel.current_task() in srv.turns._held
+
+    class CheckingDecoder(Decoder):
+        def feed(self, data: bytes) -> list[Any]:
+            if not holds_turn():
+                outside.append("feed")
+            return super().feed(data)
+
+    identity = connection_mod.peer_identity
+
+    def checking_identity(*a: Any) -> Any:
+        if not holds_turn():
+            outside.append("setup")
+        return identity(*a)
+
+    monkeypatch.setattr(server_mod, "Decoder", CheckingDecoder)
+    monkeypatch.setattr(connection_mod, "peer_identity", checking_identity)
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    srv.turns.quantum = lambda now: 0.0  # type: ignore[method-assign] # every request ends its step
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        s = await _connect(path)
+        await s.send(b"".join(encode(REQUEST, i, {"op": "hello"}) for i in range(1, 201)))
+        d = Decoder()
+        got: list[Any] = []
+        while len(got) < 200:
+            got += d.feed(await s.recv(1 << 20))
+        assert [m.request_id for m in got] == list(range(1, 201))
+        s.close()
+        nursery.cancel_scope.cancel()
+    assert not outside, outside
+
+
 async def test_a_large_frame_is_decoded_in_one_feed(
         kernel: Kernel, tmp_path: Path, mock_clock: trio.testing.MockClock,
         monkeypatch: Any) -> None:
@@ -1423,6 +1469,85 @@ async def test_parked_steps_cost_no_steps_until_released(
     for p in (1, 2, 3):
         assert turns.shares[p].parked >= 15
         assert steps[mine[p]] <= 2 * 20 + 3, (p, steps[mine[p]])
+
+
+async def test_a_request_the_poll_brings_goes_before_the_backlogged_step(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A request of a principal with no backlog that the loop's poll picks up is served
+    before the backlogged step released into the same batch, whichever order trio runs
+    the batch in (in order or reversed at random: before, half of such requests waited
+    behind a flood's whole quantum first); the released step goes to the next batch
+    once, so the floods still take the batches in turn, one backlogged step a batch, and
+    wait at most two batches per other backlogged principal."""
+    from kernelshim.connection import TURN_SECONDS
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    ran: list[tuple[int, str]] = []  # (batch, who) of every step that served
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    pending = 0  # requests written to the victim's socket and not yet served
+    done = trio.Event()
+
+    async def bulk(principal: int, n: int) -> None:
+        nonlocal pending
+        sh = turns.share(principal)
+        for i in range(n):
+            await turns.take(sh)
+            ran.append((turns._batch, f"bulk{principal}"))
+            if i % 3 == 0 and not pending:
+                b.send(b"x")  # a request of the victim comes during this step
+                pending += 1
+            mock_clock.jump(TURN_SECONDS)
+            turns.backlogged(sh)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def victim() -> None:
+        nonlocal pending
+        sh = turns.share(3)
+        turns.waiting_for(trio.lowlevel.current_task(), sh)
+        while not done.is_set():
+            with trio.move_on_after(1):
+                await trio.lowlevel.wait_readable(a)
+            if not pending:
+                continue
+            await turns.take(sh)  # never waits: served in the batch that picked it up
+            a.recv(16)
+            pending -= 1
+            ran.append((turns._batch, "victim"))
+            mock_clock.jump(TURN_SECONDS / 4)
+        turns.waiting_for(trio.lowlevel.current_task(), None)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(victim)
+            async with trio.open_nursery() as floods:
+                floods.start_soon(bulk, 1, 60)
+                floods.start_soon(bulk, 2, 60)
+            done.set()
+            b.send(b"x")
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+        a.close()
+        b.close()
+    served = [i for i, (_, w) in enumerate(ran) if w == "victim"]
+    assert len(served) >= 15, ran
+    for i in served:
+        batch = ran[i][0]
+        before = [w for bt, w in ran[:i] if bt == batch and w.startswith("bulk")]
+        assert not before, (batch, ran[max(0, i - 4):i + 1])
+    assert turns.shares[3].parked == 0 and turns.deferred > 0
+    # The floods: every step served, in turn, one backlogged step a batch.
+    bulk_steps = [(bt, w) for bt, w in ran if w.startswith("bulk")]
+    first = bulk_steps[0][0]
+    per_batch = collections.Counter(bt for bt, _ in bulk_steps if bt > first)
+    assert max(per_batch.values()) == 1, per_batch
+    for who in ("bulk1", "bulk2"):
+        mine = [bt for bt, w in bulk_steps if w == who]
+        assert len(mine) == 60
+        # one batch per other backlogged principal, one more per release that let a
+        # poll's requests go first: two here
+        assert all(b2 - b1 <= 4 for b1, b2 in zip(mine, mine[1:])), mine
 
 
 # -- the daemon's CPU priority (sluice mount --nice) ----------------------------------------
