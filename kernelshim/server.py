@@ -437,6 +437,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     if not await self._wait(conn, conn.progress.wait):
                         return
                 continue
+            data: bytes | None
             try:
                 data = raw.recv(RECV_BYTES)
             except BlockingIOError:
