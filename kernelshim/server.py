@@ -579,9 +579,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         t0 = now()
         end = t0 + window
         ready = idle.ready
+        peek = socket.MSG_PEEK | socket.MSG_DONTWAIT
         while True:
             try:
-                data = raw.recv(RECV_BYTES, socket.MSG_DONTWAIT)
+                # A byte's look (the loop's recv takes a 256 KiB buffer each call)
+                raw.recv(1, peek)
             except BlockingIOError:
                 if ready():  # someone else's I/O: the loop takes it (neither hit nor miss)
                     return None
@@ -592,7 +594,12 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             except OSError:
                 return b""  # (as the loop's own recv: the connection ends)
             idle.polled(True, now=t0)
-            return data
+            try:
+                return raw.recv(RECV_BYTES)  # (b"" at the end of the stream)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return b""
 
     async def _give_turn(self) -> None:
         """End this step: the loop goes to the others (metadata first, as in
