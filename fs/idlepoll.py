@@ -197,6 +197,29 @@ class IdlePoll(trio.abc.Instrument):
         self.spun += clock() - now
         self.polled(hit, now=now)
 
+    def window_now(self) -> float:
+        """Seconds a task may poll now for the next request of the connection it just
+        served, in the loop's place (0: not now): under the conditions of the loop's
+        own poll (serving, no backoff pause, the machine not overloaded). The caller
+        polls only while nothing else can run, stops at the first event of any other
+        descriptor (`ready()`), and reports the outcome with `polled` (the shim's
+        `ShimServer._poll_next`)."""
+        if not self._serving:
+            return 0.0
+        now = self._clock()
+        if now < self._pause_until:
+            return 0.0
+        if self._cpu_wait is not None and now >= self._next_check:
+            self._check_load(now)
+        if self.overloaded:
+            self.skipped += 1
+            return 0.0
+        return self.window
+
+    def ready(self) -> bool:
+        """Whether a descriptor the loop waits for has an event (see `epoll_ready_probe`)."""
+        return self._ready()
+
     def after_io_wait(self, timeout: float) -> None:
         if timeout > 0:
             # Woken before the timeout: by I/O (or a thread's or signal's wake-up).

@@ -769,8 +769,10 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 # Added after the shim server's fair turns (server.run above), so that
                 # they count a poll as the loop's waiting, not as a batch's work.
                 idle = _start_idle_poll(opts.idle_poll, stack)
+                server.idle_poll = idle  # its connections poll for their next request too
                 await pyfuse3.main(min_tasks=1, max_tasks=opts.max_tasks,
                                    checkpoint_budget=HANDLER_CHECKPOINT_BUDGET)
+                server.idle_poll = None  # (the instrument goes with the stack)
                 if idle is not None:
                     log.info("%s", idle.summary())
                 nursery.cancel_scope.cancel()

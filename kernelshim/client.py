@@ -60,7 +60,8 @@ from typing import Any, AsyncIterator, Callable, Collection
 from .clientcore import (ClientProtocol, FileCore, Notification, Plan, ReclaimRequest, Ready,
                          Send, SendData, SharedBuffer, Wait, call, flags_for)
 from .hybridwait import MIN_POLL, SPIN_SECONDS, HybridWait, ReplyClock
-from .protocol import MAX_FRAME, VERSION, ProtocolError
+from .protocol import (_DATA_FRAME, _DATA_OK_FRAME, DATA, DATA_OK, MAX_FRAME, READ, VERSION,
+                       ProtocolError)
 from .rooterror import SluiceError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ DEFAULT_SHM = 8 << 20
 RECV_BYTES = MAX_FRAME + 8
 #: seconds a cancelled trio call waits for the replies of its requests in flight
 DRAIN_SECONDS = 5.0
+
+_DATA_OK_SIZE = _DATA_OK_FRAME.size
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
 
 #: recvmsg's ancillary buffer: room for up to 4 descriptors passed with SCM_RIGHTS
 _ANCBUFSIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -202,6 +206,11 @@ class Client(_Base):
         #: requests of two threads (the application's, a callback in the reader's)
         #: must not interleave their frames
         self._send_lock = threading.Lock()
+        #: a lone small read's request frame and reply, built and read in place
+        #: (`_small_read`: no objects per read but the reply's few ints)
+        self._req = bytearray(_DATA_FRAME.size)
+        self._rep = bytearray(RECV_BYTES)
+        self._repview = memoryview(self._rep)
         try:
             self.sock.connect(sock_path)
             self._check_hello(self.call("hello", version=VERSION))
@@ -305,6 +314,78 @@ class Client(_Base):
                 return r
             if proto.has_reply(rid):
                 return proto.reply(rid)
+
+    def _small_read(self, slot: int, pos: int, n: int) -> int:
+        """A lone small read's round trip (`File.readinto` of a 4 KiB random read): the
+        bytes read, now at the shared buffer's start. `_data_call` without its objects:
+        the frame is packed into a buffer kept for it, the reply read into another and
+        taken apart in place when it is the one DATA_OK frame that answers it (the
+        common case); anything else (a notification, a pipelined write's reply before
+        it, an error) goes through the protocol as in `_data_call`. The client's own
+        Python per read adds straight to the round trip, where a FUSE reader pays one
+        `preadv` (docs/BENCHMARKS.md, "Direct 4 KiB requests: the client's side")."""
+        proto = self.proto
+        if self._reader is not None or proto.closed or proto.failure is not None:
+            r = self._data_call(SendData(READ, slot, pos, n, 0))
+            got: int = r.n
+            return got
+        rid = next(proto._rids) & 0xFFFFFFFF
+        req = self._req
+        _DATA_FRAME.pack_into(req, 0, _DATA_FRAME.size - 4, VERSION, DATA, rid, READ, slot, pos,
+                              n, 0)
+        proto.outstanding.add(rid)
+        sock = self.sock
+        try:
+            sock.sendall(req)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # (what the daemon said before it closed is read below, as in _sendall)
+        rep, hybrid = self._rep, self.hybrid
+        spin = hybrid.budget()
+        if spin:  # poll for a while before sleeping (hybridwait.py says when it pays)
+            now = time.perf_counter
+            t_end = now() + spin
+            while True:
+                try:
+                    k = sock.recv_into(rep, RECV_BYTES, _MSG_DONTWAIT)
+                except BlockingIOError:
+                    if now() < t_end:
+                        continue
+                    hybrid.polled(False)
+                    break
+                if k == _DATA_OK_SIZE and not proto._decoder.pending:
+                    t = _DATA_OK_FRAME.unpack_from(rep)
+                    if t[3] == rid and t[2] == DATA_OK and t[1] == VERSION and \
+                            t[0] == _DATA_OK_SIZE - 4:
+                        proto.outstanding.discard(rid)
+                        hybrid.polled(True)
+                        got = t[4]
+                        return got
+                try:
+                    proto.receive(bytes(self._repview[:k]))
+                except BaseException:
+                    hybrid.polled(False)  # a broken stream: no reply caught
+                    raise
+                if proto.has_reply(rid):
+                    # A hit only for this request's whole reply (an error reply too),
+                    # not for the end of the stream or the daemon refusing it.
+                    hybrid.polled(not proto.closed and proto.failure is None)
+                    got = proto.reply(rid).n
+                    return got
+                hybrid.polled(False)
+                break  # (part of the reply, or something before it: sleep for the rest)
+        while True:
+            k = sock.recv_into(rep, RECV_BYTES)
+            if k == _DATA_OK_SIZE and not proto._decoder.pending:
+                t = _DATA_OK_FRAME.unpack_from(rep)
+                if t[3] == rid and t[2] == DATA_OK and t[1] == VERSION and \
+                        t[0] == _DATA_OK_SIZE - 4:
+                    proto.outstanding.discard(rid)
+                    got = t[4]
+                    return got
+            proto.receive(bytes(self._repview[:k]))
+            if proto.has_reply(rid):
+                got = proto.reply(rid).n
+                return got
 
     def _sendall(self, data: bytes) -> None:
         try:
@@ -596,11 +677,12 @@ class File:
     def readinto(self, buf: Any, offset: int | None = None) -> int:
         """Read into `buf` (at `offset`, or the position); returns the bytes read."""
         mv = memoryview(buf).cast("B")
-        small = self.core.small_read(len(mv), offset)
-        if small is not None:  # the plan's first step, without the plan (4 KiB reads)
-            r = self.client._data_call(small)
-            return self.core.small_read_done(mv, offset, r.n)
-        n: int = self.client.run(self.core.readinto_plan(mv, offset))
+        core = self.core
+        pos = core.small_read_pos(len(mv), offset)
+        if pos >= 0:  # the plan's first step, without the plan (4 KiB reads)
+            return core.small_read_done(mv, offset, self.client._small_read(core.slot, pos,
+                                                                            len(mv)))
+        n: int = self.client.run(core.readinto_plan(mv, offset))
         return n
 
     def pread(self, n: int, offset: int) -> bytes | bytearray:

@@ -668,13 +668,19 @@ class FileCore:
         read), into the buffer's start; None if the read needs readinto_plan. A driver
         may send it, wait for its reply and call small_read_done itself: the same as
         running readinto_plan, without the plan's bookkeeping."""
+        pos = self.small_read_pos(nbytes, offset)
+        return SendData(READ, self.slot, pos, nbytes, 0) if pos >= 0 else None
+
+    def small_read_pos(self, nbytes: int, offset: int | None) -> int:
+        """`small_read`'s file offset, without the step object (the sync client's short
+        path builds the frame itself); -1 when the read needs readinto_plan."""
         pos = self.pos if offset is None else offset
         st = self._stream
-        if 0 < nbytes <= min(READ_PIECE, len(self.shm) - self.buffer.ring) and not st.pieces \
-                and (pos != st.next_use or not self.read_ahead) \
+        if 0 < nbytes <= READ_PIECE and nbytes <= len(self.shm) - self.buffer.ring \
+                and not st.pieces and (pos != st.next_use or not self.read_ahead) \
                 and self.buffer.holder is self and self._error is None:
-            return SendData(READ, self.slot, pos, nbytes, 0)
-        return None
+            return pos
+        return -1
 
     def small_read_done(self, mv: memoryview, offset: int | None, got: int) -> int:
         mv[:got] = self.shm[:got]

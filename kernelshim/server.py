@@ -133,7 +133,7 @@ import select
 import socket
 import struct
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
@@ -188,6 +188,18 @@ COSTLY_OPS = frozenset({"stats", "principal_ls", "shim_stats", "principal_add",
 #: 0.2-0.3 ms), instead of lengthening a step that already had its quantum
 LONG_OPS = COSTLY_OPS | {"open"}
 
+class IdleWindow(Protocol):
+    """What `ShimServer._poll_next` asks of the loop's idle poll (fs/idlepoll.py
+    `IdlePoll`): whether to poll now and how long, whether another descriptor has an
+    event, and the outcome of a poll."""
+
+    def window_now(self) -> float: ...
+
+    def ready(self) -> bool: ...
+
+    def polled(self, hit: bool, *, now: float) -> None: ...
+
+
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
     RLIMIT_NOFILE towards the hard limit (1024 by default would run out first)."""
@@ -231,6 +243,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         self._refused: collections.deque[tuple[float, trio.socket.SocketType, bytes]] = \
             collections.deque()
         self._refused_wake = trio.Event()
+        #: the loop's idle poll (fs/idlepoll.py `IdlePoll`, set by the mount; None: off):
+        #: a connection task that served its request polls for the next one in its place
+        #: while nothing else can run (`_poll_next`)
+        self.idle_poll: IdleWindow | None = None
         self._ops: dict[str, Callable[[Connection, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             name[4:]: getattr(self, name) for name in dir(self) if name.startswith("_op_")}
 
@@ -461,9 +477,14 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             if not turns.take_nowait(turn):
                 await turns.take(turn)  # (always a wait when take_nowait refused)
                 self._last_yield = trio.current_time()  # a new step: a new quantum
+            data: bytes | None
             try:
                 data = raw.recv(RECV_BYTES)
             except BlockingIOError:
+                data = self._poll_next(raw) if deadline == math.inf else None
+            except OSError:
+                return
+            if data is None:
                 if deadline == math.inf:
                     # Past the handshake: wait without a cancel scope of its own (one per
                     # request costs more than the rest of a 4 KiB read's dispatch);
@@ -491,8 +512,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 await self.turns.take(turn)
                 self._last_yield = trio.current_time()  # waiting gave the loop back
                 continue
-            except OSError:
-                return
             if not data:
                 return
             # Whole DATA frames (a read; a burst of pipelined writes) skip the decoder.
@@ -573,6 +592,57 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 if pos >= len(data) or conn.doomed is not None:
                     break
                 msgs = None
+
+    def _poll_next(self, raw: socket.socket) -> bytes | None:
+        """The connection's next request, polled for in the loop's place (None: not
+        polled, or nothing came). A client that sends one small request after another
+        (a 4 KiB random read) has its next one out a few µs after its reply; parking
+        this task in `wait_readable` and taking the request through the loop's epoll
+        costs more than the rest of the request (two `epoll_ctl`, the loop's batch, its
+        instruments, the task's wake-up: docs/BENCHMARKS.md, "Direct 4 KiB requests").
+        So when the loop would go idle anyway — no task runnable, no thread's callback
+        queued, no deadline within the window — the task polls its own socket for up
+        to the idle poll's window (fs/idlepoll.py decides when polling pays, and learns
+        from these polls too), and stops at the first event of any other descriptor (a
+        FUSE request, another connection, a thread's wake-up): those go through the
+        loop at once, as before. It takes no one's time: the loop would spin in its idle
+        poll meanwhile. The request caught is served in the same step, under the same
+        turn and quantum as a request that came in the same read."""
+        idle = self.idle_poll
+        if idle is None:
+            return None
+        window = idle.window_now()
+        if not window:
+            return None
+        st = trio.lowlevel.current_statistics()
+        if st.tasks_runnable or st.run_sync_soon_queue_size or \
+                st.seconds_to_next_deadline <= window:
+            return None
+        now = trio.current_time
+        t0 = now()
+        end = t0 + window
+        ready = idle.ready
+        peek = socket.MSG_PEEK | socket.MSG_DONTWAIT
+        while True:
+            try:
+                # A byte's look (the loop's recv takes a 256 KiB buffer each call)
+                raw.recv(1, peek)
+            except BlockingIOError:
+                if ready():  # someone else's I/O: the loop takes it (neither hit nor miss)
+                    return None
+                if now() >= end:
+                    idle.polled(False, now=t0)
+                    return None
+                continue
+            except OSError:
+                return b""  # (as the loop's own recv: the connection ends)
+            idle.polled(True, now=t0)
+            try:
+                return raw.recv(RECV_BYTES)  # (b"" at the end of the stream)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return b""
 
     async def _give_turn(self) -> None:
         """End this step: the loop goes to the others (metadata first, as in

@@ -15,10 +15,17 @@ the daemon's CPU is its work and wake-ups only, not its polls for the next reque
 --spy PHASE,... records the daemon with py-spy during those phases
 (`py-spy record -r RATE -f raw --nonblocking`, one file per phase in --out);
 --spin sets the direct client's polling for its reply (Client.connect(spin=...)).
+--split times each direct read's round trip in parts on the client (a wrapper around
+the client's socket notes when `sendall` starts and ends and when the `recv` that
+brought the reply returned): the client's Python before the send, the send, the wait
+for the reply, and the client's Python after it; and reads the daemon's own service
+time per request (`shim_stats`: from the request's turn to its reply written, p50)
+for every direct phase. The wrapper costs about a µs a read: compare the IOPS with a
+phase run without it. --spy-client records the client with py-spy too.
 
 Run as root:  .venv/bin/python scripts/bench_smallio.py [--size-mb 1024] [--seconds 4]
               [--reps 2] [--phases fr,dr,fw,dw] [--idle-poll 0] [--spy dr,dw]
-              [--rate 400] [--out /tmp] [--spin 250e-6]
+              [--rate 400] [--out /tmp] [--spin 250e-6] [--split] [--spy-client]
 Everything made (mount, volume) is removed in `finally`.
 """
 
@@ -29,6 +36,7 @@ import json
 import mmap
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +65,35 @@ def thread_ticks(pid: int) -> dict[tuple[str, str], int]:
     return out
 
 
+class TimedSocket:
+    """The client's socket, noting (perf_counter_ns) when `sendall` started and ended
+    and when a `recv` last returned bytes: --split's parts of a round trip."""
+
+    __slots__ = ("_s", "send0", "send1", "got")
+
+    def __init__(self, s: socket.socket) -> None:
+        self._s = s
+        self.send0 = self.send1 = self.got = 0
+
+    def sendall(self, data: bytes) -> None:
+        self.send0 = time.perf_counter_ns()
+        self._s.sendall(data)
+        self.send1 = time.perf_counter_ns()
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        data = self._s.recv(n, flags)
+        self.got = time.perf_counter_ns()
+        return data
+
+    def recv_into(self, buf: bytearray, n: int = 0, flags: int = 0) -> int:
+        k = self._s.recv_into(buf, n, flags)
+        self.got = time.perf_counter_ns()
+        return k
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._s, name)
+
+
 def user_sys(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/stat") as f:
         st = f.read().rsplit(")", 1)[1].split()
@@ -75,6 +112,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp"))
     p.add_argument("--spin", type=float, default=None)
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    p.add_argument("--split", action="store_true",
+                   help="time direct reads in parts, and the daemon's service time")
+    p.add_argument("--spy-client", action="store_true",
+                   help="record the client with py-spy too (the --spy phases)")
     a = p.parse_args()
     from kernelshim.client import Client
 
@@ -123,33 +164,71 @@ def main() -> int:
 
                 def op(_b: bytearray, off: int) -> int:
                     return call(fd, [mb], off)
-            sp = None
+            sp = spc = None
+            timed = a.split and direct and not write
+            if direct and a.split:
+                client.call("shim_stats", reset=True)
+            if timed:
+                client.sock = TimedSocket(client.sock)  # type: ignore[assignment]
             if name in spy:
                 sp = subprocess.Popen(
                     [str(REPO / ".venv/bin/py-spy"), "record", "-r", str(a.rate),
                      "--nonblocking", "-f", "raw", "-o", str(a.out / f"smallio-{name}.txt"),
                      "--pid", str(pid), "-d", str(int(secs))],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if a.spy_client:
+                    spc = subprocess.Popen(
+                        [str(REPO / ".venv/bin/py-spy"), "record", "-r", str(a.rate),
+                         "--nonblocking", "-f", "raw", "-o",
+                         str(a.out / f"smallio-{name}-client.txt"),
+                         "--pid", str(os.getpid()), "-d", str(int(secs))],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
             t_before, us0, d0 = thread_ticks(pid), user_sys(pid), cpu_seconds(pid)
             c0, t0, n = time.process_time(), time.perf_counter(), 0
-            while True:
-                for k in range(32):
-                    op(buf, offs[(n + k) & 0xFFFF])
-                n += 32
-                if time.perf_counter() - t0 >= secs:
-                    break
+            parts = [0, 0, 0, 0]  # ns: before the send, the send, the wait, after
+            if timed:
+                ns, ts = time.perf_counter_ns, client.sock
+                while True:
+                    for k in range(32):
+                        a0 = ns()
+                        op(buf, offs[(n + k) & 0xFFFF])
+                        a1 = ns()
+                        parts[0] += ts.send0 - a0
+                        parts[1] += ts.send1 - ts.send0
+                        parts[2] += ts.got - ts.send1
+                        parts[3] += a1 - ts.got
+                    n += 32
+                    if time.perf_counter() - t0 >= secs:
+                        break
+            else:
+                while True:
+                    for k in range(32):
+                        op(buf, offs[(n + k) & 0xFFFF])
+                    n += 32
+                    if time.perf_counter() - t0 >= secs:
+                        break
             if direct and write:
                 f.commit()
             dt = time.perf_counter() - t0
             c1, d1, us1, t_after = time.process_time(), cpu_seconds(pid), user_sys(pid), \
                 thread_ticks(pid)
+            if timed:
+                client.sock = client.sock._s
+            served = ""
+            if direct and a.split:
+                rows = client.call("shim_stats", reset=True)["per_principal"]
+                served = "  daemon service p50 " + ", ".join(
+                    f"{r['p50_ms'] * 1e3:.0f} µs ({r['n']} requests)" for r in rows.values()
+                    if r["n"])
             if direct:
                 f.close()
             else:
                 os.close(fd)
             if sp is not None:
                 sp.wait()
+            if spc is not None:
+                spc.wait()
             tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
             busiest = sorted(((v - t_before.get(k, 0), k) for k, v in t_after.items()),
                              reverse=True)[:3]
@@ -157,8 +236,13 @@ def main() -> int:
                   f"(user {(us1[0] - us0[0]) * tick_us / n:.0f} µs, sys "
                   f"{(us1[1] - us0[1]) * tick_us / n:.0f} µs per request; threads "
                   + ", ".join(f"{k[1]} {v * tick_us / n:.0f} µs" for v, k in busiest)
-                  + f")  client {1000 * (c1 - c0) / n:.3f} s/1000  load {loadavg()}",
-                  flush=True)
+                  + f")  client {1000 * (c1 - c0) / n:.3f} s/1000  load {loadavg()}"
+                  + served, flush=True)
+            if timed:
+                print(f"    per read: {1e6 * dt / n:.1f} µs; client before send "
+                      f"{parts[0] / n / 1e3:.1f} µs, send {parts[1] / n / 1e3:.1f} µs, wait "
+                      f"{parts[2] / n / 1e3:.1f} µs, after {parts[3] / n / 1e3:.1f} µs; the "
+                      f"bench loop {1e6 * dt / n - sum(parts) / n / 1e3:.1f} µs", flush=True)
 
         for _ in range(a.reps):
             for name in a.phases.split(","):

@@ -169,6 +169,36 @@ async def test_no_polls_while_the_loop_thread_waits_for_a_cpu(
     assert not idle.overloaded and (idle.polls, idle.hits) == (2, 2)
 
 
+async def test_window_now_follows_the_loops_own_conditions(
+        mock_clock: trio.testing.MockClock) -> None:
+    """What a connection task that just served a request may poll for its next one
+    (kernelshim/server.py `_poll_next`): the window while the loop is serving, nothing
+    before the first wake-up by I/O, during a backoff pause, or while overloaded; its
+    outcomes count as the loop's polls."""
+    req = Requests(mock_clock)
+    waited = [0.0]
+    idle = IdlePoll(W, req.ready, cpu_wait=lambda: waited[0])
+    assert idle.window_now() == 0.0  # not woken by I/O yet: an idle daemon
+    sleep(idle, mock_clock)
+    assert idle.window_now() == W
+    t0 = trio.current_time()
+    idle.polled(False, now=t0)
+    idle.polled(False, now=t0)  # two misses in a row: paused
+    assert idle.window_now() == 0.0
+    mock_clock.jump(MIN_PAUSE)
+    assert idle.window_now() == W
+    idle.polled(True, now=trio.current_time())
+    assert idle.hits == 1 and idle.pause == MIN_PAUSE
+    mock_clock.jump(LOAD_CHECK)
+    idle.window_now()  # a look at the load
+    mock_clock.jump(LOAD_CHECK)
+    waited[0] += LOAD_CHECK * MAX_CPU_WAIT * 2
+    skipped = idle.skipped
+    assert idle.window_now() == 0.0 and idle.overloaded and idle.skipped == skipped + 1
+    req.at = trio.current_time()
+    assert idle.ready()
+
+
 def test_thread_cpu_wait_counts_up() -> None:
     cpu_wait = ThreadCpuWait.open()
     assert cpu_wait is not None, "no /proc/thread-self/schedstat: the load check is off"
