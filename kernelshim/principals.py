@@ -580,7 +580,7 @@ class PrincipalTable:
 
     def resolve(self, pid: int, uid: int, *, now: float | None = None) -> Principal:
         """The principal process `pid` (of `uid`) acts for."""
-        p = self._processes.resolve(pid, now=now)
+        p = self._processes.resolve(pid, uid=uid, now=now)
         return p if p is not None else self.default_for_uid(uid)
 
     def prune_registrations(self) -> None:

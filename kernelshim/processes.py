@@ -31,7 +31,10 @@ class ProcessRegistry(Generic[T]):
         #: pid -> (process start time, principal)
         self._registered: dict[int, tuple[int, T]] = {}
         #: pid -> (expiry, principal or None) resolved through the parent chain
-        self._resolved: dict[int, tuple[float, T | None]] = {}
+        #: (pid, uid of the asker) -> (expiry, answer): keyed by the uid too, so that a
+        #: pid reused within the expiry by another user's process (a wrapped pid space)
+        #: is never charged to the principal the old one resolved to
+        self._resolved: dict[tuple[int, int], tuple[float, T | None]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._registered)
@@ -52,16 +55,17 @@ class ProcessRegistry(Generic[T]):
                 del self._registered[pid]
         self._resolved.clear()
 
-    def resolve(self, pid: int, *, now: float | None = None) -> T | None:
-        """The principal registered for `pid` or its nearest registered ancestor."""
+    def resolve(self, pid: int, *, uid: int = -1, now: float | None = None) -> T | None:
+        """The principal registered for `pid` (a process of `uid`) or its nearest
+        registered ancestor."""
         if not self._registered:
             return None
         now = time.monotonic() if now is None else now
-        hit = self._resolved.get(pid)
+        hit = self._resolved.get((pid, uid))
         if hit is not None and hit[0] > now:
             return hit[1]
         visited: list[int] = [pid]
-        p = self._walk_ancestry(pid, now, visited)
+        p = self._walk_ancestry(pid, uid, now, visited)
         # Every process the walk went through resolves the same way (the answer found
         # above it, or none), and is remembered so: a new process or thread below a
         # known one costs one or two reads of /proc, not a walk to the top. (Each
@@ -72,10 +76,11 @@ class ProcessRegistry(Generic[T]):
             self._resolved.clear()
         entry = (now + RESOLVE_TTL_S, p)
         for v in visited:
-            self._resolved[v] = entry
+            self._resolved[v, uid] = entry
         return p
 
-    def _walk_ancestry(self, pid: int, now: float, visited: list[int]) -> T | None:
+    def _walk_ancestry(self, pid: int, uid: int, now: float, visited: list[int]
+                       ) -> T | None:
         """The principal registered for `pid` or its nearest registered ancestor, or
         one remembered (still fresh) for a process on the way; appends to `visited`
         the processes walked through that had no fresh answer."""
@@ -90,7 +95,7 @@ class ProcessRegistry(Generic[T]):
                     return reg[1]
                 del self._registered[pid]  # that process is gone; the pid was reused
             else:
-                hit = self._resolved.get(pid)
+                hit = self._resolved.get((pid, uid))
                 if hit is not None and hit[0] > now:
                     return hit[1]
             if pid != visited[-1]:

@@ -212,6 +212,14 @@ def test_resolving_fresh_threads_deep_in_a_process_tree_reads_proc_once_each(
     assert reg.resolve(9999, now=10.5) is None
     # Answers expire: after the TTL the walk is made again, and still right.
     assert reg.resolve(50_000, now=10.0 + processes.RESOLVE_TTL_S + 1) == "tenant"
+    # An answer is kept for the asker's uid: the pid reused by another user's process
+    # outside the tree within the TTL (a wrapped pid space) is not taken for a process
+    # of the tenant (merge review of stop 13).
+    assert reg.resolve(deepest + 2, uid=1001, now=20.0) is None
+    parent[deepest + 3] = deepest
+    assert reg.resolve(deepest + 3, uid=1001, now=20.0) == "tenant"
+    parent[deepest + 3] = 1  # exited; its pid is another user's process now
+    assert reg.resolve(deepest + 3, uid=1002, now=20.1) is None
 
 
 CLOSER = """
