@@ -335,12 +335,17 @@ class BlockDevice:
             if nblocks < 16:
                 os.close(fd)
                 raise FormatError(f"backing {backing} is too small (at least 16 blocks)")
-        format_checksum_file(directory / CHECKSUMS, nblocks)
-        geo = DeviceGeometry(block_size, nblocks, backing_s, profile, str(uuid.uuid4()))
-        header = {"format": FORMAT_VERSION, **dataclasses.asdict(geo)}
-        tmp = directory / (HEADER + ".tmp")
-        tmp.write_text(json.dumps(header, indent=2) + "\n")
-        os.replace(tmp, directory / HEADER)
+        try:
+            format_checksum_file(directory / CHECKSUMS, nblocks)
+            geo = DeviceGeometry(block_size, nblocks, backing_s, profile, str(uuid.uuid4()))
+            header = {"format": FORMAT_VERSION, **dataclasses.asdict(geo)}
+            tmp = directory / (HEADER + ".tmp")
+            tmp.write_text(json.dumps(header, indent=2) + "\n")
+            os.replace(tmp, directory / HEADER)
+        except BaseException:
+            if backing is not None:
+                os.close(fd)
+            raise
         if backing is not None:
             try:  # formatted: a file backing becomes private, as the volume's files
                 mode = stat.S_IMODE(st.st_mode)

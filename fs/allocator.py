@@ -26,8 +26,8 @@ class Allocator:
         self.free = nblocks
         self._cursor = 0
         self._pending: list[tuple[int, int]] = []
-        #: the files the pending runs came from (None: unknown, see `free_later`)
-        self._pending_inodes: set[int] | None = set()
+        #: the pending runs by the file they came from (None: unknown, see `free_later`)
+        self._pending_by_file: dict[int | None, list[tuple[int, int]]] = {}
 
     def mark_used(self, start: int, count: int) -> None:
         """At mount: a committed extent owns these blocks."""
@@ -92,10 +92,11 @@ class Allocator:
         on those files); None: unknown (it waits for every request in flight)."""
         if runs:
             self._pending.extend(runs)
-            if inodes is None:
-                self._pending_inodes = None
-            elif self._pending_inodes is not None:
-                self._pending_inodes.update(inodes)
+            files = list(inodes) if inodes is not None else [None]
+            # (runs of several files at once: one group, under the first of them,
+            # waiting for all — see `take_pending_groups`)
+            key = files[0] if len(files) == 1 else None
+            self._pending_by_file.setdefault(key, []).extend(runs)
 
     def release_now(self, runs: list[tuple[int, int]]) -> None:
         """Give blocks back at once (allocated and never committed)."""
@@ -109,17 +110,17 @@ class Allocator:
         pending, self._pending = self._pending, []
         return pending
 
-    def take_pending_inodes(self) -> frozenset[int] | None:
-        """The files the pending runs were freed from (None: unknown); taken with
-        `take_pending`."""
-        inodes, self._pending_inodes = self._pending_inodes, set()
-        return None if inodes is None else frozenset(inodes)
+    def take_pending_groups(self) -> list[tuple[list[tuple[int, int]], int | None]]:
+        """The runs `take_pending` took, by the file they were freed from (None: not
+        known, or several); taken with it."""
+        groups, self._pending_by_file = self._pending_by_file, {}
+        return [(runs, ino) for ino, runs in groups.items()]
 
     def committed(self) -> None:
         """The transaction that freed the pending blocks is durable: reuse them."""
         if self._pending:
             self.release_now(self.take_pending())
-            self.take_pending_inodes()
+            self.take_pending_groups()
 
     @property
     def pending_blocks(self) -> int:

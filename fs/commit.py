@@ -35,6 +35,19 @@ UNFLUSHED_KEY = "unflushed"
 FORCED_DURABLE_INTERVAL = 1.0
 
 
+class _Freed:
+    """Blocks one commit freed from one file, on their way to the allocator
+    (`_reap_queued`): the runs, the file while it may still have older requests in
+    flight (None: not known, any file), and the grace period's mark."""
+
+    __slots__ = ("runs", "busy", "mark")
+
+    def __init__(self, runs: list[tuple[int, int]], ino: int | None, mark: int) -> None:
+        self.runs = runs
+        self.busy: set[int] | None = None if ino is None else {ino}
+        self.mark = mark
+
+
 class Transactions:
     """Commit, read-only and recovery (a `FileSystem` concern; see filesystem.py).
 
@@ -51,7 +64,7 @@ class Transactions:
     write_errors: int
     #: blocks freed by durable commits, waiting for their grace period and discard
     #: before the allocator gets them (`run_reaper`; oldest first), and how many
-    _reap: collections.deque[tuple[list[tuple[int, int]], frozenset[int] | None]]
+    _reap: collections.deque[_Freed]
     reaping_blocks: int
     _reap_wakeup: trio.Event
     _reap_lot: trio.lowlevel.ParkingLot
@@ -157,7 +170,7 @@ class Transactions:
             # in the same step as the SQL commit: cleared only if it becomes durable.
             taken: ChangeMarks | None = None
             pending: list[tuple[int, int]] = []
-            pending_inodes: frozenset[int] | None = frozenset()
+            groups: list[tuple[list[tuple[int, int]], int | None]] = []
             try:
                 async with self.kernel.barrier(principal=principal, file=file,
                                                durable=durable):
@@ -167,7 +180,7 @@ class Transactions:
                     self._commit_seq += 1
                     seq = self._commit_seq
                     pending = self.alloc.take_pending()
-                    pending_inodes = self.alloc.take_pending_inodes()
+                    groups = self.alloc.take_pending_groups()
                     # (counted free meanwhile, as they were while pending: statfs)
                     self.reaping_blocks += sum(c for _d, c in pending)
                     for emap in self._unsealed:
@@ -187,7 +200,8 @@ class Transactions:
                 if pending:
                     # not known durable: they wait for the next commit that is
                     self.reaping_blocks -= sum(c for _d, c in pending)
-                    self.alloc.free_later(pending, pending_inodes)
+                    for runs, ino in groups:
+                        self.alloc.free_later(runs, None if ino is None else (ino,))
                 if isinstance(exc, (OSError, sqlite3.Error, SluiceError)):
                     self.fail(f"committing metadata failed: {exc}")
                     raise WriteFailed(f"commit failed: {exc}") from exc
@@ -196,32 +210,37 @@ class Transactions:
                 self._commit_ended.set()
                 self._commit_ended = trio.Event()
             if pending:
-                self._reap.append((pending, pending_inodes))
+                mark = self.kernel.grace_mark()
+                for runs, ino in groups:  # each file's blocks go when it is quiet
+                    self._reap.append(_Freed(runs, ino, mark))
+                self.kernel.poke()  # (a reaper waiting for other lists: this may be quiet)
                 if self._reaper_running:
                     self._reap_wakeup.set()
                 else:  # offline, or unmounting: here and now
                     await self._reap_queued()
 
     async def _reap_queued(self: FileSystem) -> None:
-        """Give the allocator the queued freed blocks (R3): wait until no request that
-        began before they were freed is in flight on the files they were freed from —
-        one grace period for every list queued when it starts — discard them, release
+        """Give the allocator the queued freed blocks (R3): each list once no request
+        that began before it was queued (after its commit, so after the blocks were
+        unmapped) is in flight on the files it was freed from — discard them, release
         them. (Only a request on that file could address them: no block belongs to two
-        files. So a tenant's requests held in flight on its own files hold up only the
-        reuse of blocks freed from those files.) A batch leaves the queue only with its
-        release, in one step: cancelled before that, it is done again (a discard twice
-        is harmless before the release; one caller at a time: the lock)."""
+        files.) Each list goes on its own, whatever the others wait for: a tenant's
+        requests held in flight on its own files hold up only the blocks freed from
+        those files. A list leaves the queue only with its release, in one step:
+        cancelled before that, it is done again (a discard twice is harmless before the
+        release; one caller at a time: the lock)."""
         async with self._reap_lock:
             while self._reap:
-                batch = list(self._reap)
-                inodes: set[int] | None = set()
-                for _runs, ino in batch:
-                    if ino is None or inodes is None:
-                        inodes = None
-                    else:
-                        inodes |= ino
-                await self.kernel.wait_quiescent(inodes)
-                runs = [r for lst, _ino in batch for r in lst]
+                ready = [f for f in self._reap
+                         if self.kernel.quiet_since(f.busy, f.mark)]
+                if not ready:
+                    watch: set[int] = set()
+                    for f in self._reap:
+                        if f.busy is not None:
+                            watch |= f.busy
+                    await self.kernel.wait_grace_change(watch)
+                    continue
+                runs = [r for f in ready for r in f.runs]
                 try:
                     if self.discard_freed:  # (else see `settle_reaper`)
                         await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
@@ -231,9 +250,8 @@ class Transactions:
                     # with zeros), only the host's space is not given back.
                     log.warning("discarding %d freed blocks failed: %s",
                                 sum(c for _d, c in runs), exc)
-                for item in batch:
-                    assert self._reap[0] is item
-                    self._reap.popleft()
+                for f in ready:
+                    self._reap.remove(f)
                 self.reaping_blocks -= sum(c for _d, c in runs)
                 self.alloc.release_now(runs)
                 self._reap_lot.unpark_all()

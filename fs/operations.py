@@ -224,7 +224,7 @@ class Admission:
             raise ValueError("parked_requests and parked_bytes must not be negative")
         self.per_principal = per_principal
         #: of those, what data requests may hold (the rest wait for namespace requests)
-        self.data_requests = per_principal - per_principal // 4
+        self.data_requests = max(1, per_principal - max(1, per_principal // 4))
         #: the mount's ceilings (each principal's own bound is its bank)
         self.parked_requests = parked_requests
         self.parked_bytes = parked_bytes

@@ -42,6 +42,9 @@ class GrantTable:
         self._in_epoch: dict[int, int] = {}
         #: the same per inode (wait_quiescent of the files some blocks were freed from)
         self._in_inode: dict[int, dict[int, int]] = {}
+        #: inodes a grace-period waiter watches -> how many watch each: `_leave` wakes
+        #: the waiters when one of those goes quiet for an epoch (or a whole epoch does)
+        self._watched: dict[int, int] = {}
         self._quiesced: trio.Event | None = None
 
     def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
@@ -173,7 +176,8 @@ class GrantTable:
             del per[epoch]
             if not per:
                 del self._in_inode[grant.inode]
-            wake = True
+            if grant.inode in self._watched:
+                wake = True
         left = self._in_epoch[epoch] - 1
         if left:
             self._in_epoch[epoch] = left
@@ -184,20 +188,59 @@ class GrantTable:
             self._quiesced.set()
             self._quiesced = None
 
+    def grace_mark(self) -> int:
+        """Start a grace period: the requests that begin from now on are not part of it
+        (see `quiet_since`)."""
+        self._epoch += 1
+        return self._epoch
+
+    def quiet_since(self, inodes: set[int] | None, mark: int) -> bool:
+        """Whether no request that began before `mark` is still in flight on `inodes`
+        (None: on any file). Removes from `inodes` the files found quiet (they stay
+        quiet: later requests belong to later epochs)."""
+        if inodes is None:
+            return not (self._in_epoch and min(self._in_epoch) < mark)
+        for i in list(inodes):
+            per = self._in_inode.get(i)
+            if not per or min(per) >= mark:
+                inodes.discard(i)
+        return not inodes
+
+    async def wait_grace_change(self, inodes: Iterable[int]) -> None:
+        """Wait until the requests of an epoch on one of `inodes` have all ended, or
+        those of a whole epoch, or `poke`."""
+        watch = list(inodes)
+        for i in watch:
+            self._watched[i] = self._watched.get(i, 0) + 1
+        try:
+            if self._quiesced is None:
+                self._quiesced = trio.Event()
+            await self._quiesced.wait()
+        finally:
+            for i in watch:
+                n = self._watched[i] - 1
+                if n:
+                    self._watched[i] = n
+                else:
+                    del self._watched[i]
+
+    def poke(self) -> None:
+        """Wake the grace-period waiters (they have something new to look at)."""
+        if self._quiesced is not None:
+            self._quiesced.set()
+            self._quiesced = None
+
     async def wait_quiescent(self, inodes: Iterable[int] | None = None) -> None:
         """Wait until every request that started before this call has finished (an RCU
         grace period). Blocks unmapped before the call are then touched by no request,
         whichever grant it came through: they may be discarded and reused. With
         `inodes`, only the requests on those files (blocks unmapped from them, which no
         other file's map holds)."""
-        self._epoch += 1
-        mark = self._epoch
+        mark = self.grace_mark()
         if inodes is not None:
-            want = list(inodes)
-            while any((per := self._in_inode.get(i)) and min(per) < mark for i in want):
-                if self._quiesced is None:
-                    self._quiesced = trio.Event()
-                await self._quiesced.wait()
+            busy = set(inodes)
+            while not self.quiet_since(busy, mark):
+                await self.wait_grace_change(busy)
             await trio.lowlevel.checkpoint()
             return
         while self._in_epoch and min(self._in_epoch) < mark:

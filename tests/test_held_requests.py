@@ -202,14 +202,17 @@ def test_a_tenants_held_reads_do_not_hold_anothers_fsync(
 
 @pytest.mark.mounted
 @pytest.mark.slow
-@pytest.mark.parametrize("held", ["96M"], indirect=True)
+@pytest.mark.parametrize("held, before", [("96M", None), ("96M", "truncate")],
+                         indirect=["held"])
 def test_a_tenants_held_reads_do_not_hold_the_reuse_of_anothers_freed_blocks(
-        held: tuple[Path, subprocess.Popen]) -> None:
+        held: tuple[Path, subprocess.Popen], before: str | None) -> None:
     """On a nearly full volume root deletes a large file and writes another as large:
     the write needs the freed blocks, which wait for their grace period (R3). That
     period waited for every request in flight — `slow`'s held reads of its own file
     included, about 30 s of them — though only requests on the deleted file could
-    address those blocks. Now it waits for those alone."""
+    address those blocks. Now it waits for those alone; and (`truncate`: a block freed
+    from the held file just before, whose list waits for `slow`'s reads: 23.9 s in the
+    merge review) each commit's list of freed blocks goes on its own."""
     mnt, holder = held
     st = os.statvfs(mnt)
     size = (st.f_bavail * st.f_frsize * 3 // 4) // (1 << 20) << 20
@@ -218,6 +221,9 @@ def test_a_tenants_held_reads_do_not_hold_the_reuse_of_anothers_freed_blocks(
         for _ in range(size >> 20):
             f.write(chunk)
         os.fsync(f.fileno())
+    if before == "truncate":
+        os.truncate(mnt / "big", os.stat(mnt / "big").st_size - 4096)
+        os.sync()  # (its own commit: the list that waits for `slow`'s reads)
     os.unlink(mnt / "e" / "first")
     t0 = time.monotonic()
     with open(mnt / "e" / "second", "wb") as f:

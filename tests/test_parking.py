@@ -262,8 +262,10 @@ def test_a_tenant_stuck_beyond_the_worker_pool_leaves_the_daemon_to_others(
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"latency_rate": 1.0, "latency_s": 600.0}))
     monkeypatch.setenv("SLUICE_FAULT_PLAN", str(plan))
+    # (principal_requests RUNNING + 1: one token stays for namespace requests, so
+    # RUNNING of A's reads run)
     monkeypatch.setenv("SLUICE_FUSE_WORKERS", f"max_tasks={WORKERS},principal_requests="
-                                              f"{RUNNING},parked_requests={PARKED}")
+                                              f"{RUNNING + 1},parked_requests={PARKED}")
     m = public_mount(volume)
     mp = m.path
     started_r, started_w = os.pipe()
@@ -345,7 +347,7 @@ def test_root_lowers_one_tenants_parking_and_only_that_tenant_is_refused(
     plan.write_text(json.dumps({"latency_rate": 1.0, "latency_s": 600.0}))
     monkeypatch.setenv("SLUICE_FAULT_PLAN", str(plan))
     monkeypatch.setenv("SLUICE_FUSE_WORKERS", f"max_tasks={WORKERS},principal_requests="
-                                              f"{RUNNING}")
+                                              f"{RUNNING + 1}")  # (as above)
     m = public_mount(volume)
     mp = m.path
     # Kept across the remount (principals.json), like every bank.
