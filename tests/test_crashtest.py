@@ -437,6 +437,64 @@ def test_replace_by_rename_survives_a_crash(tmp_path: Path, volume: Path) -> Non
     assert found == [], [str(v) for v in found]
 
 
+def _dkill_log(ack: dict) -> list[dict]:
+    return [{"k": "hello", "root_ino": 1},
+            {"k": "B", "id": 1, "op": "mkdir", "path": "cache"}, {"k": "A", "id": 1, "ino": 2},
+            {"k": "B", "id": 2, "op": "create", "path": "f"}, {"k": "A", "id": 2, "ino": 3},
+            {"k": "B", "id": 3, "op": "create", "path": "cache/g"}, {"k": "A", "id": 3, "ino": 4},
+            {"k": "B", "id": 4, "op": "dkill", "path": ack.pop("path"), "ino": ack.pop("ino"),
+             "writes": [[0, 100]]},
+            {"k": "A", "id": 4, "released": True, "size": 0, **ack}]
+
+
+def test_a_direct_client_not_killed_with_a_write_on_the_wire_is_reported() -> None:
+    """The killed direct client's child once raised before its SIGKILL (a client method
+    it used was gone) and every round logged `"killed": false` unseen (docs/
+    RELIABILITY.md, branch crash3): such a round is a harness violation now, and the
+    figures count the clients really killed."""
+    bad = _dkill_log({"path": "f", "ino": 3, "killed": False,
+                      "child_error": "AttributeError: 'Client' object has no attribute '_send'"})
+    v = ct._dkill_violations(bad, ct.Oracle(bad))
+    assert [(x.kind, x.path) for x in v] == [("harness", "f")] and "_send" in v[0].detail
+    assert ct._dkill_figures(bad) == {"dkill_begun": 1, "dkill_acked": 1, "dkill_killed": 0,
+                                      "dkill_released": 1}
+    good = _dkill_log({"path": "f", "ino": 3, "killed": True})
+    assert ct._dkill_violations(good, ct.Oracle(good)) == []
+    assert ct._dkill_figures(good)["dkill_killed"] == 1
+    # a discardable file the pager dropped under the child: its grant was revoked
+    dropped = _dkill_log({"path": "cache/g", "ino": 4, "killed": False,
+                          "child_error": "GrantRevoked: revoked"})
+    assert ct._dkill_violations(dropped, ct.Oracle(dropped)) == []
+
+
+@pytest.mark.mounted
+def test_a_killed_direct_client_dies_with_a_write_on_the_wire(tmp_path: Path,
+                                                               volume: Path) -> None:
+    """The workload's "dkill" on a real mount: the child is SIGKILLed (not exited with
+    an error), the daemon releases its connection, and the round sees no violation."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    m = Mount(volume, mp, None, tmp_path / "daemon.log")
+    m.start()
+    try:
+        out = io.StringIO()
+        w = ct.Workload(str(mp), 1, 0, out)
+        w._emit({"k": "hello", "root_ino": os.stat(mp).st_ino})
+        w.dirs[""] = os.stat(mp).st_ino
+        ino = w.do_create("f")
+        w.do_write("f", ino, 0, 5000)
+        w.do_dkill("f", ino)
+        if w.client is not None:
+            w.client.close()
+    finally:
+        m.stop()
+    recs = _records(out)
+    ack = [r for r in recs if r.get("k") == "A"][-1]
+    assert ack["killed"] is True and ack["released"] is True, ack
+    assert "child_error" not in ack
+    assert ct._dkill_violations(recs, ct.Oracle(recs)) == []
+
+
 # -- whole rounds on real mounts ------------------------------------------------------------
 
 def _run_rounds(tmp_path: Path, seeds: list[int], *, extended: bool = False) -> None:
