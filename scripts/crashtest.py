@@ -1769,6 +1769,19 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def fsck_clean(vol: Path) -> list[Violation]:
+    """`sluice fsck --verify-data` of a volume just unmounted cleanly: exit 0, verdict
+    "clean", and not a single "note:" either — a clean unmount drains the reaper and
+    closes every file, so a leaked block or an orphan left for the next mount (which
+    fsck reports as notes, exit 0) is a finding here too."""
+    r = _sluice("fsck", str(vol), "--verify-data", "-q")
+    lines = (r.stdout + r.stderr).strip()
+    noted = [ln for ln in lines.splitlines() if ln.startswith(("note:", "error:"))]
+    if r.returncode != 0 or not lines.endswith("clean") or noted:
+        return [Violation("fsck", str(vol), f"exit {r.returncode}: {lines[-1500:]}")]
+    return []
+
+
 def _sluice(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*SLUICE, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO)
@@ -1880,11 +1893,7 @@ class Round:
         self._wait_gone(self._bg_pid)
         self._bg_pid = None
         res.violations += self._daemon_log("vol/sluice.log", "the recovered daemon")
-        r = _sluice("fsck", str(self.volume), "--verify-data", "-q")
-        lines = (r.stdout + r.stderr).strip()
-        if r.returncode != 0 or not lines.endswith("clean"):
-            res.violations.append(Violation("fsck", str(self.volume),
-                                            f"exit {r.returncode}: {lines[-1500:]}"))
+        res.violations += fsck_clean(self.volume)
         phase("fsck")
         stats_d = dataclasses.asdict(stats)
         stats_d["fsck"] = 1
@@ -2451,10 +2460,7 @@ def check_state(vol: Path, mnt: Path, oracle: Oracle, seed: int,
         i = max(text.find("Traceback"), text.find("unexpected error"))
         out.append(Violation("daemon", "sluice.log", "the recovered daemon logged an "
                              f"unexpected error: {text[max(0, i - 300):i + 1500]}"))
-    r = _sluice("fsck", str(vol), "--verify-data", "-q")
-    lines = (r.stdout + r.stderr).strip()
-    if r.returncode != 0 or not lines.endswith("clean"):
-        out.append(Violation("fsck", str(vol), f"exit {r.returncode}: {lines[-1500:]}"))
+    out += fsck_clean(vol)
     return out
 
 

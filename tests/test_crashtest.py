@@ -467,6 +467,22 @@ def test_a_direct_client_not_killed_with_a_write_on_the_wire_is_reported() -> No
     assert ct._dkill_violations(dropped, ct.Oracle(dropped)) == []
 
 
+def test_fsck_after_a_clean_unmount_must_not_even_note(monkeypatch) -> None:
+    """fsck exits 0 and says "clean" with notes (leaked blocks, an orphan the next mount
+    drops); after `sluice umount` there must be none, and the harness used to pass them."""
+    import subprocess
+
+    def fake(out: str, rc: int = 0):
+        return lambda *a, **k: subprocess.CompletedProcess(a, rc, out, "")
+    monkeypatch.setattr(ct, "_sluice", fake("verified 12 data blocks, 0 bad\nclean\n"))
+    assert ct.fsck_clean(Path("vol")) == []
+    monkeypatch.setattr(ct, "_sluice", fake("note: 3 leaked blocks: device blocks holding "
+                                            "data no extent owns\nclean\n"))
+    assert [v.kind for v in ct.fsck_clean(Path("vol"))] == ["fsck"]
+    monkeypatch.setattr(ct, "_sluice", fake("error: x\n1 errors found\n", 4))
+    assert [v.kind for v in ct.fsck_clean(Path("vol"))] == ["fsck"]
+
+
 @pytest.mark.mounted
 def test_a_killed_direct_client_dies_with_a_write_on_the_wire(tmp_path: Path,
                                                                volume: Path) -> None:
