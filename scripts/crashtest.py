@@ -1027,27 +1027,32 @@ class FileModel:
         #: a fork before its first fsync: its durable state (empty) is no state of
         #: its own, only the start of its steps
         self.no_base = False
+        #: this model is a fork: its size is not the one the workload believed
+        self.is_fork = False
 
     @property
     def size(self) -> int:
         return len(self.content)
 
-    def write(self, op: int, off: int, n: int, *, zero: bool = False) -> None:
+    def write(self, op: int, off: int, n: int, *, zero: bool = False,
+              src: int | None = None) -> None:
         end = off + n
         if end > self.size:
             self.content = np.concatenate([self.content,
                                            np.zeros(end - self.size, dtype=np.uint8)])
-        self.content[off:end] = 0 if zero else _pattern_array(op, off, n)
+        self.content[off:end] = 0 if zero else \
+            _pattern_array(op, off if src is None else src, n)
         for a in self.alts:
             if not a.sticky:
                 a.clear(off, end)
-        self.steps.append(Step(op, "write", self.size, write=(off, n), zero=zero))
+        self.steps.append(Step(op, "write", self.size, write=(off, n), zero=zero, src=src))
 
     def fork(self, op: int, size: int) -> FileModel:
         """The file as if the pager dropped it at `op`: empty, then grown to `size`
         (the size the workload found after `op`) by zeros or by `op`'s own write,
         which may have landed whole, in part or not at all."""
         f = FileModel(self.ino, op, discardable=True)
+        f.is_fork = True
         f.xattrs = dict(self.xattrs)
         f.durable = Durable(op, f.content.copy(), [], dict(self.xattrs))
         # Emptied there, it is marked discarded in the same commit (found so: allowed
@@ -1482,11 +1487,17 @@ class Oracle:
                            size=f.size)
         elif kind in ("write", "append", "dwrite"):
             off, n = int(op["off"]), int(op["n"])
+            src = None
+            if kind == "append" and f.is_fork and off != f.size:
+                # O_APPEND lands at the end the file has, which in a fork (dropped while
+                # mounted) is not the end the workload believed: its bytes are the
+                # pattern made for that offset (campaign seed 51204, branch crash4)
+                src, off = off, f.size
             if maybe:
                 f.inflight = Step(oid, kind, max(f.size, off + n), write=(off, n),
-                                  sizes=(f.size, max(f.size, off + n)))
+                                  sizes=(f.size, max(f.size, off + n)), src=src)
             else:
-                f.write(oid, off, n)
+                f.write(oid, off, n, src=src)
         elif kind == "truncate":
             size = int(op["size"])
             if maybe:  # the size either changed or not; its zeroing only with it

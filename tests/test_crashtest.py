@@ -350,6 +350,33 @@ def test_an_append_to_a_dropped_file_lands_at_its_new_end(tmp_path: Path) -> Non
     assert {x.kind for x in v} == {"size", "content"}, v
 
 
+def test_a_later_append_to_a_dropped_file_lands_at_its_new_end(tmp_path: Path) -> None:
+    """Campaign seed 51204 (extended, write-back, 256K pool): cache/f9 was dropped (a
+    "D" record, size 0), a write then grew it to 71587 and an O_APPEND write landed at
+    71587, not at 459457 where the workload believed the end was; an fsync made that
+    durable. The oracle's fork put that append at 459457 (only an append in the very
+    operation of the drop landed at the new end) and reported size and content."""
+    root, out, w = _scripted_plain(tmp_path)
+    w.do_mkdir("cache")
+    os.setxattr(root / "cache", "user.sluice.discardable", b"1")
+    ino = w.do_create("cache/f")
+    w.do_write("cache/f", ino, 0, 20000)
+    w.do_fsync("cache/f", ino)
+    os.truncate(root / "cache/f", 0)  # the pager drops it
+    w._emit({"k": "D", "id": w.next_id - 1, "sizes": {str(ino): 0}})
+    w.do_write("cache/f", ino, 7000, 367)     # the workload still thinks the size is 20000
+    w.do_append("cache/f", ino, 158)          # lands at 7367, made for 20000
+    assert (root / "cache/f").stat().st_size == 7367 + 158
+    w.sizes[ino] = 7367 + 158
+    w.do_fsync("cache/f", ino)
+    recs = _records(out)
+    assert ct.Oracle(recs).check(root) == []
+    # still judged: the append's bytes anywhere else, or the old contents, are not
+    (root / "cache/f").write_bytes(b"\0" * 7000 + ct.pattern(0, 7000, 367)
+                                   + ct.pattern(0, 7367, 158))
+    assert ct.Oracle(recs).check(root) != []
+
+
 def test_a_file_no_longer_discardable_and_fsynced_is_never_emptied(tmp_path: Path) -> None:
     root, out, w = _scripted_plain(tmp_path)
     w.do_mkdir("cache")
