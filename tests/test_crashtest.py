@@ -350,6 +350,33 @@ def test_an_append_to_a_dropped_file_lands_at_its_new_end(tmp_path: Path) -> Non
     assert {x.kind for x in v} == {"size", "content"}, v
 
 
+def test_a_later_append_to_a_dropped_file_lands_at_its_new_end(tmp_path: Path) -> None:
+    """Campaign seed 51204 (extended, write-back, 256K pool): cache/f9 was dropped (a
+    "D" record, size 0), a write then grew it to 71587 and an O_APPEND write landed at
+    71587, not at 459457 where the workload believed the end was; an fsync made that
+    durable. The oracle's fork put that append at 459457 (only an append in the very
+    operation of the drop landed at the new end) and reported size and content."""
+    root, out, w = _scripted_plain(tmp_path)
+    w.do_mkdir("cache")
+    os.setxattr(root / "cache", "user.sluice.discardable", b"1")
+    ino = w.do_create("cache/f")
+    w.do_write("cache/f", ino, 0, 20000)
+    w.do_fsync("cache/f", ino)
+    os.truncate(root / "cache/f", 0)  # the pager drops it
+    w._emit({"k": "D", "id": w.next_id - 1, "sizes": {str(ino): 0}})
+    w.do_write("cache/f", ino, 7000, 367)     # the workload still thinks the size is 20000
+    w.do_append("cache/f", ino, 158)          # lands at 7367, made for 20000
+    assert (root / "cache/f").stat().st_size == 7367 + 158
+    w.sizes[ino] = 7367 + 158
+    w.do_fsync("cache/f", ino)
+    recs = _records(out)
+    assert ct.Oracle(recs).check(root) == []
+    # still judged: the append's bytes anywhere else, or the old contents, are not
+    (root / "cache/f").write_bytes(b"\0" * 7000 + ct.pattern(0, 7000, 367)
+                                   + ct.pattern(0, 7367, 158))
+    assert ct.Oracle(recs).check(root) != []
+
+
 def test_a_file_no_longer_discardable_and_fsynced_is_never_emptied(tmp_path: Path) -> None:
     root, out, w = _scripted_plain(tmp_path)
     w.do_mkdir("cache")
@@ -435,6 +462,80 @@ def test_replace_by_rename_survives_a_crash(tmp_path: Path, volume: Path) -> Non
              src="t.tmp", dst="s0", ino=tmp, over=ino, replace=True)
     found = _scripted(tmp_path, volume, script)
     assert found == [], [str(v) for v in found]
+
+
+def _dkill_log(ack: dict) -> list[dict]:
+    return [{"k": "hello", "root_ino": 1},
+            {"k": "B", "id": 1, "op": "mkdir", "path": "cache"}, {"k": "A", "id": 1, "ino": 2},
+            {"k": "B", "id": 2, "op": "create", "path": "f"}, {"k": "A", "id": 2, "ino": 3},
+            {"k": "B", "id": 3, "op": "create", "path": "cache/g"}, {"k": "A", "id": 3, "ino": 4},
+            {"k": "B", "id": 4, "op": "dkill", "path": ack.pop("path"), "ino": ack.pop("ino"),
+             "writes": [[0, 100]]},
+            {"k": "A", "id": 4, "released": True, "size": 0, **ack}]
+
+
+def test_a_direct_client_not_killed_with_a_write_on_the_wire_is_reported() -> None:
+    """The killed direct client's child once raised before its SIGKILL (a client method
+    it used was gone) and every round logged `"killed": false` unseen (docs/
+    RELIABILITY.md, branch crash3): such a round is a harness violation now, and the
+    figures count the clients really killed."""
+    bad = _dkill_log({"path": "f", "ino": 3, "killed": False,
+                      "child_error": "AttributeError: 'Client' object has no attribute '_send'"})
+    v = ct._dkill_violations(bad, ct.Oracle(bad))
+    assert [(x.kind, x.path) for x in v] == [("harness", "f")] and "_send" in v[0].detail
+    assert ct._dkill_figures(bad) == {"dkill_begun": 1, "dkill_acked": 1, "dkill_killed": 0,
+                                      "dkill_released": 1}
+    good = _dkill_log({"path": "f", "ino": 3, "killed": True})
+    assert ct._dkill_violations(good, ct.Oracle(good)) == []
+    assert ct._dkill_figures(good)["dkill_killed"] == 1
+    # a discardable file the pager dropped under the child: its grant was revoked
+    dropped = _dkill_log({"path": "cache/g", "ino": 4, "killed": False,
+                          "child_error": "GrantRevoked: revoked"})
+    assert ct._dkill_violations(dropped, ct.Oracle(dropped)) == []
+
+
+def test_fsck_after_a_clean_unmount_must_not_even_note(monkeypatch) -> None:
+    """fsck exits 0 and says "clean" with notes (leaked blocks, an orphan the next mount
+    drops); after `sluice umount` there must be none, and the harness used to pass them."""
+    import subprocess
+
+    def fake(out: str, rc: int = 0):
+        return lambda *a, **k: subprocess.CompletedProcess(a, rc, out, "")
+    monkeypatch.setattr(ct, "_sluice", fake("verified 12 data blocks, 0 bad\nclean\n"))
+    assert ct.fsck_clean(Path("vol")) == []
+    monkeypatch.setattr(ct, "_sluice", fake("note: 3 leaked blocks: device blocks holding "
+                                            "data no extent owns\nclean\n"))
+    assert [v.kind for v in ct.fsck_clean(Path("vol"))] == ["fsck"]
+    monkeypatch.setattr(ct, "_sluice", fake("error: x\n1 errors found\n", 4))
+    assert [v.kind for v in ct.fsck_clean(Path("vol"))] == ["fsck"]
+
+
+@pytest.mark.mounted
+def test_a_killed_direct_client_dies_with_a_write_on_the_wire(tmp_path: Path,
+                                                               volume: Path) -> None:
+    """The workload's "dkill" on a real mount: the child is SIGKILLed (not exited with
+    an error), the daemon releases its connection, and the round sees no violation."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    m = Mount(volume, mp, None, tmp_path / "daemon.log")
+    m.start()
+    try:
+        out = io.StringIO()
+        w = ct.Workload(str(mp), 1, 0, out)
+        w._emit({"k": "hello", "root_ino": os.stat(mp).st_ino})
+        w.dirs[""] = os.stat(mp).st_ino
+        ino = w.do_create("f")
+        w.do_write("f", ino, 0, 5000)
+        w.do_dkill("f", ino)
+        if w.client is not None:
+            w.client.close()
+    finally:
+        m.stop()
+    recs = _records(out)
+    ack = [r for r in recs if r.get("k") == "A"][-1]
+    assert ack["killed"] is True and ack["released"] is True, ack
+    assert "child_error" not in ack
+    assert ct._dkill_violations(recs, ct.Oracle(recs)) == []
 
 
 # -- whole rounds on real mounts ------------------------------------------------------------
