@@ -165,16 +165,22 @@ def test_a_volume_may_not_name_a_backing_its_owner_does_not_own(vol: Path, outsi
     _name_backing(vol, str(big))
     for p in [vol, *vol.iterdir()]:
         os.chown(p, 1001, 1001, follow_symlinks=False)
+    # Root refuses another user's volume outright (`check_owned`, probe 4, V1) ...
     one_line_error(sluice("fsck", "-q", str(vol), check=False, timeout=60),
-                   str(big), "belongs to uid 0", "uid 1001")
+                   "belongs to uid 1001")
     one_line_error(sluice("fsck", "-q", "--repair", str(vol), check=False, timeout=60),
-                   str(big), "belongs to uid 0")
+                   "belongs to uid 1001")
     r = _mount(vol, tmp_path)
     try:
-        one_line_error(r, str(big), "belongs to uid 0")
+        one_line_error(r, "belongs to uid 1001")
     finally:
         if is_mounted(tmp_path / "mnt"):
             subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "mnt")], check=False)
+    # ... and the device layer refuses such a backing on its own, whoever opens it.
+    from blockdev import BlockDevice, FormatError
+    with pytest.raises(FormatError, match=f"backing {big} belongs to uid 0, the volume "
+                                          f"to uid 1001"):
+        BlockDevice.open(vol)
     assert (outside / "big").read_bytes() == before
 
 
