@@ -80,6 +80,10 @@ RECV_BYTES = 256 << 10
 #: have work a step serving requests gives the loop back after TURN_SECONDS (alone, a
 #: principal's steps last HOG_SECONDS: yielding costs a system call and a task switch)
 TURN_SECONDS = 0.1e-3
+#: seconds from a direct data request's start during which its schedule points do not
+#: give the loop back (kernelshim/budget.py): a FUSE handler's HANDLER_CHECKPOINT_BUDGET
+#: (fs/operations.py), bounded by the same turn
+REQUEST_CHECKPOINT_BUDGET = TURN_SECONDS
 #: seconds after two principals last had steps in one batch during which the short
 #: TURN_SECONDS holds
 CONTENDED_SECONDS = 0.05

@@ -149,6 +149,7 @@ from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, READ, REQUEST, WRITE, W
                        error_payload)
 from .service import Credentials, MetadataService
 from .adminops import AdminOps
+from .budget import run_within_budget
 from .connection import HANDSHAKE_SECONDS as HANDSHAKE_SECONDS
 from .connection import REFUSE_SECONDS as REFUSE_SECONDS
 from .connection import REFUSED_HELD as REFUSED_HELD
@@ -166,7 +167,8 @@ from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
 from .connection import ADMIN_BURST as ADMIN_BURST
 from .connection import ADMIN_RATE as ADMIN_RATE
 from .connection import TURN_SECONDS as TURN_SECONDS
-from .connection import FairTurns, MAX_OFFSET, Connection, Share, _InternalError
+from .connection import (REQUEST_CHECKPOINT_BUDGET, FairTurns, MAX_OFFSET, Connection, Share,
+                         _InternalError)
 from .fileops import FileOps
 from .sendpath import SendPath, _close_all
 
@@ -574,7 +576,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         # (alone, each goes out at once: that is quicker for one client).
                         turns.cork(conn)
                     if type(m) is DataRequest:
-                        await self._data_request(conn, m)
+                        # (its schedule points within the budget answered in place, as a
+                        # FUSE handler's are: kernelshim/budget.py)
+                        await run_within_budget(self._data_request(conn, m),
+                                                REQUEST_CHECKPOINT_BUDGET)
                     else:
                         await self._handle(conn, m)
                     now = trio.current_time()

@@ -21,11 +21,16 @@ brought the reply returned): the client's Python before the send, the send, the 
 for the reply, and the client's Python after it; and reads the daemon's own service
 time per request (`shim_stats`: from the request's turn to its reply written, p50)
 for every direct phase. The wrapper costs about a µs a read: compare the IOPS with a
-phase run without it. --spy-client records the client with py-spy too.
+phase run without it. --spy-client records the client with py-spy too. --syscalls counts the daemon's
+system calls per request during each phase, and of them its `epoll_wait` calls (one
+per pass of the event loop), with `perf stat -e raw_syscalls:sys_enter,
+syscalls:sys_enter_epoll_wait -p PID` (kernel tracepoints: counts, not samples, the
+same on a loaded machine as on a quiet one; with --idle-poll 0 no poll adds to them).
 
 Run as root:  .venv/bin/python scripts/bench_smallio.py [--size-mb 1024] [--seconds 4]
               [--reps 2] [--phases fr,dr,fw,dw] [--idle-poll 0] [--spy dr,dw]
               [--rate 400] [--out /tmp] [--spin 250e-6] [--split] [--spy-client]
+              [--syscalls]
 Everything made (mount, volume) is removed in `finally`.
 """
 
@@ -36,6 +41,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -114,6 +120,8 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     p.add_argument("--split", action="store_true",
                    help="time direct reads in parts, and the daemon's service time")
+    p.add_argument("--syscalls", action="store_true",
+                   help="count the daemon's system calls and loop passes per request (perf)")
     p.add_argument("--spy-client", action="store_true",
                    help="record the client with py-spy too (the --spy phases)")
     a = p.parse_args()
@@ -184,6 +192,13 @@ def main() -> int:
                          "--pid", str(os.getpid()), "-d", str(int(secs))],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
+            perf = None
+            if a.syscalls:
+                perf = subprocess.Popen(
+                    ["perf", "stat", "-x", ",", "-e",
+                     "raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait", "-p", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                time.sleep(0.3)  # (perf attaches)
             t_before, us0, d0 = thread_ticks(pid), user_sys(pid), cpu_seconds(pid)
             c0, t0, n = time.process_time(), time.perf_counter(), 0
             parts = [0, 0, 0, 0]  # ns: before the send, the send, the wait, after
@@ -238,6 +253,17 @@ def main() -> int:
                   + ", ".join(f"{k[1]} {v * tick_us / n:.0f} µs" for v, k in busiest)
                   + f")  client {1000 * (c1 - c0) / n:.3f} s/1000  load {loadavg()}"
                   + served, flush=True)
+            if perf is not None:
+                perf.send_signal(signal.SIGINT)
+                counts = {}
+                for line in perf.communicate()[1].splitlines():
+                    f = line.split(",")
+                    if len(f) > 2 and f[0].isdigit():
+                        counts[f[2]] = int(f[0])
+                # (counted from perf's start to its end: a little more than the phase)
+                print(f"    per request: {counts.get('raw_syscalls:sys_enter', 0) / n:.2f} "
+                      f"system calls, {counts.get('syscalls:sys_enter_epoll_wait', 0) / n:.2f} "
+                      f"passes of the event loop (epoll_wait)", flush=True)
             if timed:
                 print(f"    per read: {1e6 * dt / n:.1f} µs; client before send "
                       f"{parts[0] / n / 1e3:.1f} µs, send {parts[1] / n / 1e3:.1f} µs, wait "

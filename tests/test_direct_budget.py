@@ -1,0 +1,187 @@
+"""A direct data request's schedule points within its first moments are answered in
+place (kernelshim/budget.py), as a FUSE handler's are by the binding: a 4 KiB read that
+misses the pager no longer goes around the event loop at the device scheduler's
+schedule point. Beyond the budget, and where a request really waits, the loop runs as
+before; cancellation still reaches the request.
+
+The mounted case runs the shim server in this process over a real kernel and device
+(as tests/test_push.py does) with a file larger than the pager, read by a sync client
+in a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from kernelshim import FRESH, ROOT_PRINCIPAL, BlockDevice, ExtentMap, Kernel, Rights
+from kernelshim.budget import run_within_budget
+from kernelshim.client import Client
+from kernelshim.grants import Grant
+from kernelshim.principals import PrincipalTable
+from kernelshim import server as server_mod
+from kernelshim.server import ShimServer
+
+BS = 4096
+BLOCKS = 64  # the file: four times the pager's 16 frames
+DATA = b"".join(bytes([k]) * BS for k in range(BLOCKS))
+#: every block once, in an order the client does not take for a stream (no read-ahead)
+ORDER = [k * 7 % BLOCKS for k in range(BLOCKS)]
+
+
+class _Service:
+    """A one-file metadata service: the file's BLOCKS blocks at device block 8."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+
+    async def open_path(self, path: str, flags: int, mode: int, creds: Any,
+                        principal: Any) -> Grant:
+        return self.kernel.grant(inode=2, generation=1,
+                                 extents=ExtentMap([(0, 8, BLOCKS, FRESH)]),
+                                 rights=Rights.RW, principal=ROOT_PRINCIPAL, charge=False)
+
+    def size_of(self, grant: Grant) -> int:
+        return len(DATA)
+
+    def stat_of(self, grant: Grant) -> dict[str, Any]:
+        return {"size": len(DATA)}
+
+    async def close(self, grant: Grant) -> None:
+        pass
+
+
+@pytest.fixture
+def kernel(tmp_path: Path):
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=128 * BS, block_size=BS)
+    k = Kernel.open(d, cache_bytes=16 * BS)  # write-through: the reads below all miss
+    yield k
+    k.close()
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of the shim's connection tasks while `on` is set."""
+
+    def __init__(self) -> None:
+        self.on = threading.Event()
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.on.is_set() and task.name == "shim-connection":
+            self.steps += 1
+
+
+async def test_a_read_that_misses_the_pager_is_one_step(kernel: Kernel, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each 4 KiB read of a block the pager does not hold reads the device (whose
+    scheduler passes a schedule point) and is served in one step of its connection's
+    task: one step per read, where each went around the loop once more before. (The
+    budget is made long here: a test starved of CPU must not see it run out.)"""
+    monkeypatch.setattr(server_mod, "REQUEST_CHECKPOINT_BUDGET", 1.0)
+    service = _Service(kernel)
+    srv = ShimServer(kernel, PrincipalTable(None), service, tmp_path / "c.sock")  # type: ignore[arg-type]
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            g = await service.open_path("f", 0, 0, None, None)
+            await kernel.write(g, 0, DATA)
+            kernel.release(g)
+            misses0 = kernel.pager.misses
+
+            def reads() -> list[bytes]:
+                with Client(str(tmp_path), str(tmp_path / "c.sock")) as c, c.open("f") as f:
+                    out = []
+                    steps.on.set()
+                    for k in ORDER:
+                        buf = bytearray(BS)
+                        assert f.readinto(buf, k * BS) == BS
+                        out.append(bytes(buf))
+                        time.sleep(0.001)  # the task parks between requests
+                    steps.on.clear()
+                    return out
+
+            got = await trio.to_thread.run_sync(reads)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert got == [DATA[k * BS:(k + 1) * BS] for k in ORDER]
+    assert kernel.pager.misses - misses0 >= BLOCKS  # every read went to the device
+    # one step a read (woken by its request, parked again after the reply), a few to
+    # spare; two a read without the budget
+    assert steps.steps <= BLOCKS + 8, steps.steps
+
+
+async def test_schedule_points_within_the_budget_keep_the_loop() -> None:
+    """Within the budget a checkpoint does not end the task's step (the loop does not
+    run); past it, the request's next checkpoint does."""
+    class Steps(trio.abc.Instrument):
+        def __init__(self, task: trio.lowlevel.Task) -> None:
+            self.task, self.steps = task, 0
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is self.task:
+                self.steps += 1
+
+    async def request(spin: float) -> str:
+        for _ in range(3):
+            await trio.lowlevel.checkpoint()
+        t_end = time.perf_counter() + spin
+        while time.perf_counter() < t_end:
+            pass
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        return "done"
+
+    for spin, budget, steps in ((0.0, 1.0, 0), (0.02, 0.01, 2), (0.0, 0.0, 5)):
+        await trio.lowlevel.checkpoint()  # a step of its own begins here
+        counter = Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
+            assert await run_within_budget(request(spin), budget) == "done"
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        # the steps ended by the request's checkpoints: none within the budget; past
+        # it, each of the last two (no budget: all five)
+        assert counter.steps == steps, (spin, budget, counter.steps)
+
+
+async def test_cancellation_still_reaches_a_request_within_its_budget() -> None:
+    reached = False
+
+    async def request() -> None:
+        nonlocal reached
+        await trio.lowlevel.checkpoint()  # cancelled: raises here
+        reached = True
+
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await run_within_budget(request(), 1.0)
+    assert cs.cancelled_caught and not reached
+
+
+async def test_a_request_that_really_waits_gives_the_loop_back() -> None:
+    """An event set by another task: the request parks (the loop runs that task) and
+    its later schedule points are the loop's, as with await."""
+    ev = trio.Event()
+
+    async def request() -> int:
+        await ev.wait()
+        await trio.lowlevel.checkpoint()
+        return 7
+
+    async def setter() -> None:
+        ev.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(setter)
+        assert await run_within_budget(request(), 1.0) == 7
+
