@@ -27,14 +27,16 @@ from .protocol import MAX_FRAME, VERSION, ProtocolError, arg_int, arg_str
 
 log = logging.getLogger(__name__)
 
-#: a read request is served in slices of this size while the mount's metadata is quiet
-#: (writes, and reads while it is not: SLICE_BYTES), the event loop given back between
+#: a read or write request is served in slices of this size while the mount's metadata
+#: is quiet (while it is not: SLICE_BYTES), the event loop given back between
 #: slices as `_yield_if_hogging` says. Each slice pays the pager's, the device's and the
 #: scheduler's per-request costs: 256 KiB slices cost a 1 MiB read four times those
 #: (docs/BENCHMARKS.md, "Direct sequential reads"; 2 MiB since "Direct path: pipelined
 #: writes"), about 0.7 ms of a quiet machine's time at 3 GB/s. A slice is also the longest a
 #: metadata request waits behind a stream, so large slices are used only when no
-#: metadata request was seen waiting for METADATA_QUIET seconds.
+#: metadata request was seen waiting for METADATA_QUIET seconds. (Writes too since
+#: "Direct 4 KiB reads: the schedule points a FUSE read does not pay": in 256 KiB slices
+#: a 4 MiB direct write cost the daemon 1.16-1.17 s per GB, in 2 MiB slices 0.75-0.85.)
 READ_SLICE = 2 << 20
 METADATA_QUIET = 0.05
 #: times a write slice that meets a hole (or blocks sealed under it) is laid out and
@@ -231,7 +233,8 @@ class FileOps(ServerBase):
         buf = self._buf(conn, at, length)
         pos = 0
         while pos < length:
-            k = min(SLICE_BYTES, length - pos)
+            quiet = trio.current_time() - self._metadata_seen >= METADATA_QUIET
+            k = min(READ_SLICE if quiet else SLICE_BYTES, length - pos)
             if pos + k < length:
                 k -= (offset + pos + k) % self.kernel.block_size  # slices end on blocks
             # A copy: the client may change its shared buffer meanwhile, and the daemon

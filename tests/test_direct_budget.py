@@ -4,13 +4,16 @@ misses the pager no longer goes around the event loop at the device scheduler's
 schedule point. Beyond the budget, and where a request really waits, the loop runs as
 before; cancellation still reaches the request.
 
-The mounted case runs the shim server in this process over a real kernel and device
-(as tests/test_push.py does) with a file larger than the pager, read by a sync client
-in a thread.
+The step-counting case runs the shim server in this process over a real kernel and
+device (as tests/test_push.py does) with a file larger than the pager, read by a sync
+client in a thread. The last test writes through a real mount (FUSE and the direct
+client): large writes go in slices, larger while the mount's metadata is quiet.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -185,3 +188,23 @@ async def test_a_request_that_really_waits_gives_the_loop_back() -> None:
         nursery.start_soon(setter)
         assert await run_within_budget(request(), 1.0) == 7
 
+
+
+@pytest.mark.mounted
+def test_large_direct_writes_in_slices_read_back_through_the_mount(mnt: Path) -> None:
+    """A direct write of several slices at an unaligned offset (slices of 2 MiB while
+    the mount's metadata is quiet, of 256 KiB while it is not; each ends on a block),
+    then overwritten in part across slice and block boundaries: the mount reads exactly
+    what was written."""
+    rnd = random.Random(7)
+    first = rnd.randbytes(5 * (1 << 20) + 123)
+    second = rnd.randbytes(3 * (1 << 20) + 4097)
+    at1, at2 = 3 * BS + 17, (1 << 20) + 5
+    with Client.connect(mnt) as c, c.open("big", "w+") as f:
+        assert f.pwrite(first, at1) == len(first)
+        os.stat(mnt)
+        assert f.pwrite(second, at2) == len(second)
+        f.fsync()
+    want = bytearray(bytes(at1) + first)
+    want[at2:at2 + len(second)] = second
+    assert (mnt / "big").read_bytes() == bytes(want)
