@@ -32,6 +32,8 @@ import types
 from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
+import trio
+
 try:
     # What trio's schedule points yield to the loop: a request for nothing but a turn,
     # answered with Value(None) (as sluice's binding does for FUSE handlers).
@@ -42,6 +44,25 @@ except ImportError:  # another trio: every schedule point is the loop's
 
 T = TypeVar("T")
 
+#: set by `yield_to_loop` for the one schedule point it passes: a yield made on purpose
+#: (to let others run), which `run_within_budget` hands to the loop, not answers in place
+_deliberate = False
+
+
+async def yield_to_loop() -> None:
+    """Give the event loop back for one batch on purpose, also inside
+    `run_within_budget` (which would answer a plain schedule point in place and end the
+    in-place phase there: from then on every schedule point is the loop's). A request
+    that yields to let others run — between the slices of a large read, metadata first —
+    must really yield, or the serve loop, believing it did, lets one step run on for
+    many requests (review of direct3, D1)."""
+    global _deliberate
+    _deliberate = True
+    try:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    finally:
+        _deliberate = False
+
 
 @types.coroutine
 def run_within_budget(coro: Coroutine[Any, Any, T], budget: float) -> Generator[Any, Any, T]:
@@ -50,6 +71,7 @@ def run_within_budget(coro: Coroutine[Any, Any, T], budget: float) -> Generator[
     in the binding: it bounds how long the loop is held, whatever clock trio runs on).
     Everything the coroutine yields after that, and
     everything the loop sends or throws back, passes through unchanged (PEP 380)."""
+    global _deliberate
     start = time.perf_counter()
     try:
         value = coro.send(None)
@@ -57,12 +79,13 @@ def run_within_budget(coro: Coroutine[Any, Any, T], budget: float) -> Generator[
         return e.value  # type: ignore[no-any-return]
     if value is _CHECKPOINT and _CHECKPOINT is not None:
         deadline = start + budget
-        while value is _CHECKPOINT and time.perf_counter() < deadline:
+        while value is _CHECKPOINT and not _deliberate and time.perf_counter() < deadline:
             try:
                 value = coro.send(_Value(None))
             except StopIteration as e:
                 return e.value  # type: ignore[no-any-return]
     while True:
+        _deliberate = False  # (seen: this one goes to the loop; no other task sees it)
         try:
             sent = yield value
         except GeneratorExit:

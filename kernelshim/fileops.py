@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from .budget import yield_to_loop
 from .connection import (HOG_SECONDS, MAX_SHM, MAX_SHM_TOTAL, PUSH_KINDS, ROOT_SHM,
                          SLICE_BYTES, BadSlot, Connection, ServerBase)
 from .errors import NotAllocated, Sealed
@@ -211,7 +212,7 @@ class FileOps(ServerBase):
             # Metadata first: let the FUSE workers take what is queued (a bounded number
             # of rounds, so a storm of metadata cannot stall a stream for good).
             for _ in range(8):
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                await yield_to_loop()  # (really: also inside a request's budget)
                 if not pending():
                     break
             self._last_yield = self._metadata_seen = trio.current_time()
@@ -219,7 +220,7 @@ class FileOps(ServerBase):
         now = trio.current_time()
         if now - self._last_yield >= HOG_SECONDS:
             self._last_yield = now
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await yield_to_loop()
 
     async def _op_write(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)

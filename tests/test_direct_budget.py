@@ -12,6 +12,7 @@ client): large writes go in slices, larger while the mount's metadata is quiet.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import threading
@@ -25,6 +26,7 @@ import trio
 from kernelshim import FRESH, ROOT_PRINCIPAL, BlockDevice, ExtentMap, Kernel, Rights
 from kernelshim.budget import run_within_budget
 from kernelshim.client import Client
+from kernelshim.fileops import FileOps
 from kernelshim.grants import Grant
 from kernelshim.principals import PrincipalTable
 from kernelshim import server as server_mod
@@ -188,6 +190,44 @@ async def test_a_request_that_really_waits_gives_the_loop_back() -> None:
         nursery.start_soon(setter)
         assert await run_within_budget(request(), 1.0) == 7
 
+
+
+@pytest.mark.parametrize("pending", [True, False], ids=["metadata-pending", "hogging"])
+async def test_a_requests_deliberate_yields_give_the_loop_back_within_its_budget(
+        pending: bool) -> None:
+    """Between the slices of a large request `_yield_if_hogging` gives the loop back on
+    purpose (metadata first; or after HOG_SECONDS) and notes that it did. Inside the
+    request's budget those yields were answered in place, so nothing else ran, while the
+    serve loop, trusting `_last_yield`, let one step go on for request after request
+    (review of direct3, D1). A deliberate yield now ends the step, budget or not."""
+    class Steps(trio.abc.Instrument):
+        def __init__(self, task: trio.lowlevel.Task) -> None:
+            self.task, self.steps = task, 0
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is self.task:
+                self.steps += 1
+
+    class Ops:
+        """What FileOps._yield_if_hogging reads: the FUSE queue probe and two clocks."""
+        _yield_if_hogging = FileOps._yield_if_hogging
+
+        def __init__(self) -> None:
+            self.metadata_pending = (lambda: True) if pending else None
+            self._last_yield = trio.current_time() - 1.0  # holding the loop for a second
+            self._metadata_seen = -math.inf
+
+    ops = Ops()
+    await trio.lowlevel.checkpoint()  # a step of its own begins here
+    counter = Steps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(counter)
+    try:
+        # (a budget of a second: the yield comes well within it, on any machine)
+        await run_within_budget(ops._yield_if_hogging(), 1.0)
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    # as with a plain await: eight rounds with metadata pending, else one
+    assert counter.steps == (8 if pending else 1), counter.steps
 
 
 @pytest.mark.mounted
