@@ -83,7 +83,10 @@ begun, nor while others wait parked; it parks in a queue released one a batch, f
 come first served, so a batch holds one backlogged step and a client waiting for each
 reply waits behind about one of them, not one per hostile principal; a request the
 loop's poll picks up goes before the backlogged step released into that batch
-(FairTurns, `_PollWatch`). A connection's reader takes the turn before every read of the
+(FairTurns, `_PollWatch`), and one that comes during a batch ends the step in
+progress after its current request (a non-blocking look at a side epoll set of the
+waiting readers' sockets: `FairTurns.quiet_waiting`), so it waits for that request and
+not a quantum. A connection's reader takes the turn before every read of the
 socket and every slice it decodes, a new connection before its setup, and the accept
 loop (from `accept` on) and the refusals take the server's admission turn
 (FairTurns.admission), backlogged like a flooding principal. A request that blocks (I/O, a lock) passes its
@@ -307,6 +310,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 trio.lowlevel.remove_instrument(self.turns)
             except KeyError:
                 pass
+            self.turns.close()
             trio.lowlevel.notify_closing(sock)
             sock.close()
             try:
@@ -422,6 +426,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 for fd in fds:
                     os.close(fd)
             conn.sendq.clear()
+            self.turns.unwatch(conn)
             trio.lowlevel.notify_closing(raw)
             raw.close()
 
@@ -490,6 +495,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # request costs more than the rest of a 4 KiB read's dispatch);
                     # `Connection.doom` wakes this wait by `notify_closing`.
                     conn.reading = True
+                    turns.watch(conn)  # (FairTurns.quiet_waiting: once, while it stays in)
                     try:
                         await trio.lowlevel.wait_readable(raw)
                     except trio.ClosedResourceError:
@@ -588,6 +594,15 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                             # park: FairTurns.take); a client waiting for its one reply is
                             # not, however long that request took.
                             self.turns.backlogged(turn)
+                        await self._give_turn()
+                    elif now < turns.contended_until and (i + 1 < len(msgs) or
+                                                          pos < len(data)) \
+                            and turns.quiet_waiting():
+                        # A request of a principal with no backlog came during this step:
+                        # the step ends here, so the batch ends and the loop's next poll
+                        # picks it up (it waited for this request, not for a quantum).
+                        turns.preempted += 1
+                        self.turns.backlogged(turn)
                         await self._give_turn()
                 if pos >= len(data) or conn.doomed is not None:
                     break
