@@ -380,6 +380,14 @@ class FairTurns(trio.abc.Instrument):
             conn.corked = True
             self._corked[trio.lowlevel.current_task()] = conn
 
+    def uncork_now(self, conn: Connection) -> None:
+        """Send `conn`'s output gathered in this step now, not when the step ends (the
+        step goes on: it polls for the client's next request, `ShimServer._poll_next`)."""
+        if conn.corked:
+            conn.corked = False
+            self._corked.pop(trio.lowlevel.current_task(), None)
+            self._uncork(conn)
+
     def waiting_for(self, task: trio.lowlevel.Task, sh: Share | None) -> None:
         """`task` waits for a socket on behalf of `sh`'s principal (None: no longer),
         so that a wake-up of it by the poll counts as `sh`'s work: backlogged work when

@@ -486,7 +486,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             try:
                 data = raw.recv(RECV_BYTES)
             except BlockingIOError:
-                data = self._poll_next(raw) if deadline == math.inf else None
+                data = self._poll_next(conn) if deadline == math.inf else None
             except OSError:
                 return
             if data is None:
@@ -608,7 +608,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     break
                 msgs = None
 
-    def _poll_next(self, raw: socket.socket) -> bytes | None:
+    def _poll_next(self, conn: Connection) -> bytes | None:
         """The connection's next request, polled for in the loop's place (None: not
         polled, or nothing came). A client that sends one small request after another
         (a 4 KiB random read) has its next one out a few µs after its reply; parking
@@ -622,7 +622,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         FUSE request, another connection, a thread's wake-up): those go through the
         loop at once, as before. It takes no one's time: the loop would spin in its idle
         poll meanwhile. The request caught is served in the same step, under the same
-        turn and quantum as a request that came in the same read."""
+        turn and quantum as a request that came in the same read. Replies gathered in
+        this step (principals compete: `FairTurns.cork`) go out before the poll: the
+        client sends its next request only once it has them (held to the step's end,
+        they waited for the whole window)."""
         idle = self.idle_poll
         if idle is None:
             return None
@@ -633,6 +636,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         if st.tasks_runnable or st.run_sync_soon_queue_size or \
                 st.seconds_to_next_deadline <= window:
             return None
+        if conn.corked:
+            self.turns.uncork_now(conn)
+        raw = conn.sock
         now = trio.current_time
         t0 = now()
         end = t0 + window
