@@ -16,6 +16,7 @@ import errno as _errno
 import math
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
@@ -96,6 +97,14 @@ CONTENDED_SECONDS = 0.05
 #: left to do (a client waiting for each reply) waits behind the rest of at most one
 #: such step and at most one before its own, however many principals are backlogged
 BATCH_SECONDS = TURN_SECONDS
+#: while principals compete, a step with requests left over ends after the request in
+#: progress (and a backlogged step parks before it begins) when the side poll
+#: (`FairTurns.quiet_waiting`) finds a request of a principal with no backlog in its
+#: socket, its reader waiting for the loop's poll; a principal counts as backlogged
+#: there while it gave up a turn with work left within this many batches (the floods'
+#: released steps come every few batches: their own readers' wake-ups are no such
+#: request)
+SIDE_BACKLOG_BATCHES = 8
 #: FairTurns times one batch of the run loop in this many (its loop statistics)
 BATCH_SAMPLE = 16
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
@@ -196,8 +205,9 @@ class Share:
     turns_waited: int = 0
     #: the batch of the run loop in which the principal last had its step
     spent: int = -1
-    #: the last batch in which it gave up its turn with work left (`FairTurns.backlogged`)
-    backlog: int = -2
+    #: the last batch in which it gave up its turn with work left (`FairTurns.backlogged`;
+    #: long before the first batch: never)
+    backlog: int = -(1 << 62)
     #: steps parked to a later batch (FairTurns.take: BATCH_SECONDS)
     parked: int = 0
     #: the batch in which its current (or last) step began (FairTurns._begin)
@@ -271,6 +281,23 @@ class FairTurns(trio.abc.Instrument):
     the queue as the next batch's backlogged step (`_park`), once, and no step is
     released for the next batch until it has decided (`_deciding`). A backlogged
     principal then waits at most two batches per other backlogged principal.
+
+    And a request that comes *during* a batch does not wait for the rest of it: trio
+    polls only between batches, so it waited for the step in progress (a backlogged
+    step's quantum and the request that overran it) and every step after it in the
+    batch. A side epoll set (`watch`: the sockets of connections whose reader waits for
+    them; level-triggered, apart from trio's) is looked at with a non-blocking
+    `epoll_wait` (`quiet_waiting`) while principals compete: after each request of a
+    step that has requests left over (server.py: the step ends there, backlogged, as
+    when its quantum is used), before a backlogged step begins (`_over_budget`: it
+    parks) and when a released one is woken (`_park`: it goes to the head of the
+    queue, once, as for `_fresh`). Only a request of a principal with no backlog
+    (`SIDE_BACKLOG_BATCHES`) whose reader waits counts; any other readable socket (a
+    flood's, a reader held back by its send queue) leaves the set until its reader
+    waits again. So such a request waits for the request in progress, not a quantum,
+    and the batch ends at that step (`preempted` counts the cuts). Each look is one
+    system call, made only while principals compete and only by steps that would go
+    on or begin backlogged.
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:
@@ -343,12 +370,27 @@ class FairTurns(trio.abc.Instrument):
         #: the instrument that notes the poll's wake-ups, added only while principals
         #: compete (a hook on every reschedule costs every step a call)
         self._watch: _PollWatch | None = None
+        #: the side poll (`quiet_waiting`): the sockets of connections whose reader
+        #: waits for them (`watch`), level-triggered (None: none yet), and whose they are
+        self._side: select.epoll | None = None
+        self._side_conns: dict[int, Connection] = {}
+        #: steps cut short, or parked before they began, because the side poll found a
+        #: request of a principal with no backlog waiting (statistics)
+        self.preempted = 0
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
         if not conn.corked:
             conn.corked = True
             self._corked[trio.lowlevel.current_task()] = conn
+
+    def uncork_now(self, conn: Connection) -> None:
+        """Send `conn`'s output gathered in this step now, not when the step ends (the
+        step goes on: it polls for the client's next request, `ShimServer._poll_next`)."""
+        if conn.corked:
+            conn.corked = False
+            self._corked.pop(trio.lowlevel.current_task(), None)
+            self._uncork(conn)
 
     def waiting_for(self, task: trio.lowlevel.Task, sh: Share | None) -> None:
         """`task` waits for a socket on behalf of `sh`'s principal (None: no longer),
@@ -359,6 +401,83 @@ class FairTurns(trio.abc.Instrument):
             self._waiters_for.pop(task, None)
         else:
             self._waiters_for[task] = sh
+
+    def watch(self, conn: Connection) -> None:
+        """`conn`'s reader is about to wait for its socket: keep the socket in the side
+        poll (one `epoll_ctl` when it is not there already; a reader that waits for
+        every request pays it once)."""
+        if conn.side:
+            return
+        side = self._side
+        if side is None:
+            side = self._side = select.epoll()
+        fd = conn.sock.fileno()
+        old = self._side_conns.pop(fd, None)
+        try:
+            if old is not None:  # (a descriptor closed without unwatch, then reused)
+                old.side = False
+                side.modify(fd, select.EPOLLIN)
+            else:
+                side.register(fd, select.EPOLLIN)
+        except OSError:
+            return
+        conn.side = True
+        self._side_conns[fd] = conn
+
+    def unwatch(self, conn: Connection) -> None:
+        """Take `conn`'s socket out of the side poll (before it is closed, or when it is
+        readable and no request that goes first: see `quiet_waiting`)."""
+        if not conn.side:
+            return
+        conn.side = False
+        fd = conn.sock.fileno()
+        if self._side_conns.get(fd) is conn:
+            del self._side_conns[fd]
+            if self._side is not None:
+                try:
+                    self._side.unregister(fd)
+                except OSError:
+                    pass
+
+    def quiet_waiting(self) -> bool:
+        """Whether a request of a principal with no backlog is in its socket while its
+        reader waits for the loop's poll to wake it (a non-blocking look at the side
+        poll: one system call). A readable socket that is not that (a backlogged
+        tenant's, one whose reader does not wait) leaves the side poll until its reader
+        waits again (`watch`), so that it is not seen at every look."""
+        side = self._side
+        if side is None or not self._side_conns:
+            return False
+        oldest = self._batch - SIDE_BACKLOG_BATCHES
+        for _ in range(16):  # (bounded, whatever the kernel answers)
+            try:
+                ready = side.poll(0, 8)
+            except OSError:
+                return False
+            if not ready:
+                return False
+            for fd, _ev in ready:
+                conn = self._side_conns.get(fd)
+                if conn is not None:
+                    turn = conn.turn
+                    if conn.reading and turn is not None and turn.backlog < oldest:
+                        return True
+                    del self._side_conns[fd]
+                    conn.side = False
+                try:  # (each round takes the sockets it saw out: the loop ends)
+                    side.unregister(fd)
+                except OSError:
+                    pass
+        return False
+
+    def close(self) -> None:
+        """Close the side poll (the server stops)."""
+        if self._side is not None:
+            self._side.close()
+            self._side = None
+        for conn in self._side_conns.values():
+            conn.side = False
+        self._side_conns.clear()
 
     def _woken(self, task: trio.lowlevel.Task) -> None:
         """The poll woke `task` (`_PollWatch`): note it unless it is backlogged work."""
@@ -449,9 +568,15 @@ class FairTurns(trio.abc.Instrument):
             return True
         if sh.stepped == self._batch:
             return False  # its own step, going on
-        # Tasks the poll woke that are not backlogged work and have not run yet: they
-        # go first (the step goes to the next batch: `_park`).
-        return bool(self._backlogged_steps or self._parked or self._fresh)
+        # Tasks the poll woke that are not backlogged work and have not run yet, and
+        # requests of principals with no backlog that came since the poll: they go
+        # first (the step goes to the next batch: `_park`).
+        if self._backlogged_steps or self._parked or self._fresh:
+            return True
+        if self.quiet_waiting():
+            self.preempted += 1
+            return True
+        return False
 
     async def _park(self, sh: Share) -> None:
         """Wait in the queue of parked steps (the turn stays `sh`'s, reserved by its
@@ -486,14 +611,22 @@ class FairTurns(trio.abc.Instrument):
                 await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
             if sh is self._current:
                 self._deciding = False
-            if first or not self._fresh or sh.stepped != self._batch:
+            if first or sh.stepped != self._batch:
                 return
-            # Released into a batch with requests the poll just brought that have not run
-            # yet (trio ran this step first: it runs a batch in order or reversed at
-            # random): they go first, and this step waits again at the head of the
-            # queue. Once: the next batch's poll may bring more, but this step runs then.
+            if self._fresh:
+                # Released into a batch with requests the poll just brought that have
+                # not run yet (trio ran this step first: it runs a batch in order or
+                # reversed at random): they go first, and this step waits again at the
+                # head of the queue. Once: the next batch's poll may bring more, but this
+                # step runs then.
+                self.deferred += 1
+            elif self.quiet_waiting():
+                # A request of a principal with no backlog came during this batch: the
+                # batch ends without this step, the next poll picks the request up.
+                self.preempted += 1
+            else:
+                return
             first = True
-            self.deferred += 1
 
     def _release_parked(self, batch: int, *, everyone: bool | None = None) -> int:
         """Release the head of the parked queue to run in `batch` as its backlogged
@@ -608,7 +741,7 @@ class FairTurns(trio.abc.Instrument):
         self.batches = ServiceHistogram()
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
-        self.parked = self.deferred = 0
+        self.parked = self.deferred = self.preempted = 0
 
 
 class _PollWatch(trio.abc.Instrument):
@@ -679,6 +812,8 @@ class Connection:
     corked: bool = False
     #: the reader waits for the socket without a cancel scope (server._serve_requests)
     reading: bool = False
+    #: the socket is in FairTurns' side poll (`FairTurns.watch`)
+    side: bool = False
 
     def __post_init__(self) -> None:
         self.creds = peer_identity(self.sock, self.creds)

@@ -83,7 +83,10 @@ begun, nor while others wait parked; it parks in a queue released one a batch, f
 come first served, so a batch holds one backlogged step and a client waiting for each
 reply waits behind about one of them, not one per hostile principal; a request the
 loop's poll picks up goes before the backlogged step released into that batch
-(FairTurns, `_PollWatch`). A connection's reader takes the turn before every read of the
+(FairTurns, `_PollWatch`), and one that comes during a batch ends the step in
+progress after its current request (a non-blocking look at a side epoll set of the
+waiting readers' sockets: `FairTurns.quiet_waiting`), so it waits for that request and
+not a quantum. A connection's reader takes the turn before every read of the
 socket and every slice it decodes, a new connection before its setup, and the accept
 loop (from `accept` on) and the refusals take the server's admission turn
 (FairTurns.admission), backlogged like a flooding principal. A request that blocks (I/O, a lock) passes its
@@ -309,6 +312,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 trio.lowlevel.remove_instrument(self.turns)
             except KeyError:
                 pass
+            self.turns.close()
             trio.lowlevel.notify_closing(sock)
             sock.close()
             try:
@@ -424,6 +428,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 for fd in fds:
                     os.close(fd)
             conn.sendq.clear()
+            self.turns.unwatch(conn)
             trio.lowlevel.notify_closing(raw)
             raw.close()
 
@@ -483,7 +488,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             try:
                 data = raw.recv(RECV_BYTES)
             except BlockingIOError:
-                data = self._poll_next(raw) if deadline == math.inf else None
+                data = self._poll_next(conn) if deadline == math.inf else None
             except OSError:
                 return
             if data is None:
@@ -492,6 +497,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # request costs more than the rest of a 4 KiB read's dispatch);
                     # `Connection.doom` wakes this wait by `notify_closing`.
                     conn.reading = True
+                    turns.watch(conn)  # (FairTurns.quiet_waiting: once, while it stays in)
                     try:
                         await trio.lowlevel.wait_readable(raw)
                     except trio.ClosedResourceError:
@@ -594,11 +600,20 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                             # not, however long that request took.
                             self.turns.backlogged(turn)
                         await self._give_turn()
+                    elif now < turns.contended_until and (i + 1 < len(msgs) or
+                                                          pos < len(data)) \
+                            and turns.quiet_waiting():
+                        # A request of a principal with no backlog came during this step:
+                        # the step ends here, so the batch ends and the loop's next poll
+                        # picks it up (it waited for this request, not for a quantum).
+                        turns.preempted += 1
+                        self.turns.backlogged(turn)
+                        await self._give_turn()
                 if pos >= len(data) or conn.doomed is not None:
                     break
                 msgs = None
 
-    def _poll_next(self, raw: socket.socket) -> bytes | None:
+    def _poll_next(self, conn: Connection) -> bytes | None:
         """The connection's next request, polled for in the loop's place (None: not
         polled, or nothing came). A client that sends one small request after another
         (a 4 KiB random read) has its next one out a few µs after its reply; parking
@@ -612,7 +627,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         FUSE request, another connection, a thread's wake-up): those go through the
         loop at once, as before. It takes no one's time: the loop would spin in its idle
         poll meanwhile. The request caught is served in the same step, under the same
-        turn and quantum as a request that came in the same read."""
+        turn and quantum as a request that came in the same read. Replies gathered in
+        this step (principals compete: `FairTurns.cork`) go out before the poll: the
+        client sends its next request only once it has them (held to the step's end,
+        they waited for the whole window)."""
         idle = self.idle_poll
         if idle is None:
             return None
@@ -623,6 +641,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         if st.tasks_runnable or st.run_sync_soon_queue_size or \
                 st.seconds_to_next_deadline <= window:
             return None
+        if conn.corked:
+            self.turns.uncork_now(conn)
+        raw = conn.sock
         now = trio.current_time
         t0 = now()
         end = t0 + window
