@@ -21,6 +21,7 @@ FIGURES = {"audio": ("p99_ms", "p99_ms_solo", "deadline_miss_ratio"),
            "limit": ("max_window_ratio",)}
 
 
+@pytest.mark.exclusive
 def test_bench_qos_quick(tmp_path: Path) -> None:
     out = tmp_path / "qos.json"
     r = subprocess.run([sys.executable, "scripts/bench_qos.py", "--quick", "--json", str(out),

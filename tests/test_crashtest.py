@@ -559,10 +559,13 @@ def test_crash_rounds(tmp_path: Path) -> None:
 
 @pytest.mark.mounted
 @pytest.mark.slow
+@pytest.mark.campaign
 def test_crash_rounds_many(tmp_path: Path) -> None:
     # Seeds of the first campaign (docs/RELIABILITY.md), among them those that met
     # defects 5 and 6 and finding D1 (21 22 34 57); the campaigns themselves run as
-    # scripts/crashtest.py (the suite's time: about 30 minutes in all).
+    # scripts/crashtest.py. Not in the default run (`-m campaign`, about a minute):
+    # test_crash_rounds runs the same check on 3 seeds, and D1 keeps its own
+    # regression test (tests/test_crash_rules.py).
     _run_rounds(tmp_path, [*range(4, 12), 21, 22, 34, 57])
 
 
@@ -798,6 +801,8 @@ def test_power_run_extended_writeback(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.mounted
 @pytest.mark.slow
+@pytest.mark.campaign
 def test_power_runs_many(tmp_path: Path) -> None:
-    # (the whole suite runs `slow` tests too: 18 states, about two minutes)
+    # 18 states, about a minute: `-m campaign` (test_power_run runs the same check on
+    # one seed of 4 states in the default run)
     _power_runs(tmp_path, [1, 11, 13], 6)

@@ -1146,6 +1146,7 @@ def _start(uid: int, code: str, *args: str) -> subprocess.Popen:
 
 
 @pytest.mark.mounted
+@pytest.mark.exclusive
 def test_hostile_uids_at_once(pubmnt: Path) -> None:
     """Two hostile uids at once: one hoards connections, pipelines requests without
     reading replies, and churns connections with random disconnects mid-request; the

@@ -796,8 +796,10 @@ def test_posix_model_unprivileged(session: Session) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.campaign
 def test_posix_model_long(session: Session) -> None:
-    """The campaign: many more examples, longer sequences, both identities."""
+    """The campaign: many more examples, longer sequences, both identities (`-m
+    campaign`; the default run has test_posix_model_root and _unprivileged)."""
     examples = int(os.environ.get("SLUICE_POSIX_MODEL_EXAMPLES", "100"))
     steps = int(os.environ.get("SLUICE_POSIX_MODEL_STEPS", "60"))
     e0, s0, r0, t0 = session.examples, session.steps, session.remounts, time.monotonic()
