@@ -10,12 +10,14 @@ import collections
 import json
 import logging
 import sqlite3
-from typing import TYPE_CHECKING, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import trio
 
 from kernelshim import ExtentMap, PrincipalId, ROOT_PRINCIPAL, Rights, SluiceError
 from kernelshim.extents import blocks_to_cover
+from kernelshim.kernel import PREFLUSH_ROUNDS
 
 from .errors import Damaged, ReadOnly, WriteFailed
 from .metadata import ChangeMarks
@@ -56,6 +58,9 @@ class Transactions:
     have done."""
 
     _commit_lock: trio.Lock
+    #: durable commits (fsyncs) waiting for `_commit_lock`: the periodic commit that
+    #: holds it starts no more pre-flush rounds (`Kernel.barrier`, stop_preflush)
+    _durable_waiting: int
     #: extent maps that may hold FRESH extents: sealed by the next commit
     _unsealed: set[ExtentMap]
     #: why the volume is read-only (a read-only mount, or a failure), or None
@@ -147,7 +152,8 @@ class Transactions:
         await fs.commit()
 
     async def commit(self: FileSystem, *, durable: bool = False,
-                     principal: PrincipalId = ROOT_PRINCIPAL, file: int | None = None) -> None:
+                     principal: PrincipalId = ROOT_PRINCIPAL, file: int | None = None,
+                     preflush_rounds: int = 1) -> None:
         """End the metadata transaction (docs/dev/invariants.md, "Crash rules"):
 
         1. inside a device barrier (writes held back, everything written made durable),
@@ -162,8 +168,13 @@ class Transactions:
 
         `principal`: who asked (an fsync's caller; root for the batched committer and
         unmount): the barrier's device flush, and the write-back of `file`'s dirty
-        frames it makes (the fsync'd file), are its I/O, charged to it."""
-        async with self._commit_lock:
+        frames it makes (the fsync'd file), are its I/O, charged to it.
+
+        `preflush_rounds`: how many device flushes the barrier may make before it holds
+        writes back (`Kernel.barrier`): 1 for every commit a caller waits on; the
+        periodic commit asks for PREFLUSH_ROUNDS, and stops them as soon as a durable
+        commit waits behind it for the lock."""
+        async with self._commit_locked(durable):
             if self.write_errors:
                 return  # failed: nothing more is committed (fsync reports the failure)
             # The change marks of what this commit holds (Metadata.take_changes), taken
@@ -172,8 +183,10 @@ class Transactions:
             pending: list[tuple[int, int]] = []
             groups: list[tuple[list[tuple[int, int]], int | None]] = []
             try:
-                async with self.kernel.barrier(principal=principal, file=file,
-                                               durable=durable):
+                async with self.kernel.barrier(
+                        principal=principal, file=file, durable=durable,
+                        preflush_rounds=preflush_rounds,
+                        stop_preflush=lambda: self._durable_waiting > 0):
                     self._save_unflushed()
                     taken = self.md.take_changes()
                     self.md.commit()
@@ -218,6 +231,20 @@ class Transactions:
                     self._reap_wakeup.set()
                 else:  # offline, or unmounting: here and now
                     await self._reap_queued()
+
+    @asynccontextmanager
+    async def _commit_locked(self: FileSystem, durable: bool) -> AsyncIterator[None]:
+        """`_commit_lock`, a durable commit counted in `_durable_waiting` while it
+        waits for it."""
+        self._durable_waiting += durable
+        try:
+            await self._commit_lock.acquire()
+        finally:
+            self._durable_waiting -= durable
+        try:
+            yield
+        finally:
+            self._commit_lock.release()
 
     async def _reap_queued(self: FileSystem) -> None:
         """Give the allocator the queued freed blocks (R3): each list once no request
@@ -416,7 +443,7 @@ class Transactions:
                 continue  # failed: read-only until unmounted and checked
             if self.md.pending or self.alloc.pending_blocks or self._unsealed:
                 try:
-                    await self.commit()
+                    await self.commit(preflush_rounds=PREFLUSH_ROUNDS)
                 except WriteFailed:
                     pass  # logged by fail(); reported to the writers at their fsync
 

@@ -114,6 +114,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._direct = {}
         # -- Transactions (commit.py) ------------------------------------------------------
         self._commit_lock = trio.Lock()
+        self._durable_waiting = 0
         self._commit_seq = self._durable_seq = 0
         self._commit_ended = trio.Event()
         self._forced_at = float("-inf")

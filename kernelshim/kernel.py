@@ -55,7 +55,7 @@ import errno
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Callable, Iterable
 
 import trio
 
@@ -81,9 +81,12 @@ MIN_CACHE_FRAMES = 16
 #: a barrier that finds at least this much written since the device's last flush
 #: flushes before holding writes back (see `Kernel.barrier`) ...
 PREFLUSH_BYTES = 8 << 20
-#: ... at most this many times in a row (a commit that is not durable), as long as
-#: each flush leaves less behind than it made durable (a stream writes during each)
+#: ... at most this many times in a row (the periodic commit: its caller asks for
+#: them, `preflush_rounds`), as long as what a stream writes during each flush is at
+#: most PREFLUSH_SHRINK of what that flush made durable (each round shrinks by a quarter
+#: or more: at most 600 + 450 + 338 + 253 MB after a first flush of 600 MB)
 PREFLUSH_ROUNDS = 4
+PREFLUSH_SHRINK = 3 / 4
 #: blocks one `advise` hands the pager between two yields of the event loop (64 MiB)
 ADVISE_STEP = 16384
 
@@ -205,7 +208,9 @@ class Kernel(GrantTable, LowerLayers):
 
     @asynccontextmanager
     async def barrier(self, *, principal: PrincipalId = ROOT_PRINCIPAL,
-                      file: int | None = None, durable: bool = False
+                      file: int | None = None, durable: bool = False,
+                      preflush_rounds: int = 1,
+                      stop_preflush: Callable[[], bool] | None = None
                       ) -> AsyncIterator[None]:
         """Hold new writes back, wait for the writes in flight, make everything written
         so far durable (data, then checksums), and run the body (the metadata commit)
@@ -219,33 +224,38 @@ class Kernel(GrantTable, LowerLayers):
 
         `durable`: the body makes a durable commit (an fsync): then the device is
         flushed even with nothing written by this daemon yet, once, for what an
-        earlier one may have left in the host's cache (`may_be_unflushed`)."""
+        earlier one may have left in the host's cache (`may_be_unflushed`).
+
+        `preflush_rounds`: at most this many device flushes before writes are held
+        back (below). 1, the default, for every barrier a caller waits on (an fsync, a
+        sync, a file's write-back): more rounds would make it wait longer for others'
+        data. The periodic commit asks for PREFLUSH_ROUNDS, and passes `stop_preflush`,
+        true once a caller waits for it to end (an fsync's commit behind it): no round
+        starts then."""
         if self.pager.writeback and self._barrier is None:
             # Dirty frames written back before writers are held (the flush below
             # writes only those dirtied meanwhile). Only an optimisation, as below.
             await self.pager.write_back_dirty(principal=principal, file=file)
         rounds = 0
-        # (A durable commit, an fsync, flushes once: its caller waits for every round,
-        # and a second one would make it wait longer for others' data than before.)
-        most = 1 if durable else PREFLUSH_ROUNDS
         while (self.device.unflushed_bytes >= PREFLUSH_BYTES and self._barrier is None
-               and rounds < most):
+               and rounds < preflush_rounds
+               and not (rounds and stop_preflush is not None and stop_preflush())):
             # Much written since the last flush (a stream): make it durable before
             # holding writes back, so that the flush under the barrier — during which
             # every writer waits — has only what arrives meanwhile left to do. A
             # stream writes on during this flush (at 600 MB/s, 300 MB during the
             # half second that 600 MB took: docs/BENCHMARKS.md), so flush again while
-            # that is still much and less than the flush before made durable; each
-            # round leaves the held flush less. Only an optimisation: the barrier's
-            # own flush below is what R2 relies on.
+            # that is still much and at most PREFLUSH_SHRINK of what the flush before
+            # made durable; each round leaves the held flush less. Only an
+            # optimisation: the barrier's own flush below is what R2 relies on.
             if rounds and self.pager.writeback:
                 # (the frames dirtied during the last flush, as before the first)
                 await self.pager.write_back_dirty(principal=principal, file=file)
             flushed = self.device.unflushed_bytes
             await self.device.flush(principal=principal)
             rounds += 1
-            if self.device.unflushed_bytes >= flushed:
-                break  # the writers outpace the flushes: more rounds would not end
+            if self.device.unflushed_bytes > flushed * PREFLUSH_SHRINK:
+                break  # the writers nearly keep up with the flushes: more would not end
         while self._barrier is not None:  # one barrier at a time
             await self._barrier.wait()
         done = self._barrier = trio.Event()

@@ -200,42 +200,150 @@ async def test_barrier_holds_writes_and_waits_for_those_in_flight(tmp_path: Path
     assert order[3][1] > order[1][1] + 0.001
 
 
-@pytest.mark.parametrize("arrivals, durable, preflushed", [
-    ([300, 150, 75, 40], False, [600, 300, 150, 75]),  # flushes outpace a stream: 4
-    ([300, 5], False, [600, 300]),  # what is left is below PREFLUSH_BYTES: held flush's
-    ([600, 300], False, [600]),  # the stream outpaces the flushes: one, as before
-    ([300, 150], True, [600]),  # an fsync's barrier: one, as before
-])
-async def test_barrier_preflushes_while_each_flush_leaves_less(
-        kernel: Kernel, monkeypatch: pytest.MonkeyPatch, arrivals: list[int],
-        durable: bool, preflushed: list[int]) -> None:
-    """A barrier that finds much written since the last flush flushes before it holds
-    writes back, and — unless it is a durable commit's (an fsync's: its caller waits
-    for every round) — again while a stream's writes during the flush (`arrivals`,
-    MiB) are still PREFLUSH_BYTES or more and less than that flush made durable, at
-    most PREFLUSH_ROUNDS times: the flush under the barrier, while every writer waits,
-    has only the rest. (One pre-flush only, before: fio's writes waited 0.1-0.3 s
-    per commit, docs/BENCHMARKS.md.)"""
-    from kernelshim.kernel import PREFLUSH_BYTES
+def script_preflushes(kernel: Kernel, monkeypatch: pytest.MonkeyPatch,
+                      arrivals: list[int], then=None) -> list[int]:
+    """Replace the device's flush: each flush before the barrier holds writes (a
+    pre-flush) is logged (the MiB unflushed when it starts) and then a stream "writes"
+    the next of `arrivals` MiB during it (`then(round)` runs there too, if given); the
+    flush under the barrier is the real one. Returns the log."""
     dev = kernel.device
     real = dev.flush
     script = iter(arrivals)
     seen: list[int] = []
 
     async def flush(*, principal: PrincipalId = PrincipalId(0)) -> None:
-        if kernel._barrier is not None:  # the flush under the barrier (a durable one's)
+        if kernel._barrier is not None:  # the flush under the barrier
             await real(principal=principal)
             return
         seen.append(dev.unflushed_bytes >> 20)
         await real(principal=principal)
-        dev.unflushed_bytes = next(script) << 20  # what a stream wrote meanwhile
+        if then is not None:
+            await then(len(seen))
+        dev.unflushed_bytes = next(script, 0) << 20  # what a stream wrote meanwhile
 
     monkeypatch.setattr(dev, "flush", flush)
     dev.unflushed_bytes = 600 << 20
-    async with kernel.barrier(durable=durable):
+    return seen
+
+
+R4 = {"preflush_rounds": 4}
+
+
+@pytest.mark.parametrize("arrivals, kw, preflushed", [
+    ([300, 150, 75, 40], R4, [600, 300, 150, 75]),  # flushes outpace a stream: 4
+    ([440, 320, 230, 100], R4, [600, 440, 320, 230]),  # each a quarter smaller: 4
+    ([300, 5], R4, [600, 300]),  # what is left is below PREFLUSH_BYTES: held flush's
+    ([600, 300], R4, [600]),  # the stream outpaces the flushes: one, as before
+    # a stream a little slower than the flushes: one, not four full-size rounds
+    # (review of fio3, F3: [600, 599, 598, 597])
+    ([599, 598, 597, 596], R4, [600]),
+    ([460, 300], R4, [600]),  # shrinks by less than a quarter (PREFLUSH_SHRINK)
+    ([300, 150], {"durable": True}, [600]),  # an fsync's barrier: one, as before
+    ([300, 150], {}, [600]),  # any barrier a caller waits on: one unless asked
+])
+async def test_barrier_preflushes_while_each_flush_leaves_less(
+        kernel: Kernel, monkeypatch: pytest.MonkeyPatch, arrivals: list[int],
+        kw: dict, preflushed: list[int]) -> None:
+    """A barrier that finds much written since the last flush flushes before it holds
+    writes back, and — when its caller asks for more rounds (`preflush_rounds`: the
+    periodic commit; every barrier a caller waits on gets one) — again while a
+    stream's writes during the flush (`arrivals`, MiB) are still PREFLUSH_BYTES or
+    more and at most PREFLUSH_SHRINK (3/4) of what that flush made durable: the flush
+    under the barrier, while every writer waits, has only the rest. (One pre-flush
+    only, before: fio's writes waited 0.1-0.3 s per commit, docs/BENCHMARKS.md.)"""
+    from kernelshim.kernel import PREFLUSH_BYTES, PREFLUSH_SHRINK
+    seen = script_preflushes(kernel, monkeypatch, arrivals)
+    async with kernel.barrier(**kw):
         pass
-    assert seen == preflushed  # (PREFLUSH_ROUNDS is 4)
-    assert PREFLUSH_BYTES == 8 << 20
+    assert seen == preflushed
+    assert sum(seen) <= 600 * (1 + 0.75 + 0.75 ** 2 + 0.75 ** 3)  # docs/dev/invariants.md
+    assert PREFLUSH_BYTES == 8 << 20 and PREFLUSH_SHRINK == 0.75
+
+
+async def test_barrier_stops_preflushing_when_asked(
+        kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stop_preflush` (true once an fsync's commit waits for the periodic one) is
+    checked before every round after the first: no round starts once it is true."""
+    stop = [False]
+
+    async def after(round_: int) -> None:
+        stop[0] = round_ >= 2  # an fsync arrives during the second round
+
+    seen = script_preflushes(kernel, monkeypatch, [300, 150, 75, 40], then=after)
+    async with kernel.barrier(preflush_rounds=4, stop_preflush=lambda: stop[0]):
+        pass
+    assert seen == [600, 300]
+
+
+async def test_fsync_write_back_of_a_discardable_file_preflushes_once(
+        kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of fio3, F1: an fsync of a discardable file writes its frames back under
+    `Kernel.writeback_file`'s barrier, which its caller waits for: one pre-flush under
+    a stream, charged to that caller, not up to PREFLUSH_ROUNDS (it was 600, 300, 150,
+    75 MiB)."""
+    seen = script_preflushes(kernel, monkeypatch, [300, 150, 75, 40])
+    charged: list[PrincipalId] = []
+    real = kernel.device.flush
+
+    async def flush(*, principal: PrincipalId = PrincipalId(0)) -> None:
+        charged.append(principal)
+        await real(principal=principal)
+
+    monkeypatch.setattr(kernel.device, "flush", flush)
+    written: list[int] = []
+
+    async def writeback_file(inode: int, *, principal: PrincipalId = PrincipalId(0)) -> None:
+        written.append(inode)
+
+    async def write_back_dirty(**kw) -> None:
+        pass
+
+    monkeypatch.setattr(kernel.pager, "writeback", True, raising=False)
+    monkeypatch.setattr(kernel.pager, "dirty_discardable_files", lambda: {7})
+    monkeypatch.setattr(kernel.pager, "dirty_files", lambda: set())
+    monkeypatch.setattr(kernel.pager, "writeback_file", writeback_file)
+    monkeypatch.setattr(kernel.pager, "write_back_dirty", write_back_dirty)
+    assert await kernel.writeback_file(7, principal=P2)
+    assert seen == [600] and written == [7]
+    assert charged and set(charged) == {P2}
+
+
+async def test_preflush_rounds_write_back_what_was_dirtied_during_the_last(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of fio3, F4 (write-back on, as a --writeback mount): before each pre-flush
+    round the frames dirtied during the one before are written back, so each round's
+    flush covers them and the flush under the barrier has only what came during the
+    last; the barrier still puts every block on the device."""
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS)
+    k = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
+    try:
+        emap = ExtentMap([(0, 10, 8, FRESH)])
+        g = rw_grant(k, emap)
+        await k.write(g, 0, fill(0, BS))
+        dirty_at_flush: list[bool] = []
+
+        async def during(round_: int) -> None:  # the stream writes the next block
+            await k.write(g, round_ * BS, fill(round_, BS))
+
+        seen = script_preflushes(k, monkeypatch, [300, 150, 75, 40], then=during)
+        scripted = k.device.flush
+
+        async def flush(*, principal: PrincipalId = PrincipalId(0)) -> None:
+            if k._barrier is None:
+                dirty_at_flush.append(k.pager.has_dirty(7))
+            await scripted(principal=principal)
+
+        monkeypatch.setattr(k.device, "flush", flush)
+        async with k.barrier(preflush_rounds=4):
+            assert not k.pager.has_dirty(7)
+        assert seen == [600, 300, 150, 75]
+        assert dirty_at_flush == [False, False, False, False]  # written back before each
+        for i in range(5):  # block 0 and the four written during the rounds
+            assert await k.device.read(10 + i, 1, principal=P1) == fill(i, BS)
+    finally:
+        k.close()
 
 
 async def test_wait_quiescent_waits_for_older_requests_only(tmp_path: Path,
