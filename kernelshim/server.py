@@ -554,6 +554,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     pos = len(data)
                 if msgs:
                     deadline = math.inf
+                    if turns.side_hits:  # (FairTurns.watch: it brought a request)
+                        turns.side_hits.discard(conn)
                 for i, m in enumerate(msgs):
                     # A client that pipelined requests and hung up is not served any
                     # more: nobody reads the replies (a few queued layout_gets kept the
@@ -632,12 +634,17 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         window = idle.window_now()
         if not window:
             return None
+        if conn.corked:
+            # Out first, whatever is decided below: left corked, a task that does not
+            # poll waits until its step ends anyway, but a partial send's rest would
+            # wait for the writer (`wake_writer`) behind a whole window of polling.
+            self.turns.uncork_now(conn)
+        if conn.sendq:
+            return None  # (the writer has the rest: let it run, the loop's poll waits)
         st = trio.lowlevel.current_statistics()
         if st.tasks_runnable or st.run_sync_soon_queue_size or \
                 st.seconds_to_next_deadline <= window:
             return None
-        if conn.corked:
-            self.turns.uncork_now(conn)
         raw = conn.sock
         now = trio.current_time
         t0 = now()
