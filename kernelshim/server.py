@@ -86,7 +86,8 @@ loop's poll picks up goes before the backlogged step released into that batch
 (FairTurns, `_PollWatch`), and one that comes during a batch ends the step in
 progress after its current request (a non-blocking look at a side epoll set of the
 waiting readers' sockets: `FairTurns.quiet_waiting`), so it waits for that request and
-not a quantum. A connection's reader takes the turn before every read of the
+not a quantum (a tenant whose counted socket then brought no complete request loses
+that for SIDE_BACKLOG_BATCHES batches: a dribbler cannot cut every step). A connection's reader takes the turn before every read of the
 socket and every slice it decodes, a new connection before its setup, and the accept
 loop (from `accept` on) and the refusals take the server's admission turn
 (FairTurns.admission), backlogged like a flooding principal. A request that blocks (I/O, a lock) passes its
@@ -625,9 +626,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         loop at once, as before. It takes no one's time: the loop would spin in its idle
         poll meanwhile. The request caught is served in the same step, under the same
         turn and quantum as a request that came in the same read. Replies gathered in
-        this step (principals compete: `FairTurns.cork`) go out before the poll: the
-        client sends its next request only once it has them (held to the step's end,
-        they waited for the whole window)."""
+        this step (principals compete: `FairTurns.cork`) go out first, whether it polls
+        or not: the client sends its next request only once it has them (held to the
+        step's end, they waited for the whole window); and a connection whose send
+        queue still holds output (the socket took part: the writer has the rest) does
+        not poll, so its writer runs at once."""
         idle = self.idle_poll
         if idle is None:
             return None
