@@ -87,8 +87,9 @@ loop's poll picks up goes before the backlogged step released into that batch
 progress after its current request (a non-blocking look at a side epoll set of the
 waiting readers' sockets: `FairTurns.quiet_waiting`), so it waits for that request and
 not a quantum (a tenant whose counted socket then brought no complete request loses
-that for SIDE_BACKLOG_BATCHES batches: a dribbler cannot cut every step). A connection's reader takes the turn before every read of the
-socket and every slice it decodes, a new connection before its setup, and the accept
+that for SIDE_BACKLOG_BATCHES batches: a dribbler cannot cut every step). A
+connection's reader takes the turn before every read of the socket and every slice it
+decodes, a new connection before its setup, and the accept
 loop (from `accept` on) and the refusals take the server's admission turn
 (FairTurns.admission), backlogged like a flooding principal. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
