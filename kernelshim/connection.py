@@ -210,6 +210,10 @@ class Share:
     backlog: int = -(1 << 62)
     #: steps parked to a later batch (FairTurns.take: BATCH_SECONDS)
     parked: int = 0
+    #: the last batch in which a socket of it ended a step by the side poll and its
+    #: reader then served no complete request (`FairTurns.watch`: a dribbled byte, a
+    #: partial frame); it counts there as backlogged for SIDE_BACKLOG_BATCHES batches
+    side_miss: int = -(1 << 62)
     #: the batch in which its current (or last) step began (FairTurns._begin)
     stepped: int = -1
 
@@ -298,6 +302,10 @@ class FairTurns(trio.abc.Instrument):
     and the batch ends at that step (`preempted` counts the cuts). Each look is one
     system call, made only while principals compete and only by steps that would go
     on or begin backlogged.
+    A tenant whose counted socket brought no complete request (a dribbled byte or
+    partial frame: every look positive, every backlogged step cut to one request)
+    counts as backlogged there for SIDE_BACKLOG_BATCHES batches (`watch`,
+    `Share.side_miss`): it cuts at most one step in that many batches.
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:
@@ -377,6 +385,13 @@ class FairTurns(trio.abc.Instrument):
         #: steps cut short, or parked before they began, because the side poll found a
         #: request of a principal with no backlog waiting (statistics)
         self.preempted = 0
+        #: connections whose socket the side poll counted (`quiet_waiting`) and whose
+        #: reader has not served a complete request since (the server takes a connection
+        #: out when it decodes one); one that waits again still here made a cut for
+        #: nothing (`watch`: its tenant loses the side poll for a while)
+        self.side_hits: set[Connection] = set()
+        #: such cuts for nothing (statistics)
+        self.side_misses = 0
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -405,7 +420,20 @@ class FairTurns(trio.abc.Instrument):
     def watch(self, conn: Connection) -> None:
         """`conn`'s reader is about to wait for its socket: keep the socket in the side
         poll (one `epoll_ctl` when it is not there already; a reader that waits for
-        every request pays it once)."""
+        every request pays it once).
+
+        A connection whose socket the side poll counted (`quiet_waiting`) and whose
+        reader comes back here without having served a complete request (a byte, a
+        partial frame, dribbled to make every look positive) cut a step for nothing:
+        its tenant counts as backlogged there for SIDE_BACKLOG_BATCHES batches
+        (`Share.side_miss`), so that it cuts no more than one step in that many
+        batches."""
+        hits = self.side_hits
+        if hits and conn in hits:
+            hits.discard(conn)
+            if conn.turn is not None:
+                conn.turn.side_miss = self._batch
+            self.side_misses += 1
         if conn.side:
             return
         side = self._side
@@ -413,12 +441,24 @@ class FairTurns(trio.abc.Instrument):
             side = self._side = select.epoll()
         fd = conn.sock.fileno()
         old = self._side_conns.pop(fd, None)
+        if old is not None:
+            # A descriptor closed without unwatch, then reused: the kernel dropped the
+            # old socket's entry when it closed (modify would fail, ENOENT, and leave
+            # the new connection unwatched). Take out whatever is left, then register.
+            old.side = False
+            try:
+                side.unregister(fd)
+            except OSError:
+                pass
         try:
-            if old is not None:  # (a descriptor closed without unwatch, then reused)
-                old.side = False
+            side.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            # (the old socket still open elsewhere, a dup: its entry stays the kernel's;
+            # point it at this connection's events)
+            try:
                 side.modify(fd, select.EPOLLIN)
-            else:
-                side.register(fd, select.EPOLLIN)
+            except OSError:
+                return
         except OSError:
             return
         conn.side = True
@@ -427,6 +467,7 @@ class FairTurns(trio.abc.Instrument):
     def unwatch(self, conn: Connection) -> None:
         """Take `conn`'s socket out of the side poll (before it is closed, or when it is
         readable and no request that goes first: see `quiet_waiting`)."""
+        self.side_hits.discard(conn)
         if not conn.side:
             return
         conn.side = False
@@ -444,7 +485,9 @@ class FairTurns(trio.abc.Instrument):
         reader waits for the loop's poll to wake it (a non-blocking look at the side
         poll: one system call). A readable socket that is not that (a backlogged
         tenant's, one whose reader does not wait) leaves the side poll until its reader
-        waits again (`watch`), so that it is not seen at every look."""
+        waits again (`watch`), so that it is not seen at every look. A tenant whose
+        socket was counted and whose reader then served no complete request counts as
+        backlogged (`Share.side_miss`, see `watch`)."""
         side = self._side
         if side is None or not self._side_conns:
             return False
@@ -460,7 +503,9 @@ class FairTurns(trio.abc.Instrument):
                 conn = self._side_conns.get(fd)
                 if conn is not None:
                     turn = conn.turn
-                    if conn.reading and turn is not None and turn.backlog < oldest:
+                    if conn.reading and turn is not None and turn.backlog < oldest \
+                            and turn.side_miss < oldest:
+                        self.side_hits.add(conn)
                         return True
                     del self._side_conns[fd]
                     conn.side = False
@@ -478,6 +523,7 @@ class FairTurns(trio.abc.Instrument):
         for conn in self._side_conns.values():
             conn.side = False
         self._side_conns.clear()
+        self.side_hits.clear()
 
     def _woken(self, task: trio.lowlevel.Task) -> None:
         """The poll woke `task` (`_PollWatch`): note it unless it is backlogged work."""
@@ -741,7 +787,7 @@ class FairTurns(trio.abc.Instrument):
         self.batches = ServiceHistogram()
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
-        self.parked = self.deferred = self.preempted = 0
+        self.parked = self.deferred = self.preempted = self.side_misses = 0
 
 
 class _PollWatch(trio.abc.Instrument):

@@ -86,8 +86,10 @@ loop's poll picks up goes before the backlogged step released into that batch
 (FairTurns, `_PollWatch`), and one that comes during a batch ends the step in
 progress after its current request (a non-blocking look at a side epoll set of the
 waiting readers' sockets: `FairTurns.quiet_waiting`), so it waits for that request and
-not a quantum. A connection's reader takes the turn before every read of the
-socket and every slice it decodes, a new connection before its setup, and the accept
+not a quantum (a tenant whose counted socket then brought no complete request loses
+that for SIDE_BACKLOG_BATCHES batches: a dribbler cannot cut every step). A
+connection's reader takes the turn before every read of the socket and every slice it
+decodes, a new connection before its setup, and the accept
 loop (from `accept` on) and the refusals take the server's admission turn
 (FairTurns.admission), backlogged like a flooding principal. A request that blocks (I/O, a lock) passes its
 principal's turn on, so one principal's connections still overlap their waits. A
@@ -556,6 +558,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     pos = len(data)
                 if msgs:
                     deadline = math.inf
+                    if turns.side_hits:  # (FairTurns.watch: it brought a request)
+                        turns.side_hits.discard(conn)
                 for i, m in enumerate(msgs):
                     # A client that pipelined requests and hung up is not served any
                     # more: nobody reads the replies (a few queued layout_gets kept the
@@ -628,21 +632,28 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         loop at once, as before. It takes no one's time: the loop would spin in its idle
         poll meanwhile. The request caught is served in the same step, under the same
         turn and quantum as a request that came in the same read. Replies gathered in
-        this step (principals compete: `FairTurns.cork`) go out before the poll: the
-        client sends its next request only once it has them (held to the step's end,
-        they waited for the whole window)."""
+        this step (principals compete: `FairTurns.cork`) go out first, whether it polls
+        or not: the client sends its next request only once it has them (held to the
+        step's end, they waited for the whole window); and a connection whose send
+        queue still holds output (the socket took part: the writer has the rest) does
+        not poll, so its writer runs at once."""
         idle = self.idle_poll
         if idle is None:
             return None
         window = idle.window_now()
         if not window:
             return None
+        if conn.corked:
+            # Out first, whatever is decided below: left corked, a task that does not
+            # poll waits until its step ends anyway, but a partial send's rest would
+            # wait for the writer (`wake_writer`) behind a whole window of polling.
+            self.turns.uncork_now(conn)
+        if conn.sendq:
+            return None  # (the writer has the rest: let it run, the loop's poll waits)
         st = trio.lowlevel.current_statistics()
         if st.tasks_runnable or st.run_sync_soon_queue_size or \
                 st.seconds_to_next_deadline <= window:
             return None
-        if conn.corked:
-            self.turns.uncork_now(conn)
         raw = conn.sock
         now = trio.current_time
         t0 = now()

@@ -193,3 +193,44 @@ async def test_replies_held_for_the_step_go_out_before_the_poll(kernel: Kernel, 
         assert dt < WINDOW, dt  # each reply held for a window: 10 windows
         assert idle.hits >= 5  # and the polls caught the next reads
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reply_the_socket_did_not_take_whole_is_not_held_by_a_poll(
+        kernel: Kernel, tmp_path: Path) -> None:  # noqa: F811
+    """Review V3: `_poll_next` uncorked its replies only once it had decided to poll.
+    With a task runnable it returned first and left them corked; and when the socket
+    took only part (the writer has the rest: `wake_writer`) it polled for the whole
+    window, the runnable writer waiting behind it. Now the replies go out first, and
+    a connection with output left in its send queue does not poll."""
+    import collections
+    import socket
+    import types
+    async with trio.open_nursery() as nursery:
+        srv, _service, _path = await _serve(kernel, tmp_path, nursery)
+        idle = srv.idle_poll = FakeIdle()  # type: ignore[assignment]
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        uncorked: list[object] = []
+
+        def partial_send(conn: object) -> None:  # the socket took part of the reply
+            uncorked.append(conn)
+
+        srv.turns._uncork = partial_send  # type: ignore[method-assign]
+        try:
+            conn = types.SimpleNamespace(corked=True, sock=a, sendq=collections.deque(
+                [(memoryview(b"rest of the reply"), [])]))
+            await trio.sleep(0.01)  # (the server's tasks wait: nothing runnable)
+            t0 = time.perf_counter()
+            assert srv._poll_next(conn) is None  # type: ignore[arg-type]
+            assert time.perf_counter() - t0 < WINDOW / 2  # no window's poll
+            assert uncorked == [conn] and not conn.corked
+            assert idle.misses == idle.hits == 0
+            # a task runnable: no poll, but the replies go out all the same
+            conn.corked, conn.sendq = True, collections.deque()
+            nursery.start_soon(trio.sleep, 0)
+            assert srv._poll_next(conn) is None  # type: ignore[arg-type]
+            assert uncorked == [conn, conn] and not conn.corked
+        finally:
+            a.close()
+            b.close()
+        nursery.cancel_scope.cancel()

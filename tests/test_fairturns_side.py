@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import socket
+from typing import Any
 
 import trio
 import trio.testing
 
-from kernelshim.connection import TURN_SECONDS, FairTurns, Share
+from test_hostile import kernel  # noqa: F401 - the fixture
+
+from kernelshim.connection import SIDE_BACKLOG_BATCHES, TURN_SECONDS, FairTurns, Share
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,6 +102,8 @@ async def test_a_request_that_comes_during_a_batch_ends_the_backlogged_step(
                 continue
             await turns.take(sh)
             a.recv(16)
+            # (a complete request: as the server, out of the side poll's hits)
+            getattr(turns, "side_hits", set()).discard(conn)
             pending -= 1
             ran.append((turns._batch, "victim", trio.current_time()))
             mock_clock.jump(TURN_SECONDS / 4)  # (then back to its wait, as the server's)
@@ -207,3 +213,250 @@ def test_only_a_waiting_reader_of_a_principal_without_backlog_counts() -> None:
         for x, y in pairs:
             x.close()
             y.close()
+
+
+async def test_a_dribbler_cuts_at_most_one_step_in_a_while(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Review V1: a principal with no backlog that keeps a byte arriving in its socket
+    during every step (a dribbled partial frame, a request whose reply it does not wait
+    for) made every look of the side poll positive, and every backlogged step was cut
+    to one request (mean 1.25 requests a step, 1051 batches for 800 requests; without
+    the side poll 10.0 and 120). Its reader woke and served no complete request: its
+    tenant counts as backlogged for SIDE_BACKLOG_BATCHES batches, so it cuts at most
+    one step in that many batches. (The harness: the first test's model of the
+    server's step and reader; the reader reads the byte, decodes nothing, and waits
+    again, as the server's.)"""
+    turns = FairTurns(lambda conn: None)
+    trio.lowlevel.add_instrument(turns)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    per_step: list[int] = []
+    done = trio.Event()
+    batch0 = turns._batch
+
+    async def bulk(principal: int, n: int) -> None:
+        sh = turns.share(principal)
+        served = 0
+        while served < n:
+            await turns.take(sh)
+            t0 = trio.current_time()
+            k = 0
+            while served < n:
+                mock_clock.jump(TURN_SECONDS / 8)
+                served += 1
+                k += 1
+                try:
+                    b.send(b"x")  # the dribbler: a byte during every step
+                except BlockingIOError:
+                    pass
+                now = trio.current_time()
+                if now - t0 >= turns.quantum(now):
+                    break
+                if now < turns.contended_until and served < n and _quiet_waiting(turns):
+                    break
+            per_step.append(k)
+            if served < n:
+                turns.backlogged(sh)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def dribbler() -> None:
+        sh = turns.share(3)
+        conn = _Conn(a, sh)
+        while not done.is_set():
+            conn.reading = True
+            _watch(turns, conn)
+            with trio.move_on_after(1):
+                await trio.lowlevel.wait_readable(a)
+            conn.reading = False
+            await turns.take(sh)
+            try:
+                a.recv(1)  # a byte: no complete request
+            except BlockingIOError:
+                pass
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dribbler)
+            async with trio.open_nursery() as floods:
+                floods.start_soon(bulk, 1, 400)
+                floods.start_soon(bulk, 2, 400)
+            done.set()
+            b.send(b"x")
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+        getattr(turns, "close", lambda: None)()
+        a.close()
+        b.close()
+    batches = turns._batch - batch0
+    mean = sum(per_step) / len(per_step)
+    assert mean > 6, (mean, batches, turns.preempted)  # a quantum is 8 requests
+    assert turns.preempted <= batches // SIDE_BACKLOG_BATCHES + 2, (turns.preempted, batches)
+    assert turns.side_misses >= 1
+    assert batches < 200, batches  # without the side poll ~120
+
+
+def test_a_reused_descriptor_is_watched() -> None:
+    """Review V4: a connection whose socket was closed without `unwatch` and whose
+    descriptor number a new connection got: the kernel dropped the old entry when the
+    socket closed, so `epoll.modify` failed (ENOENT, swallowed) and the new connection
+    was not watched. Now the stale entry is dropped and the socket registered."""
+    turns = FairTurns(lambda conn: None)
+    turns._batch = 100
+    a1, b1 = socket.socketpair()
+    old = _Conn(a1, turns.share(1), reading=True)
+    turns.watch(old)
+    fd = a1.fileno()
+    a1.close()  # (closed without unwatch)
+    b1.close()
+    a2, b2 = socket.socketpair()
+    if a2.fileno() != fd:
+        a2, b2 = b2, a2
+    assert a2.fileno() == fd
+    new = _Conn(a2, turns.share(2), reading=True)
+    try:
+        turns.watch(new)
+        assert new.side and not old.side
+        assert turns._side_conns[fd] is new
+        b2.send(b"x")
+        assert turns.quiet_waiting()
+    finally:
+        turns.close()
+        a2.close()
+        b2.close()
+
+
+def test_a_watch_after_a_cut_for_nothing_costs_the_tenant_the_side_poll() -> None:
+    """Review V1, unit: a socket the side poll counted whose reader waits again without
+    having served a complete request: its tenant counts as backlogged there for
+    SIDE_BACKLOG_BATCHES batches; a reader that served one (the server takes it out of
+    `side_hits`) keeps it."""
+    turns = FairTurns(lambda conn: None)
+    turns._batch = 100
+    pairs = [socket.socketpair() for _ in range(2)]
+    honest, dribbler = (_Conn(p[0], turns.share(i + 1), reading=True)
+                        for i, p in enumerate(pairs))
+    try:
+        for c, (_x, y) in zip((honest, dribbler), pairs):
+            turns.watch(c)
+            y.send(b"x")
+            assert turns.quiet_waiting()
+            assert c in turns.side_hits
+            c.sock.recv(16)  # its reader woke and read
+        turns.side_hits.discard(honest)  # (a complete request: the server's part)
+        turns._batch = 101
+        for c in (honest, dribbler):
+            turns.watch(c)
+        assert dribbler.turn.side_miss == 101 and honest.turn.side_miss < 0
+        assert turns.side_misses == 1 and not turns.side_hits
+        pairs[1][1].send(b"x")
+        assert not turns.quiet_waiting()  # the dribbler's byte: not counted
+        pairs[0][1].send(b"x")
+        assert turns.quiet_waiting()  # the honest one's request: counted
+        # after SIDE_BACKLOG_BATCHES batches the dribbler counts again
+        turns._batch = 101 + SIDE_BACKLOG_BATCHES + 1
+        pairs[0][0].recv(16)
+        turns.side_hits.clear()
+        turns.watch(dribbler)
+        assert turns.quiet_waiting()
+    finally:
+        turns.close()
+        for x, y in pairs:
+            x.close()
+            y.close()
+
+
+async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
+        kernel: Any, tmp_path: Any, mock_clock: trio.testing.MockClock) -> None:  # noqa: F811
+    """Review V2, the server's own cut (`_serve_requests_of`): a real ShimServer, one
+    principal pipelining 3000 requests on one connection, another sending one request
+    at a time on its own, each sent while the flood's step is serving (from inside the
+    step, as a client on another CPU would). Time stands still (MockClock): the flood's
+    step would never use its quantum, so only the side poll's cut ends it; the
+    one-at-a-time requests each wait for at most the flood's request in progress and
+    one more (the flood's step released into the batch before the victim runs), not
+    for the rest of the read (hundreds)."""
+    from kernelshim.principals import PrincipalTable
+    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.server import ShimServer
+    from test_hostile import _Stats
+
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    victim_sh, flood_sh = srv.turns.share(1001), srv.turns.share(1002)
+    order = iter([victim_sh, flood_sh])
+    srv.turns.turn_of = lambda principal: next(order)  # type: ignore[method-assign]
+    events: list[str] = []
+    handle = srv._handle
+    victim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    rid = 100
+    pending = False
+    arrivals = 0
+
+    async def logging_handle(conn: Any, m: Any) -> None:
+        nonlocal rid, pending, arrivals
+        if conn.turn is flood_sh:
+            events.append("flood")
+            if not pending and arrivals < 10 and events.count("flood") % 100 == 20:
+                rid += 1
+                victim.send(encode(REQUEST, rid, {"op": "hello"}))
+                events.append("arrival")
+                pending = True
+                arrivals += 1
+        elif events:
+            events.append("victim")
+            pending = False
+        await handle(conn, m)
+
+    srv._handle = logging_handle  # type: ignore[method-assign]
+
+    async def reply(s: socket.socket, d: Decoder, n: int) -> None:
+        got = 0
+        while got < n:
+            await trio.lowlevel.wait_readable(s)
+            try:
+                got += len(d.feed(s.recv(1 << 20)))
+            except BlockingIOError:
+                pass
+
+    n = 3000
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            for s in (victim, flood):  # (connected in this order: their shares above)
+                s.connect(str(path))
+                s.setblocking(False)
+                s.send(encode(REQUEST, 1, {"op": "hello"}))
+                await reply(s, Decoder(), 1)
+            srv.turns.contended_until = math.inf  # principals compete
+            backlog = memoryview(b"".join(encode(REQUEST, i, {"op": "hello"})
+                                          for i in range(2, n + 2)))
+
+            async def send_all() -> None:
+                view = backlog
+                while view:
+                    await trio.lowlevel.wait_writable(flood)
+                    try:
+                        view = view[flood.send(view):]
+                    except BlockingIOError:
+                        pass
+
+            nursery.start_soon(send_all)
+            await reply(flood, Decoder(), n)
+            nursery.cancel_scope.cancel()
+    finally:
+        srv.turns.close()
+        victim.close()
+        flood.close()
+    waited = []
+    for i, e in enumerate(events):
+        if e == "arrival" and "victim" in events[i:]:
+            j = events.index("victim", i)
+            waited.append(events[i + 1:j].count("flood"))
+    print("flood requests each one-at-a-time request waited for:", waited,
+          "cut:", srv.turns.preempted)
+    assert max(waited) <= 2, waited  # (the server's cut disabled: [2981], the rest)
+    assert events.count("flood") == n + 1  # (and its hello)
+    assert arrivals == 10 and events.count("victim") == 10, events.count("victim")
+    assert srv.turns.preempted >= 10
