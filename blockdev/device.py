@@ -168,6 +168,10 @@ class Scheduler(Protocol):
     def expedite_writes(self) -> ContextManager[None]:
         """While inside, writes held back only by a limit are dispatched anyway."""
 
+    def limit_debt(self, principal: PrincipalId) -> float:
+        """Seconds until `principal`'s I/O limits let its next request go (0: nothing
+        owed for requests dispatched past them)."""
+
 
 
 def outside_backing_fd(path: str, owner: int, *, private: bool = True) -> int:

@@ -303,6 +303,12 @@ class _Accounting:
         FIFO holds nothing back."""
         yield
 
+    def limit_debt(self, principal: PrincipalId) -> float:
+        """Seconds until `principal`'s I/O limits (its own and its ancestors') let its
+        next request go: what it owes for requests dispatched past them (expedited).
+        0 when nothing is owed; FIFO holds nothing back."""
+        return 0.0
+
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
         """Account one completed request (arrival to completion: `latency_s`)."""
@@ -491,6 +497,17 @@ class MClockScheduler(_Accounting):
             yield
         finally:
             self._expedite -= 1
+
+    def limit_debt(self, principal: PrincipalId) -> float:
+        node = self._nodes.get(principal)
+        if node is None:
+            return 0.0
+        now = trio.current_time()
+        debt = 0.0
+        for n in node.path:
+            if n.has_lim:
+                debt = max(debt, n.limit_at() - now)
+        return debt
 
     # -- the request path -------------------------------------------------------------------
 

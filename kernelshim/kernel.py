@@ -83,6 +83,9 @@ MIN_CACHE_FRAMES = 16
 PREFLUSH_BYTES = 8 << 20
 #: blocks one `advise` hands the pager between two yields of the event loop (64 MiB)
 ADVISE_STEP = 16384
+#: under write-back, a writer that owes its I/O limit more than this many seconds (for
+#: write-back a barrier expedited past it) waits before its next write (`_repay_limit`)
+LIMIT_DEBT_SLACK = 1.0
 
 
 class Kernel(GrantTable, LowerLayers):
@@ -220,13 +223,21 @@ class Kernel(GrantTable, LowerLayers):
         if self.pager.writeback and self._barrier is None:
             # Dirty frames written back before writers are held (the flush below
             # writes only those dirtied meanwhile). Only an optimisation, as below.
-            await self.pager.write_back_dirty(principal=principal, file=file)
+            # Past their dirtiers' I/O limits, as the flush below writes them: the
+            # commit lock is held, and a tenant's dirty frames under a small limit
+            # held every other tenant's fsync for their write-back at that limit —
+            # another's, or its own fsync's (10-35 s, hostile probe 5, W1). The
+            # dirtiers repay it: their next writes wait out the debt (`write`).
+            with self.device.scheduler.expedite_writes():
+                await self.pager.write_back_dirty(principal=principal, file=file)
         if self.device.unflushed_bytes >= PREFLUSH_BYTES and self._barrier is None:
             # Much written since the last flush (a stream): make it durable before
             # holding writes back, so that the flush under the barrier — during which
             # every writer waits — has only what arrives meanwhile left to do. Only
             # an optimisation: the barrier's own flush below is what R2 relies on.
-            await self.device.flush(principal=principal)
+            # Expedited as the barrier's own (the commit lock is held).
+            with self.device.scheduler.expedite_writes():
+                await self.device.flush(principal=principal)
         while self._barrier is not None:  # one barrier at a time
             await self._barrier.wait()
         done = self._barrier = trio.Event()
@@ -271,6 +282,20 @@ class Kernel(GrantTable, LowerLayers):
         finally:
             self._barrier = None
             done.set()
+
+    async def _repay_limit(self, principal: PrincipalId) -> None:
+        """Under write-back, wait while `principal` owes its I/O limit more than
+        LIMIT_DEBT_SLACK seconds. A write into the pool needs no device request, so
+        nothing else makes a writer pay for the write-back a barrier expedited past
+        its limit (every commit writes everyone's dirty frames at once): without this
+        a tenant rewriting its dirty frames while others fsync wrote back at device
+        speed whatever its `io_limit`. Waited before the write counts as in flight
+        (`_enter_write`): a barrier never waits for it."""
+        while True:
+            debt = self.device.scheduler.limit_debt(principal)
+            if debt <= LIMIT_DEBT_SLACK:
+                return
+            await trio.sleep(debt - LIMIT_DEBT_SLACK / 2)
 
     async def _enter_write(self) -> None:
         while self._barrier is not None:
@@ -375,6 +400,8 @@ class Kernel(GrantTable, LowerLayers):
         length = len(data)
         if offset < 0:
             raise BadRequest(f"write at negative offset {offset}")
+        if self.pager.writeback:
+            await self._repay_limit(grant.principal)
         await self._enter_write()
         try:
             epoch = self._enter_grant_write(grant)
