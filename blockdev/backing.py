@@ -84,6 +84,18 @@ def reserve_space(backing: object, offset: int, length: int) -> None:
     backing.reserve(offset, length)
 
 
+def host_space(backing: object) -> tuple[int, int] | None:
+    """(bytes free to unprivileged users, total bytes) of the host filesystem holding
+    the file under `backing` (through the wrappers' `inner`); None for a real block
+    device or a backing that is not a file."""
+    while not isinstance(backing, FileBacking):
+        inner = getattr(backing, "inner", None)
+        if inner is None:
+            return None
+        backing = inner
+    return backing.host_space()
+
+
 @runtime_checkable
 class Backing(Protocol):
     """A flat, fixed-size array of bytes with a durability barrier."""
@@ -230,6 +242,14 @@ class FileBacking:
             return len(ranges), None
 
         return await trio.to_thread.run_sync(punch_all, limiter=DISCARD_LIMITER)
+
+    def host_space(self) -> tuple[int, int] | None:
+        """(bytes free to unprivileged users, total bytes) of the host filesystem
+        holding the file (`host_space`); None for a block device."""
+        if not self._is_file:
+            return None
+        st = os.fstatvfs(self._fd)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def reserve(self, offset: int, length: int) -> None:
         """fallocate(2) mode 0 over the range (see `reserve_space`); a no-op for a

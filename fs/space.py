@@ -89,11 +89,14 @@ class Space:
         return cow
 
     async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]]) -> None:
-        """With write-back, host space under newly allocated blocks is reserved before
-        the write into them is acknowledged (the data reaches the host later, in a
-        write-back that must not fail for lack of space). On failure (ENOSPC) the
-        blocks go back to the free list unused."""
-        if not runs or not self.kernel.writeback:
+        """Host space under newly allocated blocks is reserved before the write into
+        them is acknowledged (with write-back the data reaches the host later, in a
+        write-back that must not fail for lack of space), with the headroom the
+        device keeps for the metadata database: under write-through too, a tenant
+        that filled a host smaller than the volume otherwise made the next commit
+        fail and the volume read-only for everyone (hostile probe 5, H1). On failure
+        (ENOSPC) the blocks go back to the free list unused."""
+        if not runs:
             return
         try:
             await self.kernel.reserve(runs)

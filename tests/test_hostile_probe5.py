@@ -9,10 +9,18 @@ attack is its.
   write + fsync. Fixed by expediting others' frames there; and since a write into the
   pool needs no device request, the tenant now repays what was expedited before its
   next write (else it would write back at device speed whenever others fsync).
+- H1: on a host filesystem smaller than the volume (a sparse backing file), a tenant
+  that wrote until the host was full left no room for the checksum pages and the
+  metadata database: the next commit failed and the volume turned read-only for
+  everyone (another tenant's fsync of data written before: EIO), with or without
+  write-back. Host space is now reserved under every allocation, checksum pages
+  included, leaving a headroom for the metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,25 +32,25 @@ from typing import Iterator
 
 import pytest
 
-from conftest import Mount, sluice
-from shim_util import UID, user_popen
+from conftest import Mount, make_volume, sluice
+from shim_util import UID, user_popen, user_run
 
 pytestmark = pytest.mark.mounted
 
 MiB = 1 << 20
 
 
-@pytest.fixture
-def wbmnt(volume: Path, tmp_path: Path) -> Iterator[Path]:
-    """The volume mounted `--writeback --cache-size 64M` where every uid can reach it,
-    with a directory of UID's (see shim_util.pubmnt for why not below tmp_path)."""
+@contextlib.contextmanager
+def _public_mount(volume: Path, log: Path, *extra: str) -> Iterator[Path]:
+    """`volume` mounted with `extra` where every uid can reach it, with a directory
+    `u` of UID's (see shim_util.pubmnt for why not below tmp_path)."""
     base = Path(tempfile.mkdtemp(prefix="sluice-p5-", dir="/tmp"))
     os.chmod(base, 0o755)
     mp = base / "mnt"
     mp.mkdir()
-    m = Mount(volume, mp, None, tmp_path / "p5-daemon.log")
+    m = Mount(volume, mp, None, log)
     try:
-        m.start("--writeback", "--cache-size", "64M")
+        m.start(*extra)
         (mp / "u").mkdir()
         os.chown(mp / "u", UID, UID)
         yield mp
@@ -51,8 +59,16 @@ def wbmnt(volume: Path, tmp_path: Path) -> Iterator[Path]:
         m.stop()
         if not os.path.ismount(mp):
             shutil.rmtree(base, ignore_errors=True)
-    text = m.log.read_text() if m.log.exists() else ""
+    text = log.read_text() if log.exists() else ""
     assert not ("Traceback" in text and "unexpected" not in text), text[-3000:]
+
+
+@pytest.fixture
+def wbmnt(volume: Path, tmp_path: Path) -> Iterator[Path]:
+    """The volume mounted `--writeback --cache-size 64M` (`_public_mount`)."""
+    with _public_mount(volume, tmp_path / "p5-daemon.log", "--writeback",
+                       "--cache-size", "64M") as mp:
+        yield mp
 
 
 def _io(mnt: Path, name: str) -> dict:
@@ -124,3 +140,50 @@ def test_a_tenants_throttled_dirty_frames_do_not_hold_anothers_fsync(wbmnt: Path
     written = after - before
     assert written < 16 * MiB + elapsed * 1e6 + 8 * MiB, \
         f"the tenant wrote {written / MiB:.0f} MiB in {elapsed:.0f} s at a 1 MB/s limit"
+
+
+#: as the tenant: write 64 KiB pieces to argv[1] until an error; print it
+FILLER = textwrap.dedent("""
+    import os, sys
+    fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600)
+    buf = os.urandom(65536)
+    n = 0
+    try:
+        while n < 512 << 20:
+            os.pwrite(fd, buf, n)
+            n += 65536
+        print("NOERROR", n)
+    except OSError as e:
+        print("ERRNO", e.errno, n)
+""")
+
+
+@pytest.mark.parametrize("mode", ["--writeback", "--no-writeback"])
+def test_a_tenant_filling_the_host_does_not_turn_the_volume_read_only(
+        tmp_path: Path, small_tmpfs, mode: str) -> None:
+    """H1. A 1 GiB volume on a 40 MiB host filesystem: root writes 8 MiB (no fsync),
+    the tenant writes until it gets ENOSPC; then root's fsync of its file succeeds,
+    root can still create names, the daemon logged no read-only turn, fsck is clean.
+    (Old code: the commit after the host filled failed and the volume went read-only:
+    EIO at root's fsync, EROFS at its create.)"""
+    host = small_tmpfs("40m")
+    os.chmod(host, 0o755)
+    vol = make_volume(host / "vol", "1G")
+    log = tmp_path / "h1-daemon.log"
+    with _public_mount(vol, log, mode, "--cache-size", "32M") as mnt:
+        mine = os.urandom(8 * MiB)
+        fd = os.open(mnt / "root-file", os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            for off in range(0, len(mine), 65536):
+                os.pwrite(fd, mine[off:off + 65536], off)
+            r = user_run(["/usr/bin/python3", "-c", FILLER, str(mnt / "u" / "hog")], UID)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split()[:2] == ["ERRNO", str(errno.ENOSPC)], r.stdout
+            os.fsync(fd)  # old code: EIO
+        finally:
+            os.close(fd)
+        (mnt / "after").write_bytes(b"still writable")  # old code: EROFS
+        assert (mnt / "root-file").read_bytes() == mine
+    assert "read-only" not in log.read_text()
+    out = sluice("fsck", str(vol)).stdout
+    assert out.strip().endswith("clean"), out
