@@ -173,8 +173,8 @@ class Scheduler(Protocol):
         """While inside, writes held back only by a limit are dispatched anyway."""
 
     def limit_debt(self, principal: PrincipalId) -> float:
-        """Seconds until `principal`'s I/O limits let its next request go (0: nothing
-        owed for requests dispatched past them)."""
+        """Seconds `principal` still owes for its own requests a barrier dispatched
+        past its I/O limits (0: nothing); another's expedited requests never count."""
 
 
 
@@ -752,7 +752,7 @@ class BlockDevice:
         except OSError as exc:
             raise self._failed(exc, "checksum write", block, count) from None
 
-    def reserve(self, block: BlockNo, count: int) -> None:
+    def reserve(self, block: BlockNo, count: int, *, relocation: bool = False) -> None:
         """Make the host allocate the space under blocks [block, block + count) of a
         sparse backing file (fallocate mode 0: contents unchanged), so that a write of
         them later cannot fail for lack of host space. Reserves the whole aligned
@@ -761,8 +761,12 @@ class BlockDevice:
         range. The checksum pages of the blocks are reserved too, and the host
         filesystem keeps a headroom (HOST_HEADROOM_BYTES, at most an eighth of it) for
         the metadata database. OSError (ENOSPC) when the host has no room for the range
-        either, or it would leave less than the headroom free. Never blocks (no
-        checkpoint)."""
+        either, or it would leave less than the headroom free. A `relocation` (fresh
+        blocks for committed ones the same transaction frees: an overwrite, the last
+        block of a shrinking truncate) may use half of the headroom: it takes about
+        as much as it gives back once the old blocks are discarded, and refusing it
+        left a user of a full host unable even to truncate (review of probe 5, P5).
+        Never blocks (no checkpoint)."""
         self._check_range(block, count)
         if count <= 0:
             return
@@ -779,6 +783,8 @@ class BlockDevice:
         # reservation needs is counted as if none of it were allocated yet.
         room = host_space(self.data)
         avail, keep = (room[0], min(HOST_HEADROOM_BYTES, room[1] // 8)) if room else (0, 0)
+        if relocation:
+            keep //= 2
 
         def fits(nblocks: int) -> bool:
             return room is None or avail - nblocks * (bs + 8) >= keep

@@ -85,21 +85,24 @@ class Space:
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length
-        await self._reserve_host_space(got)
+        await self._reserve_host_space(got, relocation=True)
         return cow
 
-    async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]]) -> None:
+    async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]], *,
+                                  relocation: bool = False) -> None:
         """Host space under newly allocated blocks is reserved before the write into
         them is acknowledged (with write-back the data reaches the host later, in a
         write-back that must not fail for lack of space), with the headroom the
         device keeps for the metadata database: under write-through too, a tenant
         that filled a host smaller than the volume otherwise made the next commit
         fail and the volume read-only for everyone (hostile probe 5, H1). On failure
-        (ENOSPC) the blocks go back to the free list unused."""
+        (ENOSPC) the blocks go back to the free list unused. A `relocation` (COW: the
+        same transaction frees the old blocks) may use half of that headroom, so that
+        overwrites and a shrinking truncate still work on a full host (P5)."""
         if not runs:
             return
         try:
-            await self.kernel.reserve(runs)
+            await self.kernel.reserve(runs, relocation=relocation)
         except BaseException:
             self.alloc.release_now(runs)
             raise
@@ -200,6 +203,7 @@ class Space:
         node = h.inode
         principal = h.grant.principal
         bs = self.block_size
+        await self.kernel.repay_limit(principal)  # before the lock, as `write` does
         async with self._lock(node):
             emap = self._extents(node)
             grows = not keep_size and end > node.size

@@ -19,7 +19,8 @@ caller's business (the metadata server, later the principal banks), not the kern
 | sync()                        | —                   | DeviceError                             |
 | writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
 | may_be_unflushed(inode)       | (trusted caller)    | —                                       |
-| reserve(runs)                 | (trusted caller)    | DeviceFull, DeviceError                 |
+| reserve(runs, relocation=)    | (trusted caller)    | DeviceFull, DeviceError                 |
+| repay_limit(principal)        | (trusted caller)    | — (waits; call holding no lock)         |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
 |                               | for discardable)    |                                         |
@@ -86,6 +87,9 @@ ADVISE_STEP = 16384
 #: under write-back, a writer that owes its I/O limit more than this many seconds (for
 #: write-back a barrier expedited past it) waits before its next write (`_repay_limit`)
 LIMIT_DEBT_SLACK = 1.0
+#: the longest `repay_limit` sleeps before it reads the debt again (a limit removed or
+#: raised meanwhile shortens or ends the wait)
+LIMIT_DEBT_STEP = 0.25
 
 
 class Kernel(GrantTable, LowerLayers):
@@ -212,10 +216,12 @@ class Kernel(GrantTable, LowerLayers):
         before writes resume. Everything a commit in the body exposes was durable first.
 
         `principal` asked for it (an fsync's caller; root for the periodic commit): the
-        device flush is charged to it, and so is the write-back of `file`'s dirty
-        frames (the fsync'd file); other files' frames go on their dirtiers' banks.
-        The flush is expedited past `principal`'s I/O limit (it repays it afterwards),
-        as the writes the barrier waits for are: every writer waits for it.
+        device flush is charged to it. The write-back of dirty frames goes on their
+        dirtiers' banks, `file`'s (the fsync'd file) first: it is expedited past the
+        dirtiers' I/O limits, and each dirtier repays its own (`repay_limit`), never
+        the asker for another's data (review of probe 5, P2). The flush is expedited
+        past `principal`'s I/O limit (it repays it afterwards), as the writes the
+        barrier waits for are: every writer waits for it.
 
         `durable`: the body makes a durable commit (an fsync): then the device is
         flushed even with nothing written by this daemon yet, once, for what an
@@ -228,8 +234,11 @@ class Kernel(GrantTable, LowerLayers):
             # held every other tenant's fsync for their write-back at that limit —
             # another's, or its own fsync's (10-35 s, hostile probe 5, W1). The
             # dirtiers repay it: their next writes wait out the debt (`write`).
+            # Each frame on its dirtier's bank (`file`'s first), not the asker's: an
+            # fsync of a shared file must not put another's data on the asker's debt
+            # (review of probe 5, P2).
             with self.device.scheduler.expedite_writes():
-                await self.pager.write_back_dirty(principal=principal, file=file)
+                await self.pager.write_back_dirty(file=file, by_dirtier=True)
         if self.device.unflushed_bytes >= PREFLUSH_BYTES and self._barrier is None:
             # Much written since the last flush (a stream): make it durable before
             # holding writes back, so that the flush under the barrier — during which
@@ -267,7 +276,8 @@ class Kernel(GrantTable, LowerLayers):
                 self._all_unflushed = False
                 try:
                     with self.device.scheduler.expedite_writes():
-                        await self.pager.flush(principal=principal, file=file)
+                        await self.pager.flush(principal=principal, file=file,
+                                               by_dirtier=True)
                 except BaseException:
                     self._dirty = True
                     self._written_files |= flushing
@@ -283,19 +293,28 @@ class Kernel(GrantTable, LowerLayers):
             self._barrier = None
             done.set()
 
-    async def _repay_limit(self, principal: PrincipalId) -> None:
-        """Under write-back, wait while `principal` owes its I/O limit more than
-        LIMIT_DEBT_SLACK seconds. A write into the pool needs no device request, so
-        nothing else makes a writer pay for the write-back a barrier expedited past
-        its limit (every commit writes everyone's dirty frames at once): without this
-        a tenant rewriting its dirty frames while others fsync wrote back at device
-        speed whatever its `io_limit`. Waited before the write counts as in flight
-        (`_enter_write`): a barrier never waits for it."""
+    async def repay_limit(self, principal: PrincipalId) -> None:
+        """Under write-back, wait while `principal` owes its I/O limits more than
+        LIMIT_DEBT_SLACK seconds for its own write-back that a barrier expedited past
+        them (`Scheduler.limit_debt`: what its own requests went past, never a
+        sibling's under a shared limited parent). A write into the pool needs no
+        device request, so nothing else makes a writer pay for that: without this a
+        tenant rewriting its dirty frames while others fsync wrote back at device
+        speed whatever its `io_limit` (hostile probe 5, W1).
+
+        Callers call it at the entry of a request that dirties frames, before any
+        lock (fs: before the inode lock; the shim: before a direct write's slice) —
+        never the discard or reaper tasks: the wait must hold no one else (review of
+        probe 5, P4). It sleeps in steps of at most LIMIT_DEBT_STEP, re-reading the
+        debt, so that a limit removed or raised meanwhile ends it (P3). Not under
+        `_enter_write`: a barrier never waits for it. Cancellable."""
+        if not self.pager.writeback:
+            return
         while True:
             debt = self.device.scheduler.limit_debt(principal)
             if debt <= LIMIT_DEBT_SLACK:
                 return
-            await trio.sleep(debt - LIMIT_DEBT_SLACK / 2)
+            await trio.sleep(min(debt - LIMIT_DEBT_SLACK / 2, LIMIT_DEBT_STEP))
 
     async def _enter_write(self) -> None:
         while self._barrier is not None:
@@ -400,8 +419,6 @@ class Kernel(GrantTable, LowerLayers):
         length = len(data)
         if offset < 0:
             raise BadRequest(f"write at negative offset {offset}")
-        if self.pager.writeback:
-            await self._repay_limit(grant.principal)
         await self._enter_write()
         try:
             epoch = self._enter_grant_write(grant)
@@ -543,7 +560,8 @@ class Kernel(GrantTable, LowerLayers):
                 await self.pager.writeback_file(inode, principal=principal)
         return True
 
-    async def reserve(self, runs: Iterable[tuple[int, int]]) -> None:
+    async def reserve(self, runs: Iterable[tuple[int, int]], *,
+                      relocation: bool = False) -> None:
         """Reserve host space under freshly allocated device blocks (a sparse backing
         file: fallocate), so that writing them later — a write-back long after the
         write was acknowledged — cannot fail for lack of host space. DeviceFull when
@@ -554,7 +572,7 @@ class Kernel(GrantTable, LowerLayers):
         self._dirty = True
         for dev, count in runs:
             try:
-                self.device.reserve(BlockNo(dev), count)
+                self.device.reserve(BlockNo(dev), count, relocation=relocation)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "
