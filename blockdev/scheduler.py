@@ -304,9 +304,9 @@ class _Accounting:
         yield
 
     def limit_debt(self, principal: PrincipalId) -> float:
-        """Seconds `principal` owes for its own requests dispatched past its I/O limits
-        (expedited by a barrier), at those limits. 0 when nothing is owed; FIFO holds
-        nothing back."""
+        """Seconds `principal` still owes its I/O limits for its own dispatched requests
+        (those a barrier expedited past them among them; see MClockScheduler). 0 when
+        nothing is owed; FIFO holds nothing back."""
         return 0.0
 
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
