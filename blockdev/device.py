@@ -173,8 +173,14 @@ class Scheduler(Protocol):
         """While inside, writes held back only by a limit are dispatched anyway."""
 
     def limit_debt(self, principal: PrincipalId) -> float:
-        """Seconds `principal` still owes for its own requests a barrier dispatched
-        past its I/O limits (0: nothing); another's expedited requests never count."""
+        """Seconds `principal` still owes for requests a barrier dispatched past its
+        I/O limits: the largest debt of a limited node on its path of which it owes a
+        part (0: nothing, and always 0 for a principal with no I/O under that node)."""
+
+    def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
+                   step: float) -> float | None:
+        """None when `principal` owes no limited node more than `slack`; else the time
+        until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
 
 

@@ -304,10 +304,16 @@ class _Accounting:
         yield
 
     def limit_debt(self, principal: PrincipalId) -> float:
-        """Seconds `principal` still owes its I/O limits for its own dispatched requests
-        (those a barrier expedited past them among them; see MClockScheduler). 0 when
+        """Seconds `principal` still owes its I/O limits for dispatched requests (those
+        a barrier expedited past them among them; see MClockScheduler). 0 when
         nothing is owed; FIFO holds nothing back."""
         return 0.0
+
+    def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
+                   step: float) -> float | None:
+        """When a request dirtying `nbytes` of `principal`'s may go on while it is in
+        debt (see MClockScheduler): never in debt here."""
+        return None
 
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
@@ -413,11 +419,13 @@ class MClockScheduler(_Accounting):
         self._horizon = _INF
         #: barriers waiting for the writes in flight (see expedite_writes)
         self._expedite = 0
-        #: what each principal under a limit owes for its own dispatched requests,
-        #: repaid at the tightest limit on its path as time passes: [requests, bytes,
-        #: since] (`limit_debt`). A node's L tags say when its subtree may go next;
-        #: this says how far the principal's own requests alone moved them.
-        self._owed: dict[PrincipalId, list[float]] = {}
+        #: what each limited node is owed for its subtree's dispatched requests, repaid
+        #: at its own limit as time passes: [requests, bytes, since, debtors] — the
+        #: principals whose requests went into it since it last ended (`limit_debt`).
+        self._owed: dict[PrincipalId, list] = {}
+        #: per limited node in debt, when the requests that dirty frames of its
+        #: subtree's have been paced up to (`limit_pace`)
+        self._pace: dict[PrincipalId, float] = {}
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -511,43 +519,87 @@ class MClockScheduler(_Accounting):
             self._expedite -= 1
 
     def limit_debt(self, principal: PrincipalId) -> float:
-        """Seconds `principal` still owes for its own dispatched requests (those a
-        barrier expedited past its limits among them), at the tightest limit on its
-        path now, repaid as time passes: how far its own requests alone moved the
-        limit tags. Only its own: a sibling's expedited write-back that moved a shared
-        parent's tags is not this principal's debt (review of probe 5, P1)."""
-        o = self._owed.get(principal)
-        if o is None:
-            return 0.0
-        left = self._owed_seconds(principal, o[0], o[1]) - (trio.current_time() - o[2])
-        if left <= 0.0:
-            del self._owed[principal]
-            return 0.0
-        return left
-
-    def _owed_seconds(self, principal: PrincipalId, ios: float, nbytes: float) -> float:
+        """Seconds `principal` still owes its I/O limits for dispatched requests (those
+        a barrier expedited past them among them), repaid as time passes: the largest
+        debt of a limited node on its path of which it owes a part. The debt is kept
+        per limited node — its whole subtree's requests at its own limit, as its tags
+        count them — so a tenant's children share their parent's debt as they share
+        its tags (per principal, N children wrote back at N x the parent's limit:
+        second review of probe 5, R1). A principal owes a part of a node's debt when
+        one of its own requests went into it since that debt last ended: a sibling
+        that did no I/O under the node never waits for it (review of probe 5, P1)."""
         node = self._nodes.get(principal)
-        if node is None:
+        if node is None or not self._owed:
             return 0.0
-        s = 0.0
+        now = trio.current_time()
+        worst = 0.0
         for n in node.path:
-            if n.has_lim:
-                if n.l_iops and ios / n.l_iops > s:
-                    s = ios / n.l_iops
-                if n.l_bps and nbytes / n.l_bps > s:
-                    s = nbytes / n.l_bps
+            o = self._owed.get(n.id)
+            if o is None or principal not in o[3]:
+                continue
+            left = self._owed_seconds(n, o[0], o[1]) - (now - o[2])
+            if left <= 0.0:
+                del self._owed[n.id]
+                self._pace.pop(n.id, None)
+            elif left > worst:
+                worst = left
+        return worst
+
+    def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
+                   step: float) -> float | None:
+        """For a request that dirties `nbytes` of `principal`'s: None when it owes no
+        limited node on its path more than `slack` seconds; else the time until which
+        it waits. It is paced, not made to wait for the whole debt (a FUSE request
+        waiting holds the host kernel's inode lock: second review of probe 5, R2):
+        each limited node in debt keeps a clock that every such request of its
+        subtree's moves on by the request's cost at the node's limit (at least
+        `step`), so its debtors together dirty at most at its limit while it is in
+        debt, and a request waits its own cost plus that of the requests ahead."""
+        node = self._nodes.get(principal)
+        if node is None or not self._owed:
+            return None
+        now = trio.current_time()
+        until: float | None = None
+        for n in node.path:
+            o = self._owed.get(n.id)
+            if o is None or principal not in o[3]:
+                continue
+            left = self._owed_seconds(n, o[0], o[1]) - (now - o[2])
+            if left <= 0.0:
+                del self._owed[n.id]
+                self._pace.pop(n.id, None)
+                continue
+            if left <= slack:
+                continue
+            at = max(now, self._pace.get(n.id, now)) + \
+                max(step, self._owed_seconds(n, 1.0, float(nbytes)))
+            self._pace[n.id] = at
+            if until is None or at > until:
+                until = at
+        return until
+
+    @staticmethod
+    def _owed_seconds(n: Node, ios: float, nbytes: float) -> float:
+        """How long `ios` requests of `nbytes` in all take at `n`'s own limits."""
+        s = 0.0
+        if n.l_iops:
+            s = ios / n.l_iops
+        if n.l_bps and nbytes / n.l_bps > s:
+            s = nbytes / n.l_bps
         return s
 
-    def _settle(self, principal: PrincipalId, now: float) -> list[float] | None:
-        """Scale `principal`'s debt down to what is left of it at `now` (at the limits
-        in force), from `now` on; None when nothing is left."""
-        o = self._owed.get(principal)
+    def _settle(self, pid: PrincipalId, now: float) -> list | None:
+        """Scale limited node `pid`'s debt down to what is left of it at `now` (at its
+        limits in force), from `now` on; None when nothing is left (its debtors with it)."""
+        o = self._owed.get(pid)
         if o is None:
             return None
-        total = self._owed_seconds(principal, o[0], o[1])
+        n = self._nodes.get(pid)
+        total = self._owed_seconds(n, o[0], o[1]) if n is not None else 0.0
         left = total - (now - o[2])
         if left <= 0.0 or total <= 0.0:
-            del self._owed[principal]
+            del self._owed[pid]
+            self._pace.pop(pid, None)
             return None
         f = left / total
         o[0] *= f
@@ -556,20 +608,19 @@ class MClockScheduler(_Accounting):
         return o
 
     def _accrue(self, node: Node, nbytes: int, now: float) -> None:
-        """A request of `node`'s principal is dispatched at `now`: under a limit, the
-        principal owes its cost (one request, its bytes) at the tightest limit on its
-        path, after what it owed still (its own limit tag, counting only its own
-        requests)."""
+        """A request of `node`'s principal is dispatched at `now`: every limited node on
+        its path is owed its cost (one request, its bytes) at that node's limit, after
+        what it is owed still (as its limit tags count it), and the principal becomes
+        one of that node's debtors."""
         for n in node.path:
-            if n.has_lim:
-                break
-        else:
-            return
-        o = self._settle(node.id, now)
-        if o is None:
-            o = self._owed[node.id] = [0.0, 0.0, now]
-        o[0] += 1.0
-        o[1] += float(nbytes)
+            if not n.has_lim:
+                continue
+            o = self._settle(n.id, now)
+            if o is None:
+                o = self._owed[n.id] = [0.0, 0.0, now, set()]
+            o[0] += 1.0
+            o[1] += float(nbytes)
+            o[3].add(node.id)
 
     # -- the request path -------------------------------------------------------------------
 

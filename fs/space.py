@@ -203,7 +203,7 @@ class Space:
         node = h.inode
         principal = h.grant.principal
         bs = self.block_size
-        await self.kernel.repay_limit(principal)  # before the lock, as `write` does
+        await self.kernel.repay_limit(principal, self.block_size)  # before the lock
         async with self._lock(node):
             emap = self._extents(node)
             grows = not keep_size and end > node.size

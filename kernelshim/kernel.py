@@ -20,7 +20,7 @@ caller's business (the metadata server, later the principal banks), not the kern
 | writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
 | may_be_unflushed(inode)       | (trusted caller)    | —                                       |
 | reserve(runs, relocation=)    | (trusted caller)    | DeviceFull, DeviceError                 |
-| repay_limit(principal)        | (trusted caller)    | — (waits; call holding no lock)         |
+| repay_limit(principal, n)     | (trusted caller)    | — (waits; call holding no lock)         |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
 |                               | for discardable)    |                                         |
@@ -90,6 +90,9 @@ LIMIT_DEBT_SLACK = 1.0
 #: the longest `repay_limit` sleeps before it reads the debt again (a limit removed or
 #: raised meanwhile shortens or ends the wait)
 LIMIT_DEBT_STEP = 0.25
+#: the least a request that dirties frames waits while its principal is in debt
+#: (`repay_limit`: each waits its own cost at the limit, at least this)
+LIMIT_DEBT_MIN_WAIT = 0.001
 
 
 class Kernel(GrantTable, LowerLayers):
@@ -293,14 +296,26 @@ class Kernel(GrantTable, LowerLayers):
             self._barrier = None
             done.set()
 
-    async def repay_limit(self, principal: PrincipalId) -> None:
-        """Under write-back, wait while `principal` owes its I/O limits more than
-        LIMIT_DEBT_SLACK seconds for its own write-back that a barrier expedited past
-        them (`Scheduler.limit_debt`: what its own requests went past, never a
-        sibling's under a shared limited parent). A write into the pool needs no
-        device request, so nothing else makes a writer pay for that: without this a
-        tenant rewriting its dirty frames while others fsync wrote back at device
-        speed whatever its `io_limit` (hostile probe 5, W1).
+    async def repay_limit(self, principal: PrincipalId, nbytes: int) -> None:
+        """Under write-back, pace a request that dirties `nbytes` of `principal`'s
+        while it owes a limited node on its path more than LIMIT_DEBT_SLACK seconds
+        for write-back a barrier expedited past that node's limit
+        (`Scheduler.limit_debt`: the node's whole subtree's requests at its limit,
+        owed by the principals whose requests went into it — a tenant's children
+        share their parent's debt, R1; a sibling with no I/O there owes none, P1).
+        A write into the pool needs no device request, so nothing else makes a
+        writer pay for that: without this a tenant rewriting its dirty frames while
+        others fsync wrote back at device speed whatever its `io_limit` (hostile
+        probe 5, W1).
+
+        It never waits for the whole debt in one request: Linux holds the file's
+        i_rwsem across a FUSE write or truncate, so that wait held every other
+        process's write and truncate of a shared file (second review of probe 5,
+        R2). While in debt, each request waits its own cost at the limit (at least
+        LIMIT_DEBT_MIN_WAIT) after the requests of the same debtors ahead of it
+        (`Scheduler.limit_pace`): the debtors together dirty at most at the limit
+        until the debt has decayed, and one request holds a host lock about as long
+        as a write-through write at the limit does.
 
         Callers call it at the entry of a request that dirties frames, before any
         lock (fs: before the inode lock; the shim: before a direct write's slice) —
@@ -310,11 +325,17 @@ class Kernel(GrantTable, LowerLayers):
         `_enter_write`: a barrier never waits for it. Cancellable."""
         if not self.pager.writeback:
             return
+        sched = self.device.scheduler
+        until = sched.limit_pace(principal, nbytes, LIMIT_DEBT_SLACK, LIMIT_DEBT_MIN_WAIT)
+        if until is None:
+            return
         while True:
-            debt = self.device.scheduler.limit_debt(principal)
-            if debt <= LIMIT_DEBT_SLACK:
+            left = until - trio.current_time()
+            if left <= 0:
                 return
-            await trio.sleep(min(debt - LIMIT_DEBT_SLACK / 2, LIMIT_DEBT_STEP))
+            await trio.sleep(min(left, LIMIT_DEBT_STEP))
+            if sched.limit_debt(principal) <= LIMIT_DEBT_SLACK:
+                return
 
     async def _enter_write(self) -> None:
         while self._barrier is not None:

@@ -7,17 +7,99 @@ fails on the branch before its fix.
   check: a tenant filled the host, zero-ranged its file and wrote it again, the host
   filled, the next commit failed and the volume went read-only. Now the replacement
   blocks are reserved (as a relocation) before the map changes.
+- R1: the debt of expedited write-back was kept per principal, so a tenant that spread
+  its writes over N child principals wrote back at N x its limit. Now it is kept per
+  limited node, and every principal whose requests went into it owes it.
+- R2: the repayment waited for the whole debt inside one FUSE request, and Linux holds
+  the file's i_rwsem across a FUSE write or truncate: another process's write of a
+  shared file waited seconds. Now each request is paced at the limit instead.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
+import trio
+
+from blockdev import BankNode, BlockDevice, PrincipalId
+from blockdev.types import ROOT_PRINCIPAL
+from kernelshim import FRESH, ExtentMap, Kernel, Rights
 
 MiB = 1 << 20
+BS = 4096
+
+
+def P(i: int) -> PrincipalId:
+    return PrincipalId(i)
+
+
+def node(i: int, parent: int | None = 0, **kw) -> BankNode:
+    return BankNode(P(i), None if parent is None else P(parent), f"p{i}", **kw)
+
+
+async def _tenant_write_back(tmp_path: Path, nchildren: int, seconds: float) -> int:
+    """Tenant P(1) limited to 4 KiB/s; its writers are P(1) itself (nchildren=0) or
+    P(2)..P(1+n) under it, each looping: repay, write 4 blocks of its own file into
+    the pool. A commit (a barrier, which expedites every dirty frame) every second.
+    Returns the bytes the tenant's principals wrote to the device in `seconds`."""
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile="lat=125,qd=1")
+    kernel = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
+    kernel.device.timeline_slack = 0.0
+    try:
+        kids = [node(2 + i, 1) for i in range(nchildren)]
+        banks = {ROOT_PRINCIPAL: node(0, None), P(1): node(1, io_limit_bps=4096)}
+        banks.update({k.id: k for k in kids})
+        kernel.configure_banks(banks)
+        writers = [k.id for k in kids] or [P(1)]
+        grants = [kernel.grant(inode=10 + i, generation=1,
+                               extents=ExtentMap([(0, 8 + 8 * i, 4, FRESH)]),
+                               rights=Rights.RW, principal=p)
+                  for i, p in enumerate(writers)]
+        t_end = trio.current_time() + seconds
+
+        async def writer(g) -> None:
+            n = 0
+            while trio.current_time() < t_end:
+                await kernel.repay_limit(g.principal, 4 * BS)
+                for b in range(4):
+                    await kernel.write(g, b * BS, bytes([n % 250 + 1]) * BS)
+                n += 1
+                await trio.sleep(0.01)
+
+        async def committer() -> None:
+            while trio.current_time() < t_end:
+                await trio.sleep(1.0)
+                async with kernel.barrier():
+                    pass
+
+        async with trio.open_nursery() as nur:
+            for g in grants:
+                nur.start_soon(writer, g)
+            nur.start_soon(committer)
+        st = {s.principal: s for s in kernel.device.statistics().per_principal}
+        return sum(st[p].bytes_written for p in writers if p in st)
+    finally:
+        kernel.close()
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("nchildren", [0, 4, 8])
+async def test_r1_a_tenants_children_share_its_limit(tmp_path: Path, autojump_clock,
+                                                     nchildren: int) -> None:
+    """60 s at a 4 KiB/s limit, the tenant writing through itself or through 4 or 8
+    children: its write-back stays within the limit, give or take the slack and one
+    dirty share per writer (before: 4.27 and 8.00 times the limit with 4 and 8
+    children; the reviewer's reproduction)."""
+    seconds = 60.0
+    written = await _tenant_write_back(tmp_path, nchildren, seconds)
+    limit = 4096 * seconds
+    assert written <= limit + 2 * 4096 + 16 * BS * max(1, nchildren), written / limit
 
 ZERO_RANGE_HOG = """
 import ctypes, errno, os, sys
@@ -85,3 +167,68 @@ def test_r3_zero_range_then_rewrite_does_not_fill_the_host(tmp_path: Path, small
     assert "read-only" not in log.read_text()
     out = sluice("fsck", str(vol)).stdout
     assert out.strip().endswith("clean"), out
+
+
+#: as the tenant: dirty 8 MiB of the shared file argv[1]; after root's fsync (which
+#: expedits them past the tenant's 1 MB/s: about 8 s owed) write 4 KiB of it again
+TENANT = """
+import os, sys, time
+buf = os.urandom(65536)
+fd = os.open(sys.argv[1], os.O_WRONLY)
+for i in range(128):
+    os.pwrite(fd, buf, i * 65536)
+print("DIRTY", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+os.pwrite(fd, buf[:4096], 0)
+print("TENANT", round(time.monotonic() - t0, 3), flush=True)
+time.sleep(2)
+"""
+
+
+@pytest.mark.mounted
+@pytest.mark.parametrize("op", ["write", "truncate"])
+def test_r2_the_repayment_does_not_hold_the_host_inode_lock(tmp_path: Path, volume,
+                                                            op: str) -> None:
+    """A tenant at 1 MB/s owes about 8 s for its expedited write-back of a shared
+    (0666) file and writes it again; root's write or truncate of that file, started
+    0.2 s later, waits for no repayment (before: 7 s, the host kernel holding the
+    file's i_rwsem across the tenant's FUSE write) and the tenant's 4 KiB write is
+    paced (its own cost at the limit), not held for its whole debt."""
+    from conftest import sluice
+    from shim_util import UID, user_popen
+    from test_hostile_probe5 import _public_mount
+
+    with _public_mount(volume, tmp_path / "d.log", "--writeback", "--cache-size",
+                       "64M") as mnt:
+        sluice("principal", "add", str(mnt), f"uid-{UID}", "--owner", str(UID),
+               "--io-limit", "1MB/s")
+        shared = mnt / "shared"
+        shared.write_bytes(b"\0" * (8 * MiB))
+        os.chmod(shared, 0o666)
+        os.sync()
+        p = user_popen(f"import sys; sys.argv[1:] = [{str(shared)!r}]\n" + TENANT, UID)
+        try:
+            assert p.stdout.readline().strip() == "DIRTY"
+            fd = os.open(mnt / "root-file", os.O_CREAT | os.O_WRONLY, 0o600)
+            os.pwrite(fd, b"r" * 4096, 0)
+            os.fsync(fd)  # the barrier expedites the tenant's 8 MiB
+            os.close(fd)
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            if op == "write":
+                sfd = os.open(shared, os.O_WRONLY)
+                os.pwrite(sfd, b"R" * 4096, 8 * MiB - 4096)
+                os.close(sfd)
+            else:
+                os.truncate(shared, 8 * MiB - 100)
+            took = time.monotonic() - t0
+            out, _err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        tenant = float(out.split("TENANT")[1].split()[0])
+        assert took < 1.0, (took, out)
+        assert tenant < 1.0, (took, out)
