@@ -48,7 +48,7 @@ import numpy as np
 import trio
 import xxhash
 
-from .backing import Backing, FileBacking, host_space, reserve_space
+from .backing import Backing, FileBacking, host_space, release_space, reserve_space
 from .durable import StoreFileError, read_json_file
 from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
                         format_checksum_file)
@@ -788,15 +788,18 @@ class BlockDevice:
         # commit's checksum write (hostile probe 5, H1). Conservative: what the
         # reservation needs is counted as if none of it were allocated yet.
         room = host_space(self.data)
-        avail, keep = (room[0], min(HOST_HEADROOM_BYTES, room[1] // 8)) if room else (0, 0)
-        if relocation:
-            keep //= 2
+        avail, full = (room[0], min(HOST_HEADROOM_BYTES, room[1] // 8)) if room else (0, 0)
+        keep = full // 2 if relocation else full
 
-        def fits(nblocks: int) -> bool:
+        def fits(nblocks: int, keep: int = keep) -> bool:
             return room is None or avail - nblocks * (bs + 8) >= keep
 
         try:
-            if not fits(int(np.count_nonzero(~have[c0:c1])) * cb):
+            # Whole chunks only under the full headroom, relocation or not: a flagged
+            # chunk lets later new data in it past every check, so a relocation that
+            # flagged one within half the headroom let new data use the relocations'
+            # half (second review of probe 5, R4); it reserves just its range then.
+            if not fits(int(np.count_nonzero(~have[c0:c1])) * cb, full):
                 raise OSError(errno.ENOSPC, "no room for whole chunks")
             c = c0
             while c < c1:  # each run of chunks not reserved yet, in one call
@@ -821,6 +824,20 @@ class BlockDevice:
                               ) from None
             reserve_space(self.data, block * bs, count * bs)
             self.checksums.reserve(block, count)
+
+    def unreserve(self, block: BlockNo, count: int) -> None:
+        """Give back the host space under blocks [block, block + count) that `reserve`
+        reserved and nothing has written (a reservation of several runs that failed
+        at a later run: their blocks go back to the free list, and their host space
+        stayed taken and was counted again when they were reserved again: second
+        review of probe 5, R5): punch the range and forget its chunks' flags (a
+        flagged chunk must have host space under every block). Never blocks."""
+        self._check_range(block, count)
+        if count <= 0:
+            return
+        cb = self._chunk_blocks
+        release_space(self.data, block * self.block_size, count * self.block_size)
+        self._host_reserved[block // cb:(block + count - 1) // cb + 1] = False
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget the contents of blocks: they read as zeros afterwards (a hole is punched

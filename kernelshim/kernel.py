@@ -591,10 +591,21 @@ class Kernel(GrantTable, LowerLayers):
         # write (an fsync after a fallocate must not leave unwritten extents with no
         # host space under them after a power loss): the flush must not be skipped.
         self._dirty = True
+        done: list[tuple[int, int]] = []
         for dev, count in runs:
             try:
                 self.device.reserve(BlockNo(dev), count, relocation=relocation)
+                done.append((dev, count))
             except OSError as exc:
+                # The runs reserved before this one go back to the allocator with
+                # their blocks: give their host space back too (second review of
+                # probe 5, R5). Nothing has written them.
+                for d, c in done:
+                    try:
+                        self.device.unreserve(BlockNo(d), c)
+                    except OSError as undo:
+                        log.warning("giving back the host space of device blocks %d+%d "
+                                    "failed: %s", d, c, undo.strerror)
                 if exc.errno == errno.ENOSPC:
                     msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "
                            "(the host filesystem under the backing store is full)")

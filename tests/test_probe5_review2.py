@@ -13,6 +13,11 @@ fails on the branch before its fix.
 - R2: the repayment waited for the whole debt inside one FUSE request, and Linux holds
   the file's i_rwsem across a FUSE write or truncate: another process's write of a
   shared file waited seconds. Now each request is paced at the limit instead.
+- R4: a relocation could reserve a whole chunk within half the headroom, and new data
+  later allocated in that chunk met no check. Now whole chunks only under the full
+  headroom; a relocation beyond it reserves just its range.
+- R5: a reservation of several runs that failed at a later run left the earlier
+  runs' host space taken. Now it is given back.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockdev import BankNode, BlockDevice, PrincipalId
+import blockdev.device as devmod
+from blockdev import BankNode, BlockDevice, BlockNo, PrincipalId
 from blockdev.types import ROOT_PRINCIPAL
 from kernelshim import FRESH, ExtentMap, Kernel, Rights
 
@@ -232,3 +238,68 @@ def test_r2_the_repayment_does_not_hold_the_host_inode_lock(tmp_path: Path, volu
         tenant = float(out.split("TENANT")[1].split()[0])
         assert took < 1.0, (took, out)
         assert tenant < 1.0, (took, out)
+
+
+def test_r4_a_relocation_does_not_open_a_chunk_to_new_data(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    """The reviewer's reproduction (host simulated: 8 GiB, so a 64 MiB headroom):
+    with 72 MiB free a whole chunk of new data is refused; a relocation of one block
+    then reserves only its range (before: the whole 16 MiB chunk, leaving 56 MiB free
+    and the chunk flagged), and new data for the rest of that chunk is refused
+    (before: accepted with no check)."""
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * MiB, block_size=BS, profile="lat=125,qd=1")
+    dev = BlockDevice.open(d)
+    try:
+        total = 8 << 30
+        used = {"n": total - (64 + 40) * MiB}
+
+        def fake_reserve(backing, off: int, length: int) -> None:
+            if total - used["n"] - length < 0:
+                raise OSError(errno.ENOSPC, "full")
+            used["n"] += length
+
+        monkeypatch.setattr(devmod, "host_space", lambda b: (total - used["n"], total))
+        monkeypatch.setattr(devmod, "reserve_space", fake_reserve)
+        monkeypatch.setattr(dev.checksums, "reserve", lambda b, c: None)
+        cb = dev._chunk_blocks
+        dev.reserve(BlockNo(0), 1)
+        dev.reserve(BlockNo(cb), 1)  # 72 MiB free now
+        with pytest.raises(OSError):
+            dev.reserve(BlockNo(2 * cb), cb)  # a whole chunk of new data
+        dev.reserve(BlockNo(2 * cb), 1, relocation=True)
+        assert not dev._host_reserved[2]
+        assert total - used["n"] >= 64 * MiB
+        with pytest.raises(OSError):
+            dev.reserve(BlockNo(2 * cb + 1), cb - 1)  # new data: the headroom holds
+    finally:
+        dev.close()
+
+
+@pytest.mark.trio
+async def test_r5_a_failed_reservation_gives_back_its_earlier_runs(tmp_path: Path,
+                                                                  small_tmpfs) -> None:
+    """A 32 MiB volume on an 8 MiB host (no room for a whole chunk): a reservation of
+    two runs, 256 KiB then 16 MiB, fails at the second; the host's free space is what
+    it was before (before the fix: 256 KiB less, until those blocks were written,
+    freed and discarded)."""
+    from blockdev.errors import DeviceFull
+
+    d = small_tmpfs("8m") / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=8192 * BS, block_size=BS, profile="lat=125,qd=1")
+    kernel = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
+    try:
+        def free() -> int:
+            st = os.statvfs(d)
+            return st.f_bavail * st.f_frsize
+
+        before = free()
+        with pytest.raises(DeviceFull):
+            await kernel.reserve([(16, 64), (2000, 4096)])
+        assert before - free() < 64 * 1024, before - free()
+        await kernel.reserve([(16, 64)])  # and it can be reserved again
+        assert 64 * BS <= before - free() < 64 * BS + 64 * 1024
+    finally:
+        kernel.close()
