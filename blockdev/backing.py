@@ -84,6 +84,31 @@ def reserve_space(backing: object, offset: int, length: int) -> None:
     backing.reserve(offset, length)
 
 
+def release_space(backing: object, offset: int, length: int) -> None:
+    """Give back the host space under a range `reserve_space` reserved and nothing has
+    written since (a hole punch: it read as zeros before and after, so no wrapper or
+    recording needs to see it). No-op where `reserve_space` is one. OSError from the
+    host."""
+    while not isinstance(backing, FileBacking):
+        inner = getattr(backing, "inner", None)
+        if inner is None:
+            return
+        backing = inner
+    backing.unreserve(offset, length)
+
+
+def host_space(backing: object) -> tuple[int, int] | None:
+    """(bytes free to unprivileged users, total bytes) of the host filesystem holding
+    the file under `backing` (through the wrappers' `inner`); None for a real block
+    device or a backing that is not a file."""
+    while not isinstance(backing, FileBacking):
+        inner = getattr(backing, "inner", None)
+        if inner is None:
+            return None
+        backing = inner
+    return backing.host_space()
+
+
 @runtime_checkable
 class Backing(Protocol):
     """A flat, fixed-size array of bytes with a durability barrier."""
@@ -231,6 +256,14 @@ class FileBacking:
 
         return await trio.to_thread.run_sync(punch_all, limiter=DISCARD_LIMITER)
 
+    def host_space(self) -> tuple[int, int] | None:
+        """(bytes free to unprivileged users, total bytes) of the host filesystem
+        holding the file (`host_space`); None for a block device."""
+        if not self._is_file:
+            return None
+        st = os.fstatvfs(self._fd)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
     def reserve(self, offset: int, length: int) -> None:
         """fallocate(2) mode 0 over the range (see `reserve_space`); a no-op for a
         block device. OSError with the host's errno (ENOSPC)."""
@@ -244,6 +277,13 @@ class FileBacking:
             return
         raise OSError(err, f"{self._path}: cannot reserve {offset}+{length}: "
                       f"{os.strerror(err)}")
+
+    def unreserve(self, offset: int, length: int) -> None:
+        """Punch the range `reserve` reserved (see `release_space`); a no-op for a block
+        device or a host that cannot fallocate."""
+        if not self._is_file or length <= 0 or self._no_fallocate:
+            return
+        punch_hole(self._fd, offset, length)
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(self.flush_sync, limiter=FLUSH_LIMITER)

@@ -39,7 +39,7 @@ import numpy as np
 import trio
 import xxhash
 
-from .backing import Backing
+from .backing import Backing, reserve_space
 from .errors import FormatError
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,18 @@ class ChecksumStore:
                               f"({backing.size} of {end} bytes)")
         image = bytearray(backing.pread(0, end))
         return cls(backing, image, offset, nblocks)
+
+    def reserve(self, block: int, count: int) -> None:
+        """Make the host allocate the file pages holding entries [block, block + count)
+        (fallocate mode 0, see `backing.reserve_space`): a later `persist` of them
+        cannot fail for lack of host space. OSError (ENOSPC) when there is no room."""
+        if count <= 0:
+            return
+        start = self._offset + block * _ENTRY
+        end = self._offset + (block + count) * _ENTRY
+        p0 = start - start % PAGE
+        p1 = min(len(self._image), end + (-end % PAGE))
+        reserve_space(self.backing, p0, p1 - p0)
 
     async def persist(self, block: int, count: int) -> None:
         """Write the file pages holding entries [block, block + count) as they are in

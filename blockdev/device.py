@@ -48,7 +48,7 @@ import numpy as np
 import trio
 import xxhash
 
-from .backing import Backing, FileBacking, reserve_space
+from .backing import Backing, FileBacking, host_space, release_space, reserve_space
 from .durable import StoreFileError, read_json_file
 from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
                         format_checksum_file)
@@ -78,6 +78,10 @@ DEFAULT_TIMELINE_SLACK = 1e-3
 #: chunks of this many bytes: one fallocate per chunk, not one per allocation (a 1 MiB
 #: fallocate cost the daemon 0.1-0.2 ms, a sixth of a sequential writer's request)
 RESERVE_CHUNK_BYTES = 16 << 20
+#: host space `BlockDevice.reserve` leaves free for what no reservation covers — the
+#: metadata database beside the device (its WAL grows with every commit) — at most
+#: this, and at most an eighth of the host filesystem
+HOST_HEADROOM_BYTES = 64 << 20
 #: a discard of many runs (`discard_runs`) gives the event loop back between two hole
 #: punches once it has held it this long
 DISCARD_STEP_SECONDS = 1e-3
@@ -167,6 +171,16 @@ class Scheduler(Protocol):
 
     def expedite_writes(self) -> ContextManager[None]:
         """While inside, writes held back only by a limit are dispatched anyway."""
+
+    def limit_debt(self, principal: PrincipalId) -> float:
+        """Seconds `principal` still owes for requests a barrier dispatched past its
+        I/O limits: the largest debt of a limited node on its path of which it owes a
+        part (0: nothing, and always 0 for a principal with no I/O under that node)."""
+
+    def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
+                   step: float) -> float | None:
+        """None when `principal` owes no limited node more than `slack`; else the time
+        until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
 
 
@@ -744,13 +758,20 @@ class BlockDevice:
         except OSError as exc:
             raise self._failed(exc, "checksum write", block, count) from None
 
-    def reserve(self, block: BlockNo, count: int) -> None:
+    def reserve(self, block: BlockNo, count: int, *, relocation: bool = False) -> None:
         """Make the host allocate the space under blocks [block, block + count) of a
         sparse backing file (fallocate mode 0: contents unchanged), so that a write of
         them later cannot fail for lack of host space. Reserves the whole aligned
         chunks (RESERVE_CHUNK_BYTES) the range touches, once each until a discard in
         the chunk punches a hole; if the host has no room for whole chunks, just the
-        range. OSError (ENOSPC) when the host has no room for the range either.
+        range. The checksum pages of the blocks are reserved too, and the host
+        filesystem keeps a headroom (HOST_HEADROOM_BYTES, at most an eighth of it) for
+        the metadata database. OSError (ENOSPC) when the host has no room for the range
+        either, or it would leave less than the headroom free. A `relocation` (fresh
+        blocks for committed ones the same transaction frees: an overwrite, the last
+        block of a shrinking truncate) may use half of the headroom: it takes about
+        as much as it gives back once the old blocks are discarded, and refusing it
+        left a user of a full host unable even to truncate (review of probe 5, P5).
         Never blocks (no checkpoint)."""
         self._check_range(block, count)
         if count <= 0:
@@ -761,7 +782,25 @@ class BlockDevice:
         if have[c0:c1].all():
             return
         bs = self.block_size
+        # The checksum pages of the blocks are reserved with them, and the host keeps
+        # a headroom for the metadata database: a tenant that filled a host smaller
+        # than the device turned the volume read-only for everyone, at the next
+        # commit's checksum write (hostile probe 5, H1). Conservative: what the
+        # reservation needs is counted as if none of it were allocated yet.
+        room = host_space(self.data)
+        avail, full = (room[0], min(HOST_HEADROOM_BYTES, room[1] // 8)) if room else (0, 0)
+        keep = full // 2 if relocation else full
+
+        def fits(nblocks: int, keep: int = keep) -> bool:
+            return room is None or avail - nblocks * (bs + 8) >= keep
+
         try:
+            # Whole chunks only under the full headroom, relocation or not: a flagged
+            # chunk lets later new data in it past every check, so a relocation that
+            # flagged one within half the headroom let new data use the relocations'
+            # half (second review of probe 5, R4); it reserves just its range then.
+            if not fits(int(np.count_nonzero(~have[c0:c1])) * cb, full):
+                raise OSError(errno.ENOSPC, "no room for whole chunks")
             c = c0
             while c < c1:  # each run of chunks not reserved yet, in one call
                 if have[c]:
@@ -772,13 +811,33 @@ class BlockDevice:
                     e += 1
                 lo, hi = c * cb, min(e * cb, self.nblocks)
                 reserve_space(self.data, lo * bs, (hi - lo) * bs)
+                self.checksums.reserve(lo, hi - lo)
                 have[c:e] = True
                 c = e
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
             # No room for whole chunks: what is asked for may still fit.
+            if not fits(count):
+                raise OSError(errno.ENOSPC, f"{self.data.name}: the host filesystem keeps "
+                                            f"{keep} bytes free for the volume's metadata"
+                              ) from None
             reserve_space(self.data, block * bs, count * bs)
+            self.checksums.reserve(block, count)
+
+    def unreserve(self, block: BlockNo, count: int) -> None:
+        """Give back the host space under blocks [block, block + count) that `reserve`
+        reserved and nothing has written (a reservation of several runs that failed
+        at a later run: their blocks go back to the free list, and their host space
+        stayed taken and was counted again when they were reserved again: second
+        review of probe 5, R5): punch the range and forget its chunks' flags (a
+        flagged chunk must have host space under every block). Never blocks."""
+        self._check_range(block, count)
+        if count <= 0:
+            return
+        cb = self._chunk_blocks
+        release_space(self.data, block * self.block_size, count * self.block_size)
+        self._host_reserved[block // cb:(block + count - 1) // cb + 1] = False
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget the contents of blocks: they read as zeros afterwards (a hole is punched

@@ -303,6 +303,18 @@ class _Accounting:
         FIFO holds nothing back."""
         yield
 
+    def limit_debt(self, principal: PrincipalId) -> float:
+        """Seconds `principal` still owes its I/O limits for dispatched requests (those
+        a barrier expedited past them among them; see MClockScheduler). 0 when
+        nothing is owed; FIFO holds nothing back."""
+        return 0.0
+
+    def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
+                   step: float) -> float | None:
+        """When a request dirtying `nbytes` of `principal`'s may go on while it is in
+        debt (see MClockScheduler): never in debt here."""
+        return None
+
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
         """Account one completed request (arrival to completion: `latency_s`)."""
@@ -407,6 +419,13 @@ class MClockScheduler(_Accounting):
         self._horizon = _INF
         #: barriers waiting for the writes in flight (see expedite_writes)
         self._expedite = 0
+        #: what each limited node is owed for its subtree's dispatched requests, repaid
+        #: at its own limit as time passes: [requests, bytes, since, debtors] — the
+        #: principals whose requests went into it since it last ended (`limit_debt`).
+        self._owed: dict[PrincipalId, list] = {}
+        #: per limited node in debt, when the requests that dirty frames of its
+        #: subtree's have been paced up to (`limit_pace`)
+        self._pace: dict[PrincipalId, float] = {}
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -432,6 +451,13 @@ class MClockScheduler(_Accounting):
         and waiting requests, then dispatch what the new banks allow."""
         self.banks = tree
         nodes = self._nodes
+        now = _now_or_none()
+        if self._owed and now is not None:
+            # What is owed is kept in requests and bytes, repaid at the limits in
+            # force: settle it at the old ones, the new ones apply from now on (a
+            # limit removed or raised takes effect at once for the debt too).
+            for pid in list(self._owed):
+                self._settle(pid, now)
         for pid in tree:
             if pid not in nodes:
                 nodes[pid] = Node(pid, self._c(pid))
@@ -492,6 +518,110 @@ class MClockScheduler(_Accounting):
         finally:
             self._expedite -= 1
 
+    def limit_debt(self, principal: PrincipalId) -> float:
+        """Seconds `principal` still owes its I/O limits for dispatched requests (those
+        a barrier expedited past them among them), repaid as time passes: the largest
+        debt of a limited node on its path of which it owes a part. The debt is kept
+        per limited node — its whole subtree's requests at its own limit, as its tags
+        count them — so a tenant's children share their parent's debt as they share
+        its tags (per principal, N children wrote back at N x the parent's limit:
+        second review of probe 5, R1). A principal owes a part of a node's debt when
+        one of its own requests went into it since that debt last ended: a sibling
+        that did no I/O under the node never waits for it (review of probe 5, P1)."""
+        node = self._nodes.get(principal)
+        if node is None or not self._owed:
+            return 0.0
+        now = trio.current_time()
+        worst = 0.0
+        for n in node.path:
+            o = self._owed.get(n.id)
+            if o is None or principal not in o[3]:
+                continue
+            left = self._owed_seconds(n, o[0], o[1]) - (now - o[2])
+            if left <= 0.0:
+                del self._owed[n.id]
+                self._pace.pop(n.id, None)
+            elif left > worst:
+                worst = left
+        return worst
+
+    def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
+                   step: float) -> float | None:
+        """For a request that dirties `nbytes` of `principal`'s: None when it owes no
+        limited node on its path more than `slack` seconds; else the time until which
+        it waits. It is paced, not made to wait for the whole debt (a FUSE request
+        waiting holds the host kernel's inode lock: second review of probe 5, R2):
+        each limited node in debt keeps a clock that every such request of its
+        subtree's moves on by the request's cost at the node's limit (at least
+        `step`), so its debtors together dirty at most at its limit while it is in
+        debt, and a request waits its own cost plus that of the requests ahead."""
+        node = self._nodes.get(principal)
+        if node is None or not self._owed:
+            return None
+        now = trio.current_time()
+        until: float | None = None
+        for n in node.path:
+            o = self._owed.get(n.id)
+            if o is None or principal not in o[3]:
+                continue
+            left = self._owed_seconds(n, o[0], o[1]) - (now - o[2])
+            if left <= 0.0:
+                del self._owed[n.id]
+                self._pace.pop(n.id, None)
+                continue
+            if left <= slack:
+                continue
+            at = max(now, self._pace.get(n.id, now)) + \
+                max(step, self._owed_seconds(n, 1.0, float(nbytes)))
+            self._pace[n.id] = at
+            if until is None or at > until:
+                until = at
+        return until
+
+    @staticmethod
+    def _owed_seconds(n: Node, ios: float, nbytes: float) -> float:
+        """How long `ios` requests of `nbytes` in all take at `n`'s own limits."""
+        s = 0.0
+        if n.l_iops:
+            s = ios / n.l_iops
+        if n.l_bps and nbytes / n.l_bps > s:
+            s = nbytes / n.l_bps
+        return s
+
+    def _settle(self, pid: PrincipalId, now: float) -> list | None:
+        """Scale limited node `pid`'s debt down to what is left of it at `now` (at its
+        limits in force), from `now` on; None when nothing is left (its debtors with it)."""
+        o = self._owed.get(pid)
+        if o is None:
+            return None
+        n = self._nodes.get(pid)
+        total = self._owed_seconds(n, o[0], o[1]) if n is not None else 0.0
+        left = total - (now - o[2])
+        if left <= 0.0 or total <= 0.0:
+            del self._owed[pid]
+            self._pace.pop(pid, None)
+            return None
+        f = left / total
+        o[0] *= f
+        o[1] *= f
+        o[2] = now
+        return o
+
+    def _accrue(self, node: Node, nbytes: int, now: float) -> None:
+        """A request of `node`'s principal is dispatched at `now`: every limited node on
+        its path is owed its cost (one request, its bytes) at that node's limit, after
+        what it is owed still (as its limit tags count it), and the principal becomes
+        one of that node's debtors."""
+        for n in node.path:
+            if not n.has_lim:
+                continue
+            o = self._settle(n.id, now)
+            if o is None:
+                o = self._owed[n.id] = [0.0, 0.0, now, set()]
+            o[0] += 1.0
+            o[1] += float(nbytes)
+            o[3].add(node.id)
+
     # -- the request path -------------------------------------------------------------------
 
     def slot(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
@@ -525,6 +655,7 @@ class MClockScheduler(_Accounting):
         if self._busy < self.queue_depth and not self._queued and may_go:
             # The device has a free channel and nobody waits: go now.
             charge(req, now, res_node=None)
+            self._accrue(node, nbytes, now)
             self._busy += 1
             await trio.lowlevel.cancel_shielded_checkpoint()
             return arrival
@@ -688,6 +819,7 @@ class MClockScheduler(_Accounting):
             node.counters.waiting -= 1
             self._queued -= 1
             charge(req, t, res_node=res_node, queued=True)
+            self._accrue(node, req.nbytes, t)
             self._unbacklog(node)
             self._busy += 1
             req.granted = True

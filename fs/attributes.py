@@ -98,6 +98,8 @@ class Attributes:
             raise InvalidArgument("negative size")
         if size > MAX_FILE_SIZE:
             raise FileTooLarge(f"size {size} beyond the maximum file size")
+        # (its zeroing writes frames: repaid before the lock, as `write` does)
+        await self.kernel.repay_limit(principal, self.block_size)
         async with self._lock(node):
             await self._undiscard_locked(node)
             await self._truncate_locked(node, size, principal=principal,

@@ -96,6 +96,7 @@ class Layouts:
             return 0
         bs = self.block_size
         b0, b1 = block_span(offset, length, bs)
+        await self.kernel.repay_limit(grant.principal, (b1 - b0) * bs)  # before the lock
         async with self._lock(node):
             self._direct_node(grant)
             self._direct_kill_priv(node, grant)
@@ -135,6 +136,7 @@ class Layouts:
         NotAllocated for holes (those need a write layout: storage is charged there)."""
         self._writable()
         node = self._direct_node(grant)
+        await self.kernel.repay_limit(grant.principal, len(data))  # before the lock
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
             self._direct_kill_priv(node, grant)
@@ -148,6 +150,7 @@ class Layouts:
         if offset < 0 or length < 0 or offset + length > MAX_FILE_SIZE:
             raise InvalidArgument(f"commit range {offset}+{length}")
         bs = self.block_size
+        await self.kernel.repay_limit(grant.principal, 0)  # before the lock, as `write` does
         async with self._lock(node):
             self._direct_node(grant)
             # Exactly what was written through this grant becomes part of the file:
@@ -197,6 +200,7 @@ class Layouts:
         self._writable()
         node = self._direct_node(grant)
         n = len(data)
+        await self.kernel.repay_limit(grant.principal, n)  # before the lock, as `write` does
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
             offset = node.size

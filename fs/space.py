@@ -85,18 +85,24 @@ class Space:
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length
-        await self._reserve_host_space(got)
+        await self._reserve_host_space(got, relocation=True)
         return cow
 
-    async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]]) -> None:
-        """With write-back, host space under newly allocated blocks is reserved before
-        the write into them is acknowledged (the data reaches the host later, in a
-        write-back that must not fail for lack of space). On failure (ENOSPC) the
-        blocks go back to the free list unused."""
-        if not runs or not self.kernel.writeback:
+    async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]], *,
+                                  relocation: bool = False) -> None:
+        """Host space under newly allocated blocks is reserved before the write into
+        them is acknowledged (with write-back the data reaches the host later, in a
+        write-back that must not fail for lack of space), with the headroom the
+        device keeps for the metadata database: under write-through too, a tenant
+        that filled a host smaller than the volume otherwise made the next commit
+        fail and the volume read-only for everyone (hostile probe 5, H1). On failure
+        (ENOSPC) the blocks go back to the free list unused. A `relocation` (COW: the
+        same transaction frees the old blocks) may use half of that headroom, so that
+        overwrites and a shrinking truncate still work on a full host (P5)."""
+        if not runs:
             return
         try:
-            await self.kernel.reserve(runs)
+            await self.kernel.reserve(runs, relocation=relocation)
         except BaseException:
             self.alloc.release_now(runs)
             raise
@@ -197,6 +203,7 @@ class Space:
         node = h.inode
         principal = h.grant.principal
         bs = self.block_size
+        await self.kernel.repay_limit(principal, self.block_size)  # before the lock
         async with self._lock(node):
             emap = self._extents(node)
             grows = not keep_size and end > node.size
@@ -290,21 +297,40 @@ class Space:
             if not data:
                 return
             await self._ensure_free(data, reserve=False)
+            # The replacement blocks are allocated and their host space reserved before
+            # the map changes, as every other allocation is (a later write into them
+            # allocates nothing, so it would never meet the headroom check: second
+            # review of probe 5, R3). They stand in for blocks the same transaction
+            # frees: a relocation. ENOSPC here leaves the file untouched.
+            pool = self.alloc.allocate(data, emap.goal(f0))
+            await self._reserve_host_space(pool, relocation=True)
         # From here to the regrant: no checkpoint (the map and the grants change as one).
         # One pass over the range (remove_data), not one map edit per run: each edit
         # moves the tail of the map, and a punch of a file of N one-block extents was
         # O(N^2) in this step, which nothing else shares (RELIABILITY 2026-12-01).
         gone = emap.remove_data(f0, f1 - f0)
         if not gone:
+            if replace:
+                self.alloc.release_now(pool)
             return
         freed = [(dev, n, owner) for _fb, dev, n, owner in gone]
         if replace:
             fresh: list[tuple[int, int, int, int, int]] = []
+            left = list(pool)  # carved, in order, into the runs that went
             for at, _dev, n, owner in gone:
-                for start, got in self.alloc.allocate(
-                        n, fresh[-1][1] + fresh[-1][2] if fresh else emap.goal(at)):
+                while n:
+                    if not left:  # (the map cannot grow under the node lock; defensive)
+                        left = self.alloc.allocate(n, emap.goal(at))
+                    start, have = left[0]
+                    got = min(n, have)
                     fresh.append((at, start, got, UNWRITTEN, owner))
+                    left[0] = (start + got, have - got)
+                    if not left[0][1]:
+                        left.pop(0)
                     at += got
+                    n -= got
+            if left:
+                self.alloc.release_now(left)
             emap.add_many(fresh)
         old_grants = self._regrant(node)
         self._save_extents(node)

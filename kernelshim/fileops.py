@@ -258,6 +258,9 @@ class FileOps(ServerBase):
         reply to go on (docs/dev/protocol.md). The periodic commit may seal freshly
         laid-out blocks before the write lands: a few attempts."""
         bs = self.kernel.block_size
+        # What a barrier expedited of this principal's write-back is repaid before the
+        # slice, holding no lock (the kernel's write no longer waits for it: P4).
+        await self.kernel.repay_limit(g.principal, len(piece))
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 b0, b1 = block_span(offset, len(piece), bs)

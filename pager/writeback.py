@@ -319,13 +319,15 @@ class WriteBack(Observed):
                 await self._io_done.park()
 
     async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL,
-                    file: int | None = None) -> None:
+                    file: int | None = None, by_dirtier: bool = False) -> None:
         """Write back every dirty frame that is not discardable (those are a cache by
         contract and reach the device only by `writeback_file`), wait for write-back in
         flight, then flush the device. The flush is charged to `principal` (who asked
         for it: an fsync's caller, root for the periodic commit), and so is the
-        write-back of `file`'s frames (the fsync'd file); every other frame is
-        written on its dirtier's bank."""
+        write-back of `file`'s frames (the fsync'd file), written first, unless
+        `by_dirtier` (the kernel's barrier, which expedites it: then on their
+        dirtiers' banks, who repay it); every other frame is written on its
+        dirtier's bank."""
         if self._tw is not None:
             self._trace_op(tr.FLUSH, 0, 0, 0, 0, 0)
         if self.writeback:
@@ -335,16 +337,18 @@ class WriteBack(Observed):
                 cand &= ~self._disc
             if file is not None:
                 mine = cand & (self._file == file)
-                await self._write_back_until_clean(np.flatnonzero(mine), principal=principal)
+                await self._write_back_until_clean(
+                    np.flatnonzero(mine), principal=None if by_dirtier else principal)
                 cand &= ~mine
             await self._write_back_until_clean(np.flatnonzero(cand))
         await self.device.flush(principal=principal)
 
     async def write_back_dirty(self, *, principal: PrincipalId | None = None,
-                               file: int | None = None) -> None:
+                               file: int | None = None, by_dirtier: bool = False) -> None:
         """Write back the frames dirty now that `flush` would write (not the
         discardable ones under `hinted`), without waiting for write-behinds or flushing
-        the device; `file`'s on `principal`'s bank, as `flush` does. A commit's barrier
+        the device; `file`'s first, on `principal`'s bank (or, `by_dirtier`, on their
+        dirtiers', as every other frame), as `flush` does. A commit's barrier
         calls it before it holds writers back, so that
         its own flush, during which every writer waits, has only what is dirtied
         meanwhile (a sequential writer leaves a dirty edge block per request: hundreds
@@ -355,11 +359,12 @@ class WriteBack(Observed):
         cand = self._state == DIRTY
         if self._hinted:
             cand &= ~self._disc
-        if file is not None and principal is not None:
+        if file is not None and (principal is not None or by_dirtier):
             mine = cand & (self._file == file)
             frames = np.flatnonzero(mine)
             if len(frames):
-                await self._writeback_frames([int(f) for f in frames], principal=principal)
+                await self._writeback_frames([int(f) for f in frames],
+                                             principal=None if by_dirtier else principal)
             cand = (self._state == DIRTY) & ~mine
             if self._hinted:
                 cand &= ~self._disc
