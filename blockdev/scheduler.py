@@ -528,22 +528,8 @@ class MClockScheduler(_Accounting):
         second review of probe 5, R1). A principal owes a part of a node's debt when
         one of its own requests went into it since that debt last ended: a sibling
         that did no I/O under the node never waits for it (review of probe 5, P1)."""
-        node = self._nodes.get(principal)
-        if node is None or not self._owed:
-            return 0.0
-        now = trio.current_time()
-        worst = 0.0
-        for n in node.path:
-            o = self._owed.get(n.id)
-            if o is None or principal not in o[3]:
-                continue
-            left = self._owed_seconds(n, o[0], o[1]) - (now - o[2])
-            if left <= 0.0:
-                del self._owed[n.id]
-                self._pace.pop(n.id, None)
-            elif left > worst:
-                worst = left
-        return worst
+        return max((left for _, left in self._owed_on_path(principal, trio.current_time())),
+                   default=0.0)
 
     def limit_pace(self, principal: PrincipalId, nbytes: int, slack: float,
                    step: float) -> float | None:
@@ -555,11 +541,25 @@ class MClockScheduler(_Accounting):
         subtree's moves on by the request's cost at the node's limit (at least
         `step`), so its debtors together dirty at most at its limit while it is in
         debt, and a request waits its own cost plus that of the requests ahead."""
-        node = self._nodes.get(principal)
-        if node is None or not self._owed:
-            return None
         now = trio.current_time()
         until: float | None = None
+        for n, left in self._owed_on_path(principal, now):
+            if left <= slack:
+                continue
+            at = max(now, self._pace.get(n.id, now)) + \
+                max(step, self._owed_seconds(n, 1.0, float(nbytes)))
+            self._pace[n.id] = at
+            if until is None or at > until:
+                until = at
+        return until
+
+    def _owed_on_path(self, principal: PrincipalId, now: float
+                      ) -> Iterator[tuple[Node, float]]:
+        """Each limited node on `principal`'s path of whose debt it owes a part, with
+        the seconds left of that debt; debts that have ended are forgotten on the way."""
+        node = self._nodes.get(principal)
+        if node is None or not self._owed:
+            return
         for n in node.path:
             o = self._owed.get(n.id)
             if o is None or principal not in o[3]:
@@ -569,14 +569,7 @@ class MClockScheduler(_Accounting):
                 del self._owed[n.id]
                 self._pace.pop(n.id, None)
                 continue
-            if left <= slack:
-                continue
-            at = max(now, self._pace.get(n.id, now)) + \
-                max(step, self._owed_seconds(n, 1.0, float(nbytes)))
-            self._pace[n.id] = at
-            if until is None or at > until:
-                until = at
-        return until
+            yield n, left
 
     @staticmethod
     def _owed_seconds(n: Node, ios: float, nbytes: float) -> float:

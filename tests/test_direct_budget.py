@@ -71,6 +71,17 @@ def kernel(tmp_path: Path):
     k.close()
 
 
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the steps of one task (each ends at a yield to the loop)."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task, self.steps = task, 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
 class _Steps(trio.abc.Instrument):
     """Counts the steps of the shim's connection tasks while `on` is set."""
 
@@ -128,13 +139,6 @@ async def test_a_read_that_misses_the_pager_is_one_step(kernel: Kernel, tmp_path
 async def test_schedule_points_within_the_budget_keep_the_loop() -> None:
     """Within the budget a checkpoint does not end the task's step (the loop does not
     run); past it, the request's next checkpoint does."""
-    class Steps(trio.abc.Instrument):
-        def __init__(self, task: trio.lowlevel.Task) -> None:
-            self.task, self.steps = task, 0
-
-        def after_task_step(self, task: trio.lowlevel.Task) -> None:
-            if task is self.task:
-                self.steps += 1
 
     async def request(spin: float) -> str:
         for _ in range(3):
@@ -148,7 +152,7 @@ async def test_schedule_points_within_the_budget_keep_the_loop() -> None:
 
     for spin, budget, steps in ((0.0, 1.0, 0), (0.02, 0.01, 2), (0.0, 0.0, 5)):
         await trio.lowlevel.checkpoint()  # a step of its own begins here
-        counter = Steps(trio.lowlevel.current_task())
+        counter = _TaskSteps(trio.lowlevel.current_task())
         trio.lowlevel.add_instrument(counter)
         try:
             assert await run_within_budget(request(spin), budget) == "done"
@@ -200,14 +204,6 @@ async def test_a_requests_deliberate_yields_give_the_loop_back_within_its_budget
     request's budget those yields were answered in place, so nothing else ran, while the
     serve loop, trusting `_last_yield`, let one step go on for request after request
     (review of direct3, D1). A deliberate yield now ends the step, budget or not."""
-    class Steps(trio.abc.Instrument):
-        def __init__(self, task: trio.lowlevel.Task) -> None:
-            self.task, self.steps = task, 0
-
-        def after_task_step(self, task: trio.lowlevel.Task) -> None:
-            if task is self.task:
-                self.steps += 1
-
     class Ops:
         """What FileOps._yield_if_hogging reads: the FUSE queue probe and two clocks."""
         _yield_if_hogging = FileOps._yield_if_hogging
@@ -219,7 +215,7 @@ async def test_a_requests_deliberate_yields_give_the_loop_back_within_its_budget
 
     ops = Ops()
     await trio.lowlevel.checkpoint()  # a step of its own begins here
-    counter = Steps(trio.lowlevel.current_task())
+    counter = _TaskSteps(trio.lowlevel.current_task())
     trio.lowlevel.add_instrument(counter)
     try:
         # (a budget of a second: the yield comes well within it, on any machine)
