@@ -67,6 +67,15 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
+def _file_backing(backing: object) -> FileBacking | None:
+    """The FileBacking under `backing` (through the wrappers' `inner`), or None."""
+    while not isinstance(backing, FileBacking):
+        backing = getattr(backing, "inner", None)
+        if backing is None:
+            return None
+    return backing
+
+
 def reserve_space(backing: object, offset: int, length: int) -> None:
     """Make the host allocate the range of the file under `backing` (through the
     wrappers' `inner`), keeping its contents: fallocate mode 0 never changes a byte
@@ -76,12 +85,9 @@ def reserve_space(backing: object, offset: int, length: int) -> None:
     No-op for a real block device, or where the host cannot fallocate (EOPNOTSUPP:
     there is then no reservation to make; a later ENOSPC is reported at fsync).
     OSError (ENOSPC) when the host has no room."""
-    while not isinstance(backing, FileBacking):
-        inner = getattr(backing, "inner", None)
-        if inner is None:
-            return
-        backing = inner
-    backing.reserve(offset, length)
+    fb = _file_backing(backing)
+    if fb is not None:
+        fb.reserve(offset, length)
 
 
 def release_space(backing: object, offset: int, length: int) -> None:
@@ -89,24 +95,17 @@ def release_space(backing: object, offset: int, length: int) -> None:
     written since (a hole punch: it read as zeros before and after, so no wrapper or
     recording needs to see it). No-op where `reserve_space` is one. OSError from the
     host."""
-    while not isinstance(backing, FileBacking):
-        inner = getattr(backing, "inner", None)
-        if inner is None:
-            return
-        backing = inner
-    backing.unreserve(offset, length)
+    fb = _file_backing(backing)
+    if fb is not None:
+        fb.unreserve(offset, length)
 
 
 def host_space(backing: object) -> tuple[int, int] | None:
     """(bytes free to unprivileged users, total bytes) of the host filesystem holding
     the file under `backing` (through the wrappers' `inner`); None for a real block
     device or a backing that is not a file."""
-    while not isinstance(backing, FileBacking):
-        inner = getattr(backing, "inner", None)
-        if inner is None:
-            return None
-        backing = inner
-    return backing.host_space()
+    fb = _file_backing(backing)
+    return fb.host_space() if fb is not None else None
 
 
 @runtime_checkable

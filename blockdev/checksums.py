@@ -165,10 +165,7 @@ class ChecksumStore:
         cannot fail for lack of host space. OSError (ENOSPC) when there is no room."""
         if count <= 0:
             return
-        start = self._offset + block * _ENTRY
-        end = self._offset + (block + count) * _ENTRY
-        p0 = start - start % PAGE
-        p1 = min(len(self._image), end + (-end % PAGE))
+        p0, p1 = self._pages(block, count)
         reserve_space(self.backing, p0, p1 - p0)
 
     async def persist(self, block: int, count: int) -> None:
@@ -176,11 +173,14 @@ class ChecksumStore:
         memory now. Raises OSError from the backing."""
         if count <= 0:
             return
+        await self._write_pages(*self._pages(block, count))
+
+    def _pages(self, block: int, count: int) -> tuple[int, int]:
+        """The byte range [p0, p1) of the whole file pages holding entries
+        [block, block + count)."""
         start = self._offset + block * _ENTRY
         end = self._offset + (block + count) * _ENTRY
-        p0 = start - start % PAGE
-        p1 = min(len(self._image), end + (-end % PAGE))
-        await self._write_pages(p0, p1)
+        return start - start % PAGE, min(len(self._image), end + (-end % PAGE))
 
     async def _write_pages(self, p0: int, p1: int) -> None:
         """Write bytes [p0, p1) of the file (whole pages) as they are in memory now."""
