@@ -90,8 +90,8 @@ PREFLUSH_ROUNDS = 4
 PREFLUSH_SHRINK = 3 / 4
 #: blocks one `advise` hands the pager between two yields of the event loop (64 MiB)
 ADVISE_STEP = 16384
-#: under write-back, a writer that owes its I/O limit more than this many seconds (for
-#: write-back a barrier expedited past it) waits before its next write (`_repay_limit`)
+#: under write-back, a writer that owes a limited node on its path more than this many
+#: seconds (for write-back a barrier expedited past it) is paced (`repay_limit`)
 LIMIT_DEBT_SLACK = 1.0
 #: the longest `repay_limit` sleeps before it reads the debt again (a limit removed or
 #: raised meanwhile shortens or ends the wait)
