@@ -215,7 +215,8 @@ class OpenFiles:
         b0, b1 = block_span(offset, len(data), bs)
         emap = self._extents(node)
         while True:
-            cow = await self._cow_blocks(emap, b0, b1 - b0) if sealed else None
+            cow = (await self._cow_blocks(emap, b0, b1 - b0, principal=grant.principal)
+                   if sealed else None)
             sealed = True
             try:
                 await self.kernel.write(grant, offset, data, cow=cow)

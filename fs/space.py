@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kernelshim import ExtentMap, FRESH, Grant, HOLE, PrincipalId, Rights, UNWRITTEN
+from kernelshim import (ExtentMap, FRESH, Grant, HOLE, PrincipalId, ROOT_PRINCIPAL, Rights,
+                        UNWRITTEN)
 from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
 
 from .allocator import Allocator
@@ -69,8 +70,8 @@ class Space:
             self.alloc.free_later([(d, c) for d, c, _o in freed],
                                   None if ino is None else (ino,))
 
-    async def _cow_blocks(self: FileSystem, emap: ExtentMap, b0: int,
-                          count: int) -> ExtentMap | None:
+    async def _cow_blocks(self: FileSystem, emap: ExtentMap, b0: int, count: int, *,
+                          principal: PrincipalId = ROOT_PRINCIPAL) -> ExtentMap | None:
         """Fresh device blocks for the sealed blocks of [b0, b0+count), as a map of the
         same file blocks (None when nothing there is sealed). Not charged: each replaces
         a block of the same owner, freed by the same transaction."""
@@ -85,11 +86,12 @@ class Space:
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length
-        await self._reserve_host_space(got, relocation=True)
+        await self._reserve_host_space(got, relocation=True, principal=principal)
         return cow
 
     async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]], *,
-                                  relocation: bool = False) -> None:
+                                  relocation: bool = False,
+                                  principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Host space under newly allocated blocks is reserved before the write into
         them is acknowledged (with write-back the data reaches the host later, in a
         write-back that must not fail for lack of space), with the headroom the
@@ -98,11 +100,13 @@ class Space:
         fail and the volume read-only for everyone (hostile probe 5, H1). On failure
         (ENOSPC) the blocks go back to the free list unused. A `relocation` (COW: the
         same transaction frees the old blocks) may use half of that headroom, so that
-        overwrites and a shrinking truncate still work on a full host (P5)."""
+        overwrites and a shrinking truncate still work on a full host (P5).
+        `principal`: whose allocation (a refusal is logged once per principal and
+        interval, L1)."""
         if not runs:
             return
         try:
-            await self.kernel.reserve(runs, relocation=relocation)
+            await self.kernel.reserve(runs, relocation=relocation, principal=principal)
         except BaseException:
             self.alloc.release_now(runs)
             raise
@@ -166,7 +170,8 @@ class Space:
             for start, length in self.alloc.allocate(cnt, goal):
                 got.append((fb, start, length))
                 fb += length
-        await self._reserve_host_space([(start, length) for _fb, start, length in got])
+        await self._reserve_host_space([(start, length) for _fb, start, length in got],
+                                       principal=principal)
         # One merge pass for many holes (a file of many one-block holes: one add()
         # each was O(holes x extents) in one step, as the punch was: RELIABILITY
         # 2026-12-01).
@@ -224,7 +229,8 @@ class Space:
                         await self._zero_past_eof(node, node.size, end, principal)  # R6
                 await self._zero_partial_blocks(node, emap, offset, end, principal)
                 await self._unmap_whole_blocks(node, emap, offset, end,
-                                               replace=op == FALLOC_FL_ZERO_RANGE)
+                                               replace=op == FALLOC_FL_ZERO_RANGE,
+                                               principal=principal)
                 # The holes ZERO_RANGE allocated are saved here when no whole data
                 # block was replaced (_unmap_whole_blocks saved nothing then): the
                 # blocks count below must never be saved without its extents.
@@ -280,7 +286,8 @@ class Space:
             self.kernel.release(g)
 
     async def _unmap_whole_blocks(self: FileSystem, node: Inode, emap: ExtentMap, lo: int,
-                                  hi: int, *, replace: bool) -> None:
+                                  hi: int, *, replace: bool,
+                                  principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Free the data blocks wholly inside [lo, hi) as truncate does: unmap them and
         revoke every grant on the file with no checkpoint in between, wait until no
         request through the old grants is in flight, then free them for reuse after
@@ -303,7 +310,7 @@ class Space:
             # review of probe 5, R3). They stand in for blocks the same transaction
             # frees: a relocation. ENOSPC here leaves the file untouched.
             pool = self.alloc.allocate(data, emap.goal(f0))
-            await self._reserve_host_space(pool, relocation=True)
+            await self._reserve_host_space(pool, relocation=True, principal=principal)
         # From here to the regrant: no checkpoint (the map and the grants change as one).
         # One pass over the range (remove_data), not one map edit per run: each edit
         # moves the tail of the map, and a punch of a file of N one-block extents was

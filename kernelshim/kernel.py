@@ -99,6 +99,11 @@ LIMIT_DEBT_STEP = 0.25
 #: the least a request that dirties frames waits while its principal is in debt
 #: (`repay_limit`: each waits its own cost at the limit, at least this)
 LIMIT_DEBT_MIN_WAIT = 0.001
+#: a refused host-space reservation is logged at most once per principal in this many
+#: seconds, the next line counting those refused meanwhile: a tenant at a full host
+#: retrying its write must not write one daemon log line per attempt (hostile probe
+#: 5, L1)
+RESERVE_LOG_INTERVAL = 60.0
 
 
 class Kernel(GrantTable, LowerLayers):
@@ -134,6 +139,9 @@ class Kernel(GrantTable, LowerLayers):
         self._all_unflushed = self._flushing_all = True
         #: barriers that flushed the device (statistics, tests)
         self.barriers = 0
+        #: per principal whose host-space reservation was refused: when its last
+        #: refusal was logged, and how many were refused since (`_log_refusal`)
+        self._refusals: dict[int, list] = {}
 
     @classmethod
     def open(cls, directory: Path, *, cache_bytes: int, profile: str | None = None,
@@ -611,11 +619,14 @@ class Kernel(GrantTable, LowerLayers):
         return True
 
     async def reserve(self, runs: Iterable[tuple[int, int]], *,
-                      relocation: bool = False) -> None:
+                      relocation: bool = False,
+                      principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Reserve host space under freshly allocated device blocks (a sparse backing
         file: fallocate), so that writing them later — a write-back long after the
         write was acknowledged — cannot fail for lack of host space. DeviceFull when
-        the host has no room (nothing is acknowledged then: the caller is allocating)."""
+        the host has no room (nothing is acknowledged then: the caller is allocating).
+        `principal`: whose allocation it is (a refusal is logged once per principal
+        per RESERVE_LOG_INTERVAL)."""
         # The host's allocation is made durable by the next barrier's flush like a
         # write (an fsync after a fallocate must not leave unwritten extents with no
         # host space under them after a power loss): the flush must not be skipped.
@@ -638,10 +649,34 @@ class Kernel(GrantTable, LowerLayers):
                 if exc.errno == errno.ENOSPC:
                     msg = (f"reserving device blocks {dev}+{count} failed: {exc.strerror} "
                            "(the host filesystem under the backing store is full)")
-                    log.error("%s", msg)
+                    self._log_refusal(int(principal), msg)
                     raise DeviceFull(msg, block=dev) from None
                 raise DeviceError(f"reserving device blocks {dev}+{count}: "
                                   f"{exc.strerror}", block=dev, errno=exc.errno) from None
+
+    def _log_refusal(self, p: int, msg: str) -> None:
+        """Log a refused reservation of principal `p`: at most one line per principal
+        per RESERVE_LOG_INTERVAL, the next one saying how many were refused meanwhile
+        (a shared daemon's log must not grow by a line per tenant's attempt: hostile
+        probe 5, L1). The table holds the principals refused within the last interval
+        (and those with refusals not yet reported, until reported): bounded by the
+        principal table."""
+        now = trio.current_time()
+        r = self._refusals.get(p)
+        if r is not None and now - r[0] < RESERVE_LOG_INTERVAL:
+            r[1] += 1
+            return
+        for q, (at, n) in list(self._refusals.items()):
+            if q != p and now - at >= RESERVE_LOG_INTERVAL:
+                del self._refusals[q]
+                if n:
+                    log.error("principal %d: %d more host-space reservations refused "
+                              "(the host filesystem under the backing store is full)",
+                              q, n)
+        more = r[1] if r is not None else 0
+        self._refusals[p] = [now, 0]
+        log.error("principal %d: %s%s", p, msg,
+                  f"; {more} more refused since the last such line" if more else "")
 
     # -- pager hints -----------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""The items the fifth hostile-tenant probe left open (docs/RELIABILITY.md, "the fifth
+hostile-tenant probe": L1-L4, and its second review's R6), each a regression test
+that fails on the code before its fix:
+
+- L1: a refused host-space reservation logged an ERROR line each time: a tenant at a
+  full host wrote one daemon log line per attempt. Now one line per principal per
+  RESERVE_LOG_INTERVAL, the next one counting the refusals in between.
+- L2: a limited principal's dirty share under write-back was half its memory
+  whatever its I/O limit, so a commit expedited up to that and the debt lasted as
+  long. Now it is bounded by DIRTY_LIMIT_SECONDS of its tightest limit (a limited
+  node's whole subtree together), and a writer over it writes back its own frames.
+- L3: the aging task wrote every principal's aged frames in one pass, in order: a
+  throttled tenant's aged frames held the others'. Now each dirtier's aged frames are
+  written by a task of its own.
+- L4: `advise(dontneed)` wrote back frames another tenant had dirtied, on that
+  tenant's bank, early. Now dontneed leaves another's dirty frames to write-back.
+- R6: `Kernel.reserve` inside a reserved chunk takes a fast path.
+
+All in process on trio's autojump clock, except where said.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import errno
+
+import pytest
+import trio
+
+from blockdev import BankNode, BlockDevice, BlockNo, PrincipalId
+from blockdev.types import ROOT_PRINCIPAL
+from kernelshim import FRESH, ExtentMap, Kernel, Rights
+
+BS = 4096
+PROFILE = "lat=125,qd=1"
+
+
+def P(i: int) -> PrincipalId:
+    return PrincipalId(i)
+
+
+def node(i: int, parent: int | None = 0, **kw) -> BankNode:
+    return BankNode(P(i), None if parent is None else P(parent), f"p{i}", **kw)
+
+
+def tree(*nodes: BankNode) -> dict:
+    out = {ROOT_PRINCIPAL: node(0, None)}
+    out.update({n.id: n for n in nodes})
+    return out
+
+
+def _kernel(tmp_path: Path, *, frames: int = 64, writeback: bool = True) -> Kernel:
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=1024 * BS, block_size=BS, profile=PROFILE)
+    k = Kernel.open(d, cache_bytes=frames * BS, writeback=writeback)
+    k.device.timeline_slack = 0.0
+    return k
+
+
+# -- L1 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_l1_refused_reservations_are_logged_once_per_principal_and_interval(
+        tmp_path: Path, autojump_clock, caplog, monkeypatch) -> None:
+    """A full host (the device refuses every reservation with ENOSPC): 100 refusals of
+    P(1) make one ERROR line (before: 100); P(2)'s first refusal has its own; after
+    the interval P(1)'s next line counts the 99 in between."""
+    from blockdev.errors import DeviceFull
+    import kernelshim.kernel as kmod
+
+    kernel = _kernel(tmp_path)
+    try:
+        def full(block, count, *, relocation=False):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(kernel.device, "reserve", full)
+        caplog.set_level(logging.ERROR, logger="kernelshim.kernel")
+
+        async def refuse(p: int) -> None:
+            with pytest.raises(DeviceFull):
+                try:
+                    await kernel.reserve([(16, 4)], principal=P(p))
+                except TypeError:  # (before the fix: no principal)
+                    await kernel.reserve([(16, 4)])
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+        for _ in range(100):
+            await refuse(1)
+        assert len(lines()) == 1, len(lines())
+        await refuse(2)
+        assert len(lines()) == 2
+        await trio.sleep(getattr(kmod, "RESERVE_LOG_INTERVAL", 60.0) + 1)
+        await refuse(1)
+        assert len(lines()) == 3
+        assert "99 more refused" in lines()[-1], lines()[-1]
+    finally:
+        kernel.close()
