@@ -360,7 +360,7 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
             ready(err)
 
     try:
-        trio.run(serve, volume, mp, opts, ready_once, reopen_log)
+        status = trio.run(serve, volume, mp, opts, ready_once, reopen_log)
     except SluiceError as exc:
         ready_once(str(exc))
         raise
@@ -371,7 +371,7 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
         log.exception("daemon failed")
         ready_once(f"daemon failed: {type(exc).__name__}: {exc}; see {volume / vol.LOG}")
         raise
-    return 0
+    return status  # (1: the volume failed while mounted, said in the log's last line)
 
 
 def _run_background(volume: Path, mp: str, args: argparse.Namespace, opts) -> int:
@@ -454,6 +454,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     volume = Path(m[0])
     state = vol.read_mount_state(volume) or {}
     pid = state.get("pid")
+    log_at = _log_size(volume)
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
         msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
@@ -464,7 +465,41 @@ def cmd_umount(args: argparse.Namespace) -> int:
             if time.monotonic() > deadline:
                 raise CliError(f"daemon pid {pid} did not exit within {args.timeout:g} s")
             time.sleep(0.05)
+        failed = _failure_logged(volume, log_at)
+        if failed:
+            # Unmounted, but the volume failed while mounted (it turned read-only) or
+            # its last commit failed: the daemon's last log line says so; so do we.
+            raise CliError(f"unmounted {mp}, but {failed}")
     return 0
+
+
+#: how the daemon's last log line begins when the volume is left for fsck (fs/mount.py
+#: `serve`, its exit status 1)
+_FAILED_LINE = " ERROR fs.mount: "
+_FAILED_END = "before the next mount"
+
+
+def _log_size(volume: Path) -> int:
+    try:
+        return (volume / vol.LOG).stat().st_size
+    except OSError:
+        return 0
+
+
+def _failure_logged(volume: Path, since: int) -> str | None:
+    """The daemon's closing line saying the volume failed while mounted, if it wrote
+    one after byte `since` of its log (an unmount ends the daemon's log)."""
+    try:
+        with open(volume / vol.LOG, "rb") as f:
+            f.seek(since)
+            tail = f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        i = line.find(_FAILED_LINE)
+        if i >= 0 and line.rstrip().endswith(_FAILED_END):
+            return line[i + len(_FAILED_LINE):].strip()
+    return None
 
 
 # -- remount ------------------------------------------------------------------------------

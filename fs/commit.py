@@ -395,6 +395,7 @@ class Transactions:
         if self.read_only is None or self.write_errors == 1:
             log.error("%s; the volume is now read-only (unmount it and run sluice fsck)", why)
         self.read_only = why
+        self.md.failed = True  # (not at unmount either)
         try:  # what the failed commit would have exposed is not committed later either
             self.md.rollback()
         except sqlite3.Error as exc:

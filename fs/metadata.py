@@ -117,6 +117,9 @@ class Metadata:
         self.db.execute("PRAGMA temp_store=MEMORY")
         self._in_tx = False
         self.pending = 0  # statements since the last commit
+        #: the volume failed (`FileSystem.fail`): nothing is committed any more, not
+        #: even at `close`
+        self.failed = False
         #: inode row updates not run yet: inode -> {column: value}, the later value of
         #: a column winning (`update_inode_later`, run by `flush_inodes`)
         self._later: dict[int, dict[str, object]] = {}
@@ -215,7 +218,15 @@ class Metadata:
     def commit(self) -> None:
         self.flush_inodes()
         if self._in_tx:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                # SQLite rolls the transaction back itself on some errors (SQLITE_FULL,
+                # SQLITE_IOERR): then none is open any more, and a ROLLBACK or COMMIT
+                # of it would fail again ("no transaction is active").
+                if not self.db.in_transaction:
+                    self._in_tx = False
+                raise
             self._in_tx = False
             self.pending = 0
             if self._record is not None:
@@ -265,9 +276,10 @@ class Metadata:
         self._later.clear()
         self._absent = None
         if self._in_tx:
-            self.db.execute("ROLLBACK")
             self._in_tx = False
             self.pending = 0
+            if self.db.in_transaction:  # (a failed COMMIT may have ended it already)
+                self.db.execute("ROLLBACK")
 
     def make_durable(self) -> None:
         """fsync the WAL (and the database file): committed changes survive power loss.
@@ -288,10 +300,18 @@ class Metadata:
             self._record.event("durable", wal=covered)
 
     def close(self) -> None:
-        self.commit()
-        self.db.close()
-        if self._record is not None:
-            self._record.close()
+        """Commit the open transaction — or, once the volume failed (`failed`), drop
+        it: nothing is committed after a failure (s3ql's failsafe) — and close the
+        database. sqlite3.Error if that commit fails; closed all the same."""
+        try:
+            if self.failed:
+                self.rollback()
+            else:
+                self.commit()
+        finally:
+            self.db.close()
+            if self._record is not None:
+                self._record.close()
 
     # -- inodes -----------------------------------------------------------------------------
 

@@ -638,10 +638,12 @@ def apply_priority(nice: int) -> str | None:
 
 async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 ready: Callable[[str | None], None],
-                on_hangup: Callable[[], None] | None = None) -> None:
+                on_hangup: Callable[[], None] | None = None) -> int:
     """Mount `volume` at `mountpoint` and serve it until unmounted or signalled.
     `ready(None)` is called once the mount is live, `ready(message)` on failure;
-    `on_hangup()` on SIGHUP (reopen the log)."""
+    `on_hangup()` on SIGHUP (reopen the log). Returns the daemon's exit status: 0, or
+    1 when the volume failed while mounted (a metadata or device write: it turned
+    read-only) or its last commit failed — said in one log line, not a traceback."""
     read_header(volume)
     if opts.nice is not None:
         missed = apply_priority(opts.nice)
@@ -654,6 +656,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
     # Resolve before mounting: touching the mount point once it is mounted, before the
     # main loop runs, would wait for this very process.
     mountpoint = os.path.realpath(mountpoint)
+    #: why the volume is left for fsck (a failure while mounted, a failed last commit)
+    failures: list[str] = []
     async with contextlib.AsyncExitStack() as stack:
         vlock = stack.enter_context(VolumeLock(volume))
         clean_dead_mount(volume)
@@ -681,7 +685,14 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                              pager_policy=opts.pager_policy, writeback=opts.writeback)
         stack.callback(kernel.close)
         md = open_metadata(volume, record=Path(record_dir) if record_dir else None)
-        stack.callback(md.close)
+
+        def _close_metadata() -> None:
+            try:
+                md.close()
+            except sqlite3.Error as exc:
+                # (a full or failing host: one line at the end, not a traceback)
+                failures.append(f"the last metadata commit failed: {exc}")
+        stack.callback(_close_metadata)
         principals = PrincipalTable.load(volume)
         try:
             fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
@@ -785,8 +796,20 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         finally:
             # Whatever ended the loop, what was written is made durable if it can be.
             with trio.CancelScope(shield=True):
-                await fs.sync(final=True)
+                try:
+                    await fs.sync(final=True)
+                except SluiceError as exc:
+                    # The final commit failed (the volume turned read-only: logged):
+                    # said once below, not as a traceback.
+                    log.debug("the final sync failed: %s", exc)
+            if fs.write_errors:
+                failures.append(f"the volume failed while mounted ({fs.read_only})")
         log.info("unmounted %s", mountpoint)
+    if failures:
+        log.error("%s: nothing was committed after that; run `sluice fsck %s` before "
+                  "the next mount", "; ".join(failures), volume)
+        return 1
+    return 0
 
 
 def control_socket_path(uuid: str) -> Path:

@@ -439,6 +439,57 @@ def test_host_filesystem_full_gives_enospc_to_the_writer(tmp_path: Path, small_t
     assert m.daemon_alive
 
 
+@pytest.mark.mounted
+def test_umount_after_a_failed_commit_says_so_in_one_line(tmp_path: Path,
+                                                           small_tmpfs) -> None:
+    """The metadata database's host filesystem fills up from outside sluice: the next
+    commit fails (SQLite rolls its transaction back itself) and the volume turns
+    read-only. `sluice umount` then unmounts, says in one line that the volume failed
+    and wants fsck, and exits 1; the daemon logs no traceback (before: "cannot commit
+    - no transaction is active" from the close of the database, and "daemon failed")."""
+    host = small_tmpfs("40m")
+    volume = make_volume(host / "vol", "1G")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    sluice("mount", str(volume), str(mp), "--no-writeback")
+    try:
+        for i in range(20):
+            (mp / f"f{i}").write_bytes(b"x" * 100)
+        with open(host / "filler", "wb") as f:  # the host fills from outside
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        failed = False
+        for i in range(200):
+            try:
+                (mp / f"g{i}").write_bytes(b"y" * 100)
+                fd = os.open(mp / f"g{i}", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                assert exc.errno in (errno.EIO, errno.EROFS, errno.ENOSPC), exc
+                failed = True
+                break
+        assert failed
+    finally:
+        r = sluice("umount", str(mp), check=False)
+        if is_mounted(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+    log = (volume / "sluice.log").read_text()
+    assert "Traceback" not in log and "daemon failed" not in log, log[-3000:]
+    assert "the volume is now read-only" in log
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"unmounted {mp}, but the volume failed while mounted" in lines[0], lines[0]
+    assert "sluice fsck" in lines[0]
+
+
+
 async def test_slow_checksum_writes_are_serialised_and_end_current(tmp_path: Path,
                                                                    autojump_clock) -> None:
     """Three writers of blocks whose checksums share one page, on a checksum store that
