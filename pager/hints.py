@@ -155,10 +155,20 @@ class Hints(DataPath):
         """dontneed: drop frame `f` (holding device block `b`) if it is still charged to
         `p` (frames charged to other principals stay). A dirty discardable frame takes
         its whole file's dirty discardable frames with it (the file is lost as a whole,
-        and reported); other dirty frames are written back first."""
+        and reported); other dirty frames are written back first.
+
+        Only frames `p` dirtied itself (or clean ones): a frame `p` brought in but
+        another principal dirtied stays, left to that one's write-back (throttling,
+        aging, the next commit). Writing it back now would spend the dirtier's I/O
+        bank at a time `p` chose — and charging it to `p` instead would make `p` pay
+        for another's data — and dropping it, discardable, would lose the dirtier's
+        data on `p`'s word (hostile probe 5, L4). Its memory stays charged to `p`
+        until reclaim takes it (once clean, or written back by its dirtier)."""
         owner = self._owner_m
         if self._where.get(b) != f or owner[f] != p or not self._evictable(f):
             return  # (changed while an earlier frame was written back)
+        if self._state_m[f] == DIRTY and self._dirtier_m[f] != p:
+            return  # another's dirty data: its own write-back's business
         if self._state_m[f] == DIRTY:
             if self._disc_m[f]:
                 a = self._acct_of(p)

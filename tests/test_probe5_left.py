@@ -101,3 +101,40 @@ async def test_l1_refused_reservations_are_logged_once_per_principal_and_interva
         assert "99 more refused" in lines()[-1], lines()[-1]
     finally:
         kernel.close()
+
+
+# -- L4 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_l4_dontneed_leaves_another_tenants_dirty_frames_alone(
+        tmp_path: Path, autojump_clock) -> None:
+    """P(1) reads 8 blocks of a shared file (its frames), P(2) then dirties 4 of them
+    and P(1) one; P(1)'s `advise(dontneed)` over the file writes back and drops its own
+    dirty frame and its clean ones, and leaves P(2)'s 4 dirty frames dirty, unwritten
+    (before: written back at once, on P(2)'s bank)."""
+    kernel = _kernel(tmp_path)
+    try:
+        kernel.configure_banks(tree(node(1), node(2)))
+        emap = ExtentMap([(0, 100, 8, FRESH)])
+        g1 = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                          principal=P(1))
+        g2 = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                          principal=P(2))
+        await kernel.read(g1, 0, 8 * BS)
+        for i in range(4):
+            await kernel.write(g2, i * BS, bytes([i + 1]) * BS)
+        await kernel.write(g1, 5 * BS, b"m" * BS)
+        pager = kernel.pager
+        assert pager.statistics().per_principal[P(2)].dirty == 4
+        await kernel.advise(g1, 0, 8 * BS, dontneed=True)
+        st = pager.statistics().per_principal
+        assert st[P(2)].dirty == 4, st[P(2)]
+        assert st[P(1)].dirty == 0 and st[P(1)].frames == 4, st[P(1)]
+        io = {s.principal: s for s in kernel.device.statistics().per_principal}
+        assert P(2) not in io or io[P(2)].bytes_written == 0, io.get(P(2))
+        assert io[P(1)].bytes_written == BS
+        # and the data is P(2)'s, as written
+        assert bytes(await kernel.read(g1, 0, BS)) == b"\x01" * BS
+    finally:
+        kernel.close()
