@@ -58,6 +58,8 @@ class WriteBack(Observed):
         self._behind: dict[int, int] = {}
         self._behind_total = 0
         self._behind_error: str | None = None
+        #: the principals whose aged frames a task of the aging loop writes back now
+        self._aging: set[int] = set()
 
     def write_within_nowait(self, block: BlockNo, at: int, data: bytes | memoryview, *,
                             principal: PrincipalId, file: int = 0, fblock: int = 0) -> bool:
@@ -405,10 +407,34 @@ class WriteBack(Observed):
         await self.device.flush(principal=principal)
 
     async def _aging_loop(self) -> None:
-        while True:
-            await trio.sleep(self.writeback_interval)
-            old = (self._state == DIRTY) & (self._dirty_since
-                                            <= trio.current_time() - self.dirty_expire)
+        """Every `writeback_interval`, the frames dirty for `dirty_expire` or longer
+        (not discardable ones) are written back, each dirtier's by a task of its own
+        (`_age_of`): one dirtier's write-back waits for its own I/O limit, and in one
+        task, in block order, a throttled tenant's aged frames held every other
+        tenant's aging behind them (hostile probe 5, L3). A dirtier whose aging task
+        is still running is skipped and looked at again at the next pass. At most one
+        task per principal with aged frames."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.writeback_interval)
+                old = (self._state == DIRTY) & (self._dirty_since
+                                                <= trio.current_time() - self.dirty_expire)
+                if self._hinted:
+                    old &= ~self._disc
+                if not old.any():
+                    continue
+                for d in np.unique(self._dirtier[old]).tolist():
+                    if d not in self._aging:
+                        self._aging.add(d)
+                        nursery.start_soon(self._age_of, d,
+                                           name=f"pager write-back aging of principal {d}")
+
+    async def _age_of(self, d: int) -> None:
+        """Write back principal `d`'s frames dirty for `dirty_expire` or longer, on its
+        bank (at its limit: it waits for nobody else's)."""
+        try:
+            old = ((self._state == DIRTY) & (self._dirtier == d)
+                   & (self._dirty_since <= trio.current_time() - self.dirty_expire))
             if self._hinted:
                 old &= ~self._disc
             frames = np.flatnonzero(old)
@@ -417,4 +443,7 @@ class WriteBack(Observed):
                     await self._writeback_frames([int(f) for f in frames])
                 except Exception:
                     # the frames stay dirty; flush or fsync will report the error
-                    log.exception("write-back of %d aged frames failed", len(frames))
+                    log.exception("write-back of %d aged frames of principal %d failed",
+                                  len(frames), d)
+        finally:
+            self._aging.discard(d)

@@ -138,3 +138,41 @@ async def test_l4_dontneed_leaves_another_tenants_dirty_frames_alone(
         assert bytes(await kernel.read(g1, 0, BS)) == b"\x01" * BS
     finally:
         kernel.close()
+
+
+# -- L3 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_l3_a_throttled_tenants_aged_frames_do_not_delay_anothers_aging(
+        tmp_path: Path, autojump_clock) -> None:
+    """P(1), limited to 4 KiB/s, dirties 8 blocks apart (8 s of write-back; its
+    dirty bound, L2, raised for the test); P(2) dirties one block after them on the
+    device. 7.5 s later (dirty_expire 5 s, passes every second) P(2)'s frame is clean
+    (before: in one aging pass in block order, behind P(1)'s 8 s); P(1)'s follow at its
+    limit."""
+    kernel = _kernel(tmp_path)
+    try:
+        kernel.configure_banks(tree(node(1, io_limit_bps=4096), node(2)))
+        kernel.pager.dirty_limit_seconds = 1000.0  # (the L2 bound out of the way)
+        # (every other device block: one write-back request per frame, 1 s apart)
+        g1 = kernel.grant(inode=7, generation=1,
+                          extents=ExtentMap([(i, 10 + 2 * i, 1, FRESH) for i in range(8)]),
+                          rights=Rights.RW, principal=P(1))
+        g2 = kernel.grant(inode=8, generation=1, extents=ExtentMap([(0, 200, 1, FRESH)]),
+                          rights=Rights.RW, principal=P(2))
+        async with trio.open_nursery() as n:
+            await n.start(kernel.pager.run)
+            for i in range(8):
+                await kernel.write(g1, i * BS, bytes([i + 1]) * BS)
+            await kernel.write(g2, 0, b"v" * BS)
+            pager = kernel.pager
+            await trio.sleep(7.5)
+            st = pager.statistics().per_principal
+            assert st[P(2)].dirty == 0, st[P(2)]
+            assert st[P(1)].dirty > 0
+            await trio.sleep(10)
+            assert pager.statistics().per_principal[P(1)].dirty == 0
+            n.cancel_scope.cancel()
+    finally:
+        kernel.close()
