@@ -24,6 +24,10 @@ class Banks(FrameTable):
         self._min: dict[int, int] = {}
         self._max: dict[int, int] = {}
         self._parent: dict[int, int | None] = {}
+        #: per principal under an I/O limit: the limited nodes on its path (itself
+        #: and its ancestors), each with its subtree's principals and its write-back
+        #: rate in frames per second (`_limited_path`; the dirty bound, L2)
+        self._lim_path: dict[int, list[tuple[int, frozenset[int], float]]] = {}
 
     def _protections(self, tree: BankTree) -> dict[int, int]:
         """Each principal's own guarantee in bytes: its cache_min less what its children
@@ -56,9 +60,55 @@ class Banks(FrameTable):
         self._max = {pid: node.cache_max // bs for pid, node in tree.items()
                      if node.cache_max is not None}
         self._parent = {pid: node.parent for pid, node in tree.items()}
+        self._lim_path = self._limited_paths(tree)
         if sum(self._min.values()) > self.nframes:
             log.error("memory guarantees exceed the pager's pool of %d frames", self.nframes)
         self._poke()
+
+    def _limited_paths(self, tree: BankTree) -> dict[int, list[tuple[int, frozenset[int],
+                                                                         float]]]:
+        """For each principal with an I/O limit on its path (its own or an ancestor's):
+        (limited node, the principals of its subtree, its write-back rate in frames per
+        second), nearest first. The rate is the tighter of the limit in bytes/s (in
+        frames) and in IOPS, counting every frame as a request of its own (write-back
+        of scattered frames is one request each): the rate at which that node's
+        subtree's dirty frames can surely reach the device. None under `global-lru`
+        (no principals)."""
+        if self._global:
+            return {}
+        bs = self.block_size
+        rate: dict[int, float] = {}
+        for pid, node in tree.items():
+            r = []
+            if node.io_limit_bps:
+                r.append(node.io_limit_bps / bs)
+            if node.io_limit_iops:
+                r.append(float(node.io_limit_iops))
+            if r:
+                rate[pid] = min(r)
+        if not rate:
+            return {}
+        parent: dict[int, int | None] = {pid: node.parent for pid, node in tree.items()}
+
+        def path(p: int) -> list[int]:
+            out: list[int] = []
+            seen: set[int] = set()
+            q: int | None = p
+            while q is not None and q not in seen:
+                seen.add(q)
+                out.append(q)
+                q = parent.get(q)
+            return out
+
+        paths = {pid: path(pid) for pid in tree}
+        members: dict[int, set[int]] = {q: set() for q in rate}
+        for pid, ps in paths.items():
+            for q in ps:
+                if q in members:
+                    members[q].add(pid)
+        frozen = {q: frozenset(m) for q, m in members.items()}
+        return {pid: [(q, frozen[q], rate[q]) for q in ps if q in rate]
+                for pid, ps in paths.items() if any(q in rate for q in ps)}
 
     def _ancestors(self, p: int) -> list[int]:
         out = []

@@ -23,6 +23,11 @@ CLASS_DROP_BEHIND = -(1 << 19)
 #: the longest run written back in one device request
 WRITEBACK_CLUSTER = 32
 
+#: a principal under an I/O limit (its own or an ancestor's) keeps at most this many
+#: seconds of that limit's write-back dirty, with the rest of the limited node's
+#: subtree (`Pager.dirty_limit_seconds`; pager/writeback.py, hostile probe 5, L2)
+DIRTY_LIMIT_SECONDS = 2.0
+
 #: write-behind (pager/writeback.py): at most this many bytes of a principal's stream
 #: writes may be acknowledged and still on their way to the device
 WRITE_BEHIND_BYTES = 16 << 20

@@ -250,17 +250,24 @@ class DataPath(Reclaim):
         now = trio.current_time()
         limit = self._dirty_limit(p)
         acct = self._acct_of(p)
+        # frames p may still dirty under the limited nodes on its path (None: none),
+        # counted down as it dirties and read again after every wait (L2)
+        room = self._dirty_room(p) if self._lim_path else None
         for start in range(0, count, WRITEBACK_CLUSTER):
             for i in range(start, min(count, start + WRITEBACK_CLUSTER)):
                 b = block + i
                 if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
-                        or acct.dirty >= limit):
+                        or acct.dirty >= limit or room is not None and room <= 0):
                     await self._throttle(p)
+                    if room is not None:
+                        room = self._dirty_room(p)
                 f = where.get(b)
                 if f is None:
                     nf, dirty_victim = self._try_alloc(p)
                     if nf == NIL:
                         nf = await self._alloc(p, dirty_victim)
+                        if room is not None:
+                            room = self._dirty_room(p)
                     f = where.get(b)
                     if f is None:
                         f = nf
@@ -280,6 +287,8 @@ class DataPath(Reclaim):
                         self._acct_of(old).dirty -= 1
                         self._acct_of(p).dirty += 1
                         self._dirtier_m[f] = p
+                        if room is not None:
+                            room -= 1
                     if st == WRITEBACK:
                         self._redirty_m[f] = True
                         self._dirty_since_m[f] = now
@@ -288,6 +297,8 @@ class DataPath(Reclaim):
                     self._dirtier_m[f] = p
                     self._dirty_since_m[f] = now
                     self._acct_of(p).dirty += 1
+                    if room is not None:
+                        room -= 1
 
     def _may_bypass(self, block: int, count: int, file: int, fblock: int,
                     owner: int) -> bool:

@@ -72,8 +72,11 @@ found in exactly one place and mypy checks every call):
   mapping and unmapping frames, the replacement queues they sit on.
 - pager/banks.py `Banks`: guarantees and ceilings, the admission check.
 - pager/observe.py `Observed`: `statistics()` and the access trace.
-- pager/writeback.py `WriteBack`: write-back runs, throttling, aging, `flush`,
-  `writeback_file`.
+- pager/dirty.py `DirtyBounds`: how much a principal may keep dirty (its share, and
+  a few seconds of an I/O limit on its path).
+- pager/writeback.py `WriteBack`: write-back runs, throttling, `flush`,
+  `writeback_file`, write-behind.
+- pager/aging.py `Aging`: the aging task, one task per dirtier.
 - pager/replacement.py `Replacement`: victim choice by policy and bank, eviction,
   frame allocation.
 - pager/reclaim.py `Reclaim` (records in pager/tickets.py): reclaim requests to

@@ -20,12 +20,12 @@ import numpy as np
 
 from .cache import CLASS_DISCARDABLE, CLASS_DROP_BEHIND, CLEAN, DIRTY, FILLING, WRITEBACK
 from .policy import NIL
-from .writeback import WriteBack
+from .aging import Aging
 
 log = logging.getLogger(__name__)
 
 
-class Replacement(WriteBack):
+class Replacement(Aging):
     """Victim choice, eviction and frame allocation."""
 
     def _init_replacement(self, *, on_discarded: Callable[[int], object] | None) -> None:

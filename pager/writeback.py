@@ -1,7 +1,7 @@
 """Write-back: dirty frames reach the device in runs of adjacent blocks, each run
 tagged with the principal that dirtied it; a writer over its dirty share writes back
-its own oldest frames (throttling); frames dirty for longer than `dirty_expire` are
-written back by the aging task; `flush` (a commit's barrier) and `writeback_file`
+its own oldest frames (throttling; the dirty bounds are in pager/dirty.py); frames dirty for longer than `dirty_expire` are
+written back by the aging task (pager/aging.py); `flush` (a commit's barrier) and `writeback_file`
 (an fsync) wait until what was dirty at their start is on the device.
 
 Write-behind: a stream write (more than BYPASS_BLOCKS blocks, bypassing the pool) from
@@ -29,9 +29,9 @@ import trio
 from blockdev import ROOT_PRINCIPAL, BlockNo, DeviceError, PrincipalId
 
 from . import trace as tr
-from .cache import (CLEAN, DIRTY, FILLING, WRITEBACK, WRITEBACK_CLUSTER,
-                    WRITE_BEHIND_BYTES, WRITE_BEHIND_TOTAL)
-from .observe import Observed
+from .cache import (CLEAN, DIRTY, DIRTY_LIMIT_SECONDS, FILLING, WRITEBACK,
+                    WRITEBACK_CLUSTER, WRITE_BEHIND_BYTES, WRITE_BEHIND_TOTAL)
+from .dirty import DirtyBounds
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,13 @@ def _held(mv: memoryview) -> int:
     return max(len(mv), len(obj)) if isinstance(obj, bytes) else len(mv)
 
 
-class WriteBack(Observed):
+class WriteBack(DirtyBounds):
     """Write-back of dirty frames, dirty throttling and aging, flush and fsync."""
 
     def _init_writeback(self, *, dirty_ratio: float, dirty_expire: float,
                         writeback_interval: float) -> None:
         self.dirty_ratio = dirty_ratio
+        self.dirty_limit_seconds = DIRTY_LIMIT_SECONDS
         self.dirty_expire = dirty_expire
         self.writeback_interval = writeback_interval
         #: write-behind of stream writes (`_write_behind`): the nursery its writes run
@@ -90,6 +91,10 @@ class WriteBack(Observed):
         if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
                 or acct.dirty >= limit):
             return False  # (`write` throttles this writer first)
+        if self._lim_path and st != DIRTY and st != WRITEBACK:
+            room = self._dirty_room(p)
+            if room is not None and room <= 0:
+                return False  # (likewise: at its limited node's dirty bound)
         if self._tw is not None:
             self._trace_op(tr.WRITE, principal, block, 1, file, fblock)
         self._tick += 1
@@ -268,34 +273,40 @@ class WriteBack(Observed):
         self._wake_io()
         return len(run)
 
-    def _dirty_limit(self, p: int) -> int:
-        allowance = self.nframes
-        if not self._global:
-            m = self._max.get(p)
-            if m is not None:
-                allowance = min(allowance, m)
-        return max(1, int(allowance * self.dirty_ratio))
-
     async def _throttle(self, p: int) -> None:
         """A writer over its dirty share writes back its own oldest dirty frames (under
-        `global-lru`, the pool's share and anyone's frames, as a kernel would)."""
+        `global-lru`, the pool's share and anyone's frames, as a kernel would). So does
+        a writer at a limited node's dirty bound (`_dirty_room`): its own frames, or,
+        with none, those of the node's subtree (its own tenant's other principals,
+        whose write-back goes at that node's limit too) — never another tenant's, so
+        it waits for its own limit only."""
         limit = self._dirty_limit(p)
         while True:
+            full: list[frozenset[int]] = []
             if self._global:
                 dirty = sum(a.dirty for a in self._acct.values())
                 mine = self._state == DIRTY
             else:
                 dirty = self._acct_of(p).dirty
                 mine = (self._state == DIRTY) & (self._dirtier == p)
-            if dirty < limit:
+                if self._lim_path:
+                    self._dirty_room(p, members=full)
+            if dirty < limit and not full:
                 return
             cand = np.flatnonzero(mine & ~self._disc) if self._hinted else np.flatnonzero(mine)
+            if not len(cand) and full:
+                subtree = np.isin(self._dirtier, np.fromiter(full[0], dtype=np.int64))
+                ours = (self._state == DIRTY) & subtree
+                cand = np.flatnonzero(ours & ~self._disc if self._hinted else ours)
             if len(cand):
                 oldest = int(cand[np.argmin(self._dirty_since[cand])])
                 await self._writeback_frames(self._cluster(oldest))
                 continue
             busy = ((self._state == WRITEBACK) if self._global
                     else (self._state == WRITEBACK) & (self._dirtier == p))
+            if full:
+                busy |= ((self._state == WRITEBACK)
+                         & np.isin(self._dirtier, np.fromiter(full[0], dtype=np.int64)))
             if busy.any():
                 await self._io_done.park()
                 continue
@@ -405,45 +416,3 @@ class WriteBack(Observed):
             frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
             await self._write_back_until_clean(frames, principal=principal)
         await self.device.flush(principal=principal)
-
-    async def _aging_loop(self) -> None:
-        """Every `writeback_interval`, the frames dirty for `dirty_expire` or longer
-        (not discardable ones) are written back, each dirtier's by a task of its own
-        (`_age_of`): one dirtier's write-back waits for its own I/O limit, and in one
-        task, in block order, a throttled tenant's aged frames held every other
-        tenant's aging behind them (hostile probe 5, L3). A dirtier whose aging task
-        is still running is skipped and looked at again at the next pass. At most one
-        task per principal with aged frames."""
-        async with trio.open_nursery() as nursery:
-            while True:
-                await trio.sleep(self.writeback_interval)
-                old = (self._state == DIRTY) & (self._dirty_since
-                                                <= trio.current_time() - self.dirty_expire)
-                if self._hinted:
-                    old &= ~self._disc
-                if not old.any():
-                    continue
-                for d in np.unique(self._dirtier[old]).tolist():
-                    if d not in self._aging:
-                        self._aging.add(d)
-                        nursery.start_soon(self._age_of, d,
-                                           name=f"pager write-back aging of principal {d}")
-
-    async def _age_of(self, d: int) -> None:
-        """Write back principal `d`'s frames dirty for `dirty_expire` or longer, on its
-        bank (at its limit: it waits for nobody else's)."""
-        try:
-            old = ((self._state == DIRTY) & (self._dirtier == d)
-                   & (self._dirty_since <= trio.current_time() - self.dirty_expire))
-            if self._hinted:
-                old &= ~self._disc
-            frames = np.flatnonzero(old)
-            if len(frames):
-                try:
-                    await self._writeback_frames([int(f) for f in frames])
-                except Exception:
-                    # the frames stay dirty; flush or fsync will report the error
-                    log.exception("write-back of %d aged frames of principal %d failed",
-                                  len(frames), d)
-        finally:
-            self._aging.discard(d)

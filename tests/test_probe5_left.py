@@ -176,3 +176,56 @@ async def test_l3_a_throttled_tenants_aged_frames_do_not_delay_anothers_aging(
             n.cancel_scope.cancel()
     finally:
         kernel.close()
+
+
+# -- L2 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_l2_a_limited_tenants_dirty_share_is_a_few_seconds_of_its_limit(
+        tmp_path: Path, autojump_clock) -> None:
+    """Tenant P(1) limited to 8 KiB/s (2 frames a second: a bound of 4 dirty frames at
+    2 s), writing through two children P(2) and P(3), 8 blocks each, into a 64-frame
+    pool (a dirty share of 32 each). The subtree never holds more than 4 dirty frames
+    (before: 16), its writers wait for their own write-back at the limit (about 6 s
+    for the 12 written back), a commit then expedites at most the bound and the debt
+    is a few seconds (before: 16 s, and the writes took no time). An unlimited tenant P(4) writing 16 blocks
+    meanwhile does not wait."""
+    kernel = _kernel(tmp_path)
+    try:
+        kernel.configure_banks(tree(node(1, io_limit_bps=8192), node(2, 1), node(3, 1),
+                                    node(4)))
+        grants = {p: kernel.grant(inode=10 + p, generation=1,
+                                  extents=ExtentMap([(0, 100 * p, 16, FRESH)]),
+                                  rights=Rights.RW, principal=P(p)) for p in (2, 3, 4)}
+        pager = kernel.pager
+
+        def subtree_dirty() -> int:
+            st = pager.statistics().per_principal
+            return sum(st[P(p)].dirty for p in (1, 2, 3) if P(p) in st)
+
+        most = 0
+        t0 = trio.current_time()
+        for i in range(8):
+            for p in (2, 3):
+                await kernel.write(grants[p], i * BS, bytes([p, i]) * (BS // 2))
+                most = max(most, subtree_dirty())
+        took = trio.current_time() - t0
+        assert most <= 4, most
+        assert 4.0 < took < 9.0, took
+        t1 = trio.current_time()
+        for i in range(16):
+            await kernel.write(grants[4], i * BS, b"u" * BS)
+        assert trio.current_time() - t1 < 0.5
+        async with kernel.barrier():
+            pass
+        # (the bound's 2 s, after what its own last write-back still owes: at most
+        # another cluster of the bound)
+        debt = max(kernel.device.scheduler.limit_debt(P(p)) for p in (2, 3))
+        assert debt < 4.5, debt
+        for p in (2, 3):  # the data is whole
+            for i in range(8):
+                got = bytes(await kernel.read(grants[p], i * BS, BS))
+                assert got == bytes([p, i]) * (BS // 2), (p, i)
+    finally:
+        kernel.close()

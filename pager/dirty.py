@@ -1,0 +1,60 @@
+"""How much a principal may keep dirty under write-back: its dirty share of its memory
+(`dirty_ratio` of its allowance) and, under an I/O limit (its own or an ancestor's),
+a few seconds of that limit's write-back for the limited node's whole subtree
+(`dirty_limit_seconds`, hostile probe 5, L2). A writer over either writes back its
+own frames first (`WriteBack._throttle`, pager/writeback.py)."""
+
+from __future__ import annotations
+
+from .observe import Observed
+
+
+class DirtyBounds(Observed):
+    """The dirty share and the limited nodes' dirty bounds."""
+
+    #: a principal's dirty share: this fraction of its allowance (set by WriteBack)
+    dirty_ratio: float
+    #: a limited node's subtree keeps at most this many seconds of its limit's
+    #: write-back dirty (`_dirty_room`; set by WriteBack: DIRTY_LIMIT_SECONDS)
+    dirty_limit_seconds: float
+
+    def _dirty_limit(self, p: int) -> int:
+        allowance = self.nframes
+        if not self._global:
+            m = self._max.get(p)
+            if m is not None:
+                allowance = min(allowance, m)
+        return max(1, int(allowance * self.dirty_ratio))
+
+    def _dirty_room(self, p: int, *, members: list[frozenset[int]] | None = None
+                    ) -> int | None:
+        """How many more frames `p` may dirty before a limited node on its path holds
+        its dirty bound: `dirty_limit_seconds` of the node's write-back rate (at least
+        one frame), counted over the node's whole subtree (a tenant's children share
+        their parent's limit, so they share its bound). None when no limit is on its
+        path. `members`, if given, gets the subtree of each node at its bound.
+
+        Why: a commit writes every dirty frame back past its dirtier's limit (W1's
+        fix) and the dirtier repays it afterwards, so a limited tenant with half the
+        pool dirty at 1 MB/s owed ~32 s and dirtied at its limit all that time
+        (hostile probe 5, L2). Bounded by its limit's write-back, as Linux sizes a
+        device's dirty limit by its write-back bandwidth, what a commit expedites for
+        it and how long its debt lasts are a few seconds of its limit."""
+        lp = self._lim_path.get(p)
+        if lp is None:
+            return None
+        acct = self._acct
+        secs = self.dirty_limit_seconds
+        room: int | None = None
+        for _q, subtree, rate in lp:
+            n = 0
+            for m in subtree:
+                a = acct.get(m)
+                if a is not None:
+                    n += a.dirty
+            r = max(1, int(rate * secs)) - n
+            if r <= 0 and members is not None:
+                members.append(subtree)
+            if room is None or r < room:
+                room = r
+        return room
