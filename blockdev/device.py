@@ -313,6 +313,8 @@ class BlockDevice:
         #: discard in the chunk clears it: the hole punch gives the space back)
         self._chunk_blocks = max(1, RESERVE_CHUNK_BYTES // self.block_size)
         self._host_reserved = np.zeros(-(-self.nblocks // self._chunk_blocks), dtype=bool)
+        #: the same memory, for scalar reads from Python (`host_reserved`)
+        self._host_reserved_m = self._host_reserved.data
         self._closed = False
 
     # -- formatting and opening -------------------------------------------------
@@ -773,6 +775,8 @@ class BlockDevice:
         as much as it gives back once the old blocks are discarded, and refusing it
         left a user of a full host unable even to truncate (review of probe 5, P5).
         Never blocks (no checkpoint)."""
+        if self.host_reserved(block, count):
+            return  # (the common case, in pure Python: R6)
         self._check_range(block, count)
         if count <= 0:
             return
@@ -824,6 +828,17 @@ class BlockDevice:
                               ) from None
             reserve_space(self.data, block * bs, count * bs)
             self.checksums.reserve(block, count)
+
+    def host_reserved(self, block: int, count: int) -> bool:
+        """Whether blocks [block, block + count) lie inside one chunk whose host space
+        is reserved, so that `reserve` of them has nothing to do: the common case of
+        every allocation (a file's next blocks), checked in pure Python — the numpy
+        slice of `reserve` cost about 2.4 µs per allocation, under write-through too
+        (second review of probe 5, R6). Never blocks."""
+        cb = self._chunk_blocks
+        c = block // cb
+        return (count > 0 and block >= 0 and block + count <= self.nblocks
+                and (block + count - 1) // cb == c and bool(self._host_reserved_m[c]))
 
     def unreserve(self, block: BlockNo, count: int) -> None:
         """Give back the host space under blocks [block, block + count) that `reserve`

@@ -103,8 +103,8 @@ class Space:
         overwrites and a shrinking truncate still work on a full host (P5).
         `principal`: whose allocation (a refusal is logged once per principal and
         interval, L1)."""
-        if not runs:
-            return
+        if not runs or self.kernel.host_reserved(runs):
+            return  # (the common case: inside chunks reserved already, R6)
         try:
             await self.kernel.reserve(runs, relocation=relocation, principal=principal)
         except BaseException:

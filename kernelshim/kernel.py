@@ -19,7 +19,8 @@ caller's business (the metadata server, later the principal banks), not the kern
 | sync()                        | —                   | DeviceError                             |
 | writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
 | may_be_unflushed(inode)       | (trusted caller)    | —                                       |
-| reserve(runs, relocation=)    | (trusted caller)    | DeviceFull, DeviceError                 |
+| reserve(runs, relocation=, p) | (trusted caller)    | DeviceFull, DeviceError                 |
+| host_reserved(runs)           | (trusted caller)    | —                                       |
 | repay_limit(principal, n)     | (trusted caller)    | — (waits; call holding no lock)         |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
@@ -653,6 +654,18 @@ class Kernel(GrantTable, LowerLayers):
                     raise DeviceFull(msg, block=dev) from None
                 raise DeviceError(f"reserving device blocks {dev}+{count}: "
                                   f"{exc.strerror}", block=dev, errno=exc.errno) from None
+
+    def host_reserved(self, runs: Iterable[tuple[int, int]]) -> bool:
+        """Whether every run lies inside one chunk of the device whose host space is
+        reserved already (`BlockDevice.host_reserved`): `reserve` of them would do
+        nothing. A caller may skip `reserve` then (the allocation that reserved the
+        chunk marked the kernel written, so the next barrier flushes it). Never
+        blocks; pure Python (R6)."""
+        dev = self.device
+        for d, c in runs:
+            if not dev.host_reserved(d, c):
+                return False
+        return True
 
     def _log_refusal(self, p: int, msg: str) -> None:
         """Log a refused reservation of principal `p`: at most one line per principal

@@ -229,3 +229,48 @@ async def test_l2_a_limited_tenants_dirty_share_is_a_few_seconds_of_its_limit(
                 assert got == bytes([p, i]) * (BS // 2), (p, i)
     finally:
         kernel.close()
+
+
+# -- R6 ----------------------------------------------------------------------------------
+
+
+async def test_r6_appends_inside_a_reserved_chunk_skip_the_reservation(
+        tmp_path: Path, monkeypatch) -> None:
+    """Write-through appends of 4 KiB, 64 of them: the first allocation reserves its
+    16 MiB chunk, the other 63 find it reserved by a pure-Python check and do not call
+    `Kernel.reserve` (before: 64 calls, ~2.4 µs each); a range outside a reserved
+    chunk, or across into the next one, still does."""
+    import os
+
+    from fs.filesystem import FileSystem, ROOT_INODE
+    from fs.metadata import Metadata
+    from fs import volume
+    from test_filesystem import CALLER, Volume
+
+    v = Volume(tmp_path / "vol", size=2 * (16 << 20))
+    v.kernel = Kernel.open(v.path, cache_bytes=64 * BS)
+    v.md = Metadata(v.path / volume.DB)
+    v.fs = fs = await FileSystem.load(v.md, v.kernel)
+    try:
+        calls = []
+        real = v.kernel.reserve
+
+        async def counting(runs, **kw):
+            runs = list(runs)
+            calls.append(runs)
+            await real(runs, **kw)
+
+        monkeypatch.setattr(v.kernel, "reserve", counting)
+        h, _ino = fs.create(ROOT_INODE, b"log", 0o644, os.O_RDWR, CALLER)
+        for i in range(64):
+            await fs.write(h.fh, i * BS, bytes([i + 1]) * BS)
+        assert len(calls) == 1, calls
+        assert bytes(await fs.read(h.fh, 0, 2 * BS)) == b"\x01" * BS + b"\x02" * BS
+        dev = v.kernel.device
+        cb = (16 << 20) // BS
+        assert dev.host_reserved(5, 1) and dev.host_reserved(0, cb)
+        assert not dev.host_reserved(cb - 1, 2)  # across into the next chunk
+        assert not dev.host_reserved(cb + 5, 1)  # a chunk not reserved
+        assert not dev.host_reserved(5, 0)
+    finally:
+        await v.close()
