@@ -30,9 +30,11 @@ stays charged to the first (memcg's rule): charges equal residency, always.
 Write-back (`writeback=True`; `False` writes through, as the mount does until the
 crash rules are integrated). Writes dirty frames charged to the writer; write-back I/O
 is tagged with the principal that dirtied the frame, read-ahead with the one that
-asked. A writer over its dirty share (`dirty_ratio` of its allowance) writes back its
-own oldest frames before going on — never someone else's. `run()` writes back frames
-dirty for longer than `dirty_expire`. Stream writes that bypass the pool are written
+asked. A writer over its dirty share (`dirty_ratio` of its allowance), or under an I/O
+limit at `dirty_limit_seconds` of that limit's write-back (a limited node's subtree
+together), writes back its own oldest frames before going on — never another
+tenant's (pager/dirty.py). `run()` writes back frames dirty for longer than
+`dirty_expire`, one task per dirtier (pager/aging.py). Stream writes that bypass the pool are written
 behind (acknowledged once the device has claimed their blocks; pager/writeback.py).
 Reads that bypass the pool overlay resident
 frames, so they see dirty data; `discard` waits for write-back in flight on the blocks
