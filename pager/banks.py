@@ -26,7 +26,7 @@ class Banks(FrameTable):
         self._parent: dict[int, int | None] = {}
         #: per principal under an I/O limit: the limited nodes on its path (itself
         #: and its ancestors), each with its subtree's principals and its write-back
-        #: rate in frames per second (`_limited_path`; the dirty bound, L2)
+        #: rate in frames per second (`_limited_paths`; the dirty bound, L2)
         self._lim_path: dict[int, list[tuple[int, frozenset[int], float]]] = {}
 
     def _protections(self, tree: BankTree) -> dict[int, int]:
@@ -72,7 +72,7 @@ class Banks(FrameTable):
         second), nearest first. The rate is the tighter of the limit in bytes/s (in
         frames) and in IOPS, counting every frame as a request of its own (write-back
         of scattered frames is one request each): the rate at which that node's
-        subtree's dirty frames can surely reach the device. None under `global-lru`
+        subtree's dirty frames can surely reach the device. Empty under `global-lru`
         (no principals)."""
         if self._global:
             return {}

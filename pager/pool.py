@@ -34,8 +34,9 @@ asked. A writer over its dirty share (`dirty_ratio` of its allowance), or under 
 limit at `dirty_limit_seconds` of that limit's write-back (a limited node's subtree
 together), writes back its own oldest frames before going on — never another
 tenant's (pager/dirty.py). `run()` writes back frames dirty for longer than
-`dirty_expire`, one task per dirtier (pager/aging.py). Stream writes that bypass the pool are written
-behind (acknowledged once the device has claimed their blocks; pager/writeback.py).
+`dirty_expire`, one task per dirtier (pager/aging.py). Stream writes that bypass the
+pool are written behind (acknowledged once the device has claimed their blocks;
+pager/writeback.py).
 Reads that bypass the pool overlay resident
 frames, so they see dirty data; `discard` waits for write-back in flight on the blocks
 it frees. Discardable dirty frames are never written back by the pager on its own

@@ -1,8 +1,9 @@
 """Write-back: dirty frames reach the device in runs of adjacent blocks, each run
-tagged with the principal that dirtied it; a writer over its dirty share writes back
-its own oldest frames (throttling; the dirty bounds are in pager/dirty.py); frames dirty for longer than `dirty_expire` are
-written back by the aging task (pager/aging.py); `flush` (a commit's barrier) and `writeback_file`
-(an fsync) wait until what was dirty at their start is on the device.
+tagged with the principal that dirtied it; a writer over its dirty share (or its
+limited node's dirty bound: pager/dirty.py) writes back its own oldest frames
+(throttling); frames dirty for longer than `dirty_expire` are written back by the
+aging task (pager/aging.py); `flush` (a commit's barrier) and `writeback_file` (an
+fsync) wait until what was dirty at their start is on the device.
 
 Write-behind: a stream write (more than BYPASS_BLOCKS blocks, bypassing the pool) from
 an immutable buffer is acknowledged once the device has claimed its blocks and is
@@ -44,7 +45,7 @@ def _held(mv: memoryview) -> int:
 
 
 class WriteBack(DirtyBounds):
-    """Write-back of dirty frames, dirty throttling and aging, flush and fsync."""
+    """Write-back of dirty frames, dirty throttling, flush and fsync, write-behind."""
 
     def _init_writeback(self, *, dirty_ratio: float, dirty_expire: float,
                         writeback_interval: float) -> None:

@@ -21,15 +21,14 @@ All in process on trio's autojump clock, except where said.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
-
-import errno
 
 import pytest
 import trio
 
-from blockdev import BankNode, BlockDevice, BlockNo, PrincipalId
+from blockdev import BankNode, BlockDevice, PrincipalId
 from blockdev.types import ROOT_PRINCIPAL
 from kernelshim import FRESH, ExtentMap, Kernel, Rights
 
