@@ -17,6 +17,9 @@ class DirtyBounds(Observed):
     #: a limited node's subtree keeps at most this many seconds of its limit's
     #: write-back dirty (`_dirty_room`; set by WriteBack: DIRTY_LIMIT_SECONDS)
     dirty_limit_seconds: float
+    #: device blocks of each principal's stream writes on their way (set by
+    #: WriteBack): counted with its dirty frames (review of probe5fix, V2)
+    _behind_blocks: dict[int, int]
 
     def _dirty_limit(self, p: int) -> int:
         allowance = self.nframes
@@ -31,7 +34,8 @@ class DirtyBounds(Observed):
         """How many more frames `p` may dirty before a limited node on its path holds
         its dirty bound: `dirty_limit_seconds` of the node's write-back rate (at least
         one frame), counted over the node's whole subtree (a tenant's children share
-        their parent's limit, so they share its bound). None when no limit is on its
+        their parent's limit, so they share its bound), its write-behinds on their way
+        with its dirty frames (a commit expedites both). None when no limit is on its
         path. `members`, if given, gets the subtree of each node at its bound.
 
         Why: a commit writes every dirty frame back past its dirtier's limit (W1's
@@ -44,6 +48,7 @@ class DirtyBounds(Observed):
         if lp is None:
             return None
         acct = self._acct
+        behind = self._behind_blocks
         secs = self.dirty_limit_seconds
         room: int | None = None
         for _q, subtree, rate in lp:
@@ -52,6 +57,8 @@ class DirtyBounds(Observed):
                 a = acct.get(m)
                 if a is not None:
                     n += a.dirty
+                if behind:
+                    n += behind.get(m, 0)
             r = max(1, int(rate * secs)) - n
             if r <= 0 and members is not None:
                 members.append(subtree)
