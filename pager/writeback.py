@@ -95,8 +95,8 @@ class WriteBack(DirtyBounds):
         if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
                 or acct.dirty >= limit):
             return False  # (`write` throttles this writer first)
-        if self._lim_path and (st != DIRTY and st != WRITEBACK
-                               or self._dirtier_m[f] != p):
+        if self._lim_path and not (self._hinted and self._disc_m[f]) and (
+                st != DIRTY and st != WRITEBACK or self._dirtier_m[f] != p):
             # (a frame another principal dirtied becomes p's dirty frame as much as a
             # clean one does: review of probe5fix, V1)
             room = self._dirty_room(p)
