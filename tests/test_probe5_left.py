@@ -189,7 +189,7 @@ async def test_l2_a_limited_tenants_dirty_share_is_a_few_seconds_of_its_limit(
     (before: 16), its writers wait for their own write-back at the limit (about 6 s
     for the 12 written back), a commit then expedites at most the bound and the debt
     is a few seconds (before: 16 s, and the writes took no time). An unlimited tenant P(4) writing 16 blocks
-    meanwhile does not wait."""
+    meanwhile (while they wait) does not wait."""
     kernel = _kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=8192), node(2, 1), node(3, 1),
@@ -205,17 +205,27 @@ async def test_l2_a_limited_tenants_dirty_share_is_a_few_seconds_of_its_limit(
 
         most = 0
         t0 = trio.current_time()
-        for i in range(8):
-            for p in (2, 3):
-                await kernel.write(grants[p], i * BS, bytes([p, i]) * (BS // 2))
-                most = max(most, subtree_dirty())
-        took = trio.current_time() - t0
+        other: list[float] = []
+
+        async def unlimited() -> None:
+            # (meanwhile: while the limited writers wait for their write-back; review
+            # of probe5fix: this ran after them, so it could not see a wait)
+            await trio.sleep(1.0)
+            t1 = trio.current_time()
+            for i in range(16):
+                await kernel.write(grants[4], i * BS, b"u" * BS)
+            other.append(trio.current_time() - t1)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(unlimited)
+            for i in range(8):
+                for p in (2, 3):
+                    await kernel.write(grants[p], i * BS, bytes([p, i]) * (BS // 2))
+                    most = max(most, subtree_dirty())
+            took = trio.current_time() - t0
         assert most <= 4, most
         assert 4.0 < took < 9.0, took
-        t1 = trio.current_time()
-        for i in range(16):
-            await kernel.write(grants[4], i * BS, b"u" * BS)
-        assert trio.current_time() - t1 < 0.5
+        assert other and other[0] < 0.5, other
         async with kernel.barrier():
             pass
         # (the bound's 2 s, after what its own last write-back still owes: at most
