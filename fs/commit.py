@@ -187,6 +187,15 @@ class Transactions:
                         principal=principal, file=file, durable=durable,
                         preflush_rounds=preflush_rounds,
                         stop_preflush=lambda: self._durable_waiting > 0):
+                    if self.write_errors:
+                        # The volume failed while the barrier flushed (a setxattr whose
+                        # transaction SQLite lost, the mount flags): `fail` rolled back
+                        # what this commit was to hold, and nothing is committed after
+                        # a failure — committing the rest and counting it durable let
+                        # an fsync succeed for changes no durable state holds (review
+                        # of probe5fix, V4).
+                        raise WriteFailed(f"the volume failed ({self.read_only}): "
+                                          "nothing more is committed")
                     self._save_unflushed()
                     taken = self.md.take_changes()
                     self.md.commit()
@@ -216,7 +225,11 @@ class Transactions:
                     for runs, ino in groups:
                         self.alloc.free_later(runs, None if ino is None else (ino,))
                 if isinstance(exc, (OSError, sqlite3.Error, SluiceError)):
-                    self.fail(f"committing metadata failed: {exc}")
+                    if not (taken is None and self.write_errors):
+                        self.fail(f"committing metadata failed: {exc}")
+                    # (else it failed already, before this commit held anything: V4)
+                    if isinstance(exc, WriteFailed):
+                        raise
                     raise WriteFailed(f"commit failed: {exc}") from exc
                 raise
             finally:

@@ -147,3 +147,45 @@ async def test_v3_a_limited_tenants_discardable_writes_do_not_rescan_the_pool(
         assert bytes(await kernel.read(g1, (1 << 20) - BS, BS)) == b"d" * BS
     finally:
         kernel.close()
+
+
+async def test_v4_a_failure_during_a_commits_flush_fails_that_commit(
+        tmp_path: Path, monkeypatch) -> None:
+    """The volume fails (`FileSystem.fail`: here a setxattr whose transaction SQLite
+    lost to a full host, or the mount flags) while a commit's barrier flushes the
+    device: `fail` rolls the open transaction back — the fsync'd file's new inode,
+    name and extents with it — and sets `Metadata.failed` ("nothing is committed after
+    a failure"). The commit then went on past its barrier: it committed what was left,
+    counted itself durable and the fsync returned 0 for a file that no durable state
+    holds (crash rule 1). It must fail (EIO) and commit nothing."""
+    import os
+
+    from fs import volume
+    from fs.errors import WriteFailed
+    from fs.filesystem import FileSystem, ROOT_INODE
+    from fs.metadata import Metadata
+    from test_filesystem import CALLER, Volume
+
+    v = Volume(tmp_path / "vol", size=1024 * BS)
+    v.kernel = Kernel.open(v.path, cache_bytes=64 * BS)
+    v.md = Metadata(v.path / volume.DB)
+    v.fs = fs = await FileSystem.load(v.md, v.kernel)
+    try:
+        h, _ino = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, CALLER)
+        await fs.write(h.fh, 0, b"x" * BS)
+        real = v.kernel.device.flush
+
+        async def failing_meanwhile(**kw) -> None:
+            await real(**kw)
+            fs.fail("a failure while the commit's barrier flushed (test)")
+
+        monkeypatch.setattr(v.kernel.device, "flush", failing_meanwhile)
+        seq = fs._durable_seq
+        with pytest.raises(WriteFailed):
+            await fs.fsync(h.fh, False)
+        assert fs._durable_seq == seq
+        monkeypatch.setattr(v.kernel.device, "flush", real)
+    finally:
+        v.md.close()
+        v.kernel.close()
+        v.fs = None
