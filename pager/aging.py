@@ -52,7 +52,7 @@ class Aging(WriteBack):
             frames = np.flatnonzero(old)
             if len(frames):
                 try:
-                    await self._writeback_frames([int(f) for f in frames])
+                    await self._writeback_frames([int(f) for f in frames], dirtier=d)
                 except Exception:
                     # the frames stay dirty; flush or fsync will report the error
                     log.exception("write-back of %d aged frames of principal %d failed",

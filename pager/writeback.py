@@ -230,11 +230,15 @@ class WriteBack(DirtyBounds):
         return out
 
     async def _writeback_frames(self, frames: list[int], *,
-                                principal: PrincipalId | None = None) -> int:
+                                principal: PrincipalId | None = None,
+                                dirtier: int | None = None) -> int:
         """Write the DIRTY frames among `frames` to the device, in runs of adjacent
         blocks with the same dirtier, each run tagged with that principal (or with
         `principal`: an fsync writing its file's frames, on its caller's bank).
-        Returns the number of frames written."""
+        `dirtier`: only the runs that principal still dirtied when their turn comes (an
+        aging task's: a frame another principal took over meanwhile goes with that
+        one's own write-back, not at its limit ahead of the rest: review of
+        probe5fix, V6). Returns the number of frames written."""
         todo = sorted((int(self._frame_block_m[f]), f) for f in frames
                       if self._state_m[f] == DIRTY)
         written = 0
@@ -249,7 +253,7 @@ class WriteBack(DirtyBounds):
                 j += 1
             run = [f for _, f in todo[i:j] if self._state_m[f] == DIRTY]
             i = j
-            if not run:
+            if not run or dirtier is not None and d != dirtier:
                 continue
             # the run may have lost members to the checks above: keep it contiguous
             run = run[:1] + [g for k, g in enumerate(run[1:], 1)

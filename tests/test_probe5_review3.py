@@ -189,3 +189,48 @@ async def test_v4_a_failure_during_a_commits_flush_fails_that_commit(
         v.md.close()
         v.kernel.close()
         v.fs = None
+
+
+@pytest.mark.trio
+async def test_v6_an_aging_task_writes_only_its_own_dirtiers_frames(
+        tmp_path: Path, autojump_clock) -> None:
+    """P(1), limited to 1 KiB/s (4 s a block), and P(2), limited to 8 KiB/s, dirty 8 scattered
+    blocks each at t=0 (their dirty bounds raised out of the way). At t=5 each one's
+    aging task starts (L3). At t=5.2, while P(2)'s task waits for its second request,
+    P(1) writes into one of P(2)'s later dirty frames and so becomes its dirtier. On
+    the branch P(2)'s task wrote that frame when it came to it — on P(1)'s bank,
+    behind P(1)'s own aged frames (up to 4 s a block) — and P(2)'s remaining frames waited there
+    too: L3's hold again. An aging task writes only frames its dirtier still dirtied;
+    the taken-over frame goes with P(1)'s aging."""
+    kernel = _kernel(tmp_path)
+    try:
+        kernel.configure_banks(tree(node(1, io_limit_bps=1024), node(2, io_limit_bps=8192)))
+        kernel.pager.dirty_limit_seconds = 1000.0  # (the L2 bound out of the way)
+        g1 = kernel.grant(inode=7, generation=1,
+                          extents=ExtentMap([(i, 10 + 2 * i, 1, FRESH) for i in range(8)]),
+                          rights=Rights.RW, principal=P(1))
+        g2 = kernel.grant(inode=8, generation=1,
+                          extents=ExtentMap([(i, 100 + 2 * i, 1, FRESH) for i in range(8)]),
+                          rights=Rights.RW, principal=P(2))
+        # P(1)'s view of P(2)'s file (a file both may write)
+        g12 = kernel.grant(inode=8, generation=1, extents=g2.extents, rights=Rights.RW,
+                           principal=P(1))
+        pager = kernel.pager
+        async with trio.open_nursery() as n:
+            await n.start(pager.run)
+            t0 = trio.current_time()
+            for i in range(8):
+                await kernel.write(g1, i * BS, bytes([i + 1]) * BS)
+                await kernel.write(g2, i * BS, bytes([i + 11]) * BS)
+            await trio.sleep_until(t0 + 5.2)
+            assert 0 < pager.statistics().per_principal[P(2)].dirty < 8
+            await kernel.write(g12, 3 * BS, b"t" * BS)  # (P(2)'s frame, not yet written)
+            await trio.sleep_until(t0 + 10.0)
+            # P(2)'s 7 frames went at its own limit (2 a second from t=5)
+            assert pager.statistics().per_principal[P(2)].dirty == 0
+            await trio.sleep_until(t0 + 45.0)
+            assert pager.statistics().per_principal[P(1)].dirty == 0
+            assert bytes(await kernel.read(g2, 3 * BS, BS)) == b"t" * BS
+            n.cancel_scope.cancel()
+    finally:
+        kernel.close()
