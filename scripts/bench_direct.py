@@ -18,7 +18,11 @@ Workloads (sizes shrink with --quick):
   rand write 4K        4 KiB writes at random aligned offsets of the existing file for
                        DURATION s, 1 job (IOPS; no fsync: plain writes stay in the page
                        cache, sluice writes go through to the backing file's page cache;
-                       direct: one commit at the end, inside the time)
+                       direct: one commit at the end, inside the time). FUSE overwrites
+                       data.bin, the direct path the file its own last sequential write
+                       made: the same offsets in the same order, each on a file of its
+                       own, so neither finds blocks the other's copy-on-write already
+                       split out of their extents
   rand read 4K xN      N processes (--clients, default 4) at once, each doing 4 KiB
                        random reads for DURATION s on its own: through the FUSE mount
                        (O_DIRECT preadv) and through the direct path (a Client each);
@@ -383,6 +387,8 @@ class Bench:
         (tmp / "mnt").mkdir()
         self.pool = Pool()
         self.client = None
+        #: the direct path's random writes go to the file its last sequential write made
+        self.direct_rand_file = "data.bin"
         self.streamer: subprocess.Popen | None = None
         #: workload -> system -> samples (MB/s or IOPS)
         self.samples: dict[str, dict[str, list[float]]] = {}
@@ -506,8 +512,16 @@ class Bench:
                         verify_direct(self.client, "data.bin", size, pool)
                         verify_fd(self.plain_file(), size, pool)
                     # The reads below use data.bin (written through FUSE) for FUSE and
-                    # direct alike: the same file, the same extents.
-                    os.unlink(self.mnt.mountpoint / rel)
+                    # direct alike: the same file, the same extents. The random writes
+                    # do not: each path overwrites a file of its own (data.bin, and the
+                    # direct path's last file), so that neither inherits the layout the
+                    # other's copy-on-write overwrites leave (the same offsets in the
+                    # same order: the second path would find its blocks already split
+                    # out of their extents, a cheaper overwrite).
+                    if last:
+                        self.direct_rand_file = rel
+                    else:
+                        os.unlink(self.mnt.mountpoint / rel)
 
     def _reads(self, mode: str, req: int) -> None:
         size = self.size
@@ -551,7 +565,8 @@ class Bench:
             for system in SYSTEMS:
                 def fn(system: str = system, write: bool = write) -> tuple[int, float]:
                     if system == "direct":
-                        return direct_rand(self.client, "data.bin", size, a.duration,
+                        rel = self.direct_rand_file if write else "data.bin"
+                        return direct_rand(self.client, rel, size, a.duration,
                                            write=write, pool=self.pool)
                     path = self.plain_file() if system == "plain" else self.fuse_file
                     return fd_rand(path, size, a.duration, write=write, pool=self.pool)
