@@ -25,10 +25,10 @@ cannot change (`bytes`, or a view of it: a FUSE payload, which the binding place
 a page boundary), page-aligned in memory and in the file: it is written through a
 second descriptor opened O_DIRECT, submitted with Linux AIO (blockdev/aio.py;
 `DIRECT_MIN_BYTES`), so the daemon does not copy it into the host's page cache and
-the commit's fdatasync has little left to write; the write awaits the disk. Such a write is no more durable than a buffered one until the
-next `flush` (the disk's write cache), and `flush` waits for the direct writes begun
-before it, so a barrier covers every write that started before it, as the recording
-backing's log assumes. `pread` is the synchronous read for opening a store and for
+the commit's fdatasync has little left to write; the write awaits the disk. Such a
+write is no more durable than a buffered one until the next `flush` (the disk's
+write cache), and `flush` waits for the direct writes begun before it, so a barrier
+covers every write that started before it, as the recording backing's log assumes. `pread` is the synchronous read for opening a store and for
 offline tools, never for the data path.
 """
 
@@ -213,8 +213,8 @@ class FileBacking:
         self._direct_fd: int | None = None
         self._direct_opened = -1  # (what `close` closes)
         self._aio: DirectWriter | None = None
-        #: direct writes in worker threads (numbered in order of start), which
-        #: `flush` waits for, and where it waits
+        #: direct writes in flight (numbered in order of start), which `flush` waits
+        #: for, and where it waits
         self._direct_next = 0
         self._direct_inflight: set[int] = set()
         self._direct_landed = trio.lowlevel.ParkingLot()
@@ -296,9 +296,9 @@ class FileBacking:
             # The same open file as self._fd (no path lookup: the volume directory may
             # have changed since), with its own flags.
             fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
-                raise
+        except OSError:
+            # (EINVAL: a filesystem without O_DIRECT; anything else — EMFILE — must
+            # not fail the write either, which the page cache can take)
             return False
         try:
             self._aio = DirectWriter.open(depth=DIRECT_DEPTH)
