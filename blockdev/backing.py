@@ -52,6 +52,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 
 #: at most this many fdatasyncs run in worker threads at once (all backings together)
 FLUSH_LIMITER = trio.CapacityLimiter(4)
@@ -65,6 +66,11 @@ DIRECT_DEPTH = 16
 #: is copied into the host's page cache. 0 turns direct writes off.
 DIRECT_MIN_BYTES = 256 << 10
 _PAGE = mmap.PAGESIZE
+#: host filesystems that accept O_DIRECT but copy the data into memory all the same
+#: (tmpfs since Linux 6.6 — "trivial" O_DIRECT, a buffered write under another name —
+#: and ramfs): there a direct write saves nothing and costs a loop pass, so every write
+#: is buffered (statfs f_type: TMPFS_MAGIC, RAMFS_MAGIC)
+_MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -290,8 +296,11 @@ class FileBacking:
 
     def _open_direct(self) -> bool:
         """Open the O_DIRECT descriptor and the AIO context at the first direct write;
-        False (and `_direct_fd` -1: never again) where the host has neither."""
+        False (and `_direct_fd` -1: never again) where the host has neither, or where
+        its O_DIRECT would copy into memory anyway (tmpfs, ramfs)."""
         self._direct_fd = -1
+        if self._is_file and _filesystem_type(self._fd) in _MEMORY_FILESYSTEMS:
+            return False
         try:
             # The same open file as self._fd (no path lookup: the volume directory may
             # have changed since), with its own flags.
@@ -394,6 +403,14 @@ class FileBacking:
 
     def __repr__(self) -> str:
         return f"FileBacking({self._path!r})"
+
+
+def _filesystem_type(fd: int) -> int:
+    """The magic number of the filesystem holding `fd` (statfs f_type), 0 if unknown."""
+    buf = ctypes.create_string_buffer(256)  # (struct statfs: 120 bytes, f_type first)
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def _direct_address(data: memoryview) -> int:
