@@ -71,6 +71,14 @@ _PAGE = mmap.PAGESIZE
 #: and ramfs): there a direct write saves nothing and costs a loop pass, so every write
 #: is buffered (statfs f_type: TMPFS_MAGIC, RAMFS_MAGIC)
 _MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})
+#: what a direct write may fail with when the host refuses the way, not the write
+#: (nothing worth reporting was written; the page cache takes it): from then on every
+#: write is buffered (an alignment the host wants larger than a page: EINVAL; a
+#: filesystem or kernel without it: EOPNOTSUPP, ENOSYS) ...
+_DIRECT_REFUSED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+#: ... or for this write only (io_submit's "no resources now", an interrupted
+#: submission): the next large write tries direct again
+_DIRECT_BUSY = frozenset({errno.EAGAIN, errno.EINTR})
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -266,8 +274,10 @@ class FileBacking:
                             nbytes: int) -> bool:
         """Write `data` (at `address`) through the O_DIRECT descriptor with Linux AIO
         (blockdev/aio.py: submitted from the loop, which goes on serving until the disk
-        has it); False, with nothing written, where the host refuses O_DIRECT or AIO
-        (from then on every write is buffered). Shielded: like a buffered write, a
+        has it); False where the host refused the way rather than the data (O_DIRECT or
+        AIO: `_DIRECT_REFUSED`, from then on every write is buffered; or a shortage of
+        the moment: `_DIRECT_BUSY`): the caller then writes the whole range through
+        the page cache. Shielded: like a buffered write, a
         direct write that began lands (the caller's claim on the blocks depends on it).
         The host keeps buffered reads coherent (it drops the page-cache pages of the
         range)."""
@@ -281,12 +291,17 @@ class FileBacking:
             with trio.CancelScope(shield=True):
                 n = await self._aio.pwrite(self._direct_fd, data, address, nbytes, offset)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # The host wants a larger alignment than a page (nothing was written):
-            # buffered from now on. (The descriptor is closed with the backing.)
-            self._direct_fd = -1
-            return False
+            # A refusal or a transient shortage is not the device's failure: the range
+            # is written again through the page cache (the caller still holds its
+            # claim on the blocks; whatever part of it the disk took, the buffered
+            # write stores the same bytes over it). Only the host's answer to the data
+            # itself (EIO, ENOSPC, ...) is raised, as a buffered write's would be.
+            if exc.errno in _DIRECT_REFUSED:
+                self._direct_fd = -1  # (the descriptor is closed with the backing)
+                return False
+            if exc.errno in _DIRECT_BUSY:
+                return False
+            raise
         finally:
             self._direct_inflight.discard(ticket)
             self._direct_landed.unpark_all()

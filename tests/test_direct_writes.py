@@ -202,12 +202,14 @@ async def test_recording_logs_direct_writes_before_the_barrier_covering_them(
     assert WRITE in kinds and kinds.index(WRITE) < kinds.index(BARRIER)
 
 
-@pytest.mark.parametrize("refusal", ["open", "setup", "submit"])
+@pytest.mark.parametrize("refusal", ["open", "setup", "submit", "submit-eopnotsupp"])
 async def test_a_host_that_refuses_direct_writes_gets_buffered_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str) -> None:
     """Where the host refuses O_DIRECT at open (EINVAL: a filesystem without it), has
     no AIO context to give (EAGAIN: aio-max-nr) or refuses the alignment at submission
-    (EINVAL), the write is made through the page cache, and so is every later one."""
+    (EINVAL; EOPNOTSUPP: a filesystem whose write path has no direct I/O), the write
+    is made through the page cache, and so is every later one. (EOPNOTSUPP failed
+    the write on the branch as first reviewed.)"""
     if refusal == "open":
         real_open = os.open
 
@@ -223,8 +225,10 @@ async def test_a_host_that_refuses_direct_writes_gets_buffered_ones(
 
         monkeypatch.setattr(aio_mod.DirectWriter, "open", staticmethod(no_context))
     else:
+        code = errno.EINVAL if refusal == "submit" else errno.EOPNOTSUPP
+
         async def refusing_pwrite(self, fd, data, address, nbytes, offset):  # type: ignore[no-untyped-def]
-            raise OSError(errno.EINVAL, "alignment")
+            raise OSError(code, "refused")
 
         monkeypatch.setattr(aio_mod.DirectWriter, "pwrite", refusing_pwrite)
     b, path = backing(tmp_path)
@@ -234,6 +238,40 @@ async def test_a_host_that_refuses_direct_writes_gets_buffered_ones(
             assert b.pread(i * MiB, MiB) == fill(MiB, i)
         assert resident_pages(path, 0, 2 * MiB) == 2 * MiB // PAGE
         assert b._direct_fd == -1
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("code", [errno.EAGAIN, errno.EINTR])
+async def test_a_transient_refusal_of_a_direct_write_writes_it_buffered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_anywhere: None,
+        code: int) -> None:
+    """io_submit's EAGAIN (no room in the AIO ring now) or an interrupted submission is
+    the host declining the way, not failing the data: the write is made through the
+    page cache (it used to fail, and a failed write-behind turns the volume
+    read-only), and the next large write goes direct again. A medium error (EIO) is
+    still the write's error."""
+    real = aio_mod.DirectWriter.pwrite
+    refusals = [code, errno.EIO]
+
+    async def flaky_pwrite(self, fd, data, address, nbytes, offset):  # type: ignore[no-untyped-def]
+        if offset == 0 and refusals:
+            raise OSError(refusals.pop(0), "refused")
+        return await real(self, fd, data, address, nbytes, offset)
+
+    monkeypatch.setattr(aio_mod.DirectWriter, "pwrite", flaky_pwrite)
+    b, _ = backing(tmp_path)
+    try:
+        await b.write(0, aligned_view(fill(MiB, 1)))  # refused for the moment: buffered
+        assert b.pread(0, MiB) == fill(MiB, 1)
+        assert b._direct_fd is not None and b._direct_fd >= 0  # still direct for the next
+        with pytest.raises(OSError) as err:
+            await b.write(0, aligned_view(fill(MiB, 2)))  # the medium's error: raised
+        assert err.value.errno == errno.EIO
+        await b.write(MiB, aligned_view(fill(MiB, 3)))  # direct
+        assert b.pread(MiB, MiB) == fill(MiB, 3)
+        assert b._direct_fd >= 0
+        await b.flush()
     finally:
         b.close()
 
