@@ -20,8 +20,16 @@ that makes no progress is EIO) — the caller never has to check a count.
 Colour: `read_into`, `write`, `discard` and `flush` are async so a wrapper may take
 time on the trio clock (latency injection); `FileBacking` does the data syscalls on
 the event loop without a checkpoint (page-cache pread/pwrite take microseconds) and
-runs fdatasync in a worker thread. `pread` is the synchronous read for opening a
-store and for offline tools, never for the data path.
+runs fdatasync in a worker thread. The exception is a large write from a buffer that
+cannot change (`bytes`, or a view of it: a FUSE payload, which the binding places on
+a page boundary), page-aligned in memory and in the file: it is written through a
+second descriptor opened O_DIRECT, submitted with Linux AIO (blockdev/aio.py;
+`DIRECT_MIN_BYTES`), so the daemon does not copy it into the host's page cache and
+the commit's fdatasync has little left to write; the write awaits the disk. Such a
+write is no more durable than a buffered one until the next `flush` (the disk's
+write cache), and `flush` waits for the direct writes begun before it, so a barrier
+covers every write that started before it, as the recording backing's log assumes. `pread` is the synchronous read for opening a store and for
+offline tools, never for the data path.
 """
 
 from __future__ import annotations
@@ -29,23 +37,48 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
 from typing import Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import trio
 
+from .aio import DirectWriter
 from .durable import open_store_file
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
 
 #: at most this many fdatasyncs run in worker threads at once (all backings together)
 FLUSH_LIMITER = trio.CapacityLimiter(4)
 #: ... and batches of hole punches (`FileBacking.discard_many`)
 DISCARD_LIMITER = trio.CapacityLimiter(2)
+#: O_DIRECT writes in flight per backing (`FileBacking.write`, its AIO context)
+DIRECT_DEPTH = 16
+#: A write of at least this many bytes, from a buffer that cannot change (`bytes` or a
+#: view of it) and page-aligned in memory, at a page-aligned offset and of whole
+#: pages, goes through the O_DIRECT descriptor (`FileBacking.write`); anything else
+#: is copied into the host's page cache. 0 turns direct writes off.
+DIRECT_MIN_BYTES = 256 << 10
+_PAGE = mmap.PAGESIZE
+#: host filesystems that accept O_DIRECT but copy the data into memory all the same
+#: (tmpfs since Linux 6.6 — "trivial" O_DIRECT, a buffered write under another name —
+#: and ramfs): there a direct write saves nothing and costs a loop pass, so every write
+#: is buffered (statfs f_type: TMPFS_MAGIC, RAMFS_MAGIC)
+_MEMORY_FILESYSTEMS = frozenset({0x01021994, 0x858458F6})
+#: what a direct write may fail with when the host refuses the way, not the write
+#: (nothing worth reporting was written; the page cache takes it): from then on every
+#: write is buffered (an alignment the host wants larger than a page: EINVAL; a
+#: filesystem or kernel without it: EOPNOTSUPP, ENOSYS) ...
+_DIRECT_REFUSED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+#: ... or for this write only (io_submit's "no resources now", an interrupted
+#: submission): the next large write tries direct again
+_DIRECT_BUSY = frozenset({errno.EAGAIN, errno.EINTR})
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -189,6 +222,16 @@ class FileBacking:
         self._closed = False
         #: the host filesystem cannot fallocate (EOPNOTSUPP): nothing to reserve
         self._no_fallocate = False
+        #: the descriptor for direct writes: opened at the first one (None), -1 when
+        #: the host refuses O_DIRECT (then every write is buffered)
+        self._direct_fd: int | None = None
+        self._direct_opened = -1  # (what `close` closes)
+        self._aio: DirectWriter | None = None
+        #: direct writes in flight (numbered in order of start), which `flush` waits
+        #: for, and where it waits
+        self._direct_next = 0
+        self._direct_inflight: set[int] = set()
+        self._direct_landed = trio.lowlevel.ParkingLot()
 
     @property
     def name(self) -> str:
@@ -217,9 +260,77 @@ class FileBacking:
             out[got:] = bytes(len(out) - got)
 
     async def write(self, offset: int, data: memoryview) -> None:
+        nbytes = memoryview(data).nbytes
+        if (nbytes >= DIRECT_MIN_BYTES > 0 and self._direct_fd != -1
+                and not (offset | nbytes) % _PAGE):
+            address = _direct_address(data)
+            if address >= 0 and await self._write_direct(offset, data, address, nbytes):
+                return
         n = os.pwritev(self._fd, [data], offset)
-        if n != memoryview(data).nbytes:
+        if n != nbytes:
             self._write_rest(offset, data, n)
+
+    async def _write_direct(self, offset: int, data: memoryview, address: int,
+                            nbytes: int) -> bool:
+        """Write `data` (at `address`) through the O_DIRECT descriptor with Linux AIO
+        (blockdev/aio.py: submitted from the loop, which goes on serving until the disk
+        has it); False where the host refused the way rather than the data (O_DIRECT or
+        AIO: `_DIRECT_REFUSED`, from then on every write is buffered; or a shortage of
+        the moment: `_DIRECT_BUSY`): the caller then writes the whole range through
+        the page cache. Shielded: like a buffered write, a
+        direct write that began lands (the caller's claim on the blocks depends on it).
+        The host keeps buffered reads coherent (it drops the page-cache pages of the
+        range)."""
+        if self._direct_fd is None and not self._open_direct():
+            return False
+        assert self._aio is not None and self._direct_fd is not None
+        ticket = self._direct_next
+        self._direct_next += 1
+        self._direct_inflight.add(ticket)
+        try:
+            with trio.CancelScope(shield=True):
+                n = await self._aio.pwrite(self._direct_fd, data, address, nbytes, offset)
+        except OSError as exc:
+            # A refusal or a transient shortage is not the device's failure: the range
+            # is written again through the page cache (the caller still holds its
+            # claim on the blocks; whatever part of it the disk took, the buffered
+            # write stores the same bytes over it). Only the host's answer to the data
+            # itself (EIO, ENOSPC, ...) is raised, as a buffered write's would be.
+            if exc.errno in _DIRECT_REFUSED:
+                self._direct_fd = -1  # (the descriptor is closed with the backing)
+                return False
+            if exc.errno in _DIRECT_BUSY:
+                return False
+            raise
+        finally:
+            self._direct_inflight.discard(ticket)
+            self._direct_landed.unpark_all()
+        if n != nbytes:
+            self._write_rest(offset, data, n)
+        return True
+
+    def _open_direct(self) -> bool:
+        """Open the O_DIRECT descriptor and the AIO context at the first direct write;
+        False (and `_direct_fd` -1: never again) where the host has neither, or where
+        its O_DIRECT would copy into memory anyway (tmpfs, ramfs)."""
+        self._direct_fd = -1
+        if self._is_file and _filesystem_type(self._fd) in _MEMORY_FILESYSTEMS:
+            return False
+        try:
+            # The same open file as self._fd (no path lookup: the volume directory may
+            # have changed since), with its own flags.
+            fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            # (EINVAL: a filesystem without O_DIRECT; anything else — EMFILE — must
+            # not fail the write either, which the page cache can take)
+            return False
+        try:
+            self._aio = DirectWriter.open(depth=DIRECT_DEPTH)
+        except OSError:
+            os.close(fd)
+            return False
+        self._direct_opened = self._direct_fd = fd
+        return True
 
     def _write_rest(self, offset: int, data: memoryview, done: int) -> None:
         """Finish a short write, or raise what the host says (ENOSPC) on the retry."""
@@ -285,6 +396,12 @@ class FileBacking:
         punch_hole(self._fd, offset, length)
 
     async def flush(self) -> None:
+        if self._direct_inflight:
+            # Direct writes begun before this barrier are covered by it, as buffered
+            # writes are (they returned before it began): wait for them to land.
+            begun = self._direct_next
+            while self._direct_inflight and min(self._direct_inflight) < begun:
+                await self._direct_landed.park()
         await trio.to_thread.run_sync(self.flush_sync, limiter=FLUSH_LIMITER)
 
     def flush_sync(self) -> None:
@@ -293,7 +410,31 @@ class FileBacking:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._aio is not None:
+                self._aio.close()  # (waits for writes in flight)
+            if self._direct_opened >= 0:
+                os.close(self._direct_opened)
             os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"FileBacking({self._path!r})"
+
+
+def _filesystem_type(fd: int) -> int:
+    """The magic number of the filesystem holding `fd` (statfs f_type), 0 if unknown."""
+    buf = ctypes.create_string_buffer(256)  # (struct statfs: 120 bytes, f_type first)
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def _direct_address(data: memoryview) -> int:
+    """Where the memory of `data` starts, if it may go to an O_DIRECT write that the
+    disk reads while the loop goes on: memory that cannot change meanwhile (`bytes`,
+    or a view of it: the binding's FUSE payloads; a pool frame or a client's shared
+    memory may) starting on a page boundary. -1 otherwise."""
+    mv = memoryview(data)
+    if not isinstance(mv.obj, bytes) or not mv.c_contiguous:
+        return -1
+    address = int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
+    return -1 if address % _PAGE else address

@@ -11,7 +11,8 @@ workers, its arguments intact after its request buffer is reused); the reader (a
 whose handlers complete without blocking keeps reading requests itself, and hands the
 device over when one blocks); `main`'s checkpoint budget (a handler's schedule points
 answered without the event loop, real waits not); write payloads (a large one a
-read-only view of the request buffer, never changed while the handler keeps it).
+read-only, page-aligned view of the request buffer, never changed while the handler
+keeps it).
 Needs root (or user_allow_other) and /dev/fuse, as upstream's tests do.
 """
 
@@ -565,6 +566,12 @@ def test_checkpoint_budget(tmp_path: Path, cls) -> None:
 MiB = 1 << 20
 
 
+def _address(mv: memoryview) -> int:
+    """Where the memory `mv` views starts (read-only views too)."""
+    import numpy as np
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
+
+
 class KeepFs(Fs):
     """Writes of `plain` keep their payload (as write-behind keeps it after the reply)
     and note its type and contents; at `release` each kept payload is compared with
@@ -578,7 +585,7 @@ class KeepFs(Fs):
         if fh == FILES[b"plain"]:
             mv = memoryview(buf)
             self._note("payloads", [type(buf).__name__, mv.readonly, type(mv.obj).__name__,
-                                    len(buf), off])
+                                    len(buf), off, _address(mv) % mmap.PAGESIZE])
             self.kept.append((buf, bytes(buf)))
         return await super().write(fh, off, buf)
 
@@ -592,7 +599,8 @@ def test_large_write_payloads_are_views_that_never_change(tmp_path: Path) -> Non
     """A write that fills at least half of the request buffer reaches the handler as a
     read-only view of a `bytes` object (no copy); a small one as `bytes`. Either may
     be kept after the handler returned: later requests are read into other buffers, so
-    what a kept payload holds never changes."""
+    what a kept payload holds never changes. A view starts on a page boundary (the
+    request is read 80 bytes before one), so an O_DIRECT write can take it as it is."""
     aligned = mmap.mmap(-1, MiB)  # page-aligned: one request of 1 MiB
     unaligned = bytearray(MiB + 16)  # as fio's: 1 MiB - k bytes, then k bytes
     pattern = [bytes([i]) * MiB for i in range(1, 5)]
@@ -617,6 +625,7 @@ def test_large_write_payloads_are_views_that_never_change(tmp_path: Path) -> Non
         small = [p for p in payloads if p[0] == "bytes"]
         assert len(views) >= 4 and all(p[1] and p[2] == "bytes" for p in views), payloads
         assert all(p[3] >= MiB // 2 for p in views), payloads
-        assert [4, 4 * MiB] in [p[3:] for p in small], payloads
+        assert all(p[5] == 0 for p in views), payloads  # page-aligned payloads
+        assert [4, 4 * MiB] in [p[3:5] for p in small], payloads
         assert sum(p[3] for p in payloads) == 4 * MiB + 4
         assert (mnt / "plain").read_bytes()[:4 * MiB] == b"".join(pattern)
