@@ -81,7 +81,11 @@ class Space:
         cow = ExtentMap()
         got: list[tuple[int, int]] = []
         for fb, cnt in runs:
-            for start, length in self.alloc.allocate(cnt, emap.goal(fb)):
+            # The goal: right after the block before (a sequential overwrite continues
+            # its new blocks); else where the last allocation ended (`or_cursor`).
+            goal = emap.goal(fb - 1) if fb else None
+            for start, length in self.alloc.allocate(cnt, None if goal is None else goal + 1,
+                                                     or_cursor=True):
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length
