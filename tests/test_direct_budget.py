@@ -57,6 +57,10 @@ class _Service:
     def stat_of(self, grant: Grant) -> dict[str, Any]:
         return {"size": len(DATA)}
 
+    async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
+        grant.take_written(offset, offset + length)  # (the writes stay in the file)
+        return len(DATA)
+
     async def close(self, grant: Grant) -> None:
         pass
 
@@ -134,6 +138,58 @@ async def test_a_read_that_misses_the_pager_is_one_step(kernel: Kernel, tmp_path
     # one step a read (woken by its request, parked again after the reply), a few to
     # spare; two a read without the budget
     assert steps.steps <= BLOCKS + 8, steps.steps
+
+
+async def test_pipelined_writes_keep_the_loop_for_the_steps_quantum(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of pipelined 4 KiB writes, alone on the daemon: each write's schedule
+    points (the device scheduler's) within what is left of the step's quantum are
+    answered in place, so the burst is served in a few steps, not one or more a write,
+    and the step's replies go out together. (The request budget is made nil here, so
+    that every schedule point a write passes would give the loop back under the old
+    rule, and the quantum long, so that a test starved of CPU does not see it run out.)"""
+    from kernelshim import connection as connection_mod
+    monkeypatch.setattr(server_mod, "REQUEST_CHECKPOINT_BUDGET", 0.0)
+    monkeypatch.setattr(connection_mod, "HOG_SECONDS", 5.0)
+    service = _Service(kernel)
+    srv = ShimServer(kernel, PrincipalTable(None), service, tmp_path / "c.sock")  # type: ignore[arg-type]
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    writes = 48
+    new = [bytes([255 - k]) * BS for k in range(writes)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            g = await service.open_path("f", 0, 0, None, None)
+            await kernel.write(g, 0, DATA)
+            kernel.release(g)
+
+            def burst() -> bytes:
+                with Client(str(tmp_path), str(tmp_path / "c.sock")) as c, c.open("f") as f:
+                    buf = bytearray(BS)
+                    assert f.readinto(buf, 0) == BS  # the buffer and the grant in place
+                    steps.on.set()
+                    for k in range(writes):
+                        assert f.pwrite(new[k], ORDER[k] * BS) == BS  # pipelined
+                    assert f.readinto(buf, ORDER[writes - 1] * BS) == BS  # after them all
+                    steps.on.clear()
+                    return bytes(buf)
+
+            last = await trio.to_thread.run_sync(burst)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert last == new[writes - 1]
+    g = kernel.grant(inode=2, generation=1, extents=ExtentMap([(0, 8, BLOCKS, FRESH)]),
+                     rights=Rights.RW, principal=ROOT_PRINCIPAL, charge=False)
+    try:
+        for k in range(writes):
+            assert bytes(await kernel.read(g, ORDER[k] * BS, BS)) == new[k], k
+    finally:
+        kernel.release(g)
+    # the writes come in a few reads of the socket, each served in one step (a few
+    # more to spare); under the request budget alone, a step or more each
+    assert steps.steps <= writes // 3, steps.steps
 
 
 async def test_schedule_points_within_the_budget_keep_the_loop() -> None:
