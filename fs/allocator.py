@@ -36,15 +36,9 @@ class Allocator:
         self.used[start:start + count] = True
         self.free -= count
 
-    def allocate(self, count: int, goal: int | None = None, *,
-                 or_cursor: bool = False) -> list[tuple[int, int]]:
+    def allocate(self, count: int, goal: int | None = None) -> list[tuple[int, int]]:
         """`count` blocks as runs (start, length), as few and as close to `goal` as the
-        free space allows. All or nothing: NoSpace when fewer than `count` are free.
-        `or_cursor`: when the goal's run is taken, the run where the last allocation
-        ended is next, if free, before the scan onwards from the goal (relocations:
-        the goal of a copy-on-write block is the block it replaces, taken by
-        definition; a burst of random overwrites then lays its new blocks one after
-        another, each found without a scan)."""
+        free space allows. All or nothing: NoSpace when fewer than `count` are free."""
         if count <= 0:
             return []
         if count > self.free:
@@ -52,17 +46,16 @@ class Allocator:
         used = self.used
         n = self.nblocks
         pos = self._cursor if goal is None or not 0 <= goal < n else goal
-        for at in (pos, self._cursor) if or_cursor and pos != self._cursor else (pos,):
-            if at + count <= n:
-                run = used[at:at + count]
-                if b"\x01" not in run.tobytes():
-                    # The run is free: a file growing sequentially (a bytes search, not
-                    # the window scan below: a third of the cost of a 1 MiB write's
-                    # allocation).
-                    run[:] = True
-                    self.free -= count
-                    self._cursor = at + count
-                    return [(at, count)]
+        if pos + count <= n:
+            run = used[pos:pos + count]
+            if b"\x01" not in run.tobytes():
+                # The goal's run is free: a file growing sequentially (a bytes search,
+                # not the window scan below: a third of the cost of a 1 MiB write's
+                # allocation).
+                run[:] = True
+                self.free -= count
+                self._cursor = pos + count
+                return [(pos, count)]
         runs: list[tuple[int, int]] = []
         need = count
         scanned = 0

@@ -81,11 +81,17 @@ class Space:
         cow = ExtentMap()
         got: list[tuple[int, int]] = []
         for fb, cnt in runs:
-            # The goal: right after the block before (a sequential overwrite continues
-            # its new blocks); else where the last allocation ended (`or_cursor`).
-            goal = emap.goal(fb - 1) if fb else None
-            for start, length in self.alloc.allocate(cnt, None if goal is None else goal + 1,
-                                                     or_cursor=True):
+            # No goal: where the last allocation ended (the allocator's cursor). The
+            # block a relocation replaces is taken by definition, and a scan onwards
+            # from it cost a 4 KiB random overwrite ~13 µs (a numpy window scan
+            # through the file's own blocks), found the holes the last commits freed
+            # there, whose host space the discard had punched (a reservation each:
+            # fstatvfs and fallocate), and dragged the cursor among them. From the
+            # cursor, a burst of overwrites lays its new blocks one after another,
+            # each found without a scan in a chunk already reserved, and a
+            # sequential overwrite stays sequential (docs/BENCHMARKS.md, "Direct 4 KiB
+            # random writes").
+            for start, length in self.alloc.allocate(cnt):
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length

@@ -52,26 +52,6 @@ def test_goal_locality() -> None:
     assert a2.allocate(2) == [(4, 2)]
 
 
-def test_or_cursor_continues_where_the_last_allocation_ended() -> None:
-    """Relocations (`or_cursor`): the goal (the block replaced) is taken, so the run
-    after the last allocation comes next, without a scan; a free goal still wins, and
-    when the cursor's run is taken too the scan goes on from the goal as before."""
-    a = Allocator(1000)
-    a.mark_used(0, 400)  # a file's blocks
-    assert a.allocate(1, goal=600) == [(600, 1)]  # the cursor is at 601 now
-    # random overwrites of the file: each goal taken, each new block after the last
-    assert [a.allocate(1, goal=g, or_cursor=True) for g in (17, 305, 3)] == \
-        [[(601, 1)], [(602, 1)], [(603, 1)]]
-    # a free goal is taken as ever
-    assert a.allocate(2, goal=700, or_cursor=True) == [(700, 2)]
-    # goal and cursor taken: the first free block after the goal
-    a.mark_used(702, 5)
-    assert a.allocate(1, goal=100, or_cursor=True) == [(400, 1)]
-    # without or_cursor, a taken goal: the scan from it
-    assert a.allocate(1, goal=0) == [(401, 1)]
-    assert a.free == 1000 - 400 - 1 - 3 - 2 - 5 - 1 - 1
-
-
 def test_allocation_splits_around_used_blocks_and_wraps() -> None:
     a = Allocator(100)
     a.mark_used(10, 2)

@@ -1074,3 +1074,39 @@ async def test_tail_write_into_a_fresh_block_saves_no_extent_row(
     assert dev_blocks(fs, node.id)[1] != before[1]
     assert await read_file(fs, node.id) == head + b"0123456789abWXYZ"
     await fs.release(h.fh)
+
+
+async def test_random_overwrites_relocate_to_consecutive_blocks(vol: Volume) -> None:
+    """Overwriting committed blocks in random order relocates each to the block after
+    the last one allocated (the allocator's cursor), not to the first free block after
+    the one it replaces: no bitmap scan a write, and no landing in the holes earlier
+    commits freed among the file's blocks (each a fresh host-space reservation, their
+    chunks punched by the discard). Contents and fsck are right after."""
+    fs = vol.fs
+    assert fs is not None
+    blocks = 32
+    ino = await write_file(fs, b"f", fill(1, blocks * BS))
+    # a hole among the file's blocks: the blocks of a removed file, freed and released
+    gap = await write_file(fs, b"gap", fill(2, 4 * BS))
+    tail = await write_file(fs, b"tail", fill(3, 2 * BS))
+    await fs.unlink(ROOT, b"gap")
+    await fs.commit(durable=True)
+    await fs.wait_reaped()
+    del gap
+    cursor = max(dev_blocks(fs, tail)) + 1
+    order = [k * 13 % blocks for k in range(8)]
+    expect = bytearray(fill(1, blocks * BS))
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        for n, k in enumerate(order):
+            data = fill(10 + n, BS)
+            assert await fs.write(h.fh, k * BS, data) == BS
+            expect[k * BS:(k + 1) * BS] = data
+    finally:
+        await fs.release(h.fh)
+    devs = dev_blocks(fs, ino)
+    assert [devs[k] for k in order] == list(range(cursor, cursor + len(order)))
+    assert await read_file(fs, ino) == bytes(expect)
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
