@@ -241,6 +241,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         #: connections closed because of an unexpected exception (bugs; see the log)
         self.connection_bugs = 0
         self._last_yield = 0.0
+        # (`_request_budget`: the step whose FUSE queue was last probed, and whether it
+        # was empty then)
+        self._probed_step: float | None = None
+        self._probed_quiet = False
         #: every connection being served (for push)
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
@@ -643,8 +647,14 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         budget = REQUEST_CHECKPOINT_BUDGET
         rest = self._last_yield + self.turns.quantum(now) - now
         if rest > budget:
-            pending = self.metadata_pending
-            if pending is None or not pending():
+            # The FUSE queue is probed (a `poll`) once a step, not once a request: a
+            # FUSE request that comes during the step waits for its end, as it would
+            # behind the step's requests between them.
+            if self._probed_step != self._last_yield:
+                pending = self.metadata_pending
+                self._probed_step = self._last_yield
+                self._probed_quiet = pending is None or not pending()
+            if self._probed_quiet:
                 return rest
         return budget
 
