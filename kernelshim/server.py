@@ -642,8 +642,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         points before the step's end only added passes of the loop inside it (a 4 KiB
         overwrite, ~0.2 ms, passed the device scheduler's past 0.1 ms in every other
         request, and each pass ended the step's corked replies: docs/BENCHMARKS.md,
-        "Direct 4 KiB random writes"). No one waits longer than before: the step still
-        ends at its quantum, and while principals compete the quantum is the turn."""
+        "Direct 4 KiB random writes"). The step still ends at its quantum; a FUSE
+        request that comes during it now waits for that end (at most HOG_SECONDS, as
+        behind a step of short requests) rather than for the next schedule point of a
+        long one; while principals compete the quantum is the turn, as before."""
         budget = REQUEST_CHECKPOINT_BUDGET
         rest = self._last_yield + self.turns.quantum(now) - now
         if rest > budget:
