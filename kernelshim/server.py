@@ -185,6 +185,10 @@ FEED_BYTES = 512
 #: refused connections answered in one step of the loop, at most (the next ones in the
 #: next step: sleep_until a deadline already past is a checkpoint)
 REFUSALS_PER_STEP = 8
+#: the largest queued DATA request that may skip its own look for a hang-up (the look
+#: once a step is for bursts of small requests: a few blocks each, cheap; a larger one
+#: may be served for long, a throttled wait or a relocation of each block, and looks)
+HANGUP_LOOK_BYTES = 16 << 10
 
 #: operations that walk the principal table (or change it and save it), limited per
 #: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
@@ -574,9 +578,13 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     # of each step (the loop given back since: `_last_yield`), so that a
                     # burst of pipelined 4 KiB writes pays one `poll` a step, not one each,
                     # and at most one step's DATA requests are served after a hang-up. A
-                    # lone 4 KiB read skips the syscall.
+                    # DATA request larger than HANGUP_LOOK_BYTES looks each time: one
+                    # may be served for long (a relocation of every block, a throttled
+                    # wait), and the `poll` is nothing beside it (review of direct4,
+                    # H1). A lone 4 KiB read skips the syscall.
                     if (i or type(m) is not DataRequest) and \
-                            (type(m) is not DataRequest or looked != self._last_yield):
+                            (type(m) is not DataRequest or looked != self._last_yield
+                             or m.length > HANGUP_LOOK_BYTES):
                         if peer_hung_up(raw):
                             conn.doom("the client hung up")
                             return

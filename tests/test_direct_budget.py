@@ -300,3 +300,60 @@ def test_large_direct_writes_in_slices_read_back_through_the_mount(mnt: Path) ->
     want = bytearray(bytes(at1) + first)
     want[at2:at2 + len(second)] = second
     assert (mnt / "big").read_bytes() == bytes(want)
+
+
+async def test_a_large_queued_data_request_looks_for_a_hang_up(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued DATA request larger than a few blocks looks for a hang-up before it is
+    served, whatever the step's earlier looks found (review of direct4, H1): the look
+    once a step is for bursts of small requests, each cheap; a large one (up to MAX_SHM,
+    a relocation of every block, or a throttled wait of the tenant's I/O limit) started
+    after the client went was what the look per request had stopped (RELIABILITY
+    2026-12-01, F2 (b)). The client pipelines two 4 KiB writes and a 32 KiB one and
+    hangs up; the hang-up is made to come after the second write's look (a fake
+    `peer_hung_up`: no on the first look of the burst, yes after), as a client that
+    exits while that write is served. Branch direct4: the 32 KiB write was served."""
+    looks: list[bool] = []
+    armed = threading.Event()
+
+    def hung_up(sock: Any) -> bool:
+        if not armed.is_set():
+            return False
+        looks.append(bool(looks))  # the burst's first look: not yet; then: gone
+        return looks[-1]
+
+    monkeypatch.setattr(server_mod, "peer_hung_up", hung_up)
+    service = _Service(kernel)
+    srv = ShimServer(kernel, PrincipalTable(None), service, tmp_path / "c.sock")  # type: ignore[arg-type]
+    from kernelshim.protocol import WRITE, encode_data
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        g = await service.open_path("f", 0, 0, None, None)
+        await kernel.write(g, 0, DATA)
+        kernel.release(g)
+
+        def burst() -> None:
+            c = Client(str(tmp_path), str(tmp_path / "c.sock"))
+            f = c.open("f")
+            buf = bytearray(BS)
+            assert f.readinto(buf, 0) == BS  # (a request answered: the handshake done)
+            frames = [encode_data(900, WRITE, f.slot, 1 * BS, BS, 0),
+                      encode_data(901, WRITE, f.slot, 2 * BS, BS, 0),
+                      encode_data(902, WRITE, f.slot, 16 * BS, 8 * BS, 0)]
+            armed.set()
+            c.sock.sendall(b"".join(frames))  # one read of the socket brings all three
+            c.sock.close()
+
+        await trio.to_thread.run_sync(burst)
+        with trio.fail_after(30):
+            while srv._conns or not looks:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    g = kernel.grant(inode=2, generation=1, extents=ExtentMap([(0, 8, BLOCKS, FRESH)]),
+                     rights=Rights.RW, principal=ROOT_PRINCIPAL, charge=False)
+    try:
+        got = bytes(await kernel.read(g, 16 * BS, 8 * BS))
+    finally:
+        kernel.release(g)
+    assert looks[0] is False  # the second write's look: the client still there
+    assert got == DATA[16 * BS:24 * BS], "the large write was served after the hang-up"
