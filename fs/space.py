@@ -90,8 +90,10 @@ class Space:
             # cursor, a burst of overwrites lays its new blocks one after another,
             # each found without a scan in a chunk already reserved, and a
             # sequential overwrite stays sequential (docs/BENCHMARKS.md, "Direct 4 KiB
-            # random writes").
-            for start, length in self.alloc.allocate(cnt):
+            # random writes"). The relocations' own cursor, not the one new data
+            # takes: a file growing meanwhile keeps the blocks it continues into
+            # (review of direct4, A2).
+            for start, length in self.alloc.allocate(cnt, relocation=True):
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length
