@@ -25,6 +25,13 @@ class Allocator:
         self.used = np.zeros(nblocks, dtype=np.bool_)
         self.free = nblocks
         self._cursor = 0
+        # where the last relocation ended (`allocate(relocation=True)`; None: none yet).
+        # Its own, not `_cursor`: a relocation from the cursor took the block a file
+        # growing at the same time continues into, so that file got one extent per
+        # write, interleaved block by block with the relocations (review of direct4, A2).
+        # It starts half the device away from the cursor: the relocations lay their
+        # blocks one after another in a region of their own.
+        self._cow_cursor: int | None = None
         self._pending: list[tuple[int, int]] = []
         #: the pending runs by the file they came from (None: unknown, see `free_later`)
         self._pending_by_file: dict[int | None, list[tuple[int, int]]] = {}
@@ -36,16 +43,24 @@ class Allocator:
         self.used[start:start + count] = True
         self.free -= count
 
-    def allocate(self, count: int, goal: int | None = None) -> list[tuple[int, int]]:
+    def allocate(self, count: int, goal: int | None = None, *,
+                 relocation: bool = False) -> list[tuple[int, int]]:
         """`count` blocks as runs (start, length), as few and as close to `goal` as the
-        free space allows. All or nothing: NoSpace when fewer than `count` are free."""
+        free space allows. All or nothing: NoSpace when fewer than `count` are free.
+        `relocation` (copy-on-write blocks, no goal): from where the last relocation
+        ended, which the other allocations leave alone (see `_cow_cursor`)."""
         if count <= 0:
             return []
         if count > self.free:
             raise NoSpace(f"no space left on device ({self.free} blocks free, {count} needed)")
         used = self.used
         n = self.nblocks
-        pos = self._cursor if goal is None or not 0 <= goal < n else goal
+        if relocation:
+            if self._cow_cursor is None:
+                self._cow_cursor = (self._cursor + n // 2) % n
+            pos = self._cow_cursor
+        else:
+            pos = self._cursor if goal is None or not 0 <= goal < n else goal
         if pos + count <= n:
             run = used[pos:pos + count]
             if b"\x01" not in run.tobytes():
@@ -54,7 +69,10 @@ class Allocator:
                 # allocation).
                 run[:] = True
                 self.free -= count
-                self._cursor = pos + count
+                if relocation:
+                    self._cow_cursor = pos + count
+                else:
+                    self._cursor = pos + count
                 return [(pos, count)]
         runs: list[tuple[int, int]] = []
         need = count
@@ -82,7 +100,10 @@ class Allocator:
             pos = start + taken
             scanned += free_idx + taken
         self.free -= count
-        self._cursor = pos
+        if relocation:
+            self._cow_cursor = pos
+        else:
+            self._cursor = pos
         return runs
 
     def free_later(self, runs: list[tuple[int, int]], inodes: Iterable[int] | None = None

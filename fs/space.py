@@ -82,7 +82,19 @@ class Space:
         cow = ExtentMap()
         got: list[tuple[int, int]] = []
         for fb, cnt in runs:
-            for start, length in self.alloc.allocate(cnt, emap.goal(fb)):
+            # No goal: where the last allocation ended (the allocator's cursor). The
+            # block a relocation replaces is taken by definition, and a scan onwards
+            # from it cost a 4 KiB random overwrite ~13 µs (a numpy window scan
+            # through the file's own blocks), found the holes the last commits freed
+            # there, whose host space the discard had punched (a reservation each:
+            # fstatvfs and fallocate), and dragged the cursor among them. From the
+            # cursor, a burst of overwrites lays its new blocks one after another,
+            # each found without a scan in a chunk already reserved, and a
+            # sequential overwrite stays sequential (docs/BENCHMARKS.md, "Direct 4 KiB
+            # random writes"). The relocations' own cursor, not the one new data
+            # takes: a file growing meanwhile keeps the blocks it continues into
+            # (review of direct4, A2).
+            for start, length in self.alloc.allocate(cnt, relocation=True):
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length

@@ -18,7 +18,9 @@ gives the loop back as usual; cancellation is unaffected (`checkpoint()` still c
 for it after its schedule point, without yielding unless cancelled). The budget is the
 shim's turn while principals contend (TURN_SECONDS), as for the FUSE handlers: no one
 waits longer behind a direct request than behind a FUSE one, or behind the step of
-pipelined requests the same task may serve anyway (FairTurns' quantum). A large
+pipelined requests the same task may serve anyway (FairTurns' quantum). Alone, with no
+FUSE request queued, the server gives a request the rest of that quantum instead
+(`ShimServer._request_budget`): the step would hold the loop that long anyway. A large
 request's deliberate yields between slices (`FileOps._yield_if_hogging`) are schedule
 points too: one that comes within the budget is answered in place like any other, so
 a metadata request queued meanwhile waits at most the budget (and the slice then in

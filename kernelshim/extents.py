@@ -77,7 +77,7 @@ class Segment(NamedTuple):
 class ExtentMap:
     """Sorted, non-overlapping extents of one file. See the module docstring."""
 
-    __slots__ = ("_starts", "_ext", "_changed", "_new", "blocks", "fresh")
+    __slots__ = ("_starts", "_ext", "_changed", "_new", "_fresh_at", "blocks", "fresh")
 
     def __init__(self, extents: Iterable[tuple[int, ...]] = ()) -> None:
         self._starts: list[int] = []
@@ -90,6 +90,12 @@ class ExtentMap:
         self.blocks = 0
         #: whether some extent may be FRESH (cleared by seal())
         self.fresh = False
+        # file blocks, one at least inside each FRESH extent (more, and stale ones, may
+        # be there): seal() visits these, not the whole map — a file fragmented by
+        # random overwrites has tens of thousands of extents, and every commit sealed
+        # them all, one Python pass each over the map (docs/BENCHMARKS.md, "Direct
+        # 4 KiB random writes")
+        self._fresh_at: list[int] = []
         for e in sorted(extents):
             fb, dev, cnt, st = e[:4]
             owner = e[4] if len(e) > 4 else 0
@@ -98,7 +104,9 @@ class ExtentMap:
             self._starts.append(fb)
             self._ext.append([fb, dev, cnt, st, owner])
             self.blocks += cnt
-            self.fresh = self.fresh or st == FRESH
+            if st == FRESH:
+                self.fresh = True
+                self._fresh_at.append(fb)
 
     def __len__(self) -> int:
         return len(self._ext)
@@ -192,6 +200,9 @@ class ExtentMap:
             self._starts.insert(i + 1, fb)
             self._changed.add(e[0])
             self._made(fb)
+            if e[3] == FRESH:  # each piece keeps a block seal() will visit
+                self._fresh_at.append(e[0])
+                self._fresh_at.append(fb)
 
     def _merge_around(self, lo: int, hi: int) -> None:
         """Merge extents that continue each other among indexes lo-1 .. hi+1."""
@@ -225,7 +236,9 @@ class ExtentMap:
         self._starts.insert(i, file_block)
         self._made(file_block)
         self.blocks += count
-        self.fresh = self.fresh or state == FRESH
+        if state == FRESH:
+            self.fresh = True
+            self._fresh_at.append(file_block)
         self._merge_around(i, i)
 
     def mark_written(self, file_block: int, count: int) -> None:
@@ -249,6 +262,7 @@ class ExtentMap:
             if e[3] == UNWRITTEN:
                 e[3] = FRESH
                 self._changed.add(e[0])
+                self._fresh_at.append(e[0])
                 touched = True
         if touched:
             self.fresh = True
@@ -274,6 +288,7 @@ class ExtentMap:
             e[1] = dev_block + (e[0] - file_block)
             e[3] = FRESH
             self._changed.add(e[0])
+            self._fresh_at.append(e[0])
         self.fresh = True
         self._merge_around(lo, hi - 1)
         return old
@@ -283,10 +298,21 @@ class ExtentMap:
         WRITTEN (the stored rows say WRITTEN already; neighbours that now continue each
         other merge, and are saved with the next change)."""
         if self.fresh:
-            for i, e in enumerate(self._ext):
-                if e[3] == FRESH:
-                    e[3] = WRITTEN
-            self._merge_around(0, len(self._ext) - 1)
+            starts, ext = self._starts, self._ext
+            sealed: set[int] = set()
+            for fb in self._fresh_at:
+                i = bisect.bisect_right(starts, fb) - 1
+                if i >= 0:
+                    e = ext[i]
+                    if e[3] == FRESH and fb < e[0] + e[2]:
+                        e[3] = WRITTEN
+                        sealed.add(i)
+            # Only the sealed extents' neighbours can newly continue them. From the
+            # last index down: a merge deletes entries at or after the one it starts
+            # from, so the indexes still to visit stay where they were.
+            for i in sorted(sealed, reverse=True):
+                self._merge_around(i, i)
+            self._fresh_at.clear()
             self.fresh = False
 
     def sealed_runs(self, file_block: int, count: int) -> list[tuple[int, int]]:
@@ -394,7 +420,9 @@ class ExtentMap:
             out.append([fb, dev, cnt, st, owner])
             self._made(fb)
             self.blocks += cnt
-            self.fresh = self.fresh or st == FRESH
+            if st == FRESH:
+                self.fresh = True
+                self._fresh_at.append(fb)
             prev_end = fb + cnt
         out.extend(old[i:])
         # Merge neighbours that continue each other, in one pass.

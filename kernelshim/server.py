@@ -185,6 +185,10 @@ FEED_BYTES = 512
 #: refused connections answered in one step of the loop, at most (the next ones in the
 #: next step: sleep_until a deadline already past is a checkpoint)
 REFUSALS_PER_STEP = 8
+#: the largest queued DATA request that may skip its own look for a hang-up (the look
+#: once a step is for bursts of small requests: a few blocks each, cheap; a larger one
+#: may be served for long, a throttled wait or a relocation of each block, and looks)
+HANGUP_LOOK_BYTES = 16 << 10
 
 #: operations that walk the principal table (or change it and save it), limited per
 #: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
@@ -241,6 +245,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         #: connections closed because of an unexpected exception (bugs; see the log)
         self.connection_bugs = 0
         self._last_yield = 0.0
+        # (`_request_budget`: the step whose FUSE queue was last probed, and whether it
+        # was empty then)
+        self._probed_step: float | None = None
+        self._probed_quiet = False
         #: every connection being served (for push)
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
@@ -560,14 +568,27 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     deadline = math.inf
                     if turns.side_hits:  # (FairTurns.watch: it brought a request)
                         turns.side_hits.discard(conn)
+                # (the step in which a queued DATA request last looked for a hang-up)
+                looked = None
                 for i, m in enumerate(msgs):
                     # A client that pipelined requests and hung up is not served any
                     # more: nobody reads the replies (a few queued layout_gets kept the
-                    # daemon busy for minutes, RELIABILITY 2026-12-01). Checked before a
-                    # queued request or a JSON one (a lone 4 KiB read skips the syscall).
-                    if (i or type(m) is not DataRequest) and peer_hung_up(raw):
-                        conn.doom("the client hung up")
-                        return
+                    # daemon busy for minutes, RELIABILITY 2026-12-01). Checked before
+                    # each queued JSON request, and before the first queued DATA request
+                    # of each step (the loop given back since: `_last_yield`), so that a
+                    # burst of pipelined 4 KiB writes pays one `poll` a step, not one each,
+                    # and at most one step's DATA requests are served after a hang-up. A
+                    # DATA request larger than HANGUP_LOOK_BYTES looks each time: one
+                    # may be served for long (a relocation of every block, a throttled
+                    # wait), and the `poll` is nothing beside it (review of direct4,
+                    # H1). A lone 4 KiB read skips the syscall.
+                    if (i or type(m) is not DataRequest) and \
+                            (type(m) is not DataRequest or looked != self._last_yield
+                             or m.length > HANGUP_LOOK_BYTES):
+                        if peer_hung_up(raw):
+                            conn.doom("the client hung up")
+                            return
+                        looked = self._last_yield
                     # The principal's turn first (fairness between principals, see
                     # FairTurns), then the request; what it cost goes to its histogram.
                     t0 = trio.current_time()
@@ -581,15 +602,18 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         if turn.parked != parked:
                             self._last_yield = t1  # parking gave the loop back: a new quantum
                         share.waited.record(t1 - t0)
-                    if t1 < turns.contended_until:
-                        # Principals compete: the replies of this step go out together
-                        # (alone, each goes out at once: that is quicker for one client).
+                    if t1 < turns.contended_until or len(msgs) > 1:
+                        # Principals compete, or the client pipelined these requests (a
+                        # burst of small writes: it waits for none of their replies):
+                        # the replies of this step go out together, one `sendmsg`, when
+                        # it ends (a lone request's reply, uncontended, goes at once:
+                        # that is quicker for a client that waits for it).
                         turns.cork(conn)
                     if type(m) is DataRequest:
                         # (its schedule points within the budget answered in place, as a
                         # FUSE handler's are: kernelshim/budget.py)
                         await run_within_budget(self._data_request(conn, m),
-                                                REQUEST_CHECKPOINT_BUDGET)
+                                                self._request_budget(t1))
                     else:
                         await self._handle(conn, m)
                     now = trio.current_time()
@@ -616,6 +640,33 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 if pos >= len(data) or conn.doomed is not None:
                     break
                 msgs = None
+
+    def _request_budget(self, now: float) -> float:
+        """How long from `now` a DATA request's schedule points are answered in place
+        (`run_within_budget`): REQUEST_CHECKPOINT_BUDGET, as a FUSE handler's, or what
+        is left of the step's quantum if that is longer — alone (no principal
+        competing) with no FUSE request queued, a step of pipelined requests holds the
+        loop for HOG_SECONDS anyway between the requests, and a request's schedule
+        points before the step's end only added passes of the loop inside it (a 4 KiB
+        overwrite, ~0.2 ms, passed the device scheduler's past 0.1 ms in every other
+        request, and each pass ended the step's corked replies: docs/BENCHMARKS.md,
+        "Direct 4 KiB random writes"). The step still ends at its quantum; a FUSE
+        request that comes during it now waits for that end (at most HOG_SECONDS, as
+        behind a step of short requests) rather than for the next schedule point of a
+        long one; while principals compete the quantum is the turn, as before."""
+        budget = REQUEST_CHECKPOINT_BUDGET
+        rest = self._last_yield + self.turns.quantum(now) - now
+        if rest > budget:
+            # The FUSE queue is probed (a `poll`) once a step, not once a request: a
+            # FUSE request that comes during the step waits for its end, as it would
+            # behind the step's requests between them.
+            if self._probed_step != self._last_yield:
+                pending = self.metadata_pending
+                self._probed_step = self._last_yield
+                self._probed_quiet = pending is None or not pending()
+            if self._probed_quiet:
+                return rest
+        return budget
 
     def _poll_next(self, conn: Connection) -> bytes | None:
         """The connection's next request, polled for in the loop's place (None: not

@@ -186,3 +186,18 @@ def test_allocator_matches_model(ops: list[tuple], premarked: list[tuple[int, in
         assert set(np.flatnonzero(a.used).tolist()) == used
         assert a.free == NB - len(used)
         assert a.pending_blocks == len(pending)
+
+
+def test_relocations_have_their_own_cursor() -> None:
+    """Relocations (copy-on-write blocks) continue where the last relocation ended, half
+    the device away from where new data goes, and leave the block a growing file
+    continues into alone (review of direct4, A2: from the shared cursor each took it)."""
+    a = Allocator(1024)
+    grow = a.allocate(4)
+    assert grow == [(0, 4)]
+    cow = [a.allocate(1, relocation=True) for _ in range(3)]
+    assert cow == [[(516, 1)], [(517, 1)], [(518, 1)]]  # (the cursor, 4, + 512)
+    assert a.allocate(4, 4) == [(4, 4)]  # the growing file's goal: still free
+    assert a.allocate(2) == [(8, 2)]  # no goal: the cursor, where new data ended
+    assert a.allocate(1, relocation=True) == [(519, 1)]
+    assert a.free == 1024 - 14

@@ -57,6 +57,10 @@ class _Service:
     def stat_of(self, grant: Grant) -> dict[str, Any]:
         return {"size": len(DATA)}
 
+    async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
+        grant.take_written(offset, offset + length)  # (the writes stay in the file)
+        return len(DATA)
+
     async def close(self, grant: Grant) -> None:
         pass
 
@@ -134,6 +138,58 @@ async def test_a_read_that_misses_the_pager_is_one_step(kernel: Kernel, tmp_path
     # one step a read (woken by its request, parked again after the reply), a few to
     # spare; two a read without the budget
     assert steps.steps <= BLOCKS + 8, steps.steps
+
+
+async def test_pipelined_writes_keep_the_loop_for_the_steps_quantum(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of pipelined 4 KiB writes, alone on the daemon: each write's schedule
+    points (the device scheduler's) within what is left of the step's quantum are
+    answered in place, so the burst is served in a few steps, not one or more a write,
+    and the step's replies go out together. (The request budget is made nil here, so
+    that every schedule point a write passes would give the loop back under the old
+    rule, and the quantum long, so that a test starved of CPU does not see it run out.)"""
+    from kernelshim import connection as connection_mod
+    monkeypatch.setattr(server_mod, "REQUEST_CHECKPOINT_BUDGET", 0.0)
+    monkeypatch.setattr(connection_mod, "HOG_SECONDS", 5.0)
+    service = _Service(kernel)
+    srv = ShimServer(kernel, PrincipalTable(None), service, tmp_path / "c.sock")  # type: ignore[arg-type]
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    writes = 48
+    new = [bytes([255 - k]) * BS for k in range(writes)]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            g = await service.open_path("f", 0, 0, None, None)
+            await kernel.write(g, 0, DATA)
+            kernel.release(g)
+
+            def burst() -> bytes:
+                with Client(str(tmp_path), str(tmp_path / "c.sock")) as c, c.open("f") as f:
+                    buf = bytearray(BS)
+                    assert f.readinto(buf, 0) == BS  # the buffer and the grant in place
+                    steps.on.set()
+                    for k in range(writes):
+                        assert f.pwrite(new[k], ORDER[k] * BS) == BS  # pipelined
+                    assert f.readinto(buf, ORDER[writes - 1] * BS) == BS  # after them all
+                    steps.on.clear()
+                    return bytes(buf)
+
+            last = await trio.to_thread.run_sync(burst)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert last == new[writes - 1]
+    g = kernel.grant(inode=2, generation=1, extents=ExtentMap([(0, 8, BLOCKS, FRESH)]),
+                     rights=Rights.RW, principal=ROOT_PRINCIPAL, charge=False)
+    try:
+        for k in range(writes):
+            assert bytes(await kernel.read(g, ORDER[k] * BS, BS)) == new[k], k
+    finally:
+        kernel.release(g)
+    # the writes come in a few reads of the socket, each served in one step (a few
+    # more to spare); under the request budget alone, a step or more each
+    assert steps.steps <= writes // 3, steps.steps
 
 
 async def test_schedule_points_within_the_budget_keep_the_loop() -> None:
@@ -244,3 +300,60 @@ def test_large_direct_writes_in_slices_read_back_through_the_mount(mnt: Path) ->
     want = bytearray(bytes(at1) + first)
     want[at2:at2 + len(second)] = second
     assert (mnt / "big").read_bytes() == bytes(want)
+
+
+async def test_a_large_queued_data_request_looks_for_a_hang_up(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued DATA request larger than a few blocks looks for a hang-up before it is
+    served, whatever the step's earlier looks found (review of direct4, H1): the look
+    once a step is for bursts of small requests, each cheap; a large one (up to MAX_SHM,
+    a relocation of every block, or a throttled wait of the tenant's I/O limit) started
+    after the client went was what the look per request had stopped (RELIABILITY
+    2026-12-01, F2 (b)). The client pipelines two 4 KiB writes and a 32 KiB one and
+    hangs up; the hang-up is made to come after the second write's look (a fake
+    `peer_hung_up`: no on the first look of the burst, yes after), as a client that
+    exits while that write is served. Branch direct4: the 32 KiB write was served."""
+    looks: list[bool] = []
+    armed = threading.Event()
+
+    def hung_up(sock: Any) -> bool:
+        if not armed.is_set():
+            return False
+        looks.append(bool(looks))  # the burst's first look: not yet; then: gone
+        return looks[-1]
+
+    monkeypatch.setattr(server_mod, "peer_hung_up", hung_up)
+    service = _Service(kernel)
+    srv = ShimServer(kernel, PrincipalTable(None), service, tmp_path / "c.sock")  # type: ignore[arg-type]
+    from kernelshim.protocol import WRITE, encode_data
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        g = await service.open_path("f", 0, 0, None, None)
+        await kernel.write(g, 0, DATA)
+        kernel.release(g)
+
+        def burst() -> None:
+            c = Client(str(tmp_path), str(tmp_path / "c.sock"))
+            f = c.open("f")
+            buf = bytearray(BS)
+            assert f.readinto(buf, 0) == BS  # (a request answered: the handshake done)
+            frames = [encode_data(900, WRITE, f.slot, 1 * BS, BS, 0),
+                      encode_data(901, WRITE, f.slot, 2 * BS, BS, 0),
+                      encode_data(902, WRITE, f.slot, 16 * BS, 8 * BS, 0)]
+            armed.set()
+            c.sock.sendall(b"".join(frames))  # one read of the socket brings all three
+            c.sock.close()
+
+        await trio.to_thread.run_sync(burst)
+        with trio.fail_after(30):
+            while srv._conns or not looks:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    g = kernel.grant(inode=2, generation=1, extents=ExtentMap([(0, 8, BLOCKS, FRESH)]),
+                     rights=Rights.RW, principal=ROOT_PRINCIPAL, charge=False)
+    try:
+        got = bytes(await kernel.read(g, 16 * BS, 8 * BS))
+    finally:
+        kernel.release(g)
+    assert looks[0] is False  # the second write's look: the client still there
+    assert got == DATA[16 * BS:24 * BS], "the large write was served after the hang-up"

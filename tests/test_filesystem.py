@@ -1074,3 +1074,79 @@ async def test_tail_write_into_a_fresh_block_saves_no_extent_row(
     assert dev_blocks(fs, node.id)[1] != before[1]
     assert await read_file(fs, node.id) == head + b"0123456789abWXYZ"
     await fs.release(h.fh)
+
+
+async def test_random_overwrites_relocate_to_consecutive_blocks(vol: Volume) -> None:
+    """Overwriting committed blocks in random order relocates each to the block after
+    the last one allocated (the allocator's cursor), not to the first free block after
+    the one it replaces: no bitmap scan a write, and no landing in the holes earlier
+    commits freed among the file's blocks (each a fresh host-space reservation, their
+    chunks punched by the discard). Contents and fsck are right after."""
+    fs = vol.fs
+    assert fs is not None
+    blocks = 32
+    ino = await write_file(fs, b"f", fill(1, blocks * BS))
+    # a hole among the file's blocks: the blocks of a removed file, freed and released
+    gap = await write_file(fs, b"gap", fill(2, 4 * BS))
+    await write_file(fs, b"tail", fill(3, 2 * BS))
+    hole = set(dev_blocks(fs, gap))
+    await fs.unlink(ROOT, b"gap")
+    await fs.commit(durable=True)
+    await fs.wait_reaped()
+    order = [k * 13 % blocks for k in range(8)]
+    expect = bytearray(fill(1, blocks * BS))
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        for n, k in enumerate(order):
+            data = fill(10 + n, BS)
+            assert await fs.write(h.fh, k * BS, data) == BS
+            expect[k * BS:(k + 1) * BS] = data
+    finally:
+        await fs.release(h.fh)
+    devs = dev_blocks(fs, ino)
+    # one after another, from the relocations' own cursor (review of direct4, A2), and
+    # none in the freed hole
+    first = devs[order[0]]
+    assert [devs[k] for k in order] == list(range(first, first + len(order)))
+    assert not hole & {devs[k] for k in order}
+    assert await read_file(fs, ino) == bytes(expect)
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
+        vol: Volume) -> None:
+    """A file growing 4 KiB at a time while another file's committed blocks are
+    overwritten (each relocated): the growing file's blocks stay one run (review of
+    direct4, A2). Relocations from the allocator's own cursor took the block the
+    growing file continues into, each time: it got one extent per write, interleaved
+    block by block with the relocations (branch direct4: 16 extents; main: 6, the
+    relocations going into holes after the old blocks when there are some)."""
+    fs = vol.fs
+    assert fs is not None
+    blocks = 32
+    b = await write_file(fs, b"b", fill(1, blocks * BS))
+    await fs.commit(durable=True)
+    hb = fs.open(b, os.O_RDWR, CALLER)
+    ha, a = fs.create(ROOT, b"a", 0o644, os.O_RDWR, CALLER)
+    try:
+        # a first round of overwrites, committed and reaped: holes among b's blocks
+        for k in range(0, blocks, 2):
+            assert await fs.write(hb.fh, k * BS, fill(200 + k, BS)) == BS
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        order = [k * 13 % blocks for k in range(16)]
+        for n, k in enumerate(order):
+            assert await fs.write(ha.fh, n * BS, fill(50 + n, BS)) == BS
+            assert await fs.write(hb.fh, k * BS, fill(100 + n, BS)) == BS
+            if n % 4 == 3:
+                await fs.commit()
+    finally:
+        await fs.release(ha.fh)
+        await fs.release(hb.fh)
+    assert len(fs._extents(fs.inode(a.id)).extents()) == 1
+    assert await read_file(fs, a.id) == b"".join(fill(50 + n, BS) for n in range(16))
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
