@@ -831,6 +831,8 @@ def main() -> int:
                     if "deferred" in h else "")
             cpu += (f", {h['preempted']} cut short for a request that came"
                     if "preempted" in h else "")
+            cpu += (f", {h['held']} sleeps with parked steps held for a request to come"
+                    if "held" in h else "")
             what = (f"{h['n']} batches, the loop thread on a CPU {h['on_cpu']:.0%} of "
                     f"their time{cpu}" if "on_cpu" in h else
                     f"{h['n']} requests, waited for a turn p99 {h['waited_p99_ms']:.3f} ms")

@@ -1,0 +1,143 @@
+"""FairTurns' hold (anticipation): while principals compete, the end of a step of a
+principal with no backlog holds the backlogged steps back for HOLD_SECONDS, so that a
+client waiting for each reply finds the loop idle when its next request comes; a
+backlogged step is still released at least every HOLD_MAX_WAIT. On trio's MockClock:
+the loop thread's wait during a hold polls `FairTurns.ready`, which here moves the
+clock on instead of looking at an epoll descriptor."""
+
+from __future__ import annotations
+
+import bisect
+
+import trio
+import trio.testing
+
+import kernelshim.connection as connection
+from kernelshim.connection import TURN_SECONDS, FairTurns
+
+# (getattr: on the code before the hold the tests fail on their assertions)
+HOLD_SECONDS: float = getattr(connection, "HOLD_SECONDS", 0.3e-3)
+HOLD_MAX_WAIT: float = getattr(connection, "HOLD_MAX_WAIT", 1e-3)
+
+#: the client's time between a reply and its next request (well within a hold)
+THINK = 40e-6
+#: the daemon's time for one of its requests
+SERVE = 20e-6
+#: a flood request (a quantum is 8 of them)
+FLOOD_REQUEST = TURN_SECONDS / 8
+
+
+async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
+               think: float = THINK) -> tuple[list[tuple[float, float]], list[float], float]:
+    """Two floods (backlogged principals 1 and 2, pipelined requests without end) and a
+    client of principal 3 sending `requests` requests one at a time, `think` after each
+    reply. Returns the client's requests (when each came, when its service began), the
+    times of the floods' requests, and when the client's last request was served."""
+    turns = FairTurns(lambda conn: None)
+    if hold:
+        def ready() -> bool:
+            # The loop's wait: time goes on, and the client's request "comes" when its
+            # timer is due (MockClock gives the loop an infinite timeout: the real
+            # clock's would end the wait there).
+            mock_clock.jump(5e-6)
+            if trio.lowlevel.current_statistics().seconds_to_next_deadline > 0:
+                return False
+            trio.lowlevel.current_trio_token().run_sync_soon(lambda: None)  # (its wake-up)
+            return True
+        turns.ready = ready
+    trio.lowlevel.add_instrument(turns)
+    victim: list[tuple[float, float]] = []
+    flood: list[float] = []
+    done = trio.Event()
+
+    async def bulk(principal: int) -> None:
+        sh = turns.share(principal)
+        while not done.is_set():
+            await turns.take(sh)
+            t0 = trio.current_time()
+            while True:
+                mock_clock.jump(FLOOD_REQUEST)
+                flood.append(trio.current_time())
+                now = trio.current_time()
+                if now - t0 >= turns.quantum(now):
+                    break
+            turns.backlogged(sh)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def client() -> None:
+        sh = turns.share(3)
+        await trio.sleep(0.01)  # the floods compete first
+        for _ in range(requests):
+            await trio.sleep(think)
+            came = trio.current_time()
+            await turns.take(sh)
+            victim.append((came, trio.current_time()))
+            mock_clock.jump(SERVE)
+        done.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bulk, 1)
+            nursery.start_soon(bulk, 2)
+            nursery.start_soon(client)
+        end = victim[-1][1] + SERVE
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+        turns.close()
+    return victim, flood, end
+
+
+def _behind(victim: list[tuple[float, float]], flood: list[float]) -> list[int]:
+    """Per client request: the flood requests served from the end of its previous
+    request (its reply) to the start of its own service."""
+    out = []
+    prev = victim[0][0]
+    for came, start in victim:
+        out.append(bisect.bisect_right(flood, start) - bisect.bisect_right(flood, prev))
+        prev = start + SERVE
+    return out
+
+
+async def test_a_client_waiting_for_each_reply_finds_the_loop_held(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Its next request comes THINK after its reply: with the hold, the floods' steps
+    wait for it (before: a flood step of a quantum ran in every gap, and the request
+    waited for the rest of it), except the one backlogged step released every
+    HOLD_MAX_WAIT, so that the floods are never held longer than that."""
+    victim, flood, end = await _run(mock_clock, hold=True, requests=400)
+    behind = _behind(victim, flood)
+    span = end - victim[0][0]
+    hit = sum(1 for b in behind if b)
+    # At most the steps released by HOLD_MAX_WAIT fall in the client's gaps.
+    assert hit <= span / HOLD_MAX_WAIT + 2, (hit, span)
+    assert hit < len(victim) // 10, hit
+    waits = sorted(start - came for came, start in victim)
+    assert waits[len(waits) // 2] == 0.0, waits[len(waits) // 2]
+    assert waits[int(len(waits) * 0.9)] <= TURN_SECONDS + FLOOD_REQUEST, waits[-10:]
+    # The floods are held, not starved: a request of theirs at least every
+    # HOLD_MAX_WAIT (and the quantum it may take) while the client runs.
+    during = [t for t in flood if victim[0][0] <= t <= end]
+    gaps = [b - a for a, b in zip(during, during[1:])]
+    assert max(gaps) <= HOLD_MAX_WAIT + 2 * TURN_SECONDS, max(gaps)
+    assert len(during) >= span / (HOLD_MAX_WAIT + 2 * TURN_SECONDS), (len(during), span)
+
+
+async def test_without_a_hold_the_floods_run_in_the_clients_gaps(
+        mock_clock: trio.testing.MockClock) -> None:
+    """The same run without `ready` (no idle poll: nothing is held): a flood step runs
+    in nearly every gap of the client's, as before the hold."""
+    victim, flood, _end = await _run(mock_clock, hold=False, requests=200)
+    behind = _behind(victim, flood)
+    assert sum(1 for b in behind if b) > len(victim) // 2
+
+
+async def test_a_slower_client_holds_the_loop_only_for_a_while(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A client whose next request comes later than HOLD_SECONDS after its reply does
+    not keep the floods waiting for it: the hold ends, the parked steps go on."""
+    think = 3 * HOLD_SECONDS
+    victim, flood, end = await _run(mock_clock, hold=True, requests=50, think=think)
+    during = [t for t in flood if victim[0][0] <= t <= end]
+    # Per gap of the client's, the floods ran for about think - HOLD_SECONDS.
+    ran = len(during) * FLOOD_REQUEST
+    assert ran >= 0.5 * len(victim) * (think - HOLD_SECONDS), (ran, len(victim))
