@@ -8,9 +8,14 @@ clock on instead of looking at an epoll descriptor."""
 from __future__ import annotations
 
 import bisect
+import math
+import socket
+from typing import Any
 
 import trio
 import trio.testing
+
+from test_hostile import kernel  # noqa: F401 - the fixture
 
 import kernelshim.connection as connection
 from kernelshim.connection import TURN_SECONDS, FairTurns
@@ -141,3 +146,59 @@ async def test_a_slower_client_holds_the_loop_only_for_a_while(
     # Per gap of the client's, the floods ran for about think - HOLD_SECONDS.
     ran = len(during) * FLOOD_REQUEST
     assert ran >= 0.5 * len(victim) * (think - HOLD_SECONDS), (ran, len(victim))
+
+
+async def test_a_lone_requests_reply_is_not_held_while_principals_compete(
+        kernel: Any, tmp_path: Any, mock_clock: trio.testing.MockClock) -> None:  # noqa: F811
+    """While principals compete a step gathers the replies of the requests one read
+    brought (one `sendmsg` at its end); a request that came alone — a client waiting for
+    each reply — had its reply held too, until the step's next `recv` and the
+    connection's poll (0.03-0.045 ms a request in bench_hostile's traces). A real
+    ShimServer: a lone request's reply goes out at once, the first two of three
+    pipelined in one read are gathered, the last one's goes out with them."""
+    from kernelshim.principals import PrincipalTable
+    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.server import ShimServer
+    from test_hostile import _Stats
+
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    corked: list[bool] = []  # per request: its reply held when its handling ended
+    handle = srv._handle
+
+    async def noting_handle(conn: Any, m: Any) -> None:
+        await handle(conn, m)
+        corked.append(conn.corked)
+
+    srv._handle = noting_handle  # type: ignore[method-assign]
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    async def replies(n: int) -> None:
+        d, got = Decoder(), 0
+        while got < n:
+            await trio.lowlevel.wait_readable(c)
+            try:
+                got += len(d.feed(c.recv(1 << 20)))
+            except BlockingIOError:
+                pass
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            c.connect(str(path))
+            c.setblocking(False)
+            c.send(encode(REQUEST, 1, {"op": "hello"}))
+            await replies(1)
+            srv.turns.contended_until = math.inf  # principals compete
+            corked.clear()
+            for rid in range(2, 6):  # one at a time
+                c.send(encode(REQUEST, rid, {"op": "hello"}))
+                await replies(1)
+            c.send(b"".join(encode(REQUEST, rid, {"op": "hello"}) for rid in range(6, 9)))
+            await replies(3)
+            nursery.cancel_scope.cancel()
+    finally:
+        srv.turns.close()
+        c.close()
+    assert corked[:4] == [False] * 4, corked  # (before: [True, True, True, True])
+    assert corked[4:] == [True, True, True], corked
