@@ -677,8 +677,9 @@ class FairTurns(trio.abc.Instrument):
         head is released for the next batch when a step parks or a turn's step ends
         (rescheduled then, it keeps the loop from sleeping), else when the next batch
         begins (`after_io_wait`). Not cancellable (a cancelled task would leave the
-        turn reserved); the queue moves every batch, so a cancellation waits for at most
-        one batch per backlogged principal."""
+        turn reserved); the queue moves every batch (every HOLD_MAX_WAIT at worst while a
+        principal with no backlog holds the loop: `hold`), so a cancellation waits for at
+        most that per backlogged principal."""
         task = trio.lowlevel.current_task()
         # A parked step is no turn: the step it ends must not hand the turn on.
         self._held.pop(task, None)
@@ -841,7 +842,12 @@ class FairTurns(trio.abc.Instrument):
                 end = min(self._hold_until, self._backlog_ran + HOLD_MAX_WAIT, now + timeout)
                 ready = self.ready
                 while True:
-                    if ready():
+                    try:
+                        if ready():
+                            break
+                    except Exception:  # noqa: BLE001 - an instrument that raises is dropped
+                        self.ready = None  # (nothing is held any more; the turns go on)
+                        trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
                         break
                     if trio.current_time() >= end:
                         trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
