@@ -118,8 +118,13 @@ HOLD_SECONDS = 0.3e-3
 #: held without a pause, the backlogged principals together still get one step (a
 #: TURN_SECONDS quantum and the request that overran it, or less when a request of the
 #: holder cuts it short) in every HOLD_MAX_WAIT, and all of the loop whenever nobody
-#: holds it
+#: holds it. Within that, a hold after a backlogged step lasts no longer than that step
+#: times H/K (H principals holding, K backlogged: `FairTurns._hold_gap`), so that every
+#: backlogged principal keeps at least 1/(H+K) of the loop
 HOLD_MAX_WAIT = 1e-3
+#: a principal counts among those holding the loop (H above) for this long after its
+#: last hold
+HOLDER_SECONDS = 2 * HOLD_MAX_WAIT
 #: FairTurns times one batch of the run loop in this many (its loop statistics)
 BATCH_SAMPLE = 16
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
@@ -336,7 +341,12 @@ class FairTurns(trio.abc.Instrument):
     step (a timer task's wake-up, a cancel scope's deadline, cost 0.04-0.07 ms of
     the loop each). The backlogged principals are not starved: a backlogged step is
     released at least every HOLD_MAX_WAIT (`_backlog_ran`), whatever the holds, and
-    when nobody holds the loop they have all of it. Without `ready` (the server sets
+    when nobody holds the loop they have all of it. Nor held beyond their fair share:
+    after a backlogged step of d seconds, the loop is held for at most d * H / K
+    (`_hold_gap`: H principals that held the loop lately, K backlogged ones parked or
+    running), so that the backlogged steps have at least K/(H+K) of the loop's time,
+    each backlogged principal (served in turn) 1/(H+K) — its fair share — whatever
+    the holders do (a hold's idle time is charged to the holders). Without `ready` (the server sets
     it from the mount's idle poll; off: `--idle-poll 0`) nothing is held.
     """
 
@@ -429,6 +439,14 @@ class FairTurns(trio.abc.Instrument):
         #: last released or began (a hold never lasts HOLD_MAX_WAIT past it)
         self._hold_until = -math.inf
         self._backlog_ran = -math.inf
+        #: how long past `_backlog_ran` the loop may be held: the last backlogged step's
+        #: time times H/K, at most HOLD_MAX_WAIT (`_backlog_ended`; 0 before the first)
+        self._hold_gap = 0.0
+        #: the backlogged step in progress (None: none) and when it began
+        self._backlog_step: Share | None = None
+        self._backlog_began = 0.0
+        #: principals with no backlog that held the loop lately: when each last did
+        self._holders: dict[Share, float] = {}
         #: whether a descriptor the loop waits for has an event, without taking it (the
         #: idle poll's probe, set by the server; None: nothing is held)
         self.ready: Callable[[], bool] | None = None
@@ -625,6 +643,10 @@ class FairTurns(trio.abc.Instrument):
                 self._backlogged_steps += 1
                 if self.ready is not None:
                     self._backlog_ran = trio.current_time()
+        if self._backlog_step is None and self.ready is not None and \
+                sh.backlog >= self._batch - 1:
+            # (a released step too: its `stepped` was set when it was released)
+            self._backlog_step, self._backlog_began = sh, trio.current_time()
 
     def take_nowait(self, sh: Share) -> bool:
         """`take` when it would not wait: make the current step `sh`'s turn and return
@@ -737,16 +759,23 @@ class FairTurns(trio.abc.Instrument):
             trio.lowlevel.reschedule(task)
         one = sh if n == 1 else None
         self._backlog_ran = trio.current_time()
+        if one is not None and self.ready is not None:
+            # (its `backlog` is the batch it parked in, long ago after holds: `_begin`
+            # would not know it for a backlogged step)
+            self._backlog_step, self._backlog_began = one, self._backlog_ran
         if batch == self._batch:
             self._current = one
         else:
             self._next = one
         return n
 
-    def hold(self, now: float) -> None:
-        """A step of a principal with no backlog ended at `now`, principals competing:
-        hold the backlogged steps back for HOLD_SECONDS (see the class docstring)."""
-        if self._backlog_ran < now - HOLD_MAX_WAIT:
+    def hold(self, now: float, sh: Share | None = None) -> None:
+        """A step of principal `sh` (with no backlog) ended at `now`, principals
+        competing: hold the backlogged steps back for HOLD_SECONDS (see the class
+        docstring)."""
+        if sh is not None:
+            self._holders[sh] = now
+        if self._backlog_ran < now - self._hold_gap:
             # The first hold in a while (or after HOLD_MAX_WAIT of holds without a
             # backlogged step: then it ends at once, the next parked step goes).
             if not self._parked:
@@ -759,7 +788,22 @@ class FairTurns(trio.abc.Instrument):
 
     def _holding(self, now: float) -> bool:
         """Whether parked steps are held back now (`hold`)."""
-        return now < self._hold_until and now < self._backlog_ran + HOLD_MAX_WAIT
+        return now < self._hold_until and now < self._backlog_ran + self._hold_gap
+
+    def _backlog_ended(self, sh: Share, now: float) -> None:
+        """A backlogged step of `sh` that began at `_backlog_began` ended at `now`: the
+        loop may be held after it for its time times H/K (the fairness bound: see the
+        class docstring), HOLD_MAX_WAIT at most."""
+        ran = now - self._backlog_began
+        self._backlog_step = None
+        since = now - HOLDER_SECONDS
+        holders = self._holders
+        for h in [h for h, t in holders.items() if t < since]:
+            del holders[h]  # (at most the principals that stepped in HOLDER_SECONDS)
+        backlogged = {s for _, s in self._parked}
+        backlogged.add(sh)
+        self._hold_gap = min(HOLD_MAX_WAIT, ran * max(len(holders), 1) / len(backlogged))
+        self._backlog_ran = now
 
     def backlogged(self, sh: Share) -> None:
         """`sh` gives up its turn with work left (its quantum ran out)."""
@@ -782,12 +826,14 @@ class FairTurns(trio.abc.Instrument):
         sh = self._held.pop(task, None)
         if sh is None:
             return
+        if sh is self._backlog_step:
+            self._backlog_ended(sh, trio.current_time())
         if self.ready is not None and sh is not self.admission and \
                 sh.backlog < self._batch - 1 and \
                 sh.side_miss < self._batch - SIDE_BACKLOG_BATCHES:
             now = trio.current_time()
             if now < self.contended_until:
-                self.hold(now)
+                self.hold(now, sh)
         if self._parked and not self._released and not self._deciding and \
                 not self._holding(trio.current_time()):
             # The next batch's backlogged step: rescheduled now, so that the loop does
@@ -839,7 +885,7 @@ class FairTurns(trio.abc.Instrument):
                 # Held for a principal with no backlog: wait for its next request (or
                 # any other event) until the hold's end, then wake the loop as below.
                 self.held += 1
-                end = min(self._hold_until, self._backlog_ran + HOLD_MAX_WAIT, now + timeout)
+                end = min(self._hold_until, self._backlog_ran + self._hold_gap, now + timeout)
                 ready = self.ready
                 while True:
                     try:

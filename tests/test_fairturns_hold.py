@@ -12,6 +12,7 @@ import math
 import socket
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -33,10 +34,14 @@ FLOOD_REQUEST = TURN_SECONDS / 8
 
 
 async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
-               think: float = THINK) -> tuple[list[tuple[float, float]], list[float], float]:
+               think: float = THINK, floods: int = 2, clients: int = 1,
+               by_flood: dict[int, list[float]] | None = None,
+               ) -> tuple[list[tuple[float, float]], list[float], float]:
     """Two floods (backlogged principals 1 and 2, pipelined requests without end) and a
     client of principal 3 sending `requests` requests one at a time, `think` after each
-    reply. Returns the client's requests (when each came, when its service began), the
+    reply (`floods` floods, principals 1..floods; a client that owns `clients`
+    principals sends them in turn; `by_flood` gathers each flood's request times).
+    Returns the client's requests (when each came, when its service began), the
     times of the floods' requests, and when the client's last request was served."""
     turns = FairTurns(lambda conn: None)
     if hold:
@@ -63,6 +68,8 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
             while True:
                 mock_clock.jump(FLOOD_REQUEST)
                 flood.append(trio.current_time())
+                if by_flood is not None:
+                    by_flood.setdefault(principal, []).append(trio.current_time())
                 now = trio.current_time()
                 if now - t0 >= turns.quantum(now):
                     break
@@ -70,20 +77,25 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def client() -> None:
-        sh = turns.share(3)
+        shares = [turns.share(floods + 1 + i) for i in range(clients)]
         await trio.sleep(0.01)  # the floods compete first
-        for _ in range(requests):
+        for i in range(requests):
+            sh = shares[i % clients]
             await trio.sleep(think)
             came = trio.current_time()
             await turns.take(sh)
             victim.append((came, trio.current_time()))
             mock_clock.jump(SERVE)
+        # A hold's end is no trio deadline: on the autojump clock the floods' steps,
+        # held after the last request while no task waits for a timer, would wait
+        # forever (review of victim4, R4). Wait out the hold before the end.
+        await trio.sleep(HOLD_MAX_WAIT)
         done.set()
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(bulk, 1)
-            nursery.start_soon(bulk, 2)
+            for principal in range(1, floods + 1):
+                nursery.start_soon(bulk, principal)
             nursery.start_soon(client)
         end = victim[-1][1] + SERVE
     finally:
@@ -113,12 +125,13 @@ async def test_a_client_waiting_for_each_reply_finds_the_loop_held(
     behind = _behind(victim, flood)
     span = end - victim[0][0]
     hit = sum(1 for b in behind if b)
-    # At most the steps released by HOLD_MAX_WAIT fall in the client's gaps.
-    assert hit <= span / HOLD_MAX_WAIT + 2, (hit, span)
-    assert hit < len(victim) // 10, hit
+    # (Review of victim4, R1: no longer "at most one flood step per HOLD_MAX_WAIT in
+    # the client's gaps, fewer than a tenth of its requests behind one, a median wait
+    # of 0": that held the floods to ~1/7 of the loop, below their fair share; see
+    # test_a_held_flood_keeps_its_fair_share_of_the_loop. Fewer than without a hold.)
+    assert hit < len(victim) * 0.9, hit
     waits = sorted(start - came for came, start in victim)
-    assert waits[len(waits) // 2] == 0.0, waits[len(waits) // 2]
-    assert waits[int(len(waits) * 0.9)] <= TURN_SECONDS + FLOOD_REQUEST, waits[-10:]
+    assert waits[int(len(waits) * 0.9)] <= 2 * TURN_SECONDS + FLOOD_REQUEST, waits[-10:]
     # The floods are held, not starved: a request of theirs at least every
     # HOLD_MAX_WAIT (and the quantum it may take) while the client runs.
     during = [t for t in flood if victim[0][0] <= t <= end]
@@ -182,6 +195,15 @@ async def test_a_lone_requests_reply_is_not_held_while_principals_compete(
             except BlockingIOError:
                 pass
 
+    async def ticker(scope: trio.CancelScope) -> None:
+        # A hold's end is no trio deadline: on the autojump clock a step held while
+        # nothing else waits for a timer (the client done) would wait forever. Tick
+        # until the floods see `done` (review of victim4, R4).
+        while not done.is_set() or len(flood_left) < floods:
+            await trio.sleep(HOLD_SECONDS / 3)
+
+    flood_left: list[int] = []
+
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(srv.run)
@@ -202,3 +224,26 @@ async def test_a_lone_requests_reply_is_not_held_while_principals_compete(
         c.close()
     assert corked[:4] == [False] * 4, corked  # (before: [True, True, True, True])
     assert corked[4:] == [True, True, True], corked
+
+
+@pytest.mark.parametrize(("floods", "clients"), [(1, 1), (3, 1), (1, 3), (4, 1)])
+async def test_a_held_flood_keeps_its_fair_share_of_the_loop(
+        mock_clock: trio.testing.MockClock, floods: int, clients: int) -> None:
+    """Review of victim4 (R1): a tenant that sends one request at a time, back to back,
+    held the loop for the floods' steps but one every HOLD_MAX_WAIT, whatever the
+    number of principals: a heavy tenant with many requests in flight (a parallel
+    build) kept ~11% of the loop beside one such client, the loop idle most of the
+    rest (and less still with several). Every backlogged principal keeps at least its
+    fair share, 1/N of the N principals active (the client's principals counted,
+    however many it owns); the hold only gives the holders' share back to them."""
+    by_flood: dict[int, list[float]] = {}
+    victim, _flood, end = await _run(mock_clock, hold=True, requests=400, think=THINK,
+                                     floods=floods, clients=clients, by_flood=by_flood)
+    start = victim[0][0]
+    span = end - start
+    n = floods + clients
+    for principal in range(1, floods + 1):
+        ran = sum(1 for t in by_flood.get(principal, []) if start <= t <= end)
+        share = ran * FLOOD_REQUEST / span
+        # (a little below 1/N: the step in progress at either end of the span)
+        assert share >= 0.9 / n, (principal, share, 1 / n)
