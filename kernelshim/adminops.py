@@ -154,7 +154,7 @@ class AdminOps(ServerBase):
                 "cpu_p99_ms": t.batches_cpu.percentile(0.99) * 1e3,
                 "parked": t.parked, "deferred": t.deferred,
                 "preempted": t.preempted,
-                "side_misses": t.side_misses}
+                "side_misses": t.side_misses, "held": t.held}
         if p.get("reset") and conn.creds.uid == 0 and nxt is None:
             for sh in self.turns.shares.values():
                 sh.service, sh.waited, sh.turns_waited = ServiceHistogram(), ServiceHistogram(), 0

@@ -105,6 +105,26 @@ BATCH_SECONDS = TURN_SECONDS
 #: released steps come every few batches: their own readers' wake-ups are no such
 #: request)
 SIDE_BACKLOG_BATCHES = 8
+#: while principals compete, a step of a principal with no backlog (a client waiting
+#: for each reply) holds the backlogged principals' steps back for this long after it
+#: ends: they stay parked, and the loop sleeps (or the idle poll spins) rather than run
+#: them, so that the client's next request, a few tens of µs away, finds the loop idle
+#: and the attackers' processes asleep instead of a backlogged step in progress and
+#: their clients on the CPUs (anticipation: FairTurns.hold). Not work-conserving for
+#: the backlogged: see HOLD_MAX_WAIT for what it costs them
+HOLD_SECONDS = 0.3e-3
+#: ... but a backlogged step is released at least this often (after the last one was
+#: released or began), hold or not: while a principal with no backlog keeps the loop
+#: held without a pause, the backlogged principals together still get one step (a
+#: TURN_SECONDS quantum and the request that overran it, or less when a request of the
+#: holder cuts it short) in every HOLD_MAX_WAIT, and all of the loop whenever nobody
+#: holds it. Within that, a hold after a backlogged step lasts no longer than that step
+#: times H/K (H principals holding, K backlogged: `FairTurns._hold_gap`), so that every
+#: backlogged principal keeps at least 1/(H+K) of the loop
+HOLD_MAX_WAIT = 1e-3
+#: a principal counts among those holding the loop (H above) for this long after its
+#: last hold
+HOLDER_SECONDS = 2 * HOLD_MAX_WAIT
 #: FairTurns times one batch of the run loop in this many (its loop statistics)
 BATCH_SAMPLE = 16
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
@@ -306,6 +326,28 @@ class FairTurns(trio.abc.Instrument):
     partial frame: every look positive, every backlogged step cut to one request)
     counts as backlogged there for SIDE_BACKLOG_BATCHES batches (`watch`,
     `Share.side_miss`): it cuts at most one step in that many batches.
+
+    And the loop waits a little for the principal that is not backlogged (`hold`,
+    anticipation): a client that waits for each reply sends its next request a few
+    tens of µs after the last one's reply, and found the loop in a backlogged step (or
+    the batch in progress) and the floods' client processes, woken by their replies,
+    on the CPUs. While principals compete, the end of a step of a principal with no
+    backlog (`after_task_step`) holds the parked steps for HOLD_SECONDS: none is
+    released and no backlogged step begins (`_over_budget`), so the loop sleeps in its
+    poll and the next request finds it idle. The loop thread waits for it by polling
+    (`before_io_wait`: `ready`, a non-blocking look at the loop's epoll descriptor, as
+    the idle poll does, fs/idlepoll.py) until the hold's end, then wakes the loop so
+    that the parked steps go on: a poll bounded by HOLD_SECONDS that costs no task
+    step (a timer task's wake-up, a cancel scope's deadline, cost 0.04-0.07 ms of
+    the loop each). The backlogged principals are not starved: a backlogged step is
+    released at least every HOLD_MAX_WAIT (`_backlog_ran`), whatever the holds, and
+    when nobody holds the loop they have all of it. Nor held beyond their fair share:
+    after a backlogged step of d seconds, the loop is held for at most d * H / K
+    (`_hold_gap`: H principals that held the loop lately, K backlogged ones parked or
+    running), so that the backlogged steps have at least K/(H+K) of the loop's time,
+    each backlogged principal (served in turn) 1/(H+K) — its fair share — whatever
+    the holders do (a hold's idle time is charged to the holders). Without `ready` (the server sets
+    it from the mount's idle poll; off: `--idle-poll 0`) nothing is held.
     """
 
     def __init__(self, uncork: Callable[[Connection], None]) -> None:
@@ -392,6 +434,24 @@ class FairTurns(trio.abc.Instrument):
         self.side_hits: set[Connection] = set()
         #: such cuts for nothing (statistics)
         self.side_misses = 0
+        #: the hold (`hold`): until when the step of a principal with no backlog that
+        #: ended last holds the backlogged steps back, and when a backlogged step was
+        #: last released or began (a hold never lasts HOLD_MAX_WAIT past it)
+        self._hold_until = -math.inf
+        self._backlog_ran = -math.inf
+        #: how long past `_backlog_ran` the loop may be held: the last backlogged step's
+        #: time times H/K, at most HOLD_MAX_WAIT (`_backlog_ended`; 0 before the first)
+        self._hold_gap = 0.0
+        #: the backlogged step in progress (None: none) and when it began
+        self._backlog_step: Share | None = None
+        self._backlog_began = 0.0
+        #: principals with no backlog that held the loop lately: when each last did
+        self._holders: dict[Share, float] = {}
+        #: whether a descriptor the loop waits for has an event, without taking it (the
+        #: idle poll's probe, set by the server; None: nothing is held)
+        self.ready: Callable[[], bool] | None = None
+        #: times the loop went to sleep with parked steps held back (statistics)
+        self.held = 0
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -581,6 +641,12 @@ class FairTurns(trio.abc.Instrument):
             sh.stepped = self._batch
             if sh.backlog >= self._batch - 1:
                 self._backlogged_steps += 1
+                if self.ready is not None:
+                    self._backlog_ran = trio.current_time()
+        if self._backlog_step is None and self.ready is not None and \
+                sh.backlog >= self._batch - 1:
+            # (a released step too: its `stepped` was set when it was released)
+            self._backlog_step, self._backlog_began = sh, trio.current_time()
 
     def take_nowait(self, sh: Share) -> bool:
         """`take` when it would not wait: make the current step `sh`'s turn and return
@@ -614,6 +680,8 @@ class FairTurns(trio.abc.Instrument):
             return True
         if sh.stepped == self._batch:
             return False  # its own step, going on
+        if now < self._hold_until and self._holding(now):
+            return True  # the loop is kept for a principal with no backlog (`hold`)
         # Tasks the poll woke that are not backlogged work and have not run yet, and
         # requests of principals with no backlog that came since the poll: they go
         # first (the step goes to the next batch: `_park`).
@@ -631,8 +699,9 @@ class FairTurns(trio.abc.Instrument):
         head is released for the next batch when a step parks or a turn's step ends
         (rescheduled then, it keeps the loop from sleeping), else when the next batch
         begins (`after_io_wait`). Not cancellable (a cancelled task would leave the
-        turn reserved); the queue moves every batch, so a cancellation waits for at most
-        one batch per backlogged principal."""
+        turn reserved); the queue moves every batch (every HOLD_MAX_WAIT at worst while a
+        principal with no backlog holds the loop: `hold`), so a cancellation waits for at
+        most that per backlogged principal."""
         task = trio.lowlevel.current_task()
         # A parked step is no turn: the step it ends must not hand the turn on.
         self._held.pop(task, None)
@@ -641,14 +710,18 @@ class FairTurns(trio.abc.Instrument):
         self.parked += 1
         first = False  # whether it was released once and let a poll's requests go first
         while True:
-            if not self._released and not self._deciding and (first or not self._parked):
+            # (a step released once and deferred goes next, hold or not: the hold's
+            # bound, HOLD_MAX_WAIT, has passed for it)
+            held = not first and self._holding(trio.current_time())
+            if not self._released and not self._deciding and (first or not self._parked) \
+                    and not held:
                 # Nobody else waits (or it goes first): the next batch's backlogged step.
                 sh.stepped = self._batch + 1
                 self._released = 1
                 self._next = sh
                 await trio.lowlevel.cancel_shielded_checkpoint()
             else:
-                if not self._released and not self._deciding:
+                if not self._released and not self._deciding and not held:
                     self._released = self._release_parked(self._batch + 1, everyone=False)
                 if first:
                     self._parked.appendleft((task, sh))
@@ -685,11 +758,52 @@ class FairTurns(trio.abc.Instrument):
             sh.stepped = batch
             trio.lowlevel.reschedule(task)
         one = sh if n == 1 else None
+        self._backlog_ran = trio.current_time()
+        if one is not None and self.ready is not None:
+            # (its `backlog` is the batch it parked in, long ago after holds: `_begin`
+            # would not know it for a backlogged step)
+            self._backlog_step, self._backlog_began = one, self._backlog_ran
         if batch == self._batch:
             self._current = one
         else:
             self._next = one
         return n
+
+    def hold(self, now: float, sh: Share | None = None) -> None:
+        """A step of principal `sh` (with no backlog) ended at `now`, principals
+        competing: hold the backlogged steps back for HOLD_SECONDS (see the class
+        docstring)."""
+        if sh is not None:
+            self._holders[sh] = now
+        if self._backlog_ran < now - self._hold_gap:
+            # The first hold in a while (or after HOLD_MAX_WAIT of holds without a
+            # backlogged step: then it ends at once, the next parked step goes).
+            if not self._parked:
+                self._backlog_ran = now
+        self._hold_until = now + HOLD_SECONDS
+        if self._parked:
+            # Parked work and a principal with work of its own: they compete, though
+            # they no longer share a batch.
+            self.contended_until = max(self.contended_until, now + CONTENDED_SECONDS)
+
+    def _holding(self, now: float) -> bool:
+        """Whether parked steps are held back now (`hold`)."""
+        return now < self._hold_until and now < self._backlog_ran + self._hold_gap
+
+    def _backlog_ended(self, sh: Share, now: float) -> None:
+        """A backlogged step of `sh` that began at `_backlog_began` ended at `now`: the
+        loop may be held after it for its time times H/K (the fairness bound: see the
+        class docstring), HOLD_MAX_WAIT at most."""
+        ran = now - self._backlog_began
+        self._backlog_step = None
+        since = now - HOLDER_SECONDS
+        holders = self._holders
+        for h in [h for h, t in holders.items() if t < since]:
+            del holders[h]  # (at most the principals that stepped in HOLDER_SECONDS)
+        backlogged = {s for _, s in self._parked}
+        backlogged.add(sh)
+        self._hold_gap = min(HOLD_MAX_WAIT, ran * max(len(holders), 1) / len(backlogged))
+        self._backlog_ran = now
 
     def backlogged(self, sh: Share) -> None:
         """`sh` gives up its turn with work left (its quantum ran out)."""
@@ -712,7 +826,16 @@ class FairTurns(trio.abc.Instrument):
         sh = self._held.pop(task, None)
         if sh is None:
             return
-        if self._parked and not self._released and not self._deciding:
+        if sh is self._backlog_step:
+            self._backlog_ended(sh, trio.current_time())
+        if self.ready is not None and sh is not self.admission and \
+                sh.backlog < self._batch - 1 and \
+                sh.side_miss < self._batch - SIDE_BACKLOG_BATCHES:
+            now = trio.current_time()
+            if now < self.contended_until:
+                self.hold(now, sh)
+        if self._parked and not self._released and not self._deciding and \
+                not self._holding(trio.current_time()):
             # The next batch's backlogged step: rescheduled now, so that the loop does
             # not sleep with it parked (and it costs no step of its own to wake).
             self._released = self._release_parked(self._batch + 1)
@@ -748,10 +871,6 @@ class FairTurns(trio.abc.Instrument):
         self._backlogged_steps, self._released = self._released, 0
         self._current, self._next = self._next, None
         self._deciding = False
-        if self._parked and timeout > 0:
-            # Nothing is runnable, none was released: the loop would sleep with steps
-            # parked. Wake it at once (after_io_wait releases one).
-            trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
         if self._wall0:
             wall = time.perf_counter() - self._wall0
             self.batches.record(wall)
@@ -760,6 +879,29 @@ class FairTurns(trio.abc.Instrument):
             self.batches_cpu.record(cpu)
             self.batch_cpu += cpu
             self._wall0 = 0.0
+        if self._parked and timeout > 0:
+            now = trio.current_time()
+            if self._holding(now) and self.ready is not None:
+                # Held for a principal with no backlog: wait for its next request (or
+                # any other event) until the hold's end, then wake the loop as below.
+                self.held += 1
+                end = min(self._hold_until, self._backlog_ran + self._hold_gap, now + timeout)
+                ready = self.ready
+                while True:
+                    try:
+                        if ready():
+                            break
+                    except Exception:  # noqa: BLE001 - an instrument that raises is dropped
+                        self.ready = None  # (nothing is held any more; the turns go on)
+                        trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
+                        break
+                    if trio.current_time() >= end:
+                        trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
+                        break
+            else:
+                # Nothing is runnable, none was released: the loop would sleep with
+                # steps parked. Wake it at once (after_io_wait releases one).
+                trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
 
     def after_io_wait(self, timeout: float) -> None:
         self._batch_t0 = now = trio.current_time()
@@ -769,7 +911,7 @@ class FairTurns(trio.abc.Instrument):
                 trio.lowlevel.remove_instrument(self._watch)
                 self._watch = None
                 self._fresh.clear()
-        if self._parked and not self._backlogged_steps:
+        if self._parked and not self._backlogged_steps and not self._holding(now):
             self._backlogged_steps = self._release_parked(self._batch)
         if self._fresh and self._current is not None:
             self._deciding = True
@@ -787,7 +929,7 @@ class FairTurns(trio.abc.Instrument):
         self.batches = ServiceHistogram()
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
-        self.parked = self.deferred = self.preempted = self.side_misses = 0
+        self.parked = self.deferred = self.preempted = self.side_misses = self.held = 0
 
 
 class _PollWatch(trio.abc.Instrument):

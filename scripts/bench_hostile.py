@@ -455,7 +455,8 @@ PARTS = (("in_progress", "loop busy from the call to its next poll (batch in pro
          ("to_client", "reply sent -> the client has it (its wake-up, recv, decode)"))
 
 
-def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]]) -> dict[str, Any]:
+def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]],
+              pairs_out: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Any]:
     """Split each victim request end to end against the daemon's loop trace (the same
     clock, CLOCK_MONOTONIC): the call -> the loop's poll that picked its socket up (how
     long the batch in progress still ran, how many batches passed) -> other tasks'
@@ -465,7 +466,8 @@ def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]]) -> dict[st
     the woken client takes its CPU). Per phase: the mean per request pair over all
     pairs and over the slowest 1% (the p99 tail), with the batches passed, the steps
     run before the victim's, the daemon thread's time off a CPU in those steps (wall
-    minus CPU) and the victim thread's own wait for a CPU (schedstat)."""
+    minus CPU) and the victim thread's own wait for a CPU (schedstat). With
+    `pairs_out`, each phase's pairs, split, slowest last (scripts/looptrace/bands.py)."""
     import bisect
     rows = _trace_rows(fname)
     io = sorted((float(r[4]), float(r[5])) for r in rows if r[1] == "IO")
@@ -532,6 +534,8 @@ def decompose(fname: str, phases: dict[str, list[tuple[float, ...]]]) -> dict[st
                 pair["victim_cpu_wait"] = rd
                 pairs.append(pair)
         pairs.sort(key=lambda q: q["total"])
+        if pairs_out is not None:
+            pairs_out[phase] = pairs
         tail = pairs[int(len(pairs) * 0.99):] or pairs[-1:]
 
         def mean(ps: list[dict[str, float]]) -> dict[str, float]:
@@ -831,6 +835,8 @@ def main() -> int:
                     if "deferred" in h else "")
             cpu += (f", {h['preempted']} cut short for a request that came"
                     if "preempted" in h else "")
+            cpu += (f", {h['held']} sleeps with parked steps held for a request to come"
+                    if "held" in h else "")
             what = (f"{h['n']} batches, the loop thread on a CPU {h['on_cpu']:.0%} of "
                     f"their time{cpu}" if "on_cpu" in h else
                     f"{h['n']} requests, waited for a turn p99 {h['waited_p99_ms']:.3f} ms")
