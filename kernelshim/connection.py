@@ -450,6 +450,11 @@ class FairTurns(trio.abc.Instrument):
         #: whether a descriptor the loop waits for has an event, without taking it (the
         #: idle poll's probe, set by the server; None: nothing is held)
         self.ready: Callable[[], bool] | None = None
+        #: whether the loop may wait for an event now, spinning on `ready` (the idle
+        #: poll's own conditions: serving, no backoff pause, the machine not
+        #: overloaded; set by the server, None: always): a hold spins the loop thread,
+        #: so it is not taken when an idle poll would not be (review of victim4, R2)
+        self.may_hold: Callable[[], bool] | None = None
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
 
@@ -780,7 +785,8 @@ class FairTurns(trio.abc.Instrument):
             # backlogged step: then it ends at once, the next parked step goes).
             if not self._parked:
                 self._backlog_ran = now
-        self._hold_until = now + HOLD_SECONDS
+        if self.may_hold is None or self.may_hold():
+            self._hold_until = now + HOLD_SECONDS
         if self._parked:
             # Parked work and a principal with work of its own: they compete, though
             # they no longer share a batch.

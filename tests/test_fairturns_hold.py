@@ -36,6 +36,7 @@ FLOOD_REQUEST = TURN_SECONDS / 8
 async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
                think: float = THINK, floods: int = 2, clients: int = 1,
                by_flood: dict[int, list[float]] | None = None,
+               may_hold: bool = True, held: list[int] | None = None,
                ) -> tuple[list[tuple[float, float]], list[float], float]:
     """Two floods (backlogged principals 1 and 2, pipelined requests without end) and a
     client of principal 3 sending `requests` requests one at a time, `think` after each
@@ -55,6 +56,8 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
             trio.lowlevel.current_trio_token().run_sync_soon(lambda: None)  # (its wake-up)
             return True
         turns.ready = ready
+        # (the idle poll's conditions: False as on an overloaded machine)
+        turns.may_hold = lambda: may_hold
     trio.lowlevel.add_instrument(turns)
     victim: list[tuple[float, float]] = []
     flood: list[float] = []
@@ -101,6 +104,8 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
     finally:
         trio.lowlevel.remove_instrument(turns)
         turns.close()
+    if held is not None:
+        held.append(turns.held)
     return victim, flood, end
 
 
@@ -145,6 +150,22 @@ async def test_without_a_hold_the_floods_run_in_the_clients_gaps(
     """The same run without `ready` (no idle poll: nothing is held): a flood step runs
     in nearly every gap of the client's, as before the hold."""
     victim, flood, _end = await _run(mock_clock, hold=False, requests=200)
+    behind = _behind(victim, flood)
+    assert sum(1 for b in behind if b) > len(victim) // 2
+
+
+async def test_nothing_is_held_when_the_idle_poll_would_not_poll(
+        mock_clock: trio.testing.MockClock) -> None:
+    """A hold spins the loop thread on `ready` as the idle poll does: where the idle
+    poll would not poll (the machine overloaded, its backoff), nothing is held, and the
+    floods run in the client's gaps as without a hold (review of victim4, R2: the hold
+    spun up to HOLD_SECONDS each time under exactly the load of an attack)."""
+    held: list[int] = []
+    await _run(mock_clock, hold=True, requests=200, held=held)
+    assert held[0] > 0  # (where it may, the loop is held)
+    victim, flood, _end = await _run(mock_clock, hold=True, requests=200, may_hold=False,
+                                     held=held)
+    assert held[1] == 0, held
     behind = _behind(victim, flood)
     assert sum(1 for b in behind if b) > len(victim) // 2
 
