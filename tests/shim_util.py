@@ -3,6 +3,7 @@ test_principals.py, test_protocol.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -24,26 +25,36 @@ USER_ENV = {"PATH": "/usr/bin:/bin",
 UID, GID = 1000, 1000
 
 
-@pytest.fixture
-def pubmnt(volume: Path, tmp_path: Path) -> Iterator[Path]:
-    """The volume mounted where every uid can reach it. (Not below tmp_path: every
-    pytest run that starts resets /tmp/pytest-of-root to 0700, which would cut other
-    uids off in the middle of a test when sessions overlap.)"""
-    base = Path(tempfile.mkdtemp(prefix="sluice-pub-", dir="/tmp"))
+@contextlib.contextmanager
+def public_mount(volume: Path, log: Path, *extra: str,
+                 prefix: str = "sluice-pub-") -> Iterator[Path]:
+    """`volume` mounted with the options `extra` where every uid can reach it, the
+    daemon logging to `log`; afterwards the daemon must have lived to the unmount
+    and logged no traceback. (Not below tmp_path: every pytest run that starts
+    resets /tmp/pytest-of-root to 0700, which would cut other uids off in the middle
+    of a test when sessions overlap.)"""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(base, 0o755)
     mp = base / "mnt"
     mp.mkdir()
-    m = Mount(volume, mp, None, tmp_path / "pub-daemon.log")
+    m = Mount(volume, mp, None, log)
     try:
-        m.start()
+        m.start(*extra)
         yield mp
         assert m.daemon_alive, "the daemon died during the test"
     finally:
         m.stop()
         if not os.path.ismount(mp):
             shutil.rmtree(base, ignore_errors=True)
-    text = m.log.read_text() if m.log.exists() else ""
+    text = log.read_text() if log.exists() else ""
     assert not ("Traceback" in text and "unexpected" not in text), text[-3000:]
+
+
+@pytest.fixture
+def pubmnt(volume: Path, tmp_path: Path) -> Iterator[Path]:
+    """The volume mounted where every uid can reach it (`public_mount`)."""
+    with public_mount(volume, tmp_path / "pub-daemon.log") as mp:
+        yield mp
 
 
 def user_cmd(uid: int, argv: list[str]) -> list[str]:

@@ -23,8 +23,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -32,8 +30,9 @@ from typing import Iterator
 
 import pytest
 
-from conftest import Mount, make_volume, sluice
-from shim_util import UID, user_popen, user_run
+from conftest import make_volume, sluice
+from probe5_util import write_when_host_has_room
+from shim_util import UID, public_mount, user_popen, user_run
 
 pytestmark = pytest.mark.mounted
 
@@ -42,25 +41,12 @@ MiB = 1 << 20
 
 @contextlib.contextmanager
 def _public_mount(volume: Path, log: Path, *extra: str) -> Iterator[Path]:
-    """`volume` mounted with `extra` where every uid can reach it, with a directory
-    `u` of UID's (see shim_util.pubmnt for why not below tmp_path)."""
-    base = Path(tempfile.mkdtemp(prefix="sluice-p5-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    mp = base / "mnt"
-    mp.mkdir()
-    m = Mount(volume, mp, None, log)
-    try:
-        m.start(*extra)
+    """`volume` mounted with `extra` where every uid can reach it
+    (`shim_util.public_mount`), with a directory `u` of UID's."""
+    with public_mount(volume, log, *extra, prefix="sluice-p5-") as mp:
         (mp / "u").mkdir()
         os.chown(mp / "u", UID, UID)
         yield mp
-        assert m.daemon_alive, "the daemon died during the test"
-    finally:
-        m.stop()
-        if not os.path.ismount(mp):
-            shutil.rmtree(base, ignore_errors=True)
-    text = log.read_text() if log.exists() else ""
-    assert not ("Traceback" in text and "unexpected" not in text), text[-3000:]
 
 
 @pytest.fixture
@@ -189,16 +175,7 @@ def test_a_tenant_filling_the_host_does_not_turn_the_volume_read_only(
         # in a chunk reserved before, which depends on where the allocator puts it; once
         # the tenant's file is gone and its blocks discarded (after a commit), it works.
         os.unlink(mnt / "u" / "hog")
-        deadline = time.monotonic() + 30
-        while True:
-            os.sync()
-            try:
-                (mnt / "after").write_bytes(b"still writable")  # old code: EROFS
-                break
-            except OSError as e:
-                if e.errno != errno.ENOSPC or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        write_when_host_has_room(mnt / "after", b"still writable")  # old code: EROFS
     assert "read-only" not in log.read_text()
     out = sluice("fsck", str(vol)).stdout
     assert out.strip().endswith("clean"), out

@@ -28,35 +28,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockdev import BankNode, BlockDevice, PrincipalId
-from blockdev.types import ROOT_PRINCIPAL
 from kernelshim import FRESH, ExtentMap, Kernel, Rights
-
-BS = 4096
-PROFILE = "lat=125,qd=1"
-
-
-def P(i: int) -> PrincipalId:
-    return PrincipalId(i)
-
-
-def node(i: int, parent: int | None = 0, **kw) -> BankNode:
-    return BankNode(P(i), None if parent is None else P(parent), f"p{i}", **kw)
-
-
-def tree(*nodes: BankNode) -> dict:
-    out = {ROOT_PRINCIPAL: node(0, None)}
-    out.update({n.id: n for n in nodes})
-    return out
-
-
-def _kernel(tmp_path: Path, *, frames: int = 64, writeback: bool = True) -> Kernel:
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=1024 * BS, block_size=BS, profile=PROFILE)
-    k = Kernel.open(d, cache_bytes=frames * BS, writeback=writeback)
-    k.device.timeline_slack = 0.0
-    return k
+from probe5_util import BS, P, make_kernel, node, tree
 
 
 # -- L1 ----------------------------------------------------------------------------------
@@ -71,7 +44,7 @@ async def test_l1_refused_reservations_are_logged_once_per_principal_and_interva
     from blockdev.errors import DeviceFull
     import kernelshim.kernel as kmod
 
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         def full(block, count, *, relocation=False):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -112,7 +85,7 @@ async def test_l4_dontneed_leaves_another_tenants_dirty_frames_alone(
     and P(1) one; P(1)'s `advise(dontneed)` over the file writes back and drops its own
     dirty frame and its clean ones, and leaves P(2)'s 4 dirty frames dirty, unwritten
     (before: written back at once, on P(2)'s bank)."""
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1), node(2)))
         emap = ExtentMap([(0, 100, 8, FRESH)])
@@ -150,7 +123,7 @@ async def test_l3_a_throttled_tenants_aged_frames_do_not_delay_anothers_aging(
     device. 7.5 s later (dirty_expire 5 s, passes every second) P(2)'s frame is clean
     (before: in one aging pass in block order, behind P(1)'s 8 s); P(1)'s follow at its
     limit."""
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=4096), node(2)))
         kernel.pager.dirty_limit_seconds = 1000.0  # (the L2 bound out of the way)
@@ -190,7 +163,7 @@ async def test_l2_a_limited_tenants_dirty_share_is_a_few_seconds_of_its_limit(
     for the 12 written back), a commit then expedites at most the bound and the debt
     is a few seconds (before: 16 s, and the writes took no time). An unlimited tenant P(4) writing 16 blocks
     meanwhile (while they wait) does not wait."""
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=8192), node(2, 1), node(3, 1),
                                     node(4)))

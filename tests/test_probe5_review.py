@@ -22,7 +22,6 @@ P4 is the filesystem's (in process, real time); P5 a real mount on a small tmpfs
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from pathlib import Path
@@ -30,13 +29,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockdev import BankNode, BlockDevice, PrincipalId, Rate
-from blockdev.types import ROOT_PRINCIPAL
+from blockdev import Rate
 from kernelshim import FRESH, ExtentMap, Kernel, Rights
-
-BS = 4096
-PROFILE = "lat=125,qd=1"
-MiB = 1 << 20
+from probe5_util import BS, P, make_kernel, node, tree, write_when_host_has_room
 
 
 #: the dirty bound of a limited principal (hostile probe 5, L2: a few seconds of its
@@ -46,26 +41,8 @@ MiB = 1 << 20
 UNBOUNDED_DIRTY = 1000.0
 
 
-def P(i: int) -> PrincipalId:
-    return PrincipalId(i)
-
-
-def node(i: int, parent: int | None = 0, **kw) -> BankNode:
-    return BankNode(P(i), None if parent is None else P(parent), f"p{i}", **kw)
-
-
-def tree(*nodes: BankNode) -> dict:
-    out = {ROOT_PRINCIPAL: node(0, None)}
-    out.update({n.id: n for n in nodes})
-    return out
-
-
 def _kernel(tmp_path: Path) -> Kernel:
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
-    k = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
-    k.device.timeline_slack = 0.0
+    k = make_kernel(tmp_path, blocks=256)
     k.pager.dirty_limit_seconds = UNBOUNDED_DIRTY
     return k
 
@@ -287,16 +264,7 @@ def test_p5_on_a_full_host_an_overwrite_and_a_shrinking_truncate_work(
         # The truncate freed half of the file: once a commit has made that durable
         # and the blocks are discarded (hole-punched), the host has room again, and a
         # new allocation (which may not use the headroom) works.
-        deadline = time.monotonic() + 30
-        while True:
-            os.sync()
-            try:
-                (mnt / "after").write_bytes(b"still writable")
-                break
-            except OSError as e:
-                if e.errno != errno.ENOSPC or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        write_when_host_has_room(mnt / "after", b"still writable")
     assert "read-only" not in log.read_text()
     out = sluice("fsck", str(vol)).stdout
     assert out.strip().endswith("clean"), out

@@ -31,20 +31,9 @@ import pytest
 import trio
 
 import blockdev.device as devmod
-from blockdev import BankNode, BlockDevice, BlockNo, PrincipalId
-from blockdev.types import ROOT_PRINCIPAL
+from blockdev import BlockDevice, BlockNo
 from kernelshim import FRESH, ExtentMap, Kernel, Rights
-
-MiB = 1 << 20
-BS = 4096
-
-
-def P(i: int) -> PrincipalId:
-    return PrincipalId(i)
-
-
-def node(i: int, parent: int | None = 0, **kw) -> BankNode:
-    return BankNode(P(i), None if parent is None else P(parent), f"p{i}", **kw)
+from probe5_util import BS, PROFILE, MiB, P, make_kernel, node, tree
 
 
 async def _tenant_write_back(tmp_path: Path, nchildren: int, seconds: float) -> int:
@@ -52,16 +41,10 @@ async def _tenant_write_back(tmp_path: Path, nchildren: int, seconds: float) -> 
     P(2)..P(1+n) under it, each looping: repay, write 4 blocks of its own file into
     the pool. A commit (a barrier, which expedites every dirty frame) every second.
     Returns the bytes the tenant's principals wrote to the device in `seconds`."""
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile="lat=125,qd=1")
-    kernel = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
-    kernel.device.timeline_slack = 0.0
+    kernel = make_kernel(tmp_path, blocks=256)
     try:
         kids = [node(2 + i, 1) for i in range(nchildren)]
-        banks = {ROOT_PRINCIPAL: node(0, None), P(1): node(1, io_limit_bps=4096)}
-        banks.update({k.id: k for k in kids})
-        kernel.configure_banks(banks)
+        kernel.configure_banks(tree(node(1, io_limit_bps=4096), *kids))
         writers = [k.id for k in kids] or [P(1)]
         grants = [kernel.grant(inode=10 + i, generation=1,
                                extents=ExtentMap([(0, 8 + 8 * i, 4, FRESH)]),
@@ -249,7 +232,7 @@ def test_r4_a_relocation_does_not_open_a_chunk_to_new_data(tmp_path: Path,
     (before: accepted with no check)."""
     d = tmp_path / "vol"
     d.mkdir()
-    BlockDevice.format(d, size=256 * MiB, block_size=BS, profile="lat=125,qd=1")
+    BlockDevice.format(d, size=256 * MiB, block_size=BS, profile=PROFILE)
     dev = BlockDevice.open(d)
     try:
         total = 8 << 30
@@ -288,7 +271,7 @@ async def test_r5_a_failed_reservation_gives_back_its_earlier_runs(tmp_path: Pat
 
     d = small_tmpfs("8m") / "vol"
     d.mkdir()
-    BlockDevice.format(d, size=8192 * BS, block_size=BS, profile="lat=125,qd=1")
+    BlockDevice.format(d, size=8192 * BS, block_size=BS, profile=PROFILE)
     kernel = Kernel.open(d, cache_bytes=64 * BS, writeback=True)
     try:
         def free() -> int:

@@ -12,35 +12,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockdev import BankNode, BlockDevice, PrincipalId
-from blockdev.types import ROOT_PRINCIPAL
 from kernelshim import FRESH, ExtentMap, Kernel, Rights
-
-BS = 4096
-PROFILE = "lat=125,qd=1"
-
-
-def P(i: int) -> PrincipalId:
-    return PrincipalId(i)
-
-
-def node(i: int, parent: int | None = 0, **kw) -> BankNode:
-    return BankNode(P(i), None if parent is None else P(parent), f"p{i}", **kw)
-
-
-def tree(*nodes: BankNode) -> dict:
-    out = {ROOT_PRINCIPAL: node(0, None)}
-    out.update({n.id: n for n in nodes})
-    return out
-
-
-def _kernel(tmp_path: Path, *, frames: int = 64, writeback: bool = True) -> Kernel:
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=1024 * BS, block_size=BS, profile=PROFILE)
-    k = Kernel.open(d, cache_bytes=frames * BS, writeback=writeback)
-    k.device.timeline_slack = 0.0
-    return k
+from probe5_util import BS, P, make_kernel, node, tree
 
 
 @pytest.mark.trio
@@ -52,7 +25,7 @@ async def test_v1_partial_writes_into_anothers_dirty_frames_keep_the_dirty_bound
     (`write_within_nowait`) and makes P(1) the frame's dirtier: P(1)'s dirty count
     must stay within its bound all the same (branch: 16 frames, 4 times the bound, all
     expedited at the next commit and repaid as a debt of 8 s)."""
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=8192), node(2)))
         emap = ExtentMap([(0, 100, 16, FRESH)])
@@ -86,7 +59,7 @@ async def test_v2_a_limited_tenants_write_behind_is_inside_its_dirty_bound(
     seconds. Write-behind counts against the dirty bound: past it the writer writes
     through at its limit (about 30 s for the 2 MiB), and what is on its way never
     exceeds the bound."""
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=64 << 10)))
         g1 = kernel.grant(inode=7, generation=1, extents=ExtentMap([(0, 256, 512, FRESH)]),
@@ -125,7 +98,7 @@ async def test_v3_a_limited_tenants_discardable_writes_do_not_rescan_the_pool(
     per 1 MiB write with a 64 MiB pool (`/tmp` measurement in the review), held from
     every other tenant. A discardable block is not held to the L2 bound (its dirty
     share still applies)."""
-    kernel = _kernel(tmp_path, frames=1024)
+    kernel = make_kernel(tmp_path, frames=1024)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=4096)))
         kernel.set_file_hints(7, discardable=True)
@@ -202,7 +175,7 @@ async def test_v6_an_aging_task_writes_only_its_own_dirtiers_frames(
     behind P(1)'s own aged frames (up to 4 s a block) — and P(2)'s remaining frames waited there
     too: L3's hold again. An aging task writes only frames its dirtier still dirtied;
     the taken-over frame goes with P(1)'s aging."""
-    kernel = _kernel(tmp_path)
+    kernel = make_kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=1024), node(2, io_limit_bps=8192)))
         kernel.pager.dirty_limit_seconds = 1000.0  # (the L2 bound out of the way)
