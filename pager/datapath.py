@@ -247,6 +247,8 @@ class DataPath(Reclaim):
         where = self._where
         mem = self._mem
         state = self._state_m
+        disc = self._disc_m
+        hinted = self._hinted
         now = trio.current_time()
         limit = self._dirty_limit(p)
         acct = self._acct_of(p)
@@ -286,10 +288,14 @@ class DataPath(Reclaim):
                 if st == DIRTY or st == WRITEBACK:
                     old = int(self._dirtier_m[f])
                     if old != p:
-                        self._acct_of(old).dirty -= 1
-                        self._acct_of(p).dirty += 1
+                        a = self._acct_of(old)
+                        a.dirty -= 1
+                        acct.dirty += 1
                         self._dirtier_m[f] = p
-                        if room is not None:
+                        if disc[f]:
+                            a.disc_dirty -= 1
+                            acct.disc_dirty += 1
+                        if room is not None and not (hinted and disc[f]):
                             room -= 1
                     if st == WRITEBACK:
                         self._redirty_m[f] = True
@@ -298,9 +304,11 @@ class DataPath(Reclaim):
                     state[f] = DIRTY
                     self._dirtier_m[f] = p
                     self._dirty_since_m[f] = now
-                    self._acct_of(p).dirty += 1
-                    if room is not None:
-                        room -= 1
+                    acct.dirty += 1
+                    if disc[f]:
+                        acct.disc_dirty += 1
+                    if room is not None and not (hinted and disc[f]):
+                        room -= 1  # (a discardable frame is outside the bound: V5)
 
     def _discardable_block(self, b: int, p: int, file: int, fblock: int) -> bool:
         """Whether `p`'s write of device block `b` (`file` block `fblock`) dirties a

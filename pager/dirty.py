@@ -35,8 +35,9 @@ class DirtyBounds(Observed):
         its dirty bound: `dirty_limit_seconds` of the node's write-back rate (at least
         one frame), counted over the node's whole subtree (a tenant's children share
         their parent's limit, so they share its bound), its write-behinds on their way
-        with its dirty frames (a commit expedites both). None when no limit is on its
-        path. `members`, if given, gets the subtree of each node at its bound.
+        with its dirty frames (a commit expedites both) — under `hinted` not its
+        discardable dirty frames (`_Acct.disc_dirty`), which nothing expedites. None
+        when no limit is on its path. `members`, if given, gets the subtree of each node at its bound.
 
         Why: a commit writes every dirty frame back past its dirtier's limit (W1's
         fix) and the dirtier repays it afterwards, so a limited tenant with half the
@@ -50,13 +51,17 @@ class DirtyBounds(Observed):
         acct = self._acct
         behind = self._behind_blocks
         secs = self.dirty_limit_seconds
+        hinted = self._hinted
         room: int | None = None
         for _q, subtree, rate in lp:
             n = 0
             for m in subtree:
                 a = acct.get(m)
                 if a is not None:
-                    n += a.dirty
+                    # (under `hinted` not its discardable frames: nothing expedites
+                    # them, and counted they made every later block of its other
+                    # files wait for a write-back of its own: review of probe5fix, V5)
+                    n += a.dirty - a.disc_dirty if hinted else a.dirty
                 if behind:
                     n += behind.get(m, 0)
             r = max(1, int(rate * secs)) - n

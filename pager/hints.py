@@ -47,7 +47,7 @@ class Hints(DataPath):
                                             int(self._owner_m[f]))
             if prio != self._prio_m[f] or disc != self._disc_m[f]:
                 self._prio_m[f] = prio
-                self._disc_m[f] = disc
+                self._set_disc(f, disc)
                 if self._links.qu[f] != NIL:
                     self._requeue(f)
 

@@ -116,8 +116,12 @@ class WriteBack(DirtyBounds):
         if st == DIRTY or st == WRITEBACK:
             old = int(self._dirtier_m[f])
             if old != p:
-                self._acct_of(old).dirty -= 1
+                a = self._acct_of(old)
+                a.dirty -= 1
                 acct.dirty += 1
+                if self._disc_m[f]:
+                    a.disc_dirty -= 1
+                    acct.disc_dirty += 1
                 self._dirtier_m[f] = p
             if st == WRITEBACK:
                 self._redirty_m[f] = True
@@ -127,6 +131,8 @@ class WriteBack(DirtyBounds):
             self._dirtier_m[f] = p
             self._dirty_since_m[f] = now
             acct.dirty += 1
+            if self._disc_m[f]:
+                acct.disc_dirty += 1
         return True
 
     def _may_write_behind(self, mv: memoryview, p: int) -> bool:
@@ -292,7 +298,10 @@ class WriteBack(DirtyBounds):
                 self._state_m[f] = DIRTY
             else:
                 self._state_m[f] = CLEAN
-                self._acct_of(int(self._dirtier_m[f])).dirty -= 1
+                a = self._acct_of(int(self._dirtier_m[f]))
+                a.dirty -= 1
+                if self._disc_m[f]:
+                    a.disc_dirty -= 1
         self._wake_io()
         return len(run)
 

@@ -240,3 +240,97 @@ async def _steps(policy: str, writeback: bool, nframes: int, steps: list[tuple],
         if file_of(b) not in disc_files or not hinted:
             check(device_now(b), b, 1, "after the last flush")
     check_invariants(p)
+
+
+# -- the dirty discardable count (review of probe5fix, V5) ------------------------------
+
+
+@st.composite
+def disc_ops(draw):
+    kind = draw(st.sampled_from(["write", "write", "write", "within", "file_hint",
+                                 "range_hint", "forget", "flush", "fsync", "dontneed",
+                                 "discard", "read", "sleep"]))
+    who = draw(st.integers(1, 3))
+    b, n = _range(draw)
+    return (kind, b, n, who, draw(st.booleans()), draw(st.integers(0, 200)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policy=st.sampled_from(POLICIES), nframes=st.integers(3, 12),
+       limited=st.booleans(),
+       groups=st.lists(st.lists(disc_ops(), min_size=1, max_size=3), max_size=20))
+def test_dirty_discardable_counts_match_a_recount(policy: str, nframes: int, limited: bool,
+                                                  groups: list[list[tuple]]) -> None:
+    """Each principal's count of dirty discardable frames (`_Acct.disc_dirty`, which a
+    limited node's dirty bound leaves out under `hinted`) equals a recount over the
+    pool (`check_invariants`) after and between random operations run up to three at
+    a time, with write-back on a device that takes time (frames under write-back get
+    written again and change dirtier), aging and reclaim running, and every way a
+    frame's state, dirtier or discardable flag changes: dirtying, write-back (aging,
+    throttling, flush, fsync), file and range hints set and cleared, a file
+    forgotten, dontneed, discard, reclaim of clean and dirty discardable frames."""
+    trio.run(_disc_steps, policy, nframes, limited, groups,
+             clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def _disc_steps(policy: str, nframes: int, limited: bool,
+                      groups: list[list[tuple]]) -> None:
+    device = memory_device(NB, block_size=BS)
+    real_write = device.write
+
+    async def slow_write(*args, **kw):  # (write-back in flight for a while)
+        await trio.sleep(0.05)
+        return await real_write(*args, **kw)
+    device.write = slow_write  # type: ignore[method-assign]
+    p = Pager(device, nframes=nframes, policy=policy, writeback=True,
+              reclaim_grace=0.5, dirty_expire=0.5)
+    if limited:
+        p.configure_banks({ROOT: BankNode(ROOT, None, "root"),
+                           PrincipalId(1): BankNode(PrincipalId(1), ROOT, "a",
+                                                    io_limit_bps=4 * BS)})
+    checking = True
+
+    async def checker() -> None:
+        while checking:
+            check_invariants(p)
+            await trio.sleep(0.01)
+
+    async def one(kind: str, b: int, n: int, who: int, flag: bool, seed: int) -> None:
+        pr, file, fb = PrincipalId(who), file_of(b), b % FILE_BLOCKS
+        if kind == "write":
+            buf = b"".join(data(seed, b + i) for i in range(n))
+            await p.write(BlockNo(b), buf, principal=pr, file=file, fblock=fb)
+        elif kind == "within":
+            p.write_within_nowait(BlockNo(b), 8, b"w" * 16, principal=pr, file=file,
+                                  fblock=fb)
+        elif kind == "file_hint":
+            p.set_file_hints(file, discardable=flag)
+        elif kind == "range_hint":
+            await p.advise(file, [(fb, b, n)], principal=pr, discardable=flag)
+        elif kind == "forget":
+            p.forget_file(file)
+        elif kind == "flush":
+            await p.flush()
+        elif kind == "fsync":
+            await p.writeback_file(file)
+        elif kind == "dontneed":
+            await p.advise(file, [(fb, b, n)], principal=pr, dontneed=True)
+        elif kind == "discard":
+            await p.discard(BlockNo(b), n, principal=ROOT)
+        elif kind == "read":
+            await p.read(BlockNo(b), n, principal=pr, file=file, fblock=fb)
+        elif kind == "sleep":
+            await trio.sleep(seed / 100)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(p.run)
+        nursery.start_soon(checker)
+        for group in groups:
+            async with trio.open_nursery() as ops_:
+                for op in group:
+                    ops_.start_soon(one, *op)
+            check_invariants(p)
+        await p.flush()
+        check_invariants(p)
+        checking = False
+        nursery.cancel_scope.cancel()

@@ -122,6 +122,50 @@ async def test_v3_a_limited_tenants_discardable_writes_do_not_rescan_the_pool(
         kernel.close()
 
 
+@pytest.mark.trio
+async def test_v5_a_limited_tenants_discardable_dirty_frames_leave_its_bound_alone(
+        tmp_path: Path, autojump_clock) -> None:
+    """P(1), limited to 8 KiB/s (a dirty bound of 4 frames), has 4 dirty frames of a
+    discardable file under `hinted` — frames no commit expedites — then writes 4
+    blocks of an ordinary file. The bound counted the discardable frames, so each of
+    those blocks past the first was written back on its own, at the limit, before the
+    next (branch: 3 blocks written, in 1 s); it counts only what a commit would
+    expedite, so the 4 blocks stay dirty at once. The bound still holds for them: the
+    fifth block writes the first 4 back (one run) before it is dirtied."""
+    kernel = make_kernel(tmp_path)
+    try:
+        kernel.configure_banks(tree(node(1, io_limit_bps=8192)))
+        kernel.set_file_hints(7, discardable=True)
+        gd = kernel.grant(inode=7, generation=1, extents=ExtentMap([(0, 100, 16, FRESH)]),
+                          rights=Rights.RW, principal=P(1))
+        g = kernel.grant(inode=8, generation=1, extents=ExtentMap([(0, 200, 16, FRESH)]),
+                         rights=Rights.RW, principal=P(1))
+        pager = kernel.pager
+
+        def written() -> int:
+            st = {s.principal: s for s in kernel.device.statistics().per_principal}
+            return st[P(1)].bytes_written if P(1) in st else 0
+
+        for i in range(4):
+            await kernel.write(gd, i * BS, b"d" * BS)
+        assert pager.statistics().per_principal[P(1)].dirty == 4
+        t0 = trio.current_time()
+        for i in range(4):
+            await kernel.write(g, i * BS, bytes([i + 1]) * BS)
+        took = trio.current_time() - t0
+        assert (written(), took) == (0, 0.0)
+        assert pager.statistics().per_principal[P(1)].dirty == 8
+        for i in range(4, 6):
+            await kernel.write(g, i * BS, bytes([i + 1]) * BS)
+        assert written() == 4 * BS  # (the fifth block's throttle: one run of 4)
+        assert pager.statistics().per_principal[P(1)].dirty == 4 + 2
+        for i in range(6):
+            assert bytes(await kernel.read(g, i * BS, BS)) == bytes([i + 1]) * BS
+        assert bytes(await kernel.read(gd, 3 * BS, BS)) == b"d" * BS
+    finally:
+        kernel.close()
+
+
 async def test_v4_a_failure_during_a_commits_flush_fails_that_commit(
         tmp_path: Path, monkeypatch) -> None:
     """The volume fails (`FileSystem.fail`: here a setxattr whose transaction SQLite
