@@ -107,7 +107,11 @@ class DirectWriter:
     async def pwrite(self, fd: int, data: object, address: int, nbytes: int,
                      offset: int) -> int:
         """Write `nbytes` at `address` (the memory of `data`, kept alive meanwhile) to
-        `fd` at `offset`; the byte count written. OSError with the host's errno."""
+        `fd` at `offset`; the byte count written. OSError with the host's errno;
+        `trio.ClosedResourceError` if the writer is closed before the write completed
+        (`close`: whether it landed is then unknown)."""
+        if self._closed:
+            raise trio.ClosedResourceError("the direct writer is closed")
         while len(self._pending) >= self._depth:
             await self._reap_or_wait()
         ticket = next(self._tickets)
@@ -127,7 +131,12 @@ class DirectWriter:
 
     async def _reap_or_wait(self) -> None:
         """Reap the completed writes (waiting for one on the eventfd), or, while another
-        task does, wait until it has."""
+        task does, wait until it has. `trio.ClosedResourceError` once closed."""
+        if self._closed:
+            # (the eventfd is gone: waiting on its number would wait on nothing, or
+            # on whatever descriptor reuses it)
+            raise trio.ClosedResourceError("the direct writer was closed with writes "
+                                           "waiting for their completion")
         if self._reaping:
             await self._reaped.park()
             return
@@ -150,8 +159,18 @@ class DirectWriter:
 
     def close(self) -> None:
         """Destroy the context (the kernel waits for writes still in flight) and close
-        the eventfd. Idempotent."""
+        the eventfd. Idempotent. A task still waiting for a write's completion gets
+        `trio.ClosedResourceError` (the reaper from its `wait_readable`, through
+        `notify_closing`; the others when it wakes them), never a wait on a closed
+        descriptor. (Not reached by the mount, which closes the device after every
+        write returned: review of fio4, V7.)"""
         if not self._closed:
             self._closed = True
+            if self._reaping:
+                # The reaper waits in wait_readable on the eventfd: trio must forget
+                # the descriptor before it is closed (else that task never wakes, or
+                # wakes for a descriptor that reuses the number). A reaper exists only
+                # inside the trio run this is called from (no other threads).
+                trio.lowlevel.notify_closing(self._efd)
             _syscall(ctypes.c_long(self._destroy), ctypes.c_ulong(self._ctx))
             os.close(self._efd)

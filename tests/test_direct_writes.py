@@ -298,3 +298,39 @@ async def test_memory_filesystems_get_buffered_writes(tmp_path: Path) -> None:
     finally:
         if where is not tmp_path:
             shutil.rmtree(where)
+
+
+async def test_closing_the_direct_writer_wakes_the_writers_waiting_on_it(
+        autojump_clock) -> None:
+    """Review of fio4, V7: `DirectWriter.close` with tasks still waiting for a
+    completion closed the eventfd under the reaper's `wait_readable` without
+    `trio.lowlevel.notify_closing`, so the reaper (and every task parked behind it)
+    never woke; and a write after the close went to io_submit on a destroyed context.
+    Now each gets `trio.ClosedResourceError` at once."""
+    try:
+        w = aio_mod.DirectWriter.open(depth=2)
+    except OSError as exc:
+        pytest.skip(f"no Linux AIO context here: {exc}")
+    woken: list[str] = []
+
+    async def waiter(name: str) -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            while True:  # (as `pwrite` waits for its completion; nothing is in
+                await w._reap_or_wait()  # flight, so the reaper waits on the eventfd)
+        woken.append(name)
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter, "reaper")
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(waiter, "parked")
+                await trio.testing.wait_all_tasks_blocked()
+                assert w._reaping
+                w.close()
+    finally:
+        w.close()
+    assert woken == ["reaper", "parked"]
+    buf = aligned_view(b"x" * PAGE)
+    with pytest.raises(trio.ClosedResourceError):
+        await w.pwrite(0, buf, 0, PAGE, 0)
