@@ -206,7 +206,7 @@ class InodeCache:
     def _extents(self: FileSystem, node: Inode) -> ExtentMap:
         if node.extents is None:
             try:
-                node.extents = ExtentMap(self.md.load_extents(node.id))
+                node.extents = ExtentMap.load(self.md.load_extents(node.id))
             except ValueError as exc:  # two extents map a file block (the mount checked
                 # each extent, not how they fit together): fsck repairs it
                 raise Damaged(f"inode {node.id}: {exc} in meta.db: run sluice fsck") from None

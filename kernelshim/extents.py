@@ -108,6 +108,15 @@ class ExtentMap:
                 self.fresh = True
                 self._fresh_at.append(fb)
 
+    @classmethod
+    def load(cls, rows: Iterable[tuple[int, ...]]) -> ExtentMap:
+        """The map of a file's stored rows (sorted by file block), neighbours that
+        continue each other merged (`merge_all`): rows stored unmerged stay so in the
+        database until the file's next change saves the merge."""
+        m = cls(rows)
+        m.merge_all()
+        return m
+
     def __len__(self) -> int:
         return len(self._ext)
 
@@ -425,20 +434,37 @@ class ExtentMap:
                 self._fresh_at.append(fb)
             prev_end = fb + cnt
         out.extend(old[i:])
-        # Merge neighbours that continue each other, in one pass.
+        merged = self._merged(out)
+        self._ext = merged
+        self._starts = [e[0] for e in merged]
+
+    def _merged(self, ext: list[list[int]]) -> list[list[int]]:
+        """`ext` with the neighbours that continue each other merged, in one pass
+        (each merge a change to save: the merged extent and the key it absorbed)."""
         merged: list[list[int]] = []
-        for e in out:
+        changed = self._changed
+        for e in ext:
             if merged:
                 a = merged[-1]
                 if a[0] + a[2] == e[0] and a[1] + a[2] == e[1] and a[3] == e[3] \
                         and a[4] == e[4]:
                     a[2] += e[2]
-                    self._changed.add(a[0])
-                    self._changed.add(e[0])
+                    changed.add(a[0])
+                    changed.add(e[0])
                     continue
             merged.append(e)
-        self._ext = merged
-        self._starts = [e[0] for e in merged]
+        return merged
+
+    def merge_all(self) -> None:
+        """Merge every pair of neighbours that continue each other (rows stored
+        unmerged: by `retag_owner`'s callers, or by older code), in one pass over the
+        map; the merges are saved with the next change (`take_changes`). A loaded
+        map is merged so (`load`): the seals merge only around what they sealed
+        (direct4), so nothing else would merge them (review of direct4, E2)."""
+        merged = self._merged(self._ext)
+        if len(merged) != len(self._ext):
+            self._ext = merged
+            self._starts = [e[0] for e in merged]
 
     def take_changes(self, *, with_owner: bool = False
                      ) -> tuple[list[int], list[tuple[int, ...]]]:
@@ -462,7 +488,13 @@ class ExtentMap:
     def retag_owner(self, old: int, new: int) -> None:
         """Extents charged to principal `old` are charged to `new` from now on (the
         principal was removed and its storage handed to `new`; the stored rows are
-        retagged by the caller, so this is not a change to save)."""
+        retagged by the caller, so the retag is not a change to save). Neighbours that
+        now continue each other are merged (`merge_all`: those merges are saved with
+        the next change; the seals merge only around what they seal, E2)."""
+        retagged = False
         for e in self._ext:
             if e[4] == old:
                 e[4] = new
+                retagged = True
+        if retagged:
+            self.merge_all()
