@@ -1150,3 +1150,44 @@ async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
     await vol.close()
     report = await vol.fsck()
     assert report.errors == 0, report.lines
+
+
+async def test_extent_rows_stored_in_pieces_are_loaded_merged(vol: Volume) -> None:
+    """Rows that continue each other (a retag's, or older code's) were loaded as they
+    were stored, and no seal merged them any more (the seal merges only around what it
+    sealed: review of direct4, E2). The map is loaded merged, and the next change of
+    the file saves the merge: one row; the data and fsck are right."""
+    import sqlite3
+
+    fs = vol.fs
+    assert fs is not None
+    ino = await write_file(fs, b"f", fill(1, 8 * BS))
+    await fs.commit(durable=True)
+    await vol.close()
+    db = sqlite3.connect(vol.path / volume.DB)
+    with db:
+        (fb, dev, cnt, st_, owner), = db.execute(
+            "SELECT file_block, dev_block, count, state, principal FROM extents"
+            " WHERE inode=?", (ino,)).fetchall()
+        assert (fb, cnt) == (0, 8)
+        db.execute("DELETE FROM extents WHERE inode=?", (ino,))
+        db.executemany("INSERT INTO extents (inode, file_block, dev_block, count, state,"
+                       " principal) VALUES (?,?,?,?,?,?)",
+                       [(ino, 0, dev, 3, st_, owner), (ino, 3, dev + 3, 5, st_, owner)])
+    db.close()
+    fs = await vol.open()
+    assert fs._extents(fs.inode(ino)).extents() == [(0, dev, 8, st_)]
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 8 * BS, fill(2, BS)) == BS  # a change of the file
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    rows = vol.md.load_extents(ino)
+    # (the new block may continue the row, or have one of its own)
+    assert rows[0][:2] == (0, dev) and rows[0][2] >= 8 and len(rows) <= 2, rows
+    assert await read_file(fs, ino) == fill(1, 8 * BS) + fill(2, BS)
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+    await vol.open()
