@@ -286,15 +286,8 @@ class DataPath(Reclaim):
                 mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
                 st = state[f]
                 if st == DIRTY or st == WRITEBACK:
-                    old = int(self._dirtier_m[f])
-                    if old != p:
-                        a = self._acct_of(old)
-                        a.dirty -= 1
-                        acct.dirty += 1
-                        self._dirtier_m[f] = p
-                        if disc[f]:
-                            a.disc_dirty -= 1
-                            acct.disc_dirty += 1
+                    if self._dirtier_m[f] != p:
+                        self._take_dirty(f, p, acct)
                         if room is not None and not (hinted and disc[f]):
                             room -= 1
                     if st == WRITEBACK:

@@ -273,16 +273,31 @@ class FrameTable:
             self._queues[qid].remove(f)
         st = self._state_m[f]
         if st == DIRTY or st == WRITEBACK:
-            a = self._acct_of(self._dirtier_m[f])
-            a.dirty -= 1
-            if self._disc_m[f]:
-                a.disc_dirty -= 1
+            self._undirty(f)
         self._frame_block_m[f] = -1
         self._state_m[f] = FREE
         self._ref_m[f] = False
         self._gen_m[f] += 1
         self._acct[self._owner_m[f]].resident -= 1
         self._free.append(f)
+
+    def _undirty(self, f: int) -> None:
+        """Frame `f` (DIRTY or WRITEBACK) leaves its dirtier's dirty counts."""
+        a = self._acct_of(int(self._dirtier_m[f]))
+        a.dirty -= 1
+        if self._disc_m[f]:
+            a.disc_dirty -= 1
+
+    def _take_dirty(self, f: int, p: int, acct: _Acct) -> None:
+        """Frame `f` (DIRTY or WRITEBACK, dirtied by another) becomes `p`'s dirty
+        frame (`acct`: p's counters)."""
+        a = self._acct_of(int(self._dirtier_m[f]))
+        a.dirty -= 1
+        acct.dirty += 1
+        if self._disc_m[f]:
+            a.disc_dirty -= 1
+            acct.disc_dirty += 1
+        self._dirtier_m[f] = p
 
     def _give_back(self, f: int) -> None:
         """Return an allocated but unused frame."""

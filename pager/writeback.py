@@ -114,15 +114,8 @@ class WriteBack(DirtyBounds):
         self._mem[o:o + len(data)] = data
         now = trio.current_time()
         if st == DIRTY or st == WRITEBACK:
-            old = int(self._dirtier_m[f])
-            if old != p:
-                a = self._acct_of(old)
-                a.dirty -= 1
-                acct.dirty += 1
-                if self._disc_m[f]:
-                    a.disc_dirty -= 1
-                    acct.disc_dirty += 1
-                self._dirtier_m[f] = p
+            if self._dirtier_m[f] != p:
+                self._take_dirty(f, p, acct)
             if st == WRITEBACK:
                 self._redirty_m[f] = True
                 self._dirty_since_m[f] = now
@@ -298,10 +291,7 @@ class WriteBack(DirtyBounds):
                 self._state_m[f] = DIRTY
             else:
                 self._state_m[f] = CLEAN
-                a = self._acct_of(int(self._dirtier_m[f]))
-                a.dirty -= 1
-                if self._disc_m[f]:
-                    a.disc_dirty -= 1
+                self._undirty(f)
         self._wake_io()
         return len(run)
 
