@@ -143,6 +143,12 @@ class DirectWriter:
         self._reaping = True
         try:
             await trio.lowlevel.wait_readable(self._efd)
+            if self._closed:
+                # (closed after the eventfd's readiness woke this task and before it
+                # ran: notify_closing found no waiter, and the descriptor's number may
+                # be another's by now; review of tidy5, R1)
+                raise trio.ClosedResourceError("the direct writer was closed with "
+                                               "writes waiting for their completion")
             try:
                 os.eventfd_read(self._efd)
             except BlockingIOError:

@@ -334,3 +334,40 @@ async def test_closing_the_direct_writer_wakes_the_writers_waiting_on_it(
     buf = aligned_view(b"x" * PAGE)
     with pytest.raises(trio.ClosedResourceError):
         await w.pwrite(0, buf, 0, PAGE, 0)
+
+
+async def test_a_close_after_the_reaper_was_woken_gives_it_closed_resource() -> None:
+    """Review of tidy5 (R1): `close` between the eventfd's readiness waking the reaper
+    and the reaper running (a completion racing the close) found no waiter for
+    `notify_closing` to wake, so the reaper went on to read the closed eventfd's
+    number (EBADF as an OSError, the host's answer to the data; or 8 bytes of
+    whatever descriptor reused the number) and io_getevents on the destroyed context.
+    It must get `trio.ClosedResourceError`, whichever task the scheduler runs first."""
+    raced = 0
+    for _trial in range(24):
+        try:
+            w = aio_mod.DirectWriter.open(depth=2)
+        except OSError as exc:
+            pytest.skip(f"no Linux AIO context here: {exc}")
+        got: list[BaseException] = []
+
+        async def reaper() -> None:
+            try:
+                await w._reap_or_wait()
+            except BaseException as exc:  # (recorded: the assertion is below)
+                got.append(exc)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reaper)
+                await trio.testing.wait_all_tasks_blocked()
+                assert w._reaping
+                os.eventfd_write(w._efd, 1)  # a completion's signal
+                await trio.sleep(0)  # (the poll wakes the reaper; either runs next)
+                w.close()
+        finally:
+            w.close()
+        # (the reaper ran first: it reaped, and the close found no waiter)
+        assert all(isinstance(e, trio.ClosedResourceError) for e in got), got
+        raced += len(got)
+    assert raced  # (trio runs a batch in random order: 2^-24 of missing it always)
