@@ -14,6 +14,7 @@ Properties (pager/pool.py):
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -334,3 +335,32 @@ async def _disc_steps(policy: str, nframes: int, limited: bool,
         check_invariants(p)
         checking = False
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.xfail(strict=True, reason="R2 (review of tidy5): open, see docs/RELIABILITY.md")
+def test_clearing_the_discardable_hint_keeps_a_limited_tenant_within_its_dirty_bound(
+        ) -> None:
+    """Review of tidy5, R2: under `hinted` a limited node's dirty bound leaves its
+    discardable dirty frames out (V5), but nothing bounds what they become when the
+    hint is cleared: a tenant at 4 blocks/s (bound: 8 frames) marks a file
+    discardable, dirties 40 of its blocks (held only by its dirty share, 64), clears
+    the hint, and then holds 5x its bound in dirty frames a commit expedites past its
+    limit — what the bound exists to prevent (hostile probe 5, L2)."""
+    async def main() -> None:
+        device = memory_device(256, block_size=BS)
+        p = Pager(device, nframes=128, policy="hinted", writeback=True)
+        p.configure_banks({ROOT: BankNode(ROOT, None, "root"),
+                           PrincipalId(1): BankNode(PrincipalId(1), ROOT, "a",
+                                                    io_limit_bps=4 * BS)})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.run)
+            p.set_file_hints(7, discardable=True)
+            for i in range(40):
+                await p.write(BlockNo(i), data(1, i), principal=PrincipalId(1), file=7,
+                              fblock=i)
+            p.set_file_hints(7, discardable=False)
+            a = p._acct_of(1)
+            bound = int(4 * p.dirty_limit_seconds)
+            assert a.dirty - a.disc_dirty <= bound, (a.dirty, a.disc_dirty, bound)
+            nursery.cancel_scope.cancel()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
