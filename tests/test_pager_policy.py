@@ -340,12 +340,14 @@ async def _disc_steps(policy: str, nframes: int, limited: bool,
 @pytest.mark.xfail(strict=True, reason="R2 (review of tidy5): open, see docs/RELIABILITY.md")
 def test_clearing_the_discardable_hint_keeps_a_limited_tenant_within_its_dirty_bound(
         ) -> None:
-    """Review of tidy5, R2: under `hinted` a limited node's dirty bound leaves its
-    discardable dirty frames out (V5), but nothing bounds what they become when the
-    hint is cleared: a tenant at 4 blocks/s (bound: 8 frames) marks a file
+    """Review of tidy5, R2: under `hinted` a block written into a discardable frame
+    is not held to a limited node's dirty bound (V3, on main) and the bound leaves
+    the dirty discardable frames out (V5), but nothing bounds what they become when
+    the hint is cleared: a tenant at 4 blocks/s (bound: 8 frames) marks a file
     discardable, dirties 40 of its blocks (held only by its dirty share, 64), clears
     the hint, and then holds 5x its bound in dirty frames a commit expedites past its
-    limit — what the bound exists to prevent (hostile probe 5, L2)."""
+    limit — what the bound exists to prevent (hostile probe 5, L2). Main has the same
+    40 (its room -32 after the clear): V5 did not widen it."""
     async def main() -> None:
         device = memory_device(256, block_size=BS)
         p = Pager(device, nframes=128, policy="hinted", writeback=True)
