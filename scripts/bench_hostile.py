@@ -20,11 +20,26 @@ histogram: the time from the request being taken off the socket to its reply bei
 written), the daemon thread's time spent waiting to be scheduled on a CPU
 (/proc/PID/task/PID/schedstat), and the load average.
 
-    .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
+    .venv/bin/python scripts/bench_hostile.py [--samples N] [--epochs K] [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
 
-`--quick` (what the test suite runs) takes fewer samples and shorter attacks.
+By default (`--epochs 10`) the quiet and attacked figures come from the same minutes:
+one attack runs throughout, and the victim's pairs are taken in K quiet and K attacked
+epochs of SAMPLES/K pairs each, alternated (quiet then attacked, then attacked then
+quiet, ...): in a quiet epoch every attacker process is stopped (SIGSTOP; its
+connections stay open and idle) and the daemon is given EPOCH_SETTLE to finish what they
+sent. Printed: p50/p99/p99.9 of each condition's pooled pairs and their ratios, the
+spread of the epochs' own p50 and p99, the victim's wait for a CPU, the hostile uids'
+requests served a second in the attacked epochs, the load average after each epoch,
+and a "pristine" epoch taken before any attacker started (the single-shot mode's
+reference). A whole run's 1000 pairs take under a second: one quiet phase followed by
+one attacked phase (`--epochs 0`, the single-shot mode) compares two half-second
+windows a few seconds apart, and a burst of another session's work in either moved
+the ratio as much as the attack did (docs/BENCHMARKS.md, "Stop 16").
+`--quick` (what the test suite runs) takes fewer samples and shorter attacks, in the
+single-shot mode (as do --ab-nice, --gc-log, --rss-seconds, --py-spy, --loop-trace,
+which measure one window per phase).
 `--ab-nice A,B[,C]` compares the daemon at nice A and B (`sluice mount --nice`; 0,-5:
 without and with the default) in one run and mount: each phase alternates blocks of 50
 request pairs between the values (set on the live daemon as the mount option does: its
@@ -58,6 +73,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -320,6 +336,108 @@ def ab_phase(mnt: Path, pid: int, n: int, nices: list[int],
     return out
 
 
+#: seconds after the attackers are stopped (the daemon finishes what they sent and
+#: principals stop competing: CONTENDED_SECONDS is 0.05) or started again, before an
+#: epoch's victim requests (`--epochs`)
+EPOCH_SETTLE = 0.2
+
+
+def pct3(xs: list[float]) -> dict[str, float]:
+    """p50, p99, p99.9 and max of `xs` (seconds), in milliseconds (nearest rank)."""
+    s = sorted(xs)
+    at = lambda q: s[min(len(s) - 1, int(len(s) * q))] * 1e3  # noqa: E731
+    return {"n": len(s), "p50": at(0.5), "p99": at(0.99), "p999": at(0.999),
+            "max": s[-1] * 1e3}
+
+
+def attackers_served(svc: dict[str, Any]) -> int:
+    """Requests the daemon served the hostile uids (its per-principal histograms)."""
+    return sum(h["n"] for who, h in svc.items() if who.startswith("uid-"))
+
+
+def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[str, Any]:
+    """The victim's `n` request pairs quiet and `n` attacked, in `epochs` alternating
+    epochs of each (n // epochs pairs an epoch), in one mount and one attack: the
+    attackers are started once, and stopped (SIGSTOP: their connections open and idle,
+    their processes off the CPUs) for each quiet epoch and let go (SIGCONT) for each
+    attacked one; the order within an epoch turns round every epoch (quiet first, then
+    attacked first), so that the machine's load as it drifts falls on both conditions
+    alike. Before the attack, one epoch with no attacker at all (`pristine`): the
+    reference the single-shot mode used, to compare with the stopped-attackers quiet.
+    Per condition: the pairs pooled, and per epoch its p50/p99, the load average, the
+    victim's wait for a CPU and, attacked, the hostile uids' requests served a second."""
+    per = max(1, n // epochs)
+    out: dict[str, Any] = {"epochs": epochs, "per_epoch": per,
+                           "quiet": [], "attacked": [], "load": []}
+    lat: dict[str, list[float]] = {"quiet": [], "attacked": []}
+    vw: list[float] = []
+    out["pristine"] = pct3(victim(mnt, per, vw))
+    with Attack(mnt, floods=floods, churn_rounds=-1) as attack:
+        time.sleep(1.0)  # let the churn and the floods get going
+        for e in range(epochs):
+            order = ("quiet", "attacked") if e % 2 == 0 else ("attacked", "quiet")
+            for cond in order:
+                if cond == "quiet":
+                    attack.pause()
+                else:
+                    attack.resume()
+                time.sleep(EPOCH_SETTLE)
+                daemon_service(mnt)  # (resets the daemon's histograms)
+                rd0, cpu0 = run_delay(pid), cpu_time(pid)
+                t0 = time.perf_counter()
+                w: list[float] = []
+                xs = victim(mnt, per, w)
+                t1 = time.perf_counter()
+                rd1, cpu1 = run_delay(pid), cpu_time(pid)
+                svc = daemon_service(mnt)
+                lat[cond] += xs
+                row = {"epoch": e, **pct3(xs), "seconds": t1 - t0,
+                       "victim_cpu_wait_ms": w[0] / per * 1e3,
+                       "daemon_cpu": (cpu1 - cpu0) / (t1 - t0),
+                       "daemon_wait_cpu": (rd1 - rd0) / (t1 - t0), "load": loadavg()}
+                if cond == "attacked":
+                    row["attackers_req_s"] = attackers_served(svc) / (t1 - t0)
+                out[cond].append(row)
+            out["load"].append(loadavg())
+        attack.resume()
+        out["attackers"] = sum(p.poll() is None for p in attack.procs)
+        out["attackers_started"] = len(attack.procs)
+    for cond in ("quiet", "attacked"):
+        out[cond + "_pooled"] = pct3(lat[cond])
+    q, a = out["quiet_pooled"], out["attacked_pooled"]
+    out["ratio"] = {k: a[k] / q[k] for k in ("p50", "p99", "p999")}
+    return out
+
+
+def print_epochs(r: dict[str, Any], load_start: str) -> None:
+    """`--epochs`' table: each condition pooled, the ratio, and the spread per epoch."""
+    print(f"victim: root, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
+          f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
+          f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
+          f"{r['attackers']} processes; load {load_start} -> {r['load'][-1]}")
+    print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'max ms':>8}")
+    for label, key in (("quiet (pooled)", "quiet_pooled"),
+                       ("attacked (pooled)", "attacked_pooled"),
+                       ("pristine (before any attacker)", "pristine")):
+        x = r[key]
+        print(f"{label:34} {x['p50']:8.3f} {x['p99']:8.3f} {x['p999']:8.3f} {x['max']:8.3f}")
+    ra = r["ratio"]
+    print(f"{'ratio attacked/quiet':34} {ra['p50']:8.2f} {ra['p99']:8.2f} {ra['p999']:8.2f}")
+    for cond in ("quiet", "attacked"):
+        rows = r[cond]
+
+        def span(k: str, rows: list[dict[str, Any]] = rows) -> str:
+            v = sorted(x[k] for x in rows)
+            return f"{v[len(v) // 2]:.3f} ({v[0]:.3f}-{v[-1]:.3f})"
+        extra = ""
+        if cond == "attacked":
+            v = sorted(x["attackers_req_s"] for x in rows)
+            extra = f"; hostile uids served {v[len(v) // 2]:,.0f} ({v[0]:,.0f}-{v[-1]:,.0f}) req/s"
+        print(f"  per {cond} epoch, median (range): p50 {span('p50')}, p99 {span('p99')} ms; "
+              f"victim's CPU wait {span('victim_cpu_wait_ms')} ms a pair{extra}")
+    print("  load average at each epoch's end: " + ", ".join(x.split()[0] for x in r["load"]))
+
+
 def run_delay(pid: int) -> float:
     """Seconds the daemon's main thread has waited on a run queue (schedstat field 2)."""
     with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
@@ -373,6 +491,18 @@ class Attack:
             if not line:
                 raise RuntimeError(f"an attacker failed: {p.stderr.read()}")  # type: ignore[union-attr]
         self.procs += self.churn
+
+    def pause(self) -> None:
+        """Stop every attacker process (SIGSTOP) where it is: their connections stay
+        open and idle, their processes take no CPU (`--epochs`' quiet epochs)."""
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
 
     def __exit__(self, *exc: object) -> None:
         for p in self.procs:
@@ -679,6 +809,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--floods", type=int, default=4)
     ap.add_argument("--json")
+    ap.add_argument("--epochs", type=int, default=None, metavar="K",
+                    help="alternate K quiet and K attacked epochs of SAMPLES/K request pairs "
+                         "each in one attack (the attackers stopped with SIGSTOP in the "
+                         "quiet ones) and report each condition pooled, the ratio and the "
+                         "spread per epoch (default 10; 0: the single-shot mode, one quiet "
+                         "phase then one attacked phase, which --quick, --ab-nice, --gc-log, "
+                         "--rss-seconds, --py-spy and --loop-trace use)")
     ap.add_argument("--py-spy", dest="py_spy")
     ap.add_argument("--nice", type=int, default=None,
                     help="run the daemon and the victim at this nice value (e.g. -10), in "
@@ -704,6 +841,15 @@ def main() -> int:
               file=sys.stderr)
         return 2
     n = 300 if args.quick and args.samples == 1000 else args.samples
+    single = (args.quick or args.ab_nice or args.gc_log or args.rss_seconds > 0
+              or args.py_spy or args.loop_trace)
+    if args.epochs is None:
+        args.epochs = 0 if single else 10
+    elif args.epochs and single:
+        print("bench_hostile.py: --epochs needs none of --quick, --ab-nice, --gc-log, "
+              "--rss-seconds, --py-spy, --loop-trace (they measure one phase window)",
+              file=sys.stderr)
+        return 2
     base = Path(tempfile.mkdtemp(prefix="sluice-hostile-", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "mnt").mkdir()
@@ -752,6 +898,11 @@ def main() -> int:
                 result["ab_attacked"] = ab_phase(mnt, sm.pid, n, nices)
                 result["load_attacked"] = loadavg()
                 result["attackers"] = sum(p.poll() is None for p in attack.procs)
+            return 0
+        if args.epochs:
+            log(f"{args.epochs} quiet and {args.epochs} attacked epochs of "
+                f"{max(1, n // args.epochs)} requests, alternated")
+            result["epochs"] = epochs_run(mnt, sm.pid, n, args.epochs, args.floods)
             return 0
         log(f"quiet: {n} requests")
         daemon_service(mnt)
@@ -812,6 +963,10 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
         if args.ab_nice and "ab_attacked" in result:
             print_ab(result, n)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+        if "epochs" in result:
+            print_epochs(result["epochs"], result["load_start"])
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]
