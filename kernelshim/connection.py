@@ -453,8 +453,16 @@ class FairTurns(trio.abc.Instrument):
         #: whether the loop may wait for an event now, spinning on `ready` (the idle
         #: poll's own conditions: serving, no backoff pause, the machine not
         #: overloaded; set by the server, None: always): a hold spins the loop thread,
-        #: so it is not taken when an idle poll would not be (review of victim4, R2)
+        #: so it spins only when an idle poll would (review of victim4, R2)
         self.may_hold: Callable[[], bool] | None = None
+        #: waits without spinning, up to the seconds given, for an event of a
+        #: descriptor the loop waits for, and says whether one came (set by the server
+        #: from the idle poll's `wait_ready`; None: none): a hold when `may_hold` says
+        #: no sleeps in it instead of spinning on `ready` (stop 16: with R2's rule alone
+        #: nothing was held on the loaded machine the hold is for)
+        self.wait_ready: Callable[[float], bool] | None = None
+        #: whether the hold in force sleeps (`wait_ready`) rather than spins
+        self._hold_sleeps = False
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
 
@@ -787,6 +795,12 @@ class FairTurns(trio.abc.Instrument):
                 self._backlog_ran = now
         if self.may_hold is None or self.may_hold():
             self._hold_until = now + HOLD_SECONDS
+            self._hold_sleeps = False
+        elif self.wait_ready is not None:
+            # The idle poll would not spin now (the machine overloaded, a backoff
+            # pause): the hold sleeps in the loop's descriptor instead (before_io_wait).
+            self._hold_until = now + HOLD_SECONDS
+            self._hold_sleeps = True
         if self._parked:
             # Parked work and a principal with work of its own: they compete, though
             # they no longer share a batch.
@@ -892,6 +906,20 @@ class FairTurns(trio.abc.Instrument):
                 # any other event) until the hold's end, then wake the loop as below.
                 self.held += 1
                 end = min(self._hold_until, self._backlog_ran + self._hold_gap, now + timeout)
+                wait = self.wait_ready if self._hold_sleeps else None
+                while wait is not None:
+                    # Asleep in the loop's descriptor until an event or the hold's end:
+                    # no CPU taken from the clients (the machine is overloaded).
+                    left = end - trio.current_time()
+                    try:
+                        if left <= 0 or wait(left):
+                            if left <= 0:
+                                trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
+                            return
+                    except Exception:  # noqa: BLE001 - an instrument that raises is dropped
+                        self.wait_ready = None
+                        trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
+                        return
                 ready = self.ready
                 while True:
                     try:
