@@ -395,6 +395,8 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
                        "victim_cpu_wait_ms": w[0] / per * 1e3,
                        "daemon_cpu": (cpu1 - cpu0) / (t1 - t0),
                        "daemon_wait_cpu": (rd1 - rd0) / (t1 - t0), "load": loadavg()}
+                loop = svc.get("(event loop batches)", {})
+                row["held"] = loop.get("held", 0)  # (the daemon's holds: FairTurns.hold)
                 if cond == "attacked":
                     row["attackers_req_s"] = attackers_served(svc) / (t1 - t0)
                 out[cond].append(row)
