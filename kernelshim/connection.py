@@ -339,7 +339,10 @@ class FairTurns(trio.abc.Instrument):
     the idle poll does, fs/idlepoll.py) until the hold's end, then wakes the loop so
     that the parked steps go on: a poll bounded by HOLD_SECONDS that costs no task
     step (a timer task's wake-up, a cancel scope's deadline, cost 0.04-0.07 ms of
-    the loop each). The backlogged principals are not starved: a backlogged step is
+    the loop each). It spins so only when the idle poll would (`may_hold`); else (the
+    machine overloaded: an attack makes it so) it sleeps in the loop's descriptor until
+    an event or the hold's end (`wait_ready`), taking no CPU from the clients. The
+    backlogged principals are not starved: a backlogged step is
     released at least every HOLD_MAX_WAIT (`_backlog_ran`), whatever the holds, and
     when nobody holds the loop they have all of it. Nor held beyond their fair share:
     after a backlogged step of d seconds, the loop is held for at most d * H / K
