@@ -910,6 +910,13 @@ class FairTurns(trio.abc.Instrument):
                 self.held += 1
                 end = min(self._hold_until, self._backlog_ran + self._hold_gap, now + timeout)
                 wait = self.wait_ready if self._hold_sleeps else None
+                if self._hold_sleeps and wait is None:
+                    # The sleeping wait failed (dropped below) while this hold was
+                    # taken: no spin in its place, the machine is overloaded (R2;
+                    # review of victim5, V2). The loop runs the parked steps.
+                    self._hold_until = 0.0
+                    trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
+                    return
                 while wait is not None:
                     # Asleep in the loop's descriptor until an event or the hold's end:
                     # no CPU taken from the clients (the machine is overloaded).
@@ -920,7 +927,8 @@ class FairTurns(trio.abc.Instrument):
                                 trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
                             return
                     except Exception:  # noqa: BLE001 - an instrument that raises is dropped
-                        self.wait_ready = None
+                        self.wait_ready = None  # (no hold is taken where it would sleep)
+                        self._hold_until = 0.0
                         trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
                         return
                 ready = self.ready

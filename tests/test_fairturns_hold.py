@@ -37,7 +37,7 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
                think: float = THINK, floods: int = 2, clients: int = 1,
                by_flood: dict[int, list[float]] | None = None,
                may_hold: bool = True, held: list[int] | None = None,
-               sleeps: list[int] | None = None,
+               sleeps: list[int] | None = None, sleep_fails: bool = False,
                ) -> tuple[list[tuple[float, float]], list[float], float]:
     """Two floods (backlogged principals 1 and 2, pipelined requests without end) and a
     client of principal 3 sending `requests` requests one at a time, `think` after each
@@ -69,6 +69,8 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
             # Asleep until the client's request (its timer) or the timeout: the clock
             # jumps to whichever comes first, in one call.
             probes[0] += 1
+            if sleep_fails:
+                raise OSError(9, "the epoll descriptor is gone")
             due = trio.lowlevel.current_statistics().seconds_to_next_deadline
             if due <= timeout:
                 mock_clock.jump(max(due, 0.0))
@@ -319,3 +321,20 @@ async def test_a_hold_sleeps_where_the_idle_poll_would_not_spin(
     for principal in (1, 2):
         ran = sum(1 for t in by_flood[principal] if start <= t <= end)
         assert ran * FLOOD_REQUEST / span >= 0.9 / 3, (principal, ran * FLOOD_REQUEST / span)
+
+
+async def test_a_failed_sleeping_wait_does_not_turn_into_a_spin(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Review of victim5, V2: where the idle poll would not spin (an overloaded
+    machine), a hold sleeps in `wait_ready`; if that wait raises (its descriptor gone)
+    it is dropped, and the branch's hold then went on in the spinning probe for the
+    rest of that hold and for every hold already taken to sleep — R2's spin on the
+    loaded machine. Now the failed hold ends at once and no later hold is taken there:
+    the spinning probe is never called, the wait once."""
+    held: list[int] = []
+    sleeps: list[int] = []
+    await _run(mock_clock, hold=True, requests=100, may_hold=False, held=held,
+               sleeps=sleeps, sleep_fails=True, think=0.1 * HOLD_SECONDS)
+    waits, spins = sleeps
+    assert waits == 1, sleeps
+    assert spins == 0, sleeps
