@@ -71,6 +71,7 @@ import bisect
 import collections
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -81,7 +82,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchlib import REPO, SLUICE, SluiceMount, is_mounted, loadavg, log, run
 
@@ -225,13 +226,84 @@ sys.stdin.readline()
 """
 
 
+#: the cgroup v1 cpu controller's hierarchy (`--uid-slices`)
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+class UidSlices:
+    """`--uid-slices`: a cpu cgroup of its own (default cpu.shares) for the victim (this
+    process, moved in after the daemon started: the daemon stays where it was) and for
+    each hostile uid (its processes are put in at their start, before they exec), as
+    systemd's user-UID.slice does on a multi-user host, so that one uid's 14 processes
+    take no more of the CPUs from another uid than one. Made under CPU_CGROUP, removed
+    by `close` (this process moved back first)."""
+
+    def __init__(self, uids: tuple[int, ...] = (1000, 1002)) -> None:
+        tag = f"sluice-hostile-{os.getpid()}"
+        self.home = CPU_CGROUP / self._own_cpu_cgroup().lstrip("/")
+        self.dirs: dict[str, Path] = {}
+        try:
+            for key in ("victim", *(f"uid{u}" for u in uids)):
+                d = CPU_CGROUP / f"{tag}-{key}"
+                d.mkdir()
+                self.dirs[key] = d
+            (self.dirs["victim"] / "cgroup.procs").write_text(str(os.getpid()))
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _own_cpu_cgroup() -> str:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(","):
+                return path
+        raise RuntimeError("no cgroup v1 cpu controller (/proc/self/cgroup)")
+
+    def enter(self, uid: int) -> Callable[[], None]:
+        """A preexec_fn putting the child in `uid`'s slice (as root, before setpriv)."""
+        procs = str(self.dirs[f"uid{uid}"] / "cgroup.procs")
+
+        def go() -> None:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+        return go
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.home / "cgroup.procs").write_text(str(os.getpid()))
+        for d in self.dirs.values():
+            for _ in range(50):  # (a killed attacker leaves its cgroup as it is reaped)
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(OSError):
+                            (self.home / "cgroup.procs").write_text(pid)
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                log(f"could not remove {d}")
+        self.dirs.clear()
+
+
+#: the slices in force (`--uid-slices`), for `start`
+SLICES: UidSlices | None = None
+
+
 def start(uid: int, code: str, *args: str) -> subprocess.Popen:
-    """`code` as `uid` (setpriv), line-buffered pipes; its first line says it is under way."""
+    """`code` as `uid` (setpriv), line-buffered pipes; its first line says it is under way.
+    With `--uid-slices`, in that uid's cpu cgroup from before its exec."""
     return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                              "--", USER_PY, "-c", textwrap.dedent(code), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1, cwd=REPO,
-                            env=USER_ENV)
+                            env=USER_ENV,
+                            preexec_fn=SLICES.enter(uid) if SLICES is not None else None)
 
 
 def reap(p: subprocess.Popen) -> None:
@@ -342,10 +414,22 @@ def ab_phase(mnt: Path, pid: int, n: int, nices: list[int],
 EPOCH_SETTLE = 0.2
 
 
+#: fewest request pairs an epoch may have: its p99 is then at worst the 2nd largest
+#: (review of victim5, V1: 100 pairs an epoch made each epoch's "p99" its maximum)
+MIN_EPOCH_PAIRS = 200
+
+
+def nearest_rank(s: list[float], q: float) -> float:
+    """The `q` quantile of the sorted `s` by nearest rank: the ceil(q*n)-th value."""
+    return s[min(len(s), max(1, math.ceil(q * len(s) - 1e-9))) - 1]
+
+
 def pct3(xs: list[float]) -> dict[str, float]:
-    """p50, p99, p99.9 and max of `xs` (seconds), in milliseconds (nearest rank)."""
+    """p50, p99, p99.9 and max of `xs` (seconds), in milliseconds (nearest rank: of 300
+    pairs the p99 is the 297th, the 4th largest; the branch's int(n*q) index took the
+    next one up, and of 100 pairs the largest)."""
     s = sorted(xs)
-    at = lambda q: s[min(len(s) - 1, int(len(s) * q))] * 1e3  # noqa: E731
+    at = lambda q: nearest_rank(s, q) * 1e3  # noqa: E731
     return {"n": len(s), "p50": at(0.5), "p99": at(0.99), "p999": at(0.999),
             "max": s[-1] * 1e3}
 
@@ -373,6 +457,9 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
     vw: list[float] = []
     out["pristine"] = pct3(victim(mnt, per, vw))
     with Attack(mnt, floods=floods, churn_rounds=-1) as attack:
+        # (where each attacker's CPU time is shared: its cpu cgroup, `--uid-slices`)
+        out["attacker_cgroups"] = sorted({cpu_cgroup(p.pid) for p in attack.procs})
+        out["victim_cgroup"] = cpu_cgroup(os.getpid())
         time.sleep(1.0)  # let the churn and the floods get going
         for e in range(epochs):
             order = ("quiet", "attacked") if e % 2 == 0 else ("attacked", "quiet")
@@ -397,8 +484,9 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
                        "daemon_wait_cpu": (rd1 - rd0) / (t1 - t0), "load": loadavg()}
                 loop = svc.get("(event loop batches)", {})
                 row["held"] = loop.get("held", 0)  # (the daemon's holds: FairTurns.hold)
-                if cond == "attacked":
-                    row["attackers_req_s"] = attackers_served(svc) / (t1 - t0)
+                # (quiet too: what the daemon still served the stopped attackers — the
+                # floods' requests already in their sockets — during the quiet pairs)
+                row["attackers_req_s"] = attackers_served(svc) / (t1 - t0)
                 out[cond].append(row)
             out["load"].append(loadavg())
         attack.resume()
@@ -417,7 +505,7 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
 
 def print_epochs(r: dict[str, Any], load_start: str) -> None:
     """`--epochs`' table: each condition pooled, the ratio, and the spread per epoch."""
-    print(f"victim: root, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
+    print(f"victim: root{', uid slices' if SLICES is not None else ''}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
           f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
           f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
           f"{r['attackers']} processes; load {load_start} -> {r['load'][-1]}")
@@ -436,13 +524,23 @@ def print_epochs(r: dict[str, Any], load_start: str) -> None:
         def span(k: str, rows: list[dict[str, Any]] = rows) -> str:
             v = sorted(x[k] for x in rows)
             return f"{v[len(v) // 2]:.3f} ({v[0]:.3f}-{v[-1]:.3f})"
-        extra = ""
-        if cond == "attacked":
-            v = sorted(x["attackers_req_s"] for x in rows)
-            extra = f"; hostile uids served {v[len(v) // 2]:,.0f} ({v[0]:,.0f}-{v[-1]:,.0f}) req/s"
+        v = sorted(x["attackers_req_s"] for x in rows)
+        extra = f"; hostile uids served {v[len(v) // 2]:,.0f} ({v[0]:,.0f}-{v[-1]:,.0f}) req/s"
         print(f"  per {cond} epoch, median (range): p50 {span('p50')}, p99 {span('p99')} ms; "
               f"victim's CPU wait {span('victim_cpu_wait_ms')} ms a pair{extra}")
     print("  load average at each epoch's end: " + ", ".join(x.split()[0] for x in r["load"]))
+    print(f"  cpu cgroups: victim {r['victim_cgroup']}, attackers "
+          + ", ".join(r["attacker_cgroups"]))
+
+
+def cpu_cgroup(pid: int) -> str:
+    """The cpu cgroup (v1) of process `pid` ("?" where not known)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(","):
+                return path
+    return "?"
 
 
 def run_delay(pid: int) -> float:
@@ -811,8 +909,11 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 
 def main() -> int:
+    global SLICES
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=None,
+                    help="the victim's request pairs per condition (default 1000; 3000 "
+                         "with --epochs, so that each epoch has 300; 300 with --quick)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--floods", type=int, default=4)
     ap.add_argument("--json")
@@ -839,6 +940,12 @@ def main() -> int:
     ap.add_argument("--rss-seconds", dest="rss_seconds", type=float, default=0.0,
                     metavar="S", help="after the attacked phase, keep attacking for S "
                                       "seconds and sample the daemon's RSS every second")
+    ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
+                    help="put the victim (this process, after the daemon started) and each "
+                         "hostile uid's processes in a cpu cgroup of its own (cgroup v1, "
+                         "default shares, under /sys/fs/cgroup/cpu, removed at the end), as "
+                         "systemd's user-UID.slice on a multi-user host; the daemon stays "
+                         "where it is")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
@@ -847,11 +954,16 @@ def main() -> int:
         print("bench_hostile.py: must run as root (the attackers are other uids)",
               file=sys.stderr)
         return 2
-    n = 300 if args.quick and args.samples == 1000 else args.samples
     single = (args.quick or args.ab_nice or args.gc_log or args.rss_seconds > 0
               or args.py_spy or args.loop_trace)
     if args.epochs is None:
         args.epochs = 0 if single else 10
+    n = args.samples or (300 if args.quick else 3000 if args.epochs else 1000)
+    if args.epochs and n // args.epochs < MIN_EPOCH_PAIRS:
+        print(f"bench_hostile.py: {n // args.epochs} pairs an epoch: an epoch's p99 needs at "
+              f"least {MIN_EPOCH_PAIRS} (--samples of at least {MIN_EPOCH_PAIRS} x --epochs)",
+              file=sys.stderr)
+        return 2
     elif args.epochs and single:
         print("bench_hostile.py: --epochs needs none of --quick, --ab-nice, --gc-log, "
               "--rss-seconds, --py-spy, --loop-trace (they measure one phase window)",
@@ -891,6 +1003,10 @@ def main() -> int:
             renice(sm.pid, args.nice)
             renice(os.getpid(), args.nice)
             result["nice"] = args.nice
+        if args.uid_slices:
+            SLICES = UidSlices()
+            result["uid_slices"] = {k: str(d) for k, d in SLICES.dirs.items()}
+            log("uid slices: " + ", ".join(str(d) for d in SLICES.dirs.values()))
         (mnt / "pub").mkdir()
         os.chmod(mnt / "pub", 0o1777)
         (mnt / "pub" / "shared").write_bytes(b"s" * 100_000)
@@ -962,6 +1078,8 @@ def main() -> int:
         result["daemon_cpu_quiet"] = (cpu1 - cpu0) / (t1 - t0)
         result["daemon_cpu_attacked"] = (cpu3 - cpu2) / (t3 - t2)
     finally:
+        if SLICES is not None:
+            SLICES.close()
         daemon_pid = sm.pid
         sm.cleanup()
         t_end = time.perf_counter()
