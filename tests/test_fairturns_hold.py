@@ -38,6 +38,7 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
                by_flood: dict[int, list[float]] | None = None,
                may_hold: bool = True, held: list[int] | None = None,
                sleeps: list[int] | None = None, sleep_fails: bool = False,
+               overshoot: float = 0.0,
                ) -> tuple[list[tuple[float, float]], list[float], float]:
     """Two floods (backlogged principals 1 and 2, pipelined requests without end) and a
     client of principal 3 sending `requests` requests one at a time, `think` after each
@@ -76,7 +77,7 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
                 mock_clock.jump(max(due, 0.0))
                 trio.lowlevel.current_trio_token().run_sync_soon(lambda: None)
                 return True
-            mock_clock.jump(timeout)
+            mock_clock.jump(timeout + overshoot)  # (a real sleep ends late: timer slack)
             return False
         if sleeps is not None:
             turns.wait_ready = wait
@@ -312,11 +313,14 @@ async def test_a_hold_sleeps_where_the_idle_poll_would_not_spin(
     assert held[0] > 150, held  # (before: 0, as test_nothing_is_held_... shows)
     waits, spins = sleeps
     assert spins == 0, sleeps
-    assert held[0] <= waits <= 2 * held[0], (held, sleeps)
+    # (at most twice a hold; none where R1's allowance is within the sleep's slack,
+    # HOLD_SLEEP_SLACK: that hold ends at once — review of victim5, V3)
+    assert 0.3 * held[0] <= waits <= 2 * held[0], (held, sleeps)
     unheld, unheld_flood, _ = await _run(mock_clock, hold=False, requests=400,
                                          think=0.1 * HOLD_SECONDS)
     behind = sum(_behind(victim, flood))
-    assert behind < 0.75 * sum(_behind(unheld, unheld_flood)), behind
+    # (0.75 before V3: a hold no longer sleeps past R1's allowance, so fewer do)
+    assert behind < 0.9 * sum(_behind(unheld, unheld_flood)), behind
     start, span = victim[0][0], end - victim[0][0]
     for principal in (1, 2):
         ran = sum(1 for t in by_flood[principal] if start <= t <= end)
@@ -338,3 +342,29 @@ async def test_a_failed_sleeping_wait_does_not_turn_into_a_spin(
     waits, spins = sleeps
     assert waits == 1, sleeps
     assert spins == 0, sleeps
+
+
+@pytest.mark.parametrize(("floods", "clients"), [(1, 1), (3, 1), (4, 1)])
+async def test_a_sleeping_hold_ends_within_the_floods_fair_share(
+        mock_clock: trio.testing.MockClock, floods: int, clients: int) -> None:
+    """Review of victim5, V3: a sleep in `select` ends late — the thread's timer slack
+    (50 µs by default) and the wake-up: asked for 10/30/50/100 µs, a real
+    `epoll_ready_wait` slept 71/92/113/164 µs at the median (an idle CPU) — while R1's
+    allowance after a 0.1 ms flood quantum is 0.03-0.05 ms. The branch's sleeping hold
+    asked for all of what was left of it, so each hold lasted about twice its bound and
+    the floods fell below their 1/N share. The hold now asks for what is left less
+    HOLD_SLEEP_SLACK, and ends where that is nothing: with a wait that overshoots by
+    60 µs (as measured) every backlogged principal keeps its share."""
+    by_flood: dict[int, list[float]] = {}
+    sleeps: list[int] = []
+    victim, _flood, end = await _run(mock_clock, hold=True, requests=400, think=THINK,
+                                     floods=floods, clients=clients, by_flood=by_flood,
+                                     may_hold=False, sleeps=sleeps, overshoot=60e-6)
+    assert sleeps[1] == 0, sleeps  # (never a spin; with 4 floods no sleep either)
+    start = victim[0][0]
+    span = end - start
+    n = floods + clients
+    for principal in range(1, floods + 1):
+        ran = sum(1 for t in by_flood.get(principal, []) if start <= t <= end)
+        share = ran * FLOOD_REQUEST / span
+        assert share >= 0.9 / n, (principal, share, 1 / n)
