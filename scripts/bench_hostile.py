@@ -20,7 +20,8 @@ histogram: the time from the request being taken off the socket to its reply bei
 written), the daemon thread's time spent waiting to be scheduled on a CPU
 (/proc/PID/task/PID/schedstat), and the load average.
 
-    .venv/bin/python scripts/bench_hostile.py [--samples N] [--epochs K] [--quick] [--json FILE]
+    .venv/bin/python scripts/bench_hostile.py [--samples N] [--epochs K] [--uid-slices]
+                                              [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
 
@@ -37,6 +38,13 @@ reference). A whole run's 1000 pairs take under a second: one quiet phase follow
 one attacked phase (`--epochs 0`, the single-shot mode) compares two half-second
 windows a few seconds apart, and a burst of another session's work in either moved
 the ratio as much as the attack did (docs/BENCHMARKS.md, "Stop 16").
+`--uid-slices` puts the victim (this process, once the daemon has started) and each
+hostile uid's processes in a cpu cgroup of its own (cgroup v1, /sys/fs/cgroup/cpu,
+default shares, removed at the end), as systemd's user-UID.slice does on a real
+multi-user host: one uid's 14 processes then take no more of the CPUs from the victim
+than one would. The daemon stays where it is; it does not control the OS scheduler.
+With `--epochs` the default is 3000 samples (300 pairs an epoch: an epoch's p99 is
+then its 297th pair, nearest rank; fewer than 200 an epoch are refused).
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks, in the
 single-shot mode (as do --ab-nice, --gc-log, --rss-seconds, --py-spy, --loop-trace,
 which measure one window per phase).
