@@ -20,11 +20,34 @@ histogram: the time from the request being taken off the socket to its reply bei
 written), the daemon thread's time spent waiting to be scheduled on a CPU
 (/proc/PID/task/PID/schedstat), and the load average.
 
-    .venv/bin/python scripts/bench_hostile.py [--samples N] [--quick] [--json FILE]
+    .venv/bin/python scripts/bench_hostile.py [--samples N] [--epochs K] [--uid-slices]
+                                              [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
 
-`--quick` (what the test suite runs) takes fewer samples and shorter attacks.
+By default (`--epochs 10`) the quiet and attacked figures come from the same minutes:
+one attack runs throughout, and the victim's pairs are taken in K quiet and K attacked
+epochs of SAMPLES/K pairs each, alternated (quiet then attacked, then attacked then
+quiet, ...): in a quiet epoch every attacker process is stopped (SIGSTOP; its
+connections stay open and idle) and the daemon is given EPOCH_SETTLE to finish what they
+sent. Printed: p50/p99/p99.9 of each condition's pooled pairs and their ratios, the
+spread of the epochs' own p50 and p99, the victim's wait for a CPU, the hostile uids'
+requests served a second in the attacked epochs, the load average after each epoch,
+and a "pristine" epoch taken before any attacker started (the single-shot mode's
+reference). A whole run's 1000 pairs take under a second: one quiet phase followed by
+one attacked phase (`--epochs 0`, the single-shot mode) compares two half-second
+windows a few seconds apart, and a burst of another session's work in either moved
+the ratio as much as the attack did (docs/BENCHMARKS.md, "Stop 16").
+`--uid-slices` puts the victim (this process, once the daemon has started) and each
+hostile uid's processes in a cpu cgroup of its own (cgroup v1, /sys/fs/cgroup/cpu,
+default shares, removed at the end), as systemd's user-UID.slice does on a real
+multi-user host: one uid's 14 processes then take no more of the CPUs from the victim
+than one would. The daemon stays where it is; it does not control the OS scheduler.
+With `--epochs` the default is 3000 samples (300 pairs an epoch: an epoch's p99 is
+then its 297th pair, nearest rank; fewer than 200 an epoch are refused).
+`--quick` (what the test suite runs) takes fewer samples and shorter attacks, in the
+single-shot mode (as do --ab-nice, --gc-log, --rss-seconds, --py-spy, --loop-trace,
+which measure one window per phase).
 `--ab-nice A,B[,C]` compares the daemon at nice A and B (`sluice mount --nice`; 0,-5:
 without and with the default) in one run and mount: each phase alternates blocks of 50
 request pairs between the values (set on the live daemon as the mount option does: its
@@ -56,8 +79,10 @@ import bisect
 import collections
 import contextlib
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -65,7 +90,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchlib import REPO, SLUICE, SluiceMount, is_mounted, loadavg, log, run
 
@@ -209,13 +234,84 @@ sys.stdin.readline()
 """
 
 
+#: the cgroup v1 cpu controller's hierarchy (`--uid-slices`)
+CPU_CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+class UidSlices:
+    """`--uid-slices`: a cpu cgroup of its own (default cpu.shares) for the victim (this
+    process, moved in after the daemon started: the daemon stays where it was) and for
+    each hostile uid (its processes are put in at their start, before they exec), as
+    systemd's user-UID.slice does on a multi-user host, so that one uid's 14 processes
+    take no more of the CPUs from another uid than one. Made under CPU_CGROUP, removed
+    by `close` (this process moved back first)."""
+
+    def __init__(self, uids: tuple[int, ...] = (1000, 1002)) -> None:
+        tag = f"sluice-hostile-{os.getpid()}"
+        self.home = CPU_CGROUP / self._own_cpu_cgroup().lstrip("/")
+        self.dirs: dict[str, Path] = {}
+        try:
+            for key in ("victim", *(f"uid{u}" for u in uids)):
+                d = CPU_CGROUP / f"{tag}-{key}"
+                d.mkdir()
+                self.dirs[key] = d
+            (self.dirs["victim"] / "cgroup.procs").write_text(str(os.getpid()))
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _own_cpu_cgroup() -> str:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(","):
+                return path
+        raise RuntimeError("no cgroup v1 cpu controller (/proc/self/cgroup)")
+
+    def enter(self, uid: int) -> Callable[[], None]:
+        """A preexec_fn putting the child in `uid`'s slice (as root, before setpriv)."""
+        procs = str(self.dirs[f"uid{uid}"] / "cgroup.procs")
+
+        def go() -> None:
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+        return go
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.home / "cgroup.procs").write_text(str(os.getpid()))
+        for d in self.dirs.values():
+            for _ in range(50):  # (a killed attacker leaves its cgroup as it is reaped)
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(OSError):
+                            (self.home / "cgroup.procs").write_text(pid)
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                log(f"could not remove {d}")
+        self.dirs.clear()
+
+
+#: the slices in force (`--uid-slices`), for `start`
+SLICES: UidSlices | None = None
+
+
 def start(uid: int, code: str, *args: str) -> subprocess.Popen:
-    """`code` as `uid` (setpriv), line-buffered pipes; its first line says it is under way."""
+    """`code` as `uid` (setpriv), line-buffered pipes; its first line says it is under way.
+    With `--uid-slices`, in that uid's cpu cgroup from before its exec."""
     return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                              "--", USER_PY, "-c", textwrap.dedent(code), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1, cwd=REPO,
-                            env=USER_ENV)
+                            env=USER_ENV,
+                            preexec_fn=SLICES.enter(uid) if SLICES is not None else None)
 
 
 def reap(p: subprocess.Popen) -> None:
@@ -320,6 +416,141 @@ def ab_phase(mnt: Path, pid: int, n: int, nices: list[int],
     return out
 
 
+#: seconds after the attackers are stopped (the daemon finishes what they sent and
+#: principals stop competing: CONTENDED_SECONDS is 0.05) or started again, before an
+#: epoch's victim requests (`--epochs`)
+EPOCH_SETTLE = 0.2
+
+
+#: fewest request pairs an epoch may have: its p99 is then at worst the 2nd largest
+#: (review of victim5, V1: 100 pairs an epoch made each epoch's "p99" its maximum)
+MIN_EPOCH_PAIRS = 200
+
+
+def nearest_rank(s: list[float], q: float) -> float:
+    """The `q` quantile of the sorted `s` by nearest rank: the ceil(q*n)-th value."""
+    return s[min(len(s), max(1, math.ceil(q * len(s) - 1e-9))) - 1]
+
+
+def pct3(xs: list[float]) -> dict[str, float]:
+    """p50, p99, p99.9 and max of `xs` (seconds), in milliseconds (nearest rank: of 300
+    pairs the p99 is the 297th, the 4th largest; the branch's int(n*q) index took the
+    next one up, and of 100 pairs the largest)."""
+    s = sorted(xs)
+    at = lambda q: nearest_rank(s, q) * 1e3  # noqa: E731
+    return {"n": len(s), "p50": at(0.5), "p99": at(0.99), "p999": at(0.999),
+            "max": s[-1] * 1e3}
+
+
+def attackers_served(svc: dict[str, Any]) -> int:
+    """Requests the daemon served the hostile uids (its per-principal histograms)."""
+    return sum(h["n"] for who, h in svc.items() if who.startswith("uid-"))
+
+
+def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[str, Any]:
+    """The victim's `n` request pairs quiet and `n` attacked, in `epochs` alternating
+    epochs of each (n // epochs pairs an epoch), in one mount and one attack: the
+    attackers are started once, and stopped (SIGSTOP: their connections open and idle,
+    their processes off the CPUs) for each quiet epoch and let go (SIGCONT) for each
+    attacked one; the order within an epoch turns round every epoch (quiet first, then
+    attacked first), so that the machine's load as it drifts falls on both conditions
+    alike. Before the attack, one epoch with no attacker at all (`pristine`): the
+    reference the single-shot mode used, to compare with the stopped-attackers quiet.
+    Per condition: the pairs pooled, and per epoch its p50/p99, the load average, the
+    victim's wait for a CPU and, attacked, the hostile uids' requests served a second."""
+    per = max(1, n // epochs)
+    out: dict[str, Any] = {"epochs": epochs, "per_epoch": per,
+                           "quiet": [], "attacked": [], "load": []}
+    lat: dict[str, list[float]] = {"quiet": [], "attacked": []}
+    vw: list[float] = []
+    out["pristine"] = pct3(victim(mnt, per, vw))
+    with Attack(mnt, floods=floods, churn_rounds=-1) as attack:
+        # (where each attacker's CPU time is shared: its cpu cgroup, `--uid-slices`)
+        out["attacker_cgroups"] = sorted({cpu_cgroup(p.pid) for p in attack.procs})
+        out["victim_cgroup"] = cpu_cgroup(os.getpid())
+        time.sleep(1.0)  # let the churn and the floods get going
+        for e in range(epochs):
+            order = ("quiet", "attacked") if e % 2 == 0 else ("attacked", "quiet")
+            for cond in order:
+                if cond == "quiet":
+                    attack.pause()
+                else:
+                    attack.resume()
+                time.sleep(EPOCH_SETTLE)
+                daemon_service(mnt)  # (resets the daemon's histograms)
+                rd0, cpu0 = run_delay(pid), cpu_time(pid)
+                t0 = time.perf_counter()
+                w: list[float] = []
+                xs = victim(mnt, per, w)
+                t1 = time.perf_counter()
+                rd1, cpu1 = run_delay(pid), cpu_time(pid)
+                svc = daemon_service(mnt)
+                lat[cond] += xs
+                row = {"epoch": e, **pct3(xs), "seconds": t1 - t0,
+                       "victim_cpu_wait_ms": w[0] / per * 1e3,
+                       "daemon_cpu": (cpu1 - cpu0) / (t1 - t0),
+                       "daemon_wait_cpu": (rd1 - rd0) / (t1 - t0), "load": loadavg()}
+                loop = svc.get("(event loop batches)", {})
+                row["held"] = loop.get("held", 0)  # (the daemon's holds: FairTurns.hold)
+                # (quiet too: what the daemon still served the stopped attackers — the
+                # floods' requests already in their sockets — during the quiet pairs)
+                row["attackers_req_s"] = attackers_served(svc) / (t1 - t0)
+                out[cond].append(row)
+            out["load"].append(loadavg())
+        attack.resume()
+        out["attackers"] = sum(p.poll() is None for p in attack.procs)
+        out["attackers_started"] = len(attack.procs)
+    for cond in ("quiet", "attacked"):
+        out[cond + "_pooled"] = pct3(lat[cond])
+    q, a = out["quiet_pooled"], out["attacked_pooled"]
+    out["ratio"] = {k: a[k] / q[k] for k in ("p50", "p99", "p999")}
+    # Each attacked epoch over the quiet epoch of the same pair (the next to it): a
+    # burst of the machine's own falls in one of ten, and the median leaves it out.
+    per = sorted(y["p99"] / x["p99"] for x, y in zip(out["quiet"], out["attacked"]))
+    out["ratio"]["p99_epoch_median"] = per[len(per) // 2]
+    return out
+
+
+def print_epochs(r: dict[str, Any], load_start: str) -> None:
+    """`--epochs`' table: each condition pooled, the ratio, and the spread per epoch."""
+    print(f"victim: root{', uid slices' if SLICES is not None else ''}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
+          f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
+          f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
+          f"{r['attackers']} processes; load {load_start} -> {r['load'][-1]}")
+    print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'max ms':>8}")
+    for label, key in (("quiet (pooled)", "quiet_pooled"),
+                       ("attacked (pooled)", "attacked_pooled"),
+                       ("pristine (before any attacker)", "pristine")):
+        x = r[key]
+        print(f"{label:34} {x['p50']:8.3f} {x['p99']:8.3f} {x['p999']:8.3f} {x['max']:8.3f}")
+    ra = r["ratio"]
+    print(f"{'ratio attacked/quiet':34} {ra['p50']:8.2f} {ra['p99']:8.2f} {ra['p999']:8.2f}")
+    print(f"{'  p99 ratio, median of the epochs':34} {'':8} {ra['p99_epoch_median']:8.2f}")
+    for cond in ("quiet", "attacked"):
+        rows = r[cond]
+
+        def span(k: str, rows: list[dict[str, Any]] = rows) -> str:
+            v = sorted(x[k] for x in rows)
+            return f"{v[len(v) // 2]:.3f} ({v[0]:.3f}-{v[-1]:.3f})"
+        v = sorted(x["attackers_req_s"] for x in rows)
+        extra = f"; hostile uids served {v[len(v) // 2]:,.0f} ({v[0]:,.0f}-{v[-1]:,.0f}) req/s"
+        print(f"  per {cond} epoch, median (range): p50 {span('p50')}, p99 {span('p99')} ms; "
+              f"victim's CPU wait {span('victim_cpu_wait_ms')} ms a pair{extra}")
+    print("  load average at each epoch's end: " + ", ".join(x.split()[0] for x in r["load"]))
+    print(f"  cpu cgroups: victim {r['victim_cgroup']}, attackers "
+          + ", ".join(r["attacker_cgroups"]))
+
+
+def cpu_cgroup(pid: int) -> str:
+    """The cpu cgroup (v1) of process `pid` ("?" where not known)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "cpu" in controllers.split(","):
+                return path
+    return "?"
+
+
 def run_delay(pid: int) -> float:
     """Seconds the daemon's main thread has waited on a run queue (schedstat field 2)."""
     with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
@@ -373,6 +604,18 @@ class Attack:
             if not line:
                 raise RuntimeError(f"an attacker failed: {p.stderr.read()}")  # type: ignore[union-attr]
         self.procs += self.churn
+
+    def pause(self) -> None:
+        """Stop every attacker process (SIGSTOP) where it is: their connections stay
+        open and idle, their processes take no CPU (`--epochs`' quiet epochs)."""
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
 
     def __exit__(self, *exc: object) -> None:
         for p in self.procs:
@@ -674,11 +917,21 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 
 def main() -> int:
+    global SLICES
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=None,
+                    help="the victim's request pairs per condition (default 1000; 3000 "
+                         "with --epochs, so that each epoch has 300; 300 with --quick)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--floods", type=int, default=4)
     ap.add_argument("--json")
+    ap.add_argument("--epochs", type=int, default=None, metavar="K",
+                    help="alternate K quiet and K attacked epochs of SAMPLES/K request pairs "
+                         "each in one attack (the attackers stopped with SIGSTOP in the "
+                         "quiet ones) and report each condition pooled, the ratio and the "
+                         "spread per epoch (default 10; 0: the single-shot mode, one quiet "
+                         "phase then one attacked phase, which --quick, --ab-nice, --gc-log, "
+                         "--rss-seconds, --py-spy and --loop-trace use)")
     ap.add_argument("--py-spy", dest="py_spy")
     ap.add_argument("--nice", type=int, default=None,
                     help="run the daemon and the victim at this nice value (e.g. -10), in "
@@ -695,6 +948,12 @@ def main() -> int:
     ap.add_argument("--rss-seconds", dest="rss_seconds", type=float, default=0.0,
                     metavar="S", help="after the attacked phase, keep attacking for S "
                                       "seconds and sample the daemon's RSS every second")
+    ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
+                    help="put the victim (this process, after the daemon started) and each "
+                         "hostile uid's processes in a cpu cgroup of its own (cgroup v1, "
+                         "default shares, under /sys/fs/cgroup/cpu, removed at the end), as "
+                         "systemd's user-UID.slice on a multi-user host; the daemon stays "
+                         "where it is")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
@@ -703,7 +962,21 @@ def main() -> int:
         print("bench_hostile.py: must run as root (the attackers are other uids)",
               file=sys.stderr)
         return 2
-    n = 300 if args.quick and args.samples == 1000 else args.samples
+    single = (args.quick or args.ab_nice or args.gc_log or args.rss_seconds > 0
+              or args.py_spy or args.loop_trace)
+    if args.epochs is None:
+        args.epochs = 0 if single else 10
+    n = args.samples or (300 if args.quick else 3000 if args.epochs else 1000)
+    if args.epochs and n // args.epochs < MIN_EPOCH_PAIRS:
+        print(f"bench_hostile.py: {n // args.epochs} pairs an epoch: an epoch's p99 needs at "
+              f"least {MIN_EPOCH_PAIRS} (--samples of at least {MIN_EPOCH_PAIRS} x --epochs)",
+              file=sys.stderr)
+        return 2
+    elif args.epochs and single:
+        print("bench_hostile.py: --epochs needs none of --quick, --ab-nice, --gc-log, "
+              "--rss-seconds, --py-spy, --loop-trace (they measure one phase window)",
+              file=sys.stderr)
+        return 2
     base = Path(tempfile.mkdtemp(prefix="sluice-hostile-", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "mnt").mkdir()
@@ -738,6 +1011,10 @@ def main() -> int:
             renice(sm.pid, args.nice)
             renice(os.getpid(), args.nice)
             result["nice"] = args.nice
+        if args.uid_slices:
+            SLICES = UidSlices()
+            result["uid_slices"] = {k: str(d) for k, d in SLICES.dirs.items()}
+            log("uid slices: " + ", ".join(str(d) for d in SLICES.dirs.values()))
         (mnt / "pub").mkdir()
         os.chmod(mnt / "pub", 0o1777)
         (mnt / "pub" / "shared").write_bytes(b"s" * 100_000)
@@ -752,6 +1029,11 @@ def main() -> int:
                 result["ab_attacked"] = ab_phase(mnt, sm.pid, n, nices)
                 result["load_attacked"] = loadavg()
                 result["attackers"] = sum(p.poll() is None for p in attack.procs)
+            return 0
+        if args.epochs:
+            log(f"{args.epochs} quiet and {args.epochs} attacked epochs of "
+                f"{max(1, n // args.epochs)} requests, alternated")
+            result["epochs"] = epochs_run(mnt, sm.pid, n, args.epochs, args.floods)
             return 0
         log(f"quiet: {n} requests")
         daemon_service(mnt)
@@ -804,6 +1086,8 @@ def main() -> int:
         result["daemon_cpu_quiet"] = (cpu1 - cpu0) / (t1 - t0)
         result["daemon_cpu_attacked"] = (cpu3 - cpu2) / (t3 - t2)
     finally:
+        if SLICES is not None:
+            SLICES.close()
         daemon_pid = sm.pid
         sm.cleanup()
         t_end = time.perf_counter()
@@ -812,6 +1096,10 @@ def main() -> int:
             shutil.rmtree(base, ignore_errors=True)
         if args.ab_nice and "ab_attacked" in result:
             print_ab(result, n)
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+        if "epochs" in result:
+            print_epochs(result["epochs"], result["load_start"])
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]

@@ -1277,6 +1277,25 @@ def _latencies(mnt: Path, n: int) -> tuple[float, float, float]:
 
 
 @pytest.mark.mounted
+def test_bench_hostile_epoch_percentiles_are_nearest_rank() -> None:
+    """Review of victim5, V1: `--epochs`' percentiles took s[int(n*q)], so of an epoch's
+    100 pairs (the default 1000 samples over 10 epochs) the "p99" was the largest, and
+    the median of the epochs' p99 ratios a ratio of maxima. Nearest rank: of 100 the
+    99th value, of 300 the 297th; and an epoch needs at least MIN_EPOCH_PAIRS pairs."""
+    from bench_hostile import MIN_EPOCH_PAIRS, pct3
+    ms = [i / 1e3 for i in range(1, 101)]  # 1..100 ms
+    r = pct3(ms)
+    assert (r["p50"], r["p99"], r["max"]) == (50.0, 99.0, 100.0), r
+    r = pct3([i / 1e3 for i in range(1, 301)])
+    assert (r["p50"], r["p99"], r["p999"]) == (150.0, 297.0, 300.0), r
+    assert pct3([0.004])["p99"] == 4.0
+    assert MIN_EPOCH_PAIRS >= 200
+    rc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_hostile.py"),
+                         "--samples", "1000", "--epochs", "10"], capture_output=True,
+                        text=True, timeout=60)
+    assert rc.returncode == 2 and "pairs an epoch" in rc.stderr, rc.stderr[-2000:]
+
+
 def test_bench_hostile_quick(tmp_path: Path) -> None:
     """scripts/bench_hostile.py --quick, run for real: a victim's latency quiet and
     under attack by two hostile uids, with the daemon's own service times and its
