@@ -131,29 +131,6 @@ def epoll_ready_probe() -> Callable[[], bool] | None:
     return ready
 
 
-def epoll_ready_wait() -> Callable[[float], bool] | None:
-    """A function that waits up to the seconds given, without spinning, for the running
-    trio loop's epoll descriptor to have an event, and says whether one came; None
-    where the loop has none (see `epoll_ready_probe`). `select`, not `poll`: its
-    timeout is in microseconds, poll's in milliseconds (a 0.3 ms wait would last 1 ms).
-    The shim's hold (kernelshim FairTurns) sleeps in it when the idle poll would not
-    spin (an overloaded machine)."""
-    from trio._core._run import GLOBAL_RUN_CONTEXT  # private: probed, not assumed
-
-    runner = getattr(GLOBAL_RUN_CONTEXT, "runner", None)
-    epoll = getattr(getattr(runner, "io_manager", None), "_epoll", None)
-    if not isinstance(epoll, select.epoll):
-        return None
-    fds = [epoll.fileno()]
-    if fds[0] >= 1024:  # (select's FD_SETSIZE; trio's descriptor is made at its start)
-        return None
-    sel = select.select
-
-    def wait(timeout: float) -> bool:
-        return bool(sel(fds, (), (), max(0.0, timeout))[0])
-    return wait
-
-
 class IdlePoll(trio.abc.Instrument):
     """Poll `ready()` for up to `window` seconds before the loop sleeps after serving.
 
@@ -163,16 +140,12 @@ class IdlePoll(trio.abc.Instrument):
 
     def __init__(self, window: float, ready: Callable[[], bool],
                  clock: Callable[[], float] | None = None,
-                 cpu_wait: Callable[[], float] | None = None,
-                 wait: Callable[[float], bool] | None = None) -> None:
+                 cpu_wait: Callable[[], float] | None = None) -> None:
         if not 0 < window <= MAX_WINDOW:
             raise ValueError(f"window must be above 0 and at most {MAX_WINDOW} s, "
                              f"not {window!r}")
         self.window = window
         self._ready = ready
-        #: waits up to the seconds given, asleep, for a descriptor the loop waits for
-        #: to have an event, and says whether one came (`epoll_ready_wait`; None: none)
-        self.wait_ready = wait
         self._clock = clock if clock is not None else trio.current_time
         #: seconds the loop thread has waited for a CPU (None: not known, no check)
         self._cpu_wait = cpu_wait

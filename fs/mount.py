@@ -34,7 +34,6 @@ from kernelshim.server import ShimServer
 from .filesystem import FileSystem
 from .gcwatch import GcLog, freeze_start_up_heap
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
-                       epoll_ready_wait,
                        parse_window, ThreadCpuWait)
 from .metrics import MetricsServer
 from .errors import VolumeError
@@ -150,7 +149,7 @@ def _start_idle_poll(window: float, stack: contextlib.ExitStack | contextlib.Asy
         return None
     # (made in the loop's thread: ThreadCpuWait reads the thread that opened it)
     cpu_wait = ThreadCpuWait.open()
-    idle = IdlePoll(window, ready, cpu_wait=cpu_wait, wait=epoll_ready_wait())
+    idle = IdlePoll(window, ready, cpu_wait=cpu_wait)
     trio.lowlevel.add_instrument(idle)
 
     def stop() -> None:

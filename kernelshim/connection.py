@@ -122,13 +122,6 @@ HOLD_SECONDS = 0.3e-3
 #: times H/K (H principals holding, K backlogged: `FairTurns._hold_gap`), so that every
 #: backlogged principal keeps at least 1/(H+K) of the loop
 HOLD_MAX_WAIT = 1e-3
-#: how much later than asked a hold's sleep (`FairTurns.wait_ready`, a `select`) ends:
-#: the thread's timer slack (50 µs by default) and the wake-up — asked for 10/30/50/100
-#: µs it slept 71/92/113/164 µs at the median on an idle CPU (review of victim5, V3).
-#: A sleeping hold asks for this much less than it has left, and ends at once where
-#: that is nothing, so that it keeps within R1's bound (a hold after a 0.1 ms flood
-#: step may last 0.03-0.05 ms)
-HOLD_SLEEP_SLACK = 70e-6
 #: a principal counts among those holding the loop (H above) for this long after its
 #: last hold
 HOLDER_SECONDS = 2 * HOLD_MAX_WAIT
@@ -346,10 +339,7 @@ class FairTurns(trio.abc.Instrument):
     the idle poll does, fs/idlepoll.py) until the hold's end, then wakes the loop so
     that the parked steps go on: a poll bounded by HOLD_SECONDS that costs no task
     step (a timer task's wake-up, a cancel scope's deadline, cost 0.04-0.07 ms of
-    the loop each). It spins so only when the idle poll would (`may_hold`); else (the
-    machine overloaded: an attack makes it so) it sleeps in the loop's descriptor until
-    an event or the hold's end (`wait_ready`), taking no CPU from the clients. The
-    backlogged principals are not starved: a backlogged step is
+    the loop each). The backlogged principals are not starved: a backlogged step is
     released at least every HOLD_MAX_WAIT (`_backlog_ran`), whatever the holds, and
     when nobody holds the loop they have all of it. Nor held beyond their fair share:
     after a backlogged step of d seconds, the loop is held for at most d * H / K
@@ -463,16 +453,8 @@ class FairTurns(trio.abc.Instrument):
         #: whether the loop may wait for an event now, spinning on `ready` (the idle
         #: poll's own conditions: serving, no backoff pause, the machine not
         #: overloaded; set by the server, None: always): a hold spins the loop thread,
-        #: so it spins only when an idle poll would (review of victim4, R2)
+        #: so it is not taken when an idle poll would not be (review of victim4, R2)
         self.may_hold: Callable[[], bool] | None = None
-        #: waits without spinning, up to the seconds given, for an event of a
-        #: descriptor the loop waits for, and says whether one came (set by the server
-        #: from the idle poll's `wait_ready`; None: none): a hold when `may_hold` says
-        #: no sleeps in it instead of spinning on `ready` (stop 16: with R2's rule alone
-        #: nothing was held on the loaded machine the hold is for)
-        self.wait_ready: Callable[[float], bool] | None = None
-        #: whether the hold in force sleeps (`wait_ready`) rather than spins
-        self._hold_sleeps = False
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
 
@@ -805,12 +787,6 @@ class FairTurns(trio.abc.Instrument):
                 self._backlog_ran = now
         if self.may_hold is None or self.may_hold():
             self._hold_until = now + HOLD_SECONDS
-            self._hold_sleeps = False
-        elif self.wait_ready is not None:
-            # The idle poll would not spin now (the machine overloaded, a backoff
-            # pause): the hold sleeps in the loop's descriptor instead (before_io_wait).
-            self._hold_until = now + HOLD_SECONDS
-            self._hold_sleeps = True
         if self._parked:
             # Parked work and a principal with work of its own: they compete, though
             # they no longer share a batch.
@@ -916,31 +892,6 @@ class FairTurns(trio.abc.Instrument):
                 # any other event) until the hold's end, then wake the loop as below.
                 self.held += 1
                 end = min(self._hold_until, self._backlog_ran + self._hold_gap, now + timeout)
-                wait = self.wait_ready if self._hold_sleeps else None
-                if self._hold_sleeps and wait is None:
-                    # The sleeping wait failed (dropped below) while this hold was
-                    # taken: no spin in its place, the machine is overloaded (R2;
-                    # review of victim5, V2). The loop runs the parked steps.
-                    self._hold_until = 0.0
-                    trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
-                    return
-                while wait is not None:
-                    # Asleep in the loop's descriptor until an event or the hold's end:
-                    # no CPU taken from the clients (the machine is overloaded).
-                    left = end - trio.current_time() - HOLD_SLEEP_SLACK
-                    try:
-                        if left < 1e-6 or wait(left):  # (select's resolution: 1 µs)
-                            if left < 1e-6:
-                                # (what is left is within the sleep's slack: the hold
-                                # ends here, or the loop would come back to it at once)
-                                self._hold_until = 0.0
-                                trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
-                            return
-                    except Exception:  # noqa: BLE001 - an instrument that raises is dropped
-                        self.wait_ready = None  # (no hold is taken where it would sleep)
-                        self._hold_until = 0.0
-                        trio.lowlevel.current_trio_token().run_sync_soon(_nothing)
-                        return
                 ready = self.ready
                 while True:
                     try:

@@ -275,8 +275,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         self._idle_poll = idle
         self.turns.ready = idle.ready if idle is not None else None
         self.turns.may_hold = (lambda: idle.window_now() > 0) if idle is not None else None
-        # (an IdleWindow without a sleeping wait: a hold only when it would spin)
-        self.turns.wait_ready = getattr(idle, "wait_ready", None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # A plain non-blocking listener, waited on with trio's readiness calls: the accept

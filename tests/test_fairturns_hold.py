@@ -37,23 +37,16 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
                think: float = THINK, floods: int = 2, clients: int = 1,
                by_flood: dict[int, list[float]] | None = None,
                may_hold: bool = True, held: list[int] | None = None,
-               sleeps: list[int] | None = None, sleep_fails: bool = False,
-               overshoot: float = 0.0,
                ) -> tuple[list[tuple[float, float]], list[float], float]:
     """Two floods (backlogged principals 1 and 2, pipelined requests without end) and a
     client of principal 3 sending `requests` requests one at a time, `think` after each
     reply (`floods` floods, principals 1..floods; a client that owns `clients`
     principals sends them in turn; `by_flood` gathers each flood's request times).
     Returns the client's requests (when each came, when its service began), the
-    times of the floods' requests, and when the client's last request was served.
-    With `sleeps` the loop also has a sleeping wait (`FairTurns.wait_ready`, the idle
-    poll's `epoll_ready_wait`); appended: its calls, then the spinning probe's calls
-    made during holds."""
+    times of the floods' requests, and when the client's last request was served."""
     turns = FairTurns(lambda conn: None)
-    probes = [0, 0]  # calls of wait_ready, of ready
     if hold:
         def ready() -> bool:
-            probes[1] += 1
             # The loop's wait: time goes on, and the client's request "comes" when its
             # timer is due (MockClock gives the loop an infinite timeout: the real
             # clock's would end the wait there).
@@ -65,22 +58,6 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
         turns.ready = ready
         # (the idle poll's conditions: False as on an overloaded machine)
         turns.may_hold = lambda: may_hold
-
-        def wait(timeout: float) -> bool:
-            # Asleep until the client's request (its timer) or the timeout: the clock
-            # jumps to whichever comes first, in one call.
-            probes[0] += 1
-            if sleep_fails:
-                raise OSError(9, "the epoll descriptor is gone")
-            due = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            if due <= timeout:
-                mock_clock.jump(max(due, 0.0))
-                trio.lowlevel.current_trio_token().run_sync_soon(lambda: None)
-                return True
-            mock_clock.jump(timeout + overshoot)  # (a real sleep ends late: timer slack)
-            return False
-        if sleeps is not None:
-            turns.wait_ready = wait
     trio.lowlevel.add_instrument(turns)
     victim: list[tuple[float, float]] = []
     flood: list[float] = []
@@ -129,8 +106,6 @@ async def _run(mock_clock: trio.testing.MockClock, *, hold: bool, requests: int,
         turns.close()
     if held is not None:
         held.append(turns.held)
-    if sleeps is not None:
-        sleeps += probes
     return victim, flood, end
 
 
@@ -292,79 +267,4 @@ async def test_a_held_flood_keeps_its_fair_share_of_the_loop(
         ran = sum(1 for t in by_flood.get(principal, []) if start <= t <= end)
         share = ran * FLOOD_REQUEST / span
         # (a little below 1/N: the step in progress at either end of the span)
-        assert share >= 0.9 / n, (principal, share, 1 / n)
-
-
-async def test_a_hold_sleeps_where_the_idle_poll_would_not_spin(
-        mock_clock: trio.testing.MockClock) -> None:
-    """Stop 16: R2's rule (no hold where the idle poll would not poll) left the loop
-    held 12 times in a 2.4 s attack on the loaded machine the hold is for
-    (bench_hostile). With the idle poll's sleeping wait (`FairTurns.wait_ready`,
-    `epoll_ready_wait`) the hold is taken there too and waits asleep: the spinning
-    probe is not called during it, the wait once a hold (it sleeps until the client's
-    request or the hold's end), the client's requests find fewer flood steps ahead of
-    them than with no hold, and the floods keep their fair share (R1 is unchanged)."""
-    held: list[int] = []
-    sleeps: list[int] = []
-    by_flood: dict[int, list[float]] = {}
-    victim, flood, end = await _run(mock_clock, hold=True, requests=400, may_hold=False,
-                                    held=held, sleeps=sleeps, think=0.1 * HOLD_SECONDS,
-                                    by_flood=by_flood)
-    assert held[0] > 150, held  # (before: 0, as test_nothing_is_held_... shows)
-    waits, spins = sleeps
-    assert spins == 0, sleeps
-    # (at most twice a hold; none where R1's allowance is within the sleep's slack,
-    # HOLD_SLEEP_SLACK: that hold ends at once — review of victim5, V3)
-    assert 0.3 * held[0] <= waits <= 2 * held[0], (held, sleeps)
-    unheld, unheld_flood, _ = await _run(mock_clock, hold=False, requests=400,
-                                         think=0.1 * HOLD_SECONDS)
-    behind = sum(_behind(victim, flood))
-    # (0.75 before V3: a hold no longer sleeps past R1's allowance, so fewer do)
-    assert behind < 0.9 * sum(_behind(unheld, unheld_flood)), behind
-    start, span = victim[0][0], end - victim[0][0]
-    for principal in (1, 2):
-        ran = sum(1 for t in by_flood[principal] if start <= t <= end)
-        assert ran * FLOOD_REQUEST / span >= 0.9 / 3, (principal, ran * FLOOD_REQUEST / span)
-
-
-async def test_a_failed_sleeping_wait_does_not_turn_into_a_spin(
-        mock_clock: trio.testing.MockClock) -> None:
-    """Review of victim5, V2: where the idle poll would not spin (an overloaded
-    machine), a hold sleeps in `wait_ready`; if that wait raises (its descriptor gone)
-    it is dropped, and the branch's hold then went on in the spinning probe for the
-    rest of that hold and for every hold already taken to sleep — R2's spin on the
-    loaded machine. Now the failed hold ends at once and no later hold is taken there:
-    the spinning probe is never called, the wait once."""
-    held: list[int] = []
-    sleeps: list[int] = []
-    await _run(mock_clock, hold=True, requests=100, may_hold=False, held=held,
-               sleeps=sleeps, sleep_fails=True, think=0.1 * HOLD_SECONDS)
-    waits, spins = sleeps
-    assert waits == 1, sleeps
-    assert spins == 0, sleeps
-
-
-@pytest.mark.parametrize(("floods", "clients"), [(1, 1), (3, 1), (4, 1)])
-async def test_a_sleeping_hold_ends_within_the_floods_fair_share(
-        mock_clock: trio.testing.MockClock, floods: int, clients: int) -> None:
-    """Review of victim5, V3: a sleep in `select` ends late — the thread's timer slack
-    (50 µs by default) and the wake-up: asked for 10/30/50/100 µs, a real
-    `epoll_ready_wait` slept 71/92/113/164 µs at the median (an idle CPU) — while R1's
-    allowance after a 0.1 ms flood quantum is 0.03-0.05 ms. The branch's sleeping hold
-    asked for all of what was left of it, so each hold lasted about twice its bound and
-    the floods fell below their 1/N share. The hold now asks for what is left less
-    HOLD_SLEEP_SLACK, and ends where that is nothing: with a wait that overshoots by
-    60 µs (as measured) every backlogged principal keeps its share."""
-    by_flood: dict[int, list[float]] = {}
-    sleeps: list[int] = []
-    victim, _flood, end = await _run(mock_clock, hold=True, requests=400, think=THINK,
-                                     floods=floods, clients=clients, by_flood=by_flood,
-                                     may_hold=False, sleeps=sleeps, overshoot=60e-6)
-    assert sleeps[1] == 0, sleeps  # (never a spin; with 4 floods no sleep either)
-    start = victim[0][0]
-    span = end - start
-    n = floods + clients
-    for principal in range(1, floods + 1):
-        ran = sum(1 for t in by_flood.get(principal, []) if start <= t <= end)
-        share = ran * FLOOD_REQUEST / span
         assert share >= 0.9 / n, (principal, share, 1 / n)
