@@ -36,6 +36,15 @@ UNFLUSHED_KEY = "unflushed"
 #: every re-tag waiting then, unless an fsync's durable commit comes first)
 FORCED_DURABLE_INTERVAL = 1.0
 
+#: blocks freed by relocations that the reaper keeps host-backed for the next
+#: relocations, at most (bytes;
+#: `Allocator.keep`): released with their frames dropped but no hole punch, so that a
+#: stream of overwrites reuses the blocks the last commits freed with no punch when
+#: freed and no host reservation when reused (docs/BENCHMARKS.md, "Stop 16"). What
+#: is past it is discarded as before. Host space the volume counts as free, at most
+#: this much; an unmount discards what is left (`discard_kept`).
+KEEP_FREED_BYTES = 32 << 20
+
 
 class _Freed:
     """Blocks one commit freed from one file, on their way to the allocator
@@ -281,8 +290,21 @@ class Transactions:
                     await self.kernel.wait_grace_change(watch)
                     continue
                 runs = [r for f in ready for r in f.runs]
+                # Blocks relocations freed, up to KEEP_FREED_BYTES, stay host-backed for
+                # the next relocations (their frames dropped, no hole punch); the rest
+                # are discarded.
+                keep, runs = self.alloc.recyclable(runs)
+                room = (KEEP_FREED_BYTES // self.block_size - self.alloc.kept_blocks
+                        if self.discard_freed else 0)
+                k = 0
+                while k < len(keep) and room >= keep[k][1]:
+                    room -= keep[k][1]
+                    k += 1
+                keep, runs = keep[:k], keep[k:] + runs
                 try:
-                    if self.discard_freed:  # (else see `settle_reaper`)
+                    if keep:
+                        await self.kernel.forget(keep, principal=ROOT_PRINCIPAL)
+                    if self.discard_freed and runs:  # (else see `settle_reaper`)
                         await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
                 except SluiceError as exc:
                     # The blocks keep their old data: reusing them leaks nothing (a new
@@ -292,9 +314,27 @@ class Transactions:
                                 sum(c for _d, c in runs), exc)
                 for f in ready:
                     self._reap.remove(f)
-                self.reaping_blocks -= sum(c for _d, c in runs)
+                self.reaping_blocks -= sum(c for f in ready for _d, c in f.runs)
                 self.alloc.release_now(runs)
+                self.alloc.keep(keep)
                 self._reap_lot.unpark_all()
+
+    async def discard_kept(self: FileSystem) -> None:
+        """Discard the freed blocks the reaper kept host-backed (`KEEP_FREED_BYTES`)
+        that no relocation has reused: before an unmount or a remount read-only, so
+        that the host gets its space back and `sluice fsck` finds no block holding data
+        that no extent owns. (After a crash the mount scrubs them:
+        `scrub_stale_blocks`.) Left as they are when the reaper no longer discards
+        (`settle_reaper`) or the discard fails: they are then as after a failed
+        discard."""
+        runs = self.alloc.take_kept()
+        if not runs or not self.discard_freed:
+            return
+        try:
+            await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+        except SluiceError as exc:
+            log.warning("discarding %d kept freed blocks failed: %s",
+                        sum(c for _d, c in runs), exc)
 
     async def run_reaper(self: FileSystem, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -320,6 +360,7 @@ class Transactions:
         blocks as leaked (its repair discards them; a remount read-write scrubs them)."""
         with trio.move_on_after(seconds):
             await self.wait_reaped()
+            await self.discard_kept()
         if self._reap:
             log.warning("%d freed blocks wait for requests in flight: left undiscarded "
                         "(sluice fsck may call them leaked; a remount read-write or fsck "
@@ -365,6 +406,7 @@ class Transactions:
         await self.commit(durable=True, principal=principal, file=file)
         if final:
             await self.wait_reaped()
+            await self.discard_kept()
 
     async def wait_durable(self: FileSystem, *, principal: PrincipalId) -> None:
         """Return once a durable commit holds every change made before the call

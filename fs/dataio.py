@@ -234,7 +234,8 @@ class OpenFiles:
         if cow is not None:
             for fb, dev, count, _st, _owner in cow.owned_extents():
                 old = emap.relocate(fb, dev, count)
-                self.alloc.free_later([(d, c) for d, c, _o in old], (node.id,))
+                self.alloc.free_later([(d, c) for d, c, _o in old], (node.id,),
+                                      recycle=True)
             self._unsealed.add(emap)
             self._save_extents(node)
 

@@ -93,7 +93,9 @@ class Space:
             # sequential overwrite stays sequential (docs/BENCHMARKS.md, "Direct 4 KiB
             # random writes"). The relocations' own cursor, not the one new data
             # takes: a file growing meanwhile keeps the blocks it continues into
-            # (review of direct4, A2).
+            # (review of direct4, A2). Before the cursor, the blocks the last commits
+            # freed that the reaper kept host-backed (`Allocator.keep`): no hole punch
+            # when they were freed, no host reservation now (direct5).
             for start, length in self.alloc.allocate(cnt, relocation=True):
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))

@@ -1115,6 +1115,99 @@ async def test_random_overwrites_relocate_to_consecutive_blocks(vol: Volume) -> 
     assert report.errors == 0, report.lines
 
 
+async def test_overwrites_reuse_the_blocks_the_last_commits_freed_without_a_punch(
+        vol: Volume) -> None:
+    """A block a relocation freed is kept host-backed once its commit is durable and
+    its grace period over (no hole punch: its checksum and data stay), and the next
+    relocation takes it (no host reservation: its chunk was never punched). (Blocks a
+    truncate or an unlink frees are discarded as before: see
+    test_truncate_frees_at_once_but_discards_after_in_flight_reads.) The final sync of an unmount
+    discards the kept blocks nobody reused, so fsck finds no leaked block (main
+    punched every freed block: direct5, docs/BENCHMARKS.md "Stop 16")."""
+    fs = vol.fs
+    assert fs is not None
+    blocks = 8
+    ino = await write_file(fs, b"f", fill(1, blocks * BS))
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    old = dev_blocks(fs, ino)
+    expect = bytearray(fill(1, blocks * BS))
+    reserved: list[object] = []
+    real_reserve = fs.kernel.reserve
+
+    async def reserve(runs, **kw):
+        reserved.append(runs)
+        await real_reserve(runs, **kw)
+
+    fs.kernel.reserve = reserve  # type: ignore[method-assign]
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 3 * BS, fill(10, BS)) == BS
+        expect[3 * BS:4 * BS] = fill(10, BS)
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        # the relocation's freed block: kept, its old data and checksum still there
+        assert fs.alloc.kept_blocks == 1
+        assert fs.kernel.device.stored_checksum(old[3]) != 0
+        assert await fs.write(h.fh, 5 * BS, fill(11, BS)) == BS
+        expect[5 * BS:6 * BS] = fill(11, BS)
+        assert dev_blocks(fs, ino)[5] == old[3]  # reused
+        assert fs.alloc.kept_blocks == 0
+        assert await fs.write(h.fh, 6 * BS, fill(12, BS)) == BS  # (the pool is empty)
+        expect[6 * BS:7 * BS] = fill(12, BS)
+        assert dev_blocks(fs, ino)[6] not in old
+        assert await read_file(fs, ino) == bytes(expect)
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        assert fs.alloc.kept_blocks == 2  # old[5] and old[6]
+    finally:
+        await fs.release(h.fh)
+    assert not reserved  # every relocation inside chunks reserved already
+    await fs.sync(final=True)  # (an unmount's: the kept blocks are discarded)
+    assert fs.alloc.kept_blocks == 0
+    assert all(fs.kernel.device.stored_checksum(b) == 0 for b in (old[5], old[6]))
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+    assert not any("leaked" in line for line in report.lines), report.lines
+    fs = await vol.open()
+    assert await read_file(fs, ino) == bytes(expect)
+
+
+async def test_kept_freed_blocks_left_by_a_crash_are_scrubbed_at_mount(
+        vol: Volume) -> None:
+    """Blocks the reaper kept host-backed hold a freed version's data and checksum: a
+    daemon killed before the unmount's discard leaves them, and the next mount finds
+    them holding data no committed extent owns and discards them (R3's
+    `scrub_stale_blocks`), so fsck finds nothing leaked."""
+    fs = vol.fs
+    assert fs is not None
+    ino = await write_file(fs, b"f", fill(1, 4 * BS))
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    old = dev_blocks(fs, ino)
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, BS, fill(5, BS)) == BS
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    await fs.wait_reaped()
+    assert fs.alloc.kept_blocks == 1 and fs.kernel.device.stored_checksum(old[1]) != 0
+    # a crash: no final sync, nothing more committed
+    vol.md.close()
+    vol.kernel.close()
+    vol.fs = None
+    fs = await vol.open()
+    assert await fs.scrub_stale_blocks() == 1  # (the mount's step: fs/mount.py)
+    assert fs.kernel.device.stored_checksum(old[1]) == 0
+    expect = bytearray(fill(1, 4 * BS))
+    expect[BS:2 * BS] = fill(5, BS)
+    assert await read_file(fs, ino) == bytes(expect)
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+    assert not any("leaked" in line for line in report.lines), report.lines
+
+
 async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
         vol: Volume) -> None:
     """A file growing 4 KiB at a time while another file's committed blocks are
