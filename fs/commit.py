@@ -315,8 +315,10 @@ class Transactions:
                 for f in ready:
                     self._reap.remove(f)
                 self.reaping_blocks -= sum(c for f in ready for _d, c in f.runs)
-                self.alloc.release_now(runs)
-                self.alloc.keep(keep)
+                if runs:
+                    self.alloc.release_now(runs)
+                if keep:
+                    self.alloc.keep(keep)
                 self._reap_lot.unpark_all()
 
     async def discard_kept(self: FileSystem) -> None:
