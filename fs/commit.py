@@ -321,22 +321,34 @@ class Transactions:
                     self.alloc.keep(keep)
                 self._reap_lot.unpark_all()
 
-    async def discard_kept(self: FileSystem) -> None:
+    async def discard_kept(self: FileSystem) -> int:
         """Discard the freed blocks the reaper kept host-backed (`KEEP_FREED_BYTES`)
         that no relocation has reused: before an unmount or a remount read-only, so
         that the host gets its space back and `sluice fsck` finds no block holding data
-        that no extent owns. (After a crash the mount scrubs them:
-        `scrub_stale_blocks`.) Left as they are when the reaper no longer discards
-        (`settle_reaper`) or the discard fails: they are then as after a failed
-        discard."""
+        that no extent owns (after a crash the mount scrubs them:
+        `scrub_stale_blocks`), and when a host reservation for new data finds the host
+        full (`_reserve_host_space`: a punch would have given their space back).
+        Left as they are when the reaper no longer discards (`settle_reaper`) or the
+        discard fails: they are then as after a failed discard. Returns the blocks
+        discarded.
+
+        Marked used until the discard is over: mounted, another allocation may run
+        while the punch waits for the host, and must not take a block the punch then
+        zeroes under its data (review of direct5, K1)."""
         runs = self.alloc.take_kept()
         if not runs or not self.discard_freed:
-            return
+            return 0
+        for start, count in runs:
+            self.alloc.mark_used(start, count)
         try:
             await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
         except SluiceError as exc:
             log.warning("discarding %d kept freed blocks failed: %s",
                         sum(c for _d, c in runs), exc)
+            return 0
+        finally:
+            self.alloc.release_now(runs)
+        return sum(c for _d, c in runs)
 
     async def run_reaper(self: FileSystem, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

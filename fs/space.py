@@ -6,10 +6,11 @@ reserve kept), relocating sealed blocks, host space under write-back, fallocate
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from kernelshim import (ExtentMap, FRESH, Grant, HOLE, PrincipalId, ROOT_PRINCIPAL, Rights,
-                        UNWRITTEN)
+                        SluiceError, UNWRITTEN)
 from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
 
 from .allocator import Allocator
@@ -120,7 +121,18 @@ class Space:
         if not runs or self.kernel.host_reserved(runs):
             return  # (the common case: inside chunks reserved already, R6)
         try:
-            await self.kernel.reserve(runs, relocation=relocation, principal=principal)
+            try:
+                await self.kernel.reserve(runs, relocation=relocation, principal=principal)
+            except SluiceError as exc:
+                # A full host: the freed blocks the reaper kept host-backed for the
+                # next relocations (`KEEP_FREED_BYTES`) give their space back first, as
+                # the punch when they were freed did, and the reservation is tried
+                # again (review of direct5, K1: else up to 32 MiB of free blocks held
+                # host space and new data got ENOSPC).
+                if exc.errno != errno.ENOSPC or not self.alloc.kept_blocks or \
+                        not await self.discard_kept():
+                    raise
+                await self.kernel.reserve(runs, relocation=relocation, principal=principal)
         except BaseException:
             self.alloc.release_now(runs)
             raise

@@ -1208,6 +1208,47 @@ async def test_kept_freed_blocks_left_by_a_crash_are_scrubbed_at_mount(
     assert not any("leaked" in line for line in report.lines), report.lines
 
 
+async def test_a_full_host_gets_the_kept_blocks_host_space_back_for_new_data(
+        tmp_path: Path, small_tmpfs) -> None:
+    """Review of direct5, K1: the blocks an overwrite frees are kept host-backed (no
+    hole punch) for the next relocations. On a nearly full host, new data that needs a
+    host reservation must still find the space a punch would have given back: the
+    reservation's ENOSPC discards the kept blocks and tries again. (Before: the write
+    failed with ENOSPC while up to KEEP_FREED_BYTES of free blocks held host space;
+    main punched them and the write fitted.) A 64 MiB volume on a 48 MiB host (6 MiB
+    headroom): a 16 MiB file fills chunk 0, an overwrite of half of it relocates into
+    another chunk, the host is filled to 7 MiB free, the overwrite's commit frees 8 MiB
+    of chunk 0; then 2 MiB of new data into chunk 1 needs 2 MiB + the headroom."""
+    MiB = 1 << 20
+    host = small_tmpfs("48m")
+    v = Volume(host / "vol", size=64 * MiB)
+    fs = await v.open()
+    try:
+        ino = await write_file(fs, b"f", fill(1, 16 * MiB))
+        await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+        h = fs.open(ino, os.O_RDWR, CALLER)
+        try:
+            assert await fs.write(h.fh, 0, fill(2, 8 * MiB)) == 8 * MiB
+        finally:
+            await fs.release(h.fh)
+        st = os.statvfs(host)
+        avail = st.f_bavail * st.f_frsize
+        assert avail > 8 * MiB, avail
+        with open(host / "filler", "wb") as f:  # another user of the host
+            f.write(b"\xff" * (avail - 7 * MiB))
+        await fs.commit(durable=True)
+        await fs.wait_reaped()  # (the 8 MiB the overwrite freed: kept, or punched)
+        g = await write_file(fs, b"g", fill(3, 2 * MiB))
+        assert await read_file(fs, g) == fill(3, 2 * MiB)
+        expect = fill(2, 8 * MiB) + fill(1, 16 * MiB)[8 * MiB:]
+        assert await read_file(fs, ino) == expect
+        await fs.commit(durable=True)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
+
+
 async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
         vol: Volume) -> None:
     """A file growing 4 KiB at a time while another file's committed blocks are
