@@ -1249,6 +1249,56 @@ async def test_a_full_host_gets_the_kept_blocks_host_space_back_for_new_data(
     assert report.errors == 0, report.lines
 
 
+async def test_a_direct_truncate_forgets_the_grants_written_ranges_in_freed_blocks(
+        vol: Volume) -> None:
+    """Review of direct5, K2. A direct client that truncates keeps its grant (its
+    connection has nothing else in flight), and kept the ranges it had written but not
+    committed in the blocks the truncate freed. A new layout there maps a new unwritten
+    block, and the client's next partial write into it took those stale ranges for its
+    own earlier write (`_fill_block`: `wrote_in`) and merged the block's old device
+    contents instead of zeros. Since direct5 a new allocation may get a kept freed block
+    that still holds another file's data (no hole punch): that data became part of this
+    client's file (before direct5 the block had been punched: zeros). The truncate now
+    drops the keeping grant's pending ranges from the first freed block on."""
+    fs = vol.fs
+    assert fs is not None
+    secret = fill(7, 4 * BS)
+    a = await write_file(fs, b"a", secret)  # tenant A's file
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    old_a = dev_blocks(fs, a)
+    h = fs.open(a, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 0, fill(8, 4 * BS)) == 4 * BS
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    await fs.wait_reaped()  # A's old blocks: free again (kept host-backed since direct5)
+    h, node = fs.create(ROOT, b"b", 0o644, os.O_RDWR, CALLER)  # tenant B's file
+    await fs.release(h.fh)
+    g = fs.grant_direct(node, True, True, CALLER)
+    try:
+        await fs.layout_get(g, 0, BS)
+        await fs.layout_get(g, 5 * BS, BS)
+        await fs.kernel.write(g, 0, b"x" * 100)
+        await fs.kernel.write(g, 5 * BS, b"y" * 100)  # (not committed)
+        await fs.layout_commit(g, 0, 100)
+        await fs.truncate(node, 0, principal=g.principal, keep_grant=g)
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        # The next allocation lands on A's old blocks (as on a volume whose cursor
+        # wrapped around to them).
+        fs.alloc._cursor = old_a[0]
+        await fs.layout_get(g, 5 * BS, BS)
+        assert dev_blocks(fs, node.id)[0] in old_a
+        await fs.kernel.write(g, 5 * BS + 200, b"z" * 10)
+        assert await fs.layout_commit(g, 5 * BS, BS) == 5 * BS + 210
+    finally:
+        await fs.close_direct(g)
+        fs.kernel.release(g)
+    data = await read_file(fs, node.id)
+    assert data == bytes(5 * BS + 200) + b"z" * 10, "another file's data showed"
+
+
 async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
         vol: Volume) -> None:
     """A file growing 4 KiB at a time while another file's committed blocks are
