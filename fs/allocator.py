@@ -5,6 +5,13 @@ never leak a block that was allocated but not committed. Blocks freed in the cur
 (uncommitted) metadata transaction are held back (`pending`) until that transaction
 commits, so a block freed by a change that a crash may still undo is never handed to
 another file first.
+
+Blocks freed by relocations may be *kept* (`keep`): not discarded, their old data still
+on the device. While kept they stay used in the map and are counted apart
+(`kept_blocks`), so only a relocation (`allocate(relocation=True)`, which writes every
+byte of a block before the map names it) can take one: no other allocation ever finds
+another tenant's old data (docs/dev/invariants.md, R3). They are free space all the
+same (statfs, the free-space checks): `available`.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ class Allocator:
         self._pending: list[tuple[int, int]] = []
         #: the pending runs by the file they came from (None: unknown, see `free_later`)
         self._pending_by_file: dict[int | None, list[tuple[int, int]]] = {}
-        #: freed blocks released without a discard (`keep`): free in the map, their
-        #: host space still allocated and their old data still there; relocations take
-        #: them first (no hole punch when freed, no host reservation when reused).
-        #: Oldest first; a run another allocation took meanwhile is skipped.
+        #: freed blocks kept without a discard (`keep`): used in the map (no ordinary
+        #: allocation sees them), their host space still allocated and their old data
+        #: still there; only relocations take them (`allocate(relocation=True)`: no
+        #: hole punch when freed, no host reservation when reused). Oldest first;
+        #: disjoint, and each block in it is used by no file.
         self._kept: collections.deque[tuple[int, int]] = collections.deque()
-        #: blocks in `_kept` (some may have been taken by other allocations since)
+        #: blocks in `_kept`, exactly (free space all the same: `available`)
         self.kept_blocks = 0
         #: pending or reaping runs freed by relocations (`free_later(recycle=True)`):
         #: the ones the reaper may keep (`recyclable`)
@@ -54,26 +62,32 @@ class Allocator:
         self.used[start:start + count] = True
         self.free -= count
 
+    @property
+    def available(self) -> int:
+        """Blocks free for new data: free in the map, or kept (`discard_kept` in
+        fs/commit.py gives those back to the map when an allocation needs them)."""
+        return self.free + self.kept_blocks
+
     def allocate(self, count: int, goal: int | None = None, *,
                  relocation: bool = False) -> list[tuple[int, int]]:
         """`count` blocks as runs (start, length), as few and as close to `goal` as the
         free space allows. All or nothing: NoSpace when fewer than `count` are free.
-        `relocation` (copy-on-write blocks, no goal): the kept freed blocks first
-        (`keep`), then from where the last relocation ended, which the other
-        allocations leave alone (see `_cow_cursor`)."""
+        Never a kept block (`keep`) unless `relocation` (copy-on-write blocks, no
+        goal): then the kept blocks first, then from where the last relocation ended,
+        which the other allocations leave alone (see `_cow_cursor`)."""
         if count <= 0:
             return []
-        if count > self.free:
-            raise NoSpace(f"no space left on device ({self.free} blocks free, {count} needed)")
+        have = self.free + self.kept_blocks if relocation else self.free
+        if count > have:
+            raise NoSpace(f"no space left on device ({have} blocks free, {count} needed)")
         used = self.used
         n = self.nblocks
         if relocation and self._kept:
             got = self._take_kept(count)
-            if got:
-                taken = sum(c for _s, c in got)
-                if taken < count:
-                    got.extend(self.allocate(count - taken, relocation=True))
-                return got
+            taken = sum(c for _s, c in got)
+            if taken < count:
+                got.extend(self.allocate(count - taken, relocation=True))
+            return got
         if relocation:
             if self._cow_cursor is None:
                 self._cow_cursor = (self._cursor + n // 2) % n
@@ -126,34 +140,19 @@ class Allocator:
         return runs
 
     def _take_kept(self, count: int) -> list[tuple[int, int]]:
-        """Up to `count` kept blocks (oldest first), marked used; fewer if the pool
-        runs out. Blocks another allocation took since they were kept are skipped."""
-        used = self.used
+        """Up to `count` kept blocks (oldest first), no longer kept (they stay used:
+        now the relocation's); fewer if the pool runs out."""
         kept = self._kept
         runs: list[tuple[int, int]] = []
         need = count
         while need and kept:
             start, length = kept.popleft()
-            self.kept_blocks -= length
-            while length and need:
-                if used[start]:  # (taken by another allocation since)
-                    start += 1
-                    length -= 1
-                    continue
-                rest = used[start:start + min(length, need)]
-                take = int(np.argmax(rest)) if rest.any() else len(rest)
-                used[start:start + take] = True
-                self.free -= take
-                if runs and runs[-1][0] + runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + take)
-                else:
-                    runs.append((start, take))
-                start += take
-                length -= take
-                need -= take
-            if length:
-                kept.appendleft((start, length))
-                self.kept_blocks += length
+            take = min(length, need)
+            if take < length:
+                kept.appendleft((start + take, length - take))
+            runs.append((start, take))
+            need -= take
+        self.kept_blocks -= count - need
         return runs
 
     def recyclable(self, runs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]],
@@ -173,30 +172,26 @@ class Allocator:
         return mine, rest
 
     def keep(self, runs: list[tuple[int, int]]) -> None:
-        """Release freed blocks whose contents were not discarded (the caller dropped
-        every cached copy): free again at once, and the next relocations take them
-        first (`allocate(relocation=True)`). Whatever else allocates them finds their
-        old data there, as after a failed discard: unwritten blocks read as zeros and
-        a partial write merges with zeros, so nothing of it shows."""
-        self.release_now(runs)
+        """Keep freed blocks whose contents were not discarded (the caller dropped every
+        cached copy) for the next relocations (`allocate(relocation=True)`), which
+        alone may take them: they stay used in the map, counted in `kept_blocks`.
+        `runs`: blocks no file uses (freed by a durable commit, or a relocation's
+        that were never exposed: `give_back`)."""
         self._kept.extend(runs)
         self.kept_blocks += sum(c for _s, c in runs)
 
+    def give_back(self, runs: list[tuple[int, int]]) -> None:
+        """A relocation's blocks it did not use (`allocate(relocation=True)`; its write
+        failed or must be done again): kept for the next relocations rather than freed,
+        as some may be kept blocks still holding another file's data, and others may
+        hold part of this write."""
+        self.keep(runs)
+
     def take_kept(self) -> list[tuple[int, int]]:
-        """The kept runs that are still free (to be discarded: an unmount), no longer
-        kept; sorted by block."""
-        used = self.used
-        out: list[tuple[int, int]] = []
-        for start, length in sorted(self._kept):
-            for b in range(start, start + length):
-                if used[b]:
-                    continue
-                if out and out[-1][0] + out[-1][1] == b:
-                    out[-1] = (out[-1][0], out[-1][1] + 1)
-                elif out and out[-1][0] + out[-1][1] > b:
-                    continue  # (kept twice: freed, reused and freed again)
-                else:
-                    out.append((b, 1))
+        """The kept runs (to be discarded: an unmount, or space for new data), no
+        longer kept but still used in the map (the caller releases them: `release_now`,
+        once nothing can read their old data); sorted by block."""
+        out = sorted(self._kept)
         self._kept.clear()
         self.kept_blocks = 0
         return out

@@ -80,6 +80,9 @@ class Transactions:
     #: before the allocator gets them (`run_reaper`; oldest first), and how many
     _reap: collections.deque[_Freed]
     reaping_blocks: int
+    #: kept freed blocks `discard_kept` took from the allocator and is discarding
+    #: (free space, as the kept blocks are: statfs)
+    discarding_kept: int
     _reap_wakeup: trio.Event
     _reap_lot: trio.lowlevel.ParkingLot
     _reap_lock: trio.Lock
@@ -323,31 +326,37 @@ class Transactions:
 
     async def discard_kept(self: FileSystem) -> int:
         """Discard the freed blocks the reaper kept host-backed (`KEEP_FREED_BYTES`)
-        that no relocation has reused: before an unmount or a remount read-only, so
-        that the host gets its space back and `sluice fsck` finds no block holding data
-        that no extent owns (after a crash the mount scrubs them:
-        `scrub_stale_blocks`), and when a host reservation for new data finds the host
-        full (`_reserve_host_space`: a punch would have given their space back).
-        Left as they are when the reaper no longer discards (`settle_reaper`) or the
-        discard fails: they are then as after a failed discard. Returns the blocks
-        discarded.
+        that no relocation has reused, and release them into the allocator's map:
+        before an unmount or a remount read-only, so that the host gets its space back
+        and `sluice fsck` finds no block holding data that no extent owns (after a
+        crash the map is rebuilt from the extents, the kept blocks are simply free, and
+        the mount scrubs them: `scrub_stale_blocks`); when a host reservation for new
+        data finds the host full (`_reserve_host_space`: a punch would have given their
+        space back); and when an ordinary allocation needs them (`_ensure_free`: only
+        relocations take kept blocks). Released undiscarded when the reaper no longer
+        discards (`settle_reaper`) or the discard fails: they are then as after a failed
+        discard. Returns the blocks discarded.
 
-        Marked used until the discard is over: mounted, another allocation may run
-        while the punch waits for the host, and must not take a block the punch then
-        zeroes under its data (review of direct5, K1)."""
+        They stay used in the map until the discard is over (`Allocator.take_kept`):
+        mounted, another allocation may run while the punch waits for the host, and
+        must not take a block the punch then zeroes under its data (review of direct5,
+        K1)."""
         runs = self.alloc.take_kept()
-        if not runs or not self.discard_freed:
+        if not runs:
             return 0
-        for start, count in runs:
-            self.alloc.mark_used(start, count)
+        self.discarding_kept += sum(c for _d, c in runs)
         try:
-            await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
-        except SluiceError as exc:
-            log.warning("discarding %d kept freed blocks failed: %s",
-                        sum(c for _d, c in runs), exc)
-            return 0
+            if not self.discard_freed:
+                return 0
+            try:
+                await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+            except SluiceError as exc:
+                log.warning("discarding %d kept freed blocks failed: %s",
+                            sum(c for _d, c in runs), exc)
+                return 0
         finally:
             self.alloc.release_now(runs)
+            self.discarding_kept -= sum(c for _d, c in runs)
         return sum(c for _d, c in runs)
 
     async def run_reaper(self: FileSystem, *,

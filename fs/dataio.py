@@ -224,11 +224,11 @@ class OpenFiles:
                 # A commit sealed fresh blocks of the range while this write waited for
                 # its barrier: relocate those too.
                 if cow is not None:
-                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                    self.alloc.give_back([(e[1], e[2]) for e in cow.owned_extents()])
                 continue
             except BaseException:
                 if cow is not None:  # never exposed: reusable at once
-                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                    self.alloc.give_back([(e[1], e[2]) for e in cow.owned_extents()])
                 raise
             break
         if cow is not None:

@@ -1334,3 +1334,107 @@ async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
     await vol.close()
     report = await vol.fsck()
     assert report.errors == 0, report.lines
+
+
+async def _keep_freed(fs: FileSystem, ino: int, blocks: list[int]) -> list[int]:
+    """Overwrite file blocks `blocks` of committed file `ino` (relocations), commit
+    durably and let the reaper keep the freed blocks: their device blocks."""
+    old = dev_blocks(fs, ino)
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        for fb in blocks:
+            assert await fs.write(h.fh, fb * BS, fill(50 + fb, BS)) == BS
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    await fs.wait_reaped()
+    freed = [old[fb] for fb in blocks]
+    assert fs.alloc.kept_blocks == len(blocks)
+    assert all(fs.kernel.device.stored_checksum(b) != 0 for b in freed)  # (old data)
+    return freed
+
+
+@pytest.mark.parametrize("how", ["write", "fallocate"])
+async def test_kept_blocks_are_never_given_to_a_growing_file(fs: FileSystem,
+                                                             how: str) -> None:
+    """A kept freed block still holds another file's data: a file growing (a write, a
+    fallocate) whose goal is that block gets another one, while the block is kept
+    (direct5: kept blocks are used in the map, only relocations take them; before,
+    they were free there and the growing file took them, K2's class of defect)."""
+    a = await write_file(fs, b"a", fill(1, 4 * BS))
+    b = await write_file(fs, b"b", fill(2, 4 * BS))  # (right after a's blocks)
+    assert dev_blocks(fs, b)[0] == dev_blocks(fs, a)[-1] + 1
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    kept = await _keep_freed(fs, b, [0, 1, 2, 3])
+    h = fs.open(a, os.O_RDWR, CALLER)
+    try:
+        if how == "write":
+            assert await fs.write(h.fh, 4 * BS, fill(3, 4 * BS)) == 4 * BS
+        else:
+            await fs.fallocate(h.fh, 0, 4 * BS, 4 * BS)
+    finally:
+        await fs.release(h.fh)
+    grown = dev_blocks(fs, a)[4:]
+    assert len(grown) == 4 and not set(grown) & set(kept)
+    assert fs.alloc.kept_blocks == 4 and fs.alloc.used[kept].all()
+    expect = fill(1, 4 * BS) + (fill(3, 4 * BS) if how == "write" else bytes(4 * BS))
+    assert await read_file(fs, a) == expect
+    # the next relocations take them
+    kept_before = fs.alloc.kept_blocks
+    h = fs.open(a, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 0, fill(4, BS)) == BS
+    finally:
+        await fs.release(h.fh)
+    assert dev_blocks(fs, a)[0] in kept and fs.alloc.kept_blocks == kept_before - 1
+
+
+async def test_full_volume_whose_free_space_is_kept_blocks_accepts_a_write(
+        tmp_path: Path) -> None:
+    """A nearly full volume whose only free space (past the copy-on-write reserve) is
+    kept freed blocks: an ordinary write discards them and gets them (no ENOSPC that
+    the volume without kept blocks would not give), and the file reads back its own
+    data with zeros elsewhere, nothing of the blocks' old data; statfs counts the
+    kept blocks as free all along."""
+    v = Volume(tmp_path / "vol", size=64 * BS)
+    fs = await v.open()
+    reserve = fs.cow_reserve
+    try:
+        a = await write_file(fs, b"a", fill(1, 52 * BS))
+        assert fs.alloc.free == reserve + 4
+        await fs.commit(durable=True)
+        b = await write_file(fs, b"b", fill(2, 4 * BS))
+        await fs.commit(durable=True)
+        # b's four blocks relocated into the reserve, the old ones kept
+        kept = await _keep_freed(fs, b, [0, 1, 2, 3])
+        await fs.unlink(ROOT, b"b")  # (its blocks: discarded, free again)
+        await fs.sync()
+        await fs.wait_reaped()
+        assert fs.alloc.kept_blocks == 4
+        assert fs.alloc.free == reserve  # the map's free blocks: the reserve only
+        st = fs.statistics()
+        assert st.blocks_free == reserve + 4 and st.blocks_avail == 4
+        h, node = fs.create(ROOT, b"c", 0o644, os.O_RDWR, CALLER)
+        try:
+            # 4 blocks, partly written: zeros before, between and after
+            assert await fs.write(h.fh, 100, fill(5, BS)) == BS
+            await fs.fallocate(h.fh, 0, 2 * BS, BS)
+            assert await fs.write(h.fh, 3 * BS + 7, fill(6, 50)) == 50
+        finally:
+            await fs.release(h.fh)
+        assert fs.alloc.kept_blocks == 0
+        c_blocks = dev_blocks(fs, node.id)
+        assert len(c_blocks) == 4
+        # discarded before they were released (those c does not hold: no data left)
+        assert all(fs.kernel.device.stored_checksum(b) == 0
+                   for b in kept if b not in c_blocks)
+        expect = bytearray(3 * BS + 57)
+        expect[100:BS + 100] = fill(5, BS)
+        expect[3 * BS + 7:] = fill(6, 50)
+        assert await read_file(fs, node.id) == bytes(expect)
+        assert fs.statistics().blocks_avail == 0
+        assert await read_file(fs, a) == fill(1, 52 * BS)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
