@@ -227,7 +227,7 @@ class OpenFiles:
                     self.alloc.give_back([(e[1], e[2]) for e in cow.owned_extents()])
                 continue
             except BaseException:
-                if cow is not None:  # never exposed: reusable at once
+                if cow is not None:  # never exposed: back to the relocations' pool
                     self.alloc.give_back([(e[1], e[2]) for e in cow.owned_extents()])
                 raise
             break
