@@ -5,10 +5,18 @@ never leak a block that was allocated but not committed. Blocks freed in the cur
 (uncommitted) metadata transaction are held back (`pending`) until that transaction
 commits, so a block freed by a change that a crash may still undo is never handed to
 another file first.
+
+Blocks freed by relocations may be *kept* (`keep`): not discarded, their old data still
+on the device. While kept they stay used in the map and are counted apart
+(`kept_blocks`), so only a relocation (`allocate(relocation=True)`, which writes every
+byte of a block before the map names it) can take one: no other allocation ever finds
+another tenant's old data (docs/dev/invariants.md, R3). They are free space all the
+same (statfs, the free-space checks): `available`.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Iterable
 
 import numpy as np
@@ -35,6 +43,17 @@ class Allocator:
         self._pending: list[tuple[int, int]] = []
         #: the pending runs by the file they came from (None: unknown, see `free_later`)
         self._pending_by_file: dict[int | None, list[tuple[int, int]]] = {}
+        #: freed blocks kept without a discard (`keep`): used in the map (no ordinary
+        #: allocation sees them), their host space still allocated and their old data
+        #: still there; only relocations take them (`allocate(relocation=True)`: no
+        #: hole punch when freed, no host reservation when reused). Oldest first;
+        #: disjoint, and each block in it is used by no file.
+        self._kept: collections.deque[tuple[int, int]] = collections.deque()
+        #: blocks in `_kept`, exactly (free space all the same: `available`)
+        self.kept_blocks = 0
+        #: pending or reaping runs freed by relocations (`free_later(recycle=True)`):
+        #: the ones the reaper may keep (`recyclable`)
+        self._recycle: set[tuple[int, int]] = set()
 
     def mark_used(self, start: int, count: int) -> None:
         """At mount: a committed extent owns these blocks."""
@@ -43,18 +62,32 @@ class Allocator:
         self.used[start:start + count] = True
         self.free -= count
 
+    @property
+    def available(self) -> int:
+        """Blocks free for new data: free in the map, or kept (`discard_kept` in
+        fs/commit.py gives those back to the map when an allocation needs them)."""
+        return self.free + self.kept_blocks
+
     def allocate(self, count: int, goal: int | None = None, *,
                  relocation: bool = False) -> list[tuple[int, int]]:
         """`count` blocks as runs (start, length), as few and as close to `goal` as the
         free space allows. All or nothing: NoSpace when fewer than `count` are free.
-        `relocation` (copy-on-write blocks, no goal): from where the last relocation
-        ended, which the other allocations leave alone (see `_cow_cursor`)."""
+        Never a kept block (`keep`) unless `relocation` (copy-on-write blocks, no
+        goal): then the kept blocks first, then from where the last relocation ended,
+        which the other allocations leave alone (see `_cow_cursor`)."""
         if count <= 0:
             return []
-        if count > self.free:
-            raise NoSpace(f"no space left on device ({self.free} blocks free, {count} needed)")
+        have = self.free + self.kept_blocks if relocation else self.free
+        if count > have:
+            raise NoSpace(f"no space left on device ({have} blocks free, {count} needed)")
         used = self.used
         n = self.nblocks
+        if relocation and self._kept:
+            got = self._take_kept(count)
+            taken = sum(c for _s, c in got)
+            if taken < count:
+                got.extend(self.allocate(count - taken, relocation=True))
+            return got
         if relocation:
             if self._cow_cursor is None:
                 self._cow_cursor = (self._cursor + n // 2) % n
@@ -106,11 +139,74 @@ class Allocator:
             self._cursor = pos
         return runs
 
-    def free_later(self, runs: list[tuple[int, int]], inodes: Iterable[int] | None = None
-                   ) -> None:
+    def _take_kept(self, count: int) -> list[tuple[int, int]]:
+        """Up to `count` kept blocks (oldest first), no longer kept (they stay used:
+        now the relocation's); fewer if the pool runs out."""
+        kept = self._kept
+        runs: list[tuple[int, int]] = []
+        need = count
+        while need and kept:
+            start, length = kept.popleft()
+            take = min(length, need)
+            if take < length:
+                kept.appendleft((start + take, length - take))
+            runs.append((start, take))
+            need -= take
+        self.kept_blocks -= count - need
+        return runs
+
+    def recyclable(self, runs: list[tuple[int, int]]) -> tuple[list[tuple[int, int]],
+                                                              list[tuple[int, int]]]:
+        """`runs` split into those freed by relocations (`free_later(recycle=True)`)
+        and the others; the first are no longer marked."""
+        if not self._recycle:
+            return [], runs
+        mine: list[tuple[int, int]] = []
+        rest: list[tuple[int, int]] = []
+        for r in runs:
+            if r in self._recycle:
+                self._recycle.discard(r)
+                mine.append(r)
+            else:
+                rest.append(r)
+        return mine, rest
+
+    def keep(self, runs: list[tuple[int, int]]) -> None:
+        """Keep freed blocks whose contents were not discarded (the caller dropped every
+        cached copy) for the next relocations (`allocate(relocation=True)`), which
+        alone may take them: they stay used in the map, counted in `kept_blocks`.
+        `runs`: blocks no file uses (freed by a durable commit, or a relocation's
+        that were never exposed: `give_back`)."""
+        self._kept.extend(runs)
+        self.kept_blocks += sum(c for _s, c in runs)
+
+    def give_back(self, runs: list[tuple[int, int]]) -> None:
+        """A relocation's blocks it did not use (`allocate(relocation=True)`; its write
+        failed or must be done again): kept for the next relocations rather than freed,
+        as some may be kept blocks still holding another file's data, and others may
+        hold part of this write."""
+        self.keep(runs)
+
+    def take_kept(self) -> list[tuple[int, int]]:
+        """The kept runs (to be discarded: an unmount, or space for new data), no
+        longer kept but still used in the map (the caller releases them: `release_now`,
+        once nothing can read their old data); sorted by block."""
+        out = sorted(self._kept)
+        self._kept.clear()
+        self.kept_blocks = 0
+        return out
+
+    def free_later(self, runs: list[tuple[int, int]], inodes: Iterable[int] | None = None,
+                   *, recycle: bool = False) -> None:
         """Blocks freed by the open transaction: reusable once it commits. `inodes`:
         the files they were unmapped from (their grace period waits only for requests
-        on those files); None: unknown (it waits for every request in flight)."""
+        on those files); None: unknown (it waits for every request in flight).
+        `recycle`: replaced by new blocks of the same file (a relocation), so the
+        reaper may keep them for the next relocations (`recyclable`, `keep`) rather
+        than give their host space back: blocks freed by a truncate or an unlink are
+        always discarded."""
+        if recycle:
+            self._recycle.update(runs)
         if runs:
             self._pending.extend(runs)
             files = list(inodes) if inodes is not None else [None]

@@ -135,6 +135,12 @@ class Attributes:
             # The direct client truncating through `keep_grant` keeps it (its
             # connection has no other request in flight); every other is revoked.
             old_grants = self._regrant(node, keep=lambda g: g is keep_grant)
+            if keep_grant is not None:
+                # Its pending writes in the freed blocks are gone with them: left, they
+                # made its next partial write into a new unwritten block there merge
+                # that block's old device contents (`Kernel._fill_block`'s `wrote_in`),
+                # which may be another file's (a kept freed block, direct5: review K2).
+                keep_grant.take_written(keep * bs, MAX_FILE_SIZE + bs)
             if freed:
                 node.blocks = emap.blocks
                 self._save_extents(node)

@@ -36,6 +36,15 @@ UNFLUSHED_KEY = "unflushed"
 #: every re-tag waiting then, unless an fsync's durable commit comes first)
 FORCED_DURABLE_INTERVAL = 1.0
 
+#: blocks freed by relocations that the reaper keeps host-backed for the next
+#: relocations, at most (bytes;
+#: `Allocator.keep`): released with their frames dropped but no hole punch, so that a
+#: stream of overwrites reuses the blocks the last commits freed with no punch when
+#: freed and no host reservation when reused (docs/BENCHMARKS.md, "Stop 16"). What
+#: is past it is discarded as before. Host space the volume counts as free, at most
+#: this much; an unmount discards what is left (`discard_kept`).
+KEEP_FREED_BYTES = 32 << 20
+
 
 class _Freed:
     """Blocks one commit freed from one file, on their way to the allocator
@@ -71,6 +80,9 @@ class Transactions:
     #: before the allocator gets them (`run_reaper`; oldest first), and how many
     _reap: collections.deque[_Freed]
     reaping_blocks: int
+    #: kept freed blocks `discard_kept` took from the allocator and is discarding
+    #: (free space, as the kept blocks are: statfs)
+    discarding_kept: int
     _reap_wakeup: trio.Event
     _reap_lot: trio.lowlevel.ParkingLot
     _reap_lock: trio.Lock
@@ -281,8 +293,21 @@ class Transactions:
                     await self.kernel.wait_grace_change(watch)
                     continue
                 runs = [r for f in ready for r in f.runs]
+                # Blocks relocations freed, up to KEEP_FREED_BYTES, stay host-backed for
+                # the next relocations (their frames dropped, no hole punch); the rest
+                # are discarded.
+                keep, runs = self.alloc.recyclable(runs)
+                room = (KEEP_FREED_BYTES // self.block_size - self.alloc.kept_blocks
+                        if self.discard_freed else 0)
+                k = 0
+                while k < len(keep) and room >= keep[k][1]:
+                    room -= keep[k][1]
+                    k += 1
+                keep, runs = keep[:k], keep[k:] + runs
                 try:
-                    if self.discard_freed:  # (else see `settle_reaper`)
+                    if keep:
+                        await self.kernel.forget(keep, principal=ROOT_PRINCIPAL)
+                    if self.discard_freed and runs:  # (else see `settle_reaper`)
                         await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
                 except SluiceError as exc:
                     # The blocks keep their old data: reusing them leaks nothing (a new
@@ -292,9 +317,47 @@ class Transactions:
                                 sum(c for _d, c in runs), exc)
                 for f in ready:
                     self._reap.remove(f)
-                self.reaping_blocks -= sum(c for _d, c in runs)
-                self.alloc.release_now(runs)
+                self.reaping_blocks -= sum(c for f in ready for _d, c in f.runs)
+                if runs:
+                    self.alloc.release_now(runs)
+                if keep:
+                    self.alloc.keep(keep)
                 self._reap_lot.unpark_all()
+
+    async def discard_kept(self: FileSystem) -> int:
+        """Discard the freed blocks the reaper kept host-backed (`KEEP_FREED_BYTES`)
+        that no relocation has reused, and release them into the allocator's map:
+        before an unmount or a remount read-only, so that the host gets its space back
+        and `sluice fsck` finds no block holding data that no extent owns (after a
+        crash the map is rebuilt from the extents, the kept blocks are simply free, and
+        the mount scrubs them: `scrub_stale_blocks`); when a host reservation for new
+        data finds the host full (`_reserve_host_space`: a punch would have given their
+        space back); and when an ordinary allocation needs them (`_ensure_free`: only
+        relocations take kept blocks). Released undiscarded when the reaper no longer
+        discards (`settle_reaper`) or the discard fails: they are then as after a failed
+        discard. Returns the blocks discarded.
+
+        They stay used in the map until the discard is over (`Allocator.take_kept`):
+        mounted, another allocation may run while the punch waits for the host, and
+        must not take a block the punch then zeroes under its data (review of direct5,
+        K1)."""
+        runs = self.alloc.take_kept()
+        if not runs:
+            return 0
+        self.discarding_kept += sum(c for _d, c in runs)
+        try:
+            if not self.discard_freed:
+                return 0
+            try:
+                await self.kernel.discard(runs, principal=ROOT_PRINCIPAL)
+            except SluiceError as exc:
+                log.warning("discarding %d kept freed blocks failed: %s",
+                            sum(c for _d, c in runs), exc)
+                return 0
+        finally:
+            self.alloc.release_now(runs)
+            self.discarding_kept -= sum(c for _d, c in runs)
+        return sum(c for _d, c in runs)
 
     async def run_reaper(self: FileSystem, *,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -320,6 +383,7 @@ class Transactions:
         blocks as leaked (its repair discards them; a remount read-write scrubs them)."""
         with trio.move_on_after(seconds):
             await self.wait_reaped()
+            await self.discard_kept()
         if self._reap:
             log.warning("%d freed blocks wait for requests in flight: left undiscarded "
                         "(sluice fsck may call them leaked; a remount read-write or fsck "
@@ -365,6 +429,7 @@ class Transactions:
         await self.commit(durable=True, principal=principal, file=file)
         if final:
             await self.wait_reaped()
+            await self.discard_kept()
 
     async def wait_durable(self: FileSystem, *, principal: PrincipalId) -> None:
         """Return once a durable commit holds every change made before the call

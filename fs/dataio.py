@@ -224,17 +224,18 @@ class OpenFiles:
                 # A commit sealed fresh blocks of the range while this write waited for
                 # its barrier: relocate those too.
                 if cow is not None:
-                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                    self.alloc.give_back([(e[1], e[2]) for e in cow.owned_extents()])
                 continue
             except BaseException:
-                if cow is not None:  # never exposed: reusable at once
-                    self.alloc.release_now([(e[1], e[2]) for e in cow.owned_extents()])
+                if cow is not None:  # never exposed: back to the relocations' pool
+                    self.alloc.give_back([(e[1], e[2]) for e in cow.owned_extents()])
                 raise
             break
         if cow is not None:
             for fb, dev, count, _st, _owner in cow.owned_extents():
                 old = emap.relocate(fb, dev, count)
-                self.alloc.free_later([(d, c) for d, c, _o in old], (node.id,))
+                self.alloc.free_later([(d, c) for d, c, _o in old], (node.id,),
+                                      recycle=True)
             self._unsealed.add(emap)
             self._save_extents(node)
 

@@ -122,6 +122,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._unsealed = set()
         self._reap = collections.deque()
         self.reaping_blocks = 0
+        self.discarding_kept = 0
         self._reap_wakeup = trio.Event()
         self._reap_lot = trio.lowlevel.ParkingLot()
         self._reap_lock = trio.Lock()

@@ -63,8 +63,11 @@ class Statistics:
 
     def statistics(self: FileSystem) -> FsStatistics:
         # Blocks waiting for the commit that freed them are in use by no file: free (a
-        # writer short of space makes that commit durable and gets them).
-        free = self.alloc.free + self.alloc.pending_blocks + self.reaping_blocks
+        # writer short of space makes that commit durable and gets them). So are the
+        # kept freed blocks (reserved for relocations until a writer short of space
+        # has them discarded: `_ensure_free`).
+        free = (self.alloc.free + self.alloc.kept_blocks + self.discarding_kept
+                + self.alloc.pending_blocks + self.reaping_blocks)
         return FsStatistics(self.block_size, self.alloc.nblocks, free,
                             max(0, free - self.cow_reserve),
                             self._inode_count, self.max_inodes, len(self._handles),

@@ -6,10 +6,11 @@ reserve kept), relocating sealed blocks, host space under write-back, fallocate
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from kernelshim import (ExtentMap, FRESH, Grant, HOLE, PrincipalId, ROOT_PRINCIPAL, Rights,
-                        UNWRITTEN)
+                        SluiceError, UNWRITTEN)
 from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
 
 from .allocator import Allocator
@@ -78,7 +79,7 @@ class Space:
         runs = emap.sealed_runs(b0, count)
         if not runs:
             return None
-        await self._ensure_free(sum(c for _, c in runs), reserve=False)
+        await self._ensure_free(sum(c for _, c in runs), reserve=False, relocation=True)
         cow = ExtentMap()
         got: list[tuple[int, int]] = []
         for fb, cnt in runs:
@@ -93,16 +94,18 @@ class Space:
             # sequential overwrite stays sequential (docs/BENCHMARKS.md, "Direct 4 KiB
             # random writes"). The relocations' own cursor, not the one new data
             # takes: a file growing meanwhile keeps the blocks it continues into
-            # (review of direct4, A2).
+            # (review of direct4, A2). Before the cursor, the blocks the last commits
+            # freed that the reaper kept host-backed (`Allocator.keep`): no hole punch
+            # when they were freed, no host reservation now (direct5).
             for start, length in self.alloc.allocate(cnt, relocation=True):
                 cow.add(fb, start, length, FRESH)
                 got.append((start, length))
                 fb += length
-        await self._reserve_host_space(got, relocation=True, principal=principal)
+        await self._reserve_host_space(got, relocation=True, cow=True, principal=principal)
         return cow
 
     async def _reserve_host_space(self: FileSystem, runs: list[tuple[int, int]], *,
-                                  relocation: bool = False,
+                                  relocation: bool = False, cow: bool = False,
                                   principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """Host space under newly allocated blocks is reserved before the write into
         them is acknowledged (with write-back the data reaches the host later, in a
@@ -114,27 +117,53 @@ class Space:
         same transaction frees the old blocks) may use half of that headroom, so that
         overwrites and a shrinking truncate still work on a full host (P5).
         `principal`: whose allocation (a refusal is logged once per principal and
-        interval, L1)."""
+        interval, L1). `cow`: `runs` came from `allocate(relocation=True)` and may be
+        kept blocks, which go back to the kept pool on failure (`give_back`), never
+        into the map's free blocks."""
         if not runs or self.kernel.host_reserved(runs):
             return  # (the common case: inside chunks reserved already, R6)
         try:
-            await self.kernel.reserve(runs, relocation=relocation, principal=principal)
+            try:
+                await self.kernel.reserve(runs, relocation=relocation, principal=principal)
+            except SluiceError as exc:
+                # A full host: the freed blocks the reaper kept host-backed for the
+                # next relocations (`KEEP_FREED_BYTES`) give their space back first, as
+                # the punch when they were freed did, and the reservation is tried
+                # again (review of direct5, K1: else up to 32 MiB of free blocks held
+                # host space and new data got ENOSPC).
+                if exc.errno != errno.ENOSPC or not self.alloc.kept_blocks or \
+                        not await self.discard_kept():
+                    raise
+                await self.kernel.reserve(runs, relocation=relocation, principal=principal)
         except BaseException:
-            self.alloc.release_now(runs)
+            if cow:
+                self.alloc.give_back(runs)
+            else:
+                self.alloc.release_now(runs)
             raise
 
-    async def _ensure_free(self: FileSystem, need: int, *, reserve: bool = True) -> None:
+    async def _ensure_free(self: FileSystem, need: int, *, reserve: bool = True,
+                           relocation: bool = False) -> None:
         """Make sure `need` blocks can be allocated (NoSpace otherwise): a new allocation
-        leaves the copy-on-write reserve alone, a relocation (`reserve=False`) may use it."""
+        leaves the copy-on-write reserve alone, a relocation (`reserve=False`) may use it.
+        The kept freed blocks (`Allocator.keep`) count as free: a `relocation` takes
+        them as they are; for another allocation, which may not, they are discarded
+        and released into the map first if the map's free blocks are too few."""
         keep = self.cow_reserve if reserve else 0
-        if need > self.alloc.free - keep and (self.alloc.pending_blocks or self._reap) and \
-                need <= self.alloc.free - keep + self.alloc.pending_blocks + self.reaping_blocks:
+
+        def room() -> int:
+            return self.alloc.free + self.alloc.kept_blocks - keep
+
+        if need > room() and (self.alloc.pending_blocks or self._reap) and \
+                need <= room() + self.alloc.pending_blocks + self.reaping_blocks:
             if self.alloc.pending_blocks:
                 await self.commit()  # blocks freed by the open transaction become usable
             # ... once their grace period is over
-            await self.wait_reaped(lambda: need <= self.alloc.free - keep)
-        if need > self.alloc.free - keep:
-            raise NoSpace(f"no space left on device ({max(0, self.alloc.free - keep)} "
+            await self.wait_reaped(lambda: need <= room())
+        if not relocation and self.alloc.kept_blocks and need > self.alloc.free - keep:
+            await self.discard_kept()
+        if need > (room() if relocation else self.alloc.free - keep):
+            raise NoSpace(f"no space left on device ({max(0, room())} "
                           f"blocks free, {need} needed)")
 
     async def _blocks_that_fit(self: FileSystem, emap: ExtentMap, b0: int, count: int,
@@ -143,9 +172,12 @@ class Space:
         holes among them fit in the free space and in the principal's space banks."""
         if self.alloc.pending_blocks:
             await self.commit()
-        if self._reap and self.alloc.free - self.cow_reserve < count:
-            await self.wait_reaped(lambda: self.alloc.free - self.cow_reserve >= count)
-        budget = self.alloc.free - self.cow_reserve
+        def room() -> int:  # (kept blocks too: `_ensure_free` frees them if needed)
+            return self.alloc.free + self.alloc.kept_blocks - self.cow_reserve
+
+        if self._reap and room() < count:
+            await self.wait_reaped(lambda: room() >= count)
+        budget = room()
         for q in self.principal(principal).chain():
             if q.banks.space is not None:
                 budget = min(budget, (q.banks.space - q.usage.space) // self.block_size)

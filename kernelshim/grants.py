@@ -34,6 +34,10 @@ _ids = itertools.count(1)
 #: ranges coalesce per block
 PENDING_EXACT = 4096
 
+#: past PENDING_EXACT, noted ranges wait to be merged in until there are this many, or
+#: as many as the grant's merged ranges (`Grant._settle`)
+NOTED_MIN = 1024
+
 
 @dataclasses.dataclass(eq=False, slots=True)
 class Grant:
@@ -58,7 +62,27 @@ class Grant:
     #: (`note_written`): never more of them than blocks written through the grant
     #: (allocated to, and charged to, its principal), however many small writes a
     #: client pipelines without committing.
-    written: list[list[int]] = dataclasses.field(default_factory=list)
+    #: (`written`: these with `_noted` merged in)
+    _written: list[list[int]] = dataclasses.field(default_factory=list, repr=False)
+    #: ranges noted once `_written` held PENDING_EXACT, not merged in yet (`_settle`):
+    #: a sorted insert each into a list of ten thousand ranges (a direct client's
+    #: pipelined random writes between two commits) cost more than the rest of its
+    #: bookkeeping (docs/BENCHMARKS.md, "Stop 16")
+    _noted: list[tuple[int, int]] = dataclasses.field(default_factory=list, repr=False)
+    _noted_block: int = 1
+
+    @property
+    def written(self) -> list[list[int]]:
+        """Byte ranges [start, end) written through this grant and not yet committed,
+        sorted and merged (see `_written`)."""
+        if self._noted:
+            self._settle()
+        return self._written
+
+    @written.setter
+    def written(self, ranges: list[list[int]]) -> None:
+        self._written = ranges
+        self._noted = []
 
     def note_written(self, start: int, end: int, block: int = 1) -> None:
         """[start, end) was written. `block`: the block size. Once the grant holds
@@ -66,8 +90,19 @@ class Grant:
         right after it) joins it: the bytes between were written by the kernel's merge
         of a partial block (zeros for an unwritten block, its contents otherwise), and
         the commit then zeroes no bytes between them past the end of the file (R6 is
-        kept exactly for the first PENDING_EXACT ranges, all an ordinary client has)."""
-        w = self.written
+        kept exactly for the first PENDING_EXACT ranges, all an ordinary client has).
+        Past PENDING_EXACT the range is merged in later, with others (`_settle`)."""
+        w = self._written
+        if len(w) >= PENDING_EXACT:
+            noted = self._noted
+            noted.append((start, end))
+            self._noted_block = block
+            if len(noted) >= max(NOTED_MIN, len(w)):  # (bounded: at most as many as
+                self._settle()                        # `_written` holds, amortised)
+            return
+        if self._noted:
+            self._settle()
+            w = self._written
         if len(w) < PENDING_EXACT:
             block = 1
         i = bisect.bisect_left(w, [start, start])
@@ -79,6 +114,38 @@ class Grant:
             end = max(end, w[j][1])
             j += 1
         w[i:j] = [[start, end]]
+
+    def _settle(self) -> None:
+        """Merge the noted ranges into `_written` in one pass, by `note_written`'s rule
+        past PENDING_EXACT: a noted range joins a neighbour that ends in the block where
+        it starts (or right before), or starts in the block where it ends; two ranges
+        neither of which holds a noted one stay as they were."""
+        noted = sorted(self._noted)
+        self._noted = []
+        block = self._noted_block
+        old = self._written
+        out: list[list[int]] = []
+        last_new = False
+        i = j = 0
+        while i < len(old) or j < len(noted):
+            # (a noted range before a merged one that starts where it does: it may
+            # join the one before, as the sorted insert's bisect put it there)
+            if j >= len(noted) or (i < len(old) and old[i][0] < noted[j][0]):
+                s, e = old[i]
+                i += 1
+                new = False
+            else:
+                s, e = noted[j]
+                j += 1
+                new = True
+            if out and (new or last_new) and -(-out[-1][1] // block) * block >= s:
+                if e > out[-1][1]:
+                    out[-1][1] = e
+                last_new = True
+            else:
+                out.append([s, e])
+                last_new = new
+        self._written = out
 
     def wrote_in(self, start: int, end: int) -> bool:
         """Whether a pending written range meets [start, end)."""

@@ -16,6 +16,7 @@ caller's business (the metadata server, later the principal banks), not the kern
 | barrier(principal, file)      | (trusted caller)    | DeviceError                             |
 | wait_quiescent(inodes=None)   | (trusted caller)    | —                                       |
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
+| forget(runs, principal)       | (trusted caller)    | —                                       |
 | sync()                        | —                   | DeviceError                             |
 | writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
 | may_be_unflushed(inode)       | (trusted caller)    | —                                       |
@@ -584,17 +585,20 @@ class Kernel(GrantTable, LowerLayers):
         Adjacent runs are merged first: one hole punch per range instead of one per
         freed extent (rm -rf of small files frees thousands of neighbouring runs); the
         runs then go down as one request (`Pager.discard_runs`), not one per run."""
-        merged: list[list[int]] = []
-        for dev, count in sorted(runs):
-            if merged and dev <= merged[-1][0] + merged[-1][1]:
-                last = merged[-1]
-                last[1] = max(last[1], dev + count - last[0])
-            else:
-                merged.append([dev, count])
+        merged = _merged_runs(runs)
         self._dirty = True
         if merged:
-            await self.pager.discard_runs([(dev, count) for dev, count in merged],
-                                          principal=principal)
+            await self.pager.discard_runs(merged, principal=principal)
+
+    async def forget(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
+        """Drop every cached copy of freed device blocks (their frames, once no
+        write-back of theirs is in flight) but leave their contents and checksums on
+        the device: `discard` without the hole punch, for freed blocks the metadata
+        server keeps host-backed for its next relocations. The caller has revoked
+        every grant that mapped them, as for `discard`."""
+        merged = _merged_runs(runs)
+        if merged:
+            await self.pager.forget_runs(merged, principal=principal)
 
     async def sync(self) -> None:
         """Make everything written durable (a barrier without a commit)."""
@@ -732,3 +736,15 @@ class Kernel(GrantTable, LowerLayers):
                                         willneed=willneed, dontneed=dontneed)
         finally:
             self._leave(grant, epoch)
+
+
+def _merged_runs(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`runs` (device block, count) sorted, overlapping and adjacent ones merged."""
+    merged: list[list[int]] = []
+    for dev, count in sorted(runs):
+        if merged and dev <= merged[-1][0] + merged[-1][1]:
+            last = merged[-1]
+            last[1] = max(last[1], dev + count - last[0])
+        else:
+            merged.append([dev, count])
+    return [(dev, count) for dev, count in merged]

@@ -382,6 +382,17 @@ class DataPath(Reclaim):
         """`discard` of every (block, count) of `runs` (sorted by block, not overlapping),
         as one device request (`BlockDevice.discard_runs`): a commit frees many
         scattered blocks at once."""
+        await self.forget_runs(runs, principal=principal)
+        await self.device.discard_runs(runs, principal=principal)
+
+    async def forget_runs(self, runs: Sequence[tuple[int, int]], *,
+                          principal: PrincipalId) -> None:
+        """Drop the frames of freed blocks (`runs` sorted by block, not overlapping)
+        once no write-back of theirs is in flight, dirty ones unwritten, and leave the
+        blocks' contents on the device: `discard_runs` without the hole punch, for
+        freed blocks kept for reuse (the metadata server's reaper). A write that reuses
+        one then finds no frame of the old contents, and none of theirs is written back
+        over it. (Traced as a discard: to the pager, the blocks' contents are gone.)"""
         if self._tw is not None:
             for block, count in runs:
                 self._trace_op(tr.DISCARD, principal, block, count, 0, 0)
@@ -401,10 +412,10 @@ class DataPath(Reclaim):
                 if not busy:
                     break
                 await self._io_done.park()
-            # no checkpoint from the check above to the device discard's start
+            # no checkpoint from the check above to the unmap (nor, in
+            # `discard_runs`, to the device discard's start)
             for block, count in runs:
                 for b in range(block, block + count):
                     f = where.get(b)
                     if f is not None:
                         self._unmap(f)
-        await self.device.discard_runs(runs, principal=principal)

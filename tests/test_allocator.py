@@ -201,3 +201,110 @@ def test_relocations_have_their_own_cursor() -> None:
     assert a.allocate(2) == [(8, 2)]  # no goal: the cursor, where new data ended
     assert a.allocate(1, relocation=True) == [(519, 1)]
     assert a.free == 1024 - 14
+
+
+# -- kept freed blocks (direct5): reachable by relocations only -------------------------
+
+def test_kept_blocks_are_used_and_only_relocations_take_them() -> None:
+    """Kept blocks (`keep`) still hold another file's data: they stay used in the map,
+    counted apart, and no ordinary allocation gets one, even with the goal on them or
+    the map otherwise full; a relocation takes them first (direct5: before, a kept
+    block was free in the map and any allocation could get it, review K2's class)."""
+    a = Allocator(64)
+    runs = a.allocate(8, 0)
+    assert runs == [(0, 8)]
+    a.keep(runs)  # (as the reaper does, once a durable commit freed them)
+    assert a.kept_blocks == 8 and a.free == 56 and a.available == 64
+    assert a.used[:8].all()
+    got = blocks_of(a.allocate(4, 0))  # the goal on a kept block
+    assert not set(got) & set(range(8))
+    with pytest.raises(NoSpace):
+        a.allocate(53)  # 52 free in the map; the kept ones are not for this
+    rest = blocks_of(a.allocate(52, 0))
+    assert not set(rest) & set(range(8)) and a.free == 0
+    assert a.allocate(3, relocation=True) == [(0, 3)]  # relocations: kept first
+    assert a.kept_blocks == 5 and a.free == 0
+    with pytest.raises(NoSpace):
+        a.allocate(6, relocation=True)
+    a.give_back([(1, 2)])  # a relocation that failed: kept again, not freed
+    assert a.kept_blocks == 7 and a.free == 0
+    assert a.take_kept() == [(1, 2), (3, 5)]  # (to discard: still used until released)
+    assert a.kept_blocks == 0 and a.free == 0 and a.used[1:8].all()
+    a.release_now([(1, 2), (3, 5)])
+    assert a.free == 7 and a.available == 7
+
+
+kept_ops = st.lists(st.one_of(
+    st.tuples(st.just("alloc"), st.integers(0, 30), st.one_of(st.none(), st.integers(0, NB - 1))),
+    st.tuples(st.just("relocate"), st.integers(0, 30), st.none()),
+    st.tuples(st.just("free_later"), st.integers(0, 1000), st.integers(1, 8)),
+    st.tuples(st.just("commit"), st.none(), st.none()),
+    st.tuples(st.just("keep"), st.integers(0, 1000), st.integers(1, 8)),
+    st.tuples(st.just("give_back"), st.integers(0, 1000), st.integers(1, 8)),
+    st.tuples(st.just("take_kept"), st.none(), st.none()),
+    st.tuples(st.just("discard"), st.none(), st.none()),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=kept_ops)
+def test_kept_blocks_model(ops: list[tuple]) -> None:
+    """Random allocate / relocate / free_later / commit / keep / give_back / take_kept /
+    discard against a model: `free + kept_blocks + used by files == nblocks` after
+    every step, the map's used blocks are the files' and the kept ones, `kept_blocks`
+    is exact, and no allocation but a relocation returns a kept block."""
+    a = Allocator(NB)
+    owned: list[int] = []      # allocated to files (or to a relocation) and not freed
+    pending: set[int] = set()  # freed by the open transaction
+    kept: set[int] = set()
+    taken: list[tuple[int, int]] = []  # take_kept's, being discarded (still used)
+    for kind, x, y in ops:
+        if kind in ("alloc", "relocate"):
+            reloc = kind == "relocate"
+            files = len(owned) + len(pending) + sum(c for _s, c in taken)
+            free = NB - files - len(kept)
+            if x > (free + len(kept) if reloc else free):
+                with pytest.raises(NoSpace):
+                    a.allocate(x, y, relocation=reloc)
+                continue
+            got = blocks_of(a.allocate(x, y, relocation=reloc))
+            assert len(got) == x == len(set(got))
+            assert not set(got) & (set(owned) | pending), "allocated a used block"
+            if not reloc:
+                assert not set(got) & kept, "an ordinary allocation got a kept block"
+            else:  # the kept blocks first
+                assert set(got) & kept == set(got) if x <= len(kept) else kept <= set(got)
+            kept -= set(got)
+            owned += got
+        elif kind in ("free_later", "keep", "give_back"):
+            if not owned:
+                continue
+            i = x % len(owned)
+            run = owned[i:i + y]
+            del owned[i:i + y]
+            runs = [(b, 1) for b in run]
+            if kind == "free_later":
+                a.free_later(runs, recycle=True)
+                pending |= set(run)
+            elif kind == "keep":
+                a.keep(runs)
+                kept |= set(run)
+            else:
+                a.give_back(runs)
+                kept |= set(run)
+        elif kind == "commit":
+            a.committed()
+            pending.clear()
+        elif kind == "take_kept":
+            runs = a.take_kept()
+            assert sorted(blocks_of(runs)) == sorted(kept)
+            taken += runs
+            kept.clear()
+        else:  # the discard is over
+            a.release_now(taken)
+            taken.clear()
+        files = len(owned) + len(pending) + sum(c for _s, c in taken)
+        assert a.free + a.kept_blocks + files == NB
+        assert a.kept_blocks == len(kept)
+        in_use = set(owned) | pending | kept | set(blocks_of(taken))
+        assert set(np.flatnonzero(a.used).tolist()) == in_use

@@ -495,7 +495,8 @@ async def test_enospc_writes_what_fits_and_corrupts_nothing(tmp_path: Path) -> N
         want[:3 * BS] = fill(7, 3 * BS)
         assert bytes(await fs.read(ha.fh, 0, 60 * BS)) == want
         await fs.sync()
-        assert fs.alloc.free == reserve
+        # (the relocations' freed blocks: kept for the next ones, free space all the same)
+        assert fs.alloc.available == reserve
         assert bytes(await fs.read(h.fh, 0, 10 * BS)) == fill(2, 4 * BS)
         await fs.release(h.fh)
         await fs.release(ha.fh)
@@ -895,7 +896,7 @@ async def _run_fs_model(path: Path, ops: list[tuple]) -> None:
                 node = fs.lookup(ROOT, n)
                 assert node.size == len(models[i])
                 assert node.blocks == fs._extents(node).blocks
-            used = fs.alloc.nblocks - fs.alloc.free
+            used = fs.alloc.nblocks - fs.alloc.available  # (kept blocks: free space)
             owned = sum(fs._extents(fs.lookup(ROOT, n)).blocks for n in names_)
             assert used == owned + fs.alloc.pending_blocks
         for i, n in enumerate(names_):
@@ -1115,6 +1116,194 @@ async def test_random_overwrites_relocate_to_consecutive_blocks(vol: Volume) -> 
     assert report.errors == 0, report.lines
 
 
+async def test_overwrites_reuse_the_blocks_the_last_commits_freed_without_a_punch(
+        vol: Volume) -> None:
+    """A block a relocation freed is kept host-backed once its commit is durable and
+    its grace period over (no hole punch: its checksum and data stay), and the next
+    relocation takes it (no host reservation: its chunk was never punched). (Blocks a
+    truncate or an unlink frees are discarded as before: see
+    test_truncate_frees_at_once_but_discards_after_in_flight_reads.) The final sync of an unmount
+    discards the kept blocks nobody reused, so fsck finds no leaked block (main
+    punched every freed block: direct5, docs/BENCHMARKS.md "Stop 16")."""
+    fs = vol.fs
+    assert fs is not None
+    blocks = 8
+    ino = await write_file(fs, b"f", fill(1, blocks * BS))
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    old = dev_blocks(fs, ino)
+    expect = bytearray(fill(1, blocks * BS))
+    reserved: list[object] = []
+    real_reserve = fs.kernel.reserve
+
+    async def reserve(runs, **kw):
+        reserved.append(runs)
+        await real_reserve(runs, **kw)
+
+    fs.kernel.reserve = reserve  # type: ignore[method-assign]
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 3 * BS, fill(10, BS)) == BS
+        expect[3 * BS:4 * BS] = fill(10, BS)
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        # the relocation's freed block: kept, its old data and checksum still there
+        assert fs.alloc.kept_blocks == 1
+        assert fs.kernel.device.stored_checksum(old[3]) != 0
+        assert await fs.write(h.fh, 5 * BS, fill(11, BS)) == BS
+        expect[5 * BS:6 * BS] = fill(11, BS)
+        assert dev_blocks(fs, ino)[5] == old[3]  # reused
+        assert fs.alloc.kept_blocks == 0
+        assert await fs.write(h.fh, 6 * BS, fill(12, BS)) == BS  # (the pool is empty)
+        expect[6 * BS:7 * BS] = fill(12, BS)
+        assert dev_blocks(fs, ino)[6] not in old
+        assert await read_file(fs, ino) == bytes(expect)
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        assert fs.alloc.kept_blocks == 2  # old[5] and old[6]
+    finally:
+        await fs.release(h.fh)
+    assert not reserved  # every relocation inside chunks reserved already
+    await fs.sync(final=True)  # (an unmount's: the kept blocks are discarded)
+    assert fs.alloc.kept_blocks == 0
+    assert all(fs.kernel.device.stored_checksum(b) == 0 for b in (old[5], old[6]))
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+    assert not any("leaked" in line for line in report.lines), report.lines
+    fs = await vol.open()
+    assert await read_file(fs, ino) == bytes(expect)
+
+
+async def test_kept_freed_blocks_left_by_a_crash_are_scrubbed_at_mount(
+        vol: Volume) -> None:
+    """Blocks the reaper kept host-backed hold a freed version's data and checksum: a
+    daemon killed before the unmount's discard leaves them, and the next mount finds
+    them holding data no committed extent owns and discards them (R3's
+    `scrub_stale_blocks`), so fsck finds nothing leaked."""
+    fs = vol.fs
+    assert fs is not None
+    ino = await write_file(fs, b"f", fill(1, 4 * BS))
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    old = dev_blocks(fs, ino)
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, BS, fill(5, BS)) == BS
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    await fs.wait_reaped()
+    assert fs.alloc.kept_blocks == 1 and fs.kernel.device.stored_checksum(old[1]) != 0
+    # a crash: no final sync, nothing more committed
+    vol.md.close()
+    vol.kernel.close()
+    vol.fs = None
+    fs = await vol.open()
+    assert await fs.scrub_stale_blocks() == 1  # (the mount's step: fs/mount.py)
+    assert fs.kernel.device.stored_checksum(old[1]) == 0
+    expect = bytearray(fill(1, 4 * BS))
+    expect[BS:2 * BS] = fill(5, BS)
+    assert await read_file(fs, ino) == bytes(expect)
+    await vol.close()
+    report = await vol.fsck()
+    assert report.errors == 0, report.lines
+    assert not any("leaked" in line for line in report.lines), report.lines
+
+
+async def test_a_full_host_gets_the_kept_blocks_host_space_back_for_new_data(
+        tmp_path: Path, small_tmpfs) -> None:
+    """Review of direct5, K1: the blocks an overwrite frees are kept host-backed (no
+    hole punch) for the next relocations. On a nearly full host, new data that needs a
+    host reservation must still find the space a punch would have given back: the
+    reservation's ENOSPC discards the kept blocks and tries again. (Before: the write
+    failed with ENOSPC while up to KEEP_FREED_BYTES of free blocks held host space;
+    main punched them and the write fitted.) A 64 MiB volume on a 48 MiB host (6 MiB
+    headroom): a 16 MiB file fills chunk 0, an overwrite of half of it relocates into
+    another chunk, the host is filled to 7 MiB free, the overwrite's commit frees 8 MiB
+    of chunk 0; then 2 MiB of new data into chunk 1 needs 2 MiB + the headroom."""
+    MiB = 1 << 20
+    host = small_tmpfs("48m")
+    v = Volume(host / "vol", size=64 * MiB)
+    fs = await v.open()
+    try:
+        ino = await write_file(fs, b"f", fill(1, 16 * MiB))
+        await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+        h = fs.open(ino, os.O_RDWR, CALLER)
+        try:
+            assert await fs.write(h.fh, 0, fill(2, 8 * MiB)) == 8 * MiB
+        finally:
+            await fs.release(h.fh)
+        st = os.statvfs(host)
+        avail = st.f_bavail * st.f_frsize
+        assert avail > 8 * MiB, avail
+        with open(host / "filler", "wb") as f:  # another user of the host
+            f.write(b"\xff" * (avail - 7 * MiB))
+        await fs.commit(durable=True)
+        await fs.wait_reaped()  # (the 8 MiB the overwrite freed: kept, or punched)
+        g = await write_file(fs, b"g", fill(3, 2 * MiB))
+        assert await read_file(fs, g) == fill(3, 2 * MiB)
+        expect = fill(2, 8 * MiB) + fill(1, 16 * MiB)[8 * MiB:]
+        assert await read_file(fs, ino) == expect
+        await fs.commit(durable=True)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
+
+
+async def test_a_direct_truncate_forgets_the_grants_written_ranges_in_freed_blocks(
+        vol: Volume) -> None:
+    """Review of direct5, K2. A direct client that truncates keeps its grant (its
+    connection has nothing else in flight), and kept the ranges it had written but not
+    committed in the blocks the truncate freed. A new layout there maps a new unwritten
+    block, and the client's next partial write into it took those stale ranges for its
+    own earlier write (`_fill_block`: `wrote_in`) and merged the block's old device
+    contents instead of zeros. Since direct5 a new allocation may get a kept freed block
+    that still holds another file's data (no hole punch): that data became part of this
+    client's file (before direct5 the block had been punched: zeros). The truncate now
+    drops the keeping grant's pending ranges from the first freed block on."""
+    fs = vol.fs
+    assert fs is not None
+    secret = fill(7, 4 * BS)
+    a = await write_file(fs, b"a", secret)  # tenant A's file
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    old_a = dev_blocks(fs, a)
+    h = fs.open(a, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 0, fill(8, 4 * BS)) == 4 * BS
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    await fs.wait_reaped()  # A's old blocks: free again (kept host-backed since direct5)
+    h, node = fs.create(ROOT, b"b", 0o644, os.O_RDWR, CALLER)  # tenant B's file
+    await fs.release(h.fh)
+    g = fs.grant_direct(node, True, True, CALLER)
+    try:
+        await fs.layout_get(g, 0, BS)
+        await fs.layout_get(g, 5 * BS, BS)
+        await fs.kernel.write(g, 0, b"x" * 100)
+        await fs.kernel.write(g, 5 * BS, b"y" * 100)  # (not committed)
+        await fs.layout_commit(g, 0, 100)
+        await fs.truncate(node, 0, principal=g.principal, keep_grant=g)
+        await fs.commit(durable=True)
+        await fs.wait_reaped()
+        # The next allocation lands on A's old blocks (as on a volume whose cursor
+        # wrapped around to them). Kept blocks are reachable by relocations only
+        # (direct5, R3): as after a failed discard, which releases them with A's data
+        # still there.
+        assert fs.alloc.kept_blocks == 4
+        fs.alloc.release_now(fs.alloc.take_kept())
+        fs.alloc._cursor = old_a[0]
+        await fs.layout_get(g, 5 * BS, BS)
+        assert dev_blocks(fs, node.id)[0] in old_a
+        await fs.kernel.write(g, 5 * BS + 200, b"z" * 10)
+        assert await fs.layout_commit(g, 5 * BS, BS) == 5 * BS + 210
+    finally:
+        await fs.close_direct(g)
+        fs.kernel.release(g)
+    data = await read_file(fs, node.id)
+    assert data == bytes(5 * BS + 200) + b"z" * 10, "another file's data showed"
+
+
 async def test_a_file_growing_beside_relocations_keeps_its_blocks_together(
         vol: Volume) -> None:
     """A file growing 4 KiB at a time while another file's committed blocks are
@@ -1191,3 +1380,119 @@ async def test_extent_rows_stored_in_pieces_are_loaded_merged(vol: Volume) -> No
     report = await vol.fsck()
     assert report.errors == 0, report.lines
     await vol.open()
+
+
+async def _keep_freed(fs: FileSystem, ino: int, blocks: list[int]) -> list[int]:
+    """Overwrite file blocks `blocks` of committed file `ino` (relocations), commit
+    durably and let the reaper keep the freed blocks: their device blocks."""
+    old = dev_blocks(fs, ino)
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        for fb in blocks:
+            assert await fs.write(h.fh, fb * BS, fill(50 + fb, BS)) == BS
+    finally:
+        await fs.release(h.fh)
+    await fs.commit(durable=True)
+    await fs.wait_reaped()
+    freed = [old[fb] for fb in blocks]
+    assert fs.alloc.kept_blocks == len(blocks)
+    assert all(fs.kernel.device.stored_checksum(b) != 0 for b in freed)  # (old data)
+    return freed
+
+
+@pytest.mark.parametrize("how", ["write", "fallocate", "layout"])
+async def test_kept_blocks_are_never_given_to_a_growing_file(fs: FileSystem,
+                                                             how: str) -> None:
+    """A kept freed block still holds another file's data: a file growing (a write, a
+    fallocate) whose goal is that block gets another one, while the block is kept
+    (direct5: kept blocks are used in the map, only relocations take them; before,
+    they were free there and the growing file took them, K2's class of defect)."""
+    a = await write_file(fs, b"a", fill(1, 4 * BS))
+    b = await write_file(fs, b"b", fill(2, 4 * BS))  # (right after a's blocks)
+    assert dev_blocks(fs, b)[0] == dev_blocks(fs, a)[-1] + 1
+    await fs.commit(durable=True)  # (sealed: an overwrite relocates)
+    kept = await _keep_freed(fs, b, [0, 1, 2, 3])
+    if how == "layout":  # a direct client's write layout
+        g = fs.grant_direct(fs.inode(a), True, True, CALLER)
+        try:
+            await fs.layout_get(g, 4 * BS, 4 * BS)
+            grown = dev_blocks(fs, a)[4:]  # (before the close drops them: past EOF)
+        finally:
+            await fs.close_direct(g)
+            fs.kernel.release(g)
+    else:
+        h = fs.open(a, os.O_RDWR, CALLER)
+        try:
+            if how == "write":
+                assert await fs.write(h.fh, 4 * BS, fill(3, 4 * BS)) == 4 * BS
+            else:
+                await fs.fallocate(h.fh, 0, 4 * BS, 4 * BS)
+        finally:
+            await fs.release(h.fh)
+        grown = dev_blocks(fs, a)[4:]
+    assert len(grown) == 4 and not set(grown) & set(kept)
+    assert fs.alloc.kept_blocks == 4 and fs.alloc.used[kept].all()
+    if how != "layout":  # (a layout without a commit: the size stays)
+        expect = fill(1, 4 * BS) + (fill(3, 4 * BS) if how == "write" else bytes(4 * BS))
+        assert await read_file(fs, a) == expect
+    # the next relocations take them
+    kept_before = fs.alloc.kept_blocks
+    h = fs.open(a, os.O_RDWR, CALLER)
+    try:
+        assert await fs.write(h.fh, 0, fill(4, BS)) == BS
+    finally:
+        await fs.release(h.fh)
+    assert dev_blocks(fs, a)[0] in kept and fs.alloc.kept_blocks == kept_before - 1
+
+
+async def test_full_volume_whose_free_space_is_kept_blocks_accepts_a_write(
+        tmp_path: Path) -> None:
+    """A nearly full volume whose only free space (past the copy-on-write reserve) is
+    kept freed blocks: an ordinary write discards them and gets them (no ENOSPC that
+    the volume without kept blocks would not give), and the file reads back its own
+    data with zeros elsewhere, nothing of the blocks' old data; statfs counts the
+    kept blocks as free all along."""
+    v = Volume(tmp_path / "vol", size=64 * BS)
+    fs = await v.open()
+    reserve = fs.cow_reserve
+    try:
+        a = await write_file(fs, b"a", fill(1, 52 * BS))
+        assert fs.alloc.free == reserve + 4
+        await fs.commit(durable=True)
+        b = await write_file(fs, b"b", fill(2, 4 * BS))
+        await fs.commit(durable=True)
+        # b's four blocks relocated into the reserve, the old ones kept
+        kept = await _keep_freed(fs, b, [0, 1, 2, 3])
+        await fs.unlink(ROOT, b"b")  # (its blocks: discarded, free again)
+        await fs.sync()
+        await fs.wait_reaped()
+        assert fs.alloc.kept_blocks == 4
+        assert fs.alloc.free == reserve  # the map's free blocks: the reserve only
+        st = fs.statistics()
+        assert st.blocks_free == reserve + 4 and st.blocks_avail == 4
+        sv = await Operations(fs).statfs(ctx())
+        assert sv.f_bfree == reserve + 4 and sv.f_bavail == 4
+        h, node = fs.create(ROOT, b"c", 0o644, os.O_RDWR, CALLER)
+        try:
+            # 4 blocks, partly written: zeros before, between and after
+            assert await fs.write(h.fh, 100, fill(5, BS)) == BS
+            await fs.fallocate(h.fh, 0, 2 * BS, BS)
+            assert await fs.write(h.fh, 3 * BS + 7, fill(6, 50)) == 50
+        finally:
+            await fs.release(h.fh)
+        assert fs.alloc.kept_blocks == 0
+        c_blocks = dev_blocks(fs, node.id)
+        assert len(c_blocks) == 4
+        # discarded before they were released (those c does not hold: no data left)
+        assert all(fs.kernel.device.stored_checksum(b) == 0
+                   for b in kept if b not in c_blocks)
+        expect = bytearray(3 * BS + 57)
+        expect[100:BS + 100] = fill(5, BS)
+        expect[3 * BS + 7:] = fill(6, 50)
+        assert await read_file(fs, node.id) == bytes(expect)
+        assert fs.statistics().blocks_avail == 0
+        assert await read_file(fs, a) == fill(1, 52 * BS)
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert report.errors == 0, report.lines
