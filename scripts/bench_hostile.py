@@ -24,6 +24,7 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
                                               [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
+                                              [--floor]
 
 By default (`--epochs 10`) the quiet and attacked figures come from the same minutes:
 one attack runs throughout, and the victim's pairs are taken in K quiet and K attacked
@@ -38,6 +39,14 @@ reference). A whole run's 1000 pairs take under a second: one quiet phase follow
 one attacked phase (`--epochs 0`, the single-shot mode) compares two half-second
 windows a few seconds apart, and a burst of another session's work in either moved
 the ratio as much as the attack did (docs/BENCHMARKS.md, "Stop 16").
+`--floor` (epochs mode only) measures what part of the ratio the daemon cannot remove:
+the same attacker processes, doing the same work on the same 2 CPUs, attack a second,
+separate sluice daemon (a volume and mount of its own, made the same way, serving
+them as the first would), while the victim's pairs go to the first daemon, which does
+none of the attackers' work. The machine is as loaded as in a normal run (the attack's
+processes and a daemon serving them); what the victim then still loses is the OS's
+scheduling of the victim and its daemon among them, which no change to the daemon can
+give back. The hostile uids' requests served a second are then the second daemon's.
 `--uid-slices` puts the victim (this process, once the daemon has started) and each
 hostile uid's processes in a cpu cgroup of its own (cgroup v1, /sys/fs/cgroup/cpu,
 default shares, removed at the end), as systemd's user-UID.slice does on a real
@@ -447,7 +456,8 @@ def attackers_served(svc: dict[str, Any]) -> int:
     return sum(h["n"] for who, h in svc.items() if who.startswith("uid-"))
 
 
-def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[str, Any]:
+def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
+               attack_mnt: Path | None = None) -> dict[str, Any]:
     """The victim's `n` request pairs quiet and `n` attacked, in `epochs` alternating
     epochs of each (n // epochs pairs an epoch), in one mount and one attack: the
     attackers are started once, and stopped (SIGSTOP: their connections open and idle,
@@ -457,14 +467,18 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
     alike. Before the attack, one epoch with no attacker at all (`pristine`): the
     reference the single-shot mode used, to compare with the stopped-attackers quiet.
     Per condition: the pairs pooled, and per epoch its p50/p99, the load average, the
-    victim's wait for a CPU and, attacked, the hostile uids' requests served a second."""
+    victim's wait for a CPU and, attacked, the hostile uids' requests served a second.
+    With `attack_mnt` (`--floor`) the attackers attack that volume's daemon instead
+    (their requests served a second are counted there), the victim's daemon does none
+    of their work."""
+    target = attack_mnt if attack_mnt is not None else mnt
     per = max(1, n // epochs)
     out: dict[str, Any] = {"epochs": epochs, "per_epoch": per,
                            "quiet": [], "attacked": [], "load": []}
     lat: dict[str, list[float]] = {"quiet": [], "attacked": []}
     vw: list[float] = []
     out["pristine"] = pct3(victim(mnt, per, vw))
-    with Attack(mnt, floods=floods, churn_rounds=-1) as attack:
+    with Attack(target, floods=floods, churn_rounds=-1) as attack:
         # (where each attacker's CPU time is shared: its cpu cgroup, `--uid-slices`)
         out["attacker_cgroups"] = sorted({cpu_cgroup(p.pid) for p in attack.procs})
         out["victim_cgroup"] = cpu_cgroup(os.getpid())
@@ -478,6 +492,8 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
                     attack.resume()
                 time.sleep(EPOCH_SETTLE)
                 daemon_service(mnt)  # (resets the daemon's histograms)
+                if attack_mnt is not None:
+                    daemon_service(attack_mnt)
                 rd0, cpu0 = run_delay(pid), cpu_time(pid)
                 t0 = time.perf_counter()
                 w: list[float] = []
@@ -485,6 +501,9 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
                 t1 = time.perf_counter()
                 rd1, cpu1 = run_delay(pid), cpu_time(pid)
                 svc = daemon_service(mnt)
+                if attack_mnt is not None:  # (the hostile uids were served there)
+                    svc = {**daemon_service(attack_mnt), "(event loop batches)":
+                           svc.get("(event loop batches)", {})}
                 lat[cond] += xs
                 row = {"epoch": e, **pct3(xs), "seconds": t1 - t0,
                        "victim_cpu_wait_ms": w[0] / per * 1e3,
@@ -511,8 +530,11 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int) -> dict[st
     return out
 
 
-def print_epochs(r: dict[str, Any], load_start: str) -> None:
+def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> None:
     """`--epochs`' table: each condition pooled, the ratio, and the spread per epoch."""
+    if floor:
+        print("FLOOR (--floor): the attackers attack a second, separate sluice daemon; "
+              "the victim's daemon does none of their work")
     print(f"victim: root{', uid slices' if SLICES is not None else ''}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
           f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
           f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
@@ -954,6 +976,12 @@ def main() -> int:
                          "default shares, under /sys/fs/cgroup/cpu, removed at the end), as "
                          "systemd's user-UID.slice on a multi-user host; the daemon stays "
                          "where it is")
+    ap.add_argument("--floor", action="store_true",
+                    help="the machine's floor (epochs mode only): the same attackers, "
+                         "pointed at a second, separate sluice daemon (its own volume and "
+                         "mount), while the victim talks to the first alone: the attack's "
+                         "processes and the CPU its serving takes are as in a normal run, "
+                         "but the victim's daemon does none of it")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
@@ -977,13 +1005,33 @@ def main() -> int:
               "--rss-seconds, --py-spy, --loop-trace (they measure one phase window)",
               file=sys.stderr)
         return 2
+    if args.floor and not args.epochs:
+        print("bench_hostile.py: --floor needs the epochs mode", file=sys.stderr)
+        return 2
     base = Path(tempfile.mkdtemp(prefix="sluice-hostile-", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "mnt").mkdir()
     sm = SluiceMount(base / "vol", base / "mnt", size="1G")
-    result: dict[str, Any] = {"samples": n, "load_start": loadavg()}
+    # --floor: the attackers' own daemon (a second volume, mounted the same way)
+    stand_in: SluiceMount | None = None
+    if args.floor:
+        (base / "mnt-attacked").mkdir()
+        # (its idle poll off: it would spin a CPU of its own between the attackers'
+        # requests at nice -5, beside the victim's daemon spinning on the other — a
+        # load a normal run, one daemon, does not have; it does the attackers' work)
+        stand_in = SluiceMount(base / "vol-attacked", base / "mnt-attacked", size="1G",
+                               options=("--idle-poll", "0"))
+    result: dict[str, Any] = {"samples": n, "load_start": loadavg(),
+                              "floor": bool(args.floor)}
     try:
         sm.mkfs()
+        if stand_in is not None:
+            stand_in.mkfs()
+            stand_in.mount()
+            (stand_in.mountpoint / "pub").mkdir()
+            os.chmod(stand_in.mountpoint / "pub", 0o1777)
+            (stand_in.mountpoint / "pub" / "shared").write_bytes(b"s" * 100_000)
+            os.chmod(stand_in.mountpoint / "pub" / "shared", 0o666)
         t_mount = time.perf_counter()
         if args.gc_log:
             with contextlib.suppress(FileNotFoundError):
@@ -1033,7 +1081,9 @@ def main() -> int:
         if args.epochs:
             log(f"{args.epochs} quiet and {args.epochs} attacked epochs of "
                 f"{max(1, n // args.epochs)} requests, alternated")
-            result["epochs"] = epochs_run(mnt, sm.pid, n, args.epochs, args.floods)
+            result["epochs"] = epochs_run(
+                mnt, sm.pid, n, args.epochs, args.floods,
+                stand_in.mountpoint if stand_in is not None else None)
             return 0
         log(f"quiet: {n} requests")
         daemon_service(mnt)
@@ -1090,16 +1140,18 @@ def main() -> int:
             SLICES.close()
         daemon_pid = sm.pid
         sm.cleanup()
+        if stand_in is not None:
+            stand_in.cleanup()
         t_end = time.perf_counter()
         os.environ.pop("SLUICE_GC_LOG", None)
-        if not is_mounted(base / "mnt"):
+        if not is_mounted(base / "mnt") and not is_mounted(base / "mnt-attacked"):
             shutil.rmtree(base, ignore_errors=True)
         if args.ab_nice and "ab_attacked" in result:
             print_ab(result, n)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
         if "epochs" in result:
-            print_epochs(result["epochs"], result["load_start"])
+            print_epochs(result["epochs"], result["load_start"], floor=args.floor)
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]

@@ -142,10 +142,13 @@ class SluiceMount:
     """A sluice volume (timing profile `none`) at `volume`, mounted at `mountpoint`;
     `pid` is its daemon's while mounted."""
 
-    def __init__(self, volume: Path, mountpoint: Path, size: int | str = "16G") -> None:
+    def __init__(self, volume: Path, mountpoint: Path, size: int | str = "16G",
+                 options: tuple[str, ...] = ()) -> None:
         self.volume = volume
         self.mountpoint = mountpoint
         self.size = size
+        #: more `sluice mount` options (e.g. ("--idle-poll", "0"))
+        self.options = options
         self.pid: int | None = None
 
     def mkfs(self) -> None:
@@ -153,8 +156,8 @@ class SluiceMount:
              "-q"], cwd=REPO)
 
     def mount(self) -> None:
-        run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none"],
-            cwd=REPO)
+        run([*SLUICE, "mount", str(self.volume), str(self.mountpoint), "--profile", "none",
+             *self.options], cwd=REPO)
         self.pid = int(json.loads((self.volume / "mount.json").read_text())["pid"])
 
     def umount(self) -> None:
