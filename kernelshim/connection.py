@@ -295,17 +295,6 @@ class FairTurns(trio.abc.Instrument):
     principal alone never parks. The server's admission work (accepting and refusing
     connections) takes a turn of its own, always backlogged (`admission`).
 
-    A backlogged principal's step that ends parks as it ends, not in its next step
-    (victim6): a step that ends with requests left over, or whose reader finds its
-    socket empty, parks its turn at once (`park_turn`; the server does it), and a turn
-    handed over to another connection of the principal (`after_task_step`) puts that
-    connection's task in the queue on its behalf (`_handed`): the queue releases it.
-    Before, each of those tasks was woken in the next batch (or by the poll, when its
-    client sent more) only to park — a step of its own, 0.02-0.05 ms, ahead of other
-    principals' requests. Where nobody else waits, `_park` releases the step for the
-    next batch at once, as the step that yielded would have run then; the order of the
-    queue and one backlogged step a batch are unchanged.
-
     And a request the poll brings goes before the backlogged step of its batch: the
     released step is runnable when the loop polls, and trio runs a batch in order or
     reversed at random, so half the requests of a principal with nothing left over
@@ -468,11 +457,6 @@ class FairTurns(trio.abc.Instrument):
         self.may_hold: Callable[[], bool] | None = None
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
-        #: steps that parked their turn as they ended (`park_turn`; statistics)
-        self.turns_parked = 0
-        #: tasks the hand-over of their principal's turn put in the queue of parked
-        #: steps while they waited for the turn (`after_task_step`, `take`)
-        self._handed: set[trio.lowlevel.Task] = set()
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -647,17 +631,11 @@ class FairTurns(trio.abc.Instrument):
         sh.waiters.append(task)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            if task in self._handed:  # (parked by the hand-over: as a park, not now)
-                return trio.lowlevel.Abort.FAILED
             sh.waiters.remove(task)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)  # handed over: see below
-        if task in self._handed:
-            # Handed over parked (`after_task_step`), and now released from the queue.
-            self._handed.discard(task)
-            await self._park(sh, queued=True)
-        elif self._over_budget(sh):
+        if self._over_budget(sh):
             await self._park(sh)
         self._begin(sh, task)
 
@@ -719,7 +697,7 @@ class FairTurns(trio.abc.Instrument):
             return True
         return False
 
-    async def _park(self, sh: Share, *, queued: bool = False) -> None:
+    async def _park(self, sh: Share) -> None:
         """Wait in the queue of parked steps (the turn stays `sh`'s, reserved by its
         holder) until it is released as the backlogged step of a batch: the head of the
         queue, one a batch, while principals compete (all at once when they stop). The
@@ -728,24 +706,19 @@ class FairTurns(trio.abc.Instrument):
         begins (`after_io_wait`). Not cancellable (a cancelled task would leave the
         turn reserved); the queue moves every batch (every HOLD_MAX_WAIT at worst while a
         principal with no backlog holds the loop: `hold`), so a cancellation waits for at
-        most that per backlogged principal. `queued`: the task was put in the queue
-        by the hand-over of its principal's turn (`after_task_step`) and has just been
-        released from it."""
+        most that per backlogged principal."""
         task = trio.lowlevel.current_task()
         # A parked step is no turn: the step it ends must not hand the turn on.
         self._held.pop(task, None)
-        if not queued:
-            sh.backlog = self._batch
-            sh.parked += 1
-            self.parked += 1
+        sh.backlog = self._batch
+        sh.parked += 1
+        self.parked += 1
         first = False  # whether it was released once and let a poll's requests go first
         while True:
             # (a step released once and deferred goes next, hold or not: the hold's
             # bound, HOLD_MAX_WAIT, has passed for it)
             held = not first and self._holding(trio.current_time())
-            if queued:
-                queued = False  # (released already: what follows a wake-up below)
-            elif not self._released and not self._deciding and (first or not self._parked) \
+            if not self._released and not self._deciding and (first or not self._parked) \
                     and not held:
                 # Nobody else waits (or it goes first): the next batch's backlogged step.
                 sh.stepped = self._batch + 1
@@ -842,40 +815,6 @@ class FairTurns(trio.abc.Instrument):
         """`sh` gives up its turn with work left (its quantum ran out)."""
         sh.backlog = self._batch
 
-    def would_park(self, sh: Share) -> bool:
-        """Whether a step of `sh` that began now might park: `sh` is backlogged (it gave
-        up a turn with work left in this batch or the one before) while principals
-        compete (the admission turn aside). Its step then parks before it ends
-        (`park_turn`) rather than after the next wake-up."""
-        return sh.backlog >= self._batch - 1 and sh is not self.admission and \
-            trio.current_time() < self.contended_until
-
-    async def park_turn(self, sh: Share) -> None:
-        """The current task holds `sh`'s turn, `sh` backlogged (`would_park`), and its
-        step ends (its quantum used, a request that goes first, or its socket empty):
-        park the turn now, in the queue of parked steps, until it is released as a
-        batch's backlogged step (at once, for the next batch, when nobody else waits:
-        `_park`), instead of ending the step and parking in the next one.
-
-        Ending the step (a yield, or a wait for the socket), the task was woken in the
-        next batch (or by the loop's poll, as soon as its client sent more) only to
-        find it must park (`take`): a step of its own, 0.02-0.05 ms (the wake-up, the
-        turn's bookkeeping, the park), run ahead of other principals' requests in the
-        batch that picked them up — ~1.7 of them ahead of each of the victim's slowest
-        requests under bench_hostile's floods (`[cont]`, docs/BENCHMARKS.md, stop 16).
-        Parked at once, a reader is not in the poll while its tenant waits in the
-        queue; its client's requests wait in the socket for the release, as they
-        waited behind the park. The tenant's share is the same (the one queue, one
-        backlogged step a batch, in turn: R1 above). Not for a turn other connections
-        of the principal wait for (the caller hands it on, `after_task_step`)."""
-        task = trio.lowlevel.current_task()
-        if sh.holder is not task or sh.waiters:
-            await trio.lowlevel.cancel_shielded_checkpoint()  # (the step ends, as before)
-            return
-        self.turns_parked += 1
-        await self._park(sh)
-        self._begin(sh, task)
-
     async def admit(self) -> None:
         """Take the admission turn (`admission`) for one step of admission work."""
         sh = self.admission
@@ -919,20 +858,8 @@ class FairTurns(trio.abc.Instrument):
             sh.backlog = self._batch  # another connection of the principal has work
             nxt = sh.waiters.popleft()
             sh.holder = nxt
-            if sh is not self.admission and trio.current_time() < self.contended_until:
-                # Principals compete and the principal is backlogged: its next step
-                # would begin only to park (`take`: a step of its own, run ahead of
-                # others' requests). Park it now, on its behalf: the queue releases it.
-                self._handed.add(nxt)
-                sh.parked += 1
-                self.parked += 1
-                self._parked.append((nxt, sh))
-                if not self._released and not self._deciding and \
-                        not self._holding(trio.current_time()):
-                    self._released = self._release_parked(self._batch + 1)
-            else:
-                self._held[nxt] = sh
-                trio.lowlevel.reschedule(nxt)  # runs in the next batch
+            self._held[nxt] = sh
+            trio.lowlevel.reschedule(nxt)  # runs in the next batch
         else:
             sh.holder = None
             sh.spent = self._batch
@@ -1009,7 +936,6 @@ class FairTurns(trio.abc.Instrument):
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
         self.parked = self.deferred = self.preempted = self.side_misses = self.held = 0
-        self.turns_parked = 0
 
 
 class _PollWatch(trio.abc.Instrument):

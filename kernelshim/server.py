@@ -491,9 +491,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         turns = self.turns
         # The first complete request (the handshake) must come within the deadline: a
         # connection that says nothing would otherwise hold its slot for good.
-        # (whether the reader parked since it last found its socket empty: at most once
-        # a wait, FairTurns.park_reader)
-        parked_empty = False
         while conn.doomed is None:
             if conn.queued > SEND_HIGH_WATER:  # backpressure: let the client read first
                 while conn.queued > SEND_HIGH_WATER and conn.doomed is None:
@@ -516,16 +513,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             except OSError:
                 return
             if data is None:
-                if deadline == math.inf and not parked_empty and not turn.waiters and \
-                        turns.would_park(turn):
-                    # Its tenant is backlogged: park now, not once the poll has woken
-                    # this reader for its client's next requests (a step only to park:
-                    # FairTurns.park_turn); look at the socket again when released.
-                    parked_empty = True
-                    await turns.park_turn(turn)
-                    self._last_yield = trio.current_time()  # a new step: a new quantum
-                    continue
-                parked_empty = False
                 if deadline == math.inf:
                     # Past the handshake: wait without a cancel scope of its own (one per
                     # request costs more than the rest of a 4 KiB read's dispatch);
@@ -556,7 +543,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 continue
             if not data:
                 return
-            parked_empty = False
             # Whole DATA frames (a read; a burst of pipelined writes) skip the decoder.
             msgs: list[Decoded | ProtocolError] | None = \
                 None if decoder.pending else decode_data_frames(data)  # type: ignore[assignment]
@@ -658,9 +644,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                             # park: FairTurns.take); a client waiting for its one reply is
                             # not, however long that request took.
                             self.turns.backlogged(turn)
-                            await self._end_backlogged_step(turn)
-                        else:
-                            await self._give_turn()
+                        await self._give_turn()
                     elif now < turns.contended_until and (i + 1 < len(msgs) or
                                                           pos < len(data)) \
                             and turns.quiet_waiting():
@@ -669,7 +653,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         # picks it up (it waited for this request, not for a quantum).
                         turns.preempted += 1
                         self.turns.backlogged(turn)
-                        await self._end_backlogged_step(turn)
+                        await self._give_turn()
                 if pos >= len(data) or conn.doomed is not None:
                     break
                 msgs = None
@@ -764,16 +748,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 return None
             except OSError:
                 return b""
-
-    async def _end_backlogged_step(self, turn: Share) -> None:
-        """End this step, its principal backlogged (requests left over): park the turn
-        now while principals compete (FairTurns.park_turn: the step that would begin
-        only to park is not run), else `_give_turn`."""
-        if not turn.waiters and self.turns.would_park(turn):
-            await self.turns.park_turn(turn)
-            self._last_yield = trio.current_time()  # a new step: a new quantum
-        else:
-            await self._give_turn()
 
     async def _give_turn(self) -> None:
         """End this step: the loop goes to the others (metadata first, as in
