@@ -501,6 +501,7 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                 t1 = time.perf_counter()
                 rd1, cpu1 = run_delay(pid), cpu_time(pid)
                 svc = daemon_service(mnt)
+                own_hostile = attackers_served(svc)  # (--floor: none)
                 if attack_mnt is not None:  # (the hostile uids were served there)
                     svc = {**daemon_service(attack_mnt), "(event loop batches)":
                            svc.get("(event loop batches)", {})}
@@ -514,6 +515,9 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                 # (quiet too: what the daemon still served the stopped attackers — the
                 # floods' requests already in their sockets — during the quiet pairs)
                 row["attackers_req_s"] = attackers_served(svc) / (t1 - t0)
+                # (the hostile uids' requests the victim's own daemon served: with
+                # --floor, 0 — it does none of their work)
+                row["victim_daemon_attackers_req_s"] = own_hostile / (t1 - t0)
                 out[cond].append(row)
             out["load"].append(loadavg())
         attack.resume()
@@ -1022,7 +1026,9 @@ def main() -> int:
         stand_in = SluiceMount(base / "vol-attacked", base / "mnt-attacked", size="1G",
                                options=("--idle-poll", "0"))
     result: dict[str, Any] = {"samples": n, "load_start": loadavg(),
-                              "floor": bool(args.floor)}
+                              "floor": bool(args.floor),
+                              "mountpoints": [str(base / "mnt")] + (
+                                  [str(stand_in.mountpoint)] if stand_in else [])}
     try:
         sm.mkfs()
         if stand_in is not None:

@@ -1328,6 +1328,34 @@ def test_bench_hostile_quick(tmp_path: Path) -> None:
     assert all(x > 10_000 for x in res["rss_kib"]["long_attack_kib"])
 
 
+def test_bench_hostile_floor(tmp_path: Path) -> None:
+    """scripts/bench_hostile.py --floor (victim6), run for real, one short epoch of
+    each: the attackers attack a second, separate daemon, which serves them, while the
+    victim's daemon serves none of their requests; both volumes are unmounted at the
+    end; and --floor outside the epochs mode is refused."""
+    out = tmp_path / "floor.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_hostile.py"), "--floor",
+                        "--epochs", "1", "--samples", "200", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    assert "FLOOR (--floor)" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["floor"] is True
+    e = res["epochs"]
+    assert e["attackers"] == e["attackers_started"]
+    (q,), (a,) = e["quiet"], e["attacked"]
+    assert a["attackers_req_s"] > 0  # the stand-in served them
+    assert q["victim_daemon_attackers_req_s"] == a["victim_daemon_attackers_req_s"] == 0
+    assert e["quiet_pooled"]["n"] == e["attacked_pooled"]["n"] == 200
+    assert len(res["mountpoints"]) == 2
+    mounted = {line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()}
+    assert not mounted & set(res["mountpoints"])  # both unmounted
+    rc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_hostile.py"),
+                         "--floor", "--quick"], capture_output=True, text=True, timeout=60)
+    assert rc.returncode == 2 and "--floor needs the epochs mode" in rc.stderr, rc.stderr
+
+
 async def test_backlogged_principals_park_over_the_batch_budget(
         mock_clock: trio.testing.MockClock) -> None:
     """While principals compete, a batch of the run loop holds one step of a
