@@ -43,10 +43,13 @@ the ratio as much as the attack did (docs/BENCHMARKS.md, "Stop 16").
 the same attacker processes, doing the same work on the same 2 CPUs, attack a second,
 separate sluice daemon (a volume and mount of its own, made the same way, serving
 them as the first would), while the victim's pairs go to the first daemon, which does
-none of the attackers' work. The machine is as loaded as in a normal run (the attack's
-processes and a daemon serving them); what the victim then still loses is the OS's
-scheduling of the victim and its daemon among them, which no change to the daemon can
-give back. The hostile uids' requests served a second are then the second daemon's.
+none of the attackers' work. Caveat: it is not the normal run's machine minus the
+daemon's work. Two daemons then each want a CPU (the stand-in serving the attackers,
+the victim's daemon spinning its idle poll between the victim's requests), and the
+victim waits about ten times longer for a CPU than in a normal run; so it is not a
+lower bound for a daemon that serves the attackers itself (docs/BENCHMARKS.md, "Stop
+17: the floor re-read"). The hostile uids' requests served a second are then the
+second daemon's.
 `--uid-slices` puts the victim (this process, once the daemon has started) and each
 hostile uid's processes in a cpu cgroup of its own (cgroup v1, /sys/fs/cgroup/cpu,
 default shares, removed at the end), as systemd's user-UID.slice does on a real
@@ -981,11 +984,11 @@ def main() -> int:
                          "systemd's user-UID.slice on a multi-user host; the daemon stays "
                          "where it is")
     ap.add_argument("--floor", action="store_true",
-                    help="the machine's floor (epochs mode only): the same attackers, "
-                         "pointed at a second, separate sluice daemon (its own volume and "
-                         "mount), while the victim talks to the first alone: the attack's "
-                         "processes and the CPU its serving takes are as in a normal run, "
-                         "but the victim's daemon does none of it")
+                    help="(epochs mode only) the same attackers, pointed at a second, "
+                         "separate sluice daemon (its own volume and mount), while the "
+                         "victim talks to the first alone, which does none of their work "
+                         "(not a lower bound: two daemons then each take a CPU; see the "
+                         "docstring)")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
