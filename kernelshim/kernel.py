@@ -567,17 +567,34 @@ class Kernel(GrantTable, LowerLayers):
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
                           grant: Grant, last: bool = False) -> None:
         """Put the current contents of the first (or last) block of `seg` at buf[at:]:
-        zeros for an unwritten block, unless this grant has written part of it since
-        its last commit (a partial write put the whole block there, merged with zeros:
-        a second partial write must keep the first — probe round 2, F6)."""
+        zeros for an unwritten block, unless a grant on the file has written part of it
+        since that grant's last commit (a partial write put the whole block there,
+        merged with zeros: a second partial write must keep the first — probe round 2,
+        F6 — whichever grant made it: another direct client's, or the mount's, write
+        into the block erased the first one's acknowledged bytes, probe 6, W1)."""
         k = seg.count - 1 if last else 0
         bs = self.block_size
         fb = seg.file_block + k
-        if seg.state == UNWRITTEN and not grant.wrote_in(fb * bs, (fb + 1) * bs):
+        if seg.state == UNWRITTEN and not self._wrote_in(grant, fb * bs, (fb + 1) * bs):
             return  # unwritten: zeros, already in buf
         buf[at:at + bs] = await self.pager.read(BlockNo(seg.dev_block + k), 1,
                                                 principal=principal, file=grant.inode,
                                                 fblock=fb)
+
+    def _wrote_in(self, grant: Grant, start: int, end: int) -> bool:
+        """Whether `grant`, or another live grant on the same file, has an uncommitted
+        written range meeting [start, end) (`Grant.wrote_in`). Revoked grants commit
+        nothing, and each grant's ranges in blocks the file unmaps are gone with it (a
+        truncate, a punch, a trimmed layout revoke every grant but the truncating
+        client's, whose ranges there the truncate drops: review of direct5, K2), so a
+        range found here is in the block the file maps now."""
+        if grant.wrote_in(start, end):
+            return True
+        for g in self._by_inode.get(grant.inode, ()):
+            if g is not grant and not g.revoked and g.generation == grant.generation \
+                    and g.wrote_in(start, end):
+                return True
+        return False
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)
