@@ -520,11 +520,14 @@ class Kernel(GrantTable, LowerLayers):
                       (b0, b1 - 1) if tail and nb > 1 else (b0,))
             if not merged:
                 await self._write_blocks(grant, offset, src, segs, targets)
-            else:
-                async with self._merging.hold(grant.inode, merged):
-                    segs = grant.extents.segments(b0, b1 - b0)
-                    targets = self._write_targets(grant, segs, cow)
-                    await self._write_blocks(grant, offset, src, segs, targets)
+                return length
+            if await self._merging.acquire(grant.inode, merged):
+                segs = grant.extents.segments(b0, b1 - b0)  # (another write's marks)
+                targets = self._write_targets(grant, segs, cow)
+            try:
+                await self._write_blocks(grant, offset, src, segs, targets)
+            finally:
+                self._merging.release(grant.inode, merged)
             return length
         finally:
             self._leave_grant_write(grant, epoch)

@@ -12,9 +12,6 @@ Writes of whole blocks merge nothing and take no lock."""
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
-
 import trio
 
 
@@ -32,33 +29,45 @@ class MergeLocks:
         """Whether a write is merging (or waits to merge) that block."""
         return (inode, fblock) in self._locks
 
-    @asynccontextmanager
-    async def hold(self, inode: int, fblocks: tuple[int, ...]) -> AsyncIterator[None]:
-        """Hold the locks of `fblocks` of `inode` (taken in ascending order, so two
-        writes never wait for each other's second block)."""
-        got: list[tuple[int, int]] = []  # counted in (holders and waiters)
-        held: list[trio.Lock] = []
+    async def acquire(self, inode: int, fblocks: tuple[int, ...]) -> bool:
+        """Hold the locks of `fblocks` of `inode` (sorted, distinct: taken in that
+        order, so two writes never wait for each other's second block); whether it
+        had to wait for one (then the caller looks at the map again). An uncontended
+        lock is taken without a trip through the scheduler (the write this serves
+        checkpoints anyway). Cancelled while waiting: nothing is held."""
+        waited = False
+        done = 0
         try:
-            for fb in sorted(set(fblocks)):
+            for fb in fblocks:
                 key = (inode, fb)
                 entry = self._locks.get(key)
                 if entry is None:
                     entry = self._locks[key] = [trio.Lock(), 0]
                 entry[1] += 1
-                got.append(key)
                 if entry[1] == 1:
-                    # (nobody else: taken without a trip through the scheduler; the
-                    # write this serves checkpoints anyway)
                     entry[0].acquire_nowait()
                 else:
-                    await entry[0].acquire()
-                held.append(entry[0])
-            yield
-        finally:
-            for lock in held:
-                lock.release()
-            for key in got:
-                entry = self._locks[key]
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._locks[key]
+                    waited = True
+                    try:
+                        await entry[0].acquire()
+                    except BaseException:
+                        self._drop(key, held=False)
+                        raise
+                done += 1
+        except BaseException:
+            self.release(inode, fblocks[:done])
+            raise
+        return waited
+
+    def release(self, inode: int, fblocks: tuple[int, ...]) -> None:
+        """Let go of the locks `acquire` took."""
+        for fb in fblocks:
+            self._drop((inode, fb), held=True)
+
+    def _drop(self, key: tuple[int, int], *, held: bool) -> None:
+        entry = self._locks[key]
+        if held:
+            entry[0].release()
+        entry[1] -= 1
+        if not entry[1]:
+            del self._locks[key]
