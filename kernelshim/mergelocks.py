@@ -16,58 +16,50 @@ import trio
 
 
 class MergeLocks:
-    """Per (inode, file block) locks, made on first use and dropped with their last
-    holder or waiter (at most two per write in flight)."""
+    """Per (inode, file block) locks. An uncontended one is a dict entry (set and
+    deleted: no lock object; the merge path is measured in `scripts/bench_merge.py`);
+    a parking lot is made for a block only when a second write waits for it, and the
+    block is handed to the next waiter on release."""
 
-    __slots__ = ("_locks",)
+    __slots__ = ("_held",)
 
     def __init__(self) -> None:
-        #: (inode, file block) -> (the lock, holders and waiters)
-        self._locks: dict[tuple[int, int], list] = {}
+        #: (inode, file block) held -> the writes waiting for it (None: none yet)
+        self._held: dict[tuple[int, int], trio.lowlevel.ParkingLot | None] = {}
 
     def busy(self, inode: int, fblock: int) -> bool:
-        """Whether a write is merging (or waits to merge) that block."""
-        return (inode, fblock) in self._locks
+        """Whether a write is merging that block."""
+        return (inode, fblock) in self._held
 
     async def acquire(self, inode: int, fblocks: tuple[int, ...]) -> bool:
-        """Hold the locks of `fblocks` of `inode` (sorted, distinct: taken in that
-        order, so two writes never wait for each other's second block); whether it
-        had to wait for one (then the caller looks at the map again). An uncontended
-        lock is taken without a trip through the scheduler (the write this serves
-        checkpoints anyway). Cancelled while waiting: nothing is held."""
+        """Hold the blocks `fblocks` of `inode` (sorted, distinct: taken in that order,
+        so two writes never wait for each other's second block); whether it had to
+        wait for one (then the caller looks at the map again). A free block is taken
+        without a checkpoint (the write this serves checkpoints anyway). Cancelled
+        while waiting: nothing is held."""
         waited = False
-        done = 0
+        done: list[int] = []
         try:
             for fb in fblocks:
                 key = (inode, fb)
-                entry = self._locks.get(key)
-                if entry is None:
-                    entry = self._locks[key] = [trio.Lock(), 0]
-                entry[1] += 1
-                if entry[1] == 1:
-                    entry[0].acquire_nowait()
+                if key not in self._held:
+                    self._held[key] = None
                 else:
+                    lot = self._held[key]
+                    if lot is None:
+                        lot = self._held[key] = trio.lowlevel.ParkingLot()
                     waited = True
-                    try:
-                        await entry[0].acquire()
-                    except BaseException:
-                        self._drop(key, held=False)
-                        raise
-                done += 1
+                    await lot.park()  # (woken by `release`: the block is this write's)
+                done.append(fb)
         except BaseException:
-            self.release(inode, fblocks[:done])
+            self.release(inode, tuple(done))
             raise
         return waited
 
     def release(self, inode: int, fblocks: tuple[int, ...]) -> None:
-        """Let go of the locks `acquire` took."""
+        """Let go of the blocks `acquire` took: each to its next waiter, if any."""
         for fb in fblocks:
-            self._drop((inode, fb), held=True)
-
-    def _drop(self, key: tuple[int, int], *, held: bool) -> None:
-        entry = self._locks[key]
-        if held:
-            entry[0].release()
-        entry[1] -= 1
-        if not entry[1]:
-            del self._locks[key]
+            key = (inode, fb)
+            lot = self._held[key]
+            if lot is None or not lot.unpark(count=1):
+                del self._held[key]
