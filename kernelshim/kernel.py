@@ -521,10 +521,12 @@ class Kernel(GrantTable, LowerLayers):
             if not merged:
                 await self._write_blocks(grant, offset, src, segs, targets)
                 return length
-            if await self._merging.acquire(grant.inode, merged):
-                segs = grant.extents.segments(b0, b1 - b0)  # (another write's marks)
-                targets = self._write_targets(grant, segs, cow)
-            try:
+            waited = await self._merging.acquire(grant.inode, merged)
+            try:  # (held from here: whatever fails below lets the blocks go)
+                if waited:  # (another write's marks; sealed or punched meanwhile: an
+                    # error, raised while the blocks are held — review of probe 6, R1)
+                    segs = grant.extents.segments(b0, b1 - b0)
+                    targets = self._write_targets(grant, segs, cow)
                 await self._write_blocks(grant, offset, src, segs, targets)
             finally:
                 self._merging.release(grant.inode, merged)
