@@ -640,8 +640,10 @@ async def test_a_write_that_waited_for_a_merged_block_and_then_fails_lets_the_bl
         tmp_path: Path, autojump_clock, meanwhile: str) -> None:
     """Review of probe 6, R1. A partial write that waited for another's merge of the same
     block looks at the map again once it holds the block; there it may find the block
-    sealed by a commit meanwhile (no copy-on-write block: Sealed) or punched (a hole:
-    NotAllocated). The write fails — and must let the block go. (Before: the look
+    unmapped (a hole: NotAllocated — a truncate or punch unmaps, revokes, and only
+    then waits for the writes in flight) or sealed (Sealed: through the mount a
+    commit's barrier waits for the write first). The write fails — and must let the
+    block go. (Before: the look
     again ran outside the try whose finally releases, so the block stayed held for
     good: every later partial write of it waited forever inside `_enter_write`, and
     the volume's next barrier, every commit and fsync, with it.)"""
