@@ -682,3 +682,22 @@ async def test_a_write_that_waited_for_a_merged_block_and_then_fails_lets_the_bl
         assert not kernel._merging.busy(7, 0)
     finally:
         kernel.close()
+
+
+async def test_merge_locks_a_cancelled_waiter_keeps_nothing() -> None:
+    """Review of probe 6 (checked, held): a write holding its first block and waiting
+    for its last, cancelled there (its connection closed, unmount), gives the first
+    back; the holder's release then leaves no entry behind (bounded state)."""
+    from kernelshim.mergelocks import MergeLocks
+
+    m = MergeLocks()
+    assert not await m.acquire(7, (2,))  # the holder
+    with trio.CancelScope() as cs:
+        async with trio.open_nursery() as n:
+            n.start_soon(m.acquire, 7, (0, 2))
+            await trio.testing.wait_all_tasks_blocked()
+            assert m.busy(7, 0) and m.busy(7, 2)  # 0 taken, waiting for 2
+            cs.cancel()
+    assert not m.busy(7, 0) and m.busy(7, 2)
+    m.release(7, (2,))
+    assert not m.busy(7, 2) and not m._held
