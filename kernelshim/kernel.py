@@ -70,6 +70,7 @@ from .errors import BadRequest, NotAllocated, Sealed
 from .extents import FRESH, HOLE, UNWRITTEN, WRITTEN, ExtentMap, block_span
 from .grants import Grant, Rights
 from .granttable import GrantTable
+from .mergelocks import MergeLocks
 from .lowerlayers import LowerLayers
 from .principals import PrincipalError, PrincipalTable
 
@@ -119,6 +120,8 @@ class Kernel(GrantTable, LowerLayers):
         self.block_size = device.block_size
         self.nblocks = device.nblocks
         GrantTable.__init__(self)
+        #: the file blocks partial writes are merging (`write`)
+        self._merging = MergeLocks()
         #: writes in flight; while a barrier runs, new writes wait for `_barrier`
         self._writes = 0
         self._writes_done: trio.Event | None = None
@@ -491,26 +494,14 @@ class Kernel(GrantTable, LowerLayers):
             bs = self.block_size
             b0, b1 = block_span(offset, length, bs)
             segs = grant.extents.segments(b0, b1 - b0)
-            # (dev_block, count, file block) to write, in order
-            targets: list[tuple[int, int, int]] = []
-            for s in segs:
-                if s.dev_block == HOLE:
-                    raise NotAllocated(f"file blocks {s.file_block}+{s.count} of inode "
-                                       f"{grant.inode} are not allocated in grant {grant.id}")
-                if s.state != WRITTEN:
-                    targets.append((s.dev_block, s.count, s.file_block))
-                    continue
-                fresh = cow.segments(s.file_block, s.count) if cow is not None else []
-                if not fresh or any(f.dev_block == HOLE for f in fresh):
-                    raise Sealed(f"file blocks {s.file_block}+{s.count} of inode "
-                                 f"{grant.inode} are committed: ask for a write layout")
-                targets.extend((f.dev_block, f.count, f.file_block) for f in fresh)
+            targets = self._write_targets(grant, segs, cow)
             head = offset - b0 * bs
             tail = b1 * bs - (offset + length)
             principal = grant.principal
             src = memoryview(data).cast("B")
             nb = b1 - b0
             if nb == 1 and (head or tail) and segs[0].state == FRESH and \
+                    not self._merging.busy(grant.inode, b0) and \
                     self.pager.write_within_nowait(BlockNo(segs[0].dev_block), head, src,
                                                    principal=principal,
                                                    file=grant.inode, fblock=b0):
@@ -520,64 +511,133 @@ class Kernel(GrantTable, LowerLayers):
                 self._note_written(grant.inode)
                 grant.note_written(offset, offset + length, bs)
                 return length
-            # The request's blocks as pieces (first block index, block count, bytes): the
-            # whole blocks straight from the caller's buffer (no copy: a FUSE write from
-            # an unaligned user buffer arrives as 1 MiB - 16 bytes and then 16 bytes, and
-            # copying the megabyte to merge one edge block cost more than the write), and
-            # each partly covered edge block merged with its current contents on its own.
-            pieces: list[tuple[int, int, memoryview | bytearray]] = []
-            if not head and not tail:
-                pieces.append((0, nb, src))
-            else:
-                first = last = None
-                if head or nb == 1:
-                    first = bytearray(bs)
-                    await self._fill_block(first, 0, segs[0], principal, grant)
-                    n0 = min(length, bs - head)
-                    first[head:head + n0] = src[:n0]
-                    pieces.append((0, 1, first))
-                if tail and nb - 1 > (0 if first is not None else -1):
-                    last = bytearray(bs)
-                    await self._fill_block(last, 0, segs[-1], principal, grant, last=True)
-                    keep = bs - tail
-                    last[:keep] = src[length - keep:]
-                m0 = 1 if first is not None else 0
-                m1 = nb - 1 if last is not None else nb
-                if m1 > m0:
-                    pieces.append((m0, m1 - m0, src[m0 * bs - head:m1 * bs - head]))
-                if last is not None:
-                    pieces.append((nb - 1, 1, last))
-            self._note_written(grant.inode)
-            pos = 0  # in blocks of the request
-            for dev, count, fblock in targets:
-                for k0, kn, buf in pieces:  # the pieces' parts inside this target
-                    lo, hi = max(pos, k0), min(pos + count, k0 + kn)
-                    if lo < hi:
-                        await self.pager.write(BlockNo(dev + lo - pos),
-                                               buf[(lo - k0) * bs:(hi - k0) * bs],
-                                               principal=principal, file=grant.inode,
-                                               fblock=fblock + lo - pos)
-                pos += count
-            grant.note_written(offset, offset + length, bs)
+            # A block covered partly is merged with its current contents: it is held
+            # from the read of those until it is written and the range noted, and the
+            # map is looked at again once held. Another grant's write merging the same
+            # block meanwhile read it before this one wrote it, and one of the two
+            # erased the other's bytes (probe 6, W2: `MergeLocks`).
+            merged = (() if not head and not tail else
+                      (b0, b1 - 1) if tail and nb > 1 else (b0,))
+            if not merged:
+                await self._write_blocks(grant, offset, src, segs, targets)
+                return length
+            waited = await self._merging.acquire(grant.inode, merged)
+            try:  # (held from here: whatever fails below lets the blocks go)
+                if waited:  # (another write's marks; sealed or punched meanwhile: an
+                    # error, raised while the blocks are held — review of probe 6, R1)
+                    segs = grant.extents.segments(b0, b1 - b0)
+                    targets = self._write_targets(grant, segs, cow)
+                await self._write_blocks(grant, offset, src, segs, targets)
+            finally:
+                self._merging.release(grant.inode, merged)
             return length
         finally:
             self._leave_grant_write(grant, epoch)
             self._leave_write()
 
+    def _write_targets(self, grant: Grant, segs: list, cow: ExtentMap | None
+                       ) -> list[tuple[int, int, int]]:
+        """(dev_block, count, file block) to write, in order, for `write`'s segments
+        `segs`: the unwritten and fresh blocks in place, the sealed ones at their `cow`
+        blocks (Sealed without; NotAllocated for a hole)."""
+        targets: list[tuple[int, int, int]] = []
+        for s in segs:
+            if s.dev_block == HOLE:
+                raise NotAllocated(f"file blocks {s.file_block}+{s.count} of inode "
+                                   f"{grant.inode} are not allocated in grant {grant.id}")
+            if s.state != WRITTEN:
+                targets.append((s.dev_block, s.count, s.file_block))
+                continue
+            fresh = cow.segments(s.file_block, s.count) if cow is not None else []
+            if not fresh or any(f.dev_block == HOLE for f in fresh):
+                raise Sealed(f"file blocks {s.file_block}+{s.count} of inode "
+                             f"{grant.inode} are committed: ask for a write layout")
+            targets.extend((f.dev_block, f.count, f.file_block) for f in fresh)
+        return targets
+
+    async def _write_blocks(self, grant: Grant, offset: int, src: memoryview, segs: list,
+                            targets: list[tuple[int, int, int]]) -> None:
+        """`write`'s data written: `src` at `offset` into `targets`, the partly covered
+        blocks at its ends merged with their current contents (`segs`); the range noted
+        as the grant's."""
+        length = len(src)
+        bs = self.block_size
+        b0, b1 = block_span(offset, length, bs)
+        head = offset - b0 * bs
+        tail = b1 * bs - (offset + length)
+        nb = b1 - b0
+        principal = grant.principal
+        # The request's blocks as pieces (first block index, block count, bytes): the
+        # whole blocks straight from the caller's buffer (no copy: a FUSE write from
+        # an unaligned user buffer arrives as 1 MiB - 16 bytes and then 16 bytes, and
+        # copying the megabyte to merge one edge block cost more than the write), and
+        # each partly covered edge block merged with its current contents on its own.
+        pieces: list[tuple[int, int, memoryview | bytearray]] = []
+        if not head and not tail:
+            pieces.append((0, nb, src))
+        else:
+            first = last = None
+            if head or nb == 1:
+                first = bytearray(bs)
+                await self._fill_block(first, 0, segs[0], principal, grant)
+                n0 = min(length, bs - head)
+                first[head:head + n0] = src[:n0]
+                pieces.append((0, 1, first))
+            if tail and nb - 1 > (0 if first is not None else -1):
+                last = bytearray(bs)
+                await self._fill_block(last, 0, segs[-1], principal, grant, last=True)
+                keep = bs - tail
+                last[:keep] = src[length - keep:]
+            m0 = 1 if first is not None else 0
+            m1 = nb - 1 if last is not None else nb
+            if m1 > m0:
+                pieces.append((m0, m1 - m0, src[m0 * bs - head:m1 * bs - head]))
+            if last is not None:
+                pieces.append((nb - 1, 1, last))
+        self._note_written(grant.inode)
+        pos = 0  # in blocks of the request
+        for dev, count, fblock in targets:
+            for k0, kn, buf in pieces:  # the pieces' parts inside this target
+                lo, hi = max(pos, k0), min(pos + count, k0 + kn)
+                if lo < hi:
+                    await self.pager.write(BlockNo(dev + lo - pos),
+                                           buf[(lo - k0) * bs:(hi - k0) * bs],
+                                           principal=principal, file=grant.inode,
+                                           fblock=fblock + lo - pos)
+            pos += count
+        grant.note_written(offset, offset + length, bs)
+
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
                           grant: Grant, last: bool = False) -> None:
         """Put the current contents of the first (or last) block of `seg` at buf[at:]:
-        zeros for an unwritten block, unless this grant has written part of it since
-        its last commit (a partial write put the whole block there, merged with zeros:
-        a second partial write must keep the first — probe round 2, F6)."""
+        zeros for an unwritten block, unless a grant on the file has written part of it
+        since that grant's last commit (a partial write put the whole block there,
+        merged with zeros: a second partial write must keep the first — probe round 2,
+        F6 — whichever grant made it: another direct client's, or the mount's, write
+        into the block erased the first one's acknowledged bytes, probe 6, W1)."""
         k = seg.count - 1 if last else 0
         bs = self.block_size
         fb = seg.file_block + k
-        if seg.state == UNWRITTEN and not grant.wrote_in(fb * bs, (fb + 1) * bs):
+        if seg.state == UNWRITTEN and not self._wrote_in(grant, fb * bs, (fb + 1) * bs):
             return  # unwritten: zeros, already in buf
         buf[at:at + bs] = await self.pager.read(BlockNo(seg.dev_block + k), 1,
                                                 principal=principal, file=grant.inode,
                                                 fblock=fb)
+
+    def _wrote_in(self, grant: Grant, start: int, end: int) -> bool:
+        """Whether `grant`, or another live grant on the same file, has an uncommitted
+        written range meeting [start, end) (`Grant.wrote_in`). Revoked grants commit
+        nothing, and each grant's ranges in blocks the file unmaps are gone with it (a
+        truncate, a punch, a trimmed layout revoke every grant but the truncating
+        client's, whose ranges there the truncate drops: review of direct5, K2), so a
+        range found here is in the block the file maps now."""
+        if grant.wrote_in(start, end):
+            return True
+        for g in self._by_inode.get(grant.inode, ()):
+            if g is not grant and not g.revoked and g.generation == grant.generation \
+                    and g.wrote_in(start, end):
+                return True
+        return False
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)

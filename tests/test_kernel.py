@@ -630,3 +630,74 @@ async def test_partial_write_into_a_resident_fresh_block_merges_in_its_frame(
         assert await k.device.read(10, 1, principal=P1) == first + b"0123456789abcdef"
     finally:
         k.close()
+
+
+# -- the merge of a partly written block (probe 6, W2; review of probe 6) -----------------
+
+
+@pytest.mark.parametrize("meanwhile", ["sealed", "punched"])
+async def test_a_write_that_waited_for_a_merged_block_and_then_fails_lets_the_block_go(
+        tmp_path: Path, autojump_clock, meanwhile: str) -> None:
+    """Review of probe 6, R1. A partial write that waited for another's merge of the same
+    block looks at the map again once it holds the block; there it may find the block
+    unmapped (a hole: NotAllocated — a truncate or punch unmaps, revokes, and only
+    then waits for the writes in flight) or sealed (Sealed: through the mount a
+    commit's barrier waits for the write first). The write fails — and must let the
+    block go. (Before: the look
+    again ran outside the try whose finally releases, so the block stayed held for
+    good: every later partial write of it waited forever inside `_enter_write`, and
+    the volume's next barrier, every commit and fsync, with it.)"""
+    kernel = open_kernel(tmp_path, profile="hdd")
+    try:
+        emap = ExtentMap([(0, 10, 1, U)])  # (the mount's grant holds the live map)
+        a, b = rw_grant(kernel, emap), rw_grant(kernel, emap)
+        failed: list[Exception] = []
+
+        async def second() -> None:
+            try:
+                await kernel.write(b, 300, b"b" * 10)
+            except (Sealed, NotAllocated) as e:
+                failed.append(e)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(kernel.write, a, 100, b"a" * 10)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel._merging.busy(7, 0)  # a: merging block 0, writing it
+            n.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()  # b: waiting for block 0
+            if meanwhile == "sealed":
+                emap.mark_written(0, 1)  # (a commit of a's bytes, sealed)
+                emap.seal()
+            else:
+                emap.remove(0, 1)  # (a punch)
+        assert len(failed) == 1, failed
+        assert not kernel._merging.busy(7, 0)
+        assert b.inflight == 0
+        with trio.fail_after(5):  # the block is free: a later partial write runs
+            if meanwhile == "sealed":
+                await kernel.write(b, 300, b"c" * 10, cow=ExtentMap([(0, 20, 1, FRESH)]))
+            else:
+                emap.add(0, 30, 1, U)
+                await kernel.write(b, 300, b"c" * 10)
+        assert not kernel._merging.busy(7, 0)
+    finally:
+        kernel.close()
+
+
+async def test_merge_locks_a_cancelled_waiter_keeps_nothing() -> None:
+    """Review of probe 6 (checked, held): a write holding its first block and waiting
+    for its last, cancelled there (its connection closed, unmount), gives the first
+    back; the holder's release then leaves no entry behind (bounded state)."""
+    from kernelshim.mergelocks import MergeLocks
+
+    m = MergeLocks()
+    assert not await m.acquire(7, (2,))  # the holder
+    with trio.CancelScope() as cs:
+        async with trio.open_nursery() as n:
+            n.start_soon(m.acquire, 7, (0, 2))
+            await trio.testing.wait_all_tasks_blocked()
+            assert m.busy(7, 0) and m.busy(7, 2)  # 0 taken, waiting for 2
+            cs.cancel()
+    assert not m.busy(7, 0) and m.busy(7, 2)
+    m.release(7, (2,))
+    assert not m.busy(7, 2) and not m._held
