@@ -911,6 +911,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         except Exception:  # noqa: BLE001 - served one by one, which logs it
             return False
         self._emit(conn, b"".join(encode_data_ok(m.request_id, m.length) for m in burst))
+        self.turns.bursts += 1
+        self.turns.burst_writes += len(burst)
         return True
 
     async def _data_request(self, conn: Connection, m: DataRequest) -> None:
