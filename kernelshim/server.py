@@ -193,15 +193,16 @@ REFUSALS_PER_STEP = 8
 HANGUP_LOOK_BYTES = 16 << 10
 #: a burst of pipelined whole-block writes over committed blocks (random overwrites)
 #: is relocated together (`_write_burst`): at most this many requests, each at most
-#: BURST_BYTES, and only as many as would start within the rest of the step's quantum
-#: at what a write of the last bursts cost the loop thread (CPU time, a moving
-#: average; BURST_WRITE_SECONDS to begin with, never less than
-#: BURST_WRITE_MIN_SECONDS), so that a burst ends its step about when its requests one
-#: by one would have (those start while the quantum lasts; the last may end past it)
+#: BURST_BYTES, and only as many as the rest of the step's quantum has room for at
+#: BURST_WRITE_SECONDS each. A write in a burst costs the loop thread 0.13-0.23 ms of
+#: CPU on this busy VM (`shim_stats`' burst_cpu_ms; less than one by one, ~0.25 ms),
+#: so a burst of 8 may end its step ~0.3 ms past the quantum, as the last lone
+#: request of a step may end ~0.25 ms past it. (A bound from the measured cost, a
+#: moving average, made bursts shrink on a loaded machine, where the CPU time per
+#: write rises: docs/BENCHMARKS.md, "Stop 17".)
 BURST_WRITES = 8
 BURST_BYTES = 64 << 10
 BURST_WRITE_SECONDS = 0.1e-3
-BURST_WRITE_MIN_SECONDS = 0.03e-3
 
 #: operations that walk the principal table (or change it and save it), limited per
 #: principal to ADMIN_RATE a second beyond a burst of ADMIN_BURST
@@ -262,9 +263,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         # was empty then)
         self._probed_step: float | None = None
         self._probed_quiet = False
-        #: the loop thread's CPU time per write of the last bursts (a moving average,
-        #: from BURST_WRITE_SECONDS): how many writes a burst may take (`_burst_of`)
-        self._burst_write_cpu = BURST_WRITE_SECONDS
         #: every connection being served (for push)
         self._conns: set[Connection] = set()
         self.send_stall_seconds = SEND_STALL_SECONDS
@@ -652,7 +650,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         budget = self._request_budget(t1)
                         burst = (self._burst_of(conn, msgs, i, budget)
                                  if (m.op == WRITE or m.op == WRITE_ALLOC)
-                                 and budget > self._burst_write_cpu
+                                 and budget >= 2 * BURST_WRITE_SECONDS
                                  and i + 1 < len(msgs) else None)
                         if burst is not None and \
                                 await run_within_budget(self._write_burst(conn, burst), budget):
@@ -872,9 +870,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                   budget: float) -> list[DataRequest] | None:
         """The pipelined writes from msgs[i] on that may be relocated together: whole
         blocks, at most BURST_BYTES each, on distinct blocks entirely over committed
-        (sealed) blocks of the same grant, as many as would start within `budget` at
-        what the last bursts cost a write (`_burst_write_cpu`) each, and at most
-        BURST_WRITES; None for fewer than two.
+        (sealed) blocks of the same grant, as many as `budget` has room for at
+        BURST_WRITE_SECONDS each, and at most BURST_WRITES; None for fewer than two.
         Only a step with the quantum to itself asks (the budget is the quantum's rest
         only when no principal competes and no FUSE request is queued)."""
         first: DataRequest = msgs[i]
@@ -883,8 +880,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             return None
         bs = self.kernel.block_size
         emap = g.extents
-        # (as many as one by one would start within the budget: the last may end past it)
-        most = min(BURST_WRITES, math.ceil(budget / self._burst_write_cpu), len(msgs) - i)
+        most = min(BURST_WRITES, int(budget / BURST_WRITE_SECONDS), len(msgs) - i)
         out: list[DataRequest] = []
         seen: set[int] = set()
         for m in msgs[i:i + most]:
@@ -923,10 +919,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         self._emit(conn, b"".join(encode_data_ok(m.request_id, m.length) for m in burst))
         self.turns.bursts += 1
         self.turns.burst_writes += len(burst)
-        cpu = time.thread_time() - cpu0
-        self.turns.burst_cpu += cpu
-        self._burst_write_cpu = max(BURST_WRITE_MIN_SECONDS,
-                                    0.75 * self._burst_write_cpu + 0.25 * cpu / len(burst))
+        self.turns.burst_cpu += time.thread_time() - cpu0
         return True
 
     async def _data_request(self, conn: Connection, m: DataRequest) -> None:
