@@ -65,7 +65,7 @@ import trio
 
 from blockdev import (ROOT_PRINCIPAL, BankTree, BlockDevice, BlockNo, DeviceError,
                       DeviceFull, FaultPlan, PrincipalId, RecordLog, SluiceError)
-from pager import Pager
+from pager import BYPASS_BLOCKS, Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
 from .extents import FRESH, HOLE, UNWRITTEN, WRITTEN, ExtentMap, block_span
@@ -576,7 +576,8 @@ class Kernel(GrantTable, LowerLayers):
         file block named must be WRITTEN in the grant (else BadRequest: the caller
         checked under the inode lock) and the fresh device
         blocks must be the caller's, unexposed. Device blocks that continue each other
-        (and their file blocks too) go down as one pager write. All the writes are
+        (and their file blocks too) go down as one pager write, of at most
+        BYPASS_BLOCKS (never a stream the pool would be bypassed for). All the writes are
         noted in the grant only once every one of them is on its way: a failure
         leaves nothing noted (the caller gives the fresh blocks back)."""
         await self._enter_write()
@@ -599,9 +600,15 @@ class Kernel(GrantTable, LowerLayers):
                         raise BadRequest(f"file blocks {s.file_block}+{s.count} of inode "
                                          f"{grant.inode} are not committed: not a relocation")
                 last = runs[-1] if runs else None
-                if last is not None and last[0] + last[1] == dev and last[2] + last[1] == fb:
+                if last is not None and last[0] + last[1] == dev and \
+                        last[2] + last[1] == fb and last[1] + n <= BYPASS_BLOCKS:
                     # Device blocks and file blocks both continue the last run: one
-                    # pager write (its per-block file hints stay right).
+                    # pager write (its per-block file hints stay right). At most
+                    # BYPASS_BLOCKS in one: a longer write is a stream to the pager,
+                    # which under write-back goes around the pool (a device write or a
+                    # write-behind, outside the dirty bound), where the writes one by
+                    # one (each at most BURST_BYTES) would be cached (review of
+                    # direct6, B1).
                     last[1] += n
                     last[3].append(data)
                 else:

@@ -183,6 +183,47 @@ async def test_a_burst_whose_device_write_fails_exposes_nothing(
     await fs.close_direct(grant)
 
 
+async def test_a_burst_under_write_back_stays_in_the_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of direct6, B1: under write-back, one by one each write of at most
+    BURST_BYTES (16 blocks) goes into dirty frames; a burst whose new blocks continue
+    each other made one pager write of them all (48 blocks here), past BYPASS_BLOCKS:
+    a stream that went around the pool (a device write or a write-behind of the joined
+    `bytes`), outside the dirtier's bound and leaving nothing cached. A run joined in
+    one pager write stops at BYPASS_BLOCKS."""
+    from pager import BYPASS_BLOCKS
+    real_open = Kernel.open
+    monkeypatch.setattr(Kernel, "open", classmethod(
+        lambda cls, d, **kw: real_open(d, **{**kw, "writeback": True})))
+    v = Volume(tmp_path / "vol", size=512 * BS)
+    fs = await v.open()
+    try:
+        assert fs.kernel.pager.writeback
+        nblocks = 48
+        ino, grant, model = await committed_file(v, nblocks)
+        calls: list[int] = []
+        real_write = fs.kernel.pager.write
+
+        async def counting_write(block, data, **kw):  # type: ignore[no-untyped-def]
+            calls.append(len(data) // BS)
+            return await real_write(block, data, **kw)
+
+        monkeypatch.setattr(fs.kernel.pager, "write", counting_write)
+        writes = [(fb, fill(fb + 50, 16 * BS)) for fb in (0, 16, 32)]
+        assert await fs.write_relocating_many(
+            grant, [(fb * BS, memoryview(bytearray(d))) for fb, d in writes])
+        for fb, d in writes:
+            model[fb * BS:fb * BS + len(d)] = d
+        assert calls and max(calls) <= BYPASS_BLOCKS, calls
+        new = [s for s in fs._extents(fs.inode(ino)).segments(0, nblocks)]
+        where = fs.kernel.pager._where
+        assert all(s.dev_block + k in where for s in new for k in range(s.count))
+        assert await read_back(fs, grant, len(model)) == bytes(model)
+        await fs.close_direct(grant)
+    finally:
+        await v.close()
+
+
 # -- the shim server's side ---------------------------------------------------------------
 
 BLOCKS = 64
