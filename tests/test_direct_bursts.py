@@ -284,13 +284,16 @@ def kernel(tmp_path: Path):
     k.close()
 
 
-async def _pipelined(tmp_path: Path, service: _Service, offsets: list[int]) -> BaseException | None:
+async def _pipelined(tmp_path: Path, service: _Service, offsets: list[int],
+                     servers: list[ShimServer] | None = None) -> BaseException | None:
     """Pipeline 4 KiB writes at `offsets` through a real client while the event loop is
     held (so that the server reads them together, as from a client in a process of its
     own that keeps the socket full), then a read, served after them, and a close: the
     error a write got, which one of them reports (None: none)."""
     srv = ShimServer(service.kernel, PrincipalTable(None), service,  # type: ignore[arg-type]
                      tmp_path / "c.sock")
+    if servers is not None:
+        servers.append(srv)
     token = trio.lowlevel.current_trio_token()
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
@@ -344,6 +347,28 @@ async def test_pipelined_overwrites_go_as_bursts_each_answered(
     order = {o: i for i, o in enumerate(ORDER)}
     for b in service.bursts:
         assert [order[o] for o in b] == list(range(order[b[0]], order[b[0]] + len(b)))
+
+
+async def test_a_burst_counts_each_request_in_the_principal_statistics(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of direct6, B2: the principal's service and wait histograms
+    (`principal_stats`) count every request, also those served in a burst (a burst of 8
+    recorded one sample, eight requests' time, so a principal's request count fell and
+    its percentiles rose with bursts)."""
+    from kernelshim import connection as connection_mod
+    monkeypatch.setattr(connection_mod, "HOG_SECONDS", 5.0)
+    counts = []
+    for most in (server_mod.BURST_WRITES, 1):  # bursts, then none (one by one)
+        monkeypatch.setattr(server_mod, "BURST_WRITES", most)
+        service = _Service(kernel)
+        servers: list[ShimServer] = []
+        sock = tmp_path / f"run-{most}"
+        sock.mkdir()
+        assert await _pipelined(sock, service, ORDER, servers) is None
+        assert bool(service.bursts) == (most > 1)
+        shares = servers[0].turns.shares.values()
+        counts.append((sum(sh.service.n for sh in shares), sum(sh.waited.n for sh in shares)))
+    assert counts[0] == counts[1]
 
 
 async def test_a_failed_burst_is_served_one_by_one_with_each_own_error(
