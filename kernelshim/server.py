@@ -201,7 +201,11 @@ HANGUP_LOOK_BYTES = 16 << 10
 #: moving average, made bursts shrink on a loaded machine, where the CPU time per
 #: write rises: docs/BENCHMARKS.md, "Stop 17".)
 BURST_WRITES = 8
-BURST_BYTES = 64 << 10
+#: (no larger than HANGUP_LOOK_BYTES: one by one, a larger pipelined request looks for
+#: a hang-up before it is served, which the requests of a burst after its first do
+#: not; and BURST_WRITE_SECONDS is the cost of a small write, not of a 64 KiB one:
+#: review of direct6, B3)
+BURST_BYTES = HANGUP_LOOK_BYTES
 BURST_WRITE_SECONDS = 0.1e-3
 
 #: operations that walk the principal table (or change it and save it), limited per

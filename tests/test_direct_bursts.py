@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -369,6 +370,52 @@ async def test_a_burst_counts_each_request_in_the_principal_statistics(
         shares = servers[0].turns.shares.values()
         counts.append((sum(sh.service.n for sh in shares), sum(sh.waited.n for sh in shares)))
     assert counts[0] == counts[1]
+
+
+async def test_no_burst_of_large_writes_after_a_hang_up(
+        kernel: Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of direct6, B3: one by one, a pipelined DATA request larger than
+    HANGUP_LOOK_BYTES looks for a hang-up before it is served (review of direct4, H1),
+    so a client that pipelined 32 KiB writes and hung up has at most its first one
+    served; a burst took up to BURST_WRITES of them without a look. A burst's writes
+    are at most HANGUP_LOOK_BYTES now (those look once a step one by one too)."""
+    from kernelshim import connection as connection_mod
+    monkeypatch.setattr(connection_mod, "HOG_SECONDS", 5.0)
+    service = _Service(kernel)
+    srv = ShimServer(kernel, PrincipalTable(None), service,  # type: ignore[arg-type]
+                     tmp_path / "c.sock")
+    token = trio.lowlevel.current_trio_token()
+    n = 32 << 10
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+
+        def pipeline_and_hang_up() -> None:
+            held, release = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                held.set()
+                release.wait(5.0)
+
+            holder = threading.Thread(
+                target=lambda: trio.from_thread.run_sync(hold, trio_token=token))
+            c = Client(str(tmp_path), str(tmp_path / "c.sock"))
+            f = c.open("f")
+            buf = bytearray(BS)
+            assert f.readinto(buf, 0) == BS
+            holder.start()
+            held.wait()
+            for k in range(6):
+                assert f.pwrite(fill(k, n), k * n) == n  # pipelined
+            c.sock.shutdown(socket.SHUT_RDWR)  # hung up, replies unread
+            release.set()
+            holder.join()
+            c.close()
+
+        await trio.to_thread.run_sync(pipeline_and_hang_up)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    served = [o for b in service.bursts for o in b] + service.alone
+    assert len(served) <= 1, (service.bursts, service.alone)
 
 
 async def test_a_failed_burst_is_served_one_by_one_with_each_own_error(
