@@ -143,6 +143,74 @@ class Layouts:
             await self._write_data(node, grant, offset, data)
         return len(data)
 
+    async def write_relocating_many(self: FileSystem, grant: Grant,
+                                    writes: list[tuple[int, memoryview]]) -> bool:
+        """A burst of a direct client's whole-block writes over committed (sealed)
+        blocks, each (offset, data), relocated together: one allocation for all their
+        new blocks, one kernel call that writes them (device blocks that continue each
+        other in one pager write), the map changed per write and saved once, the old
+        blocks freed in one call. Each write is exactly what `write_relocating` would
+        have made of it on its own, in order (the writes name distinct blocks). All or
+        nothing: False, with nothing done, when a write is not whole blocks or not
+        entirely over sealed blocks once the lock is held; an error (NoSpace, the
+        device's, a revoked grant) leaves nothing exposed and no block taken, so the
+        caller can serve the writes one by one and each gets its own result."""
+        self._writable()
+        node = self._direct_node(grant)
+        bs = self.block_size
+        for _offset, data in writes:
+            # Each write paced on its own while the principal is in debt (at least
+            # LIMIT_DEBT_MIN_WAIT each, as one by one): paced once for all their bytes,
+            # a tenant in debt dirtied several times faster in bursts (review of
+            # direct6, B4). Not in debt: no wait, no checkpoint.
+            await self.kernel.repay_limit(grant.principal, len(data))
+        async with self._lock(node):
+            self._direct_node(grant)  # revoked while waiting for the lock?
+            emap = self._extents(node)
+            spans: list[tuple[int, int]] = []
+            for offset, data in writes:
+                if offset % bs or len(data) % bs or not data:
+                    return False
+                fb, n = offset // bs, len(data) // bs
+                if emap.sealed_runs(fb, n) != [(fb, n)]:
+                    return False
+                spans.append((fb, n))
+            self._direct_kill_priv(node, grant)
+            total = sum(n for _fb, n in spans)
+            await self._ensure_free(total, reserve=False, relocation=True)
+            got = self.alloc.allocate(total, relocation=True)
+            # (gives `got` back to the relocations' pool itself if it fails)
+            await self._reserve_host_space(got, relocation=True, cow=True,
+                                           principal=grant.principal)
+            # The new blocks, in allocation order, to the writes in their order.
+            blocks: list[tuple[int, int, memoryview]] = []
+            placed: list[tuple[int, int, int]] = []  # (file block, device block, count)
+            k = 0  # (run of `got`, blocks of it used)
+            used = 0
+            for (fb, n), (_offset, data) in zip(spans, writes):
+                at = 0
+                while at < n:
+                    start, length = got[k]
+                    m = min(n - at, length - used)
+                    blocks.append((fb + at, start + used, data[at * bs:(at + m) * bs]))
+                    placed.append((fb + at, start + used, m))
+                    at += m
+                    used += m
+                    if used == length:
+                        k, used = k + 1, 0
+            try:
+                await self.kernel.write_relocated(grant, blocks)
+            except BaseException:
+                self.alloc.give_back(got)  # never exposed: back to the relocations' pool
+                raise
+            freed: list[tuple[int, int]] = []
+            for fb, dev, m in placed:
+                freed.extend((d, c) for d, c, _o in emap.relocate(fb, dev, m))
+            self.alloc.free_later(freed, (node.id,), recycle=True)
+            self._unsealed.add(emap)
+            self._save_extents(node)
+        return True
+
     async def layout_commit(self: FileSystem, grant: Grant, offset: int, length: int) -> int:
         """The range was written: extents become written, size and mtime update."""
         self._writable()

@@ -199,6 +199,10 @@ class DirectService:
     async def write_relocating(self, grant: Grant, offset: int, data: memoryview) -> int:
         return await self.fs.write_relocating(grant, offset, data)
 
+    async def write_relocating_many(self, grant: Grant,
+                                    writes: list[tuple[int, memoryview]]) -> bool:
+        return await self.fs.write_relocating_many(grant, writes)
+
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         return await self.fs.layout_commit(grant, offset, length)
 

@@ -134,7 +134,10 @@ class AdminOps(ServerBase):
         time the loop thread was on a CPU, and the percentiles of its CPU time per batch
         (`cpu_p50_ms`, `cpu_p99_ms`: what a request waits for a batch whatever else the
         machine runs), and `parked`: steps of backlogged principals put off to a later
-        batch (FairTurns, BATCH_SECONDS). Root may `reset` them after reading."""
+        batch (FairTurns, BATCH_SECONDS); `bursts`, `burst_writes`, `burst_cpu_ms`:
+        bursts of pipelined overwrites relocated together, the writes they served and
+        the loop thread's CPU time in them (docs/dev/protocol.md,
+        "Bursts of overwrites"). Root may `reset` them after reading."""
         page, nxt = self._page(conn, p)
         rows = {}
         context = self._context(conn, page)
@@ -154,6 +157,8 @@ class AdminOps(ServerBase):
                 "cpu_p99_ms": t.batches_cpu.percentile(0.99) * 1e3,
                 "parked": t.parked, "deferred": t.deferred,
                 "preempted": t.preempted,
+                "bursts": t.bursts, "burst_writes": t.burst_writes,
+                "burst_cpu_ms": t.burst_cpu * 1e3,
                 "side_misses": t.side_misses, "held": t.held}
         if p.get("reset") and conn.creds.uid == 0 and nxt is None:
             for sh in self.turns.shares.values():

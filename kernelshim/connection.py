@@ -427,6 +427,11 @@ class FairTurns(trio.abc.Instrument):
         #: steps cut short, or parked before they began, because the side poll found a
         #: request of a principal with no backlog waiting (statistics)
         self.preempted = 0
+        #: bursts of pipelined overwrites relocated together, the write requests they
+        #: served, and the loop thread's CPU seconds in them (ShimServer._write_burst;
+        #: statistics)
+        self.bursts = self.burst_writes = 0
+        self.burst_cpu = 0.0
         #: connections whose socket the side poll counted (`quiet_waiting`) and whose
         #: reader has not served a complete request since (the server takes a connection
         #: out when it decodes one); one that waits again still here made a cut for
@@ -936,6 +941,8 @@ class FairTurns(trio.abc.Instrument):
         self.batches_cpu = ServiceHistogram()
         self.batch_wall = self.batch_cpu = 0.0
         self.parked = self.deferred = self.preempted = self.side_misses = self.held = 0
+        self.bursts = self.burst_writes = 0
+        self.burst_cpu = 0.0
 
 
 class _PollWatch(trio.abc.Instrument):

@@ -45,6 +45,14 @@ class MetadataService(Protocol):
         they are relocated to fresh ones holding the new data (copy-on-write), not
         committed. NotAllocated for holes in the range. Returns len(data)."""
 
+    async def write_relocating_many(self, grant: Grant,
+                                    writes: list[tuple[int, memoryview]]) -> bool:
+        """A burst of whole-block writes (offset, data) over committed blocks, on
+        distinct blocks, relocated together (one allocation, one kernel write): each
+        as `write_relocating` would have made it. False, with nothing done, if one of
+        them is not whole blocks over committed ones; on an error nothing is done
+        either, so the caller may serve them one by one for their own results."""
+
     async def layout_commit(self, grant: Grant, offset: int, length: int) -> int:
         """The range was written: its extents become written, size and mtime update.
         Returns the new size."""

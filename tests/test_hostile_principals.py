@@ -4,6 +4,7 @@ by real processes of other uids."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -215,18 +216,48 @@ def _set_last_pid(pid: int) -> None:
         f.write(str(pid))
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _subreaper(on: bool) -> None:
+    """Make this process the reaper of its orphaned descendants (or stop): the holder
+    below outlives its parent, and is reaped here on every path."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def test_register_refused_after_the_connecting_pid_is_reused(pubmnt: Path) -> None:
     """uid 1000 connects, hands the connection to a child and exits; a uid 1001 process
     gets its pid; registering on the old connection must not bind that process."""
+    _register_after_pid_reuse(pubmnt, _set_last_pid, [])
+
+
+def test_pid_reuse_case_reaps_its_children_when_it_skips(pubmnt: Path) -> None:
+    """The case above skips when no process gets the opener's pid; its holder of the
+    connection, a grandchild waiting on a pipe, was left waiting for ever (and holding
+    a connection to the mount) — it is reaped on every path now."""
+    holders: list[int] = []
+    with pytest.raises(pytest.skip.Exception):
+        _register_after_pid_reuse(pubmnt, lambda pid: None, holders)  # never the pid
+    assert len(holders) == 1
+    assert not os.path.exists(f"/proc/{holders[0]}"), "the holder was left behind"
+
+
+def _register_after_pid_reuse(pubmnt: Path, set_last_pid: Callable[[int], None],
+                              holders: list[int]) -> None:
     m = str(pubmnt)
     w = shared_dir(pubmnt)
     sluice("principal", "add", m, "trap", "--owner", "1000", "--space", "0")
     go_r, go_w = os.pipe()          # tells the holder of the connection to register
     res_r, res_w = os.pipe()        # its answer
+    pid_r, pid_w = os.pipe()        # the holder's pid, from the opener
 
     def connect_and_leave() -> dict:
         c = Client.connect(m, shm_size=0)
-        if os.fork() == 0:  # the holder: keeps the connection after its opener exits
+        holder = os.fork()
+        if holder == 0:  # the holder: keeps the connection after its opener exits
             try:
                 os.read(go_r, 1)
                 try:
@@ -236,47 +267,77 @@ def test_register_refused_after_the_connecting_pid_is_reused(pubmnt: Path) -> No
                 os.write(res_w, json.dumps(out).encode())
             finally:
                 os._exit(0)
+        os.write(pid_w, str(holder).encode())
         return {"pid": os.getpid()}
 
-    # (its result pipe is not read: the holder keeps a copy of its write end open)
-    opener, unread = in_child(1000, connect_and_leave)
-    assert os.waitpid(opener, 0)[1] == 0  # exited and reaped
-    os.close(unread)
-    # A uid 1001 process with the opener's pid (pid_max is small; retry if another
-    # process took it first).
-    victim = None
-    for _ in range(20):
-        _set_last_pid(opener - 1)
-        vr, vw = os.pipe()
+    holder: int | None = None
+    victim: tuple[int, int, int] | None = None
+    try:
+        # (its result pipe is not read: the holder keeps a copy of its write end open;
+        # the holder, orphaned when the opener exits, becomes this process's child)
+        _subreaper(True)
+        try:
+            opener, unread = in_child(1000, connect_and_leave)
+            assert os.waitpid(opener, 0)[1] == 0  # exited and reaped
+        finally:
+            _subreaper(False)
+        os.close(unread)
+        os.close(pid_w)
+        pid_w = -1
+        got = os.read(pid_r, 32)
+        assert got, "the opener forked no holder"
+        holder = int(got)
+        holders.append(holder)
+        # A uid 1001 process with the opener's pid (pid_max is small; retry if another
+        # process took it first).
+        for _ in range(20):
+            set_last_pid(opener - 1)
+            vr, vw = os.pipe()
 
-        def wait_then_write(vr: int = vr) -> dict:
-            os.read(vr, 1)
-            with open(w / "victim.txt", "w") as f:
-                f.write("mine")
-            return {"pid": os.getpid()}
+            def wait_then_write(vr: int = vr) -> dict:
+                os.read(vr, 1)
+                with open(w / "victim.txt", "w") as f:
+                    f.write("mine")
+                return {"pid": os.getpid()}
 
-        pid, r = in_child(1001, wait_then_write)
-        if pid == opener:
-            victim = (pid, r, vw)
-            break
+            pid, r = in_child(1001, wait_then_write)
+            os.close(vr)  # (the child has its own)
+            if pid == opener:
+                victim = (pid, r, vw)
+                break
+            os.write(vw, b"x")
+            os.close(vw)
+            child_result(pid, r)
+            os.unlink(w / "victim.txt")
+        if victim is None:
+            pytest.skip("could not get the exited opener's pid for the second process")
+        os.write(go_w, b"x")
+        answer = json.loads(os.read(res_r, 65536))
+        pid, r, vw = victim
+        victim = None
         os.write(vw, b"x")
-        child_result(pid, r)
-        os.unlink(w / "victim.txt")
-    if victim is None:
-        pytest.skip("could not get the exited opener's pid for the second process")
-    os.write(go_w, b"x")
-    answer = json.loads(os.read(res_r, 65536))
-    pid, r, vw = victim
-    os.write(vw, b"x")
-    assert child_result(pid, r)["pid"] == opener
-    assert answer.get("error") == "NotAllowed", answer
-    assert "has exited" in answer["message"]
-    assert (w / "victim.txt").read_text() == "mine"
-    t = table(pubmnt)
-    assert t["trap"]["usage"]["inodes"] == 0
-    assert t["uid-1001"]["usage"]["inodes"] == 1
-    for fd in (go_r, go_w, res_r, res_w):
-        os.close(fd)
+        os.close(vw)
+        assert child_result(pid, r)["pid"] == opener
+        assert answer.get("error") == "NotAllowed", answer
+        assert "has exited" in answer["message"]
+        assert (w / "victim.txt").read_text() == "mine"
+        t = table(pubmnt)
+        assert t["trap"]["usage"]["inodes"] == 0
+        assert t["uid-1001"]["usage"]["inodes"] == 1
+    finally:
+        if victim is not None:  # found, never let go: killed and reaped
+            os.kill(victim[0], signal.SIGKILL)
+            os.waitpid(victim[0], 0)
+            os.close(victim[1])
+            os.close(victim[2])
+        if holder is not None:
+            # (exited already on the path that let it register: then a zombie, ours, so
+            # its pid is not anyone else's yet)
+            os.kill(holder, signal.SIGKILL)
+            os.waitpid(holder, 0)
+        for fd in (go_r, go_w, res_r, res_w, pid_r, pid_w):
+            if fd >= 0:
+                os.close(fd)
 
 
 # -- 4: group rights are those the connection was opened with -----------------------------
