@@ -380,12 +380,24 @@ class Kernel(GrantTable, LowerLayers):
             if sched.limit_debt(principal) <= LIMIT_DEBT_SLACK:
                 return
 
-    async def _enter_write(self) -> None:
+    async def _enter_write(self, grant: Grant) -> int:
+        """A write through `grant` begins: counted among the writes in flight (after any
+        barrier in progress) and entered in the grant (`_enter_grant_write`); the epoch
+        to give `_leave_write`, which every path after this call must reach."""
         while self._barrier is not None:
             await self._barrier.wait()
         self._writes += 1
+        try:
+            return self._enter_grant_write(grant)
+        except BaseException:
+            self._write_ended()
+            raise
 
-    def _leave_write(self) -> None:
+    def _leave_write(self, grant: Grant, epoch: int) -> None:
+        self._leave_grant_write(grant, epoch)
+        self._write_ended()
+
+    def _write_ended(self) -> None:
         self._writes -= 1
         if not self._writes and self._writes_done is not None:
             self._writes_done.set()
@@ -483,12 +495,7 @@ class Kernel(GrantTable, LowerLayers):
         length = len(data)
         if offset < 0:
             raise BadRequest(f"write at negative offset {offset}")
-        await self._enter_write()
-        try:
-            epoch = self._enter_grant_write(grant)
-        except BaseException:
-            self._leave_write()
-            raise
+        epoch = await self._enter_write(grant)
         try:
             if not length:
                 return 0
@@ -533,8 +540,7 @@ class Kernel(GrantTable, LowerLayers):
                 self._merging.release(grant.inode, merged)
             return length
         finally:
-            self._leave_grant_write(grant, epoch)
-            self._leave_write()
+            self._leave_write(grant, epoch)
 
     def _write_targets(self, grant: Grant, segs: list, cow: ExtentMap | None
                        ) -> list[tuple[int, int, int]]:
@@ -623,12 +629,7 @@ class Kernel(GrantTable, LowerLayers):
         BYPASS_BLOCKS (never a stream the pool would be bypassed for). All the writes are
         noted in the grant only once every one of them is on its way: a failure
         leaves nothing noted (the caller gives the fresh blocks back)."""
-        await self._enter_write()
-        try:
-            epoch = self._enter_grant_write(grant)
-        except BaseException:
-            self._leave_write()
-            raise
+        epoch = await self._enter_write(grant)
         try:
             bs = self.block_size
             emap = grant.extents
@@ -665,8 +666,7 @@ class Kernel(GrantTable, LowerLayers):
             for fb, _dev, data in blocks:
                 grant.note_written(fb * bs, fb * bs + len(data), bs)
         finally:
-            self._leave_grant_write(grant, epoch)
-            self._leave_write()
+            self._leave_write(grant, epoch)
 
     async def _fill_block(self, buf: bytearray, at: int, seg, principal: PrincipalId,
                           grant: Grant, last: bool = False) -> None:
