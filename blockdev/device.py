@@ -172,6 +172,9 @@ class Scheduler(Protocol):
     def expedite_writes(self) -> ContextManager[None]:
         """While inside, writes held back only by a limit are dispatched anyway."""
 
+    def never_expedited(self) -> ContextManager[None]:
+        """The current task's requests made inside are never expedited."""
+
     def limit_debt(self, principal: PrincipalId) -> float:
         """Seconds `principal` still owes for requests a barrier dispatched past its
         I/O limits: the largest debt of a limited node on its path of which it owes a

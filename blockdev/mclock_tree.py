@@ -35,8 +35,9 @@ class Req:
                  write: bool = False, *, barrier: bool = False) -> None:
         self.node = node
         self.write = write
-        #: a write or flush: what a barrier waits for (expedited past limits then)
-        self.barrier = barrier or write
+        #: a write or flush: what a barrier waits for (expedited past limits then),
+        #: unless made inside `never_expedited()` (the caller passes barrier=False)
+        self.barrier = barrier
         self.nbytes = nbytes
         self.cost = cost
         self.arrival = arrival

@@ -70,6 +70,10 @@ and every principal's writes wait for the barrier; so while it waits
 is the barrier's own flush, charged to the principal whose fsync asked for it), their
 tags advanced as usual: the principal repays them with its next requests, and a
 throttled queue never holds a commit (and everyone's fsync) for queue/limit seconds.
+Requests made inside `never_expedited()` are the exception: the pager's write-back of
+frames a tenant dirtied while they were discardable, over its dirty bound
+(debt-paced frames, docs/dev/invariants.md), goes at its principal's limit even while a
+barrier waits, since no barrier waits for it (review of tidy5, R2).
 
 Concurrency: all state lives on the trio loop; `slot()` and `_dispatch()` mutate it
 without a checkpoint in between, so a choice and its charge are atomic. Waiting tasks
@@ -87,6 +91,7 @@ reservation interval after their R tag) and late.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from contextlib import contextmanager
@@ -107,6 +112,9 @@ _INF = math.inf
 #: kinds of request (`slot(..., kind=...)`)
 READ, WRITE, DISCARD, FLUSH = "read", "write", "discard", "flush"
 KINDS = (READ, WRITE, DISCARD, FLUSH)
+#: set in a task inside `never_expedited()`: its writes are never expedited
+_NEVER_EXPEDITED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sluice_never_expedited", default=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -302,6 +310,18 @@ class _Accounting:
         """While inside, writes held back only by a limit go anyway (see MClockScheduler);
         FIFO holds nothing back."""
         yield
+
+    @contextmanager
+    def never_expedited(self) -> Iterator[None]:
+        """The current task's requests made inside are never expedited by a barrier
+        (`expedite_writes`): they wait for their principal's limits whatever waits
+        for them. For writes no barrier waits for: the pager's write-back of
+        debt-paced frames (pager/writeback.py)."""
+        token = _NEVER_EXPEDITED.set(True)
+        try:
+            yield
+        finally:
+            _NEVER_EXPEDITED.reset(token)
 
     def limit_debt(self, principal: PrincipalId) -> float:
         """Seconds `principal` still owes its I/O limits for dispatched requests (those
@@ -636,7 +656,7 @@ class MClockScheduler(_Accounting):
             arrival = now
         node = self._nodes.get(principal) or self._node(principal)
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
-                  barrier=write or flush)
+                  barrier=(write or flush) and not _NEVER_EXPEDITED.get())
         may_go = self._may_go(node, now)
         req.throttled = not may_go
         antic = self._antic

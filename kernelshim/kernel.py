@@ -365,9 +365,15 @@ class Kernel(GrantTable, LowerLayers):
         never the discard or reaper tasks: the wait must hold no one else (review of
         probe 5, P4). It sleeps in steps of at most LIMIT_DEBT_STEP, re-reading the
         debt, so that a limit removed or raised meanwhile ends it (P3). Not under
-        `_enter_write`: a barrier never waits for it. Cancellable."""
+        `_enter_write`: a barrier never waits for it. Cancellable.
+
+        First, the same for the frames the principal dirtied while they were
+        discardable and whose hint it cleared over its dirty bound (debt-paced,
+        `Pager.pay_paced`): while it is over its bound counting them, the request
+        writes back its own size of them at its limit (review of tidy5, R2)."""
         if not self.pager.writeback:
             return
+        await self.pager.pay_paced(principal, -(-nbytes // self.device.block_size))
         sched = self.device.scheduler
         until = sched.limit_pace(principal, nbytes, LIMIT_DEBT_SLACK, LIMIT_DEBT_MIN_WAIT)
         if until is None:
@@ -729,11 +735,17 @@ class Kernel(GrantTable, LowerLayers):
     async def writeback_file(self, inode: int, *,
                              principal: PrincipalId = ROOT_PRINCIPAL) -> bool:
         """Write back the file's dirty frames that a barrier leaves out (discardable
-        ones: the pager writes them only when asked for that file, an fsync) and flush
+        ones: the pager writes them only when asked for that file, an fsync; and
+        debt-paced ones, first, on their dirtiers' banks at their limits) and flush
         the device, on `principal`'s bank (the fsync's caller); nobody else's frames
         are written. False (and nothing done) when the file had none."""
         if not self.pager.writeback or inode not in self.pager.dirty_discardable_files():
             return False  # (its other dirty frames: the commit's barrier writes them)
+        # Its debt-paced frames first, at their dirtiers' limits and outside any
+        # barrier: nobody's commit, and none of the writers a barrier holds, waits
+        # for that pace (review of tidy5, R2). A hint cleared again meanwhile may
+        # leave a few more, which the barrier below writes like the rest.
+        await self.pager.write_back_paced(inode)
         # Inside a barrier, so that no commit runs while these frames are on their
         # way: a commit sees them either dirty (the file is recorded as unflushed) or
         # clean and flushed to the device.

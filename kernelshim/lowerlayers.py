@@ -34,8 +34,10 @@ class LowerLayers:
         self.pager.on_discarded = callback
 
     def dirty_discardable_files(self) -> set[int]:
-        """The discardable files with dirty frames (a barrier leaves those out; an
-        fsync of the file or `writeback_file` writes them)."""
+        """The files with dirty frames a barrier leaves out: discardable ones, and
+        debt-paced ones (dirtied while discardable, hint since cleared; a crash may
+        lose them until written back). An fsync of the file or `writeback_file`
+        writes them."""
         return self.pager.dirty_discardable_files()
 
     def device_statistics(self) -> DeviceStatistics:

@@ -36,7 +36,9 @@ class DirtyBounds(Observed):
         one frame), counted over the node's whole subtree (a tenant's children share
         their parent's limit, so they share its bound), its write-behinds on their way
         with its dirty frames (a commit expedites both) — under `hinted` not its
-        discardable dirty frames (`_Acct.disc_dirty`), which nothing expedites. None
+        discardable dirty frames (`_Acct.disc_dirty`) nor its debt-paced ones
+        (`_Acct.paced`), which nothing expedites (those a tenant pays for before its
+        next requests instead: `pay_paced`, pager/writeback.py). None
         when no limit is on its path. `members`, if given, gets the subtree of each node at its bound.
 
         Why: a commit writes every dirty frame back past its dirtier's limit (W1's
@@ -61,7 +63,10 @@ class DirtyBounds(Observed):
                     # (under `hinted` not its discardable frames: nothing expedites
                     # them, and counted they made every later block of its other
                     # files wait for a write-back of its own: review of probe5fix, V5)
-                    n += a.dirty - a.disc_dirty if hinted else a.dirty
+                    # (nor its debt-paced frames: no commit expedites them, and they
+                    # are paid for before the writer's requests, not inside them, where
+                    # a barrier waits for the write: review of tidy5, R2)
+                    n += a.dirty - a.disc_dirty - a.paced if hinted else a.dirty
                 if behind:
                     n += behind.get(m, 0)
             r = max(1, int(rate * secs)) - n
@@ -70,3 +75,14 @@ class DirtyBounds(Observed):
             if room is None or r < room:
                 room = r
         return room
+
+    def _over_dirty_bound(self, p: int) -> bool:
+        """Whether a limited node on `p`'s path has more dirty frames a commit may
+        expedite than its bound (`_dirty_room` below 0): a frame of `p`'s whose
+        discardable hint is cleared now, counted there already, is then debt-paced
+        instead (`FrameTable._set_disc`), so what a commit may expedite for the node
+        stays within its bound."""
+        if not self._lim_path:
+            return False
+        room = self._dirty_room(p)
+        return room is not None and room < 0

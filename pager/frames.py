@@ -8,7 +8,7 @@ design is in pager/pool.py.
 Per-frame state, indexed by frame number (`FrameNo`): the device block, the file and
 file block it belongs to, the principal charged (`_owner`) and the one that dirtied
 it (`_dirtier`), the state (FREE, FILLING, CLEAN, DIRTY, WRITEBACK), the referenced
-bit, priority, discardable, pin count, the time it was first dirtied, and a
+bit, priority, discardable, debt-paced, pin count, the time it was first dirtied, and a
 generation bumped whenever the frame is (re)assigned so a task that awaited can tell
 that its frame now holds something else. `_where` maps a resident device block to
 its frame. There is no Python object per page.
@@ -40,7 +40,7 @@ class _Acct:
     """One principal's counters (per principal, not per page)."""
 
     __slots__ = ("resident", "hits", "misses", "evictions", "discarded", "dirty",
-                 "disc_dirty", "wb_bytes", "sent", "answered", "missed", "prefetched",
+                 "disc_dirty", "paced", "wb_bytes", "sent", "answered", "missed", "prefetched",
                  "last_missed")
 
     def __init__(self) -> None:
@@ -51,6 +51,10 @@ class _Acct:
         #: leaves them out (`_dirty_room`; review of probe5fix, V5). Kept wherever a
         #: frame's state, dirtier or discardable flag changes (`_set_disc`)
         self.disc_dirty = 0
+        #: of `dirty`, the debt-paced frames (`_paced`): dirtied while discardable,
+        #: over a limited node's dirty bound when the hint was cleared; no commit
+        #: expedites them (review of tidy5, R2)
+        self.paced = 0
         self.prefetched = 0
         #: its last settled reclaim request went unanswered: while its next one is
         #: pending, others' direct reclaim does not spare it (Replacement._pick_victim)
@@ -81,6 +85,13 @@ class FrameTable:
         self._state = np.zeros(n, dtype=np.int8)
         self._prio = np.zeros(n, dtype=np.int16)
         self._disc = np.zeros(n, dtype=np.bool_)
+        #: debt-paced: a dirty frame (DIRTY or WRITEBACK) that stopped being
+        #: discardable while its dirtier was over a limited node's dirty bound
+        #: (`_set_disc`). Ordinary dirty data in every way (never dropped; aging,
+        #: throttling and fsync write it back) but one: no barrier writes it or
+        #: expedites its write-back, which goes at its dirtier's limit (pager/writeback.py;
+        #: review of tidy5, R2). Cleared when the frame stops being dirty.
+        self._paced = np.zeros(n, dtype=np.bool_)
         self._pin = np.zeros(n, dtype=np.int16)
         self._redirty = np.zeros(n, dtype=np.bool_)
         self._dirty_since = np.zeros(n, dtype=np.float64)
@@ -102,6 +113,7 @@ class FrameTable:
         # costs a fraction of a numpy scalar's; vectorised scans use the arrays.
         self._state_m = scalar_view(self._state)
         self._disc_m = scalar_view(self._disc)
+        self._paced_m = scalar_view(self._paced)
         self._ref_m = scalar_view(self._ref)
         self._prio_m = scalar_view(self._prio)
         self._owner_m = scalar_view(self._owner)
@@ -211,12 +223,34 @@ class FrameTable:
                     self._requeue(f)
 
     def _set_disc(self, f: int, disc: bool) -> None:
-        """Set frame `f`'s discardable flag, keeping its dirtier's `disc_dirty`."""
+        """Set frame `f`'s discardable flag, keeping its dirtier's `disc_dirty`. A
+        dirty frame that stops being discardable (a hint cleared) while its dirtier
+        is over a limited node's dirty bound (`_over_dirty_bound`) is debt-paced
+        (`_paced`, counted in `paced`): it was dirtied outside the bound (V3), and
+        made expeditable at once it let a tenant hold its dirty share, not its
+        bound, in frames the next commit writes past its limit (review of tidy5,
+        R2). One that becomes discardable again is no longer paced."""
         if bool(self._disc_m[f]) != disc:
             self._disc_m[f] = disc
             st = self._state_m[f]
             if st == DIRTY or st == WRITEBACK:
-                self._acct_of(int(self._dirtier_m[f])).disc_dirty += 1 if disc else -1
+                d = int(self._dirtier_m[f])
+                a = self._acct_of(d)
+                if disc:
+                    a.disc_dirty += 1
+                    if self._paced_m[f]:
+                        self._paced_m[f] = False
+                        a.paced -= 1
+                else:
+                    a.disc_dirty -= 1
+                    if self._hinted and self._over_dirty_bound(d):
+                        self._paced_m[f] = True
+                        a.paced += 1
+
+    def _over_dirty_bound(self, p: int) -> bool:
+        """Whether `p` has more dirty frames than a limited node on its path allows
+        (pager/dirty.py overrides this; without limits, never)."""
+        return False
 
     def _hints_for(self, file: int, fblock: int, owner: int) -> tuple[int, bool, bool]:
         """The hints of a frame of `file` at `fblock` charged to `owner`: the file's
@@ -287,16 +321,24 @@ class FrameTable:
         a.dirty -= 1
         if self._disc_m[f]:
             a.disc_dirty -= 1
+        if self._paced_m[f]:
+            self._paced_m[f] = False
+            a.paced -= 1
 
     def _take_dirty(self, f: int, p: int, acct: _Acct) -> None:
         """Frame `f` (DIRTY or WRITEBACK, dirtied by another) becomes `p`'s dirty
-        frame (`acct`: p's counters)."""
+        frame (`acct`: p's counters). A debt-paced frame stays paced, now on `p`'s
+        count: its write-back may be on its way, unexpedited (a barrier that took
+        it for ordinary would wait for that at the old dirtier's limit)."""
         a = self._acct_of(int(self._dirtier_m[f]))
         a.dirty -= 1
         acct.dirty += 1
         if self._disc_m[f]:
             a.disc_dirty -= 1
             acct.disc_dirty += 1
+        if self._paced_m[f]:
+            a.paced -= 1
+            acct.paced += 1
         self._dirtier_m[f] = p
 
     def _give_back(self, f: int) -> None:

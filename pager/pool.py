@@ -43,6 +43,16 @@ it frees. Discardable dirty frames are never written back by the pager on its ow
 (reclaim, aging, throttling, `flush`): under pressure they are dropped and the file is
 reported to `on_discarded(file)` — all its dirty frames go, so it is lost as a whole.
 Only `writeback_file` (an explicit fsync of that file) writes them.
+Clearing the hint converts a file's dirty discardable frames at once into ordinary
+dirty data (never dropped, written by aging, throttling and fsync), but those that
+leave their dirtier over a limited node's dirty bound are debt-paced (`_paced`): a
+limited tenant's discardable writes were never held to its bound (V3), and made
+expeditable at once they let it hold its dirty share in frames the next commit
+writes past its limit. No barrier writes a debt-paced frame, nor expedites its
+write-back: it goes at its dirtier's limit (aging; `pay_paced` before the tenant's
+next requests; `write_back_paced` before an fsync of the file, outside its barrier),
+and until it lands the file stays on the commit's unflushed list (review of tidy5, R2;
+docs/dev/invariants.md, "Debt-paced frames").
 
 Cooperative reclaim (`principal`, `hinted`): `run()` keeps a reserve of free frames.
 When it runs low, or a principal is over its ceiling, each principal over its share

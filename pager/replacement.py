@@ -242,7 +242,11 @@ class Replacement(Aging):
                     return self._free.pop()
             g = int(self._gen_m[v])
             try:
-                await self._writeback_frames(self._cluster(v))
+                # (a debt-paced victim alone, and expeditable: this may run inside a
+                # write a barrier waits for; one frame of its debt at most per
+                # allocation is what a commit may write past its dirtier's limit)
+                await self._writeback_frames([v] if self._paced_m[v] else self._cluster(v),
+                                             expeditable=bool(self._paced_m[v]))
             except Exception:
                 failures += 1
                 if failures >= 3:

@@ -18,11 +18,22 @@ commit, and a commit records the files whose discardable frames are still dirty 
 its `unflushed` list, so a crash empties them whole instead of exposing blocks whose
 data never reached the device; writing them at every commit would cost the
 write-back that discardability exists to save.
+
+Debt-paced frames (`_paced`, pager/frames.py): dirty frames a limited tenant dirtied
+while they were discardable (outside its dirty bound, V3) and whose hint was cleared
+while it was over its bound. They are ordinary dirty data — never dropped; aging,
+throttling, dontneed and fsync write them back — but no barrier writes them (`flush`
+and `write_back_dirty` leave them out, and the commit lists their files as unflushed,
+as it does discardable ones) and their write-back is made `never_expedited()`: it
+goes at the dirtier's own limit, even while a commit waits. An fsync of their file
+writes them first, at that pace, before its barrier (`write_back_paced`): the tenant
+pays its own debt, and nobody's commit waits for it (review of tidy5, R2).
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import numpy as np
 import trio
@@ -212,9 +223,12 @@ class WriteBack(DirtyBounds):
             raise DeviceError(self._behind_error)
 
     def _cluster(self, f: int) -> list[int]:
-        """f and its dirty, same-dirtier, written-back-able neighbours on the device."""
+        """f and its dirty, same-dirtier, written-back-able neighbours on the device
+        (debt-paced or not as f is: a run is expedited as a whole or not at all)."""
         b = int(self._frame_block_m[f])
         d = self._dirtier_m[f]
+        paced = self._paced_m
+        pf = paced[f]
         where = self._where
         out = [f]
         for step in (1, -1):
@@ -222,7 +236,7 @@ class WriteBack(DirtyBounds):
             while len(out) < WRITEBACK_CLUSTER:
                 g = where.get(nb)
                 if (g is None or self._state_m[g] != DIRTY or self._dirtier_m[g] != d
-                        or self._droppable(g)):
+                        or paced[g] != pf or self._droppable(g)):
                     break
                 out.append(g)
                 nb += step
@@ -230,25 +244,30 @@ class WriteBack(DirtyBounds):
 
     async def _writeback_frames(self, frames: list[int], *,
                                 principal: PrincipalId | None = None,
-                                dirtier: int | None = None) -> int:
+                                dirtier: int | None = None,
+                                expeditable: bool = False) -> int:
         """Write the DIRTY frames among `frames` to the device, in runs of adjacent
         blocks with the same dirtier, each run tagged with that principal (or with
         `principal`: an fsync writing its file's frames, on its caller's bank).
         `dirtier`: only the runs that principal still dirtied when their turn comes (an
         aging task's: a frame another principal took over meanwhile goes with that
         one's own write-back, not at its limit ahead of the rest: review of
-        probe5fix, V6). Returns the number of frames written."""
+        probe5fix, V6). Runs of debt-paced frames are never expedited by a barrier
+        unless `expeditable` (a write-back inside a request a barrier may wait
+        for: reclaim for a writer, one frame at a time). Returns the number of
+        frames written."""
         todo = sorted((int(self._frame_block_m[f]), f) for f in frames
                       if self._state_m[f] == DIRTY)
         written = 0
-        bs = self.block_size
+        paced = self._paced_m
         i = 0
         while i < len(todo):
             j = i + 1
             d = self._dirtier_m[todo[i][1]]
+            pf = paced[todo[i][1]]  # (runs are all debt-paced or none: `_writeback_run`)
             while (j < len(todo) and j - i < WRITEBACK_CLUSTER
                    and todo[j][0] == todo[j - 1][0] + 1 and self._dirtier_m[todo[j][1]] == d
-                   and self._state_m[todo[j][1]] == DIRTY):
+                   and self._state_m[todo[j][1]] == DIRTY and paced[todo[j][1]] == pf):
                 j += 1
             run = [f for _, f in todo[i:j] if self._state_m[f] == DIRTY]
             i = j
@@ -256,11 +275,13 @@ class WriteBack(DirtyBounds):
                 continue
             # the run may have lost members to the checks above: keep it contiguous
             run = run[:1] + [g for k, g in enumerate(run[1:], 1)
-                             if self._frame_block_m[g] == self._frame_block_m[run[0]] + k]
-            written += await self._writeback_run(run, principal)
+                             if self._frame_block_m[g] == self._frame_block_m[run[0]] + k
+                             and paced[g] == paced[run[0]]]
+            written += await self._writeback_run(run, principal, expeditable=expeditable)
         return written
 
-    async def _writeback_run(self, run: list[int], principal: PrincipalId | None = None) -> int:
+    async def _writeback_run(self, run: list[int], principal: PrincipalId | None = None,
+                             *, expeditable: bool = False) -> int:
         bs = self.block_size
         mem = self._mem
         b0 = int(self._frame_block_m[run[0]])
@@ -274,7 +295,12 @@ class WriteBack(DirtyBounds):
         epoch = self._epoch
         by = PrincipalId(d) if principal is None else principal
         try:
-            await self.device.write(BlockNo(b0), buf, principal=by)
+            # A debt-paced run goes at its principal's limit even while a barrier
+            # waits: no barrier waits for it (`flush` leaves it out), and expedited
+            # it would be what the pacing exists to prevent (review of tidy5, R2).
+            with (self.device.scheduler.never_expedited()
+                  if self._paced_m[run[0]] and not expeditable else nullcontext()):
+                await self.device.write(BlockNo(b0), buf, principal=by)
         except BaseException:
             for f, g in zip(run, gens):
                 if self._gen_m[f] == g and self._state_m[f] == WRITEBACK:
@@ -315,11 +341,16 @@ class WriteBack(DirtyBounds):
                     self._dirty_room(p, members=full)
             if dirty < limit and not full:
                 return
-            cand = np.flatnonzero(mine & ~self._disc) if self._hinted else np.flatnonzero(mine)
+            # (never the debt-paced frames: this runs inside a write a barrier waits
+            # for, and their write-back is not expedited; `pay_paced` writes them
+            # before the writer's requests: review of tidy5, R2)
+            cand = (np.flatnonzero(mine & ~(self._disc | self._paced)) if self._hinted
+                    else np.flatnonzero(mine))
             if not len(cand) and full:
                 subtree = np.isin(self._dirtier, np.fromiter(full[0], dtype=np.int64))
                 ours = (self._state == DIRTY) & subtree
-                cand = np.flatnonzero(ours & ~self._disc if self._hinted else ours)
+                cand = np.flatnonzero(ours & ~(self._disc | self._paced) if self._hinted
+                                      else ours)
             if len(cand):
                 oldest = int(cand[np.argmin(self._dirty_since[cand])])
                 await self._writeback_frames(self._cluster(oldest))
@@ -337,7 +368,7 @@ class WriteBack(DirtyBounds):
             if busy.any():
                 await self._io_done.park()
                 continue
-            return  # only discardable dirty frames: bounded by the bank, not written
+            return  # only discardable (or debt-paced) dirty frames: not written here
 
     async def _write_back_until_clean(self, frames: np.ndarray, *,
                                       principal: PrincipalId | None = None) -> None:
@@ -361,7 +392,8 @@ class WriteBack(DirtyBounds):
     async def flush(self, *, principal: PrincipalId = ROOT_PRINCIPAL,
                     file: int | None = None, by_dirtier: bool = False) -> None:
         """Write back every dirty frame that is not discardable (those are a cache by
-        contract and reach the device only by `writeback_file`), wait for write-back in
+        contract and reach the device only by `writeback_file`) nor debt-paced (those
+        go at their dirtier's limit: `write_back_paced`), wait for write-back in
         flight, then flush the device. The flush is charged to `principal` (who asked
         for it: an fsync's caller, root for the periodic commit), and so is the
         write-back of `file`'s frames (the fsync'd file), written first, unless
@@ -374,7 +406,7 @@ class WriteBack(DirtyBounds):
             await self._wait_behind()
             cand = (self._state == DIRTY) | (self._state == WRITEBACK)
             if self._hinted:
-                cand &= ~self._disc
+                cand &= ~(self._disc | self._paced)
             if file is not None:
                 mine = cand & (self._file == file)
                 await self._write_back_until_clean(
@@ -386,7 +418,7 @@ class WriteBack(DirtyBounds):
     async def write_back_dirty(self, *, principal: PrincipalId | None = None,
                                file: int | None = None, by_dirtier: bool = False) -> None:
         """Write back the frames dirty now that `flush` would write (not the
-        discardable ones under `hinted`), without waiting for write-behinds or flushing
+        discardable nor the debt-paced ones under `hinted`), without waiting for write-behinds or flushing
         the device; `file`'s first, on `principal`'s bank (or, `by_dirtier`, on their
         dirtiers', as every other frame), as `flush` does. A commit's barrier
         calls it before it holds writers back, so that
@@ -398,7 +430,7 @@ class WriteBack(DirtyBounds):
             return
         cand = self._state == DIRTY
         if self._hinted:
-            cand &= ~self._disc
+            cand &= ~(self._disc | self._paced)
         if file is not None and (principal is not None or by_dirtier):
             mine = cand & (self._file == file)
             frames = np.flatnonzero(mine)
@@ -407,7 +439,7 @@ class WriteBack(DirtyBounds):
                                              principal=None if by_dirtier else principal)
             cand = (self._state == DIRTY) & ~mine
             if self._hinted:
-                cand &= ~self._disc
+                cand &= ~(self._disc | self._paced)
         frames = np.flatnonzero(cand)
         if len(frames):
             await self._writeback_frames([int(f) for f in frames])
@@ -421,10 +453,50 @@ class WriteBack(DirtyBounds):
         return {int(f) for f in np.unique(files) if f}
 
     def dirty_discardable_files(self) -> set[int]:
-        """The files with discardable frames dirty or under write-back."""
+        """The files with frames dirty or under write-back that `flush` leaves out:
+        discardable ones, and debt-paced ones (once discardable, whose data a crash
+        may lose until they are written back)."""
         st = self._state
-        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & self._disc]
+        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & (self._disc | self._paced)]
         return {int(f) for f in np.unique(files) if f}
+
+    async def write_back_paced(self, file: int) -> None:
+        """Return when `file` has no debt-paced frame: each written back on its
+        dirtier's bank at its limit, never expedited, after whatever that principal
+        has queued (the tenant pays its own debt). Done by an fsync of the file
+        before its barrier (`Kernel.writeback_file`), so that no commit, and none of
+        the writers a barrier holds, waits for that pace. A frame rewritten during
+        its write-back stays paced and is written again."""
+        while True:
+            frames = np.flatnonzero((self._file == file) & self._paced)
+            if not len(frames):
+                return
+            await self._write_back_until_clean(frames)
+
+    async def pay_paced(self, principal: PrincipalId, nblocks: int) -> None:
+        """Before a request of `principal` that dirties `nblocks` frames: while it has
+        debt-paced frames and, counting them, is at a limited node's dirty bound,
+        write back its own oldest paced frames, `nblocks` of them (at least one), at
+        its limit, never expedited — its own cost, never the whole debt (Linux holds
+        the file's i_rwsem across a FUSE write: second review of probe 5, R2). So a
+        tenant over its bound by the frames whose hint it cleared dirties at most
+        at its limit until they are written, as it would over its bound for any
+        other dirty data. Called by `Kernel.repay_limit`, holding no lock and not
+        inside a write a barrier waits for (which is why the in-write throttle
+        leaves paced frames alone)."""
+        p = int(principal)
+        a = self._acct.get(p)
+        if a is None or not a.paced or not self._lim_path:
+            return
+        room = self._dirty_room(p)
+        if room is None or room - a.paced > 0:
+            return
+        cand = np.flatnonzero(self._paced & (self._dirtier == p) & (self._state == DIRTY))
+        if len(cand):
+            oldest = cand[np.argsort(self._dirty_since[cand], kind="stable")]
+            await self._writeback_frames([int(f) for f in oldest[:max(1, nblocks)]])
+        else:
+            await self._io_done.park()  # (all on their way: wait for one to land)
 
     def has_dirty(self, file: int) -> bool:
         """Whether `file` has frames dirty or under write-back."""

@@ -44,8 +44,8 @@ def device(tmp_path: Path):
 def check_invariants(p: Pager) -> None:
     """The pool's invariants (pager/cache.py): the block index and the frame arrays
     agree, frames are conserved (free + resident = pool), charges equal residency,
-    dirty counts (and dirty discardable counts) equal dirty frames (and dirty
-    discardable frames), and every resident frame sits on exactly one
+    dirty counts (and dirty discardable and debt-paced counts) equal dirty frames (and
+    dirty discardable and debt-paced frames), and every resident frame sits on exactly one
     queue of the principal charged for it."""
     from pager.cache import DIRTY, FREE, WRITEBACK
     for b, f in p._where.items():
@@ -61,6 +61,8 @@ def check_invariants(p: Pager) -> None:
     counts: dict[int, int] = {}
     dirty: dict[int, int] = {}
     disc_dirty: dict[int, int] = {}
+    paced: dict[int, int] = {}
+    assert not p._paced[p._free].any() if p._free else True
     for f in used:
         counts[int(p._owner[f])] = counts.get(int(p._owner[f]), 0) + 1
         if p._state[f] in (DIRTY, WRITEBACK):
@@ -68,11 +70,19 @@ def check_invariants(p: Pager) -> None:
             dirty[d] = dirty.get(d, 0) + 1
             if p._disc[f]:
                 disc_dirty[d] = disc_dirty.get(d, 0) + 1
+            if p._paced[f]:
+                paced[d] = paced.get(d, 0) + 1
+        else:
+            assert not p._paced[f], "only a dirty frame is debt-paced"
     assert p.statistics().resident == counts
     assert {k: a.resident for k, a in p._acct.items() if a.resident} == counts
     assert {k: a.dirty for k, a in p._acct.items() if a.dirty} == dirty
     # the dirty discardable frames each principal dirtied, kept count of (V5)
     assert {k: a.disc_dirty for k, a in p._acct.items() if a.disc_dirty} == disc_dirty
+    # the debt-paced frames each principal dirtied (review of tidy5, R2): never
+    # discardable too
+    assert {k: a.paced for k, a in p._acct.items() if a.paced} == paced
+    assert not (p._paced & p._disc).any()
     assert all(a.resident >= 0 and a.dirty >= 0 for a in p._acct.values())
     if p.policy != "global-lru":
         for f in used:
