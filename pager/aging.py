@@ -1,6 +1,9 @@
 """Aging: frames dirty for longer than `dirty_expire` are written back in the
 background, each dirtier's by a task of its own, on its own bank (hostile probe 5,
-L3: in one task a throttled tenant's aged frames held every other's)."""
+L3: in one task a throttled tenant's aged frames held every other's). And the other
+write-back at the dirtier's own pace: debt-paced frames (pager/frames.py `_paced`)
+written before a tenant's next requests (`pay_paced`) and before an fsync of their
+file (`write_back_paced`), never expedited (review of tidy5, R2)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import logging
 import numpy as np
 import trio
 
+from blockdev import PrincipalId
+
 from .cache import DIRTY
 from .writeback import WriteBack
 
@@ -16,7 +21,46 @@ log = logging.getLogger(__name__)
 
 
 class Aging(WriteBack):
-    """The aging task (`Pager.run` starts it under write-back)."""
+    """The aging task (`Pager.run` starts it under write-back); the debt-paced
+    frames' write-back."""
+
+    async def write_back_paced(self, file: int) -> None:
+        """Return when `file` has no debt-paced frame: each written back on its
+        dirtier's bank at its limit, never expedited, after whatever that principal
+        has queued (the tenant pays its own debt). Done by an fsync of the file
+        before its barrier (`Kernel.writeback_file`), so that no commit, and none of
+        the writers a barrier holds, waits for that pace. A frame rewritten during
+        its write-back stays paced and is written again."""
+        while True:
+            frames = np.flatnonzero((self._file == file) & self._paced)
+            if not len(frames):
+                return
+            await self._write_back_until_clean(frames)
+
+    async def pay_paced(self, principal: PrincipalId, nblocks: int) -> None:
+        """Before a request of `principal` that dirties `nblocks` frames: while it has
+        debt-paced frames and, counting them, is at a limited node's dirty bound,
+        write back its own oldest paced frames, `nblocks` of them (at least one), at
+        its limit, never expedited — its own cost, never the whole debt (Linux holds
+        the file's i_rwsem across a FUSE write: second review of probe 5, R2). So a
+        tenant over its bound by the frames whose hint it cleared dirties at most
+        at its limit until they are written, as it would over its bound for any
+        other dirty data. Called by `Kernel.repay_limit`, holding no lock and not
+        inside a write a barrier waits for (which is why the in-write throttle
+        leaves paced frames alone)."""
+        p = int(principal)
+        a = self._acct.get(p)
+        if a is None or not a.paced or not self._lim_path:
+            return
+        room = self._dirty_room(p)
+        if room is None or room - a.paced > 0:
+            return
+        cand = np.flatnonzero(self._paced & (self._dirtier == p) & (self._state == DIRTY))
+        if len(cand):
+            oldest = cand[np.argsort(self._dirty_since[cand], kind="stable")]
+            await self._writeback_frames([int(f) for f in oldest[:max(1, nblocks)]])
+        else:
+            await self._io_done.park()  # (all on their way: wait for one to land)
 
     async def _aging_loop(self) -> None:
         """Every `writeback_interval`, the frames dirty for `dirty_expire` or longer

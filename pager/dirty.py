@@ -2,10 +2,14 @@
 (`dirty_ratio` of its allowance) and, under an I/O limit (its own or an ancestor's),
 a few seconds of that limit's write-back for the limited node's whole subtree
 (`dirty_limit_seconds`, hostile probe 5, L2). A writer over either writes back its
-own frames first (`WriteBack._throttle`, pager/writeback.py)."""
+own frames first (`WriteBack._throttle`, pager/writeback.py). And which files have
+dirty frames (of them, which a commit's flush leaves out)."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from .cache import DIRTY, WRITEBACK
 from .observe import Observed
 
 
@@ -38,7 +42,7 @@ class DirtyBounds(Observed):
         with its dirty frames (a commit expedites both) — under `hinted` not its
         discardable dirty frames (`_Acct.disc_dirty`) nor its debt-paced ones
         (`_Acct.paced`), which nothing expedites (those a tenant pays for before its
-        next requests instead: `pay_paced`, pager/writeback.py). None
+        next requests instead: `pay_paced`, pager/aging.py). None
         when no limit is on its path. `members`, if given, gets the subtree of each node at its bound.
 
         Why: a commit writes every dirty frame back past its dirtier's limit (W1's
@@ -86,3 +90,25 @@ class DirtyBounds(Observed):
             return False
         room = self._dirty_room(p)
         return room is not None and room < 0
+
+    def dirty_files(self) -> set[int]:
+        """The files with frames dirty or under write-back (after `flush`, only
+        discardable and debt-paced ones: the metadata server records them at each
+        commit, because a crash may lose their data and they must then come back
+        empty)."""
+        st = self._state
+        files = self._file[(st == DIRTY) | (st == WRITEBACK)]
+        return {int(f) for f in np.unique(files) if f}
+
+    def dirty_discardable_files(self) -> set[int]:
+        """The files with frames dirty or under write-back that `flush` leaves out:
+        discardable ones, and debt-paced ones (once discardable, whose data a crash
+        may lose until they are written back)."""
+        st = self._state
+        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & (self._disc | self._paced)]
+        return {int(f) for f in np.unique(files) if f}
+
+    def has_dirty(self, file: int) -> bool:
+        """Whether `file` has frames dirty or under write-back."""
+        st = self._state
+        return bool(((self._file == file) & ((st == DIRTY) | (st == WRITEBACK))).any())

@@ -26,8 +26,9 @@ throttling, dontneed and fsync write them back — but no barrier writes them (`
 and `write_back_dirty` leave them out, and the commit lists their files as unflushed,
 as it does discardable ones) and their write-back is made `never_expedited()`: it
 goes at the dirtier's own limit, even while a commit waits. An fsync of their file
-writes them first, at that pace, before its barrier (`write_back_paced`): the tenant
-pays its own debt, and nobody's commit waits for it (review of tidy5, R2).
+writes them first, at that pace, before its barrier (`write_back_paced`,
+pager/aging.py): the tenant pays its own debt, and nobody's commit waits for it
+(review of tidy5, R2).
 """
 
 from __future__ import annotations
@@ -296,8 +297,7 @@ class WriteBack(DirtyBounds):
         by = PrincipalId(d) if principal is None else principal
         try:
             # A debt-paced run goes at its principal's limit even while a barrier
-            # waits: no barrier waits for it (`flush` leaves it out), and expedited
-            # it would be what the pacing exists to prevent (review of tidy5, R2).
+            # waits: none waits for it (`flush` leaves it out; tidy5's review, R2).
             with (self.device.scheduler.never_expedited()
                   if self._paced_m[run[0]] and not expeditable else nullcontext()):
                 await self.device.write(BlockNo(b0), buf, principal=by)
@@ -443,65 +443,6 @@ class WriteBack(DirtyBounds):
         frames = np.flatnonzero(cand)
         if len(frames):
             await self._writeback_frames([int(f) for f in frames])
-
-    def dirty_files(self) -> set[int]:
-        """The files with frames dirty or under write-back (after `flush`, only
-        discardable ones: the metadata server records them at each commit, because
-        a crash may lose their data and they must then come back empty)."""
-        st = self._state
-        files = self._file[(st == DIRTY) | (st == WRITEBACK)]
-        return {int(f) for f in np.unique(files) if f}
-
-    def dirty_discardable_files(self) -> set[int]:
-        """The files with frames dirty or under write-back that `flush` leaves out:
-        discardable ones, and debt-paced ones (once discardable, whose data a crash
-        may lose until they are written back)."""
-        st = self._state
-        files = self._file[((st == DIRTY) | (st == WRITEBACK)) & (self._disc | self._paced)]
-        return {int(f) for f in np.unique(files) if f}
-
-    async def write_back_paced(self, file: int) -> None:
-        """Return when `file` has no debt-paced frame: each written back on its
-        dirtier's bank at its limit, never expedited, after whatever that principal
-        has queued (the tenant pays its own debt). Done by an fsync of the file
-        before its barrier (`Kernel.writeback_file`), so that no commit, and none of
-        the writers a barrier holds, waits for that pace. A frame rewritten during
-        its write-back stays paced and is written again."""
-        while True:
-            frames = np.flatnonzero((self._file == file) & self._paced)
-            if not len(frames):
-                return
-            await self._write_back_until_clean(frames)
-
-    async def pay_paced(self, principal: PrincipalId, nblocks: int) -> None:
-        """Before a request of `principal` that dirties `nblocks` frames: while it has
-        debt-paced frames and, counting them, is at a limited node's dirty bound,
-        write back its own oldest paced frames, `nblocks` of them (at least one), at
-        its limit, never expedited — its own cost, never the whole debt (Linux holds
-        the file's i_rwsem across a FUSE write: second review of probe 5, R2). So a
-        tenant over its bound by the frames whose hint it cleared dirties at most
-        at its limit until they are written, as it would over its bound for any
-        other dirty data. Called by `Kernel.repay_limit`, holding no lock and not
-        inside a write a barrier waits for (which is why the in-write throttle
-        leaves paced frames alone)."""
-        p = int(principal)
-        a = self._acct.get(p)
-        if a is None or not a.paced or not self._lim_path:
-            return
-        room = self._dirty_room(p)
-        if room is None or room - a.paced > 0:
-            return
-        cand = np.flatnonzero(self._paced & (self._dirtier == p) & (self._state == DIRTY))
-        if len(cand):
-            oldest = cand[np.argsort(self._dirty_since[cand], kind="stable")]
-            await self._writeback_frames([int(f) for f in oldest[:max(1, nblocks)]])
-        else:
-            await self._io_done.park()  # (all on their way: wait for one to land)
-
-    def has_dirty(self, file: int) -> bool:
-        """Whether `file` has frames dirty or under write-back."""
-        st = self._state
-        return bool(((self._file == file) & ((st == DIRTY) | (st == WRITEBACK))).any())
 
     async def writeback_file(self, file: int, *,
                              principal: PrincipalId = ROOT_PRINCIPAL) -> None:
