@@ -269,8 +269,38 @@ def test_dirty_discardable_counts_match_a_recount(policy: str, nframes: int, lim
     written again and change dirtier), aging and reclaim running, and every way a
     frame's state, dirtier or discardable flag changes: dirtying, write-back (aging,
     throttling, flush, fsync), file and range hints set and cleared, a file
-    forgotten, dontneed, discard, reclaim of clean and dirty discardable frames."""
+    forgotten, dontneed, discard, reclaim of clean and dirty discardable frames — and
+    the debt-paced count (`_Acct.paced`) the same way: hints cleared over a limited
+    principal's dirty discardable frames past its bound, paced frames written back,
+    taken over, made discardable again (review of tidy5, R2)."""
     trio.run(_disc_steps, policy, nframes, limited, groups,
+             clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@st.composite
+def paced_ops(draw):
+    """`disc_ops` weighted towards what makes debt-paced frames: the limited P(1)
+    writing, and files marked discardable, written and cleared (`cycle`: cleared
+    unless its flag says to keep the mark)."""
+    kind = draw(st.sampled_from(["write", "write", "cycle", "cycle", "within",
+                                 "file_hint", "range_hint", "flush", "fsync", "dontneed",
+                                 "discard", "sleep", "forget"]))
+    who = draw(st.sampled_from([1, 1, 1, 2]))
+    b, n = _range(draw)
+    return (kind, b, n, who, draw(st.booleans()), draw(st.integers(0, 200)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nframes=st.integers(6, 16),
+       groups=st.lists(st.lists(paced_ops(), min_size=1, max_size=3), max_size=24))
+def test_debt_paced_counts_match_a_recount(nframes: int, groups: list[list[tuple]]) -> None:
+    """Review of tidy5, R2: the same as the test above under `hinted` with P(1)
+    limited, the operations weighted so that hints are cleared over P(1)'s dirty
+    discardable frames past its bound: each principal's count of debt-paced frames
+    (`_Acct.paced`) equals a recount (`check_invariants`), and no frame is both
+    paced and discardable, through write-back (aging, throttling, flush, fsync),
+    takeover, hints set again, forget, dontneed, discard and reclaim."""
+    trio.run(_disc_steps, "hinted", nframes, True, groups,
              clock=trio.testing.MockClock(autojump_threshold=0))
 
 
@@ -289,6 +319,10 @@ async def _disc_steps(policy: str, nframes: int, limited: bool,
         p.configure_banks({ROOT: BankNode(ROOT, None, "root"),
                            PrincipalId(1): BankNode(PrincipalId(1), ROOT, "a",
                                                     io_limit_bps=4 * BS)})
+        # a bound of 2 frames, under the dirty share of the smallest pools: a hint
+        # cleared over P(1)'s dirty discardable frames makes debt-paced ones
+        # (review of tidy5, R2), which `check_invariants` recounts too
+        p.dirty_limit_seconds = 0.5
     checking = True
 
     async def checker() -> None:
@@ -305,6 +339,11 @@ async def _disc_steps(policy: str, nframes: int, limited: bool,
             p.write_within_nowait(BlockNo(b), 8, b"w" * 16, principal=pr, file=file,
                                   fblock=fb)
         elif kind == "file_hint":
+            p.set_file_hints(file, discardable=flag)
+        elif kind == "cycle":  # marked, written, cleared: debt-paced past the bound
+            p.set_file_hints(file, discardable=True)
+            buf = b"".join(data(seed, b + i) for i in range(n))
+            await p.write(BlockNo(b), buf, principal=pr, file=file, fblock=fb)
             p.set_file_hints(file, discardable=flag)
         elif kind == "range_hint":
             await p.advise(file, [(fb, b, n)], principal=pr, discardable=flag)
