@@ -310,7 +310,12 @@ class Kernel(GrantTable, LowerLayers):
             # other than the flush's own is counted, conservatively, as unflushed.
             wb = self.pager.writeback
             before = self.pager.dirty_discardable_files() if wb else set()
-            if before:
+            # (and a file the last barrier left unflushed: its frames may have been
+            # written since, outside any barrier — debt-paced ones by their dirtier's
+            # write-back, converted ones by aging — a device write no kernel write
+            # noted; without this flush the list dropped it while its data sat in
+            # the device's volatile cache: review of pager7, P1)
+            if before or self.unflushed_files:
                 self._dirty = True
             if self._dirty or (durable and self._all_unflushed):
                 self._dirty = False

@@ -1,0 +1,114 @@
+"""Review of branch pager7 (docs/RELIABILITY.md, "Review of pager7"): the
+debt-paced frames of tidy5's R2 — frames a limited tenant dirtied while they were
+discardable, over its dirty bound when it cleared the hint, written at its own limit
+outside every barrier (docs/dev/invariants.md, "Debt-paced frames").
+
+In process on trio's autojump clock on a device that keeps limits (probe5_util), as
+tests/test_tidy5_review.py, whose set-up these tests share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from kernelshim import FRESH, ExtentMap, Rights
+from probe5_util import BS, P
+from test_tidy5_review import _dirty_40, _setup
+
+
+@pytest.mark.trio
+async def test_paced_frames_written_between_barriers_are_flushed_before_the_file_leaves_the_list(
+        tmp_path: Path, autojump_clock) -> None:
+    """P1 (critical): a commit lists file 7 as unflushed while its debt-paced frames
+    are dirty; P(1)'s background write-back then writes them, outside any barrier.
+    A device write the kernel did not note: the next barrier, with nothing written
+    through the kernel since, made no device flush, yet took the file off the
+    unflushed list (so an fsync of it became an empty one, and a commit saved a list
+    without it) while its data sat in the device's volatile cache — a power loss
+    then left the file neither whole nor empty (crash rule 4)."""
+    kernel, g1, _g2 = _setup(tmp_path)
+    try:
+        await _dirty_40(kernel, g1)
+        kernel.set_file_hints(7, discardable=False)
+        assert kernel.pager._acct_of(1).paced == 32
+        async with kernel.barrier(durable=True):
+            pass
+        assert 7 in kernel.unflushed_files
+        assert kernel.device.unflushed_bytes == 0
+        # P(1)'s aging writes the paced frames at its limit, outside any barrier
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kernel.pager.run)
+            while kernel.pager._acct_of(1).paced:
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert kernel.pager._acct_of(1).dirty == 0
+        assert kernel.device.unflushed_bytes > 0  # (on their way to the platter)
+        assert kernel.may_be_unflushed(7)
+        async with kernel.barrier(durable=True):
+            pass
+        # either still listed (a crash empties it) or flushed: never neither
+        assert 7 in kernel.unflushed_files or kernel.device.unflushed_bytes == 0, (
+            kernel.unflushed_files, kernel.device.unflushed_bytes)
+        if kernel.device.unflushed_bytes:
+            assert kernel.may_be_unflushed(7)
+        async with kernel.barrier(durable=True):
+            pass
+        assert kernel.device.unflushed_bytes == 0 or 7 in kernel.unflushed_files
+    finally:
+        kernel.close()
+
+
+@pytest.mark.trio
+async def test_a_commit_does_not_wait_for_a_writer_held_behind_its_paced_write_back(
+        tmp_path: Path, autojump_clock) -> None:
+    """P2 (medium): a write at its writer's dirty share whose only dirty frames are
+    discardable or debt-paced waited in the in-write throttle for its frames under
+    write-back — debt-paced ones among them, queued at the writer's limit and never
+    expedited. A barrier waits for every write in flight, so every tenant's commit
+    waited for the limited tenant's paced run (here 2 s; up to its dirty share)."""
+    from probe5_util import make_kernel, node, tree
+    from test_tidy5_review import LIMIT, _inline_host_flushes
+    kernel = make_kernel(tmp_path, blocks=256, frames=128)
+    _inline_host_flushes(kernel)
+    kernel.configure_banks(tree(node(1, io_limit_bps=LIMIT), node(2)))
+    g1 = kernel.grant(inode=7, generation=1, extents=ExtentMap([(0, 10, 56, FRESH)]),
+                      rights=Rights.RW, principal=P(1))
+    g2 = kernel.grant(inode=8, generation=1, extents=ExtentMap([(0, 100, 16, FRESH)]),
+                      rights=Rights.RW, principal=P(2))
+    g3 = kernel.grant(inode=9, generation=1, extents=ExtentMap([(0, 150, 20, FRESH)]),
+                      rights=Rights.RW, principal=P(1))
+    share = kernel.pager._dirty_limit(1)
+    assert share == 64
+    try:
+        kernel.set_file_hints(7, discardable=True)
+        kernel.set_file_hints(9, discardable=True)
+        for i in range(56):
+            await kernel.write(g1, i * BS, bytes([i + 1]) * BS)
+        kernel.set_file_hints(7, discardable=False)
+        a = kernel.pager._acct_of(1)
+        assert a.paced == 48
+        async with kernel.barrier(principal=P(2), file=8, durable=True):
+            pass  # (the 8 within the bound: expedited, P(1) owes 2 s)
+        assert a.dirty == 48
+        took: list[float] = []
+        async with trio.open_nursery() as nursery:
+            # P(1)'s fsync of file 7 (or its aging): the paced runs, at its limit
+            nursery.start_soon(kernel.pager.write_back_paced, 7)
+            await trio.sleep(0.1)
+
+            async def p1_writes() -> None:
+                for i in range(17):  # discardable: past its dirty share, no write-back
+                    await kernel.write(g3, i * BS, b"d" * BS)
+            nursery.start_soon(p1_writes)
+            await trio.sleep(0.1)
+            t = trio.current_time()
+            await kernel.write(g2, 0, b"b" * BS)
+            async with kernel.barrier(principal=P(2), file=8, durable=True):
+                pass
+            took.append(trio.current_time() - t)
+        assert took[0] < 0.5, took
+    finally:
+        kernel.close()
