@@ -355,11 +355,15 @@ class WriteBack(DirtyBounds):
                 oldest = int(cand[np.argmin(self._dirty_since[cand])])
                 await self._writeback_frames(self._cluster(oldest))
                 continue
-            busy = ((self._state == WRITEBACK) if self._global
-                    else (self._state == WRITEBACK) & (self._dirtier == p))
+            wb = self._state == WRITEBACK
+            if self._hinted:
+                # (nor wait for them: a paced run goes at its dirtier's limit, never
+                # expedited, and a barrier waits for this write — every commit waited
+                # for the tenant's pace: review of pager7, P2)
+                wb &= ~self._paced
+            busy = wb if self._global else wb & (self._dirtier == p)
             if full:
-                busy |= ((self._state == WRITEBACK)
-                         & np.isin(self._dirtier, np.fromiter(full[0], dtype=np.int64)))
+                busy |= wb & np.isin(self._dirtier, np.fromiter(full[0], dtype=np.int64))
                 if not busy.any() and any(self._behind_blocks.get(m) for m in full[0]):
                     # (the bound holds the subtree's write-behinds: they land at its
                     # limit, V2)
