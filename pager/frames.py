@@ -229,7 +229,8 @@ class FrameTable:
         (`_paced`, counted in `paced`): it was dirtied outside the bound (V3), and
         made expeditable at once it let a tenant hold its dirty share, not its
         bound, in frames the next commit writes past its limit (review of tidy5,
-        R2). One that becomes discardable again is no longer paced."""
+        R2). So is one under write-back (its run may be a paced one: review of
+        pager7, P3). One that becomes discardable again is no longer paced."""
         if bool(self._disc_m[f]) != disc:
             self._disc_m[f] = disc
             st = self._state_m[f]
@@ -243,7 +244,11 @@ class FrameTable:
                         a.paced -= 1
                 else:
                     a.disc_dirty -= 1
-                    if self._hinted and self._over_dirty_bound(d):
+                    # (under write-back, paced whatever the bound: its run may be a
+                    # paced one, queued at its dirtier's limit and never expedited —
+                    # made ordinary, the next barrier's flush waited for it (a hint
+                    # set and cleared again): review of pager7, P3)
+                    if self._hinted and (st == WRITEBACK or self._over_dirty_bound(d)):
                         self._paced_m[f] = True
                         a.paced += 1
 

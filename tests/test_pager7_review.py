@@ -112,3 +112,40 @@ async def test_a_commit_does_not_wait_for_a_writer_held_behind_its_paced_write_b
         assert took[0] < 0.5, took
     finally:
         kernel.close()
+
+
+@pytest.mark.trio
+async def test_a_hint_set_and_cleared_again_keeps_a_paced_run_under_way_paced(
+        tmp_path: Path, autojump_clock) -> None:
+    """P3 (medium): the discardable hint set again while debt-paced frames were
+    under write-back (queued at their dirtier's limit, never expedited) took their
+    paced flag, and cleared again at once left those within the bound ordinary:
+    the next barrier's flush then waited for that run at the tenant's limit — any
+    tenant's commit held by the tenant's pace, on a hostile tenant's say (two
+    setxattr calls)."""
+    kernel, g1, g2 = _setup(tmp_path)
+    try:
+        await _dirty_40(kernel, g1)
+        kernel.set_file_hints(7, discardable=False)
+        async with kernel.barrier(principal=P(2), file=8, durable=True):
+            pass  # (the 8 within the bound: expedited, P(1) owes 2 s)
+        a = kernel.pager._acct_of(1)
+        assert a.paced == 32
+        took: list[float] = []
+        async with trio.open_nursery() as nursery:
+            # P(1)'s fsync of file 7 (or its aging): one paced run, at its limit
+            nursery.start_soon(kernel.pager.write_back_paced, 7)
+            await trio.sleep(0.1)
+            assert a.dirty == 32  # (under write-back, waiting for P(1)'s limit tag)
+            kernel.set_file_hints(7, discardable=True)
+            kernel.set_file_hints(7, discardable=False)
+            t = trio.current_time()
+            await kernel.write(g2, 0, b"b" * BS)
+            async with kernel.barrier(principal=P(2), file=8, durable=True):
+                pass
+            took.append(trio.current_time() - t)
+            assert 7 in kernel.unflushed_files  # (still on its way: a crash empties it)
+        assert took[0] < 0.5, took
+        assert a.dirty == a.paced == 0
+    finally:
+        kernel.close()
