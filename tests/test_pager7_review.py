@@ -149,3 +149,38 @@ async def test_a_hint_set_and_cleared_again_keeps_a_paced_run_under_way_paced(
         assert a.dirty == a.paced == 0
     finally:
         kernel.close()
+
+
+@pytest.mark.trio
+async def test_an_fsync_of_a_paced_file_ends_while_its_blocks_are_rewritten(
+        tmp_path: Path, autojump_clock) -> None:
+    """P4 (medium): the fsync's paced pass (`write_back_paced`) looped until the
+    file had no paced frame, and a frame rewritten during its write-back stays
+    paced: a writer rewriting one block of the file (a direct client, an mmap: no
+    host lock keeps them out during an fsync) kept the fsync waiting for as long as
+    it wrote, one write-back at the dirtier's limit after another."""
+    kernel, g1, _g2 = _setup(tmp_path)
+    try:
+        await _dirty_40(kernel, g1)
+        kernel.set_file_hints(7, discardable=False)
+        async with kernel.barrier(durable=True):
+            pass
+        assert kernel.pager._acct_of(1).paced == 32
+        took: list[float] = []
+        async with trio.open_nursery() as nursery:
+            async def fsync_7() -> None:
+                t = trio.current_time()
+                await kernel.writeback_file(7, principal=P(1))
+                took.append(trio.current_time() - t)
+
+            async def rewrite() -> None:
+                for k in range(600):  # 60 s of one block's rewrites, 10 a second
+                    await kernel.write(g1, 39 * BS, bytes([k % 256]) * BS)
+                    await trio.sleep(0.1)
+            nursery.start_soon(rewrite)
+            nursery.start_soon(fsync_7)
+        # (the 32 frames at 4 blocks/s after the bound's 2 s: 10 s; the rewritten
+        # block once more, at most)
+        assert took and took[0] < 20, took
+    finally:
+        kernel.close()
