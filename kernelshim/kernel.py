@@ -19,11 +19,12 @@ caller's business (the metadata server, later the principal banks), not the kern
 | discard(runs, principal)      | (trusted caller)    | DeviceError                             |
 | forget(runs, principal)       | (trusted caller)    | —                                       |
 | sync()                        | —                   | DeviceError                             |
-| writeback_file(inode, p)      | (trusted caller)    | DeviceError                             |
+| writeback_file(inode, p, pace=)| (trusted caller)   | DeviceError                             |
 | may_be_unflushed(inode)       | (trusted caller)    | —                                       |
 | reserve(runs, relocation=, p) | (trusted caller)    | DeviceFull, DeviceError                 |
 | host_reserved(runs)           | (trusted caller)    | —                                       |
-| repay_limit(principal, n)     | (trusted caller)    | — (waits; call holding no lock)         |
+| repay_limit(principal, n)     | (trusted caller)    | DeviceError (its paced write-back;      |
+|                               |                     | waits; call holding no lock)            |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
 |                               | for discardable)    |                                         |
@@ -738,19 +739,29 @@ class Kernel(GrantTable, LowerLayers):
             pass
 
     async def writeback_file(self, inode: int, *,
-                             principal: PrincipalId = ROOT_PRINCIPAL) -> bool:
+                             principal: PrincipalId = ROOT_PRINCIPAL,
+                             pace: bool = True) -> bool:
         """Write back the file's dirty frames that a barrier leaves out (discardable
         ones: the pager writes them only when asked for that file, an fsync; and
         debt-paced ones, first, on their dirtiers' banks at their limits) and flush
         the device, on `principal`'s bank (the fsync's caller); nobody else's frames
-        are written. False (and nothing done) when the file had none."""
+        are written. False (and nothing done) when the file had none.
+
+        `pace=False` (an unmount's final sync): the debt-paced frames too are written
+        inside the barrier, expedited, not at their dirtiers' limits — the daemon is
+        stopping, no commit of another tenant's waits behind them, and the final
+        sync is shielded from cancellation, so a paced debt (a dirty share at a
+        small limit: minutes) held SIGTERM and the unmount that long (review of
+        pager7, P5)."""
         if not self.pager.writeback or inode not in self.pager.dirty_discardable_files():
             return False  # (its other dirty frames: the commit's barrier writes them)
         # Its debt-paced frames first, at their dirtiers' limits and outside any
         # barrier: nobody's commit, and none of the writers a barrier holds, waits
-        # for that pace (review of tidy5, R2). A hint cleared again meanwhile may
-        # leave a few more, which the barrier below writes like the rest.
-        await self.pager.write_back_paced(inode)
+        # for that pace (review of tidy5, R2). A hint cleared again meanwhile, or a
+        # frame rewritten meanwhile, may leave a few more, which the barrier below
+        # writes like the rest.
+        if pace:
+            await self.pager.write_back_paced(inode)
         # Inside a barrier, so that no commit runs while these frames are on their
         # way: a commit sees them either dirty (the file is recorded as unflushed) or
         # clean and flushed to the device.

@@ -184,3 +184,81 @@ async def test_an_fsync_of_a_paced_file_ends_while_its_blocks_are_rewritten(
         assert took and took[0] < 20, took
     finally:
         kernel.close()
+
+
+@pytest.mark.trio
+async def test_the_final_sync_writes_paced_frames_without_their_pace(
+        tmp_path: Path, autojump_clock) -> None:
+    """P5 (medium): an unmount's final sync (shielded from cancellation) wrote each
+    file's debt-paced frames at their dirtier's limit: up to its dirty share at a
+    small limit — here 8 s for 32 frames, minutes for a real pool — during which
+    SIGTERM and the unmount waited. It writes them in its barrier now, expedited
+    (`writeback_file(..., pace=False)`, which `FileSystem.sync(final=True)` uses)."""
+    kernel, g1, _g2 = _setup(tmp_path)
+    try:
+        await _dirty_40(kernel, g1)
+        kernel.set_file_hints(7, discardable=False)
+        async with kernel.barrier(durable=True):
+            pass
+        assert kernel.pager._acct_of(1).paced == 32
+        t = trio.current_time()
+        assert await kernel.writeback_file(7, pace=False)
+        assert trio.current_time() - t < 0.5
+        assert kernel.pager._acct_of(1).dirty == 0
+    finally:
+        kernel.close()
+
+
+@pytest.mark.trio
+async def test_the_final_sync_asks_for_no_pace(tmp_path: Path, monkeypatch) -> None:
+    """P5's wiring: `FileSystem.sync(final=True)` writes each file a barrier leaves
+    out with `pace=False` (a plain fsync keeps the pace: test_tidy5_review.py)."""
+    from test_filesystem import Volume
+    vol = Volume(tmp_path / "vol", size=256 * BS)
+    await vol.open()
+    try:
+        fs = vol.fs
+        assert fs is not None
+        calls: list[tuple[int, dict]] = []
+
+        async def writeback_file(ino, **kw):
+            calls.append((ino, kw))
+            return False
+        monkeypatch.setattr(fs.kernel, "dirty_discardable_files", lambda: {42})
+        monkeypatch.setattr(fs.kernel, "writeback_file", writeback_file)
+        await fs.sync(final=True)
+        assert calls == [(42, {"pace": False})]
+    finally:
+        await vol.close()
+
+
+@pytest.mark.trio
+async def test_paced_frames_left_to_an_fsyncs_barrier_are_expedited(
+        tmp_path: Path, autojump_clock, monkeypatch) -> None:
+    """P6 (medium): paced frames the fsync's paced pass leaves (rewritten during
+    their write-back, or paced by a hint cleared meanwhile) are written inside the
+    fsync's barrier, with every writer held — but their runs were made
+    `never_expedited()` there too, so the barrier waited for them at the tenant's
+    limit: here 32 frames, 8 s of every tenant's writes held."""
+    kernel, g1, g2 = _setup(tmp_path)
+    try:
+        await _dirty_40(kernel, g1)
+        kernel.set_file_hints(7, discardable=False)
+        async with kernel.barrier(durable=True):
+            pass
+        assert kernel.pager._acct_of(1).paced == 32
+
+        async def nothing(file: int) -> None:
+            pass  # (as if every paced frame were rewritten during the paced pass)
+        monkeypatch.setattr(kernel.pager, "write_back_paced", nothing)
+        took: list[float] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: kernel.writeback_file(7, principal=P(1)))
+            await trio.sleep(0.01)
+            t = trio.current_time()
+            await kernel.write(g2, 0, b"b" * BS)  # (held while the barrier runs)
+            took.append(trio.current_time() - t)
+        assert took[0] < 0.5, took
+        assert kernel.pager._acct_of(1).dirty == 0
+    finally:
+        kernel.close()
