@@ -375,9 +375,11 @@ class WriteBack(DirtyBounds):
             return  # only discardable (or debt-paced) dirty frames: not written here
 
     async def _write_back_until_clean(self, frames: np.ndarray, *,
-                                      principal: PrincipalId | None = None) -> None:
+                                      principal: PrincipalId | None = None,
+                                      expeditable: bool = False) -> None:
         """Return when every write to `frames` before this call is on the device
-        (written back on `principal`'s bank if given, else each on its dirtier's)."""
+        (written back on `principal`'s bank if given, else each on its dirtier's;
+        `expeditable`: debt-paced ones too may be expedited, `_writeback_frames`)."""
         self._epoch += 1
         epoch = self._epoch
         gens = self._gen[frames].copy()
@@ -389,7 +391,8 @@ class WriteBack(DirtyBounds):
                 return
             dirty = frames[same & (st == DIRTY)]
             if len(dirty):
-                await self._writeback_frames([int(f) for f in dirty], principal=principal)
+                await self._writeback_frames([int(f) for f in dirty], principal=principal,
+                                             expeditable=expeditable)
             else:
                 await self._io_done.park()
 
@@ -458,5 +461,10 @@ class WriteBack(DirtyBounds):
             await self._wait_behind()
             st = self._state
             frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
-            await self._write_back_until_clean(frames, principal=principal)
+            # (debt-paced ones left here, rewritten during the fsync's paced pass or
+            # paced by a clear since, expeditable: this runs inside the fsync's
+            # barrier, every writer held — never expedited, they held them all at
+            # the tenant's limit: review of pager7, P6)
+            await self._write_back_until_clean(frames, principal=principal,
+                                               expeditable=True)
         await self.device.flush(principal=principal)
