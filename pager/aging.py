@@ -12,8 +12,9 @@ import logging
 import numpy as np
 import trio
 
-from blockdev import PrincipalId
+from blockdev import ROOT_PRINCIPAL, PrincipalId
 
+from . import trace as tr
 from .cache import DIRTY, WRITEBACK
 from .writeback import WriteBack
 
@@ -22,7 +23,25 @@ log = logging.getLogger(__name__)
 
 class Aging(WriteBack):
     """The aging task (`Pager.run` starts it under write-back); the debt-paced
-    frames' write-back."""
+    frames' write-back; an fsync's write-back of one file (`writeback_file`)."""
+
+    async def writeback_file(self, file: int, *,
+                             principal: PrincipalId = ROOT_PRINCIPAL) -> None:
+        """fsync of one file: its dirty frames (discardable ones included: asked for
+        explicitly) reach the device, and the device is flushed; nobody else's dirty
+        frames are written. Charged to `principal` (the fsync's caller)."""
+        self._trace_op(tr.WRITEBACK_FILE, 0, 0, 0, file, 0)
+        if self.writeback:
+            await self._wait_behind()
+            st = self._state
+            frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
+            # (debt-paced ones left here, rewritten during the fsync's paced pass or
+            # paced by a clear since, expeditable: this runs inside the fsync's
+            # barrier, every writer held — never expedited, they held them all at
+            # the tenant's limit: review of pager7, P6)
+            await self._write_back_until_clean(frames, principal=principal,
+                                               expeditable=True)
+        await self.device.flush(principal=principal)
 
     async def write_back_paced(self, file: int) -> None:
         """Return when each of `file`'s debt-paced frames has been written back once

@@ -88,9 +88,10 @@ found in exactly one place and mypy checks every call):
 - pager/dirty.py `DirtyBounds`: how much a principal may keep dirty (its share, and
   a few seconds of an I/O limit on its path); which files have dirty frames.
 - pager/writeback.py `WriteBack`: write-back runs, throttling, `flush`,
-  `writeback_file`, write-behind.
+  write-behind.
 - pager/aging.py `Aging`: the aging task, one task per dirtier; the debt-paced
-  frames' write-back (`pay_paced`, `write_back_paced`).
+  frames' write-back (`pay_paced`, `write_back_paced`); an fsync's
+  `writeback_file`.
 - pager/replacement.py `Replacement`: victim choice by policy and bank, eviction,
   frame allocation.
 - pager/reclaim.py `Reclaim` (records in pager/tickets.py): reclaim requests to

@@ -450,21 +450,3 @@ class WriteBack(DirtyBounds):
         frames = np.flatnonzero(cand)
         if len(frames):
             await self._writeback_frames([int(f) for f in frames])
-
-    async def writeback_file(self, file: int, *,
-                             principal: PrincipalId = ROOT_PRINCIPAL) -> None:
-        """fsync of one file: its dirty frames (discardable ones included: asked for
-        explicitly) reach the device, and the device is flushed; nobody else's dirty
-        frames are written. Charged to `principal` (the fsync's caller)."""
-        self._trace_op(tr.WRITEBACK_FILE, 0, 0, 0, file, 0)
-        if self.writeback:
-            await self._wait_behind()
-            st = self._state
-            frames = np.flatnonzero((self._file == file) & ((st == DIRTY) | (st == WRITEBACK)))
-            # (debt-paced ones left here, rewritten during the fsync's paced pass or
-            # paced by a clear since, expeditable: this runs inside the fsync's
-            # barrier, every writer held — never expedited, they held them all at
-            # the tenant's limit: review of pager7, P6)
-            await self._write_back_until_clean(frames, principal=principal,
-                                               expeditable=True)
-        await self.device.flush(principal=principal)
