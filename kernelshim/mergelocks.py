@@ -8,7 +8,18 @@ each read the block before the other wrote it, and the second to write erased th
 first one's bytes: acknowledged writes of disjoint bytes were lost (probe 6, W2). A
 write holds the lock of each block it merges (at most two: its first and its last),
 from the read of the old contents until the block is written and its range noted.
-Writes of whole blocks merge nothing and take no lock."""
+
+Writes of whole blocks merge nothing, but a merge of one of their blocks around them
+erased them: a whole-block write landing between a merge's read and its write was
+overwritten by the merge's old contents (probe 6, W4). A whole-block write therefore
+first waits for the merges holding any of its blocks (it takes those blocks, in
+order, and lets them go at once), then is registered as a range of file blocks being
+written whole until it ends (`enter_whole` / `leave_whole`: one entry per write, not
+per block, so large writes of one file still go side by side); a merge, once it
+holds its block, waits for the whole-block writes registered over it
+(`wait_whole`). New whole-block writes of a block wait for a merge holding it, and
+a merge waits only for the whole-block writes that began before it: nobody waits
+for a later arrival, and no one waits for the other in a cycle."""
 
 from __future__ import annotations
 
@@ -21,11 +32,17 @@ class MergeLocks:
     a parking lot is made for a block only when a second write waits for it, and the
     block is handed to the next waiter on release."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_whole", "_whole_done")
 
     def __init__(self) -> None:
         #: (inode, file block) held -> the writes waiting for it (None: none yet)
         self._held: dict[tuple[int, int], trio.lowlevel.ParkingLot | None] = {}
+        #: inode -> the file block ranges [start, end) of its whole-block writes in
+        #: flight (one entry per write; W4)
+        self._whole: dict[int, list[tuple[int, int]]] = {}
+        #: inode -> woken when one of its whole-block writes ends (made only when a
+        #: merge waits for one)
+        self._whole_done: dict[int, trio.Event] = {}
 
     def busy(self, inode: int, fblock: int) -> bool:
         """Whether a write is merging that block."""
@@ -63,3 +80,53 @@ class MergeLocks:
             lot = self._held[key]
             if lot is None or not lot.unpark(count=1):
                 del self._held[key]
+
+    async def enter_whole(self, inode: int, start: int, end: int) -> bool:
+        """A write of the whole blocks [start, end) of `inode` begins: it waits for the
+        merges holding any of them (taking those blocks in order, as a merge would,
+        and letting them go at once), then is registered until `leave_whole` (which
+        the caller must reach: try/finally). Whether it waited (then the caller looks
+        at the map again). No checkpoint when no merge holds one of its blocks."""
+        waited = False
+        held = self._held
+        if held:
+            if end - start <= len(held):
+                busy = tuple(fb for fb in range(start, end) if (inode, fb) in held)
+            else:
+                busy = tuple(sorted(fb for (ino, fb) in held
+                                    if ino == inode and start <= fb < end))
+            if busy:
+                await self.acquire(inode, busy)
+                waited = True
+                # (registered before the blocks go: the merge handed one next waits
+                # for this write, which began before it)
+                self._whole.setdefault(inode, []).append((start, end))
+                self.release(inode, busy)
+                return waited
+        self._whole.setdefault(inode, []).append((start, end))
+        return waited
+
+    def leave_whole(self, inode: int, start: int, end: int) -> None:
+        """The whole-block write `enter_whole` registered has ended."""
+        ranges = self._whole[inode]
+        ranges.remove((start, end))
+        if not ranges:
+            del self._whole[inode]
+        ev = self._whole_done.pop(inode, None)
+        if ev is not None:
+            ev.set()
+
+    async def wait_whole(self, inode: int, fblocks: tuple[int, ...]) -> bool:
+        """A merge holding `fblocks` (`acquire`) waits for the whole-block writes of
+        any of them in flight (they began before it: later ones wait for the merge);
+        whether it waited. No checkpoint when there are none."""
+        waited = False
+        while True:
+            ranges = self._whole.get(inode)
+            if not ranges or not any(a <= fb < b for a, b in ranges for fb in fblocks):
+                return waited
+            ev = self._whole_done.get(inode)
+            if ev is None:
+                ev = self._whole_done[inode] = trio.Event()
+            waited = True
+            await ev.wait()
