@@ -540,7 +540,11 @@ class Kernel(GrantTable, LowerLayers):
                 paced = sched.limited(principal)
                 if paced:
                     await self._wait_room(grant, segs, ())  # (R2: before the merges wait)
-                if await self._merging.enter_whole(ino, b0, b1) or paced:
+                merging = self._merging
+                if not merging.enter_whole_nowait(ino, b0, b1):
+                    await merging.enter_whole(ino, b0, b1)
+                    paced = True  # (waited: the map looked at again)
+                if paced:
                     segs = grant.extents.segments(b0, b1 - b0)
                     try:
                         targets = self._write_targets(grant, segs, cow)
@@ -595,36 +599,39 @@ class Kernel(GrantTable, LowerLayers):
 
     async def _wait_room(self, grant: Grant, segs: list, merged: tuple[int, ...]) -> None:
         """Before a write holds blocks that other principals' writes may wait for (a
-        merge's, `MergeLocks`) or registers whole-block writes merges wait for: its
-        principal's own I/O limit waited for first — the device's limit tags, the
-        pager's dirty bound (write-back) — and the blocks it will merge read into
-        the pool (a read at its limit), so that under the lock its reads find them
+        merge's, `MergeLocks`) or registers a whole-block write that merges wait for:
+        the waits at its principal's own I/O limit done first — the blocks it will
+        merge read into the pool (a read at its limit when not resident), and, as the
+        write itself will do: write-through, the device's limit tags (each pager
+        write is a device write at the limit); write-back, the pager's dirty bound
+        (`Pager.wait_write_room`) — so that under the lock its reads find the pool
         and its writes go without a wait at its limit (review of probe 6, R2: a
         rate-limited tenant's partial write of a block of a shared file held the
         block across its limit's waits, and another tenant's partial writes of the
-        block waited behind them). Only an order of waits: what happens under the
-        lock is unchanged (its contents are read again there)."""
+        block waited behind them). Under write-back the limit tags are not waited
+        for: a write into the pool makes no device request, and a debt is paced by
+        `repay_limit`, never waited for whole (second review of probe 5, R2). Only
+        an order of waits: under the lock the block's contents are read again."""
         principal = grant.principal
-        sched = self.device.scheduler
         bs = self.block_size
         for fb in merged:
             for s in segs:
                 if s.file_block <= fb < s.file_block + s.count:
                     if s.dev_block != HOLE and (s.state != UNWRITTEN or self._wrote_in(
                             grant, fb * bs, (fb + 1) * bs)):
-                        at = sched.limit_clear_at(principal)
-                        if at is not None:
-                            await trio.sleep_until(at)
                         await self.pager.read(BlockNo(s.dev_block + fb - s.file_block), 1,
                                               principal=principal, file=grant.inode,
                                               fblock=fb)
                     break
+        if self.pager.writeback:
+            await self.pager.wait_write_room(principal)
+            return
+        sched = self.device.scheduler
         while True:
             at = sched.limit_clear_at(principal)
             if at is None:
-                break
+                return
             await trio.sleep_until(at)
-        await self.pager.wait_write_room(principal)
 
     async def _write_blocks(self, grant: Grant, offset: int, src: memoryview, segs: list,
                             targets: list[tuple[int, int, int]], *,

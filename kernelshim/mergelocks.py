@@ -13,11 +13,11 @@ Writes of whole blocks merge nothing, but a merge of one of their blocks around 
 erased them: a whole-block write landing between a merge's read and its write was
 overwritten by the merge's old contents (probe 6, W4). A whole-block write therefore
 first waits for the merges holding any of its blocks (it takes those blocks, in
-order, and lets them go at once), then is registered as a range of file blocks being
-written whole until it ends (`enter_whole` / `leave_whole`: one entry per write, not
-per block, so large writes of one file still go side by side); a merge, once it
-holds its block, waits for the whole-block writes registered over it
-(`wait_whole`). New whole-block writes of a block wait for a merge holding it, and
+order, and lets them go once registered), then is registered as a range of file
+blocks being written whole until it ends (`enter_whole_nowait`, else `enter_whole`;
+`leave_whole`: one entry per write, not per block, so large writes of one file still
+go side by side); a merge, once it holds its block, waits for the whole-block writes
+registered over it (`wait_whole`). New whole-block writes of a block wait for a merge holding it, and
 a merge waits only for the whole-block writes that began before it: nobody waits
 for a later arrival, and no one waits for the other in a cycle."""
 
@@ -81,40 +81,54 @@ class MergeLocks:
             if lot is None or not lot.unpark(count=1):
                 del self._held[key]
 
-    async def enter_whole(self, inode: int, start: int, end: int) -> bool:
-        """A write of the whole blocks [start, end) of `inode` begins: it waits for the
-        merges holding any of them (taking those blocks in order, as a merge would,
-        and letting them go at once), then is registered until `leave_whole` (which
-        the caller must reach: try/finally). Whether it waited (then the caller looks
-        at the map again). No checkpoint when no merge holds one of its blocks."""
-        waited = False
+    def enter_whole_nowait(self, inode: int, start: int, end: int) -> bool:
+        """A write of the whole blocks [start, end) of `inode` begins: registered until
+        `leave_whole` (which the caller must reach: try/finally), unless a merge holds
+        one of them — then False, nothing done, and the caller calls `enter_whole`.
+        Never blocks (the common case: no merge of the file at all)."""
+        if self._held and self._busy_in(inode, start, end):
+            return False
+        w = self._whole.get(inode)
+        if w is None:
+            self._whole[inode] = [(start, end)]
+        else:
+            w.append((start, end))
+        return True
+
+    async def enter_whole(self, inode: int, start: int, end: int) -> None:
+        """`enter_whole_nowait` that waits for the merges holding any of the blocks
+        (taking those blocks in order, as a merge would, and letting them go once
+        registered: the merge handed one next then waits for this write, which began
+        before it). Cancelled while waiting: nothing held, nothing registered."""
+        busy = self._busy_in(inode, start, end)
+        if busy:
+            await self.acquire(inode, busy)
+        w = self._whole.get(inode)
+        if w is None:
+            self._whole[inode] = [(start, end)]
+        else:
+            w.append((start, end))
+        if busy:
+            self.release(inode, busy)
+
+    def _busy_in(self, inode: int, start: int, end: int) -> tuple[int, ...]:
+        """The blocks of [start, end) of `inode` a merge holds, ascending."""
         held = self._held
-        if held:
-            if end - start <= len(held):
-                busy = tuple(fb for fb in range(start, end) if (inode, fb) in held)
-            else:
-                busy = tuple(sorted(fb for (ino, fb) in held
-                                    if ino == inode and start <= fb < end))
-            if busy:
-                await self.acquire(inode, busy)
-                waited = True
-                # (registered before the blocks go: the merge handed one next waits
-                # for this write, which began before it)
-                self._whole.setdefault(inode, []).append((start, end))
-                self.release(inode, busy)
-                return waited
-        self._whole.setdefault(inode, []).append((start, end))
-        return waited
+        if end - start <= len(held):
+            return tuple(fb for fb in range(start, end) if (inode, fb) in held)
+        return tuple(sorted(fb for (ino, fb) in held if ino == inode and start <= fb < end))
 
     def leave_whole(self, inode: int, start: int, end: int) -> None:
-        """The whole-block write `enter_whole` registered has ended."""
+        """The whole-block write registered by `enter_whole(_nowait)` has ended."""
         ranges = self._whole[inode]
-        ranges.remove((start, end))
-        if not ranges:
+        if len(ranges) == 1:
             del self._whole[inode]
-        ev = self._whole_done.pop(inode, None)
-        if ev is not None:
-            ev.set()
+        else:
+            ranges.remove((start, end))
+        if self._whole_done:
+            ev = self._whole_done.pop(inode, None)
+            if ev is not None:
+                ev.set()
 
     async def wait_whole(self, inode: int, fblocks: tuple[int, ...]) -> bool:
         """A merge holding `fblocks` (`acquire`) waits for the whole-block writes of
