@@ -307,8 +307,9 @@ class Layouts:
             # Another direct client writes this file: its layout may cover this
             # preallocation, and trimming it would revoke that client's grant and
             # fail its next request for nothing. The last direct writer's close
-            # trims it; a commit that grows the file zeros what it did not write
-            # between the old end and its range (R6), so nothing uncommitted shows.
+            # trims it; a commit that grows the file zeroes what no live grant has
+            # pending between the old end and its range (R6), so nothing a gone
+            # writer left uncommitted shows.
             shared = any(g.inode == node.id and g.rights & Rights.WRITE and not g.revoked
                          for g in self._direct)
             emap = self._extents(node)
