@@ -663,8 +663,9 @@ class Kernel(GrantTable, LowerLayers):
                 old = bytes(first) if keep_pending else b""
                 first[head:head + n0] = src[:n0]
                 if keep_pending:
-                    # (R6: the other live grants' uncommitted bytes stay; the block is
-                    # held, and nothing below checkpoints before it is written)
+                    # (R6: the other live grants' uncommitted bytes stay. The block
+                    # is held: no other write of it lands until this one is written —
+                    # partial ones wait for the block, whole-block ones too, W4)
                     if nb != 1:
                         raise BadRequest("keep_pending: a write inside one block only")
                     base = b0 * bs
