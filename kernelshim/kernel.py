@@ -561,7 +561,33 @@ class Kernel(GrantTable, LowerLayers):
                 # Its own I/O limit waited for before the blocks are held, not while
                 # others' partial writes of them wait (review of probe 6, R2).
                 await self._wait_room(grant, segs, merged)
-            waited = await self._merging.acquire(ino, merged) or paced
+            # The whole blocks between its merged ends are registered as a whole-block
+            # write's are (W4): else a merge of one of them in flight around this
+            # write put its old contents over them (review of shared7, S1). In block
+            # order, as merges take theirs: the first end, then the middle (waiting
+            # for the merges holding one of its blocks), then — with no checkpoint
+            # after the registration — the last end. A merge holding the last end
+            # therefore held no middle block when it was registered, so it never
+            # waits for this write while this write waits for it.
+            merging = self._merging
+            lo, hi = b0 + 1, (b1 - 1 if tail else b1)
+            whole = hi > lo
+            if not whole:
+                waited = await merging.acquire(ino, merged) or paced
+            else:
+                waited = await merging.acquire(ino, merged[:1]) or paced
+                try:
+                    if not merging.enter_whole_nowait(ino, lo, hi):
+                        await merging.enter_whole(ino, lo, hi)
+                        waited = True
+                    try:
+                        waited = await merging.acquire(ino, merged[1:]) or waited
+                    except BaseException:
+                        merging.leave_whole(ino, lo, hi)
+                        raise
+                except BaseException:
+                    merging.release(ino, merged[:1])
+                    raise
             try:  # (held from here: whatever fails below lets the blocks go)
                 # (a whole-block write of one of them begun earlier: wait for it, W4)
                 waited = await self._merging.wait_whole(ino, merged) or waited
@@ -572,7 +598,9 @@ class Kernel(GrantTable, LowerLayers):
                 await self._write_blocks(grant, offset, src, segs, targets,
                                          keep_pending=keep_pending)
             finally:
-                self._merging.release(ino, merged)
+                merging.release(ino, merged)
+                if whole:
+                    merging.leave_whole(ino, lo, hi)
             return length
         finally:
             self._leave_write(grant, epoch)

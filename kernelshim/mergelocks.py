@@ -99,17 +99,26 @@ class MergeLocks:
         """`enter_whole_nowait` that waits for the merges holding any of the blocks
         (taking those blocks in order, as a merge would, and letting them go once
         registered: the merge handed one next then waits for this write, which began
-        before it). Cancelled while waiting: nothing held, nothing registered."""
-        busy = self._busy_in(inode, start, end)
-        if busy:
+        before it). Registered only when no merge holds a block of the range: a merge
+        that took another of its blocks while it waited (it found no whole-block write
+        registered, and may have read the block already) is waited for too, else its
+        write of what it read undid this one's (review of shared7, S2). Cancelled
+        while waiting: nothing held, nothing registered."""
+        while True:
+            busy = self._busy_in(inode, start, end)
+            if not busy:
+                break
             await self.acquire(inode, busy)
+            try:
+                if len(self._busy_in(inode, start, end)) == len(busy):  # (only its own)
+                    break
+            finally:
+                self.release(inode, busy)
         w = self._whole.get(inode)
         if w is None:
             self._whole[inode] = [(start, end)]
         else:
             w.append((start, end))
-        if busy:
-            self.release(inode, busy)
 
     def _busy_in(self, inode: int, start: int, end: int) -> tuple[int, ...]:
         """The blocks of [start, end) of `inode` a merge holds, ascending."""

@@ -157,6 +157,79 @@ async def test_a_whole_block_write_beside_a_merge_of_its_block_is_not_undone(
         kernel.close()
 
 
+async def test_a_merging_writes_middle_blocks_beside_a_merge_of_them_are_not_undone(
+        tmp_path: Path, autojump_clock) -> None:
+    """Review of shared7, S1 (W4 for the blocks between a write's two merged ends).
+    Grant B writes [BS + 10, 2 BS + 20): it merges block 1 (resident: read from its
+    frame) and block 2 (not resident: read from the device, a checkpoint), holding
+    both. Grant A then writes [100, 4 BS + 50): it merges blocks 0 and 4 and writes
+    blocks 1 to 3 whole. Block 1 must end as A's bytes (A after B) or A's bytes with
+    B's from 10 on (B after A) — never the old contents with B's bytes: A's
+    acknowledged write of block 1 undone by B's write of what it read before A.
+    Before: A took only its two end blocks and registered its middle ones nowhere,
+    so it did not wait for B's merge of them (W4's fix covered writes of whole
+    blocks only)."""
+    kernel = make_kernel(tmp_path, writeback=True)
+    try:
+        emap = ExtentMap([(0, 10, 5, FRESH)])
+        a = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                         principal=P(1))
+        b = kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                         principal=P(2))
+        await kernel.write(a, 0, b"o" * (5 * BS))  # the old contents
+        async with kernel.barrier():  # (on the device)
+            pass
+        await kernel.forget([(12, 1)], principal=P(1))  # (block 2 not resident)
+        async with trio.open_nursery() as n:
+            n.start_soon(kernel.write, b, BS + 10, b"b" * (BS + 10))
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel._merging.busy(7, 1)  # B: block 1 read, reading block 2
+            n.start_soon(kernel.write, a, 100, b"a" * (4 * BS - 50))
+        got = bytes(await kernel.read(b, 0, 5 * BS))
+        assert got[:100] == b"o" * 100 and got[3 * BS:4 * BS + 50] == b"a" * (BS + 50)
+        bees = b"b" * (BS + 10)
+        assert got[BS:2 * BS + 20] in (b"a" * (BS + 20), b"a" * 10 + bees), \
+            (got[BS:BS + 12], got[2 * BS + 18:2 * BS + 22])
+        assert got[2 * BS + 20:3 * BS] == b"a" * (BS - 20)
+    finally:
+        kernel.close()
+
+
+async def test_a_whole_block_write_that_waited_for_a_merge_waits_for_later_ones(
+        tmp_path: Path, autojump_clock) -> None:
+    """Review of shared7, S2 (W4's slow path). Grant A writes 10 bytes of block 2,
+    reading it from the device (not resident), holding it. Grant W writes blocks 0
+    to 7 whole: block 2 is held, so it waits for it (`MergeLocks.enter_whole`).
+    Meanwhile grant B writes [5 BS + 10, 6 BS + 20): it merges block 5 (resident) and
+    block 6 (read from the device) — no whole-block write registered yet, so it goes
+    on. W then gets block 2 and registers; its write of block 5 must not be undone
+    by B's write of the block 5 it read before W: block 5's first 10 bytes are W's in
+    any order. Before: `enter_whole` registered once it had the blocks busy when it
+    began, without looking again at the blocks merges took while it waited."""
+    kernel = make_kernel(tmp_path, writeback=True)
+    try:
+        emap = ExtentMap([(0, 10, 8, FRESH)])
+        a, b, w = (kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                                principal=P(k)) for k in (1, 2, 3))
+        await kernel.write(a, 0, b"o" * (8 * BS))  # the old contents
+        async with kernel.barrier():  # (on the device)
+            pass
+        await kernel.forget([(12, 1), (16, 1)], principal=P(1))  # (blocks 2, 6)
+        async with trio.open_nursery() as n:
+            n.start_soon(kernel.write, a, 2 * BS + 10, b"a" * 10)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel._merging.busy(7, 2)  # A: reading block 2
+            n.start_soon(kernel.write, w, 0, b"W" * (8 * BS))
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(kernel.write, b, 5 * BS + 10, b"b" * (BS + 10))
+        got = bytes(await kernel.read(b, 0, 8 * BS))
+        assert got[5 * BS:5 * BS + 10] == b"W" * 10, got[5 * BS:5 * BS + 12]
+        assert got[5 * BS + 10:6 * BS + 20] in (b"b" * (BS + 10), b"W" * (BS + 10))
+        assert got[6 * BS + 20:] == b"W" * (2 * BS - 20)
+    finally:
+        kernel.close()
+
+
 @pytest.mark.parametrize("writeback", [False, True])
 async def test_a_limited_tenants_merge_does_not_hold_the_block_across_its_limit(
         tmp_path: Path, autojump_clock, writeback: bool) -> None:
@@ -256,3 +329,42 @@ async def test_a_commit_marking_its_ranges_keeps_them_for_anothers_merge(
         assert got == bytes(expect), (got[BS:BS + 16], got[BS + 100:BS + 116])
     finally:
         await v.close()
+
+
+async def test_many_writers_of_one_file_never_wait_for_each_other_in_a_cycle(
+        tmp_path: Path, autojump_clock) -> None:
+    """Review of shared7 (S1, S2's fixes): partial, whole-block and long unaligned
+    writes of five grants over the same twelve blocks, with blocks dropped from the
+    pool between rounds so merges read the device (checkpoints while they hold
+    blocks). Every write ends (no cycle among merge locks, whole-block registrations
+    and the middle blocks of long writes), and nothing is left held or registered."""
+    import random
+
+    rnd = random.Random(18)
+    kernel = make_kernel(tmp_path, writeback=True)
+    try:
+        emap = ExtentMap([(0, 10, 12, FRESH)])
+        grants = [kernel.grant(inode=7, generation=1, extents=emap, rights=Rights.RW,
+                               principal=P(1 + k % 2)) for k in range(5)]
+        await kernel.write(grants[0], 0, b"o" * (12 * BS))
+        for _round in range(30):
+            async with kernel.barrier():
+                pass
+            await kernel.forget([(10 + fb, 1) for fb in range(12) if rnd.random() < 0.5],
+                                principal=P(1))
+            with trio.fail_after(60):
+                async with trio.open_nursery() as n:
+                    for g in grants:
+                        kind = rnd.randrange(3)
+                        if kind == 0:  # whole blocks
+                            fb = rnd.randrange(11)
+                            off, size = fb * BS, rnd.randint(1, 12 - fb) * BS
+                        elif kind == 1:  # inside one block
+                            off, size = rnd.randrange(12 * BS - 20), 16
+                        else:  # long and unaligned: merged ends, whole middle
+                            off = rnd.randrange(4 * BS)
+                            size = rnd.randrange(2 * BS, 12 * BS - off)
+                        n.start_soon(kernel.write, g, off, b"x" * size)
+        assert not kernel._merging._held and not kernel._merging._whole
+    finally:
+        kernel.close()
