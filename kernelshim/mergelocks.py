@@ -19,7 +19,10 @@ blocks being written whole until it ends (`enter_whole_nowait`, else `enter_whol
 go side by side); a merge, once it holds its block, waits for the whole-block writes
 registered over it (`wait_whole`). New whole-block writes of a block wait for a merge holding it, and
 a merge waits only for the whole-block writes that began before it: nobody waits
-for a later arrival, and no one waits for the other in a cycle."""
+for a later arrival, and no one waits for the other in a cycle. A write that merges
+its ends and writes whole blocks between them registers that middle too, in block
+order (`Kernel.write`: first end, middle, last end with no checkpoint after the
+registration; review of shared7, S1)."""
 
 from __future__ import annotations
 
