@@ -574,6 +574,8 @@ class Kernel(GrantTable, LowerLayers):
             whole = hi > lo
             if not whole:
                 waited = await merging.acquire(ino, merged) or paced
+            elif merging.enter_nowait(ino, merged, lo, hi):  # (none held: the common case)
+                waited = paced
             else:
                 waited = await merging.acquire(ino, merged[:1]) or paced
                 try:

@@ -98,6 +98,29 @@ class MergeLocks:
             w.append((start, end))
         return True
 
+    def enter_nowait(self, inode: int, fblocks: tuple[int, ...], start: int,
+                     end: int) -> bool:
+        """A write that merges `fblocks` and writes the blocks [start, end) between
+        them whole: takes the one and registers the other at once when no merge holds
+        any of them (no checkpoint: as `acquire` then `enter_whole_nowait` would,
+        with nothing between); else False, nothing done (the caller takes them in
+        block order: `Kernel.write`). Never blocks."""
+        held = self._held
+        if held:
+            for fb in fblocks:
+                if (inode, fb) in held:
+                    return False
+            if self._busy_in(inode, start, end):
+                return False
+        for fb in fblocks:
+            held[(inode, fb)] = None
+        w = self._whole.get(inode)
+        if w is None:
+            self._whole[inode] = [(start, end)]
+        else:
+            w.append((start, end))
+        return True
+
     async def enter_whole(self, inode: int, start: int, end: int) -> None:
         """`enter_whole_nowait` that waits for the merges holding any of the blocks
         (taking those blocks in order, as a merge would, and letting them go once
