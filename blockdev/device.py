@@ -185,6 +185,13 @@ class Scheduler(Protocol):
         """None when `principal` owes no limited node more than `slack`; else the time
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
+    def limited(self, principal: PrincipalId) -> bool:
+        """Whether an I/O limit is on `principal`'s path."""
+
+    def limit_clear_at(self, principal: PrincipalId) -> float | None:
+        """When a request of `principal` will no longer be held by a limit on its path,
+        if later than now; else None."""
+
 
 
 def outside_backing_fd(path: str, owner: int, *, private: bool = True) -> int:

@@ -335,6 +335,16 @@ class _Accounting:
         debt (see MClockScheduler): never in debt here."""
         return None
 
+    def limit_clear_at(self, principal: PrincipalId) -> float | None:
+        """When a request of `principal` will no longer be held by an I/O limit on its
+        path (its limit tags), if that is later than now; None when it would go now
+        or has no limit. FIFO holds nothing back."""
+        return None
+
+    def limited(self, principal: PrincipalId) -> bool:
+        """Whether an I/O limit is on `principal`'s path. FIFO enforces none."""
+        return False
+
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
         """Account one completed request (arrival to completion: `latency_s`)."""
@@ -687,6 +697,34 @@ class MClockScheduler(_Accounting):
                     self._timer_req, self._timer_at = None, _INF
                     self._dispatch(trio.current_time())
             raise
+
+    def limited(self, principal: PrincipalId) -> bool:
+        """Whether an I/O limit is on `principal`'s path. Never blocks."""
+        node = self._nodes.get(principal)
+        if node is None:
+            return False
+        for n in node.path:
+            if n.has_lim:
+                return True
+        return False
+
+    def limit_clear_at(self, principal: PrincipalId) -> float | None:
+        """When a request of `principal` will no longer be held by an I/O limit on its
+        path (the latest limit tag of its limited nodes), if later than now; None
+        otherwise (no limit, or none holding it now). A caller about to take a lock
+        that others of another principal may wait for sleeps until then first, so that
+        the lock is not held across its own limit's wait (review of probe 6, R2).
+        Never blocks."""
+        node = self._nodes.get(principal)
+        if node is None:
+            return None
+        at = -_INF
+        for n in node.path:
+            if n.has_lim:
+                at = max(at, n.L_i, n.L_b)
+        if at == -_INF:
+            return None
+        return at if at > trio.current_time() else None
 
     def _may_go(self, node: Node, now: float) -> bool:
         for n in node.path:

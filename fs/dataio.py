@@ -204,13 +204,14 @@ class OpenFiles:
 
     async def _write_data(self: FileSystem, node: Inode, grant: Grant, offset: int,
                           data: bytes | bytearray | memoryview, *,
-                          sealed: bool = True) -> None:
+                          sealed: bool = True, keep_pending: bool = False) -> None:
         """Write `data` at `offset` through `grant` (under the inode lock; every block
         allocated). Sealed blocks are relocated (copy-on-write): written to fresh blocks,
         the extents remapped and the old blocks freed by the same transaction, with the
         change saved before any checkpoint. `sealed=False`: the caller found none in
         the range just before (no checkpoint since); a commit that seals some while
-        the write waits for its barrier still makes it relocate them (`Sealed`)."""
+        the write waits for its barrier still makes it relocate them (`Sealed`).
+        `keep_pending`: see `Kernel.write` (R6's zeroing)."""
         bs = self.block_size
         b0, b1 = block_span(offset, len(data), bs)
         emap = self._extents(node)
@@ -219,7 +220,8 @@ class OpenFiles:
                    if sealed else None)
             sealed = True
             try:
-                await self.kernel.write(grant, offset, data, cow=cow)
+                await self.kernel.write(grant, offset, data, cow=cow,
+                                        keep_pending=keep_pending)
             except Sealed:
                 # A commit sealed fresh blocks of the range while this write waited for
                 # its barrier: relocate those too.
@@ -243,13 +245,18 @@ class OpenFiles:
                              principal: PrincipalId) -> None:
         """The file grows from `lo` (its size) past `hi`: zero [lo, hi) inside the block
         that holds its last byte, if that block holds data. Bytes there past the end
-        may be a direct client's writes it never committed (docs/dev/invariants.md,
-        R6); blocks after it are holes, unwritten, or written by the growth itself."""
+        may be the writes of a direct client that never committed them — it closed,
+        was killed, or its grant was revoked (docs/dev/invariants.md, R6): those are
+        zeroed. The bytes a *live* grant on the file wrote there and has not committed
+        yet are kept (the writer's own commit makes them part of the file; zeroed,
+        that commit exposed zeros in place of acknowledged bytes: probe 6, W3). Blocks
+        after it are holes, unwritten, or written by the growth itself."""
         bs = self.block_size
         hi = min(hi, blocks_to_cover(lo, bs) * bs)
         if hi <= lo:
             return
-        await self._zero_within_block(node, self._extents(node), lo, hi, principal)
+        await self._zero_within_block(node, self._extents(node), lo, hi, principal,
+                                      keep_pending=True)
 
     async def fsync(self: FileSystem, fh: int | None, datasync: bool) -> None:
         """fsync of an open file (`fh`; None: of everything): a write error since the

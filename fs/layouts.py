@@ -224,30 +224,40 @@ class Layouts:
             # Exactly what was written through this grant becomes part of the file:
             # laid-out blocks never written stay unwritten (they read as zeros, and on a
             # real device they may still hold a deleted file's data).
+            end = grant.pending_end(offset, offset + length)
+            if end:
+                self._direct_kill_priv(node, grant)
+                if end > node.size:
+                    # Growing: the old last block's bytes past the old end that no live
+                    # grant wrote and has yet to commit (this one's included) must
+                    # read as zeros (R6). Up to that block's end, not just this
+                    # commit's: the grant's writes may note more meanwhile.
+                    await self._zero_past_eof(node, node.size, MAX_FILE_SIZE,
+                                              grant.principal)
+                    self._direct_node(grant)  # (revoked meanwhile: nothing to commit)
+            # The ranges leave the grant here and stay pending as `committing` until
+            # their blocks are marked written: another grant's merge of one of those
+            # blocks meanwhile (the loop is given back below) reads it, where before
+            # it found neither a pending range nor a written block and merged zeros
+            # over this commit's bytes (probe 6, W3).
             ranges = grant.take_written(offset, offset + length)
             if ranges:
-                self._direct_kill_priv(node, grant)
                 emap = self._extents(node)
                 end = max(stop for _start, stop in ranges)
-                if end > node.size:
-                    # Growing: what this commit did not write between the old end and
-                    # the new one must read as zeros (R6).
-                    lo = node.size
+                grant.committing = ranges
+                try:
+                    # A client may commit many ranges at once (as many as the blocks it
+                    # wrote): the event loop is given back every COMMIT_STEP of them. A
+                    # checkpoint meanwhile commits and seals what is marked so far (data
+                    # written before the commit: as a commit of part of the ranges).
+                    self._unsealed.add(emap)
                     for k, (start, stop) in enumerate(ranges):
-                        await self._zero_past_eof(node, lo, min(start, end), grant.principal)
-                        lo = max(lo, stop)
+                        b0, b1 = block_span(start, stop - start, bs)
+                        emap.mark_written(b0, b1 - b0)
                         if k % COMMIT_STEP == COMMIT_STEP - 1:
                             await trio.lowlevel.cancel_shielded_checkpoint()
-                # A client may commit many ranges at once (as many as the blocks it
-                # wrote): the event loop is given back every COMMIT_STEP of them. A
-                # checkpoint meanwhile commits and seals what is marked so far (data
-                # written before the commit: as a commit of part of the ranges).
-                self._unsealed.add(emap)
-                for k, (start, stop) in enumerate(ranges):
-                    b0, b1 = block_span(start, stop - start, bs)
-                    emap.mark_written(b0, b1 - b0)
-                    if k % COMMIT_STEP == COMMIT_STEP - 1:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                finally:
+                    grant.committing = []
                 self._unsealed.add(emap)
                 self._save_extents(node)
                 now = now_ns()
@@ -297,8 +307,9 @@ class Layouts:
             # Another direct client writes this file: its layout may cover this
             # preallocation, and trimming it would revoke that client's grant and
             # fail its next request for nothing. The last direct writer's close
-            # trims it; a commit that grows the file zeros what it did not write
-            # between the old end and its range (R6), so nothing uncommitted shows.
+            # trims it; a commit that grows the file zeroes what no live grant has
+            # pending between the old end and its range (R6), so nothing a gone
+            # writer left uncommitted shows.
             shared = any(g.inode == node.id and g.rights & Rights.WRITE and not g.revoked
                          for g in self._direct)
             emap = self._extents(node)

@@ -315,17 +315,20 @@ class Space:
             await self._zero_within_block(node, emap, a, b, principal)
 
     async def _zero_within_block(self: FileSystem, node: Inode, emap: ExtentMap, lo: int,
-                                 hi: int, principal: PrincipalId) -> None:
+                                 hi: int, principal: PrincipalId, *,
+                                 keep_pending: bool = False) -> None:
         """Write zeros over [lo, hi), which lies inside one block, if that block holds
         data (a hole or an unwritten block reads as zeros already), through a grant of
-        the metadata server's own, as a write (a sealed block is relocated: R1)."""
+        the metadata server's own, as a write (a sealed block is relocated: R1).
+        `keep_pending` (R6): not over the bytes live grants wrote and have not
+        committed yet (`Kernel.write`)."""
         seg = emap.segments(lo // self.block_size, 1)[0]
         if seg.dev_block == HOLE or seg.state == UNWRITTEN:
             return
         g = self.kernel.grant(inode=node.id, generation=node.generation, extents=emap,
                               rights=Rights.WRITE, principal=principal, charge=False)
         try:
-            await self._write_data(node, g, lo, bytes(hi - lo))
+            await self._write_data(node, g, lo, bytes(hi - lo), keep_pending=keep_pending)
         finally:
             self.kernel.release(g)
 

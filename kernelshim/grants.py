@@ -74,6 +74,11 @@ class Grant:
     #: write's merge asks it) answers from these without merging the noted ranges in,
     #: which cost a pass over all the grant's ranges per write (probe 6, P1)
     _noted_blocks: set[int] = dataclasses.field(default_factory=set, repr=False)
+    #: ranges a commit took (`take_written`) and has not finished marking written in
+    #: the map (sorted, disjoint): they still count as pending for `wrote_in` and
+    #: `pending_in` until it has (`committed`), so that another grant's merge of one
+    #: of their blocks meanwhile reads it, not zeros (probe 6, W3)
+    committing: list[tuple[int, int]] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def written(self) -> list[list[int]]:
@@ -164,11 +169,46 @@ class Grant:
                 self._settle()
             elif any(b in self._noted_blocks for b in range(start // blk, end // blk)):
                 return True
+        c = self.committing
+        if c:
+            k = bisect.bisect_right(c, (start, start))
+            if k > 0 and c[k - 1][1] > start or k < len(c) and c[k][0] < end:
+                return True
         w = self._written
         i = bisect.bisect_right(w, [start, start])
         if i > 0 and w[i - 1][1] > start:
             return True
         return i < len(w) and w[i][0] < end
+
+    def pending_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The pending written ranges (those a commit is marking included) meeting
+        [start, end), clipped to it."""
+        out = [(max(s, start), min(e, end)) for s, e in self.committing
+               if s < end and e > start]
+        w = self.written
+        i = bisect.bisect_right(w, [start, start])
+        if i > 0:
+            i -= 1
+        while i < len(w) and w[i][0] < end:
+            s, e = w[i]
+            if e > start:
+                out.append((max(s, start), min(e, end)))
+            i += 1
+        return out
+
+    def pending_end(self, start: int, end: int) -> int:
+        """Where the last pending written range inside [start, end) ends, clipped to
+        it; 0 when there is none (what `take_written` would take, without taking)."""
+        w = self.written
+        i = bisect.bisect_left(w, [end, end])
+        while i > 0:
+            s, e = w[i - 1]
+            if e <= start:
+                return 0
+            if s < end:
+                return min(e, end)
+            i -= 1
+        return 0
 
     def take_written(self, start: int, end: int) -> list[tuple[int, int]]:
         """The written ranges inside [start, end), clipped; they are no longer pending."""

@@ -494,7 +494,7 @@ class Kernel(GrantTable, LowerLayers):
         return length
 
     async def write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview, *,
-                    cow: ExtentMap | None = None) -> int:
+                    cow: ExtentMap | None = None, keep_pending: bool = False) -> int:
         """Write `data` at `offset`. Every block it touches must be allocated in the
         grant (unwritten or fresh extents; sealed WRITTEN blocks raise Sealed); partial
         blocks are merged with their current contents (zeros when unwritten). Does not
@@ -503,7 +503,12 @@ class Kernel(GrantTable, LowerLayers):
 
         `cow` (the metadata server's copy-on-write): fresh device blocks for the sealed
         blocks of the range. Those blocks' data goes there, merged with the old contents
-        where the write covers a block partly; the caller then relocates the extents."""
+        where the write covers a block partly; the caller then relocates the extents.
+
+        `keep_pending` (the metadata server's zeroing of the tail of a file's last block
+        when the file grows, R6): inside one block; `data` is not put over the bytes
+        that another live grant on the file has written and not yet committed (looked
+        at while the block is held, after its contents are read)."""
         length = len(data)
         if offset < 0:
             raise BadRequest(f"write at negative offset {offset}")
@@ -521,7 +526,7 @@ class Kernel(GrantTable, LowerLayers):
             src = memoryview(data).cast("B")
             nb = b1 - b0
             if nb == 1 and (head or tail) and segs[0].state == FRESH and \
-                    not self._merging.busy(grant.inode, b0) and \
+                    not keep_pending and not self._merging.busy(grant.inode, b0) and \
                     self.pager.write_within_nowait(BlockNo(segs[0].dev_block), head, src,
                                                    principal=principal,
                                                    file=grant.inode, fblock=b0):
@@ -538,18 +543,78 @@ class Kernel(GrantTable, LowerLayers):
             # erased the other's bytes (probe 6, W2: `MergeLocks`).
             merged = (() if not head and not tail else
                       (b0, b1 - 1) if tail and nb > 1 else (b0,))
+            ino = grant.inode
+            sched = self.device.scheduler
             if not merged:
-                await self._write_blocks(grant, offset, src, segs, targets)
+                # Whole blocks: no merge, but registered while written, after any merge
+                # holding one of them: a merge of one of these blocks around this
+                # write would put its old contents over it (probe 6, W4).
+                paced = sched.limited(principal)
+                if paced:
+                    await self._wait_room(grant, segs, ())  # (R2: before the merges wait)
+                merging = self._merging
+                if not merging.enter_whole_nowait(ino, b0, b1):
+                    await merging.enter_whole(ino, b0, b1)
+                    paced = True  # (waited: the map looked at again)
+                if paced:
+                    segs = grant.extents.segments(b0, b1 - b0)
+                    try:
+                        targets = self._write_targets(grant, segs, cow)
+                    except BaseException:
+                        self._merging.leave_whole(ino, b0, b1)
+                        raise
+                try:
+                    await self._write_blocks(grant, offset, src, segs, targets)
+                finally:
+                    self._merging.leave_whole(ino, b0, b1)
                 return length
-            waited = await self._merging.acquire(grant.inode, merged)
+            paced = sched.limited(principal)
+            if paced:
+                # Its own I/O limit waited for before the blocks are held, not while
+                # others' partial writes of them wait (review of probe 6, R2).
+                await self._wait_room(grant, segs, merged)
+            # The whole blocks between its merged ends are registered as a whole-block
+            # write's are (W4): else a merge of one of them in flight around this
+            # write put its old contents over them (review of shared7, S1). In block
+            # order, as merges take theirs: the first end, then the middle (waiting
+            # for the merges holding one of its blocks), then — with no checkpoint
+            # after the registration — the last end. A merge holding the last end
+            # therefore held no middle block when it was registered, so it never
+            # waits for this write while this write waits for it.
+            merging = self._merging
+            lo, hi = b0 + 1, (b1 - 1 if tail else b1)
+            whole = hi > lo
+            if not whole:
+                waited = await merging.acquire(ino, merged) or paced
+            elif merging.enter_nowait(ino, merged, lo, hi):  # (none held: the common case)
+                waited = paced
+            else:
+                waited = await merging.acquire(ino, merged[:1]) or paced
+                try:
+                    if not merging.enter_whole_nowait(ino, lo, hi):
+                        await merging.enter_whole(ino, lo, hi)
+                        waited = True
+                    try:
+                        waited = await merging.acquire(ino, merged[1:]) or waited
+                    except BaseException:
+                        merging.leave_whole(ino, lo, hi)
+                        raise
+                except BaseException:
+                    merging.release(ino, merged[:1])
+                    raise
             try:  # (held from here: whatever fails below lets the blocks go)
+                # (a whole-block write of one of them begun earlier: wait for it, W4)
+                waited = await self._merging.wait_whole(ino, merged) or waited
                 if waited:  # (another write's marks; sealed or punched meanwhile: an
                     # error, raised while the blocks are held — review of probe 6, R1)
                     segs = grant.extents.segments(b0, b1 - b0)
                     targets = self._write_targets(grant, segs, cow)
-                await self._write_blocks(grant, offset, src, segs, targets)
+                await self._write_blocks(grant, offset, src, segs, targets,
+                                         keep_pending=keep_pending)
             finally:
-                self._merging.release(grant.inode, merged)
+                merging.release(ino, merged)
+                if whole:
+                    merging.leave_whole(ino, lo, hi)
             return length
         finally:
             self._leave_write(grant, epoch)
@@ -574,8 +639,45 @@ class Kernel(GrantTable, LowerLayers):
             targets.extend((f.dev_block, f.count, f.file_block) for f in fresh)
         return targets
 
+    async def _wait_room(self, grant: Grant, segs: list, merged: tuple[int, ...]) -> None:
+        """Before a write holds blocks that other principals' writes may wait for (a
+        merge's, `MergeLocks`) or registers a whole-block write that merges wait for:
+        the waits at its principal's own I/O limit done first — the blocks it will
+        merge read into the pool (a read at its limit when not resident), and, as the
+        write itself will do: write-through, the device's limit tags (each pager
+        write is a device write at the limit); write-back, the pager's dirty bound
+        (`Pager.wait_write_room`) — so that under the lock its reads find the pool
+        and its writes go without a wait at its limit (review of probe 6, R2: a
+        rate-limited tenant's partial write of a block of a shared file held the
+        block across its limit's waits, and another tenant's partial writes of the
+        block waited behind them). Under write-back the limit tags are not waited
+        for: a write into the pool makes no device request, and a debt is paced by
+        `repay_limit`, never waited for whole (second review of probe 5, R2). Only
+        an order of waits: under the lock the block's contents are read again."""
+        principal = grant.principal
+        bs = self.block_size
+        for fb in merged:
+            for s in segs:
+                if s.file_block <= fb < s.file_block + s.count:
+                    if s.dev_block != HOLE and (s.state != UNWRITTEN or self._wrote_in(
+                            grant, fb * bs, (fb + 1) * bs)):
+                        await self.pager.read(BlockNo(s.dev_block + fb - s.file_block), 1,
+                                              principal=principal, file=grant.inode,
+                                              fblock=fb)
+                    break
+        if self.pager.writeback:
+            await self.pager.wait_write_room(principal)
+            return
+        sched = self.device.scheduler
+        while True:
+            at = sched.limit_clear_at(principal)
+            if at is None:
+                return
+            await trio.sleep_until(at)
+
     async def _write_blocks(self, grant: Grant, offset: int, src: memoryview, segs: list,
-                            targets: list[tuple[int, int, int]]) -> None:
+                            targets: list[tuple[int, int, int]], *,
+                            keep_pending: bool = False) -> None:
         """`write`'s data written: `src` at `offset` into `targets`, the partly covered
         blocks at its ends merged with their current contents (`segs`); the range noted
         as the grant's."""
@@ -600,7 +702,17 @@ class Kernel(GrantTable, LowerLayers):
                 first = bytearray(bs)
                 await self._fill_block(first, 0, segs[0], principal, grant)
                 n0 = min(length, bs - head)
+                old = bytes(first) if keep_pending else b""
                 first[head:head + n0] = src[:n0]
+                if keep_pending:
+                    # (R6: the other live grants' uncommitted bytes stay. The block
+                    # is held: no other write of it lands until this one is written —
+                    # partial ones wait for the block, whole-block ones too, W4)
+                    if nb != 1:
+                        raise BadRequest("keep_pending: a write inside one block only")
+                    base = b0 * bs
+                    for s, e in self._pending_in(grant, base + head, base + head + n0):
+                        first[s - base:e - base] = old[s - base:e - base]
                 pieces.append((0, 1, first))
             if tail and nb - 1 > (0 if first is not None else -1):
                 last = bytearray(bs)
@@ -696,6 +808,16 @@ class Kernel(GrantTable, LowerLayers):
         buf[at:at + bs] = await self.pager.read(BlockNo(seg.dev_block + k), 1,
                                                 principal=principal, file=grant.inode,
                                                 fblock=fb)
+
+    def _pending_in(self, grant: Grant, start: int, end: int) -> list[tuple[int, int]]:
+        """The uncommitted written ranges of the live grants on `grant`'s file (same
+        generation) other than `grant`, clipped to [start, end) (R6's zeroing keeps
+        them: `write(..., keep_pending=True)`)."""
+        out: list[tuple[int, int]] = []
+        for g in self._by_inode.get(grant.inode, ()):
+            if g is not grant and not g.revoked and g.generation == grant.generation:
+                out.extend(g.pending_in(start, end))
+        return out
 
     def _wrote_in(self, grant: Grant, start: int, end: int) -> bool:
         """Whether `grant`, or another live grant on the same file, has an uncommitted

@@ -8,7 +8,21 @@ each read the block before the other wrote it, and the second to write erased th
 first one's bytes: acknowledged writes of disjoint bytes were lost (probe 6, W2). A
 write holds the lock of each block it merges (at most two: its first and its last),
 from the read of the old contents until the block is written and its range noted.
-Writes of whole blocks merge nothing and take no lock."""
+
+Writes of whole blocks merge nothing, but a merge of one of their blocks around them
+erased them: a whole-block write landing between a merge's read and its write was
+overwritten by the merge's old contents (probe 6, W4). A whole-block write therefore
+first waits for the merges holding any of its blocks (it takes those blocks, in
+order, and lets them go once registered), then is registered as a range of file
+blocks being written whole until it ends (`enter_whole_nowait`, else `enter_whole`;
+`leave_whole`: one entry per write, not per block, so large writes of one file still
+go side by side); a merge, once it holds its block, waits for the whole-block writes
+registered over it (`wait_whole`). New whole-block writes of a block wait for a merge holding it, and
+a merge waits only for the whole-block writes that began before it: nobody waits
+for a later arrival, and no one waits for the other in a cycle. A write that merges
+its ends and writes whole blocks between them registers that middle too, in block
+order (`Kernel.write`: first end, middle, last end with no checkpoint after the
+registration; review of shared7, S1)."""
 
 from __future__ import annotations
 
@@ -21,11 +35,17 @@ class MergeLocks:
     a parking lot is made for a block only when a second write waits for it, and the
     block is handed to the next waiter on release."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_whole", "_whole_done")
 
     def __init__(self) -> None:
         #: (inode, file block) held -> the writes waiting for it (None: none yet)
         self._held: dict[tuple[int, int], trio.lowlevel.ParkingLot | None] = {}
+        #: inode -> the file block ranges [start, end) of its whole-block writes in
+        #: flight (one entry per write; W4)
+        self._whole: dict[int, list[tuple[int, int]]] = {}
+        #: inode -> woken when one of its whole-block writes ends (made only when a
+        #: merge waits for one)
+        self._whole_done: dict[int, trio.Event] = {}
 
     def busy(self, inode: int, fblock: int) -> bool:
         """Whether a write is merging that block."""
@@ -63,3 +83,99 @@ class MergeLocks:
             lot = self._held[key]
             if lot is None or not lot.unpark(count=1):
                 del self._held[key]
+
+    def enter_whole_nowait(self, inode: int, start: int, end: int) -> bool:
+        """A write of the whole blocks [start, end) of `inode` begins: registered until
+        `leave_whole` (which the caller must reach: try/finally), unless a merge holds
+        one of them — then False, nothing done, and the caller calls `enter_whole`.
+        Never blocks (the common case: no merge of the file at all)."""
+        if self._held and self._busy_in(inode, start, end):
+            return False
+        w = self._whole.get(inode)
+        if w is None:
+            self._whole[inode] = [(start, end)]
+        else:
+            w.append((start, end))
+        return True
+
+    def enter_nowait(self, inode: int, fblocks: tuple[int, ...], start: int,
+                     end: int) -> bool:
+        """A write that merges `fblocks` and writes the blocks [start, end) between
+        them whole: takes the one and registers the other at once when no merge holds
+        any of them (no checkpoint: as `acquire` then `enter_whole_nowait` would,
+        with nothing between); else False, nothing done (the caller takes them in
+        block order: `Kernel.write`). Never blocks."""
+        held = self._held
+        if held:
+            for fb in fblocks:
+                if (inode, fb) in held:
+                    return False
+            if self._busy_in(inode, start, end):
+                return False
+        for fb in fblocks:
+            held[(inode, fb)] = None
+        w = self._whole.get(inode)
+        if w is None:
+            self._whole[inode] = [(start, end)]
+        else:
+            w.append((start, end))
+        return True
+
+    async def enter_whole(self, inode: int, start: int, end: int) -> None:
+        """`enter_whole_nowait` that waits for the merges holding any of the blocks
+        (taking those blocks in order, as a merge would, and letting them go once
+        registered: the merge handed one next then waits for this write, which began
+        before it). Registered only when no merge holds a block of the range: a merge
+        that took another of its blocks while it waited (it found no whole-block write
+        registered, and may have read the block already) is waited for too, else its
+        write of what it read undid this one's (review of shared7, S2). Cancelled
+        while waiting: nothing held, nothing registered."""
+        while True:
+            busy = self._busy_in(inode, start, end)
+            if not busy:
+                break
+            await self.acquire(inode, busy)
+            try:
+                if len(self._busy_in(inode, start, end)) == len(busy):  # (only its own)
+                    break
+            finally:
+                self.release(inode, busy)
+        w = self._whole.get(inode)
+        if w is None:
+            self._whole[inode] = [(start, end)]
+        else:
+            w.append((start, end))
+
+    def _busy_in(self, inode: int, start: int, end: int) -> tuple[int, ...]:
+        """The blocks of [start, end) of `inode` a merge holds, ascending."""
+        held = self._held
+        if end - start <= len(held):
+            return tuple(fb for fb in range(start, end) if (inode, fb) in held)
+        return tuple(sorted(fb for (ino, fb) in held if ino == inode and start <= fb < end))
+
+    def leave_whole(self, inode: int, start: int, end: int) -> None:
+        """The whole-block write registered by `enter_whole(_nowait)` has ended."""
+        ranges = self._whole[inode]
+        if len(ranges) == 1:
+            del self._whole[inode]
+        else:
+            ranges.remove((start, end))
+        if self._whole_done:
+            ev = self._whole_done.pop(inode, None)
+            if ev is not None:
+                ev.set()
+
+    async def wait_whole(self, inode: int, fblocks: tuple[int, ...]) -> bool:
+        """A merge holding `fblocks` (`acquire`) waits for the whole-block writes of
+        any of them in flight (they began before it: later ones wait for the merge);
+        whether it waited. No checkpoint when there are none."""
+        waited = False
+        while True:
+            ranges = self._whole.get(inode)
+            if not ranges or not any(a <= fb < b for a, b in ranges for fb in fblocks):
+                return waited
+            ev = self._whole_done.get(inode)
+            if ev is None:
+                ev = self._whole_done[inode] = trio.Event()
+            waited = True
+            await ev.wait()

@@ -95,9 +95,9 @@ def test_two_writers_merging_one_block_at_once_both_stay(mnt: Path) -> None:
     the odd 16-byte records of the same blocks (pipelined: several writes of each in
     the daemon at once), then fsync: every record must be there — in a range of holes
     laid out by the writes themselves, then again over the same (now written) blocks.
-    The file is sized first: no commit grows it (a growing commit zeroes what others
-    wrote past the old end and did not commit: R6, by design). (Before: each round lost
-    records, 2 to 30 of 8,192.)"""
+    The file is sized first: no commit grows it (the growing file is W3's test,
+    tests/test_shared_writers.py). (Before: each round lost records, 2 to 30 of
+    8,192.)"""
     n = 2048  # records per writer: 8 blocks of 256 records
     size = 2 * n * 16
     (mnt / "shared").write_bytes(b"")
