@@ -24,7 +24,6 @@ import time
 from typing import Callable
 
 import trio
-import trio._core._run as _trio_run
 
 from pager import ReclaimSubscription
 
@@ -126,9 +125,6 @@ HOLD_MAX_WAIT = 1e-3
 #: a principal counts among those holding the loop (H above) for this long after its
 #: last hold
 HOLDER_SECONDS = 2 * HOLD_MAX_WAIT
-#: while principals compete, the longest a batch runs only the tasks of principals with
-#: no backlog before it runs one task of backlogged work too (`_one_at_a_time`)
-BACKGROUND_MAX_WAIT = 1e-3
 #: FairTurns times one batch of the run loop in this many (its loop statistics)
 BATCH_SAMPLE = 16
 #: costly operations (`stats`, `principal_ls`, principal changes: each walks the
@@ -466,13 +462,6 @@ class FairTurns(trio.abc.Instrument):
         self.may_hold: Callable[[], bool] | None = None
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
-        #: while principals compete, the runnable tasks that are not a poll's fresh
-        #: requests (`_fresh`), held out of trio's run queue so that a batch runs at
-        #: most one of them (`_one_at_a_time`), oldest first
-        self._later: collections.deque[trio.lowlevel.Task] = collections.deque()
-        #: the one put back in the run queue for the next batch (None: none)
-        self._injected: trio.lowlevel.Task | None = None
-        self._bg_ran = -math.inf
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -838,9 +827,6 @@ class FairTurns(trio.abc.Instrument):
         await self.take(sh)
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        if self._later and self._injected is None:
-            t = self._injected = self._later.popleft()
-            _trio_run.GLOBAL_RUN_CONTEXT.runner.runq.append(t)
         if self._corked:
             conn = self._corked.pop(task, None)
             if conn is not None:
@@ -938,15 +924,6 @@ class FairTurns(trio.abc.Instrument):
                 self._fresh.clear()
         if self._parked and not self._backlogged_steps and not self._holding(now):
             self._backlogged_steps = self._release_parked(self._batch)
-        if self._watch is not None:
-            try:
-                self._one_at_a_time(now)
-            except BaseException:
-                # (an instrument that raises is dropped: nothing may stay held)
-                self.flush_later()
-                raise
-        elif self._later:
-            self.flush_later()
         if self._fresh and self._current is not None:
             self._deciding = True
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
@@ -958,41 +935,6 @@ class FairTurns(trio.abc.Instrument):
             self._sample = BATCH_SAMPLE
             self._wall0 = time.perf_counter()
             self._cpu0 = time.thread_time()
-
-    def _one_at_a_time(self, now: float) -> None:
-        runq = _trio_run.GLOBAL_RUN_CONTEXT.runner.runq
-        later = self._later
-        inj = self._injected
-        self._injected = None
-        if not later and len(runq) <= 1:
-            return
-        owner = self._waiters_for.get
-        oldest = self._batch - 1
-        admission = self.admission
-        keep = []
-        for t in runq:
-            if t is inj:
-                later.appendleft(t)  # (put back for this batch: still the oldest)
-                continue
-            sh = owner(t)
-            if sh is None or (sh.backlog < oldest and sh is not admission):
-                keep.append(t)
-            else:
-                later.append(t)
-        runq.clear()
-        if keep:
-            runq.extend(keep)
-        if later and (not keep or now - self._bg_ran > BACKGROUND_MAX_WAIT):
-            runq.append(later.popleft())
-            self._bg_ran = now
-
-    def flush_later(self) -> None:
-        """Give every task held in `_later` back to trio's run queue (principals no
-        longer compete, or the server stops)."""
-        self._injected = None
-        if self._later:
-            _trio_run.GLOBAL_RUN_CONTEXT.runner.runq.extend(self._later)
-            self._later.clear()
 
     def reset_statistics(self) -> None:
         self.batches = ServiceHistogram()

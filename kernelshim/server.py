@@ -351,7 +351,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 trio.lowlevel.remove_instrument(self.turns)
             except KeyError:
                 pass
-            self.turns.flush_later()
             self.turns.close()
             trio.lowlevel.notify_closing(sock)
             sock.close()
@@ -400,7 +399,6 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
 
     async def _answer_refused(self) -> None:
         """Answer and close refused connections when due (REFUSE_SECONDS)."""
-        self.turns.waiting_for(trio.lowlevel.current_task(), self.turns.admission)
         while True:
             if not self._refused:
                 await self._refused_wake.wait()
@@ -758,7 +756,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         if conn.sendq:
             return None  # (the writer has the rest: let it run, the loop's poll waits)
         st = trio.lowlevel.current_statistics()
-        if st.tasks_runnable or self.turns._later or st.run_sync_soon_queue_size or \
+        if st.tasks_runnable or st.run_sync_soon_queue_size or \
                 st.seconds_to_next_deadline <= window:
             return None
         raw = conn.sock
