@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from kernelshim import Kernel, SluiceError
+from kernelshim.connection import order_batches
 from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
@@ -735,6 +736,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
+        # trio's batches in queue order, so that the requests a poll brings run before
+        # the backlogged work already runnable (kernelshim/connection.py)
+        server.turns.ordered = order_batches()
         # Unmount only after a clean end (umount, SIGTERM/SIGINT). When an
         # exception escapes the loop the daemon exits and leaves the mount dead, as
         # pyfuse3's examples do: programs then get ENOTCONN instead of writing into the

@@ -24,6 +24,7 @@ import time
 from typing import Callable
 
 import trio
+import trio._core._run as _trio_run
 
 from pager import ReclaimSubscription
 
@@ -249,6 +250,32 @@ def tenant_of(p: Principal) -> Principal:
     return p
 
 
+def order_batches() -> bool:
+    """Make trio run every batch of this process's run loops in the order of its run
+    queue, newest first, instead of that order or its reverse at random; True if that
+    took effect (FairTurns then puts the requests of a poll first: `ordered`).
+
+    trio reverses half its batches at random so that programs do not come to rely on an
+    order (trio 0.35, `unrolled_run`: `if _r.random() < 0.5: batch.reverse()`, then the
+    batch runs from its end). The daemon relies on none; what it needs is that a request
+    the poll brings runs before the steps of backlogged work already runnable, and a
+    random order let half of them wait behind those (docs/BENCHMARKS.md, "Stop 18").
+    Under Hypothesis (`_ALLOW_DETERMINISTIC_SCHEDULING`, a test process) trio shuffles
+    every batch from a seeded generator instead: nothing is changed then. Called once by
+    the daemon (fs/mount.py) before it serves; trio is pinned to 0.35 (pyproject.toml)."""
+    if getattr(_trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING", True):
+        return False
+    r = getattr(_trio_run, "_r", None)
+    if r is None or not hasattr(r, "random"):
+        return False
+    r.random = _never_reversed
+    return True
+
+
+def _never_reversed() -> float:
+    return 1.0  # (`_r.random() < 0.5` is never true: the batch keeps its order)
+
+
 class FairTurns(trio.abc.Instrument):
     """Fair share of the event loop between tenants, by turns.
 
@@ -462,6 +489,9 @@ class FairTurns(trio.abc.Instrument):
         self.may_hold: Callable[[], bool] | None = None
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
+        #: trio runs every batch in run-queue order (`order_batches`, set by the
+        #: daemon): the poll's requests are then put first (`_fresh_first`)
+        self.ordered = False
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -924,6 +954,8 @@ class FairTurns(trio.abc.Instrument):
                 self._fresh.clear()
         if self._parked and not self._backlogged_steps and not self._holding(now):
             self._backlogged_steps = self._release_parked(self._batch)
+        if self._fresh and self.ordered:
+            self._fresh_first()
         if self._fresh and self._current is not None:
             self._deciding = True
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
@@ -935,6 +967,26 @@ class FairTurns(trio.abc.Instrument):
             self._sample = BATCH_SAMPLE
             self._wall0 = time.perf_counter()
             self._cpu0 = time.thread_time()
+
+    def _fresh_first(self) -> None:
+        """Put the tasks the poll just woke that are not backlogged work (`_fresh`) at
+        the end of trio's run queue: with the batch in queue order (`order_batches`),
+        trio runs them first, before the steps of backlogged work that were runnable
+        before the poll (a released backlogged step, the floods' handed-over turns,
+        admission work). Only while principals compete (`_fresh` is noted then)."""
+        runq = _trio_run.GLOBAL_RUN_CONTEXT.runner.runq
+        if len(runq) < 2:
+            return
+        fresh = self._fresh
+        if len(fresh) == 1 and runq[-1] in fresh:
+            return  # (the common case: already last)
+        first = [t for t in runq if t in fresh]
+        if not first:
+            return
+        rest = [t for t in runq if t not in fresh]
+        runq.clear()
+        runq.extend(rest)
+        runq.extend(first)
 
     def reset_statistics(self) -> None:
         self.batches = ServiceHistogram()
