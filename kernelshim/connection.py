@@ -333,6 +333,14 @@ class FairTurns(trio.abc.Instrument):
     released for the next batch until it has decided (`_deciding`). A backlogged
     principal then waits at most two batches per other backlogged principal.
 
+    And with ordered batches (`order_batches`: the daemon has trio run every batch in
+    queue order, not reversed at random) the poll's tasks that are not backlogged work
+    are moved to the end of the run queue after each poll (`_fresh_first`), which trio
+    runs first: a request of a principal with no backlog runs before every step that
+    was runnable when the poll brought it (a released backlogged step, the floods'
+    handed-over turns, admission work), not only before the backlogged step (measured:
+    docs/BENCHMARKS.md, "Stop 18: victim7").
+
     And a request that comes *during* a batch does not wait for the rest of it: trio
     polls only between batches, so it waited for the step in progress (a backlogged
     step's quantum and the request that overran it) and every step after it in the
