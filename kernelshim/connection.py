@@ -997,10 +997,11 @@ class FairTurns(trio.abc.Instrument):
         the end of trio's run queue: with the batch in queue order (`order_batches`),
         trio runs them first, before the steps of backlogged work that were runnable
         before the poll (a released backlogged step, the floods' handed-over turns,
-        admission work). Only while principals compete (`_fresh` is noted then). Not
-        before the tasks trio wakes after this hook in the same pass (expired deadlines,
-        `wait_all_tasks_blocked`, MockClock's autojump): queued after the reorder, an
-        ordered batch runs them first (review victim7, V7-3; the test is an xfail)."""
+        admission work). Only while principals compete (`_fresh` is noted then). The
+        tasks trio wakes after this hook in the same pass (expired deadlines,
+        `wait_all_tasks_blocked`, MockClock's autojump), and those rescheduled during a
+        batch, go to the head of the queue as they come (`_PollWatch`), which runs
+        last (review victim7, V7-3)."""
         runq = _trio_run.GLOBAL_RUN_CONTEXT.runner.runq
         if len(runq) < 2:
             return
@@ -1033,8 +1034,24 @@ class _PollWatch(trio.abc.Instrument):
         self.turns = turns
 
     def task_scheduled(self, task: trio.lowlevel.Task) -> None:
-        if self.turns._polling:
-            self.turns._woken(task)
+        turns = self.turns
+        if turns._polling:
+            turns._woken(task)
+        elif turns.ordered:
+            # Rescheduled outside the poll — during a batch (for the next one: a
+            # released backlogged step, a handed-over turn) or after `after_io_wait`
+            # (an expired deadline, `wait_all_tasks_blocked`, the autojump: review
+            # victim7, V7-3) — so not a request the poll brought: to the head of the
+            # run queue, which an ordered batch runs last, in the order they came.
+            try:
+                runq = _trio_run.GLOBAL_RUN_CONTEXT.runner.runq
+                if runq[-1] is task:  # (trio appends, then calls this hook)
+                    runq.pop()
+                    runq.appendleft(task)
+            except Exception:  # noqa: BLE001 - an instrument that raises is dropped
+                turns.ordered = False
+                log.exception("FairTurns: cannot reorder trio's run queue; the poll's "
+                              "requests no longer go first in their batch")
 
 
 def _nothing() -> None:

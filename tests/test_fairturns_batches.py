@@ -219,14 +219,14 @@ async def test_a_failing_reorder_does_not_disable_fair_turns(
     turns.close()
 
 
-@pytest.mark.xfail(strict=True, reason="V7-3, left: trio expires deadlines after "
-                   "`after_io_wait`, where `_fresh_first` no longer sees the queue")
 async def test_a_deadline_expiring_with_the_poll_does_not_run_first(
         mock_clock: trio.testing.MockClock, ordered: bool) -> None:
     """A task whose deadline expires in the pass whose poll brings a request is queued
     after `after_io_wait` (trio expires deadlines after the instruments' hook), so an
-    ordered batch runs it before the poll's request: `_fresh_first` puts the request
-    first among the tasks runnable at the poll only (review victim7, V7-3)."""
+    ordered batch ran it before the poll's request: `_fresh_first` puts the request
+    first among the tasks runnable at the poll only (review victim7, V7-3). Now
+    `_PollWatch` puts what is rescheduled outside the poll at the head of the queue,
+    which an ordered batch runs last."""
     import kernelshim.connection as connection
     from kernelshim.connection import FairTurns
 
