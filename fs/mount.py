@@ -28,6 +28,7 @@ import pyfuse3
 import trio
 
 from kernelshim import Kernel, SluiceError
+from kernelshim.connection import order_batches
 from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer
 
@@ -626,13 +627,24 @@ def apply_priority(nice: int) -> str | None:
         missed.append(f"nice {nice} ({exc.strerror}; keeping "
                       f"{os.getpriority(os.PRIO_PROCESS, 0)})")
     if os.getsid(0) == os.getpid():
-        try:
-            with open("/proc/self/autogroup", "w") as f:
-                f.write(str(nice))
-        except FileNotFoundError:
-            pass  # a kernel without autogroup scheduling: the thread's nice is all
-        except OSError as exc:
-            missed.append(f"autogroup nice {nice} ({exc.strerror})")
+        # Without CAP_SYS_ADMIN the kernel takes one autogroup change a tenth of a second
+        # machine-wide (sched_autogroup_set_nice: EAGAIN before then, whoever made the
+        # last): try again a few times rather than give up on another process's change.
+        for attempt in range(5):
+            try:
+                with open("/proc/self/autogroup", "w") as f:
+                    f.write(str(nice))
+            except FileNotFoundError:
+                pass  # a kernel without autogroup scheduling: the thread's nice is all
+            except BlockingIOError:
+                if attempt < 4:
+                    time.sleep(0.11)
+                    continue
+                missed.append(f"autogroup nice {nice} (the kernel refused five changes "
+                              f"in half a second: another process's were first)")
+            except OSError as exc:
+                missed.append(f"autogroup nice {nice} ({exc.strerror})")
+            break
     return "; ".join(missed) or None
 
 
@@ -724,6 +736,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
+        # trio's batches in queue order, so that the requests a poll brings run before
+        # the backlogged work already runnable (kernelshim/connection.py)
+        server.turns.ordered = order_batches()
         # Unmount only after a clean end (umount, SIGTERM/SIGINT). When an
         # exception escapes the loop the daemon exits and leaves the mount dead, as
         # pyfuse3's examples do: programs then get ENOTCONN instead of writing into the

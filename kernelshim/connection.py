@@ -13,6 +13,7 @@ import array
 import collections
 import dataclasses
 import errno as _errno
+import logging
 import math
 import mmap
 import os
@@ -24,6 +25,7 @@ import time
 from typing import Callable
 
 import trio
+import trio._core._run as _trio_run
 
 from pager import ReclaimSubscription
 
@@ -33,6 +35,8 @@ from .principals import DEFAULT_COSTLY_RATE, Principal, PrincipalTable
 from .processes import start_time
 from .rooterror import SluiceError
 from .service import Credentials, MetadataService
+
+log = logging.getLogger(__name__)
 
 #: largest file offset a request may name (JSON integers are bounded the same way)
 MAX_OFFSET = 1 << 62
@@ -249,6 +253,37 @@ def tenant_of(p: Principal) -> Principal:
     return p
 
 
+def order_batches() -> bool:
+    """Make trio run every batch of this process's run loops in the order of its run
+    queue, newest first, instead of that order or its reverse at random; True if that
+    took effect (FairTurns then puts the requests of a poll first: `ordered`).
+
+    trio reverses half its batches at random so that programs do not come to rely on an
+    order (trio 0.35, `unrolled_run`: `if _r.random() < 0.5: batch.reverse()`, then the
+    batch runs from its end). The daemon relies on none; what it needs is that a request
+    the poll brings runs before the steps of backlogged work already runnable, and a
+    random order let half of them wait behind those (docs/BENCHMARKS.md, "Stop 18").
+    Under Hypothesis (`_ALLOW_DETERMINISTIC_SCHEDULING`, a test process) trio shuffles
+    every batch from a seeded generator instead: nothing is changed then. Called once by
+    the daemon (fs/mount.py) before it serves; trio is pinned to 0.35 (pyproject.toml)."""
+    if getattr(_trio_run, "_ALLOW_DETERMINISTIC_SCHEDULING", True):
+        return False
+    r = getattr(_trio_run, "_r", None)
+    if r is None or not hasattr(r, "random") or not hasattr(r, "uniform"):
+        return False
+    # trio draws from `_r` once more: each SystemClock's random offset (`_r.uniform`,
+    # which calls `random()`); that one stays random (review victim7, V7-2). `shuffle`
+    # (Hypothesis' path) draws with `getrandbits`, not `random()`.
+    real = r.random
+    r.uniform = lambda a, b: a + (b - a) * real()
+    r.random = _never_reversed
+    return True
+
+
+def _never_reversed() -> float:
+    return 1.0  # (`_r.random() < 0.5` is never true: the batch keeps its order)
+
+
 class FairTurns(trio.abc.Instrument):
     """Fair share of the event loop between tenants, by turns.
 
@@ -305,6 +340,14 @@ class FairTurns(trio.abc.Instrument):
     the queue as the next batch's backlogged step (`_park`), once, and no step is
     released for the next batch until it has decided (`_deciding`). A backlogged
     principal then waits at most two batches per other backlogged principal.
+
+    And with ordered batches (`order_batches`: the daemon has trio run every batch in
+    queue order, not reversed at random) the poll's tasks that are not backlogged work
+    are moved to the end of the run queue after each poll (`_fresh_first`), which trio
+    runs first: a request of a principal with no backlog runs before every step that
+    was runnable when the poll brought it (a released backlogged step, the floods'
+    handed-over turns, admission work), not only before the backlogged step (measured:
+    docs/BENCHMARKS.md, "Stop 18: victim7").
 
     And a request that comes *during* a batch does not wait for the rest of it: trio
     polls only between batches, so it waited for the step in progress (a backlogged
@@ -462,6 +505,9 @@ class FairTurns(trio.abc.Instrument):
         self.may_hold: Callable[[], bool] | None = None
         #: times the loop went to sleep with parked steps held back (statistics)
         self.held = 0
+        #: trio runs every batch in run-queue order (`order_batches`, set by the
+        #: daemon): the poll's requests are then put first (`_fresh_first`)
+        self.ordered = False
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -924,6 +970,16 @@ class FairTurns(trio.abc.Instrument):
                 self._fresh.clear()
         if self._parked and not self._backlogged_steps and not self._holding(now):
             self._backlogged_steps = self._release_parked(self._batch)
+        if self._fresh and self.ordered:
+            try:
+                self._fresh_first()
+            except Exception:  # noqa: BLE001 - an instrument that raises is dropped
+                # (trio's private run queue is not what trio 0.35 had: a FairTurns
+                # dropped by trio would never release its parked steps, which wait
+                # uncancellably. Unordered is what main does: review victim7, V7-1.)
+                self.ordered = False
+                log.exception("FairTurns: cannot reorder trio's run queue; the poll's "
+                              "requests no longer go first in their batch")
         if self._fresh and self._current is not None:
             self._deciding = True
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
@@ -935,6 +991,30 @@ class FairTurns(trio.abc.Instrument):
             self._sample = BATCH_SAMPLE
             self._wall0 = time.perf_counter()
             self._cpu0 = time.thread_time()
+
+    def _fresh_first(self) -> None:
+        """Put the tasks the poll just woke that are not backlogged work (`_fresh`) at
+        the end of trio's run queue: with the batch in queue order (`order_batches`),
+        trio runs them first, before the steps of backlogged work that were runnable
+        before the poll (a released backlogged step, the floods' handed-over turns,
+        admission work). Only while principals compete (`_fresh` is noted then). The
+        tasks trio wakes after this hook in the same pass (expired deadlines,
+        `wait_all_tasks_blocked`, MockClock's autojump), and those rescheduled during a
+        batch, go to the head of the queue as they come (`_PollWatch`), which runs
+        last (review victim7, V7-3)."""
+        runq = _trio_run.GLOBAL_RUN_CONTEXT.runner.runq
+        if len(runq) < 2:
+            return
+        fresh = self._fresh
+        if len(fresh) == 1 and runq[-1] in fresh:
+            return  # (the common case: already last)
+        first = [t for t in runq if t in fresh]
+        if not first:
+            return
+        rest = [t for t in runq if t not in fresh]
+        runq.clear()
+        runq.extend(rest)
+        runq.extend(first)
 
     def reset_statistics(self) -> None:
         self.batches = ServiceHistogram()
@@ -954,8 +1034,24 @@ class _PollWatch(trio.abc.Instrument):
         self.turns = turns
 
     def task_scheduled(self, task: trio.lowlevel.Task) -> None:
-        if self.turns._polling:
-            self.turns._woken(task)
+        turns = self.turns
+        if turns._polling:
+            turns._woken(task)
+        elif turns.ordered:
+            # Rescheduled outside the poll — during a batch (for the next one: a
+            # released backlogged step, a handed-over turn) or after `after_io_wait`
+            # (an expired deadline, `wait_all_tasks_blocked`, the autojump: review
+            # victim7, V7-3) — so not a request the poll brought: to the head of the
+            # run queue, which an ordered batch runs last, in the order they came.
+            try:
+                runq = _trio_run.GLOBAL_RUN_CONTEXT.runner.runq
+                if runq[-1] is task:  # (trio appends, then calls this hook)
+                    runq.pop()
+                    runq.appendleft(task)
+            except Exception:  # noqa: BLE001 - an instrument that raises is dropped
+                turns.ordered = False
+                log.exception("FairTurns: cannot reorder trio's run queue; the poll's "
+                              "requests no longer go first in their batch")
 
 
 def _nothing() -> None:
