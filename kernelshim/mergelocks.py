@@ -91,11 +91,7 @@ class MergeLocks:
         Never blocks (the common case: no merge of the file at all)."""
         if self._held and self._busy_in(inode, start, end):
             return False
-        w = self._whole.get(inode)
-        if w is None:
-            self._whole[inode] = [(start, end)]
-        else:
-            w.append((start, end))
+        self._register(inode, start, end)
         return True
 
     def enter_nowait(self, inode: int, fblocks: tuple[int, ...], start: int,
@@ -114,12 +110,16 @@ class MergeLocks:
                 return False
         for fb in fblocks:
             held[(inode, fb)] = None
+        self._register(inode, start, end)
+        return True
+
+    def _register(self, inode: int, start: int, end: int) -> None:
+        """Note a write of the whole blocks [start, end) of `inode` in progress."""
         w = self._whole.get(inode)
         if w is None:
             self._whole[inode] = [(start, end)]
         else:
             w.append((start, end))
-        return True
 
     async def enter_whole(self, inode: int, start: int, end: int) -> None:
         """`enter_whole_nowait` that waits for the merges holding any of the blocks
@@ -140,11 +140,7 @@ class MergeLocks:
                     break
             finally:
                 self.release(inode, busy)
-        w = self._whole.get(inode)
-        if w is None:
-            self._whole[inode] = [(start, end)]
-        else:
-            w.append((start, end))
+        self._register(inode, start, end)
 
     def _busy_in(self, inode: int, start: int, end: int) -> tuple[int, ...]:
         """The blocks of [start, end) of `inode` a merge holds, ascending."""
