@@ -643,17 +643,14 @@ class Kernel(GrantTable, LowerLayers):
         """Before a write holds blocks that other principals' writes may wait for (a
         merge's, `MergeLocks`) or registers a whole-block write that merges wait for:
         the waits at its principal's own I/O limit done first — the blocks it will
-        merge read into the pool (a read at its limit when not resident), and, as the
-        write itself will do: write-through, the device's limit tags (each pager
-        write is a device write at the limit); write-back, the pager's dirty bound
-        (`Pager.wait_write_room`) — so that under the lock its reads find the pool
-        and its writes go without a wait at its limit (review of probe 6, R2: a
-        rate-limited tenant's partial write of a block of a shared file held the
-        block across its limit's waits, and another tenant's partial writes of the
-        block waited behind them). Under write-back the limit tags are not waited
-        for: a write into the pool makes no device request, and a debt is paced by
-        `repay_limit`, never waited for whole (second review of probe 5, R2). Only
-        an order of waits: under the lock the block's contents are read again."""
+        merge read into the pool (a read at its limit when not resident) and, under
+        write-back, the pager's dirty bound (`Pager.wait_write_room`) — so that under
+        the lock its reads find the pool and its writes into the pool do not wait at
+        its limit (review of probe 6, R2: a rate-limited tenant's partial write of a
+        block of a shared file held the block across its limit's waits, and another
+        tenant's partial writes of the block waited behind them). The device's limit
+        tags are not waited for here (see below). Only an order of waits: under the
+        lock the block's contents are read again."""
         principal = grant.principal
         bs = self.block_size
         for fb in merged:
@@ -667,13 +664,14 @@ class Kernel(GrantTable, LowerLayers):
                     break
         if self.pager.writeback:
             await self.pager.wait_write_room(principal)
-            return
-        sched = self.device.scheduler
-        while True:
-            at = sched.limit_clear_at(principal)
-            if at is None:
-                return
-            await trio.sleep_until(at)
+        # Write-through: the device's limit tags are not waited for here. A sleep until
+        # they clear, inside the write (`_enter_write`), held every barrier for the
+        # limited tenant's whole queue (a commit waited 7 s behind 8 writes at 1 IOPS,
+        # tests/test_scheduler.py::test_commit_is_not_stalled_by_a_throttled_writer):
+        # the limit's wait must stay the scheduler's, which a barrier expedites. The
+        # merged blocks' reads above take the limit's wait before the lock; the write's
+        # own device request may still wait at it under the lock (docs/RELIABILITY.md,
+        # "Stop 18: the merge").
 
     async def _write_blocks(self, grant: Grant, offset: int, src: memoryview, segs: list,
                             targets: list[tuple[int, int, int]], *,

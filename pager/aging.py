@@ -137,3 +137,20 @@ class Aging(WriteBack):
                                   len(frames), d)
         finally:
             self._aging.discard(d)
+
+    async def wait_write_room(self, principal: PrincipalId) -> None:
+        """Under write-back, wait until `principal` may dirty a frame without being
+        throttled (`write`'s test: its dirty share, the dirty bound of the limited
+        nodes on its path), writing back its own frames as `write` would. A caller
+        about to take a lock that other principals may wait for calls it first, so
+        that its `write` under the lock does not wait at its own limit meanwhile
+        (review of probe 6, R2). No checkpoint when there is room."""
+        if not self.writeback:
+            return
+        p = int(principal)
+        limit = self._dirty_limit(p)
+        room = self._dirty_room(p) if self._lim_path else None
+        if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
+                or self._acct_of(p).dirty >= limit
+                or room is not None and room <= 0):
+            await self._throttle(p)

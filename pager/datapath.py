@@ -227,23 +227,6 @@ class DataPath(Reclaim):
                 self._ref_m[f] = False
                 self._requeue(f, CLASS_DROP_BEHIND)
 
-    async def wait_write_room(self, principal: PrincipalId) -> None:
-        """Under write-back, wait until `principal` may dirty a frame without being
-        throttled (`write`'s test: its dirty share, the dirty bound of the limited
-        nodes on its path), writing back its own frames as `write` would. A caller
-        about to take a lock that other principals may wait for calls it first, so
-        that its `write` under the lock does not wait at its own limit meanwhile
-        (review of probe 6, R2). No checkpoint when there is room."""
-        if not self.writeback:
-            return
-        p = int(principal)
-        limit = self._dirty_limit(p)
-        room = self._dirty_room(p) if self._lim_path else None
-        if (self._global and sum(a.dirty for a in self._acct.values()) >= limit
-                or self._acct_of(p).dirty >= limit
-                or room is not None and room <= 0):
-            await self._throttle(p)
-
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
                     principal: PrincipalId, file: int = 0, fblock: int = 0) -> None:
         """Write whole blocks: into dirty frames (write-back) or through to the device,
