@@ -1070,6 +1070,14 @@ class _InternalError(SluiceError):
     errno = _errno.EIO
 
 
+def peer_hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of this stream socket has closed its end (POLLHUP: both
+    directions shut; a client that only shut down writing still reads its replies)."""
+    p = select.poll()
+    p.register(sock.fileno(), 0)
+    return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in p.poll(0))
+
+
 @dataclasses.dataclass(eq=False)
 class Connection:
     creds: Credentials
@@ -1114,6 +1122,16 @@ class Connection:
 
     def __post_init__(self) -> None:
         self.creds = peer_identity(self.sock, self.creds)
+
+    def alive(self) -> bool:
+        """Whether the client is still there: not doomed, its end of the socket not
+        closed (a grant's `alive`: R6, a gone writer's uncommitted bytes are zeroed)."""
+        if self.doomed is not None:
+            return False
+        try:
+            return not peer_hung_up(self.sock)
+        except (OSError, ValueError):  # (closed already: fileno -1)
+            return False
 
     def doom(self, reason: str) -> None:
         if self.doomed is None:

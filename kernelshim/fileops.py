@@ -76,6 +76,7 @@ class FileOps(ServerBase):
         slot = conn.next_slot
         conn.next_slot += 1
         conn.slots[slot] = grant
+        grant.alive = conn.alive  # (R6: see Kernel._pending_in)
         return slot
 
     def _slot(self, conn: Connection, p: dict[str, Any]) -> Grant:

@@ -13,6 +13,7 @@ import bisect
 import dataclasses
 import enum
 import itertools
+from typing import Callable
 
 import trio
 
@@ -52,6 +53,9 @@ class Grant:
     parent: Grant | None = None
     children: list[Grant] = dataclasses.field(default_factory=list)
     revoked: bool = False
+    #: whether its holder is still there (None: always; the shim sets its connection's
+    #: `Connection.alive`): R6's zeroing keeps only live holders' uncommitted bytes
+    alive: Callable[[], bool] | None = dataclasses.field(default=None, repr=False)
     #: whether the grant is charged to its principal's kernel-object bank
     charged: bool = False
     #: opaque reference for the issuer (unused by the kernel)

@@ -813,7 +813,10 @@ class Kernel(GrantTable, LowerLayers):
         them: `write(..., keep_pending=True)`)."""
         out: list[tuple[int, int]] = []
         for g in self._by_inode.get(grant.inode, ()):
-            if g is not grant and not g.revoked and g.generation == grant.generation:
+            if g is not grant and not g.revoked and g.generation == grant.generation \
+                    and (g.alive is None or g.alive()):
+                # (a holder gone — its connection closed, not yet torn down — is no
+                # live writer: its bytes are zeroed, as a killed one's)
                 out.extend(g.pending_in(start, end))
         return out
 

@@ -134,7 +134,6 @@ import logging
 import math
 import os
 import resource
-import select
 import socket
 import struct
 import time
@@ -167,6 +166,7 @@ from .connection import MAX_SHM_TOTAL as MAX_SHM_TOTAL
 from .connection import PAGE_ROWS as PAGE_ROWS
 from .connection import PUSH_KINDS as PUSH_KINDS
 from .connection import RECV_BYTES as RECV_BYTES
+from .connection import peer_hung_up as peer_hung_up
 from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
@@ -980,11 +980,3 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 await self._give_turn()
                 await self.turns.take(turn)
         self._drop_shm(conn)
-
-
-def peer_hung_up(sock: socket.socket) -> bool:
-    """Whether the peer of this stream socket has closed its end (POLLHUP: both
-    directions shut; a client that only shut down writing still reads its replies)."""
-    p = select.poll()
-    p.register(sock.fileno(), 0)
-    return any(ev & (select.POLLHUP | select.POLLERR) for _fd, ev in p.poll(0))
