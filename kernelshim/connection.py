@@ -974,12 +974,7 @@ class FairTurns(trio.abc.Instrument):
             try:
                 self._fresh_first()
             except Exception:  # noqa: BLE001 - an instrument that raises is dropped
-                # (trio's private run queue is not what trio 0.35 had: a FairTurns
-                # dropped by trio would never release its parked steps, which wait
-                # uncancellably. Unordered is what main does: review victim7, V7-1.)
-                self.ordered = False
-                log.exception("FairTurns: cannot reorder trio's run queue; the poll's "
-                              "requests no longer go first in their batch")
+                self.unordered()
         if self._fresh and self._current is not None:
             self._deciding = True
         # Only one batch in BATCH_SAMPLE is timed: the thread's CPU clock is a system
@@ -991,6 +986,16 @@ class FairTurns(trio.abc.Instrument):
             self._sample = BATCH_SAMPLE
             self._wall0 = time.perf_counter()
             self._cpu0 = time.thread_time()
+
+    def unordered(self) -> None:
+        """Stop reordering trio's run queue, with one log line (called where reordering
+        raised). trio's private run queue is then not what trio 0.35 had; an instrument
+        that raises is dropped, and a FairTurns dropped by trio would never release its
+        parked steps, which wait uncancellably. Unordered is what the loop did before
+        (review victim7, V7-1)."""
+        self.ordered = False
+        log.exception("FairTurns: cannot reorder trio's run queue; the poll's requests "
+                      "no longer go first in their batch")
 
     def _fresh_first(self) -> None:
         """Put the tasks the poll just woke that are not backlogged work (`_fresh`) at
@@ -1049,9 +1054,7 @@ class _PollWatch(trio.abc.Instrument):
                     runq.pop()
                     runq.appendleft(task)
             except Exception:  # noqa: BLE001 - an instrument that raises is dropped
-                turns.ordered = False
-                log.exception("FairTurns: cannot reorder trio's run queue; the poll's "
-                              "requests no longer go first in their batch")
+                turns.unordered()
 
 
 def _nothing() -> None:

@@ -60,7 +60,7 @@ import errno
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import trio
 
@@ -549,9 +549,11 @@ class Kernel(GrantTable, LowerLayers):
                 # Whole blocks: no merge, but registered while written, after any merge
                 # holding one of them: a merge of one of these blocks around this
                 # write would put its old contents over it (probe 6, W4).
-                paced = sched.limited(principal)
+                # (R2: its dirty bound waited for before the merges wait; write-through
+                # has no wait here, `_wait_room`)
+                paced = self.pager.writeback and sched.limited(principal)
                 if paced:
-                    await self._wait_room(grant, segs, ())  # (R2: before the merges wait)
+                    await self._wait_room(grant, segs, ())
                 merging = self._merging
                 if not merging.enter_whole_nowait(ino, b0, b1):
                     await merging.enter_whole(ino, b0, b1)
@@ -561,12 +563,12 @@ class Kernel(GrantTable, LowerLayers):
                     try:
                         targets = self._write_targets(grant, segs, cow)
                     except BaseException:
-                        self._merging.leave_whole(ino, b0, b1)
+                        merging.leave_whole(ino, b0, b1)
                         raise
                 try:
                     await self._write_blocks(grant, offset, src, segs, targets)
                 finally:
-                    self._merging.leave_whole(ino, b0, b1)
+                    merging.leave_whole(ino, b0, b1)
                 return length
             paced = sched.limited(principal)
             if paced:
@@ -604,7 +606,7 @@ class Kernel(GrantTable, LowerLayers):
                     raise
             try:  # (held from here: whatever fails below lets the blocks go)
                 # (a whole-block write of one of them begun earlier: wait for it, W4)
-                waited = await self._merging.wait_whole(ino, merged) or waited
+                waited = await merging.wait_whole(ino, merged) or waited
                 if waited:  # (another write's marks; sealed or punched meanwhile: an
                     # error, raised while the blocks are held — review of probe 6, R1)
                     segs = grant.extents.segments(b0, b1 - b0)
@@ -812,13 +814,19 @@ class Kernel(GrantTable, LowerLayers):
         generation) other than `grant`, clipped to [start, end) (R6's zeroing keeps
         them: `write(..., keep_pending=True)`)."""
         out: list[tuple[int, int]] = []
-        for g in self._by_inode.get(grant.inode, ()):
-            if g is not grant and not g.revoked and g.generation == grant.generation \
-                    and (g.alive is None or g.alive()):
+        for g in self._others_on_file(grant):
+            if g.alive is None or g.alive():
                 # (a holder gone — its connection closed, not yet torn down — is no
                 # live writer: its bytes are zeroed, as a killed one's)
                 out.extend(g.pending_in(start, end))
         return out
+
+    def _others_on_file(self, grant: Grant) -> Iterator[Grant]:
+        """The grants on `grant`'s file (same generation) other than `grant` that are
+        not revoked."""
+        for g in self._by_inode.get(grant.inode, ()):
+            if g is not grant and not g.revoked and g.generation == grant.generation:
+                yield g
 
     def _wrote_in(self, grant: Grant, start: int, end: int) -> bool:
         """Whether `grant`, or another live grant on the same file, has an uncommitted
@@ -829,11 +837,7 @@ class Kernel(GrantTable, LowerLayers):
         range found here is in the block the file maps now."""
         if grant.wrote_in(start, end):
             return True
-        for g in self._by_inode.get(grant.inode, ()):
-            if g is not grant and not g.revoked and g.generation == grant.generation \
-                    and g.wrote_in(start, end):
-                return True
-        return False
+        return any(g.wrote_in(start, end) for g in self._others_on_file(grant))
 
     async def discard(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Forget the contents of freed device blocks. The caller (the metadata server)
