@@ -24,7 +24,7 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
                                               [--quick] [--json FILE]
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
-                                              [--floor]
+                                              [--floor] [--pin D,V[,A]]
 
 By default (`--epochs 10`) the quiet and attacked figures come from the same minutes:
 one attack runs throughout, and the victim's pairs are taken in K quiet and K attacked
@@ -55,6 +55,14 @@ hostile uid's processes in a cpu cgroup of its own (cgroup v1, /sys/fs/cgroup/cp
 default shares, removed at the end), as systemd's user-UID.slice does on a real
 multi-user host: one uid's 14 processes then take no more of the CPUs from the victim
 than one would. The daemon stays where it is; it does not control the OS scheduler.
+`--pin D,V[,A]` pins the daemon's event-loop thread to CPU D and the victim to CPU V
+(the attackers to CPU A, or let them run anywhere), in both conditions. This project's
+VMs pack two processes that wake each other onto one vCPU (the kernel's command line
+has `sched_vcpu_pack`): a victim asleep in `recv` is woken by the daemon's reply onto
+the daemon's CPU while the other idles, and the pair then takes turns on one CPU. Quiet
+and attacked epochs are each in that state or not, at random (docs/BENCHMARKS.md, "Stop
+19"); pinned, neither can be, and what is left is the daemon's own work and the CPU the
+attackers' processes take.
 With `--epochs` the default is 3000 samples (300 pairs an epoch: an epoch's p99 is
 then its 297th pair, nearest rank; fewer than 200 an epoch are refused).
 `--quick` (what the test suite runs) takes fewer samples and shorter attacks, in the
@@ -313,6 +321,25 @@ class UidSlices:
 
 #: the slices in force (`--uid-slices`), for `start`
 SLICES: UidSlices | None = None
+#: `--pin`: the CPUs of the daemon's loop thread, the victim and the attackers (None: as
+#: the OS places them)
+PIN: tuple[int, int, int | None] | None = None
+
+
+def _attacker_preexec(uid: int) -> Callable[[], None] | None:
+    """What an attacker process does before its exec: enter its uid's cgroup
+    (`--uid-slices`); with `--pin`, leave the victim's CPU (which it would inherit from
+    this process) for its own, or every CPU."""
+    slice_in = SLICES.enter(uid) if SLICES is not None else None
+    if PIN is None:
+        return slice_in
+    cpus = [PIN[2]] if PIN[2] is not None else list(range(os.cpu_count() or 1))
+
+    def go() -> None:
+        if slice_in is not None:
+            slice_in()
+        os.sched_setaffinity(0, cpus)
+    return go
 
 
 def start(uid: int, code: str, *args: str) -> subprocess.Popen:
@@ -323,7 +350,7 @@ def start(uid: int, code: str, *args: str) -> subprocess.Popen:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1, cwd=REPO,
                             env=USER_ENV,
-                            preexec_fn=SLICES.enter(uid) if SLICES is not None else None)
+                            preexec_fn=_attacker_preexec(uid))
 
 
 def reap(p: subprocess.Popen) -> None:
@@ -542,6 +569,10 @@ def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> 
     if floor:
         print("FLOOR (--floor): the attackers attack a second, separate sluice daemon; "
               "the victim's daemon does none of their work")
+    if PIN is not None:
+        print(f"pinned (--pin): the daemon's loop thread on CPU {PIN[0]}, the victim on CPU "
+              f"{PIN[1]}, the attackers on "
+              f"{'CPU %d' % PIN[2] if PIN[2] is not None else 'any CPU'}")
     print(f"victim: root{', uid slices' if SLICES is not None else ''}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
           f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
           f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
@@ -989,10 +1020,27 @@ def main() -> int:
                          "victim talks to the first alone, which does none of their work "
                          "(not a lower bound: two daemons then each take a CPU; see the "
                          "docstring)")
+    ap.add_argument("--pin", metavar="D,V[,A]",
+                    help="pin the daemon's loop thread to CPU D and the victim to CPU V "
+                         "(and every attacker process to CPU A; default: any CPU), in both "
+                         "conditions: the victim and the daemon then cannot be packed onto "
+                         "one CPU, which this project's VMs do to two processes that wake "
+                         "each other (docs/BENCHMARKS.md, \"Stop 19\")")
     ap.add_argument("--loop-trace", dest="loop_trace",
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
     args = ap.parse_args()
+    global PIN
+    if args.pin:
+        try:
+            cpus = [int(x) for x in args.pin.split(",")]
+            if len(cpus) not in (2, 3) or not set(cpus) <= os.sched_getaffinity(0):
+                raise ValueError
+        except ValueError:
+            print(f"bench_hostile.py: --pin {args.pin}: want D,V[,A], CPUs this process "
+                  f"may run on ({sorted(os.sched_getaffinity(0))})", file=sys.stderr)
+            return 2
+        PIN = (cpus[0], cpus[1], cpus[2] if len(cpus) == 3 else None)
     if os.geteuid() != 0:
         print("bench_hostile.py: must run as root (the attackers are other uids)",
               file=sys.stderr)
@@ -1064,6 +1112,15 @@ def main() -> int:
             sm.mount()
         mnt = sm.mountpoint
         assert sm.pid is not None
+        if PIN is not None:
+            # (the loop thread only: its thread id is the daemon's pid; the victim is
+            # this process, every thread; attackers in `_attacker_preexec`)
+            os.sched_setaffinity(sm.pid, {PIN[0]})
+            os.sched_setaffinity(0, {PIN[1]})
+            result["pin"] = {"daemon": PIN[0], "victim": PIN[1], "attackers": PIN[2]}
+            log(f"pinned: the daemon's loop thread to CPU {PIN[0]}, the victim to CPU "
+                f"{PIN[1]}, the attackers to "
+                f"{'CPU %d' % PIN[2] if PIN[2] is not None else 'any CPU'}")
         if args.nice is not None:
             renice(sm.pid, args.nice)
             renice(os.getpid(), args.nice)
