@@ -175,6 +175,10 @@ class Scheduler(Protocol):
     def never_expedited(self) -> ContextManager[None]:
         """The current task's requests made inside are never expedited."""
 
+    def past_limits(self) -> ContextManager[None]:
+        """The current task's requests made inside are never held by a limit (their
+        tags advance: the principal repays them)."""
+
     def limit_debt(self, principal: PrincipalId) -> float:
         """Seconds `principal` still owes for requests a barrier dispatched past its
         I/O limits: the largest debt of a limited node on its path of which it owes a
@@ -184,6 +188,10 @@ class Scheduler(Protocol):
                    step: float) -> float | None:
         """None when `principal` owes no limited node more than `slack`; else the time
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
+
+    def limit_slot(self, principal: PrincipalId, nbytes: int) -> float | None:
+        """The time from which a request of `nbytes` of `principal`'s to be made past
+        its limits may go, its place at the limits taken; None: at once."""
 
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path."""

@@ -29,15 +29,18 @@ class Req:
     """One request, waiting in its node's queue or dispatched."""
 
     __slots__ = ("node", "nbytes", "cost", "task", "blocked", "granted", "arrival",
-                 "throttled", "write", "barrier", "start")
+                 "throttled", "write", "barrier", "past_limits", "start")
 
     def __init__(self, node: Node, nbytes: int, cost: float, arrival: float,
-                 write: bool = False, *, barrier: bool = False) -> None:
+                 write: bool = False, *, barrier: bool = False,
+                 past_limits: bool = False) -> None:
         self.node = node
         self.write = write
         #: a write or flush: what a barrier waits for (expedited past limits then),
         #: unless made inside `never_expedited()` (the caller passes barrier=False)
         self.barrier = barrier
+        #: made inside `past_limits()`: never held by a limit (its tags still advance)
+        self.past_limits = past_limits
         self.nbytes = nbytes
         self.cost = cost
         self.arrival = arrival
@@ -198,14 +201,15 @@ def any_waiter(root: Node) -> Req | None:
     return None
 
 
-def expedited_write(root: Node) -> Req | None:
-    """A waiting write or flush, limits ignored (the first of its principal's queue:
-    it may pass the principal's reads, which are not expedited)."""
+def expedited_write(root: Node, *, barriers: bool = True) -> Req | None:
+    """A waiting request that goes past its limits: one made inside `past_limits()`,
+    or (`barriers`: while a barrier waits) a write or flush — the first of its
+    principal's queue: it may pass the principal's reads, which are not expedited."""
     stack = [root]
     while stack:
         n = stack.pop()
         for r in n.queue:
-            if r.barrier:
+            if r.past_limits or (barriers and r.barrier):
                 return r
         stack.extend(n.active)
     return None

@@ -115,6 +115,9 @@ KINDS = (READ, WRITE, DISCARD, FLUSH)
 #: set in a task inside `never_expedited()`: its writes are never expedited
 _NEVER_EXPEDITED: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sluice_never_expedited", default=False)
+#: set in a task inside `past_limits()`: its requests are never held by a limit
+_PAST_LIMITS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sluice_past_limits", default=False)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,7 +152,8 @@ class PrincipalIOStats:
     reservation_missed: int = 0
     #: requests that had to wait for a limit (theirs or an ancestor's)
     throttled: int = 0
-    #: writes let past their limit because a barrier waited for them (repaid after)
+    #: writes let past their limit because a barrier waited for them, or made under a
+    #: lock others may wait for (`past_limits`), while held back (repaid after)
     expedited: int = 0
     #: anticipation (blockdev/anticipation.py): requests that found the channel kept
     #: idle for them, holds that ran out without the request, and the device time
@@ -323,6 +327,22 @@ class _Accounting:
         finally:
             _NEVER_EXPEDITED.reset(token)
 
+    @contextmanager
+    def past_limits(self) -> Iterator[None]:
+        """The current task's requests made inside are never held back by their
+        principal's I/O limits; their tags advance as usual, so the principal owes
+        them (`limit_debt`) and repays them before its next requests (`limit_pace`,
+        the kernel's `repay_limit`). For requests made under a lock that another
+        principal's request may wait for — a write-through write under a file's
+        inode lock or a merged block's: waiting at the limit there made every other
+        writer of the file wait for the limited tenant's queue (hostile probe 7, F1).
+        `never_expedited()` inside wins: those go at their limits."""
+        token = _PAST_LIMITS.set(True)
+        try:
+            yield
+        finally:
+            _PAST_LIMITS.reset(token)
+
     def limit_debt(self, principal: PrincipalId) -> float:
         """Seconds `principal` still owes its I/O limits for dispatched requests (those
         a barrier expedited past them among them; see MClockScheduler). 0 when
@@ -333,6 +353,12 @@ class _Accounting:
                    step: float) -> float | None:
         """When a request dirtying `nbytes` of `principal`'s may go on while it is in
         debt (see MClockScheduler): never in debt here."""
+        return None
+
+    def limit_slot(self, principal: PrincipalId, nbytes: int) -> float | None:
+        """The time from which a request of `nbytes` of `principal`'s made past its
+        limits (see MClockScheduler) may go, its place taken; None: at once. FIFO
+        holds nothing back."""
         return None
 
     def limit_clear_at(self, principal: PrincipalId) -> float | None:
@@ -456,6 +482,9 @@ class MClockScheduler(_Accounting):
         #: per limited node in debt, when the requests that dirty frames of its
         #: subtree's have been paced up to (`limit_pace`)
         self._pace: dict[PrincipalId, float] = {}
+        #: per limited node, when the places its subtree's requests made past their
+        #: limits have been given up to (`limit_slot`)
+        self._slots: dict[PrincipalId, float] = {}
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -482,6 +511,8 @@ class MClockScheduler(_Accounting):
         self.banks = tree
         nodes = self._nodes
         now = _now_or_none()
+        # (places given at the old limits: the new ones apply to the next requests)
+        self._slots.clear()
         if self._owed and now is not None:
             # What is owed is kept in requests and bytes, repaid at the limits in
             # force: settle it at the old ones, the new ones apply from now on (a
@@ -583,6 +614,36 @@ class MClockScheduler(_Accounting):
                 until = at
         return until
 
+    def limit_slot(self, principal: PrincipalId, nbytes: int) -> float | None:
+        """For a request of `nbytes` of `principal`'s that will be made past its limits
+        (`past_limits`: a write-through write, under locks others wait for), the time
+        from which it may be made: each limited node on its path keeps a clock of the
+        places given to its subtree's such requests, each place its cost at the node's
+        limits, after the node's limit tags (what went past the limits without a place,
+        a barrier's expedited requests, is repaid so), so that together they go at
+        the limits, with no burst, and none waits for a limit under a lock (hostile
+        probe 7, F1). None: at once (no limit, or its place is now). Taken whether or
+        not the caller waits for it."""
+        node = self._nodes.get(principal)
+        if node is None:
+            return None
+        now = trio.current_time()
+        until: float | None = None
+        for n in node.path:
+            if not n.has_lim:
+                continue
+            # (after the places given, and after its limit tags: what went past the
+            # limits without a place — a barrier's expedited writes and flushes — is
+            # repaid so)
+            at = max(now, self._slots.get(n.id, now), n.L_i, n.L_b)
+            self._slots[n.id] = at + self._owed_seconds(n, 1.0, float(nbytes))
+            if at > now and (until is None or at > until):
+                until = at
+        if until is not None:
+            # held back at its limit, before the request (`throttled` in the stats)
+            self._c(principal).throttled += 1
+        return until
+
     def _owed_on_path(self, principal: PrincipalId, now: float
                       ) -> Iterator[tuple[Node, float]]:
         """Each limited node on `principal`'s path of whose debt it owes a part, with
@@ -665,9 +726,11 @@ class MClockScheduler(_Accounting):
         if arrival is None or arrival < now:
             arrival = now
         node = self._nodes.get(principal) or self._node(principal)
+        never = _NEVER_EXPEDITED.get()
+        past = _PAST_LIMITS.get() and not never
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
-                  barrier=(write or flush) and not _NEVER_EXPEDITED.get())
-        may_go = self._may_go(node, now)
+                  barrier=(write or flush) and not never, past_limits=past)
+        may_go = past or self._may_go(node, now)
         req.throttled = not may_go
         antic = self._antic
         if antic is not None and antic.patterns:
@@ -902,16 +965,20 @@ class MClockScheduler(_Accounting):
         limit lets one go."""
         wake = [_INF]
         root = self._root
+        req = None
         if root.has_lim and root.limit_at() > now:
-            return None, None, root.limit_at()
-        if self._any_res:
-            self._res_node = None
-            req = self._select_res(root, now, wake)
-            if req is not None:
-                return req, self._res_node, _INF
-        req = self._select_w(root, now, wake)
-        if req is None and self._expedite:
-            req = expedited_write(self._root)
+            wake[0] = root.limit_at()
+        else:
+            if self._any_res:
+                self._res_node = None
+                req = self._select_res(root, now, wake)
+                if req is not None:
+                    return req, self._res_node, _INF
+            req = self._select_w(root, now, wake)
+        if req is None:
+            # Held by limits: a request that goes past them (`past_limits`, or any
+            # write while a barrier waits: `expedite_writes`), if one waits.
+            req = expedited_write(self._root, barriers=bool(self._expedite))
             if req is not None:
                 req.node.counters.expedited += 1
         return req, None, wake[0]

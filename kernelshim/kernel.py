@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
@@ -346,7 +346,12 @@ class Kernel(GrantTable, LowerLayers):
             done.set()
 
     async def repay_limit(self, principal: PrincipalId, nbytes: int) -> None:
-        """Under write-back, pace a request that dirties `nbytes` of `principal`'s
+        """Write-through: give the request that writes `nbytes` of `principal`'s its
+        place at the I/O limits on its path and wait for it (`Scheduler.limit_slot`):
+        its device requests then go past the limits under the locks (`write`,
+        `past_limits`; hostile probe 7, F1).
+
+        Write-back: pace a request that dirties `nbytes` of `principal`'s
         while it owes a limited node on its path more than LIMIT_DEBT_SLACK seconds
         for write-back a barrier expedited past that node's limit
         (`Scheduler.limit_debt`: the node's whole subtree's requests at its limit,
@@ -377,10 +382,20 @@ class Kernel(GrantTable, LowerLayers):
         discardable and whose hint it cleared over its dirty bound (debt-paced,
         `Pager.pay_paced`): while it is over its bound counting them, the request
         writes back its own size of them at its limit (review of tidy5, R2)."""
+        sched = self.device.scheduler
         if not self.pager.writeback:
+            # Write-through: the write's device requests go past the limits under
+            # the locks (`write`, `past_limits`), so each write takes its place at
+            # its writer's limits here, before any lock: the writer's requests
+            # together go at its limits and none holds a lock while it waits for them
+            # (hostile probe 7, F1). A limit removed meanwhile ends the wait.
+            until = sched.limit_slot(principal, nbytes)
+            while until is not None and until > trio.current_time():
+                await trio.sleep(min(until - trio.current_time(), LIMIT_DEBT_STEP))
+                if not sched.limited(principal):
+                    return
             return
         await self.pager.pay_paced(principal, -(-nbytes // self.device.block_size))
-        sched = self.device.scheduler
         until = sched.limit_pace(principal, nbytes, LIMIT_DEBT_SLACK, LIMIT_DEBT_MIN_WAIT)
         if until is None:
             return
@@ -509,6 +524,20 @@ class Kernel(GrantTable, LowerLayers):
         when the file grows, R6): inside one block; `data` is not put over the bytes
         that another live grant on the file has written and not yet committed (looked
         at while the block is held, after its contents are read)."""
+        with self._past_limits():
+            return await self._write(grant, offset, data, cow=cow, keep_pending=keep_pending)
+
+    def _past_limits(self) -> AbstractContextManager[None]:
+        """Write-through: a write's device requests are made under locks that other
+        tenants' writes of the file wait for (the inode lock, merged blocks), so they
+        go past the writer's I/O limits, which it repays before it takes them
+        (`repay_limit`). Write-back paces its writers in the pool instead (dirty
+        bounds, `Pager.wait_write_room`); its write-back goes at the limits."""
+        return nullcontext() if self.pager.writeback else \
+            self.device.scheduler.past_limits()
+
+    async def _write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview, *,
+                     cow: ExtentMap | None, keep_pending: bool) -> int:
         length = len(data)
         if offset < 0:
             raise BadRequest(f"write at negative offset {offset}")
@@ -753,6 +782,12 @@ class Kernel(GrantTable, LowerLayers):
         BYPASS_BLOCKS (never a stream the pool would be bypassed for). All the writes are
         noted in the grant only once every one of them is on its way: a failure
         leaves nothing noted (the caller gives the fresh blocks back)."""
+        with self._past_limits():
+            await self._write_relocated(grant, blocks)
+
+    async def _write_relocated(self, grant: Grant,
+                               blocks: Sequence[tuple[int, int, bytes | bytearray | memoryview]]
+                               ) -> None:
         epoch = await self._enter_write(grant)
         try:
             bs = self.block_size

@@ -368,3 +368,84 @@ async def test_many_writers_of_one_file_never_wait_for_each_other_in_a_cycle(
         assert not kernel._merging._held and not kernel._merging._whole
     finally:
         kernel.close()
+
+
+#: under `sluice run --principal slow`: CONNS direct clients, each pipelining 8-byte
+#: overwrites into block 0 of `name` for SECONDS; prints the writes acknowledged
+_LIMITED_WRITERS = r"""
+import sys, threading, time
+from kernelshim.client import Client
+mp, name, conns, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+done = [0] * conns
+def run(i):
+    with Client.connect(mp) as c:
+        f = c.open(name, "r+")
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            f.pwrite(b"Z" * 8, 3000 + i * 8)
+            done[i] += 1
+        f.close()
+ts = [threading.Thread(target=run, args=(i,)) for i in range(conns)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sum(done), flush=True)
+"""
+
+
+@pytest.mark.exclusive
+def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(mnt: Path) -> None:
+    """F1 (hostile probe 7). A tenant under an I/O limit of its own (any user may make
+    a child principal with one) writing a shared file from many direct connections held
+    the file's inode lock across each write's device request, which waited at its
+    limit under the lock: another tenant's 10-byte write into another block of the
+    file, through the mount, waited for every one of the limited writes queued ahead
+    of it (12-66 s). A write-through write now waits at its writer's limit before any
+    lock (`repay_limit`) and its device requests go past the limit under it
+    (`past_limits`): the other tenant's write waits for at most one device write, and
+    the limited tenant still writes at its limit."""
+    import time
+
+    from conftest import sluice
+    m = str(mnt)
+    sluice("principal", "add", m, "slow", "--io-limit", "2iops")
+    shared = mnt / "shared"
+    shared.write_bytes(b"o" * (16 * BS))
+    os.chmod(shared, 0o666)
+    fd = os.open(shared, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # (sealed: every overwrite is relocated under the inode lock)
+    finally:
+        os.close(fd)
+    seconds = 6.0
+    attacker = subprocess.Popen(
+        [sys.executable, "-m", "fs.cli", "run", m, "--principal", "slow", "--",
+         sys.executable, "-c", _LIMITED_WRITERS, m, "shared", "16", str(seconds)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(2.0)  # 16 writes queued at 2 IOPS: 8 s of them
+        assert attacker.poll() is None, attacker.communicate()
+        waits = []
+        for k in range(3):
+            t = time.monotonic()
+            fd = os.open(shared, os.O_WRONLY)
+            try:
+                assert os.pwrite(fd, b"V" * 10, 5 * BS + k * 10) == 10
+            finally:
+                os.close(fd)
+            waits.append(time.monotonic() - t)
+        out, err = attacker.communicate(timeout=120)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+    assert attacker.returncode == 0, err
+    # before: each of these writes waited 4-8 s (the limited writes queued ahead)
+    assert max(waits) < 1.5, waits
+    # the limited tenant was held to its limit all the same: 2 a second, with the
+    # few that go before the first wait
+    written = int(out.split()[-1])
+    assert 1 <= written <= 2 * (seconds + 2) + 16, written
+    data = shared.read_bytes()
+    assert data[5 * BS:5 * BS + 30] == b"V" * 30
+    assert data[:3000] == b"o" * 3000 and set(data[3000:3128]) <= {ord("o"), ord("Z")}

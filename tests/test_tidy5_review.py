@@ -83,8 +83,8 @@ def _spy_expedited(kernel: Kernel, monkeypatch) -> list[tuple[int, int]]:
     kernel.device.write = spy_write  # type: ignore[method-assign]
     expedited_write = bsched.expedited_write
 
-    def spy(root):
-        req = expedited_write(root)
+    def spy(root, *, barriers=True):
+        req = expedited_write(root, barriers=barriers)
         if req is not None and req.write:
             # (no task yet: chosen as it arrived, in the task that made it)
             out.append(last[req.task or trio.lowlevel.current_task()])
