@@ -438,7 +438,7 @@ def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(mnt: Path) ->
     finally:
         if attacker.poll() is None:
             attacker.kill()
-            attacker.wait()
+            attacker.communicate()
     assert attacker.returncode == 0, err
     # before: each of these writes waited 4-8 s (the limited writes queued ahead)
     assert max(waits) < 1.5, waits
@@ -449,3 +449,36 @@ def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(mnt: Path) ->
     data = shared.read_bytes()
     assert data[5 * BS:5 * BS + 30] == b"V" * 30
     assert data[:3000] == b"o" * 3000 and set(data[3000:3128]) <= {ord("o"), ord("Z")}
+
+
+@pytest.mark.exclusive
+def test_an_unmount_while_limited_writes_wait_tears_their_connections_down(
+        volume: Path, mount_factory) -> None:
+    """L1 (hostile probe 7). An unmount while a limited tenant's direct writes waited
+    for their place at its limit cancelled them holding a view of the connection's
+    shared buffer, and the teardown's close of the buffer raised BufferError: one
+    "unexpected error releasing a shim connection" with a traceback per connection.
+    The mapping now goes with its last view; the teardown is clean."""
+    import time
+
+    from conftest import sluice
+    m = mount_factory(volume)
+    mp = str(m.path)
+    sluice("principal", "add", mp, "slow", "--io-limit", "1iops")
+    (m.path / "shared").write_bytes(b"o" * (4 * BS))
+    attacker = subprocess.Popen(
+        [sys.executable, "-m", "fs.cli", "run", mp, "--principal", "slow", "--",
+         sys.executable, "-c", _LIMITED_WRITERS, mp, "shared", "8", "30"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(3.0)  # 8 writes waiting at 1 IOPS
+        assert attacker.poll() is None, attacker.communicate()
+        m.stop()
+        attacker.communicate(timeout=60)  # (its clients see the daemon go)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.communicate()
+    log = m.log.read_text()
+    assert "BufferError" not in log and "unexpected error" not in log, log[-3000:]
