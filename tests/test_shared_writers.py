@@ -393,7 +393,9 @@ print(sum(done), flush=True)
 
 
 @pytest.mark.exclusive
-def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(mnt: Path) -> None:
+@pytest.mark.parametrize("cache", ["write-through", "write-back"])
+def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(
+        volume: Path, mount_factory, cache: str) -> None:
     """F1 (hostile probe 7). A tenant under an I/O limit of its own (any user may make
     a child principal with one) writing a shared file from many direct connections held
     the file's inode lock across each write's device request, which waited at its
@@ -402,10 +404,12 @@ def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(mnt: Path) ->
     of it (12-66 s). A write-through write now waits at its writer's limit before any
     lock (`repay_limit`) and its device requests go past the limit under it
     (`past_limits`): the other tenant's write waits for at most one device write, and
-    the limited tenant still writes at its limit."""
+    the limited tenant still writes at its limit. Under write-back alike (its
+    writes wait for their dirty room before the locks, R2 of probe 6)."""
     import time
 
     from conftest import sluice
+    mnt = mount_factory(volume, *(["--writeback"] if cache == "write-back" else [])).path
     m = str(mnt)
     sluice("principal", "add", m, "slow", "--io-limit", "2iops")
     shared = mnt / "shared"
@@ -442,10 +446,14 @@ def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(mnt: Path) ->
     assert attacker.returncode == 0, err
     # before: each of these writes waited 4-8 s (the limited writes queued ahead)
     assert max(waits) < 1.5, waits
-    # the limited tenant was held to its limit all the same: 2 a second, with the
-    # few that go before the first wait
     written = int(out.split()[-1])
-    assert 1 <= written <= 2 * (seconds + 2) + 16, written
+    if cache == "write-through":
+        # the limited tenant was held to its limit all the same: 2 a second, with
+        # the few that go before the first wait (write-back: its overwrites of one
+        # resident block are the pool's, its limit holds their write-back)
+        assert 1 <= written <= 2 * (seconds + 2) + 16, written
+    else:
+        assert written >= 1
     data = shared.read_bytes()
     assert data[5 * BS:5 * BS + 30] == b"V" * 30
     assert data[:3000] == b"o" * 3000 and set(data[3000:3128]) <= {ord("o"), ord("Z")}
