@@ -63,6 +63,8 @@ class OpenFiles:
                    self._cache_mode(node) != "kernel", self.write_errors)
         self._handles[fh] = h
         node.opens += 1
+        if writable:
+            node.kernel_writers += 1
         self._push_hints(node)
         return h
 
@@ -104,6 +106,8 @@ class OpenFiles:
         self.kernel.release(h.grant)
         node = h.inode
         node.opens -= 1
+        if h.writable:
+            node.kernel_writers -= 1
         if node.opens == 0 and node.nlink == 0:
             self._tmpfiles.discard(node.id)
             await self._destroy(node)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -88,6 +88,11 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         #: behind the kernel's back (a direct client's commit or truncate, the pager's
         #: emptying of a discardable file) and the kernel may cache its pages
         self.on_data_changed: Callable[[int, int], None] = lambda ino, principal: None
+        #: awaited with an inode before a direct client changes its data while a handle
+        #: through the mount may have written pages in the kernel's cache (a shared
+        #: writable mapping): the kernel writes them back and drops them
+        #: (operations.py; None: no kernel cache to mind)
+        self.write_back_pages: Callable[[int], Awaitable[None]] | None = None
         #: called with (directory, name, principal that made it) when a name appeared
         #: that the kernel may have cached as missing (a direct client's create);
         #: operations.py invalidates (queued per tenant: fs/invalidator.py)

@@ -101,8 +101,8 @@ class Caller:
 class Inode:
     """A cached inode: the row's columns plus runtime state."""
 
-    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "extents", "lock", "hints",
-                 "xattr_bytes", "pushed_hints")
+    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "kernel_writers", "extents", "lock",
+                 "hints", "xattr_bytes", "pushed_hints")
 
     id: int
     generation: int
@@ -125,6 +125,9 @@ class Inode:
             setattr(self, k, v)
         self.lookups = 0
         self.opens = 0
+        #: of `opens`, the handles open for writing through the mount: while there is
+        #: one, the kernel may hold dirty pages of the file (a shared writable mapping)
+        self.kernel_writers = 0
         self.extents: ExtentMap | None = None
         self.lock: trio.Lock | None = None
         #: its user.sluice.* xattrs (cache mode, pager hints), loaded on first use

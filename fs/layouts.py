@@ -288,6 +288,23 @@ class Layouts:
                 self.changed_behind_kernel(node, grant.principal)
             return offset, node.size
 
+    async def before_direct_change(self: FileSystem, grant: Grant) -> None:
+        """A direct client is about to change the file's data (a write, an append, a
+        truncate) behind the kernel's back. While the file is open for writing through
+        the mount, the kernel may hold dirty pages of it (a shared writable mapping):
+        dropped only after the change (`changed_behind_kernel`), such a page was first
+        written back whole, stale bytes and all, over the client's committed and
+        fsync'd ones (hostile probe 7, F2). So they are written back and dropped
+        first, as Linux does for an O_DIRECT write (`write_back_pages`: bounded, in a
+        worker thread, holding no lock — the kernel's write-back comes to this daemon
+        as WRITE requests). A mapping dirtied again meanwhile races the client's change
+        as it would on Linux."""
+        if self.write_back_pages is None:
+            return
+        node = self._inodes.get(grant.inode)
+        if node is not None and node.kernel_writers > 0:
+            await self.write_back_pages(node.id)
+
     def changed_behind_kernel(self: FileSystem, node: Inode, principal: int) -> None:
         """A direct client acting for `principal` changed `node`: drop what the kernel
         caches of it (the notification is queued for the changer's tenant)."""

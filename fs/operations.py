@@ -42,6 +42,12 @@ FCAPS_XATTR = b"security.capability"
 
 log = logging.getLogger(__name__)
 
+#: how long a direct client's change waits for the kernel to write back (and drop) the
+#: file's dirty pages first (fs/layouts.py, before_direct_change), and the worker
+#: threads that may do it at once
+WRITE_BACK_WAIT = 1.0
+WRITE_BACK_THREADS = 4
+
 #: seconds the kernel may cache names and attributes (changes made behind its back are
 #: invalidated explicitly)
 TIMEOUT = 300.0
@@ -475,6 +481,11 @@ class Operations(pyfuse3.Operations):
         self.invalidator = Invalidator(self._invalidate_entry_sync, self._invalidate_data_sync)
         fs.on_data_changed = self._invalidate_data
         fs.on_entry_created = self._invalidate_entry
+        fs.write_back_pages = self._write_back_pages
+        #: worker threads writing a file's dirty pages back before a direct change
+        self._pages_limiter = trio.CapacityLimiter(WRITE_BACK_THREADS)
+        #: such write-backs that ran out of WRITE_BACK_WAIT (statistics)
+        self.pages_write_back_late = 0
 
     async def run_releases(self, *, task_status: trio.TaskStatus[None] =
                            trio.TASK_STATUS_IGNORED) -> None:
@@ -579,6 +590,23 @@ class Operations(pyfuse3.Operations):
         # very daemon: from a worker thread, so the loop can answer that read; queued
         # for the tenant whose file it is (fs/invalidator.py).
         self.invalidator.data(self._tenant(principal), ino)
+
+    async def _write_back_pages(self, ino: int) -> None:
+        # The kernel writes each dirty page back (FUSE launder: a WRITE to this daemon,
+        # which the loop answers meanwhile) before it drops it, and the call returns
+        # once it has: from a worker thread, awaited (fs/layouts.py,
+        # before_direct_change). Bounded: a page held in the kernel (a read this daemon
+        # has parked) must not hold a direct writer for long — past WRITE_BACK_WAIT the
+        # change goes on, and the thread finishes on its own (it holds a place of the
+        # limiter until then, so at most WRITE_BACK_THREADS are ever stuck).
+        with trio.move_on_after(WRITE_BACK_WAIT) as scope:
+            await trio.to_thread.run_sync(self._invalidate_data_sync, ino,
+                                           abandon_on_cancel=True,
+                                           limiter=self._pages_limiter)
+        if scope.cancelled_caught:
+            self.pages_write_back_late += 1
+            log.debug("write-back of inode %d's cached pages before a direct change: "
+                      "still waiting after %.1f s, going on", ino, WRITE_BACK_WAIT)
 
     @staticmethod
     def _invalidate_data_sync(ino: int) -> None:

@@ -214,6 +214,9 @@ class DirectService:
         await self.fs.truncate(node, size, principal=grant.principal, keep_grant=grant)
         self.fs.changed_behind_kernel(node, grant.principal)
 
+    async def before_direct_change(self, grant: Grant) -> None:
+        await self.fs.before_direct_change(grant)
+
     def size_of(self, grant: Grant) -> int:
         return self.fs.inode(grant.inode).size
 

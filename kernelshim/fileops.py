@@ -271,6 +271,8 @@ class FileOps(ServerBase):
         # What a barrier expedited of this principal's write-back is repaid before the
         # slice, holding no lock (the kernel's write no longer waits for it: P4).
         await self.kernel.repay_limit(g.principal, len(piece))
+        # (the host kernel's dirty pages of the file written back first: F2)
+        await self.service.before_direct_change(g)
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 b0, b1 = block_span(offset, len(piece), bs)
@@ -304,6 +306,7 @@ class FileOps(ServerBase):
                       at: int) -> tuple[int, int]:
         self.kernel.check(g, Rights.WRITE)
         buf = self._buf(conn, at, length)
+        await self.service.before_direct_change(g)
         return await self.service.append(g, memoryview(bytearray(buf)))  # a copy: see _write
 
     async def _op_layout_get(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
@@ -323,7 +326,9 @@ class FileOps(ServerBase):
     async def _op_truncate(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
         self.kernel.check(g, Rights.WRITE)
-        await self.service.truncate(g, arg_int(p, "size"))
+        size = arg_int(p, "size")
+        await self.service.before_direct_change(g)
+        await self.service.truncate(g, size)
         return {"size": self.service.size_of(g)}
 
     async def _op_fsync(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:

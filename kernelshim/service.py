@@ -63,6 +63,11 @@ class MetadataService(Protocol):
 
     async def truncate(self, grant: Grant, size: int) -> None: ...
 
+    async def before_direct_change(self, grant: Grant) -> None:
+        """Called before a direct client's write, append or truncate of the file lands:
+        what the host kernel caches of the file that is newer than the store (dirty
+        pages of a mapping through the mount) is written back first."""
+
     def size_of(self, grant: Grant) -> int: ...
 
     def stat_of(self, grant: Grant) -> dict[str, Any]: ...

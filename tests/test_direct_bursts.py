@@ -279,6 +279,9 @@ class _Service:
     def size_of(self, grant: Grant) -> int:
         return BLOCKS * BS
 
+    async def before_direct_change(self, grant: Grant) -> None:
+        pass  # (no host kernel caching the file here)
+
     def stat_of(self, grant: Grant) -> dict[str, Any]:
         return {"size": BLOCKS * BS}
 

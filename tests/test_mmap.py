@@ -202,3 +202,65 @@ def test_mapped_writes_are_charged_to_the_principal_that_mapped(mnt: Path) -> No
     assert all(data[p * BS:p * BS + 5] == b"page!" for p in range(0, 256, 16))
     assert data.count(b"page!") == 16
     assert os.stat(f).st_blocks * 512 == 16 * BS
+
+
+@pytest.mark.parametrize("change", ["write", "append", "truncate", "burst"])
+def test_a_direct_change_keeps_its_bytes_beside_a_dirty_mapping(mnt: Path,
+                                                                 change: str) -> None:
+    """F2 (hostile probe 7). One tenant maps a file through the mount and dirties a
+    byte of its first page (not yet written back); another changes the file with a
+    direct client — writes 10 bytes elsewhere in that page, commits and fsyncs. The
+    kernel dropped its cached pages only after the direct change (the commit's
+    notification) and wrote the dirty page back first, whole: the direct client's
+    fsync'd bytes read as the page's old zeros (10 of 10). The kernel's dirty pages
+    are now written back before a direct change lands, as Linux does for an O_DIRECT
+    write: both tenants' bytes stay. Also for an append, a truncate through the grant
+    and a burst of pipelined whole-block overwrites."""
+    from kernelshim.client import Client
+    f = mnt / "f"
+    f.write_bytes(bytes(4 * BS))
+    fd0 = os.open(f, os.O_RDONLY)
+    os.fsync(fd0)  # (committed: the burst's overwrites relocate)
+    os.close(fd0)
+    fd = os.open(f, os.O_RDWR)
+    m = mmap.mmap(fd, 4 * BS)
+    try:
+        m[0:1] = b"M"  # page 0 dirty in the kernel, not written back
+        m[BS:BS + 1] = b"N"  # and page 1
+        with Client.connect(mnt) as c:
+            df = c.open("f", "r+")
+            if change == "write":
+                assert df.pwrite(b"D" * 10, 100) == 10
+            elif change == "append":
+                af = c.open("f", "a")
+                assert af.write(b"A" * 10) == 10
+                af.close()
+                assert df.pwrite(b"D" * 10, 100) == 10
+            elif change == "truncate":
+                assert df.pwrite(b"D" * 10, 100) == 10
+                df.commit()
+                df.truncate(3 * BS)
+            else:
+                for k in range(4):  # whole blocks, pipelined
+                    df.pwrite(bytes([65 + k]) * BS, k * BS)
+            df.commit()
+            df.fsync()
+            df.close()
+        m.flush()
+        os.fsync(fd)
+    finally:
+        m.close()
+        os.close(fd)
+    data = f.read_bytes()
+    if change == "burst":
+        # the direct client's whole blocks are the newer: they win over the pages the
+        # mapping dirtied before them (written back first)
+        assert data == b"".join(bytes([65 + k]) * BS for k in range(4)), \
+            [data[k * BS:k * BS + 2] for k in range(4)]
+        return
+    assert data[100:110] == b"D" * 10, "the direct client's fsync'd bytes were lost"
+    assert data[0:1] == b"M" and data[BS:BS + 1] == b"N"
+    if change == "append":
+        assert data[4 * BS:] == b"A" * 10
+    else:
+        assert len(data) == (3 * BS if change == "truncate" else 4 * BS)
