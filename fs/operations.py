@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: how long a direct client's change waits for the kernel to write back (and drop) the
 #: file's dirty pages first (fs/layouts.py, before_direct_change), and the worker
 #: threads that may do it at once
-WRITE_BACK_WAIT = 1.0
+WRITE_BACK_WAIT = 0.25
 WRITE_BACK_THREADS = 4
 
 #: seconds the kernel may cache names and attributes (changes made behind its back are
