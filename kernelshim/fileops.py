@@ -268,11 +268,9 @@ class FileOps(ServerBase):
         reply to go on (docs/dev/protocol.md). The periodic commit may seal freshly
         laid-out blocks before the write lands: a few attempts."""
         bs = self.kernel.block_size
-        # What a barrier expedited of this principal's write-back is repaid before the
-        # slice, holding no lock (the kernel's write no longer waits for it: P4).
-        await self.kernel.repay_limit(g.principal, len(piece))
         # (the host kernel's dirty pages of the file written back first: F2)
         await self.service.before_direct_change(g)
+        paid = False
         for attempt in range(WRITE_ATTEMPTS):
             try:
                 b0, b1 = block_span(offset, len(piece), bs)
@@ -281,10 +279,18 @@ class FileOps(ServerBase):
                     # case): straight to the relocation, not through a kernel write
                     # that would only find the seal and raise (its write barrier, grant
                     # check and exception cost ~10 % of a 4 KiB write's daemon time).
-                    # The kernel write inside the relocation checks the rights.
+                    # The kernel write inside the relocation checks the rights; the
+                    # relocation takes the write's place at its limits itself.
                     self.kernel.check(g, Rights.WRITE)
                     await self.service.write_relocating(g, offset, memoryview(piece))
                     return
+                if not paid:
+                    # The write's place at its principal's I/O limits (and, under
+                    # write-back, what a barrier expedited of its write-back repaid),
+                    # holding no lock: the kernel's write then goes past its limits
+                    # (F1). Once a slice, whatever the attempts.
+                    await self.kernel.repay_limit(g.principal, len(piece))
+                    paid = True
                 try:
                     await self.kernel.write(g, offset, piece)
                 except Sealed:

@@ -384,6 +384,8 @@ class Kernel(GrantTable, LowerLayers):
         writes back its own size of them at its limit (review of tidy5, R2)."""
         sched = self.device.scheduler
         if not self.pager.writeback:
+            if nbytes <= 0:
+                return  # (no data: a commit makes no device request of the writer's)
             # Write-through: the write's device requests go past the limits under
             # the locks (`write`, `past_limits`), so each write takes its place at
             # its writer's limits here, before any lock: the writer's requests
@@ -524,10 +526,10 @@ class Kernel(GrantTable, LowerLayers):
         when the file grows, R6): inside one block; `data` is not put over the bytes
         that another live grant on the file has written and not yet committed (looked
         at while the block is held, after its contents are read)."""
-        with self._past_limits():
+        with self.past_limits():
             return await self._write(grant, offset, data, cow=cow, keep_pending=keep_pending)
 
-    def _past_limits(self) -> AbstractContextManager[None]:
+    def past_limits(self) -> AbstractContextManager[None]:
         """Write-through: a write's device requests are made under locks that other
         tenants' writes of the file wait for (the inode lock, merged blocks), so they
         go past the writer's I/O limits, which it repays before it takes them
@@ -535,6 +537,8 @@ class Kernel(GrantTable, LowerLayers):
         bounds, `Pager.wait_write_room`); its write-back goes at the limits."""
         return nullcontext() if self.pager.writeback else \
             self.device.scheduler.past_limits()
+    # (also the metadata server's reads and writes under a file's lock that a direct
+    # client's request makes: `layout_get`'s copy of sealed blocks, review of F1, R2)
 
     async def _write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview, *,
                      cow: ExtentMap | None, keep_pending: bool) -> int:
@@ -782,7 +786,7 @@ class Kernel(GrantTable, LowerLayers):
         BYPASS_BLOCKS (never a stream the pool would be bypassed for). All the writes are
         noted in the grant only once every one of them is on its way: a failure
         leaves nothing noted (the caller gives the fresh blocks back)."""
-        with self._past_limits():
+        with self.past_limits():
             await self._write_relocated(grant, blocks)
 
     async def _write_relocated(self, grant: Grant,

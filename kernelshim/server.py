@@ -921,10 +921,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self.kernel.check(g, Rights.WRITE)
             writes = [(m.offset, memoryview(bytearray(self._buf(conn, m.buf, m.length))))
                       for m in burst]  # copies: see FileOps._write
-            # Its place at the writer's I/O limits, before the inode lock (the
-            # relocation's device writes then go past them: hostile probe 7, F1), and
-            # the host kernel's dirty pages of the file written back first (F2).
-            await self.kernel.repay_limit(g.principal, sum(m.length for m in burst))
+            # (the host kernel's dirty pages of the file written back first, F2; the
+            # writes' places at the writer's limits: `write_relocating_many`)
             await self.service.before_direct_change(g)
             if not await self.service.write_relocating_many(g, writes):
                 return False
