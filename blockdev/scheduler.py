@@ -628,17 +628,19 @@ class MClockScheduler(_Accounting):
         if node is None:
             return None
         now = trio.current_time()
-        until: float | None = None
-        for n in node.path:
-            if not n.has_lim:
-                continue
-            # (after the places given, and after its limit tags: what went past the
-            # limits without a place — a barrier's expedited writes and flushes — is
-            # repaid so)
-            at = max(now, self._slots.get(n.id, now), n.L_i, n.L_b)
+        limited = [n for n in node.path if n.has_lim]
+        if not limited:
+            return None
+        # (after the places given, and after each node's limit tags: what went past
+        # the limits without a place — a barrier's expedited writes and flushes — is
+        # repaid so; the request goes when every node on its path has room, and each
+        # node's next place is after that)
+        at = now
+        for n in limited:
+            at = max(at, self._slots.get(n.id, now), n.L_i, n.L_b)
+        for n in limited:
             self._slots[n.id] = at + self._owed_seconds(n, 1.0, float(nbytes))
-            if at > now and (until is None or at > until):
-                until = at
+        until = at if at > now else None
         if until is not None:
             # held back at its limit, before the request (`throttled` in the stats)
             self._c(principal).throttled += 1
