@@ -91,6 +91,7 @@ reservation interval after their R tag) and late.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import dataclasses
 import math
@@ -297,6 +298,8 @@ class _Accounting:
         self._counters: dict[PrincipalId, _Counters] = {}
         #: every principal's I/O bank, as last configured
         self.banks: BankTree = {}
+        #: bank configurations so far (MClockScheduler counts them)
+        self.banks_generation = 0
 
     def _c(self, principal: PrincipalId) -> _Counters:
         c = self._counters.get(principal)
@@ -485,6 +488,12 @@ class MClockScheduler(_Accounting):
         #: per limited node, when the places its subtree's requests made past their
         #: limits have been given up to (`limit_slot`)
         self._slots: dict[PrincipalId, float] = {}
+        #: requests made `past_limits()` that wait for a channel, in arrival order: they
+        #: are made under locks others wait for, so they go first (`_select`)
+        self._past: collections.deque[Req] = collections.deque()
+        #: bank configurations so far: a place given under older banks is asked again
+        #: (`Kernel.repay_limit`)
+        self.banks_generation = 0
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -511,8 +520,10 @@ class MClockScheduler(_Accounting):
         self.banks = tree
         nodes = self._nodes
         now = _now_or_none()
-        # (places given at the old limits: the new ones apply to the next requests)
+        # (places given at the old limits: the new ones apply to the next requests,
+        # and to those waiting for theirs, which ask again: `banks_generation`)
         self._slots.clear()
+        self.banks_generation += 1
         if self._owed and now is not None:
             # What is owed is kept in requests and bytes, repaid at the limits in
             # force: settle it at the old ones, the new ones apply from now on (a
@@ -830,6 +841,8 @@ class MClockScheduler(_Accounting):
     def _enqueue(self, req: Req, now: float) -> None:
         node = req.node
         node.queue.append(req)
+        if req.past_limits:
+            self._past.append(req)
         node.counters.waiting += 1
         self._queued += 1
         # Activate the nodes that had nothing waiting: no credit banked while idle.
@@ -849,6 +862,8 @@ class MClockScheduler(_Accounting):
             node.queue.remove(req)
         except ValueError:
             return
+        if req.past_limits:
+            self._past.remove(req)
         node.counters.waiting -= 1
         self._queued -= 1
         self._unbacklog(node)
@@ -932,6 +947,11 @@ class MClockScheduler(_Accounting):
                 node.queue.popleft()
             else:
                 node.queue.remove(req)
+            if req.past_limits:
+                if self._past[0] is req:
+                    self._past.popleft()
+                else:
+                    self._past.remove(req)
             node.counters.waiting -= 1
             self._queued -= 1
             charge(req, t, res_node=res_node, queued=True)
@@ -967,7 +987,18 @@ class MClockScheduler(_Accounting):
         limit lets one go."""
         wake = [_INF]
         root = self._root
-        req = None
+        past = self._past
+        if past:
+            # A request made under a lock others may wait for (`past_limits`): first,
+            # whatever the tags — its own limits or others' weights (review of F1, R4:
+            # chosen only when nothing else could go, it waited for its limit tags
+            # while another tenant kept the device busy, holding the lock). Its place
+            # at its limits was taken before the lock; its tags still advance.
+            first = past[0]
+            if first.arrival <= self._horizon:
+                first.node.counters.expedited += 1
+                return first, None, _INF
+        req: Req | None = None
         if root.has_lim and root.limit_at() > now:
             wake[0] = root.limit_at()
         else:
