@@ -985,33 +985,27 @@ class MClockScheduler(_Accounting):
         """The next request to serve; the node whose reservation serves it (None: the
         weight phase); and, when there is no request to serve, the earliest time a
         limit lets one go."""
+        for r in self._past:
+            # A request made under a lock others may wait for (`past_limits`) that a
+            # limit would hold: first, its place at its limits was taken before the
+            # lock (review of F1, R4: chosen only when nothing else could go, it
+            # waited for its tags while another tenant kept the device busy, holding
+            # the lock). Its tags still advance. One no limit holds competes as any.
+            if r.arrival <= self._horizon and not self._may_go(r.node, now):
+                r.node.counters.expedited += 1
+                return r, None, _INF
         wake = [_INF]
         root = self._root
-        past = self._past
-        if past:
-            # A request made under a lock others may wait for (`past_limits`): first,
-            # whatever the tags — its own limits or others' weights (review of F1, R4:
-            # chosen only when nothing else could go, it waited for its limit tags
-            # while another tenant kept the device busy, holding the lock). Its place
-            # at its limits was taken before the lock; its tags still advance.
-            first = past[0]
-            if first.arrival <= self._horizon:
-                first.node.counters.expedited += 1
-                return first, None, _INF
-        req: Req | None = None
         if root.has_lim and root.limit_at() > now:
-            wake[0] = root.limit_at()
-        else:
-            if self._any_res:
-                self._res_node = None
-                req = self._select_res(root, now, wake)
-                if req is not None:
-                    return req, self._res_node, _INF
-            req = self._select_w(root, now, wake)
-        if req is None:
-            # Held by limits: a request that goes past them (`past_limits`, or any
-            # write while a barrier waits: `expedite_writes`), if one waits.
-            req = expedited_write(self._root, barriers=bool(self._expedite))
+            return None, None, root.limit_at()
+        if self._any_res:
+            self._res_node = None
+            req = self._select_res(root, now, wake)
+            if req is not None:
+                return req, self._res_node, _INF
+        req = self._select_w(root, now, wake)
+        if req is None and self._expedite:
+            req = expedited_write(self._root)
             if req is not None:
                 req.node.counters.expedited += 1
         return req, None, wake[0]
