@@ -193,10 +193,6 @@ class Scheduler(Protocol):
         """The time from which a request of `nbytes` of `principal`'s to be made past
         its limits may go, its place at the limits taken; None: at once."""
 
-    @property
-    def banks_generation(self) -> int:
-        """Bank configurations so far (a place given under older banks is asked again)."""
-
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path."""
 

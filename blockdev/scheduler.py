@@ -91,7 +91,6 @@ reservation interval after their R tag) and late.
 
 from __future__ import annotations
 
-import collections
 import contextvars
 import dataclasses
 import math
@@ -298,8 +297,6 @@ class _Accounting:
         self._counters: dict[PrincipalId, _Counters] = {}
         #: every principal's I/O bank, as last configured
         self.banks: BankTree = {}
-        #: bank configurations so far (MClockScheduler counts them)
-        self.banks_generation = 0
 
     def _c(self, principal: PrincipalId) -> _Counters:
         c = self._counters.get(principal)
@@ -488,12 +485,6 @@ class MClockScheduler(_Accounting):
         #: per limited node, when the places its subtree's requests made past their
         #: limits have been given up to (`limit_slot`)
         self._slots: dict[PrincipalId, float] = {}
-        #: requests made `past_limits()` that wait for a channel, in arrival order: they
-        #: are made under locks others wait for, so they go first (`_select`)
-        self._past: collections.deque[Req] = collections.deque()
-        #: bank configurations so far: a place given under older banks is asked again
-        #: (`Kernel.repay_limit`)
-        self.banks_generation = 0
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -520,10 +511,8 @@ class MClockScheduler(_Accounting):
         self.banks = tree
         nodes = self._nodes
         now = _now_or_none()
-        # (places given at the old limits: the new ones apply to the next requests,
-        # and to those waiting for theirs, which ask again: `banks_generation`)
+        # (places given at the old limits: the new ones apply to the next requests)
         self._slots.clear()
-        self.banks_generation += 1
         if self._owed and now is not None:
             # What is owed is kept in requests and bytes, repaid at the limits in
             # force: settle it at the old ones, the new ones apply from now on (a
@@ -841,8 +830,6 @@ class MClockScheduler(_Accounting):
     def _enqueue(self, req: Req, now: float) -> None:
         node = req.node
         node.queue.append(req)
-        if req.past_limits:
-            self._past.append(req)
         node.counters.waiting += 1
         self._queued += 1
         # Activate the nodes that had nothing waiting: no credit banked while idle.
@@ -862,8 +849,6 @@ class MClockScheduler(_Accounting):
             node.queue.remove(req)
         except ValueError:
             return
-        if req.past_limits:
-            self._past.remove(req)
         node.counters.waiting -= 1
         self._queued -= 1
         self._unbacklog(node)
@@ -947,11 +932,6 @@ class MClockScheduler(_Accounting):
                 node.queue.popleft()
             else:
                 node.queue.remove(req)
-            if req.past_limits:
-                if self._past[0] is req:
-                    self._past.popleft()
-                else:
-                    self._past.remove(req)
             node.counters.waiting -= 1
             self._queued -= 1
             charge(req, t, res_node=res_node, queued=True)
@@ -985,27 +965,22 @@ class MClockScheduler(_Accounting):
         """The next request to serve; the node whose reservation serves it (None: the
         weight phase); and, when there is no request to serve, the earliest time a
         limit lets one go."""
-        for r in self._past:
-            # A request made under a lock others may wait for (`past_limits`) that a
-            # limit would hold: first, its place at its limits was taken before the
-            # lock (review of F1, R4: chosen only when nothing else could go, it
-            # waited for its tags while another tenant kept the device busy, holding
-            # the lock). Its tags still advance. One no limit holds competes as any.
-            if r.arrival <= self._horizon and not self._may_go(r.node, now):
-                r.node.counters.expedited += 1
-                return r, None, _INF
         wake = [_INF]
         root = self._root
+        req = None
         if root.has_lim and root.limit_at() > now:
-            return None, None, root.limit_at()
-        if self._any_res:
-            self._res_node = None
-            req = self._select_res(root, now, wake)
-            if req is not None:
-                return req, self._res_node, _INF
-        req = self._select_w(root, now, wake)
-        if req is None and self._expedite:
-            req = expedited_write(self._root)
+            wake[0] = root.limit_at()
+        else:
+            if self._any_res:
+                self._res_node = None
+                req = self._select_res(root, now, wake)
+                if req is not None:
+                    return req, self._res_node, _INF
+            req = self._select_w(root, now, wake)
+        if req is None:
+            # Held by limits: a request that goes past them (`past_limits`, or any
+            # write while a barrier waits: `expedite_writes`), if one waits.
+            req = expedited_write(self._root, barriers=bool(self._expedite))
             if req is not None:
                 req.node.counters.expedited += 1
         return req, None, wake[0]

@@ -391,17 +391,11 @@ class Kernel(GrantTable, LowerLayers):
             # its writer's limits here, before any lock: the writer's requests
             # together go at its limits and none holds a lock while it waits for them
             # (hostile probe 7, F1). A limit removed meanwhile ends the wait.
-            gen = sched.banks_generation
             until = sched.limit_slot(principal, nbytes)
             while until is not None and until > trio.current_time():
                 await trio.sleep(min(until - trio.current_time(), LIMIT_DEBT_STEP))
                 if not sched.limited(principal):
                     return
-                if sched.banks_generation != gen:
-                    # the banks changed: a place at the limits now in force (a limit
-                    # raised applies to the writes waiting too: review of F1, R3)
-                    gen = sched.banks_generation
-                    until = sched.limit_slot(principal, nbytes)
             return
         await self.pager.pay_paced(principal, -(-nbytes // self.device.block_size))
         until = sched.limit_pace(principal, nbytes, LIMIT_DEBT_SLACK, LIMIT_DEBT_MIN_WAIT)
