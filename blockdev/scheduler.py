@@ -330,9 +330,9 @@ class _Accounting:
     @contextmanager
     def past_limits(self) -> Iterator[None]:
         """The current task's requests made inside are never held back by their
-        principal's I/O limits; their tags advance as usual, so the principal owes
-        them (`limit_debt`) and repays them before its next requests (`limit_pace`,
-        the kernel's `repay_limit`). For requests made under a lock that another
+        principal's I/O limits; their tags advance as usual, so the principal repays
+        them before its next requests (`limit_slot` places come after the tags; the
+        kernel's `repay_limit`). For requests made under a lock that another
         principal's request may wait for — a write-through write under a file's
         inode lock or a merged block's: waiting at the limit there made every other
         writer of the file wait for the limited tenant's queue (hostile probe 7, F1).
