@@ -484,8 +484,6 @@ class Operations(pyfuse3.Operations):
         fs.write_back_pages = self._write_back_pages
         #: worker threads writing a file's dirty pages back before a direct change
         self._pages_limiter = trio.CapacityLimiter(WRITE_BACK_THREADS)
-        #: such write-backs that ran out of WRITE_BACK_WAIT (statistics)
-        self.pages_write_back_late = 0
 
     async def run_releases(self, *, task_status: trio.TaskStatus[None] =
                            trio.TASK_STATUS_IGNORED) -> None:
@@ -604,7 +602,6 @@ class Operations(pyfuse3.Operations):
                                            abandon_on_cancel=True,
                                            limiter=self._pages_limiter)
         if scope.cancelled_caught:
-            self.pages_write_back_late += 1
             log.debug("write-back of inode %d's cached pages before a direct change: "
                       "still waiting after %.1f s, going on", ino, WRITE_BACK_WAIT)
 

@@ -533,12 +533,12 @@ class Kernel(GrantTable, LowerLayers):
         """Write-through: a write's device requests are made under locks that other
         tenants' writes of the file wait for (the inode lock, merged blocks), so they
         go past the writer's I/O limits, which it repays before it takes them
-        (`repay_limit`). Write-back paces its writers in the pool instead (dirty
-        bounds, `Pager.wait_write_room`); its write-back goes at the limits."""
+        (`repay_limit`). The same for the metadata server's reads and writes under a
+        file's lock for a direct client's request (`layout_get`'s copy of sealed
+        blocks, review of F1, R2). Write-back paces its writers in the pool instead
+        (dirty bounds, `Pager.wait_write_room`); its write-back goes at the limits."""
         return nullcontext() if self.pager.writeback else \
             self.device.scheduler.past_limits()
-    # (also the metadata server's reads and writes under a file's lock that a direct
-    # client's request makes: `layout_get`'s copy of sealed blocks, review of F1, R2)
 
     async def _write(self, grant: Grant, offset: int, data: bytes | bytearray | memoryview, *,
                      cow: ExtentMap | None, keep_pending: bool) -> int:

@@ -371,6 +371,31 @@ async def test_many_writers_of_one_file_never_wait_for_each_other_in_a_cycle(
         kernel.close()
 
 
+def _as_slow(mp: str, script: str, *args: str) -> subprocess.Popen:
+    """`script` (python -c) run under `sluice run --principal slow` on mount `mp`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fs.cli", "run", mp, "--principal", "slow", "--",
+         sys.executable, "-c", script, *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _timed_small_writes(path: Path) -> list[float]:
+    """Seconds of each of three 10-byte writes into block 5 of `path`, through the mount,
+    each its own open."""
+    import time
+    waits = []
+    for k in range(3):
+        t = time.monotonic()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, b"V" * 10, 5 * BS + k * 10) == 10
+        finally:
+            os.close(fd)
+        waits.append(time.monotonic() - t)
+    return waits
+
+
 #: under `sluice run --principal slow`: CONNS direct clients, each pipelining 8-byte
 #: overwrites into block 0 of `name` for SECONDS; prints the writes acknowledged
 _LIMITED_WRITERS = r"""
@@ -423,23 +448,11 @@ def test_a_limited_tenants_writes_do_not_hold_the_file_for_another(
     finally:
         os.close(fd)
     seconds = 6.0
-    attacker = subprocess.Popen(
-        [sys.executable, "-m", "fs.cli", "run", m, "--principal", "slow", "--",
-         sys.executable, "-c", _LIMITED_WRITERS, m, "shared", "16", str(seconds)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+    attacker = _as_slow(m, _LIMITED_WRITERS, m, "shared", "16", str(seconds))
     try:
         time.sleep(2.0)  # 16 writes queued at 2 IOPS: 8 s of them
         assert attacker.poll() is None, attacker.communicate()
-        waits = []
-        for k in range(3):
-            t = time.monotonic()
-            fd = os.open(shared, os.O_WRONLY)
-            try:
-                assert os.pwrite(fd, b"V" * 10, 5 * BS + k * 10) == 10
-            finally:
-                os.close(fd)
-            waits.append(time.monotonic() - t)
+        waits = _timed_small_writes(shared)
         out, err = attacker.communicate(timeout=120)
     finally:
         if attacker.poll() is None:
@@ -477,11 +490,7 @@ def test_an_unmount_while_limited_writes_wait_tears_their_connections_down(
     mp = str(m.path)
     sluice("principal", "add", mp, "slow", "--io-limit", "1iops")
     (m.path / "shared").write_bytes(b"o" * (4 * BS))
-    attacker = subprocess.Popen(
-        [sys.executable, "-m", "fs.cli", "run", mp, "--principal", "slow", "--",
-         sys.executable, "-c", _LIMITED_WRITERS, mp, "shared", "8", "30"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+    attacker = _as_slow(mp, _LIMITED_WRITERS, mp, "shared", "8", "30")
     try:
         time.sleep(3.0)  # 8 writes waiting at 1 IOPS
         assert attacker.poll() is None, attacker.communicate()
@@ -578,11 +587,7 @@ def test_a_limited_tenants_layout_over_committed_blocks_does_not_hold_the_file(
             c.call("layout_get", slot=f.slot, offset=0, length=int(sys.argv[2]) * 4096)
             print("done", flush=True)
         """)
-    attacker = subprocess.Popen(
-        [sys.executable, "-m", "fs.cli", "run", mp, "--principal", "slow", "--",
-         sys.executable, "-c", layout, mp, str(nb)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+    attacker = _as_slow(mp, layout, mp, str(nb))
     try:
         time.sleep(1.5)
         t = time.monotonic()
@@ -635,23 +640,11 @@ def test_a_limited_tenants_writes_through_the_mount_do_not_hold_the_file(mnt: Pa
     shared = mnt / "shared"
     shared.write_bytes(b"o" * (16 * BS))
     os.chmod(shared, 0o666)
-    attacker = subprocess.Popen(
-        [sys.executable, "-m", "fs.cli", "run", m, "--principal", "slow", "--",
-         sys.executable, "-c", _LIMITED_MOUNT_WRITERS, str(shared), "8"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+    attacker = _as_slow(m, _LIMITED_MOUNT_WRITERS, str(shared), "8")
     try:
         time.sleep(2.0)
         assert attacker.poll() is None, attacker.communicate()
-        waits = []
-        for k in range(3):
-            t = time.monotonic()
-            fd = os.open(shared, os.O_WRONLY)
-            try:
-                assert os.pwrite(fd, b"V" * 10, 5 * BS + 10 * k) == 10
-            finally:
-                os.close(fd)
-            waits.append(time.monotonic() - t)
+        waits = _timed_small_writes(shared)
     finally:
         attacker.kill()
         attacker.communicate()
