@@ -189,9 +189,22 @@ class Scheduler(Protocol):
         """None when `principal` owes no limited node more than `slack`; else the time
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int) -> float | None:
+    def task_flags(self) -> tuple[bool, bool]:
+        """The current task's (`never_expedited`, `past_limits`), which a task it
+        spawns does not inherit: for one that works on its behalf to carry."""
+
+    def carrying(self, flags: tuple[bool, bool]) -> ContextManager[None]:
+        """Inside, the current task's requests are made as those of the task whose
+        `task_flags()` these are."""
+
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+                   count: bool = True) -> float | None:
         """The time from which a request of `nbytes` of `principal`'s to be made past
         its limits may go, its place at the limits taken; None: at once."""
+
+    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+        """Sleep until the place `limit_slot` gave (`until`); a limit removed meanwhile
+        ends it, a bank change gives it a new place at the limits then in force."""
 
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path."""

@@ -107,6 +107,20 @@ class Node:
         return max(self.R_i, self.R_b)
 
 
+def rescale_limit_tags(n: Node, old: tuple[float, float], now: float) -> None:
+    """`n`'s limits changed from `old` (IOPS, bytes/s; 0: none): what its limit tags
+    still hold in the future was counted at the old rates, and is counted again at the
+    new ones — a limit raised lets the requests it held go sooner (review of hostile
+    probe 7's fixes, R3), one lowered holds them longer; a limit that is new starts
+    from now (no tags of the past), one removed holds nothing."""
+    for attr, was, rate in (("L_i", old[0], n.l_iops), ("L_b", old[1], n.l_bps)):
+        tag = getattr(n, attr)
+        if not rate:
+            continue
+        if tag > now:
+            setattr(n, attr, now + (tag - now) * was / rate if was else now)
+
+
 def activate(n: Node, now: float) -> None:
     """Restart the tags of a node that had nothing waiting: no credit banked while idle."""
     if n.R_i < now:
@@ -215,5 +229,18 @@ def expedited_write(root: Node, *, barriers: bool = True) -> Req | None:
     return None
 
 
-def p_key(t: tuple[float, Node]) -> float:
+def held_past(root: Node, horizon: float = _INF) -> Req | None:
+    """The first request made inside `past_limits()` waiting in `root`'s subtree (that
+    had arrived by `horizon`), or None: what a node held by its limit may still send."""
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        for r in n.queue:
+            if r.past_limits and r.arrival <= horizon:
+                return r
+        stack.extend(n.active)
+    return None
+
+
+def p_key(t: tuple[float, Node, Req | None]) -> float:
     return t[0]

@@ -94,7 +94,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Awaitable, Callable, Iterator
 
 import outcome
@@ -104,7 +104,8 @@ from .anticipation import Anticipator, Pattern
 from .errors import OverReserved
 from .histogram import LatencyHistogram
 from .mclock_tree import (Node, Req, activate, any_waiter, charge, expedited_write,
-                          first_arrival, p_key)
+                          first_arrival, held_past, p_key,
+                          rescale_limit_tags)
 from .profiles import CAPACITY_IO_BYTES, CAPACITY_SEQ_BYTES, TimingProfile
 from .types import ROOT_PRINCIPAL, BankNode, BankTree, PrincipalId
 
@@ -112,12 +113,24 @@ _INF = math.inf
 #: kinds of request (`slot(..., kind=...)`)
 READ, WRITE, DISCARD, FLUSH = "read", "write", "discard", "flush"
 KINDS = (READ, WRITE, DISCARD, FLUSH)
-#: set in a task inside `never_expedited()`: its writes are never expedited
-_NEVER_EXPEDITED: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sluice_never_expedited", default=False)
-#: set in a task inside `past_limits()`: its requests are never held by a limit
-_PAST_LIMITS: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sluice_past_limits", default=False)
+#: the task inside `never_expedited()`: its writes are never expedited
+_NEVER_EXPEDITED: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "sluice_never_expedited", default=None)
+#: the task inside `past_limits()`: its requests are never held by a limit
+#: (The task itself, not True: a task spawned inside copies the context, and must not
+#: inherit the flag. pyfuse3 starts a new worker from the handler that blocks, so a
+#: worker started by a write-through write under `past_limits()` served every later
+#: FUSE read of the mount past the limits: the quick QoS benchmark's limited reader
+#: at twice its limit. A task that should carry it, a write-behind, is given it:
+#: `task_flags`, `carrying`.)
+_PAST_LIMITS: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "sluice_past_limits", default=None)
+
+
+def _mine(var: contextvars.ContextVar[object]) -> bool:
+    """Whether `var` was set by the current task (not inherited from its spawner)."""
+    owner = var.get()
+    return owner is not None and owner is trio.lowlevel.current_task()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -321,7 +334,7 @@ class _Accounting:
         (`expedite_writes`): they wait for their principal's limits whatever waits
         for them. For writes no barrier waits for: the pager's write-back of
         debt-paced frames (pager/writeback.py)."""
-        token = _NEVER_EXPEDITED.set(True)
+        token = _NEVER_EXPEDITED.set(trio.lowlevel.current_task())
         try:
             yield
         finally:
@@ -337,11 +350,25 @@ class _Accounting:
         inode lock or a merged block's: waiting at the limit there made every other
         writer of the file wait for the limited tenant's queue (hostile probe 7, F1).
         `never_expedited()` inside wins: those go at their limits."""
-        token = _PAST_LIMITS.set(True)
+        token = _PAST_LIMITS.set(trio.lowlevel.current_task())
         try:
             yield
         finally:
             _PAST_LIMITS.reset(token)
+
+    @staticmethod
+    def task_flags() -> tuple[bool, bool]:
+        """The current task's (`never_expedited`, `past_limits`): for a task it starts
+        on its behalf to carry (`carrying`); a spawned task does not inherit them."""
+        return _mine(_NEVER_EXPEDITED), _mine(_PAST_LIMITS)
+
+    @contextmanager
+    def carrying(self, flags: tuple[bool, bool]) -> Iterator[None]:
+        """Inside, the current task's requests are made as those of the task whose
+        `task_flags()` these are."""
+        with self.never_expedited() if flags[0] else nullcontext(), \
+                self.past_limits() if flags[1] else nullcontext():
+            yield
 
     def limit_debt(self, principal: PrincipalId) -> float:
         """Seconds `principal` still owes its I/O limits for dispatched requests (those
@@ -355,7 +382,8 @@ class _Accounting:
         debt (see MClockScheduler): never in debt here."""
         return None
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int) -> float | None:
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+                   count: bool = True) -> float | None:
         """The time from which a request of `nbytes` of `principal`'s made past its
         limits (see MClockScheduler) may go, its place taken; None: at once. FIFO
         holds nothing back."""
@@ -370,6 +398,14 @@ class _Accounting:
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path. FIFO enforces none."""
         return False
+
+    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+        """Sleep until `until`, the place `limit_slot` gave a request of `nbytes` of
+        `principal`'s; a limit removed meanwhile ends the wait, and a bank change
+        gives it a new place at the limits then in force (a limit raised on a live
+        mount shortens the waits of the requests it held: review of hostile probe 7's
+        fixes, R3). FIFO gives no places."""
+        await trio.sleep_until(until)
 
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
@@ -485,6 +521,11 @@ class MClockScheduler(_Accounting):
         #: per limited node, when the places its subtree's requests made past their
         #: limits have been given up to (`limit_slot`)
         self._slots: dict[PrincipalId, float] = {}
+        #: bumped by every `configure_banks`: a place (`limit_slot`) taken at the old
+        #: limits is asked for again (the kernel's `repay_limit`)
+        self.banks_epoch = 0
+        #: set (and replaced) by every `configure_banks`: wakes `wait_place`
+        self._banks_changed = trio.Event()
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -526,9 +567,15 @@ class MClockScheduler(_Accounting):
             n.children = []
             n.active = []
         root = self._root
+        self.banks_epoch += 1
+        changed, self._banks_changed = self._banks_changed, trio.Event()
+        changed.set()
         for pid, n in nodes.items():
             b = tree.get(pid)
+            old = (n.l_iops, n.l_bps)
             n.configure(b)
+            if now is not None and old != (n.l_iops, n.l_bps):
+                rescale_limit_tags(n, old, now)
             if pid == ROOT_PRINCIPAL:
                 n.parent = None
                 continue
@@ -614,7 +661,8 @@ class MClockScheduler(_Accounting):
                 until = at
         return until
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int) -> float | None:
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+                   count: bool = True) -> float | None:
         """For a request of `nbytes` of `principal`'s that will be made past its limits
         (`past_limits`: a write-through write, under locks others wait for), the time
         from which it may be made: each limited node on its path keeps a clock of the
@@ -641,10 +689,27 @@ class MClockScheduler(_Accounting):
         for n in limited:
             self._slots[n.id] = at + self._owed_seconds(n, 1.0, float(nbytes))
         until = at if at > now else None
-        if until is not None:
-            # held back at its limit, before the request (`throttled` in the stats)
+        if until is not None and count:
+            # held back at its limit, before the request (`throttled` in the stats;
+            # `count` false: a place asked for again, `wait_place`)
             self._c(principal).throttled += 1
         return until
+
+    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+        while until > trio.current_time():
+            epoch = self.banks_epoch
+            with trio.move_on_at(until):
+                await self._banks_changed.wait()
+            if epoch == self.banks_epoch:
+                continue
+            # The banks changed: the places were forgotten (`configure_banks`), and
+            # this request takes a new one, after the tags rescaled to the new limits.
+            if not self.limited(principal):
+                return
+            again = self.limit_slot(principal, nbytes, count=False)
+            if again is None:
+                return
+            until = again
 
     def _owed_on_path(self, principal: PrincipalId, now: float
                       ) -> Iterator[tuple[Node, float]]:
@@ -728,8 +793,8 @@ class MClockScheduler(_Accounting):
         if arrival is None or arrival < now:
             arrival = now
         node = self._nodes.get(principal) or self._node(principal)
-        never = _NEVER_EXPEDITED.get()
-        past = _PAST_LIMITS.get() and not never
+        never = _mine(_NEVER_EXPEDITED)
+        past = not never and _mine(_PAST_LIMITS)
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
                   barrier=(write or flush) and not never, past_limits=past)
         may_go = past or self._may_go(node, now)
@@ -978,8 +1043,9 @@ class MClockScheduler(_Accounting):
                     return req, self._res_node, _INF
             req = self._select_w(root, now, wake)
         if req is None:
-            # Held by limits: a request that goes past them (`past_limits`, or any
-            # write while a barrier waits: `expedite_writes`), if one waits.
+            # Held by limits: a request that goes past them (`past_limits`, whose
+            # node's reservation or root's limit held it, or any write while a barrier
+            # waits: `expedite_writes`), if one waits.
             req = expedited_write(self._root, barriers=bool(self._expedite))
             if req is not None:
                 req.node.counters.expedited += 1
@@ -1022,23 +1088,33 @@ class MClockScheduler(_Accounting):
                 if t > now:
                     if t < wake[0]:
                         wake[0] = t
-                    return None
+                    return held_past(c, self._horizon)
             return self._select_w(c, now, wake)
         v = n.vtime
         own_p = (n.own_P if n.own_P > v else v) if own else _INF
-        tried: list[tuple[float, Node]] = []
+        tried: list[tuple[float, Node, Req | None]] = []
         for c in active:
             if c.has_lim:
                 t = c.limit_at()
                 if t > now:
                     if t < wake[0]:
                         wake[0] = t
+                    # Held by its limit, but a request made past the limits (under a
+                    # lock others wait for) competes by weight all the same: it must
+                    # not wait for the limit tags under that lock while others keep
+                    # the device busy (review of hostile probe 7's fixes, R4). Not
+                    # first: by weight, so a reservation or a fair share is not passed.
+                    past = held_past(c, self._horizon)
+                    if past is not None:
+                        tried.append((c.P if c.P > v else v, c, past))
                     continue
-            tried.append((c.P if c.P > v else v, c))
+            tried.append((c.P if c.P > v else v, c, None))
         tried.sort(key=p_key)
-        for p, c in tried:
+        for p, c, past in tried:
             if own_p <= p:
                 return own
+            if past is not None:
+                return past
             req = self._select_w(c, now, wake)
             if req is not None:
                 return req

@@ -390,12 +390,11 @@ class Kernel(GrantTable, LowerLayers):
             # the locks (`write`, `past_limits`), so each write takes its place at
             # its writer's limits here, before any lock: the writer's requests
             # together go at its limits and none holds a lock while it waits for them
-            # (hostile probe 7, F1). A limit removed meanwhile ends the wait.
+            # (hostile probe 7, F1). A limit removed meanwhile ends the wait, one
+            # raised or lowered gives it a new place (R3).
             until = sched.limit_slot(principal, nbytes)
-            while until is not None and until > trio.current_time():
-                await trio.sleep(min(until - trio.current_time(), LIMIT_DEBT_STEP))
-                if not sched.limited(principal):
-                    return
+            if until is not None:
+                await sched.wait_place(principal, nbytes, until)
             return
         await self.pager.pay_paced(principal, -(-nbytes // self.device.block_size))
         until = sched.limit_pace(principal, nbytes, LIMIT_DEBT_SLACK, LIMIT_DEBT_MIN_WAIT)

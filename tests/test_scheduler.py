@@ -11,6 +11,7 @@ of a count (1%).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -288,6 +289,57 @@ async def test_raising_a_limit_releases_waiting_requests(dev: BlockDevice,
     assert done[-1] - t0 == pytest.approx(2.5 + 2 * 125e-6, rel=1e-6)
 
 
+async def test_a_raised_limit_shortens_the_waits_it_held(tmp_path: Path,
+                                                          autojump_clock) -> None:
+    """Review of hostile probe 7's fixes, R3: raising a limit on a live mount left the
+    requests it held waiting for tags and places counted at the old limit (10-30 s
+    after a raise from 0.2 to 1,000 IOPS). The tags' future is counted again at the
+    new limit, and a write-through write waiting for its place (`repay_limit`, before
+    any lock) takes a new one."""
+    from kernelshim import Kernel
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    dev = kernel.device
+    try:
+        dev.timeline_slack = 0.0
+        kernel.configure_banks(tree(node(1, io_limit_iops=0.2)))
+        reads: list[float] = []
+        places: list[float] = []
+
+        async def read() -> None:
+            await dev.read(0, 1, principal=P(1))
+            reads.append(trio.current_time())
+
+        async def place() -> None:
+            await kernel.repay_limit(P(1), BS)
+            places.append(trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(read)  # the first at once, then every 5 s
+            await trio.sleep(1.0)
+            for _ in range(4):
+                n.start_soon(place)  # after the reads' tags: 15, 20, 25, 30 s
+            await trio.sleep(1.0)
+            assert len(reads) == 1 and not places
+            kernel.configure_banks(tree(node(1, io_limit_iops=1000)))
+        # before: the reads at 5 and 10 s, the places at 15-30 s
+        assert reads[-1] - t0 < 2.1, reads
+        assert places[-1] - t0 < 2.1, places
+        # ... and a limit lowered holds the next ones the longer
+        kernel.configure_banks(tree(node(1, io_limit_iops=1)))
+        t1 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(place)
+        assert trio.current_time() - t1 >= 1.9
+    finally:
+        kernel.close()
+
+
 async def test_cancelled_waiters_leave_the_queue(dev: BlockDevice, autojump_clock) -> None:
     dev.configure_banks(tree(node(1, io_limit_iops=10), node(2)))
     async with trio.open_nursery() as n:
@@ -428,6 +480,93 @@ def test_io_limit_set_while_mounted_is_enforced(mnt: Path) -> None:
     _elapsed, ops, throttled = dd("lifted")
     assert throttled == 0
     assert subprocess.run(["cmp", f"{m}/before", f"{m}/lifted"]).returncode == 0
+
+
+_PARTIAL_WRITES = r"""
+import os, sys, threading
+path = sys.argv[1]
+def run(i):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for k in range(4):  # 100 bytes into a sealed block: merged, relocated
+            os.pwrite(fd, b"w" * 100, ((i * 4 + k) * 4 + 1) * 4096 + 7)
+    finally:
+        os.close(fd)
+ts = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+for t in ts: t.start()
+for t in ts: t.join()
+"""
+
+_DIRECT_READS = r"""
+import mmap, os, random, sys, threading, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+blocks = os.path.getsize(path) // 4096
+n = [0] * 8
+def run(i):
+    rnd = random.Random(i)
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.preadv(fd, [buf], rnd.randrange(blocks) * 4096)
+            n[i] += 1
+    finally:
+        os.close(fd)
+t0 = time.monotonic()
+ts = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sum(n), time.monotonic() - t0)
+"""
+
+
+@pytest.mark.mounted
+@pytest.mark.exclusive
+def test_a_limit_holds_reads_after_write_through_writes(volume: Path, mount_factory) -> None:
+    """The past-limits flag of a write-through write (made under the inode lock: it
+    goes past the writer's I/O limit, repaid before) was a context variable, which a
+    task spawned inside inherits — and pyfuse3 starts a new worker from a handler that
+    blocks. Workers started by a limited tenant's blocked writes then served every
+    later request of the mount past the limits: the quick QoS benchmark's limited
+    reader read at twice its limit. The flag is the task's own now."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, sluice
+    m = mount_factory(volume, "--profile", "lat=2000,qd=4", "--cache-size", "4M").path
+    data = m / "data"
+    data.write_bytes(os.urandom(16 << 20))
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # sealed: a partial overwrite merges and relocates under the lock
+    finally:
+        os.close(fd)
+    os.chmod(data, 0o666)
+    sluice("principal", "add", str(m), "tenant", "--io-limit", "50iops")
+
+    def as_tenant(script: str, *args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "fs.cli", "run", str(m), "--principal",
+                            "tenant", "--", sys.executable, "-c", script, *args],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    as_tenant(_PARTIAL_WRITES, str(data))  # 64 writes at the limit: workers started
+    with open(data, "rb") as f:
+        f.seek(5 * BS + 7)
+        assert f.read(100) == b"w" * 100
+    before = _io(m)["io"]["tenant"]["ops"]
+    t0 = time.monotonic()
+    reads, _took = as_tenant(_DIRECT_READS, str(data), "3").split()
+    elapsed = time.monotonic() - t0
+    ops = _io(m)["io"]["tenant"]["ops"] - before
+    assert int(reads) >= 20
+    # at most the limit over the run (a loaded machine may only lower it); before:
+    # 3-10x over it
+    assert ops <= 50 * elapsed * 1.1 + 5, (ops, elapsed, reads)
 
 
 @pytest.mark.mounted
@@ -597,6 +736,62 @@ async def test_an_fsyncs_barrier_is_charged_to_the_asker_and_not_held_by_its_lim
         assert trio.current_time() - t0 >= 1.0
     finally:
         kernel.close()
+
+
+async def test_a_request_past_its_limits_is_not_held_while_others_keep_the_device_busy(
+        dev: BlockDevice, autojump_clock) -> None:
+    """Review of hostile probe 7's fixes, R4: a request made `past_limits()` (under a
+    lock others wait for) was chosen only when no other request could go, so while
+    another principal kept the device busy it waited for its limit tags — under the
+    lock. It competes by weight now: served within a few requests' time, its tags
+    advanced all the same (the principal's next plain request waits for them), and
+    many of them take a weight share, not the device: a reservation is still met."""
+    dev.configure_banks(tree(node(1, io_limit_iops=1), node(2),
+                             node(3, io_reserve_iops=2000)))
+    load = Load(dev)
+    done: dict[str, float] = {}
+
+    async def read(tag: str, *, past: bool) -> None:
+        if past:
+            with dev.scheduler.past_limits():
+                await dev.read(5, 1, principal=P(1))
+        else:
+            await dev.read(5, 1, principal=P(1))
+        done[tag] = trio.current_time()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(2), until=3.0))
+        await trio.sleep(0.1)
+        t0 = trio.current_time()
+        await read("first", past=False)  # idle until now: goes at its turn, spends the token
+        assert done["first"] - t0 < 0.01
+        t1 = trio.current_time()
+        await read("past", past=True)  # held by the limit until t0 + 1 s before
+        assert done["past"] - t1 < 0.002, done["past"] - t1
+        await read("plain", past=False)  # repays: after both tags, at 1 IOPS
+        assert done["plain"] - t0 >= 1.9, done["plain"] - t0
+        assert load.rate(P(2), t0, done["plain"]) > 7900  # the flooder kept the device busy
+        # Many past-limits requests take a weight share beside the flooder, and the
+        # reservation of a third principal is still met.
+        t3 = trio.current_time()
+        async with trio.open_nursery() as m:
+            m.start_soon(lambda: load.paced(P(3), 2000, until=t3 + 0.5))
+
+            async def past_worker(i: int) -> None:
+                # (the flag is the task's own: each worker enters it)
+                with dev.scheduler.past_limits():
+                    while trio.current_time() < t3 + 0.5:
+                        await dev.read((i * 7) % 200, 1, principal=P(1))
+                        load.done[P(1)].append(trio.current_time())
+            for i in range(4):
+                m.start_soon(past_worker, i)
+        r1 = load.rate(P(1), t3 + 0.1, t3 + 0.45)
+        r2 = load.rate(P(2), t3 + 0.1, t3 + 0.45)
+        r3 = load.rate(P(3), t3 + 0.1, t3 + 0.45)
+        assert r3 == pytest.approx(2000, rel=0.02)
+        # (an equal share of what the reservation leaves: 2,000-3,000 a second each,
+        # less with anticipation, which may keep the device for the reserved reader)
+        assert r1 == pytest.approx(r2, rel=0.05) and r1 > 1500
 
 
 async def test_dual_reservation_the_tighter_holds(dev: BlockDevice, autojump_clock) -> None:
