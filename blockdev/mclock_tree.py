@@ -58,7 +58,7 @@ class Node:
     __slots__ = ("id", "parent", "children", "active", "queue", "backlog", "weight",
                  "r_iops", "r_bps", "l_iops", "l_bps", "has_res", "has_lim",
                  "R_i", "R_b", "L_i", "L_b", "P", "own_P", "vtime", "path", "res_below",
-                 "counters", "pattern")
+                 "counters", "pattern", "past_below")
 
     def __init__(self, pid: PrincipalId, counters: _Counters) -> None:
         self.id = pid
@@ -70,6 +70,9 @@ class Node:
         self.queue: deque[Req] = deque()
         #: requests waiting in this subtree (own queue and descendants)
         self.backlog = 0
+        #: of them, those made inside `past_limits()` (`held_past` looks only where
+        #: there are some)
+        self.past_below = 0
         self.weight = 100.0
         self.r_iops = self.r_bps = self.l_iops = self.l_bps = 0.0  # 0: none
         self.has_res = self.has_lim = False
@@ -116,6 +119,9 @@ def rescale_limit_tags(n: Node, old: tuple[float, float], now: float) -> None:
     for attr, was, rate in (("L_i", old[0], n.l_iops), ("L_b", old[1], n.l_bps)):
         tag = getattr(n, attr)
         if not rate:
+            # (a unit no longer limited holds nothing, though the other still does:
+            # both tags are read while any limit is on; review of d4a70cd, 4)
+            setattr(n, attr, -_INF)
             continue
         if tag > now:
             setattr(n, attr, now + (tag - now) * was / rate if was else now)
@@ -232,14 +238,22 @@ def expedited_write(root: Node, *, barriers: bool = True) -> Req | None:
 def held_past(root: Node, horizon: float = _INF) -> Req | None:
     """The first request made inside `past_limits()` waiting in `root`'s subtree (that
     had arrived by `horizon`), or None: what a node held by its limit may still send."""
+    if not root.past_below:
+        return None
     stack = [root]
     while stack:
         n = stack.pop()
         for r in n.queue:
             if r.past_limits and r.arrival <= horizon:
                 return r
-        stack.extend(n.active)
+        stack.extend(c for c in n.active if c.past_below)
     return None
+
+
+def count_past(req: Req, d: int) -> None:
+    """A request made inside `past_limits()` joins (`d` 1) or leaves (-1) its queue."""
+    for n in req.node.path:
+        n.past_below += d
 
 
 def p_key(t: tuple[float, Node, Req | None]) -> float:

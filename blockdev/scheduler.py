@@ -94,6 +94,8 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+import weakref
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from typing import Awaitable, Callable, Iterator
 
@@ -104,7 +106,7 @@ from .anticipation import Anticipator, Pattern
 from .errors import OverReserved
 from .histogram import LatencyHistogram
 from .mclock_tree import (Node, Req, activate, any_waiter, charge, expedited_write,
-                          first_arrival, held_past, p_key,
+                          count_past, first_arrival, held_past, p_key,
                           rescale_limit_tags)
 from .profiles import CAPACITY_IO_BYTES, CAPACITY_SEQ_BYTES, TimingProfile
 from .types import ROOT_PRINCIPAL, BankNode, BankTree, PrincipalId
@@ -127,10 +129,29 @@ _PAST_LIMITS: contextvars.ContextVar[object] = contextvars.ContextVar(
     "sluice_past_limits", default=None)
 
 
+def _place_factor(old: tuple[float, float], new: tuple[float, float]) -> float | None:
+    """How much longer a place (a 4 KiB request's worth) lasts at limits `new` than at
+    `old` (IOPS, bytes/s; 0: none): 0 when no limit is left, None when there was none."""
+    def cost(l_iops: float, l_bps: float) -> float:
+        return max(1.0 / l_iops if l_iops else 0.0, 4096.0 / l_bps if l_bps else 0.0)
+    if not any(new):
+        return 0.0
+    if not any(old):
+        return None
+    return cost(*new) / cost(*old)
+
+
 def _mine(var: contextvars.ContextVar[object]) -> bool:
     """Whether `var` was set by the current task (not inherited from its spawner)."""
     owner = var.get()
-    return owner is not None and owner is trio.lowlevel.current_task()
+    return owner is not None and owner() is trio.lowlevel.current_task()  # type: ignore[operator]
+
+
+def _me() -> weakref.ref:
+    """What `_mine` recognises: a weak reference to the current task (the task itself
+    kept every task spawned inside, and theirs, alive through their contexts: review
+    of d4a70cd, 3)."""
+    return weakref.ref(trio.lowlevel.current_task())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -334,7 +355,7 @@ class _Accounting:
         (`expedite_writes`): they wait for their principal's limits whatever waits
         for them. For writes no barrier waits for: the pager's write-back of
         debt-paced frames (pager/writeback.py)."""
-        token = _NEVER_EXPEDITED.set(trio.lowlevel.current_task())
+        token = _NEVER_EXPEDITED.set(_me())
         try:
             yield
         finally:
@@ -350,7 +371,7 @@ class _Accounting:
         inode lock or a merged block's: waiting at the limit there made every other
         writer of the file wait for the limited tenant's queue (hostile probe 7, F1).
         `never_expedited()` inside wins: those go at their limits."""
-        token = _PAST_LIMITS.set(trio.lowlevel.current_task())
+        token = _PAST_LIMITS.set(_me())
         try:
             yield
         finally:
@@ -400,9 +421,9 @@ class _Accounting:
         return False
 
     async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
-        """Sleep until `until`, the place `limit_slot` gave a request of `nbytes` of
-        `principal`'s; a limit removed meanwhile ends the wait, and a bank change
-        gives it a new place at the limits then in force (a limit raised on a live
+        """Sleep until `until`, the place `limit_slot` gave a request of `nbytes`
+        of `principal`'s; a limit removed meanwhile ends the wait, and a limit changed
+        on its path re-counts the rest of it at the new limit (a limit raised on a live
         mount shortens the waits of the requests it held: review of hostile probe 7's
         fixes, R3). FIFO gives no places."""
         await trio.sleep_until(until)
@@ -524,8 +545,14 @@ class MClockScheduler(_Accounting):
         #: bumped by every `configure_banks`: a place (`limit_slot`) taken at the old
         #: limits is asked for again (the kernel's `repay_limit`)
         self.banks_epoch = 0
-        #: set (and replaced) by every `configure_banks`: wakes `wait_place`
+        #: set (and replaced) by a `configure_banks` that changed a limit: wakes
+        #: `wait_place`
         self._banks_changed = trio.Event()
+        #: the last limit changes (epoch, time, {node: `_place_factor`}), and the epoch
+        #: up to which some may have been forgotten
+        self._changes: deque[tuple[int, float, dict[PrincipalId, float | None]]] = \
+            deque(maxlen=256)
+        self._changes_floor = 0
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -552,8 +579,6 @@ class MClockScheduler(_Accounting):
         self.banks = tree
         nodes = self._nodes
         now = _now_or_none()
-        # (places given at the old limits: the new ones apply to the next requests)
-        self._slots.clear()
         if self._owed and now is not None:
             # What is owed is kept in requests and bytes, repaid at the limits in
             # force: settle it at the old ones, the new ones apply from now on (a
@@ -568,20 +593,34 @@ class MClockScheduler(_Accounting):
             n.active = []
         root = self._root
         self.banks_epoch += 1
-        changed, self._banks_changed = self._banks_changed, trio.Event()
-        changed.set()
+        factors: dict[PrincipalId, float | None] = {}
         for pid, n in nodes.items():
             b = tree.get(pid)
             old = (n.l_iops, n.l_bps)
             n.configure(b)
-            if now is not None and old != (n.l_iops, n.l_bps):
-                rescale_limit_tags(n, old, now)
+            if old != (n.l_iops, n.l_bps):
+                factors[pid] = f = _place_factor(old, (n.l_iops, n.l_bps))
+                slot = self._slots.get(pid)
+                if f is None or not f:
+                    self._slots.pop(pid, None)  # a limit new or gone: no places to keep
+                elif slot is not None and now is not None and slot > now:
+                    self._slots[pid] = now + (slot - now) * f
+                if now is not None:
+                    rescale_limit_tags(n, old, now)
             if pid == ROOT_PRINCIPAL:
                 n.parent = None
                 continue
             par = nodes.get(b.parent) if b is not None and b.parent is not None else None
             n.parent = par if par is not None else root
             n.parent.children.append(n)
+        if factors and now is not None:
+            # The places given at the old limits are re-counted at the new ones, in
+            # their order: `wait_place` applies the change to each waiting request.
+            if len(self._changes) == self._changes.maxlen:
+                self._changes_floor = self._changes[0][0]
+            self._changes.append((self.banks_epoch, now, factors))
+            changed, self._banks_changed = self._banks_changed, trio.Event()
+            changed.set()
         # paths, backlogs and active lists, top-down then bottom-up
         order: list[Node] = []
         stack = [root]
@@ -594,6 +633,8 @@ class MClockScheduler(_Accounting):
                 stack.append(c)
         for n in reversed(order):
             n.backlog = len(n.queue) + sum(c.backlog for c in n.children)
+            n.past_below = sum(1 for r in n.queue if r.past_limits) + \
+                sum(c.past_below for c in n.children)
             n.active = [c for c in n.children if c.backlog]
             n.res_below = any(c.has_res or c.res_below for c in n.children)
         self._any_res = root.has_res or root.res_below
@@ -696,20 +737,37 @@ class MClockScheduler(_Accounting):
         return until
 
     async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+        seen = self.banks_epoch
         while until > trio.current_time():
-            epoch = self.banks_epoch
             with trio.move_on_at(until):
                 await self._banks_changed.wait()
-            if epoch == self.banks_epoch:
+            if seen == self.banks_epoch:
                 continue
-            # The banks changed: the places were forgotten (`configure_banks`), and
-            # this request takes a new one, after the tags rescaled to the new limits.
-            if not self.limited(principal):
+            # A limit changed: the rest of the wait is re-counted at the new limits,
+            # as the node's clock of places was (`configure_banks`), so the requests
+            # waiting keep their order (review of d4a70cd, 1).
+            node = self._nodes.get(principal)
+            if node is None or not self.limited(principal):
                 return
-            again = self.limit_slot(principal, nbytes, count=False)
-            if again is None:
-                return
-            until = again
+            path = {n.id for n in node.path}
+            redo = seen < self._changes_floor
+            for epoch, t, factors in self._changes:
+                if epoch <= seen or redo:
+                    continue
+                mine = [f for pid, f in factors.items() if pid in path]
+                if not mine:
+                    continue
+                scales = [f for f in mine if f]
+                if len(scales) < len(mine):
+                    redo = True  # a limit on the path new or removed: a new place
+                elif until > t:
+                    until = t + (until - t) * max(scales)
+            seen = self.banks_epoch
+            if redo:
+                again = self.limit_slot(principal, nbytes, count=False)
+                if again is None:
+                    return
+                until = again
 
     def _owed_on_path(self, principal: PrincipalId, now: float
                       ) -> Iterator[tuple[Node, float]]:
@@ -895,6 +953,8 @@ class MClockScheduler(_Accounting):
     def _enqueue(self, req: Req, now: float) -> None:
         node = req.node
         node.queue.append(req)
+        if req.past_limits:
+            count_past(req, 1)
         node.counters.waiting += 1
         self._queued += 1
         # Activate the nodes that had nothing waiting: no credit banked while idle.
@@ -914,6 +974,8 @@ class MClockScheduler(_Accounting):
             node.queue.remove(req)
         except ValueError:
             return
+        if req.past_limits:
+            count_past(req, -1)
         node.counters.waiting -= 1
         self._queued -= 1
         self._unbacklog(node)
@@ -997,6 +1059,8 @@ class MClockScheduler(_Accounting):
                 node.queue.popleft()
             else:
                 node.queue.remove(req)
+            if req.past_limits:
+                count_past(req, -1)
             node.counters.waiting -= 1
             self._queued -= 1
             charge(req, t, res_node=res_node, queued=True)

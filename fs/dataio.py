@@ -144,7 +144,7 @@ class OpenFiles:
         # The writer's expedited write-back is repaid here, before the inode lock: a
         # wait under it held other tenants' writes of a shared file, its unlink and
         # the discard task (review of probe 5, P4).
-        await self.kernel.repay_limit(h.grant.principal, len(data))
+        await self.kernel.repay_limit(h.grant.principal, len(data), offset)
         async with self._lock(node):
             if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
                 await self._undiscard_locked(node)

@@ -141,7 +141,7 @@ class Layouts:
         NotAllocated for holes (those need a write layout: storage is charged there)."""
         self._writable()
         node = self._direct_node(grant)
-        await self.kernel.repay_limit(grant.principal, len(data))  # before the lock
+        await self.kernel.repay_limit(grant.principal, len(data), offset)  # before the lock
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
             self._direct_kill_priv(node, grant)
@@ -163,12 +163,12 @@ class Layouts:
         self._writable()
         node = self._direct_node(grant)
         bs = self.block_size
-        for _offset, data in writes:
+        for off, data in writes:
             # Each write paced on its own while the principal is in debt (at least
             # LIMIT_DEBT_MIN_WAIT each, as one by one): paced once for all their bytes,
             # a tenant in debt dirtied several times faster in bursts (review of
             # direct6, B4). Not in debt: no wait, no checkpoint.
-            await self.kernel.repay_limit(grant.principal, len(data))
+            await self.kernel.repay_limit(grant.principal, len(data), off)
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
             emap = self._extents(node)

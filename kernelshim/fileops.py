@@ -289,7 +289,7 @@ class FileOps(ServerBase):
                     # write-back, what a barrier expedited of its write-back repaid),
                     # holding no lock: the kernel's write then goes past its limits
                     # (F1). Once a slice, whatever the attempts.
-                    await self.kernel.repay_limit(g.principal, len(piece))
+                    await self.kernel.repay_limit(g.principal, len(piece), offset)
                     paid = True
                 try:
                     await self.kernel.write(g, offset, piece)

@@ -340,6 +340,122 @@ async def test_a_raised_limit_shortens_the_waits_it_held(tmp_path: Path,
         kernel.close()
 
 
+async def test_bank_changes_keep_the_places_and_their_order(tmp_path: Path,
+                                                             autojump_clock) -> None:
+    """Review of d4a70cd (R3's fix), 1 and 4. Any tenant may change the banks (its own
+    children) 50 times a second: each change gave every write waiting for its place a
+    new one, in whatever order trio woke them (one writer of twelve at 1 IOPS done at
+    9 s for its 5 s place; closed-loop waits up to 32 s for 8 s). A change that leaves
+    a path's limits alone leaves its places alone, and one that changes them re-counts
+    the rest of each wait in place, keeping the order. A unit no longer limited holds
+    nothing though the other still does."""
+    from kernelshim import Kernel
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.device.timeline_slack = 0.0
+        banks = tree(node(1, io_limit_iops=1), node(2))
+        kernel.configure_banks(banks)
+        done: dict[int, float] = {}
+        t0 = trio.current_time()
+
+        async def place(k: int, nbytes: int = BS) -> None:
+            await kernel.repay_limit(P(1), nbytes)
+            done[k] = trio.current_time() - t0
+
+        async def churn() -> None:  # another tenant's principal changes
+            for i in range(60):
+                await trio.sleep(0.05)
+                kernel.configure_banks({**banks, P(3 + i % 2): node(3 + i % 2)})
+
+        async with trio.open_nursery() as n:
+            for k in range(8):
+                n.start_soon(place, k)
+                await trio.sleep(0)
+            n.start_soon(churn)
+            await trio.sleep(2.5)
+            # raised to 2 IOPS: the rest of each wait halves, in order
+            banks = tree(node(1, io_limit_iops=2), node(2))
+            kernel.configure_banks(banks)
+        assert [k for k in sorted(done, key=done.get)] == list(range(8)), done
+        for k in range(3):
+            assert done[k] == pytest.approx(k, abs=0.01), done
+        for k in range(3, 8):
+            assert done[k] == pytest.approx(2.5 + (k - 2.5) / 2, abs=0.01), done
+        # a limit of bytes only now: the old IOPS tag holds nothing
+        kernel.configure_banks(tree(node(1, io_limit_iops=0.2), node(2)))
+        await place(10)
+        await kernel.device.read(0, 1, principal=P(1))  # its tag: 5 s on
+        kernel.configure_banks(tree(node(1, io_limit_bps=100e6), node(2)))
+        t1 = trio.current_time()
+        await kernel.device.read(0, 1, principal=P(1))
+        await place(11)
+        assert trio.current_time() - t1 < 0.01
+    finally:
+        kernel.close()
+
+
+async def test_small_writes_take_places_of_whole_blocks(tmp_path: Path,
+                                                        autojump_clock) -> None:
+    """Review of d4a70cd, 2: a write's place was priced at its own bytes, so 32
+    concurrent 16-byte writes (each a whole block on the device) took their places at
+    once under an 8 KiB/s limit: 17x the limit in a burst. With its offset, a write is
+    priced at the blocks it spans."""
+    from kernelshim import Kernel
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.configure_banks(tree(node(1, io_limit_bps=8192)))
+        done: list[float] = []
+        t0 = trio.current_time()
+
+        async def place(k: int) -> None:
+            await kernel.repay_limit(P(1), 16, k * BS + 100)
+            done.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as n:
+            for k in range(32):
+                n.start_soon(place, k)
+        # 32 blocks at 2 a second: the last place 15.5 s on (before: all within 0.1 s)
+        assert max(done) == pytest.approx(15.5, abs=0.05), sorted(done)
+        # one write over two blocks is two blocks' worth
+        t1 = trio.current_time()
+        await kernel.repay_limit(P(1), 16, 2 * BS - 8)
+        await kernel.repay_limit(P(1), 16, 0)
+        assert trio.current_time() - t1 == pytest.approx(0.5 + 1.0, abs=0.05)
+    finally:
+        kernel.close()
+
+
+async def test_the_past_limits_flag_keeps_no_finished_task_alive(dev: BlockDevice) -> None:
+    """Review of d4a70cd, 3: the flag held its task, and a task spawned inside copies
+    the context, so a line of tasks each spawned by the last (pyfuse3's workers) kept
+    every finished one alive (~750 B each)."""
+    import gc
+    import weakref
+    refs: list[weakref.ref] = []
+    alive: list[int] = []
+
+    async def link(n: int, nursery: trio.Nursery) -> None:
+        refs.append(weakref.ref(trio.lowlevel.current_task()))
+        with dev.scheduler.past_limits():
+            if n:
+                nursery.start_soon(link, n - 1, nursery)
+                return
+        # the last of the line, still running: which of the finished ones live on?
+        await trio.sleep(0.01)
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs[:-1]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link, 200, nursery)
+    assert alive == [0]  # before: 200
+
+
 async def test_cancelled_waiters_leave_the_queue(dev: BlockDevice, autojump_clock) -> None:
     dev.configure_banks(tree(node(1, io_limit_iops=10), node(2)))
     async with trio.open_nursery() as n:
