@@ -236,15 +236,15 @@ async def test_a_burst_is_paced_per_write_while_in_debt(
     fs = vol.fs
     assert fs is not None
     ino, grant, _model = await committed_file(vol, 8)
-    paced: list[tuple[int, int]] = []
+    paced: list[tuple[int, int, int | None]] = []
 
-    async def pace(principal, nbytes):  # type: ignore[no-untyped-def]
-        paced.append((int(principal), nbytes))
+    async def pace(principal, nbytes, offset=None):  # type: ignore[no-untyped-def]
+        paced.append((int(principal), nbytes, offset))
 
     monkeypatch.setattr(fs.kernel, "repay_limit", pace)
     assert await fs.write_relocating_many(
         grant, [(fb * BS, memoryview(bytearray(fill(fb, BS)))) for fb in (1, 3, 4)])
-    alone: list[tuple[int, int]] = []
+    alone: list[tuple[int, int, int | None]] = []
     for fb in (1, 3, 4):
         n = len(paced)
         await fs.write_relocating(grant, fb * BS, memoryview(bytearray(fill(fb, BS))))
