@@ -367,6 +367,47 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     return {"n": len(s), "p50": at(0.5) * 1e3, "p99": at(0.99) * 1e3, "max": s[-1] * 1e3}
 
 
+def machine_jitter(seconds: float = 0.5) -> dict[str, float]:
+    """What the machine took from a busy thread, per CPU: a loop reading the clock for
+    `seconds` on each CPU in turn, nothing else of this benchmark running, counts the
+    gaps over 0.1 ms (an interrupt, another task, or — with no task here to take the
+    CPU — the host running something else on this vCPU) and their total. A quiet
+    machine has a few and a fraction of a millisecond a second; a host busy elsewhere
+    takes milliseconds, which land in the victim's p99 whether attacked or not, and
+    then the ratio says little (docs/BENCHMARKS.md, "Stop 20")."""
+    out: dict[str, float] = {}
+    before = os.sched_getaffinity(0)
+    try:
+        for cpu in range(os.cpu_count() or 1):
+            os.sched_setaffinity(0, {cpu})
+            t = time.perf_counter()
+            end = t + seconds
+            n = 0
+            lost = worst = 0.0
+            while t < end:
+                u = time.perf_counter()
+                g = u - t
+                if g > 1e-4:
+                    n += 1
+                    lost += g
+                    if g > worst:
+                        worst = g
+                t = u
+            out[f"cpu{cpu}_gaps_per_s"] = n / seconds
+            out[f"cpu{cpu}_lost_ms_per_s"] = lost / seconds * 1e3
+            out[f"cpu{cpu}_worst_ms"] = worst * 1e3
+    finally:
+        os.sched_setaffinity(0, before)
+    return out
+
+
+def jitter_line(j: dict[str, float]) -> str:
+    cpus = sorted({k.split("_")[0] for k in j})
+    return ", ".join(f"{c} {j[c + '_gaps_per_s']:.0f} gaps/s over 0.1 ms, "
+                     f"{j[c + '_lost_ms_per_s']:.1f} ms/s lost, worst {j[c + '_worst_ms']:.2f} ms"
+                     for c in cpus)
+
+
 def own_run_delay() -> float:
     """Seconds this thread has waited on a run queue (runnable, not running)."""
     with open("/proc/thread-self/schedstat") as f:
@@ -1076,7 +1117,9 @@ def main() -> int:
         # load a normal run, one daemon, does not have; it does the attackers' work)
         stand_in = SluiceMount(base / "vol-attacked", base / "mnt-attacked", size="1G",
                                options=("--idle-poll", "0"))
-    result: dict[str, Any] = {"samples": n, "load_start": loadavg(),
+    jitter = machine_jitter()
+    log(f"the machine before: {jitter_line(jitter)}")
+    result: dict[str, Any] = {"samples": n, "load_start": loadavg(), "jitter_before": jitter,
                               "floor": bool(args.floor),
                               "mountpoints": [str(base / "mnt")] + (
                                   [str(stand_in.mountpoint)] if stand_in else [])}
@@ -1217,7 +1260,10 @@ def main() -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
         if "epochs" in result:
+            result["jitter_after"] = machine_jitter()
             print_epochs(result["epochs"], result["load_start"], floor=args.floor)
+            print(f"the machine, a thread alone on each CPU: before {jitter_line(jitter)}; "
+                  f"after {jitter_line(result['jitter_after'])}")
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]
