@@ -209,15 +209,21 @@ def mount_helper() -> Path:
     if shutil.which("mount") is None:
         pytest.skip("mount(8) is not installed")
     made = False
+    stale = None
     if not HELPER.exists():
         if os.geteuid() != 0 or not VENV_HELPER.exists() or not HELPER.parent.is_dir():
             pytest.skip(f"{HELPER} is missing and cannot be created "
                         f"(needs root and {VENV_HELPER})")
+        if HELPER.is_symlink():  # left pointing at a clone that is gone
+            stale = os.readlink(HELPER)
+            HELPER.unlink()
         os.symlink(VENV_HELPER, HELPER)
         made = True
     yield HELPER
     if made:
         HELPER.unlink()
+        if stale is not None:
+            os.symlink(stale, HELPER)
 
 
 def test_mount_t_fuse_sluice(volume: Path, tmp_path: Path, mount_helper: Path) -> None:
