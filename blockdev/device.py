@@ -197,12 +197,13 @@ class Scheduler(Protocol):
         """Inside, the current task's requests are made as those of the task whose
         `task_flags()` these are."""
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
                    count: bool = True) -> float | None:
         """The time from which a request of `nbytes` of `principal`'s to be made past
         its limits may go, its place at the limits taken; None: at once."""
 
-    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
+                         ios: float = 1.0) -> None:
         """Sleep until the place `limit_slot` gave (`until`); a limit removed meanwhile
         ends it, a bank change gives it a new place at the limits then in force."""
 

@@ -403,7 +403,7 @@ class _Accounting:
         debt (see MClockScheduler): never in debt here."""
         return None
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
                    count: bool = True) -> float | None:
         """The time from which a request of `nbytes` of `principal`'s made past its
         limits (see MClockScheduler) may go, its place taken; None: at once. FIFO
@@ -420,7 +420,8 @@ class _Accounting:
         """Whether an I/O limit is on `principal`'s path. FIFO enforces none."""
         return False
 
-    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
+                         ios: float = 1.0) -> None:
         """Sleep until `until`, the place `limit_slot` gave a request of `nbytes`
         of `principal`'s; a limit removed meanwhile ends the wait, and a limit changed
         on its path re-counts the rest of it at the new limit (a limit raised on a live
@@ -702,10 +703,10 @@ class MClockScheduler(_Accounting):
                 until = at
         return until
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
                    count: bool = True) -> float | None:
-        """For a request of `nbytes` of `principal`'s that will be made past its limits
-        (`past_limits`: a write-through write, under locks others wait for), the time
+        """For `ios` requests of `nbytes` in all of `principal`'s that will be made past
+        its limits (`past_limits`: a write-through write, under locks others wait for), the time
         from which it may be made: each limited node on its path keeps a clock of the
         places given to its subtree's such requests, each place its cost at the node's
         limits, after the node's limit tags (what went past the limits without a place,
@@ -728,7 +729,7 @@ class MClockScheduler(_Accounting):
         for n in limited:
             at = max(at, self._slots.get(n.id, now), n.L_i, n.L_b)
         for n in limited:
-            self._slots[n.id] = at + self._owed_seconds(n, 1.0, float(nbytes))
+            self._slots[n.id] = at + self._owed_seconds(n, ios, float(nbytes))
         until = at if at > now else None
         if until is not None and count:
             # held back at its limit, before the request (`throttled` in the stats;
@@ -736,7 +737,8 @@ class MClockScheduler(_Accounting):
             self._c(principal).throttled += 1
         return until
 
-    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float) -> None:
+    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
+                         ios: float = 1.0) -> None:
         seen = self.banks_epoch
         while until > trio.current_time():
             with trio.move_on_at(until):
@@ -764,7 +766,7 @@ class MClockScheduler(_Accounting):
                     until = t + (until - t) * max(scales)
             seen = self.banks_epoch
             if redo:
-                again = self.limit_slot(principal, nbytes, count=False)
+                again = self.limit_slot(principal, nbytes, ios=ios, count=False)
                 if again is None:
                     return
                 until = again

@@ -96,11 +96,14 @@ class Layouts:
             return 0
         bs = self.block_size
         b0, b1 = block_span(offset, length, bs)
-        if self._extents(node).sealed_runs(b0, b1 - b0):
+        runs = self._extents(node).sealed_runs(b0, b1 - b0)
+        if runs:
             # The copy of sealed blocks below: its place at the writer's limits, before
             # the lock (its reads and writes under it then go past them: review of F1,
-            # R2). A layout of holes only makes no device request.
-            await self.kernel.repay_limit(grant.principal, (b1 - b0) * bs)
+            # R2), priced at what it does — each run read and written (probe 20, F4: the
+            # writes alone, 2x a bytes/s limit). A layout of holes makes no device request.
+            await self.kernel.repay_limit(grant.principal, 2 * sum(c for _b, c in runs) * bs,
+                                          ios=2 * len(runs))
         async with self._lock(node):
             with self.kernel.past_limits():
                 self._direct_node(grant)
@@ -283,7 +286,10 @@ class Layouts:
         self._writable()
         node = self._direct_node(grant)
         n = len(data)
-        await self.kernel.repay_limit(grant.principal, n)  # before the lock, as `write` does
+        # before the lock, as `write` does, priced at the blocks the append spans at the
+        # size seen now (probe 20, F2: priced at its bytes, 32 one-byte appends took
+        # their places at once, 16x a bytes/s limit)
+        await self.kernel.repay_limit(grant.principal, n, node.size)
         async with self._lock(node):
             self._direct_node(grant)  # revoked while waiting for the lock?
             offset = node.size

@@ -252,7 +252,11 @@ class Space:
         node = h.inode
         principal = h.grant.principal
         bs = self.block_size
-        await self.kernel.repay_limit(principal, self.block_size)  # before the lock
+        # Before the lock, priced at the blocks it writes: for a hole punched or a range
+        # zeroed, each block the range covers only partly (zeros merged in: two for a
+        # range across a block boundary; probe 20, F3), else one.
+        edges = len(partial_edges(offset, end, bs)) if op else 0
+        await self.kernel.repay_limit(principal, max(1, edges) * bs, ios=max(1, edges))
         async with self._lock(node):
             emap = self._extents(node)
             grows = not keep_size and end > node.size

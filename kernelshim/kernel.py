@@ -346,7 +346,7 @@ class Kernel(GrantTable, LowerLayers):
             done.set()
 
     async def repay_limit(self, principal: PrincipalId, nbytes: int,
-                          offset: int | None = None) -> None:
+                          offset: int | None = None, *, ios: float = 1.0) -> None:
         """Write-through: give the request that writes `nbytes` of `principal`'s its
         place at the I/O limits on its path and wait for it (`Scheduler.limit_slot`):
         its device requests then go past the limits under the locks (`write`,
@@ -356,6 +356,9 @@ class Kernel(GrantTable, LowerLayers):
         burst; review of d4a70cd, 2). The read a partial block's merge may need is
         not priced (the pool often holds the block: R1); its request advances the
         limit tags, after which later places come, so it is repaid by the next ones.
+        `ios`: the device requests the place is for (`nbytes` in all), when the caller
+        knows them to be more than one (a layout's copy reads and writes; a hole
+        punched between two partial blocks writes both).
 
         Write-back: pace a request that dirties `nbytes` of `principal`'s
         while it owes a limited node on its path more than LIMIT_DEBT_SLACK seconds
@@ -402,9 +405,9 @@ class Kernel(GrantTable, LowerLayers):
                 # (the device writes whole blocks: a 16-byte write is a block's bytes)
                 b0, b1 = block_span(offset, nbytes, self.block_size)
                 nbytes = (b1 - b0) * self.block_size
-            until = sched.limit_slot(principal, nbytes)
+            until = sched.limit_slot(principal, nbytes, ios=ios)
             if until is not None:
-                await sched.wait_place(principal, nbytes, until)
+                await sched.wait_place(principal, nbytes, until, ios)
             return
         await self.pager.pay_paced(principal, -(-nbytes // self.device.block_size))
         until = sched.limit_pace(principal, nbytes, LIMIT_DEBT_SLACK, LIMIT_DEBT_MIN_WAIT)

@@ -253,6 +253,43 @@ async def test_a_burst_is_paced_per_write_while_in_debt(
     await fs.close_direct(grant)
 
 
+async def test_places_are_priced_at_what_the_device_does(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe 20, F2-F4: a write-through request takes its place at its writer's I/O
+    limits before the lock, priced at what it will make the device do. A direct
+    append was priced at its bytes (32 one-byte appends: 16x an 8 KiB/s limit in a
+    burst), a write layout's copy at its writes only (2x), a hole punched across a
+    block boundary at one block (its two partial blocks' writes: 2-4x). Each is priced
+    at its blocks now: the append at those it spans from the size seen, the copy read
+    and written, the punch at each partly covered block."""
+    from fs.space import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+    fs = vol.fs
+    assert fs is not None
+    ino, grant, _model = await committed_file(vol, 8)
+    priced: list[tuple[int, int, float]] = []
+    real = fs.kernel.repay_limit
+
+    async def pace(principal, nbytes, offset=None, *, ios=1.0):  # type: ignore[no-untyped-def]
+        priced.append((nbytes if offset is None else -1, offset or 0, ios))
+        await real(principal, nbytes, offset, ios=ios)
+
+    monkeypatch.setattr(fs.kernel, "repay_limit", pace)
+    await fs.append_direct(grant, memoryview(b"x"))
+    # the kernel prices it at the block it spans from the offset given: the size
+    assert priced[-1][1] == 8 * BS
+    await fs.layout_get(grant, 0, 3 * BS)  # three sealed blocks, one run: read, written
+    assert priced[-1] == (2 * 3 * BS, 0, 2)
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:
+        await fs.fallocate(h.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * BS - 100, 200)
+        assert priced[-1] == (2 * BS, 0, 2)
+        await fs.fallocate(h.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 * BS, 2 * BS)
+        assert priced[-1] == (BS, 0, 1)  # whole blocks: a place of one
+    finally:
+        await fs.release(h.fh)
+    await fs.close_direct(grant)
+
+
 # -- the shim server's side ---------------------------------------------------------------
 
 BLOCKS = 64
