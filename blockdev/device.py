@@ -205,7 +205,7 @@ class Scheduler(Protocol):
     async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
                          ios: float = 1.0) -> None:
         """Sleep until the place `limit_slot` gave (`until`); a limit removed meanwhile
-        ends it, a bank change gives it a new place at the limits then in force."""
+        ends it, a limit changed on the path re-counts the rest of it at the new one."""
 
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path."""

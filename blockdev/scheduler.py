@@ -115,11 +115,11 @@ _INF = math.inf
 #: kinds of request (`slot(..., kind=...)`)
 READ, WRITE, DISCARD, FLUSH = "read", "write", "discard", "flush"
 KINDS = (READ, WRITE, DISCARD, FLUSH)
-#: the task inside `never_expedited()`: its writes are never expedited
+#: the task inside `never_expedited()` (a weak reference): its writes are never expedited
 _NEVER_EXPEDITED: contextvars.ContextVar[object] = contextvars.ContextVar(
     "sluice_never_expedited", default=None)
-#: the task inside `past_limits()`: its requests are never held by a limit
-#: (The task itself, not True: a task spawned inside copies the context, and must not
+#: the task inside `past_limits()` (a weak reference): its requests are never held by a
+#: limit (The task, not True: a task spawned inside copies the context, and must not
 #: inherit the flag. pyfuse3 starts a new worker from the handler that blocks, so a
 #: worker started by a write-through write under `past_limits()` served every later
 #: FUSE read of the mount past the limits: the quick QoS benchmark's limited reader
@@ -543,8 +543,8 @@ class MClockScheduler(_Accounting):
         #: per limited node, when the places its subtree's requests made past their
         #: limits have been given up to (`limit_slot`)
         self._slots: dict[PrincipalId, float] = {}
-        #: bumped by every `configure_banks`: a place (`limit_slot`) taken at the old
-        #: limits is asked for again (the kernel's `repay_limit`)
+        #: bumped by every `configure_banks` (`wait_place` applies the limit changes
+        #: logged since the epoch it last saw)
         self.banks_epoch = 0
         #: set (and replaced) by a `configure_banks` that changed a limit: wakes
         #: `wait_place`
