@@ -96,14 +96,17 @@ class Layouts:
             return 0
         bs = self.block_size
         b0, b1 = block_span(offset, length, bs)
-        runs = self._extents(node).sealed_runs(b0, b1 - b0)
+        # The copy of sealed blocks below: its place at the writer's limits, before the
+        # lock (its reads and writes under it then go past them: review of F1, R2),
+        # priced at what it does — the runs it copies (the first LAYOUT_COW_RUNS), each
+        # piece of COPY_BLOCKS read and written (probe 20, F4: the writes alone, 2x a
+        # bytes/s limit; the runs past the cap, which it leaves, priced too: review of
+        # 5422135, F1-F2). A layout of holes makes no device request.
+        runs = self._extents(node).sealed_runs(b0, b1 - b0)[:LAYOUT_COW_RUNS]
         if runs:
-            # The copy of sealed blocks below: its place at the writer's limits, before
-            # the lock (its reads and writes under it then go past them: review of F1,
-            # R2), priced at what it does — each run read and written (probe 20, F4: the
-            # writes alone, 2x a bytes/s limit). A layout of holes makes no device request.
-            await self.kernel.repay_limit(grant.principal, 2 * sum(c for _b, c in runs) * bs,
-                                          ios=2 * len(runs))
+            await self.kernel.repay_limit(
+                grant.principal, 2 * sum(c for _b, c in runs) * bs,
+                ios=2 * sum(-(-c // COPY_BLOCKS) for _b, c in runs))
         async with self._lock(node):
             with self.kernel.past_limits():
                 self._direct_node(grant)

@@ -290,6 +290,44 @@ async def test_places_are_priced_at_what_the_device_does(
     await fs.close_direct(grant)
 
 
+async def test_a_layouts_place_is_priced_at_the_copy_it_makes(
+        vol: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review of 5422135, F1-F2: a write layout copies at most LAYOUT_COW_RUNS sealed runs
+    a call, each in pieces of COPY_BLOCKS (a read and a write each), but its place was
+    priced at every sealed run of the range and two requests a run: runs past the cap
+    were paid for and left sealed, and paid again by the next call (5.5x over ten calls
+    with the cap at 4; a 16 s wait for a 2 s copy at 1 MB/s)."""
+    import fs.layouts as layouts
+    from fs.space import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+    fs = vol.fs
+    assert fs is not None
+    ino = await write_file(fs, b"f", bytes(fill(1, 12 * BS)))
+    h = fs.open(ino, os.O_RDWR, CALLER)
+    try:  # sealed runs [0, 3), [4, 7), [8, 12)
+        for b in (3, 7):
+            await fs.fallocate(h.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, b * BS, BS)
+    finally:
+        await fs.release(h.fh)
+    await fs.sync()
+    grant = fs.grant_direct(fs.inode(ino), True, True, CALLER)
+    monkeypatch.setattr(layouts, "LAYOUT_COW_RUNS", 2)
+    monkeypatch.setattr(layouts, "COPY_BLOCKS", 2)
+    priced: list[tuple[int, float]] = []
+    real = fs.kernel.repay_limit
+
+    async def pace(principal, nbytes, offset=None, *, ios=1.0):  # type: ignore[no-untyped-def]
+        priced.append((nbytes, ios))
+        await real(principal, nbytes, offset, ios=ios)
+
+    monkeypatch.setattr(fs.kernel, "repay_limit", pace)
+    await fs.layout_get(grant, 0, 12 * BS)
+    # the first two runs, 3 blocks each, read and written in pieces of 2 blocks
+    assert priced == [(2 * 6 * BS, 2 * (2 + 2))]
+    await fs.layout_get(grant, 0, 12 * BS)  # the third run, left by the first call
+    assert priced[-1] == (2 * 4 * BS, 2 * 2)
+    await fs.close_direct(grant)
+
+
 # -- the shim server's side ---------------------------------------------------------------
 
 BLOCKS = 64
