@@ -252,11 +252,20 @@ class Space:
         node = h.inode
         principal = h.grant.principal
         bs = self.block_size
-        # Before the lock, priced at the blocks it writes: for a hole punched or a range
-        # zeroed, each block the range covers only partly (zeros merged in: two for a
-        # range across a block boundary; probe 20, F3), else one.
-        edges = len(partial_edges(offset, end, bs)) if op else 0
-        await self.kernel.repay_limit(principal, max(1, edges) * bs, ios=max(1, edges))
+        # Before the lock, priced at the blocks it will write (probe 20, F3; review of
+        # 5422135, F3): for a hole punched or a range zeroed, each block the range
+        # covers only partly that holds data (zeros merged in); when the file grows,
+        # its last block if partly covered and holding data (`_zero_past_eof`). Holes
+        # and unwritten blocks are written nothing.
+        emap0 = self._extents(node)
+
+        def holds_data(pos: int) -> bool:
+            seg = emap0.segments(pos // bs, 1)[0]
+            return seg.dev_block != HOLE and seg.state != UNWRITTEN
+        writes = sum(1 for a, _b in partial_edges(offset, end, bs) if holds_data(a)) if op else 0
+        if not keep_size and end > node.size and node.size % bs and holds_data(node.size):
+            writes += 1
+        await self.kernel.repay_limit(principal, writes * bs, ios=max(1, writes))
         async with self._lock(node):
             emap = self._extents(node)
             grows = not keep_size and end > node.size

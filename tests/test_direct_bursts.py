@@ -284,7 +284,11 @@ async def test_places_are_priced_at_what_the_device_does(
         await fs.fallocate(h.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * BS - 100, 200)
         assert priced[-1] == (2 * BS, 0, 2)
         await fs.fallocate(h.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 * BS, 2 * BS)
-        assert priced[-1] == (BS, 0, 1)  # whole blocks: a place of one
+        assert priced[-1] == (0, 0, 1)  # whole blocks: nothing written (review of 5422135, F3)
+        await fs.fallocate(h.fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5 * BS - 10, 20)
+        assert priced[-1] == (0, 0, 1)  # inside the hole just punched: nothing either
+        await fs.fallocate(h.fh, 0, 20 * BS, BS)  # grows the file: its partial last block
+        assert priced[-1] == (BS, 0, 1)
     finally:
         await fs.release(h.fh)
     await fs.close_direct(grant)
