@@ -189,14 +189,6 @@ class Scheduler(Protocol):
         """None when `principal` owes no limited node more than `slack`; else the time
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
-    def task_flags(self) -> tuple[bool, bool]:
-        """The current task's (`never_expedited`, `past_limits`), which a task it
-        spawns does not inherit: for one that works on its behalf to carry."""
-
-    def carrying(self, flags: tuple[bool, bool]) -> ContextManager[None]:
-        """Inside, the current task's requests are made as those of the task whose
-        `task_flags()` these are."""
-
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
                    count: bool = True) -> float | None:
         """The time from which a request of `nbytes` of `principal`'s to be made past

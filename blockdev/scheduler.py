@@ -96,7 +96,7 @@ import dataclasses
 import math
 import weakref
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Awaitable, Callable, Iterator
 
 import outcome
@@ -123,8 +123,8 @@ _NEVER_EXPEDITED: contextvars.ContextVar[object] = contextvars.ContextVar(
 #: inherit the flag. pyfuse3 starts a new worker from the handler that blocks, so a
 #: worker started by a write-through write under `past_limits()` served every later
 #: FUSE read of the mount past the limits: the quick QoS benchmark's limited reader
-#: at twice its limit. A task that should carry it, a write-behind, is given it:
-#: `task_flags`, `carrying`.)
+#: at twice its limit. No task works on a flagged task's behalf: the pager's
+#: write-behinds run only under write-back, where no write is made past its limits.)
 _PAST_LIMITS: contextvars.ContextVar[object] = contextvars.ContextVar(
     "sluice_past_limits", default=None)
 
@@ -376,20 +376,6 @@ class _Accounting:
             yield
         finally:
             _PAST_LIMITS.reset(token)
-
-    @staticmethod
-    def task_flags() -> tuple[bool, bool]:
-        """The current task's (`never_expedited`, `past_limits`): for a task it starts
-        on its behalf to carry (`carrying`); a spawned task does not inherit them."""
-        return _mine(_NEVER_EXPEDITED), _mine(_PAST_LIMITS)
-
-    @contextmanager
-    def carrying(self, flags: tuple[bool, bool]) -> Iterator[None]:
-        """Inside, the current task's requests are made as those of the task whose
-        `task_flags()` these are."""
-        with self.never_expedited() if flags[0] else nullcontext(), \
-                self.past_limits() if flags[1] else nullcontext():
-            yield
 
     def limit_debt(self, principal: PrincipalId) -> float:
         """Seconds `principal` still owes its I/O limits for dispatched requests (those

@@ -177,20 +177,16 @@ class WriteBack(DirtyBounds):
         self._behind[p] = self._behind.get(p, 0) + n
         self._behind_total += n
         self._behind_blocks[p] = self._behind_blocks.get(p, 0) + len(mv) // self.block_size
-        # (made as the writer's request would have been: past its limits under a
-        # write-through write's locks, which a later request of these blocks waits for)
-        flags = self.device.scheduler.task_flags()
-        self._behind_nursery.start_soon(self._write_behind, block, mv, p, claim, flags,
+        self._behind_nursery.start_soon(self._write_behind, block, mv, p, claim,
                                         name="pager write-behind")
 
-    async def _write_behind(self, block: int, mv: memoryview, p: int, claim: int,
-                            flags: tuple[bool, bool]) -> None:
+    async def _write_behind(self, block: int, mv: memoryview, p: int, claim: int) -> None:
         n = _held(mv)
         try:
             # Shielded: the write was acknowledged, so a pager that is stopping (an
             # unmount cancels the nursery before the final sync) lets it land rather
             # than lose it; the work is bounded (WRITE_BEHIND_BYTES per principal).
-            with trio.CancelScope(shield=True), self.device.scheduler.carrying(flags):
+            with trio.CancelScope(shield=True):
                 await self.device.write(BlockNo(block), mv, principal=PrincipalId(p),
                                         claim=claim)
         except BaseException as exc:

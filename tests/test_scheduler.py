@@ -53,6 +53,15 @@ def dev(tmp_path: Path, request: pytest.FixtureRequest):
     device.close()
 
 
+def _kernel(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The shim kernel over a fresh device of this file's profile (the caller closes it)."""
+    from kernelshim import Kernel
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    return Kernel.open(d, cache_bytes=64 * BS)
+
+
 class Load:
     """Drives principals against a device and records each completion time."""
 
@@ -296,11 +305,7 @@ async def test_a_raised_limit_shortens_the_waits_it_held(tmp_path: Path,
     after a raise from 0.2 to 1,000 IOPS). The tags' future is counted again at the
     new limit, and a write-through write waiting for its place (`repay_limit`, before
     any lock) takes a new one."""
-    from kernelshim import Kernel
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
-    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    kernel = _kernel(tmp_path)
     dev = kernel.device
     try:
         dev.timeline_slack = 0.0
@@ -349,11 +354,7 @@ async def test_bank_changes_keep_the_places_and_their_order(tmp_path: Path,
     a path's limits alone leaves its places alone, and one that changes them re-counts
     the rest of each wait in place, keeping the order. A unit no longer limited holds
     nothing though the other still does."""
-    from kernelshim import Kernel
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
-    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    kernel = _kernel(tmp_path)
     try:
         kernel.device.timeline_slack = 0.0
         banks = tree(node(1, io_limit_iops=1), node(2))
@@ -403,11 +404,7 @@ async def test_small_writes_take_places_of_whole_blocks(tmp_path: Path,
     concurrent 16-byte writes (each a whole block on the device) took their places at
     once under an 8 KiB/s limit: 17x the limit in a burst. With its offset, a write is
     priced at the blocks it spans."""
-    from kernelshim import Kernel
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
-    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    kernel = _kernel(tmp_path)
     try:
         kernel.configure_banks(tree(node(1, io_limit_bps=8192)))
         done: list[float] = []
@@ -778,11 +775,8 @@ async def test_commit_is_not_stalled_by_a_throttled_writer(tmp_path: Path,
     limit before they begin, as their callers do it (`repay_limit`: before any lock,
     and so outside the writes a barrier waits for; hostile probe 7, F1), and go past
     it once begun: the 8 still go at 1 IOPS."""
-    from kernelshim import FRESH, ExtentMap, Kernel, Rights
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
-    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    from kernelshim import FRESH, ExtentMap, Rights
+    kernel = _kernel(tmp_path)
     try:
         kernel.device.timeline_slack = 0.0
         kernel.configure_banks(tree(node(1, io_limit_iops=1), node(2)))
@@ -827,11 +821,8 @@ async def test_an_fsyncs_barrier_is_charged_to_the_asker_and_not_held_by_its_lim
     """Hostile-probe finding 14: the flush of a barrier an fsync asks for is the
     asker's I/O (its bank, its statistics), not root's; but it runs while every writer
     waits, so the asker's I/O limit does not hold it (expedited, repaid afterwards)."""
-    from kernelshim import FRESH, ExtentMap, Kernel, Rights
-    d = tmp_path / "vol"
-    d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
-    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    from kernelshim import FRESH, ExtentMap, Rights
+    kernel = _kernel(tmp_path)
     try:
         kernel.device.timeline_slack = 0.0
         kernel.configure_banks(tree(node(1, io_limit_iops=1), node(2)))
