@@ -55,6 +55,7 @@ from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
 from .errors import ChecksumError, DeviceError, DeviceFull, FormatError, OutOfRange
 from .faults import FaultPlan, FaultyBacking
 from .profiles import PROFILES, Capacity, TimingProfile, parse_profile
+from .places import Place
 from .recording import RecordLog
 from .scheduler import DISCARD, FLUSH, READ, WRITE, PrincipalIOStats, make_scheduler
 from .types import ROOT_PRINCIPAL, BankTree, BlockNo, PrincipalId
@@ -190,14 +191,18 @@ class Scheduler(Protocol):
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   count: bool = True) -> float | None:
-        """The time from which a request of `nbytes` of `principal`'s to be made past
-        its limits may go, its place at the limits taken; None: at once."""
+                   most_ios: float | None = None, count: bool = True) -> Place | None:
+        """The place at its limits of a request of `nbytes` of `principal`'s to be made
+        past them (it may go at the place's `until`); None: no limit. Inside
+        `place_scope()`, priced at `most_ios` and re-priced when the scope ends."""
 
-    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
-                         ios: float = 1.0) -> None:
-        """Sleep until the place `limit_slot` gave (`until`); a limit removed meanwhile
-        ends it, a limit changed on the path re-counts the rest of it at the new one."""
+    def place_scope(self) -> ContextManager[None]:
+        """Places taken inside by the current task are re-priced, when it ends, at the
+        requests it made past its limits inside it."""
+
+    async def wait_place(self, place: Place) -> None:
+        """Sleep until `place` may go (it moves earlier when a limit is raised or a
+        place before it was over-priced)."""
 
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path."""

@@ -95,7 +95,6 @@ import contextvars
 import dataclasses
 import math
 import weakref
-from collections import deque
 from contextlib import contextmanager
 from typing import Awaitable, Callable, Iterator
 
@@ -105,6 +104,7 @@ import trio
 from .anticipation import Anticipator, Pattern
 from .errors import OverReserved
 from .histogram import LatencyHistogram
+from .places import Place, PlaceBook
 from .mclock_tree import (Node, Req, activate, any_waiter, charge, expedited_write,
                           count_past, first_arrival, held_past, p_key,
                           rescale_limit_tags)
@@ -127,6 +127,26 @@ _NEVER_EXPEDITED: contextvars.ContextVar[object] = contextvars.ContextVar(
 #: write-behinds run only under write-back, where no write is made past its limits.)
 _PAST_LIMITS: contextvars.ContextVar[object] = contextvars.ContextVar(
     "sluice_past_limits", default=None)
+#: the task's open `place_scope()` (its task held weakly, as above)
+_SCOPE: contextvars.ContextVar[_PlaceScope | None] = contextvars.ContextVar(
+    "sluice_place_scope", default=None)
+
+
+class _PlaceScope:
+    """A task's `place_scope()`: the places it took priced at their most, and the
+    requests it has made past its limits since it began."""
+
+    __slots__ = ("task", "made", "places")
+
+    def __init__(self) -> None:
+        self.task = _me()
+        self.made = 0
+        self.places: list[Place] = []
+
+
+def _my_scope() -> _PlaceScope | None:
+    s = _SCOPE.get()
+    return s if s is not None and s.task() is trio.lowlevel.current_task() else None
 
 
 def _place_factor(old: tuple[float, float], new: tuple[float, float]) -> float | None:
@@ -390,11 +410,17 @@ class _Accounting:
         return None
 
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   count: bool = True) -> float | None:
-        """The time from which a request of `nbytes` of `principal`'s made past its
-        limits (see MClockScheduler) may go, its place taken; None: at once. FIFO
+                   most_ios: float | None = None, count: bool = True) -> Place | None:
+        """The place of a request of `nbytes` of `principal`'s made past its limits
+        (see MClockScheduler; it may go at the place's `until`); None: at once. FIFO
         holds nothing back."""
         return None
+
+    @contextmanager
+    def place_scope(self) -> Iterator[None]:
+        """Places taken inside are priced at their most and re-priced at the requests
+        made when it ends (see MClockScheduler). FIFO gives no places."""
+        yield
 
     def limit_clear_at(self, principal: PrincipalId) -> float | None:
         """When a request of `principal` will no longer be held by an I/O limit on its
@@ -406,14 +432,11 @@ class _Accounting:
         """Whether an I/O limit is on `principal`'s path. FIFO enforces none."""
         return False
 
-    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
-                         ios: float = 1.0) -> None:
-        """Sleep until `until`, the place `limit_slot` gave a request of `nbytes`
-        of `principal`'s; a limit removed meanwhile ends the wait, and a limit changed
-        on its path re-counts the rest of it at the new limit (a limit raised on a live
-        mount shortens the waits of the requests it held: review of hostile probe 7's
-        fixes, R3). FIFO gives no places."""
-        await trio.sleep_until(until)
+    async def wait_place(self, place: Place) -> None:
+        """Sleep until `place` (from `limit_slot`) may go; it moves earlier when a
+        limit on its path is raised or removed, or a place before it was over-priced
+        (see MClockScheduler). FIFO gives no places."""
+        await trio.sleep_until(place.until)
 
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
                latency_s: float, kind: str | None = None) -> None:
@@ -526,20 +549,9 @@ class MClockScheduler(_Accounting):
         #: per limited node in debt, when the requests that dirty frames of its
         #: subtree's have been paced up to (`limit_pace`)
         self._pace: dict[PrincipalId, float] = {}
-        #: per limited node, when the places its subtree's requests made past their
-        #: limits have been given up to (`limit_slot`)
-        self._slots: dict[PrincipalId, float] = {}
-        #: bumped by every `configure_banks` (`wait_place` applies the limit changes
-        #: logged since the epoch it last saw)
-        self.banks_epoch = 0
-        #: set (and replaced) by a `configure_banks` that changed a limit: wakes
-        #: `wait_place`
-        self._banks_changed = trio.Event()
-        #: the last limit changes (epoch, time, {node: `_place_factor`}), and the epoch
-        #: up to which some may have been forgotten
-        self._changes: deque[tuple[int, float, dict[PrincipalId, float | None]]] = \
-            deque(maxlen=256)
-        self._changes_floor = 0
+        #: per limited node, the places its subtree's requests made past their limits
+        #: were given (`limit_slot`, blockdev/places.py)
+        self._places = PlaceBook(self._place_cost)
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -579,19 +591,22 @@ class MClockScheduler(_Accounting):
             n.children = []
             n.active = []
         root = self._root
-        self.banks_epoch += 1
-        factors: dict[PrincipalId, float | None] = {}
+        new_limits = False
         for pid, n in nodes.items():
             b = tree.get(pid)
             old = (n.l_iops, n.l_bps)
             n.configure(b)
             if old != (n.l_iops, n.l_bps):
-                factors[pid] = f = _place_factor(old, (n.l_iops, n.l_bps))
-                slot = self._slots.get(pid)
-                if f is None or not f:
-                    self._slots.pop(pid, None)  # a limit new or gone: no places to keep
-                elif slot is not None and now is not None and slot > now:
-                    self._slots[pid] = now + (slot - now) * f
+                # The places given at the old limits are re-counted at the new ones, in
+                # their order; a limit gone holds no place, a new one is given places
+                # below (review of hostile probe 7's fixes, R3; of d4a70cd, 1 and 4).
+                f = _place_factor(old, (n.l_iops, n.l_bps))
+                if f is None:
+                    new_limits = True
+                elif not f:
+                    self._places.drop_node(pid, now if now is not None else _INF)
+                elif now is not None:
+                    self._places.rescale(pid, f, now)
                 if now is not None:
                     rescale_limit_tags(n, old, now)
             if pid == ROOT_PRINCIPAL:
@@ -600,14 +615,6 @@ class MClockScheduler(_Accounting):
             par = nodes.get(b.parent) if b is not None and b.parent is not None else None
             n.parent = par if par is not None else root
             n.parent.children.append(n)
-        if factors and now is not None:
-            # The places given at the old limits are re-counted at the new ones, in
-            # their order: `wait_place` applies the change to each waiting request.
-            if len(self._changes) == self._changes.maxlen:
-                self._changes_floor = self._changes[0][0]
-            self._changes.append((self.banks_epoch, now, factors))
-            changed, self._banks_changed = self._banks_changed, trio.Event()
-            changed.set()
         # paths, backlogs and active lists, top-down then bottom-up
         order: list[Node] = []
         stack = [root]
@@ -625,6 +632,17 @@ class MClockScheduler(_Accounting):
             n.active = [c for c in n.children if c.backlog]
             n.res_below = any(c.has_res or c.res_below for c in n.children)
         self._any_res = root.has_res or root.res_below
+        if new_limits and now is not None:
+            # A place waiting under a node newly limited takes a new place, on every
+            # limited node of its path, in the order they were waiting.
+            for p in self._places.waiting(now):
+                node = nodes.get(p.principal)
+                if node is not None and any(n.has_lim and n.id not in p.starts
+                                            for n in node.path):
+                    self._places.withdraw(p, now)
+                    self._take_place(p, node, now)
+                    if p.woken is not None:
+                        p.woken.set()
         if self._antic is not None:
             for n in nodes.values():
                 if n.has_res and n.pattern is None:
@@ -690,72 +708,78 @@ class MClockScheduler(_Accounting):
         return until
 
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   count: bool = True) -> float | None:
+                   most_ios: float | None = None, count: bool = True) -> Place | None:
         """For `ios` requests of `nbytes` in all of `principal`'s that will be made past
-        its limits (`past_limits`: a write-through write, under locks others wait for), the time
-        from which it may be made: each limited node on its path keeps a clock of the
-        places given to its subtree's such requests, each place its cost at the node's
-        limits, after the node's limit tags (what went past the limits without a place,
-        a barrier's expedited requests, is repaid so), so that together they go at
-        the limits, with no burst, and none waits for a limit under a lock (hostile
-        probe 7, F1). None: at once (no limit, or its place is now). Taken whether or
-        not the caller waits for it."""
-        node = self._nodes.get(principal)
-        if node is None:
-            return None
-        now = trio.current_time()
-        limited = [n for n in node.path if n.has_lim]
-        if not limited:
-            return None
-        # (after the places given, and after each node's limit tags: what went past
-        # the limits without a place — a barrier's expedited writes and flushes — is
-        # repaid so; the request goes when every node on its path has room, and each
-        # node's next place is after that)
-        at = now
-        for n in limited:
-            at = max(at, self._slots.get(n.id, now), n.L_i, n.L_b)
-        for n in limited:
-            self._slots[n.id] = at + self._owed_seconds(n, ios, float(nbytes))
-        until = at if at > now else None
-        if until is not None and count:
-            # held back at its limit, before the request (`throttled` in the stats;
-            # `count` false: a place asked for again, `wait_place`)
-            self._c(principal).throttled += 1
-        return until
+        its limits (`past_limits`: a write-through write, under locks others wait for),
+        its place: each limited node on its path keeps a line of the places given to
+        its subtree's such requests, each place its cost at the node's limits, none
+        before the node's limit tags (what went past the limits without a place, a
+        barrier's expedited requests, is repaid so), so that together they go at the
+        limits, with no burst, and none waits for a limit under a lock (hostile probe
+        7, F1). It may go at the place's `until` (`wait_place`). None: no limit on the
+        path. Taken whether or not the caller waits for it.
 
-    async def wait_place(self, principal: PrincipalId, nbytes: int, until: float,
-                         ios: float = 1.0) -> None:
-        seen = self.banks_epoch
-        while until > trio.current_time():
-            with trio.move_on_at(until):
-                await self._banks_changed.wait()
-            if seen == self.banks_epoch:
-                continue
-            # A limit changed: the rest of the wait is re-counted at the new limits,
-            # as the node's clock of places was (`configure_banks`), so the requests
-            # waiting keep their order (review of d4a70cd, 1).
-            node = self._nodes.get(principal)
-            if node is None or not self.limited(principal):
-                return
-            path = {n.id for n in node.path}
-            redo = seen < self._changes_floor
-            for epoch, t, factors in self._changes:
-                if epoch <= seen or redo:
-                    continue
-                mine = [f for pid, f in factors.items() if pid in path]
-                if not mine:
-                    continue
-                scales = [f for f in mine if f]
-                if len(scales) < len(mine):
-                    redo = True  # a limit on the path new or removed: a new place
-                elif until > t:
-                    until = t + (until - t) * max(scales)
-            seen = self.banks_epoch
-            if redo:
-                again = self.limit_slot(principal, nbytes, ios=ios, count=False)
-                if again is None:
-                    return
-                until = again
+        Inside the task's `place_scope()`, a request that may make up to `most_ios`
+        requests is priced at that many, and re-priced when the scope ends at the
+        requests it made past its limits (at least `ios`): the places after it move
+        back by the difference (blockdev/places.py; hostile probe 8, F1)."""
+        node = self._nodes.get(principal)
+        if node is None or not any(n.has_lim for n in node.path):
+            return None
+        place = Place(principal, nbytes, ios)
+        scope = None
+        if most_ios is not None and most_ios > ios:
+            scope = _my_scope()
+            if scope is not None:
+                place.ios = most_ios
+                place.open = True
+        now = trio.current_time()
+        self._take_place(place, node, now)
+        if scope is not None:
+            scope.places.append(place)
+        if count and place.until > now:
+            # held back at its limit, before the request (`throttled` in the stats)
+            self._c(principal).throttled += 1
+        return place
+
+    def _take_place(self, place: Place, node: Node, now: float) -> None:
+        self._places.take(place, [(n.id, max(now, n.L_i, n.L_b))
+                                  for n in node.path if n.has_lim], now)
+
+    def _place_cost(self, pid: PrincipalId, ios: float, nbytes: int) -> float:
+        n = self._nodes.get(pid)
+        return 0.0 if n is None else self._owed_seconds(n, ios, float(nbytes))
+
+    async def wait_place(self, place: Place) -> None:
+        while place.until > trio.current_time():
+            woken = place.woken = trio.Event()
+            with trio.move_on_at(place.until):
+                await woken.wait()
+
+    @contextmanager
+    def place_scope(self) -> Iterator[None]:
+        """Places taken inside by the current task (`limit_slot` with `most_ios`) are
+        priced at their most, and when it ends re-priced at the requests the task made
+        past its limits inside it (in the order taken, each at least its `ios`). For a
+        write-through write whose device requests are known only under its locks (a
+        relocation into fresh blocks: one request per run). Nested: the outermost
+        counts."""
+        if _my_scope() is not None:
+            yield
+            return
+        scope = _PlaceScope()
+        token = _SCOPE.set(scope)
+        try:
+            yield
+        finally:
+            _SCOPE.reset(token)
+            if scope.places:
+                now = trio.current_time()
+                made = scope.made
+                for p in scope.places:
+                    use = min(p.ios, max(p.least, float(made)))
+                    made = max(0, made - int(use))
+                    self._places.reprice(p, use, now)
 
     def _owed_on_path(self, principal: PrincipalId, now: float
                       ) -> Iterator[tuple[Node, float]]:
@@ -841,6 +865,10 @@ class MClockScheduler(_Accounting):
         node = self._nodes.get(principal) or self._node(principal)
         never = _mine(_NEVER_EXPEDITED)
         past = not never and _mine(_PAST_LIMITS)
+        if past:
+            scope = _my_scope()
+            if scope is not None:
+                scope.made += 1  # (what its places are re-priced at)
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
                   barrier=(write or flush) and not never, past_limits=past)
         may_go = past or self._may_go(node, now)

@@ -144,15 +144,16 @@ class OpenFiles:
         # The writer's expedited write-back is repaid here, before the inode lock: a
         # wait under it held other tenants' writes of a shared file, its unlink and
         # the discard task (review of probe 5, P4).
-        await self.kernel.repay_limit(h.grant.principal, len(data), offset)
-        async with self._lock(node):
-            if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
-                await self._undiscard_locked(node)
-            if h.append:
-                offset = node.size
-            n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
-            if n and h.kill_priv and self._kill_priv(h, save=False):
-                self._save(node, "mode")
+        with self.kernel.limit_scope(h.grant.principal):  # (re-priced at the requests made)
+            await self.kernel.repay_limit(h.grant.principal, len(data), offset)
+            async with self._lock(node):
+                if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
+                    await self._undiscard_locked(node)
+                if h.append:
+                    offset = node.size
+                n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
+                if n and h.kill_priv and self._kill_priv(h, save=False):
+                    self._save(node, "mode")
         return n
 
     async def _write_locked(self: FileSystem, node: Inode, grant: Grant, offset: int,

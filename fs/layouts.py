@@ -102,38 +102,40 @@ class Layouts:
         # piece of COPY_BLOCKS read and written (probe 20, F4: the writes alone, 2x a
         # bytes/s limit; the runs past the cap, which it leaves, priced too: review of
         # 5422135, F1-F2). A layout of holes makes no device request.
-        runs = self._extents(node).sealed_runs(b0, b1 - b0)[:LAYOUT_COW_RUNS]
-        if runs:
-            await self.kernel.repay_limit(
-                grant.principal, 2 * sum(c for _b, c in runs) * bs,
-                ios=2 * sum(-(-c // COPY_BLOCKS) for _b, c in runs))
-        async with self._lock(node):
-            with self.kernel.past_limits():
-                self._direct_node(grant)
-                self._direct_kill_priv(node, grant)
-                emap = self._extents(node)
-                n = await self._allocate(node, emap, b0, b1 - b0, grant.principal)
-                if n:
-                    self._save_extents(node)
-                    self._save(node, "blocks")
-                # Sealed blocks in the range are copied to fresh ones the client may write
-                # in place (a pNFS copy-on-write layout): the first LAYOUT_COW_RUNS runs,
-                # the loop given back after each (the file's lock is held meanwhile).
-                for k, (fb, cnt) in enumerate(emap.sealed_runs(b0, b1 - b0)):
-                    if k >= LAYOUT_COW_RUNS:
-                        break
-                    if k:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    g = self.kernel.grant(inode=node.id, generation=node.generation,
-                                          extents=emap, rights=Rights.RW,
-                                          principal=grant.principal, charge=False)
-                    try:
-                        for at in range(fb, fb + cnt, COPY_BLOCKS):
-                            k = min(COPY_BLOCKS, fb + cnt - at)
-                            old = bytes(await self.kernel.read(g, at * bs, k * bs))
-                            await self._write_data(node, g, at * bs, old)
-                    finally:
-                        self.kernel.release(g)
+        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+            runs = self._extents(node).sealed_runs(b0, b1 - b0)[:LAYOUT_COW_RUNS]
+            if runs:
+                await self.kernel.repay_limit(
+                    grant.principal, 2 * sum(c for _b, c in runs) * bs,
+                    ios=2 * sum(-(-c // COPY_BLOCKS) for _b, c in runs),
+                    most_ios=2 * sum(c for _b, c in runs))  # (a request a block at most)
+            async with self._lock(node):
+                with self.kernel.past_limits():
+                    self._direct_node(grant)
+                    self._direct_kill_priv(node, grant)
+                    emap = self._extents(node)
+                    n = await self._allocate(node, emap, b0, b1 - b0, grant.principal)
+                    if n:
+                        self._save_extents(node)
+                        self._save(node, "blocks")
+                    # Sealed blocks in the range are copied to fresh ones the client may write
+                    # in place (a pNFS copy-on-write layout): the first LAYOUT_COW_RUNS runs,
+                    # the loop given back after each (the file's lock is held meanwhile).
+                    for k, (fb, cnt) in enumerate(emap.sealed_runs(b0, b1 - b0)):
+                        if k >= LAYOUT_COW_RUNS:
+                            break
+                        if k:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                        g = self.kernel.grant(inode=node.id, generation=node.generation,
+                                              extents=emap, rights=Rights.RW,
+                                              principal=grant.principal, charge=False)
+                        try:
+                            for at in range(fb, fb + cnt, COPY_BLOCKS):
+                                k = min(COPY_BLOCKS, fb + cnt - at)
+                                old = bytes(await self.kernel.read(g, at * bs, k * bs))
+                                await self._write_data(node, g, at * bs, old)
+                        finally:
+                            self.kernel.release(g)
         return n
 
     async def write_relocating(self: FileSystem, grant: Grant, offset: int,
@@ -147,11 +149,12 @@ class Layouts:
         NotAllocated for holes (those need a write layout: storage is charged there)."""
         self._writable()
         node = self._direct_node(grant)
-        await self.kernel.repay_limit(grant.principal, len(data), offset)  # before the lock
-        async with self._lock(node):
-            self._direct_node(grant)  # revoked while waiting for the lock?
-            self._direct_kill_priv(node, grant)
-            await self._write_data(node, grant, offset, data)
+        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+            await self.kernel.repay_limit(grant.principal, len(data), offset)  # before the lock
+            async with self._lock(node):
+                self._direct_node(grant)  # revoked while waiting for the lock?
+                self._direct_kill_priv(node, grant)
+                await self._write_data(node, grant, offset, data)
         return len(data)
 
     async def write_relocating_many(self: FileSystem, grant: Grant,
@@ -169,57 +172,58 @@ class Layouts:
         self._writable()
         node = self._direct_node(grant)
         bs = self.block_size
-        for off, data in writes:
-            # Each write paced on its own while the principal is in debt (at least
-            # LIMIT_DEBT_MIN_WAIT each, as one by one): paced once for all their bytes,
-            # a tenant in debt dirtied several times faster in bursts (review of
-            # direct6, B4). Not in debt: no wait, no checkpoint.
-            await self.kernel.repay_limit(grant.principal, len(data), off)
-        async with self._lock(node):
-            self._direct_node(grant)  # revoked while waiting for the lock?
-            emap = self._extents(node)
-            spans: list[tuple[int, int]] = []
-            for offset, data in writes:
-                if offset % bs or len(data) % bs or not data:
-                    return False
-                fb, n = offset // bs, len(data) // bs
-                if emap.sealed_runs(fb, n) != [(fb, n)]:
-                    return False
-                spans.append((fb, n))
-            self._direct_kill_priv(node, grant)
-            total = sum(n for _fb, n in spans)
-            await self._ensure_free(total, reserve=False, relocation=True)
-            got = self.alloc.allocate(total, relocation=True)
-            # (gives `got` back to the relocations' pool itself if it fails)
-            await self._reserve_host_space(got, relocation=True, cow=True,
-                                           principal=grant.principal)
-            # The new blocks, in allocation order, to the writes in their order.
-            blocks: list[tuple[int, int, memoryview]] = []
-            placed: list[tuple[int, int, int]] = []  # (file block, device block, count)
-            k = 0  # (run of `got`, blocks of it used)
-            used = 0
-            for (fb, n), (_offset, data) in zip(spans, writes):
-                at = 0
-                while at < n:
-                    start, length = got[k]
-                    m = min(n - at, length - used)
-                    blocks.append((fb + at, start + used, data[at * bs:(at + m) * bs]))
-                    placed.append((fb + at, start + used, m))
-                    at += m
-                    used += m
-                    if used == length:
-                        k, used = k + 1, 0
-            try:
-                await self.kernel.write_relocated(grant, blocks)
-            except BaseException:
-                self.alloc.give_back(got)  # never exposed: back to the relocations' pool
-                raise
-            freed: list[tuple[int, int]] = []
-            for fb, dev, m in placed:
-                freed.extend((d, c) for d, c, _o in emap.relocate(fb, dev, m))
-            self.alloc.free_later(freed, (node.id,), recycle=True)
-            self._unsealed.add(emap)
-            self._save_extents(node)
+        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+            for off, data in writes:
+                # Each write paced on its own while the principal is in debt (at least
+                # LIMIT_DEBT_MIN_WAIT each, as one by one): paced once for all their bytes,
+                # a tenant in debt dirtied several times faster in bursts (review of
+                # direct6, B4). Not in debt: no wait, no checkpoint.
+                await self.kernel.repay_limit(grant.principal, len(data), off)
+            async with self._lock(node):
+                self._direct_node(grant)  # revoked while waiting for the lock?
+                emap = self._extents(node)
+                spans: list[tuple[int, int]] = []
+                for offset, data in writes:
+                    if offset % bs or len(data) % bs or not data:
+                        return False
+                    fb, n = offset // bs, len(data) // bs
+                    if emap.sealed_runs(fb, n) != [(fb, n)]:
+                        return False
+                    spans.append((fb, n))
+                self._direct_kill_priv(node, grant)
+                total = sum(n for _fb, n in spans)
+                await self._ensure_free(total, reserve=False, relocation=True)
+                got = self.alloc.allocate(total, relocation=True)
+                # (gives `got` back to the relocations' pool itself if it fails)
+                await self._reserve_host_space(got, relocation=True, cow=True,
+                                               principal=grant.principal)
+                # The new blocks, in allocation order, to the writes in their order.
+                blocks: list[tuple[int, int, memoryview]] = []
+                placed: list[tuple[int, int, int]] = []  # (file block, device block, count)
+                k = 0  # (run of `got`, blocks of it used)
+                used = 0
+                for (fb, n), (_offset, data) in zip(spans, writes):
+                    at = 0
+                    while at < n:
+                        start, length = got[k]
+                        m = min(n - at, length - used)
+                        blocks.append((fb + at, start + used, data[at * bs:(at + m) * bs]))
+                        placed.append((fb + at, start + used, m))
+                        at += m
+                        used += m
+                        if used == length:
+                            k, used = k + 1, 0
+                try:
+                    await self.kernel.write_relocated(grant, blocks)
+                except BaseException:
+                    self.alloc.give_back(got)  # never exposed: back to the relocations' pool
+                    raise
+                freed: list[tuple[int, int]] = []
+                for fb, dev, m in placed:
+                    freed.extend((d, c) for d, c, _o in emap.relocate(fb, dev, m))
+                self.alloc.free_later(freed, (node.id,), recycle=True)
+                self._unsealed.add(emap)
+                self._save_extents(node)
         return True
 
     async def layout_commit(self: FileSystem, grant: Grant, offset: int, length: int) -> int:
@@ -292,15 +296,16 @@ class Layouts:
         # before the lock, as `write` does, priced at the blocks the append spans at the
         # size seen now (probe 20, F2: priced at its bytes, 32 one-byte appends took
         # their places at once, 16x a bytes/s limit)
-        await self.kernel.repay_limit(grant.principal, n, node.size)
-        async with self._lock(node):
-            self._direct_node(grant)  # revoked while waiting for the lock?
-            offset = node.size
-            if n:
-                self._direct_kill_priv(node, grant)
-                await self._write_locked(node, grant, offset, data, short_ok=False)
-                self.changed_behind_kernel(node, grant.principal)
-            return offset, node.size
+        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+            await self.kernel.repay_limit(grant.principal, n, node.size)
+            async with self._lock(node):
+                self._direct_node(grant)  # revoked while waiting for the lock?
+                offset = node.size
+                if n:
+                    self._direct_kill_priv(node, grant)
+                    await self._write_locked(node, grant, offset, data, short_ok=False)
+                    self.changed_behind_kernel(node, grant.principal)
+                return offset, node.size
 
     async def before_direct_change(self: FileSystem, grant: Grant) -> None:
         """A direct client is about to change the file's data (a write, an append, a

@@ -251,7 +251,9 @@ class FileOps(ServerBase):
             # A copy: the client may change its shared buffer meanwhile, and the daemon
             # must checksum exactly what it stores (else the tenant's own file reads as
             # a bad medium, and the device's error count rises for all).
-            await self._write_piece(g, offset + pos, bytearray(buf[pos:pos + k]), allocate)
+            with self.kernel.limit_scope(g.principal):  # (its place re-priced at the requests made)
+                await self._write_piece(g, offset + pos, bytearray(buf[pos:pos + k]),
+                                        allocate)
             pos += k
             if pos < length:
                 await self._yield_if_hogging()

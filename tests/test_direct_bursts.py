@@ -269,9 +269,10 @@ async def test_places_are_priced_at_what_the_device_does(
     priced: list[tuple[int, int, float]] = []
     real = fs.kernel.repay_limit
 
-    async def pace(principal, nbytes, offset=None, *, ios=1.0):  # type: ignore[no-untyped-def]
+    async def pace(principal, nbytes, offset=None, *,  # type: ignore[no-untyped-def]
+                   ios=1.0, **kw):
         priced.append((nbytes if offset is None else -1, offset or 0, ios))
-        await real(principal, nbytes, offset, ios=ios)
+        await real(principal, nbytes, offset, ios=ios, **kw)
 
     monkeypatch.setattr(fs.kernel, "repay_limit", pace)
     await fs.append_direct(grant, memoryview(b"x"))
@@ -319,9 +320,10 @@ async def test_a_layouts_place_is_priced_at_the_copy_it_makes(
     priced: list[tuple[int, float]] = []
     real = fs.kernel.repay_limit
 
-    async def pace(principal, nbytes, offset=None, *, ios=1.0):  # type: ignore[no-untyped-def]
+    async def pace(principal, nbytes, offset=None, *,  # type: ignore[no-untyped-def]
+                   ios=1.0, **kw):
         priced.append((nbytes, ios))
-        await real(principal, nbytes, offset, ios=ios)
+        await real(principal, nbytes, offset, ios=ios, **kw)
 
     monkeypatch.setattr(fs.kernel, "repay_limit", pace)
     await fs.layout_get(grant, 0, 12 * BS)

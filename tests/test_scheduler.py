@@ -428,6 +428,57 @@ async def test_small_writes_take_places_of_whole_blocks(tmp_path: Path,
         kernel.close()
 
 
+async def test_a_place_is_priced_at_its_most_and_repriced_at_what_it_made(
+        dev: BlockDevice, autojump_clock) -> None:
+    """Hostile probe 8, F1: a large overwrite relocated into fresh blocks that do not
+    continue each other goes down as one request per run, known only under the lock;
+    its place was priced as one request. 16 concurrent 128 KiB overwrites at a 4 IOPS
+    limit made 127 requests a second in the first seconds. Inside `place_scope()` a
+    place is priced at the most its write can make and re-priced at what it made when
+    the scope ends: fragmented writers go at the limit from the first wave, and writers
+    whose blocks turn out contiguous are not held for the others' most (R1)."""
+    sched = dev.scheduler
+    dev.configure_banks(tree(node(1, io_limit_iops=4)))
+    sent: list[float] = []
+
+    async def write(requests: int) -> None:
+        with sched.place_scope():
+            place = sched.limit_slot(P(1), 32 * BS, ios=1, most_ios=32)
+            assert place is not None
+            await sched.wait_place(place)
+            with sched.past_limits():  # (as under the inode lock)
+                for k in range(requests):
+                    await dev.write(k, bytes(BS), principal=P(1))
+                    sent.append(trio.current_time())
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:  # the first wave: 8 writers at once
+        for _ in range(8):
+            n.start_soon(write, 32)  # one request a block
+    # 256 requests at 4 a second: no second holds more than its 4 plus one write's 32
+    # (before: all 256 within 1.8 s)
+    for t in sent:
+        assert sum(1 for u in sent if t <= u < t + 1.0) <= 4 + 32
+    assert sent[-1] - t0 == pytest.approx(7 * 32 / 4, abs=0.1)
+    # contiguous blocks: one request each, re-priced at one, so the waiting writers'
+    # places move back and eight writes take 8 places' time, not 8 x 32
+    await trio.sleep(60)
+    sent.clear()
+    t1 = trio.current_time()
+    async with trio.open_nursery() as n:
+        for _ in range(8):
+            n.start_soon(write, 1)
+    assert len(sent) == 8
+    assert sent[-1] - t1 == pytest.approx(7 / 4, abs=0.05), [u - t1 for u in sent]
+    # outside a scope a place is priced at its least, as before
+    await trio.sleep(60)
+    t2 = trio.current_time()
+    for _ in range(3):
+        place = sched.limit_slot(P(1), 32 * BS, ios=1, most_ios=32)
+        assert place is not None
+    assert place.until - t2 == pytest.approx(2 / 4, abs=0.01)
+
+
 async def test_the_past_limits_flag_keeps_no_finished_task_alive(dev: BlockDevice) -> None:
     """Review of d4a70cd, 3: the flag held its task, and a task spawned inside copies
     the context, so a line of tasks each spawned by the last (pyfuse3's workers) kept
@@ -680,6 +731,82 @@ def test_a_limit_holds_reads_after_write_through_writes(volume: Path, mount_fact
     # at most the limit over the run (a loaded machine may only lower it); before:
     # 3-10x over it
     assert ops <= 50 * elapsed * 1.1 + 5, (ops, elapsed, reads)
+
+
+_FRAGMENTED_OVERWRITES = r"""
+import mmap, os, sys, threading, time
+path = sys.argv[1]
+def run(i):
+    buf = mmap.mmap(-1, 8 * 4096)
+    buf.write(bytes([65 + i]) * (8 * 4096))
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], i * 8 * 4096)  # 8 committed blocks: relocated
+    finally:
+        os.close(fd)
+t0 = time.monotonic()
+ts = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(time.monotonic() - t0)
+"""
+
+
+@pytest.mark.mounted
+@pytest.mark.exclusive
+def test_a_limited_tenants_fragmented_overwrites_go_at_its_limit(tmp_path: Path,
+                                                                  mount_factory) -> None:
+    """Hostile probe 8, F1: an overwrite of committed blocks is relocated into fresh
+    blocks, which on an aged volume do not continue each other — one device request a
+    block — but its place at the writer's limit was priced as one request: the first
+    wave of concurrent writers went down at once (127 requests a second at 4 IOPS).
+    Priced at the most it can make and re-priced at what it made, the tenant's writes go
+    at its limit from the first wave."""
+    import ctypes
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, make_volume, sluice
+    vol = make_volume(tmp_path / "small", "2M")  # 512 blocks
+    m = mount_factory(vol, "--cache-size", "1M").path
+    filler, target = m / "filler", m / "target"
+    for f, blocks in ((filler, 360), (target, 48)):
+        f.write_bytes(os.urandom(blocks * BS))
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(filler, os.O_RDWR)
+    try:  # the free space left in holes of one block
+        for b in range(0, 360, 2):
+            assert libc.fallocate(fd, 3, ctypes.c_long(b * BS), ctypes.c_long(BS)) == 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # committed (and the punches' commit made durable): relocated
+    finally:
+        os.close(fd)
+    os.chmod(target, 0o666)
+    sluice("principal", "add", str(m), "tenant", "--io-limit", "20iops")
+    before = _io(m)["io"].get("tenant", {}).get("ops", 0)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "fs.cli", "run", str(m), "--principal",
+                        "tenant", "--", sys.executable, "-c", _FRAGMENTED_OVERWRITES,
+                        str(target)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    elapsed = float(r.stdout)  # (the writes' own time: not the interpreter's start)
+    assert elapsed <= time.monotonic() - t0
+    ops = _io(m)["io"]["tenant"]["ops"] - before
+    data = target.read_bytes()
+    for i in range(6):
+        assert data[i * 8 * BS:(i + 1) * 8 * BS] == bytes([65 + i]) * (8 * BS)
+    # the writes went down as several requests each (fewer when a commit between them
+    # gave the next the blocks the last one freed, which continue each other)
+    assert ops >= 16, ops
+    # at the limit, plus the one write that goes at once (before: 25-48 requests in
+    # 0.4 s)
+    assert ops <= 20 * elapsed + 8 + 4, (ops, elapsed)
 
 
 @pytest.mark.mounted
