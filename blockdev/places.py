@@ -39,6 +39,12 @@ import trio
 from .types import PrincipalId
 
 _INF = math.inf
+#: a line this long has its gone places between those still waiting or open folded
+#: (`_compact`): gone places leave a line from its head only, and a place ahead of them
+#: may stay long — an open one until its write ends (its inode lock held by another, a
+#: busy device), one bound by another node's limit until then — while a tenant with a
+#: high limit takes places by the thousand a second, each gone at once
+MAX_LINE = 256
 
 
 class Place:
@@ -87,6 +93,8 @@ class PlaceBook:
         self._base: dict[PrincipalId, float] = {}
         #: per node, where its line ends: the next place starts there at the earliest
         self._end: dict[PrincipalId, float] = {}
+        #: per node, the length at which its line is next compacted (`_compact`)
+        self._compact_at: dict[PrincipalId, int] = {}
 
     def take(self, place: Place, floors: Iterable[tuple[PrincipalId, float]],
              now: float) -> None:
@@ -98,6 +106,8 @@ class PlaceBook:
                 line = self._lines[nid] = deque()
             else:
                 self._prune(nid, line, now)
+                if len(line) >= self._compact_at.get(nid, MAX_LINE):
+                    line = self._compact(nid, line, now)
             start = max(self._end.get(nid, self._base.get(nid, -_INF)), floor)
             cost = self._cost(nid, place.ios, place.nbytes)
             place.floors[nid] = floor
@@ -160,6 +170,7 @@ class PlaceBook:
         line = self._lines.pop(nid, None)
         self._base.pop(nid, None)
         self._end.pop(nid, None)
+        self._compact_at.pop(nid, None)
         for p in line or ():
             p.starts.pop(nid, None)
             p.floors.pop(nid, None)
@@ -186,6 +197,34 @@ class PlaceBook:
             p.floors.pop(nid, None)
             self._base[nid] = max(self._base.get(nid, -_INF), s + c)
 
+    def _compact(self, nid: PrincipalId, line: deque[Place], now: float) -> deque[Place]:
+        """Fold each run of gone, settled places of node `nid`'s line into one place
+        that spans them (from the first start to the last end): a gone place keeps its
+        start, and what it holds of the places after it is only where it ends, so the
+        line means the same with the run folded. Its length is then at most twice the
+        places still waiting or open, plus one. Amortised: the next compaction waits
+        until the line has doubled."""
+        out: deque[Place] = deque()
+        first = last = -_INF
+        folded = False
+        for p in line:
+            if p.until <= now and not p.open:
+                s = p.starts.pop(nid)
+                e = s + p.costs.pop(nid)
+                p.floors.pop(nid, None)
+                first, last = (s, e) if not folded else (min(first, s), max(last, e))
+                folded = True
+                continue
+            if folded:
+                out.append(_span(nid, first, last))
+                folded = False
+            out.append(p)
+        if folded:
+            out.append(_span(nid, first, last))
+        self._lines[nid] = out
+        self._compact_at[nid] = max(MAX_LINE, 2 * len(out))
+        return out
+
     def _recount(self, nid: PrincipalId, now: float) -> None:
         line = self._lines.get(nid)
         t = self._base.get(nid, -_INF)
@@ -204,3 +243,11 @@ class PlaceBook:
             self._end.pop(nid, None)
         else:
             self._end[nid] = t
+
+
+def _span(nid: PrincipalId, first: float, last: float) -> Place:
+    """A gone place standing for a run of them on node `nid`'s line (`_compact`)."""
+    p = Place(PrincipalId(0), 0, 0.0)
+    p.starts[nid] = p.floors[nid] = first
+    p.costs[nid] = last - first
+    return p  # (`until` -inf: gone)
