@@ -191,18 +191,18 @@ class Scheduler(Protocol):
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   most_ios: float | None = None, count: bool = True) -> Place | None:
+                   count: bool = True) -> Place | None:
         """The place at its limits of a request of `nbytes` of `principal`'s to be made
         past them (it may go at the place's `until`); None: no limit. Inside
-        `place_scope()`, priced at `most_ios` and re-priced when the scope ends."""
+        `place_scope()` it grows with the requests made beyond its price."""
 
     def place_scope(self) -> ContextManager[None]:
-        """Places taken inside by the current task are re-priced, when it ends, at the
-        requests it made past its limits inside it."""
+        """Places taken inside by the current task grow by the requests it makes past
+        its limits inside it beyond their price."""
 
     async def wait_place(self, place: Place) -> None:
-        """Sleep until `place` may go (it moves earlier when a limit is raised or a
-        place before it was over-priced)."""
+        """Sleep until `place` may go (it moves when a limit changes, or a place before
+        it grows)."""
 
     def limited(self, principal: PrincipalId) -> bool:
         """Whether an I/O limit is on `principal`'s path."""

@@ -11,21 +11,23 @@ write waits for its place holding no lock; together the writes go at the limits.
 A place's price is the device requests the write will make, and that is known only
 under the lock: a large overwrite relocated into fresh blocks that do not continue
 each other goes down as one request per run (up to one per block, hostile probe 8,
-F1). So a write inside a `place_scope` is priced at the most it can make (`most_ios`)
-and, when the scope ends, re-priced at the requests it made past the limits inside
-it (never below what its caller priced it at). Each place after it in each line then
-moves back by what it was over-priced: the waiting writers are woken and go at once
-if their place is now. Priced at its least, a first wave of concurrent writers went
-down at once, one over-priced request each (127 a second at a 4 IOPS limit); priced
-at its most without the move back, every concurrent writer waited for the others'
-most (a tenant writing contiguous blocks held at a fraction of its limit, R1).
+F1), a partial block's merge may need a read. So a place taken inside a
+`place_scope` is priced at the least its write makes, and grows by each request the
+task makes past its limits inside the scope beyond that, as it makes it: each place
+after it that still waits moves later by as much. Priced at its least with nothing
+more, a first wave of concurrent writers went down at once, one under-priced write
+each (127 requests a second at a 4 IOPS limit). Priced at its most and re-priced when
+the write ended, each concurrent writer waited for the one before it to end (its
+lock, its device requests): a tenant writing contiguous blocks was held to one write
+per device latency whatever its limit (the review of that fix, D).
 
 The same lines re-count the rest of each wait when a limit changes on a live mount
 (`rescale`, `drop_node`): a raised limit shortens the waits it held, in their order
 (review of hostile probe 7's fixes, R3; review of d4a70cd, 1).
 
-A place that has gone (its time passed) keeps its start: only the places still
-waiting move. Gone places leave the head of a line once they are settled.
+A place whose start on a node has passed keeps it there: only the places still to
+start move. Such places leave a line once their scope has ended (settled): from its
+head, or folded into one span when the line is long.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ import trio
 from .types import PrincipalId
 
 _INF = math.inf
-#: a line this long has its gone places between those still waiting or open folded
-#: (`_compact`): gone places leave a line from its head only, and a place ahead of them
-#: may stay long — an open one until its write ends (its inode lock held by another, a
-#: busy device), one bound by another node's limit until then — while a tenant with a
-#: high limit takes places by the thousand a second, each gone at once
+#: a line this long has its settled, started places between those still to start or
+#: open folded (`_compact`): they leave a line from its head only, and a place ahead of
+#: them may stay long — an open one until its write ends (its inode lock held by
+#: another, a busy device; its wait for a far-off place) — while a tenant with a high
+#: limit takes places by the thousand a second, each started at once (review of F1, A)
 MAX_LINE = 256
 
 
@@ -53,7 +55,7 @@ class Place:
     (`floors`: when it was taken, and the node's limit tags then), and its cost there
     (`costs`, seconds at the node's limits). It may go at `until`, the latest start."""
 
-    __slots__ = ("principal", "nbytes", "ios", "least", "open", "starts", "floors",
+    __slots__ = ("principal", "nbytes", "ios", "open", "seq", "starts", "floors",
                  "costs", "until", "woken")
 
     def __init__(self, principal: PrincipalId, nbytes: int, ios: float) -> None:
@@ -61,10 +63,10 @@ class Place:
         self.nbytes = nbytes
         #: the device requests it is priced at
         self.ios = ios
-        #: the least it may be re-priced at (`open`)
-        self.least = ios
-        #: priced at its most and not yet re-priced (`PlaceBook.reprice`)
+        #: its scope has not ended: it may still grow (`PlaceBook.reprice`)
         self.open = False
+        #: the order it was taken in
+        self.seq = 0
         self.starts: dict[PrincipalId, float] = {}
         self.floors: dict[PrincipalId, float] = {}
         self.costs: dict[PrincipalId, float] = {}
@@ -95,11 +97,14 @@ class PlaceBook:
         self._end: dict[PrincipalId, float] = {}
         #: per node, the length at which its line is next compacted (`_compact`)
         self._compact_at: dict[PrincipalId, int] = {}
+        self._seq = 0
 
     def take(self, place: Place, floors: Iterable[tuple[PrincipalId, float]],
              now: float) -> None:
         """Give `place` its place at the end of each named node's line, no earlier than
         the node's floor (`now` and its limit tags)."""
+        self._seq += 1
+        place.seq = self._seq
         for nid, floor in floors:
             line = self._lines.get(nid)
             if line is None:
@@ -117,35 +122,40 @@ class PlaceBook:
             line.append(place)
         place.until = max(place.starts.values(), default=-_INF)
 
-    def reprice(self, place: Place, ios: float, now: float) -> None:
-        """`place` made `ios` requests, fewer than it was priced at: its cost shrinks,
-        and every place after it that still waits moves back by as much."""
-        place.open = False
-        if ios >= place.ios:
+    def reprice(self, place: Place, ios: float, now: float,
+                nbytes: int | None = None) -> None:
+        """`place` is now priced at `ios` requests (of `nbytes` in all, if given): its
+        cost changes, and every place after it that is still to start moves by as
+        much."""
+        if ios == place.ios and (nbytes is None or nbytes == place.nbytes):
             return
         place.ios = ios
+        if nbytes is not None:
+            place.nbytes = nbytes
         for nid in list(place.costs):
             place.costs[nid] = self._cost(nid, ios, place.nbytes)
             self._recount(nid, now)
 
     def settle(self, place: Place) -> None:
-        """`place` is not re-priced (its scope ended without it): it may be dropped."""
+        """`place`'s scope has ended: it grows no more, and may leave its lines."""
         place.open = False
 
-    def withdraw(self, place: Place, now: float) -> None:
-        """Take `place` out of every line (it is about to be given a new place): the
-        places after it move back."""
-        for nid in list(place.starts):
+    def withdraw(self, places: list[Place], now: float) -> None:
+        """Take `places` out of every line (they are about to be given new places): the
+        places after them move back. Each line is rebuilt once."""
+        out = {id(p) for p in places}
+        nids: set[PrincipalId] = set()
+        for p in places:
+            nids.update(p.starts)
+        for nid in nids:
             line = self._lines.get(nid)
             if line is not None:
-                try:
-                    line.remove(place)
-                except ValueError:
-                    pass
+                self._lines[nid] = deque(p for p in line if id(p) not in out)
                 self._recount(nid, now)
-        place.starts.clear()
-        place.floors.clear()
-        place.costs.clear()
+        for p in places:
+            p.starts.clear()
+            p.floors.clear()
+            p.costs.clear()
 
     def rescale(self, nid: PrincipalId, factor: float, now: float) -> None:
         """Node `nid`'s limits changed, a place lasting `factor` times as long: the rest
@@ -157,10 +167,10 @@ class PlaceBook:
         if nid in self._base:
             self._base[nid] = at(self._base[nid])
         for p in self._lines.get(nid, ()):
-            if p.until > now:
+            if _to_start(p, nid, now):
                 p.floors[nid] = at(p.floors[nid])
                 p.costs[nid] = self._cost(nid, p.ios, p.nbytes)
-            else:  # gone: the rest of its cost at the new limits
+            else:  # started: the rest of its cost at the new limits
                 s = p.starts[nid]
                 p.costs[nid] = max(0.0, at(s + p.costs[nid]) - s)
         self._recount(nid, now)
@@ -177,19 +187,10 @@ class PlaceBook:
             p.costs.pop(nid, None)
             p._moved()
 
-    def waiting(self, now: float) -> list[Place]:
-        """The places not yet gone, each once, earliest first."""
-        seen: dict[int, Place] = {}
-        for line in self._lines.values():
-            for p in line:
-                if p.until > now:
-                    seen[id(p)] = p
-        return sorted(seen.values(), key=lambda p: p.until)
-
     def _prune(self, nid: PrincipalId, line: deque[Place], now: float) -> None:
         while line:
             p = line[0]
-            if p.open or p.until > now:
+            if p.open or _to_start(p, nid, now):
                 return
             line.popleft()
             s = p.starts.pop(nid)
@@ -198,17 +199,17 @@ class PlaceBook:
             self._base[nid] = max(self._base.get(nid, -_INF), s + c)
 
     def _compact(self, nid: PrincipalId, line: deque[Place], now: float) -> deque[Place]:
-        """Fold each run of gone, settled places of node `nid`'s line into one place
-        that spans them (from the first start to the last end): a gone place keeps its
-        start, and what it holds of the places after it is only where it ends, so the
-        line means the same with the run folded. Its length is then at most twice the
-        places still waiting or open, plus one. Amortised: the next compaction waits
+        """Fold each run of settled places of node `nid`'s line that have started there
+        into one place that spans them (from the first start to the last end): such a
+        place keeps its start, and what it holds of the places after it is only where it
+        ends, so the line means the same with the run folded. Its length is then at most
+        twice the places still to start or open, plus one. Amortised: the next compaction waits
         until the line has doubled."""
         out: deque[Place] = deque()
         first = last = -_INF
         folded = False
         for p in line:
-            if p.until <= now and not p.open:
+            if not p.open and not _to_start(p, nid, now):
                 s = p.starts.pop(nid)
                 e = s + p.costs.pop(nid)
                 p.floors.pop(nid, None)
@@ -233,7 +234,7 @@ class PlaceBook:
             t = self._base.get(nid, -_INF)
             for p in line:
                 s = p.starts[nid]
-                if p.until > now:  # still waiting: its place follows the one before
+                if _to_start(p, nid, now):  # its place follows the one before
                     s = max(t, p.floors[nid])
                     if s != p.starts[nid]:
                         p.starts[nid] = s
@@ -245,8 +246,15 @@ class PlaceBook:
             self._end[nid] = t
 
 
+def _to_start(p: Place, nid: PrincipalId, now: float) -> bool:
+    """Whether `p` is still to start on node `nid`'s line: neither gone (its time
+    passed) nor past its start there (a place bound by another node's limit went past
+    this node's share of it; only the places after it are held by where it ends)."""
+    return p.until > now and p.starts[nid] > now
+
+
 def _span(nid: PrincipalId, first: float, last: float) -> Place:
-    """A gone place standing for a run of them on node `nid`'s line (`_compact`)."""
+    """A started place standing for a run of them on node `nid`'s line (`_compact`)."""
     p = Place(PrincipalId(0), 0, 0.0)
     p.starts[nid] = p.floors[nid] = first
     p.costs[nid] = last - first

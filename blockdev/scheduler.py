@@ -133,14 +133,15 @@ _SCOPE: contextvars.ContextVar[_PlaceScope | None] = contextvars.ContextVar(
 
 
 class _PlaceScope:
-    """A task's `place_scope()`: the places it took priced at their most, and the
-    requests it has made past its limits since it began."""
+    """A task's `place_scope()`: the places it took, the requests they are priced at in
+    all, and the requests it has made past its limits since it began."""
 
-    __slots__ = ("task", "made", "places")
+    __slots__ = ("task", "made", "priced", "places")
 
     def __init__(self) -> None:
         self.task = _me()
         self.made = 0
+        self.priced = 0.0
         self.places: list[Place] = []
 
 
@@ -410,7 +411,7 @@ class _Accounting:
         return None
 
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   most_ios: float | None = None, count: bool = True) -> Place | None:
+                   count: bool = True) -> Place | None:
         """The place of a request of `nbytes` of `principal`'s made past its limits
         (see MClockScheduler; it may go at the place's `until`); None: at once. FIFO
         holds nothing back."""
@@ -418,8 +419,8 @@ class _Accounting:
 
     @contextmanager
     def place_scope(self) -> Iterator[None]:
-        """Places taken inside are priced at their most and re-priced at the requests
-        made when it ends (see MClockScheduler). FIFO gives no places."""
+        """Places taken inside grow with the requests made past the limits inside it
+        (see MClockScheduler). FIFO gives no places."""
         yield
 
     def limit_clear_at(self, principal: PrincipalId) -> float | None:
@@ -552,6 +553,8 @@ class MClockScheduler(_Accounting):
         #: per limited node, the places its subtree's requests made past their limits
         #: were given (`limit_slot`, blockdev/places.py)
         self._places = PlaceBook(self._place_cost)
+        #: the places whose tasks are in `wait_place`
+        self._waiters: set[Place] = set()
         #: anticipation (blockdev/anticipation.py), on profiles that ask for it
         self._antic = Anticipator(profile) if profile.anticipation_s > 0 else None
         #: whether the timer (`_timer_at`) ends an anticipation hold (it then chooses
@@ -632,15 +635,18 @@ class MClockScheduler(_Accounting):
             n.active = [c for c in n.children if c.backlog]
             n.res_below = any(c.has_res or c.res_below for c in n.children)
         self._any_res = root.has_res or root.res_below
-        if new_limits and now is not None:
+        if new_limits and now is not None and self._waiters:
             # A place waiting under a node newly limited takes a new place, on every
-            # limited node of its path, in the order they were waiting.
-            for p in self._places.waiting(now):
-                node = nodes.get(p.principal)
-                if node is not None and any(n.has_lim and n.id not in p.starts
-                                            for n in node.path):
-                    self._places.withdraw(p, now)
-                    self._take_place(p, node, now)
+            # limited node of its path, in the order they were taken (one whose other
+            # limit went in the same change too: review of F1, C).
+            again = sorted((p for p in self._waiters
+                            if (node := nodes.get(p.principal)) is not None and
+                            any(n.has_lim and n.id not in p.starts for n in node.path)),
+                           key=lambda p: p.seq)
+            if again:
+                self._places.withdraw(again, now)
+                for p in again:
+                    self._take_place(p, nodes[p.principal], now)
                     if p.woken is not None:
                         p.woken.set()
         if self._antic is not None:
@@ -708,7 +714,7 @@ class MClockScheduler(_Accounting):
         return until
 
     def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   most_ios: float | None = None, count: bool = True) -> Place | None:
+                   count: bool = True) -> Place | None:
         """For `ios` requests of `nbytes` in all of `principal`'s that will be made past
         its limits (`past_limits`: a write-through write, under locks others wait for),
         its place: each limited node on its path keeps a line of the places given to
@@ -719,24 +725,29 @@ class MClockScheduler(_Accounting):
         7, F1). It may go at the place's `until` (`wait_place`). None: no limit on the
         path. Taken whether or not the caller waits for it.
 
-        Inside the task's `place_scope()`, a request that may make up to `most_ios`
-        requests is priced at that many, and re-priced when the scope ends at the
-        requests it made past its limits (at least `ios`): the places after it move
-        back by the difference (blockdev/places.py; hostile probe 8, F1)."""
+        Inside the task's `place_scope()` the place grows by each request the task
+        makes past its limits beyond what its places are priced at, as it makes it: the
+        places after it still to start move later by as much (blockdev/places.py;
+        hostile probe 8, F1). There a request priced at no request of its own (`ios`
+        0: a burst's later writes) joins the scope's last place with its bytes."""
         node = self._nodes.get(principal)
         if node is None or not any(n.has_lim for n in node.path):
             return None
-        place = Place(principal, nbytes, ios)
-        scope = None
-        if most_ios is not None and most_ios > ios:
-            scope = _my_scope()
-            if scope is not None:
-                place.ios = most_ios
-                place.open = True
         now = trio.current_time()
+        scope = _my_scope()
+        if scope is not None and not ios and scope.places:
+            # No request of its own (a burst's later writes, which go down with the
+            # first): its bytes join the scope's last place.
+            last = scope.places[-1]
+            self._places.reprice(last, last.ios, now, last.nbytes + nbytes)
+            return last
+        place = Place(principal, nbytes, ios)
+        if scope is not None:
+            place.open = True
         self._take_place(place, node, now)
         if scope is not None:
             scope.places.append(place)
+            scope.priced += ios
         if count and place.until > now:
             # held back at its limit, before the request (`throttled` in the stats)
             self._c(principal).throttled += 1
@@ -751,19 +762,23 @@ class MClockScheduler(_Accounting):
         return 0.0 if n is None else self._owed_seconds(n, ios, float(nbytes))
 
     async def wait_place(self, place: Place) -> None:
-        while place.until > trio.current_time():
-            woken = place.woken = trio.Event()
-            with trio.move_on_at(place.until):
-                await woken.wait()
+        self._waiters.add(place)
+        try:
+            while place.until > trio.current_time():
+                woken = place.woken = trio.Event()
+                with trio.move_on_at(place.until):
+                    await woken.wait()
+        finally:
+            self._waiters.discard(place)
 
     @contextmanager
     def place_scope(self) -> Iterator[None]:
-        """Places taken inside by the current task (`limit_slot` with `most_ios`) are
-        priced at their most, and when it ends re-priced at the requests the task made
-        past its limits inside it (in the order taken, each at least its `ios`). For a
-        write-through write whose device requests are known only under its locks (a
-        relocation into fresh blocks: one request per run). Nested: the outermost
-        counts."""
+        """Each request the current task makes past its limits inside, beyond what the
+        places it took inside are priced at, makes its last place one request longer,
+        as it is made (`_acquire`): the places after it still to start move later. For
+        a write-through write whose device requests are known only under its locks (a
+        relocation into fresh blocks: one request per run; a merge's read). Nested: the
+        outermost counts."""
         if _my_scope() is not None:
             yield
             return
@@ -773,13 +788,8 @@ class MClockScheduler(_Accounting):
             yield
         finally:
             _SCOPE.reset(token)
-            if scope.places:
-                now = trio.current_time()
-                made = scope.made
-                for p in scope.places:
-                    use = min(p.ios, max(p.least, float(made)))
-                    made = max(0, made - int(use))
-                    self._places.reprice(p, use, now)
+            for p in scope.places:
+                self._places.settle(p)
 
     def _owed_on_path(self, principal: PrincipalId, now: float
                       ) -> Iterator[tuple[Node, float]]:
@@ -868,7 +878,12 @@ class MClockScheduler(_Accounting):
         if past:
             scope = _my_scope()
             if scope is not None:
-                scope.made += 1  # (what its places are re-priced at)
+                scope.made += 1
+                if scope.made > scope.priced and scope.places:
+                    # more than its places were priced at: the last grows
+                    last = scope.places[-1]
+                    self._places.reprice(last, last.ios + scope.made - scope.priced, now)
+                    scope.priced = scope.made
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
                   barrier=(write or flush) and not never, past_limits=past)
         may_go = past or self._may_go(node, now)

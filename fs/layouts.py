@@ -107,8 +107,7 @@ class Layouts:
             if runs:
                 await self.kernel.repay_limit(
                     grant.principal, 2 * sum(c for _b, c in runs) * bs,
-                    ios=2 * sum(-(-c // COPY_BLOCKS) for _b, c in runs),
-                    most_ios=2 * sum(c for _b, c in runs))  # (a request a block at most)
+                    ios=2 * sum(-(-c // COPY_BLOCKS) for _b, c in runs))
             async with self._lock(node):
                 with self.kernel.past_limits():
                     self._direct_node(grant)
@@ -173,12 +172,17 @@ class Layouts:
         node = self._direct_node(grant)
         bs = self.block_size
         with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
-            for off, data in writes:
+            for k, (off, data) in enumerate(writes):
                 # Each write paced on its own while the principal is in debt (at least
                 # LIMIT_DEBT_MIN_WAIT each, as one by one): paced once for all their bytes,
                 # a tenant in debt dirtied several times faster in bursts (review of
-                # direct6, B4). Not in debt: no wait, no checkpoint.
-                await self.kernel.repay_limit(grant.principal, len(data), off)
+                # direct6, B4). Not in debt: no wait, no checkpoint. Under write-through
+                # the burst is priced at its least, one request (it goes down as one
+                # when its new blocks continue each other), its place growing by each
+                # request it makes beyond (a place a write: 12 requests a second at 100
+                # IOPS; review of F1's first fix, G).
+                await self.kernel.repay_limit(grant.principal, len(data), off,
+                                              ios=0.0 if k else 1.0)
             async with self._lock(node):
                 self._direct_node(grant)  # revoked while waiting for the lock?
                 emap = self._extents(node)

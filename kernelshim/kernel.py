@@ -347,8 +347,7 @@ class Kernel(GrantTable, LowerLayers):
             done.set()
 
     async def repay_limit(self, principal: PrincipalId, nbytes: int,
-                          offset: int | None = None, *, ios: float = 1.0,
-                          most_ios: float | None = None) -> None:
+                          offset: int | None = None, *, ios: float = 1.0) -> None:
         """Write-through: give the request that writes `nbytes` of `principal`'s its
         place at the I/O limits on its path and wait for it (`Scheduler.limit_slot`):
         its device requests then go past the limits under the locks (`write`,
@@ -361,12 +360,11 @@ class Kernel(GrantTable, LowerLayers):
         `ios`: the device requests the place is for (`nbytes` in all), when the caller
         knows them to be more than one (a layout's copy reads and writes; a hole
         punched between two partial blocks writes both). Inside `limit_scope()` the
-        place is priced at the most requests the write can make — `most_ios`, by
-        default one a block it spans — and re-priced when the scope ends at the
-        requests made past the limits inside it: a large overwrite relocated into
-        fresh blocks goes down as one request per run, known only under the lock
-        (priced as one, 16 concurrent 128 KiB overwrites made 127 requests a second
-        at a 4 IOPS limit: hostile probe 8, F1).
+        place grows by every request made past the limits inside it beyond its price,
+        as it is made: a large overwrite relocated into fresh blocks goes down as one
+        request per run, known only under the lock (priced as one, 16 concurrent
+        128 KiB overwrites made 127 requests a second at a 4 IOPS limit: hostile probe
+        8, F1), and a merge may read.
 
         Write-back: pace a request that dirties `nbytes` of `principal`'s
         while it owes a limited node on its path more than LIMIT_DEBT_SLACK seconds
@@ -413,9 +411,7 @@ class Kernel(GrantTable, LowerLayers):
                 # (the device writes whole blocks: a 16-byte write is a block's bytes)
                 b0, b1 = block_span(offset, nbytes, self.block_size)
                 nbytes = (b1 - b0) * self.block_size
-                if most_ios is None:
-                    most_ios = b1 - b0  # (at most one request a block)
-            place = sched.limit_slot(principal, nbytes, ios=ios, most_ios=most_ios)
+            place = sched.limit_slot(principal, nbytes, ios=ios)
             if place is not None and place.until > trio.current_time():
                 await sched.wait_place(place)
             return
@@ -553,9 +549,9 @@ class Kernel(GrantTable, LowerLayers):
 
     def limit_scope(self, principal: PrincipalId) -> AbstractContextManager[None]:
         """Write-through: around a write's `repay_limit` and the writes it pays for,
-        so that its place, priced at the most requests it can make, is re-priced at
-        those it made (`Scheduler.place_scope`). Write-back takes no places, nor does a
-        principal with no limit (one set meanwhile prices the write at its least)."""
+        so that its place grows with the requests it makes beyond its price
+        (`Scheduler.place_scope`). Write-back takes no places, nor does a principal with
+        no limit (for one set meanwhile the extra requests are repaid by the tags)."""
         sched = self.device.scheduler
         if self.pager.writeback or not sched.limited(principal):
             return nullcontext()

@@ -238,8 +238,8 @@ async def test_a_burst_is_paced_per_write_while_in_debt(
     ino, grant, _model = await committed_file(vol, 8)
     paced: list[tuple[int, int, int | None]] = []
 
-    async def pace(principal, nbytes, offset=None):  # type: ignore[no-untyped-def]
-        paced.append((int(principal), nbytes, offset))
+    async def pace(principal, nbytes, offset=None, **kw):  # type: ignore[no-untyped-def]
+        paced.append((int(principal), nbytes, offset))  # (the burst's `ios`: see below)
 
     monkeypatch.setattr(fs.kernel, "repay_limit", pace)
     assert await fs.write_relocating_many(

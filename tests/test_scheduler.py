@@ -428,22 +428,22 @@ async def test_small_writes_take_places_of_whole_blocks(tmp_path: Path,
         kernel.close()
 
 
-async def test_a_place_is_priced_at_its_most_and_repriced_at_what_it_made(
+async def test_a_place_grows_with_the_requests_its_write_makes(
         dev: BlockDevice, autojump_clock) -> None:
     """Hostile probe 8, F1: a large overwrite relocated into fresh blocks that do not
     continue each other goes down as one request per run, known only under the lock;
     its place was priced as one request. 16 concurrent 128 KiB overwrites at a 4 IOPS
     limit made 127 requests a second in the first seconds. Inside `place_scope()` a
-    place is priced at the most its write can make and re-priced at what it made when
-    the scope ends: fragmented writers go at the limit from the first wave, and writers
-    whose blocks turn out contiguous are not held for the others' most (R1)."""
+    place grows by each request its write makes beyond its price, as it makes it, and
+    the places still to start move later: fragmented writers go at the limit from the
+    first wave; a write of one request each is priced at one."""
     sched = dev.scheduler
     dev.configure_banks(tree(node(1, io_limit_iops=4)))
     sent: list[float] = []
 
     async def write(requests: int) -> None:
         with sched.place_scope():
-            place = sched.limit_slot(P(1), 32 * BS, ios=1, most_ios=32)
+            place = sched.limit_slot(P(1), 32 * BS)
             assert place is not None
             await sched.wait_place(place)
             with sched.past_limits():  # (as under the inode lock)
@@ -460,8 +460,6 @@ async def test_a_place_is_priced_at_its_most_and_repriced_at_what_it_made(
     for t in sent:
         assert sum(1 for u in sent if t <= u < t + 1.0) <= 4 + 32
     assert sent[-1] - t0 == pytest.approx(7 * 32 / 4, abs=0.1)
-    # contiguous blocks: one request each, re-priced at one, so the waiting writers'
-    # places move back and eight writes take 8 places' time, not 8 x 32
     await trio.sleep(60)
     sent.clear()
     t1 = trio.current_time()
@@ -470,13 +468,134 @@ async def test_a_place_is_priced_at_its_most_and_repriced_at_what_it_made(
             n.start_soon(write, 1)
     assert len(sent) == 8
     assert sent[-1] - t1 == pytest.approx(7 / 4, abs=0.05), [u - t1 for u in sent]
-    # outside a scope a place is priced at its least, as before
-    await trio.sleep(60)
-    t2 = trio.current_time()
-    for _ in range(3):
-        place = sched.limit_slot(P(1), 32 * BS, ios=1, most_ios=32)
-        assert place is not None
-    assert place.until - t2 == pytest.approx(2 / 4, abs=0.01)
+
+
+async def test_concurrent_writers_are_not_held_to_one_at_a_time(
+        tmp_path: Path, autojump_clock) -> None:
+    """Review of F1's first fix, D: a place priced at its write's most (32 for 128 KiB)
+    and re-priced when the write ended made each concurrent writer wait for the one
+    before it to end: 16 writers of one request each at 1,000 IOPS on a 5 ms device
+    went one per 5 ms (172 writes a second through a mount, 956 before). A place is
+    priced at its least now, and grows only by what its write makes beyond it."""
+    from kernelshim import Kernel
+    d = tmp_path / "slow"
+    d.mkdir()
+    BlockDevice.format(d, size=1024 * BS, block_size=BS, profile="lat=5000,qd=32")
+    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    try:
+        kernel.device.timeline_slack = 0.0
+        dev = kernel.device
+        kernel.configure_banks(tree(node(1, io_limit_iops=1000)))
+        done: list[float] = []
+
+        async def write(k: int) -> None:
+            with kernel.limit_scope(P(1)):
+                await kernel.repay_limit(P(1), 32 * BS, k * 32 * BS)  # 128 KiB
+                with kernel.past_limits():  # contiguous: one request
+                    await dev.write(k * 32, bytes(32 * BS), principal=P(1))
+            done.append(trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for k in range(16):
+                n.start_soon(write, k)
+        # 16 places 1 ms apart, each write 5 ms: 20 ms (before: 16 x 5 ms)
+        assert max(done) - t0 < 0.025, sorted(u - t0 for u in done)
+    finally:
+        kernel.close()
+
+
+async def test_a_merges_read_is_priced_too(tmp_path: Path, autojump_clock) -> None:
+    """Review of F1's first fix, H: a one-block write's place was never opened to its
+    requests, so the read a partial block's merge makes went unpriced (32 concurrent
+    100-byte writes into committed blocks: 40 requests in the worst second at 20
+    IOPS). Its place grows by the read like any request beyond its price."""
+    kernel = _kernel(tmp_path)
+    try:
+        kernel.device.timeline_slack = 0.0
+        dev = kernel.device
+        kernel.configure_banks(tree(node(1, io_limit_iops=4)))
+        starts: list[float] = []
+
+        async def write(k: int) -> None:
+            with kernel.limit_scope(P(1)):
+                await kernel.repay_limit(P(1), 100, k * BS + 7)  # inside one block
+                starts.append(trio.current_time())
+                with kernel.past_limits():
+                    await dev.read(k, 1, principal=P(1))   # the merge's read
+                    await dev.write(k, bytes(BS), principal=P(1))
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for k in range(4):
+                n.start_soon(write, k)
+        # two requests each at 4 a second: 0, 0.5, 1.0, 1.5 s (before: 0.25 apart)
+        assert [round(u - t0, 2) for u in starts] == [0.0, 0.5, 1.0, 1.5]
+    finally:
+        kernel.close()
+
+
+async def test_a_bursts_writes_share_one_place(dev: BlockDevice, autojump_clock) -> None:
+    """Review of F1's first fix, G: a direct client's burst of pipelined overwrites
+    (`write_relocating_many`) took a place a write, then went down as one request: at
+    100 IOPS a closed-loop client made 12 requests a second. The burst's later writes
+    are priced at no request of their own (`ios` 0) and join the first's place, which
+    grows by what the burst makes beyond one request."""
+    sched = dev.scheduler
+    dev.configure_banks(tree(node(1, io_limit_iops=100)))
+    made: list[float] = []
+
+    async def burst(requests: int) -> None:
+        with sched.place_scope():
+            for k in range(8):
+                place = sched.limit_slot(P(1), 4 * BS, ios=0.0 if k else 1.0)
+                assert place is not None
+                await sched.wait_place(place)
+            with sched.past_limits():
+                for k in range(requests):
+                    await dev.write(k * 4, bytes(4 * BS), principal=P(1))
+                    made.append(trio.current_time())
+
+    for requests in (1, 8):
+        made.clear()
+        t0 = trio.current_time()
+        while trio.current_time() - t0 < 3.0:
+            await burst(requests)
+        rate = sum(1 for t in made if t0 + 1.0 <= t < t0 + 3.0) / 2.0
+        assert 95 <= rate <= 104, (requests, rate)   # before: 12 and 54
+
+
+async def test_a_limit_dropped_and_set_again_at_once_keeps_its_places(
+        tmp_path: Path, autojump_clock) -> None:
+    """Review of F1's first fix, C: a limit removed and set again with no checkpoint in
+    between let every write waiting for its place through at once (its place had no
+    line left, and only waiting places were given new ones). The waiters take new
+    places, in the order they were taken."""
+    kernel = _kernel(tmp_path)
+    try:
+        kernel.device.timeline_slack = 0.0
+        kernel.configure_banks(tree(node(1, io_limit_iops=1)))
+        done: list[float] = []
+
+        async def place() -> None:
+            await kernel.repay_limit(P(1), BS)
+            done.append(trio.current_time())
+
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            for _ in range(8):
+                n.start_soon(place)
+                await trio.sleep(0)
+            await trio.sleep(2.5)
+            kernel.configure_banks(tree(node(1)))
+            kernel.configure_banks(tree(node(1, io_limit_iops=1)))
+        gaps = [round(u - t0, 2) for u in done]
+        assert gaps[:3] == [0.0, 1.0, 2.0]
+        # the other five take new places one a second from the change (the first at
+        # once: its node's limit tags were counted again from the change)
+        assert gaps[3:] == sorted(gaps[3:]) and gaps[-1] >= 2.5 + 3.9, gaps
+    finally:
+        kernel.close()
 
 
 async def test_the_past_limits_flag_keeps_no_finished_task_alive(dev: BlockDevice) -> None:
