@@ -55,16 +55,18 @@ class Place:
     (`floors`: when it was taken, and the node's limit tags then), and its cost there
     (`costs`, seconds at the node's limits). It may go at `until`, the latest start."""
 
-    __slots__ = ("principal", "nbytes", "ios", "open", "seq", "starts", "floors",
-                 "costs", "until", "woken")
+    __slots__ = ("principal", "nbytes", "ios", "open", "gone", "seq", "starts",
+                 "floors", "costs", "until", "woken")
 
     def __init__(self, principal: PrincipalId, nbytes: int, ios: float) -> None:
         self.principal = principal
         self.nbytes = nbytes
         #: the device requests it is priced at
         self.ios = ios
-        #: its scope has not ended: it may still grow (`PlaceBook.reprice`)
+        #: its scope has not ended: it may still grow (`PlaceBook.grow`)
         self.open = False
+        #: its request went (or its waiter gave up): its starts stay where they are
+        self.gone = False
         #: the order it was taken in
         self.seq = 0
         self.starts: dict[PrincipalId, float] = {}
@@ -98,6 +100,9 @@ class PlaceBook:
         #: per node, the length at which its line is next compacted (`_compact`)
         self._compact_at: dict[PrincipalId, int] = {}
         self._seq = 0
+        #: nodes whose lines have a place that grew since they were last re-counted
+        #: (`grow`: re-counted when next looked at, not at every request)
+        self._dirty: set[PrincipalId] = set()
 
     def take(self, place: Place, floors: Iterable[tuple[PrincipalId, float]],
              now: float) -> None:
@@ -110,6 +115,8 @@ class PlaceBook:
             if line is None:
                 line = self._lines[nid] = deque()
             else:
+                if nid in self._dirty:
+                    self._recount(nid, now)
                 self._prune(nid, line, now)
                 if len(line) >= self._compact_at.get(nid, MAX_LINE):
                     line = self._compact(nid, line, now)
@@ -122,19 +129,26 @@ class PlaceBook:
             line.append(place)
         place.until = max(place.starts.values(), default=-_INF)
 
-    def reprice(self, place: Place, ios: float, now: float,
-                nbytes: int | None = None) -> None:
-        """`place` is now priced at `ios` requests (of `nbytes` in all, if given): its
-        cost changes, and every place after it that is still to start moves by as
-        much."""
-        if ios == place.ios and (nbytes is None or nbytes == place.nbytes):
-            return
-        place.ios = ios
-        if nbytes is not None:
-            place.nbytes = nbytes
-        for nid in list(place.costs):
-            place.costs[nid] = self._cost(nid, ios, place.nbytes)
-            self._recount(nid, now)
+    def grow(self, place: Place, ios: float, nbytes: int) -> None:
+        """`place` makes `ios` more requests, of `nbytes` more bytes: its cost on each
+        node grows by theirs there (the rest of it as priced: a limit changed since it
+        was taken prices only what comes after the change), and every place after it
+        that is still to start moves later by as much — counted when its line is next
+        looked at (`refresh`, `take`): a growth comes with every request a write makes
+        beyond its price, and a line may be long."""
+        place.ios += ios
+        place.nbytes += nbytes
+        for nid in place.costs:
+            place.costs[nid] += self._cost(nid, ios, nbytes)
+            self._dirty.add(nid)
+
+    def refresh(self, place: Place, now: float) -> None:
+        """Bring `place`'s starts up to date with the growths before it (its waiter
+        looks before it goes)."""
+        if self._dirty:
+            for nid in list(place.starts):
+                if nid in self._dirty:
+                    self._recount(nid, now)
 
     def settle(self, place: Place) -> None:
         """`place`'s scope has ended: it grows no more, and may leave its lines."""
@@ -164,6 +178,8 @@ class PlaceBook:
         def at(t: float) -> float:
             return now + (t - now) * factor if t > now else t
 
+        if nid in self._dirty:
+            self._recount(nid, now)
         if nid in self._base:
             self._base[nid] = at(self._base[nid])
         for p in self._lines.get(nid, ()):
@@ -181,6 +197,7 @@ class PlaceBook:
         self._base.pop(nid, None)
         self._end.pop(nid, None)
         self._compact_at.pop(nid, None)
+        self._dirty.discard(nid)
         for p in line or ():
             p.starts.pop(nid, None)
             p.floors.pop(nid, None)
@@ -196,37 +213,46 @@ class PlaceBook:
             s = p.starts.pop(nid)
             c = p.costs.pop(nid)
             p.floors.pop(nid, None)
-            self._base[nid] = max(self._base.get(nid, -_INF), s + c)
+            self._base[nid] = max(self._base.get(nid, -_INF), s) + c
 
     def _compact(self, nid: PrincipalId, line: deque[Place], now: float) -> deque[Place]:
         """Fold each run of settled places of node `nid`'s line that have started there
-        into one place that spans them (from the first start to the last end): such a
-        place keeps its start, and what it holds of the places after it is only where it
-        ends, so the line means the same with the run folded. Its length is then at most
-        twice the places still to start or open, plus one. Amortised: the next compaction waits
-        until the line has doubled."""
+        into one place that stands for them: such a place keeps its start, and what it
+        holds of the places after it is only where the line ends after it — the line
+        ends at max(t, start) + cost after a place, and two in a row end it at
+        max(t, s1, s2 - c1) + c1 + c2: one place of start max(s1, s2 - c1) and cost
+        c1 + c2 — so the line means the same with the run folded. Its length is then at
+        most twice the places still to start or open, plus one. Amortised: the next
+        compaction waits until the line has doubled."""
         out: deque[Place] = deque()
-        first = last = -_INF
+        first = cost = 0.0
         folded = False
         for p in line:
             if not p.open and not _to_start(p, nid, now):
                 s = p.starts.pop(nid)
-                e = s + p.costs.pop(nid)
+                c = p.costs.pop(nid)
                 p.floors.pop(nid, None)
-                first, last = (s, e) if not folded else (min(first, s), max(last, e))
+                first, cost = (s, c) if not folded else (max(first, s - cost), cost + c)
                 folded = True
                 continue
             if folded:
-                out.append(_span(nid, first, last))
+                out.append(_span(nid, first, cost))
                 folded = False
             out.append(p)
         if folded:
-            out.append(_span(nid, first, last))
+            out.append(_span(nid, first, cost))
         self._lines[nid] = out
         self._compact_at[nid] = max(MAX_LINE, 2 * len(out))
         return out
 
     def _recount(self, nid: PrincipalId, now: float) -> None:
+        """Each place still to start on node `nid`'s line starts where the places before
+        it end, or at its floor; a place that has started keeps its start, and the line
+        ends after it at max(end before it, its start) + its cost: so a place that grew
+        after those behind it started moves the places still to start by all of its
+        growth (by the max of the ends, a growth no longer than the started places
+        behind it moved nothing: review of F1's second fix, B)."""
+        self._dirty.discard(nid)
         line = self._lines.get(nid)
         t = self._base.get(nid, -_INF)
         if line:
@@ -239,7 +265,7 @@ class PlaceBook:
                     if s != p.starts[nid]:
                         p.starts[nid] = s
                         p._moved()
-                t = max(t, s + p.costs[nid])
+                t = max(t, s) + p.costs[nid]
         if t == -_INF:
             self._end.pop(nid, None)
         else:
@@ -247,15 +273,17 @@ class PlaceBook:
 
 
 def _to_start(p: Place, nid: PrincipalId, now: float) -> bool:
-    """Whether `p` is still to start on node `nid`'s line: neither gone (its time
-    passed) nor past its start there (a place bound by another node's limit went past
-    this node's share of it; only the places after it are held by where it ends)."""
-    return p.until > now and p.starts[nid] > now
+    """Whether `p` is still to start on node `nid`'s line: its request has not gone
+    (its waiter has not gone on: a growth counted late still moves it; a place bound
+    by another node's limit, far off, stays in the line, folded around when it is
+    long)."""
+    return not p.gone
 
 
-def _span(nid: PrincipalId, first: float, last: float) -> Place:
+def _span(nid: PrincipalId, start: float, cost: float) -> Place:
     """A started place standing for a run of them on node `nid`'s line (`_compact`)."""
     p = Place(PrincipalId(0), 0, 0.0)
-    p.starts[nid] = p.floors[nid] = first
-    p.costs[nid] = last - first
+    p.gone = True
+    p.starts[nid] = p.floors[nid] = start
+    p.costs[nid] = cost
     return p  # (`until` -inf: gone)

@@ -739,12 +739,14 @@ class MClockScheduler(_Accounting):
             # No request of its own (a burst's later writes, which go down with the
             # first): its bytes join the scope's last place.
             last = scope.places[-1]
-            self._places.reprice(last, last.ios, now, last.nbytes + nbytes)
+            self._places.grow(last, 0.0, nbytes)
             return last
         place = Place(principal, nbytes, ios)
         if scope is not None:
             place.open = True
         self._take_place(place, node, now)
+        if place.until <= now:
+            place.gone = True  # (its caller goes at once)
         if scope is not None:
             scope.places.append(place)
             scope.priced += ios
@@ -764,11 +766,15 @@ class MClockScheduler(_Accounting):
     async def wait_place(self, place: Place) -> None:
         self._waiters.add(place)
         try:
-            while place.until > trio.current_time():
+            while True:
+                self._places.refresh(place, trio.current_time())  # (growths before it)
+                if place.until <= trio.current_time():
+                    return
                 woken = place.woken = trio.Event()
                 with trio.move_on_at(place.until):
                     await woken.wait()
         finally:
+            place.gone = True  # (gone, or given up: its place stays taken)
             self._waiters.discard(place)
 
     @contextmanager
@@ -881,8 +887,7 @@ class MClockScheduler(_Accounting):
                 scope.made += 1
                 if scope.made > scope.priced and scope.places:
                     # more than its places were priced at: the last grows
-                    last = scope.places[-1]
-                    self._places.reprice(last, last.ios + scope.made - scope.priced, now)
+                    self._places.grow(scope.places[-1], scope.made - scope.priced, 0)
                     scope.priced = scope.made
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
                   barrier=(write or flush) and not never, past_limits=past)
