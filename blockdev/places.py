@@ -25,9 +25,13 @@ The same lines re-count the rest of each wait when a limit changes on a live mou
 (`rescale`, `drop_node`): a raised limit shortens the waits it held, in their order
 (review of hostile probe 7's fixes, R3; review of d4a70cd, 1).
 
-A place whose start on a node has passed keeps it there: only the places still to
-start move. Such places leave a line once their scope has ended (settled): from its
-head, or folded into one span when the line is long.
+A place keeps its starts once its request has gone (its waiter went on, or gave up):
+until then it moves with its line. A line ends after a place that went at max(the end
+before it, its start) + its cost, so a place that grows after the places behind it
+went still moves the places still to start by all of its growth (second review, B).
+A growth is counted when its line is next looked at (a place taken, a waiter before it
+goes), not at every request. Places that went leave a line once their scope has ended
+(settled): from its head, or folded into one place when the line is long.
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ import trio
 from .types import PrincipalId
 
 _INF = math.inf
-#: a line this long has its settled, started places between those still to start or
-#: open folded (`_compact`): they leave a line from its head only, and a place ahead of
-#: them may stay long — an open one until its write ends (its inode lock held by
-#: another, a busy device; its wait for a far-off place) — while a tenant with a high
-#: limit takes places by the thousand a second, each started at once (review of F1, A)
+#: a line this long has its settled places that went, between those still to start or
+#: open, folded (`_compact`): they leave a line from its head only, and a place ahead
+#: of them may stay long — an open one until its write ends (its inode lock held by
+#: another, a busy device), one waiting for a far-off place on another node — while a
+#: tenant with a high limit takes places by the thousand a second, each gone at once
+#: (review of F1, A)
 MAX_LINE = 256
 
 
@@ -186,7 +191,7 @@ class PlaceBook:
             if _to_start(p, nid, now):
                 p.floors[nid] = at(p.floors[nid])
                 p.costs[nid] = self._cost(nid, p.ios, p.nbytes)
-            else:  # started: the rest of its cost at the new limits
+            else:  # gone: the rest of its cost at the new limits
                 s = p.starts[nid]
                 p.costs[nid] = max(0.0, at(s + p.costs[nid]) - s)
         self._recount(nid, now)
@@ -216,8 +221,8 @@ class PlaceBook:
             self._base[nid] = max(self._base.get(nid, -_INF), s) + c
 
     def _compact(self, nid: PrincipalId, line: deque[Place], now: float) -> deque[Place]:
-        """Fold each run of settled places of node `nid`'s line that have started there
-        into one place that stands for them: such a place keeps its start, and what it
+        """Fold each run of settled places of node `nid`'s line that have gone into one
+        place that stands for them: such a place keeps its start, and what it
         holds of the places after it is only where the line ends after it — the line
         ends at max(t, start) + cost after a place, and two in a row end it at
         max(t, s1, s2 - c1) + c1 + c2: one place of start max(s1, s2 - c1) and cost
@@ -247,7 +252,7 @@ class PlaceBook:
 
     def _recount(self, nid: PrincipalId, now: float) -> None:
         """Each place still to start on node `nid`'s line starts where the places before
-        it end, or at its floor; a place that has started keeps its start, and the line
+        it end, or at its floor; a place that has gone keeps its start, and the line
         ends after it at max(end before it, its start) + its cost: so a place that grew
         after those behind it started moves the places still to start by all of its
         growth (by the max of the ends, a growth no longer than the started places
@@ -281,7 +286,7 @@ def _to_start(p: Place, nid: PrincipalId, now: float) -> bool:
 
 
 def _span(nid: PrincipalId, start: float, cost: float) -> Place:
-    """A started place standing for a run of them on node `nid`'s line (`_compact`)."""
+    """A place that went, standing for a run of them on node `nid`'s line (`_compact`)."""
     p = Place(PrincipalId(0), 0, 0.0)
     p.gone = True
     p.starts[nid] = p.floors[nid] = start

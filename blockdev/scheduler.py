@@ -435,7 +435,7 @@ class _Accounting:
 
     async def wait_place(self, place: Place) -> None:
         """Sleep until `place` (from `limit_slot`) may go; it moves earlier when a
-        limit on its path is raised or removed, or a place before it was over-priced
+        limit on its path is raised or removed, later when a place before it grows
         (see MClockScheduler). FIFO gives no places."""
         await trio.sleep_until(place.until)
 
