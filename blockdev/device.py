@@ -200,6 +200,10 @@ class Scheduler(Protocol):
         """Places taken inside by the current task grow by the requests it makes past
         its limits inside it beyond their price."""
 
+    def place_held(self, most_ios: float) -> ContextManager[None]:
+        """While inside (waiting for a lock another holds), the current task's places
+        are priced at `most_ios` requests at least."""
+
     async def wait_place(self, place: Place) -> None:
         """Sleep until `place` may go (it moves when a limit changes, or a place before
         it grows)."""

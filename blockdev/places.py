@@ -147,6 +147,14 @@ class PlaceBook:
             place.costs[nid] += self._cost(nid, ios, nbytes)
             self._dirty.add(nid)
 
+    def shrink(self, place: Place, ios: float, now: float) -> None:
+        """Undo a growth of `ios` requests (`grow`): the places after it still to start
+        move back at once, and their waiters are woken."""
+        place.ios -= ios
+        for nid in list(place.costs):
+            place.costs[nid] = max(0.0, place.costs[nid] - self._cost(nid, ios, 0))
+            self._recount(nid, now)
+
     def refresh(self, place: Place, now: float) -> None:
         """Bring `place`'s starts up to date with the growths before it (its waiter
         looks before it goes)."""

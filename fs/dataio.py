@@ -146,7 +146,8 @@ class OpenFiles:
         # the discard task (review of probe 5, P4).
         with self.kernel.limit_scope(h.grant.principal):  # (re-priced at the requests made)
             await self.kernel.repay_limit(h.grant.principal, len(data), offset)
-            async with self._lock(node):
+            # (at most a request a block, and the reads of its two partial blocks)
+            async with self._limited_lock(node, -(-len(data) // self.block_size) + 3):
                 if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
                     await self._undiscard_locked(node)
                 if h.append:

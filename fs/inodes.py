@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import stat
 import time
-from typing import TYPE_CHECKING
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
@@ -219,6 +220,25 @@ class InodeCache:
         if node.lock is None:
             node.lock = trio.Lock()
         return node.lock
+
+    @asynccontextmanager
+    async def _limited_lock(self: FileSystem, node: Inode,
+                            most_ios: int) -> AsyncIterator[None]:
+        """The inode lock for a write whose place at its writer's I/O limits has gone
+        (inside `Kernel.limit_scope`): while another holds the lock, the place is priced
+        at `most_ios`, the most requests the write can make (`Kernel.limit_held`), so
+        that the writes waiting behind a held lock do not all go down at once after it
+        (second review of F1, A)."""
+        lock = self._lock(node)
+        if lock.locked():
+            with self.kernel.limit_held(most_ios):
+                await lock.acquire()
+        else:
+            await lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _maybe_evict(self: FileSystem, node: Inode) -> None:
         # An unlinked inode stays pinned until _destroy has deleted its row; after that

@@ -108,7 +108,7 @@ class Layouts:
                 await self.kernel.repay_limit(
                     grant.principal, 2 * sum(c for _b, c in runs) * bs,
                     ios=2 * sum(-(-c // COPY_BLOCKS) for _b, c in runs))
-            async with self._lock(node):
+            async with self._limited_lock(node, 2 * sum(c for _b, c in runs)):
                 with self.kernel.past_limits():
                     self._direct_node(grant)
                     self._direct_kill_priv(node, grant)
@@ -150,7 +150,7 @@ class Layouts:
         node = self._direct_node(grant)
         with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
             await self.kernel.repay_limit(grant.principal, len(data), offset)  # before the lock
-            async with self._lock(node):
+            async with self._limited_lock(node, -(-len(data) // self.block_size) + 2):
                 self._direct_node(grant)  # revoked while waiting for the lock?
                 self._direct_kill_priv(node, grant)
                 await self._write_data(node, grant, offset, data)
@@ -183,7 +183,7 @@ class Layouts:
                 # IOPS; review of F1's first fix, G).
                 await self.kernel.repay_limit(grant.principal, len(data), off,
                                               ios=0.0 if k else 1.0)
-            async with self._lock(node):
+            async with self._limited_lock(node, sum(len(d) for _o, d in writes) // bs):
                 self._direct_node(grant)  # revoked while waiting for the lock?
                 emap = self._extents(node)
                 spans: list[tuple[int, int]] = []
@@ -302,7 +302,7 @@ class Layouts:
         # their places at once, 16x a bytes/s limit)
         with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
             await self.kernel.repay_limit(grant.principal, n, node.size)
-            async with self._lock(node):
+            async with self._limited_lock(node, -(-n // self.block_size) + 2):
                 self._direct_node(grant)  # revoked while waiting for the lock?
                 offset = node.size
                 if n:
