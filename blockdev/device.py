@@ -190,8 +190,8 @@ class Scheduler(Protocol):
         """None when `principal` owes no limited node more than `slack`; else the time
         until which a request dirtying `nbytes` of its waits (paced at the limit)."""
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   count: bool = True) -> Place | None:
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+                   ios: float = 1.0) -> Place | None:
         """The place at its limits of a request of `nbytes` of `principal`'s to be made
         past them (it may go at the place's `until`); None: no limit. Inside
         `place_scope()` it grows with the requests made beyond its price."""
@@ -200,9 +200,9 @@ class Scheduler(Protocol):
         """Places taken inside by the current task grow by the requests it makes past
         its limits inside it beyond their price."""
 
-    def place_held(self, most_ios: float) -> ContextManager[None]:
-        """While inside (waiting for a lock another holds), the current task's places
-        are priced at `most_ios` requests at least."""
+    def hold_place(self, most_ios: float) -> None:
+        """Before a wait for a lock another holds: the current task's places are priced
+        at `most_ios` requests at least until its place scope ends."""
 
     async def wait_place(self, place: Place) -> None:
         """Sleep until `place` may go (it moves when a limit changes, or a place before

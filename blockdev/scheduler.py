@@ -142,7 +142,7 @@ class _PlaceScope:
         self.task = _me()
         self.made = 0
         self.priced = 0.0
-        #: of `priced`, what `place_held` added
+        #: of `priced`, what `hold_place` added
         self.held = 0.0
         self.places: list[Place] = []
 
@@ -412,8 +412,8 @@ class _Accounting:
         debt (see MClockScheduler): never in debt here."""
         return None
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   count: bool = True) -> Place | None:
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+                   ios: float = 1.0) -> Place | None:
         """The place of a request of `nbytes` of `principal`'s made past its limits
         (see MClockScheduler; it may go at the place's `until`); None: at once. FIFO
         holds nothing back."""
@@ -425,11 +425,9 @@ class _Accounting:
         (see MClockScheduler). FIFO gives no places."""
         yield
 
-    @contextmanager
-    def place_held(self, most_ios: float) -> Iterator[None]:
-        """While inside, the task's places are priced at `most_ios` at least (see
+    def hold_place(self, most_ios: float) -> None:
+        """The task's places are priced at `most_ios` at least until its scope ends (see
         MClockScheduler). FIFO gives no places."""
-        yield
 
     def limit_clear_at(self, principal: PrincipalId) -> float | None:
         """When a request of `principal` will no longer be held by an I/O limit on its
@@ -721,8 +719,8 @@ class MClockScheduler(_Accounting):
                 until = at
         return until
 
-    def limit_slot(self, principal: PrincipalId, nbytes: int, *, ios: float = 1.0,
-                   count: bool = True) -> Place | None:
+    def limit_slot(self, principal: PrincipalId, nbytes: int, *,
+                   ios: float = 1.0) -> Place | None:
         """For `ios` requests of `nbytes` in all of `principal`'s that will be made past
         its limits (`past_limits`: a write-through write, under locks others wait for),
         its place: each limited node on its path keeps a line of the places given to
@@ -758,7 +756,7 @@ class MClockScheduler(_Accounting):
         if scope is not None:
             scope.places.append(place)
             scope.priced += ios
-        if count and place.until > now:
+        if place.until > now:
             # held back at its limit, before the request (`throttled` in the stats)
             self._c(principal).throttled += 1
         return place
@@ -771,9 +769,8 @@ class MClockScheduler(_Accounting):
         n = self._nodes.get(pid)
         return 0.0 if n is None else self._owed_seconds(n, ios, float(nbytes))
 
-    @contextmanager
-    def place_held(self, most_ios: float) -> Iterator[None]:
-        """Around the wait of a writer whose place went for a lock another holds: the
+    def hold_place(self, most_ios: float) -> None:
+        """Before the wait of a writer whose place went for a lock another holds: the
         current task's scope prices its places at `most_ios` requests at least (the most
         its write can make) from then until the scope ends, when the price comes back
         to the requests made (at least what it was): the places after them still to
@@ -789,7 +786,6 @@ class MClockScheduler(_Accounting):
             self._places.grow(scope.places[-1], extra, 0)
             scope.priced += extra
             scope.held += extra
-        yield
 
     async def wait_place(self, place: Place) -> None:
         self._waiters.add(place)

@@ -144,7 +144,7 @@ class OpenFiles:
         # The writer's expedited write-back is repaid here, before the inode lock: a
         # wait under it held other tenants' writes of a shared file, its unlink and
         # the discard task (review of probe 5, P4).
-        with self.kernel.limit_scope(h.grant.principal):  # (re-priced at the requests made)
+        with self.kernel.limit_scope(h.grant.principal):  # (grows with the requests made)
             await self.kernel.repay_limit(h.grant.principal, len(data), offset)
             # (at most a request a block, and the reads of its two partial blocks)
             async with self._limited_lock(node, -(-len(data) // self.block_size) + 3):

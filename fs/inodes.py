@@ -225,16 +225,14 @@ class InodeCache:
     async def _limited_lock(self: FileSystem, node: Inode,
                             most_ios: int) -> AsyncIterator[None]:
         """The inode lock for a write whose place at its writer's I/O limits has gone
-        (inside `Kernel.limit_scope`): while another holds the lock, the place is priced
-        at `most_ios`, the most requests the write can make (`Kernel.limit_held`), so
-        that the writes waiting behind a held lock do not all go down at once after it
-        (second review of F1, A)."""
+        (inside `Kernel.limit_scope`): when another holds the lock, the place is priced
+        at `most_ios`, the most requests the write can make, until the write ends
+        (`Kernel.limit_hold`), so that the writes waiting behind a held lock do not all
+        go down at once after it (second review of F1, A)."""
         lock = self._lock(node)
         if lock.locked():
-            with self.kernel.limit_held(most_ios):
-                await lock.acquire()
-        else:
-            await lock.acquire()
+            self.kernel.limit_hold(most_ios)
+        await lock.acquire()
         try:
             yield
         finally:

@@ -102,7 +102,7 @@ class Layouts:
         # piece of COPY_BLOCKS read and written (probe 20, F4: the writes alone, 2x a
         # bytes/s limit; the runs past the cap, which it leaves, priced too: review of
         # 5422135, F1-F2). A layout of holes makes no device request.
-        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+        with self.kernel.limit_scope(grant.principal):  # (grows with the requests made)
             runs = self._extents(node).sealed_runs(b0, b1 - b0)[:LAYOUT_COW_RUNS]
             if runs:
                 await self.kernel.repay_limit(
@@ -148,7 +148,7 @@ class Layouts:
         NotAllocated for holes (those need a write layout: storage is charged there)."""
         self._writable()
         node = self._direct_node(grant)
-        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+        with self.kernel.limit_scope(grant.principal):  # (grows with the requests made)
             await self.kernel.repay_limit(grant.principal, len(data), offset)  # before the lock
             async with self._limited_lock(node, -(-len(data) // self.block_size) + 2):
                 self._direct_node(grant)  # revoked while waiting for the lock?
@@ -171,7 +171,7 @@ class Layouts:
         self._writable()
         node = self._direct_node(grant)
         bs = self.block_size
-        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+        with self.kernel.limit_scope(grant.principal):  # (grows with the requests made)
             for k, (off, data) in enumerate(writes):
                 # Each write paced on its own while the principal is in debt (at least
                 # LIMIT_DEBT_MIN_WAIT each, as one by one): paced once for all their bytes,
@@ -300,7 +300,7 @@ class Layouts:
         # before the lock, as `write` does, priced at the blocks the append spans at the
         # size seen now (probe 20, F2: priced at its bytes, 32 one-byte appends took
         # their places at once, 16x a bytes/s limit)
-        with self.kernel.limit_scope(grant.principal):  # (re-priced at the requests made)
+        with self.kernel.limit_scope(grant.principal):  # (grows with the requests made)
             await self.kernel.repay_limit(grant.principal, n, node.size)
             async with self._limited_lock(node, -(-n // self.block_size) + 2):
                 self._direct_node(grant)  # revoked while waiting for the lock?

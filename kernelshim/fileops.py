@@ -251,7 +251,7 @@ class FileOps(ServerBase):
             # A copy: the client may change its shared buffer meanwhile, and the daemon
             # must checksum exactly what it stores (else the tenant's own file reads as
             # a bad medium, and the device's error count rises for all).
-            with self.kernel.limit_scope(g.principal):  # (its place re-priced at the requests made)
+            with self.kernel.limit_scope(g.principal):  # (its place grows with its requests)
                 await self._write_piece(g, offset + pos, bytearray(buf[pos:pos + k]),
                                         allocate)
             pos += k

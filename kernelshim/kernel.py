@@ -26,7 +26,7 @@ caller's business (the metadata server, later the principal banks), not the kern
 | repay_limit(principal, n)     | (trusted caller)    | DeviceError (its paced write-back;      |
 |                               |                     | waits; call holding no lock)            |
 | limit_scope(principal)        | (trusted caller)    | — (around repay_limit and its writes)   |
-| limit_held(most_ios)          | (trusted caller)    | — (around a contended lock's wait)      |
+| limit_hold(most_ios)          | (trusted caller)    | — (before a contended lock's wait)      |
 | advise(grant, off, len, ...)  | READ (trusted: the  | GrantRevoked, RightsError, BadRequest,  |
 |                               | caller checks WRITE | DeviceError (willneed reads)            |
 |                               | for discardable)    |                                         |
@@ -558,12 +558,13 @@ class Kernel(GrantTable, LowerLayers):
             return nullcontext()
         return sched.place_scope()
 
-    def limit_held(self, most_ios: float) -> AbstractContextManager[None]:
-        """Write-through, inside `limit_scope`: around the wait for a lock another holds
-        once the write's place has gone, its place priced at `most_ios` requests (the
-        most the write can make) meanwhile (`Scheduler.place_held`)."""
-        return nullcontext() if self.pager.writeback else \
-            self.device.scheduler.place_held(most_ios)
+    def limit_hold(self, most_ios: float) -> None:
+        """Write-through, inside `limit_scope`, before the wait for a lock another holds
+        once the write's place has gone: its place is priced at `most_ios` requests (the
+        most the write can make) until the scope ends, then at the requests made
+        (`Scheduler.hold_place`)."""
+        if not self.pager.writeback:
+            self.device.scheduler.hold_place(most_ios)
 
     def past_limits(self) -> AbstractContextManager[None]:
         """Write-through: a write's device requests are made under locks that other

@@ -53,12 +53,14 @@ def dev(tmp_path: Path, request: pytest.FixtureRequest):
     device.close()
 
 
-def _kernel(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """The shim kernel over a fresh device of this file's profile (the caller closes it)."""
+def _kernel(tmp_path: Path, profile: str = PROFILE,  # type: ignore[no-untyped-def]
+            blocks: int = 256):
+    """The shim kernel over a fresh device of `blocks` blocks and `profile` (by default
+    this file's; the caller closes it)."""
     from kernelshim import Kernel
     d = tmp_path / "vol"
     d.mkdir()
-    BlockDevice.format(d, size=256 * BS, block_size=BS, profile=PROFILE)
+    BlockDevice.format(d, size=blocks * BS, block_size=BS, profile=profile)
     return Kernel.open(d, cache_bytes=64 * BS)
 
 
@@ -477,11 +479,7 @@ async def test_concurrent_writers_are_not_held_to_one_at_a_time(
     before it to end: 16 writers of one request each at 1,000 IOPS on a 5 ms device
     went one per 5 ms (172 writes a second through a mount, 956 before). A place is
     priced at its least now, and grows only by what its write makes beyond it."""
-    from kernelshim import Kernel
-    d = tmp_path / "slow"
-    d.mkdir()
-    BlockDevice.format(d, size=1024 * BS, block_size=BS, profile="lat=5000,qd=32")
-    kernel = Kernel.open(d, cache_bytes=64 * BS)
+    kernel = _kernel(tmp_path, "lat=5000,qd=32", 1024)
     try:
         kernel.device.timeline_slack = 0.0
         dev = kernel.device
@@ -541,7 +539,7 @@ async def test_writers_behind_a_held_lock_keep_to_the_limit(
     another held (a long write, a layout's copy, a slow device) grew only once they
     held it, too late to move anyone: 16 writers of 16 requests each at 4 IOPS behind
     a lock held 2 s made 144 requests in the worst second, 20 allowed. While a writer
-    waits for a held lock its place is priced at its most (`place_held`, as
+    waits for a held lock its place is priced at its most (`hold_place`, as
     `FileSystem._limited_lock` does), and back once it holds the lock."""
     sched = dev.scheduler
     dev.configure_banks(tree(node(1, io_limit_iops=4)))
@@ -554,10 +552,8 @@ async def test_writers_behind_a_held_lock_keep_to_the_limit(
             assert place is not None
             await sched.wait_place(place)
             if lock.locked():
-                with sched.place_held(16):
-                    await lock.acquire()
-            else:
-                await lock.acquire()
+                sched.hold_place(16)
+            await lock.acquire()
             try:
                 with sched.past_limits():
                     for b in range(16):  # fragmented: a request a block
