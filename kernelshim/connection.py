@@ -631,6 +631,19 @@ class FairTurns(trio.abc.Instrument):
                     pass
         return False
 
+    def part_done(self, since: float, now: float) -> bool:
+        """Whether a step doing work in parts (`stats`' parts, a teardown's slots, the
+        refusals) gives the loop back after the part that just ended: its quantum
+        (from `since`, the step's start) is used, or — while principals compete — a
+        request of a principal with no backlog came during it (`quiet_waiting`), which
+        then waits for that part and not for the rest of a quantum."""
+        if now - since >= self.quantum(now):
+            return True
+        if now < self.contended_until and self.quiet_waiting():
+            self.preempted += 1
+            return True
+        return False
+
     def close(self) -> None:
         """Close the side poll (the server stops)."""
         if self._side is not None:

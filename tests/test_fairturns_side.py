@@ -460,3 +460,152 @@ async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
     assert events.count("flood") == n + 1  # (and its hello)
     assert arrivals == 10 and events.count("victim") == 10, events.count("victim")
     assert srv.turns.preempted >= 10
+
+
+async def test_stats_gives_way_between_parts_to_a_request_that_comes(
+        kernel: Any, tmp_path: Any, mock_clock: trio.testing.MockClock) -> None:  # noqa: F811
+    """`stats` is served a part at a time; a request of a principal with no backlog
+    that comes while one part is built waits for that part, not for the rest of the
+    operation (FairTurns.part_done: the side poll, as between a flood's requests).
+    Time stands still (MockClock), so the quantum never ends the step: only the cut
+    does. A real ShimServer; the metadata service's parts are counted as built."""
+    from kernelshim.principals import PrincipalTable
+    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.server import ShimServer
+    from test_hostile import _Stats
+
+    path = tmp_path / "c.sock"
+    stats = _Stats()
+    srv = ShimServer(kernel, PrincipalTable(None), stats, path)  # type: ignore[arg-type]
+    victim_sh, admin_sh = srv.turns.share(1001), srv.turns.share(1002)
+    order = iter([victim_sh, admin_sh])
+    srv.turns.turn_of = lambda principal: next(order)  # type: ignore[method-assign]
+    victim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    admin = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    events: list[str] = []
+    handle = srv._handle
+
+    def parts(*, names: Any = None, context: Any = ()) -> Any:
+        for i in range(12):
+            events.append(f"part{i}")
+            if i == 2:  # the victim's request comes while the third part is built
+                victim.send(encode(REQUEST, 7, {"op": "hello"}))
+                events.append("arrival")
+            yield f"k{i}", i
+
+    stats.statistics_parts = parts  # type: ignore[method-assign]
+
+    async def logging_handle(conn: Any, m: Any) -> None:
+        if conn.turn is victim_sh and events:
+            events.append("victim")
+        await handle(conn, m)
+
+    srv._handle = logging_handle  # type: ignore[method-assign]
+
+    async def reply(s: socket.socket, d: Decoder, n: int) -> list[Any]:
+        got: list[Any] = []
+        while len(got) < n:
+            await trio.lowlevel.wait_readable(s)
+            try:
+                got += d.feed(s.recv(1 << 20))
+            except BlockingIOError:
+                pass
+        return got
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            for s in (victim, admin):  # (connected in this order: their shares above)
+                s.connect(str(path))
+                s.setblocking(False)
+                s.send(encode(REQUEST, 1, {"op": "hello"}))
+                await reply(s, Decoder(), 1)
+            srv.turns.contended_until = math.inf  # principals compete
+            admin.send(encode(REQUEST, 2, {"op": "stats"}))
+            got = await reply(admin, Decoder(), 1)
+            await reply(victim, Decoder(), 1)
+            nursery.cancel_scope.cancel()
+    finally:
+        srv.turns.close()
+        victim.close()
+        admin.close()
+    print(events)
+    assert got[0].payload["k11"] == 11  # every part in the reply
+    assert events.index("victim") < events.index("part11"), events
+    # it waited for the part in progress (and the next, built before the batch ended)
+    assert events.index("victim") <= events.index("arrival") + 3, events
+
+
+async def test_refusals_give_way_to_a_request_that_comes(
+        kernel: Any, tmp_path: Any, mock_clock: trio.testing.MockClock) -> None:  # noqa: F811
+    """The refused connections due at once are answered up to REFUSALS_PER_STEP a step
+    (a write and a close each, 5-15 us), fewer when a request of a principal with no
+    backlog comes meanwhile: it waits for the refusal in progress, not for all of them.
+    Time stands still (MockClock); a real ShimServer."""
+    from kernelshim.principals import PrincipalTable
+    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.server import REFUSALS_PER_STEP, ShimServer
+    from test_hostile import _Stats
+
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
+    victim_sh = srv.turns.share(1001)
+    srv.turns.turn_of = lambda principal: victim_sh  # type: ignore[method-assign]
+    victim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    events: list[str] = []
+    handle = srv._handle
+    refuse = srv._refuse_now
+
+    def logging_refuse(sock: Any, reply: bytes) -> None:
+        events.append("refusal")
+        if events.count("refusal") == 2:
+            victim.send(encode(REQUEST, 7, {"op": "hello"}))
+            events.append("arrival")
+        refuse(sock, reply)
+
+    srv._refuse_now = logging_refuse  # type: ignore[method-assign]
+
+    async def logging_handle(conn: Any, m: Any) -> None:
+        if events:
+            events.append("victim")
+        await handle(conn, m)
+
+    srv._handle = logging_handle  # type: ignore[method-assign]
+    peers = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            victim.connect(str(path))
+            victim.setblocking(False)
+            victim.send(encode(REQUEST, 1, {"op": "hello"}))
+            d = Decoder()
+            while not d.feed(victim.recv(1 << 16) if await _readable(victim) else b""):
+                pass
+            srv.turns.contended_until = math.inf  # principals compete
+            for _ in range(REFUSALS_PER_STEP):  # refused connections, all due
+                a, b = socket.socketpair()
+                peers.append(b)
+                srv._refused.append((trio.current_time() - 1,
+                                     trio.socket.from_stdlib_socket(a), b"no"))
+            srv._refused_wake.set()
+            for _ in range(100_000):  # (time stands still: checkpoints, not sleeps)
+                if "victim" in events and not srv._refused:
+                    break
+                await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+        told = [b.recv(8) for b in peers]
+    finally:
+        srv.turns.close()
+        victim.close()
+        for b in peers:
+            b.close()
+    print(events)
+    assert events.count("refusal") == REFUSALS_PER_STEP
+    i = events.index("arrival")
+    assert events[i + 1] == "victim", events  # before the refusals still due
+    assert told == [b"no"] * REFUSALS_PER_STEP  # and each refused peer told
+
+
+async def _readable(s: socket.socket) -> bool:
+    await trio.lowlevel.wait_readable(s)
+    return True
