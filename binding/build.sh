@@ -16,7 +16,9 @@
 #      requests while its handlers complete without blocking, and a large write's
 #      payload handed over as a read-only view of the buffer the request was read
 #      into, never reused, instead of a copy, starting on a page boundary so that it
-#      can be written with O_DIRECT as it is), linked against that
+#      can be written with O_DIRECT as it is, and a write whose flags hold O_SYNC or
+#      O_DSYNC — its file's, or pwritev2's RWF_SYNC/RWF_DSYNC — followed by the fsync
+#      the kernel sends only after writes through the page cache), linked against that
 #      libfuse with an rpath, built as a wheel versioned 3.5.0+sluice.N and installed
 #      into .venv.
 #
@@ -32,7 +34,7 @@ ROOT=$PWD
 B=$ROOT/.build
 PREFIX=$B/libfuse
 PYFUSE3_VERSION=3.5.0
-LOCAL_VERSION=sluice.10         # bump with every change of the pyfuse3 patch
+LOCAL_VERSION=sluice.11         # bump with every change of the pyfuse3 patch
 SUITE=trixie
 
 die() { echo "setup: $*" >&2; exit 1; }

@@ -95,6 +95,60 @@ def test_append_killed_before_commit_leaves_no_bytes_past_eof(volume: Path,
             assert p.read_bytes() == head + bytes(4900) + b"Z"
 
 
+@pytest.mark.mounted
+@pytest.mark.parametrize("extra", [(), ("--writeback",), ("--cache-mode", "kernel")],
+                         ids=["default", "writeback", "kernel-cache"])
+def test_synchronous_writes_survive_a_kill_right_after(volume: Path, mount_factory,
+                                                       extra: tuple[str, ...]) -> None:
+    """Probe 9's F4: a write through an O_SYNC or O_DSYNC descriptor, or pwritev2 with
+    RWF_SYNC or RWF_DSYNC, is durable when it returns (it is acknowledged as if fsync'd).
+    Direct-I/O writes reach the daemon with those flags and no fsync after them (the
+    kernel's generic_write_sync is for writes through the page cache): they were
+    acknowledged and lost when the daemon died before its timer commit."""
+    m = mount_factory(volume, *extra)
+    cases = {"osync": (os.O_SYNC, 0), "odsync": (os.O_DSYNC, 0),
+             "rwf_sync": (0, os.RWF_SYNC), "rwf_dsync": (0, os.RWF_DSYNC)}
+    for r in range(2):
+        want = {}
+        for i, (name, (oflag, rwf)) in enumerate(cases.items()):
+            p = m.path / f"{name}{r}"
+            data = fill(20 + 10 * r + i, BS + 300 * (i + 1))
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | oflag, 0o644)
+            try:
+                if rwf:
+                    assert os.pwritev(fd, [data[:BS]], 0, rwf) == BS
+                    assert os.pwritev(fd, [data[BS:]], BS, rwf) == len(data) - BS
+                else:
+                    assert os.write(fd, data[:BS]) == BS
+                    assert os.write(fd, data[BS:]) == len(data) - BS
+            finally:
+                os.close(fd)
+            want[p] = data
+        # The files' names were never made durable by a directory fsync: only the
+        # data of a name that survives is promised. Make the names durable with the
+        # directory's fsync, then one more synchronous write to each, and kill.
+        dfd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dfd)
+        os.close(dfd)
+        for i, (p, data) in enumerate(want.items()):
+            oflag, rwf = list(cases.values())[i]
+            tail = fill(90 + i, 700)
+            fd = os.open(p, os.O_WRONLY | oflag)
+            try:
+                if rwf:
+                    assert os.pwritev(fd, [tail], len(data), rwf) == len(tail)
+                else:
+                    os.lseek(fd, 0, os.SEEK_END)
+                    assert os.write(fd, tail) == len(tail)
+            finally:
+                os.close(fd)
+            want[p] = data + tail
+        _kill_and_remount(m)
+        for p, data in want.items():
+            got = p.read_bytes()
+            assert got == data, f"round {r}, {p.name}: {len(got)} bytes, want {len(data)}"
+
+
 # -- the power-loss rules, component level -----------------------------------------------------
 
 
