@@ -795,7 +795,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def lseek(self, fh: int, off: int, whence: int) -> int:
-        return self.fs.seek(fh, off, whence)
+        return await self.fs.seek(fh, off, whence)
 
     @_guard
     async def flush(self, fh: int) -> None:

@@ -416,6 +416,22 @@ class ExtentMachine(RuleBasedStateMachine):
     def segments_window(self, fb: int, count: int) -> None:
         self._check_segments(fb, count)
 
+    @rule(fb=st.integers(0, N + 4), end=st.integers(0, N + 8), data=st.booleans(),
+          limit=st.integers(1, 4))
+    def seek_window(self, fb: int, end: int, data: bool, limit: int) -> None:
+        """SEEK_DATA/SEEK_HOLE's search, a few extents a call, against the blocks:
+        data is a mapped block not UNWRITTEN; a hole is the rest."""
+        want = next((b for b in range(fb, end)
+                     if (b in self.model and self.model[b][1] != U) == data), None)
+        pos, calls = fb, 0
+        while True:
+            found, pos = self.m.seek(pos, end, data, limit)
+            calls += 1
+            if found is not None or pos >= end:
+                break
+            assert calls <= N + 1
+        assert found == want, (fb, end, data, found, want)
+
     @rule(fb=st.integers(0, N + 4))
     def goal(self, fb: int) -> None:
         before = [b for b in self.model if b <= fb]
