@@ -103,6 +103,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self._inodes = {}
         self.max_inodes = max_inodes
         self._inode_count = 0
+        self._rename_lock = trio.Lock()
         # -- OpenFiles (dataio.py) ---------------------------------------------------------
         self._handles = {}
         self._next_fh = 1

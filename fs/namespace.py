@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import stat
+import time
 from typing import TYPE_CHECKING
+
+import trio
 
 from kernelshim import ExtentMap, Grant, PrincipalId, ROOT_PRINCIPAL
 from kernelshim.principals import ENTRY_COST
@@ -28,6 +31,15 @@ log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
+#: a rename's walk up the tree gives the loop back once it has taken this long (checked
+#: every ANCESTORS_PER_CHECK parents: ~2 us when their inodes are cached, ~0.1 ms not)
+WALK_STEP_SECONDS = 0.0001
+ANCESTORS_PER_CHECK = 16
+
+
+class _Rewalk(Exception):
+    """A rename's names changed while it walked up the tree: walk again."""
+
 
 def _named(node: Inode) -> Inode:
     """`node`, which a name points to: Damaged if its link count says no name does (a
@@ -42,11 +54,16 @@ def _named(node: Inode) -> Inode:
 class Namespace:
     """Names and directories (a `FileSystem` concern; see filesystem.py for the map).
 
-    State it owns: `_inode_count` (inodes in use) and `max_inodes` (the volume's limit)."""
+    State it owns: `_inode_count` (inodes in use), `max_inodes` (the volume's limit) and
+    `_rename_lock`."""
 
     #: the volume's inode limit, and the inodes in use (O_TMPFILE files not counted)
     max_inodes: int
     _inode_count: int
+    #: held by a rename between two directories while it walks up from them and moves
+    #: the names (the kernel's s_vfs_rename_mutex): only such a rename changes a
+    #: directory's parent, so the walk's answer holds though it gives the loop back
+    _rename_lock: trio.Lock
 
     def lookup(self: FileSystem, parent: int, name: bytes) -> Inode:
         """The inode `name` names in directory `parent` (counts a kernel lookup).
@@ -259,16 +276,27 @@ class Namespace:
         if node.lookups <= 0:
             self._inodes.pop(node.id, None)
 
-    def _is_ancestor(self: FileSystem, anc: int, ino: int) -> bool:
-        """Whether directory `anc` is `ino` or one of its ancestors."""
+    async def _is_ancestor(self: FileSystem, anc: int, ino: int) -> bool:
+        """Whether directory `anc` is `ino` or one of its ancestors: a walk up from `ino`
+        to the root, WALK_STEP_SECONDS a step of the loop (a tenant's chain of
+        10,000 directories, their inodes not cached, held every request 84 ms in one
+        step; and the walk used to stop at 10,000 and answer no, so a deeper directory
+        could be moved into its own subtree). The caller holds `_rename_lock`. A walk
+        longer than the volume has inodes is a loop in a damaged volume: EIO."""
         seen = 0
+        t0 = time.perf_counter()
         while True:
             if ino == anc:
                 return True
-            if ino == ROOT_INODE or seen > 10_000:
+            if ino == ROOT_INODE:
                 return False
+            if seen > self._inode_count + 1:
+                raise Damaged(f"the parents of directory {ino} make a loop: run sluice fsck")
             ino = self.inode(ino).parent
             seen += 1
+            if seen % ANCESTORS_PER_CHECK == 0 and time.perf_counter() - t0 >= WALK_STEP_SECONDS:
+                await trio.lowlevel.checkpoint()
+                t0 = time.perf_counter()
 
     async def rename(self: FileSystem, old_parent: int, old_name: bytes, new_parent: int,
                      new_name: bytes, flags: int) -> None:
@@ -280,11 +308,52 @@ class Namespace:
         if old_name in (b".", b"..") or new_name in (b".", b".."):
             raise InvalidArgument("cannot rename '.' or '..'")
         check_name(new_name)
+        if old_parent == new_parent:
+            # No directory changes parent: nothing to walk (a name in a directory
+            # cannot be that directory or one of its ancestors).
+            await self._rename_walked(old_parent, old_name, new_parent, new_name, flags, {})
+            return
+        async with self._rename_lock:
+            while True:
+                # The walks (which may give the loop back) first, for the inodes the
+                # names hold now; then the rename itself, with no checkpoint before its
+                # change, which starts again if a name changed meanwhile (_Rewalk).
+                walked: dict[int, bool] = {}
+                src = self._child(old_parent, old_name)
+                if src.is_dir:
+                    walked[src.id] = await self._is_ancestor(src.id, new_parent)
+                dst_ino = self.md.lookup(new_parent, new_name)
+                if flags & RENAME_EXCHANGE and dst_ino is not None and \
+                        self.inode(dst_ino).is_dir:
+                    walked[-dst_ino] = await self._is_ancestor(dst_ino, old_parent)
+                try:
+                    await self._rename_walked(old_parent, old_name, new_parent, new_name,
+                                              flags, walked)
+                    return
+                except _Rewalk:
+                    continue
+
+    async def _rename_walked(self: FileSystem, old_parent: int, old_name: bytes,
+                             new_parent: int, new_name: bytes, flags: int,
+                             walked: dict[int, bool]) -> None:
+        """The rename, given whether the source directory is an ancestor of the new
+        parent (`walked[src]`) and, for an exchange, the target directory one of the
+        old parent (`walked[-dst]`); _Rewalk if those inodes are no longer the names'."""
+
+        def inside(key: int) -> bool:
+            if old_parent == new_parent:
+                return False
+            if key not in walked:
+                raise _Rewalk()
+            return walked[key]
+
         src = self._child(old_parent, old_name)
         op = self.inode(old_parent)
         np_ = self.inode(new_parent)
         if not np_.is_dir:
             raise NotADirectory(f"inode {new_parent} is not a directory")
+        if np_.nlink == 0:  # (removed while the walk gave the loop back)
+            raise NotFound(f"directory {new_parent} was removed")
         dst_ino = self.md.lookup(new_parent, new_name)
         dst = self.inode(dst_ino) if dst_ino is not None else None
         now = now_ns()
@@ -292,9 +361,9 @@ class Namespace:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise NotFound(f"{new_name!r} does not exist")
-            if src.is_dir and self._is_ancestor(src.id, new_parent):
+            if src.is_dir and inside(src.id):
                 raise InvalidArgument("cannot move a directory into itself")
-            if dst.is_dir and self._is_ancestor(dst.id, old_parent):
+            if dst.is_dir and inside(-dst.id):
                 raise InvalidArgument("cannot move a directory into itself")
             if old_parent != new_parent and src.is_dir != dst.is_dir:
                 gains = op if dst.is_dir else np_  # the parent that gets the directory
@@ -325,7 +394,7 @@ class Namespace:
             return  # both names are links to the same file: POSIX says do nothing
         if dst is not None and flags & RENAME_NOREPLACE:
             raise Exists(f"{new_name!r} exists")
-        if src.is_dir and self._is_ancestor(src.id, new_parent):
+        if src.is_dir and inside(src.id):
             raise InvalidArgument("cannot move a directory into its own subtree")
         if src.is_dir and old_parent != new_parent and not (dst is not None and dst.is_dir) \
                 and np_.nlink >= LINK_MAX:
