@@ -174,7 +174,13 @@ class OpenFiles:
             return 0
         end = offset + n
         if end > MAX_FILE_SIZE:
-            raise FileTooLarge("write past the maximum file size")
+            # As Linux (generic_write_check_limits): EFBIG at the limit, a short write
+            # across it (probe 9, F5). All or nothing is EFBIG either way.
+            if offset >= MAX_FILE_SIZE or not short_ok:
+                raise FileTooLarge("write past the maximum file size")
+            n = MAX_FILE_SIZE - offset
+            data = data[:n]
+            end = MAX_FILE_SIZE
         if offset > node.size:  # the gap left behind reads as zeros (R6)
             await self._zero_past_eof(node, node.size, offset, grant.principal)
         bs = self.block_size

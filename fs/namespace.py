@@ -20,6 +20,7 @@ from .errors import (Damaged, Exists, InvalidArgument, IsADirectory, NameTooLong
                      NotADirectory, NotEmpty, NotFound, NotPermitted, TooManyLinks)
 from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
 from .permissions import in_group
+from .space import EXTENTS_PER_STEP
 from .xattrs import DISCARDED_XATTR, xattr_cost
 
 if TYPE_CHECKING:
@@ -262,6 +263,23 @@ class Namespace:
             revoked: list[Grant] = []
             for g in self.kernel.grants_for(node.id):
                 revoked.extend(self.kernel.revoke_nowait(g))
+            if node.is_reg and node.blocks:
+                # A file of many extents is unmapped from its end, EXTENTS_PER_STEP
+                # extents a step of the loop, each part saved, before the rest goes with
+                # the inode (an unlink of a file of 50,000 extents held every request
+                # 0.1-0.2 s in one step). Meanwhile the inode, its link count saved as 0,
+                # is an orphan: after a crash the next mount frees the rest. (Shielded:
+                # the inode goes whole however the request ends.)
+                emap = self._extents(node)
+                with trio.CancelScope(shield=True):
+                    while len(emap) > EXTENTS_PER_STEP:
+                        part = emap.remove_owned(emap.start_of(len(emap) - EXTENTS_PER_STEP))
+                        node.blocks = emap.blocks
+                        self._save_extents(node)
+                        self._save(node, "blocks")
+                        await self._release_unmapped(part, revoked, ino=node.id)
+                        revoked = []
+                        await trio.lowlevel.checkpoint()  # (the release may not have)
             freed = self._extents(node).remove_owned(0) if node.is_reg and node.blocks else []
             # The delete is the saved change that frees the blocks: in the open
             # transaction before the refund and the drain's checkpoint (R3).

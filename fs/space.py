@@ -27,6 +27,11 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
+#: extents a truncate or an unlink unmaps in one step of the loop (~0.3 ms; a file of
+#: 50,000 extents unmapped in one step held every tenant's requests 0.1-0.2 s)
+EXTENTS_PER_STEP = 128
+
+
 class Space:
     """Allocation and fallocate (a `FileSystem` concern; see filesystem.py for the map).
 

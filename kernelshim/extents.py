@@ -212,6 +212,10 @@ class ExtentMap:
         fb, dev = self._ext[i][:2]
         return dev + (file_block - fb)
 
+    def start_of(self, index: int) -> int:
+        """The first file block of the `index`-th extent (in file order)."""
+        return self._starts[index]
+
     def end_block(self) -> int:
         """One past the last allocated file block (0 when empty)."""
         if not self._ext:

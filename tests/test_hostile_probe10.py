@@ -9,11 +9,15 @@ for that long. Each is a regression test that fails on the code before its fix.
   step (84 ms when their inodes were not cached); and answered "not inside" past
   10,000, so a directory could be moved into its own subtree. Now only a rename
   between two directories walks, to the root, giving the loop back on the way.
+- F3: a truncate or an unlink of a file of 50,000 extents unmapped them all in one step
+  (0.1-0.2 s); now EXTENTS_PER_STEP extents a step, from the end of the file, the size
+  saved first (a commit between two parts, and a crash after it, show the new state).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,8 @@ import trio
 from fs.dataio import SEEK_EXTENTS_PER_STEP
 from fs.errors import InvalidArgument
 from fs.namespace import RENAME_EXCHANGE
-from test_filesystem import CALLER, ROOT, Volume
+from fs.space import EXTENTS_PER_STEP
+from test_filesystem import CALLER, ROOT, Volume, read_file
 
 BS = 4096
 
@@ -151,3 +156,90 @@ async def test_a_rename_inside_one_directory_walks_nothing(bigvol: Volume,
                         b"b" if i % 2 == 0 else b"a", 0)
     assert walks == []
     assert [n for _c, n, _node in fs.readdir(deepest, 0, 10)][2:] == [b"b"]
+
+
+def _content(n: int) -> bytes:
+    return b"".join(bytes([b % 251 + 1]) * BS for b in range(n))
+
+
+async def test_a_truncate_of_many_extents_gives_the_loop_back(bigvol: Volume) -> None:
+    """F3. A truncate of a file of 3,000 extents to a partial block: other tasks run
+    between its parts; the file holds its first bytes and zeros after growth; its
+    blocks and space are given back; fsck finds the volume clean."""
+    fs = bigvol.fs
+    n = 3000
+    fh, node = await _fragmented(fs, b"f", n)
+    await fs.sync()
+    p = fs.principal(CALLER.principal)
+    used = p.usage.space
+    size = 7 * BS + 100
+    ran = await _steps_of_others(lambda: fs.truncate(node, size, principal=CALLER.principal))
+    assert ran >= n // EXTENTS_PER_STEP - 1, ran
+    assert node.size == size and node.blocks == 8 and len(fs._extents(node)) == 8
+    assert await read_file(fs, node.id) == _content(n)[:size]
+    await fs.truncate(node, 9 * BS, principal=CALLER.principal)
+    assert await read_file(fs, node.id) == _content(n)[:size] + bytes(9 * BS - size)
+    await fs.release(fh)
+    assert used - p.usage.space == (n - 8) * BS  # (8 blocks kept; the growth: a hole)
+    await fs.sync()
+    report = await bigvol.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
+
+
+async def test_an_unlink_of_many_extents_gives_the_loop_back(bigvol: Volume) -> None:
+    """F3. The last name of a file of 3,000 extents removed: other tasks run between
+    the parts of its unmapping; every block is free again; fsck is clean."""
+    fs = bigvol.fs
+    p = fs.principal(CALLER.principal)
+    used = p.usage.space
+    n = 3000
+    fh, _node = await _fragmented(fs, b"f", n)
+    await fs.release(fh)
+    await fs.sync()
+    ran = await _steps_of_others(lambda: fs.unlink(ROOT, b"f"))
+    assert ran >= n // EXTENTS_PER_STEP - 1, ran
+    assert p.usage.space == used
+    await fs.sync()
+    report = await bigvol.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
+
+
+async def test_a_commit_between_a_truncates_parts_keeps_the_new_state(
+        bigvol: Volume, tmp_path: Path, monkeypatch) -> None:
+    """F3. A commit (made durable) while a truncate of many extents is between two of
+    its parts, and a crash then (the volume's files copied as they are): the copy
+    mounts with the new size, the kept bytes, no block past the end, and fsck clean."""
+    fs = bigvol.fs
+    n = 1000
+    fh, node = await _fragmented(fs, b"f", n)
+    await fs.release(fh)
+    await fs.sync()
+    size = 5 * BS + 77
+    parts = 0
+    real = type(fs)._release_unmapped
+    crash = tmp_path / "crash"
+
+    async def release(self, freed, revoked, **kw):
+        nonlocal parts
+        await real(self, freed, revoked, **kw)
+        parts += 1
+        if parts == 3:  # the size and three parts saved, the rest not yet
+            await self.commit(durable=True)
+            shutil.copytree(bigvol.path, crash, ignore=shutil.ignore_patterns("lock"))
+
+    monkeypatch.setattr(type(fs), "_release_unmapped", release)
+    await fs.truncate(node, size, principal=CALLER.principal)
+    monkeypatch.setattr(type(fs), "_release_unmapped", real)
+    assert parts > 3
+    v = Volume.__new__(Volume)
+    v.path, v.profile, v.fs = crash, None, None
+    fs2 = await v.open()
+    try:
+        node2 = fs2.lookup(ROOT, b"f")
+        assert node2.size == size
+        assert fs2._extents(node2).end_block() <= 6  # (dropped by the mount)
+        assert await read_file(fs2, node2.id) == _content(n)[:size]
+    finally:
+        await v.close()
+    report = await v.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines

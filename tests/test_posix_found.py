@@ -40,3 +40,23 @@ def test_rdonly_trunc_truncates_like_linux(mnt: Path, ref: Path) -> None:
         finally:
             os.close(fd)
     assert both(mnt, ref, scenario) == (0, 0)
+
+
+def test_a_write_across_the_maximum_file_size_is_short(mnt: Path) -> None:
+    """Probe 9, F5. As Linux's generic_write_check_limits: a write that starts below
+    the maximum file size (2^50 here; ext4's is smaller, so no reference run) and
+    crosses it writes up to it; one at the limit or past it fails with EFBIG (before:
+    the whole write failed with EFBIG)."""
+    import errno
+    limit = 1 << 50
+    fd = os.open(mnt / "big", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert os.pwrite(fd, b"A" * 8192, limit - 100) == 100
+        assert os.fstat(fd).st_size == limit
+        assert os.pread(fd, 200, limit - 150) == bytes(50) + b"A" * 100
+        for off in (limit, limit + 4096):
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, b"B", off)
+            assert e.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
