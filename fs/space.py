@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+import trio
+
 from kernelshim import (ExtentMap, FRESH, Grant, HOLE, PrincipalId, ROOT_PRINCIPAL, Rights,
                         SluiceError, UNWRITTEN)
 from kernelshim.extents import block_span, blocks_to_cover, partial_edges, whole_blocks
@@ -357,12 +359,27 @@ class Space:
         revoke every grant on the file with no checkpoint in between, wait until no
         request through the old grants is in flight, then free them for reuse after
         the commit (R3). With `replace`, each freed run is mapped again at once to fresh
-        UNWRITTEN blocks of the same owner (ZERO_RANGE keeps the range allocated)."""
+        UNWRITTEN blocks of the same owner (ZERO_RANGE keeps the range allocated).
+
+        A range of more than EXTENTS_PER_STEP extents is done in parts from its end,
+        one step of the loop each (a punch of 20,000 extents held every tenant's
+        requests ~0.15 s in one step): each part is one change of the map, saved,
+        with its grants revoked and its blocks released; a crash between two parts
+        finds the range's end zeroed and its start not yet, as ext4's punch, which
+        restarts its journal transaction, may leave it."""
         bs = self.block_size
         f0, f1 = whole_blocks(lo, hi, bs)
         f1 = min(f1, emap.end_block())
-        if f1 <= f0:
-            return
+        while f1 > f0:
+            g0 = max(f0, emap.start_back(f1, EXTENTS_PER_STEP))
+            await self._unmap_part(node, emap, g0, f1, replace=replace, principal=principal)
+            f1 = g0
+            if f1 > f0:
+                await trio.lowlevel.checkpoint()
+
+    async def _unmap_part(self: FileSystem, node: Inode, emap: ExtentMap, f0: int, f1: int, *,
+                          replace: bool, principal: PrincipalId) -> None:
+        """One part of `_unmap_whole_blocks`: file blocks [f0, f1)."""
         if replace:
             data = sum(s.count for s in emap.segments(f0, f1 - f0)
                        if s.dev_block != HOLE and s.state != UNWRITTEN)

@@ -216,6 +216,13 @@ class ExtentMap:
         """The first file block of the `index`-th extent (in file order)."""
         return self._starts[index]
 
+    def start_back(self, file_block: int, count: int) -> int:
+        """The first file block of the `count`-th extent that starts before
+        `file_block`, counting back from it (0 when there are fewer): where a part of
+        `count` extents ending at `file_block` begins."""
+        i = bisect.bisect_left(self._starts, file_block) - count
+        return self._starts[i] if i >= 0 else 0
+
     def end_block(self) -> int:
         """One past the last allocated file block (0 when empty)."""
         if not self._ext:

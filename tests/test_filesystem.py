@@ -987,9 +987,10 @@ async def test_punch_and_truncate_of_a_fragmented_file_are_one_pass(
             finally:
                 trio.lowlevel.remove_instrument(meter)
             assert reads > before  # the other file was served around it
-            # one pass: not one edit per run (a truncate's parts split at most at both
-            # ends of each, EXTENTS_PER_STEP extents from the end of the map: probe 10, F3)
-            parts = 1 if name == b"punch" else -(-2 * n // EXTENTS_PER_STEP)
+            # one pass: not one edit per run (the parts of a truncate or a punch split
+            # at most at both ends of each, EXTENTS_PER_STEP extents from the end of
+            # the range: probe 10, F3)
+            parts = -(-(n if name == b"punch" else 2 * n) // EXTENTS_PER_STEP)
             assert len(splits) <= 4 * parts, (len(splits), parts)
             assert node.blocks == 0 and len(fs._extents(node)) == 0
             await fs.release(h.fh)

@@ -12,6 +12,7 @@ for that long. Each is a regression test that fails on the code before its fix.
 - F3: a truncate or an unlink of a file of 50,000 extents unmapped them all in one step
   (0.1-0.2 s); now EXTENTS_PER_STEP extents a step, from the end of the file, the size
   saved first (a commit between two parts, and a crash after it, show the new state).
+  A punch (or ZERO_RANGE) of a range of many extents is cut in parts the same way.
 """
 
 from __future__ import annotations
@@ -242,4 +243,32 @@ async def test_a_commit_between_a_truncates_parts_keeps_the_new_state(
     finally:
         await v.close()
     report = await v.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
+
+
+@pytest.mark.parametrize("mode", ["punch", "zero"])
+async def test_a_punch_of_many_extents_gives_the_loop_back(bigvol: Volume, mode: str) -> None:
+    """F3. PUNCH_HOLE (KEEP_SIZE) or ZERO_RANGE over most of a file of 3,000 extents:
+    other tasks run between its parts; the range reads as zeros, the rest as written;
+    a punch gives the space back, ZERO_RANGE keeps it allocated; fsck is clean."""
+    from fs.space import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    fs = bigvol.fs
+    n = 3000
+    fh, node = await _fragmented(fs, b"f", n)
+    await fs.sync()
+    p = fs.principal(CALLER.principal)
+    used = p.usage.space
+    lo, hi = 10 * BS + 5, (n - 10) * BS - 7
+    flags = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE if mode == "punch" else \
+        FALLOC_FL_ZERO_RANGE
+    ran = await _steps_of_others(lambda: fs.fallocate(fh, flags, lo, hi - lo))
+    assert ran >= n // EXTENTS_PER_STEP - 2, ran
+    want = bytearray(_content(n))
+    want[lo:hi] = bytes(hi - lo)
+    assert await read_file(fs, node.id) == bytes(want)
+    whole = (n - 11) - 11  # blocks wholly inside the range
+    assert used - p.usage.space == (whole * BS if mode == "punch" else 0)
+    await fs.release(fh)
+    await fs.sync()
+    report = await bigvol.fsck()
     assert (report.errors, report.left) == (0, 0), report.lines
