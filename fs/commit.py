@@ -145,8 +145,9 @@ class Transactions:
                 async with fs._lock(node):
                     await fs._empty_locked(node, mark=True)
         # Blocks past EOF: write layouts a direct client never committed before the
-        # daemon stopped (its close would have trimmed them). Nothing else leaves
-        # blocks there (fallocate's KEEP_SIZE, when it comes, must be told apart).
+        # daemon stopped (its close would have trimmed them), a KEEP_SIZE
+        # preallocation of a file open at the crash, or the rest of a truncate of many
+        # extents cut short between its parts (R4: the new size was saved first).
         for ino in md.inodes_with_blocks_past_eof(fs.block_size):
             try:
                 node = fs.inode(ino)
@@ -155,8 +156,8 @@ class Transactions:
                 log.warning("%s", exc)
                 continue
             freed = emap.remove_owned(blocks_to_cover(node.size, fs.block_size))
-            log.info("inode %d: dropping %d blocks past its end (an uncommitted write layout)",
-                     ino, sum(c for _d, c, _o in freed))
+            log.info("inode %d: dropping %d blocks past its end (an uncommitted write layout, "
+                     "a preallocation or a truncate cut short)", ino, sum(c for _d, c, _o in freed))
             node.blocks = emap.blocks
             fs._save_extents(node)
             fs._save(node, "blocks")

@@ -17,7 +17,7 @@ from kernelshim.principals import QuotaExceeded
 from kernelshim.extents import block_span, blocks_to_cover
 
 from .errors import (BadHandle, FileTooLarge, InvalidArgument, IsADirectory, NoSpace,
-                     NoSuchOffset, WriteFailed)
+                     NoSuchOffset, NotFound, WriteFailed)
 from .inodes import Caller, Handle, Inode, MAX_FILE_SIZE, now_ns
 from .xattrs import CACHE_XATTR, DISCARDED_XATTR
 
@@ -56,6 +56,12 @@ class OpenFiles:
         node = self.inode(ino)
         if node.is_dir:
             raise IsADirectory("cannot open a directory for I/O")
+        if node.nlink == 0 and node.opens == 0:
+            # Its last name and handle are gone, so it is being freed (`_destroy`, in
+            # parts for a file of many extents): the kernel may still hold the inode
+            # (an O_PATH descriptor reopened through /proc, a file handle), but a new
+            # handle would write into a file whose row is going.
+            raise NotFound(f"inode {ino} was removed")
         acc = flags & os.O_ACCMODE
         readable = acc in (os.O_RDONLY, os.O_RDWR)
         writable = acc in (os.O_WRONLY, os.O_RDWR)

@@ -789,6 +789,19 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         return await self.fs.write(fh, off, buf)
 
+    async def _write_synced(self, fh: int, off: int, buf: bytes | memoryview,
+                            datasync: bool) -> int:
+        """A write with O_SYNC or O_DSYNC in its flags (the binding's
+        `write_synced`): written, then made durable before the reply, under the write's
+        one admission (an fsync admitted apart could be refused, EAGAIN, after the
+        bytes were in the file: a retried append would write them twice)."""
+        n = await self.fs.write(fh, off, buf)
+        if n:
+            await self.fs.fsync(fh, datasync)
+        return n
+
+    write_synced = _guard(_write_synced, name="write")
+
     @_guard
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         await self.fs.fallocate(fh, mode, off, length)

@@ -361,17 +361,19 @@ class Space:
         the commit (R3). With `replace`, each freed run is mapped again at once to fresh
         UNWRITTEN blocks of the same owner (ZERO_RANGE keeps the range allocated).
 
-        A range of more than EXTENTS_PER_STEP extents is done in parts from its end,
-        one step of the loop each (a punch of 20,000 extents held every tenant's
-        requests ~0.15 s in one step): each part is one change of the map, saved,
-        with its grants revoked and its blocks released; a crash between two parts
-        finds the range's end zeroed and its start not yet, as ext4's punch, which
-        restarts its journal transaction, may leave it."""
+        A punch of more than EXTENTS_PER_STEP extents is done in parts from the end of
+        the range, one step of the loop each (a punch of 20,000 extents held every
+        tenant's requests ~0.15 s in one step): each part is one change of the map,
+        saved, with its grants revoked and its blocks released; a crash between two
+        parts finds the range's end punched and its start not yet, as ext4's punch,
+        which restarts its journal transaction, may leave it. ZERO_RANGE (`replace`)
+        stays one step: its space is checked for the whole range before anything
+        changes, and its replacement runs are merged into the map in one pass."""
         bs = self.block_size
         f0, f1 = whole_blocks(lo, hi, bs)
         f1 = min(f1, emap.end_block())
         while f1 > f0:
-            g0 = max(f0, emap.start_back(f1, EXTENTS_PER_STEP))
+            g0 = f0 if replace else max(f0, emap.start_back(f1, EXTENTS_PER_STEP))
             await self._unmap_part(node, emap, g0, f1, replace=replace, principal=principal)
             f1 = g0
             if f1 > f0:
