@@ -60,3 +60,31 @@ def test_a_write_across_the_maximum_file_size_is_short(mnt: Path) -> None:
             assert e.value.errno == errno.EFBIG
     finally:
         os.close(fd)
+
+
+def test_a_truncate_to_the_same_size_sets_mtime_and_ctime_like_linux(mnt: Path,
+                                                                     ref: Path) -> None:
+    """Probe 9, F3: ftruncate and truncate to the file's own size leave its bytes and
+    set mtime and ctime, as Linux does (POSIX requires it only when the size changes)."""
+    import time
+
+    def scenario(d: Path) -> tuple[bool, bool, bool, bool, bool]:
+        p = d / "f"
+        p.write_bytes(b"y" * 5000)
+        os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+        st0 = os.stat(p)
+        time.sleep(0.01)
+        fd = os.open(p, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 5000)
+        finally:
+            os.close(fd)
+        st1 = os.stat(p)
+        time.sleep(0.01)
+        os.truncate(p, 5000)
+        st2 = os.stat(p)
+        return (st1.st_mtime_ns > st0.st_mtime_ns, st1.st_ctime_ns > st0.st_ctime_ns,
+                st2.st_mtime_ns > st1.st_mtime_ns, st2.st_ctime_ns > st1.st_ctime_ns,
+                p.read_bytes() == b"y" * 5000)
+
+    assert both(mnt, ref, scenario) == (True,) * 5
