@@ -17,8 +17,9 @@
 #      payload handed over as a read-only view of the buffer the request was read
 #      into, never reused, instead of a copy, starting on a page boundary so that it
 #      can be written with O_DIRECT as it is, and a write whose flags hold O_SYNC or
-#      O_DSYNC — its file's, or pwritev2's RWF_SYNC/RWF_DSYNC — followed by the fsync
-#      the kernel sends only after writes through the page cache), linked against that
+#      O_DSYNC — its file's, or pwritev2's RWF_SYNC/RWF_DSYNC — handed to
+#      Operations.write_synced, a write then an fsync, which the kernel sends only
+#      after writes through the page cache), linked against that
 #      libfuse with an rpath, built as a wheel versioned 3.5.0+sluice.N and installed
 #      into .venv.
 #
