@@ -377,7 +377,7 @@ async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
     one more (the flood's step released into the batch before the victim runs), not
     for the rest of the read (hundreds)."""
     from kernelshim.principals import PrincipalTable
-    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.protocol import REQUEST, encode
     from kernelshim.server import ShimServer
     from test_hostile import _Stats
 
@@ -411,15 +411,6 @@ async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
 
     srv._handle = logging_handle  # type: ignore[method-assign]
 
-    async def reply(s: socket.socket, d: Decoder, n: int) -> None:
-        got = 0
-        while got < n:
-            await trio.lowlevel.wait_readable(s)
-            try:
-                got += len(d.feed(s.recv(1 << 20)))
-            except BlockingIOError:
-                pass
-
     n = 3000
     try:
         async with trio.open_nursery() as nursery:
@@ -428,7 +419,7 @@ async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
                 s.connect(str(path))
                 s.setblocking(False)
                 s.send(encode(REQUEST, 1, {"op": "hello"}))
-                await reply(s, Decoder(), 1)
+                await _replies(s, 1)
             srv.turns.contended_until = math.inf  # principals compete
             backlog = memoryview(b"".join(encode(REQUEST, i, {"op": "hello"})
                                           for i in range(2, n + 2)))
@@ -443,7 +434,7 @@ async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
                         pass
 
             nursery.start_soon(send_all)
-            await reply(flood, Decoder(), n)
+            await _replies(flood, n)
             nursery.cancel_scope.cancel()
     finally:
         srv.turns.close()
@@ -470,7 +461,7 @@ async def test_stats_gives_way_between_parts_to_a_request_that_comes(
     Time stands still (MockClock), so the quantum never ends the step: only the cut
     does. A real ShimServer; the metadata service's parts are counted as built."""
     from kernelshim.principals import PrincipalTable
-    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.protocol import REQUEST, encode
     from kernelshim.server import ShimServer
     from test_hostile import _Stats
 
@@ -502,16 +493,6 @@ async def test_stats_gives_way_between_parts_to_a_request_that_comes(
 
     srv._handle = logging_handle  # type: ignore[method-assign]
 
-    async def reply(s: socket.socket, d: Decoder, n: int) -> list[Any]:
-        got: list[Any] = []
-        while len(got) < n:
-            await trio.lowlevel.wait_readable(s)
-            try:
-                got += d.feed(s.recv(1 << 20))
-            except BlockingIOError:
-                pass
-        return got
-
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(srv.run)
@@ -519,11 +500,11 @@ async def test_stats_gives_way_between_parts_to_a_request_that_comes(
                 s.connect(str(path))
                 s.setblocking(False)
                 s.send(encode(REQUEST, 1, {"op": "hello"}))
-                await reply(s, Decoder(), 1)
+                await _replies(s, 1)
             srv.turns.contended_until = math.inf  # principals compete
             admin.send(encode(REQUEST, 2, {"op": "stats"}))
-            got = await reply(admin, Decoder(), 1)
-            await reply(victim, Decoder(), 1)
+            got = await _replies(admin, 1)
+            await _replies(victim, 1)
             nursery.cancel_scope.cancel()
     finally:
         srv.turns.close()
@@ -543,7 +524,7 @@ async def test_refusals_give_way_to_a_request_that_comes(
     backlog comes meanwhile: it waits for the refusal in progress, not for all of them.
     Time stands still (MockClock); a real ShimServer."""
     from kernelshim.principals import PrincipalTable
-    from kernelshim.protocol import REQUEST, Decoder, encode
+    from kernelshim.protocol import REQUEST, encode
     from kernelshim.server import REFUSALS_PER_STEP, ShimServer
     from test_hostile import _Stats
 
@@ -578,9 +559,7 @@ async def test_refusals_give_way_to_a_request_that_comes(
             victim.connect(str(path))
             victim.setblocking(False)
             victim.send(encode(REQUEST, 1, {"op": "hello"}))
-            d = Decoder()
-            while not d.feed(victim.recv(1 << 16) if await _readable(victim) else b""):
-                pass
+            await _replies(victim, 1)
             srv.turns.contended_until = math.inf  # principals compete
             for _ in range(REFUSALS_PER_STEP):  # refused connections, all due
                 a, b = socket.socketpair()
@@ -606,6 +585,15 @@ async def test_refusals_give_way_to_a_request_that_comes(
     assert told == [b"no"] * REFUSALS_PER_STEP  # and each refused peer told
 
 
-async def _readable(s: socket.socket) -> bool:
-    await trio.lowlevel.wait_readable(s)
-    return True
+async def _replies(s: socket.socket, n: int) -> list[Any]:
+    """The next `n` replies on non-blocking socket `s` (a Decoder of its own)."""
+    from kernelshim.protocol import Decoder
+    d = Decoder()
+    got: list[Any] = []
+    while len(got) < n:
+        await trio.lowlevel.wait_readable(s)
+        try:
+            got += d.feed(s.recv(1 << 20))
+        except BlockingIOError:
+            pass
+    return got

@@ -51,48 +51,6 @@ async def _fragmented(fs, name: bytes, n: int) -> tuple[int, object]:
     return h.fh, node
 
 
-async def test_seek_over_many_extents_gives_the_loop_back(bigvol: Volume) -> None:
-    """F1. SEEK_HOLE from the start of a file of 3,000 one-block extents with no hole
-    before its end: the answer is the end of the file, found a bounded number of
-    extents a step, other tasks running in between (before: one step for them all)."""
-    fs = bigvol.fs
-    n = 3000
-    fh, node = await _fragmented(fs, b"f", n)
-    others = 0
-    done = False
-
-    async def other() -> None:
-        nonlocal others
-        while not done:
-            await trio.lowlevel.checkpoint()
-            others += 1
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
-        await trio.lowlevel.checkpoint()
-        start = others
-        assert await fs.seek(fh, 0, os.SEEK_HOLE) == n * BS
-        ran = others - start
-        assert await fs.seek(fh, 5 * BS + 3, os.SEEK_DATA) == 5 * BS + 3
-        done = True
-    assert ran >= n // SEEK_EXTENTS_PER_STEP - 1, ran
-    # and after a hole punched near the end, and UNWRITTEN blocks there
-    await fs.fallocate(fh, 0x01 | 0x02, (n - 10) * BS, 2 * BS)  # KEEP_SIZE|PUNCH_HOLE
-    assert await fs.seek(fh, 0, os.SEEK_HOLE) == (n - 10) * BS
-    assert await fs.seek(fh, (n - 10) * BS, os.SEEK_DATA) == (n - 8) * BS
-    await fs.release(fh)
-
-
-async def _chain(fs, depth: int) -> tuple[int, int]:
-    """Directories d/d/d/... `depth` deep under the root: (the top's, the deepest's)."""
-    cur = top = ROOT
-    for i in range(depth):
-        cur = fs.mkdir(cur, b"d", 0o755, CALLER).id
-        if i == 0:
-            top = cur
-    return top, cur
-
-
 async def _steps_of_others(fn) -> int:
     """Run `fn()` beside a task that counts its own steps: how many it had meanwhile."""
     others = 0
@@ -114,6 +72,37 @@ async def _steps_of_others(fn) -> int:
             ran = others - start
             done = True
     return ran
+
+
+async def test_seek_over_many_extents_gives_the_loop_back(bigvol: Volume) -> None:
+    """F1. SEEK_HOLE from the start of a file of 3,000 one-block extents with no hole
+    before its end: the answer is the end of the file, found a bounded number of
+    extents a step, other tasks running in between (before: one step for them all)."""
+    fs = bigvol.fs
+    n = 3000
+    fh, node = await _fragmented(fs, b"f", n)
+
+    async def seek_hole() -> None:
+        assert await fs.seek(fh, 0, os.SEEK_HOLE) == n * BS
+
+    ran = await _steps_of_others(seek_hole)
+    assert ran >= n // SEEK_EXTENTS_PER_STEP - 1, ran
+    assert await fs.seek(fh, 5 * BS + 3, os.SEEK_DATA) == 5 * BS + 3
+    # and after a hole punched near the end, and UNWRITTEN blocks there
+    await fs.fallocate(fh, 0x01 | 0x02, (n - 10) * BS, 2 * BS)  # KEEP_SIZE|PUNCH_HOLE
+    assert await fs.seek(fh, 0, os.SEEK_HOLE) == (n - 10) * BS
+    assert await fs.seek(fh, (n - 10) * BS, os.SEEK_DATA) == (n - 8) * BS
+    await fs.release(fh)
+
+
+async def _chain(fs, depth: int) -> tuple[int, int]:
+    """Directories d/d/d/... `depth` deep under the root: (the top's, the deepest's)."""
+    cur = top = ROOT
+    for i in range(depth):
+        cur = fs.mkdir(cur, b"d", 0o755, CALLER).id
+        if i == 0:
+            top = cur
+    return top, cur
 
 
 async def test_a_directory_cannot_move_into_its_subtree_however_deep(bigvol: Volume) -> None:
