@@ -201,8 +201,63 @@ class ExtentMap:
         return e[3] == FRESH and file_block + count <= e[0] + e[2]
 
     def holes(self, file_block: int, count: int) -> list[tuple[int, int]]:
-        return [(s.file_block, s.count) for s in self.segments(file_block, count)
-                if s.dev_block == HOLE]
+        """The holes (no extent) of [file_block, file_block+count), in order."""
+        end = file_block + count
+        out, _pos = self.holes_upto(file_block, end, len(self._ext) + 1)
+        return out
+
+    def holes_upto(self, file_block: int, end: int, limit: int
+                   ) -> tuple[list[tuple[int, int]], int]:
+        """The holes (no extent) of [file_block, end) as (file_block, count) runs, in
+        order, looking at `limit` extents at most and making no Segment: (the holes,
+        pos), where `pos` is where a further call goes on (>= `end`: the whole range
+        looked at). Bounded work a call, as `seek`'s."""
+        out: list[tuple[int, int]] = []
+        ext = self._ext
+        n = len(ext)
+        i = max(bisect.bisect_right(self._starts, file_block) - 1, 0)
+        pos = file_block
+        seen = 0
+        while pos < end and seen < limit:
+            if i >= n or ext[i][0] >= end:
+                out.append((pos, end - pos))
+                return out, end
+            fb, _dev, cnt = ext[i][:3]
+            i += 1
+            if fb + cnt <= pos:
+                continue
+            if fb > pos:
+                out.append((pos, fb - pos))
+            pos = fb + cnt
+            seen += 1
+        return out, max(pos, file_block)
+
+    def tally(self, file_block: int, end: int, limit: int) -> tuple[int, int, int]:
+        """Count the blocks of [file_block, end) that are data (in an extent not
+        UNWRITTEN) and that are holes (no extent), looking at `limit` extents at most:
+        (data, holes, pos), where `pos` is where a further call goes on (>= `end`: the
+        whole range counted). Bounded work a call, as `seek`'s."""
+        ext = self._ext
+        n = len(ext)
+        i = max(bisect.bisect_right(self._starts, file_block) - 1, 0)
+        pos = file_block
+        data = holes = seen = 0
+        while pos < end and seen < limit:
+            if i >= n or ext[i][0] >= end:
+                return data, holes + end - pos, end
+            fb, _dev, cnt, st = ext[i][:4]
+            i += 1
+            if fb + cnt <= pos:
+                continue
+            if fb > pos:
+                holes += fb - pos
+                pos = fb
+            take = min(end, fb + cnt) - pos
+            if st != UNWRITTEN:
+                data += take
+            pos += take
+            seen += 1
+        return data, holes, pos
 
     def goal(self, file_block: int) -> int | None:
         """The device block that would continue the extent before `file_block`."""
@@ -447,13 +502,23 @@ class ExtentMap:
         block, each over a hole: one merge pass, not one list insertion each."""
         if not extents:
             return
-        if len(extents) * 256 < len(self._ext):
-            # A few into a long map: add() moves the lists' tails in C, cheaper than a
-            # Python pass over the whole map (~300x an element's memmove here).
+        # Only the window of the map the new extents fall in (with a neighbour each
+        # side, to merge with) is passed over and spliced back, the tail moved once
+        # in C: a ZERO_RANGE or a fallocate in parts adds up to EXTENTS_PER_STEP runs
+        # at a time into a map of tens of thousands, where a pass over the whole map,
+        # or an add() each (two memmoves of the tail each), cost 1-10 ms a part.
+        first = extents[0][0]
+        last = max(fb + cnt for fb, _d, cnt, _s, _o in extents)
+        lo = max(bisect.bisect_right(self._starts, first) - 1, 0)
+        hi = min(bisect.bisect_left(self._starts, last) + 1, len(self._ext))
+        if len(extents) * 256 < hi - lo:
+            # A few spread over a long stretch of the map: add() moves the lists'
+            # tails in C, cheaper than a Python pass over the stretch (~300x an
+            # element's memmove here).
             for fb, dev, cnt, st, owner in extents:
                 self.add(fb, dev, cnt, st, owner)
             return
-        old: list[list[int]] = self._ext
+        old: list[list[int]] = self._ext[lo:hi]
         out: list[list[int]] = []
         i = 0
         prev_end = -1
@@ -478,8 +543,8 @@ class ExtentMap:
             prev_end = fb + cnt
         out.extend(old[i:])
         merged = self._merged(out)
-        self._ext = merged
-        self._starts = [e[0] for e in merged]
+        self._ext[lo:hi] = merged
+        self._starts[lo:hi] = [e[0] for e in merged]
 
     def _merged(self, ext: list[list[int]]) -> list[list[int]]:
         """`ext` with the neighbours that continue each other merged, in one pass

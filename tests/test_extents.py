@@ -432,6 +432,49 @@ class ExtentMachine(RuleBasedStateMachine):
             assert calls <= N + 1
         assert found == want, (fb, end, data, found, want)
 
+    @rule(fb=st.integers(0, N + 4), count=st.integers(0, N))
+    def holes_window(self, fb: int, count: int) -> None:
+        """The holes of a range, as runs, against the blocks with no extent."""
+        want: list[tuple[int, int]] = []
+        for b in range(fb, fb + count):
+            if b not in self.model:
+                if want and want[-1][0] + want[-1][1] == b:
+                    want[-1] = (want[-1][0], want[-1][1] + 1)
+                else:
+                    want.append((b, 1))
+        assert self.m.holes(fb, count) == want, (fb, count)
+        # and a few extents a call (a fallocate over many extents, in parts): the
+        # calls' runs, joined where one call's last meets the next's first
+        got: list[tuple[int, int]] = []
+        pos, calls = fb, 0
+        while pos < fb + count:
+            part, pos = self.m.holes_upto(pos, fb + count, 2)
+            for h in part:
+                if got and got[-1][0] + got[-1][1] == h[0]:
+                    got[-1] = (got[-1][0], got[-1][1] + h[1])
+                else:
+                    got.append(h)
+            calls += 1
+            assert calls <= N + 2
+        assert got == want, (fb, count, got, want)
+
+    @rule(fb=st.integers(0, N + 4), end=st.integers(0, N + 8), limit=st.integers(1, 4))
+    def tally_window(self, fb: int, end: int, limit: int) -> None:
+        """The data and hole blocks of a range, counted a few extents a call (the
+        ZERO_RANGE's space check in steps), against the blocks."""
+        rng = range(fb, end)
+        want = (sum(1 for b in rng if b in self.model and self.model[b][1] != U),
+                sum(1 for b in rng if b not in self.model))
+        data = holes = calls = 0
+        pos = fb
+        while pos < end:
+            d, h, pos = self.m.tally(pos, end, limit)
+            data += d
+            holes += h
+            calls += 1
+            assert calls <= N + 2
+        assert (data, holes) == want, (fb, end, limit, data, holes, want)
+
     @rule(fb=st.integers(0, N + 4))
     def goal(self, fb: int) -> None:
         before = [b for b in self.model if b <= fb]
