@@ -192,8 +192,8 @@ class Attributes:
                 old.append(g)
                 continue
             old.extend(self.kernel.revoke_nowait(g))
-        for h in self._handles.values():
-            if h.inode is node and h.grant.revoked:
+        for h in node.handles.values():
+            if h.grant.revoked:
                 h.grant = self._grant_for(node, h.readable, h.writable, h.grant.principal)
         return old
 

@@ -73,6 +73,7 @@ class OpenFiles:
                    readable, writable, bool(flags & os.O_APPEND), caller.uid != 0,
                    self._cache_mode(node) != "kernel", self.write_errors)
         self._handles[fh] = h
+        node.handles[fh] = h
         node.opens += 1
         if writable:
             node.kernel_writers += 1
@@ -116,6 +117,7 @@ class OpenFiles:
             return
         self.kernel.release(h.grant)
         node = h.inode
+        node.handles.pop(fh, None)
         node.opens -= 1
         if h.writable:
             node.kernel_writers -= 1

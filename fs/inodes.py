@@ -102,8 +102,8 @@ class Caller:
 class Inode:
     """A cached inode: the row's columns plus runtime state."""
 
-    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "kernel_writers", "extents", "lock",
-                 "hints", "xattr_bytes", "pushed_hints")
+    __slots__ = (*INODE_COLUMNS, "lookups", "opens", "handles", "kernel_writers", "extents",
+                 "lock", "hints", "xattr_bytes", "pushed_hints")
 
     id: int
     generation: int
@@ -126,6 +126,10 @@ class Inode:
             setattr(self, k, v)
         self.lookups = 0
         self.opens = 0
+        #: its open handles by file handle number (what `_regrant` gives fresh grants:
+        #: a scan of every open handle of the volume, once per part of a truncate of
+        #: many extents, cost another tenant's handles' count each part)
+        self.handles: dict[int, Handle] = {}
         #: of `opens`, the handles open for writing through the mount: while there is
         #: one, the kernel may hold dirty pages of the file (a shared writable mapping)
         self.kernel_writers = 0

@@ -407,3 +407,37 @@ async def test_a_commit_between_a_fallocates_parts_keeps_the_old_contents(
     report = await v.fsck()
     assert (report.errors, report.left) == (0, 0), report.lines
 
+
+async def test_a_truncates_parts_do_not_scan_other_files_handles(bigvol: Volume) -> None:
+    """Stop 23 (the review of probe 10's fixes). Each part of a truncate of many
+    extents gave the open handles of the file fresh grants by scanning every open
+    handle of the volume: another tenant's 2,000 open files cost every part. Now only
+    the file's own handles are visited (the volume's table is never walked), and they
+    still get fresh grants that read the truncated file."""
+    fs = bigvol.fs
+    n = 1000
+    fh, node = await _fragmented(fs, b"f", n)
+    readers = [fs.open(node.id, os.O_RDONLY, CALLER).fh for _ in range(3)]
+    other, _onode = fs.create(ROOT, b"other", 0o644, os.O_RDWR, CALLER)
+    others = [fs.open(_onode.id, os.O_RDONLY, CALLER).fh for _ in range(2000)]
+    before = {k: fs.handle(k).grant for k in others}
+
+    class NoWalk(dict):
+        def values(self):
+            raise AssertionError("every open handle of the volume walked")
+        __iter__ = items = values  # type: ignore[assignment]
+
+    fs._handles = NoWalk(fs._handles)
+    try:
+        ran = await _steps_of_others(lambda: fs.truncate(node, 3 * BS + 1,
+                                                         principal=CALLER.principal))
+    finally:
+        fs._handles = dict(fs._handles.copy())
+    assert ran >= n // EXTENTS_PER_STEP - 1, ran
+    for k in readers:
+        h = fs.handle(k)
+        assert not h.grant.revoked
+        assert bytes(await fs.read(k, 0, 4 * BS)) == _content(n)[:3 * BS + 1]
+    assert all(fs.handle(k).grant is before[k] for k in others)
+    for k in [fh, *readers, other.fh, *others]:
+        await fs.release(k)
