@@ -17,7 +17,6 @@ from kernelshim.extents import blocks_to_cover
 
 from .errors import FileTooLarge, InvalidArgument, IsADirectory, PermissionDenied
 from .inodes import Caller, Handle, Inode, MAX_FILE_SIZE, clamp_time, now_ns
-from .space import EXTENTS_PER_STEP
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -160,8 +159,8 @@ class Attributes:
             with trio.CancelScope(shield=True):
                 while True:
                     n = len(emap)
-                    cut = keep if n <= EXTENTS_PER_STEP else \
-                        max(keep, emap.start_of(n - EXTENTS_PER_STEP))
+                    step = self.extents_per_step
+                    cut = keep if n <= step else max(keep, emap.start_of(n - step))
                     freed = emap.remove_owned(cut)
                     # The direct client truncating through `keep_grant` keeps it (its
                     # connection has no other request in flight); every other is revoked.

@@ -125,6 +125,17 @@ def _lab_workers(opts: MountOptions, text: str | None) -> MountOptions:
     return dataclasses.replace(opts, **changes)
 
 
+def _lab_extents_per_step(text: str | None) -> int | None:
+    """SLUICE_EXTENTS_PER_STEP=N (the crash harness): `FileSystem.extents_per_step`."""
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+        raise VolumeError(f"SLUICE_EXTENTS_PER_STEP: {text!r} is not a number of extents "
+                          "from 1 to 1000000")
+    log.warning("lab setting SLUICE_EXTENTS_PER_STEP: %s", text)
+    return int(text)
+
+
 def _lab_idle_poll(opts: MountOptions, text: str | None) -> MountOptions:
     """SLUICE_IDLE_POLL=USEC (benchmarks): idle polling as `--idle-poll USEC`."""
     if text is None:
@@ -685,6 +696,10 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # (SLUICE_IDLE_POLL=USEC, as --idle-poll)
         opts = _lab_idle_poll(opts, os.environ.get("SLUICE_IDLE_POLL"))
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
+        # ... and parts of a few extents (SLUICE_EXTENTS_PER_STEP=N, the crash harness:
+        # every truncate, unlink, punch, zero and allocation of more than N extents
+        # goes through the parts, and their crash rules, on files of a few extents)
+        extents_per_step = _lab_extents_per_step(os.environ.get("SLUICE_EXTENTS_PER_STEP"))
         # ... and a log of every cyclic garbage collection (SLUICE_GC_LOG=FILE:
         # fs/gcwatch.py), for benchmarks that place collections against requests
         gc_log_path = os.environ.get("SLUICE_GC_LOG")
@@ -713,6 +728,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         except sqlite3.Error as exc:  # (a page of it is damaged: its schema was fine)
             raise VolumeError(f"{volume / DB}: the metadata database is unreadable: {exc}; "
                               "run sluice fsck") from None
+        if extents_per_step is not None:
+            fs.extents_per_step = extents_per_step
         if scrubbed:
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)

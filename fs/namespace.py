@@ -20,7 +20,6 @@ from .errors import (Damaged, Exists, InvalidArgument, IsADirectory, NameTooLong
                      NotADirectory, NotEmpty, NotFound, NotPermitted, TooManyLinks)
 from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
 from .permissions import in_group
-from .space import EXTENTS_PER_STEP
 from .xattrs import DISCARDED_XATTR, xattr_cost
 
 if TYPE_CHECKING:
@@ -272,8 +271,9 @@ class Namespace:
                 # the inode goes whole however the request ends.)
                 emap = self._extents(node)
                 with trio.CancelScope(shield=True):
-                    while len(emap) > EXTENTS_PER_STEP:
-                        part = emap.remove_owned(emap.start_of(len(emap) - EXTENTS_PER_STEP))
+                    step = self.extents_per_step
+                    while len(emap) > step:
+                        part = emap.remove_owned(emap.start_of(len(emap) - step))
                         node.blocks = emap.blocks
                         self._save_extents(node)
                         self._save(node, "blocks")

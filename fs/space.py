@@ -30,7 +30,10 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 
 #: extents a truncate or an unlink unmaps in one step of the loop (~0.3 ms; a file of
-#: 50,000 extents unmapped in one step held every tenant's requests 0.1-0.2 s)
+#: 50,000 extents unmapped in one step held every tenant's requests 0.1-0.2 s); the
+#: default of `FileSystem.extents_per_step`, which the crash harness may set lower
+#: (SLUICE_EXTENTS_PER_STEP, read in fs/mount.py) so that every few-extent file goes
+#: through the parts and their crash rules
 EXTENTS_PER_STEP = 128
 
 
@@ -55,6 +58,9 @@ class Space:
     """Allocation and fallocate (a `FileSystem` concern; see filesystem.py for the map).
 
     State it owns: the block allocator (`alloc`) and the copy-on-write reserve."""
+
+    #: extents a part of a truncate, unlink, punch, zero or allocation looks at
+    extents_per_step: int = EXTENTS_PER_STEP
 
     #: the free-block map (blocks freed by the open transaction wait in it)
     alloc: Allocator
@@ -219,7 +225,7 @@ class Space:
         extents a step of the loop (`_allocate_in_parts`: a fallocate over a sparse
         file of 20,000 extents held the loop ~0.12 s in one step)."""
         end = b0 + count
-        holes, pos = emap.holes_upto(b0, end, EXTENTS_PER_STEP)
+        holes, pos = emap.holes_upto(b0, end, self.extents_per_step)
         many = pos < end
         need = (await self._tally(emap, b0, end))[1] if many else sum(c for _, c in holes)
         if not need:
@@ -273,7 +279,7 @@ class Space:
             with trio.CancelScope(shield=True):
                 while pos < end:
                     # (half a part's extents: each hole is a new row to save)
-                    holes, pos = emap.holes_upto(pos, end, EXTENTS_PER_STEP // 2)
+                    holes, pos = emap.holes_upto(pos, end, max(1, self.extents_per_step // 2))
                     runs: list[tuple[int, int, int, int, int]] = []
                     for fb, cnt in holes:
                         while cnt:
@@ -395,15 +401,14 @@ class Space:
         if holes:
             await self._allocate(node, emap, b0, b1 - b0, principal)
 
-    @staticmethod
-    async def _tally(emap: ExtentMap, f0: int, f1: int) -> tuple[int, int]:
+    async def _tally(self: FileSystem, emap: ExtentMap, f0: int, f1: int) -> tuple[int, int]:
         """(data blocks, hole blocks) of file blocks [f0, f1), counted EXTENTS_PER_STEP
         extents a step of the loop. The caller holds the node's lock: the map does
         not change in between."""
         data = holes = 0
         pos = f0
         while True:
-            d, h, pos = emap.tally(pos, f1, EXTENTS_PER_STEP)
+            d, h, pos = emap.tally(pos, f1, self.extents_per_step)
             data += d
             holes += h
             if pos >= f1:
@@ -479,7 +484,7 @@ class Space:
         try:
             with trio.CancelScope(shield=True):
                 while f1 > f0:
-                    g0 = max(f0, emap.start_back(f1, EXTENTS_PER_STEP))
+                    g0 = max(f0, emap.start_back(f1, self.extents_per_step))
                     await self._unmap_part(node, emap, g0, f1, pool=pool if replace else None)
                     f1 = g0
                     if f1 > f0:

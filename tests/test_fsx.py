@@ -272,6 +272,20 @@ def test_fsx_short(mnt: Path, volume: Path) -> None:
         Fsx(mnt / f"fsx{seed}", seed).run(500)
 
 
+def test_fsx_with_parts_of_two_extents(volume: Path, mount_factory, monkeypatch) -> None:
+    """The same operations with the daemon's parts cut at two extents
+    (SLUICE_EXTENTS_PER_STEP=2): every truncate, punch, zero range and allocation over
+    more than two extents goes through its parts, checked against the model."""
+    monkeypatch.setenv("SLUICE_EXTENTS_PER_STEP", "2")
+    m = mount_factory(volume)
+    for seed in (7, 8, 9):
+        Fsx(m.path / f"fsx{seed}", seed).run(500)
+    m.stop()
+    assert "lab setting SLUICE_EXTENTS_PER_STEP: 2" in m.log.read_text()
+    r = sluice("fsck", str(volume), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(100, 106))
 def test_fsx_long(seed: int, volume: Path, mount_factory) -> None:
