@@ -120,7 +120,9 @@ if [ "$have" != "$want" ] || [ ! -f "$py_stamp" ] || [ "$(cat "$py_stamp")" != "
         || die "binding/pyfuse3-$PYFUSE3_VERSION-sluice.patch did not apply"
     rm -f "$tree/src/pyfuse3/__init__.c"   # generated from the unpatched .pyx: Cython redoes it
     rm -rf "$B/wheels" && mkdir -p "$B/wheels"
-    PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig LDFLAGS="-Wl,-rpath,$PREFIX/lib" \
+    # -L first: a system Python's own link flags name /usr/lib/<triplet> before
+    # pkg-config's -L, and -lfuse3 then found the system's libfuse 3.14.
+    PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig LDFLAGS="-L$PREFIX/lib -Wl,-rpath,$PREFIX/lib" \
     SETUPTOOLS_SCM_PRETEND_VERSION="$want" \
         "$PY" -m pip wheel -q --no-deps -w "$B/wheels" "$tree" >>"$B/pyfuse3-build.log" 2>&1 \
         || die "building pyfuse3 failed (see .build/pyfuse3-build.log)"

@@ -458,12 +458,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
         msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+        if "busy" in msg:
+            raise CliError(f"cannot unmount {mp}: it is busy (a process has a file or its "
+                           f"working directory on it; `fuser -vm {mp}` lists them): close "
+                           "them and run this again")
+        msg = msg.removeprefix("fusermount3: ").replace(f"failed to unmount {mp}: ", "")
         raise CliError(f"cannot unmount {mp}: {msg}")
     if pid:
         deadline = time.monotonic() + args.timeout
         while vol.pid_alive(pid):
             if time.monotonic() > deadline:
-                raise CliError(f"daemon pid {pid} did not exit within {args.timeout:g} s")
+                raise CliError(f"unmounted {mp}, but its daemon (pid {pid}) has not exited "
+                               f"within {args.timeout:g} s: it is still saving the volume, "
+                               "which is in use until it exits")
             time.sleep(0.05)
         failed = _failure_logged(volume, log_at)
         if failed:
@@ -1094,7 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("mkfs", help="make a new volume")
-    s.add_argument("volume", help="volume directory (created if missing)")
+    s.add_argument("volume", help="volume directory (created if missing; its parent must exist)")
     s.add_argument("--size", default="8G", type=_size,
                    help="device size, e.g. 512M, 8G (K, M, G binary; KB, MB, GB decimal; "
                         "default 8G, sparse)")

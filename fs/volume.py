@@ -90,8 +90,23 @@ def is_volume(path: Path) -> bool:
 def read_header(path: Path) -> VolumeInfo:
     """The volume's header, checked: VolumeError (one line naming the file) if it is
     missing, not a regular file, not valid JSON or not a header of this format."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise VolumeError(f"{path}: no such volume (make one with 'sluice mkfs {path}')"
+                          ) from None
+    except PermissionError:
+        raise VolumeError(f"{path}: permission denied: a directory on the way to it is "
+                          f"closed to uid {os.geteuid()}") from None
+    except OSError:
+        pass  # (a loop, a path too long: said by the checks below)
     if not path.exists():
         raise VolumeError(f"{path}: no such volume (make one with 'sluice mkfs {path}')")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        st = path.stat()
+        raise VolumeError(f"{path}: permission denied: the volume belongs to uid "
+                          f"{st.st_uid} (mode {stat.S_IMODE(st.st_mode):04o}); only its "
+                          "owner or root may mount or check it")
     if not is_volume(path) and not (path / HEADER).is_symlink():
         raise VolumeError(f"{path} is not a sluice volume ({HEADER} missing)")
     try:
@@ -128,16 +143,15 @@ def check_profile(profile: str) -> None:
 
 def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none",
          inodes: int | None = None, device: str | None = None, force: bool = False) -> VolumeInfo:
-    """Make a new, empty volume in directory `path` (created if missing)."""
+    """Make a new, empty volume in directory `path` (created if missing; its parent
+    must exist, as for mkdir: a typo must not make a tree of directories)."""
     check_profile(profile)
     if inodes is not None and inodes < 1:
         raise VolumeError(f"--inodes must be a positive number, not {inodes}")
-    # Missing parents get the caller's umask (they may hold mount points other users
-    # reach); only the volume itself is private.
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise VolumeError(f"cannot make a volume in {path}: {os_error_text(exc)}") from None
+    if not path.parent.is_dir():
+        raise VolumeError(f"cannot make a volume in {path}: its parent directory "
+                          f"{path.parent} does not exist (make it first: mkdir -p "
+                          f"{path.parent})")
     existed = path.exists()
     before = set(os.listdir(path)) if existed and path.is_dir() else set()
     try:

@@ -90,6 +90,19 @@ if [ "$(id -u)" -eq 0 ] && \
    [ "$(readlink /usr/sbin/mount.fuse.sluice 2>/dev/null)" != "$PWD/.venv/bin/mount.fuse.sluice" ]; then
     ln -sfn "$PWD/.venv/bin/mount.fuse.sluice" /usr/sbin/mount.fuse.sluice
 fi
+# Other users run this clone with the venv's interpreter (README: "Tenants who run sluice
+# themselves"): say so when a directory on the way to it is closed to them.
+real_py=$(readlink -f .venv/bin/python)
+d=$(dirname "$real_py")
+while [ "$d" != / ]; do
+    if [ "$(( 0$(stat -c %a "$d") & 1 ))" -eq 0 ]; then
+        echo "setup: note: other users cannot run .venv/bin/sluice: its Python ($real_py) is" \
+             "under $d, closed to them; to let tenants run sluice, make the venv with a" \
+             "system Python (README: \"Tenants who run sluice themselves\")"
+        break
+    fi
+    d=$(dirname "$d")
+done
 # Let non-root users mount with allow_other (needed when the daemon is not root).
 if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf && [ "$(id -u)" -eq 0 ]; then
     echo user_allow_other >> /etc/fuse.conf

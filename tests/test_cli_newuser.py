@@ -206,3 +206,56 @@ def test_a_users_mount_without_dev_fuse_says_so(tmp_path: Path) -> None:
         assert not is_mounted(mp)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the new user's report of stop 23 (docs/RELIABILITY.md) ---------------------------------
+
+def test_mkfs_does_not_make_missing_parents(tmp_path: Path) -> None:
+    """A typo in mkfs's path made a tree of directories (`/nonexistent/dir/vol`)."""
+    r = subprocess.run([*SLUICE, "mkfs", str(tmp_path / "typo" / "dir" / "vol"), "--size",
+                        "64M", "-q"], capture_output=True, text=True, cwd=REPO)
+    one_line(r, f"its parent directory {tmp_path / 'typo' / 'dir'} does not exist",
+             "mkdir -p", code=1)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_adding_a_uid_principal_without_its_owner_says_which(mnt: Path) -> None:
+    r = subprocess.run([*SLUICE, "principal", "add", str(mnt), "uid-5"],
+                       capture_output=True, text=True, cwd=REPO)
+    one_line(r, "'uid-5' is the default principal of uid 5", "--owner 5", code=1)
+    sluice("principal", "add", str(mnt), "uid-5", "--owner", "5")
+    assert "uid-5" in sluice("principal", "ls", str(mnt)).stdout
+
+
+def test_another_users_volume_is_refused_in_one_line(volume: Path) -> None:
+    """A user who may not enter root's (0700) volume got a bare `Permission denied:
+    .../volume.json` from fsck and mount; one who cannot reach it, a bare `Permission
+    denied: PATH`."""
+    base = Path(tempfile.mkdtemp(prefix="sluice-user-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        vol = make_volume(base / "vol", "64M")
+        for argv in (["fsck", str(vol)], ["mount", str(vol), "/tmp"]):
+            r = user_run([USER_PY, "-m", "fs.cli", *argv])
+            one_line(r, f"{vol}: permission denied: the volume belongs to uid 0 (mode 0700)",
+                     "only its owner or root", code=1)
+        # (pytest's directory is closed to other users)
+        r = user_run([USER_PY, "-m", "fs.cli", "fsck", str(volume)])
+        one_line(r, f"{volume}: permission denied: a directory on the way to it is closed "
+                 "to uid 1000", code=1)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unmounting_a_busy_mount_says_what_to_do(volume: Path, mount_factory) -> None:
+    m = mount_factory(volume)
+    p = subprocess.Popen(["sleep", "30"], cwd=m.path)
+    try:
+        r = subprocess.run([*SLUICE, "umount", str(m.path)], capture_output=True, text=True,
+                           cwd=REPO)
+        one_line(r, f"cannot unmount {m.path}: it is busy", f"fuser -vm {m.path}", code=1)
+        assert "fusermount3" not in r.stderr
+        assert is_mounted(m.path)
+    finally:
+        p.kill()
+        p.wait()

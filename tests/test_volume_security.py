@@ -86,11 +86,13 @@ def test_volume_private_whatever_the_umask(pubdir: Path) -> None:
     vol = pubdir / "vol"
     run_umask0("mkfs", str(vol), "--size", "64M", "-q")
     assert stat.S_IMODE(vol.stat().st_mode) == 0o700
-    # Only the volume: parents that mkfs makes keep the caller's umask.
-    sluice("mkfs", str(pubdir / "new" / "parent" / "vol2"), "--size", "64M", "-q",
+    # Only the volume: its parent keeps its mode (mkfs makes no parents: a typo must
+    # not make a tree; stop 23's new user).
+    (pubdir / "new").mkdir(mode=0o755)
+    sluice("mkfs", str(pubdir / "new" / "vol2"), "--size", "64M", "-q",
            preexec_fn=lambda: os.umask(0o022))
-    assert stat.S_IMODE((pubdir / "new" / "parent").stat().st_mode) == 0o755
-    assert stat.S_IMODE((pubdir / "new" / "parent" / "vol2").stat().st_mode) == 0o700
+    assert stat.S_IMODE((pubdir / "new").stat().st_mode) == 0o755
+    assert stat.S_IMODE((pubdir / "new" / "vol2").stat().st_mode) == 0o700
     assert set(modes(vol).values()) == {0o600}, modes(vol)
     with Mounted(vol, pubdir / "mp") as m:
         run_umask0("mount", str(vol), str(m.mp))
