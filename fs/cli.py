@@ -249,6 +249,23 @@ def _priority_arg(text: str) -> int:
     return n
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("sluice")
+    except PackageNotFoundError:
+        return "(not installed: run scripts/setup.sh)"
+
+
+def _principal_name(text: str) -> str:
+    """A new principal's name, as the principal table checks it (a usage error here)."""
+    from kernelshim.principals import _NAME_RE
+    if not _NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a principal's name is 1 to 64 "
+                                         "letters, digits, '_', '.' or '-'")
+    return text
+
+
 def _metrics_address(text: str | None) -> tuple[str, int] | None:
     """--metrics ADDRESS:PORT, checked before the daemon starts."""
     if text is None:
@@ -257,7 +274,7 @@ def _metrics_address(text: str | None) -> tuple[str, int] | None:
     try:
         return parse_address(text)
     except ValueError as exc:
-        raise CliError(f"--metrics: {exc}") from None
+        raise UsageError(f"--metrics: {exc}") from None
 
 
 def _check_private(volume: Path, args: argparse.Namespace) -> None:
@@ -1098,6 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "mount it with FUSE, run programs on it as principals, measure what happens.")
     p.add_argument("--debug", action="store_true",
                    help="verbose logging (before the command: sluice --debug mount ...)")
+    p.add_argument("--version", action="version", version=f"sluice {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("mkfs", help="make a new volume")
@@ -1196,7 +1214,7 @@ def build_parser() -> argparse.ArgumentParser:
     for act, hlp in (("add", "add a principal"), ("set", "change a principal's banks")):
         a = psub.add_parser(act, help=hlp)
         a.add_argument("mountpoint")
-        a.add_argument("name")
+        a.add_argument("name", type=_principal_name if act == "add" else str)
         if act == "add":
             a.add_argument("--parent", default="root", help="parent principal (default root)")
             a.add_argument("--owner", type=_owner_arg, default=None, metavar="UID",

@@ -54,6 +54,10 @@ def test_bad_arguments_exit_2_with_one_line(mnt: Path, tmp_path: Path) -> None:
         (["principal", "set", str(mnt), "alice", "--io-weight", "many"], f"many: {weight}"),
         (["principal", "add", str(mnt), "bob", "--io-weight", "0"], f"0: {weight}"),
         (["run", str(mnt), "--principal", "alice"], "no command given"),
+        # stop 23's new user: these exited 1
+        (["principal", "add", str(mnt), "bad name!"], "a principal's name is 1 to 64"),
+        (["mount", str(vol2), str(mp), "--metrics", "localhost"],
+         "--metrics: 'localhost' is not ADDRESS:PORT"),
         # the program without `--`: told how to write it, as `sluice run`
         (["run", str(mnt), "--principal", "alice", "true"],
          f"put the program after --: sluice run {mnt} --principal alice -- true"),
@@ -209,6 +213,11 @@ def test_a_users_mount_without_dev_fuse_says_so(tmp_path: Path) -> None:
 
 
 # -- the new user's report of stop 23 (docs/RELIABILITY.md) ---------------------------------
+
+def test_version() -> None:
+    r = subprocess.run([*SLUICE, "--version"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.startswith("sluice 0."), (r.stdout, r.stderr)
+
 
 def test_mkfs_does_not_make_missing_parents(tmp_path: Path) -> None:
     """A typo in mkfs's path made a tree of directories (`/nonexistent/dir/vol`)."""
