@@ -217,6 +217,7 @@ out = [
   e(lambda: os.removexattr({fs_!r}, "user.shared")),
   e(lambda: os.getxattr({fs_!r}, "trusted.t")),
   e(lambda: os.setxattr({fs_!r}, "trusted.t", b"x")),
+  e(lambda: sorted(os.listxattr({fs_!r}))),
 ]
 print("|".join(out))
 """
@@ -236,12 +237,15 @@ print("|".join(out))
     got = scenario(mnt / "m")
     assert got == ref
     e = lambda c: str(c)  # noqa: E731
-    # B (other): reads user.*, may not write them; trusted.* invisible, not settable.
+    # B (other): reads user.*, may not write them; trusted.* invisible, not settable,
+    # and not listed (probe 11, F7: the list showed its name).
     assert got[0] == "|".join(["b'readable'", e(errno.EACCES), e(errno.EACCES),
-                               e(errno.ENODATA), e(errno.EPERM)])
+                               e(errno.ENODATA), e(errno.EPERM), "['user.shared']"])
     # A (owner, write permission): may change user.*, not trusted.*.
     assert got[1] == "|".join(["b'readable'", "None", "None", e(errno.ENODATA),
-                               e(errno.EPERM)])
+                               e(errno.EPERM), "['user.mine']"])
+    # root lists both
+    assert sorted(os.listxattr(mnt / "m" / "f")) == ["trusted.t", "user.mine"]
     # No read permission: no reading user.* either.
     assert got[2].split("|")[0] == e(errno.EACCES)
 
