@@ -1,0 +1,83 @@
+"""The eleventh hostile probe's findings (docs/RELIABILITY.md, "Stop 23: probe 11"):
+work of one tenant's that held every other tenant's requests in one step of the
+daemon's loop, found after the request itself had returned or in paths the tenth probe
+did not reach. Each is a regression test that fails on the code before its fix.
+
+- F2: the reaper discarded and released all the blocks a commit freed from one file in
+  one step (0.2-0.3 s for an unlink of 50,000 extents); now REAP_RUNS_PER_STEP runs a
+  step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from fs.commit import REAP_RUNS_PER_STEP
+from test_filesystem import CALLER, ROOT, Volume
+
+BS = 4096
+
+
+@pytest.fixture
+async def bigvol(tmp_path: Path):
+    v = Volume(tmp_path / "vol", size=16384 * BS)
+    await v.open()
+    yield v
+    await v.close()
+
+
+async def _scattered(fs, name: bytes, n: int) -> tuple[int, object]:
+    """A file of `n` one-block extents whose device blocks are not adjacent (a second
+    file's blocks between them): n freed runs that no merge joins."""
+    h, node = fs.create(ROOT, name, 0o644, os.O_RDWR, CALLER)
+    g, _other = fs.create(ROOT, name + b".gap", 0o644, os.O_RDWR, CALLER)
+    for b in range(n):
+        assert await fs.write(h.fh, b * BS, b"x" * BS) == BS
+        assert await fs.write(g.fh, b * BS, b"y" * BS) == BS
+    await fs.release(g.fh)
+    assert len(fs._extents(node)) == n
+    return h.fh, node
+
+
+async def test_the_reaper_gives_the_loop_back_between_parts(bigvol: Volume) -> None:
+    """F2. The blocks of an unlinked file of 3,000 scattered extents reach the
+    allocator after the durable commit, a bounded number of runs a step; every block
+    is free again and fsck is clean."""
+    fs = bigvol.fs
+    n = 3000
+    fh, _node = await _scattered(fs, b"f", n)
+    await fs.release(fh)
+    await fs.sync()
+    free = fs.alloc.free
+    await fs.unlink(ROOT, b"f")
+    fs._reaper_running = True  # (as mounted: the commit queues the lists, no more)
+    try:
+        await fs.commit(durable=True)
+    finally:
+        fs._reaper_running = False
+    assert fs.reaping_blocks == n
+    # Another task, between its steps, sees the free count grow a part at a time
+    # (before: in one step, from `free` to `free + n`).
+    seen: list[int] = []
+    done = False
+
+    async def watch() -> None:
+        while not done:
+            if not seen or seen[-1] != fs.alloc.free:
+                seen.append(fs.alloc.free)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trio.lowlevel.checkpoint()
+        await fs._reap_queued()
+        done = True
+    assert seen[0] == free and len(seen) >= n // REAP_RUNS_PER_STEP, seen
+    assert max(b - a for a, b in zip(seen, seen[1:])) <= REAP_RUNS_PER_STEP
+    assert fs.alloc.free == free + n and fs.reaping_blocks == 0 and not fs._reap
+    report = await bigvol.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
