@@ -103,7 +103,7 @@ class Layouts:
         # bytes/s limit; the runs past the cap, which it leaves, priced too: review of
         # 5422135, F1-F2). A layout of holes makes no device request.
         with self.kernel.limit_scope(grant.principal):  # (grows with the requests made)
-            runs = self._extents(node).sealed_runs(b0, b1 - b0)[:LAYOUT_COW_RUNS]
+            runs = self._extents(node).sealed_runs(b0, b1 - b0, LAYOUT_COW_RUNS)
             if runs:
                 await self.kernel.repay_limit(
                     grant.principal, 2 * sum(c for _b, c in runs) * bs,
@@ -120,9 +120,8 @@ class Layouts:
                     # Sealed blocks in the range are copied to fresh ones the client may write
                     # in place (a pNFS copy-on-write layout): the first LAYOUT_COW_RUNS runs,
                     # the loop given back after each (the file's lock is held meanwhile).
-                    for k, (fb, cnt) in enumerate(emap.sealed_runs(b0, b1 - b0)):
-                        if k >= LAYOUT_COW_RUNS:
-                            break
+                    for k, (fb, cnt) in enumerate(emap.sealed_runs(b0, b1 - b0,
+                                                                    LAYOUT_COW_RUNS)):
                         if k:
                             await trio.lowlevel.cancel_shielded_checkpoint()
                         g = self.kernel.grant(inode=node.id, generation=node.generation,

@@ -150,8 +150,9 @@ class Space:
         interval, L1). `cow`: `runs` came from `allocate(relocation=True)` and may be
         kept blocks, which go back to the kept pool on failure (`give_back`), never
         into the map's free blocks."""
-        if not runs or self.kernel.host_reserved(runs):
-            return  # (the common case: inside chunks reserved already, R6)
+        if not runs or len(runs) <= EXTENTS_PER_STEP and self.kernel.host_reserved(runs):
+            return  # (the common case: inside chunks reserved already, R6; many runs:
+            #          `reserve` looks at them a part a step)
         try:
             try:
                 await self.kernel.reserve(runs, relocation=relocation, principal=principal)

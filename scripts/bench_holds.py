@@ -47,10 +47,22 @@ CALLER = Caller(os.getuid(), os.getgid(), os.getpid())
 KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
 
 
-async def _build(fs: FileSystem, n: int, sparse: bool) -> tuple[int, Any]:
+async def _build(fs: FileSystem, n: int, sparse: bool | str) -> tuple[int, Any]:
     """A file of n blocks, each its own extent (written last block first, so that no
-    two merge); with `sparse`, only the even blocks are written."""
+    two merge); with `sparse`, only the even blocks are written; with "fragmented",
+    too, and the free space is one-block runs (another file's blocks, written between
+    the file's, are freed)."""
     h, node = fs.create(ROOT_INODE, b"f", 0o644, os.O_RDWR, CALLER)
+    if sparse == "fragmented":
+        g, _gnode = fs.create(ROOT_INODE, b"g", 0o644, os.O_RDWR, CALLER)
+        for b in range(0, n, 2):
+            await fs.write(h.fh, b * BS, bytes([b % 251 + 1]) * BS)
+            await fs.write(g.fh, b * BS, b"g" * BS)
+        await fs.release(g.fh)
+        await fs.unlink(ROOT_INODE, b"g")
+        await fs.sync()
+        await fs.sync()  # (its blocks free once the commit that freed them is durable)
+        return h.fh, node
     for b in reversed(range(n)):
         if sparse and b % 2:
             continue
@@ -59,7 +71,8 @@ async def _build(fs: FileSystem, n: int, sparse: bool) -> tuple[int, Any]:
     return h.fh, node
 
 
-def _requests(n: int) -> dict[str, tuple[bool, Callable[[FileSystem, int, Any], Awaitable[Any]]]]:
+def _requests(n: int) -> dict[str, tuple[bool | str,
+                                          Callable[[FileSystem, int, Any], Awaitable[Any]]]]:
     lo, length = 10 * BS + 5, (n - 20) * BS
     return {
         "truncate to one block": (False, lambda fs, fh, node: fs.truncate(
@@ -71,6 +84,8 @@ def _requests(n: int) -> dict[str, tuple[bool, Callable[[FileSystem, int, Any], 
         "zero range, half holes": (True, lambda fs, fh, node: fs.fallocate(
             fh, ZERO_RANGE, lo, length)),
         "fallocate, half holes": (True, lambda fs, fh, node: fs.fallocate(fh, 0, 0, n * BS)),
+        "fallocate, free space in 1-block runs": ("fragmented", lambda fs, fh, node:
+                                                   fs.fallocate(fh, 0, 0, n * BS)),
     }
 
 
@@ -142,11 +157,11 @@ def main() -> None:
     r = trio.run(main_async, a.extents)
     print(f"a file of {a.extents} one-block extents; parts of {EXTENTS_PER_STEP} extents "
           f"against one step; another task's longest wait (ms)")
-    print(f"{'request':26s} {'parts: longest':>15s} {'p99':>7s} {'wall':>8s}   "
+    print(f"{'request':38s} {'parts: longest':>15s} {'p99':>7s} {'wall':>8s}   "
           f"{'one step: longest':>18s} {'wall':>8s}   {'ratio':>6s}")
     for name, row in r["rows"].items():
         p, w = row["parts"], row["one_step"]
-        print(f"{name:26s} {p['longest_ms']:15.2f} {p['p99_ms']:7.2f} {p['wall_ms']:8.1f}   "
+        print(f"{name:38s} {p['longest_ms']:15.2f} {p['p99_ms']:7.2f} {p['wall_ms']:8.1f}   "
               f"{w['longest_ms']:18.2f} {w['wall_ms']:8.1f}   "
               f"{p['longest_ms'] / w['longest_ms']:6.3f}")
     if a.json:

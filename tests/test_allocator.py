@@ -308,3 +308,47 @@ def test_kept_blocks_model(ops: list[tuple]) -> None:
         assert a.kept_blocks == len(kept)
         in_use = set(owned) | pending | kept | set(blocks_of(taken))
         assert set(np.flatnonzero(a.used).tolist()) == in_use
+
+
+def test_allocation_against_a_model_of_the_map(monkeypatch) -> None:
+    """Seeded random allocations and releases on small maps with small scan windows
+    (runs across windows, wrap-around, goals past the end) against a bitmap: each
+    allocation takes exactly `count` free blocks, as runs that do not touch each
+    other, and the map and the free count stay the model's. (The scan finds a
+    window's free runs at once since probe 11's F3.)"""
+    import random
+
+    import numpy as np
+
+    from fs import allocator
+    from fs.errors import NoSpace
+    monkeypatch.setattr(allocator, "_WINDOW", 64)
+    for seed in range(400):
+        rnd = random.Random(seed)
+        n = rnd.randint(1, 400)
+        a = Allocator(n)
+        model = np.zeros(n, bool)
+        held: list[list[tuple[int, int]]] = []
+        for _ in range(60):
+            if held and rnd.random() < 0.4:
+                runs = held.pop(rnd.randrange(len(held)))
+                piece = [r for r in runs if rnd.random() < 0.7]
+                a.release_now(piece)
+                for s, c in piece:
+                    model[s:s + c] = False
+                continue
+            count = rnd.randint(1, 80)
+            goal = rnd.choice([None, rnd.randrange(n), n + 5])
+            free = int((~model).sum())
+            try:
+                runs = a.allocate(count, goal)
+            except NoSpace:
+                assert count > free, seed
+                continue
+            assert sum(c for _s, c in runs) == count, (seed, runs, count)
+            for s, c in runs:
+                assert c > 0 and not model[s:s + c].any(), (seed, s, c)
+                model[s:s + c] = True
+            assert (a.used == model).all() and a.free == int((~model).sum()), seed
+            assert all(s1 + c1 != s2 for (s1, c1), (s2, _) in zip(runs, runs[1:])), runs
+            held.append(runs)

@@ -24,7 +24,8 @@ def test_bench_holds_small(tmp_path: Path) -> None:
     assert "parts: longest" in r.stdout and "ratio" in r.stdout
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"truncate to one block", "unlink (last name)", "punch hole",
-                         "zero range", "zero range, half holes", "fallocate, half holes"}
+                         "zero range", "zero range, half holes", "fallocate, half holes",
+                         "fallocate, free space in 1-block runs"}
     for name, row in rows.items():
         # the parts: another task ran between each (at least a part of
         # EXTENTS_PER_STEP extents each, fewer for the allocation's halves)

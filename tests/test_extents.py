@@ -475,6 +475,22 @@ class ExtentMachine(RuleBasedStateMachine):
             assert calls <= N + 2
         assert (data, holes) == want, (fb, end, limit, data, holes, want)
 
+    @rule(fb=st.integers(0, N + 4), count=st.integers(0, N),
+          limit=st.one_of(st.none(), st.integers(0, 4)))
+    def sealed_runs_window(self, fb: int, count: int, limit: int | None) -> None:
+        """The WRITTEN blocks of a range as runs of neighbouring blocks, the first
+        `limit` of them, against the blocks."""
+        want: list[tuple[int, int]] = []
+        for b in range(fb, fb + count):
+            if b in self.model and self.model[b][1] == W:
+                if want and want[-1][0] + want[-1][1] == b:
+                    want[-1] = (want[-1][0], want[-1][1] + 1)
+                else:
+                    want.append((b, 1))
+        if limit is not None:
+            want = want[:limit]
+        assert self.m.sealed_runs(fb, count, limit) == want, (fb, count, limit)
+
     @rule(fb=st.integers(0, N + 4))
     def goal(self, fb: int) -> None:
         before = [b for b in self.model if b <= fb]

@@ -81,3 +81,33 @@ async def test_the_reaper_gives_the_loop_back_between_parts(bigvol: Volume) -> N
     assert fs.alloc.free == free + n and fs.reaping_blocks == 0 and not fs._reap
     report = await bigvol.fsck()
     assert (report.errors, report.left) == (0, 0), report.lines
+
+
+async def test_a_layout_over_many_holes_and_sealed_runs_gives_the_loop_back(
+        bigvol: Volume) -> None:
+    """F3b. A direct client's write layout over a file of 3,000 blocks, every other one
+    a hole and the rest sealed one-block runs: the holes are allocated a part a step
+    (before: all in one step, and every sealed run of the range listed twice to take
+    the first LAYOUT_COW_RUNS); the first LAYOUT_COW_RUNS runs are copied, the rest
+    stay sealed; the contents are unchanged."""
+    from fs.layouts import LAYOUT_COW_RUNS
+    from fs.space import EXTENTS_PER_STEP
+    from test_filesystem import read_file
+    from test_hostile_probe10 import _sparse, _sparse_content, _steps_of_others
+    fs = bigvol.fs
+    n = 3000
+    fh, node = await _sparse(fs, b"f", n)
+    await fs.release(fh)
+    await fs.sync()
+    emap = fs._extents(node)
+    assert len(emap.sealed_runs(0, n)) == n // 2
+    g = fs.grant_direct(node, True, True, CALLER)
+    ran = await _steps_of_others(lambda: fs.layout_get(g, 0, n * BS))
+    assert ran >= (n // 2) // (EXTENTS_PER_STEP // 2) - 1, ran
+    assert len(emap.sealed_runs(0, n)) == n // 2 - LAYOUT_COW_RUNS
+    assert not emap.holes(0, n)
+    await fs.close_direct(g)
+    assert await read_file(fs, node.id) == _sparse_content(n)[:node.size]
+    await fs.sync()
+    report = await bigvol.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
