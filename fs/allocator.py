@@ -125,15 +125,15 @@ class Allocator:
                     raise AssertionError("allocator free count out of sync with its map")
                 continue
             starts, ends = edges[0::2], edges[1::2]  # free runs [start, end) in the window
-            got = np.cumsum(ends - starts)
-            k = int(np.searchsorted(got, need))  # runs wholly taken: k, then a part of run k
+            total = np.cumsum(ends - starts)
+            k = int(np.searchsorted(total, need))  # runs wholly taken: k, then a part of run k
             if k < len(starts):
-                cut = int(ends[k] - (got[k] - need))  # the window's blocks taken end here
+                cut = int(ends[k]) - (int(total[k]) - need)  # the window's blocks taken end here
                 taken = need
             else:
                 k = len(starts) - 1
                 cut = len(window)
-                taken = int(got[-1])
+                taken = int(total[-1])
             window[:cut] = True  # (the used blocks before `cut` stay used)
             for a, b in zip(starts[:k + 1].tolist(), ends[:k + 1].tolist()):
                 a += pos
