@@ -127,6 +127,7 @@ class OpenFiles:
         else:
             if node.opens == 0:
                 await self._trim_preallocation(node)
+                self._drop_clean_extents(node)
             self._maybe_evict(node)
 
     async def read(self: FileSystem, fh: int, offset: int, size: int) -> memoryview | bytes:

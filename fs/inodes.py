@@ -220,6 +220,21 @@ class InodeCache:
                 raise Damaged(f"inode {node.id}: {exc} in meta.db: run sluice fsck") from None
         return node.extents
 
+    def _drop_clean_extents(self: FileSystem, node: Inode) -> None:
+        """The file's last handle closed: drop its extent map from the cache (loaded
+        again when next needed) unless something else still uses it — a direct
+        client's grant (which shares it), a change not yet saved, FRESH extents the
+        next commit seals, a holder of the file's lock. A map is five containers the
+        garbage collector walks at every full collection, whatever they hold: a tenant
+        that keeps 300,000 files looked up made each full collection hold every
+        tenant 0.1-0.7 s (probe 11, F1); a cached inode not open is now one object."""
+        emap = node.extents
+        if emap is None or node.opens or emap in self._unsealed or emap.fresh or \
+                emap.has_changes() or (node.lock is not None and node.lock.locked()) or \
+                self.kernel.grants_for(node.id):
+            return
+        node.extents = None
+
     def _lock(self: FileSystem, node: Inode) -> trio.Lock:
         if node.lock is None:
             node.lock = trio.Lock()

@@ -594,6 +594,10 @@ class ExtentMap:
             self._ext = merged
             self._starts = [e[0] for e in merged]
 
+    def has_changes(self) -> bool:
+        """Whether there are changes `take_changes` has not given yet."""
+        return bool(self._changed or self._new)
+
     def take_changes(self, *, with_owner: bool = False
                      ) -> tuple[list[int], list[tuple[int, ...]]]:
         """(file_block keys to delete, extents to insert or replace) since the last call

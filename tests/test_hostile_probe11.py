@@ -111,3 +111,41 @@ async def test_a_layout_over_many_holes_and_sealed_runs_gives_the_loop_back(
     await fs.sync()
     report = await bigvol.fsck()
     assert (report.errors, report.left) == (0, 0), report.lines
+
+
+async def test_a_closed_files_extent_map_leaves_the_cache(bigvol: Volume) -> None:
+    """F1 (in part). A tenant that keeps many files looked up keeps their inodes
+    cached, and every object they hold is walked at each full garbage collection
+    (0.1-0.7 s with 300,000). A closed file's extent map, five containers, is dropped
+    from the cache unless still in use: a file with FRESH blocks waits for the commit
+    that seals them, a file another handle or a direct client's grant holds keeps it.
+    The map comes back from meta.db when needed, with the same contents."""
+    from test_filesystem import read_file
+    fs = bigvol.fs
+    nodes = []
+    for i in range(200):
+        h, node = fs.create(ROOT, b"f%d" % i, 0o644, os.O_RDWR, CALLER)
+        assert await fs.write(h.fh, 0, bytes([i % 251 + 1]) * (3 * BS)) == 3 * BS
+        await fs.release(h.fh)
+        nodes.append(node)
+    # written, not yet committed: FRESH, kept for the commit's seal
+    assert all(n.extents is not None for n in nodes)
+    await fs.sync()
+    for n in nodes:  # committed: the next close drops them
+        h = fs.open(n.id, os.O_RDONLY, CALLER)
+        other = fs.open(n.id, os.O_RDONLY, CALLER)
+        await fs.release(h.fh)
+        assert n.extents is not None  # (another handle is open)
+        await fs.release(other.fh)
+    assert all(n.extents is None for n in nodes)
+    # a direct client's grant shares the map: kept while it is there
+    g = fs.grant_direct(nodes[0], True, False, CALLER)
+    emap = fs._extents(nodes[0])
+    h = fs.open(nodes[0].id, os.O_RDONLY, CALLER)
+    await fs.release(h.fh)
+    assert nodes[0].extents is emap
+    await fs.close_direct(g)
+    for i, n in enumerate(nodes):
+        assert await read_file(fs, n.id) == bytes([i % 251 + 1]) * (3 * BS)
+    report = await bigvol.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
