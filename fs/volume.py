@@ -148,6 +148,9 @@ def mkfs(path: Path, *, size: int, block_size: int = 4096, profile: str = "none"
     check_profile(profile)
     if inodes is not None and inodes < 1:
         raise VolumeError(f"--inodes must be a positive number, not {inodes}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise VolumeError(f"cannot make a volume in {path}: {path.parent} is not a "
+                          "directory")
     if not path.parent.is_dir():
         raise VolumeError(f"cannot make a volume in {path}: its parent directory "
                           f"{path.parent} does not exist (make it first: mkdir -p "

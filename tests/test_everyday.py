@@ -326,7 +326,8 @@ def test_errors_are_one_line_without_errno_and_exit_codes_agree(tmp_path: Path) 
     (tmp_path / "afile").write_text("")
     cases = [
         # (arguments, exit status, what the line says)
-        (["mkfs", str(tmp_path / "afile" / "vol"), "--size", "64M"], 1, "File exists"),
+        (["mkfs", str(tmp_path / "afile" / "vol"), "--size", "64M"], 1,
+         f"{tmp_path / 'afile'} is not a directory"),
         (["mkfs", "/proc/vol", "--size", "64M"], 1, "No such file or directory: /proc/vol"),
         (["mkfs", str(tmp_path / "big"), "--size", "99999T"], 1, "File too large"),
         (["stats", str(tmp_path / "nowhere")], 1, "is not a mounted sluice volume"),
