@@ -192,6 +192,8 @@ class Transactions:
         writes back (`Kernel.barrier`): 1 for every commit a caller waits on; the
         periodic commit asks for PREFLUSH_ROUNDS, and stops them as soon as a durable
         commit waits behind it for the lock."""
+        # (file hints a request left to apply, should one not have waited for them)
+        await self.kernel.settle_hints()
         async with self._commit_locked(durable):
             if self.write_errors:
                 return  # failed: nothing more is committed (fsync reports the failure)

@@ -256,6 +256,7 @@ class Namespace:
     async def _destroy(self: FileSystem, node: Inode) -> None:
         """Free an inode no name and no open handle refers to."""
         self.kernel.forget_file(node.id)
+        await self.kernel.settle_hints()
         if self.read_only is not None:
             return  # an orphan now: freed at the next read-write mount
         async with self._lock(node):

@@ -762,6 +762,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         caller = self._caller(ctx)
         h = self.fs.open(inode, flags, caller)
+        await self.fs.kernel.settle_hints()  # (hints pushed at open: in force on return)
         if flags & os.O_TRUNC:
             try:
                 await self.fs.open_truncate(h.inode, caller)
@@ -889,6 +890,9 @@ class Operations(pyfuse3.Operations):
             # (exec ignores them anyway).
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         self.fs.setxattr(inode, name, value, 0)
+        # A hint xattr's new value applies to the file's cached pages a part a step
+        # (probe 11, F6): in force when the request returns.
+        await self.fs.kernel.settle_hints()
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == FCAPS_XATTR and self.fs.has_no_xattrs(inode):
@@ -919,6 +923,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.fs.removexattr(inode, name)
+        await self.fs.kernel.settle_hints()
 
     @_guard
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

@@ -189,6 +189,7 @@ class DirectService:
                 await fs.open_truncate(node, caller)
                 fs.changed_behind_kernel(node, caller.principal)
         grant = fs.grant_direct(node, readable, writable, caller)
+        await fs.kernel.settle_hints()  # (hints pushed at open: in force on return)
         return grant
 
     # -- layouts -----------------------------------------------------------------------

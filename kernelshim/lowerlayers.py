@@ -59,6 +59,12 @@ class LowerLayers:
         """The file is gone (its last name and handle): the pager drops its hints."""
         self.pager.forget_file(inode)
 
+    async def settle_hints(self) -> None:
+        """Finish applying file hints to cached pages, a part a step of the loop
+        (`set_file_hints` and `forget_file` apply them to a bounded number of pages at
+        once): the caller awaits this before its request returns."""
+        await self.pager.settle_hints()
+
     def on_reclaim(self, principal: PrincipalId,
                    callback: Callable[[int, int, float], object]) -> ReclaimSubscription:
         """Subscribe `callback(ticket, nframes, seconds_left)` to the pager's requests

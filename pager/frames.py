@@ -142,6 +142,12 @@ class FrameTable:
         # (first, end, priority, discardable, principal): a range hint applies only to
         # frames charged to the principal that gave it (see `Hints.advise`)
         self._hints: dict[int, tuple[int, bool, bool]] = {}
+        #: frames whose hints a file hint changed and `_rehint` has not looked at yet
+        #: (`rehint_step`: the daemon's; `settle_hints` goes through them a part a step)
+        self._rehint_left: list[np.ndarray] = []
+        #: frames `_rehint` looks at in one call, the rest left for `settle_hints`
+        #: (None: all at once, as offline replays want)
+        self.rehint_step: int | None = None
         self._range_hints: dict[int, list[tuple[int, int, int | None, bool | None, int]]] = {}
         # cooperative reclaim (pager/reclaim.py): subscribers, pending requests (which
         # replacement leaves alone while it can), the wakeup of the reclaim task

@@ -149,3 +149,47 @@ async def test_a_closed_files_extent_map_leaves_the_cache(bigvol: Volume) -> Non
         assert await read_file(fs, n.id) == bytes([i % 251 + 1]) * (3 * BS)
     report = await bigvol.fsck()
     assert (report.errors, report.left) == (0, 0), report.lines
+
+
+async def test_a_file_hint_applies_to_many_cached_pages_a_part_a_step(tmp_path: Path) -> None:
+    """F6. A file hint set on a file of many cached pages re-hinted every page in one
+    step (0.1-0.3 s with 100,000). Now `rehint_step` pages at once, the rest a part a
+    step in `settle_hints`, which the request that set it awaits; then every page of
+    the file has the hint, and pages of other files keep theirs."""
+    from blockdev import PrincipalId
+    from pager import Pager
+    from test_pager import make_device
+    device = make_device(tmp_path / "dev", nblocks=4096)
+    try:
+        p = Pager(device, nframes=1024, policy="hinted")
+        p.rehint_step = 64
+        me = PrincipalId(1)
+        for b in range(0, 960, 8):
+            await p.read(b, 8, principal=me, file=7, fblock=b)
+        await p.read(1000, 8, principal=me, file=8, fblock=0)
+        frames = [int(f) for f in range(len(p._file_m)) if p._file_m[f] == 7]
+        assert len(frames) == 960
+        p.set_file_hints(7, priority=9, discardable=True)
+        assert sum(int(p._prio_m[f]) == 9 for f in frames) == 64  # at once: one part
+        steps = 0
+        done = False
+
+        async def other() -> None:
+            nonlocal steps
+            while not done:
+                await trio.lowlevel.checkpoint()
+                steps += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()
+            await p.settle_hints()
+            done = True
+        assert steps >= 960 // 64 - 2, steps
+        assert all(int(p._prio_m[f]) == 9 and bool(p._disc_m[f]) for f in frames)
+        assert all(int(p._prio_m[f]) == 0 for f in range(len(p._file_m)) if p._file_m[f] == 8)
+        p.set_file_hints(7, priority=0, discardable=False)  # and back, the same way
+        await p.settle_hints()
+        assert not any(int(p._prio_m[f]) or bool(p._disc_m[f]) for f in frames)
+    finally:
+        device.close()
