@@ -108,6 +108,7 @@ class Attributes:
             raise FileTooLarge(f"size {size} beyond the maximum file size")
         # (its zeroing writes frames: repaid before the lock, as `write` does)
         await self.kernel.repay_limit(principal, self.block_size)
+        await self.preload_extents(node)  # (a part a step: probe 11, F5)
         async with self._lock(node):
             await self._undiscard_locked(node)
             await self._truncate_locked(node, size, principal=principal,

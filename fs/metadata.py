@@ -462,6 +462,15 @@ class Metadata:
             "SELECT file_block, dev_block, count, state, principal FROM extents WHERE inode=?"
             " ORDER BY file_block", (ino,)).fetchall()
 
+    def load_extents_after(self, ino: int, after: int, limit: int
+                           ) -> list[tuple[int, int, int, int, int]]:
+        """`load_extents`, a page at a time: the first `limit` extents whose file block
+        is past `after` (-1: from the start)."""
+        return self.db.execute(
+            "SELECT file_block, dev_block, count, state, principal FROM extents"
+            " WHERE inode=? AND file_block>? ORDER BY file_block LIMIT ?",
+            (ino, after, limit)).fetchall()
+
     def inodes_with_blocks_past_eof(self, block_size: int) -> list[int]:
         """Regular files with extents past the block that holds their last byte."""
         self.flush_inodes()

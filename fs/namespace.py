@@ -257,6 +257,8 @@ class Namespace:
         """Free an inode no name and no open handle refers to."""
         self.kernel.forget_file(node.id)
         await self.kernel.settle_hints()
+        if node.is_reg:
+            await self.preload_extents(node)
         if self.read_only is not None:
             return  # an orphan now: freed at the next read-write mount
         async with self._lock(node):

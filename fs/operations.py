@@ -761,6 +761,9 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         caller = self._caller(ctx)
+        # The extent map of a file of many extents is loaded a part a step before the
+        # handle's grant takes it (probe 11, F5).
+        await self.fs.preload_extents(self.fs.inode(inode))
         h = self.fs.open(inode, flags, caller)
         await self.fs.kernel.settle_hints()  # (hints pushed at open: in force on return)
         if flags & os.O_TRUNC:

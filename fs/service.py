@@ -188,6 +188,7 @@ class DirectService:
             if flags & os.O_TRUNC:  # as Operations.open does for the kernel
                 await fs.open_truncate(node, caller)
                 fs.changed_behind_kernel(node, caller.principal)
+        await fs.preload_extents(node)  # (a part a step: probe 11, F5)
         grant = fs.grant_direct(node, readable, writable, caller)
         await fs.kernel.settle_hints()  # (hints pushed at open: in force on return)
         return grant

@@ -117,6 +117,27 @@ class ExtentMap:
         m.merge_all()
         return m
 
+    def extend_loaded(self, rows: Iterable[tuple[int, ...]]) -> None:
+        """Append stored rows, sorted by file block and past the map's end, merged as
+        `load` merges them: a map loaded a page of rows at a time (a file of 100,000
+        extents loaded in one step held the loop 0.2 s: probe 11, F5)."""
+        ext = self._ext
+        keep = len(ext) - 1 if ext else 0  # the last extent may merge with the first row
+        new: list[list[int]] = ext[keep:]
+        for e in rows:
+            fb, dev, cnt, st = e[:4]
+            owner = e[4] if len(e) > 4 else 0
+            if new and fb < new[-1][0] + new[-1][2]:
+                raise ValueError(f"overlapping extents at file block {fb}")
+            new.append([fb, dev, cnt, st, owner])
+            self.blocks += cnt
+            if st == FRESH:
+                self.fresh = True
+                self._fresh_at.append(fb)
+        merged = self._merged(new)
+        ext[keep:] = merged
+        self._starts[keep:] = [e[0] for e in merged]
+
     def __len__(self) -> int:
         return len(self._ext)
 

@@ -677,3 +677,32 @@ def test_seal_of_tracked_extents_matches_the_whole_map_seal(seed: int) -> None:
     whole_map_seal(twin)
     assert m.owned_extents() == twin.owned_extents()
     assert not any(e[3] == F for e in m.extents())
+
+
+def test_a_map_loaded_in_pages_is_the_map_loaded_whole() -> None:
+    """`extend_loaded` a page of stored rows at a time (probe 11, F5) gives what `load`
+    gives: the same extents, merged the same way, the same block count and changes."""
+    import random
+    for seed in range(200):
+        rnd = random.Random(seed)
+        rows = []
+        fb = dev = 0
+        for _ in range(rnd.randint(0, 60)):
+            fb += rnd.choice((0, 0, 1, 3))  # neighbours that continue each other, or not
+            dev += rnd.choice((0, 0, 2))
+            cnt = rnd.randint(1, 4)
+            rows.append((fb, dev, cnt, rnd.choice((W, U)), rnd.choice((0, 5))))
+            fb += cnt
+            dev += cnt
+        whole = ExtentMap.load(rows)
+        paged = ExtentMap()
+        size = rnd.randint(1, 7)
+        for i in range(0, max(len(rows), 1), size):
+            paged.extend_loaded(rows[i:i + size])
+        assert paged.owned_extents() == whole.owned_extents(), seed
+        assert paged.blocks == whole.blocks, seed
+        assert [paged.start_of(i) for i in range(len(paged))] == \
+            [whole.start_of(i) for i in range(len(whole))]
+        (pd, pu), (wd, wu) = (paged.take_changes(with_owner=True),
+                              whole.take_changes(with_owner=True))
+        assert (sorted(pd), sorted(pu)) == (sorted(wd), sorted(wu)), seed

@@ -193,3 +193,24 @@ async def test_a_file_hint_applies_to_many_cached_pages_a_part_a_step(tmp_path: 
         assert not any(int(p._prio_m[f]) or bool(p._disc_m[f]) for f in frames)
     finally:
         device.close()
+
+
+async def test_a_many_extent_map_is_loaded_a_part_a_step(bigvol: Volume) -> None:
+    """F5. The first touch of a file of many extents after a mount loaded its whole map
+    in one step (0.07 s at 50,000 extents). `preload_extents` (an open, a truncate,
+    the freeing of a file, before anything takes the map) loads LOAD_EXTENTS_PAGE rows
+    a step, and the map is the one a whole load gives."""
+    from fs.inodes import LOAD_EXTENTS_PAGE
+    from test_filesystem import read_file
+    from test_hostile_probe10 import _content, _fragmented, _steps_of_others
+    fs = bigvol.fs
+    n = 5000
+    fh, node = await _fragmented(fs, b"f", n)
+    await fs.release(fh)
+    await fs.sync()
+    whole = fs._extents(node).owned_extents()
+    node.extents = None  # (as after a mount)
+    ran = await _steps_of_others(lambda: fs.preload_extents(node))
+    assert ran >= n // LOAD_EXTENTS_PAGE - 1, ran
+    assert node.extents is not None and node.extents.owned_extents() == whole
+    assert await read_file(fs, node.id) == _content(n)
