@@ -17,7 +17,7 @@ from .errors import InvalidArgument
 from .inodes import Caller, Inode, MAX_FILE_SIZE, now_ns
 
 #: written ranges a commit marks between two yields of the event loop
-COMMIT_STEP = 1024
+COMMIT_STEP = 256
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -258,26 +258,35 @@ class Layouts:
             # blocks meanwhile (the loop is given back below) reads it, where before
             # it found neither a pending range nor a written block and merged zeros
             # over this commit's bytes (probe 6, W3).
-            ranges = grant.take_written(offset, offset + length)
-            if ranges:
+            # A client may commit many ranges at once (as many as the blocks it wrote):
+            # they are taken, marked written and saved COMMIT_STEP at a time, the event
+            # loop given back in between (taken and saved all at once, 100,000 ranges
+            # held it 0.3-0.4 s: probe 11, F4). A checkpoint meanwhile commits and seals
+            # what is marked so far (data written before the commit: as a commit of
+            # part of the ranges); blocks marked past the old size before the size is
+            # saved are, after a crash, a layout never committed (R4). The ranges not
+            # taken yet stay pending, as before the commit.
+            end = 0
+            while True:
+                ranges = grant.take_written(offset, offset + length, COMMIT_STEP)
+                if not ranges:
+                    break
                 emap = self._extents(node)
-                end = max(stop for _start, stop in ranges)
+                end = max(end, ranges[-1][1])
                 grant.committing = ranges
                 try:
-                    # A client may commit many ranges at once (as many as the blocks it
-                    # wrote): the event loop is given back every COMMIT_STEP of them. A
-                    # checkpoint meanwhile commits and seals what is marked so far (data
-                    # written before the commit: as a commit of part of the ranges).
                     self._unsealed.add(emap)
-                    for k, (start, stop) in enumerate(ranges):
+                    for start, stop in ranges:
                         b0, b1 = block_span(start, stop - start, bs)
                         emap.mark_written(b0, b1 - b0)
-                        if k % COMMIT_STEP == COMMIT_STEP - 1:
-                            await trio.lowlevel.cancel_shielded_checkpoint()
                 finally:
                     grant.committing = []
                 self._unsealed.add(emap)
                 self._save_extents(node)
+                if len(ranges) < COMMIT_STEP:
+                    break
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            if end:
                 now = now_ns()
                 if end > node.size:
                     node.size = end

@@ -214,20 +214,29 @@ class Grant:
             i -= 1
         return 0
 
-    def take_written(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The written ranges inside [start, end), clipped; they are no longer pending."""
+    def take_written(self, start: int, end: int, limit: int | None = None
+                     ) -> list[tuple[int, int]]:
+        """The written ranges inside [start, end), clipped, in order (the first `limit`
+        of them; None: all); they are no longer pending. Found by bisection, the rest
+        kept by slicing: a commit of 100,000 ranges takes them a part at a time (probe
+        11, F4)."""
+        w = self.written
+        i0 = bisect.bisect_left(w, [start, start])
+        if i0 > 0 and w[i0 - 1][1] > start:
+            i0 -= 1  # (the range across `start`)
         out: list[tuple[int, int]] = []
         keep: list[list[int]] = []
-        for s, e in self.written:
-            if e <= start or s >= end:
-                keep.append([s, e])
-                continue
+        i = i0
+        while i < len(w) and w[i][0] < end and (limit is None or len(out) < limit):
+            s, e = w[i]
             out.append((max(s, start), min(e, end)))
             if s < start:
                 keep.append([s, start])
             if e > end:
                 keep.append([end, e])
-        self.written = keep
+            i += 1
+        if out:
+            self.written = w[:i0] + keep + w[i:]
         return out
     #: requests past the rights check and not yet finished
     inflight: int = 0

@@ -214,3 +214,63 @@ async def test_a_many_extent_map_is_loaded_a_part_a_step(bigvol: Volume) -> None
     assert ran >= n // LOAD_EXTENTS_PAGE - 1, ran
     assert node.extents is not None and node.extents.owned_extents() == whole
     assert await read_file(fs, node.id) == _content(n)
+
+
+def test_take_written_takes_the_first_ranges_of_a_window() -> None:
+    """F4. `take_written` with a limit takes the first ranges inside the window, clipped
+    at its edges, and leaves the rest pending, as taking them all in turns would."""
+    import random
+
+    from kernelshim import Grant, Rights
+    for seed in range(300):
+        rnd = random.Random(seed)
+        ranges, pos = [], 0
+        for _ in range(rnd.randint(0, 30)):
+            pos += rnd.randint(1, 9)
+            n = rnd.randint(1, 9)
+            ranges.append([pos, pos + n])
+            pos += n
+        a = Grant(inode=1, generation=1, extents=None, rights=Rights.RW, principal=1)  # type: ignore[arg-type]
+        b = Grant(inode=1, generation=1, extents=None, rights=Rights.RW, principal=1)  # type: ignore[arg-type]
+        a.written = [list(r) for r in ranges]
+        b.written = [list(r) for r in ranges]
+        lo = rnd.randint(0, pos + 5)
+        hi = lo + rnd.randint(0, pos + 5)
+        whole = a.take_written(lo, hi)
+        parts: list[tuple[int, int]] = []
+        limit = rnd.randint(1, 4)
+        while True:
+            got = b.take_written(lo, hi, limit)
+            assert len(got) <= limit
+            if not got:
+                break
+            parts += got
+        assert parts == whole, seed
+        assert b.written == a.written, seed
+
+
+async def test_a_direct_commit_of_many_ranges_gives_the_loop_back(bigvol: Volume) -> None:
+    """F4. A direct client's commit of 3,000 written ranges took and saved them all
+    in one step; now COMMIT_STEP at a time. The file has every byte written, its size
+    is the last range's end, and fsck is clean."""
+    from fs.layouts import COMMIT_STEP
+    from test_filesystem import read_file
+    from test_hostile_probe10 import _steps_of_others
+    fs = bigvol.fs
+    n = 3000
+    h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+    await fs.release(h.fh)
+    g = fs.grant_direct(node, True, True, CALLER)
+    await fs.layout_get(g, 0, 2 * n * BS)
+    for b in range(0, 2 * n, 2):
+        await fs.kernel.write(g, b * BS, bytes([b % 251 + 1]) * BS)
+    ran = await _steps_of_others(lambda: fs.layout_commit(g, 0, 2 * n * BS))
+    assert ran >= n // COMMIT_STEP - 1, ran
+    assert node.size == (2 * n - 1) * BS
+    await fs.close_direct(g)
+    want = b"".join((bytes([b % 251 + 1]) if b % 2 == 0 else b"\0") * BS
+                    for b in range(2 * n - 1))
+    assert await read_file(fs, node.id) == want
+    await fs.sync()
+    report = await bigvol.fsck()
+    assert (report.errors, report.left) == (0, 0), report.lines
