@@ -25,6 +25,9 @@ from .errors import NoSpace
 
 #: how far past the goal one numpy scan looks before moving on
 _WINDOW = 1 << 16
+#: allocations of at most this many blocks take free runs one at a time (each slice
+#: bounded by the request); larger ones find a window's runs at once
+_SMALL = 4
 
 
 class Allocator:
@@ -110,15 +113,51 @@ class Allocator:
         runs: list[tuple[int, int]] = []
         need = count
         scanned = 0
+        if count <= _SMALL:
+            # A few blocks: the first free block of a window, then its run (bounded by
+            # the few blocks asked for), as many times as it takes.
+            while need:
+                if pos >= n:
+                    pos = 0
+                window = used[pos:pos + _WINDOW]
+                free_idx = int(np.argmin(window))
+                if window[free_idx]:  # nothing free in this window
+                    scanned += len(window)
+                    pos += len(window)
+                    if scanned > 2 * n:
+                        raise AssertionError("allocator free count out of sync with its map")
+                    continue
+                start = pos + free_idx
+                rest = used[start:start + need]
+                taken = int(np.argmax(rest)) if rest.any() else len(rest)
+                used[start:start + taken] = True
+                if runs and runs[-1][0] + runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + taken)
+                else:
+                    runs.append((start, taken))
+                need -= taken
+                pos = start + taken
+                scanned += free_idx + taken
+            self.free -= count
+            if relocation:
+                self._cow_cursor = pos
+            else:
+                self._cursor = pos
+            return runs
+        # The window starts a few times the request's size and doubles up to _WINDOW
+        # while it does not hold enough: a one-block allocation in a fragmented map
+        # looks at 1,024 blocks, not 65,536.
+        span = min(_WINDOW, max(1024, 4 * need))
         while need:
             if pos >= n:
                 pos = 0
             # The free runs of a window at once, in numpy (one Python iteration per
             # free run, each slicing up to `need` blocks, was O(runs x need): 20,000
             # one-block free runs held the loop ~0.2 s: probe 11, F3).
-            window = used[pos:pos + _WINDOW]
+            window = used[pos:pos + span]
             edges = np.flatnonzero(np.diff(window, prepend=True, append=True))
             if not len(edges):  # nothing free in this window
+                span = min(_WINDOW, 2 * span)
                 scanned += len(window)
                 pos += len(window)
                 if scanned > 2 * n:
@@ -134,6 +173,7 @@ class Allocator:
                 k = len(starts) - 1
                 cut = len(window)
                 taken = int(total[-1])
+                span = min(_WINDOW, 2 * span)
             window[:cut] = True  # (the used blocks before `cut` stay used)
             for a, b in zip(starts[:k + 1].tolist(), ends[:k + 1].tolist()):
                 a += pos

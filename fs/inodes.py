@@ -233,7 +233,7 @@ class InodeCache:
         map of a file of many extents: an open (the mount's or a direct client's), a
         truncate, the freeing of a file. Another request that needs the map meanwhile
         loads it whole itself; this load is then dropped."""
-        if node.extents is not None:
+        if node.extents is not None or not node.is_reg:
             return
         rows = self.md.load_extents_after(node.id, -1, LOAD_EXTENTS_PAGE)
         emap = ExtentMap()
