@@ -37,7 +37,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 EXTENTS_PER_STEP = 128
 
 
-
 def _take_tail(pool: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     """The last `n` blocks of the runs in `pool` (fewer if it has fewer), in order,
     cut off the pool's end."""
@@ -53,6 +52,7 @@ def _take_tail(pool: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
         n -= got
     out.reverse()
     return out
+
 
 class Space:
     """Allocation and fallocate (a `FileSystem` concern; see filesystem.py for the map).
