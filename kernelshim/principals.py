@@ -357,8 +357,8 @@ class PrincipalTable:
         if _DEFAULT_RE.match(name) and not (caller_uid == 0 and par is self.root
                                            and name == _default_name(owner_uid)):
             if caller_uid == 0 and par is self.root and str(int(name[4:])) == name[4:]:
-                raise NotAllowed(f"{name!r} is the default principal of uid "
-                                 f"{name[4:]}: add it owned by that uid (--owner "
+                raise NotAllowed(f"{name!r} is reserved for the default principal of "
+                                 f"uid {name[4:]}: add it owned by that uid (--owner "
                                  f"{name[4:]})")
             raise NotAllowed(f"{name!r}: names uid-N are reserved for uid N's default "
                              "principal (only root may add one, under root, owned by N)")

@@ -231,7 +231,8 @@ def test_mkfs_does_not_make_missing_parents(tmp_path: Path) -> None:
 def test_adding_a_uid_principal_without_its_owner_says_which(mnt: Path) -> None:
     r = subprocess.run([*SLUICE, "principal", "add", str(mnt), "uid-5"],
                        capture_output=True, text=True, cwd=REPO)
-    one_line(r, "'uid-5' is the default principal of uid 5", "--owner 5", code=1)
+    one_line(r, "'uid-5' is reserved for the default principal of uid 5", "--owner 5",
+             code=1)
     sluice("principal", "add", str(mnt), "uid-5", "--owner", "5")
     assert "uid-5" in sluice("principal", "ls", str(mnt)).stdout
 

@@ -210,7 +210,7 @@ def test_metrics_option_errors_are_one_line(tmp_path: Path) -> None:
     for bad, words in (("9464", "not ADDRESS:PORT"), ("127.0.0.1:70000", "port"),
                        ("::1:9464", "brackets")):
         r = sluice("mount", str(vol), str(mp), "--metrics", bad, check=False)
-        assert r.returncode == 1, r.stderr
+        assert r.returncode == 2, r.stderr  # (a malformed value: a usage error, stop 23)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "--metrics" in lines[0] and words in lines[0], r.stderr
         assert not is_mounted(mp)

@@ -274,8 +274,9 @@ def test_hierarchy_limits_and_carving(mnt: Path) -> None:
     fails_one_line("principal", "set", m, "par", "--cache-min", "8M")
     # Unknown names and bad values: one line, exit 1.
     fails_one_line("principal", "add", m, "x", "--parent", "nosuch")
-    fails_one_line("principal", "add", m, "bad name!")
     fails_one_line("principal", "add", m, "kid")  # exists
+    r = sluice("principal", "add", m, "bad name!", check=False)  # a usage error (stop 23)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "1 to 64" in r.stderr
     r = sluice("principal", "add", m, "w", "--io-limit", "fast", check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad rate 'fast'" in r.stderr
     fails_one_line("principal", "rm", m, "par")  # has children
