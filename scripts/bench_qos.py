@@ -756,7 +756,8 @@ def main() -> int:
                     help="profiles to run (default: all; --quick: the custom one)")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--plot", type=Path, help="latency-over-time PNG (default: next to "
-                    "--json, else qos_latency.png in the current directory)")
+                    "--json, else qos_latency.png in the current directory; with --quick "
+                    "only when given)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the volumes")
     args = ap.parse_args()
@@ -779,9 +780,12 @@ def main() -> int:
         print(table(pname, r))
         print()
     print(f"({time.monotonic() - t0:.0f} s; machine load {os.getloadavg()[0]:.2f})")
+    if args.quick:
+        print("(--quick: short phases on one profile, a check that every case runs; the "
+              "goals are judged on a full run: docs/BENCHMARKS.md)")
     if args.json:
         args.json.write_text(json.dumps(summary_json(results), indent=1))
-    if not args.no_plot:
+    if not args.no_plot and (args.plot or not args.quick):  # (--quick: only if asked)
         path = args.plot or (args.json.with_suffix(".png") if args.json
                              else Path("qos_latency.png"))
         if plot(results, path):
