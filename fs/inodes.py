@@ -191,6 +191,8 @@ def check_name(name: bytes) -> None:
 LOAD_EXTENTS_PAGE = 2048
 #: extents of the largest map a file's last close drops from the cache
 DROP_EXTENTS_MAX = 64
+#: cached inodes past which a file's last close drops its map (`_drop_clean_extents`)
+DROP_EXTENTS_CACHED = 10_000
 
 
 class InodeCache:
@@ -201,6 +203,8 @@ class InodeCache:
 
     #: inode number -> the cached inode (pinned while looked up, open, locked or granted)
     _inodes: dict[int, Inode]
+    #: principals' storage handed to others so far (`retag_cached`)
+    retags: int = 0
 
     def inode(self: FileSystem, ino: int) -> Inode:
         node = self._inodes.get(ino)
@@ -235,6 +239,7 @@ class InodeCache:
         loads it whole itself; this load is then dropped."""
         if node.extents is not None or not node.is_reg:
             return
+        retags = self.retags
         rows = self.md.load_extents_after(node.id, -1, LOAD_EXTENTS_PAGE)
         emap = ExtentMap()
         try:
@@ -243,8 +248,11 @@ class InodeCache:
                 if len(rows) < LOAD_EXTENTS_PAGE:
                     break
                 await trio.lowlevel.checkpoint()
-                if node.extents is not None:
-                    return  # (loaded whole meanwhile)
+                if node.extents is not None or self.retags != retags:
+                    # (loaded whole meanwhile; or a principal's storage was handed to
+                    # another, rows this load read retagged behind it: the next use
+                    # loads the map whole: review of stop 23, 2)
+                    return
                 rows = self.md.load_extents_after(node.id, rows[-1][0], LOAD_EXTENTS_PAGE)
         except ValueError as exc:
             raise Damaged(f"inode {node.id}: {exc} in meta.db: run sluice fsck") from None
@@ -259,11 +267,15 @@ class InodeCache:
         garbage collector walks at every full collection, whatever they hold: a tenant
         that keeps 300,000 files looked up made each full collection hold every
         tenant 0.1-0.7 s (probe 11, F1); a cached inode not open is now one object.
-        Only a map of at most DROP_EXTENTS_MAX extents: a larger one is kept, as
-        loading it again (`preload_extents`) costs more than its objects do."""
+        Only a map of at most DROP_EXTENTS_MAX extents, and only while more than
+        DROP_EXTENTS_CACHED inodes are cached: a larger map, or any while the cache is
+        small, is kept, as loading it again costs more than its objects do."""
         emap = node.extents
-        # (a map of many extents stays: loading it again costs more than it holds)
-        if emap is None or len(emap) > DROP_EXTENTS_MAX or node.opens or \
+        # (a map of many extents stays: loading it again costs more than it holds;
+        # so do all while the cache is small: an open after it costs a query, 25-45%
+        # of a small file's open, read and close: review of stop 23, 3)
+        if emap is None or len(self._inodes) <= DROP_EXTENTS_CACHED or \
+                len(emap) > DROP_EXTENTS_MAX or node.opens or \
                 emap in self._unsealed or emap.fresh or \
                 emap.has_changes() or (node.lock is not None and node.lock.locked()) or \
                 self.kernel.grants_for(node.id):
@@ -329,7 +341,9 @@ class InodeCache:
 
     def retag_cached(self: FileSystem, src: int, dst: int) -> None:
         """Principal `src`'s storage now belongs to `dst` (the rows are retagged by the
-        caller): the cached inodes and extent maps follow."""
+        caller): the cached inodes and extent maps follow (a map being loaded in
+        parts, `preload_extents`, is dropped: `retags`)."""
+        self.retags += 1
         for node in self._inodes.values():
             if node.principal == src:
                 node.principal = dst

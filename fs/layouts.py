@@ -13,7 +13,7 @@ import trio
 from kernelshim import Grant, HOLE, Rights, UNWRITTEN
 from kernelshim.extents import block_span, blocks_to_cover
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotFound
 from .inodes import Caller, Inode, MAX_FILE_SIZE, now_ns
 
 #: written ranges a commit marks between two yields of the event loop
@@ -46,6 +46,9 @@ class Layouts:
                      caller: Caller) -> Grant:
         if writable:
             self._writable()
+        if node.nlink == 0 and node.opens == 0:
+            # being freed (`_destroy`): as `open` refuses it (review of stop 23, 5)
+            raise NotFound(f"inode {node.id} was removed")
         g = self._grant_for(node, readable, writable, caller.principal)
         self._direct[g] = caller
         if writable:

@@ -486,7 +486,8 @@ class Space:
             with trio.CancelScope(shield=True):
                 while f1 > f0:
                     g0 = max(f0, emap.start_back(f1, self.extents_per_step))
-                    await self._unmap_part(node, emap, g0, f1, pool=pool if replace else None)
+                    await self._unmap_part(node, emap, g0, f1, pool=pool if replace else None,
+                                           principal=principal)
                     f1 = g0
                     if f1 > f0:
                         await trio.lowlevel.checkpoint()
@@ -495,10 +496,29 @@ class Space:
                 self.alloc.release_now(pool)
 
     async def _unmap_part(self: FileSystem, node: Inode, emap: ExtentMap, f0: int, f1: int, *,
-                          pool: list[tuple[int, int]] | None) -> None:
+                          pool: list[tuple[int, int]] | None,
+                          principal: PrincipalId = ROOT_PRINCIPAL) -> None:
         """One part of `_unmap_whole_blocks`: file blocks [f0, f1); with `pool` (a
         ZERO_RANGE), each data run that goes is mapped again to UNWRITTEN blocks taken
         from the pool's end (what it takes is removed from the list)."""
+        if pool is not None:
+            # The part's data blocks beyond what the pool holds (only a direct client's
+            # layout committed between two parts adds data under the node lock) are
+            # allocated and reserved before the map changes, as the pool was (review
+            # of stop 23, 6: afterwards, an ENOSPC left the map without the runs that
+            # went and their blocks neither freed nor mapped).
+            need = emap.tally(f0, f1, len(emap) + 1)[0]
+            have = 0
+            for _s, c in reversed(pool):  # (the blocks `_take_tail` would take)
+                have += c
+                if have >= need:
+                    break
+            short = need - have
+            if short > 0:
+                await self._ensure_free(short, reserve=False)
+                more = self.alloc.allocate(short, emap.goal(f0))
+                await self._reserve_host_space(more, relocation=True, principal=principal)
+                pool[:0] = more  # (taken from the end: the pool's own blocks first)
         # From here to the regrant: no checkpoint (the map and the grants change as one).
         # One pass over the range (remove_data), not one map edit per run: each edit
         # moves the tail of the map, and a punch of a file of N one-block extents was
@@ -510,11 +530,7 @@ class Space:
         if pool is not None:
             need = sum(n for _at, _dev, n, _owner in gone)
             left = _take_tail(pool, need)
-            if sum(c for _s, c in left) < need:
-                # (the map cannot gain data under the node lock but through a direct
-                # client's write layout between two parts; allocated here, without a
-                # checkpoint: the map must not stay without the runs that went)
-                left += self.alloc.allocate(need - sum(c for _s, c in left), emap.goal(f0))
+            assert sum(c for _s, c in left) == need, (need, left)  # (allocated above)
             fresh: list[tuple[int, int, int, int, int]] = []
             for at, _dev, n, owner in gone:
                 while n:

@@ -134,6 +134,9 @@ class Hints(DataPath):
                 self._retag_hint(f, file, fblock)
                 frames.append(f)
             self._rehint(np.array(frames, dtype=np.int64))
+            # in force on every frame of the range when this returns, applied a part a
+            # step (review of stop 23, 4)
+            await self.settle_hints()
         if not self._hinted:
             return
         p = int(principal)
