@@ -30,6 +30,14 @@ _WINDOW = 1 << 16
 _SMALL = 4
 
 
+
+def _append_run(runs: list[tuple[int, int]], start: int, count: int) -> None:
+    """Append [start, start + count) to `runs`, joined to the last run if it continues it."""
+    if runs and runs[-1][0] + runs[-1][1] == start:
+        runs[-1] = (runs[-1][0], runs[-1][1] + count)
+    else:
+        runs.append((start, count))
+
 class Allocator:
     def __init__(self, nblocks: int) -> None:
         self.nblocks = nblocks
@@ -111,49 +119,58 @@ class Allocator:
                     self._cursor = pos + count
                 return [(pos, count)]
         runs: list[tuple[int, int]] = []
-        need = count
-        scanned = 0
         if count <= _SMALL:
-            # A few blocks: the first free block of a window, then its run (bounded by
-            # the few blocks asked for), as many times as it takes.
-            while need:
-                if pos >= n:
-                    pos = 0
-                window = used[pos:pos + _WINDOW]
-                free_idx = int(np.argmin(window))
-                if window[free_idx]:  # nothing free in this window
-                    scanned += len(window)
-                    pos += len(window)
-                    if scanned > 2 * n:
-                        raise AssertionError("allocator free count out of sync with its map")
-                    continue
-                start = pos + free_idx
-                rest = used[start:start + need]
-                taken = int(np.argmax(rest)) if rest.any() else len(rest)
-                used[start:start + taken] = True
-                if runs and runs[-1][0] + runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + taken)
-                else:
-                    runs.append((start, taken))
-                need -= taken
-                pos = start + taken
-                scanned += free_idx + taken
-            self.free -= count
-            if relocation:
-                self._cow_cursor = pos
-            else:
-                self._cursor = pos
-            return runs
-        # The window starts a few times the request's size and doubles up to _WINDOW
-        # while it does not hold enough: a one-block allocation in a fragmented map
-        # looks at 1,024 blocks, not 65,536.
+            pos = self._take_runs(pos, count, runs)
+        else:
+            pos = self._take_windows(pos, count, runs)
+        self.free -= count
+        if relocation:
+            self._cow_cursor = pos
+        else:
+            self._cursor = pos
+        return runs
+
+    def _take_runs(self, pos: int, need: int, runs: list[tuple[int, int]]) -> int:
+        """`allocate`'s scan for a few blocks: the first free block of a window from
+        `pos`, then its run (bounded by the few blocks asked for), as many times as it
+        takes; the runs are appended to `runs`; returns where the scan ended."""
+        used = self.used
+        n = self.nblocks
+        scanned = 0
+        while need:
+            if pos >= n:
+                pos = 0
+            window = used[pos:pos + _WINDOW]
+            free_idx = int(np.argmin(window))
+            if window[free_idx]:  # nothing free in this window
+                scanned += len(window)
+                pos += len(window)
+                if scanned > 2 * n:
+                    raise AssertionError("allocator free count out of sync with its map")
+                continue
+            start = pos + free_idx
+            rest = used[start:start + need]
+            taken = int(np.argmax(rest)) if rest.any() else len(rest)
+            used[start:start + taken] = True
+            _append_run(runs, start, taken)
+            need -= taken
+            pos = start + taken
+            scanned += free_idx + taken
+        return pos
+
+    def _take_windows(self, pos: int, need: int, runs: list[tuple[int, int]]) -> int:
+        """`allocate`'s scan for more blocks: a window's free runs at once, in numpy
+        (one Python iteration per free run, each slicing up to `need` blocks, was
+        O(runs x need): 20,000 one-block free runs held the loop ~0.2 s: probe 11, F3).
+        The window starts a few times the request's size and doubles up to _WINDOW
+        while it does not hold enough. As `_take_runs` otherwise."""
+        used = self.used
+        n = self.nblocks
+        scanned = 0
         span = min(_WINDOW, max(1024, 4 * need))
         while need:
             if pos >= n:
                 pos = 0
-            # The free runs of a window at once, in numpy (one Python iteration per
-            # free run, each slicing up to `need` blocks, was O(runs x need): 20,000
-            # one-block free runs held the loop ~0.2 s: probe 11, F3).
             window = used[pos:pos + span]
             edges = np.flatnonzero(np.diff(window, prepend=True, append=True))
             if not len(edges):  # nothing free in this window
@@ -176,21 +193,11 @@ class Allocator:
                 span = min(_WINDOW, 2 * span)
             window[:cut] = True  # (the used blocks before `cut` stay used)
             for a, b in zip(starts[:k + 1].tolist(), ends[:k + 1].tolist()):
-                a += pos
-                b = min(b, cut) + pos
-                if runs and runs[-1][0] + runs[-1][1] == a:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + b - a)
-                else:
-                    runs.append((a, b - a))
+                _append_run(runs, pos + a, min(b, cut) - a)
             need -= taken
             scanned += cut
             pos += cut
-        self.free -= count
-        if relocation:
-            self._cow_cursor = pos
-        else:
-            self._cursor = pos
-        return runs
+        return pos
 
     def _take_kept(self, count: int) -> list[tuple[int, int]]:
         """Up to `count` kept blocks (oldest first), no longer kept (they stay used:

@@ -195,6 +195,14 @@ async def test_an_unlink_of_many_extents_gives_the_loop_back(bigvol: Volume) -> 
     assert (report.errors, report.left) == (0, 0), report.lines
 
 
+async def _open_copy(path: Path):
+    """Mount (in process) the copy of a volume taken at a simulated crash: (its Volume,
+    its FileSystem). The caller closes it."""
+    v = Volume.__new__(Volume)
+    v.path, v.profile, v.fs = path, None, None
+    return v, await v.open()
+
+
 async def test_a_commit_between_a_truncates_parts_keeps_the_new_state(
         bigvol: Volume, tmp_path: Path, monkeypatch) -> None:
     """F3. A commit (made durable) while a truncate of many extents is between two of
@@ -233,9 +241,7 @@ async def test_a_commit_between_a_truncates_parts_keeps_the_new_state(
     assert any("past its end of file" in line and "truncate cut short" in line
                for line in report.lines), report.lines
     volume_mod.clear_mount_state(crash)
-    v = Volume.__new__(Volume)
-    v.path, v.profile, v.fs = crash, None, None
-    fs2 = await v.open()
+    v, fs2 = await _open_copy(crash)
     try:
         node2 = fs2.lookup(ROOT, b"f")
         assert node2.size == size
@@ -394,9 +400,7 @@ async def test_a_commit_between_a_fallocates_parts_keeps_the_old_contents(
     monkeypatch.undo()
     assert crash.exists() and node.size == (n + 20) * BS
     await fs.release(fh)
-    v = Volume.__new__(Volume)
-    v.path, v.profile, v.fs = crash, None, None
-    fs2 = await v.open()
+    v, fs2 = await _open_copy(crash)
     try:
         node2 = fs2.lookup(ROOT, b"f")
         assert node2.size == size

@@ -18,16 +18,9 @@ import trio
 
 from fs.commit import REAP_RUNS_PER_STEP
 from test_filesystem import CALLER, ROOT, Volume
+from test_hostile_probe10 import bigvol  # noqa: F401 - a fixture
 
 BS = 4096
-
-
-@pytest.fixture
-async def bigvol(tmp_path: Path):
-    v = Volume(tmp_path / "vol", size=16384 * BS)
-    await v.open()
-    yield v
-    await v.close()
 
 
 async def _scattered(fs, name: bytes, n: int) -> tuple[int, object]:
@@ -161,30 +154,38 @@ async def test_a_closed_files_extent_map_leaves_the_cache(bigvol: Volume, monkey
     assert (report.errors, report.left) == (0, 0), report.lines
 
 
+async def _pager_with_a_cached_file(tmp_path: Path):
+    """A hinted pager of 1,024 frames applying file hints 64 frames at once, with 960
+    frames of file 7 cached for principal 1: (device, pager, principal, those frames).
+    The caller closes the device."""
+    from blockdev import PrincipalId
+    from pager import Pager
+    from test_pager import make_device
+    device = make_device(tmp_path / "dev", nblocks=4096)
+    p = Pager(device, nframes=1024, policy="hinted")
+    p.rehint_step = 64
+    me = PrincipalId(1)
+    for b in range(0, 960, 8):
+        await p.read(b, 8, principal=me, file=7, fblock=b)
+    frames = [int(f) for f in range(len(p._file_m)) if p._file_m[f] == 7]
+    assert len(frames) == 960
+    return device, p, me, frames
+
+
 async def test_a_file_hint_applies_to_many_cached_pages_a_part_a_step(tmp_path: Path) -> None:
     """F6. A file hint set on a file of many cached pages re-hinted every page in one
     step (0.1-0.3 s with 100,000). Now `rehint_step` pages at once, the rest a part a
     step in `settle_hints`, which the request that set it awaits; then every page of
     the file has the hint, and pages of other files keep theirs."""
-    from blockdev import PrincipalId
-    from pager import Pager
-    from test_pager import make_device
-    device = make_device(tmp_path / "dev", nblocks=4096)
+    device, p, me, frames = await _pager_with_a_cached_file(tmp_path)
     try:
-        p = Pager(device, nframes=1024, policy="hinted")
-        p.rehint_step = 64
-        me = PrincipalId(1)
-        for b in range(0, 960, 8):
-            await p.read(b, 8, principal=me, file=7, fblock=b)
         await p.read(1000, 8, principal=me, file=8, fblock=0)
-        frames = [int(f) for f in range(len(p._file_m)) if p._file_m[f] == 7]
-        assert len(frames) == 960
         p.set_file_hints(7, priority=9, discardable=True)
         assert sum(int(p._prio_m[f]) == 9 for f in frames) == 64  # at once: one part
         steps = 0
         done = False
 
-        async def other() -> None:
+        async def other() -> None:  # (its steps from before settle_hints begins)
             nonlocal steps
             while not done:
                 await trio.lowlevel.checkpoint()
@@ -379,17 +380,8 @@ async def test_storage_handed_over_during_a_preload_keeps_its_new_owner(bigvol: 
 async def test_a_range_hint_is_in_force_when_advise_returns(tmp_path: Path) -> None:
     """Review of stop 23, 4. `advise` over more cached pages than `rehint_step` left
     the rest to whoever settled the hints next; it now settles them before it returns."""
-    from blockdev import PrincipalId
-    from pager import Pager
-    from test_pager import make_device
-    device = make_device(tmp_path / "dev", nblocks=4096)
+    device, p, me, frames = await _pager_with_a_cached_file(tmp_path)
     try:
-        p = Pager(device, nframes=1024, policy="hinted")
-        p.rehint_step = 64
-        me = PrincipalId(1)
-        for b in range(0, 960, 8):
-            await p.read(b, 8, principal=me, file=7, fblock=b)
-        frames = [f for f in range(len(p._file_m)) if p._file_m[f] == 7]
         await p.advise(7, [(0, 0, 960)], principal=me, priority=5, discardable=True)
         assert all(int(p._prio_m[f]) == 5 and bool(p._disc_m[f]) for f in frames)
         assert not p._rehint_left
