@@ -334,7 +334,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if state:
         from .mount import clean_dead_mount
         with vol.VolumeLock(volume):  # raises "in use" if a daemon is alive
-            clean_dead_mount(volume)
+            clean_dead_mount(volume, keep_state=opts.read_only)
     _check_mountpoint(mp)
     if args.foreground:
         return _run_foreground(volume, mp, opts, args)

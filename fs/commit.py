@@ -110,6 +110,12 @@ class Transactions:
     _forced_at: float
     _forcing: bool
 
+    @property
+    def recovered(self: FileSystem) -> bool:
+        """Whether the crash cleanup is done: false while mounted read-only from the
+        start (the volume is left as the crash left it)."""
+        return self._recovered
+
     async def _recover(self: FileSystem) -> None:
         """What a crash left: orphans and uncommitted write layouts (at the first
         read-write mount or remount)."""
@@ -502,7 +508,7 @@ class Transactions:
         self.write_errors += 1
         if self.read_only is None or self.write_errors == 1:
             log.error("%s; the volume is now read-only (unmount it and run sluice fsck)", why)
-        self.read_only = why
+        self.read_only = self.principals.read_only = why
         self.md.failed = True  # (not at unmount either)
         try:  # what the failed commit would have exposed is not committed later either
             self.md.rollback()
@@ -516,7 +522,7 @@ class Transactions:
     def set_read_only(self: FileSystem, why: str) -> None:
         """A read-only mount: every change gets EROFS, nothing is committed; direct
         clients' write grants are revoked (a remount read-only; commit first)."""
-        self.read_only = why
+        self.read_only = self.principals.read_only = why
         for g in list(self._direct):
             if g.rights & Rights.WRITE:
                 self.kernel.revoke_nowait(g)
@@ -529,7 +535,13 @@ class Transactions:
         if self.write_errors:
             raise ReadOnly(f"the volume failed ({self.read_only}): unmount it and run "
                            "sluice fsck")
-        self.read_only = None
+        if self.md.read_only:
+            try:
+                self.md.reopen_writable()
+            except sqlite3.Error as exc:
+                raise ReadOnly(f"cannot open the metadata database for writing: {exc}"
+                               ) from None
+        self.read_only = self.principals.read_only = None
         if self._recovered:
             if self.discard_freed:
                 return 0

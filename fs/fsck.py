@@ -850,7 +850,7 @@ def fsck(path: Path, *, repair: bool = False, verify_data: bool = False,
     prog = _Progress(progress)
     # A check may run while the volume is mounted read-only; a repair only unmounted.
     with VolumeLock(path, purpose="fsck") if repair else checking_lock(path):
-        md = open_metadata(path)
+        md = open_metadata(path, read_only=not repair)  # (a check writes nothing)
         try:
             dev = _Device(path)
         except (OSError, ValueError, SluiceError) as exc:

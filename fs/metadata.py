@@ -6,6 +6,14 @@ once a second), on fsync and at unmount, so that a burst of creates costs one co
 not thousands. A daemon killed at any moment leaves the database as of the last
 commit. `make_durable()` additionally fsyncs the WAL so a commit survives power loss.
 
+Opened `read_only` (a read-only mount, a check without repair) the connection writes
+nothing to the volume: SQLite's read-only mode, so that closing it neither checkpoints
+a crashed daemon's WAL into meta.db nor removes it, and nothing this module runs can
+change a row by mistake (SQLite refuses the statement). With a WAL on disk it is read
+through (its index, -shm, is rebuilt as SQLite does for any reader); without one the
+file is opened `immutable`, so that no -wal or -shm is made: the volume's lock keeps
+every writer out meanwhile (a remount read-write first reopens it, `reopen_writable`).
+
 The metadata server's updates of inode rows (`update_inode_later`: a chmod, a chown, the
 size and times after a write) are gathered per inode and run together, still inside
 the open transaction, before anything reads the inodes table and before the commit:
@@ -25,6 +33,7 @@ import json
 import os
 import shutil
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -107,14 +116,12 @@ class ChangeMarks:
 class Metadata:
     """SQL access for the filesystem. See the module docstring."""
 
-    def __init__(self, path: Path, *, record: Path | None = None) -> None:
+    def __init__(self, path: Path, *, record: Path | None = None,
+                 read_only: bool = False) -> None:
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=OFF")
-        self.db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
-        self.db.execute("PRAGMA temp_store=MEMORY")
+        #: opened read-only (see the module's docstring) until `reopen_writable`
+        self.read_only = read_only
+        self.db = self._connect(read_only)
         self._in_tx = False
         self.pending = 0  # statements since the last commit
         #: the volume failed (`FileSystem.fail`): nothing is committed any more, not
@@ -147,6 +154,38 @@ class Metadata:
         self._record: MetaRecorder | None = None
         if record is not None:
             self._record = MetaRecorder.start(self, record)
+
+    def _connect(self, read_only: bool) -> sqlite3.Connection:
+        if read_only:
+            wal = Path(f"{self.path}-wal").exists()
+            uri = (f"file:{urllib.parse.quote(str(self.path))}"
+                   f"?{'mode=ro' if wal else 'immutable=1'}")
+            db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                 check_same_thread=False)
+        else:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=OFF")
+            db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
+            db.execute("PRAGMA temp_store=MEMORY")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def reopen_writable(self) -> None:
+        """Go from a read-only connection to a writable one (a remount read-write:
+        the caller holds the volume's writer lock). Between two steps of the loop, no
+        transaction open: every read runs to its end within one step. sqlite3.Error
+        if SQLite cannot open it so; the read-only connection then stays."""
+        if not self.read_only:
+            return
+        db = self._connect(False)
+        old, self.db = self.db, db
+        self.read_only = False
+        old.close()
 
     @classmethod
     def create(cls, path: Path, *, uuid: str, root_uid: int, root_gid: int, now_ns: int,

@@ -605,20 +605,23 @@ def lazy_unmount(mountpoint: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def clean_dead_mount(volume: Path) -> str | None:
-    """If the daemon that last mounted `volume` died, unmount its dead mount point."""
+def clean_dead_mount(volume: Path, *, keep_state: bool = False) -> str | None:
+    """If the daemon that last mounted `volume` died, unmount its dead mount point;
+    its mount.json goes too, unless `keep_state` (a read-only mount: the volume still
+    was not unmounted, and says so to fsck until a read-write mount cleans it up)."""
     state = read_mount_state(volume)
     if not state:
         return None
     mp = state.get("mountpoint", "")
     m = mounted_fs(mp) if mp else None
+    cleaned = None
     if m and m[1] == "fuse.sluice" and mount_is_dead(mp):
         log.warning("cleaning up the dead mount at %s (daemon pid %s died)", mp, state.get("pid"))
         lazy_unmount(mp)
+        cleaned = mp
+    if not keep_state:
         clear_mount_state(volume)
-        return mp
-    clear_mount_state(volume)
-    return None
+    return cleaned
 
 
 def apply_priority(nice: int) -> str | None:
@@ -683,7 +686,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
     failures: list[str] = []
     async with contextlib.AsyncExitStack() as stack:
         vlock = stack.enter_context(VolumeLock(volume))
-        clean_dead_mount(volume)
+        # A read-only mount of a volume whose daemon died leaves it saying so (its
+        # mount.json, which fsck reads as "not unmounted": the crash's leftovers are
+        # then notes, not damage): put back at the unmount unless it went read-write.
+        dead_state = read_mount_state(volume) if opts.read_only else None
+        clean_dead_mount(volume, keep_state=opts.read_only)
         if not opts.read_only:
             vlock.hold_writer()  # else fsck may be checking it (a read-only mount)
         # Lab facilities (tests, fault and power-loss experiments), read here and only
@@ -711,7 +718,8 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                              record_dir=Path(record_dir) if record_dir else None,
                              pager_policy=opts.pager_policy, writeback=opts.writeback)
         stack.callback(kernel.close)
-        md = open_metadata(volume, record=Path(record_dir) if record_dir else None)
+        md = open_metadata(volume, record=Path(record_dir) if record_dir else None,
+                           read_only=opts.read_only)
 
         def _close_metadata() -> None:
             try:
@@ -774,7 +782,10 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
 
         def _clear_state() -> None:
             if clean_exit or not announced:
-                clear_mount_state(volume)
+                if dead_state is not None and not fs.recovered:
+                    write_mount_state(volume, **dead_state)
+                else:
+                    clear_mount_state(volume)
         stack.callback(_clear_state)
         try:
             async with trio.open_nursery() as nursery:

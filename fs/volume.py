@@ -218,7 +218,8 @@ def _mkfs(path: Path, *, size: int, block_size: int, profile: str, inodes: int |
 DB_FILES = (DB, DB + "-wal", DB + "-shm")
 
 
-def open_metadata(path: Path, *, record: Path | None = None) -> Metadata:
+def open_metadata(path: Path, *, record: Path | None = None,
+                  read_only: bool = False) -> Metadata:
     """The volume's metadata database, opened and checked: VolumeError (one line, naming
     meta.db) if it or its -wal or -shm is not a regular file (a symbolic link to a file
     elsewhere is never opened: SQLite would read it, write it and make a -wal beside
@@ -238,7 +239,7 @@ def open_metadata(path: Path, *, record: Path | None = None) -> Metadata:
             raise VolumeError(f"{path / name} is {kind}, not a regular file: refusing to "
                               "use it")
     try:
-        md = Metadata(path / DB, record=record)
+        md = Metadata(path / DB, record=record, read_only=read_only)
     except sqlite3.Error as exc:
         raise VolumeError(f"{path / DB}: cannot open the metadata database: {exc}") from None
     try:

@@ -64,6 +64,13 @@ class NotAllowed(PrincipalError):
     errno = _errno.EPERM
 
 
+class PrincipalsReadOnly(PrincipalError):
+    """The volume is read-only (mounted so, or failed): the principal tree, which is
+    stored in it, cannot change."""
+
+    errno = _errno.EROFS
+
+
 class QuotaExceeded(SluiceError):
     """The principal (or an ancestor) would go over a storage bank limit."""
 

@@ -80,6 +80,7 @@ from .banks import QuotaExceeded as QuotaExceeded
 from .banks import TooManyObjects as TooManyObjects
 from .banks import Usage as Usage
 from .banks import bank_node, root_banks
+from .errors import PrincipalsReadOnly
 from .processes import ProcessRegistry
 
 __all__ = ["DEFAULT_CAPS", "DEFAULT_CHILDREN", "DEFAULT_CONNECTIONS", "DEFAULT_COSTLY_RATE",
@@ -135,6 +136,9 @@ class PrincipalTable:
         #: neither saved nor listed until they hold storage, a child or banks of their
         #: own (a refused `sluice run`, a stat, must leave no principal behind)
         self._provisional: set[Principal] = set()
+        #: why the volume is read-only (its filesystem says so: a read-only mount, a
+        #: failure), or None: then add, set and remove are refused and nothing is saved
+        self.read_only: str | None = None
         #: called with a new bank snapshot after every change of the tree or a bank
         self._watchers: list[Callable[[BankTree], None]] = []
         #: uids whose `uid-N` name another principal holds (logged once each)
@@ -208,7 +212,7 @@ class PrincipalTable:
         self._next_id = max(next_id, max(self._by_id) + 1)
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or self.read_only is not None:
             return
         recs = []
         for p in self.walk():
@@ -343,8 +347,14 @@ class PrincipalTable:
             raise self._refuse_unseen(name, uid, verb)
         return p
 
+    def _writable(self) -> None:
+        if self.read_only is not None:
+            raise PrincipalsReadOnly(f"the volume is read-only ({self.read_only}): its "
+                                     "principals cannot be added, changed or removed")
+
     def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
             caller_uid: int) -> Principal:
+        self._writable()
         banks = banks.normalised()
         if not 0 <= owner_uid <= (1 << 32) - 2:  # as the table's loader checks it
             raise PrincipalError(f"bad owner uid {owner_uid}")
@@ -379,6 +389,7 @@ class PrincipalTable:
         return p
 
     def set(self, name: str, caller_uid: int, **changes: Any) -> Principal:
+        self._writable()
         p = self.get_for(name, caller_uid, "change",
                          may=lambda q, uid: q.parent is not None
                          and self._may_administer(q.parent, uid))
@@ -404,6 +415,7 @@ class PrincipalTable:
         that durable, and only then saves the table: pass `save=False`, so that a crash
         in between leaves the principal in place rather than its storage tagged with a
         removed id). Returns the principal that takes its storage, if any."""
+        self._writable()
         p = self.get_for(name, caller_uid, "remove",
                          may=lambda q, uid: q.parent is not None
                          and self._may_administer(q.parent, uid))

@@ -219,6 +219,76 @@ def test_a_read_only_mount_goes_read_write_and_cleans_up_then(tmp_path: Path,
     assert state["applied"] == "rw,nosuid,nodev,relatime" and state["refused"] is None
 
 
+
+def _store_files(vol: Path) -> dict[str, bytes | None]:
+    """The bytes of the volume's store files that a read-only mount must leave alone
+    (None: absent). Not the log, nor the WAL's index (-shm), which SQLite rebuilds."""
+    return {name: (vol / name).read_bytes() if (vol / name).exists() else None
+            for name in ("meta.db", "meta.db-wal", "mount.json", "device.img",
+                         "checksums", "principals.json", "volume.json")}
+
+
+def test_a_read_only_mount_of_a_crashed_volume_changes_nothing(tmp_path: Path,
+                                                               mount_factory) -> None:
+    """Probe 9, F6: a read-only mount of a volume whose daemon was killed checkpointed
+    the WAL into meta.db and removed it at unmount, and removed mount.json, so that
+    fsck then took the crash's legitimate leftovers for damage. Now the store files are
+    byte for byte what they were, the volume still says it was not unmounted, and what
+    was fsync'd is read from the WAL all the same."""
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mount_factory(vol)
+    data = os.urandom(100_000)
+    with open(m.path / "f", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())  # a durable commit: in meta.db-wal, not yet in meta.db
+    m.kill()
+    before = _store_files(vol)
+    assert before["meta.db-wal"] and before["mount.json"]
+    r = mount_factory(vol, "--read-only", name="ro")
+    assert (r.path / "f").read_bytes() == data
+    assert os.listdir(r.path) == ["f"]
+    r.stop()
+    assert _store_files(vol) == before
+    # a check changes nothing either, and sees a volume that was not unmounted
+    out = sluice("fsck", str(vol), check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _store_files(vol) == before
+    # the next read-write mount recovers it as after the crash
+    w = mount_factory(vol, name="rw")
+    assert (w.path / "f").read_bytes() == data
+    (w.path / "g").write_bytes(b"writable")
+    w.stop()
+    assert not (vol / "mount.json").exists()
+    assert sluice("fsck", str(vol)).stdout.strip().endswith(f"{vol}: clean")
+
+
+def test_a_read_only_mount_of_a_clean_volume_leaves_no_files(tmp_path: Path,
+                                                             mount_factory) -> None:
+    """Unmounted cleanly, a volume has no WAL; a read-only mount and a check leave none
+    (nor an index of one) behind, and a remount read-write still works."""
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mount_factory(vol)
+    (m.path / "f").write_bytes(b"kept")
+    m.stop()
+    names = sorted(os.listdir(vol))
+    before = _store_files(vol)
+    r = mount_factory(vol, "--read-only", name="ro")
+    assert (r.path / "f").read_bytes() == b"kept"
+    sluice("fsck", str(vol))
+    assert sorted(os.listdir(r.path)) == ["f"]
+    subprocess.run(["mount", "-o", "remount,rw", str(r.path)], check=True, timeout=60)
+    (r.path / "g").write_bytes(b"now writable")
+    assert (r.path / "g").read_bytes() == b"now writable"
+    subprocess.run(["mount", "-o", "remount,ro", str(r.path)], check=True, timeout=60)
+    r.stop()
+    assert sorted(os.listdir(vol)) == names
+    after = _store_files(vol)
+    assert after["meta.db"] != before["meta.db"]  # g was made
+    w = mount_factory(vol, "--read-only", name="ro2")
+    assert (w.path / "g").read_bytes() == b"now writable"
+    w.stop()
+    assert sorted(os.listdir(vol)) == names and _store_files(vol) == after
+
 def test_fsck_of_a_mounted_volume(tmp_path: Path, mount_factory) -> None:
     from fs.volume import checking_lock
     vol = make_volume(tmp_path / "vol", "64M")
@@ -471,3 +541,27 @@ def test_the_checkpoint_budget_is_probed_not_assumed(monkeypatch) -> None:
     assert checkpoint_budget_works()
     monkeypatch.setattr(pyfuse3._pyfuse3, "_CHECKPOINT", None)
     assert not checkpoint_budget_works()
+
+
+def test_principals_cannot_change_on_a_read_only_mount(tmp_path: Path,
+                                                       mount_factory) -> None:
+    """A read-only mount wrote principals.json for `principal add`, `set` and `rm`
+    (found at stop 24): each gets a one-line read-only error and the file stays as it
+    was; a remount read-write lets them change again."""
+    vol = make_volume(tmp_path / "vol", "64M")
+    m = mount_factory(vol)
+    sluice("principal", "add", str(m.path), "kept")
+    m.stop()
+    before = (vol / "principals.json").read_bytes()
+    r = mount_factory(vol, "--read-only", name="ro")
+    for args in (["add", str(r.path), "alice"], ["set", str(r.path), "kept", "--space", "1M"],
+                 ["rm", str(r.path), "kept"]):
+        out = sluice("principal", *args, check=False)
+        one_line_error(out, 1, "read-only")
+    assert (vol / "principals.json").read_bytes() == before
+    listed = sluice("principal", "ls", str(r.path)).stdout
+    assert "kept" in listed and "alice" not in listed
+    subprocess.run(["mount", "-o", "remount,rw", str(r.path)], check=True, timeout=60)
+    sluice("principal", "add", str(r.path), "alice")
+    r.stop()
+    assert "alice" in (vol / "principals.json").read_text()
