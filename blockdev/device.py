@@ -31,6 +31,7 @@ backing file is full) becomes DeviceFull, which the FUSE boundary answers with E
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import heapq
@@ -42,7 +43,7 @@ import stat
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
-from typing import ContextManager, Protocol, Sequence
+from typing import Callable, ContextManager, Iterator, Protocol, Sequence
 
 import numpy as np
 import trio
@@ -90,6 +91,26 @@ DISCARD_STEP_SECONDS = 1e-3
 #: got a request back early, inside the slack, lives at that time in the model: its
 #: next request cannot start before it)
 _task_model_time: ContextVar[float] = ContextVar("sluice_task_model_time", default=-math.inf)
+
+#: a check every read of the current task runs once the scheduler has let it go and
+#: just before the backing is read (`guard_reads`): one that raises stops the read
+#: with nothing of it read into the caller's buffer
+_read_guard: ContextVar[Callable[[], None] | None] = ContextVar("sluice_read_guard",
+                                                                 default=None)
+
+
+@contextlib.contextmanager
+def guard_reads(check: Callable[[], None]) -> Iterator[None]:
+    """While inside, every device read of this task runs `check()` after its wait for
+    the scheduler (a principal's I/O limit may hold it for seconds) and before its
+    data is read: the shim kernel checks there that a direct client's grant was not
+    revoked meanwhile, so that a read queued before a chmod cannot return what the
+    owner wrote after it (hostile probe 12, F2)."""
+    token = _read_guard.set(check)
+    try:
+        yield
+    finally:
+        _read_guard.reset(token)
 
 
 def _block_checksum(data: memoryview | bytes) -> int:
@@ -685,6 +706,9 @@ class BlockDevice:
         times = await self._serve(principal, block, count * bs, READ)
         if self._claims:
             await self._wait_landed(block, count)
+        guard = _read_guard.get()
+        if guard is not None:
+            guard()  # (no checkpoint from here to the backing's read)
         try:
             await self.data.read_into(block * bs, out)
         except OSError as exc:

@@ -202,13 +202,13 @@ class FileOps(ServerBase):
         if not n:  # (otherwise Kernel.read_into checks the rights)
             self.kernel.check(g, Rights.READ)
         if 0 < n <= SLICE_BYTES:  # one slice whatever the metadata does (a 4 KiB read)
-            await self.kernel.read_into(g, offset, buf[:n])
+            await self.kernel.read_into(g, offset, buf[:n], revocable=True)
             return n
         pos = 0
         while pos < n:
             quiet = trio.current_time() - self._metadata_seen >= METADATA_QUIET
             k = min(READ_SLICE if quiet else SLICE_BYTES, n - pos)
-            await self.kernel.read_into(g, offset + pos, buf[pos:pos + k])
+            await self.kernel.read_into(g, offset + pos, buf[pos:pos + k], revocable=True)
             pos += k
             if pos < n:
                 await self._yield_if_hogging()

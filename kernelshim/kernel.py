@@ -59,6 +59,7 @@ resume: what a commit exposes was on the device before it.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
@@ -67,7 +68,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 import trio
 
 from blockdev import (ROOT_PRINCIPAL, BankTree, BlockDevice, BlockNo, DeviceError,
-                      DeviceFull, FaultPlan, PrincipalId, RecordLog, SluiceError)
+                      DeviceFull, FaultPlan, PrincipalId, RecordLog, SluiceError, guard_reads)
 from pager import BYPASS_BLOCKS, Pager
 
 from .errors import BadRequest, NotAllocated, Sealed
@@ -510,9 +511,24 @@ class Kernel(GrantTable, LowerLayers):
         finally:
             self._leave(grant, epoch)
 
-    async def read_into(self, grant: Grant, offset: int, out: memoryview) -> int:
+    async def read_into(self, grant: Grant, offset: int, out: memoryview, *,
+                        revocable: bool = False) -> int:
         """Read len(out) bytes of the file at `offset` straight into `out` (a shared buffer:
-        no intermediate copy when `offset` is block-aligned). Returns len(out)."""
+        no intermediate copy when `offset` is block-aligned). Returns len(out).
+
+        `revocable` (a direct client's read): the grant is checked again by every
+        device read, once the scheduler lets it go and before its data is read
+        (`blockdev.guard_reads`). A read held at its principal's I/O limit while the
+        grant is revoked (the owner's chmod) then ends with GrantRevoked, and nothing
+        the owner writes after the revoke reaches `out`. The metadata server's own
+        reads through the mount are not: a truncate revokes and renews their grants
+        under them, and what they read is the file's all the same."""
+        if revocable:
+            with guard_reads(functools.partial(self.check, grant, Rights.READ)):
+                return await self._read_into(grant, offset, out)
+        return await self._read_into(grant, offset, out)
+
+    async def _read_into(self, grant: Grant, offset: int, out: memoryview) -> int:
         length = len(out)
         bs = self.block_size
         if offset % bs or offset < 0:

@@ -1,13 +1,12 @@
 """The data path: reads (through the pool, or around it for streams, overlaid with
 resident frames so they see dirty data), fills of missing blocks charged to the
 reader, read-ahead and drop-behind of sequential files, writes (into dirty frames,
-or through to the device keeping resident frames current), and discard of freed
-blocks after their write-back in flight. The concurrency rules (generations,
+or through to the device keeping resident frames current); blocks whose newest
+contents a dropped discardable frame held read as zeros, never from the device
+(`FrameTable._lost`). Freed blocks: pager/freeing.py. The concurrency rules (generations,
 FILLING, `_redirty`) are in docs/dev/invariants.md ("Pager")."""
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import trio
 
@@ -56,10 +55,17 @@ class DataPath(Reclaim):
             i = b - block
             view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
         self.bypassed += count - len(resident)
+        skip: list[int] = resident
+        lost = self._lost_in(block, count)
+        if lost:  # zeros, never read from the device (FrameTable._lost)
+            for b in lost:
+                i = b - block
+                view[i * bs:(i + 1) * bs] = bytes(bs)
+            skip = sorted({*resident, *lost})
         # The runs between them are read from the device (decided before the first
         # checkpoint, as the copies above were made).
         lo: int = block
-        for stop in (*resident, block + count):
+        for stop in (*skip, block + count):
             if stop > lo:
                 first, n = lo - block, stop - lo
                 await self.device.read_into(BlockNo(lo), n,
@@ -157,11 +163,28 @@ class DataPath(Reclaim):
                         self._ref_m[f] = True
                     done += 1
                 k = 0
+                lost = self._lost
                 while k < len(mine):
+                    i0 = mine[k][0]
+                    if lost and block + i0 in lost:
+                        # its newest contents were dropped: zeros, not the device's
+                        # older ones (FrameTable._lost)
+                        _, f, g = mine[k]
+                        view[i0 * bs:(i0 + 1) * bs] = bytes(bs)
+                        if gen[f] == g:
+                            if state[f] == FILLING:
+                                mem[f * bs:(f + 1) * bs] = bytes(bs)
+                                state[f] = CLEAN
+                            else:  # written meanwhile: the frame is newer
+                                view[i0 * bs:(i0 + 1) * bs] = mem[f * bs:(f + 1) * bs]
+                        self._wake_io()
+                        k += 1
+                        continue
                     m = k + 1
-                    while m < len(mine) and mine[m][0] == mine[m - 1][0] + 1:
+                    while m < len(mine) and mine[m][0] == mine[m - 1][0] + 1 and not (
+                            lost and block + mine[m][0] in lost):
                         m += 1
-                    i0, n = mine[k][0], m - k
+                    n = m - k
                     dv = view[i0 * bs:(i0 + n) * bs]
                     await self.device.read_into(BlockNo(block + i0), n, dv,
                                                 principal=PrincipalId(p))
@@ -186,7 +209,10 @@ class DataPath(Reclaim):
             for i in waits:
                 b = block + i
                 dv = view[i * bs:(i + 1) * bs]
-                await self.device.read_into(BlockNo(b), 1, dv, principal=PrincipalId(p))
+                if b in self._lost:
+                    dv[:] = bytes(bs)
+                else:
+                    await self.device.read_into(BlockNo(b), 1, dv, principal=PrincipalId(p))
                 f = where.get(b)  # no checkpoint since the read: a newer frame wins
                 if f is not None and state[f] != FILLING:
                     dv[:] = mem[f * bs:(f + 1) * bs]
@@ -249,6 +275,7 @@ class DataPath(Reclaim):
         state = self._state_m
         disc = self._disc_m
         hinted = self._hinted
+        lost = self._lost
         now = trio.current_time()
         limit = self._dirty_limit(p)
         acct = self._acct_of(p)
@@ -284,6 +311,8 @@ class DataPath(Reclaim):
                     if file:
                         self._retag(f, file, fblock + i)
                 mem[f * bs:(f + 1) * bs] = mv[i * bs:(i + 1) * bs]
+                if lost:
+                    lost.discard(b)  # (its newest contents are in the frame again)
                 st = state[f]
                 if st == DIRTY or st == WRITEBACK:
                     if self._dirtier_m[f] != p:
@@ -341,8 +370,10 @@ class DataPath(Reclaim):
             # there was no checkpoint since): acknowledged now, on the device before the
             # next flush (pager/writeback.py).
             self._start_write_behind(block, mv, p)
+            self._not_lost(block, count)  # (reads wait until it has landed)
             return
         await self.device.write(BlockNo(block), mv, principal=PrincipalId(p))
+        self._not_lost(block, count)
         # No checkpoint from here on: frames end up equal to what the device holds.
         bs = self.block_size
         where = self._where
@@ -370,52 +401,3 @@ class DataPath(Reclaim):
                 # (write-back: a frame dirtied by a racing write and sent meanwhile) its
                 # write-back may land after ours: write it again, with these bytes
                 self._redirty_m[f] = True
-
-    async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
-        """Forget freed blocks: wait for their write-back in flight (so it cannot land
-        after the hole punch), drop their frames (dirty ones unwritten), discard them on
-        the device."""
-        await self.discard_runs([(block, count)], principal=principal)
-
-    async def discard_runs(self, runs: Sequence[tuple[int, int]], *,
-                           principal: PrincipalId) -> None:
-        """`discard` of every (block, count) of `runs` (sorted by block, not overlapping),
-        as one device request (`BlockDevice.discard_runs`): a commit frees many
-        scattered blocks at once."""
-        await self.forget_runs(runs, principal=principal)
-        await self.device.discard_runs(runs, principal=principal)
-
-    async def forget_runs(self, runs: Sequence[tuple[int, int]], *,
-                          principal: PrincipalId) -> None:
-        """Drop the frames of freed blocks (`runs` sorted by block, not overlapping)
-        once no write-back of theirs is in flight, dirty ones unwritten, and leave the
-        blocks' contents on the device: `discard_runs` without the hole punch, for
-        freed blocks kept for reuse (the metadata server's reaper). A write that reuses
-        one then finds no frame of the old contents, and none of theirs is written back
-        over it. (Traced as a discard: to the pager, the blocks' contents are gone.)"""
-        if self._tw is not None:
-            for block, count in runs:
-                self._trace_op(tr.DISCARD, principal, block, count, 0, 0)
-        where = self._where
-        if where:
-            state, pin = self._state_m, self._pin_m
-            while True:
-                busy = False
-                for block, count in runs:
-                    for b in range(block, block + count):
-                        f = where.get(b)
-                        if f is not None and (state[f] == WRITEBACK or pin[f]):
-                            busy = True
-                            break
-                    if busy:
-                        break
-                if not busy:
-                    break
-                await self._io_done.park()
-            # no checkpoint from the check above to the unmap (nor, in
-            # `discard_runs`, to the device discard's start)
-            for block, count in runs:
-                for b in range(block, block + count):
-                    f = where.get(b)
-                    if f is not None:
-                        self._unmap(f)

@@ -134,6 +134,15 @@ class FrameTable:
         self._pq_order: dict[int, list[Sieve]] = {}
         self._where: dict[int, int] = {}
         self._free = list(range(n - 1, -1, -1))
+        #: device blocks whose newest contents were only in a dirty discardable frame
+        #: that was dropped (`_drop_discardable_file`): the device still holds what was
+        #: there before — under write-back, for a block a relocation took from those
+        #: another file freed and the reaper kept for reuse, that file's old bytes.
+        #: Until the block is written again (`_written_again`) or freed, every read
+        #: of it gives zeros and none reads it from the device (datapath.py), so the
+        #: old bytes never reach a reader's buffer (hostile probe 12, F1). At most one
+        #: entry per dropped frame; freeing or writing the block takes it out.
+        self._lost: set[int] = set()
         self._acct: dict[int, _Acct] = {}
         self.hits = self.misses = self.bypassed = self.evictions = 0
         self._epoch = 1

@@ -12,7 +12,7 @@ from blockdev import PrincipalId
 
 from . import trace as tr
 from .cache import CLEAN, DIRTY, FREE
-from .datapath import DataPath
+from .freeing import Freeing
 from .policy import NIL
 
 #: range hints (advise priority/discardable) kept per file and principal; older ones
@@ -22,7 +22,7 @@ MAX_RANGE_HINTS = 64
 SCAN_BLOCKS = 1024
 
 
-class Hints(DataPath):
+class Hints(Freeing):
     """set_file_hints, advise, forget_file."""
 
     def set_file_hints(self, file: int, *, priority: int | None = None,

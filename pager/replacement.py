@@ -48,18 +48,38 @@ class Replacement(Aging):
         """A dirty discardable frame goes: so do its file's other dirty discardable
         frames (the file is lost as a whole), and the file is reported."""
         file = int(self._file_m[f])
+        lost = self._lost
+        lost.add(int(self._frame_block_m[f]))  # (its data is gone: see FrameTable)
         self._unmap(f)
         if file:
             others = np.flatnonzero((self._file == file) & (self._state == DIRTY)
                                     & self._disc & (self._pin == 0))
             for g in others.tolist():
                 self._acct_of(int(self._owner_m[g])).discarded += 1
+                lost.add(int(self._frame_block_m[g]))
                 self._unmap(g)
             if self.on_discarded is not None:
                 try:
                     self.on_discarded(file)
                 except Exception:
                     log.exception("on_discarded(%d) failed", file)
+
+    def _lost_in(self, block: int, count: int) -> list[int]:
+        """The blocks of the range whose newest contents were dropped (sorted)."""
+        lost = self._lost
+        if not lost:
+            return []
+        if len(lost) < count:
+            return sorted(b for b in lost if block <= b < block + count)
+        return [b for b in range(block, block + count) if b in lost]
+
+    def _not_lost(self, block: int, count: int) -> None:
+        """The range's blocks were written again, or freed: the device's contents are
+        theirs from now on (FrameTable._lost)."""
+        lost = self._lost
+        if lost:
+            for b in self._lost_in(block, count):
+                lost.discard(b)
 
     def _idle(self, f: int) -> bool:
         """A discardable frame whose file has not been touched for the last

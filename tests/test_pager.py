@@ -686,6 +686,62 @@ async def test_discardable_dirty_file_is_dropped_whole_without_writeback(device:
     check_invariants(p)
 
 
+@pytest.mark.parametrize("how", ["dontneed", "reclaim"])
+@pytest.mark.parametrize("span", [1, 4, BYPASS_BLOCKS + 8])
+async def test_a_dropped_dirty_frame_never_shows_the_blocks_older_contents(
+        device: BlockDevice, how: str, span: int) -> None:
+    """Probe 12, F1: under write-back, a discardable file's overwrite goes into a block
+    that another file freed and whose old bytes are still on the device (a relocation
+    into a kept block); dropping the dirty frame left the device's old bytes to every
+    read of the block until the file was emptied: another tenant's data. A dropped
+    block reads as zeros until it is written again, through a small read, a large one
+    (around the pool), a read-ahead and a partial block's merge alike, and nothing of
+    the old bytes reaches the reader's buffer even for a moment."""
+    old = b"SECRET-B" * (BS // 8)
+    await device.write(8, old * 40, principal=P0)  # the other tenant's freed blocks
+    p = Pager(device, nframes=max(8, span + 8), policy="hinted", writeback=True)
+    p.set_file_hints(9, discardable=True)
+    await p.write(8, blk(1, 4), principal=P1, file=9, fblock=0)  # relocated there
+    if how == "dontneed":
+        await p.advise(9, [(0, 8, 4)], principal=P1, dontneed=True)
+    else:
+        for b in [*range(60, 126, 2)] * 2:  # the file goes idle; pressure from reads
+            await p.read(b, 2, principal=P1, file=3, fblock=b)
+    assert not any(b in p._where for b in range(8, 12))
+    assert dev_writes(device, P1) == 0  # dropped, never written
+
+    got = await p.read(8, span, principal=P2, file=9)
+    n = min(span, 4) * BS
+    assert bytes(got[:n]) == bytes(n)  # zeros, not the old bytes
+    assert bytes(got[n:]) == (old * 40)[:len(got) - n]  # (blocks never dropped)
+    # the reader's buffer never held them (a direct client's shared buffer is read
+    # by the client while the daemon fills it): the device is not read for them
+    reads: list[tuple[int, int]] = []
+    real = device.read_into
+
+    async def spy(block, count, view, *, principal):
+        reads.append((int(block), count))
+        await real(block, count, view, principal=principal)
+    device.read_into = spy  # type: ignore[method-assign]
+    try:
+        await p.advise(9, [(0, 8, 4)], principal=P2, dontneed=True)
+        got = await p.read(8, span, principal=P2, file=9)
+    finally:
+        del device.read_into
+    assert not any(b <= blkno < b + n for b, n in reads for blkno in range(8, 12)), reads
+    assert bytes(got[:n]) == bytes(n)
+    # written again (freed and reused by a file kept whole), the block reads what was
+    # written, from its frame and from the device
+    await p.write(9, blk(5), principal=P1, file=10, fblock=0)
+    assert bytes(await p.read(9, 1, principal=P2, file=10)) == blk(5)
+    await p.flush()
+    assert p._lost == {8, 10, 11}
+    assert await device.read(9, 1, principal=P0) == blk(5)
+    await p.forget_runs([(8, 1), (10, 2)], principal=P0)  # freed: no map reads them
+    assert not p._lost
+    check_invariants(p)
+
+
 async def test_without_hints_the_same_dirty_pages_are_written_back(device: BlockDevice) -> None:
     p = Pager(device, nframes=8, policy="principal", writeback=True)
     p.set_file_hints(9, discardable=True)  # recorded, ignored by `principal`
