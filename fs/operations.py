@@ -33,8 +33,8 @@ from kernelshim.principals import Principal
 from .errors import NotFound
 from .invalidator import Invalidator
 from .filesystem import Caller, FileSystem, Inode
+from .xattrs import CONTROL_XATTR
 
-CONTROL_XATTR = b"user.sluice.control"
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 #: file capabilities (setcap): refused, see `setxattr`

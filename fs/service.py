@@ -62,6 +62,22 @@ def _may_follow(directory: Inode, link: Inode, caller: Caller) -> None:
                            "(protected_symlinks)")
 
 
+def _may_create_in_sticky(directory: Inode, node: Inode, caller: Caller) -> None:
+    """Linux's fs.protected_regular=1 (fs/namei.c `may_create_in_sticky`), which FUSE
+    opens get from the kernel when the host sets it (systemd's default), here whatever
+    the host's setting, as `_may_follow`: an O_CREAT open of an existing regular file
+    in a sticky world-writable directory, owned by neither the opener nor the
+    directory's owner, is EACCES — root included. It stops a tenant who plants a file
+    in a shared directory from taking in what another's open(path, "w") writes
+    (hostile probe 12, L2)."""
+    if caller.uid == node.uid or directory.uid == node.uid:
+        return
+    if directory.mode & (stat.S_ISVTX | stat.S_IWOTH) != stat.S_ISVTX | stat.S_IWOTH:
+        return
+    raise PermissionDenied("O_CREAT open of a file in a sticky world-writable directory, "
+                           "owned by neither the opener nor the directory's owner "
+                           "(protected_regular)")
+
 
 #: what an access mask asks for, in words
 _MASK_WORDS = ((os.R_OK, "read"), (os.W_OK, "write"), (os.X_OK, "search"))
@@ -198,6 +214,8 @@ class DirectService:
                 raise IsADirectory(f"{path}: is a directory")
             if not node.is_reg:
                 raise InvalidArgument(f"{path}: not a regular file")
+            if flags & os.O_CREAT:
+                _may_create_in_sticky(parent, node, caller)
             mask = (os.R_OK if readable else 0) | (os.W_OK if writable or flags & os.O_TRUNC
                                                     else 0)
             _access(fs, node, mask, caller, path)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
 
-from .errors import Exists, InvalidArgument, NoData, NoSpace, NotSupported, OutOfRange, TooBig
+from .errors import (Exists, InvalidArgument, NoData, NoSpace, NotPermitted, NotSupported,
+                     OutOfRange, TooBig)
 from .inodes import Inode, now_ns
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ HINT_PREFIX = b"user.sluice."
 #: cache mode: "kernel" (the kernel's page cache, for shared mmap) or "pager" (direct
 #: I/O, every read and write reaches the pager; "direct" is its older name)
 CACHE_XATTR = b"user.sluice.cache"
+#: answered by the daemon at the mount's root (the control socket), kept nowhere
+CONTROL_XATTR = b"user.sluice.control"
 CACHE_MODES = (b"pager", b"direct", b"kernel")
 
 
@@ -81,7 +84,12 @@ def xattr_cost(name: bytes, value: bytes) -> int:
 
 
 def check_hint_xattr(name: bytes, value: bytes) -> None:
-    """Refuse a bad value of one of sluice's own hint xattrs (EINVAL)."""
+    """Refuse a bad value of one of sluice's own hint xattrs (EINVAL), and the name the
+    mount's root answers with its control socket (EPERM: a tenant's directory naming
+    a socket of its own would take in clients pointed at it; hostile probe 12, L1)."""
+    if name == CONTROL_XATTR:
+        raise NotPermitted("user.sluice.control is sluice's own: the mount's root "
+                           "answers it with the volume's control socket")
     if name == DISCARDED_XATTR:
         if value != b"1":
             raise InvalidArgument("user.sluice.discarded is a mark: its value is 1")
@@ -151,7 +159,7 @@ class Xattrs:
     def getxattr(self: FileSystem, ino: int, name: bytes) -> bytes:
         self._check_xattr_name(name)
         node = self.inode(ino)
-        if node.xattr_bytes == 0:
+        if node.xattr_bytes == 0 or name == CONTROL_XATTR:  # (one kept before: not shown)
             raise NoData(f"no xattr {name!r}")
         v = self.md.get_xattr(ino, name, limit=XATTR_SIZE_MAX)
         if v is None:
@@ -215,11 +223,13 @@ class Xattrs:
 
     def listxattr(self: FileSystem, ino: int) -> list[bytes]:
         self.inode(ino)
-        return self.md.list_xattrs(ino)
+        return [n for n in self.md.list_xattrs(ino) if n != CONTROL_XATTR]
 
     def removexattr(self: FileSystem, ino: int, name: bytes) -> None:
         self._writable()
         self._check_xattr_name(name)
+        if name == CONTROL_XATTR:
+            check_hint_xattr(name, b"")  # (NotPermitted)
         node = self.inode(ino)
         old = self.md.get_xattr(ino, name)
         if old is None or not self.md.remove_xattr(ino, name):

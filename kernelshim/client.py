@@ -53,6 +53,7 @@ import logging
 import mmap
 import os
 import socket
+import stat
 import threading
 import time
 from typing import Any, AsyncIterator, Callable, Collection
@@ -80,10 +81,54 @@ _MSG_DONTWAIT = socket.MSG_DONTWAIT
 _ANCBUFSIZE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
-def control_socket(mountpoint: str | os.PathLike[str]) -> str:
-    """The control socket of the volume mounted at `mountpoint`."""
+def _mountinfo_path(field: str) -> str:
+    """A path of /proc/self/mountinfo, its octal escapes (\\040 for a space) undone."""
+    if "\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    raw = os.fsencode(field)
+    while i < len(raw):
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def sluice_mount_owner(path: str | os.PathLike[str]) -> int | None:
+    """The uid that mounted the sluice volume whose mount point `path` is (FUSE's
+    `user_id=`), or None if `path` is not the root of a fuse.sluice mount (the last
+    mount over it counts, as the kernel's lookup sees it)."""
+    real = os.path.realpath(path)
+    owner: int | None = None
     try:
-        return os.getxattr(mountpoint, CONTROL_XATTR).decode()
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if not sep or len(fields) < 5 or _mountinfo_path(fields[4]) != real:
+                    continue
+                tail = right.split()
+                owner = None
+                if len(tail) >= 3 and tail[0] == "fuse.sluice":
+                    for opt in tail[2].split(","):
+                        if opt.startswith("user_id=") and opt[8:].isdigit():
+                            owner = int(opt[8:])
+    except OSError:
+        return None
+    return owner
+
+
+def control_socket(mountpoint: str | os.PathLike[str]) -> str:
+    """The control socket of the volume mounted at `mountpoint`: what its root's
+    `user.sluice.control` names, believed only at the root of a fuse.sluice mount and
+    for a socket the mount's owner owns (a tenant's directory, in the volume or on the
+    host, naming a socket of its own would take in whoever is pointed at it: hostile
+    probe 12, L1)."""
+    try:
+        sock = os.getxattr(mountpoint, CONTROL_XATTR).decode()
     except OSError as exc:
         # In words, not the errno's: ENODATA/ENOTSUP only say the attribute is missing.
         if exc.errno == errno.ENOTCONN:
@@ -97,6 +142,19 @@ def control_socket(mountpoint: str | os.PathLike[str]) -> str:
             why = (f"{mountpoint} is not a mounted sluice volume "
                    f"({os.strerror(exc.errno or 0)})")
         raise OSError(exc.errno, why) from None
+    owner = sluice_mount_owner(mountpoint)
+    if owner is None:
+        raise OSError(errno.ENOTSUP, f"{mountpoint} is not a mounted sluice volume (not "
+                      "the root of a sluice mount)")
+    try:
+        st = os.stat(sock)
+    except (OSError, ValueError) as exc:
+        raise OSError(errno.ENOENT, f"{mountpoint}: its control socket {sock!r} is "
+                      f"missing ({exc})") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != owner:
+        raise OSError(errno.EPERM, f"{mountpoint}: {sock!r} is not a socket of the "
+                      f"mount's daemon (uid {owner}): not connecting")
+    return sock
 
 
 def _close_fds(fds: list[int]) -> None:

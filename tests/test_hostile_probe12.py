@@ -75,3 +75,81 @@ async def test_a_read_held_at_its_limit_does_not_outlive_its_grants_revoke(
         assert b"SECRET-D" not in buf
     else:  # the mount's own reads go on (their grants are renewed under them)
         assert outcome == [BS]
+
+
+# -- L1: the control socket is found only at a sluice mount's root ----------------------
+
+@pytest.mark.mounted
+def test_the_control_xattr_is_reserved_and_found_only_at_a_mount_root(
+        mnt: Path, tmp_path: Path) -> None:
+    """A tenant set `user.sluice.control` on its own directory (in the volume, or on the
+    host) naming a socket of its own; root's `sluice stats` of that directory then
+    talked to the tenant's fake daemon. The name is now sluice's alone in the volume,
+    and the client believes it only at the root of a fuse.sluice mount, naming a socket
+    its daemon's user owns."""
+    import errno
+    import os
+    import socket as socketmod
+
+    from kernelshim.client import CONTROL_XATTR, control_socket
+    real = control_socket(mnt)
+    assert real.endswith(".sock")
+    d = mnt / "u1"
+    d.mkdir()
+    for target in (d, mnt):
+        with pytest.raises(OSError) as ei:
+            os.setxattr(target, CONTROL_XATTR, b"/tmp/fake.sock")
+        assert ei.value.errno == errno.EPERM
+        with pytest.raises(OSError) as ei:
+            os.removexattr(target, CONTROL_XATTR)
+        assert ei.value.errno in (errno.EPERM, errno.ENODATA)
+    assert control_socket(mnt) == real
+    with pytest.raises(OSError, match="not a mounted sluice volume"):
+        control_socket(d)
+    # a host directory that names a socket: not a sluice mount at all
+    host = tmp_path / "fake"
+    host.mkdir()
+    fake = socketmod.socket(socketmod.AF_UNIX)
+    fake.bind(str(tmp_path / "fake.sock"))
+    try:
+        os.setxattr(host, CONTROL_XATTR, str(tmp_path / "fake.sock").encode())
+    except OSError:
+        pytest.skip("the host's tmp filesystem takes no user xattrs")
+    finally:
+        fake.close()
+    with pytest.raises(OSError, match="not a mounted sluice volume"):
+        control_socket(host)
+
+
+# -- L2: protected_regular on the direct path ----------------------------------------------
+
+@pytest.mark.mounted
+def test_a_direct_create_open_of_a_planted_file_in_a_sticky_directory_is_refused(
+        mnt: Path) -> None:
+    """Linux's fs.protected_regular=1 (fs/namei.c `may_create_in_sticky`), as the direct
+    path already has protected_symlinks: an O_CREAT open of an existing regular file in a
+    sticky world-writable directory, owned by neither the opener nor the directory's
+    owner, is EACCES (root included) — a victim's open(path, "w") would otherwise write
+    into a file a tenant planted there to read it. Without O_CREAT, or for the
+    opener's own files or the directory owner's, it opens as before."""
+    import os
+
+    from kernelshim.client import Client
+    pub = mnt / "pub"
+    pub.mkdir()
+    os.chmod(pub, 0o1777)
+    planted = pub / "report.txt"
+    planted.write_bytes(b"")
+    os.chmod(planted, 0o666)
+    os.chown(planted, 1000, 1000)
+    mine = pub / "mine.txt"
+    mine.write_bytes(b"root's")
+    with Client.connect(mnt) as c:
+        for mode in ("w", "a", "a+", "w+"):
+            with pytest.raises(PermissionError):
+                c.open("pub/report.txt", mode)
+        with c.open("pub/report.txt", "r+") as f:  # no O_CREAT: as Linux
+            f.write(b"fine")
+        with c.open("pub/mine.txt", "w") as f:
+            f.write(b"mine")
+    assert planted.read_bytes() == b"fine" and mine.read_bytes() == b"mine"
