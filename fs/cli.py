@@ -494,6 +494,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
             # Unmounted, but the volume failed while mounted (it turned read-only) or
             # its last commit failed: the daemon's last log line says so; so do we.
             raise CliError(f"unmounted {mp}, but {failed}")
+        after = vol.read_mount_state(volume)
+        if after is not None and after.get("pid") == pid:
+            # A daemon that exits cleanly removes its mount.json (or, mounted read-only
+            # over a crash, puts the dead one's back): this one died before it had
+            # saved the volume — killed, or already dead (hostile probe 13, F3).
+            raise CliError(f"unmounted {mp}, but its daemon (pid {pid}) died before it "
+                           "finished saving the volume: what was not fsync'd may be "
+                           "lost, and the next mount of the volume recovers it")
     return 0
 
 

@@ -24,6 +24,7 @@ from .metadata import ChangeMarks
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
+    from .inodes import Inode
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,28 @@ class Transactions:
         start (the volume is left as the crash left it)."""
         return self._recovered
 
+    def _listed_files(self: FileSystem, listed: list[int]) -> list[Inode]:
+        """The regular files with a name among the inodes of the unflushed list."""
+        out = []
+        for ino in listed:
+            try:
+                node = self.inode(ino)
+            except SluiceError:
+                continue
+            if node.is_reg and node.nlink:
+                out.append(node)
+        return out
+
+    def serve_listed_empty(self: FileSystem) -> None:
+        """A read-only mount: the files the last commit listed as unflushed read as the
+        crash cleanup would leave them — empty — in memory only (discarded: size 0, no
+        data, through the mount and the direct path), since their blocks may hold
+        zeros or a kept block's previous owner's bytes (hostile probe 13, F1). A
+        remount read-write empties and marks them (`_recover`)."""
+        listed = unflushed_list(self.md.meta(UNFLUSHED_KEY)) or []
+        self._unflushed_saved = frozenset(listed)
+        self.discarded.update(n.id for n in self._listed_files(listed))
+
     async def _recover(self: FileSystem) -> None:
         """What a crash left: orphans and uncommitted write layouts (at the first
         read-write mount or remount)."""
@@ -142,18 +165,18 @@ class Transactions:
             listed = []
         # What is stored: the next commit replaces it (with what is unflushed then).
         fs._unflushed_saved = frozenset(listed)
-        for ino in listed:
-            try:
-                node = fs.inode(ino)
-            except SluiceError:
-                continue
-            if node.is_reg and node.nlink:
-                log.info("inode %d: emptied (a discardable file whose data was not on the "
-                         "device at the crash)", node.id)
-                # listed as discarded until marked (`_empty_locked`): a commit while the
-                # emptying waits for old grants keeps it on the unflushed list (R7)
-                fs.discarded.add(node.id)
-                async with fs._lock(node):
+        # Every one is discarded until emptied and marked (`_empty_locked`), all of them
+        # before the first is emptied: a commit meanwhile (a remount read-write runs
+        # this with the timer commit going) keeps those not yet done on the list (R7;
+        # hostile probe 13, F2), and they read as empty, and are emptied before any
+        # write lands in them (`_undiscard_locked`).
+        todo = fs._listed_files(listed)
+        fs.discarded.update(n.id for n in todo)
+        for node in todo:
+            log.info("inode %d: emptied (a discardable file whose data was not on the "
+                     "device at the crash)", node.id)
+            async with fs._lock(node):
+                if node.id in fs.discarded:  # (not emptied meanwhile by a write)
                     await fs._empty_locked(node, mark=True)
         # Blocks past EOF: write layouts a direct client never committed before the
         # daemon stopped (its close would have trimmed them), a KEEP_SIZE

@@ -190,6 +190,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         fs._recount_usage()
         if read_only:
             fs.set_read_only("mounted read-only")
+            fs.serve_listed_empty()
             return fs
         await fs._recover()
         return fs

@@ -264,12 +264,18 @@ class DirectService:
         await self.fs.before_direct_change(grant)
 
     def size_of(self, grant: Grant) -> int:
+        # A discarded file (dropped by the pager, or listed unflushed on a read-only
+        # mount) reads as empty, size 0, as through the mount (Operations getattr).
+        if grant.inode in self.fs.discarded:
+            return 0
         return self.fs.inode(grant.inode).size
 
     def stat_of(self, grant: Grant) -> dict[str, Any]:
         n = self.fs.inode(grant.inode)
-        return {"inode": n.id, "size": n.size, "mode": n.mode, "uid": n.uid, "gid": n.gid,
-                "nlink": n.nlink, "blocks": n.blocks, "mtime_ns": n.mtime_ns,
+        gone = n.id in self.fs.discarded
+        return {"inode": n.id, "size": 0 if gone else n.size, "mode": n.mode, "uid": n.uid,
+                "gid": n.gid, "nlink": n.nlink, "blocks": 0 if gone else n.blocks,
+                "mtime_ns": n.mtime_ns,
                 "ctime_ns": n.ctime_ns, "atime_ns": n.atime_ns, "rights": int(grant.rights)}
 
     async def fsync(self, grant: Grant) -> None:
