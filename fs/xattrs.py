@@ -159,6 +159,8 @@ class Xattrs:
     def getxattr(self: FileSystem, ino: int, name: bytes) -> bytes:
         self._check_xattr_name(name)
         node = self.inode(ino)
+        if name == DISCARDED_XATTR and ino in self.discarded:
+            return b"1"  # (reads as empty already: marked as the emptying will mark it)
         if node.xattr_bytes == 0 or name == CONTROL_XATTR:  # (one kept before: not shown)
             raise NoData(f"no xattr {name!r}")
         v = self.md.get_xattr(ino, name, limit=XATTR_SIZE_MAX)
@@ -223,7 +225,10 @@ class Xattrs:
 
     def listxattr(self: FileSystem, ino: int) -> list[bytes]:
         self.inode(ino)
-        return [n for n in self.md.list_xattrs(ino) if n != CONTROL_XATTR]
+        names = [n for n in self.md.list_xattrs(ino) if n != CONTROL_XATTR]
+        if ino in self.discarded and DISCARDED_XATTR not in names:
+            names.append(DISCARDED_XATTR)  # (as getxattr answers it)
+        return names
 
     def removexattr(self: FileSystem, ino: int, name: bytes) -> None:
         self._writable()

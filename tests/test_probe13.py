@@ -68,6 +68,8 @@ async def test_a_read_only_mount_serves_listed_files_empty(tmp_path: Path) -> No
         for ino in inos:
             assert ino in fs.discarded
             assert await read_file(fs, ino) == b""
+            assert fs.getxattr(ino, b"user.sluice.discarded") == b"1"  # (not stored)
+            assert b"user.sluice.discarded" in fs.listxattr(ino)
             g = fs.grant_direct(fs.inode(ino), True, False, CALLER)
             try:
                 assert service.size_of(g) == 0 and service.stat_of(g)["size"] == 0
