@@ -11,6 +11,7 @@ from .backing import FileBacking as FileBacking
 from .backing import reserve_space as reserve_space
 from .checksums import ChecksumStore as ChecksumStore
 from .device import BlockDevice as BlockDevice
+from .device import check_read_guard as check_read_guard
 from .device import guard_reads as guard_reads
 from .device import DeviceGeometry as DeviceGeometry
 from .device import DeviceStatistics as DeviceStatistics

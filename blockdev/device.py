@@ -99,6 +99,14 @@ _read_guard: ContextVar[Callable[[], None] | None] = ContextVar("sluice_read_gua
                                                                  default=None)
 
 
+def check_read_guard() -> None:
+    """Run the current task's read guard, if any (`guard_reads`): for a cache above
+    the device that hands out data it holds, after any wait of its own."""
+    guard = _read_guard.get()
+    if guard is not None:
+        guard()
+
+
 @contextlib.contextmanager
 def guard_reads(check: Callable[[], None]) -> Iterator[None]:
     """While inside, every device read of this task runs `check()` after its wait for

@@ -373,6 +373,8 @@ class Transactions:
                         self._reap.remove(f)
                 self.reaping_blocks -= blocks
                 if runs:
+                    if not self.discard_freed:
+                        self.kernel.released_unforgotten(runs)
                     self.alloc.release_now(runs)
                 if keep:
                     self.alloc.keep(keep)

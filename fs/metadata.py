@@ -164,8 +164,9 @@ class Metadata:
                                  check_same_thread=False)
         else:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
         try:
+            if not read_only:
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=OFF")
             db.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache

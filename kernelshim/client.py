@@ -123,8 +123,8 @@ def sluice_mount_owner(path: str | os.PathLike[str]) -> int | None:
 
 def control_socket(mountpoint: str | os.PathLike[str]) -> str:
     """The control socket of the volume mounted at `mountpoint`: what its root's
-    `user.sluice.control` names, believed only at the root of a fuse.sluice mount and
-    for a socket the mount's owner owns (a tenant's directory, in the volume or on the
+    `user.sluice.control` names, believed only at the root of a fuse.sluice mount made
+    by root or by the caller, and for a socket the mount's owner owns (a tenant's directory, in the volume or on the
     host, naming a socket of its own would take in whoever is pointed at it: hostile
     probe 12, L1)."""
     try:
@@ -146,6 +146,12 @@ def control_socket(mountpoint: str | os.PathLike[str]) -> str:
     if owner is None:
         raise OSError(errno.ENOTSUP, f"{mountpoint} is not a mounted sluice volume (not "
                       "the root of a sluice mount)")
+    if owner not in (0, os.geteuid()):
+        # Any user may mount a FUSE filesystem of its own calling itself sluice (on a
+        # directory it owns, even inside a volume): as FUSE trusts a user's daemon
+        # only for that user, so does this client (review of stop 24, C).
+        raise OSError(errno.EPERM, f"{mountpoint} is uid {owner}'s own mount: its "
+                      f"daemon is trusted by uid {owner} only")
     try:
         st = os.stat(sock)
     except (OSError, ValueError) as exc:

@@ -953,6 +953,12 @@ class Kernel(GrantTable, LowerLayers):
         if merged:
             await self.pager.discard_runs(merged, principal=principal)
 
+    def released_unforgotten(self, runs: Sequence[tuple[int, int]]) -> None:
+        """Freed device blocks given back without `discard` or `forget` (their frames
+        and contents stay as they are): the pager stops treating any of them as a
+        block whose newest contents were dropped (`Pager.freed_unforgotten`)."""
+        self.pager.freed_unforgotten(runs)
+
     async def forget(self, runs: Iterable[tuple[int, int]], *, principal: PrincipalId) -> None:
         """Drop every cached copy of freed device blocks (their frames, once no
         write-back of theirs is in flight) but leave their contents and checksums on

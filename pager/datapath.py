@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from blockdev import BlockNo, PrincipalId
+from blockdev import BlockNo, PrincipalId, check_read_guard
 
 from . import trace as tr
 from .cache import (BYPASS_BLOCKS, CLASS_DROP_BEHIND, CLEAN, DIRTY, FILLING, WRITEBACK,
@@ -50,11 +50,6 @@ class DataPath(Reclaim):
         # not resident (docs/BENCHMARKS.md, "Direct sequential reads").
         resident = sorted(b for b in where.keys() & range(block, block + count)
                           if state[where[b]] != FILLING) if where else []
-        for b in resident:
-            f = where[b]
-            i = b - block
-            view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
-        self.bypassed += count - len(resident)
         skip: list[int] = resident
         lost = self._lost_in(block, count)
         if lost:  # zeros, never read from the device (FrameTable._lost)
@@ -62,6 +57,11 @@ class DataPath(Reclaim):
                 i = b - block
                 view[i * bs:(i + 1) * bs] = bytes(bs)
             skip = sorted({*resident, *lost})
+        for b in resident:  # (a resident frame is newer than any of them)
+            f = where[b]
+            i = b - block
+            view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
+        self.bypassed += count - len(resident)
         # The runs between them are read from the device (decided before the first
         # checkpoint, as the copies above were made).
         lo: int = block
@@ -86,6 +86,9 @@ class DataPath(Reclaim):
             self._trace_op(tr.READ, principal, block, count, file, fblock)
         bs = self.block_size
         p = int(principal)
+        # (a revoked grant's read hands out nothing: the caller's guard, run again
+        # after every wait of the pool's own before frames are copied out)
+        check_read_guard()
         if count > BYPASS_BLOCKS and not self._global:
             await self._read_stream(block, count, view, principal)
             return
@@ -149,6 +152,11 @@ class DataPath(Reclaim):
                             if mine:
                                 break  # read what we hold first (never wait holding frames)
                             nf = await self._alloc(p, dirty_victim)
+                            try:
+                                check_read_guard()  # (waited: frames copied below)
+                            except BaseException:
+                                self._give_back(nf)
+                                raise
                         f = where.get(b)
                         if f is None:
                             self._map(nf, b, p, file, fblock + i, FILLING)

@@ -67,3 +67,10 @@ class Freeing(DataPath):
                         self._unmap(f)
         for block, count in runs:
             self._not_lost(block, count)  # (freed: no map reads them any more)
+
+    def freed_unforgotten(self, runs: Sequence[tuple[int, int]]) -> None:
+        """Freed blocks handed back without `forget_runs` (the metadata server's reaper
+        once it gave up discarding): no map reads them any more, so none stays in
+        `_lost` (which would grow with such blocks for ever). No checkpoint."""
+        for block, count in runs:
+            self._not_lost(block, count)

@@ -124,6 +124,8 @@ class WriteBack(DirtyBounds):
             self._retag(f, file, fblock)
         o = f * self.block_size + at
         self._mem[o:o + len(data)] = data
+        if self._lost:
+            self._lost.discard(int(block))  # (the frame holds its newest contents)
         now = trio.current_time()
         if st == DIRTY or st == WRITEBACK:
             if self._dirtier_m[f] != p:

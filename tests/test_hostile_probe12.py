@@ -153,3 +153,87 @@ def test_a_direct_create_open_of_a_planted_file_in_a_sticky_directory_is_refused
         with c.open("pub/mine.txt", "w") as f:
             f.write(b"mine")
     assert planted.read_bytes() == b"fine" and mine.read_bytes() == b"mine"
+
+
+async def test_a_read_that_waited_for_a_frame_is_checked_again(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Review of stop 24, B: a direct read whose fill waited for a frame (its own dirty
+    victim written back at its I/O limit) copied, once the wait ended, the frame the
+    owner wrote after the chmod — no device read, so no check. The pool runs the
+    read's guard after its own waits too."""
+    from blockdev import PrincipalId
+    from blockdev.scheduler import WRITE
+    d = tmp_path / "vol"
+    d.mkdir()
+    BlockDevice.format(d, size=256 * BS, block_size=BS)
+    k = Kernel.open(d, cache_bytes=16 * BS, writeback=True)
+    try:
+        k.pager.dirty_ratio = 1.0  # (the whole pool may be dirty: a victim is written)
+        owner = _grant(k, Rights.RW)
+        await k.write(owner, 0, b"public!!" * (4 * BS // 8))
+        await k.pager.flush()
+        await k.pager.forget_runs([(8, 4)], principal=ROOT_PRINCIPAL)
+        r = PrincipalId(7)
+        k.pager._max[7] = 12  # (the reader's ceiling: its victims are its own)
+        mine = k.grant(inode=3, generation=1, extents=ExtentMap([(0, 100, 64, FRESH)]),
+                       rights=Rights.RW, principal=r, charge=False)
+        await k.write(mine, 0, b"m" * (12 * BS))
+        reader = k.grant(inode=2, generation=1, extents=ExtentMap([(0, 8, 4, FRESH)]),
+                         rights=Rights.READ, principal=r, charge=False)
+        gate, held = trio.Event(), trio.Event()
+        serve = k.device._serve
+
+        async def at_the_limit(principal, block, nbytes, kind):
+            if kind == WRITE and principal == r and not gate.is_set():
+                held.set()
+                await gate.wait()
+            return await serve(principal, block, nbytes, kind)
+        monkeypatch.setattr(k.device, "_serve", at_the_limit)
+        buf = bytearray(BS)
+        out: list[object] = []
+
+        async def read() -> None:
+            try:
+                out.append(await k.read_into(reader, 0, memoryview(buf), revocable=True))
+            except GrantRevoked as exc:
+                out.append(exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(read)
+            await held.wait()
+            k.revoke_nowait(reader)  # the owner's chmod 600
+            with trio.move_on_after(2):
+                await k.write(_grant(k, Rights.RW), 0, b"SECRET-D" * (BS // 8))
+            gate.set()
+        assert isinstance(out[0], GrantRevoked) and b"SECRET-D" not in buf
+    finally:
+        k.close()
+
+
+def test_a_users_own_sluice_mount_is_trusted_by_that_user_only(
+        tmp_path: Path, monkeypatch) -> None:
+    """Review of stop 24, C: any user may mount a FUSE filesystem of its own typed
+    fuse.sluice on a directory it owns; its xattr, its socket and its owner agree. A
+    client of another uid (root included) refuses it, as FUSE trusts a user's daemon
+    for that user only."""
+    import os
+    import socket as socketmod
+
+    from kernelshim import client
+    sock = tmp_path / "s.sock"
+    s = socketmod.socket(socketmod.AF_UNIX)
+    s.bind(str(sock))
+    try:
+        monkeypatch.setattr(client.os, "getxattr", lambda path, name: str(sock).encode())
+        monkeypatch.setattr(client, "sluice_mount_owner", lambda path: 1000)
+        monkeypatch.setattr(client.os, "geteuid", lambda: 0)
+        with pytest.raises(OSError, match="uid 1000's own mount"):
+            client.control_socket(tmp_path)
+        monkeypatch.setattr(client.os, "geteuid", lambda: 1000)
+        with pytest.raises(OSError, match="not a socket of the mount's daemon"):
+            client.control_socket(tmp_path)  # (its owner is root here, not 1000)
+        monkeypatch.setattr(client, "sluice_mount_owner", lambda path: os.getuid())
+        monkeypatch.setattr(client.os, "geteuid", os.getuid)
+        assert client.control_socket(tmp_path) == str(sock)
+    finally:
+        s.close()

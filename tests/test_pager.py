@@ -84,6 +84,10 @@ def check_invariants(p: Pager) -> None:
     assert {k: a.paced for k, a in p._acct.items() if a.paced} == paced
     assert not (p._paced & p._disc).any()
     assert all(a.resident >= 0 and a.dirty >= 0 for a in p._acct.values())
+    # a block whose newest contents were dropped has no dirty frame (its newest
+    # contents would be there again: review of stop 24, D)
+    assert not any(int(p._frame_block[f]) in p._lost for f in used
+                   if p._state[f] in (DIRTY, WRITEBACK)), p._lost
     if p.policy != "global-lru":
         for f in used:
             qid = int(p._links.queue[f])
@@ -740,6 +744,31 @@ async def test_a_dropped_dirty_frame_never_shows_the_blocks_older_contents(
     await p.forget_runs([(8, 1), (10, 2)], principal=P0)  # freed: no map reads them
     assert not p._lost
     check_invariants(p)
+
+
+async def test_a_partial_write_into_a_dropped_blocks_frame_is_read_back(
+        device: BlockDevice) -> None:
+    """Review of stop 24, D: the in-frame merge of part of a block
+    (`write_within_nowait`) left the block among the dropped ones: a large read then
+    gave zeros over the new bytes, and every read did once the frame was evicted,
+    though the device held them."""
+    p = Pager(device, nframes=64, policy="hinted", writeback=True)
+    p.set_file_hints(9, discardable=True)
+    await p.write(8, blk(1), principal=P1, file=9, fblock=0)
+    await p.advise(9, [(0, 8, 1)], principal=P1, dontneed=True)
+    assert p._lost == {8}
+    assert bytes(await p.read(8, 1, principal=P1, file=9)) == bytes(BS)  # a zero frame
+    p.set_file_hints(9, discardable=False)
+    assert p.write_within_nowait(8, 0, b"HELLO", principal=P1, file=9, fblock=0)
+    assert not p._lost
+    check_invariants(p)
+    want = b"HELLO" + bytes(BS - 5)
+    assert bytes(await p.read(8, 1, principal=P1, file=9)) == want
+    assert bytes(await p.read(8, BYPASS_BLOCKS + 8, principal=P1))[:BS] == want
+    await p.flush()
+    await p.advise(9, [(0, 8, 1)], principal=P1, dontneed=True)  # clean: evicted
+    assert 8 not in p._where
+    assert bytes(await p.read(8, 1, principal=P1, file=9)) == want
 
 
 async def test_without_hints_the_same_dirty_pages_are_written_back(device: BlockDevice) -> None:
