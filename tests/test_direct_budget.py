@@ -138,9 +138,12 @@ async def test_a_read_that_misses_the_pager_is_one_step(kernel: Kernel, tmp_path
         trio.lowlevel.remove_instrument(steps)
     assert got == [DATA[k * BS:(k + 1) * BS] for k in ORDER]
     assert kernel.pager.misses - misses0 >= BLOCKS  # every read went to the device
-    # one step a read (woken by its request, parked again after the reply), a few to
-    # spare; two a read without the budget
-    assert steps.steps <= BLOCKS + 8, steps.steps
+    # one step a read (woken by its request, parked again after the reply); two a read
+    # if each went around the loop once more. The bound sits between the two: on a
+    # host whose vCPUs stall now and then, the task also wakes without a whole
+    # request at times (73-88 steps seen at stop 24, on the code before it as well),
+    # which a bound of a few steps over one a read took for a failure.
+    assert steps.steps < 1.5 * BLOCKS, steps.steps
 
 
 async def test_pipelined_writes_keep_the_loop_for_the_steps_quantum(
