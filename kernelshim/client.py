@@ -124,9 +124,9 @@ def sluice_mount_owner(path: str | os.PathLike[str]) -> int | None:
 def control_socket(mountpoint: str | os.PathLike[str]) -> str:
     """The control socket of the volume mounted at `mountpoint`: what its root's
     `user.sluice.control` names, believed only at the root of a fuse.sluice mount made
-    by root or by the caller, and for a socket the mount's owner owns (a tenant's directory, in the volume or on the
-    host, naming a socket of its own would take in whoever is pointed at it: hostile
-    probe 12, L1)."""
+    by root or by the caller, and for a socket the mount's owner owns (a tenant's
+    directory, in the volume or on the host, naming a socket of its own would take in
+    whoever is pointed at it: hostile probe 12, L1)."""
     try:
         sock = os.getxattr(mountpoint, CONTROL_XATTR).decode()
     except OSError as exc:
