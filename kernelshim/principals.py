@@ -341,7 +341,13 @@ class PrincipalTable:
         p = self._by_name.get(name)
         if uid == 0:
             if p is None:
-                raise NoSuchPrincipal(f"no principal named {name!r}")
+                hint = ""
+                if _DEFAULT_RE.match(name) and str(int(name[4:])) == name[4:]:
+                    # (a uid's default is made when the uid first uses the volume)
+                    hint = (f": uid {name[4:]} has not used the volume yet; add it "
+                            f"first (principal add {name} --owner {name[4:]}) to give "
+                            "it banks before then")
+                raise NoSuchPrincipal(f"no principal named {name!r}{hint}")
             return p
         if p is None or not (may or self._may_administer)(p, uid):
             raise self._refuse_unseen(name, uid, verb)
@@ -424,7 +430,8 @@ class PrincipalTable:
         assert p.parent is not None
         if p.children:
             raise PrincipalError(f"principal {name!r} has children: "
-                                 + ", ".join(c.name for c in p.children))
+                                 + ", ".join(c.name for c in p.children)
+                                 + ": remove them first")
         if p.usage.grants or p.usage.caps:
             raise PrincipalError(f"principal {name!r} holds {p.usage.grants} open grants and "
                                  f"{p.usage.caps} capability slots: close them first")

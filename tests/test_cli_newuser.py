@@ -237,6 +237,21 @@ def test_adding_a_uid_principal_without_its_owner_says_which(mnt: Path) -> None:
     assert "uid-5" in sluice("principal", "ls", str(mnt)).stdout
 
 
+def test_principal_set_and_rm_refusals_say_what_to_do(mnt: Path) -> None:
+    """The new user's lows of stop 23: `principal set` of a uid's default not made yet,
+    and `principal rm` of a principal with children, said what was wrong, not what to
+    do about it."""
+    r = subprocess.run([*SLUICE, "principal", "set", str(mnt), "uid-7", "--space", "1M"],
+                       capture_output=True, text=True, cwd=REPO)
+    one_line(r, "no principal named 'uid-7'", "has not used the volume yet",
+             "principal add uid-7 --owner 7", code=1)
+    sluice("principal", "add", str(mnt), "par")
+    sluice("principal", "add", str(mnt), "kid", "--parent", "par")
+    r = subprocess.run([*SLUICE, "principal", "rm", str(mnt), "par"],
+                       capture_output=True, text=True, cwd=REPO)
+    one_line(r, "'par' has children: kid", "remove them first", code=1)
+
+
 def test_another_users_volume_is_refused_in_one_line(volume: Path) -> None:
     """A user who may not enter root's (0700) volume got a bare `Permission denied:
     .../volume.json` from fsck and mount; one who cannot reach it, a bare `Permission
