@@ -714,9 +714,7 @@ class BlockDevice:
         times = await self._serve(principal, block, count * bs, READ)
         if self._claims:
             await self._wait_landed(block, count)
-        guard = _read_guard.get()
-        if guard is not None:
-            guard()  # (no checkpoint from here to the backing's read)
+        check_read_guard()  # (no checkpoint from here to the backing's read)
         try:
             await self.data.read_into(block * bs, out)
         except OSError as exc:

@@ -516,9 +516,10 @@ class Kernel(GrantTable, LowerLayers):
         """Read len(out) bytes of the file at `offset` straight into `out` (a shared buffer:
         no intermediate copy when `offset` is block-aligned). Returns len(out).
 
-        `revocable` (a direct client's read): the grant is checked again by every
-        device read, once the scheduler lets it go and before its data is read
-        (`blockdev.guard_reads`). A read held at its principal's I/O limit while the
+        `revocable` (a direct client's read): the grant is checked again after every
+        wait of the read — at the start of each pager read, after the pool's wait for
+        a frame, and in each device read once the scheduler lets it go, before its
+        data is read (`blockdev.guard_reads`). A read held at its principal's I/O limit while the
         grant is revoked (the owner's chmod) then ends with GrantRevoked, and nothing
         the owner writes after the revoke reaches `out`. The metadata server's own
         reads through the mount are not: a truncate revokes and renews their grants

@@ -138,7 +138,7 @@ class FrameTable:
         #: that was dropped (`_drop_discardable_file`): the device still holds what was
         #: there before — under write-back, for a block a relocation took from those
         #: another file freed and the reaper kept for reuse, that file's old bytes.
-        #: Until the block is written again (`_written_again`) or freed, every read
+        #: Until the block is written again or freed (`_not_lost`), every read
         #: of it gives zeros and none reads it from the device (datapath.py), so the
         #: old bytes never reach a reader's buffer (hostile probe 12, F1). At most one
         #: entry per dropped frame; freeing or writing the block takes it out.

@@ -65,12 +65,12 @@ class Freeing(DataPath):
                     f = where.get(b)
                     if f is not None:
                         self._unmap(f)
-        for block, count in runs:
-            self._not_lost(block, count)  # (freed: no map reads them any more)
+        self.freed_unforgotten(runs)  # (freed: no map reads them any more)
 
     def freed_unforgotten(self, runs: Sequence[tuple[int, int]]) -> None:
-        """Freed blocks handed back without `forget_runs` (the metadata server's reaper
-        once it gave up discarding): no map reads them any more, so none stays in
-        `_lost` (which would grow with such blocks for ever). No checkpoint."""
+        """Freed blocks leave `_lost`: no map reads them any more. `forget_runs` ends
+        with it; the metadata server's reaper calls it for blocks it hands back
+        without `forget_runs` (once it gave up discarding), which would otherwise stay
+        in `_lost` for ever. No checkpoint."""
         for block, count in runs:
             self._not_lost(block, count)

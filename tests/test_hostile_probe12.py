@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,32 @@ def _grant(kernel: Kernel, rights: Rights):
                         rights=rights, principal=ROOT_PRINCIPAL, charge=False)
 
 
+def _held_at_the_limit(monkeypatch: pytest.MonkeyPatch, kernel: Kernel, kind: str,
+                       principal: object = None) -> tuple[trio.Event, trio.Event]:
+    """The device's requests of `kind` (of `principal`, or anyone's) wait, as at their
+    principal's I/O limit, until the first event is set; the second is set when one
+    does."""
+    gate, held = trio.Event(), trio.Event()
+    serve = kernel.device._serve
+
+    async def at_the_limit(p, block, nbytes, k):
+        if k == kind and principal in (None, p) and not gate.is_set():
+            held.set()
+            await gate.wait()
+        return await serve(p, block, nbytes, k)
+    monkeypatch.setattr(kernel.device, "_serve", at_the_limit)
+    return gate, held
+
+
+async def _read_outcome(kernel: Kernel, grant, buf: bytearray, out: list[object], *,
+                        revocable: bool) -> None:
+    """A read of the grant's first len(buf) bytes: its length, or the GrantRevoked."""
+    try:
+        out.append(await kernel.read_into(grant, 0, memoryview(buf), revocable=revocable))
+    except GrantRevoked as exc:
+        out.append(exc)
+
+
 @pytest.mark.parametrize("revocable", [True, False])
 async def test_a_read_held_at_its_limit_does_not_outlive_its_grants_revoke(
         kernel: Kernel, monkeypatch: pytest.MonkeyPatch, revocable: bool) -> None:
@@ -44,28 +71,12 @@ async def test_a_read_held_at_its_limit_does_not_outlive_its_grants_revoke(
     await kernel.write(owner, 0, b"public!!" * (4 * BS // 8))
     await kernel.pager.forget_runs([(8, 4)], principal=ROOT_PRINCIPAL)  # a miss, below
     reader = _grant(kernel, Rights.READ)
-    gate = trio.Event()
-    held = trio.Event()
-    serve = kernel.device._serve
-
-    async def at_the_limit(principal, block, nbytes, kind):  # the reader's I/O limit
-        if kind == READ and not gate.is_set():
-            held.set()
-            await gate.wait()
-        return await serve(principal, block, nbytes, kind)
-    monkeypatch.setattr(kernel.device, "_serve", at_the_limit)
+    gate, held = _held_at_the_limit(monkeypatch, kernel, READ)  # the reader's I/O limit
     buf = bytearray(BS)
     outcome: list[object] = []
-
-    async def read() -> None:
-        try:
-            outcome.append(await kernel.read_into(reader, 0, memoryview(buf),
-                                                  revocable=revocable))
-        except GrantRevoked as exc:
-            outcome.append(exc)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(read)
+        nursery.start_soon(functools.partial(_read_outcome, kernel, reader, buf, outcome,
+                                             revocable=revocable))
         await held.wait()
         kernel.revoke_nowait(reader)  # the owner's chmod 600
         await kernel.write(owner, 0, b"SECRET-D" * (BS // 8))  # after the chmod returned
@@ -180,26 +191,14 @@ async def test_a_read_that_waited_for_a_frame_is_checked_again(tmp_path: Path,
         await k.write(mine, 0, b"m" * (12 * BS))
         reader = k.grant(inode=2, generation=1, extents=ExtentMap([(0, 8, 4, FRESH)]),
                          rights=Rights.READ, principal=r, charge=False)
-        gate, held = trio.Event(), trio.Event()
-        serve = k.device._serve
-
-        async def at_the_limit(principal, block, nbytes, kind):
-            if kind == WRITE and principal == r and not gate.is_set():
-                held.set()
-                await gate.wait()
-            return await serve(principal, block, nbytes, kind)
-        monkeypatch.setattr(k.device, "_serve", at_the_limit)
+        # the reader's write-back of its own dirty victim, at its I/O limit
+        gate, held = _held_at_the_limit(monkeypatch, k, WRITE, r)
         buf = bytearray(BS)
         out: list[object] = []
 
-        async def read() -> None:
-            try:
-                out.append(await k.read_into(reader, 0, memoryview(buf), revocable=True))
-            except GrantRevoked as exc:
-                out.append(exc)
-
         async with trio.open_nursery() as n:
-            n.start_soon(read)
+            n.start_soon(functools.partial(_read_outcome, k, reader, buf, out,
+                                           revocable=True))
             await held.wait()
             k.revoke_nowait(reader)  # the owner's chmod 600
             with trio.move_on_after(2):
