@@ -20,6 +20,8 @@ from blockdev import PrincipalId
 from conftest import sluice
 from kernelshim import FRESH, UNWRITTEN, BlockDevice, ExtentMap, Kernel, Rights
 from kernelshim.grants import PENDING_EXACT
+from kernelshim.ranges import CHUNK
+from test_ranges import Flat
 from kernelshim.kernel import ADVISE_STEP
 from shim_util import pubmnt, user_python  # noqa: F401 (fixture)
 from test_hostile import _reap, served, setup_pub
@@ -161,32 +163,15 @@ async def test_pending_one_byte_writes_coalesce_per_block(tmp_path: Path) -> Non
         k.close()
 
 
-def _note_incrementally(w: list[list[int]], start: int, end: int, block: int) -> None:
-    """`Grant.note_written` as it was before direct5: a sorted insert per range."""
-    import bisect
-    if len(w) < PENDING_EXACT:
-        block = 1
-    i = bisect.bisect_left(w, [start, start])
-    if i > 0 and -(-w[i - 1][1] // block) * block >= start:
-        i -= 1
-    j = i
-    while j < len(w) and w[j][0] <= -(-end // block) * block:
-        start = min(start, w[j][0])
-        end = max(end, w[j][1])
-        j += 1
-    w[i:j] = [[start, end]]
-
-
 @pytest.mark.parametrize("seed", range(2))
 def test_noted_ranges_merge_as_the_sorted_insert_did(seed: int) -> None:
-    """Past PENDING_EXACT a grant notes written ranges unsorted and merges them in
-    later, in one pass (`Grant._settle`: a sorted insert each into ten thousand ranges
-    was the most of a direct 4 KiB write's bookkeeping, docs/BENCHMARKS.md "Stop 16").
-    Read after every write, the ranges are exactly the sorted insert's; read after
-    many, they cover every written byte and nothing of a block no write touched, the
-    first ranges stay exact, and there are never more than PENDING_EXACT plus the
-    blocks written (ranges that meet in a block may join a little earlier than the
-    insert joined them: the rule allows any such join past PENDING_EXACT)."""
+    """A grant keeps its written ranges in chunks (`RangeList`: a sorted insert each
+    into one list of ten thousand ranges was the most of a direct 4 KiB write's
+    bookkeeping, docs/BENCHMARKS.md "Stop 16", and merging them in one pass later was
+    one step of the loop that grew with the grant, probe 11 F4). Read after every
+    write, the ranges are exactly the sorted insert's; read after many, they cover
+    every written byte and nothing of a block no write touched, the first ranges stay
+    exact, and there are never more than PENDING_EXACT plus the blocks written."""
     import random
     from kernelshim.grants import Grant
     bs = 4096
@@ -195,7 +180,7 @@ def test_noted_ranges_merge_as_the_sorted_insert_did(seed: int) -> None:
         rnd = random.Random(seed)
         g = Grant(inode=1, generation=1, extents=ExtentMap(), rights=Rights.RW,
                   principal=PrincipalId(1))
-        ref: list[list[int]] = []
+        ref = Flat()  # (the flat sorted list the grant kept before)
         bytes_written: set[int] = set()
         blocks_touched: set[int] = set()
         for _n in range(3 * PENDING_EXACT):
@@ -206,14 +191,14 @@ def test_noted_ranges_merge_as_the_sorted_insert_did(seed: int) -> None:
                 start = rnd.randrange(nblocks * bs - 64)
                 end = start + rnd.randrange(1, 64)
             g.note_written(start, end, bs)
-            _note_incrementally(ref, start, end, bs)
+            ref.add(start, end, bs if len(ref.w) >= PENDING_EXACT else 1)
             bytes_written.update((start, end - 1))
             blocks_touched.update(range(start // bs, (end - 1) // bs + 1))
             if read_each:
-                assert g.written == ref
-            assert len(g._noted) <= max(1024, len(g._written))  # bounded
+                assert g.written == ref.w
+            assert all(len(c) <= 2 * CHUNK for c in g._written._chunks)  # bounded
         w = g.written
-        assert w[:3] == ref[:3]
+        assert w[:3] == ref.w[:3]
         assert len(w) <= PENDING_EXACT + nblocks
         assert all(a[1] < b[0] for a, b in zip(w, w[1:]))  # sorted, apart
         assert all(any(s <= x < e for s, e in w[max(0, k - 1):k + 1])
