@@ -52,6 +52,18 @@ ROOT_CONNECTIONS = 32
 #: principal's `shm` bank is well below it, and the last ROOT_SHM bytes are root's
 MAX_SHM_TOTAL = 1 << 30
 ROOT_SHM = 128 << 20
+#: every tenant (`tenant_of`: a uid's `uid-N` and what it made below it) may hold its
+#: first TENANT_CONNECTIONS connections and TENANT_SHM bytes of shared buffers whatever
+#: the global caps above say (its own banks still bound them): tenants that fill the
+#: caps, each within its own banks, cannot lock another out of its first session (a
+#: direct client's default buffer is 8 MiB; `sluice run`, `stats` need a connection
+#: and no buffer) (probe 16, F3). What the floors hold is bounded too, by
+#: FLOOR_CONNECTIONS and FLOOR_SHM in all: the daemon holds at most MAX_CONNECTIONS +
+#: FLOOR_CONNECTIONS connections and MAX_SHM_TOTAL + FLOOR_SHM bytes of buffers
+TENANT_CONNECTIONS = 4
+TENANT_SHM = 8 << 20
+FLOOR_CONNECTIONS = 256
+FLOOR_SHM = 512 << 20
 #: seconds a new connection has to send its first complete request
 HANDSHAKE_SECONDS = 5.0
 #: a connection refused (its principal's bank or the global cap is full) gets its
@@ -1106,6 +1118,10 @@ class Connection:
     next_slot: int = 1
     shm: mmap.mmap | None = None
     shm_view: memoryview | None = None
+    #: whether the connection, and its buffer, were admitted under its tenant's floor
+    #: (TENANT_CONNECTIONS, TENANT_SHM): counted apart from the global caps
+    floor: bool = False
+    shm_floor: bool = False
     #: notification kinds the client asked for
     subscribed: frozenset[str] = frozenset()
     push_seq: int = 0
@@ -1210,8 +1226,10 @@ class ServerBase:
     service: MetadataService
     #: whether metadata requests are waiting (the mount's FUSE queue is readable)
     metadata_pending: Callable[[], bool] | None
-    #: shared buffers of all connections together, in bytes
+    #: shared buffers of all connections together, in bytes; of those, the buffers
+    #: admitted under their tenant's floor (TENANT_SHM)
     shm_bytes: int
+    floor_shm: int
     #: when a long request last gave the event loop back
     _last_yield: float
     #: the principals' turns on the event loop, and their shares

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from .budget import yield_to_loop
+from .connection import (FLOOR_SHM, TENANT_SHM, tenant_of)
 from .connection import (HOG_SECONDS, MAX_SHM, MAX_SHM_TOTAL, PUSH_KINDS, ROOT_SHM,
                          SLICE_BYTES, BadSlot, Connection, ServerBase)
 from .errors import NotAllocated, Sealed
@@ -75,6 +76,9 @@ class FileOps(ServerBase):
         shm, conn.shm = conn.shm, None
         if shm is not None:
             self.shm_bytes -= len(shm)
+            if conn.shm_floor:
+                self.floor_shm -= len(shm)
+                conn.shm_floor = False
             if refund:
                 self.principals.refund_object(conn.principal, "shm", len(shm))
             with contextlib.suppress(BufferError):
@@ -139,10 +143,19 @@ class FileOps(ServerBase):
         size = arg_int(p, "size", lo=4096, hi=MAX_SHM)
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         held = len(conn.shm) if conn.shm is not None else 0
+        # A tenant's first TENANT_SHM bytes are its own, whatever the global budget says
+        # (its bank still decides); the rest come from the budget, whose last ROOT_SHM
+        # bytes are root's.
+        floor_held = held if conn.shm_floor else 0
+        floor = conn.creds.uid != 0 and \
+            tenant_of(conn.principal).usage.shm - held + size <= TENANT_SHM and \
+            self.floor_shm - floor_held + size <= FLOOR_SHM
+        pooled = self.shm_bytes - self.floor_shm
         budget = MAX_SHM_TOTAL if conn.creds.uid == 0 else MAX_SHM_TOTAL - ROOT_SHM
-        if self.shm_bytes - held + size > budget:
-            raise TooManyObjects(f"shared memory budget exhausted ({self.shm_bytes} of "
-                                 f"{budget} bytes attached); ask for less")
+        if not floor and pooled - (held - floor_held) + size > budget:
+            raise TooManyObjects(f"shared memory budget exhausted ({pooled} of {budget} "
+                                 f"bytes attached beyond each user's first {TENANT_SHM}); "
+                                 "ask for less")
         # The new buffer replaces the old: the principal pays the difference (its bank
         # must hold the new one whole).
         self.principals.charge_object(conn.principal, "shm", size - held)
@@ -166,7 +179,9 @@ class FileOps(ServerBase):
             self.principals.refund_object(conn.principal, "shm", size - held)
             raise ProtocolError("the shared buffer is in use by requests in flight") from None
         conn.shm, conn.shm_view = m, memoryview(m)
+        conn.shm_floor = floor
         self.shm_bytes += size
+        self.floor_shm += size if floor else 0
         # The fd travels with the reply and is closed here once sent: the client has its
         # own copy, and the mapping keeps the memory alive on this side.
         return {"size": size, "_fds": [fd]}

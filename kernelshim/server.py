@@ -169,6 +169,7 @@ from .connection import RECV_BYTES as RECV_BYTES
 from .connection import peer_hung_up as peer_hung_up
 from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
+from .connection import FLOOR_CONNECTIONS, TENANT_CONNECTIONS, tenant_of
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
 from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
 from .connection import ADMIN_BURST as ADMIN_BURST
@@ -259,7 +260,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         #: connections accepted and not yet closed (counted at accept, before their
         #: peer is known, so that a burst cannot overshoot the cap)
         self.connections = 0
+        #: of those, admitted under their tenant's floor (TENANT_CONNECTIONS), and of
+        #: `shm_bytes`, the buffers admitted under it (TENANT_SHM): apart from the caps
+        self.floor_connections = 0
         self.shm_bytes = 0
+        self.floor_shm = 0
         #: connections closed because of an unexpected exception (bugs; see the log)
         self.connection_bugs = 0
         self._last_yield = 0.0
@@ -307,7 +312,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         os.chmod(self.path, 0o666)  # everyone may connect; identity comes from SO_PEERCRED
         sock.listen(64)
         sock.setblocking(False)
-        _raise_fd_limit(self.max_connections)
+        _raise_fd_limit(self.max_connections + FLOOR_CONNECTIONS)
         trio.lowlevel.add_instrument(self.turns)
         try:
             async with trio.open_nursery() as nursery:
@@ -332,7 +337,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         log.warning("control socket: accept failed: %s", exc)
                         await trio.sleep(0.1)
                         continue
-                    if self.connections >= self.max_connections:
+                    if self.connections >= self.max_connections + FLOOR_CONNECTIONS:
                         conn.close()
                         continue
                     # Identified and charged here, before anything can wait: a refused
@@ -361,8 +366,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
 
     # -- per connection ----------------------------------------------------------------
 
-    def _identify(self, sock: trio.socket.SocketType) -> tuple[Credentials, Principal] | None:
-        """Who is connecting (SO_PEERCRED) and for which principal; the connection is
+    def _identify(self, sock: trio.socket.SocketType
+                  ) -> tuple[Credentials, Principal, bool] | None:
+        """Who is connecting (SO_PEERCRED) and for which principal, and whether it is
+        admitted under its tenant's floor (TENANT_CONNECTIONS); the connection is
         charged to that principal's bank. If the bank (or the global cap) is full, the
         peer is told so and the socket closed: returns None."""
         try:
@@ -370,9 +377,17 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             pid, uid, gid = struct.unpack("3i", raw)
             creds = Credentials(pid, uid, gid)
             principal = self.principals.resolve(pid, uid)
-            if uid != 0 and self.connections >= self.max_connections - ROOT_CONNECTIONS:
-                raise TooManyObjects(f"the daemon serves {self.connections} connections; "
-                                     "the rest are kept for root")
+            pooled = self.connections - self.floor_connections
+            floor = uid != 0 and self.floor_connections < FLOOR_CONNECTIONS and \
+                tenant_of(principal).usage.connections < TENANT_CONNECTIONS
+            if floor:
+                pass  # (its first connections: whatever the cap, its bank decides)
+            elif uid != 0 and pooled >= self.max_connections - ROOT_CONNECTIONS:
+                raise TooManyObjects(f"the daemon serves {pooled} connections beyond each "
+                                     f"user's first {TENANT_CONNECTIONS}; the rest are "
+                                     "kept for root")
+            elif pooled >= self.max_connections:
+                raise TooManyObjects(f"the daemon serves {pooled} connections")
             self.principals.charge_object(principal, "connections")
         except TooManyObjects as exc:
             log.debug("refusing a shim connection: %s", exc)
@@ -387,7 +402,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             log.exception("unexpected error identifying a shim connection; closing it")
             sock.close()
             return None
-        return creds, principal
+        self.floor_connections += floor
+        return creds, principal, floor
 
     @staticmethod
     def _refuse_now(sock: trio.socket.SocketType, reply: bytes) -> None:
@@ -419,7 +435,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     break
 
     async def _serve_connection(self, tsock: trio.socket.SocketType, creds: Credentials,
-                                principal: Principal) -> None:
+                                principal: Principal, floor: bool) -> None:
         """Serve one admitted connection until it closes. Whatever happens here stays
         here: an unexpected exception is logged and closes this connection only."""
         share = self.turns.share(principal.id)
@@ -431,13 +447,14 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         except BaseException:
             tsock.close()
             self.connections -= 1
+            self.floor_connections -= floor
             self.principals.refund_object(principal, "connections")
             raise
         # A plain non-blocking socket, waited on with trio's readiness calls: a reply
         # that fits the socket buffer is written at once, without a task switch.
         raw = socket.socket(fileno=tsock.detach())
         raw.setblocking(False)
-        conn = Connection(creds, principal, raw, share=share, turn=turn)
+        conn = Connection(creds, principal, raw, share=share, turn=turn, floor=floor)
         self._conns.add(conn)
         try:
             async with trio.open_nursery() as nursery:
@@ -460,6 +477,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self._conns.discard(conn)
             conn.doom("closed")
             self.connections -= 1
+            self.floor_connections -= floor
             with trio.CancelScope(shield=True):
                 try:
                     await self.turns.take(turn)  # the teardown is the tenant's work
