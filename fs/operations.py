@@ -28,6 +28,7 @@ import trio
 
 from kernelshim import PrincipalId, SluiceError
 from kernelshim.connection import tenant_of
+from kernelshim.loglimit import LogLimiter
 from kernelshim.principals import Principal
 
 from .errors import NotFound
@@ -390,6 +391,11 @@ class Admission:
                 lim.release()
 
 
+def _whom(who: Principal | None) -> str:
+    """The key a request's log lines are rate-limited by (`LogLimiter`): its tenant."""
+    return "the kernel" if who is None else f"principal {tenant_of(who).name!r}"
+
+
 def _guard(fn: F, *, name: str | None = None) -> F:
     """Admit the request for its principal (`Admission`), then run the handler. Let
     only FUSEError out of it: domain errors become their errno; anything else is a bug,
@@ -409,6 +415,7 @@ def _guard(fn: F, *, name: str | None = None) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         self.fs.fuse_requests[name] += 1
+        who: Principal | None = None
         try:
             who = None if kind is None else self._principal_of(kind, args)
             if who is None:
@@ -430,14 +437,16 @@ def _guard(fn: F, *, name: str | None = None) -> F:
             raise
         except SluiceError as exc:
             if exc.errno == errno.EIO:  # a bad block, a device failure: worth a line
-                log.error("%s%r: %s", name, _brief(args), exc)
+                self.loglimit.log(log, logging.ERROR, _whom(who), "%s%r: %s", name,
+                                  _brief(args), exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
-            log.warning("%s%r: %s", name, _brief(args), exc)
+            self.loglimit.log(log, logging.WARNING, _whom(who), "%s%r: %s", name,
+                              _brief(args), exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing else may escape
-            log.exception("unexpected error in %s%r: %s: %s", name, _brief(args),
-                          type(exc).__name__, exc)
+            self.loglimit.log(log, logging.ERROR, _whom(who), "unexpected error in %s%r: %s: %s",
+                              name, _brief(args), type(exc).__name__, exc, exc_info=True)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
@@ -478,6 +487,8 @@ class Operations(pyfuse3.Operations):
         self._releases: trio.Nursery | None = None
         #: releases answered at once and run later (their principal was busy)
         self.deferred_releases = 0
+        #: the log lines requests cause, rate-limited per tenant (probe 16, F2)
+        self.loglimit = LogLimiter()
         fs.on_attr_changed = self._invalidate_attr
         #: kernel notifications that may block, queued per tenant
         self.invalidator = Invalidator(self._invalidate_entry_sync, self._invalidate_data_sync)

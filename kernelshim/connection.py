@@ -31,6 +31,7 @@ from pager import ReclaimSubscription
 
 from .grants import Grant
 from .kernel import Kernel
+from .loglimit import LogLimiter
 from .principals import DEFAULT_COSTLY_RATE, Principal, PrincipalTable
 from .processes import start_time
 from .rooterror import SluiceError
@@ -1234,6 +1235,8 @@ class ServerBase:
     _last_yield: float
     #: the principals' turns on the event loop, and their shares
     turns: FairTurns
+    #: the log lines tenants cause, rate-limited per uid
+    loglimit: LogLimiter
 
     async def _give_turn(self) -> None:
         """End this step: the loop to the others (ShimServer's, in server.py)."""

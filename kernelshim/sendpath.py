@@ -20,6 +20,7 @@ import trio
 from blockdev import PrincipalId
 
 from .connection import MAX_SEND_QUEUE, PUSH_KINDS, Connection, FairTurns
+from .loglimit import LogLimiter
 from .principals import Principal
 from .protocol import ERROR, PUSH, ReplyTooLarge, encode, error_payload
 
@@ -33,6 +34,7 @@ class SendPath:
     turns: FairTurns
     send_stall_seconds: float
     connection_bugs: int
+    loglimit: LogLimiter
 
     # -- sending -------------------------------------------------------------------------
 
@@ -99,8 +101,9 @@ class SendPath:
         conn.sendq.append((view, fds))
         conn.queued += len(view)
         if conn.queued > MAX_SEND_QUEUE:
-            log.info("closing shim connection of pid %d: %d bytes of replies and "
-                     "notifications unread", conn.creds.pid, conn.queued)
+            self.loglimit.log(log, logging.INFO, f"uid {conn.creds.uid}",
+                              "closing shim connection of pid %d: %d bytes of replies and "
+                              "notifications unread", conn.creds.pid, conn.queued)
             conn.doom("send queue full")
         conn.wake_writer.set()
 
@@ -148,7 +151,9 @@ class SendPath:
                 conn.signal_progress()
         except Exception:  # noqa: BLE001 - a bug: close this connection, keep the rest
             self.connection_bugs += 1
-            log.exception("unexpected error sending to a shim connection; closing it")
+            self.loglimit.log(log, logging.ERROR, f"uid {conn.creds.uid}",
+                              "unexpected error sending to a shim connection; closing it",
+                              exc_info=True)
             conn.doom("internal error")
 
     @staticmethod
@@ -189,8 +194,9 @@ class SendPath:
                     except trio.ClosedResourceError:  # doomed while the reader waited
                         return
                 if cs.cancelled_caught:
-                    log.info("closing shim connection of pid %d: it read nothing for %g s",
-                             conn.creds.pid, self.send_stall_seconds)
+                    self.loglimit.log(log, logging.INFO, f"uid {conn.creds.uid}",
+                                      "closing shim connection of pid %d: it read nothing "
+                                      "for %g s", conn.creds.pid, self.send_stall_seconds)
                     conn.doom("peer does not read")
                     return
                 continue

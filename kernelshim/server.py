@@ -170,6 +170,7 @@ from .connection import peer_hung_up as peer_hung_up
 from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
 from .connection import FLOOR_CONNECTIONS, TENANT_CONNECTIONS, tenant_of
+from .loglimit import LogLimiter
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
 from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
 from .connection import ADMIN_BURST as ADMIN_BURST
@@ -263,6 +264,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         #: of those, admitted under their tenant's floor (TENANT_CONNECTIONS), and of
         #: `shm_bytes`, the buffers admitted under it (TENANT_SHM): apart from the caps
         self.floor_connections = 0
+        #: the log lines tenants cause, rate-limited per uid (probe 16, F2)
+        self.loglimit = LogLimiter()
         self.shm_bytes = 0
         self.floor_shm = 0
         #: connections closed because of an unexpected exception (bugs; see the log)
@@ -471,8 +474,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             return
         except Exception:  # noqa: BLE001 - a bug: close this connection, keep the daemon
             self.connection_bugs += 1
-            log.exception("unexpected error serving a shim connection (%s); closing it",
-                          conn.creds)
+            self.loglimit.log(log, logging.ERROR, f"uid {conn.creds.uid}",
+                              "unexpected error serving a shim connection (%s); closing it",
+                              conn.creds, exc_info=True)
         finally:
             self._conns.discard(conn)
             conn.doom("closed")
@@ -607,7 +611,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                     try:
                         msgs = decoder.feed(chunk)
                     except FramingError as exc:
-                        log.info("closing shim connection of pid %d: %s", conn.creds.pid, exc)
+                        self.loglimit.log(log, logging.INFO, f"uid {conn.creds.uid}",
+                                          "closing shim connection of pid %d: %s",
+                                          conn.creds.pid, exc)
                         for m in exc.messages:  # complete requests before the bad length
                             await self._handle(conn, m)
                         self._emit(conn, self._frame(ERROR, 0, error_payload(exc)))
@@ -891,8 +897,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             self._emit(conn, self._frame(ERROR, rid, error_payload(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - a client must never take the daemon down
-            log.exception("unexpected error in shim op %s from pid %d", brief(m.payload.get("op")),
-                          conn.creds.pid)
+            self.loglimit.log(log, logging.ERROR, f"uid {conn.creds.uid}",
+                              "unexpected error in shim op %s from pid %d",
+                              brief(m.payload.get("op")), conn.creds.pid, exc_info=True)
             self._emit(conn, self._frame(ERROR, rid, error_payload(_InternalError(
                 f"{type(exc).__name__}: {exc}"))))
             return
@@ -977,8 +984,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         except SluiceError as exc:
             reply = self._frame(ERROR, m.request_id, error_payload(exc))
         except Exception as exc:  # noqa: BLE001 - a client must never take the daemon down
-            log.exception("unexpected error in shim data op %s from pid %d",
-                          DATA_OPS.get(m.op), conn.creds.pid)
+            self.loglimit.log(log, logging.ERROR, f"uid {conn.creds.uid}",
+                              "unexpected error in shim data op %s from pid %d",
+                              DATA_OPS.get(m.op), conn.creds.pid, exc_info=True)
             reply = self._frame(ERROR, m.request_id, error_payload(_InternalError(
                 f"{type(exc).__name__}: {exc}")))
         self._emit(conn, reply)

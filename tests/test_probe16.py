@@ -136,3 +136,78 @@ def test_a_tenant_filling_the_shared_memory_budget_leaves_others_their_first_buf
     while usage(mnt)["uid-1000"]["shm"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+# -- F2: the daemon's log, grown by any local user -----------------------------------------
+
+def test_log_limiter_lets_a_burst_then_one_line_an_interval_per_key() -> None:
+    """Each key logs BURST lines at once, then one every INTERVAL seconds; the line
+    after a pause says how many were left out; keys do not share a budget, and the
+    limiter keeps at most MAX_KEYS of them."""
+    import logging
+    from kernelshim import loglimit as ll
+    now = [0.0]
+    lim = ll.LogLimiter(clock=lambda: now[0])
+    assert [lim.allow("uid 1") for _ in range(ll.BURST)] == [0] * ll.BURST
+    assert [lim.allow("uid 1") for _ in range(5)] == [None] * 5
+    assert lim.allow("uid 2") == 0  # another tenant's lines are its own
+    now[0] += ll.INTERVAL / 2
+    assert lim.allow("uid 1") is None
+    now[0] += ll.INTERVAL / 2
+    assert lim.allow("uid 1") == 6  # the five and the one above
+    assert lim.allow("uid 1") is None
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("test_probe16.loglimit")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    now[0] += ll.INTERVAL
+    assert lim.log(logger, logging.WARNING, "uid 1", "closing %s", "x")
+    assert records[-1].getMessage() == "closing x (1 more lines for uid 1 left out)"
+    assert not lim.log(logger, logging.WARNING, "uid 1", "closing %s", "y")
+    for k in range(ll.MAX_KEYS + 10):
+        lim.allow(k)
+    assert len(lim._keys) == ll.MAX_KEYS
+
+
+_LOG_FLOOD = """
+import socket, sys
+n = 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sys.argv[1])
+        s.sendall(b"\\xff" * 16)
+        s.recv(4096)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    n += 1
+print(n)
+"""
+
+
+@pytest.mark.mounted
+def test_a_tenant_cannot_grow_the_daemons_log_without_bound(pubmnt: Path, tmp_path: Path
+                                                            ) -> None:
+    """Probe 16, F2: connecting, sending a bad frame length and hanging up wrote one
+    line to the volume's sluice.log per connection (33 KB a second from one process,
+    charged to nobody, on the host filesystem beside the backing store). Now a tenant's
+    lines are rate-limited: 400 such connections add at most a burst of lines."""
+    from kernelshim import loglimit as ll
+    from test_hostile import control_path
+    mnt = pubmnt
+    setup_pub(mnt)
+    log = tmp_path / "pub-daemon.log"  # (the fixture's daemon logs there)
+    before = log.stat().st_size if log.exists() else 0
+    r = user_run([USER_PY, "-c", _LOG_FLOOD, control_path(mnt), "400"], 1000)
+    assert r.returncode == 0 and r.stdout.strip() == "400", r.stderr
+    served(mnt, 1002)  # the daemon serves others
+    text = log.read_text()[before:] if log.exists() else ""
+    lines = [ln for ln in text.splitlines() if "closing shim connection" in ln]
+    assert 1 <= len(lines) <= ll.BURST + 1, len(lines)
