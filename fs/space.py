@@ -523,7 +523,10 @@ class Space:
         # One pass over the range (remove_data), not one map edit per run: each edit
         # moves the tail of the map, and a punch of a file of N one-block extents was
         # O(N^2) in this step, which nothing else shares (RELIABILITY 2026-12-01).
-        gone = emap.remove_data(f0, f1 - f0)
+        # A punch (no pool) frees UNWRITTEN runs too, as ext4 does: fallocate's
+        # reservation of a range is given back when a hole is punched over it (probe
+        # 16, F4); ZERO_RANGE keeps them, already zeros and allocated.
+        gone = emap.remove_data(f0, f1 - f0, unwritten=pool is None)
         if not gone:
             return
         freed = [(dev, n, owner) for _fb, dev, n, owner in gone]

@@ -508,12 +508,13 @@ class ExtentMap:
         del self._starts[lo:hi]
         return freed
 
-    def remove_data(self, file_block: int, count: int
+    def remove_data(self, file_block: int, count: int, *, unwritten: bool = False
                     ) -> list[tuple[int, int, int, int]]:
         """Unmap the data (WRITTEN and FRESH) extents of [file_block, +count), leaving
-        UNWRITTEN ones mapped; returns (file_block, dev_block, count, owner) of each
-        removed piece, in order. One pass over the range, whatever the number of
-        extents (a punch of a file of many small extents; remove_owned per run would
+        UNWRITTEN ones mapped (with `unwritten`, those too: a punched hole frees what
+        fallocate reserved, as on ext4); returns (file_block, dev_block, count, owner)
+        of each removed piece, in order. One pass over the range, whatever the number
+        of extents (a punch of a file of many small extents; remove_owned per run would
         move the tail of the list once per run: quadratic)."""
         end = file_block + count
         if count <= 0:
@@ -525,7 +526,7 @@ class ExtentMap:
         kept: list[list[int]] = []
         gone: list[tuple[int, int, int, int]] = []
         for e in self._ext[lo:hi]:
-            if e[3] == UNWRITTEN:
+            if e[3] == UNWRITTEN and not unwritten:
                 kept.append(e)
             else:
                 gone.append((e[0], e[1], e[2], e[4]))

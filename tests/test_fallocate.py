@@ -206,6 +206,36 @@ def test_punch_hole_zeroes_frees_and_refunds(mnt: Path, tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_punch_hole_frees_reserved_blocks_too(mnt: Path) -> None:
+    """Probe 16, F4: a hole punched over fallocated, never written blocks freed
+    nothing (st_blocks and the principal's charge stayed until truncate or unlink);
+    ext4 gives them back, and so does sluice now. A punch over a mix of written and
+    reserved blocks frees both; ZERO_RANGE keeps them (test below)."""
+    sluice("principal", "add", str(mnt), "a", "--space", "64M")
+    (mnt / "d").mkdir()
+    f = mnt / "d" / "f"
+    r = run_as_principal(mnt, "a", "fallocate", "-l", "8M", str(f))
+    assert r.returncode == 0, r.stderr
+    used = usage(mnt)["a"][0]
+    assert used == 8 * MiB + entry("f") and blocks(f) == 8 * MiB // BS
+    r = run_as_principal(mnt, "a", "dd", "if=/dev/urandom", f"of={f}", "bs=1M", "count=1",
+                         "seek=2", "conv=notrunc,fsync", "status=none")
+    assert r.returncode == 0, r.stderr
+    data = f.read_bytes()
+    # blocks 0..767 punched: 1 MiB written (blocks 512..767) and 2 MiB reserved
+    r = subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(3 * MiB), str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f.stat().st_size == 8 * MiB
+    assert blocks(f) == 5 * MiB // BS
+    assert usage(mnt)["a"][0] == used - 3 * MiB
+    assert f.read_bytes() == bytes(3 * MiB) + data[3 * MiB:]
+    # the space is the principal's again: 58 MiB more fit in its 64 MiB bank
+    r = run_as_principal(mnt, "a", "fallocate", "-o", str(8 * MiB), "-l", str(58 * MiB),
+                         str(f))
+    assert r.returncode == 0, r.stderr
+
+
 def test_zero_range_keeps_the_blocks_and_grows_the_file(mnt: Path) -> None:
     f = mnt / "f"
     data = os.urandom(40 * BS)
