@@ -257,6 +257,7 @@ class FileOps(ServerBase):
     async def _write(self, conn: Connection, g: Grant, offset: int, length: int,
                      at: int, *, allocate: bool = False) -> int:
         buf = self._buf(conn, at, length)
+        self.kernel.check_pending(g)  # (its uncommitted ranges: PENDING_RANGES)
         pos = 0
         while pos < length:
             quiet = trio.current_time() - self._metadata_seen >= METADATA_QUIET

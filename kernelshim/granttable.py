@@ -21,8 +21,9 @@ from blockdev import PrincipalId
 
 from .errors import GrantRevoked, RightsError
 from .extents import ExtentMap
-from .grants import Grant, Rights
-from .principals import PrincipalTable
+from .grants import PENDING_RANGES, Grant, Rights
+from .principals import PrincipalTable, TooManyObjects
+from .ranges import Meter
 
 
 _int_and = int.__and__
@@ -46,6 +47,10 @@ class GrantTable:
         #: the waiters when one of those goes quiet for an epoch (or a whole epoch does)
         self._watched: dict[int, int] = {}
         self._quiesced: trio.Event | None = None
+        #: each principal's pending written ranges, all its grants together
+        #: (PENDING_RANGES): one meter a principal that held a grant (at most the
+        #: principals there are)
+        self._meters: dict[PrincipalId, Meter] = {}
 
     def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
               principal: PrincipalId, charge: bool = True) -> Grant:
@@ -55,6 +60,10 @@ class GrantTable:
             self.principals.charge_object(self.principals.by_id(principal), "grants")
         g = Grant(inode, generation, extents, rights, principal)
         g.charged = charge and self.principals is not None
+        meter = self._meters.get(principal)
+        if meter is None:
+            meter = self._meters[principal] = Meter()
+        g._written.meter = meter
         self._grants[g.id] = g
         self._by_inode.setdefault(inode, set()).add(g)
         return g
@@ -71,6 +80,15 @@ class GrantTable:
         grant.children.append(g)
         return g
 
+    def check_pending(self, grant: Grant) -> None:
+        """TooManyObjects if `grant`'s principal holds PENDING_RANGES pending written
+        ranges over all its grants: its direct client must commit before it writes
+        more (probe 16, F5)."""
+        meter = grant._written.meter
+        if meter is not None and meter.n >= PENDING_RANGES:
+            raise TooManyObjects(f"principal {grant.principal} holds {meter.n} uncommitted "
+                                 f"written ranges (limit {PENDING_RANGES}): commit first")
+
     def grants_for(self, inode: int) -> list[Grant]:
         return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
 
@@ -84,6 +102,7 @@ class GrantTable:
             if g.revoked:
                 continue
             g.revoked = True
+            g.drop_pending()
             if g.charged and self.principals is not None:
                 self.principals.refund_object(self.principals.by_id(g.principal), "grants")
                 g.charged = False

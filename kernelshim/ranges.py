@@ -24,6 +24,15 @@ from typing import Iterator
 CHUNK = 256
 
 
+class Meter:
+    """The ranges of every RangeList that counts into it (a principal's grants')."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 def _up(x: int, block: int) -> int:
     return -(-x // block) * block
 
@@ -31,19 +40,32 @@ def _up(x: int, block: int) -> int:
 class RangeList:
     """Sorted, disjoint [start, end) ranges (see the module's docstring)."""
 
-    __slots__ = ("_chunks", "_firsts", "_len")
+    __slots__ = ("_chunks", "_firsts", "_len", "meter")
 
-    def __init__(self, ranges: list[list[int]] | None = None) -> None:
+    def __init__(self, ranges: list[list[int]] | None = None, meter: Meter | None = None
+                 ) -> None:
         self._chunks: list[list[list[int]]] = []
         self._firsts: list[int] = []
         self._len = 0
+        #: counts this list's ranges (with others': `Meter`), or None
+        self.meter = meter
         if ranges:
             self._build([[s, e] for s, e in ranges])
 
     def _build(self, flat: list[list[int]]) -> None:
         self._chunks = [flat[k:k + CHUNK] for k in range(0, len(flat), CHUNK)]
         self._firsts = [c[0][0] for c in self._chunks]
-        self._len = len(flat)
+        self._count(len(flat) - self._len)
+
+    def _count(self, delta: int) -> None:
+        self._len += delta
+        if self.meter is not None:
+            self.meter.n += delta
+
+    def clear(self) -> None:
+        """Drop every range (and their count from the meter)."""
+        self._count(-self._len)
+        self._chunks, self._firsts = [], []
 
     def __len__(self) -> int:
         return self._len
@@ -125,7 +147,7 @@ class RangeList:
             del chunks[ci + 1:cj]
             del self._firsts[ci + 1:cj]
             cj = ci + 1
-        self._len += len(new) - removed
+        self._count(len(new) - removed)
         # keep the chunk index right: drop empty chunks, split a long one
         for k in (cj, ci) if cj != ci else (ci,):
             c = chunks[k]
@@ -161,7 +183,7 @@ class RangeList:
                 end = max(end, w[j][1])
                 j += 1
             w[i:j] = [[start, end]]
-            self._len = len(w)
+            self._count(len(w) - self._len)
             self._firsts[0] = w[0][0]
             if len(w) > 2 * CHUNK:
                 chunks[:] = [w[k:k + CHUNK] for k in range(0, len(w), CHUNK)]

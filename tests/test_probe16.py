@@ -270,3 +270,67 @@ os.unlink({str(f)!r})
 print(os.read(fd, 4))
 """], 1002)
     assert r.returncode == 0 and r.stdout.strip() == "b'vvvv'", r.stderr
+
+
+# -- F5: a direct client's uncommitted written ranges --------------------------------------
+
+async def test_a_principals_uncommitted_written_ranges_are_bounded(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Probe 16, F5: each grant keeps its uncommitted written ranges (~150 bytes of the
+    daemon's memory each), up to the blocks written through it, and a principal may
+    hold 4,096 grants on the same blocks: no bank bounded them. Now all of one
+    principal's grants together hold at most PENDING_RANGES: a direct write beyond
+    that gets TooManyObjects (the client must commit) — another principal's writes
+    go on; a commit, or a revoke, gives the count back."""
+    import socket as socket_mod
+    from fs.service import DirectService
+    from kernelshim import granttable
+    from kernelshim.connection import Connection
+    from kernelshim.principals import Banks, TooManyObjects
+    from kernelshim.server import ShimServer
+    from kernelshim.service import Credentials
+    from test_filesystem import CALLER, ROOT, Volume
+    BS = 4096
+    limit = 64
+    monkeypatch.setattr(granttable, "PENDING_RANGES", limit)
+    v = Volume(tmp_path / "vol", size=4096 * BS)
+    fs = await v.open()
+    try:
+        grants = []
+        for name in (b"a", b"b"):
+            h, node = fs.create(ROOT, name, 0o644, os.O_RDWR, CALLER)
+            await fs.release(h.fh)
+            g = fs.grant_direct(node, True, True, CALLER)
+            await fs.layout_get(g, 0, 256 * BS)
+            grants.append(g)
+        a, b = grants
+        for i in range(40):  # scattered one-byte writes: one range each
+            await fs.kernel.write(a, 2 * i * BS, b"x")
+        for i in range(limit - 40):
+            await fs.kernel.write(b, 2 * i * BS, b"y")
+        meter = a._written.meter
+        assert meter is b._written.meter and meter.n == limit
+        server = ShimServer(fs.kernel, fs.principals, DirectService(fs), tmp_path / "s.sock")
+        s1, s2 = socket_mod.socketpair()
+        conn = Connection(Credentials(os.getpid(), 0, 0), fs.principals.by_id(a.principal),
+                          s1, shm_view=memoryview(bytearray(BS)))
+        with pytest.raises(TooManyObjects, match="uncommitted written ranges"):
+            await server._write(conn, a, 200 * BS, 1, 0)
+        # another principal's grant is not held back
+        other = fs.principals.add("other", owner_uid=0, banks=Banks(), caller_uid=0)
+        c = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
+                            rights=a.rights, principal=other.id, charge=False)
+        await fs.kernel.write(c, 201 * BS, b"z")
+        fs.kernel.release(c)
+        # a commit gives its ranges back; so does a revoke
+        await fs.layout_commit(a, 0, 256 * BS)
+        assert meter.n == limit - 40
+        await server._write(conn, a, 200 * BS, 1, 0)
+        assert meter.n == limit - 39
+        fs.kernel.release(b)
+        assert meter.n == 1 and b.written == []
+        s1.close()
+        s2.close()
+        await fs.close_direct(a)
+    finally:
+        await v.close()
