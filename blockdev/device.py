@@ -377,6 +377,11 @@ class BlockDevice:
         self._host_reserved = np.zeros(-(-self.nblocks // self._chunk_blocks), dtype=bool)
         #: the same memory, for scalar reads from Python (`host_reserved`)
         self._host_reserved_m = self._host_reserved.data
+        #: chunks a hole was punched in since the device was opened: a reservation in
+        #: one reserves just its range, not the whole chunk again, which refilled on the
+        #: host the holes punched for freed blocks behind the allocator (a volume with
+        #: no data kept 54 MiB to 1.3 GiB of the host after churn: probe 15, F1)
+        self._host_punched = np.zeros(len(self._host_reserved), dtype=bool)
         self._closed = False
 
     # -- formatting and opening -------------------------------------------------
@@ -861,12 +866,15 @@ class BlockDevice:
         def fits(nblocks: int, keep: int = keep) -> bool:
             return room is None or avail - nblocks * (bs + 8) >= keep
 
+        punched = self._host_punched
         try:
             # Whole chunks only under the full headroom, relocation or not: a flagged
             # chunk lets later new data in it past every check, so a relocation that
             # flagged one within half the headroom let new data use the relocations'
             # half (second review of probe 5, R4); it reserves just its range then.
-            if not fits(int(np.count_nonzero(~have[c0:c1])) * cb, full):
+            # A chunk with holes punched in it reserves just the range's part in it.
+            whole = ~have[c0:c1] & ~punched[c0:c1]
+            if not fits(int(np.count_nonzero(whole)) * cb + count, full):
                 raise OSError(errno.ENOSPC, "no room for whole chunks")
             c = c0
             while c < c1:  # each run of chunks not reserved yet, in one call
@@ -874,12 +882,15 @@ class BlockDevice:
                     c += 1
                     continue
                 e = c + 1
-                while e < c1 and not have[e]:
+                while e < c1 and not have[e] and punched[e] == punched[c]:
                     e += 1
                 lo, hi = c * cb, min(e * cb, self.nblocks)
+                if punched[c]:
+                    lo, hi = max(lo, block), min(hi, block + count)
                 reserve_space(self.data, lo * bs, (hi - lo) * bs)
                 self.checksums.reserve(lo, hi - lo)
-                have[c:e] = True
+                if not punched[c]:
+                    have[c:e] = True
                 c = e
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
@@ -916,6 +927,7 @@ class BlockDevice:
         cb = self._chunk_blocks
         release_space(self.data, block * self.block_size, count * self.block_size)
         self._host_reserved[block // cb:(block + count - 1) // cb + 1] = False
+        self._host_punched[block // cb:(block + count - 1) // cb + 1] = True
 
     async def discard(self, block: BlockNo, count: int, *, principal: PrincipalId) -> None:
         """Forget the contents of blocks: they read as zeros afterwards (a hole is punched
@@ -972,6 +984,7 @@ class BlockDevice:
                     raise self._failed(exc, "discard", block, count) from None
                 finally:
                     self._host_reserved[chunks] = False
+                    self._host_punched[chunks] = True
                 self._csum[block:block + count] = 0
                 done += 1
         finally:
@@ -1011,6 +1024,7 @@ class BlockDevice:
         finally:
             for ch in chunks:
                 self._host_reserved[ch] = False
+                self._host_punched[ch] = True
         for block, count in runs[:done]:
             self._csum[block:block + count] = 0
         await self._persist_discarded(runs[:done])

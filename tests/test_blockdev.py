@@ -796,8 +796,10 @@ def _host_bytes(path: Path) -> int:
 async def test_host_space_is_reserved_in_whole_chunks_until_a_discard(tmp_path: Path) -> None:
     """`reserve` makes the host allocate the whole aligned chunks
     (RESERVE_CHUNK_BYTES) under the blocks asked for, so a stream of allocations costs
-    one fallocate per chunk; a discard in a chunk punches its hole and the chunk is
-    reserved again, whole, at its next allocation. Contents never change."""
+    one fallocate per chunk; a discard in a chunk punches its hole, and from then on a
+    reservation in that chunk takes just its range: reserving the chunk whole again
+    refilled on the host the holes punched for freed blocks (probe 15, F1: an empty
+    volume kept 54 MiB to 1.3 GiB of the host after churn). Contents never change."""
     from blockdev.device import RESERVE_CHUNK_BYTES
     chunk = RESERVE_CHUNK_BYTES // BS
     dev = make(tmp_path, nblocks=3 * chunk + 5)  # three chunks and a short last one
@@ -817,12 +819,16 @@ async def test_host_space_is_reserved_in_whole_chunks_until_a_discard(tmp_path: 
         assert host(2 * RESERVE_CHUNK_BYTES + 5 * BS)
         assert await dev.read(3, 1, principal=P0) == pattern(1, 7)  # kept
         assert await dev.read(5, 2, principal=P0) == bytes(2 * BS)
-        # a discard gives back what it covers; the next reserve there takes the chunk again
+        # a discard gives back what it covers; a reserve in that chunk then takes just
+        # its range, leaving the other punched blocks holes on the host
         await dev.discard(8, 4, principal=P0)
         assert host(2 * RESERVE_CHUNK_BYTES + BS)
         dev.reserve(9, 1)
-        assert host(2 * RESERVE_CHUNK_BYTES + 5 * BS)
+        assert host(2 * RESERVE_CHUNK_BYTES + 2 * BS)
+        dev.reserve(8, 2)
+        assert host(2 * RESERVE_CHUNK_BYTES + 3 * BS)
         assert await dev.read(3, 1, principal=P0) == pattern(1, 7)
+        assert await dev.read(8, 4, principal=P0) == bytes(4 * BS)
         with pytest.raises(OutOfRange):
             dev.reserve(3 * chunk + 4, 2)
     finally:
