@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 
-from blockdev import BankTree, format_size_approx
+import numpy as np
+
+from blockdev import ROOT_PRINCIPAL, BankTree, format_size_approx
 
 from .errors import GuaranteeExceeded
+from .cache import DIRTY, FREE, WRITEBACK
 from .frames import FrameTable
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,10 @@ class Banks(FrameTable):
         """The principals' memory banks changed (or the mount started). Guarantees past
         the pool are logged and honoured only as far as frames exist (the admission
         check, `check_banks`, is the caller's)."""
+        old_parent = self._parent
         self.banks = tree
+        if tree:
+            self._hand_over_frames(tree, old_parent)
         bs = self.block_size
         prot = self._protections(tree)
         self._min = {pid: v // bs for pid, v in prot.items() if v >= bs}
@@ -64,6 +70,40 @@ class Banks(FrameTable):
         if sum(self._min.values()) > self.nframes:
             log.error("memory guarantees exceed the pager's pool of %d frames", self.nframes)
         self._poke()
+
+    def _hand_over_frames(self, tree: BankTree, old_parent: dict[int, int | None]) -> None:
+        """Principals gone from `tree` (`principal rm`) that still hold frames: each
+        hands its frames, and the dirty frames it dirtied, to its nearest ancestor
+        still in the tree (root at worst), whose ceiling and statistics they count in
+        from now on. They stayed charged to the removed id, listed for nobody and under
+        no ceiling: a tenant that made and removed children kept any multiple of its
+        cache_max resident (probe 15, F3)."""
+        gone = [p for p, a in self._acct.items()
+                if p in old_parent and p not in tree and (a.resident or a.dirty)]
+        for p in gone:
+            heir: int | None = old_parent.get(p)
+            seen = {p}
+            while heir is not None and heir not in tree and heir not in seen:
+                seen.add(heir)
+                heir = old_parent.get(heir)
+            if heir is None or heir not in tree:
+                heir = ROOT_PRINCIPAL
+            a, h = self._acct[p], self._acct_of(heir)
+            for f in np.flatnonzero(self._owner == p).tolist():
+                if self._state_m[f] == FREE:
+                    continue
+                self._owner_m[f] = heir
+                self._requeue(f)  # (its referenced bit kept)
+                a.resident -= 1
+                h.resident += 1
+            dirtied = np.flatnonzero(self._dirtier == p).tolist()
+            for f in dirtied:
+                if self._state_m[f] in (DIRTY, WRITEBACK):
+                    self._dirtier_m[f] = heir
+            h.dirty += a.dirty
+            h.disc_dirty += a.disc_dirty
+            h.paced += a.paced
+            a.dirty = a.disc_dirty = a.paced = 0
 
     def _limited_paths(self, tree: BankTree) -> dict[int, list[tuple[int, frozenset[int],
                                                                          float]]]:

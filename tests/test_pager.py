@@ -636,6 +636,41 @@ async def test_ceiling_of_a_parent_covers_its_children(device: BlockDevice) -> N
     assert r[P1] + r[P2] == 6
 
 
+@pytest.mark.parametrize("policy", ["principal", "hinted", "global-lru"])
+async def test_a_removed_principals_frames_go_to_its_nearest_ancestor(
+        device: BlockDevice, policy: str) -> None:
+    """Probe 15, F3: a principal removed from the bank tree (`principal rm`) kept its
+    frames, clean and dirty, under its dead id: listed for nobody, under no ceiling (a
+    tenant that made and removed children held three times its cache_max). They now
+    go to its nearest ancestor still in the tree, which counts them and whose ceiling
+    then binds: its next reads evict its own frames, not others'."""
+    team = PrincipalId(5)
+    tree = {ROOT: BankNode(ROOT, None, "root"),
+            team: BankNode(team, ROOT, "team", cache_max=8 * BS),
+            P1: BankNode(P1, team, "a"), P2: BankNode(P2, ROOT, "b")}
+    p = Pager(device, nframes=16, policy=policy, writeback=True)
+    p.configure_banks(tree)
+    await p.read(0, 6, principal=P1)
+    await p.write(10, b"d" * (2 * BS), principal=P1)  # two dirty frames it dirtied
+    await p.read(20, 4, principal=P2)
+    assert p.statistics().resident == {P1: 8, P2: 4}
+    gone = {k: v for k, v in tree.items() if k != P1}
+    p.configure_banks(gone)
+    s = p.statistics()
+    assert s.resident == {team: 8, P2: 4}
+    assert s.per_principal[team].dirty == 2
+    check_invariants(p)
+    # the team's ceiling binds the frames it took over: its reads evict its own
+    # (global-lru has no ceilings: one LRU for everyone)
+    await p.read(40, 4, principal=team)
+    if policy != "global-lru":
+        assert p.statistics().resident == {team: 8, P2: 4}
+    check_invariants(p)
+    await p.flush()
+    assert p.statistics().per_principal[team].dirty == 0
+    check_invariants(p)
+
+
 def test_sum_of_guarantees_is_admission_checked(device: BlockDevice) -> None:
     p = Pager(device, nframes=10)
     p.check_banks(banks(p1=(6, None), p2=(4, None)))
