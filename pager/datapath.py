@@ -3,7 +3,8 @@ resident frames so they see dirty data), fills of missing blocks charged to the
 reader, read-ahead and drop-behind of sequential files, writes (into dirty frames,
 or through to the device keeping resident frames current); blocks whose newest
 contents a dropped discardable frame held read as zeros, never from the device
-(`FrameTable._lost`). Freed blocks: pager/freeing.py. The concurrency rules (generations,
+(`FrameTable._lost`). Streams around the pool: pager/stream.py. Freed blocks:
+pager/freeing.py. The concurrency rules (generations,
 FILLING, `_redirty`) are in docs/dev/invariants.md ("Pager")."""
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from . import trace as tr
 from .cache import (BYPASS_BLOCKS, CLASS_DROP_BEHIND, CLEAN, DIRTY, FILLING, WRITEBACK,
                     WRITEBACK_CLUSTER)
 from .policy import NIL
-from .reclaim import Reclaim
+from .stream import Stream
 
 
-class DataPath(Reclaim):
+class DataPath(Stream):
     """read, read_into, write, discard."""
 
     def _init_datapath(self, *, readahead: int) -> None:
@@ -32,52 +33,6 @@ class DataPath(Reclaim):
         await self.read_into(block, count, memoryview(out), principal=principal,
                              file=file, fblock=fblock)
         return out
-
-    async def _read_stream(self, block: BlockNo, count: int, view: memoryview,
-                           principal: PrincipalId) -> None:
-        """A large read that does not go through the pool (it would push out the small,
-        hot blocks the pool is for): resident blocks are copied from their frames, the
-        runs of the others read from the device, uncached. Frames are never older than
-        the device (dirty, under write-back, or written through), so after each device
-        read, with no checkpoint in between, frames that became resident meanwhile are
-        laid over what the device returned."""
-        bs = self.block_size
-        where = self._where
-        mem = self._mem
-        state = self._state_m
-        # The resident blocks of the range by one set intersection (the probes run in
-        # C), not two dict probes per block in Python: a large read's range is mostly
-        # not resident (docs/BENCHMARKS.md, "Direct sequential reads").
-        resident = sorted(b for b in where.keys() & range(block, block + count)
-                          if state[where[b]] != FILLING) if where else []
-        skip: list[int] = resident
-        lost = self._lost_in(block, count)
-        if lost:  # zeros, never read from the device (FrameTable._lost)
-            for b in lost:
-                i = b - block
-                view[i * bs:(i + 1) * bs] = bytes(bs)
-            skip = sorted({*resident, *lost})
-        for b in resident:  # (a resident frame is newer than any of them)
-            f = where[b]
-            i = b - block
-            view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
-        self.bypassed += count - len(resident)
-        # The runs between them are read from the device (decided before the first
-        # checkpoint, as the copies above were made).
-        lo: int = block
-        for stop in (*skip, block + count):
-            if stop > lo:
-                first, n = lo - block, stop - lo
-                await self.device.read_into(BlockNo(lo), n,
-                                            view[first * bs:(first + n) * bs],
-                                            principal=principal)
-                if where:
-                    for b in where.keys() & range(lo, stop):
-                        f = where[b]
-                        if state[f] != FILLING:
-                            i = b - block
-                            view[i * bs:(i + 1) * bs] = mem[f * bs:(f + 1) * bs]
-            lo = stop + 1
 
     async def read_into(self, block: BlockNo, count: int, view: memoryview, *,
                         principal: PrincipalId, file: int = 0, fblock: int = 0) -> None:

@@ -96,7 +96,9 @@ found in exactly one place and mypy checks every call):
   frame allocation.
 - pager/reclaim.py `Reclaim` (records in pager/tickets.py): reclaim requests to
   subscribers, deadlines, the reclaim task.
-- pager/datapath.py `DataPath`: read, write, fill, read-ahead, bypass, discard.
+- pager/stream.py `Stream`: large reads around the pool (bypass), overlaid with
+  resident frames.
+- pager/datapath.py `DataPath`: read, write, fill, read-ahead, discard.
 - pager/hints.py `Hints`: file hints, `advise`, `forget_file`.
 - here: `Pager`, the constructor and `run()`, the pager's background tasks.
 """

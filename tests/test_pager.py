@@ -232,6 +232,25 @@ async def test_large_reads_bypass_the_cache(device: BlockDevice) -> None:
     assert s.bypassed_blocks == n and s.misses == BYPASS_BLOCKS and s.frames_used == 8
 
 
+async def test_a_large_read_of_cached_blocks_counts_their_hits(device: BlockDevice) -> None:
+    """Probe 15, F2: a read of more than BYPASS_BLOCKS served from resident frames
+    (dd bs=1M of a cached file, a direct client's read-ahead) counted as neither hits
+    nor misses, and left the frames looking cold. Its resident blocks are now hits of
+    the reader, and referenced; the rest bypass the pool as before."""
+    await device.write(0, blk(8, 64), principal=P0)
+    p = Pager(device, nframes=64, policy="principal")
+    await p.read(0, 16, principal=P1)  # 16 resident (misses)
+    for f in range(64):
+        p._ref_m[f] = False
+    n = 48
+    assert await p.read(0, n, principal=P2) == blk(8, 64)[:n * BS]
+    s = p.statistics()
+    assert s.per_principal[P2].hits == 16 and s.per_principal[P2].misses == 0
+    assert s.bypassed_blocks == n - 16 and s.hits == 16
+    assert all(p._ref_m[p._where[b]] for b in range(16))
+    check_invariants(p)
+
+
 async def test_bypass_read_does_not_evict_hot_blocks(device: BlockDevice) -> None:
     p = Pager(device, nframes=4)
     await p.read(100, 4, principal=P0)
