@@ -252,44 +252,6 @@ class Namespace:
             await self._revoke_direct(node)
             if node.opens == 0:
                 await self._destroy(node)
-            else:
-                await self._charge_holders(node)
-
-    async def _charge_holders(self: FileSystem, node: Inode) -> None:
-        """The last name of `node` went while handles keep it open: from now on its
-        storage is charged to the principals holding it, not to those who wrote it. A
-        tenant that opened (or mapped) another's readable file pinned the owner's bank
-        with it after the owner deleted it, until it chose to close (probe 16, F1:
-        the owner's next write got EDQUOT). Runs owned by a holder stay its own; the
-        others, and the inode's xattrs, go to a holder (the file's own principal if
-        it is one, else the oldest handle's), charged unchecked as storage it keeps
-        (its bank may be over: its next allocation gets EDQUOT). Freed at the last
-        close from whoever holds the charge then."""
-        holders = [h.grant.principal for h in node.handles.values()]
-        if not holders or self.read_only is not None:
-            return
-        target = node.principal if node.principal in holders else holders[0]
-        if node.is_reg and node.blocks:
-            await self.preload_extents(node)
-            async with self._lock(node):
-                if node.nlink != 0:
-                    return  # (linked again meanwhile: O_TMPFILE's linkat)
-                moved = self._extents(node).hand_over(set(holders), target)
-                if moved:
-                    self._save_extents(node)
-                bs = self.block_size
-                for owner, n in moved.items():
-                    self.principals.refund(self.principal(owner), space=n * bs)
-                    self.principals.charge_held(self.principal(target), space=n * bs)
-        if node.principal != target and node.nlink == 0:
-            held = len(node.target or b"")
-            if node.xattr_bytes != 0:
-                held += self.md.xattr_total(node.id, skip=DISCARDED_XATTR)
-            if held:
-                self.principals.refund(self.principal(node.principal), space=held)
-                self.principals.charge_held(self.principal(target), space=held)
-            node.principal = target
-            self._save(node, "principal")
 
     async def _destroy(self: FileSystem, node: Inode) -> None:
         """Free an inode no name and no open handle refers to."""

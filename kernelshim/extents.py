@@ -23,7 +23,7 @@ that the metadata server can persist only those.
 from __future__ import annotations
 
 import bisect
-from typing import Collection, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 UNWRITTEN = 0
 WRITTEN = 1
@@ -638,20 +638,6 @@ class ExtentMap:
         self._changed.clear()
         self._new.clear()
         return deleted, upserts
-
-    def hand_over(self, keep: Collection[int], new: int) -> dict[int, int]:
-        """Every extent whose owner is not in `keep` is charged to `new` from now on, a
-        change to save; returns the blocks handed over per old owner (UNWRITTEN ones
-        too: they are charged). One pass over the map."""
-        moved: dict[int, int] = {}
-        for e in self._ext:
-            if e[4] not in keep and e[4] != new:
-                moved[e[4]] = moved.get(e[4], 0) + e[2]
-                e[4] = new
-                self._changed.add(e[0])
-        if moved:
-            self.merge_all()
-        return moved
 
     def retag_owner(self, old: int, new: int) -> None:
         """Extents charged to principal `old` are charged to `new` from now on (the

@@ -476,14 +476,6 @@ class PrincipalTable:
     def refund(self, p: Principal, *, space: int = 0, inodes: int = 0) -> None:
         accounting.apply(p, accounting.storage(-space, -inodes))
 
-    def charge_held(self, p: Principal, *, space: int = 0) -> None:
-        """Charge p (and its ancestors) for storage the volume holds already, handed to
-        it by another principal: unchecked, as the recount at mount is (its bank may
-        then be over: p's next allocation gets EDQUOT)."""
-        accounting.apply(p, accounting.storage(space, 0))
-        if space > 0 and self._provisional and self._keep(p):
-            self.save()
-
     def charge_object(self, p: Principal, kind: str, n: int = 1) -> None:
         """`n` more of kernel object `kind` (one of OBJECT_BANKS) held by p, charged to it
         and its ancestors; or TooManyObjects and nothing changed."""

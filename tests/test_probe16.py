@@ -214,64 +214,6 @@ def test_a_tenant_cannot_grow_the_daemons_log_without_bound(pubmnt: Path, tmp_pa
     assert 1 <= len(lines) <= ll.BURST + 1, len(lines)
 
 
-# -- F1: a deleted file another tenant holds open ------------------------------------------
-
-@pytest.mark.mounted
-def test_a_deleted_file_held_open_by_another_tenant_is_charged_to_it(pubmnt: Path) -> None:
-    """Probe 16, F1: a tenant that opened another's readable file and kept it open
-    pinned the owner's space bank after the owner deleted it: the owner's next write
-    got EDQUOT, until the holder chose to close. From the last unlink the blocks are
-    charged to the principal holding the file open; the holder's close frees them.
-    A file its own principal still holds stays charged to it."""
-    mnt = pubmnt
-    setup_pub(mnt)
-    (mnt / "pub" / "v").mkdir()
-    os.chown(mnt / "pub" / "v", 1002, 1002)
-    sluice("principal", "add", str(mnt), "uid-1002", "--owner", "1002", "--space", "12M",
-           check=False)
-    sluice("principal", "set", str(mnt), "uid-1002", "--space", "12M")
-    f = mnt / "pub" / "v" / "big"
-    write = [USER_PY, "-c", "import sys; open(sys.argv[1], 'wb').write(b'v' * (8 << 20))",
-             str(f)]
-    r = user_run(write, 1002)
-    assert r.returncode == 0, r.stderr
-    before = usage(mnt)
-    victim0, holder0 = before["uid-1002"]["space"], before["uid-1000"]["space"]
-    holder = user_popen(f"""
-import sys
-fd = open({str(f)!r}, "rb")
-print("open", flush=True)
-sys.stdin.readline()
-print(len(fd.read()), fd.read(0), flush=True)
-""", 1000)
-    try:
-        assert holder.stdout.readline() == "open\n"  # type: ignore[union-attr]
-        r = user_run(["rm", str(f)], 1002)
-        assert r.returncode == 0, r.stderr
-        after = usage(mnt)
-        assert after["uid-1002"]["space"] <= victim0 - (8 << 20)
-        assert after["uid-1000"]["space"] >= holder0 + (8 << 20)
-        r = user_run(write, 1002)  # the owner's bank is its own again
-        assert r.returncode == 0, r.stderr
-        holder.stdin.write("\n")  # type: ignore[union-attr]
-        # the holder still reads the whole file
-        assert holder.stdout.readline().split()[0] == str(8 << 20)  # type: ignore[union-attr]
-    finally:
-        _reap(holder)
-    deadline = time.monotonic() + 10
-    while usage(mnt)["uid-1000"]["space"] > holder0:
-        assert time.monotonic() < deadline, usage(mnt)["uid-1000"]
-        time.sleep(0.1)
-    # its own file, deleted while it holds it open, stays charged to the owner
-    r = user_run([USER_PY, "-c", f"""
-import os
-fd = os.open({str(f)!r}, os.O_RDONLY)
-os.unlink({str(f)!r})
-print(os.read(fd, 4))
-"""], 1002)
-    assert r.returncode == 0 and r.stdout.strip() == "b'vvvv'", r.stderr
-
-
 # -- F5: a direct client's uncommitted written ranges --------------------------------------
 
 async def test_a_principals_uncommitted_written_ranges_are_bounded(tmp_path: Path,
