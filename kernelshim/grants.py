@@ -36,12 +36,13 @@ _ids = itertools.count(1)
 #: ranges coalesce per block
 PENDING_EXACT = 4096
 
-#: pending written ranges of all of one principal's grants together (`GrantTable`'s
-#: meters): a direct client's write that would note more gets TooManyObjects until it
-#: commits. Each costs the daemon ~150 bytes, and a grant may hold as many as the
-#: blocks written through it, on up to 4,096 grants on the same blocks: unbounded by
-#: any bank before (probe 16, F5). 262,144 is 1 GiB of scattered 4 KiB writes kept
-#: uncommitted, ~40 MB of the daemon's memory.
+#: pending written ranges of all of one tenant's live grants together (`GrantTable`'s
+#: meters: a tenant is the principal tree below a top-most principal such as `uid-N`,
+#: so child principals share it): a direct client's write that would note more gets
+#: TooManyObjects until it commits. Each costs the daemon ~150 bytes, and a grant may
+#: hold as many as the blocks written through it, on up to 4,096 grants on the same
+#: blocks: unbounded by any bank before (probe 16, F5). 262,144 is 1 GiB of
+#: scattered 4 KiB writes kept uncommitted, ~40 MB of the daemon's memory.
 PENDING_RANGES = 1 << 18
 
 
@@ -92,12 +93,15 @@ class Grant:
         self._written.clear()
         self._written = RangeList(ranges, meter)
 
-    def drop_pending(self) -> None:
-        """Forget every pending written range (the grant is revoked: they will never
-        be committed) and stop counting it to the principal's meter: what a revoked
-        grant's slot keeps until its holder closes it is nothing."""
-        self._written.clear()
-        self._written = RangeList()
+    def stop_counting(self) -> None:
+        """The grant is revoked: its pending written ranges leave its tenant's meter
+        (`GrantTable.check_pending`). They stay: a commit in parts that a revoke
+        (a chmod, an unlink) met between two parts goes on with them, as before the
+        meter (review of stop 25, 13); and a revoked grant notes no more."""
+        w = self._written
+        if w.meter is not None:
+            w.meter.n -= len(w)
+            w.meter = None
 
     def note_written(self, start: int, end: int, block: int = 1) -> None:
         """[start, end) was written. `block`: the block size. Once the grant holds

@@ -47,10 +47,10 @@ class GrantTable:
         #: the waiters when one of those goes quiet for an epoch (or a whole epoch does)
         self._watched: dict[int, int] = {}
         self._quiesced: trio.Event | None = None
-        #: each principal's pending written ranges, all its grants together
-        #: (PENDING_RANGES): one meter a principal that held a grant (at most the
+        #: each tenant's pending written ranges, all its live grants together
+        #: (PENDING_RANGES): one meter a tenant that held a grant (at most the
         #: principals there are)
-        self._meters: dict[PrincipalId, Meter] = {}
+        self._meters: dict[int, Meter] = {}
 
     def grant(self, *, inode: int, generation: int, extents: ExtentMap, rights: Rights,
               principal: PrincipalId, charge: bool = True) -> Grant:
@@ -60,9 +60,10 @@ class GrantTable:
             self.principals.charge_object(self.principals.by_id(principal), "grants")
         g = Grant(inode, generation, extents, rights, principal)
         g.charged = charge and self.principals is not None
-        meter = self._meters.get(principal)
+        key = self._tenant(principal)
+        meter = self._meters.get(key)
         if meter is None:
-            meter = self._meters[principal] = Meter()
+            meter = self._meters[key] = Meter()
         g._written.meter = meter
         self._grants[g.id] = g
         self._by_inode.setdefault(inode, set()).add(g)
@@ -80,14 +81,25 @@ class GrantTable:
         grant.children.append(g)
         return g
 
+    def _tenant(self, principal: PrincipalId) -> int:
+        """The meter a principal's grants count into: its tenant's (the top-most
+        principal below root on its path; root's own), or its own without a table."""
+        if self.principals is None:
+            return principal
+        p = self.principals.by_id(principal)  # (root for an id no longer there)
+        while p.parent is not None and p.parent.parent is not None:
+            p = p.parent
+        return p.id
+
     def check_pending(self, grant: Grant) -> None:
-        """TooManyObjects if `grant`'s principal holds PENDING_RANGES pending written
-        ranges over all its grants: its direct client must commit before it writes
-        more (probe 16, F5)."""
+        """TooManyObjects if `grant`'s tenant holds PENDING_RANGES pending written ranges
+        over all its live grants: its direct client must commit before it writes more
+        (probe 16, F5)."""
         meter = grant._written.meter
         if meter is not None and meter.n >= PENDING_RANGES:
-            raise TooManyObjects(f"principal {grant.principal} holds {meter.n} uncommitted "
-                                 f"written ranges (limit {PENDING_RANGES}): commit first")
+            raise TooManyObjects(f"principal {grant.principal}'s tenant holds {meter.n} "
+                                 f"uncommitted written ranges (limit {PENDING_RANGES}): "
+                                 "commit first")
 
     def grants_for(self, inode: int) -> list[Grant]:
         return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
@@ -102,7 +114,7 @@ class GrantTable:
             if g.revoked:
                 continue
             g.revoked = True
-            g.drop_pending()
+            g.stop_counting()
             if g.charged and self.principals is not None:
                 self.principals.refund_object(self.principals.by_id(g.principal), "grants")
                 g.charged = False

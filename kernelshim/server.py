@@ -948,6 +948,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         try:
             g = self._grant(conn, burst[0].slot)
             self.kernel.check(g, Rights.WRITE)
+            self.kernel.check_pending(g)  # (its tenant's uncommitted ranges)
             writes = [(m.offset, memoryview(bytearray(self._buf(conn, m.buf, m.length))))
                       for m in burst]  # copies: see FileOps._write
             # (the host kernel's dirty pages of the file written back first, F2; the

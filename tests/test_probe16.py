@@ -270,9 +270,108 @@ async def test_a_principals_uncommitted_written_ranges_are_bounded(tmp_path: Pat
         await server._write(conn, a, 200 * BS, 1, 0)
         assert meter.n == limit - 39
         fs.kernel.release(b)
-        assert meter.n == 1 and b.written == []
+        assert meter.n == 1 and b._written.meter is None
+        # a tenant's child principals share its meter (review of stop 25, 3)
+        kid = fs.principals.add("kid", parent="other", owner_uid=0, banks=Banks(),
+                                caller_uid=0)
+        k = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
+                            rights=a.rights, principal=kid.id, charge=False)
+        o = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
+                            rights=a.rights, principal=other.id, charge=False)
+        assert k._written.meter is o._written.meter is not meter
+        fs.kernel.release(k)
+        fs.kernel.release(o)
         s1.close()
         s2.close()
         await fs.close_direct(a)
+    finally:
+        await v.close()
+
+
+async def test_a_commit_in_parts_that_a_revoke_meets_commits_every_range(tmp_path: Path
+                                                                        ) -> None:
+    """Review of stop 25, 13: a revoke (a chmod, an unlink) between two parts of a
+    direct commit of more than COMMIT_STEP ranges dropped the grant's pending ranges,
+    and the commit answered success having committed only the parts before. The
+    ranges stay (they leave the tenant's meter): the commit takes them all."""
+    import trio
+    from fs.layouts import COMMIT_STEP
+    from test_filesystem import CALLER, ROOT, Volume, read_file
+    BS = 4096
+    v = Volume(tmp_path / "vol", size=8192 * BS)
+    fs = await v.open()
+    try:
+        h, node = fs.create(ROOT, b"f", 0o666, os.O_RDWR, CALLER)
+        await fs.release(h.fh)
+        g = fs.grant_direct(node, True, True, CALLER)
+        n = 3 * COMMIT_STEP
+        await fs.layout_get(g, 0, 2 * n * BS)
+        for i in range(n):
+            await fs.kernel.write(g, 2 * i * BS, bytes([i % 251 + 1]) * BS)
+        meter = g._written.meter
+        result: dict = {}
+
+        async def commit() -> None:
+            result["size"] = await fs.layout_commit(g, 0, 2 * n * BS)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit)
+            while meter.n > n - COMMIT_STEP:  # the first part is taken
+                await trio.lowlevel.checkpoint()
+            fs.kernel.revoke_nowait(g)  # what chmod's and unlink's _revoke_direct do
+        assert meter.n == 0
+        assert result["size"] == (2 * n - 1) * BS
+        want = b"".join((bytes([b // 2 % 251 + 1]) if b % 2 == 0 else b"\0") * BS
+                        for b in range(2 * n - 1))
+        assert await read_file(fs, node.id) == want
+    finally:
+        await v.close()
+
+
+async def test_a_burst_of_pipelined_overwrites_meets_the_pending_bound(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """Review of stop 25, 4: only a single write checked the tenant's pending ranges; a
+    burst of pipelined whole-block overwrites (`ShimServer._write_burst`) went on
+    noting ranges past PENDING_RANGES. At the bound the burst is refused whole (the
+    requests are then served one by one, each getting the error)."""
+    import socket as socket_mod
+    from fs.service import DirectService
+    from kernelshim import granttable
+    from kernelshim.connection import Connection
+    from kernelshim.principals import TooManyObjects
+    from kernelshim.protocol import WRITE, DataRequest
+    from kernelshim.server import ShimServer
+    from kernelshim.service import Credentials
+    from test_filesystem import CALLER, ROOT, Volume
+    BS = 4096
+    limit = 16
+    monkeypatch.setattr(granttable, "PENDING_RANGES", limit)
+    v = Volume(tmp_path / "vol", size=4096 * BS)
+    fs = await v.open()
+    try:
+        h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+        await fs.write(h.fh, 0, b"a" * (128 * BS))
+        await fs.release(h.fh)
+        await fs.sync()
+        g = fs.grant_direct(node, True, True, CALLER)
+        assert g.extents.sealed_runs(0, 128) == [(0, 128)]
+        server = ShimServer(fs.kernel, fs.principals, DirectService(fs), tmp_path / "s.sock")
+        s1, s2 = socket_mod.socketpair()
+        s1.setblocking(False)
+        conn = Connection(Credentials(os.getpid(), 0, 0), fs.principals.by_id(g.principal),
+                          s1, shm_view=memoryview(bytearray(BS)))
+        conn.slots[1] = g
+        meter = g._written.meter
+        for i in range(limit):  # scattered single-block overwrites, one at a time
+            await server._write(conn, g, 2 * i * BS, BS, 0)
+        assert meter.n == limit
+        with pytest.raises(TooManyObjects):
+            await server._write(conn, g, 2 * limit * BS, BS, 0)
+        burst = [DataRequest(k, WRITE, 1, (2 * limit + 2 * k) * BS, BS, 0) for k in range(8)]
+        assert not await server._write_burst(conn, burst)
+        assert meter.n == limit
+        s1.close()
+        s2.close()
+        await fs.close_direct(g)
     finally:
         await v.close()
