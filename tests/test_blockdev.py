@@ -797,10 +797,11 @@ async def test_host_space_is_reserved_in_whole_chunks_until_a_discard(tmp_path: 
     """`reserve` makes the host allocate the whole aligned chunks
     (RESERVE_CHUNK_BYTES) under the blocks asked for, so a stream of allocations costs
     one fallocate per chunk; a discard in a chunk punches its hole, and from then on a
-    reservation in that chunk takes just its range: reserving the chunk whole again
-    refilled on the host the holes punched for freed blocks (probe 15, F1: an empty
-    volume kept 54 MiB to 1.3 GiB of the host after churn). Contents never change."""
-    from blockdev.device import RESERVE_CHUNK_BYTES
+    reservation in that chunk takes its range and a window ahead of it: reserving the
+    chunk whole again refilled on the host the holes punched for freed blocks (probe 15,
+    F1: an empty volume kept 54 MiB to 1.3 GiB of the host after churn). Contents never
+    change."""
+    from blockdev.device import RESERVE_CHUNK_BYTES, RESERVE_WINDOW_BYTES
     chunk = RESERVE_CHUNK_BYTES // BS
     dev = make(tmp_path, nblocks=3 * chunk + 5)  # three chunks and a short last one
     img = tmp_path / "dev" / BACKING
@@ -819,14 +820,21 @@ async def test_host_space_is_reserved_in_whole_chunks_until_a_discard(tmp_path: 
         assert host(2 * RESERVE_CHUNK_BYTES + 5 * BS)
         assert await dev.read(3, 1, principal=P0) == pattern(1, 7)  # kept
         assert await dev.read(5, 2, principal=P0) == bytes(2 * BS)
-        # a discard gives back what it covers; a reserve in that chunk then takes just
-        # its range, leaving the other punched blocks holes on the host
+        # a discard gives back what it covers; a reserve in that chunk then takes its
+        # range and a window ahead of it (RESERVE_WINDOW_BYTES: the allocator's next
+        # blocks, reserved without a system call each), never the holes behind it
         await dev.discard(8, 4, principal=P0)
         assert host(2 * RESERVE_CHUNK_BYTES + BS)
+        assert not dev.host_reserved(9, 1)
         dev.reserve(9, 1)
-        assert host(2 * RESERVE_CHUNK_BYTES + 2 * BS)
+        assert host(2 * RESERVE_CHUNK_BYTES + 4 * BS)  # 9, 10, 11; block 8 stays a hole
+        window = RESERVE_WINDOW_BYTES // BS
+        assert dev.host_reserved(9, window) and not dev.host_reserved(9, window + 1)
+        assert not dev.host_reserved(8, 1)
         dev.reserve(8, 2)
-        assert host(2 * RESERVE_CHUNK_BYTES + 3 * BS)
+        assert host(2 * RESERVE_CHUNK_BYTES + 5 * BS)
+        await dev.discard(100, 1, principal=P0)  # a punch closes the window
+        assert not dev.host_reserved(9, 1)
         assert await dev.read(3, 1, principal=P0) == pattern(1, 7)
         assert await dev.read(8, 4, principal=P0) == bytes(4 * BS)
         with pytest.raises(OutOfRange):
