@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from blockdev import ROOT_PRINCIPAL, BankTree, format_size_approx
 
 from .errors import GuaranteeExceeded
-from .cache import DIRTY, FREE, WRITEBACK
 from .frames import FrameTable
 
 log = logging.getLogger(__name__)
@@ -89,17 +86,15 @@ class Banks(FrameTable):
             if heir is None or heir not in tree:
                 heir = ROOT_PRINCIPAL
             a, h = self._acct[p], self._acct_of(heir)
-            for f in np.flatnonzero(self._owner == p).tolist():
-                if self._state_m[f] == FREE:
-                    continue
-                self._owner_m[f] = heir
-                self._requeue(f)  # (its referenced bit kept)
-                a.resident -= 1
-                h.resident += 1
-            dirtied = np.flatnonzero(self._dirtier == p).tolist()
-            for f in dirtied:
-                if self._state_m[f] in (DIRTY, WRITEBACK):
-                    self._dirtier_m[f] = heir
+            # Vectorised, and each of its queues spliced whole onto the heir's queue of
+            # the same class: a per-frame move held the loop 322 ms at 65,536 frames
+            # (review of stop 25, 12). (A free frame's owner and dirtier are unused.)
+            self._owner[self._owner == p] = heir
+            self._dirtier[self._dirtier == p] = heir
+            for cls, q in list(self._pq.get(p, {}).items()):
+                q.move_all_to(self._queue(heir, cls))
+            h.resident += a.resident
+            a.resident = 0
             h.dirty += a.dirty
             h.disc_dirty += a.disc_dirty
             h.paced += a.paced

@@ -77,6 +77,24 @@ class Sieve:
         self.head = f
         self.size += 1
 
+    def move_all_to(self, other: Sieve) -> None:
+        """Put every frame of this queue at the head of `other` (its newest), in their
+        order, visited bits kept; this queue is left empty. Constant time but for the
+        frames' queue ids (one vectorised pass)."""
+        if self.head == NIL:
+            return
+        lk = self.links
+        lk.queue[lk.queue == self.qid] = other.qid
+        lk.nx[self.tail] = other.head
+        if other.head != NIL:
+            lk.pv[other.head] = self.tail
+        else:
+            other.tail = self.tail
+        other.head = self.head
+        other.size += self.size
+        self.head = self.tail = self.hand = NIL
+        self.size = 0
+
     def remove(self, f: int) -> None:
         lk = self.links
         n, p = lk.nx[f], lk.pv[f]
