@@ -264,6 +264,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         #: of those, admitted under their tenant's floor (TENANT_CONNECTIONS), and of
         #: `shm_bytes`, the buffers admitted under it (TENANT_SHM): apart from the caps
         self.floor_connections = 0
+        #: how many connections the floors may hold in all (FLOOR_CONNECTIONS, less
+        #: where the descriptor limit cannot be raised for them)
+        self.floor_cap = FLOOR_CONNECTIONS
         #: the log lines tenants cause, rate-limited per uid (probe 16, F2)
         self.loglimit = LogLimiter()
         self.shm_bytes = 0
@@ -316,6 +319,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         sock.listen(64)
         sock.setblocking(False)
         _raise_fd_limit(self.max_connections + FLOOR_CONNECTIONS)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY:
+            # (where the hard limit kept it low, the floors take what is left above the
+            # connections' and the daemon's own descriptors: review of stop 25, 7)
+            self.floor_cap = max(0, min(FLOOR_CONNECTIONS, soft - 512 - self.max_connections))
         trio.lowlevel.add_instrument(self.turns)
         try:
             async with trio.open_nursery() as nursery:
@@ -340,7 +348,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                         log.warning("control socket: accept failed: %s", exc)
                         await trio.sleep(0.1)
                         continue
-                    if self.connections >= self.max_connections + FLOOR_CONNECTIONS:
+                    if self.connections >= self.max_connections + self.floor_cap:
                         conn.close()
                         continue
                     # Identified and charged here, before anything can wait: a refused
@@ -381,7 +389,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             creds = Credentials(pid, uid, gid)
             principal = self.principals.resolve(pid, uid)
             pooled = self.connections - self.floor_connections
-            floor = uid != 0 and self.floor_connections < FLOOR_CONNECTIONS and \
+            floor = uid != 0 and self.floor_connections < self.floor_cap and \
                 tenant_of(principal).usage.connections < TENANT_CONNECTIONS
             if floor:
                 pass  # (its first connections: whatever the cap, its bank decides)
