@@ -81,7 +81,8 @@ DEFAULT_TIMELINE_SLACK = 1e-3
 #: fallocate cost the daemon 0.1-0.2 ms, a sixth of a sequential writer's request)
 RESERVE_CHUNK_BYTES = 16 << 20
 #: in a chunk a hole was punched in, a reservation takes the range asked for and this
-#: much ahead of it (`BlockDevice._win_lo`), not the whole chunk again
+#: much ahead of it (`BlockDevice._win_lo`), not the whole chunk again (only the range
+#: on a host with less than 64 such windows free past the headroom)
 RESERVE_WINDOW_BYTES = 1 << 20
 #: host space `BlockDevice.reserve` leaves free for what no reservation covers — the
 #: metadata database beside the device (its WAL grows with every commit) — at most
@@ -888,7 +889,11 @@ class BlockDevice:
             # half (second review of probe 5, R4); it reserves just its range then.
             # A chunk with holes punched in it reserves just the range's part in it.
             whole = ~have[c0:c1] & ~punched[c0:c1]
-            if not fits(int(np.count_nonzero(whole)) * cb + count + self._window_blocks, full):
+            # (the window only on a host with room for 64 of them past the headroom:
+            # near full, a punched chunk takes just its range)
+            win = self._window_blocks if room is None or \
+                avail - full >= 64 * self._window_blocks * bs else 0
+            if not fits(int(np.count_nonzero(whole)) * cb + count + win, full):
                 raise OSError(errno.ENOSPC, "no room for whole chunks")
             c = c0
             while c < c1:  # each run of chunks not reserved yet, in one call
@@ -902,7 +907,7 @@ class BlockDevice:
                 if punched[c]:
                     # the range, and a window ahead of it in its last chunk
                     lo = max(lo, block)
-                    hi = min(hi, max(block + count, lo + self._window_blocks))
+                    hi = min(hi, max(block + count, lo + win))
                 reserve_space(self.data, lo * bs, (hi - lo) * bs)
                 self.checksums.reserve(lo, hi - lo)
                 if not punched[c]:
