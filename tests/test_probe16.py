@@ -3,16 +3,26 @@ pays for it. Each test fails on the code before its fix (docs/RELIABILITY.md, "s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket as socket_mod
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from conftest import sluice
 from shim_util import USER_PY, pubmnt, user_popen, user_run  # noqa: F401 (fixture)
+from fs.service import DirectService
 from kernelshim import connection as conn_mod
-from kernelshim.client import Client
+from kernelshim import granttable
+from kernelshim.connection import Connection
+from kernelshim.principals import Banks, TooManyObjects
+from kernelshim.protocol import WRITE, DataRequest
+from kernelshim.server import ShimServer
+from kernelshim.service import Credentials
+from test_filesystem import CALLER, ROOT, Volume
 from test_hostile import _reap, served, setup_pub, usage
 
 # -- F3: tenants within their own banks filling the global caps ----------------------------
@@ -56,11 +66,26 @@ with Client.connect(sys.argv[1]) as a:
 """
 
 
-def _hold(mnt: Path, code: str, uid: int) -> tuple:
-    p = user_popen(code.replace("sys.argv[1]", repr(str(mnt))), uid)
-    line = p.stdout.readline()  # type: ignore[union-attr]
-    assert line.startswith("held "), (line, p.stderr.read() if p.poll() is not None else "")
-    return p, line.split()
+@contextlib.contextmanager
+def _holder(mnt: Path, code: str, bank: str, amount: str) -> Iterator[list[str]]:
+    """uid 1000, its `bank` raised to `amount`, holding what `code` takes until refused
+    (its line "held N ERROR ..." split); at the end it is killed and everything it held
+    is seen released."""
+    setup_pub(mnt)
+    sluice("principal", "add", str(mnt), "uid-1000", "--owner", "1000", check=False)
+    sluice("principal", "set", str(mnt), "uid-1000", f"--{bank}", amount)
+    p = user_popen(code.replace("sys.argv[1]", repr(str(mnt))), 1000)
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("held "), (line, p.stderr.read() if p.poll() is not None
+                                          else "")
+        yield line.split()
+    finally:
+        _reap(p)
+    deadline = time.monotonic() + 10
+    while usage(mnt)["uid-1000"][bank]:
+        assert time.monotonic() < deadline, usage(mnt)["uid-1000"]
+        time.sleep(0.1)
 
 
 @pytest.mark.mounted
@@ -73,11 +98,7 @@ def test_a_tenant_filling_the_connection_cap_leaves_others_their_first_connectio
     are now its own whatever the cap (its bank still decides); beyond them the cap
     holds, and root's reserve is still root's."""
     mnt = pubmnt
-    setup_pub(mnt)
-    sluice("principal", "add", str(mnt), "uid-1000", "--owner", "1000", check=False)
-    sluice("principal", "set", str(mnt), "uid-1000", "--connections", "1000")
-    p, words = _hold(mnt, _HOLD_CONNECTIONS, 1000)
-    try:
+    with _holder(mnt, _HOLD_CONNECTIONS, "connections", "1000") as words:
         held = int(words[1])
         # its four of the floor, and the cap's 480 for tenants
         assert held == conn_mod.MAX_CONNECTIONS - conn_mod.ROOT_CONNECTIONS + \
@@ -100,12 +121,6 @@ except Exception as exc:
         n, err, *msg = r.stdout.split(maxsplit=2)
         assert (int(n), err) == (conn_mod.TENANT_CONNECTIONS, "TooManyObjects"), r.stdout
         assert "kept for root" in msg[0], msg
-    finally:
-        _reap(p)
-    deadline = time.monotonic() + 10
-    while usage(mnt)["uid-1000"]["connections"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 @pytest.mark.mounted
@@ -117,11 +132,7 @@ def test_a_tenant_filling_the_shared_memory_budget_leaves_others_their_first_buf
     TENANT_SHM bytes (a default client's buffer) are now its own whatever the budget;
     beyond them the budget holds."""
     mnt = pubmnt
-    setup_pub(mnt)
-    sluice("principal", "add", str(mnt), "uid-1000", "--owner", "1000", check=False)
-    sluice("principal", "set", str(mnt), "uid-1000", "--shm", "4G")
-    p, words = _hold(mnt, _HOLD_SHM, 1000)
-    try:
+    with _holder(mnt, _HOLD_SHM, "shm", "4G") as words:
         assert words[2] == "TooManyObjects" and "budget exhausted" in " ".join(words), words
         pooled = conn_mod.MAX_SHM_TOTAL - conn_mod.ROOT_SHM
         assert usage(mnt)["uid-1000"]["shm"] == int(words[1]) * (64 << 20) >= pooled
@@ -131,12 +142,6 @@ def test_a_tenant_filling_the_shared_memory_budget_leaves_others_their_first_buf
         assert r.stdout.startswith("second TooManyObjects"), (r.stdout, r.stderr)
         assert "budget exhausted" in r.stdout
         served(mnt)  # root's reserve
-    finally:
-        _reap(p)
-    deadline = time.monotonic() + 10
-    while usage(mnt)["uid-1000"]["shm"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 # -- F2: the daemon's log, grown by any local user -----------------------------------------
@@ -216,76 +221,73 @@ def test_a_tenant_cannot_grow_the_daemons_log_without_bound(pubmnt: Path, tmp_pa
 
 # -- F5: a direct client's uncommitted written ranges --------------------------------------
 
-async def test_a_principals_uncommitted_written_ranges_are_bounded(tmp_path: Path,
-                                                                  monkeypatch) -> None:
+@pytest.fixture
+async def vol4k(tmp_path: Path):
+    """An open volume of 4,096 blocks (the FileSystem in this process)."""
+    v = Volume(tmp_path / "vol", size=4096 * 4096)
+    await v.open()
+    yield v
+    await v.close()
+
+
+async def test_a_principals_uncommitted_written_ranges_are_bounded(
+        vol4k: Volume, tmp_path: Path, monkeypatch) -> None:
     """Probe 16, F5: each grant keeps its uncommitted written ranges (~150 bytes of the
     daemon's memory each), up to the blocks written through it, and a principal may
     hold 4,096 grants on the same blocks: no bank bounded them. Now all of one
     principal's grants together hold at most PENDING_RANGES: a direct write beyond
     that gets TooManyObjects (the client must commit) — another principal's writes
     go on; a commit, or a revoke, gives the count back."""
-    import socket as socket_mod
-    from fs.service import DirectService
-    from kernelshim import granttable
-    from kernelshim.connection import Connection
-    from kernelshim.principals import Banks, TooManyObjects
-    from kernelshim.server import ShimServer
-    from kernelshim.service import Credentials
-    from test_filesystem import CALLER, ROOT, Volume
     BS = 4096
     limit = 64
     monkeypatch.setattr(granttable, "PENDING_RANGES", limit)
-    v = Volume(tmp_path / "vol", size=4096 * BS)
-    fs = await v.open()
-    try:
-        grants = []
-        for name in (b"a", b"b"):
-            h, node = fs.create(ROOT, name, 0o644, os.O_RDWR, CALLER)
-            await fs.release(h.fh)
-            g = fs.grant_direct(node, True, True, CALLER)
-            await fs.layout_get(g, 0, 256 * BS)
-            grants.append(g)
-        a, b = grants
-        for i in range(40):  # scattered one-byte writes: one range each
-            await fs.kernel.write(a, 2 * i * BS, b"x")
-        for i in range(limit - 40):
-            await fs.kernel.write(b, 2 * i * BS, b"y")
-        meter = a._written.meter
-        assert meter is b._written.meter and meter.n == limit
-        server = ShimServer(fs.kernel, fs.principals, DirectService(fs), tmp_path / "s.sock")
-        s1, s2 = socket_mod.socketpair()
-        conn = Connection(Credentials(os.getpid(), 0, 0), fs.principals.by_id(a.principal),
-                          s1, shm_view=memoryview(bytearray(BS)))
-        with pytest.raises(TooManyObjects, match="uncommitted written ranges"):
-            await server._write(conn, a, 200 * BS, 1, 0)
-        # another principal's grant is not held back
-        other = fs.principals.add("other", owner_uid=0, banks=Banks(), caller_uid=0)
-        c = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
-                            rights=a.rights, principal=other.id, charge=False)
-        await fs.kernel.write(c, 201 * BS, b"z")
-        fs.kernel.release(c)
-        # a commit gives its ranges back; so does a revoke
-        await fs.layout_commit(a, 0, 256 * BS)
-        assert meter.n == limit - 40
+    fs = vol4k.fs
+    grants = []
+    for name in (b"a", b"b"):
+        h, node = fs.create(ROOT, name, 0o644, os.O_RDWR, CALLER)
+        await fs.release(h.fh)
+        g = fs.grant_direct(node, True, True, CALLER)
+        await fs.layout_get(g, 0, 256 * BS)
+        grants.append(g)
+    a, b = grants
+    for i in range(40):  # scattered one-byte writes: one range each
+        await fs.kernel.write(a, 2 * i * BS, b"x")
+    for i in range(limit - 40):
+        await fs.kernel.write(b, 2 * i * BS, b"y")
+    meter = a._written.meter
+    assert meter is b._written.meter and meter.n == limit
+    server = ShimServer(fs.kernel, fs.principals, DirectService(fs), tmp_path / "s.sock")
+    s1, s2 = socket_mod.socketpair()
+    conn = Connection(Credentials(os.getpid(), 0, 0), fs.principals.by_id(a.principal),
+                      s1, shm_view=memoryview(bytearray(BS)))
+    with pytest.raises(TooManyObjects, match="uncommitted written ranges"):
         await server._write(conn, a, 200 * BS, 1, 0)
-        assert meter.n == limit - 39
-        fs.kernel.release(b)
-        assert meter.n == 1 and b._written.meter is None
-        # a tenant's child principals share its meter (review of stop 25, 3)
-        kid = fs.principals.add("kid", parent="other", owner_uid=0, banks=Banks(),
-                                caller_uid=0)
-        k = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
-                            rights=a.rights, principal=kid.id, charge=False)
-        o = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
-                            rights=a.rights, principal=other.id, charge=False)
-        assert k._written.meter is o._written.meter is not meter
-        fs.kernel.release(k)
-        fs.kernel.release(o)
-        s1.close()
-        s2.close()
-        await fs.close_direct(a)
-    finally:
-        await v.close()
+    # another principal's grant is not held back
+    other = fs.principals.add("other", owner_uid=0, banks=Banks(), caller_uid=0)
+    c = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
+                        rights=a.rights, principal=other.id, charge=False)
+    await fs.kernel.write(c, 201 * BS, b"z")
+    fs.kernel.release(c)
+    # a commit gives its ranges back; so does a revoke
+    await fs.layout_commit(a, 0, 256 * BS)
+    assert meter.n == limit - 40
+    await server._write(conn, a, 200 * BS, 1, 0)
+    assert meter.n == limit - 39
+    fs.kernel.release(b)
+    assert meter.n == 1 and b._written.meter is None
+    # a tenant's child principals share its meter (review of stop 25, 3)
+    kid = fs.principals.add("kid", parent="other", owner_uid=0, banks=Banks(),
+                            caller_uid=0)
+    k = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
+                        rights=a.rights, principal=kid.id, charge=False)
+    o = fs.kernel.grant(inode=a.inode, generation=a.generation, extents=a.extents,
+                        rights=a.rights, principal=other.id, charge=False)
+    assert k._written.meter is o._written.meter is not meter
+    fs.kernel.release(k)
+    fs.kernel.release(o)
+    s1.close()
+    s2.close()
+    await fs.close_direct(a)
 
 
 async def test_a_commit_in_parts_that_a_revoke_meets_commits_every_range(tmp_path: Path
@@ -296,7 +298,7 @@ async def test_a_commit_in_parts_that_a_revoke_meets_commits_every_range(tmp_pat
     ranges stay (they leave the tenant's meter): the commit takes them all."""
     import trio
     from fs.layouts import COMMIT_STEP
-    from test_filesystem import CALLER, ROOT, Volume, read_file
+    from test_filesystem import read_file
     BS = 4096
     v = Volume(tmp_path / "vol", size=8192 * BS)
     fs = await v.open()
@@ -328,50 +330,37 @@ async def test_a_commit_in_parts_that_a_revoke_meets_commits_every_range(tmp_pat
         await v.close()
 
 
-async def test_a_burst_of_pipelined_overwrites_meets_the_pending_bound(tmp_path: Path,
-                                                                      monkeypatch) -> None:
+async def test_a_burst_of_pipelined_overwrites_meets_the_pending_bound(
+        vol4k: Volume, tmp_path: Path, monkeypatch) -> None:
     """Review of stop 25, 4: only a single write checked the tenant's pending ranges; a
     burst of pipelined whole-block overwrites (`ShimServer._write_burst`) went on
     noting ranges past PENDING_RANGES. At the bound the burst is refused whole (the
     requests are then served one by one, each getting the error)."""
-    import socket as socket_mod
-    from fs.service import DirectService
-    from kernelshim import granttable
-    from kernelshim.connection import Connection
-    from kernelshim.principals import TooManyObjects
-    from kernelshim.protocol import WRITE, DataRequest
-    from kernelshim.server import ShimServer
-    from kernelshim.service import Credentials
-    from test_filesystem import CALLER, ROOT, Volume
     BS = 4096
     limit = 16
     monkeypatch.setattr(granttable, "PENDING_RANGES", limit)
-    v = Volume(tmp_path / "vol", size=4096 * BS)
-    fs = await v.open()
-    try:
-        h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
-        await fs.write(h.fh, 0, b"a" * (128 * BS))
-        await fs.release(h.fh)
-        await fs.sync()
-        g = fs.grant_direct(node, True, True, CALLER)
-        assert g.extents.sealed_runs(0, 128) == [(0, 128)]
-        server = ShimServer(fs.kernel, fs.principals, DirectService(fs), tmp_path / "s.sock")
-        s1, s2 = socket_mod.socketpair()
-        s1.setblocking(False)
-        conn = Connection(Credentials(os.getpid(), 0, 0), fs.principals.by_id(g.principal),
-                          s1, shm_view=memoryview(bytearray(BS)))
-        conn.slots[1] = g
-        meter = g._written.meter
-        for i in range(limit):  # scattered single-block overwrites, one at a time
-            await server._write(conn, g, 2 * i * BS, BS, 0)
-        assert meter.n == limit
-        with pytest.raises(TooManyObjects):
-            await server._write(conn, g, 2 * limit * BS, BS, 0)
-        burst = [DataRequest(k, WRITE, 1, (2 * limit + 2 * k) * BS, BS, 0) for k in range(8)]
-        assert not await server._write_burst(conn, burst)
-        assert meter.n == limit
-        s1.close()
-        s2.close()
-        await fs.close_direct(g)
-    finally:
-        await v.close()
+    fs = vol4k.fs
+    h, node = fs.create(ROOT, b"f", 0o644, os.O_RDWR, CALLER)
+    await fs.write(h.fh, 0, b"a" * (128 * BS))
+    await fs.release(h.fh)
+    await fs.sync()
+    g = fs.grant_direct(node, True, True, CALLER)
+    assert g.extents.sealed_runs(0, 128) == [(0, 128)]
+    server = ShimServer(fs.kernel, fs.principals, DirectService(fs), tmp_path / "s.sock")
+    s1, s2 = socket_mod.socketpair()
+    s1.setblocking(False)
+    conn = Connection(Credentials(os.getpid(), 0, 0), fs.principals.by_id(g.principal),
+                      s1, shm_view=memoryview(bytearray(BS)))
+    conn.slots[1] = g
+    meter = g._written.meter
+    for i in range(limit):  # scattered single-block overwrites, one at a time
+        await server._write(conn, g, 2 * i * BS, BS, 0)
+    assert meter.n == limit
+    with pytest.raises(TooManyObjects):
+        await server._write(conn, g, 2 * limit * BS, BS, 0)
+    burst = [DataRequest(k, WRITE, 1, (2 * limit + 2 * k) * BS, BS, 0) for k in range(8)]
+    assert not await server._write_burst(conn, burst)
+    assert meter.n == limit
+    s1.close()
+    s2.close()
+    await fs.close_direct(g)
