@@ -20,9 +20,9 @@ from typing import Any
 import trio
 
 from .budget import yield_to_loop
-from .connection import (FLOOR_SHM, TENANT_SHM, tenant_of)
-from .connection import (HOG_SECONDS, MAX_SHM, MAX_SHM_TOTAL, PUSH_KINDS, ROOT_SHM,
-                         SLICE_BYTES, BadSlot, Connection, ServerBase)
+from .connection import (FLOOR_SHM, HOG_SECONDS, MAX_SHM, MAX_SHM_TOTAL, PUSH_KINDS,
+                         ROOT_SHM, SLICE_BYTES, TENANT_SHM, BadSlot, Connection,
+                         ServerBase, tenant_of)
 from .errors import NotAllocated, Sealed
 from .extents import block_span
 from .grants import Grant, Rights

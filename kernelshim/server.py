@@ -155,6 +155,7 @@ from .protocol import (DATA_OPS, ERROR, OK, OLD_VERSION, READ, REQUEST, WRITE, W
                        error_payload)
 from .service import Credentials, MetadataService
 from .adminops import AdminOps
+from .loglimit import LogLimiter
 from .budget import run_within_budget
 from .connection import HANDSHAKE_SECONDS as HANDSHAKE_SECONDS
 from .connection import REFUSE_SECONDS as REFUSE_SECONDS
@@ -170,7 +171,6 @@ from .connection import peer_hung_up as peer_hung_up
 from .connection import ROOT_CONNECTIONS as ROOT_CONNECTIONS
 from .connection import ROOT_SHM as ROOT_SHM
 from .connection import FLOOR_CONNECTIONS, TENANT_CONNECTIONS, tenant_of
-from .loglimit import LogLimiter
 from .connection import SEND_HIGH_WATER as SEND_HIGH_WATER
 from .connection import SEND_STALL_SECONDS as SEND_STALL_SECONDS
 from .connection import ADMIN_BURST as ADMIN_BURST
