@@ -6,9 +6,10 @@ a reply queue nobody reads, a request that failed with EIO. Unlimited, any local
 grew it by a line per connection made and dropped: 33 KB a second from one process,
 charged to nobody, until the host was full for every tenant (probe 16, F2).
 
-`LogLimiter` lets each key (a tenant's uid, "uid N") log BURST lines, then one every INTERVAL seconds
-(a token bucket, as the kernel's printk_ratelimit); the line that goes after a pause
-says how many were left out meanwhile. It keeps at most MAX_KEYS keys (the oldest
+`LogLimiter` lets each key (a tenant: "uid N" on the control socket, its top-most
+principal at the FUSE boundary) log BURST lines, then one every INTERVAL seconds (a
+token bucket, as the kernel's printk_ratelimit); the line that goes after a pause says
+how many were left out meanwhile. It keeps at most MAX_KEYS keys (the oldest
 state goes first), so the limiter's own memory is bounded too.
 """
 
