@@ -136,7 +136,12 @@ async def test_no_poll_while_something_else_is_ready(kernel: Kernel,  # noqa: F8
                 return time.perf_counter() - t0
 
         assert await trio.to_thread.run_sync(reads) < WINDOW
-        assert idle.asked >= 5 and idle.hits + idle.misses == 0
+        # No poll ran out its window (no miss), and at least five ended on the other
+        # descriptor, neither hit nor miss. A request already in the socket at the
+        # poll's first look is taken as a hit, rightly: the 1 ms sleep does not keep
+        # the next request after the poll's start on a host whose vCPU stalls (it
+        # failed 1 time in 6 so on the code of stop 24).
+        assert idle.misses == 0 and idle.asked - idle.hits >= 5, (idle.asked, idle.hits)
         nursery.cancel_scope.cancel()
 
 
