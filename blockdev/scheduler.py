@@ -908,6 +908,7 @@ class MClockScheduler(_Accounting):
         node = self._nodes.get(principal) or self._node(principal)
         never = _mine(_NEVER_EXPEDITED)
         past = not never and _mine(_PAST_LIMITS)
+        paid: dict[PrincipalId, float] | None = None
         if past:
             scope = _my_scope()
             if scope is not None:
@@ -916,8 +917,13 @@ class MClockScheduler(_Accounting):
                     # more than its places were priced at: the last grows
                     self._places.grow(scope.places[-1], scope.made - scope.priced, 0)
                     scope.priced = scope.made
+                if scope.places:
+                    # paid for at its place: the limit tags go on from the place's
+                    # start, not from now (mclock_tree.activate; probe 15, F4)
+                    paid = scope.places[-1].starts
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
-                  barrier=(write or flush) and not never, past_limits=past)
+                  barrier=(write or flush) and not never, past_limits=past,
+                  paid_from=paid)
         may_go = past or self._may_go(node, now)
         req.throttled = not may_go
         antic = self._antic
@@ -1023,7 +1029,7 @@ class MClockScheduler(_Accounting):
         # Activate the nodes that had nothing waiting: no credit banked while idle.
         for n in reversed(node.path):
             if n.backlog == 0:
-                activate(n, now)
+                activate(n, now, req.paid_from)
                 n.backlog = 1
                 if n.parent is not None:
                     n.parent.active.append(n)

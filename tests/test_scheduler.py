@@ -1562,3 +1562,34 @@ def test_anticipation_is_a_profile_setting() -> None:
                 "lat=1,qd=1,antic=x", "1,2,3,4,5,6,7"):
         with pytest.raises(ValueError, match="timing profile"):
             parse_profile(bad)
+
+
+@pytest.mark.parametrize("ios", [1, 2])
+async def test_a_serial_writer_gets_its_whole_limit(dev: BlockDevice, autojump_clock,
+                                                    ios: int) -> None:
+    """Probe 15, F4: a serial 4 KiB writer under an I/O limit got 40-73% of it. Its
+    place at the limit paid for its write, and its device request, made a little after
+    the place went (the write's locks, its allocation: 1.5 ms here), advanced the limit
+    tags again from the moment it was made: each write's next place started that much
+    later. A request its place paid for advances the tags from the place's start."""
+    sched = dev.scheduler
+    dev.configure_banks(tree(node(1, io_limit_iops=100)))
+    done = 0
+
+    async def write() -> None:
+        nonlocal done
+        with sched.place_scope():
+            place = sched.limit_slot(P(1), ios * BS, ios=ios)
+            assert place is not None
+            await sched.wait_place(place)
+            await trio.sleep(0.0015)  # (the locks, the allocation)
+            with sched.past_limits():
+                for k in range(ios):
+                    await dev.write(k, bytes(BS), principal=P(1))
+        done += ios
+
+    t0 = trio.current_time()
+    while trio.current_time() - t0 < 10.0:
+        await write()
+        await trio.sleep(0.0002)  # (the reply, the writer's next call)
+    assert 980 <= done <= 1010 + ios, done
