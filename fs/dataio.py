@@ -342,9 +342,9 @@ class OpenFiles:
         """open(O_TMPFILE): a regular file in `parent` with no name, open. It is made as
         create makes a file (same checks, charges and inherited hints) under a name
         nobody can have looked up, which is then removed at once (no checkpoint in
-        between): from then on it is exactly a file unlinked while open — its inode is
-        not charged, its blocks are, it is freed at its last release or, after a
-        crash, as an orphan at the next mount. `link` may give it a name (linkat with
+        between): from then on it is exactly a file unlinked while open — its inode
+        and its blocks stay charged and in use, it is freed at its last release or,
+        after a crash, as an orphan at the next mount. `link` may give it a name (linkat with
         AT_EMPTY_PATH; the kernel refuses that for O_EXCL)."""
         d = self.inode(parent)
         n = self._next_fh
@@ -357,17 +357,11 @@ class OpenFiles:
             self._remove_name(parent, name)
             node.nlink = 0
             self._save(node, "nlink")
-            self._inode_count -= 1
-            self.principals.refund(self.principal(node.principal), inodes=1)
         self._tmpfiles.add(node.id)
         return h, node
 
     def _link_tmpfile(self: FileSystem, node: Inode, who: PrincipalId) -> None:
-        """An O_TMPFILE inode gets its first name: charged as an inode again."""
-        if self._inode_count >= self.max_inodes:
-            raise NoSpace(f"no free inodes (limit {self.max_inodes})")
-        self.principals.charge(self.principal(node.principal), inodes=1)
-        self._inode_count += 1
+        """An O_TMPFILE inode gets its first name (charged and in use all along)."""
         self._tmpfiles.discard(node.id)
 
     async def seek(self: FileSystem, fh: int, offset: int, whence: int) -> int:

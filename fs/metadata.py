@@ -544,7 +544,9 @@ class Metadata:
         out: dict[int, list[int]] = {}
         for p, n in self.db.execute("SELECT principal, SUM(count) FROM extents GROUP BY principal"):
             out.setdefault(p, [0, 0, 0, 0])[0] = n
-        for p, n in self.db.execute("SELECT principal, COUNT(*) FROM inodes WHERE nlink>0 OR id=1"
+        # (every row: an inode unlinked while open, or an O_TMPFILE one, is charged
+        # until it is freed; an orphan a crash left, until the mount frees it)
+        for p, n in self.db.execute("SELECT principal, COUNT(*) FROM inodes"
                                     " GROUP BY principal"):
             out.setdefault(p, [0, 0, 0, 0])[1] = n
         for p, n, b in self.db.execute("SELECT principal, COUNT(*), SUM(LENGTH(name))"

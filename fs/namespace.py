@@ -57,7 +57,8 @@ class Namespace:
     State it owns: `_inode_count` (inodes in use), `max_inodes` (the volume's limit) and
     `_rename_lock`."""
 
-    #: the volume's inode limit, and the inodes in use (O_TMPFILE files not counted)
+    #: the volume's inode limit, and the inodes in use (every inode until it is freed,
+    #: open O_TMPFILE and unlinked files too)
     max_inodes: int
     _inode_count: int
     #: held by a rename between two directories while it walks up from them and moves
@@ -245,10 +246,10 @@ class Namespace:
         node.ctime_ns = now
         self._save(node, "nlink", "ctime_ns")
         if node.nlink == 0:
-            self._inode_count -= 1
-            self.principals.refund(self.principal(node.principal), inodes=1)
             # Direct clients lose access with the last name (DESIGN: fencing); the
-            # kernel's open files keep the inode until they close.
+            # kernel's open files keep the inode until they close, and it stays in use
+            # and charged until then (`_destroy`), as Linux's quotas and `df -i` count
+            # it (probe 15, F5).
             await self._revoke_direct(node)
             if node.opens == 0:
                 await self._destroy(node)
@@ -290,8 +291,11 @@ class Namespace:
             if node.xattr_bytes != 0:  # (0: known to have none, no query)
                 held += self.md.xattr_total(node.id, skip=DISCARDED_XATTR)
             self.md.delete_inode(node.id)
-            if held:
-                self.principals.refund(self.principal(node.principal), space=held)
+            # The inode is charged, and counted in use, until its row goes: an
+            # unlinked file still open and an O_TMPFILE file are inodes like any other
+            # (Metadata.usage_by_principal counts every row; probe 15, F5).
+            self._inode_count -= 1
+            self.principals.refund(self.principal(node.principal), space=held, inodes=1)
             node.blocks = 0
             await self._release_unmapped(freed, revoked, ino=node.id)
         if node.lookups <= 0:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sluice
+import sys
+
+from conftest import REPO, SLUICE, sluice
 from test_principals import entry, usage
 
 pytestmark = pytest.mark.mounted
@@ -21,6 +23,8 @@ pytestmark = pytest.mark.mounted
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 RENAME_WHITEOUT = 4
+_SLUICE_RUN = [*SLUICE, "run"]
+_PY = sys.executable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,7 +52,9 @@ def test_o_tmpfile_is_unnamed_until_linked(mnt: Path) -> None:
         st = os.fstat(fd)
         assert st.st_nlink == 0 and stat.S_IMODE(st.st_mode) == 0o640
         assert os.listdir(mnt / "d") == []
-        assert usage(mnt)["root"][1] == inodes0  # as a file unlinked while open
+        # an inode in use and charged from the start, as a file unlinked while open
+        # (probe 15, F5: neither counted it, so open ones were inodes no bank limited)
+        assert usage(mnt)["root"][1] == inodes0 + 1
         linkat_empty(fd, mnt / "d" / "named")
         assert os.fstat(fd).st_nlink == 1
         assert usage(mnt)["root"][1] == inodes0 + 1
@@ -156,3 +162,65 @@ def test_overlayfs_with_its_upper_layer_on_sluice(mnt: Path, tmp_path: Path) -> 
         assert sorted(os.listdir(ov)) == ["dir", "edit", "keep", "renamed"]
     finally:
         subprocess.run(["umount", str(ov)], check=True)
+
+
+_PROBE = r"""
+import errno, os, sys
+mnt, how, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fds = []
+try:
+    for i in range(n):
+        if how == "tmpfile":
+            fds.append(os.open(mnt, os.O_TMPFILE | os.O_RDWR, 0o600))
+        else:
+            p = os.path.join(mnt, "u%d" % i)
+            fds.append(os.open(p, os.O_CREAT | os.O_RDWR, 0o600))
+            os.unlink(p)
+except OSError as e:
+    print("stopped", len(fds), errno.errorcode[e.errno])
+else:
+    print("opened", len(fds))
+st = os.statvfs(mnt)
+print("files_used", st.f_files - st.f_ffree)
+sys.stdout.flush()
+sys.stdin.readline()  # held open until told
+"""
+
+
+@pytest.mark.parametrize("how", ["tmpfile", "unlinked"])
+def test_open_nameless_inodes_count_against_the_inode_bank_until_closed(
+        mnt: Path, how: str) -> None:
+    """Probe 15, F5: open O_TMPFILE files and files unlinked while open held inodes that
+    no inode bank counted (nor `df -i`): a tenant with a bank of 5 inodes held
+    thousands, bounded only by its grants. Like Linux's quotas, the inode is charged
+    and in use until it is freed at the last close."""
+    sluice("principal", "add", str(mnt), "small", "--inodes", "5")
+    (mnt / "w").mkdir()
+    files0 = os.statvfs(mnt).f_files - os.statvfs(mnt).f_ffree
+    p = subprocess.Popen([*_SLUICE_RUN, str(mnt), "--principal", "small", "--", _PY, "-c",
+                          _PROBE, str(mnt / "w"), how, "20"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline().split() == ["stopped", "5", "EDQUOT"]
+        assert p.stdout.readline().split() == ["files_used", str(files0 + 5)]
+        assert usage(mnt)["small"][1] == 5
+        # the bank is full while they are open: a named file does not fit either
+        r = sluice("run", str(mnt), "--principal", "small", "--", "touch",
+                   str(mnt / "w" / "named"), check=False)
+        assert r.returncode != 0 and "quota" in r.stderr.lower(), r.stderr
+    finally:
+        if p.stdin is not None:
+            p.stdin.close()
+        p.wait(timeout=60)
+        if p.stdout is not None:
+            p.stdout.close()
+    # closed: freed, refunded, and the bank has room again
+    for _ in range(100):
+        if usage(mnt)["small"][1] == 0:
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert usage(mnt)["small"][1] == 0
+    assert os.statvfs(mnt).f_files - os.statvfs(mnt).f_ffree == files0
+    sluice("run", str(mnt), "--principal", "small", "--", "touch", str(mnt / "w" / "named"))
+    assert os.listdir(mnt / "w") == ["named"]
