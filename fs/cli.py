@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from kernelshim import Rate, SluiceError, UnitError, format_size_approx, parse_size
+from kernelshim.banks import NO_LIMIT
 from kernelshim.kernel import MIN_CACHE_FRAMES, PRIORITY_MAX, PRIORITY_MIN
 
 from . import volume as vol
@@ -41,6 +42,9 @@ PAGER_POLICIES = ("hinted", "principal", "global-lru")
 DAEMON_NICE = -5
 EXIT_USAGE = 2
 EXIT_FSCK_UNCORRECTED = 4
+#: fsck could not check the volume at all (missing, in use, unreadable): e2fsck's 8, so
+#: that `fsck ...; [ $? -le 1 ]` never takes an unchecked volume for a repaired one
+EXIT_FSCK_OPERATIONAL = 8
 
 
 class CliError(Exception):
@@ -58,12 +62,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _setup_logging(debug: bool, *, daemon: bool = False) -> None:
-    """Commands log warnings to stderr; the daemon (`mount --foreground`, and the
-    detached daemon, whose stderr is the volume's sluice.log) logs what it does."""
+def _setup_logging(debug: bool, *, daemon: bool = False, cmd: str | None = None) -> None:
+    """Commands log warnings to stderr, as their other lines ("sluice fsck: ..."); the
+    daemon (`mount --foreground`, and the detached daemon, whose stderr is the volume's
+    sluice.log) logs what it does, with times and where from (so does --debug)."""
     level = logging.DEBUG if debug else logging.INFO if daemon else logging.WARNING
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if not daemon and not debug:
+        fmt = f"sluice {cmd}: %(message)s" if cmd else "sluice: %(message)s"
+    logging.basicConfig(stream=sys.stderr, level=level, format=fmt)
+    if cmd == "fsck" and not debug:
+        # The device's own log lines (a checksum mismatch) are what fsck reports on
+        # stdout, with the file and range: not twice (probe 19, F8).
+        logging.getLogger("blockdev").setLevel(logging.CRITICAL)
 
 
 def _message(exc: BaseException) -> str:
@@ -85,6 +96,10 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 def cmd_mkfs(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     bs = parse_size(args.block_size, what="block size")
+    if args.device is None and 0 < bs and size // bs < 16:
+        # (a number out of its range is a usage error, as --size 0 is; probe 19, F5)
+        raise UsageError(f"--size {args.size} is too small: at least 16 blocks "
+                         f"({16 * bs} bytes with {bs}-byte blocks)")
     info = vol.mkfs(Path(args.volume), size=size, block_size=bs, profile=args.profile,
                     inodes=args.inodes, device=args.device, force=args.force)
     if not args.quiet:
@@ -582,7 +597,7 @@ def _bank_args(args: argparse.Namespace) -> dict:
     for k in ("space", "cache_min", "cache_max", "shm", "parked_bytes"):
         v = getattr(args, k, None)
         if v is not None:
-            out[k] = parse_size(v, allow_zero=True)
+            out[k] = NO_LIMIT if v == NO_LIMIT else parse_size(v, allow_zero=True)
     for k in ("inodes", "io_weight", "grants", "caps", "connections", "children", "parked",
               "costly_rate"):
         v = getattr(args, k, None)
@@ -698,6 +713,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """A whole number of at least 1 (mkfs --inodes)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return v
+
+
 def _size(text: str) -> str:
     """A size argument (512M, 8G; units as in blockdev/units.py): checked by argparse, so
     a malformed one is a usage error (exit 2); the text is kept (parse_size again where
@@ -717,6 +743,29 @@ def _bank_size(text: str) -> str:
     except UnitError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _limit_size(text: str) -> str:
+    """A size limit (--space, --cache-max, --shm, --parked-bytes): a size as
+    _bank_size, or `none`: no limit of its own, its ancestors' only."""
+    if text.strip().lower() == NO_LIMIT:
+        return NO_LIMIT
+    return _bank_size(text)
+
+
+def _limit_count(text: str) -> int | str:
+    """A count limit (--inodes, --grants, ...): a whole number of at least 0, or
+    `none` (no limit of its own, its ancestors' only)."""
+    if text.strip().lower() == NO_LIMIT:
+        return NO_LIMIT
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of at least 0, or none")
+    return v
 
 
 def _rate(text: str) -> str:
@@ -1137,7 +1186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing profile: none, nvme, ssd, hdd, or custom "
                         "latency_us,MBps,seek_ms,depth[,write_us[,write_cache_MiB]] "
                         "(also lat=,bw=,seek=,qd=,wlat=,wcache=)")
-    s.add_argument("--inodes", type=int, default=None, help="maximum number of inodes")
+    s.add_argument("--inodes", type=_positive_int, default=None, help="maximum number of inodes")
     s.add_argument("--device", default=None, help="use this block device instead of a sparse file")
     s.add_argument("--force", action="store_true", help="overwrite an existing volume")
     s.add_argument("-q", "--quiet", action="store_true")
@@ -1228,11 +1277,13 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--owner", type=_owner_arg, default=None, metavar="UID",
                            help="user (uid or name) that owns it (may run as it and manage "
                                 "it; default: you)")
-        a.add_argument("--space", type=_bank_size,
-                       help="storage bank: bytes of data and entries, e.g. 10G")
-        a.add_argument("--inodes", type=int, help="storage bank: inodes")
+        a.add_argument("--space", type=_limit_size,
+                       help="storage bank: bytes of data and entries, e.g. 10G; `none`: "
+                            "no limit of its own (its ancestors' only)")
+        a.add_argument("--inodes", type=_limit_count, help="storage bank: inodes (or none)")
         a.add_argument("--cache-min", type=_bank_size, help="guaranteed cache, e.g. 64M")
-        a.add_argument("--cache-max", type=_bank_size, help="cache ceiling, e.g. 256M")
+        a.add_argument("--cache-max", type=_limit_size,
+                       help="cache ceiling, e.g. 256M; 0: no cache; none: its ancestors'")
         a.add_argument("--io-reserve", action="append", type=_rate, metavar="RATE",
                        help="reserved I/O rate: 20MB/s, 500iops, or both (give the flag "
                             "twice, or 500iops,20MB/s); `none` removes it")
@@ -1241,22 +1292,22 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--io-limit", action="append", type=_rate, metavar="RATE",
                        help="I/O ceiling: 100MB/s, 2000iops, or both (the tighter wins; "
                             "twice, or 2000iops,100MB/s); `none` removes it")
-        a.add_argument("--grants", type=int,
+        a.add_argument("--grants", type=_limit_count,
                        help="open grants it may hold (kernel objects; default 4096)")
-        a.add_argument("--caps", type=int, help="capability slots it may hold (default 4096)")
-        a.add_argument("--connections", type=int,
+        a.add_argument("--caps", type=_limit_count, help="capability slots it may hold (default 4096)")
+        a.add_argument("--connections", type=_limit_count,
                        help="control-socket connections it may hold open (default 64)")
-        a.add_argument("--shm", type=_bank_size, help="shared memory its direct clients may "
+        a.add_argument("--shm", type=_limit_size, help="shared memory its direct clients may "
                                                  "attach, e.g. 256M (default 256M)")
-        a.add_argument("--children", type=int,
+        a.add_argument("--children", type=_limit_count,
                        help="principals it may create below it, at any depth (default 256)")
-        a.add_argument("--parked", type=int,
+        a.add_argument("--parked", type=_limit_count,
                        help="FUSE requests it may have waiting for admission; one more "
                             "gets EAGAIN (default 4096)")
-        a.add_argument("--parked-bytes", type=_bank_size,
+        a.add_argument("--parked-bytes", type=_limit_size,
                        help="bytes those waiting requests may hold, 4 KiB each plus their "
                             "data, e.g. 64M (default 64M)")
-        a.add_argument("--costly-rate", type=int,
+        a.add_argument("--costly-rate", type=_limit_count,
                        help="costly control-socket operations (stats, principal ls, "
                             "principal changes, sluice run) a second, after a burst of 32; "
                             "beyond, they wait (default 50)")
@@ -1369,7 +1420,7 @@ def _main(argv: list[str] | None = None) -> int:
     if command is not None:
         args.command = command
     if args.cmd != "mount" or not args.foreground:
-        _setup_logging(args.debug)
+        _setup_logging(args.debug, cmd=args.cmd)
     from .mount import MountOptionError
     try:
         return args.func(args)
@@ -1380,7 +1431,7 @@ def _main(argv: list[str] | None = None) -> int:
         if isinstance(exc, BrokenPipeError):
             return _quiet_broken_pipe()
         print(f"sluice {args.cmd}: {_message(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FSCK_OPERATIONAL if args.cmd == "fsck" else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

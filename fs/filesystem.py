@@ -110,6 +110,8 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self.default_cache_mode = default_cache_mode
         self._tmpfiles = set()
         self.empty_fsyncs = 0
+        # -- Xattrs (xattrs.py) ------------------------------------------------------------
+        self._xattr_bytes = {}
         # -- Attributes (attributes.py) ----------------------------------------------------
         self.atime = "relatime"
         self.nodiratime = False

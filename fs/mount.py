@@ -30,7 +30,7 @@ import trio
 from kernelshim import Kernel, SluiceError
 from kernelshim.connection import order_batches
 from kernelshim.principals import PrincipalTable
-from kernelshim.server import ShimServer
+from kernelshim.server import ShimServer, socket_in_use
 
 from .filesystem import FileSystem
 from .gcwatch import GcLog, freeze_start_up_heap
@@ -662,6 +662,21 @@ def apply_priority(nice: int) -> str | None:
     return "; ".join(missed) or None
 
 
+def _pinned(volume: Path, stack: contextlib.AsyncExitStack) -> Path:
+    """A path to `volume` that follows the directory itself wherever it is moved while
+    this process holds it (/proc/self/fd/N of a descriptor closed by `stack`); the
+    plain path where /proc is not mounted."""
+    fd = os.open(volume, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack.callback(os.close, fd)
+    pinned = Path(f"/proc/self/fd/{fd}")
+    try:
+        if os.path.samefile(pinned, volume):
+            return pinned
+    except OSError:
+        pass
+    return volume
+
+
 async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 ready: Callable[[str | None], None],
                 on_hangup: Callable[[], None] | None = None) -> int:
@@ -693,6 +708,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         clean_dead_mount(volume, keep_state=opts.read_only)
         if not opts.read_only:
             vlock.hold_writer()  # else fsck may be checking it (a read-only mount)
+        # The files the daemon rewrites while it runs (mount.json, principals.json) go
+        # through a descriptor of the volume directory, not its path: a volume moved
+        # while mounted keeps them, and a volume made at the old path is never written
+        # (probe 19, F7). (SQLite names meta.db's WAL by the path it opened.)
+        here = _pinned(volume, stack)
         # Lab facilities (tests, fault and power-loss experiments), read here and only
         # here: a fault plan injected below the device, a recording of its writes.
         fault_plan = os.environ.get("SLUICE_FAULT_PLAN")
@@ -728,7 +748,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 # (a full or failing host: one line at the end, not a traceback)
                 failures.append(f"the last metadata commit failed: {exc}")
         stack.callback(_close_metadata)
-        principals = PrincipalTable.load(volume)
+        principals = PrincipalTable.load(here)
         try:
             fs = await FileSystem.load(md, kernel, default_cache_mode=opts.cache_mode,
                                        principals=principals, read_only=opts.read_only)
@@ -741,7 +761,15 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         if scrubbed:
             log.info("discarded %d blocks written but never committed before the last crash",
                      scrubbed)
-        sock_path = control_socket_path(read_header(volume).uuid)
+        uuid = read_header(volume).uuid
+        sock_path = control_socket_path(uuid)
+        if socket_in_use(sock_path):
+            # The volume's lock is in the volume directory, and a copy of the directory
+            # has its own: a copy mounted beside its source took the source's socket,
+            # and every client of the source talked to the copy (probe 19, F1).
+            raise VolumeError(f"{volume}: a volume with the same uuid ({uuid}) is already "
+                              f"mounted (its daemon serves {sock_path}): this is a copy of "
+                              "it; unmount that one first")
         metrics = None
         if opts.metrics is not None:
             # Bound before the mount goes live: a busy port fails the mount, not later.
@@ -778,14 +806,14 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
             ops.invalidator.close()  # no kernel notification once the session closes
             pyfuse3.close(unmount=clean_exit or not announced)
         stack.callback(_close)
-        write_mount_state(volume, mountpoint=mountpoint, pid=os.getpid())
+        write_mount_state(here, mountpoint=mountpoint, pid=os.getpid())
 
         def _clear_state() -> None:
             if clean_exit or not announced:
                 if dead_state is not None and not fs.recovered:
-                    write_mount_state(volume, **dead_state)
+                    write_mount_state(here, **dead_state)
                 else:
-                    clear_mount_state(volume)
+                    clear_mount_state(here)
         stack.callback(_clear_state)
         try:
             async with trio.open_nursery() as nursery:
@@ -802,7 +830,7 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
                 nursery.start_soon(_watch_signals, on_hangup, name="signal-watcher")
                 if metrics is not None:
                     nursery.start_soon(metrics.serve, name="metrics-server")
-                follower = FlagFollower(fs, volume, mountpoint, vlock)
+                follower = FlagFollower(fs, here, mountpoint, vlock)
 
                 async def announce() -> None:
                     # Once the kernel's flags are what was asked for and applied (that

@@ -903,7 +903,11 @@ class Operations(pyfuse3.Operations):
             # removal on write and chown to the filesystem, and the mount is nosuid
             # (exec ignores them anyway).
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        self.fs.setxattr(inode, name, value, 0)
+        # What it makes the daemon write goes at the caller's I/O limits (probe 18, F1).
+        who = self._caller(ctx).principal
+        await self.fs.kernel.repay_metadata(who, len(name) + len(value))
+        await self.fs.xattr_room(who, len(name) + len(value))
+        self.fs.setxattr(inode, name, value, 0, uid=ctx.uid)
         # A hint xattr's new value applies to the file's cached pages a part a step
         # (probe 11, F6): in force when the request returns.
         await self.fs.kernel.settle_hints()
@@ -936,7 +940,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.fs.removexattr(inode, name)
+        self.fs.removexattr(inode, name, uid=ctx.uid)
         await self.fs.kernel.settle_hints()
 
     @_guard

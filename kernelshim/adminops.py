@@ -10,7 +10,8 @@ from typing import Any
 import trio
 
 from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
-from .principals import OBJECT_BANKS, QUEUE_BANKS, Banks, Principal, Rate
+from .principals import (LIMIT_BANKS, NO_LIMIT, OBJECT_BANKS, QUEUE_BANKS, Banks, NotAllowed,
+                         Principal, Rate)
 from .protocol import arg_int, arg_str
 
 
@@ -34,7 +35,10 @@ class AdminOps(ServerBase):
         for k in ("space", "inodes", "cache_min", "cache_max", "io_weight", *OBJECT_BANKS,
                   *QUEUE_BANKS):
             if k in p and p[k] is not None:
-                out[k] = arg_int(p, k, hi=1 << 62)
+                if p[k] == NO_LIMIT and k in LIMIT_BANKS:
+                    out[k] = None  # no limit of its own: its ancestors' only
+                else:
+                    out[k] = arg_int(p, k, hi=1 << 62)
         for k in ("io_reserve", "io_limit"):
             if k in p and p[k] is not None:
                 out[k] = Rate.parse(arg_str(p, k, maxlen=64))
@@ -46,7 +50,14 @@ class AdminOps(ServerBase):
         # Kernel-object and request banks not asked for: the default, or what the
         # parent has if that is less (asking for more than the parent holds stays an
         # error).
-        par = self.principals.get_for(parent, conn.creds.uid, "add principals under")
+        try:
+            par = self.principals.get_for(parent, conn.creds.uid, "add principals under")
+        except NotAllowed as exc:
+            if parent != "root" or conn.creds.uid == 0:
+                raise
+            # (what a user on its own mount tries first: say what works; probe 19, F6)
+            raise NotAllowed(f"{exc} (add it under your own principal: --parent "
+                             f"uid-{conn.creds.uid})") from None
         defaults = Banks()
         for k in (*OBJECT_BANKS, *QUEUE_BANKS):
             if k not in args:

@@ -56,6 +56,9 @@ OBJECT_BANKS = ("grants", "caps", "connections", "shm", "children")
 QUEUE_BANKS = ("parked", "parked_bytes", "costly_rate")
 #: banks that are ceilings: a child's may not exceed its parent's
 LIMIT_BANKS = ("space", "inodes", "cache_max", *OBJECT_BANKS, *QUEUE_BANKS)
+#: the value that asks for no limit of a principal's own on a bank of LIMIT_BANKS (its
+#: ancestors' only), on the command line and on the wire
+NO_LIMIT = "none"
 
 
 @dataclasses.dataclass(slots=True)

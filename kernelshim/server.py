@@ -244,6 +244,22 @@ def _raise_fd_limit(connections: int) -> None:
             log.warning("cannot raise the descriptor limit to %d: %s", new, exc)
 
 
+
+def socket_in_use(path: str | os.PathLike[str]) -> bool:
+    """Whether a live process listens on the unix socket at `path` (a connection is
+    taken, or the backlog is full); False for nothing there or a stale file."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(os.fspath(path))
+    except BlockingIOError:
+        return True  # (listening, its backlog full)
+    except OSError:
+        return False  # (ENOENT, ECONNREFUSED: no listener; ENOTSOCK ...)
+    finally:
+        probe.close()
+    return True
+
 class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
                  path: Path, *, metadata_pending: Callable[[], bool] | None = None,
@@ -309,6 +325,11 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         # A plain non-blocking listener, waited on with trio's readiness calls: the accept
         # loop takes the admission turn after the wake-up and before `accept`, so that
         # its system calls are admission work (FairTurns) like the rest of it.
+        if socket_in_use(self.path):
+            # Another daemon serves this socket: a copy of this volume (the same uuid)
+            # mounted elsewhere. Its socket is not ours to take (probe 19, F1).
+            raise SluiceError(f"control socket {self.path} is served by another sluice "
+                            "daemon: a copy of this volume (same uuid) is mounted")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             os.unlink(self.path)
@@ -316,6 +337,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             pass
         sock.bind(str(self.path))
         os.chmod(self.path, 0o666)  # everyone may connect; identity comes from SO_PEERCRED
+        mine = os.stat(self.path)
         sock.listen(64)
         sock.setblocking(False)
         _raise_fd_limit(self.max_connections + FLOOR_CONNECTIONS)
@@ -371,7 +393,9 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             trio.lowlevel.notify_closing(sock)
             sock.close()
             try:
-                os.unlink(self.path)
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    os.unlink(self.path)  # (only our own: never another daemon's)
             except FileNotFoundError:
                 pass
 

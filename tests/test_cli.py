@@ -136,7 +136,7 @@ def test_volume_already_mounted_elsewhere(volume: Path, mount_factory, tmp_path:
     assert m.daemon_alive and (m.path / ".").exists()
     # fsck refuses too, while the daemon holds the volume.
     r = sluice("fsck", str(volume), check=False)
-    assert_one_line_error(r, "sluice fsck:", "in use")
+    assert_one_line_error(r, "sluice fsck:", "in use", code=8)
 
 
 def test_mount_bad_options(volume: Path, tmp_path: Path) -> None:
@@ -172,11 +172,12 @@ def test_umount_errors(tmp_path: Path) -> None:
 
 
 def test_fsck_errors(tmp_path: Path) -> None:
+    # (8: fsck could not check anything, never 1, "repaired every error"; probe 19, F2)
     r = sluice("fsck", str(tmp_path / "nope"), check=False)
-    assert_one_line_error(r, "sluice fsck:", "no such volume")
+    assert_one_line_error(r, "sluice fsck:", "no such volume", code=8)
     (tmp_path / "notvol").mkdir()
     r = sluice("fsck", str(tmp_path / "notvol"), check=False)
-    assert_one_line_error(r, "is not a sluice volume")
+    assert_one_line_error(r, "is not a sluice volume", code=8)
 
 
 def test_background_mount_and_umount(volume: Path, tmp_path: Path) -> None:

@@ -331,7 +331,7 @@ def test_errors_are_one_line_without_errno_and_exit_codes_agree(tmp_path: Path) 
         (["mkfs", "/proc/vol", "--size", "64M"], 1, "No such file or directory: /proc/vol"),
         (["mkfs", str(tmp_path / "big"), "--size", "99999T"], 1, "File too large"),
         (["stats", str(tmp_path / "nowhere")], 1, "is not a mounted sluice volume"),
-        (["fsck", str(tmp_path / "nowhere")], 1, "no such volume"),
+        (["fsck", str(tmp_path / "nowhere")], 8, "no such volume"),  # (could not check)
         (["mkfs"], 2, "the following arguments are required: volume"),
         (["mount", str(tmp_path), str(tmp_path), "--cache-mode", "weird"], 2,
          "invalid choice: 'weird'"),
@@ -447,3 +447,41 @@ def test_the_volume_holds_the_files_the_readme_lists(tmp_path: Path) -> None:
     section = section[:section.index("\n\n")]
     for name in base | {"mount.json", "sluice.log", "principals.json", "-wal", "-shm"}:
         assert f"`{name}`" in section, name
+
+
+def test_none_removes_a_principals_own_limit_and_its_ancestors_still_bind(
+        volume: Path, mount_factory) -> None:
+    """Probe 15, F7: `--space none` and `--cache-max none` were refused, so a limit once
+    set could not be taken off again (`--cache-max 0` means no cache at all). `none`
+    takes a size or count bank's own limit off; its ancestors' still hold, and the
+    change survives a remount."""
+    from conftest import sluice
+    m = mount_factory(volume)
+    mnt = str(m.path)
+    sluice("principal", "add", mnt, "team", "--space", "64K", "--inodes", "100")
+    sluice("principal", "add", mnt, "dev", "--parent", "team", "--space", "8K",
+           "--cache-max", "1M", "--grants", "10", "--connections", "5")
+    sluice("principal", "set", mnt, "dev", "--space", "none", "--cache-max", "NONE",
+           "--grants", "none", "--connections", "none", "--inodes", "none")
+    b = _principals(m.path)["dev"]["banks"]
+    assert (b["space"], b["cache_max"], b["grants"], b["connections"], b["inodes"]) == \
+        (None, None, None, None, None)
+    assert "space" in sluice("principal", "show", mnt, "dev").stdout
+    # the parent's 64 KiB still binds: 40 KiB fits where 8 KiB did not, 100 KiB does not
+    r = sluice("run", mnt, "--principal", "dev", "--", "sh", "-c",
+               f"head -c 40960 /dev/zero > {mnt}/a && sync {mnt}/a", check=False)
+    assert r.returncode == 0, r.stderr
+    r = sluice("run", mnt, "--principal", "dev", "--", "sh", "-c",
+               f"head -c 102400 /dev/zero > {mnt}/b", check=False)
+    assert r.returncode != 0 and "quota" in r.stderr.lower(), r.stderr
+    # a new principal given none at once; a cache-min stays a size (none is refused)
+    sluice("principal", "add", mnt, "free", "--parent", "team", "--children", "none")
+    assert _principals(m.path)["free"]["banks"]["children"] is None
+    for bad in (["--cache-min", "none"], ["--inodes", "-1"], ["--grants", "lots"]):
+        r = sluice("principal", "set", mnt, "free", *bad, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    m.stop()
+    m2 = mount_factory(volume, name="again")
+    assert _principals(m2.path)["dev"]["banks"]["space"] is None
+    assert _principals(m2.path)["team"]["banks"]["space"] == 65536
+

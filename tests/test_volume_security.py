@@ -177,7 +177,8 @@ def _refuse_then_fix(vol: Path, mp: Path) -> None:
     assert not is_mounted(mp)
     os.chmod(vol / "meta.db", 0o660)
     r = sluice("fsck", str(vol), check=False)
-    assert_one_line_error(r, "sluice fsck:", "and 1 more", "chmod -R go-rwx", "--fix-permissions")
+    assert_one_line_error(r, "sluice fsck:", "and 1 more", "chmod -R go-rwx", "--fix-permissions",
+                          code=8)
     # Fixed only when asked to.
     r = sluice("fsck", str(vol), "--fix-permissions", check=False)
     assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout + r.stderr

@@ -1,0 +1,105 @@
+"""Hostile probe 18 (an unprivileged tenant through the mount): what it found, each
+fixed with a test that fails on the code before it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shim_util import pubmnt, user_run  # noqa: F401 (pubmnt: a fixture)
+
+pytestmark = pytest.mark.mounted
+
+
+def test_only_a_directorys_owner_sets_the_hints_its_new_files_inherit(pubmnt: Path) -> None:
+    """F2: a tenant allowed to write a shared (not sticky) directory set
+    `user.sluice.discardable` on it; the files other tenants created there inherited
+    it, and a crash emptied them. A directory's hints are its owner's (or root's) to
+    set or remove, as its default ACL is; a file's hints stay any writer's."""
+    shared = pubmnt / "proj"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    r = user_run(["setfattr", "-n", "user.sluice.discardable", "-v", "1", str(shared)])
+    assert r.returncode != 0 and "not permitted" in r.stderr.lower(), r.stderr
+    r = user_run(["setfattr", "-n", "user.sluice.priority", "-v", "-100", str(shared)])
+    assert r.returncode != 0 and "not permitted" in r.stderr.lower(), r.stderr
+    assert os.listxattr(shared) == []
+    # another tenant's file created there inherits nothing
+    r = user_run(["sh", "-c", f"echo mine > {shared}/theirs"], uid=1002)
+    assert r.returncode == 0, r.stderr
+    assert "user.sluice.discardable" not in os.listxattr(shared / "theirs")
+    # the owner sets it (root here), and a non-owner cannot take it off either
+    os.setxattr(shared, "user.sluice.discardable", b"1")
+    r = user_run(["setfattr", "-x", "user.sluice.discardable", str(shared)])
+    assert r.returncode != 0 and "not permitted" in r.stderr.lower(), r.stderr
+    assert os.getxattr(shared, "user.sluice.discardable") == b"1"
+    # a tenant's own directory, and a file it may write, are its own to hint
+    own = pubmnt / "own"
+    own.mkdir()
+    os.chown(own, 1000, 1000)
+    r = user_run(["sh", "-c", f"setfattr -n user.sluice.discardable -v 1 {own} && "
+                              f"echo x > {shared}/f && "
+                              f"setfattr -n user.sluice.priority -v 5 {shared}/f && "
+                              f"setfattr -x user.sluice.discardable {shared}/f"])
+    assert r.returncode == 0, r.stderr
+    assert os.getxattr(own, "user.sluice.discardable") == b"1"
+    assert os.getxattr(shared / "f", "user.sluice.priority") == b"5"
+    # other user.* names on a shared directory stay any writer's, as the kernel allows
+    r = user_run(["setfattr", "-n", "user.note", "-v", "hello", str(shared)])
+    assert r.returncode == 0, r.stderr
+
+
+def test_attribute_writes_go_at_the_writers_io_limit(tmp_path: Path, mount_factory) -> None:
+    """F1: extended attributes are written into the metadata database, whose I/O never
+    reaches the device's scheduler: a tenant under a 1 MB/s limit rewrote 100 MB/s of
+    attribute values (each second's commit of them then held every tenant 100-230 ms).
+    A setxattr takes its place at the writer's limits, as a write does."""
+    import time
+
+    from conftest import make_volume, sluice
+    vol = make_volume(tmp_path / "vol", "256M")
+    m = mount_factory(vol)
+    sluice("principal", "add", str(m.path), "slow", "--io-limit", "200KB/s")
+    (m.path / "f").write_bytes(b"x")
+    code = ("import os, sys, time\n"
+            "t = time.monotonic()\n"
+            "for i in range(12):\n"
+            "    os.setxattr(sys.argv[1], 'user.k', bytes([i]) * 50000)\n"
+            "print(time.monotonic() - t)\n")
+    r = sluice("run", str(m.path), "--principal", "slow", "--", "python3", "-c", code,
+               str(m.path / "f"))
+    took = float(r.stdout)
+    # 600 KB at 200 KB/s: the first goes at once, the other 11 at the limit (>= 2.75 s)
+    assert took >= 2.5, took
+    assert os.getxattr(m.path / "f", "user.k") == bytes([11]) * 50000
+    # root, with no limit, is not held
+    t = time.monotonic()
+    for i in range(12):
+        os.setxattr(m.path / "f", "user.r", bytes([i]) * 50000)
+    assert time.monotonic() - t < 2.5
+
+
+def test_one_tenants_attribute_rewrites_are_spread_over_commits(tmp_path: Path,
+                                                                mount_factory) -> None:
+    """F1, for a tenant with no I/O limit: each second's metadata commit wrote all the
+    attribute values rewritten in that second in one step of the loop (~100 MB, 100-230
+    ms in which no tenant was served). One principal's rewrites fill at most
+    XATTR_BYTES_PER_COMMIT of a transaction; its next waits for the commit."""
+    import time
+
+    from conftest import make_volume
+    from fs.xattrs import XATTR_BYTES_PER_COMMIT
+    vol = make_volume(tmp_path / "vol", "256M")
+    m = mount_factory(vol)
+    f = m.path / "f"
+    f.write_bytes(b"x")
+    n = 3 * XATTR_BYTES_PER_COMMIT // 60000 + 1  # three budgets' worth
+    t = time.monotonic()
+    for i in range(n):
+        os.setxattr(f, "user.big", bytes([i % 251]) * 60000)
+    took = time.monotonic() - t
+    # three budgets need three commits after the first: the committer's 1 s interval
+    assert took >= 2.0, took
+    assert os.getxattr(f, "user.big") == bytes([(n - 1) % 251]) * 60000

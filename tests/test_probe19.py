@@ -1,0 +1,102 @@
+"""Probe 19 (a new user's afternoon, everyday expectations): what it found, each fixed
+with a test that fails on the code before it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import make_volume, sluice
+from shim_util import pubmnt  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.mounted
+
+
+def test_a_copy_of_a_mounted_volume_is_refused_and_leaves_the_original_served(
+        tmp_path: Path, mount_factory) -> None:
+    """F1: a copy of a volume (`cp -a`) has the same uuid, so the same control socket
+    path; mounted beside its source, it took the source's socket (`sluice run`,
+    `principal`, `stats` and direct clients of the source acted on the copy), and its
+    unmount left the source with no socket at all. The copy's mount is refused, in
+    one line, and the source is untouched; once the source is unmounted the copy
+    mounts."""
+    vol = make_volume(tmp_path / "orig", "256M")
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", "--sparse=always", str(vol), str(copy)], check=True)
+    m = mount_factory(vol)
+    sluice("principal", "add", str(m.path), "inorig")
+    mp2 = tmp_path / "m2"
+    mp2.mkdir()
+    r = sluice("mount", str(copy), str(mp2), check=False)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "same uuid" in r.stderr and "copy" in r.stderr, r.stderr
+    assert not any(line.split()[1] == str(mp2)
+                   for line in Path("/proc/mounts").read_text().splitlines())
+    # the source still answers on its socket, as itself
+    names = {p["name"] for p in json.loads(sluice("principal", "ls", str(m.path),
+                                                  "--json").stdout)}
+    assert "inorig" in names
+    (m.path / "f").write_bytes(b"original")
+    assert json.loads(sluice("stats", str(m.path), "--json").stdout)["fs"]["inodes"] == 2
+    m.stop()
+    m2 = mount_factory(copy, name="m2")
+    assert not (m2.path / "f").exists()
+    assert "inorig" not in {p["name"] for p in json.loads(
+        sluice("principal", "ls", str(m2.path), "--json").stdout)}
+
+
+
+def test_a_volume_directory_moved_while_mounted_is_never_written_by_its_old_path(
+        tmp_path: Path, mount_factory) -> None:
+    """F7: the daemon wrote its files by the volume's path. After `mv vol vol2` of a
+    mounted volume, `principal add` failed with a raw FileNotFoundError yet took effect
+    in memory, a later write of mount.json (the mount-flag follower's) turned the
+    volume read-only, and once a new volume was made at the old path the old mount's
+    principals were saved into it. The daemon now writes mount.json and
+    principals.json through a descriptor of the volume directory: they follow it."""
+    vol = make_volume(tmp_path / "vol", "256M")
+    m = mount_factory(vol)
+    moved = tmp_path / "vol2"
+    vol.rename(moved)
+    sluice("principal", "add", str(m.path), "alice")
+    assert "alice" in (moved / "principals.json").read_text()
+    make_volume(vol, "256M")  # a new volume where the old one was
+    before = {p.name: p.stat().st_mtime_ns for p in vol.iterdir()}
+    sluice("principal", "add", str(m.path), "bob")
+    (m.path / "kept").write_bytes(b"data")
+    m.stop()
+    assert {p.name: p.stat().st_mtime_ns for p in vol.iterdir()} == before
+    assert not (moved / "mount.json").exists()  # cleared where the volume is now
+    m2 = mount_factory(moved, name="again")
+    assert (m2.path / "kept").read_bytes() == b"data"
+    assert {"alice", "bob"} <= {p["name"] for p in json.loads(
+        sluice("principal", "ls", str(m2.path), "--json").stdout)}
+
+
+def test_mkfs_numbers_out_of_range_are_usage_errors(tmp_path: Path) -> None:
+    """F5: `mkfs --inodes 0` and `mkfs --size 1K` said what was wrong but exited 1, where
+    the README says a number out of its range is a usage error (exit 2), as
+    `--size 0` was."""
+    for args, words in ((["--inodes", "0"], "at least 1"),
+                        (["--size", "1K"], "at least 16 blocks")):
+        r = sluice("mkfs", str(tmp_path / "v"), *args, check=False)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+        assert not (tmp_path / "v").exists()
+
+
+def test_a_user_refused_a_principal_under_root_is_told_what_works(volume: Path,
+                                                                  pubmnt: Path) -> None:
+    """F6: on a mount it may use, a user's `principal add MNT NAME` (the README's first
+    example) was refused with no hint that `--parent uid-N` works."""
+    from shim_util import USER_PY, user_run
+    r = user_run([USER_PY, "-m", "fs.cli", "principal", "add", str(pubmnt), "mine"])
+    assert r.returncode == 1 and "--parent uid-1000" in r.stderr, r.stderr
+    r = user_run([USER_PY, "-m", "fs.cli", "principal", "add", str(pubmnt), "mine",
+                  "--parent", "uid-1000"])
+    assert r.returncode == 0, r.stderr
+    assert "mine" in sluice("principal", "ls", str(pubmnt)).stdout
