@@ -20,7 +20,7 @@ from .errors import (Damaged, Exists, InvalidArgument, IsADirectory, NameTooLong
                      NotADirectory, NotEmpty, NotFound, NotPermitted, TooManyLinks)
 from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
 from .permissions import in_group
-from .xattrs import DISCARDED_XATTR, xattr_cost
+from .xattrs import DISCARDED_XATTR, INHERITED_HINTS, xattr_cost
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -102,7 +102,7 @@ class Namespace:
             raise NotFound("directory was removed")
         if self.md.lookup(parent.id, name) is not None:
             raise Exists(f"{name!r} exists")
-        hints = self._hints(parent)
+        hints = {k: v for k, v in self._hints(parent).items() if k in INHERITED_HINTS}
         if self._inode_count >= self.max_inodes:
             raise NoSpace(f"no free inodes (limit {self.max_inodes})")
         if stat.S_ISDIR(mode) and parent.nlink >= LINK_MAX:  # its '..' is a link

@@ -58,6 +58,11 @@ DISCARDABLE_XATTR = b"user.sluice.discardable"
 #: set on a discardable file the pager emptied (its dirty pages were dropped, or a
 #: crash may have lost them); cleared by the next write or truncate
 DISCARDED_XATTR = b"user.sluice.discarded"
+#: the hints a file made in a directory inherits from it
+INHERITED_HINTS = (PRIORITY_XATTR, DISCARDABLE_XATTR, CACHE_XATTR)
+_KEPT_HINTS = frozenset((*INHERITED_HINTS, DISCARDED_XATTR))
+#: the longest hint value the daemon keeps in memory (every valid one is a few bytes)
+HINT_VALUE_MAX = 64
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
@@ -109,6 +114,12 @@ def check_hint_xattr(name: bytes, value: bytes) -> None:
         parse_priority(value)
     elif name == DISCARDABLE_XATTR:
         parse_discardable(value)
+    elif name.startswith(HINT_PREFIX):
+        # Only the hints sluice knows: the daemon keeps a file's hints in memory while
+        # its inode is cached and copies a directory's onto every file made in it, so
+        # any name under the prefix held 64 KB values, uncharged (probe 18, F6).
+        raise InvalidArgument(f"{name.decode(errors='replace')} is not a sluice hint: "
+                              "they are user.sluice.priority, .discardable and .cache")
 
 
 class Xattrs:
@@ -136,8 +147,13 @@ class Xattrs:
         self._xattr_bytes[principal] = self._xattr_bytes.get(principal, 0) + nbytes
 
     def _hints(self: FileSystem, node: Inode) -> dict[bytes, bytes]:
+        """The file's sluice hints (and the discarded mark), as the daemon keeps them
+        while the inode is cached: the known names only, with a value short enough to
+        be one (a volume written before names and values were checked may hold
+        others: left in meta.db, never loaded; probe 18, F6)."""
         if node.hints is None:
-            node.hints = dict(self.md.hint_xattrs(node.id, HINT_PREFIX))
+            node.hints = {k: v for k, v in self.md.hint_xattrs(node.id, HINT_PREFIX)
+                          if k in _KEPT_HINTS and len(v) <= HINT_VALUE_MAX}
         return node.hints
 
     def _push_hints(self: FileSystem, node: Inode, *, changed: bool = False) -> None:

@@ -103,3 +103,42 @@ def test_one_tenants_attribute_rewrites_are_spread_over_commits(tmp_path: Path,
     # three budgets need three commits after the first: the committer's 1 s interval
     assert took >= 2.0, took
     assert os.getxattr(f, "user.big") == bytes([(n - 1) % 251]) * 60000
+
+
+def test_only_the_known_hints_are_names_under_the_sluice_prefix(tmp_path: Path,
+                                                                mount_factory) -> None:
+    """F6: any name under `user.sluice.` was accepted with a 64 KB value, and the daemon
+    kept every cached inode's names under the prefix in memory (282 MB of resident
+    memory for 352 MB of such attributes, uncharged), and copied a directory's onto
+    every file made in it. Only priority, discardable and cache are hints; a volume
+    that holds others (written before) keeps them in meta.db, never in memory, and
+    passes none of them on."""
+    import errno
+    import sqlite3
+
+    from conftest import make_volume
+    vol = make_volume(tmp_path / "vol", "256M")
+    m = mount_factory(vol)
+    d = m.path / "d"
+    d.mkdir()
+    for name, value in (("user.sluice.anything", b"x" * 65000), ("user.sluice.", b"1"),
+                        ("user.sluice.priority", b"7" * 65000)):
+        with pytest.raises(OSError) as ei:
+            os.setxattr(d, name, value)
+        assert ei.value.errno == errno.EINVAL, name
+    os.setxattr(d, "user.sluice.priority", b"5")
+    os.setxattr(d, "user.other", b"y" * 1000)  # (not a hint: not inherited)
+    m.stop()
+    # an older volume's stray name under the prefix, on the directory
+    db = sqlite3.connect(vol / "meta.db", isolation_level=None)
+    ino = db.execute("SELECT inode FROM dentries WHERE name = ?", (b"d",)).fetchone()[0]
+    db.execute("INSERT INTO xattrs VALUES (?, ?, ?)", (ino, b"user.sluice.junk", b"z" * 60000))
+    db.close()
+    m2 = mount_factory(vol, name="again")
+    (m2.path / "d" / "f").write_bytes(b"data")
+    names = set(os.listxattr(m2.path / "d" / "f"))
+    assert names == {"user.sluice.priority"}, names
+    assert os.getxattr(m2.path / "d" / "f", "user.sluice.priority") == b"5"
+    # the stray one is still the directory's, readable and removable
+    assert os.getxattr(m2.path / "d", "user.sluice.junk") == b"z" * 60000
+    os.removexattr(m2.path / "d", "user.sluice.junk")
