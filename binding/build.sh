@@ -80,7 +80,10 @@ if [ ! -f "$lib_stamp" ] || [ "$(cat "$lib_stamp")" != "$LIB_HASH" ]; then
     work=$B/src/fuse3/build-tree
     rm -rf "$work" && mkdir -p "$work"
     for t in "$B"/src/fuse3/fuse3_"$upstream".orig.tar.?z "$B"/src/fuse3/fuse3_*.debian.tar.?z; do
-        tar -xf "$t" -C "$work" || die "could not unpack $t"
+        # (--no-same-owner: as root, tar keeps the archive's owners, and the trees root
+        # compiles would belong to whatever uid the archive names: a local user could
+        # edit them mid-build; probe 19, F11)
+        tar --no-same-owner -xf "$t" -C "$work" || die "could not unpack $t"
     done
     src=$(ls -d "$work"/fuse-*/ | head -1)
     if [ -f "$work/debian/patches/series" ]; then
@@ -114,7 +117,7 @@ if [ "$have" != "$want" ] || [ ! -f "$py_stamp" ] || [ "$(cat "$py_stamp")" != "
     "$PY" -m pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$sdir" \
         >"$B/pyfuse3-build.log" 2>&1 \
         || die "pip download of the pyfuse3 $PYFUSE3_VERSION sdist failed (network? see .build/pyfuse3-build.log)"
-    tar -xzf "$sdir/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$sdir"
+    tar --no-same-owner -xzf "$sdir/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$sdir"
     tree=$sdir/pyfuse3-$PYFUSE3_VERSION
     patch -d "$tree" -p1 -s < "binding/pyfuse3-$PYFUSE3_VERSION-sluice.patch" \
         || die "binding/pyfuse3-$PYFUSE3_VERSION-sluice.patch did not apply"

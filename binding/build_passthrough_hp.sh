@@ -23,7 +23,7 @@ bin=$OUT/build/example/passthrough_hp
 if [ ! -x "$bin" ] || [ "$(cat "$OUT/.stamp" 2>/dev/null)" != "$HASH" ]; then
     echo "build_passthrough_hp: building libfuse's example passthrough_hp in .build/passthrough_hp" >&2
     rm -rf "$OUT" && mkdir -p "$OUT"
-    for t in "$orig" "$deb"; do tar -xf "$t" -C "$OUT" || die "could not unpack $t"; done
+    for t in "$orig" "$deb"; do tar --no-same-owner -xf "$t" -C "$OUT" || die "could not unpack $t"; done
     src=$(ls -d "$OUT"/fuse-*/ | head -1)
     if [ -f "$OUT/debian/patches/series" ]; then
         while read -r p; do

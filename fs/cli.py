@@ -335,6 +335,15 @@ def _check_user_fuse() -> None:
     if not (st.st_mode & stat.S_ISUID and st.st_uid == 0):
         raise CliError(f"{fm} is not set-user-ID root: a mount by a user other than root "
                        "needs it to be (chmod u+s)")
+    # A user's mount is allow_other (every tenant reaches it), which fusermount3 allows
+    # only with user_allow_other in /etc/fuse.conf (probe 19, F15).
+    try:
+        conf = Path("/etc/fuse.conf").read_text(errors="replace")
+    except OSError:
+        conf = ""
+    if not any(line.strip() == "user_allow_other" for line in conf.splitlines()):
+        raise CliError("/etc/fuse.conf does not say user_allow_other: a mount by a user "
+                       "other than root needs it (add that line, as root)")
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -709,7 +718,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         os.execvp(cmd[0], cmd)
     except OSError as exc:
-        raise CliError(f"cannot run {cmd[0]}: {exc.strerror}") from None
+        # 127 not found, 126 found but not runnable: as env, nice, timeout and the
+        # shells say it, so a caller can tell it from the program's own 1 (probe 19, F12)
+        print(f"sluice run: cannot run {cmd[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if exc.errno == errno.ENOENT else 126
     return 0
 
 

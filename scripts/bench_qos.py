@@ -683,9 +683,11 @@ def ensure_matplotlib() -> bool:
         return True
     except ImportError:
         pass
-    log("matplotlib (the `bench` extra) is missing: installing it into this environment "
-        f"with `{sys.executable} -m pip install -e '{REPO}[bench]'`")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{REPO}[bench]"],
+    # (matplotlib alone: `pip install -e REPO[bench]` re-pointed a venv shared by
+    # several clones at the clone running the benchmark; probe 19, F10)
+    log("matplotlib (of the `bench` extra) is missing: installing it into this "
+        f"environment with `{sys.executable} -m pip install 'matplotlib>=3.8'`")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib>=3.8"],
                        capture_output=True, text=True)
     if r.returncode != 0:
         log(f"could not install matplotlib ({r.stderr.strip()[-300:]}): no plot drawn")

@@ -85,10 +85,22 @@ fi
 .venv/bin/python -m compileall -q blockdev pager kernelshim fs >/dev/null
 
 # `mount -t fuse.sluice` and fstab look for /sbin/mount.fuse.sluice: point it at this
-# clone (the one whose setup ran last), whichever clone it pointed at before.
-if [ "$(id -u)" -eq 0 ] && \
-   [ "$(readlink /usr/sbin/mount.fuse.sluice 2>/dev/null)" != "$PWD/.venv/bin/mount.fuse.sluice" ]; then
-    ln -sfn "$PWD/.venv/bin/mount.fuse.sluice" /usr/sbin/mount.fuse.sluice
+# clone (the one whose setup ran last), whichever clone it pointed at before — unless
+# SLUICE_KEEP_HELPER_LINK=1 and the link works (another clone's tests, or a machine
+# whose fstab mounts should keep running the clone they run).
+helper="$PWD/.venv/bin/mount.fuse.sluice"
+if [ "$(readlink /usr/sbin/mount.fuse.sluice 2>/dev/null)" != "$helper" ]; then
+    if [ "${SLUICE_KEEP_HELPER_LINK:-0}" = 1 ] && [ -e /usr/sbin/mount.fuse.sluice ]; then
+        echo "setup: note: kept /usr/sbin/mount.fuse.sluice -> $(readlink /usr/sbin/mount.fuse.sluice)" \
+             "(SLUICE_KEEP_HELPER_LINK=1): mount -t fuse.sluice runs that clone's code"
+    elif [ "$(id -u)" -eq 0 ]; then
+        ln -sfn "$helper" /usr/sbin/mount.fuse.sluice
+    elif sudo -n true 2>/dev/null; then
+        sudo ln -sfn "$helper" /usr/sbin/mount.fuse.sluice
+    else
+        echo "setup: note: not root: /usr/sbin/mount.fuse.sluice not linked to $helper" \
+             "(mount -t fuse.sluice needs it: run as root: ln -sfn $helper /usr/sbin/mount.fuse.sluice)"
+    fi
 fi
 # Other users run this clone with the venv's interpreter (README: "Tenants who run sluice
 # themselves"): say so when a directory on the way to it is closed to them.
@@ -104,6 +116,13 @@ while [ "$d" != / ]; do
     d=$(dirname "$d")
 done
 # Let non-root users mount with allow_other (needed when the daemon is not root).
-if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf && [ "$(id -u)" -eq 0 ]; then
-    echo user_allow_other >> /etc/fuse.conf
+if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo user_allow_other >> /etc/fuse.conf
+    elif sudo -n true 2>/dev/null; then
+        echo user_allow_other | sudo tee -a /etc/fuse.conf >/dev/null
+    else
+        echo "setup: note: not root: user_allow_other not added to /etc/fuse.conf" \
+             "(a user's sluice mount needs it)"
+    fi
 fi

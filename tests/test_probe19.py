@@ -4,12 +4,13 @@ with a test that fails on the code before it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import make_volume, sluice
+from conftest import REPO, make_volume, sluice
 from shim_util import pubmnt  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.mounted
@@ -100,3 +101,61 @@ def test_a_user_refused_a_principal_under_root_is_told_what_works(volume: Path,
                   "--parent", "uid-1000"])
     assert r.returncode == 0, r.stderr
     assert "mine" in sluice("principal", "ls", str(pubmnt)).stdout
+
+
+def test_sluice_run_says_127_and_126_as_env_does(volume: Path, mount_factory,
+                                                 tmp_path: Path) -> None:
+    """F12: `sluice run` exited 1 when it could not exec the program, which a caller
+    cannot tell from the program's own 1 (make's failed build). Not found is 127,
+    found but not runnable 126, as env, nice and the shells say it; the program's own
+    status still passes through."""
+    m = mount_factory(volume)
+    sluice("principal", "add", str(m.path), "alice")
+    notexec = tmp_path / "data.txt"
+    notexec.write_text("not a program\n")
+    for prog, code, words in ((str(tmp_path / "nope"), 127, "No such file"),
+                              (str(notexec), 126, "Permission denied")):
+        r = sluice("run", str(m.path), "--principal", "alice", "--", prog, check=False)
+        assert r.returncode == code, (prog, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
+    r = sluice("run", str(m.path), "--principal", "alice", "--", "sh", "-c", "exit 7",
+               check=False)
+    assert r.returncode == 7
+
+
+
+def test_a_users_mount_without_user_allow_other_says_so(tmp_path: Path) -> None:
+    """F15: on a host whose /etc/fuse.conf lacks user_allow_other a user's mount failed
+    with `fuse_session_mount failed` only (fusermount3's reason went to the volume's
+    log). `sluice mount` checks it with /dev/fuse and fusermount3 first. (In a private
+    mount namespace: a fuse.conf without the line, and a /dev/fuse the user may open,
+    bound over the host's.)"""
+    import shlex
+    import tempfile
+
+    from shim_util import USER_ENV, USER_PY, user_cmd
+    base = Path(tempfile.mkdtemp(prefix="sluice-user-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        os.chown(base, 1000, 1000)
+        r = subprocess.run(user_cmd(1000, [USER_PY, "-m", "fs.cli", "mkfs", str(base / "vol"),
+                                           "--size", "64M", "-q"]),
+                           capture_output=True, text=True, cwd=REPO, env=USER_ENV, timeout=60)
+        assert r.returncode == 0, r.stderr
+        (base / "mnt").mkdir()
+        os.chown(base / "mnt", 1000, 1000)
+        conf = tmp_path / "fuse.conf"
+        conf.write_text("# mount_max = 1000\n#user_allow_other\n")
+        dev = tmp_path / "fuse"
+        mount = shlex.join(user_cmd(1000, [USER_PY, "-m", "fs.cli", "mount",
+                                           str(base / "vol"), str(base / "mnt")]))
+        script = (f"mount --bind {conf} /etc/fuse.conf && mknod {dev} c 10 229 && "
+                  f"chmod 666 {dev} && mount --bind {dev} /dev/fuse && {mount}")
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                           capture_output=True, text=True, cwd=REPO, env=USER_ENV, timeout=60)
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "user_allow_other" in r.stderr and "/etc/fuse.conf" in r.stderr, r.stderr
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
