@@ -787,6 +787,14 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         log.info("garbage collector: froze %d objects of the start-up heap (%.1f ms)",
                  frozen, (time.perf_counter() - t0) * 1e3)
         pyfuse3.init(ops, mountpoint, fuse_options(volume, opts))
+        # Every tenant's requests in turn, not in the kernel's one queue's order.
+        set_intake = getattr(pyfuse3, "set_intake", None)
+        if set_intake is not None:
+            set_intake(ops.intake)
+        else:
+            log.warning("the FUSE binding has no fair intake (an older build): one "
+                        "tenant's backlog of requests delays the others'; run "
+                        "scripts/setup.sh")
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe())
         # trio's batches in queue order, so that the requests a poll brings run before

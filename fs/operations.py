@@ -19,8 +19,10 @@ import errno
 import functools
 import itertools
 import logging
+import math
 import os
 import stat
+import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -76,6 +78,13 @@ PRINCIPAL_REQUESTS = 16
 #: (`parked`, `parked_bytes`: 4096 and 64 MiB by default, kernelshim/banks.py), which
 #: root changes on a live mount; this only caps what root may give one principal.
 PARKED_REQUESTS = 1 << 16
+#: requests of one tenant the fair intake lets through as they come in one intake round
+#: (until the kernel's queue is found empty), before the rest of them wait their turn
+#: (`Operations.intake`)
+INTAKE_QUANTUM = 4
+#: seconds after the last change of tenant between two requests read from which one
+#: tenant is taken to be alone, and its requests are no longer deferred
+INTAKE_ALONE = 1.0
 PARKED_BYTES = 1 << 30
 #: what a parked request holds besides its payload: its trio task, the coroutine
 #: frames of the handler chain and its copied arguments (tracemalloc: about 3.5 KiB)
@@ -497,6 +506,48 @@ class Operations(pyfuse3.Operations):
         fs.write_back_pages = self._write_back_pages
         #: worker threads writing a file's dirty pages back before a direct change
         self._pages_limiter = trio.CapacityLimiter(WRITE_BACK_THREADS)
+        #: the fair intake's round, and each tenant's requests let through in it
+        self._intake_round = -1
+        self._intake_counts: dict[int, int] = {}
+        #: the tenant of the last request read, and when a request of another was
+        #: last read after one of a different tenant (the intake takes turns only then)
+        self._intake_last: int | None = None
+        self._intake_mixed = -math.inf
+        #: requests the fair intake deferred (each was processed later, in its turn)
+        self.intake_deferred = 0
+
+    def intake(self, uid: int, pid: int, opcode: int, rnd: int) -> tuple[int | None, bool]:
+        """The fair intake's hook (sluice's binding, `pyfuse3.set_intake`), called for
+        each small request read from the kernel: its tenant, and whether it waits its
+        turn. The kernel queues every caller's requests in one FIFO, so a tenant with
+        3,000 threads in cached 4 KiB reads put another tenant's `stat` behind its
+        whole backlog: p99 0.8 s, max 1.5 s (probe 18, F5). Each tenant's first
+        INTAKE_QUANTUM requests of a round (until the kernel's queue is found empty)
+        are processed as they come; the rest are copied out and processed a tenant at
+        a time in turn, between the requests read, so that the kernel's queue stays
+        short and another tenant's request is read, and served, at once. Never raises
+        (it runs in the binding's read loop)."""
+        try:
+            key = tenant_of(self.fs.principals.resolve(pid, uid)).id
+        except Exception:  # noqa: BLE001 - never break the read loop: as it came
+            return None, False
+        # Only while another tenant has been seen lately: a tenant alone gains nothing
+        # from turns, and its parallel requests would pay the copies.
+        now = time.monotonic()
+        if key != self._intake_last:
+            self._intake_last = key
+            self._intake_mixed = now
+        elif now - self._intake_mixed > INTAKE_ALONE:
+            return key, False
+        if rnd != self._intake_round:
+            self._intake_round = rnd
+            self._intake_counts.clear()
+        n = self._intake_counts.get(key, 0)
+        if n >= INTAKE_QUANTUM:
+            self.intake_deferred += 1
+            return key, True
+        self._intake_counts[key] = n + 1
+        return key, False
 
     async def run_releases(self, *, task_status: trio.TaskStatus[None] =
                            trio.TASK_STATUS_IGNORED) -> None:
