@@ -105,6 +105,10 @@ class OpenFiles:
         node = self._new_inode(self.inode(parent), name, stat.S_IFREG | (mode & 0o7777), caller)
         return self.open(node.id, flags, caller), node
 
+    def open_handle_count(self: FileSystem) -> int:
+        """Files open through the mount (kernel handles)."""
+        return len(self._handles)
+
     def handle(self: FileSystem, fh: int) -> Handle:
         h = self._handles.get(fh)
         if h is None:

@@ -414,6 +414,9 @@ def remount_kernel(mountpoint: str, flags: VfsFlags) -> None:
 #: how long a remount read-only waits for the discards of freed blocks (they may wait
 #: for a tenant's held requests) before leaving them undiscarded (settle_reaper)
 REMOUNT_REAP_SECONDS = 10.0
+#: how long files still open through a mount that is gone from the daemon's namespace
+#: (a lazy unmount) are served before the session ends (`FlagFollower._after_unmount`)
+UNMOUNT_GRACE_SECONDS = 30
 
 
 class FlagFollower:
@@ -453,6 +456,9 @@ class FlagFollower:
             started = False
             while True:
                 now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
+                if now is None and started:
+                    await self._after_unmount()
+                    return
                 if now is not None and now[1] != self._seen:
                     try:
                         await self.apply(*now)
@@ -467,6 +473,26 @@ class FlagFollower:
                 await trio.to_thread.run_sync(poller.poll, None, abandon_on_cancel=True)
         finally:
             os.close(fd)
+
+    async def _after_unmount(self) -> None:
+        """The mount is gone from this daemon's mount namespace, yet the kernel has not
+        ended the FUSE session: a copy of it lives in another mount namespace (a
+        tenant's `unshare -Urm` made before the unmount), or a lazy unmount left
+        files open. The files open through it are served for up to
+        UNMOUNT_GRACE_SECONDS more; then the session ends, as the unmount asked, and
+        any copy left is dead (ENOTCONN). A tenant's copy kept the daemon, and the
+        volume, for as long as it liked, and `sluice umount` waited for it (probe
+        18, F8)."""
+        log.info("%s is no longer mounted here; serving the files still open through it "
+                 "for at most %d s", self.mountpoint, UNMOUNT_GRACE_SECONDS)
+        deadline = trio.current_time() + UNMOUNT_GRACE_SECONDS
+        while self.fs.open_handle_count() and trio.current_time() < deadline:
+            await trio.sleep(0.2)
+        if self.fs.open_handle_count():
+            log.warning("%d files still open through %s after %d s: ending the session "
+                        "(they get ENOTCONN)", self.fs.open_handle_count(), self.mountpoint,
+                        UNMOUNT_GRACE_SECONDS)
+        pyfuse3.terminate()
 
     async def apply(self, flags: VfsFlags, seen: str) -> None:
         fs = self.fs

@@ -3,6 +3,7 @@ fixed with a test that fails on the code before it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -214,3 +215,58 @@ def test_a_tenants_backlog_of_cheap_requests_does_not_queue_another_tenant(
     # Before: the victim's request waited behind the backlog, as each of the flood's
     # did (the same median, ~0.3 s at 2,000 threads); now a few requests' time.
     assert v_p50 * 10 < f_p50, (v_p50, v_n, f_p50, f_n)
+
+
+def test_a_tenants_copy_of_the_mount_does_not_keep_the_daemon_after_umount(
+        volume: Path, tmp_path: Path) -> None:
+    """F8: a tenant's `unshare -Urm` made before the unmount kept a copy of the mount in
+    its own namespace: after root's `sluice umount` the FUSE session lived on, the
+    daemon went on serving that tenant (writes too) and held the volume, and the
+    umount waited, then said the daemon was "still saving the volume". Once the mount
+    is gone from the daemon's namespace, the session ends (after the files still open
+    through it close, or UNMOUNT_GRACE_SECONDS): the copy is dead."""
+    import subprocess
+    import tempfile
+    import time
+
+    from conftest import sluice
+    from shim_util import user_cmd
+    base = Path(tempfile.mkdtemp(prefix="sluice-ns-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        mnt = base / "mnt"
+        mnt.mkdir()
+        sluice("mount", str(volume), str(mnt))
+        (mnt / "t").mkdir()
+        os.chmod(mnt / "t", 0o777)
+        pid = json.loads((volume / "mount.json").read_text())["pid"]
+        holder = subprocess.Popen(
+            user_cmd(1000, ["unshare", "-Urm", "sh", "-c",
+                            f"echo ready; sleep 4; echo late > {mnt}/t/after 2>/dev/null "
+                            "&& echo wrote || echo refused; exec sleep 20"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+            r = sluice("umount", str(mnt), "--timeout", "20", check=False)
+            assert r.returncode == 0, r.stderr
+            for _ in range(100):  # the daemon is gone (its last steps after the state)
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().split()[2] == "Z":
+                            break
+                except FileNotFoundError:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"daemon {pid} still runs after the umount")
+            assert holder.stdout.readline().strip() == "refused"  # its copy is dead
+        finally:
+            holder.kill()
+            holder.communicate(timeout=30)
+        r = sluice("fsck", str(volume), check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not (volume / "mount.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(base / "mnt")], capture_output=True)
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
