@@ -13,8 +13,8 @@ import trio
 from kernelshim import PrincipalId
 from kernelshim.kernel import PRIORITY_MAX, PRIORITY_MIN
 
-from .errors import (Exists, InvalidArgument, NoData, NoSpace, NotPermitted, NotSupported,
-                     OutOfRange, TooBig)
+from .errors import (Exists, InvalidArgument, NoData, NoSpace, NotFound, NotPermitted,
+                     NotSupported, OutOfRange, TooBig)
 from .inodes import Inode, now_ns
 
 if TYPE_CHECKING:
@@ -210,6 +210,14 @@ class Xattrs:
             raise NoData(f"no xattr {name!r}")
         return v
 
+    def _check_live(self: FileSystem, node: Inode) -> None:
+        """ENOENT for an inode already freed (no name, nothing open through the mount)
+        that the kernel still refers to: an O_PATH descriptor reaches it through
+        /proc/self/fd. A setxattr stored rows for an inode whose row was gone (fsck
+        errors; bytes no bank held after a remount: probe 18, F7)."""
+        if node.nlink == 0 and node.opens == 0 and node.id not in self._tmpfiles:
+            raise NotFound(f"inode {node.id} was removed")
+
     def _check_inherited_hint(self: FileSystem, node: Inode, name: bytes,
                               uid: int | None) -> None:
         """A directory's hints are inherited by every file created in it, whoever
@@ -230,6 +238,7 @@ class Xattrs:
         if len(value) > XATTR_SIZE_MAX:
             raise TooBig(f"xattr value of {len(value)} bytes (limit {XATTR_SIZE_MAX})")
         node = self.inode(ino)
+        self._check_live(node)
         self._check_inherited_hint(node, name, uid)
         old = self.md.get_xattr(ino, name)
         exists = old is not None
@@ -293,6 +302,7 @@ class Xattrs:
         if name == CONTROL_XATTR:
             check_hint_xattr(name, b"")  # (NotPermitted)
         node = self.inode(ino)
+        self._check_live(node)
         self._check_inherited_hint(node, name, uid)
         old = self.md.get_xattr(ino, name)
         if old is None or not self.md.remove_xattr(ino, name):
