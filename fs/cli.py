@@ -1433,9 +1433,22 @@ def _main(argv: list[str] | None = None) -> int:
         args.command = command
     if args.cmd != "mount" or not args.foreground:
         _setup_logging(args.debug, cmd=args.cmd)
-    from .mount import MountOptionError
+    missing: ImportError | None = None
+    try:
+        from .mount import MountOptionError
+    except ImportError as exc:
+        # The FUSE binding does not load (.build/libfuse removed or being rebuilt):
+        # what needs no mount still runs; the rest says so in one line (probe 19, F16).
+        missing = exc
+
+        class MountOptionError(Exception):  # type: ignore[no-redef]
+            """(never raised without the binding)"""
     try:
         return args.func(args)
+    except ImportError as exc:
+        print(f"sluice {args.cmd}: cannot load {exc.name or 'the FUSE binding'} "
+              f"({missing or exc}): run scripts/setup.sh", file=sys.stderr)
+        return EXIT_ERROR
     except (MountOptionError, UsageError) as exc:
         print(f"sluice {args.cmd}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -161,3 +161,24 @@ def test_a_users_mount_without_user_allow_other_says_so(tmp_path: Path) -> None:
     finally:
         import shutil
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_commands_without_the_fuse_binding_say_so_in_one_line(tmp_path: Path) -> None:
+    """F16: while .build/libfuse was missing or being rebuilt every `sluice` command,
+    mkfs and fsck too, died with an ImportError traceback. What needs no mount runs;
+    a mount says in one line what to do. (A pyfuse3 that cannot load, first on the
+    path.)"""
+    fake = tmp_path / "fake" / "pyfuse3"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise ImportError("libfuse3.so.4: cannot open shared object file")\n')
+    env = {**os.environ, "PYTHONPATH": f"{fake.parent}:{REPO}"}
+    vol = tmp_path / "vol"
+    r = sluice("mkfs", str(vol), "--size", "64M", "-q", check=False, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = sluice("fsck", str(vol), check=False, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout + r.stderr
+    (tmp_path / "mnt").mkdir()
+    r = sluice("mount", str(vol), str(tmp_path / "mnt"), check=False, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "scripts/setup.sh" in r.stderr
