@@ -716,8 +716,10 @@ class Bench:
                 continue
             p, f, d = (self.best(w, s) for s in SYSTEMS)
             fm, dm = (self.median(w, s) for s in ("fuse", "direct"))
+            def cell(v: float | None) -> str:
+                return "-" if v is None else f"{v:.0f}"  # (not run: '-', never 0)
             lines.append(
-                f"| {w:20} | {self.units[w]:4} | {p or 0:8.0f} | {f or 0:8.0f} | {d or 0:8.0f} "
+                f"| {w:20} | {self.units[w]:4} | {cell(p):>8} | {cell(f):>8} | {cell(d):>8} "
                 f"| {ratio(f, p):>10} | {ratio(d, p):>12} | {ratio(d, f):>11} "
                 f"| {ratio(dm, fm):>20} |")
         return self._md(head, lines)
