@@ -85,7 +85,8 @@ from .errors import VolumeError
 from .inodes import MAX_FILE_SIZE, row_problems
 from .metadata import INODE_COLUMNS, Metadata
 from .xattrs import XATTR_NAME_MAX, XATTR_SIZE_MAX
-from .volume import DB, MOUNT_STATE, VolumeLock, checking_lock, open_metadata, read_header
+from .volume import (DB, MOUNT_STATE, VolumeLock, checking_lock, open_metadata, read_header,
+                     read_mount_state)
 
 #: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
 EXIT_CLEAN = 0
@@ -389,6 +390,15 @@ class _Checker:
     # -- the pass -------------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.unclean:
+            # (as e2fsck says it: the reader should know; probe 19, F17)
+            state = read_mount_state(self.path) or {}
+            who = (f" (daemon pid {state['pid']} at {state['mountpoint']})"
+                   if state else "")
+            self.out.note(f"the volume was not cleanly unmounted{who}: its daemon was "
+                          "killed, or it is mounted read-only now; the next read-write "
+                          "mount finishes what it left, and changes not fsync'd in its "
+                          "last second may be gone")
         self.progress.phase("checking inodes and names")
         self.check_meta()
         if not self.check_inodes():

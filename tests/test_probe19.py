@@ -182,3 +182,20 @@ def test_commands_without_the_fuse_binding_say_so_in_one_line(tmp_path: Path) ->
     r = sluice("mount", str(vol), str(tmp_path / "mnt"), check=False, env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "scripts/setup.sh" in r.stderr
+
+
+def test_fsck_says_a_volume_was_not_cleanly_unmounted(volume: Path, mount_factory) -> None:
+    """F17: fsck of a volume whose daemon was killed said only `clean`, as e2fsck would
+    not: it now notes that the volume was not cleanly unmounted, by which daemon, and
+    what that means (exit 0: nothing is wrong)."""
+    m = mount_factory(volume)
+    pid = json.loads((volume / "mount.json").read_text())["pid"]
+    m.kill()
+    r = sluice("fsck", str(volume), "-q", check=False)
+    assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout + r.stderr
+    assert f"note: the volume was not cleanly unmounted (daemon pid {pid} at " in r.stdout
+    m.stop()  # (cleans the dead mount)
+    m.start()
+    m.stop()
+    r = sluice("fsck", str(volume), "-q", check=False)
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stdout
