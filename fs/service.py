@@ -289,8 +289,9 @@ class DirectService:
         return dict(self.fs.statistics_parts(names))
 
     def statistics_parts(self, *, names: Collection[str] | None = None,
-                         context: Collection[str] = ()) -> Iterator[tuple[str, Any]]:
-        return self.fs.statistics_parts(names, context)
+                         context: Collection[str] = (), by_kind: bool = True
+                         ) -> Iterator[tuple[str, Any]]:
+        return self.fs.statistics_parts(names, context, by_kind=by_kind)
 
     async def move_storage(self, src: Principal, dst: Principal, *,
                            by: Principal) -> None:

@@ -136,7 +136,8 @@ class AdminOps(ServerBase):
         out: dict[str, Any] = {}
         context = [q.name for q in self._context(conn, page)]
         for key, value in self.service.statistics_parts(names=[q.name for q in page],
-                                                        context=context):
+                                                        context=context,
+                                                        by_kind=conn.creds.uid == 0):
             out[key] = value
             await self._between_parts(conn)
         out["next_cursor"] = nxt

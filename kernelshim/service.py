@@ -82,12 +82,14 @@ class MetadataService(Protocol):
         principals in `names` only (None: all)."""
 
     def statistics_parts(self, *, names: Collection[str] | None = None,
-                         context: Collection[str] = ()) -> Iterator[tuple[str, Any]]:
+                         context: Collection[str] = (), by_kind: bool = True
+                         ) -> Iterator[tuple[str, Any]]:
         """`statistics`' items, one part of the work at a time, building only the rows
         of `names`: the shim server lets other principals run between two parts. The
         principals named in `context` (listed to a tenant only as ancestors of its own,
         PrincipalTable.context_only) get their `principals` row with usage only
-        against the banks they limit, and no rows of activity (I/O, cache)."""
+        against the banks they limit, and no rows of activity (I/O, cache). Without
+        `by_kind` (a caller other than root) the volume's FUSE requests are a total."""
 
     async def move_storage(self, src: Principal, dst: Principal, *,
                            by: Principal) -> None:

@@ -84,7 +84,8 @@ class _Stats:
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return dict(self.reply)
 
-    def statistics_parts(self, *, names: Any = None, context: Any = ()) -> Any:
+    def statistics_parts(self, *, names: Any = None, context: Any = (),
+                         by_kind: bool = True) -> Any:
         return iter(dict(self.reply).items())
 
 

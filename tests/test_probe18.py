@@ -302,3 +302,19 @@ def test_a_freed_inode_reached_through_o_path_takes_no_attributes(volume: Path,
     m.stop()
     r = sluice("fsck", str(volume), check=False)
     assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
+
+
+def test_a_tenants_stats_do_not_count_others_requests_by_kind(pubmnt: Path) -> None:
+    """F3: a non-root `stats` gave the volume's FUSE requests by kind, so one tenant
+    could count another's creates, renames and unlinks one by one. Root sees them by
+    kind; another user the total only."""
+    from shim_util import USER_PY, user_run
+    (pubmnt / "x").write_bytes(b"1")
+    os.rename(pubmnt / "x", pubmnt / "y")
+    r = user_run([USER_PY, "-m", "fs.cli", "stats", str(pubmnt), "--json"])
+    assert r.returncode == 0, r.stderr
+    theirs = json.loads(r.stdout)["fuse_requests"]
+    assert set(theirs) == {"total"} and theirs["total"] > 0, theirs
+    from conftest import sluice
+    mine = json.loads(sluice("stats", str(pubmnt), "--json").stdout)["fuse_requests"]
+    assert mine.get("rename", 0) >= 1 and mine.get("create", 0) >= 1, mine

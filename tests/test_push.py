@@ -68,7 +68,8 @@ class _Service:
     def statistics(self, *, names: Any = None) -> dict[str, Any]:
         return {}
 
-    def statistics_parts(self, *, names: Any = None, context: Any = ()) -> Any:
+    def statistics_parts(self, *, names: Any = None, context: Any = (),
+                         by_kind: bool = True) -> Any:
         return iter(())
 
 
