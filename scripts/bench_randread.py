@@ -176,13 +176,17 @@ def rand_read(path: Path, direct: bool, jobs: int, seconds: float, pid: int | No
                                              counts, i)) for i in range(jobs)]
     for p in procs:
         p.start()
+    perf = None
+    if pid and PERF:
+        # Attached before the jobs start: attached after, under load it missed the
+        # first part of a short run, and counted fewer system calls than the reads
+        # could have made (1.7 a read where each takes two).
+        perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter",
+                                 "-p", str(pid)], stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
     start.wait()
     cpu0 = cpu_seconds(pid) if pid else 0.0
     cs0 = context_switches(pid) if pid else 0
-    perf = None
-    if pid and PERF:
-        perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter",
-                                 "-p", str(pid)], stderr=subprocess.PIPE, text=True)
     t0 = time.perf_counter()
     for p in procs:
         p.join()

@@ -49,7 +49,7 @@ def test_mkfs_bad_size(tmp_path: Path) -> None:
         r = sluice("mkfs", str(tmp_path / "v"), f"--size={bad}", check=False)
         assert_one_line_error(r, "bad size", code=2)
     r = sluice("mkfs", str(tmp_path / "v"), "--size", "8K", check=False)
-    assert_one_line_error(r, "too small")
+    assert_one_line_error(r, "too small", code=2)  # (out of its range: a usage error)
     # A failed mkfs leaves nothing that makes the next attempt fail differently.
     r = sluice("mkfs", str(tmp_path / "v"), "--block-size", "3000", check=False)
     assert_one_line_error(r, "block size 3000", code=2)

@@ -212,8 +212,10 @@ def test_a_failed_mkfs_leaves_nothing_behind(tmp_path: Path, args: list[str],
     if existing:
         vol.mkdir()
     r = sluice("mkfs", str(vol), *args, check=False)
-    # (a bad --profile is a usage error: exit 2, as the README says; the rest fail: 1)
-    assert r.returncode == (2 if "--profile" in args else 1), r.stdout + r.stderr
+    # (a bad --profile, or --inodes out of its range, is a usage error: exit 2, as the
+    # README says; the rest fail: 1)
+    usage = "--profile" in args or "--inodes" in args
+    assert r.returncode == (2 if usage else 1), r.stdout + r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     if existing:
         assert vol.is_dir() and os.listdir(vol) == []

@@ -296,14 +296,14 @@ def test_fsck_of_a_mounted_volume(tmp_path: Path, mount_factory) -> None:
     (m.path / "f").write_bytes(b"data" * 5000)
     # read-write: refused, in one line that says what to do
     r = sluice("fsck", str(vol), check=False)
-    one_line_error(r, 1, "in use, mounted read-write", "remount it read-only")
+    one_line_error(r, 8, "in use, mounted read-write", "remount it read-only")  # (unchecked)
     sluice("remount", str(m.path), "-o", "ro")
     r = sluice("fsck", str(vol), "--verify-data", "-q")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith(f"{vol}: clean")
     # a repair needs it unmounted
     r = sluice("fsck", str(vol), "--repair", check=False)
-    one_line_error(r, 1, "in use", f"mounted at {m.path}", "--repair needs it unmounted")
+    one_line_error(r, 8, "in use", f"mounted at {m.path}", "--repair needs it unmounted")
     # while a check runs, the mount cannot go read-write (and stays read-only)
     with checking_lock(vol) as state:
         assert state is not None and state["mountpoint"] == str(m.path)
