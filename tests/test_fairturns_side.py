@@ -476,7 +476,7 @@ async def test_stats_gives_way_between_parts_to_a_request_that_comes(
     events: list[str] = []
     handle = srv._handle
 
-    def parts(*, names: Any = None, context: Any = ()) -> Any:
+    def parts(*, names: Any = None, context: Any = (), by_kind: Any = True) -> Any:
         for i in range(12):
             events.append(f"part{i}")
             if i == 2:  # the victim's request comes while the third part is built
