@@ -244,7 +244,6 @@ def _raise_fd_limit(connections: int) -> None:
             log.warning("cannot raise the descriptor limit to %d: %s", new, exc)
 
 
-
 def socket_in_use(path: str | os.PathLike[str]) -> bool:
     """Whether a live process listens on the unix socket at `path` (a connection is
     taken, or the backlog is full); False for nothing there or a stale file."""
@@ -259,6 +258,7 @@ def socket_in_use(path: str | os.PathLike[str]) -> bool:
     finally:
         probe.close()
     return True
+
 
 class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
     def __init__(self, kernel: Kernel, principals: PrincipalTable, service: MetadataService,
@@ -329,7 +329,7 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
             # Another daemon serves this socket: a copy of this volume (the same uuid)
             # mounted elsewhere. Its socket is not ours to take (probe 19, F1).
             raise SluiceError(f"control socket {self.path} is served by another sluice "
-                            "daemon: a copy of this volume (same uuid) is mounted")
+                              "daemon: a copy of this volume (same uuid) is mounted")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             os.unlink(self.path)
