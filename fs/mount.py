@@ -399,6 +399,26 @@ def read_mount_flags(mountpoint: str, mountinfo: str | None = None
     return found
 
 
+def mount_device(mountpoint: str) -> str | None:
+    """The device ("major:minor", mountinfo's third field) of the topmost mount at
+    `mountpoint` in this namespace, or None."""
+    with open("/proc/self/mountinfo") as f:
+        found = None
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 10 and _unescape(fields[4]) == mountpoint:
+                found = fields[2]
+    return found
+
+
+def device_mounted(dev: str) -> bool:
+    """Whether a mount of device `dev` ("major:minor") is anywhere in this namespace: a
+    FUSE connection's mounts share its device, wherever they were moved or bound."""
+    with open("/proc/self/mountinfo") as f:
+        return any(len(fields) >= 10 and fields[2] == dev
+                   for fields in (line.split() for line in f))
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -454,11 +474,16 @@ class FlagFollower:
                     log.warning("cannot set %s on %s: %s", wanted.text(), self.mountpoint,
                                 exc.strerror)
             started = False
+            dev = await trio.to_thread.run_sync(mount_device, self.mountpoint)
             while True:
                 now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
-                if now is None and started:
-                    await self._after_unmount()
-                    return
+                if now is None and started and dev is not None and \
+                        not await trio.to_thread.run_sync(device_mounted, dev):
+                    # (gone by its device, not by its path: a mount moved, a parent
+                    # directory renamed, a bind mount left, still serve here; review of
+                    # stop 26, 1)
+                    if await self._after_unmount(dev):
+                        return
                 if now is not None and now[1] != self._seen:
                     try:
                         await self.apply(*now)
@@ -474,9 +499,9 @@ class FlagFollower:
         finally:
             os.close(fd)
 
-    async def _after_unmount(self) -> None:
-        """The mount is gone from this daemon's mount namespace, yet the kernel has not
-        ended the FUSE session: a copy of it lives in another mount namespace (a
+    async def _after_unmount(self, dev: str) -> bool:
+        """No mount of this connection's device `dev` is left in this daemon's mount
+        namespace, yet the kernel has not ended the FUSE session: a copy of it lives in another mount namespace (a
         tenant's `unshare -Urm` made before the unmount), or a lazy unmount left
         files open. The files open through it are served for up to
         UNMOUNT_GRACE_SECONDS more; then the session ends, as the unmount asked, and
@@ -488,11 +513,15 @@ class FlagFollower:
         deadline = trio.current_time() + UNMOUNT_GRACE_SECONDS
         while self.fs.open_handle_count() and trio.current_time() < deadline:
             await trio.sleep(0.2)
+        if await trio.to_thread.run_sync(device_mounted, dev):
+            log.info("%s is mounted here again: serving it", self.mountpoint)
+            return False
         if self.fs.open_handle_count():
             log.warning("%d files still open through %s after %d s: ending the session "
                         "(they get ENOTCONN)", self.fs.open_handle_count(), self.mountpoint,
                         UNMOUNT_GRACE_SECONDS)
         pyfuse3.terminate()
+        return True
 
     async def apply(self, flags: VfsFlags, seen: str) -> None:
         fs = self.fs

@@ -263,6 +263,11 @@ class Namespace:
         if self.read_only is not None:
             return  # an orphan now: freed at the next read-write mount
         async with self._lock(node):
+            if self.md.get_inode(node.id) is None:
+                # Freed already: a last release and an unlink's free raced for the lock
+                # (a direct write finishing meanwhile). Refunded and counted once only:
+                # the inode's charge now goes with its row (review of stop 26, 2).
+                return
             revoked: list[Grant] = []
             for g in self.kernel.grants_for(node.id):
                 revoked.extend(self.kernel.revoke_nowait(g))

@@ -318,3 +318,49 @@ def test_a_tenants_stats_do_not_count_others_requests_by_kind(pubmnt: Path) -> N
     from conftest import sluice
     mine = json.loads(sluice("stats", str(pubmnt), "--json").stdout)["fuse_requests"]
     assert mine.get("rename", 0) >= 1 and mine.get("create", 0) >= 1, mine
+
+
+def test_a_moved_mount_or_a_renamed_parent_keeps_being_served(volume: Path,
+                                                              tmp_path: Path) -> None:
+    """Review of stop 26, 1: the daemon looked its mount up by its path, so ending the
+    session once the mount left its namespace (F8) also ended it after a `mount
+    --move`, or after a parent directory of the mount point was renamed and anything
+    mounted anywhere: every tenant then got ENOTCONN. A mount is now followed by its
+    device, which moves and binds keep."""
+    import subprocess
+    import time
+
+    from conftest import sluice
+    top = tmp_path / "top"
+    (top / "mp").mkdir(parents=True)
+    sluice("mount", str(volume), str(top / "mp"))
+    pid = json.loads((volume / "mount.json").read_text())["pid"]
+    (top / "mp" / "f").write_bytes(b"still here")
+    other = tmp_path / "other"
+    other.mkdir()
+    moved = top.with_name("top2")
+    try:
+        top.rename(moved)  # a parent of the mount point renamed ...
+        subprocess.run(["mount", "-t", "tmpfs", "none", str(other)], check=True)
+        subprocess.run(["umount", str(other)], check=True)  # ... and a mount event
+        time.sleep(1.0)
+        assert (moved / "mp" / "f").read_bytes() == b"still here"
+        (tmp_path / "new").mkdir()
+        subprocess.run(["mount", "--move", str(moved / "mp"), str(tmp_path / "new")],
+                       check=True)
+        time.sleep(1.0)
+        assert (tmp_path / "new" / "f").read_bytes() == b"still here"
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        for mp in (tmp_path / "new", moved / "mp", top / "mp"):
+            if os.path.ismount(mp):
+                subprocess.run(["umount", str(mp)], capture_output=True)
+    for _ in range(100):  # unmounted where it went: the daemon ends
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the daemon outlived its unmount")

@@ -224,3 +224,33 @@ def test_open_nameless_inodes_count_against_the_inode_bank_until_closed(
     assert os.statvfs(mnt).f_files - os.statvfs(mnt).f_ffree == files0
     sluice("run", str(mnt), "--principal", "small", "--", "touch", str(mnt / "w" / "named"))
     assert os.listdir(mnt / "w") == ["named"]
+
+
+async def test_an_inode_freed_twice_over_is_refunded_once(tmp_path: Path) -> None:
+    """Review of stop 26, 2: the inode's charge now goes with its row, and an unlink
+    waiting for a direct write to drain while the last close freed the inode made
+    `_destroy` run twice: the in-use count and the charge went down by two."""
+    import trio
+
+    from test_filesystem import BS, CALLER, ROOT, Volume
+    v = Volume(tmp_path / "vol", size=256 * BS)
+    fs = await v.open()
+    try:
+        root = fs.principals.root
+        h, node = fs.create(ROOT, b"f", stat.S_IFREG | 0o644, os.O_RDWR, CALLER)
+        n0, u0 = fs._inode_count, root.usage.inodes
+        orig = fs._revoke_direct
+
+        async def slow_revoke(node, keep=None):  # (a direct client's write draining)
+            await orig(node, keep)
+            for _ in range(5):
+                await trio.lowlevel.checkpoint()
+        fs._revoke_direct = slow_revoke
+        async with trio.open_nursery() as n:
+            n.start_soon(fs.unlink, ROOT, b"f")
+            await trio.sleep(0)  # the unlink waits in _revoke_direct
+            n.start_soon(fs.release, h.fh)  # the last close
+        assert (fs._inode_count, root.usage.inodes) == (n0 - 1, u0 - 1)
+        assert fs.md.inode_count() == n0 - 1
+    finally:
+        await v.close()
