@@ -78,6 +78,7 @@ PRINCIPAL_REQUESTS = 16
 #: (`parked`, `parked_bytes`: 4096 and 64 MiB by default, kernelshim/banks.py), which
 #: root changes on a live mount; this only caps what root may give one principal.
 PARKED_REQUESTS = 1 << 16
+PARKED_BYTES = 1 << 30
 #: requests of one tenant the fair intake lets through as they come in one intake round
 #: (until the kernel's queue is found empty), before the rest of them wait their turn
 #: (`Operations.intake`)
@@ -85,7 +86,6 @@ INTAKE_QUANTUM = 4
 #: seconds after the last change of tenant between two requests read from which one
 #: tenant is taken to be alone, and its requests are no longer deferred
 INTAKE_ALONE = 1.0
-PARKED_BYTES = 1 << 30
 #: what a parked request holds besides its payload: its trio task, the coroutine
 #: frames of the handler chain and its copied arguments (tracemalloc: about 3.5 KiB)
 PARKED_OVERHEAD = 4096
