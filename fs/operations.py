@@ -513,8 +513,6 @@ class Operations(pyfuse3.Operations):
         #: last read after one of a different tenant (the intake takes turns only then)
         self._intake_last: int | None = None
         self._intake_mixed = -math.inf
-        #: requests the fair intake deferred (each was processed later, in its turn)
-        self.intake_deferred = 0
 
     def intake(self, uid: int, pid: int, opcode: int, rnd: int) -> tuple[int | None, bool]:
         """The fair intake's hook (sluice's binding, `pyfuse3.set_intake`), called for
@@ -544,7 +542,6 @@ class Operations(pyfuse3.Operations):
             self._intake_counts.clear()
         n = self._intake_counts.get(key, 0)
         if n >= INTAKE_QUANTUM:
-            self.intake_deferred += 1
             return key, True
         self._intake_counts[key] = n + 1
         return key, False

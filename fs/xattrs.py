@@ -138,8 +138,9 @@ class Xattrs:
         holds the file's lock meanwhile). The transaction's commit writes all of it in
         one step of the loop: one tenant rewriting 63 KiB values on its own files put
         ~100 MB into each second's commit, and every tenant's requests waited 100-230
-        ms behind it (probe 18, F1). A tenant's rewrites then go at most at about
-        XATTR_BYTES_PER_COMMIT a commit interval."""
+        ms behind it (probe 18, F1). A principal's rewrites then go at about
+        XATTR_BYTES_PER_COMMIT a commit interval, and those that waited out
+        XATTR_COMMIT_WAIT."""
         # Checked again after each commit, and counted in the same step as the check
         # passes: many at once each saw room before any counted its bytes (64 in
         # parallel put 12 MiB into one transaction; review of stop 26, 3).

@@ -456,8 +456,8 @@ class Kernel(GrantTable, LowerLayers):
         The host kernel holds the file's inode lock across a setxattr, so the wait is
         at most METADATA_MAX_WAIT: a tenant under a tiny limit of its own making (a
         child principal's) must not hold another's writes to a shared file for its
-        whole cost. Its place stays in the line, so its next requests come later still:
-        such a tenant makes at most one request a METADATA_MAX_WAIT."""
+        whole cost. Its place stays in the line, so its next requests come later still;
+        each of its requests in flight waits at most METADATA_MAX_WAIT."""
         if nbytes <= 0:
             return
         sched = self.device.scheduler

@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Iterator
@@ -146,21 +145,12 @@ class PrincipalTable:
         self._watchers: list[Callable[[BankTree], None]] = []
         #: uids whose `uid-N` name another principal holds (logged once each)
         self._squatted_warned: set[int] = set()
-        #: the volume directory (device, inode) as loaded: a directory moved or removed
-        #: while mounted is no longer where `path` points (`_moved`)
-        self._dir_id: tuple[int, int] | None = None
-        self._moved_logged = False
 
     # -- persistence ---------------------------------------------------------------------
 
     @classmethod
     def load(cls, directory: Path) -> PrincipalTable:
         t = cls(directory / FILE)
-        try:
-            st = os.stat(directory)
-            t._dir_id = (st.st_dev, st.st_ino)
-        except OSError:
-            pass
         try:
             # (~450 bytes a principal: room for every principal a tenant's banks allow
             # hundreds of tenants; the table is written without a bound of its own)
@@ -223,31 +213,8 @@ class PrincipalTable:
             raise ValueError(f"next_id {next_id!r} is not in 0..{MAX_PRINCIPAL_ID}")
         self._next_id = max(next_id, max(self._by_id) + 1)
 
-    def _moved(self) -> str | None:
-        """Why the volume directory is no longer at `path`'s directory (moved or removed
-        while mounted), or None. Then nothing is written there: it may be another
-        volume's by now (probe 19, F7: a mounted volume's directory renamed, a new
-        volume made at the old path, and the old mount's principals saved into it)."""
-        if self._dir_id is None or self.path is None:
-            return None
-        directory = self.path.parent
-        try:
-            st = os.stat(directory)
-        except OSError as exc:
-            return f"the volume directory {directory} is gone ({exc.strerror})"
-        if (st.st_dev, st.st_ino) != self._dir_id:
-            return f"{directory} is no longer this volume's directory (it was moved)"
-        return None
-
     def save(self) -> None:
         if self.path is None or self.read_only is not None:
-            return
-        moved = self._moved()
-        if moved is not None:
-            if not self._moved_logged:
-                self._moved_logged = True
-                log.error("%s: principal changes are not saved; unmount the volume and "
-                          "mount it from where it is now", moved)
             return
         recs = []
         for p in self.walk():
@@ -392,11 +359,6 @@ class PrincipalTable:
         if self.read_only is not None:
             raise PrincipalsReadOnly(f"the volume is read-only ({self.read_only}): its "
                                      "principals cannot be added, changed or removed")
-        moved = self._moved()
-        if moved is not None:
-            raise PrincipalError(f"{moved} while mounted: principals cannot be added, "
-                                 "changed or removed; unmount it and mount it from where "
-                                 "it is now")
 
     def add(self, name: str, *, parent: str = "root", owner_uid: int, banks: Banks,
             caller_uid: int) -> Principal:
