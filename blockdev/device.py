@@ -936,6 +936,20 @@ class BlockDevice:
         self._win_lo[chunks] = 0
         self._win_hi[chunks] = 0
 
+    def host_blocks_avail(self) -> int | None:
+        """How many blocks of new data the host filesystem under the backing file has
+        room for beyond the headroom `reserve` keeps (a block and its checksum each):
+        what `df` can promise when the host is fuller than the device (probe 19, F13).
+        Blocks inside chunks reserved already need none and are not counted, so it may
+        say up to a chunk (RESERVE_CHUNK_BYTES) less than fits. None for a block device
+        (the device's own free blocks are all there is). One fstatvfs; never blocks
+        for long."""
+        room = host_space(self.data)
+        if room is None:
+            return None
+        avail, total = room
+        return max(0, avail - min(HOST_HEADROOM_BYTES, total // 8)) // (self.block_size + 8)
+
     def host_reserved(self, block: int, count: int) -> bool:
         """Whether blocks [block, block + count) lie inside one chunk whose host space
         is reserved, so that `reserve` of them has nothing to do: the common case of

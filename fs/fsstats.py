@@ -32,7 +32,8 @@ class FsStatistics:
     #: free blocks (blocks awaiting the commit that freed them included)
     blocks_free: int
     #: of those, what new data may take (the copy-on-write reserve left out), as ext4's
-    #: f_bavail leaves out the blocks reserved for root
+    #: f_bavail leaves out the blocks reserved for root; no more than the host
+    #: filesystem under the backing file has room for
     blocks_avail: int
     inodes: int
     max_inodes: int
@@ -68,8 +69,14 @@ class Statistics:
         # has them discarded: `_ensure_free`).
         free = (self.alloc.free + self.alloc.kept_blocks + self.discarding_kept
                 + self.alloc.pending_blocks + self.reaping_blocks)
-        return FsStatistics(self.block_size, self.alloc.nblocks, free,
-                            max(0, free - self.cow_reserve),
+        avail = max(0, free - self.cow_reserve)
+        # A host filesystem fuller than the device bounds what new data may take
+        # (ENOSPC comes from it then): `df` says so (probe 19, F13). The free blocks
+        # stay the device's, so that df's "used" is still what the volume holds.
+        host = self.kernel.host_blocks_avail()
+        if host is not None:
+            avail = min(avail, host)
+        return FsStatistics(self.block_size, self.alloc.nblocks, free, avail,
                             self._inode_count, self.max_inodes, len(self._handles),
                             len(self._inodes), self.kernel.live_grants,
                             self.empty_fsyncs, self.kernel.barriers,

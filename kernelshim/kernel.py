@@ -1079,6 +1079,14 @@ class Kernel(GrantTable, LowerLayers):
                 raise DeviceError(f"reserving device blocks {dev}+{count}: "
                                   f"{exc.strerror}", block=dev, errno=exc.errno) from None
 
+    def host_blocks_avail(self) -> int | None:
+        """Blocks of new data the host filesystem under the device has room for
+        (`BlockDevice.host_blocks_avail`); None for a block device."""
+        try:
+            return self.device.host_blocks_avail()
+        except OSError:
+            return None
+
     def host_reserved(self, runs: Iterable[tuple[int, int]]) -> bool:
         """Whether every run lies inside one chunk of the device whose host space is
         reserved already (`BlockDevice.host_reserved`): `reserve` of them would do

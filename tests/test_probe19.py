@@ -199,3 +199,36 @@ def test_fsck_says_a_volume_was_not_cleanly_unmounted(volume: Path, mount_factor
     m.stop()
     r = sluice("fsck", str(volume), "-q", check=False)
     assert r.returncode == 0 and "note:" not in r.stdout, r.stdout
+
+
+def test_df_says_no_more_room_than_the_host_filesystem_has(tmp_path: Path, small_tmpfs,
+                                                           mount_factory) -> None:
+    """F13: a 1 GiB volume on a 48 MiB host filesystem said ~1 GiB available in `df`
+    while writes already got ENOSPC from the host. What statfs calls available is now
+    no more than the host has room for past the headroom the device keeps; the free
+    blocks stay the device's (df's "used" is what the volume holds), and a writer gets
+    about what df said."""
+    host = small_tmpfs("48m")
+    vol = make_volume(host / "vol", "1G")
+    m = mount_factory(vol)
+    st, hst = os.statvfs(m.path), os.statvfs(host)
+    avail, host_avail = st.f_bavail * st.f_frsize, hst.f_bavail * hst.f_frsize
+    assert avail <= host_avail, (avail, host_avail)  # old code: ~1 GiB
+    assert st.f_bfree * st.f_frsize > 900 << 20  # the device's free blocks
+    assert avail > 8 << 20  # (the headroom is an eighth of the host here: 6 MiB)
+    # a writer gets what df said, give or take one reserved chunk of the device
+    chunk = 1 << 20
+    written = 0
+    fd = os.open(m.path / "fill", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        while True:
+            try:
+                written += os.write(fd, b"x" * chunk)
+            except OSError as exc:
+                assert exc.errno == 28, exc
+                break
+    finally:
+        os.close(fd)
+    assert avail - (2 << 20) <= written <= avail + (17 << 20), (written, avail)
+    after = os.statvfs(m.path)
+    assert after.f_bavail * after.f_frsize <= (1 << 20) + after.f_frsize

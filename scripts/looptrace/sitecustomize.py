@@ -99,9 +99,10 @@ def _patch(mod: Any) -> None:
         finally:
             tr.dump()
 
-    async def traced_serve(self: Any, tsock: Any, creds: Any, principal: Any) -> None:
+    async def traced_serve(self: Any, tsock: Any, creds: Any, principal: Any,
+                           *rest: Any) -> None:
         tr.who[trio.lowlevel.current_task()] = principal.name
-        await serve(self, tsock, creds, principal)
+        await serve(self, tsock, creds, principal, *rest)
 
     async def traced_op(self: Any, conn: Any, fn: Any, m: Any) -> None:
         w0, c0 = time.perf_counter(), time.thread_time()
