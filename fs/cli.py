@@ -28,6 +28,7 @@ from kernelshim.kernel import MIN_CACHE_FRAMES, PRIORITY_MAX, PRIORITY_MIN
 
 from . import volume as vol
 from .errors import VolumeError
+from .mounttable import MOUNTS, table_rows, unescape
 from .idlepoll import DEFAULT_WINDOW as IDLE_POLL_DEFAULT, parse_window as parse_idle_window
 
 log = logging.getLogger("sluice")
@@ -470,13 +471,11 @@ def _not_mounted(path: str) -> str:
 def _fuse_owner(mp: str) -> int | None:
     """The uid that made the FUSE mount at `mp` (its user_id= option), or None."""
     try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 3 and fields[1].replace("\\040", " ") == mp:
-                    for opt in fields[3].split(","):
-                        if opt.startswith("user_id="):
-                            return int(opt[len("user_id="):])
+        for fields in table_rows(MOUNTS):
+            if len(fields) > 3 and unescape(fields[1]) == mp:
+                for opt in fields[3].split(","):
+                    if opt.startswith("user_id="):
+                        return int(opt[len("user_id="):])
     except (OSError, ValueError):
         pass
     return None
@@ -991,13 +990,12 @@ def _sluice_mount_of(path: str) -> str | None:
     """The mount point of the sluice volume `path` is on, or None."""
     real = os.path.realpath(path)
     best: tuple[str, str] | None = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _src, mnt, fstype = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
-                if best is None or len(mnt) > len(best[0]):
-                    best = (mnt, fstype)
+    for fields in table_rows(MOUNTS):
+        _src, mnt, fstype = fields[:3]
+        mnt = unescape(mnt)
+        if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) > len(best[0]):
+                best = (mnt, fstype)
     return best[0] if best is not None and best[1] == "fuse.sluice" else None
 
 

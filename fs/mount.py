@@ -13,7 +13,6 @@ import functools
 import inspect
 import logging
 import os
-import re
 import select
 import signal
 import sqlite3
@@ -37,6 +36,7 @@ from .gcwatch import GcLog, freeze_start_up_heap
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
                        parse_window, ThreadCpuWait)
 from .metrics import MetricsServer
+from .mounttable import MOUNTINFO, MOUNTS, read_table, table_rows, unescape
 from .errors import VolumeError
 from .operations import (HANDLER_CHECKPOINT_BUDGET, PARKED_BYTES, PARKED_REQUESTS,
                          PRINCIPAL_REQUESTS, Operations)
@@ -370,22 +370,16 @@ def parse_mount_options(options: list[str], base: VfsFlags = VfsFlags()) -> Pars
     return ParsedOptions(flags, settings, remount, tuple(named))
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def read_mount_flags(mountpoint: str, mountinfo: str | None = None
                      ) -> tuple[VfsFlags, str] | None:
     """The kernel's flags of the (topmost) mount at `mountpoint`, and the mountinfo
     text they came from (mount options, then the superblock's); None if not mounted."""
     if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
+        mountinfo = read_table(MOUNTINFO)
     found = None
     for line in mountinfo.splitlines():
         fields = line.split()
-        if len(fields) < 10 or _unescape(fields[4]) != mountpoint:
+        if len(fields) < 10 or unescape(fields[4]) != mountpoint:
             continue
         sep = fields.index("-", 6)
         mnt_opts, sb_opts = fields[5].split(","), fields[sep + 3].split(",")
@@ -402,21 +396,17 @@ def read_mount_flags(mountpoint: str, mountinfo: str | None = None
 def mount_device(mountpoint: str) -> str | None:
     """The device ("major:minor", mountinfo's third field) of the topmost mount at
     `mountpoint` in this namespace, or None."""
-    with open("/proc/self/mountinfo") as f:
-        found = None
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 10 and _unescape(fields[4]) == mountpoint:
-                found = fields[2]
+    found = None
+    for fields in table_rows(MOUNTINFO):
+        if len(fields) >= 10 and unescape(fields[4]) == mountpoint:
+            found = fields[2]
     return found
 
 
 def device_mounted(dev: str) -> bool:
     """Whether a mount of device `dev` ("major:minor") is anywhere in this namespace: a
     FUSE connection's mounts share its device, wherever they were moved or bound."""
-    with open("/proc/self/mountinfo") as f:
-        return any(len(fields) >= 10 and fields[2] == dev
-                   for fields in (line.split() for line in f))
+    return any(len(fields) >= 10 and fields[2] == dev for fields in table_rows(MOUNTINFO))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -646,12 +636,10 @@ def mounted_fs(mountpoint: str) -> tuple[str, str] | None:
     """(source, fstype) of the mount at `mountpoint`, or None."""
     real = os.path.realpath(mountpoint)
     found = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            src, mnt, fstype = line.split()[:3]
-            mnt = mnt.replace("\\040", " ")
-            if mnt == real:
-                found = (src, fstype)
+    for fields in table_rows(MOUNTS):
+        src, mnt, fstype = fields[:3]
+        if unescape(mnt) == real:
+            found = (src, fstype)
     return found
 
 

@@ -77,9 +77,10 @@ def pid_alive(pid: int) -> bool:
         return True
     # A zombie still answers kill(0): look at its state.
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+        # (bytes: the command name in it is the process's own, any bytes at all)
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return False
 
 

@@ -86,7 +86,7 @@ SYSTEMS = ("plain", "fuse", "direct")
 
 def other_fuse_mounts(ours: Path) -> list[str]:
     real = os.path.realpath(ours)
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return [line.split()[1] for line in f
                 if line.split()[2].startswith("fuse.") and line.split()[1] != real]
 

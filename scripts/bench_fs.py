@@ -133,7 +133,7 @@ def thread_cpu_seconds(pid: int | None, tid: int | None) -> float:
 
 def other_fuse_mounts() -> list[str]:
     """FUSE mounts other than ours (their daemons compete for the 2 CPUs)."""
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return [line.split()[1] for line in f
                 if line.split()[2].startswith("fuse.") and "sluice-bench-" not in line]
 

@@ -238,7 +238,7 @@ def sluice(*args: str) -> str:
 
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return any(line.split()[1] == real for line in f)
 
 

@@ -53,7 +53,7 @@ def drop_caches() -> None:
 
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return any(line.split()[1] == real for line in f)
 
 

@@ -1773,7 +1773,7 @@ def _read_xattrs(path: Path, out: list[Violation], rel: str) -> dict[str, bytes]
 
 def _is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return any(line.split()[1] == real for line in f)
 
 

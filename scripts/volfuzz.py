@@ -670,7 +670,7 @@ def _mount_state(vol: Path) -> object:
 
 
 def _mounted(mp: Path) -> bool:
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return any(line.split()[1] == str(mp) for line in f)
 
 

@@ -72,7 +72,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
 
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
+    # (another user's mount may have any bytes in its path)
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         return any(line.split()[1] == real for line in f)
 
 

@@ -237,7 +237,7 @@ def test_mount_t_fuse_sluice(volume: Path, tmp_path: Path, mount_helper: Path) -
     try:
         assert r.returncode == 0, r.stderr
         assert is_mounted(mp)
-        with open("/proc/self/mounts") as f:
+        with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
             line = next(l for l in f if l.split()[1] == str(mp))
         assert line.split()[0] == str(volume) and line.split()[2] == "fuse.sluice"
         state = json.loads((volume / "mount.json").read_text())

@@ -691,7 +691,7 @@ def daemon_pid(mnt: Path) -> int:
 
 def _source(mnt: Path) -> str:
     real = os.path.realpath(mnt)
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             src, mp = line.split()[:2]
             if mp == real:

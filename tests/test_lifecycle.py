@@ -50,7 +50,7 @@ def _answers(path: Path) -> bool:
 
 def _mount_type(path: Path) -> str | None:
     real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         found = [line.split()[2] for line in f if line.split()[1] == real]
     return found[-1] if found else None
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.mounted
 
 def proc_mounts_options(mp: Path) -> set[str]:
     """The mount options /proc/mounts gives for mount point `mp`."""
-    with open("/proc/mounts") as f:
+    with open("/proc/mounts", encoding="utf-8", errors="surrogateescape") as f:
         rows = [line.split() for line in f]
     found = [r[3] for r in rows if r[1] == str(mp)]
     assert found, f"{mp} is not in /proc/mounts"

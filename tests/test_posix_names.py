@@ -667,7 +667,7 @@ def test_device_nodes_metadata(mnt: Path) -> None:
     with raises_errno(errno.EEXIST):
         os.mknod(mnt / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3))
     # The mount is nodev (FUSE's default): opening the node is refused by the kernel.
-    with open("/proc/self/mounts") as fh:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as fh:
         opts = next(ln.split()[3] for ln in fh if ln.split()[1] == str(mnt.resolve()))
     if "nodev" in opts.split(","):
         with raises_errno(errno.EACCES):
