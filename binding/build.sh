@@ -35,7 +35,7 @@ ROOT=$PWD
 B=$ROOT/.build
 PREFIX=$B/libfuse
 PYFUSE3_VERSION=3.5.0
-LOCAL_VERSION=sluice.13         # bump with every change of the pyfuse3 patch
+LOCAL_VERSION=sluice.14         # bump with every change of the pyfuse3 patch
 SUITE=trixie
 
 die() { echo "setup: $*" >&2; exit 1; }

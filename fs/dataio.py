@@ -148,10 +148,14 @@ class OpenFiles:
         self._touch_atime(node)
         return data
 
-    async def write(self: FileSystem, fh: int, offset: int, data: bytes | memoryview) -> int:
+    async def write(self: FileSystem, fh: int, offset: int, data: bytes | memoryview, *,
+                    append: bool | None = None) -> int:
         """A FUSE write: `data` is immutable (`bytes`, or for a large write a read-only
         view of the `bytes` the binding read the request into), so a stream write may
-        be written behind after the reply (pager/writeback.py)."""
+        be written behind after the reply (pager/writeback.py). `append`: whether
+        this write goes to the file's end (the write's own flags, which the kernel
+        sends: O_APPEND as the file has it now, never for a write-back of cached
+        pages); None: as the handle was opened (a binding that does not send them)."""
         self._writable()
         h = self.handle(fh)
         if not h.writable:
@@ -168,7 +172,7 @@ class OpenFiles:
             async with self._limited_lock(node, -(-len(data) // self.block_size) + 3):
                 if node.hints is None or DISCARDED_XATTR in node.hints or node.id in self.discarded:
                     await self._undiscard_locked(node)
-                if h.append:
+                if h.append if append is None else append:
                     offset = node.size
                 n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
                 if n and h.kill_priv and self._kill_priv(h, save=False):

@@ -867,6 +867,22 @@ class Operations(pyfuse3.Operations):
 
     write_synced = _guard(_write_synced, name="write")
 
+    async def _write_with_flags(self, fh: int, off: int, buf: bytes | memoryview,
+                                flags: int) -> int:
+        """A write with the flags the kernel sent (the binding's `write_with_flags`):
+        the file's flags now for a write(2), 0 for a write-back of cached pages. An
+        append is placed at the file's end here, a write at a time: a write-back of
+        mmap stores through a file opened O_APPEND lands at its page, and a write
+        after fcntl(F_SETFL) took O_APPEND away at its offset (probe 21, F2: both
+        went to the end of the file, the stored bytes lost)."""
+        append = bool(flags & os.O_APPEND)
+        n = await self.fs.write(fh, off, buf, append=append)
+        if n and flags & os.O_DSYNC:
+            await self.fs.fsync(fh, (flags & os.O_SYNC) != os.O_SYNC)
+        return n
+
+    write_with_flags = _guard(_write_with_flags, name="write")
+
     @_guard
     async def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
         await self.fs.fallocate(fh, mode, off, length)
