@@ -36,7 +36,8 @@ from .gcwatch import GcLog, freeze_start_up_heap
 from .idlepoll import (DEFAULT_WINDOW as IDLE_POLL_DEFAULT, IdlePoll, epoll_ready_probe,
                        parse_window, ThreadCpuWait)
 from .metrics import MetricsServer
-from .mounttable import MOUNTINFO, MOUNTS, read_table, table_rows, unescape
+from .mounttable import (MOUNTINFO, MOUNTS, fields as table_fields, read_table, table_rows,
+                         unescape)
 from .errors import VolumeError
 from .operations import (HANDLER_CHECKPOINT_BUDGET, PARKED_BYTES, PARKED_REQUESTS,
                          PRINCIPAL_REQUESTS, Operations)
@@ -370,16 +371,21 @@ def parse_mount_options(options: list[str], base: VfsFlags = VfsFlags()) -> Pars
     return ParsedOptions(flags, settings, remount, tuple(named))
 
 
-def read_mount_flags(mountpoint: str, mountinfo: str | None = None
+def read_mount_flags(mountpoint: str, mountinfo: str | None = None, dev: str | None = None
                      ) -> tuple[VfsFlags, str] | None:
-    """The kernel's flags of the (topmost) mount at `mountpoint`, and the mountinfo
-    text they came from (mount options, then the superblock's); None if not mounted."""
+    """The kernel's flags of the (topmost) mount at `mountpoint` — of device `dev`
+    ("major:minor") only, when given — and the mountinfo text they came from (mount
+    options, then the superblock's); None if not mounted. With `dev`, a mount someone
+    put over this one (a tenant may: `fusermount3 -o ro` on a mount point it can
+    write) is not taken for it: its read-only flag made the whole volume read-only
+    for every tenant (probe 22, F1)."""
     if mountinfo is None:
         mountinfo = read_table(MOUNTINFO)
     found = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) < 10 or unescape(fields[4]) != mountpoint:
+    for line in mountinfo.split("\n"):
+        fields = table_fields(line)
+        if len(fields) < 10 or unescape(fields[4]) != mountpoint or \
+                (dev is not None and fields[2] != dev) or "-" not in fields[6:]:
             continue
         sep = fields.index("-", 6)
         mnt_opts, sb_opts = fields[5].split(","), fields[sep + 3].split(",")
@@ -466,7 +472,8 @@ class FlagFollower:
             started = False
             dev = await trio.to_thread.run_sync(mount_device, self.mountpoint)
             while True:
-                now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint)
+                now = await trio.to_thread.run_sync(read_mount_flags, self.mountpoint,
+                                                    None, dev)
                 if now is None and started and dev is not None and \
                         not await trio.to_thread.run_sync(device_mounted, dev):
                     # (gone by its device, not by its path: a mount moved, a parent

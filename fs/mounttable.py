@@ -35,4 +35,12 @@ def table_rows(path: str = MOUNTS) -> Iterator[list[str]]:
     them: `unescape` a path field before comparing it)."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            yield line.split()
+            yield fields(line)
+
+
+def fields(line: str) -> list[str]:
+    """A line of a table split at its single spaces: only space, tab, newline and
+    backslash are escaped in a path, so `str.split()` would split a path at another
+    whitespace character (a vertical tab, a form feed) and a mount at `MNT\vx` would
+    read as one at MNT (probe 22)."""
+    return line.rstrip("\n").split(" ")

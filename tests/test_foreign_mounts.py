@@ -46,3 +46,37 @@ def test_a_mount_at_a_path_that_is_not_utf8_stops_no_daemon(tmp_path: Path,
     assert "Traceback" not in m.log.read_text()
     m2 = mount_factory(vol, name="again")
     assert (m2.path / "g").read_bytes() == b"after"
+
+
+def test_a_read_only_mount_over_the_mount_point_leaves_the_volume_writable(
+        tmp_path: Path, mount_factory) -> None:
+    """Probe 22, F1: a tenant that may write the mount's root directory can put a
+    read-only FUSE mount over the mount point (fusermount3); the daemon's follower took
+    the flags of the topmost mount at its path for its own, said "remounted
+    read-only" and made the volume read-only for every tenant until the tenant
+    unmounted. It follows its own connection's mount now. (A read-only tmpfs stands
+    in for the tenant's mount.) And a mount at a sibling path with a vertical tab in
+    it is not taken for this one."""
+    vol = make_volume(tmp_path / "vol", "256M")
+    m = mount_factory(vol)
+    f = m.path / "f"
+    fd = os.open(f, os.O_CREAT | os.O_WRONLY, 0o644)
+    sibling = Path(str(m.path) + "\vx")
+    sibling.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(sibling)],
+                       check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(m.path)],
+                       check=True)
+        try:
+            time.sleep(1.0)  # the follower wakes at each change of the table
+            os.write(fd, b"still writable")
+            os.fsync(fd)  # old code: EROFS
+        finally:
+            subprocess.run(["umount", str(m.path)], check=True)
+            subprocess.run(["umount", str(sibling)], check=True)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"still writable"
+    (m.path / "g").write_bytes(b"and new names")
+    assert "read-only" not in m.log.read_text()
