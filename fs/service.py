@@ -200,6 +200,9 @@ class DirectService:
                 raise NotFound(f"{path}: no such file")
             assert name is not None
             _access(fs, parent, os.W_OK | os.X_OK, caller, path)
+            # (the grant's charge checked first, as a create through the mount: a
+            # refused grant must not leave the file made; probe 21, F4)
+            fs.principals.check_object(principal, "grants")
             node = fs._new_inode(parent, name, stat.S_IFREG | (mode & 0o7777 & ~0o022), caller)
             node.lookups -= 1  # the kernel did not look this up
             fs.on_entry_created(parent.id, name, node.principal)

@@ -483,6 +483,12 @@ class PrincipalTable:
         and its ancestors; or TooManyObjects and nothing changed."""
         accounting.charge(p, accounting.kernel_object(kind, n))
 
+    def check_object(self, p: Principal, kind: str, n: int = 1) -> None:
+        """TooManyObjects if `charge_object` of the same would be refused now; nothing
+        changes either way (for an operation that must know before it makes
+        anything: a create that opens the file it makes)."""
+        accounting.check(p, accounting.kernel_object(kind, n))
+
     def refund_object(self, p: Principal, kind: str, n: int = 1) -> None:
         accounting.apply(p, accounting.kernel_object(kind, -n))
 

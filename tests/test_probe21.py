@@ -4,13 +4,15 @@ found, each fixed with a test that fails on the code before it."""
 from __future__ import annotations
 
 import fcntl
+import json
 import mmap
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_volume
+from conftest import make_volume, sluice
 
 pytestmark = pytest.mark.mounted
 
@@ -78,3 +80,49 @@ def test_a_write_after_fcntl_takes_o_append_away_goes_to_its_offset(amnt: Path) 
     finally:
         os.close(fd)
     assert p.read_bytes() == b"AB234X6789!?"
+
+
+CREATE_AT_LIMIT = r"""
+import errno, os, sys
+d = sys.argv[1]
+held = os.path.join(d, "held")
+open(held, "w").close()
+fds = [os.open(held, os.O_RDONLY) for _ in range(8)]
+out = []
+for how in ("create", "tmpfile"):
+    try:
+        if how == "create":
+            os.close(os.open(os.path.join(d, "new"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        else:
+            os.close(os.open(d, os.O_RDWR | os.O_TMPFILE, 0o600))
+        out.append("opened")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+os.close(fds.pop())  # (reading the directory takes a handle too)
+out.append(",".join(sorted(os.listdir(d))))
+for fd in fds:
+    os.close(fd)
+os.close(os.open(os.path.join(d, "new"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+out.append("retried")
+print(" ".join(out))
+"""
+
+
+def test_a_create_refused_for_the_callers_open_file_bank_makes_no_file(
+        tmp_path: Path, mount_factory) -> None:
+    """F4: open(O_CREAT) that failed with EMFILE (the principal's `grants` bank full)
+    had made the file all the same: readdir listed it, stat said ENOENT (the kernel's
+    negative entry), and the caller's retry with O_EXCL got EEXIST; O_TMPFILE left an
+    inode nobody held. Now neither makes anything, and the inode count is unchanged."""
+    vol = make_volume(tmp_path / "vol", "256M")
+    m = mount_factory(vol)
+    sluice("principal", "add", str(m.path), "alice", "--grants", "8")
+    d = m.path / "d"
+    d.mkdir()
+    before = json.loads(sluice("stats", str(m.path), "--json").stdout)["fs"]["inodes"]
+    r = sluice("run", str(m.path), "--principal", "alice", "--", sys.executable, "-c",
+               CREATE_AT_LIMIT, str(d), check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["EMFILE", "EMFILE", "held", "retried"], r.stdout
+    after = json.loads(sluice("stats", str(m.path), "--json").stdout)["fs"]["inodes"]
+    assert after == before + 2  # "held" and "new", nothing else
