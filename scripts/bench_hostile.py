@@ -103,6 +103,7 @@ import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -319,6 +320,12 @@ class UidSlices:
         self.dirs.clear()
 
 
+#: seconds the victim waits after each request pair (`--victim-gap`: a tenant with
+#: think time between its requests; 0: back to back, a closed loop)
+VICTIM_GAP = 0.0
+#: whether the victim asked for a slice of its own (`--slice-victim`), which the
+#: attackers it starts must not inherit
+VICTIM_SLICE = False
 #: the slices in force (`--uid-slices`), for `start`
 SLICES: UidSlices | None = None
 #: `--pin`: the CPUs of the daemon's loop thread, the victim and the attackers (None: as
@@ -326,11 +333,32 @@ SLICES: UidSlices | None = None
 PIN: tuple[int, int, int | None] | None = None
 
 
+def set_slice(tid: int, ns: int) -> None:
+    """Ask the kernel's scheduler for slices of `ns` nanoseconds for thread `tid`
+    (sched_setattr with SCHED_OTHER and sched_runtime: EEVDF's custom slice, Linux
+    6.12+; the kernel clamps it to 0.1-100 ms)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, 0, 0, 0, 0, ns,
+                                                   0, 0, 0, 0))
+    if libc.syscall(314, tid, attr, 0) != 0:  # SYS_sched_setattr, x86_64
+        err = ctypes.get_errno()
+        raise OSError(err, f"sched_setattr({tid}): {os.strerror(err)}")
+
+
 def _attacker_preexec(uid: int) -> Callable[[], None] | None:
     """What an attacker process does before its exec: enter its uid's cgroup
     (`--uid-slices`); with `--pin`, leave the victim's CPU (which it would inherit from
     this process) for its own, or every CPU."""
     slice_in = SLICES.enter(uid) if SLICES is not None else None
+    if VICTIM_SLICE:
+        # (a forked process keeps its parent's slice: the attackers take the default)
+        inner = slice_in
+
+        def slice_in() -> None:
+            set_slice(0, 0)
+            if inner is not None:
+                inner()
     if PIN is None:
         return slice_in
     cpus = [PIN[2]] if PIN[2] is not None else list(range(os.cpu_count() or 1))
@@ -443,6 +471,8 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None,
                     windows.append((t, t2))
                 if stamps is not None:
                     stamps.append((t, tm, t2, own_run_delay() - r0))
+                if VICTIM_GAP:
+                    time.sleep(VICTIM_GAP)
             if waits is not None:
                 waits.append(own_run_delay() - w0)
     return out
@@ -1018,7 +1048,7 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 
 def main() -> int:
-    global SLICES
+    global SLICES, VICTIM_SLICE, VICTIM_GAP
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=None,
                     help="the victim's request pairs per condition (default 1000; 3000 "
@@ -1049,6 +1079,17 @@ def main() -> int:
     ap.add_argument("--rss-seconds", dest="rss_seconds", type=float, default=0.0,
                     metavar="S", help="after the attacked phase, keep attacking for S "
                                       "seconds and sample the daemon's RSS every second")
+    ap.add_argument("--slice-daemon", dest="slice_daemon", type=float, metavar="US",
+                    help="have the daemon's loop thread ask the kernel's scheduler for "
+                         "slices of US µs (sched_setattr's sched_runtime; EEVDF, Linux "
+                         "6.6+: a shorter slice is an earlier deadline, so its wake-ups "
+                         "preempt longer-sliced tasks); 100 is the kernel's minimum")
+    ap.add_argument("--victim-gap", dest="victim_gap", type=float, default=0.0,
+                    metavar="MS", help="the victim waits MS ms after each request pair "
+                    "(a tenant with think time; default 0: its pairs back to back, so "
+                    "that it is itself a client that would take the whole daemon)")
+    ap.add_argument("--slice-victim", dest="slice_victim", type=float, metavar="US",
+                    help="the same for the victim (this process, every thread)")
     ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
                     help="put the victim (this process, after the daemon started) and each "
                          "hostile uid's processes in a cpu cgroup of its own (cgroup v1, "
@@ -1071,6 +1112,7 @@ def main() -> int:
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
     args = ap.parse_args()
+    VICTIM_GAP = args.victim_gap / 1000.0
     global PIN
     if args.pin:
         try:
@@ -1164,6 +1206,20 @@ def main() -> int:
             log(f"pinned: the daemon's loop thread to CPU {PIN[0]}, the victim to CPU "
                 f"{PIN[1]}, the attackers to "
                 f"{'CPU %d' % PIN[2] if PIN[2] is not None else 'any CPU'}")
+        if VICTIM_GAP:
+            result["victim_gap_ms"] = args.victim_gap
+            log(f"the victim waits {args.victim_gap} ms after each request pair")
+        if args.slice_daemon:
+            set_slice(sm.pid, int(args.slice_daemon * 1000))
+            result["slice_daemon_us"] = args.slice_daemon
+            log(f"the daemon's loop thread asks the scheduler for {args.slice_daemon} µs "
+                "slices")
+        if args.slice_victim:
+            for tid in os.listdir("/proc/self/task"):
+                set_slice(int(tid), int(args.slice_victim * 1000))
+            result["slice_victim_us"] = args.slice_victim
+            VICTIM_SLICE = True
+            log(f"the victim asks the scheduler for {args.slice_victim} µs slices")
         if args.nice is not None:
             renice(sm.pid, args.nice)
             renice(os.getpid(), args.nice)
