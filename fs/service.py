@@ -195,6 +195,17 @@ class DirectService:
         acc = flags & os.O_ACCMODE
         readable = acc in (os.O_RDONLY, os.O_RDWR)
         writable = acc in (os.O_WRONLY, os.O_RDWR)
+        # A path ending in "/" or "/." names a directory, as the kernel's walk has it
+        # (which the walk above, dropping empty and "." parts, did not): O_CREAT there
+        # is EISDIR whatever is there, and a regular file there is ENOTDIR (probe 22,
+        # F4: "f/" opened f, and truncated it with O_TRUNC; "new/" made a file).
+        if path.endswith(("/", "/.")) or path == ".":
+            if flags & os.O_CREAT:
+                raise IsADirectory(f"{path}: O_CREAT of a path that names a directory")
+            if node is None:
+                raise NotFound(f"{path}: no such file")
+            if not node.is_dir and not stat.S_ISLNK(node.mode):
+                raise NotADirectory(f"{path}: not a directory")
         if node is None:
             if not flags & os.O_CREAT:
                 raise NotFound(f"{path}: no such file")

@@ -198,3 +198,23 @@ with Client.connect({str(mnt)!r}, shm_size=1 << 16) as c:
         seen.setdefault(rec[:1], []).append(int(rec[1:6]))
     # Every writer's records are all there, in its own order.
     assert {t: v for t, v in seen.items()} == {t: list(range(n)) for t in (b"M", b"N", b"D", b"E")}
+
+
+def test_a_trailing_slash_names_a_directory_like_the_mount(mnt: Path) -> None:
+    """Probe 22, F4: the direct client's walk dropped a trailing "/" or "/.": "f/"
+    opened the regular file f (and truncated it with "w"), "new/" with O_CREAT made a
+    regular file new; the mount (the kernel's walk) says ENOTDIR and EISDIR."""
+    (mnt / "f").write_bytes(b"data")
+    cases = [("f/", "r", os.O_RDONLY), ("f//", "r", os.O_RDONLY),
+             ("f/.", "r", os.O_RDONLY), ("f/", "w", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+             ("new/", "w", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+             ("gone/", "r", os.O_RDONLY)]
+    with Client.connect(mnt) as c:
+        for path, mode, flags in cases:
+            with pytest.raises(OSError) as mount_err:
+                os.close(os.open(os.path.join(mnt, path), flags, 0o644))
+            with pytest.raises(OSError) as direct_err:
+                c.open(path, mode)
+            assert direct_err.value.errno == mount_err.value.errno, (path, mode)
+    assert sorted(os.listdir(mnt)) == ["f"]
+    assert (mnt / "f").read_bytes() == b"data"
