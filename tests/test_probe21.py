@@ -126,3 +126,25 @@ def test_a_create_refused_for_the_callers_open_file_bank_makes_no_file(
     assert r.stdout.split() == ["EMFILE", "EMFILE", "held", "retried"], r.stdout
     after = json.loads(sluice("stats", str(m.path), "--json").stdout)["fs"]["inodes"]
     assert after == before + 2  # "held" and "new", nothing else
+
+
+def test_fallocate_changes_the_files_times_in_every_mode(amnt: Path) -> None:
+    """F5: fallocate mode 0 inside the file, and with FALLOC_FL_KEEP_SIZE, left mtime
+    and ctime alone (make and rsync saw no change); Linux's local filesystems update
+    both in every mode (`file_modified`)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    p = amnt / "f"
+    p.write_bytes(b"x" * 65536)
+    for mode, off, length in [(0, 0, 65536), (1, 65536, 65536)]:  # 1: KEEP_SIZE
+        os.utime(p, ns=(10**18, 10**18))
+        ctime0 = p.stat().st_ctime_ns
+        fd = os.open(p, os.O_RDWR)
+        try:
+            assert libc.fallocate(fd, mode, off, length) == 0, ctypes.get_errno()
+        finally:
+            os.close(fd)
+        st = p.stat()
+        assert st.st_mtime_ns > 10**18 + 10**15, (mode, st.st_mtime_ns)
+        assert st.st_ctime_ns >= ctime0 and st.st_size == 65536
