@@ -950,6 +950,20 @@ class BlockDevice:
         avail, total = room
         return max(0, avail - min(HOST_HEADROOM_BYTES, total // 8)) // (self.block_size + 8)
 
+    def host_metadata_room(self) -> int | None:
+        """Bytes the host filesystem under the backing file has free beyond half the
+        headroom `reserve` keeps for the volume's metadata (negative: into that half).
+        New data stops at the whole headroom; metadata changes (names, attributes)
+        use the first half of it, so that the commits of what was accepted still fit
+        (probe 22, F3: 8 MiB of attributes into one transaction on a host with 6 MiB
+        left failed the commit, and the volume went read-only for every tenant).
+        None for a block device (what holds the metadata is not this file's host)."""
+        room = host_space(self.data)
+        if room is None:
+            return None
+        avail, total = room
+        return avail - min(HOST_HEADROOM_BYTES, total // 8) // 2
+
     def host_reserved(self, block: int, count: int) -> bool:
         """Whether blocks [block, block + count) lie inside one chunk whose host space
         is reserved, so that `reserve` of them has nothing to do: the common case of

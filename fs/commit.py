@@ -248,7 +248,7 @@ class Transactions:
                     self._save_unflushed()
                     taken = self.md.take_changes()
                     self.md.commit()
-                    self._xattr_bytes.clear()  # (a new transaction: Xattrs.xattr_room)
+                    self.transaction_ended()  # (Xattrs.xattr_room, .metadata_room)
                     self._commit_seq += 1
                     seq = self._commit_seq
                     pending = self.alloc.take_pending()

@@ -112,6 +112,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self.empty_fsyncs = 0
         # -- Xattrs (xattrs.py) ------------------------------------------------------------
         self._xattr_bytes = {}
+        self._meta_pending = 0
         # -- Attributes (attributes.py) ----------------------------------------------------
         self.atime = "relatime"
         self.nodiratime = False

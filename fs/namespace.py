@@ -20,7 +20,7 @@ from .errors import (Damaged, Exists, InvalidArgument, IsADirectory, NameTooLong
                      NotADirectory, NotEmpty, NotFound, NotPermitted, TooManyLinks)
 from .inodes import Caller, Inode, LINK_MAX, NAME_MAX, ROOT_INODE, check_name, now_ns
 from .permissions import in_group
-from .xattrs import DISCARDED_XATTR, INHERITED_HINTS, xattr_cost
+from .xattrs import DISCARDED_XATTR, INHERITED_HINTS, METADATA_PAGE, xattr_cost
 
 if TYPE_CHECKING:
     from .filesystem import FileSystem
@@ -107,6 +107,8 @@ class Namespace:
             raise NoSpace(f"no free inodes (limit {self.max_inodes})")
         if stat.S_ISDIR(mode) and parent.nlink >= LINK_MAX:  # its '..' is a link
             raise TooManyLinks(f"directory {parent.id} has {parent.nlink} links")
+        # (the host's room for the rows, after every other check: counted once made)
+        self.metadata_room(METADATA_PAGE + len(name) + len(target or b""))
         # Charge first: over quota changes nothing. The name, and what the inode row
         # holds besides (a symlink's target, the inherited hint xattrs): refunded with
         # the name (_remove_name) and with the row (_destroy).

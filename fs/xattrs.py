@@ -122,6 +122,10 @@ def check_hint_xattr(name: bytes, value: bytes) -> None:
                               "they are user.sluice.priority, .discardable and .cache")
 
 
+#: what one changed row may cost the metadata's write-ahead log at the next commit
+#: (a page of the database), besides its own bytes: `Xattrs.metadata_room`
+METADATA_PAGE = 4096
+
 class Xattrs:
     """Extended attributes (a `FileSystem` concern; see filesystem.py for the map).
 
@@ -130,6 +134,8 @@ class Xattrs:
     (`Inode.hints`, `Inode.xattr_bytes`, `Inode.pushed_hints`)."""
 
     _xattr_bytes: dict[PrincipalId, int]
+    #: bytes of metadata the open transaction may write, as `metadata_room` counts them
+    _meta_pending: int
 
     async def xattr_room(self: FileSystem, principal: PrincipalId, nbytes: int) -> None:
         """Before a setxattr of `nbytes` (its name and value) for `principal`: once the
@@ -148,7 +154,32 @@ class Xattrs:
             while self._xattr_bytes.get(principal, 0) + nbytes > XATTR_BYTES_PER_COMMIT \
                     and self._xattr_bytes.get(principal, 0) > 0:
                 await self._commit_ended.wait()
+        self.metadata_room(METADATA_PAGE + nbytes)
         self._xattr_bytes[principal] = self._xattr_bytes.get(principal, 0) + nbytes
+
+    def transaction_ended(self: FileSystem) -> None:
+        """The metadata transaction was committed: what `xattr_room` and
+        `metadata_room` counted in it starts again from nothing."""
+        self._xattr_bytes.clear()
+        self._meta_pending = 0
+
+    def metadata_room(self: FileSystem, nbytes: int) -> None:
+        """NoSpace (ENOSPC) unless the host filesystem under the device has room for
+        `nbytes` more of metadata besides what the open transaction holds already
+        (`Kernel.host_metadata_room`: the first half of the headroom the device
+        keeps); counts them in the transaction if so. Checked by what adds rows
+        (a new inode, an attribute write): a tenant that filled the host with data
+        and then made names and attributes failed the next commit, and the volume
+        went read-only for every tenant (probe 22, F3). Never blocks (one
+        fstatvfs)."""
+        room = self.kernel.host_metadata_room()
+        if room is None:
+            return
+        pending = self._meta_pending + nbytes
+        if pending > room:
+            raise NoSpace("the host filesystem under the volume is full (what is left "
+                          "is kept for committing the volume's metadata)")
+        self._meta_pending = pending
 
     def _hints(self: FileSystem, node: Inode) -> dict[bytes, bytes]:
         """The file's sluice hints (and the discarded mark), as the daemon keeps them

@@ -1087,6 +1087,14 @@ class Kernel(GrantTable, LowerLayers):
         except OSError:
             return None
 
+    def host_metadata_room(self) -> int | None:
+        """Bytes of metadata the host under the device has room for
+        (`BlockDevice.host_metadata_room`); None for a block device."""
+        try:
+            return self.device.host_metadata_room()
+        except OSError:
+            return None
+
     def host_reserved(self, runs: Iterable[tuple[int, int]]) -> bool:
         """Whether every run lies inside one chunk of the device whose host space is
         reserved already (`BlockDevice.host_reserved`): `reserve` of them would do

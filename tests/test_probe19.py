@@ -232,3 +232,58 @@ def test_df_says_no_more_room_than_the_host_filesystem_has(tmp_path: Path, small
     assert avail - (2 << 20) <= written <= avail + (17 << 20), (written, avail)
     after = os.statvfs(m.path)
     assert after.f_bavail * after.f_frsize <= (1 << 20) + after.f_frsize
+
+
+def test_names_and_attributes_on_a_full_host_get_enospc_not_a_read_only_volume(
+        tmp_path: Path, small_tmpfs, mount_factory) -> None:
+    """Probe 22, F3: a 1 GiB volume on a 48 MiB host. A tenant wrote data until ENOSPC
+    (the device keeps a headroom for metadata), then made files with 4 KB attributes
+    (one principal may put 8 MiB of attributes into one transaction, more than the
+    headroom): the commit failed ("database or disk is full") and the volume went
+    read-only for every tenant. Names and attributes now get ENOSPC once the host's
+    room is down to half the headroom, counting what the open transaction holds;
+    the volume stays writable and fsck is clean."""
+    import errno as _errno
+    host = small_tmpfs("48m")
+    vol = make_volume(host / "vol", "1G")
+    m = mount_factory(vol)
+    d = m.path / "d"
+    d.mkdir()
+    with open(d / "big", "wb") as f:
+        with pytest.raises(OSError) as full:
+            while True:
+                f.write(b"z" * (1 << 20))
+                f.flush()
+        assert full.value.errno == _errno.ENOSPC
+    errs: dict[int, int] = {}
+    made = 0
+    for i in range(20000):
+        p = d / (f"m{i:06d}" + "q" * 200)
+        try:
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644))
+            os.setxattr(p, b"user.k", b"v" * 4000)
+            made += 1
+        except OSError as exc:
+            errs[exc.errno] = errs.get(exc.errno, 0) + 1
+            if errs[exc.errno] > 200:
+                break
+    assert set(errs) == {_errno.ENOSPC}, errs  # old code: EROFS after the failed commit
+    assert made > 100
+    import time as _time
+    _time.sleep(2.5)  # two commits: none failed
+    os.unlink(d / "big")  # (old code: EROFS)
+    deadline = _time.monotonic() + 20
+    while True:  # the host's room comes back once the unlink's commit has discarded
+        try:
+            (m.path / "still").write_bytes(b"writable")
+            break
+        except OSError as exc:
+            assert exc.errno == _errno.ENOSPC and _time.monotonic() < deadline, exc
+            _time.sleep(0.5)
+    fd = os.open(m.path / "still", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    assert "read-only" not in m.log.read_text()
+    m.stop()
+    out = sluice("fsck", str(vol)).stdout
+    assert out.strip().endswith("clean"), out
