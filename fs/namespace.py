@@ -108,7 +108,8 @@ class Namespace:
         if stat.S_ISDIR(mode) and parent.nlink >= LINK_MAX:  # its '..' is a link
             raise TooManyLinks(f"directory {parent.id} has {parent.nlink} links")
         # (the host's room for the rows, after every other check: counted once made)
-        self.metadata_room(METADATA_PAGE + len(name) + len(target or b""))
+        rows = METADATA_PAGE + len(name) + len(target or b"")
+        self.metadata_room(rows)
         # Charge first: over quota changes nothing. The name, and what the inode row
         # holds besides (a symlink's target, the inherited hint xattrs): refunded with
         # the name (_remove_name) and with the row (_destroy).
@@ -131,6 +132,7 @@ class Namespace:
                                    rdev=rdev, now_ns=now, parent=dir_parent, target=target,
                                    principal=caller.principal)
         self.md.add_dentry(parent.id, name, ino, caller.principal)
+        self.metadata_written(rows)
         self._inode_count += 1
         # Hints (user.sluice.*) are inherited from the directory at create time.
         for hname, hval in hints.items():

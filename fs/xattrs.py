@@ -156,6 +156,7 @@ class Xattrs:
                 await self._commit_ended.wait()
         self.metadata_room(METADATA_PAGE + nbytes)
         self._xattr_bytes[principal] = self._xattr_bytes.get(principal, 0) + nbytes
+        # (its rows are counted by `setxattr` once written: a refused one counts nothing)
 
     def transaction_ended(self: FileSystem) -> None:
         """The metadata transaction was committed: what `xattr_room` and
@@ -167,19 +168,21 @@ class Xattrs:
         """NoSpace (ENOSPC) unless the host filesystem under the device has room for
         `nbytes` more of metadata besides what the open transaction holds already
         (`Kernel.host_metadata_room`: the first half of the headroom the device
-        keeps); counts them in the transaction if so. Checked by what adds rows
-        (a new inode, an attribute write): a tenant that filled the host with data
-        and then made names and attributes failed the next commit, and the volume
-        went read-only for every tenant (probe 22, F3). Never blocks (one
-        fstatvfs)."""
+        keeps). Checked by what adds rows (a new inode, an attribute write) before
+        it changes anything, and counted (`metadata_written`) only once it has: a
+        tenant that filled the host with data and then made names and attributes
+        failed the next commit, and the volume went read-only for every tenant
+        (probe 22, F3); and refused requests, which commit nothing, must not fill
+        the count (review of stop 27, F1: 25,000 mkdirs refused EDQUOT made every
+        tenant's names ENOSPC on a host 99% free). Never blocks (one fstatvfs)."""
         room = self.kernel.host_metadata_room()
-        if room is None:
-            return
-        pending = self._meta_pending + nbytes
-        if pending > room:
+        if room is not None and self._meta_pending + nbytes > room:
             raise NoSpace("the host filesystem under the volume is full (what is left "
                           "is kept for committing the volume's metadata)")
-        self._meta_pending = pending
+
+    def metadata_written(self: FileSystem, nbytes: int) -> None:
+        """`nbytes` of rows went into the open transaction (see `metadata_room`)."""
+        self._meta_pending += nbytes
 
     def _hints(self: FileSystem, node: Inode) -> dict[bytes, bytes]:
         """The file's sluice hints (and the discarded mark), as the daemon keeps them
@@ -316,6 +319,7 @@ class Xattrs:
                           "filesystem is full)") from None
         if grow < 0:
             self.principals.refund(owner, space=-grow)
+        self.metadata_written(METADATA_PAGE + len(name) + len(value))
         node.xattr_bytes = listed
         if name.startswith(HINT_PREFIX):
             node.hints = None

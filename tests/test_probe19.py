@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,42 @@ def test_names_and_attributes_on_a_full_host_get_enospc_not_a_read_only_volume(
     m.stop()
     out = sluice("fsck", str(vol)).stdout
     assert out.strip().endswith("clean"), out
+
+
+REFUSED_MKDIRS = r"""
+import errno, os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+got = {}
+for i in range(n):
+    try:
+        os.mkdir(os.path.join(d, "x%06d" % i))
+        got["made"] = got.get("made", 0) + 1
+    except OSError as e:
+        got[errno.errorcode[e.errno]] = got.get(errno.errorcode[e.errno], 0) + 1
+print(" ".join(f"{k}={v}" for k, v in sorted(got.items())))
+"""
+
+
+def test_refused_names_do_not_use_up_the_hosts_room_for_others(
+        tmp_path: Path, small_tmpfs, mount_factory) -> None:
+    """Review of stop 27, F1: the full-host rule counted a name's rows before the
+    request's own checks, and only a commit reset the count; refused requests commit
+    nothing. A tenant's child principal with no space made 10,000 mkdirs that got
+    EDQUOT, and then every tenant's new names, root's too, got ENOSPC on a host 90%
+    free. Rows are counted once made."""
+    host = small_tmpfs("32m")
+    vol = make_volume(host / "vol", "16M")
+    m = mount_factory(vol)
+    sluice("principal", "add", str(m.path), "starved", "--space", "0")
+    d = m.path / "d"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    r = sluice("run", str(m.path), "--principal", "starved", "--", sys.executable, "-c",
+               REFUSED_MKDIRS, str(d), "10000", check=False, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["EDQUOT=10000"], r.stdout
+    hst = os.statvfs(host)
+    assert hst.f_bavail * hst.f_frsize > 24 << 20  # the host is nowhere near full
+    (m.path / "root-dir").mkdir()  # old code: ENOSPC
+    os.symlink("target", m.path / "root-link")
+    os.setxattr(m.path / "root-dir", b"user.k", b"v" * 1000)
