@@ -190,6 +190,8 @@ class DirectService:
         # As open(2): O_CREAT|O_EXCL never follows a final symlink (the name exists,
         # dangling or not: EEXIST), nor does O_NOFOLLOW (ELOOP).
         excl = bool(flags & os.O_CREAT and flags & os.O_EXCL)
+        if not path:
+            raise NotFound("an empty path names no file")  # (as open(2): ENOENT)
         parent, name, node = await self._resolve(path, caller,
                                            parent_only=excl or bool(flags & os.O_NOFOLLOW))
         acc = flags & os.O_ACCMODE

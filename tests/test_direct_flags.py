@@ -208,11 +208,11 @@ def test_a_trailing_slash_names_a_directory_like_the_mount(mnt: Path) -> None:
     cases = [("f/", "r", os.O_RDONLY), ("f//", "r", os.O_RDONLY),
              ("f/.", "r", os.O_RDONLY), ("f/", "w", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
              ("new/", "w", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-             ("gone/", "r", os.O_RDONLY)]
+             ("gone/", "r", os.O_RDONLY), ("", "r", os.O_RDONLY)]
     with Client.connect(mnt) as c:
         for path, mode, flags in cases:
             with pytest.raises(OSError) as mount_err:
-                os.close(os.open(os.path.join(mnt, path), flags, 0o644))
+                os.close(os.open(os.path.join(mnt, path) if path else "", flags, 0o644))
             with pytest.raises(OSError) as direct_err:
                 c.open(path, mode)
             assert direct_err.value.errno == mount_err.value.errno, (path, mode)
