@@ -187,8 +187,9 @@ async def test_every_kind_of_change_marks_its_inodes_until_a_durable_commit(
 
 
 async def test_fallocate_inside_the_size_is_made_durable_by_fsync(evol: Volume) -> None:
-    """Review case 1: fallocate mode 0 or KEEP_SIZE inside the size changes no ctime;
-    the reservation must still be in the durable commit of the next fsync."""
+    """Review case 1: fallocate mode 0 or KEEP_SIZE inside the size changed no ctime
+    (it does since probe 21, F5, as file_modified does); the reservation must be in
+    the durable commit of the next fsync, whatever the times say."""
     fs = evol.fs
     assert fs is not None
     for mode in (0, FALLOC_FL_KEEP_SIZE):
@@ -198,7 +199,7 @@ async def test_fallocate_inside_the_size_is_made_durable_by_fsync(evol: Volume) 
         ctime = node.ctime_ns
         await fs.commit()  # nothing left: a no-op commit
         await fs.fallocate(h.fh, mode, 4 * BS, 4 * BS)
-        assert node.ctime_ns == ctime  # (what fooled the shortcut)
+        assert node.ctime_ns >= ctime
         await fs.commit()  # the timer's commit: not durable, the mark stays
         b, d = counts(evol)
         await fs.fsync(h.fh, False)
