@@ -126,6 +126,7 @@ def check_hint_xattr(name: bytes, value: bytes) -> None:
 #: (a page of the database), besides its own bytes: `Xattrs.metadata_room`
 METADATA_PAGE = 4096
 
+
 class Xattrs:
     """Extended attributes (a `FileSystem` concern; see filesystem.py for the map).
 
