@@ -874,8 +874,8 @@ class BlockDevice:
         # than the device turned the volume read-only for everyone, at the next
         # commit's checksum write (hostile probe 5, H1). Conservative: what the
         # reservation needs is counted as if none of it were allocated yet.
-        room = host_space(self.data)
-        avail, full = (room[0], min(HOST_HEADROOM_BYTES, room[1] // 8)) if room else (0, 0)
+        room = self._host_headroom()
+        avail, full = room if room is not None else (0, 0)
         keep = full // 2 if relocation else full
 
         def fits(nblocks: int, keep: int = keep) -> bool:
@@ -944,11 +944,11 @@ class BlockDevice:
         say up to a chunk (RESERVE_CHUNK_BYTES) less than fits. None for a block device
         (the device's own free blocks are all there is). One fstatvfs; never blocks
         for long."""
-        room = host_space(self.data)
+        room = self._host_headroom()
         if room is None:
             return None
-        avail, total = room
-        return max(0, avail - min(HOST_HEADROOM_BYTES, total // 8)) // (self.block_size + 8)
+        avail, full = room
+        return max(0, avail - full) // (self.block_size + 8)
 
     def host_metadata_room(self) -> int | None:
         """Bytes the host filesystem under the backing file has free beyond half the
@@ -958,11 +958,20 @@ class BlockDevice:
         (probe 22, F3: 8 MiB of attributes into one transaction on a host with 6 MiB
         left failed the commit, and the volume went read-only for every tenant).
         None for a block device (what holds the metadata is not this file's host)."""
+        room = self._host_headroom()
+        if room is None:
+            return None
+        avail, full = room
+        return avail - full // 2
+
+    def _host_headroom(self) -> tuple[int, int] | None:
+        """(bytes free to unprivileged users on the host filesystem under the backing
+        file, the headroom kept there for the metadata: HOST_HEADROOM_BYTES, at most
+        an eighth of it); None for a block device. One fstatvfs."""
         room = host_space(self.data)
         if room is None:
             return None
-        avail, total = room
-        return avail - min(HOST_HEADROOM_BYTES, total // 8) // 2
+        return room[0], min(HOST_HEADROOM_BYTES, room[1] // 8)
 
     def host_reserved(self, block: int, count: int) -> bool:
         """Whether blocks [block, block + count) lie inside one chunk whose host space

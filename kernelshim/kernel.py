@@ -125,6 +125,14 @@ REHINT_STEP = 1024
 RESERVE_RUNS_PER_STEP = 256
 
 
+def _unless_oserror(ask: Callable[[], int | None]) -> int | None:
+    """`ask()`, or None if it raised OSError (a host that cannot answer fstatvfs)."""
+    try:
+        return ask()
+    except OSError:
+        return None
+
+
 class Kernel(GrantTable, LowerLayers):
     """Grants over one device (the grant table itself: granttable.py; the services of
     the pager and device beyond the data path: lowerlayers.py). Create with
@@ -1081,19 +1089,14 @@ class Kernel(GrantTable, LowerLayers):
 
     def host_blocks_avail(self) -> int | None:
         """Blocks of new data the host filesystem under the device has room for
-        (`BlockDevice.host_blocks_avail`); None for a block device."""
-        try:
-            return self.device.host_blocks_avail()
-        except OSError:
-            return None
+        (`BlockDevice.host_blocks_avail`); None for a block device, or when the host
+        cannot say."""
+        return _unless_oserror(self.device.host_blocks_avail)
 
     def host_metadata_room(self) -> int | None:
         """Bytes of metadata the host under the device has room for
-        (`BlockDevice.host_metadata_room`); None for a block device."""
-        try:
-            return self.device.host_metadata_room()
-        except OSError:
-            return None
+        (`BlockDevice.host_metadata_room`); None as `host_blocks_avail`."""
+        return _unless_oserror(self.device.host_metadata_room)
 
     def host_reserved(self, runs: Iterable[tuple[int, int]]) -> bool:
         """Whether every run lies inside one chunk of the device whose host space is
