@@ -9,6 +9,7 @@ experiments the backing can be wrapped in a fault injector or a power-loss recor
 from .backing import Backing as Backing
 from .backing import FileBacking as FileBacking
 from .backing import reserve_space as reserve_space
+from .backing import set_miss_on_loop as set_miss_on_loop
 from .checksums import ChecksumStore as ChecksumStore
 from .device import BlockDevice as BlockDevice
 from .device import check_read_guard as check_read_guard

@@ -20,7 +20,10 @@ that makes no progress is EIO) — the caller never has to check a count.
 Colour: `read_into`, `write`, `discard` and `flush` are async so a wrapper may take
 time on the trio clock (latency injection); `FileBacking` does the data syscalls on
 the event loop without a checkpoint (page-cache pread/pwrite take microseconds) and
-runs fdatasync in a worker thread. The exception is a large write from a buffer that
+runs fdatasync in a worker thread. A read that finds part of its range outside the
+host's page cache (preadv2 RWF_NOWAIT says so) waits for the host's disk in a worker
+thread instead while that disk is slow (`FileBacking.read_into`); the device claims
+the range meanwhile. The exception is a large write from a buffer that
 cannot change (`bytes`, or a view of it: a FUSE payload, which the binding places on
 a page boundary), page-aligned in memory and in the file: it is written through a
 second descriptor opened O_DIRECT, submitted with Linux AIO (blockdev/aio.py;
@@ -40,6 +43,7 @@ import errno
 import mmap
 import os
 import stat
+import time
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -60,6 +64,14 @@ FLUSH_LIMITER = trio.CapacityLimiter(4)
 DISCARD_LIMITER = trio.CapacityLimiter(2)
 #: O_DIRECT writes in flight per backing (`FileBacking.write`, its AIO context)
 DIRECT_DEPTH = 16
+#: at most this many reads that missed the host's page cache wait for its disk in
+#: worker threads at once (all backings together); the rest wait for a thread
+READ_LIMITER = trio.CapacityLimiter(16)
+#: a read that missed the host's page cache is made on the event loop while such reads
+#: took less than this on average (`FileBacking.miss_s`), in a worker thread otherwise
+MISS_ON_LOOP_SECONDS = 0.5e-3
+#: the weight of the latest miss in that average
+MISS_WEIGHT = 1 / 8
 #: A write of at least this many bytes, from a buffer that cannot change (`bytes` or a
 #: view of it) and page-aligned in memory, at a page-aligned offset and of whole
 #: pages, goes through the O_DIRECT descriptor (`FileBacking.write`); anything else
@@ -222,6 +234,11 @@ class FileBacking:
         self._closed = False
         #: the host filesystem cannot fallocate (EOPNOTSUPP): nothing to reserve
         self._no_fallocate = False
+        #: how `read_into` reads: True, RWF_NOWAIT first; False, every read counts as
+        #: a miss of the page cache; None, all on the loop (see `_no_nowait`)
+        self._nowait: bool | None = True
+        #: seconds a read that missed the page cache took, a moving average
+        self.miss_s = 0.0
         #: the descriptor for direct writes: opened at the first one (None), -1 when
         #: the host refuses O_DIRECT (then every write is buffered)
         self._direct_fd: int | None = None
@@ -255,9 +272,57 @@ class FileBacking:
         return data
 
     async def read_into(self, offset: int, out: memoryview) -> None:
-        got = os.preadv(self._fd, [out], offset)
-        if got < len(out):
-            out[got:] = bytes(len(out) - got)
+        """Fill `out`; zeros past the end. From the host's page cache on the event
+        loop, without a checkpoint; what the page cache does not have (preadv2
+        RWF_NOWAIT says so: all of it where the host cannot say, FUSE or NFS) is read
+        on the loop too while the host's disk answers such reads within
+        `MISS_ON_LOOP_SECONDS` (a moving average, `miss_s`), else in a worker thread
+        (`READ_LIMITER`), the loop serving everyone else meanwhile. A read that waited
+        for a slow disk on the loop stopped every tenant's requests for as long (20 ms
+        a read for a volume on a slow host filesystem); handing a read to a thread
+        costs its reader ~0.3 ms on this VM, more than its fast disk takes. A file in
+        memory (tmpfs, ramfs) is always read on the loop. The caller must keep the
+        range from changing until this returns (BlockDevice claims it)."""
+        n = len(out)
+        got = 0
+        if self._nowait:
+            try:
+                got = os.preadv(self._fd, [out], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                pass  # (none of it in the page cache)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait = self._no_nowait()
+            else:
+                if got == n or offset + got >= self._size:
+                    if got < n:  # past the end of the file: zeros
+                        out[got:] = bytes(n - got)
+                    return
+        if self._nowait is None:
+            got = os.preadv(self._fd, [out], offset)
+        elif self.miss_s < MISS_ON_LOOP_SECONDS:
+            t0 = time.perf_counter()
+            got += os.preadv(self._fd, [out[got:]], offset + got)
+            self._missed(time.perf_counter() - t0)
+        else:
+            done, took = await trio.to_thread.run_sync(_timed_preadv, self._fd, out[got:],
+                                                       offset + got, limiter=READ_LIMITER)
+            self._missed(took)
+            got += done
+        if got < n:
+            out[got:] = bytes(n - got)
+
+    def _missed(self, seconds: float) -> None:
+        self.miss_s += (seconds - self.miss_s) * MISS_WEIGHT
+
+    def _no_nowait(self) -> bool | None:
+        """What `read_into` does where the host refuses RWF_NOWAIT: None (always on the
+        loop) for a file in memory (tmpfs, ramfs), False (every read counts as a miss)
+        otherwise."""
+        if self._is_file and _filesystem_type(self._fd) in _MEMORY_FILESYSTEMS:
+            return None
+        return False
 
     async def write(self, offset: int, data: memoryview) -> None:
         nbytes = memoryview(data).nbytes
@@ -418,6 +483,21 @@ class FileBacking:
 
     def __repr__(self) -> str:
         return f"FileBacking({self._path!r})"
+
+
+def set_miss_on_loop(seconds: float) -> None:
+    """(Lab: SLUICE_MISS_ON_LOOP_S, fs/mount.py) Reads that miss the host's page cache
+    are made on the event loop while they take less than `seconds` on average
+    (`MISS_ON_LOOP_SECONDS`; math.inf: always, as before)."""
+    global MISS_ON_LOOP_SECONDS
+    MISS_ON_LOOP_SECONDS = seconds
+
+
+def _timed_preadv(fd: int, out: memoryview, offset: int) -> tuple[int, float]:
+    """preadv in a worker thread, and how long the host took."""
+    t0 = time.perf_counter()
+    got = os.preadv(fd, [out], offset)
+    return got, time.perf_counter() - t0
 
 
 def _filesystem_type(fd: int) -> int:

@@ -370,8 +370,9 @@ class BlockDevice:
         #: bytes written since the last flush started (what the next flush has to make
         #: durable; kernelshim's barrier flushes ahead when it is large)
         self.unflushed_bytes = 0
-        #: writes claimed and not yet landed (see `claim`): claim number -> (block,
-        #: count); a read, write or discard of an overlapping range waits for them
+        #: writes claimed and not yet landed (see `claim`), and reads at the backing:
+        #: claim number -> (block, count); a read, write or discard of an overlapping
+        #: range waits for them
         self._claims: dict[int, tuple[int, int]] = {}
         self._next_claim = 0
         self._landed = trio.lowlevel.ParkingLot()
@@ -735,11 +736,19 @@ class BlockDevice:
         if self._claims:
             await self._wait_landed(block, count)
         check_read_guard()  # (no checkpoint from here to the backing's read)
+        # Claimed while the backing reads: a read that missed the host's page cache
+        # waits for the host's disk in a worker thread while the loop goes on
+        # (FileBacking.read_into), and a write or discard of the range meanwhile would
+        # mix new data or checksums into what this one verifies. Seen by nobody when
+        # the read comes from the page cache (no checkpoint before the release).
+        claim = self.claim(block, count)
         try:
             await self.data.read_into(block * bs, out)
+            self._verify(block, count, out)
         except OSError as exc:
             raise self._failed(exc, "read", block, count) from None
-        self._verify(block, count, out)
+        finally:
+            self.release_claim(claim)
         self._done(principal, count * bs, READ, times)
 
     def _verify(self, block: int, count: int, buf: bytearray | memoryview) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from kernelshim import Kernel, SluiceError
+from kernelshim import Kernel, SluiceError, set_miss_on_loop
 from kernelshim.connection import order_batches
 from kernelshim.principals import PrincipalTable
 from kernelshim.server import ShimServer, socket_in_use
@@ -147,6 +147,23 @@ def _lab_idle_poll(opts: MountOptions, text: str | None) -> MountOptions:
         raise VolumeError(f"SLUICE_IDLE_POLL: {exc}") from None
     log.warning("lab setting SLUICE_IDLE_POLL: %s µs", text)
     return dataclasses.replace(opts, idle_poll=window)
+
+
+def _lab_miss_on_loop(text: str | None) -> None:
+    """SLUICE_MISS_ON_LOOP_S=SECONDS (benchmarks): reads that miss the host's page
+    cache are made on the event loop while they take less than this on average
+    (blockdev/backing.py MISS_ON_LOOP_SECONDS; `inf`: always, as before stop 28)."""
+    if text is None:
+        return
+    try:
+        seconds = float(text)
+        if not seconds >= 0:
+            raise ValueError
+    except ValueError:
+        raise VolumeError(f"SLUICE_MISS_ON_LOOP_S: {text!r} is not a number of seconds "
+                          "(0 or more, or inf)") from None
+    log.warning("lab setting SLUICE_MISS_ON_LOOP_S: %s s", text)
+    set_miss_on_loop(seconds)
 
 
 def _start_idle_poll(window: float, stack: contextlib.ExitStack | contextlib.AsyncExitStack
@@ -772,6 +789,9 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         # ... and idle polling set for benchmarks that mount without the option
         # (SLUICE_IDLE_POLL=USEC, as --idle-poll)
         opts = _lab_idle_poll(opts, os.environ.get("SLUICE_IDLE_POLL"))
+        # ... and the time a read that misses the host's page cache may take on the
+        # event loop (SLUICE_MISS_ON_LOOP_S, scripts/bench_slowhost.py)
+        _lab_miss_on_loop(os.environ.get("SLUICE_MISS_ON_LOOP_S"))
         record_dir = os.environ.get("SLUICE_RECORD_DIR")
         # ... and parts of a few extents (SLUICE_EXTENTS_PER_STEP=N, the crash harness:
         # every truncate, unlink, punch, zero and allocation of more than N extents

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from blockdev import StoreFileError as StoreFileError
     from blockdev import open_store_file as open_store_file
     from blockdev import read_json_file as read_json_file
+    from blockdev import set_miss_on_loop as set_miss_on_loop
 
     from .errors import BadRequest as BadRequest
     from .errors import GrantRevoked as GrantRevoked
@@ -72,7 +73,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("PROFILES", "ROOT_PRINCIPAL", "BankNode", "BankTree", "BlockDevice",
                      "BlockNo", "ChecksumError", "DeviceError", "FormatError", "PrincipalId",
                      "SluiceError", "fsync_directory", "parse_profile", "write_durably",
-                     "StoreFileError", "open_store_file", "read_json_file"),
+                     "StoreFileError", "open_store_file", "read_json_file",
+                     "set_miss_on_loop"),
                     "blockdev"),
     # units (blockdev/units.py): the one parser of sizes and rates, shared vocabulary
     **dict.fromkeys(("Rate", "UnitError", "format_size", "format_size_approx",

@@ -1,0 +1,197 @@
+"""Reads that wait for the host's disk (blockdev/backing.py `FileBacking.read_into`):
+the device read a block with a plain pread on the event loop, so a tenant's reads of
+data the host's page cache did not hold stopped the daemon, every tenant's requests
+with it, for as long as the host's disk took. Now such a read goes to a worker thread
+while the host's disk is slow, and the device claims the range meanwhile (a write of
+it waits, so the read verifies the data it got against the checksums it belongs
+with). The slow host is real: a sluice mount whose timing profile makes each read
+take 20 ms holds the other volume's store."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockdev import BlockDevice, FileBacking, PrincipalId
+from blockdev import backing as backing_mod
+from conftest import make_volume
+
+MiB = 1 << 20
+BS = 4096
+#: the host mount's profile: 20 ms a read, four channels
+SLOW = "lat=20000,bw=100,seek=0,qd=4"
+
+
+def pattern(i: int) -> bytes:
+    """Block i's contents: its number, repeated (any misplaced block shows)."""
+    return (b"%08d" % i) * (BS // 8)
+
+
+def on_memory_fs(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return backing_mod._filesystem_type(fd) in backing_mod._MEMORY_FILESYSTEMS
+    finally:
+        os.close(fd)
+
+
+async def test_reads_outside_the_host_page_cache_give_the_files_bytes(tmp_path: Path) -> None:
+    """Whole, partly and not at all in the host's page cache, past the end of the file,
+    on the loop and in a worker thread: every read gives the bytes of the file."""
+    path = tmp_path / "store"
+    data = b"".join(pattern(i) for i in range(256))
+    path.write_bytes(data)
+    b = FileBacking(path)
+    try:
+        fd = b.fileno()
+        for in_thread in (False, True):
+            for offset, length in ((0, 16 * BS), (5 * BS, 3 * BS), (250 * BS, 10 * BS),
+                                   (256 * BS, BS), (100 * BS + 512, 2 * BS)):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                # half of the range back in the page cache: a short RWF_NOWAIT read
+                os.pread(fd, BS, offset)
+                b.miss_s = 1.0 if in_thread else 0.0
+                out = bytearray(length)
+                await b.read_into(offset, memoryview(out))
+                want = data[offset:offset + length]
+                assert bytes(out) == want + bytes(length - len(want)), (offset, length)
+        if not on_memory_fs(tmp_path):
+            assert b._nowait is True  # (the host says what its page cache holds)
+            assert b.miss_s > backing_mod.MISS_ON_LOOP_SECONDS  # (the thread's reads timed)
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def slow_host(tmp_path: Path, mount_factory):
+    """A sluice mount whose every device read takes 20 ms: a slow host filesystem."""
+    return mount_factory(make_volume(tmp_path / "host-vol", "2G", "--profile", SLOW),
+                         name="host")
+
+
+@pytest.mark.mounted
+def test_one_tenants_reads_from_a_slow_host_do_not_stop_the_daemon(
+        tmp_path: Path, slow_host, mount_factory) -> None:
+    """A volume whose store is on the slow host. One tenant reads blocks of a file that
+    are in neither sluice's cache nor the host's; meanwhile another's getxattr calls
+    (each one a FUSE request) must not wait for those reads. Before, every read waited
+    for the host on the event loop: the other's calls took ~10 ms and more, most of
+    them."""
+    vol = make_volume(slow_host.path / "vol", "256M")
+    m = mount_factory(vol, name="mnt")
+    f = m.path / "f"
+    nblocks = 2048
+    f.write_bytes(b"".join(pattern(i) for i in range(nblocks)))  # (in large requests)
+    other = m.path / "other"
+    other.write_bytes(b"x")
+    os.setxattr(other, "user.k", b"v")
+    # A new daemon: the pager's frames are gone, and the host mount keeps no pages.
+    m.stop()
+    m.start()
+    try:
+        stop = threading.Event()
+        bad: list[str] = []
+        reads = [0]
+
+        def reader() -> None:
+            rnd = random.Random(7)
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                while not stop.is_set():
+                    i = rnd.randrange(nblocks)
+                    got = os.pread(fd, BS, i * BS)
+                    if got != pattern(i):
+                        bad.append(f"block {i}: {got[:16]!r}")
+                    reads[0] += 1
+            except OSError as exc:
+                bad.append(repr(exc))
+            finally:
+                os.close(fd)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        lat = []
+        try:
+            time.sleep(0.3)
+            for _ in range(100):
+                t0 = time.monotonic()
+                assert os.getxattr(other, "user.k") == b"v"
+                lat.append(time.monotonic() - t0)
+                time.sleep(0.003)
+        finally:
+            stop.set()
+            t.join(timeout=60)
+        assert not bad, bad[:5]
+        assert reads[0] >= 10, "the reader made no progress"
+        slow = [x for x in lat if x >= 0.010]
+        assert len(slow) < 20, (f"{len(slow)} of {len(lat)} getxattr calls took 10 ms or "
+                                f"more (max {max(lat) * 1e3:.1f} ms) while another read "
+                                "from the slow host")
+    finally:
+        m.stop()  # (before the host's mount goes)
+
+
+@pytest.mark.mounted
+def test_a_write_waits_for_a_read_of_its_blocks_at_the_host(slow_host) -> None:
+    """A read waiting for the host in a worker thread keeps its blocks claimed: an
+    overwrite of them made meanwhile lands after it. The read gives the old data,
+    verified against the old checksums (no ChecksumError), and the next read the new."""
+    d = slow_host.path / "dev"
+    d.mkdir()
+    BlockDevice.format(d, size=16 * MiB, block_size=BS, profile="none")
+    old = b"".join(pattern(i) for i in range(4))
+    new = b"".join(pattern(1000 + i) for i in range(4))
+    me = PrincipalId(0)
+
+    async def store() -> None:
+        dev = BlockDevice.open(d, timeline_slack=0.0)
+        try:
+            await dev.write(0, old, principal=me)
+            await dev.flush()
+        finally:
+            dev.close()
+
+    trio.run(store)
+    # A new host daemon: the host's cache of the store is gone, its reads take 20 ms.
+    slow_host.stop()
+    slow_host.start()
+
+    async def main() -> None:
+        dev = BlockDevice.open(d, timeline_slack=0.0)
+        try:
+            data = dev.data
+            while not isinstance(data, FileBacking):
+                data = data.inner  # type: ignore[attr-defined]
+            data.miss_s = 1.0  # (a slow host: the read goes to a worker thread)
+            got = bytearray(4 * BS)
+            order: list[str] = []
+
+            async def read() -> None:
+                await dev.read_into(0, 4, memoryview(got), principal=me)
+                order.append("read")
+
+            async def write() -> None:
+                await trio.sleep(0.005)  # (the read is at the host by now)
+                # its blocks claimed meanwhile (so this write waits for it below)
+                assert (0, 4) in dev._claims.values()
+                await dev.write(0, new, principal=me)
+                order.append("write")
+
+            async with trio.open_nursery() as n:
+                n.start_soon(read)
+                n.start_soon(write)
+            assert order == ["read", "write"]
+            assert bytes(got) == old
+            again = await dev.read(0, 4, principal=me)
+            assert bytes(again) == new
+        finally:
+            dev.close()
+
+    trio.run(main)
