@@ -169,6 +169,9 @@ class SchedulerSlot(Protocol):
 
     #: the holder sets it before leaving: the modeled time the channel is free again
     free_at: float | None
+    #: once entered: by when the request must complete under its principal's
+    #: reservation (None: none), for `Scheduler.record`
+    deadline: float | None
 
     async def __aenter__(self) -> float: ...
 
@@ -193,7 +196,10 @@ class Scheduler(Protocol):
         its channel is free again) before leaving."""
 
     def record(self, principal: PrincipalId, nbytes: int, *, write: bool = False,
-               latency_s: float, kind: str | None = None) -> None: ...
+               latency_s: float, kind: str | None = None, arrival: float | None = None,
+               deadline: float | None = None) -> None:
+        """Account a completed request; `deadline` (from its slot) with its `arrival`:
+        whether it was served in time under its principal's reservation."""
 
     def statistics(self) -> list[PrincipalIOStats]: ...
 
@@ -597,15 +603,17 @@ class BlockDevice:
                              f"(0..{self.nblocks - 1})")
 
     async def _serve(self, principal: PrincipalId, block: int, nbytes: int,
-                     kind: str) -> tuple[float, float]:
+                     kind: str) -> tuple[float, float, float | None]:
         """One request's way to the backing: wait for the scheduler's slot and spend the
         modeled service time on the device's timeline. Returns (arrival, modeled
-        completion) for `_done`, which the caller calls after its backing I/O."""
+        completion, the reservation's deadline) for `_done`, which the caller calls
+        after its backing I/O."""
         start = trio.current_time()
         if self._instant:
-            async with self.scheduler.slot(principal, nbytes, kind=kind):
+            slot = self.scheduler.slot(principal, nbytes, kind=kind)
+            async with slot:
                 pass
-            return start, 0.0
+            return start, 0.0, getattr(slot, "deadline", None)
         arrival = start
         seen = _task_model_time.get()
         if seen > arrival:
@@ -628,18 +636,19 @@ class BlockDevice:
             out[principal] -= 1
         if end > self._last_end.get(principal, -math.inf):
             self._last_end[principal] = end
-        return arrival, end
+        return arrival, end, getattr(slot, "deadline", None)
 
     def _done(self, principal: PrincipalId, nbytes: int, kind: str,
-              times: tuple[float, float]) -> None:
+              times: tuple[float, float, float | None]) -> None:
         """Record the request's latency: arrival to the later of its modeled and its
-        real completion."""
-        start, end = times
+        real completion (and whether that was within its reservation's deadline)."""
+        start, end, deadline = times
         now = trio.current_time()
         if end:
             _task_model_time.set(end)
         self.scheduler.record(principal, nbytes, kind=kind,
-                              latency_s=(end if end > now else now) - start)
+                              latency_s=(end if end > now else now) - start,
+                              arrival=start, deadline=deadline)
 
     async def _model(self, block: int, nbytes: int, kind: str, chosen: float) -> float:
         """Account the request's service time on the timeline of a free channel and the

@@ -130,6 +130,25 @@ async def test_vmware_entitlement_oracle(dev: BlockDevice, autojump_clock) -> No
     assert abs(got[3] - 1776) > 40 and abs(got[6] - 1776) > 150
 
 
+async def test_a_reservation_holds_after_the_principal_had_the_device_alone(
+        dev: BlockDevice, autojump_clock) -> None:
+    """A principal reserved 3,000 IOPS that had the idle device to itself (8,000 IOPS
+    for 2 s) gets its reservation at once when a weight-1000 flooder comes. Its R tag
+    counted all its service, weight-phase included, and ran seconds ahead: it got its
+    weight share, 8 IOPS, for the next 3 s (found beside probe 20, F2)."""
+    dev.configure_banks(tree(node(1, io_weight=1, io_reserve_iops=3000),
+                             node(2, io_weight=1000)))
+    load = Load(dev)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: load.flood(P(1), until=4.0))
+        n.start_soon(lambda: load.flood(P(2), start=2.0, until=4.0))
+    assert load.rate(P(1), 0.5, 1.9) > 7000  # (alone: the whole device)
+    assert load.rate(P(1), 2.05, 2.5) == pytest.approx(3000 + 5000 / 1001, rel=0.02)
+    assert load.rate(P(1), 2.5, 3.9) == pytest.approx(3000 + 5000 / 1001, rel=0.01)
+    st = {s.principal: s for s in dev.statistics().per_principal}
+    assert st[P(1)].reservation_missed == 0
+
+
 async def test_reservation_met_beside_heavy_weights(dev: BlockDevice, autojump_clock) -> None:
     """A weight-1 principal reserved 3,000 IOPS gets its reservation (plus its tiny
     share of the rest) beside a weight-1000 flooder; without it, about 8."""
