@@ -147,9 +147,9 @@ class FrameTable:
         self.hits = self.misses = self.bypassed = self.evictions = 0
         self._epoch = 1
         self._io_done = trio.lowlevel.ParkingLot()
-        # hints: file -> (priority, discardable, sequential); ranges per file, each
-        # (first, end, priority, discardable, principal): a range hint applies only to
-        # frames charged to the principal that gave it (see `Hints.advise`)
+        # hints: file -> (priority, discardable, sequential); ranges per file and
+        # principal, each (first, end, priority, discardable): a range hint applies
+        # only to frames charged to the principal that gave it (see `Hints.advise`)
         self._hints: dict[int, tuple[int, bool, bool]] = {}
         #: frames whose hints a file hint changed and `_rehint` has not looked at yet
         #: (`rehint_step`: the daemon's; `settle_hints` goes through them a part a step)
@@ -157,7 +157,13 @@ class FrameTable:
         #: frames `_rehint` looks at in one call, the rest left for `settle_hints`
         #: (None: all at once, as offline replays want)
         self.rehint_step: int | None = None
-        self._range_hints: dict[int, list[tuple[int, int, int | None, bool | None, int]]] = {}
+        self._range_hints: dict[int, dict[int, list[tuple[int, int, int | None,
+                                                           bool | None]]]] = {}
+        #: per tenant (a principal below root, with its subtree): the range hints its
+        #: principals keep in all, and its (file, principal) lists, least recently
+        #: advised first (`Hints.advise`: MAX_TENANT_RANGE_HINTS)
+        self._hint_total: dict[int, int] = {}
+        self._hint_lists: dict[int, dict[tuple[int, int], None]] = {}
         # cooperative reclaim (pager/reclaim.py): subscribers, pending requests (which
         # replacement leaves alone while it can), the wakeup of the reclaim task
         self._subs: dict[int, list[ReclaimSubscription]] = {}
@@ -276,8 +282,9 @@ class FrameTable:
         """The hints of a frame of `file` at `fblock` charged to `owner`: the file's
         own (its xattrs), then the range hints `owner` gave, latest last."""
         prio, disc, seq = self._hints.get(file, (0, False, False))
-        for f0, f1, rp, rd, rq in self._range_hints.get(file, ()):
-            if f0 <= fblock < f1 and rq == owner:
+        by_owner = self._range_hints.get(file)
+        for f0, f1, rp, rd in (by_owner.get(owner, ()) if by_owner else ()):
+            if f0 <= fblock < f1:
                 if rp is not None:
                     prio = rp
                 if rd is not None:
