@@ -37,6 +37,7 @@ offline tools, never for the data path.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import ctypes.util
 import errno
@@ -67,6 +68,13 @@ DIRECT_DEPTH = 16
 #: at most this many reads that missed the host's page cache wait for its disk in
 #: worker threads at once (all backings together); the rest wait for a thread
 READ_LIMITER = trio.CapacityLimiter(16)
+#: ... and at most this many of one principal's (`read_owner`), so that a principal
+#: with many reads of a slow host in flight does not hold every thread
+READS_PER_PRINCIPAL = 4
+#: the principal whose device read the current task is making (BlockDevice sets it)
+read_owner: contextvars.ContextVar[int] = contextvars.ContextVar("sluice_read_owner",
+                                                                 default=-1)
+_owner_limiters: dict[int, trio.CapacityLimiter] = {}
 #: a read that missed the host's page cache is made on the event loop while such reads
 #: took less than this on average (`FileBacking.miss_s`), in a worker thread otherwise
 MISS_ON_LOOP_SECONDS = 0.5e-3
@@ -306,8 +314,13 @@ class FileBacking:
             got += os.preadv(self._fd, [out[got:]], offset + got)
             self._missed(time.perf_counter() - t0)
         else:
-            done, took = await trio.to_thread.run_sync(_timed_preadv, self._fd, out[got:],
-                                                       offset + got, limiter=READ_LIMITER)
+            owner = read_owner.get()
+            mine = _owner_limiters.get(owner)
+            if mine is None:
+                mine = _owner_limiters[owner] = trio.CapacityLimiter(READS_PER_PRINCIPAL)
+            async with mine:
+                done, took = await trio.to_thread.run_sync(
+                    _timed_preadv, self._fd, out[got:], offset + got, limiter=READ_LIMITER)
             self._missed(took)
             got += done
         if got < n:

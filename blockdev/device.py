@@ -49,7 +49,8 @@ import numpy as np
 import trio
 import xxhash
 
-from .backing import Backing, FileBacking, host_space, release_space, reserve_space
+from .backing import (Backing, FileBacking, host_space, read_owner, release_space,
+                      reserve_space)
 from .durable import StoreFileError, read_json_file
 from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
                         format_checksum_file)
@@ -380,6 +381,8 @@ class BlockDevice:
         #: claim number -> (block, count); a read, write or discard of an overlapping
         #: range waits for them
         self._claims: dict[int, tuple[int, int]] = {}
+        #: of those, the reads' (a read waits for no other read)
+        self._read_claims: set[int] = set()
         self._next_claim = 0
         self._landed = trio.lowlevel.ParkingLot()
         #: host space reserved under each RESERVE_CHUNK_BYTES chunk of the device (a
@@ -743,20 +746,25 @@ class BlockDevice:
             raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
         times = await self._serve(principal, block, count * bs, READ)
         if self._claims:
-            await self._wait_landed(block, count)
+            await self._wait_landed(block, count, reads=False)
         check_read_guard()  # (no checkpoint from here to the backing's read)
         # Claimed while the backing reads: a read that missed the host's page cache
         # waits for the host's disk in a worker thread while the loop goes on
         # (FileBacking.read_into), and a write or discard of the range meanwhile would
-        # mix new data or checksums into what this one verifies. Seen by nobody when
-        # the read comes from the page cache (no checkpoint before the release).
+        # mix new data or checksums into what this one verifies (other reads do not
+        # wait for it). Seen by nobody when the read comes from the page cache (no
+        # checkpoint before the release).
         claim = self.claim(block, count)
+        self._read_claims.add(claim)
+        owner = read_owner.set(int(principal))
         try:
             await self.data.read_into(block * bs, out)
             self._verify(block, count, out)
         except OSError as exc:
             raise self._failed(exc, "read", block, count) from None
         finally:
+            read_owner.reset(owner)
+            self._read_claims.discard(claim)
             self.release_claim(claim)
         self._done(principal, count * bs, READ, times)
 
@@ -797,17 +805,34 @@ class BlockDevice:
         if self._claims.pop(claim, None) is not None and self._landed:
             self._landed.unpark_all()
 
-    async def _wait_landed(self, block: int, count: int, *, before: int | None = None) -> None:
-        """Wait until no claimed write (numbered below `before`, if given) overlaps
-        [block, block + count). Returns with no checkpoint after the last check."""
+    async def _wait_landed(self, block: int, count: int, *, before: int | None = None,
+                           reads: bool = True) -> None:
+        """Wait until no claim (numbered below `before`, if given; not a read's unless
+        `reads`) overlaps [block, block + count). Returns with no checkpoint after the
+        last check."""
         end = block + count
+        skip = () if reads else self._read_claims
         while True:
             for n, (b, c) in self._claims.items():
-                if (before is None or n < before) and b < end and block < b + c:
+                if (before is None or n < before) and b < end and block < b + c \
+                        and n not in skip:
                     break
             else:
                 return
             await self._landed.park()
+
+    async def _claim_runs(self, runs: list[tuple[int, int]]) -> list[int]:
+        """Claim every run of a discard once no claim overlaps any of them (the last
+        look at all runs and the claims with no checkpoint between): reads of the runs
+        wait for the punches, and the punches for the reads and writes under way."""
+        while True:
+            for block, count in runs:
+                end = block + count
+                if any(b < end and block < b + c for b, c in self._claims.values()):
+                    await self._landed.park()
+                    break
+            else:
+                return [self.claim(BlockNo(b), c) for b, c in runs]
 
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
                     principal: PrincipalId, claim: int | None = None) -> None:
@@ -1060,7 +1085,10 @@ class BlockDevice:
                     step = trio.current_time()
                 if self._claims:
                     await self._wait_landed(block, count)
-                # (no checkpoint from the wait to the punch: the run is not claimed)
+                # Claimed until its checksums are zeroed (no checkpoint from the wait):
+                # a read of the run that began during the punch (a wrapper's may take
+                # time) would verify zeros against the old checksums.
+                claim = self.claim(BlockNo(block), count)
                 # The hole punch gives back the host space under the range: its chunks
                 # are reserved again at their next allocation (cleared before and after
                 # it, so a reserve that runs while the punch is under way is not
@@ -1069,11 +1097,12 @@ class BlockDevice:
                 self._host_reserved[chunks] = False
                 try:
                     await self.data.discard(block * bs, count * bs)
+                    self._csum[block:block + count] = 0
                 except OSError as exc:
                     raise self._failed(exc, "discard", block, count) from None
                 finally:
                     self._punched(chunks)
-                self._csum[block:block + count] = 0
+                    self.release_claim(claim)
                 done += 1
         finally:
             await self._persist_discarded(runs[:done])
@@ -1096,24 +1125,30 @@ class BlockDevice:
         punches of a second of random overwrites (1.5 s, docs/BENCHMARKS.md) stalled
         every tenant. Safe to leave the loop: the blocks are freed and not yet given
         back to the allocator, no grant maps them (the commit waited for quiescence),
-        the pager dropped their frames, and no write claims them (waited for first)."""
+        the pager dropped their frames, and no write claims them (waited for first; the
+        runs are claimed while the thread punches)."""
         bs = self.block_size
         cb = self._chunk_blocks
-        if self._claims:
-            for block, count in runs:
-                await self._wait_landed(block, count)
-        # Each run's chunks are forgotten before and after its punch (see discard_runs):
-        # a reserve that runs meanwhile is not trusted afterwards.
-        chunks = [slice(b // cb, (b + c - 1) // cb + 1) for b, c in runs]
-        for ch in chunks:
-            self._host_reserved[ch] = False
+        # Claimed until their checksums are zeroed: a read of a run (the pager's
+        # read-ahead of freed blocks) that began during the punches verified zeros
+        # against the old checksums (review of stop 28, 5).
+        claims = await self._claim_runs(runs)
         try:
-            done, err = await data.discard_many([(b * bs, c * bs) for b, c in runs])
-        finally:
+            # Each run's chunks are forgotten before and after its punch (see
+            # discard_runs): a reserve that runs meanwhile is not trusted afterwards.
+            chunks = [slice(b // cb, (b + c - 1) // cb + 1) for b, c in runs]
             for ch in chunks:
-                self._punched(ch)
-        for block, count in runs[:done]:
-            self._csum[block:block + count] = 0
+                self._host_reserved[ch] = False
+            try:
+                done, err = await data.discard_many([(b * bs, c * bs) for b, c in runs])
+            finally:
+                for ch in chunks:
+                    self._punched(ch)
+            for block, count in runs[:done]:
+                self._csum[block:block + count] = 0
+        finally:
+            for claim in claims:
+                self.release_claim(claim)
         await self._persist_discarded(runs[:done])
         if err is not None:
             raise self._failed(err, "discard", runs[done][0], runs[done][1])

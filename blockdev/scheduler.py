@@ -89,8 +89,9 @@ Statistics (both schedulers): per principal, requests and bytes by kind, latency
 arrival to completion (queue + service) in a log-linear histogram
 (blockdev/histogram.py), requests waiting now, throughput over the last complete
 second, and for reservations the requests served in time (completed — the modeled
-service and the host's own I/O both — no later than one reservation interval after
-they were due: their R tag or their arrival, whichever is later) and late.
+service and the host's own I/O both — no later than one reservation interval, plus the
+time the request takes alone on the device, after they were due: their R tag or their
+arrival, whichever is later) and late.
 """
 
 from __future__ import annotations
@@ -945,6 +946,8 @@ class MClockScheduler(_Accounting):
         req = Req(node, nbytes, self._cost(nbytes, write=write), arrival, write,
                   barrier=(write or flush) and not never, past_limits=past,
                   paid_from=paid)
+        if node.has_res:
+            req.service = self.profile.service_time(nbytes, write=write, seek_fraction=1.0)
         may_go = past or self._may_go(node, now)
         req.throttled = not may_go
         antic = self._antic
