@@ -142,30 +142,37 @@ def test_one_tenants_reads_from_a_slow_host_do_not_stop_the_daemon(
         m.stop()  # (before the host's mount goes)
 
 
-@pytest.mark.mounted
-def test_a_write_waits_for_a_read_of_its_blocks_at_the_host(slow_host) -> None:
-    """A read waiting for the host in a worker thread keeps its blocks claimed: an
-    overwrite of them made meanwhile lands after it. The read gives the old data,
-    verified against the old checksums (no ChecksumError), and the next read the new."""
+def stored_device(slow_host, data: bytes, who: PrincipalId) -> Path:
+    """A device on the slow host holding `data` from block 0, written by `who` and
+    flushed; then a new host daemon, so the host's cache of the store is gone and its
+    reads take 20 ms."""
     d = slow_host.path / "dev"
     d.mkdir()
     BlockDevice.format(d, size=16 * MiB, block_size=BS, profile="none")
-    old = b"".join(pattern(i) for i in range(4))
-    new = b"".join(pattern(1000 + i) for i in range(4))
-    me = PrincipalId(0)
 
     async def store() -> None:
         dev = BlockDevice.open(d, timeline_slack=0.0)
         try:
-            await dev.write(0, old, principal=me)
+            await dev.write(0, data, principal=who)
             await dev.flush()
         finally:
             dev.close()
 
     trio.run(store)
-    # A new host daemon: the host's cache of the store is gone, its reads take 20 ms.
     slow_host.stop()
     slow_host.start()
+    return d
+
+
+@pytest.mark.mounted
+def test_a_write_waits_for_a_read_of_its_blocks_at_the_host(slow_host) -> None:
+    """A read waiting for the host in a worker thread keeps its blocks claimed: an
+    overwrite of them made meanwhile lands after it. The read gives the old data,
+    verified against the old checksums (no ChecksumError), and the next read the new."""
+    old = b"".join(pattern(i) for i in range(4))
+    new = b"".join(pattern(1000 + i) for i in range(4))
+    me = PrincipalId(0)
+    d = stored_device(slow_host, old, me)
 
     async def main() -> None:
         dev = BlockDevice.open(d, timeline_slack=0.0)
@@ -208,23 +215,9 @@ def test_a_reserved_read_held_up_at_the_host_counts_as_missed(slow_host) -> None
     20 ms each, against a 200 IOPS reservation: 5 ms a read) had every read counted
     served in time. It is judged at completion now: those reads are missed, while
     the same reads from the host's page cache are met."""
-    d = slow_host.path / "dev"
-    d.mkdir()
-    BlockDevice.format(d, size=16 * MiB, block_size=BS, profile="none")
     me = PrincipalId(7)
     tree = {me: BankNode(me, PrincipalId(0), "reader", io_reserve_iops=200.0)}
-
-    async def store() -> None:
-        dev = BlockDevice.open(d, timeline_slack=0.0)
-        try:
-            await dev.write(0, b"".join(pattern(i) for i in range(8)), principal=me)
-            await dev.flush()
-        finally:
-            dev.close()
-
-    trio.run(store)
-    slow_host.stop()
-    slow_host.start()  # (the host's cache of the store goes: 20 ms a read)
+    d = stored_device(slow_host, b"".join(pattern(i) for i in range(8)), me)
 
     async def main() -> tuple[int, int, int, int]:
         dev = BlockDevice.open(d, timeline_slack=0.0)
@@ -256,22 +249,8 @@ def test_one_principals_many_reads_of_a_slow_host_do_not_hold_every_thread(slow_
     principal's at once, so another's read gets a thread at once instead of waiting
     behind all of the first one's (64 of them, 16 threads: ~0.3 s behind them; review
     of stop 28, 2). And reads of the same blocks do not wait for each other."""
-    d = slow_host.path / "dev"
-    d.mkdir()
-    BlockDevice.format(d, size=16 * MiB, block_size=BS, profile="none")
     flooder, other = PrincipalId(3), PrincipalId(4)
-
-    async def store() -> None:
-        dev = BlockDevice.open(d, timeline_slack=0.0)
-        try:
-            await dev.write(0, b"".join(pattern(i) for i in range(128)), principal=flooder)
-            await dev.flush()
-        finally:
-            dev.close()
-
-    trio.run(store)
-    slow_host.stop()
-    slow_host.start()
+    d = stored_device(slow_host, b"".join(pattern(i) for i in range(128)), flooder)
 
     async def main() -> tuple[float, float, int]:
         dev = BlockDevice.open(d, timeline_slack=0.0)
