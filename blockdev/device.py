@@ -31,6 +31,7 @@ backing file is full) becomes DeviceFull, which the FUSE boundary answers with E
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -383,6 +384,9 @@ class BlockDevice:
         self._claims: dict[int, tuple[int, int]] = {}
         #: of those, the reads' (a read waits for no other read)
         self._read_claims: set[int] = set()
+        #: the runs `_discard_in_thread` is punching, each call's sorted (their starts,
+        #: the runs): reads of them wait (`_wait_landed`)
+        self._punching: list[tuple[list[int], list[tuple[int, int]]]] = []
         self._next_claim = 0
         self._landed = trio.lowlevel.ParkingLot()
         #: host space reserved under each RESERVE_CHUNK_BYTES chunk of the device (a
@@ -745,7 +749,7 @@ class BlockDevice:
         if len(out) != count * bs:
             raise ValueError(f"buffer of {len(out)} bytes for {count} blocks")
         times = await self._serve(principal, block, count * bs, READ)
-        if self._claims:
+        if self._claims or self._punching:
             await self._wait_landed(block, count, reads=False)
         check_read_guard()  # (no checkpoint from here to the backing's read)
         # Claimed while the backing reads: a read that missed the host's page cache
@@ -808,8 +812,8 @@ class BlockDevice:
     async def _wait_landed(self, block: int, count: int, *, before: int | None = None,
                            reads: bool = True) -> None:
         """Wait until no claim (numbered below `before`, if given; not a read's unless
-        `reads`) overlaps [block, block + count). Returns with no checkpoint after the
-        last check."""
+        `reads`) overlaps [block, block + count), nor, for a read (`reads` False), a
+        run a discard is punching. Returns with no checkpoint after the last check."""
         end = block + count
         skip = () if reads else self._read_claims
         while True:
@@ -818,21 +822,21 @@ class BlockDevice:
                         and n not in skip:
                     break
             else:
+                if not reads and self._punching and self._punching_meets(block, end):
+                    await self._landed.park()  # (a read: a discard's runs in the thread)
+                    continue
                 return
             await self._landed.park()
 
-    async def _claim_runs(self, runs: list[tuple[int, int]]) -> list[int]:
-        """Claim every run of a discard once no claim overlaps any of them (the last
-        look at all runs and the claims with no checkpoint between): reads of the runs
-        wait for the punches, and the punches for the reads and writes under way."""
-        while True:
-            for block, count in runs:
-                end = block + count
-                if any(b < end and block < b + c for b, c in self._claims.values()):
-                    await self._landed.park()
-                    break
-            else:
-                return [self.claim(BlockNo(b), c) for b, c in runs]
+    def _punching_meets(self, block: int, end: int) -> bool:
+        """Whether [block, end) meets a run `_discard_in_thread` is punching."""
+        for starts, runs in self._punching:
+            i = bisect.bisect_right(starts, block) - 1
+            if i >= 0 and runs[i][0] + runs[i][1] > block:
+                return True
+            if i + 1 < len(runs) and runs[i + 1][0] < end:
+                return True
+        return False
 
     async def write(self, block: BlockNo, data: bytes | bytearray | memoryview, *,
                     principal: PrincipalId, claim: int | None = None) -> None:
@@ -1125,15 +1129,23 @@ class BlockDevice:
         punches of a second of random overwrites (1.5 s, docs/BENCHMARKS.md) stalled
         every tenant. Safe to leave the loop: the blocks are freed and not yet given
         back to the allocator, no grant maps them (the commit waited for quiescence),
-        the pager dropped their frames, and no write claims them (waited for first; the
-        runs are claimed while the thread punches)."""
+        the pager dropped their frames, and no write claims them (waited for first; no
+        read begins on them while the thread punches)."""
         bs = self.block_size
         cb = self._chunk_blocks
-        # Claimed until their checksums are zeroed: a read of a run (the pager's
-        # read-ahead of freed blocks) that began during the punches verified zeros
-        # against the old checksums (review of stop 28, 5).
-        claims = await self._claim_runs(runs)
+        # Held for reads until their checksums are zeroed: a read of a run (the
+        # pager's read-ahead of freed blocks) that began during the punches verified
+        # zeros against the old checksums (review of stop 28, 5). Not as claims, which
+        # every read scans (a commit frees thousands of runs): a sorted list that a
+        # read looks up (`_punching_meets`), put in place before the waits below, so
+        # that no read of a run begins once they are over.
+        ordered = sorted(runs)
+        entry = ([b for b, _c in ordered], ordered)
+        self._punching.append(entry)
         try:
+            if self._claims:
+                for block, count in runs:
+                    await self._wait_landed(block, count)
             # Each run's chunks are forgotten before and after its punch (see
             # discard_runs): a reserve that runs meanwhile is not trusted afterwards.
             chunks = [slice(b // cb, (b + c - 1) // cb + 1) for b, c in runs]
@@ -1147,8 +1159,9 @@ class BlockDevice:
             for block, count in runs[:done]:
                 self._csum[block:block + count] = 0
         finally:
-            for claim in claims:
-                self.release_claim(claim)
+            self._punching.remove(entry)
+            if self._landed:
+                self._landed.unpark_all()
         await self._persist_discarded(runs[:done])
         if err is not None:
             raise self._failed(err, "discard", runs[done][0], runs[done][1])
