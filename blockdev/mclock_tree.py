@@ -57,8 +57,9 @@ class Req:
         #: the modeled time the scheduler chose it (see MClockScheduler._dispatch)
         self.start = arrival
         #: set when it is dispatched, for a principal with a reservation: by when it
-        #: must complete to count as served in time (one reservation interval after it
-        #: was due; the device's `record` judges it once the request is done)
+        #: must complete to count as served in time (one reservation interval, plus
+        #: `service`, after it was due; the device's `record` judges it once the
+        #: request is done)
         self.deadline: float | None = None
         #: the longest it takes alone on the idle device (its longest seek), which the
         #: deadline allows beyond the reservation's interval: a reservation is a rate,
