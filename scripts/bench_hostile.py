@@ -323,6 +323,8 @@ class UidSlices:
 #: seconds the victim waits after each request pair (`--victim-gap`: a tenant with
 #: think time between its requests; 0: back to back, a closed loop)
 VICTIM_GAP = 0.0
+#: the victim spins through its gap instead of sleeping (--victim-spin)
+VICTIM_SPIN = False
 #: whether the victim asked for a slice of its own (`--slice-victim`), which the
 #: attackers it starts must not inherit
 VICTIM_SLICE = False
@@ -472,7 +474,12 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None,
                 if stamps is not None:
                     stamps.append((t, tm, t2, own_run_delay() - r0))
                 if VICTIM_GAP:
-                    time.sleep(VICTIM_GAP)
+                    if VICTIM_SPIN:
+                        end = time.perf_counter() + VICTIM_GAP
+                        while time.perf_counter() < end:
+                            pass
+                    else:
+                        time.sleep(VICTIM_GAP)
             if waits is not None:
                 waits.append(own_run_delay() - w0)
     return out
@@ -1048,7 +1055,7 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 
 def main() -> int:
-    global SLICES, VICTIM_SLICE, VICTIM_GAP
+    global SLICES, VICTIM_SLICE, VICTIM_GAP, VICTIM_SPIN
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=None,
                     help="the victim's request pairs per condition (default 1000; 3000 "
@@ -1088,6 +1095,12 @@ def main() -> int:
                     metavar="MS", help="the victim waits MS ms after each request pair "
                     "(a tenant with think time; default 0: its pairs back to back, so "
                     "that it is itself a client that would take the whole daemon)")
+    ap.add_argument("--victim-spin", dest="victim_spin", action="store_true",
+                    help="the victim spins through its gap (--victim-gap) instead of "
+                    "sleeping, so that its CPU does not go idle and wake for each pair "
+                    "in either phase (with a sleep the quiet half measured wake-ups: "
+                    "docs/BENCHMARKS.md, \"Stop 27\"); run the daemon with an idle poll "
+                    "window longer than the gap (SLUICE_IDLE_POLL=USEC) for the same")
     ap.add_argument("--slice-victim", dest="slice_victim", type=float, metavar="US",
                     help="the same for the victim (this process, every thread)")
     ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
@@ -1113,6 +1126,7 @@ def main() -> int:
                          "FILE.<pid> and summarize the attacked phase")
     args = ap.parse_args()
     VICTIM_GAP = args.victim_gap / 1000.0
+    VICTIM_SPIN = args.victim_spin
     global PIN
     if args.pin:
         try:
@@ -1208,7 +1222,9 @@ def main() -> int:
                 f"{'CPU %d' % PIN[2] if PIN[2] is not None else 'any CPU'}")
         if VICTIM_GAP:
             result["victim_gap_ms"] = args.victim_gap
-            log(f"the victim waits {args.victim_gap} ms after each request pair")
+            result["victim_spin"] = VICTIM_SPIN
+            log(f"the victim waits {args.victim_gap} ms after each request pair"
+                + (", spinning" if VICTIM_SPIN else ""))
         if args.slice_daemon:
             set_slice(sm.pid, int(args.slice_daemon * 1000))
             result["slice_daemon_us"] = args.slice_daemon
