@@ -154,13 +154,15 @@ class OpenFiles:
         return data
 
     async def write(self: FileSystem, fh: int, offset: int, data: bytes | memoryview, *,
-                    append: bool | None = None) -> int:
+                    append: bool | None = None, write_back: bool = False) -> int:
         """A FUSE write: `data` is immutable (`bytes`, or for a large write a read-only
         view of the `bytes` the binding read the request into), so a stream write may
         be written behind after the reply (pager/writeback.py). `append`: whether
         this write goes to the file's end (the write's own flags, which the kernel
         sends: O_APPEND as the file has it now, never for a write-back of cached
-        pages); None: as the handle was opened (a binding that does not send them)."""
+        pages); None: as the handle was opened (a binding that does not send them).
+        `write_back`: the kernel writes back cached pages (mmap stores), no write(2)
+        of a process: the set-ID bits stay, as on ext4 (probe 21, F3)."""
         self._writable()
         h = self.handle(fh)
         if not h.writable:
@@ -180,7 +182,7 @@ class OpenFiles:
                 if h.append if append is None else append:
                     offset = node.size
                 n = await self._write_locked(node, h.grant, offset, data, short_ok=True)
-                if n and h.kill_priv and self._kill_priv(h, save=False):
+                if n and not write_back and h.kill_priv and self._kill_priv(h, save=False):
                     self._save(node, "mode")
         return n
 

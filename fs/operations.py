@@ -874,9 +874,11 @@ class Operations(pyfuse3.Operations):
         append is placed at the file's end here, a write at a time: a write-back of
         mmap stores through a file opened O_APPEND lands at its page, and a write
         after fcntl(F_SETFL) took O_APPEND away at its offset (probe 21, F2: both
-        went to the end of the file, the stored bytes lost)."""
+        went to the end of the file, the stored bytes lost). A write-back (flags 0: a
+        write(2) has at least its access mode) leaves the set-ID bits alone, as the
+        kernel's own filesystems do (probe 21, F3)."""
         append = bool(flags & os.O_APPEND)
-        n = await self.fs.write(fh, off, buf, append=append)
+        n = await self.fs.write(fh, off, buf, append=append, write_back=not flags)
         if n and flags & os.O_DSYNC:
             await self.fs.fsync(fh, (flags & os.O_SYNC) != os.O_SYNC)
         return n

@@ -204,6 +204,43 @@ def test_setuid_setgid_cleared_like_ext4(umnt: Path, uref: Path) -> None:
                    0o755, 0o3755]
 
 
+def test_mmap_write_back_keeps_set_id_bits_set_after_the_store_like_ext4(
+        umnt: Path, uref: Path) -> None:
+    """Probe 21, F3: the owner stores into a shared mapping, then sets the set-ID bits,
+    then the stores are written back (msync). ext4 keeps the bits: a write-back is no
+    write(2) of a process (mmap stores do not clear them at all). sluice cleared them
+    at the write-back's WRITE, which the kernel sends with flags 0; a write(2) by the
+    owner afterwards still clears them, on both."""
+    def scenario(d: Path) -> list[int]:
+        f = d / "mapped"
+        f.write_bytes(b"." * 8192)
+        os.chown(f, UID_A, GID_A)
+        os.chmod(f, 0o755)
+        fs_ = str(f)
+        out = user_out(UID_A, GID_A, f"""
+            import mmap, os, stat
+            fd = os.open({fs_!r}, os.O_RDWR)
+            m = mmap.mmap(fd, 8192)
+            m[0:5] = b"STORE"
+            m[4096:4101] = b"PAGE2"
+            os.chmod({fs_!r}, 0o6755)
+            m.flush()
+            after_flush = stat.S_IMODE(os.stat({fs_!r}).st_mode)
+            m.close()
+            os.close(fd)
+            after_close = stat.S_IMODE(os.stat({fs_!r}).st_mode)
+            with open({fs_!r}, "r+b") as w:
+                w.write(b"W")
+            print(after_flush, after_close, stat.S_IMODE(os.stat({fs_!r}).st_mode))
+        """)
+        data = f.read_bytes()
+        assert data[:5] == b"WTORE" and data[4096:4101] == b"PAGE2", data[:8]
+        return [int(x) for x in out.split()]
+
+    got = both(umnt, uref, scenario)
+    assert got == [0o6755, 0o6755, 0o755], [oct(x) for x in got]
+
+
 def test_sticky_directory(umnt: Path, uref: Path) -> None:
     def scenario(base: Path) -> list[int]:
         t = base / "tmp"
