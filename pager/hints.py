@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import trio
 
-from blockdev import PrincipalId
+from blockdev import BankTree, PrincipalId
 
 from . import trace as tr
 from .cache import CLEAN, DIRTY, FREE
@@ -187,6 +187,39 @@ class Hints(Freeing):
                     del self._hint_lists[tenant]
                     del self._hint_total[tenant]
                 break
+
+    def configure_banks(self, tree: BankTree) -> None:
+        """The banks (`Banks.configure_banks`), and the range hints' counts per
+        tenant after a move in the tree (`_retenant_range_hints`)."""
+        super().configure_banks(tree)
+        self._retenant_range_hints()
+
+    def _retenant_range_hints(self) -> None:
+        """The principal tree changed (`configure_banks`): count every list of range
+        hints under its owner's tenant now, in the order they were advised, and hold
+        each tenant to MAX_TENANT_RANGE_HINTS again. A principal moved under another
+        tenant kept its lists counted under the old one until it advised that file
+        again: the old tenant's own advice then pushed out lists that were another
+        tenant's by then, and the new tenant's bound did not see them (review of stop
+        28, F4). Work: one step per list kept, on a principal change (a costly,
+        rate-limited operation)."""
+        if not self._hint_lists:
+            return
+        old = self._hint_lists
+        self._hint_lists = {}
+        self._hint_total = {}
+        for order in old.values():
+            for file, p in order:
+                lst = self._range_hints.get(file, {}).get(p)
+                if lst is None:
+                    continue
+                tenant = self._tenant(p)
+                self._hint_lists.setdefault(tenant, {})[(file, p)] = None
+                self._hint_total[tenant] = self._hint_total.get(tenant, 0) + len(lst)
+        for tenant in list(self._hint_total):
+            while self._hint_total.get(tenant, 0) > MAX_TENANT_RANGE_HINTS:
+                old_file, old_p = next(iter(self._hint_lists[tenant]))
+                self._drop_range_hints(old_file, old_p)
 
     def _tenant(self, p: int) -> int:
         """The principal below root whose subtree holds `p` (p itself when its parent

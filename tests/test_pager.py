@@ -1357,3 +1357,36 @@ async def test_range_hints_are_bounded_per_tenant_and_looked_up_per_owner(
     p.forget_file(7)
     assert not p._range_hints and not p._hint_total and not p._hint_lists
     check_invariants(p)
+
+
+async def test_range_hints_of_a_principal_moved_to_another_tenant_count_there(
+        device: BlockDevice) -> None:
+    """Review of stop 28, F4: a principal moved under another tenant kept its range
+    hints counted under the old tenant until it advised that file again, so the old
+    tenant's own advice then pushed out the moved principal's lists (another tenant's
+    by now) and the new tenant's bound did not see them. The counts follow the tree."""
+    from pager.hints import MAX_RANGE_HINTS, MAX_TENANT_RANGE_HINTS
+    a, b, c = PrincipalId(10), PrincipalId(20), PrincipalId(100)
+    files = MAX_TENANT_RANGE_HINTS // MAX_RANGE_HINTS
+
+    def tree(c_parent: PrincipalId) -> dict:
+        return {ROOT: BankNode(ROOT, None, "root"), a: BankNode(a, ROOT, "a"),
+                b: BankNode(b, ROOT, "b"), c: BankNode(c, c_parent, "c")}
+
+    p = Pager(device, nframes=64, policy="hinted")
+    p.configure_banks(tree(a))
+    for f in range(files):
+        for k in range(MAX_RANGE_HINTS):
+            await p.advise(1000 + f, [(k, k, 1)], principal=c, priority=3)
+    assert p._hint_total[a] == MAX_TENANT_RANGE_HINTS
+    p.configure_banks(tree(b))  # c moves to tenant b
+    assert p._hint_total.get(a, 0) == 0 and p._hint_total[b] == MAX_TENANT_RANGE_HINTS
+    for f in range(files):  # tenant a's own advice, up to its bound
+        for k in range(MAX_RANGE_HINTS):
+            await p.advise(2000 + f, [(k, k, 1)], principal=a, priority=5)
+    assert all(len(p._range_hints[1000 + f][c]) == MAX_RANGE_HINTS for f in range(files))
+    assert p._hint_total[a] == p._hint_total[b] == MAX_TENANT_RANGE_HINTS
+    # tenant b's bound counts c's lists now: b's own advice pushes out c's oldest
+    await p.advise(3000, [(0, 0, 1)], principal=b, priority=1)
+    assert c not in p._range_hints.get(1000, {}) and p._hint_total[b] == MAX_TENANT_RANGE_HINTS - MAX_RANGE_HINTS + 1
+    check_invariants(p)
