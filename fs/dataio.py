@@ -43,6 +43,8 @@ class OpenFiles:
     _tmpfiles: set[int]
     #: fsyncs that found nothing to make durable and returned at once (`needs_sync`)
     empty_fsyncs: int
+    #: fsyncs served by the commit they waited for (`Transactions.commit`)
+    grouped_fsyncs: int
 
     def _grant_for(self: FileSystem, node: Inode, readable: bool, writable: bool,
                    principal: PrincipalId) -> Grant:

@@ -110,6 +110,7 @@ class FileSystem(Namespace, Attributes, OpenFiles, Space, Layouts, Xattrs, Disca
         self.default_cache_mode = default_cache_mode
         self._tmpfiles = set()
         self.empty_fsyncs = 0
+        self.grouped_fsyncs = 0
         # -- Xattrs (xattrs.py) ------------------------------------------------------------
         self._xattr_bytes = {}
         self._meta_pending = 0

@@ -45,6 +45,9 @@ class FsStatistics:
     empty_fsyncs: int = 0
     barriers: int = 0
     durable_commits: int = 0
+    #: fsyncs that waited for a commit and found it had made their file durable
+    #: (group commit: no barrier, no commit of their own)
+    grouped_fsyncs: int = 0
 
 
 def _flat(record: Any) -> dict[str, Any]:
@@ -80,7 +83,7 @@ class Statistics:
                             self._inode_count, self.max_inodes, len(self._handles),
                             len(self._inodes), self.kernel.live_grants,
                             self.empty_fsyncs, self.kernel.barriers,
-                            self.md.durable_commits)
+                            self.md.durable_commits, self.grouped_fsyncs)
 
     def statistics_dict(self: FileSystem) -> dict:
         """Everything `sluice stats` shows, as plain data."""

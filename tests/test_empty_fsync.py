@@ -97,6 +97,37 @@ async def test_fsync_of_an_unchanged_file_makes_no_barrier_and_no_durable_commit
     await fs.release(h.fh)
 
 
+async def test_fsyncs_waiting_for_a_commit_are_served_by_it(evol: Volume) -> None:
+    """Probe 20, F1 (in part): fsyncs that queued behind a durable commit each made a
+    commit of their own after it, although the one they waited for had made their
+    changes durable already (a commit is global): eight tenants' fsyncs at once were
+    eight barriers and eight WAL fsyncs in a row, and an fsync storm of several
+    processes made another tenant's fdatasync wait for all of them. An fsync looks
+    again once it has the commit lock (group commit): nothing left, nothing done."""
+    fs = evol.fs
+    assert fs is not None
+    handles = []
+    for i in range(8):
+        ino = await write_file(fs, b"g%d" % i, fill(i + 1, BS))
+        handles.append(fs.open(ino, os.O_RDWR, CALLER))
+    for i, h in enumerate(handles):
+        await fs.write(h.fh, 0, b"changed %d" % i)
+    before = counts(evol)
+    async with trio.open_nursery() as nursery:
+        for h in handles:
+            nursery.start_soon(fs.fsync, h.fh, True)
+    b1, d1 = counts(evol)
+    assert d1 - before[1] <= 2 and b1 - before[0] <= 2, (before, (b1, d1))
+    assert not any(fs.needs_sync(h.inode.id) for h in handles)
+    # A change made while a commit runs still gets a commit of its own.
+    await fs.write(handles[0].fh, 0, b"again")
+    assert fs.needs_sync(handles[0].inode.id)
+    await fs.fsync(handles[0].fh, True)
+    assert counts(evol)[1] == d1 + 1 and not fs.needs_sync(handles[0].inode.id)
+    for h in handles:
+        await fs.release(h.fh)
+
+
 async def test_a_fresh_mount_makes_its_first_fsync_durable(evol: Volume) -> None:
     """A daemon killed before its last commit was durable leaves that commit (and its
     data) in the host's cache: nothing counts as durable until the first barrier and
