@@ -319,6 +319,7 @@ class OpenFiles:
             if h is not None:
                 # Its discardable dirty frames too (a barrier leaves those out): an
                 # fsync'd discardable file survives a crash whole unless written again.
+                await self._repay_commit(h.inode.id, h.grant.principal)
                 await self.kernel.writeback_file(h.inode.id, principal=h.grant.principal)
                 await self.sync(principal=h.grant.principal, file=h.inode.id)
             else:
@@ -340,8 +341,16 @@ class OpenFiles:
         if not self.needs_sync(ino):
             self.empty_fsyncs += 1
             return
+        await self._repay_commit(ino, principal)
         await self.kernel.writeback_file(ino, principal=principal)
         await self.sync(principal=principal, file=ino)
+
+    async def _repay_commit(self: FileSystem, ino: int, principal: PrincipalId) -> None:
+        """An fsync of a change of `ino`'s metadata only (no data of it unflushed, so no
+        device flush charged to the asker) pays for the commit's WAL fsync at the
+        asker's I/O limits first (`Kernel.repay_commit`; probe 20, F1)."""
+        if not self.kernel.may_be_unflushed(ino) and ino not in self._unflushed_saved:
+            await self.kernel.repay_commit(principal)
 
     def needs_sync(self: FileSystem, ino: int) -> bool:
         """Whether an fsync of inode `ino` has anything to make durable: a change of

@@ -395,6 +395,39 @@ async def test_the_flush_of_an_fsync_is_charged_to_the_asker(evol: Volume) -> No
     await fs.release(h.fh)
 
 
+async def test_metadata_only_fsyncs_go_at_the_askers_io_limit(evol: Volume) -> None:
+    """Probe 20, F1: an fsync after a metadata-only change (chmod) makes a device flush
+    charged to the asker, expedited past its I/O limit as every barrier's is; a write
+    repays it at its next place, but a tenant that never writes data never did, and
+    its chmod + fsync storm (366-636 a second) went at device speed whatever its
+    limit. An fsync now returns once the asker's limit has caught up with what it
+    charged (at most FSYNC_REPAY_MAX_WAIT: the kernel holds the file's lock meanwhile).
+    A principal with no limit waits for nothing."""
+    from kernelshim.principals import Banks, Rate
+    fs = evol.fs
+    assert fs is not None
+    alice = fs.principals.add("alice", owner_uid=1000,
+                              banks=Banks(io_limit=Rate.parse("20iops")), caller_uid=0).id
+    caller = Caller(CALLER.uid, CALLER.gid, CALLER.pid, 0o022, alice)
+    h, node = fs.create(ROOT_INODE, b"m", 0o644, os.O_RDWR, caller)
+    await fs.fsync(h.fh, False)
+    t0 = time.monotonic()
+    for i in range(10):
+        await fs.setattr(node.id, mode=0o600 | (i & 1), caller=caller)
+        await fs.fsync(h.fh, False)
+    took = time.monotonic() - t0
+    assert took >= 9 / 20 * 0.9, took  # 10 flushes at 20 IOPS
+    # root (no limit) is not held
+    hr, root_node = fs.create(ROOT_INODE, b"r", 0o644, os.O_RDWR, CALLER)
+    t0 = time.monotonic()
+    for i in range(10):
+        await fs.setattr(root_node.id, mode=0o600 | (i & 1))
+        await fs.fsync(hr.fh, False)
+    assert time.monotonic() - t0 < 0.4
+    await fs.release(h.fh)
+    await fs.release(hr.fh)
+
+
 async def test_an_fsync_without_a_handle_writes_a_discardable_file_back(wbvol: Volume) -> None:
     """Review of the merge: a direct client's fsync (`fsync_inode`, as fs/service.py
     calls it; no FUSE handle) of a discardable file wrote none of its dirty frames back
