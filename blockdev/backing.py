@@ -42,6 +42,7 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import math
 import os
 import stat
 import time
@@ -68,16 +69,28 @@ DIRECT_DEPTH = 16
 #: at most this many reads that missed the host's page cache wait for its disk in
 #: worker threads at once (all backings together); the rest wait for a thread
 READ_LIMITER = trio.CapacityLimiter(16)
-#: ... and at most this many of one principal's (`read_owner`), so that a principal
-#: with many reads of a slow host in flight does not hold every thread
-READS_PER_PRINCIPAL = 4
-#: the principal whose device read the current task is making (BlockDevice sets it)
+#: ... and at most this many of one tenant's (`read_owner`: the principal below root
+#: whose subtree makes the read), so that a tenant with many reads of a slow host in
+#: flight does not hold every thread — however many child principals it reads as
+#: (probe 23, F1: 16 children of 4 reads each held all 16, another tenant's reads fell
+#: from 44 to 13 a second)
+READS_PER_TENANT = 4
+#: the tenant whose device read the current task is making (BlockDevice sets it)
 read_owner: contextvars.ContextVar[int] = contextvars.ContextVar("sluice_read_owner",
                                                                  default=-1)
+#: each tenant's limiter while it has reads in threads or waiting for one
 _owner_limiters: dict[int, trio.CapacityLimiter] = {}
 #: a read that missed the host's page cache is made on the event loop while such reads
-#: took less than this on average (`FileBacking.miss_s`), in a worker thread otherwise
+#: took less than this on average (`FileBacking.miss_s`) and none took longer within
+#: SLOW_MISS_HOLD_SECONDS (`FileBacking.slow_until`), in a worker thread otherwise
 MISS_ON_LOOP_SECONDS = 0.5e-3
+#: after a read that missed the host's page cache took longer than
+#: MISS_ON_LOOP_SECONDS, reads that miss go to worker threads for this long (renewed
+#: by every such read, the threads' own included): an average alone let a tenant
+#: dilute it with cheap reads a caching host cannot tell apart from misses (FUSE, NFS:
+#: no RWF_NOWAIT), 19 of them to each cold one, and put its cold reads back on the
+#: loop, 20 ms of everyone's time each (probe 23, F2)
+SLOW_MISS_HOLD_SECONDS = 10.0
 #: the weight of the latest miss in that average
 MISS_WEIGHT = 1 / 8
 #: A write of at least this many bytes, from a buffer that cannot change (`bytes` or a
@@ -247,6 +260,9 @@ class FileBacking:
         self._nowait: bool | None = True
         #: seconds a read that missed the page cache took, a moving average
         self.miss_s = 0.0
+        #: until when (time.monotonic) misses go to threads whatever the average: a
+        #: miss took longer than MISS_ON_LOOP_SECONDS before
+        self.slow_until = -math.inf
         #: the descriptor for direct writes: opened at the first one (None), -1 when
         #: the host refuses O_DIRECT (then every write is buffered)
         self._direct_fd: int | None = None
@@ -309,7 +325,7 @@ class FileBacking:
                     return
         if self._nowait is None:
             got = os.preadv(self._fd, [out], offset)
-        elif self.miss_s < MISS_ON_LOOP_SECONDS:
+        elif self.miss_s < MISS_ON_LOOP_SECONDS and time.monotonic() >= self.slow_until:
             t0 = time.perf_counter()
             got += os.preadv(self._fd, [out[got:]], offset + got)
             self._missed(time.perf_counter() - t0)
@@ -317,10 +333,16 @@ class FileBacking:
             owner = read_owner.get()
             mine = _owner_limiters.get(owner)
             if mine is None:
-                mine = _owner_limiters[owner] = trio.CapacityLimiter(READS_PER_PRINCIPAL)
-            async with mine:
-                done, took = await trio.to_thread.run_sync(
-                    _timed_preadv, self._fd, out[got:], offset + got, limiter=READ_LIMITER)
+                mine = _owner_limiters[owner] = trio.CapacityLimiter(READS_PER_TENANT)
+            try:
+                async with mine:
+                    done, took = await trio.to_thread.run_sync(
+                        _timed_preadv, self._fd, out[got:], offset + got,
+                        limiter=READ_LIMITER)
+            finally:
+                if mine.borrowed_tokens == 0 and not mine.statistics().tasks_waiting and \
+                        _owner_limiters.get(owner) is mine:
+                    del _owner_limiters[owner]  # (a tenant's children come and go)
             self._missed(took)
             got += done
         if got < n:
@@ -328,6 +350,8 @@ class FileBacking:
 
     def _missed(self, seconds: float) -> None:
         self.miss_s += (seconds - self.miss_s) * MISS_WEIGHT
+        if seconds > MISS_ON_LOOP_SECONDS:
+            self.slow_until = time.monotonic() + SLOW_MISS_HOLD_SECONDS
 
     def _no_nowait(self) -> bool | None:
         """What `read_into` does where the host refuses RWF_NOWAIT: None (always on the

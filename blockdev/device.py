@@ -384,6 +384,9 @@ class BlockDevice:
         self._claims: dict[int, tuple[int, int]] = {}
         #: of those, the reads' (a read waits for no other read)
         self._read_claims: set[int] = set()
+        #: each principal's tenant (the principal below root on its path; root is its
+        #: own): whose share of the host-read threads its reads take (`read_into`)
+        self._tenants: dict[PrincipalId, int] = {}
         #: the runs `_discard_in_thread` is punching, each call's sorted (their starts,
         #: the runs): reads of them wait (`_wait_landed`)
         self._punching: list[tuple[list[int], list[tuple[int, int]]]] = []
@@ -562,8 +565,20 @@ class BlockDevice:
             raise
 
     def configure_banks(self, tree: BankTree) -> None:
-        """Hand the principals' I/O banks to the scheduler (at mount, on every change)."""
+        """Hand the principals' I/O banks to the scheduler (at mount, on every change),
+        and note each principal's tenant (`_tenants`)."""
         self.scheduler.configure_banks(tree)
+        tenants: dict[PrincipalId, int] = {}
+        for pid in tree:
+            q, seen = pid, set()
+            while True:
+                parent = tree[q].parent if q in tree else None
+                if parent is None or parent == ROOT_PRINCIPAL or parent in seen:
+                    break
+                seen.add(q)
+                q = parent
+            tenants[pid] = int(q)
+        self._tenants = tenants
 
     def check_banks(self, tree: BankTree) -> None:
         """OverReserved (one clear line) if `tree`'s I/O reservations add up to more than
@@ -760,7 +775,7 @@ class BlockDevice:
         # checkpoint before the release).
         claim = self.claim(block, count)
         self._read_claims.add(claim)
-        owner = read_owner.set(int(principal))
+        owner = read_owner.set(self._tenants.get(principal, int(principal)))
         try:
             await self.data.read_into(block * bs, out)
             self._verify(block, count, out)

@@ -293,3 +293,91 @@ def test_one_principals_many_reads_of_a_slow_host_do_not_hold_every_thread(slow_
     assert all_s >= 0.25  # (64 reads of 20 ms, four at a time)
     assert other_s < 0.15, f"another principal's read took {other_s * 1e3:.0f} ms"
     assert overlap == 2  # (both reads of block 120 at the host at once)
+
+
+@pytest.mark.mounted
+def test_a_tenants_child_principals_share_its_reads_in_threads(slow_host) -> None:
+    """Probe 23, F1: the cap of reads in worker threads was per principal, so a tenant
+    reading as 16 child principals (any user may make children) held all 16 threads,
+    and another tenant's cold reads fell from 44 to 13 a second, a reservation of its
+    met 0 times in 823. The cap is per tenant (the principal below root): the children
+    together take READS_PER_TENANT threads, the other tenant's read one at once."""
+    tenant, other = PrincipalId(10), PrincipalId(20)
+    children = [PrincipalId(100 + i) for i in range(16)]
+    tree = {PrincipalId(0): BankNode(PrincipalId(0), None, "root"),
+            tenant: BankNode(tenant, PrincipalId(0), "t"),
+            other: BankNode(other, PrincipalId(0), "o")}
+    for c in children:
+        tree[c] = BankNode(c, tenant, f"c{c}")
+    d = stored_device(slow_host, b"".join(pattern(i) for i in range(160)), tenant)
+
+    async def main() -> tuple[float, float]:
+        dev = BlockDevice.open(d, timeline_slack=0.0)
+        try:
+            dev.configure_banks(tree)
+            data = dev.data
+            while not isinstance(data, FileBacking):
+                data = data.inner  # type: ignore[attr-defined]
+            data.miss_s = 1.0  # (a slow host: reads go to worker threads)
+            t0 = trio.current_time()
+            took: dict[str, float] = {}
+
+            async def flood(i: int) -> None:
+                who = children[i % len(children)]
+                assert bytes(await dev.read(i, 1, principal=who)) == pattern(i)
+
+            async def one() -> None:
+                await trio.sleep(0.01)
+                t = trio.current_time()
+                assert bytes(await dev.read(150, 1, principal=other)) == pattern(150)
+                took["other"] = trio.current_time() - t
+
+            async with trio.open_nursery() as n:
+                for i in range(128):
+                    n.start_soon(flood, i)
+                n.start_soon(one)
+            return took["other"], trio.current_time() - t0
+        finally:
+            dev.close()
+
+    other_s, all_s = trio.run(main)
+    assert all_s >= 0.5  # (128 reads of 20 ms, four of the tenant's at a time)
+    assert other_s < 0.1, f"another tenant's read took {other_s * 1e3:.0f} ms"
+    assert not backing_mod._owner_limiters  # (each tenant's limiter goes when idle)
+
+
+async def test_cheap_misses_do_not_put_a_slow_hosts_reads_back_on_the_loop(
+        tmp_path: Path, monkeypatch) -> None:
+    """Probe 23, F2: whether a read that misses the host's page cache goes to a thread
+    was decided by the average of misses only. A host that caches but cannot say so
+    (FUSE, NFS: every read counts as a miss) let a tenant dilute the average with 19
+    cheap reads to each cold one, and every cold read waited 20 ms on the loop, every
+    tenant with it. After a miss slower than MISS_ON_LOOP_SECONDS, misses go to threads
+    for SLOW_MISS_HOLD_SECONDS whatever the average."""
+    path = tmp_path / "store"
+    path.write_bytes(b"".join(pattern(i) for i in range(16)))
+    threads = []
+    timed = backing_mod._timed_preadv
+
+    def counted(*a):
+        threads.append(1)
+        return timed(*a)
+
+    monkeypatch.setattr(backing_mod, "_timed_preadv", counted)
+    b = FileBacking(path)
+    try:
+        b._nowait = False  # (as on a host without RWF_NOWAIT: every read is a miss)
+        b._missed(0.025)  # a cold read of 25 ms
+        for _ in range(19):
+            b._missed(1e-5)  # and cheap ones
+        assert b.miss_s < backing_mod.MISS_ON_LOOP_SECONDS
+        out = bytearray(BS)
+        await b.read_into(3 * BS, memoryview(out))
+        assert bytes(out) == pattern(3) and threads == [1]
+        # once no miss has been slow for the hold, reads go back on the loop
+        b.slow_until = time.monotonic() - 1
+        b.miss_s = 0.0
+        await b.read_into(4 * BS, memoryview(out))
+        assert bytes(out) == pattern(4) and threads == [1]
+    finally:
+        b.close()
