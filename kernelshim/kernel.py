@@ -467,9 +467,11 @@ class Kernel(GrantTable, LowerLayers):
         queued behind (probe 20, F1). (An fsync that flushes the device is charged
         that flush, past the limit, repaid at the next write's place.) At most
         FSYNC_REPAY_MAX_WAIT: the kernel holds the file's lock across a FUSE fsync.
-        Nothing when no limit is on its path."""
+        Nothing when no limit is on its path. Priced as one request of a block (the
+        WAL pages it writes): a bytes/s limit alone holds it too (probe 24, F2: 547
+        fsyncs a second under 1 MB/s, priced at nothing)."""
         sched = self.device.scheduler
-        place = sched.limit_slot(principal, 0)
+        place = sched.limit_slot(principal, self.block_size)
         if place is not None and place.until > trio.current_time():
             with trio.move_on_after(FSYNC_REPAY_MAX_WAIT):
                 await sched.wait_place(place)

@@ -417,6 +417,19 @@ async def test_metadata_only_fsyncs_go_at_the_askers_io_limit(evol: Volume) -> N
         await fs.fsync(h.fh, False)
     took = time.monotonic() - t0
     assert took >= 9 / 20 * 0.9, took  # 10 flushes at 20 IOPS
+    # A bytes/s limit alone prices each such commit as a block (probe 24, F2).
+    bob = fs.principals.add("bob", owner_uid=1001,
+                            banks=Banks(io_limit=Rate.parse("80KiB/s")), caller_uid=0).id
+    bcaller = Caller(CALLER.uid, CALLER.gid, CALLER.pid, 0o022, bob)
+    hb, bnode = fs.create(ROOT_INODE, b"b", 0o644, os.O_RDWR, bcaller)
+    await fs.fsync(hb.fh, False)
+    t0 = time.monotonic()
+    for i in range(10):
+        await fs.setattr(bnode.id, mode=0o600 | (i & 1), caller=bcaller)
+        await fs.fsync(hb.fh, False)
+    took = time.monotonic() - t0
+    assert took >= 9 / 20 * 0.9, took  # 10 blocks at 20 blocks a second
+    await fs.release(hb.fh)
     # root (no limit) is not held
     hr, root_node = fs.create(ROOT_INODE, b"r", 0o644, os.O_RDWR, CALLER)
     t0 = time.monotonic()
