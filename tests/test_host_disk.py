@@ -38,6 +38,23 @@ async def read_as(dev: BlockDevice, who: PrincipalId) -> None:
     assert bytes(await dev.read(120, 1, principal=who)) == pattern(120)
 
 
+def file_backing(dev: BlockDevice) -> FileBacking:
+    """The FileBacking under `dev`'s data store (through any wrappers)."""
+    data = dev.data
+    while not isinstance(data, FileBacking):
+        data = data.inner  # type: ignore[attr-defined]
+    return data
+
+
+async def timed_read(dev: BlockDevice, block: int, who: PrincipalId,
+                     took: dict[str, float]) -> None:
+    """After 10 ms, read `block` as `who` (its pattern checked); its time in took["other"]."""
+    await trio.sleep(0.01)
+    t = trio.current_time()
+    assert bytes(await dev.read(block, 1, principal=who)) == pattern(block)
+    took["other"] = trio.current_time() - t
+
+
 def on_memory_fs(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -177,9 +194,7 @@ def test_a_write_waits_for_a_read_of_its_blocks_at_the_host(slow_host) -> None:
     async def main() -> None:
         dev = BlockDevice.open(d, timeline_slack=0.0)
         try:
-            data = dev.data
-            while not isinstance(data, FileBacking):
-                data = data.inner  # type: ignore[attr-defined]
+            data = file_backing(dev)
             data.miss_s = 1.0  # (a slow host: the read goes to a worker thread)
             got = bytearray(4 * BS)
             order: list[str] = []
@@ -255,9 +270,7 @@ def test_one_principals_many_reads_of_a_slow_host_do_not_hold_every_thread(slow_
     async def main() -> tuple[float, float, int]:
         dev = BlockDevice.open(d, timeline_slack=0.0)
         try:
-            data = dev.data
-            while not isinstance(data, FileBacking):
-                data = data.inner  # type: ignore[attr-defined]
+            data = file_backing(dev)
             data.miss_s = 1.0  # (a slow host: reads go to worker threads)
             t0 = trio.current_time()
             took: dict[str, float] = {}
@@ -265,12 +278,6 @@ def test_one_principals_many_reads_of_a_slow_host_do_not_hold_every_thread(slow_
 
             async def flood(i: int) -> None:
                 assert bytes(await dev.read(i, 1, principal=flooder)) == pattern(i)
-
-            async def one() -> None:
-                await trio.sleep(0.01)
-                t = trio.current_time()
-                assert bytes(await dev.read(100, 1, principal=other)) == pattern(100)
-                took["other"] = trio.current_time() - t
 
             async def same() -> None:
                 await trio.sleep(0.01)
@@ -283,7 +290,7 @@ def test_one_principals_many_reads_of_a_slow_host_do_not_hold_every_thread(slow_
             async with trio.open_nursery() as n:
                 for i in range(64):
                     n.start_soon(flood, i)
-                n.start_soon(one)
+                n.start_soon(timed_read, dev, 100, other, took)
                 n.start_soon(same)
             return took["other"], trio.current_time() - t0, overlap[0]
         finally:
@@ -315,9 +322,7 @@ def test_a_tenants_child_principals_share_its_reads_in_threads(slow_host) -> Non
         dev = BlockDevice.open(d, timeline_slack=0.0)
         try:
             dev.configure_banks(tree)
-            data = dev.data
-            while not isinstance(data, FileBacking):
-                data = data.inner  # type: ignore[attr-defined]
+            data = file_backing(dev)
             data.miss_s = 1.0  # (a slow host: reads go to worker threads)
             t0 = trio.current_time()
             took: dict[str, float] = {}
@@ -326,16 +331,10 @@ def test_a_tenants_child_principals_share_its_reads_in_threads(slow_host) -> Non
                 who = children[i % len(children)]
                 assert bytes(await dev.read(i, 1, principal=who)) == pattern(i)
 
-            async def one() -> None:
-                await trio.sleep(0.01)
-                t = trio.current_time()
-                assert bytes(await dev.read(150, 1, principal=other)) == pattern(150)
-                took["other"] = trio.current_time() - t
-
             async with trio.open_nursery() as n:
                 for i in range(128):
                     n.start_soon(flood, i)
-                n.start_soon(one)
+                n.start_soon(timed_read, dev, 150, other, took)
             return took["other"], trio.current_time() - t0
         finally:
             dev.close()
