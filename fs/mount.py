@@ -865,8 +865,15 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
             log.warning("the FUSE binding has no fair intake (an older build): one "
                         "tenant's backlog of requests delays the others'; run "
                         "scripts/setup.sh")
+        fuse_fd = _fuse_fd()
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
-                            metadata_pending=_fuse_queue_probe())
+                            metadata_pending=_fuse_queue_probe(fuse_fd))
+        # FUSE requests in the shim's fair turns: each is its tenant's step, and one the
+        # kernel holds for the daemon cuts a backlogged step short as a direct client's
+        # request does (kernelshim/connection.py, `FairTurns.serves`, `watch_fuse`)
+        ops.on_request = server.turns.serves
+        if fuse_fd is not None:
+            server.turns.watch_fuse(fuse_fd)
         # trio's batches in queue order, so that the requests a poll brings run before
         # the backlogged work already runnable (kernelshim/connection.py)
         server.turns.ordered = order_batches()
@@ -1018,9 +1025,9 @@ def _own_directory(path: str, mode: int) -> bool:
     return True
 
 
-def _fuse_queue_probe() -> Callable[[], bool] | None:
-    """A cheap check whether the kernel has FUSE requests queued for this daemon: poll
-    the session's /dev/fuse descriptor (pyfuse3 does not export it, /proc names it)."""
+def _fuse_fd() -> int | None:
+    """The session's /dev/fuse descriptor (pyfuse3 does not export it, /proc names it;
+    None: not exactly one)."""
     fds = []
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -1028,10 +1035,16 @@ def _fuse_queue_probe() -> Callable[[], bool] | None:
                 fds.append(int(name))
         except OSError:
             continue
-    if len(fds) != 1:
+    return fds[0] if len(fds) == 1 else None
+
+
+def _fuse_queue_probe(fd: int | None) -> Callable[[], bool] | None:
+    """A cheap check whether the kernel has FUSE requests queued for this daemon: poll
+    the session's /dev/fuse descriptor `fd`."""
+    if fd is None:
         return None
     poller = select.poll()
-    poller.register(fds[0], select.POLLIN)
+    poller.register(fd, select.POLLIN)
     return lambda: bool(poller.poll(0))
 
 

@@ -429,6 +429,9 @@ def _guard(fn: F, *, name: str | None = None) -> F:
             who = None if kind is None else self._principal_of(kind, args)
             if who is None:
                 return await fn(self, *args)
+            on_request = self.on_request
+            if on_request is not None:
+                on_request(who)
             if must and self._releases is not None:
                 # RELEASE, RELEASEDIR: never hold the kernel's background slot
                 lims = self.admission.acquire_nowait(who, lane)
@@ -513,6 +516,10 @@ class Operations(pyfuse3.Operations):
         #: last read after one of a different tenant (the intake takes turns only then)
         self._intake_last: int | None = None
         self._intake_mixed = -math.inf
+        #: told of every admitted request's principal as its handler starts (the
+        #: mount sets the shim server's fair turns here: a FUSE request is its
+        #: tenant's step of the event loop, kernelshim/connection.py, `FairTurns.serving`)
+        self.on_request: Callable[[Principal], None] | None = None
 
     def intake(self, uid: int, pid: int, opcode: int, rnd: int) -> tuple[int | None, bool]:
         """The fair intake's hook (sluice's binding, `pyfuse3.set_intake`), called for

@@ -521,6 +521,13 @@ class FairTurns(trio.abc.Instrument):
         #: trio runs every batch in run-queue order (`order_batches`, set by the
         #: daemon): the poll's requests are then put first (`_fresh_first`)
         self.ordered = False
+        #: steps serving a request that took no turn (a FUSE request: `serves`), and
+        #: whose tenant's share they count as
+        self._serving: dict[trio.lowlevel.Task, Share] = {}
+        #: the FUSE session's descriptor, in the side poll (`watch_fuse`; -1: none)
+        self._fuse_fd = -1
+        #: the tenants whose requests that took no turn (`serves`) had steps in this batch
+        self._served: set[Share] = set()
 
     def cork(self, conn: Connection) -> None:
         """Gather `conn`'s output until the current step ends (see `after_task_step`)."""
@@ -609,6 +616,34 @@ class FairTurns(trio.abc.Instrument):
                 except OSError:
                     pass
 
+    def watch_fuse(self, fd: int) -> None:
+        """Put the FUSE session's descriptor (/dev/fuse) in the side poll: a request the
+        kernel holds for the daemon counts as a request of a principal with no backlog
+        waiting (`quiet_waiting`). A program through the mount waits for each reply as
+        a direct client does, and its requests came behind whole backlogged steps
+        (bench_hostile's victim through the mount: docs/BENCHMARKS.md, "Stop 30")."""
+        side = self._side
+        if side is None:
+            side = self._side = select.epoll()
+        try:
+            side.register(fd, select.EPOLLIN)
+        except OSError:
+            return
+        self._fuse_fd = fd
+
+    def serves(self, principal: Principal) -> None:
+        """The current step serves a request of `principal` that took no turn: a FUSE
+        request (fs/operations.py; its handlers run as the kernel sends them, in
+        pyfuse3's workers). When the step ends it counts as a step of the tenant's
+        (`turn_of`) for what the turns learn from steps: principals competing (the
+        short quantum while they do) and, for a tenant with no backlog, the hold — a
+        program that waits for each reply through the mount sends its next request a
+        few tens of µs after the last one's, as a direct client does. A step that is a
+        turn's already stays that turn's."""
+        task = trio.lowlevel.current_task()
+        if task not in self._held:
+            self._serving[task] = self.turn_of(principal)
+
     def quiet_waiting(self) -> bool:
         """Whether a request of a principal with no backlog is in its socket while its
         reader waits for the loop's poll to wake it (a non-blocking look at the side
@@ -618,7 +653,7 @@ class FairTurns(trio.abc.Instrument):
         socket was counted and whose reader then served no complete request counts as
         backlogged (`Share.side_miss`, see `watch`)."""
         side = self._side
-        if side is None or not self._side_conns:
+        if side is None or not self._side_conns and self._fuse_fd < 0:
             return False
         oldest = self._batch - SIDE_BACKLOG_BATCHES
         for _ in range(16):  # (bounded, whatever the kernel answers)
@@ -629,6 +664,8 @@ class FairTurns(trio.abc.Instrument):
             if not ready:
                 return False
             for fd, _ev in ready:
+                if fd == self._fuse_fd:
+                    return True  # (a FUSE request: whose, the kernel does not say)
                 conn = self._side_conns.get(fd)
                 if conn is not None:
                     turn = conn.turn
@@ -908,9 +945,31 @@ class FairTurns(trio.abc.Instrument):
             self._fresh.discard(task)
         sh = self._held.pop(task, None)
         if sh is None:
+            if self._serving:
+                sh = self._serving.pop(task, None)
+                if sh is not None:
+                    self._stepped(sh, turn=False)
             return
         if sh is self._backlog_step:
             self._backlog_ended(sh, trio.current_time())
+        self._stepped(sh)
+        if sh.waiters:
+            sh.backlog = self._batch  # another connection of the principal has work
+            nxt = sh.waiters.popleft()
+            sh.holder = nxt
+            self._held[nxt] = sh
+            trio.lowlevel.reschedule(nxt)  # runs in the next batch
+        else:
+            sh.holder = None
+            sh.spent = self._batch
+
+    def _stepped(self, sh: Share, *, turn: bool = True) -> None:
+        """A step of `sh`'s ended (`turn`: a turn's, else a request's that took none:
+        `serves`): the hold, the next parked step's release, and whether principals
+        compete. FUSE requests of two tenants alone are no competition here: the turns
+        shorten and order the shim's steps, and the kernel's queue and the fair intake
+        order the FUSE requests (fs/operations.py); a FUSE request beside another
+        tenant's shim step is."""
         if self.ready is not None and sh is not self.admission and \
                 sh.backlog < self._batch - 1 and \
                 sh.side_miss < self._batch - SIDE_BACKLOG_BATCHES:
@@ -924,22 +983,23 @@ class FairTurns(trio.abc.Instrument):
             self._released = self._release_parked(self._batch + 1)
         if sh is self.admission:
             pass  # admission alone beside one principal is no competition
+        elif not turn:
+            self._served.add(sh)
+            if self._first is not None and self._first is not sh:
+                self._contended()
         elif self._first is None:
             self._first = sh
+            if self._served and (len(self._served) > 1 or sh not in self._served):
+                self._contended()
         elif self._first is not sh:
-            self.contended_until = trio.current_time() + CONTENDED_SECONDS
-            if self._watch is None:
-                self._watch = _PollWatch(self)
-                trio.lowlevel.add_instrument(self._watch)
-        if sh.waiters:
-            sh.backlog = self._batch  # another connection of the principal has work
-            nxt = sh.waiters.popleft()
-            sh.holder = nxt
-            self._held[nxt] = sh
-            trio.lowlevel.reschedule(nxt)  # runs in the next batch
-        else:
-            sh.holder = None
-            sh.spent = self._batch
+            self._contended()
+
+    def _contended(self) -> None:
+        """Principals compete (see `quantum`) for CONTENDED_SECONDS from now."""
+        self.contended_until = trio.current_time() + CONTENDED_SECONDS
+        if self._watch is None:
+            self._watch = _PollWatch(self)
+            trio.lowlevel.add_instrument(self._watch)
 
     def quantum(self, now: float) -> float:
         """How long a step serving requests may last now."""
@@ -948,6 +1008,8 @@ class FairTurns(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         self._batch += 1
         self._first = None
+        if self._served:
+            self._served.clear()
         if self._watch is not None:
             self._fresh.clear()  # (all ran: a batch runs every task in it)
             self._polling = True

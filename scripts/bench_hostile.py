@@ -25,6 +25,11 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
                                               [--floor] [--pin D,V[,A]]
+                                              [--victim-fuse]
+
+`--victim-fuse` makes the victim a program through the mount instead (the same stat and
+4 KiB pread, as FUSE requests: the attackers' direct requests and its own share the
+daemon's event loop all the same).
 
 By default (`--epochs 10`) the quiet and attacked figures come from the same minutes:
 one attack runs throughout, and the victim's pairs are taken in K quiet and K attacked
@@ -325,6 +330,10 @@ class UidSlices:
 VICTIM_GAP = 0.0
 #: the victim spins through its gap instead of sleeping (--victim-spin)
 VICTIM_SPIN = False
+#: the victim is a program through the mount, not a direct client (--victim-fuse)
+VICTIM_FUSE = False
+#: what the printed tables say of the victim
+VICTIM_HOW = ", a direct client"
 #: whether the victim asked for a slice of its own (`--slice-victim`), which the
 #: attackers it starts must not inherit
 VICTIM_SLICE = False
@@ -454,6 +463,8 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None,
     wait for a CPU (schedstat) read before and after the pair — outside the timed
     interval, so the latency measured is the same as without. With `windows`: per pair
     its start and end (perf_counter), to place the daemon's collections (--gc-log)."""
+    if VICTIM_FUSE:
+        return fuse_victim(mnt, n, waits)
     out = []
     with Client.connect(mnt, shm_size=1 << 16) as c:
         with c.open("pub/shared") as f:
@@ -482,6 +493,37 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None,
                         time.sleep(VICTIM_GAP)
             if waits is not None:
                 waits.append(own_run_delay() - w0)
+    return out
+
+
+def fuse_victim(mnt: Path, n: int, waits: list[float] | None = None) -> list[float]:
+    """`victim` through the mount (`--victim-fuse`): a program's `stat` of the file's
+    path, then a 4 KiB `pread` of it (the bench mount's `--cache-mode direct`: each
+    goes to the daemon, as far as the kernel's attribute cache lets the stat)."""
+    out = []
+    path = mnt / "pub" / "shared"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(5):  # warm
+            os.stat(path)
+            os.pread(fd, 4096, 0)
+        w0 = own_run_delay()
+        for _ in range(n):
+            t = time.perf_counter()
+            os.stat(path)
+            os.pread(fd, 4096, 0)
+            out.append(time.perf_counter() - t)
+            if VICTIM_GAP:
+                if VICTIM_SPIN:
+                    end = time.perf_counter() + VICTIM_GAP
+                    while time.perf_counter() < end:
+                        pass
+                else:
+                    time.sleep(VICTIM_GAP)
+        if waits is not None:
+            waits.append(own_run_delay() - w0)
+    finally:
+        os.close(fd)
     return out
 
 
@@ -651,7 +693,7 @@ def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> 
         print(f"pinned (--pin): the daemon's loop thread on CPU {PIN[0]}, the victim on CPU "
               f"{PIN[1]}, the attackers on "
               f"{'CPU %d' % PIN[2] if PIN[2] is not None else 'any CPU'}")
-    print(f"victim: root{', uid slices' if SLICES is not None else ''}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
+    print(f"victim: root{', uid slices' if SLICES is not None else ''}{VICTIM_HOW}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
           f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
           f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
           f"{r['attackers']} processes; load {load_start} -> {r['load'][-1]}")
@@ -1055,7 +1097,7 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 
 def main() -> int:
-    global SLICES, VICTIM_SLICE, VICTIM_GAP, VICTIM_SPIN
+    global SLICES, VICTIM_SLICE, VICTIM_GAP, VICTIM_SPIN, VICTIM_FUSE, VICTIM_HOW
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=None,
                     help="the victim's request pairs per condition (default 1000; 3000 "
@@ -1101,6 +1143,10 @@ def main() -> int:
                     "in either phase (with a sleep the quiet half measured wake-ups: "
                     "docs/BENCHMARKS.md, \"Stop 27\"); run the daemon with an idle poll "
                     "window longer than the gap (SLUICE_IDLE_POLL=USEC) for the same")
+    ap.add_argument("--victim-fuse", dest="victim_fuse", action="store_true",
+                    help="the victim is a program through the mount (a stat of the "
+                    "file's path, then a 4 KiB pread: FUSE requests) instead of a direct "
+                    "client; not with --loop-trace (its split matches direct requests)")
     ap.add_argument("--slice-victim", dest="slice_victim", type=float, metavar="US",
                     help="the same for the victim (this process, every thread)")
     ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
@@ -1127,6 +1173,13 @@ def main() -> int:
     args = ap.parse_args()
     VICTIM_GAP = args.victim_gap / 1000.0
     VICTIM_SPIN = args.victim_spin
+    VICTIM_FUSE = args.victim_fuse
+    if VICTIM_FUSE:
+        VICTIM_HOW = ", a program through the mount (--victim-fuse)"
+    if VICTIM_FUSE and args.loop_trace:
+        print("bench_hostile.py: --victim-fuse with --loop-trace: the trace's split of the "
+              "victim's requests matches direct requests only", file=sys.stderr)
+        return 2
     global PIN
     if args.pin:
         try:
@@ -1176,7 +1229,7 @@ def main() -> int:
     jitter = machine_jitter()
     log(f"the machine before: {jitter_line(jitter)}")
     result: dict[str, Any] = {"samples": n, "load_start": loadavg(), "jitter_before": jitter,
-                              "floor": bool(args.floor),
+                              "floor": bool(args.floor), "victim_fuse": VICTIM_FUSE,
                               "mountpoints": [str(base / "mnt")] + (
                                   [str(stand_in.mountpoint)] if stand_in else [])}
     try:
@@ -1340,7 +1393,7 @@ def main() -> int:
                 Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]
     nice = f", daemon and victim at nice {args.nice}" if args.nice is not None else ""
-    print(f"victim: root{nice}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "
+    print(f"victim: root{nice}{VICTIM_HOW}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "
           f"1002, {result['attackers']} processes; load {result['load_start']} -> "
           f"{result['load_attacked']}")
     print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")

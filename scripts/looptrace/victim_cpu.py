@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--idle-poll", dest="idle_poll", default="0")
+    ap.add_argument("--py-spy", dest="py_spy", metavar="FILE",
+                    help="also sample the daemon with py-spy (collapsed stacks, "
+                         "by thread) into FILE while the pairs run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="victim-cpu-") as tmp:
         base = Path(tmp)
@@ -59,6 +63,14 @@ def main() -> int:
                     f.stat()
                     f.pread(4096, 0)
                 lat = []
+                spy = None
+                if args.py_spy:
+                    spy = subprocess.Popen(
+                        [str(REPO / ".venv/bin/py-spy"), "record", "--pid", str(sm.pid),
+                         "--rate", "1000", "--format", "raw", "--nonblocking", "--threads",
+                         "--duration", str(int(args.seconds)), "-o", args.py_spy],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(0.5)
                 u0, s0 = thread_cpu(sm.pid)
                 t0 = time.perf_counter()
                 while time.perf_counter() - t0 < args.seconds:
@@ -67,6 +79,8 @@ def main() -> int:
                     f.pread(4096, 0)
                     lat.append(time.perf_counter() - a)
                 u1, s1 = thread_cpu(sm.pid)
+                if spy is not None:
+                    spy.wait()
             n = len(lat)
             lat.sort()
             print(f"{n} pairs, p50 {lat[n // 2] * 1e3:.3f} ms, p99 {lat[int(n * .99)] * 1e3:.3f} ms; "
