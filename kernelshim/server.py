@@ -847,13 +847,18 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 return b""
 
     async def _give_turn(self) -> None:
-        """End this step: the loop goes to the others (metadata first, as in
-        `_yield_if_hogging`), the principal's turn to its next connection."""
+        """End this step: the loop goes to the others, the principal's turn to its next
+        connection. FUSE requests the kernel holds go in the next batch (the poll's
+        wake-ups run first: FairTurns), and they are their tenants' steps like any
+        other (`FairTurns.serves`): one yield, not the rounds of `_yield_if_hogging`
+        while requests are queued — with those, a tenant flooding the mount held every
+        other tenant's step that used its quantum for eight batches of its own requests
+        (docs/BENCHMARKS.md, "Stop 30"). (A large request's slices still give way so,
+        once a slice: `FileOps._read`.)"""
+        now = self._last_yield = trio.current_time()
         pending = self.metadata_pending
         if pending is not None and pending():
-            await self._yield_if_hogging()
-            return
-        self._last_yield = trio.current_time()
+            self._metadata_seen = now  # (the slice sizes: `FileOps._read`)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _rate_limited(self, conn: Connection) -> bool:

@@ -249,3 +249,57 @@ def test_through_the_mount_a_program_cuts_a_direct_flood_short(pubmnt: Path) -> 
           f"{loop['preempted']} times")
     assert n > 100
     assert loop["preempted"] >= n // 4
+
+
+async def test_a_step_that_used_its_quantum_gives_way_once_to_queued_fuse_requests(
+        kernel: Any, tmp_path: Any, mock_clock: trio.testing.MockClock) -> None:  # noqa: F811
+    """A real ShimServer whose FUSE queue always holds requests (a tenant flooding the
+    mount: `metadata_pending` always true) and a direct client pipelining 200 requests
+    of TURN_SECONDS / 2 each, principals competing: each step that used its quantum
+    gives the loop back for one batch (the FUSE requests are the poll's wake-ups, run
+    first in it), not for eight (the rounds `_yield_if_hogging` makes while requests
+    are queued: before, the flood of the mount held every such step for eight batches
+    of its own requests, docs/BENCHMARKS.md "Stop 30")."""
+    from kernelshim.connection import TURN_SECONDS
+    from kernelshim.principals import PrincipalTable
+    from kernelshim.protocol import REQUEST, encode
+    from kernelshim.server import ShimServer
+    from test_hostile import _Stats
+
+    path = tmp_path / "c.sock"
+    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path,  # type: ignore[arg-type]
+                     metadata_pending=lambda: True)
+    turns = srv.turns
+    handle = srv._handle
+    served: list[int] = []  # the batch of each request served
+
+    async def slow_handle(conn: Any, m: Any) -> None:
+        mock_clock.jump(TURN_SECONDS / 2)
+        served.append(turns._batch)
+        await handle(conn, m)
+
+    srv._handle = slow_handle  # type: ignore[method-assign]
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    n = 200
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            client.connect(str(path))
+            client.setblocking(False)
+            client.send(encode(REQUEST, 1, {"op": "hello"}))
+            await _replies(client, 1)
+            turns.contended_until = math.inf  # principals compete
+            served.clear()
+            client.sendall(b"".join(encode(REQUEST, i, {"op": "hello"})
+                                    for i in range(2, n + 2)))
+            await _replies(client, n)
+            nursery.cancel_scope.cancel()
+    finally:
+        turns.close()
+        client.close()
+    steps = len(set(served))
+    batches = served[-1] - served[0] + 1
+    print(f"{n} requests in {steps} steps over {batches} batches")
+    assert len(served) == n
+    assert steps >= n // 4  # (a quantum: two or three requests)
+    assert batches <= 2 * steps, (steps, batches)  # (before: 8 batches a step)
