@@ -25,11 +25,13 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
                                               [--floor] [--pin D,V[,A]]
-                                              [--victim-fuse]
+                                              [--victim-fuse] [--fuse-attack N]
 
 `--victim-fuse` makes the victim a program through the mount instead (the same stat and
 4 KiB pread, as FUSE requests: the attackers' direct requests and its own share the
-daemon's event loop all the same).
+daemon's event loop all the same). `--fuse-attack N` makes the attack N programs of the
+hostile uids through the mount (the same stat and pread, without pause) instead of the
+control-socket attackers.
 
 By default (`--epochs 10`) the quiet and attacked figures come from the same minutes:
 one attack runs throughout, and the victim's pairs are taken in K quiet and K attacked
@@ -189,6 +191,18 @@ print("sent", sent, flush=True)
 sys.stdin.readline()
 """
 
+#: a program of a hostile uid through the mount (`--fuse-attack`): stat + 4 KiB pread of
+#: the shared file, without pause
+FUSE_FLOOD = """
+import os, sys
+p = sys.argv[1]
+fd = os.open(p, os.O_RDONLY)
+print("flooding", flush=True)
+while True:
+    os.stat(p)
+    os.pread(fd, 4096, 0)
+"""
+
 #: connections made and dropped without end (or `rounds` of them), cut mid-request
 CHURN = _PRELUDE + """
 seed, rounds = int(sys.argv[2]), int(sys.argv[3])
@@ -334,6 +348,11 @@ VICTIM_SPIN = False
 VICTIM_FUSE = False
 #: what the printed tables say of the victim
 VICTIM_HOW = ", a direct client"
+#: the attack is this many programs through the mount (FUSE_FLOOD), the hostile uids'
+#: in turn, instead of the control-socket attackers (`--fuse-attack N`; 0: those)
+FUSE_ATTACK = 0
+#: what the printed tables say of the attack
+ATTACK_HOW = " on the control socket"
 #: whether the victim asked for a slice of its own (`--slice-victim`), which the
 #: attackers it starts must not inherit
 VICTIM_SLICE = False
@@ -696,7 +715,7 @@ def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> 
     print(f"victim: root{', uid slices' if SLICES is not None else ''}{VICTIM_HOW}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
           f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
           f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
-          f"{r['attackers']} processes; load {load_start} -> {r['load'][-1]}")
+          f"{r['attackers']} processes{ATTACK_HOW}; load {load_start} -> {r['load'][-1]}")
     print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'max ms':>8}")
     for label, key in (("quiet (pooled)", "quiet_pooled"),
                        ("attacked (pooled)", "attacked_pooled"),
@@ -763,6 +782,13 @@ class Attack:
 
     def _go(self, cp: str) -> None:
         hostile = (1000, 1002)
+        if FUSE_ATTACK:
+            self.procs += [start(hostile[i % 2], FUSE_FLOOD, str(self.mnt / "pub" / "shared"))
+                           for i in range(FUSE_ATTACK)]
+            for p in self.procs:
+                if not p.stdout.readline():  # type: ignore[union-attr]
+                    raise RuntimeError(f"an attacker failed: {p.stderr.read()}")  # type: ignore[union-attr]
+            return
         first = []
         for i in range(2):
             first.append(start(hostile[i], NEVER_READS, cp))
@@ -1097,7 +1123,7 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 
 def main() -> int:
-    global SLICES, VICTIM_SLICE, VICTIM_GAP, VICTIM_SPIN, VICTIM_FUSE, VICTIM_HOW
+    global SLICES, VICTIM_SLICE, VICTIM_GAP, VICTIM_SPIN, VICTIM_FUSE, VICTIM_HOW, FUSE_ATTACK, ATTACK_HOW
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=None,
                     help="the victim's request pairs per condition (default 1000; 3000 "
@@ -1147,6 +1173,10 @@ def main() -> int:
                     help="the victim is a program through the mount (a stat of the "
                     "file's path, then a 4 KiB pread: FUSE requests) instead of a direct "
                     "client; not with --loop-trace (its split matches direct requests)")
+    ap.add_argument("--fuse-attack", dest="fuse_attack", type=int, default=0, metavar="N",
+                    help="the hostile uids attack through the mount instead: N programs "
+                    "(the uids in turn), each a stat + 4 KiB pread of the shared file "
+                    "without pause (FUSE requests)")
     ap.add_argument("--slice-victim", dest="slice_victim", type=float, metavar="US",
                     help="the same for the victim (this process, every thread)")
     ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
@@ -1174,6 +1204,9 @@ def main() -> int:
     VICTIM_GAP = args.victim_gap / 1000.0
     VICTIM_SPIN = args.victim_spin
     VICTIM_FUSE = args.victim_fuse
+    FUSE_ATTACK = max(0, args.fuse_attack)
+    if FUSE_ATTACK:
+        ATTACK_HOW = " through the mount (--fuse-attack)"
     if VICTIM_FUSE:
         VICTIM_HOW = ", a program through the mount (--victim-fuse)"
     if VICTIM_FUSE and args.loop_trace:
@@ -1230,6 +1263,7 @@ def main() -> int:
     log(f"the machine before: {jitter_line(jitter)}")
     result: dict[str, Any] = {"samples": n, "load_start": loadavg(), "jitter_before": jitter,
                               "floor": bool(args.floor), "victim_fuse": VICTIM_FUSE,
+                              "fuse_attack": FUSE_ATTACK,
                               "mountpoints": [str(base / "mnt")] + (
                                   [str(stand_in.mountpoint)] if stand_in else [])}
     try:
@@ -1394,7 +1428,7 @@ def main() -> int:
     q, a = result["quiet"], result["attacked"]
     nice = f", daemon and victim at nice {args.nice}" if args.nice is not None else ""
     print(f"victim: root{nice}{VICTIM_HOW}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "
-          f"1002, {result['attackers']} processes; load {result['load_start']} -> "
+          f"1002, {result['attackers']} processes{ATTACK_HOW}; load {result['load_start']} -> "
           f"{result['load_attacked']}")
     print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     print(f"{'quiet':28} {q['p50']:8.3f} {q['p99']:8.3f} {q['max']:8.3f}")
