@@ -44,7 +44,7 @@ import stat
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Protocol, Sequence
+from typing import Callable, Collection, ContextManager, Iterator, Protocol, Sequence
 
 import numpy as np
 import trio
@@ -203,7 +203,9 @@ class Scheduler(Protocol):
         """Account a completed request; `deadline` (from its slot) with its `arrival`:
         whether it was served in time under its principal's reservation."""
 
-    def statistics(self) -> list[PrincipalIOStats]: ...
+    def statistics(self, principals: Collection[int] | None = None
+                   ) -> list[PrincipalIOStats]:
+        """Each principal's I/O (of `principals` only, if given)."""
 
     def configure_banks(self, tree: BankTree) -> None:
         """The principals' I/O banks (reservation, weight, limit) and their tree."""
@@ -1207,11 +1209,12 @@ class BlockDevice:
     def stored_checksum(self, block: BlockNo) -> int:
         return int(self._csum[block])
 
-    def statistics(self) -> DeviceStatistics:
+    def statistics(self, principals: Collection[int] | None = None) -> DeviceStatistics:
+        """The device's statistics, with the rows of `principals` only if given."""
         cap = self.profile.capacity()
         return DeviceStatistics(self.block_size, self.nblocks, self.profile.name,
                                 self.scheduler.name, self.checksum_errors, self.io_errors,
-                                tuple(self.scheduler.statistics()),
+                                tuple(self.scheduler.statistics(principals)),
                                 capacity_iops=cap.iops, capacity_bps=cap.bps,
                                 timeline_ahead_max_s=self.timeline_ahead_max)
 

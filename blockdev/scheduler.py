@@ -101,7 +101,7 @@ import dataclasses
 import math
 import weakref
 from contextlib import contextmanager
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Collection, Iterator
 
 import outcome
 import trio
@@ -467,10 +467,19 @@ class _Accounting:
             else:
                 c.missed += 1
 
-    def statistics(self) -> list[PrincipalIOStats]:
+    def statistics(self, principals: Collection[int] | None = None
+                   ) -> list[PrincipalIOStats]:
+        """A snapshot of each principal that did I/O or waits for it (of `principals`
+        only, if given: a snapshot costs its histogram's percentiles, and a tenant's
+        `stats` page shows a few principals of however many the volume has)."""
         now = _now_or_none()
-        return [c.snapshot(p, now) for p, c in sorted(self._counters.items())
-                if c.hist.total or c.waiting]
+        if principals is None:
+            items = sorted(self._counters.items())
+        else:
+            get = self._counters.get
+            items = [(PrincipalId(p), c) for p in sorted(set(principals))
+                     if (c := get(PrincipalId(p))) is not None]
+        return [c.snapshot(p, now) for p, c in items if c.hist.total or c.waiting]
 
 
 class FifoScheduler(_Accounting):

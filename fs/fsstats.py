@@ -120,7 +120,9 @@ class Statistics:
             return keep is None or pid in keep
 
         yield "fs", _flat(self.statistics())
-        dev = self.kernel.device_statistics()
+        # (only the rows shown: each costs its latency histogram's percentiles, and a
+        # tenant's page shows a few principals of however many the volume has)
+        dev = self.kernel.device_statistics(keep)
         rows = [s for s in dev.per_principal if shown(s.principal)]
         yield "device", {
             "block_size": dev.block_size, "nblocks": dev.nblocks,
@@ -145,7 +147,7 @@ class Statistics:
             "reserved_ops": s.reserved_ops,
             "reservation": {"met": s.reservation_met, "missed": s.reservation_missed},
             "throttled": s.throttled} for s in rows}
-        pg = self.kernel.pager_statistics()
+        pg = self.kernel.pager_statistics(keep)
         yield "pager", {"policy": pg.policy, "frames": pg.frames,
                         "frames_used": pg.frames_used, "hits": pg.hits,
                         "misses": pg.misses, "bypassed_blocks": pg.bypassed_blocks,

@@ -9,7 +9,7 @@ device. The metadata server asks for these here and never touches `kernel.pager`
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection
 
 import trio
 
@@ -40,13 +40,17 @@ class LowerLayers:
         writes them."""
         return self.pager.dirty_discardable_files()
 
-    def device_statistics(self) -> DeviceStatistics:
-        """The device's and its scheduler's statistics (an immutable record)."""
-        return self.device.statistics()
+    def device_statistics(self, principals: Collection[int] | None = None
+                          ) -> DeviceStatistics:
+        """The device's and its scheduler's statistics (an immutable record), with the
+        rows of `principals` only if given."""
+        return self.device.statistics(principals)
 
-    def pager_statistics(self) -> PagerStatistics:
-        """The pager's statistics (an immutable record)."""
-        return self.pager.statistics()
+    def pager_statistics(self, principals: Collection[int] | None = None
+                         ) -> PagerStatistics:
+        """The pager's statistics (an immutable record), with the rows of
+        `principals` only if given."""
+        return self.pager.statistics(principals)
 
     def set_file_hints(self, inode: int, *, priority: int | None = None,
                        discardable: bool | None = None, sequential: bool | None = None) -> None:

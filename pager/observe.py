@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import Collection
+
 import trio
 
 from blockdev import PrincipalId
@@ -44,9 +46,14 @@ class Observed(Banks):
 
     # -- statistics ------------------------------------------------------------------
 
-    def statistics(self) -> PagerStatistics:
+    def statistics(self, principals: Collection[int] | None = None) -> PagerStatistics:
+        """The pager's counters; the rows per principal (`per_principal`, `resident`)
+        of `principals` only, if given (a tenant's `stats` page shows a few)."""
         per: dict[PrincipalId, PrincipalCacheStats] = {}
-        for p in sorted(set(self._acct) | set(self.banks)):
+        keys = set(self._acct) | set(self.banks)
+        if principals is not None:
+            keys &= set(principals)
+        for p in sorted(keys):
             a = self._acct.get(p) or _Acct()
             per[PrincipalId(p)] = PrincipalCacheStats(
                 a.resident, self._min.get(p, 0), self._max.get(p), a.hits, a.misses,
@@ -55,7 +62,8 @@ class Observed(Banks):
         return PagerStatistics(
             self.nframes, len(self._where), self.hits, self.misses, self.bypassed,
             self.evictions,
-            {PrincipalId(p): a.resident for p, a in sorted(self._acct.items()) if a.resident},
+            {PrincipalId(p): a.resident for p, a in sorted(self._acct.items())
+             if a.resident and (principals is None or p in keys)},
             self.policy, self.writeback, sum(a.dirty for a in self._acct.values()),
             sum(a.wb_bytes for a in self._acct.values()),
             sum(a.discarded for a in self._acct.values()), per)
