@@ -868,12 +868,11 @@ async def serve(volume: Path, mountpoint: str, opts: MountOptions,
         fuse_fd = _fuse_fd()
         server = ShimServer(kernel, principals, DirectService(fs), sock_path,
                             metadata_pending=_fuse_queue_probe(fuse_fd))
-        # FUSE requests in the shim's fair turns: each is its tenant's step, and one the
-        # kernel holds for the daemon cuts a backlogged step short as a direct client's
-        # request does (kernelshim/connection.py, `FairTurns.serves`, `watch_fuse`)
+        # FUSE requests in the shim's fair turns: each is its tenant's step
+        # (kernelshim/connection.py, `FairTurns.serves`). (Not in the side poll: a
+        # request the kernel holds cut every backlogged step to one request, whoever's
+        # it was, a flooding tenant's too: hostile probe 25, F1.)
         ops.on_request = server.turns.serves
-        if fuse_fd is not None:
-            server.turns.watch_fuse(fuse_fd)
         # trio's batches in queue order, so that the requests a poll brings run before
         # the backlogged work already runnable (kernelshim/connection.py)
         server.turns.ordered = order_batches()

@@ -524,8 +524,6 @@ class FairTurns(trio.abc.Instrument):
         #: steps serving a request that took no turn (a FUSE request: `serves`), and
         #: whose tenant's share they count as
         self._serving: dict[trio.lowlevel.Task, Share] = {}
-        #: the FUSE session's descriptor, in the side poll (`watch_fuse`; -1: none)
-        self._fuse_fd = -1
         #: the tenants whose requests that took no turn (`serves`) had steps in this batch
         self._served: set[Share] = set()
 
@@ -616,21 +614,6 @@ class FairTurns(trio.abc.Instrument):
                 except OSError:
                     pass
 
-    def watch_fuse(self, fd: int) -> None:
-        """Put the FUSE session's descriptor (/dev/fuse) in the side poll: a request the
-        kernel holds for the daemon counts as a request of a principal with no backlog
-        waiting (`quiet_waiting`). A program through the mount waits for each reply as
-        a direct client does, and its requests came behind whole backlogged steps
-        (bench_hostile's victim through the mount: docs/BENCHMARKS.md, "Stop 30")."""
-        side = self._side
-        if side is None:
-            side = self._side = select.epoll()
-        try:
-            side.register(fd, select.EPOLLIN)
-        except OSError:
-            return
-        self._fuse_fd = fd
-
     def serves(self, principal: Principal) -> None:
         """The current step serves a request of `principal` that took no turn: a FUSE
         request (fs/operations.py; its handlers run as the kernel sends them, in
@@ -653,7 +636,7 @@ class FairTurns(trio.abc.Instrument):
         socket was counted and whose reader then served no complete request counts as
         backlogged (`Share.side_miss`, see `watch`)."""
         side = self._side
-        if side is None or not self._side_conns and self._fuse_fd < 0:
+        if side is None or not self._side_conns:
             return False
         oldest = self._batch - SIDE_BACKLOG_BATCHES
         for _ in range(16):  # (bounded, whatever the kernel answers)
@@ -664,8 +647,6 @@ class FairTurns(trio.abc.Instrument):
             if not ready:
                 return False
             for fd, _ev in ready:
-                if fd == self._fuse_fd:
-                    return True  # (a FUSE request: whose, the kernel does not say)
                 conn = self._side_conns.get(fd)
                 if conn is not None:
                     turn = conn.turn

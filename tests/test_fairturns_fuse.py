@@ -1,12 +1,15 @@
-"""FUSE requests in the shim's fair turns (kernelshim/connection.py, `FairTurns.serves`
-and `watch_fuse`): a program through the mount waits for each reply as a direct client
-does, so a FUSE request that the kernel holds for the daemon cuts a backlogged shim step
-short, and a FUSE request's step counts as its tenant's step (principals compete: the
-short quantum). Before, FUSE requests took no part: a flood of another tenant's direct
-requests ran whole steps of up to HOG_SECONDS ahead of them (docs/BENCHMARKS.md, "Stop
-30": bench_hostile's victim through the mount, p99 4x quiet). On trio's MockClock, with
-real sockets standing in for /dev/fuse and a real ShimServer; the end-to-end figure is
-the benchmark's."""
+"""FUSE requests in the shim's fair turns (kernelshim/connection.py, `FairTurns.serves`):
+a program through the mount waits for each reply as a direct client does, so a FUSE
+request's step counts as its tenant's step: beside another tenant's direct client they
+compete (the short quantum, the parked backlogged steps, the hold), and a direct step
+that used its quantum gives queued FUSE requests one batch, not eight. Before, FUSE
+requests took no part: a flood of another tenant's direct requests ran whole steps of
+up to HOG_SECONDS ahead of them (docs/BENCHMARKS.md, "Stop 30": bench_hostile's victim
+through the mount, p99 4x quiet). (A queued FUSE request does not cut a step short, as
+a quiet direct client's does: whose it is, the kernel does not say, and a flooding
+tenant's cut every step of a pipelining client to one request: hostile probe 25, F1.)
+On trio's MockClock with a real ShimServer, and through a real mount; the end-to-end
+figure is the benchmark's."""
 
 from __future__ import annotations
 
@@ -33,108 +36,6 @@ from kernelshim.connection import FairTurns, Share
 def _serves(turns: FairTurns, principal: Any) -> None:
     # (getattr: on the code before, the tests fail on their assertions)
     getattr(turns, "serves", lambda p: None)(principal)
-
-
-async def test_a_fuse_request_cuts_another_tenants_flood_step_short(
-        kernel: Any, tmp_path: Any, mock_clock: trio.testing.MockClock) -> None:  # noqa: F811
-    """A real ShimServer, one principal pipelining 3000 requests on one connection; a
-    stand-in for /dev/fuse (a socket in `watch_fuse`) and a stand-in for a pyfuse3
-    worker (a task that waits for it, then serves the request as another tenant's:
-    `serves`). A first FUSE request comes in the same poll as the flood's first
-    request, so their steps share a batch: from then on they compete (nobody else says
-    so). Each later FUSE request is sent from inside the flood's step, as a program on
-    another CPU would. Time stands still (MockClock): the flood's step would never use
-    its quantum, so only the cut ends it, and each FUSE request waits for at most the
-    flood's request in progress and one more, not for the rest of the read
-    (thousands)."""
-    from kernelshim.principals import PrincipalTable
-    from kernelshim.protocol import REQUEST, encode
-    from kernelshim.server import ShimServer
-    from test_hostile import _Stats
-
-    path = tmp_path / "c.sock"
-    srv = ShimServer(kernel, PrincipalTable(None), _Stats(), path)  # type: ignore[arg-type]
-    turns = srv.turns
-    fuse_sh, flood_sh = turns.share(1001), turns.share(1002)
-    fuse_tenant = object()  # (the principal a FUSE request is admitted for)
-    turns.turn_of = (  # type: ignore[method-assign]
-        lambda principal: fuse_sh if principal is fuse_tenant else flood_sh)
-    dev_fuse, kernel_side = socket.socketpair()
-    dev_fuse.setblocking(False)
-    getattr(turns, "watch_fuse", lambda fd: None)(dev_fuse.fileno())
-    events: list[str] = []
-    handle = srv._handle
-    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    pending = False
-    arrivals = 0
-
-    async def logging_handle(conn: Any, m: Any) -> None:
-        nonlocal pending, arrivals
-        events.append("flood")
-        if not pending and arrivals < 10 and events.count("flood") % 100 == 20:
-            kernel_side.send(b"r")  # a program's request, queued by the kernel
-            events.append("arrival")
-            pending = True
-            arrivals += 1
-        await handle(conn, m)
-
-    srv._handle = logging_handle  # type: ignore[method-assign]
-
-    async def fuse_worker() -> None:
-        nonlocal pending
-        while True:
-            await trio.lowlevel.wait_readable(dev_fuse)
-            dev_fuse.recv(16)
-            _serves(turns, fuse_tenant)
-            events.append("fuse")
-            pending = False
-
-    n = 3000
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(srv.run)
-            nursery.start_soon(fuse_worker)
-            flood.connect(str(path))
-            flood.setblocking(False)
-            await trio.testing.wait_all_tasks_blocked()
-            assert turns.contended_until == -math.inf
-            flood.send(encode(REQUEST, 1, {"op": "hello"}))
-            kernel_side.send(b"r")
-            pending = True
-            await _replies(flood, 1)
-            await trio.testing.wait_all_tasks_blocked()
-            assert sorted(events) == ["flood", "fuse"], events  # (in either order)
-            assert trio.current_time() < turns.contended_until
-            events.clear()
-            backlog = memoryview(b"".join(encode(REQUEST, i, {"op": "hello"})
-                                          for i in range(2, n + 2)))
-
-            async def send_all() -> None:
-                view = backlog
-                while view:
-                    await trio.lowlevel.wait_writable(flood)
-                    try:
-                        view = view[flood.send(view):]
-                    except BlockingIOError:
-                        pass
-
-            nursery.start_soon(send_all)
-            await _replies(flood, n)
-            nursery.cancel_scope.cancel()
-    finally:
-        turns.close()
-        flood.close()
-        dev_fuse.close()
-        kernel_side.close()
-    waited = []
-    for i, e in enumerate(events):
-        if e == "arrival" and "fuse" in events[i:]:
-            waited.append(events[i + 1:events.index("fuse", i)].count("flood"))
-    print("flood requests each FUSE request waited for:", waited, "cut:", turns.preempted)
-    assert arrivals == 10 and events.count("fuse") == 10, events.count("fuse")
-    assert max(waited) <= 2, waited
-    assert events.count("flood") == n
-    assert turns.preempted >= 10
 
 
 async def _step(turns: FairTurns, sh: Share | None, principal: Any = None) -> None:
@@ -206,14 +107,14 @@ while True:
 
 @pytest.mark.mounted
 @pytest.mark.exclusive
-def test_through_the_mount_a_program_cuts_a_direct_flood_short(pubmnt: Path) -> None:
+def test_through_the_mount_a_program_makes_a_direct_flood_take_turns(pubmnt: Path) -> None:
     """The daemon wires it up (fs/mount.py): a tenant floods the control socket with
     pipelined requests while root's program stats and reads a file through the mount
-    (O_DIRECT, checking what it reads) for 2 s; the flood's steps are cut short for
-    the program's requests, most of them (the daemon's count of cuts, `preempted`).
-    Before, FUSE requests took no part in the turns: 2 cuts for 1,268 pairs (the
-    flood is the only direct client; root's `shim_stats` calls made those), against
-    4,716 for 5,289 now (exclusive: the share depends on the flood having the CPU)."""
+    (O_DIRECT, checking what it reads) for 2 s. They compete: the flood's backlogged
+    steps park (`parked`) and wait while the loop is held for the program's next
+    request (`held`). Before, FUSE requests took no part in the turns: the flood, the
+    only direct client, competed only with root's calls for the counts (held 1, parked
+    264 for 1,287 pairs in 2 s; now 5,487 and 3,292 for 5,325)."""
     from test_hostile import _reap, _shim_stats, control_path, setup_pub
 
     mnt = pubmnt
@@ -245,10 +146,9 @@ def test_through_the_mount_a_program_cuts_a_direct_flood_short(pubmnt: Path) -> 
         assert flood.poll() is None, flood.stderr.read()  # type: ignore[union-attr]
     finally:
         _reap(flood)
-    print(f"{n} stat + read pairs through the mount; the flood's steps cut short "
-          f"{loop['preempted']} times")
+    print(f"{n} stat + read pairs through the mount; loop {loop}")
     assert n > 100
-    assert loop["preempted"] >= n // 4
+    assert loop["parked"] >= n // 10 and loop["held"] >= n // 4, loop
 
 
 async def test_a_step_that_used_its_quantum_gives_way_once_to_queued_fuse_requests(
