@@ -518,7 +518,7 @@ class Operations(pyfuse3.Operations):
         self._intake_mixed = -math.inf
         #: told of every admitted request's principal as its handler starts (the
         #: mount sets the shim server's fair turns here: a FUSE request is its
-        #: tenant's step of the event loop, kernelshim/connection.py, `FairTurns.serving`)
+        #: tenant's step of the event loop, kernelshim/connection.py, `FairTurns.serves`)
         self.on_request: Callable[[Principal], None] | None = None
 
     def intake(self, uid: int, pid: int, opcode: int, rnd: int) -> tuple[int | None, bool]:

@@ -853,8 +853,8 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         other (`FairTurns.serves`): one yield, not the rounds of `_yield_if_hogging`
         while requests are queued — with those, a tenant flooding the mount held every
         other tenant's step that used its quantum for eight batches of its own requests
-        (docs/BENCHMARKS.md, "Stop 30"). (A large request's slices still give way so,
-        once a slice: `FileOps._read`.)"""
+        (docs/BENCHMARKS.md, "Stop 30"). (Between the slices of a large request:
+        `FileOps._yield_if_hogging`.)"""
         now = self._last_yield = trio.current_time()
         pending = self.metadata_pending
         if pending is not None and pending():
