@@ -472,6 +472,18 @@ def own_run_delay() -> float:
         return int(f.read().split()[1]) / 1e9
 
 
+def think() -> None:
+    """The victim's gap after a request pair (`--victim-gap`), spun or slept
+    (`--victim-spin`); nothing without a gap."""
+    if VICTIM_GAP:
+        if VICTIM_SPIN:
+            end = time.perf_counter() + VICTIM_GAP
+            while time.perf_counter() < end:
+                pass
+        else:
+            time.sleep(VICTIM_GAP)
+
+
 def victim(mnt: Path, n: int, waits: list[float] | None = None,
            stamps: list[tuple[float, ...]] | None = None,
            windows: list[tuple[float, float]] | None = None) -> list[float]:
@@ -503,13 +515,7 @@ def victim(mnt: Path, n: int, waits: list[float] | None = None,
                     windows.append((t, t2))
                 if stamps is not None:
                     stamps.append((t, tm, t2, own_run_delay() - r0))
-                if VICTIM_GAP:
-                    if VICTIM_SPIN:
-                        end = time.perf_counter() + VICTIM_GAP
-                        while time.perf_counter() < end:
-                            pass
-                    else:
-                        time.sleep(VICTIM_GAP)
+                think()
             if waits is not None:
                 waits.append(own_run_delay() - w0)
     return out
@@ -532,13 +538,7 @@ def fuse_victim(mnt: Path, n: int, waits: list[float] | None = None) -> list[flo
             os.stat(path)
             os.pread(fd, 4096, 0)
             out.append(time.perf_counter() - t)
-            if VICTIM_GAP:
-                if VICTIM_SPIN:
-                    end = time.perf_counter() + VICTIM_GAP
-                    while time.perf_counter() < end:
-                        pass
-                else:
-                    time.sleep(VICTIM_GAP)
+            think()
         if waits is not None:
             waits.append(own_run_delay() - w0)
     finally:

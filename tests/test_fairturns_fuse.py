@@ -26,7 +26,7 @@ import trio
 import trio.testing
 
 from shim_util import pubmnt, user_popen  # noqa: F401 - the fixture
-from test_fairturns_side import _replies
+from test_fairturns_side import _handshake, _replies
 from test_hostile import kernel  # noqa: F401 - the fixture
 
 from kernelshim.client import Client
@@ -184,10 +184,7 @@ async def test_a_step_that_used_its_quantum_gives_way_once_to_queued_fuse_reques
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(srv.run)
-            client.connect(str(path))
-            client.setblocking(False)
-            client.send(encode(REQUEST, 1, {"op": "hello"}))
-            await _replies(client, 1)
+            await _handshake(client, path)
             turns.contended_until = math.inf  # principals compete
             served.clear()
             client.sendall(b"".join(encode(REQUEST, i, {"op": "hello"})

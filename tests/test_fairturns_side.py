@@ -416,10 +416,7 @@ async def test_a_servers_flood_step_ends_for_a_request_that_comes_during_it(
         async with trio.open_nursery() as nursery:
             await nursery.start(srv.run)
             for s in (victim, flood):  # (connected in this order: their shares above)
-                s.connect(str(path))
-                s.setblocking(False)
-                s.send(encode(REQUEST, 1, {"op": "hello"}))
-                await _replies(s, 1)
+                await _handshake(s, path)
             srv.turns.contended_until = math.inf  # principals compete
             backlog = memoryview(b"".join(encode(REQUEST, i, {"op": "hello"})
                                           for i in range(2, n + 2)))
@@ -497,10 +494,7 @@ async def test_stats_gives_way_between_parts_to_a_request_that_comes(
         async with trio.open_nursery() as nursery:
             await nursery.start(srv.run)
             for s in (victim, admin):  # (connected in this order: their shares above)
-                s.connect(str(path))
-                s.setblocking(False)
-                s.send(encode(REQUEST, 1, {"op": "hello"}))
-                await _replies(s, 1)
+                await _handshake(s, path)
             srv.turns.contended_until = math.inf  # principals compete
             admin.send(encode(REQUEST, 2, {"op": "stats"}))
             got = await _replies(admin, 1)
@@ -556,10 +550,7 @@ async def test_refusals_give_way_to_a_request_that_comes(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(srv.run)
-            victim.connect(str(path))
-            victim.setblocking(False)
-            victim.send(encode(REQUEST, 1, {"op": "hello"}))
-            await _replies(victim, 1)
+            await _handshake(victim, path)
             srv.turns.contended_until = math.inf  # principals compete
             for _ in range(REFUSALS_PER_STEP):  # refused connections, all due
                 a, b = socket.socketpair()
@@ -583,6 +574,15 @@ async def test_refusals_give_way_to_a_request_that_comes(
     i = events.index("arrival")
     assert events[i + 1] == "victim", events  # before the refusals still due
     assert told == [b"no"] * REFUSALS_PER_STEP  # and each refused peer told
+
+
+async def _handshake(s: socket.socket, path: Any) -> None:
+    """Connect `s` to the server at `path`, non-blocking, and say hello (its reply read)."""
+    from kernelshim.protocol import REQUEST, encode
+    s.connect(str(path))
+    s.setblocking(False)
+    s.send(encode(REQUEST, 1, {"op": "hello"}))
+    await _replies(s, 1)
 
 
 async def _replies(s: socket.socket, n: int) -> list[Any]:
