@@ -69,15 +69,35 @@ DIRECT_DEPTH = 16
 #: at most this many reads that missed the host's page cache wait for its disk in
 #: worker threads at once (all backings together); the rest wait for a thread
 READ_LIMITER = trio.CapacityLimiter(16)
-#: ... and at most this many of one tenant's (`read_owner`: the principal below root
+#: ... and at most this many of one tenant's (`DeviceRead.owner`: the principal below root
 #: whose subtree makes the read), so that a tenant with many reads of a slow host in
 #: flight does not hold every thread — however many child principals it reads as
 #: (probe 23, F1: 16 children of 4 reads each held all 16, another tenant's reads fell
 #: from 44 to 13 a second)
 READS_PER_TENANT = 4
-#: the tenant whose device read the current task is making (BlockDevice sets it)
-read_owner: contextvars.ContextVar[int] = contextvars.ContextVar("sluice_read_owner",
-                                                                 default=-1)
+
+
+class DeviceRead(Protocol):
+    """The device read the current task is making (`device_read`, BlockDevice sets it)."""
+
+    #: the tenant making it (the principal below root whose subtree it is)
+    owner: int
+
+    def release(self) -> None:
+        """Give up the read's claim on its blocks (no checkpoint): while a read waits for
+        a worker thread, writes of its blocks need not wait for it."""
+
+    async def retake(self) -> None:
+        """Claim the blocks again, once they are steady (writes claimed meanwhile have
+        landed) and the read's guard still passes (`check_read_guard`); returns with no
+        checkpoint after the claim."""
+
+
+#: the device read the current task is making, if any
+device_read: contextvars.ContextVar[DeviceRead | None] = \
+    contextvars.ContextVar("sluice_device_read", default=None)
+#: a limiter that never waits (`FileBacking.read_into` holds READ_LIMITER itself)
+_NO_LIMIT = trio.CapacityLimiter(math.inf)
 #: each tenant's limiter while it has reads in threads or waiting for one
 _owner_limiters: dict[int, trio.CapacityLimiter] = {}
 #: a read that missed the host's page cache is made on the event loop while such reads
@@ -330,15 +350,27 @@ class FileBacking:
             got += os.preadv(self._fd, [out[got:]], offset + got)
             self._missed(time.perf_counter() - t0)
         else:
-            owner = read_owner.get()
+            rd = device_read.get()
+            owner = -1 if rd is None else rd.owner
             mine = _owner_limiters.get(owner)
             if mine is None:
                 mine = _owner_limiters[owner] = trio.CapacityLimiter(READS_PER_TENANT)
+            # A read that must wait for a thread gives up its claim meanwhile and takes
+            # it again once it has one: a tenant's backlog of reads of a shared file
+            # held writes of those blocks, every tenant's, for as long as the backlog
+            # lasted (probe 23), and a dead client's queued reads its owner's rewrites
+            # for seconds. Its guard is checked again then (a grant revoked meanwhile).
+            queued = rd is not None and (mine.available_tokens < 1
+                                         or READ_LIMITER.available_tokens < 1)
+            if queued:
+                rd.release()  # type: ignore[union-attr]
             try:
-                async with mine:
+                async with mine, READ_LIMITER:
+                    if queued:
+                        await rd.retake()  # type: ignore[union-attr]
                     done, took = await trio.to_thread.run_sync(
                         _timed_preadv, self._fd, out[got:], offset + got,
-                        limiter=READ_LIMITER)
+                        limiter=_NO_LIMIT)
             finally:
                 if mine.borrowed_tokens == 0 and not mine.statistics().tasks_waiting and \
                         _owner_limiters.get(owner) is mine:

@@ -50,7 +50,7 @@ import numpy as np
 import trio
 import xxhash
 
-from .backing import (Backing, FileBacking, host_space, read_owner, release_space,
+from .backing import (Backing, FileBacking, device_read, host_space, release_space,
                       reserve_space)
 from .durable import StoreFileError, read_json_file
 from .checksums import (NATIVE_MIN_BLOCKS, PAGE, ChecksumStore, block_checksums,
@@ -125,6 +125,33 @@ def guard_reads(check: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         _read_guard.reset(token)
+
+
+class _DeviceRead:
+    """A device read's claim on its blocks (`BlockDevice.read_into`), which the backing
+    gives up while the read waits for a worker thread and takes again once it has one
+    (`blockdev.backing.DeviceRead`)."""
+
+    __slots__ = ("dev", "block", "count", "owner", "n")
+
+    def __init__(self, dev: BlockDevice, block: int, count: int, owner: int) -> None:
+        self.dev, self.block, self.count, self.owner = dev, block, count, owner
+        self.n: int | None = dev.claim(BlockNo(block), count)
+        dev._read_claims.add(self.n)
+
+    def release(self) -> None:
+        if self.n is not None:
+            self.dev._read_claims.discard(self.n)
+            self.dev.release_claim(self.n)
+            self.n = None
+
+    async def retake(self) -> None:
+        dev = self.dev
+        if dev._claims or dev._punching:
+            await dev._wait_landed(self.block, self.count, reads=False)
+        check_read_guard()  # (a grant revoked while the read waited)
+        self.n = dev.claim(BlockNo(self.block), self.count)
+        dev._read_claims.add(self.n)
 
 
 def _block_checksum(data: memoryview | bytes) -> int:
@@ -774,19 +801,18 @@ class BlockDevice:
         # (FileBacking.read_into), and a write or discard of the range meanwhile would
         # mix new data or checksums into what this one verifies (other reads do not
         # wait for it). Seen by nobody when the read comes from the page cache (no
-        # checkpoint before the release).
-        claim = self.claim(block, count)
-        self._read_claims.add(claim)
-        owner = read_owner.set(self._tenants.get(principal, int(principal)))
+        # checkpoint before the release). Not while it waits for a thread
+        # (`_DeviceRead.release`).
+        rd = _DeviceRead(self, block, count, self._tenants.get(principal, int(principal)))
+        token = device_read.set(rd)
         try:
             await self.data.read_into(block * bs, out)
             self._verify(block, count, out)
         except OSError as exc:
             raise self._failed(exc, "read", block, count) from None
         finally:
-            read_owner.reset(owner)
-            self._read_claims.discard(claim)
-            self.release_claim(claim)
+            device_read.reset(token)
+            rd.release()
         self._done(principal, count * bs, READ, times)
 
     def _verify(self, block: int, count: int, buf: bytearray | memoryview) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockdev import BankNode, BlockDevice, FileBacking, PrincipalId
+from blockdev import BankNode, BlockDevice, FileBacking, PrincipalId, guard_reads
 from blockdev import backing as backing_mod
 from conftest import make_volume
 
@@ -380,3 +380,94 @@ async def test_cheap_misses_do_not_put_a_slow_hosts_reads_back_on_the_loop(
         assert bytes(out) == pattern(4) and threads == [1]
     finally:
         b.close()
+
+
+@pytest.mark.mounted
+def test_a_read_waiting_for_a_thread_does_not_hold_writes_of_its_blocks(slow_host) -> None:
+    """Probe 23: a read claimed its blocks before it waited for a worker thread, so a
+    tenant's backlog of reads of a shared file (32 here, four at a time, 20 ms each)
+    held another tenant's write of the last block for the whole backlog (~0.15 s),
+    and a dead client's queued reads its owner's rewrites for seconds. The claim is
+    taken once the read has its thread: the write lands at once, and the read that
+    reaches the host after it gives the new data, verified against the new checksums."""
+    reader, writer = PrincipalId(3), PrincipalId(4)
+    d = stored_device(slow_host, b"".join(pattern(i) for i in range(32)), writer)
+
+    async def main() -> tuple[float, dict[int, bytes]]:
+        dev = BlockDevice.open(d, timeline_slack=0.0)
+        try:
+            data = file_backing(dev)
+            data.miss_s = 1.0  # (a slow host: reads go to worker threads)
+            got: dict[int, bytes] = {}
+            took: dict[str, float] = {}
+
+            async def read(i: int) -> None:
+                got[i] = bytes(await dev.read(i, 1, principal=reader))
+
+            async def write() -> None:
+                await trio.sleep(0.005)  # (the reads are at the host or queued by now)
+                t = trio.current_time()
+                await dev.write(31, pattern(1031), principal=writer)
+                took["write"] = trio.current_time() - t
+
+            async with trio.open_nursery() as n:
+                for i in range(32):
+                    n.start_soon(read, i)
+                n.start_soon(write)
+            return took["write"], got
+        finally:
+            dev.close()
+
+    write_s, got = trio.run(main)
+    assert write_s < 0.1, f"the write waited {write_s * 1e3:.0f} ms behind queued reads"
+    assert got[31] == pattern(1031)
+    assert all(got[i] == pattern(i) for i in range(31))
+
+
+class Revoked(Exception):
+    pass
+
+
+@pytest.mark.mounted
+def test_a_read_waiting_for_a_thread_checks_its_grant_again(slow_host) -> None:
+    """A read's guard (the shim's check that a direct client's grant still stands) ran
+    before the read waited for a worker thread: a grant revoked while a client's reads
+    waited behind its others at the host still had them served. It runs again once
+    the read has its thread: the reads already at the host finish, the queued ones
+    stop."""
+    me = PrincipalId(3)
+    d = stored_device(slow_host, b"".join(pattern(i) for i in range(8)), me)
+
+    async def main() -> tuple[dict[int, bytes], set[int]]:
+        dev = BlockDevice.open(d, timeline_slack=0.0)
+        try:
+            data = file_backing(dev)
+            data.miss_s = 1.0  # (a slow host: reads go to worker threads)
+            revoked = [False]
+
+            def check() -> None:
+                if revoked[0]:
+                    raise Revoked
+
+            got: dict[int, bytes] = {}
+            stopped: set[int] = set()
+
+            async def read(i: int) -> None:
+                with guard_reads(check):
+                    try:
+                        got[i] = bytes(await dev.read(i, 1, principal=me))
+                    except Revoked:
+                        stopped.add(i)
+
+            async with trio.open_nursery() as n:
+                for i in range(8):
+                    n.start_soon(read, i)
+                await trio.sleep(0.005)  # (four at the host, four waiting for a thread)
+                revoked[0] = True
+            return got, stopped
+        finally:
+            dev.close()
+
+    got, stopped = trio.run(main)
+    assert len(got) == 4 and len(stopped) == 4, (sorted(got), sorted(stopped))
+    assert all(got[i] == pattern(i) for i in got)
