@@ -25,6 +25,7 @@ from typing import NoReturn
 from kernelshim import Rate, SluiceError, UnitError, format_size_approx, parse_size
 from kernelshim.banks import NO_LIMIT
 from kernelshim.kernel import MIN_CACHE_FRAMES, PRIORITY_MAX, PRIORITY_MIN
+from kernelshim.protocol import NOTICE_CHARS
 
 from . import volume as vol
 from .errors import VolumeError
@@ -1135,6 +1136,16 @@ def _open_trace_out(path: str) -> int:
     return fd
 
 
+def cmd_notice(args: argparse.Namespace) -> int:
+    """`sluice notice MOUNTPOINT TEXT [--principal NAME]`."""
+    if _sluice_mount_of(args.mountpoint) is None:
+        raise CliError(_not_mounted(args.mountpoint))
+    with _control(args.mountpoint) as c:
+        n = c.notice(args.text, args.principal)
+    print(f"sent to {n} connection{'' if n == 1 else 's'}", file=sys.stderr)
+    return 0
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """`sluice trace record MOUNTPOINT OUT [--duration S]`."""
     if _sluice_mount_of(args.mountpoint) is None:
@@ -1365,9 +1376,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a file that loses dirty pages is emptied as a whole)")
     g.add_argument("--no-discardable", dest="discardable", action="store_false", default=None,
                    help="ordinary data again")
-    s.add_argument("--cache", choices=["pager", "kernel"], default=None,
-                   help="pager (every I/O reaches the pager) or kernel (the kernel's page "
-                        "cache, for shared mmap); takes effect at the next open")
+    s.add_argument("--cache", choices=["pager", "kernel", "direct"], default=None,
+                   help="pager (every I/O reaches the pager; direct is its older name) or "
+                        "kernel (all I/O through the kernel's page cache: the pager sees "
+                        "only its misses); takes effect at the next open")
     s.add_argument("-R", "--recursive", action="store_true",
                    help="also every file and directory below")
     s.add_argument("-q", "--quiet", action="store_true")
@@ -1383,6 +1395,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--duration", type=_interval, default=0, metavar="SECONDS",
                    help="stop after SECONDS (default: at Ctrl-C)")
     s.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("notice", help="send a line of text to the direct clients "
+                       "subscribed to notices (root or the volume's owner)")
+    s.add_argument("mountpoint")
+    s.add_argument("text", help=f"at most {NOTICE_CHARS} characters")
+    s.add_argument("--principal", metavar="NAME",
+                   help="only to the clients connected as this principal")
+    s.set_defaults(func=cmd_notice)
 
     s = sub.add_parser("fsck", help="check an unmounted or read-only mounted volume "
                        "(and repair an unmounted one)")

@@ -5,6 +5,7 @@ registration, and statistics. Who may change what is decided by the principal ta
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import trio
@@ -12,7 +13,7 @@ import trio
 from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
 from .principals import (LIMIT_BANKS, NO_LIMIT, OBJECT_BANKS, QUEUE_BANKS, Banks, NotAllowed,
                          Principal, Rate)
-from .protocol import arg_int, arg_str
+from .protocol import NOTICE_CHARS, arg_int, arg_str
 
 
 class AdminOps(ServerBase):
@@ -24,6 +25,18 @@ class AdminOps(ServerBase):
         self.principals.register(conn.creds.pid, principal, uid=conn.creds.uid,
                                  started=conn.creds.start_time)
         return {"pid": conn.creds.pid, "principal": principal.name}
+
+    async def _op_notice(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
+        """Free text to the clients subscribed to "notice" — every connection, or those
+        of one principal — from root or the volume's owner (the daemon's uid)."""
+        if conn.creds.uid not in (0, os.geteuid()):
+            raise NotAllowed("only root or the volume's owner may send a notice")
+        text = arg_str(p, "text", maxlen=NOTICE_CHARS)
+        body = {"text": text, "uid": conn.creds.uid}
+        if p.get("principal") is None:
+            return {"sent": self.push_to(self._conns, "notice", body)}
+        who = self.principals.get(arg_str(p, "principal", maxlen=64))
+        return {"sent": self.push(who, "notice", body)}
 
     async def _op_whoami(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         who = self.principals.resolve(conn.creds.pid, conn.creds.uid)

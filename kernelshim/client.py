@@ -673,6 +673,12 @@ class Client(_Base):
     def whoami(self) -> dict[str, Any]:
         return self.call("whoami")
 
+    def notice(self, text: str, principal: str | None = None) -> int:
+        """Send `text` to every client subscribed to "notice" (or those connected as
+        `principal`); root or the volume's owner only. Returns how many got it."""
+        n: int = self.call("notice", text=text, principal=principal)["sent"]
+        return n
+
     def start_trace(self) -> None:
         """Have the pager log every block access until stop_trace() (root or the
         volume's owner; one trace at a time; it ends if this client disconnects)."""

@@ -22,11 +22,12 @@ import signal
 import socket
 import struct
 import time
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import trio
 import trio._core._run as _trio_run
 
+from blockdev import PrincipalId
 from pager import ReclaimSubscription
 
 from .grants import Grant
@@ -1280,7 +1281,19 @@ class ServerBase:
     turns: FairTurns
     #: the log lines tenants cause, rate-limited per uid
     loglimit: LogLimiter
+    #: every connection being served
+    _conns: set[Connection]
 
     async def _give_turn(self) -> None:
         """End this step: the loop to the others (ShimServer's, in server.py)."""
+        raise NotImplementedError
+
+    def push_to(self, conns: Iterable[Connection], kind: str,
+                payload: dict[str, Any]) -> int:
+        """Notify the connections of `conns` subscribed to `kind` (sendpath.py's)."""
+        raise NotImplementedError
+
+    def push(self, principal: PrincipalId | Principal, kind: str,
+             payload: dict[str, Any]) -> int:
+        """Notify the connections of `principal` subscribed to `kind` (sendpath.py's)."""
         raise NotImplementedError

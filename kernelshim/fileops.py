@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -90,7 +91,17 @@ class FileOps(ServerBase):
         conn.next_slot += 1
         conn.slots[slot] = grant
         grant.alive = conn.alive  # (R6: see Kernel._pending_in)
+        grant.on_revoke = functools.partial(self._revoked_under, conn, slot)
         return slot
+
+    def _revoked_under(self, conn: Connection, slot: int, grant: Grant) -> None:
+        """`grant`, in `slot` of `conn`, was revoked by someone else (a truncate, an
+        unlink, a chmod, a rename over its file, a read-only remount; or the client's
+        own `revoke` of the grant it was minted from): tell the client if it
+        subscribed to "revoked" (its next request through the slot fails with
+        GrantRevoked anyway: this says so early)."""
+        if conn.slots.get(slot) is grant and conn.doomed is None:
+            self.push_to((conn,), "revoked", {"slot": slot, "inode": grant.inode})
 
     def _slot(self, conn: Connection, p: dict[str, Any]) -> Grant:
         return self._grant(conn, arg_int(p, "slot", hi=1 << 31))

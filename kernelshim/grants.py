@@ -64,6 +64,10 @@ class Grant:
     alive: Callable[[], bool] | None = dataclasses.field(default=None, repr=False)
     #: whether the grant is charged to its principal's kernel-object bank
     charged: bool = False
+    #: the holder's callback when the grant is revoked under it (not when the holder
+    #: releases it): the shim pushes a "revoked" notification to its client
+    #: (`GrantTable.revoke_nowait`; it must not raise nor wait)
+    on_revoke: Callable[[Grant], None] | None = dataclasses.field(default=None, repr=False)
     #: opaque reference for the issuer (unused by the kernel)
     file: object = None
     #: byte ranges [start, end) written through this grant and not yet committed,

@@ -13,6 +13,7 @@ request through the old grant reaches the device.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import trio
@@ -25,6 +26,8 @@ from .grants import PENDING_RANGES, Grant, Rights
 from .principals import PrincipalTable, TooManyObjects
 from .ranges import Meter
 
+
+log = logging.getLogger(__name__)
 
 _int_and = int.__and__
 _int_invert = int.__invert__
@@ -104,8 +107,10 @@ class GrantTable:
     def grants_for(self, inode: int) -> list[Grant]:
         return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
 
-    def revoke_nowait(self, grant: Grant) -> list[Grant]:
-        """Revoke `grant` and everything minted from it; returns the grants revoked."""
+    def revoke_nowait(self, grant: Grant, *, notify: bool = True) -> list[Grant]:
+        """Revoke `grant` and everything minted from it; returns the grants revoked.
+        Each one's holder is told (`Grant.on_revoke`) unless `notify` is False (the
+        holder releases its own grant: `release`)."""
         out: list[Grant] = []
         stack = [grant]
         while stack:
@@ -119,6 +124,11 @@ class GrantTable:
                 self.principals.refund_object(self.principals.by_id(g.principal), "grants")
                 g.charged = False
             out.append(g)
+            if notify and g.on_revoke is not None:
+                try:
+                    g.on_revoke(g)
+                except Exception:  # noqa: BLE001 - a notice is no reason to stop a revoke
+                    log.exception("telling the holder of grant %d it was revoked", g.id)
             self._grants.pop(g.id, None)
             s = self._by_inode.get(g.inode)
             if s is not None:
@@ -151,8 +161,9 @@ class GrantTable:
         await self.wait_drained(self.revoke_nowait(grant))
 
     def release(self, grant: Grant) -> None:
-        """The holder is done with the grant (close); same as revoke without waiting."""
-        self.revoke_nowait(grant)
+        """The holder is done with the grant (close); same as revoke without waiting,
+        and the holder is not told."""
+        self.revoke_nowait(grant, notify=False)
 
     @property
     def live_grants(self) -> int:

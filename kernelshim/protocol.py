@@ -57,6 +57,8 @@ from typing import Any, NamedTuple, Union
 from .rooterror import SluiceError
 
 VERSION = 2
+#: the longest text of a "notice" (characters; `sluice notice`)
+NOTICE_CHARS = 1024
 #: the JSON-only protocol before push: its frames get an error reply it can read
 OLD_VERSION = 1
 MAX_FRAME = 64 * 1024

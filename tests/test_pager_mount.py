@@ -267,6 +267,10 @@ def test_sluice_hint_recursive(mnt: Path, tmp_path: Path) -> None:
     assert os.getxattr(top / "a" / "new", "user.sluice.cache") == b"kernel"
     shown = sluice("hint", str(files[0])).stdout
     assert shown.strip() == f"{files[0]}: priority=-5 discardable=0 cache=kernel"
+    # `direct`, the older name of `pager`, as --cache-mode and setfattr take it
+    # (probe 27: refused, "invalid choice")
+    sluice("hint", str(files[1]), "--cache", "direct", "-q")
+    assert os.getxattr(files[1], "user.sluice.cache") == b"direct"
     # A link named on the command line stands for its target, as for setfattr.
     sluice("hint", str(top / "link"), "--priority", "7", "-q")
     assert os.getxattr(outside, "user.sluice.priority") == b"7"
