@@ -359,7 +359,10 @@ class FileBacking:
             # it again once it has one: a tenant's backlog of reads of a shared file
             # held writes of those blocks, every tenant's, for as long as the backlog
             # lasted (probe 23), and a dead client's queued reads its owner's rewrites
-            # for seconds. Its guard is checked again then (a grant revoked meanwhile).
+            # for seconds. Its guard is checked again then (a grant revoked meanwhile),
+            # and what the page cache gave it before the wait is read again: a write
+            # of the range may have landed meanwhile, and old blocks beside new ones
+            # fail the new checksums (probe 26, F1: a false ChecksumError).
             queued = rd is not None and (mine.available_tokens < 1
                                          or READ_LIMITER.available_tokens < 1)
             if queued:
@@ -368,6 +371,7 @@ class FileBacking:
                 async with mine, READ_LIMITER:
                     if queued:
                         await rd.retake()  # type: ignore[union-attr]
+                        got = 0  # (all of it again, under the claim)
                     done, took = await trio.to_thread.run_sync(
                         _timed_preadv, self._fd, out[got:], offset + got,
                         limiter=_NO_LIMIT)
