@@ -466,6 +466,10 @@ def _not_mounted(path: str) -> str:
         return f"{path} is a sluice volume, not a mount point (and it is not mounted)"
     if not os.path.lexists(path):
         return f"{path} is not a mounted sluice volume (it does not exist)"
+    inside = _sluice_mount_of(path)
+    if inside is not None:
+        return (f"{path} is inside the sluice mount {inside}: give the mount point "
+                f"({inside})")
     return f"{path} is not a mounted sluice volume"
 
 
@@ -1071,7 +1075,10 @@ def cmd_hint(args: argparse.Namespace) -> int:
                 failed += 1
                 why = exc.strerror or str(exc)
                 if exc.errno in (errno.EPERM, errno.EACCES):
-                    why += " (hints are set by whoever may write the file)"
+                    # (probe 27, F8: a directory's rule is not a file's)
+                    why += (" (a directory's hints are set by its owner or root)"
+                            if os.path.isdir(path) else
+                            " (hints are set by whoever may write the file)")
                 print(f"sluice hint: {shown}: {why}", file=sys.stderr)
             for line in walk_errors:  # entries the walk could not look at
                 failed += 1
@@ -1206,7 +1213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="none", type=_profile_arg,
                    help="timing profile: none, nvme, ssd, hdd, or custom "
                         "latency_us,MBps,seek_ms,depth[,write_us[,write_cache_MiB]] "
-                        "(also lat=,bw=,seek=,qd=,wlat=,wcache=)")
+                        "(also lat=,bw=,seek=,qd=,wlat=,wcache=,antic=)")
     s.add_argument("--inodes", type=_positive_int, default=None, help="maximum number of inodes")
     s.add_argument("--device", default=None, help="use this block device instead of a sparse file")
     s.add_argument("--force", action="store_true", help="overwrite an existing volume")
@@ -1214,8 +1221,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_mkfs)
 
     s = sub.add_parser("mount", help="mount a volume (returns once the mount is live)")
-    s.add_argument("volume")
-    s.add_argument("mountpoint")
+    s.add_argument("volume", help="the volume directory (sluice mkfs made it)")
+    s.add_argument("mountpoint", help="an existing directory to mount it on")
     s.add_argument("-f", "--foreground", action="store_true", help="do not detach")
     s.add_argument("--cache-size", default="64M", type=_size,
                    help=f"pager cache size (default 64M; at least {MIN_CACHE_FRAMES} blocks, "
@@ -1294,7 +1301,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("mountpoint")
         a.add_argument("name", type=_principal_name if act == "add" else str)
         if act == "add":
-            a.add_argument("--parent", default="root", help="parent principal (default root)")
+            a.add_argument("--parent", default=None,
+                           help="parent principal (default root; for a user who may not "
+                                "add principals under root, its own uid-N)")
             a.add_argument("--owner", type=_owner_arg, default=None, metavar="UID",
                            help="user (uid or name) that owns it (may run as it and manage "
                                 "it; default: you)")

@@ -86,7 +86,7 @@ from .inodes import MAX_FILE_SIZE, row_problems
 from .metadata import INODE_COLUMNS, Metadata
 from .xattrs import XATTR_NAME_MAX, XATTR_SIZE_MAX
 from .volume import (DB, MOUNT_STATE, VolumeLock, checking_lock, open_metadata, read_header,
-                     read_mount_state)
+                     pid_alive, read_mount_state)
 
 #: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
 EXIT_CLEAN = 0
@@ -125,11 +125,12 @@ class FsckReport:
     def verdict(self) -> str:
         if not self.errors and not self.left:
             return "clean"
+        n = f"{self.errors} error{'' if self.errors == 1 else 's'}"
         if not self.repair:
-            return f"{self.errors} errors found"
+            return f"{n} found"
         if not self.left:
-            return f"{self.errors} errors repaired"
-        return f"{self.errors} errors found, {self.repaired} repaired, {self.left} left"
+            return f"{n} repaired"
+        return f"{n} found, {self.repaired} repaired, {self.left} left"
 
 
 class _Pass:
@@ -393,12 +394,17 @@ class _Checker:
         if self.unclean:
             # (as e2fsck says it: the reader should know; probe 19, F17)
             state = read_mount_state(self.path) or {}
-            who = (f" (daemon pid {state['pid']} at {state['mountpoint']})"
-                   if state else "")
-            self.out.note(f"the volume was not cleanly unmounted{who}: its daemon was "
-                          "killed, or it is mounted read-only now; the next read-write "
-                          "mount finishes what it left, and changes not fsync'd in its "
-                          "last second may be gone")
+            if state.get("mountpoint") and pid_alive(int(state.get("pid") or 0)):
+                # (probe 27: a healthy read-only mount was told its daemon was killed)
+                self.out.note(f"the volume is mounted at {state['mountpoint']} (daemon "
+                              f"pid {state['pid']}), read-only: checked as it stands")
+            else:
+                who = (f" (daemon pid {state['pid']} at {state['mountpoint']})"
+                       if state else "")
+                self.out.note(f"the volume was not cleanly unmounted{who}: its daemon "
+                              "was killed; the next read-write mount finishes what it "
+                              "left, and changes not fsync'd in its last second may be "
+                              "gone")
         self.progress.phase("checking inodes and names")
         self.check_meta()
         if not self.check_inodes():

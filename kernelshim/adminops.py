@@ -14,6 +14,7 @@ from .connection import PAGE_ROWS, Connection, ServerBase, ServiceHistogram
 from .principals import (LIMIT_BANKS, NO_LIMIT, OBJECT_BANKS, QUEUE_BANKS, Banks, NotAllowed,
                          Principal, Rate)
 from .protocol import NOTICE_CHARS, arg_int, arg_str
+from .rooterror import SluiceError
 
 
 class AdminOps(ServerBase):
@@ -59,7 +60,8 @@ class AdminOps(ServerBase):
 
     async def _op_principal_add(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         args = self._banks_args(p)
-        parent = arg_str(p, "parent", optional=True, maxlen=64) or "root"
+        given = arg_str(p, "parent", optional=True, maxlen=64)
+        parent = given or "root"
         # Kernel-object and request banks not asked for: the default, or what the
         # parent has if that is less (asking for more than the parent holds stays an
         # error).
@@ -68,9 +70,21 @@ class AdminOps(ServerBase):
         except NotAllowed as exc:
             if parent != "root" or conn.creds.uid == 0:
                 raise
-            # (what a user on its own mount tries first: say what works; probe 19, F6)
-            raise NotAllowed(f"{exc} (add it under your own principal: --parent "
-                             f"uid-{conn.creds.uid})") from None
+            own = f"uid-{conn.creds.uid}"
+            fallback: Principal | None = None
+            if not given:
+                # No parent named, and root's is not the user's to use: its own
+                # principal (probe 27, F12: a default nobody but root could take)
+                try:
+                    fallback = self.principals.get_for(own, conn.creds.uid,
+                                                       "add principals under")
+                except SluiceError:
+                    pass
+            if fallback is None:
+                # (what a user on its own mount tries first: say what works; probe 19, F6)
+                raise NotAllowed(f"{exc} (add it under your own principal: --parent "
+                                 f"{own})") from None
+            par = fallback
         defaults = Banks()
         for k in (*OBJECT_BANKS, *QUEUE_BANKS):
             if k not in args:
@@ -79,7 +93,7 @@ class AdminOps(ServerBase):
                 args[k] = mine if lim is None or (mine is not None and mine <= lim) else lim
         owner = arg_int(p, "owner_uid", hi=(1 << 32) - 2) if p.get("owner_uid") is not None \
             else conn.creds.uid
-        pr = self.principals.add(arg_str(p, "name", maxlen=64), parent=parent,
+        pr = self.principals.add(arg_str(p, "name", maxlen=64), parent=par.name,
                                  owner_uid=owner, banks=Banks(**args),
                                  caller_uid=conn.creds.uid)
         return {"id": pr.id, "name": pr.name}

@@ -14,12 +14,19 @@ Pure functions over the tree's records (`banks.Principal`); the table calls them
 
 from __future__ import annotations
 
-from blockdev.units import format_rate
+from blockdev.units import format_rate, format_size_approx
 
 from .banks import LIMIT_BANKS, OBJECT_BANKS, Banks, Principal, PrincipalError
 
 #: float slack when adding reservations given in decimal and binary units
 _EPS = 1e-9
+#: banks counted in bytes: shown in binary units in messages (probe 27, F7: "has space
+#: 2147483648, more than 1572864000")
+_BYTE_BANKS = frozenset({"space", "cache_min", "cache_max", "shm", "parked_bytes"})
+
+
+def _shown(bank: str, v: int) -> str:
+    return format_size_approx(v) if bank in _BYTE_BANKS else str(v)
 
 
 def effective(p: Principal, bank: str) -> int | None:
@@ -43,21 +50,25 @@ def check_child_banks(parent: Principal, banks: Banks, *, exclude: Principal | N
     for k in LIMIT_BANKS:
         mine, theirs = getattr(banks, k), effective(parent, k)
         if theirs is not None and mine is not None and mine > theirs:
-            raise PrincipalError(f"{k} {mine} exceeds what parent {parent.name!r} "
-                                 f"holds ({theirs})")
+            raise PrincipalError(f"{k} {_shown(k, mine)} exceeds what parent "
+                                 f"{parent.name!r} holds ({_shown(k, theirs)})")
     siblings = [c for c in parent.children if c is not exclude]
     if banks.cache_min:
         carved = sum(c.banks.cache_min for c in siblings)
         avail = pb.cache_min if not parent_is_root or pb.cache_min else None
         if avail is not None and carved + banks.cache_min > avail:
             raise PrincipalError(
-                f"cache_min {banks.cache_min} exceeds what parent {parent.name!r} has "
-                f"left to guarantee ({avail - carved})")
+                f"cache_min {format_size_approx(banks.cache_min)} exceeds what parent "
+                f"{parent.name!r} has left to guarantee "
+                f"({format_size_approx(avail - carved)})")
         mx = effective(parent, "cache_max")
         if banks.cache_max is not None and banks.cache_min > banks.cache_max:
-            raise PrincipalError("cache_min exceeds cache_max")
+            raise PrincipalError(f"cache_min {format_size_approx(banks.cache_min)} exceeds "
+                                 f"cache_max {format_size_approx(banks.cache_max)} (a "
+                                 "guarantee above the ceiling)")
         if mx is not None and banks.cache_min > mx:
-            raise PrincipalError(f"cache_min exceeds parent's cache_max ({mx})")
+            raise PrincipalError(f"cache_min {format_size_approx(banks.cache_min)} exceeds "
+                                 f"parent's cache_max ({format_size_approx(mx)})")
     if banks.io_reserve is not None:
         for unit in banks.io_reserve.units():
             mine_r = banks.io_reserve.get(unit)
@@ -107,11 +118,13 @@ def check_children_fit(p: Principal, banks: Banks, *, is_root: bool) -> None:
         for k in LIMIT_BANKS:
             mine, theirs = getattr(c.banks, k), getattr(banks, k)
             if mine is not None and theirs is not None and mine > theirs:
-                raise PrincipalError(f"child {c.name!r} has {k} {mine}, more than {theirs}")
+                raise PrincipalError(f"child {c.name!r} has {k} {_shown(k, mine)}, more "
+                                     f"than {_shown(k, theirs)}")
     carved = sum(c.banks.cache_min for c in p.children)
     if carved > banks.cache_min and (not is_root or banks.cache_min):
-        raise PrincipalError(f"children of {p.name!r} hold cache_min {carved}, more than "
-                             f"{banks.cache_min}")
+        raise PrincipalError(f"children of {p.name!r} hold cache_min "
+                             f"{format_size_approx(carved)}, more than "
+                             f"{format_size_approx(banks.cache_min)}")
     reserved = [c.banks.io_reserve for c in p.children if c.banks.io_reserve is not None]
     r = banks.io_reserve
     if reserved and (r is not None or not is_root):

@@ -2,7 +2,8 @@
 """Another tenant's write + fdatasync while one tenant storms metadata fsyncs (stop 29).
 
 A victim (root) writes 4 KiB at a time and fdatasyncs, one after the other; an
-attacker tenant (uid ATTACKER_UID, its default principal) runs NPROC processes that each
+attacker tenant (uid ATTACKER_UID, its default principal; `--uid`, by default a uid no
+account of the host has) runs NPROC processes that each
 change the mode of one of their files and fsync it, without pause. The victim runs
 alone for SECONDS, then under the storm for SECONDS, in the same mount; optionally the
 attacker's principal gets an I/O limit first (`--limit 1iops`, `--limit 1MB/s`).
@@ -28,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, SLUICE, SluiceMount, log, main_quietly, run
+from benchlib import REPO, SLUICE, SluiceMount, log, main_quietly, parse_uids, run, unused_uids
 
-#: the attacker's uid (its processes run as it, by setpriv)
-ATTACKER_UID = 1000
+#: the attacker's uid (its processes run as it, by setpriv; `--uid`)
+ATTACKER_UID = 61000
 
 #: an attacker process: chmod + fsync of its files without end, counting fsyncs
 _ATTACKER = r'''
@@ -80,7 +81,15 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--limit", help="the attacker's --io-limit (e.g. 1iops, 1MB/s)")
     ap.add_argument("--profile", default="none")
+    ap.add_argument("--uid", default=None,
+                    help="the attacker's uid (default: the first from 61000 that no account "
+                         "has and no process runs as)")
     args = ap.parse_args()
+    global ATTACKER_UID
+    try:
+        ATTACKER_UID = parse_uids(args.uid, 1)[0] if args.uid else unused_uids(1)[0]
+    except ValueError as exc:
+        ap.error(f"--uid: {exc}")
     with tempfile.TemporaryDirectory(prefix="sluice-storm-") as tmp:
         base = Path(tmp)
         os.chmod(base, 0o755)

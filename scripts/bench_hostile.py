@@ -25,7 +25,7 @@ written), the daemon thread's time spent waiting to be scheduled on a CPU
                                               [--py-spy PATH] [--ab-nice A,B]
                                               [--gc-log FILE] [--rss-seconds S]
                                               [--floor] [--pin D,V[,A]]
-                                              [--victim-fuse] [--fuse-attack N]
+                                              [--victim-fuse] [--fuse-attack N] [--uids A,B]
 
 `--victim-fuse` makes the victim a program through the mount instead (the same stat and
 4 KiB pread, as FUSE requests: the attackers' direct requests and its own share the
@@ -120,7 +120,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchlib import REPO, SLUICE, SluiceMount, is_mounted, loadavg, log, run
+from benchlib import (REPO, SLUICE, SluiceMount, is_mounted, loadavg, log, parse_uids,
+                      run, unused_uids)
 
 sys.path.insert(0, str(REPO))
 
@@ -286,7 +287,8 @@ class UidSlices:
     take no more of the CPUs from another uid than one. Made under CPU_CGROUP, removed
     by `close` (this process moved back first)."""
 
-    def __init__(self, uids: tuple[int, ...] = (1000, 1002)) -> None:
+    def __init__(self, uids: tuple[int, ...] | None = None) -> None:
+        uids = HOSTILE if uids is None else uids
         tag = f"sluice-hostile-{os.getpid()}"
         self.home = CPU_CGROUP / self._own_cpu_cgroup().lstrip("/")
         self.dirs: dict[str, Path] = {}
@@ -348,6 +350,8 @@ VICTIM_SPIN = False
 VICTIM_FUSE = False
 #: what the printed tables say of the victim
 VICTIM_HOW = ", a direct client"
+#: the two hostile uids (`--uids`; default: two uids no account of the host has)
+HOSTILE: tuple[int, ...] = (61000, 61001)
 #: the attack is this many programs through the mount (FUSE_FLOOD), the hostile uids'
 #: in turn, instead of the control-socket attackers (`--fuse-attack N`; 0: those)
 FUSE_ATTACK = 0
@@ -714,7 +718,7 @@ def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> 
               f"{'CPU %d' % PIN[2] if PIN[2] is not None else 'any CPU'}")
     print(f"victim: root{', uid slices' if SLICES is not None else ''}{VICTIM_HOW}, {r['per_epoch']} request pairs (stat + 4 KiB pread) per epoch, "
           f"{r['epochs']} quiet and {r['epochs']} attacked epochs alternated (attackers "
-          f"stopped with SIGSTOP in the quiet ones); attackers: uids 1000 and 1002, "
+          f"stopped with SIGSTOP in the quiet ones); attackers: uids {HOSTILE[0]} and {HOSTILE[1]}, "
           f"{r['attackers']} processes{ATTACK_HOW}; load {load_start} -> {r['load'][-1]}")
     print(f"{'':34} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>8} {'max ms':>8}")
     for label, key in (("quiet (pooled)", "quiet_pooled"),
@@ -781,7 +785,7 @@ class Attack:
         return self
 
     def _go(self, cp: str) -> None:
-        hostile = (1000, 1002)
+        hostile = HOSTILE
         if FUSE_ATTACK:
             self.procs += [start(hostile[i % 2], FUSE_FLOOD, str(self.mnt / "pub" / "shared"))
                            for i in range(FUSE_ATTACK)]
@@ -792,7 +796,7 @@ class Attack:
         first = []
         for i in range(2):
             first.append(start(hostile[i], NEVER_READS, cp))
-        first.append(start(1002, SHM, str(self.mnt)))
+        first.append(start(hostile[1], SHM, str(self.mnt)))
         for i in range(self.floods):
             first.append(start(hostile[i % 2], FLOOD, cp))
         self.procs += first
@@ -1100,7 +1104,7 @@ def print_ab(result: dict[str, Any], n: int) -> None:
     """The table of --ab-nice: per daemon nice value, the victim's p50/p99 quiet and
     attacked, their ratio, and the daemon main thread's wait for a CPU (schedstat)."""
     print(f"victim: root, {n} request pairs (stat + 4 KiB pread) per daemon nice value and "
-          f"phase, in alternating blocks of 50; attackers: uids 1000 and 1002, "
+          f"phase, in alternating blocks of 50; attackers: uids {HOSTILE[0]} and {HOSTILE[1]}, "
           f"{result['attackers']} processes; load {result['load_start']} -> "
           f"{result['load_attacked']}")
     print(f"{'daemon nice':>11} {'quiet p50':>9} {'quiet p99':>9} {'att. p50':>9} "
@@ -1124,6 +1128,7 @@ def print_ab(result: dict[str, Any], n: int) -> None:
 
 def main() -> int:
     global SLICES, VICTIM_SLICE, VICTIM_GAP, VICTIM_SPIN, VICTIM_FUSE, VICTIM_HOW, FUSE_ATTACK, ATTACK_HOW
+    global HOSTILE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=None,
                     help="the victim's request pairs per condition (default 1000; 3000 "
@@ -1179,6 +1184,9 @@ def main() -> int:
                     "without pause (FUSE requests)")
     ap.add_argument("--slice-victim", dest="slice_victim", type=float, metavar="US",
                     help="the same for the victim (this process, every thread)")
+    ap.add_argument("--uids", metavar="A,B", default=None,
+                    help="the two hostile uids the attackers run as (default: the first two "
+                         "from 61000 that no account has and no process runs as)")
     ap.add_argument("--uid-slices", dest="uid_slices", action="store_true",
                     help="put the victim (this process, after the daemon started) and each "
                          "hostile uid's processes in a cpu cgroup of its own (cgroup v1, "
@@ -1201,6 +1209,10 @@ def main() -> int:
                     help="log the daemon's loop steps and operations (CPU time) to "
                          "FILE.<pid> and summarize the attacked phase")
     args = ap.parse_args()
+    try:
+        HOSTILE = parse_uids(args.uids, 2) if args.uids else unused_uids(2)
+    except ValueError as exc:
+        ap.error(f"--uids: {exc}")
     VICTIM_GAP = args.victim_gap / 1000.0
     VICTIM_SPIN = args.victim_spin
     VICTIM_FUSE = args.victim_fuse
@@ -1427,8 +1439,8 @@ def main() -> int:
                 Path(args.json).write_text(json.dumps(result, indent=1))
     q, a = result["quiet"], result["attacked"]
     nice = f", daemon and victim at nice {args.nice}" if args.nice is not None else ""
-    print(f"victim: root{nice}{VICTIM_HOW}, {n} requests (stat + 4 KiB pread) each; attackers: uids 1000 and "
-          f"1002, {result['attackers']} processes{ATTACK_HOW}; load {result['load_start']} -> "
+    print(f"victim: root{nice}{VICTIM_HOW}, {n} requests (stat + 4 KiB pread) each; attackers: uids {HOSTILE[0]} and "
+          f"{HOSTILE[1]}, {result['attackers']} processes{ATTACK_HOW}; load {result['load_start']} -> "
           f"{result['load_attacked']}")
     print(f"{'':28} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     print(f"{'quiet':28} {q['p50']:8.3f} {q['p99']:8.3f} {q['max']:8.3f}")

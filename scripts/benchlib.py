@@ -30,6 +30,43 @@ MiB = 1 << 20
 BS = 4096
 
 
+def unused_uids(n: int, start: int = 61000) -> tuple[int, ...]:
+    """`n` uids from `start` up that no account has (no passwd entry) and no process
+    runs as: a benchmark's hostile tenants run as them (setpriv), never as a real
+    user's uid (probe 27: uids 1000 and 1002 were two accounts of the host)."""
+    import pwd
+    busy = set()
+    for st in Path("/proc").glob("[0-9]*/status"):
+        try:
+            for line in st.read_text().splitlines():
+                if line.startswith("Uid:"):
+                    busy.update(int(x) for x in line.split()[1:])
+                    break
+        except OSError:
+            continue
+    out: list[int] = []
+    uid = start
+    while len(out) < n:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in busy:
+                out.append(uid)
+        uid += 1
+    return tuple(out)
+
+
+def parse_uids(text: str, n: int) -> tuple[int, ...]:
+    """`--uids A,B`: `n` distinct uids other than root (ValueError saying why)."""
+    try:
+        uids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r}: give {n} uids separated by commas") from None
+    if len(uids) != n or len(set(uids)) != n or min(uids) <= 0:
+        raise ValueError(f"{text!r}: give {n} distinct uids other than 0")
+    return uids
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -190,10 +227,21 @@ class SluiceMount:
         self.pid = None
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `main` unwinds (and unmounts)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main_quietly(main: Callable[[], int | None]) -> int | None:
     """Run a script's `main`; when the reader of its output goes away (`... | head`)
     stop quietly, as command-line tools do, instead of with a BrokenPipeError traceback.
-    The exception unwinds through `main` first, so its mounts are unmounted as usual."""
+    Ctrl-C and SIGTERM (`timeout`, a CI's cancel) stop it with one line and status 130 or
+    143, not a traceback nor — SIGTERM's default — a volume left mounted (probe 27). The
+    exception unwinds through `main` first, so its mounts are unmounted as usual."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         try:
             return main()
@@ -203,3 +251,9 @@ def main_quietly(main: Callable[[], int | None]) -> int | None:
         # (and keep Python from complaining again when it flushes stdout at exit)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"{Path(sys.argv[0]).name}: terminated", file=sys.stderr)
+        return 143

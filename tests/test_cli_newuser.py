@@ -113,6 +113,14 @@ def test_not_a_mount_says_what_the_path_is(volume: Path, mount_factory, tmp_path
                  ["principal", "ls", str(volume)]):
         one_line(sluice(*args, check=False), f"{volume} is a sluice volume, not a mount "
                  f"point: it is mounted at {m.path}", code=1)
+    # A directory inside the mount: which mount to give (probe 27, F6: "is not a
+    # mounted sluice volume", of a path that is on one)
+    sub = m.path / "doc"
+    sub.mkdir()
+    for args in (["stats", str(sub)], ["principal", "ls", str(sub)],
+                 ["run", str(sub), "--principal", "root", "--", "true"]):
+        one_line(sluice(*args, check=False), f"{sub} is inside the sluice mount "
+                 f"{m.path}: give the mount point", code=1)
     assert is_mounted(m.path)
 
 

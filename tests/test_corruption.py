@@ -122,7 +122,7 @@ def test_fsck_verify_data_reports_mismatch(corrupted) -> None:
     assert r.returncode == 4, r.stdout + r.stderr
     assert f"checksum mismatch in device block {dev}" in r.stdout
     assert "1 bad" in r.stdout
-    assert r.stdout.strip().endswith("1 errors found"), r.stdout
+    assert r.stdout.strip().endswith("1 error found"), r.stdout
     assert "Traceback" not in r.stderr
 
 

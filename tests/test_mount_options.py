@@ -186,6 +186,10 @@ def test_remount_read_only_and_back(tmp_path: Path, mount_factory) -> None:
     # what was written before is committed: fsck of the read-only mount finds it clean
     r = sluice("fsck", str(vol), "-q")
     assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout
+    # and says the volume is mounted read-only, not that its daemon was killed (probe
+    # 27, F5: "its daemon was killed ... changes ... may be gone" on a healthy mount)
+    assert f"note: the volume is mounted at {m.path} (daemon pid " in r.stdout, r.stdout
+    assert "killed" not in r.stdout and "may be gone" not in r.stdout, r.stdout
     # read-write again
     r = sluice("remount", str(m.path), "-o", "rw")
     assert r.stdout.strip() == f"{m.path}: rw,nosuid,nodev,relatime"

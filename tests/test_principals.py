@@ -393,8 +393,12 @@ def test_run_as_someone_elses_principal(pubmnt: Path) -> None:
     # The owner manages what is below its principal, nothing else.
     r = _user_sluice(1000, "principal", "add", m, "sub", "--parent", "mine", "--space", "1M")
     assert r.returncode == 0, r.stderr
-    r = _user_sluice(1000, "principal", "add", m, "top")
+    r = _user_sluice(1000, "principal", "add", m, "top", "--parent", "root")
     assert r.returncode == 1 and "may not" in r.stderr
+    # (without --parent, a user's principal goes below its own uid-N)
+    r = _user_sluice(1000, "principal", "add", m, "own")
+    assert r.returncode == 0, r.stderr
+    assert table(mnt)["own"]["parent"] == "uid-1000"
     r = _user_sluice(1000, "principal", "set", m, "theirs", "--space", "1M")
     assert r.returncode == 1 and "may not" in r.stderr
     r = _user_sluice(1000, "run", m, "--principal", "sub", "--", "touch", str(w / "s"))
@@ -467,6 +471,12 @@ def test_request_banks_from_the_cli(pubmnt: Path) -> None:
         "parked 5000 exceeds what parent 'root' holds (4096)")
     assert fails_one_line("principal", "set", m, "mine", "--costly-rate", "0").endswith(
         "costly_rate must be at least 1 (operations a second)")
+    # Sizes in the binary units they were given in (probe 27, F7: raw byte counts)
+    assert fails_one_line("principal", "set", m, "mine", "--parked-bytes", "512K").endswith(
+        "child 'kid' has parked_bytes 1.0MiB, more than 512.0KiB")
+    assert fails_one_line("principal", "set", m, "mine", "--cache-min", "2M",
+                          "--cache-max", "1M").endswith(
+        "cache_min 2.0MiB exceeds cache_max 1.0MiB (a guarantee above the ceiling)")
     # Root raises its own ceiling first, then the tenant's.
     sluice("principal", "set", m, "root", "--parked", "10000")
     sluice("principal", "set", m, "mine", "--parked", "5000")

@@ -27,6 +27,13 @@ def test_only_a_directorys_owner_sets_the_hints_its_new_files_inherit(pubmnt: Pa
     r = user_run(["setfattr", "-n", "user.sluice.priority", "-v", "-100", str(shared)])
     assert r.returncode != 0 and "not permitted" in r.stderr.lower(), r.stderr
     assert os.listxattr(shared) == []
+    # `sluice hint` gives the directory's rule as the reason (probe 27, F8: it said a
+    # file's, "whoever may write the file", of a directory the user may write)
+    from shim_util import USER_PY
+    r = user_run([USER_PY, "-m", "fs.cli", "hint", str(shared), "--priority", "5"])
+    assert r.returncode != 0 and r.stderr.strip() == (
+        f"sluice hint: {shared}: Operation not permitted (a directory's hints are set by "
+        "its owner or root)"), r.stderr
     # another tenant's file created there inherits nothing
     r = user_run(["sh", "-c", f"echo mine > {shared}/theirs"], uid=1002)
     assert r.returncode == 0, r.stderr

@@ -96,14 +96,26 @@ def test_mkfs_numbers_out_of_range_are_usage_errors(tmp_path: Path) -> None:
 def test_a_user_refused_a_principal_under_root_is_told_what_works(volume: Path,
                                                                   pubmnt: Path) -> None:
     """F6: on a mount it may use, a user's `principal add MNT NAME` (the README's first
-    example) was refused with no hint that `--parent uid-N` works."""
+    example) was refused with no hint that `--parent uid-N` works. Probe 27, F12: and
+    the default parent was one the user could never use; without `--parent` a user's
+    principal now goes under its own `uid-N`, and `--parent root` is refused saying
+    what works."""
     from shim_util import USER_PY, user_run
-    r = user_run([USER_PY, "-m", "fs.cli", "principal", "add", str(pubmnt), "mine"])
+    r = user_run([USER_PY, "-m", "fs.cli", "principal", "add", str(pubmnt), "kid",
+                  "--parent", "root"])
     assert r.returncode == 1 and "--parent uid-1000" in r.stderr, r.stderr
     r = user_run([USER_PY, "-m", "fs.cli", "principal", "add", str(pubmnt), "mine",
                   "--parent", "uid-1000"])
     assert r.returncode == 0, r.stderr
+    r = user_run([USER_PY, "-m", "fs.cli", "principal", "add", str(pubmnt), "also"])
+    assert r.returncode == 0, r.stderr
+    shown = sluice("principal", "show", str(pubmnt), "also").stdout.splitlines()[0]
+    assert "parent uid-1000" in shown, shown
     assert "mine" in sluice("principal", "ls", str(pubmnt)).stdout
+    # root's default stays root
+    sluice("principal", "add", str(pubmnt), "rootkid")
+    assert "parent root," in sluice("principal", "show", str(pubmnt),
+                                    "rootkid").stdout.splitlines()[0]
 
 
 def test_sluice_run_says_127_and_126_as_env_does(volume: Path, mount_factory,
