@@ -1047,7 +1047,9 @@ def _hint_targets(root: str, recursive: bool, failed: list[str]):
 
 
 def cmd_hint(args: argparse.Namespace) -> int:
-    changes: list[tuple[str, bytes]] = []
+    changes: list[tuple[str, bytes | None]] = []  # (None: the hint removed)
+    if args.clear:
+        changes += [(x, None) for x in HINT_XATTRS.values()]
     if args.priority is not None:
         changes.append((HINT_XATTRS["priority"], str(args.priority).encode()))
     if args.discardable is not None:
@@ -1066,7 +1068,14 @@ def cmd_hint(args: argparse.Namespace) -> int:
             try:
                 if changes:
                     for name, value in changes:
-                        os.setxattr(path, name, value, follow_symlinks=False)
+                        if value is not None:
+                            os.setxattr(path, name, value, follow_symlinks=False)
+                            continue
+                        try:
+                            os.removexattr(path, name, follow_symlinks=False)
+                        except OSError as exc:
+                            if exc.errno != errno.ENODATA:  # (not set: nothing to do)
+                                raise
                 else:
                     print(f"{shown}: " + " ".join(
                         f"{k}={_get_hint(path, x)}" for k, x in HINT_XATTRS.items()))
@@ -1089,8 +1098,13 @@ def cmd_hint(args: argparse.Namespace) -> int:
             print(f"sluice hint: {line}", file=sys.stderr)
         walk_errors.clear()
     if changes and not args.quiet:
-        what = ", ".join(f"{n.removeprefix('user.sluice.')}={v.decode()}" for n, v in changes)
-        print(f"set {what} on {_plural(done, 'file or directory', 'files and directories')}"
+        what = ", ".join(f"{n.removeprefix('user.sluice.')}={v.decode()}" for n, v in changes
+                         if v is not None)
+        if args.clear:
+            what = "cleared the hints" + (f", then set {what}" if what else "")
+        else:
+            what = f"set {what}"
+        print(f"{what} on {_plural(done, 'file or directory', 'files and directories')}"
               + (f"; {failed} failed" if failed else ""))
     return EXIT_ERROR if failed else 0
 
@@ -1389,6 +1403,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pager (every I/O reaches the pager; direct is its older name) or "
                         "kernel (all I/O through the kernel's page cache: the pager sees "
                         "only its misses); takes effect at the next open")
+    s.add_argument("--clear", action="store_true",
+                   help="remove the hints first (priority, discardable, cache: the "
+                        "defaults again; new files no longer inherit them)")
     s.add_argument("-R", "--recursive", action="store_true",
                    help="also every file and directory below")
     s.add_argument("-q", "--quiet", action="store_true")

@@ -271,6 +271,16 @@ def test_sluice_hint_recursive(mnt: Path, tmp_path: Path) -> None:
     # (probe 27: refused, "invalid choice")
     sluice("hint", str(files[1]), "--cache", "direct", "-q")
     assert os.getxattr(files[1], "user.sluice.cache") == b"direct"
+    # --clear takes them off (probe 27: only discardable could be undone)
+    r = sluice("hint", str(files[2]), "--clear")
+    assert r.stdout.strip() == "cleared the hints on 1 file or directory", r.stdout
+    assert not [x for x in os.listxattr(files[2]) if x.startswith("user.sluice.")]
+    assert sluice("hint", str(files[2])).stdout.strip() == \
+        f"{files[2]}: priority=- discardable=- cache=-"
+    r = sluice("hint", str(files[2]), "--clear", "--priority", "3")
+    assert r.stdout.strip() == "cleared the hints, then set priority=3 on 1 file or " \
+        "directory", r.stdout
+    assert os.getxattr(files[2], "user.sluice.priority") == b"3"
     # A link named on the command line stands for its target, as for setfattr.
     sluice("hint", str(top / "link"), "--priority", "7", "-q")
     assert os.getxattr(outside, "user.sluice.priority") == b"7"
