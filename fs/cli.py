@@ -1499,7 +1499,13 @@ def _main(argv: list[str] | None = None) -> int:
     except (CliError, VolumeError, SluiceError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             return _quiet_broken_pipe()
-        print(f"sluice {args.cmd}: {_message(exc)}", file=sys.stderr)
+        if getattr(args, "ready_fd", None) is not None and logging.getLogger().handlers:
+            # The daemon of a `sluice mount`: its stderr is the volume's log, and the
+            # parent says the error to the user; one line in the log's own format
+            # (probe 27, F11: a bare line among the timestamped ones)
+            log.error("%s", _message(exc))
+        else:
+            print(f"sluice {args.cmd}: {_message(exc)}", file=sys.stderr)
         return EXIT_FSCK_OPERATIONAL if args.cmd == "fsck" else EXIT_ERROR
     except KeyboardInterrupt:
         return 130

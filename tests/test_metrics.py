@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import urllib.request
@@ -225,6 +226,12 @@ def test_metrics_option_errors_are_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "cannot serve metrics on 127.0.0.1" in lines[0], r.stderr
     assert not is_mounted(mp)
     assert not os.listdir(mp)
+    # ... and the daemon's log says it in its own format, not as a bare line (probe 27,
+    # F11): a timestamp and the level, as every other line
+    said = [ln for ln in (vol / "sluice.log").read_text().splitlines()
+            if "cannot serve metrics" in ln]
+    assert said and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ERROR ", ln)
+                        for ln in said), said
 
 
 # -- sluice stats --watch --------------------------------------------------------------------
