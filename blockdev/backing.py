@@ -87,10 +87,13 @@ class DeviceRead(Protocol):
         """Give up the read's claim on its blocks (no checkpoint): while a read waits for
         a worker thread, writes of its blocks need not wait for it."""
 
-    async def retake(self) -> None:
-        """Claim the blocks again, once they are steady (writes claimed meanwhile have
-        landed) and the read's guard still passes (`check_read_guard`); returns with no
-        checkpoint after the claim."""
+    def retake_nowait(self) -> bool:
+        """Claim the blocks again if they are steady now (no write or discard claimed
+        meanwhile still overlaps them) and the read's guard still passes
+        (`check_read_guard`, which may raise); False, with nothing claimed, if not."""
+
+    async def wait_steady(self) -> None:
+        """Wait until no write or discard overlapping the blocks is in progress."""
 
 
 #: the device read the current task is making, if any
@@ -362,20 +365,42 @@ class FileBacking:
             # for seconds. Its guard is checked again then (a grant revoked meanwhile),
             # and what the page cache gave it before the wait is read again: a write
             # of the range may have landed meanwhile, and old blocks beside new ones
-            # fail the new checksums (probe 26, F1: a false ChecksumError).
-            queued = rd is not None and (mine.available_tokens < 1
-                                         or READ_LIMITER.available_tokens < 1)
-            if queued:
-                rd.release()  # type: ignore[union-attr]
+            # fail the new checksums (probe 26, F1: a false ChecksumError). Whether it
+            # must wait is the slots' own answer (`acquire_nowait`), not a look at the
+            # free tokens, which every read of one batch saw free (review of stop 31,
+            # 2); and it never waits for writes of its blocks holding a thread slot:
+            # with the blocks not steady it gives the slots back, waits, and asks again
+            # (review, 1: a writer at a 1 IOPS limit held readers' slots for seconds).
+            me = trio.lowlevel.current_task()
+            held: list[trio.CapacityLimiter] = []
+            given_up = False
             try:
-                async with mine, READ_LIMITER:
-                    if queued:
-                        await rd.retake()  # type: ignore[union-attr]
+                while True:
+                    for lim in (mine, READ_LIMITER):
+                        if lim in held:
+                            continue
+                        try:
+                            lim.acquire_on_behalf_of_nowait(me)
+                        except trio.WouldBlock:
+                            if rd is not None and not given_up:
+                                rd.release()
+                                given_up = True
+                            await lim.acquire_on_behalf_of(me)
+                        held.append(lim)
+                    if not given_up or rd is None:
+                        break
+                    if rd.retake_nowait():  # steady: claimed again, the guard passed
                         got = 0  # (all of it again, under the claim)
-                    done, took = await trio.to_thread.run_sync(
-                        _timed_preadv, self._fd, out[got:], offset + got,
-                        limiter=_NO_LIMIT)
+                        break
+                    while held:  # not steady: wait for the writes without the slots
+                        held.pop().release_on_behalf_of(me)
+                    await rd.wait_steady()
+                done, took = await trio.to_thread.run_sync(
+                    _timed_preadv, self._fd, out[got:], offset + got,
+                    limiter=_NO_LIMIT)
             finally:
+                while held:
+                    held.pop().release_on_behalf_of(me)
                 if mine.borrowed_tokens == 0 and not mine.statistics().tasks_waiting and \
                         _owner_limiters.get(owner) is mine:
                     del _owner_limiters[owner]  # (a tenant's children come and go)

@@ -145,13 +145,20 @@ class _DeviceRead:
             self.dev.release_claim(self.n)
             self.n = None
 
-    async def retake(self) -> None:
+    def retake_nowait(self) -> bool:
         dev = self.dev
-        if dev._claims or dev._punching:
-            await dev._wait_landed(self.block, self.count, reads=False)
+        if (dev._claims or dev._punching) and \
+                dev._unlanded(self.block, self.count, reads=False):
+            return False
         check_read_guard()  # (a grant revoked while the read waited)
         self.n = dev.claim(BlockNo(self.block), self.count)
         dev._read_claims.add(self.n)
+        return True
+
+    async def wait_steady(self) -> None:
+        dev = self.dev
+        if dev._claims or dev._punching:
+            await dev._wait_landed(self.block, self.count, reads=False)
 
 
 def _block_checksum(data: memoryview | bytes) -> int:
@@ -857,19 +864,21 @@ class BlockDevice:
         """Wait until no claim (numbered below `before`, if given; not a read's unless
         `reads`) overlaps [block, block + count), nor, for a read (`reads` False), a
         run a discard is punching. Returns with no checkpoint after the last check."""
+        while self._unlanded(block, count, before=before, reads=reads):
+            await self._landed.park()
+
+    def _unlanded(self, block: int, count: int, *, before: int | None = None,
+                  reads: bool = True) -> bool:
+        """Whether `_wait_landed` would wait now: a claim (numbered below `before`, if
+        given; not a read's unless `reads`) overlaps [block, block + count), or, for a
+        read (`reads` False), a run a discard is punching (its runs are in a thread)."""
         end = block + count
         skip = () if reads else self._read_claims
-        while True:
-            for n, (b, c) in self._claims.items():
-                if (before is None or n < before) and b < end and block < b + c \
-                        and n not in skip:
-                    break
-            else:
-                if not reads and self._punching and self._punching_meets(block, end):
-                    await self._landed.park()  # (a read: a discard's runs in the thread)
-                    continue
-                return
-            await self._landed.park()
+        for n, (b, c) in self._claims.items():
+            if (before is None or n < before) and b < end and block < b + c \
+                    and n not in skip:
+                return True
+        return not reads and bool(self._punching) and self._punching_meets(block, end)
 
     def _punching_meets(self, block: int, end: int) -> bool:
         """Whether [block, end) meets a run `_discard_in_thread` is punching."""
