@@ -95,9 +95,9 @@ class FileOps(ServerBase):
         return slot
 
     def _revoked_under(self, conn: Connection, slot: int, grant: Grant) -> None:
-        """`grant`, in `slot` of `conn`, was revoked by someone else (a truncate, an
-        unlink, a chmod, a rename over its file, a read-only remount; or the client's
-        own `revoke` of the grant it was minted from): tell the client if it
+        """`grant`, in `slot` of `conn`, was revoked under it (a truncate, an unlink, a
+        chmod, a rename over its file, a read-only remount; or the client's own
+        `revoke` or `close` of the grant it was minted from): tell the client if it
         subscribed to "revoked" (its next request through the slot fails with
         GrantRevoked anyway: this says so early)."""
         if conn.slots.get(slot) is grant and conn.doomed is None:
@@ -398,7 +398,7 @@ class FileOps(ServerBase):
 
     async def _op_revoke(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:
         g = self._slot(conn, p)
-        await self.kernel.revoke(g)
+        await self.kernel.revoke(g, holder_knows=True)  # (the minted ones are told)
         return {}
 
     async def _op_close(self, conn: Connection, p: dict[str, Any]) -> dict[str, Any]:

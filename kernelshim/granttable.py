@@ -107,10 +107,12 @@ class GrantTable:
     def grants_for(self, inode: int) -> list[Grant]:
         return [g for g in self._by_inode.get(inode, ()) if not g.revoked]
 
-    def revoke_nowait(self, grant: Grant, *, notify: bool = True) -> list[Grant]:
+    def revoke_nowait(self, grant: Grant, *, holder_knows: bool = False) -> list[Grant]:
         """Revoke `grant` and everything minted from it; returns the grants revoked.
-        Each one's holder is told (`Grant.on_revoke`) unless `notify` is False (the
-        holder releases its own grant: `release`)."""
+        Each one's holder is told (`Grant.on_revoke`), except `grant`'s own when
+        `holder_knows` (it closed or revoked the grant itself: `release`, `revoke`);
+        the holders of grants minted from it are told all the same (review of stop 31,
+        3: a client's close of a handle revoked the ones minted from it unsaid)."""
         out: list[Grant] = []
         stack = [grant]
         while stack:
@@ -124,7 +126,7 @@ class GrantTable:
                 self.principals.refund_object(self.principals.by_id(g.principal), "grants")
                 g.charged = False
             out.append(g)
-            if notify and g.on_revoke is not None:
+            if g.on_revoke is not None and not (holder_knows and g is grant):
                 try:
                     g.on_revoke(g)
                 except Exception:  # noqa: BLE001 - a notice is no reason to stop a revoke
@@ -157,13 +159,13 @@ class GrantTable:
                 await g._writes_drained.wait()
         await trio.lowlevel.checkpoint()
 
-    async def revoke(self, grant: Grant) -> None:
-        await self.wait_drained(self.revoke_nowait(grant))
+    async def revoke(self, grant: Grant, *, holder_knows: bool = False) -> None:
+        await self.wait_drained(self.revoke_nowait(grant, holder_knows=holder_knows))
 
     def release(self, grant: Grant) -> None:
         """The holder is done with the grant (close); same as revoke without waiting,
-        and the holder is not told."""
-        self.revoke_nowait(grant, notify=False)
+        and the holder is not told (the holders of grants minted from it are)."""
+        self.revoke_nowait(grant, holder_knows=True)
 
     @property
     def live_grants(self) -> int:
