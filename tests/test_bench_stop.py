@@ -67,3 +67,25 @@ def test_hostile_tenants_run_as_uids_no_account_has() -> None:
     for bad in ("5000", "5000,5000", "0,1", "a,b"):
         with pytest.raises(ValueError):
             parse_uids(bad, 2)
+
+
+def test_a_trio_benchmark_stopped_by_sigterm_says_so_too() -> None:
+    """Review of stop 31, 4: a benchmark that runs trio got the signal's exception in an
+    exception group, which `main_quietly` let through: a traceback and status 1."""
+    code = f"""
+import os, signal, sys, trio
+sys.path.insert(0, {str(REPO / "scripts")!r})
+from benchlib import main_quietly
+def main():
+    async def run():
+        async with trio.open_nursery() as n:
+            n.start_soon(trio.sleep, 30)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await trio.sleep(30)
+    trio.run(run)
+sys.exit(main_quietly(main))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    assert r.returncode == 143 and r.stderr.strip() == "-c: terminated", (r.returncode,
+                                                                         r.stderr)
