@@ -1273,7 +1273,8 @@ def main() -> int:
                                options=("--idle-poll", "0"))
     jitter = machine_jitter()
     log(f"the machine before: {jitter_line(jitter)}")
-    result: dict[str, Any] = {"samples": n, "load_start": loadavg(), "jitter_before": jitter,
+    result: dict[str, Any] = {"samples": n, "hostile_uids": list(HOSTILE),
+                              "load_start": loadavg(), "jitter_before": jitter,
                               "floor": bool(args.floor), "victim_fuse": VICTIM_FUSE,
                               "fuse_attack": FUSE_ATTACK,
                               "mountpoints": [str(base / "mnt")] + (

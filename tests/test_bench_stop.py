@@ -31,9 +31,12 @@ def storm_mounts() -> set[str]:
                                                      (signal.SIGINT, 130, "interrupted")])
 def test_a_stopped_benchmark_unmounts_and_says_so(sig: int, status: int, word: str) -> None:
     before = storm_mounts()
+    # (with SIGINT as a terminal leaves it: a pytest-xdist worker ignores it, and an
+    # ignored SIGINT is inherited, so Python would install no KeyboardInterrupt)
     p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bench_fsync_storm.py"),
                           "--seconds", "30"], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not storm_mounts() - before:  # its volume is mounted

@@ -97,7 +97,7 @@ def test_a_childs_limit_stays_under_its_parents() -> None:
     with pytest.raises(PrincipalError, match="child 'a1' has io_limit 50MB/s"):
         t.set("a", 0, io_limit=Rate.parse("40MB/s"))
     assert t.get("a").banks.io_limit == Rate.parse("100MB/s")
-    with pytest.raises(PrincipalError, match="child 'a1' has space 4194304"):
+    with pytest.raises(PrincipalError, match="child 'a1' has space 4.0MiB, more than 1.0MiB"):
         t.set("a", 0, space=MiB)
     with pytest.raises(PrincipalError, match="io_weight must be positive"):
         t.set("root", 0, io_weight=0)
