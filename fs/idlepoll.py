@@ -166,7 +166,9 @@ class IdlePoll(trio.abc.Instrument):
         self.pause = MIN_PAUSE
         #: misses in a row
         self._misses = 0
-        #: polls, and of them those that caught a request; seconds spent polling
+        #: polls, and of them those that caught a request; seconds spent polling (here
+        #: and by the shim's connections: `polled`), which the loop thread spends on a
+        #: CPU without serving anything
         self.polls = 0
         self.hits = 0
         self.spun = 0.0
@@ -194,7 +196,6 @@ class IdlePoll(trio.abc.Instrument):
             if t >= end:
                 hit = False
                 break
-        self.spun += clock() - now
         self.polled(hit, now=now)
 
     def window_now(self) -> float:
@@ -242,8 +243,9 @@ class IdlePoll(trio.abc.Instrument):
         self._next_check = now + LOAD_CHECK
 
     def polled(self, hit: bool, *, now: float) -> None:
-        """Count one poll begun at `now` and adjust the backoff."""
+        """Count one poll begun at `now` and ending now, and adjust the backoff."""
         self.polls += 1
+        self.spun += self._clock() - now
         if hit:
             self.hits += 1
             self._misses = 0

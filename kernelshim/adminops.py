@@ -180,7 +180,9 @@ class AdminOps(ServerBase):
         that becomes readable waits up to about two of them) and the share of that
         time the loop thread was on a CPU, and the percentiles of its CPU time per batch
         (`cpu_p50_ms`, `cpu_p99_ms`: what a request waits for a batch whatever else the
-        machine runs), and `parked`: steps of backlogged principals put off to a later
+        machine runs), `idle_spun_ms`: the loop thread's time spent polling for a
+        next request since the daemon started (on a CPU, serving nothing: fs/idlepoll.py;
+        never reset), and `parked`: steps of backlogged principals put off to a later
         batch (FairTurns, BATCH_SECONDS); `bursts`, `burst_writes`, `burst_cpu_ms`:
         bursts of pipelined overwrites relocated together, the writes they served and
         the loop thread's CPU time in them (docs/dev/protocol.md,
@@ -206,7 +208,8 @@ class AdminOps(ServerBase):
                 "preempted": t.preempted,
                 "bursts": t.bursts, "burst_writes": t.burst_writes,
                 "burst_cpu_ms": t.burst_cpu * 1e3,
-                "side_misses": t.side_misses, "held": t.held}
+                "side_misses": t.side_misses, "held": t.held,
+                "idle_spun_ms": self.idle_spun() * 1e3}
         if p.get("reset") and conn.creds.uid == 0 and nxt is None:
             for sh in self.turns.shares.values():
                 sh.service, sh.waited, sh.turns_waited = ServiceHistogram(), ServiceHistogram(), 0

@@ -1288,6 +1288,10 @@ class ServerBase:
         """End this step: the loop to the others (ShimServer's, in server.py)."""
         raise NotImplementedError
 
+    def idle_spun(self) -> float:
+        """Seconds the loop thread has spent polling for a next request (server.py's)."""
+        raise NotImplementedError
+
     def push_to(self, conns: Iterable[Connection], kind: str,
                 payload: dict[str, Any]) -> int:
         """Notify the connections of `conns` subscribed to `kind` (sendpath.py's)."""

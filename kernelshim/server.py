@@ -222,7 +222,10 @@ LONG_OPS = COSTLY_OPS | {"open"}
 class IdleWindow(Protocol):
     """What `ShimServer._poll_next` asks of the loop's idle poll (fs/idlepoll.py
     `IdlePoll`): whether to poll now and how long, whether another descriptor has an
-    event, and the outcome of a poll."""
+    event, and the outcome of a poll; `spun`: the seconds spent polling so far (the
+    loop thread on a CPU serving nothing: `shim_stats`)."""
+
+    spun: float
 
     def window_now(self) -> float: ...
 
@@ -320,6 +323,10 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
         self._idle_poll = idle
         self.turns.ready = idle.ready if idle is not None else None
         self.turns.may_hold = (lambda: idle.window_now() > 0) if idle is not None else None
+
+    def idle_spun(self) -> float:
+        idle = self._idle_poll
+        return idle.spun if idle is not None else 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # A plain non-blocking listener, waited on with trio's readiness calls: the accept

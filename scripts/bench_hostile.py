@@ -664,7 +664,7 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                 else:
                     attack.resume()
                 time.sleep(EPOCH_SETTLE)
-                daemon_service(mnt)  # (resets the daemon's histograms)
+                spun0 = idle_spun(daemon_service(mnt))  # (resets the daemon's histograms)
                 if attack_mnt is not None:
                     daemon_service(attack_mnt)
                 rd0, cpu0 = run_delay(pid), cpu_time(pid)
@@ -674,6 +674,7 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                 t1 = time.perf_counter()
                 rd1, cpu1 = run_delay(pid), cpu_time(pid)
                 svc = daemon_service(mnt)
+                spun = idle_spun(svc) - spun0
                 own_hostile = attackers_served(svc)  # (--floor: none)
                 if attack_mnt is not None:  # (the hostile uids were served there)
                     svc = {**daemon_service(attack_mnt), "(event loop batches)":
@@ -682,7 +683,13 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                 row = {"epoch": e, **pct3(xs), "seconds": t1 - t0,
                        "victim_cpu_wait_ms": w[0] / per * 1e3,
                        "daemon_cpu": (cpu1 - cpu0) / (t1 - t0),
-                       "daemon_wait_cpu": (rd1 - rd0) / (t1 - t0), "load": loadavg()}
+                       "daemon_wait_cpu": (rd1 - rd0) / (t1 - t0), "load": loadavg(),
+                       "mean": sum(xs) / len(xs) * 1e3,
+                       # a pair's cycle (the pair and the victim's gap after it), and
+                       # the daemon loop thread's CPU time per pair other than polling
+                       # for a next request (its idle poll: on a CPU, serving nothing)
+                       "cycle_ms": (t1 - t0) / per * 1e3,
+                       "loop_ms": max(0.0, (cpu1 - cpu0) - spun) / per * 1e3}
                 loop = svc.get("(event loop batches)", {})
                 row["held"] = loop.get("held", 0)  # (the daemon's holds: FairTurns.hold)
                 # (quiet too: what the daemon still served the stopped attackers — the
@@ -704,7 +711,44 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
     # burst of the machine's own falls in one of ten, and the median leaves it out.
     per = sorted(y["p99"] / x["p99"] for x, y in zip(out["quiet"], out["attacked"]))
     out["ratio"]["p99_epoch_median"] = per[len(per) // 2]
+    # (--floor: the victim's daemon serves the victim alone)
+    out["fair_share"] = fair_share_bound(out["quiet"], out["attacked"],
+                                         1 + len(HOSTILE) if attack_mnt is None else 1)
     return out
+
+
+def idle_spun(svc: dict[str, Any]) -> float:
+    """Seconds the daemon's loop has spent polling for a next request (`shim_stats`'
+    `idle_spun_ms`; 0 from a daemon that does not say)."""
+    return float(svc.get("(event loop batches)", {}).get("idle_spun_ms", 0.0)) / 1e3
+
+
+def _median(xs: list[float]) -> float:
+    v = sorted(xs)
+    return v[len(v) // 2]
+
+
+def fair_share_bound(quiet: list[dict[str, Any]], attacked: list[dict[str, Any]],
+                     k: int) -> dict[str, float]:
+    """What fair shares of the daemon's loop allow the victim, from its quiet epochs.
+
+    Quiet, a victim pair costs the loop thread `loop_ms` of CPU (its idle polling left
+    out) and one pair comes every `cycle_ms` (the pair and the victim's gap): the victim
+    wants f = loop_ms / cycle_ms of the loop. Attacked, `k` principals have work (the
+    victim and each hostile uid, whose floods never run dry), and a scheduler that
+    gives each of them its fair share, 1/k of the loop while it has work, lets the
+    victim's pairs come at best every k * loop_ms: if k * f > 1 the victim wants more
+    than its share, and its mean cycle cannot be shorter than k * f times the quiet one
+    whatever the scheduler does, short of giving the hostile uids less than their
+    shares. If k * f <= 1 its demand fits its share, and what it loses is what it waits
+    behind (the steps in progress). Returned: f, k, the least mean-cycle ratio fair
+    shares allow (max(1, k f)) and the measured one (medians of the epochs)."""
+    loop = _median([x["loop_ms"] for x in quiet])
+    cycle = _median([x["cycle_ms"] for x in quiet])
+    f = loop / cycle if cycle else 0.0
+    return {"k": k, "loop_ms": loop, "cycle_ms": cycle, "demand": f,
+            "bound": max(1.0, k * f),
+            "cycle_ratio": _median([x["cycle_ms"] for x in attacked]) / cycle if cycle else 0.0}
 
 
 def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> None:
@@ -729,6 +773,16 @@ def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> 
     ra = r["ratio"]
     print(f"{'ratio attacked/quiet':34} {ra['p50']:8.2f} {ra['p99']:8.2f} {ra['p999']:8.2f}")
     print(f"{'  p99 ratio, median of the epochs':34} {'':8} {ra['p99_epoch_median']:8.2f}")
+    fs = r.get("fair_share")
+    if fs and fs["cycle_ms"]:
+        print(f"  the victim's demand, quiet: {fs['loop_ms']:.3f} ms of the daemon loop's CPU a "
+              f"pair (its idle polling left out), a pair every {fs['cycle_ms']:.3f} ms: "
+              f"{fs['demand']:.0%} of the loop; with {fs['k']} principals with work, a fair "
+              f"share is {1 / fs['k']:.0%}")
+        print(f"  least mean cycle ratio fair shares allow: {fs['bound']:.2f}"
+              + (" (the victim wants more than its share)" if fs["bound"] > 1 else
+                 " (its demand fits its share)")
+              + f"; measured: {fs['cycle_ratio']:.2f}")
     for cond in ("quiet", "attacked"):
         rows = r[cond]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,48 @@ def test_background_mount_takes_o_idle_poll(volume: Path, tmp_path: Path) -> Non
         sluice("umount", str(mp))
     assert not is_mounted(mp)
     assert "idle polling on: up to 300 µs" in (volume / "sluice.log").read_text()
+
+
+async def test_a_connections_own_poll_counts_as_time_spent_polling(
+        mock_clock: trio.testing.MockClock) -> None:
+    """`polled` ends a poll begun at `now`: the shim's connections poll their own socket
+    (kernelshim/server.py `_poll_next`) and report it so; that time is counted in
+    `spun` like the loop's own polls (`shim_stats`' idle_spun_ms)."""
+    req = Requests(mock_clock)
+    idle = IdlePoll(W, req.ready)
+    t0 = trio.current_time()
+    mock_clock.jump(3 * STEP)
+    idle.polled(False, now=t0)
+    mock_clock.jump(STEP)
+    t1 = trio.current_time()
+    mock_clock.jump(2 * STEP)
+    idle.polled(True, now=t1)
+    assert (idle.polls, idle.hits) == (2, 1)
+    assert idle.spun == pytest.approx(5 * STEP)
+
+
+@pytest.mark.mounted
+@pytest.mark.parametrize("usec", ["250", "0"])
+def test_shim_stats_say_how_long_the_loop_spent_polling(volume: Path, mount_factory,
+                                                        usec: str) -> None:
+    """`shim_stats`' `idle_spun_ms`: the daemon loop's time spent polling for a next
+    request (what scripts/bench_hostile.py leaves out of the victim's demand on the
+    loop). A direct client's request after request makes the loop poll between them;
+    with polling off nothing is counted."""
+    from kernelshim.client import Client
+    m = mount_factory(volume, "--idle-poll", usec)
+    with open(m.path / "f", "wb") as f:
+        f.write(b"x" * 4096)
+    with Client.connect(m.path, shm_size=1 << 16) as c:
+        before = c.call("shim_stats")["loop"]["idle_spun_ms"]
+        t0 = time.perf_counter()
+        with c.open("f") as f:
+            for _ in range(300):
+                f.stat()
+                assert f.pread(4096, 0) == b"x" * 4096
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        after = c.call("shim_stats")["loop"]["idle_spun_ms"]
+    if usec == "0":
+        assert before == after == 0.0
+    else:
+        assert 0.0 < after - before < wall_ms
