@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, SLUICE, SluiceMount, log, main_quietly, parse_uids, run, unused_uids
+from benchlib import (REPO, SLUICE, SluiceMount, log, main_quietly, parse_uids, run,
+                      signals_held, stop_processes, unused_uids)
 
 #: the attacker's uid (its processes run as it, by setpriv; `--uid`)
 ATTACKER_UID = 61000
@@ -95,14 +96,18 @@ def main() -> int:
         os.chmod(base, 0o755)
         (base / "mnt").mkdir()
         sm = SluiceMount(base / "vol", base / "mnt", size="2G")
-        run([*SLUICE, "mkfs", str(sm.volume), "--size", "2G", "--profile", args.profile,
-             "-q"], cwd=REPO)
-        run([*SLUICE, "mount", str(sm.volume), str(sm.mountpoint), "--profile",
-             args.profile], cwd=REPO)
-        sm.pid = int(json.loads((sm.volume / "mount.json").read_text())["pid"])
         mnt = sm.mountpoint
+        #: the attacker processes started: each is killed and reaped on every way out
         procs: list[subprocess.Popen] = []
         try:
+            run([*SLUICE, "mkfs", str(sm.volume), "--size", "2G", "--profile", args.profile,
+                 "-q"], cwd=REPO)
+            # (a stop during the mount comes once it is done and recorded: the
+            # `finally` below then unmounts it)
+            with signals_held() as unblock:
+                run([*SLUICE, "mount", str(sm.volume), str(sm.mountpoint), "--profile",
+                     args.profile], cwd=REPO, preexec_fn=unblock)
+                sm.pid = int(json.loads((sm.volume / "mount.json").read_text())["pid"])
             os.chmod(mnt, 0o777)
             if args.limit:
                 d = mnt / "limit-probe"
@@ -118,11 +123,16 @@ def main() -> int:
                 before = fs_stats(mnt)
                 until = time.time() + args.seconds + 1.5
                 outs = [mnt / f"att{k}.n" for k in range(args.nproc)]
-                procs = [subprocess.Popen(
-                    ["setpriv", f"--reuid={ATTACKER_UID}", f"--regid={ATTACKER_UID}",
-                     "--clear-groups", "/usr/bin/python3", "-c", _ATTACKER,
-                     str(mnt / f"att{k}"), str(outs[k]), str(until)])
-                    for k in range(args.nproc)]
+                for k in range(args.nproc):
+                    # (started and recorded in `procs`, or not started: a stop between
+                    # the two left the process running to its end)
+                    with signals_held() as unblock:
+                        procs.append(subprocess.Popen(
+                            ["setpriv", f"--reuid={ATTACKER_UID}", f"--regid={ATTACKER_UID}",
+                             "--clear-groups", "/usr/bin/python3", "-c", _ATTACKER,
+                             str(mnt / f"att{k}"), str(outs[k]), str(until)],
+                            preexec_fn=unblock))
+                log(f"attackers: pids {' '.join(str(p.pid) for p in procs)}")
                 time.sleep(1.0)
                 storm = victim(fd, args.seconds)
                 for p in procs:
@@ -146,10 +156,7 @@ def main() -> int:
                   f"{after.get('grouped_fsyncs', 0) - before.get('grouped_fsyncs', 0)} "
                   "fsyncs served by another's commit")
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            stop_processes(procs)
             sm.cleanup()
     return 0
 

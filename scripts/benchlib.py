@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,35 @@ class SluiceMount:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.pid = None
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM wait (blocked) until the block ends, and then stop the script
+    as usual: what the block starts (a process, a mount) is recorded for the cleanup
+    before a stop can come. Yields the `preexec_fn` for processes started in the block,
+    so that they start with the script's signal mask, not with these two blocked."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def unblock() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
+        yield unblock
+    finally:
+        unblock()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen]) -> None:
+    """Kill (SIGKILL) those of `procs` that still run and reap them all; a stop signal
+    waits until they are (a process left behind would run on with its files open on
+    a mount the script then cannot unmount)."""
+    with signals_held():
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+        for p in procs:
+            p.wait()
 
 
 class _Terminated(BaseException):

@@ -7,6 +7,8 @@ on the probe's host)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pwd
 import signal
 import subprocess
@@ -53,6 +55,73 @@ def test_a_stopped_benchmark_unmounts_and_says_so(sig: int, status: int, word: s
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == f"bench_fsync_storm.py: {word}", err
     assert storm_mounts() <= before  # nothing of its own left mounted
+
+
+def _attackers_of(pid: int) -> dict[int, str]:
+    """bench_fsync_storm.py's attacker processes: the children of process `pid` (that
+    run) running `python3 -c` (setpriv execs it), each with its start time (field 22 of
+    /proc/PID/stat), so that a later process given the same pid is not taken for it."""
+    found = {}
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+            cmd = (st.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == pid and (cmd[0] == b"setpriv"
+                                      or cmd[:2] == [b"/usr/bin/python3", b"-c"]):
+            found[int(st.parent.name)] = fields[19]
+    return found
+
+
+def _runs(pid: int, start: str) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
+@pytest.mark.mounted
+def test_a_benchmark_stopped_while_starting_its_attackers_kills_them_all() -> None:
+    """A SIGTERM while bench_fsync_storm.py started its attacker processes: they ran on
+    to their own end (the list of them was not made yet), on a volume the benchmark
+    then could only unmount lazily. Every one it started is killed and reaped before it
+    unmounts, and none outlives it; its volume is mounted inside the `try` that
+    unmounts it."""
+    before = storm_mounts()
+    # (many attackers: the signal comes as the first one appears, while more start)
+    p = subprocess.Popen([sys.executable, str(REPO / "scripts" / "bench_fsync_storm.py"),
+                          "--seconds", "30", "--nproc", "48"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, str] = {}
+    outlived: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while not seen:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            seen.update(_attackers_of(p.pid))
+            time.sleep(0.005)
+        p.send_signal(signal.SIGTERM)
+        while p.poll() is None:
+            assert time.monotonic() < deadline + 120, "the benchmark did not stop"
+            seen.update(_attackers_of(p.pid))
+            if not storm_mounts() - before:  # unmounted: no attacker may run now
+                outlived |= {a for a, start in seen.items() if _runs(a, start)}
+            time.sleep(0.02)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    running = {a for a, start in seen.items() if _runs(a, start)}
+    for a in running:  # (the test's own cleanup; the assertion below says it failed)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(a, signal.SIGKILL)
+    assert p.returncode == 143, (out, err)
+    assert not outlived, f"attackers {sorted(outlived)} ran on after the unmount:\n{err}"
+    assert not running, f"attackers {sorted(running)} outlived the benchmark:\n{err}"
+    assert storm_mounts() <= before
 
 
 def test_hostile_tenants_run_as_uids_no_account_has() -> None:
