@@ -460,7 +460,7 @@ def _not_mounted(path: str) -> str:
         is_volume = False
     if is_volume:
         state = vol.read_mount_state(Path(path))
-        if state and state.get("mountpoint") and vol.pid_alive(int(state.get("pid") or 0)):
+        if state and vol.daemon_alive(Path(path), state):
             return (f"{path} is a sluice volume, not a mount point: it is mounted at "
                     f"{state['mountpoint']}")
         return f"{path} is a sluice volume, not a mount point (and it is not mounted)"
@@ -580,7 +580,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     vol.read_header(Path(args.volume))
     _check_private(Path(args.volume), args)
     state = vol.read_mount_state(Path(args.volume)) if args.repair else None
-    if state and state.get("mountpoint") and vol.pid_alive(int(state.get("pid") or 0)):
+    if state and vol.daemon_alive(Path(args.volume), state):
         raise CliError(f"volume {args.volume} is in use, mounted at {state['mountpoint']} "
                        f"(daemon pid {state['pid']}): --repair needs it unmounted (`sluice "
                        f"umount {state['mountpoint']}` first; without --repair it checks "
@@ -1464,19 +1464,22 @@ def _main(argv: list[str] | None = None) -> int:
         argv, command = argv[:cut], argv[cut + 1:]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # What errors are prefixed with: the command, and its action in a family of them
+    # (`sluice principal set: ...`, as argparse says a usage error of that action)
+    name = f"{args.cmd} {args.action}" if getattr(args, "action", None) else args.cmd
     if extra:
         if args.cmd == "run":
             print(f"sluice run: put the program after --: sluice run {args.mountpoint} "
                   f"--principal {args.principal} -- {' '.join(args.command + extra)}",
                   file=sys.stderr)
         else:
-            print(f"sluice {args.cmd}: unrecognized arguments: {' '.join(extra)} "
-                  f"(see sluice {args.cmd} --help)", file=sys.stderr)
+            print(f"sluice {name}: unrecognized arguments: {' '.join(extra)} "
+                  f"(see sluice {name} --help)", file=sys.stderr)
         return EXIT_USAGE
     if command is not None:
         args.command = command
     if args.cmd != "mount" or not args.foreground:
-        _setup_logging(args.debug, cmd=args.cmd)
+        _setup_logging(args.debug, cmd=name)
     missing: ImportError | None = None
     try:
         from .mount import MountOptionError
@@ -1490,11 +1493,11 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ImportError as exc:
-        print(f"sluice {args.cmd}: cannot load {exc.name or 'the FUSE binding'} "
+        print(f"sluice {name}: cannot load {exc.name or 'the FUSE binding'} "
               f"({missing or exc}): run scripts/setup.sh", file=sys.stderr)
         return EXIT_ERROR
     except (MountOptionError, UsageError) as exc:
-        print(f"sluice {args.cmd}: {exc}", file=sys.stderr)
+        print(f"sluice {name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (CliError, VolumeError, SluiceError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
@@ -1505,7 +1508,7 @@ def _main(argv: list[str] | None = None) -> int:
             # (probe 27, F11: a bare line among the timestamped ones)
             log.error("%s", _message(exc))
         else:
-            print(f"sluice {args.cmd}: {_message(exc)}", file=sys.stderr)
+            print(f"sluice {name}: {_message(exc)}", file=sys.stderr)
         return EXIT_FSCK_OPERATIONAL if args.cmd == "fsck" else EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -85,8 +85,8 @@ from .errors import VolumeError
 from .inodes import MAX_FILE_SIZE, row_problems
 from .metadata import INODE_COLUMNS, Metadata
 from .xattrs import XATTR_NAME_MAX, XATTR_SIZE_MAX
-from .volume import (DB, MOUNT_STATE, VolumeLock, checking_lock, open_metadata, read_header,
-                     pid_alive, read_mount_state)
+from .volume import (DB, MOUNT_STATE, VolumeLock, checking_lock, daemon_alive, open_metadata,
+                     read_header, read_mount_state)
 
 #: exit statuses of `sluice fsck` (README): clean, errors repaired, errors left
 EXIT_CLEAN = 0
@@ -394,7 +394,7 @@ class _Checker:
         if self.unclean:
             # (as e2fsck says it: the reader should know; probe 19, F17)
             state = read_mount_state(self.path) or {}
-            if state.get("mountpoint") and pid_alive(int(state.get("pid") or 0)):
+            if daemon_alive(self.path, state):
                 # (probe 27: a healthy read-only mount was told its daemon was killed)
                 self.out.note(f"the volume is mounted at {state['mountpoint']} (daemon "
                               f"pid {state['pid']}), read-only: checked as it stands")

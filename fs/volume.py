@@ -84,6 +84,31 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def daemon_alive(path: Path, state: dict | None) -> bool:
+    """Whether the volume at `path` is mounted by the daemon its mount.json (`state`)
+    names: that pid runs and holds the volume's lock (the flock of `VolumeLock`, which
+    the kernel drops when its holder dies). A running pid alone does not say so: after
+    the daemon died, another process may have been given its pid."""
+    if not state or not state.get("mountpoint"):
+        return False
+    pid = int(state.get("pid") or 0)
+    if not pid_alive(pid):
+        return False
+    try:
+        ino = os.stat(path / LOCK, follow_symlinks=False).st_ino
+        # A line per lock: "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF" (a waiter's
+        # is "1: -> FLOCK ..."); the pid is the holder's as this process sees pids.
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[4] == str(pid) \
+                        and parts[5].rsplit(":", 1)[-1] == str(ino):
+                    return True
+    except OSError:
+        return False  # (no lock file: no daemon took it)
+    return False
+
+
 def is_volume(path: Path) -> bool:
     return (path / HEADER).is_file()
 

@@ -260,6 +260,32 @@ def test_principal_set_and_rm_refusals_say_what_to_do(mnt: Path) -> None:
     one_line(r, "'par' has children: kid", "remove them first", code=1)
 
 
+def test_errors_of_a_command_family_name_its_action(mnt: Path, tmp_path: Path) -> None:
+    """Every error of `sluice principal ACTION` begins `sluice principal ACTION:`, whether
+    argparse, the CLI's own checks or the daemon refused it; so does `sluice trace
+    ACTION`'s. Left from probe 27: argparse's said `sluice principal set:`, the others
+    `sluice principal:`."""
+    m = str(mnt)
+    cases = [
+        # (argparse: a value that does not parse, and unknown arguments)
+        (["principal", "set", m, "nosuch", "--io-limit", "5zz"], 2),
+        (["principal", "ls", m, "--bogus"], 2),
+        # (the CLI's own: a path that is no mount, a principal the caller may not see)
+        (["principal", "ls", str(tmp_path)], 1),
+        (["principal", "show", m, "nosuch"], 1),
+        # (the daemon's refusals)
+        (["principal", "set", m, "nosuch", "--cache-min", "2M", "--cache-max", "1M"], 1),
+        (["principal", "set", m, "nosuch", "--space", "1M"], 1),
+        (["principal", "rm", m, "nosuch"], 1),
+        (["principal", "add", m, "kid", "--parent", "nosuch"], 1),
+        (["trace", "record", str(tmp_path), str(tmp_path / "t.bin")], 1),
+    ]
+    for args, code in cases:
+        r = sluice(*args, check=False)
+        line = one_line(r, code=code)
+        assert line.startswith(f"sluice {args[0]} {args[1]}: "), (args, line)
+
+
 def test_another_users_volume_is_refused_in_one_line(volume: Path) -> None:
     """A user who may not enter root's (0700) volume got a bare `Permission denied:
     .../volume.json` from fsck and mount; one who cannot reach it, a bare `Permission

@@ -79,7 +79,9 @@ def fails_one_line(*args: str) -> str:
     assert r.returncode == 1, (args, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"sluice {args[0]}: "), lines
+    # (a family of commands says its action too: `sluice principal set: ...`)
+    cmd = " ".join(args[:2]) if args[0] in ("principal", "trace") else args[0]
+    assert lines[0].startswith(f"sluice {cmd}: "), lines
     assert "Traceback" not in r.stderr
     return lines[0]
 
@@ -450,12 +452,12 @@ def test_request_banks_from_the_cli(pubmnt: Path) -> None:
     # The owner may not raise its own principal (its parent is root's) ...
     r = _user_sluice(1000, "principal", "set", m, "mine", "--parked", "10000")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "sluice principal: uid 1000 may not change principal 'mine'"], r.stderr
+        "sluice principal set: uid 1000 may not change principal 'mine'"], r.stderr
     # ... nor give a child more than it holds; what it does not say is what it holds.
     r = _user_sluice(1000, "principal", "add", m, "kid", "--parent", "mine",
                      "--costly-rate", "6")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "sluice principal: costly_rate 6 exceeds what parent 'mine' holds (5)"], r.stderr
+        "sluice principal add: costly_rate 6 exceeds what parent 'mine' holds (5)"], r.stderr
     r = _user_sluice(1000, "principal", "add", m, "kid", "--parent", "mine")
     assert r.returncode == 0, r.stderr
     r = _user_sluice(1000, "principal", "set", m, "kid", "--parked", "3")
@@ -487,4 +489,4 @@ def test_request_banks_from_the_cli(pubmnt: Path) -> None:
     sluice("principal", "add", m, "other", "--owner", "1001")
     r = _user_sluice(1000, "principal", "show", m, "other")
     assert r.returncode == 1 and r.stderr.strip() == \
-        "sluice principal: no principal named 'other' that you may see", r.stderr
+        "sluice principal show: no principal named 'other' that you may see", r.stderr
