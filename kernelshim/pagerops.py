@@ -26,7 +26,8 @@ pending. Neither is required: at the deadline the pager takes what is missing.
 
 A trace goes into an unlinked temporary file of the daemon's, at most MAX_TRACE_BYTES
 (past that the rest is dropped, whole writes at a time, and the reply says
-`truncated`); `trace_stop` ends it and sends that file's descriptor with the reply.
+`truncated`); `trace_stop` ends it, appends the names of the principals (the trace
+format's trailer, pager/trace.py) and sends that file's descriptor with the reply.
 One trace at a time; it belongs to the connection that started it, and ends,
 discarded, when that connection closes.
 """
@@ -40,6 +41,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from blockdev import SluiceError
+from pager import name_principals
 
 from .grants import Rights
 from .kernel import PRIORITY_MAX, PRIORITY_MIN, Kernel
@@ -173,6 +175,10 @@ class PagerOps:
         sink = self._end_trace()
         try:
             sink.flush()
+            table = self.kernel.principals
+            if table is not None:
+                # (so that a replay shows principals by name: a removed one's id stays)
+                name_principals(sink.file, {int(q.id): q.name for q in table.walk()})
             fd = os.dup(sink.file.fileno())
         finally:
             sink.close()

@@ -234,7 +234,7 @@ def _main(argv: list[str] | None) -> int:
     import argparse
     import sys
 
-    from .trace import TraceFormatError, read_trace
+    from .trace import TraceFormatError, read_trace, read_trace_names
 
     ap = argparse.ArgumentParser(prog="python -m pager.replay",
                                  description="Replay a sluice trace through every pager "
@@ -250,6 +250,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     try:
         records = read_trace(args.trace)
+        names = read_trace_names(args.trace)
     except OSError as exc:
         print(f"python -m pager.replay: cannot read {args.trace}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -257,11 +258,14 @@ def _main(argv: list[str] | None) -> int:
     except TraceFormatError as exc:
         print(f"python -m pager.replay: {args.trace}: {exc}", file=sys.stderr)
         return 1
-    _print_replay(records, args.frames, args.block_size)
+    _print_replay(records, args.frames, args.block_size, names)
     return 0
 
 
-def _print_replay(records: np.ndarray, frames: int, block_size: int) -> None:
+def _print_replay(records: np.ndarray, frames: int, block_size: int,
+                  names: Mapping[int, str]) -> None:
+    """A principal is shown by its name, or by its id where the trace names none (a
+    trace of `write_trace`, a principal removed before the recording ended)."""
     import sys
     print(f"{len(records)} records, cache {frames} frames of {block_size} bytes")
     print(f"{'policy':<12} {'principal':>9} {'reads':>9} {'hit ratio':>9} {'write-back':>12}")
@@ -270,7 +274,8 @@ def _print_replay(records: np.ndarray, frames: int, block_size: int) -> None:
         print(f"{pol:<12} {'all':>9} {r.reads:>9} {r.hit_ratio:>9.3f} {r.writeback_bytes:>12}")
         for pid, x in sorted(r.per_principal.items()):
             if x.reads or x.writeback_bytes:
-                print(f"{'':<12} {pid:>9} {x.reads:>9} {x.hit_ratio:>9.3f} "
+                who = names.get(pid, str(pid))
+                print(f"{'':<12} {who:>9} {x.reads:>9} {x.hit_ratio:>9.3f} "
                       f"{x.writeback_bytes:>12}")
         sys.stdout.flush()  # a line per policy as it is done
 

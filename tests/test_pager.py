@@ -1091,6 +1091,22 @@ def test_trace_file_errors_are_clear(tmp_path: Path) -> None:
     assert read_trace(tmp_path / "ok")["block"].tolist() == [5]
 
 
+def test_a_trace_names_its_principals(tmp_path: Path) -> None:
+    """The names trailer (pager/trace.py): the records read as before, the names come
+    with them, and a trailer cut short is an error, not records."""
+    recs = tr.make_records([(0.0, 1, 1, 0, 0, 5, tr.READ, 0, 0)] * 2)
+    path = tmp_path / "named"
+    tr.write_trace(path, recs)
+    assert tr.read_trace_names(path) == {}
+    with open(path, "r+b") as f:
+        tr.name_principals(f, {0: "root", 1: "db"})
+    assert read_trace(path)["block"].tolist() == [5, 5]
+    assert tr.read_trace_names(path) == {0: "root", 1: "db"}
+    (tmp_path / "cut").write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(tr.TraceFormatError, match="names of principals are missing"):
+        read_trace(tmp_path / "cut")
+
+
 async def test_memory_device_is_a_real_device() -> None:
     d = memory_device(64, block_size=BS)
     await d.write(3, blk(2, 2), principal=P1)

@@ -502,7 +502,54 @@ def replay_trace(path: Path, nblocks_read: int) -> None:
     for policy in ("hinted", "principal", "global-lru"):
         at = next(i for i, row in enumerate(rows) if row[:2] == [policy, "all"])
         assert int(rows[at][2]) >= nblocks_read
-        assert rows[at + 1][0] == "0" and int(rows[at + 1][1]) >= nblocks_read, r.stdout
+        assert rows[at + 1][0] == "root" and int(rows[at + 1][1]) >= nblocks_read, r.stdout
+
+
+def test_a_replay_names_the_principals(volume: Path, mount_factory, tmp_path: Path) -> None:
+    """The replay of a recorded trace shows each principal by its name, and by its id
+    only where the trace names none: one removed before the recording ended (probe 27,
+    F10: every principal was an id)."""
+    m = mount_factory(volume, "--cache-size", "4M")
+    mnt = m.path
+    write_file(mnt / "f", 40 * BS, 3)
+    write_file(mnt / "g", 40 * BS, 4)
+    for name in ("db", "gone"):
+        sluice("principal", "add", str(mnt), name)
+    gone_id = table_ids(mnt)["gone"]
+    out = tmp_path / "trace.bin"
+    proc = subprocess.Popen([*SLUICE, "trace", "record", str(mnt), str(out)],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert proc.stderr.readline().startswith("recording the pager trace")
+        run(mnt, "db", "cat", str(mnt / "f"))
+        run(mnt, "gone", "cat", str(mnt / "g"))
+        sluice("principal", "rm", str(mnt), "gone")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    r = subprocess.run([sys.executable, "-m", "pager.replay", str(out), "--frames", "256"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    at = next(i for i, row in enumerate(rows) if row[:2] == ["hinted", "all"])
+    shown = []
+    for row in rows[at + 1:]:
+        if row[0] == "principal":
+            break
+        shown.append(row[0])
+    assert "db" in shown and str(gone_id) in shown, r.stdout
+    assert all(w in ("root", "db", str(gone_id)) for w in shown), r.stdout
+    assert int(rows[at + 1 + shown.index("db")][1]) >= 40, r.stdout
+
+
+def table_ids(mnt: Path) -> dict[str, int]:
+    """Principal name -> id (`sluice principal ls --json`)."""
+    rows = json.loads(sluice("principal", "ls", str(mnt), "--json").stdout)
+    return {r["name"]: int(r["id"]) for r in rows}
 
 
 def test_trace_record_is_for_root_or_the_owner(pubmnt: Path) -> None:
