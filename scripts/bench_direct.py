@@ -73,7 +73,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchlib import (BS, REPO, MiB, SluiceMount, cpu_seconds, drop_caches, io_until, loadavg,
-                      log, random_offsets, read_to_end, warm_memory)
+                      log, random_offsets, read_to_end, signals_held, stop_processes,
+                      warm_memory)
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -582,19 +583,27 @@ class Bench:
         for system in ("fuse", "direct"):
             pid = self.mnt.pid
             d0 = cpu_seconds(pid)
-            procs = [subprocess.Popen(
-                [sys.executable, __file__, "--_rand", str(self.mnt.mountpoint), system,
-                 str(size), str(a.duration), str(1000 + i)],
-                stdout=subprocess.PIPE, text=True, cwd=REPO) for i in range(k)]
+            procs: list[subprocess.Popen] = []
             ops = 0.0
             cpu_c = 0.0
-            for pr in procs:
-                out, _ = pr.communicate(timeout=a.duration * 10 + 60)
-                if pr.returncode != 0:
-                    raise RuntimeError(f"{name} {system}: a client failed")
-                n, dt, cpu = out.split()
-                ops += int(n) / float(dt)
-                cpu_c += float(cpu)
+            try:
+                for i in range(k):
+                    # (started and recorded, or not started: every one is stopped below
+                    # when a client fails or the benchmark is stopped)
+                    with signals_held() as unblock:
+                        procs.append(subprocess.Popen(
+                            [sys.executable, __file__, "--_rand", str(self.mnt.mountpoint),
+                             system, str(size), str(a.duration), str(1000 + i)],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=unblock))
+                for pr in procs:
+                    out, _ = pr.communicate(timeout=a.duration * 10 + 60)
+                    if pr.returncode != 0:
+                        raise RuntimeError(f"{name} {system}: a client failed")
+                    n, dt, cpu = out.split()
+                    ops += int(n) / float(dt)
+                    cpu_c += float(cpu)
+            finally:
+                stop_processes(procs)
             d1 = cpu_seconds(pid)
             self.record(name, "IOPS", system, ops, cpu_c, d1 - d0, ops * a.duration / 1000)
 

@@ -6,7 +6,8 @@ For each tree (--tree LABEL=DIR, repeatable; default: this checkout) a fresh vol
 made and mounted with that tree's code (PYTHONPATH=DIR, this checkout's venv and
 binding), and two phases of --seconds each run: the victim alone (root: pwrite of
 4 KiB at one of 16 offsets of its file, then fsync, in a loop), then the victim while
-a hostile process (uid --uid, default 1000) calls fsync on its own file — written and
+a hostile process (uid --uid, by default the first from 61000 that no account has and
+no process runs as) calls fsync on its own file — written and
 fsync'd once before — as fast as it can. Each tree is measured --rounds times,
 alternating trees, so both see the same machine load. Prints the victim's p50/p99
 (ms), its operations/s, and the hostile's fsyncs/s; --json writes all of it.
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import parse_uids, signals_held, stop_processes, unused_uids
 
 REPO = Path(__file__).resolve().parent.parent
 BS = 4096
@@ -86,20 +89,28 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> dict[str, objec
     os.chmod(base, 0o755)
     vol, mp = base / "vol", base / "mnt"
     mp.mkdir()
-    sluice(tree, "mkfs", str(vol), "--size", "2G", "-q")
-    sluice(tree, "mount", str(vol), str(mp), "--profile", args.profile,
-           *(["--writeback"] if args.writeback else ["--no-writeback"]))
+    procs: list[subprocess.Popen] = []  # (killed and reaped on every way out)
+    mounted = False
     try:
+        sluice(tree, "mkfs", str(vol), "--size", "2G", "-q")
+        # (a stop during the mount comes once it is recorded: the `finally` unmounts)
+        with signals_held():
+            sluice(tree, "mount", str(vol), str(mp), "--profile", args.profile,
+                   *(["--writeback"] if args.writeback else ["--no-writeback"]))
+            mounted = True
         hd = mp / "hostile"
         hd.mkdir()
         os.chown(hd, args.uid, args.uid)
         mine = mp / "victim.bin"
         victim(mine, 1.0)  # warm up
         alone = victim(mine, args.seconds)
-        h = subprocess.Popen(["setpriv", f"--reuid={args.uid}", f"--regid={args.uid}",
-                              "--clear-groups", "--", sys.executable, "-c", HOSTILE,
-                              str(hd / "own.bin"), str(args.seconds + 1.0)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        with signals_held() as unblock:
+            h = subprocess.Popen(["setpriv", f"--reuid={args.uid}", f"--regid={args.uid}",
+                                  "--clear-groups", "--", sys.executable, "-c", HOSTILE,
+                                  str(hd / "own.bin"), str(args.seconds + 1.0)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=unblock)
+            procs.append(h)
         assert h.stdout is not None and h.stdin is not None
         assert h.stdout.readline().strip() == "ready"
         h.stdin.write("go\n")
@@ -109,7 +120,9 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> dict[str, objec
         hostile_n = int(h.stdout.readline())
         h.wait(60)
     finally:
-        sluice(tree, "umount", str(mp))
+        stop_processes(procs)
+        if mounted:
+            sluice(tree, "umount", str(mp))
         shutil.rmtree(base, ignore_errors=True)
     return {"tree": label, "alone": summary(alone, args.seconds),
             "with_hostile": summary(loaded, args.seconds),
@@ -123,7 +136,9 @@ def main() -> int:
                    help="a source tree to mount with (repeatable; default: this checkout)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     p.add_argument("--rounds", type=int, default=1, help="measurements per tree")
-    p.add_argument("--uid", type=int, default=1000, help="the hostile process's uid")
+    p.add_argument("--uid", default=None,
+                   help="the hostile process's uid (default: the first from 61000 that no "
+                        "account has and no process runs as)")
     p.add_argument("--profile", default="none", help="the mount's device profile")
     p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--workdir", default="/tmp", help="where volumes and mounts go")
@@ -133,6 +148,10 @@ def main() -> int:
         print("bench_empty_fsync: must run as root (mounts, and a second uid)",
               file=sys.stderr)
         return 2
+    try:
+        args.uid = parse_uids(args.uid, 1)[0] if args.uid else unused_uids(1)[0]
+    except ValueError as exc:
+        p.error(f"--uid: {exc}")
     trees = [(t.split("=", 1)[0], Path(t.split("=", 1)[1]).resolve()) for t in args.tree] \
         or [("this", REPO)]
     results = []
