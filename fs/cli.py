@@ -371,6 +371,12 @@ def _run_foreground(volume: Path, mp: str, opts, args: argparse.Namespace) -> in
     import trio
 
     from .mount import serve
+    # SIGTERM, SIGINT and SIGHUP stop the daemon or reopen its log (fs/mount.py's signal
+    # receiver): a daemon that inherited them blocked (a parent holding them across its
+    # fork, as a script does while it records what it started) would never get them, and
+    # `kill PID` would do nothing.
+    import signal
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     # Whatever the daemon creates in the volume (its log, SQLite's -wal and -shm, the
     # state files) is private to its owner; nothing it serves depends on its umask.
     os.umask(vol.PRIVATE_UMASK)

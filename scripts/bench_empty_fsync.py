@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchlib import parse_uids, signals_held, stop_processes, unused_uids
 
@@ -53,10 +54,10 @@ print(n, flush=True)
 """
 
 
-def sluice(tree: Path, *args: str) -> None:
+def sluice(tree: Path, *args: str, **kw: Any) -> None:
     env = dict(os.environ, PYTHONPATH=str(tree))
     subprocess.run([sys.executable, "-m", "fs.cli", *args], cwd=tree, env=env, check=True,
-                   capture_output=True, text=True)
+                   capture_output=True, text=True, **kw)
 
 
 def victim(path: Path, seconds: float) -> list[float]:
@@ -94,9 +95,10 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> dict[str, objec
     try:
         sluice(tree, "mkfs", str(vol), "--size", "2G", "-q")
         # (a stop during the mount comes once it is recorded: the `finally` unmounts)
-        with signals_held():
+        with signals_held() as unblock:
             sluice(tree, "mount", str(vol), str(mp), "--profile", args.profile,
-                   *(["--writeback"] if args.writeback else ["--no-writeback"]))
+                   *(["--writeback"] if args.writeback else ["--no-writeback"]),
+                   preexec_fn=unblock)
             mounted = True
         hd = mp / "hostile"
         hd.mkdir()
@@ -120,10 +122,11 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> dict[str, objec
         hostile_n = int(h.stdout.readline())
         h.wait(60)
     finally:
-        stop_processes(procs)
-        if mounted:
-            sluice(tree, "umount", str(mp))
-        shutil.rmtree(base, ignore_errors=True)
+        with signals_held():  # (a second stop waits until it is all undone)
+            stop_processes(procs)
+            if mounted:
+                sluice(tree, "umount", str(mp))
+            shutil.rmtree(base, ignore_errors=True)
     return {"tree": label, "alone": summary(alone, args.seconds),
             "with_hostile": summary(loaded, args.seconds),
             "hostile_fsyncs_per_s": round(hostile_n / (args.seconds + 1.0), 1)}

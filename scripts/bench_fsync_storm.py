@@ -156,8 +156,9 @@ def main() -> int:
                   f"{after.get('grouped_fsyncs', 0) - before.get('grouped_fsyncs', 0)} "
                   "fsyncs served by another's commit")
         finally:
-            stop_processes(procs)
-            sm.cleanup()
+            with signals_held():  # (a second stop waits until it is all undone)
+                stop_processes(procs)
+                sm.cleanup()
     return 0
 
 

@@ -233,20 +233,24 @@ def signals_held() -> Iterator[Callable[[], None]]:
     as usual: what the block starts (a process, a mount) is recorded for the cleanup
     before a stop can come. Yields the `preexec_fn` for processes started in the block,
     so that they start with the script's signal mask, not with these two blocked."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    stops = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
 
     def unblock() -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        # (in a child: these two unblocked whatever the blocks around this one held)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     try:
         yield unblock
     finally:
-        unblock()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def stop_processes(procs: Iterable[subprocess.Popen]) -> None:
     """Kill (SIGKILL) those of `procs` that still run and reap them all; a stop signal
     waits until they are (a process left behind would run on with its files open on
-    a mount the script then cannot unmount)."""
+    a mount the script then cannot unmount). A caller with more cleanup to do after it
+    (an unmount) holds the signals over the whole of it: a stop that came meanwhile
+    would otherwise be raised here, and the rest skipped."""
     with signals_held():
         for p in procs:
             if p.poll() is None:
