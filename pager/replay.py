@@ -234,7 +234,7 @@ def _main(argv: list[str] | None) -> int:
     import argparse
     import sys
 
-    from .trace import TraceFormatError, read_trace, read_trace_names
+    from .trace import TraceFormatError, load_trace
 
     ap = argparse.ArgumentParser(prog="python -m pager.replay",
                                  description="Replay a sluice trace through every pager "
@@ -249,14 +249,13 @@ def _main(argv: list[str] | None) -> int:
         print("python -m pager.replay: --frames must be at least 1", file=sys.stderr)
         return 2
     try:
-        records = read_trace(args.trace)
-        names = read_trace_names(args.trace)
+        records, names = load_trace(args.trace)
     except OSError as exc:
         print(f"python -m pager.replay: cannot read {args.trace}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
     except TraceFormatError as exc:
-        print(f"python -m pager.replay: {args.trace}: {exc}", file=sys.stderr)
+        print(f"python -m pager.replay: {exc}", file=sys.stderr)  # (it names the file)
         return 1
     _print_replay(records, args.frames, args.block_size, names)
     return 0

@@ -1,11 +1,13 @@
 """Access traces: every request the pager serves, as compact numpy records.
 
 A trace file is a 16-byte header (`MAGIC`, then the record size and the flags, each a
-little-endian uint32) followed by `TRACE_DTYPE` records, 48 bytes each. With flag
-`F_NAMES` (the daemon sets it when a recording ends: `name_principals`) a trailer
-follows the records: the names of the principals as a JSON object (principal id, as a
-string, to name), then `NAMES_MAGIC`, the JSON's length as a little-endian uint32 and
-four reserved bytes. One record is one request (a run of `count` blocks), not one
+little-endian uint32) followed by `TRACE_DTYPE` records, 48 bytes each. A trace the
+daemon recorded ends with the names of the principals (`name_principals`, when the
+recording ends): its header then says `MAGIC_NAMED` and flag `F_NAMES` (so that a
+reader that knows only `MAGIC` refuses it rather than take the names for records), and
+after the records come the names as a JSON object (principal id, in decimal, to name;
+at most MAX_NAMES_BYTES), then `NAMES_MAGIC`, the JSON's length as a little-endian
+uint32 and four reserved bytes. One record is one request (a run of `count` blocks), not one
 block, so a 1 MiB read is one record. The hints in force for the file at the time (its
 priority, discardable, sequential) ride in every record, so a replay under `hinted`
 sees what the pager saw; `advise` calls are records of their own (op ADVISE) with
@@ -23,10 +25,16 @@ from typing import BinaryIO, Callable, Mapping, Union
 import numpy as np
 
 MAGIC = b"SLTRACE1"
+#: the header's magic of a trace whose records are followed by the names trailer
+MAGIC_NAMED = b"SLTRACE2"
 #: ends the names trailer (see the module's docstring)
 NAMES_MAGIC = b"SLNAMES1"
-#: header flag: the records are followed by the names trailer
+#: header flag: the records are followed by the names trailer (with MAGIC_NAMED only)
 F_NAMES = 1
+#: the largest names trailer read (the daemon's principals are far fewer)
+MAX_NAMES_BYTES = 1 << 20
+#: a principal's name as a trace may give it: printable, at most this long
+MAX_NAME_CHARS = 255
 
 TRACE_DTYPE = np.dtype([
     ("time", "<f8"),       # trio clock, seconds
@@ -67,8 +75,8 @@ def name_principals(f: BinaryIO, names: Mapping[int, str]) -> None:
     blob = json.dumps({str(k): v for k, v in sorted(names.items())}).encode()
     f.seek(0, os.SEEK_END)
     f.write(blob + NAMES_MAGIC + struct.pack("<II", len(blob), 0))
-    f.seek(8)
-    f.write(struct.pack("<II", TRACE_DTYPE.itemsize, F_NAMES))
+    f.seek(0)
+    f.write(MAGIC_NAMED + struct.pack("<II", TRACE_DTYPE.itemsize, F_NAMES))
     f.flush()
 
 
@@ -108,52 +116,74 @@ class TraceFormatError(ValueError):
     pass
 
 
-def _open_trace(p: Path) -> tuple[int, int, dict[int, str]]:
-    """Where a trace file's records end, how many there are, and the principals' names
-    (TraceFormatError if it is not a trace)."""
+def _open_trace(p: Path) -> tuple[int, dict[int, str]]:
+    """How many records a trace file holds, and the principals' names it gives
+    (TraceFormatError, one line, if it is not a trace or its names are not sound)."""
     with open(p, "rb") as f:
         head = f.read(16)
-        if len(head) < 16 or head[:8] != MAGIC:
+        if len(head) < 16 or head[:8] not in (MAGIC, MAGIC_NAMED):
             raise TraceFormatError(f"{p} is not a sluice trace (no {MAGIC.decode()} header)")
         (size, flags) = struct.unpack("<II", head[8:])
         if size != TRACE_DTYPE.itemsize:
             raise TraceFormatError(f"{p}: records of {size} bytes, expected "
                                    f"{TRACE_DTYPE.itemsize}")
+        named = head[:8] == MAGIC_NAMED
+        if flags != (F_NAMES if named else 0):
+            raise TraceFormatError(f"{p}: unknown header flags {flags:#x}")
         end = os.fstat(f.fileno()).st_size
         names: dict[int, str] = {}
-        if flags & F_NAMES:
+        if named:
             f.seek(max(16, end - 16))
             foot = f.read(16)
             length = struct.unpack("<I", foot[8:12])[0] if len(foot) == 16 else 0
             if foot[:8] != NAMES_MAGIC or end - 32 - length < 0:
                 raise TraceFormatError(f"{p}: its names of principals are missing or cut "
                                        "short")
+            if length > MAX_NAMES_BYTES:
+                raise TraceFormatError(f"{p}: its names of principals take {length} bytes, "
+                                       f"more than the {MAX_NAMES_BYTES} a trace may give")
             end -= 16 + length
             f.seek(end)
-            try:
-                obj = json.loads(f.read(length))
-                names = {int(k): str(v) for k, v in obj.items()}
-            except (ValueError, AttributeError):
-                raise TraceFormatError(f"{p}: its names of principals are not a JSON "
-                                       "object of ids and names") from None
+            names = _names(f.read(length), p)
     body = end - 16
     if body % size:
         raise TraceFormatError(f"{p}: truncated record at the end")
-    return end, body // size, names
+    return body // size, names
+
+
+def _names(blob: bytes, p: Path) -> dict[int, str]:
+    """The names trailer's JSON: principal ids (decimal) to printable names."""
+    bad = TraceFormatError(f"{p}: its names of principals are not a JSON object of "
+                           f"ids and printable names of at most {MAX_NAME_CHARS} "
+                           "characters")
+    try:
+        obj = json.loads(blob)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        raise bad from None
+    if not isinstance(obj, dict):
+        raise bad
+    out = {}
+    for k, v in obj.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 19) or \
+                not isinstance(v, str) or not 0 < len(v) <= MAX_NAME_CHARS or \
+                not v.isprintable():
+            raise bad
+        out[int(k)] = v
+    return out
+
+
+def load_trace(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """The records of a trace file and the principals' names it gives (principal id
+    to name; empty for a trace without them, such as one of `write_trace`);
+    TraceFormatError if it is not a trace."""
+    p = Path(path)
+    n, names = _open_trace(p)
+    return np.fromfile(p, dtype=TRACE_DTYPE, count=n, offset=16), names
 
 
 def read_trace(path: str | os.PathLike[str]) -> np.ndarray:
     """The records of a trace file (TraceFormatError if it is not one)."""
-    p = Path(path)
-    _end, n, _names = _open_trace(p)
-    return np.fromfile(p, dtype=TRACE_DTYPE, count=n, offset=16)
-
-
-def read_trace_names(path: str | os.PathLike[str]) -> dict[int, str]:
-    """The names of the principals a trace file gives (principal id to name; empty for
-    a trace without them, such as one of `write_trace`); TraceFormatError if it is not
-    a trace."""
-    return _open_trace(Path(path))[2]
+    return load_trace(path)[0]
 
 
 def write_trace(path: str | os.PathLike[str], records: np.ndarray) -> None:

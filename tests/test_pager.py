@@ -7,6 +7,7 @@ property tests of the invariants under every policy."""
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from pathlib import Path
 
@@ -1093,18 +1094,72 @@ def test_trace_file_errors_are_clear(tmp_path: Path) -> None:
 
 def test_a_trace_names_its_principals(tmp_path: Path) -> None:
     """The names trailer (pager/trace.py): the records read as before, the names come
-    with them, and a trailer cut short is an error, not records."""
+    with them, the header says SLTRACE2 (a reader of SLTRACE1 alone refuses it rather
+    than take the names for records), and a trailer cut short is an error, not records."""
     recs = tr.make_records([(0.0, 1, 1, 0, 0, 5, tr.READ, 0, 0)] * 2)
     path = tmp_path / "named"
     tr.write_trace(path, recs)
-    assert tr.read_trace_names(path) == {}
+    assert tr.load_trace(path)[1] == {}
     with open(path, "r+b") as f:
         tr.name_principals(f, {0: "root", 1: "db"})
+    assert path.read_bytes()[:8] == b"SLTRACE2"
+    records, names = tr.load_trace(path)
+    assert records["block"].tolist() == [5, 5] and names == {0: "root", 1: "db"}
     assert read_trace(path)["block"].tolist() == [5, 5]
-    assert tr.read_trace_names(path) == {0: "root", 1: "db"}
     (tmp_path / "cut").write_bytes(path.read_bytes()[:-5])
     with pytest.raises(tr.TraceFormatError, match="names of principals are missing"):
         read_trace(tmp_path / "cut")
+
+
+def _named_trace(path: Path, blob: bytes, *, magic: bytes = b"SLTRACE2", flags: int = 1,
+                 length: int | None = None) -> Path:
+    """A trace of one record with `blob` as its names trailer, made by hand."""
+    recs = tr.make_records([(0.0, 1, 1, 0, 0, 5, tr.READ, 0, 0)])
+    head = magic + struct.pack("<II", tr.TRACE_DTYPE.itemsize, flags)
+    n = len(blob) if length is None else length
+    path.write_bytes(head + recs.tobytes() + blob + b"SLNAMES1" + struct.pack("<II", n, 0))
+    return path
+
+
+@pytest.mark.parametrize("blob, what", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested past the recursion limit"),
+    (b'{"1": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "a nested value"),
+    (b'{"1": [1, 2]}', "a name that is not a string"),
+    (b'{"1": NaN}', "NaN"),
+    (b'{"1": "\\u001b[31mEVIL\\nroot"}', "a name with control characters"),
+    (b'{"-5": "x"}', "a negative id"),
+    (b'{" 7 ": "x"}', "an id with spaces"),
+    (b'{"1_0": "x"}', "an id with an underscore"),
+    (b'{"1": ""}', "an empty name"),
+    (b'{"1": "' + b"x" * 300 + b'"}', "a name too long"),
+    (b"\xff\xfe", "bytes that are not UTF-8"),
+    (b'["root"]', "a list"),
+])
+def test_a_hostile_names_trailer_is_one_error(tmp_path: Path, blob: bytes,
+                                              what: str) -> None:
+    """A trace is anyone's file: a names trailer that is not a JSON object of decimal
+    ids and printable names is a TraceFormatError (one line from pager.replay), never a
+    traceback, a name that rewrites the terminal, or records (review of stop 32)."""
+    path = _named_trace(tmp_path / "t", blob)
+    with pytest.raises(tr.TraceFormatError, match="not a JSON object of ids"):
+        tr.load_trace(path)
+
+
+def test_a_trace_header_with_unknown_flags_or_a_huge_trailer_is_refused(
+        tmp_path: Path) -> None:
+    ok = b'{"1": "db"}'
+    assert tr.load_trace(_named_trace(tmp_path / "ok", ok))[1] == {1: "db"}
+    with pytest.raises(tr.TraceFormatError, match="unknown header flags 0x3"):
+        tr.load_trace(_named_trace(tmp_path / "f3", ok, flags=3))
+    with pytest.raises(tr.TraceFormatError, match="unknown header flags 0x1"):
+        tr.load_trace(_named_trace(tmp_path / "v1", ok, magic=b"SLTRACE1"))
+    with pytest.raises(tr.TraceFormatError, match="unknown header flags 0x0"):
+        tr.load_trace(_named_trace(tmp_path / "f0", ok, flags=0))
+    big = b'{"1": "' + b"x" * 200 + b'"' + b', "2": "y"' * 110_000 + b"}"
+    with pytest.raises(tr.TraceFormatError, match="more than the 1048576"):
+        tr.load_trace(_named_trace(tmp_path / "big", big))
+    with pytest.raises(tr.TraceFormatError, match="missing or cut short"):
+        tr.load_trace(_named_trace(tmp_path / "long", ok, length=0xFFFFFFFF))
 
 
 async def test_memory_device_is_a_real_device() -> None:
