@@ -242,10 +242,15 @@ class IdlePoll(trio.abc.Instrument):
         self._checked_at, self._waited = now, waited
         self._next_check = now + LOAD_CHECK
 
+    def spent(self, *, now: float) -> None:
+        """Count the time of a poll begun at `now` and ending now that was neither a
+        catch nor a miss (another descriptor's event ended it): `spun` only."""
+        self.spun += self._clock() - now
+
     def polled(self, hit: bool, *, now: float) -> None:
         """Count one poll begun at `now` and ending now, and adjust the backoff."""
         self.polls += 1
-        self.spun += self._clock() - now
+        self.spent(now=now)
         if hit:
             self.hits += 1
             self._misses = 0

@@ -233,6 +233,8 @@ class IdleWindow(Protocol):
 
     def polled(self, hit: bool, *, now: float) -> None: ...
 
+    def spent(self, *, now: float) -> None: ...
+
 
 def _raise_fd_limit(connections: int) -> None:
     """Let the process hold a descriptor per connection, besides its own: raise the soft
@@ -838,12 +840,14 @@ class ShimServer(SendPath, FileOps, AdminOps, PagerOps):
                 raw.recv(1, peek)
             except BlockingIOError:
                 if ready():  # someone else's I/O: the loop takes it (neither hit nor miss)
+                    idle.spent(now=t0)
                     return None
                 if now() >= end:
                     idle.polled(False, now=t0)
                     return None
                 continue
             except OSError:
+                idle.spent(now=t0)
                 return b""  # (as the loop's own recv: the connection ends)
             idle.polled(True, now=t0)
             try:

@@ -674,7 +674,8 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                 t1 = time.perf_counter()
                 rd1, cpu1 = run_delay(pid), cpu_time(pid)
                 svc = daemon_service(mnt)
-                spun = idle_spun(svc) - spun0
+                spun1 = idle_spun(svc)
+                spun = spun1 - spun0 if spun0 is not None and spun1 is not None else None
                 own_hostile = attackers_served(svc)  # (--floor: none)
                 if attack_mnt is not None:  # (the hostile uids were served there)
                     svc = {**daemon_service(attack_mnt), "(event loop batches)":
@@ -689,7 +690,8 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
                        # the daemon loop thread's CPU time per pair other than polling
                        # for a next request (its idle poll: on a CPU, serving nothing)
                        "cycle_ms": (t1 - t0) / per * 1e3,
-                       "loop_ms": max(0.0, (cpu1 - cpu0) - spun) / per * 1e3}
+                       "loop_ms": ((cpu1 - cpu0) - (spun or 0.0)) / per * 1e3,
+                       "polling_left_out": spun is not None}
                 loop = svc.get("(event loop batches)", {})
                 row["held"] = loop.get("held", 0)  # (the daemon's holds: FairTurns.hold)
                 # (quiet too: what the daemon still served the stopped attackers — the
@@ -717,10 +719,11 @@ def epochs_run(mnt: Path, pid: int, n: int, epochs: int, floods: int,
     return out
 
 
-def idle_spun(svc: dict[str, Any]) -> float:
+def idle_spun(svc: dict[str, Any]) -> float | None:
     """Seconds the daemon's loop has spent polling for a next request (`shim_stats`'
-    `idle_spun_ms`; 0 from a daemon that does not say)."""
-    return float(svc.get("(event loop batches)", {}).get("idle_spun_ms", 0.0)) / 1e3
+    `idle_spun_ms`); None from a daemon that does not say (an older tree)."""
+    v = svc.get("(event loop batches)", {}).get("idle_spun_ms")
+    return None if v is None else float(v) / 1e3
 
 
 def _median(xs: list[float]) -> float:
@@ -729,25 +732,32 @@ def _median(xs: list[float]) -> float:
 
 
 def fair_share_bound(quiet: list[dict[str, Any]], attacked: list[dict[str, Any]],
-                     k: int) -> dict[str, float]:
+                     k: int) -> dict[str, Any]:
     """What fair shares of the daemon's loop allow the victim, from its quiet epochs.
 
-    Quiet, a victim pair costs the loop thread `loop_ms` of CPU (its idle polling left
-    out) and one pair comes every `cycle_ms` (the pair and the victim's gap): the victim
-    wants f = loop_ms / cycle_ms of the loop. Attacked, `k` principals have work (the
-    victim and each hostile uid, whose floods never run dry), and a scheduler that
-    gives each of them its fair share, 1/k of the loop while it has work, lets the
-    victim's pairs come at best every k * loop_ms: if k * f > 1 the victim wants more
-    than its share, and its mean cycle cannot be shorter than k * f times the quiet one
-    whatever the scheduler does, short of giving the hostile uids less than their
-    shares. If k * f <= 1 its demand fits its share, and what it loses is what it waits
-    behind (the steps in progress). Returned: f, k, the least mean-cycle ratio fair
-    shares allow (max(1, k f)) and the measured one (medians of the epochs)."""
+    Quiet, a victim pair costs the loop thread `loop_ms` of CPU (its polling for a next
+    request left out, where the daemon says how long that was) and one pair comes every
+    `cycle_ms` (the pair and the victim's gap): the victim wants f = loop_ms / cycle_ms
+    of the loop. Attacked, `k` principals have work: the victim and each hostile uid,
+    whose floods never run dry. Two figures of fair sharing:
+
+    - `bound`, max(1, k f): no scheduler that holds the victim to its fair share over
+      time (1/k of the loop while all k have work) can give it a pair more often than
+      once every k * loop_ms on average, so its mean cycle cannot be shorter than k f
+      times the quiet one, short of giving the hostile uids less than their shares. A
+      floor: a scheduler may reach it only by serving the victim first whenever it is
+      below its share.
+    - `processor_sharing`, 1 + (k - 1) f: each principal served at 1/k of the loop
+      whenever it has work (the fluid ideal of fair queueing), the victim's share of a
+      pair taking k times as long and the rest of its cycle as long as quiet.
+
+    Both against the measured ratio of the mean cycles (medians of the epochs)."""
     loop = _median([x["loop_ms"] for x in quiet])
     cycle = _median([x["cycle_ms"] for x in quiet])
     f = loop / cycle if cycle else 0.0
     return {"k": k, "loop_ms": loop, "cycle_ms": cycle, "demand": f,
-            "bound": max(1.0, k * f),
+            "polling_left_out": all(x.get("polling_left_out", False) for x in quiet),
+            "bound": max(1.0, k * f), "processor_sharing": 1 + (k - 1) * f,
             "cycle_ratio": _median([x["cycle_ms"] for x in attacked]) / cycle if cycle else 0.0}
 
 
@@ -775,14 +785,17 @@ def print_epochs(r: dict[str, Any], load_start: str, *, floor: bool = False) -> 
     print(f"{'  p99 ratio, median of the epochs':34} {'':8} {ra['p99_epoch_median']:8.2f}")
     fs = r.get("fair_share")
     if fs and fs["cycle_ms"]:
+        how = ("its polling for a next request left out" if fs["polling_left_out"] else
+               "its polling included: this daemon does not say how long it polled")
         print(f"  the victim's demand, quiet: {fs['loop_ms']:.3f} ms of the daemon loop's CPU a "
-              f"pair (its idle polling left out), a pair every {fs['cycle_ms']:.3f} ms: "
-              f"{fs['demand']:.0%} of the loop; with {fs['k']} principals with work, a fair "
-              f"share is {1 / fs['k']:.0%}")
-        print(f"  least mean cycle ratio fair shares allow: {fs['bound']:.2f}"
-              + (" (the victim wants more than its share)" if fs["bound"] > 1 else
+              f"pair ({how}), a pair every {fs['cycle_ms']:.3f} ms: {fs['demand']:.0%} of "
+              f"the loop; with {fs['k']} principals with work, a fair share is "
+              f"{1 / fs['k']:.0%}")
+        print(f"  mean cycle ratio: least fair shares allow {fs['bound']:.2f}"
+              + (" (it wants more than its share)" if fs["bound"] > 1 else
                  " (its demand fits its share)")
-              + f"; measured: {fs['cycle_ratio']:.2f}")
+              + f", processor sharing {fs['processor_sharing']:.2f}; "
+              f"measured {fs['cycle_ratio']:.2f}")
     for cond in ("quiet", "attacked"):
         rows = r[cond]
 
