@@ -95,17 +95,39 @@ def daemon_alive(path: Path, state: dict | None) -> bool:
     if not pid_alive(pid):
         return False
     try:
-        ino = os.stat(path / LOCK, follow_symlinks=False).st_ino
+        st = os.stat(path / LOCK, follow_symlinks=False)
         # A line per lock: "1: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF" (a waiter's
-        # is "1: -> FLOCK ..."); the pid is the holder's as this process sees pids.
+        # is "1: -> FLOCK ..."); the pid is the holder's as this process sees pids, the
+        # device in hex.
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[4] == str(pid) \
-                        and parts[5].rsplit(":", 1)[-1] == str(ino):
+                if len(parts) < 6 or parts[1] != "FLOCK" or parts[4] != str(pid):
+                    continue
+                dev = parts[5].split(":")
+                if len(dev) != 3 or dev[2] != str(st.st_ino):
+                    continue
+                if (int(dev[0], 16), int(dev[1], 16)) == (os.major(st.st_dev),
+                                                         os.minor(st.st_dev)):
                     return True
-    except OSError:
+                # (the same inode number on another device; or btrfs, whose locks name
+                # the filesystem's device and stat a subvolume's: ask the pid's files)
+                return _holds_open(pid, st)
+    except (OSError, ValueError):
         return False  # (no lock file: no daemon took it)
+    return False
+
+
+def _holds_open(pid: int, st: os.stat_result) -> bool:
+    """Whether process `pid` has the file `st` open."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            other = os.stat(fd)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
     return False
 
 
