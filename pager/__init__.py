@@ -15,7 +15,7 @@ from .errors import PagerError as PagerError
 from .errors import UnknownPolicy as UnknownPolicy
 from .trace import TRACE_DTYPE as TRACE_DTYPE
 from .trace import TraceFormatError as TraceFormatError
+from .trace import load_trace as load_trace
 from .trace import name_principals as name_principals
 from .trace import read_trace as read_trace
-from .trace import load_trace as load_trace
 from .trace import write_trace as write_trace
