@@ -2175,11 +2175,15 @@ def records_before(records: list[dict[str, Any]], position: int, *, early: bool 
     `early` (see `wal_cuts`): the power failed while the log was `position` bytes long,
     before the WAL fsyncs logged there were done. Events at one position cannot be
     ordered across the two logs (a timer commit there may hold operations begun there),
-    so every operation stays as it is, but an fsync or directory fsync acknowledged at
-    exactly `position` no longer counts as acknowledged: its durability is not claimed."""
+    so every operation stays as it is, but an operation that claims durability — an
+    fsync, a directory fsync, a shared-mmap write with msync(MS_SYNC) — acknowledged at
+    exactly `position` no longer counts as acknowledged: its durability is not claimed
+    (the mmap write is then in flight: its bytes may or may not be there). The msync
+    was missing here until campaign seed 320603 (stop 32) took one for durable in a
+    state cut before the WAL fsync it had waited for."""
     out = []
     pending: int | None = None  # an operation begun and not acknowledged by then
-    kinds: dict[int, str] = {}
+    syncs: set[int] = set()  # the operations that claim durability when acknowledged
     for rec in records:
         k = rec.get("k")
         at = int(rec.get("at", 1 << 62))
@@ -2187,12 +2191,13 @@ def records_before(records: list[dict[str, Any]], position: int, *, early: bool 
             if pending is not None:
                 break  # the next operation began after that acknowledgement: later
             pending = rec["id"]
-            kinds[rec["id"]] = rec["op"]
+            if rec["op"] in ("fsync", "fsyncdir") or (rec["op"] == "mmap" and
+                                                      rec.get("msync")):
+                syncs.add(rec["id"])
             out.append(rec)
         elif k == "A" and at <= position:
             pending = None
-            if not (early and at == position and kinds.get(rec["id"]) in ("fsync",
-                                                                          "fsyncdir")):
+            if not (early and at == position and rec["id"] in syncs):
                 out.append(rec)
         elif k == "D" and at <= position:
             out.append(rec)

@@ -631,6 +631,25 @@ def test_records_before_a_crash_point() -> None:
     assert ct.Oracle(ct.records_before(recs, 10**9)).inflight["id"] == 3
 
 
+def test_an_msync_acknowledged_at_an_early_crash_point_is_not_durable() -> None:
+    """A shared-mmap write with msync(MS_SYNC) claims durability as an fsync does: in an
+    `early` state (the power failed before the WAL fsyncs logged at exactly that point)
+    one acknowledged there is in flight, its bytes there or not. Campaign seed 320603
+    (power, extended, write-back 256K; stop 32) judged the msync'd bytes lost in a state
+    cut before the WAL fsync the msync had waited for; without msync the ack stands."""
+    def run(msync: bool) -> list[dict[str, Any]]:
+        return [{"k": "hello", "root_ino": 1, "at": 50},
+                {"k": "B", "id": 1, "op": "create", "path": "f", "at": 100},
+                {"k": "A", "id": 1, "ino": 5, "at": 100},
+                {"k": "B", "id": 2, "op": "mmap", "path": "f", "ino": 5, "off": 0,
+                 "n": 9, "msync": msync, "at": 100},
+                {"k": "A", "id": 2, "at": 300}]
+    o = ct.Oracle(ct.records_before(run(True), 300, early=True))
+    assert 2 not in o.acked and o.inflight["id"] == 2
+    assert 2 in ct.Oracle(ct.records_before(run(True), 300)).acked
+    assert 2 in ct.Oracle(ct.records_before(run(False), 300, early=True)).acked
+
+
 def _recorded_run(tmp_path: Path, monkeypatch, script) -> dict[str, Any]:
     """Mount a fresh volume recording (SLUICE_RECORD_DIR), run `script(workload)` on it
     (each record carries the device log's size), SIGKILL the daemon, copy its WAL."""
